@@ -1,0 +1,1 @@
+"""Declarative sandbox and access policies, shipped as package data (`*.toml` beside this file)."""
