@@ -1,2 +1,220 @@
+"""The `openinfer` command: `serve` runs the daemon; the others are clients of a running daemon."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from openinfer.client.protocol import ENV_SOCKET
+
+socket_option = click.option(
+    "--socket", "socket_address", envvar=ENV_SOCKET, default=None, help=f"Daemon address (default: ${ENV_SOCKET}, else the daemon's default)."
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
+timeout_option = click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the daemon.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    print("openinfer")
+    """OpenInfer: sandboxed multi-process ONNX inference daemon."""
+
+
+@main.command()
+@click.option("--models", type=click.Path(file_okay=False, path_type=Path), help="Model repository: DIR/<model>/<version>/model.onnx.")
+@click.option("--socket", "socket_address", default=None, help="ipc://PATH or tcp://HOST:PORT to serve on.")
+@click.option("--workers", type=click.IntRange(1, 256), default=None, help="Worker processes per model version.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Config file (default /etc/openinfer/openinfer.toml if present).")
+@click.option("--insecure-no-sandbox", is_flag=True, default=None, help="Run workers without seccomp/rlimits (development only; logged loudly).")
+@click.option("--insecure-tcp", is_flag=True, default=None, help="Allow tcp:// without CURVE authentication.")
+@click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(models: Path | None, socket_address: str | None, workers: int | None, config_file: Path | None, insecure_no_sandbox: bool | None, insecure_tcp: bool | None, log_level: str | None) -> None:
+    """Run the daemon in the foreground (as systemd does)."""
+    from .serve_command import run_serve
+
+    overrides: dict[str, Any] = {
+        "server.models": str(models) if models else None,
+        "server.socket": socket_address,
+        "pool.workers": workers,
+        "sandbox.enabled": False if insecure_no_sandbox else None,
+        "server.insecure_tcp": True if insecure_tcp else None,
+        "log.level": log_level,
+    }
+    sys.exit(run_serve(config_file, overrides))
+
+
+def _client(socket_address: str | None, timeout: float) -> Any:
+    from openinfer.client import Client
+
+    return Client(socket_address, timeout=timeout)
+
+
+def _fail(exc: Exception) -> NoReturn:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(1)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@main.command()
+@socket_option
+@json_option
+@timeout_option
+def health(socket_address: str | None, as_json: bool, timeout: float) -> None:
+    """Exit 0 only when every loaded model has a ready worker."""
+    from openinfer.client import OpenInferError
+
+    try:
+        with _client(socket_address, timeout) as client:
+            result = client.health()
+    except OpenInferError as exc:
+        if as_json:
+            _print_json({"ready": False, "error": exc.to_wire()})
+        else:
+            click.echo(f"not ready: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo("ready" if result["ready"] else "not ready")
+        for row in result.get("not_ready", []):
+            click.echo(f"  not ready: {row['model']} ({row['state']}){': ' + row['reason'] if row.get('reason') else ''}")
+        for row in result.get("failed", []):
+            click.echo(f"  failed:    {row['model']}: {row['reason']}")
+    sys.exit(0 if result["ready"] else 1)
+
+
+@main.command()
+@socket_option
+@json_option
+@timeout_option
+def models(socket_address: str | None, as_json: bool, timeout: float) -> None:
+    """List models, versions and their state."""
+    from openinfer.client import OpenInferError
+
+    from .tables import models_table, render
+
+    try:
+        with _client(socket_address, timeout) as client:
+            rows = client.models()
+    except OpenInferError as exc:
+        _fail(exc)
+    _print_json(rows) if as_json else render(models_table(rows))
+
+
+@main.command()
+@socket_option
+@json_option
+@timeout_option
+def status(socket_address: str | None, as_json: bool, timeout: float) -> None:
+    """Workers (pid, model, state, tasks, restarts, sandbox, memory) and models."""
+    from openinfer.client import OpenInferError
+
+    from .tables import render, status_tables
+
+    try:
+        with _client(socket_address, timeout) as client:
+            result = client.status()
+    except OpenInferError as exc:
+        _fail(exc)
+    if as_json:
+        _print_json(result)
+    else:
+        for table in status_tables(result):
+            render(table)
+
+
+@main.command()
+@socket_option
+@json_option
+@timeout_option
+@click.option("--watch", type=float, default=None, metavar="SECONDS", help="Refresh in place every SECONDS.")
+def stats(socket_address: str | None, as_json: bool, timeout: float, watch: float | None) -> None:
+    """Per-model and per-client request counts, failures and latency percentiles."""
+    from openinfer.client import OpenInferError
+
+    from .tables import render, stats_tables
+
+    try:
+        with _client(socket_address, timeout) as client:
+            if watch:
+                from .tables import watch_stats
+
+                watch_stats(client, watch)
+                return
+            result = client.stats()
+    except OpenInferError as exc:
+        _fail(exc)
+    if as_json:
+        _print_json(result)
+    else:
+        for table in stats_tables(result):
+            render(table)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--input", "-i", "inputs", multiple=True, metavar="NAME=FILE.npy", help="An input tensor from a .npy file (repeatable).")
+@click.option("--random", "fill", flag_value="random", help="Fill inputs not given with random values of the model's shape.")
+@click.option("--zeros", "fill", flag_value="zeros", help="Fill inputs not given with zeros of the model's shape.")
+@click.option("--dim", "dynamic_dim", type=int, default=1, show_default=True, help="Size used for dynamic (-1) dimensions with --random/--zeros.")
+@click.option("--version", "model_version", type=int, default=None, help="Model version (default: newest).")
+@click.option("--save", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write each output to DIR/<name>.npy.")
+@socket_option
+@json_option
+@timeout_option
+def infer(model: str, inputs: tuple[str, ...], fill: str | None, dynamic_dim: int, model_version: int | None, save: Path | None, socket_address: str | None, as_json: bool, timeout: float) -> None:
+    """Run one inference and print the outputs and where the time went."""
+    import numpy as np
+
+    from openinfer.client import OpenInferError
+
+    from .infer_command import build_inputs, describe_result
+
+    try:
+        with _client(socket_address, timeout) as client:
+            feed = build_inputs(client, model, model_version, inputs, fill, dynamic_dim)
+            result = client.infer(model, feed, version=model_version)
+    except (OpenInferError, ValueError, OSError) as exc:
+        _fail(exc)
+    if save:
+        save.mkdir(parents=True, exist_ok=True)
+        for name, value in result.outputs.items():
+            np.save(save / f"{name.replace('/', '_')}.npy", value)
+    if as_json:
+        _print_json(describe_result(result, full=True))
+    else:
+        from .tables import infer_tables, render
+
+        for table in infer_tables(result):
+            render(table)
+
+
+@main.group()
+def sandbox() -> None:
+    """Inspect the worker sandbox on this kernel."""
+
+
+@sandbox.command("check")
+@click.option("--policy", default="worker", show_default=True, help="Policy name (in policies/) or path.")
+@json_option
+def sandbox_check(policy: str, as_json: bool) -> None:
+    """Try each forbidden action under POLICY in a child process; exit 0 only if all are blocked."""
+    from openinfer.sandbox.probes import all_blocked, run_probes
+
+    from .tables import probes_table, render
+
+    results = run_probes(policy)
+    if as_json:
+        _print_json([{"probe": r.name, "blocked": r.blocked, "how": r.how} for r in results])
+    else:
+        render(probes_table(policy, results))
+    sys.exit(0 if all_blocked(results) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Wire protocol v1 constants and the client-side codec. The normative text is docs/PROTOCOL.md.
+
+A message is a ZeroMQ multipart message: frame 0 is a msgpack map (the header), frames 1..n carry the
+raw bytes of the tensors the header lists, in order. The daemon's ROUTER also accepts REQ peers, whose
+messages start with an empty delimiter frame; it answers them with one.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import msgpack
+import numpy as np
+
+from .tensors import encode_array
+
+PROTOCOL_VERSION = 1
+OPERATIONS: frozenset[str] = frozenset(
+    {"infer", "models", "metadata", "health", "status", "stats", "cancel", "reload", "load", "unload"}
+)
+# Limits the daemon enforces by default (configurable in the daemon; the reply to an oversize request says so).
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+MAX_HEADER_BYTES = 64 * 1024
+MAX_FRAMES = 257  # header + at most 256 tensors
+MAX_CLIENT_NAME = 64
+SOCKET_NAME = "openinfer.sock"
+ENV_SOCKET = "OPENINFER_SOCKET"
+
+
+def default_socket_dir() -> Path:
+    """Where the daemon binds by default: $XDG_RUNTIME_DIR/openinfer, else /run/openinfer (root's service)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "openinfer"
+    return Path("/run/openinfer")
+
+
+def default_address() -> str:
+    return f"ipc://{default_socket_dir() / SOCKET_NAME}"
+
+
+def resolve_address(address: str | None) -> str:
+    """Explicit address, else $OPENINFER_SOCKET, else the daemon's default."""
+    if address:
+        return address
+    return os.environ.get(ENV_SOCKET) or default_address()
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(raw: bytes | memoryview) -> Any:
+    return msgpack.unpackb(raw, raw=False, strict_map_key=True)
+
+
+def encode_infer_request(
+    request_id: int,
+    model: str,
+    inputs: Mapping[str, np.ndarray],
+    *,
+    version: int | None = None,
+    outputs: Sequence[str] | None = None,
+    timeout_ms: int | None = None,
+    client_name: str | None = None,
+    priority: int | None = None,
+) -> list[bytes | memoryview]:
+    """Frames for one `infer` request; tensor payloads are not copied."""
+    specs: list[dict[str, Any]] = []
+    payloads: list[bytes | memoryview] = []
+    for name, value in inputs.items():
+        datatype, shape, payload = encode_array(np.asarray(value))
+        specs.append({"name": name, "datatype": datatype, "shape": shape})
+        payloads.append(payload)
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "op": "infer", "model": model, "inputs": specs}
+    if version is not None:
+        header["version"] = int(version)
+    if outputs is not None:
+        header["outputs"] = list(outputs)
+    if timeout_ms is not None:
+        header["timeout_ms"] = int(timeout_ms)
+    if client_name:
+        header["client"] = client_name
+    if priority is not None:
+        header["priority"] = int(priority)
+    return [pack(header), *payloads]
+
+
+def encode_op_request(request_id: int, op: str, **fields: Any) -> list[bytes]:
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
+    header.update({k: v for k, v in fields.items() if v is not None})
+    return [pack(header)]

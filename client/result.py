@@ -1,0 +1,51 @@
+"""What an `infer` call returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import Internal, error_from_wire
+from .tensors import decode_array
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """Outputs (read-only numpy views over the reply frames) and where the time went, in microseconds.
+
+    `timing` holds the daemon's stages (`queue_us`, `compute_us`, `total_us`, ...) plus the client's own
+    `client_us` (send to receive) and `transport_us` (client_us - total_us).
+    """
+
+    model: str
+    version: int
+    outputs: dict[str, np.ndarray]
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+def decode_reply_header(frames: list[Any]) -> dict[str, Any]:
+    from .protocol import unpack
+
+    header = unpack(frames[0])
+    if not isinstance(header, dict):
+        raise Internal("reply header is not a map")
+    return header
+
+
+def result_from_reply(header: dict[str, Any], frames: list[Any], client_us: float) -> InferResult:
+    """Build an InferResult or raise the typed error the daemon sent."""
+    if "error" in header:
+        raise error_from_wire(header["error"])
+    specs = header.get("outputs") or []
+    if len(frames) != 1 + len(specs):
+        raise Internal(f"reply lists {len(specs)} outputs but carries {len(frames) - 1} data frames")
+    outputs: dict[str, np.ndarray] = {}
+    for spec, frame in zip(specs, frames[1:]):
+        payload = frame.buffer if hasattr(frame, "buffer") else frame
+        outputs[spec["name"]] = decode_array(spec["datatype"], list(spec["shape"]), payload)
+    timing = {k: float(v) for k, v in (header.get("timing") or {}).items()}
+    timing["client_us"] = client_us
+    if "total_us" in timing:
+        timing["transport_us"] = max(0.0, client_us - timing["total_us"])
+    return InferResult(model=str(header.get("model", "")), version=int(header.get("version", 0)), outputs=outputs, timing=timing)

@@ -1,0 +1,115 @@
+"""Tensor encoding on the wire: Open Inference Protocol datatype names, shapes, raw little-endian bytes.
+
+BYTES tensors are a sequence of elements, each a 4-byte little-endian length followed by that many bytes.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+
+# OIP datatype name -> numpy dtype (always little-endian on the wire).
+DATATYPE_TO_NUMPY: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype("bool"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype("object"),
+}
+# BF16 has no numpy dtype; it travels as raw 2-byte elements and decodes to uint16 bit patterns.
+ELEMENT_SIZE: dict[str, int] = {name: dt.itemsize for name, dt in DATATYPE_TO_NUMPY.items() if name != "BYTES"}
+ELEMENT_SIZE["BF16"] = 2
+DATATYPES: frozenset[str] = frozenset(ELEMENT_SIZE) | {"BYTES"}
+
+_NUMPY_KIND_TO_DATATYPE: dict[str, str] = {
+    dt.str.lstrip("<|="): name for name, dt in DATATYPE_TO_NUMPY.items() if name not in ("BYTES",)
+}
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The OIP datatype name for a numpy array (object/str/bytes arrays are BYTES)."""
+    if array.dtype.kind in ("O", "S", "U"):
+        return "BYTES"
+    if array.dtype == np.bool_:
+        return "BOOL"
+    key = array.dtype.newbyteorder("<").str.lstrip("<|=")
+    try:
+        return _NUMPY_KIND_TO_DATATYPE[key]
+    except KeyError:
+        raise TypeError(f"numpy dtype {array.dtype} has no Open Inference Protocol datatype") from None
+
+
+def element_count(shape: list[int] | tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def encode_array(array: np.ndarray) -> tuple[str, list[int], bytes | memoryview]:
+    """(datatype, shape, payload) for one array; numeric payloads are zero-copy when already contiguous LE."""
+    datatype = datatype_of(array)
+    shape = [int(d) for d in array.shape]
+    if datatype == "BYTES":
+        return datatype, shape, encode_bytes_elements(array)
+    wire_dtype = DATATYPE_TO_NUMPY[datatype]
+    if array.dtype != wire_dtype or not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array, dtype=wire_dtype)
+    return datatype, shape, memoryview(array).cast("B") if array.size else b""
+
+
+def encode_bytes_elements(array: np.ndarray) -> bytes:
+    parts: list[bytes] = []
+    for element in array.reshape(-1):
+        raw = element.encode("utf-8") if isinstance(element, str) else bytes(element)
+        parts.append(struct.pack("<I", len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def decode_bytes_elements(payload: bytes | memoryview, count: int) -> np.ndarray:
+    """Parse `count` length-prefixed elements; raises ValueError if the payload does not hold exactly that."""
+    view = memoryview(payload)
+    out = np.empty(count, dtype=object)
+    offset = 0
+    for index in range(count):
+        if offset + 4 > len(view):
+            raise ValueError(f"BYTES payload ends inside the length of element {index}")
+        (length,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        if offset + length > len(view):
+            raise ValueError(f"BYTES element {index} claims {length} bytes past the end of the payload")
+        out[index] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != len(view):
+        raise ValueError(f"BYTES payload has {len(view) - offset} trailing bytes after {count} elements")
+    return out
+
+
+def expected_nbytes(datatype: str, shape: list[int]) -> int | None:
+    """Exact payload size for fixed-width datatypes; None for BYTES (variable)."""
+    size = ELEMENT_SIZE.get(datatype)
+    return None if size is None else size * element_count(shape)
+
+
+def decode_array(datatype: str, shape: list[int], payload: bytes | memoryview) -> np.ndarray:
+    """Decode a payload into an ndarray; numeric types are zero-copy views (read-only) over the payload."""
+    if datatype == "BYTES":
+        return decode_bytes_elements(payload, element_count(shape)).reshape(shape)
+    if datatype == "BF16":
+        return np.frombuffer(payload, dtype="<u2").reshape(shape)
+    expected = expected_nbytes(datatype, shape)
+    if expected is None:
+        raise ValueError(f"unknown datatype {datatype!r}")
+    if len(payload) != expected:
+        raise ValueError(f"payload is {len(payload)} bytes, {datatype}{shape} needs {expected}")
+    return np.frombuffer(payload, dtype=DATATYPE_TO_NUMPY[datatype]).reshape(shape)

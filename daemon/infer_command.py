@@ -1,0 +1,58 @@
+"""Helpers for `openinfer infer`: inputs from .npy files or generated from the model's metadata."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from openinfer.client import Client, InferResult
+from openinfer.client.tensors import DATATYPE_TO_NUMPY
+
+
+def generated_input(spec: dict[str, Any], fill: str, dynamic_dim: int, rng: np.random.Generator) -> np.ndarray:
+    shape = [d if d >= 0 else dynamic_dim for d in spec["shape"]]
+    datatype = spec["datatype"]
+    if datatype == "BYTES":
+        return np.full(shape, b"" if fill == "zeros" else b"openinfer", dtype=object)
+    dtype = DATATYPE_TO_NUMPY[datatype]
+    if fill == "zeros":
+        return np.zeros(shape, dtype=dtype)
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, shape).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(max(info.min, 0), min(info.max, 255), shape, endpoint=True).astype(dtype)
+
+
+def build_inputs(client: Client, model: str, version: int | None, given: tuple[str, ...], fill: str | None, dynamic_dim: int) -> dict[str, np.ndarray]:
+    feed: dict[str, np.ndarray] = {}
+    for item in given:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"--input takes NAME=FILE.npy, got {item!r}")
+        feed[name] = np.load(path, allow_pickle=False)
+    if fill:
+        rng = np.random.default_rng(0)
+        for spec in client.metadata(model, version)["inputs"]:
+            if spec["name"] not in feed:
+                feed[spec["name"]] = generated_input(spec, fill, dynamic_dim, rng)
+    if not feed:
+        raise ValueError("no inputs: give --input NAME=FILE.npy, or --random / --zeros")
+    return feed
+
+
+def summarize(array: np.ndarray, limit: int = 8) -> str:
+    flat = array.reshape(-1)
+    shown = ", ".join(repr(x) if array.dtype == object else f"{x:.6g}" if array.dtype.kind == "f" else str(x) for x in flat[:limit])
+    return f"[{shown}{', …' if flat.size > limit else ''}]"
+
+
+def describe_result(result: InferResult, full: bool = False) -> dict[str, Any]:
+    outputs = {}
+    for name, value in result.outputs.items():
+        entry: dict[str, Any] = {"dtype": str(value.dtype), "shape": list(value.shape)}
+        if full:
+            entry["data"] = value.tolist() if value.dtype != object else [v.decode(errors="replace") for v in value.reshape(-1)]
+        outputs[name] = entry
+    return {"model": result.model, "version": result.version, "outputs": outputs, "timing": result.timing}

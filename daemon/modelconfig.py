@@ -1,0 +1,80 @@
+"""Per-model settings from `<repo>/<model>/config.toml`, validated strictly (unknown keys are errors)."""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 8
+    max_queue_delay_us: int = 500
+    preferred_batch_sizes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Defaults apply when a model has no config.toml; `workers`/`intra_op_threads` may be None = use the pool default."""
+
+    workers: int | None = None
+    intra_op_threads: int | None = None
+    timeout_ms: int = 30_000  # default per-request deadline when the client sends none
+    max_compute_ms: int = 60_000  # hard ceiling on one task's time in a worker, whatever the client asks
+    max_request_bytes: int | None = None  # None = the daemon-wide limit
+    memory_limit_mb: int | None = None  # RLIMIT_AS for the worker after loading; None = the daemon default
+    max_queue: int = 1024  # queued (not yet running) tasks before RESOURCE_EXHAUSTED
+    version_policy: str = "all"  # "all" versions in the repository, or "latest" only
+    batching: BatchingConfig | None = None
+
+
+_INT_KEYS = {"workers", "intra_op_threads", "timeout_ms", "max_compute_ms", "max_request_bytes", "memory_limit_mb", "max_queue"}
+
+
+def _positive_int(path: Path, key: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{path}: `{key}` must be a positive integer, got {value!r}")
+    return value
+
+
+def parse_model_config(path: Path) -> ModelConfig:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    known = {f.name for f in fields(ModelConfig)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key `{key}` (known: {', '.join(sorted(known))})")
+        if key in _INT_KEYS:
+            values[key] = _positive_int(path, key, value)
+        elif key == "version_policy":
+            if value not in ("all", "latest"):
+                raise ConfigError(f"{path}: `version_policy` must be \"all\" or \"latest\", got {value!r}")
+            values[key] = value
+        elif key == "batching":
+            values[key] = _parse_batching(path, value)
+    return replace(ModelConfig(), **values)
+
+
+def _parse_batching(path: Path, raw: Any) -> BatchingConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: `batching` must be a table")
+    known = {f.name for f in fields(BatchingConfig)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key `batching.{key}` (known: {', '.join(sorted(known))})")
+        if key == "preferred_batch_sizes":
+            if not isinstance(value, list):
+                raise ConfigError(f"{path}: `batching.preferred_batch_sizes` must be a list of integers")
+            values[key] = tuple(_positive_int(path, f"batching.{key}", v) for v in value)
+        else:
+            values[key] = _positive_int(path, f"batching.{key}", value)
+    return replace(BatchingConfig(), **values)

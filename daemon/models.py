@@ -1,0 +1,113 @@
+"""The served models: one `ServedModel` per (name, version), with its workers, idle set and queue."""
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from openinfer.client.errors import NotFound, Unavailable
+
+from .modelconfig import ModelConfig
+
+if TYPE_CHECKING:
+    from .tasks import Task
+    from .workers import WorkerHandle
+
+
+class ModelState(enum.Enum):
+    LOADING = "loading"  # no worker has loaded it yet
+    READY = "ready"  # metadata known; at least one worker loaded it
+    FAILED = "failed"  # it cannot be loaded (reason says why); not retried until a reload
+    UNAVAILABLE = "unavailable"  # workers crash-looped; requests get UNAVAILABLE until a reload
+
+
+@dataclass(eq=False)
+class ServedModel:
+    name: str
+    version: int
+    path: Path
+    config: ModelConfig
+    worker_count: int
+    intra_op_threads: int
+    state: ModelState = ModelState.LOADING
+    reason: str | None = None
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    input_by_name: dict[str, dict[str, Any]] = field(default_factory=dict)
+    output_names: frozenset[str] = frozenset()
+    workers: list["WorkerHandle"] = field(default_factory=list)
+    idle: list["WorkerHandle"] = field(default_factory=list)
+    queue: deque["Task"] = field(default_factory=deque)
+    consecutive_crashes: int = 0
+    restarts: int = 0
+    load_ms: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def set_metadata(self, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self.input_by_name = {spec["name"]: spec for spec in inputs}
+        self.output_names = frozenset(spec["name"] for spec in outputs)
+
+    def ready_workers(self) -> int:
+        from .workers import WorkerState
+
+        return sum(1 for w in self.workers if w.state in (WorkerState.READY, WorkerState.BUSY))
+
+    def metadata(self, versions: list[int]) -> dict[str, Any]:
+        """Model metadata in the Open Inference Protocol's shape."""
+        return {
+            "name": self.name,
+            "versions": versions,
+            "version": self.version,
+            "platform": "onnxruntime_onnx",
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+        }
+
+
+@dataclass
+class FailedModel:
+    """A model directory that could not even be scanned (bad config, no versions)."""
+
+    name: str
+    reason: str
+
+
+class ModelRegistry:
+    """name -> version -> ServedModel; answers lookups the way the protocol specifies."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, dict[int, ServedModel]] = {}
+        self.failed: dict[str, FailedModel] = {}
+
+    def add(self, model: ServedModel) -> None:
+        self.by_name.setdefault(model.name, {})[model.version] = model
+
+    def all(self) -> list[ServedModel]:
+        return [m for versions in self.by_name.values() for m in versions.values()]
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self.by_name.get(name, {}))
+
+    def lookup(self, name: Any, version: Any) -> ServedModel:
+        """The model to serve: the named version, else the newest version that can serve."""
+        versions = self.by_name.get(name) if isinstance(name, str) else None
+        if not versions:
+            if isinstance(name, str) and name in self.failed:
+                raise Unavailable(f"model {name!r} failed to load: {self.failed[name].reason}")
+            raise NotFound(f"unknown model {name!r}", {"models": sorted(self.by_name)})
+        if version is not None:
+            model = versions.get(version)
+            if model is None:
+                raise NotFound(f"model {name!r} has no version {version!r}", {"versions": sorted(versions)})
+            return model
+        serving = [m for m in versions.values() if m.state is ModelState.READY]
+        if serving:
+            return max(serving, key=lambda m: m.version)
+        return versions[max(versions)]

@@ -1,0 +1,211 @@
+"""Spawning, watching and replacing workers. The supervisor loop feeds it events; it never blocks."""
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+import signal
+import sys
+import sysconfig
+import time
+from typing import Callable
+
+import zmq
+
+from .models import ModelState, ServedModel
+from .settings import Settings
+from .spawner import spawn_worker
+from .timers import TimerHeap
+from .worker import messages
+from .worker.bootconfig import WorkerBootConfig, WorkerSandboxConfig
+from .workers import WorkerHandle, WorkerState
+
+log = logging.getLogger("openinfer.supervisor")
+
+
+def worker_read_paths() -> tuple[str, ...]:
+    """What a worker may read under Landlock: the Python installation and the libraries it loads."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    paths |= {p for p in sys.path if p and os.path.isdir(p)}
+    paths |= {"/usr/lib", "/lib", "/lib64", "/usr/lib64", "/etc/ld.so.cache", "/proc", "/sys/devices/system/cpu", "/dev/null", "/dev/urandom"}
+    return tuple(sorted(p for p in paths if os.path.exists(p)))
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: zmq.Socket,  # type: ignore[type-arg]
+        channel_address: str,
+        timers: TimerHeap,
+        on_worker_lost: Callable[[WorkerHandle, str], None],
+        poller: zmq.Poller,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.channel_address = channel_address
+        self.timers = timers
+        self.on_worker_lost = on_worker_lost
+        self.poller = poller
+        self.by_identity: dict[bytes, WorkerHandle] = {}
+        self.by_pidfd: dict[int, WorkerHandle] = {}
+        self._next_id = 1
+        self._uid_gid = self._resolve_worker_user()
+        self._read_paths = worker_read_paths()
+
+    def _resolve_worker_user(self) -> tuple[int | None, int | None]:
+        if os.geteuid() != 0 or not self.settings.sandbox.enabled:
+            return None, None
+        entry = pwd.getpwnam(self.settings.sandbox.worker_user)
+        return entry.pw_uid, entry.pw_gid
+
+    @property
+    def worker_gid(self) -> int | None:
+        return self._uid_gid[1]
+
+    def boot_config(self, model: ServedModel, worker_id: int) -> WorkerBootConfig:
+        sb = self.settings.sandbox
+        limit_mb = model.config.memory_limit_mb or sb.memory_limit_mb
+        uid, gid = self._uid_gid
+        return WorkerBootConfig(
+            worker_id=worker_id,
+            model=model.name,
+            version=model.version,
+            model_path=str(model.path),
+            channel=self.channel_address,
+            intra_op_threads=model.intra_op_threads,
+            supervisor_pid=os.getpid(),
+            log_level=self.settings.log.level,
+            sandbox=WorkerSandboxConfig(
+                enabled=sb.enabled,
+                boot_policy=sb.boot_policy,
+                serve_policy=sb.serve_policy,
+                uid=uid,
+                gid=gid,
+                memory_limit_bytes=limit_mb * 1024 * 1024 if limit_mb else None,
+                max_open_files=sb.max_open_files,
+                landlock=sb.landlock,
+                namespaces=sb.namespaces,
+                read_paths=self._read_paths,
+            ),
+        )
+
+    def spawn(self, model: ServedModel) -> WorkerHandle:
+        worker_id = self._next_id
+        self._next_id += 1
+        spawned = spawn_worker(self.boot_config(model, worker_id))
+        worker = WorkerHandle(worker_id=worker_id, identity=str(worker_id).encode(), model=model, spawned=spawned)
+        model.workers.append(worker)
+        self.by_identity[worker.identity] = worker
+        self.by_pidfd[spawned.pidfd] = worker
+        self.poller.register(spawned.pidfd, zmq.POLLIN)
+        deadline = time.monotonic_ns() + int(self.settings.pool.ready_timeout_s * 1e9)
+        self.timers.call_at(deadline, lambda: self._check_ready(worker))
+        log.info("worker spawned", extra={"worker": worker_id, "pid": worker.pid, "model": model.name, "version": model.version})
+        return worker
+
+    def _check_ready(self, worker: WorkerHandle) -> None:
+        if worker.state in (WorkerState.SPAWNED, WorkerState.LOADED):
+            log.error("worker not ready in time; killing it", extra={"worker": worker.worker_id, "pid": worker.pid})
+            worker.exit_reason = f"not ready within {self.settings.pool.ready_timeout_s:g} s"
+            self.kill(worker)
+
+    def kill(self, worker: WorkerHandle) -> None:
+        try:
+            os.kill(worker.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def on_hello(self, worker: WorkerHandle, hello: dict) -> None:  # type: ignore[type-arg]
+        model = worker.model
+        if model.state is not ModelState.READY or not model.inputs:
+            model.set_metadata(hello["inputs"], hello["outputs"])
+            model.load_ms = hello.get("load_ms")
+        if hello.get("warmup_error"):
+            log.warning("warm-up failed; first request pays the first-run cost", extra={"model": model.name, "reason": hello["warmup_error"]})
+        worker.transition(WorkerState.LOADED)
+        self.backend.send_multipart([worker.identity, messages.ACK])
+
+    def on_ready(self, worker: WorkerHandle, sandbox: dict) -> None:  # type: ignore[type-arg]
+        worker.sandbox = sandbox
+        worker.ready_ns = time.monotonic_ns()
+        worker.transition(WorkerState.READY)
+        model = worker.model
+        if model.state is ModelState.LOADING:
+            model.state = ModelState.READY
+            log.info("model ready", extra={"model": model.name, "version": model.version, "load_ms": model.load_ms})
+        log.info(
+            "worker ready",
+            extra={"worker": worker.worker_id, "pid": worker.pid, "model": model.name, "startup_ms": round((worker.ready_ns - worker.spawned_ns) / 1e6, 1), "sandbox": sandbox},
+        )
+
+    def reap(self, pidfd: int, shutting_down: bool) -> WorkerHandle | None:
+        """The pidfd became readable: collect the exit status, forget the worker, maybe respawn."""
+        worker = self.by_pidfd.pop(pidfd, None)
+        if worker is None:
+            return None
+        self.poller.unregister(pidfd)
+        status = worker.spawned.process.wait()
+        boot_error = worker.spawned.read_status()
+        worker.spawned.close()
+        self.by_identity.pop(worker.identity, None)
+        model = worker.model
+        if worker in model.workers:
+            model.workers.remove(worker)
+        if worker in model.idle:
+            model.idle.remove(worker)
+        was = worker.state
+        worker.transition(WorkerState.EXITED)
+        how = describe_exit(status)
+        reason = worker.exit_reason or boot_error or how
+        level = logging.INFO if was is WorkerState.DRAINING else logging.ERROR
+        log.log(level, "worker exited", extra={"worker": worker.worker_id, "pid": worker.pid, "model": model.name, "version": model.version, "exit": how, "reason": reason, "state": was.value})
+        if status == -signal.SIGSYS:
+            log.error("worker killed by seccomp (SIGSYS): it made a system call its policy forbids", extra={"worker": worker.worker_id, "policy": self.settings.sandbox.serve_policy if was in (WorkerState.READY, WorkerState.BUSY) else self.settings.sandbox.boot_policy})
+        if worker.task is not None:
+            self.on_worker_lost(worker, f"worker {worker.worker_id} (pid {worker.pid}) {how} while running this task")
+        if was is WorkerState.DRAINING or shutting_down:
+            return worker
+        if was in (WorkerState.SPAWNED, WorkerState.LOADED) and boot_error is not None and model.state is not ModelState.READY:
+            model.state = ModelState.FAILED
+            model.reason = boot_error
+            log.error("model failed to load", extra={"model": model.name, "version": model.version, "reason": boot_error})
+            return worker
+        if worker.expected_exit:
+            self.spawn(model)
+            model.restarts += 1
+            return worker
+        self._schedule_respawn(model, reason)
+        return worker
+
+    def _schedule_respawn(self, model: ServedModel, reason: str) -> None:
+        pool = self.settings.pool
+        model.consecutive_crashes += 1
+        model.restarts += 1
+        if model.consecutive_crashes >= pool.crash_loop_limit:
+            if model.state is not ModelState.UNAVAILABLE:
+                model.state = ModelState.UNAVAILABLE
+                model.reason = f"crash loop: {model.consecutive_crashes} consecutive worker failures, last: {reason}"
+                log.error("model unavailable", extra={"model": model.name, "version": model.version, "reason": model.reason})
+            return  # no more respawns until a reload re-arms the model
+        delay_ms = min(pool.respawn_backoff_max_ms, pool.respawn_backoff_ms * 2 ** (model.consecutive_crashes - 1))
+        self.timers.call_at(time.monotonic_ns() + delay_ms * 1_000_000, lambda: self._respawn(model))
+
+    def _respawn(self, model: ServedModel) -> None:
+        if model.state in (ModelState.FAILED,) or len(model.workers) >= model.worker_count:
+            return
+        self.spawn(model)
+
+    def all_workers(self) -> list[WorkerHandle]:
+        return list(self.by_identity.values())
+
+
+def describe_exit(status: int) -> str:
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = str(-status)
+        return f"was killed by {name}"
+    return f"exited with code {status}"

@@ -1,0 +1,43 @@
+"""`openinfer serve`: build the settings, run the supervisor in the foreground, exit with its status."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .endpoint import EndpointBusy
+from .jsonlog import configure_logging
+from .modelconfig import ConfigError
+from .settings import load_settings
+
+log = logging.getLogger("openinfer.supervisor")
+
+
+def run_serve(config_file: Path | None, overrides: dict[str, Any]) -> int:
+    try:
+        settings = load_settings(config_file, overrides=overrides)
+    except ConfigError as exc:
+        configure_logging("info")
+        log.error("invalid configuration", extra={"reason": str(exc)})
+        return 2
+    configure_logging(settings.log.level)
+    if not settings.server.models:
+        log.error("no model repository: pass --models DIR or set server.models")
+        return 2
+    if not settings.sandbox.enabled:
+        log.warning("SANDBOX DISABLED (--insecure-no-sandbox): workers run with the daemon's full privileges")
+    from .supervisor import Supervisor
+
+    try:
+        supervisor = Supervisor(settings)
+    except (ConfigError, EndpointBusy, OSError) as exc:
+        log.error("cannot start", extra={"reason": str(exc)})
+        return 1
+    try:
+        supervisor.load_repository()
+        return supervisor.run()
+    except ConfigError as exc:
+        log.error("cannot start", extra={"reason": str(exc)})
+        return 1
+    finally:
+        supervisor.close()

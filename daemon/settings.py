@@ -1,0 +1,182 @@
+"""The daemon's settings: one typed, frozen model that is the single source for the config file,
+`OPENINFER_<SECTION>_<KEY>` environment variables, CLI flags and the table in docs/CONFIG.md.
+
+Precedence: built-in default < config file < environment < command-line flag.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping, get_type_hints
+
+from .modelconfig import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("/etc/openinfer/openinfer.toml")
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    models: str = _opt("", "Model repository directory: <models>/<name>/<version>/model.onnx.")
+    socket: str = _opt("", "Address to serve on: ipc://PATH or tcp://HOST:PORT. Empty = $XDG_RUNTIME_DIR/openinfer/openinfer.sock, else /run/openinfer/openinfer.sock.")
+    socket_mode: int = _opt(0o660, "Permission bits of the ipc:// socket file (owner + client group).")
+    socket_group: str = _opt("", "Group given to the ipc:// socket file (clients in it may connect). Empty = unchanged.")
+    max_request_bytes: int = _opt(64 * 1024 * 1024, "Largest request accepted (sum of all frames); one frame over it drops the connection.")
+    max_queued_bytes: int = _opt(1024 * 1024 * 1024, "Bytes of request data held in queues across all models before RESOURCE_EXHAUSTED.")
+    drain_grace_s: float = _opt(30.0, "On SIGTERM: seconds to finish queued and running tasks before stopping hard.")
+    runtime_dir: str = _opt("", "Private directory for the worker channel and prepared weights. Empty = beside the socket, else a temp dir.")
+    insecure_tcp: bool = _opt(False, "Allow tcp:// without CURVE. Logged loudly; never on a shared network.")
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    workers: int = _opt(1, "Worker processes per model version (a model's config.toml `workers` wins).")
+    intra_op_threads: int = _opt(1, "onnxruntime intra-op threads per worker (a model's config.toml wins).")
+    ready_timeout_s: float = _opt(120.0, "A worker that is not ready this long after spawn is killed.")
+    respawn_backoff_ms: int = _opt(100, "First delay before respawning a crashed worker; doubles per consecutive crash.")
+    respawn_backoff_max_ms: int = _opt(10_000, "Ceiling of the respawn delay.")
+    crash_loop_limit: int = _opt(5, "Consecutive crashes (without a successful task in between) before a model goes UNAVAILABLE.")
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    enabled: bool = _opt(True, "Run workers under seccomp, no_new_privs and rlimits. Off only with --insecure-no-sandbox.")
+    boot_policy: str = _opt("boot", "Policy (name in policies/ or a path) a worker loads its model under.")
+    serve_policy: str = _opt("worker", "Policy a worker serves under.")
+    worker_user: str = _opt("nobody", "User workers drop to when the daemon runs as root.")
+    memory_limit_mb: int = _opt(4096, "Default address-space limit (RLIMIT_AS) per worker after loading, MiB; 0 = none.")
+    max_open_files: int = _opt(64, "RLIMIT_NOFILE for workers (libzmq needs a few dozen).")
+    landlock: bool = _opt(True, "Restrict worker file access with Landlock where the kernel has it.")
+    namespaces: bool = _opt(True, "Put workers in new network/IPC (and user) namespaces where allowed.")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = _opt("info", "Log level: debug, info, warning, error.")
+    access_log_sample: float = _opt(0.0, "Fraction of tasks written to the access log (0 = off, 1 = every task).")
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen: str = _opt("", "Serve Prometheus metrics over HTTP on HOST:PORT (loopback recommended). Empty = off.")
+    textfile: str = _opt("", "Write Prometheus metrics to this file for node_exporter's textfile collector. Empty = off.")
+    textfile_interval_s: float = _opt(15.0, "How often the textfile is rewritten.")
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Settings)}  # type: ignore[misc]
+
+
+def describe_settings() -> list[tuple[str, str, str, Any, str]]:
+    """(key, env var, type, default, help) for every setting: the source of docs/CONFIG.md."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else None
+            rows.append((f"{section}.{f.name}", env_name(section, f.name), hints[f.name].__name__, default, f.metadata.get("help", "")))
+    return rows
+
+
+def env_name(section: str, key: str) -> str:
+    return f"OPENINFER_{section.upper()}_{key.upper()}"
+
+
+def _coerce(where: str, kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value, 0)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+
+
+def _apply(settings: Settings, values: Mapping[str, Any], source: str) -> Settings:
+    """Apply {"section.key": value} onto settings; unknown keys and bad types name the key and the source."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for dotted, value in values.items():
+        section, _, key = dotted.partition(".")
+        cls = SECTIONS.get(section)
+        if cls is None:
+            raise ConfigError(f"{source}: unknown section `{section}` in `{dotted}` (known: {', '.join(SECTIONS)})")
+        hints = get_type_hints(cls)
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key `{dotted}` (known in [{section}]: {', '.join(hints)})")
+        grouped.setdefault(section, {})[key] = _coerce(f"{source}: `{dotted}`", hints[key], value)
+    for section, updates in grouped.items():
+        settings = replace(settings, **{section: replace(getattr(settings, section), **updates)})
+    return settings
+
+
+def _flatten_file(path: Path) -> dict[str, Any]:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    flat: dict[str, Any] = {}
+    for section, table in raw.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: `{section}` must be a [section] table")
+        for key, value in table.items():
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def load_settings(
+    config_file: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build Settings from the file (if given or present at the default path), the environment and flags."""
+    settings = Settings()
+    environ = os.environ if environ is None else environ
+    path = config_file
+    if path is None and environ.get("OPENINFER_CONFIG"):
+        path = Path(environ["OPENINFER_CONFIG"])
+    if path is None and DEFAULT_CONFIG_FILE.exists():
+        path = DEFAULT_CONFIG_FILE
+    if path is not None:
+        settings = _apply(settings, _flatten_file(path), str(path))
+    env_values: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            name = env_name(section, f.name)
+            if name in environ:
+                env_values[f"{section}.{f.name}"] = environ[name]
+    settings = _apply(settings, env_values, "environment")
+    return _apply(settings, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")

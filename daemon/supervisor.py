@@ -1,0 +1,492 @@
+"""The supervisor: one poller loop that owns the public socket, the worker channel, the queues and the
+accounting. It never imports onnxruntime and never runs a task itself."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from openinfer.client.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    OpenInferError,
+    ResourceExhausted,
+    Unavailable,
+    WorkerCrashed,
+)
+from openinfer.client.protocol import MAX_HEADER_BYTES, PROTOCOL_VERSION, pack, resolve_address, unpack
+
+from . import admin
+from .accounting import Accountant
+from .endpoint import BoundEndpoint, bind_public
+from .models import FailedModel, ModelRegistry, ModelState, ServedModel
+from .pool import WorkerPool
+from .repository import scan_repository
+from .runtime_dir import base_runtime_dir, create_instance_dir
+from .settings import Settings
+from .signals import SignalInbox
+from .tasks import Task
+from .timers import TimerHeap
+from .validation import check_envelope, check_infer, decode_header, request_id_of
+from .worker import messages
+from .workers import WorkerHandle, WorkerState
+
+log = logging.getLogger("openinfer.supervisor")
+access_log = logging.getLogger("openinfer.access")
+
+_BATCH = 64  # messages taken from one socket before looking at the others
+_HOUSEKEEPING_NS = 5_000_000  # how often running tasks' deadlines are checked
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.started_ns = time.monotonic_ns()
+        self.context = zmq.Context(io_threads=1)
+        self.registry = ModelRegistry()
+        self.accountant = Accountant()
+        self.timers = TimerHeap()
+        self.poller = zmq.Poller()
+        self.draining = False
+        self.finished = False
+        self._drain_deadline_ns: int | None = None
+        self._next_task_id = 1
+        self._queued_by_request: dict[tuple[bytes, int], Task] = {}
+        self._queued_bytes = 0
+        self._next_housekeeping_ns = 0
+        self.frontend = self._make_frontend()
+        self.endpoint: BoundEndpoint = bind_public(
+            self.frontend,
+            resolve_address(settings.server.socket),
+            mode=settings.server.socket_mode,
+            group=settings.server.socket_group,
+            insecure_tcp=settings.server.insecure_tcp,
+        )
+        self.backend = self.context.socket(zmq.ROUTER)
+        self.backend.setsockopt(zmq.LINGER, 0)
+        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.pool = WorkerPool(settings, self.backend, "", self.timers, self._on_worker_lost, self.poller)
+        self.runtime_dir = create_instance_dir(base_runtime_dir(settings.server.runtime_dir), self.pool.worker_gid)
+        channel = self.runtime_dir / "workers.sock"
+        self.backend.bind(f"ipc://{channel}")
+        if self.pool.worker_gid is not None:
+            os.chown(channel, -1, self.pool.worker_gid)
+            os.chmod(channel, 0o660)
+        self.pool.channel_address = f"ipc://{channel}"
+        self.signals = SignalInbox()
+        self.poller.register(self.frontend, zmq.POLLIN)
+        self.poller.register(self.backend, zmq.POLLIN)
+        self.poller.register(self.signals.fd, zmq.POLLIN)
+
+    def _make_frontend(self) -> zmq.Socket:  # type: ignore[type-arg]
+        sock = self.context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable replies raise instead of vanishing
+        # One frame over this drops the peer (libzmq); the multipart total is checked per request.
+        sock.setsockopt(zmq.MAXMSGSIZE, self.settings.server.max_request_bytes + MAX_HEADER_BYTES)
+        sock.setsockopt(zmq.RCVHWM, 1000)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        return sock
+
+    # -- model loading ----------------------------------------------------------------------------
+    def load_repository(self) -> None:
+        root = Path(self.settings.server.models)
+        for entry in scan_repository(root):
+            if entry.error is not None:
+                self.registry.failed[entry.name] = FailedModel(entry.name, entry.error)
+                log.error("model cannot be served", extra={"model": entry.name, "reason": entry.error})
+                continue
+            for version in entry.versions:
+                model = ServedModel(
+                    name=entry.name,
+                    version=version.version,
+                    path=version.path,
+                    config=entry.config,
+                    worker_count=entry.config.workers or self.settings.pool.workers,
+                    intra_op_threads=entry.config.intra_op_threads or self.settings.pool.intra_op_threads,
+                )
+                self.registry.add(model)
+                for _ in range(model.worker_count):
+                    self.pool.spawn(model)
+        log.info("serving", extra={"address": self.endpoint.address, "models": sorted(self.registry.by_name), "failed": sorted(self.registry.failed)})
+
+    # -- main loop --------------------------------------------------------------------------------
+    def run(self) -> int:
+        poll = self.poller.poll
+        frontend, backend, signal_fd = self.frontend, self.backend, self.signals.fd
+        while not self.finished:
+            busy = self._any_busy()
+            events = poll(self.timers.timeout_ms(5 if busy else 1000))
+            for item, _ in events:
+                if item is backend:
+                    self._drain_backend()
+                elif item is frontend:
+                    self._drain_frontend()
+                elif item == signal_fd:
+                    self._on_signals(self.signals.drain())
+                else:
+                    self.pool.reap(item, shutting_down=self.draining)
+            self.timers.run_due()
+            if busy:
+                self._expire_running()
+            if self.draining:
+                self._progress_drain()
+        return 0
+
+    def _any_busy(self) -> bool:
+        for worker in self.pool.by_identity.values():
+            if worker.task is not None:
+                return True
+        return False
+
+    def _drain_frontend(self) -> None:
+        recv = self.frontend.recv_multipart
+        for _ in range(_BATCH):
+            try:
+                frames = recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_request(frames)
+
+    def _drain_backend(self) -> None:
+        recv = self.backend.recv_multipart
+        for _ in range(_BATCH):
+            try:
+                frames = recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_worker_message(frames)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def _on_request(self, frames: list[zmq.Frame]) -> None:
+        received_ns = time.monotonic_ns()
+        # A REQ peer puts an empty delimiter before the header; answer it the same way.
+        split = 2 if len(frames) > 2 and len(frames[1]) == 0 else 1
+        route = frames[:split]
+        body = frames[split:]
+        client = route[0].bytes.hex()
+        request_id: int | None = None
+        self._request_model: ServedModel | None = None
+        try:
+            if not body:
+                raise InvalidArgument("empty message: expected a header frame")
+            header = decode_header(body[0].buffer)
+            request_id = request_id_of(header)
+            op = check_envelope(header, len(body))
+            name = header.get("client")
+            if name:
+                client = f"{name}@{client}"
+            if op == "infer":
+                self._accept_infer(route, request_id, client, header, body, received_ns)  # type: ignore[arg-type]
+            else:
+                self._reply(route, {"v": PROTOCOL_VERSION, "id": request_id, "result": self._admin(op, header, route)})
+        except OpenInferError as exc:
+            if request_id is None:
+                log.warning("malformed request", extra={"client": client, "code": exc.code, "reason": exc.message})
+            timing = {"total_us": (time.monotonic_ns() - received_ns) / 1000}
+            self._reply_error(route, request_id, exc, timing)
+            model = self._request_model
+            self.accountant.record(model.name if model else None, model.version if model else None, client, exc.code, timing)
+
+    def _accept_infer(self, route: list[Any], request_id: int, client: str, header: dict[str, Any], body: list[Any], received_ns: int) -> None:
+        if self.draining:
+            raise Unavailable("daemon is shutting down; not accepting new requests")
+        version = header.get("version")
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            raise InvalidArgument("`version` must be an integer")
+        model = self.registry.lookup(header.get("model"), version)
+        if model.state is not ModelState.READY:
+            raise Unavailable(f"model {model.key} is {model.state.value}" + (f": {model.reason}" if model.reason else ""))
+        data = body[1:]
+        limit = model.config.max_request_bytes or self.settings.server.max_request_bytes
+        self._request_model = model  # so a rejection below is counted against this model
+        nbytes = check_infer(header, data, model, limit)
+        decoded_ns = time.monotonic_ns()
+        timeout_ms = header.get("timeout_ms") or model.config.timeout_ms
+        task = Task(
+            task_id=self._next_task_id,
+            request_id=request_id,
+            route=route,
+            client=client,
+            model=model,
+            header_frame=body[0],
+            data_frames=data,
+            nbytes=nbytes,
+            received_ns=received_ns,
+            decoded_ns=decoded_ns,
+            deadline_ns=received_ns + timeout_ms * 1_000_000,
+            priority=header.get("priority") or 0,
+        )
+        self._next_task_id += 1
+        if model.idle:
+            self._dispatch(model.idle.pop(), task)
+        else:
+            self._enqueue(task)
+
+    def _enqueue(self, task: Task) -> None:
+        model = task.model
+        if len(model.queue) >= model.config.max_queue:
+            raise ResourceExhausted(f"model {model.key} has {len(model.queue)} requests queued (max_queue)")
+        if self._queued_bytes + task.nbytes > self.settings.server.max_queued_bytes:
+            raise ResourceExhausted(f"daemon holds {self._queued_bytes} queued bytes (server.max_queued_bytes)")
+        task.enqueued_ns = time.monotonic_ns()
+        model.queue.append(task)
+        self._queued_bytes += task.nbytes
+        self._queued_by_request[(task.route[0].bytes, task.request_id)] = task
+        self.timers.call_at(task.deadline_ns, lambda: self._expire_queued(task))
+
+    def _dequeue(self, task: Task) -> None:
+        self._queued_bytes -= task.nbytes
+        self._queued_by_request.pop((task.route[0].bytes, task.request_id), None)
+
+    def _dispatch(self, worker: WorkerHandle, task: Task) -> None:
+        now = time.monotonic_ns()
+        task.dispatched_ns = now
+        task.worker = worker
+        worker.task = task
+        worker.state = WorkerState.BUSY  # hot path: READY->BUSY is the one transition not logged
+        worker.deadline_ns = min(task.deadline_ns, now + task.model.config.max_compute_ms * 1_000_000)
+        self.backend.send_multipart(
+            [worker.identity, messages.TASK, messages.pack_task_id(task.task_id), task.header_frame, *task.data_frames],
+            copy=False,
+        )
+
+    def _next_for(self, worker: WorkerHandle) -> None:
+        """The worker is free: give it the oldest queued task, or park it idle."""
+        queue = worker.model.queue
+        while queue:
+            task = queue.popleft()
+            if task.done:
+                continue
+            self._dequeue(task)
+            self._dispatch(worker, task)
+            return
+        worker.state = WorkerState.READY
+        worker.model.idle.append(worker)
+
+    # -- worker messages ----------------------------------------------------------------------------
+    def _on_worker_message(self, frames: list[zmq.Frame]) -> None:
+        worker = self.pool.by_identity.get(frames[0].bytes)
+        if worker is None or len(frames) < 2:
+            return
+        kind = frames[1].bytes
+        if kind == messages.RESULT:
+            self._on_result(worker, frames)
+        elif kind == messages.HELLO:
+            self.pool.on_hello(worker, unpack(frames[2].buffer))
+        elif kind == messages.READY:
+            self.pool.on_ready(worker, unpack(frames[2].buffer))
+            if self.draining:
+                self._quit(worker)
+            else:
+                self._next_for(worker)
+        elif kind == messages.PONG:
+            pass
+        else:
+            log.warning("unknown message from worker", extra={"worker": worker.worker_id, "kind": kind.hex()})
+
+    def _on_result(self, worker: WorkerHandle, frames: list[zmq.Frame]) -> None:
+        now = time.monotonic_ns()
+        task = worker.task
+        if task is None or messages.unpack_task_id(frames[2].buffer) != task.task_id:
+            return  # the task was already answered (deadline); the worker is being replaced
+        worker.task = None
+        worker.tasks_served += 1
+        task.done = True
+        meta = unpack(frames[3].buffer)
+        model = task.model
+        timing = {
+            "decode_us": (task.decoded_ns - task.received_ns) / 1000,
+            "queue_us": (task.dispatched_ns - task.decoded_ns) / 1000,
+            "dispatch_us": (meta["recv_ns"] - task.dispatched_ns) / 1000,
+        }
+        error = meta.get("error")
+        if error is None:
+            timing["prep_us"] = meta["prep_us"]
+            timing["compute_us"] = meta["compute_us"]
+            timing["encode_us"] = meta["encode_us"]
+            model.consecutive_crashes = 0
+        timing["return_us"] = (now - meta["send_ns"]) / 1000
+        timing["cpu_us"] = meta["cpu_us"]
+        outputs = frames[4:]
+        timing["total_us"] = (time.monotonic_ns() - task.received_ns) / 1000
+        if error is None:
+            reply = {"v": PROTOCOL_VERSION, "id": task.request_id, "model": model.name, "version": model.version, "outputs": meta["outputs"], "timing": timing}
+            self._reply(task.route, reply, outputs)
+            code = None
+        else:
+            self._reply(task.route, {"v": PROTOCOL_VERSION, "id": task.request_id, "error": error, "timing": timing})
+            code = error.get("code", "INTERNAL")
+        bytes_out = 0
+        for frame in outputs:
+            bytes_out += len(frame)
+        self._finish(task, code, timing, bytes_out)
+        if worker.state is WorkerState.BUSY:
+            self._next_for(worker)
+
+    def _finish(self, task: Task, code: str | None, timing: dict[str, float], bytes_out: int = 0) -> None:
+        task.done = True
+        self.accountant.record(task.model.name, task.model.version, task.client, code, timing, task.nbytes, bytes_out)
+        sample = self.settings.log.access_log_sample
+        if sample > 0 and (sample >= 1 or (task.task_id * 2654435761 % 2**32) / 2**32 < sample):
+            access_log.info("task", extra={"task": task.task_id, "request": task.request_id, "model": task.model.name, "version": task.model.version, "client": task.client, "code": code or "OK", "timing": timing})
+
+    def _fail_task(self, task: Task, exc: OpenInferError) -> None:
+        timing = {"total_us": (time.monotonic_ns() - task.received_ns) / 1000}
+        self._reply_error(task.route, task.request_id, exc, timing)
+        self._finish(task, exc.code, timing)
+
+    def _on_worker_lost(self, worker: WorkerHandle, how: str) -> None:
+        task = worker.task
+        worker.task = None
+        if task is not None and not task.done:
+            self._fail_task(task, WorkerCrashed(how, {"worker": worker.worker_id, "pid": worker.pid}))
+
+    # -- deadlines --------------------------------------------------------------------------------
+    def _expire_queued(self, task: Task) -> None:
+        if task.done or task.worker is not None:
+            return
+        try:
+            task.model.queue.remove(task)
+        except ValueError:
+            pass
+        self._dequeue(task)
+        waited_ms = (time.monotonic_ns() - task.received_ns) / 1e6
+        self._fail_task(task, DeadlineExceeded(f"deadline passed after {waited_ms:.1f} ms waiting in the queue; the task never ran"))
+
+    def _expire_running(self) -> None:
+        now = time.monotonic_ns()
+        if now < self._next_housekeeping_ns:
+            return
+        self._next_housekeeping_ns = now + _HOUSEKEEPING_NS
+        for worker in list(self.pool.by_identity.values()):
+            task = worker.task
+            if task is None or now < worker.deadline_ns:
+                continue
+            worker.task = None
+            ran_ms = (now - task.dispatched_ns) / 1e6
+            self._fail_task(task, DeadlineExceeded(f"task still running after {ran_ms:.0f} ms; its worker was killed and is being replaced"))
+            worker.exit_reason = "killed: task exceeded its deadline"
+            worker.expected_exit = True
+            self.pool.kill(worker)
+
+    # -- replies ----------------------------------------------------------------------------------
+    def _reply(self, route: list[Any], header: dict[str, Any], payloads: list[Any] | None = None) -> None:
+        try:
+            self.frontend.send_multipart([*route, pack(header), *(payloads or ())], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:  # client gone (EHOSTUNREACH) or not reading (EAGAIN): drop, never block
+            log.info("reply dropped", extra={"id": header.get("id"), "reason": exc.strerror})
+
+    def _reply_error(self, route: list[Any], request_id: int | None, exc: OpenInferError, timing: dict[str, float] | None = None) -> None:
+        reply: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "error": exc.to_wire()}
+        if timing:
+            reply["timing"] = timing
+        self._reply(route, reply)
+
+    # -- admin --------------------------------------------------------------------------------------
+    def _admin(self, op: str, header: dict[str, Any], route: list[Any]) -> dict[str, Any]:
+        if op == "models":
+            return admin.models_result(self)
+        if op == "metadata":
+            return admin.metadata_result(self, header)
+        if op == "health":
+            return admin.health_result(self)
+        if op == "status":
+            return admin.status_result(self)
+        if op == "stats":
+            return admin.stats_result(self)
+        if op == "cancel":
+            return self._cancel(route, header.get("target"))
+        if op == "reload":
+            self.signals.inject(signal.SIGHUP)
+            return {"reloading": True}
+        raise InvalidArgument(f"operation {op!r} is not supported by this daemon yet")
+
+    def _cancel(self, route: list[Any], target: Any) -> dict[str, Any]:
+        task = self._queued_by_request.get((route[0].bytes, target)) if isinstance(target, int) else None
+        if task is None or task.done:
+            return {"cancelled": False}
+        task.model.queue.remove(task)
+        self._dequeue(task)
+        self._fail_task(task, DeadlineExceeded("cancelled by the client before it ran"))
+        return {"cancelled": True}
+
+    # -- signals and shutdown ---------------------------------------------------------------------
+    def _on_signals(self, signums: list[int]) -> None:
+        for signum in signums:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                if self.draining:
+                    log.warning("second stop signal: stopping now")
+                    self._stop_now()
+                else:
+                    self.begin_drain()
+            elif signum == signal.SIGHUP:
+                log.warning("SIGHUP: reload is not implemented yet; ignoring")
+
+    def begin_drain(self) -> None:
+        log.info("draining: finishing queued and running tasks", extra={"grace_s": self.settings.server.drain_grace_s})
+        self.draining = True
+        self._drain_deadline_ns = time.monotonic_ns() + int(self.settings.server.drain_grace_s * 1e9)
+
+    def _progress_drain(self) -> None:
+        if self._drain_deadline_ns is not None and time.monotonic_ns() >= self._drain_deadline_ns:
+            log.warning("drain grace period over: stopping now")
+            self._stop_now()
+        pending = any(m.queue for m in self.registry.all()) or self._any_busy()
+        if not pending:
+            for worker in self.pool.all_workers():
+                if worker.state is not WorkerState.DRAINING:
+                    self._quit(worker)
+        if not self.pool.by_identity:
+            self.finished = True
+
+    def _quit(self, worker: WorkerHandle) -> None:
+        if worker.state in (WorkerState.READY, WorkerState.BUSY, WorkerState.LOADED, WorkerState.SPAWNED):
+            if worker in worker.model.idle:
+                worker.model.idle.remove(worker)
+            ready = worker.state is WorkerState.READY
+            worker.transition(WorkerState.DRAINING)
+            if ready:
+                try:
+                    self.backend.send_multipart([worker.identity, messages.QUIT], flags=zmq.NOBLOCK)
+                    self.timers.call_at(time.monotonic_ns() + 5_000_000_000, lambda: self.pool.kill(worker))
+                    return
+                except zmq.ZMQError:
+                    pass
+            self.pool.kill(worker)
+
+    def _stop_now(self) -> None:
+        for model in self.registry.all():
+            while model.queue:
+                task = model.queue.popleft()
+                if not task.done:
+                    self._dequeue(task)
+                    self._fail_task(task, Unavailable("daemon stopped before this task ran"))
+        for worker in self.pool.all_workers():
+            if worker.task is not None and not worker.task.done:
+                self._fail_task(worker.task, Unavailable("daemon stopped while this task was running"))
+                worker.task = None
+            if worker.state is not WorkerState.DRAINING:
+                worker.transition(WorkerState.DRAINING)
+            self.pool.kill(worker)
+        self.draining = True
+        self._drain_deadline_ns = None
+
+    def close(self) -> None:
+        for worker in self.pool.all_workers():
+            self.pool.kill(worker)
+            worker.spawned.process.wait()
+            worker.spawned.close()
+        self.signals.close()
+        self.frontend.close(linger=0)
+        self.backend.close(linger=0)
+        self.context.term()
+        self.endpoint.cleanup()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        log.info("stopped")

@@ -1,0 +1,29 @@
+"""One accepted request on its way through the supervisor."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .models import ServedModel
+    from .workers import WorkerHandle
+
+
+@dataclass(slots=True, eq=False)
+class Task:
+    task_id: int
+    request_id: int
+    route: list[Any]  # frames to put before the reply header (client identity [+ empty delimiter])
+    client: str  # accounting key: "<routing id hex>" or "<name>@<routing id hex>"
+    model: "ServedModel"
+    header_frame: Any  # the client's header frame, forwarded to the worker untouched
+    data_frames: list[Any]
+    nbytes: int
+    received_ns: int
+    decoded_ns: int
+    deadline_ns: int
+    priority: int = 0
+    enqueued_ns: int = 0
+    dispatched_ns: int = 0
+    worker: "WorkerHandle | None" = None
+    done: bool = False

@@ -1,0 +1,134 @@
+"""Request checks done before anything is queued: framing, header, and tensors against model metadata.
+
+Every check raises the typed error the protocol promises, with a message naming what was wrong.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from openinfer.client.errors import InvalidArgument, ResourceExhausted
+from openinfer.client.protocol import MAX_CLIENT_NAME, MAX_FRAMES, MAX_HEADER_BYTES, OPERATIONS, PROTOCOL_VERSION
+from openinfer.client.tensors import DATATYPES, ELEMENT_SIZE
+
+from .models import ServedModel
+
+_UINT64_MAX = 2**64 - 1
+
+
+def decode_header(frame: bytes | memoryview) -> dict[str, Any]:
+    """Decode and check the envelope fields shared by every operation."""
+    if len(frame) > MAX_HEADER_BYTES:
+        raise ResourceExhausted(f"header is {len(frame)} bytes; the limit is {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises a zoo of types on garbage
+        raise InvalidArgument(f"header frame is not valid msgpack: {type(exc).__name__}") from None
+    if not isinstance(header, dict):
+        raise InvalidArgument(f"header must be a msgpack map, got {type(header).__name__}")
+    return header
+
+
+def request_id_of(header: dict[str, Any]) -> int | None:
+    rid = header.get("id")
+    if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= _UINT64_MAX:
+        return rid
+    return None
+
+
+def check_envelope(header: dict[str, Any], frame_count: int) -> str:
+    """Version, id, op, client name and frame count; returns the operation name."""
+    if header.get("v") != PROTOCOL_VERSION:
+        raise InvalidArgument(f"unsupported protocol version {header.get('v')!r}; this daemon speaks {PROTOCOL_VERSION}")
+    if request_id_of(header) is None:
+        raise InvalidArgument("`id` must be an unsigned 64-bit integer")
+    op = header.get("op")
+    if op not in OPERATIONS:
+        raise InvalidArgument(f"unknown operation {op!r}; known: {', '.join(sorted(OPERATIONS))}")
+    client = header.get("client")
+    if client is not None and (not isinstance(client, str) or len(client) > MAX_CLIENT_NAME):
+        raise InvalidArgument(f"`client` must be a string of at most {MAX_CLIENT_NAME} characters")
+    if frame_count > MAX_FRAMES:
+        raise ResourceExhausted(f"{frame_count} frames; the limit is {MAX_FRAMES}")
+    if op != "infer" and frame_count != 1:
+        raise InvalidArgument(f"`{op}` takes no data frames, got {frame_count - 1}")
+    return op
+
+
+def _is_uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_infer(header: dict[str, Any], data_frames: list[Any], model: ServedModel, max_request_bytes: int) -> int:
+    """Validate an `infer` request against the model's metadata; returns the request's payload bytes."""
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list):
+        raise InvalidArgument("`inputs` must be an array of {name, datatype, shape} maps")
+    if len(inputs) != len(data_frames):
+        raise InvalidArgument(f"`inputs` lists {len(inputs)} tensors but {len(data_frames)} data frames follow")
+    nbytes = 0
+    for frame in data_frames:
+        nbytes += len(frame)
+    if nbytes > max_request_bytes:
+        raise ResourceExhausted(f"request carries {nbytes} bytes of tensors; the limit for {model.name!r} is {max_request_bytes}")
+    seen: set[str] = set()
+    expected = model.input_by_name
+    for index, spec in enumerate(inputs):
+        if not isinstance(spec, dict):
+            raise InvalidArgument(f"inputs[{index}] must be a map")
+        name = spec.get("name")
+        if not isinstance(name, str):
+            raise InvalidArgument(f"inputs[{index}].name must be a string")
+        want = expected.get(name)
+        if want is None:
+            raise InvalidArgument(f"model {model.name!r} has no input {name!r}; inputs are {sorted(expected)}")
+        if name in seen:
+            raise InvalidArgument(f"input {name!r} given twice")
+        seen.add(name)
+        datatype = spec.get("datatype")
+        if datatype not in DATATYPES:
+            raise InvalidArgument(f"input {name!r}: unknown datatype {datatype!r}")
+        if datatype != want["datatype"]:
+            raise InvalidArgument(f"input {name!r}: datatype {datatype}, model expects {want['datatype']}")
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+            raise InvalidArgument(f"input {name!r}: shape must be an array of non-negative integers")
+        want_shape = want["shape"]
+        if len(shape) != len(want_shape):
+            raise InvalidArgument(f"input {name!r}: rank {len(shape)} {shape}, model expects rank {len(want_shape)} {want_shape}")
+        for axis, (got, need) in enumerate(zip(shape, want_shape)):
+            if need >= 0 and got != need:
+                raise InvalidArgument(f"input {name!r}: dimension {axis} is {got}, model expects {need} (shape {want_shape})")
+        size = ELEMENT_SIZE.get(datatype)
+        if size is not None:
+            count = 1
+            for dim in shape:
+                count *= dim
+            if count * size != len(data_frames[index]):
+                raise InvalidArgument(
+                    f"input {name!r}: {datatype}{shape} needs {count * size} bytes, data frame has {len(data_frames[index])}"
+                )
+    missing = expected.keys() - seen
+    if missing:
+        raise InvalidArgument(f"model {model.name!r} is missing inputs {sorted(missing)}")
+    outputs = header.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
+            raise InvalidArgument("`outputs` must be a non-empty array of output names")
+        unknown = [o for o in outputs if o not in model.output_names]
+        if unknown:
+            raise InvalidArgument(f"model {model.name!r} has no outputs {unknown}; outputs are {sorted(model.output_names)}")
+        if len(set(outputs)) != len(outputs):
+            raise InvalidArgument("`outputs` names an output twice")
+    for key in ("timeout_ms", "priority"):
+        value = header.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise InvalidArgument(f"`{key}` must be an integer")
+    timeout = header.get("timeout_ms")
+    if timeout is not None and timeout <= 0:
+        raise InvalidArgument("`timeout_ms` must be positive")
+    version = header.get("version")
+    if version is not None and not _is_uint(version):
+        raise InvalidArgument("`version` must be a non-negative integer")
+    return nbytes

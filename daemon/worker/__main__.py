@@ -1,0 +1,5 @@
+import sys
+
+from .boot import main
+
+sys.exit(main(sys.argv))

@@ -1,0 +1,157 @@
+"""The worker's boot order, written once, in order (docs/SANDBOX.md explains each step):
+
+ 1. fresh process, empty environment, only stdin/stdout/stderr + the status pipe (done by the spawner)
+ 2. die with the supervisor (PR_SET_PDEATHSIG), not dumpable, RLIMIT_CORE=0, file-size and fd limits
+ 3. as root: drop to the unprivileged worker uid/gid
+ 4. best effort: new user/network/IPC namespaces, Landlock read-only view of Python + the model
+ 5. boot seccomp policy
+ 6. load the model, warm up, connect the channel (libzmq's threads now exist), HELLO, wait for ACK
+ 7. malloc_trim, memory limit (RLIMIT_AS)
+ 8. serve seccomp policy (TSYNC: every thread)
+ 9. READY, then serve
+Any failure before READY is written to the status pipe (one JSON line) and the process exits 3.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from openinfer.daemon.jsonlog import configure_logging
+
+from .bootconfig import WorkerBootConfig
+
+log = logging.getLogger("openinfer.worker")
+STATUS_FD = 3  # the spawner passes the write end of the status pipe as fd 3
+EXIT_BOOT_FAILED = 3
+
+
+class BootFailure(Exception):
+    """A boot step failed; the message is what `openinfer status` shows for the model."""
+
+
+def _report_failure(message: str) -> None:
+    try:
+        os.write(STATUS_FD, (json.dumps({"error": message}) + "\n").encode())
+    except OSError:
+        pass
+
+
+def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any]) -> None:
+    from openinfer.sandbox import hardening
+
+    hardening.set_parent_death_signal()
+    if os.getppid() != config.supervisor_pid:  # supervisor died before the death signal was armed
+        raise BootFailure("supervisor exited during worker start")
+    hardening.set_not_dumpable()
+    hardening.apply_boot_rlimits(max_open_files=config.sandbox.max_open_files)
+    sb = config.sandbox
+    if os.geteuid() == 0 and sb.uid is not None and sb.gid is not None:
+        hardening.drop_privileges(sb.uid, sb.gid)
+    if sb.namespaces:
+        sandbox_state["namespaces"] = hardening.enter_namespaces()
+        if not sandbox_state["namespaces"]:
+            log.warning("namespaces unavailable; worker shares the host's network and IPC namespaces", extra={"worker": config.worker_id})
+    if sb.landlock:
+        read_paths = [*sb.read_paths, os.path.dirname(config.model_path)]
+        abi = hardening.apply_landlock(read_paths)
+        sandbox_state["landlock_abi"] = abi
+        if not abi:
+            log.warning("Landlock unavailable; file access limited by seccomp and uid only", extra={"worker": config.worker_id})
+
+
+def _connect(config: WorkerBootConfig) -> tuple[Any, Any]:
+    import zmq
+
+    context = zmq.Context(io_threads=1)
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.IDENTITY, str(config.worker_id).encode())
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(config.channel)
+    return context, socket
+
+
+def _await_ack(socket: Any, timeout_ms: int = 30_000) -> None:
+    from . import messages
+
+    if not socket.poll(timeout_ms):
+        raise BootFailure("no ACK from supervisor")
+    frames = socket.recv_multipart()
+    if frames[0] != messages.ACK:
+        raise BootFailure(f"expected ACK, got {frames[0]!r}")
+
+
+def boot_and_serve(config: WorkerBootConfig) -> None:
+    from openinfer.client.protocol import pack
+
+    from . import messages
+
+    sandbox_state: dict[str, Any] = {"enabled": config.sandbox.enabled}
+    if config.sandbox.enabled:
+        _isolate_process(config, sandbox_state)
+        from openinfer.sandbox import apply_policy
+
+        apply_policy(config.sandbox.boot_policy, constants={"SELF_PID": os.getpid()})
+    else:
+        log.warning("worker running WITHOUT sandbox (--insecure-no-sandbox)", extra={"worker": config.worker_id})
+
+    started = time.monotonic_ns()
+    from .session import build_session, describe_session, warm_up
+
+    try:
+        session = build_session(config.model_path, config.intra_op_threads)
+        description = describe_session(session)
+    except Exception as exc:
+        raise BootFailure(f"onnxruntime could not load {config.model_path}: {type(exc).__name__}: {exc}") from None
+    loaded = time.monotonic_ns()
+    warmup_error = warm_up(session, description["inputs"])
+    warmed = time.monotonic_ns()
+    context, socket = _connect(config)
+    hello = {
+        "pid": os.getpid(),
+        **description,
+        "load_ms": (loaded - started) / 1e6,
+        "warmup_ms": (warmed - loaded) / 1e6,
+        "warmup_error": warmup_error,
+    }
+    socket.send_multipart([messages.HELLO, pack(hello)])
+    _await_ack(socket)
+
+    if config.sandbox.enabled:
+        from openinfer.sandbox import apply_policy, hardening
+
+        hardening.malloc_trim()
+        hardening.set_memory_limit(config.sandbox.memory_limit_bytes)
+        apply_policy(config.sandbox.serve_policy, constants={"SELF_PID": os.getpid()})
+        sandbox_state.update(hardening.describe_sandbox())
+        sandbox_state["policy"] = config.sandbox.serve_policy
+    socket.send_multipart([messages.READY, pack(sandbox_state)])
+
+    from .serve import serve
+
+    serve(socket, session, [o["name"] for o in description["outputs"]])
+    socket.close(linger=0)
+    context.term()
+
+
+def main(argv: list[str]) -> int:
+    config = WorkerBootConfig.from_json(argv[1])
+    configure_logging(config.log_level)
+    try:
+        boot_and_serve(config)
+    except BootFailure as exc:
+        _report_failure(str(exc))
+        log.error("worker boot failed", extra={"worker": config.worker_id, "model": config.model, "reason": str(exc)})
+        return EXIT_BOOT_FAILED
+    except Exception as exc:
+        _report_failure(f"{type(exc).__name__}: {exc}")
+        log.exception("worker failed", extra={"worker": config.worker_id, "model": config.model})
+        return EXIT_BOOT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

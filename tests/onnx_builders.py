@@ -1,0 +1,131 @@
+"""Small ONNX models built with onnx.helper for the tests (and hostile ones for the sandbox tests)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 17)]
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    model.ir_version = min(model.ir_version, 10)  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def matmul_model(path: Path, size: int = 64, seed: int = 0, batch: str | int = "batch") -> Path:
+    """y = x @ W + b with x: FP32[batch, size]; the canonical 'tiny model'."""
+    rng = np.random.default_rng(seed)
+    weight = numpy_helper.from_array(rng.standard_normal((size, size)).astype(np.float32), "W")
+    bias = numpy_helper.from_array(rng.standard_normal((size,)).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, size])],
+        initializer=[weight, bias],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def multi_io_model(path: Path) -> Path:
+    """Two inputs of different dtypes (FP32 matrix, INT32 vector), two outputs, a string output too."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["ids"], ["ids_f"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceSum", ["x"], ["row_sum"], keepdims=0, axes=None) if False else helper.make_node("ReduceSum", ["x", "axis"], ["row_sum"], keepdims=0),
+            helper.make_node("Add", ["row_sum", "ids_f"], ["sum_plus_ids"]),
+            helper.make_node("Mul", ["ids", "two"], ["ids_doubled"]),
+        ],
+        "multi_io",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+            helper.make_tensor_value_info("ids", TensorProto.INT32, ["n"]),
+        ],
+        [
+            helper.make_tensor_value_info("sum_plus_ids", TensorProto.FLOAT, ["n"]),
+            helper.make_tensor_value_info("ids_doubled", TensorProto.INT32, ["n"]),
+        ],
+        initializer=[numpy_helper.from_array(np.array([1], dtype=np.int64), "axis"), numpy_helper.from_array(np.array(2, dtype=np.int32), "two")],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def string_model(path: Path) -> Path:
+    """BYTES in, BYTES out (Identity on a string tensor) plus its length as INT64."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["same"]), helper.make_node("Shape", ["text"], ["count"])],
+        "strings",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["n"])],
+        [helper.make_tensor_value_info("same", TensorProto.STRING, ["n"]), helper.make_tensor_value_info("count", TensorProto.INT64, [1])],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def scalar_model(path: Path) -> Path:
+    """Scalar INT64 input `k` and FP32 vector `x`: y = x * k."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT), helper.make_node("Mul", ["x", "kf"], ["y"])],
+        "scalar",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"]), helper.make_tensor_value_info("k", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def memory_bomb_model(path: Path, elements: int = 10 * 1024**3 // 4) -> Path:
+    """ConstantOfShape asking for `elements` floats (~10 GB by default) when run."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["scale", "x"], ["dims"]),
+            helper.make_node("ConstantOfShape", ["dims"], ["big"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+            helper.make_node("ReduceSum", ["big"], ["y"], keepdims=0),
+        ],
+        "bomb",
+        [helper.make_tensor_value_info("x", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        initializer=[numpy_helper.from_array(np.array([elements], dtype=np.int64), "scale")],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def endless_loop_model(path: Path, iterations: int = 10**12) -> Path:
+    """A Loop that runs `iterations` times (forever, in practice) adding 1 to a counter."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["acc_in", "one"], ["acc_out"])],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [1]),
+        ],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1])],
+        initializer=[numpy_helper.from_array(np.array([1.0], dtype=np.float32), "one")],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["max_iter", "cond", "x"], ["y"], body=body)],
+        "spin",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        initializer=[numpy_helper.from_array(np.array(iterations, dtype=np.int64), "max_iter"), numpy_helper.from_array(np.array(True), "cond")],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def conv_image_model(path: Path) -> Path:
+    """Dynamic 4-D image input FP32[N,3,H,W] -> 3x3 conv to 4 channels."""
+    rng = np.random.default_rng(1)
+    weight = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w"], ["features"], pads=[1, 1, 1, 1])],
+        "conv",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 4, "H", "W"])],
+        initializer=[weight],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)
