@@ -47,7 +47,8 @@ def metadata_result(sup: "Supervisor", header: dict[str, Any]) -> dict[str, Any]
 
 
 def health_result(sup: "Supervisor") -> dict[str, Any]:
-    """Ready only when every model that loaded has a ready worker and the daemon is not draining."""
+    """Ready only when at least one model serves, every model that loaded has a ready worker, and the
+    daemon is not draining. Models that failed to load are listed but do not hold readiness back."""
     not_ready = []
     failed = []
     for model in sup.registry.all():
@@ -57,7 +58,8 @@ def health_result(sup: "Supervisor") -> dict[str, Any]:
             not_ready.append({"model": model.key, "state": model.state.value, "reason": model.reason})
     for name, entry in sup.registry.failed.items():
         failed.append({"model": name, "reason": entry.reason})
-    ready = not not_ready and not sup.draining and bool(sup.registry.all())
+    serving = any(m.state is ModelState.READY for m in sup.registry.all())
+    ready = serving and not not_ready and not sup.draining
     return {"ready": ready, "draining": sup.draining, "not_ready": not_ready, "failed": failed}
 
 

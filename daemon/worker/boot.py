@@ -1,6 +1,8 @@
 """The worker's boot order, written once, in order (docs/SANDBOX.md explains each step):
 
  1. fresh process, empty environment, only stdin/stdout/stderr + the status pipe (done by the spawner)
+    Imports (numpy, pyzmq, onnxruntime) and the model bytes are loaded first, while the files are still
+    readable: after step 3 the Python installation may not be (e.g. a venv under /root).
  2. die with the supervisor (PR_SET_PDEATHSIG), not dumpable, RLIMIT_CORE=0, file-size and fd limits
  3. as root: drop to the unprivileged worker uid/gid
  4. best effort: new user/network/IPC namespaces, Landlock read-only view of Python + the model
@@ -63,6 +65,14 @@ def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any]) ->
             log.warning("Landlock unavailable; file access limited by seccomp and uid only", extra={"worker": config.worker_id})
 
 
+def _read_model(path: str) -> bytes:
+    try:
+        with open(path, "rb") as model_file:
+            return model_file.read()
+    except OSError as exc:
+        raise BootFailure(f"cannot read {path}: {exc.strerror}") from None
+
+
 def _connect(config: WorkerBootConfig) -> tuple[Any, Any]:
     import zmq
 
@@ -90,6 +100,10 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
     from . import messages
 
     sandbox_state: dict[str, Any] = {"enabled": config.sandbox.enabled}
+    from . import serve as _serve_module  # noqa: F401  (preload: see the module docstring)
+    from .session import build_session, describe_session, warm_up
+
+    model_bytes = _read_model(config.model_path)
     if config.sandbox.enabled:
         _isolate_process(config, sandbox_state)
         from openinfer.sandbox import apply_policy
@@ -99,10 +113,9 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
         log.warning("worker running WITHOUT sandbox (--insecure-no-sandbox)", extra={"worker": config.worker_id})
 
     started = time.monotonic_ns()
-    from .session import build_session, describe_session, warm_up
-
     try:
-        session = build_session(config.model_path, config.intra_op_threads)
+        session = build_session(model_bytes, config.intra_op_threads)
+        del model_bytes
         description = describe_session(session)
     except Exception as exc:
         raise BootFailure(f"onnxruntime could not load {config.model_path}: {type(exc).__name__}: {exc}") from None

@@ -35,13 +35,13 @@ class UnsupportedModel(Exception):
     """The model uses a feature the wire protocol cannot carry (e.g. sequence or map outputs)."""
 
 
-def build_session(model_path: str, intra_op_threads: int) -> ort.InferenceSession:
+def build_session(model: str | bytes, intra_op_threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 4  # fatal only: errors reach the client and our JSON log instead
-    return ort.InferenceSession(model_path, sess_options=options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def _describe(node: Any) -> dict[str, Any]:

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Shared by the quick start and the test run: make .venv (installing Debian's python3-venv if a fresh
+# machine lacks it) and install this checkout into it with the given extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+  else
+    echo "python3-venv is missing: sudo apt-get install python3-venv" >&2; exit 1
+  fi
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}"

@@ -1,0 +1,68 @@
+"""Start the daemon on examples/models, call it with the Python client, print what the models say."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from examples.sample_inputs import magika_features, sample_inputs  # noqa: E402
+from openinfer.client import Client, OpenInferError  # noqa: E402
+
+
+def wait_ready(client: Client, daemon: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            raise SystemExit(f"daemon exited with {daemon.returncode}")
+        try:
+            if client.health()["ready"]:
+                return
+        except OpenInferError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit("daemon not ready in time")
+
+
+def main() -> int:
+    socket_dir = Path(tempfile.mkdtemp(prefix="openinfer-quickstart-"))
+    address = f"ipc://{socket_dir}/openinfer.sock"
+    log = open(socket_dir / "daemon.log", "wb")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "openinfer.daemon.cli", "serve", "--models", str(HERE / "models"), "--socket", address],
+        stderr=log,
+    )
+    try:
+        with Client(address, client_name="quickstart") as client:
+            wait_ready(client, daemon)
+            print(f"daemon ready at {address} (log: {socket_dir / 'daemon.log'})\n")
+            labels = (HERE / "models" / "magika" / "labels.txt").read_text().split()
+            for path in (Path(__file__), HERE / "MODELS.md", HERE / "models" / "silero_vad" / "LICENSE"):
+                result = client.infer("magika", {"bytes": magika_features(path.read_bytes())})
+                scores = result.outputs["target_label"][0]
+                best = int(np.argmax(scores))
+                print(f"magika: {path.name:<16} -> {labels[best]:<10} ({scores[best]:.3f})   compute {result.timing['compute_us']:.0f} µs, total {result.timing['total_us']:.0f} µs")
+            vad = client.infer("silero_vad", sample_inputs("silero_vad"))
+            print(f"silero_vad: speech probability of a synthetic vowel = {float(vad.outputs['output'][0, 0]):.3f}")
+            det = client.infer("ocr_det", sample_inputs("ocr_det"))
+            mask = det.outputs["sigmoid_0.tmp_0"]
+            print(f"ocr_det: {int((mask > 0.3).sum())} text pixels found in a {mask.shape[2]}x{mask.shape[3]} image")
+            tiny = client.infer("tiny", {"x": np.ones((1, 64), np.float32)})
+            print(f"tiny: y[:4] = {tiny.outputs['y'][0, :4]}   timing: {', '.join(f'{k}={v:.0f}' for k, v in tiny.timing.items())} (µs)")
+            status = client.status()
+            print(f"\n{len(status['workers'])} sandboxed workers: " + ", ".join(f"{w['model']} pid {w['pid']} seccomp={w['sandbox'].get('seccomp_mode', 'off')}" for w in status["workers"]))
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        code = daemon.wait(30)
+        print(f"daemon stopped (exit {code})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

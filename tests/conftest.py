@@ -1,0 +1,61 @@
+"""Shared fixtures: real daemons on temporary ipc:// paths, real models."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from daemon_harness import EXAMPLE_MODELS, RunningDaemon, cleanup_workdir, start_daemon, world_readable_dir  # noqa: E402
+import onnx_builders  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_repo() -> Iterator[Path]:
+    """The shipped example models plus generated ones covering every datatype path."""
+    root = world_readable_dir("oi-repo-")
+    for model_dir in EXAMPLE_MODELS.iterdir():
+        shutil.copytree(model_dir, root / model_dir.name)
+    onnx_builders.multi_io_model(root / "multi" / "1" / "model.onnx")
+    onnx_builders.string_model(root / "strings" / "1" / "model.onnx")
+    onnx_builders.scalar_model(root / "scalar" / "1" / "model.onnx")
+    onnx_builders.conv_image_model(root / "conv" / "1" / "model.onnx")
+    onnx_builders.matmul_model(root / "versioned" / "1" / "model.onnx", seed=1)
+    onnx_builders.matmul_model(root / "versioned" / "2" / "model.onnx", seed=2)
+    onnx_builders.matmul_model(root / "small_limit" / "1" / "model.onnx")
+    (root / "small_limit" / "config.toml").write_text("max_request_bytes = 1024\n")
+    (root / "broken" / "1").mkdir(parents=True)
+    (root / "broken" / "1" / "model.onnx").write_bytes(b"this is not an onnx model")
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def daemon(model_repo: Path) -> Iterator[RunningDaemon]:
+    """One sandboxed daemon over the whole repository, shared by the read-only tests."""
+    running = start_daemon(model_repo, "--insecure-no-sandbox")  # TEMP until sandbox lands
+    yield running
+    running.stop()
+    cleanup_workdir(running)
+
+
+@pytest.fixture
+def daemon_factory() -> Iterator[Callable[..., RunningDaemon]]:
+    """Start private daemons (for tests that kill, reload or reconfigure); all stopped at teardown."""
+    started: list[RunningDaemon] = []
+
+    def factory(models: Path, *extra: str, **kwargs: object) -> RunningDaemon:
+        running = start_daemon(models, *extra, **kwargs)  # type: ignore[arg-type]
+        started.append(running)
+        return running
+
+    yield factory
+    for running in started:
+        running.stop()
+        cleanup_workdir(running)

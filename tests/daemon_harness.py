@@ -1,0 +1,103 @@
+"""Start and stop a real `openinfer serve` in a subprocess on a temporary ipc:// path."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from openinfer.client import Client, OpenInferError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_MODELS = REPO_ROOT / "examples" / "models"
+
+
+def world_readable_dir(prefix: str) -> Path:
+    """A temp dir workers can read after dropping to `nobody` (pytest's tmp_path is 0700 root-only)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
+@dataclass
+class RunningDaemon:
+    address: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    workdir: Path
+    _clients: list[Client] = field(default_factory=list)
+
+    def client(self, **kwargs: object) -> Client:
+        client = Client(self.address, **kwargs)  # type: ignore[arg-type]
+        self._clients.append(client)
+        return client
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> dict:  # type: ignore[type-arg]
+        """Poll `health` through the client until ready (never a bare sleep)."""
+        deadline = time.monotonic() + timeout
+        last: object = None
+        with Client(self.address, timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
+                try:
+                    health = client.health()
+                    if health["ready"]:
+                        return health
+                    last = health
+                except OpenInferError as exc:
+                    last = exc
+                time.sleep(0.05)
+        raise TimeoutError(f"daemon not ready after {timeout}s: {last}\n{self.log_text()[-4000:]}")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, then SIGKILL of the process group if it does not exit."""
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_daemon(models: Path, *extra: str, env: dict[str, str] | None = None, wait: bool = True, timeout: float = 90.0) -> RunningDaemon:
+    workdir = Path(tempfile.mkdtemp(prefix="oi-d-"))
+    address = f"ipc://{workdir}/openinfer.sock"
+    log_path = workdir / "daemon.log"
+    full_env = dict(os.environ)
+    full_env.pop("OPENINFER_SOCKET", None)
+    full_env["OPENINFER_SERVER_RUNTIME_DIR"] = str(workdir / "run")
+    full_env.update(env or {})
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "openinfer.daemon.cli", "serve", "--models", str(models), "--socket", address, *extra],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+        )
+    daemon = RunningDaemon(address=address, process=process, log_path=log_path, workdir=workdir)
+    if wait:
+        try:
+            daemon.wait_ready(timeout)
+        except Exception:
+            daemon.stop()
+            raise
+    return daemon
+
+
+def cleanup_workdir(daemon: RunningDaemon) -> None:
+    shutil.rmtree(daemon.workdir, ignore_errors=True)

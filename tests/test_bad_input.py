@@ -1,0 +1,185 @@
+"""Bad input gets a clear, typed error; the daemon keeps serving correct answers afterwards."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from openinfer.client import Client, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from daemon_harness import RunningDaemon
+
+X = np.ones((1, 64), dtype=np.float32)
+
+
+def assert_still_serving(client: Client) -> None:
+    y = client.infer("tiny", {"x": X}).outputs["y"]
+    assert y.shape == (1, 64) and np.isfinite(y).all()
+
+
+def raw_round_trip(address: str, frames: list[bytes], timeout_ms: int = 5000, socket_type: int = zmq.DEALER) -> list[bytes]:
+    context = zmq.Context()
+    sock = context.socket(socket_type)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        sock.send_multipart(frames)
+        assert sock.poll(timeout_ms), "no reply"
+        return sock.recv_multipart()
+    finally:
+        sock.close()
+        context.term()
+
+
+def header(**fields: Any) -> bytes:
+    base: dict[str, Any] = {"v": 1, "id": 7, "op": "infer", "model": "tiny", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64]}]}
+    base.update(fields)
+    return msgpack.packb({k: v for k, v in base.items() if v is not None})
+
+
+def error_of(reply: list[bytes]) -> dict[str, Any]:
+    decoded = msgpack.unpackb(reply[0])
+    assert "error" in decoded, decoded
+    return decoded
+
+
+@pytest.mark.parametrize(
+    ("model", "version", "exc", "fragment"),
+    [
+        ("no_such_model", None, NotFound, "unknown model 'no_such_model'"),
+        ("tiny", 9, NotFound, "has no version 9"),
+        ("broken", None, Unavailable, "is failed"),
+    ],
+)
+def test_unknown_models_and_versions(daemon: RunningDaemon, model: str, version: int | None, exc: type, fragment: str) -> None:
+    client = daemon.client()
+    with pytest.raises(exc) as info:
+        client.infer(model, {"x": X}, version=version)
+    assert fragment in info.value.message
+    assert_still_serving(client)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "fragment"),
+    [
+        ({"x": X.astype(np.float64)}, "input 'x': datatype FP64, model expects FP32"),
+        ({"x": X.astype(np.int32)}, "datatype INT32, model expects FP32"),
+        ({"x": np.ones((64,), np.float32)}, "input 'x': rank 1 [64], model expects rank 2"),
+        ({"x": np.ones((1, 63), np.float32)}, "input 'x': dimension 1 is 63, model expects 64"),
+        ({}, "missing inputs ['x']"),
+        ({"x": X, "extra": X}, "has no input 'extra'"),
+    ],
+)
+def test_wrong_tensors_name_the_input_and_what_was_expected(daemon: RunningDaemon, inputs: dict[str, np.ndarray], fragment: str) -> None:
+    client = daemon.client()
+    with pytest.raises(InvalidArgument) as info:
+        client.infer("tiny", inputs)
+    assert info.value.code == "INVALID_ARGUMENT"
+    assert fragment in info.value.message
+    assert_still_serving(client)
+
+
+def test_unknown_output_name(daemon: RunningDaemon) -> None:
+    with pytest.raises(InvalidArgument, match="has no outputs"):
+        daemon.client().infer("tiny", {"x": X}, outputs=["nope"])
+
+
+def test_over_the_model_size_limit_is_resource_exhausted(daemon: RunningDaemon) -> None:
+    client = daemon.client()
+    with pytest.raises(ResourceExhausted, match="limit for 'small_limit' is 1024"):
+        client.infer("small_limit", {"x": np.ones((8, 64), np.float32)})
+    assert client.infer("small_limit", {"x": X}).outputs["y"].shape == (1, 64)
+
+
+def test_byte_length_not_matching_shape(daemon: RunningDaemon) -> None:
+    reply = raw_round_trip(daemon.address, [header(), X.tobytes()[:-4]])
+    err = error_of(reply)
+    assert err["id"] == 7 and err["error"]["code"] == "INVALID_ARGUMENT"
+    assert "needs 256 bytes, data frame has 252" in err["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("frames", "fragment"),
+    [
+        ([b"\xc1\xc1garbage"], "not valid msgpack"),
+        ([msgpack.packb([1, 2, 3])], "must be a msgpack map"),
+        ([msgpack.packb({"v": 2, "id": 1, "op": "models"})], "unsupported protocol version 2"),
+        ([msgpack.packb({"v": 1, "id": -5, "op": "models"})], "`id` must be an unsigned 64-bit integer"),
+        ([msgpack.packb({"v": 1, "id": 3, "op": "explode"})], "unknown operation 'explode'"),
+        ([msgpack.packb({"v": 1, "id": 3, "op": "models"}), b"extra"], "takes no data frames"),
+        ([header()], "lists 1 tensors but 0 data frames follow"),
+        ([header(), X.tobytes(), X.tobytes()], "lists 1 tensors but 2 data frames follow"),
+        ([header(inputs="x")], "`inputs` must be an array"),
+        ([header(inputs=[{"name": "x", "datatype": "FP32", "shape": [1, -64]}]), X.tobytes()], "shape must be an array of non-negative integers"),
+        ([header(inputs=[{"name": "x", "datatype": "FLOAT", "shape": [1, 64]}]), X.tobytes()], "unknown datatype 'FLOAT'"),
+        ([header(inputs=[{"name": "x", "datatype": "FP32", "shape": [1, 64]}] * 2), X.tobytes(), X.tobytes()], "given twice"),
+        ([header(timeout_ms=0), X.tobytes()], "`timeout_ms` must be positive"),
+        ([header(client="c" * 65), X.tobytes()], "`client` must be a string of at most 64"),
+        ([header(version="one"), X.tobytes()], "`version` must be an integer"),
+    ],
+)
+def test_malformed_messages_get_invalid_argument(daemon: RunningDaemon, frames: list[bytes], fragment: str) -> None:
+    err = error_of(raw_round_trip(daemon.address, frames))
+    assert err["error"]["code"] == "INVALID_ARGUMENT", err
+    assert fragment in err["error"]["message"]
+
+
+def test_unreadable_id_is_answered_with_nil_id(daemon: RunningDaemon) -> None:
+    err = error_of(raw_round_trip(daemon.address, [b"\x00\x01\x02"]))
+    assert err["id"] is None and err["error"]["code"] == "INVALID_ARGUMENT"
+
+
+def test_too_many_frames_and_oversized_header(daemon: RunningDaemon) -> None:
+    err = error_of(raw_round_trip(daemon.address, [header()] + [b"x"] * 300))
+    assert err["error"]["code"] == "RESOURCE_EXHAUSTED"
+    err = error_of(raw_round_trip(daemon.address, [msgpack.packb({"v": 1, "id": 1, "op": "models", "pad": "p" * 70_000})]))
+    assert err["error"]["code"] == "RESOURCE_EXHAUSTED" and "header is" in err["error"]["message"]
+
+
+def test_req_socket_clients_are_answered_with_a_delimiter(daemon: RunningDaemon) -> None:
+    reply = raw_round_trip(daemon.address, [header(), X.tobytes()], socket_type=zmq.REQ)
+    decoded = msgpack.unpackb(reply[0])
+    assert decoded["id"] == 7 and decoded["outputs"][0]["name"] == "y"
+    assert len(reply[1]) == 256
+
+
+def test_random_garbage_never_takes_the_daemon_down(daemon: RunningDaemon) -> None:
+    rng = np.random.default_rng(11)
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.address)
+    sent = 0
+    try:
+        for _ in range(300):
+            count = int(rng.integers(1, 5))
+            # A leading empty frame is a REQ delimiter by protocol, so garbage starts non-empty.
+            frames = [os.urandom(int(rng.integers(1, 200)))] + [os.urandom(int(rng.integers(0, 200))) for _ in range(count - 1)]
+            sock.send_multipart(frames)
+            sent += 1
+        replies = 0
+        while sock.poll(2000):
+            reply = sock.recv_multipart()
+            assert "error" in msgpack.unpackb(reply[0])
+            replies += 1
+            if replies == sent:
+                break
+        assert replies == sent  # every well-framed message got exactly one reply
+    finally:
+        sock.close()
+        context.term()
+    assert_still_serving(daemon.client())
+
+
+def test_a_frame_over_maxmsgsize_drops_that_peer_only(daemon_factory: Any, model_repo: Any) -> None:
+    running = daemon_factory(model_repo, env={"OPENINFER_SERVER_MAX_REQUEST_BYTES": "65536"})
+    big = np.ones((1024, 64), np.float32)  # 256 KiB: over MAXMSGSIZE (limit + 64 KiB header allowance)
+    with pytest.raises(Exception):
+        running.client(timeout=1.5).infer("tiny", {"x": big})
+    assert_still_serving(running.client())
+    medium = np.ones((300, 64), np.float32)  # 76.8 KiB: under MAXMSGSIZE but over the request limit
+    with pytest.raises(ResourceExhausted):
+        running.client().infer("tiny", {"x": medium})

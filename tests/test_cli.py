@@ -1,0 +1,77 @@
+"""The `openinfer` command end to end against a real daemon."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from daemon_harness import RunningDaemon
+
+
+def run_cli(*args: str, socket: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "openinfer.daemon.cli", *args]
+    if socket:
+        cmd += ["--socket", socket]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+
+
+def test_health_exits_zero_when_ready(daemon: RunningDaemon) -> None:
+    done = run_cli("health", socket=daemon.address)
+    assert done.returncode == 0, done.stderr
+    assert "ready" in done.stdout
+    parsed = json.loads(run_cli("health", "--json", socket=daemon.address).stdout)
+    assert parsed["ready"] is True
+
+
+def test_health_exits_nonzero_without_a_daemon(tmp_path: Path) -> None:
+    done = run_cli("health", "--timeout", "0.5", socket=f"ipc://{tmp_path}/nothing.sock")
+    assert done.returncode == 1
+    assert "UNAVAILABLE" in done.stderr
+
+
+def test_models_status_stats_tables_and_json(daemon: RunningDaemon) -> None:
+    models = run_cli("models", socket=daemon.address)
+    assert models.returncode == 0 and "silero_vad" in models.stdout and "failed" in models.stdout
+    rows = json.loads(run_cli("models", "--json", socket=daemon.address).stdout)
+    assert {"name", "version", "state", "reason", "workers", "ready_workers"} <= set(rows[0])
+    status = json.loads(run_cli("status", "--json", socket=daemon.address).stdout)
+    assert status["workers"] and {"pid", "model", "state", "tasks_served", "restarts", "sandbox", "memory"} <= set(status["workers"][0])
+    assert "workers" in run_cli("status", socket=daemon.address).stdout
+    stats = json.loads(run_cli("stats", "--json", socket=daemon.address).stdout)
+    assert "tiny" in stats["models"]
+    assert "per model" in run_cli("stats", socket=daemon.address).stdout
+
+
+def test_infer_with_random_input_prints_outputs_and_timing(daemon: RunningDaemon) -> None:
+    done = run_cli("infer", "ocr_cls", "--random", "--dim", "48", socket=daemon.address)
+    assert done.returncode == 0, done.stderr
+    assert "save_infer_model/scale_0.tmp_1" in done.stdout and "compute" in done.stdout
+    parsed = json.loads(run_cli("infer", "tiny", "--zeros", "--json", socket=daemon.address).stdout)
+    assert parsed["outputs"]["y"]["shape"] == [1, 64]
+    assert parsed["timing"]["total_us"] > 0
+
+
+def test_infer_from_npy_files_and_save(daemon: RunningDaemon, tmp_path: Path) -> None:
+    x = np.arange(128, dtype=np.float32).reshape(2, 64)
+    np.save(tmp_path / "x.npy", x)
+    done = run_cli("infer", "tiny", "--input", f"x={tmp_path / 'x.npy'}", "--save", str(tmp_path / "out"), "--json", socket=daemon.address)
+    assert done.returncode == 0, done.stderr
+    saved = np.load(tmp_path / "out" / "y.npy")
+    assert saved.shape == (2, 64)
+    assert json.loads(done.stdout)["outputs"]["y"]["data"] == saved.tolist()
+
+
+def test_infer_reports_typed_errors(daemon: RunningDaemon) -> None:
+    done = run_cli("infer", "nope", "--zeros", socket=daemon.address)
+    assert done.returncode == 1 and "NOT_FOUND" in done.stderr
+
+
+def test_socket_from_environment(daemon: RunningDaemon) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "openinfer.daemon.cli", "health"],
+        capture_output=True, text=True, timeout=60, env={"OPENINFER_SOCKET": daemon.address, "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr

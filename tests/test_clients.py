@@ -1,0 +1,103 @@
+"""Client behaviour: no crossed replies across threads or coroutines, timeouts, late replies, restarts."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from openinfer.client import AsyncClient, Client, DeadlineExceeded, Unavailable
+from daemon_harness import RunningDaemon
+from reference import run_reference
+
+
+def test_threads_with_their_own_clients_get_their_own_answers(daemon: RunningDaemon, model_repo: Path) -> None:
+    model = model_repo / "tiny" / "1" / "model.onnx"
+    errors: list[str] = []
+
+    def work(seed: int) -> None:
+        with Client(daemon.address) as client:
+            for i in range(25):
+                x = np.full((1, 64), seed * 100 + i, dtype=np.float32)
+                got = client.infer("tiny", {"x": x}).outputs["y"]
+                if not np.allclose(got, run_reference(model, {"x": x})["y"], rtol=1e-5):
+                    errors.append(f"thread {seed} request {i} got someone else's answer")
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_one_shared_client_is_safe_across_threads(daemon: RunningDaemon) -> None:
+    client = daemon.client()
+    results: dict[int, float] = {}
+
+    def work(seed: int) -> None:
+        for _ in range(10):
+            y = client.infer("scalar", {"x": np.array([1.0], np.float32), "k": np.array(seed, np.int64)}).outputs["y"]
+            results[seed] = float(y[0])
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(1, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}
+
+
+def test_async_coroutines_share_one_client_without_crossed_replies(daemon: RunningDaemon) -> None:
+    async def main() -> list[tuple[int, float]]:
+        async with AsyncClient(daemon.address) as client:
+            async def one(k: int) -> tuple[int, float]:
+                result = await client.infer("scalar", {"x": np.array([2.0], np.float32), "k": np.array(k, np.int64)})
+                return k, float(result.outputs["y"][0])
+
+            return await asyncio.gather(*(one(k) for k in range(40)))
+
+    for k, y in asyncio.run(main()):
+        assert y == 2.0 * k
+
+
+def test_two_async_clients_in_one_loop(daemon: RunningDaemon) -> None:
+    async def main() -> None:
+        a = AsyncClient(daemon.address, client_name="a")
+        b = AsyncClient(daemon.address, client_name="b")
+        try:
+            ra, rb = await asyncio.gather(
+                a.infer("scalar", {"x": np.array([1.0], np.float32), "k": np.array(7, np.int64)}),
+                b.infer("scalar", {"x": np.array([1.0], np.float32), "k": np.array(9, np.int64)}),
+            )
+            assert float(ra.outputs["y"][0]) == 7.0 and float(rb.outputs["y"][0]) == 9.0
+            assert (await a.health())["ready"] is True
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_unreachable_daemon_is_unavailable_not_a_hang(tmp_path: Path) -> None:
+    with Client(f"ipc://{tmp_path}/none.sock", timeout=0.3) as client:
+        with pytest.raises(Unavailable):
+            client.infer("tiny", {"x": np.zeros((1, 64), np.float32)})
+
+
+def test_timeout_then_late_reply_is_discarded(daemon: RunningDaemon) -> None:
+    client = daemon.client()
+    big = np.random.default_rng(0).random((16, 3, 256, 256), dtype=np.float32)
+    with pytest.raises(DeadlineExceeded):
+        client.infer("ocr_det", {"x": big}, timeout=0.001)
+    # The next call must get its own answer, not the late one.
+    result = client.infer("tiny", {"x": np.zeros((1, 64), np.float32)})
+    assert result.model == "tiny" and result.outputs["y"].shape == (1, 64)
+
+
+def test_result_arrays_are_zero_copy_views(daemon: RunningDaemon) -> None:
+    y = daemon.client().infer("tiny", {"x": np.zeros((4, 64), np.float32)}).outputs["y"]
+    assert not y.flags.owndata
