@@ -1,0 +1,78 @@
+"""The notify protocol end to end: this test plays systemd on a datagram socket."""
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daemon_harness import start_daemon, world_readable_dir
+import onnx_builders
+
+
+def receive(sock: socket.socket, timeout: float) -> list[tuple[float, str]]:
+    """All datagrams that arrive within `timeout` seconds, with their arrival times."""
+    out: list[tuple[float, str]] = []
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            out.append((time.monotonic(), sock.recv(4096).decode()))
+        except socket.timeout:
+            break
+    return out
+
+
+def test_ready_watchdog_status_reload_and_stopping(tmp_path: Path) -> None:
+    repo = world_readable_dir("oi-notify-")
+    onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
+    for path in repo.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    notify_path = tmp_path / "notify.sock"
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(notify_path))
+    daemon = start_daemon(repo, env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"}, wait=False)
+    try:
+        messages: list[tuple[float, str]] = []
+        deadline = time.monotonic() + 60
+        while not any("READY=1" in m for _, m in messages) and time.monotonic() < deadline:
+            messages += receive(systemd, 0.5)
+        ready = [m for _, m in messages if "READY=1" in m]
+        assert ready, messages
+        assert "STATUS=serving 1 model versions" in ready[0]
+        # READY only after workers were ready: the daemon answers at once.
+        assert daemon.client().health()["ready"] is True
+        # WATCHDOG=1 from the loop at about half of WatchdogSec (0.2 s).
+        pings = [t for t, m in receive(systemd, 2.0) if m == "WATCHDOG=1"]
+        assert 6 <= len(pings) <= 14, len(pings)
+        # A wedged loop (stopped process) sends nothing; it resumes afterwards.
+        daemon.process.send_signal(signal.SIGSTOP)
+        time.sleep(0.05)
+        receive(systemd, 0.1)
+        assert not [m for _, m in receive(systemd, 1.0) if m == "WATCHDOG=1"]
+        daemon.process.send_signal(signal.SIGCONT)
+        assert [m for _, m in receive(systemd, 1.0) if m == "WATCHDOG=1"]
+        # Reload: RELOADING=1 with MONOTONIC_USEC, then READY=1 again.
+        daemon.process.send_signal(signal.SIGHUP)
+        after = [m for _, m in receive(systemd, 2.0) if m != "WATCHDOG=1"]
+        assert any(m.startswith("RELOADING=1") and "MONOTONIC_USEC=" in m for m in after), after
+        assert any("READY=1" in m for m in after), after
+        assert daemon.client().infer("tiny", {"x": np.ones((1, 64), np.float32)}).version == 1
+        daemon.process.send_signal(signal.SIGTERM)
+        final = [m for _, m in receive(systemd, 3.0)]
+        assert any(m.startswith("STOPPING=1") for m in final), final
+        assert daemon.process.wait(30) == 0
+    finally:
+        daemon.stop()
+        systemd.close()
+
+
+def test_unusable_notify_socket_fails_loudly(tmp_path: Path) -> None:
+    repo: Any = world_readable_dir("oi-notify-bad-")
+    onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
+    daemon = start_daemon(repo, env={"NOTIFY_SOCKET": str(tmp_path / "missing.sock")}, wait=False)
+    assert daemon.process.wait(30) == 1
+    assert "NOTIFY_SOCKET" in daemon.log_text() and "unusable" in daemon.log_text()
