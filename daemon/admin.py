@@ -97,7 +97,9 @@ def status_result(sup: "Supervisor") -> dict[str, Any]:
         "sandbox": sup.settings.sandbox.enabled,
         "models": models_result(sup)["models"],
         "workers": workers,
-        "queued": sum(len(m.queue) for m in sup.registry.all()),
+        "queued": sum(len(m.queue) for m in sup.sync.all_models()),
+        "reloading": sorted(m.key for m in sup.sync.pending.values()),
+        "retiring": sorted(m.key for m in sup.sync.retiring),
         "in_flight": sum(1 for w in sup.pool.all_workers() if w.state is WorkerState.BUSY),
         "supervisor_memory": _memory(os.getpid()),
     }

@@ -43,6 +43,8 @@ class ServedModel:
     consecutive_crashes: int = 0
     restarts: int = 0
     load_ms: float | None = None
+    fingerprint: tuple[int, int, int] | None = None  # (size, mtime_ns, inode) of the model file
+    retiring: bool = False  # replaced or removed: finishes its queue, takes no new work
 
     @property
     def key(self) -> str:

@@ -28,7 +28,7 @@ def worker_read_paths() -> tuple[str, ...]:
     """What a worker may read under Landlock: the Python installation and the libraries it loads."""
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     paths |= {p for p in sys.path if p and os.path.isdir(p)}
-    paths |= {"/usr/lib", "/lib", "/lib64", "/usr/lib64", "/etc/ld.so.cache", "/proc", "/sys/devices/system/cpu", "/dev/null", "/dev/urandom"}
+    paths |= {"/usr/lib", "/lib", "/lib64", "/usr/lib64", "/etc/ld.so.cache", "/sys/devices/system/cpu", "/dev/null", "/dev/urandom"}
     return tuple(sorted(p for p in paths if os.path.exists(p)))
 
 
@@ -41,7 +41,9 @@ class WorkerPool:
         timers: TimerHeap,
         on_worker_lost: Callable[[WorkerHandle, str], None],
         poller: zmq.Poller,
+        on_model_failed: Callable[[ServedModel], None],
     ) -> None:
+        self.on_model_failed = on_model_failed
         self.settings = settings
         self.backend = backend
         self.channel_address = channel_address
@@ -50,6 +52,7 @@ class WorkerPool:
         self.poller = poller
         self.by_identity: dict[bytes, WorkerHandle] = {}
         self.by_pidfd: dict[int, WorkerHandle] = {}
+        self.by_stderr: dict[int, WorkerHandle] = {}
         self._next_id = 1
         self._uid_gid = self._resolve_worker_user()
         self._read_paths = worker_read_paths()
@@ -100,6 +103,8 @@ class WorkerPool:
         self.by_identity[worker.identity] = worker
         self.by_pidfd[spawned.pidfd] = worker
         self.poller.register(spawned.pidfd, zmq.POLLIN)
+        self.by_stderr[spawned.stderr_fd] = worker
+        self.poller.register(spawned.stderr_fd, zmq.POLLIN)
         deadline = time.monotonic_ns() + int(self.settings.pool.ready_timeout_s * 1e9)
         self.timers.call_at(deadline, lambda: self._check_ready(worker))
         log.info("worker spawned", extra={"worker": worker_id, "pid": worker.pid, "model": model.name, "version": model.version})
@@ -140,13 +145,26 @@ class WorkerPool:
             extra={"worker": worker.worker_id, "pid": worker.pid, "model": model.name, "startup_ms": round((worker.ready_ns - worker.spawned_ns) / 1e6, 1), "sandbox": sandbox},
         )
 
+    def on_fd_ready(self, fd: int, shutting_down: bool) -> None:
+        """A worker's stderr has output, or its pidfd says it exited."""
+        worker = self.by_stderr.get(fd)
+        if worker is not None:
+            worker.spawned.relay_stderr()
+            return
+        self.reap(fd, shutting_down)
+
     def reap(self, pidfd: int, shutting_down: bool) -> WorkerHandle | None:
         """The pidfd became readable: collect the exit status, forget the worker, maybe respawn."""
-        worker = self.by_pidfd.pop(pidfd, None)
-        if worker is None:
+        worker = self.by_pidfd.get(pidfd)
+        # An event from the same poll() batch can name an fd that was closed and reused by a worker
+        # spawned meanwhile: only a process that really exited is reaped (poll() never blocks).
+        if worker is None or worker.spawned.process.poll() is None:
             return None
+        del self.by_pidfd[pidfd]
         self.poller.unregister(pidfd)
-        status = worker.spawned.process.wait()
+        self.poller.unregister(worker.spawned.stderr_fd)
+        self.by_stderr.pop(worker.spawned.stderr_fd, None)
+        status = worker.spawned.process.returncode
         boot_error = worker.spawned.read_status()
         worker.spawned.close()
         self.by_identity.pop(worker.identity, None)
@@ -165,12 +183,13 @@ class WorkerPool:
             log.error("worker killed by seccomp (SIGSYS): it made a system call its policy forbids", extra={"worker": worker.worker_id, "policy": self.settings.sandbox.serve_policy if was in (WorkerState.READY, WorkerState.BUSY) else self.settings.sandbox.boot_policy})
         if worker.task is not None:
             self.on_worker_lost(worker, f"worker {worker.worker_id} (pid {worker.pid}) {how} while running this task")
-        if was is WorkerState.DRAINING or shutting_down:
+        if was is WorkerState.DRAINING or shutting_down or model.retiring:
             return worker
         if was in (WorkerState.SPAWNED, WorkerState.LOADED) and boot_error is not None and model.state is not ModelState.READY:
             model.state = ModelState.FAILED
             model.reason = boot_error
             log.error("model failed to load", extra={"model": model.name, "version": model.version, "reason": boot_error})
+            self.on_model_failed(model)
             return worker
         if worker.expected_exit:
             self.spawn(model)
@@ -193,9 +212,32 @@ class WorkerPool:
         self.timers.call_at(time.monotonic_ns() + delay_ms * 1_000_000, lambda: self._respawn(model))
 
     def _respawn(self, model: ServedModel) -> None:
-        if model.state in (ModelState.FAILED,) or len(model.workers) >= model.worker_count:
+        if model.state is ModelState.FAILED or model.retiring or len(model.workers) >= model.worker_count:
             return
         self.spawn(model)
+
+    def start_liveness_checks(self) -> None:
+        self.timers.call_at(time.monotonic_ns() + int(self.settings.pool.ping_interval_s * 1e9), self._ping_idle_workers)
+
+    def _ping_idle_workers(self) -> None:
+        """Idle workers must answer a PING within the grace; busy ones are bounded by their task deadline
+        instead, so a long inference can never be mistaken for a hang (and a hang never hides behind one)."""
+        now = time.monotonic_ns()
+        grace_ns = int(self.settings.pool.ping_grace_s * 1e9)
+        for worker in list(self.by_identity.values()):
+            if worker.state is not WorkerState.READY:
+                continue
+            if worker.ping_sent_ns and now - worker.ping_sent_ns > grace_ns:
+                log.error("worker unresponsive; killing it", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key})
+                worker.exit_reason = f"unresponsive: no PONG within {self.settings.pool.ping_grace_s:g} s"
+                self.kill(worker)
+            elif not worker.ping_sent_ns:
+                try:
+                    self.backend.send_multipart([worker.identity, messages.PING, b"p"], flags=zmq.NOBLOCK)
+                    worker.ping_sent_ns = now
+                except zmq.ZMQError:
+                    pass
+        self.start_liveness_checks()
 
     def all_workers(self) -> list[WorkerHandle]:
         return list(self.by_identity.values())

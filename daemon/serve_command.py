@@ -20,17 +20,29 @@ def run_serve(config_file: Path | None, overrides: dict[str, Any]) -> int:
         configure_logging("info")
         log.error("invalid configuration", extra={"reason": str(exc)})
         return 2
-    configure_logging(settings.log.level)
+    try:
+        configure_logging(settings.log.level)
+    except ValueError:
+        configure_logging("info")
+        log.error("invalid configuration", extra={"reason": f"log.level {settings.log.level!r} is not one of debug, info, warning, error"})
+        return 2
     if not settings.server.models:
         log.error("no model repository: pass --models DIR or set server.models")
         return 2
     if not settings.sandbox.enabled:
         log.warning("SANDBOX DISABLED (--insecure-no-sandbox): workers run with the daemon's full privileges")
+    from .sdnotify import NotifyError, SystemdNotifier
     from .supervisor import Supervisor
 
     try:
-        supervisor = Supervisor(settings)
+        notifier = SystemdNotifier.from_environ()
+    except NotifyError as exc:
+        log.error("cannot start", extra={"reason": str(exc)})
+        return 1
+    try:
+        supervisor = Supervisor(settings, reload_settings=lambda: load_settings(config_file, overrides=overrides), notifier=notifier)
     except (ConfigError, EndpointBusy, OSError) as exc:
+        notifier.close()
         log.error("cannot start", extra={"reason": str(exc)})
         return 1
     try:

@@ -40,6 +40,8 @@ class PoolSettings:
     ready_timeout_s: float = _opt(120.0, "A worker that is not ready this long after spawn is killed.")
     respawn_backoff_ms: int = _opt(100, "First delay before respawning a crashed worker; doubles per consecutive crash.")
     respawn_backoff_max_ms: int = _opt(10_000, "Ceiling of the respawn delay.")
+    ping_interval_s: float = _opt(2.0, "How often idle workers are pinged (liveness).")
+    ping_grace_s: float = _opt(5.0, "An idle worker that has not answered a ping this long is killed and replaced.")
     crash_loop_limit: int = _opt(5, "Consecutive crashes (without a successful task in between) before a model goes UNAVAILABLE.")
 
 

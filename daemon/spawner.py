@@ -13,7 +13,6 @@ WORKER_ENV_BASE: dict[str, str] = {
     "ORT_DISABLE_TELEMETRY": "1",  # onnxruntime phones home by default (DESIGN §4)
     "LANG": "C.UTF-8",
     "HOME": "/nonexistent",
-    "PYTHONDONTWRITEBYTECODE": "1",
     "PYTHONHASHSEED": "random",
     # One BLAS thread: threads before unshare() break user namespaces, and onnxruntime has its own pool.
     "OPENBLAS_NUM_THREADS": "1",
@@ -29,17 +28,34 @@ class SpawnedProcess:
     process: subprocess.Popen[bytes]
     pidfd: int  # readable when the process exits: the supervisor's poller watches it
     status_fd: int  # read end of the boot status pipe
+    stderr_fd: int  # read end of the worker's stderr: the supervisor relays its JSON lines to its own stderr
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     def close(self) -> None:
-        for fd in (self.pidfd, self.status_fd):
+        self.relay_stderr()
+        for fd in (self.pidfd, self.status_fd, self.stderr_fd):
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+    def relay_stderr(self) -> None:
+        """Copy what the worker logged to our stderr. A pipe, not an inherited file, because the worker's
+        RLIMIT_FSIZE would turn every log write into EFBIG if stderr were a regular file."""
+        while True:
+            try:
+                chunk = os.read(self.stderr_fd, 65536)
+            except (BlockingIOError, OSError):
+                return
+            if not chunk:
+                return
+            try:
+                os.write(2, chunk)
+            except OSError:
+                return
 
     def read_status(self) -> str | None:
         """The boot failure the worker reported, if any (call after it exited)."""
@@ -63,18 +79,22 @@ def spawn_worker(config: WorkerBootConfig) -> SpawnedProcess:
     try:
         # The worker expects the status pipe as fd 3: dup it there in the child via pass_fds + a shim.
         process = subprocess.Popen(
-            [sys.executable, "-I", "-c", _SHIM, str(status_write), config.to_json()],
+            [sys.executable, "-I", "-B", "-c", _SHIM, str(status_write), config.to_json()],
             env=dict(WORKER_ENV_BASE, OMP_NUM_THREADS=str(config.intra_op_threads)),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=None,  # workers log JSON lines to the supervisor's stderr (journald)
+            stderr=subprocess.PIPE,  # relayed line by line to the supervisor's stderr (journald)
             close_fds=True,
             pass_fds=(status_write,),
             cwd="/",
         )
     finally:
         os.close(status_write)
-    return SpawnedProcess(process=process, pidfd=os.pidfd_open(process.pid), status_fd=status_read)
+    assert process.stderr is not None
+    stderr_fd = os.dup(process.stderr.fileno())
+    process.stderr.close()
+    os.set_blocking(stderr_fd, False)
+    return SpawnedProcess(process=process, pidfd=os.pidfd_open(process.pid), status_fd=status_read, stderr_fd=stderr_fd)
 
 
 # Moves the status pipe to fd 3 and hands over to the boot sequence; runs before anything else imports.

@@ -7,8 +7,7 @@ import os
 import shutil
 import signal
 import time
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -25,11 +24,13 @@ from openinfer.client.protocol import MAX_HEADER_BYTES, PROTOCOL_VERSION, pack, 
 from . import admin
 from .accounting import Accountant
 from .endpoint import BoundEndpoint, bind_public
-from .models import FailedModel, ModelRegistry, ModelState, ServedModel
+from .modelconfig import ConfigError
+from .models import ModelRegistry, ModelState, ServedModel
 from .pool import WorkerPool
-from .repository import scan_repository
+from .reload import RepositorySync
 from .runtime_dir import base_runtime_dir, create_instance_dir
 from .settings import Settings
+from .sdnotify import SystemdNotifier
 from .signals import SignalInbox
 from .tasks import Task
 from .timers import TimerHeap
@@ -45,8 +46,17 @@ _HOUSEKEEPING_NS = 5_000_000  # how often running tasks' deadlines are checked
 
 
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        reload_settings: Callable[[], Settings] | None = None,
+        notifier: SystemdNotifier | None = None,
+    ) -> None:
         self.settings = settings
+        self.reload_settings = reload_settings
+        self.notifier = notifier or SystemdNotifier(None)
+        self._systemd_ready = False  # READY=1 sent for the current start or reload
+        self._systemd_summary: tuple[Any, ...] = ()
         self.started_ns = time.monotonic_ns()
         self.context = zmq.Context(io_threads=1)
         self.registry = ModelRegistry()
@@ -71,7 +81,8 @@ class Supervisor:
         self.backend = self.context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.pool = WorkerPool(settings, self.backend, "", self.timers, self._on_worker_lost, self.poller)
+        self.pool = WorkerPool(settings, self.backend, "", self.timers, self._on_worker_lost, self.poller, self._on_model_failed)
+        self.sync = RepositorySync(settings, self.registry, self.pool, self._quit)
         self.runtime_dir = create_instance_dir(base_runtime_dir(settings.server.runtime_dir), self.pool.worker_gid)
         channel = self.runtime_dir / "workers.sock"
         self.backend.bind(f"ipc://{channel}")
@@ -96,33 +107,47 @@ class Supervisor:
 
     # -- model loading ----------------------------------------------------------------------------
     def load_repository(self) -> None:
-        root = Path(self.settings.server.models)
-        for entry in scan_repository(root):
-            if entry.error is not None:
-                self.registry.failed[entry.name] = FailedModel(entry.name, entry.error)
-                log.error("model cannot be served", extra={"model": entry.name, "reason": entry.error})
-                continue
-            for version in entry.versions:
-                model = ServedModel(
-                    name=entry.name,
-                    version=version.version,
-                    path=version.path,
-                    config=entry.config,
-                    worker_count=entry.config.workers or self.settings.pool.workers,
-                    intra_op_threads=entry.config.intra_op_threads or self.settings.pool.intra_op_threads,
-                )
-                self.registry.add(model)
-                for _ in range(model.worker_count):
-                    self.pool.spawn(model)
+        self.sync.sync()
+        self.pool.start_liveness_checks()
+        self._tell_systemd()
         log.info("serving", extra={"address": self.endpoint.address, "models": sorted(self.registry.by_name), "failed": sorted(self.registry.failed)})
+
+    def reload(self) -> dict[str, Any]:
+        """SIGHUP / `reload`: re-read the config file (a bad one keeps the old settings), then the repository."""
+        self.notifier.reloading()
+        self._systemd_ready = False
+        try:
+            return self._reload()
+        finally:
+            self._tell_systemd()
+
+    def _reload(self) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        if self.reload_settings is not None:
+            try:
+                new = self.reload_settings()
+            except ConfigError as exc:
+                log.error("reload: invalid configuration; keeping the old one", extra={"reason": str(exc)})
+                return {"error": f"invalid configuration, nothing changed: {exc}"}
+            fixed = [k for k in ("socket", "runtime_dir", "socket_mode", "socket_group", "insecure_tcp") if getattr(new.server, k) != getattr(self.settings.server, k)]
+            if fixed:
+                log.warning("reload: these settings need a restart to take effect", extra={"keys": [f"server.{k}" for k in fixed]})
+                result["needs_restart"] = [f"server.{k}" for k in fixed]
+            self.settings = self.pool.settings = self.sync.settings = new
+        result.update(self.sync.sync())
+        return result
 
     # -- main loop --------------------------------------------------------------------------------
     def run(self) -> int:
         poll = self.poller.poll
         frontend, backend, signal_fd = self.frontend, self.backend, self.signals.fd
+        watchdog = self.notifier.watchdog if self.notifier.watchdog_interval_ns else None
+        idle_ms = min(1000, (self.notifier.watchdog_interval_ns or 4_000_000_000) // 4_000_000)
         while not self.finished:
+            if watchdog is not None:
+                watchdog()  # from the loop itself: a wedged loop stops the pings and systemd restarts us
             busy = self._any_busy()
-            events = poll(self.timers.timeout_ms(5 if busy else 1000))
+            events = poll(self.timers.timeout_ms(5 if busy else idle_ms))
             for item, _ in events:
                 if item is backend:
                     self._drain_backend()
@@ -131,10 +156,13 @@ class Supervisor:
                 elif item == signal_fd:
                     self._on_signals(self.signals.drain())
                 else:
-                    self.pool.reap(item, shutting_down=self.draining)
+                    self.pool.on_fd_ready(item, shutting_down=self.draining)
+                    self._tell_systemd()
             self.timers.run_due()
             if busy:
                 self._expire_running()
+            if self.sync.retiring:
+                self.sync.progress()
             if self.draining:
                 self._progress_drain()
         return 0
@@ -267,6 +295,10 @@ class Supervisor:
             self._dequeue(task)
             self._dispatch(worker, task)
             return
+        if worker.model.retiring:
+            self._quit(worker)
+            self.sync.progress()
+            return
         worker.state = WorkerState.READY
         worker.model.idle.append(worker)
 
@@ -286,13 +318,16 @@ class Supervisor:
                 self._quit(worker)
             else:
                 self._next_for(worker)
+                self.sync.on_model_ready(worker.model)
+                self._tell_systemd()
         elif kind == messages.PONG:
-            pass
+            worker.ping_sent_ns = 0
         else:
             log.warning("unknown message from worker", extra={"worker": worker.worker_id, "kind": kind.hex()})
 
     def _on_result(self, worker: WorkerHandle, frames: list[zmq.Frame]) -> None:
         now = time.monotonic_ns()
+        worker.ping_sent_ns = 0  # any message proves the worker's loop is alive
         task = worker.task
         if task is None or messages.unpack_task_id(frames[2].buffer) != task.task_id:
             return  # the task was already answered (deadline); the worker is being replaced
@@ -341,6 +376,9 @@ class Supervisor:
         timing = {"total_us": (time.monotonic_ns() - task.received_ns) / 1000}
         self._reply_error(task.route, task.request_id, exc, timing)
         self._finish(task, exc.code, timing)
+
+    def _on_model_failed(self, model: ServedModel) -> None:
+        self.sync.on_model_failed(model)
 
     def _on_worker_lost(self, worker: WorkerHandle, how: str) -> None:
         task = worker.task
@@ -404,8 +442,7 @@ class Supervisor:
         if op == "cancel":
             return self._cancel(route, header.get("target"))
         if op == "reload":
-            self.signals.inject(signal.SIGHUP)
-            return {"reloading": True}
+            return self.reload()
         raise InvalidArgument(f"operation {op!r} is not supported by this daemon yet")
 
     def _cancel(self, route: list[Any], target: Any) -> dict[str, Any]:
@@ -427,9 +464,30 @@ class Supervisor:
                 else:
                     self.begin_drain()
             elif signum == signal.SIGHUP:
-                log.warning("SIGHUP: reload is not implemented yet; ignoring")
+                self.reload()
+
+    def _tell_systemd(self) -> None:
+        """READY=1 once nothing is still loading (failed models do not hold startup back: they are in
+        STATUS=, `health` and the logs); STATUS= whenever the model summary changes. Not per request."""
+        if not self.notifier.enabled:
+            return
+        models = self.sync.all_models()
+        summary = tuple(sorted((m.key, m.state.value, m.ready_workers()) for m in models))
+        if summary == self._systemd_summary and self._systemd_ready:
+            return
+        self._systemd_summary = summary
+        ready = sum(1 for m in models if m.state is ModelState.READY)
+        bad = sorted(m.key for m in models if m.state in (ModelState.FAILED, ModelState.UNAVAILABLE))
+        text = f"serving {ready} model versions, {len(self.pool.by_identity)} workers at {self.endpoint.address}" + (f"; not serving: {', '.join(bad)}" if bad else "")
+        loading = any(m.state is ModelState.LOADING for m in models) or bool(self.sync.pending)
+        if not self._systemd_ready and not loading and not self.draining:
+            self.notifier.ready(text)
+            self._systemd_ready = True
+        else:
+            self.notifier.status(text)
 
     def begin_drain(self) -> None:
+        self.notifier.stopping("draining: finishing queued and running tasks")
         log.info("draining: finishing queued and running tasks", extra={"grace_s": self.settings.server.drain_grace_s})
         self.draining = True
         self._drain_deadline_ns = time.monotonic_ns() + int(self.settings.server.drain_grace_s * 1e9)
@@ -438,7 +496,7 @@ class Supervisor:
         if self._drain_deadline_ns is not None and time.monotonic_ns() >= self._drain_deadline_ns:
             log.warning("drain grace period over: stopping now")
             self._stop_now()
-        pending = any(m.queue for m in self.registry.all()) or self._any_busy()
+        pending = any(m.queue for m in self.sync.all_models()) or self._any_busy()
         if not pending:
             for worker in self.pool.all_workers():
                 if worker.state is not WorkerState.DRAINING:
@@ -462,7 +520,7 @@ class Supervisor:
             self.pool.kill(worker)
 
     def _stop_now(self) -> None:
-        for model in self.registry.all():
+        for model in self.sync.all_models():
             while model.queue:
                 task = model.queue.popleft()
                 if not task.done:
@@ -489,4 +547,5 @@ class Supervisor:
         self.context.term()
         self.endpoint.cleanup()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        self.notifier.close()
         log.info("stopped")

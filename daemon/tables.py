@@ -29,7 +29,7 @@ def _mib(value: int | None) -> str:
 
 def status_tables(result: dict[str, Any]) -> list[Table]:
     workers = Table(title=f"workers (daemon pid {result['pid']}, {result['address']}, up {result['uptime_s']:.0f}s{', DRAINING' if result['draining'] else ''})")
-    for col in ("id", "pid", "model", "state", "tasks", "restarts", "seccomp", "policy", "uid", "landlock", "mem limit", "RSS MiB", "USS MiB", "PSS MiB"):
+    for col in ("id", "pid", "model", "state", "tasks", "restarts", "seccomp", "policy", "uid", "netns", "landlock", "mem limit", "RSS MiB", "USS MiB", "PSS MiB"):
         workers.add_column(col)
     for w in result["workers"]:
         sb = w.get("sandbox") or {}
@@ -44,7 +44,8 @@ def status_tables(result: dict[str, Any]) -> list[Table]:
             str(w["restarts"]),
             str(sb.get("seccomp_mode", "off" if not sb.get("enabled", True) else "-")),
             str(sb.get("policy", "-")),
-            str(sb.get("uid", "-")),
+            str((sb.get("uid") or ["-"])[0]),
+            ",".join(sb.get("namespaces_entered") or []) or "-",
             str(sb.get("landlock_abi", "-")),
             _mib(limit) if limit else "-",
             _mib(mem.get("rss")),

@@ -50,6 +50,7 @@ class WorkerHandle:
     exit_reason: str | None = None
     expected_exit: bool = False  # killed by us (deadline): respawn without counting a crash
     deadline_ns: int = 0  # when the running task must be answered by
+    ping_sent_ns: int = 0  # outstanding liveness PING (0 = none)
 
     @property
     def pid(self) -> int:

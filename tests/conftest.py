@@ -39,7 +39,7 @@ def model_repo() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def daemon(model_repo: Path) -> Iterator[RunningDaemon]:
     """One sandboxed daemon over the whole repository, shared by the read-only tests."""
-    running = start_daemon(model_repo, "--insecure-no-sandbox")  # TEMP until sandbox lands
+    running = start_daemon(model_repo)
     yield running
     running.stop()
     cleanup_workdir(running)

@@ -52,6 +52,8 @@ class RunningDaemon:
                     health = client.health()
                     if health["ready"]:
                         return health
+                    if not health["not_ready"] and health["failed"]:
+                        raise RuntimeError(f"every model failed to load: {health['failed']}\n{self.log_text()[-4000:]}")
                     last = health
                 except OpenInferError as exc:
                     last = exc
@@ -73,9 +75,9 @@ class RunningDaemon:
         return self.process.returncode
 
 
-def start_daemon(models: Path, *extra: str, env: dict[str, str] | None = None, wait: bool = True, timeout: float = 90.0) -> RunningDaemon:
-    workdir = Path(tempfile.mkdtemp(prefix="oi-d-"))
-    address = f"ipc://{workdir}/openinfer.sock"
+def start_daemon(models: Path, *extra: str, env: dict[str, str] | None = None, wait: bool = True, timeout: float = 90.0, address: str | None = None) -> RunningDaemon:
+    workdir = world_readable_dir("oi-d-")  # workers (uid nobody) must reach the channel socket inside
+    address = address or f"ipc://{workdir}/openinfer.sock"
     log_path = workdir / "daemon.log"
     full_env = dict(os.environ)
     full_env.pop("OPENINFER_SOCKET", None)

@@ -51,14 +51,20 @@ def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any]) ->
     hardening.set_not_dumpable()
     hardening.apply_boot_rlimits(max_open_files=config.sandbox.max_open_files)
     sb = config.sandbox
+    # Namespaces first: as root, new net/IPC namespaces need no user namespace; after a uid drop they
+    # would, and a user namespace hands the worker capabilities inside it.
+    if sb.namespaces:
+        sandbox_state["namespaces_entered"] = hardening.enter_namespaces()
+        if not sandbox_state["namespaces_entered"]:
+            log.warning("namespaces unavailable; worker shares the host's network and IPC namespaces", extra={"worker": config.worker_id})
     if os.geteuid() == 0 and sb.uid is not None and sb.gid is not None:
         hardening.drop_privileges(sb.uid, sb.gid)
-    if sb.namespaces:
-        sandbox_state["namespaces"] = hardening.enter_namespaces()
-        if not sandbox_state["namespaces"]:
-            log.warning("namespaces unavailable; worker shares the host's network and IPC namespaces", extra={"worker": config.worker_id})
+        # The kernel clears the parent-death signal when credentials change: arm it again.
+        hardening.set_parent_death_signal()
+        if os.getppid() != config.supervisor_pid:
+            raise BootFailure("supervisor exited during worker start")
     if sb.landlock:
-        read_paths = [*sb.read_paths, os.path.dirname(config.model_path)]
+        read_paths = [*sb.read_paths, os.path.realpath("/proc/self"), "/proc/cpuinfo", os.path.dirname(config.model_path)]
         abi = hardening.apply_landlock(read_paths)
         sandbox_state["landlock_abi"] = abi
         if not abi:
@@ -105,10 +111,14 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
 
     model_bytes = _read_model(config.model_path)
     if config.sandbox.enabled:
-        _isolate_process(config, sandbox_state)
-        from openinfer.sandbox import apply_policy
+        from openinfer.sandbox import apply_policy, hardening, load_policy
+        from openinfer.sandbox.preload import prime_zero_copy_sends
 
-        apply_policy(config.sandbox.boot_policy, constants={"SELF_PID": os.getpid()})
+        # Policies are read now: after the uid drop and Landlock their files may be out of reach.
+        boot_policy = load_policy(config.sandbox.boot_policy)
+        serve_policy = load_policy(config.sandbox.serve_policy)
+        _isolate_process(config, sandbox_state)
+        apply_policy(boot_policy)
     else:
         log.warning("worker running WITHOUT sandbox (--insecure-no-sandbox)", extra={"worker": config.worker_id})
 
@@ -134,13 +144,16 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
     _await_ack(socket)
 
     if config.sandbox.enabled:
-        from openinfer.sandbox import apply_policy, hardening
-
+        prime_zero_copy_sends(context)  # pyzmq imports lazily on its first large send (see sandbox.preload)
         hardening.malloc_trim()
         hardening.set_memory_limit(config.sandbox.memory_limit_bytes)
-        apply_policy(config.sandbox.serve_policy, constants={"SELF_PID": os.getpid()})
-        sandbox_state.update(hardening.describe_sandbox())
+        # /proc is read now: under the serve policy it cannot be. Our own keys win over the snapshot's.
+        sandbox_state = {**hardening.describe_sandbox(), **sandbox_state}
+        apply_policy(serve_policy)
+        sandbox_state["seccomp_filters"] = sandbox_state.get("seccomp_filters", 0) + 1  # the serve filter just added
         sandbox_state["policy"] = config.sandbox.serve_policy
+        sandbox_state["boot_policy"] = config.sandbox.boot_policy
+        sandbox_state["memory_limit_bytes"] = config.sandbox.memory_limit_bytes
     socket.send_multipart([messages.READY, pack(sandbox_state)])
 
     from .serve import serve

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -59,7 +60,7 @@ def describe_session(session: ort.InferenceSession) -> dict[str, list[dict[str, 
     }
 
 
-def warm_up(session: ort.InferenceSession, inputs: list[dict[str, Any]]) -> str | None:
+def warm_up(session: ort.InferenceSession, inputs: list[dict[str, Any]], timeout_s: float = 5.0) -> str | None:
     """Run once on zeros (dynamic dims = 1) so first-run allocations happen before the serve policy.
 
     Returns None, or why warm-up could not run (some models reject all-zero or size-1 inputs; serving
@@ -76,10 +77,17 @@ def warm_up(session: ort.InferenceSession, inputs: list[dict[str, Any]]) -> str 
             return "BF16 input: no numpy dtype to warm up with"
         else:
             feed[spec["name"]] = np.zeros(shape, dtype=DATATYPE_TO_NUMPY[spec["datatype"]])
+    # A hostile or simply huge model must not hang the boot: onnxruntime checks this flag between kernels.
+    run_options = ort.RunOptions()
+    timer = threading.Timer(timeout_s, lambda: setattr(run_options, "terminate", True))
+    timer.start()
     try:
-        session.run(None, feed)
+        session.run(None, feed, run_options)
     except Exception as exc:  # warm-up is an optimisation, never a reason to refuse the model
-        return f"{type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}: {exc}"[:500]
+    finally:
+        timer.cancel()
+        timer.join()
     return None
 
 

@@ -1,0 +1,331 @@
+"""Nothing lost under faults: worker crashes, hangs, deadlines, drain, reload, restarts."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import psutil
+import pytest
+
+import onnx_builders
+from daemon_harness import RunningDaemon, world_readable_dir
+from openinfer.client import Client, DeadlineExceeded, OpenInferError, Unavailable
+
+X = np.ones((1, 64), np.float32)
+
+
+@pytest.fixture
+def repo() -> Any:
+    root = world_readable_dir("oi-faults-")
+    onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx")
+    (root / "tiny" / "config.toml").write_text("workers = 2\n")
+    onnx_builders.conv_image_model(root / "conv" / "1" / "model.onnx")
+    onnx_builders.endless_loop_model(root / "spin" / "1" / "model.onnx")
+    (root / "spin" / "config.toml").write_text("max_compute_ms = 1000\n")
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def worker_pids(client: Client, model: str) -> list[int]:
+    return [w["pid"] for w in client.status()["workers"] if w["model"] == model and w["state"] in ("ready", "busy")]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigkill_workers_under_load_every_request_answered_once(daemon_factory: Any, repo: Path) -> None:
+    running: RunningDaemon = daemon_factory(repo, env={"OPENINFER_POOL_CRASH_LOOP_LIMIT": "100"})
+    outcomes: Counter[str] = Counter()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def load(seed: int) -> None:
+        with Client(running.address, timeout=20) as client:
+            while not stop.is_set():
+                x = np.full((1, 3, 64, 64), seed, np.float32)
+                try:
+                    client.infer("conv", {"image": x})
+                    code = "OK"
+                except OpenInferError as exc:
+                    code = exc.code
+                with lock:
+                    outcomes[code] += 1
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    admin = running.client()
+    kills = 0
+    for _ in range(5):
+        time.sleep(0.3)
+        wait_for(lambda: bool(worker_pids(admin, "conv")), what="a conv worker to kill")
+        os.kill(random.choice(worker_pids(admin, "conv")), signal.SIGKILL)
+        kills += 1
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert kills == 5
+    assert set(outcomes) <= {"OK", "WORKER_CRASHED"}, outcomes
+    assert outcomes["OK"] > 0
+    wait_for(lambda: len(worker_pids(admin, "conv")) == 1, what="pool whole again")
+    stats = admin.stats()["models"]["conv"]
+    assert stats["requests"] == sum(outcomes.values())  # nothing lost, nothing answered twice
+    assert stats["failures"].get("WORKER_CRASHED", 0) == outcomes["WORKER_CRASHED"]
+
+
+def test_crashed_task_names_the_signal_and_is_not_rerun(daemon_factory: Any, repo: Path) -> None:
+    running = daemon_factory(repo)
+    client = running.client(timeout=30)
+    pid = worker_pids(client, "spin")[0]
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            client.infer("spin", {"x": np.zeros(1, np.float32)})
+        except OpenInferError as exc:
+            result["exc"] = exc
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    wait_for(lambda: any(w["state"] == "busy" for w in running.client().status()["workers"] if w["pid"] == pid), what="spin busy")
+    os.kill(pid, signal.SIGKILL)
+    thread.join(10)
+    exc = result["exc"]
+    assert exc.code == "WORKER_CRASHED" and "SIGKILL" in exc.message
+    assert running.client().stats()["models"]["spin"]["requests"] == 1
+
+
+def test_running_task_past_deadline_is_answered_and_its_worker_replaced(daemon_factory: Any, repo: Path) -> None:
+    running = daemon_factory(repo)
+    client = running.client()
+    old = worker_pids(client, "spin")
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="worker was killed"):
+        client.infer("spin", {"x": np.zeros(1, np.float32)})
+    assert time.monotonic() - started < 10  # max_compute_ms = 1000, not the 30 s default
+    wait_for(lambda: bool(worker_pids(client, "spin")) and worker_pids(client, "spin") != old, what="replacement worker")
+    assert not psutil.pid_exists(old[0]) or psutil.Process(old[0]).status() == psutil.STATUS_ZOMBIE
+    assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+
+
+def test_queued_request_past_its_deadline_never_runs(daemon_factory: Any, repo: Path) -> None:
+    running = daemon_factory(repo)
+    blocker = running.client(timeout=30)
+    thread = threading.Thread(target=lambda: pytest.raises(DeadlineExceeded, blocker.infer, "spin", {"x": np.zeros(1, np.float32)}))
+    thread.start()
+    admin = running.client()
+    wait_for(lambda: any(w["state"] == "busy" for w in admin.status()["workers"] if w["model"] == "spin"), what="spin busy")
+    queued = running.client()
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded) as info:
+        queued.infer("spin", {"x": np.zeros(1, np.float32)}, timeout=0.2)
+    assert time.monotonic() - started < 0.6
+    thread.join(15)
+    # The daemon answered it from the queue (its own message), not the client giving up.
+    stats = admin.stats()["models"]["spin"]
+    assert stats["failures"]["DEADLINE_EXCEEDED"] == 2
+    assert "waiting in the queue" in str(info.value) or "no reply" in str(info.value)
+
+
+def test_hung_idle_worker_is_killed_and_replaced(daemon_factory: Any, repo: Path) -> None:
+    running = daemon_factory(repo, env={"OPENINFER_POOL_PING_INTERVAL_S": "0.2", "OPENINFER_POOL_PING_GRACE_S": "1"})
+    client = running.client()
+    pid = worker_pids(client, "conv")[0]
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: pid not in worker_pids(client, "conv") and len(worker_pids(client, "conv")) == 1, timeout=15, what="hung worker replaced")
+    assert "unresponsive" in running.log_text()
+    assert client.infer("conv", {"image": np.zeros((1, 3, 8, 8), np.float32)}).outputs["features"].shape == (1, 4, 8, 8)
+
+
+def test_crash_loop_makes_model_unavailable_and_reload_recovers(daemon_factory: Any, repo: Path) -> None:
+    running = daemon_factory(repo, env={"OPENINFER_POOL_CRASH_LOOP_LIMIT": "3", "OPENINFER_POOL_RESPAWN_BACKOFF_MS": "10"})
+    client = running.client()
+    for _ in range(3):
+        wait_for(lambda: bool(worker_pids(client, "conv")), what="conv worker")
+        os.kill(worker_pids(client, "conv")[0], signal.SIGKILL)
+        wait_for(lambda: not worker_pids(client, "conv") or client.health()["ready"] is False, timeout=10, what="worker gone")
+    wait_for(lambda: any(r["name"] == "conv" and r["state"] == "unavailable" for r in client.models()), what="conv unavailable")
+    with pytest.raises(Unavailable, match="crash loop"):
+        client.infer("conv", {"image": np.zeros((1, 3, 8, 8), np.float32)})
+    assert client.health()["ready"] is False
+    assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)  # others keep serving
+    client.reload()
+    wait_for(lambda: client.health()["ready"], what="recovered after reload")
+    assert client.infer("conv", {"image": np.zeros((1, 3, 8, 8), np.float32)}).outputs["features"].shape == (1, 4, 8, 8)
+
+
+def test_sigterm_answers_queued_and_running_then_exits_zero(daemon_factory: Any, repo: Path) -> None:
+    running = daemon_factory(repo)
+    socket_path = Path(running.address[len("ipc://"):])
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def call(i: int) -> None:
+        with Client(running.address, timeout=30) as client:
+            try:
+                client.infer("conv", {"image": np.full((4, 3, 256, 256), i, np.float32)})
+                code = "OK"
+            except OpenInferError as exc:
+                code = exc.code
+            with lock:
+                results.append(code)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: running.client().status()["queued"] > 0, what="queued work")
+    running.process.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(30)
+    assert running.process.wait(30) == 0
+    assert results == ["OK"] * 8
+    assert not socket_path.exists()
+
+
+def test_new_requests_during_drain_get_unavailable(daemon_factory: Any, repo: Path) -> None:
+    running = daemon_factory(repo)
+    busy = threading.Thread(target=lambda: pytest.raises(OpenInferError, running.client(timeout=30).infer, "spin", {"x": np.zeros(1, np.float32)}))
+    busy.start()
+    admin = running.client()
+    wait_for(lambda: any(w["state"] == "busy" for w in admin.status()["workers"]), what="busy")
+    running.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: admin.health()["draining"], what="draining")
+    with pytest.raises(Unavailable, match="shutting down"):
+        admin.infer("tiny", {"x": X})
+    busy.join(15)
+    assert running.process.wait(30) == 0
+
+
+def test_reload_under_traffic_switches_without_failures(daemon_factory: Any, repo: Path) -> None:
+    running = daemon_factory(repo)
+    stop = threading.Event()
+    outcomes: Counter[str] = Counter()
+    seen_versions: set[float] = set()
+    lock = threading.Lock()
+
+    def load() -> None:
+        with Client(running.address, timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    y = client.infer("tiny", {"x": X}).outputs["y"]
+                    with lock:
+                        outcomes["OK"] += 1
+                        seen_versions.add(round(float(y[0, 0]), 3))
+                except OpenInferError as exc:
+                    with lock:
+                        outcomes[exc.code] += 1
+
+    admin = running.client()
+    admin.health()
+    proc = psutil.Process(running.process.pid)
+    fds_before, threads_before = proc.num_fds(), proc.num_threads()
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    # Replace version 1's file (write new, rename: never rewrite a served file in place).
+    model = repo / "tiny" / "1" / "model.onnx"
+    onnx_builders.matmul_model(model.with_suffix(".new"), seed=42)
+    os.chmod(model.with_suffix(".new"), 0o644)
+    os.rename(model.with_suffix(".new"), model)
+    old_pids = set(worker_pids(admin, "tiny"))
+    running.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: set(worker_pids(admin, "tiny")).isdisjoint(old_pids) and len(worker_pids(admin, "tiny")) == 2 and not admin.status()["retiring"], what="switch")
+    time.sleep(0.3)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert set(outcomes) == {"OK"}, outcomes
+    assert len(seen_versions) == 2  # old outputs, then new outputs
+    new_y = admin.infer("tiny", {"x": X}).outputs["y"]
+    from reference import run_reference
+    np.testing.assert_allclose(new_y, run_reference(model, {"x": X})["y"], rtol=1e-5)
+    # Nothing leaked by the reload (client connections close asynchronously, so wait for them).
+    wait_for(lambda: proc.num_fds() == fds_before, timeout=5, what=f"fds back to {fds_before}")
+    assert proc.num_threads() == threads_before
+
+
+def test_bad_config_on_sighup_keeps_serving(daemon_factory: Any, repo: Path, tmp_path: Path) -> None:
+    config = tmp_path / "openinfer.toml"
+    config.write_text("[pool]\nworkers = 1\n")
+    running = daemon_factory(repo, "--config", str(config))
+    config.write_text("[pool]\nworkers = 'many'\n[nonsense]\n")
+    running.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "invalid configuration; keeping the old one" in running.log_text(), what="reload rejected")
+    result = running.client().reload()
+    assert "invalid configuration" in result["error"]
+    assert running.client().infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+
+
+def test_new_version_and_removed_model_on_reload(daemon_factory: Any, repo: Path) -> None:
+    running = daemon_factory(repo)
+    client = running.client()
+    onnx_builders.matmul_model(repo / "tiny" / "2" / "model.onnx", seed=7)
+    for path in (repo / "tiny" / "2", repo / "tiny" / "2" / "model.onnx"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    shutil.rmtree(repo / "conv")
+    changes = client.reload()
+    assert changes["added"] == ["tiny:2"] and changes["removed"] == ["conv:1"]
+    wait_for(lambda: client.infer("tiny", {"x": X}).version == 2, what="v2 serving")
+    assert client.infer("tiny", {"x": X}, version=1).version == 1
+    with pytest.raises(OpenInferError) as info:
+        client.infer("conv", {"image": np.zeros((1, 3, 8, 8), np.float32)})
+    assert info.value.code == "NOT_FOUND"
+    wait_for(lambda: all(w["model"] != "conv" for w in client.status()["workers"]), what="conv workers gone")
+
+
+def test_client_survives_a_daemon_restart(daemon_factory: Any, repo: Path) -> None:
+    running = daemon_factory(repo)
+    client = Client(running.address, timeout=0.5)
+    try:
+        assert client.infer("tiny", {"x": X}).version == 1
+        assert running.stop() == 0
+        with pytest.raises((Unavailable, DeadlineExceeded)):
+            client.infer("tiny", {"x": X})
+        from daemon_harness import start_daemon
+        restarted = start_daemon(repo, address=running.address)
+        try:
+            client.timeout = 10
+            assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+        finally:
+            restarted.stop()
+    finally:
+        client.close()
+
+
+def test_sigkilled_supervisor_leaves_no_worker_and_next_start_cleans_up(daemon_factory: Any, repo: Path) -> None:
+    running = daemon_factory(repo)
+    client = running.client()
+    pids = [w["pid"] for w in client.status()["workers"]]
+    run_dir = Path(running.workdir) / "run"
+    assert any(run_dir.iterdir())
+    os.killpg(running.process.pid, 0)
+    running.process.send_signal(signal.SIGKILL)
+    running.process.wait()
+    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids), timeout=10, what="workers dead")
+    stale = list(run_dir.iterdir())
+    assert stale  # the killed supervisor could not clean up...
+    from daemon_harness import start_daemon
+    again = start_daemon(repo, address=running.address, env={"OPENINFER_SERVER_RUNTIME_DIR": str(run_dir)})
+    try:
+        assert not any(p.exists() for p in stale)  # ...the next start swept it
+        assert again.client().infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+    finally:
+        again.stop()
