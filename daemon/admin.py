@@ -33,6 +33,8 @@ def models_result(sup: "Supervisor") -> dict[str, Any]:
                     "ready_workers": model.ready_workers(),
                     "queued": len(model.queue),
                     "path": str(model.path),
+                    "sharing": model.sharing,
+                    "shared_bytes": model.shared_bytes,
                 }
             )
     return {"models": rows}
@@ -100,7 +102,7 @@ def status_result(sup: "Supervisor") -> dict[str, Any]:
         "queued": sum(len(m.queue) for m in sup.sync.all_models()),
         "reloading": sorted(m.key for m in sup.sync.pending.values()),
         "retiring": sorted(m.key for m in sup.sync.retiring),
-        "in_flight": sum(1 for w in sup.pool.all_workers() if w.state is WorkerState.BUSY),
+        "in_flight": sum(len(w.inflight) for w in sup.pool.all_workers()),
         "supervisor_memory": _memory(os.getpid()),
     }
 

@@ -43,6 +43,11 @@ class ServedModel:
     consecutive_crashes: int = 0
     restarts: int = 0
     load_ms: float | None = None
+    prepared_dir: Path | None = None  # shared, pre-packed weights the workers map
+    sharing: str = "off"  # "preparing", "shared", "off: <why>" (shown in status)
+    shared_bytes: int = 0
+    prepare_attempts: int = 0
+    compute_ewma_us: float | None = None  # recent compute time; short models get pipelined dispatch
     fingerprint: tuple[int, int, int] | None = None  # (size, mtime_ns, inode) of the model file
     retiring: bool = False  # replaced or removed: finishes its queue, takes no new work
 

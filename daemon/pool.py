@@ -9,7 +9,7 @@ import signal
 import sys
 import sysconfig
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import zmq
 
@@ -19,7 +19,11 @@ from .spawner import spawn_worker
 from .timers import TimerHeap
 from .worker import messages
 from .worker.bootconfig import WorkerBootConfig, WorkerSandboxConfig
+from .worker.boot import PREPARED_MISMATCH
 from .workers import WorkerHandle, WorkerState
+
+if TYPE_CHECKING:
+    from .preparation import WeightPreparer
 
 log = logging.getLogger("openinfer.supervisor")
 
@@ -53,6 +57,7 @@ class WorkerPool:
         self.by_identity: dict[bytes, WorkerHandle] = {}
         self.by_pidfd: dict[int, WorkerHandle] = {}
         self.by_stderr: dict[int, WorkerHandle] = {}
+        self.preparer: "WeightPreparer | None" = None  # set by the supervisor once the store exists
         self._next_id = 1
         self._uid_gid = self._resolve_worker_user()
         self._read_paths = worker_read_paths()
@@ -66,6 +71,10 @@ class WorkerPool:
     @property
     def worker_gid(self) -> int | None:
         return self._uid_gid[1]
+
+    @property
+    def worker_uid(self) -> int | None:
+        return self._uid_gid[0]
 
     def boot_config(self, model: ServedModel, worker_id: int) -> WorkerBootConfig:
         sb = self.settings.sandbox
@@ -92,6 +101,7 @@ class WorkerPool:
                 namespaces=sb.namespaces,
                 read_paths=self._read_paths,
             ),
+            prepared_dir=str(model.prepared_dir) if model.prepared_dir else None,
         )
 
     def spawn(self, model: ServedModel) -> WorkerHandle:
@@ -151,6 +161,8 @@ class WorkerPool:
         if worker is not None:
             worker.spawned.relay_stderr()
             return
+        if self.preparer is not None and self.preparer.on_fd_ready(fd):
+            return
         self.reap(fd, shutting_down)
 
     def reap(self, pidfd: int, shutting_down: bool) -> WorkerHandle | None:
@@ -181,9 +193,14 @@ class WorkerPool:
         log.log(level, "worker exited", extra={"worker": worker.worker_id, "pid": worker.pid, "model": model.name, "version": model.version, "exit": how, "reason": reason, "state": was.value})
         if status == -signal.SIGSYS:
             log.error("worker killed by seccomp (SIGSYS): it made a system call its policy forbids", extra={"worker": worker.worker_id, "policy": self.settings.sandbox.serve_policy if was in (WorkerState.READY, WorkerState.BUSY) else self.settings.sandbox.boot_policy})
-        if worker.task is not None:
+        if worker.inflight:
             self.on_worker_lost(worker, f"worker {worker.worker_id} (pid {worker.pid}) {how} while running this task")
         if was is WorkerState.DRAINING or shutting_down or model.retiring:
+            return worker
+        if boot_error is not None and PREPARED_MISMATCH in boot_error and self.preparer is not None:
+            log.error("prepared weights failed verification; preparing again", extra={"model": model.key, "reason": boot_error})
+            if model.prepared_dir is not None:
+                self.preparer.on_mismatch(model)
             return worker
         if was in (WorkerState.SPAWNED, WorkerState.LOADED) and boot_error is not None and model.state is not ModelState.READY:
             model.state = ModelState.FAILED

@@ -49,9 +49,16 @@ class RepositorySync:
             intra_op_threads=entry.config.intra_op_threads or self.settings.pool.intra_op_threads,
         )
         model.fingerprint = file_fingerprint(version.path)
-        for _ in range(model.worker_count):
-            self.pool.spawn(model)
+        preparer = self.pool.preparer
+        if preparer is not None and preparer.wanted(model):
+            preparer.start(model)  # its workers start when the shared weights are ready
+        else:
+            self.start_workers(model)
         return model
+
+    def start_workers(self, model: ServedModel) -> None:
+        for _ in range(model.worker_count - len(model.workers)):
+            self.pool.spawn(model)
 
     def sync(self) -> dict[str, list[str]]:
         """Bring the registry in line with the repository; returns what changed (for logs and the reply)."""

@@ -30,6 +30,7 @@ class ServerSettings:
     max_queued_bytes: int = _opt(1024 * 1024 * 1024, "Bytes of request data held in queues across all models before RESOURCE_EXHAUSTED.")
     drain_grace_s: float = _opt(30.0, "On SIGTERM: seconds to finish queued and running tasks before stopping hard.")
     runtime_dir: str = _opt("", "Private directory for the worker channel and prepared weights. Empty = beside the socket, else a temp dir.")
+    cache_dir: str = _opt("", "Where prepared (shared, pre-packed) weights are kept across restarts. Empty = inside the runtime directory, removed at exit.")
     insecure_tcp: bool = _opt(False, "Allow tcp:// without CURVE. Logged loudly; never on a shared network.")
 
 
@@ -40,6 +41,8 @@ class PoolSettings:
     ready_timeout_s: float = _opt(120.0, "A worker that is not ready this long after spawn is killed.")
     respawn_backoff_ms: int = _opt(100, "First delay before respawning a crashed worker; doubles per consecutive crash.")
     respawn_backoff_max_ms: int = _opt(10_000, "Ceiling of the respawn delay.")
+    share_weights: bool = _opt(True, "Prepare each model once and let its workers map the same pre-packed weights.")
+    share_min_bytes: int = _opt(8 * 1024 * 1024, "Models smaller than this are loaded privately by each worker (sharing saves little).")
     ping_interval_s: float = _opt(2.0, "How often idle workers are pinged (liveness).")
     ping_grace_s: float = _opt(5.0, "An idle worker that has not answered a ping this long is killed and replaced.")
     crash_loop_limit: int = _opt(5, "Consecutive crashes (without a successful task in between) before a model goes UNAVAILABLE.")

@@ -1,10 +1,12 @@
 """Starts worker processes fresh (exec, never fork of this process's state) with an empty environment."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from .worker.bootconfig import WorkerBootConfig
 
@@ -57,20 +59,24 @@ class SpawnedProcess:
             except OSError:
                 return
 
-    def read_status(self) -> str | None:
-        """The boot failure the worker reported, if any (call after it exited)."""
+    def read_report(self) -> dict[str, Any] | None:
+        """The one JSON line the process wrote to its status pipe before exiting, if any."""
         try:
-            raw = os.read(self.status_fd, 65536)
+            raw = os.read(self.status_fd, 1 << 20)
         except (BlockingIOError, OSError):
             return None
         if not raw:
             return None
-        import json
-
         try:
-            return str(json.loads(raw.decode().splitlines()[0]).get("error"))
-        except (ValueError, IndexError, AttributeError):
-            return raw.decode(errors="replace")[:500]
+            report = json.loads(raw.decode().splitlines()[0])
+        except (ValueError, IndexError):
+            return {"error": raw.decode(errors="replace")[:500]}
+        return report if isinstance(report, dict) else {"error": str(report)[:500]}
+
+    def read_status(self) -> str | None:
+        """The boot failure the worker reported, if any (call after it exited)."""
+        report = self.read_report()
+        return None if report is None or "error" not in report else str(report["error"])
 
 
 def spawn_worker(config: WorkerBootConfig) -> SpawnedProcess:

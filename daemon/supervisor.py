@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import zmq
@@ -27,6 +28,8 @@ from .endpoint import BoundEndpoint, bind_public
 from .modelconfig import ConfigError
 from .models import ModelRegistry, ModelState, ServedModel
 from .pool import WorkerPool
+from .preparation import WeightPreparer
+from .prepared import PreparedStore
 from .reload import RepositorySync
 from .runtime_dir import base_runtime_dir, create_instance_dir
 from .settings import Settings
@@ -42,6 +45,17 @@ log = logging.getLogger("openinfer.supervisor")
 access_log = logging.getLogger("openinfer.access")
 
 _BATCH = 64  # messages taken from one socket before looking at the others
+# Pipelining: a worker may hold a second task while it computes the first, so it never waits for the two
+# ZeroMQ hops between tasks. Only for models whose compute is short: a long task would hold the second
+# one (and its deadline) hostage.
+PIPELINE_DEPTH = 2
+PIPELINE_MAX_COMPUTE_US = 2000.0
+# pyzmq flag enums cost microseconds per call on this path; plain ints do not.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_SNDMORE_NOBLOCK = _SNDMORE | _NOBLOCK
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 _HOUSEKEEPING_NS = 5_000_000  # how often running tasks' deadlines are checked
 
 
@@ -90,6 +104,8 @@ class Supervisor:
             os.chown(channel, -1, self.pool.worker_gid)
             os.chmod(channel, 0o660)
         self.pool.channel_address = f"ipc://{channel}"
+        store = PreparedStore(Path(settings.server.cache_dir) if settings.server.cache_dir else self.runtime_dir / "prepared", self.pool.worker_uid)
+        self.pool.preparer = WeightPreparer(self.pool, store, self.sync.start_workers)
         self.signals = SignalInbox()
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
@@ -169,27 +185,30 @@ class Supervisor:
 
     def _any_busy(self) -> bool:
         for worker in self.pool.by_identity.values():
-            if worker.task is not None:
+            if worker.inflight:
                 return True
         return False
 
-    def _drain_frontend(self) -> None:
-        recv = self.frontend.recv_multipart
+    @staticmethod
+    def _drain(sock: zmq.Socket, handle: Callable[[list[zmq.Frame]], None]) -> None:  # type: ignore[type-arg]
+        """Take up to _BATCH whole messages; stop when EVENTS says nothing is left (cheaper than zmq.Again)."""
+        recv = sock.recv
+        getsockopt = sock.getsockopt
         for _ in range(_BATCH):
-            try:
-                frames = recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not getsockopt(_EVENTS) & _POLLIN:
                 return
-            self._on_request(frames)
+            frame = recv(_NOBLOCK, copy=False)
+            frames = [frame]
+            while frame.more:  # the rest of a multipart message is already here
+                frame = recv(0, copy=False)
+                frames.append(frame)
+            handle(frames)
+
+    def _drain_frontend(self) -> None:
+        self._drain(self.frontend, self._on_request)
 
     def _drain_backend(self) -> None:
-        recv = self.backend.recv_multipart
-        for _ in range(_BATCH):
-            try:
-                frames = recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._on_worker_message(frames)
+        self._drain(self.backend, self._on_worker_message)
 
     # -- requests ---------------------------------------------------------------------------------
     def _on_request(self, frames: list[zmq.Frame]) -> None:
@@ -254,8 +273,14 @@ class Supervisor:
         self._next_task_id += 1
         if model.idle:
             self._dispatch(model.idle.pop(), task)
-        else:
-            self._enqueue(task)
+            return
+        ewma = model.compute_ewma_us
+        if ewma is not None and ewma < PIPELINE_MAX_COMPUTE_US and not model.queue:
+            for worker in model.workers:
+                if worker.state is WorkerState.BUSY and len(worker.inflight) < PIPELINE_DEPTH:
+                    self._dispatch(worker, task)
+                    return
+        self._enqueue(task)
 
     def _enqueue(self, task: Task) -> None:
         model = task.model
@@ -277,17 +302,32 @@ class Supervisor:
         now = time.monotonic_ns()
         task.dispatched_ns = now
         task.worker = worker
-        worker.task = task
+        if not worker.inflight:
+            worker.deadline_ns = min(task.deadline_ns, now + task.model.config.max_compute_ms * 1_000_000)
+        worker.inflight.append(task)
         worker.state = WorkerState.BUSY  # hot path: READY->BUSY is the one transition not logged
-        worker.deadline_ns = min(task.deadline_ns, now + task.model.config.max_compute_ms * 1_000_000)
-        self.backend.send_multipart(
-            [worker.identity, messages.TASK, messages.pack_task_id(task.task_id), task.header_frame, *task.data_frames],
-            copy=False,
-        )
+        send = self.backend.send
+        send(worker.identity, _SNDMORE)
+        send(messages.TASK + messages.pack_task_id(task.task_id), _SNDMORE)
+        data = task.data_frames
+        if data:
+            send(task.header_frame, _SNDMORE, copy=False)
+            last = len(data) - 1
+            for index, frame in enumerate(data):
+                send(frame, 0 if index == last else _SNDMORE, copy=False)
+        else:
+            send(task.header_frame, 0, copy=False)
 
     def _next_for(self, worker: WorkerHandle) -> None:
-        """The worker is free: give it the oldest queued task, or park it idle."""
+        """The worker finished a task: give it the oldest queued one, or park it idle if it holds none."""
         queue = worker.model.queue
+        if worker.inflight:
+            if queue and len(worker.inflight) < PIPELINE_DEPTH:
+                task = queue.popleft()
+                if not task.done:
+                    self._dequeue(task)
+                    self._dispatch(worker, task)
+            return
         while queue:
             task = queue.popleft()
             if task.done:
@@ -307,7 +347,7 @@ class Supervisor:
         worker = self.pool.by_identity.get(frames[0].bytes)
         if worker is None or len(frames) < 2:
             return
-        kind = frames[1].bytes
+        kind = frames[1].bytes[:1]
         if kind == messages.RESULT:
             self._on_result(worker, frames)
         elif kind == messages.HELLO:
@@ -328,28 +368,38 @@ class Supervisor:
     def _on_result(self, worker: WorkerHandle, frames: list[zmq.Frame]) -> None:
         now = time.monotonic_ns()
         worker.ping_sent_ns = 0  # any message proves the worker's loop is alive
-        task = worker.task
-        if task is None or messages.unpack_task_id(frames[2].buffer) != task.task_id:
+        inflight = worker.inflight
+        if not inflight or messages.unpack_task_id(frames[1].buffer[1:]) != inflight[0].task_id:
             return  # the task was already answered (deadline); the worker is being replaced
-        worker.task = None
+        task = inflight.popleft()
         worker.tasks_served += 1
         task.done = True
-        meta = unpack(frames[3].buffer)
+        meta = unpack(frames[2].buffer)
         model = task.model
+        # A pipelined task waited in the worker until the previous one was sent: that wait is queueing.
+        started_ns = task.dispatched_ns if task.dispatched_ns > worker.last_send_ns else worker.last_send_ns
+        worker.last_send_ns = meta["send_ns"]
         timing = {
             "decode_us": (task.decoded_ns - task.received_ns) / 1000,
-            "queue_us": (task.dispatched_ns - task.decoded_ns) / 1000,
-            "dispatch_us": (meta["recv_ns"] - task.dispatched_ns) / 1000,
+            "queue_us": (started_ns - task.decoded_ns) / 1000,
+            "dispatch_us": (meta["recv_ns"] - started_ns) / 1000,
         }
         error = meta.get("error")
         if error is None:
+            compute_us = meta["compute_us"]
             timing["prep_us"] = meta["prep_us"]
-            timing["compute_us"] = meta["compute_us"]
+            timing["compute_us"] = compute_us
             timing["encode_us"] = meta["encode_us"]
             model.consecutive_crashes = 0
+            ewma = model.compute_ewma_us
+            model.compute_ewma_us = compute_us if ewma is None else 0.9 * ewma + 0.1 * compute_us
         timing["return_us"] = (now - meta["send_ns"]) / 1000
         timing["cpu_us"] = meta["cpu_us"]
-        outputs = frames[4:]
+        if inflight:  # the next pipelined task started when this result was sent
+            worker.deadline_ns = min(inflight[0].deadline_ns, now + model.config.max_compute_ms * 1_000_000)
+            if worker.state is WorkerState.BUSY:
+                self._next_for(worker)  # keep the pipeline full before spending time on the reply
+        outputs = frames[3:]
         timing["total_us"] = (time.monotonic_ns() - task.received_ns) / 1000
         if error is None:
             reply = {"v": PROTOCOL_VERSION, "id": task.request_id, "model": model.name, "version": model.version, "outputs": meta["outputs"], "timing": timing}
@@ -362,7 +412,7 @@ class Supervisor:
         for frame in outputs:
             bytes_out += len(frame)
         self._finish(task, code, timing, bytes_out)
-        if worker.state is WorkerState.BUSY:
+        if worker.state is WorkerState.BUSY and not worker.inflight:
             self._next_for(worker)
 
     def _finish(self, task: Task, code: str | None, timing: dict[str, float], bytes_out: int = 0) -> None:
@@ -381,10 +431,28 @@ class Supervisor:
         self.sync.on_model_failed(model)
 
     def _on_worker_lost(self, worker: WorkerHandle, how: str) -> None:
-        task = worker.task
-        worker.task = None
-        if task is not None and not task.done:
+        """Exactly the task the worker was running fails; pipelined ones behind it never started and go
+        back to the front of the queue."""
+        if not worker.inflight:
+            return
+        task = worker.inflight.popleft()
+        if not task.done:
             self._fail_task(task, WorkerCrashed(how, {"worker": worker.worker_id, "pid": worker.pid}))
+        self._requeue_unstarted(worker)
+
+    def _requeue_unstarted(self, worker: WorkerHandle) -> None:
+        while worker.inflight:
+            task = worker.inflight.pop()
+            if task.done:
+                continue
+            task.worker = None
+            task.model.queue.appendleft(task)
+            self._queued_bytes += task.nbytes
+            self._queued_by_request[(task.route[0].bytes, task.request_id)] = task
+            self.timers.call_at(task.deadline_ns, lambda t=task: self._expire_queued(t))  # type: ignore[misc]
+        model = worker.model
+        while model.queue and model.idle:
+            self._next_for(model.idle.pop())
 
     # -- deadlines --------------------------------------------------------------------------------
     def _expire_queued(self, task: Task) -> None:
@@ -404,10 +472,10 @@ class Supervisor:
             return
         self._next_housekeeping_ns = now + _HOUSEKEEPING_NS
         for worker in list(self.pool.by_identity.values()):
-            task = worker.task
-            if task is None or now < worker.deadline_ns:
+            if not worker.inflight or now < worker.deadline_ns:
                 continue
-            worker.task = None
+            task = worker.inflight.popleft()
+            self._requeue_unstarted(worker)
             ran_ms = (now - task.dispatched_ns) / 1e6
             self._fail_task(task, DeadlineExceeded(f"task still running after {ran_ms:.0f} ms; its worker was killed and is being replaced"))
             worker.exit_reason = "killed: task exceeded its deadline"
@@ -416,8 +484,18 @@ class Supervisor:
 
     # -- replies ----------------------------------------------------------------------------------
     def _reply(self, route: list[Any], header: dict[str, Any], payloads: list[Any] | None = None) -> None:
+        send = self.frontend.send
         try:
-            self.frontend.send_multipart([*route, pack(header), *(payloads or ())], flags=zmq.NOBLOCK, copy=False)
+            # With ROUTER_MANDATORY an unroutable peer fails on the first frame, before anything is queued.
+            for frame in route:
+                send(frame, _SNDMORE_NOBLOCK, copy=False)
+            if payloads:
+                send(pack(header), _SNDMORE_NOBLOCK)
+                last = len(payloads) - 1
+                for index, frame in enumerate(payloads):
+                    send(frame, _NOBLOCK if index == last else _SNDMORE_NOBLOCK, copy=False)
+            else:
+                send(pack(header), _NOBLOCK)
         except zmq.ZMQError as exc:  # client gone (EHOSTUNREACH) or not reading (EAGAIN): drop, never block
             log.info("reply dropped", extra={"id": header.get("id"), "reason": exc.strerror})
 
@@ -527,9 +605,10 @@ class Supervisor:
                     self._dequeue(task)
                     self._fail_task(task, Unavailable("daemon stopped before this task ran"))
         for worker in self.pool.all_workers():
-            if worker.task is not None and not worker.task.done:
-                self._fail_task(worker.task, Unavailable("daemon stopped while this task was running"))
-                worker.task = None
+            while worker.inflight:
+                task = worker.inflight.popleft()
+                if not task.done:
+                    self._fail_task(task, Unavailable("daemon stopped while this task was running"))
             if worker.state is not WorkerState.DRAINING:
                 worker.transition(WorkerState.DRAINING)
             self.pool.kill(worker)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +43,7 @@ class WorkerHandle:
     model: "ServedModel"
     spawned: SpawnedProcess
     state: WorkerState = WorkerState.SPAWNED
-    task: "Task | None" = None
+    inflight: "deque[Task]" = field(default_factory=deque)  # sent, unanswered; only the head runs
     tasks_served: int = 0
     spawned_ns: int = field(default_factory=time.monotonic_ns)
     ready_ns: int | None = None
@@ -51,6 +52,7 @@ class WorkerHandle:
     expected_exit: bool = False  # killed by us (deadline): respawn without counting a crash
     deadline_ns: int = 0  # when the running task must be answered by
     ping_sent_ns: int = 0  # outstanding liveness PING (0 = none)
+    last_send_ns: int = 0  # when the worker sent its previous result (the next task started then)
 
     @property
     def pid(self) -> int:

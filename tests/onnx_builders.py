@@ -129,3 +129,27 @@ def conv_image_model(path: Path) -> Path:
         initializer=[weight],
     )
     return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def large_matmul_model(path: Path, size: int = 4096, layers: int = 2, seed: int = 5) -> Path:
+    """A chain of `layers` MatMuls with size x size FP32 weights (64 MiB each at 4096): for weight sharing."""
+    rng = np.random.default_rng(seed)
+    nodes = []
+    inits = []
+    prev = "x"
+    for i in range(layers):
+        inits.append(numpy_helper.from_array((rng.standard_normal((size, size)) * (1.0 / size**0.5)).astype(np.float32), f"W{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"W{i}"], [f"h{i}"]))
+        prev = f"h{i}"
+    graph = helper.make_graph(
+        nodes,
+        "large",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", size])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["batch", size])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=OPSET)
+    model.ir_version = 10
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))  # no checker: it would copy the whole model once more
+    return path

@@ -190,7 +190,8 @@ def test_sigterm_answers_queued_and_running_then_exits_zero(daemon_factory: Any,
     threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
-    wait_for(lambda: running.client().status()["queued"] > 0, what="queued work")
+    admin = running.client()
+    wait_for(lambda: (lambda st: st["queued"] + st["in_flight"])(admin.status()) == 8, what="all 8 accepted")
     running.process.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(30)

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from openinfer.daemon.jsonlog import configure_logging
@@ -27,6 +28,7 @@ from openinfer.daemon.jsonlog import configure_logging
 from .bootconfig import WorkerBootConfig
 
 log = logging.getLogger("openinfer.worker")
+PREPARED_MISMATCH = "prepared artefact mismatch"
 STATUS_FD = 3  # the spawner passes the write end of the status pipe as fd 3
 EXIT_BOOT_FAILED = 3
 
@@ -42,14 +44,16 @@ def _report_failure(message: str) -> None:
         pass
 
 
-def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any]) -> None:
+def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any], writable: tuple[str, ...] = ()) -> None:
     from openinfer.sandbox import hardening
 
     hardening.set_parent_death_signal()
     if os.getppid() != config.supervisor_pid:  # supervisor died before the death signal was armed
         raise BootFailure("supervisor exited during worker start")
     hardening.set_not_dumpable()
-    hardening.apply_boot_rlimits(max_open_files=config.sandbox.max_open_files)
+    # Workers write no files at all; the prepare helper writes about twice the source (packed + original).
+    max_file = 4 * os.path.getsize(config.model_path) + (64 << 20) if writable else 0
+    hardening.apply_boot_rlimits(max_open_files=config.sandbox.max_open_files, max_file_size_bytes=max_file)
     sb = config.sandbox
     # Namespaces first: as root, new net/IPC namespaces need no user namespace; after a uid drop they
     # would, and a user namespace hands the worker capabilities inside it.
@@ -65,7 +69,8 @@ def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any]) ->
             raise BootFailure("supervisor exited during worker start")
     if sb.landlock:
         read_paths = [*sb.read_paths, os.path.realpath("/proc/self"), "/proc/cpuinfo", os.path.dirname(config.model_path)]
-        abi = hardening.apply_landlock(read_paths)
+        read_paths += [p for p in (config.prepared_dir, config.cache_dir) if p]
+        abi = hardening.apply_landlock(read_paths, writable)
         sandbox_state["landlock_abi"] = abi
         if not abi:
             log.warning("Landlock unavailable; file access limited by seccomp and uid only", extra={"worker": config.worker_id})
@@ -107,9 +112,10 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
 
     sandbox_state: dict[str, Any] = {"enabled": config.sandbox.enabled}
     from . import serve as _serve_module  # noqa: F401  (preload: see the module docstring)
+    from .prepare import load_prepared, verify_prepared
     from .session import build_session, describe_session, warm_up
 
-    model_bytes = _read_model(config.model_path)
+    model_bytes = None if config.prepared_dir else _read_model(config.model_path)
     if config.sandbox.enabled:
         from openinfer.sandbox import apply_policy, hardening, load_policy
         from openinfer.sandbox.preload import prime_zero_copy_sends
@@ -124,11 +130,19 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
 
     started = time.monotonic_ns()
     try:
-        session = build_session(model_bytes, config.intra_op_threads)
+        if config.prepared_dir:
+            session = load_prepared(Path(config.prepared_dir), config.intra_op_threads)
+        else:
+            session = build_session(model_bytes, config.intra_op_threads)  # type: ignore[arg-type]
         del model_bytes
         description = describe_session(session)
     except Exception as exc:
-        raise BootFailure(f"onnxruntime could not load {config.model_path}: {type(exc).__name__}: {exc}") from None
+        raise BootFailure(f"onnxruntime could not load {config.prepared_dir or config.model_path}: {type(exc).__name__}: {exc}") from None
+    if config.prepared_dir:
+        try:
+            verify_prepared(session, Path(config.prepared_dir))
+        except (ValueError, OSError) as exc:
+            raise BootFailure(f"{PREPARED_MISMATCH}: {exc}") from None
     loaded = time.monotonic_ns()
     warmup_error = warm_up(session, description["inputs"])
     warmed = time.monotonic_ns()
@@ -163,10 +177,37 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
     context.term()
 
 
+def prepare_and_exit(config: WorkerBootConfig) -> None:
+    """Prepare mode: reuse a valid prepared directory from the cache, or write a new one; report by pipe."""
+    from .prepare import cache_key, file_sha256, prepare, prepared_is_valid
+
+    assert config.prepare_into is not None
+    source = Path(config.model_path)
+    if config.sandbox.enabled:
+        from openinfer.sandbox import apply_policy, load_policy
+
+        policy = load_policy("prepare")
+        _isolate_process(config, {}, writable=(config.prepare_into,))
+        apply_policy(policy)
+    try:
+        source_sha256 = file_sha256(source)
+        key = cache_key(source_sha256)
+        if config.cache_dir and prepared_is_valid(Path(config.cache_dir) / key, source_sha256):
+            result: dict[str, Any] = {"key": key, "reused": True}
+        else:
+            result = {"key": key, "reused": False, **prepare(source, Path(config.prepare_into), config.intra_op_threads)}
+    except Exception as exc:
+        raise BootFailure(f"cannot prepare shared weights: {type(exc).__name__}: {exc}"[:1000]) from None
+    os.write(STATUS_FD, (json.dumps({"result": result}) + "\n").encode())
+
+
 def main(argv: list[str]) -> int:
     config = WorkerBootConfig.from_json(argv[1])
     configure_logging(config.log_level)
     try:
+        if config.prepare_into:
+            prepare_and_exit(config)
+            return 0
         boot_and_serve(config)
     except BootFailure as exc:
         _report_failure(str(exc))

@@ -29,6 +29,9 @@ class WorkerBootConfig:
     intra_op_threads: int
     supervisor_pid: int
     log_level: str = "info"
+    prepared_dir: str | None = None  # serve from these prepared, shared weights (see worker/prepare.py)
+    prepare_into: str | None = None  # prepare mode: write a prepared directory here, then exit
+    cache_dir: str | None = None  # prepare mode: where earlier prepared directories may be reused from
     sandbox: WorkerSandboxConfig = field(default_factory=WorkerSandboxConfig)
 
     def to_json(self) -> str:

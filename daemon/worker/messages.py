@@ -1,11 +1,13 @@
 """Supervisor <-> worker channel (internal; not the public wire protocol).
 
-Every message is multipart; frame 0 is a one-byte kind. The worker's DEALER identity is its worker id.
+Every message is multipart; frame 0 starts with a one-byte kind (TASK and RESULT append the 8-byte
+little-endian task id to it: one frame less per message on the hot path). The worker's DEALER identity
+is its worker id.
 
   worker -> supervisor                        supervisor -> worker
   HELLO  [b"H", meta]  model loaded            ACK   [b"A"]           channel proven, go sandbox
-  READY  [b"Y", sandbox]  serve policy on      TASK  [b"T", task_id, client header, *data]
-  RESULT [b"R", task_id, meta, *outputs]       QUIT  [b"Q"]           finish and exit 0
+  READY  [b"Y", sandbox]  serve policy on      TASK  [b"T"+task_id, client header, *data]
+  RESULT [b"R"+task_id, meta, *outputs]       QUIT  [b"Q"]           finish and exit 0
   FAILED [b"E", {"message"}]  boot failed      PING  [b"P", token]
   PONG   [b"p", token]
 """

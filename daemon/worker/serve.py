@@ -21,7 +21,7 @@ def serve(socket: zmq.Socket, session: Any, output_names: list[str]) -> None:  #
     """Run tasks until QUIT. Returns normally only on QUIT; the supervisor kills us otherwise."""
     while True:
         frames = socket.recv_multipart(copy=False)
-        kind = frames[0].bytes
+        kind = frames[0].bytes[:1]
         if kind == messages.TASK:
             _run_task(socket, session, output_names, frames)
         elif kind == messages.PING:
@@ -45,10 +45,10 @@ def _feed_from(header: dict[str, Any], frames: list[zmq.Frame]) -> dict[str, np.
 def _run_task(socket: zmq.Socket, session: Any, output_names: list[str], frames: list[zmq.Frame]) -> None:  # type: ignore[type-arg]
     received_ns = time.monotonic_ns()
     cpu_start = time.process_time_ns()
-    task_id = frames[1].bytes
+    result_kind = messages.RESULT + frames[0].bytes[1:]  # echoes the task id
     try:
-        header = unpack(frames[2].buffer)
-        feed = _feed_from(header, frames[3:])
+        header = unpack(frames[1].buffer)
+        feed = _feed_from(header, frames[2:])
         wanted = header.get("outputs") or output_names
         prepared_ns = time.monotonic_ns()
         results = session.run(wanted, feed)
@@ -69,7 +69,7 @@ def _run_task(socket: zmq.Socket, session: Any, output_names: list[str], frames:
             "cpu_us": (time.process_time_ns() - cpu_start) / 1000,
             "send_ns": time.monotonic_ns(),
         }
-        socket.send_multipart([messages.RESULT, task_id, pack(meta), *payloads], copy=False)
+        socket.send_multipart([result_kind, pack(meta), *payloads], copy=False)
     except Exception as exc:  # every task gets exactly one answer, whatever onnxruntime raised
         meta = {
             "error": {"code": error_code_for(exc), "message": f"{type(exc).__name__}: {exc}"[:2000]},
@@ -77,4 +77,4 @@ def _run_task(socket: zmq.Socket, session: Any, output_names: list[str], frames:
             "cpu_us": (time.process_time_ns() - cpu_start) / 1000,
             "send_ns": time.monotonic_ns(),
         }
-        socket.send_multipart([messages.RESULT, task_id, pack(meta)])
+        socket.send_multipart([result_kind, pack(meta)])

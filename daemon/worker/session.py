@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from openinfer.client.tensors import DATATYPE_TO_NUMPY
+
 # Telemetry must be off before onnxruntime is imported (DESIGN §4); the spawner also sets it.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
@@ -60,23 +62,30 @@ def describe_session(session: ort.InferenceSession) -> dict[str, list[dict[str, 
     }
 
 
-def warm_up(session: ort.InferenceSession, inputs: list[dict[str, Any]], timeout_s: float = 5.0) -> str | None:
-    """Run once on zeros (dynamic dims = 1) so first-run allocations happen before the serve policy.
-
-    Returns None, or why warm-up could not run (some models reject all-zero or size-1 inputs; serving
-    still works, the first real request just pays the first-run cost).
-    """
-    from openinfer.client.tensors import DATATYPE_TO_NUMPY
-
+def warm_up_feed(inputs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Zeros of every input's shape, dynamic dimensions = 1."""
     feed: dict[str, np.ndarray] = {}
     for spec in inputs:
         shape = [d if d >= 0 else 1 for d in spec["shape"]]
         if spec["datatype"] == "BYTES":
             feed[spec["name"]] = np.full(shape, "", dtype=object)
         elif spec["datatype"] == "BF16":
-            return "BF16 input: no numpy dtype to warm up with"
+            raise ValueError("BF16 input: no numpy dtype to build a warm-up input with")
         else:
             feed[spec["name"]] = np.zeros(shape, dtype=DATATYPE_TO_NUMPY[spec["datatype"]])
+    return feed
+
+
+def warm_up(session: ort.InferenceSession, inputs: list[dict[str, Any]], timeout_s: float = 5.0) -> str | None:
+    """Run once on zeros (dynamic dims = 1) so first-run allocations happen before the serve policy.
+
+    Returns None, or why warm-up could not run (some models reject all-zero or size-1 inputs; serving
+    still works, the first real request just pays the first-run cost).
+    """
+    try:
+        feed = warm_up_feed(inputs)
+    except ValueError as exc:
+        return str(exc)
     # A hostile or simply huge model must not hang the boot: onnxruntime checks this flag between kernels.
     run_options = ort.RunOptions()
     timer = threading.Timer(timeout_s, lambda: setattr(run_options, "terminate", True))
