@@ -180,7 +180,7 @@ def test_sigterm_answers_queued_and_running_then_exits_zero(daemon_factory: Any,
     def call(i: int) -> None:
         with Client(running.address, timeout=30) as client:
             try:
-                client.infer("conv", {"image": np.full((4, 3, 256, 256), i, np.float32)})
+                client.infer("conv", {"image": np.full((8, 3, 384, 384), i, np.float32)})
                 code = "OK"
             except OpenInferError as exc:
                 code = exc.code
@@ -191,7 +191,11 @@ def test_sigterm_answers_queued_and_running_then_exits_zero(daemon_factory: Any,
     for t in threads:
         t.start()
     admin = running.client()
-    wait_for(lambda: (lambda st: st["queued"] + st["in_flight"])(admin.status()) == 8, what="all 8 accepted")
+    def accepted() -> int:
+        status, stats = admin.status(), admin.stats()
+        return status["queued"] + status["in_flight"] + stats["models"]["conv"]["requests"]
+
+    wait_for(lambda: accepted() == 8 and admin.status()["queued"] > 0, what="all 8 accepted, some still queued")
     running.process.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(30)
