@@ -114,4 +114,6 @@ def stats_result(sup: "Supervisor") -> dict[str, Any]:
         entry = snap["models"].setdefault(model.name, {"requests": 0, "success": 0, "failures": {}, "versions": {}})
         entry.setdefault("versions", {}).setdefault(str(model.version), {"requests": 0, "success": 0, "failures": {}, "worker_restarts": model.restarts})
         entry["queue_depth"] = entry.get("queue_depth", 0) + len(model.queue)
+        entry.setdefault("queue_by_priority", {})[str(model.version)] = model.queue.depth_by_priority()
+    snap["admission"] = {"rejected": dict(sup.limiter.rejected), "in_flight_by_client": dict(sup.limiter.in_flight), "policy": sup.limiter.policy.source}
     return snap

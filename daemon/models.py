@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import enum
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from openinfer.client.errors import NotFound, Unavailable
 
 from .modelconfig import ModelConfig
+from .taskqueue import TaskQueue
 
 if TYPE_CHECKING:
     from .tasks import Task
@@ -39,7 +39,7 @@ class ServedModel:
     output_names: frozenset[str] = frozenset()
     workers: list["WorkerHandle"] = field(default_factory=list)
     idle: list["WorkerHandle"] = field(default_factory=list)
-    queue: deque["Task"] = field(default_factory=deque)
+    queue: TaskQueue = field(default_factory=TaskQueue)
     consecutive_crashes: int = 0
     restarts: int = 0
     load_ms: float | None = None

@@ -20,6 +20,7 @@ from .modelconfig import ConfigError
 from .pool import WorkerPool
 from .repository import ModelEntry, ModelVersionEntry, scan_repository
 from .settings import Settings
+from .taskqueue import TaskQueue
 from .workers import WorkerState
 
 log = logging.getLogger("openinfer.supervisor")
@@ -49,6 +50,7 @@ class RepositorySync:
             intra_op_threads=entry.config.intra_op_threads or self.settings.pool.intra_op_threads,
         )
         model.fingerprint = file_fingerprint(version.path)
+        model.queue = TaskQueue(self.settings.server.starvation_ms)
         preparer = self.pool.preparer
         if preparer is not None and preparer.wanted(model):
             preparer.start(model)  # its workers start when the shared weights are ready

@@ -25,6 +25,7 @@ from openinfer.client.protocol import MAX_HEADER_BYTES, PROTOCOL_VERSION, pack, 
 from . import admin
 from .accounting import Accountant
 from .endpoint import BoundEndpoint, bind_public
+from .client_limits import ClientLimiter, load_client_policy
 from .modelconfig import ConfigError
 from .models import ModelRegistry, ModelState, ServedModel
 from .pool import WorkerPool
@@ -84,6 +85,7 @@ class Supervisor:
         self._queued_by_request: dict[tuple[bytes, int], Task] = {}
         self._queued_bytes = 0
         self._next_housekeeping_ns = 0
+        self.limiter = ClientLimiter(load_client_policy(settings.server.client_policy))
         self.frontend = self._make_frontend()
         self.endpoint: BoundEndpoint = bind_public(
             self.frontend,
@@ -271,6 +273,7 @@ class Supervisor:
             priority=header.get("priority") or 0,
         )
         self._next_task_id += 1
+        self.limiter.admit(client, header.get("client"), decoded_ns)
         if model.idle:
             self._dispatch(model.idle.pop(), task)
             return
@@ -280,13 +283,19 @@ class Supervisor:
                 if worker.state is WorkerState.BUSY and len(worker.inflight) < PIPELINE_DEPTH:
                     self._dispatch(worker, task)
                     return
-        self._enqueue(task)
+        try:
+            self._enqueue(task)
+        except OpenInferError:
+            self.limiter.release(client)
+            raise
 
     def _enqueue(self, task: Task) -> None:
         model = task.model
         if len(model.queue) >= model.config.max_queue:
+            self.limiter.rejected["max_queue"] = self.limiter.rejected.get("max_queue", 0) + 1
             raise ResourceExhausted(f"model {model.key} has {len(model.queue)} requests queued (max_queue)")
         if self._queued_bytes + task.nbytes > self.settings.server.max_queued_bytes:
+            self.limiter.rejected["max_queued_bytes"] = self.limiter.rejected.get("max_queued_bytes", 0) + 1
             raise ResourceExhausted(f"daemon holds {self._queued_bytes} queued bytes (server.max_queued_bytes)")
         task.enqueued_ns = time.monotonic_ns()
         model.queue.append(task)
@@ -417,6 +426,7 @@ class Supervisor:
 
     def _finish(self, task: Task, code: str | None, timing: dict[str, float], bytes_out: int = 0) -> None:
         task.done = True
+        self.limiter.release(task.client)
         self.accountant.record(task.model.name, task.model.version, task.client, code, timing, task.nbytes, bytes_out)
         sample = self.settings.log.access_log_sample
         if sample > 0 and (sample >= 1 or (task.task_id * 2654435761 % 2**32) / 2**32 < sample):

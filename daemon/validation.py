@@ -125,6 +125,9 @@ def check_infer(header: dict[str, Any], data_frames: list[Any], model: ServedMod
         value = header.get(key)
         if value is not None and not (isinstance(value, int) and not isinstance(value, bool)):
             raise InvalidArgument(f"`{key}` must be an integer")
+    priority = header.get("priority")
+    if priority is not None and not 0 <= priority <= 9:
+        raise InvalidArgument("`priority` must be between 0 (default) and 9 (most urgent)")
     timeout = header.get("timeout_ms")
     if timeout is not None and timeout <= 0:
         raise InvalidArgument("`timeout_ms` must be positive")

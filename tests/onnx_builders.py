@@ -153,3 +153,26 @@ def large_matmul_model(path: Path, size: int = 4096, layers: int = 2, seed: int 
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))  # no checker: it would copy the whole model once more
     return path
+
+
+def busy_loop_model(path: Path) -> Path:
+    """y = x + n, computed by a Loop of `n` iterations (INT64 scalar input): compute time set by the caller."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["acc_in", "one"], ["acc_out"])],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [1]),
+        ],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1])],
+        initializer=[numpy_helper.from_array(np.array([1.0], dtype=np.float32), "one")],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["n", "cond", "x"], ["y"], body=body)],
+        "busy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]), helper.make_tensor_value_info("n", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        initializer=[numpy_helper.from_array(np.array(True), "cond")],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)

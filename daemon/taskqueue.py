@@ -1,0 +1,95 @@
+"""A model's queue of tasks not yet sent to a worker.
+
+Order, written down because clients depend on it (docs/PROTOCOL.md, `priority`):
+- higher `priority` first (0..9, default 0);
+- within one priority, clients take turns (round robin by client key), so one client flooding a model
+  delays only itself; each client's own requests stay in arrival order;
+- aging: a task that has waited longer than `starvation_ms` is taken before any higher-priority task,
+  so low priorities are delayed, never starved.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from typing import Iterator
+
+from .tasks import Task
+
+
+class TaskQueue:
+    def __init__(self, starvation_ms: int = 1000) -> None:
+        self._levels: dict[int, OrderedDict[str, deque[Task]]] = {}
+        self._len = 0
+        self._starvation_ns = starvation_ms * 1_000_000
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __bool__(self) -> bool:
+        return self._len > 0
+
+    def __iter__(self) -> Iterator[Task]:
+        for level in self._levels.values():
+            for tasks in level.values():
+                yield from tasks
+
+    def append(self, task: Task) -> None:
+        level = self._levels.get(task.priority)
+        if level is None:
+            level = self._levels[task.priority] = OrderedDict()
+        tasks = level.get(task.client)
+        if tasks is None:
+            tasks = level[task.client] = deque()
+        tasks.append(task)
+        self._len += 1
+
+    def appendleft(self, task: Task) -> None:
+        """Put back a task that was taken but never ran: it goes first again."""
+        level = self._levels.setdefault(task.priority, OrderedDict())
+        level.setdefault(task.client, deque()).appendleft(task)
+        level.move_to_end(task.client, last=False)
+        self._len += 1
+
+    def popleft(self) -> Task:
+        if not self._len:
+            raise IndexError("pop from an empty TaskQueue")
+        levels = self._levels
+        top = max(levels)
+        chosen = top
+        if len(levels) > 1:  # aging: the oldest head of a lower level may jump the queue
+            cutoff = time.monotonic_ns() - self._starvation_ns
+            oldest = None
+            for priority, level in levels.items():
+                if priority == top:
+                    continue
+                head = next(iter(level.values()))[0]
+                if head.enqueued_ns < cutoff and (oldest is None or head.enqueued_ns < oldest[1]):
+                    oldest = (priority, head.enqueued_ns)
+            if oldest is not None:
+                chosen = oldest[0]
+        level = levels[chosen]
+        client, tasks = next(iter(level.items()))
+        task = tasks.popleft()
+        if tasks:
+            level.move_to_end(client)  # next turn goes to the next client
+        else:
+            del level[client]
+            if not level:
+                del levels[chosen]
+        self._len -= 1
+        return task
+
+    def remove(self, task: Task) -> None:
+        level = self._levels.get(task.priority)
+        tasks = level.get(task.client) if level is not None else None
+        if tasks is None:
+            raise ValueError("task not queued")
+        tasks.remove(task)
+        self._len -= 1
+        if not tasks:
+            del level[task.client]  # type: ignore[index]
+            if not level:
+                del self._levels[task.priority]
+
+    def depth_by_priority(self) -> dict[int, int]:
+        return {p: sum(len(t) for t in level.values()) for p, level in sorted(self._levels.items())}
