@@ -115,5 +115,7 @@ def stats_result(sup: "Supervisor") -> dict[str, Any]:
         entry.setdefault("versions", {}).setdefault(str(model.version), {"requests": 0, "success": 0, "failures": {}, "worker_restarts": model.restarts})
         entry["queue_depth"] = entry.get("queue_depth", 0) + len(model.queue)
         entry.setdefault("queue_by_priority", {})[str(model.version)] = model.queue.depth_by_priority()
+        if model.batch_sizes:
+            entry.setdefault("batch_sizes", {})[str(model.version)] = {str(k): v for k, v in sorted(model.batch_sizes.items())}
     snap["admission"] = {"rejected": dict(sup.limiter.rejected), "in_flight_by_client": dict(sup.limiter.in_flight), "policy": sup.limiter.policy.source}
     return snap

@@ -47,6 +47,9 @@ class ServedModel:
     sharing: str = "off"  # "preparing", "shared", "off: <why>" (shown in status)
     shared_bytes: int = 0
     prepare_attempts: int = 0
+    batchable: bool = False  # [batching] configured and every input and output has a dynamic first dimension
+    batch_deadline_ns: int = 0  # when the queued tasks must be flushed to a worker, batch full or not
+    batch_sizes: dict[int, int] = field(default_factory=dict)
     compute_ewma_us: float | None = None  # recent compute time; short models get pipelined dispatch
     fingerprint: tuple[int, int, int] | None = None  # (size, mtime_ns, inode) of the model file
     retiring: bool = False  # replaced or removed: finishes its queue, takes no new work
@@ -60,6 +63,10 @@ class ServedModel:
         self.outputs = outputs
         self.input_by_name = {spec["name"]: spec for spec in inputs}
         self.output_names = frozenset(spec["name"] for spec in outputs)
+        # Batching needs a batch dimension everywhere: rows of one request never mix with another's.
+        self.batchable = self.config.batching is not None and all(
+            len(spec["shape"]) >= 1 and spec["shape"][0] == -1 for spec in [*inputs, *outputs]
+        )
 
     def ready_workers(self) -> int:
         from .workers import WorkerState

@@ -274,6 +274,9 @@ class Supervisor:
         )
         self._next_task_id += 1
         self.limiter.admit(client, header.get("client"), decoded_ns)
+        if model.batchable:
+            self._accept_for_batching(task, header)
+            return
         if model.idle:
             self._dispatch(model.idle.pop(), task)
             return
@@ -288,6 +291,72 @@ class Supervisor:
         except OpenInferError:
             self.limiter.release(client)
             raise
+
+    def _accept_for_batching(self, task: Task, header: dict[str, Any]) -> None:
+        inputs = header["inputs"]
+        rows = inputs[0]["shape"][0]
+        batching = task.model.config.batching
+        assert batching is not None
+        if rows <= batching.max_batch_size:
+            task.rows = rows
+            task.batch_key = (tuple(sorted((s["name"], tuple(s["shape"][1:])) for s in inputs)), tuple(header.get("outputs") or ()))
+        try:
+            self._enqueue(task)
+        except OpenInferError:
+            self.limiter.release(task.client)
+            raise
+        self._maybe_flush(task.model)
+
+    def _maybe_flush(self, model: ServedModel) -> None:
+        """Send queued tasks to idle workers as batches: when a batch is full, or the oldest queued task
+        has waited max_queue_delay_us."""
+        batching = model.config.batching
+        if not model.queue or batching is None:
+            model.batch_deadline_ns = 0
+            return
+        now = time.monotonic_ns()
+        if model.batch_deadline_ns == 0:
+            model.batch_deadline_ns = now + batching.max_queue_delay_us * 1000
+            self.timers.call_at(model.batch_deadline_ns, lambda: self._maybe_flush(model))
+        if not model.idle or (len(model.queue) < batching.max_batch_size and now < model.batch_deadline_ns):
+            return
+        while model.idle and model.queue:
+            self._dispatch_batch(model.idle.pop(), self._take_batch(model, batching.max_batch_size))
+        model.batch_deadline_ns = now if model.queue else 0  # leftovers are already due
+
+    def _take_batch(self, model: ServedModel, max_rows: int) -> list[Task]:
+        first = model.queue.popleft()
+        batch = [first]
+        if first.batch_key is not None:
+            rows = first.rows
+            for task in list(model.queue):
+                if len(batch) >= max_rows:
+                    break
+                if task.batch_key == first.batch_key and rows + task.rows <= max_rows:
+                    model.queue.remove(task)
+                    batch.append(task)
+                    rows += task.rows
+        for task in batch:
+            self._dequeue(task)
+        return batch
+
+    def _dispatch_batch(self, worker: WorkerHandle, batch: list[Task]) -> None:
+        if len(batch) == 1:
+            self._dispatch(worker, batch[0])
+            return
+        now = time.monotonic_ns()
+        head = batch[0]
+        worker.deadline_ns = min(min(t.deadline_ns for t in batch), now + head.model.config.max_compute_ms * 1_000_000)
+        frames: list[Any] = [worker.identity, messages.BATCH, pack({"tasks": [t.task_id for t in batch], "frames": [1 + len(t.data_frames) for t in batch]})]
+        for task in batch:
+            task.dispatched_ns = now
+            task.worker = worker
+            worker.inflight.append(task)
+            frames.append(task.header_frame)
+            frames.extend(task.data_frames)
+        worker.state = WorkerState.BUSY
+        head.model.batch_sizes[len(batch)] = head.model.batch_sizes.get(len(batch), 0) + 1
+        self.backend.send_multipart(frames, copy=False)
 
     def _enqueue(self, task: Task) -> None:
         model = task.model
@@ -330,6 +399,12 @@ class Supervisor:
     def _next_for(self, worker: WorkerHandle) -> None:
         """The worker finished a task: give it the oldest queued one, or park it idle if it holds none."""
         queue = worker.model.queue
+        if worker.model.batchable:
+            if not worker.inflight:
+                worker.state = WorkerState.READY
+                worker.model.idle.append(worker)
+                self._maybe_flush(worker.model)
+            return
         if worker.inflight:
             if queue and len(worker.inflight) < PIPELINE_DEPTH:
                 task = queue.popleft()
@@ -412,6 +487,9 @@ class Supervisor:
         timing["total_us"] = (time.monotonic_ns() - task.received_ns) / 1000
         if error is None:
             reply = {"v": PROTOCOL_VERSION, "id": task.request_id, "model": model.name, "version": model.version, "outputs": meta["outputs"], "timing": timing}
+            if "batch_size" in meta:
+                reply["batch_size"] = meta["batch_size"]
+                timing["batch_wait_us"] = timing["queue_us"]  # part of queue_us, not an extra stage
             self._reply(task.route, reply, outputs)
             code = None
         else:

@@ -27,3 +27,5 @@ class Task:
     dispatched_ns: int = 0
     worker: "WorkerHandle | None" = None
     done: bool = False
+    batch_key: Any = None  # tasks with equal keys may run as one batch (same shapes but dim 0, same outputs)
+    rows: int = 0

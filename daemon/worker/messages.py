@@ -9,6 +9,7 @@ is its worker id.
   READY  [b"Y", sandbox]  serve policy on      TASK  [b"T"+task_id, client header, *data]
   RESULT [b"R"+task_id, meta, *outputs]       QUIT  [b"Q"]           finish and exit 0
   FAILED [b"E", {"message"}]  boot failed      PING  [b"P", token]
+                                               BATCH [b"B", {tasks, frames}, per task: header, *data]
   PONG   [b"p", token]
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ FAILED = b"E"
 PONG = b"p"
 ACK = b"A"
 TASK = b"T"
+BATCH = b"B"
 QUIT = b"Q"
 PING = b"P"
 

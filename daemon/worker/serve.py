@@ -24,6 +24,8 @@ def serve(socket: zmq.Socket, session: Any, output_names: list[str]) -> None:  #
         kind = frames[0].bytes[:1]
         if kind == messages.TASK:
             _run_task(socket, session, output_names, frames)
+        elif kind == messages.BATCH:
+            _run_batch(socket, session, output_names, frames)
         elif kind == messages.PING:
             socket.send_multipart([messages.PONG, frames[1].bytes])
         elif kind == messages.QUIT:
@@ -78,3 +80,62 @@ def _run_task(socket: zmq.Socket, session: Any, output_names: list[str], frames:
             "send_ns": time.monotonic_ns(),
         }
         socket.send_multipart([result_kind, pack(meta)])
+
+
+def _run_batch(socket: zmq.Socket, session: Any, output_names: list[str], frames: list[zmq.Frame]) -> None:  # type: ignore[type-arg]
+    """Several compatible tasks: concatenate along axis 0, run once, split, answer each task separately.
+
+    Frames: [b"B", {"tasks": [id...], "frames": [n...]}, then per task its header and data frames].
+    Results are identical to running each task alone (row-independent batch dimension).
+    """
+    received_ns = time.monotonic_ns()
+    cpu_start = time.process_time_ns()
+    plan = unpack(frames[1].buffer)
+    task_ids: list[int] = plan["tasks"]
+    kinds = [messages.RESULT + messages.pack_task_id(t) for t in task_ids]
+    try:
+        headers: list[dict[str, Any]] = []
+        feeds: list[dict[str, np.ndarray]] = []
+        offset = 2
+        for count in plan["frames"]:
+            header = unpack(frames[offset].buffer)
+            headers.append(header)
+            feeds.append(_feed_from(header, frames[offset + 1 : offset + count]))
+            offset += count
+        rows = [next(iter(feed.values())).shape[0] for feed in feeds]
+        merged = {name: np.concatenate([feed[name] for feed in feeds], axis=0) for name in feeds[0]}
+        wanted = headers[0].get("outputs") or output_names
+        prepared_ns = time.monotonic_ns()
+        results = session.run(wanted, merged)
+        computed_ns = time.monotonic_ns()
+        cpu_each = (time.process_time_ns() - cpu_start) / 1000 / len(task_ids)
+        start = 0
+        for kind, n in zip(kinds, rows):
+            encode_start = time.monotonic_ns()
+            specs = []
+            payloads = []
+            for name, value in zip(wanted, results):
+                datatype, shape, payload = encode_array(np.ascontiguousarray(np.asarray(value)[start : start + n]))
+                specs.append({"name": name, "datatype": datatype, "shape": shape})
+                payloads.append(payload)
+            meta = {
+                "outputs": specs,
+                "recv_ns": received_ns,
+                "prep_us": (prepared_ns - received_ns) / 1000,
+                "compute_us": (computed_ns - prepared_ns) / 1000,
+                "encode_us": (time.monotonic_ns() - encode_start) / 1000,
+                "cpu_us": cpu_each,
+                "batch_size": len(task_ids),
+                "send_ns": time.monotonic_ns(),
+            }
+            socket.send_multipart([kind, pack(meta), *payloads], copy=False)
+            start += n
+    except Exception as exc:  # every task of the batch gets exactly one answer
+        for kind in kinds:
+            meta = {
+                "error": {"code": error_code_for(exc), "message": f"{type(exc).__name__}: {exc}"[:2000]},
+                "recv_ns": received_ns,
+                "cpu_us": 0.0,
+                "send_ns": time.monotonic_ns(),
+            }
+            socket.send_multipart([kind, pack(meta)])

@@ -1,0 +1,85 @@
+"""Dynamic batching: identical results under concurrent load, batch sizes visible, never for fixed batch."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+import onnx_builders
+from daemon_harness import world_readable_dir
+from openinfer.client import AsyncClient
+from reference import run_reference
+
+
+@pytest.fixture
+def repo() -> Iterator[Path]:
+    root = world_readable_dir("oi-batch-")
+    batching = "workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 3000\n"
+    onnx_builders.matmul_model(root / "dyn" / "1" / "model.onnx")
+    (root / "dyn" / "config.toml").write_text(batching)
+    onnx_builders.matmul_model(root / "fixed" / "1" / "model.onnx", batch=1)
+    (root / "fixed" / "config.toml").write_text(batching)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def run_concurrently(address: str, model: str, inputs: list[np.ndarray]) -> list[Any]:
+    async def main() -> list[Any]:
+        async with AsyncClient(address, timeout=30) as client:
+            return await asyncio.gather(*(client.infer(model, {"x": x}) for x in inputs))
+
+    return asyncio.run(main())
+
+
+def test_batched_results_equal_unbatched_and_batches_form(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo)
+    rng = np.random.default_rng(4)
+    inputs = [rng.standard_normal((int(rng.integers(1, 3)), 64)).astype(np.float32) for _ in range(40)]
+    results = run_concurrently(daemon.address, "dyn", inputs)
+    model_path = repo / "dyn" / "1" / "model.onnx"
+    for x, result in zip(inputs, results):
+        np.testing.assert_allclose(result.outputs["y"], run_reference(model_path, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+        assert result.outputs["y"].shape == x.shape
+    sizes = daemon.client().stats()["models"]["dyn"]["batch_sizes"]["1"]
+    assert sum(int(k) * v for k, v in sizes.items()) <= 40 and max(int(k) for k in sizes) > 1, sizes
+    assert any("batch_wait_us" in r.timing for r in results)
+    for r in results:
+        t = r.timing
+        stages = sum(t[k] for k in ("decode_us", "queue_us", "dispatch_us", "prep_us", "compute_us", "encode_us", "return_us"))
+        assert stages <= t["total_us"] + 1e-6
+
+
+def test_reply_header_names_the_batch_size(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo)
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.connect(daemon.address)
+    x = np.ones((1, 64), np.float32).tobytes()
+    for i in range(4):
+        sock.send_multipart([msgpack.packb({"v": 1, "id": i, "op": "infer", "model": "dyn", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64]}]}), x])
+    headers = []
+    for _ in range(4):
+        assert sock.poll(10000)
+        headers.append(msgpack.unpackb(sock.recv_multipart()[0]))
+    sock.close(linger=0)
+    context.term()
+    assert sorted(h["id"] for h in headers) == [0, 1, 2, 3]
+    assert all("batch_size" in h or "error" not in h for h in headers)
+
+
+def test_model_with_fixed_batch_of_one_is_never_batched(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo)
+    inputs = [np.full((1, 64), i, np.float32) for i in range(16)]
+    results = run_concurrently(daemon.address, "fixed", inputs)
+    for x, result in zip(inputs, results):
+        np.testing.assert_allclose(result.outputs["y"], run_reference(repo / "fixed" / "1" / "model.onnx", {"x": x})["y"], rtol=1e-5)
+        assert "batch_wait_us" not in result.timing
+    assert "batch_sizes" not in daemon.client().stats()["models"]["fixed"]
