@@ -31,6 +31,7 @@ class ServerSettings:
     drain_grace_s: float = _opt(30.0, "On SIGTERM: seconds to finish queued and running tasks before stopping hard.")
     runtime_dir: str = _opt("", "Private directory for the worker channel and prepared weights. Empty = beside the socket, else a temp dir.")
     cache_dir: str = _opt("", "Where prepared (shared, pre-packed) weights are kept across restarts. Empty = inside the runtime directory, removed at exit.")
+    access_policy: str = _opt("access", "Who may call which operations on which models: a policy name in policies/ or a path. Empty = every local peer may do everything.")
     client_policy: str = _opt("clients", "Per-client limits: a policy name in policies/ or a path (see policies/clients.toml). Empty = built-in defaults.")
     starvation_ms: int = _opt(1000, "A queued request waiting longer than this is served before higher priorities (aging).")
     insecure_tcp: bool = _opt(False, "Allow tcp:// without CURVE. Logged loudly; never on a shared network.")

@@ -16,6 +16,7 @@ from openinfer.client.errors import (
     DeadlineExceeded,
     InvalidArgument,
     OpenInferError,
+    PermissionDenied,
     ResourceExhausted,
     Unavailable,
     WorkerCrashed,
@@ -23,6 +24,7 @@ from openinfer.client.errors import (
 from openinfer.client.protocol import MAX_HEADER_BYTES, PROTOCOL_VERSION, pack, resolve_address, unpack
 
 from . import admin
+from .access import AccessPolicy, Peer, peer_from_user_id, peer_from_zap
 from .accounting import Accountant
 from .endpoint import BoundEndpoint, bind_public
 from .client_limits import ClientLimiter, load_client_policy
@@ -86,6 +88,13 @@ class Supervisor:
         self._queued_bytes = 0
         self._next_housekeeping_ns = 0
         self.limiter = ClientLimiter(load_client_policy(settings.server.client_policy))
+        self.access = AccessPolicy.load(settings.server.access_policy)
+        self._peers: dict[bytes, Peer] = {}
+        self._allowed: dict[tuple[Any, ...], bool] = {}
+        # ZAP: libzmq asks this socket about every new connection; Unix-socket peers come with uid/gid/pid.
+        self.zap = self.context.socket(zmq.REP)
+        self.zap.setsockopt(zmq.LINGER, 0)
+        self.zap.bind("inproc://zeromq.zap.01")
         self.frontend = self._make_frontend()
         self.endpoint: BoundEndpoint = bind_public(
             self.frontend,
@@ -112,6 +121,7 @@ class Supervisor:
         self.poller.register(self.frontend, zmq.POLLIN)
         self.poller.register(self.backend, zmq.POLLIN)
         self.poller.register(self.signals.fd, zmq.POLLIN)
+        self.poller.register(self.zap, zmq.POLLIN)
 
     def _make_frontend(self) -> zmq.Socket:  # type: ignore[type-arg]
         sock = self.context.socket(zmq.ROUTER)
@@ -121,6 +131,7 @@ class Supervisor:
         sock.setsockopt(zmq.MAXMSGSIZE, self.settings.server.max_request_bytes + MAX_HEADER_BYTES)
         sock.setsockopt(zmq.RCVHWM, 1000)
         sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.ZAP_DOMAIN, b"openinfer")
         return sock
 
     # -- model loading ----------------------------------------------------------------------------
@@ -173,6 +184,8 @@ class Supervisor:
                     self._drain_frontend()
                 elif item == signal_fd:
                     self._on_signals(self.signals.drain())
+                elif item is self.zap:
+                    self._on_zap()
                 else:
                     self.pool.on_fd_ready(item, shutting_down=self.draining)
                     self._tell_systemd()
@@ -212,6 +225,45 @@ class Supervisor:
     def _drain_backend(self) -> None:
         self._drain(self.backend, self._on_worker_message)
 
+    # -- peers ------------------------------------------------------------------------------------
+    def _on_zap(self) -> None:
+        while self.zap.getsockopt(_EVENTS) & _POLLIN:
+            request = self.zap.recv_multipart()
+            version, request_id, _domain, address, _identity, mechanism = request[:6]
+            peer = peer_from_zap(address.decode(errors="replace"), mechanism.decode(errors="replace"), request[6:])
+            allowed = self.access.may_connect(peer)
+            if not allowed:
+                log.warning("connection refused: no grant matches this peer", extra={"uid": peer.uid, "pid": peer.pid, "policy": self.access.source})
+            status = [b"200", b"OK"] if allowed else [b"400", b"no grant for this peer"]
+            self.zap.send_multipart([version, request_id, *status, peer.user_id().encode(), b""])
+
+    def _peer_of(self, route_id: bytes, frame: zmq.Frame) -> Peer:
+        peer = self._peers.get(route_id)
+        if peer is None:
+            try:
+                peer = peer_from_user_id(frame.get("User-Id") or "")
+            except (ValueError, zmq.ZMQError):
+                peer = Peer()
+            if len(self._peers) > 10_000:  # routing ids are per connection: forget old ones
+                self._peers.clear()
+            self._peers[route_id] = peer
+        return peer
+
+    def _authorize(self, peer: Peer, op: str, model: Any) -> None:
+        key = (peer.uid, peer.gid, peer.curve_key, op, model)
+        allowed = self._allowed.get(key)
+        if allowed is None:
+            try:
+                self.access.check(peer, op, model if isinstance(model, str) else None)
+                allowed = True
+            except PermissionDenied:
+                allowed = False
+            if len(self._allowed) > 10_000:
+                self._allowed.clear()
+            self._allowed[key] = allowed
+        if not allowed:
+            self.access.check(peer, op, model if isinstance(model, str) else None)  # raises with the reason
+
     # -- requests ---------------------------------------------------------------------------------
     def _on_request(self, frames: list[zmq.Frame]) -> None:
         received_ns = time.monotonic_ns()
@@ -219,7 +271,8 @@ class Supervisor:
         split = 2 if len(frames) > 2 and len(frames[1]) == 0 else 1
         route = frames[:split]
         body = frames[split:]
-        client = route[0].bytes.hex()
+        route_id = route[0].bytes
+        client = route_id.hex()
         request_id: int | None = None
         self._request_model: ServedModel | None = None
         try:
@@ -228,9 +281,13 @@ class Supervisor:
             header = decode_header(body[0].buffer)
             request_id = request_id_of(header)
             op = check_envelope(header, len(body))
+            peer = self._peer_of(route_id, body[0])
+            if peer.uid is not None:
+                client = f"uid={peer.uid}"
             name = header.get("client")
             if name:
                 client = f"{name}@{client}"
+            self._authorize(peer, op, header.get("model"))
             if op == "infer":
                 self._accept_infer(route, request_id, client, header, body, received_ns)  # type: ignore[arg-type]
             else:
@@ -711,6 +768,7 @@ class Supervisor:
         self.signals.close()
         self.frontend.close(linger=0)
         self.backend.close(linger=0)
+        self.zap.close(linger=0)
         self.context.term()
         self.endpoint.cleanup()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)

@@ -1,0 +1,173 @@
+"""Peer identity (libzmq ZAP) and the access policy (policies/access.toml) checked on every request."""
+from __future__ import annotations
+
+import fnmatch
+import grp
+import logging
+import pwd
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from openinfer.client.errors import PermissionDenied
+from openinfer.client.protocol import OPERATIONS
+
+from .modelconfig import ConfigError
+
+log = logging.getLogger("openinfer.access")
+
+
+@dataclass(frozen=True)
+class Peer:
+    uid: int | None = None
+    gid: int | None = None
+    pid: int | None = None
+    curve_key: str | None = None
+
+    @property
+    def local(self) -> bool:
+        return self.uid is not None
+
+    def user_id(self) -> str:
+        """What the ZAP reply sets as the connection's User-Id (read back on every message)."""
+        if self.uid is not None:
+            return f"uid={self.uid},gid={self.gid},pid={self.pid}"
+        return f"curve={self.curve_key}" if self.curve_key else ""
+
+
+def peer_from_zap(address: str, mechanism: str, credentials: list[bytes]) -> Peer:
+    """libzmq gives Unix-socket peers' credentials in the ZAP address as `host:uid:gid:pid`."""
+    key = None
+    if mechanism == "CURVE" and credentials:
+        import zmq
+
+        key = zmq.z85_encode(credentials[0]).decode()
+    parts = address.split(":")
+    if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
+        return Peer(uid=int(parts[1]), gid=int(parts[2]), pid=int(parts[3]), curve_key=key)
+    return Peer(curve_key=key)
+
+
+def peer_from_user_id(user_id: str) -> Peer:
+    fields = dict(item.split("=", 1) for item in user_id.split(",") if "=" in item)
+    if "uid" in fields:
+        return Peer(uid=int(fields["uid"]), gid=int(fields["gid"]), pid=int(fields["pid"]))
+    return Peer(curve_key=fields.get("curve"))
+
+
+@dataclass(frozen=True)
+class Grant:
+    name: str
+    operations: frozenset[str]
+    models: tuple[str, ...] = ("*",)
+    local: bool = False
+    uids: frozenset[int] = frozenset()
+    gids: frozenset[int] = frozenset()
+    groups: frozenset[str] = frozenset()
+    curve_keys: frozenset[str] = frozenset()
+
+    def matches_peer(self, peer: Peer, peer_groups: frozenset[str]) -> bool:
+        if self.local and peer.local:
+            return True
+        if peer.uid is not None and peer.uid in self.uids:
+            return True
+        if peer.gid is not None and peer.gid in self.gids:
+            return True
+        if self.groups & peer_groups:
+            return True
+        return peer.curve_key is not None and peer.curve_key in self.curve_keys
+
+    def covers(self, op: str, model: str | None) -> bool:
+        if op not in self.operations:
+            return False
+        return model is None or any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+
+_GRANT_KEYS = {"name", "operations", "models", "local", "uids", "gids", "groups", "curve_keys"}
+
+
+def _parse_grant(where: str, raw: Any) -> Grant:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = set(raw) - _GRANT_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} (known: {', '.join(sorted(_GRANT_KEYS))})")
+    ops = raw.get("operations")
+    if not isinstance(ops, list) or not ops or not set(ops) <= OPERATIONS:
+        raise ConfigError(f"{where}: `operations` must list some of {', '.join(sorted(OPERATIONS))}")
+    return Grant(
+        name=str(raw.get("name", where)),
+        operations=frozenset(ops),
+        models=tuple(raw.get("models", ["*"])),
+        local=bool(raw.get("local", False)),
+        uids=frozenset(int(u) for u in raw.get("uids", [])),
+        gids=frozenset(int(g) for g in raw.get("gids", [])),
+        groups=frozenset(str(g) for g in raw.get("groups", [])),
+        curve_keys=frozenset(str(k) for k in raw.get("curve_keys", [])),
+    )
+
+
+class AccessPolicy:
+    def __init__(self, grants: tuple[Grant, ...], source: str) -> None:
+        self.grants = grants
+        self.source = source
+        self._groups: dict[int, frozenset[str]] = {}
+
+    @classmethod
+    def load(cls, name_or_path: str) -> "AccessPolicy":
+        if not name_or_path:
+            return cls((Grant("allow-all", OPERATIONS, local=True, curve_keys=frozenset()),), "built-in (allow every local peer)")
+        if "/" in name_or_path or name_or_path.endswith(".toml"):
+            path = Path(name_or_path)
+            text = path.read_text() if path.exists() else None
+        else:
+            entry = resources.files("openinfer.policies") / f"{name_or_path}.toml"
+            path = Path(str(entry))
+            text = entry.read_text() if entry.is_file() else None
+        if text is None:
+            raise ConfigError(f"access policy {name_or_path!r} not found")
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        if set(raw) - {"grant"}:
+            raise ConfigError(f"{path}: unknown section(s) {sorted(set(raw) - {'grant'})}; use [[grant]] tables")
+        grants = tuple(_parse_grant(f"{path} [[grant]] #{i + 1}", g) for i, g in enumerate(raw.get("grant", [])))
+        return cls(grants, str(path))
+
+    def groups_of(self, peer: Peer) -> frozenset[str]:
+        if peer.uid is None:
+            return frozenset()
+        cached = self._groups.get(peer.uid)
+        if cached is None:
+            names: set[str] = set()
+            try:
+                user = pwd.getpwuid(peer.uid)
+                names = {g.gr_name for g in grp.getgrall() if user.pw_name in g.gr_mem}
+                names.add(grp.getgrgid(user.pw_gid).gr_name)
+            except KeyError:
+                pass
+            if peer.gid is not None:
+                try:
+                    names.add(grp.getgrgid(peer.gid).gr_name)
+                except KeyError:
+                    pass
+            cached = self._groups[peer.uid] = frozenset(names)
+        return cached
+
+    def may_connect(self, peer: Peer) -> bool:
+        groups = self.groups_of(peer)
+        return any(g.matches_peer(peer, groups) for g in self.grants)
+
+    def check(self, peer: Peer, op: str, model: str | None) -> None:
+        groups = self.groups_of(peer)
+        matching = [g for g in self.grants if g.matches_peer(peer, groups)]
+        if any(g.covers(op, model) for g in matching):
+            return
+        who = f"uid {peer.uid}" if peer.uid is not None else (f"CURVE key {peer.curve_key}" if peer.curve_key else "this peer")
+        names = ", ".join(g.name for g in matching) or "none"
+        target = f" on model {model!r}" if model else ""
+        log.warning("permission denied", extra={"uid": peer.uid, "pid": peer.pid, "op": op, "model": model, "grants": names})
+        raise PermissionDenied(f"{who} may not `{op}`{target}: no grant in {self.source} allows it (grants matching this peer: {names})")
