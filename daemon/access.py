@@ -41,9 +41,9 @@ def peer_from_zap(address: str, mechanism: str, credentials: list[bytes]) -> Pee
     """libzmq gives Unix-socket peers' credentials in the ZAP address as `host:uid:gid:pid`."""
     key = None
     if mechanism == "CURVE" and credentials:
-        import zmq
+        from zmq.utils import z85
 
-        key = zmq.z85_encode(credentials[0]).decode()
+        key = z85.encode(credentials[0]).decode()
     parts = address.split(":")
     if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
         return Peer(uid=int(parts[1]), gid=int(parts[2]), pid=int(parts[3]), curve_key=key)

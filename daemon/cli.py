@@ -194,6 +194,22 @@ def infer(model: str, inputs: tuple[str, ...], fill: str | None, dynamic_dim: in
             render(table)
 
 
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def keygen(path: Path) -> None:
+    """Write a CURVE key pair: PATH (secret, mode 0600) and PATH.pub (public, give it to clients)."""
+    import os
+
+    import zmq
+
+    public, secret = zmq.curve_keypair()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret.decode() + "\n")
+    Path(f"{path}.pub").write_text(public.decode() + "\n")
+    click.echo(f"secret key: {path}\npublic key: {path}.pub ({public.decode()})")
+
+
 @main.group()
 def sandbox() -> None:
     """Inspect the worker sandbox on this kernel."""

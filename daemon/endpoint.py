@@ -71,9 +71,26 @@ def bind_ipc(socket: zmq.Socket, address: str, *, mode: int, group: str = "") ->
     return BoundEndpoint(address=address, socket_path=path, lock_fd=lock_fd)
 
 
-def bind_public(socket: zmq.Socket, address: str, *, mode: int, group: str, insecure_tcp: bool) -> BoundEndpoint:  # type: ignore[type-arg]
+def read_key(path: str) -> bytes:
+    try:
+        key = Path(path).read_text().strip().encode()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    if len(key) != 40:
+        raise ConfigError(f"{path}: expected a 40-character Z85 CURVE key")
+    return key
+
+
+def bind_public(socket: zmq.Socket, address: str, *, mode: int, group: str, insecure_tcp: bool, curve_secret_key_file: str = "") -> BoundEndpoint:  # type: ignore[type-arg]
     if address.startswith("ipc://"):
         return bind_ipc(socket, address, mode=mode, group=group)
+    if address.startswith("tcp://") and curve_secret_key_file:
+        # CurveZMQ: encrypted, and every client key is checked by the ZAP handler against the access policy.
+        socket.curve_secretkey = read_key(curve_secret_key_file)
+        socket.curve_publickey = read_key(curve_secret_key_file + ".pub")
+        socket.curve_server = True
+        socket.bind(address)
+        return BoundEndpoint(address=socket.getsockopt_string(zmq.LAST_ENDPOINT), socket_path=None, lock_fd=None)
     if address.startswith("tcp://"):
         if not insecure_tcp:
             raise ConfigError(

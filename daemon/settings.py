@@ -34,6 +34,7 @@ class ServerSettings:
     access_policy: str = _opt("access", "Who may call which operations on which models: a policy name in policies/ or a path. Empty = every local peer may do everything.")
     client_policy: str = _opt("clients", "Per-client limits: a policy name in policies/ or a path (see policies/clients.toml). Empty = built-in defaults.")
     starvation_ms: int = _opt(1000, "A queued request waiting longer than this is served before higher priorities (aging).")
+    curve_secret_key_file: str = _opt("", "tcp:// with CURVE: file holding the server's Z85 secret key (40 characters; `openinfer keygen`). Public key: the same path + .pub")
     insecure_tcp: bool = _opt(False, "Allow tcp:// without CURVE. Logged loudly; never on a shared network.")
 
 

@@ -102,6 +102,7 @@ class Supervisor:
             mode=settings.server.socket_mode,
             group=settings.server.socket_group,
             insecure_tcp=settings.server.insecure_tcp,
+            curve_secret_key_file=settings.server.curve_secret_key_file,
         )
         self.backend = self.context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.LINGER, 0)
@@ -177,18 +178,10 @@ class Supervisor:
                 watchdog()  # from the loop itself: a wedged loop stops the pings and systemd restarts us
             busy = self._any_busy()
             events = poll(self.timers.timeout_ms(5 if busy else idle_ms))
-            for item, _ in events:
-                if item is backend:
-                    self._drain_backend()
-                elif item is frontend:
-                    self._drain_frontend()
-                elif item == signal_fd:
-                    self._on_signals(self.signals.drain())
-                elif item is self.zap:
-                    self._on_zap()
-                else:
-                    self.pool.on_fd_ready(item, shutting_down=self.draining)
-                    self._tell_systemd()
+            try:
+                self._handle(events, frontend, backend, signal_fd)
+            except Exception:  # a bug in one handler must not take the daemon (and every client) down
+                log.exception("internal error in the supervisor loop; continuing")
             self.timers.run_due()
             if busy:
                 self._expire_running()
@@ -197,6 +190,20 @@ class Supervisor:
             if self.draining:
                 self._progress_drain()
         return 0
+
+    def _handle(self, events: list[tuple[Any, int]], frontend: Any, backend: Any, signal_fd: int) -> None:
+        for item, _ in events:
+            if item is backend:
+                self._drain_backend()
+            elif item is frontend:
+                self._drain_frontend()
+            elif item == signal_fd:
+                self._on_signals(self.signals.drain())
+            elif item is self.zap:
+                self._on_zap()
+            else:
+                self.pool.on_fd_ready(item, shutting_down=self.draining)
+                self._tell_systemd()
 
     def _any_busy(self) -> bool:
         for worker in self.pool.by_identity.values():
@@ -229,9 +236,13 @@ class Supervisor:
     def _on_zap(self) -> None:
         while self.zap.getsockopt(_EVENTS) & _POLLIN:
             request = self.zap.recv_multipart()
-            version, request_id, _domain, address, _identity, mechanism = request[:6]
-            peer = peer_from_zap(address.decode(errors="replace"), mechanism.decode(errors="replace"), request[6:])
-            allowed = self.access.may_connect(peer)
+            version, request_id, _domain, address, _identity, mechanism = (request + [b""] * 6)[:6]
+            try:
+                peer = peer_from_zap(address.decode(errors="replace"), mechanism.decode(errors="replace"), request[6:])
+                allowed = self.access.may_connect(peer)
+            except Exception:  # a REP socket must answer every request, or it wedges
+                log.exception("ZAP request could not be judged; refusing the connection")
+                peer, allowed = Peer(), False
             if not allowed:
                 log.warning("connection refused: no grant matches this peer", extra={"uid": peer.uid, "pid": peer.pid, "policy": self.access.source})
             status = [b"200", b"OK"] if allowed else [b"400", b"no grant for this peer"]

@@ -1,0 +1,69 @@
+"""tcp:// only with CURVE: known client keys connect, unknown keys and plain clients get nothing."""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+import onnx_builders
+from daemon_harness import world_readable_dir
+from openinfer.client import Client, OpenInferError
+
+X = np.ones((1, 64), np.float32)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_curve_keys_decide_who_connects(daemon_factory: Any, tmp_path: Path) -> None:
+    repo = world_readable_dir("oi-curve-")
+    onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
+    for path in repo.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    key_file = tmp_path / "server.key"
+    done = subprocess.run([sys.executable, "-m", "openinfer.daemon.cli", "keygen", str(key_file)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    server_public = Path(f"{key_file}.pub").read_text().strip().encode()
+    known_public, known_secret = zmq.curve_keypair()
+    stranger = zmq.curve_keypair()
+    policy = tmp_path / "access.toml"
+    policy.write_text(f'[[grant]]\nname = "known-key"\ncurve_keys = ["{known_public.decode()}"]\noperations = ["infer", "health"]\n\n[[grant]]\nname = "local"\nlocal = true\noperations = ["health", "status", "stats"]\n')
+    address = f"tcp://127.0.0.1:{free_port()}"
+    daemon = daemon_factory(repo, "--socket", address, env={"OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file), "OPENINFER_SERVER_ACCESS_POLICY": str(policy)}, wait=False, address=address)
+    with Client(address, timeout=60, curve_server_key=server_public, curve_keypair=(known_public, known_secret)) as client:
+        import time
+
+        deadline = time.monotonic() + 60
+        while not client.health()["ready"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+    with Client(address, timeout=1.5, curve_server_key=server_public, curve_keypair=stranger) as client:
+        with pytest.raises(OpenInferError) as info:
+            client.health()
+        assert info.value.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+    with Client(address, timeout=1.5) as plain:
+        with pytest.raises(OpenInferError):
+            plain.health()
+    assert "connection refused: no grant matches this peer" in daemon.log_text()
+    shutil.rmtree(repo, ignore_errors=True)
+
+
+def test_plain_tcp_is_refused_without_the_insecure_flag(daemon_factory: Any, tmp_path: Path) -> None:
+    repo = world_readable_dir("oi-curve2-")
+    onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    daemon = daemon_factory(repo, "--socket", address, wait=False, address=address)
+    assert daemon.process.wait(30) == 1
+    assert "needs CURVE keys" in daemon.log_text()
+    shutil.rmtree(repo, ignore_errors=True)
