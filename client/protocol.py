@@ -37,7 +37,12 @@ def default_socket_dir() -> Path:
 
 
 def default_address() -> str:
-    return f"ipc://{default_socket_dir() / SOCKET_NAME}"
+    """The per-user socket when a daemon runs for this user, else the system service's socket."""
+    path = default_socket_dir() / SOCKET_NAME
+    system = Path("/run/openinfer") / SOCKET_NAME
+    if not path.exists() and system.exists():
+        return f"ipc://{system}"
+    return f"ipc://{path}"
 
 
 def resolve_address(address: str | None) -> str:

@@ -132,6 +132,20 @@ def _coerce(where: str, kind: type, value: Any) -> Any:
     raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
 
 
+_POSITIVE = {"pool.workers", "pool.intra_op_threads", "sandbox.max_open_files", "server.max_request_bytes"}
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _check_range(where: str, dotted: str, value: Any) -> None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0 or (dotted in _POSITIVE and value <= 0):
+            raise ConfigError(f"{where}: must be {'positive' if dotted in _POSITIVE else 'non-negative'}, got {value!r}")
+    if dotted == "log.access_log_sample" and not 0 <= value <= 1:
+        raise ConfigError(f"{where}: a fraction between 0 and 1, got {value!r}")
+    if dotted == "log.level" and value not in _LOG_LEVELS:
+        raise ConfigError(f"{where}: one of {', '.join(_LOG_LEVELS)}, got {value!r}")
+
+
 def _apply(settings: Settings, values: Mapping[str, Any], source: str) -> Settings:
     """Apply {"section.key": value} onto settings; unknown keys and bad types name the key and the source."""
     grouped: dict[str, dict[str, Any]] = {}
@@ -143,7 +157,9 @@ def _apply(settings: Settings, values: Mapping[str, Any], source: str) -> Settin
         hints = get_type_hints(cls)
         if key not in hints:
             raise ConfigError(f"{source}: unknown key `{dotted}` (known in [{section}]: {', '.join(hints)})")
-        grouped.setdefault(section, {})[key] = _coerce(f"{source}: `{dotted}`", hints[key], value)
+        value = _coerce(f"{source}: `{dotted}`", hints[key], value)
+        _check_range(f"{source}: `{dotted}`", dotted, value)
+        grouped.setdefault(section, {})[key] = value
     for section, updates in grouped.items():
         settings = replace(settings, **{section: replace(getattr(settings, section), **updates)})
     return settings

@@ -51,6 +51,11 @@ def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any], wr
     if os.getppid() != config.supervisor_pid:  # supervisor died before the death signal was armed
         raise BootFailure("supervisor exited during worker start")
     hardening.set_not_dumpable()
+    try:  # under memory pressure the kernel should pick a worker, never the supervisor
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("500")
+    except OSError:
+        pass
     # Workers write no files at all; the prepare helper writes about twice the source (packed + original).
     max_file = 4 * os.path.getsize(config.model_path) + (64 << 20) if writable else 0
     hardening.apply_boot_rlimits(max_open_files=config.sandbox.max_open_files, max_file_size_bytes=max_file)
