@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from openinfer.client.errors import NotFound, Unavailable
+from openinfer.client.errors import InvalidArgument, NotFound, Unavailable
 
 from .modelconfig import ModelConfig
 from .taskqueue import TaskQueue
@@ -117,6 +117,8 @@ class ModelRegistry:
                 raise Unavailable(f"model {name!r} failed to load: {self.failed[name].reason}")
             raise NotFound(f"unknown model {name!r}", {"models": sorted(self.by_name)})
         if version is not None:
+            if not isinstance(version, int) or isinstance(version, bool):
+                raise InvalidArgument("`version` must be an integer")
             model = versions.get(version)
             if model is None:
                 raise NotFound(f"model {name!r} has no version {version!r}", {"versions": sorted(versions)})

@@ -15,6 +15,7 @@ import zmq
 from openinfer.client.errors import (
     DeadlineExceeded,
     InvalidArgument,
+    Internal,
     OpenInferError,
     PermissionDenied,
     ResourceExhausted,
@@ -298,12 +299,16 @@ class Supervisor:
             name = header.get("client")
             if name:
                 client = f"{name}@{client}"
-            self._authorize(peer, op, header.get("model"))
+            model_name = header.get("model")
+            self._authorize(peer, op, model_name if isinstance(model_name, str) else None)
             if op == "infer":
                 self._accept_infer(route, request_id, client, header, body, received_ns)  # type: ignore[arg-type]
             else:
                 self._reply(route, {"v": PROTOCOL_VERSION, "id": request_id, "result": self._admin(op, header, route)})
-        except OpenInferError as exc:
+        except Exception as exc:  # every accepted request gets exactly one answer, even on a daemon bug
+            if not isinstance(exc, OpenInferError):
+                log.exception("internal error while handling a request", extra={"client": client})
+                exc = Internal(f"internal error: {type(exc).__name__}")
             if request_id is None:
                 log.warning("malformed request", extra={"client": client, "code": exc.code, "reason": exc.message})
             timing = {"total_us": (time.monotonic_ns() - received_ns) / 1000}

@@ -91,5 +91,5 @@ class TaskQueue:
             if not level:
                 del self._levels[task.priority]
 
-    def depth_by_priority(self) -> dict[int, int]:
-        return {p: sum(len(t) for t in level.values()) for p, level in sorted(self._levels.items())}
+    def depth_by_priority(self) -> dict[str, int]:
+        return {str(p): sum(len(t) for t in level.values()) for p, level in sorted(self._levels.items())}

@@ -44,7 +44,7 @@ def check_envelope(header: dict[str, Any], frame_count: int) -> str:
     if request_id_of(header) is None:
         raise InvalidArgument("`id` must be an unsigned 64-bit integer")
     op = header.get("op")
-    if op not in OPERATIONS:
+    if not isinstance(op, str) or op not in OPERATIONS:
         raise InvalidArgument(f"unknown operation {op!r}; known: {', '.join(sorted(OPERATIONS))}")
     client = header.get("client")
     if client is not None and (not isinstance(client, str) or len(client) > MAX_CLIENT_NAME):
@@ -87,7 +87,7 @@ def check_infer(header: dict[str, Any], data_frames: list[Any], model: ServedMod
             raise InvalidArgument(f"input {name!r} given twice")
         seen.add(name)
         datatype = spec.get("datatype")
-        if datatype not in DATATYPES:
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise InvalidArgument(f"input {name!r}: unknown datatype {datatype!r}")
         if datatype != want["datatype"]:
             raise InvalidArgument(f"input {name!r}: datatype {datatype}, model expects {want['datatype']}")

@@ -47,7 +47,7 @@ def test_name_and_path_resolve_to_the_same_file() -> None:
 
 
 def test_unknown_shipped_name_lists_the_available_ones() -> None:
-    with pytest.raises(PolicyError, match=r"shipped policies: audit, boot, prepare, worker"):
+    with pytest.raises(PolicyError, match=r"shipped policies: access, audit, boot, clients, prepare, worker"):
         load_policy("wrker")
 
 
