@@ -20,7 +20,7 @@ from daemon_harness import EXAMPLE_MODELS, RunningDaemon, cleanup_workdir, start
 from reference import run_reference
 
 VECTORS: list[dict[str, Any]] = json.loads((Path(__file__).resolve().parent / "conformance" / "vectors.json").read_text())
-DAEMON_ARGS: tuple[str, ...] = ("--insecure-no-sandbox",)  # DEVTEMP
+DAEMON_ARGS: tuple[str, ...] = ()  # the daemon runs sandboxed, as in production
 REPLY_TIMEOUT_MS = 20_000
 EXTRA_REPLY_WAIT_MS = 30  # after the reply: long enough to catch a second reply sent right behind it
 
