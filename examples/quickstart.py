@@ -44,7 +44,7 @@ def main() -> int:
             print(f"daemon ready at {address} (log: {socket_dir / 'daemon.log'})\n")
             labels = (HERE / "models" / "magika" / "labels.txt").read_text().split()
             for path in (Path(__file__), HERE / "MODELS.md", HERE / "models" / "silero_vad" / "LICENSE"):
-                result = client.infer("magika", {"bytes": magika_features(path.read_bytes())})
+                result = client.infer("magika", {"bytes": magika_features(path.read_bytes())[np.newaxis, :]})
                 scores = result.outputs["target_label"][0]
                 best = int(np.argmax(scores))
                 print(f"magika: {path.name:<16} -> {labels[best]:<10} ({scores[best]:.3f})   compute {result.timing['compute_us']:.0f} µs, total {result.timing['total_us']:.0f} µs")
