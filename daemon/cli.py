@@ -30,7 +30,9 @@ def main() -> None:
 @click.option("--insecure-no-sandbox", is_flag=True, default=None, help="Run workers without seccomp/rlimits (development only; logged loudly).")
 @click.option("--insecure-tcp", is_flag=True, default=None, help="Allow tcp:// without CURVE authentication.")
 @click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(models: Path | None, socket_address: str | None, workers: int | None, config_file: Path | None, insecure_no_sandbox: bool | None, insecure_tcp: bool | None, log_level: str | None) -> None:
+@click.option("--metrics", "metrics_listen", default=None, metavar="HOST:PORT", help="Serve Prometheus metrics over HTTP here (loopback recommended).")
+@click.option("--metrics-textfile", default=None, metavar="PATH", help="Write Prometheus metrics to PATH for node_exporter's textfile collector.")
+def serve(models: Path | None, socket_address: str | None, workers: int | None, config_file: Path | None, insecure_no_sandbox: bool | None, insecure_tcp: bool | None, log_level: str | None, metrics_listen: str | None, metrics_textfile: str | None) -> None:
     """Run the daemon in the foreground (as systemd does)."""
     from .serve_command import run_serve
 
@@ -41,6 +43,8 @@ def serve(models: Path | None, socket_address: str | None, workers: int | None, 
         "sandbox.enabled": False if insecure_no_sandbox else None,
         "server.insecure_tcp": True if insecure_tcp else None,
         "log.level": log_level,
+        "metrics.listen": metrics_listen,
+        "metrics.textfile": metrics_textfile,
     }
     sys.exit(run_serve(config_file, overrides))
 

@@ -23,6 +23,8 @@ CLI_FLAGS: dict[str, str] = {
     "sandbox.enabled": "--insecure-no-sandbox",  # sets it to false
     "server.insecure_tcp": "--insecure-tcp",
     "log.level": "--log-level",
+    "metrics.listen": "--metrics",
+    "metrics.textfile": "--metrics-textfile",
 }
 
 

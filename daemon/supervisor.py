@@ -30,6 +30,7 @@ from .accounting import Accountant
 from .endpoint import BoundEndpoint, bind_public
 from .client_limits import ClientLimiter, load_client_policy
 from .modelconfig import ConfigError
+from .metrics import MetricsExporter
 from .models import ModelRegistry, ModelState, ServedModel
 from .pool import WorkerPool
 from .preparation import WeightPreparer
@@ -124,6 +125,7 @@ class Supervisor:
         self.poller.register(self.backend, zmq.POLLIN)
         self.poller.register(self.signals.fd, zmq.POLLIN)
         self.poller.register(self.zap, zmq.POLLIN)
+        self.exporter = MetricsExporter(settings.metrics)
 
     def _make_frontend(self) -> zmq.Socket:  # type: ignore[type-arg]
         sock = self.context.socket(zmq.ROUTER)
@@ -161,9 +163,11 @@ class Supervisor:
                 log.error("reload: invalid configuration; keeping the old one", extra={"reason": str(exc)})
                 return {"error": f"invalid configuration, nothing changed: {exc}"}
             fixed = [k for k in ("socket", "runtime_dir", "socket_mode", "socket_group", "insecure_tcp") if getattr(new.server, k) != getattr(self.settings.server, k)]
+            if new.metrics != self.settings.metrics:
+                fixed.append("metrics")
             if fixed:
-                log.warning("reload: these settings need a restart to take effect", extra={"keys": [f"server.{k}" for k in fixed]})
-                result["needs_restart"] = [f"server.{k}" for k in fixed]
+                log.warning("reload: these settings need a restart to take effect", extra={"keys": fixed})
+                result["needs_restart"] = [k if k == "metrics" else f"server.{k}" for k in fixed]
             self.settings = self.pool.settings = self.sync.settings = new
         result.update(self.sync.sync())
         return result
@@ -184,6 +188,11 @@ class Supervisor:
             except Exception:  # a bug in one handler must not take the daemon (and every client) down
                 log.exception("internal error in the supervisor loop; continuing")
             self.timers.run_due()
+            if self.exporter.due(time.monotonic_ns()):
+                try:
+                    self._publish_metrics()
+                except Exception:
+                    log.exception("metrics snapshot failed; continuing")
             if busy:
                 self._expire_running()
             if self.sync.retiring:
@@ -205,6 +214,12 @@ class Supervisor:
             else:
                 self.pool.on_fd_ready(item, shutting_down=self.draining)
                 self._tell_systemd()
+
+    def _publish_metrics(self) -> None:
+        """At most once a second, from the loop: the exporter's threads only ever read this snapshot."""
+        workers = [{"model": w.model.name, "version": w.model.version, "state": w.state.value} for w in self.pool.all_workers()]
+        depths = {(m.name, m.version): len(m.queue) for m in self.sync.all_models()}
+        self.exporter.publish(admin.stats_result(self), workers, depths)
 
     def _any_busy(self) -> bool:
         for worker in self.pool.by_identity.values():
@@ -777,6 +792,12 @@ class Supervisor:
         self._drain_deadline_ns = None
 
     def close(self) -> None:
+        if self.exporter.enabled:
+            try:
+                self._publish_metrics()  # final counts for the textfile collector
+            except Exception:
+                log.exception("final metrics snapshot failed")
+        self.exporter.close()
         for worker in self.pool.all_workers():
             self.pool.kill(worker)
             worker.spawned.process.wait()

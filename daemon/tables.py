@@ -59,28 +59,77 @@ def _ms(us: float | int | None) -> str:
     return "-" if us is None else f"{us / 1000:.3f}"
 
 
-def _usage_row(label: str, snap: dict[str, Any]) -> list[str]:
+def _bytes(n: int | None) -> str:
+    if not n:
+        return "0"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+_LATENCY_COLUMNS = ("reqs", "ok", "failed", "p50", "p90", "p99", "p99.9", "mean")
+_STAGE_COLUMNS = ("decode", "queue", "dispatch", "prep", "compute", "encode", "return")  # total: "mean" above
+
+
+def _latency_row(label: str, snap: dict[str, Any]) -> list[str]:
     lat = snap.get("latency") or {}
-    failures = ", ".join(f"{k}={v}" for k, v in sorted((snap.get("failures") or {}).items())) or "-"
-    return [label, str(snap.get("requests", 0)), str(snap.get("success", 0)), failures, _ms(lat.get("p50_us")), _ms(lat.get("p90_us")), _ms(lat.get("p99_us")), _ms(lat.get("p99.9_us")), f"{snap.get('cpu_seconds', 0):.3f}"]
+    failed = sum((snap.get("failures") or {}).values())
+    return [
+        escape(label), str(snap.get("requests", 0)), str(snap.get("success", 0)), str(failed),
+        *(_ms(lat.get(key)) for key in ("p50_us", "p90_us", "p99_us", "p99.9_us", "mean_us")),
+    ]
 
 
-def _usage_table(title: str, first: str) -> Table:
-    table = Table(title=title)
-    for col in (first, "requests", "ok", "failures", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "cpu s"):
-        table.add_column(col)
+def _stage_row(label: str, snap: dict[str, Any]) -> list[str]:
+    stages = snap.get("stages") or {}
+    cells = [escape(label)]
+    for stage in _STAGE_COLUMNS:
+        entry = stages.get(stage) or {}
+        count = entry.get("count", 0)
+        mean_us = entry["ns"] / count / 1000 if count else None
+        cells.append("-" if mean_us is None else f"{mean_us:.1f}" if mean_us < 1000 else f"{mean_us:.0f}")
+    return cells
+
+
+def _table(title: str, first: str, columns: Iterable[str], caption: str | None = None) -> Table:
+    table = Table(title=title, caption=caption)
+    table.add_column(first, overflow="fold")
+    for col in columns:
+        table.add_column(col, justify="right", no_wrap=True)
     return table
 
 
 def stats_tables(result: dict[str, Any]) -> list[Table]:
-    models = _usage_table("per model", "model:version")
+    """Per model version: counts and server-side latency (HDR percentiles, within 1 %), the mean time
+    per stage (the cumulative {count, ns} divided out), bytes, worker CPU and restarts; per client:
+    counts and latency; then every failure by code. Sized to stay readable at 80 columns."""
+    latency = _table("per model: requests and latency (ms)", "model:version", _LATENCY_COLUMNS)
+    stages = _table("per model: mean time per stage (µs)", "model:version", _STAGE_COLUMNS)
+    usage = _table("per model: traffic and workers", "model:version", ("in", "out", "worker cpu s", "restarts"))
+    failures = Table(title="failures by code")
+    for col in ("model:version or client", "code", "count"):
+        failures.add_column(col, overflow="fold", justify="right" if col == "count" else "left")
     for name, entry in sorted(result.get("models", {}).items()):
-        for version, snap in sorted(entry.get("versions", {}).items()):
-            models.add_row(*_usage_row(f"{name}:{version}", snap))
-    clients = _usage_table("per client", "client")
+        for version, snap in sorted(entry.get("versions", {}).items(), key=lambda item: int(item[0]) if item[0].isdigit() else 0):
+            label = f"{name}:{version}"
+            latency.add_row(*_latency_row(label, snap))
+            if snap.get("stages"):
+                stages.add_row(*_stage_row(label, snap))
+            usage.add_row(escape(label), _bytes(snap.get("bytes_in")), _bytes(snap.get("bytes_out")), f"{snap.get('cpu_seconds', 0):.3f}", str(snap.get("worker_restarts", 0)))
+            for code, count in sorted((snap.get("failures") or {}).items()):
+                failures.add_row(escape(label), code, str(count))
+    for code, count in sorted((result.get("rejected") or {}).items()):
+        failures.add_row("(no model: refused before one was known)", code, str(count))
+    clients = _table("per client (name@identity): requests and latency (ms)", "client", _LATENCY_COLUMNS)
     for client, snap in sorted(result.get("clients", {}).items()):
-        clients.add_row(*_usage_row(client, snap))
-    return [models, clients]
+        clients.add_row(*_latency_row(client, snap))
+        for code, count in sorted((snap.get("failures") or {}).items()):
+            failures.add_row(f"client {escape(client)}", code, str(count))
+    tables = [latency, stages, usage, clients]
+    if failures.row_count:
+        tables.append(failures)
+    return tables
 
 
 def watch_stats(client: Any, interval: float) -> None:

@@ -1,0 +1,261 @@
+"""Prometheus exposition of the accounting, over HTTP (`metrics.listen`) and/or a textfile for
+node_exporter's textfile collector (`metrics.textfile`), with the prometheus_client library.
+
+The supervisor's loop is single-threaded and owns the live counters; prometheus_client's HTTP server
+answers scrapes from its own thread, and the textfile is written by another. So they never share
+mutable state: about once a second (`due()`), the loop builds a fresh stats snapshot
+(`admin.stats_result`) plus worker states and queue depths and hands them to `publish()`, which only
+keeps a reference (and wakes the textfile writer when its interval has passed). Rendering the text
+(prometheus_client formats every sample: ~5 µs each, ~20 ms for 10 busy model versions) happens in
+those threads, never in the loop; nothing here runs per request.
+
+Metrics (labels in braces; `code` is the wire code, `OK` for success):
+  openinfer_request_duration_seconds{model,version,stage,code}  histogram, buckets 50 µs .. 60 s;
+      stage is decode|queue|dispatch|prep|compute|encode|return|batch_wait|total (batch_wait is part
+      of queue; only total covers the whole request)
+  openinfer_requests_total{model,version,code}           requests refused before a model was known
+                                                         have model="" and version=""
+  openinfer_request_bytes_total{model,version,direction} direction in|out (tensor bytes)
+  openinfer_worker_cpu_seconds_total{model,version}
+  openinfer_worker_restarts_total{model,version}
+  openinfer_client_requests_total{client,code}           client as in `openinfer stats` (accounting.py)
+  openinfer_queue_depth{model,version}
+  openinfer_workers{model,version,state}                 every worker state, 0 included
+  openinfer_up                                           1 while snapshots are fresh: 0 when the
+                                                         supervisor's loop stopped publishing, and in
+                                                         the textfile written at shutdown
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, NamedTuple
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+from .modelconfig import ConfigError
+from .settings import MetricsSettings
+from .workers import WorkerState
+
+log = logging.getLogger("openinfer.metrics")
+
+PUBLISH_INTERVAL_NS = 1_000_000_000  # how often due() says yes when the HTTP endpoint is on
+_STALE_PUBLISHES = 5  # openinfer_up drops to 0 after this many missed publishes (at least 10 s)
+_WORKER_STATES = tuple(state.value for state in WorkerState)
+
+
+class _Published(NamedTuple):
+    stats: dict[str, Any]
+    workers: list[dict[str, Any]]
+    queue_depths: dict[tuple[str, int], int]
+    at_ns: int
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """"HOST:PORT" (IPv6 as "[::1]:PORT") -> (host, port); ConfigError names the setting."""
+    host, sep, port_text = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"metrics.listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
+    return host, int(port_text)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class MetricsExporter:
+    """Serves and/or writes the last published snapshot. Create one per supervisor (after everything
+    else in its __init__ succeeded: a bad `metrics.listen` raises ConfigError, a taken port OSError)."""
+
+    def __init__(self, settings: MetricsSettings) -> None:
+        self.settings = settings
+        self.enabled = bool(settings.listen or settings.textfile)
+        self.port: int | None = None  # the bound port (useful with port 0)
+        self._published: _Published | None = None
+        self._publish_interval_ns = PUBLISH_INTERVAL_NS if settings.listen else int(settings.textfile_interval_s * 1e9)
+        self._next_due_ns = 0
+        self._next_textfile_ns = 0
+        self._textfile_failing = False
+        self._closed = False
+        self._up = True
+        self._wake_writer = threading.Event()
+        self._writer: threading.Thread | None = None
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(_SnapshotCollector(self))
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        if settings.textfile:
+            parent = Path(settings.textfile).parent
+            if not parent.is_dir():
+                raise ConfigError(f"metrics.textfile {settings.textfile!r}: directory {str(parent)!r} does not exist")
+            self._writer = threading.Thread(target=self._textfile_writer, name="openinfer-metrics-textfile", daemon=True)
+            self._writer.start()
+        if settings.listen:
+            host, port = parse_listen(settings.listen)
+            self._server, self._thread = start_http_server(port, host, registry=self._registry)
+            self.port = self._server.server_port
+            if not _is_loopback(host):
+                log.warning("metrics endpoint is reachable beyond this host; it has no authentication", extra={"listen": settings.listen})
+            log.info("serving Prometheus metrics", extra={"listen": settings.listen, "port": self.port})
+
+    # -- called from the supervisor's loop ------------------------------------------------------------
+    def due(self, now_ns: int) -> bool:
+        """True at most once per publish interval (1 s with the HTTP endpoint, else the textfile
+        interval), and never when no exporter is configured. Cheap enough to call every loop turn."""
+        if not self.enabled or now_ns < self._next_due_ns:
+            return False
+        self._next_due_ns = now_ns + self._publish_interval_ns
+        return True
+
+    def publish(self, stats: dict[str, Any], workers: list[dict[str, Any]], queue_depths: dict[tuple[str, int], int]) -> None:
+        """Keep these (fresh, never again mutated by the caller) for the next scrapes; have the textfile
+        rewritten (by its own thread) when `metrics.textfile_interval_s` has passed. `stats` is
+        `admin.stats_result()`, `workers` rows with model, version, state; `queue_depths`
+        {(model, version): queued tasks}. Costs well under a microsecond."""
+        now = time.monotonic_ns()
+        self._published = _Published(stats, workers, queue_depths, now)
+        if self._writer is not None and now >= self._next_textfile_ns:
+            self._next_textfile_ns = now + int(self.settings.textfile_interval_s * 1e9)
+            self._wake_writer.set()
+
+    def close(self) -> None:
+        """Stop the HTTP server; leave a last textfile that says openinfer_up 0. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._up = False
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self._writer is not None:
+            self._wake_writer.set()
+            self._writer.join(5)
+            if self._published is not None:
+                self._write_textfile()
+
+    # -- readers: any thread -------------------------------------------------------------------------
+    def render_text(self) -> bytes:
+        """The Prometheus text exposition (format 0.0.4) of the last published snapshot."""
+        return generate_latest(self._registry)
+
+    def families(self) -> list[Metric]:
+        published = self._published  # one read: a concurrent publish() swaps the whole tuple
+        up = 1.0 if self._up and published is not None and self._fresh(published) else 0.0
+        return build_families(published, up)
+
+    def _fresh(self, published: _Published) -> bool:
+        stale_after = max(10_000_000_000, _STALE_PUBLISHES * self._publish_interval_ns)
+        return time.monotonic_ns() - published.at_ns <= stale_after
+
+    def _textfile_writer(self) -> None:
+        while True:
+            self._wake_writer.wait()
+            self._wake_writer.clear()
+            if self._closed:
+                return
+            self._write_textfile()
+
+    def _write_textfile(self) -> None:
+        """Temp file in the same directory, then rename: node_exporter never reads a partial file
+        (it only reads *.prom, so the temp name is ignored). The file's mode follows the umask."""
+        path = Path(self.settings.textfile)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            tmp.write_bytes(self.render_text())
+            os.replace(tmp, path)
+        except OSError as exc:
+            if not self._textfile_failing:  # once per failure streak, not every interval
+                log.warning("cannot write the metrics textfile", extra={"path": str(path), "reason": str(exc)})
+            self._textfile_failing = True
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+        else:
+            self._textfile_failing = False
+
+
+class _SnapshotCollector:
+    """prometheus_client Collector over the exporter's last published snapshot."""
+
+    def __init__(self, exporter: MetricsExporter) -> None:
+        self._exporter = exporter
+
+    def collect(self) -> Iterable[Metric]:
+        return self._exporter.families()
+
+
+def build_families(published: _Published | None, up: float) -> list[Metric]:
+    """All metric families for one snapshot (None: nothing published yet, only openinfer_up)."""
+    up_family = GaugeMetricFamily("openinfer_up", "1 while the daemon's loop publishes fresh metrics, else 0.", value=up)
+    if published is None:
+        return [up_family]
+    stats = published.stats
+    duration = HistogramMetricFamily(
+        "openinfer_request_duration_seconds",
+        "Server-side time per request stage (batch_wait is part of queue; total is the whole request).",
+        labels=["model", "version", "stage", "code"],
+    )
+    requests = CounterMetricFamily("openinfer_requests", "Requests answered, by wire code (OK = success).", labels=["model", "version", "code"])
+    request_bytes = CounterMetricFamily("openinfer_request_bytes", "Tensor bytes received (in) and sent (out).", labels=["model", "version", "direction"])
+    cpu = CounterMetricFamily("openinfer_worker_cpu_seconds", "CPU time workers spent on requests.", labels=["model", "version"])
+    restarts = CounterMetricFamily("openinfer_worker_restarts", "Workers respawned after they died or were killed.", labels=["model", "version"])
+    clients = CounterMetricFamily("openinfer_client_requests", "Requests per client (name@identity), by wire code.", labels=["client", "code"])
+    queue = GaugeMetricFamily("openinfer_queue_depth", "Tasks waiting for a worker.", labels=["model", "version"])
+    workers = GaugeMetricFamily("openinfer_workers", "Worker processes by state.", labels=["model", "version", "state"])
+
+    bounds = [floatToGoString(us / 1e6) for us in stats.get("duration_buckets_us", ())]
+    versions: set[tuple[str, str]] = set()
+    for name, entry in sorted(stats.get("models", {}).items()):
+        for version, snap in sorted(entry.get("versions", {}).items()):
+            versions.add((name, version))
+            labels = [name, version]
+            if snap.get("success"):
+                requests.add_metric([*labels, "OK"], snap["success"])
+            for code, count in sorted(snap.get("failures", {}).items()):
+                requests.add_metric([*labels, code], count)
+            request_bytes.add_metric([*labels, "in"], snap.get("bytes_in", 0))
+            request_bytes.add_metric([*labels, "out"], snap.get("bytes_out", 0))
+            cpu.add_metric(labels, snap.get("cpu_seconds", 0.0))
+            restarts.add_metric(labels, snap.get("worker_restarts", 0))
+            for code, by_stage in snap.get("durations", {}).items():
+                for stage, row in by_stage.items():
+                    buckets = [(le, count) for le, count in zip(bounds, row["le"])]
+                    buckets.append(("+Inf", row["count"]))
+                    duration.add_metric([*labels, stage, code], buckets, row["ns"] / 1e9)
+    for code, count in sorted(stats.get("rejected", {}).items()):
+        requests.add_metric(["", "", code], count)
+    for client, snap in sorted(stats.get("clients", {}).items()):
+        if snap.get("success"):
+            clients.add_metric([client, "OK"], snap["success"])
+        for code, count in sorted(snap.get("failures", {}).items()):
+            clients.add_metric([client, code], count)
+
+    depths = {(name, str(version)): depth for (name, version), depth in published.queue_depths.items()}
+    states: dict[tuple[str, str], dict[str, int]] = {}
+    for row in published.workers:
+        key = (str(row["model"]), str(row["version"]))
+        by_state = states.setdefault(key, {})
+        by_state[row["state"]] = by_state.get(row["state"], 0) + 1
+    for key in sorted(versions | set(depths) | set(states)):
+        queue.add_metric(list(key), depths.get(key, 0))
+        by_state = states.get(key, {})
+        for state in _WORKER_STATES:
+            workers.add_metric([*key, state], by_state.get(state, 0))
+    return [up_family, requests, duration, request_bytes, cpu, restarts, clients, queue, workers]
