@@ -32,8 +32,13 @@ class Client:
         client_name: str | None = None,
         curve_server_key: bytes | None = None,
         curve_keypair: tuple[bytes, bytes] | None = None,
+        retries: int = 0,
     ) -> None:
         self.address = resolve_address(address)
+        # Retry policy: only UNAVAILABLE (daemon unreachable, draining, model not serving) is retried, with
+        # exponential backoff from 50 ms, within the call's timeout. A request that failed with
+        # WORKER_CRASHED is never retried: a poison input would kill the next worker too.
+        self.retries = retries
         self.timeout = timeout
         self.client_name = client_name
         self._context = zmq.Context()
@@ -67,9 +72,17 @@ class Client:
             priority=priority,
         )
         started = time.perf_counter_ns()
-        header, reply = self._round_trip(request_id, frames, budget)
-        client_us = (time.perf_counter_ns() - started) / 1000.0
-        return result_from_reply(header, reply, client_us)
+        deadline = time.monotonic() + budget
+        for attempt in range(self.retries + 1):
+            try:
+                header, reply = self._round_trip(request_id, frames, max(0.001, deadline - time.monotonic()))
+                return result_from_reply(header, reply, (time.perf_counter_ns() - started) / 1000.0)
+            except Unavailable:
+                pause = 0.05 * 2**attempt
+                if attempt == self.retries or time.monotonic() + pause >= deadline:
+                    raise
+                time.sleep(pause)
+        raise AssertionError("unreachable")
 
     def models(self) -> list[dict[str, Any]]:
         return self._call("models")["models"]

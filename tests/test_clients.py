@@ -101,3 +101,24 @@ def test_timeout_then_late_reply_is_discarded(daemon: RunningDaemon) -> None:
 def test_result_arrays_are_zero_copy_views(daemon: RunningDaemon) -> None:
     y = daemon.client().infer("tiny", {"x": np.zeros((4, 64), np.float32)}).outputs["y"]
     assert not y.flags.owndata
+
+
+def test_retries_only_unavailable_until_the_daemon_comes_back(model_repo: Path, tmp_path: Path) -> None:
+    from daemon_harness import start_daemon
+
+    address = f"ipc://{tmp_path}/late.sock"
+    tmp_path.chmod(0o755)
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        with Client(address, timeout=60, retries=12) as client:
+            result["y"] = client.infer("tiny", {"x": np.zeros((1, 64), np.float32)}).outputs["y"].shape
+
+    thread = threading.Thread(target=call)
+    thread.start()  # the daemon is not there yet: UNAVAILABLE, retried with backoff
+    daemon = start_daemon(model_repo, address=address)
+    try:
+        thread.join(60)
+        assert result["y"] == (1, 64)
+    finally:
+        daemon.stop()
