@@ -161,6 +161,7 @@ class AsyncClient:
                 header = unpack(reply[0].buffer)
             except Exception:
                 continue
-            future = self._pending.get(header.get("id")) if isinstance(header, dict) else None
+            rid = header.get("id") if isinstance(header, dict) else None
+            future = self._pending.get(rid) if isinstance(rid, int) else None
             if future is not None and not future.done():
                 future.set_result((header, reply))

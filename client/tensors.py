@@ -64,7 +64,9 @@ def encode_array(array: np.ndarray) -> tuple[str, list[int], bytes | memoryview]
     wire_dtype = DATATYPE_TO_NUMPY[datatype]
     if array.dtype != wire_dtype or not array.flags.c_contiguous:
         array = np.ascontiguousarray(array, dtype=wire_dtype)
-    return datatype, shape, memoryview(array).cast("B") if array.size else b""
+    if not array.size:
+        return datatype, shape, b""
+    return datatype, shape, memoryview(array).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
 
 
 def encode_bytes_elements(array: np.ndarray) -> bytes:

@@ -103,13 +103,13 @@ class RepositorySync:
                     changes["replaced"].append(f"{entry.name}:{version.version}")
                 else:
                     changes["unchanged"].append(f"{entry.name}:{version.version}")
-        for name, versions in list(self.registry.by_name.items()):
-            for version, model in list(versions.items()):
-                if (name, version) not in seen:
-                    del versions[version]
+        for name, served in list(self.registry.by_name.items()):
+            for number, model in list(served.items()):
+                if (name, number) not in seen:
+                    del served[number]
                     self._retire(model)
                     changes["removed"].append(model.key)
-            if not versions:
+            if not served:
                 del self.registry.by_name[name]
         log.info("repository synced", extra=changes)
         return changes

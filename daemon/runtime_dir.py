@@ -24,7 +24,7 @@ def base_runtime_dir(configured: str) -> Path:
 
 def sweep_stale(base: Path) -> list[Path]:
     """Remove instance directories whose supervisor is gone."""
-    removed = []
+    removed: list[Path] = []
     if not base.is_dir():
         return removed
     for child in base.iterdir():

@@ -233,7 +233,7 @@ class Supervisor:
         recv = sock.recv
         getsockopt = sock.getsockopt
         for _ in range(_BATCH):
-            if not getsockopt(_EVENTS) & _POLLIN:
+            if not int(getsockopt(_EVENTS)) & _POLLIN:
                 return
             frame = recv(_NOBLOCK, copy=False)
             frames = [frame]
@@ -250,7 +250,7 @@ class Supervisor:
 
     # -- peers ------------------------------------------------------------------------------------
     def _on_zap(self) -> None:
-        while self.zap.getsockopt(_EVENTS) & _POLLIN:
+        while int(self.zap.getsockopt(_EVENTS)) & _POLLIN:
             request = self.zap.recv_multipart()
             version, request_id, _domain, address, _identity, mechanism = (request + [b""] * 6)[:6]
             try:
@@ -268,7 +268,7 @@ class Supervisor:
         peer = self._peers.get(route_id)
         if peer is None:
             try:
-                peer = peer_from_user_id(frame.get("User-Id") or "")
+                peer = peer_from_user_id(str(frame.get("User-Id") or ""))
             except (ValueError, zmq.ZMQError):
                 peer = Peer()
             if len(self._peers) > 10_000:  # routing ids are per connection: forget old ones

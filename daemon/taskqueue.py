@@ -87,7 +87,8 @@ class TaskQueue:
         tasks.remove(task)
         self._len -= 1
         if not tasks:
-            del level[task.client]  # type: ignore[index]
+            assert level is not None
+            del level[task.client]
             if not level:
                 del self._levels[task.priority]
 
