@@ -5,16 +5,14 @@ import fnmatch
 import grp
 import logging
 import pwd
-import tomllib
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from openinfer.client.errors import PermissionDenied
 from openinfer.client.protocol import OPERATIONS
 
 from .modelconfig import ConfigError
+from .policy_files import read_policy_toml
 
 log = logging.getLogger("openinfer.access")
 
@@ -119,19 +117,7 @@ class AccessPolicy:
     def load(cls, name_or_path: str) -> "AccessPolicy":
         if not name_or_path:
             return cls((Grant("allow-all", OPERATIONS, local=True, curve_keys=frozenset()),), "built-in (allow every local peer)")
-        if "/" in name_or_path or name_or_path.endswith(".toml"):
-            path = Path(name_or_path)
-            text = path.read_text() if path.exists() else None
-        else:
-            entry = resources.files("openinfer.policies") / f"{name_or_path}.toml"
-            path = Path(str(entry))
-            text = entry.read_text() if entry.is_file() else None
-        if text is None:
-            raise ConfigError(f"access policy {name_or_path!r} not found")
-        try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+        path, raw = read_policy_toml(name_or_path, "access")
         if set(raw) - {"grant"}:
             raise ConfigError(f"{path}: unknown section(s) {sorted(set(raw) - {'grant'})}; use [[grant]] tables")
         grants = tuple(_parse_grant(f"{path} [[grant]] #{i + 1}", g) for i, g in enumerate(raw.get("grant", [])))

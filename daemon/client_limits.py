@@ -1,15 +1,13 @@
 """Per-client admission: concurrency and rate limits from a policy file (policies/clients.toml)."""
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, fields
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from openinfer.client.errors import ResourceExhausted
 
 from .modelconfig import ConfigError
+from .policy_files import read_policy_toml
 
 
 @dataclass(frozen=True)
@@ -51,19 +49,7 @@ def load_client_policy(name_or_path: str) -> ClientPolicy:
     """"" = built-in defaults; a bare name is a file in policies/; anything else is a path."""
     if not name_or_path:
         return ClientPolicy()
-    if "/" in name_or_path or name_or_path.endswith(".toml"):
-        path = Path(name_or_path)
-        text = path.read_text() if path.exists() else None
-    else:
-        entry = resources.files("openinfer.policies") / f"{name_or_path}.toml"
-        path = Path(str(entry))
-        text = entry.read_text() if entry.is_file() else None
-    if text is None:
-        raise ConfigError(f"client policy {name_or_path!r} not found")
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    path, raw = read_policy_toml(name_or_path, "client")
     unknown = set(raw) - {"default", "clients"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)} (known: default, clients)")
