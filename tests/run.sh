@@ -2,9 +2,10 @@
 # The test command: install everything from this repo's files, then run the whole suite with pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "$(id -u)" = 0 ] && ! command -v systemd-analyze >/dev/null; then
-  # systemd-analyze verifies the hardened unit; strace is used by the sandbox syscall tests.
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd strace >/dev/null
+if [ "$(id -u)" = 0 ] && { ! command -v systemd-analyze >/dev/null || ! command -v make >/dev/null || ! pkg-config --exists libzmq 2>/dev/null || ! { pkg-config --exists msgpack 2>/dev/null || pkg-config --exists msgpack-c 2>/dev/null; }; }; then
+  # systemd-analyze verifies the hardened unit; strace is used by the sandbox syscall tests;
+  # libzmq3-dev + libmsgpack-dev (+ make, gcc, pkg-config) build the C client in client/c/.
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd strace make gcc pkg-config libzmq3-dev libmsgpack-dev >/dev/null
 fi
 bash examples/bootstrap.sh test
 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,916 @@
+/*
+ * openinfer.c - C client for the OpenInfer wire protocol v1 (docs/PROTOCOL.md). See openinfer.h.
+ */
+#define _POSIX_C_SOURCE 200809L
+
+#include "openinfer.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <msgpack.h>
+#include <zmq.h>
+
+#define OI_DEFAULT_TIMEOUT_MS 30000
+#define OI_MAX_HEADER_BYTES 65536 /* PROTOCOL.md 2.5 / 9 */
+#define OI_MAX_TENSORS 256        /* 257 frames including the header */
+#define OI_HWM 1000
+
+struct oi_client {
+    void *ctx;
+    void *sock;
+    char *address;
+    int timeout_ms;
+    uint64_t next_id;
+    int curve;
+    char server_public[41];
+    char client_public[41];
+    char client_secret[41];
+};
+
+/* ---- small helpers --------------------------------------------------------------------------- */
+
+static int64_t now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static int remaining_ms(int64_t deadline) {
+    int64_t left = deadline - now_ms();
+    if (left < 0) return 0;
+    if (left > 1000000000) return 1000000000;
+    return (int)left;
+}
+
+static char *dup_n(const char *s, size_t n) {
+    char *copy = malloc(n + 1);
+    if (!copy) return NULL;
+    if (n) memcpy(copy, s, n);
+    copy[n] = '\0';
+    return copy;
+}
+
+/* Copy at most cap-1 bytes of text, never cutting a UTF-8 sequence in half. */
+static void copy_text(char *dst, size_t cap, const char *src, size_t n) {
+    if (n >= cap) {
+        n = cap - 1;
+        while (n > 0 && ((unsigned char)src[n] & 0xC0) == 0x80) n--;
+    }
+    memcpy(dst, src, n);
+    dst[n] = '\0';
+}
+
+static int set_error(oi_error *err, int local, int rc, const char *code, const char *fmt, ...) {
+    if (!err) return rc;
+    err->local = local;
+    copy_text(err->code, sizeof err->code, code, strlen(code));
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err->message, sizeof err->message, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+#define LOCAL_ERR(err, rc, code, ...) set_error((err), 1, (rc), (code), __VA_ARGS__)
+#define E_TIMEOUT(err, ...) LOCAL_ERR(err, OI_ERR_TIMEOUT, "DEADLINE_EXCEEDED", __VA_ARGS__)
+#define E_TRANSPORT(err, ...) LOCAL_ERR(err, OI_ERR_TRANSPORT, "UNAVAILABLE", __VA_ARGS__)
+#define E_PROTOCOL(err, ...) LOCAL_ERR(err, OI_ERR_PROTOCOL, "INTERNAL", __VA_ARGS__)
+#define E_INVALID(err, ...) LOCAL_ERR(err, OI_ERR_INVALID_ARGUMENT, "INVALID_ARGUMENT", __VA_ARGS__)
+#define E_NOMEM(err) LOCAL_ERR(err, OI_ERR_RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED", "out of memory")
+
+/* Strict UTF-8 (no overlong forms, no surrogates, at most U+10FFFF), as the daemon checks (3). */
+static int utf8_valid(const char *s, size_t n) {
+    const unsigned char *p = (const unsigned char *)s, *end = p + n;
+    while (p < end) {
+        unsigned c = *p++;
+        if (c < 0x80) continue;
+        unsigned need, min;
+        uint32_t cp;
+        if (c >= 0xC2 && c <= 0xDF) { need = 1; cp = c & 0x1F; min = 0x80; }
+        else if (c >= 0xE0 && c <= 0xEF) { need = 2; cp = c & 0x0F; min = 0x800; }
+        else if (c >= 0xF0 && c <= 0xF4) { need = 3; cp = c & 0x07; min = 0x10000; }
+        else return 0;
+        if ((size_t)(end - p) < need) return 0;
+        for (unsigned i = 0; i < need; i++) {
+            if ((p[i] & 0xC0) != 0x80) return 0;
+            cp = (cp << 6) | (p[i] & 0x3F);
+        }
+        p += need;
+        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+    }
+    return 1;
+}
+
+static const struct {
+    const char *code;
+    int rc;
+} CODES[] = {
+    {"INVALID_ARGUMENT", OI_ERR_INVALID_ARGUMENT}, {"NOT_FOUND", OI_ERR_NOT_FOUND},
+    {"RESOURCE_EXHAUSTED", OI_ERR_RESOURCE_EXHAUSTED}, {"DEADLINE_EXCEEDED", OI_ERR_DEADLINE_EXCEEDED},
+    {"WORKER_CRASHED", OI_ERR_WORKER_CRASHED}, {"UNAVAILABLE", OI_ERR_UNAVAILABLE},
+    {"PERMISSION_DENIED", OI_ERR_PERMISSION_DENIED}, {"INTERNAL", OI_ERR_INTERNAL},
+};
+
+int oi_code_to_rc(const char *code) {
+    for (size_t i = 0; code && i < sizeof CODES / sizeof CODES[0]; i++)
+        if (strcmp(code, CODES[i].code) == 0) return CODES[i].rc;
+    return OI_ERR_INTERNAL;
+}
+
+const char *oi_rc_name(int rc) {
+    if (rc == OI_OK) return "OK";
+    for (size_t i = 0; i < sizeof CODES / sizeof CODES[0]; i++)
+        if (CODES[i].rc == rc) return CODES[i].code;
+    switch (rc) {
+    case OI_ERR_TIMEOUT: return "TIMEOUT";
+    case OI_ERR_TRANSPORT: return "TRANSPORT";
+    case OI_ERR_PROTOCOL: return "PROTOCOL";
+    default: return "?";
+    }
+}
+
+static const struct {
+    const char *name;
+    size_t size;
+} DATATYPES[] = {
+    {"BOOL", 1}, {"UINT8", 1}, {"UINT16", 2}, {"UINT32", 4}, {"UINT64", 8}, {"INT8", 1}, {"INT16", 2},
+    {"INT32", 4}, {"INT64", 8}, {"FP16", 2}, {"FP32", 4}, {"FP64", 8}, {"BF16", 2}, {"BYTES", 0},
+};
+
+size_t oi_datatype_size(const char *datatype) {
+    for (size_t i = 0; datatype && i < sizeof DATATYPES / sizeof DATATYPES[0]; i++)
+        if (strcmp(datatype, DATATYPES[i].name) == 0) return DATATYPES[i].size;
+    return 0;
+}
+
+static uint64_t random_u64(void) {
+    uint64_t v = 0;
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        ssize_t got = read(fd, &v, sizeof v);
+        close(fd);
+        if (got == (ssize_t)sizeof v) return v >> 1; /* keep far from wrapping; any start is fine */
+    }
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return ((uint64_t)ts.tv_nsec << 20) ^ (uint64_t)ts.tv_sec ^ ((uint64_t)getpid() << 40);
+}
+
+/* ---- msgpack reading ------------------------------------------------------------------------- */
+
+static int obj_is_str(const msgpack_object *o, const char *s) {
+    size_t n = strlen(s);
+    return o->type == MSGPACK_OBJECT_STR && o->via.str.size == n && memcmp(o->via.str.ptr, s, n) == 0;
+}
+
+/* The value of str key `key` in map `map`, or NULL (absent). Keys packed as bin never match. */
+static const msgpack_object *map_get(const msgpack_object *map, const char *key) {
+    if (map->type != MSGPACK_OBJECT_MAP) return NULL;
+    for (uint32_t i = 0; i < map->via.map.size; i++)
+        if (obj_is_str(&map->via.map.ptr[i].key, key)) return &map->via.map.ptr[i].val;
+    return NULL;
+}
+
+static int obj_uint(const msgpack_object *o, uint64_t *v) {
+    if (!o || o->type != MSGPACK_OBJECT_POSITIVE_INTEGER) return 0;
+    *v = o->via.u64;
+    return 1;
+}
+
+static int obj_number(const msgpack_object *o, double *v) {
+    switch (o->type) {
+    case MSGPACK_OBJECT_FLOAT32:
+    case MSGPACK_OBJECT_FLOAT64: *v = o->via.f64; return 1;
+    case MSGPACK_OBJECT_POSITIVE_INTEGER: *v = (double)o->via.u64; return 1;
+    case MSGPACK_OBJECT_NEGATIVE_INTEGER: *v = (double)o->via.i64; return 1;
+    default: return 0;
+    }
+}
+
+/* Decode exactly one msgpack object filling the whole buffer. */
+static int unpack_one(msgpack_unpacked *u, const void *data, size_t size) {
+    size_t off = 0;
+    msgpack_unpacked_init(u);
+    if (size == 0) return 0;
+    msgpack_unpack_return r = msgpack_unpack_next(u, (const char *)data, size, &off);
+    return r == MSGPACK_UNPACK_SUCCESS && off == size;
+}
+
+/* ---- JSON rendering of msgpack objects --------------------------------------------------------- */
+
+typedef struct {
+    char *p;
+    size_t n, cap;
+    int failed;
+} strbuf;
+
+static void sb_put(strbuf *b, const char *s, size_t n) {
+    if (b->failed) return;
+    if (b->n + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        while (cap < b->n + n + 1) cap *= 2;
+        char *p = realloc(b->p, cap);
+        if (!p) { b->failed = 1; return; }
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, s, n);
+    b->n += n;
+    b->p[b->n] = '\0';
+}
+
+static void sb_puts(strbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
+
+static void json_string(strbuf *b, const char *s, size_t n) {
+    sb_put(b, "\"", 1);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        char esc[8];
+        if (c == '"' || c == '\\') { esc[0] = '\\'; esc[1] = (char)c; sb_put(b, esc, 2); }
+        else if (c < 0x20) { snprintf(esc, sizeof esc, "\\u%04x", c); sb_put(b, esc, 6); }
+        else sb_put(b, (const char *)&s[i], 1);
+    }
+    sb_put(b, "\"", 1);
+}
+
+static void json_value(strbuf *b, const msgpack_object *o) {
+    char num[64];
+    switch (o->type) {
+    case MSGPACK_OBJECT_NIL: sb_puts(b, "null"); break;
+    case MSGPACK_OBJECT_BOOLEAN: sb_puts(b, o->via.boolean ? "true" : "false"); break;
+    case MSGPACK_OBJECT_POSITIVE_INTEGER: snprintf(num, sizeof num, "%" PRIu64, o->via.u64); sb_puts(b, num); break;
+    case MSGPACK_OBJECT_NEGATIVE_INTEGER: snprintf(num, sizeof num, "%" PRId64, o->via.i64); sb_puts(b, num); break;
+    case MSGPACK_OBJECT_FLOAT32:
+    case MSGPACK_OBJECT_FLOAT64:
+        if (isfinite(o->via.f64)) { snprintf(num, sizeof num, "%.17g", o->via.f64); sb_puts(b, num); }
+        else sb_puts(b, "null");
+        break;
+    case MSGPACK_OBJECT_STR: json_string(b, o->via.str.ptr, o->via.str.size); break;
+    case MSGPACK_OBJECT_BIN:
+        sb_put(b, "\"", 1);
+        for (uint32_t i = 0; i < o->via.bin.size; i++) {
+            snprintf(num, sizeof num, "%02x", (unsigned char)o->via.bin.ptr[i]);
+            sb_put(b, num, 2);
+        }
+        sb_put(b, "\"", 1);
+        break;
+    case MSGPACK_OBJECT_ARRAY:
+        sb_put(b, "[", 1);
+        for (uint32_t i = 0; i < o->via.array.size; i++) {
+            if (i) sb_put(b, ",", 1);
+            json_value(b, &o->via.array.ptr[i]);
+        }
+        sb_put(b, "]", 1);
+        break;
+    case MSGPACK_OBJECT_MAP:
+        sb_put(b, "{", 1);
+        for (uint32_t i = 0; i < o->via.map.size; i++) {
+            const msgpack_object *k = &o->via.map.ptr[i].key;
+            if (i) sb_put(b, ",", 1);
+            if (k->type == MSGPACK_OBJECT_STR) json_value(b, k);
+            else { /* JSON keys are strings: quote the key's own rendering */
+                strbuf kb = {0};
+                json_value(&kb, k);
+                json_string(b, kb.p ? kb.p : "", kb.n);
+                free(kb.p);
+            }
+            sb_put(b, ":", 1);
+            json_value(b, &o->via.map.ptr[i].val);
+        }
+        sb_put(b, "}", 1);
+        break;
+    default: sb_puts(b, "null"); break; /* ext: not used by the protocol */
+    }
+}
+
+static char *json_of(const msgpack_object *o) {
+    strbuf b = {0};
+    json_value(&b, o);
+    if (b.failed) { free(b.p); return NULL; }
+    return b.p;
+}
+
+/* ---- socket ---------------------------------------------------------------------------------- */
+
+static int open_socket(oi_client *c) {
+    void *s = zmq_socket(c->ctx, ZMQ_DEALER);
+    if (!s) return -1;
+    int zero = 0, one = 1, hwm = OI_HWM, sndtimeo = 1000;
+    if (zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof zero) || zmq_setsockopt(s, ZMQ_IMMEDIATE, &one, sizeof one) ||
+        zmq_setsockopt(s, ZMQ_SNDHWM, &hwm, sizeof hwm) || zmq_setsockopt(s, ZMQ_RCVHWM, &hwm, sizeof hwm) ||
+        zmq_setsockopt(s, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo))
+        goto fail;
+    if (c->curve && (zmq_setsockopt(s, ZMQ_CURVE_SERVERKEY, c->server_public, 40) ||
+                     zmq_setsockopt(s, ZMQ_CURVE_PUBLICKEY, c->client_public, 40) ||
+                     zmq_setsockopt(s, ZMQ_CURVE_SECRETKEY, c->client_secret, 40)))
+        goto fail;
+    if (zmq_connect(s, c->address) != 0) goto fail;
+    c->sock = s;
+    return 0;
+fail:;
+    int saved = errno;
+    zmq_close(s);
+    errno = saved;
+    return -1;
+}
+
+/* Drop the connection (and anything half-sent or queued on it) and connect a fresh socket. */
+static int reset_socket(oi_client *c) {
+    if (c->sock) zmq_close(c->sock);
+    c->sock = NULL;
+    return open_socket(c);
+}
+
+static char *resolve_address(const char *address) {
+    if (address && *address) return dup_n(address, strlen(address));
+    const char *env = getenv("OPENINFER_SOCKET");
+    if (env && *env) return dup_n(env, strlen(env));
+    const char *xdg = getenv("XDG_RUNTIME_DIR");
+    const char *fmt = "ipc://%s/openinfer/openinfer.sock";
+    if (!xdg || !*xdg) { xdg = ""; fmt = "ipc:///run/openinfer/openinfer.sock"; }
+    size_t n = strlen(fmt) + strlen(xdg) + 1;
+    char *out = malloc(n);
+    if (out) snprintf(out, n, fmt, xdg);
+    return out;
+}
+
+oi_client *oi_connect(const char *address, int timeout_ms) {
+    oi_client *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->address = resolve_address(address);
+    c->timeout_ms = timeout_ms > 0 ? timeout_ms : OI_DEFAULT_TIMEOUT_MS;
+    c->next_id = random_u64();
+    if (!c->address) goto fail;
+    c->ctx = zmq_ctx_new();
+    if (!c->ctx || open_socket(c) != 0) goto fail;
+    return c;
+fail:;
+    int saved = errno;
+    oi_close(c);
+    errno = saved;
+    return NULL;
+}
+
+static int z85_key_ok(const char *k) {
+    if (!k || strlen(k) != 40) return 0;
+    uint8_t bin[32];
+    return zmq_z85_decode(bin, k) != NULL;
+}
+
+int oi_set_curve(oi_client *c, const char *server_public_z85, const char *client_public_z85,
+                 const char *client_secret_z85) {
+    if (!c) { errno = EINVAL; return OI_ERR_INVALID_ARGUMENT; }
+    if (!zmq_has("curve")) { errno = ENOTSUP; return OI_ERR_INVALID_ARGUMENT; }
+    if (!z85_key_ok(server_public_z85) || !z85_key_ok(client_public_z85) || !z85_key_ok(client_secret_z85)) {
+        errno = EINVAL;
+        return OI_ERR_INVALID_ARGUMENT;
+    }
+    memcpy(c->server_public, server_public_z85, 41);
+    memcpy(c->client_public, client_public_z85, 41);
+    memcpy(c->client_secret, client_secret_z85, 41);
+    c->curve = 1;
+    return reset_socket(c) == 0 ? OI_OK : OI_ERR_TRANSPORT;
+}
+
+void oi_set_timeout(oi_client *c, int timeout_ms) {
+    if (c) c->timeout_ms = timeout_ms > 0 ? timeout_ms : OI_DEFAULT_TIMEOUT_MS;
+}
+
+const char *oi_address(const oi_client *c) { return c ? c->address : NULL; }
+
+void oi_close(oi_client *c) {
+    if (!c) return;
+    if (c->sock) zmq_close(c->sock);
+    if (c->ctx) zmq_ctx_term(c->ctx);
+    memset(c->client_secret, 0, sizeof c->client_secret);
+    free(c->address);
+    free(c);
+}
+
+/* ---- sending and receiving ------------------------------------------------------------------- */
+
+/* Send one multipart message. The first frame waits (until `deadline`) for a connected daemon:
+ * with ZMQ_IMMEDIATE a DEALER only queues on a completed connection (PROTOCOL.md 2.4, 14.5). */
+static int send_frames(oi_client *c, const oi_frame *frames, size_t n, int64_t deadline, oi_error *err,
+                       int64_t *sent_us) {
+    if (!c->sock && open_socket(c) != 0) /* an earlier reset failed */
+        return E_TRANSPORT(err, "cannot open a socket for %s: %s", c->address, zmq_strerror(errno));
+    for (;;) {
+        int flags = ZMQ_DONTWAIT | (n > 1 ? ZMQ_SNDMORE : 0);
+        if (sent_us) *sent_us = now_us(); /* before the bytes can possibly reach the daemon */
+        if (zmq_send(c->sock, frames[0].data, frames[0].size, flags) >= 0) break;
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN) return E_TRANSPORT(err, "cannot send to %s: %s", c->address, zmq_strerror(errno));
+        int left = remaining_ms(deadline);
+        if (left <= 0)
+            return E_TRANSPORT(err, "no daemon connected at %s (is it running, and may this user connect?)", c->address);
+        zmq_pollitem_t item = {c->sock, 0, ZMQ_POLLOUT, 0};
+        if (zmq_poll(&item, 1, left) < 0 && errno != EINTR)
+            return E_TRANSPORT(err, "zmq_poll: %s", zmq_strerror(errno));
+    }
+    /* The rest of a multipart message is accepted at once once its first frame was (SNDTIMEO guards). */
+    for (size_t i = 1; i < n; i++) {
+        int flags = i + 1 < n ? ZMQ_SNDMORE : 0;
+        while (zmq_send(c->sock, frames[i].data, frames[i].size, flags) < 0) {
+            if (errno == EINTR) continue;
+            int saved = errno;
+            reset_socket(c); /* never leave half a message on the socket */
+            return E_TRANSPORT(err, "cannot send frame %zu to %s: %s", i, c->address, zmq_strerror(saved));
+        }
+    }
+    return OI_OK;
+}
+
+typedef struct {
+    zmq_msg_t *msgs;
+    size_t n, cap;
+} msgvec;
+
+static void msgvec_free(msgvec *v) {
+    for (size_t i = 0; i < v->n; i++) zmq_msg_close(&v->msgs[i]);
+    free(v->msgs);
+    v->msgs = NULL;
+    v->n = v->cap = 0;
+}
+
+/* Receive one whole multipart message that is ready (after POLLIN). */
+static int recv_message(oi_client *c, msgvec *v, int flags, oi_error *err) {
+    v->n = 0;
+    for (;;) {
+        if (v->n == v->cap) {
+            size_t cap = v->cap ? v->cap * 2 : 8;
+            zmq_msg_t *m = realloc(v->msgs, cap * sizeof *m);
+            if (!m) { msgvec_free(v); return E_NOMEM(err); }
+            v->msgs = m;
+            v->cap = cap;
+        }
+        zmq_msg_t *m = &v->msgs[v->n];
+        zmq_msg_init(m);
+        if (zmq_msg_recv(m, c->sock, flags) < 0) {
+            int saved = errno;
+            zmq_msg_close(m);
+            if (saved == EINTR && v->n > 0) continue;
+            msgvec_free(v);
+            errno = saved;
+            return saved == EAGAIN ? OI_ERR_TIMEOUT : E_TRANSPORT(err, "zmq_msg_recv: %s", zmq_strerror(saved));
+        }
+        v->n++;
+        if (!zmq_msg_more(m)) return OI_OK;
+        flags = 0; /* the other frames of a message are already here */
+    }
+}
+
+/* Wait until `deadline` for the next message. OI_ERR_TIMEOUT (no error text) when none came. */
+static int wait_message(oi_client *c, msgvec *v, int64_t deadline, oi_error *err) {
+    for (;;) {
+        zmq_pollitem_t item = {c->sock, 0, ZMQ_POLLIN, 0};
+        int r = zmq_poll(&item, 1, remaining_ms(deadline));
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            return E_TRANSPORT(err, "zmq_poll: %s", zmq_strerror(errno));
+        }
+        if (r > 0) {
+            int rc = recv_message(c, v, ZMQ_DONTWAIT, err);
+            if (rc != OI_ERR_TIMEOUT) return rc; /* spurious wake-up: poll again */
+        }
+        if (remaining_ms(deadline) <= 0) return OI_ERR_TIMEOUT;
+    }
+}
+
+static void drain(oi_client *c) {
+    msgvec v = {0};
+    if (!c->sock) return;
+    while (recv_message(c, &v, ZMQ_DONTWAIT, NULL) == OI_OK) msgvec_free(&v);
+    msgvec_free(&v);
+}
+
+static uint64_t new_id(oi_client *c) { return c->next_id++; }
+
+static void pack_str(msgpack_packer *pk, const char *s) {
+    size_t n = strlen(s);
+    msgpack_pack_str(pk, n);
+    msgpack_pack_str_body(pk, s, n);
+}
+
+/* Fire-and-forget cancel of `target` (PROTOCOL.md 10.4); its reply is discarded like any other. */
+static void send_cancel(oi_client *c, uint64_t target) {
+    msgpack_sbuffer sb;
+    msgpack_packer pk;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, 4);
+    pack_str(&pk, "v");
+    msgpack_pack_uint64(&pk, 1);
+    pack_str(&pk, "id");
+    msgpack_pack_uint64(&pk, new_id(c));
+    pack_str(&pk, "op");
+    pack_str(&pk, "cancel");
+    pack_str(&pk, "target");
+    msgpack_pack_uint64(&pk, target);
+    if (sb.data) zmq_send(c->sock, sb.data, sb.size, ZMQ_DONTWAIT);
+    msgpack_sbuffer_destroy(&sb);
+}
+
+/* Read the `id` of a reply header; 0 if nil/absent/not an unsigned integer. */
+static int header_id(const msgpack_object *h, uint64_t *id) { return obj_uint(map_get(h, "id"), id); }
+
+/*
+ * Send `frames` (a request with id `id`) and wait for the reply carrying `id`, discarding every
+ * other message (late replies, cancel answers, replies with a nil id). On success `v` holds the
+ * reply and `u` its decoded header (a map). On timeout a cancel for `id` is sent.
+ */
+static int exchange(oi_client *c, uint64_t id, const oi_frame *frames, size_t n, int send_budget_ms,
+                    int reply_budget_ms, msgvec *v, msgpack_unpacked *u, oi_error *err, double *elapsed_us) {
+    int64_t start = now_ms();
+    int64_t sent_us = 0;
+    int rc = send_frames(c, frames, n, start + send_budget_ms, err, &sent_us);
+    if (rc != OI_OK) return rc;
+    int64_t deadline = start + reply_budget_ms;
+    for (;;) {
+        rc = wait_message(c, v, deadline, err);
+        if (rc == OI_ERR_TIMEOUT) {
+            send_cancel(c, id);
+            return E_TIMEOUT(err, "no reply from %s within %d ms", c->address, reply_budget_ms);
+        }
+        if (rc != OI_OK) return rc;
+        uint64_t got;
+        if (v->n > 0 && unpack_one(u, zmq_msg_data(&v->msgs[0]), zmq_msg_size(&v->msgs[0])) &&
+            u->data.type == MSGPACK_OBJECT_MAP && header_id(&u->data, &got) && got == id) {
+            if (elapsed_us) *elapsed_us = (double)(now_us() - sent_us);
+            return OI_OK;
+        }
+        /* not ours: a late reply, a cancel's answer, or undecodable; drop it */
+        msgpack_unpacked_destroy(u);
+        msgvec_free(v);
+    }
+}
+
+/* Copy error.{code,message,details} of a reply header. Returns the matching return code. */
+static int read_error(const msgpack_object *e, oi_error *err, char **details) {
+    const msgpack_object *code = map_get(e, "code"), *msg = map_get(e, "message");
+    if (e->type != MSGPACK_OBJECT_MAP || !code || code->type != MSGPACK_OBJECT_STR)
+        return E_PROTOCOL(err, "reply has an error without a str code");
+    err->local = 0;
+    copy_text(err->code, sizeof err->code, code->via.str.ptr, code->via.str.size);
+    if (msg && msg->type == MSGPACK_OBJECT_STR) copy_text(err->message, sizeof err->message, msg->via.str.ptr, msg->via.str.size);
+    else err->message[0] = '\0';
+    const msgpack_object *d = map_get(e, "details");
+    if (details && d && d->type != MSGPACK_OBJECT_NIL) *details = json_of(d);
+    /* an unknown code keeps its string but maps to OI_ERR_INTERNAL (PROTOCOL.md 8.1) */
+    return oi_code_to_rc(err->code);
+}
+
+/* ---- infer ----------------------------------------------------------------------------------- */
+
+static void result_init(oi_result *r) {
+    memset(r, 0, sizeof *r);
+    r->version = -1;
+    r->batch_size = -1;
+    r->queue_us = r->compute_us = r->total_us = r->client_us = r->transport_us = NAN;
+}
+
+void oi_result_free(oi_result *r) {
+    if (!r) return;
+    for (size_t i = 0; i < r->n_outputs; i++) {
+        free(r->outputs[i].name);
+        free(r->outputs[i].datatype);
+        free(r->outputs[i].shape);
+        free(r->outputs[i].data);
+    }
+    free(r->outputs);
+    for (size_t i = 0; i < r->n_timing; i++) free(r->timing[i].name);
+    free(r->timing);
+    free(r->model);
+    free(r->error_details);
+    result_init(r);
+}
+
+const oi_output *oi_result_output(const oi_result *r, const char *name) {
+    for (size_t i = 0; r && name && i < r->n_outputs; i++)
+        if (strcmp(r->outputs[i].name, name) == 0) return &r->outputs[i];
+    return NULL;
+}
+
+int oi_result_timing(const oi_result *r, const char *name, double *value) {
+    for (size_t i = 0; r && name && i < r->n_timing; i++)
+        if (strcmp(r->timing[i].name, name) == 0) {
+            if (value) *value = r->timing[i].value;
+            return 1;
+        }
+    return 0;
+}
+
+static int read_timing(const msgpack_object *t, oi_result *r) {
+    if (!t || t->type != MSGPACK_OBJECT_MAP || t->via.map.size == 0) return OI_OK;
+    r->timing = calloc(t->via.map.size, sizeof *r->timing);
+    if (!r->timing) return E_NOMEM(&r->error);
+    for (uint32_t i = 0; i < t->via.map.size; i++) {
+        const msgpack_object *k = &t->via.map.ptr[i].key;
+        double value;
+        if (k->type != MSGPACK_OBJECT_STR || !obj_number(&t->via.map.ptr[i].val, &value)) continue; /* tolerate */
+        oi_timing *e = &r->timing[r->n_timing];
+        if (!(e->name = dup_n(k->via.str.ptr, k->via.str.size))) return E_NOMEM(&r->error);
+        e->value = value;
+        r->n_timing++;
+        if (strcmp(e->name, "queue_us") == 0) r->queue_us = value;
+        else if (strcmp(e->name, "compute_us") == 0) r->compute_us = value;
+        else if (strcmp(e->name, "total_us") == 0) r->total_us = value;
+    }
+    return OI_OK;
+}
+
+/* Check a BYTES frame: `count` elements, each a 4-byte little-endian length + bytes, nothing after. */
+static int bytes_frame_ok(const unsigned char *p, size_t n, uint64_t count) {
+    size_t off = 0;
+    for (uint64_t i = 0; i < count; i++) {
+        if (n - off < 4) return 0;
+        uint32_t len = (uint32_t)p[off] | (uint32_t)p[off + 1] << 8 | (uint32_t)p[off + 2] << 16 | (uint32_t)p[off + 3] << 24;
+        off += 4;
+        if (n - off < len) return 0;
+        off += len;
+    }
+    return off == n;
+}
+
+static int read_output(const msgpack_object *spec, zmq_msg_t *frame, oi_output *o, oi_error *err, size_t index) {
+    const msgpack_object *name = map_get(spec, "name"), *dt = map_get(spec, "datatype"), *shape = map_get(spec, "shape");
+    if (!name || name->type != MSGPACK_OBJECT_STR || !dt || dt->type != MSGPACK_OBJECT_STR || !shape ||
+        shape->type != MSGPACK_OBJECT_ARRAY)
+        return E_PROTOCOL(err, "reply output %zu is not {name: str, datatype: str, shape: array}", index);
+    if (!(o->name = dup_n(name->via.str.ptr, name->via.str.size)) || !(o->datatype = dup_n(dt->via.str.ptr, dt->via.str.size)))
+        return E_NOMEM(err);
+    o->rank = shape->via.array.size;
+    if (o->rank && !(o->shape = calloc(o->rank, sizeof *o->shape))) return E_NOMEM(err);
+    uint64_t count = 1;
+    int overflow = 0;
+    for (size_t d = 0; d < o->rank; d++) {
+        uint64_t dim;
+        if (!obj_uint(&shape->via.array.ptr[d], &dim) || dim > INT64_MAX)
+            return E_PROTOCOL(err, "reply output '%s': shape is not concrete", o->name);
+        o->shape[d] = (int64_t)dim;
+        if (dim && count > UINT64_MAX / dim) overflow = 1;
+        count *= dim;
+    }
+    size_t size = zmq_msg_size(frame);
+    const unsigned char *data = zmq_msg_data(frame);
+    size_t elem = oi_datatype_size(o->datatype);
+    if (strcmp(o->datatype, "BYTES") == 0) {
+        if (!bytes_frame_ok(data, size, count))
+            return E_PROTOCOL(err, "reply output '%s': BYTES frame does not hold %" PRIu64 " elements", o->name, count);
+    } else if (elem) {
+        if (overflow || count > UINT64_MAX / elem || count * elem != size)
+            return E_PROTOCOL(err, "reply output '%s': frame is %zu bytes, %s x %" PRIu64 " elements needs %" PRIu64,
+                              o->name, size, o->datatype, count, count * (uint64_t)elem);
+    } /* a datatype this library does not know: no length check */
+    o->nbytes = size;
+    if (size) {
+        if (!(o->data = malloc(size))) return E_NOMEM(err);
+        memcpy(o->data, data, size);
+    }
+    return OI_OK;
+}
+
+static int read_infer_reply(const msgpack_object *h, msgvec *v, oi_result *r) {
+    uint64_t ver;
+    if (!obj_uint(map_get(h, "v"), &ver) || ver != 1) return E_PROTOCOL(&r->error, "reply header has no v = 1");
+    int rc = read_timing(map_get(h, "timing"), r);
+    if (rc != OI_OK) return rc;
+    const msgpack_object *e = map_get(h, "error");
+    if (e && e->type != MSGPACK_OBJECT_NIL) return read_error(e, &r->error, &r->error_details);
+    const msgpack_object *outs = map_get(h, "outputs"), *model = map_get(h, "model"), *bs = map_get(h, "batch_size");
+    if (!outs || outs->type != MSGPACK_OBJECT_ARRAY) return E_PROTOCOL(&r->error, "infer reply has neither error nor outputs");
+    if (!model || model->type != MSGPACK_OBJECT_STR || !obj_uint(map_get(h, "version"), &ver) || ver > INT64_MAX)
+        return E_PROTOCOL(&r->error, "infer reply lacks model (str) or version (integer)");
+    if (!(r->model = dup_n(model->via.str.ptr, model->via.str.size))) return E_NOMEM(&r->error);
+    r->version = (int64_t)ver;
+    uint64_t batch;
+    if (obj_uint(bs, &batch) && batch <= INT64_MAX) r->batch_size = (int64_t)batch;
+    size_t n = outs->via.array.size;
+    if (v->n != n + 1)
+        return E_PROTOCOL(&r->error, "infer reply lists %zu outputs but carries %zu data frames", n, v->n - 1);
+    if (n && !(r->outputs = calloc(n, sizeof *r->outputs))) return E_NOMEM(&r->error);
+    for (size_t i = 0; i < n; i++) {
+        r->n_outputs = i + 1; /* so that oi_result_free frees a partly filled entry */
+        rc = read_output(&outs->via.array.ptr[i], &v->msgs[i + 1], &r->outputs[i], &r->error, i);
+        if (rc != OI_OK) return rc;
+    }
+    return OI_OK;
+}
+
+static int check_text(const char *what, const char *s, oi_error *err) {
+    if (!s) return E_INVALID(err, "%s is NULL", what);
+    if (!utf8_valid(s, strlen(s))) return E_INVALID(err, "%s is not valid UTF-8", what);
+    return OI_OK;
+}
+
+int oi_infer(oi_client *c, const char *model, int64_t version, const oi_tensor *inputs, size_t n_inputs, oi_result *out) {
+    if (!out) return OI_ERR_INVALID_ARGUMENT;
+    result_init(out);
+    oi_error *err = &out->error;
+    if (!c) return E_INVALID(err, "client is NULL");
+    /* Faults the daemon would answer with a nil id (invalid UTF-8, oversized header) are caught
+     * here: a reply without our id could never be matched to this call. */
+    int rc = check_text("model", model, err);
+    if (rc != OI_OK) return rc;
+    if (version < -1) return E_INVALID(err, "version %" PRId64 " (use >= 0, or -1 for the newest)", version);
+    if (n_inputs && !inputs) return E_INVALID(err, "inputs is NULL");
+    if (n_inputs > OI_MAX_TENSORS)
+        return LOCAL_ERR(err, OI_ERR_RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED", "%zu inputs: at most %d tensors per request",
+                         n_inputs, OI_MAX_TENSORS);
+    for (size_t i = 0; i < n_inputs; i++) {
+        if ((rc = check_text("input name", inputs[i].name, err)) != OI_OK) return rc;
+        if ((rc = check_text("input datatype", inputs[i].datatype, err)) != OI_OK) return rc;
+        if (inputs[i].rank && !inputs[i].shape) return E_INVALID(err, "input '%s': shape is NULL", inputs[i].name);
+        if (inputs[i].nbytes && !inputs[i].data) return E_INVALID(err, "input '%s': data is NULL", inputs[i].name);
+    }
+
+    uint64_t id = new_id(c);
+    msgpack_sbuffer sb;
+    msgpack_packer pk;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, version >= 0 ? 7 : 6);
+    pack_str(&pk, "v");
+    msgpack_pack_uint64(&pk, 1);
+    pack_str(&pk, "id");
+    msgpack_pack_uint64(&pk, id);
+    pack_str(&pk, "op");
+    pack_str(&pk, "infer");
+    pack_str(&pk, "model");
+    pack_str(&pk, model);
+    if (version >= 0) {
+        pack_str(&pk, "version");
+        msgpack_pack_int64(&pk, version);
+    }
+    pack_str(&pk, "timeout_ms");
+    msgpack_pack_int64(&pk, c->timeout_ms);
+    pack_str(&pk, "inputs");
+    msgpack_pack_array(&pk, n_inputs);
+    for (size_t i = 0; i < n_inputs; i++) {
+        msgpack_pack_map(&pk, 3);
+        pack_str(&pk, "name");
+        pack_str(&pk, inputs[i].name);
+        pack_str(&pk, "datatype");
+        pack_str(&pk, inputs[i].datatype);
+        pack_str(&pk, "shape");
+        msgpack_pack_array(&pk, inputs[i].rank);
+        for (size_t d = 0; d < inputs[i].rank; d++) msgpack_pack_int64(&pk, inputs[i].shape[d]);
+    }
+    if (!sb.data) { msgpack_sbuffer_destroy(&sb); return E_NOMEM(err); }
+    if (sb.size > OI_MAX_HEADER_BYTES) {
+        size_t size = sb.size;
+        msgpack_sbuffer_destroy(&sb);
+        return LOCAL_ERR(err, OI_ERR_RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED",
+                         "request header is %zu bytes, over the %d-byte limit", size, OI_MAX_HEADER_BYTES);
+    }
+
+    oi_frame *frames = malloc((n_inputs + 1) * sizeof *frames);
+    if (!frames) { msgpack_sbuffer_destroy(&sb); return E_NOMEM(err); }
+    frames[0].data = sb.data;
+    frames[0].size = sb.size;
+    for (size_t i = 0; i < n_inputs; i++) {
+        frames[i + 1].data = inputs[i].data;
+        frames[i + 1].size = inputs[i].nbytes;
+    }
+    msgvec v = {0};
+    msgpack_unpacked u;
+    msgpack_unpacked_init(&u);
+    int budget = c->timeout_ms;
+    int wait = budget > INT32_MAX - OI_REPLY_GRACE_MS ? INT32_MAX : budget + OI_REPLY_GRACE_MS;
+    rc = exchange(c, id, frames, n_inputs + 1, budget, wait, &v, &u, err, &out->client_us);
+    free(frames);
+    msgpack_sbuffer_destroy(&sb);
+    out->id = id;
+    if (rc == OI_OK) rc = read_infer_reply(&u.data, &v, out);
+    if (!isnan(out->client_us) && !isnan(out->total_us)) out->transport_us = out->client_us - out->total_us;
+    msgpack_unpacked_destroy(&u);
+    msgvec_free(&v);
+    return rc;
+}
+
+/* ---- other operations, raw frames -------------------------------------------------------------- */
+
+static void reply_init(oi_reply *r) { memset(r, 0, sizeof *r); }
+
+void oi_reply_free(oi_reply *r) {
+    if (!r) return;
+    for (size_t i = 0; i < r->n_frames; i++) free((void *)r->frames[i].data);
+    free(r->frames);
+    reply_init(r);
+}
+
+/* Move a received message into `out` (copies) and decode the envelope fields. */
+static int fill_reply(msgvec *v, oi_reply *out) {
+    out->frames = calloc(v->n ? v->n : 1, sizeof *out->frames);
+    if (!out->frames) return E_NOMEM(&out->error);
+    for (size_t i = 0; i < v->n; i++) {
+        size_t size = zmq_msg_size(&v->msgs[i]);
+        void *copy = malloc(size ? size : 1);
+        if (!copy) return E_NOMEM(&out->error);
+        if (size) memcpy(copy, zmq_msg_data(&v->msgs[i]), size);
+        out->frames[i].data = copy;
+        out->frames[i].size = size;
+        out->n_frames = i + 1;
+    }
+    msgpack_unpacked u;
+    msgpack_unpacked_init(&u);
+    if (out->n_frames && unpack_one(&u, out->frames[0].data, out->frames[0].size) && u.data.type == MSGPACK_OBJECT_MAP) {
+        uint64_t ver;
+        out->header_ok = obj_uint(map_get(&u.data, "v"), &ver) && ver == 1;
+        out->has_id = header_id(&u.data, &out->id);
+        const msgpack_object *e = map_get(&u.data, "error");
+        if (e && e->type != MSGPACK_OBJECT_NIL) {
+            out->is_error = 1;
+            read_error(e, &out->error, NULL);
+        }
+    }
+    msgpack_unpacked_destroy(&u);
+    return OI_OK;
+}
+
+int oi_request(oi_client *c, const char *op, const char *model, oi_reply *out) {
+    if (!out) return OI_ERR_INVALID_ARGUMENT;
+    reply_init(out);
+    if (!c) return E_INVALID(&out->error, "client is NULL");
+    int rc = check_text("op", op, &out->error);
+    if (rc == OI_OK && model) rc = check_text("model", model, &out->error);
+    if (rc != OI_OK) return rc;
+    if (strcmp(op, "infer") == 0) return E_INVALID(&out->error, "use oi_infer for infer");
+    uint64_t id = new_id(c);
+    msgpack_sbuffer sb;
+    msgpack_packer pk;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_map(&pk, model ? 4 : 3);
+    pack_str(&pk, "v");
+    msgpack_pack_uint64(&pk, 1);
+    pack_str(&pk, "id");
+    msgpack_pack_uint64(&pk, id);
+    pack_str(&pk, "op");
+    pack_str(&pk, op);
+    if (model) {
+        pack_str(&pk, "model");
+        pack_str(&pk, model);
+    }
+    if (!sb.data || sb.size > OI_MAX_HEADER_BYTES) {
+        msgpack_sbuffer_destroy(&sb);
+        return LOCAL_ERR(&out->error, OI_ERR_RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED", "request header too large");
+    }
+    oi_frame frame = {sb.data, sb.size};
+    msgvec v = {0};
+    msgpack_unpacked u;
+    msgpack_unpacked_init(&u);
+    rc = exchange(c, id, &frame, 1, c->timeout_ms, c->timeout_ms, &v, &u, &out->error, NULL);
+    msgpack_sbuffer_destroy(&sb);
+    msgpack_unpacked_destroy(&u);
+    if (rc == OI_OK) {
+        rc = fill_reply(&v, out);
+        if (rc == OI_OK && !out->header_ok) rc = E_PROTOCOL(&out->error, "reply header has no v = 1");
+        else if (rc == OI_OK && out->is_error) rc = oi_code_to_rc(out->error.code);
+    }
+    msgvec_free(&v);
+    return rc;
+}
+
+int oi_request_raw(oi_client *c, const oi_frame *frames, size_t n_frames, oi_reply *out) {
+    if (!out) return OI_ERR_INVALID_ARGUMENT;
+    reply_init(out);
+    if (!c || !frames || n_frames == 0) return E_INVALID(&out->error, "no frames to send");
+    for (size_t i = 0; i < n_frames; i++)
+        if (frames[i].size && !frames[i].data) return E_INVALID(&out->error, "frame %zu has no data", i);
+    drain(c);
+    int64_t start = now_ms();
+    int rc = send_frames(c, frames, n_frames, start + c->timeout_ms, &out->error, NULL);
+    if (rc != OI_OK) return rc;
+    msgvec v = {0};
+    rc = wait_message(c, &v, start + c->timeout_ms, &out->error);
+    if (rc == OI_ERR_TIMEOUT) return E_TIMEOUT(&out->error, "no reply from %s within %d ms", c->address, c->timeout_ms);
+    if (rc == OI_OK) rc = fill_reply(&v, out);
+    msgvec_free(&v);
+    return rc;
+}
+
+char *oi_reply_json(const oi_reply *r) {
+    if (!r || r->n_frames == 0) return NULL;
+    msgpack_unpacked u;
+    char *json = NULL;
+    msgpack_unpacked_init(&u);
+    if (unpack_one(&u, r->frames[0].data, r->frames[0].size)) json = json_of(&u.data);
+    msgpack_unpacked_destroy(&u);
+    return json;
+}

@@ -1,0 +1,188 @@
+/*
+ * openinfer.h - a small C client for the OpenInfer daemon (wire protocol v1, docs/PROTOCOL.md).
+ *
+ * Written from docs/PROTOCOL.md alone. One oi_client owns one ZeroMQ context and one DEALER socket
+ * (ZMQ_LINGER 0, ZMQ_IMMEDIATE 1, HWMs 1000, no routing id). Calls are synchronous: one request is in
+ * flight per call; replies that do not carry the id the call waits for (late replies of requests that
+ * timed out, answers to the cancels this library sends) are read and discarded.
+ *
+ * An oi_client is not thread-safe: use one per thread (or lock around it).
+ *
+ * Tensor data is passed and returned exactly as on the wire: row-major, little-endian (PROTOCOL.md
+ * section 6). This library does not byte-swap; on a big-endian host the caller must.
+ */
+#ifndef OPENINFER_H
+#define OPENINFER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- return codes ---------------------------------------------------------------------------- */
+
+/* 0 = success. Negative = failure; the oi_error of the call says more. */
+enum {
+    OI_OK = 0,
+    /* The daemon answered with error.code (PROTOCOL.md 8.1), or this library found the same fault
+     * in the request before sending it (oi_error.local = 1). */
+    OI_ERR_INVALID_ARGUMENT = -1,
+    OI_ERR_NOT_FOUND = -2,
+    OI_ERR_RESOURCE_EXHAUSTED = -3,
+    OI_ERR_DEADLINE_EXCEEDED = -4,
+    OI_ERR_WORKER_CRASHED = -5,
+    OI_ERR_UNAVAILABLE = -6,
+    OI_ERR_PERMISSION_DENIED = -7,
+    OI_ERR_INTERNAL = -8, /* also any error.code this library does not know; the string is kept */
+    /* Local failures: the daemon did not answer. oi_error.local = 1. */
+    OI_ERR_TIMEOUT = -100,   /* no reply within the client's timeout; error.code "DEADLINE_EXCEEDED" */
+    OI_ERR_TRANSPORT = -101, /* cannot send: no daemon connected, or a ZeroMQ failure; "UNAVAILABLE" */
+    OI_ERR_PROTOCOL = -102   /* the reply does not follow the protocol; error.code "INTERNAL" */
+};
+
+typedef struct oi_error {
+    char code[32];     /* wire code ("NOT_FOUND", ...); "" on success */
+    char message[512]; /* for humans (truncated at a UTF-8 character boundary) */
+    int local;         /* 1 = made by this library (timeout, transport, bad call), 0 = from the daemon */
+} oi_error;
+
+/* "OK", "INVALID_ARGUMENT", ..., "TIMEOUT", "TRANSPORT", "PROTOCOL"; "?" for anything else. */
+const char *oi_rc_name(int rc);
+/* Wire error code -> return code (an unknown code -> OI_ERR_INTERNAL). */
+int oi_code_to_rc(const char *code);
+
+/* ---- client ---------------------------------------------------------------------------------- */
+
+typedef struct oi_client oi_client;
+
+/*
+ * Connect a DEALER socket to `address` (ipc://PATH or tcp://HOST:PORT). NULL or "" resolves the
+ * address as PROTOCOL.md 2.2 says: $OPENINFER_SOCKET, else ipc://$XDG_RUNTIME_DIR/openinfer/openinfer.sock,
+ * else ipc:///run/openinfer/openinfer.sock.
+ * `timeout_ms` is the budget of every call (<= 0: 30,000). ZeroMQ connects in the background, so a
+ * missing daemon is reported by the first call (OI_ERR_TRANSPORT), not here.
+ * Returns NULL (errno set) only when the address is invalid or out of memory.
+ */
+oi_client *oi_connect(const char *address, int timeout_ms);
+
+/*
+ * Use CURVE (tcp://). Keys are Z85 text, 40 characters each. Call right after oi_connect, before
+ * any request: the socket is re-created with the keys and connected again.
+ * Returns OI_OK, or OI_ERR_INVALID_ARGUMENT (bad key, or libzmq without CURVE) / OI_ERR_TRANSPORT.
+ */
+int oi_set_curve(oi_client *client, const char *server_public_z85, const char *client_public_z85,
+                 const char *client_secret_z85);
+
+void oi_set_timeout(oi_client *client, int timeout_ms);
+const char *oi_address(const oi_client *client);
+
+/* Close the socket (unsent messages are discarded) and free the client. NULL is fine. */
+void oi_close(oi_client *client);
+
+/* ---- infer ----------------------------------------------------------------------------------- */
+
+typedef struct oi_tensor {
+    const char *name;     /* model input name (UTF-8) */
+    const char *datatype; /* "FP32", "INT64", "BYTES", ... (PROTOCOL.md 6) */
+    const int64_t *shape; /* `rank` dimensions; NULL allowed when rank == 0 (scalar) */
+    size_t rank;
+    const void *data; /* wire bytes: row-major, little-endian; BYTES: 4-byte LE length + bytes each */
+    size_t nbytes;
+} oi_tensor;
+
+typedef struct oi_output {
+    char *name;
+    char *datatype;
+    int64_t *shape;
+    size_t rank;
+    void *data; /* a malloc'd copy of the data frame (aligned for any type); NULL when nbytes == 0 */
+    size_t nbytes;
+} oi_output;
+
+typedef struct oi_timing {
+    char *name; /* "decode_us", "queue_us", ... every key of the reply's `timing` */
+    double value;
+} oi_timing;
+
+typedef struct oi_result {
+    uint64_t id;        /* the request's id */
+    char *model;        /* the model that ran (NULL on failure) */
+    int64_t version;    /* the version that ran; -1 on failure */
+    int64_t batch_size; /* -1 when the reply has no batch_size */
+    oi_output *outputs; /* n_outputs entries, in reply order */
+    size_t n_outputs;
+    oi_timing *timing; /* every key of `timing`, in reply order (also on error replies) */
+    size_t n_timing;
+    double queue_us, compute_us, total_us; /* copies of those keys; NAN when absent */
+    double client_us;    /* measured here: request sent -> reply received (NAN if no reply) */
+    double transport_us; /* client_us - total_us: both transport hops (PROTOCOL.md 5.3); NAN if unknown */
+    oi_error error;      /* filled when the call fails */
+    char *error_details; /* error.details as JSON text, or NULL */
+} oi_result;
+
+/*
+ * Run `model` (version >= 0, or -1 for the newest ready version) on `inputs`. The request carries
+ * timeout_ms = the client's timeout; the call waits that long plus OI_REPLY_GRACE_MS for the reply,
+ * then sends a cancel, returns OI_ERR_TIMEOUT and discards the late reply whenever it comes.
+ * `out` is always initialised (free it with oi_result_free, whatever the return code).
+ */
+#define OI_REPLY_GRACE_MS 200
+int oi_infer(oi_client *client, const char *model, int64_t version, const oi_tensor *inputs, size_t n_inputs,
+             oi_result *out);
+
+/* The output named `name`, or NULL. */
+const oi_output *oi_result_output(const oi_result *result, const char *name);
+/* 1 and *value if `timing` has `name`, else 0. */
+int oi_result_timing(const oi_result *result, const char *name, double *value);
+void oi_result_free(oi_result *result);
+
+/* Bytes per element of a datatype name; 0 for BYTES and unknown names. */
+size_t oi_datatype_size(const char *datatype);
+
+/* ---- other operations and raw frames --------------------------------------------------------- */
+
+typedef struct oi_frame {
+    const void *data;
+    size_t size;
+} oi_frame;
+
+typedef struct oi_reply {
+    size_t n_frames;
+    oi_frame *frames; /* owned copies; frames[0] is the reply header (msgpack) */
+    int header_ok;    /* 1 when frames[0] is exactly one msgpack map with v = 1 */
+    int has_id;       /* 0 when `id` is nil, missing or not an unsigned integer */
+    uint64_t id;
+    int is_error;  /* the header has an `error` map */
+    oi_error error; /* its code and message when is_error */
+} oi_reply;
+
+/*
+ * A non-infer operation ("health", "models", "metadata", "status", "stats", "reload", ...): sends
+ * {v, id, op[, model]} and waits for the reply with that id. Returns OI_OK when the reply has no
+ * `error` (read its `result` with oi_reply_json), the error's return code otherwise, or a local one.
+ * `out` is always initialised; free it with oi_reply_free.
+ */
+int oi_request(oi_client *client, const char *op, const char *model, oi_reply *out);
+
+/*
+ * Send `frames` exactly as given (one multipart message; frame 0 need not even be msgpack) and
+ * return the first message that arrives afterwards, whatever its id (replies already waiting on the
+ * socket are discarded first). For conformance testing: use a fresh client so that no late reply of
+ * an earlier request can be taken for this one. Returns OI_OK when a reply arrived (whatever it
+ * says: look at out->is_error), OI_ERR_TIMEOUT, OI_ERR_TRANSPORT or OI_ERR_INVALID_ARGUMENT.
+ */
+int oi_request_raw(oi_client *client, const oi_frame *frames, size_t n_frames, oi_reply *out);
+
+/* The reply header as JSON text (malloc'd; free() it), or NULL if frame 0 is not msgpack.
+ * Integers stay exact, floats use %.17g, bin values become hex strings. */
+char *oi_reply_json(const oi_reply *reply);
+
+void oi_reply_free(oi_reply *reply);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* OPENINFER_H */

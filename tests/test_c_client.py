@@ -1,0 +1,364 @@
+"""The C client (client/c), written from docs/PROTOCOL.md alone, against a real daemon.
+
+Builds client/c with make (the build dependencies are Debian packages: a missing header is a test
+failure naming them, not a skip), then runs client/c/openinfer-c-example:
+
+- `tiny` through oi_infer gives the same outputs as the Python client for the same input;
+- every conformance vector replayed through oi_request_raw gets the reply the vector expects;
+- a non-infer operation through oi_request;
+- no daemon at the address: the local UNAVAILABLE (transport) error within the client's timeout;
+- a reply that comes after the client gave up is discarded by id, and a cancel was sent for it
+  (against a scripted pyzmq ROUTER standing in for the daemon);
+- CURVE over tcp:// with a key the access policy lists, and nothing for a key it does not;
+- valgrind: no leaks and no memory errors (when valgrind is installed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from daemon_harness import EXAMPLE_MODELS, REPO_ROOT, RunningDaemon, cleanup_workdir, start_daemon, world_readable_dir
+from openinfer.client import Client
+
+C_DIR = REPO_ROOT / "client" / "c"
+EXAMPLE = C_DIR / "openinfer-c-example"
+VECTORS_PATH = REPO_ROOT / "tests" / "conformance" / "vectors.json"
+VECTORS: list[dict[str, Any]] = json.loads(VECTORS_PATH.read_text())
+APT_PACKAGES = "apt-get install -y libzmq3-dev libmsgpack-dev pkg-config"
+APT_HINT = f"{APT_PACKAGES}   (Debian 12 bookworm; on Debian 13 / newer Ubuntu the msgpack package is libmsgpack-c-dev)"
+
+ELEMENT_SIZE = {"BOOL": 1, "UINT8": 1, "UINT16": 2, "UINT32": 4, "UINT64": 8, "INT8": 1, "INT16": 2, "INT32": 4,
+                "INT64": 8, "FP16": 2, "FP32": 4, "FP64": 8, "BF16": 2}
+SUCCESS_TIMING = {"decode_us", "queue_us", "dispatch_us", "prep_us", "compute_us", "encode_us", "return_us", "cpu_us", "total_us"}
+X = (0.01 * np.arange(64)).astype(np.float32).reshape(1, 64)  # what the example sends: x[i] = (float)(0.01 * i)
+
+
+# -- build ------------------------------------------------------------------------------------------
+def _build_deps_present() -> tuple[bool, str]:
+    if shutil.which("pkg-config") is None:
+        return False, "pkg-config is not installed"
+    if subprocess.run(["pkg-config", "--exists", "libzmq"]).returncode != 0:
+        return False, "libzmq headers (pkg-config libzmq) not found"
+    if all(subprocess.run(["pkg-config", "--exists", name]).returncode != 0 for name in ("msgpack-c", "msgpack")):
+        return False, "msgpack-c headers (pkg-config msgpack-c or msgpack) not found"
+    return True, ""
+
+
+@pytest.fixture(scope="module")
+def c_example() -> Path:
+    if shutil.which("make") is None or shutil.which("cc") is None:
+        pytest.fail(f"the C client needs make and a C compiler (apt-get install -y build-essential) and: {APT_HINT}")
+    present, why = _build_deps_present()
+    if not present:
+        pytest.fail(f"cannot build client/c: {why}. Install the build dependencies: {APT_HINT}")
+    done = subprocess.run(["make", "-C", str(C_DIR)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"make -C client/c failed (build dependencies: {APT_HINT}):\n{done.stdout}\n{done.stderr}")
+    assert EXAMPLE.is_file()
+    return EXAMPLE
+
+
+def run_example(*args: str, timeout: float = 120.0, env: dict[str, str] | None = None, valgrind: bool = False) -> subprocess.CompletedProcess[str]:
+    command = [str(EXAMPLE), *args]
+    if valgrind:
+        command = ["valgrind", "--quiet", "--leak-check=full", "--show-leak-kinds=all", "--errors-for-leak-kinds=all",
+                   "--error-exitcode=99", *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+# -- a daemon on the example models ---------------------------------------------------------------
+def _make_world_readable(repo: Path) -> None:
+    for path in repo.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+@pytest.fixture(scope="module")
+def example_daemon() -> Iterator[RunningDaemon]:
+    """Serves exactly the shipped example models (what the conformance vectors assume), sandboxed."""
+    repo = world_readable_dir("oi-c-client-")
+    for model_dir in EXAMPLE_MODELS.iterdir():
+        shutil.copytree(model_dir, repo / model_dir.name)
+    _make_world_readable(repo)
+    try:
+        running = start_daemon(repo)
+    except BaseException:
+        shutil.rmtree(repo, ignore_errors=True)
+        raise
+    yield running
+    running.stop()
+    cleanup_workdir(running)
+    shutil.rmtree(repo, ignore_errors=True)
+
+
+# -- parsing the example's output ------------------------------------------------------------------
+def parse_infer_output(stdout: str) -> list[dict[str, Any]]:
+    """One dict per round: model, version, outputs {name: array}, timing {key: float}, or error."""
+    rounds: list[dict[str, Any]] = []
+    for line in stdout.splitlines():
+        word, _, rest = line.partition(" ")
+        if word == "model":
+            name, _, version, _, request_id = rest.split()
+            rounds.append({"model": name, "version": int(version), "id": int(request_id), "outputs": {}, "timing": {}})
+        elif word == "output":
+            name, datatype, shape_text, *values = rest.split()
+            shape = tuple(int(d) for d in shape_text.strip("[]").split(",") if d)
+            assert datatype == "FP32", line
+            rounds[-1]["outputs"][name] = np.array([float(v) for v in values], np.float32).reshape(shape)
+        elif word == "timing":
+            rounds[-1]["timing"] = {k: float(v) for k, v in (item.split("=") for item in rest.split())}
+        elif word == "error":
+            rounds.append({"error": rest})
+    return rounds
+
+
+# -- tests ------------------------------------------------------------------------------------------
+def test_tiny_outputs_equal_the_python_clients(c_example: Path, example_daemon: RunningDaemon) -> None:
+    done = run_example("--all", example_daemon.address, "tiny")
+    assert done.returncode == 0, done.stdout + done.stderr
+    [got] = parse_infer_output(done.stdout)
+    assert got["model"] == "tiny" and got["version"] == 1, got
+    assert set(got["outputs"]) == {"y"}
+    with Client(example_daemon.address, timeout=20) as client:
+        want = client.infer("tiny", {"x": X})
+    assert got["outputs"]["y"].shape == want.outputs["y"].shape == (1, 64)
+    assert np.allclose(got["outputs"]["y"], want.outputs["y"], rtol=1e-6, atol=1e-6), (got["outputs"]["y"], want.outputs["y"])
+    # the reply's timing keys (the Python client adds its own client_us/transport_us; the C client
+    # has those as separate fields, printed on the summary line)
+    assert set(got["timing"]) == SUCCESS_TIMING == set(want.timing) - {"client_us", "transport_us"}, got["timing"]
+    summary = next(line for line in done.stdout.splitlines() if line.startswith("summary "))
+    values = dict(item.split("=") for item in summary.split()[1:])
+    assert set(values) == {"queue_us", "compute_us", "total_us", "client_us", "transport_us"}, summary
+    client_us, total_us, transport_us = (float(values[k]) for k in ("client_us", "total_us", "transport_us"))
+    assert total_us == got["timing"]["total_us"] and client_us > 0
+    assert abs(transport_us - (client_us - total_us)) < 0.01, summary
+
+
+def test_default_output_shows_the_first_values(c_example: Path, example_daemon: RunningDaemon) -> None:
+    done = run_example(example_daemon.address, "tiny")
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = next(line for line in done.stdout.splitlines() if line.startswith("output y FP32 [1,64]"))
+    assert line.endswith(" ...") and len(line.split()) == 4 + 8 + 1, line
+
+
+def test_daemon_errors_are_typed(c_example: Path, example_daemon: RunningDaemon) -> None:
+    done = run_example(example_daemon.address, "no_such_model")
+    assert done.returncode == 1
+    assert done.stdout.startswith("error NOT_FOUND rc=NOT_FOUND local=0: "), done.stdout
+    details = next(line for line in done.stdout.splitlines() if line.startswith("details "))
+    assert "tiny" in json.loads(details.removeprefix("details "))["models"]
+    done = run_example(example_daemon.address, "magika")  # x FP32[1,64] does not fit magika
+    assert done.returncode == 1 and done.stdout.startswith("error INVALID_ARGUMENT rc=INVALID_ARGUMENT local=0: "), done.stdout
+
+
+def test_conformance_vectors_through_the_c_client(c_example: Path, example_daemon: RunningDaemon) -> None:
+    done = run_example("conformance", example_daemon.address, str(VECTORS_PATH), timeout=600)
+    lines = done.stdout.splitlines()
+    assert lines[-1] == f"summary\t{len(VECTORS)} vectors\t0 mismatches", done.stdout[-3000:] + done.stderr
+    assert lines[-2] == "after\tOK"
+    assert done.returncode == 0
+    rows = {}
+    for line in lines[:-2]:
+        name, status, id_field, frames_field, match, header_json = line.split("\t", 5)
+        assert name not in rows, f"{name} reported twice"
+        rows[name] = (status, id_field, frames_field, match, json.loads(header_json))
+    assert set(rows) == {v["name"] for v in VECTORS}
+    for vector in VECTORS:
+        name, expect = vector["name"], vector["expect"]
+        status, id_field, frames_field, match, header = rows[name]
+        sizes = [int(s) for s in frames_field.removeprefix("frames=").split(",")]
+        assert match == "match", (name, status, header)
+        assert header["v"] == 1, name
+        assert id_field == ("id=nil" if expect["id"] is None else f"id={expect['id']}"), (name, id_field)
+        assert header["id"] == expect["id"], (name, header["id"])  # exact uint64 through the C JSON rendering
+        if "error" in expect:
+            assert status == expect["error"] == header["error"]["code"], (name, status, header)
+            assert isinstance(header["error"]["message"], str) and header["error"]["message"], name
+            assert len(sizes) == 1, (name, sizes)
+            continue
+        assert status == "OK" and "error" not in header, (name, header)
+        if "outputs" in expect:
+            assert header["outputs"] == expect["outputs"], (name, header["outputs"])
+            assert set(header["timing"]) == SUCCESS_TIMING, (name, header["timing"])
+            want = [ELEMENT_SIZE[o["datatype"]] * int(np.prod(o["shape"], dtype=np.int64)) for o in expect["outputs"]]
+            assert sizes[1:] == want, (name, sizes, want)
+        else:
+            assert len(sizes) == 1, (name, sizes)
+            assert set(expect["result_keys"]) <= set(header["result"]), (name, header["result"])
+            for key, value in expect.get("result_values", {}).items():
+                assert header["result"][key] == value, (name, key, header["result"][key])
+
+
+def test_other_operations_through_oi_request(c_example: Path, example_daemon: RunningDaemon) -> None:
+    done = run_example("op", example_daemon.address, "metadata", "tiny")
+    assert done.returncode == 0 and done.stdout.startswith("OK\t"), done.stdout + done.stderr
+    result = json.loads(done.stdout.split("\t", 1)[1])["result"]
+    assert result["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]
+    assert result["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [-1, 64]}]
+    done = run_example("op", example_daemon.address, "health")
+    assert done.returncode == 0 and json.loads(done.stdout.split("\t", 1)[1])["result"]["ready"] is True
+    done = run_example("op", example_daemon.address, "metadata", "no_such_model")
+    assert done.returncode == 1 and done.stdout.startswith("error NOT_FOUND rc=NOT_FOUND local=0: "), done.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("kind", ["ipc", "tcp"])
+def test_no_daemon_is_unavailable_within_the_timeout(c_example: Path, tmp_path: Path, kind: str) -> None:
+    address = f"ipc://{tmp_path}/nobody-here.sock" if kind == "ipc" else f"tcp://127.0.0.1:{_free_port()}"
+    timeout_ms = 700
+    start = time.monotonic()
+    done = run_example("--timeout", str(timeout_ms), address, "tiny", timeout=30)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.startswith("error UNAVAILABLE rc=TRANSPORT local=1: no daemon connected"), done.stdout
+    assert elapsed < timeout_ms / 1000 + 1.5, f"took {elapsed:.2f} s for a {timeout_ms} ms timeout"
+
+
+class ScriptedDaemon:
+    """A pyzmq ROUTER standing in for the daemon: holds the first infer past the client's timeout, and
+    answers it only after the client's next request arrived, so that the late reply must be dropped."""
+
+    def __init__(self, address: str) -> None:
+        self.context = zmq.Context()
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.bind(address)
+        self.received: list[list[bytes]] = []
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _recv(self) -> tuple[bytes, dict[str, Any], list[bytes]]:
+        assert self.router.poll(20_000), "the C client sent nothing"
+        routing_id, *frames = self.router.recv_multipart()
+        self.received.append(frames)
+        return routing_id, msgpack.unpackb(frames[0], raw=False), frames
+
+    def _send(self, routing_id: bytes, header: dict[str, Any], *data: bytes) -> None:
+        self.router.send_multipart([routing_id, msgpack.packb(header), *data])
+
+    @staticmethod
+    def _success(request_id: Any, y: np.ndarray) -> dict[str, Any]:
+        timing = {key: 1.0 for key in SUCCESS_TIMING}
+        return {"v": 1, "id": request_id, "model": "tiny", "version": 1, "timing": timing,
+                "outputs": [{"name": "y", "datatype": "FP32", "shape": list(y.shape)}]}
+
+    def _run(self) -> None:
+        try:
+            peer, first, frames = self._recv()
+            assert first["op"] == "infer", first
+            peer, cancel, _ = self._recv()  # the client gave up on `first`: it cancels it
+            assert cancel["op"] == "cancel" and cancel["target"] == first["id"], cancel
+            peer, second, frames = self._recv()
+            assert second["id"] not in (first["id"], cancel["id"]), (first, cancel, second)
+            # now everything the client must ignore, then its answer
+            self._send(peer, {"v": 1, "id": cancel["id"], "result": {"cancelled": False}})
+            self._send(peer, self._success(first["id"], np.full((1, 64), 99, np.float32)), np.full((1, 64), 99, np.float32).tobytes())
+            self._send(peer, {"v": 1, "id": None, "error": {"code": "INVALID_ARGUMENT", "message": "no id"}, "timing": {"total_us": 1.0}})
+            self._send(peer, {"v": 1, "id": second["id"] + 12345, "error": {"code": "INTERNAL", "message": "not yours"}})
+            y = np.frombuffer(frames[1], "<f4").reshape(1, 64) * 2
+            self._send(peer, {**self._success(second["id"], y), "future_key": [1, 2]}, y.tobytes())
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    def close(self) -> None:
+        self.thread.join(30)
+        self.router.close()
+        self.context.term()
+
+
+@pytest.mark.parametrize("under_valgrind", [False, True], ids=["plain", "valgrind"])
+def test_late_reply_is_discarded_by_id(c_example: Path, tmp_path: Path, under_valgrind: bool) -> None:
+    if under_valgrind and shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed")
+    address = f"ipc://{tmp_path}/scripted.sock"
+    daemon = ScriptedDaemon(address)
+    try:
+        start = time.monotonic()
+        done = run_example("--timeout", "300", "--repeat", "2", "--all", address, "tiny", valgrind=under_valgrind)
+    finally:
+        daemon.close()
+    assert daemon.error is None, repr(daemon.error)
+    assert done.returncode == 1, done.stdout + done.stderr  # round 1 failed (timeout), round 2 succeeded
+    first, second = parse_infer_output(done.stdout)
+    assert first == {"error": first["error"]} and first["error"].startswith("DEADLINE_EXCEEDED rc=TIMEOUT local=1: "), first
+    assert np.array_equal(second["outputs"]["y"], X * 2), second["outputs"]["y"][0, :4]
+    if not under_valgrind:
+        assert time.monotonic() - start < 10
+    # what the C client put on the wire (PROTOCOL.md 4, 6): its encoder, checked against the document
+    infer_frames = daemon.received[0]
+    header = msgpack.unpackb(infer_frames[0], raw=False, strict_map_key=True)
+    request_id = header.pop("id")
+    assert isinstance(request_id, int) and 0 <= request_id < 2**64
+    assert header == {"v": 1, "op": "infer", "model": "tiny", "timeout_ms": 300,
+                      "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64]}]}
+    assert infer_frames[1] == X.astype("<f4").tobytes() and len(infer_frames) == 2
+    assert len(daemon.received[1]) == 1 and msgpack.unpackb(daemon.received[1][0]) == {"v": 1, "id": request_id + 1, "op": "cancel", "target": request_id}
+
+
+def test_valgrind_clean_against_the_daemon(c_example: Path, example_daemon: RunningDaemon) -> None:
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed")
+    for args in (["--all", example_daemon.address, "tiny"], [example_daemon.address, "no_such_model"],
+                 ["op", example_daemon.address, "status"]):
+        done = run_example(*args, valgrind=True)
+        assert done.returncode in (0, 1), f"valgrind reported errors or leaks for {args}:\n{done.stderr}"
+        assert "==" not in done.stderr, done.stderr
+
+
+def test_curve_over_tcp(c_example: Path, daemon_factory: Any, tmp_path: Path) -> None:
+    repo = world_readable_dir("oi-c-curve-")
+    shutil.copytree(EXAMPLE_MODELS / "tiny", repo / "tiny")
+    _make_world_readable(repo)
+    try:
+        key_file = tmp_path / "server.key"
+        keygen = subprocess.run([sys.executable, "-m", "openinfer.daemon.cli", "keygen", str(key_file)], capture_output=True, text=True)
+        assert keygen.returncode == 0, keygen.stderr
+        server_public = Path(f"{key_file}.pub").read_text().strip()
+        known_public, known_secret = (k.decode() for k in zmq.curve_keypair())
+        stranger_public, stranger_secret = (k.decode() for k in zmq.curve_keypair())
+        policy = tmp_path / "access.toml"
+        policy.write_text(f'[[grant]]\nname = "c-client"\ncurve_keys = ["{known_public}"]\noperations = ["infer", "health"]\n')
+        address = f"tcp://127.0.0.1:{_free_port()}"
+        daemon_factory(repo, "--socket", address, wait=False, address=address,
+                       env={"OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file), "OPENINFER_SERVER_ACCESS_POLICY": str(policy)})
+        keys = {"OPENINFER_CURVE_SERVER_KEY": server_public, "OPENINFER_CURVE_PUBLIC_KEY": known_public, "OPENINFER_CURVE_SECRET_KEY": known_secret}
+        deadline = time.monotonic() + 90
+        while True:  # the C client's own health call is the readiness probe
+            done = run_example("--timeout", "2000", "op", address, "health", env=keys)
+            if done.returncode == 0 and json.loads(done.stdout.split("\t", 1)[1])["result"]["ready"]:
+                break
+            assert time.monotonic() < deadline, done.stdout + done.stderr
+            time.sleep(0.2)
+        done = run_example("--all", address, "tiny", env=keys)
+        assert done.returncode == 0, done.stdout + done.stderr
+        [got] = parse_infer_output(done.stdout)
+        assert got["outputs"]["y"].shape == (1, 64)
+        stranger = {**keys, "OPENINFER_CURVE_PUBLIC_KEY": stranger_public, "OPENINFER_CURVE_SECRET_KEY": stranger_secret}
+        done = run_example("--timeout", "1000", address, "tiny", env=stranger)
+        assert done.returncode == 1 and done.stdout.startswith("error UNAVAILABLE rc=TRANSPORT local=1"), done.stdout
+        plain = {k: "" for k in keys}
+        done = run_example("--timeout", "1000", address, "tiny", env=plain)
+        assert done.returncode == 1 and done.stdout.startswith("error UNAVAILABLE rc=TRANSPORT local=1"), done.stdout
+        bad = {**keys, "OPENINFER_CURVE_SERVER_KEY": "too-short"}
+        done = run_example(address, "tiny", env=bad)
+        assert done.returncode == 2 and "oi_set_curve" in done.stderr
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
