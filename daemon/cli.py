@@ -224,11 +224,16 @@ def sandbox() -> None:
 @json_option
 def sandbox_check(policy: str, as_json: bool) -> None:
     """Try each forbidden action under POLICY in a child process; exit 0 only if all are blocked."""
+    from openinfer.sandbox import PolicyError
     from openinfer.sandbox.probes import all_blocked, run_probes
 
     from .tables import probes_table, render
 
-    results = run_probes(policy)
+    try:
+        results = run_probes(policy)
+    except PolicyError as exc:  # exit 2: a bad policy, not a leaky one (exit 1)
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
     if as_json:
         _print_json([{"probe": r.name, "blocked": r.blocked, "how": r.how} for r in results])
     else:

@@ -192,7 +192,7 @@ class WorkerPool:
         level = logging.INFO if was is WorkerState.DRAINING else logging.ERROR
         log.log(level, "worker exited", extra={"worker": worker.worker_id, "pid": worker.pid, "model": model.name, "version": model.version, "exit": how, "reason": reason, "state": was.value})
         if status == -signal.SIGSYS:
-            log.error("worker killed by seccomp (SIGSYS): it made a system call its policy forbids", extra={"worker": worker.worker_id, "policy": self.settings.sandbox.serve_policy if was in (WorkerState.READY, WorkerState.BUSY) else self.settings.sandbox.boot_policy})
+            log.error("worker killed by seccomp (SIGSYS): it made a system call its policy forbids", extra={"worker": worker.worker_id, "policy": self.settings.sandbox.serve_policy if worker.ready_ns is not None else self.settings.sandbox.boot_policy})
         if worker.inflight:
             self.on_worker_lost(worker, f"worker {worker.worker_id} (pid {worker.pid}) {how} while running this task")
         if was is WorkerState.DRAINING or shutting_down or model.retiring:

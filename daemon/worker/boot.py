@@ -149,6 +149,9 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
         except (ValueError, OSError) as exc:
             raise BootFailure(f"{PREPARED_MISMATCH}: {exc}") from None
     loaded = time.monotonic_ns()
+    if config.sandbox.enabled:
+        # Before the warm-up: a hostile model's first run must already be held by the memory limit.
+        hardening.set_memory_limit(config.sandbox.memory_limit_bytes)
     warmup_error = warm_up(session, description["inputs"])
     warmed = time.monotonic_ns()
     context, socket = _connect(config)
@@ -165,7 +168,6 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
     if config.sandbox.enabled:
         prime_zero_copy_sends(context)  # pyzmq imports lazily on its first large send (see sandbox.preload)
         hardening.malloc_trim()
-        hardening.set_memory_limit(config.sandbox.memory_limit_bytes)
         # /proc is read now: under the serve policy it cannot be. Our own keys win over the snapshot's.
         sandbox_state = {**hardening.describe_sandbox(), **sandbox_state}
         apply_policy(serve_policy)
