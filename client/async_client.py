@@ -12,7 +12,7 @@ import zmq
 import zmq.asyncio
 
 from .errors import DeadlineExceeded, Unavailable, error_from_wire
-from .protocol import encode_infer_request, encode_op_request, resolve_address, unpack
+from .protocol import encode_infer_request, encode_op_request, resolve_address, retry_pause, unpack
 from .result import InferResult, result_from_reply
 from .socket_setup import configure_client_socket
 from .sync_client import DEFAULT_TIMEOUT_S
@@ -73,8 +73,8 @@ class AsyncClient:
                 header, reply = await self._round_trip(request_id, frames, max(0.001, deadline - time.monotonic()))
                 return result_from_reply(header, reply, (time.perf_counter_ns() - started) / 1000.0)
             except Unavailable:
-                pause = 0.05 * 2**attempt
-                if attempt == self.retries or time.monotonic() + pause >= deadline:
+                pause = retry_pause(attempt, self.retries, deadline, time.monotonic())
+                if pause is None:
                     raise
                 await asyncio.sleep(pause)
         raise AssertionError("unreachable")

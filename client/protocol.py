@@ -96,3 +96,12 @@ def encode_op_request(request_id: int, op: str, **fields: Any) -> list[bytes]:
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
     header.update({k: v for k, v in fields.items() if v is not None})
     return [pack(header)]
+
+
+def retry_pause(attempt: int, retries: int, deadline: float, now: float) -> float | None:
+    """The client retry policy for UNAVAILABLE: exponential backoff from 50 ms while retries and the
+    call's deadline allow; None = give up and raise."""
+    pause = 0.05 * 2**attempt
+    if attempt >= retries or now + pause >= deadline:
+        return None
+    return pause

@@ -94,9 +94,9 @@ def memory_bomb_model(path: Path, elements: int = 10 * 1024**3 // 4) -> Path:
     return _save(helper.make_model(graph, opset_imports=OPSET), path)
 
 
-def endless_loop_model(path: Path, iterations: int = 10**12) -> Path:
-    """A Loop that runs `iterations` times (forever, in practice) adding 1 to a counter."""
-    body = helper.make_graph(
+def _counting_loop_body() -> onnx.GraphProto:
+    """Loop body: keep going, add 1 to the FP32[1] carried value on every iteration."""
+    return helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["acc_in", "one"], ["acc_out"])],
         "body",
         [
@@ -107,6 +107,11 @@ def endless_loop_model(path: Path, iterations: int = 10**12) -> Path:
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1])],
         initializer=[numpy_helper.from_array(np.array([1.0], dtype=np.float32), "one")],
     )
+
+
+def endless_loop_model(path: Path, iterations: int = 10**12) -> Path:
+    """A Loop that runs `iterations` times (forever, in practice) adding 1 to a counter."""
+    body = _counting_loop_body()
     graph = helper.make_graph(
         [helper.make_node("Loop", ["max_iter", "cond", "x"], ["y"], body=body)],
         "spin",
@@ -157,17 +162,7 @@ def large_matmul_model(path: Path, size: int = 4096, layers: int = 2, seed: int 
 
 def busy_loop_model(path: Path) -> Path:
     """y = x + n, computed by a Loop of `n` iterations (INT64 scalar input): compute time set by the caller."""
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["acc_in", "one"], ["acc_out"])],
-        "body",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [1]),
-        ],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1])],
-        initializer=[numpy_helper.from_array(np.array([1.0], dtype=np.float32), "one")],
-    )
+    body = _counting_loop_body()
     graph = helper.make_graph(
         [helper.make_node("Loop", ["n", "cond", "x"], ["y"], body=body)],
         "busy",
