@@ -22,6 +22,7 @@ class InferResult:
     version: int
     outputs: dict[str, np.ndarray]
     timing: dict[str, float] = field(default_factory=dict)
+    batch_size: int | None = None  # requests that ran together with this one (models with [batching])
 
 
 def decode_reply_header(frames: list[Any]) -> dict[str, Any]:
@@ -48,4 +49,11 @@ def result_from_reply(header: dict[str, Any], frames: list[Any], client_us: floa
     timing["client_us"] = client_us
     if "total_us" in timing:
         timing["transport_us"] = max(0.0, client_us - timing["total_us"])
-    return InferResult(model=str(header.get("model", "")), version=int(header.get("version", 0)), outputs=outputs, timing=timing)
+    batch_size = header.get("batch_size")
+    return InferResult(
+        model=str(header.get("model", "")),
+        version=int(header.get("version", 0)),
+        outputs=outputs,
+        timing=timing,
+        batch_size=batch_size if isinstance(batch_size, int) else None,
+    )

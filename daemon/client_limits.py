@@ -75,17 +75,20 @@ class ClientLimiter:
         limit = self.policy.limit_for(name)
         current = self.in_flight.get(client, 0)
         if current >= limit.max_in_flight:
-            self.rejected["max_in_flight"] = self.rejected.get("max_in_flight", 0) + 1
+            self.count_rejection("max_in_flight")
             raise ResourceExhausted(f"client {name or client} has {current} requests in flight: limit max_in_flight={limit.max_in_flight} ({self.policy.source})")
         if limit.rate_per_s > 0:
             tokens, last = self._buckets.get(client, (float(limit.burst), now_ns))
             tokens = min(float(limit.burst), tokens + (now_ns - last) / 1e9 * limit.rate_per_s)
             if tokens < 1.0:
                 self._buckets[client] = (tokens, now_ns)
-                self.rejected["rate_per_s"] = self.rejected.get("rate_per_s", 0) + 1
+                self.count_rejection("rate_per_s")
                 raise ResourceExhausted(f"client {name or client} is over its rate limit: rate_per_s={limit.rate_per_s:g}, burst={limit.burst} ({self.policy.source})")
             self._buckets[client] = (tokens - 1.0, now_ns)
         self.in_flight[client] = current + 1
+
+    def count_rejection(self, limit: str) -> None:
+        self.rejected[limit] = self.rejected.get(limit, 0) + 1
 
     def release(self, client: str) -> None:
         left = self.in_flight.get(client, 0) - 1

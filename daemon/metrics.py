@@ -20,6 +20,11 @@ Metrics (labels in braces; `code` is the wire code, `OK` for success):
   openinfer_worker_restarts_total{model,version}
   openinfer_client_requests_total{client,code}           client as in `openinfer stats` (accounting.py)
   openinfer_queue_depth{model,version}
+  openinfer_batch_size{model,version}                    histogram of tasks per dispatch (models with
+                                                         [batching]; buckets 1, 2, 4, .. 1024)
+  openinfer_rejections_total{limit}                      RESOURCE_EXHAUSTED by admission limit
+                                                         (max_queue, max_queued_bytes, max_in_flight,
+                                                         rate_per_s)
   openinfer_workers{model,version,state}                 every worker state, 0 included
   openinfer_up                                           1 while snapshots are fresh: 0 when the
                                                          supervisor's loop stopped publishing, and in
@@ -219,6 +224,8 @@ def build_families(published: _Published | None, up: float) -> list[Metric]:
     clients = CounterMetricFamily("openinfer_client_requests", "Requests per client (name@identity), by wire code.", labels=["client", "code"])
     queue = GaugeMetricFamily("openinfer_queue_depth", "Tasks waiting for a worker.", labels=["model", "version"])
     workers = GaugeMetricFamily("openinfer_workers", "Worker processes by state.", labels=["model", "version", "state"])
+    batch_size = HistogramMetricFamily("openinfer_batch_size", "Tasks per dispatch to a worker (models with [batching]).", labels=["model", "version"])
+    rejections = CounterMetricFamily("openinfer_rejections", "Requests refused RESOURCE_EXHAUSTED, by admission limit.", labels=["limit"])
 
     bounds = [floatToGoString(us / 1e6) for us in stats.get("duration_buckets_us", ())]
     versions: set[tuple[str, str]] = set()
@@ -241,6 +248,12 @@ def build_families(published: _Published | None, up: float) -> list[Metric]:
                     duration.add_metric([*labels, stage, code], buckets, row["ns"] / 1e9)
     for code, count in sorted(stats.get("rejected", {}).items()):
         requests.add_metric(["", "", code], count)
+    for name, entry in sorted(stats.get("models", {}).items()):
+        for version, sizes in sorted(entry.get("batch_sizes", {}).items()):
+            buckets, total_tasks = _batch_buckets({int(k): v for k, v in sizes.items()})
+            batch_size.add_metric([name, version], buckets, total_tasks)
+    for limit, count in sorted(stats.get("admission", {}).get("rejected", {}).items()):
+        rejections.add_metric([limit], count)
     for client, snap in sorted(stats.get("clients", {}).items()):
         if snap.get("success"):
             clients.add_metric([client, "OK"], snap["success"])
@@ -258,4 +271,14 @@ def build_families(published: _Published | None, up: float) -> list[Metric]:
         by_state = states.get(key, {})
         for state in _WORKER_STATES:
             workers.add_metric([*key, state], by_state.get(state, 0))
-    return [up_family, requests, duration, request_bytes, cpu, restarts, clients, queue, workers]
+    return [up_family, requests, duration, request_bytes, cpu, restarts, clients, queue, workers, batch_size, rejections]
+
+
+_BATCH_BOUNDS = [2**i for i in range(11)]  # 1 .. 1024 tasks
+
+
+def _batch_buckets(sizes: dict[int, int]) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative Prometheus buckets and the sum (tasks dispatched) from exact {size: dispatches}."""
+    buckets = [(floatToGoString(bound), float(sum(n for size, n in sizes.items() if size <= bound))) for bound in _BATCH_BOUNDS]
+    buckets.append(("+Inf", float(sum(sizes.values()))))
+    return buckets, float(sum(size * n for size, n in sizes.items()))

@@ -224,6 +224,7 @@ class WorkerPool:
                 model.state = ModelState.UNAVAILABLE
                 model.reason = f"crash loop: {model.consecutive_crashes} consecutive worker failures, last: {reason}"
                 log.error("model unavailable", extra={"model": model.name, "version": model.version, "reason": model.reason})
+                self.on_model_failed(model)  # its queued requests are answered UNAVAILABLE now
             return  # no more respawns until a reload re-arms the model
         delay_ms = min(pool.respawn_backoff_max_ms, pool.respawn_backoff_ms * 2 ** (model.consecutive_crashes - 1))
         self.timers.call_at(time.monotonic_ns() + delay_ms * 1_000_000, lambda: self._respawn(model))

@@ -17,23 +17,23 @@ from openinfer.client.errors import (
     InvalidArgument,
     Internal,
     OpenInferError,
-    PermissionDenied,
-    ResourceExhausted,
     Unavailable,
     WorkerCrashed,
 )
 from openinfer.client.protocol import MAX_HEADER_BYTES, PROTOCOL_VERSION, pack, resolve_address, unpack
 
 from . import admin
-from .access import AccessPolicy, Peer, peer_from_user_id, peer_from_zap
+from .access import AccessPolicy
 from .accounting import Accountant
 from .endpoint import BoundEndpoint, bind_public
 from .client_limits import ClientLimiter, load_client_policy
+from .dispatch import Dispatcher
 from .modelconfig import ConfigError
 from .metrics import MetricsExporter
 from .models import ModelRegistry, ModelState, ServedModel
 from .pool import WorkerPool
 from .preparation import WeightPreparer
+from .peers import PeerDirectory
 from .prepared import PreparedStore
 from .reload import RepositorySync
 from .runtime_dir import base_runtime_dir, create_instance_dir
@@ -41,7 +41,7 @@ from .settings import Settings
 from .sdnotify import SystemdNotifier
 from .signals import SignalInbox
 from .tasks import Task
-from .timers import TimerHeap
+from .timers import MonotonicTimerFd, TimerHeap
 from .validation import check_envelope, check_infer, decode_header, request_id_of
 from .worker import messages
 from .workers import WorkerHandle, WorkerState
@@ -50,11 +50,6 @@ log = logging.getLogger("openinfer.supervisor")
 access_log = logging.getLogger("openinfer.access")
 
 _BATCH = 64  # messages taken from one socket before looking at the others
-# Pipelining: a worker may hold a second task while it computes the first, so it never waits for the two
-# ZeroMQ hops between tasks. Only for models whose compute is short: a long task would hold the second
-# one (and its deadline) hostage.
-PIPELINE_DEPTH = 2
-PIPELINE_MAX_COMPUTE_US = 2000.0
 # pyzmq flag enums cost microseconds per call on this path; plain ints do not.
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
@@ -80,19 +75,16 @@ class Supervisor:
         self.context = zmq.Context(io_threads=1)
         self.registry = ModelRegistry()
         self.accountant = Accountant()
-        self.timers = TimerHeap()
+        self.timers = TimerHeap(MonotonicTimerFd())
         self.poller = zmq.Poller()
         self.draining = False
         self.finished = False
         self._drain_deadline_ns: int | None = None
         self._next_task_id = 1
-        self._queued_by_request: dict[tuple[bytes, int], Task] = {}
-        self._queued_bytes = 0
         self._next_housekeeping_ns = 0
         self.limiter = ClientLimiter(load_client_policy(settings.server.client_policy))
         self.access = AccessPolicy.load(settings.server.access_policy)
-        self._peers: dict[bytes, Peer] = {}
-        self._allowed: dict[tuple[Any, ...], bool] = {}
+        self.peers = PeerDirectory(self.access)
         # ZAP: libzmq asks this socket about every new connection; Unix-socket peers come with uid/gid/pid.
         self.zap = self.context.socket(zmq.REP)
         self.zap.setsockopt(zmq.LINGER, 0)
@@ -111,6 +103,7 @@ class Supervisor:
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.pool = WorkerPool(settings, self.backend, "", self.timers, self._on_worker_lost, self.poller, self._on_model_failed)
         self.sync = RepositorySync(settings, self.registry, self.pool, self._quit)
+        self.dispatcher = Dispatcher(settings, self.backend, self.timers, self.limiter, self._fail_task, self._retire_worker)
         self.runtime_dir = create_instance_dir(base_runtime_dir(settings.server.runtime_dir), self.pool.worker_gid)
         channel = self.runtime_dir / "workers.sock"
         self.backend.bind(f"ipc://{channel}")
@@ -125,6 +118,9 @@ class Supervisor:
         self.poller.register(self.backend, zmq.POLLIN)
         self.poller.register(self.signals.fd, zmq.POLLIN)
         self.poller.register(self.zap, zmq.POLLIN)
+        assert self.timers.wakeup is not None
+        self.timer_fd = self.timers.wakeup.fd
+        self.poller.register(self.timer_fd, zmq.POLLIN)
         self.exporter = MetricsExporter(settings.metrics)
 
     def _make_frontend(self) -> zmq.Socket:  # type: ignore[type-arg]
@@ -168,7 +164,7 @@ class Supervisor:
             if fixed:
                 log.warning("reload: these settings need a restart to take effect", extra={"keys": fixed})
                 result["needs_restart"] = [k if k == "metrics" else f"server.{k}" for k in fixed]
-            self.settings = self.pool.settings = self.sync.settings = new
+            self.settings = self.pool.settings = self.sync.settings = self.dispatcher.settings = new
         result.update(self.sync.sync())
         return result
 
@@ -209,8 +205,10 @@ class Supervisor:
                 self._drain_frontend()
             elif item == signal_fd:
                 self._on_signals(self.signals.drain())
+            elif item == self.timer_fd:
+                self.timers.on_wakeup()  # the due timers run right after this pass
             elif item is self.zap:
-                self._on_zap()
+                self.peers.answer_zap(self.zap)
             else:
                 self.pool.on_fd_ready(item, shutting_down=self.draining)
                 self._tell_systemd()
@@ -248,49 +246,6 @@ class Supervisor:
     def _drain_backend(self) -> None:
         self._drain(self.backend, self._on_worker_message)
 
-    # -- peers ------------------------------------------------------------------------------------
-    def _on_zap(self) -> None:
-        while int(self.zap.getsockopt(_EVENTS)) & _POLLIN:
-            request = self.zap.recv_multipart()
-            version, request_id, _domain, address, _identity, mechanism = (request + [b""] * 6)[:6]
-            try:
-                peer = peer_from_zap(address.decode(errors="replace"), mechanism.decode(errors="replace"), request[6:])
-                allowed = self.access.may_connect(peer)
-            except Exception:  # a REP socket must answer every request, or it wedges
-                log.exception("ZAP request could not be judged; refusing the connection")
-                peer, allowed = Peer(), False
-            if not allowed:
-                log.warning("connection refused: no grant matches this peer", extra={"uid": peer.uid, "pid": peer.pid, "policy": self.access.source})
-            status = [b"200", b"OK"] if allowed else [b"400", b"no grant for this peer"]
-            self.zap.send_multipart([version, request_id, *status, peer.user_id().encode(), b""])
-
-    def _peer_of(self, route_id: bytes, frame: zmq.Frame) -> Peer:
-        peer = self._peers.get(route_id)
-        if peer is None:
-            try:
-                peer = peer_from_user_id(str(frame.get("User-Id") or ""))
-            except (ValueError, zmq.ZMQError):
-                peer = Peer()
-            if len(self._peers) > 10_000:  # routing ids are per connection: forget old ones
-                self._peers.clear()
-            self._peers[route_id] = peer
-        return peer
-
-    def _authorize(self, peer: Peer, op: str, model: Any) -> None:
-        key = (peer.uid, peer.gid, peer.curve_key, op, model)
-        allowed = self._allowed.get(key)
-        if allowed is None:
-            try:
-                self.access.check(peer, op, model if isinstance(model, str) else None)
-                allowed = True
-            except PermissionDenied:
-                allowed = False
-            if len(self._allowed) > 10_000:
-                self._allowed.clear()
-            self._allowed[key] = allowed
-        if not allowed:
-            self.access.check(peer, op, model if isinstance(model, str) else None)  # raises with the reason
-
     # -- requests ---------------------------------------------------------------------------------
     def _on_request(self, frames: list[zmq.Frame]) -> None:
         received_ns = time.monotonic_ns()
@@ -308,14 +263,14 @@ class Supervisor:
             header = decode_header(body[0].buffer)
             request_id = request_id_of(header)
             op = check_envelope(header, len(body))
-            peer = self._peer_of(route_id, body[0])
+            peer = self.peers.peer_of(route_id, body[0])
             if peer.uid is not None:
                 client = f"uid={peer.uid}"
             name = header.get("client")
             if name:
                 client = f"{name}@{client}"
             model_name = header.get("model")
-            self._authorize(peer, op, model_name if isinstance(model_name, str) else None)
+            self.peers.authorize(peer, op, model_name if isinstance(model_name, str) else None)
             if op == "infer":
                 self._accept_infer(route, request_id, client, header, body, received_ns)  # type: ignore[arg-type]
             else:
@@ -362,157 +317,7 @@ class Supervisor:
         )
         self._next_task_id += 1
         self.limiter.admit(client, header.get("client"), decoded_ns)
-        if model.batchable:
-            self._accept_for_batching(task, header)
-            return
-        if model.idle:
-            self._dispatch(model.idle.pop(), task)
-            return
-        ewma = model.compute_ewma_us
-        if ewma is not None and ewma < PIPELINE_MAX_COMPUTE_US and not model.queue:
-            for worker in model.workers:
-                if worker.state is WorkerState.BUSY and len(worker.inflight) < PIPELINE_DEPTH:
-                    self._dispatch(worker, task)
-                    return
-        try:
-            self._enqueue(task)
-        except OpenInferError:
-            self.limiter.release(client)
-            raise
-
-    def _accept_for_batching(self, task: Task, header: dict[str, Any]) -> None:
-        inputs = header["inputs"]
-        rows = inputs[0]["shape"][0]
-        batching = task.model.config.batching
-        assert batching is not None
-        if rows <= batching.max_batch_size:
-            task.rows = rows
-            task.batch_key = (tuple(sorted((s["name"], tuple(s["shape"][1:])) for s in inputs)), tuple(header.get("outputs") or ()))
-        try:
-            self._enqueue(task)
-        except OpenInferError:
-            self.limiter.release(task.client)
-            raise
-        self._maybe_flush(task.model)
-
-    def _maybe_flush(self, model: ServedModel) -> None:
-        """Send queued tasks to idle workers as batches: when a batch is full, or the oldest queued task
-        has waited max_queue_delay_us."""
-        batching = model.config.batching
-        if not model.queue or batching is None:
-            model.batch_deadline_ns = 0
-            return
-        now = time.monotonic_ns()
-        if model.batch_deadline_ns == 0:
-            model.batch_deadline_ns = now + batching.max_queue_delay_us * 1000
-            self.timers.call_at(model.batch_deadline_ns, lambda: self._maybe_flush(model))
-        if not model.idle or (len(model.queue) < batching.max_batch_size and now < model.batch_deadline_ns):
-            return
-        while model.idle and model.queue:
-            self._dispatch_batch(model.idle.pop(), self._take_batch(model, batching.max_batch_size))
-        model.batch_deadline_ns = now if model.queue else 0  # leftovers are already due
-
-    def _take_batch(self, model: ServedModel, max_rows: int) -> list[Task]:
-        first = model.queue.popleft()
-        batch = [first]
-        if first.batch_key is not None:
-            rows = first.rows
-            for task in list(model.queue):
-                if len(batch) >= max_rows:
-                    break
-                if task.batch_key == first.batch_key and rows + task.rows <= max_rows:
-                    model.queue.remove(task)
-                    batch.append(task)
-                    rows += task.rows
-        for task in batch:
-            self._dequeue(task)
-        return batch
-
-    def _dispatch_batch(self, worker: WorkerHandle, batch: list[Task]) -> None:
-        if len(batch) == 1:
-            self._dispatch(worker, batch[0])
-            return
-        now = time.monotonic_ns()
-        head = batch[0]
-        worker.deadline_ns = min(min(t.deadline_ns for t in batch), now + head.model.config.max_compute_ms * 1_000_000)
-        frames: list[Any] = [worker.identity, messages.BATCH, pack({"tasks": [t.task_id for t in batch], "frames": [1 + len(t.data_frames) for t in batch]})]
-        for task in batch:
-            task.dispatched_ns = now
-            task.worker = worker
-            worker.inflight.append(task)
-            frames.append(task.header_frame)
-            frames.extend(task.data_frames)
-        worker.state = WorkerState.BUSY
-        head.model.batch_sizes[len(batch)] = head.model.batch_sizes.get(len(batch), 0) + 1
-        self.backend.send_multipart(frames, copy=False)
-
-    def _enqueue(self, task: Task) -> None:
-        model = task.model
-        if len(model.queue) >= model.config.max_queue:
-            self.limiter.rejected["max_queue"] = self.limiter.rejected.get("max_queue", 0) + 1
-            raise ResourceExhausted(f"model {model.key} has {len(model.queue)} requests queued (max_queue)")
-        if self._queued_bytes + task.nbytes > self.settings.server.max_queued_bytes:
-            self.limiter.rejected["max_queued_bytes"] = self.limiter.rejected.get("max_queued_bytes", 0) + 1
-            raise ResourceExhausted(f"daemon holds {self._queued_bytes} queued bytes (server.max_queued_bytes)")
-        task.enqueued_ns = time.monotonic_ns()
-        model.queue.append(task)
-        self._queued_bytes += task.nbytes
-        self._queued_by_request[(task.route[0].bytes, task.request_id)] = task
-        self.timers.call_at(task.deadline_ns, lambda: self._expire_queued(task))
-
-    def _dequeue(self, task: Task) -> None:
-        self._queued_bytes -= task.nbytes
-        self._queued_by_request.pop((task.route[0].bytes, task.request_id), None)
-
-    def _dispatch(self, worker: WorkerHandle, task: Task) -> None:
-        now = time.monotonic_ns()
-        task.dispatched_ns = now
-        task.worker = worker
-        if not worker.inflight:
-            worker.deadline_ns = min(task.deadline_ns, now + task.model.config.max_compute_ms * 1_000_000)
-        worker.inflight.append(task)
-        worker.state = WorkerState.BUSY  # hot path: READY->BUSY is the one transition not logged
-        send = self.backend.send
-        send(worker.identity, _SNDMORE)
-        send(messages.TASK + messages.pack_task_id(task.task_id), _SNDMORE)
-        data = task.data_frames
-        if data:
-            send(task.header_frame, _SNDMORE, copy=False)
-            last = len(data) - 1
-            for index, frame in enumerate(data):
-                send(frame, 0 if index == last else _SNDMORE, copy=False)
-        else:
-            send(task.header_frame, 0, copy=False)
-
-    def _next_for(self, worker: WorkerHandle) -> None:
-        """The worker finished a task: give it the oldest queued one, or park it idle if it holds none."""
-        queue = worker.model.queue
-        if worker.model.batchable:
-            if not worker.inflight:
-                worker.state = WorkerState.READY
-                worker.model.idle.append(worker)
-                self._maybe_flush(worker.model)
-            return
-        if worker.inflight:
-            if queue and len(worker.inflight) < PIPELINE_DEPTH:
-                task = queue.popleft()
-                if not task.done:
-                    self._dequeue(task)
-                    self._dispatch(worker, task)
-            return
-        while queue:
-            task = queue.popleft()
-            if task.done:
-                continue
-            self._dequeue(task)
-            self._dispatch(worker, task)
-            return
-        if worker.model.retiring:
-            self._quit(worker)
-            self.sync.progress()
-            return
-        worker.state = WorkerState.READY
-        worker.model.idle.append(worker)
+        self.dispatcher.admit(task, header)
 
     # -- worker messages ----------------------------------------------------------------------------
     def _on_worker_message(self, frames: list[zmq.Frame]) -> None:
@@ -529,7 +334,7 @@ class Supervisor:
             if self.draining:
                 self._quit(worker)
             else:
-                self._next_for(worker)
+                self.dispatcher.next_for(worker)
                 self.sync.on_model_ready(worker.model)
                 self._tell_systemd()
         elif kind == messages.PONG:
@@ -545,12 +350,19 @@ class Supervisor:
             return  # the task was already answered (deadline); the worker is being replaced
         task = inflight.popleft()
         worker.tasks_served += 1
-        task.done = True
         meta = unpack(frames[2].buffer)
         model = task.model
-        # A pipelined task waited in the worker until the previous one was sent: that wait is queueing.
-        started_ns = task.dispatched_ns if task.dispatched_ns > worker.last_send_ns else worker.last_send_ns
-        worker.last_send_ns = meta["send_ns"]
+        if task.batched and "error" in meta and meta.get("batch_size", 1) > 1:
+            self.dispatcher.retry_alone(task)  # one member's input may have failed the whole batch
+            if not inflight:
+                self.dispatcher.next_for(worker)
+            return
+        task.done = True
+        if task.batched:  # every member of a batch started with it
+            started_ns = task.dispatched_ns
+        else:  # a pipelined task waited in the worker until the previous one was sent: that is queueing
+            started_ns = task.dispatched_ns if task.dispatched_ns > worker.last_send_ns else worker.last_send_ns
+            worker.last_send_ns = meta["send_ns"]
         timing = {
             "decode_us": (task.decoded_ns - task.received_ns) / 1000,
             "queue_us": (started_ns - task.decoded_ns) / 1000,
@@ -570,14 +382,14 @@ class Supervisor:
         if inflight:  # the next pipelined task started when this result was sent
             worker.deadline_ns = min(inflight[0].deadline_ns, now + model.config.max_compute_ms * 1_000_000)
             if worker.state is WorkerState.BUSY:
-                self._next_for(worker)  # keep the pipeline full before spending time on the reply
+                self.dispatcher.next_for(worker)  # keep the pipeline full before spending time on the reply
         outputs = frames[3:]
         timing["total_us"] = (time.monotonic_ns() - task.received_ns) / 1000
         if error is None:
             reply = {"v": PROTOCOL_VERSION, "id": task.request_id, "model": model.name, "version": model.version, "outputs": meta["outputs"], "timing": timing}
-            if "batch_size" in meta:
-                reply["batch_size"] = meta["batch_size"]
-                timing["batch_wait_us"] = timing["queue_us"]  # part of queue_us, not an extra stage
+            if model.batchable:
+                reply["batch_size"] = meta.get("batch_size", 1)
+                timing["batch_wait_us"] = task.batch_wait_ns / 1000  # part of queue_us, not an extra stage
             self._reply(task.route, reply, outputs)
             code = None
         else:
@@ -588,7 +400,7 @@ class Supervisor:
             bytes_out += len(frame)
         self._finish(task, code, timing, bytes_out)
         if worker.state is WorkerState.BUSY and not worker.inflight:
-            self._next_for(worker)
+            self.dispatcher.next_for(worker)
 
     def _finish(self, task: Task, code: str | None, timing: dict[str, float], bytes_out: int = 0) -> None:
         task.done = True
@@ -604,45 +416,33 @@ class Supervisor:
         self._finish(task, exc.code, timing)
 
     def _on_model_failed(self, model: ServedModel) -> None:
+        """The model cannot serve (load failed, or its workers crash-looped): queued requests must not
+        wait for their deadline, they get UNAVAILABLE with the reason at once."""
         self.sync.on_model_failed(model)
+        reason = f"model {model.key} is {model.state.value}: {model.reason}"
+        failed = self.dispatcher.fail_queue(model, lambda: Unavailable(reason))
+        if failed:
+            log.warning("queued requests failed: model cannot serve", extra={"model": model.key, "requests": failed, "reason": model.reason})
+
+    def _retire_worker(self, worker: WorkerHandle) -> None:
+        self._quit(worker)
+        self.sync.progress()
 
     def _on_worker_lost(self, worker: WorkerHandle, how: str) -> None:
         """Exactly the task the worker was running fails; pipelined ones behind it never started and go
-        back to the front of the queue."""
+        back to the front of the queue. A batch that crashed goes back whole, each member to run alone."""
         if not worker.inflight:
             return
-        task = worker.inflight.popleft()
-        if not task.done:
-            self._fail_task(task, WorkerCrashed(how, {"worker": worker.worker_id, "pid": worker.pid}))
-        self._requeue_unstarted(worker)
-
-    def _requeue_unstarted(self, worker: WorkerHandle) -> None:
-        while worker.inflight:
-            task = worker.inflight.pop()
-            if task.done:
-                continue
-            task.worker = None
-            task.model.queue.appendleft(task)
-            self._queued_bytes += task.nbytes
-            self._queued_by_request[(task.route[0].bytes, task.request_id)] = task
-            self.timers.call_at(task.deadline_ns, lambda t=task: self._expire_queued(t))  # type: ignore[misc]
-        model = worker.model
-        while model.queue and model.idle:
-            self._next_for(model.idle.pop())
+        head = worker.inflight[0]
+        if not (head.batched and len(worker.inflight) > 1):
+            worker.inflight.popleft()
+            if not head.done:
+                self._fail_task(head, WorkerCrashed(how, {"worker": worker.worker_id, "pid": worker.pid}))
+        self.dispatcher.requeue_unstarted(worker)
 
     # -- deadlines --------------------------------------------------------------------------------
-    def _expire_queued(self, task: Task) -> None:
-        if task.done or task.worker is not None:
-            return
-        try:
-            task.model.queue.remove(task)
-        except ValueError:
-            pass
-        self._dequeue(task)
-        waited_ms = (time.monotonic_ns() - task.received_ns) / 1e6
-        self._fail_task(task, DeadlineExceeded(f"deadline passed after {waited_ms:.1f} ms waiting in the queue; the task never ran"))
-
     def _expire_running(self) -> None:
+        """Kill workers whose running task (or batch) is past its deadline or max_compute_ms."""
         now = time.monotonic_ns()
         if now < self._next_housekeeping_ns:
             return
@@ -650,10 +450,18 @@ class Supervisor:
         for worker in list(self.pool.by_identity.values()):
             if not worker.inflight or now < worker.deadline_ns:
                 continue
-            task = worker.inflight.popleft()
-            self._requeue_unstarted(worker)
-            ran_ms = (now - task.dispatched_ns) / 1e6
-            self._fail_task(task, DeadlineExceeded(f"task still running after {ran_ms:.0f} ms; its worker was killed and is being replaced"))
+            running = [worker.inflight.popleft()]
+            if running[0].batched:  # the whole batch was running
+                while worker.inflight and worker.inflight[0].batched and worker.inflight[0].dispatched_ns == running[0].dispatched_ns:
+                    running.append(worker.inflight.popleft())
+            late = [t for t in running if t.deadline_ns <= now] if len(running) > 1 else running
+            for task in running:
+                if task not in late:
+                    worker.inflight.appendleft(task)  # ran too long together with others: retried alone
+            self.dispatcher.requeue_unstarted(worker)
+            for task in late:
+                ran_ms = (now - task.dispatched_ns) / 1e6
+                self._fail_task(task, DeadlineExceeded(f"task still running after {ran_ms:.0f} ms; its worker was killed and is being replaced"))
             worker.exit_reason = "killed: task exceeded its deadline"
             worker.expected_exit = True
             self.pool.kill(worker)
@@ -700,11 +508,10 @@ class Supervisor:
         raise InvalidArgument(f"operation {op!r} is not supported by this daemon yet")
 
     def _cancel(self, route: list[Any], target: Any) -> dict[str, Any]:
-        task = self._queued_by_request.get((route[0].bytes, target)) if isinstance(target, int) else None
+        task = self.dispatcher.queued_for(route[0].bytes, target) if isinstance(target, int) else None
         if task is None or task.done:
             return {"cancelled": False}
-        task.model.queue.remove(task)
-        self._dequeue(task)
+        self.dispatcher.remove_queued(task)
         self._fail_task(task, DeadlineExceeded("cancelled by the client before it ran"))
         return {"cancelled": True}
 
@@ -775,11 +582,7 @@ class Supervisor:
 
     def _stop_now(self) -> None:
         for model in self.sync.all_models():
-            while model.queue:
-                task = model.queue.popleft()
-                if not task.done:
-                    self._dequeue(task)
-                    self._fail_task(task, Unavailable("daemon stopped before this task ran"))
+            self.dispatcher.fail_queue(model, lambda: Unavailable("daemon stopped before this task ran"))
         for worker in self.pool.all_workers():
             while worker.inflight:
                 task = worker.inflight.popleft()
@@ -803,6 +606,7 @@ class Supervisor:
             worker.spawned.process.wait()
             worker.spawned.close()
         self.signals.close()
+        self.timers.close()
         self.frontend.close(linger=0)
         self.backend.close(linger=0)
         self.zap.close(linger=0)

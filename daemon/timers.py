@@ -1,25 +1,84 @@
-"""A heap of (when, callback) timers for the supervisor loop: deadlines, respawn backoff, timeouts."""
+"""A heap of (when, callback) timers for the supervisor loop: deadlines, batch delays, respawn backoff.
+
+The loop's poller only takes millisecond timeouts, which would round a 500 us batch delay up to 1-2 ms.
+So the heap also keeps a Linux timerfd armed at its earliest entry (CLOCK_MONOTONIC, the clock of
+`time.monotonic_ns`): the poller watches the fd and wakes at the microsecond the first timer is due.
+"""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import heapq
 import itertools
+import os
 import time
 from typing import Callable
 
+_CLOCK_MONOTONIC = 1
+_TFD_NONBLOCK = os.O_NONBLOCK
+_TFD_CLOEXEC = os.O_CLOEXEC
+_TFD_TIMER_ABSTIME = 1
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+class MonotonicTimerFd:
+    """A one-shot timerfd (Python 3.11 has no os.timerfd_*; libc does)."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        self._settime = libc.timerfd_settime
+        self._settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(_Itimerspec), ctypes.c_void_p]
+        fd = libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK | _TFD_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "timerfd_create failed")
+        self.fd: int = fd
+        self._spec = _Itimerspec()
+
+    def arm_at(self, when_ns: int) -> None:
+        """Fire once at `when_ns` (monotonic); a time already past fires at once. 0 disarms."""
+        when_ns = max(when_ns, 1) if when_ns else 0
+        self._spec.it_value.tv_sec, self._spec.it_value.tv_nsec = divmod(when_ns, 1_000_000_000)
+        if self._settime(self.fd, _TFD_TIMER_ABSTIME, ctypes.byref(self._spec), None) != 0:
+            raise OSError(ctypes.get_errno(), "timerfd_settime failed")
+
+    def clear(self) -> None:
+        try:
+            os.read(self.fd, 8)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
 
 class TimerHeap:
-    def __init__(self) -> None:
+    def __init__(self, wakeup: MonotonicTimerFd | None = None) -> None:
         self._heap: list[tuple[int, int, Callable[[], None]]] = []
         self._seq = itertools.count()
+        self.wakeup = wakeup
+        self._armed_ns = 0  # what the timerfd is set to (0: disarmed)
 
     def call_at(self, when_ns: int, callback: Callable[[], None]) -> None:
         heapq.heappush(self._heap, (when_ns, next(self._seq), callback))
 
     def timeout_ms(self, default_ms: int) -> int:
-        """How long the poller may sleep before the next timer is due."""
+        """How long the poller may sleep; with a timerfd, also re-arm it at the earliest timer."""
         if not self._heap:
             return default_ms
-        wait = (self._heap[0][0] - time.monotonic_ns()) // 1_000_000 + 1
+        head = self._heap[0][0]
+        if self.wakeup is not None:
+            if head != self._armed_ns:
+                self.wakeup.arm_at(head)
+                self._armed_ns = head
+            return default_ms
+        wait = (head - time.monotonic_ns()) // 1_000_000 + 1
         return max(0, min(default_ms, wait))
 
     def run_due(self) -> None:
@@ -30,6 +89,17 @@ class TimerHeap:
         while heap and heap[0][0] <= now:
             _, _, callback = heapq.heappop(heap)
             callback()
+
+    def on_wakeup(self) -> None:
+        """The timerfd fired: it is one-shot, so it must be re-armed for the next head."""
+        if self.wakeup is not None:
+            self.wakeup.clear()
+            self._armed_ns = 0
+
+    def close(self) -> None:
+        if self.wakeup is not None:
+            self.wakeup.close()
+            self.wakeup = None
 
     def __len__(self) -> int:
         return len(self._heap)

@@ -52,6 +52,7 @@ class WorkerHandle:
     expected_exit: bool = False  # killed by us (deadline): respawn without counting a crash
     deadline_ns: int = 0  # when the running task must be answered by
     ping_sent_ns: int = 0  # outstanding liveness PING (0 = none)
+    idle_since_ns: int = 0  # when it last became READY (batch wait is measured from here)
     last_send_ns: int = 0  # when the worker sent its previous result (the next task started then)
 
     @property

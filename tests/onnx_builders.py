@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -94,17 +95,18 @@ def memory_bomb_model(path: Path, elements: int = 10 * 1024**3 // 4) -> Path:
     return _save(helper.make_model(graph, opset_imports=OPSET), path)
 
 
-def _counting_loop_body() -> onnx.GraphProto:
-    """Loop body: keep going, add 1 to the FP32[1] carried value on every iteration."""
+def _counting_loop_body(shape: list[Any] | None = None) -> onnx.GraphProto:
+    """Loop body: keep going, add 1 to the carried FP32 value (of `shape`, default [1]) on every iteration."""
+    shape = shape or [1]
     return helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["acc_in", "one"], ["acc_out"])],
         "body",
         [
             helper.make_tensor_value_info("i", TensorProto.INT64, []),
             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, shape),
         ],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, shape)],
         initializer=[numpy_helper.from_array(np.array([1.0], dtype=np.float32), "one")],
     )
 
@@ -168,6 +170,24 @@ def busy_loop_model(path: Path) -> Path:
         "busy",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]), helper.make_tensor_value_info("n", TensorProto.INT64, [])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        initializer=[numpy_helper.from_array(np.array(True), "cond")],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def row_loop_model(path: Path) -> Path:
+    """x FP32[batch, 1] -> y = x + max(x), computed by a Loop of max(x) iterations: batchable, and one
+    request with a huge value makes the whole batch it rides in spin (for batch isolation tests)."""
+    body = _counting_loop_body(["batch", 1])
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMax", ["x"], ["top"], keepdims=0),
+            helper.make_node("Cast", ["top"], ["n"], to=TensorProto.INT64),
+            helper.make_node("Loop", ["n", "cond", "x"], ["y"], body=body),
+        ],
+        "rowloop",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
         initializer=[numpy_helper.from_array(np.array(True), "cond")],
     )
     return _save(helper.make_model(graph, opset_imports=OPSET), path)

@@ -334,3 +334,32 @@ def test_sigkilled_supervisor_leaves_no_worker_and_next_start_cleans_up(daemon_f
         assert again.client().infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
     finally:
         again.stop()
+
+
+def test_requests_queued_for_a_model_that_crash_loops_get_unavailable_at_once(daemon_factory: Any, repo: Path) -> None:
+    running = daemon_factory(repo, env={"OPENINFER_POOL_CRASH_LOOP_LIMIT": "1"})
+    admin = running.client()
+    pid = worker_pids(admin, "spin")[0]
+    outcomes: dict[str, Any] = {}
+
+    def call(name: str) -> None:
+        try:
+            running.client(timeout=30).infer("spin", {"x": np.zeros(1, np.float32)})
+        except OpenInferError as exc:
+            outcomes[name] = (exc, time.monotonic())
+
+    blocker = threading.Thread(target=call, args=("running",))
+    blocker.start()
+    wait_for(lambda: any(w["state"] == "busy" for w in admin.status()["workers"] if w["pid"] == pid), what="spin busy")
+    queued = threading.Thread(target=call, args=("queued",))
+    queued.start()
+    wait_for(lambda: admin.status()["queued"] == 1, what="request queued")
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    blocker.join(10)
+    queued.join(10)
+    assert outcomes["running"][0].code == "WORKER_CRASHED"
+    exc, answered = outcomes["queued"]
+    # The queued request is answered when the model goes UNAVAILABLE, not at its 30 s deadline.
+    assert exc.code == "UNAVAILABLE" and "crash loop" in exc.message, exc
+    assert answered - killed < 10

@@ -112,6 +112,22 @@ def test_exposition_parses_and_agrees_with_the_snapshot() -> None:
     assert len(DURATION_BUCKETS_US) == 19
 
 
+def test_batch_sizes_and_admission_rejections_are_exposed() -> None:
+    stats = busy_accountant().snapshot({("tiny", 1): 2, ("magika", 2): 0})
+    stats["models"]["tiny"]["batch_sizes"] = {"1": {"1": 5, "3": 2, "8": 4}}
+    stats["admission"] = {"rejected": {"max_queue": 7, "rate_per_s": 2}}
+    exporter = MetricsExporter(MetricsSettings())
+    exporter.publish(stats, workers_rows(), {("tiny", 1): 0})
+    samples = parse(exporter.render_text())
+    where = {"model": "tiny", "version": "1"}
+    bucket = {le: value(samples, "openinfer_batch_size", "openinfer_batch_size_bucket", le=le, **where) for le in ("1.0", "2.0", "4.0", "8.0", "1024.0", "+Inf")}
+    assert bucket == {"1.0": 5, "2.0": 5, "4.0": 7, "8.0": 11, "1024.0": 11, "+Inf": 11}
+    assert value(samples, "openinfer_batch_size", "openinfer_batch_size_count", **where) == 11
+    assert value(samples, "openinfer_batch_size", "openinfer_batch_size_sum", **where) == 5 + 6 + 32  # tasks
+    assert value(samples, "openinfer_rejections", "openinfer_rejections_total", limit="max_queue") == 7
+    assert value(samples, "openinfer_rejections", "openinfer_rejections_total", limit="rate_per_s") == 2
+
+
 def test_nothing_published_yet_exposes_only_up_zero() -> None:
     samples = parse(MetricsExporter(MetricsSettings()).render_text())
     assert list(samples) == ["openinfer_up"] and samples["openinfer_up"][0].value == 0

@@ -136,6 +136,7 @@ def _run_batch(socket: zmq.Socket, session: Any, output_names: list[str], frames
                 "error": {"code": error_code_for(exc), "message": f"{type(exc).__name__}: {exc}"[:2000]},
                 "recv_ns": received_ns,
                 "cpu_us": 0.0,
+                "batch_size": len(task_ids),
                 "send_ns": time.monotonic_ns(),
             }
             socket.send_multipart([kind, pack(meta)])

@@ -1,0 +1,294 @@
+"""Where accepted tasks go: the per-model queues, the dispatch of single tasks and batches to workers,
+and putting tasks back when a worker is lost before they ran.
+
+The supervisor owns the sockets' receive side and the replies; this module owns the decisions of which
+task runs on which worker and when, and the bookkeeping that must stay exact for that (queued bytes,
+the (route, request id) index used by `cancel`, deadline timers of queued tasks).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import zmq
+
+from openinfer.client.errors import DeadlineExceeded, OpenInferError, ResourceExhausted
+from openinfer.client.protocol import pack
+
+from .client_limits import ClientLimiter
+from .models import ServedModel
+from .settings import Settings
+from .tasks import Task
+from .timers import TimerHeap
+from .worker import messages
+from .workers import WorkerHandle, WorkerState
+
+# Pipelining: a worker may hold a second task while it computes the first, so it never waits for the two
+# ZeroMQ hops between tasks. Only for models whose compute is short: a long task would hold the second
+# one (and its deadline) hostage.
+PIPELINE_DEPTH = 2
+PIPELINE_MAX_COMPUTE_US = 2000.0
+_SNDMORE = int(zmq.SNDMORE)
+
+FailTask = Callable[[Task, OpenInferError], None]
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: zmq.Socket,  # type: ignore[type-arg]
+        timers: TimerHeap,
+        limiter: ClientLimiter,
+        fail_task: FailTask,
+        retire_worker: Callable[[WorkerHandle], None],
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.timers = timers
+        self.limiter = limiter
+        self.fail_task = fail_task
+        self.retire_worker = retire_worker  # an idle worker of a retiring model: quit it
+        self.queued_bytes = 0
+        self.queued_by_request: dict[tuple[bytes, int], Task] = {}
+
+    # -- admission ----------------------------------------------------------------------------------
+    def admit(self, task: Task, header: dict[str, Any]) -> None:
+        """Run `task` now if a worker can take it, else queue it (RESOURCE_EXHAUSTED when full)."""
+        model = task.model
+        try:
+            if model.batchable:
+                self._admit_for_batching(task, header)
+                return
+            if model.idle:
+                self.dispatch(model.idle.pop(), task)
+                return
+            ewma = model.compute_ewma_us
+            if ewma is not None and ewma < PIPELINE_MAX_COMPUTE_US and not model.queue:
+                for worker in model.workers:
+                    if worker.state is WorkerState.BUSY and len(worker.inflight) < PIPELINE_DEPTH:
+                        self.dispatch(worker, task)
+                        return
+            self.enqueue(task)
+        except OpenInferError:
+            self.limiter.release(task.client)
+            raise
+
+    def _admit_for_batching(self, task: Task, header: dict[str, Any]) -> None:
+        inputs = header["inputs"]
+        rows = inputs[0]["shape"][0]
+        batching = task.model.config.batching
+        assert batching is not None
+        if rows <= batching.max_batch_size:
+            task.rows = rows
+            task.batch_key = (tuple(sorted((s["name"], tuple(s["shape"][1:])) for s in inputs)), tuple(header.get("outputs") or ()))
+        self.enqueue(task)
+        self.maybe_flush(task.model)
+
+    def enqueue(self, task: Task) -> None:
+        model = task.model
+        if len(model.queue) >= model.config.max_queue:
+            self.limiter.count_rejection("max_queue")
+            raise ResourceExhausted(f"model {model.key} has {len(model.queue)} requests queued (max_queue)")
+        if self.queued_bytes + task.nbytes > self.settings.server.max_queued_bytes:
+            self.limiter.count_rejection("max_queued_bytes")
+            raise ResourceExhausted(f"daemon holds {self.queued_bytes} queued bytes (server.max_queued_bytes)")
+        task.enqueued_ns = time.monotonic_ns()
+        self._track(task)
+        model.queue.append(task)
+
+    def _track(self, task: Task) -> None:
+        self.queued_bytes += task.nbytes
+        self.queued_by_request[(task.route[0].bytes, task.request_id)] = task
+        self.timers.call_at(task.deadline_ns, lambda: self.expire_queued(task))
+
+    def dequeue(self, task: Task) -> None:
+        """Forget a task that left its model's queue (the caller removed it from the queue itself)."""
+        self.queued_bytes -= task.nbytes
+        key = (task.route[0].bytes, task.request_id)
+        if self.queued_by_request.get(key) is task:
+            del self.queued_by_request[key]
+
+    def queued_for(self, route_id: bytes, request_id: int) -> Task | None:
+        return self.queued_by_request.get((route_id, request_id))
+
+    def remove_queued(self, task: Task) -> None:
+        try:
+            task.model.queue.remove(task)
+        except ValueError:
+            pass
+        self.dequeue(task)
+
+    # -- single tasks -------------------------------------------------------------------------------
+    def dispatch(self, worker: WorkerHandle, task: Task) -> None:
+        now = time.monotonic_ns()
+        task.dispatched_ns = now
+        task.worker = worker
+        if not worker.inflight:
+            worker.deadline_ns = min(task.deadline_ns, now + task.model.config.max_compute_ms * 1_000_000)
+        worker.inflight.append(task)
+        worker.state = WorkerState.BUSY  # hot path: READY->BUSY is the one transition not logged
+        send = self.backend.send
+        send(worker.identity, _SNDMORE)
+        send(messages.TASK + messages.pack_task_id(task.task_id), _SNDMORE)
+        data = task.data_frames
+        if data:
+            send(task.header_frame, _SNDMORE, copy=False)
+            last = len(data) - 1
+            for index, frame in enumerate(data):
+                send(frame, 0 if index == last else _SNDMORE, copy=False)
+        else:
+            send(task.header_frame, 0, copy=False)
+
+    def next_for(self, worker: WorkerHandle) -> None:
+        """The worker finished a task: give it the next queued one, or park it idle if it holds none."""
+        model = worker.model
+        if model.batchable:
+            if not worker.inflight:
+                self._park(worker)
+                self.maybe_flush(model)
+            return
+        queue = model.queue
+        if worker.inflight:
+            if queue and len(worker.inflight) < PIPELINE_DEPTH:
+                task = queue.popleft()
+                if not task.done:
+                    self.dequeue(task)
+                    self.dispatch(worker, task)
+            return
+        while queue:
+            task = queue.popleft()
+            if task.done:
+                continue
+            self.dequeue(task)
+            self.dispatch(worker, task)
+            return
+        if model.retiring:
+            self.retire_worker(worker)
+            return
+        self._park(worker)
+
+    @staticmethod
+    def _park(worker: WorkerHandle) -> None:
+        worker.state = WorkerState.READY
+        worker.idle_since_ns = time.monotonic_ns()
+        worker.model.idle.append(worker)
+
+    # -- batches ------------------------------------------------------------------------------------
+    def maybe_flush(self, model: ServedModel) -> None:
+        """Send queued tasks to idle workers as batches: at once when the queue holds a full batch (or a
+        preferred size), else when the oldest queued task has waited max_queue_delay_us (a timer fires
+        then, to the microsecond)."""
+        batching = model.config.batching
+        if not model.queue or batching is None:
+            model.batch_deadline_ns = 0
+            return
+        now = time.monotonic_ns()
+        if model.batch_deadline_ns == 0:
+            model.batch_deadline_ns = now + batching.max_queue_delay_us * 1000
+            self.timers.call_at(model.batch_deadline_ns, lambda: self.maybe_flush(model))
+        if not model.idle:
+            return
+        due = now >= model.batch_deadline_ns
+        while model.idle and model.queue:
+            size = batching.max_batch_size if due else _batch_size_now(len(model.queue), batching.max_batch_size, batching.preferred_batch_sizes)
+            if size == 0:
+                break
+            self.dispatch_batch(model.idle.pop(), self._take_batch(model, size))
+        if not model.queue:
+            model.batch_deadline_ns = 0
+        elif due:  # leftovers waited as long as the batch that just left: due at once
+            model.batch_deadline_ns = now
+
+    def _take_batch(self, model: ServedModel, max_rows: int) -> list[Task]:
+        first = model.queue.popleft()
+        batch = [first]
+        if first.batch_key is not None:
+            rows = first.rows
+            for task in list(model.queue):
+                if len(batch) >= max_rows:
+                    break
+                if task.batch_key == first.batch_key and rows + task.rows <= max_rows:
+                    model.queue.remove(task)
+                    batch.append(task)
+                    rows += task.rows
+        for task in batch:
+            self.dequeue(task)
+        return batch
+
+    def dispatch_batch(self, worker: WorkerHandle, batch: list[Task]) -> None:
+        model = batch[0].model
+        model.batch_sizes[len(batch)] = model.batch_sizes.get(len(batch), 0) + 1  # size 1 counts too
+        idle_since = worker.idle_since_ns
+        if len(batch) == 1:
+            batch[0].batch_wait_ns = max(0, time.monotonic_ns() - max(batch[0].enqueued_ns, idle_since))
+            self.dispatch(worker, batch[0])
+            return
+        now = time.monotonic_ns()
+        worker.deadline_ns = min(min(t.deadline_ns for t in batch), now + model.config.max_compute_ms * 1_000_000)
+        frames: list[Any] = [worker.identity, messages.BATCH, pack({"tasks": [t.task_id for t in batch], "frames": [1 + len(t.data_frames) for t in batch]})]
+        for task in batch:
+            task.dispatched_ns = now
+            task.worker = worker
+            task.batched = True
+            # Waiting for the batch = waiting while a worker was free to run the task.
+            task.batch_wait_ns = max(0, now - max(task.enqueued_ns, idle_since))
+            worker.inflight.append(task)
+            frames.append(task.header_frame)
+            frames.extend(task.data_frames)
+        worker.state = WorkerState.BUSY
+        self.backend.send_multipart(frames, copy=False)
+
+    # -- losing workers and deadlines ----------------------------------------------------------------
+    def retry_alone(self, task: Task) -> None:
+        """A member of a batch that failed or crashed as a whole: which member caused it is unknown, so
+        each one runs again alone (at the front of the queue) and exactly the guilty task fails."""
+        task.worker = None
+        task.batch_key = None
+        task.batched = False
+        task.done = False
+        self._track(task)
+        task.model.queue.appendleft(task)
+
+    def requeue_unstarted(self, worker: WorkerHandle) -> None:
+        """Put the tasks a lost worker held but had not answered back at the front of their queue."""
+        while worker.inflight:
+            task = worker.inflight.pop()
+            if task.done:
+                continue
+            self.retry_alone(task)
+        self.serve_idle(worker.model)
+
+    def serve_idle(self, model: ServedModel) -> None:
+        if model.batchable:
+            self.maybe_flush(model)
+            return
+        while model.queue and model.idle:
+            self.next_for(model.idle.pop())
+
+    def expire_queued(self, task: Task) -> None:
+        if task.done or task.worker is not None:
+            return
+        self.remove_queued(task)
+        waited_ms = (time.monotonic_ns() - task.received_ns) / 1e6
+        self.fail_task(task, DeadlineExceeded(f"deadline passed after {waited_ms:.1f} ms waiting in the queue; the task never ran"))
+
+    def fail_queue(self, model: ServedModel, error: Callable[[], OpenInferError]) -> int:
+        """Answer every task still queued for `model` with `error()`; returns how many."""
+        failed = 0
+        while model.queue:
+            task = model.queue.popleft()
+            self.dequeue(task)
+            if not task.done:
+                self.fail_task(task, error())
+                failed += 1
+        return failed
+
+
+def _batch_size_now(queued: int, max_batch_size: int, preferred: tuple[int, ...]) -> int:
+    """How many tasks to send before the delay is up: a full batch, else the largest preferred size the
+    queue can fill (Triton's rule), else none (wait for more)."""
+    if queued >= max_batch_size:
+        return max_batch_size
+    fitting = [size for size in preferred if size <= queued]
+    return max(fitting) if fitting else 0
