@@ -187,9 +187,9 @@ class Dispatcher:
         if model.batch_deadline_ns == 0:
             model.batch_deadline_ns = now + batching.max_queue_delay_us * 1000
             self.timers.call_at(model.batch_deadline_ns, lambda: self.maybe_flush(model))
-        if not model.idle:
-            return
         due = now >= model.batch_deadline_ns
+        if not model.idle or (not due and len(model.queue) < batching.max_batch_size and not batching.preferred_batch_sizes):
+            return
         while model.idle and model.queue:
             size = batching.max_batch_size if due else _batch_size_now(len(model.queue), batching.max_batch_size, batching.preferred_batch_sizes)
             if size == 0:
@@ -237,7 +237,10 @@ class Dispatcher:
             frames.append(task.header_frame)
             frames.extend(task.data_frames)
         worker.state = WorkerState.BUSY
-        self.backend.send_multipart(frames, copy=False)
+        send = self.backend.send  # not send_multipart: its flag enums cost microseconds per frame
+        last = len(frames) - 1
+        for index, frame in enumerate(frames):
+            send(frame, 0 if index == last else _SNDMORE, copy=False)
 
     # -- losing workers and deadlines ----------------------------------------------------------------
     def retry_alone(self, task: Task) -> None:

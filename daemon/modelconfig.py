@@ -75,6 +75,14 @@ def _parse_batching(path: Path, raw: Any) -> BatchingConfig:
             if not isinstance(value, list):
                 raise ConfigError(f"{path}: `batching.preferred_batch_sizes` must be a list of integers")
             values[key] = tuple(_positive_int(path, f"batching.{key}", v) for v in value)
+        elif key == "max_queue_delay_us":  # 0: never wait (batches form only while workers are busy)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{path}: `batching.{key}` must be an integer >= 0, got {value!r}")
+            values[key] = value
         else:
             values[key] = _positive_int(path, f"batching.{key}", value)
-    return replace(BatchingConfig(), **values)
+    config = replace(BatchingConfig(), **values)
+    too_big = [size for size in config.preferred_batch_sizes if size > config.max_batch_size]
+    if too_big:
+        raise ConfigError(f"{path}: `batching.preferred_batch_sizes` {too_big} exceed max_batch_size {config.max_batch_size}")
+    return config

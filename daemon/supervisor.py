@@ -327,6 +327,8 @@ class Supervisor:
         kind = frames[1].bytes[:1]
         if kind == messages.RESULT:
             self._on_result(worker, frames)
+        elif kind == messages.RESULTS:
+            self._on_batch_results(worker, frames)
         elif kind == messages.HELLO:
             self.pool.on_hello(worker, unpack(frames[2].buffer))
         elif kind == messages.READY:
@@ -352,17 +354,10 @@ class Supervisor:
         worker.tasks_served += 1
         meta = unpack(frames[2].buffer)
         model = task.model
-        if task.batched and "error" in meta and meta.get("batch_size", 1) > 1:
-            self.dispatcher.retry_alone(task)  # one member's input may have failed the whole batch
-            if not inflight:
-                self.dispatcher.next_for(worker)
-            return
         task.done = True
-        if task.batched:  # every member of a batch started with it
-            started_ns = task.dispatched_ns
-        else:  # a pipelined task waited in the worker until the previous one was sent: that is queueing
-            started_ns = task.dispatched_ns if task.dispatched_ns > worker.last_send_ns else worker.last_send_ns
-            worker.last_send_ns = meta["send_ns"]
+        # A pipelined task waited in the worker until the previous one was sent: that wait is queueing.
+        started_ns = task.dispatched_ns if task.dispatched_ns > worker.last_send_ns else worker.last_send_ns
+        worker.last_send_ns = meta["send_ns"]
         timing = {
             "decode_us": (task.decoded_ns - task.received_ns) / 1000,
             "queue_us": (started_ns - task.decoded_ns) / 1000,
@@ -387,8 +382,8 @@ class Supervisor:
         timing["total_us"] = (time.monotonic_ns() - task.received_ns) / 1000
         if error is None:
             reply = {"v": PROTOCOL_VERSION, "id": task.request_id, "model": model.name, "version": model.version, "outputs": meta["outputs"], "timing": timing}
-            if model.batchable:
-                reply["batch_size"] = meta.get("batch_size", 1)
+            if model.batchable:  # a batching model's task that ran alone
+                reply["batch_size"] = 1
                 timing["batch_wait_us"] = task.batch_wait_ns / 1000  # part of queue_us, not an extra stage
             self._reply(task.route, reply, outputs)
             code = None
@@ -401,6 +396,56 @@ class Supervisor:
         self._finish(task, code, timing, bytes_out)
         if worker.state is WorkerState.BUSY and not worker.inflight:
             self.dispatcher.next_for(worker)
+
+    def _on_batch_results(self, worker: WorkerHandle, frames: list[zmq.Frame]) -> None:
+        """One message answers a whole batch: per task, its own timing and output frames."""
+        now = time.monotonic_ns()
+        worker.ping_sent_ns = 0
+        meta = unpack(frames[2].buffer)
+        task_ids: list[int] = meta["tasks"]
+        inflight = worker.inflight
+        if len(inflight) < len(task_ids) or inflight[0].task_id != task_ids[0]:
+            return  # already answered (deadline); the worker is being replaced
+        batch = [inflight.popleft() for _ in task_ids]
+        worker.tasks_served += len(batch)
+        error = meta.get("error")
+        if error is not None:
+            for task in batch:  # one member's input may have failed the whole batch: each runs alone
+                self.dispatcher.retry_alone(task)
+            self.dispatcher.next_for(worker)
+            return
+        model = batch[0].model
+        model.consecutive_crashes = 0
+        self.dispatcher.next_for(worker)  # the worker is free: the next batch leaves before the replies
+        shared = {
+            "dispatch_us": (meta["recv_ns"] - batch[0].dispatched_ns) / 1000,
+            "prep_us": meta["prep_us"],
+            "compute_us": meta["compute_us"],
+            "return_us": (now - meta["send_ns"]) / 1000,
+            "cpu_us": meta["cpu_us"],
+        }
+        header = {"v": PROTOCOL_VERSION, "id": 0, "model": model.name, "version": model.version, "outputs": None, "timing": None, "batch_size": len(batch)}
+        specs, encode_us = meta["outputs"], meta["encode_us"]
+        offset = 3
+        for index, task in enumerate(batch):
+            task.done = True
+            count = len(specs[index])
+            outputs = frames[offset : offset + count]
+            offset += count
+            timing = {
+                "decode_us": (task.decoded_ns - task.received_ns) / 1000,
+                "queue_us": (task.dispatched_ns - task.decoded_ns) / 1000,
+                **shared,
+                "encode_us": encode_us[index],
+                "batch_wait_us": task.batch_wait_ns / 1000,  # part of queue_us, not an extra stage
+                "total_us": (time.monotonic_ns() - task.received_ns) / 1000,
+            }
+            header["id"], header["outputs"], header["timing"] = task.request_id, specs[index], timing
+            self._reply(task.route, header, outputs)
+            bytes_out = 0
+            for frame in outputs:
+                bytes_out += len(frame)
+            self._finish(task, None, timing, bytes_out)
 
     def _finish(self, task: Task, code: str | None, timing: dict[str, float], bytes_out: int = 0) -> None:
         task.done = True

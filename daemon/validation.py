@@ -92,8 +92,11 @@ def check_infer(header: dict[str, Any], data_frames: list[Any], model: ServedMod
         if datatype != want["datatype"]:
             raise InvalidArgument(f"input {name!r}: datatype {datatype}, model expects {want['datatype']}")
         shape = spec.get("shape")
-        if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
+        if type(shape) is not list:
             raise InvalidArgument(f"input {name!r}: shape must be an array of non-negative integers")
+        for dim in shape:  # a loop, not all(genexpr): this runs for every request
+            if type(dim) is not int or dim < 0:  # `type is int` also refuses bool
+                raise InvalidArgument(f"input {name!r}: shape must be an array of non-negative integers")
         want_shape = want["shape"]
         if len(shape) != len(want_shape):
             raise InvalidArgument(f"input {name!r}: rank {len(shape)} {shape}, model expects rank {len(want_shape)} {want_shape}")

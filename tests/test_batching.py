@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -74,6 +75,41 @@ def test_batch_delay_is_kept_to_the_microsecond_not_rounded_to_the_poll_tick(dae
     # A lone request waits for the configured delay (300 us) for company; the poller's 1 ms tick would
     # make that >= 1000 us. The daemon's own measurement, so a noisy machine cannot fail it.
     assert 250 <= float(np.median(waits)) < 900, waits
+
+
+def test_zero_delay_never_waits_and_preferred_sizes_leave_at_once(daemon_factory: Any) -> None:
+    root = world_readable_dir("oi-batch-greedy-")
+    onnx_builders.matmul_model(root / "greedy" / "1" / "model.onnx")
+    (root / "greedy" / "config.toml").write_text("workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 0\n")
+    onnx_builders.matmul_model(root / "pref" / "1" / "model.onnx")
+    (root / "pref" / "config.toml").write_text("workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 10000000\npreferred_batch_sizes = [2]\n")
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    daemon = daemon_factory(root)
+    client = daemon.client()
+    x = np.ones((1, 64), np.float32)
+    waits = [client.infer("greedy", {"x": x}).timing["batch_wait_us"] for _ in range(20)]
+    assert float(np.median(waits)) < 200, waits  # a free worker takes a lone request at once
+    # With a 10 s delay, two concurrent requests still leave together at once: 2 is a preferred size.
+    started = time.monotonic()
+    results = run_concurrently(daemon.address, "pref", [x, x])
+    assert time.monotonic() - started < 5 and [r.batch_size for r in results] == [2, 2]
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_batching_config_is_checked(tmp_path: Path) -> None:
+    from openinfer.daemon.modelconfig import ConfigError, parse_model_config
+
+    path = tmp_path / "config.toml"
+    path.write_text("[batching]\nmax_batch_size = 4\npreferred_batch_sizes = [2, 8]\n")
+    with pytest.raises(ConfigError, match=r"\[8\] exceed max_batch_size 4"):
+        parse_model_config(path)
+    path.write_text("[batching]\nmax_queue_delay_us = -1\n")
+    with pytest.raises(ConfigError, match="max_queue_delay_us"):
+        parse_model_config(path)
+    path.write_text("[batching]\nmax_queue_delay_us = 0\n")
+    batching = parse_model_config(path).batching
+    assert batching is not None and batching.max_queue_delay_us == 0
 
 
 def test_a_batch_that_runs_too_long_is_retried_member_by_member(daemon_factory: Any) -> None:

@@ -8,6 +8,7 @@ is its worker id.
   HELLO  [b"H", meta]  model loaded            ACK   [b"A"]           channel proven, go sandbox
   READY  [b"Y", sandbox]  serve policy on      TASK  [b"T"+task_id, client header, *data]
   RESULT [b"R"+task_id, meta, *outputs]       QUIT  [b"Q"]           finish and exit 0
+  RESULTS [b"S", meta, per task: *outputs]  the answers of one BATCH, in its order
   FAILED [b"E", {"message"}]  boot failed      PING  [b"P", token]
                                                BATCH [b"B", {tasks, frames}, per task: header, *data]
   PONG   [b"p", token]
@@ -19,6 +20,7 @@ import struct
 HELLO = b"H"
 READY = b"Y"
 RESULT = b"R"
+RESULTS = b"S"
 FAILED = b"E"
 PONG = b"p"
 ACK = b"A"

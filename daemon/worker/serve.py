@@ -83,16 +83,18 @@ def _run_task(socket: zmq.Socket, session: Any, output_names: list[str], frames:
 
 
 def _run_batch(socket: zmq.Socket, session: Any, output_names: list[str], frames: list[zmq.Frame]) -> None:  # type: ignore[type-arg]
-    """Several compatible tasks: concatenate along axis 0, run once, split, answer each task separately.
+    """Several compatible tasks: concatenate along axis 0, run once, split, answer all in one message.
 
-    Frames: [b"B", {"tasks": [id...], "frames": [n...]}, then per task its header and data frames].
-    Results are identical to running each task alone (row-independent batch dimension).
+    Frames in: [b"B", {"tasks": [id...], "frames": [n...]}, then per task its header and data frames].
+    Frames out: [b"S", meta, then per task its output frames]; meta has the batch's shared timings and
+    per task its output specs and encode time. Results equal running each task alone (row-independent
+    batch dimension). One message per batch, not per task: the supervisor's per-message cost is the
+    throughput ceiling, and batching exists to cut it.
     """
     received_ns = time.monotonic_ns()
     cpu_start = time.process_time_ns()
     plan = unpack(frames[1].buffer)
     task_ids: list[int] = plan["tasks"]
-    kinds = [messages.RESULT + messages.pack_task_id(t) for t in task_ids]
     try:
         headers: list[dict[str, Any]] = []
         feeds: list[dict[str, np.ndarray]] = []
@@ -106,37 +108,39 @@ def _run_batch(socket: zmq.Socket, session: Any, output_names: list[str], frames
         merged = {name: np.concatenate([feed[name] for feed in feeds], axis=0) for name in feeds[0]}
         wanted = headers[0].get("outputs") or output_names
         prepared_ns = time.monotonic_ns()
-        results = session.run(wanted, merged)
+        results = [np.asarray(value) for value in session.run(wanted, merged)]
         computed_ns = time.monotonic_ns()
-        cpu_each = (time.process_time_ns() - cpu_start) / 1000 / len(task_ids)
+        specs: list[list[dict[str, Any]]] = []
+        encode_us: list[float] = []
+        payloads: list[Any] = []
         start = 0
-        for kind, n in zip(kinds, rows):
+        for n in rows:
             encode_start = time.monotonic_ns()
-            specs = []
-            payloads = []
+            task_specs = []
             for name, value in zip(wanted, results):
-                datatype, shape, payload = encode_array(np.ascontiguousarray(np.asarray(value)[start : start + n]))
-                specs.append({"name": name, "datatype": datatype, "shape": shape})
+                datatype, shape, payload = encode_array(np.ascontiguousarray(value[start : start + n]))
+                task_specs.append({"name": name, "datatype": datatype, "shape": shape})
                 payloads.append(payload)
-            meta = {
-                "outputs": specs,
-                "recv_ns": received_ns,
-                "prep_us": (prepared_ns - received_ns) / 1000,
-                "compute_us": (computed_ns - prepared_ns) / 1000,
-                "encode_us": (time.monotonic_ns() - encode_start) / 1000,
-                "cpu_us": cpu_each,
-                "batch_size": len(task_ids),
-                "send_ns": time.monotonic_ns(),
-            }
-            socket.send_multipart([kind, pack(meta), *payloads], copy=False)
+            specs.append(task_specs)
+            encode_us.append((time.monotonic_ns() - encode_start) / 1000)
             start += n
-    except Exception as exc:  # every task of the batch gets exactly one answer
-        for kind in kinds:
-            meta = {
-                "error": {"code": error_code_for(exc), "message": f"{type(exc).__name__}: {exc}"[:2000]},
-                "recv_ns": received_ns,
-                "cpu_us": 0.0,
-                "batch_size": len(task_ids),
-                "send_ns": time.monotonic_ns(),
-            }
-            socket.send_multipart([kind, pack(meta)])
+        meta = {
+            "tasks": task_ids,
+            "outputs": specs,
+            "encode_us": encode_us,
+            "recv_ns": received_ns,
+            "prep_us": (prepared_ns - received_ns) / 1000,
+            "compute_us": (computed_ns - prepared_ns) / 1000,
+            "cpu_us": (time.process_time_ns() - cpu_start) / 1000 / len(task_ids),
+            "send_ns": time.monotonic_ns(),
+        }
+        socket.send_multipart([messages.RESULTS, pack(meta), *payloads], copy=False)
+    except Exception as exc:  # every task of the batch gets an answer (the supervisor retries each alone)
+        meta = {
+            "tasks": task_ids,
+            "error": {"code": error_code_for(exc), "message": f"{type(exc).__name__}: {exc}"[:2000]},
+            "recv_ns": received_ns,
+            "cpu_us": 0.0,
+            "send_ns": time.monotonic_ns(),
+        }
+        socket.send_multipart([messages.RESULTS, pack(meta)])
