@@ -2,6 +2,7 @@
 accounting. It never imports onnxruntime and never runs a task itself."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -56,6 +57,7 @@ _SNDMORE = int(zmq.SNDMORE)
 _SNDMORE_NOBLOCK = _SNDMORE | _NOBLOCK
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+_GC_THRESHOLDS = (20_000, 20, 100)
 _HOUSEKEEPING_NS = 5_000_000  # how often running tasks' deadlines are checked
 
 
@@ -174,6 +176,11 @@ class Supervisor:
         frontend, backend, signal_fd = self.frontend, self.backend, self.signals.fd
         watchdog = self.notifier.watchdog if self.notifier.watchdog_interval_ns else None
         idle_ms = min(1000, (self.notifier.watchdog_interval_ns or 4_000_000_000) // 4_000_000)
+        # Every request allocates dicts and frames that die young; with the default gen0 threshold (700)
+        # the cyclic collector ran thousands of times a second and re-scanned everything loaded at boot.
+        # Freezing the boot objects and collecting less often: +18 % throughput at c=64 (bench/batching).
+        gc.freeze()
+        gc.set_threshold(*_GC_THRESHOLDS)
         while not self.finished:
             if watchdog is not None:
                 watchdog()  # from the loop itself: a wedged loop stops the pings and systemd restarts us
