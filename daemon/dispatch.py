@@ -100,11 +100,14 @@ class Dispatcher:
     def _track(self, task: Task) -> None:
         self.queued_bytes += task.nbytes
         self.queued_by_request[(task.route[0].bytes, task.request_id)] = task
-        self.timers.call_at(task.deadline_ns, lambda: self.expire_queued(task))
+        task.deadline_timer = self.timers.call_at(task.deadline_ns, lambda: self.expire_queued(task))
 
     def dequeue(self, task: Task) -> None:
         """Forget a task that left its model's queue (the caller removed it from the queue itself)."""
         self.queued_bytes -= task.nbytes
+        if task.deadline_timer is not None:  # else the timer would hold the task (and its tensors)
+            self.timers.cancel(task.deadline_timer)
+            task.deadline_timer = None
         key = (task.route[0].bytes, task.request_id)
         if self.queued_by_request.get(key) is task:
             del self.queued_by_request[key]

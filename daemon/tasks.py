@@ -30,4 +30,5 @@ class Task:
     batch_key: Any = None  # tasks with equal keys may run as one batch (same shapes but dim 0, same outputs)
     rows: int = 0
     batched: bool = False  # dispatched as a member of a batch of two or more
-    batch_wait_ns: int = 0  # part of the queue time spent waiting for a batch while a worker was free
+    batch_wait_ns: int = 0
+    deadline_timer: Any = None  # the queued-deadline timer, cancelled when the task leaves the queue  # part of the queue time spent waiting for a batch while a worker was free

@@ -58,21 +58,45 @@ class MonotonicTimerFd:
         os.close(self.fd)
 
 
+Timer = list  # [when_ns, sequence, callback or None]: what call_at returns, to cancel it
+
+
 class TimerHeap:
+    """Timers as [when, seq, callback] lists in a heap. A cancelled timer drops its callback at once
+    (so whatever the callback referenced, e.g. a queued task's tensors, is freed now, not at its
+    deadline) and its entry is removed when it comes up or when cancelled entries are half the heap."""
+
     def __init__(self, wakeup: MonotonicTimerFd | None = None) -> None:
-        self._heap: list[tuple[int, int, Callable[[], None]]] = []
+        self._heap: list[Timer] = []
         self._seq = itertools.count()
+        self._cancelled = 0
         self.wakeup = wakeup
         self._armed_ns = 0  # what the timerfd is set to (0: disarmed)
 
-    def call_at(self, when_ns: int, callback: Callable[[], None]) -> None:
-        heapq.heappush(self._heap, (when_ns, next(self._seq), callback))
+    def call_at(self, when_ns: int, callback: Callable[[], None]) -> Timer:
+        timer = [when_ns, next(self._seq), callback]
+        heapq.heappush(self._heap, timer)
+        return timer
+
+    def cancel(self, timer: Timer) -> None:
+        if timer[2] is None:
+            return
+        timer[2] = None
+        self._cancelled += 1
+        if self._cancelled > 1024 and self._cancelled * 2 > len(self._heap):
+            self._heap[:] = [t for t in self._heap if t[2] is not None]  # in place: run_due may hold it
+            heapq.heapify(self._heap)
+            self._cancelled = 0
 
     def timeout_ms(self, default_ms: int) -> int:
         """How long the poller may sleep; with a timerfd, also re-arm it at the earliest timer."""
-        if not self._heap:
+        heap = self._heap
+        while heap and heap[0][2] is None:  # cancelled: never wake up for it
+            heapq.heappop(heap)
+            self._cancelled -= 1
+        if not heap:
             return default_ms
-        head = self._heap[0][0]
+        head = heap[0][0]
         if self.wakeup is not None:
             if head != self._armed_ns:
                 self.wakeup.arm_at(head)
@@ -87,8 +111,11 @@ class TimerHeap:
             return
         now = time.monotonic_ns()
         while heap and heap[0][0] <= now:
-            _, _, callback = heapq.heappop(heap)
-            callback()
+            callback = heapq.heappop(heap)[2]
+            if callback is None:
+                self._cancelled -= 1
+            else:
+                callback()
 
     def on_wakeup(self) -> None:
         """The timerfd fired: it is one-shot, so it must be re-armed for the next head."""
