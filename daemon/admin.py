@@ -10,7 +10,6 @@ import psutil
 from openinfer.client.errors import InvalidArgument
 
 from .models import ModelState
-from .workers import WorkerState
 
 if TYPE_CHECKING:
     from .supervisor import Supervisor

@@ -1,7 +1,6 @@
 """Spawning, watching and replacing workers. The supervisor loop feeds it events; it never blocks."""
 from __future__ import annotations
 
-import grp
 import logging
 import os
 import pwd

@@ -1,7 +1,6 @@
 """Signal handling that only records: handlers write the signal number to a wakeup fd the loop polls."""
 from __future__ import annotations
 
-import os
 import signal
 import socket
 

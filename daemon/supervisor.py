@@ -21,7 +21,7 @@ from openinfer.client.errors import (
     Unavailable,
     WorkerCrashed,
 )
-from openinfer.client.protocol import MAX_HEADER_BYTES, PROTOCOL_VERSION, pack, resolve_address, unpack
+from openinfer.client.protocol import MAX_HEADER_BYTES, PROTOCOL_VERSION, resolve_address, unpack
 
 from . import admin
 from .access import AccessPolicy
@@ -37,6 +37,8 @@ from .preparation import WeightPreparer
 from .peers import PeerDirectory
 from .prepared import PreparedStore
 from .reload import RepositorySync
+from .replies import ReplySender
+from .results import WorkerResults
 from .runtime_dir import base_runtime_dir, create_instance_dir
 from .settings import Settings
 from .sdnotify import SystemdNotifier
@@ -48,13 +50,10 @@ from .worker import messages
 from .workers import WorkerHandle, WorkerState
 
 log = logging.getLogger("openinfer.supervisor")
-access_log = logging.getLogger("openinfer.access")
 
 _BATCH = 64  # messages taken from one socket before looking at the others
 # pyzmq flag enums cost microseconds per call on this path; plain ints do not.
 _NOBLOCK = int(zmq.NOBLOCK)
-_SNDMORE = int(zmq.SNDMORE)
-_SNDMORE_NOBLOCK = _SNDMORE | _NOBLOCK
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _GC_THRESHOLDS = (20_000, 20, 100)
@@ -105,7 +104,9 @@ class Supervisor:
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.pool = WorkerPool(settings, self.backend, "", self.timers, self._on_worker_lost, self.poller, self._on_model_failed)
         self.sync = RepositorySync(settings, self.registry, self.pool, self._quit)
-        self.dispatcher = Dispatcher(settings, self.backend, self.timers, self.limiter, self._fail_task, self._retire_worker)
+        self.replies = ReplySender(settings, self.frontend, self.accountant, self.limiter)
+        self.dispatcher = Dispatcher(settings, self.backend, self.timers, self.limiter, self.replies.fail, self._retire_worker)
+        self.results = WorkerResults(self.dispatcher, self.replies)
         self.runtime_dir = create_instance_dir(base_runtime_dir(settings.server.runtime_dir), self.pool.worker_gid)
         channel = self.runtime_dir / "workers.sock"
         self.backend.bind(f"ipc://{channel}")
@@ -166,7 +167,7 @@ class Supervisor:
             if fixed:
                 log.warning("reload: these settings need a restart to take effect", extra={"keys": fixed})
                 result["needs_restart"] = [k if k == "metrics" else f"server.{k}" for k in fixed]
-            self.settings = self.pool.settings = self.sync.settings = self.dispatcher.settings = new
+            self.settings = self.pool.settings = self.sync.settings = self.dispatcher.settings = self.replies.settings = new
         result.update(self.sync.sync())
         return result
 
@@ -281,7 +282,7 @@ class Supervisor:
             if op == "infer":
                 self._accept_infer(route, request_id, client, header, body, received_ns)  # type: ignore[arg-type]
             else:
-                self._reply(route, {"v": PROTOCOL_VERSION, "id": request_id, "result": self._admin(op, header, route)})
+                self.replies.send(route, {"v": PROTOCOL_VERSION, "id": request_id, "result": self._admin(op, header, route)})
         except Exception as exc:  # every accepted request gets exactly one answer, even on a daemon bug
             if not isinstance(exc, OpenInferError):
                 log.exception("internal error while handling a request", extra={"client": client})
@@ -289,7 +290,7 @@ class Supervisor:
             if request_id is None:
                 log.warning("malformed request", extra={"client": client, "code": exc.code, "reason": exc.message})
             timing = {"total_us": (time.monotonic_ns() - received_ns) / 1000}
-            self._reply_error(route, request_id, exc, timing)
+            self.replies.error(route, request_id, exc, timing)
             model = self._request_model
             self.accountant.record(model.name if model else None, model.version if model else None, client, exc.code, timing)
 
@@ -333,9 +334,9 @@ class Supervisor:
             return
         kind = frames[1].bytes[:1]
         if kind == messages.RESULT:
-            self._on_result(worker, frames)
+            self.results.on_result(worker, frames)
         elif kind == messages.RESULTS:
-            self._on_batch_results(worker, frames)
+            self.results.on_batch(worker, frames)
         elif kind == messages.HELLO:
             self.pool.on_hello(worker, unpack(frames[2].buffer))
         elif kind == messages.READY:
@@ -350,122 +351,6 @@ class Supervisor:
             worker.ping_sent_ns = 0
         else:
             log.warning("unknown message from worker", extra={"worker": worker.worker_id, "kind": kind.hex()})
-
-    def _on_result(self, worker: WorkerHandle, frames: list[zmq.Frame]) -> None:
-        now = time.monotonic_ns()
-        worker.ping_sent_ns = 0  # any message proves the worker's loop is alive
-        inflight = worker.inflight
-        if not inflight or messages.unpack_task_id(frames[1].buffer[1:]) != inflight[0].task_id:
-            return  # the task was already answered (deadline); the worker is being replaced
-        task = inflight.popleft()
-        worker.tasks_served += 1
-        meta = unpack(frames[2].buffer)
-        model = task.model
-        task.done = True
-        # A pipelined task waited in the worker until the previous one was sent: that wait is queueing.
-        started_ns = task.dispatched_ns if task.dispatched_ns > worker.last_send_ns else worker.last_send_ns
-        worker.last_send_ns = meta["send_ns"]
-        timing = {
-            "decode_us": (task.decoded_ns - task.received_ns) / 1000,
-            "queue_us": (started_ns - task.decoded_ns) / 1000,
-            "dispatch_us": (meta["recv_ns"] - started_ns) / 1000,
-        }
-        error = meta.get("error")
-        if error is None:
-            compute_us = meta["compute_us"]
-            timing["prep_us"] = meta["prep_us"]
-            timing["compute_us"] = compute_us
-            timing["encode_us"] = meta["encode_us"]
-            model.consecutive_crashes = 0
-            ewma = model.compute_ewma_us
-            model.compute_ewma_us = compute_us if ewma is None else 0.9 * ewma + 0.1 * compute_us
-        timing["return_us"] = (now - meta["send_ns"]) / 1000
-        timing["cpu_us"] = meta["cpu_us"]
-        if inflight:  # the next pipelined task started when this result was sent
-            worker.deadline_ns = min(inflight[0].deadline_ns, now + model.config.max_compute_ms * 1_000_000)
-            if worker.state is WorkerState.BUSY:
-                self.dispatcher.next_for(worker)  # keep the pipeline full before spending time on the reply
-        outputs = frames[3:]
-        timing["total_us"] = (time.monotonic_ns() - task.received_ns) / 1000
-        if error is None:
-            reply = {"v": PROTOCOL_VERSION, "id": task.request_id, "model": model.name, "version": model.version, "outputs": meta["outputs"], "timing": timing}
-            if model.batchable:  # a batching model's task that ran alone
-                reply["batch_size"] = 1
-                timing["batch_wait_us"] = task.batch_wait_ns / 1000  # part of queue_us, not an extra stage
-            self._reply(task.route, reply, outputs)
-            code = None
-        else:
-            self._reply(task.route, {"v": PROTOCOL_VERSION, "id": task.request_id, "error": error, "timing": timing})
-            code = error.get("code", "INTERNAL")
-        bytes_out = 0
-        for frame in outputs:
-            bytes_out += len(frame)
-        self._finish(task, code, timing, bytes_out)
-        if worker.state is WorkerState.BUSY and not worker.inflight:
-            self.dispatcher.next_for(worker)
-
-    def _on_batch_results(self, worker: WorkerHandle, frames: list[zmq.Frame]) -> None:
-        """One message answers a whole batch: per task, its own timing and output frames."""
-        now = time.monotonic_ns()
-        worker.ping_sent_ns = 0
-        meta = unpack(frames[2].buffer)
-        task_ids: list[int] = meta["tasks"]
-        inflight = worker.inflight
-        if len(inflight) < len(task_ids) or inflight[0].task_id != task_ids[0]:
-            return  # already answered (deadline); the worker is being replaced
-        batch = [inflight.popleft() for _ in task_ids]
-        worker.tasks_served += len(batch)
-        error = meta.get("error")
-        if error is not None:
-            for task in batch:  # one member's input may have failed the whole batch: each runs alone
-                self.dispatcher.retry_alone(task)
-            self.dispatcher.next_for(worker)
-            return
-        model = batch[0].model
-        model.consecutive_crashes = 0
-        self.dispatcher.next_for(worker)  # the worker is free: the next batch leaves before the replies
-        shared = {
-            "dispatch_us": (meta["recv_ns"] - batch[0].dispatched_ns) / 1000,
-            "prep_us": meta["prep_us"],
-            "compute_us": meta["compute_us"],
-            "return_us": (now - meta["send_ns"]) / 1000,
-            "cpu_us": meta["cpu_us"],
-        }
-        header = {"v": PROTOCOL_VERSION, "id": 0, "model": model.name, "version": model.version, "outputs": None, "timing": None, "batch_size": len(batch)}
-        specs, encode_us = meta["outputs"], meta["encode_us"]
-        offset = 3
-        for index, task in enumerate(batch):
-            task.done = True
-            count = len(specs[index])
-            outputs = frames[offset : offset + count]
-            offset += count
-            timing = {
-                "decode_us": (task.decoded_ns - task.received_ns) / 1000,
-                "queue_us": (task.dispatched_ns - task.decoded_ns) / 1000,
-                **shared,
-                "encode_us": encode_us[index],
-                "batch_wait_us": task.batch_wait_ns / 1000,  # part of queue_us, not an extra stage
-                "total_us": (time.monotonic_ns() - task.received_ns) / 1000,
-            }
-            header["id"], header["outputs"], header["timing"] = task.request_id, specs[index], timing
-            self._reply(task.route, header, outputs)
-            bytes_out = 0
-            for frame in outputs:
-                bytes_out += len(frame)
-            self._finish(task, None, timing, bytes_out)
-
-    def _finish(self, task: Task, code: str | None, timing: dict[str, float], bytes_out: int = 0) -> None:
-        task.done = True
-        self.limiter.release(task.client)
-        self.accountant.record(task.model.name, task.model.version, task.client, code, timing, task.nbytes, bytes_out)
-        sample = self.settings.log.access_log_sample
-        if sample > 0 and (sample >= 1 or (task.task_id * 2654435761 % 2**32) / 2**32 < sample):
-            access_log.info("task", extra={"task": task.task_id, "request": task.request_id, "model": task.model.name, "version": task.model.version, "client": task.client, "code": code or "OK", "timing": timing})
-
-    def _fail_task(self, task: Task, exc: OpenInferError) -> None:
-        timing = {"total_us": (time.monotonic_ns() - task.received_ns) / 1000}
-        self._reply_error(task.route, task.request_id, exc, timing)
-        self._finish(task, exc.code, timing)
 
     def _on_model_failed(self, model: ServedModel) -> None:
         """The model cannot serve (load failed, or its workers crash-looped): queued requests must not
@@ -489,7 +374,7 @@ class Supervisor:
         if not (head.batched and len(worker.inflight) > 1):
             worker.inflight.popleft()
             if not head.done:
-                self._fail_task(head, WorkerCrashed(how, {"worker": worker.worker_id, "pid": worker.pid}))
+                self.replies.fail(head, WorkerCrashed(how, {"worker": worker.worker_id, "pid": worker.pid}))
         self.dispatcher.requeue_unstarted(worker)
 
     # -- deadlines --------------------------------------------------------------------------------
@@ -513,34 +398,12 @@ class Supervisor:
             self.dispatcher.requeue_unstarted(worker)
             for task in late:
                 ran_ms = (now - task.dispatched_ns) / 1e6
-                self._fail_task(task, DeadlineExceeded(f"task still running after {ran_ms:.0f} ms; its worker was killed and is being replaced"))
+                self.replies.fail(task, DeadlineExceeded(f"task still running after {ran_ms:.0f} ms; its worker was killed and is being replaced"))
             worker.exit_reason = "killed: task exceeded its deadline"
             worker.expected_exit = True
             self.pool.kill(worker)
 
     # -- replies ----------------------------------------------------------------------------------
-    def _reply(self, route: list[Any], header: dict[str, Any], payloads: list[Any] | None = None) -> None:
-        send = self.frontend.send
-        try:
-            # With ROUTER_MANDATORY an unroutable peer fails on the first frame, before anything is queued.
-            for frame in route:
-                send(frame, _SNDMORE_NOBLOCK, copy=False)
-            if payloads:
-                send(pack(header), _SNDMORE_NOBLOCK)
-                last = len(payloads) - 1
-                for index, frame in enumerate(payloads):
-                    send(frame, _NOBLOCK if index == last else _SNDMORE_NOBLOCK, copy=False)
-            else:
-                send(pack(header), _NOBLOCK)
-        except zmq.ZMQError as exc:  # client gone (EHOSTUNREACH) or not reading (EAGAIN): drop, never block
-            log.info("reply dropped", extra={"id": header.get("id"), "reason": exc.strerror})
-
-    def _reply_error(self, route: list[Any], request_id: int | None, exc: OpenInferError, timing: dict[str, float] | None = None) -> None:
-        reply: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "error": exc.to_wire()}
-        if timing:
-            reply["timing"] = timing
-        self._reply(route, reply)
-
     # -- admin --------------------------------------------------------------------------------------
     def _admin(self, op: str, header: dict[str, Any], route: list[Any]) -> dict[str, Any]:
         if op == "models":
@@ -564,7 +427,7 @@ class Supervisor:
         if task is None or task.done:
             return {"cancelled": False}
         self.dispatcher.remove_queued(task)
-        self._fail_task(task, DeadlineExceeded("cancelled by the client before it ran"))
+        self.replies.fail(task, DeadlineExceeded("cancelled by the client before it ran"))
         return {"cancelled": True}
 
     # -- signals and shutdown ---------------------------------------------------------------------
@@ -639,7 +502,7 @@ class Supervisor:
             while worker.inflight:
                 task = worker.inflight.popleft()
                 if not task.done:
-                    self._fail_task(task, Unavailable("daemon stopped while this task was running"))
+                    self.replies.fail(task, Unavailable("daemon stopped while this task was running"))
             if worker.state is not WorkerState.DRAINING:
                 worker.transition(WorkerState.DRAINING)
             self.pool.kill(worker)

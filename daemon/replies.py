@@ -1,0 +1,66 @@
+"""Answers to clients: the one place that sends a reply frame sequence on the public socket, and that
+closes a task's books (client limit released, accounting, sampled access log) once it is answered."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import zmq
+
+from openinfer.client.errors import OpenInferError
+from openinfer.client.protocol import PROTOCOL_VERSION, pack
+
+from .accounting import Accountant
+from .client_limits import ClientLimiter
+from .settings import Settings
+from .tasks import Task
+
+log = logging.getLogger("openinfer.supervisor")
+access_log = logging.getLogger("openinfer.access")
+
+_NOBLOCK = int(zmq.NOBLOCK)  # pyzmq flag enums cost microseconds per call on this path; ints do not
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
+
+
+class ReplySender:
+    def __init__(self, settings: Settings, frontend: zmq.Socket, accountant: Accountant, limiter: ClientLimiter) -> None:  # type: ignore[type-arg]
+        self.settings = settings
+        self.frontend = frontend
+        self.accountant = accountant
+        self.limiter = limiter
+
+    def send(self, route: list[Any], header: dict[str, Any], payloads: list[Any] | None = None) -> None:
+        send = self.frontend.send
+        try:
+            # With ROUTER_MANDATORY an unroutable peer fails on the first frame, before anything is queued.
+            for frame in route:
+                send(frame, _SNDMORE_NOBLOCK, copy=False)
+            if payloads:
+                send(pack(header), _SNDMORE_NOBLOCK)
+                last = len(payloads) - 1
+                for index, frame in enumerate(payloads):
+                    send(frame, _NOBLOCK if index == last else _SNDMORE_NOBLOCK, copy=False)
+            else:
+                send(pack(header), _NOBLOCK)
+        except zmq.ZMQError as exc:  # client gone (EHOSTUNREACH) or not reading (EAGAIN): drop, never block
+            log.info("reply dropped", extra={"id": header.get("id"), "reason": exc.strerror})
+
+    def error(self, route: list[Any], request_id: int | None, exc: OpenInferError, timing: dict[str, float] | None = None) -> None:
+        reply: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "error": exc.to_wire()}
+        if timing:
+            reply["timing"] = timing
+        self.send(route, reply)
+
+    def finish(self, task: Task, code: str | None, timing: dict[str, float], bytes_out: int = 0) -> None:
+        task.done = True
+        self.limiter.release(task.client)
+        self.accountant.record(task.model.name, task.model.version, task.client, code, timing, task.nbytes, bytes_out)
+        sample = self.settings.log.access_log_sample
+        if sample > 0 and (sample >= 1 or (task.task_id * 2654435761 % 2**32) / 2**32 < sample):
+            access_log.info("task", extra={"task": task.task_id, "request": task.request_id, "model": task.model.name, "version": task.model.version, "client": task.client, "code": code or "OK", "timing": timing})
+
+    def fail(self, task: Task, exc: OpenInferError) -> None:
+        timing = {"total_us": (time.monotonic_ns() - task.received_ns) / 1000}
+        self.error(task.route, task.request_id, exc, timing)
+        self.finish(task, exc.code, timing)

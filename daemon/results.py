@@ -1,0 +1,123 @@
+"""What workers send back: one task's RESULT, or a whole batch's RESULTS. Turns the worker's timestamps
+into each reply's `timing`, keeps the worker busy (next task before the reply), and answers the client."""
+from __future__ import annotations
+
+import time
+
+import zmq
+
+from openinfer.client.protocol import PROTOCOL_VERSION, unpack
+
+from .dispatch import Dispatcher
+from .replies import ReplySender
+from .worker import messages
+from .workers import WorkerHandle, WorkerState
+
+
+class WorkerResults:
+    def __init__(self, dispatcher: Dispatcher, replies: ReplySender) -> None:
+        self.dispatcher = dispatcher
+        self.replies = replies
+
+    def on_result(self, worker: WorkerHandle, frames: list[zmq.Frame]) -> None:
+        now = time.monotonic_ns()
+        worker.ping_sent_ns = 0  # any message proves the worker's loop is alive
+        inflight = worker.inflight
+        if not inflight or messages.unpack_task_id(frames[1].buffer[1:]) != inflight[0].task_id:
+            return  # the task was already answered (deadline); the worker is being replaced
+        task = inflight.popleft()
+        worker.tasks_served += 1
+        meta = unpack(frames[2].buffer)
+        model = task.model
+        task.done = True
+        # A pipelined task waited in the worker until the previous one was sent: that wait is queueing.
+        started_ns = task.dispatched_ns if task.dispatched_ns > worker.last_send_ns else worker.last_send_ns
+        worker.last_send_ns = meta["send_ns"]
+        timing = {
+            "decode_us": (task.decoded_ns - task.received_ns) / 1000,
+            "queue_us": (started_ns - task.decoded_ns) / 1000,
+            "dispatch_us": (meta["recv_ns"] - started_ns) / 1000,
+        }
+        error = meta.get("error")
+        if error is None:
+            compute_us = meta["compute_us"]
+            timing["prep_us"] = meta["prep_us"]
+            timing["compute_us"] = compute_us
+            timing["encode_us"] = meta["encode_us"]
+            model.consecutive_crashes = 0
+            ewma = model.compute_ewma_us
+            model.compute_ewma_us = compute_us if ewma is None else 0.9 * ewma + 0.1 * compute_us
+        timing["return_us"] = (now - meta["send_ns"]) / 1000
+        timing["cpu_us"] = meta["cpu_us"]
+        if inflight:  # the next pipelined task started when this result was sent
+            worker.deadline_ns = min(inflight[0].deadline_ns, now + model.config.max_compute_ms * 1_000_000)
+            if worker.state is WorkerState.BUSY:
+                self.dispatcher.next_for(worker)  # keep the pipeline full before spending time on the reply
+        outputs = frames[3:]
+        timing["total_us"] = (time.monotonic_ns() - task.received_ns) / 1000
+        if error is None:
+            reply = {"v": PROTOCOL_VERSION, "id": task.request_id, "model": model.name, "version": model.version, "outputs": meta["outputs"], "timing": timing}
+            if model.batchable:  # a batching model's task that ran alone
+                reply["batch_size"] = 1
+                timing["batch_wait_us"] = task.batch_wait_ns / 1000  # part of queue_us, not an extra stage
+            self.replies.send(task.route, reply, outputs)
+            code = None
+        else:
+            self.replies.send(task.route, {"v": PROTOCOL_VERSION, "id": task.request_id, "error": error, "timing": timing})
+            code = error.get("code", "INTERNAL")
+        bytes_out = 0
+        for frame in outputs:
+            bytes_out += len(frame)
+        self.replies.finish(task, code, timing, bytes_out)
+        if worker.state is WorkerState.BUSY and not worker.inflight:
+            self.dispatcher.next_for(worker)
+
+    def on_batch(self, worker: WorkerHandle, frames: list[zmq.Frame]) -> None:
+        """One message answers a whole batch: per task, its own timing and output frames."""
+        now = time.monotonic_ns()
+        worker.ping_sent_ns = 0
+        meta = unpack(frames[2].buffer)
+        task_ids: list[int] = meta["tasks"]
+        inflight = worker.inflight
+        if len(inflight) < len(task_ids) or inflight[0].task_id != task_ids[0]:
+            return  # already answered (deadline); the worker is being replaced
+        batch = [inflight.popleft() for _ in task_ids]
+        worker.tasks_served += len(batch)
+        error = meta.get("error")
+        if error is not None:
+            for task in batch:  # one member's input may have failed the whole batch: each runs alone
+                self.dispatcher.retry_alone(task)
+            self.dispatcher.next_for(worker)
+            return
+        model = batch[0].model
+        model.consecutive_crashes = 0
+        self.dispatcher.next_for(worker)  # the worker is free: the next batch leaves before the replies
+        shared = {
+            "dispatch_us": (meta["recv_ns"] - batch[0].dispatched_ns) / 1000,
+            "prep_us": meta["prep_us"],
+            "compute_us": meta["compute_us"],
+            "return_us": (now - meta["send_ns"]) / 1000,
+            "cpu_us": meta["cpu_us"],
+        }
+        header = {"v": PROTOCOL_VERSION, "id": 0, "model": model.name, "version": model.version, "outputs": None, "timing": None, "batch_size": len(batch)}
+        specs, encode_us = meta["outputs"], meta["encode_us"]
+        offset = 3
+        for index, task in enumerate(batch):
+            task.done = True
+            count = len(specs[index])
+            outputs = frames[offset : offset + count]
+            offset += count
+            timing = {
+                "decode_us": (task.decoded_ns - task.received_ns) / 1000,
+                "queue_us": (task.dispatched_ns - task.decoded_ns) / 1000,
+                **shared,
+                "encode_us": encode_us[index],
+                "batch_wait_us": task.batch_wait_ns / 1000,  # part of queue_us, not an extra stage
+                "total_us": (time.monotonic_ns() - task.received_ns) / 1000,
+            }
+            header["id"], header["outputs"], header["timing"] = task.request_id, specs[index], timing
+            self.replies.send(task.route, header, outputs)
+            bytes_out = 0
+            for frame in outputs:
+                bytes_out += len(frame)
+            self.replies.finish(task, None, timing, bytes_out)
