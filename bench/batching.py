@@ -3,6 +3,7 @@
     /tmp/venv/bin/python bench/batching.py                   # ~2 min, sandboxed daemons (the default)
     /tmp/venv/bin/python bench/batching.py --no-sandbox      # --insecure-no-sandbox
     /tmp/venv/bin/python bench/batching.py --levels 1,16,64 --duration 1 --repeats 1   # quick look
+    /tmp/venv/bin/python bench/batching.py --queue-delay-us 0 --out bench/results/batching_delay0.json
     /tmp/venv/bin/python bench/batching.py --plot-only bench/results/batching.json      # redraw + summary
 
 One run starts two daemons on the same tiny model (`tests/onnx_builders.matmul_model`: x FP32[batch,64]
@@ -11,18 +12,19 @@ max_queue_delay_us = 500`. Both are loaded in turn, closed loop, at each concurr
 interleaved repeat -> level -> daemon (the order of the two daemons alternates between repeats) and each
 figure is the median over `--repeats` runs of that figure.
 
-Load generators (see bench/README.md): up to `--max-processes` (16) requests in flight, one
-`loadgen.ClientPool` process per request (the sync `Client`, as in latency.py). Above that, 64 processes
-on 2 cores measure the clients (2.3 GB RSS, 12 s to spawn, client CPU per request doubles and the daemon
-loses a third of its throughput to them), so `--async-processes` (4) processes each run one
-`AsyncClient` with c/4 closed loops in flight. At c = `--max-processes` both generators run, so the
-switch can be read off the curve.
+Load generator (default `--generator wire`): bench/wireload.py, one process with one DEALER socket
+holding c requests in flight, the request encoded once, replies parsed only to the header: ~20-30 us
+of CPU per request, so the two cores go to the daemon, as with Triton's C++ perf_analyzer.
+`--generator clients` uses the Python clients instead (loadgen.ClientPool processes up to
+`--max-processes`, AsyncClient processes above): they cost ~135-195 us of CPU per request and measure
+the clients as much as the daemon. `--queue-delay-us 0` runs the batching daemon greedy (never wait
+for a batch; batches form while both workers are busy).
 
 Per run: client-side p50/p90/p99, throughput, errors; median server `queue_us`, `compute_us`,
 `batch_wait_us` (when present) from the replies' `timing`; CPU per request of the supervisor, workers
 and clients; and the batch-size distribution during the run, from the difference of two
-`stats()["models"]["tiny"]["batch_sizes"]` snapshots (the daemon counts only dispatches of 2 or more
-tasks there; single-task dispatches are the requests the model served minus the rows of those batches).
+`stats()["models"]["tiny"]["batch_sizes"]` snapshots (every dispatch of the batching daemon, size 1
+included; for the other daemon every request is a dispatch of 1).
 
 Target (issue "Scheduling"): >= 3x throughput with batching at concurrency >= 16, with p99 bounded by the
 configured queue delay plus one batch's compute. Reported pass/fail, never asserted.
@@ -64,15 +66,23 @@ from common import (  # noqa: E402
     write_json,
 )
 from loadgen import WARMUP_REQUESTS, ClientPool, RunResult, concurrency_levels  # noqa: E402
+from wireload import WirePool  # noqa: E402
 
 MODEL = "tiny"
 MAX_BATCH_SIZE = 32
 MAX_QUEUE_DELAY_US = 500
 WORKERS = 2
-CONFIGS = {
-    "off": f"workers = {WORKERS}\nintra_op_threads = 1\n",
-    "on": f"workers = {WORKERS}\nintra_op_threads = 1\n\n[batching]\nmax_batch_size = {MAX_BATCH_SIZE}\nmax_queue_delay_us = {MAX_QUEUE_DELAY_US}\n",
-}
+
+
+def configs(queue_delay_us: int) -> dict[str, str]:
+    """The two daemons' config.toml: batching off, and on with this max_queue_delay_us."""
+    return {
+        "off": f"workers = {WORKERS}\nintra_op_threads = 1\n",
+        "on": f"workers = {WORKERS}\nintra_op_threads = 1\n\n[batching]\nmax_batch_size = {MAX_BATCH_SIZE}\nmax_queue_delay_us = {queue_delay_us}\n",
+    }
+
+
+CONFIGS = configs(MAX_QUEUE_DELAY_US)
 TARGET_RATIO = 3.0
 TARGET_FROM_C = 16
 # Server-side figures taken from each reply's `timing` (medians over the replies of one run).
@@ -88,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=3.0, help="measurement window per run, seconds (default 3)")
     p.add_argument("--warmup", type=float, default=0.25, help="discarded seconds at the start of each run (default 0.25)")
     p.add_argument("--repeats", type=int, default=3, help="runs per (level, daemon); figures are medians (default 3)")
+    p.add_argument("--generator", choices=("wire", "clients"), default="wire", help="wire: bench/wireload.py, a raw-DEALER generator (~20-30 us CPU per request; default); clients: Python Client/AsyncClient processes (~135-195 us per request)")
+    p.add_argument("--queue-delay-us", type=int, default=MAX_QUEUE_DELAY_US, help=f"max_queue_delay_us of the batching daemon (default {MAX_QUEUE_DELAY_US}; 0 = never wait for a batch)")
+    p.add_argument("--wire-processes", type=int, default=1, help="wire generator processes sharing the requests in flight (default 1)")
     p.add_argument("--max-processes", type=int, default=16, help="levels up to this use one ClientPool process per request in flight (default 16)")
     p.add_argument("--async-processes", type=int, default=4, help="processes sharing the load above --max-processes, each with one AsyncClient (default 4)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "batching.json")
@@ -379,19 +392,22 @@ def measure(generator: str, pools: dict[str, Any], daemon: DaemonProcess, client
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from openinfer.client import Client
 
-    sync_levels = [c for c in args.levels if c <= args.max_processes]
-    async_levels = [c for c in args.levels if c > args.max_processes]
+    wire = args.generator == "wire"
+    sync_levels = [] if wire else [c for c in args.levels if c <= args.max_processes]
+    async_levels = [] if wire else [c for c in args.levels if c > args.max_processes]
     bridge = args.max_processes if (args.max_processes in args.levels and async_levels) else None
     plan: list[tuple[int, str]] = [(c, "processes") for c in sync_levels] + [(c, "asyncio") for c in async_levels]
+    if wire:
+        plan = [(c, "wire") for c in args.levels]
     if bridge is not None:
         plan.insert(plan.index((bridge, "processes")) + 1, (bridge, "asyncio"))
 
     results: dict[str, Any] = {
         "config": {
             "model": "tests/onnx_builders.matmul_model: x FP32[batch,64] -> y (the tiny model)",
-            "configs": CONFIGS,
+            "configs": configs(args.queue_delay_us),
             "max_batch_size": MAX_BATCH_SIZE,
-            "max_queue_delay_us": MAX_QUEUE_DELAY_US,
+            "max_queue_delay_us": args.queue_delay_us,
             "workers": WORKERS,
             "sandbox": args.sandbox,
             "levels": args.levels,
@@ -399,6 +415,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "warmup_s": args.warmup,
             "repeats": args.repeats,
             "generators": {
+                "wire": f"bench/wireload.py: {args.wire_processes} process(es), one DEALER socket each, c requests in flight, request encoded once",
                 "processes": f"loadgen.ClientPool: one process per request in flight, sync Client (c <= {args.max_processes})",
                 "asyncio": f"{args.async_processes} processes, one AsyncClient each, c/{args.async_processes} closed loops per process (c > {args.max_processes}; also c = {bridge})",
             },
@@ -410,7 +427,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "p99_bound": "p99 <= max_queue_delay_us + one batch's compute (median compute_us of the batching daemon at that level)",
         },
     }
-    repos = {name: make_repository(toml) for name, toml in CONFIGS.items()}
+    repos = {name: make_repository(toml) for name, toml in configs(args.queue_delay_us).items()}
     daemons: dict[str, DaemonProcess] = {}
     clients: dict[str, Any] = {}
     raw: dict[str, dict[str, dict[int, list[dict[str, Any]]]]] = {name: {} for name in CONFIGS}
@@ -421,6 +438,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["daemons"] = {name: _model_status(clients[name]) for name in CONFIGS}
         pools: dict[str, Any] = {}
         try:
+            if wire:
+                pools["wire"] = WirePool(args.wire_processes, MODEL, tiny_input(seed=1000))
             if sync_levels:
                 pools["processes"] = ClientPool(max(sync_levels))
             if async_levels:
