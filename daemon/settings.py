@@ -33,6 +33,8 @@ class ServerSettings:
     cache_dir: str = _opt("", "Where prepared (shared, pre-packed) weights are kept across restarts. Empty = inside the runtime directory, removed at exit.")
     access_policy: str = _opt("access", "Who may call which operations on which models: a policy name in policies/ or a path. Empty = every local peer may do everything.")
     client_policy: str = _opt("clients", "Per-client limits: a policy name in policies/ or a path (see policies/clients.toml). Empty = built-in defaults.")
+    peer_strike_limit: int = _opt(16, "A connection that sends this many requests no conforming client sends (undecodable header, over a size limit) is dropped. 0 = never.")
+    max_supervisor_rss_mb: int = _opt(0, "Above this resident memory the supervisor drops connections that have nothing in flight and completed no message in the last second (e.g. a peer streaming a never-finished multipart message). 0 = max_queued_bytes + 4 x max_request_bytes + 256 MiB.")
     starvation_ms: int = _opt(1000, "A queued request waiting longer than this is served before higher priorities (aging).")
     curve_secret_key_file: str = _opt("", "tcp:// with CURVE: file holding the server's Z85 secret key (40 characters; `openinfer keygen`). Public key: the same path + .pub")
     insecure_tcp: bool = _opt(False, "Allow tcp:// without CURVE. Logged loudly; never on a shared network.")

@@ -34,6 +34,7 @@ from .metrics import MetricsExporter
 from .models import ModelRegistry, ModelState, ServedModel
 from .pool import WorkerPool
 from .preparation import WeightPreparer
+from .peer_guard import PeerGuard
 from .peers import PeerDirectory
 from .prepared import PreparedStore
 from .reload import RepositorySync
@@ -45,7 +46,7 @@ from .sdnotify import SystemdNotifier
 from .signals import SignalInbox
 from .tasks import Task
 from .timers import MonotonicTimerFd, TimerHeap
-from .validation import check_envelope, check_infer, decode_header, request_id_of
+from .validation import OverLimit, check_envelope, check_infer, decode_header, request_id_of
 from .worker import messages
 from .workers import WorkerHandle, WorkerState
 
@@ -99,6 +100,7 @@ class Supervisor:
             insecure_tcp=settings.server.insecure_tcp,
             curve_secret_key_file=settings.server.curve_secret_key_file,
         )
+        self.guard = PeerGuard(self.frontend, settings)
         self.backend = self.context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -121,6 +123,7 @@ class Supervisor:
         self.poller.register(self.backend, zmq.POLLIN)
         self.poller.register(self.signals.fd, zmq.POLLIN)
         self.poller.register(self.zap, zmq.POLLIN)
+        self.poller.register(self.guard.monitor, zmq.POLLIN)
         assert self.timers.wakeup is not None
         self.timer_fd = self.timers.wakeup.fd
         self.poller.register(self.timer_fd, zmq.POLLIN)
@@ -167,7 +170,7 @@ class Supervisor:
             if fixed:
                 log.warning("reload: these settings need a restart to take effect", extra={"keys": fixed})
                 result["needs_restart"] = [k if k == "metrics" else f"server.{k}" for k in fixed]
-            self.settings = self.pool.settings = self.sync.settings = self.dispatcher.settings = self.replies.settings = new
+            self.settings = self.pool.settings = self.sync.settings = self.dispatcher.settings = self.replies.settings = self.guard.settings = new
         result.update(self.sync.sync())
         return result
 
@@ -199,6 +202,7 @@ class Supervisor:
                     log.exception("metrics snapshot failed; continuing")
             if busy:
                 self._expire_running()
+            self.guard.check_memory(time.monotonic_ns(), self._busy_routes)
             if self.sync.retiring:
                 self.sync.progress()
             if self.draining:
@@ -217,6 +221,8 @@ class Supervisor:
                 self.timers.on_wakeup()  # the due timers run right after this pass
             elif item is self.zap:
                 self.peers.answer_zap(self.zap)
+            elif item is self.guard.monitor:
+                self.guard.on_monitor()
             else:
                 self.pool.on_fd_ready(item, shutting_down=self.draining)
                 self._tell_systemd()
@@ -226,6 +232,13 @@ class Supervisor:
         workers = [{"model": w.model.name, "version": w.model.version, "state": w.state.value} for w in self.pool.all_workers()]
         depths = {(m.name, m.version): len(m.queue) for m in self.sync.all_models()}
         self.exporter.publish(admin.stats_result(self), workers, depths)
+
+    def _busy_routes(self) -> list[bytes]:
+        """Routing ids with a request queued or running (only asked when memory runs over its limit)."""
+        routes = [route_id for route_id, _ in self.dispatcher.queued_by_request]
+        for worker in self.pool.by_identity.values():
+            routes.extend(task.route[0].bytes for task in worker.inflight)
+        return routes
 
     def _any_busy(self) -> bool:
         for worker in self.pool.by_identity.values():
@@ -265,6 +278,7 @@ class Supervisor:
         client = route_id.hex()
         request_id: int | None = None
         self._request_model: ServedModel | None = None
+        self.guard.saw(route_id, route[0], received_ns)
         try:
             if not body:
                 raise InvalidArgument("empty message: expected a header frame")
@@ -291,6 +305,8 @@ class Supervisor:
                 log.warning("malformed request", extra={"client": client, "code": exc.code, "reason": exc.message})
             timing = {"total_us": (time.monotonic_ns() - received_ns) / 1000}
             self.replies.error(route, request_id, exc, timing)
+            if request_id is None or isinstance(exc, OverLimit):  # no conforming client sends this
+                self.guard.strike(route_id, exc.message)
             model = self._request_model
             self.accountant.record(model.name if model else None, model.version if model else None, client, exc.code, timing)
 
@@ -522,6 +538,7 @@ class Supervisor:
             worker.spawned.close()
         self.signals.close()
         self.timers.close()
+        self.guard.close()
         self.frontend.close(linger=0)
         self.backend.close(linger=0)
         self.zap.close(linger=0)

@@ -17,10 +17,15 @@ from .models import ServedModel
 _UINT64_MAX = 2**64 - 1
 
 
+class OverLimit(ResourceExhausted):
+    """A request over a size limit (header, frames, tensor bytes): RESOURCE_EXHAUSTED on the wire, and
+    a strike against the connection (daemon/peer_guard.py), since no conforming client sends one."""
+
+
 def decode_header(frame: bytes | memoryview) -> dict[str, Any]:
     """Decode and check the envelope fields shared by every operation."""
     if len(frame) > MAX_HEADER_BYTES:
-        raise ResourceExhausted(f"header is {len(frame)} bytes; the limit is {MAX_HEADER_BYTES}")
+        raise OverLimit(f"header is {len(frame)} bytes; the limit is {MAX_HEADER_BYTES}")
     try:
         header = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises a zoo of types on garbage
@@ -50,7 +55,7 @@ def check_envelope(header: dict[str, Any], frame_count: int) -> str:
     if client is not None and (not isinstance(client, str) or len(client) > MAX_CLIENT_NAME):
         raise InvalidArgument(f"`client` must be a string of at most {MAX_CLIENT_NAME} characters")
     if frame_count > MAX_FRAMES:
-        raise ResourceExhausted(f"{frame_count} frames; the limit is {MAX_FRAMES}")
+        raise OverLimit(f"{frame_count} frames; the limit is {MAX_FRAMES}")
     if op != "infer" and frame_count != 1:
         raise InvalidArgument(f"`{op}` takes no data frames, got {frame_count - 1}")
     return op
@@ -71,7 +76,7 @@ def check_infer(header: dict[str, Any], data_frames: list[Any], model: ServedMod
     for frame in data_frames:
         nbytes += len(frame)
     if nbytes > max_request_bytes:
-        raise ResourceExhausted(f"request carries {nbytes} bytes of tensors; the limit for {model.name!r} is {max_request_bytes}")
+        raise OverLimit(f"request carries {nbytes} bytes of tensors; the limit for {model.name!r} is {max_request_bytes}")
     seen: set[str] = set()
     expected = model.input_by_name
     for index, spec in enumerate(inputs):

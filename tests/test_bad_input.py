@@ -167,7 +167,9 @@ def test_random_garbage_never_takes_the_daemon_down(daemon: RunningDaemon) -> No
             replies += 1
             if replies == sent:
                 break
-        assert replies == sent  # every well-framed message got exactly one reply
+        # Each garbage message is answered with an error until the connection has used up
+        # server.peer_strike_limit (16); then the daemon drops the connection (tests/test_peer_guard.py).
+        assert 15 <= replies < sent
     finally:
         sock.close()
         context.term()

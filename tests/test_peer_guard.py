@@ -1,0 +1,145 @@
+"""Hostile peers at the socket: a hand-written ZMTP peer streaming a multipart message that never ends,
+and a peer that keeps sending garbage. The daemon drops them; everyone else is served."""
+from __future__ import annotations
+
+import shutil
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import psutil
+import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+import onnx_builders
+from daemon_harness import world_readable_dir
+
+X = np.ones((1, 64), np.float32)
+FRAME = 1024 * 1024
+
+
+@pytest.fixture
+def repo() -> Iterator[Path]:
+    root = world_readable_dir("oi-guard-")
+    onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx")
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def zmtp_connect(path: str) -> socket.socket:
+    """ZMTP 3.0 NULL handshake by hand (rfc.zeromq.org/spec/23): greeting, then READY as a DEALER."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    sock.sendall(b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31)
+    greeting = b""
+    while len(greeting) < 64:
+        chunk = sock.recv(64 - len(greeting))
+        assert chunk, "daemon closed the connection during the greeting"
+        greeting += chunk
+    body = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
+    sock.sendall(b"\x04" + bytes([len(body)]) + body)
+    sock.settimeout(10)
+    assert sock.recv(4096), "no READY from the daemon"
+    return sock
+
+
+def stream_unfinished_message(sock: socket.socket, limit_bytes: int) -> tuple[int, str]:
+    """Send 1 MiB frames, every one flagged MORE: the message never ends. Returns (bytes sent, how it ended)."""
+    frame = b"\x03" + struct.pack(">Q", FRAME) + b"\x00" * FRAME
+    sent = 0
+    try:
+        while sent < limit_bytes:
+            sock.sendall(frame)
+            sent += FRAME
+    except OSError as exc:
+        return sent, type(exc).__name__
+    return sent, "all sent"
+
+
+def test_never_finished_multipart_message_is_cut_off_and_memory_stays_bounded(daemon_factory: Any, repo: Path) -> None:
+    limit_mb = 200
+    running = daemon_factory(repo, env={"OPENINFER_SERVER_MAX_SUPERVISOR_RSS_MB": str(limit_mb)})
+    supervisor = psutil.Process(running.process.pid)
+    client = running.client(timeout=30)
+    assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+    peak = [0]
+    stop = threading.Event()
+    served: list[bool] = []
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], supervisor.memory_info().rss)
+            time.sleep(0.005)
+
+    def traffic() -> None:  # a well-behaved client with requests in flight throughout
+        with running.client(timeout=30) as other:
+            while not stop.is_set():
+                served.append(other.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64))
+
+    threads = [threading.Thread(target=sample), threading.Thread(target=traffic)]
+    for thread in threads:
+        thread.start()
+    attacker = zmtp_connect(running.address.removeprefix("ipc://"))
+    sent, ended = stream_unfinished_message(attacker, 2048 * FRAME)
+    attacker.close()
+    time.sleep(0.3)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    print(f"attacker sent {sent >> 20} MiB before {ended}; supervisor peak RSS {peak[0] >> 20} MiB (limit {limit_mb})")
+    assert ended in ("BrokenPipeError", "ConnectionResetError"), (sent, ended)
+    assert sent < 2048 * FRAME
+    # Bounded: the limit plus what arrives between two checks (100 ms) and the allocator's slack.
+    assert peak[0] < (limit_mb + 600) * 1024 * 1024, peak[0] >> 20
+    assert served and all(served)
+    assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+    assert "connection dropped" in running.log_text() and "max_supervisor_rss_mb" in running.log_text()
+
+
+def test_peer_sending_garbage_is_dropped_after_the_strike_limit(daemon_factory: Any, repo: Path) -> None:
+    running = daemon_factory(repo, env={"OPENINFER_SERVER_PEER_STRIKE_LIMIT": "3"})
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, 60_000)  # no quiet reconnect while we watch for the drop
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    sock.connect(running.address)
+    good = running.client(timeout=30)
+    try:
+        replies = 0
+        for _ in range(3):
+            sock.send(b"\xc1 not msgpack")
+            if sock.poll(2000):
+                sock.recv_multipart()
+                replies += 1
+        assert replies >= 2  # each got its error reply (the last may go down with the connection)
+        deadline = time.monotonic() + 10
+        events = []
+        while time.monotonic() < deadline and zmq.EVENT_DISCONNECTED not in events:
+            if monitor.poll(200):
+                events.append(recv_monitor_message(monitor)["event"])
+        assert zmq.EVENT_DISCONNECTED in events, events
+        assert good.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+        assert "server.peer_strike_limit" in running.log_text()
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+        context.term()
+
+
+def test_a_client_sending_one_bad_request_keeps_its_connection(daemon_factory: Any, repo: Path) -> None:
+    running = daemon_factory(repo)
+    client = running.client(timeout=10)
+    with pytest.raises(Exception):
+        client.infer("tiny", {"x": np.ones((1, 64), np.float64)})  # wrong dtype: INVALID_ARGUMENT, no strike
+    for _ in range(20):
+        assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+    assert "connection dropped" not in running.log_text()
