@@ -64,9 +64,9 @@ class Dispatcher:
                 self.dispatch(model.idle.pop(), task)
                 return
             ewma = model.compute_ewma_us
-            if ewma is not None and ewma < PIPELINE_MAX_COMPUTE_US and not model.queue:
+            if ewma is not None and ewma < PIPELINE_MAX_COMPUTE_US and not model.queue and _usual_size(task, model):
                 for worker in model.workers:
-                    if worker.state is WorkerState.BUSY and len(worker.inflight) < PIPELINE_DEPTH:
+                    if worker.state is WorkerState.BUSY and len(worker.inflight) < PIPELINE_DEPTH and _usual_size(worker.inflight[0], model):
                         self.dispatch(worker, task)
                         return
             self.enqueue(task)
@@ -155,7 +155,9 @@ class Dispatcher:
         if worker.inflight:
             if queue and len(worker.inflight) < PIPELINE_DEPTH:
                 task = queue.popleft()
-                if not task.done:
+                if not _usual_size(task, model):
+                    queue.appendleft(task)  # a big one waits for a free worker, cancellable meanwhile
+                elif not task.done:
                     self.dequeue(task)
                     self.dispatch(worker, task)
             return
@@ -298,3 +300,10 @@ def _batch_size_now(queued: int, max_batch_size: int, preferred: tuple[int, ...]
         return max_batch_size
     fitting = [size for size in preferred if size <= queued]
     return max(fitting) if fitting else 0
+
+
+def _usual_size(task: Task, model: ServedModel) -> bool:
+    """Pipelining trusts the recent compute time only for requests of about the size it was measured at:
+    a model with dynamic shapes may take 100x longer on a 100x larger input, and a task pipelined behind
+    it could then neither be cancelled nor expire in the queue."""
+    return task.nbytes <= 2 * model.nbytes_ewma + 4096

@@ -51,6 +51,7 @@ class ServedModel:
     batch_deadline_ns: int = 0  # when the queued tasks must be flushed to a worker, batch full or not
     batch_sizes: dict[int, int] = field(default_factory=dict)
     compute_ewma_us: float | None = None  # recent compute time; short models get pipelined dispatch
+    nbytes_ewma: float = 0.0  # recent request size, the size compute_ewma_us was measured at
     fingerprint: tuple[int, int, int] | None = None  # (size, mtime_ns, inode) of the model file
     retiring: bool = False  # replaced or removed: finishes its queue, takes no new work
 

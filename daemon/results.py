@@ -47,6 +47,7 @@ class WorkerResults:
             model.consecutive_crashes = 0
             ewma = model.compute_ewma_us
             model.compute_ewma_us = compute_us if ewma is None else 0.9 * ewma + 0.1 * compute_us
+            model.nbytes_ewma = task.nbytes if ewma is None else 0.9 * model.nbytes_ewma + 0.1 * task.nbytes
         timing["return_us"] = (now - meta["send_ns"]) / 1000
         timing["cpu_us"] = meta["cpu_us"]
         if inflight:  # the next pipelined task started when this result was sent
