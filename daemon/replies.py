@@ -29,6 +29,9 @@ class ReplySender:
         self.frontend = frontend
         self.accountant = accountant
         self.limiter = limiter
+        # (routing id, request id) of every accepted infer not yet answered: a duplicate id is refused
+        # (it would make `cancel` and the client's reply matching ambiguous).
+        self.open_requests: set[tuple[bytes, int]] = set()
 
     def send(self, route: list[Any], header: dict[str, Any], payloads: list[Any] | None = None) -> None:
         send = self.frontend.send
@@ -54,6 +57,7 @@ class ReplySender:
 
     def finish(self, task: Task, code: str | None, timing: dict[str, float], bytes_out: int = 0) -> None:
         task.done = True
+        self.open_requests.discard((task.route[0].bytes, task.request_id))
         self.limiter.release(task.client)
         self.accountant.record(task.model.name, task.model.version, task.client, code, timing, task.nbytes, bytes_out)
         sample = self.settings.log.access_log_sample

@@ -316,7 +316,10 @@ class Supervisor:
         version = header.get("version")
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise InvalidArgument("`version` must be an integer")
-        model = self.registry.lookup(header.get("model"), version)
+        name = header.get("model")
+        if not isinstance(name, str):
+            raise InvalidArgument("`model` must be a string (the name of a served model)")
+        model = self.registry.lookup(name, version)
         if model.state is not ModelState.READY:
             raise Unavailable(f"model {model.key} is {model.state.value}" + (f": {model.reason}" if model.reason else ""))
         data = body[1:]
@@ -339,9 +342,13 @@ class Supervisor:
             deadline_ns=received_ns + timeout_ms * 1_000_000,
             priority=header.get("priority") or 0,
         )
+        key = (route[0].bytes, request_id)
+        if key in self.replies.open_requests:
+            raise InvalidArgument(f"id {request_id} is already in flight on this connection; ids must be unique among a connection's outstanding requests")
         self._next_task_id += 1
         self.limiter.admit(client, header.get("client"), decoded_ns)
         self.dispatcher.admit(task, header)
+        self.replies.open_requests.add(key)
 
     # -- worker messages ----------------------------------------------------------------------------
     def _on_worker_message(self, frames: list[zmq.Frame]) -> None:
@@ -435,7 +442,10 @@ class Supervisor:
         if op == "cancel":
             return self._cancel(route, header.get("target"))
         if op == "reload":
-            return self.reload()
+            result = self.reload()
+            if "error" in result:  # the old configuration keeps serving
+                raise InvalidArgument(result["error"])
+            return result
         raise InvalidArgument(f"operation {op!r} is not supported by this daemon yet")
 
     def _cancel(self, route: list[Any], target: Any) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def request_id_of(header: dict[str, Any]) -> int | None:
 
 def check_envelope(header: dict[str, Any], frame_count: int) -> str:
     """Version, id, op, client name and frame count; returns the operation name."""
-    if header.get("v") != PROTOCOL_VERSION:
+    if type(header.get("v")) is not int or header["v"] != PROTOCOL_VERSION:  # 1.0 and true are not 1
         raise InvalidArgument(f"unsupported protocol version {header.get('v')!r}; this daemon speaks {PROTOCOL_VERSION}")
     if request_id_of(header) is None:
         raise InvalidArgument("`id` must be an unsigned 64-bit integer")

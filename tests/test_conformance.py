@@ -272,6 +272,31 @@ def test_cancel_drops_a_queued_request_of_the_same_connection(example_daemon: Ru
     check_reply({"id": 701, "ok": True, "outputs": [{"name": "sigmoid_0.tmp_0", "datatype": "FP32", "shape": [1, 1, 320, 640]}]}, replies[701])
 
 
+def test_an_id_already_in_flight_on_the_connection_is_refused(example_daemon: RunningDaemon, zmq_context: zmq.Context) -> None:  # type: ignore[type-arg]
+    """Two requests with one id on one connection: the second is refused while the first runs; the same
+    id on another connection, or again after the first was answered, is fine."""
+    shape = [1, 3, 320, 640]
+    header = {"v": 1, "id": 901, "op": "infer", "model": "ocr_det", "inputs": [{"name": "x", "datatype": "FP32", "shape": shape}]}
+    frames = [msgpack.packb(header), np.zeros(shape, "<f4").tobytes()]
+    sock = _socket(zmq_context, example_daemon.address)
+    other = _socket(zmq_context, example_daemon.address)
+    try:
+        sock.send_multipart(frames)
+        sock.send_multipart(frames)
+        other.send_multipart(frames)
+        first, second = _decode(_recv(sock)[0]), _decode(_recv(sock)[0])
+        assert second.get("error", {}).get("code") == "INVALID_ARGUMENT" or first.get("error", {}).get("code") == "INVALID_ARGUMENT"
+        refused = first if "error" in first else second
+        assert refused["id"] == 901 and "already in flight" in refused["error"]["message"]
+        assert "outputs" in (second if refused is first else first)
+        assert "outputs" in _decode(_recv(other)[0])
+        sock.send_multipart(frames)  # answered, so the id is free again
+        assert "outputs" in _decode(_recv(sock)[0])
+    finally:
+        sock.close()
+        other.close()
+
+
 # -- the worked example of docs/PROTOCOL.md ("Worked example"), byte for byte -------------------------
 WORKED_REQUEST_HEADER = (
     "85a17601a269642aa26f70a5696e666572a56d6f64656ca6646f75626c65a6696e707574739183a46e616d65a178"

@@ -332,12 +332,25 @@ def admin_vectors(v: Vectors) -> None:
     v.op_ok("cancel_without_target", "`cancel` without `target` cancels nothing.", "cancel", ["cancelled"], {"cancelled": False})
 
 
+def consistency_vectors(v: Vectors) -> None:
+    """Added after the first release of the vectors (ids continue from there)."""
+    x1 = tiny_x(1)
+    v.infer_error("infer_model_missing", "`infer` without `model`: a malformed request, not an unknown model.", "INVALID_ARGUMENT", [x1],
+                  inputs=[spec("x", "FP32", [1, 64])])
+    v.infer_error("infer_model_not_string", "`model` is an integer.", "INVALID_ARGUMENT", [x1], model=7, inputs=[spec("x", "FP32", [1, 64])])
+    rid, head = v.header("models", v=1.0)
+    v.error("protocol_version_float", "`v` is the float 1.0, not the integer 1.", "INVALID_ARGUMENT", [pack(head)], rid)
+    rid, head = v.header("models", v=True)
+    v.error("protocol_version_bool", "`v` is true, not the integer 1.", "INVALID_ARGUMENT", [pack(head)], rid)
+
+
 def build() -> list[dict[str, Any]]:
     v = Vectors()
     envelope_vectors(v)
     infer_success_vectors(v)
     infer_error_vectors(v)
     admin_vectors(v)
+    consistency_vectors(v)
     ids = [case["expect"]["id"] for case in v.cases if case["expect"]["id"] is not None]
     assert len(ids) == len(set(ids)), "request ids must be unique across the vectors"
     return v.cases
