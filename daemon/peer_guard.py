@@ -11,8 +11,10 @@ frame, not how many). So the guard works below libzmq:
 
 Two rules use that:
 - strikes: a connection that sends `server.peer_strike_limit` requests no conforming client sends
-  (undecodable header, over a size limit) is dropped; each still got its error reply (the last one may
-  be lost with the connection);
+  (undecodable header, over a size limit) is dropped. Each of those got its error reply: the guard stops
+  reading the connection at once but shuts it down DROP_GRACE_NS later, so libzmq can still deliver the
+  replies already sent (a shutdown discards what is not yet written). Messages arriving in between are
+  discarded unanswered;
 - memory: when the supervisor's RSS passes `server.max_supervisor_rss_mb`, connections with nothing
   queued or running and no complete message for IDLE_GRACE_NS are dropped (a peer streaming a
   never-finished message never completes one; idle DEALER clients reconnect by themselves).
@@ -30,11 +32,13 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from .settings import Settings
+from .timers import TimerHeap
 
 log = logging.getLogger("openinfer.access")
 
 CHECK_INTERVAL_NS = 100_000_000  # RSS is read from /proc/self/statm this often (about 10 us a read)
 IDLE_GRACE_NS = 1_000_000_000  # a connection that completed a message this recently is kept
+DROP_GRACE_NS = 100_000_000  # between the last strike and the shutdown: the error replies go out
 _SRCFD = int(zmq.SRCFD)
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
@@ -46,6 +50,7 @@ class Connection:
     accepted_ns: int
     last_message_ns: int = 0  # 0: never completed a message
     strikes: int = 0
+    dropping: bool = False  # struck out: nothing more is read from it; shutdown is scheduled
     route_ids: set[bytes] = field(default_factory=set)
 
 
@@ -59,8 +64,9 @@ def supervisor_rss_limit(settings: Settings) -> int:
 
 
 class PeerGuard:
-    def __init__(self, frontend: zmq.Socket, settings: Settings) -> None:  # type: ignore[type-arg]
+    def __init__(self, frontend: zmq.Socket, settings: Settings, timers: TimerHeap) -> None:  # type: ignore[type-arg]
         self.settings = settings
+        self.timers = timers
         self.monitor = frontend.get_monitor_socket(_EVENTS)
         self._frontend = frontend
         self.connections: dict[int, Connection] = {}
@@ -85,14 +91,16 @@ class PeerGuard:
             for route_id in old.route_ids:
                 self._by_route.pop(route_id, None)
 
-    def saw(self, route_id: bytes, frame: zmq.Frame, now_ns: int) -> None:
-        """A complete message arrived on `route_id` (its first frame is `frame`). Hot path: one lookup."""
+    def saw(self, route_id: bytes, frame: zmq.Frame, now_ns: int) -> bool:
+        """A complete message arrived on `route_id` (its first frame is `frame`); False: discard it, its
+        connection struck out. Hot path: one lookup."""
         conn = self._by_route.get(route_id)
         if conn is None:
             conn = self._attach(route_id, frame)
             if conn is None:
-                return
+                return True
         conn.last_message_ns = now_ns
+        return not conn.dropping
 
     def _attach(self, route_id: bytes, frame: zmq.Frame) -> Connection | None:
         self.on_monitor()  # the ACCEPTED event may still be queued behind this message
@@ -113,8 +121,10 @@ class PeerGuard:
         if limit <= 0 or conn is None:
             return
         conn.strikes += 1
-        if conn.strikes >= limit:
-            self.drop(conn, f"{conn.strikes} malformed or over-limit requests (server.peer_strike_limit), last: {reason}")
+        if conn.strikes >= limit and not conn.dropping:
+            conn.dropping = True
+            why = f"{conn.strikes} malformed or over-limit requests (server.peer_strike_limit), last: {reason}"
+            self.timers.call_at(time.monotonic_ns() + DROP_GRACE_NS, lambda: self.drop(conn, why))
 
     def check_memory(self, now_ns: int, busy_routes: Callable[[], Iterable[bytes]]) -> None:
         """Called from the loop; reads the RSS at most every CHECK_INTERVAL_NS."""

@@ -100,7 +100,7 @@ class Supervisor:
             insecure_tcp=settings.server.insecure_tcp,
             curve_secret_key_file=settings.server.curve_secret_key_file,
         )
-        self.guard = PeerGuard(self.frontend, settings)
+        self.guard = PeerGuard(self.frontend, settings, self.timers)
         self.backend = self.context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -278,7 +278,8 @@ class Supervisor:
         client = route_id.hex()
         request_id: int | None = None
         self._request_model: ServedModel | None = None
-        self.guard.saw(route_id, route[0], received_ns)
+        if not self.guard.saw(route_id, route[0], received_ns):
+            return  # its connection struck out (peer_guard) and is about to be closed
         try:
             if not body:
                 raise InvalidArgument("empty message: expected a header frame")
