@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -65,7 +64,7 @@ from common import (  # noqa: E402
     world_readable_tempdir,
     write_json,
 )
-from loadgen import WARMUP_REQUESTS, ClientPool, RunResult, concurrency_levels  # noqa: E402
+from loadgen import WARMUP_REQUESTS, ClientPool, RunResult, SharedLoopsPool, concurrency_levels  # noqa: E402
 from wireload import WirePool  # noqa: E402
 
 MODEL = "tiny"
@@ -148,93 +147,14 @@ def make_repository(config_toml: str) -> Path:
 
 
 # -- asyncio load generator --------------------------------------------------------------------------
-class AsyncPool:
+class AsyncPool(SharedLoopsPool):
     """`size` spawned processes, each able to run `k` closed loops through one AsyncClient.
 
     Same contract as loadgen.ClientPool.run (shared monotonic start, warm-up discarded, requests that
     start and end inside the window recorded) and the same result shape (loadgen.RunResult)."""
 
     def __init__(self, size: int) -> None:
-        ctx = mp.get_context("spawn")
-        self._conns: list[Connection] = []
-        self._procs: list[Any] = []
-        for index in range(size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_async_client_main, args=(child, index), name=f"bench-async-{index}", daemon=True)
-            proc.start()
-            child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
-        for conn in self._conns:
-            conn.recv()
-
-    @property
-    def size(self) -> int:
-        return len(self._procs)
-
-    @property
-    def pids(self) -> list[int]:
-        return [int(p.pid) for p in self._procs]
-
-    def split(self, concurrency: int) -> list[int]:
-        """Loops per process: c spread over the pool as evenly as possible."""
-        used = min(concurrency, self.size)
-        return [concurrency // used + (1 if i < concurrency % used else 0) for i in range(used)]
-
-    def prepare(self, address: str, concurrency: int) -> None:
-        shares = self.split(concurrency)
-        for conn in self._conns[: len(shares)]:
-            conn.send(("prepare", address))
-        for conn in self._conns[: len(shares)]:
-            _raise_if_failed(conn.recv())
-
-    def run(self, address: str, concurrency: int, duration_s: float, warmup_s: float) -> RunResult:
-        self.prepare(address, concurrency)
-        shares = self.split(concurrency)
-        conns = self._conns[: len(shares)]
-        start_ns = time.monotonic_ns() + 100_000_000
-        measure_ns = start_ns + int(warmup_s * 1e9)
-        end_ns = measure_ns + int(duration_s * 1e9)
-        for conn, loops in zip(conns, shares):
-            conn.send(("run", address, loops, start_ns, measure_ns, end_ns))
-        parts = [_raise_if_failed(conn.recv()) for conn in conns]
-        return _merge(concurrency, (end_ns - measure_ns) / 1e9, parts)
-
-    def close(self) -> None:
-        for conn in self._conns:
-            try:
-                conn.send(("quit",))
-            except (BrokenPipeError, OSError):
-                pass
-        for proc in self._procs:
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-
-    def __enter__(self) -> "AsyncPool":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _raise_if_failed(reply: Any) -> Any:
-    if isinstance(reply, dict) and "failure" in reply:
-        raise RuntimeError(f"client process failed: {reply['failure']}")
-    return reply
-
-
-def _merge(concurrency: int, window_s: float, parts: list[dict[str, Any]]) -> RunResult:
-    latencies = np.concatenate([np.frombuffer(p["latencies_ns"], dtype=np.int64) for p in parts]) if parts else np.empty(0, np.int64)
-    stages: dict[str, list[np.ndarray]] = {}
-    errors: dict[str, int] = {}
-    for part in parts:
-        for key, values in part["stages_us"].items():
-            stages.setdefault(key, []).append(np.frombuffer(values, dtype=np.float64))
-        for code, n in part["errors"].items():
-            errors[code] = errors.get(code, 0) + n
-    return RunResult(concurrency, window_s, latencies, {k: np.concatenate(v) for k, v in stages.items()}, errors)
+        super().__init__(size, _async_client_main, lambda index: (index,), "bench-async")
 
 
 def _async_client_main(conn: Connection, index: int) -> None:

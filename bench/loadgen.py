@@ -20,7 +20,7 @@ import time
 from array import array
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -46,21 +46,22 @@ class RunResult:
         return self.completed / self.window_s if self.window_s > 0 else 0.0
 
 
-class ClientPool:
-    """`size` spawned client processes, each waiting for a (target, window) command."""
+class SpawnedPool:
+    """`size` spawned processes, each running `main(conn, *args_for(index))` and answering commands sent
+    over its pipe (each says "hello" once its imports are done). The load generators build on it."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, main: Callable[..., None], args_for: Callable[[int], tuple[Any, ...]], name: str) -> None:
         ctx = mp.get_context("spawn")
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
         for index in range(size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_client_main, args=(child, index), name=f"bench-client-{index}", daemon=True)
+            proc = ctx.Process(target=main, args=(child, *args_for(index)), name=f"{name}-{index}", daemon=True)
             proc.start()
             child.close()
             self._conns.append(parent)
             self._procs.append(proc)
-        for conn in self._conns:  # each process says hello once its imports are done
+        for conn in self._conns:
             conn.recv()
 
     @property
@@ -71,46 +72,10 @@ class ClientPool:
     def pids(self) -> list[int]:
         return [int(p.pid) for p in self._procs]
 
-    def prepare(self, target: tuple[str, str], concurrency: int) -> None:
-        """Connect the first `concurrency` processes to `target` and warm them up (first contact only).
-
-        Call it before taking CPU snapshots so connection set-up is not counted; run() calls it too."""
-        conns = self._conns[:concurrency]
-        for conn in conns:
-            conn.send(("prepare", target))
-        for conn in conns:
-            _raise_if_failed(conn.recv())
-
-    def run(self, target: tuple[str, str], concurrency: int, duration_s: float, warmup_s: float = 0.25) -> RunResult:
-        """Run `concurrency` closed loops against `target`; count what completes in the window.
-
-        All processes start at the same instant (shared monotonic clock), discard `warmup_s`, then
-        record requests that start and finish inside the `duration_s` window."""
-        if concurrency > self.size:
-            raise ValueError(f"pool has {self.size} processes, {concurrency} requested")
-        self.prepare(target, concurrency)
-        conns = self._conns[:concurrency]
-        start_ns = time.monotonic_ns() + 100_000_000
-        measure_ns = start_ns + int(warmup_s * 1e9)
-        end_ns = measure_ns + int(duration_s * 1e9)
-        for conn in conns:
-            conn.send(("run", target, start_ns, measure_ns, end_ns))
-        parts = [_raise_if_failed(conn.recv()) for conn in conns]
-        latencies = np.concatenate([np.frombuffer(p["latencies_ns"], dtype=np.int64) for p in parts]) if parts else np.empty(0, np.int64)
-        stages: dict[str, list[np.ndarray]] = {}
-        errors: dict[str, int] = {}
-        for part in parts:
-            for key, values in part["stages_us"].items():
-                stages.setdefault(key, []).append(np.frombuffer(values, dtype=np.float64))
-            for code, n in part["errors"].items():
-                errors[code] = errors.get(code, 0) + n
-        return RunResult(
-            concurrency=concurrency,
-            window_s=(end_ns - measure_ns) / 1e9,
-            latencies_ns=latencies,
-            stages_us={k: np.concatenate(v) for k, v in stages.items()},
-            errors=errors,
-        )
+    def _ask(self, conns: list[Connection], commands: list[tuple[Any, ...]]) -> list[Any]:
+        for conn, command in zip(conns, commands):
+            conn.send(command)
+        return [raise_if_failed(conn.recv()) for conn in conns]
 
     def close(self) -> None:
         for conn in self._conns:
@@ -124,14 +89,79 @@ class ClientPool:
                 proc.kill()
                 proc.join()
 
-    def __enter__(self) -> "ClientPool":
+    def __enter__(self) -> "SpawnedPool":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def _raise_if_failed(reply: Any) -> Any:
+class SharedLoopsPool(SpawnedPool):
+    """Processes that each carry a share of the requests in flight (many per process): the command is
+    ("run", address, share, start_ns, measure_ns, end_ns); see batching.AsyncPool, wireload.WirePool."""
+
+    def prepare(self, address: str, concurrency: int) -> None:
+        used = len(share(concurrency, self.size))
+        self._ask(self._conns[:used], [("prepare", address)] * used)
+
+    def run(self, address: str, concurrency: int, duration_s: float, warmup_s: float) -> RunResult:
+        self.prepare(address, concurrency)
+        shares = share(concurrency, self.size)
+        start_ns, measure_ns, end_ns = run_window(duration_s, warmup_s)
+        parts = self._ask(self._conns[: len(shares)], [("run", address, n, start_ns, measure_ns, end_ns) for n in shares])
+        return merge_parts(concurrency, (end_ns - measure_ns) / 1e9, parts)
+
+
+def run_window(duration_s: float, warmup_s: float) -> tuple[int, int, int]:
+    """(start, measure, end) on the shared monotonic clock: every process starts at the same instant,
+    discards `warmup_s`, then records requests that start and finish inside the window."""
+    start_ns = time.monotonic_ns() + 100_000_000
+    measure_ns = start_ns + int(warmup_s * 1e9)
+    return start_ns, measure_ns, measure_ns + int(duration_s * 1e9)
+
+
+def share(concurrency: int, processes: int) -> list[int]:
+    """Requests in flight per process: `concurrency` spread over the pool as evenly as possible."""
+    used = min(concurrency, processes)
+    return [concurrency // used + (1 if i < concurrency % used else 0) for i in range(used)]
+
+
+def merge_parts(concurrency: int, window_s: float, parts: list[dict[str, Any]]) -> RunResult:
+    """The per-process {latencies_ns, stages_us, errors} of one window as one RunResult."""
+    latencies = np.concatenate([np.frombuffer(p["latencies_ns"], dtype=np.int64) for p in parts]) if parts else np.empty(0, np.int64)
+    stages: dict[str, list[np.ndarray]] = {}
+    errors: dict[str, int] = {}
+    for part in parts:
+        for key, values in part["stages_us"].items():
+            stages.setdefault(key, []).append(np.frombuffer(values, dtype=np.float64))
+        for code, n in part["errors"].items():
+            errors[code] = errors.get(code, 0) + n
+    return RunResult(concurrency, window_s, latencies, {k: np.concatenate(v) for k, v in stages.items()}, errors)
+
+
+class ClientPool(SpawnedPool):
+    """`size` spawned client processes (the sync Client), one closed loop each."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size, _client_main, lambda index: (index,), "bench-client")
+
+    def prepare(self, target: tuple[str, str], concurrency: int) -> None:
+        """Connect the first `concurrency` processes to `target` and warm them up (first contact only).
+
+        Call it before taking CPU snapshots so connection set-up is not counted; run() calls it too."""
+        self._ask(self._conns[:concurrency], [("prepare", target)] * concurrency)
+
+    def run(self, target: tuple[str, str], concurrency: int, duration_s: float, warmup_s: float = 0.25) -> RunResult:
+        """Run `concurrency` closed loops against `target`; count what completes in the window."""
+        if concurrency > self.size:
+            raise ValueError(f"pool has {self.size} processes, {concurrency} requested")
+        self.prepare(target, concurrency)
+        start_ns, measure_ns, end_ns = run_window(duration_s, warmup_s)
+        parts = self._ask(self._conns[:concurrency], [("run", target, start_ns, measure_ns, end_ns)] * concurrency)
+        return merge_parts(concurrency, (end_ns - measure_ns) / 1e9, parts)
+
+
+def raise_if_failed(reply: Any) -> Any:
     if isinstance(reply, dict) and "failure" in reply:
         raise RuntimeError(f"client process failed: {reply['failure']}")
     return reply

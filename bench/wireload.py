@@ -11,7 +11,6 @@ parsed only as far as the header.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
 import traceback
 from array import array
@@ -21,78 +20,14 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from loadgen import RunResult
+from loadgen import SharedLoopsPool
 
 WARMUP_REQUESTS = 50
 
 
-class WirePool:
+class WirePool(SharedLoopsPool):
     def __init__(self, size: int, model: str, x: np.ndarray) -> None:
-        ctx = mp.get_context("spawn")
-        self._conns: list[Connection] = []
-        self._procs: list[Any] = []
-        for index in range(size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_wire_main, args=(child, model, x), name=f"bench-wire-{index}", daemon=True)
-            proc.start()
-            child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
-        for conn in self._conns:
-            conn.recv()
-
-    @property
-    def pids(self) -> list[int]:
-        return [int(p.pid) for p in self._procs]
-
-    def _shares(self, concurrency: int) -> list[int]:
-        used = min(concurrency, len(self._procs))
-        return [concurrency // used + (1 if i < concurrency % used else 0) for i in range(used)]
-
-    def prepare(self, address: str, concurrency: int) -> None:
-        conns = self._conns[: len(self._shares(concurrency))]
-        for conn in conns:
-            conn.send(("prepare", address))
-        for conn in conns:
-            _raise_if_failed(conn.recv())
-
-    def run(self, address: str, concurrency: int, duration_s: float, warmup_s: float) -> RunResult:
-        self.prepare(address, concurrency)
-        shares = self._shares(concurrency)
-        conns = self._conns[: len(shares)]
-        start_ns = time.monotonic_ns() + 100_000_000
-        measure_ns = start_ns + int(warmup_s * 1e9)
-        end_ns = measure_ns + int(duration_s * 1e9)
-        for conn, inflight in zip(conns, shares):
-            conn.send(("run", address, inflight, start_ns, measure_ns, end_ns))
-        parts = [_raise_if_failed(conn.recv()) for conn in conns]
-        latencies = np.concatenate([np.frombuffer(p["latencies_ns"], dtype=np.int64) for p in parts])
-        stages: dict[str, list[np.ndarray]] = {}
-        errors: dict[str, int] = {}
-        for part in parts:
-            for key, values in part["stages_us"].items():
-                stages.setdefault(key, []).append(np.frombuffer(values, dtype=np.float64))
-            for code, n in part["errors"].items():
-                errors[code] = errors.get(code, 0) + n
-        return RunResult(concurrency, (end_ns - measure_ns) / 1e9, latencies, {k: np.concatenate(v) for k, v in stages.items()}, errors)
-
-    def close(self) -> None:
-        for conn in self._conns:
-            try:
-                conn.send(("quit",))
-            except (BrokenPipeError, OSError):
-                pass
-        for proc in self._procs:
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-
-
-def _raise_if_failed(reply: Any) -> Any:
-    if isinstance(reply, dict) and "failure" in reply:
-        raise RuntimeError(f"wire load process failed: {reply['failure']}")
-    return reply
+        super().__init__(size, _wire_main, lambda index: (model, x), "bench-wire")
 
 
 class _Wire:

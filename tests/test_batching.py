@@ -5,7 +5,7 @@ import asyncio
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import msgpack
 import numpy as np
@@ -18,16 +18,21 @@ from openinfer.client import AsyncClient
 from reference import run_reference
 
 
-@pytest.fixture
-def repo() -> Iterator[Path]:
+def batching_repo(models: dict[str, tuple[Callable[[Path], Path], str]]) -> Path:
+    """A world-readable repository: model name -> (builder writing model.onnx, config.toml text)."""
     root = world_readable_dir("oi-batch-")
-    batching = "workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 3000\n"
-    onnx_builders.matmul_model(root / "dyn" / "1" / "model.onnx")
-    (root / "dyn" / "config.toml").write_text(batching)
-    onnx_builders.matmul_model(root / "fixed" / "1" / "model.onnx", batch=1)
-    (root / "fixed" / "config.toml").write_text(batching)
+    for name, (build, config) in models.items():
+        build(root / name / "1" / "model.onnx")
+        (root / name / "config.toml").write_text(config)
     for path in root.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
+    return root
+
+
+@pytest.fixture
+def repo() -> Iterator[Path]:
+    batching = "workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 3000\n"
+    root = batching_repo({"dyn": (onnx_builders.matmul_model, batching), "fixed": (lambda p: onnx_builders.matmul_model(p, batch=1), batching)})
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
@@ -63,11 +68,7 @@ def test_batched_results_equal_unbatched_and_batches_form(daemon_factory: Any, r
 
 
 def test_batch_delay_is_kept_to_the_microsecond_not_rounded_to_the_poll_tick(daemon_factory: Any, tmp_path: Path) -> None:
-    root = world_readable_dir("oi-batch-delay-")
-    onnx_builders.matmul_model(root / "dyn" / "1" / "model.onnx")
-    (root / "dyn" / "config.toml").write_text("workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 300\n")
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    root = batching_repo({"dyn": (onnx_builders.matmul_model, "workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 300\n")})
     daemon = daemon_factory(root)
     client = daemon.client()
     waits = [client.infer("dyn", {"x": np.ones((1, 64), np.float32)}).timing["batch_wait_us"] for _ in range(30)]
@@ -78,13 +79,10 @@ def test_batch_delay_is_kept_to_the_microsecond_not_rounded_to_the_poll_tick(dae
 
 
 def test_zero_delay_never_waits_and_preferred_sizes_leave_at_once(daemon_factory: Any) -> None:
-    root = world_readable_dir("oi-batch-greedy-")
-    onnx_builders.matmul_model(root / "greedy" / "1" / "model.onnx")
-    (root / "greedy" / "config.toml").write_text("workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 0\n")
-    onnx_builders.matmul_model(root / "pref" / "1" / "model.onnx")
-    (root / "pref" / "config.toml").write_text("workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 10000000\npreferred_batch_sizes = [2]\n")
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    root = batching_repo({
+        "greedy": (onnx_builders.matmul_model, "workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 0\n"),
+        "pref": (onnx_builders.matmul_model, "workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 10000000\npreferred_batch_sizes = [2]\n"),
+    })
     daemon = daemon_factory(root)
     client = daemon.client()
     x = np.ones((1, 64), np.float32)
@@ -113,11 +111,7 @@ def test_batching_config_is_checked(tmp_path: Path) -> None:
 
 
 def test_a_batch_that_runs_too_long_is_retried_member_by_member(daemon_factory: Any) -> None:
-    root = world_readable_dir("oi-batch-iso-")
-    onnx_builders.row_loop_model(root / "rows" / "1" / "model.onnx")
-    (root / "rows" / "config.toml").write_text("workers = 1\nmax_compute_ms = 1500\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 300000\n")
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    root = batching_repo({"rows": (onnx_builders.row_loop_model, "workers = 1\nmax_compute_ms = 1500\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 300000\n")})
     daemon = daemon_factory(root)
     inputs = [np.array([[1.0]], np.float32), np.array([[2.0]], np.float32), np.array([[1e12]], np.float32), np.array([[3.0]], np.float32)]
 
