@@ -24,10 +24,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import psutil
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
@@ -36,11 +38,10 @@ from .timers import TimerHeap
 
 log = logging.getLogger("openinfer.access")
 
-CHECK_INTERVAL_NS = 100_000_000  # RSS is read from /proc/self/statm this often (about 10 us a read)
+CHECK_INTERVAL_NS = 100_000_000  # RSS is read this often (psutil: one /proc read, tens of us)
 IDLE_GRACE_NS = 1_000_000_000  # a connection that completed a message this recently is kept
 DROP_GRACE_NS = 100_000_000  # between the last strike and the shutdown: the error replies go out
 _SRCFD = int(zmq.SRCFD)
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 _EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 
 
@@ -72,6 +73,7 @@ class PeerGuard:
         self.connections: dict[int, Connection] = {}
         self._by_route: dict[bytes, Connection] = {}
         self._next_check_ns = 0
+        self._process = psutil.Process()
         self.dropped = 0
 
     # -- bookkeeping ----------------------------------------------------------------------------------
@@ -132,7 +134,7 @@ class PeerGuard:
             return
         self._next_check_ns = now_ns + CHECK_INTERVAL_NS
         limit = supervisor_rss_limit(self.settings)
-        rss = current_rss()
+        rss = int(self._process.memory_info().rss)
         if rss <= limit:
             return
         busy = {id(self._by_route[r]) for r in busy_routes() if r in self._by_route}
@@ -171,11 +173,5 @@ class PeerGuard:
 
 
 def _peercred(sock: socket.socket) -> tuple[int, int, int]:
-    import struct
-
     return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
 
-
-def current_rss() -> int:
-    with open("/proc/self/statm", "rb") as statm:
-        return int(statm.read().split()[1]) * _PAGE
