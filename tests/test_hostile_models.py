@@ -327,7 +327,8 @@ def test_endless_loop_hits_its_deadline_and_its_worker_is_killed_and_replaced(ho
         assert SPIN_MAX_COMPUTE_MS / 1000 * 0.9 <= ended - started < 5, f"{ended - started:.2f} s"
         # The spinning worker is gone: SIGKILLed by the supervisor, then reaped.
         wait_for(lambda: not psutil.pid_exists(old), 5, f"spinning worker {old} to disappear", hostile.running)
-        exits = [r for r in log_records(hostile.running) if r.get("msg") == "worker exited" and r.get("pid") == old]
+        # The supervisor logs the exit just after reaping it: the pid can vanish a moment before the line.
+        exits = wait_for(lambda: [r for r in log_records(hostile.running) if r.get("msg") == "worker exited" and r.get("pid") == old], 5, f"the exit of {old} to be logged", hostile.running)
         assert len(exits) == 1 and exits[0]["exit"] == "was killed by SIGKILL" and "deadline" in exits[0]["reason"], exits
         # ... and replaced (its warm-up alone spins for the warm-up timeout, ~5 s).
         new = wait_for(lambda: [p for p in hostile.pids("spin") if p != old], 30, "a ready replacement spin worker", hostile.running)
@@ -423,8 +424,12 @@ def test_workers_hold_no_network_sockets_and_onnxruntime_telemetry_never_writes(
     """Keep last: stops the daemon, because onnxruntime's telemetry also writes when a session ends."""
     with Client(hostile.running.address, timeout=30) as client:  # every model has run at least once by now
         client.infer("good", {"x": X})
-    workers = [w for w in hostile.admin.status()["workers"] if w["state"] in ("ready", "busy")]
-    assert {w["model"] for w in workers} >= {"good", "bomb", "spin"}, workers
+    # A respawned spin worker is ready only after its warm-up has spun for the warm-up timeout.
+    def serving_workers() -> list[dict[str, Any]]:
+        workers = [w for w in hostile.admin.status()["workers"] if w["state"] in ("ready", "busy")]
+        return workers if {w["model"] for w in workers} >= {"good", "bomb", "spin"} else []
+
+    workers = wait_for(serving_workers, 30, "ready good, bomb and spin workers", hostile.running)
     for worker in workers:
         pid = worker["pid"]
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
