@@ -3,6 +3,7 @@ into each reply's `timing`, keeps the worker busy (next task before the reply), 
 from __future__ import annotations
 
 import time
+from typing import Any, Iterator
 
 import zmq
 
@@ -10,6 +11,7 @@ from openinfer.client.protocol import PROTOCOL_VERSION, unpack
 
 from .dispatch import Dispatcher
 from .replies import ReplySender
+from .tasks import Task
 from .worker import messages
 from .workers import WorkerHandle, WorkerState
 
@@ -98,27 +100,48 @@ class WorkerResults:
             "prep_us": meta["prep_us"],
             "compute_us": meta["compute_us"],
             "return_us": (now - meta["send_ns"]) / 1000,
+            "encode_us": meta["encode_us"],
             "cpu_us": meta["cpu_us"],
         }
         header = {"v": PROTOCOL_VERSION, "id": 0, "model": model.name, "version": model.version, "outputs": None, "timing": None, "batch_size": len(batch)}
-        specs, encode_us = meta["outputs"], meta["encode_us"]
-        offset = 3
-        for index, task in enumerate(batch):
+        members = _member_outputs(meta, frames[3:], batch)
+        for task, (specs, outputs) in zip(batch, members):
             task.done = True
-            count = len(specs[index])
-            outputs = frames[offset : offset + count]
-            offset += count
             timing = {
                 "decode_us": (task.decoded_ns - task.received_ns) / 1000,
                 "queue_us": (task.dispatched_ns - task.decoded_ns) / 1000,
                 **shared,
-                "encode_us": encode_us[index],
                 "batch_wait_us": task.batch_wait_ns / 1000,  # part of queue_us, not an extra stage
                 "total_us": (time.monotonic_ns() - task.received_ns) / 1000,
             }
-            header["id"], header["outputs"], header["timing"] = task.request_id, specs[index], timing
+            header["id"], header["outputs"], header["timing"] = task.request_id, specs, timing
             self.replies.send(task.route, header, outputs)
             bytes_out = 0
             for frame in outputs:
                 bytes_out += len(frame)
             self.replies.finish(task, None, timing, bytes_out)
+
+
+def _member_outputs(meta: dict[str, Any], frames: list[zmq.Frame], batch: list[Task]) -> Iterator[tuple[list[dict[str, Any]], list[Any]]]:
+    """Each member's (output specs, output payloads) from a RESULTS message (worker/serve.py:
+    _split_outputs). "rows": one frame per output for the whole batch, cut here by byte offset (views:
+    pyzmq copies small ones on send and sends large ones without copying)."""
+    if meta.get("layout") == "rows":
+        specs = meta["outputs"]
+        views = [frame.buffer for frame in frames]
+        total = specs[0]["shape"][0] if specs else 0
+        row_bytes = [len(view) // total if total else 0 for view in views]
+        start = 0
+        for task in batch:
+            rows = task.rows
+            yield (
+                [{"name": spec["name"], "datatype": spec["datatype"], "shape": [rows, *spec["shape"][1:]]} for spec in specs],
+                [view[start * size : (start + rows) * size] for view, size in zip(views, row_bytes)],
+            )
+            start += rows
+        return
+    offset = 0
+    for specs in meta["outputs"]:
+        count = len(specs)
+        yield specs, frames[offset : offset + count]
+        offset += count

@@ -68,6 +68,18 @@ def string_model(path: Path) -> Path:
     return _save(helper.make_model(graph, opset_imports=OPSET), path)
 
 
+def string_rows_model(path: Path) -> Path:
+    """BYTES rows in, the same rows out plus a numeric copy of a second input: every output has a batch
+    dimension (string_model's `count` does not), so the model can batch."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["same"]), helper.make_node("Identity", ["n"], ["n_out"])],
+        "string_rows",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["rows"]), helper.make_tensor_value_info("n", TensorProto.INT64, ["rows", 2])],
+        [helper.make_tensor_value_info("same", TensorProto.STRING, ["rows"]), helper.make_tensor_value_info("n_out", TensorProto.INT64, ["rows", 2])],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
 def scalar_model(path: Path) -> Path:
     """Scalar INT64 input `k` and FP32 vector `x`: y = x * k."""
     graph = helper.make_graph(

@@ -67,6 +67,53 @@ def test_batched_results_equal_unbatched_and_batches_form(daemon_factory: Any, r
         assert t["batch_wait_us"] <= t["queue_us"] + 1e-6, t
 
 
+def test_every_batch_layout_gives_the_unbatched_result(daemon_factory: Any) -> None:
+    """The worker gets a small batch's rows joined into one frame per input and a large one's frames
+    per member; it answers fixed-size outputs whole (cut into members by the supervisor) and BYTES
+    outputs member by member. Each way, with several inputs and outputs of mixed dtypes, every member
+    gets exactly what running it alone gives."""
+    batching = "workers = 1\n[batching]\nmax_batch_size = 32768\nmax_queue_delay_us = 20000\n"
+    root = batching_repo({
+        "multi": (onnx_builders.multi_io_model, batching),
+        "text": (onnx_builders.string_rows_model, batching),
+        "wide": (onnx_builders.matmul_model, batching),
+    })
+    daemon = daemon_factory(root)
+    rng = np.random.default_rng(11)
+    cases: dict[str, list[dict[str, np.ndarray]]] = {
+        # Two inputs, 20 bytes a row: 28,000 rows are over the joining limit, so most batches go per member.
+        "multi": [{"x": rng.standard_normal((n, 4)).astype(np.float32), "ids": rng.integers(-9, 9, n).astype(np.int32)} for n in (1, 9000, 3, 12000, 5, 7000)],
+        "text": [{"text": np.array([f"r{i}-{j}\u00e9".encode() * j for j in range(n)], dtype=object), "n": np.full((n, 2), i, np.int64)} for i, n in enumerate((2, 1, 3, 1))],
+        # 6 x 300 rows x 64 FP32 = 450 KiB: one input, over the joining limit.
+        "wide": [{"x": rng.standard_normal((300, 64)).astype(np.float32)} for _ in range(6)],
+    }
+
+    async def main() -> dict[str, list[Any]]:
+        async with AsyncClient(daemon.address, timeout=30) as client:
+            answers = await asyncio.gather(*(client.infer(model, feed) for model, feeds in cases.items() for feed in feeds))
+        it = iter(answers)
+        return {model: [next(it) for _ in feeds] for model, feeds in cases.items()}
+
+    results = asyncio.run(main())
+    stats = daemon.client().stats()["models"]
+    for model, feeds in cases.items():
+        for feed, result in zip(feeds, results[model]):
+            expected = run_reference(root / model / "1" / "model.onnx", feed)
+            assert set(result.outputs) == set(expected), model
+            for name, want in expected.items():
+                got = result.outputs[name]
+                assert got.shape == want.shape, (model, name, got.shape, want.shape)
+                if want.dtype == object:
+                    assert [e.decode() if isinstance(e, bytes) else e for e in got.reshape(-1)] == list(want.reshape(-1)), (model, name)
+                else:
+                    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        sizes = stats[model]["batch_sizes"]["1"]
+        assert max(int(k) for k in sizes) > 1, (model, sizes)  # they really ran as batches
+        # ... and no batch failed: its members would have been run again alone (same answers, more dispatches).
+        assert sum(int(k) * v for k, v in sizes.items()) == len(feeds), (model, sizes)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def test_batch_delay_is_kept_to_the_microsecond_not_rounded_to_the_poll_tick(daemon_factory: Any, tmp_path: Path) -> None:
     root = batching_repo({"dyn": (onnx_builders.matmul_model, "workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 300\n")})
     daemon = daemon_factory(root)

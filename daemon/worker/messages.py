@@ -8,10 +8,15 @@ is its worker id.
   HELLO  [b"H", meta]  model loaded            ACK   [b"A"]           channel proven, go sandbox
   READY  [b"Y", sandbox]  serve policy on      TASK  [b"T"+task_id, client header, *data]
   RESULT [b"R"+task_id, meta, *outputs]       QUIT  [b"Q"]           finish and exit 0
-  RESULTS [b"S", meta, per task: *outputs]  the answers of one BATCH, in its order
+  RESULTS [b"S", meta, *outputs]  the answers of one BATCH (layout below)
   FAILED [b"E", {"message"}]  boot failed      PING  [b"P", token]
-                                               BATCH [b"B", {tasks, frames}, per task: header, *data]
+                                               BATCH [b"B", plan, *data]  (layout below)
   PONG   [b"p", token]
+
+BATCH plan = {tasks, rows (per task), inputs (the batch's specs, dim 0 = all rows), outputs, joined}:
+joined -> one data frame per input holding every task's rows in task order; else per task its input
+frames. RESULTS meta["layout"]: "rows" -> one frame per output for the whole batch (the supervisor cuts
+each task's rows out by byte offset); "members" -> per task its output frames (BYTES outputs).
 """
 from __future__ import annotations
 

@@ -82,58 +82,78 @@ def _run_task(socket: zmq.Socket, session: Any, output_names: list[str], frames:
         socket.send_multipart([result_kind, pack(meta)])
 
 
-def _run_batch(socket: zmq.Socket, session: Any, output_names: list[str], frames: list[zmq.Frame]) -> None:  # type: ignore[type-arg]
-    """Several compatible tasks: concatenate along axis 0, run once, split, answer all in one message.
+def _batch_feed(plan: dict[str, Any], frames: list[zmq.Frame]) -> dict[str, np.ndarray]:
+    """The batch's inputs: views of the joined frames, or each member's frames concatenated."""
+    specs = plan["inputs"]
+    if plan["joined"]:
+        return _feed_from(plan, frames)
+    feed: dict[str, np.ndarray] = {}
+    for index, spec in enumerate(specs):
+        parts = []
+        for member, rows in enumerate(plan["rows"]):
+            frame = frames[member * len(specs) + index]
+            parts.append(decode_array(spec["datatype"], [rows, *spec["shape"][1:]], frame.buffer))
+        array = np.concatenate(parts, axis=0)
+        if spec["datatype"] == "BYTES":
+            array = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(array) if array.size else array
+        feed[spec["name"]] = array
+    return feed
 
-    Frames in: [b"B", {"tasks": [id...], "frames": [n...]}, then per task its header and data frames].
-    Frames out: [b"S", meta, then per task its output frames]; meta has the batch's shared timings and
-    per task its output specs and encode time. Results equal running each task alone (row-independent
-    batch dimension). One message per batch, not per task: the supervisor's per-message cost is the
-    throughput ceiling, and batching exists to cut it.
+
+def _split_outputs(results: list[np.ndarray], wanted: list[str], rows: list[int]) -> tuple[dict[str, Any], list[Any]]:
+    """Output frames of a batch. Fixed-size outputs go whole, one frame each ("rows": the supervisor
+    cuts each member's rows out of it by byte offset); BYTES elements have no fixed row size, so a batch
+    with such an output is split here, member by member ("members")."""
+    total = sum(rows)
+    encoded = [encode_array(value) for value in results]
+    if all(datatype != "BYTES" and shape[:1] == [total] for datatype, shape, _ in encoded):
+        specs = [{"name": name, "datatype": datatype, "shape": shape} for name, (datatype, shape, _) in zip(wanted, encoded)]
+        return {"layout": "rows", "outputs": specs}, [payload for _, _, payload in encoded]
+    per_member: list[list[dict[str, Any]]] = []
+    payloads: list[Any] = []
+    start = 0
+    for n in rows:
+        member_specs = []
+        for name, value in zip(wanted, results):
+            datatype, shape, payload = encode_array(np.ascontiguousarray(value[start : start + n]))
+            member_specs.append({"name": name, "datatype": datatype, "shape": shape})
+            payloads.append(payload)
+        per_member.append(member_specs)
+        start += n
+    return {"layout": "members", "outputs": per_member}, payloads
+
+
+def _run_batch(socket: zmq.Socket, session: Any, output_names: list[str], frames: list[zmq.Frame]) -> None:  # type: ignore[type-arg]
+    """Several compatible tasks run once as one batch (rows concatenated along axis 0), answered in one
+    message. Results equal running each task alone (the batch dimension is row-independent).
+
+    In:  [b"B", plan {tasks, rows, inputs (the batch's specs), outputs, joined}, input frames] where
+         joined = one frame per input holding every member's rows, else per member its input frames.
+    Out: [b"S", meta, output frames] in meta["layout"]: "rows" = one frame per output for the whole
+         batch, or "members" = per member its output frames (see _split_outputs).
+    One message per batch, not per task: the supervisor's per-message cost is the throughput ceiling,
+    and batching exists to cut it.
     """
     received_ns = time.monotonic_ns()
     cpu_start = time.process_time_ns()
     plan = unpack(frames[1].buffer)
     task_ids: list[int] = plan["tasks"]
     try:
-        headers: list[dict[str, Any]] = []
-        feeds: list[dict[str, np.ndarray]] = []
-        offset = 2
-        for count in plan["frames"]:
-            header = unpack(frames[offset].buffer)
-            headers.append(header)
-            feeds.append(_feed_from(header, frames[offset + 1 : offset + count]))
-            offset += count
-        rows = [next(iter(feed.values())).shape[0] for feed in feeds]
-        merged = {name: np.concatenate([feed[name] for feed in feeds], axis=0) for name in feeds[0]}
-        wanted = headers[0].get("outputs") or output_names
+        merged = _batch_feed(plan, frames[2:])
+        wanted = plan["outputs"] or output_names
         prepared_ns = time.monotonic_ns()
         results = [np.asarray(value) for value in session.run(wanted, merged)]
         computed_ns = time.monotonic_ns()
-        specs: list[list[dict[str, Any]]] = []
-        encode_us: list[float] = []
-        payloads: list[Any] = []
-        start = 0
-        for n in rows:
-            encode_start = time.monotonic_ns()
-            task_specs = []
-            for name, value in zip(wanted, results):
-                datatype, shape, payload = encode_array(np.ascontiguousarray(value[start : start + n]))
-                task_specs.append({"name": name, "datatype": datatype, "shape": shape})
-                payloads.append(payload)
-            specs.append(task_specs)
-            encode_us.append((time.monotonic_ns() - encode_start) / 1000)
-            start += n
-        meta = {
-            "tasks": task_ids,
-            "outputs": specs,
-            "encode_us": encode_us,
-            "recv_ns": received_ns,
-            "prep_us": (prepared_ns - received_ns) / 1000,
-            "compute_us": (computed_ns - prepared_ns) / 1000,
-            "cpu_us": (time.process_time_ns() - cpu_start) / 1000 / len(task_ids),
-            "send_ns": time.monotonic_ns(),
-        }
+        meta, payloads = _split_outputs(results, wanted, plan["rows"])
+        meta.update(
+            tasks=task_ids,
+            recv_ns=received_ns,
+            prep_us=(prepared_ns - received_ns) / 1000,
+            compute_us=(computed_ns - prepared_ns) / 1000,
+            encode_us=(time.monotonic_ns() - computed_ns) / 1000,
+            cpu_us=(time.process_time_ns() - cpu_start) / 1000 / len(task_ids),
+            send_ns=time.monotonic_ns(),
+        )
         socket.send_multipart([messages.RESULTS, pack(meta), *payloads], copy=False)
     except Exception as exc:  # every task of the batch gets an answer (the supervisor retries each alone)
         meta = {
