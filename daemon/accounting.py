@@ -276,6 +276,66 @@ class Accountant:
             usage.bytes_out += bytes_out
             usage.cpu_us += cpu_us
 
+    def record_batch(self, model: str, version: int, shared: dict[str, float], members: list[tuple[str, dict[str, float], int, int]]) -> None:
+        """Account the successful members of one batch: the same result as `record` once per member
+        with `{**member_timing, **shared}`, but the stages every member shares (dispatch, compute, ...)
+        are bucketed once for the model. members: (client, the member's own timing, bytes_in, bytes_out)."""
+        count = len(members)
+        stats = self.by_model.get((model, version))
+        if stats is None:
+            stats = self.by_model[(model, version)] = UsageStats(by_model=True)
+        rows = stats.durations.get(None)
+        if rows is None:
+            rows = stats.durations[None] = [[0] * _BUCKET_ROW for _ in STAGES]
+        shared_ns: list[tuple[int, int]] = []
+        for key, value in shared.items():
+            i = _STAGE_INDEX.get(key)
+            if i is None:
+                continue
+            ns = int(value * 1000)
+            row = rows[i]
+            row[bisect_left(DURATION_BUCKETS_US, value)] += count
+            row[-1] += ns * count
+            shared_ns.append((i, ns))
+        cpu_us = shared.get("cpu_us", 0.0)
+        stats.requests += count
+        stats.success += count
+        stats.cpu_us += cpu_us * count
+        model_latency = stats.latency.counts
+        for client, timing, bytes_in, bytes_out in members:
+            user = self.by_client.get(client)
+            if user is None:
+                user = self._new_client(client)
+            user_stages = user.stage_ns
+            for i, ns in shared_ns:
+                slot = user_stages[i]
+                slot[0] += 1
+                slot[1] += ns
+            for key, value in timing.items():
+                i = _STAGE_INDEX.get(key)
+                if i is None:
+                    continue
+                ns = int(value * 1000)
+                row = rows[i]
+                row[bisect_left(DURATION_BUCKETS_US, value)] += 1
+                row[-1] += ns
+                slot = user_stages[i]
+                slot[0] += 1
+                slot[1] += ns
+            user.requests += 1
+            user.success += 1
+            user.bytes_in += bytes_in
+            user.bytes_out += bytes_out
+            user.cpu_us += cpu_us
+            stats.bytes_in += bytes_in
+            stats.bytes_out += bytes_out
+            total = timing.get("total_us", shared.get("total_us"))
+            if total is not None:
+                index = hdr_index(total)
+                model_latency[index] = model_latency.get(index, 0) + 1
+                counts = user.latency.counts
+                counts[index] = counts.get(index, 0) + 1
+
     def _new_client(self, client: str) -> UsageStats:
         if len(self.by_client) >= MAX_CLIENTS:
             client = OTHER_CLIENTS

@@ -105,21 +105,23 @@ class WorkerResults:
         }
         header = {"v": PROTOCOL_VERSION, "id": 0, "model": model.name, "version": model.version, "outputs": None, "timing": None, "batch_size": len(batch)}
         members = _member_outputs(meta, frames[3:], batch)
+        own_timings: list[dict[str, float]] = []
+        bytes_out: list[int] = []
         for task, (specs, outputs) in zip(batch, members):
-            task.done = True
-            timing = {
+            own = {
                 "decode_us": (task.decoded_ns - task.received_ns) / 1000,
                 "queue_us": (task.dispatched_ns - task.decoded_ns) / 1000,
-                **shared,
                 "batch_wait_us": task.batch_wait_ns / 1000,  # part of queue_us, not an extra stage
                 "total_us": (time.monotonic_ns() - task.received_ns) / 1000,
             }
-            header["id"], header["outputs"], header["timing"] = task.request_id, specs, timing
+            header["id"], header["outputs"], header["timing"] = task.request_id, specs, {**own, **shared}
             self.replies.send(task.route, header, outputs)
-            bytes_out = 0
+            own_timings.append(own)
+            size = 0
             for frame in outputs:
-                bytes_out += len(frame)
-            self.replies.finish(task, None, timing, bytes_out)
+                size += len(frame)
+            bytes_out.append(size)
+        self.replies.finish_batch(batch, shared, own_timings, bytes_out)
 
 
 def _member_outputs(meta: dict[str, Any], frames: list[zmq.Frame], batch: list[Task]) -> Iterator[tuple[list[dict[str, Any]], list[Any]]]:

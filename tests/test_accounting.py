@@ -6,7 +6,7 @@ import random
 import shutil
 import time
 from bisect import bisect_left
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -61,7 +61,7 @@ def test_counts_stage_sums_bytes_and_cpu_are_exact_after_a_mixed_run() -> None:
     want_buckets: dict[tuple[tuple[str, int], str, str], list[float]] = {}
     want_client: dict[str, Counter[str]] = {}
     want_bytes: Counter[tuple[str, int, str]] = Counter()
-    want_cpu_us: Counter[tuple[str, int]] = Counter()
+    want_cpu_us: dict[tuple[str, int], float] = defaultdict(float)
     want_rejected: Counter[str] = Counter()
     for _ in range(5000):
         code = rng.choice(codes)
@@ -128,6 +128,37 @@ def test_counts_stage_sums_bytes_and_cpu_are_exact_after_a_mixed_run() -> None:
         assert got["failures"] == {c: k for c, k in counts.items() if c != "OK"}
         assert "durations" not in got
     assert sum(c["requests"] for c in snap["clients"].values()) == sum(want_requests.values()) + sum(want_rejected.values())
+
+
+def test_a_batch_recorded_at_once_equals_its_members_recorded_one_by_one() -> None:
+    """record_batch buckets the stages a batch's members share once: the figures must not differ."""
+    rng = random.Random(3)
+    one_by_one, at_once = Accountant(), Accountant()
+    for _ in range(300):
+        key = (rng.choice(["tiny", "ocr"]), rng.choice([1, 2]))
+        whole = success_timing(rng)
+        shared = {k: whole[k] for k in ("dispatch_us", "prep_us", "compute_us", "encode_us", "return_us", "cpu_us")}
+        members = []
+        for _ in range(rng.randrange(1, 12)):
+            own = {"decode_us": rng.uniform(1, 50), "queue_us": rng.uniform(1, 5e4), "batch_wait_us": rng.uniform(0, 600), "total_us": rng.uniform(100, 1e5)}
+            client = rng.choice(["alice@uid=0", "bob@uid=0", "0badc0de"])
+            bytes_in, bytes_out = rng.randrange(1 << 16), rng.randrange(1 << 16)
+            members.append((client, own, bytes_in, bytes_out))
+            one_by_one.record(key[0], key[1], client, None, {**own, **shared}, bytes_in, bytes_out)
+        at_once.record_batch(key[0], key[1], shared, members)
+    one_by_one.record("tiny", 1, "alice@uid=0", "INVALID_ARGUMENT", {"total_us": 12.0})  # the two mix
+    at_once.record("tiny", 1, "alice@uid=0", "INVALID_ARGUMENT", {"total_us": 12.0})
+
+    def without_cpu(snapshot: dict[str, Any]) -> tuple[dict[str, Any], list[float]]:
+        cpu = []
+        for entry in [*snapshot["clients"].values(), *(v for m in snapshot["models"].values() for v in m["versions"].values())]:
+            cpu.append(entry.pop("cpu_seconds"))
+        return snapshot, cpu
+
+    want, want_cpu = without_cpu(one_by_one.snapshot())
+    got, got_cpu = without_cpu(at_once.snapshot())
+    assert got == want
+    assert got_cpu == pytest.approx(want_cpu, rel=1e-9)  # summed in another order
 
 
 def test_keys_outside_the_stages_are_ignored_and_batch_wait_is_its_own_row() -> None:
