@@ -71,12 +71,13 @@ def _wire_main(conn: Connection, model: str, x: np.ndarray) -> None:
             context.term()
             return
         try:
-            wire = wires.get(command[1])
-            if wire is None:
-                wire = wires[command[1]] = _Wire(context, command[1], model, x)
+            known = wires.get(command[1])
+            if known is None:
+                known = wires[command[1]] = _Wire(context, command[1], model, x)
                 for _ in range(WARMUP_REQUESTS):
-                    wire.send()
-                    wire.recv()
+                    known.send()
+                    known.recv()
+            wire = known
             if command[0] == "prepare":
                 conn.send("ok")
             else:

@@ -54,6 +54,7 @@ class Dispatcher:
         self.retire_worker = retire_worker  # an idle worker of a retiring model: quit it
         self.queued_bytes = 0
         self.queued_by_request: dict[tuple[bytes, int], Task] = {}
+        self.wakeup_lateness_ns = 0  # how late batch timers run their callback, recently (EWMA)
 
     # -- admission ----------------------------------------------------------------------------------
     def admit(self, task: Task, header: dict[str, Any]) -> None:
@@ -88,7 +89,11 @@ class Dispatcher:
             # client that reorders them just batches separately).
             task.batch_key = (tuple((s["name"], s["datatype"], tuple(s["shape"][1:])) for s in inputs), tuple(header.get("outputs") or ()))
         self.enqueue(task)
-        self.maybe_flush(task.model)
+        model = task.model
+        # Most arrivals only join a batch that is already waiting: nothing to decide before its timer.
+        if model.batch_deadline_ns and not model.idle:
+            return
+        self.maybe_flush(model)
 
     def enqueue(self, task: Task) -> None:
         model = task.model
@@ -195,8 +200,12 @@ class Dispatcher:
             return
         now = time.monotonic_ns()
         if model.batch_deadline_ns == 0:
-            model.batch_deadline_ns = now + batching.max_queue_delay_us * 1000
-            self.timers.call_at(model.batch_deadline_ns, lambda: self.maybe_flush(model))
+            # The timer goes off early by the usual wake-up lateness (at most a quarter of the delay), so
+            # that the batch leaves by the deadline rather than a wake-up later: the delay is a bound.
+            delay_ns = batching.max_queue_delay_us * 1000
+            model.batch_deadline_ns = now + delay_ns - min(delay_ns // 4, 2 * self.wakeup_lateness_ns)
+            armed = model.batch_deadline_ns
+            self.timers.call_at(armed, lambda: self._batch_timer(model, armed))
         due = now >= model.batch_deadline_ns
         if not model.idle or (not due and len(model.queue) < batching.max_batch_size and not batching.preferred_batch_sizes):
             return
@@ -209,6 +218,11 @@ class Dispatcher:
             model.batch_deadline_ns = 0
         elif due:  # leftovers waited as long as the batch that just left: due at once
             model.batch_deadline_ns = now
+
+    def _batch_timer(self, model: ServedModel, armed_ns: int) -> None:
+        late = time.monotonic_ns() - armed_ns
+        self.wakeup_lateness_ns += (late - self.wakeup_lateness_ns) // 8  # EWMA over ~8 wake-ups
+        self.maybe_flush(model)
 
     def _take_batch(self, model: ServedModel, max_rows: int) -> list[Task]:
         first = model.queue.popleft()

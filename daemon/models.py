@@ -124,6 +124,8 @@ class ModelRegistry:
             if model is None:
                 raise NotFound(f"model {name!r} has no version {version!r}", {"versions": sorted(versions)})
             return model
+        if len(versions) == 1:  # the usual case, on every request: no list to build
+            return next(iter(versions.values()))
         serving = [m for m in versions.values() if m.state is ModelState.READY]
         if serving:
             return max(serving, key=lambda m: m.version)
