@@ -11,7 +11,7 @@ import zmq
 from openinfer.client.errors import OpenInferError
 from openinfer.client.protocol import PROTOCOL_VERSION, pack
 
-from .accounting import Accountant
+from .accounting import MEMBER_STAGES, Accountant
 from .client_limits import ClientLimiter
 from .settings import Settings
 from .tasks import Task
@@ -64,23 +64,24 @@ class ReplySender:
         if sample > 0 and (sample >= 1 or (task.task_id * 2654435761 % 2**32) / 2**32 < sample):
             access_log.info("task", extra={"task": task.task_id, "request": task.request_id, "model": task.model.name, "version": task.model.version, "client": task.client, "code": code or "OK", "timing": timing})
 
-    def finish_batch(self, batch: list[Task], shared: dict[str, float], own: list[dict[str, float]], bytes_out: list[int]) -> None:
-        """`finish` for every member of a batch that succeeded: timing = {**own[i], **shared}."""
+    def finish_batch(self, batch: list[Task], shared: dict[str, float], own: list[tuple[float, float, float, float]], bytes_out: list[int]) -> None:
+        """`finish` for every member of a batch that succeeded; own[i] = member i's MEMBER_STAGES values."""
         open_requests = self.open_requests
         release = self.limiter.release
         members = []
-        for task, timing, out in zip(batch, own, bytes_out):
+        for task, values, out in zip(batch, own, bytes_out):
             task.done = True
             open_requests.discard((task.route[0].bytes, task.request_id))
             release(task.client)
-            members.append((task.client, timing, task.nbytes, out))
+            members.append((task.client, values, task.nbytes, out))
         model = batch[0].model
         self.accountant.record_batch(model.name, model.version, shared, members)
         sample = self.settings.log.access_log_sample
         if sample > 0:
-            for task, timing in zip(batch, own):
+            for task, values in zip(batch, own):
                 if sample >= 1 or (task.task_id * 2654435761 % 2**32) / 2**32 < sample:
-                    access_log.info("task", extra={"task": task.task_id, "request": task.request_id, "model": model.name, "version": model.version, "client": task.client, "code": "OK", "timing": {**timing, **shared}})
+                    timing = {**dict(zip(MEMBER_STAGES, values)), **shared}
+                    access_log.info("task", extra={"task": task.task_id, "request": task.request_id, "model": model.name, "version": model.version, "client": task.client, "code": "OK", "timing": timing})
 
     def fail(self, task: Task, exc: OpenInferError) -> None:
         timing = {"total_us": (time.monotonic_ns() - task.received_ns) / 1000}

@@ -1,8 +1,9 @@
 """A heap of (when, callback) timers for the supervisor loop: deadlines, batch delays, respawn backoff.
 
 The loop's poller only takes millisecond timeouts, which would round a 500 us batch delay up to 1-2 ms.
-So the heap also keeps a Linux timerfd armed at its earliest entry (CLOCK_MONOTONIC, the clock of
-`time.monotonic_ns`): the poller watches the fd and wakes at the microsecond the first timer is due.
+So the heap also keeps a Linux timerfd armed at its earliest entry when that is near (CLOCK_MONOTONIC,
+the clock of `time.monotonic_ns`): the poller watches the fd and wakes at the microsecond the first
+timer is due. Timers further out than _TIMERFD_HORIZON_NS use the poller's timeout (1 ms resolution).
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ _CLOCK_MONOTONIC = 1
 _TFD_NONBLOCK = os.O_NONBLOCK
 _TFD_CLOEXEC = os.O_CLOEXEC
 _TFD_TIMER_ABSTIME = 1
+# Timers due sooner than this wake the loop through the timerfd (microseconds); later ones through the
+# poller's millisecond timeout. Setting a timerfd costs ~10 us here (a VM exit to program the timer),
+# and re-arming it for every queued request's deadline, seconds out, bought nothing.
+_TIMERFD_HORIZON_NS = 5_000_000
 
 
 class _Timespec(ctypes.Structure):
@@ -97,13 +102,19 @@ class TimerHeap:
         if not heap:
             return default_ms
         head = heap[0][0]
-        if self.wakeup is not None:
-            if head != self._armed_ns:
+        wait_ns = head - time.monotonic_ns()
+        if self.wakeup is None:
+            return max(0, min(default_ms, wait_ns // 1_000_000 + 1))
+        if wait_ns < _TIMERFD_HORIZON_NS:
+            # Only ever earlier: when the earliest timer was cancelled, the wake-up already set is merely
+            # early (it finds nothing due and re-arms); moving it later was a syscall per loop turn.
+            if self._armed_ns == 0 or head < self._armed_ns:
                 self.wakeup.arm_at(head)
                 self._armed_ns = head
             return default_ms
-        wait = (head - time.monotonic_ns()) // 1_000_000 + 1
-        return max(0, min(default_ms, wait))
+        # Far away (a request's deadline, seconds out): no syscall; the poller wakes the loop in time to
+        # arm the timerfd for the last few milliseconds, so even these fire to the microsecond.
+        return max(0, min(default_ms, (wait_ns - _TIMERFD_HORIZON_NS // 2) // 1_000_000))
 
     def run_due(self) -> None:
         heap = self._heap

@@ -22,6 +22,7 @@ from openinfer.daemon.accounting import (
     HDR_HIGHEST_US,
     HDR_SIGNIFICANT_DIGITS,
     MAX_CLIENTS,
+    MEMBER_STAGES,
     OTHER_CLIENTS,
     PERCENTILES,
     STAGES,
@@ -140,11 +141,11 @@ def test_a_batch_recorded_at_once_equals_its_members_recorded_one_by_one() -> No
         shared = {k: whole[k] for k in ("dispatch_us", "prep_us", "compute_us", "encode_us", "return_us", "cpu_us")}
         members = []
         for _ in range(rng.randrange(1, 12)):
-            own = {"decode_us": rng.uniform(1, 50), "queue_us": rng.uniform(1, 5e4), "batch_wait_us": rng.uniform(0, 600), "total_us": rng.uniform(100, 1e5)}
+            own = (rng.uniform(1, 50), rng.uniform(1, 5e4), rng.uniform(0, 600), rng.uniform(100, 1e5))  # MEMBER_STAGES
             client = rng.choice(["alice@uid=0", "bob@uid=0", "0badc0de"])
             bytes_in, bytes_out = rng.randrange(1 << 16), rng.randrange(1 << 16)
             members.append((client, own, bytes_in, bytes_out))
-            one_by_one.record(key[0], key[1], client, None, {**own, **shared}, bytes_in, bytes_out)
+            one_by_one.record(key[0], key[1], client, None, {**dict(zip(MEMBER_STAGES, own)), **shared}, bytes_in, bytes_out)
         at_once.record_batch(key[0], key[1], shared, members)
     one_by_one.record("tiny", 1, "alice@uid=0", "INVALID_ARGUMENT", {"total_us": 12.0})  # the two mix
     at_once.record("tiny", 1, "alice@uid=0", "INVALID_ARGUMENT", {"total_us": 12.0})
