@@ -109,7 +109,7 @@ class Dispatcher:
 
     def _track(self, task: Task) -> None:
         self.queued_bytes += task.nbytes
-        self.queued_by_request[(task.route[0].bytes, task.request_id)] = task
+        self.queued_by_request[(task.route_id, task.request_id)] = task
         task.deadline_timer = self.timers.call_at(task.deadline_ns, lambda: self.expire_queued(task))
 
     def dequeue(self, task: Task) -> None:
@@ -118,7 +118,7 @@ class Dispatcher:
         if task.deadline_timer is not None:  # else the timer would hold the task (and its tensors)
             self.timers.cancel(task.deadline_timer)
             task.deadline_timer = None
-        key = (task.route[0].bytes, task.request_id)
+        key = (task.route_id, task.request_id)
         if self.queued_by_request.get(key) is task:
             del self.queued_by_request[key]
 

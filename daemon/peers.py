@@ -21,7 +21,7 @@ _CACHE_LIMIT = 10_000  # routing ids are per connection and verdicts per (peer, 
 class PeerDirectory:
     def __init__(self, access: AccessPolicy) -> None:
         self.access = access
-        self._peers: dict[bytes, Peer] = {}
+        self._peers: dict[bytes, tuple[Peer, str]] = {}
         self._allowed: dict[tuple[Any, ...], bool] = {}
 
     def answer_zap(self, zap: zmq.Socket) -> None:  # type: ignore[type-arg]
@@ -40,18 +40,19 @@ class PeerDirectory:
             status = [b"200", b"OK"] if allowed else [b"400", b"no grant for this peer"]
             zap.send_multipart([version, request_id, *status, peer.user_id().encode(), b""])
 
-    def peer_of(self, route_id: bytes, frame: zmq.Frame) -> Peer:
-        """The peer behind a routing id, from the User-Id our ZAP reply attached to its connection."""
-        peer = self._peers.get(route_id)
-        if peer is None:
+    def peer_of(self, route_id: bytes, frame: zmq.Frame) -> tuple[Peer, str]:
+        """The peer behind a routing id, from the User-Id our ZAP reply attached to its connection, and
+        its accounting key: `uid=N` when the transport told its credentials, else the routing id in hex."""
+        known = self._peers.get(route_id)
+        if known is None:
             try:
                 peer = peer_from_user_id(str(frame.get("User-Id") or ""))
             except (ValueError, zmq.ZMQError):
                 peer = Peer()
             if len(self._peers) > _CACHE_LIMIT:
                 self._peers.clear()
-            self._peers[route_id] = peer
-        return peer
+            known = self._peers[route_id] = (peer, f"uid={peer.uid}" if peer.uid is not None else route_id.hex())
+        return known
 
     def authorize(self, peer: Peer, op: str, model: str | None) -> None:
         """Raise PERMISSION_DENIED (naming the rule) unless the policy lets `peer` do `op` on `model`."""

@@ -57,7 +57,7 @@ class ReplySender:
 
     def finish(self, task: Task, code: str | None, timing: dict[str, float], bytes_out: int = 0) -> None:
         task.done = True
-        self.open_requests.discard((task.route[0].bytes, task.request_id))
+        self.open_requests.discard((task.route_id, task.request_id))
         self.limiter.release(task.client)
         self.accountant.record(task.model.name, task.model.version, task.client, code, timing, task.nbytes, bytes_out)
         sample = self.settings.log.access_log_sample
@@ -71,7 +71,7 @@ class ReplySender:
         members = []
         for task, values, out in zip(batch, own, bytes_out):
             task.done = True
-            open_requests.discard((task.route[0].bytes, task.request_id))
+            open_requests.discard((task.route_id, task.request_id))
             release(task.client)
             members.append((task.client, values, task.nbytes, out))
         model = batch[0].model

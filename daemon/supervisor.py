@@ -235,7 +235,7 @@ class Supervisor:
         """Routing ids with a request queued or running (only asked when memory runs over its limit)."""
         routes = [route_id for route_id, _ in self.dispatcher.queued_by_request]
         for worker in self.pool.by_identity.values():
-            routes.extend(task.route[0].bytes for task in worker.inflight)
+            routes.extend(task.route_id for task in worker.inflight)
         return routes
 
     def _any_busy(self) -> bool:
@@ -276,7 +276,7 @@ class Supervisor:
         route = frames[:split]
         body = frames[split:]
         route_id = route[0].bytes
-        client = route_id.hex()
+        client = ""  # known once the peer is: "uid=N" or the routing id in hex (see peers.peer_of)
         request_id: int | None = None
         self._request_model: ServedModel | None = None
         if not self.guard.saw(route_id, route[0], received_ns):
@@ -287,19 +287,18 @@ class Supervisor:
             header = decode_header(body[0].buffer)
             request_id = request_id_of(header)
             op = check_envelope(header, len(body))
-            peer = self.peers.peer_of(route_id, body[0])
-            if peer.uid is not None:
-                client = f"uid={peer.uid}"
+            peer, client = self.peers.peer_of(route_id, body[0])
             name = header.get("client")
             if name:
                 client = f"{name}@{client}"
             model_name = header.get("model")
             self.peers.authorize(peer, op, model_name if isinstance(model_name, str) else None)
             if op == "infer":
-                self._accept_infer(route, request_id, client, header, body, received_ns)  # type: ignore[arg-type]
+                self._accept_infer(route, route_id, request_id, client, header, body, received_ns)  # type: ignore[arg-type]
             else:
                 self.replies.send(route, {"v": PROTOCOL_VERSION, "id": request_id, "result": self._admin(op, header, route)})
         except Exception as exc:  # every accepted request gets exactly one answer, even on a daemon bug
+            client = client or route_id.hex()
             if not isinstance(exc, OpenInferError):
                 log.exception("internal error while handling a request", extra={"client": client})
                 exc = Internal(f"internal error: {type(exc).__name__}")
@@ -312,7 +311,7 @@ class Supervisor:
             model = self._request_model
             self.accountant.record(model.name if model else None, model.version if model else None, client, exc.code, timing)
 
-    def _accept_infer(self, route: list[Any], request_id: int, client: str, header: dict[str, Any], body: list[Any], received_ns: int) -> None:
+    def _accept_infer(self, route: list[Any], route_id: bytes, request_id: int, client: str, header: dict[str, Any], body: list[Any], received_ns: int) -> None:
         if self.draining:
             raise Unavailable("daemon is shutting down; not accepting new requests")
         version = header.get("version")
@@ -334,6 +333,7 @@ class Supervisor:
             task_id=self._next_task_id,
             request_id=request_id,
             route=route,
+            route_id=route_id,
             client=client,
             model=model,
             header_frame=body[0],
@@ -344,7 +344,7 @@ class Supervisor:
             deadline_ns=received_ns + timeout_ms * 1_000_000,
             priority=header.get("priority") or 0,
         )
-        key = (route[0].bytes, request_id)
+        key = (route_id, request_id)
         if key in self.replies.open_requests:
             raise InvalidArgument(f"id {request_id} is already in flight on this connection; ids must be unique among a connection's outstanding requests")
         self._next_task_id += 1

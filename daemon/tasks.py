@@ -14,6 +14,7 @@ class Task:
     task_id: int
     request_id: int
     route: list[Any]  # frames to put before the reply header (client identity [+ empty delimiter])
+    route_id: bytes  # the client's routing id (route[0]'s bytes, taken once)
     client: str  # accounting key: "<routing id hex>" or "<name>@<routing id hex>"
     model: "ServedModel"
     header_frame: Any  # the client's header frame, forwarded to the worker untouched
