@@ -49,6 +49,7 @@ class ServedModel:
     prepare_attempts: int = 0
     batchable: bool = False  # [batching] configured and every input and output has a dynamic first dimension
     batch_deadline_ns: int = 0  # when the queued tasks must be flushed to a worker, batch full or not
+    batch_timer: Any = None  # the timer set for batch_deadline_ns (cancelled when no batch waits)
     batch_sizes: dict[int, int] = field(default_factory=dict)
     compute_ewma_us: float | None = None  # recent compute time; short models get pipelined dispatch
     nbytes_ewma: float = 0.0  # recent request size, the size compute_ewma_us was measured at

@@ -34,20 +34,24 @@ class ReplySender:
         self.open_requests: set[tuple[bytes, int]] = set()
 
     def send(self, route: list[Any], header: dict[str, Any], payloads: list[Any] | None = None) -> None:
+        self.send_packed(route, pack(header), payloads, header.get("id"))
+
+    def send_packed(self, route: list[Any], header: bytes, payloads: list[Any] | None = None, request_id: int | None = None) -> None:
+        """Send a reply whose header is already msgpack bytes (reply_headers.py packs a batch's)."""
         send = self.frontend.send
         try:
             # With ROUTER_MANDATORY an unroutable peer fails on the first frame, before anything is queued.
             for frame in route:
                 send(frame, _SNDMORE_NOBLOCK, copy=False)
             if payloads:
-                send(pack(header), _SNDMORE_NOBLOCK)
+                send(header, _SNDMORE_NOBLOCK)
                 last = len(payloads) - 1
                 for index, frame in enumerate(payloads):
                     send(frame, _NOBLOCK if index == last else _SNDMORE_NOBLOCK, copy=False)
             else:
-                send(pack(header), _NOBLOCK)
+                send(header, _NOBLOCK)
         except zmq.ZMQError as exc:  # client gone (EHOSTUNREACH) or not reading (EAGAIN): drop, never block
-            log.info("reply dropped", extra={"id": header.get("id"), "reason": exc.strerror})
+            log.info("reply dropped", extra={"id": request_id, "reason": exc.strerror})
 
     def error(self, route: list[Any], request_id: int | None, exc: OpenInferError, timing: dict[str, float] | None = None) -> None:
         reply: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "error": exc.to_wire()}

@@ -7,10 +7,11 @@ from typing import Any, Iterator
 
 import zmq
 
-from openinfer.client.protocol import PROTOCOL_VERSION, unpack
+from openinfer.client.protocol import PROTOCOL_VERSION, pack, unpack
 
 from .dispatch import Dispatcher
 from .replies import ReplySender
+from .reply_headers import BatchReplyHeaders
 from .tasks import Task
 from .worker import messages
 from .workers import WorkerHandle, WorkerState
@@ -103,11 +104,16 @@ class WorkerResults:
             "encode_us": meta["encode_us"],
             "cpu_us": meta["cpu_us"],
         }
-        header = {"v": PROTOCOL_VERSION, "id": 0, "model": model.name, "version": model.version, "outputs": None, "timing": None, "batch_size": len(batch)}
-        members = _member_outputs(meta, frames[3:], batch)
+        rows_layout = meta.get("layout") == "rows"
+        if rows_layout:  # fixed-size outputs: headers from prepared pieces (reply_headers.py)
+            headers = BatchReplyHeaders(model.name, model.version, len(batch), meta["outputs"], shared)
+            members: Iterator[Any] = _rows_outputs(meta["outputs"], frames[3:], batch)
+        else:
+            header = {"v": PROTOCOL_VERSION, "id": 0, "model": model.name, "version": model.version, "outputs": None, "timing": None, "batch_size": len(batch)}
+            members = _member_outputs(meta["outputs"], frames[3:])
         own_timings: list[tuple[float, float, float, float]] = []
         bytes_out: list[int] = []
-        for task, (specs, outputs) in zip(batch, members):
+        for task, member in zip(batch, members):
             received_ns = task.received_ns
             decoded_ns = task.decoded_ns
             own = (  # accounting.MEMBER_STAGES; the rest of the timing is shared by the batch
@@ -116,9 +122,15 @@ class WorkerResults:
                 task.batch_wait_ns / 1000,  # part of queue_us, not an extra stage
                 (time.monotonic_ns() - received_ns) / 1000,
             )
-            timing = {"decode_us": own[0], "queue_us": own[1], **shared, "batch_wait_us": own[2], "total_us": own[3]}
-            header["id"], header["outputs"], header["timing"] = task.request_id, specs, timing
-            self.replies.send(task.route, header, outputs)
+            if rows_layout:
+                outputs = member
+                packed = headers.render(task.request_id, task.rows, own)
+            else:
+                specs, outputs = member
+                header["id"], header["outputs"] = task.request_id, specs
+                header["timing"] = {"decode_us": own[0], "queue_us": own[1], **shared, "batch_wait_us": own[2], "total_us": own[3]}
+                packed = pack(header)
+            self.replies.send_packed(task.route, packed, outputs, task.request_id)
             own_timings.append(own)
             size = 0
             for frame in outputs:
@@ -127,26 +139,24 @@ class WorkerResults:
         self.replies.finish_batch(batch, shared, own_timings, bytes_out)
 
 
-def _member_outputs(meta: dict[str, Any], frames: list[zmq.Frame], batch: list[Task]) -> Iterator[tuple[list[dict[str, Any]], list[Any]]]:
-    """Each member's (output specs, output payloads) from a RESULTS message (worker/serve.py:
-    _split_outputs). "rows": one frame per output for the whole batch, cut here by byte offset (views:
-    pyzmq copies small ones on send and sends large ones without copying)."""
-    if meta.get("layout") == "rows":
-        specs = meta["outputs"]
-        views = [frame.buffer for frame in frames]
-        total = specs[0]["shape"][0] if specs else 0
-        row_bytes = [len(view) // total if total else 0 for view in views]
-        start = 0
-        for task in batch:
-            rows = task.rows
-            yield (
-                [{"name": spec["name"], "datatype": spec["datatype"], "shape": [rows, *spec["shape"][1:]]} for spec in specs],
-                [view[start * size : (start + rows) * size] for view, size in zip(views, row_bytes)],
-            )
-            start += rows
-        return
+def _rows_outputs(specs: list[dict[str, Any]], frames: list[zmq.Frame], batch: list[Task]) -> Iterator[list[Any]]:
+    """Layout "rows" (worker/serve.py: _split_outputs): one frame per output for the whole batch, each
+    member's rows cut out by byte offset (views: pyzmq copies small ones on send, sends large ones
+    without copying)."""
+    views = [frame.buffer for frame in frames]
+    total = specs[0]["shape"][0] if specs else 0
+    row_bytes = [len(view) // total if total else 0 for view in views]
+    start = 0
+    for task in batch:
+        rows = task.rows
+        yield [view[start * size : (start + rows) * size] for view, size in zip(views, row_bytes)]
+        start += rows
+
+
+def _member_outputs(per_member: list[list[dict[str, Any]]], frames: list[zmq.Frame]) -> Iterator[tuple[list[dict[str, Any]], list[Any]]]:
+    """Layout "members": per member its output specs and frames."""
     offset = 0
-    for specs in meta["outputs"]:
+    for specs in per_member:
         count = len(specs)
         yield specs, frames[offset : offset + count]
         offset += count

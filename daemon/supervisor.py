@@ -187,7 +187,9 @@ class Supervisor:
             if watchdog is not None:
                 watchdog()  # from the loop itself: a wedged loop stops the pings and systemd restarts us
             busy = self._any_busy()
-            events = poll(self.timers.timeout_ms(5 if busy else idle_ms))
+            # Look before sleeping: while work keeps arriving the timerfd need not be set at all (setting it
+            # costs ~18 us in this VM); due timers run between messages and after each pass.
+            events = poll(0) or poll(self.timers.timeout_ms(5 if busy else idle_ms))
             try:
                 self._handle(events, frontend, backend, signal_fd)
             except Exception:  # a bug in one handler must not take the daemon (and every client) down
