@@ -14,9 +14,11 @@ from .errors import (
 )
 from .result import InferResult
 from .sync_client import Client
+from .tensors import BF16Array
 
 __all__ = [
     "AsyncClient",
+    "BF16Array",
     "Client",
     "DeadlineExceeded",
     "ErrorCode",

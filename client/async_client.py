@@ -14,6 +14,7 @@ import zmq.asyncio
 from .errors import DeadlineExceeded, Unavailable, error_from_wire
 from .protocol import encode_infer_request, encode_op_request, resolve_address, retry_pause, unpack
 from .result import InferResult, result_from_reply
+from .tensors import BF16Array
 from .socket_setup import configure_client_socket
 from .sync_client import DEFAULT_TIMEOUT_S
 
@@ -47,7 +48,7 @@ class AsyncClient:
     async def infer(
         self,
         model: str,
-        inputs: Mapping[str, np.ndarray],
+        inputs: Mapping[str, np.ndarray | BF16Array],
         *,
         version: int | None = None,
         outputs: Sequence[str] | None = None,

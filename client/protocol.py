@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import msgpack
 import numpy as np
 
-from .tensors import encode_array
+from .tensors import BF16Array, encode_array
 
 PROTOCOL_VERSION = 1
 OPERATIONS: frozenset[str] = frozenset(
@@ -63,7 +63,7 @@ def unpack(raw: bytes | memoryview) -> Any:
 def encode_infer_request(
     request_id: int,
     model: str,
-    inputs: Mapping[str, np.ndarray],
+    inputs: Mapping[str, np.ndarray | BF16Array],
     *,
     version: int | None = None,
     outputs: Sequence[str] | None = None,
@@ -75,7 +75,7 @@ def encode_infer_request(
     specs: list[dict[str, Any]] = []
     payloads: list[bytes | memoryview] = []
     for name, value in inputs.items():
-        datatype, shape, payload = encode_array(np.asarray(value))
+        datatype, shape, payload = encode_array(value if isinstance(value, BF16Array) else np.asarray(value))
         specs.append({"name": name, "datatype": datatype, "shape": shape})
         payloads.append(payload)
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "op": "infer", "model": model, "inputs": specs}

@@ -35,6 +35,41 @@ _NUMPY_KIND_TO_DATATYPE: dict[str, str] = {
 }
 
 
+class BF16Array:
+    """A bfloat16 tensor, which numpy has no dtype for: its bit patterns as uint16 (the upper half of each
+    float32). Pass one as an input to send `BF16`; replies decode `BF16` outputs to plain uint16 bits,
+    which `BF16Array(bits).to_float32()` widens."""
+
+    __slots__ = ("bits",)
+
+    def __init__(self, bits: np.ndarray) -> None:
+        bits = np.asarray(bits)
+        if bits.dtype != np.uint16:
+            raise TypeError(f"BF16Array holds uint16 bit patterns, got {bits.dtype} (use BF16Array.from_float32)")
+        self.bits = bits
+
+    @classmethod
+    def from_float32(cls, values: Any) -> "BF16Array":
+        """Round to the nearest bfloat16 (ties to even), as onnxruntime's Cast does; NaN stays NaN."""
+        wide = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+        rounded = (wide + (0x7FFF + ((wide >> 16) & 1))) >> 16
+        bits = np.where(np.isnan(wide.view(np.float32)), (wide >> 16) | 0x40, rounded).astype(np.uint16)
+        return cls(bits)
+
+    def to_float32(self) -> np.ndarray:
+        return (self.bits.astype(np.uint32) << 16).view(np.float32)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.bits.shape)
+
+    def __getitem__(self, key: Any) -> "BF16Array":
+        return BF16Array(self.bits[key])
+
+    def __repr__(self) -> str:
+        return f"BF16Array({self.to_float32()!r})"
+
+
 def datatype_of(array: np.ndarray) -> str:
     """The OIP datatype name for a numpy array (object/str/bytes arrays are BYTES)."""
     if array.dtype.kind in ("O", "S", "U"):
@@ -55,8 +90,11 @@ def element_count(shape: list[int] | tuple[int, ...]) -> int:
     return count
 
 
-def encode_array(array: np.ndarray) -> tuple[str, list[int], bytes | memoryview]:
+def encode_array(array: np.ndarray | BF16Array) -> tuple[str, list[int], bytes | memoryview]:
     """(datatype, shape, payload) for one array; numeric payloads are zero-copy when already contiguous LE."""
+    if isinstance(array, BF16Array):
+        bits = np.ascontiguousarray(array.bits, dtype="<u2")
+        return "BF16", [int(d) for d in bits.shape], memoryview(bits).cast("B") if bits.size else b""  # type: ignore[arg-type]
     datatype = datatype_of(array)
     shape = [int(d) for d in array.shape]
     if datatype == "BYTES":

@@ -80,6 +80,45 @@ def string_rows_model(path: Path) -> Path:
     return _save(helper.make_model(graph, opset_imports=OPSET), path)
 
 
+def bf16_model(path: Path) -> Path:
+    """x BF16[n, 4] -> y = x (BF16), f = float32(x), d = bfloat16(2 * float32(x)): bfloat16 both ways."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["x"], ["y"]),
+            helper.make_node("Cast", ["x"], ["f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["f", "two"], ["f2"]),
+            helper.make_node("Cast", ["f2"], ["d"], to=TensorProto.BFLOAT16),
+        ],
+        "bf16",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["n", 4])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["n", 4]),
+            helper.make_tensor_value_info("f", TensorProto.FLOAT, ["n", 4]),
+            helper.make_tensor_value_info("d", TensorProto.BFLOAT16, ["n", 4]),
+        ],
+        initializer=[numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def cast_float_to_bf16_model() -> bytes:
+    """f FP32[n, 4] -> b BF16: onnxruntime's own rounding, the reference for BF16Array.from_float32."""
+    graph = helper.make_graph([helper.make_node("Cast", ["f"], ["b"], to=TensorProto.BFLOAT16)], "to_bf16",
+                              [helper.make_tensor_value_info("f", TensorProto.FLOAT, ["n", 4])], [helper.make_tensor_value_info("b", TensorProto.BFLOAT16, ["n", 4])])
+    model = helper.make_model(graph, opset_imports=OPSET)
+    model.ir_version = min(model.ir_version, 10)
+    return model.SerializeToString()
+
+
+def cast_bf16_to_float_model() -> bytes:
+    """b BF16[n, 4] -> f FP32 (exact): how tests read bfloat16 results of in-process onnxruntime."""
+    graph = helper.make_graph([helper.make_node("Cast", ["b"], ["f"], to=TensorProto.FLOAT)], "from_bf16",
+                              [helper.make_tensor_value_info("b", TensorProto.BFLOAT16, ["n", 4])], [helper.make_tensor_value_info("f", TensorProto.FLOAT, ["n", 4])])
+    model = helper.make_model(graph, opset_imports=OPSET)
+    model.ir_version = min(model.ir_version, 10)
+    return model.SerializeToString()
+
+
 def scalar_model(path: Path) -> Path:
     """Scalar INT64 input `k` and FP32 vector `x`: y = x * k."""
     graph = helper.make_graph(

@@ -9,16 +9,17 @@ import numpy as np
 import zmq
 
 from openinfer.client.protocol import pack, unpack
-from openinfer.client.tensors import decode_array, encode_array
+from openinfer.client.tensors import BF16Array, decode_array, encode_array
 
 from . import messages
-from .session import error_code_for
+from .session import Runner, bf16_input, error_code_for
 
 log = logging.getLogger("openinfer.worker")
 
 
 def serve(socket: zmq.Socket, session: Any, output_names: list[str]) -> None:  # type: ignore[type-arg]
     """Run tasks until QUIT. Returns normally only on QUIT; the supervisor kills us otherwise."""
+    session = Runner(session)  # .run() as onnxruntime's, BF16 outputs included
     while True:
         frames = socket.recv_multipart(copy=False)
         kind = frames[0].bytes[:1]
@@ -34,14 +35,23 @@ def serve(socket: zmq.Socket, session: Any, output_names: list[str]) -> None:  #
             log.warning("unknown message kind from supervisor", extra={"kind": kind.hex()})
 
 
-def _feed_from(header: dict[str, Any], frames: list[zmq.Frame]) -> dict[str, np.ndarray]:
-    feed: dict[str, np.ndarray] = {}
+def _feed_from(header: dict[str, Any], frames: list[zmq.Frame]) -> dict[str, Any]:
+    feed: dict[str, Any] = {}
     for spec, frame in zip(header["inputs"], frames):
-        array = decode_array(spec["datatype"], list(spec["shape"]), frame.buffer)
-        if spec["datatype"] == "BYTES":  # onnxruntime wants str elements for tensor(string)
-            array = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(array) if array.size else array
-        feed[spec["name"]] = array
+        feed[spec["name"]] = _for_onnxruntime(spec["datatype"], decode_array(spec["datatype"], list(spec["shape"]), frame.buffer))
     return feed
+
+
+def _for_onnxruntime(datatype: str, array: np.ndarray) -> Any:
+    if datatype == "BYTES":  # onnxruntime wants str elements for tensor(string)
+        return np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(array) if array.size else array
+    if datatype == "BF16":  # uint16 bits, which onnxruntime must be told are bfloat16
+        return bf16_input(array)
+    return array
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, BF16Array) else np.asarray(value)
 
 
 def _run_task(socket: zmq.Socket, session: Any, output_names: list[str], frames: list[zmq.Frame]) -> None:  # type: ignore[type-arg]
@@ -58,7 +68,7 @@ def _run_task(socket: zmq.Socket, session: Any, output_names: list[str], frames:
         specs = []
         payloads = []
         for name, value in zip(wanted, results):
-            datatype, shape, payload = encode_array(np.asarray(value))
+            datatype, shape, payload = encode_array(_plain(value))
             specs.append({"name": name, "datatype": datatype, "shape": shape})
             payloads.append(payload)
         encoded_ns = time.monotonic_ns()
@@ -82,25 +92,22 @@ def _run_task(socket: zmq.Socket, session: Any, output_names: list[str], frames:
         socket.send_multipart([result_kind, pack(meta)])
 
 
-def _batch_feed(plan: dict[str, Any], frames: list[zmq.Frame]) -> dict[str, np.ndarray]:
+def _batch_feed(plan: dict[str, Any], frames: list[zmq.Frame]) -> dict[str, Any]:
     """The batch's inputs: views of the joined frames, or each member's frames concatenated."""
     specs = plan["inputs"]
     if plan["joined"]:
         return _feed_from(plan, frames)
-    feed: dict[str, np.ndarray] = {}
+    feed: dict[str, Any] = {}
     for index, spec in enumerate(specs):
         parts = []
         for member, rows in enumerate(plan["rows"]):
             frame = frames[member * len(specs) + index]
             parts.append(decode_array(spec["datatype"], [rows, *spec["shape"][1:]], frame.buffer))
-        array = np.concatenate(parts, axis=0)
-        if spec["datatype"] == "BYTES":
-            array = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(array) if array.size else array
-        feed[spec["name"]] = array
+        feed[spec["name"]] = _for_onnxruntime(spec["datatype"], np.concatenate(parts, axis=0))
     return feed
 
 
-def _split_outputs(results: list[np.ndarray], wanted: list[str], rows: list[int]) -> tuple[dict[str, Any], list[Any]]:
+def _split_outputs(results: list[Any], wanted: list[str], rows: list[int]) -> tuple[dict[str, Any], list[Any]]:
     """Output frames of a batch. Fixed-size outputs go whole, one frame each ("rows": the supervisor
     cuts each member's rows out of it by byte offset); BYTES elements have no fixed row size, so a batch
     with such an output is split here, member by member ("members")."""
@@ -115,7 +122,8 @@ def _split_outputs(results: list[np.ndarray], wanted: list[str], rows: list[int]
     for n in rows:
         member_specs = []
         for name, value in zip(wanted, results):
-            datatype, shape, payload = encode_array(np.ascontiguousarray(value[start : start + n]))
+            part = value[start : start + n]
+            datatype, shape, payload = encode_array(part if isinstance(part, BF16Array) else np.ascontiguousarray(part))
             member_specs.append({"name": name, "datatype": datatype, "shape": shape})
             payloads.append(payload)
         per_member.append(member_specs)
@@ -142,7 +150,7 @@ def _run_batch(socket: zmq.Socket, session: Any, output_names: list[str], frames
         merged = _batch_feed(plan, frames[2:])
         wanted = plan["outputs"] or output_names
         prepared_ns = time.monotonic_ns()
-        results = [np.asarray(value) for value in session.run(wanted, merged)]
+        results = [_plain(value) for value in session.run(wanted, merged)]
         computed_ns = time.monotonic_ns()
         meta, payloads = _split_outputs(results, wanted, plan["rows"])
         meta.update(

@@ -1,13 +1,14 @@
 """Everything the worker does with onnxruntime: build the session, describe it, warm it up, run it."""
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from typing import Any
 
 import numpy as np
 
-from openinfer.client.tensors import DATATYPE_TO_NUMPY
+from openinfer.client.tensors import DATATYPE_TO_NUMPY, BF16Array
 
 # Telemetry must be off before onnxruntime is imported (DESIGN §4); the spawner also sets it.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -62,15 +63,55 @@ def describe_session(session: ort.InferenceSession) -> dict[str, list[dict[str, 
     }
 
 
-def warm_up_feed(inputs: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
+
+
+def bf16_input(bits: np.ndarray) -> Any:
+    """A BF16 input for session.run: numpy has no bfloat16, so the uint16 bits go in an OrtValue that
+    says what they are."""
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(bits, dtype=np.uint16), onnx_element_type=_BFLOAT16)
+
+
+class Runner:
+    """session.run, except that BF16 outputs (which onnxruntime cannot hand over as numpy arrays) come
+    back as BF16Array: such models run through run_with_ort_values and the bits are copied out."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.bf16_outputs = frozenset(o.name for o in session.get_outputs() if o.type == "tensor(bfloat16)")
+
+    def run(self, wanted: list[str], feed: dict[str, Any], run_options: Any = None) -> list[Any]:
+        if not self.bf16_outputs.intersection(wanted):
+            return self.session.run(wanted, feed, run_options)  # type: ignore[no-any-return]
+        values = {}
+        for name, value in feed.items():
+            if isinstance(value, np.ndarray):
+                if value.dtype == object:
+                    raise ValueError("a model with BF16 outputs cannot take BYTES inputs here (onnxruntime cannot wrap strings for that call)")
+                value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+            values[name] = value
+        results = self.session.run_with_ort_values(wanted, values, run_options)
+        return [_bf16_bits(value) if value.data_type() == "tensor(bfloat16)" else value.numpy() for value in results]
+
+
+def _bf16_bits(value: Any) -> BF16Array:
+    shape = value.shape()
+    count = int(np.prod(shape)) if shape else 1
+    if count == 0:
+        return BF16Array(np.zeros(shape, dtype=np.uint16))
+    raw = (ctypes.c_uint16 * count).from_address(value.data_ptr())
+    return BF16Array(np.ctypeslib.as_array(raw).copy().reshape(shape))
+
+
+def warm_up_feed(inputs: list[dict[str, Any]]) -> dict[str, Any]:
     """Zeros of every input's shape, dynamic dimensions = 1."""
-    feed: dict[str, np.ndarray] = {}
+    feed: dict[str, Any] = {}
     for spec in inputs:
         shape = [d if d >= 0 else 1 for d in spec["shape"]]
         if spec["datatype"] == "BYTES":
             feed[spec["name"]] = np.full(shape, "", dtype=object)
         elif spec["datatype"] == "BF16":
-            raise ValueError("BF16 input: no numpy dtype to build a warm-up input with")
+            feed[spec["name"]] = bf16_input(np.zeros(shape, dtype=np.uint16))
         else:
             feed[spec["name"]] = np.zeros(shape, dtype=DATATYPE_TO_NUMPY[spec["datatype"]])
     return feed
@@ -91,7 +132,7 @@ def warm_up(session: ort.InferenceSession, inputs: list[dict[str, Any]], timeout
     timer = threading.Timer(timeout_s, lambda: setattr(run_options, "terminate", True))
     timer.start()
     try:
-        session.run(None, feed, run_options)
+        Runner(session).run([o.name for o in session.get_outputs()], feed, run_options)
     except Exception as exc:  # warm-up is an optimisation, never a reason to refuse the model
         return f"{type(exc).__name__}: {exc}"[:500]
     finally:
