@@ -199,11 +199,11 @@ def _durations_snapshot(durations: dict[str | None, list[list[int]]]) -> dict[st
 class Accountant:
     """Aggregates finished requests. One instance per supervisor; no global state.
 
-    Client key (computed by the supervisor, accounted here as given): the peer's identity, i.e. the
-    ZeroMQ routing id in hex, or `uid=N` when the transport tells the peer's credentials (ipc://);
-    `"<name>@<that identity>"` when the request carries a client name (`Client(client_name=...)`).
-    At most MAX_CLIENTS distinct keys are kept (routing ids change with every tcp:// connection);
-    requests from later keys are accounted under OTHER_CLIENTS."""
+    Client key (computed by the supervisor, accounted here as given): the peer's identity, i.e.
+    `uid=N` when the transport tells the peer's credentials (ipc://), `curve=<key>` for a CURVE client,
+    else the ZeroMQ routing id in hex; `"<name>@<that identity>"` when the request carries a client name
+    (`Client(client_name=...)`). At most MAX_CLIENTS distinct keys are kept (routing ids change with
+    every plain tcp:// connection); requests from later keys are accounted under OTHER_CLIENTS."""
 
     def __init__(self) -> None:
         self.by_model: dict[tuple[str, int], UsageStats] = {}

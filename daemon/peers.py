@@ -42,7 +42,8 @@ class PeerDirectory:
 
     def peer_of(self, route_id: bytes, frame: zmq.Frame) -> tuple[Peer, str]:
         """The peer behind a routing id, from the User-Id our ZAP reply attached to its connection, and
-        its accounting key: `uid=N` when the transport told its credentials, else the routing id in hex."""
+        its accounting key: `uid=N` when the transport told its credentials, `curve=<public key>` for a
+        CURVE client (the same across its reconnections), else the routing id in hex (one connection)."""
         known = self._peers.get(route_id)
         if known is None:
             try:
@@ -51,7 +52,8 @@ class PeerDirectory:
                 peer = Peer()
             if len(self._peers) > _CACHE_LIMIT:
                 self._peers.clear()
-            known = self._peers[route_id] = (peer, f"uid={peer.uid}" if peer.uid is not None else route_id.hex())
+            key = f"uid={peer.uid}" if peer.uid is not None else f"curve={peer.curve_key}" if peer.curve_key else route_id.hex()
+            known = self._peers[route_id] = (peer, key)
         return known
 
     def authorize(self, peer: Peer, op: str, model: str | None) -> None:

@@ -38,7 +38,7 @@ def test_curve_keys_decide_who_connects(daemon_factory: Any, tmp_path: Path) -> 
     known_public, known_secret = zmq.curve_keypair()
     stranger = zmq.curve_keypair()
     policy = tmp_path / "access.toml"
-    policy.write_text(f'[[grant]]\nname = "known-key"\ncurve_keys = ["{known_public.decode()}"]\noperations = ["infer", "health"]\n\n[[grant]]\nname = "local"\nlocal = true\noperations = ["health", "status", "stats"]\n')
+    policy.write_text(f'[[grant]]\nname = "known-key"\ncurve_keys = ["{known_public.decode()}"]\noperations = ["infer", "health", "stats"]\n\n[[grant]]\nname = "local"\nlocal = true\noperations = ["health", "status", "stats"]\n')
     address = f"tcp://127.0.0.1:{free_port()}"
     daemon = daemon_factory(repo, "--socket", address, env={"OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file), "OPENINFER_SERVER_ACCESS_POLICY": str(policy)}, wait=False, address=address)
     with Client(address, timeout=60, curve_server_key=server_public, curve_keypair=(known_public, known_secret)) as client:
@@ -48,6 +48,11 @@ def test_curve_keys_decide_who_connects(daemon_factory: Any, tmp_path: Path) -> 
         while not client.health()["ready"] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+    with Client(address, timeout=60, curve_server_key=server_public, curve_keypair=(known_public, known_secret)) as client:
+        client.infer("tiny", {"x": X})  # a second connection with the same key...
+        clients = client.stats()["clients"]
+    # ...is the same client: accounted under its public key, not per connection.
+    assert clients == {f"curve={known_public.decode()}": clients[f"curve={known_public.decode()}"]} and clients[f"curve={known_public.decode()}"]["requests"] == 2, clients
     with Client(address, timeout=1.5, curve_server_key=server_public, curve_keypair=stranger) as client:
         with pytest.raises(OpenInferError) as info:
             client.health()
