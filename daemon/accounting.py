@@ -228,12 +228,7 @@ class Accountant:
         user_stages = user.stage_ns
         stats = None
         if model is not None and version is not None:
-            stats = self.by_model.get((model, version))
-            if stats is None:
-                stats = self.by_model[(model, version)] = UsageStats(by_model=True)
-            rows = stats.durations.get(code)
-            if rows is None:
-                rows = stats.durations[code] = [[0] * _BUCKET_ROW for _ in STAGES]
+            stats, rows = self._model_rows(model, version, code)
             for key, value in timing.items():
                 i = _STAGE_INDEX.get(key)
                 if i is None:
@@ -285,12 +280,7 @@ class Accountant:
         load): the stages the members share are bucketed once for the model and added once per client.
         members: (client, own values of MEMBER_STAGES, bytes_in, bytes_out)."""
         count = len(members)
-        stats = self.by_model.get((model, version))
-        if stats is None:
-            stats = self.by_model[(model, version)] = UsageStats(by_model=True)
-        rows = stats.durations.get(None)
-        if rows is None:
-            rows = stats.durations[None] = [[0] * _BUCKET_ROW for _ in STAGES]
+        stats, rows = self._model_rows(model, version, None)
         shared_ns: list[tuple[int, int]] = []
         for key, value in shared.items():
             i = _STAGE_INDEX.get(key)
@@ -344,6 +334,16 @@ class Accountant:
             user.cpu_us += cpu_us * n
             stats.bytes_in += bytes_in
             stats.bytes_out += bytes_out
+
+    def _model_rows(self, model: str, version: int, code: str | None) -> tuple[UsageStats, list[list[int]]]:
+        """A model version's stats and its duration rows for `code`, created on first use."""
+        stats = self.by_model.get((model, version))
+        if stats is None:
+            stats = self.by_model[(model, version)] = UsageStats(by_model=True)
+        rows = stats.durations.get(code)
+        if rows is None:
+            rows = stats.durations[code] = [[0] * _BUCKET_ROW for _ in STAGES]
+        return stats, rows
 
     def _new_client(self, client: str) -> UsageStats:
         if len(self.by_client) >= MAX_CLIENTS:

@@ -101,21 +101,13 @@ def bf16_model(path: Path) -> Path:
     return _save(helper.make_model(graph, opset_imports=OPSET), path)
 
 
-def cast_float_to_bf16_model() -> bytes:
-    """f FP32[n, 4] -> b BF16: onnxruntime's own rounding, the reference for BF16Array.from_float32."""
-    graph = helper.make_graph([helper.make_node("Cast", ["f"], ["b"], to=TensorProto.BFLOAT16)], "to_bf16",
-                              [helper.make_tensor_value_info("f", TensorProto.FLOAT, ["n", 4])], [helper.make_tensor_value_info("b", TensorProto.BFLOAT16, ["n", 4])])
+def cast_model(source: int, target: int) -> bytes:
+    """x[n, 4] of TensorProto type `source` -> y cast to `target`, serialized: onnxruntime's own
+    conversions (float32 <-> bfloat16) as the reference the BF16 tests compare with."""
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=target)], "cast",
+                              [helper.make_tensor_value_info("x", source, ["n", 4])], [helper.make_tensor_value_info("y", target, ["n", 4])])
     model = helper.make_model(graph, opset_imports=OPSET)
-    model.ir_version = min(model.ir_version, 10)
-    return model.SerializeToString()
-
-
-def cast_bf16_to_float_model() -> bytes:
-    """b BF16[n, 4] -> f FP32 (exact): how tests read bfloat16 results of in-process onnxruntime."""
-    graph = helper.make_graph([helper.make_node("Cast", ["b"], ["f"], to=TensorProto.FLOAT)], "from_bf16",
-                              [helper.make_tensor_value_info("b", TensorProto.BFLOAT16, ["n", 4])], [helper.make_tensor_value_info("f", TensorProto.FLOAT, ["n", 4])])
-    model = helper.make_model(graph, opset_imports=OPSET)
-    model.ir_version = min(model.ir_version, 10)
+    model.ir_version = min(model.ir_version, 10)  # as _save does
     return model.SerializeToString()
 
 

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import numpy as np
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto
 
 import onnx_builders
 from daemon_harness import world_readable_dir
@@ -31,6 +32,12 @@ def repo() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+def _widen(value: Any) -> np.ndarray:
+    """A bfloat16 OrtValue as float32, converted by onnxruntime itself (exact)."""
+    widen = ort.InferenceSession(onnx_builders.cast_model(TensorProto.BFLOAT16, TensorProto.FLOAT), providers=["CPUExecutionProvider"])
+    return widen.run_with_ort_values(["y"], {"x": value})[0].numpy()  # type: ignore[no-any-return]
+
+
 def reference(model: Path, bits: np.ndarray) -> dict[str, np.ndarray]:
     """onnxruntime in process, through OrtValues (its Python API cannot return bfloat16 as numpy)."""
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
@@ -40,8 +47,7 @@ def reference(model: Path, bits: np.ndarray) -> dict[str, np.ndarray]:
     for name, value in zip(names, session.run_with_ort_values(names, {"x": x})):
         if value.data_type() == "tensor(bfloat16)":
             # Widen to float32 in onnxruntime itself, then back to the upper 16 bits (exact for bfloat16).
-            widen = ort.InferenceSession(onnx_builders.cast_bf16_to_float_model(), providers=["CPUExecutionProvider"])
-            wide = widen.run_with_ort_values(["f"], {"b": value})[0].numpy()
+            wide = _widen(value)
             out[name] = (wide.view(np.uint32) >> 16).astype(np.uint16)
         else:
             out[name] = value.numpy()
@@ -55,10 +61,9 @@ def test_from_float32_rounds_like_onnxruntime_cast() -> None:
         (rng.integers(0, 2**32, 4000, dtype=np.uint64).astype(np.uint32)).view(np.float32),  # every bit pattern class
         np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 3.3895314e38, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8], dtype=np.float32),
     ]).reshape(-1, 4)
-    cast = ort.InferenceSession(onnx_builders.cast_float_to_bf16_model(), providers=["CPUExecutionProvider"])
-    theirs = cast.run_with_ort_values(["b"], {"f": ort.OrtValue.ortvalue_from_numpy(values)})[0]
-    widen = ort.InferenceSession(onnx_builders.cast_bf16_to_float_model(), providers=["CPUExecutionProvider"])
-    their_bits = (widen.run_with_ort_values(["f"], {"b": theirs})[0].numpy().view(np.uint32) >> 16).astype(np.uint16)
+    cast = ort.InferenceSession(onnx_builders.cast_model(TensorProto.FLOAT, TensorProto.BFLOAT16), providers=["CPUExecutionProvider"])
+    theirs = cast.run_with_ort_values(["y"], {"x": ort.OrtValue.ortvalue_from_numpy(values)})[0]
+    their_bits = (_widen(theirs).view(np.uint32) >> 16).astype(np.uint16)
     ours = BF16Array.from_float32(values)
     nan = np.isnan(values)
     assert np.array_equal(ours.bits[~nan], their_bits[~nan])
