@@ -60,32 +60,40 @@ class ReplySender:
         self.send(route, reply)
 
     def finish(self, task: Task, code: str | None, timing: dict[str, float], bytes_out: int = 0) -> None:
-        task.done = True
-        self.open_requests.discard((task.route_id, task.request_id))
-        self.limiter.release(task.client)
+        self._close(task)
         self.accountant.record(task.model.name, task.model.version, task.client, code, timing, task.nbytes, bytes_out)
-        sample = self.settings.log.access_log_sample
-        if sample > 0 and (sample >= 1 or (task.task_id * 2654435761 % 2**32) / 2**32 < sample):
-            access_log.info("task", extra={"task": task.task_id, "request": task.request_id, "model": task.model.name, "version": task.model.version, "client": task.client, "code": code or "OK", "timing": timing})
+        if self._sampled(task):
+            self._log_access(task, code, timing)
 
     def finish_batch(self, batch: list[Task], shared: dict[str, float], own: list[tuple[float, float, float, float]], bytes_out: list[int]) -> None:
         """`finish` for every member of a batch that succeeded; own[i] = member i's MEMBER_STAGES values."""
-        open_requests = self.open_requests
-        release = self.limiter.release
         members = []
         for task, values, out in zip(batch, own, bytes_out):
-            task.done = True
-            open_requests.discard((task.route_id, task.request_id))
-            release(task.client)
+            self._close(task)
             members.append((task.client, values, task.nbytes, out))
         model = batch[0].model
         self.accountant.record_batch(model.name, model.version, shared, members)
+        if self.settings.log.access_log_sample <= 0:  # the default: no per-member look at all
+            return
+        for task, values in zip(batch, own):
+            if self._sampled(task):
+                self._log_access(task, None, {**dict(zip(MEMBER_STAGES, values)), **shared})
+
+    def _close(self, task: Task) -> None:
+        """The task is answered: its id may be reused and its client's in-flight slot is free."""
+        task.done = True
+        self.open_requests.discard((task.route_id, task.request_id))
+        self.limiter.release(task.client)
+
+    def _sampled(self, task: Task) -> bool:
+        """Whether the access log keeps this task (log.access_log_sample, by a hash of the task id)."""
         sample = self.settings.log.access_log_sample
-        if sample > 0:
-            for task, values in zip(batch, own):
-                if sample >= 1 or (task.task_id * 2654435761 % 2**32) / 2**32 < sample:
-                    timing = {**dict(zip(MEMBER_STAGES, values)), **shared}
-                    access_log.info("task", extra={"task": task.task_id, "request": task.request_id, "model": model.name, "version": model.version, "client": task.client, "code": "OK", "timing": timing})
+        return sample > 0 and (sample >= 1 or (task.task_id * 2654435761 % 2**32) / 2**32 < sample)
+
+    @staticmethod
+    def _log_access(task: Task, code: str | None, timing: dict[str, float]) -> None:
+        model = task.model
+        access_log.info("task", extra={"task": task.task_id, "request": task.request_id, "model": model.name, "version": model.version, "client": task.client, "code": code or "OK", "timing": timing})
 
     def fail(self, task: Task, exc: OpenInferError) -> None:
         timing = {"total_us": (time.monotonic_ns() - task.received_ns) / 1000}

@@ -20,16 +20,9 @@ from .accounting import MEMBER_STAGES
 _FLOAT64 = 0xCB  # msgpack float 64, what packb writes for a Python float
 
 
-def _map_header(size: int) -> bytes:
-    if size < 16:
-        return bytes([0x80 | size])
-    return struct.pack(">BH", 0xDE, size) if size < 1 << 16 else struct.pack(">BI", 0xDF, size)
-
-
-def _array_header(size: int) -> bytes:
-    if size < 16:
-        return bytes([0x90 | size])
-    return struct.pack(">BH", 0xDC, size) if size < 1 << 16 else struct.pack(">BI", 0xDD, size)
+_PACKER = msgpack.Packer()  # for its map and array headers alone (packb has no way to write those)
+_map_header = _PACKER.pack_map_header
+_array_header = _PACKER.pack_array_header
 
 
 _OWN_KEYS = [msgpack.packb(key) for key in MEMBER_STAGES]

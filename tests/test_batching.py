@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 from pathlib import Path
@@ -206,3 +207,23 @@ def test_model_with_fixed_batch_of_one_is_never_batched(daemon_factory: Any, rep
         np.testing.assert_allclose(result.outputs["y"], run_reference(repo / "fixed" / "1" / "model.onnx", {"x": x})["y"], rtol=1e-5)
         assert "batch_wait_us" not in result.timing
     assert "batch_sizes" not in daemon.client().stats()["models"]["fixed"]
+
+
+def test_access_log_records_every_batch_member_once(daemon_factory: Any, repo: Path) -> None:
+    """With log.access_log_sample = 1 each answered request is one access-log line, batched or not, with
+    its own timing (batch members: their own stages plus the batch's shared ones)."""
+    daemon = daemon_factory(repo, env={"OPENINFER_LOG_ACCESS_LOG_SAMPLE": "1"})
+    inputs = [np.full((1, 64), i, np.float32) for i in range(12)]
+    run_concurrently(daemon.address, "dyn", inputs)
+    daemon.client().infer("fixed", {"x": inputs[0]})
+    lines = [json.loads(line) for line in daemon.log_text().splitlines() if line.startswith("{") and '"logger":"openinfer.access"' in line]
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for line in lines:
+        by_model.setdefault(line["model"], []).append(line)
+    assert len(by_model["dyn"]) == 12 and len({line["task"] for line in by_model["dyn"]}) == 12, by_model["dyn"]
+    assert len(by_model["fixed"]) == 1
+    for line in by_model["dyn"]:
+        assert line["code"] == "OK" and {"batch_wait_us", "compute_us", "queue_us", "total_us"} <= set(line["timing"]), line
+    assert "batch_wait_us" not in by_model["fixed"][0]["timing"]
+    sizes = daemon.client().stats()["models"]["dyn"]["batch_sizes"]["1"]
+    assert max(int(k) for k in sizes) > 1, sizes  # members of real batches were among them
