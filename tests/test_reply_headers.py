@@ -42,3 +42,20 @@ def test_large_batch_and_version_numbers() -> None:
     headers = BatchReplyHeaders("m", 2**40, 1 << 17, specs, SHARED)
     raw = headers.render(7, 5, (0.1, 0.2, 0.3, 0.4))
     assert msgpack.unpackb(raw) == expected("m", 2**40, 1 << 17, 7, specs, 5, (0.1, 0.2, 0.3, 0.4))
+
+
+def test_cached_pieces_never_carry_one_batch_timing_into_the_next() -> None:
+    """The name/spec pieces are cached per (model, version, size, outputs); the timing is each batch's
+    own, whether the worker reported floats or integers."""
+    specs = [{"name": "y", "datatype": "FP32", "shape": [16, 4]}]
+    first = BatchReplyHeaders("m", 1, 16, specs, SHARED)
+    other = {**SHARED, "compute_us": 7, "cpu_us": 0.0}  # an int from the worker is packed as an int
+    second = BatchReplyHeaders("m", 1, 16, specs, other)
+    own = (1.0, 2.0, 0.0, 3.0)
+    assert msgpack.unpackb(first.render(1, 1, own))["timing"] == {**dict(zip(MEMBER_STAGES, own)), **SHARED}
+    decoded = msgpack.unpackb(second.render(2, 1, own))
+    assert decoded["timing"] == {**dict(zip(MEMBER_STAGES, own)), **other}
+    assert type(decoded["timing"]["compute_us"]) is int
+    renamed = BatchReplyHeaders("m", 2, 16, [{"name": "z", "datatype": "INT8", "shape": [16, 5]}], SHARED)
+    assert msgpack.unpackb(renamed.render(3, 1, own))["outputs"] == [{"name": "z", "datatype": "INT8", "shape": [1, 5]}]
+    assert msgpack.unpackb(renamed.render(3, 1, own))["version"] == 2
