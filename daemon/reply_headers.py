@@ -27,7 +27,8 @@ _array_header = _PACKER.pack_array_header
 
 _OWN_KEYS = [msgpack.packb(key) for key in MEMBER_STAGES]
 _OWN = struct.Struct(">" + "".join(f"{len(key)}sBd" for key in _OWN_KEYS))  # key, 0xcb, value; four times
-_OWN_ARGS = [(key, _FLOAT64) for key in _OWN_KEYS]
+_K0, _K1, _K2, _K3 = _OWN_KEYS
+_F64 = struct.Struct(">Bd")  # a shared timing value: 0xcb, float 64
 _TIMING_KEY = msgpack.packb("timing")
 
 
@@ -77,8 +78,6 @@ def _packed_key(key: str) -> bytes:
     return packed
 
 
-_F64 = struct.Struct(">Bd")
-
 
 class BatchReplyHeaders:
     """`render(request_id, rows, own)` -> a member's packed reply header, for a batch whose outputs are
@@ -91,13 +90,12 @@ class BatchReplyHeaders:
         self._timing_tail = b"".join(
             [_packed_key(key) + (_F64.pack(_FLOAT64, value) if type(value) is float else msgpack.packb(value)) for key, value in shared_timing.items()]
         )
-        self._own_args = _OWN_ARGS
 
     def render(self, request_id: int, rows: int, own: tuple[float, float, float, float]) -> bytes:
         packed_rows = msgpack.packb(rows)
         parts = [self._head, msgpack.packb(request_id), self._outputs_head]
         for before, after in self._specs:
             parts += (before, packed_rows, after)
-        (k0, f0), (k1, f1), (k2, f2), (k3, f3) = self._own_args
-        parts += (self._timing_head, _OWN.pack(k0, f0, own[0], k1, f1, own[1], k2, f2, own[2], k3, f3, own[3]), self._timing_tail)
+        own_packed = _OWN.pack(_K0, _FLOAT64, own[0], _K1, _FLOAT64, own[1], _K2, _FLOAT64, own[2], _K3, _FLOAT64, own[3])
+        parts += (self._timing_head, own_packed, self._timing_tail)
         return b"".join(parts)
