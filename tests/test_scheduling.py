@@ -82,15 +82,13 @@ def test_aging_serves_a_low_priority_request_under_a_high_priority_flood(daemon_
         t.start()
     time.sleep(0.3)
     try:
-        started = time.monotonic()
-        low = daemon.client(timeout=30).infer("busy", FAST, priority=0)
-        waited = time.monotonic() - started
+        # Served while the flood goes on (it stops only after this returns): aging, within a 20 s budget.
+        low = daemon.client(timeout=20).infer("busy", FAST, priority=0)
     finally:
         stop.set()
         for t in flooders:
             t.join(60)
     assert float(low.outputs["y"][0]) == 1.0
-    assert waited < 20  # served while the flood went on (aging), not after it
 
 
 def test_clients_take_turns_so_a_flood_does_not_starve_another_client(daemon_factory: Any, repo: Path) -> None:
