@@ -39,6 +39,7 @@ DURATION_BUCKETS_US = (
     1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000,
 )
 _BUCKET_ROW = len(DURATION_BUCKETS_US) + 2  # one counter per bucket, one for > 60 s, then the ns sum
+PENDING_BATCHES_MAX = 32  # batches record_batch_later may hold before adding them in regardless
 MAX_CLIENTS = 1024  # distinct client keys kept; later ones are accounted under OTHER_CLIENTS
 OTHER_CLIENTS = "(other)"
 
@@ -209,6 +210,35 @@ class Accountant:
         self.by_model: dict[tuple[str, int], UsageStats] = {}
         self.by_client: dict[str, UsageStats] = {}
         self.rejected: dict[str, int] = {}  # requests refused before a model was known, by code
+        self._pending_batches: list[tuple[Any, ...]] = []  # record_batch_later's, not yet added in
+
+    def record_batch_later(
+        self,
+        model: str,
+        version: int,
+        shared: dict[str, float],
+        clients: list[str],
+        own: list[tuple[float, float, float, float]],
+        bytes_in: list[int],
+        bytes_out: list[int],
+    ) -> None:
+        """`record_batch`, done when the supervisor's loop is idle (`flush`), so that a batch's members'
+        replies and the next requests are not held up by their bookkeeping. Every reader (`snapshot`)
+        flushes first, so nothing deferred is ever missing from what it reports; at most
+        PENDING_BATCHES_MAX batches wait (a loop that is never idle adds them in as it goes)."""
+        pending = self._pending_batches
+        pending.append((model, version, shared, clients, own, bytes_in, bytes_out))
+        if len(pending) >= PENDING_BATCHES_MAX:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add in the batches `record_batch_later` deferred."""
+        pending = self._pending_batches
+        if pending:
+            self._pending_batches = []
+            record_batch = self.record_batch
+            for args in pending:
+                record_batch(*args)
 
     def record(
         self,
@@ -274,12 +304,23 @@ class Accountant:
             usage.bytes_out += bytes_out
             usage.cpu_us += cpu_us
 
-    def record_batch(self, model: str, version: int, shared: dict[str, float], members: list[tuple[str, tuple[float, float, float, float], int, int]]) -> None:
-        """Account the successful members of one batch: the same result as `record` once per member with
-        `{**dict(zip(MEMBER_STAGES, own)), **shared}`, at a fraction of the cost (the hot path at high
-        load): the stages the members share are bucketed once for the model and added once per client.
-        members: (client, own values of MEMBER_STAGES, bytes_in, bytes_out)."""
-        count = len(members)
+    def record_batch(
+        self,
+        model: str,
+        version: int,
+        shared: dict[str, float],
+        clients: list[str],
+        own: list[tuple[float, float, float, float]],
+        bytes_in: list[int],
+        bytes_out: list[int],
+    ) -> None:
+        """Account the successful members of one batch: the same result as `record` once per member i
+        with `{**dict(zip(MEMBER_STAGES, own[i])), **shared}`, clients[i], bytes_in[i], bytes_out[i], at a
+        fraction of the cost (the hot path at high load): the stages the members share are bucketed once,
+        the members' own stages a column at a time, and each client's figures added once per batch."""
+        count = len(own)
+        if not count:
+            return
         stats, rows = self._model_rows(model, version, None)
         shared_ns: list[tuple[int, int]] = []
         for key, value in shared.items():
@@ -295,45 +336,66 @@ class Accountant:
         stats.requests += count
         stats.success += count
         stats.cpu_us += cpu_us * count
-        model_latency = stats.latency.counts
+        stats.bytes_in += sum(bytes_in)
+        stats.bytes_out += sum(bytes_out)
         buckets = DURATION_BUCKETS_US
-        member_rows = [rows[i] for i in _MEMBER_INDEX]
-        by_client: dict[str, list[Any]] = {}  # client -> [UsageStats, members, bytes_in, bytes_out]
-        for client, own, bytes_in, bytes_out in members:
-            entry = by_client.get(client)
-            if entry is None:
-                user = self.by_client.get(client)
-                if user is None:
-                    user = self._new_client(client)
-                entry = by_client[client] = [user, 0, 0, 0]
-            entry[1] += 1
-            entry[2] += bytes_in
-            entry[3] += bytes_out
-            user_stages = entry[0].stage_ns
-            for i, row, value in zip(_MEMBER_INDEX, member_rows, own):
-                ns = int(value * 1000)
+        columns = list(zip(*own))  # one tuple per MEMBER_STAGES entry
+        ns_columns: list[list[int]] = []
+        for i, column in zip(_MEMBER_INDEX, columns):
+            row = rows[i]
+            for value in column:
                 row[bisect_left(buckets, value)] += 1
-                row[-1] += ns
-                slot = user_stages[i]
-                slot[0] += 1
-                slot[1] += ns
-            index = hdr_index(own[-1])  # total_us
+            ns_column = [int(value * 1000) for value in column]
+            row[-1] += sum(ns_column)
+            ns_columns.append(ns_column)
+        indices = list(map(hdr_index, columns[-1]))  # total_us
+        model_latency = stats.latency.counts
+        for index in indices:
             model_latency[index] = model_latency.get(index, 0) + 1
-            counts = entry[0].latency.counts
+        first = clients[0]
+        if clients.count(first) == count:  # the common case: one client's requests
+            self._add_client_share(first, shared_ns, cpu_us, count, [sum(ns) for ns in ns_columns], indices, sum(bytes_in), sum(bytes_out))
+            return
+        positions: dict[str, list[int]] = {}
+        for position, client in enumerate(clients):
+            positions.setdefault(client, []).append(position)
+        for client, members in positions.items():
+            self._add_client_share(
+                client,
+                shared_ns,
+                cpu_us,
+                len(members),
+                [sum(ns[p] for p in members) for ns in ns_columns],
+                [indices[p] for p in members],
+                sum(bytes_in[p] for p in members),
+                sum(bytes_out[p] for p in members),
+            )
+
+    def _add_client_share(
+        self, client: str, shared_ns: list[tuple[int, int]], cpu_us: float, n: int, own_ns: list[int], indices: list[int], bytes_in: int, bytes_out: int
+    ) -> None:
+        """One client's `n` members of a batch: own_ns[k] = the summed ns of MEMBER_STAGES[k], indices =
+        the HDR buckets of their total_us."""
+        user = self.by_client.get(client)
+        if user is None:
+            user = self._new_client(client)
+        user_stages = user.stage_ns
+        for i, ns in shared_ns:
+            slot = user_stages[i]
+            slot[0] += n
+            slot[1] += ns * n
+        for i, ns in zip(_MEMBER_INDEX, own_ns):
+            slot = user_stages[i]
+            slot[0] += n
+            slot[1] += ns
+        counts = user.latency.counts
+        for index in indices:
             counts[index] = counts.get(index, 0) + 1
-        for user, n, bytes_in, bytes_out in by_client.values():
-            user_stages = user.stage_ns
-            for i, ns in shared_ns:
-                slot = user_stages[i]
-                slot[0] += n
-                slot[1] += ns * n
-            user.requests += n
-            user.success += n
-            user.bytes_in += bytes_in
-            user.bytes_out += bytes_out
-            user.cpu_us += cpu_us * n
-            stats.bytes_in += bytes_in
-            stats.bytes_out += bytes_out
+        user.requests += n
+        user.success += n
+        user.bytes_in += bytes_in
+        user.bytes_out += bytes_out
+        user.cpu_us += cpu_us * n
 
     def _model_rows(self, model: str, version: int, code: str | None) -> tuple[UsageStats, list[list[int]]]:
         """A model version's stats and its duration rows for `code`, created on first use."""
@@ -357,6 +419,7 @@ class Accountant:
     def snapshot(self, restarts: dict[tuple[str, int], int] | None = None) -> dict[str, Any]:
         """Fresh copies of everything (safe to hand to another thread). Each model version's entry has
         `durations` (the Prometheus buckets, bounds in `duration_buckets_us`); clients' entries do not."""
+        self.flush()
         models: dict[str, Any] = {}
         for (name, version), stats in sorted(self.by_model.items()):
             entry = models.setdefault(name, {"requests": 0, "success": 0, "failures": {}, "versions": {}})

@@ -87,11 +87,16 @@ class Dispatcher:
             task.rows = rows
             # Inputs in the request's own order: members of one batch then list their frames alike (a
             # client that reorders them just batches separately).
-            task.batch_key = (tuple((s["name"], s["datatype"], tuple(s["shape"][1:])) for s in inputs), tuple(header.get("outputs") or ()))
+            task.batch_key = (tuple([(s["name"], s["datatype"], tuple(s["shape"][1:])) for s in inputs]), tuple(header.get("outputs") or ()))
         self.enqueue(task)
         model = task.model
-        # Most arrivals only join a batch that is already waiting: nothing to decide before its timer.
-        if model.batch_deadline_ns and not model.idle:
+        # Most arrivals only join a batch that is already waiting: nothing to decide before its timer
+        # (maybe_flush's own test, without the call: this runs for every request).
+        deadline = model.batch_deadline_ns
+        if deadline and (
+            not model.idle
+            or (task.enqueued_ns < deadline and len(model.queue) < batching.max_batch_size and not batching.preferred_batch_sizes)
+        ):
             return
         self.maybe_flush(model)
 
@@ -234,19 +239,10 @@ class Dispatcher:
         self.maybe_flush(model)
 
     def _take_batch(self, model: ServedModel, max_rows: int) -> list[Task]:
-        first = model.queue.popleft()
-        batch = [first]
-        if first.batch_key is not None:
-            rows = first.rows
-            for task in list(model.queue):
-                if len(batch) >= max_rows:
-                    break
-                if task.batch_key == first.batch_key and rows + task.rows <= max_rows:
-                    model.queue.remove(task)
-                    batch.append(task)
-                    rows += task.rows
+        batch = model.queue.take_batch(max_rows)
+        dequeue = self.dequeue
         for task in batch:
-            self.dequeue(task)
+            dequeue(task)
         return batch
 
     def dispatch_batch(self, worker: WorkerHandle, batch: list[Task]) -> None:

@@ -67,12 +67,10 @@ class ReplySender:
 
     def finish_batch(self, batch: list[Task], shared: dict[str, float], own: list[tuple[float, float, float, float]], bytes_out: list[int]) -> None:
         """`finish` for every member of a batch that succeeded; own[i] = member i's MEMBER_STAGES values."""
-        members = []
-        for task, values, out in zip(batch, own, bytes_out):
+        for task in batch:
             self._close(task)
-            members.append((task.client, values, task.nbytes, out))
         model = batch[0].model
-        self.accountant.record_batch(model.name, model.version, shared, members)
+        self.accountant.record_batch_later(model.name, model.version, shared, [task.client for task in batch], own, [task.nbytes for task in batch], bytes_out)
         if self.settings.log.access_log_sample <= 0:  # the default: no per-member look at all
             return
         for task, values in zip(batch, own):

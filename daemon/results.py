@@ -113,6 +113,8 @@ class WorkerResults:
             members = _member_outputs(meta["outputs"], frames[3:])
         own_timings: list[tuple[float, float, float, float]] = []
         bytes_out: list[int] = []
+        send_packed = self.replies.send_packed
+        monotonic_ns = time.monotonic_ns
         for task, member in zip(batch, members):
             received_ns = task.received_ns
             decoded_ns = task.decoded_ns
@@ -120,7 +122,7 @@ class WorkerResults:
                 (decoded_ns - received_ns) / 1000,
                 (task.dispatched_ns - decoded_ns) / 1000,
                 task.batch_wait_ns / 1000,  # part of queue_us, not an extra stage
-                (time.monotonic_ns() - received_ns) / 1000,
+                (monotonic_ns() - received_ns) / 1000,
             )
             if rows_layout:
                 outputs = member
@@ -130,7 +132,7 @@ class WorkerResults:
                 header["id"], header["outputs"] = task.request_id, specs
                 header["timing"] = {"decode_us": own[0], "queue_us": own[1], **shared, "batch_wait_us": own[2], "total_us": own[3]}
                 packed = pack(header)
-            self.replies.send_packed(task.route, packed, outputs, task.request_id)
+            send_packed(task.route, packed, outputs, task.request_id)
             own_timings.append(own)
             size = 0
             for frame in outputs:

@@ -189,7 +189,10 @@ class Supervisor:
             busy = self._any_busy()
             # Look before sleeping: while work keeps arriving the timerfd need not be set at all (setting it
             # costs ~18 us in this VM); due timers run between messages and after each pass.
-            events = poll(0) or poll(self.timers.timeout_ms(5 if busy else idle_ms))
+            events = poll(0)
+            if not events:  # idle: the bookkeeping deferred from the busy path, then sleep
+                self.accountant.flush()
+                events = poll(self.timers.timeout_ms(5 if busy else idle_ms))
             try:
                 self._handle(events, frontend, backend, signal_fd)
             except Exception:  # a bug in one handler must not take the daemon (and every client) down
@@ -331,20 +334,20 @@ class Supervisor:
         nbytes = check_infer(header, data, model, limit)
         decoded_ns = time.monotonic_ns()
         timeout_ms = header.get("timeout_ms") or model.config.timeout_ms
-        task = Task(
-            task_id=self._next_task_id,
-            request_id=request_id,
-            route=route,
-            route_id=route_id,
-            client=client,
-            model=model,
-            header_frame=body[0],
-            data_frames=data,
-            nbytes=nbytes,
-            received_ns=received_ns,
-            decoded_ns=decoded_ns,
-            deadline_ns=received_ns + timeout_ms * 1_000_000,
-            priority=header.get("priority") or 0,
+        task = Task(  # positional: half the cost of keywords, on every request
+            self._next_task_id,  # task_id
+            request_id,
+            route,
+            route_id,
+            client,
+            model,
+            body[0],  # header_frame
+            data,  # data_frames
+            nbytes,
+            received_ns,
+            decoded_ns,
+            received_ns + timeout_ms * 1_000_000,  # deadline_ns
+            header.get("priority") or 0,
         )
         key = (route_id, request_id)
         if key in self.replies.open_requests:

@@ -79,6 +79,43 @@ class TaskQueue:
         self._len -= 1
         return task
 
+    def take_batch(self, max_rows: int) -> list[Task]:
+        """The next task (as `popleft` chooses it) and, after it, queued tasks with its batch key while
+        the batch stays within `max_rows` rows and tasks: highest priority first, then by client turn,
+        each client's in arrival order. Tasks passed over keep their places. One pass over the queue, no
+        per-task `remove` (that made taking a batch of 16 quadratic)."""
+        first = self.popleft()
+        batch = [first]
+        key = first.batch_key
+        if key is None:
+            return batch
+        rows = first.rows
+        levels = self._levels
+        for priority in sorted(levels, reverse=True):
+            level = levels[priority]
+            for client in list(level):
+                tasks = level[client]
+                passed: list[Task] = []
+                while tasks and len(batch) < max_rows:
+                    task = tasks.popleft()
+                    if task.batch_key == key and rows + task.rows <= max_rows:
+                        batch.append(task)
+                        rows += task.rows
+                    else:
+                        passed.append(task)
+                if passed:
+                    tasks.extendleft(reversed(passed))
+                if not tasks:
+                    del level[client]
+                if len(batch) >= max_rows:
+                    break
+            if not level:
+                del levels[priority]
+            if len(batch) >= max_rows:
+                break
+        self._len -= len(batch) - 1
+        return batch
+
     def remove(self, task: Task) -> None:
         level = self._levels.get(task.priority)
         tasks = level.get(task.client) if level is not None else None

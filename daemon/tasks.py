@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True, eq=False)
 class Task:
+    # Supervisor._accept_infer builds tasks positionally: keep the order of the fields up to `priority`.
     task_id: int
     request_id: int
     route: list[Any]  # frames to put before the reply header (client identity [+ empty delimiter])

@@ -46,7 +46,8 @@ def check_envelope(header: dict[str, Any], frame_count: int) -> str:
     """Version, id, op, client name and frame count; returns the operation name."""
     if type(header.get("v")) is not int or header["v"] != PROTOCOL_VERSION:  # 1.0 and true are not 1
         raise InvalidArgument(f"unsupported protocol version {header.get('v')!r}; this daemon speaks {PROTOCOL_VERSION}")
-    if request_id_of(header) is None:
+    rid = header.get("id")
+    if type(rid) is not int or not 0 <= rid <= _UINT64_MAX:  # request_id_of, inlined: `type is int` refuses bool
         raise InvalidArgument("`id` must be an unsigned 64-bit integer")
     op = header.get("op")
     if not isinstance(op, str) or op not in OPERATIONS:

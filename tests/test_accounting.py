@@ -146,7 +146,8 @@ def test_a_batch_recorded_at_once_equals_its_members_recorded_one_by_one() -> No
             bytes_in, bytes_out = rng.randrange(1 << 16), rng.randrange(1 << 16)
             members.append((client, own, bytes_in, bytes_out))
             one_by_one.record(key[0], key[1], client, None, {**dict(zip(MEMBER_STAGES, own)), **shared}, bytes_in, bytes_out)
-        at_once.record_batch(key[0], key[1], shared, members)
+        clients, own, bytes_in, bytes_out = (list(column) for column in zip(*members))
+        at_once.record_batch(key[0], key[1], shared, clients, own, bytes_in, bytes_out)
     one_by_one.record("tiny", 1, "alice@uid=0", "INVALID_ARGUMENT", {"total_us": 12.0})  # the two mix
     at_once.record("tiny", 1, "alice@uid=0", "INVALID_ARGUMENT", {"total_us": 12.0})
 
@@ -160,6 +161,24 @@ def test_a_batch_recorded_at_once_equals_its_members_recorded_one_by_one() -> No
     got, got_cpu = without_cpu(at_once.snapshot())
     assert got == want
     assert got_cpu == pytest.approx(want_cpu, rel=1e-9)  # summed in another order
+
+
+def test_batches_recorded_later_are_in_every_snapshot_and_held_only_boundedly() -> None:
+    """record_batch_later defers the work to the loop's idle moments: a snapshot taken before any idle
+    moment must still count every batch, and a loop that is never idle must not pile them up."""
+    from openinfer.daemon.accounting import PENDING_BATCHES_MAX
+
+    shared = {"dispatch_us": 30.0, "prep_us": 2.0, "compute_us": 40.0, "encode_us": 3.0, "return_us": 20.0, "cpu_us": 35.0}
+    own = [(5.0, 200.0, 100.0, 400.0), (6.0, 180.0, 90.0, 410.0)]
+    now, later = Accountant(), Accountant()
+    now.record_batch("tiny", 1, shared, ["a", "b"], own, [256, 256], [1024, 1024])
+    later.record_batch_later("tiny", 1, shared, ["a", "b"], own, [256, 256], [1024, 1024])
+    assert later.snapshot() == now.snapshot()  # nothing flushed it but the snapshot itself
+    for _ in range(PENDING_BATCHES_MAX * 3):
+        later.record_batch_later("tiny", 1, shared, ["a"], own[:1], [256], [1024])
+    assert len(later._pending_batches) < PENDING_BATCHES_MAX
+    later.flush()
+    assert later.snapshot()["models"]["tiny"]["requests"] == 2 + PENDING_BATCHES_MAX * 3
 
 
 def test_keys_outside_the_stages_are_ignored_and_batch_wait_is_its_own_row() -> None:

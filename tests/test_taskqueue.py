@@ -1,0 +1,93 @@
+"""TaskQueue order (docs/PROTOCOL.md, `priority`) and how a batch is taken from it."""
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+from openinfer.daemon.taskqueue import TaskQueue
+from openinfer.daemon.tasks import Task
+
+KEY_A = ((("x", "FP32", (64,)),), ())
+KEY_B = ((("x", "FP32", (32,)),), ())
+
+
+def make_task(task_id: int, client: str = "c", priority: int = 0, key: Any = KEY_A, rows: int = 1) -> Task:
+    task = Task(
+        task_id=task_id, request_id=task_id, route=[], route_id=b"r", client=client, model=None,  # type: ignore[arg-type]
+        header_frame=b"", data_frames=[], nbytes=0, received_ns=0, decoded_ns=0, deadline_ns=0, priority=priority,
+    )
+    task.enqueued_ns = time.monotonic_ns()  # just queued: no aging within a test
+    task.batch_key, task.rows = key, rows
+    return task
+
+
+def ids(tasks: list[Task]) -> list[int]:
+    return [task.task_id for task in tasks]
+
+
+def drain(queue: TaskQueue) -> list[int]:
+    out = []
+    while queue:
+        out.append(queue.popleft().task_id)
+    return out
+
+
+def test_a_batch_takes_the_next_task_and_those_with_its_key_up_to_the_limit() -> None:
+    queue = TaskQueue()
+    for i, key in enumerate([KEY_A, KEY_B, KEY_A, KEY_A, KEY_B, KEY_A]):
+        queue.append(make_task(i, key=key))
+    assert ids(queue.take_batch(3)) == [0, 2, 3]
+    assert len(queue) == 3
+    assert drain(queue) == [1, 4, 5]  # passed-over tasks keep their places
+
+
+def test_rows_bound_the_batch_and_a_task_too_big_to_fit_is_passed_over() -> None:
+    queue = TaskQueue()
+    for i, rows in enumerate([2, 5, 1, 1, 4]):
+        queue.append(make_task(i, rows=rows))
+    assert ids(queue.take_batch(4)) == [0, 2, 3]  # 2 + 1 + 1 rows; 5 does not fit
+    assert drain(queue) == [1, 4]
+
+
+def test_higher_priority_members_join_first_and_clients_take_turns() -> None:
+    queue = TaskQueue()
+    queue.append(make_task(0, client="a", priority=0))
+    queue.append(make_task(1, client="a", priority=0))
+    queue.append(make_task(2, client="b", priority=5))
+    queue.append(make_task(3, client="c", priority=5))
+    queue.append(make_task(4, client="b", priority=5))
+    assert ids(queue.take_batch(3)) == [2, 3, 4]  # the first is the most urgent; then its level
+    assert ids(queue.take_batch(8)) == [0, 1]
+    assert not queue and len(queue) == 0
+
+
+def test_an_unbatchable_task_goes_alone() -> None:
+    queue = TaskQueue()
+    queue.append(make_task(0, key=None))
+    queue.append(make_task(1, key=None))
+    assert ids(queue.take_batch(8)) == [0]
+    assert drain(queue) == [1]
+
+
+def test_taking_batches_never_loses_or_duplicates_a_task() -> None:
+    rng = random.Random(7)
+    queue = TaskQueue()
+    queued: set[int] = set()
+    next_id = 0
+    for _ in range(2000):
+        if rng.random() < 0.6:
+            queue.append(make_task(next_id, client=rng.choice("abc"), priority=rng.choice([0, 0, 3]), key=rng.choice([KEY_A, KEY_B, None]), rows=rng.randint(1, 4)))
+            queued.add(next_id)
+            next_id += 1
+        elif queue:
+            limit = rng.randint(1, 16)
+            batch = queue.take_batch(limit)
+            assert 1 <= len(batch) <= max(1, limit)
+            assert len({task.batch_key for task in batch}) == 1
+            if len(batch) > 1:
+                assert sum(task.rows for task in batch) <= limit
+            for task in batch:
+                queued.remove(task.task_id)  # KeyError if taken twice or never queued
+        assert len(queue) == len(queued) == len(list(queue))
+    assert set(drain(queue)) == queued
