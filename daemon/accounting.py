@@ -2,7 +2,10 @@
 
 `Accountant.record` runs once per request inside the supervisor's single-threaded loop, so it does only
 integer and dict arithmetic (~4 µs per call here, see bench/accounting_overhead.py); everything that
-reads the aggregates (`snapshot`, the Prometheus exporter in metrics.py) works on copies.
+reads the aggregates (`snapshot`, the Prometheus exporter in metrics.py) works on copies. A batch's
+successful members are accounted with `record_batch_later`: the loop adds them in when it is about to
+sleep (while a batch is on a worker), and `snapshot` adds in whatever is still waiting, so no reader ever
+sees a batch missing.
 
 What is kept, per model version and per client:
 - requests, successes, failures by wire code;
