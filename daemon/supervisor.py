@@ -191,6 +191,7 @@ class Supervisor:
             # costs ~18 us in this VM); due timers run between messages and after each pass.
             events = poll(0)
             if not events:  # idle: the bookkeeping deferred from the busy path, then sleep
+                self.dispatcher.arm_deadlines()  # before timeout_ms below reads the timers
                 self.accountant.flush()
                 events = poll(self.timers.timeout_ms(5 if busy else idle_ms))
             try:

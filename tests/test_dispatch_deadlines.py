@@ -1,0 +1,157 @@
+"""The dispatcher's deadline rules for queued tasks, on a real ZeroMQ ROUTER/DEALER pair standing in for
+the worker channel (no daemon: the cases need the loop to be busy past a deadline, which a live daemon
+cannot be made to do on cue).
+
+- A queued task's deadline timer is set at the loop's next idle moment (`arm_deadlines`), or once
+  UNTIMED_MAX tasks wait for one; tasks that left the queue before then never get one.
+- A task whose deadline passed before its timer was set is answered DEADLINE_EXCEEDED when it is taken
+  from the queue and is never sent to a worker; the rest of its batch still runs.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from openinfer.client.errors import OpenInferError
+from openinfer.daemon.client_limits import ClientLimiter, ClientPolicy
+from openinfer.daemon.dispatch import UNTIMED_MAX, Dispatcher
+from openinfer.daemon.modelconfig import BatchingConfig, ModelConfig
+from openinfer.daemon.models import ServedModel
+from openinfer.daemon.settings import Settings
+from openinfer.daemon.tasks import Task
+from openinfer.daemon.timers import TimerHeap
+from openinfer.daemon.workers import WorkerHandle, WorkerState
+
+SPEC = {"name": "x", "datatype": "FP32", "shape": [-1, 4]}
+
+
+@pytest.fixture()
+def channel() -> Iterator[tuple[zmq.Socket, zmq.Socket]]:  # type: ignore[type-arg]
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    router.bind("inproc://workers")
+    worker = context.socket(zmq.DEALER)
+    worker.setsockopt(zmq.IDENTITY, b"w1")
+    worker.connect("inproc://workers")
+    yield router, worker
+    router.close(linger=0)
+    worker.close(linger=0)
+    context.term()
+
+
+class Setup:
+    def __init__(self, router: zmq.Socket, max_batch_size: int = 8) -> None:  # type: ignore[type-arg]
+        self.failed: list[tuple[Task, OpenInferError]] = []
+        self.timers = TimerHeap()
+        self.limiter = ClientLimiter(ClientPolicy())
+        self.dispatcher = Dispatcher(Settings(), router, self.timers, self.limiter, lambda task, exc: self._fail(task, exc), lambda worker: None)
+        config = ModelConfig(batching=BatchingConfig(max_batch_size=max_batch_size, max_queue_delay_us=500_000))
+        self.model = ServedModel("m", 1, Path("/nonexistent"), config, 1, 1)
+        self.model.set_metadata([SPEC], [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}])
+        assert self.model.batchable
+        self.worker = WorkerHandle(1, b"w1", self.model, None, state=WorkerState.READY)  # type: ignore[arg-type]
+        self.model.workers.append(self.worker)
+        self.next_id = 0
+
+    def _fail(self, task: Task, exc: OpenInferError) -> None:
+        task.done = True
+        self.failed.append((task, exc))
+
+    def admit(self, timeout_ns: int) -> Task:
+        """A one-row request received now, due `timeout_ns` from now (negative: already past)."""
+        self.next_id += 1
+        now = time.monotonic_ns()
+        header: dict[str, Any] = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4]}]}
+        task = Task(self.next_id, self.next_id, [b"client"], b"client", "c", self.model, b"", [b"\0" * 16], 16, now, now, now + timeout_ns)
+        self.limiter.admit("c", None, now)
+        self.dispatcher.admit(task, header)
+        return task
+
+    def flush_to_worker(self) -> None:
+        """The batch delay is up and the worker is free: what the batch timer does."""
+        self.model.idle.append(self.worker)
+        self.model.batch_deadline_ns = 1
+        self.dispatcher.maybe_flush(self.model)
+
+
+def sent_plan(worker: zmq.Socket) -> dict[str, Any] | None:  # type: ignore[type-arg]
+    if not worker.poll(2000):
+        return None
+    frames = worker.recv_multipart()
+    return msgpack.unpackb(frames[1])
+
+
+def test_an_expired_member_is_answered_and_never_sent_while_the_rest_of_its_batch_runs(channel: Any) -> None:
+    router, worker = channel
+    setup = Setup(router)
+    live = [setup.admit(10 * 10**9), setup.admit(10 * 10**9)]
+    expired = setup.admit(-1)  # the loop was busy past its deadline: no timer was ever set for it
+    setup.flush_to_worker()
+    assert [(task.task_id, exc.code) for task, exc in setup.failed] == [(expired.task_id, "DEADLINE_EXCEEDED")]
+    assert "never ran" in setup.failed[0][1].message
+    plan = sent_plan(worker)
+    assert plan is not None and plan["tasks"] == [task.task_id for task in live]
+    assert expired.worker is None and setup.dispatcher.queued_bytes == 0
+
+
+def test_a_batch_of_expired_tasks_sends_nothing_and_leaves_the_worker_free(channel: Any) -> None:
+    router, worker = channel
+    setup = Setup(router)
+    tasks = [setup.admit(-1) for _ in range(3)]
+    setup.flush_to_worker()
+    assert sorted(task.task_id for task, _ in setup.failed) == [task.task_id for task in tasks]
+    assert not worker.poll(200)  # no batch message at all
+    assert setup.model.idle == [setup.worker] and not setup.model.queue
+
+
+def test_deadline_timers_are_set_when_idle_only_for_tasks_still_queued(channel: Any) -> None:
+    router, _ = channel
+    setup = Setup(router)
+    queued = [setup.admit(10 * 10**9) for _ in range(3)]
+    assert all(task.deadline_timer is None for task in queued)  # nothing set while busy
+    setup.dispatcher.remove_queued(queued[0])  # e.g. cancelled by its client
+    setup.dispatcher.arm_deadlines()  # the loop is about to sleep
+    assert queued[0].deadline_timer is None
+    assert all(task.deadline_timer is not None for task in queued[1:])
+    assert len(setup.timers) >= 2
+
+
+def test_timers_are_set_without_an_idle_moment_once_enough_tasks_wait(channel: Any) -> None:
+    router, _ = channel
+    setup = Setup(router, max_batch_size=UNTIMED_MAX * 4)
+    tasks = [setup.admit(10 * 10**9) for _ in range(UNTIMED_MAX)]
+    assert all(task.deadline_timer is not None for task in tasks)
+
+
+def test_an_armed_deadline_answers_the_queued_task_from_its_timer(channel: Any) -> None:
+    router, worker = channel
+    setup = Setup(router)
+    task = setup.admit(1_000_000)  # 1 ms
+    setup.dispatcher.arm_deadlines()
+    deadline = time.monotonic() + 5  # hang guard
+    while not setup.failed and time.monotonic() < deadline:
+        setup.timers.run_due()
+        time.sleep(0.001)
+    assert [(t.task_id, exc.code) for t, exc in setup.failed] == [(task.task_id, "DEADLINE_EXCEEDED")]
+    assert not setup.model.queue and setup.dispatcher.queued_bytes == 0
+    assert not worker.poll(100)  # it never reached the worker
+
+
+def test_an_unbatched_task_that_expired_in_the_queue_is_not_given_to_the_freed_worker(channel: Any) -> None:
+    router, worker = channel
+    setup = Setup(router)
+    setup.model.batchable = False  # one task per dispatch
+    setup.worker.state = WorkerState.BUSY  # busy: admit queues
+    expired, live = setup.admit(-1), setup.admit(10 * 10**9)
+    setup.dispatcher.next_for(setup.worker)  # the worker finished its task
+    assert [(task.task_id, exc.code) for task, exc in setup.failed] == [(expired.task_id, "DEADLINE_EXCEEDED")]
+    assert live.worker is setup.worker and list(setup.worker.inflight) == [live]
+    frames = worker.recv_multipart() if worker.poll(2000) else []
+    assert len(frames) == 3 and frames[1] == b"" and frames[2] == b"\0" * 16  # the live task's header and data
