@@ -86,15 +86,15 @@ class Dispatcher:
             raise
 
     def _admit_for_batching(self, task: Task, header: dict[str, Any]) -> None:
-        inputs = header["inputs"]
-        rows = inputs[0]["shape"][0]
+        signature = task.signature
+        rows = signature.rows
         batching = task.model.config.batching
         assert batching is not None
-        if rows <= batching.max_batch_size:
+        if rows is not None and rows <= batching.max_batch_size:
             task.rows = rows
             # Inputs in the request's own order: members of one batch then list their frames alike (a
             # client that reorders them just batches separately).
-            task.batch_key = (tuple([(s["name"], s["datatype"], tuple(s["shape"][1:])) for s in inputs]), tuple(header.get("outputs") or ()))
+            task.batch_key = (signature.batch_specs, tuple(header.get("outputs") or ()))
         self.enqueue(task)
         model = task.model
         # Most arrivals only join a batch that is already waiting: nothing to decide before its timer

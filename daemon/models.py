@@ -37,6 +37,7 @@ class ServedModel:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     input_by_name: dict[str, dict[str, Any]] = field(default_factory=dict)
     output_names: frozenset[str] = frozenset()
+    input_signatures: list[Any] = field(default_factory=list)  # validation.InputSignature, newest first
     workers: list["WorkerHandle"] = field(default_factory=list)
     idle: list["WorkerHandle"] = field(default_factory=list)
     queue: TaskQueue = field(default_factory=TaskQueue)
@@ -65,6 +66,7 @@ class ServedModel:
         self.outputs = outputs
         self.input_by_name = {spec["name"]: spec for spec in inputs}
         self.output_names = frozenset(spec["name"] for spec in outputs)
+        self.input_signatures = []  # checked against the metadata they replace
         # Batching needs a batch dimension everywhere: rows of one request never mix with another's.
         self.batchable = self.config.batching is not None and all(
             len(spec["shape"]) >= 1 and spec["shape"][0] == -1 for spec in [*inputs, *outputs]

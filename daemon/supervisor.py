@@ -332,7 +332,7 @@ class Supervisor:
         data = body[1:]
         limit = model.config.max_request_bytes or self.settings.server.max_request_bytes
         self._request_model = model  # so a rejection below is counted against this model
-        nbytes = check_infer(header, data, model, limit)
+        nbytes, signature = check_infer(header, data, model, limit)
         decoded_ns = time.monotonic_ns()
         timeout_ms = header.get("timeout_ms") or model.config.timeout_ms
         task = Task(  # positional: half the cost of keywords, on every request
@@ -349,6 +349,7 @@ class Supervisor:
             decoded_ns,
             received_ns + timeout_ms * 1_000_000,  # deadline_ns
             header.get("priority") or 0,
+            signature,
         )
         key = (route_id, request_id)
         if key in self.replies.open_requests:

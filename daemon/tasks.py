@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True, eq=False)
 class Task:
-    # Supervisor._accept_infer builds tasks positionally: keep the order of the fields up to `priority`.
+    # Supervisor._accept_infer builds tasks positionally: keep the order of the fields up to `signature`.
     task_id: int
     request_id: int
     route: list[Any]  # frames to put before the reply header (client identity [+ empty delimiter])
@@ -25,6 +25,7 @@ class Task:
     decoded_ns: int
     deadline_ns: int
     priority: int = 0
+    signature: Any = None  # validation.InputSignature of its inputs
     enqueued_ns: int = 0
     dispatched_ns: int = 0
     worker: "WorkerHandle | None" = None

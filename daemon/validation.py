@@ -4,6 +4,7 @@ Every check raises the typed error the protocol promises, with a message naming 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -15,6 +16,20 @@ from openinfer.client.tensors import DATATYPES, ELEMENT_SIZE
 from .models import ServedModel
 
 _UINT64_MAX = 2**64 - 1
+SIGNATURES_KEPT = 4  # per model: the input lists of the last distinct request shapes that passed
+
+
+@dataclass(frozen=True, slots=True)
+class InputSignature:
+    """An `inputs` list that passed every check of `check_infer` for one model, kept on the model: a
+    later request with an equal list (and int dimensions: `==` takes 1.0 and true for 1) only has its
+    frame sizes checked. Requests of a client mostly repeat one shape, and the full checks were ~2.5 us
+    of the supervisor's ~30 us per request under load."""
+
+    inputs: list[dict[str, Any]]  # a private copy of the checked list
+    frame_bytes: tuple[int | None, ...]  # per data frame, the byte length its spec implies (None: BYTES)
+    batch_specs: tuple[tuple[str, str, tuple[int, ...]], ...]  # (name, datatype, shape[1:]) per input
+    rows: int | None  # dimension 0 of the first input (None: no input has one)
 
 
 class OverLimit(ResourceExhausted):
@@ -66,9 +81,18 @@ def _is_uint(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def check_infer(header: dict[str, Any], data_frames: list[Any], model: ServedModel, max_request_bytes: int) -> int:
-    """Validate an `infer` request against the model's metadata; returns the request's payload bytes."""
+def check_infer(header: dict[str, Any], data_frames: list[Any], model: ServedModel, max_request_bytes: int) -> tuple[int, InputSignature]:
+    """Validate an `infer` request against the model's metadata; returns the request's payload bytes
+    and its inputs' signature (what batching groups by)."""
     inputs = header.get("inputs")
+    if type(inputs) is list:
+        for known in model.input_signatures:
+            if inputs == known.inputs and _int_dims(inputs):
+                nbytes = _fixed_frames_bytes(known.frame_bytes, data_frames)
+                if nbytes is not None and nbytes <= max_request_bytes:
+                    _check_options(header, model)
+                    return nbytes, known
+                break  # the full checks below name what is wrong
     if not isinstance(inputs, list):
         raise InvalidArgument("`inputs` must be an array of {name, datatype, shape} maps")
     if len(inputs) != len(data_frames):
@@ -80,6 +104,7 @@ def check_infer(header: dict[str, Any], data_frames: list[Any], model: ServedMod
         raise OverLimit(f"request carries {nbytes} bytes of tensors; the limit for {model.name!r} is {max_request_bytes}")
     seen: set[str] = set()
     expected = model.input_by_name
+    frame_bytes: list[int | None] = []
     for index, spec in enumerate(inputs):
         if not isinstance(spec, dict):
             raise InvalidArgument(f"inputs[{index}] must be a map")
@@ -118,9 +143,48 @@ def check_infer(header: dict[str, Any], data_frames: list[Any], model: ServedMod
                 raise InvalidArgument(
                     f"input {name!r}: {datatype}{shape} needs {count * size} bytes, data frame has {len(data_frames[index])}"
                 )
+            frame_bytes.append(count * size)
+        else:
+            frame_bytes.append(None)
     missing = expected.keys() - seen
     if missing:
         raise InvalidArgument(f"model {model.name!r} is missing inputs {sorted(missing)}")
+    _check_options(header, model)
+    signature = InputSignature(
+        [{"name": spec["name"], "datatype": spec["datatype"], "shape": list(spec["shape"])} for spec in inputs],
+        tuple(frame_bytes),
+        tuple([(spec["name"], spec["datatype"], tuple(spec["shape"][1:])) for spec in inputs]),
+        inputs[0]["shape"][0] if inputs and inputs[0]["shape"] else None,
+    )
+    kept = model.input_signatures
+    kept.insert(0, signature)
+    del kept[SIGNATURES_KEPT:]
+    return nbytes, signature
+
+
+def _int_dims(inputs: list[dict[str, Any]]) -> bool:
+    for spec in inputs:
+        for dim in spec["shape"]:
+            if type(dim) is not int:
+                return False
+    return True
+
+
+def _fixed_frames_bytes(frame_bytes: tuple[int | None, ...], data_frames: list[Any]) -> int | None:
+    """The frames' total bytes if there is one per input and each has the size its spec implies."""
+    if len(data_frames) != len(frame_bytes):
+        return None
+    nbytes = 0
+    for frame, size in zip(data_frames, frame_bytes):
+        length = len(frame)
+        if size is not None and length != size:
+            return None
+        nbytes += length
+    return nbytes
+
+
+def _check_options(header: dict[str, Any], model: ServedModel) -> None:
+    """The header's fields besides the inputs: outputs, timeout, priority, version."""
     outputs = header.get("outputs")
     if outputs is not None:
         if not isinstance(outputs, list) or not outputs or not all(isinstance(o, str) for o in outputs):
@@ -143,4 +207,3 @@ def check_infer(header: dict[str, Any], data_frames: list[Any], model: ServedMod
     version = header.get("version")
     if version is not None and not _is_uint(version):
         raise InvalidArgument("`version` must be a non-negative integer")
-    return nbytes

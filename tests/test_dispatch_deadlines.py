@@ -26,6 +26,7 @@ from openinfer.daemon.models import ServedModel
 from openinfer.daemon.settings import Settings
 from openinfer.daemon.tasks import Task
 from openinfer.daemon.timers import TimerHeap
+from openinfer.daemon.validation import check_infer
 from openinfer.daemon.workers import WorkerHandle, WorkerState
 
 SPEC = {"name": "x", "datatype": "FP32", "shape": [-1, 4]}
@@ -69,7 +70,8 @@ class Setup:
         self.next_id += 1
         now = time.monotonic_ns()
         header: dict[str, Any] = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4]}]}
-        task = Task(self.next_id, self.next_id, [b"client"], b"client", "c", self.model, b"", [b"\0" * 16], 16, now, now, now + timeout_ns)
+        nbytes, signature = check_infer(header, [b"\0" * 16], self.model, 1 << 20)
+        task = Task(self.next_id, self.next_id, [b"client"], b"client", "c", self.model, b"", [b"\0" * 16], nbytes, now, now, now + timeout_ns, 0, signature)
         self.limiter.admit("c", None, now)
         self.dispatcher.admit(task, header)
         return task
