@@ -267,37 +267,53 @@ class Dispatcher:
         self.maybe_flush(model)
 
     def _take_batch(self, model: ServedModel, max_rows: int) -> list[Task]:
+        """Tasks taken from the queue for one batch, less those whose deadline has passed (answered
+        here). The members' queue bookkeeping (`dequeue`) is left to dispatch_batch, after the send."""
         batch = model.queue.take_batch(max_rows)
-        dequeue = self.dequeue
         now = time.monotonic_ns()
-        expired = False
         for task in batch:
-            dequeue(task)
-            expired |= self._expired_out(task, now)
-        return [task for task in batch if not task.done] if expired else batch
+            if task.deadline_ns <= now:
+                break
+        else:
+            return batch
+        live = []
+        for task in batch:
+            if task.deadline_ns <= now:
+                self.dequeue(task)
+                self._answer_expired(task)
+            else:
+                live.append(task)
+        return live
 
     def dispatch_batch(self, worker: WorkerHandle, batch: list[Task]) -> None:
+        """Send tasks just taken from the queue (_take_batch) to `worker` as one batch."""
         model = batch[0].model
         model.batch_sizes[len(batch)] = model.batch_sizes.get(len(batch), 0) + 1  # size 1 counts too
         idle_since = worker.idle_since_ns
+        dequeue = self.dequeue
         if len(batch) == 1:
-            batch[0].batch_wait_ns = max(0, time.monotonic_ns() - max(batch[0].enqueued_ns, idle_since))
-            self.dispatch(worker, batch[0])
+            task = batch[0]
+            dequeue(task)
+            task.batch_wait_ns = max(0, time.monotonic_ns() - max(task.enqueued_ns, idle_since))
+            self.dispatch(worker, task)
             return
         now = time.monotonic_ns()
         worker.deadline_ns = min(min(t.deadline_ns for t in batch), now + model.config.max_compute_ms * 1_000_000)
-        rows = []
-        for task in batch:
-            task.dispatched_ns = now
-            task.worker = worker
-            task.batched = True
-            # Waiting for the batch = waiting while a worker was free to run the task.
-            task.batch_wait_ns = max(0, now - max(task.enqueued_ns, idle_since))
-            worker.inflight.append(task)
-            rows.append(task.rows)
+        worker.inflight.extend(batch)
         worker.state = WorkerState.BUSY
-        self.backend.send(worker.identity, _SNDMORE)
-        self._send_batch(batch, rows)
+        try:
+            self.backend.send(worker.identity, _SNDMORE)
+            self._send_batch(batch, [task.rows for task in batch])
+        finally:
+            # The per-member bookkeeping after the send: the worker starts on the batch meanwhile (this
+            # was ~15 us per batch of 16 on the path from the last arrival to the worker).
+            for task in batch:
+                dequeue(task)
+                task.dispatched_ns = now
+                task.worker = worker
+                task.batched = True
+                # Waiting for the batch = waiting while a worker was free to run the task.
+                task.batch_wait_ns = max(0, now - max(task.enqueued_ns, idle_since))
 
     def _send_batch(self, batch: list[Task], rows: list[int]) -> None:
         """[b"B", plan, data]: the members' shapes were checked on admission and share a batch key, so

@@ -157,3 +157,27 @@ def test_an_unbatched_task_that_expired_in_the_queue_is_not_given_to_the_freed_w
     assert live.worker is setup.worker and list(setup.worker.inflight) == [live]
     frames = worker.recv_multipart() if worker.poll(2000) else []
     assert len(frames) == 3 and frames[1] == b"" and frames[2] == b"\0" * 16  # the live task's header and data
+
+
+def test_a_batch_is_held_by_its_worker_and_out_of_the_queue_once_sent(channel: Any) -> None:
+    router, worker = channel
+    setup = Setup(router)
+    tasks = [setup.admit(10 * 10**9) for _ in range(3)]
+    setup.flush_to_worker()
+    plan = sent_plan(worker)
+    assert plan is not None and plan["tasks"] == [task.task_id for task in tasks]
+    assert list(setup.worker.inflight) == tasks and setup.worker.state is WorkerState.BUSY
+    assert all(task.worker is setup.worker and task.batched and task.dispatched_ns for task in tasks)
+    assert setup.dispatcher.queued_bytes == 0 and not setup.dispatcher.queued_by_request
+
+
+def test_a_batch_whose_send_fails_stays_with_its_worker_to_be_answered_when_it_is_replaced(channel: Any) -> None:
+    router, _ = channel
+    setup = Setup(router)
+    setup.worker.identity = b"gone"  # exited: ROUTER_MANDATORY makes the send raise
+    tasks = [setup.admit(10 * 10**9) for _ in range(2)]
+    with pytest.raises(zmq.ZMQError):
+        setup.flush_to_worker()
+    # What the pool's exit handling requeues (requeue_unstarted) or answers: nothing is lost or queued twice.
+    assert list(setup.worker.inflight) == tasks and all(task.worker is setup.worker for task in tasks)
+    assert not setup.model.queue and setup.dispatcher.queued_bytes == 0 and not setup.dispatcher.queued_by_request
