@@ -53,6 +53,7 @@ class ServedModel:
     batch_timer: Any = None  # the timer set for batch_deadline_ns (cancelled when no batch waits)
     batch_sizes: dict[int, int] = field(default_factory=dict)
     compute_ewma_us: float | None = None  # recent compute time; short models get pipelined dispatch
+    batch_compute_ewma_us: float | None = None  # the same for batches of two or more
     nbytes_ewma: float = 0.0  # recent request size, the size compute_ewma_us was measured at
     fingerprint: tuple[int, int, int] | None = None  # (size, mtime_ns, inode) of the model file
     retiring: bool = False  # replaced or removed: finishes its queue, takes no new work

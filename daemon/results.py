@@ -54,7 +54,7 @@ class WorkerResults:
         timing["return_us"] = (now - meta["send_ns"]) / 1000
         timing["cpu_us"] = meta["cpu_us"]
         if inflight:  # the next pipelined task started when this result was sent
-            worker.deadline_ns = min(inflight[0].deadline_ns, now + model.config.max_compute_ms * 1_000_000)
+            worker.deadline_ns = min(min(t.deadline_ns for t in inflight), now + model.config.max_compute_ms * 1_000_000)
             if worker.state is WorkerState.BUSY:
                 self.dispatcher.next_for(worker)  # keep the pipeline full before spending time on the reply
         outputs = frames[3:]
@@ -87,17 +87,25 @@ class WorkerResults:
             return  # already answered (deadline); the worker is being replaced
         batch = [inflight.popleft() for _ in task_ids]
         worker.tasks_served += len(batch)
+        model = batch[0].model
+        if inflight:  # a pipelined batch started when this one was sent
+            worker.deadline_ns = min(min(t.deadline_ns for t in inflight), now + model.config.max_compute_ms * 1_000_000)
+        # A pipelined batch waited in the worker until the previous one was sent: that wait is queueing.
+        dispatched_ns = batch[0].dispatched_ns
+        started_ns = dispatched_ns if dispatched_ns > worker.last_send_ns else worker.last_send_ns
+        worker.last_send_ns = meta["send_ns"]
         error = meta.get("error")
         if error is not None:
             for task in batch:  # one member's input may have failed the whole batch: each runs alone
                 self.dispatcher.retry_alone(task)
             self.dispatcher.next_for(worker)
             return
-        model = batch[0].model
         model.consecutive_crashes = 0
+        ewma = model.batch_compute_ewma_us
+        model.batch_compute_ewma_us = meta["compute_us"] if ewma is None else 0.9 * ewma + 0.1 * meta["compute_us"]
         self.dispatcher.next_for(worker)  # the worker is free: the next batch leaves before the replies
         shared = {
-            "dispatch_us": (meta["recv_ns"] - batch[0].dispatched_ns) / 1000,
+            "dispatch_us": (meta["recv_ns"] - started_ns) / 1000,
             "prep_us": meta["prep_us"],
             "compute_us": meta["compute_us"],
             "return_us": (now - meta["send_ns"]) / 1000,
@@ -120,7 +128,7 @@ class WorkerResults:
             decoded_ns = task.decoded_ns
             own = (  # accounting.MEMBER_STAGES; the rest of the timing is shared by the batch
                 (decoded_ns - received_ns) / 1000,
-                (task.dispatched_ns - decoded_ns) / 1000,
+                (started_ns - decoded_ns) / 1000,
                 task.batch_wait_ns / 1000,  # part of queue_us, not an extra stage
                 (monotonic_ns() - received_ns) / 1000,
             )

@@ -1,11 +1,13 @@
-"""The dispatcher's deadline rules for queued tasks, on a real ZeroMQ ROUTER/DEALER pair standing in for
-the worker channel (no daemon: the cases need the loop to be busy past a deadline, which a live daemon
-cannot be made to do on cue).
+"""The dispatcher's rules, on a real ZeroMQ ROUTER/DEALER pair standing in for the worker channel (no
+daemon: the cases need the loop busy past a deadline or a worker mid-batch, which a live daemon cannot be
+made to be on cue).
 
 - A queued task's deadline timer is set at the loop's next idle moment (`arm_deadlines`), or once
   UNTIMED_MAX tasks wait for one; tasks that left the queue before then never get one.
 - A task whose deadline passed before its timer was set is answered DEADLINE_EXCEEDED when it is taken
   from the queue and is never sent to a worker; the rest of its batch still runs.
+- A full batch with no idle worker queues behind a worker's single running batch when the model's
+  batches are short (pipelining), never behind two, never for long or not yet measured batches.
 """
 from __future__ import annotations
 
@@ -181,3 +183,38 @@ def test_a_batch_whose_send_fails_stays_with_its_worker_to_be_answered_when_it_i
     # What the pool's exit handling requeues (requeue_unstarted) or answers: nothing is lost or queued twice.
     assert list(setup.worker.inflight) == tasks and all(task.worker is setup.worker for task in tasks)
     assert not setup.model.queue and setup.dispatcher.queued_bytes == 0 and not setup.dispatcher.queued_by_request
+
+
+def run_one_batch(setup: Setup, worker: zmq.Socket, size: int) -> list[Task]:  # type: ignore[type-arg]
+    tasks = [setup.admit(10 * 10**9) for _ in range(size)]
+    setup.flush_to_worker()
+    assert sent_plan(worker) is not None
+    return tasks
+
+
+def test_a_full_batch_queues_behind_the_short_batch_a_busy_worker_runs(channel: Any) -> None:
+    router, worker = channel
+    setup = Setup(router, max_batch_size=4)
+    running = run_one_batch(setup, worker, 2)
+    deadline_ns = setup.worker.deadline_ns
+    setup.model.batch_compute_ewma_us = 50.0  # short batches: a round trip through the loop costs more
+    behind = [setup.admit(10 * 10**9) for _ in range(4)]  # the fourth fills a batch: no idle worker
+    plan = sent_plan(worker)
+    assert plan is not None and plan["tasks"] == [task.task_id for task in behind]
+    assert list(setup.worker.inflight) == running + behind
+    assert setup.worker.deadline_ns == deadline_ns  # still the running batch's; on_batch moves it on
+    assert all(task.batch_wait_ns == 0 for task in behind)  # no worker was free while they waited
+    third = [setup.admit(10 * 10**9) for _ in range(4)]
+    assert not worker.poll(200)  # two dispatches in a worker at most
+    assert len(setup.model.queue) == 4 and all(task.worker is None for task in third)
+
+
+@pytest.mark.parametrize("ewma_us", [None, 5000.0])
+def test_no_batch_queues_behind_a_long_or_unmeasured_one(channel: Any, ewma_us: float | None) -> None:
+    router, worker = channel
+    setup = Setup(router, max_batch_size=4)
+    run_one_batch(setup, worker, 2)
+    setup.model.batch_compute_ewma_us = ewma_us
+    waiting = [setup.admit(10 * 10**9) for _ in range(4)]
+    assert not worker.poll(200)
+    assert len(setup.model.queue) == 4 and all(task.worker is None for task in waiting)
