@@ -4,10 +4,11 @@
     /tmp/venv/bin/python bench/batching.py --no-sandbox      # --insecure-no-sandbox
     /tmp/venv/bin/python bench/batching.py --levels 1,16,64 --duration 1 --repeats 1   # quick look
     /tmp/venv/bin/python bench/batching.py --queue-delay-us 0 --out bench/results/batching_delay0.json
+    /tmp/venv/bin/python bench/batching.py --max-batch-size 32 --out bench/results/batching_max32.json
     /tmp/venv/bin/python bench/batching.py --plot-only bench/results/batching.json      # redraw + summary
 
 One run starts two daemons on the same tiny model (`tests/onnx_builders.matmul_model`: x FP32[batch,64]
--> y), both `workers = 2`, `intra_op_threads = 1`; one adds `[batching] max_batch_size = 32,
+-> y), both `workers = 2`, `intra_op_threads = 1`; one adds `[batching] max_batch_size = 16,
 max_queue_delay_us = 500`. Both are loaded in turn, closed loop, at each concurrency level; runs are
 interleaved repeat -> level -> daemon (the order of the two daemons alternates between repeats) and each
 figure is the median over `--repeats` runs of that figure.
@@ -69,7 +70,7 @@ from cwireload import CWirePool  # noqa: E402
 from wireload import WirePool  # noqa: E402
 
 MODEL = "tiny"
-MAX_BATCH_SIZE = 32
+MAX_BATCH_SIZE = 16  # the smallest concurrency the target names (c >= 16) can fill a batch
 MAX_QUEUE_DELAY_US = 500
 WORKERS = 2
 
