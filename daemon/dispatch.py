@@ -32,11 +32,13 @@ PIPELINE_MAX_COMPUTE_US = 2000.0
 # A batch carrying at most this many tensor bytes is sent with its members' rows joined into one frame
 # per input: one copy here instead of one in the worker, and far fewer frames. Above it, zero-copy.
 JOIN_MAX_BYTES = 256 * 1024
-# A queued task's deadline timer is set when the loop is next about to sleep (arm_deadlines), or once
-# this many tasks wait for one: most tasks of a batching model leave the queue before that, and a timer
-# set and cancelled per request was ~4 % of the supervisor's work per request at c = 16. A task whose
-# deadline has passed is never dispatched either way (_expired_out).
+# A queued task's deadline timer is set when the loop is next about to sleep (arm_deadlines), once this
+# many tasks wait for one, or once the oldest has waited UNTIMED_MAX_AGE_NS (a loop kept busy by other
+# messages): most tasks of a batching model leave the queue before that, and a timer set and cancelled
+# per request was ~4 % of the supervisor's work per request at c = 16. A task whose deadline has passed
+# is never dispatched either way (_expired_out).
 UNTIMED_MAX = 64
+UNTIMED_MAX_AGE_NS = 1_000_000
 _SNDMORE = int(zmq.SNDMORE)
 
 FailTask = Callable[[Task, OpenInferError], None]
@@ -122,6 +124,13 @@ class Dispatcher:
         untimed = self._untimed
         untimed.append(task)
         if len(untimed) >= UNTIMED_MAX:
+            self.arm_deadlines()
+
+    def arm_overdue_deadlines(self, now_ns: int) -> None:
+        """arm_deadlines, if the oldest task without a timer has waited UNTIMED_MAX_AGE_NS (called every
+        loop pass: a loop that is never idle still answers a queued deadline within ~1 ms of it)."""
+        untimed = self._untimed
+        if untimed and now_ns - untimed[0].enqueued_ns >= UNTIMED_MAX_AGE_NS:
             self.arm_deadlines()
 
     def arm_deadlines(self) -> None:

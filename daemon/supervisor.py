@@ -198,8 +198,10 @@ class Supervisor:
                 self._handle(events, frontend, backend, signal_fd)
             except Exception:  # a bug in one handler must not take the daemon (and every client) down
                 log.exception("internal error in the supervisor loop; continuing")
+            now = time.monotonic_ns()
+            self.dispatcher.arm_overdue_deadlines(now)
             self.timers.run_due()
-            if self.exporter.due(time.monotonic_ns()):
+            if self.exporter.due(now):
                 try:
                     self._publish_metrics()
                 except Exception:

@@ -2,8 +2,9 @@
 daemon: the cases need the loop busy past a deadline or a worker mid-batch, which a live daemon cannot be
 made to be on cue).
 
-- A queued task's deadline timer is set at the loop's next idle moment (`arm_deadlines`), or once
-  UNTIMED_MAX tasks wait for one; tasks that left the queue before then never get one.
+- A queued task's deadline timer is set at the loop's next idle moment (`arm_deadlines`), once
+  UNTIMED_MAX tasks wait for one, or once the oldest has waited UNTIMED_MAX_AGE_NS; tasks that left the
+  queue before then never get one.
 - A task whose deadline passed before its timer was set is answered DEADLINE_EXCEEDED when it is taken
   from the queue and is never sent to a worker; the rest of its batch still runs.
 - A full batch with no idle worker queues behind a worker's single running batch when the model's
@@ -22,7 +23,7 @@ import zmq
 
 from openinfer.client.errors import OpenInferError
 from openinfer.daemon.client_limits import ClientLimiter, ClientPolicy
-from openinfer.daemon.dispatch import UNTIMED_MAX, Dispatcher
+from openinfer.daemon.dispatch import UNTIMED_MAX, UNTIMED_MAX_AGE_NS, Dispatcher
 from openinfer.daemon.modelconfig import BatchingConfig, ModelConfig
 from openinfer.daemon.models import ServedModel
 from openinfer.daemon.settings import Settings
@@ -131,6 +132,17 @@ def test_timers_are_set_without_an_idle_moment_once_enough_tasks_wait(channel: A
     router, _ = channel
     setup = Setup(router, max_batch_size=UNTIMED_MAX * 4)
     tasks = [setup.admit(10 * 10**9) for _ in range(UNTIMED_MAX)]
+    assert all(task.deadline_timer is not None for task in tasks)
+
+
+def test_timers_are_set_in_a_loop_that_is_never_idle_once_the_oldest_task_waited_long_enough(channel: Any) -> None:
+    router, _ = channel
+    setup = Setup(router)
+    tasks = [setup.admit(10 * 10**9) for _ in range(2)]
+    enqueued = tasks[0].enqueued_ns
+    setup.dispatcher.arm_overdue_deadlines(enqueued + UNTIMED_MAX_AGE_NS - 1)
+    assert all(task.deadline_timer is None for task in tasks)
+    setup.dispatcher.arm_overdue_deadlines(enqueued + UNTIMED_MAX_AGE_NS)
     assert all(task.deadline_timer is not None for task in tasks)
 
 
