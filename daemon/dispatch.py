@@ -89,6 +89,7 @@ class Dispatcher:
 
     def _admit_for_batching(self, task: Task, header: dict[str, Any]) -> None:
         signature = task.signature
+        assert signature is not None  # set by check_infer for every infer task
         rows = signature.rows
         batching = task.model.config.batching
         assert batching is not None

@@ -13,6 +13,7 @@ from .taskqueue import TaskQueue
 
 if TYPE_CHECKING:
     from .tasks import Task
+    from .validation import InputSignature
     from .workers import WorkerHandle
 
 
@@ -37,7 +38,7 @@ class ServedModel:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     input_by_name: dict[str, dict[str, Any]] = field(default_factory=dict)
     output_names: frozenset[str] = frozenset()
-    input_signatures: list[Any] = field(default_factory=list)  # validation.InputSignature, newest first
+    input_signatures: list["InputSignature"] = field(default_factory=list)  # newest first (check_infer)
     workers: list["WorkerHandle"] = field(default_factory=list)
     idle: list["WorkerHandle"] = field(default_factory=list)
     queue: TaskQueue = field(default_factory=TaskQueue)

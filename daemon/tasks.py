@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .models import ServedModel
+    from .validation import InputSignature
     from .workers import WorkerHandle
 
 
@@ -25,7 +26,7 @@ class Task:
     decoded_ns: int
     deadline_ns: int
     priority: int = 0
-    signature: Any = None  # validation.InputSignature of its inputs
+    signature: "InputSignature | None" = None  # what its inputs passed (check_infer)
     enqueued_ns: int = 0
     dispatched_ns: int = 0
     worker: "WorkerHandle | None" = None
