@@ -127,7 +127,7 @@ def zmq_patterns(workdir: str) -> dict[str, float]:
 
 
 def daemon_functions() -> dict[str, float]:
-    from openinfer.client.protocol import encode_infer_request, pack, unpack
+    from openinfer.wire.protocol import encode_infer_request, pack, unpack
     from openinfer.daemon.accounting import Accountant
     from openinfer.daemon.validation import check_envelope, check_infer, decode_header, request_id_of
 

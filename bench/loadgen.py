@@ -223,7 +223,7 @@ def _bare_call(address: str, x: np.ndarray) -> Call:
     import msgpack
     import zmq
 
-    from openinfer.client.errors import error_from_wire
+    from openinfer.wire.errors import error_from_wire
 
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -1,6 +1,6 @@
 """OpenInfer client library: `Client` (blocking) and `AsyncClient` (asyncio) over the wire protocol v1."""
 from .async_client import AsyncClient
-from .errors import (
+from openinfer.wire.errors import (
     DeadlineExceeded,
     ErrorCode,
     Internal,
@@ -14,7 +14,7 @@ from .errors import (
 )
 from .result import InferResult
 from .sync_client import Client
-from .tensors import BF16Array
+from openinfer.wire.tensors import BF16Array
 
 __all__ = [
     "AsyncClient",

@@ -11,10 +11,10 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from .errors import DeadlineExceeded, Unavailable, error_from_wire
-from .protocol import encode_infer_request, encode_op_request, resolve_address, retry_pause, unpack
+from openinfer.wire.errors import DeadlineExceeded, Unavailable, error_from_wire
+from openinfer.wire.protocol import encode_infer_request, encode_op_request, resolve_address, retry_pause, unpack
 from .result import InferResult, result_from_reply
-from .tensors import BF16Array
+from openinfer.wire.tensors import BF16Array
 from .socket_setup import configure_client_socket
 from .sync_client import DEFAULT_TIMEOUT_S
 

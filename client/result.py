@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import Internal, error_from_wire
-from .tensors import decode_array
+from openinfer.wire.errors import Internal, error_from_wire
+from openinfer.wire.tensors import decode_array
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class InferResult:
 
 
 def decode_reply_header(frames: list[Any]) -> dict[str, Any]:
-    from .protocol import unpack
+    from openinfer.wire.protocol import unpack
 
     header = unpack(frames[0])
     if not isinstance(header, dict):

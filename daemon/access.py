@@ -1,4 +1,5 @@
-"""Peer identity (libzmq ZAP) and the access policy (policies/access.toml) checked on every request."""
+"""Peer identity (from the kernel: SO_PEERCRED; or a CURVE key) and the access policy
+(policies/access.toml), checked when a peer connects and on every request."""
 from __future__ import annotations
 
 import fnmatch
@@ -8,8 +9,8 @@ import pwd
 from dataclasses import dataclass
 from typing import Any
 
-from openinfer.client.errors import PermissionDenied
-from openinfer.client.protocol import OPERATIONS
+from openinfer.wire.errors import PermissionDenied
+from openinfer.wire.protocol import OPERATIONS
 
 from .modelconfig import ConfigError
 from .policy_files import read_policy_toml
@@ -27,32 +28,6 @@ class Peer:
     @property
     def local(self) -> bool:
         return self.uid is not None
-
-    def user_id(self) -> str:
-        """What the ZAP reply sets as the connection's User-Id (read back on every message)."""
-        if self.uid is not None:
-            return f"uid={self.uid},gid={self.gid},pid={self.pid}"
-        return f"curve={self.curve_key}" if self.curve_key else ""
-
-
-def peer_from_zap(address: str, mechanism: str, credentials: list[bytes]) -> Peer:
-    """libzmq gives Unix-socket peers' credentials in the ZAP address as `host:uid:gid:pid`."""
-    key = None
-    if mechanism == "CURVE" and credentials:
-        from zmq.utils import z85
-
-        key = z85.encode(credentials[0]).decode()
-    parts = address.split(":")
-    if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
-        return Peer(uid=int(parts[1]), gid=int(parts[2]), pid=int(parts[3]), curve_key=key)
-    return Peer(curve_key=key)
-
-
-def peer_from_user_id(user_id: str) -> Peer:
-    fields = dict(item.split("=", 1) for item in user_id.split(",") if "=" in item)
-    if "uid" in fields:
-        return Peer(uid=int(fields["uid"]), gid=int(fields["gid"]), pid=int(fields["pid"]))
-    return Peer(curve_key=fields.get("curve"))
 
 
 @dataclass(frozen=True)
@@ -107,11 +82,15 @@ def _parse_grant(where: str, raw: Any) -> Grant:
     )
 
 
+_VERDICTS_KEPT = 10_000  # cached (peer, op, model) verdicts; then start over
+
+
 class AccessPolicy:
     def __init__(self, grants: tuple[Grant, ...], source: str) -> None:
         self.grants = grants
         self.source = source
         self._groups: dict[int, frozenset[str]] = {}
+        self._verdicts: dict[tuple[Any, ...], bool] = {}  # a request pays one dict lookup
 
     @classmethod
     def load(cls, name_or_path: str) -> "AccessPolicy":
@@ -146,6 +125,22 @@ class AccessPolicy:
     def may_connect(self, peer: Peer) -> bool:
         groups = self.groups_of(peer)
         return any(g.matches_peer(peer, groups) for g in self.grants)
+
+    def authorize(self, peer: Peer, op: str, model: str | None) -> None:
+        """`check`, with the verdict cached (a reload builds a new policy, so no stale verdict survives)."""
+        key = (peer.uid, peer.gid, peer.curve_key, op, model)
+        allowed = self._verdicts.get(key)
+        if allowed is None:
+            try:
+                self.check(peer, op, model)
+                allowed = True
+            except PermissionDenied:
+                allowed = False
+            if len(self._verdicts) > _VERDICTS_KEPT:
+                self._verdicts.clear()
+            self._verdicts[key] = allowed
+        if not allowed:
+            self.check(peer, op, model)  # raises with the reason (and logs it)
 
     def check(self, peer: Peer, op: str, model: str | None) -> None:
         groups = self.groups_of(peer)

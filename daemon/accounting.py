@@ -204,16 +204,25 @@ class Accountant:
     """Aggregates finished requests. One instance per supervisor; no global state.
 
     Client key (computed by the supervisor, accounted here as given): the peer's identity, i.e.
-    `uid=N` when the transport tells the peer's credentials (ipc://), `curve=<key>` for a CURVE client,
-    else the ZeroMQ routing id in hex; `"<name>@<that identity>"` when the request carries a client name
-    (`Client(client_name=...)`). At most MAX_CLIENTS distinct keys are kept (routing ids change with
-    every plain tcp:// connection); requests from later keys are accounted under OTHER_CLIENTS."""
+    `uid=N` over ipc:// (from the kernel), `curve=<key>` for a CURVE client, `tcp=<host:port>` for a
+    plain tcp:// connection (--insecure-tcp); `"<name>@<that identity>"` when the request carries a
+    client name (`Client(client_name=...)`). At most MAX_CLIENTS distinct keys are kept; requests from
+    later keys are accounted under OTHER_CLIENTS."""
 
     def __init__(self) -> None:
         self.by_model: dict[tuple[str, int], UsageStats] = {}
         self.by_client: dict[str, UsageStats] = {}
         self.rejected: dict[str, int] = {}  # requests refused before a model was known, by code
+        self.operations: dict[str, dict[str, int]] = {}  # every request by operation: {op: {"OK" or code: n}}
         self._pending_batches: list[tuple[Any, ...]] = []  # record_batch_later's, not yet added in
+
+    def count_operation(self, op: str, code: str | None, n: int = 1) -> None:
+        """Every request the daemon reads is counted here by operation and outcome (infer included)."""
+        by_code = self.operations.get(op)
+        if by_code is None:
+            by_code = self.operations[op] = {}
+        key = code or "OK"
+        by_code[key] = by_code.get(key, 0) + n
 
     def record_batch_later(
         self,
@@ -438,6 +447,7 @@ class Accountant:
             "models": models,
             "clients": {client: stats.snapshot() for client, stats in sorted(self.by_client.items())},
             "rejected": dict(self.rejected),
+            "operations": {op: dict(by_code) for op, by_code in sorted(self.operations.items())},
             "duration_buckets_us": list(DURATION_BUCKETS_US),
         }
 

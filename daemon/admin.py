@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from openinfer.client.errors import InvalidArgument
+from openinfer.wire.errors import InvalidArgument
 
 from .models import ModelState
 
@@ -92,7 +92,8 @@ def status_result(sup: "Supervisor") -> dict[str, Any]:
         )
     return {
         "pid": os.getpid(),
-        "address": sup.endpoint.address,
+        "address": sup.address,
+        "connections": sup.connections.describe(),
         "uptime_s": round((now - sup.started_ns) / 1e9, 3),
         "draining": sup.draining,
         "sandbox": sup.settings.sandbox.enabled,

@@ -8,7 +8,7 @@ from typing import Any, NoReturn
 
 import click
 
-from openinfer.client.protocol import ENV_SOCKET
+from openinfer.wire.protocol import ENV_SOCKET
 
 socket_option = click.option(
     "--socket", "socket_address", envvar=ENV_SOCKET, default=None, help=f"Daemon address (default: ${ENV_SOCKET}, else the daemon's default)."

@@ -1,10 +1,16 @@
-"""Per-client admission: concurrency and rate limits from a policy file (policies/clients.toml)."""
+"""Per-client admission: concurrency and rate limits from a policy file (policies/clients.toml).
+
+A client here is a kernel-proven identity — a local uid, or a CURVE public key over tcp:// — never the
+`client` name a request carries (a label anyone can change per request, so limits keyed on it could be
+escaped by rotating names). Every connection and process of one identity shares its budget.
+"""
 from __future__ import annotations
 
+import pwd
 from dataclasses import dataclass, fields
 from typing import Any
 
-from openinfer.client.errors import ResourceExhausted
+from openinfer.wire.errors import ResourceExhausted
 
 from .modelconfig import ConfigError
 from .policy_files import read_policy_toml
@@ -20,14 +26,13 @@ class ClientLimit:
 @dataclass(frozen=True)
 class ClientPolicy:
     default: ClientLimit = ClientLimit()
-    by_name: tuple[tuple[str, ClientLimit], ...] = ()
+    by_identity: tuple[tuple[str, ClientLimit], ...] = ()  # ("uid=N" / "curve=<key>", limit)
     source: str = "built-in"
 
-    def limit_for(self, name: str | None) -> ClientLimit:
-        if name:
-            for candidate, limit in self.by_name:
-                if candidate == name:
-                    return limit
+    def limit_for(self, identity: str) -> ClientLimit:
+        for candidate, limit in self.by_identity:
+            if candidate == identity:
+                return limit
         return self.default
 
 
@@ -46,19 +51,41 @@ def _parse_limit(where: str, raw: Any) -> ClientLimit:
 
 
 def load_client_policy(name_or_path: str) -> ClientPolicy:
-    """"" = built-in defaults; a bare name is a file in policies/; anything else is a path."""
+    """"" = built-in defaults; a bare name is a file in policies/; anything else is a path.
+
+    Sections: [default]; [uids."N"], [users."name"] (resolved to its uid when the file is read) and
+    [curve_keys."<Z85 public key>"] for one identity each."""
     if not name_or_path:
         return ClientPolicy()
     path, raw = read_policy_toml(name_or_path, "client")
-    unknown = set(raw) - {"default", "clients"}
+    if "clients" in raw:
+        raise ConfigError(f"{path}: [clients.\"<name>\"] is gone: limits key on who the kernel says a peer is, not on the name it sends; use [uids.\"N\"], [users.\"name\"] or [curve_keys.\"KEY\"]")
+    unknown = set(raw) - {"default", "uids", "users", "curve_keys"}
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)} (known: default, clients)")
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)} (known: default, uids, users, curve_keys)")
     default = _parse_limit(f"{path} [default]", raw.get("default", {}))
-    clients = raw.get("clients", {})
-    if not isinstance(clients, dict):
-        raise ConfigError(f"{path}: [clients] must be a table of tables")
-    by_name = tuple((name, _parse_limit(f'{path} [clients."{name}"]', table)) for name, table in clients.items())
-    return ClientPolicy(default, by_name, str(path))
+    by_identity: list[tuple[str, ClientLimit]] = []
+    for section in ("uids", "users", "curve_keys"):
+        tables = raw.get(section, {})
+        if not isinstance(tables, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table of tables")
+        for key, table in tables.items():
+            limit = _parse_limit(f'{path} [{section}."{key}"]', table)
+            by_identity.append((_identity(path, section, key), limit))
+    return ClientPolicy(default, tuple(by_identity), str(path))
+
+
+def _identity(path: object, section: str, key: str) -> str:
+    if section == "uids":
+        if not key.isdigit():
+            raise ConfigError(f'{path}: [uids."{key}"]: a uid is a number')
+        return f"uid={int(key)}"
+    if section == "users":
+        try:
+            return f"uid={pwd.getpwnam(key).pw_uid}"
+        except KeyError:
+            raise ConfigError(f'{path}: [users."{key}"]: no such user on this system') from None
+    return f"curve={key}"
 
 
 class ClientLimiter:
@@ -71,19 +98,20 @@ class ClientLimiter:
         self._buckets: dict[str, tuple[float, int]] = {}  # client -> (tokens, last refill ns)
         self.rejected: dict[str, int] = {}
 
-    def admit(self, client: str, name: str | None, now_ns: int) -> None:
-        limit = self.policy.limit_for(name)
+    def admit(self, client: str, now_ns: int) -> None:
+        """`client` is the identity ("uid=N", "curve=<key>"): see the module docstring."""
+        limit = self.policy.limit_for(client)
         current = self.in_flight.get(client, 0)
         if current >= limit.max_in_flight:
             self.count_rejection("max_in_flight")
-            raise ResourceExhausted(f"client {name or client} has {current} requests in flight: limit max_in_flight={limit.max_in_flight} ({self.policy.source})")
+            raise ResourceExhausted(f"{client} has {current} requests in flight: limit max_in_flight={limit.max_in_flight} ({self.policy.source})")
         if limit.rate_per_s > 0:
             tokens, last = self._buckets.get(client, (float(limit.burst), now_ns))
             tokens = min(float(limit.burst), tokens + (now_ns - last) / 1e9 * limit.rate_per_s)
             if tokens < 1.0:
                 self._buckets[client] = (tokens, now_ns)
                 self.count_rejection("rate_per_s")
-                raise ResourceExhausted(f"client {name or client} is over its rate limit: rate_per_s={limit.rate_per_s:g}, burst={limit.burst} ({self.policy.source})")
+                raise ResourceExhausted(f"{client} is over its rate limit: rate_per_s={limit.rate_per_s:g}, burst={limit.burst} ({self.policy.source})")
             self._buckets[client] = (tokens - 1.0, now_ns)
         self.in_flight[client] = current + 1
 

@@ -11,10 +11,9 @@ import time
 from functools import partial
 from typing import Any, Callable
 
-import zmq
-
-from openinfer.client.errors import DeadlineExceeded, OpenInferError, ResourceExhausted
-from openinfer.client.protocol import pack
+from openinfer.wire.errors import DeadlineExceeded, OpenInferError, ResourceExhausted
+from openinfer.wire.protocol import pack
+from openinfer.wire.zmtp import Buffer
 
 from .client_limits import ClientLimiter
 from .models import ServedModel
@@ -39,29 +38,29 @@ JOIN_MAX_BYTES = 256 * 1024
 # is never dispatched either way (_expired_out).
 UNTIMED_MAX = 64
 UNTIMED_MAX_AGE_NS = 1_000_000
-_SNDMORE = int(zmq.SNDMORE)
 
 FailTask = Callable[[Task, OpenInferError], None]
+SendToWorker = Callable[[WorkerHandle, list[Buffer]], bool]
 
 
 class Dispatcher:
     def __init__(
         self,
         settings: Settings,
-        backend: zmq.Socket,  # type: ignore[type-arg]
+        send: SendToWorker,
         timers: TimerHeap,
         limiter: ClientLimiter,
         fail_task: FailTask,
         retire_worker: Callable[[WorkerHandle], None],
     ) -> None:
         self.settings = settings
-        self.backend = backend
+        self.send = send  # False: the worker's channel is gone (it is exiting)
         self.timers = timers
         self.limiter = limiter
         self.fail_task = fail_task
         self.retire_worker = retire_worker  # an idle worker of a retiring model: quit it
         self.queued_bytes = 0
-        self.queued_by_request: dict[tuple[bytes, int], Task] = {}
+        self.queued_by_request: dict[tuple[int, int], Task] = {}  # (connection id, request id)
         self.wakeup_lateness_ns = 0  # how late batch timers run their callback, recently (EWMA)
         self._untimed: list[Task] = []  # queued since the last arm_deadlines, no deadline timer yet
 
@@ -84,7 +83,7 @@ class Dispatcher:
                         return
             self.enqueue(task)
         except OpenInferError:
-            self.limiter.release(task.client)
+            self.limiter.release(task.identity)
             raise
 
     def _admit_for_batching(self, task: Task, header: dict[str, Any]) -> None:
@@ -121,7 +120,7 @@ class Dispatcher:
 
     def _track(self, task: Task) -> None:
         self.queued_bytes += task.nbytes
-        self.queued_by_request[(task.route_id, task.request_id)] = task
+        self.queued_by_request[(task.route.conn.conn_id, task.request_id)] = task
         untimed = self._untimed
         untimed.append(task)
         if len(untimed) >= UNTIMED_MAX:
@@ -144,7 +143,7 @@ class Dispatcher:
         call_at = self.timers.call_at
         queued = self.queued_by_request
         for task in untimed:
-            if task.deadline_timer is None and queued.get((task.route_id, task.request_id)) is task:
+            if task.deadline_timer is None and queued.get((task.route.conn.conn_id, task.request_id)) is task:
                 task.deadline_timer = call_at(task.deadline_ns, partial(self.expire_queued, task))
 
     def dequeue(self, task: Task) -> None:
@@ -153,12 +152,12 @@ class Dispatcher:
         if task.deadline_timer is not None:  # else the timer would hold the task (and its tensors)
             self.timers.cancel(task.deadline_timer)
             task.deadline_timer = None
-        key = (task.route_id, task.request_id)
+        key = (task.route.conn.conn_id, task.request_id)
         if self.queued_by_request.get(key) is task:
             del self.queued_by_request[key]
 
-    def queued_for(self, route_id: bytes, request_id: int) -> Task | None:
-        return self.queued_by_request.get((route_id, request_id))
+    def queued_for(self, conn_id: int, request_id: int) -> Task | None:
+        return self.queued_by_request.get((conn_id, request_id))
 
     def remove_queued(self, task: Task) -> None:
         try:
@@ -176,17 +175,17 @@ class Dispatcher:
             worker.deadline_ns = min(task.deadline_ns, now + task.model.config.max_compute_ms * 1_000_000)
         worker.inflight.append(task)
         worker.state = WorkerState.BUSY  # hot path: READY->BUSY is the one transition not logged
-        send = self.backend.send
-        send(worker.identity, _SNDMORE)
-        send(messages.TASK + messages.pack_task_id(task.task_id), _SNDMORE)
-        data = task.data_frames
-        if data:
-            send(task.header_frame, _SNDMORE, copy=False)
-            last = len(data) - 1
-            for index, frame in enumerate(data):
-                send(frame, 0 if index == last else _SNDMORE, copy=False)
-        else:
-            send(task.header_frame, 0, copy=False)
+        if not self.send(worker, [messages.TASK + messages.pack_task_id(task.task_id), task.header_frame, *task.data_frames]):
+            self._unsent(worker, [task])
+
+    def _unsent(self, worker: WorkerHandle, tasks: list[Task]) -> None:
+        """The worker's channel closed under us (it is exiting; its exit is reaped soon): the tasks never
+        reached it and go back to the front of the queue; the worker gets nothing more."""
+        worker.retired = True
+        for task in tasks:
+            if task in worker.inflight:
+                worker.inflight.remove(task)
+            self.retry_alone(task)
 
     def next_for(self, worker: WorkerHandle) -> None:
         """The worker finished a task: give it the next queued one, or park it idle if it holds none."""
@@ -223,6 +222,8 @@ class Dispatcher:
 
     @staticmethod
     def _park(worker: WorkerHandle) -> None:
+        if worker.retired:
+            return  # exiting: never handed work again
         worker.state = WorkerState.READY
         worker.idle_since_ns = time.monotonic_ns()
         worker.model.idle.append(worker)
@@ -334,8 +335,7 @@ class Dispatcher:
         worker.inflight.extend(batch)
         worker.state = WorkerState.BUSY
         try:
-            self.backend.send(worker.identity, _SNDMORE)
-            self._send_batch(batch, [task.rows for task in batch])
+            sent = self.send(worker, self._batch_message(batch, [task.rows for task in batch]))
         finally:
             # The per-member bookkeeping after the send: the worker starts on the batch meanwhile (this
             # was ~15 us per batch of 16 on the path from the last arrival to the worker).
@@ -346,8 +346,10 @@ class Dispatcher:
                 task.batched = True
                 # Waiting for the batch = waiting while a worker was free to run the task.
                 task.batch_wait_ns = max(0, now - max(task.enqueued_ns, idle_since))
+        if not sent:
+            self._unsent(worker, batch)
 
-    def _send_batch(self, batch: list[Task], rows: list[int]) -> None:
+    def _batch_message(self, batch: list[Task], rows: list[int]) -> list[Buffer]:
         """[b"B", plan, data]: the members' shapes were checked on admission and share a batch key, so
         the plan carries one input spec list for the whole batch (no per-member header). Small batches
         go as one frame per input, the members' rows already concatenated (the worker's input is then a
@@ -364,19 +366,9 @@ class Dispatcher:
             "outputs": list(outputs),
             "joined": joined,
         }
-        send = self.backend.send  # not send_multipart: its flag enums cost microseconds per frame
-        send(messages.BATCH, _SNDMORE)
         if joined:
-            send(pack(plan), _SNDMORE)
-            last = len(specs) - 1
-            for index in range(len(specs)):
-                send(b"".join([task.data_frames[index] for task in batch]), 0 if index == last else _SNDMORE)
-            return
-        frames = [frame for task in batch for frame in task.data_frames]
-        send(pack(plan), _SNDMORE if frames else 0)
-        last = len(frames) - 1
-        for index, frame in enumerate(frames):
-            send(frame, 0 if index == last else _SNDMORE, copy=False)
+            return [messages.BATCH, pack(plan), *[b"".join([task.data_frames[index] for task in batch]) for index in range(len(specs))]]
+        return [messages.BATCH, pack(plan), *[frame for task in batch for frame in task.data_frames]]
 
     # -- losing workers and deadlines ----------------------------------------------------------------
     def retry_alone(self, task: Task) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 
 from openinfer.client import Client, InferResult
-from openinfer.client.tensors import DATATYPE_TO_NUMPY
+from openinfer.wire.tensors import DATATYPE_TO_NUMPY
 
 
 def generated_input(spec: dict[str, Any], fill: str, dynamic_dim: int, rng: np.random.Generator) -> np.ndarray:

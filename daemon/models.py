@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from openinfer.client.errors import InvalidArgument, NotFound, Unavailable
+from openinfer.wire.errors import InvalidArgument, NotFound, Unavailable
 
 from .modelconfig import ModelConfig
 from .taskqueue import TaskQueue
@@ -38,6 +38,7 @@ class ServedModel:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     input_by_name: dict[str, dict[str, Any]] = field(default_factory=dict)
     output_names: frozenset[str] = frozenset()
+    output_order: tuple[str, ...] = ()  # every output, in model order: what a request without `outputs` gets
     input_signatures: list["InputSignature"] = field(default_factory=list)  # newest first (check_infer)
     workers: list["WorkerHandle"] = field(default_factory=list)
     idle: list["WorkerHandle"] = field(default_factory=list)
@@ -68,6 +69,7 @@ class ServedModel:
         self.outputs = outputs
         self.input_by_name = {spec["name"]: spec for spec in inputs}
         self.output_names = frozenset(spec["name"] for spec in outputs)
+        self.output_order = tuple(spec["name"] for spec in outputs)
         self.input_signatures = []  # checked against the metadata they replace
         # Batching needs a batch dimension everywhere: rows of one request never mix with another's.
         self.batchable = self.config.batching is not None and all(

@@ -1,4 +1,8 @@
-"""Spawning, watching and replacing workers. The supervisor loop feeds it events; it never blocks."""
+"""Spawning, watching and replacing workers. The supervisor loop feeds it events; it never blocks.
+
+Each worker gets its channel at spawn (a socketpair: daemon/spawner.py), so the supervisor knows which
+process is on which channel and no other process can join it. What arrives on a channel goes to
+`on_message(worker, frames)`; a channel that breaks the framing or its limits retires the worker."""
 from __future__ import annotations
 
 import logging
@@ -10,15 +14,18 @@ import sysconfig
 import time
 from typing import TYPE_CHECKING, Callable
 
-import zmq
+from openinfer.wire.zmtp import Buffer, FrameStream, Limits, Oversized, PeerClosed, ProtocolError
 
 from .models import ModelState, ServedModel
+from .reactor import READABLE, WRITABLE, Reactor
 from .settings import Settings
 from .spawner import spawn_worker
 from .timers import TimerHeap
 from .worker import messages
 from .worker.bootconfig import WorkerBootConfig, WorkerSandboxConfig
 from .worker.boot import PREPARED_MISMATCH
+from .worker_inbound import Hello
+from .worker_output import StderrRelay
 from .workers import WorkerHandle, WorkerState
 
 if TYPE_CHECKING:
@@ -35,29 +42,35 @@ def worker_read_paths() -> tuple[str, ...]:
     return tuple(sorted(p for p in paths if os.path.exists(p)))
 
 
+def channel_limits(settings: Settings) -> Limits:
+    """What one message from a worker may carry: a meta frame and the outputs of at most one batch.
+    Over it, the worker is retired (no legitimate worker sends more)."""
+    return Limits(frames=1 << 16, first_frame=1 << 20, message_bytes=settings.server.max_worker_message_bytes)
+
+
 class WorkerPool:
     def __init__(
         self,
         settings: Settings,
-        backend: zmq.Socket,  # type: ignore[type-arg]
-        channel_address: str,
+        reactor: Reactor,
         timers: TimerHeap,
         on_worker_lost: Callable[[WorkerHandle, str], None],
-        poller: zmq.Poller,
         on_model_failed: Callable[[ServedModel], None],
+        on_message: Callable[[WorkerHandle, list[Buffer]], None],
+        reject_worker: Callable[[WorkerHandle, str], None],
     ) -> None:
         self.on_model_failed = on_model_failed
         self.settings = settings
-        self.backend = backend
-        self.channel_address = channel_address
+        self.reactor = reactor
         self.timers = timers
         self.on_worker_lost = on_worker_lost
-        self.poller = poller
-        self.by_identity: dict[bytes, WorkerHandle] = {}
+        self.on_message = on_message
+        self.reject_worker = reject_worker
+        self.workers: dict[int, WorkerHandle] = {}  # by worker id
         self.by_pidfd: dict[int, WorkerHandle] = {}
-        self.by_stderr: dict[int, WorkerHandle] = {}
         self.preparer: "WeightPreparer | None" = None  # set by the supervisor once the store exists
         self._next_id = 1
+        self.shutting_down = False
         self._uid_gid = self._resolve_worker_user()
         self._read_paths = worker_read_paths()
 
@@ -84,7 +97,6 @@ class WorkerPool:
             model=model.name,
             version=model.version,
             model_path=str(model.path),
-            channel=self.channel_address,
             intra_op_threads=model.intra_op_threads,
             supervisor_pid=os.getpid(),
             log_level=self.settings.log.level,
@@ -107,17 +119,66 @@ class WorkerPool:
         worker_id = self._next_id
         self._next_id += 1
         spawned = spawn_worker(self.boot_config(model, worker_id))
-        worker = WorkerHandle(worker_id=worker_id, identity=str(worker_id).encode(), model=model, spawned=spawned)
+        assert spawned.channel is not None
+        channel = FrameStream(spawned.channel, channel_limits(self.settings))
+        worker = WorkerHandle(worker_id=worker_id, model=model, spawned=spawned, channel=channel)
         model.workers.append(worker)
-        self.by_identity[worker.identity] = worker
+        self.workers[worker_id] = worker
         self.by_pidfd[spawned.pidfd] = worker
-        self.poller.register(spawned.pidfd, zmq.POLLIN)
-        self.by_stderr[spawned.stderr_fd] = worker
-        self.poller.register(spawned.stderr_fd, zmq.POLLIN)
+        self.reactor.add(spawned.pidfd, lambda mask: self.reap(spawned.pidfd, self.shutting_down))
+        relay = StderrRelay(spawned.stderr_fd, {"worker": worker_id, "pid": spawned.pid, "model": model.key})
+        worker.stderr = relay
+        self.reactor.add(spawned.stderr_fd, lambda mask: self._pump_stderr(relay))
+        self.reactor.add(channel.sock.fileno(), lambda mask: self._on_channel(worker, mask))
         deadline = time.monotonic_ns() + int(self.settings.pool.ready_timeout_s * 1e9)
         self.timers.call_at(deadline, lambda: self._check_ready(worker))
         log.info("worker spawned", extra={"worker": worker_id, "pid": worker.pid, "model": model.name, "version": model.version})
         return worker
+
+    def _pump_stderr(self, relay: StderrRelay) -> None:
+        if not relay.pump():
+            self.reactor.remove(relay.fd)  # the pipe is closed; the fd itself is closed at reap
+
+    # -- the channel -----------------------------------------------------------------------------------
+    def send(self, worker: WorkerHandle, frames: list[Buffer]) -> bool:
+        """Queue a message for a worker; False if its channel is gone (it is exiting: reap follows)."""
+        channel = worker.channel
+        if channel.closed:
+            return False
+        try:
+            channel.send(frames)
+        except PeerClosed:
+            self._close_channel(worker)
+            return False
+        if channel.out_bytes:
+            self.reactor.modify(channel.sock.fileno(), READABLE | WRITABLE)
+        return True
+
+    def _on_channel(self, worker: WorkerHandle, mask: int) -> None:
+        channel = worker.channel
+        if channel.closed:
+            return
+        try:
+            if mask & WRITABLE and channel.flush():
+                self.reactor.modify(channel.sock.fileno(), READABLE)
+            if mask & READABLE:
+                for frames in channel.read(max_bytes=8 * 1024 * 1024):
+                    if isinstance(frames, Oversized):
+                        raise ProtocolError(f"message over its limit: {frames.reason}")
+                    if worker.retired:
+                        continue  # being killed: what it says no longer counts
+                    self.on_message(worker, frames)
+                    if channel.closed:
+                        return
+        except PeerClosed:
+            self._close_channel(worker)  # it exited or closed its end: its pidfd reports the exit
+        except ProtocolError as exc:
+            self.reject_worker(worker, str(exc))
+
+    def _close_channel(self, worker: WorkerHandle) -> None:
+        if not worker.channel.closed:
+            self.reactor.remove(worker.channel.sock.fileno())
+            worker.channel.close()
 
     def _check_ready(self, worker: WorkerHandle) -> None:
         if worker.state in (WorkerState.SPAWNED, WorkerState.LOADED):
@@ -131,15 +192,18 @@ class WorkerPool:
         except ProcessLookupError:
             pass
 
-    def on_hello(self, worker: WorkerHandle, hello: dict) -> None:  # type: ignore[type-arg]
+    def on_hello(self, worker: WorkerHandle, hello: Hello) -> None:
         model = worker.model
         if model.state is not ModelState.READY or not model.inputs:
-            model.set_metadata(hello["inputs"], hello["outputs"])
-            model.load_ms = hello.get("load_ms")
-        if hello.get("warmup_error"):
-            log.warning("warm-up failed; first request pays the first-run cost", extra={"model": model.name, "reason": hello["warmup_error"]})
+            model.set_metadata(hello.inputs, hello.outputs)
+            model.load_ms = hello.load_ms
+        elif (hello.inputs, hello.outputs) != (model.inputs, model.outputs):
+            self.reject_worker(worker, "its model's inputs and outputs differ from the other workers' of the same model version")
+            return
+        if hello.warmup_error:
+            log.warning("warm-up failed; first request pays the first-run cost", extra={"model": model.name, "reason": hello.warmup_error})
         worker.transition(WorkerState.LOADED)
-        self.backend.send_multipart([worker.identity, messages.ACK])
+        self.send(worker, [messages.ACK])
 
     def on_ready(self, worker: WorkerHandle, sandbox: dict) -> None:  # type: ignore[type-arg]
         worker.sandbox = sandbox
@@ -154,16 +218,6 @@ class WorkerPool:
             extra={"worker": worker.worker_id, "pid": worker.pid, "model": model.name, "startup_ms": round((worker.ready_ns - worker.spawned_ns) / 1e6, 1), "sandbox": sandbox},
         )
 
-    def on_fd_ready(self, fd: int, shutting_down: bool) -> None:
-        """A worker's stderr has output, or its pidfd says it exited."""
-        worker = self.by_stderr.get(fd)
-        if worker is not None:
-            worker.spawned.relay_stderr()
-            return
-        if self.preparer is not None and self.preparer.on_fd_ready(fd):
-            return
-        self.reap(fd, shutting_down)
-
     def reap(self, pidfd: int, shutting_down: bool) -> WorkerHandle | None:
         """The pidfd became readable: collect the exit status, forget the worker, maybe respawn."""
         worker = self.by_pidfd.get(pidfd)
@@ -172,13 +226,15 @@ class WorkerPool:
         if worker is None or worker.spawned.process.poll() is None:
             return None
         del self.by_pidfd[pidfd]
-        self.poller.unregister(pidfd)
-        self.poller.unregister(worker.spawned.stderr_fd)
-        self.by_stderr.pop(worker.spawned.stderr_fd, None)
+        self.reactor.remove(pidfd)
+        self.reactor.remove(worker.spawned.stderr_fd)
+        if worker.stderr is not None:
+            worker.stderr.pump(final=True)
+        self._close_channel(worker)
         status = worker.spawned.process.returncode
         boot_error = worker.spawned.read_status()
         worker.spawned.close()
-        self.by_identity.pop(worker.identity, None)
+        self.workers.pop(worker.worker_id, None)
         model = worker.model
         if worker in model.workers:
             model.workers.remove(worker)
@@ -241,23 +297,19 @@ class WorkerPool:
         instead, so a long inference can never be mistaken for a hang (and a hang never hides behind one)."""
         now = time.monotonic_ns()
         grace_ns = int(self.settings.pool.ping_grace_s * 1e9)
-        for worker in list(self.by_identity.values()):
+        for worker in list(self.workers.values()):
             if worker.state is not WorkerState.READY:
                 continue
             if worker.ping_sent_ns and now - worker.ping_sent_ns > grace_ns:
                 log.error("worker unresponsive; killing it", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key})
                 worker.exit_reason = f"unresponsive: no PONG within {self.settings.pool.ping_grace_s:g} s"
                 self.kill(worker)
-            elif not worker.ping_sent_ns:
-                try:
-                    self.backend.send_multipart([worker.identity, messages.PING, b"p"], flags=zmq.NOBLOCK)
-                    worker.ping_sent_ns = now
-                except zmq.ZMQError:
-                    pass
+            elif not worker.ping_sent_ns and self.send(worker, [messages.PING, worker.ping_token]):
+                worker.ping_sent_ns = now
         self.start_liveness_checks()
 
     def all_workers(self) -> list[WorkerHandle]:
-        return list(self.by_identity.values())
+        return list(self.workers.values())
 
 
 def describe_exit(status: int) -> str:

@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import zmq
-
 from .models import ModelState, ServedModel
 from .prepared import PreparedStore
 from .spawner import SpawnedProcess, spawn_worker
+from .worker_output import StderrRelay
 
 if TYPE_CHECKING:
     from .pool import WorkerPool
@@ -34,7 +33,7 @@ class WeightPreparer:
         self.store = store
         self.on_done = on_done  # start the model's workers (with or without shared weights)
         self.jobs: dict[int, PrepareJob] = {}  # by pidfd
-        self.by_stderr: dict[int, PrepareJob] = {}
+        self.relays: dict[int, StderrRelay] = {}  # by pidfd
 
     def wanted(self, model: ServedModel) -> bool:
         settings = self.pool.settings.pool
@@ -56,29 +55,29 @@ class WeightPreparer:
         tmp = self.store.new_tmp_dir()
         config = self.pool.boot_config(model, 0)
         config = type(config)(**{**config.__dict__, "prepare_into": str(tmp), "cache_dir": str(self.store.base), "prepared_dir": None})
-        spawned = spawn_worker(config)
+        spawned = spawn_worker(config, with_channel=False)  # it reports through its status pipe only
         job = PrepareJob(model, spawned, tmp, time.monotonic_ns())
         self.jobs[spawned.pidfd] = job
-        self.by_stderr[spawned.stderr_fd] = job
-        self.pool.poller.register(spawned.pidfd, zmq.POLLIN)
-        self.pool.poller.register(spawned.stderr_fd, zmq.POLLIN)
+        relay = self.relays[spawned.pidfd] = StderrRelay(spawned.stderr_fd, {"helper": "prepare", "pid": spawned.pid, "model": model.key})
+        self.pool.reactor.add(spawned.pidfd, lambda mask: self.on_fd_ready(spawned.pidfd))
+        self.pool.reactor.add(spawned.stderr_fd, lambda mask: self._pump(relay))
         log.info("preparing shared weights", extra={"model": model.key, "pid": spawned.pid})
 
+    def _pump(self, relay: StderrRelay) -> None:
+        if not relay.pump():
+            self.pool.reactor.remove(relay.fd)
+
     def on_fd_ready(self, fd: int) -> bool:
-        """Handle the fd if it is one of ours; True when it was."""
-        job = self.by_stderr.get(fd)
-        if job is not None:
-            job.spawned.relay_stderr()
-            return True
+        """The helper's pidfd is readable: it exited. True when `fd` was one of ours."""
         job = self.jobs.get(fd)
         if job is None:
             return False
         if job.spawned.process.poll() is None:
             return True  # stale event for a reused fd number
         del self.jobs[fd]
-        del self.by_stderr[job.spawned.stderr_fd]
-        self.pool.poller.unregister(fd)
-        self.pool.poller.unregister(job.spawned.stderr_fd)
+        self.pool.reactor.remove(fd)
+        self.pool.reactor.remove(job.spawned.stderr_fd)
+        self.relays.pop(fd).pump(final=True)
         report = job.spawned.read_report() or {}
         job.spawned.close()
         model = job.model

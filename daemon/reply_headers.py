@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 
-from openinfer.client.protocol import PROTOCOL_VERSION
+from openinfer.wire.protocol import PROTOCOL_VERSION
 
 from .accounting import MEMBER_STAGES
 

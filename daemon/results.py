@@ -1,66 +1,76 @@
-"""What workers send back: one task's RESULT, or a whole batch's RESULTS. Turns the worker's timestamps
-into each reply's `timing`, keeps the worker busy (next task before the reply), and answers the client."""
+"""What workers send back: one task's RESULT, or a whole batch's RESULTS. Each message is checked first
+(worker_inbound.py: what the worker was given, sizes, types); a message that does not fit retires the
+worker. Then the worker's timestamps become each reply's `timing`, the worker gets its next task before
+the reply is written, and the client is answered."""
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-import zmq
-
-from openinfer.client.protocol import PROTOCOL_VERSION, pack, unpack
+from openinfer.wire.protocol import PROTOCOL_VERSION, pack
+from openinfer.wire.zmtp import Buffer
 
 from .dispatch import Dispatcher
 from .replies import ReplySender
 from .reply_headers import BatchReplyHeaders
 from .tasks import Task
-from .worker import messages
+from .worker_inbound import BadWorkerMessage, parse_batch, parse_result, task_id_of
 from .workers import WorkerHandle, WorkerState
 
 
 class WorkerResults:
-    def __init__(self, dispatcher: Dispatcher, replies: ReplySender) -> None:
+    def __init__(self, dispatcher: Dispatcher, replies: ReplySender, reject_worker: Callable[[WorkerHandle, str], None]) -> None:
         self.dispatcher = dispatcher
         self.replies = replies
+        self.reject_worker = reject_worker  # a worker that sent what it was not asked for: retire it
 
-    def on_result(self, worker: WorkerHandle, frames: list[zmq.Frame]) -> None:
+    def on_result(self, worker: WorkerHandle, frames: list[Buffer]) -> None:
+        inflight = worker.inflight
+        try:
+            if not inflight or inflight[0].batched:
+                raise BadWorkerMessage("RESULT while it holds no single task")
+            task = inflight[0]
+            if task_id_of(frames[0]) != task.task_id:
+                raise BadWorkerMessage("RESULT for a task it is not running")
+            result = parse_result(frames, task.dispatched_ns, task.wanted or task.model.output_order)
+        except BadWorkerMessage as exc:
+            self.reject_worker(worker, str(exc))
+            return
         now = time.monotonic_ns()
         worker.ping_sent_ns = 0  # any message proves the worker's loop is alive
-        inflight = worker.inflight
-        if not inflight or messages.unpack_task_id(frames[1].buffer[1:]) != inflight[0].task_id:
-            return  # the task was already answered (deadline); the worker is being replaced
-        task = inflight.popleft()
+        inflight.popleft()
         worker.tasks_served += 1
-        meta = unpack(frames[2].buffer)
         model = task.model
         task.done = True
+        timing_in = result.timing
         # A pipelined task waited in the worker until the previous one was sent: that wait is queueing.
         started_ns = task.dispatched_ns if task.dispatched_ns > worker.last_send_ns else worker.last_send_ns
-        worker.last_send_ns = meta["send_ns"]
+        worker.last_send_ns = timing_in.send_ns
         timing = {
             "decode_us": (task.decoded_ns - task.received_ns) / 1000,
             "queue_us": (started_ns - task.decoded_ns) / 1000,
-            "dispatch_us": (meta["recv_ns"] - started_ns) / 1000,
+            "dispatch_us": max(0.0, (timing_in.recv_ns - started_ns) / 1000),
         }
-        error = meta.get("error")
+        error = result.error
         if error is None:
-            compute_us = meta["compute_us"]
-            timing["prep_us"] = meta["prep_us"]
+            compute_us = timing_in.compute_us
+            timing["prep_us"] = timing_in.prep_us
             timing["compute_us"] = compute_us
-            timing["encode_us"] = meta["encode_us"]
+            timing["encode_us"] = timing_in.encode_us
             model.consecutive_crashes = 0
             ewma = model.compute_ewma_us
             model.compute_ewma_us = compute_us if ewma is None else 0.9 * ewma + 0.1 * compute_us
             model.nbytes_ewma = task.nbytes if ewma is None else 0.9 * model.nbytes_ewma + 0.1 * task.nbytes
-        timing["return_us"] = (now - meta["send_ns"]) / 1000
-        timing["cpu_us"] = meta["cpu_us"]
+        timing["return_us"] = (now - timing_in.send_ns) / 1000
+        timing["cpu_us"] = timing_in.cpu_us
         if inflight:  # the next pipelined task started when this result was sent
             worker.deadline_ns = min(min(t.deadline_ns for t in inflight), now + model.config.max_compute_ms * 1_000_000)
             if worker.state is WorkerState.BUSY:
                 self.dispatcher.next_for(worker)  # keep the pipeline full before spending time on the reply
-        outputs = frames[3:]
+        outputs = result.frames
         timing["total_us"] = (time.monotonic_ns() - task.received_ns) / 1000
         if error is None:
-            reply = {"v": PROTOCOL_VERSION, "id": task.request_id, "model": model.name, "version": model.version, "outputs": meta["outputs"], "timing": timing}
+            reply = {"v": PROTOCOL_VERSION, "id": task.request_id, "model": model.name, "version": model.version, "outputs": result.outputs, "timing": timing}
             if model.batchable:  # a batching model's task that ran alone
                 reply["batch_size"] = 1
                 timing["batch_wait_us"] = task.batch_wait_ns / 1000  # part of queue_us, not an extra stage
@@ -68,7 +78,7 @@ class WorkerResults:
             code = None
         else:
             self.replies.send(task.route, {"v": PROTOCOL_VERSION, "id": task.request_id, "error": error, "timing": timing})
-            code = error.get("code", "INTERNAL")
+            code = error["code"]
         bytes_out = 0
         for frame in outputs:
             bytes_out += len(frame)
@@ -76,49 +86,56 @@ class WorkerResults:
         if worker.state is WorkerState.BUSY and not worker.inflight:
             self.dispatcher.next_for(worker)
 
-    def on_batch(self, worker: WorkerHandle, frames: list[zmq.Frame]) -> None:
+    def on_batch(self, worker: WorkerHandle, frames: list[Buffer]) -> None:
         """One message answers a whole batch: per task, its own timing and output frames."""
+        inflight = worker.inflight
+        try:
+            if not inflight or not inflight[0].batched:
+                raise BadWorkerMessage("RESULTS while it holds no batch")
+            head = inflight[0]
+            batch = [t for t in inflight if t.batched and t.dispatched_ns == head.dispatched_ns]
+            wanted = head.batch_key[1] or head.model.output_order
+            result = parse_batch(frames, [t.task_id for t in batch], [t.rows for t in batch], wanted, head.dispatched_ns)
+        except BadWorkerMessage as exc:
+            self.reject_worker(worker, str(exc))
+            return
         now = time.monotonic_ns()
         worker.ping_sent_ns = 0
-        meta = unpack(frames[2].buffer)
-        task_ids: list[int] = meta["tasks"]
-        inflight = worker.inflight
-        if len(inflight) < len(task_ids) or inflight[0].task_id != task_ids[0]:
-            return  # already answered (deadline); the worker is being replaced
-        batch = [inflight.popleft() for _ in task_ids]
+        for _ in batch:
+            inflight.popleft()
         worker.tasks_served += len(batch)
-        model = batch[0].model
+        model = head.model
         if inflight:  # a pipelined batch started when this one was sent
             worker.deadline_ns = min(min(t.deadline_ns for t in inflight), now + model.config.max_compute_ms * 1_000_000)
         # A pipelined batch waited in the worker until the previous one was sent: that wait is queueing.
-        dispatched_ns = batch[0].dispatched_ns
+        dispatched_ns = head.dispatched_ns
         started_ns = dispatched_ns if dispatched_ns > worker.last_send_ns else worker.last_send_ns
-        worker.last_send_ns = meta["send_ns"]
-        error = meta.get("error")
-        if error is not None:
+        timing_in = result.timing
+        worker.last_send_ns = timing_in.send_ns
+        if result.failed:
             for task in batch:  # one member's input may have failed the whole batch: each runs alone
                 self.dispatcher.retry_alone(task)
             self.dispatcher.next_for(worker)
             return
         model.consecutive_crashes = 0
         ewma = model.batch_compute_ewma_us
-        model.batch_compute_ewma_us = meta["compute_us"] if ewma is None else 0.9 * ewma + 0.1 * meta["compute_us"]
+        model.batch_compute_ewma_us = timing_in.compute_us if ewma is None else 0.9 * ewma + 0.1 * timing_in.compute_us
         self.dispatcher.next_for(worker)  # the worker is free: the next batch leaves before the replies
         shared = {
-            "dispatch_us": (meta["recv_ns"] - started_ns) / 1000,
-            "prep_us": meta["prep_us"],
-            "compute_us": meta["compute_us"],
-            "return_us": (now - meta["send_ns"]) / 1000,
-            "encode_us": meta["encode_us"],
-            "cpu_us": meta["cpu_us"],
+            "dispatch_us": max(0.0, (timing_in.recv_ns - started_ns) / 1000),
+            "prep_us": timing_in.prep_us,
+            "compute_us": timing_in.compute_us,
+            "return_us": (now - timing_in.send_ns) / 1000,
+            "encode_us": timing_in.encode_us,
+            "cpu_us": timing_in.cpu_us,
         }
-        rows_layout = meta.get("layout") == "rows"
+        rows_layout = result.rows_layout
         if rows_layout:  # fixed-size outputs: headers from prepared pieces (reply_headers.py)
-            headers = BatchReplyHeaders(model.name, model.version, len(batch), meta["outputs"], shared)
-            members: Iterator[Any] = _rows_outputs(meta["outputs"], frames[3:], batch)
+            headers = BatchReplyHeaders(model.name, model.version, len(batch), result.outputs, shared)
+            members: Iterator[Any] = _rows_outputs(result.outputs, result.frames, batch)
         else:
             header = {"v": PROTOCOL_VERSION, "id": 0, "model": model.name, "version": model.version, "outputs": None, "timing": None, "batch_size": len(batch)}
-            members = _member_outputs(meta["outputs"], frames[3:])
+            members = _member_outputs(result.outputs, result.frames)
         own_timings: list[tuple[float, float, float, float]] = []
         bytes_out: list[int] = []
         send_packed = self.replies.send_packed
@@ -140,7 +157,7 @@ class WorkerResults:
                 header["id"], header["outputs"] = task.request_id, specs
                 header["timing"] = {"decode_us": own[0], "queue_us": own[1], **shared, "batch_wait_us": own[2], "total_us": own[3]}
                 packed = pack(header)
-            send_packed(task.route, packed, outputs, task.request_id)
+            send_packed(task.route, packed, outputs)
             own_timings.append(own)
             size = 0
             for frame in outputs:
@@ -149,11 +166,10 @@ class WorkerResults:
         self.replies.finish_batch(batch, shared, own_timings, bytes_out)
 
 
-def _rows_outputs(specs: list[dict[str, Any]], frames: list[zmq.Frame], batch: list[Task]) -> Iterator[list[Any]]:
+def _rows_outputs(specs: list[dict[str, Any]], frames: list[Buffer], batch: list[Task]) -> Iterator[list[Any]]:
     """Layout "rows" (worker/serve.py: _split_outputs): one frame per output for the whole batch, each
-    member's rows cut out by byte offset (views: pyzmq copies small ones on send, sends large ones
-    without copying)."""
-    views = [frame.buffer for frame in frames]
+    member's rows cut out by byte offset (views: sendmsg writes them without a copy)."""
+    views = [memoryview(frame) for frame in frames]
     total = specs[0]["shape"][0] if specs else 0
     row_bytes = [len(view) // total if total else 0 for view in views]
     start = 0
@@ -163,7 +179,7 @@ def _rows_outputs(specs: list[dict[str, Any]], frames: list[zmq.Frame], batch: l
         start += rows
 
 
-def _member_outputs(per_member: list[list[dict[str, Any]]], frames: list[zmq.Frame]) -> Iterator[tuple[list[dict[str, Any]], list[Any]]]:
+def _member_outputs(per_member: list[list[dict[str, Any]]], frames: list[Buffer]) -> Iterator[tuple[list[dict[str, Any]], list[Any]]]:
     """Layout "members": per member its output specs and frames."""
     offset = 0
     for specs in per_member:

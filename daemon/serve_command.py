@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .endpoint import EndpointBusy
+from .frontdoor.listener import EndpointBusy
 from .jsonlog import configure_logging
 from .modelconfig import ConfigError
 from .settings import load_settings

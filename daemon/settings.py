@@ -26,7 +26,7 @@ class ServerSettings:
     socket: str = _opt("", "Address to serve on: ipc://PATH or tcp://HOST:PORT. Empty = $XDG_RUNTIME_DIR/openinfer/openinfer.sock, else /run/openinfer/openinfer.sock.")
     socket_mode: int = _opt(0o660, "Permission bits of the ipc:// socket file (owner + client group).")
     socket_group: str = _opt("", "Group given to the ipc:// socket file (clients in it may connect). Empty = unchanged.")
-    max_request_bytes: int = _opt(64 * 1024 * 1024, "Largest request accepted (sum of all frames); one frame over it drops the connection.")
+    max_request_bytes: int = _opt(64 * 1024 * 1024, "Largest request accepted: the sum of its tensor frames (the header, at most 64 KiB, is not counted). A larger one is answered RESOURCE_EXHAUSTED and its bytes are skipped, not stored.")
     max_queued_bytes: int = _opt(1024 * 1024 * 1024, "Bytes of request data held in queues across all models before RESOURCE_EXHAUSTED.")
     drain_grace_s: float = _opt(30.0, "On SIGTERM: seconds to finish queued and running tasks before stopping hard.")
     runtime_dir: str = _opt("", "Private directory for the worker channel and prepared weights. Empty = beside the socket, else a temp dir.")
@@ -34,7 +34,12 @@ class ServerSettings:
     access_policy: str = _opt("access", "Who may call which operations on which models: a policy name in policies/ or a path. Empty = every local peer may do everything.")
     client_policy: str = _opt("clients", "Per-client limits: a policy name in policies/ or a path (see policies/clients.toml). Empty = built-in defaults.")
     peer_strike_limit: int = _opt(16, "A connection that sends this many requests no conforming client sends (undecodable header, over a size limit) is dropped. 0 = never.")
-    max_supervisor_rss_mb: int = _opt(0, "Above this resident memory the supervisor drops connections that have nothing in flight and completed no message in the last second (e.g. a peer streaming a never-finished multipart message). 0 = max_queued_bytes + 4 x max_request_bytes + 256 MiB.")
+    max_connections: int = _opt(512, "Client connections held at once; more wait in the kernel's listen backlog until one closes. Keep it well below the process's open-file limit.")
+    max_connections_per_identity: int = _opt(64, "Client connections one identity (a uid, a CURVE key) may hold at once; a connection over it is closed at once.")
+    max_reply_backlog_bytes: int = _opt(64 * 1024 * 1024, "While more reply bytes than this wait for a connection to read them, its requests are not read (a slow reader slows only itself).")
+    max_connection_buffers_bytes: int = _opt(0, "Bytes held for all client connections together (unfinished requests in, unread replies out); over it, the connections holding the most are cut, idle or not. 0 = half the supervisor's memory limit.")
+    max_worker_message_bytes: int = _opt(1024 * 1024 * 1024, "Largest message a worker may send the supervisor (one batch's outputs); a worker that sends more is retired.")
+    max_supervisor_rss_mb: int = _opt(0, "Above this resident memory the supervisor cuts the client connections holding the most buffered bytes, idle or not. 0 = max_queued_bytes + 4 x max_request_bytes + 256 MiB.")
     starvation_ms: int = _opt(1000, "A queued request waiting longer than this is served before higher priorities (aging).")
     curve_secret_key_file: str = _opt("", "tcp:// with CURVE: file holding the server's Z85 secret key (40 characters; `openinfer keygen`). Public key: the same path + .pub")
     insecure_tcp: bool = _opt(False, "Allow tcp:// without CURVE. Logged loudly; never on a shared network.")
@@ -134,7 +139,7 @@ def _coerce(where: str, kind: type, value: Any) -> Any:
     raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
 
 
-_POSITIVE = {"pool.workers", "pool.intra_op_threads", "sandbox.max_open_files", "server.max_request_bytes"}
+_POSITIVE = {"pool.workers", "pool.intra_op_threads", "sandbox.max_open_files", "server.max_request_bytes", "server.max_connections", "server.max_connections_per_identity", "server.max_reply_backlog_bytes", "server.max_worker_message_bytes"}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 

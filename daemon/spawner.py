@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -25,39 +26,31 @@ WORKER_ENV_BASE: dict[str, str] = {
 }
 
 
+# The descriptors a worker finds at fixed numbers (the spawner puts them there; nothing else is open).
+STATUS_FD = 3  # write end of the boot status pipe: one JSON line if boot fails (or the helper's report)
+CHANNEL_FD = 4  # the worker's end of its socketpair with the supervisor: no one else can connect to it
+
+
 @dataclass
 class SpawnedProcess:
     process: subprocess.Popen[bytes]
-    pidfd: int  # readable when the process exits: the supervisor's poller watches it
+    pidfd: int  # readable when the process exits: the supervisor's loop watches it
     status_fd: int  # read end of the boot status pipe
-    stderr_fd: int  # read end of the worker's stderr: the supervisor relays its JSON lines to its own stderr
+    stderr_fd: int  # read end of the worker's stderr: relayed as data tagged with the worker
+    channel: socket.socket | None = None  # the supervisor's end of the worker's socketpair
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     def close(self) -> None:
-        self.relay_stderr()
         for fd in (self.pidfd, self.status_fd, self.stderr_fd):
             try:
                 os.close(fd)
             except OSError:
                 pass
-
-    def relay_stderr(self) -> None:
-        """Copy what the worker logged to our stderr. A pipe, not an inherited file, because the worker's
-        RLIMIT_FSIZE would turn every log write into EFBIG if stderr were a regular file."""
-        while True:
-            try:
-                chunk = os.read(self.stderr_fd, 65536)
-            except (BlockingIOError, OSError):
-                return
-            if not chunk:
-                return
-            try:
-                os.write(2, chunk)
-            except OSError:
-                return
+        if self.channel is not None:
+            self.channel.close()
 
     def read_report(self) -> dict[str, Any] | None:
         """The one JSON line the process wrote to its status pipe before exiting, if any."""
@@ -79,35 +72,55 @@ class SpawnedProcess:
         return None if report is None or "error" not in report else str(report["error"])
 
 
-def spawn_worker(config: WorkerBootConfig) -> SpawnedProcess:
+def spawn_worker(config: WorkerBootConfig, *, with_channel: bool = True) -> SpawnedProcess:
+    """Start a worker (or the prepare helper, without a channel) with only the descriptors it needs.
+
+    stderr is a pipe, not an inherited file: the worker's RLIMIT_FSIZE would turn every log write into
+    EFBIG on a regular file, and the supervisor logs what arrives as data tagged with the worker."""
     status_read, status_write = os.pipe()
     os.set_blocking(status_read, False)
+    child_fds = [status_write]
+    ours: socket.socket | None = None
+    theirs: socket.socket | None = None
+    if with_channel:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setblocking(False)
+        child_fds.append(theirs.fileno())
     try:
-        # The worker expects the status pipe as fd 3: dup it there in the child via pass_fds + a shim.
         process = subprocess.Popen(
-            [sys.executable, "-I", "-B", "-c", _SHIM, str(status_write), config.to_json()],
+            [sys.executable, "-I", "-B", "-c", _SHIM, ",".join(map(str, child_fds)), config.to_json()],
             env=dict(WORKER_ENV_BASE, OMP_NUM_THREADS=str(config.intra_op_threads)),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,  # relayed line by line to the supervisor's stderr (journald)
+            stderr=subprocess.PIPE,
             close_fds=True,
-            pass_fds=(status_write,),
+            pass_fds=tuple(child_fds),
             cwd="/",
         )
+    except BaseException:
+        if ours is not None:
+            ours.close()
+        os.close(status_read)
+        raise
     finally:
         os.close(status_write)
+        if theirs is not None:
+            theirs.close()
     assert process.stderr is not None
     stderr_fd = os.dup(process.stderr.fileno())
     process.stderr.close()
     os.set_blocking(stderr_fd, False)
-    return SpawnedProcess(process=process, pidfd=os.pidfd_open(process.pid), status_fd=status_read, stderr_fd=stderr_fd)
+    return SpawnedProcess(process=process, pidfd=os.pidfd_open(process.pid), status_fd=status_read, stderr_fd=stderr_fd, channel=ours)
 
 
-# Moves the status pipe to fd 3 and hands over to the boot sequence; runs before anything else imports.
+# Puts the inherited descriptors at 3, 4, ... (STATUS_FD, CHANNEL_FD) and hands over to the boot
+# sequence; runs before anything else imports.
 _SHIM = (
-    "import os,sys\n"
-    "fd=int(sys.argv[1])\n"
-    "if fd!=3:\n os.dup2(fd,3,inheritable=False); os.close(fd)\n"
+    "import os,sys,fcntl\n"
+    "fds=[int(f) for f in sys.argv[1].split(',')]\n"
+    "high=[fcntl.fcntl(f,fcntl.F_DUPFD_CLOEXEC,16) for f in fds]\n"
+    "for i,f in enumerate(high): os.dup2(f,3+i,inheritable=False)\n"
+    "for f in set(fds+high)-set(range(3,3+len(fds))): os.close(f)\n"
     "from openinfer.daemon.worker.boot import main\n"
     "sys.exit(main([sys.argv[0], sys.argv[2]]))\n"
 )

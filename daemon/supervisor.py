@@ -1,19 +1,19 @@
-"""The supervisor: one poller loop that owns the public socket, the worker channel, the queues and the
-accounting. It never imports onnxruntime and never runs a task itself."""
+"""The supervisor: one event loop that owns the front door, the worker channels, the queues and the
+accounting. It never imports onnxruntime and never runs a task itself.
+
+Trust flows one way: what reaches this process from a client (frontdoor/), a worker (worker_inbound.py),
+the prepare helper (preparation.py) or the repository is checked where it arrives."""
 from __future__ import annotations
 
 import gc
 import logging
-import os
 import shutil
 import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-import zmq
-
-from openinfer.client.errors import (
+from openinfer.wire.errors import (
     DeadlineExceeded,
     InvalidArgument,
     Internal,
@@ -21,40 +21,39 @@ from openinfer.client.errors import (
     Unavailable,
     WorkerCrashed,
 )
-from openinfer.client.protocol import MAX_HEADER_BYTES, PROTOCOL_VERSION, resolve_address, unpack
+from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSION, resolve_address
+from openinfer.wire.zmtp import Buffer, Event, Oversized
 
 from . import admin
 from .access import AccessPolicy
 from .accounting import Accountant
-from .endpoint import BoundEndpoint, bind_public
 from .client_limits import ClientLimiter, load_client_policy
 from .dispatch import Dispatcher
-from .modelconfig import ConfigError
+from .frontdoor.bind import bind_public
+from .frontdoor.connections import Connection, ConnectionTable, Route
 from .metrics import MetricsExporter
+from .modelconfig import ConfigError
 from .models import ModelRegistry, ModelState, ServedModel
 from .pool import WorkerPool
 from .preparation import WeightPreparer
-from .peer_guard import PeerGuard
-from .peers import PeerDirectory
 from .prepared import PreparedStore
+from .reactor import Reactor
 from .reload import RepositorySync
 from .replies import ReplySender
 from .results import WorkerResults
 from .runtime_dir import base_runtime_dir, create_instance_dir
-from .settings import Settings
 from .sdnotify import SystemdNotifier
+from .settings import Settings
 from .signals import SignalInbox
 from .tasks import Task
 from .timers import MonotonicTimerFd, TimerHeap
 from .validation import OverLimit, check_envelope, check_infer, decode_header, request_id_of
 from .worker import messages
+from .worker_inbound import BadWorkerMessage, parse_hello, parse_ready
 from .workers import WorkerHandle, WorkerState
 
 log = logging.getLogger("openinfer.supervisor")
 
-_BATCH = 64  # messages taken from one socket before looking at the others
-# pyzmq flag enums cost microseconds per call on this path; plain ints do not.
-_NOBLOCK = int(zmq.NOBLOCK)
 _GC_THRESHOLDS = (20_000, 20, 100)
 _HOUSEKEEPING_NS = 5_000_000  # how often running tasks' deadlines are checked
 
@@ -72,11 +71,10 @@ class Supervisor:
         self._systemd_ready = False  # READY=1 sent for the current start or reload
         self._systemd_summary: tuple[Any, ...] = ()
         self.started_ns = time.monotonic_ns()
-        self.context = zmq.Context(io_threads=1)
         self.registry = ModelRegistry()
         self.accountant = Accountant()
+        self.reactor = Reactor()
         self.timers = TimerHeap(MonotonicTimerFd())
-        self.poller = zmq.Poller()
         self.draining = False
         self.finished = False
         self._drain_deadline_ns: int | None = None
@@ -84,66 +82,32 @@ class Supervisor:
         self._next_housekeeping_ns = 0
         self.limiter = ClientLimiter(load_client_policy(settings.server.client_policy))
         self.access = AccessPolicy.load(settings.server.access_policy)
-        self.peers = PeerDirectory(self.access)
-        # ZAP: libzmq asks this socket about every new connection; Unix-socket peers come with uid/gid/pid.
-        self.zap = self.context.socket(zmq.REP)
-        self.zap.setsockopt(zmq.LINGER, 0)
-        self.zap.bind("inproc://zeromq.zap.01")
-        self.frontend = self._make_frontend()
-        self.endpoint: BoundEndpoint = bind_public(
-            self.frontend,
-            resolve_address(settings.server.socket),
-            mode=settings.server.socket_mode,
-            group=settings.server.socket_group,
-            insecure_tcp=settings.server.insecure_tcp,
-            curve_secret_key_file=settings.server.curve_secret_key_file,
-        )
-        self.guard = PeerGuard(self.frontend, settings, self.timers)
-        self.backend = self.context.socket(zmq.ROUTER)
-        self.backend.setsockopt(zmq.LINGER, 0)
-        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.pool = WorkerPool(settings, self.backend, "", self.timers, self._on_worker_lost, self.poller, self._on_model_failed)
-        self.sync = RepositorySync(settings, self.registry, self.pool, self._quit)
-        self.replies = ReplySender(settings, self.frontend, self.accountant, self.limiter)
-        self.dispatcher = Dispatcher(settings, self.backend, self.timers, self.limiter, self.replies.fail, self._retire_worker)
-        self.results = WorkerResults(self.dispatcher, self.replies)
+        self.pool = WorkerPool(settings, self.reactor, self.timers, self._on_worker_lost, self._on_model_failed, self._on_worker_message, self._reject_worker)
         self.runtime_dir = create_instance_dir(base_runtime_dir(settings.server.runtime_dir), self.pool.worker_gid)
-        channel = self.runtime_dir / "workers.sock"
-        self.backend.bind(f"ipc://{channel}")
-        if self.pool.worker_gid is not None:
-            os.chown(channel, -1, self.pool.worker_gid)
-            os.chmod(channel, 0o660)
-        self.pool.channel_address = f"ipc://{channel}"
+        self.listener = bind_public(settings, resolve_address(settings.server.socket))
+        self.connections = ConnectionTable(settings, self.reactor, self.timers, self.listener, self.access, self._on_client_event, self._on_connection_closed)
+        self.sync = RepositorySync(settings, self.registry, self.pool, self._quit)
+        self.replies = ReplySender(settings, self.connections, self.accountant, self.limiter)
+        self.dispatcher = Dispatcher(settings, self.pool.send, self.timers, self.limiter, self.replies.fail, self._retire_worker)
+        self.results = WorkerResults(self.dispatcher, self.replies, self._reject_worker)
         store = PreparedStore(Path(settings.server.cache_dir) if settings.server.cache_dir else self.runtime_dir / "prepared", self.pool.worker_uid)
         self.pool.preparer = WeightPreparer(self.pool, store, self.sync.start_workers)
         self.signals = SignalInbox()
-        self.poller.register(self.frontend, zmq.POLLIN)
-        self.poller.register(self.backend, zmq.POLLIN)
-        self.poller.register(self.signals.fd, zmq.POLLIN)
-        self.poller.register(self.zap, zmq.POLLIN)
-        self.poller.register(self.guard.monitor, zmq.POLLIN)
+        self.reactor.add(self.signals.fd, lambda mask: self._on_signals(self.signals.drain()))
         assert self.timers.wakeup is not None
-        self.timer_fd = self.timers.wakeup.fd
-        self.poller.register(self.timer_fd, zmq.POLLIN)
+        self.reactor.add(self.timers.wakeup.fd, lambda mask: self.timers.on_wakeup())  # due timers run after the pass
         self.exporter = MetricsExporter(settings.metrics)
 
-    def _make_frontend(self) -> zmq.Socket:  # type: ignore[type-arg]
-        sock = self.context.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable replies raise instead of vanishing
-        # One frame over this drops the peer (libzmq); the multipart total is checked per request.
-        sock.setsockopt(zmq.MAXMSGSIZE, self.settings.server.max_request_bytes + MAX_HEADER_BYTES)
-        sock.setsockopt(zmq.RCVHWM, 1000)
-        sock.setsockopt(zmq.SNDHWM, 1000)
-        sock.setsockopt(zmq.ZAP_DOMAIN, b"openinfer")
-        return sock
+    @property
+    def address(self) -> str:
+        return self.listener.address
 
     # -- model loading ----------------------------------------------------------------------------
     def load_repository(self) -> None:
         self.sync.sync()
         self.pool.start_liveness_checks()
         self._tell_systemd()
-        log.info("serving", extra={"address": self.endpoint.address, "models": sorted(self.registry.by_name), "failed": sorted(self.registry.failed)})
+        log.info("serving", extra={"address": self.address, "models": sorted(self.registry.by_name), "failed": sorted(self.registry.failed)})
 
     def reload(self) -> dict[str, Any]:
         """SIGHUP / `reload`: re-read the config file (a bad one keeps the old settings), then the repository."""
@@ -168,14 +132,14 @@ class Supervisor:
             if fixed:
                 log.warning("reload: these settings need a restart to take effect", extra={"keys": fixed})
                 result["needs_restart"] = [k if k == "metrics" else f"server.{k}" for k in fixed]
-            self.settings = self.pool.settings = self.sync.settings = self.dispatcher.settings = self.replies.settings = self.guard.settings = new
+            self.settings = self.pool.settings = self.sync.settings = self.dispatcher.settings = self.replies.settings = new
+            self.connections.reconfigure(new, self.access)
         result.update(self.sync.sync())
         return result
 
     # -- main loop --------------------------------------------------------------------------------
     def run(self) -> int:
-        poll = self.poller.poll
-        frontend, backend, signal_fd = self.frontend, self.backend, self.signals.fd
+        reactor = self.reactor
         watchdog = self.notifier.watchdog if self.notifier.watchdog_interval_ns else None
         idle_ms = min(1000, (self.notifier.watchdog_interval_ns or 4_000_000_000) // 4_000_000)
         # Every request allocates dicts and frames that die young; with the default gen0 threshold (700)
@@ -189,15 +153,12 @@ class Supervisor:
             busy = self._any_busy()
             # Look before sleeping: while work keeps arriving the timerfd need not be set at all (setting it
             # costs ~18 us in this VM); due timers run between messages and after each pass.
-            events = poll(0)
+            events = reactor.poll(0)
             if not events:  # idle: the bookkeeping deferred from the busy path, then sleep
                 self.dispatcher.arm_deadlines()  # before timeout_ms below reads the timers
                 self.accountant.flush()
-                events = poll(self.timers.timeout_ms(5 if busy else idle_ms))
-            try:
-                self._handle(events, frontend, backend, signal_fd)
-            except Exception:  # a bug in one handler must not take the daemon (and every client) down
-                log.exception("internal error in the supervisor loop; continuing")
+                events = reactor.poll(self.timers.timeout_ms(5 if busy else idle_ms) / 1000)
+            self._dispatch(events)
             now = time.monotonic_ns()
             self.dispatcher.arm_overdue_deadlines(now)
             self.timers.run_due()
@@ -208,30 +169,20 @@ class Supervisor:
                     log.exception("metrics snapshot failed; continuing")
             if busy:
                 self._expire_running()
-            self.guard.check_memory(time.monotonic_ns(), self._busy_routes)
+            self.connections.housekeeping(now)
             if self.sync.retiring:
                 self.sync.progress()
             if self.draining:
                 self._progress_drain()
         return 0
 
-    def _handle(self, events: list[tuple[Any, int]], frontend: Any, backend: Any, signal_fd: int) -> None:
-        for item, _ in events:
-            if item is backend:
-                self._drain_backend()
-            elif item is frontend:
-                self._drain_frontend()
-            elif item == signal_fd:
-                self._on_signals(self.signals.drain())
-            elif item == self.timer_fd:
-                self.timers.on_wakeup()  # the due timers run right after this pass
-            elif item is self.zap:
-                self.peers.answer_zap(self.zap)
-            elif item is self.guard.monitor:
-                self.guard.on_monitor()
-            else:
-                self.pool.on_fd_ready(item, shutting_down=self.draining)
-                self._tell_systemd()
+    def _dispatch(self, events: list[tuple[int, int]]) -> None:
+        handlers = self.reactor
+        for event in events:
+            try:
+                handlers.dispatch([event])
+            except Exception:  # a bug in one handler must not take the daemon (and every client) down
+                log.exception("internal error in the supervisor loop; continuing")
 
     def _publish_metrics(self) -> None:
         """At most once a second, from the loop: the exporter's threads only ever read this snapshot."""
@@ -239,87 +190,87 @@ class Supervisor:
         depths = {(m.name, m.version): len(m.queue) for m in self.sync.all_models()}
         self.exporter.publish(admin.stats_result(self), workers, depths)
 
-    def _busy_routes(self) -> list[bytes]:
-        """Routing ids with a request queued or running (only asked when memory runs over its limit)."""
-        routes = [route_id for route_id, _ in self.dispatcher.queued_by_request]
-        for worker in self.pool.by_identity.values():
-            routes.extend(task.route_id for task in worker.inflight)
-        return routes
-
     def _any_busy(self) -> bool:
-        for worker in self.pool.by_identity.values():
+        for worker in self.pool.workers.values():
             if worker.inflight:
                 return True
         return False
 
-    def _drain(self, sock: zmq.Socket, handle: Callable[[list[zmq.Frame]], None]) -> None:  # type: ignore[type-arg]
-        """Take up to _BATCH whole messages, until zmq.Again. (Not ZMQ_EVENTS first: pyzmq turns its value
-        into an IntFlag, which costs more than the exception; profiled at ~7 % of the loop at c=16.)
-        Due timers run between messages: a batch's delay must not wait for a burst to be read."""
-        recv = sock.recv
-        run_due = self.timers.run_due
-        for _ in range(_BATCH):
-            run_due()
-            try:
-                frame = recv(_NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            frames = [frame]
-            while frame.more:  # the rest of a multipart message is already here
-                frame = recv(0, copy=False)
-                frames.append(frame)
-            handle(frames)
-
-    def _drain_frontend(self) -> None:
-        self._drain(self.frontend, self._on_request)
-
-    def _drain_backend(self) -> None:
-        self._drain(self.backend, self._on_worker_message)
-
     # -- requests ---------------------------------------------------------------------------------
-    def _on_request(self, frames: list[zmq.Frame]) -> None:
+    def _on_client_event(self, conn: Connection, event: Event) -> None:
+        """One complete message (or an Oversized report) from a client connection. Every request the
+        daemon reads gets exactly one reply, whatever goes wrong in here."""
         received_ns = time.monotonic_ns()
+        self.timers.run_due()  # a batch's delay must not wait for a burst to be read
+        if isinstance(event, Oversized):
+            self._on_oversized(conn, event, received_ns)
+            return
+        frames = event
         # A REQ peer puts an empty delimiter before the header; answer it the same way.
-        split = 2 if len(frames) > 2 and len(frames[1]) == 0 else 1
-        route = frames[:split]
-        body = frames[split:]
-        route_id = route[0].bytes
-        client = ""  # known once the peer is: "uid=N" or the routing id in hex (see peers.peer_of)
+        delimited = len(frames) > 1 and len(frames[0]) == 0
+        route = Route(conn, delimited)
+        body = frames[1:] if delimited else frames
+        client = conn.identity
         request_id: int | None = None
-        self._request_model: ServedModel | None = None
-        if not self.guard.saw(route_id, route[0], received_ns):
-            return  # its connection struck out (peer_guard) and is about to be closed
+        model: ServedModel | None = None
+        op = "(malformed)"
         try:
             if not body:
                 raise InvalidArgument("empty message: expected a header frame")
-            header = decode_header(body[0].buffer)
+            header = decode_header(body[0])
             request_id = request_id_of(header)
             op = check_envelope(header, len(body))
-            peer, client = self.peers.peer_of(route_id, body[0])
             name = header.get("client")
             if name:
-                client = f"{name}@{client}"
+                client = f"{name}@{conn.identity}"
             model_name = header.get("model")
-            self.peers.authorize(peer, op, model_name if isinstance(model_name, str) else None)
+            self.access.authorize(conn.peer, op, model_name if isinstance(model_name, str) else None)
             if op == "infer":
-                self._accept_infer(route, route_id, request_id, client, header, body, received_ns)  # type: ignore[arg-type]
+                model = self._lookup_for_infer(header)
+                self._accept_infer(route, request_id, client, model, header, body, received_ns)  # type: ignore[arg-type]
             else:
                 self.replies.send(route, {"v": PROTOCOL_VERSION, "id": request_id, "result": self._admin(op, header, route)})
+                self.accountant.count_operation(op, None)
         except Exception as exc:  # every accepted request gets exactly one answer, even on a daemon bug
-            client = client or route_id.hex()
             if not isinstance(exc, OpenInferError):
                 log.exception("internal error while handling a request", extra={"client": client})
                 exc = Internal(f"internal error: {type(exc).__name__}")
             if request_id is None:
-                log.warning("malformed request", extra={"client": client, "code": exc.code, "reason": exc.message})
+                log.warning("malformed request", extra={"client": client, "connection": conn.conn_id, "code": exc.code, "reason": exc.message})
             timing = {"total_us": (time.monotonic_ns() - received_ns) / 1000}
             self.replies.error(route, request_id, exc, timing)
             if request_id is None or isinstance(exc, OverLimit):  # no conforming client sends this
-                self.guard.strike(route_id, exc.message)
-            model = self._request_model
+                self.connections.strike(conn, exc.message)
             self.accountant.record(model.name if model else None, model.version if model else None, client, exc.code, timing)
+            self.accountant.count_operation(op, exc.code)
 
-    def _accept_infer(self, route: list[Any], route_id: bytes, request_id: int, client: str, header: dict[str, Any], body: list[Any], received_ns: int) -> None:
+    def _on_oversized(self, conn: Connection, event: Oversized, received_ns: int) -> None:
+        """A message over a size limit: its bytes were skipped as they arrived, never stored. Answered
+        RESOURCE_EXHAUSTED with its id when the header frame came before the limit was hit."""
+        frames = event.frames
+        delimited = bool(frames) and len(frames[0]) == 0
+        body = frames[1:] if delimited else frames
+        request_id = None
+        if body:
+            try:
+                request_id = request_id_of(decode_header(body[0]))
+            except OpenInferError:
+                pass
+        if event.limit == "first_frame":
+            message = f"header is {event.size} bytes; the limit is {MAX_HEADER_BYTES} (protocol section 9)"
+        elif event.limit == "frames":
+            message = f"more than {MAX_FRAMES} frames; the limit is {MAX_FRAMES} (a header and at most {MAX_FRAMES - 1} tensors)"
+        else:
+            limit = self.settings.server.max_request_bytes
+            message = f"request carries more than {limit} bytes of tensors (at least {event.size - MAX_HEADER_BYTES}); the limit is server.max_request_bytes = {limit}: split the request or raise the setting"
+        exc = OverLimit(message, {"limit": event.limit, "max_request_bytes": self.settings.server.max_request_bytes})
+        timing = {"total_us": (time.monotonic_ns() - received_ns) / 1000}
+        self.replies.error(Route(conn, delimited), request_id, exc, timing)
+        self.connections.strike(conn, exc.message)
+        self.accountant.record(None, None, conn.identity, exc.code, timing)
+        self.accountant.count_operation("(oversized)", exc.code)
+
+    def _lookup_for_infer(self, header: dict[str, Any]) -> ServedModel:
         if self.draining:
             raise Unavailable("daemon is shutting down; not accepting new requests")
         version = header.get("version")
@@ -331,17 +282,20 @@ class Supervisor:
         model = self.registry.lookup(name, version)
         if model.state is not ModelState.READY:
             raise Unavailable(f"model {model.key} is {model.state.value}" + (f": {model.reason}" if model.reason else ""))
+        return model
+
+    def _accept_infer(self, route: Route, request_id: int, client: str, model: ServedModel, header: dict[str, Any], body: list[Any], received_ns: int) -> None:
         data = body[1:]
         limit = model.config.max_request_bytes or self.settings.server.max_request_bytes
-        self._request_model = model  # so a rejection below is counted against this model
         nbytes, signature = check_infer(header, data, model, limit)
         decoded_ns = time.monotonic_ns()
         timeout_ms = header.get("timeout_ms") or model.config.timeout_ms
+        conn = route.conn
         task = Task(  # positional: half the cost of keywords, on every request
             self._next_task_id,  # task_id
             request_id,
             route,
-            route_id,
+            conn.identity,
             client,
             model,
             body[0],  # header_frame
@@ -353,38 +307,71 @@ class Supervisor:
             header.get("priority") or 0,
             signature,
         )
-        key = (route_id, request_id)
+        outputs = header.get("outputs")
+        task.wanted = tuple(outputs) if outputs else model.output_order
+        key = (conn.conn_id, request_id)
         if key in self.replies.open_requests:
             raise InvalidArgument(f"id {request_id} is already in flight on this connection; ids must be unique among a connection's outstanding requests")
         self._next_task_id += 1
-        self.limiter.admit(client, header.get("client"), decoded_ns)
+        self.limiter.admit(conn.identity, decoded_ns)
         self.dispatcher.admit(task, header)
         self.replies.open_requests.add(key)
 
+    def _on_connection_closed(self, conn: Connection) -> None:
+        """Its queued requests will never be read: they leave the queue now (replies to its running ones
+        are dropped when they come)."""
+        for (conn_id, request_id), task in list(self.dispatcher.queued_by_request.items()):
+            if conn_id == conn.conn_id and not task.done:
+                self.dispatcher.remove_queued(task)
+                self.replies.fail(task, DeadlineExceeded("cancelled: the client's connection closed before the task ran"))
+
     # -- worker messages ----------------------------------------------------------------------------
-    def _on_worker_message(self, frames: list[zmq.Frame]) -> None:
-        worker = self.pool.by_identity.get(frames[0].bytes)
-        if worker is None or len(frames) < 2:
-            return
-        kind = frames[1].bytes[:1]
+    def _on_worker_message(self, worker: WorkerHandle, frames: list[Buffer]) -> None:
+        kind = bytes(frames[0][:1])
         if kind == messages.RESULT:
             self.results.on_result(worker, frames)
         elif kind == messages.RESULTS:
             self.results.on_batch(worker, frames)
-        elif kind == messages.HELLO:
-            self.pool.on_hello(worker, unpack(frames[2].buffer))
-        elif kind == messages.READY:
-            self.pool.on_ready(worker, unpack(frames[2].buffer))
+        elif kind == messages.HELLO and worker.state is WorkerState.SPAWNED:
+            try:
+                hello = parse_hello(frames)
+            except BadWorkerMessage as exc:
+                self._reject_worker(worker, f"HELLO: {exc}")
+                return
+            self.pool.on_hello(worker, hello)
+        elif kind == messages.READY and worker.state is WorkerState.LOADED:
+            try:
+                sandbox = parse_ready(frames)
+            except BadWorkerMessage as exc:
+                self._reject_worker(worker, f"READY: {exc}")
+                return
+            self.pool.on_ready(worker, sandbox)
             if self.draining:
                 self._quit(worker)
             else:
                 self.dispatcher.next_for(worker)
                 self.sync.on_model_ready(worker.model)
                 self._tell_systemd()
-        elif kind == messages.PONG:
+        elif kind == messages.PONG and len(frames) == 2 and bytes(frames[1]) == worker.ping_token:
             worker.ping_sent_ns = 0
         else:
-            log.warning("unknown message from worker", extra={"worker": worker.worker_id, "kind": kind.hex()})
+            self._reject_worker(worker, f"unexpected message kind {kind.hex() or 'empty'} in state {worker.state.value}")
+
+    def _reject_worker(self, worker: WorkerHandle, reason: str) -> None:
+        """A worker sent something it was not asked for: it may be compromised. It is killed, exactly the
+        tasks it held fail with WORKER_CRASHED, and a fresh worker takes its place (counted as a crash)."""
+        if worker.retired:
+            return
+        worker.retired = True
+        log.error("worker sent an invalid message; retiring it", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key, "reason": reason})
+        worker.exit_reason = f"retired: sent an invalid message ({reason})"
+        if worker in worker.model.idle:
+            worker.model.idle.remove(worker)
+        while worker.inflight:
+            task = worker.inflight.popleft()
+            if not task.done:
+                self.replies.fail(task, WorkerCrashed(f"worker {worker.worker_id} (pid {worker.pid}) sent an invalid message and was retired while holding this task", {"worker": worker.worker_id, "pid": worker.pid}))
+        self.pool.kill(worker)
 
     def _on_model_failed(self, model: ServedModel) -> None:
         """The model cannot serve (load failed, or its workers crash-looped): queued requests must not
@@ -418,8 +405,8 @@ class Supervisor:
         if now < self._next_housekeeping_ns:
             return
         self._next_housekeeping_ns = now + _HOUSEKEEPING_NS
-        for worker in list(self.pool.by_identity.values()):
-            if not worker.inflight or now < worker.deadline_ns:
+        for worker in list(self.pool.workers.values()):
+            if not worker.inflight or now < worker.deadline_ns or worker.retired:
                 continue
             running = [worker.inflight.popleft()]
             if running[0].batched:  # the whole batch was running
@@ -435,11 +422,13 @@ class Supervisor:
                 self.replies.fail(task, DeadlineExceeded(f"task still running after {ran_ms:.0f} ms; its worker was killed and is being replaced"))
             worker.exit_reason = "killed: task exceeded its deadline"
             worker.expected_exit = True
+            worker.retired = True  # a result it sends before it dies no longer counts
+            if worker in worker.model.idle:
+                worker.model.idle.remove(worker)
             self.pool.kill(worker)
 
-    # -- replies ----------------------------------------------------------------------------------
     # -- admin --------------------------------------------------------------------------------------
-    def _admin(self, op: str, header: dict[str, Any], route: list[Any]) -> dict[str, Any]:
+    def _admin(self, op: str, header: dict[str, Any], route: Route) -> dict[str, Any]:
         if op == "models":
             return admin.models_result(self)
         if op == "metadata":
@@ -459,8 +448,8 @@ class Supervisor:
             return result
         raise InvalidArgument(f"operation {op!r} is not supported by this daemon yet")
 
-    def _cancel(self, route: list[Any], target: Any) -> dict[str, Any]:
-        task = self.dispatcher.queued_for(route[0].bytes, target) if isinstance(target, int) else None
+    def _cancel(self, route: Route, target: Any) -> dict[str, Any]:
+        task = self.dispatcher.queued_for(route.conn.conn_id, target) if isinstance(target, int) else None
         if task is None or task.done:
             return {"cancelled": False}
         self.dispatcher.remove_queued(task)
@@ -491,7 +480,7 @@ class Supervisor:
         self._systemd_summary = summary
         ready = sum(1 for m in models if m.state is ModelState.READY)
         bad = sorted(m.key for m in models if m.state in (ModelState.FAILED, ModelState.UNAVAILABLE))
-        text = f"serving {ready} model versions, {len(self.pool.by_identity)} workers at {self.endpoint.address}" + (f"; not serving: {', '.join(bad)}" if bad else "")
+        text = f"serving {ready} model versions, {len(self.pool.workers)} workers at {self.address}" + (f"; not serving: {', '.join(bad)}" if bad else "")
         loading = any(m.state is ModelState.LOADING for m in models) or bool(self.sync.pending)
         if not self._systemd_ready and not loading and not self.draining:
             self.notifier.ready(text)
@@ -503,6 +492,7 @@ class Supervisor:
         self.notifier.stopping("draining: finishing queued and running tasks")
         log.info("draining: finishing queued and running tasks", extra={"grace_s": self.settings.server.drain_grace_s})
         self.draining = True
+        self.pool.shutting_down = True
         self._drain_deadline_ns = time.monotonic_ns() + int(self.settings.server.drain_grace_s * 1e9)
 
     def _progress_drain(self) -> None:
@@ -514,7 +504,7 @@ class Supervisor:
             for worker in self.pool.all_workers():
                 if worker.state is not WorkerState.DRAINING:
                     self._quit(worker)
-        if not self.pool.by_identity:
+        if not self.pool.workers:
             self.finished = True
 
     def _quit(self, worker: WorkerHandle) -> None:
@@ -523,13 +513,9 @@ class Supervisor:
                 worker.model.idle.remove(worker)
             ready = worker.state is WorkerState.READY
             worker.transition(WorkerState.DRAINING)
-            if ready:
-                try:
-                    self.backend.send_multipart([worker.identity, messages.QUIT], flags=zmq.NOBLOCK)
-                    self.timers.call_at(time.monotonic_ns() + 5_000_000_000, lambda: self.pool.kill(worker))
-                    return
-                except zmq.ZMQError:
-                    pass
+            if ready and self.pool.send(worker, [messages.QUIT]):
+                self.timers.call_at(time.monotonic_ns() + 5_000_000_000, lambda: self.pool.kill(worker))
+                return
             self.pool.kill(worker)
 
     def _stop_now(self) -> None:
@@ -544,6 +530,7 @@ class Supervisor:
                 worker.transition(WorkerState.DRAINING)
             self.pool.kill(worker)
         self.draining = True
+        self.pool.shutting_down = True
         self._drain_deadline_ns = None
 
     def close(self) -> None:
@@ -557,14 +544,11 @@ class Supervisor:
             self.pool.kill(worker)
             worker.spawned.process.wait()
             worker.spawned.close()
+        self.connections.close_all()
+        self.listener.cleanup()
         self.signals.close()
         self.timers.close()
-        self.guard.close()
-        self.frontend.close(linger=0)
-        self.backend.close(linger=0)
-        self.zap.close(linger=0)
-        self.context.term()
-        self.endpoint.cleanup()
+        self.reactor.close()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
         self.notifier.close()
         log.info("stopped")

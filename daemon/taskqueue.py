@@ -2,8 +2,9 @@
 
 Order, written down because clients depend on it (docs/PROTOCOL.md, `priority`):
 - higher `priority` first (0..9, default 0);
-- within one priority, clients take turns (round robin by client key), so one client flooding a model
-  delays only itself; each client's own requests stay in arrival order;
+- within one priority, clients take turns (round robin by the kernel-proven identity: uid, CURVE key;
+  never the self-chosen `client` name, which a flooder could rotate to take extra turns), so one
+  identity flooding a model delays only itself; each identity's own requests stay in arrival order;
 - aging: a task that has waited longer than `starvation_ms` is taken before any higher-priority task,
   so low priorities are delayed, never starved.
 """
@@ -37,17 +38,17 @@ class TaskQueue:
         level = self._levels.get(task.priority)
         if level is None:
             level = self._levels[task.priority] = OrderedDict()
-        tasks = level.get(task.client)
+        tasks = level.get(task.identity)
         if tasks is None:
-            tasks = level[task.client] = deque()
+            tasks = level[task.identity] = deque()
         tasks.append(task)
         self._len += 1
 
     def appendleft(self, task: Task) -> None:
         """Put back a task that was taken but never ran: it goes first again."""
         level = self._levels.setdefault(task.priority, OrderedDict())
-        level.setdefault(task.client, deque()).appendleft(task)
-        level.move_to_end(task.client, last=False)
+        level.setdefault(task.identity, deque()).appendleft(task)
+        level.move_to_end(task.identity, last=False)
         self._len += 1
 
     def popleft(self) -> Task:
@@ -118,14 +119,14 @@ class TaskQueue:
 
     def remove(self, task: Task) -> None:
         level = self._levels.get(task.priority)
-        tasks = level.get(task.client) if level is not None else None
+        tasks = level.get(task.identity) if level is not None else None
         if tasks is None:
             raise ValueError("task not queued")
         tasks.remove(task)
         self._len -= 1
         if not tasks:
             assert level is not None
-            del level[task.client]
+            del level[task.identity]
             if not level:
                 del self._levels[task.priority]
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .frontdoor.connections import Route
     from .models import ServedModel
     from .validation import InputSignature
     from .workers import WorkerHandle
@@ -15,9 +16,9 @@ class Task:
     # Supervisor._accept_infer builds tasks positionally: keep the order of the fields up to `signature`.
     task_id: int
     request_id: int
-    route: list[Any]  # frames to put before the reply header (client identity [+ empty delimiter])
-    route_id: bytes  # the client's routing id (route[0]'s bytes, taken once)
-    client: str  # accounting key: "<routing id hex>" or "<name>@<routing id hex>"
+    route: "Route"  # where the reply goes: the connection object itself, and its envelope
+    identity: str  # the kernel-proven peer ("uid=N", "curve=<key>"): limits, quotas and turns key on it
+    client: str  # accounting key: the identity, or "<name>@<identity>" when the request names itself
     model: "ServedModel"
     header_frame: Any  # the client's header frame, forwarded to the worker untouched
     data_frames: list[Any]
@@ -35,4 +36,5 @@ class Task:
     rows: int = 0
     batched: bool = False  # dispatched as a member of a batch of two or more
     batch_wait_ns: int = 0
-    deadline_timer: Any = None  # the queued-deadline timer, cancelled when the task leaves the queue  # part of the queue time spent waiting for a batch while a worker was free
+    deadline_timer: Any = None  # the queued-deadline timer, cancelled when the task leaves the queue
+    wanted: tuple[str, ...] = ()  # the outputs it returns, in order (the request's `outputs`, else the model's)

@@ -9,9 +9,9 @@ from typing import Any
 
 import msgpack
 
-from openinfer.client.errors import InvalidArgument, ResourceExhausted
-from openinfer.client.protocol import MAX_CLIENT_NAME, MAX_FRAMES, MAX_HEADER_BYTES, OPERATIONS, PROTOCOL_VERSION
-from openinfer.client.tensors import DATATYPES, ELEMENT_SIZE
+from openinfer.wire.errors import InvalidArgument, ResourceExhausted
+from openinfer.wire.protocol import MAX_CLIENT_NAME, MAX_FRAMES, MAX_HEADER_BYTES, OPERATIONS, PROTOCOL_VERSION
+from openinfer.wire.tensors import DATATYPES, ELEMENT_SIZE
 
 from .models import ServedModel
 

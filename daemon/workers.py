@@ -8,11 +8,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from openinfer.wire.zmtp import FrameStream
+
 from .spawner import SpawnedProcess
 
 if TYPE_CHECKING:
     from .models import ServedModel
     from .tasks import Task
+    from .worker_output import StderrRelay
 
 log = logging.getLogger("openinfer.supervisor")
 
@@ -39,9 +42,12 @@ _ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
 @dataclass(eq=False)
 class WorkerHandle:
     worker_id: int
-    identity: bytes
     model: "ServedModel"
     spawned: SpawnedProcess
+    channel: FrameStream  # the supervisor's end of the worker's socketpair
+    stderr: "StderrRelay | None" = None
+    retired: bool = False  # being killed (bad message, deadline): nothing it sends counts any more
+    ping_token: bytes = b"p"
     state: WorkerState = WorkerState.SPAWNED
     inflight: "deque[Task]" = field(default_factory=deque)  # sent, unanswered; only the head runs
     tasks_served: int = 0

@@ -16,7 +16,7 @@ from hdrh.histogram import HdrHistogram
 
 from daemon_harness import EXAMPLE_MODELS, RunningDaemon, world_readable_dir
 from openinfer.client import InvalidArgument, NotFound
-from openinfer.client.errors import ErrorCode
+from openinfer.wire.errors import ErrorCode
 from openinfer.daemon.accounting import (
     DURATION_BUCKETS_US,
     HDR_HIGHEST_US,

@@ -168,8 +168,10 @@ def test_random_garbage_never_takes_the_daemon_down(daemon: RunningDaemon) -> No
             if replies == sent:
                 break
         # Each garbage message is answered with an error until the connection has used up
-        # server.peer_strike_limit (16); then the daemon drops the connection (tests/test_peer_guard.py).
-        assert replies == 16  # then nothing more is read from it
+        # server.peer_strike_limit (16); then the daemon drops the connection. libzmq reconnects and
+        # sends what it still held, which starts a new connection with its own budget
+        # (tests/attack/test_front_door.py checks one connection exactly, with a raw ZMTP peer).
+        assert 16 <= replies < sent
     finally:
         sock.close()
         context.term()

@@ -21,7 +21,7 @@ import msgpack
 import pytest
 import zmq
 
-from openinfer.client.errors import OpenInferError
+from openinfer.wire.errors import OpenInferError
 from openinfer.daemon.client_limits import ClientLimiter, ClientPolicy
 from openinfer.daemon.dispatch import UNTIMED_MAX, UNTIMED_MAX_AGE_NS, Dispatcher
 from openinfer.daemon.modelconfig import BatchingConfig, ModelConfig

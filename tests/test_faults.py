@@ -20,7 +20,7 @@ import zmq
 import onnx_builders
 from daemon_harness import RunningDaemon, world_readable_dir
 from openinfer.client import Client, DeadlineExceeded, OpenInferError, Unavailable
-from openinfer.client.protocol import encode_infer_request, unpack
+from openinfer.wire.protocol import encode_infer_request, unpack
 
 X = np.ones((1, 64), np.float32)
 

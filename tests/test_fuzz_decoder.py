@@ -9,7 +9,7 @@ import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from openinfer.client.errors import OpenInferError
+from openinfer.wire.errors import OpenInferError
 from openinfer.daemon.modelconfig import ModelConfig
 from openinfer.daemon.models import ServedModel
 from openinfer.daemon.validation import check_envelope, check_infer, decode_header, request_id_of

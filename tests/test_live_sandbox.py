@@ -27,7 +27,7 @@ import zmq
 
 import onnx_builders
 from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, world_readable_dir
-from openinfer.client.protocol import unpack
+from openinfer.wire.protocol import unpack
 
 MiB = 1024 * 1024
 DEFAULT_LIMIT_MB = 1536  # OPENINFER_SANDBOX_MEMORY_LIMIT_MB of the private daemon

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from openinfer.client.errors import InvalidArgument, OpenInferError
+from openinfer.wire.errors import InvalidArgument, OpenInferError
 from openinfer.daemon.modelconfig import ModelConfig
 from openinfer.daemon.models import ServedModel
 from openinfer.daemon.validation import SIGNATURES_KEPT, OverLimit, check_infer

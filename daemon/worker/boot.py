@@ -7,7 +7,7 @@
  3. as root: drop to the unprivileged worker uid/gid
  4. best effort: new user/network/IPC namespaces, Landlock read-only view of Python + the model
  5. boot seccomp policy
- 6. load the model, warm up, connect the channel (libzmq's threads now exist), HELLO, wait for ACK
+ 6. load the model, warm up, HELLO on the channel (the socketpair inherited at spawn), wait for ACK
  7. malloc_trim, memory limit (RLIMIT_AS)
  8. serve seccomp policy (TSYNC: every thread)
  9. READY, then serve
@@ -29,7 +29,8 @@ from .bootconfig import WorkerBootConfig
 
 log = logging.getLogger("openinfer.worker")
 PREPARED_MISMATCH = "prepared artefact mismatch"
-STATUS_FD = 3  # the spawner passes the write end of the status pipe as fd 3
+STATUS_FD = 3  # the spawner passes the write end of the status pipe as fd 3 (spawner.STATUS_FD)
+CHANNEL_FD = 4  # and the worker's end of its socketpair with the supervisor as fd 4 (spawner.CHANNEL_FD)
 EXIT_BOOT_FAILED = 3
 
 
@@ -89,29 +90,44 @@ def _read_model(path: str) -> bytes:
         raise BootFailure(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _connect(config: WorkerBootConfig) -> tuple[Any, Any]:
-    import zmq
+def _open_channel() -> Any:
+    """Our end of the socketpair the supervisor gave us at spawn (fd 4): the only way to reach it, and
+    nobody else can connect to it."""
+    import socket
 
-    context = zmq.Context(io_threads=1)
-    socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.IDENTITY, str(config.worker_id).encode())
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.connect(config.channel)
-    return context, socket
+    from openinfer.wire.zmtp import FrameStream, Limits
+
+    from .messages import CHANNEL_LIMITS
+
+    sock = socket.socket(fileno=CHANNEL_FD)
+    sock.setblocking(False)
+    return FrameStream(sock, Limits(**CHANNEL_LIMITS))
 
 
-def _await_ack(socket: Any, timeout_ms: int = 30_000) -> None:
+def _await_ack(channel: Any, timeout_ms: int = 30_000) -> None:
+    import select
+
     from . import messages
 
-    if not socket.poll(timeout_ms):
-        raise BootFailure("no ACK from supervisor")
-    frames = socket.recv_multipart()
-    if frames[0] != messages.ACK:
-        raise BootFailure(f"expected ACK, got {frames[0]!r}")
+    poller = select.poll()
+    poller.register(channel.sock.fileno(), select.POLLIN)
+    deadline = time.monotonic() + timeout_ms / 1000
+    while True:
+        remaining_ms = int((deadline - time.monotonic()) * 1000)
+        if channel.out_bytes:
+            channel.flush()
+        if remaining_ms <= 0 or not poller.poll(remaining_ms):
+            raise BootFailure("no ACK from supervisor")
+        events = channel.read()
+        if events:
+            frames = events[0]
+            if isinstance(frames, list) and bytes(frames[0]) == messages.ACK:
+                return
+            raise BootFailure("expected ACK from the supervisor")
 
 
 def boot_and_serve(config: WorkerBootConfig) -> None:
-    from openinfer.client.protocol import pack
+    from openinfer.wire.protocol import pack
 
     from . import messages
 
@@ -123,7 +139,6 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
     model_bytes = None if config.prepared_dir else _read_model(config.model_path)
     if config.sandbox.enabled:
         from openinfer.sandbox import apply_policy, hardening, load_policy
-        from openinfer.sandbox.preload import prime_zero_copy_sends
 
         # Policies are read now: after the uid drop and Landlock their files may be out of reach.
         boot_policy = load_policy(config.sandbox.boot_policy)
@@ -154,7 +169,7 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
         hardening.set_memory_limit(config.sandbox.memory_limit_bytes)
     warmup_error = warm_up(session, description["inputs"])
     warmed = time.monotonic_ns()
-    context, socket = _connect(config)
+    channel = _open_channel()
     hello = {
         "pid": os.getpid(),
         **description,
@@ -162,11 +177,10 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
         "warmup_ms": (warmed - loaded) / 1e6,
         "warmup_error": warmup_error,
     }
-    socket.send_multipart([messages.HELLO, pack(hello)])
-    _await_ack(socket)
+    channel.send([messages.HELLO, pack(hello)])
+    _await_ack(channel)
 
     if config.sandbox.enabled:
-        prime_zero_copy_sends(context)  # pyzmq imports lazily on its first large send (see sandbox.preload)
         hardening.malloc_trim()
         # /proc is read now: under the serve policy it cannot be. Our own keys win over the snapshot's.
         sandbox_state = {**hardening.describe_sandbox(), **sandbox_state}
@@ -175,13 +189,12 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
         sandbox_state["policy"] = config.sandbox.serve_policy
         sandbox_state["boot_policy"] = config.sandbox.boot_policy
         sandbox_state["memory_limit_bytes"] = config.sandbox.memory_limit_bytes
-    socket.send_multipart([messages.READY, pack(sandbox_state)])
+    channel.send([messages.READY, pack(sandbox_state)])
 
     from .serve import serve
 
-    serve(socket, session, [o["name"] for o in description["outputs"]])
-    socket.close(linger=0)
-    context.term()
+    serve(channel, session, [o["name"] for o in description["outputs"]])
+    channel.close()
 
 
 def prepare_and_exit(config: WorkerBootConfig) -> None:

@@ -25,7 +25,6 @@ class WorkerBootConfig:
     model: str
     version: int
     model_path: str
-    channel: str
     intra_op_threads: int
     supervisor_pid: int
     log_level: str = "info"

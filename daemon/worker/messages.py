@@ -1,8 +1,11 @@
 """Supervisor <-> worker channel (internal; not the public wire protocol).
 
-Every message is multipart; frame 0 starts with a one-byte kind (TASK and RESULT append the 8-byte
-little-endian task id to it: one frame less per message on the hot path). The worker's DEALER identity
-is its worker id.
+The channel is a socketpair made at spawn (the worker's end is its fd 4): no other process can reach it,
+and the supervisor knows which worker is on each. Messages are multipart, framed as ZMTP frames
+(openinfer.wire.zmtp) without a greeting. Frame 0 starts with a one-byte kind (TASK and RESULT append the
+8-byte little-endian task id to it: one frame less per message on the hot path). Everything a worker
+sends is checked by the supervisor against what that worker was given (daemon/worker_inbound.py) before
+any state changes; a message that does not fit retires the worker.
 
   worker -> supervisor                        supervisor -> worker
   HELLO  [b"H", meta]  model loaded            ACK   [b"A"]           channel proven, go sandbox
@@ -35,6 +38,10 @@ QUIT = b"Q"
 PING = b"P"
 
 _TASK_ID = struct.Struct("<Q")
+
+# What the worker accepts from the supervisor on its channel (the supervisor enforces its own, tighter
+# limits on what workers send: worker_inbound.py).
+CHANNEL_LIMITS = {"frames": 1 << 20, "first_frame": 1 << 30, "message_bytes": 1 << 40}
 
 
 def pack_task_id(task_id: int) -> bytes:

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from openinfer.client.protocol import pack, unpack
-from openinfer.client.tensors import decode_array, encode_array
+from openinfer.wire.protocol import pack, unpack
+from openinfer.wire.tensors import decode_array, encode_array
 
 from .session import ort, warm_up_feed
 

@@ -1,15 +1,17 @@
-"""The worker's serving loop: a closed set of operations (TASK, PING, QUIT); nothing else is executed."""
+"""The worker's serving loop: a closed set of operations (TASK, BATCH, PING, QUIT); nothing else is
+executed. Messages arrive on the worker's socketpair with the supervisor (openinfer.wire.zmtp framing)."""
 from __future__ import annotations
 
 import logging
+import select
 import time
 from typing import Any
 
 import numpy as np
-import zmq
 
-from openinfer.client.protocol import pack, unpack
-from openinfer.client.tensors import BF16Array, decode_array, encode_array
+from openinfer.wire.protocol import pack, unpack
+from openinfer.wire.tensors import BF16Array, decode_array, encode_array
+from openinfer.wire.zmtp import Buffer, FrameStream, Oversized, PeerClosed
 
 from . import messages
 from .session import Runner, bf16_input, error_code_for
@@ -17,28 +19,52 @@ from .session import Runner, bf16_input, error_code_for
 log = logging.getLogger("openinfer.worker")
 
 
-def serve(socket: zmq.Socket, session: Any, output_names: list[str]) -> None:  # type: ignore[type-arg]
-    """Run tasks until QUIT. Returns normally only on QUIT; the supervisor kills us otherwise."""
+def serve(channel: FrameStream, session: Any, output_names: list[str]) -> None:
+    """Run tasks until QUIT. Returns normally on QUIT or when the supervisor is gone."""
     session = Runner(session)  # .run() as onnxruntime's, BF16 outputs included
-    while True:
-        frames = socket.recv_multipart(copy=False)
-        kind = frames[0].bytes[:1]
-        if kind == messages.TASK:
-            _run_task(socket, session, output_names, frames)
-        elif kind == messages.BATCH:
-            _run_batch(socket, session, output_names, frames)
-        elif kind == messages.PING:
-            socket.send_multipart([messages.PONG, frames[1].bytes])
-        elif kind == messages.QUIT:
-            return
-        else:
-            log.warning("unknown message kind from supervisor", extra={"kind": kind.hex()})
+    fd = channel.sock.fileno()
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    watching_out = False
+    try:
+        while True:
+            if bool(channel.out_bytes) != watching_out:
+                watching_out = not watching_out
+                poller.modify(fd, select.POLLIN | (select.POLLOUT if watching_out else 0))
+            poller.poll()
+            if channel.out_bytes:
+                channel.flush()
+            for frames in channel.read():
+                if isinstance(frames, Oversized):  # the supervisor never sends one: nothing to answer
+                    log.error("oversized message from the supervisor", extra={"reason": frames.reason})
+                    continue
+                kind = bytes(frames[0][:1])
+                if kind == messages.TASK:
+                    _run_task(channel, session, output_names, frames)
+                elif kind == messages.BATCH:
+                    _run_batch(channel, session, output_names, frames)
+                elif kind == messages.PING:
+                    channel.send([messages.PONG, bytes(frames[1])])
+                elif kind == messages.QUIT:
+                    _flush_all(channel, poller, fd)
+                    return
+                else:
+                    log.warning("unknown message kind from supervisor", extra={"kind": kind.hex()})
+    except PeerClosed:
+        return  # the supervisor closed our channel: nothing left to serve
 
 
-def _feed_from(header: dict[str, Any], frames: list[zmq.Frame]) -> dict[str, Any]:
+def _flush_all(channel: FrameStream, poller: Any, fd: int) -> None:
+    poller.modify(fd, select.POLLOUT)
+    while channel.out_bytes:
+        poller.poll(1000)
+        channel.flush()
+
+
+def _feed_from(header: dict[str, Any], frames: list[Buffer]) -> dict[str, Any]:
     feed: dict[str, Any] = {}
     for spec, frame in zip(header["inputs"], frames):
-        feed[spec["name"]] = _for_onnxruntime(spec["datatype"], decode_array(spec["datatype"], list(spec["shape"]), frame.buffer))
+        feed[spec["name"]] = _for_onnxruntime(spec["datatype"], decode_array(spec["datatype"], list(spec["shape"]), frame))
     return feed
 
 
@@ -54,12 +80,12 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, BF16Array) else np.asarray(value)
 
 
-def _run_task(socket: zmq.Socket, session: Any, output_names: list[str], frames: list[zmq.Frame]) -> None:  # type: ignore[type-arg]
+def _run_task(channel: FrameStream, session: Any, output_names: list[str], frames: list[Buffer]) -> None:
     received_ns = time.monotonic_ns()
     cpu_start = time.process_time_ns()
-    result_kind = messages.RESULT + frames[0].bytes[1:]  # echoes the task id
+    result_kind = messages.RESULT + bytes(frames[0][1:9])  # echoes the task id
     try:
-        header = unpack(frames[1].buffer)
+        header = unpack(frames[1])
         feed = _feed_from(header, frames[2:])
         wanted = header.get("outputs") or output_names
         prepared_ns = time.monotonic_ns()
@@ -81,7 +107,7 @@ def _run_task(socket: zmq.Socket, session: Any, output_names: list[str], frames:
             "cpu_us": (time.process_time_ns() - cpu_start) / 1000,
             "send_ns": time.monotonic_ns(),
         }
-        socket.send_multipart([result_kind, pack(meta), *payloads], copy=False)
+        channel.send([result_kind, pack(meta), *payloads])
     except Exception as exc:  # every task gets exactly one answer, whatever onnxruntime raised
         meta = {
             "error": {"code": error_code_for(exc), "message": f"{type(exc).__name__}: {exc}"[:2000]},
@@ -89,10 +115,10 @@ def _run_task(socket: zmq.Socket, session: Any, output_names: list[str], frames:
             "cpu_us": (time.process_time_ns() - cpu_start) / 1000,
             "send_ns": time.monotonic_ns(),
         }
-        socket.send_multipart([result_kind, pack(meta)])
+        channel.send([result_kind, pack(meta)])
 
 
-def _batch_feed(plan: dict[str, Any], frames: list[zmq.Frame]) -> dict[str, Any]:
+def _batch_feed(plan: dict[str, Any], frames: list[Buffer]) -> dict[str, Any]:
     """The batch's inputs: views of the joined frames, or each member's frames concatenated."""
     specs = plan["inputs"]
     if plan["joined"]:
@@ -102,7 +128,7 @@ def _batch_feed(plan: dict[str, Any], frames: list[zmq.Frame]) -> dict[str, Any]
         parts = []
         for member, rows in enumerate(plan["rows"]):
             frame = frames[member * len(specs) + index]
-            parts.append(decode_array(spec["datatype"], [rows, *spec["shape"][1:]], frame.buffer))
+            parts.append(decode_array(spec["datatype"], [rows, *spec["shape"][1:]], frame))
         feed[spec["name"]] = _for_onnxruntime(spec["datatype"], np.concatenate(parts, axis=0))
     return feed
 
@@ -131,7 +157,7 @@ def _split_outputs(results: list[Any], wanted: list[str], rows: list[int]) -> tu
     return {"layout": "members", "outputs": per_member}, payloads
 
 
-def _run_batch(socket: zmq.Socket, session: Any, output_names: list[str], frames: list[zmq.Frame]) -> None:  # type: ignore[type-arg]
+def _run_batch(channel: FrameStream, session: Any, output_names: list[str], frames: list[Buffer]) -> None:
     """Several compatible tasks run once as one batch (rows concatenated along axis 0), answered in one
     message. Results equal running each task alone (the batch dimension is row-independent).
 
@@ -144,7 +170,7 @@ def _run_batch(socket: zmq.Socket, session: Any, output_names: list[str], frames
     """
     received_ns = time.monotonic_ns()
     cpu_start = time.process_time_ns()
-    plan = unpack(frames[1].buffer)
+    plan = unpack(frames[1])
     task_ids: list[int] = plan["tasks"]
     try:
         merged = _batch_feed(plan, frames[2:])
@@ -162,7 +188,7 @@ def _run_batch(socket: zmq.Socket, session: Any, output_names: list[str], frames
             cpu_us=(time.process_time_ns() - cpu_start) / 1000 / len(task_ids),
             send_ns=time.monotonic_ns(),
         )
-        socket.send_multipart([messages.RESULTS, pack(meta), *payloads], copy=False)
+        channel.send([messages.RESULTS, pack(meta), *payloads])
     except Exception as exc:  # every task of the batch gets an answer (the supervisor retries each alone)
         meta = {
             "tasks": task_ids,
@@ -171,4 +197,4 @@ def _run_batch(socket: zmq.Socket, session: Any, output_names: list[str], frames
             "cpu_us": 0.0,
             "send_ns": time.monotonic_ns(),
         }
-        socket.send_multipart([messages.RESULTS, pack(meta)])
+        channel.send([messages.RESULTS, pack(meta)])

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from openinfer.client.tensors import DATATYPE_TO_NUMPY, BF16Array
+from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array
 
 # Telemetry must be off before onnxruntime is imported (DESIGN §4); the spawner also sets it.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")

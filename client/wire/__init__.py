@@ -1,0 +1,3 @@
+"""The wire protocol in one place, shared by the daemon and every Python client: ZMTP framing
+(`zmtp`), the msgpack header codec and limits (`protocol`), tensor encoding (`tensors`) and the error
+codes (`errors`). Nothing here imports ZeroMQ or onnxruntime: sandboxed workers import it too."""

@@ -1,0 +1,463 @@
+"""ZMTP 3.x framing (ZeroMQ's wire protocol, rfc.zeromq.org spec 37), spoken by the daemon itself.
+
+libzmq's ROUTER decides routing by identities that peers may choose, aborts the process on some of
+their choices and on EMFILE, and hides each connection's credentials and buffers from the application
+(DESIGN §6). So the daemon owns its listening sockets and speaks ZMTP on them with this module; clients
+keep using libzmq unchanged. The same framing carries the supervisor <-> worker channel (a socketpair,
+no greeting).
+
+What is implemented: the 64-byte greeting (major version 3, any minor), the NULL mechanism's READY
+exchange with its properties (`Socket-Type`; an `Identity` a peer sends is read and ignored), the ERROR
+command, PING -> PONG (3.1 heartbeats), and multipart messages of short and long frames. Limits are
+checked as bytes arrive, before anything is buffered: a frame or message over its limit is reported
+and its remaining bytes are skipped, never stored.
+"""
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Union
+
+MORE = 0x01
+LONG = 0x02
+COMMAND = 0x04
+_KNOWN_FLAGS = MORE | LONG | COMMAND
+
+GREETING_SIZE = 64
+SIGNATURE_SIZE = 10
+_LONG_SIZE = struct.Struct(">Q")
+_PROPERTY_VALUE_SIZE = struct.Struct(">I")
+MAX_COMMAND_BYTES = 64 * 1024  # READY properties, PING contexts: nothing legitimate is larger
+BIG_FRAME = 64 * 1024  # frames at least this large are received straight into their own buffer
+_RECV_CHUNK = 256 * 1024
+_IOV_MAX = 512  # buffers handed to one sendmsg (the kernel's IOV_MAX is 1024)
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class ProtocolError(Exception):
+    """The peer broke ZMTP (or a hard limit): the connection must be closed. The message says how."""
+
+
+class PeerClosed(Exception):
+    """The peer closed the connection (EOF or reset)."""
+
+
+def greeting(mechanism: bytes = b"NULL", as_server: bool = False) -> bytes:
+    """Our 64-byte greeting: signature, version 3.1, mechanism, as-server, filler."""
+    return b"\xff" + b"\x00" * 7 + b"\x01\x7f" + b"\x03\x01" + mechanism.ljust(20, b"\x00") + (b"\x01" if as_server else b"\x00") + b"\x00" * 31
+
+
+def parse_greeting(raw: Buffer) -> tuple[int, int, bytes, bool]:
+    """(major, minor, mechanism, as_server) of a peer's greeting; ProtocolError if it is not ZMTP 3.x."""
+    raw = bytes(raw)
+    if len(raw) != GREETING_SIZE or raw[0] != 0xFF or raw[9] != 0x7F:
+        raise ProtocolError("not a ZMTP greeting")
+    major, minor = raw[10], raw[11]
+    if major < 3:
+        raise ProtocolError(f"ZMTP {major}.{minor} is not supported (3.0 or newer)")
+    mechanism = raw[12:32].rstrip(b"\x00")
+    return major, minor, mechanism, raw[32] == 1
+
+
+def frame_header(size: int, flags: int) -> bytes:
+    if size < 256:
+        return bytes((flags, size))
+    return bytes((flags | LONG,)) + _LONG_SIZE.pack(size)
+
+
+def command(name: bytes, body: bytes = b"") -> bytes:
+    """One command frame, header included."""
+    payload = bytes((len(name),)) + name + body
+    return frame_header(len(payload), COMMAND) + payload
+
+
+def encode_properties(properties: dict[bytes, bytes]) -> bytes:
+    parts = []
+    for name, value in properties.items():
+        parts.append(bytes((len(name),)) + name + _PROPERTY_VALUE_SIZE.pack(len(value)) + value)
+    return b"".join(parts)
+
+
+def parse_properties(body: bytes) -> dict[bytes, bytes]:
+    """READY metadata: name-length(1) name value-length(4, big-endian) value, repeated; names are
+    case-insensitive (returned lower-cased)."""
+    properties: dict[bytes, bytes] = {}
+    offset = 0
+    while offset < len(body):
+        name_length = body[offset]
+        offset += 1
+        name = body[offset : offset + name_length]
+        offset += name_length
+        if len(name) != name_length or offset + 4 > len(body):
+            raise ProtocolError("truncated READY property")
+        (value_length,) = _PROPERTY_VALUE_SIZE.unpack_from(body, offset)
+        offset += 4
+        if offset + value_length > len(body):
+            raise ProtocolError("READY property value past the end of the command")
+        properties[name.lower()] = body[offset : offset + value_length]
+        offset += value_length
+    return properties
+
+
+def split_command(body: bytes) -> tuple[bytes, bytes]:
+    """(name, data) of a command frame's body."""
+    if not body or body[0] + 1 > len(body):
+        raise ProtocolError("malformed command frame")
+    return body[1 : 1 + body[0]], body[1 + body[0] :]
+
+
+def message_buffers(frames: list[Buffer]) -> list[Buffer]:
+    """Headers and bodies of a multipart message, ready for sendmsg (bodies are not copied)."""
+    buffers: list[Buffer] = []
+    last = len(frames) - 1
+    for index, frame in enumerate(frames):
+        size = len(frame) if not isinstance(frame, memoryview) else frame.nbytes
+        buffers.append(frame_header(size, 0 if index == last else MORE))
+        if size:
+            buffers.append(frame)
+    return buffers
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one message may carry. `first_frame` bounds the first non-empty frame (a request header);
+    `message_bytes` the sum of every frame; `frames` their count. A message over any of them is reported
+    as Oversized and skipped."""
+
+    frames: int = 257
+    first_frame: int = 64 * 1024
+    message_bytes: int = 64 * 1024 * 1024 + 64 * 1024
+
+
+@dataclass(frozen=True)
+class Oversized:
+    """A message that broke a Limit: its first frames (those that fit, so a request id can be read) and
+    why. Its remaining bytes are skipped."""
+
+    frames: list[bytes]
+    reason: str
+    limit: str  # "frames", "first_frame" or "message_bytes"
+    size: int  # the frame's size ("first_frame"), the message's bytes so far with it ("message_bytes"), or frames
+
+
+Event = Union[list[Buffer], Oversized]
+
+
+class FrameStream:
+    """A multipart-message stream over one non-blocking stream socket.
+
+    `read()` takes what the kernel has and returns complete messages (lists of frames: bytes, or
+    bytearray for frames of BIG_FRAME bytes and more) and Oversized reports. `send()` writes at once
+    what the socket takes and keeps the rest in an outbox that `flush()` continues when the socket is
+    writable; `out_bytes` is what waits there. Commands (PING) are answered here; others are given to
+    `on_command`. With `handshake` the stream first exchanges greetings and READY (NULL mechanism)."""
+
+    __slots__ = (
+        "sock", "limits", "out_bytes", "in_bytes", "_out", "_buf", "_pos", "_frames", "_msg_bytes", "_skip",
+        "_big", "_big_filled", "_big_flags", "_skip_left", "_skip_flags", "_state", "socket_type", "peer_socket_type",
+        "peer_properties", "_accept_types", "messages_in", "bytes_in", "closed",
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        limits: Limits,
+        *,
+        handshake: bool = False,
+        socket_type: bytes = b"ROUTER",
+        accept_types: frozenset[bytes] = frozenset({b"DEALER", b"REQ"}),
+    ) -> None:
+        self.sock = sock
+        self.limits = limits
+        self.socket_type = socket_type
+        self._accept_types = accept_types
+        self.peer_socket_type = b""
+        self.peer_properties: dict[bytes, bytes] = {}
+        self._out: deque[memoryview] = deque()
+        self.out_bytes = 0  # bytes queued for the peer, not yet taken by the kernel
+        self.in_bytes = 0  # bytes held for messages not yet complete
+        self._buf = bytearray()
+        self._pos = 0
+        self._frames: list[Buffer] = []
+        self._msg_bytes = 0
+        self._skip = False  # discarding the rest of an oversized message
+        self._skip_left = 0  # bytes of the current oversized frame still to drop
+        self._skip_flags = 0
+        self._big: bytearray | None = None  # a large frame being received straight into its buffer
+        self._big_filled = 0
+        self._big_flags = 0
+        self._state = "greeting" if handshake else "open"
+        self.messages_in = 0
+        self.bytes_in = 0
+        self.closed = False
+        if handshake:
+            self.send_raw(greeting())
+
+    @property
+    def open(self) -> bool:
+        """The handshake is over: messages flow."""
+        return self._state == "open"
+
+    # -- receiving ----------------------------------------------------------------------------------
+    def read(self, max_bytes: int = 4 * 1024 * 1024) -> list[Event]:
+        """Complete messages available now (may be empty). Raises PeerClosed or ProtocolError."""
+        events: list[Event] = []
+        got = 0
+        recv = self.sock.recv
+        while got < max_bytes:
+            if self._big is not None:
+                if not self._read_big():
+                    break
+                self._end_frame(self._big_flags, self._big, events)
+                self._big = None
+                continue
+            try:
+                chunk = recv(_RECV_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionError:
+                raise PeerClosed() from None
+            if not chunk:
+                raise PeerClosed()
+            got += len(chunk)
+            self.bytes_in += len(chunk)
+            if self._pos == len(self._buf):
+                self._buf = bytearray(chunk)
+                self._pos = 0
+            else:
+                self._buf += chunk
+            self._parse(events)
+            if len(chunk) < _RECV_CHUNK and self._big is None:
+                break  # the kernel had no more
+        self.in_bytes = len(self._buf) - self._pos + self._msg_bytes + (len(self._big) if self._big is not None else 0)
+        return events
+
+    def _read_big(self) -> bool:
+        """Continue a large frame; True once complete."""
+        big = self._big
+        assert big is not None
+        view = memoryview(big)
+        while self._big_filled < len(big):
+            try:
+                n = self.sock.recv_into(view[self._big_filled :])
+            except (BlockingIOError, InterruptedError):
+                return False
+            except ConnectionError:
+                raise PeerClosed() from None
+            if n == 0:
+                raise PeerClosed()
+            self._big_filled += n
+            self.bytes_in += n
+        return True
+
+    def _parse(self, events: list[Event]) -> None:
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        if self._skip_left:  # the rest of an oversized frame: dropped as it arrives
+            take = min(self._skip_left, end - pos)
+            pos += take
+            self._skip_left -= take
+            if not self._skip_left and not self._skip_flags & MORE:
+                self._skip = False
+        while pos < end:
+            if self._state != "open":
+                pos = self._handshake_step(buf, pos)
+                if self._state != "open":
+                    break
+                continue
+            if end - pos < 2:
+                break
+            flags = buf[pos]
+            if flags & LONG:
+                if end - pos < 9:
+                    break
+                (size,) = _LONG_SIZE.unpack_from(buf, pos + 1)
+                start = pos + 9
+            else:
+                size = buf[pos + 1]
+                start = pos + 2
+            if flags & ~_KNOWN_FLAGS:
+                raise ProtocolError(f"frame flags {flags:#x} have reserved bits set")
+            if flags & COMMAND:
+                if size > MAX_COMMAND_BYTES:
+                    raise ProtocolError(f"command of {size} bytes")
+                if end - start < size:
+                    break
+                self._on_command(bytes(buf[start : start + size]))
+                pos = start + size
+                continue
+            if not self._skip and self._over_limit(size, events):
+                self._skip = True
+            if self._skip:  # consume without storing
+                take = min(size, end - start)
+                pos = start + take
+                if take < size:
+                    self._skip_left, self._skip_flags = size - take, flags
+                    break
+                if not flags & MORE:
+                    self._skip = False
+                continue
+            if end - start >= size:
+                self._end_frame(flags, bytes(buf[start : start + size]), events)
+                pos = start + size
+                continue
+            if size >= BIG_FRAME:  # receive the rest straight into its own buffer
+                big = bytearray(size)
+                have = end - start
+                big[:have] = buf[start:end]
+                self._big, self._big_filled, self._big_flags = big, have, flags
+                pos = end
+            break
+        if pos >= end:
+            self._buf = bytearray()
+            self._pos = 0
+        elif pos > 65536:
+            del buf[:pos]
+            self._pos = 0
+        else:
+            self._pos = pos
+
+    def _over_limit(self, size: int, events: list[Event]) -> bool:
+        """Check the frame about to be received against the limits; report an Oversized if it breaks one."""
+        limits = self.limits
+        frames = self._frames
+        reason = limit = ""
+        if len(frames) + 1 > limits.frames:
+            reason, limit, seen = f"more than {limits.frames} frames in one message", "frames", len(frames) + 1
+        elif size > limits.first_frame and not any(len(f) for f in frames):
+            reason, limit, seen = f"first frame of {size} bytes; the limit is {limits.first_frame}", "first_frame", size
+        elif self._msg_bytes + size > limits.message_bytes:
+            seen = self._msg_bytes + size
+            reason, limit = f"message of more than {limits.message_bytes} bytes (a frame of {size} bytes after {self._msg_bytes})", "message_bytes"
+        if not reason:
+            return False
+        events.append(Oversized([bytes(f) for f in frames], reason, limit, seen))
+        self._frames = []
+        self._msg_bytes = 0
+        return True
+
+    def _end_frame(self, flags: int, body: Buffer, events: list[Event]) -> None:
+        self._frames.append(body)
+        self._msg_bytes += len(body)
+        if not flags & MORE:
+            events.append(self._frames)
+            self.messages_in += 1
+            self._frames = []
+            self._msg_bytes = 0
+
+    # -- handshake and commands ------------------------------------------------------------------------
+    def _handshake_step(self, buf: bytearray, pos: int) -> int:
+        end = len(buf)
+        if self._state == "greeting":
+            if end - pos >= 1 and buf[pos] != 0xFF:
+                raise ProtocolError("not a ZMTP peer")
+            if end - pos >= 11 and buf[pos + 10] < 3:
+                raise ProtocolError(f"ZMTP major version {buf[pos + 10]} is not supported")
+            if end - pos < GREETING_SIZE:
+                return pos
+            _, _, mechanism, _ = parse_greeting(buf[pos : pos + GREETING_SIZE])
+            if mechanism != b"NULL":
+                self.send_raw(command(b"ERROR", bytes((26,)) + b"only the NULL mechanism"))
+                raise ProtocolError(f"mechanism {mechanism!r} is not supported here")
+            self.send_raw(command(b"READY", encode_properties({b"Socket-Type": self.socket_type})))
+            self._state = "ready"
+            return pos + GREETING_SIZE
+        # "ready": the peer's READY command
+        if end - pos < 2:
+            return pos
+        flags = buf[pos]
+        if not flags & COMMAND:
+            raise ProtocolError("expected READY")
+        if flags & LONG:
+            if end - pos < 9:
+                return pos
+            (size,) = _LONG_SIZE.unpack_from(buf, pos + 1)
+            start = pos + 9
+        else:
+            size, start = buf[pos + 1], pos + 2
+        if size > MAX_COMMAND_BYTES:
+            raise ProtocolError(f"READY of {size} bytes")
+        if end - start < size:
+            return pos
+        name, data = split_command(bytes(buf[start : start + size]))
+        if name != b"READY":
+            raise ProtocolError(f"expected READY, got {name!r}")
+        self.peer_properties = parse_properties(data)  # an Identity in here is ignored: ids are ours
+        peer_type = self.peer_properties.get(b"socket-type", b"")
+        if peer_type not in self._accept_types:
+            self.send_raw(command(b"ERROR", _error_reason(f"socket type {peer_type.decode(errors='replace')} cannot talk to {self.socket_type.decode()}")))
+            raise ProtocolError(f"peer socket type {peer_type!r} not accepted")
+        self.peer_socket_type = peer_type
+        self._state = "open"
+        return start + size
+
+    def _on_command(self, body: bytes) -> None:
+        name, data = split_command(body)
+        if name == b"PING" and len(data) >= 2:  # TTL (2 bytes), then a context echoed in PONG
+            self.send_raw(command(b"PONG", data[2:18]))
+        elif name == b"ERROR":
+            raise PeerClosed()
+        # PONG and anything else (SUBSCRIBE, CANCEL ...) carry nothing for us
+
+    # -- sending --------------------------------------------------------------------------------------
+    def send(self, frames: list[Buffer]) -> None:
+        """Queue one multipart message and write what the socket takes now."""
+        self._queue(message_buffers(frames))
+
+    def send_raw(self, data: bytes) -> None:
+        self._queue([data])
+
+    def _queue(self, buffers: Iterable[Buffer]) -> None:
+        out = self._out
+        for buffer in buffers:
+            view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
+            if view.ndim != 1 or view.itemsize != 1:
+                view = view.cast("B")
+            out.append(view)
+            self.out_bytes += view.nbytes
+        self.flush()
+
+    def flush(self) -> bool:
+        """Write queued bytes until done or the socket is full; True when nothing is left."""
+        out = self._out
+        sendmsg = self.sock.sendmsg
+        while out:
+            batch = list(out)[:_IOV_MAX] if len(out) > _IOV_MAX else out
+            try:
+                sent = sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                    raise PeerClosed() from None
+                raise
+            self.out_bytes -= sent
+            while sent:
+                head = out[0]
+                if sent >= head.nbytes:
+                    sent -= head.nbytes
+                    out.popleft()
+                else:
+                    out[0] = head[sent:]
+                    sent = 0
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._out.clear()
+            self.out_bytes = 0
+            self._buf = bytearray()
+            self._frames = []
+            self._big = None
+            self.sock.close()
+
+
+def _error_reason(text: str) -> bytes:
+    raw = text.encode()[:255]
+    return bytes((len(raw),)) + raw

@@ -1,0 +1,345 @@
+"""Every client connection the front door holds: who it is, what it costs, and the rules that cut it.
+
+Rules, each enforced here and nowhere else:
+- caps: at most `server.max_connections` connections, and `server.max_connections_per_identity` per
+  identity (uid, CURVE key); at the global cap the listener is not read (the kernel backlog holds the
+  rest), a connection over its identity's cap is closed at once. Both stay far below RLIMIT_NOFILE.
+- handshake: a connection that has not completed the ZMTP handshake within HANDSHAKE_TIMEOUT_NS is closed;
+- backlog: while more than `server.max_reply_backlog_bytes` of replies wait for a connection to read
+  them, its requests are not read (it slows only itself);
+- memory: when the bytes held for all connections (partial requests in, replies out) or the
+  supervisor's RSS pass their limit, the connections holding the most are cut, idle or not;
+- strikes: a connection that sends `server.peer_strike_limit` requests no conforming client sends
+  (undecodable header, over a size limit) is read no more and closed once its replies are written.
+A reply for a connection that is gone is dropped and counted; connection ids are ours and never reused,
+so a reply can never reach a different connection.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
+
+import psutil
+
+from openinfer.wire.zmtp import Buffer, Event, FrameStream, Limits, PeerClosed, ProtocolError
+
+from ..access import AccessPolicy, Peer
+from ..reactor import HANGUP as _HANGUP, READABLE, WRITABLE, Reactor
+from ..settings import Settings
+from ..timers import TimerHeap
+from .listener import BoundListener, peer_credentials
+
+log = logging.getLogger("openinfer.access")
+
+HANDSHAKE_TIMEOUT_NS = 10_000_000_000
+DROP_GRACE_NS = 100_000_000  # a struck-out connection's replies get this long to be written
+MEMORY_CHECK_NS = 100_000_000  # RSS is read this often (psutil: one /proc read)
+ACCEPTS_PER_PASS = 64
+
+
+@dataclass(eq=False, slots=True)
+class Connection:
+    conn_id: int  # ours, never reused: replies are routed by the Connection object itself
+    stream: FrameStream
+    peer: Peer
+    identity: str  # what limits, quotas and turns key on: "uid=N", "curve=<key>", "tcp=<host:port>"
+    accepted_ns: int
+    last_message_ns: int = 0
+    strikes: int = 0
+    reading: bool = True  # False: struck out, or its reply backlog is over the limit
+    dropping: bool = False
+    closed: bool = False
+    open_ids: set[int] = field(default_factory=set)  # infer request ids queued or running
+
+    @property
+    def fd(self) -> int:
+        return self.stream.sock.fileno() if not self.closed else -1
+
+    @property
+    def held_bytes(self) -> int:
+        return self.stream.in_bytes + self.stream.out_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a request's reply goes: its connection object (never an id a peer could claim), and
+    whether the peer used the REQ envelope (an empty delimiter frame before the header)."""
+
+    conn: Connection
+    delimited: bool
+
+
+OnMessage = Callable[[Connection, Event], None]
+
+
+def identity_of(peer: Peer, address: str) -> str:
+    if peer.uid is not None:
+        return f"uid={peer.uid}"
+    if peer.curve_key:
+        return f"curve={peer.curve_key}"
+    return f"tcp={address}"
+
+
+def supervisor_rss_limit(settings: Settings) -> int:
+    """Bytes. The default (setting 0) leaves room for everything the daemon may hold by design."""
+    server = settings.server
+    if server.max_supervisor_rss_mb > 0:
+        return server.max_supervisor_rss_mb * 1024 * 1024
+    return server.max_queued_bytes + 4 * server.max_request_bytes + 256 * 1024 * 1024
+
+
+class ConnectionTable:
+    def __init__(self, settings: Settings, reactor: Reactor, timers: TimerHeap, listener: BoundListener, access: AccessPolicy, on_message: OnMessage, on_closed: Callable[[Connection], None]) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self.timers = timers
+        self.listener = listener
+        self.access = access
+        self.on_message = on_message
+        self.on_closed = on_closed
+        self.by_fd: dict[int, Connection] = {}
+        self.per_identity: dict[str, int] = {}
+        self.handshaking: dict[int, Connection] = {}
+        self._next_id = 1
+        self._listening = False
+        self._process = psutil.Process()
+        self._next_memory_check_ns = 0
+        self.accepted = 0
+        self.refused: dict[str, int] = {}  # why connections were refused or cut, by reason
+        self.replies_dropped = 0
+        self._limits = self._message_limits()
+        self._listen(True)
+
+    def _message_limits(self) -> Limits:
+        from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES
+
+        return Limits(frames=MAX_FRAMES + 1, first_frame=MAX_HEADER_BYTES, message_bytes=self.settings.server.max_request_bytes + MAX_HEADER_BYTES)
+
+    def reconfigure(self, settings: Settings, access: AccessPolicy) -> None:
+        """Reload: new limits apply to messages read from now on, the new policy to new connections
+        (requests on open ones are checked against it by the caller)."""
+        self.settings = settings
+        self.access = access
+        self._limits = self._message_limits()
+        for conn in self.by_fd.values():
+            conn.stream.limits = self._limits
+        self._listen(len(self.by_fd) < settings.server.max_connections)
+
+    # -- accepting ------------------------------------------------------------------------------------
+    def _listen(self, on: bool) -> None:
+        if on == self._listening:
+            return
+        fd = self.listener.sock.fileno()
+        if on:
+            self.reactor.add(fd, self._on_listener)
+        else:
+            self.reactor.remove(fd)
+        self._listening = on
+
+    def _on_listener(self, mask: int) -> None:
+        server = self.settings.server
+        for _ in range(ACCEPTS_PER_PASS):
+            if len(self.by_fd) >= server.max_connections:
+                self._listen(False)  # the rest wait in the kernel's backlog until one closes
+                self._refuse_note("max_connections", None)
+                return
+            try:
+                sock, address = self.listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE/ENFILE/ENOBUFS: stop accepting for now, never abort
+                log.error("cannot accept a connection; pausing the listener for a second", extra={"reason": exc.strerror})
+                self._listen(False)
+                self.timers.call_at(time.monotonic_ns() + 1_000_000_000, lambda: self._listen(len(self.by_fd) < self.settings.server.max_connections))
+                return
+            self._admit(sock, address)
+
+    def _admit(self, sock: socket.socket, address: object) -> None:
+        sock.setblocking(False)
+        if self.listener.is_unix:
+            pid, uid, gid = peer_credentials(sock)
+            peer = Peer(uid=uid, gid=gid, pid=pid)
+            shown = ""
+        else:
+            peer = Peer()
+            shown = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        identity = identity_of(peer, shown)
+        if not self.access.may_connect(peer):
+            self._refuse(sock, "no grant", peer, f"no grant in {self.access.source} matches this peer")
+            return
+        if self.per_identity.get(identity, 0) >= self.settings.server.max_connections_per_identity:
+            self._refuse(sock, "max_connections_per_identity", peer, f"{identity} already has {self.settings.server.max_connections_per_identity} connections (server.max_connections_per_identity)")
+            return
+        now = time.monotonic_ns()
+        conn = Connection(self._next_id, FrameStream(sock, self._limits, handshake=True), peer, identity, now)
+        self._next_id += 1
+        self.accepted += 1
+        self.by_fd[sock.fileno()] = conn
+        self.per_identity[identity] = self.per_identity.get(identity, 0) + 1
+        self.handshaking[conn.conn_id] = conn
+        self.reactor.add(sock.fileno(), partial(self._on_event, conn), READABLE | (WRITABLE if conn.stream.out_bytes else 0))
+
+    def _refuse(self, sock: socket.socket, reason: str, peer: Peer, detail: str) -> None:
+        self._refuse_note(reason, peer, detail)
+        sock.close()
+
+    def _refuse_note(self, reason: str, peer: Peer | None, detail: str = "") -> None:
+        count = self.refused.get(reason, 0) + 1
+        self.refused[reason] = count
+        if count & (count - 1) == 0:  # 1st, 2nd, 4th, 8th ...: a flood cannot flood the log
+            log.warning("connection refused", extra={"reason": reason, "detail": detail, "uid": peer.uid if peer else None, "pid": peer.pid if peer else None, "times": count})
+
+    # -- traffic --------------------------------------------------------------------------------------
+    def _on_event(self, conn: Connection, mask: int) -> None:
+        if conn.closed:
+            return
+        try:
+            if mask & WRITABLE:
+                self._flushed(conn, conn.stream.flush())
+            if mask & READABLE and conn.reading:
+                was_open = conn.stream.open
+                events = conn.stream.read()
+                if not was_open and conn.stream.open:
+                    self.handshaking.pop(conn.conn_id, None)
+                if events:
+                    conn.last_message_ns = time.monotonic_ns()
+                    for event in events:
+                        if conn.closed or not conn.reading:
+                            break  # struck out by an earlier message of this read
+                        self.on_message(conn, event)
+            elif mask & _HANGUP:
+                raise PeerClosed()  # gone while we were not reading it
+            if conn.stream.out_bytes:
+                self._watch(conn)
+        except PeerClosed:
+            self.close(conn, None)
+        except ProtocolError as exc:
+            self.close(conn, f"protocol error: {exc}")
+
+    def send(self, conn: Connection, frames: list[Buffer]) -> bool:
+        """Queue a reply; False (and counted) when its connection is gone. Never blocks."""
+        if conn.closed:
+            self.replies_dropped += 1
+            return False
+        try:
+            conn.stream.send(frames)
+        except PeerClosed:
+            self.replies_dropped += 1
+            self.close(conn, None)
+            return False
+        if conn.stream.out_bytes:
+            self._watch(conn)
+        return True
+
+    def _watch(self, conn: Connection) -> None:
+        """A reply is waiting: watch for writability, and stop reading while the backlog is too big."""
+        backlog = conn.stream.out_bytes > self.settings.server.max_reply_backlog_bytes
+        if backlog and conn.reading:
+            conn.reading = False
+        self.reactor.modify(conn.fd, WRITABLE | (READABLE if conn.reading else 0))
+
+    def _flushed(self, conn: Connection, done: bool) -> None:
+        if not done:
+            return
+        if conn.dropping:
+            self.close(conn, None)
+            return
+        if not conn.reading and not conn.dropping:
+            conn.reading = True  # the backlog is gone: read its requests again
+        self.reactor.modify(conn.fd, READABLE)
+
+    # -- rules ----------------------------------------------------------------------------------------
+    def strike(self, conn: Connection, reason: str) -> None:
+        limit = self.settings.server.peer_strike_limit
+        if limit <= 0 or conn.closed:
+            return
+        conn.strikes += 1
+        if conn.strikes >= limit and not conn.dropping:
+            why = f"{conn.strikes} malformed or over-limit requests (server.peer_strike_limit), last: {reason}"
+            self.drop_after_replies(conn, why)
+
+    def drop_after_replies(self, conn: Connection, reason: str) -> None:
+        """Read nothing more from `conn`; close it once its replies are written (or after a grace)."""
+        conn.reading = False
+        conn.dropping = True
+        self._note_drop(conn, reason)
+        if not conn.stream.out_bytes:
+            self.close(conn, None)
+            return
+        self.reactor.modify(conn.fd, WRITABLE)
+        self.timers.call_at(time.monotonic_ns() + DROP_GRACE_NS, lambda: self.close(conn, None))
+
+    def housekeeping(self, now_ns: int) -> None:
+        """Called from the loop: handshake timeouts, and the memory rule every MEMORY_CHECK_NS."""
+        if self.handshaking:
+            for conn in [c for c in self.handshaking.values() if now_ns - c.accepted_ns > HANDSHAKE_TIMEOUT_NS]:
+                self.close(conn, f"no ZMTP handshake within {HANDSHAKE_TIMEOUT_NS // 1_000_000_000} s")
+        if now_ns < self._next_memory_check_ns:
+            return
+        self._next_memory_check_ns = now_ns + MEMORY_CHECK_NS
+        self.enforce_memory()
+
+    def enforce_memory(self) -> None:
+        limit = supervisor_rss_limit(self.settings)
+        buffer_limit = self.settings.server.max_connection_buffers_bytes or limit // 2
+        held = sum(conn.held_bytes for conn in self.by_fd.values())
+        rss = int(self._process.memory_info().rss)
+        if rss <= limit and held <= buffer_limit:
+            return
+        # The connections holding the most go first, whether idle or not, until both limits hold.
+        cut = 0
+        for conn in sorted(self.by_fd.values(), key=lambda c: c.held_bytes, reverse=True):
+            size = conn.held_bytes
+            if size == 0 or (rss <= limit and held <= buffer_limit):
+                break
+            self._note_drop(conn, f"holds {size} bytes ({conn.stream.in_bytes} of unfinished requests, {conn.stream.out_bytes} of unread replies) while the supervisor is over its memory limits (RSS {rss >> 20} MiB of {limit >> 20} MiB, connection buffers {held >> 20} MiB of {buffer_limit >> 20} MiB)")
+            self.close(conn, None)
+            held -= size
+            rss -= size
+            cut += 1
+        if not cut:
+            log.warning("supervisor memory over its limit, but no connection holds buffers", extra={"rss_mb": rss >> 20, "limit_mb": limit >> 20})
+
+    def _note_drop(self, conn: Connection, reason: str) -> None:
+        self.refused["cut"] = self.refused.get("cut", 0) + 1
+        log.warning("connection dropped", extra={"connection": conn.conn_id, "peer": conn.identity, "pid": conn.peer.pid, "reason": reason})
+
+    def close(self, conn: Connection, reason: str | None) -> None:
+        if conn.closed:
+            return
+        if reason:
+            log.info("connection closed", extra={"connection": conn.conn_id, "peer": conn.identity, "reason": reason})
+        fd = conn.fd
+        self.reactor.remove(fd)
+        self.by_fd.pop(fd, None)
+        self.handshaking.pop(conn.conn_id, None)
+        left = self.per_identity.get(conn.identity, 0) - 1
+        if left > 0:
+            self.per_identity[conn.identity] = left
+        else:
+            self.per_identity.pop(conn.identity, None)
+        conn.stream.close()
+        conn.closed = True
+        self.on_closed(conn)
+        if not self._listening and len(self.by_fd) < self.settings.server.max_connections:
+            self._listen(True)
+
+    def close_all(self) -> None:
+        for conn in list(self.by_fd.values()):
+            self.close(conn, None)
+        self._listen(False)
+
+    def describe(self) -> dict[str, object]:
+        """For `status`: counts only (never ids of other clients' connections)."""
+        return {
+            "connections": len(self.by_fd),
+            "by_identity": len(self.per_identity),
+            "accepted": self.accepted,
+            "refused": dict(self.refused),
+            "replies_dropped": self.replies_dropped,
+            "held_bytes": sum(conn.held_bytes for conn in self.by_fd.values()),
+        }

@@ -1,0 +1,151 @@
+"""Binding the public socket safely and accepting connections within the caps.
+
+ipc://: the socket's directory is created private or checked (no one else may swap the socket file), an
+exclusive flock on PATH.lock stops a second daemon from taking the path over, the socket file is created
+under a strict umask and then given `server.socket_mode`/`socket_group`. tcp://: a plain listening socket
+(CURVE or, with --insecure-tcp, NULL is spoken on its connections). Connections are accepted only while
+the daemon is below its caps: the rest wait in the kernel's backlog, where they cost the daemon nothing.
+"""
+from __future__ import annotations
+
+import fcntl
+import grp
+import logging
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from openinfer.daemon.modelconfig import ConfigError
+
+log = logging.getLogger("openinfer.supervisor")
+
+BACKLOG = 128
+_PEERCRED = struct.Struct("3i")
+
+
+class EndpointBusy(RuntimeError):
+    """Another daemon holds the lock beside this socket."""
+
+
+@dataclass
+class BoundListener:
+    address: str  # as clients should use it (a tcp port 0 resolved)
+    sock: socket.socket
+    socket_path: Path | None  # ipc:// only
+    lock_fd: int | None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.socket_path is not None
+
+    def cleanup(self) -> None:
+        self.sock.close()
+        if self.socket_path is not None:
+            for path in (self.socket_path, lock_path(self.socket_path)):
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+def lock_path(socket_path: Path) -> Path:
+    return socket_path.with_name(socket_path.name + ".lock")
+
+
+def ipc_path(address: str) -> Path | None:
+    return Path(address[len("ipc://") :]) if address.startswith("ipc://") else None
+
+
+def check_private_dir(path: Path, what: str) -> None:
+    """A directory whose entries only root or we can replace. Raises ConfigError naming what is wrong:
+    anyone else who can create entries there could swap our socket for theirs."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigError(f"{what} {path} is a symbolic link; refusing to use it (point the setting at the real directory)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{what} {path} is not a directory")
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(f"{what} {path} is owned by uid {st.st_uid}, not by root or this daemon (uid {os.geteuid()}): another user could replace the socket in it; remove it or choose another path")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise ConfigError(f"{what} {path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}): anyone in it could replace the socket; chmod go-w it")
+
+
+def bind_unix(address: str, *, mode: int, group: str) -> BoundListener:
+    path = ipc_path(address)
+    assert path is not None
+    if len(os.fsencode(str(path))) > 107:
+        raise ConfigError(f"ipc path {path} is longer than the 107 bytes a Unix socket address holds")
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o750, parents=True)
+    check_private_dir(path.parent, "socket directory")
+    lock_fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        raise EndpointBusy(f"another openinfer daemon is serving at {address} (lock {lock_path(path)} is held)") from None
+    # We hold the lock: whatever is at the path was left by a daemon that is gone.
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)  # the file exists with mode 0600 before it gets its real mode below
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        os.close(lock_fd)
+        raise ConfigError(f"cannot bind {address}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            sock.close()
+            os.close(lock_fd)
+            raise ConfigError(f"server.socket_group {group!r} is not a group on this system") from None
+        os.chown(path, -1, gid, follow_symlinks=False)
+    os.chmod(path, mode)  # a socket we just created ourselves in a checked directory: no symlink race
+    sock.listen(BACKLOG)
+    return BoundListener(address=address, sock=sock, socket_path=path, lock_fd=lock_fd)
+
+
+def bind_tcp(address: str) -> BoundListener:
+    host, _, port_text = address[len("tcp://") :].rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    if host == "*":
+        host = "0.0.0.0"
+    try:
+        port = int(port_text)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"bad tcp address {address!r}: {exc}") from None
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot bind {address}: {exc.strerror}") from None
+    sock.listen(BACKLOG)
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    return BoundListener(address=f"tcp://{shown}:{bound_port}", sock=sock, socket_path=None, lock_fd=None)
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) the kernel recorded for the peer of a Unix socket when it connected."""
+    return _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
