@@ -75,8 +75,9 @@ class RunningDaemon:
         return self.process.returncode
 
 
-def start_daemon(models: Path, *extra: str, env: dict[str, str] | None = None, wait: bool = True, timeout: float = 90.0, address: str | None = None) -> RunningDaemon:
-    workdir = world_readable_dir("oi-d-")  # workers (uid nobody) must reach the channel socket inside
+def start_daemon(models: Path, *extra: str, env: dict[str, str] | None = None, wait: bool = True, timeout: float = 90.0, address: str | None = None, launcher: list[str] | None = None) -> RunningDaemon:
+    """`launcher` replaces `python -m openinfer.daemon.cli` (tests/attack/hostile_daemon.py)."""
+    workdir = world_readable_dir("oi-d-")  # clients of other uids must reach the socket inside
     address = address or f"ipc://{workdir}/openinfer.sock"
     log_path = workdir / "daemon.log"
     full_env = dict(os.environ)
@@ -85,7 +86,7 @@ def start_daemon(models: Path, *extra: str, env: dict[str, str] | None = None, w
     full_env.update(env or {})
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "openinfer.daemon.cli", "serve", "--models", str(models), "--socket", address, *extra],
+            [*(launcher or [sys.executable, "-m", "openinfer.daemon.cli"]), "serve", "--models", str(models), "--socket", address, *extra],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=full_env,

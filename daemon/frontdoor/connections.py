@@ -17,6 +17,7 @@ so a reply can never reach a different connection.
 from __future__ import annotations
 
 import logging
+import resource
 import socket
 import time
 from dataclasses import dataclass, field
@@ -84,6 +85,20 @@ def identity_of(peer: Peer, address: str) -> str:
     return f"tcp={address}"
 
 
+def connection_budget() -> int:
+    """Connections the process can hold without running out of descriptors: the open-file limit (the
+    soft one raised to the hard one first) less a reserve for workers' pidfds, pipes and channels,
+    the prepare helpers, model files and the metrics server."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return max(8, soft - max(128, soft // 4))
+
+
 def supervisor_rss_limit(settings: Settings) -> int:
     """Bytes. The default (setting 0) leaves room for everything the daemon may hold by design."""
     server = settings.server
@@ -112,7 +127,16 @@ class ConnectionTable:
         self.refused: dict[str, int] = {}  # why connections were refused or cut, by reason
         self.replies_dropped = 0
         self._limits = self._message_limits()
+        self._budget = connection_budget()
+        self.max_connections = self._cap(settings)
         self._listen(True)
+
+    def _cap(self, settings: Settings) -> int:
+        wanted = settings.server.max_connections
+        if wanted > self._budget:
+            log.warning("server.max_connections lowered to fit the open-file limit", extra={"configured": wanted, "used": self._budget, "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0]})
+            return self._budget
+        return wanted
 
     def _message_limits(self) -> Limits:
         from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES
@@ -125,9 +149,10 @@ class ConnectionTable:
         self.settings = settings
         self.access = access
         self._limits = self._message_limits()
+        self.max_connections = self._cap(settings)
         for conn in self.by_fd.values():
             conn.stream.limits = self._limits
-        self._listen(len(self.by_fd) < settings.server.max_connections)
+        self._listen(len(self.by_fd) < self.max_connections)
 
     # -- accepting ------------------------------------------------------------------------------------
     def _listen(self, on: bool) -> None:
@@ -141,9 +166,8 @@ class ConnectionTable:
         self._listening = on
 
     def _on_listener(self, mask: int) -> None:
-        server = self.settings.server
         for _ in range(ACCEPTS_PER_PASS):
-            if len(self.by_fd) >= server.max_connections:
+            if len(self.by_fd) >= self.max_connections:
                 self._listen(False)  # the rest wait in the kernel's backlog until one closes
                 self._refuse_note("max_connections", None)
                 return
@@ -154,7 +178,7 @@ class ConnectionTable:
             except OSError as exc:  # EMFILE/ENFILE/ENOBUFS: stop accepting for now, never abort
                 log.error("cannot accept a connection; pausing the listener for a second", extra={"reason": exc.strerror})
                 self._listen(False)
-                self.timers.call_at(time.monotonic_ns() + 1_000_000_000, lambda: self._listen(len(self.by_fd) < self.settings.server.max_connections))
+                self.timers.call_at(time.monotonic_ns() + 1_000_000_000, lambda: self._listen(len(self.by_fd) < self.max_connections))
                 return
             self._admit(sock, address)
 
@@ -325,7 +349,7 @@ class ConnectionTable:
         conn.stream.close()
         conn.closed = True
         self.on_closed(conn)
-        if not self._listening and len(self.by_fd) < self.settings.server.max_connections:
+        if not self._listening and len(self.by_fd) < self.max_connections:
             self._listen(True)
 
     def close_all(self) -> None:
@@ -337,6 +361,7 @@ class ConnectionTable:
         """For `status`: counts only (never ids of other clients' connections)."""
         return {
             "connections": len(self.by_fd),
+            "max_connections": self.max_connections,
             "by_identity": len(self.per_identity),
             "accepted": self.accepted,
             "refused": dict(self.refused),

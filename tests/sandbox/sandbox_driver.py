@@ -1,7 +1,8 @@
-"""Drive tests/sandbox/sandbox_workload.py as a real, separately spawned worker over ZeroMQ ipc://.
+"""Drive tests/sandbox/sandbox_workload.py as a real, separately spawned worker over a socketpair
+(ZMTP framing, like the daemon's worker channel).
 
-The test process only creates a ROUTER socket and never imports onnxruntime, so it stays safe to fork
-from for the probe tests.
+The test process never imports onnxruntime or creates a ZeroMQ context, so it stays safe to fork from for
+the probe tests.
 """
 from __future__ import annotations
 
@@ -12,8 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import select
+import socket
+import time
+
 import numpy as np
-import zmq
+
+from openinfer.wire.zmtp import FrameStream, Limits, PeerClosed
 
 WORKLOAD = Path(__file__).resolve().parent / "sandbox_workload.py"
 
@@ -37,16 +43,14 @@ class WorkloadProcess:
         serve_policy: str = "worker",
         memory_limit_mb: int = 0,
         isolate: bool = False,
-        skip_preload: bool = False,
     ) -> None:
         self.workdir = workdir
         self.home = workdir / "home"
         self.home.mkdir(exist_ok=True)
-        self.context = zmq.Context()
-        self.router = self.context.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        endpoint = f"ipc://{workdir}/channel-{os.getpid()}-{id(self)}"
-        self.router.bind(endpoint)
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        self.channel = FrameStream(ours, Limits(frames=1 << 16, first_frame=1 << 30, message_bytes=1 << 40))
+        self._pending: list[Any] = []
         self.env = {
             "ORT_DISABLE_TELEMETRY": "1",
             "HOME": str(self.home),
@@ -55,14 +59,13 @@ class WorkloadProcess:
             "OPENBLAS_NUM_THREADS": "1",
             "LANG": "C.UTF-8",
         }
-        command = [sys.executable, "-I", str(WORKLOAD), "--model", model, "--endpoint", endpoint, "--threads", str(threads),
+        command = [sys.executable, "-I", str(WORKLOAD), "--model", model, "--channel-fd", str(theirs.fileno()), "--threads", str(threads),
                    "--boot-policy", boot_policy, "--serve-policy", serve_policy, "--memory-limit-mb", str(memory_limit_mb)]
         if isolate:
             command.append("--isolate")
-        if skip_preload:
-            command.append("--skip-preload")
-        self.process = subprocess.Popen(command, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.identity = b""
+        self.process = subprocess.Popen(command, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(theirs.fileno(),))
+        theirs.close()
+        self.started = False
         self.ready_status: dict[str, Any] = {}
 
     @property
@@ -70,18 +73,28 @@ class WorkloadProcess:
         return self.process.pid
 
     def start(self, timeout_s: float = 30.0) -> WorkloadProcess:
-        identity, kind, _ = self._receive(timeout_s)
+        kind, _ = self._receive(timeout_s)
         assert kind == b"hello", kind
-        self.identity = identity
-        self.router.send_multipart([identity, b"ack"])
-        _, kind, status = self._receive(timeout_s)
+        self.started = True
+        self._send([b"ack"])
+        kind, status = self._receive(timeout_s)
         assert kind == b"ready", kind
         self.ready_status = json.loads(status)
         return self
 
     def call(self, *frames: Any, timeout_s: float = 30.0) -> list[bytes]:  # bytes or buffers (ndarrays)
-        self.router.send_multipart([self.identity, *frames])
-        return self._receive(timeout_s)[1:]
+        self._send(list(frames))
+        return self._receive(timeout_s)
+
+    def _send(self, frames: list[Any]) -> None:
+        self.channel.send([f if isinstance(f, bytes) else memoryview(np.ascontiguousarray(f)).cast("B") for f in frames])
+        poller = select.poll()
+        poller.register(self.channel.sock.fileno(), select.POLLOUT)
+        while self.channel.out_bytes:
+            if self.process.poll() is not None:
+                raise WorkerDied(self.process.returncode)
+            poller.poll(100)
+            self.channel.flush()
 
     def run(self, x: np.ndarray, img: np.ndarray) -> dict[str, np.ndarray]:
         spec = {"inputs": {"x": ["float32", list(x.shape)], "img": ["float32", list(img.shape)]}}
@@ -109,7 +122,7 @@ class WorkloadProcess:
 
     def close(self) -> str:
         """Stop the worker (QUIT, then SIGKILL) and return its stderr."""
-        if self.process.poll() is None and self.identity:
+        if self.process.poll() is None and self.started:
             try:
                 self.call(b"quit", timeout_s=5)
             except (WorkerDied, TimeoutError):
@@ -120,8 +133,7 @@ class WorkloadProcess:
             self.process.kill()
             self.process.wait()
         _, stderr = self.process.communicate()
-        self.router.close(0)
-        self.context.term()
+        self.channel.close()
         return stderr.decode(errors="replace")
 
     def __enter__(self) -> WorkloadProcess:
@@ -131,11 +143,18 @@ class WorkloadProcess:
         self.close()
 
     def _receive(self, timeout_s: float) -> list[bytes]:
-        remaining_ms = int(timeout_s * 1000)
-        while remaining_ms > 0:
-            if self.router.poll(100):
-                return self.router.recv_multipart()
+        poller = select.poll()
+        poller.register(self.channel.sock.fileno(), select.POLLIN)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._pending:
+                return [bytes(f) for f in self._pending.pop(0)]
+            if poller.poll(100):
+                try:
+                    self._pending.extend(self.channel.read())
+                    continue
+                except PeerClosed:  # the worker's end is closed: it exited (or is exiting)
+                    self.process.wait(10)
             if self.process.poll() is not None:
                 raise WorkerDied(self.process.returncode)
-            remaining_ms -= 100
         raise TimeoutError(f"no reply from worker within {timeout_s}s")

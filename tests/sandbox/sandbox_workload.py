@@ -2,8 +2,8 @@
 
 It does what a real OpenInfer worker does, in the same order (docs/SANDBOX.md §3): parent-death signal,
 (optionally) not dumpable + rlimits + namespaces + Landlock, (optionally) boot policy, import onnxruntime,
-build a session, warm up, connect a DEALER over ipc:// to the parent's ROUTER, HELLO/ACK, prime pyzmq's
-zero-copy sends, malloc_trim, memory limit, (optionally) serve policy, READY, then serve a closed set of
+build a session, warm up, HELLO/ACK on the socketpair inherited as fd 4 (ZMTP framing, as the real worker's
+channel), malloc_trim, memory limit, (optionally) serve policy, READY, then serve a closed set of
 operations:
 
   run     [b"run", json{"inputs": {name: [dtype, shape]}}, *raw]  -> [b"ok", json{name: shape}, *raw]
@@ -26,19 +26,18 @@ from typing import Any
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
-    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--channel-fd", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--boot-policy", default="")
     parser.add_argument("--serve-policy", default="")
     parser.add_argument("--memory-limit-mb", type=int, default=0)
     parser.add_argument("--isolate", action="store_true", help="the daemon's process layers before the boot policy")
-    parser.add_argument("--skip-preload", action="store_true", help="do not prime pyzmq's zero-copy sends")
     parser.add_argument("--marker", action="store_true", help="stat a marker path when serving starts (strace phases)")
     return parser.parse_args(argv)
 
 
 def read_paths(model: str) -> list[str]:
-    """What Python, numpy, pyzmq and onnxruntime read while loading (measured with strace), plus the model."""
+    """What Python, numpy and onnxruntime read while loading (measured with strace), plus the model."""
     import site
     import sysconfig
 
@@ -84,7 +83,11 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     # Everything the serve loop uses must be imported before the serve policy: imports open files.
-    from openinfer.sandbox import hardening, preload, probes  # noqa: F401
+    import select
+    import socket
+
+    from openinfer.sandbox import hardening, probes  # noqa: F401
+    from openinfer.wire.zmtp import FrameStream, Limits
 
     hardening.set_parent_death_signal()  # never outlive the test that spawned us
     if args.isolate:
@@ -96,7 +99,6 @@ def main(argv: list[str]) -> int:
 
     import numpy as np
     import onnxruntime as ort
-    import zmq
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
@@ -105,16 +107,13 @@ def main(argv: list[str]) -> int:
     session = ort.InferenceSession(args.model, sess_options=options, providers=["CPUExecutionProvider"])
     session.run(None, {"x": np.zeros((1, 64), np.float32), "img": np.zeros((1, 3, 8, 8), np.float32)})
 
-    context = zmq.Context(io_threads=1)
-    channel = context.socket(zmq.DEALER)
-    channel.setsockopt(zmq.LINGER, 0)
-    channel.connect(args.endpoint)
+    sock = socket.socket(fileno=args.channel_fd)
+    sock.setblocking(False)
+    channel = Channel(FrameStream(sock, Limits(frames=1 << 16, first_frame=1 << 30, message_bytes=1 << 40)), select)
     channel.send_multipart([b"hello", str(os.getpid()).encode()])
     if channel.recv_multipart()[0] != b"ack":
         return 2
 
-    if not args.skip_preload:
-        preload.prime_zero_copy_sends(context)  # pyzmq's lazy import would fail under the serve policy
     before_serve_policy = thread_status()  # /proc is unreadable under the serve policy
     if args.serve_policy:
         from openinfer.sandbox import apply_policy, hardening
@@ -130,15 +129,39 @@ def main(argv: list[str]) -> int:
             pass
     channel.send_multipart([b"ready", json.dumps(before_serve_policy).encode()])
     serve(channel, session, np)
-    channel.close(linger=0)
-    context.term()
+    channel.stream.close()  # an unclosed socket's ResourceWarning would call getsockname: not allowed
     return 0
+
+
+class Channel:
+    """Blocking request/reply over the inherited socketpair, as the real worker's channel."""
+
+    def __init__(self, stream: Any, select: Any) -> None:
+        self.stream = stream
+        self.poller = select.poll()
+        self.poller.register(stream.sock.fileno(), select.POLLIN)
+        self.select = select
+        self.pending: list[Any] = []
+
+    def send_multipart(self, frames: list[Any]) -> None:
+        self.stream.send([bytes(f) if isinstance(f, bytes) else memoryview(f).cast("B") for f in frames])
+        while self.stream.out_bytes:
+            self.poller.modify(self.stream.sock.fileno(), self.select.POLLOUT)
+            self.poller.poll()
+            self.stream.flush()
+        self.poller.modify(self.stream.sock.fileno(), self.select.POLLIN)
+
+    def recv_multipart(self) -> list[Any]:
+        while not self.pending:
+            self.poller.poll()
+            self.pending.extend(self.stream.read())
+        return [bytes(f) for f in self.pending.pop(0)]
 
 
 def serve(channel: Any, session: Any, np: Any) -> None:
     while True:
-        frames = channel.recv_multipart(copy=False)
-        op = frames[0].bytes
+        frames = channel.recv_multipart()
+        op = frames[0]
         if op == b"quit":
             channel.send_multipart([b"bye"])
             return
@@ -146,14 +169,14 @@ def serve(channel: Any, session: Any, np: Any) -> None:
             reply = handle(op, frames, session, np)
         except Exception as exc:  # report, keep serving: the test decides what is expected
             reply = [b"err", f"{type(exc).__name__}: {exc}".encode()]
-        channel.send_multipart(reply, copy=False)
+        channel.send_multipart(reply)
 
 
 def handle(op: bytes, frames: list[Any], session: Any, np: Any) -> list[Any]:
     if op == b"run":
-        spec = json.loads(frames[1].bytes)
+        spec = json.loads(frames[1])
         feed = {
-            name: np.frombuffer(frame.buffer, dtype=dtype).reshape(shape)
+            name: np.frombuffer(frame, dtype=dtype).reshape(shape)
             for (name, (dtype, shape)), frame in zip(spec["inputs"].items(), frames[2:])
         }
         names = [o.name for o in session.get_outputs()]
@@ -166,7 +189,7 @@ def handle(op: bytes, frames: list[Any], session: Any, np: Any) -> list[Any]:
         except ValueError:
             return [b"ok", traceback.format_exc().encode()]
     if op == b"alloc":
-        megabytes = json.loads(frames[1].bytes)["mb"]
+        megabytes = json.loads(frames[1])["mb"]
         try:
             block = np.ones(megabytes * 1024 * 1024 // 8, dtype=np.float64)
             total = float(block.sum())
@@ -181,7 +204,7 @@ def handle(op: bytes, frames: list[Any], session: Any, np: Any) -> list[Any]:
     if op == b"attempt":
         from openinfer.sandbox.probes import attempt_in_process
 
-        how = attempt_in_process(json.loads(frames[1].bytes)["probe"])
+        how = attempt_in_process(json.loads(frames[1])["probe"])
         return [b"ok", json.dumps({"how": how}).encode()]
     return [b"err", b"unknown op"]
 

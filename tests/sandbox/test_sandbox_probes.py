@@ -11,8 +11,8 @@ from openinfer.sandbox.probes import ALLOWED, ProbeResult, all_blocked, probe_na
 
 # How the worker policy stops each attempt: soft denials where callers must keep working, death otherwise.
 WORKER_EXPECTED = {
-    "network_socket": "EPERM",
-    "unix_socket": "EPERM",
+    "network_socket": "SIGSYS",  # the channel is inherited: no socket is ever made
+    "unix_socket": "SIGSYS",
     "connect": "SIGSYS",
     "exec": "SIGSYS",
     "file_write": "EPERM",
@@ -47,10 +47,11 @@ def test_audit_policy_still_blocks_every_probe() -> None:
 
 def test_boot_policy_allows_loading_and_blocks_escapes() -> None:
     results = {r.name: r for r in run_probes("boot")}
-    loading_needs = {"unix_socket", "connect", "file_read", "exec_memory", "mprotect_exec"}
+    loading_needs = {"file_read", "exec_memory", "mprotect_exec"}
     assert {name for name, r in results.items() if not r.blocked} == loading_needs
     assert all(results[name].how == ALLOWED for name in loading_needs)
-    assert results["network_socket"].how == "SIGSYS"
+    # The channel is inherited at spawn: no socket of any family, and no connect, while a model loads.
+    assert results["network_socket"].how == "SIGSYS" and results["unix_socket"].how == "SIGSYS" and results["connect"].how == "SIGSYS"
     assert results["file_write"].how == "EPERM"
     assert results["exec"].how == "SIGSYS" and results["fork"].how == "SIGSYS"
 

@@ -1,4 +1,5 @@
-"""A real worker (spawned fresh, onnxruntime + pyzmq over ipc://) under the boot and serve policies.
+"""A real worker (spawned fresh, onnxruntime, its channel a socketpair inherited at spawn) under the boot
+and serve policies.
 
 What must keep working: inference on the loaded session, messaging over the open channel, memory growth
 within the limit, Python exceptions with tracebacks. What must not: anything the probes try.
@@ -36,9 +37,7 @@ def worker(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 def test_every_thread_is_filtered(worker: WorkloadProcess) -> None:
     threads = worker.threads_from_outside()
-    names = sorted(t["Name"] for t in threads.values())
-    assert names.count("ZMQbg/IO/0") >= 1 and names.count("ZMQbg/Reaper") >= 1
-    assert len(threads) >= 5  # main, onnxruntime's pool, libzmq's I/O + reaper, pyzmq's collector
+    assert len(threads) >= 2  # main and onnxruntime's pool (threads=2); no libzmq threads any more
     assert all(t["Seccomp"] == "2" and t["NoNewPrivs"] == "1" for t in threads.values()), threads
 
 
@@ -69,11 +68,10 @@ def test_memory_grows_within_the_limit_and_fails_cleanly_beyond_it(worker: Workl
 
 def test_forbidden_actions_fail_softly_where_designed(worker: WorkloadProcess) -> None:
     assert worker.attempt("file_read") == "EPERM"
-    assert worker.attempt("unix_socket") == "EPERM"
     assert json.loads(worker.call(b"status")[1]) == {"pid": worker.pid, "proc_readable": False}
 
 
-@pytest.mark.parametrize("probe", ["exec", "network_socket", "fork", "exec_memory", "signal"])
+@pytest.mark.parametrize("probe", ["exec", "network_socket", "unix_socket", "fork", "exec_memory", "signal"])
 def test_forbidden_actions_kill_the_worker(model_path: str, tmp_path: Path, probe: str) -> None:
     process = WorkloadProcess(tmp_path, model_path).start()
     try:
@@ -88,15 +86,3 @@ def test_audit_policy_serves(model_path: str, tmp_path: Path) -> None:
     with WorkloadProcess(tmp_path, model_path, serve_policy="audit") as process:
         x = np.ones((4, 64), np.float32)
         np.testing.assert_allclose(process.run(x, np.ones((1, 3, 8, 8), np.float32))["y"], expected_outputs(model_path, x), rtol=1e-4)
-
-
-def test_without_preloading_the_first_large_zero_copy_reply_breaks(model_path: str, tmp_path: Path) -> None:
-    """Why openinfer.sandbox.preload exists: pyzmq imports zmq.utils.garbage on the first big zero-copy send."""
-    process = WorkloadProcess(tmp_path, model_path, skip_preload=True).start()
-    try:
-        process.run(np.ones((1, 64), np.float32), np.ones((1, 3, 4, 4), np.float32))  # small replies are copied
-        with pytest.raises(WorkerDied):
-            process.run(np.ones((16384, 64), np.float32), np.ones((1, 3, 4, 4), np.float32))
-    finally:
-        stderr = process.close()
-    assert "No module named 'zmq.utils.garbage'" in stderr

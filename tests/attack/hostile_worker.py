@@ -1,0 +1,131 @@
+"""A compromised worker: speaks the supervisor <-> worker channel and lies in the ways a worker taken over
+by its model or its input could. Started by hostile_daemon.py in place of the real worker for models
+whose name starts with "hostile-"; the rest of the name is the attack (see ATTACKS).
+
+It needs nothing of the daemon but the channel's framing, so it runs against the socketpair channel (fd
+4) and, for checks against older code, against the old ZeroMQ ipc:// channel named in its boot config.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import time
+
+import msgpack
+
+HELLO, READY, RESULT, ACK, TASK, PING, PONG, QUIT = b"H", b"Y", b"R", b"A", b"T", b"P", b"p", b"Q"
+SPEC = {"name": "x", "datatype": "FP32", "shape": [-1, 4]}
+OUT = {"name": "y", "datatype": "FP32", "shape": [-1, 4]}
+FORGED_LOG = '{"ts":"2026-01-01T00:00:00.000Z","level":"info","logger":"openinfer.supervisor","msg":"FORGED supervisor line: reload complete"}'
+
+
+class SocketpairChannel:
+    def __init__(self) -> None:
+        import socket
+
+        from openinfer.wire.zmtp import FrameStream, Limits
+
+        sock = socket.socket(fileno=4)
+        self.stream = FrameStream(sock, Limits(frames=1 << 16, first_frame=1 << 30, message_bytes=1 << 40))
+        self.pending: list[list[bytes]] = []
+
+    def send(self, frames: list[bytes]) -> None:
+        self.stream.send(frames)
+        while self.stream.out_bytes:
+            self.stream.flush()
+
+    def send_raw(self, data: bytes) -> None:
+        self.stream.sock.sendall(data)
+
+    def recv(self) -> list[bytes]:
+        import select
+
+        while not self.pending:
+            select.select([self.stream.sock], [], [])
+            self.pending.extend([bytes(f) for f in event] for event in self.stream.read() if isinstance(event, list))
+        return self.pending.pop(0)
+
+
+class ZmqChannel:
+    """The old channel: a DEALER connecting to the supervisor's ipc:// ROUTER (what the attack on the code
+    before the fix used)."""
+
+    def __init__(self, address: str, identity: bytes) -> None:
+        import zmq
+
+        self.socket = zmq.Context().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.IDENTITY, identity)
+        self.socket.connect(address)
+
+    def send(self, frames: list[bytes]) -> None:
+        self.socket.send_multipart(frames)
+
+    def send_raw(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def recv(self) -> list[bytes]:
+        return self.socket.recv_multipart()
+
+
+def answer(task: list[bytes], attack: str) -> list[bytes] | None:
+    """The reply to one TASK, per attack (None: send nothing)."""
+    task_id = task[0][1:9]
+    header = msgpack.unpackb(task[1])
+    x = memoryview(task[2]).cast("f")
+    rows = header["inputs"][0]["shape"][0]
+    now = time.monotonic_ns()
+    meta = {"outputs": [{"name": "y", "datatype": "FP32", "shape": [rows, 4]}], "recv_ns": now, "prep_us": 1.0, "compute_us": 1.0, "encode_us": 1.0, "cpu_us": 1.0, "send_ns": now}
+    honest = [RESULT + task_id, msgpack.packb(meta), struct.pack(f"<{len(x)}f", *[2 * v for v in x])]
+    if attack == "garbage-meta":
+        return [RESULT + task_id, b"\xc1 this is not msgpack"]
+    if attack == "missing-send-ns":
+        del meta["send_ns"]
+        return [RESULT + task_id, msgpack.packb(meta), honest[2]]
+    if attack == "wrong-task":
+        return [RESULT + struct.pack("<Q", struct.unpack("<Q", task_id)[0] + 1000), *honest[1:]]
+    if attack == "short-output":
+        return [*honest[:2], honest[2][:-4]]
+    if attack == "forged-error":
+        return [RESULT + task_id, msgpack.packb({"error": {"code": "PWNED", "message": "Z" * 100_000}, "recv_ns": now, "send_ns": now, "cpu_us": 0.0})]
+    if attack == "stderr-forgery":
+        sys.stderr.write(FORGED_LOG + "\n")
+        sys.stderr.flush()
+        return honest
+    return honest
+
+
+def main() -> None:
+    config = json.loads(sys.argv[2])
+    attack = config["model"][len("hostile-") :]
+    channel: SocketpairChannel | ZmqChannel
+    if "channel" in config:
+        channel = ZmqChannel(config["channel"], str(config["worker_id"]).encode())
+    else:
+        channel = SocketpairChannel()
+    hello = {"pid": os.getpid(), "inputs": [SPEC], "outputs": [OUT], "load_ms": 1.0, "warmup_ms": 1.0, "warmup_error": None}
+    if attack == "bad-hello":
+        hello["outputs"] = [{"name": "y", "datatype": "FP32", "shape": ["many", "rows"]}]
+    channel.send([HELLO, msgpack.packb(hello)])
+    if channel.recv()[0] != ACK:
+        return
+    channel.send([READY, msgpack.packb({"enabled": False, "compromised": True})])
+    while True:
+        frames = channel.recv()
+        kind = frames[0][:1]
+        if kind == PING:
+            channel.send([PONG, frames[1]])
+        elif kind == QUIT:
+            return
+        elif kind == TASK:
+            if attack == "oversized":
+                channel.send_raw(bytes((0x02,)) + (1 << 40).to_bytes(8, "big"))  # a 1 TiB frame, then stall
+                time.sleep(3600)
+            reply = answer(frames, attack)
+            if reply is not None:
+                channel.send(reply)
+
+
+if __name__ == "__main__":
+    main()
