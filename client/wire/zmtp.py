@@ -11,6 +11,10 @@ exchange with its properties (`Socket-Type`; an `Identity` a peer sends is read 
 command, PING -> PONG (3.1 heartbeats), and multipart messages of short and long frames. Limits are
 checked as bytes arrive, before anything is buffered: a frame or message over its limit is reported
 and its remaining bytes are skipped, never stored.
+
+Security mechanisms that seal every frame (CurveZMQ) are a subclass, openinfer.wire.sealed.SealedFrameStream,
+which takes over the greeting's and the handshake's hooks below and the parsing after the handshake;
+a NULL stream never runs any of its code.
 """
 from __future__ import annotations
 
