@@ -1,10 +1,12 @@
 """tcp:// only with CURVE: known client keys connect, unknown keys and plain clients get nothing."""
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,48 @@ def test_curve_keys_decide_who_connects(daemon_factory: Any, tmp_path: Path) -> 
         with pytest.raises(OpenInferError):
             plain.health()
     assert "connection refused: no grant matches this peer" in daemon.log_text()
+    shutil.rmtree(repo, ignore_errors=True)
+
+
+def test_curve_connections_are_capped_per_key_and_survive_an_oversized_request(daemon_factory: Any, tmp_path: Path) -> None:
+    """The per-identity cap counts a CURVE client's connections under its key (known only after the
+    handshake); a request over the size limit is answered RESOURCE_EXHAUSTED, its sealed frames skipped
+    unopened, and the same connection serves the next request."""
+    repo = world_readable_dir("oi-curve3-")
+    onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
+    for path in repo.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    key_file = tmp_path / "server.key"
+    assert subprocess.run([sys.executable, "-m", "openinfer.daemon.cli", "keygen", str(key_file)], capture_output=True).returncode == 0
+    server_public = Path(f"{key_file}.pub").read_text().strip().encode()
+    keypair = zmq.curve_keypair()
+    policy = tmp_path / "access.toml"
+    policy.write_text(f'[[grant]]\nname = "known-key"\ncurve_keys = ["{keypair[0].decode()}"]\noperations = ["infer", "health", "stats"]\n')
+    address = f"tcp://127.0.0.1:{free_port()}"
+    env = {
+        "OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file),
+        "OPENINFER_SERVER_ACCESS_POLICY": str(policy),
+        "OPENINFER_SERVER_MAX_CONNECTIONS_PER_IDENTITY": "1",
+        "OPENINFER_SERVER_MAX_REQUEST_BYTES": "4096",
+    }
+    daemon = daemon_factory(repo, "--socket", address, env=env, wait=False, address=address)
+    with Client(address, timeout=60, curve_server_key=server_public, curve_keypair=keypair) as first:
+        deadline = time.monotonic() + 60
+        while not first.health()["ready"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with Client(address, timeout=1.5, curve_server_key=server_public, curve_keypair=keypair) as second:
+            with pytest.raises(OpenInferError):
+                second.health()  # the key already has its one connection
+        assert f"connection refused: curve={keypair[0].decode()} already has 1 connections" in daemon.log_text()
+        for _ in range(2):
+            with pytest.raises(OpenInferError) as info:
+                first.infer("tiny", {"x": np.ones((1, 20000), np.float32)})  # 80 kB of tensor: over the limit
+            assert info.value.code == "RESOURCE_EXHAUSTED"
+            assert first.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+        assert first.stats()["clients"][f"curve={keypair[0].decode()}"]["requests"] == 4
+    logged = [json.loads(raw) for raw in daemon.log_text().splitlines() if raw.startswith("{")]
+    ends = [line for line in logged if line.get("msg") in ("connection closed", "connection dropped")]
+    assert [line["peer"] for line in ends if line["peer"].startswith("curve=")] == [], ends  # only the refused second one ended
     shutil.rmtree(repo, ignore_errors=True)
 
 

@@ -11,6 +11,10 @@ exchange with its properties (`Socket-Type`; an `Identity` a peer sends is read 
 command, PING -> PONG (3.1 heartbeats), and multipart messages of short and long frames. Limits are
 checked as bytes arrive, before anything is buffered: a frame or message over its limit is reported
 and its remaining bytes are skipped, never stored.
+
+Security mechanisms that seal every frame (CurveZMQ) are a subclass, openinfer.wire.sealed.SealedFrameStream,
+which takes over the greeting's and the handshake's hooks below and the parsing after the handshake;
+a NULL stream never runs any of its code.
 """
 from __future__ import annotations
 
@@ -212,8 +216,7 @@ class FrameStream:
             if self._big is not None:
                 if not self._read_big():
                     break
-                self._end_frame(self._big_flags, self._big, events)
-                self._big = None
+                self._big_done(events)
                 continue
             try:
                 chunk = recv(_RECV_CHUNK)
@@ -254,6 +257,12 @@ class FrameStream:
             self.bytes_in += n
         return True
 
+    def _big_done(self, events: list[Event]) -> None:
+        big = self._big
+        assert big is not None
+        self._big = None
+        self._end_frame(self._big_flags, big, events)
+
     def _parse(self, events: list[Event]) -> None:
         buf = self._buf
         pos = self._pos
@@ -265,10 +274,11 @@ class FrameStream:
             if not self._skip_left and not self._skip_flags & MORE:
                 self._skip = False
         while pos < end:
-            if self._state != "open":
-                pos = self._handshake_step(buf, pos)
-                if self._state != "open":
+            if self._state != "open":  # greeting, then handshake commands, as far as they have arrived
+                moved = self._handshake_step(buf, pos)
+                if moved == pos:
                     break
+                pos = moved
                 continue
             if end - pos < 2:
                 break
@@ -313,7 +323,11 @@ class FrameStream:
                 self._big, self._big_filled, self._big_flags = big, have, flags
                 pos = end
             break
-        if pos >= end:
+        self._consumed(buf, pos)
+
+    def _consumed(self, buf: bytearray, pos: int) -> None:
+        """Parsing stopped at `pos`: drop what is behind it (at once when all of it, else in large steps)."""
+        if pos >= len(buf):
             self._buf = bytearray()
             self._pos = 0
         elif pos > 65536:
@@ -360,19 +374,16 @@ class FrameStream:
                 raise ProtocolError(f"ZMTP major version {buf[pos + 10]} is not supported")
             if end - pos < GREETING_SIZE:
                 return pos
-            _, _, mechanism, _ = parse_greeting(buf[pos : pos + GREETING_SIZE])
-            if mechanism != b"NULL":
-                self.send_raw(command(b"ERROR", bytes((26,)) + b"only the NULL mechanism"))
-                raise ProtocolError(f"mechanism {mechanism!r} is not supported here")
-            self.send_raw(command(b"READY", encode_properties({b"Socket-Type": self.socket_type})))
-            self._state = "ready"
+            _, _, mechanism, as_server = parse_greeting(buf[pos : pos + GREETING_SIZE])
+            self._greeted(mechanism, as_server)
+            self._state = "handshake"
             return pos + GREETING_SIZE
-        # "ready": the peer's READY command
+        # "handshake": one of the peer's handshake commands
         if end - pos < 2:
             return pos
         flags = buf[pos]
         if not flags & COMMAND:
-            raise ProtocolError("expected READY")
+            raise ProtocolError("expected a handshake command")
         if flags & LONG:
             if end - pos < 9:
                 return pos
@@ -381,28 +392,46 @@ class FrameStream:
         else:
             size, start = buf[pos + 1], pos + 2
         if size > MAX_COMMAND_BYTES:
-            raise ProtocolError(f"READY of {size} bytes")
+            raise ProtocolError(f"handshake command of {size} bytes")
         if end - start < size:
             return pos
-        name, data = split_command(bytes(buf[start : start + size]))
+        self._handshake_command(bytes(buf[start : start + size]))
+        return start + size
+
+    def _greeted(self, mechanism: bytes, as_server: bool) -> None:
+        """The peer's greeting is in: NULL answers with its READY at once."""
+        if mechanism != b"NULL":
+            self.send_raw(command(b"ERROR", error_reason("only the NULL mechanism")))
+            raise ProtocolError(f"mechanism {mechanism!r} is not supported here")
+        self.send_raw(command(b"READY", encode_properties({b"Socket-Type": self.socket_type})))
+
+    def _handshake_command(self, body: bytes) -> None:
+        """NULL: the peer's READY ends the handshake."""
+        name, data = split_command(body)
         if name != b"READY":
             raise ProtocolError(f"expected READY, got {name!r}")
-        self.peer_properties = parse_properties(data)  # an Identity in here is ignored: ids are ours
-        peer_type = self.peer_properties.get(b"socket-type", b"")
+        self._accept_peer(parse_properties(data))
+        self._state = "open"
+
+    def _accept_peer(self, properties: dict[bytes, bytes]) -> None:
+        """The peer's handshake properties; an Identity in them is ignored: ids are ours."""
+        self.peer_properties = properties
+        peer_type = properties.get(b"socket-type", b"")
         if peer_type not in self._accept_types:
-            self.send_raw(command(b"ERROR", _error_reason(f"socket type {peer_type.decode(errors='replace')} cannot talk to {self.socket_type.decode()}")))
+            self.send_raw(command(b"ERROR", error_reason(f"socket type {peer_type.decode(errors='replace')} cannot talk to {self.socket_type.decode()}")))
             raise ProtocolError(f"peer socket type {peer_type!r} not accepted")
         self.peer_socket_type = peer_type
-        self._state = "open"
-        return start + size
 
     def _on_command(self, body: bytes) -> None:
         name, data = split_command(body)
         if name == b"PING" and len(data) >= 2:  # TTL (2 bytes), then a context echoed in PONG
-            self.send_raw(command(b"PONG", data[2:18]))
+            self._send_command(b"PONG", data[2:18])
         elif name == b"ERROR":
             raise PeerClosed()
         # PONG and anything else (SUBSCRIBE, CANCEL ...) carry nothing for us
+
+    def _send_command(self, name: bytes, data: bytes) -> None:
+        self.send_raw(command(name, data))
 
     # -- sending --------------------------------------------------------------------------------------
     def send(self, frames: list[Buffer]) -> None:
@@ -458,6 +487,7 @@ class FrameStream:
             self.sock.close()
 
 
-def _error_reason(text: str) -> bytes:
+def error_reason(text: str) -> bytes:
+    """An ERROR command's body after its name: the reason, cut to the 255 bytes its length octet allows."""
     raw = text.encode()[:255]
     return bytes((len(raw),)) + raw

@@ -20,8 +20,7 @@ def bind_public(settings: Settings, address: str) -> BoundListener:
         if server.curve_secret_key_file:
             from .curve import load_server_keys
 
-            load_server_keys(server.curve_secret_key_file)  # fail at start, naming the file, if unusable
-            return bind_tcp(address)
+            return bind_tcp(address, curve=load_server_keys(server.curve_secret_key_file))  # a bad key file fails the start, named
         if not server.insecure_tcp:
             raise ConfigError(
                 f"refusing to serve {address} without authentication: tcp:// needs CURVE keys "

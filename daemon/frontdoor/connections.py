@@ -1,6 +1,9 @@
 """Every client connection the front door holds: who it is, what it costs, and the rules that cut it.
 
 Rules, each enforced here and nowhere else:
+- who: a Unix peer is who the kernel says (SO_PEERCRED), checked against the access policy at accept; on a
+  CURVE listener the peer is its client key, proven in the CurveZMQ handshake and checked against the
+  policy (and the per-identity cap) before READY; a key the policy does not list gets an ERROR and is closed;
 - caps: at most `server.max_connections` connections, and `server.max_connections_per_identity` per
   identity (uid, CURVE key); at the global cap the listener is not read (the kernel backlog holds the
   rest), a connection over its identity's cap is closed at once. Both stay far below RLIMIT_NOFILE.
@@ -26,12 +29,14 @@ from typing import Callable
 
 import psutil
 
+from openinfer.wire.sealed import SealedFrameStream
 from openinfer.wire.zmtp import Buffer, Event, FrameStream, Limits, PeerClosed, ProtocolError
 
 from ..access import AccessPolicy, Peer
 from ..reactor import HANGUP as _HANGUP, READABLE, WRITABLE, Reactor
 from ..settings import Settings
 from ..timers import TimerHeap
+from .curve import CurveServer
 from .listener import BoundListener, peer_credentials
 
 log = logging.getLogger("openinfer.access")
@@ -47,7 +52,7 @@ class Connection:
     conn_id: int  # ours, never reused: replies are routed by the Connection object itself
     stream: FrameStream
     peer: Peer
-    identity: str  # what limits, quotas and turns key on: "uid=N", "curve=<key>", "tcp=<host:port>"
+    identity: str  # what limits, quotas and turns key on: "uid=N", "curve=<key>", "tcp=<host:port>" (also a CURVE peer until its handshake names its key)
     accepted_ns: int
     last_message_ns: int = 0
     strikes: int = 0
@@ -192,20 +197,50 @@ class ConnectionTable:
             peer = Peer()
             shown = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         identity = identity_of(peer, shown)
-        if not self.access.may_connect(peer):
-            self._refuse(sock, "no grant", peer, f"no grant in {self.access.source} matches this peer")
+        curve = self.listener.curve
+        if curve is None and not self.access.may_connect(peer):  # a CURVE peer is checked once its key is known
+            self._refuse(sock, "no grant", peer, f"no grant matches this peer (policy {self.access.source})")
             return
         if self.per_identity.get(identity, 0) >= self.settings.server.max_connections_per_identity:
             self._refuse(sock, "max_connections_per_identity", peer, f"{identity} already has {self.settings.server.max_connections_per_identity} connections (server.max_connections_per_identity)")
             return
         now = time.monotonic_ns()
-        conn = Connection(self._next_id, FrameStream(sock, self._limits, handshake=True), peer, identity, now)
+        if curve is None:
+            stream = FrameStream(sock, self._limits, handshake=True)
+        else:
+            stream = SealedFrameStream(sock, self._limits, CurveServer(curve, lambda key: self._admit_key(conn, key)))
+        conn = Connection(self._next_id, stream, peer, identity, now)
         self._next_id += 1
         self.accepted += 1
         self.by_fd[sock.fileno()] = conn
         self.per_identity[identity] = self.per_identity.get(identity, 0) + 1
         self.handshaking[conn.conn_id] = conn
         self.reactor.add(sock.fileno(), partial(self._on_event, conn), READABLE | (WRITABLE if conn.stream.out_bytes else 0))
+
+    def _admit_key(self, conn: Connection, key: str) -> str | None:
+        """A CURVE client proved it holds `key` (Z85): admit it (None) or say why not (the ERROR's reason,
+        a ZAP status code as libzmq reports it: 400 refused, 300 try again later). Admitted, the
+        connection is that key's from now on: policy, caps, limits and accounting key on `curve=<key>`."""
+        peer = Peer(curve_key=key)
+        identity = identity_of(peer, "")
+        if not self.access.may_connect(peer):
+            self._refuse_note("no grant", peer, f"no grant matches this peer (CURVE key {key}, policy {self.access.source})")
+            return "400"
+        if self.per_identity.get(identity, 0) >= self.settings.server.max_connections_per_identity:
+            self._refuse_note("max_connections_per_identity", peer, f"{identity} already has {self.settings.server.max_connections_per_identity} connections (server.max_connections_per_identity)")
+            return "300"
+        self._uncount(conn.identity)
+        self.per_identity[identity] = self.per_identity.get(identity, 0) + 1
+        conn.peer = peer
+        conn.identity = identity
+        return None
+
+    def _uncount(self, identity: str) -> None:
+        left = self.per_identity.get(identity, 0) - 1
+        if left > 0:
+            self.per_identity[identity] = left
+        else:
+            self.per_identity.pop(identity, None)
 
     def _refuse(self, sock: socket.socket, reason: str, peer: Peer, detail: str) -> None:
         self._refuse_note(reason, peer, detail)
@@ -215,7 +250,7 @@ class ConnectionTable:
         count = self.refused.get(reason, 0) + 1
         self.refused[reason] = count
         if count & (count - 1) == 0:  # 1st, 2nd, 4th, 8th ...: a flood cannot flood the log
-            log.warning("connection refused", extra={"reason": reason, "detail": detail, "uid": peer.uid if peer else None, "pid": peer.pid if peer else None, "times": count})
+            log.warning(f"connection refused: {detail or reason}", extra={"reason": reason, "uid": peer.uid if peer else None, "pid": peer.pid if peer else None, "times": count})
 
     # -- traffic --------------------------------------------------------------------------------------
     def _on_event(self, conn: Connection, mask: int) -> None:
@@ -341,11 +376,7 @@ class ConnectionTable:
         self.reactor.remove(fd)
         self.by_fd.pop(fd, None)
         self.handshaking.pop(conn.conn_id, None)
-        left = self.per_identity.get(conn.identity, 0) - 1
-        if left > 0:
-            self.per_identity[conn.identity] = left
-        else:
-            self.per_identity.pop(conn.identity, None)
+        self._uncount(conn.identity)
         conn.stream.close()
         conn.closed = True
         self.on_closed(conn)

@@ -17,8 +17,12 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from openinfer.daemon.modelconfig import ConfigError
+
+if TYPE_CHECKING:
+    from .curve import ServerKeys
 
 log = logging.getLogger("openinfer.supervisor")
 
@@ -36,6 +40,7 @@ class BoundListener:
     sock: socket.socket
     socket_path: Path | None  # ipc:// only
     lock_fd: int | None
+    curve: ServerKeys | None = None  # tcp:// with CURVE: the server's key pair; every connection speaks it
 
     @property
     def is_unix(self) -> bool:
@@ -122,7 +127,7 @@ def bind_unix(address: str, *, mode: int, group: str) -> BoundListener:
     return BoundListener(address=address, sock=sock, socket_path=path, lock_fd=lock_fd)
 
 
-def bind_tcp(address: str) -> BoundListener:
+def bind_tcp(address: str, curve: ServerKeys | None = None) -> BoundListener:
     host, _, port_text = address[len("tcp://") :].rpartition(":")
     host = host.strip("[]") or "0.0.0.0"
     if host == "*":
@@ -143,7 +148,7 @@ def bind_tcp(address: str) -> BoundListener:
     sock.listen(BACKLOG)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    return BoundListener(address=f"tcp://{shown}:{bound_port}", sock=sock, socket_path=None, lock_fd=None)
+    return BoundListener(address=f"tcp://{shown}:{bound_port}", sock=sock, socket_path=None, lock_fd=None, curve=curve)
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
