@@ -65,9 +65,10 @@ def bind_ipc(socket: zmq.Socket, address: str, *, mode: int, group: str = "") ->
         socket.bind(address)
     finally:
         os.umask(old_umask)
+    # Never through a symlink: in a directory others may write to, the socket could be swapped for one.
     if group:
-        os.chown(path, -1, grp.getgrnam(group).gr_gid)
-    os.chmod(path, mode)
+        os.chown(path, -1, grp.getgrnam(group).gr_gid, follow_symlinks=False)
+    os.chmod(path, mode, follow_symlinks=False)
     return BoundEndpoint(address=address, socket_path=path, lock_fd=lock_fd)
 
 

@@ -107,12 +107,12 @@ class Supervisor:
         self.replies = ReplySender(settings, self.frontend, self.accountant, self.limiter)
         self.dispatcher = Dispatcher(settings, self.backend, self.timers, self.limiter, self.replies.fail, self._retire_worker)
         self.results = WorkerResults(self.dispatcher, self.replies)
-        self.runtime_dir = create_instance_dir(base_runtime_dir(settings.server.runtime_dir), self.pool.worker_gid)
+        self.runtime_dir = create_instance_dir(base_runtime_dir(settings.server.runtime_dir, self.endpoint.address), self.pool.worker_gid)
         channel = self.runtime_dir / "workers.sock"
         self.backend.bind(f"ipc://{channel}")
         if self.pool.worker_gid is not None:
-            os.chown(channel, -1, self.pool.worker_gid)
-            os.chmod(channel, 0o660)
+            os.chown(channel, -1, self.pool.worker_gid, follow_symlinks=False)
+            os.chmod(channel, 0o660, follow_symlinks=False)
         self.pool.channel_address = f"ipc://{channel}"
         store = PreparedStore(Path(settings.server.cache_dir) if settings.server.cache_dir else self.runtime_dir / "prepared", self.pool.worker_uid)
         self.pool.preparer = WeightPreparer(self.pool, store, self.sync.start_workers)
