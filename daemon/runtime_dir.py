@@ -18,6 +18,7 @@ from .private_dir import directory_problem, open_private_dir
 
 log = logging.getLogger("openinfer.supervisor")
 PREFIX = "instance-"
+WORK_DIR = "cwd"  # inside the instance directory: empty, where workers run (no relative path finds anything)
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -57,8 +58,8 @@ def sweep_stale(base_fd: int, base: Path) -> list[str]:
 
 
 def create_instance_dir(base: Path, worker_gid: int | None) -> Path:
-    """`<base>/instance-<pid>` (0700, or 0710 with the workers' group). Raises private_dir.UnsafeDirectory
-    when `base` cannot be trusted."""
+    """`<base>/instance-<pid>` (0700, or 0710 with the workers' group), holding the empty WORK_DIR.
+    Raises private_dir.UnsafeDirectory when `base` cannot be trusted."""
     base_fd = open_private_dir(base, 0o711, "runtime directory")
     try:
         sweep_stale(base_fd, base)
@@ -70,6 +71,12 @@ def create_instance_dir(base: Path, worker_gid: int | None) -> Path:
             if worker_gid is not None:  # workers run as another uid and must reach the channel socket
                 os.fchown(instance_fd, -1, worker_gid)
                 os.fchmod(instance_fd, 0o710)
+            os.mkdir(WORK_DIR, 0o500, dir_fd=instance_fd)
+            work_fd = os.open(WORK_DIR, _OPEN_DIR, dir_fd=instance_fd)
+            try:
+                os.fchmod(work_fd, 0o555)  # enterable by the workers, writable by nobody, whatever the umask
+            finally:
+                os.close(work_fd)
         finally:
             os.close(instance_fd)
     finally:

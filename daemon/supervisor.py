@@ -108,6 +108,7 @@ class Supervisor:
         self.dispatcher = Dispatcher(settings, self.backend, self.timers, self.limiter, self.replies.fail, self._retire_worker)
         self.results = WorkerResults(self.dispatcher, self.replies)
         self.runtime_dir = create_instance_dir(base_runtime_dir(settings.server.runtime_dir, self.endpoint.address), self.pool.worker_gid)
+        self.pool.runtime_dir = self.runtime_dir
         channel = self.runtime_dir / "workers.sock"
         self.backend.bind(f"ipc://{channel}")
         if self.pool.worker_gid is not None:

@@ -22,13 +22,10 @@ import numpy as np
 
 from openinfer.client.protocol import pack, unpack
 from openinfer.client.tensors import decode_array, encode_array
+from openinfer.daemon.prepared_layout import CHECK, MANIFEST, OPT_MODEL, WEIGHTS
 
+from .external_data import ExternalFiles
 from .session import ort, warm_up_feed
-
-OPT_MODEL = "model.opt.onnx"
-WEIGHTS = "weights.bin"
-CHECK = "check.msgpack"
-MANIFEST = "manifest.json"
 
 
 def cpu_fingerprint() -> str:
@@ -75,15 +72,17 @@ def _session_options(intra_op_threads: int) -> Any:
     return options
 
 
-def prepare(source: Path, out_dir: Path, intra_op_threads: int) -> dict[str, Any]:
-    """Write a prepared directory for `source` into the (empty, writable) `out_dir`."""
-    source_sha256 = file_sha256(source)
+def prepare(model: bytes, external: ExternalFiles, out_dir: Path, intra_op_threads: int, source: str) -> dict[str, Any]:
+    """Write a prepared directory for the model `source` (its bytes and mapped external data, as the workers
+    load it: worker/model_source.py) into the (empty, writable) `out_dir`; returns the manifest."""
+    source_sha256 = hashlib.sha256(model).hexdigest()
     options = _session_options(intra_op_threads)
     options.optimized_model_filepath = str(out_dir / OPT_MODEL)
     options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", WEIGHTS)
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    reference = ort.InferenceSession(str(source), sess_options=options, providers=["CPUExecutionProvider"])
+    external.add_to(options)
+    reference = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
     if not (out_dir / WEIGHTS).exists():
         raise ValueError("the model has no initializers large enough to share")
     feed = warm_up_feed([{"name": i.name, "datatype": _datatype(i.type), "shape": _shape(i.shape)} for i in reference.get_inputs()])
@@ -96,7 +95,7 @@ def prepare(source: Path, out_dir: Path, intra_op_threads: int) -> dict[str, Any
             raise ValueError("the prepared model's output differs from the source model's")
     (out_dir / CHECK).write_bytes(_pack_arrays({"inputs": feed, "outputs": {str(i): np.asarray(v) for i, v in enumerate(expected)}}))
     manifest = {
-        "source": str(source),
+        "source": source,
         "source_sha256": source_sha256,
         "onnxruntime": ort.__version__,
         "cpu": cpu_fingerprint(),
