@@ -554,6 +554,8 @@ class Supervisor:
             except Exception:
                 log.exception("final metrics snapshot failed")
         self.exporter.close()
+        if self.pool.preparer is not None:
+            self.pool.preparer.close()
         for worker in self.pool.all_workers():
             self.pool.kill(worker)
             worker.spawned.process.wait()

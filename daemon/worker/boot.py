@@ -89,8 +89,8 @@ def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any], us
             f.write("500")
     except OSError:
         pass
-    # Workers write no files at all; the prepare helper writes about twice the source (packed + original).
-    max_file = 4 * os.path.getsize(config.model_path) + (64 << 20) if writable else 0
+    # Workers write no files at all; the prepare helper no more than the supervisor will accept.
+    max_file = config.prepare_limit_bytes if writable else 0
     hardening.apply_boot_rlimits(max_open_files=config.sandbox.max_open_files, max_file_size_bytes=max_file)
     _enter_work_dir(config)
     sb = config.sandbox
@@ -110,7 +110,8 @@ def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any], us
     version_dir = _open_version_dir(config, user)
     if sb.landlock:
         read_paths: list[str | int] = [*sb.read_paths, os.path.realpath("/proc/self"), "/proc/cpuinfo", version_dir]
-        read_paths += [p for p in (config.prepared_dir, config.cache_dir) if p]
+        if config.prepared_dir:
+            read_paths.append(config.prepared_dir)
         abi = hardening.apply_landlock(read_paths, writable)
         sandbox_state["landlock_abi"] = abi
         if not abi:
@@ -236,13 +237,16 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
 
 
 def prepare_and_exit(config: WorkerBootConfig) -> None:
-    """Prepare mode: reuse a valid prepared directory from the cache, or write a new one; report by pipe."""
-    import hashlib
+    """Prepare mode: write a prepared directory into `prepare_into`, report success by pipe. The supervisor
+    chose the cache key and checks what was written; this process parses the untrusted model."""
+    from openinfer.daemon.cache_key import onnxruntime_version
+    from openinfer.daemon.prepared_layout import REPORT
 
-    from .prepare import cache_key, prepare, prepared_is_valid
+    from . import prepare as preparation  # looked up at call time: tests stand in a hostile helper here
 
     assert config.prepare_into is not None
     user = _worker_user(config)
+    onnxruntime_version()  # cached now: reading package metadata imports modules the sandbox may hide
     if config.sandbox.enabled:
         from openinfer.sandbox import apply_policy, load_policy
 
@@ -255,17 +259,12 @@ def prepare_and_exit(config: WorkerBootConfig) -> None:
         source = _open_source(config, _open_version_dir(config, user), user)
     try:
         assert source.model is not None
-        source_sha256 = hashlib.sha256(source.model).hexdigest()
-        key = cache_key(source_sha256)
-        if config.cache_dir and prepared_is_valid(Path(config.cache_dir) / key, source_sha256):
-            result: dict[str, Any] = {"key": key, "reused": True}
-        else:
-            result = {"key": key, "reused": False, **prepare(source.model, source.external, Path(config.prepare_into), config.intra_op_threads, config.model_path)}
+        preparation.prepare(source.model, source.external, Path(config.prepare_into), config.intra_op_threads, config.model_path)
     except Exception as exc:
         raise BootFailure(f"cannot prepare shared weights: {type(exc).__name__}: {exc}"[:1000]) from None
     finally:
         source.close()
-    os.write(STATUS_FD, (json.dumps({"result": result}) + "\n").encode())
+    os.write(STATUS_FD, (json.dumps(REPORT) + "\n").encode())
 
 
 def main(argv: list[str]) -> int:

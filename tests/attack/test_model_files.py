@@ -15,6 +15,7 @@ to make a worker read anything but that model's own files, with the worker user'
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -170,3 +171,30 @@ def test_a_model_the_worker_user_cannot_read_fails_instead_of_loading_without_sh
         shutil.rmtree(root, ignore_errors=True)
 
 
+
+@as_root
+def test_no_landlock_view_holds_the_repository_the_cache_or_another_model(daemon_factory: Any) -> None:
+    """Landlock grants whole trees. Started from the directory that holds the repository (`python -m` puts
+    the working directory on sys.path), the workers' read set used to include it, so every worker could
+    read every model; the prepare helper's held the whole cache (every model's prepared weights)."""
+    base = world_readable_dir("oi-attack-view-")
+    repo, cache = base / "models", base / "cache"
+    try:
+        onnx_builders.matmul_model(repo / "first" / "1" / "model.onnx", size=256)
+        onnx_builders.matmul_model(repo / "second" / "1" / "model.onnx", size=256, seed=1)
+        cache.mkdir()
+        for path in base.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        daemon = daemon_factory(repo, env={"OPENINFER_POOL_SHARE_MIN_BYTES": "0", "OPENINFER_SERVER_CACHE_DIR": str(cache)}, cwd=base, timeout=180)
+        views = [r["read_only"] for r in map(json.loads, daemon.log_text().splitlines()) if r.get("msg") == "Landlock applied"]
+        assert len(views) >= 4, views  # two helpers, two workers
+        for view in views:
+            own = [p for p in view if p.startswith(f"{repo}/")]
+            assert len(own) == 1 and Path(own[0]).parent.parent == repo, view  # its own <model>/<version> only
+            prepared = [p for p in view if p.startswith(f"{cache}/")]
+            assert len(prepared) <= 1 and all(Path(p).parent == cache and not Path(p).name.startswith(".") for p in prepared), view
+            for path in view:
+                for private in (repo, cache, Path(daemon.workdir) / "run"):
+                    assert not f"{private}/".startswith(path.rstrip("/") + "/"), f"{path} holds {private}: {view}"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
