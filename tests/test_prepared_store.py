@@ -112,7 +112,7 @@ def test_the_supervisors_side_imports_neither_onnxruntime_nor_onnx() -> None:
     imported onnxruntime for other tests)."""
     code = (
         "import sys\n"
-        "import openinfer.daemon.supervisor, openinfer.daemon.preparation, openinfer.daemon.cache_key\n"
+        "import openinfer.daemon.supervisor, openinfer.daemon.preparation, openinfer.daemon.cache_key, openinfer.daemon.deployment_checks\n"
         "from openinfer.daemon.cache_key import cache_key\n"
         "cache_key('0' * 64)\n"
         "print(sorted(m for m in ('onnxruntime', 'onnx') if m in sys.modules))\n"
