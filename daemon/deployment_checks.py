@@ -40,7 +40,7 @@ class CheckResult:
 
 def run_deployment_checks(settings: Settings, address: str) -> list[CheckResult]:
     """`address`: the socket the daemon would serve on (resolved, e.g. by client.protocol.resolve_address)."""
-    results = [_runtime_dir(settings, address), _cache_dir(settings), _socket(settings, address)]
+    results = [_runtime_dir(settings), _cache_dir(settings), _socket(settings, address)]
     return results + _repository(settings)
 
 
@@ -59,8 +59,8 @@ def _private_dir(check: str, path: Path, absent: str) -> CheckResult:
     return CheckResult(check, False, f"{path} {problem}: the daemon will refuse to start; remove it or choose a directory of the daemon's user")
 
 
-def _runtime_dir(settings: Settings, address: str) -> CheckResult:
-    path = base_runtime_dir(settings.server.runtime_dir, address)
+def _runtime_dir(settings: Settings) -> CheckResult:
+    path = base_runtime_dir(settings.server.runtime_dir)
     return _private_dir("runtime_dir", path, "absent, created private (0711) at start")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from .private_dir import directory_problem, open_private_dir
+from .private_dir import open_private_dir
 
 log = logging.getLogger("openinfer.supervisor")
 PREFIX = "instance-"
@@ -22,20 +22,13 @@ WORK_DIR = "cwd"  # inside the instance directory: empty, where workers run (no 
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def base_runtime_dir(configured: str, socket_address: str) -> Path:
-    """server.runtime_dir; else systemd's $RUNTIME_DIRECTORY; else the ipc:// socket's directory if it is
-    the daemon's own (not a symlink, our uid, nobody else may write); else $TMPDIR/openinfer-<euid>."""
+def base_runtime_dir(configured: str) -> Path:
+    """server.runtime_dir; else systemd's $RUNTIME_DIRECTORY; else $TMPDIR/openinfer-<euid> (verified like
+    the others when it is opened: anyone may have created it first)."""
     if configured:
         return Path(configured)
     if os.environ.get("RUNTIME_DIRECTORY"):  # systemd's RuntimeDirectory=
         return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0])
-    if socket_address.startswith("ipc://"):
-        socket_dir = Path(socket_address[len("ipc://") :]).parent
-        try:
-            if directory_problem(os.lstat(socket_dir), os.geteuid()) is None:
-                return socket_dir
-        except OSError:
-            pass
     return Path(tempfile.gettempdir()) / f"openinfer-{os.geteuid()}"
 
 

@@ -29,7 +29,7 @@ class ServerSettings:
     max_request_bytes: int = _opt(64 * 1024 * 1024, "Largest request accepted (sum of all frames); one frame over it drops the connection.")
     max_queued_bytes: int = _opt(1024 * 1024 * 1024, "Bytes of request data held in queues across all models before RESOURCE_EXHAUSTED.")
     drain_grace_s: float = _opt(30.0, "On SIGTERM: seconds to finish queued and running tasks before stopping hard.")
-    runtime_dir: str = _opt("", "Private directory for the worker channel and prepared weights (an instance-<pid> directory inside it). Empty = $RUNTIME_DIRECTORY (systemd's RuntimeDirectory=), else beside the socket (the ipc:// socket's directory, if it belongs to the daemon's user and nobody else may write to it), else $TMPDIR/openinfer-<uid>. It must belong to the daemon's user, be writable by nobody else and not be a symlink, or the daemon refuses to start.")
+    runtime_dir: str = _opt("", "Private directory for the worker channel and prepared weights (an instance-<pid> directory inside it). Empty = $RUNTIME_DIRECTORY (systemd's RuntimeDirectory=), else $TMPDIR/openinfer-<uid>. It must belong to the daemon's user, be writable by nobody else and not be a symlink, or the daemon refuses to start.")
     cache_dir: str = _opt("", "Where prepared (shared, pre-packed) weights are kept across restarts; checked like runtime_dir. Empty = inside the runtime directory, removed at exit.")
     access_policy: str = _opt("access", "Who may call which operations on which models: a policy name in policies/ or a path. Empty = every local peer may do everything.")
     client_policy: str = _opt("clients", "Per-client limits: a policy name in policies/ or a path (see policies/clients.toml). Empty = built-in defaults.")

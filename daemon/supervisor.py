@@ -107,7 +107,7 @@ class Supervisor:
         self.replies = ReplySender(settings, self.frontend, self.accountant, self.limiter)
         self.dispatcher = Dispatcher(settings, self.backend, self.timers, self.limiter, self.replies.fail, self._retire_worker)
         self.results = WorkerResults(self.dispatcher, self.replies)
-        self.runtime_dir = create_instance_dir(base_runtime_dir(settings.server.runtime_dir, self.endpoint.address), self.pool.worker_gid)
+        self.runtime_dir = create_instance_dir(base_runtime_dir(settings.server.runtime_dir), self.pool.worker_gid)
         self.pool.runtime_dir = self.runtime_dir
         channel = self.runtime_dir / "workers.sock"
         self.backend.bind(f"ipc://{channel}")

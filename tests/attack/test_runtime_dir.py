@@ -66,7 +66,6 @@ def answers(daemon: RunningDaemon) -> bool:
 
 def start_and_judge(models: Path, shared_tmp: Path, env: dict[str, str | None]) -> tuple[RunningDaemon, str]:
     """Start the daemon, wait until it exits or answers; returns it and "exited" or "running"."""
-    # The public socket goes in the shared directory too, so the default base cannot be "beside the socket".
     daemon = start_daemon(models, env=env, wait=False, address=f"ipc://{shared_tmp}/oi.sock")
     wait_for(lambda: daemon.process.poll() is not None or answers(daemon), 120, "the daemon to exit or answer", daemon)
     return daemon, "exited" if daemon.process.poll() is not None else "running"
