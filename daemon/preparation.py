@@ -153,6 +153,9 @@ class WeightPreparer:
                 self.store.finalize(job.tmp_dir, job.plan.key, job.plan.expected)
             except PreparedRejected as exc:
                 self._off(model, f"the prepare helper's output was refused: {exc}")
+            except OSError as exc:  # renaming into place failed: the model still loads, unshared
+                self.store.remove_tmp(job.tmp_dir)
+                self._off(model, f"cannot put the prepared weights in place: {exc}")
             else:
                 self._use(model, job.plan.key, False, job.started_ns)
         else:
@@ -162,8 +165,12 @@ class WeightPreparer:
             self.on_done(model)
 
     def _use(self, model: ServedModel, key: str, reused: bool, started_ns: int) -> None:
+        try:
+            model.shared_bytes = self.store.weights_bytes(key)
+        except OSError as exc:  # retired meanwhile (another model with the same source failed to verify it)
+            self._off(model, f"the prepared weights went away: {exc}")
+            return
         model.prepared_dir = self.store.path(key)
-        model.shared_bytes = self.store.weights_bytes(key)
         model.sharing = "shared"
         elapsed_ms = round((time.monotonic_ns() - started_ns) / 1e6, 1)
         log.info("shared weights ready", extra={"model": model.key, "reused": reused, "ms": elapsed_ms, "shared_bytes": model.shared_bytes, "dir": str(model.prepared_dir)})

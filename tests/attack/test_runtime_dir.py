@@ -67,7 +67,12 @@ def answers(daemon: RunningDaemon) -> bool:
 def start_and_judge(models: Path, shared_tmp: Path, env: dict[str, str | None]) -> tuple[RunningDaemon, str]:
     """Start the daemon, wait until it exits or answers; returns it and "exited" or "running"."""
     daemon = start_daemon(models, env=env, wait=False, address=f"ipc://{shared_tmp}/oi.sock")
-    wait_for(lambda: daemon.process.poll() is not None or answers(daemon), 120, "the daemon to exit or answer", daemon)
+    try:
+        wait_for(lambda: daemon.process.poll() is not None or answers(daemon), 120, "the daemon to exit or answer", daemon)
+    except BaseException:
+        daemon.stop()
+        cleanup_workdir(daemon)
+        raise
     return daemon, "exited" if daemon.process.poll() is not None else "running"
 
 
