@@ -221,24 +221,46 @@ def sandbox() -> None:
 
 @sandbox.command("check")
 @click.option("--policy", default="worker", show_default=True, help="Policy name (in policies/) or path.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="The daemon's config file (default /etc/openinfer/openinfer.toml if present).")
+@click.option("--models", type=click.Path(file_okay=False, path_type=Path), default=None, help="Model repository to check (default: server.models).")
+@click.option("--socket", "socket_address", default=None, help="The daemon's address (default: server.socket).")
+@click.option("--probes/--no-probes", default=True, show_default=True, help="Attack POLICY from forked children.")
+@click.option("--deployment/--no-deployment", default=True, show_default=True, help="Check the runtime dir, cache, socket and repository.")
 @json_option
-def sandbox_check(policy: str, as_json: bool) -> None:
-    """Try each forbidden action under POLICY in a child process; exit 0 only if all are blocked."""
+def sandbox_check(policy: str, config_file: Path | None, models: Path | None, socket_address: str | None, probes: bool, deployment: bool, as_json: bool) -> None:
+    """Try each forbidden action under POLICY in a child process, and check the deployment around the
+    sandbox (ownership and modes of the runtime dir, cache, socket and repository; symlinks in the
+    repository; models the worker user cannot read). Exit 0 only if every probe was blocked and nothing
+    was found; 2 for a bad policy or configuration."""
+    from openinfer.wire.protocol import resolve_address
     from openinfer.sandbox import PolicyError
     from openinfer.sandbox.probes import all_blocked, run_probes
 
-    from .tables import probes_table, render
+    from .deployment_checks import all_ok, run_deployment_checks
+    from .modelconfig import ConfigError
+    from .settings import load_settings
+    from .tables import deployment_table, probes_table, render
 
     try:
-        results = run_probes(policy)
-    except PolicyError as exc:  # exit 2: a bad policy, not a leaky one (exit 1)
+        results = run_probes(policy) if probes else []
+        findings = []
+        if deployment:
+            settings = load_settings(config_file, overrides={"server.models": str(models) if models else None, "server.socket": socket_address})
+            findings = run_deployment_checks(settings, resolve_address(settings.server.socket))
+    except (PolicyError, ConfigError) as exc:  # exit 2: a bad policy or config, not a leaky sandbox (exit 1)
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     if as_json:
-        _print_json([{"probe": r.name, "blocked": r.blocked, "how": r.how} for r in results])
+        _print_json({
+            "probes": [{"probe": r.name, "blocked": r.blocked, "how": r.how} for r in results],
+            "deployment": [{"check": r.check, "ok": r.ok, "detail": r.detail} for r in findings],
+        })
     else:
-        render(probes_table(policy, results))
-    sys.exit(0 if all_blocked(results) else 1)
+        if probes:
+            render(probes_table(policy, results))
+        if deployment:
+            render(deployment_table(findings))
+    sys.exit(0 if (not probes or all_blocked(results)) and all_ok(findings) else 1)
 
 
 if __name__ == "__main__":

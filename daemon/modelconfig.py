@@ -42,9 +42,11 @@ def _positive_int(path: Path, key: str, value: Any) -> int:
     return value
 
 
-def parse_model_config(path: Path) -> ModelConfig:
+def parse_model_config(path: Path, text: str | None = None) -> ModelConfig:
+    """`text`: the file's contents, when the caller read them itself (the repository scan does, without
+    following symlinks); `path` then only names the file in messages."""
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text() if text is None else text)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
     known = {f.name for f in fields(ModelConfig)}

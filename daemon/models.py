@@ -59,6 +59,7 @@ class ServedModel:
     nbytes_ewma: float = 0.0  # recent request size, the size compute_ewma_us was measured at
     fingerprint: tuple[int, int, int] | None = None  # (size, mtime_ns, inode) of the model file
     retiring: bool = False  # replaced or removed: finishes its queue, takes no new work
+    repository: Path | None = None  # the repository `path` was found in: its files are opened beneath it
 
     @property
     def key(self) -> str:

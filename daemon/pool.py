@@ -5,6 +5,7 @@ process is on which channel and no other process can join it. What arrives on a 
 `on_message(worker, frames)`; a channel that breaks the framing or its limits retires the worker."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import pwd
@@ -12,12 +13,15 @@ import signal
 import sys
 import sysconfig
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from openinfer.wire.zmtp import Buffer, FrameStream, Limits, Oversized, PeerClosed, ProtocolError
 
 from .models import ModelState, ServedModel
 from .reactor import READABLE, WRITABLE, Reactor
+from .runtime_dir import WORK_DIR
 from .settings import Settings
 from .spawner import spawn_worker
 from .timers import TimerHeap
@@ -34,12 +38,39 @@ if TYPE_CHECKING:
 log = logging.getLogger("openinfer.supervisor")
 
 
-def worker_read_paths() -> tuple[str, ...]:
-    """What a worker may read under Landlock: the Python installation and the libraries it loads."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    paths |= {p for p in sys.path if p and os.path.isdir(p)}
-    paths |= {"/usr/lib", "/lib", "/lib64", "/usr/lib64", "/etc/ld.so.cache", "/sys/devices/system/cpu", "/dev/null", "/dev/urandom"}
-    return tuple(sorted(p for p in paths if os.path.exists(p)))
+# What the system's dynamic linker and the CPU probes of onnxruntime/OpenBLAS read.
+_SYSTEM_READ_PATHS = ("/usr/lib", "/lib", "/lib64", "/usr/lib64", "/etc/ld.so.cache", "/sys/devices/system/cpu", "/dev/null", "/dev/urandom")
+_PACKAGES = ("openinfer.daemon", "openinfer.sandbox", "openinfer.client", "openinfer.policies")
+
+
+def worker_read_paths(private: Sequence[str | Path] = ()) -> tuple[str, ...]:
+    """What a worker may read under Landlock besides its own model: the Python installation, openinfer's own
+    packages and the system libraries they load.
+
+    Landlock grants whole trees, so this never holds the supervisor's working directory (`python -m` puts it
+    on sys.path: under systemd that is `/`) nor any directory that contains, or lies inside, one of `private`
+    (the model repository, the cache, the runtime directory): one of those would hand every worker the other
+    models' files and weights.
+    """
+    paths = {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    paths |= {p for p in sys.path if p and os.path.isdir(p)} - {os.getcwd()}
+    for package in _PACKAGES:
+        spec = importlib.util.find_spec(package)
+        paths |= set(spec.submodule_search_locations or ()) if spec else set()
+    paths |= set(_SYSTEM_READ_PATHS)
+    private_real = [os.path.realpath(p) for p in private if str(p)]
+    kept = []
+    for path in sorted(p for p in paths if os.path.exists(p)):
+        real = os.path.realpath(path)
+        if any(_nested(real, other) or _nested(other, real) for other in private_real):
+            log.warning("not in the workers' Landlock view: it holds, or lies in, a private directory", extra={"path": path})
+            continue
+        kept.append(path)
+    return tuple(kept)
+
+
+def _nested(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
 def channel_limits(settings: Settings) -> Limits:
@@ -72,7 +103,7 @@ class WorkerPool:
         self._next_id = 1
         self.shutting_down = False
         self._uid_gid = self._resolve_worker_user()
-        self._read_paths = worker_read_paths()
+        self.runtime_dir: Path | None = None  # this instance's private directory (set once it exists)
 
     def _resolve_worker_user(self) -> tuple[int | None, int | None]:
         if os.geteuid() != 0 or not self.settings.sandbox.enabled:
@@ -92,6 +123,12 @@ class WorkerPool:
         sb = self.settings.sandbox
         limit_mb = model.config.memory_limit_mb or sb.memory_limit_mb
         uid, gid = self._uid_gid
+        repository = model.repository or model.path.parent
+        private: list[str | Path] = [repository]
+        if self.runtime_dir is not None:
+            private.append(self.runtime_dir.parent)  # every instance's channel and prepared weights
+        if self.preparer is not None:
+            private.append(self.preparer.store.base)
         return WorkerBootConfig(
             worker_id=worker_id,
             model=model.name,
@@ -110,9 +147,11 @@ class WorkerPool:
                 max_open_files=sb.max_open_files,
                 landlock=sb.landlock,
                 namespaces=sb.namespaces,
-                read_paths=self._read_paths,
+                read_paths=worker_read_paths(private),
             ),
             prepared_dir=str(model.prepared_dir) if model.prepared_dir else None,
+            repository=str(repository),
+            work_dir=str(self.runtime_dir / WORK_DIR) if self.runtime_dir is not None else "",
         )
 
     def spawn(self, model: ServedModel) -> WorkerHandle:

@@ -12,6 +12,7 @@ A failed or crash-looped model is retried by a reload.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +28,7 @@ log = logging.getLogger("openinfer.supervisor")
 
 
 def file_fingerprint(path: Path) -> tuple[int, int, int]:
-    st = path.stat()
+    st = os.lstat(path)  # a symlink is never followed (and the next scan refuses it)
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
@@ -40,7 +41,7 @@ class RepositorySync:
         self.pending: dict[tuple[str, int], ServedModel] = {}  # replacements loading beside the served one
         self.retiring: list[ServedModel] = []
 
-    def _new_model(self, entry: ModelEntry, version: ModelVersionEntry) -> ServedModel:
+    def _new_model(self, entry: ModelEntry, version: ModelVersionEntry, repository: Path) -> ServedModel:
         model = ServedModel(
             name=entry.name,
             version=version.version,
@@ -48,6 +49,7 @@ class RepositorySync:
             config=entry.config,
             worker_count=entry.config.workers or self.settings.pool.workers,
             intra_op_threads=entry.config.intra_op_threads or self.settings.pool.intra_op_threads,
+            repository=repository,
         )
         model.fingerprint = file_fingerprint(version.path)
         model.queue = TaskQueue(self.settings.server.starvation_ms)
@@ -65,8 +67,9 @@ class RepositorySync:
     def sync(self) -> dict[str, list[str]]:
         """Bring the registry in line with the repository; returns what changed (for logs and the reply)."""
         changes: dict[str, list[str]] = {"added": [], "replaced": [], "removed": [], "unchanged": [], "failed": []}
+        repository = Path(os.path.abspath(self.settings.server.models))  # workers run elsewhere: no relative paths
         try:
-            entries = scan_repository(Path(self.settings.server.models))
+            entries = scan_repository(repository)
         except ConfigError as exc:
             log.error("reload failed: repository unreadable; keeping what is served", extra={"reason": str(exc)})
             changes["failed"].append(str(exc))
@@ -89,17 +92,17 @@ class RepositorySync:
                 seen.add(key)
                 current = self.registry.by_name.get(entry.name, {}).get(version.version)
                 if current is None:
-                    self.registry.add(self._new_model(entry, version))
+                    self.registry.add(self._new_model(entry, version, repository))
                     changes["added"].append(f"{entry.name}:{version.version}")
                 elif self._changed(current, entry, version):
                     old_pending = self.pending.pop(key, None)
                     if old_pending is not None:
                         self._retire(old_pending)
                     if current.state in (ModelState.FAILED, ModelState.UNAVAILABLE, ModelState.LOADING):
-                        self.registry.by_name[entry.name][version.version] = self._new_model(entry, version)
+                        self.registry.by_name[entry.name][version.version] = self._new_model(entry, version, repository)
                         self._retire(current)
                     else:
-                        self.pending[key] = self._new_model(entry, version)
+                        self.pending[key] = self._new_model(entry, version, repository)
                     changes["replaced"].append(f"{entry.name}:{version.version}")
                 else:
                     changes["unchanged"].append(f"{entry.name}:{version.version}")

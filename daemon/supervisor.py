@@ -84,6 +84,7 @@ class Supervisor:
         self.access = AccessPolicy.load(settings.server.access_policy)
         self.pool = WorkerPool(settings, self.reactor, self.timers, self._on_worker_lost, self._on_model_failed, self._on_worker_message, self._reject_worker)
         self.runtime_dir = create_instance_dir(base_runtime_dir(settings.server.runtime_dir), self.pool.worker_gid)
+        self.pool.runtime_dir = self.runtime_dir
         self.listener = bind_public(settings, resolve_address(settings.server.socket))
         self.connections = ConnectionTable(settings, self.reactor, self.timers, self.listener, self.access, self._on_client_event, self._on_connection_closed)
         self.sync = RepositorySync(settings, self.registry, self.pool, self._quit)
@@ -540,6 +541,8 @@ class Supervisor:
             except Exception:
                 log.exception("final metrics snapshot failed")
         self.exporter.close()
+        if self.pool.preparer is not None:
+            self.pool.preparer.close()
         for worker in self.pool.all_workers():
             self.pool.kill(worker)
             worker.spawned.process.wait()

@@ -164,3 +164,12 @@ def probes_table(policy: str, results: Iterable[Any]) -> Table:
     for r in results:
         table.add_row(r.name, "blocked" if r.blocked else "[bold red]ALLOWED[/]", r.how)
     return table
+
+
+def deployment_table(results: Iterable[Any]) -> Table:
+    table = Table(title="sandbox check: deployment")
+    for col in ("check", "result", "detail"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.check, "ok" if r.ok else "[bold red]FINDING[/]", escape(r.detail))
+    return table

@@ -127,9 +127,10 @@ def enter_namespaces() -> list[str]:
     return []
 
 
-def apply_landlock(read_only_paths: Sequence[str], read_write_paths: Sequence[str] = ()) -> int:
-    """Best effort Landlock: read-only access to `read_only_paths`, read-write to `read_write_paths`, nothing
-    else (no exec anywhere). Returns the ABI in force, 0 when unavailable. Call before threads start.
+def apply_landlock(read_only_paths: Sequence[str | int], read_write_paths: Sequence[str] = ()) -> int:
+    """Best effort Landlock: read-only access to `read_only_paths` (paths, or open descriptors), read-write to
+    `read_write_paths`, nothing else (no exec anywhere). Returns the ABI in force, 0 when unavailable. Call
+    before threads start.
     """
     return _apply_landlock(read_only_paths, read_write_paths)
 

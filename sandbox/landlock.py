@@ -68,8 +68,10 @@ def handled_fs_rights(abi: int) -> int:
     return _FS_BY_ABI.get(abi, _FS_BY_ABI[5])
 
 
-def apply_landlock(read_only_paths: Sequence[str], read_write_paths: Sequence[str] = ()) -> int:
+def apply_landlock(read_only_paths: Sequence[str | int], read_write_paths: Sequence[str] = ()) -> int:
     """Restrict this process to reading `read_only_paths` and reading/writing `read_write_paths` (recursively).
+    An int among the read-only paths is an open descriptor (O_PATH is enough): exactly the file or directory
+    it refers to, however it was resolved (the caller keeps and closes it).
 
     Every other file access is denied, execution of files is denied everywhere, and on ABI >= 4 TCP bind and
     connect are denied, on ABI >= 6 signals to processes outside the sandbox and abstract Unix sockets too.
@@ -108,19 +110,31 @@ def apply_landlock(read_only_paths: Sequence[str], read_write_paths: Sequence[st
             raise SandboxError(f"landlock_restrict_self failed: {exc}") from exc
     finally:
         os.close(ruleset_fd)
-    log.info("Landlock applied", extra={"abi": abi, "read_only": list(read_only_paths), "read_write": list(read_write_paths)})
+    log.info("Landlock applied", extra={"abi": abi, "read_only": [_describe(p) for p in read_only_paths], "read_write": list(read_write_paths)})
     return abi
 
 
-def _allow(ruleset_fd: int, path: str, rights: int) -> None:
+def _describe(path: str | int) -> str:
+    if isinstance(path, str):
+        return path
     try:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except PermissionError:
-        # Unreachable for this uid (e.g. a venv under /root after the uid drop): a rule would grant nothing.
-        log.warning("Landlock path not reachable by this uid; skipped", extra={"path": path})
-        return
-    except OSError as exc:
-        raise SandboxError(f"Landlock path {path!r}: {exc.strerror}") from exc
+        return os.readlink(f"/proc/self/fd/{path}")
+    except OSError:
+        return f"fd {path}"
+
+
+def _allow(ruleset_fd: int, path: str | int, rights: int) -> None:
+    if isinstance(path, int):
+        fd = os.dup(path)
+    else:
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except PermissionError:
+            # Unreachable for this uid (e.g. a venv under /root after the uid drop): a rule would grant nothing.
+            log.warning("Landlock path not reachable by this uid; skipped", extra={"path": path})
+            return
+        except OSError as exc:
+            raise SandboxError(f"Landlock path {path!r}: {exc.strerror}") from exc
     try:
         if not stat.S_ISDIR(os.fstat(fd).st_mode):
             rights &= _FILE_ONLY_RIGHTS  # directory rights on a file make the kernel reject the rule

@@ -10,6 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from openinfer.client import Client, OpenInferError
 
@@ -75,22 +76,43 @@ class RunningDaemon:
         return self.process.returncode
 
 
-def start_daemon(models: Path, *extra: str, env: dict[str, str] | None = None, wait: bool = True, timeout: float = 90.0, address: str | None = None, launcher: list[str] | None = None) -> RunningDaemon:
-    """`launcher` replaces `python -m openinfer.daemon.cli` (tests/attack/hostile_daemon.py)."""
+DAEMON_ENTRY = ("-m", "openinfer.daemon.cli")
+
+
+def start_daemon(
+    models: Path,
+    *extra: str,
+    env: dict[str, str | None] | None = None,
+    wait: bool = True,
+    timeout: float = 90.0,
+    address: str | None = None,
+    entry: Sequence[str] = DAEMON_ENTRY,
+    cwd: Path | None = None,
+    launcher: Sequence[str] = (),
+) -> RunningDaemon:
+    """`entry`: what the interpreter runs before `serve ...` (a test may wrap the real CLI, e.g. to make the
+    processes the daemon spawns misbehave); `env` entries set to None are removed from the environment;
+    `cwd`: the daemon's working directory (default: the test's); `launcher`: a command in front of the
+    interpreter (e.g. `prlimit --nofile=256:256`)."""
     workdir = world_readable_dir("oi-d-")  # clients of other uids must reach the socket inside
     address = address or f"ipc://{workdir}/openinfer.sock"
     log_path = workdir / "daemon.log"
     full_env = dict(os.environ)
     full_env.pop("OPENINFER_SOCKET", None)
     full_env["OPENINFER_SERVER_RUNTIME_DIR"] = str(workdir / "run")
-    full_env.update(env or {})
+    for key, value in (env or {}).items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            [*(launcher or [sys.executable, "-m", "openinfer.daemon.cli"]), "serve", "--models", str(models), "--socket", address, *extra],
+            [*launcher, sys.executable, *entry, "serve", "--models", str(models), "--socket", address, *extra],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=full_env,
             start_new_session=True,
+            cwd=cwd,
         )
     daemon = RunningDaemon(address=address, process=process, log_path=log_path, workdir=workdir)
     if wait:
@@ -104,3 +126,14 @@ def start_daemon(models: Path, *extra: str, env: dict[str, str] | None = None, w
 
 def cleanup_workdir(daemon: RunningDaemon) -> None:
     shutil.rmtree(daemon.workdir, ignore_errors=True)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, daemon: RunningDaemon | None = None) -> Any:
+    """Poll `condition` until it returns something true (returned) or `timeout` seconds pass (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}" + (f"\n{daemon.log_text()[-3000:]}" if daemon else ""))

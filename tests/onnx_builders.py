@@ -234,3 +234,53 @@ def row_loop_model(path: Path) -> Path:
         initializer=[numpy_helper.from_array(np.array(True), "cond")],
     )
     return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def external_weights_model(path: Path, location: str = "weights.bin", size: int = 16, seed: int = 7) -> tuple[Path, np.ndarray]:
+    """y = x + W with W: FP32[size] kept in an external-data file `location` beside the model (a legitimate
+    external-data model). Returns the model path and W."""
+    weight = np.random.default_rng(seed).standard_normal(size).astype(np.float32)
+    tensor = numpy_helper.from_array(weight, "W")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "W"], ["y"])],
+        "external_weights",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [size])],
+        initializer=[tensor],
+    )
+    model = helper.make_model(graph, opset_imports=OPSET)
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location, size_threshold=0)
+    return path, weight
+
+
+def external_reference(name: str, location: str, count: int) -> onnx.TensorProto:
+    """An INT32[count] initializer whose bytes are read from `location` (offset 0): nothing is written."""
+    tensor = onnx.TensorProto(name=name, data_type=TensorProto.INT32, dims=[count], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", "0"), ("length", str(4 * count))):
+        tensor.external_data.add(key=key, value=value)
+    return tensor
+
+
+def leaking_model(path: Path, location: str, count: int = 16, nested: bool = False) -> Path:
+    """y = x + W, W: INT32[count] read from whatever file `location` names, so a zero input returns that
+    file's first 4 x count bytes to the client. `nested`: W lives in an If branch's initializer, where only a
+    walker that descends into subgraphs finds it."""
+    inputs = [helper.make_tensor_value_info("x", TensorProto.INT32, [count])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.INT32, [count])]
+    if not nested:
+        graph = helper.make_graph([helper.make_node("Add", ["x", "W"], ["y"])], "leak", inputs, outputs, initializer=[external_reference("W", location, count)])
+    else:
+        branch = helper.make_graph([helper.make_node("Identity", ["W"], ["w_out"])], "branch", [],
+                                   [helper.make_tensor_value_info("w_out", TensorProto.INT32, [count])], initializer=[external_reference("W", location, count)])
+        graph = helper.make_graph(
+            [helper.make_node("If", ["always"], ["w"], then_branch=branch, else_branch=branch), helper.make_node("Add", ["x", "w"], ["y"])],
+            "leak_nested", inputs, outputs, initializer=[numpy_helper.from_array(np.array(True), "always")],
+        )
+    model = helper.make_model(graph, opset_imports=OPSET)
+    model.ir_version = 10
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())  # no checker: it would look for the file
+    return path

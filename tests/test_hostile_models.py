@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -35,7 +35,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_builders
-from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, world_readable_dir
+from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, wait_for, world_readable_dir
 from openinfer.client import Client, OpenInferError
 
 MiB = 1024 * 1024
@@ -177,16 +177,6 @@ def log_records(daemon: RunningDaemon) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             records.append(record)
     return records
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, daemon: RunningDaemon | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}" + (f"\n{daemon.log_text()[-3000:]}" if daemon else ""))
 
 
 # -- the daemon ---------------------------------------------------------------------------------------

@@ -363,6 +363,7 @@ def _attack_boot_config(worker_id: int, model_path: Path, channel: str) -> Any:
     return WorkerBootConfig(
         worker_id=worker_id, model="attack", version=1, model_path=str(model_path), channel=channel,
         intra_op_threads=2, supervisor_pid=os.getpid(), log_level="info",
+        repository=str(model_path.parent.parent), work_dir=str(model_path.parent.parent / "cwd"),
         sandbox=WorkerSandboxConfig(
             enabled=True, boot_policy=sb.boot_policy, serve_policy=sb.serve_policy, uid=uid, gid=gid,
             memory_limit_bytes=sb.memory_limit_mb * MiB, max_open_files=sb.max_open_files,
@@ -380,6 +381,7 @@ def attack_workers() -> Iterator[dict[str, AttackWorker]]:
     shim = spawner._SHIM.replace(BOOT_IMPORT, ATTACK_PRELUDE + BOOT_IMPORT)
     root = world_readable_dir("oi-attack-")
     model_path = onnx_builders.matmul_model(root / "model" / "model.onnx", seed=SEED)
+    (root / "cwd").mkdir()  # the empty directory the workers run in (the pool's runtime_dir.WORK_DIR)
     for path in root.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
     context = zmq.Context()

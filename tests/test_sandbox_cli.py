@@ -19,8 +19,9 @@ ALLOW_EVERYTHING = '[policy]\ndescription = "the control: a sandbox that stops n
 
 
 def sandbox_check(*args: str) -> subprocess.CompletedProcess[str]:
+    """The probes alone (tests/test_sandbox_deployment.py covers the deployment checks)."""
     return subprocess.run(
-        [sys.executable, "-m", "openinfer.daemon.cli", "sandbox", "check", *args],
+        [sys.executable, "-m", "openinfer.daemon.cli", "sandbox", "check", "--no-deployment", *args],
         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
     )
 
@@ -48,7 +49,7 @@ def test_default_policy_blocks_every_probe_in_the_table() -> None:
 def test_json_lists_every_probe_as_blocked_and_agrees_with_the_table() -> None:
     done = sandbox_check("--json")
     assert done.returncode == 0, done.stdout + done.stderr
-    results = json.loads(done.stdout)
+    results = json.loads(done.stdout)["probes"]
     assert isinstance(results, list) and all(set(row) == {"probe", "blocked", "how"} for row in results), results
     by_name = {row["probe"]: row for row in results}
     assert len(by_name) == len(results), "a probe is listed twice"
@@ -69,7 +70,7 @@ def test_a_policy_that_allows_everything_fails_the_check_and_shows_allowed_rows(
     assert all(result == "ALLOWED" for result, _ in rows.values()), rows
     as_json = sandbox_check("--json", "--policy", str(permissive))
     assert as_json.returncode == 1
-    assert all(row["blocked"] is False for row in json.loads(as_json.stdout))
+    assert all(row["blocked"] is False for row in json.loads(as_json.stdout)["probes"])
 
 
 def test_a_policy_that_misses_one_rule_is_caught_by_name(tmp_path: Path) -> None:
@@ -78,7 +79,7 @@ def test_a_policy_that_misses_one_rule_is_caught_by_name(tmp_path: Path) -> None
     leaky.write_text('[policy]\ninclude = "worker"\n\n[[rule]]\nsyscalls = ["execve"]\naction = "allow"\n')
     done = sandbox_check("--json", "--policy", str(leaky))
     assert done.returncode == 1, done.stdout + done.stderr
-    allowed = {row["probe"] for row in json.loads(done.stdout) if not row["blocked"]}
+    allowed = {row["probe"] for row in json.loads(done.stdout)["probes"] if not row["blocked"]}
     assert allowed == {"exec"}, allowed
 
 

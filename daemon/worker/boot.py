@@ -1,16 +1,20 @@
 """The worker's boot order, written once, in order (docs/SANDBOX.md explains each step):
 
  1. fresh process, empty environment, only stdin/stdout/stderr + the status pipe (done by the spawner)
-    Imports (numpy, pyzmq, onnxruntime) and the model bytes are loaded first, while the files are still
+    Imports (numpy, onnxruntime) and the policy files are loaded first, while the files are still
     readable: after step 3 the Python installation may not be (e.g. a venv under /root).
- 2. die with the supervisor (PR_SET_PDEATHSIG), not dumpable, RLIMIT_CORE=0, file-size and fd limits
- 3. as root: drop to the unprivileged worker uid/gid
- 4. best effort: new user/network/IPC namespaces, Landlock read-only view of Python + the model
- 5. boot seccomp policy
- 6. load the model, warm up, HELLO on the channel (the socketpair inherited at spawn), wait for ACK
- 7. malloc_trim, memory limit (RLIMIT_AS)
- 8. serve seccomp policy (TSYNC: every thread)
- 9. READY, then serve
+ 2. die with the supervisor (PR_SET_PDEATHSIG), not dumpable, RLIMIT_CORE=0, file-size and fd limits;
+    move into the empty working directory the supervisor made (a relative path nobody checked finds nothing)
+ 3. best effort: new network/IPC namespaces; as root: drop to the unprivileged worker uid/gid
+ 4. open the model's version directory beneath the repository, as that user; best effort: Landlock
+    read-only view of Python + that directory (+ the prepared weights), nothing else
+ 5. open the model file, read it, list its external-data references (worker/external_refs.py: protobuf tags
+    and lengths, no onnx) and open and map each beneath the version directory (worker/model_source.py)
+ 6. boot seccomp policy: onnxruntime parses the model only after it
+ 7. load the model, warm up, HELLO on the channel (the socketpair inherited at spawn, fd 4), wait for ACK
+ 8. malloc_trim, memory limit (RLIMIT_AS)
+ 9. serve seccomp policy (TSYNC: every thread)
+10. READY, then serve
 Any failure before READY is written to the status pipe (one JSON line) and the process exits 3.
 """
 from __future__ import annotations
@@ -21,11 +25,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from openinfer.daemon.jsonlog import configure_logging
 
 from .bootconfig import WorkerBootConfig
+
+if TYPE_CHECKING:
+    from .model_source import ModelSource
 
 log = logging.getLogger("openinfer.worker")
 PREPARED_MISMATCH = "prepared artefact mismatch"
@@ -45,7 +52,33 @@ def _report_failure(message: str) -> None:
         pass
 
 
-def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any], writable: tuple[str, ...] = ()) -> None:
+def _worker_user(config: WorkerBootConfig) -> str:
+    """Whose rights the model is read with, for messages (read while /etc/passwd is still readable)."""
+    from openinfer.daemon.model_files import describe_user
+
+    sb = config.sandbox
+    dropping_to = sb.uid if sb.enabled and os.geteuid() == 0 else None
+    return describe_user(os.geteuid() if dropping_to is None else dropping_to)
+
+
+def _enter_work_dir(config: WorkerBootConfig) -> None:
+    try:
+        os.chdir(config.work_dir or "/nonexistent")  # never stay in / (the spawner's cwd): fail instead
+    except OSError as exc:
+        raise BootFailure(f"cannot enter the working directory {config.work_dir!r}: {exc.strerror}") from None
+
+
+def _open_version_dir(config: WorkerBootConfig, user: str) -> int:
+    from openinfer.daemon.model_files import ModelFileError, open_version_dir
+
+    try:
+        return open_version_dir(config.repository, config.model_path, user)
+    except ModelFileError as exc:
+        raise BootFailure(str(exc)) from None
+
+
+def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any], user: str, writable: tuple[str, ...] = ()) -> int:
+    """Steps 2-4; returns the model's version directory (an O_PATH descriptor) opened as the worker user."""
     from openinfer.sandbox import hardening
 
     hardening.set_parent_death_signal()
@@ -57,9 +90,10 @@ def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any], wr
             f.write("500")
     except OSError:
         pass
-    # Workers write no files at all; the prepare helper writes about twice the source (packed + original).
-    max_file = 4 * os.path.getsize(config.model_path) + (64 << 20) if writable else 0
+    # Workers write no files at all; the prepare helper no more than the supervisor will accept.
+    max_file = config.prepare_limit_bytes if writable else 0
     hardening.apply_boot_rlimits(max_open_files=config.sandbox.max_open_files, max_file_size_bytes=max_file)
+    _enter_work_dir(config)
     sb = config.sandbox
     # Namespaces first: as root, new net/IPC namespaces need no user namespace; after a uid drop they
     # would, and a user namespace hands the worker capabilities inside it.
@@ -73,21 +107,34 @@ def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any], wr
         hardening.set_parent_death_signal()
         if os.getppid() != config.supervisor_pid:
             raise BootFailure("supervisor exited during worker start")
+    # After the drop: the worker user's rights decide, and Landlock is granted exactly the directory opened.
+    version_dir = _open_version_dir(config, user)
     if sb.landlock:
-        read_paths = [*sb.read_paths, os.path.realpath("/proc/self"), "/proc/cpuinfo", os.path.dirname(config.model_path)]
-        read_paths += [p for p in (config.prepared_dir, config.cache_dir) if p]
+        read_paths: list[str | int] = [*sb.read_paths, os.path.realpath("/proc/self"), "/proc/cpuinfo", version_dir]
+        if config.prepared_dir:
+            read_paths.append(config.prepared_dir)
         abi = hardening.apply_landlock(read_paths, writable)
         sandbox_state["landlock_abi"] = abi
         if not abi:
             log.warning("Landlock unavailable; file access limited by seccomp and uid only", extra={"worker": config.worker_id})
+    return version_dir
 
 
-def _read_model(path: str) -> bytes:
+def _open_source(config: WorkerBootConfig, version_dir: int, user: str) -> "ModelSource":
+    """Step 5: the model source (worker/model_source.py); every refusal becomes the boot failure's reason."""
+    from openinfer.daemon.model_files import ModelFileError
+
+    from .external_data import ExternalDataError
+    from .model_source import PreparedInvalid, open_model_source
+
     try:
-        with open(path, "rb") as model_file:
-            return model_file.read()
-    except OSError as exc:
-        raise BootFailure(f"cannot read {path}: {exc.strerror}") from None
+        return open_model_source(config, version_dir, user)
+    except PreparedInvalid as exc:  # the supervisor prepares again, then loads the model unshared
+        raise BootFailure(f"{PREPARED_MISMATCH}: {exc}") from None
+    except (ModelFileError, ExternalDataError) as exc:
+        raise BootFailure(str(exc)) from None
+    finally:
+        os.close(version_dir)
 
 
 def _open_channel() -> Any:
@@ -136,28 +183,33 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
     from .prepare import load_prepared, verify_prepared
     from .session import build_session, describe_session, warm_up
 
-    model_bytes = None if config.prepared_dir else _read_model(config.model_path)
+    user = _worker_user(config)
     if config.sandbox.enabled:
         from openinfer.sandbox import apply_policy, hardening, load_policy
 
         # Policies are read now: after the uid drop and Landlock their files may be out of reach.
         boot_policy = load_policy(config.sandbox.boot_policy)
         serve_policy = load_policy(config.sandbox.serve_policy)
-        _isolate_process(config, sandbox_state)
+        version_dir = _isolate_process(config, sandbox_state, user)
+        source = _open_source(config, version_dir, user)
         apply_policy(boot_policy)
     else:
         log.warning("worker running WITHOUT sandbox (--insecure-no-sandbox)", extra={"worker": config.worker_id})
+        _enter_work_dir(config)
+        source = _open_source(config, _open_version_dir(config, user), user)
 
     started = time.monotonic_ns()
     try:
-        if config.prepared_dir:
-            session = load_prepared(Path(config.prepared_dir), config.intra_op_threads)
+        if source.prepared_dir:
+            session = load_prepared(Path(source.prepared_dir), config.intra_op_threads)
         else:
-            session = build_session(model_bytes, config.intra_op_threads)  # type: ignore[arg-type]
-        del model_bytes
+            assert source.model is not None  # open_model_source gives the bytes whenever there is no prepared_dir
+            session = build_session(source.model, config.intra_op_threads, source.external)
         description = describe_session(session)
     except Exception as exc:
         raise BootFailure(f"onnxruntime could not load {config.prepared_dir or config.model_path}: {type(exc).__name__}: {exc}") from None
+    finally:
+        source.close()  # onnxruntime copied what it needs while creating the session
     if config.prepared_dir:
         try:
             verify_prepared(session, Path(config.prepared_dir))
@@ -198,27 +250,34 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
 
 
 def prepare_and_exit(config: WorkerBootConfig) -> None:
-    """Prepare mode: reuse a valid prepared directory from the cache, or write a new one; report by pipe."""
-    from .prepare import cache_key, file_sha256, prepare, prepared_is_valid
+    """Prepare mode: write a prepared directory into `prepare_into`, report success by pipe. The supervisor
+    chose the cache key and checks what was written; this process parses the untrusted model."""
+    from openinfer.daemon.cache_key import onnxruntime_version
+    from openinfer.daemon.prepared_layout import REPORT
+
+    from . import prepare as preparation  # looked up at call time: tests stand in a hostile helper here
 
     assert config.prepare_into is not None
-    source = Path(config.model_path)
+    user = _worker_user(config)
+    onnxruntime_version()  # cached now: reading package metadata imports modules the sandbox may hide
     if config.sandbox.enabled:
         from openinfer.sandbox import apply_policy, load_policy
 
         policy = load_policy("prepare")
-        _isolate_process(config, {}, writable=(config.prepare_into,))
+        version_dir = _isolate_process(config, {}, user, writable=(config.prepare_into,))
+        source = _open_source(config, version_dir, user)
         apply_policy(policy)
+    else:
+        _enter_work_dir(config)
+        source = _open_source(config, _open_version_dir(config, user), user)
     try:
-        source_sha256 = file_sha256(source)
-        key = cache_key(source_sha256)
-        if config.cache_dir and prepared_is_valid(Path(config.cache_dir) / key, source_sha256):
-            result: dict[str, Any] = {"key": key, "reused": True}
-        else:
-            result = {"key": key, "reused": False, **prepare(source, Path(config.prepare_into), config.intra_op_threads)}
+        assert source.model is not None
+        preparation.prepare(source.model, source.external, Path(config.prepare_into), config.intra_op_threads, config.model_path)
     except Exception as exc:
         raise BootFailure(f"cannot prepare shared weights: {type(exc).__name__}: {exc}"[:1000]) from None
-    os.write(STATUS_FD, (json.dumps({"result": result}) + "\n").encode())
+    finally:
+        source.close()
+    os.write(STATUS_FD, (json.dumps(REPORT) + "\n").encode())
 
 
 def main(argv: list[str]) -> int:

@@ -5,11 +5,12 @@ one model hold N copies. Instead the helper saves, once, an optimized model whos
 (`weights.bin`) already holds the pre-packed weights; workers then load it with graph optimisations off and
 onnxruntime maps that file read-only: every worker shares the same page-cache pages, at full speed
 (DESIGN §5). The packed layout depends on the CPU and the onnxruntime version, so both are part of the
-cache key, and a known input's output (`check.npz`) is verified by every worker at start.
+cache key, and a known input's output (`check.msgpack`) is verified by every worker at start.
 
-Layout of a prepared directory `<cache>/<key>/`: model.opt.onnx, weights.bin, check.npz, manifest.json.
-The key is `<sha256 of the source>-ort<version>-<cpu fingerprint>`; directories are written under a
-temporary name and renamed into place by the supervisor, and never rewritten in place.
+The layout is in daemon/prepared_layout.py. The helper writes into the private temporary directory it is
+given and reports only that it succeeded: the supervisor computed the key before starting it
+(daemon/cache_key.py), checks what the helper wrote, and renames it into `<cache>/<key>` itself. The helper
+parses the untrusted model, so nothing it says is taken as a path or a key.
 """
 from __future__ import annotations
 
@@ -22,23 +23,11 @@ import numpy as np
 
 from openinfer.wire.protocol import pack, unpack
 from openinfer.wire.tensors import decode_array, encode_array
+from openinfer.daemon.cache_key import cpu_fingerprint, onnxruntime_version
+from openinfer.daemon.prepared_layout import CHECK, MANIFEST, OPT_MODEL, WEIGHTS
 
+from .external_data import ExternalFiles
 from .session import ort, warm_up_feed
-
-OPT_MODEL = "model.opt.onnx"
-WEIGHTS = "weights.bin"
-CHECK = "check.msgpack"
-MANIFEST = "manifest.json"
-
-
-def cpu_fingerprint() -> str:
-    """What the packed layout depends on: the CPU model and its feature flags."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    wanted = [line for line in text.splitlines() if line.startswith(("flags", "model name", "vendor_id"))]
-    return hashlib.sha256("\n".join(sorted(set(wanted))).encode()).hexdigest()[:12]
 
 
 def file_sha256(path: Path) -> str:
@@ -49,24 +38,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(source_sha256: str) -> str:
-    return f"{source_sha256[:32]}-ort{ort.__version__}-{cpu_fingerprint()}"
-
-
-def prepared_is_valid(directory: Path, source_sha256: str) -> bool:
-    """A prepared directory may be reused only if its manifest matches and its files are intact."""
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    if manifest.get("source_sha256") != source_sha256 or manifest.get("onnxruntime") != ort.__version__ or manifest.get("cpu") != cpu_fingerprint():
-        return False
-    try:
-        return file_sha256(directory / WEIGHTS) == manifest.get("weights_sha256") and file_sha256(directory / OPT_MODEL) == manifest.get("model_sha256")
-    except OSError:
-        return False
-
-
 def _session_options(intra_op_threads: int) -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
@@ -75,15 +46,16 @@ def _session_options(intra_op_threads: int) -> Any:
     return options
 
 
-def prepare(source: Path, out_dir: Path, intra_op_threads: int) -> dict[str, Any]:
-    """Write a prepared directory for `source` into the (empty, writable) `out_dir`."""
-    source_sha256 = file_sha256(source)
+def prepare(model: bytes, external: ExternalFiles, out_dir: Path, intra_op_threads: int, source: str) -> dict[str, Any]:
+    """Write a prepared directory for the model `source` (its bytes and mapped external data, as the workers
+    load it: worker/model_source.py) into the (empty, writable) `out_dir`; returns the manifest."""
     options = _session_options(intra_op_threads)
     options.optimized_model_filepath = str(out_dir / OPT_MODEL)
     options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", WEIGHTS)
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    reference = ort.InferenceSession(str(source), sess_options=options, providers=["CPUExecutionProvider"])
+    external.add_to(options)
+    reference = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
     if not (out_dir / WEIGHTS).exists():
         raise ValueError("the model has no initializers large enough to share")
     feed = warm_up_feed([{"name": i.name, "datatype": _datatype(i.type), "shape": _shape(i.shape)} for i in reference.get_inputs()])
@@ -96,9 +68,9 @@ def prepare(source: Path, out_dir: Path, intra_op_threads: int) -> dict[str, Any
             raise ValueError("the prepared model's output differs from the source model's")
     (out_dir / CHECK).write_bytes(_pack_arrays({"inputs": feed, "outputs": {str(i): np.asarray(v) for i, v in enumerate(expected)}}))
     manifest = {
-        "source": str(source),
-        "source_sha256": source_sha256,
-        "onnxruntime": ort.__version__,
+        "source": source,
+        "source_sha256": hashlib.sha256(model).hexdigest(),
+        "onnxruntime": onnxruntime_version(),
         "cpu": cpu_fingerprint(),
         "weights_bytes": (out_dir / WEIGHTS).stat().st_size,
         "weights_sha256": file_sha256(out_dir / WEIGHTS),

@@ -10,6 +10,8 @@ import numpy as np
 
 from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array
 
+from .external_data import ExternalFiles
+
 # Telemetry must be off before onnxruntime is imported (DESIGN §4); the spawner also sets it.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402
@@ -39,12 +41,15 @@ class UnsupportedModel(Exception):
     """The model uses a feature the wire protocol cannot carry (e.g. sequence or map outputs)."""
 
 
-def build_session(model: str | bytes, intra_op_threads: int) -> ort.InferenceSession:
+def build_session(model: bytes, intra_op_threads: int, external: ExternalFiles) -> ort.InferenceSession:
+    """A session from the model's bytes, its external data given from memory (worker/external_data.py):
+    onnxruntime never opens a file for it."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 4  # fatal only: errors reach the client and our JSON log instead
+    external.add_to(options)
     return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
 

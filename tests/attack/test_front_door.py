@@ -194,8 +194,7 @@ def test_a_connection_flood_past_the_fd_limit_never_aborts_the_daemon(daemon_fac
     no handshake, as refused peers and slowloris peers are). libzmq accepted them all before any check
     and aborted on EMFILE. Now the per-identity cap refuses the attacker's excess and a client of
     another uid connects and is served; a client connected before the flood is served throughout."""
-    launcher = ["prlimit", "--nofile=256:256", sys.executable, "-m", "openinfer.daemon.cli"]
-    daemon = daemon_factory(repo, env=OPEN_TO_ALL, launcher=launcher)
+    daemon = daemon_factory(repo, env=OPEN_TO_ALL, launcher=["prlimit", "--nofile=256:256"])
     before = daemon.client()
     before.infer("tiny", {"x": X})
     flood: list[socket.socket] = []

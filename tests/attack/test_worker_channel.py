@@ -25,7 +25,7 @@ from other_uid import NOBODY, start_as
 
 pytestmark = pytest.mark.attack
 
-HOSTILE_DAEMON = [sys.executable, str(Path(__file__).resolve().parent / "hostile_daemon.py")]
+HOSTILE_DAEMON = (str(Path(__file__).resolve().parent / "hostile_daemon.py"),)
 X4 = np.arange(8, dtype=np.float32).reshape(2, 4)
 
 
@@ -153,7 +153,7 @@ def hostile(hostile_repo: Path) -> Iterator[RunningDaemon]:
 
     policy = hostile_repo.parent / f"{hostile_repo.name}-clients.toml"
     policy.write_text("[default]\nmax_in_flight = 1\n")  # a leaked in-flight slot would refuse the next request
-    running = start_daemon(hostile_repo, launcher=HOSTILE_DAEMON, env={"OPENINFER_SERVER_CLIENT_POLICY": str(policy), "OPENINFER_POOL_CRASH_LOOP_LIMIT": "1000"}, wait=False)
+    running = start_daemon(hostile_repo, entry=HOSTILE_DAEMON, env={"OPENINFER_SERVER_CLIENT_POLICY": str(policy), "OPENINFER_POOL_CRASH_LOOP_LIMIT": "1000"}, wait=False)
     wait_serving(running, ["hostile-honest", "tiny"])
     yield running
     running.stop()

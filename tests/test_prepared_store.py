@@ -1,0 +1,121 @@
+"""What the supervisor accepts from a prepare helper (daemon/prepared.py): exactly a prepared directory for
+the source it hashed itself, or nothing - checked on crafted directories, as a hostile helper would leave
+them (tests/attack/test_prepare_helper.py does it with a real helper and daemon)."""
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from openinfer.daemon.offloop import OffLoopRunner
+from openinfer.daemon.prepared import Expectation, PreparedRejected, PreparedStore
+from openinfer.daemon.prepared_layout import CHECK, MANIFEST, OPT_MODEL, WEIGHTS
+
+EXPECTED = Expectation(source_sha256="ab" * 32, onnxruntime="1.0", cpu="c0ffee", max_file_bytes=1 << 20)
+KEY = "abababab-ort1.0-c0ffee"
+
+
+def write_prepared(directory: Path, **manifest_changes: object) -> None:
+    (directory / OPT_MODEL).write_bytes(b"model")
+    (directory / WEIGHTS).write_bytes(b"w" * 100)
+    (directory / CHECK).write_bytes(b"check")
+    manifest = {"source": "m/1/model.onnx", "source_sha256": EXPECTED.source_sha256, "onnxruntime": "1.0", "cpu": "c0ffee",
+                "weights_bytes": 100, "weights_sha256": "0" * 64, "model_sha256": "0" * 64, **manifest_changes}
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> PreparedStore:
+    return PreparedStore(tmp_path / "cache", worker_uid=None)
+
+
+def test_a_well_formed_directory_is_renamed_under_the_supervisors_key(store: PreparedStore) -> None:
+    tmp = store.new_tmp_dir()
+    write_prepared(tmp)
+    final = store.finalize(tmp, KEY, EXPECTED)
+    assert final == store.base / KEY and not tmp.exists()
+    assert sorted(os.listdir(final)) == sorted([OPT_MODEL, WEIGHTS, CHECK, MANIFEST])
+    assert all((final / name).stat().st_mode & 0o777 == 0o644 for name in os.listdir(final))
+    assert store.holds(KEY, EXPECTED) == f"{WEIGHTS} does not match its manifest"  # the hashes are checked on reuse
+
+
+def symlink_to(target: Path) -> Callable[[Path], None]:
+    return lambda d: (d / "notes.txt").symlink_to(target)
+
+
+CRAFTED: dict[str, tuple[Callable[[Path], None], str]] = {
+    "extra file": (lambda d: (d / "lib.so").write_bytes(b""), "unexpected entry 'lib.so'"),
+    "missing file": (lambda d: (d / CHECK).unlink(), f"missing '{CHECK}'"),
+    "weights as a symlink": (lambda d: ((d / WEIGHTS).unlink(), (d / WEIGHTS).symlink_to("/etc/passwd")), f"'{WEIGHTS}': Too many levels"),
+    "a directory": (lambda d: ((d / CHECK).unlink(), (d / CHECK).mkdir()), f"'{CHECK}' is not a regular file"),
+    "a hard link": (lambda d: os.link(d / WEIGHTS, d.parent / "elsewhere"), f"'{WEIGHTS}' has 2 links"),
+    "oversized": (lambda d: (d / OPT_MODEL).write_bytes(b"x" * (EXPECTED.max_file_bytes + 1)), "over the limit"),
+    "another source": (lambda d: write_prepared(d, source_sha256="cd" * 32), "source_sha256 is"),
+    "another onnxruntime": (lambda d: write_prepared(d, onnxruntime="0.9"), "onnxruntime is '0.9'"),
+    "manifest not JSON": (lambda d: (d / MANIFEST).write_text("{"), "not JSON"),
+    "manifest lies about the size": (lambda d: write_prepared(d, weights_bytes=1), "weights_bytes does not match"),
+}
+
+
+@pytest.mark.parametrize("case", CRAFTED)
+def test_anything_else_is_refused_and_removed(store: PreparedStore, case: str) -> None:
+    tmp = store.new_tmp_dir()
+    write_prepared(tmp)
+    craft, why = CRAFTED[case]
+    craft(tmp)
+    with pytest.raises(PreparedRejected, match=why):
+        store.finalize(tmp, KEY, EXPECTED)
+    assert not tmp.exists() and not (store.base / KEY).exists()
+
+
+def test_a_symlinks_target_is_never_touched(store: PreparedStore, tmp_path: Path) -> None:
+    target = tmp_path / "someone-elses"
+    target.write_bytes(b"x")
+    target.chmod(0o600)
+    tmp = store.new_tmp_dir()
+    write_prepared(tmp)
+    symlink_to(target)(tmp)
+    with pytest.raises(PreparedRejected, match="unexpected entry 'notes.txt'"):
+        store.finalize(tmp, KEY, EXPECTED)
+    assert target.stat().st_mode & 0o777 == 0o600
+
+
+def test_only_its_own_temporary_directories_are_finalized(store: PreparedStore, tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        store.finalize(store.base / ".." / "x", KEY, EXPECTED)
+    with pytest.raises(ValueError):
+        store.finalize(tmp_path / ".tmp-x", KEY, EXPECTED)
+
+
+def test_offloop_results_and_errors_come_back_on_collect() -> None:
+    runner = OffLoopRunner()
+    got: list[object] = []
+    try:
+        runner.submit(lambda: 6 * 7, got.append)
+        runner.submit(lambda: 1 / 0, got.append)
+        while len(got) < 2:
+            assert select.select([runner.fd], [], [], 10)[0], "no wake-up from the background thread"
+            runner.collect()
+    finally:
+        runner.close()
+    assert got[0] == 42 and isinstance(got[1], ZeroDivisionError)
+
+
+def test_the_supervisors_side_imports_neither_onnxruntime_nor_onnx() -> None:
+    """It computes keys and checks prepared directories without them (a fresh interpreter: this one has
+    imported onnxruntime for other tests)."""
+    code = (
+        "import sys\n"
+        "import openinfer.daemon.supervisor, openinfer.daemon.preparation, openinfer.daemon.cache_key, openinfer.daemon.deployment_checks\n"
+        "from openinfer.daemon.cache_key import cache_key\n"
+        "cache_key('0' * 64)\n"
+        "print(sorted(m for m in ('onnxruntime', 'onnx') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
