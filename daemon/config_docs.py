@@ -52,12 +52,12 @@ def _code(text: str) -> str:
 def render_config_table() -> str:
     """Markdown table: one row per setting, in declaration order; ends with a newline."""
     lines = [
-        "| Key | Environment variable | CLI flag | Type | Default | Description |",
-        "|---|---|---|---|---|---|",
+        "| Key | Environment variable | CLI flag | Type | Default | On reload | Description |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for key, env, kind, default, help_text in describe_settings():
+    for key, env, kind, default, help_text, reload in describe_settings():
         flag = CLI_FLAGS.get(key, "")
-        lines.append(f"| {_code(key)} | {_code(env)} | {_code(flag)} | {kind} | {_code(format_default(key, default))} | {_text(help_text)} |")
+        lines.append(f"| {_code(key)} | {_code(env)} | {_code(flag)} | {kind} | {_code(format_default(key, default))} | {reload} | {_text(help_text)} |")
     return "\n".join(lines) + "\n"
 
 

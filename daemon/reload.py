@@ -106,6 +106,8 @@ class RepositorySync:
                     changes["replaced"].append(f"{entry.name}:{version.version}")
                 else:
                     changes["unchanged"].append(f"{entry.name}:{version.version}")
+                    if self._resize(current, entry.config.workers or self.settings.pool.workers):
+                        changes.setdefault("resized", []).append(f"{current.key}: {current.worker_count} workers")
         for name, served in list(self.registry.by_name.items()):
             for number, model in list(served.items()):
                 if (name, number) not in seen:
@@ -116,6 +118,17 @@ class RepositorySync:
                 del self.registry.by_name[name]
         log.info("repository synced", extra=changes)
         return changes
+
+    def _resize(self, model: ServedModel, wanted: int) -> bool:
+        """`pool.workers` is live: a served model gets more workers at once, or its idle extras quit."""
+        if wanted == model.worker_count or model.retiring or model.state is not ModelState.READY:
+            return False
+        model.worker_count = wanted
+        self.start_workers(model)
+        extra = len(model.workers) - wanted
+        for worker in [w for w in model.workers if w.state is WorkerState.READY][: max(0, extra)]:
+            self.quit_worker(worker)
+        return True
 
     @staticmethod
     def _changed(current: ServedModel, entry: ModelEntry, version: ModelVersionEntry) -> bool:

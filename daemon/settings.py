@@ -16,21 +16,30 @@ from .modelconfig import ConfigError
 DEFAULT_CONFIG_FILE = Path("/etc/openinfer/openinfer.toml")
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+# What a reload (SIGHUP, `openinfer reload`) does with a changed setting; declared per setting below and
+# shown in docs/CONFIG.md. The reload's reply and log list the changed keys of each class.
+LIVE = "live"  # applied at once (including the policy files, which every reload reads again)
+NEW_WORKERS = "new workers"  # applied to workers (and preparations) started after the reload
+RESTART = "restart"  # needs a restart; until then the running value stays in force
+RELOAD_CLASSES = (LIVE, NEW_WORKERS, RESTART)
+
+
+def _opt(default: Any, help: str, reload: str = LIVE) -> Any:
+    assert reload in RELOAD_CLASSES
+    return field(default=default, metadata={"help": help, "reload": reload})
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     models: str = _opt("", "Model repository directory: <models>/<name>/<version>/model.onnx.")
-    socket: str = _opt("", "Address to serve on: ipc://PATH or tcp://HOST:PORT. Empty = $XDG_RUNTIME_DIR/openinfer/openinfer.sock, else /run/openinfer/openinfer.sock.")
-    socket_mode: int = _opt(0o660, "Permission bits of the ipc:// socket file (owner + client group).")
-    socket_group: str = _opt("", "Group given to the ipc:// socket file (clients in it may connect). Empty = unchanged.")
+    socket: str = _opt("", "Address to serve on: ipc://PATH or tcp://HOST:PORT. Empty = $XDG_RUNTIME_DIR/openinfer/openinfer.sock, else /run/openinfer/openinfer.sock.", reload=RESTART)
+    socket_mode: int = _opt(0o660, "Permission bits of the ipc:// socket file (owner + client group).", reload=RESTART)
+    socket_group: str = _opt("", "Group given to the ipc:// socket file (clients in it may connect). Empty = unchanged.", reload=RESTART)
     max_request_bytes: int = _opt(64 * 1024 * 1024, "Largest request accepted: the sum of its tensor frames (the header, at most 64 KiB, is not counted). A larger one is answered RESOURCE_EXHAUSTED and its bytes are skipped, not stored.")
     max_queued_bytes: int = _opt(1024 * 1024 * 1024, "Bytes of request data held in queues across all models before RESOURCE_EXHAUSTED.")
     drain_grace_s: float = _opt(30.0, "On SIGTERM: seconds to finish queued and running tasks before stopping hard.")
-    runtime_dir: str = _opt("", "Private directory for the worker channel and prepared weights (an instance-<pid> directory inside it). Empty = $RUNTIME_DIRECTORY (systemd's RuntimeDirectory=), else $TMPDIR/openinfer-<uid>. It must belong to the daemon's user, be writable by nobody else and not be a symlink, or the daemon refuses to start.")
-    cache_dir: str = _opt("", "Where prepared (shared, pre-packed) weights are kept across restarts; checked like runtime_dir. Empty = inside the runtime directory, removed at exit.")
+    runtime_dir: str = _opt("", "Private directory for the worker channel and prepared weights (an instance-<pid> directory inside it). Empty = $RUNTIME_DIRECTORY (systemd's RuntimeDirectory=), else $TMPDIR/openinfer-<uid>. It must belong to the daemon's user, be writable by nobody else and not be a symlink, or the daemon refuses to start.", reload=RESTART)
+    cache_dir: str = _opt("", "Where prepared (shared, pre-packed) weights are kept across restarts; checked like runtime_dir. Empty = inside the runtime directory, removed at exit.", reload=RESTART)
     access_policy: str = _opt("access", "Who may call which operations on which models: a policy name in policies/ or a path. Empty = every local peer may do everything.")
     client_policy: str = _opt("clients", "Per-client limits: a policy name in policies/ or a path (see policies/clients.toml). Empty = built-in defaults.")
     peer_strike_limit: int = _opt(16, "A connection that sends this many requests no conforming client sends (undecodable header, over a size limit) is dropped. 0 = never.")
@@ -41,19 +50,19 @@ class ServerSettings:
     max_worker_message_bytes: int = _opt(1024 * 1024 * 1024, "Largest message a worker may send the supervisor (one batch's outputs); a worker that sends more is retired.")
     max_supervisor_rss_mb: int = _opt(0, "Above this resident memory the supervisor cuts the client connections holding the most buffered bytes, idle or not. 0 = max_queued_bytes + 4 x max_request_bytes + 256 MiB.")
     starvation_ms: int = _opt(1000, "A queued request waiting longer than this is served before higher priorities (aging).")
-    curve_secret_key_file: str = _opt("", "tcp:// with CURVE: file holding the server's Z85 secret key (40 characters; `openinfer keygen`). Public key: the same path + .pub")
-    insecure_tcp: bool = _opt(False, "Allow tcp:// without CURVE. Logged loudly; never on a shared network.")
+    curve_secret_key_file: str = _opt("", "tcp:// with CURVE: file holding the server's Z85 secret key (40 characters; `openinfer keygen`). Public key: the same path + .pub", reload=RESTART)
+    insecure_tcp: bool = _opt(False, "Allow tcp:// without CURVE. Logged loudly; never on a shared network.", reload=RESTART)
 
 
 @dataclass(frozen=True)
 class PoolSettings:
     workers: int = _opt(1, "Worker processes per model version (a model's config.toml `workers` wins).")
-    intra_op_threads: int = _opt(1, "onnxruntime intra-op threads per worker (a model's config.toml wins).")
-    ready_timeout_s: float = _opt(120.0, "A worker that is not ready this long after spawn is killed.")
+    intra_op_threads: int = _opt(1, "onnxruntime intra-op threads per worker (a model's config.toml wins).", reload=NEW_WORKERS)
+    ready_timeout_s: float = _opt(120.0, "A worker that is not ready this long after spawn is killed.", reload=NEW_WORKERS)
     respawn_backoff_ms: int = _opt(100, "First delay before respawning a crashed worker; doubles per consecutive crash.")
     respawn_backoff_max_ms: int = _opt(10_000, "Ceiling of the respawn delay.")
-    share_weights: bool = _opt(True, "Prepare each model once and let its workers map the same pre-packed weights.")
-    share_min_bytes: int = _opt(8 * 1024 * 1024, "Models smaller than this are loaded privately by each worker (sharing saves little).")
+    share_weights: bool = _opt(True, "Prepare each model once and let its workers map the same pre-packed weights.", reload=NEW_WORKERS)
+    share_min_bytes: int = _opt(8 * 1024 * 1024, "Models smaller than this are loaded privately by each worker (sharing saves little).", reload=NEW_WORKERS)
     ping_interval_s: float = _opt(2.0, "How often idle workers are pinged (liveness).")
     ping_grace_s: float = _opt(5.0, "An idle worker that has not answered a ping this long is killed and replaced.")
     crash_loop_limit: int = _opt(5, "Consecutive crashes (without a successful task in between) before a model goes UNAVAILABLE.")
@@ -61,14 +70,14 @@ class PoolSettings:
 
 @dataclass(frozen=True)
 class SandboxSettings:
-    enabled: bool = _opt(True, "Run workers under seccomp, no_new_privs and rlimits. Off only with --insecure-no-sandbox.")
-    boot_policy: str = _opt("boot", "Policy (name in policies/ or a path) a worker loads its model under.")
-    serve_policy: str = _opt("worker", "Policy a worker serves under.")
-    worker_user: str = _opt("nobody", "User workers drop to when the daemon runs as root.")
-    memory_limit_mb: int = _opt(4096, "Default address-space limit (RLIMIT_AS) per worker after loading, MiB; 0 = none.")
-    max_open_files: int = _opt(64, "RLIMIT_NOFILE for workers (libzmq needs a few dozen).")
-    landlock: bool = _opt(True, "Restrict worker file access with Landlock where the kernel has it.")
-    namespaces: bool = _opt(True, "Put workers in new network/IPC (and user) namespaces where allowed.")
+    enabled: bool = _opt(True, "Run workers under seccomp, no_new_privs and rlimits. Off only with --insecure-no-sandbox.", reload=NEW_WORKERS)
+    boot_policy: str = _opt("boot", "Policy (name in policies/ or a path) a worker loads its model under.", reload=NEW_WORKERS)
+    serve_policy: str = _opt("worker", "Policy a worker serves under.", reload=NEW_WORKERS)
+    worker_user: str = _opt("nobody", "User workers drop to when the daemon runs as root.", reload=RESTART)
+    memory_limit_mb: int = _opt(4096, "Default address-space limit (RLIMIT_AS) per worker after loading, MiB; 0 = none.", reload=NEW_WORKERS)
+    max_open_files: int = _opt(64, "RLIMIT_NOFILE for workers (libzmq needs a few dozen).", reload=NEW_WORKERS)
+    landlock: bool = _opt(True, "Restrict worker file access with Landlock where the kernel has it.", reload=NEW_WORKERS)
+    namespaces: bool = _opt(True, "Put workers in new network/IPC (and user) namespaces where allowed.", reload=NEW_WORKERS)
 
 
 @dataclass(frozen=True)
@@ -79,9 +88,9 @@ class LogSettings:
 
 @dataclass(frozen=True)
 class MetricsSettings:
-    listen: str = _opt("", "Serve Prometheus metrics over HTTP on HOST:PORT (loopback recommended). Empty = off.")
-    textfile: str = _opt("", "Write Prometheus metrics to this file for node_exporter's textfile collector. Empty = off.")
-    textfile_interval_s: float = _opt(15.0, "How often the textfile is rewritten.")
+    listen: str = _opt("", "Serve Prometheus metrics over HTTP on HOST:PORT (loopback recommended). Empty = off.", reload=RESTART)
+    textfile: str = _opt("", "Write Prometheus metrics to this file for node_exporter's textfile collector. Empty = off.", reload=RESTART)
+    textfile_interval_s: float = _opt(15.0, "How often the textfile is rewritten.", reload=RESTART)
 
 
 @dataclass(frozen=True)
@@ -96,15 +105,46 @@ class Settings:
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Settings)}  # type: ignore[misc]
 
 
-def describe_settings() -> list[tuple[str, str, str, Any, str]]:
-    """(key, env var, type, default, help) for every setting: the source of docs/CONFIG.md."""
+def describe_settings() -> list[tuple[str, str, str, Any, str, str]]:
+    """(key, env var, type, default, help, reload class) for every setting: the source of docs/CONFIG.md."""
     rows = []
     for section, cls in SECTIONS.items():
         hints = get_type_hints(cls)
         for f in fields(cls):
             default = f.default if f.default is not MISSING else None
-            rows.append((f"{section}.{f.name}", env_name(section, f.name), hints[f.name].__name__, default, f.metadata.get("help", "")))
+            rows.append((f"{section}.{f.name}", env_name(section, f.name), hints[f.name].__name__, default, f.metadata.get("help", ""), f.metadata.get("reload", LIVE)))
     return rows
+
+
+def reload_class(key: str) -> str:
+    """LIVE, NEW_WORKERS or RESTART for a dotted key ("server.socket")."""
+    section, _, name = key.partition(".")
+    for f in fields(SECTIONS[section]):
+        if f.name == name:
+            return str(f.metadata.get("reload", LIVE))
+    raise KeyError(key)
+
+
+def changed_settings(old: Settings, new: Settings) -> list[str]:
+    """Dotted keys whose value differs, in declaration order."""
+    changed = []
+    for section in SECTIONS:
+        before, after = getattr(old, section), getattr(new, section)
+        for f in fields(before):
+            if getattr(before, f.name) != getattr(after, f.name):
+                changed.append(f"{section}.{f.name}")
+    return changed
+
+
+def keep_running_values(old: Settings, new: Settings, keys: list[str]) -> Settings:
+    """`new`, except that `keys` keep their value from `old` (restart-only settings until a restart)."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        section, _, name = key.partition(".")
+        grouped.setdefault(section, {})[name] = getattr(getattr(old, section), name)
+    for section, values in grouped.items():
+        new = replace(new, **{section: replace(getattr(new, section), **values)})
+    return new
 
 
 def env_name(section: str, key: str) -> str:

@@ -43,7 +43,8 @@ from .replies import ReplySender
 from .results import WorkerResults
 from .runtime_dir import base_runtime_dir, create_instance_dir
 from .sdnotify import SystemdNotifier
-from .settings import Settings
+from .jsonlog import configure_logging
+from .settings import LIVE, NEW_WORKERS, RESTART, Settings, changed_settings, keep_running_values, reload_class
 from .signals import SignalInbox
 from .tasks import Task
 from .timers import MonotonicTimerFd, TimerHeap
@@ -120,21 +121,36 @@ class Supervisor:
             self._tell_systemd()
 
     def _reload(self) -> dict[str, Any]:
+        """Every setting is declared live, new-workers-only or restart-only (daemon/settings.py); this
+        applies the live ones, says which apply to new workers only and which wait for a restart, and
+        always reads the access and client policy files again (a client newly denied is refused at its
+        next request). A bad config or policy file changes nothing."""
         result: dict[str, Any] = {}
-        if self.reload_settings is not None:
-            try:
-                new = self.reload_settings()
-            except ConfigError as exc:
-                log.error("reload: invalid configuration; keeping the old one", extra={"reason": str(exc)})
-                return {"error": f"invalid configuration, nothing changed: {exc}"}
-            fixed = [k for k in ("socket", "runtime_dir", "socket_mode", "socket_group", "insecure_tcp") if getattr(new.server, k) != getattr(self.settings.server, k)]
-            if new.metrics != self.settings.metrics:
-                fixed.append("metrics")
-            if fixed:
-                log.warning("reload: these settings need a restart to take effect", extra={"keys": fixed})
-                result["needs_restart"] = [k if k == "metrics" else f"server.{k}" for k in fixed]
-            self.settings = self.pool.settings = self.sync.settings = self.dispatcher.settings = self.replies.settings = new
-            self.connections.reconfigure(new, self.access)
+        old = self.settings
+        try:
+            new = self.reload_settings() if self.reload_settings is not None else old
+            access = AccessPolicy.load(new.server.access_policy)
+            client_policy = load_client_policy(new.server.client_policy)
+        except ConfigError as exc:
+            log.error("reload: invalid configuration; keeping the old one", extra={"reason": str(exc)})
+            return {"error": f"invalid configuration, nothing changed: {exc}"}
+        changed = changed_settings(old, new)
+        by_class = {cls: [key for key in changed if reload_class(key) == cls] for cls in (LIVE, NEW_WORKERS, RESTART)}
+        new = keep_running_values(old, new, by_class[RESTART])
+        self.settings = self.pool.settings = self.sync.settings = self.dispatcher.settings = self.replies.settings = new
+        self.access = access
+        self.limiter.policy = client_policy
+        self.connections.reconfigure(new, access)
+        if new.log.level != old.log.level:
+            configure_logging(new.log.level)
+        if new.server.starvation_ms != old.server.starvation_ms:
+            for model in self.sync.all_models():
+                model.queue.starvation_ms = new.server.starvation_ms
+        result["settings"] = {"applied": by_class[LIVE], "new_workers_only": by_class[NEW_WORKERS], "needs_restart": by_class[RESTART]}
+        result["policies"] = {"access": access.source, "clients": client_policy.source}
+        if by_class[RESTART]:
+            log.warning("reload: these settings need a restart to take effect; the running values stay in force", extra={"keys": by_class[RESTART]})
+        log.info("reload: settings and policies", extra={**result["settings"], "access_policy": access.source, "client_policy": client_policy.source})
         result.update(self.sync.sync())
         return result
 

@@ -23,6 +23,14 @@ class TaskQueue:
         self._len = 0
         self._starvation_ns = starvation_ms * 1_000_000
 
+    @property
+    def starvation_ms(self) -> int:
+        return self._starvation_ns // 1_000_000
+
+    @starvation_ms.setter
+    def starvation_ms(self, value: int) -> None:
+        self._starvation_ns = value * 1_000_000
+
     def __len__(self) -> int:
         return self._len
 

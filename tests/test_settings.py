@@ -138,7 +138,7 @@ def test_config_doc_table_is_generated_from_the_settings() -> None:
 
 def test_config_doc_table_has_a_row_per_setting() -> None:
     table = render_config_table()
-    for key, env, kind, default, _ in describe_settings():
+    for key, env, kind, default, *_ in describe_settings():
         assert f"| `{key}` | `{env}` |" in table
         assert f"`{format_default(key, default)}`" in table
 

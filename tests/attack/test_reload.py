@@ -1,0 +1,110 @@
+"""Finding 12: SIGHUP did not reload who may do what. access.toml and clients.toml were read once at
+start; an operator who tightened them and reloaded got no change and no warning. Now every setting is
+declared live, new-workers-only or restart-only, the policy files are read again on every reload, and
+the reply says what was applied and what waits for a restart."""
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+import onnx_builders
+from daemon_harness import RunningDaemon, world_readable_dir
+from openinfer.client import Client, ResourceExhausted
+from other_uid import NOBODY, run_as
+
+pytestmark = pytest.mark.attack
+
+X = np.ones((1, 64), np.float32)
+SLOW = {"x": np.zeros(1, np.float32), "n": np.array(400_000, np.int64)}
+ALL_OPS = '["infer", "cancel", "models", "metadata", "health", "status", "stats", "reload"]'
+
+
+@pytest.fixture(scope="module")
+def repo() -> Iterator[Path]:
+    root = world_readable_dir("oi-reload-")
+    onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx")
+    onnx_builders.busy_loop_model(root / "busy" / "1" / "model.onnx")
+    (root / "busy" / "config.toml").write_text("workers = 1\n")
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def reload_and_wait(daemon: RunningDaemon) -> None:
+    """SIGHUP, then wait for the reload to finish: its last step logs "repository synced" (never a
+    fixed sleep)."""
+    before = daemon.log_text().count('"repository synced"')
+    daemon.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while daemon.log_text().count('"repository synced"') <= before:
+        assert time.monotonic() < deadline, "the reload never finished"
+        time.sleep(0.02)
+
+
+NOBODY_INFERS = """
+try:
+    with Client(sys.argv[1], timeout=10) as client:
+        client.infer("tiny", {"x": np.ones((1, 64), np.float32)})
+    print("OK")
+except OpenInferError as exc:
+    print(exc.code)
+"""
+
+
+def test_a_tightened_access_policy_applies_at_the_next_request_after_sighup(daemon_factory: Any, repo: Path, tmp_path: Path) -> None:
+    policy = tmp_path / "access.toml"
+    policy.write_text(f'[[grant]]\nname = "root"\nuids = [0]\noperations = {ALL_OPS}\n\n[[grant]]\nname = "nobody"\nuids = [{NOBODY}]\noperations = ["infer", "health"]\n')
+    daemon = daemon_factory(repo, env={"OPENINFER_SERVER_ACCESS_POLICY": str(policy), "OPENINFER_SERVER_SOCKET_MODE": "0o666"})
+    assert run_as(NOBODY, NOBODY_INFERS, daemon.address).stdout.strip() == "OK"
+    policy.write_text(f'[[grant]]\nname = "root"\nuids = [0]\noperations = {ALL_OPS}\n\n[[grant]]\nname = "nobody"\nuids = [{NOBODY}]\noperations = ["health"]\n')
+    reload_and_wait(daemon)
+    assert run_as(NOBODY, NOBODY_INFERS, daemon.address).stdout.strip() == "PERMISSION_DENIED"
+
+
+def test_a_tightened_client_policy_applies_after_sighup(daemon_factory: Any, repo: Path, tmp_path: Path) -> None:
+    policy = tmp_path / "clients.toml"
+    policy.write_text("[default]\nmax_in_flight = 64\n")
+    daemon = daemon_factory(repo, env={"OPENINFER_SERVER_CLIENT_POLICY": str(policy)})
+    policy.write_text('[default]\nmax_in_flight = 64\n\n[uids."0"]\nmax_in_flight = 1\n')
+    reload_and_wait(daemon)
+    outcomes: list[str] = []
+
+    def call() -> None:
+        with Client(daemon.address, timeout=60) as client:
+            try:
+                client.infer("busy", SLOW)
+                outcomes.append("OK")
+            except ResourceExhausted:
+                outcomes.append("RESOURCE_EXHAUSTED")
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(outcomes) == ["OK", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"], outcomes
+
+
+def test_the_reload_reply_says_what_applied_and_what_needs_a_restart(daemon_factory: Any, repo: Path, tmp_path: Path) -> None:
+    config = tmp_path / "openinfer.toml"
+    config.write_text("[server]\npeer_strike_limit = 16\nsocket_mode = 0o660\n\n[pool]\nworkers = 1\n")
+    daemon = daemon_factory(repo, "--config", str(config))
+    config.write_text("[server]\npeer_strike_limit = 4\nsocket_mode = 0o600\n\n[pool]\nworkers = 2\nintra_op_threads = 2\n")
+    with Client(daemon.address, timeout=30) as client:
+        result = client.reload()
+        assert result["settings"] == {"applied": ["server.peer_strike_limit", "pool.workers"], "new_workers_only": ["pool.intra_op_threads"], "needs_restart": ["server.socket_mode"]}
+        assert "tiny:1: 2 workers" in result.get("resized", [])
+        deadline = time.monotonic() + 60
+        while sum(1 for w in client.status()["workers"] if w["model"] == "tiny" and w["state"] in ("ready", "busy")) < 2:
+            assert time.monotonic() < deadline, "pool.workers = 2 never took effect"
+            time.sleep(0.05)
+    assert oct(Path(daemon.address[len("ipc://") :]).stat().st_mode & 0o777) == "0o660"  # restart-only: unchanged
+    assert "need a restart" in daemon.log_text()
