@@ -12,7 +12,7 @@ from openinfer.client.protocol import pack, unpack
 from openinfer.client.tensors import BF16Array, decode_array, encode_array
 
 from . import messages
-from .session import Runner, bf16_input, error_code_for
+from .session import Runner, bf16_input, task_error
 
 log = logging.getLogger("openinfer.worker")
 
@@ -58,6 +58,7 @@ def _run_task(socket: zmq.Socket, session: Any, output_names: list[str], frames:
     received_ns = time.monotonic_ns()
     cpu_start = time.process_time_ns()
     result_kind = messages.RESULT + frames[0].bytes[1:]  # echoes the task id
+    header: dict[str, Any] = {}
     try:
         header = unpack(frames[1].buffer)
         feed = _feed_from(header, frames[2:])
@@ -84,7 +85,7 @@ def _run_task(socket: zmq.Socket, session: Any, output_names: list[str], frames:
         socket.send_multipart([result_kind, pack(meta), *payloads], copy=False)
     except Exception as exc:  # every task gets exactly one answer, whatever onnxruntime raised
         meta = {
-            "error": {"code": error_code_for(exc), "message": f"{type(exc).__name__}: {exc}"[:2000]},
+            "error": task_error(exc, header.get("inputs") or [], session.dynamic_inputs),
             "recv_ns": received_ns,
             "cpu_us": (time.process_time_ns() - cpu_start) / 1000,
             "send_ns": time.monotonic_ns(),
@@ -166,7 +167,7 @@ def _run_batch(socket: zmq.Socket, session: Any, output_names: list[str], frames
     except Exception as exc:  # every task of the batch gets an answer (the supervisor retries each alone)
         meta = {
             "tasks": task_ids,
-            "error": {"code": error_code_for(exc), "message": f"{type(exc).__name__}: {exc}"[:2000]},
+            "error": task_error(exc, plan["inputs"], session.dynamic_inputs),
             "recv_ns": received_ns,
             "cpu_us": 0.0,
             "send_ns": time.monotonic_ns(),
