@@ -15,28 +15,37 @@ from .modelconfig import ConfigError
 
 DEFAULT_CONFIG_FILE = Path("/etc/openinfer/openinfer.toml")
 
+# What a path setting names (its `path` metadata). daemon/path_settings.py makes each one absolute
+# against the directory `openinfer serve` started in, and checks it, before anything reads it.
+EXISTING_DIR = "existing directory"
+CREATED_DIR = "directory, created if missing"
+KEY_FILE = "existing key file (and its .pub)"
+CREATED_FILE = "file, created if missing"
+POLICY = "policy: a shipped name or an existing file"
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+
+def _opt(default: Any, help: str, path: str | None = None) -> Any:
+    metadata = {"help": help} if path is None else {"help": help, "path": path}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    models: str = _opt("", "Model repository directory: <models>/<name>/<version>/model.onnx.")
+    models: str = _opt("", "Model repository directory: <models>/<name>/<version>/model.onnx.", EXISTING_DIR)
     socket: str = _opt("", "Address to serve on: ipc://PATH or tcp://HOST:PORT. Empty = $XDG_RUNTIME_DIR/openinfer/openinfer.sock, else /run/openinfer/openinfer.sock.")
     socket_mode: int = _opt(0o660, "Permission bits of the ipc:// socket file (owner + client group).")
     socket_group: str = _opt("", "Group given to the ipc:// socket file (clients in it may connect). Empty = unchanged.")
     max_request_bytes: int = _opt(64 * 1024 * 1024, "Largest request accepted (sum of all frames); one frame over it drops the connection.")
     max_queued_bytes: int = _opt(1024 * 1024 * 1024, "Bytes of request data held in queues across all models before RESOURCE_EXHAUSTED.")
     drain_grace_s: float = _opt(30.0, "On SIGTERM: seconds to finish queued and running tasks before stopping hard.")
-    runtime_dir: str = _opt("", "Private directory for the worker channel and prepared weights. Empty = beside the socket, else a temp dir.")
-    cache_dir: str = _opt("", "Where prepared (shared, pre-packed) weights are kept across restarts. Empty = inside the runtime directory, removed at exit.")
-    access_policy: str = _opt("access", "Who may call which operations on which models: a policy name in policies/ or a path. Empty = every local peer may do everything.")
-    client_policy: str = _opt("clients", "Per-client limits: a policy name in policies/ or a path (see policies/clients.toml). Empty = built-in defaults.")
+    runtime_dir: str = _opt("", "Private directory for the worker channel and prepared weights. Empty = beside the socket, else a temp dir.", CREATED_DIR)
+    cache_dir: str = _opt("", "Where prepared (shared, pre-packed) weights are kept across restarts. Empty = inside the runtime directory, removed at exit.", CREATED_DIR)
+    access_policy: str = _opt("access", "Who may call which operations on which models: a policy name in policies/ or a path. Empty = every local peer may do everything.", POLICY)
+    client_policy: str = _opt("clients", "Per-client limits: a policy name in policies/ or a path (see policies/clients.toml). Empty = built-in defaults.", POLICY)
     peer_strike_limit: int = _opt(16, "A connection that sends this many requests no conforming client sends (undecodable header, over a size limit) is dropped. 0 = never.")
     max_supervisor_rss_mb: int = _opt(0, "Above this resident memory the supervisor drops connections that have nothing in flight and completed no message in the last second (e.g. a peer streaming a never-finished multipart message). 0 = max_queued_bytes + 4 x max_request_bytes + 256 MiB.")
     starvation_ms: int = _opt(1000, "A queued request waiting longer than this is served before higher priorities (aging).")
-    curve_secret_key_file: str = _opt("", "tcp:// with CURVE: file holding the server's Z85 secret key (40 characters; `openinfer keygen`). Public key: the same path + .pub")
+    curve_secret_key_file: str = _opt("", "tcp:// with CURVE: file holding the server's Z85 secret key (40 characters; `openinfer keygen`). Public key: the same path + .pub", KEY_FILE)
     insecure_tcp: bool = _opt(False, "Allow tcp:// without CURVE. Logged loudly; never on a shared network.")
 
 
@@ -57,8 +66,8 @@ class PoolSettings:
 @dataclass(frozen=True)
 class SandboxSettings:
     enabled: bool = _opt(True, "Run workers under seccomp, no_new_privs and rlimits. Off only with --insecure-no-sandbox.")
-    boot_policy: str = _opt("boot", "Policy (name in policies/ or a path) a worker loads its model under.")
-    serve_policy: str = _opt("worker", "Policy a worker serves under.")
+    boot_policy: str = _opt("boot", "Policy (name in policies/ or a path) a worker loads its model under.", POLICY)
+    serve_policy: str = _opt("worker", "Policy (name in policies/ or a path) a worker serves under.", POLICY)
     worker_user: str = _opt("nobody", "User workers drop to when the daemon runs as root.")
     memory_limit_mb: int = _opt(4096, "Default address-space limit (RLIMIT_AS) per worker after loading, MiB; 0 = none.")
     max_open_files: int = _opt(64, "RLIMIT_NOFILE for workers (libzmq needs a few dozen).")
@@ -75,7 +84,7 @@ class LogSettings:
 @dataclass(frozen=True)
 class MetricsSettings:
     listen: str = _opt("", "Serve Prometheus metrics over HTTP on HOST:PORT (loopback recommended). Empty = off.")
-    textfile: str = _opt("", "Write Prometheus metrics to this file for node_exporter's textfile collector. Empty = off.")
+    textfile: str = _opt("", "Write Prometheus metrics to this file for node_exporter's textfile collector. Empty = off.", CREATED_FILE)
     textfile_interval_s: float = _opt(15.0, "How often the textfile is rewritten.")
 
 

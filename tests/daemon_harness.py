@@ -10,11 +10,31 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from openinfer.client import Client, OpenInferError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_MODELS = REPO_ROOT / "examples" / "models"
+POLL_INTERVAL_S = 0.02
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str, *, daemon: "RunningDaemon | None" = None) -> T:
+    """Poll `condition` until it returns something truthy and return that: the one way tests wait for
+    something to happen (never a fixed sleep). Fails naming `what` and the last value seen (plus the
+    tail of `daemon`'s log) after `timeout` seconds, which only bounds a hang: it is never what a test
+    asserts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            log = f"\n{daemon.log_text()[-3000:]}" if daemon is not None else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {repr(value)[:500]}){log}")
+        time.sleep(POLL_INTERVAL_S)
 
 
 def world_readable_dir(prefix: str) -> Path:
@@ -75,7 +95,8 @@ class RunningDaemon:
         return self.process.returncode
 
 
-def start_daemon(models: Path, *extra: str, env: dict[str, str] | None = None, wait: bool = True, timeout: float = 90.0, address: str | None = None) -> RunningDaemon:
+def start_daemon(models: Path, *extra: str, env: dict[str, str] | None = None, wait: bool = True, timeout: float = 90.0, address: str | None = None, cwd: Path | None = None) -> RunningDaemon:
+    """`openinfer serve --models MODELS --socket ADDRESS EXTRA...`, started in `cwd` (default: the test's)."""
     workdir = world_readable_dir("oi-d-")  # workers (uid nobody) must reach the channel socket inside
     address = address or f"ipc://{workdir}/openinfer.sock"
     log_path = workdir / "daemon.log"
@@ -90,6 +111,7 @@ def start_daemon(models: Path, *extra: str, env: dict[str, str] | None = None, w
             stderr=subprocess.STDOUT,
             env=full_env,
             start_new_session=True,
+            cwd=cwd,
         )
     daemon = RunningDaemon(address=address, process=process, log_path=log_path, workdir=workdir)
     if wait:
