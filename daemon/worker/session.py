@@ -69,7 +69,12 @@ _BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
 def bf16_input(bits: np.ndarray) -> Any:
     """A BF16 input for session.run: numpy has no bfloat16, so the uint16 bits go in an OrtValue that
     says what they are."""
-    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(bits, dtype=np.uint16), onnx_element_type=_BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(_c_order(bits, np.uint16), onnx_element_type=_BFLOAT16)
+
+
+def _c_order(array: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """C-contiguous, same shape: not np.ascontiguousarray, which turns a scalar (shape ()) into shape (1,)."""
+    return np.asarray(array, dtype=dtype, order="C")
 
 
 class Runner:
@@ -90,7 +95,7 @@ class Runner:
             if isinstance(value, np.ndarray):
                 if value.dtype == object:
                     raise ValueError("a model with BF16 outputs cannot take BYTES inputs here (onnxruntime cannot wrap strings for that call)")
-                value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+                value = ort.OrtValue.ortvalue_from_numpy(_c_order(value))
             values[name] = value
         results = self.session.run_with_ort_values(wanted, values, run_options)
         return [_bf16_bits(value) if value.data_type() == "tensor(bfloat16)" else value.numpy() for value in results]
