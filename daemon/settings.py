@@ -83,7 +83,7 @@ class LogSettings:
 
 @dataclass(frozen=True)
 class MetricsSettings:
-    listen: str = _opt("", "Serve Prometheus metrics over HTTP on HOST:PORT (loopback recommended). Empty = off.")
+    listen: str = _opt("", "Serve Prometheus metrics over HTTP on HOST:PORT (loopback recommended). A scrape counts every request answered before it began. Empty = off.")
     textfile: str = _opt("", "Write Prometheus metrics to this file for node_exporter's textfile collector. Empty = off.", CREATED_FILE)
     textfile_interval_s: float = _opt(15.0, "How often the textfile is rewritten.")
 

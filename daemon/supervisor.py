@@ -126,6 +126,8 @@ class Supervisor:
         self.timer_fd = self.timers.wakeup.fd
         self.poller.register(self.timer_fd, zmq.POLLIN)
         self.exporter = MetricsExporter(settings.metrics)
+        if self.exporter.wakeup_fd is not None:  # a scrape asks for a fresh snapshot (metrics.py)
+            self.poller.register(self.exporter.wakeup_fd, zmq.POLLIN)
 
     def _make_frontend(self) -> zmq.Socket:  # type: ignore[type-arg]
         sock = self.context.socket(zmq.ROUTER)
@@ -229,12 +231,15 @@ class Supervisor:
                 self.peers.answer_zap(self.zap)
             elif item is self.guard.monitor:
                 self.guard.on_monitor()
+            elif item == self.exporter.wakeup_fd:
+                self.exporter.on_wakeup()  # due() below then publishes the snapshot the scrape waits for
             else:
                 self.pool.on_fd_ready(item, shutting_down=self.draining)
                 self._tell_systemd()
 
     def _publish_metrics(self) -> None:
-        """At most once a second, from the loop: the exporter's threads only ever read this snapshot."""
+        """When a scrape waits or the textfile is due, from the loop: the exporter's threads only ever
+        read this snapshot."""
         workers = [{"model": w.model.name, "version": w.model.version, "state": w.state.value} for w in self.pool.all_workers()]
         depths = {(m.name, m.version): len(m.queue) for m in self.sync.all_models()}
         self.exporter.publish(admin.stats_result(self), workers, depths)

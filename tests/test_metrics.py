@@ -1,21 +1,25 @@
-"""Prometheus exposition: parsed with prometheus_client's own parser, it agrees with the stats; the HTTP
-endpoint and the textfile serve the last published snapshot only; end to end against a live daemon."""
+"""Prometheus exposition: parsed with prometheus_client's own parser, it agrees with the stats; an HTTP
+scrape gets a snapshot the loop built after it began (exact), the textfile the last published one;
+end to end against a live daemon."""
 from __future__ import annotations
 
-import os
+import logging
 import random
+import select
 import socket
+import threading
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemon_harness import wait_for
 from openinfer.client import InvalidArgument, NotFound
+from openinfer.daemon import metrics
 from openinfer.daemon.accounting import DURATION_BUCKETS_US, Accountant
 from openinfer.daemon.metrics import MetricsExporter, parse_listen
 from openinfer.daemon.modelconfig import ConfigError
@@ -145,35 +149,95 @@ def test_scrapes_see_the_published_snapshot_never_the_live_counters() -> None:
     assert value(parse(exporter.render_text()), "openinfer_client_requests", "openinfer_client_requests_total", client="late@uid=0", code="OK") == 50
 
 
-def test_http_endpoint_serves_the_text_format_and_stops_on_close() -> None:
+class LoopStandIn:
+    """What the supervisor's loop does for the exporter (metrics.py's docstring), in a thread: poll
+    wakeup_fd, on_wakeup(), and publish(snapshot()) whenever due()."""
+
+    def __init__(self, exporter: MetricsExporter, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.exporter = exporter
+        self.snapshot = snapshot
+        self.published = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="loop-stand-in", daemon=True)
+
+    def _run(self) -> None:
+        assert self.exporter.wakeup_fd is not None
+        poller = select.poll()
+        poller.register(self.exporter.wakeup_fd, select.POLLIN)
+        while not self._stop.is_set():
+            if poller.poll(20):
+                self.exporter.on_wakeup()
+            if self.exporter.due(time.monotonic_ns()):
+                self.exporter.publish(self.snapshot(), workers_rows(), {})
+                self.published += 1
+
+    def __enter__(self) -> "LoopStandIn":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+@pytest.fixture
+def http_exporter() -> Iterator[MetricsExporter]:
     exporter = MetricsExporter(MetricsSettings(listen="127.0.0.1:0"))
-    try:
-        assert exporter.port
-        url = f"http://127.0.0.1:{exporter.port}/metrics"
-        acc = busy_accountant()
-        stats = acc.snapshot()
-        exporter.publish(stats, workers_rows(), {})
+    yield exporter
+    exporter.close()
+
+
+def test_http_endpoint_serves_the_text_format_and_stops_on_close(http_exporter: MetricsExporter) -> None:
+    assert http_exporter.port
+    url = f"http://127.0.0.1:{http_exporter.port}/metrics"
+    stats = busy_accountant().snapshot()
+    with LoopStandIn(http_exporter, lambda: stats):
         with urllib.request.urlopen(url, timeout=5) as response:
             assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
             body = response.read()
-        assert_agrees(parse(body), stats)
-    finally:
-        exporter.close()
+    samples = parse(body)
+    assert_agrees(samples, stats)
+    assert value(samples, "openinfer_up", "openinfer_up") == 1
+    http_exporter.close()
     with pytest.raises(OSError):
         urllib.request.urlopen(url, timeout=2)
-    exporter.close()  # idempotent
+    http_exporter.close()  # idempotent
 
 
-def wait_for_textfile(path: Path, requests: int, timeout: float = 10.0) -> dict[str, list[Any]]:
+def test_every_scrape_reflects_everything_recorded_before_it_began(http_exporter: MetricsExporter) -> None:
+    """No snapshot up to a second old: each scrape waits for one the loop built after it asked."""
+    acc = Accountant()
+    url = f"http://127.0.0.1:{http_exporter.port}/metrics"
+    with LoopStandIn(http_exporter, acc.snapshot) as loop:
+        for answered in range(1, 8):
+            acc.record("tiny", 1, "c@uid=0", None, {"compute_us": 3.0, "total_us": 9.0})  # the loop is idle meanwhile
+            samples = parse(scrape(url))
+            assert value(samples, "openinfer_requests", "openinfer_requests_total", model="tiny", version="1", code="OK") == answered
+            assert value(samples, "openinfer_up", "openinfer_up") == 1
+        assert loop.published == 7  # one snapshot per scrape, none in between
+    assert not http_exporter.due(time.monotonic_ns())  # nobody waits: no snapshot is built
+
+
+def test_a_scrape_the_loop_does_not_answer_gets_the_last_snapshot_with_up_0(http_exporter: MetricsExporter, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "SCRAPE_WAIT_S", 0.05)
+    stats = busy_accountant().snapshot()
+    http_exporter.publish(stats, workers_rows(), {})  # once, then the loop never answers again
+    samples = parse(scrape(f"http://127.0.0.1:{http_exporter.port}/metrics"))
+    assert value(samples, "openinfer_up", "openinfer_up") == 0
+    assert_agrees(samples, stats)
+    assert http_exporter.due(time.monotonic_ns())  # the unanswered scrape is still asked for
+
+
+def textfile_requests(path: Path) -> float | None:
+    if not path.exists():
+        return None
+    return sum(s.value for s in parse(path.read_bytes()).get("openinfer_requests", []))
+
+
+def wait_for_textfile(path: Path, requests: int) -> dict[str, list[Any]]:
     """The textfile is written by the exporter's own thread: wait until it shows `requests` in all."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            samples = parse(path.read_bytes())
-            if sum(s.value for s in samples.get("openinfer_requests", [])) == requests:
-                return samples
-        time.sleep(0.02)
-    raise AssertionError(f"{path} never showed {requests} requests")
+    wait_for(lambda: textfile_requests(path) == requests, 10, f"{path} to show {requests} requests")
+    return parse(path.read_bytes())
 
 
 def test_textfile_is_replaced_atomically_and_says_down_after_close(tmp_path: Path) -> None:
@@ -193,7 +257,7 @@ def test_textfile_is_replaced_atomically_and_says_down_after_close(tmp_path: Pat
     exporter.close()  # idempotent
 
 
-def test_textfile_waits_for_its_interval_and_survives_write_errors(tmp_path: Path) -> None:
+def test_textfile_waits_for_its_interval_and_survives_write_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "m.prom"
     exporter = MetricsExporter(MetricsSettings(textfile=str(path), textfile_interval_s=3600.0))
     acc = busy_accountant()
@@ -201,35 +265,30 @@ def test_textfile_waits_for_its_interval_and_survives_write_errors(tmp_path: Pat
     wait_for_textfile(path, 304)
     acc.record("tiny", 1, "x", None, {"total_us": 5.0})
     exporter.publish(acc.snapshot(), [], {})
-    time.sleep(0.3)
-    assert sum(s.value for s in parse(path.read_bytes())["openinfer_requests"]) == 304  # not yet: the interval has not passed
+    assert exporter.textfile_writes_asked == 1  # not yet: the interval has not passed
     exporter.close()
-    assert sum(s.value for s in parse(path.read_bytes())["openinfer_requests"]) == 305  # the last word, at close
+    assert textfile_requests(path) == 305  # the last word, at close
     target = tmp_path / "gone" / "n.prom"
     target.parent.mkdir()
     failing = MetricsExporter(MetricsSettings(textfile=str(target), textfile_interval_s=0.0))
     target.parent.rmdir()  # the directory vanished under a running daemon
-    failing.publish(acc.snapshot(), [], {})  # logged by the writer thread, never raised into the loop
-    time.sleep(0.3)
+    with caplog.at_level(logging.WARNING, logger="openinfer.metrics"):
+        failing.publish(acc.snapshot(), [], {})  # logged by the writer thread, never raised into the loop
+        wait_for(lambda: any(r.getMessage() == "cannot write the metrics textfile" for r in caplog.records), 10, "the writer's warning")
     failing.close()
     assert not target.parent.exists()
     with pytest.raises(ConfigError, match="does not exist"):
         MetricsExporter(MetricsSettings(textfile=str(tmp_path / "missing" / "m.prom")))
 
 
-def test_due_at_most_once_per_second_and_only_when_configured(tmp_path: Path) -> None:
+def test_due_when_a_scrape_waits_or_the_textfile_interval_passed(tmp_path: Path, http_exporter: MetricsExporter) -> None:
     assert not MetricsExporter(MetricsSettings()).due(time.monotonic_ns())
-    exporter = MetricsExporter(MetricsSettings(listen="127.0.0.1:0"))
-    try:
-        now = time.monotonic_ns()
-        assert exporter.due(now)
-        assert not exporter.due(now + 999_000_000)
-        assert exporter.due(now + 1_000_000_000)
-    finally:
-        exporter.close()
+    assert http_exporter.wakeup_fd is not None and MetricsExporter(MetricsSettings()).wakeup_fd is None
+    assert not http_exporter.due(time.monotonic_ns())  # HTTP only: nothing to do until a scrape asks
     textfile_only = MetricsExporter(MetricsSettings(textfile=str(tmp_path / "t.prom"), textfile_interval_s=15.0))
     now = time.monotonic_ns()
     assert textfile_only.due(now) and not textfile_only.due(now + 14_000_000_000) and textfile_only.due(now + 15_000_000_000)
+    textfile_only.close()
 
 
 def test_listen_address_is_checked() -> None:
@@ -249,7 +308,20 @@ def free_port() -> int:
 
 def scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as response:
-        return response.read().decode()
+        return response.read().decode()  # type: ignore[no-any-return]
+
+
+def test_live_scrape_right_after_a_request_counts_it(daemon_factory: Any, model_repo: Path) -> None:
+    """The daemon's loop answers each scrape with a snapshot built after it began: no second-old counts."""
+    port = free_port()
+    daemon = daemon_factory(model_repo, env={"OPENINFER_METRICS_LISTEN": f"127.0.0.1:{port}"})
+    url = f"http://127.0.0.1:{port}/metrics"
+    client = daemon.client()
+    for answered in range(1, 11):
+        client.infer("tiny", {"x": np.ones((1, 64), np.float32)})
+        samples = parse(scrape(url))
+        assert value(samples, "openinfer_requests", "openinfer_requests_total", model="tiny", version="1", code="OK") == answered
+        assert value(samples, "openinfer_up", "openinfer_up") == 1
 
 
 def test_live_daemon_metrics_endpoint_agrees_with_stats(daemon_factory: Any, model_repo: Path) -> None:
@@ -269,24 +341,8 @@ def test_live_daemon_metrics_endpoint_agrees_with_stats(daemon_factory: Any, mod
     with pytest.raises(NotFound):
         bob.infer("no_such_model", x)
 
-    # The loop publishes about once a second: wait for a scrape that has seen every request above.
-    deadline = time.monotonic() + 15
-    text, last_error = "", None
-    while time.monotonic() < deadline:
-        try:
-            text = scrape(url)
-        except (urllib.error.URLError, OSError) as exc:
-            last_error = exc
-        else:
-            samples = parse(text)
-            if "openinfer_requests" in samples and sum(s.value for s in samples["openinfer_requests"]) >= 21:
-                break
-        time.sleep(0.2)
-    else:
-        pytest.fail(f"no complete Prometheus exposition at {url} within 15 s (is MetricsExporter wired into the supervisor?): {last_error or text[-500:]}")
-    stats = alice.stats()
-    samples = parse(scrape(url))
-    assert_agrees(samples, stats)
+    samples = parse(scrape(url))  # exact: the scrape waits for a snapshot taken after it began
+    assert_agrees(samples, alice.stats())
     assert value(samples, "openinfer_requests", "openinfer_requests_total", model="tiny", version="1", code="OK") == 17
     assert value(samples, "openinfer_requests", "openinfer_requests_total", model="tiny", version="1", code="INVALID_ARGUMENT") == 3
     assert value(samples, "openinfer_requests", "openinfer_requests_total", model="", version="", code="NOT_FOUND") == 1
