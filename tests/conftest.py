@@ -1,12 +1,17 @@
 """Shared fixtures: real daemons on temporary ipc:// paths, real models."""
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-import pytest
+# Tests run onnxruntime in process (the references): it must not phone home or write ~/.cache/Microsoft
+# either (DESIGN §4), and it must be off before the first import of onnxruntime anywhere in the run.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
