@@ -176,8 +176,11 @@ class Dispatcher:
             worker.deadline_ns = min(task.deadline_ns, now + task.model.config.max_compute_ms * 1_000_000)
         worker.inflight.append(task)
         worker.state = WorkerState.BUSY  # hot path: READY->BUSY is the one transition not logged
+        if not self._route_to(worker):  # it never reached the worker: back to the front of the queue
+            worker.inflight.pop()
+            self.retry_alone(task)
+            return
         send = self.backend.send
-        send(worker.identity, _SNDMORE)
         send(messages.TASK + messages.pack_task_id(task.task_id), _SNDMORE)
         data = task.data_frames
         if data:
@@ -187,6 +190,20 @@ class Dispatcher:
                 send(frame, 0 if index == last else _SNDMORE, copy=False)
         else:
             send(task.header_frame, 0, copy=False)
+
+    def _route_to(self, worker: WorkerHandle) -> bool:
+        """Send the routing frame of a message for `worker`. False when its connection is already gone
+        (ROUTER_MANDATORY: a worker that died, e.g. SIGKILLed, and is not reaped yet): nothing was sent,
+        and raising here would lose the replies the caller was about to send (results.py dispatches the
+        next task before answering the last one). The pool's exit handling then answers or requeues
+        what the worker holds (Supervisor._on_worker_lost)."""
+        try:
+            self.backend.send(worker.identity, _SNDMORE)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            return False
+        return True
 
     def next_for(self, worker: WorkerHandle) -> None:
         """The worker finished a task: give it the next queued one, or park it idle if it holds none."""
@@ -334,8 +351,8 @@ class Dispatcher:
         worker.inflight.extend(batch)
         worker.state = WorkerState.BUSY
         try:
-            self.backend.send(worker.identity, _SNDMORE)
-            self._send_batch(batch, [task.rows for task in batch])
+            if self._route_to(worker):  # else the batch stays with the dead worker, requeued when it is reaped
+                self._send_batch(batch, [task.rows for task in batch])
         finally:
             # The per-member bookkeeping after the send: the worker starts on the batch meanwhile (this
             # was ~15 us per batch of 16 on the path from the last arrival to the worker).
