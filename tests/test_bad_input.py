@@ -13,6 +13,8 @@ from openinfer.client import Client, InvalidArgument, NotFound, ResourceExhauste
 from daemon_harness import EXAMPLE_MODELS, RunningDaemon
 from reference import run_reference
 
+pytestmark = pytest.mark.live
+
 X = np.ones((1, 64), dtype=np.float32)
 
 

@@ -16,7 +16,10 @@ import zmq
 import onnx_builders
 from daemon_harness import world_readable_dir
 from openinfer.client import AsyncClient
+from repo_builder import make_world_readable
 from reference import run_reference
+
+pytestmark = pytest.mark.live
 
 
 def batching_repo(models: dict[str, tuple[Callable[[Path], Path], str]]) -> Path:
@@ -25,8 +28,7 @@ def batching_repo(models: dict[str, tuple[Callable[[Path], Path], str]]) -> Path
     for name, (build, config) in models.items():
         build(root / name / "1" / "model.onnx")
         (root / name / "config.toml").write_text(config)
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(root)
     return root
 
 

@@ -13,6 +13,8 @@ import pytest
 
 from daemon_harness import REPO_ROOT
 
+pytestmark = pytest.mark.live
+
 BENCH = REPO_ROOT / "bench"
 PLOTTING = {"latency.py": "latency.json", "batching.py": "batching.json", "accounting_overhead.py": "accounting.json",
             "memory.py": "memory.json", "soak.py": "soak.json"}

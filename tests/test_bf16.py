@@ -53,6 +53,7 @@ def reference(model: Path, bits: np.ndarray, input_name: str = "x") -> dict[str,
     return out
 
 
+@pytest.mark.unit
 def test_from_float32_rounds_like_onnxruntime_cast() -> None:
     rng = np.random.default_rng(16)
     values = np.concatenate([
@@ -69,6 +70,7 @@ def test_from_float32_rounds_like_onnxruntime_cast() -> None:
     assert np.isnan(ours.to_float32()[nan]).all()
 
 
+@pytest.mark.unit
 def test_a_bf16_scalar_stays_rank_0_on_the_wire() -> None:
     """numpy's ascontiguousarray turns a 0-d array into shape (1,): neither conversion may."""
     scalar = BF16Array.from_float32(np.float32(-2.5))
@@ -81,6 +83,7 @@ def test_a_bf16_scalar_stays_rank_0_on_the_wire() -> None:
     assert encode_array(big_endian)[:2] == ("FP32", [])
 
 
+@pytest.mark.live
 def test_bf16_scalars_in_and_out_through_the_daemon(daemon_factory: Any, repo: Path) -> None:
     """Rank-0 inputs and outputs of a model with BF16 outputs keep shape [] (metadata, PROTOCOL 6 and
     onnxruntime agree; the worker used to send [1])."""
@@ -98,6 +101,7 @@ def test_bf16_scalars_in_and_out_through_the_daemon(daemon_factory: Any, repo: P
     assert result.outputs["f"] == np.float32(-2.5) and BF16Array(result.outputs["h"]).to_float32() == np.float32(-1.25)
 
 
+@pytest.mark.live
 def test_bf16_in_and_out_through_the_daemon(daemon_factory: Any, repo: Path) -> None:
     daemon = daemon_factory(repo)
     x = BF16Array.from_float32(VALUES)
@@ -115,6 +119,7 @@ def test_bf16_in_and_out_through_the_daemon(daemon_factory: Any, repo: Path) -> 
     assert info.value.code == "INVALID_ARGUMENT" and "BF16" in info.value.message
 
 
+@pytest.mark.live
 def test_bf16_batched_equals_alone(daemon_factory: Any, repo: Path) -> None:
     daemon = daemon_factory(repo)
     rng = np.random.default_rng(3)

@@ -32,6 +32,9 @@ import zmq
 
 from daemon_harness import EXAMPLE_MODELS, REPO_ROOT, RunningDaemon, cleanup_workdir, start_daemon, world_readable_dir
 from openinfer.client import Client
+from repo_builder import make_world_readable
+
+pytestmark = pytest.mark.live
 
 C_DIR = REPO_ROOT / "client" / "c"
 EXAMPLE = C_DIR / "openinfer-c-example"
@@ -80,18 +83,13 @@ def run_example(*args: str, timeout: float = 120.0, env: dict[str, str] | None =
 
 
 # -- a daemon on the example models ---------------------------------------------------------------
-def _make_world_readable(repo: Path) -> None:
-    for path in repo.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
 @pytest.fixture(scope="module")
 def example_daemon() -> Iterator[RunningDaemon]:
     """Serves exactly the shipped example models (what the conformance vectors assume), sandboxed."""
     repo = world_readable_dir("oi-c-client-")
     for model_dir in EXAMPLE_MODELS.iterdir():
         shutil.copytree(model_dir, repo / model_dir.name)
-    _make_world_readable(repo)
+    make_world_readable(repo)
     try:
         running = start_daemon(repo)
     except BaseException:
@@ -325,7 +323,7 @@ def test_valgrind_clean_against_the_daemon(c_example: Path, example_daemon: Runn
 def test_curve_over_tcp(c_example: Path, daemon_factory: Any, tmp_path: Path) -> None:
     repo = world_readable_dir("oi-c-curve-")
     shutil.copytree(EXAMPLE_MODELS / "tiny", repo / "tiny")
-    _make_world_readable(repo)
+    make_world_readable(repo)
     try:
         key_file = tmp_path / "server.key"
         keygen = subprocess.run([sys.executable, "-m", "openinfer.daemon.cli", "keygen", str(key_file)], capture_output=True, text=True)

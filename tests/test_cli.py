@@ -7,8 +7,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from daemon_harness import RunningDaemon
+
+pytestmark = pytest.mark.live
 
 
 def run_cli(*args: str, socket: str | None = None, timeout: float = 60, columns: int = 200) -> subprocess.CompletedProcess[str]:

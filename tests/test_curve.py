@@ -15,6 +15,9 @@ import zmq
 import onnx_builders
 from daemon_harness import world_readable_dir
 from openinfer.client import Client, OpenInferError
+from repo_builder import make_world_readable
+
+pytestmark = pytest.mark.live
 
 X = np.ones((1, 64), np.float32)
 
@@ -28,8 +31,7 @@ def free_port() -> int:
 def test_curve_keys_decide_who_connects(daemon_factory: Any, tmp_path: Path) -> None:
     repo = world_readable_dir("oi-curve-")
     onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
-    for path in repo.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(repo)
     key_file = tmp_path / "server.key"
     done = subprocess.run([sys.executable, "-m", "openinfer.daemon.cli", "keygen", str(key_file)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -32,6 +32,8 @@ from openinfer.daemon.timers import TimerHeap
 from openinfer.daemon.validation import check_infer
 from openinfer.daemon.workers import WorkerHandle, WorkerState
 
+pytestmark = pytest.mark.unit
+
 SPEC = {"name": "x", "datatype": "FP32", "shape": [-1, 4]}
 
 

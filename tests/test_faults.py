@@ -21,6 +21,9 @@ import onnx_builders
 from daemon_harness import RunningDaemon, wait_for, world_readable_dir
 from openinfer.client import Client, DeadlineExceeded, OpenInferError, Unavailable
 from openinfer.client.protocol import encode_infer_request, unpack
+from repo_builder import make_world_readable
+
+pytestmark = pytest.mark.live
 
 X = np.ones((1, 64), np.float32)
 
@@ -33,8 +36,7 @@ def repo() -> Any:
     onnx_builders.conv_image_model(root / "conv" / "1" / "model.onnx")
     onnx_builders.endless_loop_model(root / "spin" / "1" / "model.onnx")
     (root / "spin" / "config.toml").write_text("max_compute_ms = 1000\n")
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(root)
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
@@ -306,8 +308,7 @@ def test_new_version_and_removed_model_on_reload(daemon_factory: Any, repo: Path
     running = daemon_factory(repo)
     client = running.client()
     onnx_builders.matmul_model(repo / "tiny" / "2" / "model.onnx", seed=7)
-    for path in (repo / "tiny" / "2", repo / "tiny" / "2" / "model.onnx"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(repo / "tiny")
     shutil.rmtree(repo / "conv")
     changes = client.reload()
     assert changes["added"] == ["tiny:2"] and changes["removed"] == ["conv:1"]

@@ -36,6 +36,9 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_builders
 from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, wait_for, world_readable_dir
 from openinfer.client import Client, OpenInferError
+from repo_builder import make_world_readable
+
+pytestmark = pytest.mark.live
 
 MiB = 1024 * 1024
 LIMIT_MB = 1024
@@ -184,8 +187,7 @@ def hostile() -> Iterator[HostileDaemon]:
     (root / "warmbomb" / "config.toml").write_text(f"memory_limit_mb = {LIMIT_MB}\n")
     onnx_builders.endless_loop_model(root / "spin" / "1" / "model.onnx")
     (root / "spin" / "config.toml").write_text(f"max_compute_ms = {SPIN_MAX_COMPUTE_MS}\n")
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(root)
     running = start_daemon(root, wait=False)
     watch = MemoryWatch(running.process.pid).start()  # before any worker can have allocated anything
     try:

@@ -28,6 +28,9 @@ import zmq
 import onnx_builders
 from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, world_readable_dir
 from openinfer.client.protocol import unpack
+from repo_builder import make_world_readable
+
+pytestmark = pytest.mark.live
 
 MiB = 1024 * 1024
 DEFAULT_LIMIT_MB = 1536  # OPENINFER_SANDBOX_MEMORY_LIMIT_MB of the private daemon
@@ -87,8 +90,7 @@ def live() -> Iterator[LiveDaemon]:
     (root / "good" / "config.toml").write_text("workers = 2\nintra_op_threads = 2\n")
     onnx_builders.matmul_model(root / "capped" / "1" / "model.onnx", seed=SEED)
     (root / "capped" / "config.toml").write_text(f"memory_limit_mb = {CAPPED_LIMIT_MB}\n")
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(root)
     running = start_daemon(root, env={"OPENINFER_SANDBOX_MEMORY_LIMIT_MB": str(DEFAULT_LIMIT_MB)})
     try:
         with running.client(timeout=30) as client:  # every worker has served once before we look
@@ -380,8 +382,7 @@ def attack_workers() -> Iterator[dict[str, AttackWorker]]:
     shim = spawner._SHIM.replace(BOOT_IMPORT, ATTACK_PRELUDE + BOOT_IMPORT)
     root = world_readable_dir("oi-attack-")
     model_path = onnx_builders.matmul_model(root / "model" / "model.onnx", seed=SEED)
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(root)
     context = zmq.Context()
     workers: dict[str, AttackWorker] = {}
     try:

@@ -1,24 +1,21 @@
-"""Prometheus exposition: parsed with prometheus_client's own parser, it agrees with the stats; an HTTP
-scrape gets a snapshot the loop built after it began (exact), the textfile the last published one;
-end to end against a live daemon."""
+"""Prometheus exposition of the exporter on its own: it agrees with the stats it was given; an HTTP
+scrape gets a snapshot the loop built after it began (exact), the textfile the last published one
+(test_metrics_live.py: the same through a live daemon)."""
 from __future__ import annotations
 
 import logging
 import random
 import select
-import socket
 import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from daemon_harness import wait_for
-from openinfer.client import InvalidArgument, NotFound
+from exposition import assert_agrees, parse, scrape, value
 from openinfer.daemon import metrics
 from openinfer.daemon.accounting import DURATION_BUCKETS_US, Accountant
 from openinfer.daemon.metrics import MetricsExporter, parse_listen
@@ -26,19 +23,9 @@ from openinfer.daemon.modelconfig import ConfigError
 from openinfer.daemon.settings import MetricsSettings
 from openinfer.daemon.workers import WorkerState
 
+pytestmark = pytest.mark.unit
+
 STAGE_KEYS = ("decode_us", "queue_us", "dispatch_us", "prep_us", "compute_us", "encode_us", "return_us")
-
-
-def parse(text: bytes | str) -> dict[str, list[Any]]:
-    """family name -> samples, through the official parser (it rejects malformed exposition)."""
-    families = text_string_to_metric_families(text.decode() if isinstance(text, bytes) else text)
-    return {family.name: list(family.samples) for family in families}
-
-
-def value(samples: dict[str, list[Any]], family: str, sample: str, **labels: str) -> float:
-    found = [s.value for s in samples[family] if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())]
-    assert len(found) == 1, (family, sample, labels, found)
-    return float(found[0])
 
 
 def busy_accountant() -> Accountant:
@@ -58,46 +45,6 @@ def busy_accountant() -> Accountant:
 
 def workers_rows() -> list[dict[str, Any]]:
     return [{"model": "tiny", "version": 1, "state": "ready"}, {"model": "tiny", "version": 1, "state": "busy"}, {"model": "magika", "version": 2, "state": "spawned"}]
-
-
-def assert_agrees(samples: dict[str, list[Any]], stats: dict[str, Any]) -> None:
-    """Every counter and histogram in the exposition equals the matching stats figure."""
-    bounds = [b / 1e6 for b in stats["duration_buckets_us"]]
-    for name, entry in stats["models"].items():
-        for version, snap in entry["versions"].items():
-            labels = {"model": name, "version": version}
-            if snap.get("success"):
-                assert value(samples, "openinfer_requests", "openinfer_requests_total", code="OK", **labels) == snap["success"]
-            for code, count in snap["failures"].items():
-                assert value(samples, "openinfer_requests", "openinfer_requests_total", code=code, **labels) == count
-            assert value(samples, "openinfer_request_bytes", "openinfer_request_bytes_total", direction="in", **labels) == snap.get("bytes_in", 0)
-            assert value(samples, "openinfer_request_bytes", "openinfer_request_bytes_total", direction="out", **labels) == snap.get("bytes_out", 0)
-            assert value(samples, "openinfer_worker_cpu_seconds", "openinfer_worker_cpu_seconds_total", **labels) == pytest.approx(snap.get("cpu_seconds", 0.0))
-            assert value(samples, "openinfer_worker_restarts", "openinfer_worker_restarts_total", **labels) == snap.get("worker_restarts", 0)
-            for code, by_stage in snap.get("durations", {}).items():
-                for stage, row in by_stage.items():
-                    where = {**labels, "stage": stage, "code": code}
-                    assert value(samples, "openinfer_request_duration_seconds", "openinfer_request_duration_seconds_count", **where) == row["count"]
-                    assert value(samples, "openinfer_request_duration_seconds", "openinfer_request_duration_seconds_sum", **where) == pytest.approx(row["ns"] / 1e9)
-                    got = [value(samples, "openinfer_request_duration_seconds", "openinfer_request_duration_seconds_bucket", le=le, **where) for le in _les(samples, where)]
-                    assert got == [*row["le"], row["count"]]
-            # The histogram's `total` stage over every code counts each request once.
-            totals = [s.value for s in samples["openinfer_request_duration_seconds"] if s.name.endswith("_count") and s.labels["stage"] == "total" and s.labels["model"] == name and s.labels["version"] == version]
-            assert sum(totals) == snap["requests"]
-    les = sorted({float(s.labels["le"]) for s in samples["openinfer_request_duration_seconds"] if "le" in s.labels})
-    assert les == [*bounds, float("inf")]
-    for code, count in stats.get("rejected", {}).items():
-        assert value(samples, "openinfer_requests", "openinfer_requests_total", model="", version="", code=code) == count
-    for client, snap in stats["clients"].items():
-        if snap["success"]:
-            assert value(samples, "openinfer_client_requests", "openinfer_client_requests_total", client=client, code="OK") == snap["success"]
-        for code, count in snap["failures"].items():
-            assert value(samples, "openinfer_client_requests", "openinfer_client_requests_total", client=client, code=code) == count
-
-
-def _les(samples: dict[str, list[Any]], where: dict[str, str]) -> list[str]:
-    found = [s.labels["le"] for s in samples["openinfer_request_duration_seconds"] if s.name.endswith("_bucket") and all(s.labels.get(k) == v for k, v in where.items())]
-    return sorted(found, key=float)
 
 
 # -- unit ---------------------------------------------------------------------------------------------
@@ -297,61 +244,3 @@ def test_listen_address_is_checked() -> None:
     for bad in ("9464", "127.0.0.1", "127.0.0.1:port", ":9464", "127.0.0.1:70000"):
         with pytest.raises(ConfigError, match="metrics.listen"):
             parse_listen(bad)
-
-
-# -- end to end: a live daemon (needs MetricsExporter wired into the supervisor) -----------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def scrape(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return response.read().decode()  # type: ignore[no-any-return]
-
-
-def test_live_scrape_right_after_a_request_counts_it(daemon_factory: Any, model_repo: Path) -> None:
-    """The daemon's loop answers each scrape with a snapshot built after it began: no second-old counts."""
-    port = free_port()
-    daemon = daemon_factory(model_repo, env={"OPENINFER_METRICS_LISTEN": f"127.0.0.1:{port}"})
-    url = f"http://127.0.0.1:{port}/metrics"
-    client = daemon.client()
-    for answered in range(1, 11):
-        client.infer("tiny", {"x": np.ones((1, 64), np.float32)})
-        samples = parse(scrape(url))
-        assert value(samples, "openinfer_requests", "openinfer_requests_total", model="tiny", version="1", code="OK") == answered
-        assert value(samples, "openinfer_up", "openinfer_up") == 1
-
-
-def test_live_daemon_metrics_endpoint_agrees_with_stats(daemon_factory: Any, model_repo: Path) -> None:
-    port = free_port()
-    daemon = daemon_factory(model_repo, env={"OPENINFER_METRICS_LISTEN": f"127.0.0.1:{port}"})
-    url = f"http://127.0.0.1:{port}/metrics"
-    alice = daemon.client(client_name="alice")
-    bob = daemon.client(client_name="bob")
-    x = {"x": np.ones((1, 64), np.float32)}
-    for _ in range(12):
-        alice.infer("tiny", x)
-    for _ in range(5):
-        bob.infer("tiny", x)
-    for _ in range(3):
-        with pytest.raises(InvalidArgument):
-            bob.infer("tiny", {"nope": x["x"]})
-    with pytest.raises(NotFound):
-        bob.infer("no_such_model", x)
-
-    samples = parse(scrape(url))  # exact: the scrape waits for a snapshot taken after it began
-    assert_agrees(samples, alice.stats())
-    assert value(samples, "openinfer_requests", "openinfer_requests_total", model="tiny", version="1", code="OK") == 17
-    assert value(samples, "openinfer_requests", "openinfer_requests_total", model="tiny", version="1", code="INVALID_ARGUMENT") == 3
-    assert value(samples, "openinfer_requests", "openinfer_requests_total", model="", version="", code="NOT_FOUND") == 1
-    clients = {s.labels["client"].split("@")[0]: s.value for s in samples["openinfer_client_requests"] if s.labels["code"] == "OK"}
-    assert clients["alice"] == 12 and clients["bob"] == 5
-    assert value(samples, "openinfer_up", "openinfer_up") == 1
-    status = alice.status()
-    for model in ("tiny", "magika"):
-        running = sum(1 for w in status["workers"] if w["model"] == model)
-        exposed = sum(s.value for s in samples["openinfer_workers"] if s.labels["model"] == model and s.labels["version"] == "1")
-        assert exposed == running > 0, model
-    assert value(samples, "openinfer_queue_depth", "openinfer_queue_depth", model="tiny", version="1") == 0

@@ -9,6 +9,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+pytestmark = pytest.mark.unit
+
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 SPDX_SETUPTOOLS = Version("77")  # the first setuptools that takes `license` as an SPDX expression (PEP 639)
 

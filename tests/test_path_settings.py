@@ -27,6 +27,7 @@ def settings(**server: Any) -> Settings:
 
 
 # -- unit: resolve_paths --------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_relative_paths_become_absolute_against_the_start_directory(tmp_path: Path) -> None:
     for name in ("models", "keys", "mine"):
         (tmp_path / name).mkdir()
@@ -68,6 +69,7 @@ def test_relative_paths_become_absolute_against_the_start_directory(tmp_path: Pa
     ],
     ids=lambda value: value if isinstance(value, str) else "",
 )
+@pytest.mark.unit
 def test_a_path_that_does_not_exist_names_the_setting_and_the_path(tmp_path: Path, given: Settings, message: str) -> None:
     (tmp_path / "afile").write_text("")
     with pytest.raises(ConfigError) as info:
@@ -89,6 +91,7 @@ def serve_command(*args: str) -> list[str]:
     ],
     ids=["models", "serve_policy", "access_policy"],
 )
+@pytest.mark.live
 def test_serve_stops_at_start_when_a_path_does_not_exist(tmp_path: Path, args: list[str], env: dict[str, str], message: str) -> None:
     (tmp_path / "repo").mkdir()
     done = subprocess.run(serve_command(*args, "--socket", f"ipc://{tmp_path}/oi.sock"), cwd=tmp_path, capture_output=True, text=True, timeout=60,
@@ -98,6 +101,7 @@ def test_serve_stops_at_start_when_a_path_does_not_exist(tmp_path: Path, args: l
     assert not (tmp_path / "oi.sock").exists()  # it never started serving
 
 
+@pytest.mark.live
 def test_serve_with_relative_paths_serves_from_the_workers_too(daemon_factory: Any) -> None:
     """Before: the supervisor found the models relative to its cwd, every worker (cwd /) did not."""
     base = world_readable_dir("oi-relative-")
@@ -117,6 +121,7 @@ def test_serve_with_relative_paths_serves_from_the_workers_too(daemon_factory: A
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.unit
 def test_config_doc_names_every_path_setting() -> None:
     doc = (REPO_ROOT / "docs" / "CONFIG.md").read_text()
     paragraph = doc[doc.index("**Paths** (") : doc.index(") may be relative")]

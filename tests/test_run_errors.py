@@ -15,6 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_builders
 from openinfer.daemon.worker.session import error_code_for, task_error
 
+pytestmark = pytest.mark.unit
+
 F = TensorProto.FLOAT
 V = helper.make_tensor_value_info
 

@@ -16,6 +16,8 @@ from daemon_harness import wait_for
 from openinfer.client import AsyncClient, Client, DeadlineExceeded, OpenInferError, ResourceExhausted
 from repo_builder import ModelRepo
 
+pytestmark = pytest.mark.live
+
 X = np.zeros(1, np.float32)
 SLOW = {"x": X, "n": np.array(400_000, np.int64)}  # ~0.3 s of Loop iterations: long enough to queue behind
 BLOCK = {"x": X, "n": np.array(4_000_000, np.int64)}  # ~3 s: others queue behind it even on a busy machine

@@ -12,7 +12,10 @@ import pytest
 
 import onnx_builders
 from daemon_harness import RunningDaemon, world_readable_dir
+from repo_builder import make_world_readable
 from reference import run_reference
+
+pytestmark = pytest.mark.live
 
 WEIGHT_BYTES = 2 * 4096 * 4096 * 4  # 128 MiB of FP32 weights
 
@@ -22,8 +25,7 @@ def large_repo() -> Iterator[Path]:
     root = world_readable_dir("oi-large-")
     onnx_builders.large_matmul_model(root / "large" / "1" / "model.onnx")
     (root / "large" / "config.toml").write_text("workers = 3\n")
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(root)
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
@@ -73,8 +75,7 @@ def test_cache_is_reused_verified_and_rebuilt_when_corrupted(daemon_factory: Any
     env = {"OPENINFER_SERVER_CACHE_DIR": str(cache), "OPENINFER_POOL_WORKERS": "1"}
     repo = world_readable_dir("oi-large1-")
     shutil.copytree(large_repo / "large" / "1", repo / "large" / "1")
-    for path in repo.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(repo)
     first = daemon_factory(repo, env=env, timeout=180)
     assert '"reused":false' in first.log_text()
     first.stop()

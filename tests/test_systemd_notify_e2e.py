@@ -8,9 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from daemon_harness import start_daemon, world_readable_dir
 import onnx_builders
+from repo_builder import make_world_readable
+
+pytestmark = pytest.mark.live
 
 
 def receive(sock: socket.socket, timeout: float) -> list[tuple[float, str]]:
@@ -29,8 +33,7 @@ def receive(sock: socket.socket, timeout: float) -> list[tuple[float, str]]:
 def test_ready_watchdog_status_reload_and_stopping(tmp_path: Path) -> None:
     repo = world_readable_dir("oi-notify-")
     onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
-    for path in repo.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(repo)
     notify_path = tmp_path / "notify.sock"
     systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     systemd.bind(str(notify_path))

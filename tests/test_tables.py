@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import pytest
 from rich.console import Console
 from rich.table import Table
 
 from openinfer.daemon.tables import status_tables
+
+pytestmark = pytest.mark.unit
 
 ELLIPSIS = "…"
 

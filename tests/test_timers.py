@@ -6,7 +6,11 @@ import select
 import time
 import weakref
 
+import pytest
+
 from openinfer.daemon.timers import MonotonicTimerFd, TimerHeap
+
+pytestmark = pytest.mark.unit
 
 
 class Payload:

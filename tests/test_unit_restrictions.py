@@ -11,18 +11,21 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import onnx_builders
 from daemon_harness import world_readable_dir
 from openinfer.client import Client, OpenInferError
+from repo_builder import make_world_readable
+
+pytestmark = pytest.mark.live
 
 
 def test_serves_in_a_private_network_namespace_with_read_only_files(tmp_path: Path) -> None:
     assert os.geteuid() == 0, "reproducing the unit's namespaces needs root (CI runs as root)"
     repo = world_readable_dir("oi-unit-")
     onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
-    for path in repo.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(repo)
     run = world_readable_dir("oi-unit-run-")
     address = f"ipc://{run}/openinfer.sock"
     prefix = Path(sys.prefix)
