@@ -61,24 +61,22 @@ class RunningDaemon:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 60.0) -> dict:  # type: ignore[type-arg]
-        """Poll `health` through the client until ready (never a bare sleep)."""
-        deadline = time.monotonic() + timeout
-        last: object = None
+        """Ask `health` through the client until ready; fails at once if the daemon exits or every
+        model failed to load."""
         with Client(self.address, timeout=2.0) as client:
-            while time.monotonic() < deadline:
+
+            def ready() -> dict | None:  # type: ignore[type-arg]
                 if self.process.poll() is not None:
                     raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
                 try:
                     health = client.health()
-                    if health["ready"]:
-                        return health
-                    if not health["not_ready"] and health["failed"]:
-                        raise RuntimeError(f"every model failed to load: {health['failed']}\n{self.log_text()[-4000:]}")
-                    last = health
-                except OpenInferError as exc:
-                    last = exc
-                time.sleep(0.05)
-        raise TimeoutError(f"daemon not ready after {timeout}s: {last}\n{self.log_text()[-4000:]}")
+                except OpenInferError:
+                    return None  # not listening yet
+                if not health["ready"] and not health["not_ready"] and health["failed"]:
+                    raise RuntimeError(f"every model failed to load: {health['failed']}\n{self.log_text()[-4000:]}")
+                return health if health["ready"] else None
+
+            return wait_for(ready, timeout, "the daemon to be ready", daemon=self)
 
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM, then SIGKILL of the process group if it does not exit."""

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,7 +29,7 @@ import numpy as np
 import pytest
 import zmq
 
-from daemon_harness import EXAMPLE_MODELS, REPO_ROOT, RunningDaemon, cleanup_workdir, start_daemon, world_readable_dir
+from daemon_harness import EXAMPLE_MODELS, REPO_ROOT, RunningDaemon, cleanup_workdir, start_daemon, wait_for, world_readable_dir
 from openinfer.client import Client
 from repo_builder import make_world_readable
 
@@ -337,13 +336,11 @@ def test_curve_over_tcp(c_example: Path, daemon_factory: Any, tmp_path: Path) ->
         daemon_factory(repo, "--socket", address, wait=False, address=address,
                        env={"OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file), "OPENINFER_SERVER_ACCESS_POLICY": str(policy)})
         keys = {"OPENINFER_CURVE_SERVER_KEY": server_public, "OPENINFER_CURVE_PUBLIC_KEY": known_public, "OPENINFER_CURVE_SECRET_KEY": known_secret}
-        deadline = time.monotonic() + 90
-        while True:  # the C client's own health call is the readiness probe
+        def ready_through_the_c_client() -> bool:  # its own health call is the readiness probe
             done = run_example("--timeout", "2000", "op", address, "health", env=keys)
-            if done.returncode == 0 and json.loads(done.stdout.split("\t", 1)[1])["result"]["ready"]:
-                break
-            assert time.monotonic() < deadline, done.stdout + done.stderr
-            time.sleep(0.2)
+            return done.returncode == 0 and bool(json.loads(done.stdout.split("\t", 1)[1])["result"]["ready"])
+
+        wait_for(ready_through_the_c_client, 90, "the daemon ready, asked by the C client over CURVE")
         done = run_example("--all", address, "tiny", env=keys)
         assert done.returncode == 0, done.stdout + done.stderr
         [got] = parse_infer_output(done.stdout)

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 import onnx_builders
-from daemon_harness import world_readable_dir
+from daemon_harness import wait_for, world_readable_dir
 from openinfer.client import Client, OpenInferError
 from repo_builder import make_world_readable
 
@@ -44,11 +44,7 @@ def test_curve_keys_decide_who_connects(daemon_factory: Any, tmp_path: Path) -> 
     address = f"tcp://127.0.0.1:{free_port()}"
     daemon = daemon_factory(repo, "--socket", address, env={"OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file), "OPENINFER_SERVER_ACCESS_POLICY": str(policy)}, wait=False, address=address)
     with Client(address, timeout=60, curve_server_key=server_public, curve_keypair=(known_public, known_secret)) as client:
-        import time
-
-        deadline = time.monotonic() + 60
-        while not client.health()["ready"] and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: client.health()["ready"], 60, "the daemon ready over CURVE")
         assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
     with Client(address, timeout=60, curve_server_key=server_public, curve_keypair=(known_public, known_secret)) as client:
         client.infer("tiny", {"x": X})  # a second connection with the same key...

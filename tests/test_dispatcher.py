@@ -21,6 +21,7 @@ import msgpack
 import pytest
 import zmq
 
+from daemon_harness import wait_for
 from openinfer.client.errors import OpenInferError
 from openinfer.daemon.client_limits import ClientLimiter, ClientPolicy
 from openinfer.daemon.dispatch import UNTIMED_MAX, UNTIMED_MAX_AGE_NS, Dispatcher
@@ -153,10 +154,11 @@ def test_an_armed_deadline_answers_the_queued_task_from_its_timer(channel: Any) 
     setup = Setup(router)
     task = setup.admit(1_000_000)  # 1 ms
     setup.dispatcher.arm_deadlines()
-    deadline = time.monotonic() + 5  # hang guard
-    while not setup.failed and time.monotonic() < deadline:
-        setup.timers.run_due()
-        time.sleep(0.001)
+    def timer_answered() -> bool:
+        setup.timers.run_due()  # what the loop does after every pass
+        return bool(setup.failed)
+
+    wait_for(timer_answered, 5, "the deadline timer to fire")
     assert [(t.task_id, exc.code) for t, exc in setup.failed] == [(task.task_id, "DEADLINE_EXCEEDED")]
     assert not setup.model.queue and setup.dispatcher.queued_bytes == 0
     assert not worker.poll(100)  # it never reached the worker

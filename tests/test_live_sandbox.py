@@ -26,7 +26,7 @@ import pytest
 import zmq
 
 import onnx_builders
-from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, world_readable_dir
+from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, wait_for, world_readable_dir
 from openinfer.client.protocol import unpack
 from repo_builder import make_world_readable
 
@@ -181,10 +181,8 @@ def test_workers_are_not_dumpable(live: LiveDaemon) -> None:
     switch: dict[str, Any] = {"user": uid, "group": gid, "extra_groups": []} if os.geteuid() == 0 else {}
     control = subprocess.Popen(["/bin/sleep", "30"], env={"CONTROL": "1"}, **switch)
     try:
-        deadline = time.monotonic() + 10  # root owns /proc/PID from the uid switch until the exec
-        while os.stat(f"/proc/{control.pid}/environ").st_uid != uid and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert os.stat(f"/proc/{control.pid}/environ").st_uid == uid
+        # Root owns /proc/PID from the uid switch until the exec.
+        wait_for(lambda: os.stat(f"/proc/{control.pid}/environ").st_uid == uid, 10, "the control process to exec as the worker's uid")
         readable = _cat_as(uid, gid, f"/proc/{control.pid}/environ")
         assert readable.returncode == 0 and b"CONTROL=1" in readable.stdout, readable
     finally:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -11,7 +10,8 @@ import psutil
 import pytest
 
 import onnx_builders
-from daemon_harness import RunningDaemon, world_readable_dir
+from daemon_harness import RunningDaemon, wait_for, world_readable_dir
+from openinfer.client import Client
 from repo_builder import make_world_readable
 from reference import run_reference
 
@@ -31,7 +31,8 @@ def large_repo() -> Iterator[Path]:
 
 
 def workers_of(daemon: RunningDaemon) -> list[dict[str, Any]]:
-    return [w for w in daemon.client().status()["workers"] if w["model"] == "large" and w["state"] == "ready"]
+    with Client(daemon.address, timeout=10) as client:  # polled: not one more client kept per call
+        return [w for w in client.status()["workers"] if w["model"] == "large" and w["state"] == "ready"]
 
 
 def test_workers_share_one_copy_of_the_weights_and_answer_identically(daemon_factory: Any, large_repo: Path) -> None:
@@ -105,9 +106,7 @@ def test_respawned_worker_attaches_to_prepared_weights(daemon_factory: Any, larg
     daemon = daemon_factory(large_repo, timeout=180)
     victim = workers_of(daemon)[0]["pid"]
     os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (len(workers_of(daemon)) < 3 or victim in [w["pid"] for w in workers_of(daemon)]):
-        time.sleep(0.05)
+    wait_for(lambda: len(workers_of(daemon)) == 3 and victim not in [w["pid"] for w in workers_of(daemon)], 60, "the killed worker replaced")
     replacement = [w for w in workers_of(daemon) if w["pid"] != victim]
     assert len(replacement) == 3
     newest = max(replacement, key=lambda w: w["id"])

@@ -7,14 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import onnx_builders
-from daemon_harness import world_readable_dir
+from daemon_harness import wait_for, world_readable_dir
 from openinfer.client import Client, OpenInferError
 from repo_builder import make_world_readable
 
@@ -39,15 +38,15 @@ def test_serves_in_a_private_network_namespace_with_read_only_files(tmp_path: Pa
     daemon = subprocess.Popen(["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         with Client(address, timeout=2) as client:
-            deadline = time.monotonic() + 60
-            ready = False
-            while time.monotonic() < deadline and not ready:
+
+            def ready() -> bool:
                 assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
                 try:
-                    ready = client.health()["ready"]
+                    return bool(client.health()["ready"])
                 except OpenInferError:
-                    time.sleep(0.1)
-            assert ready
+                    return False  # not listening yet
+
+            wait_for(ready, 60, "the daemon in its private namespaces to be ready")
             assert client.infer("tiny", {"x": np.ones((1, 64), np.float32)}).outputs["y"].shape == (1, 64)
             # The daemon sees no network but loopback (down): its namespace differs from ours.
             assert os.readlink(f"/proc/{daemon.pid}/ns/net") != os.readlink("/proc/self/ns/net")
