@@ -1,9 +1,9 @@
 """What accounting and the access log cost: `Accountant.record` per call in-process, what the metrics
 exporter does once a second, and the end-to-end p50 of the tiny model with the access log off and on.
 
-    /tmp/venv/bin/python bench/accounting_overhead.py                 # ~1 min
-    /tmp/venv/bin/python bench/accounting_overhead.py --repeats 3 --duration 2
-    /tmp/venv/bin/python bench/accounting_overhead.py --plot-only bench/results/accounting.json
+    .venv/bin/python bench/accounting_overhead.py                 # ~1 min
+    .venv/bin/python bench/accounting_overhead.py --repeats 3 --duration 2
+    .venv/bin/python bench/accounting_overhead.py --plot-only bench/results/accounting.json
 
 1. In-process, no daemon: microseconds per `Accountant.record` call (hot loop, median and best of
    `--micro-repeats` timeit runs) for a success (9 timing keys, model + client), a failure before
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings, also for s
 from common import (  # noqa: E402
     RESULTS_DIR,
     DaemonNotReady,
+    pyplot,
     DaemonProcess,
     cpu_seconds,
     latency_summary,
@@ -97,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     write_json(args.out, results)
-    plot(results, args.out.with_suffix(".png"))
+    drawn = plot(results, args.out.with_suffix(".png"))
     print_summary(results)
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+    print(f"\nwrote {args.out}" + (f" and {args.out.with_suffix('.png')}" if drawn else ""))
     return 0
 
 
@@ -308,15 +309,11 @@ def print_summary(results: dict[str, Any]) -> None:
           f"{'PASS' if verdict['pass'] else 'FAIL' if verdict['pass'] is not None else 'n/a'} ({verdict['target']})")
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        progress("matplotlib not installed: no plot")
-        return
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """Draw `path`; False when matplotlib is missing (common.pyplot says so)."""
+    plt = pyplot()
+    if plt is None:
+        return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.25, 1]})
     record = results["micro"]["record"]
     names = list(record)
@@ -355,6 +352,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Dynamic batching on vs off: throughput, client latency, server timing and batch sizes of the tiny model.
 
-    /tmp/venv/bin/python bench/batching.py                   # ~2 min, sandboxed daemons (the default)
-    /tmp/venv/bin/python bench/batching.py --no-sandbox      # --insecure-no-sandbox
-    /tmp/venv/bin/python bench/batching.py --levels 1,16,64 --duration 1 --repeats 1   # quick look
-    /tmp/venv/bin/python bench/batching.py --queue-delay-us 0 --out bench/results/batching_delay0.json
-    /tmp/venv/bin/python bench/batching.py --max-batch-size 32 --out bench/results/batching_max32.json
-    /tmp/venv/bin/python bench/batching.py --plot-only bench/results/batching.json      # redraw + summary
+    .venv/bin/python bench/batching.py                   # ~2 min, sandboxed daemons (the default)
+    .venv/bin/python bench/batching.py --no-sandbox      # --insecure-no-sandbox
+    .venv/bin/python bench/batching.py --levels 1,16,64 --duration 1 --repeats 1   # quick look
+    .venv/bin/python bench/batching.py --queue-delay-us 0 --out bench/results/batching_delay0.json
+    .venv/bin/python bench/batching.py --max-batch-size 32 --out bench/results/batching_max32.json
+    .venv/bin/python bench/batching.py --plot-only bench/results/batching.json      # redraw + summary
 
 One run starts two daemons on the same tiny model (`tests/onnx_builders.matmul_model`: x FP32[batch,64]
 -> y), both `workers = 2`, `intra_op_threads = 1`; one adds `[batching] max_batch_size = 16,
@@ -55,6 +55,7 @@ sys.path.insert(0, str(BENCH.parent / "tests"))  # onnx_builders.matmul_model, t
 from common import (  # noqa: E402
     RESULTS_DIR,
     DaemonNotReady,
+    pyplot,
     DaemonProcess,
     cpu_seconds,
     latency_summary,
@@ -128,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     results["config"]["wall_s"] = round(time.monotonic() - started, 1)
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())  # other tenants of this shared machine show here
     write_json(args.out, results)
-    plot(results, args.out.with_suffix(".png"))
+    drawn = plot(results, args.out.with_suffix(".png"))
     print_summary(results)
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')} in {results['config']['wall_s']:.0f} s")
+    print(f"\nwrote {args.out}" + (f" and {args.out.with_suffix('.png')}" if drawn else "") + f" in {results['config']['wall_s']:.0f} s")
     return 0
 
 
@@ -554,11 +555,11 @@ def _us(value: float | None, width: int = 8) -> str:
 
 
 # -- plot --------------------------------------------------------------------------------------------
-def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """Draw `path`; False when matplotlib is missing (common.pyplot says so)."""
+    plt = pyplot()
+    if plt is None:
+        return False
 
     cfg = results["config"]
     curve = sorted((int(c), g) for c, g in results["curve"].items())
@@ -639,6 +640,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

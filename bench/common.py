@@ -160,6 +160,26 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     tmp.rename(path)
 
 
+# -- plots ------------------------------------------------------------------------------------------
+BENCH_SETUP = "bash examples/bootstrap.sh bench"  # .venv with the `bench` extra (matplotlib, py-spy)
+
+
+def pyplot() -> Any | None:
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed: then the plot is
+    skipped, with a note on stderr. Every benchmark writes its JSON before plotting (and can redraw
+    later with --plot-only), so a missing matplotlib never costs a measurement."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: plot skipped (the JSON has every figure; `{BENCH_SETUP}` installs it, "
+              "then redraw with --plot-only JSON)", file=sys.stderr, flush=True)
+        return None
+    return plt
+
+
 # -- processes --------------------------------------------------------------------------------------
 def cpu_seconds(pids: Iterable[int]) -> float:
     """User+system CPU seconds consumed so far by these processes (vanished ones count 0)."""

@@ -1,6 +1,6 @@
 """Hot-loop costs of the supervisor's per-request building blocks, and of cheaper ways to do the same.
 
-    /tmp/venv/bin/python bench/hotpath_micro.py
+    .venv/bin/python bench/hotpath_micro.py
 
 One process, no daemon: pyzmq send/recv patterns on a real ipc:// ROUTER/DEALER pair with the sizes of a
 tiny-model request, plus the daemon's own validation, codec and accounting functions. Figures are

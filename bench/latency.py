@@ -1,8 +1,8 @@
 """Latency and throughput of the real daemon on the tiny model, against the two floors, in one run.
 
-    /tmp/venv/bin/python bench/latency.py                      # sandboxed daemon (default)
-    /tmp/venv/bin/python bench/latency.py --no-sandbox         # --insecure-no-sandbox
-    /tmp/venv/bin/python bench/latency.py --compare-sandbox    # both, interleaved, with the ratio
+    .venv/bin/python bench/latency.py                      # sandboxed daemon (default)
+    .venv/bin/python bench/latency.py --no-sandbox         # --insecure-no-sandbox
+    .venv/bin/python bench/latency.py --compare-sandbox    # both, interleaved, with the ratio
 
 Measures floor A (in-process `session.run`), floor B (bare pyzmq+msgpack through a Python broker and an
 echo worker) and `openinfer serve --workers 2` under closed-loop load from separate client processes at
@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings, also for s
 
 from common import (  # noqa: E402
     PEERS,
+    pyplot,
     RESULTS_DIR,
     TINY_MODEL,
     DaemonNotReady,
@@ -90,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     modes = ["sandbox", "no-sandbox"] if args.compare_sandbox else ["sandbox" if args.sandbox else "no-sandbox"]
     results = run(args, modes)
     write_json(args.out, results)
-    plot(results, args.out.with_suffix(".png"))
+    drawn = plot(results, args.out.with_suffix(".png"))
     print_summary(results)
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+    print(f"\nwrote {args.out}" + (f" and {args.out.with_suffix('.png')}" if drawn else ""))
     return 0
 
 
@@ -334,11 +335,11 @@ def print_summary(results: dict[str, Any]) -> None:
         print(f"  [{v['mode']}] {v['target']:<45} {_fmt(v['value'], 3 if 'vs' in v['mode'] else 1):>10}   {verdict}")
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """Draw `path`; False when matplotlib is missing (common.pyplot says so)."""
+    plt = pyplot()
+    if plt is None:
+        return False
 
     fig, (ax_lat, ax_rps, ax_stage) = plt.subplots(1, 3, figsize=(18, 7.2))
     colors = {"sandbox": "tab:blue", "no-sandbox": "tab:orange"}
@@ -396,6 +397,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def _plot_stages(ax: Any, daemons: list[tuple[str, dict[str, Any]]]) -> None:

@@ -5,10 +5,12 @@ Targets (issue "Weights loaded once"): each extra worker <= 40 MB; compute withi
 defaults; respawn-to-ready <= 1/5 of a cold load. Writes bench/results/memory.json and memory.png.
 
     python bench/memory.py [--workers 1 2 4 8] [--repeats 1]
+    python bench/memory.py --plot-only bench/results/memory.json   # redraw the plot from a results file
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -24,7 +26,7 @@ import psutil
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from common import DaemonProcess, machine_info, world_readable_tempdir, write_json  # noqa: E402
+from common import DaemonProcess, machine_info, pyplot, world_readable_tempdir, write_json  # noqa: E402
 import onnx_builders  # noqa: E402
 
 from openinfer.client import Client  # noqa: E402
@@ -115,10 +117,14 @@ def slope(points: list[dict[str, Any]]) -> float:
     return float(np.polyfit(xs, ys, 1)[0]) if len(points) > 1 else float("nan")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
-    args = parser.parse_args()
+    parser.add_argument("--plot-only", type=Path, default=None, metavar="JSON", help="redraw the plot from a results file")
+    args = parser.parse_args(argv)
+    if args.plot_only is not None:
+        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        return 0
     repo = world_readable_tempdir("oi-bench-memory-")
     model = onnx_builders.large_matmul_model(repo / "large" / "1" / "model.onnx", layers=4)
     for path in repo.rglob("*"):
@@ -149,25 +155,7 @@ def main() -> int:
         "verdicts": {k: {"value": v, "pass": ok} for k, (v, ok) in verdicts.items()},
     }
     write_json(RESULTS / "memory.json", result)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 4.2))
-    a1.plot(args.workers, [p["pss_total_mib"] for p in shared], "o-", label=f"shared ({shared_slope:.0f} MiB/worker)")
-    a1.plot(args.workers, [p["pss_total_mib"] for p in naive], "s-", label=f"naive ({naive_slope:.0f} MiB/worker)")
-    a1.set_xlabel("workers")
-    a1.set_ylabel("PSS of daemon + workers (MiB)")
-    a1.set_title(f"{weights_mib:.0f} MiB model")
-    a1.legend()
-    a2.bar(["in-process", *[f"shared n={p['workers']}" for p in shared]], [in_process, *[p["compute_us_median"] for p in shared]])
-    a2.set_ylabel("compute µs (median)")
-    a2.tick_params(axis="x", rotation=30)
-    a3.bar(["cold start (1 worker)", "respawn (median)"], [cold, respawn])
-    a3.set_ylabel("seconds to ready")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "memory.png", dpi=110)
+    plot(result, RESULTS / "memory.png")
     print(f"weights {weights_mib:.0f} MiB; PSS per extra worker: shared {shared_slope:.1f} MiB, naive {naive_slope:.1f} MiB")
     for p in shared + naive:
         print(f"  {'shared' if p['shared'] else 'naive '} n={p['workers']}: PSS {p['pss_total_mib']:.0f} MiB, worker USS {[round(u) for u in p['worker_uss_mib']]}, compute {p['compute_us_median']:.0f} µs, cold {p['cold_start_s']:.1f} s")
@@ -175,6 +163,32 @@ def main() -> int:
     for name, (value, ok) in verdicts.items():
         print(f"  {name:45s} {value!s:>10}  {'PASS' if ok else 'FAIL'}")
     return 0
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    """Draw `path` from a memory.json; False when matplotlib is missing (common.pyplot says so)."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    shared, naive = result["shared"], result["naive"]
+    slopes = result["pss_mib_per_extra_worker"]
+    respawns = [p["respawn_to_ready_s"] for p in shared if p["respawn_to_ready_s"] is not None]
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 4.2))
+    a1.plot([p["workers"] for p in shared], [p["pss_total_mib"] for p in shared], "o-", label=f"shared ({slopes['shared']:.0f} MiB/worker)")
+    a1.plot([p["workers"] for p in naive], [p["pss_total_mib"] for p in naive], "s-", label=f"naive ({slopes['naive']:.0f} MiB/worker)")
+    a1.set_xlabel("workers")
+    a1.set_ylabel("PSS of daemon + workers (MiB)")
+    a1.set_title(f"{result['weights_mib']:.0f} MiB model")
+    a1.legend()
+    a2.bar(["in-process", *[f"shared n={p['workers']}" for p in shared]], [result["in_process_compute_us"], *[p["compute_us_median"] for p in shared]])
+    a2.set_ylabel("compute µs (median)")
+    a2.tick_params(axis="x", rotation=30)
+    a3.bar(["cold start (1 worker)", "respawn (median)"], [shared[0]["cold_start_s"], statistics.median(respawns)])
+    a3.set_ylabel("seconds to ready")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ answered), the supervisor's RSS, fds and threads over time, and writes bench/res
 Targets (issue "Nothing lost under faults"): 0 lost requests, supervisor memory flat.
 
     python bench/soak.py --minutes 2 --rate 300 --kill-every 5 --reload-every 20
+    python bench/soak.py --plot-only bench/results/soak.json    # redraw the plot from a results file
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import signal
@@ -23,7 +25,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DaemonProcess, machine_info, world_readable_copy, write_json  # noqa: E402
+from common import DaemonProcess, machine_info, pyplot, world_readable_copy, write_json  # noqa: E402
 
 from openinfer.client import Client, OpenInferError  # noqa: E402
 
@@ -54,14 +56,18 @@ def load_thread(address: str, rate: float, stop: threading.Event, outcomes: Coun
                 next_at = time.monotonic()  # behind: do not burst to catch up
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=2.0)
     parser.add_argument("--rate", type=float, default=300.0, help="total requests per second")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--kill-every", type=float, default=5.0, help="seconds between worker SIGKILLs")
     parser.add_argument("--reload-every", type=float, default=20.0, help="seconds between SIGHUP reloads")
-    args = parser.parse_args()
+    parser.add_argument("--plot-only", type=Path, default=None, metavar="JSON", help="redraw the plot from a results file")
+    args = parser.parse_args(argv)
+    if args.plot_only is not None:
+        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        return 0
 
     models = world_readable_copy(["tiny"])
     daemon = DaemonProcess(models=models, workers=2, label="soak").start(timeout=120)
@@ -135,32 +141,35 @@ def main() -> int:
         "events": events,
     }
     write_json(RESULTS / "soak.json", result)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-        ts = [s["t"] for s in samples]
-        ax1.plot(ts, [s["rss_mib"] for s in samples], label="supervisor RSS (MiB)")
-        ax1.set_ylabel("MiB")
-        ax1.set_ylim(bottom=0)
-        ax1.legend(loc="lower right")
-        ax2.plot(ts, [s["answered"] for s in samples], label="requests answered")
-        for e in events:
-            ax2.axvline(e["t"], color="red" if e["event"] == "kill" else "green", alpha=0.3, lw=1)
-        ax2.set_xlabel("seconds (red: worker SIGKILL, green: reload)")
-        ax2.legend(loc="lower right")
-        fig.suptitle(f"soak: {result['sent']} sent, {result['lost']} lost, {result['kills']} kills, {result['reloads']} reloads")
-        fig.tight_layout()
-        fig.savefig(RESULTS / "soak.png", dpi=110)
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plot(result, RESULTS / "soak.png")
     print(f"sent {result['sent']}  answered {answered}  lost {result['lost']}  by code {result['by_code']}")
     print(f"kills {result['kills']}  reloads {result['reloads']}  supervisor RSS {result['supervisor_rss_mib']}  fds {result['supervisor_fds']}")
     print(f"target: 0 lost -> {'PASS' if result['lost'] == 0 else 'FAIL'}")
     return 0
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    """Draw `path` from a soak.json; False when matplotlib is missing (common.pyplot says so)."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    samples, events = result["samples"], result["events"]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    ts = [s["t"] for s in samples]
+    ax1.plot(ts, [s["rss_mib"] for s in samples], label="supervisor RSS (MiB)")
+    ax1.set_ylabel("MiB")
+    ax1.set_ylim(bottom=0)
+    ax1.legend(loc="lower right")
+    ax2.plot(ts, [s["answered"] for s in samples], label="requests answered")
+    for e in events:
+        ax2.axvline(e["t"], color="red" if e["event"] == "kill" else "green", alpha=0.3, lw=1)
+    ax2.set_xlabel("seconds (red: worker SIGKILL, green: reload)")
+    ax2.legend(loc="lower right")
+    fig.suptitle(f"soak: {result['sent']} sent, {result['lost']} lost, {result['kills']} kills, {result['reloads']} reloads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

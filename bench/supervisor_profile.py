@@ -1,7 +1,7 @@
 """Where the supervisor's time goes under load: py-spy on the supervisor process at a fixed concurrency.
 
-    /tmp/venv/bin/python bench/supervisor_profile.py --no-sandbox                # c=8, 5 s
-    /tmp/venv/bin/python bench/supervisor_profile.py --concurrency 16 --duration 10 --native
+    .venv/bin/python bench/supervisor_profile.py --no-sandbox                # c=8, 5 s
+    .venv/bin/python bench/supervisor_profile.py --concurrency 16 --duration 10 --native
 
 Starts `openinfer serve --workers 2` on the tiny model, drives it with closed-loop client processes (as
 latency.py does), and records the supervisor with `py-spy record --idle --format raw` (needs ptrace:
@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, DaemonProcess, cpu_seconds, machine_info, world_readable_copy, world_readable_tempdir, write_json  # noqa: E402
+from common import BENCH_SETUP, RESULTS_DIR, DaemonProcess, cpu_seconds, machine_info, world_readable_copy, world_readable_tempdir, write_json  # noqa: E402
 from loadgen import ClientPool, RunResult  # noqa: E402
 
 # Functions of the supervisor's per-request path, reported inclusively even when they are not hot.
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
-        print("py-spy not found: pip install py-spy", file=sys.stderr)
+        print(f"py-spy not found: `{BENCH_SETUP}` installs it (the bench extra)", file=sys.stderr)
         return 2
     workdir = world_readable_tempdir("oi-bench-profile-")
     models = world_readable_copy(["tiny"], parent=workdir)

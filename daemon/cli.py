@@ -114,8 +114,9 @@ def models(socket_address: str | None, as_json: bool, timeout: float) -> None:
 @socket_option
 @json_option
 @timeout_option
-def status(socket_address: str | None, as_json: bool, timeout: float) -> None:
-    """Workers (pid, model, state, tasks, restarts, sandbox, memory) and models."""
+@click.option("--wide", is_flag=True, help="Every sandbox and memory column (needs ~140 columns to read well).")
+def status(socket_address: str | None, as_json: bool, timeout: float, wide: bool) -> None:
+    """Models, and workers (pid, model, state, tasks, restarts, sandbox policy, PSS; --wide: the rest)."""
     from openinfer.client import OpenInferError
 
     from .tables import render, status_tables
@@ -128,7 +129,7 @@ def status(socket_address: str | None, as_json: bool, timeout: float) -> None:
     if as_json:
         _print_json(result)
     else:
-        for table in status_tables(result):
+        for table in status_tables(result, wide=wide):
             render(table)
 
 

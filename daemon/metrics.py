@@ -2,12 +2,25 @@
 node_exporter's textfile collector (`metrics.textfile`), with the prometheus_client library.
 
 The supervisor's loop is single-threaded and owns the live counters; prometheus_client's HTTP server
-answers scrapes from its own thread, and the textfile is written by another. So they never share
-mutable state: about once a second (`due()`), the loop builds a fresh stats snapshot
-(`admin.stats_result`) plus worker states and queue depths and hands them to `publish()`, which only
-keeps a reference (and wakes the textfile writer when its interval has passed). Rendering the text
+answers scrapes from its own threads, and the textfile is written by another. So they never share
+mutable state: the loop builds a fresh stats snapshot (`admin.stats_result`) plus worker states and
+queue depths and hands them to `publish()`, which only keeps a reference. Rendering the text
 (prometheus_client formats every sample: ~5 µs each, ~20 ms for 10 busy model versions) happens in
 those threads, never in the loop; nothing here runs per request.
+
+A scrape is exact: it reflects every request answered before it began. Its HTTP thread asks the loop
+for a snapshot (a counter, then a write to `wakeup_fd`) and waits for one built after it asked, at most
+SCRAPE_WAIT_S; if the loop does not answer in time the scrape gets the last snapshot with
+`openinfer_up 0`. The textfile is rewritten from a snapshot the loop publishes every
+`metrics.textfile_interval_s` (and once more at close, with `openinfer_up 0`).
+
+What the supervisor's loop must do (and nothing else):
+  - poll `exporter.wakeup_fd` for POLLIN when it is not None (the HTTP endpoint is on), and call
+    `exporter.on_wakeup()` when it is readable (it only empties the fd, so the poll sleeps again);
+  - after every pass over its events, `if exporter.due(now_ns): exporter.publish(stats, workers,
+    queue_depths)` with a snapshot built right then: due() is true when a scrape waits or the textfile
+    interval has passed, and costs a few attribute reads otherwise;
+  - `exporter.close()` when it stops.
 
 Metrics (labels in braces; `code` is the wire code, `OK` for success):
   openinfer_request_duration_seconds{model,version,stage,code}  histogram, buckets 50 µs .. 60 s;
@@ -26,8 +39,10 @@ Metrics (labels in braces; `code` is the wire code, `OK` for success):
                                                          (max_queue, max_queued_bytes, max_in_flight,
                                                          rate_per_s)
   openinfer_workers{model,version,state}                 every worker state, 0 included
-  openinfer_up                                           1 while snapshots are fresh: 0 when the
-                                                         supervisor's loop stopped publishing, and in
+  openinfer_up                                           1 when the figures are current: for a scrape,
+                                                         the loop built them after the scrape began; in
+                                                         the textfile, within the last few intervals.
+                                                         0 when the loop did not answer in time, and in
                                                          the textfile written at shutdown
 """
 from __future__ import annotations
@@ -38,7 +53,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -52,8 +67,8 @@ from .workers import WorkerState
 
 log = logging.getLogger("openinfer.metrics")
 
-PUBLISH_INTERVAL_NS = 1_000_000_000  # how often due() says yes when the HTTP endpoint is on
-_STALE_PUBLISHES = 5  # openinfer_up drops to 0 after this many missed publishes (at least 10 s)
+SCRAPE_WAIT_S = 2.0  # how long a scrape waits for the loop's fresh snapshot
+_STALE_PUBLISHES = 5  # in the textfile, openinfer_up drops to 0 after this many missed publishes (at least 10 s)
 _WORKER_STATES = tuple(state.value for state in WorkerState)
 
 
@@ -91,18 +106,26 @@ class MetricsExporter:
         self.enabled = bool(settings.listen or settings.textfile)
         self.port: int | None = None  # the bound port (useful with port 0)
         self._published: _Published | None = None
-        self._publish_interval_ns = PUBLISH_INTERVAL_NS if settings.listen else int(settings.textfile_interval_s * 1e9)
+        self._publish_interval_ns = int(settings.textfile_interval_s * 1e9)
         self._next_due_ns = 0
         self._next_textfile_ns = 0
+        self.textfile_writes_asked = 0  # rewrites publish() has woken the writer for (at most one per interval)
         self._textfile_failing = False
         self._closed = False
         self._up = True
         self._wake_writer = threading.Event()
         self._writer: threading.Thread | None = None
-        self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(_SnapshotCollector(self))
+        self._registry = CollectorRegistry(auto_describe=False)  # the last published snapshot (textfile)
+        self._registry.register(_SnapshotCollector(self.families))
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        # Scrapes waiting for the loop: tickets asked for, the ticket the snapshot being built covers,
+        # the ticket the last published one covers (a snapshot built after ticket N was asked covers N).
+        self._scrapes = threading.Condition()
+        self._asked = 0
+        self._covering = 0
+        self._answered = 0
+        self.wakeup_fd: int | None = None
         if settings.textfile:
             parent = Path(settings.textfile).parent
             if not parent.is_dir():
@@ -111,43 +134,72 @@ class MetricsExporter:
             self._writer.start()
         if settings.listen:
             host, port = parse_listen(settings.listen)
-            self._server, self._thread = start_http_server(port, host, registry=self._registry)
+            self.wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            scrapes = CollectorRegistry(auto_describe=False)  # a fresh snapshot per scrape
+            scrapes.register(_SnapshotCollector(self.scrape_families))
+            self._server, self._thread = start_http_server(port, host, registry=scrapes)
             self.port = self._server.server_port
             if not _is_loopback(host):
                 log.warning("metrics endpoint is reachable beyond this host; it has no authentication", extra={"listen": settings.listen})
             log.info("serving Prometheus metrics", extra={"listen": settings.listen, "port": self.port})
 
     # -- called from the supervisor's loop ------------------------------------------------------------
+    def on_wakeup(self) -> None:
+        """`wakeup_fd` is readable: empty it. The snapshot itself is asked for by due()."""
+        assert self.wakeup_fd is not None
+        try:
+            os.eventfd_read(self.wakeup_fd)
+        except BlockingIOError:
+            pass
+
     def due(self, now_ns: int) -> bool:
-        """True at most once per publish interval (1 s with the HTTP endpoint, else the textfile
-        interval), and never when no exporter is configured. Cheap enough to call every loop turn."""
-        if not self.enabled or now_ns < self._next_due_ns:
+        """True when a scrape waits for a snapshot, or the textfile's interval has passed; never when
+        no exporter is configured. The caller must then build the snapshot at once and publish() it.
+        Cheap enough to call every loop turn."""
+        if not self.enabled:
+            return False
+        asked = self._asked
+        if asked > self._answered:
+            self._covering = asked  # everything answered so far goes into the snapshot built now
+            return True
+        if self._writer is None or now_ns < self._next_due_ns:
             return False
         self._next_due_ns = now_ns + self._publish_interval_ns
         return True
 
     def publish(self, stats: dict[str, Any], workers: list[dict[str, Any]], queue_depths: dict[tuple[str, int], int]) -> None:
-        """Keep these (fresh, never again mutated by the caller) for the next scrapes; have the textfile
-        rewritten (by its own thread) when `metrics.textfile_interval_s` has passed. `stats` is
-        `admin.stats_result()`, `workers` rows with model, version, state; `queue_depths`
-        {(model, version): queued tasks}. Costs well under a microsecond."""
+        """Keep these (fresh, never again mutated by the caller) for the scrapes that asked for them
+        and for the textfile, whose writer thread is woken once per `metrics.textfile_interval_s`.
+        `stats` is `admin.stats_result()`, `workers` rows with model, version, state; `queue_depths`
+        {(model, version): queued tasks}. Costs a few microseconds."""
         now = time.monotonic_ns()
         self._published = _Published(stats, workers, queue_depths, now)
+        if self._covering > self._answered:
+            with self._scrapes:
+                self._answered = self._covering
+                self._scrapes.notify_all()
         if self._writer is not None and now >= self._next_textfile_ns:
-            self._next_textfile_ns = now + int(self.settings.textfile_interval_s * 1e9)
+            self._next_textfile_ns = now + self._publish_interval_ns
+            self.textfile_writes_asked += 1
             self._wake_writer.set()
 
     def close(self) -> None:
         """Stop the HTTP server; leave a last textfile that says openinfer_up 0. Idempotent."""
         if self._closed:
             return
-        self._closed = True
-        self._up = False
+        with self._scrapes:
+            self._closed = True
+            self._up = False
+            self._scrapes.notify_all()  # a waiting scrape gets the last snapshot, openinfer_up 0
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
         if self._thread is not None:
             self._thread.join(5)
+        with self._scrapes:
+            if self.wakeup_fd is not None:
+                os.close(self.wakeup_fd)
+                self.wakeup_fd = None
         if self._writer is not None:
             self._wake_writer.set()
             self._writer.join(5)
@@ -160,9 +212,22 @@ class MetricsExporter:
         return generate_latest(self._registry)
 
     def families(self) -> list[Metric]:
+        """The last published snapshot (the textfile, render_text)."""
         published = self._published  # one read: a concurrent publish() swaps the whole tuple
         up = 1.0 if self._up and published is not None and self._fresh(published) else 0.0
         return build_families(published, up)
+
+    def scrape_families(self) -> list[Metric]:
+        """An HTTP scrape: a snapshot the loop built after this call began (see the module docstring),
+        or, if none comes within SCRAPE_WAIT_S, the last one with openinfer_up 0."""
+        with self._scrapes:  # held while writing the fd, so close() never closes it under us
+            fresh = False
+            if not self._closed and self.wakeup_fd is not None:
+                self._asked += 1
+                ticket = self._asked
+                os.eventfd_write(self.wakeup_fd, 1)
+                fresh = self._scrapes.wait_for(lambda: self._answered >= ticket or self._closed, SCRAPE_WAIT_S) and not self._closed
+        return build_families(self._published, 1.0 if fresh and self._published is not None else 0.0)
 
     def _fresh(self, published: _Published) -> bool:
         stale_after = max(10_000_000_000, _STALE_PUBLISHES * self._publish_interval_ns)
@@ -197,18 +262,18 @@ class MetricsExporter:
 
 
 class _SnapshotCollector:
-    """prometheus_client Collector over the exporter's last published snapshot."""
+    """prometheus_client Collector over one of the exporter's snapshot readers."""
 
-    def __init__(self, exporter: MetricsExporter) -> None:
-        self._exporter = exporter
+    def __init__(self, families: Callable[[], list[Metric]]) -> None:
+        self._families = families
 
     def collect(self) -> Iterable[Metric]:
-        return self._exporter.families()
+        return self._families()
 
 
 def build_families(published: _Published | None, up: float) -> list[Metric]:
     """All metric families for one snapshot (None: nothing published yet, only openinfer_up)."""
-    up_family = GaugeMetricFamily("openinfer_up", "1 while the daemon's loop publishes fresh metrics, else 0.", value=up)
+    up_family = GaugeMetricFamily("openinfer_up", "1 when these figures are current (built by the daemon's loop after the scrape began; in a textfile, recently), else 0.", value=up)
     if published is None:
         return [up_family]
     stats = published.stats

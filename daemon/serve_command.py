@@ -8,14 +8,22 @@ from typing import Any
 from .frontdoor.listener import EndpointBusy
 from .jsonlog import configure_logging
 from .modelconfig import ConfigError
-from .settings import load_settings
+from .path_settings import resolve_paths
+from .settings import Settings, load_settings
 
 log = logging.getLogger("openinfer.supervisor")
 
 
 def run_serve(config_file: Path | None, overrides: dict[str, Any]) -> int:
+    start_dir = Path.cwd()  # relative paths in settings mean this directory, at start and on reload
+    if config_file is not None:
+        config_file = start_dir / config_file
+
+    def load() -> Settings:
+        return resolve_paths(load_settings(config_file, overrides=overrides), start_dir)
+
     try:
-        settings = load_settings(config_file, overrides=overrides)
+        settings = load()
     except ConfigError as exc:
         configure_logging("info")
         log.error("invalid configuration", extra={"reason": str(exc)})
@@ -40,7 +48,7 @@ def run_serve(config_file: Path | None, overrides: dict[str, Any]) -> int:
         log.error("cannot start", extra={"reason": str(exc)})
         return 1
     try:
-        supervisor = Supervisor(settings, reload_settings=lambda: load_settings(config_file, overrides=overrides), notifier=notifier)
+        supervisor = Supervisor(settings, reload_settings=load, notifier=notifier)
     except (ConfigError, EndpointBusy, OSError) as exc:
         notifier.close()
         log.error("cannot start", extra={"reason": str(exc)})

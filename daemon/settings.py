@@ -24,24 +24,36 @@ RESTART = "restart"  # needs a restart; until then the running value stays in fo
 RELOAD_CLASSES = (LIVE, NEW_WORKERS, RESTART)
 
 
-def _opt(default: Any, help: str, reload: str = LIVE) -> Any:
+# What a path setting names (its `path` metadata). daemon/path_settings.py makes each one absolute
+# against the directory `openinfer serve` started in, and checks it, before anything reads it.
+EXISTING_DIR = "existing directory"
+CREATED_DIR = "directory, created if missing"
+KEY_FILE = "existing key file (and its .pub)"
+CREATED_FILE = "file, created if missing"
+POLICY = "policy: a shipped name or an existing file"
+
+
+def _opt(default: Any, help: str, path: str | None = None, reload: str = LIVE) -> Any:
     assert reload in RELOAD_CLASSES
-    return field(default=default, metadata={"help": help, "reload": reload})
+    metadata = {"help": help, "reload": reload}
+    if path is not None:
+        metadata["path"] = path
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    models: str = _opt("", "Model repository directory: <models>/<name>/<version>/model.onnx.")
+    models: str = _opt("", "Model repository directory: <models>/<name>/<version>/model.onnx.", EXISTING_DIR)
     socket: str = _opt("", "Address to serve on: ipc://PATH or tcp://HOST:PORT. Empty = $XDG_RUNTIME_DIR/openinfer/openinfer.sock, else /run/openinfer/openinfer.sock.", reload=RESTART)
     socket_mode: int = _opt(0o660, "Permission bits of the ipc:// socket file (owner + client group).", reload=RESTART)
     socket_group: str = _opt("", "Group given to the ipc:// socket file (clients in it may connect). Empty = unchanged.", reload=RESTART)
     max_request_bytes: int = _opt(64 * 1024 * 1024, "Largest request accepted: the sum of its tensor frames (the header, at most 64 KiB, is not counted). A larger one is answered RESOURCE_EXHAUSTED and its bytes are skipped, not stored.")
     max_queued_bytes: int = _opt(1024 * 1024 * 1024, "Bytes of request data held in queues across all models before RESOURCE_EXHAUSTED.")
     drain_grace_s: float = _opt(30.0, "On SIGTERM: seconds to finish queued and running tasks before stopping hard.")
-    runtime_dir: str = _opt("", "Private directory for the worker channel and prepared weights (an instance-<pid> directory inside it). Empty = $RUNTIME_DIRECTORY (systemd's RuntimeDirectory=), else $TMPDIR/openinfer-<uid>. It must belong to the daemon's user, be writable by nobody else and not be a symlink, or the daemon refuses to start.", reload=RESTART)
-    cache_dir: str = _opt("", "Where prepared (shared, pre-packed) weights are kept across restarts; checked like runtime_dir. Empty = inside the runtime directory, removed at exit.", reload=RESTART)
-    access_policy: str = _opt("access", "Who may call which operations on which models: a policy name in policies/ or a path. Empty = every local peer may do everything.")
-    client_policy: str = _opt("clients", "Per-client limits: a policy name in policies/ or a path (see policies/clients.toml). Empty = built-in defaults.")
+    runtime_dir: str = _opt("", "Private directory for prepared weights and the workers' working directory (an instance-<pid> directory inside it). Empty = $RUNTIME_DIRECTORY (systemd's RuntimeDirectory=), else $TMPDIR/openinfer-<uid>. It must belong to the daemon's user, be writable by nobody else and not be a symlink, or the daemon refuses to start.", CREATED_DIR, reload=RESTART)
+    cache_dir: str = _opt("", "Where prepared (shared, pre-packed) weights are kept across restarts; checked like runtime_dir. Empty = inside the runtime directory, removed at exit.", CREATED_DIR, reload=RESTART)
+    access_policy: str = _opt("access", "Who may call which operations on which models: a policy name in policies/ or a path. Empty = every local peer may do everything.", POLICY)
+    client_policy: str = _opt("clients", "Per-client limits: a policy name in policies/ or a path (see policies/clients.toml). Empty = built-in defaults.", POLICY)
     peer_strike_limit: int = _opt(16, "A connection that sends this many requests no conforming client sends (undecodable header, over a size limit) is dropped. 0 = never.")
     max_connections: int = _opt(512, "Client connections held at once; more wait in the kernel's listen backlog until one closes. Keep it well below the process's open-file limit.")
     max_connections_per_identity: int = _opt(64, "Client connections one identity (a uid, a CURVE key) may hold at once; a connection over it is closed at once.")
@@ -50,7 +62,7 @@ class ServerSettings:
     max_worker_message_bytes: int = _opt(1024 * 1024 * 1024, "Largest message a worker may send the supervisor (one batch's outputs); a worker that sends more is retired.")
     max_supervisor_rss_mb: int = _opt(0, "Above this resident memory the supervisor cuts the client connections holding the most buffered bytes, idle or not. 0 = max_queued_bytes + 4 x max_request_bytes + 256 MiB.")
     starvation_ms: int = _opt(1000, "A queued request waiting longer than this is served before higher priorities (aging).")
-    curve_secret_key_file: str = _opt("", "tcp:// with CURVE: file holding the server's Z85 secret key (40 characters; `openinfer keygen`). Public key: the same path + .pub", reload=RESTART)
+    curve_secret_key_file: str = _opt("", "tcp:// with CURVE: file holding the server's Z85 secret key (40 characters; `openinfer keygen`). Public key: the same path + .pub", KEY_FILE, reload=RESTART)
     insecure_tcp: bool = _opt(False, "Allow tcp:// without CURVE. Logged loudly; never on a shared network.", reload=RESTART)
 
 
@@ -71,11 +83,11 @@ class PoolSettings:
 @dataclass(frozen=True)
 class SandboxSettings:
     enabled: bool = _opt(True, "Run workers under seccomp, no_new_privs and rlimits. Off only with --insecure-no-sandbox.", reload=NEW_WORKERS)
-    boot_policy: str = _opt("boot", "Policy (name in policies/ or a path) a worker loads its model under.", reload=NEW_WORKERS)
-    serve_policy: str = _opt("worker", "Policy a worker serves under.", reload=NEW_WORKERS)
+    boot_policy: str = _opt("boot", "Policy (name in policies/ or a path) a worker loads its model under.", POLICY, reload=NEW_WORKERS)
+    serve_policy: str = _opt("worker", "Policy (name in policies/ or a path) a worker serves under.", POLICY, reload=NEW_WORKERS)
     worker_user: str = _opt("nobody", "User workers drop to when the daemon runs as root.", reload=RESTART)
     memory_limit_mb: int = _opt(4096, "Default address-space limit (RLIMIT_AS) per worker after loading, MiB; 0 = none.", reload=NEW_WORKERS)
-    max_open_files: int = _opt(64, "RLIMIT_NOFILE for workers (libzmq needs a few dozen).", reload=NEW_WORKERS)
+    max_open_files: int = _opt(64, "RLIMIT_NOFILE for workers (onnxruntime and the worker's own descriptors need a few dozen).", reload=NEW_WORKERS)
     landlock: bool = _opt(True, "Restrict worker file access with Landlock where the kernel has it.", reload=NEW_WORKERS)
     namespaces: bool = _opt(True, "Put workers in new network/IPC (and user) namespaces where allowed.", reload=NEW_WORKERS)
 
@@ -88,8 +100,8 @@ class LogSettings:
 
 @dataclass(frozen=True)
 class MetricsSettings:
-    listen: str = _opt("", "Serve Prometheus metrics over HTTP on HOST:PORT (loopback recommended). Empty = off.", reload=RESTART)
-    textfile: str = _opt("", "Write Prometheus metrics to this file for node_exporter's textfile collector. Empty = off.", reload=RESTART)
+    listen: str = _opt("", "Serve Prometheus metrics over HTTP on HOST:PORT (loopback recommended). A scrape counts every request answered before it began. Empty = off.", reload=RESTART)
+    textfile: str = _opt("", "Write Prometheus metrics to this file for node_exporter's textfile collector. Empty = off.", CREATED_FILE, reload=RESTART)
     textfile_interval_s: float = _opt(15.0, "How often the textfile is rewritten.", reload=RESTART)
 
 

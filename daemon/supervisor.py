@@ -99,6 +99,8 @@ class Supervisor:
         assert self.timers.wakeup is not None
         self.reactor.add(self.timers.wakeup.fd, lambda mask: self.timers.on_wakeup())  # due timers run after the pass
         self.exporter = MetricsExporter(settings.metrics)
+        if self.exporter.wakeup_fd is not None:  # a scrape asks for a fresh snapshot: due() then says yes
+            self.reactor.add(self.exporter.wakeup_fd, lambda mask: self.exporter.on_wakeup())
 
     @property
     def address(self) -> str:
@@ -202,7 +204,8 @@ class Supervisor:
                 log.exception("internal error in the supervisor loop; continuing")
 
     def _publish_metrics(self) -> None:
-        """At most once a second, from the loop: the exporter's threads only ever read this snapshot."""
+        """When a scrape waits or the textfile is due, from the loop: the exporter's threads only ever
+        read this snapshot."""
         workers = [{"model": w.model.name, "version": w.model.version, "state": w.state.value} for w in self.pool.all_workers()]
         depths = {(m.name, m.version): len(m.queue) for m in self.sync.all_models()}
         self.exporter.publish(admin.stats_result(self), workers, depths)

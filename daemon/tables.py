@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable
 
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
@@ -16,10 +17,12 @@ def render(table: Table) -> None:
 
 def models_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="models")
-    for col in ("model", "version", "state", "workers", "ready", "queued", "reason"):
-        table.add_column(col)
+    table.add_column("model", overflow="fold")
+    for col in ("version", "state", "workers", "ready", "queued"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("reason", overflow="fold")  # why a model failed: never cut short
     for row in rows:
-        table.add_row(row["name"], str(row["version"]), row["state"], str(row.get("workers", "")), str(row.get("ready_workers", "")), str(row.get("queued", "")), escape(row.get("reason") or ""))
+        table.add_row(escape(row["name"]), str(row["version"]), row["state"], str(row.get("workers", "")), str(row.get("ready_workers", "")), str(row.get("queued", "")), escape(row.get("reason") or ""))
     return table
 
 
@@ -27,32 +30,56 @@ def _mib(value: int | None) -> str:
     return f"{value / 2**20:.1f}" if value else "-"
 
 
-def status_tables(result: dict[str, Any]) -> list[Table]:
-    workers = Table(title=f"workers (daemon pid {result['pid']}, {result['address']}, up {result['uptime_s']:.0f}s{', DRAINING' if result['draining'] else ''})")
-    for col in ("id", "pid", "model", "state", "tasks", "restarts", "seccomp", "policy", "uid", "netns", "landlock", "mem limit", "RSS MiB", "USS MiB", "PSS MiB"):
-        workers.add_column(col)
-    for w in result["workers"]:
-        sb = w.get("sandbox") or {}
-        mem = w.get("memory") or {}
+def _policy(sandbox: dict[str, Any]) -> str:
+    """What a worker serves under, in one word: its seccomp policy; OFF (--insecure-no-sandbox); the
+    seccomp mode when it is not a filter (something is wrong); - while the worker has not reported."""
+    if not sandbox:
+        return "-"
+    if not sandbox.get("enabled", True):
+        return "OFF"
+    mode = sandbox.get("seccomp_mode")
+    return escape(str(sandbox.get("policy", "-"))) if mode == 2 else f"seccomp {mode}"
+
+
+# `openinfer status`: the columns that matter, sized for an 80-column terminal; `--wide` adds the rest.
+_WORKER_COLUMNS = ("id", "pid", "model", "state", "tasks", "restarts", "sandbox", "PSS MiB")
+_WIDE_COLUMNS = ("seccomp", "uid", "netns", "landlock", "mem limit", "RSS MiB", "USS MiB")
+_FOLDING = {"sandbox": 10, "model": 24}  # may fold (a policy path, a very long model name): whole up to this width
+_NUMERIC = {"id", "pid", "tasks", "restarts", "mem limit", "RSS MiB", "USS MiB", "PSS MiB"}
+
+
+def status_tables(result: dict[str, Any], wide: bool = False) -> list[Table]:
+    """The models, then one row per worker, without vertical rules (like `ps`): at 80 columns nothing
+    is cut to an ellipsis; every column but a long policy path or model name keeps its values whole."""
+    columns = _WORKER_COLUMNS + (_WIDE_COLUMNS if wide else ())
+    rows = [_worker_row(w, wide) for w in result["workers"]]
+    caption = None if wide else "sandbox: the seccomp policy each worker serves under; --wide adds uid, namespaces, Landlock, limits, RSS/USS"
+    title = f"workers (daemon pid {result['pid']}, up {result['uptime_s']:.0f}s{', DRAINING' if result['draining'] else ''}) at {escape(result['address'])}"
+    workers = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for index, col in enumerate(columns):
+        widest = max([len(col), *(len(row[index]) for row in rows)])
+        workers.add_column(col, overflow="fold", min_width=min(widest, _FOLDING.get(col, widest)), justify="right" if col in _NUMERIC else "left")
+    for row in rows:
+        workers.add_row(*row)
+    return [models_table(result["models"]), workers]
+
+
+def _worker_row(w: dict[str, Any], wide: bool) -> list[str]:
+    sb = w.get("sandbox") or {}
+    mem = w.get("memory") or {}
+    row = [str(w["id"]), str(w["pid"]), escape(f"{w['model']}:{w['version']}"), w["state"], str(w["tasks_served"]), str(w["restarts"]), _policy(sb), _mib(mem.get("pss"))]
+    if wide:
         limit = sb.get("memory_limit_bytes")
-        workers.add_row(
-            str(w["id"]),
-            str(w["pid"]),
-            f"{w['model']}:{w['version']}",
-            w["state"],
-            str(w["tasks_served"]),
-            str(w["restarts"]),
+        row += [
             str(sb.get("seccomp_mode", "off" if not sb.get("enabled", True) else "-")),
-            str(sb.get("policy", "-")),
             str((sb.get("uid") or ["-"])[0]),
             ",".join(sb.get("namespaces_entered") or []) or "-",
             str(sb.get("landlock_abi", "-")),
             _mib(limit) if limit else "-",
             _mib(mem.get("rss")),
             _mib(mem.get("uss")),
-            _mib(mem.get("pss")),
-        )
-    return [models_table(result["models"]), workers]
+        ]
+    return row
 
 
 def _ms(us: float | int | None) -> str:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Shared by the quick start and the test run: make .venv (installing Debian's python3-venv if a fresh
-# machine lacks it) and install this checkout into it with the given extras.
+# Shared by the quick start, the test run and the benchmarks (`bash examples/bootstrap.sh bench`): make
+# .venv (installing Debian's python3-venv if a fresh machine lacks it) and install this checkout into it
+# with the given extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
@@ -10,6 +11,10 @@ if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
   else
     echo "python3-venv is missing: sudo apt-get install python3-venv" >&2; exit 1
   fi
+fi
+if [[ ",$extras," == *",bench,"* ]] && [ "$(id -u)" = 0 ] && { ! command -v make >/dev/null || ! pkg-config --exists libzmq 2>/dev/null || ! { pkg-config --exists msgpack 2>/dev/null || pkg-config --exists msgpack-c 2>/dev/null; }; }; then
+  # bench/cwire (the C load generator of bench/batching.py) builds with libzmq and msgpack-c, as client/c does.
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq make gcc pkg-config libzmq3-dev libmsgpack-dev >/dev/null
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null

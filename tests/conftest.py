@@ -1,17 +1,26 @@
 """Shared fixtures: real daemons on temporary ipc:// paths, real models."""
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-import pytest
+# Tests run onnxruntime in process (the references): it must not phone home or write ~/.cache/Microsoft
+# either (DESIGN §4), and it must be off before the first import of onnxruntime anywhere in the run.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from daemon_harness import EXAMPLE_MODELS, RunningDaemon, cleanup_workdir, start_daemon, world_readable_dir  # noqa: E402
 import onnx_builders  # noqa: E402
+from layers import pytest_collection_modifyitems  # noqa: E402,F401  (every test has exactly one layer)
+from repo_builder import make_world_readable  # noqa: E402
+
+pytest_plugins = ["pytester"]  # tests/test_layers.py runs pytest on small made-up suites
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +39,7 @@ def model_repo() -> Iterator[Path]:
     (root / "small_limit" / "config.toml").write_text("max_request_bytes = 1024\n")
     (root / "broken" / "1").mkdir(parents=True)
     (root / "broken" / "1" / "model.onnx").write_bytes(b"this is not an onnx model")
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(root)
     yield root
     shutil.rmtree(root, ignore_errors=True)
 

@@ -10,12 +10,31 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from openinfer.client import Client, OpenInferError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_MODELS = REPO_ROOT / "examples" / "models"
+POLL_INTERVAL_S = 0.02
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str, *, daemon: "RunningDaemon | None" = None) -> T:
+    """Poll `condition` until it returns something truthy and return that: the one way tests wait for
+    something to happen (never a fixed sleep). Fails naming `what` and the last value seen (plus the
+    tail of `daemon`'s log) after `timeout` seconds, which only bounds a hang: it is never what a test
+    asserts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            log = f"\n{daemon.log_text()[-3000:]}" if daemon is not None else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {repr(value)[:500]}){log}")
+        time.sleep(POLL_INTERVAL_S)
 
 
 def world_readable_dir(prefix: str) -> Path:
@@ -42,24 +61,22 @@ class RunningDaemon:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 60.0) -> dict:  # type: ignore[type-arg]
-        """Poll `health` through the client until ready (never a bare sleep)."""
-        deadline = time.monotonic() + timeout
-        last: object = None
+        """Ask `health` through the client until ready; fails at once if the daemon exits or every
+        model failed to load."""
         with Client(self.address, timeout=2.0) as client:
-            while time.monotonic() < deadline:
+
+            def ready() -> dict | None:  # type: ignore[type-arg]
                 if self.process.poll() is not None:
                     raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
                 try:
                     health = client.health()
-                    if health["ready"]:
-                        return health
-                    if not health["not_ready"] and health["failed"]:
-                        raise RuntimeError(f"every model failed to load: {health['failed']}\n{self.log_text()[-4000:]}")
-                    last = health
-                except OpenInferError as exc:
-                    last = exc
-                time.sleep(0.05)
-        raise TimeoutError(f"daemon not ready after {timeout}s: {last}\n{self.log_text()[-4000:]}")
+                except OpenInferError:
+                    return None  # not listening yet
+                if not health["ready"] and not health["not_ready"] and health["failed"]:
+                    raise RuntimeError(f"every model failed to load: {health['failed']}\n{self.log_text()[-4000:]}")
+                return health if health["ready"] else None
+
+            return wait_for(ready, timeout, "the daemon to be ready", daemon=self)
 
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM, then SIGKILL of the process group if it does not exit."""
@@ -126,14 +143,3 @@ def start_daemon(
 
 def cleanup_workdir(daemon: RunningDaemon) -> None:
     shutil.rmtree(daemon.workdir, ignore_errors=True)
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, daemon: RunningDaemon | None = None) -> Any:
-    """Poll `condition` until it returns something true (returned) or `timeout` seconds pass (AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}" + (f"\n{daemon.log_text()[-3000:]}" if daemon else ""))

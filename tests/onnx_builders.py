@@ -101,11 +101,34 @@ def bf16_model(path: Path) -> Path:
     return _save(helper.make_model(graph, opset_imports=OPSET), path)
 
 
-def cast_model(source: int, target: int) -> bytes:
-    """x[n, 4] of TensorProto type `source` -> y cast to `target`, serialized: onnxruntime's own
-    conversions (float32 <-> bfloat16) as the reference the BF16 tests compare with."""
+def bf16_scalar_model(path: Path) -> Path:
+    """s BF16[] (a scalar) -> y = s (BF16[]), f = float32(s) (FP32[]), h = bfloat16(f / 2) (BF16[]):
+    rank-0 tensors in and out beside BF16 ones."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["s"], ["y"]),
+            helper.make_node("Cast", ["s"], ["f"], to=TensorProto.FLOAT),
+            helper.make_node("Div", ["f", "two"], ["half"]),
+            helper.make_node("Cast", ["half"], ["h"], to=TensorProto.BFLOAT16),
+        ],
+        "bf16_scalar",
+        [helper.make_tensor_value_info("s", TensorProto.BFLOAT16, [])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.BFLOAT16, []),
+            helper.make_tensor_value_info("f", TensorProto.FLOAT, []),
+            helper.make_tensor_value_info("h", TensorProto.BFLOAT16, []),
+        ],
+        initializer=[numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def cast_model(source: int, target: int, shape: list[Any] | None = None) -> bytes:
+    """x of TensorProto type `source` and `shape` (default [n, 4]) -> y cast to `target`, serialized:
+    onnxruntime's own conversions (float32 <-> bfloat16) as the reference the BF16 tests compare with."""
+    shape = ["n", 4] if shape is None else shape
     graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=target)], "cast",
-                              [helper.make_tensor_value_info("x", source, ["n", 4])], [helper.make_tensor_value_info("y", target, ["n", 4])])
+                              [helper.make_tensor_value_info("x", source, shape)], [helper.make_tensor_value_info("y", target, shape)])
     model = helper.make_model(graph, opset_imports=OPSET)
     model.ir_version = min(model.ir_version, 10)  # as _save does
     return model.SerializeToString()

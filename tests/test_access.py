@@ -12,6 +12,9 @@ import pytest
 
 import onnx_builders
 from daemon_harness import world_readable_dir
+from repo_builder import make_world_readable
+
+pytestmark = pytest.mark.live
 
 NOBODY = 65534
 X = np.ones((1, 64), np.float32)
@@ -22,8 +25,7 @@ def repo() -> Iterator[Path]:
     root = world_readable_dir("oi-access-")
     onnx_builders.matmul_model(root / "public" / "1" / "model.onnx")
     onnx_builders.matmul_model(root / "secret" / "1" / "model.onnx", seed=3)
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(root)
     yield root
     shutil.rmtree(root, ignore_errors=True)
 

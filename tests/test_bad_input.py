@@ -10,7 +10,10 @@ import pytest
 import zmq
 
 from openinfer.client import Client, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from daemon_harness import RunningDaemon
+from daemon_harness import EXAMPLE_MODELS, RunningDaemon
+from reference import run_reference
+
+pytestmark = pytest.mark.live
 
 X = np.ones((1, 64), dtype=np.float32)
 
@@ -79,6 +82,36 @@ def test_wrong_tensors_name_the_input_and_what_was_expected(daemon: RunningDaemo
         client.infer("tiny", inputs)
     assert info.value.code == "INVALID_ARGUMENT"
     assert fragment in info.value.message
+    assert_still_serving(client)
+
+
+SILERO_STATE = np.zeros((2, 1, 128), np.float32)  # batch 1
+SILERO_RATE = np.array(16000, np.int64)
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs", "named", "complaint"),
+    [
+        # H and W must be multiples of 32: the decoder's Add cannot broadcast 3 by 4.
+        ("ocr_det", {"x": np.zeros((1, 3, 48, 64), np.float32)}, "input 'x' [1, 3, 48, 64]: the model's graph cannot take this shape",
+         "Attempting to broadcast an axis by a dimension other than 1"),
+        # Every check passes (both batch dimensions are dynamic), but 2 rows of audio need a state for 2.
+        ("silero_vad", {"input": np.zeros((2, 512), np.float32), "state": SILERO_STATE, "sr": SILERO_RATE},
+         "inputs 'input' [2, 512] and 'state' [2, 1, 128]: the model's graph cannot take these shapes together", "must have shape"),
+    ],
+)
+def test_a_shape_the_graph_cannot_take_is_invalid_argument_naming_the_input(daemon: RunningDaemon, model: str, inputs: dict[str, np.ndarray], named: str, complaint: str) -> None:
+    """onnxruntime reports these as its generic FAIL; they are the caller's mistake, not a daemon fault,
+    and the message names the inputs and carries what onnxruntime said, word for word."""
+    with pytest.raises(Exception) as in_process:
+        run_reference(EXAMPLE_MODELS / model / "1" / "model.onnx", inputs)
+    assert type(in_process.value).__name__ == "Fail" and complaint in str(in_process.value)
+    client = daemon.client(timeout=60)
+    with pytest.raises(InvalidArgument) as info:
+        client.infer(model, inputs)
+    assert info.value.code == "INVALID_ARGUMENT"
+    assert info.value.message.startswith(named), info.value.message
+    assert info.value.message.endswith(f"onnxruntime said: Fail: {str(in_process.value).strip()}"), info.value.message
     assert_still_serving(client)
 
 

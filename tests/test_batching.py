@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -14,9 +13,12 @@ import pytest
 import zmq
 
 import onnx_builders
-from daemon_harness import world_readable_dir
+from daemon_harness import wait_for, world_readable_dir
 from openinfer.client import AsyncClient
+from repo_builder import make_world_readable
 from reference import run_reference
+
+pytestmark = pytest.mark.live
 
 
 def batching_repo(models: dict[str, tuple[Callable[[Path], Path], str]]) -> Path:
@@ -25,8 +27,7 @@ def batching_repo(models: dict[str, tuple[Callable[[Path], Path], str]]) -> Path
     for name, (build, config) in models.items():
         build(root / name / "1" / "model.onnx")
         (root / name / "config.toml").write_text(config)
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(root)
     return root
 
 
@@ -216,13 +217,11 @@ def test_access_log_records_every_batch_member_once(daemon_factory: Any, repo: P
     inputs = [np.full((1, 64), i, np.float32) for i in range(12)]
     run_concurrently(daemon.address, "dyn", inputs)
     daemon.client().infer("fixed", {"x": inputs[0]})
-    # A line is written just after its reply is sent: wait for all 13 (hang guard), never a bare sleep.
-    deadline = time.monotonic() + 20
-    while True:
-        lines = [json.loads(line) for line in daemon.log_text().splitlines() if line.startswith("{") and '"logger":"openinfer.access"' in line]
-        if len(lines) >= 13 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    def access_lines() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in daemon.log_text().splitlines() if line.startswith("{") and '"logger":"openinfer.access"' in line]
+
+    wait_for(lambda: len(access_lines()) >= 13, 20, "13 access-log lines (each is written just after its reply)")
+    lines = access_lines()
     by_model: dict[str, list[dict[str, Any]]] = {}
     for line in lines:
         by_model.setdefault(line["model"], []).append(line)

@@ -14,6 +14,8 @@ from daemon_harness import REPO_ROOT, RunningDaemon
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 from cwireload import CWirePool  # noqa: E402
 
+pytestmark = pytest.mark.live
+
 
 @pytest.fixture
 def pool() -> Iterator[CWirePool]:

@@ -4,7 +4,6 @@ as bits. Against the real sandboxed daemon, alone and batched, compared with onn
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,37 +13,37 @@ import pytest
 from onnx import TensorProto
 
 import onnx_builders
-from daemon_harness import world_readable_dir
 from openinfer.client import AsyncClient, BF16Array, OpenInferError
+from openinfer.wire.tensors import decode_array, encode_array
+from repo_builder import ModelRepo
 
 VALUES = np.array([[1.0, -2.5, 0.15625, 3.0e38], [1e-40, -0.0, 65504.0, 1.0 / 3.0]], dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
 def repo() -> Iterator[Path]:
-    root = world_readable_dir("oi-bf16-")
-    for name, config in (("bf16", "workers = 1\n"), ("bf16_batched", "workers = 1\n[batching]\nmax_batch_size = 16\nmax_queue_delay_us = 20000\n")):
-        onnx_builders.bf16_model(root / name / "1" / "model.onnx")
-        (root / name / "config.toml").write_text(config)
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    repo = ModelRepo("oi-bf16-")
+    repo.model("bf16", onnx_builders.bf16_model, config="workers = 1\n")
+    repo.model("bf16_batched", onnx_builders.bf16_model, config="workers = 1\n[batching]\nmax_batch_size = 16\nmax_queue_delay_us = 20000\n")
+    repo.model("bf16_scalar", onnx_builders.bf16_scalar_model, config="workers = 1\n")
+    yield repo.ready()
+    repo.remove()
 
 
 def _widen(value: Any) -> np.ndarray:
     """A bfloat16 OrtValue as float32, converted by onnxruntime itself (exact)."""
-    widen = ort.InferenceSession(onnx_builders.cast_model(TensorProto.BFLOAT16, TensorProto.FLOAT), providers=["CPUExecutionProvider"])
+    shape = [f"d{axis}" for axis in range(len(value.shape()))]
+    widen = ort.InferenceSession(onnx_builders.cast_model(TensorProto.BFLOAT16, TensorProto.FLOAT, shape), providers=["CPUExecutionProvider"])
     return widen.run_with_ort_values(["y"], {"x": value})[0].numpy()  # type: ignore[no-any-return]
 
 
-def reference(model: Path, bits: np.ndarray) -> dict[str, np.ndarray]:
+def reference(model: Path, bits: np.ndarray, input_name: str = "x") -> dict[str, np.ndarray]:
     """onnxruntime in process, through OrtValues (its Python API cannot return bfloat16 as numpy)."""
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     x = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx_element_type=16)
     names = [o.name for o in session.get_outputs()]
     out: dict[str, np.ndarray] = {}
-    for name, value in zip(names, session.run_with_ort_values(names, {"x": x})):
+    for name, value in zip(names, session.run_with_ort_values(names, {input_name: x})):
         if value.data_type() == "tensor(bfloat16)":
             # Widen to float32 in onnxruntime itself, then back to the upper 16 bits (exact for bfloat16).
             wide = _widen(value)
@@ -54,6 +53,7 @@ def reference(model: Path, bits: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.mark.unit
 def test_from_float32_rounds_like_onnxruntime_cast() -> None:
     rng = np.random.default_rng(16)
     values = np.concatenate([
@@ -70,6 +70,38 @@ def test_from_float32_rounds_like_onnxruntime_cast() -> None:
     assert np.isnan(ours.to_float32()[nan]).all()
 
 
+@pytest.mark.unit
+def test_a_bf16_scalar_stays_rank_0_on_the_wire() -> None:
+    """numpy's ascontiguousarray turns a 0-d array into shape (1,): neither conversion may."""
+    scalar = BF16Array.from_float32(np.float32(-2.5))
+    assert scalar.shape == () and scalar.to_float32() == np.float32(-2.5)
+    assert BF16Array.from_float32(np.array(3.0, dtype=np.float64)).shape == ()
+    datatype, shape, payload = encode_array(scalar)
+    assert (datatype, shape, bytes(payload)) == ("BF16", [], scalar.bits.tobytes())
+    assert decode_array(datatype, shape, payload).shape == ()
+    big_endian = np.array(1.5, dtype=">f4")
+    assert encode_array(big_endian)[:2] == ("FP32", [])
+
+
+@pytest.mark.live
+def test_bf16_scalars_in_and_out_through_the_daemon(daemon_factory: Any, repo: Path) -> None:
+    """Rank-0 inputs and outputs of a model with BF16 outputs keep shape [] (metadata, PROTOCOL 6 and
+    onnxruntime agree; the worker used to send [1])."""
+    daemon = daemon_factory(repo)
+    client = daemon.client()
+    assert [o["shape"] for o in client.metadata("bf16_scalar")["outputs"]] == [[], [], []]
+    s = BF16Array.from_float32(np.float32(-2.5))
+    result = client.infer("bf16_scalar", {"s": s})
+    want = reference(repo / "bf16_scalar" / "1" / "model.onnx", s.bits, input_name="s")
+    assert {name: value.shape for name, value in want.items()} == {"y": (), "f": (), "h": ()}
+    for name in ("y", "f", "h"):
+        got = result.outputs[name]
+        assert got.shape == () and got.dtype == want[name].dtype, (name, got.shape, got.dtype)
+        assert np.array_equal(got, want[name]), name
+    assert result.outputs["f"] == np.float32(-2.5) and BF16Array(result.outputs["h"]).to_float32() == np.float32(-1.25)
+
+
+@pytest.mark.live
 def test_bf16_in_and_out_through_the_daemon(daemon_factory: Any, repo: Path) -> None:
     daemon = daemon_factory(repo)
     x = BF16Array.from_float32(VALUES)
@@ -87,6 +119,7 @@ def test_bf16_in_and_out_through_the_daemon(daemon_factory: Any, repo: Path) -> 
     assert info.value.code == "INVALID_ARGUMENT" and "BF16" in info.value.message
 
 
+@pytest.mark.live
 def test_bf16_batched_equals_alone(daemon_factory: Any, repo: Path) -> None:
     daemon = daemon_factory(repo)
     rng = np.random.default_rng(3)

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,8 +29,11 @@ import numpy as np
 import pytest
 import zmq
 
-from daemon_harness import EXAMPLE_MODELS, REPO_ROOT, RunningDaemon, cleanup_workdir, start_daemon, world_readable_dir
+from daemon_harness import EXAMPLE_MODELS, REPO_ROOT, RunningDaemon, cleanup_workdir, start_daemon, wait_for, world_readable_dir
 from openinfer.client import Client
+from repo_builder import make_world_readable
+
+pytestmark = pytest.mark.live
 
 C_DIR = REPO_ROOT / "client" / "c"
 EXAMPLE = C_DIR / "openinfer-c-example"
@@ -80,18 +82,13 @@ def run_example(*args: str, timeout: float = 120.0, env: dict[str, str] | None =
 
 
 # -- a daemon on the example models ---------------------------------------------------------------
-def _make_world_readable(repo: Path) -> None:
-    for path in repo.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
 @pytest.fixture(scope="module")
 def example_daemon() -> Iterator[RunningDaemon]:
     """Serves exactly the shipped example models (what the conformance vectors assume), sandboxed."""
     repo = world_readable_dir("oi-c-client-")
     for model_dir in EXAMPLE_MODELS.iterdir():
         shutil.copytree(model_dir, repo / model_dir.name)
-    _make_world_readable(repo)
+    make_world_readable(repo)
     try:
         running = start_daemon(repo)
     except BaseException:
@@ -325,7 +322,7 @@ def test_valgrind_clean_against_the_daemon(c_example: Path, example_daemon: Runn
 def test_curve_over_tcp(c_example: Path, daemon_factory: Any, tmp_path: Path) -> None:
     repo = world_readable_dir("oi-c-curve-")
     shutil.copytree(EXAMPLE_MODELS / "tiny", repo / "tiny")
-    _make_world_readable(repo)
+    make_world_readable(repo)
     try:
         key_file = tmp_path / "server.key"
         keygen = subprocess.run([sys.executable, "-m", "openinfer.daemon.cli", "keygen", str(key_file)], capture_output=True, text=True)
@@ -339,13 +336,11 @@ def test_curve_over_tcp(c_example: Path, daemon_factory: Any, tmp_path: Path) ->
         daemon_factory(repo, "--socket", address, wait=False, address=address,
                        env={"OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file), "OPENINFER_SERVER_ACCESS_POLICY": str(policy)})
         keys = {"OPENINFER_CURVE_SERVER_KEY": server_public, "OPENINFER_CURVE_PUBLIC_KEY": known_public, "OPENINFER_CURVE_SECRET_KEY": known_secret}
-        deadline = time.monotonic() + 90
-        while True:  # the C client's own health call is the readiness probe
+        def ready_through_the_c_client() -> bool:  # its own health call is the readiness probe
             done = run_example("--timeout", "2000", "op", address, "health", env=keys)
-            if done.returncode == 0 and json.loads(done.stdout.split("\t", 1)[1])["result"]["ready"]:
-                break
-            assert time.monotonic() < deadline, done.stdout + done.stderr
-            time.sleep(0.2)
+            return done.returncode == 0 and bool(json.loads(done.stdout.split("\t", 1)[1])["result"]["ready"])
+
+        wait_for(ready_through_the_c_client, 90, "the daemon ready, asked by the C client over CURVE")
         done = run_example("--all", address, "tiny", env=keys)
         assert done.returncode == 0, done.stdout + done.stderr
         [got] = parse_infer_output(done.stdout)

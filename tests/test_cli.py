@@ -7,15 +7,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from daemon_harness import RunningDaemon
 
+pytestmark = pytest.mark.live
 
-def run_cli(*args: str, socket: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+
+def run_cli(*args: str, socket: str | None = None, timeout: float = 60, columns: int = 200) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "openinfer.daemon.cli", *args]
     if socket:
         cmd += ["--socket", socket]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={"COLUMNS": str(columns), "PATH": "/usr/bin:/bin"})
 
 
 def test_health_exits_zero_when_ready(daemon: RunningDaemon) -> None:
@@ -43,6 +46,17 @@ def test_models_status_stats_tables_and_json(daemon: RunningDaemon) -> None:
     stats = json.loads(run_cli("stats", "--json", socket=daemon.address).stdout)
     assert "tiny" in stats["models"]
     assert "per model" in run_cli("stats", socket=daemon.address).stdout
+
+
+def test_status_fits_80_columns_and_wide_shows_the_rest(daemon: RunningDaemon) -> None:
+    workers = json.loads(run_cli("status", "--json", socket=daemon.address).stdout)["workers"]
+    narrow = run_cli("status", socket=daemon.address, columns=80)
+    assert narrow.returncode == 0, narrow.stderr
+    assert "…" not in narrow.stdout and max(len(line) for line in narrow.stdout.splitlines()) <= 80
+    for w in workers:
+        assert f" {w['pid']} " in narrow.stdout and f"{w['model']}:{w['version']}" in narrow.stdout
+    wide = run_cli("status", "--wide", socket=daemon.address)
+    assert wide.returncode == 0 and "landlock" in wide.stdout and "USS MiB" in wide.stdout and "landlock" not in narrow.stdout
 
 
 def test_infer_with_random_input_prints_outputs_and_timing(daemon: RunningDaemon) -> None:

@@ -13,6 +13,8 @@ from openinfer.client import AsyncClient, Client, DeadlineExceeded, Unavailable
 from daemon_harness import RunningDaemon
 from reference import run_reference
 
+pytestmark = pytest.mark.live
+
 
 def test_threads_with_their_own_clients_get_their_own_answers(daemon: RunningDaemon, model_repo: Path) -> None:
     model = model_repo / "tiny" / "1" / "model.onnx"

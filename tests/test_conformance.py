@@ -6,7 +6,6 @@ envelope, many requests in flight on one socket, and cancellation of a queued re
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,8 +15,11 @@ import numpy as np
 import pytest
 import zmq
 
-from daemon_harness import EXAMPLE_MODELS, RunningDaemon, cleanup_workdir, start_daemon, world_readable_dir
+from daemon_harness import EXAMPLE_MODELS, RunningDaemon, cleanup_workdir, start_daemon
 from reference import run_reference
+from repo_builder import ModelRepo
+
+pytestmark = pytest.mark.live
 
 VECTORS: list[dict[str, Any]] = json.loads((Path(__file__).resolve().parent / "conformance" / "vectors.json").read_text())
 DAEMON_ARGS: tuple[str, ...] = ()  # the daemon runs sandboxed, as in production
@@ -33,36 +35,24 @@ STAGES = ("decode_us", "queue_us", "dispatch_us", "prep_us", "compute_us", "enco
 SUCCESS_TIMING = frozenset({*STAGES, "cpu_us", "total_us"})
 
 
-def _copy_examples(prefix: str) -> Path:
-    """A world-readable copy of examples/models: workers may run as `nobody`."""
-    repo = world_readable_dir(prefix)
-    for model_dir in EXAMPLE_MODELS.iterdir():
-        shutil.copytree(model_dir, repo / model_dir.name)
-    return repo
-
-
-def _make_world_readable(repo: Path) -> None:
-    for path in repo.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-def _serve(repo: Path) -> Iterator[RunningDaemon]:
-    _make_world_readable(repo)
+def _serve(repo: ModelRepo) -> Iterator[RunningDaemon]:
     try:
-        running = start_daemon(repo, *DAEMON_ARGS)
+        running = start_daemon(repo.ready(), *DAEMON_ARGS)
     except BaseException:
-        shutil.rmtree(repo, ignore_errors=True)
+        repo.remove()
         raise
     yield running
     running.stop()
     cleanup_workdir(running)
-    shutil.rmtree(repo, ignore_errors=True)
+    repo.remove()
 
 
 @pytest.fixture(scope="module")
 def example_daemon() -> Iterator[RunningDaemon]:
     """A daemon serving only the shipped example models, as the vectors assume."""
-    yield from _serve(_copy_examples("oi-conformance-"))
+    repo = ModelRepo("oi-conformance-")
+    repo.examples()
+    yield from _serve(repo)
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +315,7 @@ def double_daemon() -> Iterator[RunningDaemon]:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    repo = world_readable_dir("oi-conformance-double-")
+    repo = ModelRepo("oi-conformance-double-")
     graph = helper.make_graph(
         [helper.make_node("Mul", ["x", "two"], ["y"])],
         "double",
@@ -336,8 +326,7 @@ def double_daemon() -> Iterator[RunningDaemon]:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     onnx.checker.check_model(model)
-    (repo / "double" / "1").mkdir(parents=True)
-    onnx.save(model, str(repo / "double" / "1" / "model.onnx"))
+    repo.model("double", lambda path: onnx.save(model, str(path)))
     yield from _serve(repo)
 
 
@@ -369,11 +358,10 @@ HOSTILE_HEADERS = {
 
 @pytest.mark.parametrize("name", sorted(HOSTILE_HEADERS))
 def test_unhashable_header_values_get_invalid_argument(daemon_factory: Any, zmq_context: zmq.Context, name: str) -> None:  # type: ignore[type-arg]
-    repo = world_readable_dir("oi-conformance-hostile-")
+    repo = ModelRepo("oi-conformance-hostile-")
     try:
-        shutil.copytree(EXAMPLE_MODELS / "tiny", repo / "tiny")
-        _make_world_readable(repo)
-        running = daemon_factory(repo, *DAEMON_ARGS)
+        repo.examples(["tiny"])
+        running = daemon_factory(repo.ready(), *DAEMON_ARGS)
         header = HOSTILE_HEADERS[name]
         frames = [msgpack.packb(header)] + ([np.zeros((1, 64), "<f4").tobytes()] if header["op"] == "infer" else [])
         sock = _socket(zmq_context, running.address)
@@ -386,4 +374,4 @@ def test_unhashable_header_values_get_invalid_argument(daemon_factory: Any, zmq_
         reply = _exchange(zmq_context, running.address, _tiny_request(904))
         check_reply({"id": 904, "ok": True, "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 64]}]}, reply)
     finally:
-        shutil.rmtree(repo, ignore_errors=True)
+        repo.remove()

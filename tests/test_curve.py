@@ -15,8 +15,11 @@ import pytest
 import zmq
 
 import onnx_builders
-from daemon_harness import world_readable_dir
+from daemon_harness import wait_for, world_readable_dir
 from openinfer.client import Client, OpenInferError
+from repo_builder import make_world_readable
+
+pytestmark = pytest.mark.live
 
 X = np.ones((1, 64), np.float32)
 
@@ -30,8 +33,7 @@ def free_port() -> int:
 def test_curve_keys_decide_who_connects(daemon_factory: Any, tmp_path: Path) -> None:
     repo = world_readable_dir("oi-curve-")
     onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
-    for path in repo.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(repo)
     key_file = tmp_path / "server.key"
     done = subprocess.run([sys.executable, "-m", "openinfer.daemon.cli", "keygen", str(key_file)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -44,11 +46,7 @@ def test_curve_keys_decide_who_connects(daemon_factory: Any, tmp_path: Path) -> 
     address = f"tcp://127.0.0.1:{free_port()}"
     daemon = daemon_factory(repo, "--socket", address, env={"OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file), "OPENINFER_SERVER_ACCESS_POLICY": str(policy)}, wait=False, address=address)
     with Client(address, timeout=60, curve_server_key=server_public, curve_keypair=(known_public, known_secret)) as client:
-        import time
-
-        deadline = time.monotonic() + 60
-        while not client.health()["ready"] and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: client.health()["ready"], 60, "the daemon ready over CURVE")
         assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
     with Client(address, timeout=60, curve_server_key=server_public, curve_keypair=(known_public, known_secret)) as client:
         client.infer("tiny", {"x": X})  # a second connection with the same key...

@@ -22,6 +22,7 @@ import socket
 import msgpack
 import pytest
 
+from daemon_harness import wait_for
 from openinfer.wire.errors import OpenInferError
 from openinfer.daemon.client_limits import ClientLimiter, ClientPolicy
 from openinfer.daemon.access import Peer
@@ -35,6 +36,8 @@ from openinfer.daemon.timers import TimerHeap
 from openinfer.daemon.validation import check_infer
 from openinfer.daemon.workers import WorkerHandle, WorkerState
 from openinfer.wire.zmtp import FrameStream, Limits
+
+pytestmark = pytest.mark.unit
 
 SPEC = {"name": "x", "datatype": "FP32", "shape": [-1, 4]}
 CONNECTION = Connection(1, None, Peer(uid=0), "uid=0", 0)  # type: ignore[arg-type]  # replies are not sent here
@@ -78,15 +81,15 @@ def channel() -> Iterator[tuple[End, End]]:
 
 
 class Setup:
-    def __init__(self, router: End, max_batch_size: int = 8) -> None:
+    def __init__(self, router: End, max_batch_size: int = 8, batching: bool = True) -> None:
         self.failed: list[tuple[Task, OpenInferError]] = []
         self.timers = TimerHeap()
         self.limiter = ClientLimiter(ClientPolicy())
         self.dispatcher = Dispatcher(Settings(), router.send, self.timers, self.limiter, lambda task, exc: self._fail(task, exc), lambda worker: None)
-        config = ModelConfig(batching=BatchingConfig(max_batch_size=max_batch_size, max_queue_delay_us=500_000))
+        config = ModelConfig(batching=BatchingConfig(max_batch_size=max_batch_size, max_queue_delay_us=500_000) if batching else None)
         self.model = ServedModel("m", 1, Path("/nonexistent"), config, 1, 1)
         self.model.set_metadata([SPEC], [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}])
-        assert self.model.batchable
+        assert self.model.batchable is batching
         self.worker = WorkerHandle(1, self.model, None, None, state=WorkerState.READY)  # type: ignore[arg-type]
         self.model.workers.append(self.worker)
         self.next_id = 0
@@ -113,7 +116,7 @@ class Setup:
         self.dispatcher.maybe_flush(self.model)
 
 
-def sent_plan(worker: End) -> dict[str, Any] | None:  # type: ignore[type-arg]
+def sent_plan(worker: End) -> dict[str, Any] | None:
     if not worker.poll(2000):
         return None
     frames = worker.recv_multipart()
@@ -178,10 +181,11 @@ def test_an_armed_deadline_answers_the_queued_task_from_its_timer(channel: Any) 
     setup = Setup(router)
     task = setup.admit(1_000_000)  # 1 ms
     setup.dispatcher.arm_deadlines()
-    deadline = time.monotonic() + 5  # hang guard
-    while not setup.failed and time.monotonic() < deadline:
-        setup.timers.run_due()
-        time.sleep(0.001)
+    def timer_answered() -> bool:
+        setup.timers.run_due()  # what the loop does after every pass
+        return bool(setup.failed)
+
+    wait_for(timer_answered, 5, "the deadline timer to fire")
     assert [(t.task_id, exc.code) for t, exc in setup.failed] == [(task.task_id, "DEADLINE_EXCEEDED")]
     assert not setup.model.queue and setup.dispatcher.queued_bytes == 0
     assert not worker.poll(100)  # it never reached the worker
@@ -224,7 +228,22 @@ def test_a_batch_whose_send_fails_goes_back_to_the_queue_and_its_worker_gets_not
     assert setup.dispatcher.queued_bytes == sum(t.nbytes for t in tasks) and len(setup.dispatcher.queued_by_request) == 2
 
 
-def run_one_batch(setup: Setup, worker: End, size: int) -> list[Task]:  # type: ignore[type-arg]
+def test_a_task_sent_to_a_worker_already_gone_goes_back_to_the_front_of_its_queue(channel: Any) -> None:
+    """A worker that died between its last result and its reaping: the next task for it never reached
+    it. It must not raise (admit would answer INTERNAL; on_result, which dispatches before replying,
+    would lose the finished task's reply), nor wait with the dead worker to fail WORKER_CRASHED."""
+    router, _ = channel
+    setup = Setup(router, batching=False)
+    waiting = setup.admit(10 * 10**9)  # the worker is not idle yet: this one queues
+    router.open = False
+    setup.dispatcher.next_for(setup.worker)
+    assert not setup.worker.inflight and waiting.worker is None and not waiting.done
+    assert list(setup.model.queue) == [waiting] and setup.dispatcher.queued_for(waiting.route.conn.conn_id, waiting.request_id) is waiting
+    assert setup.dispatcher.queued_bytes == waiting.nbytes and setup.failed == []
+    assert setup.worker.retired and setup.worker not in setup.model.idle  # it is handed nothing more
+
+
+def run_one_batch(setup: Setup, worker: End, size: int) -> list[Task]:
     tasks = [setup.admit(10 * 10**9) for _ in range(size)]
     setup.flush_to_worker()
     assert sent_plan(worker) is not None

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,6 +14,8 @@ from openinfer.wire.errors import OpenInferError
 from openinfer.daemon.modelconfig import ModelConfig
 from openinfer.daemon.models import ServedModel
 from openinfer.daemon.validation import check_envelope, check_infer, decode_header, request_id_of
+
+pytestmark = pytest.mark.unit
 
 MODEL = ServedModel(name="tiny", version=1, path=Path("/dev/null"), config=ModelConfig(), worker_count=1, intra_op_threads=1)
 MODEL.set_metadata([{"name": "x", "datatype": "FP32", "shape": [-1, 64]}], [{"name": "y", "datatype": "FP32", "shape": [-1, 64]}])

@@ -9,6 +9,8 @@ import pytest
 from daemon_harness import RunningDaemon
 from reference import assert_same_outputs, run_reference, sample_inputs
 
+pytestmark = pytest.mark.live
+
 PUBLISHED = ["silero_vad", "magika", "ocr_det", "ocr_cls", "tiny"]
 
 

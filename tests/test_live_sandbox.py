@@ -26,8 +26,11 @@ import pytest
 import zmq
 
 import onnx_builders
-from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, world_readable_dir
+from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, wait_for, world_readable_dir
 from openinfer.wire.protocol import unpack
+from repo_builder import make_world_readable
+
+pytestmark = pytest.mark.live
 
 MiB = 1024 * 1024
 DEFAULT_LIMIT_MB = 1536  # OPENINFER_SANDBOX_MEMORY_LIMIT_MB of the private daemon
@@ -87,8 +90,7 @@ def live() -> Iterator[LiveDaemon]:
     (root / "good" / "config.toml").write_text("workers = 2\nintra_op_threads = 2\n")
     onnx_builders.matmul_model(root / "capped" / "1" / "model.onnx", seed=SEED)
     (root / "capped" / "config.toml").write_text(f"memory_limit_mb = {CAPPED_LIMIT_MB}\n")
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(root)
     running = start_daemon(root, env={"OPENINFER_SANDBOX_MEMORY_LIMIT_MB": str(DEFAULT_LIMIT_MB)})
     try:
         with running.client(timeout=30) as client:  # every worker has served once before we look
@@ -179,10 +181,8 @@ def test_workers_are_not_dumpable(live: LiveDaemon) -> None:
     switch: dict[str, Any] = {"user": uid, "group": gid, "extra_groups": []} if os.geteuid() == 0 else {}
     control = subprocess.Popen(["/bin/sleep", "30"], env={"CONTROL": "1"}, **switch)
     try:
-        deadline = time.monotonic() + 10  # root owns /proc/PID from the uid switch until the exec
-        while os.stat(f"/proc/{control.pid}/environ").st_uid != uid and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert os.stat(f"/proc/{control.pid}/environ").st_uid == uid
+        # Root owns /proc/PID from the uid switch until the exec.
+        wait_for(lambda: os.stat(f"/proc/{control.pid}/environ").st_uid == uid, 10, "the control process to exec as the worker's uid")
         readable = _cat_as(uid, gid, f"/proc/{control.pid}/environ")
         assert readable.returncode == 0 and b"CONTROL=1" in readable.stdout, readable
     finally:
@@ -382,8 +382,7 @@ def attack_workers() -> Iterator[dict[str, AttackWorker]]:
     root = world_readable_dir("oi-attack-")
     model_path = onnx_builders.matmul_model(root / "model" / "model.onnx", seed=SEED)
     (root / "cwd").mkdir()  # the empty directory the workers run in (the pool's runtime_dir.WORK_DIR)
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(root)
     context = zmq.Context()
     workers: dict[str, AttackWorker] = {}
     try:

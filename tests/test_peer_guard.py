@@ -19,6 +19,8 @@ from zmq.utils.monitor import recv_monitor_message
 import onnx_builders
 from daemon_harness import world_readable_dir
 
+pytestmark = pytest.mark.live
+
 X = np.ones((1, 64), np.float32)
 FRAME = 1024 * 1024
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from daemon_harness import REPO_ROOT
+
+pytestmark = pytest.mark.live
 
 
 def test_quickstart_script_runs_and_shows_real_results() -> None:

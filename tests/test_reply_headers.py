@@ -10,6 +10,8 @@ import pytest
 from openinfer.daemon.accounting import MEMBER_STAGES
 from openinfer.daemon.reply_headers import BatchReplyHeaders
 
+pytestmark = pytest.mark.unit
+
 SHARED = {"dispatch_us": 121.5, "prep_us": 20.25, "compute_us": 40.0, "encode_us": 5.5, "return_us": 80.125, "cpu_us": 12.0}
 
 

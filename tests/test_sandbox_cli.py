@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.live
+
 # The threat model's list, in the probe names the CLI prints.
 REQUIRED_PROBES = {
     "network_socket", "unix_socket", "connect", "exec", "file_write", "file_read", "fork", "ptrace",

@@ -2,46 +2,46 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import msgpack
 import numpy as np
 import pytest
+import zmq
 
 import onnx_builders
-from daemon_harness import world_readable_dir
+from daemon_harness import wait_for
 from openinfer.client import AsyncClient, Client, DeadlineExceeded, OpenInferError, ResourceExhausted
+from repo_builder import ModelRepo
+
+pytestmark = pytest.mark.live
 
 X = np.zeros(1, np.float32)
 SLOW = {"x": X, "n": np.array(400_000, np.int64)}  # ~0.3 s of Loop iterations: long enough to queue behind
+BLOCK = {"x": X, "n": np.array(4_000_000, np.int64)}  # ~3 s: others queue behind it even on a busy machine
 FAST = {"x": X, "n": np.array(1, np.int64)}
 
 
 @pytest.fixture
 def repo() -> Iterator[Path]:
-    root = world_readable_dir("oi-sched-")
-    onnx_builders.busy_loop_model(root / "busy" / "1" / "model.onnx")
-    (root / "busy" / "config.toml").write_text("workers = 1\n")
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    repo = ModelRepo("oi-sched-")
+    repo.model("busy", onnx_builders.busy_loop_model, config="workers = 1\n")
+    yield repo.ready()
+    repo.remove()
 
 
-def wait_queued(client: Client, n: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if client.status()["queued"] >= n:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"never saw {n} queued")
+def wait_queued(client: Client, n: int) -> None:
+    wait_for(lambda: client.status()["queued"] >= n, 20, f"{n} requests queued")
+
+
+def wait_running(client: Client) -> None:
+    wait_for(lambda: client.status()["in_flight"] >= 1, 20, "a request running")
 
 
 def test_higher_priority_runs_first_and_low_priority_still_completes(daemon_factory: Any, repo: Path) -> None:
-    daemon = daemon_factory(repo)
+    daemon = daemon_factory(repo, env={"OPENINFER_SERVER_STARVATION_MS": "60000"})  # no aging behind the 3 s blocker
     admin = daemon.client()
     order: list[str] = []
     lock = threading.Lock()
@@ -52,12 +52,12 @@ def test_higher_priority_runs_first_and_low_priority_still_completes(daemon_fact
             with lock:
                 order.append(label)
 
-    blocker = threading.Thread(target=call, args=("blocker", 0, SLOW))
+    blocker = threading.Thread(target=call, args=("blocker", 0, BLOCK))
     blocker.start()
-    time.sleep(0.05)
+    wait_running(admin)
     threads = []
     for i, (label, priority) in enumerate([("low-1", 0), ("low-2", 0), ("high", 9)]):
-        t = threading.Thread(target=call, args=(label, priority, SLOW))
+        t = threading.Thread(target=call, args=(label, priority, FAST))
         t.start()
         threads.append(t)
         wait_queued(admin, i + 1)
@@ -80,7 +80,7 @@ def test_aging_serves_a_low_priority_request_under_a_high_priority_flood(daemon_
     flooders = [threading.Thread(target=flood) for _ in range(3)]
     for t in flooders:
         t.start()
-    time.sleep(0.3)
+    wait_queued(daemon.client(), 2)  # one flood request runs, the others wait: high priority all along
     try:
         # Served while the flood goes on (it stops only after this returns): aging, within a 20 s budget.
         low = daemon.client(timeout=20).infer("busy", FAST, priority=0)
@@ -139,7 +139,7 @@ def test_per_client_limit_from_policy_file(daemon_factory: Any, repo: Path, tmp_
 
     thread = threading.Thread(target=lambda: asyncio.run(greedy()))
     thread.start()
-    time.sleep(0.2)
+    wait_for(lambda: outcomes.count("RESOURCE_EXHAUSTED") >= 4, 20, "greedy at its limit")
     polite = daemon.client(client_name="polite")
     assert float(polite.infer("busy", FAST).outputs["y"][0]) == 1.0
     thread.join(60)
@@ -163,21 +163,79 @@ def test_rate_limit_names_the_limit(daemon_factory: Any, repo: Path, tmp_path: P
     assert codes[:3] == ["OK"] * 3 and "RESOURCE_EXHAUSTED" in codes[3:]
 
 
-def test_a_client_that_gives_up_cancels_its_queued_task(daemon_factory: Any, repo: Path) -> None:
+class StretchingRelay:
+    """Sits between one client and the daemon and forwards everything both ways, but gives every infer
+    request it forwards a `timeout_ms` of 10 minutes: the daemon's own deadline can then never be what
+    removes a queued request, only a `cancel`. Records the cancels and the daemon's answers to them."""
+
+    def __init__(self, daemon_address: str, path: Path) -> None:
+        self.address = f"ipc://{path}"
+        self.cancels: dict[int, Any] = {}  # cancel id -> the daemon's result (None until answered)
+        self._context = zmq.Context()
+        self._front = self._context.socket(zmq.ROUTER)
+        self._front.bind(self.address)
+        self._back = self._context.socket(zmq.DEALER)
+        self._back.connect(daemon_address)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stretching-relay", daemon=True)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._front, zmq.POLLIN)
+        poller.register(self._back, zmq.POLLIN)
+        peer = b""
+        while not self._stop.is_set():
+            for sock, _ in poller.poll(20):
+                if sock is self._front:
+                    peer, *frames = self._front.recv_multipart()
+                    header = msgpack.unpackb(frames[0])
+                    if header.get("op") == "infer":
+                        header["timeout_ms"] = 600_000
+                    elif header.get("op") == "cancel":
+                        self.cancels[header["id"]] = None
+                    self._back.send_multipart([msgpack.packb(header), *frames[1:]])
+                else:
+                    frames = self._back.recv_multipart()
+                    reply = msgpack.unpackb(frames[0])
+                    if reply.get("id") in self.cancels:
+                        self.cancels[reply["id"]] = reply.get("result")
+                    self._front.send_multipart([peer, *frames])
+
+    def __enter__(self) -> "StretchingRelay":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._front.close(linger=0)
+        self._back.close(linger=0)
+        self._context.term()
+
+
+def test_a_client_that_gives_up_cancels_its_queued_task(daemon_factory: Any, repo: Path, tmp_path: Path) -> None:
+    """The client's own timeout fires while its request is queued behind a long one: it sends a
+    cancel, and the daemon drops the request unrun. The relay makes the daemon's deadline for it 10
+    minutes, so nothing but the cancel can explain the request not running."""
     daemon = daemon_factory(repo)
     admin = daemon.client()
-    blocking_client = daemon.client(timeout=60)
-    blocker = threading.Thread(target=lambda: blocking_client.infer("busy", {"x": X, "n": np.array(1_000_000, np.int64)}))
+    blocking_client = daemon.client(timeout=120)
+    blocker = threading.Thread(target=lambda: blocking_client.infer("busy", BLOCK))
     blocker.start()
-    time.sleep(0.1)
-    quitter = daemon.client()
-    with pytest.raises(DeadlineExceeded):
-        quitter.infer("busy", SLOW, timeout=0.05)
-    blocker.join(60)
+    try:
+        wait_running(admin)
+        with StretchingRelay(daemon.address, tmp_path / "relay.sock") as relay, Client(relay.address, timeout=0.3) as quitter:
+            with pytest.raises(DeadlineExceeded):
+                quitter.infer("busy", SLOW)  # queued behind the blocker; the client gives up after 0.3 s
+            wait_for(lambda: relay.cancels and None not in relay.cancels.values(), 20, "the client's cancel, answered by the daemon")
+            assert list(relay.cancels.values()) == [{"cancelled": True}], relay.cancels
+    finally:
+        blocker.join(120)
+    wait_for(lambda: admin.status()["queued"] == 0 and admin.status()["in_flight"] == 0, 30, "the daemon to be idle")
     served = sum(w["tasks_served"] for w in admin.status()["workers"] if w["model"] == "busy")
     assert served == 1  # only the blocker reached the worker
     failures = admin.stats()["models"]["busy"]["failures"]
-    assert failures.get("DEADLINE_EXCEEDED") == 1
+    assert failures == {"DEADLINE_EXCEEDED": 1}  # "cancelled by the client before it ran"
 
 
 def test_bad_priority_is_invalid_argument(daemon_factory: Any, repo: Path) -> None:

@@ -15,6 +15,8 @@ import pytest
 from openinfer.daemon.jsonlog import JsonFormatter
 from openinfer.daemon.sdnotify import NotifyError, SystemdNotifier
 
+pytestmark = pytest.mark.unit
+
 
 class FakeSystemd:
     """A datagram socket bound where systemd would put $NOTIFY_SOCKET; parses what arrives."""

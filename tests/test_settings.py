@@ -13,6 +13,8 @@ from openinfer.daemon.config_docs import CLI_FLAGS, extract_table, format_defaul
 from openinfer.daemon.modelconfig import ConfigError
 from openinfer.daemon.settings import Settings, describe_settings, load_settings
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = ROOT / "systemd" / "openinfer.toml"
 CONFIG_DOC = ROOT / "docs" / "CONFIG.md"

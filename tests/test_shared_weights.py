@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -11,8 +10,12 @@ import psutil
 import pytest
 
 import onnx_builders
-from daemon_harness import RunningDaemon, world_readable_dir
+from daemon_harness import RunningDaemon, wait_for, world_readable_dir
+from openinfer.client import Client
+from repo_builder import make_world_readable
 from reference import run_reference
+
+pytestmark = pytest.mark.live
 
 WEIGHT_BYTES = 2 * 4096 * 4096 * 4  # 128 MiB of FP32 weights
 
@@ -22,14 +25,14 @@ def large_repo() -> Iterator[Path]:
     root = world_readable_dir("oi-large-")
     onnx_builders.large_matmul_model(root / "large" / "1" / "model.onnx")
     (root / "large" / "config.toml").write_text("workers = 3\n")
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(root)
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
 
 def workers_of(daemon: RunningDaemon) -> list[dict[str, Any]]:
-    return [w for w in daemon.client().status()["workers"] if w["model"] == "large" and w["state"] == "ready"]
+    with Client(daemon.address, timeout=10) as client:  # polled: not one more client kept per call
+        return [w for w in client.status()["workers"] if w["model"] == "large" and w["state"] == "ready"]
 
 
 def test_workers_share_one_copy_of_the_weights_and_answer_identically(daemon_factory: Any, large_repo: Path) -> None:
@@ -73,8 +76,7 @@ def test_cache_is_reused_verified_and_rebuilt_when_corrupted(daemon_factory: Any
     env = {"OPENINFER_SERVER_CACHE_DIR": str(cache), "OPENINFER_POOL_WORKERS": "1"}
     repo = world_readable_dir("oi-large1-")
     shutil.copytree(large_repo / "large" / "1", repo / "large" / "1")
-    for path in repo.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(repo)
     first = daemon_factory(repo, env=env, timeout=180)
     assert '"reused":false' in first.log_text()
     first.stop()
@@ -104,9 +106,7 @@ def test_respawned_worker_attaches_to_prepared_weights(daemon_factory: Any, larg
     daemon = daemon_factory(large_repo, timeout=180)
     victim = workers_of(daemon)[0]["pid"]
     os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (len(workers_of(daemon)) < 3 or victim in [w["pid"] for w in workers_of(daemon)]):
-        time.sleep(0.05)
+    wait_for(lambda: len(workers_of(daemon)) == 3 and victim not in [w["pid"] for w in workers_of(daemon)], 60, "the killed worker replaced")
     replacement = [w for w in workers_of(daemon) if w["pid"] != victim]
     assert len(replacement) == 3
     newest = max(replacement, key=lambda w: w["id"])

@@ -8,9 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
+import pytest
 
-from daemon_harness import start_daemon, world_readable_dir
+from daemon_harness import start_daemon, wait_for, world_readable_dir
 import onnx_builders
+from repo_builder import make_world_readable
+
+pytestmark = pytest.mark.live
 
 
 def receive(sock: socket.socket, timeout: float) -> list[tuple[float, str]]:
@@ -29,8 +34,7 @@ def receive(sock: socket.socket, timeout: float) -> list[tuple[float, str]]:
 def test_ready_watchdog_status_reload_and_stopping(tmp_path: Path) -> None:
     repo = world_readable_dir("oi-notify-")
     onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
-    for path in repo.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(repo)
     notify_path = tmp_path / "notify.sock"
     systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     systemd.bind(str(notify_path))
@@ -50,8 +54,8 @@ def test_ready_watchdog_status_reload_and_stopping(tmp_path: Path) -> None:
         assert 6 <= len(pings) <= 14, len(pings)
         # A wedged loop (stopped process) sends nothing; it resumes afterwards.
         daemon.process.send_signal(signal.SIGSTOP)
-        time.sleep(0.05)
-        receive(systemd, 0.1)
+        wait_for(lambda: psutil.Process(daemon.process.pid).status() == psutil.STATUS_STOPPED, 10, "the daemon stopped")
+        receive(systemd, 0.1)  # what it sent before it stopped
         assert not [m for _, m in receive(systemd, 1.0) if m == "WATCHDOG=1"]
         daemon.process.send_signal(signal.SIGCONT)
         assert [m for _, m in receive(systemd, 1.0) if m == "WATCHDOG=1"]

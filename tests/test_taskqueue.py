@@ -5,8 +5,12 @@ import random
 import time
 from typing import Any
 
+import pytest
+
 from openinfer.daemon.taskqueue import TaskQueue
 from openinfer.daemon.tasks import Task
+
+pytestmark = pytest.mark.unit
 
 KEY_A = ((("x", "FP32", (64,)),), ())
 KEY_B = ((("x", "FP32", (32,)),), ())

@@ -4,7 +4,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from daemon_harness import REPO_ROOT
+
+pytestmark = pytest.mark.live
 
 
 def test_mypy_passes_on_the_package() -> None:

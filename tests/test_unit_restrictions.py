@@ -7,22 +7,24 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import onnx_builders
-from daemon_harness import world_readable_dir
+from daemon_harness import wait_for, world_readable_dir
 from openinfer.client import Client, OpenInferError
+from repo_builder import make_world_readable
+
+pytestmark = pytest.mark.live
 
 
 def test_serves_in_a_private_network_namespace_with_read_only_files(tmp_path: Path) -> None:
     assert os.geteuid() == 0, "reproducing the unit's namespaces needs root (CI runs as root)"
     repo = world_readable_dir("oi-unit-")
     onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
-    for path in repo.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    make_world_readable(repo)
     run = world_readable_dir("oi-unit-run-")
     address = f"ipc://{run}/openinfer.sock"
     prefix = Path(sys.prefix)
@@ -36,15 +38,15 @@ def test_serves_in_a_private_network_namespace_with_read_only_files(tmp_path: Pa
     daemon = subprocess.Popen(["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         with Client(address, timeout=2) as client:
-            deadline = time.monotonic() + 60
-            ready = False
-            while time.monotonic() < deadline and not ready:
+
+            def ready() -> bool:
                 assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
                 try:
-                    ready = client.health()["ready"]
+                    return bool(client.health()["ready"])
                 except OpenInferError:
-                    time.sleep(0.1)
-            assert ready
+                    return False  # not listening yet
+
+            wait_for(ready, 60, "the daemon in its private namespaces to be ready")
             assert client.infer("tiny", {"x": np.ones((1, 64), np.float32)}).outputs["y"].shape == (1, 64)
             # The daemon sees no network but loopback (down): its namespace differs from ours.
             assert os.readlink(f"/proc/{daemon.pid}/ns/net") != os.readlink("/proc/self/ns/net")

@@ -15,6 +15,8 @@ from openinfer.daemon.modelconfig import ModelConfig
 from openinfer.daemon.models import ServedModel
 from openinfer.daemon.validation import SIGNATURES_KEPT, OverLimit, check_infer
 
+pytestmark = pytest.mark.unit
+
 LIMIT = 1 << 20
 
 

@@ -51,7 +51,7 @@ class BF16Array:
     @classmethod
     def from_float32(cls, values: Any) -> "BF16Array":
         """Round to the nearest bfloat16 (ties to even), as onnxruntime's Cast does; NaN stays NaN."""
-        wide = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+        wide = np.asarray(values, dtype=np.float32, order="C").view(np.uint32)  # a scalar stays 0-d
         rounded = (wide + (0x7FFF + ((wide >> 16) & 1))) >> 16
         bits = np.where(np.isnan(wide.view(np.float32)), (wide >> 16) | 0x40, rounded).astype(np.uint16)
         return cls(bits)
@@ -93,7 +93,7 @@ def element_count(shape: list[int] | tuple[int, ...]) -> int:
 def encode_array(array: np.ndarray | BF16Array) -> tuple[str, list[int], bytes | memoryview]:
     """(datatype, shape, payload) for one array; numeric payloads are zero-copy when already contiguous LE."""
     if isinstance(array, BF16Array):
-        bits = np.ascontiguousarray(array.bits, dtype="<u2")
+        bits = np.asarray(array.bits, dtype="<u2", order="C")  # not ascontiguousarray: it makes a scalar [1]
         return "BF16", [int(d) for d in bits.shape], memoryview(bits).cast("B") if bits.size else b""  # type: ignore[arg-type]
     datatype = datatype_of(array)
     shape = [int(d) for d in array.shape]
@@ -101,7 +101,7 @@ def encode_array(array: np.ndarray | BF16Array) -> tuple[str, list[int], bytes |
         return datatype, shape, encode_bytes_elements(array)
     wire_dtype = DATATYPE_TO_NUMPY[datatype]
     if array.dtype != wire_dtype or not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array, dtype=wire_dtype)
+        array = np.asarray(array, dtype=wire_dtype, order="C")
     if not array.size:
         return datatype, shape, b""
     return datatype, shape, memoryview(array).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers

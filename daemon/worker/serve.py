@@ -14,7 +14,7 @@ from openinfer.wire.tensors import BF16Array, decode_array, encode_array
 from openinfer.wire.zmtp import Buffer, FrameStream, Oversized, PeerClosed
 
 from . import messages
-from .session import Runner, bf16_input, error_code_for
+from .session import Runner, bf16_input, task_error
 
 log = logging.getLogger("openinfer.worker")
 
@@ -84,6 +84,7 @@ def _run_task(channel: FrameStream, session: Any, output_names: list[str], frame
     received_ns = time.monotonic_ns()
     cpu_start = time.process_time_ns()
     result_kind = messages.RESULT + bytes(frames[0][1:9])  # echoes the task id
+    header: dict[str, Any] = {}
     try:
         header = unpack(frames[1])
         feed = _feed_from(header, frames[2:])
@@ -110,7 +111,7 @@ def _run_task(channel: FrameStream, session: Any, output_names: list[str], frame
         channel.send([result_kind, pack(meta), *payloads])
     except Exception as exc:  # every task gets exactly one answer, whatever onnxruntime raised
         meta = {
-            "error": {"code": error_code_for(exc), "message": f"{type(exc).__name__}: {exc}"[:2000]},
+            "error": task_error(exc, header.get("inputs") or [], session.dynamic_inputs),
             "recv_ns": received_ns,
             "cpu_us": (time.process_time_ns() - cpu_start) / 1000,
             "send_ns": time.monotonic_ns(),
@@ -192,7 +193,7 @@ def _run_batch(channel: FrameStream, session: Any, output_names: list[str], fram
     except Exception as exc:  # every task of the batch gets an answer (the supervisor retries each alone)
         meta = {
             "tasks": task_ids,
-            "error": {"code": error_code_for(exc), "message": f"{type(exc).__name__}: {exc}"[:2000]},
+            "error": task_error(exc, plan["inputs"], session.dynamic_inputs),
             "recv_ns": received_ns,
             "cpu_us": 0.0,
             "send_ns": time.monotonic_ns(),

@@ -74,7 +74,12 @@ _BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
 def bf16_input(bits: np.ndarray) -> Any:
     """A BF16 input for session.run: numpy has no bfloat16, so the uint16 bits go in an OrtValue that
     says what they are."""
-    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(np.ascontiguousarray(bits, dtype=np.uint16), onnx_element_type=_BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(_c_order(bits, np.uint16), onnx_element_type=_BFLOAT16)
+
+
+def _c_order(array: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """C-contiguous, same shape: not np.ascontiguousarray, which turns a scalar (shape ()) into shape (1,)."""
+    return np.asarray(array, dtype=dtype, order="C")
 
 
 class Runner:
@@ -84,6 +89,8 @@ class Runner:
     def __init__(self, session: ort.InferenceSession) -> None:
         self.session = session
         self.bf16_outputs = frozenset(o.name for o in session.get_outputs() if o.type == "tensor(bfloat16)")
+        # Inputs whose shape the caller chooses in part: the ones a graph may refuse at run time.
+        self.dynamic_inputs = frozenset(i.name for i in session.get_inputs() if any(not isinstance(d, int) or d < 0 for d in i.shape or []))
 
     def run(self, wanted: list[str], feed: dict[str, Any], run_options: Any = None) -> list[Any]:
         if not self.bf16_outputs.intersection(wanted):
@@ -93,7 +100,7 @@ class Runner:
             if isinstance(value, np.ndarray):
                 if value.dtype == object:
                     raise ValueError("a model with BF16 outputs cannot take BYTES inputs here (onnxruntime cannot wrap strings for that call)")
-                value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+                value = ort.OrtValue.ortvalue_from_numpy(_c_order(value))
             values[name] = value
         results = self.session.run_with_ort_values(wanted, values, run_options)
         return [_bf16_bits(value) if value.data_type() == "tensor(bfloat16)" else value.numpy() for value in results]
@@ -146,6 +153,27 @@ def warm_up(session: ort.InferenceSession, inputs: list[dict[str, Any]], timeout
     return None
 
 
+# A kernel that meets a shape the graph cannot take fails with onnxruntime's generic status FAIL (or
+# RUNTIME_EXCEPTION), the same status as a genuine fault, so the status alone cannot tell them apart.
+# Its message can: a node failure ("Non-zero status code returned while running <Op> node ...") whose
+# kernel complains about shapes, in the words onnxruntime 1.31-1.32's CPU kernels use (seen for ocr_det
+# with H = 48, silero_vad with mismatched batch sizes, MatMul, Concat, Reshape, Split, Pad, TopK, Conv).
+# Anything else stays INTERNAL: only a complaint named here is taken for the caller's mistake.
+_NODE_FAILURE = "Non-zero status code returned while running "
+_SHAPE_COMPLAINTS = (
+    "attempting to broadcast",  # element-wise ops: "... broadcast an axis by a dimension other than 1. 3 by 4"
+    "dimension mismatch",  # MatMul
+    "mismatched dimensions",  # Concat: "Axis 1 has mismatched dimensions of 4 and 3"
+    "cannot be reshaped",  # Reshape
+    "must have shape",  # LSTM/GRU/RNN states: "Input initial_h must have shape {1,2,128}. Actual:{1,1,128}"
+    "input shape",  # Pad, Split: "... Input shape:{1,0}", "... Input shape={5}"
+    "kernel channels",  # Conv: "Input channels C is not equal to kernel channels * group"
+    "axis dim",  # TopK: "k argument [4] should not be greater than specified axis dim value [2]"
+)
+_ORT_CALLER_STATUS = {"InvalidArgument", "InvalidGraph"}  # onnxruntime itself blames the input
+_ORT_GENERIC_STATUS = {"Fail", "RuntimeException"}  # blames nobody: read the message
+
+
 def error_code_for(exc: BaseException) -> str:
     """Map an exception from session.run to a wire error code."""
     if isinstance(exc, MemoryError):
@@ -154,6 +182,32 @@ def error_code_for(exc: BaseException) -> str:
     if "bad_alloc" in text or "Failed to allocate" in text or "std::bad_alloc" in text:
         return "RESOURCE_EXHAUSTED"
     name = type(exc).__name__
-    if name in ("InvalidArgument", "InvalidGraph") or isinstance(exc, (ValueError, TypeError)):
+    if name in _ORT_CALLER_STATUS or isinstance(exc, (ValueError, TypeError)):
+        return "INVALID_ARGUMENT"
+    if name in _ORT_GENERIC_STATUS and _is_shape_complaint(text):
         return "INVALID_ARGUMENT"
     return "INTERNAL"
+
+
+def _is_shape_complaint(text: str) -> bool:
+    if _NODE_FAILURE not in text:
+        return False
+    complaint = text.rpartition("Status Message:")[2].lower()  # the innermost node's (If/Loop nest them)
+    return any(phrase in complaint for phrase in _SHAPE_COMPLAINTS)
+
+
+def task_error(exc: BaseException, inputs: list[dict[str, Any]], dynamic_inputs: frozenset[str]) -> dict[str, str]:
+    """The wire error {code, message} for a task whose run raised `exc`; `inputs` are the request's
+    specs (name, shape). When a node of the graph refused the inputs, the message says which inputs
+    (those with a dynamic dimension: the others have the metadata's shape, already checked) and their
+    shapes, then what onnxruntime said, so the caller can see what to change."""
+    code = error_code_for(exc)
+    message = f"{type(exc).__name__}: {str(exc).strip()}"
+    if code == "INVALID_ARGUMENT" and _NODE_FAILURE in message and inputs:
+        named = [spec for spec in inputs if spec.get("name") in dynamic_inputs] or inputs
+        shapes = " and ".join(f"{spec.get('name')!r} {list(spec.get('shape') or [])}" for spec in named)
+        if len(named) == 1:
+            message = f"input {shapes}: the model's graph cannot take this shape; onnxruntime said: {message}"
+        else:
+            message = f"inputs {shapes}: the model's graph cannot take these shapes together; onnxruntime said: {message}"
+    return {"code": code, "message": message[:2000]}

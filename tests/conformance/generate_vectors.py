@@ -303,8 +303,9 @@ def infer_error_vectors(v: Vectors) -> None:
     v.infer_error("timeout_bool", "`timeout_ms` true.", "INVALID_ARGUMENT", [x1], **tiny_fields(timeout_ms=True))
     v.infer_error("priority_not_integer", "`priority` must be an integer.", "INVALID_ARGUMENT", [x1], **tiny_fields(priority="high"))
     v.infer_error("model_fails_at_run_time", "ocr_det with H=W=40 passes every check but fails inside the model (H and W must be multiples "
-                  "of 32). The worker's error arrives with timing; onnxruntime reports it as FAIL, which maps to INTERNAL.",
-                  "INTERNAL", [fp32([1, 3, 40, 40])], model="ocr_det", inputs=[spec("x", "FP32", [1, 3, 40, 40])])
+                  "of 32). The worker's error arrives with timing; onnxruntime reports it as FAIL with a kernel's shape complaint, "
+                  "which is the caller's mistake: INVALID_ARGUMENT (PROTOCOL.md 8.3).",
+                  "INVALID_ARGUMENT", [fp32([1, 3, 40, 40])], model="ocr_det", inputs=[spec("x", "FP32", [1, 3, 40, 40])])
 
 
 def admin_vectors(v: Vectors) -> None:

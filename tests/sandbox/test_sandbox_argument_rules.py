@@ -21,6 +21,8 @@ import pytest
 from openinfer.sandbox.libc import libc, prctl, raw_syscall
 from sandbox_child import ChildOutcome, errno_name, run_in_child
 
+pytestmark = pytest.mark.live
+
 PR_SET_NAME, PR_SET_DUMPABLE = 15, 4
 F_SETOWN = 8
 TIOCSTI = 0x5412

@@ -1,7 +1,11 @@
 """Turning kernel seccomp audit records back into syscall names (the audit-policy workflow)."""
 from __future__ import annotations
 
+import pytest
+
 from openinfer.sandbox.audit_log import SeccompEvent, parse_audit_line, summarize
+
+pytestmark = pytest.mark.unit
 
 KILL = ('audit: type=1326 audit(1795337862.758:46): auid=4294967295 uid=0 gid=0 ses=4294967295 pid=11707 comm="python" '
         'exe="/usr/bin/python3.11" sig=31 arch=c000003e syscall=41 compat=0 ip=0x7f621b928dc7 code=0x80000000')

@@ -19,6 +19,8 @@ from openinfer.sandbox.libc import prctl
 from openinfer.sandbox.process_flags import PR_GET_DUMPABLE
 from sandbox_child import ChildOutcome, errno_name, run_in_child
 
+pytestmark = pytest.mark.live
+
 MiB = 1024 * 1024
 
 

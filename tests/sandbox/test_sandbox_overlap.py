@@ -1,11 +1,14 @@
 """The loader's "can these two rules match the same call?" check must never call overlapping rules disjoint."""
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from openinfer.sandbox import ArgCondition, ComparisonOp, RuntimeConstant
 from openinfer.sandbox.overlap import conditions_disjoint, holds, rules_disjoint
+
+pytestmark = pytest.mark.unit
 
 U64 = (1 << 64) - 1
 interesting = st.sampled_from([0, 1, 2, 4, 0x10000, U64 - 1, U64]) | st.integers(0, 16) | st.integers(0, U64)

@@ -13,6 +13,8 @@ from openinfer.sandbox import Action, ActionKind, PolicyError, RuntimeConstant, 
 from openinfer.sandbox.constants import NAMED_CONSTANTS
 from openinfer.sandbox.seccomp_filter import filter_pseudocode, runtime_values
 
+pytestmark = pytest.mark.unit
+
 WritePolicy = Callable[..., Path]
 
 HEADER = '[policy]\ndefault_action = "kill_process"\n'

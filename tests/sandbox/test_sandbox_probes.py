@@ -9,6 +9,8 @@ import pytest
 from openinfer.sandbox import PolicyError
 from openinfer.sandbox.probes import ALLOWED, ProbeResult, all_blocked, probe_names, run_probes
 
+pytestmark = pytest.mark.live
+
 # How the worker policy stops each attempt: soft denials where callers must keep working, death otherwise.
 WORKER_EXPECTED = {
     "network_socket": "SIGSYS",  # the channel is inherited: no socket is ever made

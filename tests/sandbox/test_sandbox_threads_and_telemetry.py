@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.live
+
 THREADED_SCRIPT = r"""
 import os, sys, threading
 import numpy as np

@@ -17,6 +17,8 @@ import pytest
 from sandbox_driver import WorkerDied, WorkloadProcess
 from sandbox_model import expected_outputs
 
+pytestmark = pytest.mark.live
+
 MiB = 1024 * 1024
 
 
