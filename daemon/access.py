@@ -40,9 +40,12 @@ class Grant:
     gids: frozenset[int] = frozenset()
     groups: frozenset[str] = frozenset()
     curve_keys: frozenset[str] = frozenset()
+    anonymous: bool = False  # peers with no identity at all: plain tcp:// (only with --insecure-tcp)
 
     def matches_peer(self, peer: Peer, peer_groups: frozenset[str]) -> bool:
         if self.local and peer.local:
+            return True
+        if self.anonymous and peer.uid is None and peer.curve_key is None:
             return True
         if peer.uid is not None and peer.uid in self.uids:
             return True
@@ -58,7 +61,7 @@ class Grant:
         return model is None or any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
 
-_GRANT_KEYS = {"name", "operations", "models", "local", "uids", "gids", "groups", "curve_keys"}
+_GRANT_KEYS = {"name", "operations", "models", "local", "uids", "gids", "groups", "curve_keys", "anonymous"}
 
 
 def _parse_grant(where: str, raw: Any) -> Grant:
@@ -79,6 +82,7 @@ def _parse_grant(where: str, raw: Any) -> Grant:
         gids=frozenset(int(g) for g in raw.get("gids", [])),
         groups=frozenset(str(g) for g in raw.get("groups", [])),
         curve_keys=frozenset(str(k) for k in raw.get("curve_keys", [])),
+        anonymous=bool(raw.get("anonymous", False)),
     )
 
 

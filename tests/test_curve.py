@@ -114,3 +114,21 @@ def test_plain_tcp_is_refused_without_the_insecure_flag(daemon_factory: Any, tmp
     assert daemon.process.wait(30) == 1
     assert "needs CURVE keys" in daemon.log_text()
     shutil.rmtree(repo, ignore_errors=True)
+
+
+def test_insecure_tcp_serves_anonymous_peers_only_what_the_policy_grants_them(daemon_factory: Any, tmp_path: Path) -> None:
+    """Plain tcp:// peers have no identity: they match only `anonymous = true` grants (the shipped
+    policy gives them infer and the read operations, never stats, status or reload)."""
+    repo = world_readable_dir("oi-insecure-")
+    onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
+    for path in repo.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    daemon = daemon_factory(repo, "--insecure-tcp", address=address)
+    with Client(address, timeout=10) as client:
+        assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+        with pytest.raises(OpenInferError) as denied:
+            client.stats()
+        assert denied.value.code == "PERMISSION_DENIED"
+    shutil.rmtree(repo, ignore_errors=True)
+    assert daemon.process.poll() is None

@@ -156,6 +156,7 @@ def messages(door: Door) -> list[list[bytes]]:
 
 
 # -- libzmq's own client -------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_libzmq_dealer_talks_through_the_handshake_both_ways(door: Door, libzmq: Libzmq) -> None:
     public, secret = zmq.curve_keypair()
     dealer = libzmq.socket(door, keypair=(public, secret))
@@ -178,6 +179,7 @@ def test_libzmq_dealer_talks_through_the_handshake_both_ways(door: Door, libzmq:
         assert dealer.poll(5000) and dealer.recv() == b"ok %d" % index
 
 
+@pytest.mark.unit
 def test_libzmq_req_gets_its_delimiter_back(door: Door, libzmq: Libzmq) -> None:
     req = libzmq.socket(door, kind=zmq.REQ)
     req.send(b"question")
@@ -189,6 +191,7 @@ def test_libzmq_req_gets_its_delimiter_back(door: Door, libzmq: Libzmq) -> None:
     assert req.poll(5000) and req.recv() == b"answer"
 
 
+@pytest.mark.unit
 def test_libzmq_client_with_an_unknown_key_gets_error_400_and_nothing_else(libzmq: Libzmq) -> None:
     door = Door(authorize=lambda key: "400")
     try:
@@ -205,6 +208,7 @@ def test_libzmq_client_with_an_unknown_key_gets_error_400_and_nothing_else(libzm
         door.close()
 
 
+@pytest.mark.unit
 def test_libzmq_client_that_has_the_wrong_server_key_is_cut_at_hello(door: Door, libzmq: Libzmq) -> None:
     libzmq.socket(door, server_key=zmq.curve_keypair()[0]).send(b"x")
     door.pump(until=lambda: False, timeout=2)
@@ -212,6 +216,7 @@ def test_libzmq_client_that_has_the_wrong_server_key_is_cut_at_hello(door: Door,
     assert door.keys_seen == []
 
 
+@pytest.mark.unit
 def test_libzmq_null_client_on_a_curve_endpoint_is_refused(door: Door, libzmq: Libzmq) -> None:
     plain = libzmq.socket(door, server_key=None)
     plain.send(b"hello?")
@@ -221,6 +226,7 @@ def test_libzmq_null_client_on_a_curve_endpoint_is_refused(door: Door, libzmq: L
     assert door.events == [] and not plain.poll(100)
 
 
+@pytest.mark.unit
 def test_libzmq_frames_over_the_limits_are_reported_and_skipped_to_the_message_end(libzmq: Libzmq) -> None:
     door = Door(limits=Limits(frames=3, first_frame=1024, message_bytes=64 * 1024))
     try:
@@ -242,6 +248,7 @@ def test_libzmq_frames_over_the_limits_are_reported_and_skipped_to_the_message_e
         door.close()
 
 
+@pytest.mark.unit
 def test_libzmq_frame_count_limit_holds_for_sealed_frames(libzmq: Libzmq) -> None:
     door = Door(limits=Limits(frames=3, first_frame=1024, message_bytes=64 * 1024))
     try:
@@ -387,6 +394,7 @@ def assert_cut(door: Door, client: Handmade, says: str) -> None:
     assert nothing_more(client.sock), "the server sent something before closing"
 
 
+@pytest.mark.unit
 def test_handmade_client_completes_the_handshake_and_is_answered(door: Door, client: Handmade) -> None:
     ready = client.handshake()
     assert ready == {b"socket-type": b"ROUTER"}
@@ -629,6 +637,7 @@ def test_a_skipped_frame_still_needs_a_growing_nonce() -> None:
         door.close()
 
 
+@pytest.mark.unit
 def test_a_sealed_ping_is_answered_with_a_sealed_pong(door: Door, client: Handmade) -> None:
     client.handshake()
     client.send(client.message(b"\x04PING\x00\x0acontext", flags=0x02))
@@ -636,6 +645,7 @@ def test_a_sealed_ping_is_answered_with_a_sealed_pong(door: Door, client: Handma
     assert door.events == []
 
 
+@pytest.mark.unit
 def test_a_hello_in_the_greetings_segment_is_answered_at_once(door: Door, client: Handmade) -> None:
     """A greeting and the first handshake command in one segment: the command is answered at once, not
     left in the buffer until more bytes come (CURVE's WELCOME depends on it)."""
@@ -648,6 +658,7 @@ def test_a_hello_in_the_greetings_segment_is_answered_at_once(door: Door, client
 
 
 # -- the server's key files ----------------------------------------------------------------------------
+@pytest.mark.unit
 def test_server_keys_load_from_keygen_files(tmp_path: Path) -> None:
     secret = tmp_path / "server.key"
     secret.write_text(SERVER_SECRET_Z85.decode() + "\n")
@@ -667,6 +678,7 @@ def test_server_keys_load_from_keygen_files(tmp_path: Path) -> None:
         (SERVER_SECRET_Z85.decode(), zmq.curve_keypair()[0].decode(), "server.key.pub"),  # another pair's public key
     ],
 )
+@pytest.mark.unit
 def test_unusable_key_files_are_config_errors_naming_the_file(tmp_path: Path, secret_text: str | None, public_text: str | None, names: str) -> None:
     secret = tmp_path / "server.key"
     if secret_text is not None:

@@ -12,6 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_builders
 from openinfer.daemon.worker.external_refs import MAX_DEPTH, ExternalRef, MalformedModel, external_refs
 
+pytestmark = pytest.mark.unit
+
 
 def ref(name: str) -> TensorProto:
     return onnx_builders.external_reference(name, f"{name}.bin", 4)

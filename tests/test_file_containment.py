@@ -17,6 +17,8 @@ from openinfer.daemon.private_dir import UnsafeDirectory, open_private_dir
 from openinfer.daemon.worker.external_data import ExternalDataError, check_prepared_refs, map_external_files
 from openinfer.daemon.worker.external_refs import ExternalRef
 
+pytestmark = pytest.mark.unit
+
 USER = "user tester (uid 1)"
 
 

@@ -35,6 +35,7 @@ def store(tmp_path: Path) -> PreparedStore:
     return PreparedStore(tmp_path / "cache", worker_uid=None)
 
 
+@pytest.mark.unit
 def test_a_well_formed_directory_is_renamed_under_the_supervisors_key(store: PreparedStore) -> None:
     tmp = store.new_tmp_dir()
     write_prepared(tmp)
@@ -64,6 +65,7 @@ CRAFTED: dict[str, tuple[Callable[[Path], None], str]] = {
 
 
 @pytest.mark.parametrize("case", CRAFTED)
+@pytest.mark.unit
 def test_anything_else_is_refused_and_removed(store: PreparedStore, case: str) -> None:
     tmp = store.new_tmp_dir()
     write_prepared(tmp)
@@ -74,6 +76,7 @@ def test_anything_else_is_refused_and_removed(store: PreparedStore, case: str) -
     assert not tmp.exists() and not (store.base / KEY).exists()
 
 
+@pytest.mark.unit
 def test_a_symlinks_target_is_never_touched(store: PreparedStore, tmp_path: Path) -> None:
     target = tmp_path / "someone-elses"
     target.write_bytes(b"x")
@@ -86,6 +89,7 @@ def test_a_symlinks_target_is_never_touched(store: PreparedStore, tmp_path: Path
     assert target.stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.unit
 def test_only_its_own_temporary_directories_are_finalized(store: PreparedStore, tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         store.finalize(store.base / ".." / "x", KEY, EXPECTED)
@@ -93,6 +97,7 @@ def test_only_its_own_temporary_directories_are_finalized(store: PreparedStore, 
         store.finalize(tmp_path / ".tmp-x", KEY, EXPECTED)
 
 
+@pytest.mark.unit
 def test_offloop_results_and_errors_come_back_on_collect() -> None:
     runner = OffLoopRunner()
     got: list[object] = []
@@ -107,6 +112,7 @@ def test_offloop_results_and_errors_come_back_on_collect() -> None:
     assert got[0] == 42 and isinstance(got[1], ZeroDivisionError)
 
 
+@pytest.mark.live
 def test_the_supervisors_side_imports_neither_onnxruntime_nor_onnx() -> None:
     """It computes keys and checks prepared directories without them (a fresh interpreter: this one has
     imported onnxruntime for other tests)."""

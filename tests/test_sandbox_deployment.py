@@ -16,6 +16,8 @@ import pytest
 import onnx_builders
 from daemon_harness import world_readable_dir
 
+pytestmark = pytest.mark.live
+
 CHECKS = {"runtime_dir", "cache_dir", "socket", "repository", "repository_symlinks", "repository_files", "repository_readable"}
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="ownership and the worker user's rights need root")
 

@@ -8,6 +8,8 @@ import pytest
 
 from openinfer.wire.zmtp import COMMAND, FrameStream, Limits, ProtocolError, encode_properties, frame_header, greeting
 
+pytestmark = pytest.mark.unit
+
 READY = b"\x05READY" + encode_properties({b"Socket-Type": b"DEALER"})
 
 

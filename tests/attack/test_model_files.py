@@ -186,7 +186,9 @@ def test_no_landlock_view_holds_the_repository_the_cache_or_another_model(daemon
         for path in base.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)
         daemon = daemon_factory(repo, env={"OPENINFER_POOL_SHARE_MIN_BYTES": "0", "OPENINFER_SERVER_CACHE_DIR": str(cache)}, cwd=base, timeout=180)
-        views = [r["read_only"] for r in map(json.loads, daemon.log_text().splitlines()) if r.get("msg") == "Landlock applied"]
+        # Workers' own log lines reach the daemon's log nested under "record" (tagged with the worker).
+        records = [r.get("record", r) for r in map(json.loads, daemon.log_text().splitlines())]
+        views = [r["read_only"] for r in records if r.get("msg") == "Landlock applied"]
         assert len(views) >= 4, views  # two helpers, two workers
         for view in views:
             own = [p for p in view if p.startswith(f"{repo}/")]
