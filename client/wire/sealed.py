@@ -141,6 +141,7 @@ class SealedFrameStream(FrameStream):
             take = min(self._skip_left, end - pos)
             pos += take
             self._skip_left -= take
+            self._skipped(take)
             if not self._skip_left and not self._skip_flags & MORE:
                 self._skip = False
         while pos < end:
@@ -172,6 +173,7 @@ class SealedFrameStream(FrameStream):
                 more = self.mechanism.skip(bytes(buf[start : start + overhead]))
                 take = min(size, end - start)
                 pos = start + take
+                self._skipped(take)
                 if take < size:
                     self._skip_left, self._skip_flags = size - take, more
                     break

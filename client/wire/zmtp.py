@@ -135,6 +135,7 @@ class Limits:
     frames: int = 257
     first_frame: int = 64 * 1024
     message_bytes: int = 64 * 1024 * 1024 + 64 * 1024
+    skip_bytes: int = 1 << 30  # an oversized message skipped past this is a peer streaming without end: cut
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ class FrameStream:
 
     __slots__ = (
         "sock", "limits", "out_bytes", "in_bytes", "_out", "_buf", "_pos", "_frames", "_msg_bytes", "_skip",
-        "_big", "_big_filled", "_big_flags", "_skip_left", "_skip_flags", "_state", "socket_type", "peer_socket_type",
+        "_big", "_big_filled", "_big_flags", "_skip_left", "_skip_flags", "skipped_bytes", "_state", "socket_type", "peer_socket_type",
         "peer_properties", "_accept_types", "messages_in", "bytes_in", "closed",
     )
 
@@ -191,6 +192,7 @@ class FrameStream:
         self._skip = False  # discarding the rest of an oversized message
         self._skip_left = 0  # bytes of the current oversized frame still to drop
         self._skip_flags = 0
+        self.skipped_bytes = 0  # of the oversized message being skipped
         self._big: bytearray | None = None  # a large frame being received straight into its buffer
         self._big_filled = 0
         self._big_flags = 0
@@ -271,6 +273,7 @@ class FrameStream:
             take = min(self._skip_left, end - pos)
             pos += take
             self._skip_left -= take
+            self._skipped(take)
             if not self._skip_left and not self._skip_flags & MORE:
                 self._skip = False
         while pos < end:
@@ -306,6 +309,7 @@ class FrameStream:
             if self._skip:  # consume without storing
                 take = min(size, end - start)
                 pos = start + take
+                self._skipped(take)
                 if take < size:
                     self._skip_left, self._skip_flags = size - take, flags
                     break
@@ -336,6 +340,13 @@ class FrameStream:
         else:
             self._pos = pos
 
+    def _skipped(self, count: int) -> None:
+        """Bytes of an oversized message dropped: bounded, so that a peer streaming one endless message
+        (every frame flagged MORE) is cut, not read forever."""
+        self.skipped_bytes += count
+        if self.skipped_bytes > self.limits.skip_bytes:
+            raise ProtocolError(f"an oversized message went on past {self.limits.skip_bytes} bytes")
+
     def _over_limit(self, size: int, events: list[Event]) -> bool:
         """Check the frame about to be received against the limits; report an Oversized if it breaks one."""
         limits = self.limits
@@ -351,6 +362,7 @@ class FrameStream:
         if not reason:
             return False
         events.append(Oversized([bytes(f) for f in frames], reason, limit, seen))
+        self.skipped_bytes = self._msg_bytes
         self._frames = []
         self._msg_bytes = 0
         return True
