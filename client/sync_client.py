@@ -1,13 +1,14 @@
 """Blocking client.
 
-A `Client` owns one ZeroMQ DEALER socket. Calls on one `Client` are serialised by a lock, so sharing it
-between threads is safe but not concurrent; for parallel requests give each thread its own `Client`
-(cheap) or use `AsyncClient`, which multiplexes many in-flight requests over one socket.
+A `Client` holds one ZeroMQ DEALER socket to the front door (the daemon's socket: every operation, and
+the fallback for `infer`) and, on ipc://, direct connections to the workers of the models it uses
+(docs/PROTOCOL.md section 17): `infer` goes to a worker in one hop under a lease the front door issued.
+Calls on one `Client` are serialised by a lock, so sharing it between threads is safe but not
+concurrent; for parallel requests give each thread its own `Client` or use `AsyncClient`.
 """
 from __future__ import annotations
 
-import itertools
-import os
+import select
 import threading
 import time
 from typing import Any, Mapping, Sequence
@@ -15,13 +16,17 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import zmq
 
-from openinfer.wire.errors import DeadlineExceeded, Unavailable, error_from_wire
-from openinfer.wire.protocol import encode_infer_request, encode_op_request, resolve_address, retry_pause, unpack
-from .result import InferResult, result_from_reply
+from openinfer.wire.errors import OpenInferError, Unavailable, error_from_wire
+from openinfer.wire.protocol import retry_pause, unpack
 from openinfer.wire.tensors import BF16Array
+from openinfer.wire.zmtp import PeerClosed
+
+from .core import DEFAULT_TIMEOUT_S, ClientCore
+from .direct import DirectLink, Lease, NoDirectPath, attach_frames, check_request_size, connect, lease_expired, read_replies
+from .result import InferResult, result_from_reply
 from .socket_setup import configure_client_socket
 
-DEFAULT_TIMEOUT_S = 30.0
+__all__ = ["Client", "DEFAULT_TIMEOUT_S"]
 
 
 class Client:
@@ -34,19 +39,18 @@ class Client:
         curve_server_key: bytes | None = None,
         curve_keypair: tuple[bytes, bytes] | None = None,
         retries: int = 0,
+        direct: bool = True,
     ) -> None:
-        self.address = resolve_address(address)
-        # Retry policy: only UNAVAILABLE (daemon unreachable, draining, model not serving) is retried, with
-        # exponential backoff from 50 ms, within the call's timeout. A request that failed with
-        # WORKER_CRASHED is never retried: a poison input would kill the next worker too.
-        self.retries = retries
+        """`direct=False` sends every request through the front door (the v1 path)."""
+        self._core = core = ClientCore(address, timeout, client_name, retries, direct, curve_server_key is not None)
+        self.address = core.address
         self.timeout = timeout
         self.client_name = client_name
+        self.retries = retries
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.DEALER)
         configure_client_socket(self._socket, curve_server_key=curve_server_key, curve_keypair=curve_keypair)
         self._socket.connect(self.address)
-        self._ids = itertools.count(int.from_bytes(os.urandom(4), "little") << 16)
         self._lock = threading.Lock()
 
     # -- public API -------------------------------------------------------------------------------
@@ -60,29 +64,28 @@ class Client:
         timeout: float | None = None,
         priority: int | None = None,
     ) -> InferResult:
+        core = self._core
         budget = self.timeout if timeout is None else timeout
-        request_id = next(self._ids)
-        frames = encode_infer_request(
-            request_id,
-            model,
-            inputs,
-            version=version,
-            outputs=outputs,
-            timeout_ms=max(1, int(budget * 1000)),
-            client_name=self.client_name,
-            priority=priority,
-        )
+        request_id = core.next_id()
+        frames = core.infer_frames(request_id, model, inputs, version, outputs, budget, priority)
         started = time.perf_counter_ns()
         deadline = time.monotonic() + budget
-        for attempt in range(self.retries + 1):
-            try:
-                header, reply = self._round_trip(request_id, frames, max(0.001, deadline - time.monotonic()))
-                return result_from_reply(header, reply, (time.perf_counter_ns() - started) / 1000.0)
-            except Unavailable:
-                pause = retry_pause(attempt, self.retries, deadline, time.monotonic())
-                if pause is None:
-                    raise
-                time.sleep(pause)
+        with self._lock:
+            if core.direct:
+                try:
+                    header, reply = self._direct_round_trip(model, version, request_id, frames, budget)
+                    return result_from_reply(header, reply, (time.perf_counter_ns() - started) / 1000.0)
+                except NoDirectPath:
+                    pass  # the front door serves it
+            for attempt in range(self.retries + 1):
+                try:
+                    header, reply = self._round_trip(request_id, frames, max(0.001, deadline - time.monotonic()))
+                    return result_from_reply(header, reply, (time.perf_counter_ns() - started) / 1000.0)
+                except Unavailable:
+                    pause = retry_pause(attempt, self.retries, deadline, time.monotonic())
+                    if pause is None:
+                        raise
+                    time.sleep(pause)
         raise AssertionError("unreachable")
 
     def models(self) -> list[dict[str, Any]]:
@@ -104,6 +107,7 @@ class Client:
         return self._call("reload")
 
     def close(self) -> None:
+        self._core.close_links()
         self._socket.close(linger=0)
         self._context.term()
 
@@ -113,30 +117,29 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- plumbing ---------------------------------------------------------------------------------
+    # -- the front door ---------------------------------------------------------------------------
     def _call(self, op: str, **fields: Any) -> dict[str, Any]:
-        request_id = next(self._ids)
-        if self.client_name:
-            fields["client"] = self.client_name
-        header, _ = self._round_trip(request_id, encode_op_request(request_id, op, **fields), self.timeout)
-        if "error" in header:
-            raise error_from_wire(header["error"])
-        return header.get("result") or {}
+        with self._lock:
+            return self._call_locked(op, fields)
+
+    def _call_locked(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+        request_id = self._core.next_id()
+        header, _ = self._round_trip(request_id, self._core.op_frames(request_id, op, fields), self.timeout)
+        return self._core.op_result(header)
 
     def _round_trip(self, request_id: int, frames: list[Any], timeout: float) -> tuple[dict[str, Any], list[Any]]:
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            self._send(frames, deadline)
-            while True:
-                remaining_ms = int((deadline - time.monotonic()) * 1000)
-                if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
-                    self._send_cancel(request_id)
-                    raise DeadlineExceeded(f"no reply from {self.address} within {timeout:.3g} s")
-                reply = self._socket.recv_multipart(copy=False)
-                header = unpack(reply[0].buffer)
-                if isinstance(header, dict) and header.get("id") == request_id:
-                    return header, reply
-                # A late reply to a request we already gave up on: drop it.
+        deadline = time.monotonic() + self._core.wait_s(timeout)
+        self._send(frames, time.monotonic() + timeout)
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
+                self._send_cancel(request_id)
+                raise self._core.timed_out(timeout)
+            reply = self._socket.recv_multipart(copy=False)
+            header = unpack(reply[0].buffer)
+            if isinstance(header, dict) and header.get("id") == request_id:
+                return header, reply
+            # A late reply to a request we already gave up on: drop it.
 
     def _send(self, frames: list[Any], deadline: float) -> None:
         # IMMEDIATE=1 makes send fail (EAGAIN) while no daemon is connected, so a down daemon is reported
@@ -152,6 +155,94 @@ class Client:
 
     def _send_cancel(self, request_id: int) -> None:
         try:
-            self._socket.send_multipart(encode_op_request(next(self._ids), "cancel", target=request_id), flags=zmq.NOBLOCK)
+            self._socket.send_multipart(self._core.op_frames(self._core.next_id(), "cancel", {"target": request_id}), flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # best effort: the daemon also drops the task when its own timeout passes
+
+    # -- the direct path --------------------------------------------------------------------------
+    def _direct_round_trip(self, model: str, version: int | None, request_id: int, frames: list[Any], budget: float) -> tuple[dict[str, Any], list[Any]]:
+        core = self._core
+        deadline = time.monotonic() + budget
+        for _ in range(2):  # a lease revoked under us (a reload) is renewed once
+            lease = self._lease(model, version, deadline)
+            check_request_size(frames, lease)
+            link = self._link(lease, deadline)
+            header, reply = self._exchange(link, request_id, frames, budget, deadline)
+            if not lease_expired(header):
+                return header, reply
+            core.leases.pop((model, version), None)
+        raise NoDirectPath("the lease kept expiring")
+
+    def _lease(self, model: str, version: int | None, deadline: float) -> Lease:
+        core = self._core
+        key = (model, version)
+        lease = core.leases.get(key)
+        now = time.monotonic_ns()
+        if lease is not None and lease.fresh(now):
+            return lease
+        fields: dict[str, Any] = {"model": model} if version is None else {"model": model, "version": version}
+        try:
+            result = self._call_locked("lease", fields)
+        except OpenInferError as exc:
+            core.lease_refused(exc)
+        return core.lease_taken(key, result, now)
+
+    def _link(self, lease: Lease, deadline: float) -> DirectLink:
+        core = self._core
+        core.forget_drained()
+        address = core.pick_address(lease)
+        if address is None:
+            core.leases.pop((lease.model, lease.version), None)
+            raise NoDirectPath("every worker of the lease is retiring")
+        link = core.links.get(address)
+        if link is None:
+            link = core.links[address] = connect(address, max(0.001, deadline - time.monotonic()))
+        if link.attached_ns != lease.expires_ns:
+            request_id = core.next_id()
+            header, _ = self._exchange(link, request_id, attach_frames(request_id, lease), max(0.001, deadline - time.monotonic()), deadline)
+            if "error" in header:
+                if lease_expired(header):
+                    core.leases.pop((lease.model, lease.version), None)
+                    raise NoDirectPath("the lease was refused as expired")
+                raise error_from_wire(header["error"])
+            link.attached_ns = lease.expires_ns
+        return link
+
+    def _exchange(self, link: DirectLink, request_id: int, frames: list[Any], budget: float, deadline: float) -> tuple[dict[str, Any], list[Any]]:
+        """Send on a worker's connection and wait for this request's reply."""
+        core = self._core
+        pending = core.register(link, request_id, deadline)
+        give_up = time.monotonic() + core.wait_s(budget)
+        stream = link.stream
+        sock = stream.sock
+        try:
+            stream.send(frames)
+            while pending.reply is None and pending.error is None:
+                remaining = give_up - time.monotonic()
+                if remaining <= 0:
+                    self._direct_cancel(link, request_id)
+                    raise core.timed_out(budget)
+                if stream.out_bytes:
+                    select.select([sock], [sock], [], remaining)
+                    stream.flush()
+                elif not select.select([sock], [], [], remaining)[0]:
+                    continue
+                for header, reply in read_replies(link):
+                    waiting = link.pending.get(header.get("id"))  # type: ignore[arg-type]
+                    if waiting is not None:
+                        waiting.reply = (header, reply)
+        except PeerClosed:
+            core.link_lost(link)
+        finally:
+            link.pending.pop(request_id, None)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.reply is not None
+        return pending.reply
+
+    def _direct_cancel(self, link: DirectLink, request_id: int) -> None:
+        try:
+            link.stream.send(self._core.op_frames(self._core.next_id(), "cancel", {"target": request_id}))
+        except (PeerClosed, OSError):
+            pass
+

@@ -13,6 +13,7 @@ import signal
 import sys
 import sysconfig
 import time
+from dataclasses import replace
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -33,6 +34,7 @@ from .worker_output import StderrRelay
 from .workers import WorkerHandle, WorkerState
 
 if TYPE_CHECKING:
+    from .direct_path import DirectPath
     from .preparation import WeightPreparer
 
 log = logging.getLogger("openinfer.supervisor")
@@ -100,6 +102,7 @@ class WorkerPool:
         self.workers: dict[int, WorkerHandle] = {}  # by worker id
         self.by_pidfd: dict[int, WorkerHandle] = {}
         self.preparer: "WeightPreparer | None" = None  # set by the supervisor once the store exists
+        self.direct: "DirectPath | None" = None  # set by the supervisor once its listener is bound
         self._next_id = 1
         self.shutting_down = False
         self._uid_gid = self._resolve_worker_user()
@@ -157,10 +160,24 @@ class WorkerPool:
     def spawn(self, model: ServedModel) -> WorkerHandle:
         worker_id = self._next_id
         self._next_id += 1
-        spawned = spawn_worker(self.boot_config(model, worker_id))
+        config = self.boot_config(model, worker_id)
+        endpoint = self.direct.prepare(worker_id, model) if self.direct is not None else None
+        if endpoint is None:
+            spawned = spawn_worker(config)
+        else:
+            direct_config, listener, page, _ = endpoint
+            try:
+                spawned = spawn_worker(replace(config, direct=direct_config), direct_fds=(listener.fileno(), page.fd))
+            except BaseException:
+                page.close()
+                raise
+            finally:
+                listener.close()  # the worker holds it now
         assert spawned.channel is not None
         channel = FrameStream(spawned.channel, channel_limits(self.settings))
         worker = WorkerHandle(worker_id=worker_id, model=model, spawned=spawned, channel=channel)
+        if endpoint is not None:
+            worker.page, worker.direct_address = endpoint[2], endpoint[3]
         model.workers.append(worker)
         self.workers[worker_id] = worker
         self.by_pidfd[spawned.pidfd] = worker
@@ -242,7 +259,7 @@ class WorkerPool:
         if hello.warmup_error:
             log.warning("warm-up failed; first request pays the first-run cost", extra={"model": model.name, "reason": hello.warmup_error})
         worker.transition(WorkerState.LOADED)
-        self.send(worker, [messages.ACK])
+        self.send(worker, [messages.ACK, self.direct.key] if self.direct is not None and worker.direct_address else [messages.ACK])
 
     def on_ready(self, worker: WorkerHandle, sandbox: dict) -> None:  # type: ignore[type-arg]
         worker.sandbox = sandbox
@@ -270,6 +287,8 @@ class WorkerPool:
         if worker.stderr is not None:
             worker.stderr.pump(final=True)
         self._close_channel(worker)
+        if self.direct is not None:
+            self.direct.forget(worker)
         status = worker.spawned.process.returncode
         boot_error = worker.spawned.read_status()
         worker.spawned.close()

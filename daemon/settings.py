@@ -61,6 +61,7 @@ class ServerSettings:
     max_connection_buffers_bytes: int = _opt(0, "Bytes held for all client connections together (unfinished requests in, unread replies out); over it, the connections holding the most are cut, idle or not. 0 = half the supervisor's memory limit.")
     max_worker_message_bytes: int = _opt(1024 * 1024 * 1024, "Largest message a worker may send the supervisor (one batch's outputs); a worker that sends more is retired.")
     max_supervisor_rss_mb: int = _opt(0, "Above this resident memory the supervisor cuts the client connections holding the most buffered bytes, idle or not. 0 = max_queued_bytes + 4 x max_request_bytes + 256 MiB.")
+    lease_ttl_s: float = _opt(5.0, "How long a lease for the direct path lasts (docs/PROTOCOL.md section 17): the longest a client whose access was revoked can still use it. Every reload also revokes every lease at once.")
     starvation_ms: int = _opt(1000, "A queued request waiting longer than this is served before higher priorities (aging).")
     curve_secret_key_file: str = _opt("", "tcp:// with CURVE: file holding the server's Z85 secret key (40 characters; `openinfer keygen`). Public key: the same path + .pub", KEY_FILE, reload=RESTART)
     insecure_tcp: bool = _opt(False, "Allow tcp:// without CURVE. Logged loudly; never on a shared network.", reload=RESTART)
@@ -77,6 +78,8 @@ class PoolSettings:
     share_min_bytes: int = _opt(8 * 1024 * 1024, "Models smaller than this are loaded privately by each worker (sharing saves little).", reload=NEW_WORKERS)
     ping_interval_s: float = _opt(2.0, "How often idle workers are pinged (liveness).")
     ping_grace_s: float = _opt(5.0, "An idle worker that has not answered a ping this long is killed and replaced.")
+    direct: bool = _opt(False, "Give each worker its own endpoint beside the socket (ipc:// only), so that clients holding a lease send infer to it in one hop instead of through the supervisor.", reload=NEW_WORKERS)
+    worker_spin_us: int = _opt(50, "While requests keep arriving on its endpoint, a worker looks for the next one this long before it sleeps: a wake-up from sleep costs more than that on small VMs. 0 = never; an idle worker always sleeps.", reload=NEW_WORKERS)
     crash_loop_limit: int = _opt(5, "Consecutive crashes (without a successful task in between) before a model goes UNAVAILABLE.")
 
 

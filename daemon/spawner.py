@@ -29,6 +29,8 @@ WORKER_ENV_BASE: dict[str, str] = {
 # The descriptors a worker finds at fixed numbers (the spawner puts them there; nothing else is open).
 STATUS_FD = 3  # write end of the boot status pipe: one JSON line if boot fails (or the helper's report)
 CHANNEL_FD = 4  # the worker's end of its socketpair with the supervisor: no one else can connect to it
+DIRECT_FD = 5  # its listening socket for clients holding a lease (when it has a direct endpoint)
+DEADLINE_FD = 6  # the page where it says when its direct run must be done (deadline_page.py)
 
 
 @dataclass
@@ -72,7 +74,7 @@ class SpawnedProcess:
         return None if report is None or "error" not in report else str(report["error"])
 
 
-def spawn_worker(config: WorkerBootConfig, *, with_channel: bool = True) -> SpawnedProcess:
+def spawn_worker(config: WorkerBootConfig, *, with_channel: bool = True, direct_fds: tuple[int, int] | None = None) -> SpawnedProcess:
     """Start a worker (or the prepare helper, without a channel) with only the descriptors it needs.
 
     stderr is a pipe, not an inherited file: the worker's RLIMIT_FSIZE would turn every log write into
@@ -86,6 +88,8 @@ def spawn_worker(config: WorkerBootConfig, *, with_channel: bool = True) -> Spaw
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
         child_fds.append(theirs.fileno())
+    if direct_fds is not None:
+        child_fds.extend(direct_fds)  # fds 5 and 6 in the worker
     try:
         process = subprocess.Popen(
             [sys.executable, "-I", "-B", "-c", _SHIM, ",".join(map(str, child_fds)), config.to_json()],

@@ -26,8 +26,9 @@ from openinfer.wire.zmtp import Buffer, Event, Oversized
 
 from . import admin
 from .access import AccessPolicy
-from .accounting import Accountant
+from .accounting import Accountant, TallyRejected
 from .client_limits import ClientLimiter, load_client_policy
+from .direct_path import DirectPath
 from .dispatch import Dispatcher
 from .frontdoor.bind import bind_public
 from .frontdoor.connections import Connection, ConnectionTable, Route
@@ -88,6 +89,8 @@ class Supervisor:
         self.pool.runtime_dir = self.runtime_dir
         self.listener = bind_public(settings, resolve_address(settings.server.socket))
         self.connections = ConnectionTable(settings, self.reactor, self.timers, self.listener, self.access, self._on_client_event, self._on_connection_closed)
+        self.direct = DirectPath(settings, self.listener, self.timers, self.accountant)
+        self.pool.direct = self.direct
         self.sync = RepositorySync(settings, self.registry, self.pool, self._quit)
         self.replies = ReplySender(settings, self.connections, self.accountant, self.limiter)
         self.dispatcher = Dispatcher(settings, self.pool.send, self.timers, self.limiter, self.replies.fail, self._retire_worker)
@@ -153,6 +156,8 @@ class Supervisor:
         if by_class[RESTART]:
             log.warning("reload: these settings need a restart to take effect; the running values stay in force", extra={"keys": by_class[RESTART]})
         log.info("reload: settings and policies", extra={**result["settings"], "access_policy": access.source, "client_policy": client_policy.source})
+        self.direct.settings = new
+        self.direct.rotate_key(self.pool.all_workers(), self.pool.send)  # every lease is revoked: clients renew under the new policy
         result.update(self.sync.sync())
         return result
 
@@ -182,11 +187,11 @@ class Supervisor:
             self.dispatcher.arm_overdue_deadlines(now)
             self.timers.run_due()
             if self.exporter.due(now):
-                try:
-                    self._publish_metrics()
-                except Exception:
-                    log.exception("metrics snapshot failed; continuing")
-            if busy:
+                if self.direct.enabled:  # the workers' counts of direct requests first: a scrape is exact
+                    self.direct.flush(self.pool.all_workers(), self.pool.send, self._publish_metrics_safely)
+                else:
+                    self._publish_metrics_safely()
+            if busy or self.direct.enabled:
                 self._expire_running()
             self.connections.housekeeping(now)
             if self.sync.retiring:
@@ -202,6 +207,12 @@ class Supervisor:
                 handlers.dispatch([event])
             except Exception:  # a bug in one handler must not take the daemon (and every client) down
                 log.exception("internal error in the supervisor loop; continuing")
+
+    def _publish_metrics_safely(self) -> None:
+        try:
+            self._publish_metrics()
+        except Exception:
+            log.exception("metrics snapshot failed; continuing")
 
     def _publish_metrics(self) -> None:
         """When a scrape waits or the textfile is due, from the loop: the exporter's threads only ever
@@ -244,13 +255,16 @@ class Supervisor:
             if name:
                 client = f"{name}@{conn.identity}"
             model_name = header.get("model")
-            self.access.authorize(conn.peer, op, model_name if isinstance(model_name, str) else None)
+            # A lease is for infer (and cancel) on the model's workers: the infer grant covers it.
+            self.access.authorize(conn.peer, "infer" if op == "lease" else op, model_name if isinstance(model_name, str) else None)
             if op == "infer":
                 model = self._lookup_for_infer(header)
                 self._accept_infer(route, request_id, client, model, header, body, received_ns)  # type: ignore[arg-type]
+            elif op == "stats" and self.direct.enabled:
+                # Exact: the workers' counts of their direct requests come in first (a flush), then the reply.
+                self.direct.flush(self.pool.all_workers(), self.pool.send, lambda: self._reply_admin(route, request_id, op, header))  # type: ignore[arg-type]
             else:
-                self.replies.send(route, {"v": PROTOCOL_VERSION, "id": request_id, "result": self._admin(op, header, route)})
-                self.accountant.count_operation(op, None)
+                self._reply_admin(route, request_id, op, header)  # type: ignore[arg-type]
         except Exception as exc:  # every accepted request gets exactly one answer, even on a daemon bug
             if not isinstance(exc, OpenInferError):
                 log.exception("internal error while handling a request", extra={"client": client})
@@ -263,6 +277,16 @@ class Supervisor:
                 self.connections.strike(conn, exc.message)
             self.accountant.record(model.name if model else None, model.version if model else None, client, exc.code, timing)
             self.accountant.count_operation(op, exc.code)
+
+    def _reply_admin(self, route: Route, request_id: int, op: str, header: dict[str, Any]) -> None:
+        try:
+            result = self._admin(op, header, route)
+        except OpenInferError as exc:
+            self.replies.error(route, request_id, exc)
+            self.accountant.count_operation(op, exc.code)
+            return
+        self.replies.send(route, {"v": PROTOCOL_VERSION, "id": request_id, "result": result})
+        self.accountant.count_operation(op, None)
 
     def _on_oversized(self, conn: Connection, event: Oversized, received_ns: int) -> None:
         """A message over a size limit: its bytes were skipped as they arrived, never stored. Answered
@@ -374,8 +398,20 @@ class Supervisor:
                 self._tell_systemd()
         elif kind == messages.PONG and len(frames) == 2 and bytes(frames[1]) == worker.ping_token:
             worker.ping_sent_ns = 0
+        elif kind == messages.TALLY and worker.direct_address and worker.state not in (WorkerState.SPAWNED, WorkerState.LOADED):
+            worker.ping_sent_ns = 0
+            try:
+                self.direct.on_tally(worker, frames)
+            except TallyRejected as exc:
+                self._reject_worker(worker, f"TALLY: {exc}")
         else:
             self._reject_worker(worker, f"unexpected message kind {kind.hex() or 'empty'} in state {worker.state.value}")
+
+    def _retire_now(self, worker: WorkerHandle) -> None:
+        worker.retired = True
+        if worker in worker.model.idle:
+            worker.model.idle.remove(worker)
+        self.pool.kill(worker)
 
     def _reject_worker(self, worker: WorkerHandle, reason: str) -> None:
         """A worker sent something it was not asked for: it may be compromised. It is killed, exactly the
@@ -425,6 +461,11 @@ class Supervisor:
         if now < self._next_housekeeping_ns:
             return
         self._next_housekeeping_ns = now + _HOUSEKEEPING_NS
+        for worker, ran_ns in self.direct.overdue(list(self.pool.workers.values()), now):
+            log.error("a direct request ran past its deadline; killing the worker", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key, "ran_ms": ran_ns // 1_000_000})
+            worker.exit_reason = f"killed: a request sent to it directly was still running after {ran_ns // 1_000_000} ms, past its deadline"
+            worker.expected_exit = True
+            self._retire_now(worker)
         for worker in list(self.pool.workers.values()):
             if not worker.inflight or now < worker.deadline_ns or worker.retired:
                 continue
@@ -461,12 +502,25 @@ class Supervisor:
             return admin.stats_result(self)
         if op == "cancel":
             return self._cancel(route, header.get("target"))
+        if op == "lease":
+            return self._lease(route, header)
         if op == "reload":
             result = self.reload()
             if "error" in result:  # the old configuration keeps serving
                 raise InvalidArgument(result["error"])
             return result
         raise InvalidArgument(f"operation {op!r} is not supported by this daemon yet")
+
+    def _lease(self, route: Route, header: dict[str, Any]) -> dict[str, Any]:
+        """A lease for the direct path: `infer` straight to the model's workers (PROTOCOL.md 17).
+        Local peers only (the kernel must be able to tell the worker who connects)."""
+        conn = route.conn
+        if conn.peer.uid is None:
+            raise Unavailable("the direct path is for local clients over ipc://: send infer to this socket")
+        model = self._lookup_for_infer(header)
+        server = self.settings.server
+        limits = {"max_request_bytes": model.config.max_request_bytes or server.max_request_bytes, "max_header_bytes": MAX_HEADER_BYTES, "max_frames": MAX_FRAMES}
+        return self.direct.lease(conn.identity, model, self.limiter.policy.limit_for(conn.identity).max_in_flight, limits)
 
     def _cancel(self, route: Route, target: Any) -> dict[str, Any]:
         task = self.dispatcher.queued_for(route.conn.conn_id, target) if isinstance(target, int) else None
@@ -568,6 +622,7 @@ class Supervisor:
             worker.spawned.close()
         self.connections.close_all()
         self.listener.cleanup()
+        self.direct.close()
         self.signals.close()
         self.timers.close()
         self.reactor.close()

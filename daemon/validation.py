@@ -5,7 +5,7 @@ Every check raises the typed error the protocol promises, with a message naming 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 
@@ -13,7 +13,16 @@ from openinfer.wire.errors import InvalidArgument, ResourceExhausted
 from openinfer.wire.protocol import MAX_CLIENT_NAME, MAX_FRAMES, MAX_HEADER_BYTES, OPERATIONS, PROTOCOL_VERSION
 from openinfer.wire.tensors import DATATYPES, ELEMENT_SIZE
 
-from .models import ServedModel
+
+
+class ValidatedModel(Protocol):
+    """What `check_infer` reads of a model: the supervisor's ServedModel, or a worker's own view of the
+    model it serves (worker/direct_queue.py)."""
+
+    name: str
+    input_by_name: dict[str, dict[str, Any]]
+    output_names: frozenset[str]
+    input_signatures: list["InputSignature"]
 
 _UINT64_MAX = 2**64 - 1
 SIGNATURES_KEPT = 4  # per model: the input lists of the last distinct request shapes that passed
@@ -81,7 +90,7 @@ def _is_uint(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def check_infer(header: dict[str, Any], data_frames: list[Any], model: ServedModel, max_request_bytes: int) -> tuple[int, InputSignature]:
+def check_infer(header: dict[str, Any], data_frames: list[Any], model: ValidatedModel, max_request_bytes: int) -> tuple[int, InputSignature]:
     """Validate an `infer` request against the model's metadata; returns the request's payload bytes
     and its inputs' signature (what batching groups by)."""
     inputs = header.get("inputs")
@@ -183,7 +192,7 @@ def _fixed_frames_bytes(frame_bytes: tuple[int | None, ...], data_frames: list[A
     return nbytes
 
 
-def _check_options(header: dict[str, Any], model: ServedModel) -> None:
+def _check_options(header: dict[str, Any], model: ValidatedModel) -> None:
     """The header's fields besides the inputs: outputs, timeout, priority, version."""
     outputs = header.get("outputs")
     if outputs is not None:

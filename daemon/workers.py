@@ -13,6 +13,7 @@ from openinfer.wire.zmtp import FrameStream
 from .spawner import SpawnedProcess
 
 if TYPE_CHECKING:
+    from .deadline_page import DeadlinePage
     from .models import ServedModel
     from .tasks import Task
     from .worker_output import StderrRelay
@@ -47,6 +48,8 @@ class WorkerHandle:
     channel: FrameStream  # the supervisor's end of the worker's socketpair
     stderr: "StderrRelay | None" = None
     retired: bool = False  # being killed (bad message, deadline): nothing it sends counts any more
+    direct_address: str | None = None  # its own endpoint for clients holding a lease (direct_path.py)
+    page: "DeadlinePage | None" = None  # when its direct run must be done (deadline_page.py)
     ping_token: bytes = b"p"
     state: WorkerState = WorkerState.SPAWNED
     inflight: "deque[Task]" = field(default_factory=deque)  # sent, unanswered; only the head runs

@@ -17,7 +17,7 @@ from .tensors import BF16Array, encode_array
 
 PROTOCOL_VERSION = 1
 OPERATIONS: frozenset[str] = frozenset(
-    {"infer", "models", "metadata", "health", "status", "stats", "cancel", "reload", "load", "unload"}
+    {"infer", "models", "metadata", "health", "status", "stats", "cancel", "reload", "load", "unload", "lease", "attach"}
 )
 # Limits the daemon enforces by default (configurable in the daemon; the reply to an oversize request says so).
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024

@@ -151,7 +151,8 @@ def _open_channel() -> Any:
     return FrameStream(sock, Limits(**CHANNEL_LIMITS))
 
 
-def _await_ack(channel: Any, timeout_ms: int = 30_000) -> None:
+def _await_ack(channel: Any, timeout_ms: int = 30_000) -> bytes:
+    """Wait for ACK; returns the lease key it carries (empty without a direct endpoint)."""
     import select
 
     from . import messages
@@ -169,7 +170,7 @@ def _await_ack(channel: Any, timeout_ms: int = 30_000) -> None:
         if events:
             frames = events[0]
             if isinstance(frames, list) and bytes(frames[0]) == messages.ACK:
-                return
+                return bytes(frames[1]) if len(frames) > 1 else b""
             raise BootFailure("expected ACK from the supervisor")
 
 
@@ -230,7 +231,16 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
         "warmup_error": warmup_error,
     }
     channel.send([messages.HELLO, pack(hello)])
-    _await_ack(channel)
+    lease_key = _await_ack(channel)
+    # Everything the serve loop touches exists before the serve policy: the poller, the direct endpoint.
+    import select
+
+    from .direct_setup import direct_serving
+    from .session import Runner
+
+    runner = Runner(session)
+    poller = select.epoll()
+    direct = direct_serving(config, description, runner, poller, lease_key) if config.direct is not None else None
 
     if config.sandbox.enabled:
         hardening.malloc_trim()
@@ -245,7 +255,7 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
 
     from .serve import serve
 
-    serve(channel, session, [o["name"] for o in description["outputs"]])
+    serve(channel, runner, [o["name"] for o in description["outputs"]], poller, direct)
     channel.close()
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,24 @@ class WorkerSandboxConfig:
 
 
 @dataclass(frozen=True)
+class DirectConfig:
+    """The worker's own endpoint for clients holding a lease (worker/direct.py): present only when the
+    front door is ipc:// (the spawner then passes the listening socket as fd 5 and the deadline page as
+    fd 6)."""
+
+    max_connections: int = 128
+    max_connections_per_identity: int = 32
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_reply_backlog_bytes: int = 64 * 1024 * 1024
+    strike_limit: int = 16
+    timeout_ms: int = 30_000
+    max_compute_ms: int = 60_000
+    starvation_ms: int = 1000
+    spin_us: int = 0
+    batching: dict[str, Any] | None = None  # the model's [batching] (modelconfig.BatchingConfig fields)
+
+
+@dataclass(frozen=True)
 class WorkerBootConfig:
     worker_id: int
     model: str
@@ -34,6 +53,7 @@ class WorkerBootConfig:
     repository: str = ""  # the model repository model_path is opened beneath (daemon/model_files.py)
     work_dir: str = ""  # an empty directory to run in: a relative path the worker did not check resolves nowhere
     sandbox: WorkerSandboxConfig = field(default_factory=WorkerSandboxConfig)
+    direct: DirectConfig | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -43,4 +63,5 @@ class WorkerBootConfig:
         raw = json.loads(text)
         sandbox = raw.pop("sandbox")
         sandbox["read_paths"] = tuple(sandbox.get("read_paths", ()))
-        return cls(sandbox=WorkerSandboxConfig(**sandbox), **raw)
+        direct = raw.pop("direct", None)
+        return cls(sandbox=WorkerSandboxConfig(**sandbox), direct=DirectConfig(**direct) if direct is not None else None, **raw)

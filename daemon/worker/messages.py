@@ -8,13 +8,14 @@ sends is checked by the supervisor against what that worker was given (daemon/wo
 any state changes; a message that does not fit retires the worker.
 
   worker -> supervisor                        supervisor -> worker
-  HELLO  [b"H", meta]  model loaded            ACK   [b"A"]           channel proven, go sandbox
+  HELLO  [b"H", meta]  model loaded            ACK   [b"A", lease key] channel proven, go sandbox
   READY  [b"Y", sandbox]  serve policy on      TASK  [b"T"+task_id, client header, *data]
   RESULT [b"R"+task_id, meta, *outputs]       QUIT  [b"Q"]           finish and exit 0
   RESULTS [b"S", meta, *outputs]  the answers of one BATCH (layout below)
   FAILED [b"E", {"message"}]  boot failed      PING  [b"P", token]
                                                BATCH [b"B", plan, *data]  (layout below)
-  PONG   [b"p", token]
+  PONG   [b"p", token]                        KEY   [b"K", lease key]   after a reload
+  TALLY  [b"C", token, counts]                FLUSH [b"F", token]       stats wants exact counts
 
 BATCH plan = {tasks, rows (per task), inputs (the batch's specs, dim 0 = all rows), outputs, joined}:
 joined -> one data frame per input holding every task's rows in task order; else per task its input
@@ -36,6 +37,9 @@ TASK = b"T"
 BATCH = b"B"
 QUIT = b"Q"
 PING = b"P"
+KEY = b"K"  # [b"K", key]: the new lease key (every reload makes one; direct.py checks leases with it)
+FLUSH = b"F"  # [b"F", token]: hand over the tally now (the supervisor answers `stats` with it)
+TALLY = b"C"  # [b"C", token or b"", counts]: what direct requests cost since the last one (accounting.export)
 
 _TASK_ID = struct.Struct("<Q")
 

@@ -1,0 +1,142 @@
+"""What the blocking and the asyncio client have in common, written once: options, request ids, how a
+request is encoded and checked before it leaves, how long to wait, how replies and errors are read,
+what is retried, and the bookkeeping of leases and links of the direct path. The two clients differ only
+in how they wait (client/sync_client.py, client/async_client.py)."""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError, Unavailable, WorkerCrashed, error_from_wire
+from openinfer.wire.protocol import MAX_HEADER_BYTES, encode_infer_request, encode_op_request, resolve_address
+from openinfer.wire.tensors import BF16Array
+
+from .direct import DirectLink, Lease, NoDirectPath, Pending, parse_lease
+
+DEFAULT_TIMEOUT_S = 30.0
+# How much longer than its own `timeout` a client waits before it gives up by itself (PROTOCOL.md 10.2):
+# the daemon's DEADLINE_EXCEEDED, which says where the time went, arrives after the deadline it counts
+# from when it read the request. 10 % of the timeout, at least 50 ms and at most 1 s.
+REPLY_SLACK_FRACTION = 0.1
+REPLY_SLACK_MIN_S = 0.05
+REPLY_SLACK_MAX_S = 1.0
+
+
+def reply_slack(timeout: float) -> float:
+    return min(REPLY_SLACK_MAX_S, max(REPLY_SLACK_MIN_S, timeout * REPLY_SLACK_FRACTION))
+
+
+class ClientCore:
+    """The state and decisions of one client; no I/O."""
+
+    def __init__(self, address: str | None, timeout: float, client_name: str | None, retries: int, direct: bool, curve: bool) -> None:
+        self.address = resolve_address(address)
+        self.timeout = timeout
+        self.client_name = client_name
+        # Retry policy: only UNAVAILABLE (daemon unreachable, draining, model not serving) is retried, with
+        # exponential backoff from 50 ms, within the call's timeout. A request that failed with
+        # WORKER_CRASHED is never retried: a poison input would kill the next worker too.
+        self.retries = retries
+        self.direct = direct and self.address.startswith("ipc://") and not curve
+        self._ids = itertools.count(int.from_bytes(os.urandom(4), "little") << 16)
+        self.leases: dict[tuple[str, int | None], Lease] = {}
+        self.links: dict[str, DirectLink] = {}
+        self._turn = 0
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    # -- requests -------------------------------------------------------------------------------------
+    def infer_frames(self, request_id: int, model: str, inputs: Mapping[str, np.ndarray | BF16Array], version: int | None, outputs: Sequence[str] | None, budget: float, priority: int | None) -> list[Any]:
+        frames = encode_infer_request(request_id, model, inputs, version=version, outputs=outputs, timeout_ms=max(1, int(budget * 1000)), client_name=self.client_name, priority=priority)
+        if len(frames[0]) > MAX_HEADER_BYTES:
+            raise InvalidArgument(f"request header is {len(frames[0])} bytes; the protocol's limit is {MAX_HEADER_BYTES} (too many inputs or names too long)")
+        return frames
+
+    def op_frames(self, request_id: int, op: str, fields: dict[str, Any]) -> list[Any]:
+        if self.client_name:
+            fields = {**fields, "client": self.client_name}
+        return encode_op_request(request_id, op, **fields)
+
+    @staticmethod
+    def op_result(header: dict[str, Any]) -> dict[str, Any]:
+        if "error" in header:
+            raise error_from_wire(header["error"])
+        result = header.get("result")
+        return result if isinstance(result, dict) else {}
+
+    @staticmethod
+    def wait_s(budget: float) -> float:
+        return budget + reply_slack(budget)
+
+    def timed_out(self, budget: float) -> DeadlineExceeded:
+        return DeadlineExceeded(f"no reply from {self.address} within {budget:.3g} s (plus {reply_slack(budget):.3g} s of slack)")
+
+    # -- the direct path ------------------------------------------------------------------------------
+    def lease_taken(self, key: tuple[str, int | None], result: Any, taken_ns: int) -> Lease:
+        lease = parse_lease(result, taken_ns)
+        self.leases[key] = lease
+        return lease
+
+    def lease_refused(self, exc: OpenInferError) -> None:
+        """The front door would not give a lease: some refusals mean "not here" (use the front door),
+        the others are the caller's to see (PERMISSION_DENIED, NOT_FOUND ...)."""
+        if (isinstance(exc, InvalidArgument) and "unknown operation" in exc.message) or exc.details.get("direct") == "off":
+            self.direct = False  # an older daemon, or one without a direct path: the front door for good
+            raise NoDirectPath(exc.message) from None
+        if isinstance(exc, Unavailable):
+            raise NoDirectPath(exc.message) from None
+        raise exc
+
+    def pick_address(self, lease: Lease) -> str | None:
+        """Round robin over the lease's workers, skipping those that said GOAWAY or closed."""
+        addresses = lease.addresses
+        for offset in range(len(addresses)):
+            address = addresses[(self._turn + offset) % len(addresses)]
+            link = self.links.get(address)
+            if link is None or link.usable():
+                self._turn = (self._turn + offset + 1) % max(1, len(addresses))
+                return address
+        return None
+
+    def link_lost(self, link: DirectLink) -> None:
+        """Its worker is gone: what waited there fails (WORKER_CRASHED, or DEADLINE_EXCEEDED past its
+        deadline), and leases naming it are renewed before the next request."""
+        link.closed = True
+        link.stream.close()
+        self.links.pop(link.address, None)
+        now = time.monotonic()
+        for pending in link.pending.values():
+            if pending.reply is None and pending.error is None:
+                pending.error = DeadlineExceeded("its deadline passed while it ran, and its worker was killed") if now >= pending.deadline else WorkerCrashed(f"the worker at {link.address} exited while running this request")
+        for key, lease in list(self.leases.items()):
+            if link.address in lease.addresses:
+                del self.leases[key]
+
+    def forget_drained(self) -> list[DirectLink]:
+        """Links whose worker said GOAWAY and that have nothing pending: close them."""
+        done = [link for link in self.links.values() if link.draining and not link.pending]
+        for link in done:
+            link.closed = True
+            link.stream.close()
+            del self.links[link.address]
+        return done
+
+    def close_links(self) -> None:
+        for link in self.links.values():
+            for pending in link.pending.values():
+                if pending.reply is None and pending.error is None:
+                    pending.error = Unavailable("client closed")
+            link.stream.close()
+            link.closed = True
+        self.links.clear()
+
+    @staticmethod
+    def register(link: DirectLink, request_id: int, deadline: float) -> Pending:
+        pending = Pending(request_id, deadline)
+        link.pending[request_id] = pending
+        return pending

@@ -1,0 +1,162 @@
+"""The client's side of the direct path (docs/PROTOCOL.md section 17), shared by Client and AsyncClient.
+
+A lease from the front door names a model version's workers and proves who may use them; the client
+connects to each worker's endpoint (its own ZMTP over a Unix socket: openinfer.wire.zmtp), attaches the
+lease, and sends `infer` there: one hop. What happens to a request when things change:
+- the lease expires or a reload revokes it: the worker answers PERMISSION_DENIED with details
+  {"lease": "expired"}; the client takes a new lease, attaches it and sends the request again (once);
+- the worker retires (reload, scale-down): it says GOAWAY on the connection but still answers what was
+  sent; the client sends nothing more there and takes a new lease for the next request;
+- the worker dies: its connection closes; each request in flight on it fails with WORKER_CRASHED
+  (DEADLINE_EXCEEDED if its own deadline had passed: the daemon kills a worker whose run overstays it),
+  never retried (a poison input would kill the next worker too).
+Nothing here blocks: `DirectLink` is a non-blocking socket plus a frame stream; the clients wait.
+"""
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from openinfer.wire.errors import OpenInferError, PermissionDenied, ResourceExhausted, Unavailable
+from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSION, pack, unpack
+from openinfer.wire.zmtp import Buffer, FrameStream, Limits, Oversized, PeerClosed, ProtocolError
+
+RENEW_BEFORE_NS = 1_000_000_000  # a lease this close to expiry is renewed before the next request
+_REPLY_LIMITS = Limits(frames=1 << 16, first_frame=16 << 20, message_bytes=1 << 40)
+
+
+class NoDirectPath(Exception):
+    """This daemon (or this model right now) cannot be reached directly: use the front door."""
+
+
+@dataclass
+class Lease:
+    model: str
+    version: int
+    token: bytes
+    expires_ns: int  # CLOCK_MONOTONIC, like the daemon's
+    addresses: list[str]
+    max_request_bytes: int
+    max_header_bytes: int = MAX_HEADER_BYTES
+    max_frames: int = MAX_FRAMES
+
+    def fresh(self, now_ns: int) -> bool:
+        return now_ns < self.expires_ns - RENEW_BEFORE_NS
+
+
+def parse_lease(result: Any, taken_ns: int) -> Lease:
+    """The front door's `lease` result; NoDirectPath when it is not one (the daemon answers it anyway)."""
+    try:
+        limits = result["limits"]
+        return Lease(
+            str(result["model"]), int(result["version"]), bytes(result["lease"]), taken_ns + int(result["expires_in_ms"]) * 1_000_000,
+            [str(w["address"]) for w in result["workers"]], int(limits["max_request_bytes"]),
+            int(limits.get("max_header_bytes", MAX_HEADER_BYTES)), int(limits.get("max_frames", MAX_FRAMES)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise NoDirectPath(f"malformed lease: {exc}") from None
+
+
+def check_request_size(frames: list[Any], lease: Lease) -> None:
+    """Refuse locally what the daemon would refuse for its size (PROTOCOL.md 9), naming the limit."""
+    header = len(frames[0])
+    if header > lease.max_header_bytes:
+        raise ResourceExhausted(f"request header is {header} bytes; the daemon's limit is {lease.max_header_bytes}")
+    if len(frames) > lease.max_frames:
+        raise ResourceExhausted(f"request has {len(frames)} frames; the daemon's limit is {lease.max_frames}")
+    tensors = sum(memoryview(f).nbytes for f in frames[1:])
+    if tensors > lease.max_request_bytes:
+        raise ResourceExhausted(f"request carries {tensors} bytes of tensors; the daemon's limit for {lease.model!r} is {lease.max_request_bytes} (server.max_request_bytes, or the model's max_request_bytes)", {"limit": lease.max_request_bytes})
+
+
+@dataclass(eq=False)
+class Pending:
+    request_id: int
+    deadline: float  # time.monotonic()
+    reply: tuple[dict[str, Any], list[Buffer]] | None = None
+    error: OpenInferError | None = None
+
+
+@dataclass(eq=False)
+class DirectLink:
+    """One connection to one worker's endpoint."""
+
+    address: str
+    stream: FrameStream
+    pending: dict[int, Pending] = field(default_factory=dict)
+    attached_ns: int = 0  # expiry of the lease attached (0: none yet)
+    draining: bool = False  # the worker said GOAWAY: send nothing more here
+    closed: bool = False
+
+    @property
+    def fd(self) -> int:
+        return self.stream.sock.fileno()
+
+    def usable(self) -> bool:
+        return not self.draining and not self.closed
+
+
+def connect(address: str, timeout: float) -> DirectLink:
+    """Connect and complete the ZMTP handshake (blocking, bounded by `timeout`)."""
+    if not address.startswith("ipc://"):
+        raise NoDirectPath(f"unexpected worker address {address!r}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address[len("ipc://") :])
+    except OSError as exc:
+        sock.close()
+        raise Unavailable(f"cannot reach the worker at {address}: {exc.strerror}") from None
+    sock.setblocking(False)
+    stream = FrameStream(sock, _REPLY_LIMITS, handshake=True, socket_type=b"DEALER", accept_types=frozenset({b"ROUTER"}))
+    link = DirectLink(address, stream)
+    deadline = time.monotonic() + timeout
+    import select
+
+    try:
+        while not stream.open:
+            if time.monotonic() >= deadline:
+                raise Unavailable(f"no handshake from the worker at {address}")
+            stream.flush()
+            select.select([sock], [sock] if stream.out_bytes else [], [], max(0.0, deadline - time.monotonic()))
+            stream.read()
+    except (PeerClosed, ProtocolError):
+        stream.close()
+        raise Unavailable(f"the worker at {address} closed the connection") from None
+    return link
+
+
+def attach_frames(request_id: int, lease: Lease) -> list[bytes]:
+    return [pack({"v": PROTOCOL_VERSION, "id": request_id, "op": "attach", "lease": lease.token})]
+
+
+def read_replies(link: DirectLink) -> list[tuple[dict[str, Any], list[Buffer]]]:
+    """Complete replies available now; GOAWAY is noted on the link. Raises PeerClosed when the worker
+    is gone (the caller fails what was pending there)."""
+    replies = []
+    try:
+        events = link.stream.read()
+    except ProtocolError:
+        raise PeerClosed() from None
+    for event in events:
+        if isinstance(event, Oversized):
+            continue  # never from a worker of ours: nothing is waiting for it
+        frames = event[1:] if len(event) > 1 and not len(event[0]) else event
+        try:
+            header = unpack(frames[0])
+        except Exception:
+            continue
+        if not isinstance(header, dict):
+            continue
+        if header.get("goaway"):
+            link.draining = True
+            continue
+        replies.append((header, frames))
+    return replies
+
+
+def lease_expired(header: dict[str, Any]) -> bool:
+    error = header.get("error")
+    return isinstance(error, dict) and error.get("code") == PermissionDenied.code and (error.get("details") or {}).get("lease") == "expired"

@@ -1,0 +1,46 @@
+"""One page of memory a worker and the supervisor share: when the worker's running work must be done.
+
+A worker serving clients directly runs requests the supervisor never sees, so the supervisor cannot
+know from its own books that one is stuck inside session.run(). Before each run the worker writes the
+run's deadline here (the earliest of its requests' deadlines and `max_compute_ms`), and zero after it;
+the supervisor reads it on its housekeeping pass and kills a worker whose deadline has passed, exactly as
+for tasks it dispatched itself. The page is a sealed-size memfd the supervisor creates and passes at
+spawn; a compromised worker can only write its own page (lying there harms only its own clients).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+PAGE_BYTES = 4096
+_FIELDS = struct.Struct("<qq")  # running since (ns), must be done by (ns); 0 = idle
+
+
+class DeadlinePage:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.map = mmap.mmap(fd, PAGE_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    @classmethod
+    def create(cls, name: str) -> "DeadlinePage":
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.ftruncate(fd, PAGE_BYTES)
+        return cls(fd)
+
+    def running(self, since_ns: int, deadline_ns: int) -> None:
+        _FIELDS.pack_into(self.map, 0, since_ns, deadline_ns)
+
+    def idle(self) -> None:
+        _FIELDS.pack_into(self.map, 0, 0, 0)
+
+    def read(self) -> tuple[int, int]:
+        since, deadline = _FIELDS.unpack_from(self.map, 0)
+        return int(since), int(deadline)
+
+    def close(self) -> None:
+        self.map.close()
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass

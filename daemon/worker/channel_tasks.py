@@ -1,0 +1,90 @@
+"""The work the supervisor sends a worker over its channel: one TASK, or one BATCH of tasks (layouts in
+messages.py), each answered with exactly one RESULT(S) message, whatever onnxruntime raised."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from openinfer.wire.protocol import pack, unpack
+from openinfer.wire.zmtp import Buffer, FrameStream
+
+from . import messages
+from .compute import batch_feed, encode_outputs, feed_from, plain, split_outputs
+from .session import task_error
+
+
+def run_task(channel: FrameStream, session: Any, output_names: list[str], frames: list[Buffer]) -> None:
+    received_ns = time.monotonic_ns()
+    cpu_start = time.process_time_ns()
+    result_kind = messages.RESULT + bytes(frames[0][1:9])  # echoes the task id
+    header: dict[str, Any] = {}
+    try:
+        header = unpack(frames[1])
+        feed = feed_from(header, frames[2:])
+        wanted = header.get("outputs") or output_names
+        prepared_ns = time.monotonic_ns()
+        results = session.run(wanted, feed)
+        computed_ns = time.monotonic_ns()
+        specs, payloads = encode_outputs(wanted, results)
+        encoded_ns = time.monotonic_ns()
+        meta = {
+            "outputs": specs,
+            "recv_ns": received_ns,
+            "prep_us": (prepared_ns - received_ns) / 1000,
+            "compute_us": (computed_ns - prepared_ns) / 1000,
+            "encode_us": (encoded_ns - computed_ns) / 1000,
+            "cpu_us": (time.process_time_ns() - cpu_start) / 1000,
+            "send_ns": time.monotonic_ns(),
+        }
+        channel.send([result_kind, pack(meta), *payloads])
+    except Exception as exc:  # every task gets exactly one answer, whatever onnxruntime raised
+        meta = {
+            "error": task_error(exc, header.get("inputs") or [], session.dynamic_inputs),
+            "recv_ns": received_ns,
+            "cpu_us": (time.process_time_ns() - cpu_start) / 1000,
+            "send_ns": time.monotonic_ns(),
+        }
+        channel.send([result_kind, pack(meta)])
+
+
+def run_batch(channel: FrameStream, session: Any, output_names: list[str], frames: list[Buffer]) -> None:
+    """Several compatible tasks run once as one batch (rows concatenated along axis 0), answered in one
+    message. Results equal running each task alone (the batch dimension is row-independent).
+
+    In:  [b"B", plan {tasks, rows, inputs (the batch's specs), outputs, joined}, input frames] where
+         joined = one frame per input holding every member's rows, else per member its input frames.
+    Out: [b"S", meta, output frames] in meta["layout"]: "rows" = one frame per output for the whole
+         batch, or "members" = per member its output frames (see _split_outputs).
+    One message per batch, not per task: the supervisor's per-message cost is the throughput ceiling,
+    and batching exists to cut it.
+    """
+    received_ns = time.monotonic_ns()
+    cpu_start = time.process_time_ns()
+    plan = unpack(frames[1])
+    task_ids: list[int] = plan["tasks"]
+    try:
+        merged = batch_feed(plan, frames[2:])
+        wanted = plan["outputs"] or output_names
+        prepared_ns = time.monotonic_ns()
+        results = [plain(value) for value in session.run(wanted, merged)]
+        computed_ns = time.monotonic_ns()
+        meta, payloads = split_outputs(results, wanted, plan["rows"])
+        meta.update(
+            tasks=task_ids,
+            recv_ns=received_ns,
+            prep_us=(prepared_ns - received_ns) / 1000,
+            compute_us=(computed_ns - prepared_ns) / 1000,
+            encode_us=(time.monotonic_ns() - computed_ns) / 1000,
+            cpu_us=(time.process_time_ns() - cpu_start) / 1000 / len(task_ids),
+            send_ns=time.monotonic_ns(),
+        )
+        channel.send([messages.RESULTS, pack(meta), *payloads])
+    except Exception as exc:  # every task of the batch gets an answer (the supervisor retries each alone)
+        meta = {
+            "tasks": task_ids,
+            "error": task_error(exc, plan["inputs"], session.dynamic_inputs),
+            "recv_ns": received_ns,
+            "cpu_us": 0.0,
+            "send_ns": time.monotonic_ns(),
+        }
+        channel.send([messages.RESULTS, pack(meta)])

@@ -1,0 +1,82 @@
+"""What a worker does with one request's or one batch's tensors: onnxruntime feeds from wire frames,
+the run, and wire frames from the outputs. Shared by the tasks the supervisor sends (channel_tasks.py)
+and the requests clients send straight to the worker (direct_queue.py)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from openinfer.wire.tensors import BF16Array, decode_array, encode_array
+from openinfer.wire.zmtp import Buffer
+
+from .session import bf16_input
+
+
+def feed_from(header: dict[str, Any], frames: list[Buffer]) -> dict[str, Any]:
+    feed: dict[str, Any] = {}
+    for spec, frame in zip(header["inputs"], frames):
+        feed[spec["name"]] = for_onnxruntime(spec["datatype"], decode_array(spec["datatype"], list(spec["shape"]), frame))
+    return feed
+
+
+def for_onnxruntime(datatype: str, array: np.ndarray) -> Any:
+    if datatype == "BYTES":  # onnxruntime wants str elements for tensor(string)
+        return np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])(array) if array.size else array
+    if datatype == "BF16":  # uint16 bits, which onnxruntime must be told are bfloat16
+        return bf16_input(array)
+    return array
+
+
+def plain(value: Any) -> Any:
+    return value if isinstance(value, BF16Array) else np.asarray(value)
+
+
+def batch_feed(plan: dict[str, Any], frames: list[Buffer]) -> dict[str, Any]:
+    """The batch's inputs: views of the joined frames, or each member's frames concatenated."""
+    specs = plan["inputs"]
+    if plan["joined"]:
+        return feed_from(plan, frames)
+    feed: dict[str, Any] = {}
+    for index, spec in enumerate(specs):
+        parts = []
+        for member, rows in enumerate(plan["rows"]):
+            frame = frames[member * len(specs) + index]
+            parts.append(decode_array(spec["datatype"], [rows, *spec["shape"][1:]], frame))
+        feed[spec["name"]] = for_onnxruntime(spec["datatype"], np.concatenate(parts, axis=0))
+    return feed
+
+
+def encode_outputs(wanted: list[str], results: list[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Specs and payloads of one request's outputs."""
+    specs = []
+    payloads = []
+    for name, value in zip(wanted, results):
+        datatype, shape, payload = encode_array(plain(value))
+        specs.append({"name": name, "datatype": datatype, "shape": shape})
+        payloads.append(payload)
+    return specs, payloads
+
+
+def split_outputs(results: list[Any], wanted: list[str], rows: list[int]) -> tuple[dict[str, Any], list[Any]]:
+    """Output frames of a batch. Fixed-size outputs go whole, one frame each ("rows": the supervisor
+    cuts each member's rows out of it by byte offset); BYTES elements have no fixed row size, so a batch
+    with such an output is split here, member by member ("members")."""
+    total = sum(rows)
+    encoded = [encode_array(value) for value in results]
+    if all(datatype != "BYTES" and shape[:1] == [total] for datatype, shape, _ in encoded):
+        specs = [{"name": name, "datatype": datatype, "shape": shape} for name, (datatype, shape, _) in zip(wanted, encoded)]
+        return {"layout": "rows", "outputs": specs}, [payload for _, _, payload in encoded]
+    per_member: list[list[dict[str, Any]]] = []
+    payloads: list[Any] = []
+    start = 0
+    for n in rows:
+        member_specs = []
+        for name, value in zip(wanted, results):
+            part = value[start : start + n]
+            datatype, shape, payload = encode_array(part if isinstance(part, BF16Array) else np.ascontiguousarray(part))
+            member_specs.append({"name": name, "datatype": datatype, "shape": shape})
+            payloads.append(payload)
+        per_member.append(member_specs)
+        start += n
+    return {"layout": "members", "outputs": per_member}, payloads

@@ -1,0 +1,295 @@
+"""The worker's own endpoint: clients holding a lease send `infer` here, one hop, instead of through the
+supervisor (docs/PROTOCOL.md section 17).
+
+The supervisor binds the socket (its path, mode and group are the front door's) and hands it over at
+spawn as fd 5; this worker accepts on it, speaks ZMTP on each connection (openinfer.wire.zmtp) and holds
+the same rules as the front door, scaled to one worker: connection caps per worker and per identity, a
+handshake deadline, a size check on every frame before it is stored, a reply backlog past which a
+connection is not read, strikes for requests no conforming client sends. Identity comes from the kernel
+(SO_PEERCRED) at accept. Nothing on a connection is parsed beyond the header's envelope until it has
+attached a lease (lease.py) issued to that identity for this worker's model version.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from openinfer.daemon.lease import Lease, LeaseRefused, verify
+from openinfer.daemon.validation import OverLimit, check_envelope, decode_header, request_id_of
+from openinfer.wire.errors import InvalidArgument, OpenInferError, PermissionDenied, ResourceExhausted
+from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSION, pack
+from openinfer.wire.zmtp import Buffer, Event, FrameStream, Limits, Oversized, PeerClosed, ProtocolError
+
+log = logging.getLogger("openinfer.worker")
+
+LISTEN_FD = 5  # the spawner puts the worker's listening socket here (spawner.DIRECT_FD)
+HANDSHAKE_TIMEOUT_NS = 10_000_000_000
+_PEERCRED = struct.Struct("3i")
+_DELIMITER = b""
+DIRECT_OPERATIONS = ("attach", "infer", "cancel")
+_READABLE, _WRITABLE, _HANGUP = 0x001, 0x004, 0x018  # EPOLLIN, EPOLLOUT, EPOLLERR | EPOLLHUP
+
+
+@dataclass(frozen=True)
+class DirectLimits:
+    """The front door's limits as they apply to one worker (the supervisor passes them at spawn)."""
+
+    max_connections: int = 128
+    max_connections_per_identity: int = 32
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_reply_backlog_bytes: int = 64 * 1024 * 1024
+    strike_limit: int = 16
+
+
+@dataclass(eq=False, slots=True)
+class DirectConnection:
+    conn_id: int
+    stream: FrameStream
+    uid: int
+    identity: str  # "uid=N": what a lease must name
+    accepted_ns: int
+    lease: Lease | None = None
+    strikes: int = 0
+    reading: bool = True
+    draining: bool = False  # told GOAWAY; served until its client closes it
+    closed: bool = False
+    open_ids: set[int] = field(default_factory=set)  # requests accepted here and not yet answered
+
+    @property
+    def fd(self) -> int:
+        return self.stream.sock.fileno() if not self.closed else -1
+
+
+Poller = Any  # select.epoll (typed loosely: the worker imports select lazily before its sandbox)
+OnRequest = Callable[[DirectConnection, bool, int, dict[str, Any], list[Buffer], int], None]
+OnCancel = Callable[[DirectConnection, int], bool]
+OnRefused = Callable[[DirectConnection, OpenInferError, int], None]
+
+
+class DirectDoor:
+    def __init__(self, listener: socket.socket, poller: Poller, limits: DirectLimits, model: str, version: int, worker_id: int, on_request: OnRequest, on_cancel: OnCancel, on_refused: OnRefused) -> None:
+        self.listener = listener
+        self.poller = poller
+        self.limits = limits
+        self.model = model
+        self.version = version
+        self.worker_id = worker_id
+        self.on_request = on_request  # (conn, delimited, request id, header, data frames, received_ns) of an infer
+        self.on_cancel = on_cancel  # (conn, target id) -> whether a queued request was cancelled
+        self.on_refused = on_refused  # counts a request answered with an error here
+        self.key = b""  # the lease key, from the supervisor (ACK, then KEY on every reload)
+        self.by_fd: dict[int, DirectConnection] = {}
+        self.per_identity: dict[str, int] = {}
+        self.handshaking: dict[int, DirectConnection] = {}
+        self._next_id = 1
+        self._listening = True
+        self.draining = False
+        self.refused = 0
+        self._message_limits = Limits(frames=MAX_FRAMES + 1, first_frame=MAX_HEADER_BYTES, message_bytes=limits.max_request_bytes + MAX_HEADER_BYTES)
+        poller.register(listener.fileno(), _READABLE)
+
+    # -- accepting ------------------------------------------------------------------------------------
+    def on_listener(self) -> None:
+        for _ in range(16):
+            if len(self.by_fd) >= self.limits.max_connections or self.draining:
+                self._pause_listening()
+                return
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # EMFILE and the like: stop accepting for now, never die of it
+                self._pause_listening()
+                return
+            sock.setblocking(False)
+            pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            identity = f"uid={uid}"
+            if self.per_identity.get(identity, 0) >= self.limits.max_connections_per_identity:
+                self.refused += 1
+                sock.close()
+                continue
+            conn = DirectConnection(self._next_id, FrameStream(sock, self._message_limits, handshake=True), uid, identity, time.monotonic_ns())
+            self._next_id += 1
+            self.by_fd[sock.fileno()] = conn
+            self.per_identity[identity] = self.per_identity.get(identity, 0) + 1
+            self.handshaking[conn.conn_id] = conn
+            self.poller.register(sock.fileno(), _READABLE | (_WRITABLE if conn.stream.out_bytes else 0))
+
+    def _pause_listening(self) -> None:
+        if self._listening:
+            self.poller.unregister(self.listener.fileno())
+            self._listening = False
+
+    def _resume_listening(self) -> None:
+        if not self._listening and not self.draining and len(self.by_fd) < self.limits.max_connections:
+            self.poller.register(self.listener.fileno(), _READABLE)
+            self._listening = True
+
+    # -- traffic --------------------------------------------------------------------------------------
+    def on_event(self, fd: int, mask: int) -> None:
+        conn = self.by_fd.get(fd)
+        if conn is None:
+            return
+        try:
+            if mask & _WRITABLE and conn.stream.flush():
+                if not conn.reading and not conn.draining:
+                    conn.reading = True
+                self.poller.modify(fd, _READABLE if conn.reading else 0)
+            if mask & _READABLE and conn.reading:
+                was_open = conn.stream.open
+                events = conn.stream.read()
+                if not was_open and conn.stream.open:
+                    self.handshaking.pop(conn.conn_id, None)
+                for event in events:
+                    if conn.closed or not conn.reading:
+                        break
+                    self._on_message(conn, event)
+            elif mask & _HANGUP and not mask & _READABLE:
+                raise PeerClosed()
+            if not conn.closed and conn.stream.out_bytes:
+                self._watch(conn)
+        except (PeerClosed, ProtocolError):
+            self.close(conn)
+
+    def _on_message(self, conn: DirectConnection, event: Event) -> None:
+        received_ns = time.monotonic_ns()
+        if isinstance(event, Oversized):
+            frames = event.frames
+            delimited = bool(frames) and len(frames[0]) == 0
+            body = frames[1:] if delimited else frames
+            oversized_id = None
+            if body:
+                try:
+                    oversized_id = request_id_of(decode_header(body[0]))
+                except OpenInferError:
+                    pass
+            self.error(conn, delimited, oversized_id, OverLimit(f"request over this worker's limits: {event.reason} (server.max_request_bytes = {self.limits.max_request_bytes})"), received_ns)
+            self.strike(conn)
+            return
+        delimited = len(event) > 1 and len(event[0]) == 0
+        body = event[1:] if delimited else event
+        request_id: int | None = None
+        try:
+            if not body:
+                raise InvalidArgument("empty message: expected a header frame")
+            header = decode_header(body[0])
+            request_id = request_id_of(header)
+            op = check_envelope(header, len(body))
+            if op == "attach":
+                self._attach(conn, delimited, request_id, header)  # type: ignore[arg-type]
+                return
+            if op not in DIRECT_OPERATIONS:
+                raise InvalidArgument(f"`{op}` is not served on a worker endpoint: send it to the front door (only attach, infer and cancel come here)")
+            lease = conn.lease
+            if lease is None:
+                raise PermissionDenied("attach a lease first: send `attach` with the lease the front door's `lease` operation returned")
+            if lease.expires_ns <= received_ns:
+                raise PermissionDenied("the lease has expired: take a new one from the front door and attach it", {"lease": "expired"})
+            if op == "cancel":
+                target = header.get("target")
+                cancelled = isinstance(target, int) and self.on_cancel(conn, target)
+                self.reply(conn, delimited, {"v": PROTOCOL_VERSION, "id": request_id, "result": {"cancelled": cancelled}})
+                return
+            self.on_request(conn, delimited, request_id, header, body[1:], received_ns)  # type: ignore[arg-type]
+        except OpenInferError as exc:
+            self.error(conn, delimited, request_id, exc, received_ns)
+            self.on_refused(conn, exc, received_ns)
+            if request_id is None or isinstance(exc, OverLimit):
+                self.strike(conn)
+
+    def _attach(self, conn: DirectConnection, delimited: bool, request_id: int, header: dict[str, Any]) -> None:
+        """Check the lease before anything else is read from this connection."""
+        try:
+            lease = verify(self.key, header.get("lease"), conn.identity, self.model, self.version, time.monotonic_ns())
+        except LeaseRefused as exc:
+            raise PermissionDenied(str(exc), {"lease": "expired"} if exc.expired else None) from None
+        conn.lease = lease
+        result = {"model": self.model, "version": self.version, "worker": self.worker_id, "expires_in_ms": max(0, (lease.expires_ns - time.monotonic_ns()) // 1_000_000)}
+        self.reply(conn, delimited, {"v": PROTOCOL_VERSION, "id": request_id, "result": result})
+
+    # -- replies --------------------------------------------------------------------------------------
+    def send(self, conn: DirectConnection, frames: list[Buffer]) -> None:
+        if conn.closed:
+            return
+        try:
+            conn.stream.send(frames)
+        except PeerClosed:
+            self.close(conn)
+            return
+        if conn.stream.out_bytes:
+            self._watch(conn)
+
+    def reply(self, conn: DirectConnection, delimited: bool, header: dict[str, Any], payloads: list[Buffer] | None = None) -> None:
+        frames: list[Buffer] = [_DELIMITER, pack(header)] if delimited else [pack(header)]
+        if payloads:
+            frames.extend(payloads)
+        self.send(conn, frames)
+
+    def error(self, conn: DirectConnection, delimited: bool, request_id: int | None, exc: OpenInferError, received_ns: int) -> None:
+        self.reply(conn, delimited, {"v": PROTOCOL_VERSION, "id": request_id, "error": exc.to_wire(), "timing": {"total_us": (time.monotonic_ns() - received_ns) / 1000}})
+
+    def _watch(self, conn: DirectConnection) -> None:
+        if conn.stream.out_bytes > self.limits.max_reply_backlog_bytes:
+            conn.reading = False  # a slow reader slows only itself: its requests wait in the kernel
+        self.poller.modify(conn.fd, _WRITABLE | (_READABLE if conn.reading else 0))
+
+    # -- rules ----------------------------------------------------------------------------------------
+    def strike(self, conn: DirectConnection) -> None:
+        conn.strikes += 1
+        if self.limits.strike_limit and conn.strikes >= self.limits.strike_limit:
+            conn.reading = False
+            if conn.stream.out_bytes:
+                self.poller.modify(conn.fd, _WRITABLE)
+            else:
+                self.close(conn)
+
+    def housekeeping(self, now_ns: int) -> None:
+        for conn in [c for c in self.handshaking.values() if now_ns - c.accepted_ns > HANDSHAKE_TIMEOUT_NS]:
+            self.close(conn)
+        for conn in [c for c in self.by_fd.values() if c.strikes >= self.limits.strike_limit > 0 and not c.stream.out_bytes]:
+            self.close(conn)
+
+    def goaway(self, reason: str) -> None:
+        """This worker is retiring: no new connections; every client is told to take a new lease (its
+        requests already sent are still answered, until it closes its connection or the drain ends)."""
+        self.draining = True
+        self._pause_listening()
+        for conn in list(self.by_fd.values()):
+            if conn.stream.open and not conn.draining:
+                conn.draining = True
+                self.reply(conn, False, {"v": PROTOCOL_VERSION, "id": None, "goaway": True, "reason": reason})
+
+    def close(self, conn: DirectConnection) -> None:
+        if conn.closed:
+            return
+        fd = conn.fd
+        try:
+            self.poller.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        self.by_fd.pop(fd, None)
+        self.handshaking.pop(conn.conn_id, None)
+        left = self.per_identity.get(conn.identity, 0) - 1
+        if left > 0:
+            self.per_identity[conn.identity] = left
+        else:
+            self.per_identity.pop(conn.identity, None)
+        conn.stream.close()
+        conn.closed = True
+        self._resume_listening()
+
+    def close_all(self) -> None:
+        for conn in list(self.by_fd.values()):
+            self.close(conn)
+
+    @property
+    def idle(self) -> bool:
+        return not self.by_fd
+
+
+def reject_busy(identity: str, in_flight: int, limit: int) -> ResourceExhausted:
+    return ResourceExhausted(f"{identity} has {in_flight} requests in flight on this worker: limit max_in_flight={limit} (per worker on the direct path)")
