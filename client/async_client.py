@@ -1,9 +1,12 @@
-"""asyncio client: many coroutines may share one `AsyncClient`; replies are matched to callers by id."""
+"""asyncio client: many coroutines may share one `AsyncClient`; replies are matched to callers by id.
+
+The front door (every operation; the fallback for `infer`) is a ZeroMQ DEALER; on ipc://, `infer` goes
+straight to a model's workers under a lease (docs/PROTOCOL.md section 17), over direct connections the
+event loop reads as their replies arrive. The decisions are the blocking client's (client/core.py).
+"""
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 import time
 from typing import Any, Mapping, Sequence
 
@@ -11,12 +14,15 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from openinfer.wire.errors import DeadlineExceeded, Unavailable, error_from_wire
-from openinfer.wire.protocol import encode_infer_request, encode_op_request, resolve_address, retry_pause, unpack
-from .result import InferResult, result_from_reply
+from openinfer.wire.errors import Unavailable, error_from_wire
+from openinfer.wire.protocol import retry_pause, unpack
 from openinfer.wire.tensors import BF16Array
+from openinfer.wire.zmtp import PeerClosed
+
+from .core import DEFAULT_TIMEOUT_S, ClientCore
+from .direct import DirectLink, Lease, NoDirectPath, Pending, attach_frames, check_request_size, connect, lease_expired, read_replies
+from .result import InferResult, result_from_reply
 from .socket_setup import configure_client_socket
-from .sync_client import DEFAULT_TIMEOUT_S
 
 
 class AsyncClient:
@@ -29,21 +35,23 @@ class AsyncClient:
         curve_server_key: bytes | None = None,
         curve_keypair: tuple[bytes, bytes] | None = None,
         retries: int = 0,
+        direct: bool = True,
     ) -> None:
-        self.address = resolve_address(address)
-        # Retry policy: only UNAVAILABLE (daemon unreachable, draining, model not serving) is retried, with
-        # exponential backoff from 50 ms, within the call's timeout. A request that failed with
-        # WORKER_CRASHED is never retried: a poison input would kill the next worker too.
-        self.retries = retries
+        """`direct=False` sends every request through the front door (the v1 path)."""
+        self._core = core = ClientCore(address, timeout, client_name, retries, direct, curve_server_key is not None)
+        self.address = core.address
         self.timeout = timeout
         self.client_name = client_name
+        self.retries = retries
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.DEALER)
         configure_client_socket(self._socket, curve_server_key=curve_server_key, curve_keypair=curve_keypair)
         self._socket.connect(self.address)
-        self._ids = itertools.count(int.from_bytes(os.urandom(4), "little") << 16)
         self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._waiters: dict[int, asyncio.Future[None]] = {}  # by request id on direct links
+        self._lease_locks: dict[tuple[str, int | None], asyncio.Lock] = {}
+        self._link_locks: dict[str, asyncio.Lock] = {}
 
     async def infer(
         self,
@@ -55,20 +63,18 @@ class AsyncClient:
         timeout: float | None = None,
         priority: int | None = None,
     ) -> InferResult:
+        core = self._core
         budget = self.timeout if timeout is None else timeout
-        request_id = next(self._ids)
-        frames = encode_infer_request(
-            request_id,
-            model,
-            inputs,
-            version=version,
-            outputs=outputs,
-            timeout_ms=max(1, int(budget * 1000)),
-            client_name=self.client_name,
-            priority=priority,
-        )
+        request_id = core.next_id()
+        frames = core.infer_frames(request_id, model, inputs, version, outputs, budget, priority)
         started = time.perf_counter_ns()
         deadline = time.monotonic() + budget
+        if core.direct:
+            try:
+                header, reply = await self._direct_round_trip(model, version, request_id, frames, budget)
+                return result_from_reply(header, reply, (time.perf_counter_ns() - started) / 1000.0)
+            except NoDirectPath:
+                pass  # the front door serves it
         for attempt in range(self.retries + 1):
             try:
                 header, reply = await self._round_trip(request_id, frames, max(0.001, deadline - time.monotonic()))
@@ -95,6 +101,9 @@ class AsyncClient:
     async def health(self) -> dict[str, Any]:
         return await self._call("health")
 
+    async def reload(self) -> dict[str, Any]:
+        return await self._call("reload")
+
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
@@ -106,6 +115,12 @@ class AsyncClient:
             if not future.done():
                 future.set_exception(Unavailable("client closed"))
         self._pending.clear()
+        loop = asyncio.get_running_loop()
+        for link in list(self._core.links.values()):
+            loop.remove_reader(link.fd)
+            loop.remove_writer(link.fd)
+        self._core.close_links()
+        self._wake_all()
         self._socket.close(linger=0)
         self._context.term()
 
@@ -115,27 +130,25 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    # -- the front door ---------------------------------------------------------------------------
     async def _call(self, op: str, **fields: Any) -> dict[str, Any]:
-        request_id = next(self._ids)
-        if self.client_name:
-            fields["client"] = self.client_name
-        header, _ = await self._round_trip(request_id, encode_op_request(request_id, op, **fields), self.timeout)
-        if "error" in header:
-            raise error_from_wire(header["error"])
-        return header.get("result") or {}
+        request_id = self._core.next_id()
+        fields = {k: v for k, v in fields.items() if v is not None}
+        header, _ = await self._round_trip(request_id, self._core.op_frames(request_id, op, fields), self.timeout)
+        return self._core.op_result(header)
 
     async def _round_trip(self, request_id: int, frames: list[Any], timeout: float) -> tuple[dict[str, Any], list[Any]]:
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read_replies())
         future: asyncio.Future[tuple[dict[str, Any], list[Any]]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        deadline = time.monotonic() + timeout
+        send_deadline = time.monotonic() + timeout
         try:
-            await self._send(frames, deadline)
-            return await asyncio.wait_for(future, max(0.0, deadline - time.monotonic()))
+            await self._send(frames, send_deadline)
+            return await asyncio.wait_for(future, max(0.0, send_deadline - time.monotonic() + self._core.wait_s(timeout) - timeout))
         except asyncio.TimeoutError:
             await self._send_cancel(request_id)
-            raise DeadlineExceeded(f"no reply from {self.address} within {timeout:.3g} s") from None
+            raise self._core.timed_out(timeout) from None
         finally:
             self._pending.pop(request_id, None)
 
@@ -151,7 +164,7 @@ class AsyncClient:
 
     async def _send_cancel(self, request_id: int) -> None:
         try:
-            await self._socket.send_multipart(encode_op_request(next(self._ids), "cancel", target=request_id), flags=zmq.NOBLOCK)
+            await self._socket.send_multipart(self._core.op_frames(self._core.next_id(), "cancel", {"target": request_id}), flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
 
@@ -166,3 +179,137 @@ class AsyncClient:
             future = self._pending.get(rid) if isinstance(rid, int) else None
             if future is not None and not future.done():
                 future.set_result((header, reply))
+
+    # -- the direct path --------------------------------------------------------------------------
+    async def _direct_round_trip(self, model: str, version: int | None, request_id: int, frames: list[Any], budget: float) -> tuple[dict[str, Any], list[Any]]:
+        deadline = time.monotonic() + budget
+        for _ in range(2):  # a lease revoked under us (a reload) is renewed once
+            lease = await self._lease(model, version)
+            check_request_size(frames, lease)
+            link = await self._link(lease, deadline)
+            header, reply = await self._exchange(link, request_id, frames, budget, deadline)
+            if not lease_expired(header):
+                return header, reply
+            self._core.leases.pop((model, version), None)
+        raise NoDirectPath("the lease kept expiring")
+
+    async def _lease(self, model: str, version: int | None) -> Lease:
+        core = self._core
+        key = (model, version)
+        lease = core.leases.get(key)
+        if lease is not None and lease.fresh(time.monotonic_ns()):
+            return lease
+        lock = self._lease_locks.setdefault(key, asyncio.Lock())
+        async with lock:  # many coroutines, one lease request
+            lease = core.leases.get(key)
+            now = time.monotonic_ns()
+            if lease is not None and lease.fresh(now):
+                return lease
+            fields: dict[str, Any] = {"model": model} if version is None else {"model": model, "version": version}
+            try:
+                result = await self._call("lease", **fields)
+            except Exception as exc:
+                from openinfer.wire.errors import OpenInferError
+
+                if isinstance(exc, OpenInferError):
+                    core.lease_refused(exc)
+                raise
+            return core.lease_taken(key, result, now)
+
+    async def _link(self, lease: Lease, deadline: float) -> DirectLink:
+        core = self._core
+        loop = asyncio.get_running_loop()
+        for link in core.forget_drained():
+            loop.remove_reader(link.fd)
+        address = core.pick_address(lease)
+        if address is None:
+            core.leases.pop((lease.model, lease.version), None)
+            raise NoDirectPath("every worker of the lease is retiring")
+        lock = self._link_locks.setdefault(address, asyncio.Lock())
+        async with lock:
+            known = core.links.get(address)
+            if known is None:
+                link = await loop.run_in_executor(None, connect, address, max(0.001, deadline - time.monotonic()))
+                core.links[address] = link
+                loop.add_reader(link.fd, self._on_readable, link)
+            else:
+                link = known
+            if link.attached_ns != lease.expires_ns:
+                request_id = core.next_id()
+                header, _ = await self._exchange(link, request_id, attach_frames(request_id, lease), max(0.001, deadline - time.monotonic()), deadline)
+                if "error" in header:
+                    if lease_expired(header):
+                        core.leases.pop((lease.model, lease.version), None)
+                        raise NoDirectPath("the lease was refused as expired")
+                    raise error_from_wire(header["error"])
+                link.attached_ns = lease.expires_ns
+        return link
+
+    async def _exchange(self, link: DirectLink, request_id: int, frames: list[Any], budget: float, deadline: float) -> tuple[dict[str, Any], list[Any]]:
+        core = self._core
+        loop = asyncio.get_running_loop()
+        pending = core.register(link, request_id, deadline)
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters[request_id] = waiter
+        try:
+            try:
+                link.stream.send(frames)
+                if link.stream.out_bytes:
+                    loop.add_writer(link.fd, self._on_writable, link)
+            except PeerClosed:
+                self._lost(link)
+            if pending.reply is None and pending.error is None:
+                try:
+                    await asyncio.wait_for(waiter, core.wait_s(budget))
+                except asyncio.TimeoutError:
+                    try:
+                        link.stream.send(core.op_frames(core.next_id(), "cancel", {"target": request_id}))
+                    except (PeerClosed, OSError):
+                        pass
+                    raise core.timed_out(budget) from None
+        finally:
+            self._waiters.pop(request_id, None)
+            link.pending.pop(request_id, None)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.reply is not None
+        return pending.reply
+
+    def _on_readable(self, link: DirectLink) -> None:
+        try:
+            replies = read_replies(link)
+        except PeerClosed:
+            self._lost(link)
+            return
+        for header, reply in replies:
+            rid = header.get("id")
+            pending: Pending | None = link.pending.get(rid) if isinstance(rid, int) else None
+            if pending is not None:
+                pending.reply = (header, reply)
+                self._wake(rid)  # type: ignore[arg-type]
+
+    def _on_writable(self, link: DirectLink) -> None:
+        try:
+            if link.stream.flush():
+                asyncio.get_running_loop().remove_writer(link.fd)
+        except PeerClosed:
+            self._lost(link)
+
+    def _lost(self, link: DirectLink) -> None:
+        loop = asyncio.get_running_loop()
+        if not link.closed:
+            loop.remove_reader(link.fd)
+            loop.remove_writer(link.fd)
+        waiting = list(link.pending)
+        self._core.link_lost(link)
+        for rid in waiting:
+            self._wake(rid)
+
+    def _wake(self, request_id: int) -> None:
+        waiter = self._waiters.get(request_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_all(self) -> None:
+        for request_id in list(self._waiters):
+            self._wake(request_id)

@@ -12,8 +12,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError, Unavailable, WorkerCrashed, error_from_wire
-from openinfer.wire.protocol import MAX_HEADER_BYTES, encode_infer_request, encode_op_request, resolve_address
-from openinfer.wire.tensors import BF16Array
+import msgpack
+
+from openinfer.wire.protocol import MAX_HEADER_BYTES, encode_infer_request, encode_op_request, pack, resolve_address, unpack
+from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array
 
 from .direct import DirectLink, Lease, NoDirectPath, Pending, parse_lease
 
@@ -24,6 +26,12 @@ DEFAULT_TIMEOUT_S = 30.0
 REPLY_SLACK_FRACTION = 0.1
 REPLY_SLACK_MIN_S = 0.05
 REPLY_SLACK_MAX_S = 1.0
+
+
+TEMPLATES_KEPT = 256  # request shapes whose header is kept packed
+_PACKER = msgpack.Packer()
+_ID_KEY = pack("id")
+_FAST_DATATYPES = {dtype: name for name, dtype in DATATYPE_TO_NUMPY.items() if name not in ("BYTES", "BOOL")}
 
 
 def reply_slack(timeout: float) -> float:
@@ -46,13 +54,38 @@ class ClientCore:
         self.leases: dict[tuple[str, int | None], Lease] = {}
         self.links: dict[str, DirectLink] = {}
         self._turn = 0
+        self._templates: dict[tuple[Any, ...], bytes] = {}
 
     def next_id(self) -> int:
         return next(self._ids)
 
     # -- requests -------------------------------------------------------------------------------------
     def infer_frames(self, request_id: int, model: str, inputs: Mapping[str, np.ndarray | BF16Array], version: int | None, outputs: Sequence[str] | None, budget: float, priority: int | None) -> list[Any]:
-        frames = encode_infer_request(request_id, model, inputs, version=version, outputs=outputs, timeout_ms=max(1, int(budget * 1000)), client_name=self.client_name, priority=priority)
+        """The request's frames. A client mostly repeats one request shape: its header, but for the id, is
+        packed once and kept (at most TEMPLATES_KEPT), and contiguous little-endian arrays go as they are."""
+        timeout_ms = max(1, int(budget * 1000))
+        key: list[Any] = [model, version, tuple(outputs) if outputs is not None else None, timeout_ms, priority]
+        payloads: list[Any] = []
+        for name, value in inputs.items():
+            datatype = _FAST_DATATYPES.get(value.dtype) if type(value) is np.ndarray else None
+            if datatype is None or not value.flags.c_contiguous:
+                return self._encode_slow(request_id, model, inputs, version, outputs, timeout_ms, priority)
+            key.append((name, datatype, value.shape))
+            payloads.append(memoryview(value.reshape(-1)).cast("B") if value.size else b"")  # type: ignore[arg-type]
+        template_key = tuple(key)
+        prefix = self._templates.get(template_key)
+        if prefix is None:
+            frames = self._encode_slow(0, model, inputs, version, outputs, timeout_ms, priority)
+            fields = unpack(frames[0])
+            del fields["id"]
+            prefix = _PACKER.pack_map_header(len(fields) + 1) + b"".join(pack(k) + pack(v) for k, v in fields.items())
+            if len(self._templates) >= TEMPLATES_KEPT:
+                self._templates.clear()
+            self._templates[template_key] = prefix
+        return [prefix + _ID_KEY + pack(request_id), *payloads]
+
+    def _encode_slow(self, request_id: int, model: str, inputs: Mapping[str, np.ndarray | BF16Array], version: int | None, outputs: Sequence[str] | None, timeout_ms: int, priority: int | None) -> list[Any]:
+        frames = encode_infer_request(request_id, model, inputs, version=version, outputs=outputs, timeout_ms=timeout_ms, client_name=self.client_name, priority=priority)
         if len(frames[0]) > MAX_HEADER_BYTES:
             raise InvalidArgument(f"request header is {len(frames[0])} bytes; the protocol's limit is {MAX_HEADER_BYTES} (too many inputs or names too long)")
         return frames

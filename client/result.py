@@ -7,7 +7,9 @@ from typing import Any
 import numpy as np
 
 from openinfer.wire.errors import Internal, error_from_wire
-from openinfer.wire.tensors import decode_array
+from openinfer.wire.tensors import DATATYPE_TO_NUMPY, decode_array
+
+_FIXED = {name: dtype for name, dtype in DATATYPE_TO_NUMPY.items() if name != "BYTES"}
 
 
 @dataclass(frozen=True)
@@ -44,16 +46,22 @@ def result_from_reply(header: dict[str, Any], frames: list[Any], client_us: floa
     outputs: dict[str, np.ndarray] = {}
     for spec, frame in zip(specs, frames[1:]):
         payload = frame.buffer if hasattr(frame, "buffer") else frame
-        outputs[spec["name"]] = decode_array(spec["datatype"], list(spec["shape"]), payload)
-    timing = {k: float(v) for k, v in (header.get("timing") or {}).items()}
+        datatype, shape = spec["datatype"], spec["shape"]
+        dtype = _FIXED.get(datatype)
+        if dtype is not None and type(shape) is list:  # the common case, without decode_array's checks
+            count = 1
+            for dim in shape:
+                count *= dim
+            if count * dtype.itemsize == len(payload):
+                outputs[spec["name"]] = np.frombuffer(payload, dtype=dtype).reshape(shape)
+                continue
+        outputs[spec["name"]] = decode_array(datatype, list(shape), payload)
+    timing: dict[str, float] = {}
+    for key, value in (header.get("timing") or {}).items():
+        timing[key] = float(value)
     timing["client_us"] = client_us
-    if "total_us" in timing:
-        timing["transport_us"] = max(0.0, client_us - timing["total_us"])
+    total = timing.get("total_us")
+    if total is not None:
+        timing["transport_us"] = max(0.0, client_us - total)
     batch_size = header.get("batch_size")
-    return InferResult(
-        model=str(header.get("model", "")),
-        version=int(header.get("version", 0)),
-        outputs=outputs,
-        timing=timing,
-        batch_size=batch_size if isinstance(batch_size, int) else None,
-    )
+    return InferResult(str(header.get("model", "")), int(header.get("version", 0)), outputs, timing, batch_size if isinstance(batch_size, int) else None)

@@ -447,8 +447,36 @@ class FrameStream:
 
     # -- sending --------------------------------------------------------------------------------------
     def send(self, frames: list[Buffer]) -> None:
-        """Queue one multipart message and write what the socket takes now."""
-        self._queue(message_buffers(frames))
+        """Write one multipart message now, as far as the socket takes it; the rest waits in the outbox
+        for flush(). The usual case (nothing waiting, the socket takes it all) is one sendmsg."""
+        buffers = message_buffers(frames)
+        if self._out or self.closed or len(buffers) > _IOV_MAX:
+            self._queue(buffers)
+            return
+        total = 0
+        for buffer in buffers:
+            total += buffer.nbytes if isinstance(buffer, memoryview) else len(buffer)
+        try:
+            sent = self.sock.sendmsg(buffers)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                raise PeerClosed() from None
+            raise
+        if sent == total:
+            return
+        rest: list[Buffer] = []
+        for buffer in buffers:  # keep what the kernel did not take, in order
+            view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
+            if view.ndim != 1 or view.itemsize != 1:
+                view = view.cast("B")
+            if sent >= view.nbytes:
+                sent -= view.nbytes
+                continue
+            rest.append(view[sent:])
+            sent = 0
+        self._queue(rest)
 
     def send_raw(self, data: bytes) -> None:
         self._queue([data])

@@ -97,7 +97,7 @@ def scene() -> Iterator[Scene]:
         constant_model(scene.repo / "impostor" / "1" / "model.onnx", 1337.0)
         chmod_tree(scene.repo)
         scene.daemon.client().reload()
-        wait_for(lambda: rows(scene.running()).get("impostor", {}).get("state") in ("ready", "failed"), 120, "the impostor to load", scene.daemon)
+        wait_for(lambda: rows(scene.running()).get("impostor", {}).get("state") in ("ready", "failed"), 120, "the impostor to load", daemon=scene.daemon)
         yield scene
     finally:
         scene.daemon.stop()
@@ -127,7 +127,7 @@ def test_another_models_key_does_not_replace_its_weights(scene: Scene) -> None:
     # whatever the cache now holds under its key.
     (old,) = ready_pids(daemon, "victim")
     os.kill(old, signal.SIGKILL)
-    wait_for(lambda: [p for p in ready_pids(daemon, "victim") if p != old], 60, "a replacement victim worker", daemon)
+    wait_for(lambda: [p for p in ready_pids(daemon, "victim") if p != old], 60, "a replacement victim worker", daemon=daemon)
     y = daemon.client().infer("victim", {"x": X}).outputs["y"]
     assert not np.allclose(y, 1337.0), "the victim answers with the impostor's weights"
     np.testing.assert_allclose(y, run_reference(scene.repo / "victim" / "1" / "model.onnx", {"x": X})["y"], rtol=1e-5, atol=1e-5)

@@ -68,7 +68,7 @@ def start_and_judge(models: Path, shared_tmp: Path, env: dict[str, str | None]) 
     """Start the daemon, wait until it exits or answers; returns it and "exited" or "running"."""
     daemon = start_daemon(models, env=env, wait=False, address=f"ipc://{shared_tmp}/oi.sock")
     try:
-        wait_for(lambda: daemon.process.poll() is not None or answers(daemon), 120, "the daemon to exit or answer", daemon)
+        wait_for(lambda: daemon.process.poll() is not None or answers(daemon), 120, "the daemon to exit or answer", daemon=daemon)
     except BaseException:
         daemon.stop()
         cleanup_workdir(daemon)
