@@ -229,7 +229,10 @@ class AsyncClient:
         async with lock:
             known = core.links.get(address)
             if known is None:
-                link = await loop.run_in_executor(None, connect, address, max(0.001, deadline - time.monotonic()))
+                try:
+                    link = await loop.run_in_executor(None, connect, address, max(0.001, deadline - time.monotonic()))
+                except Unavailable:
+                    raise core.unreachable(address) from None
                 core.links[address] = link
                 loop.add_reader(link.fd, self._on_readable, link)
             else:

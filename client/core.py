@@ -11,13 +11,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError, Unavailable, WorkerCrashed, error_from_wire
 import msgpack
 
+from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError, Unavailable, WorkerCrashed, error_from_wire
 from openinfer.wire.protocol import MAX_HEADER_BYTES, encode_infer_request, encode_op_request, pack, resolve_address, unpack
 from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array
+from openinfer.wire.zmtp import PeerClosed
 
-from .direct import DirectLink, Lease, NoDirectPath, Pending, parse_lease
+from .direct import DirectLink, Lease, NoDirectPath, Pending, parse_lease, read_replies
 
 DEFAULT_TIMEOUT_S = 30.0
 # How much longer than its own `timeout` a client waits before it gives up by itself (PROTOCOL.md 10.2):
@@ -138,17 +139,42 @@ class ClientCore:
 
     def link_lost(self, link: DirectLink) -> None:
         """Its worker is gone: what waited there fails (WORKER_CRASHED, or DEADLINE_EXCEEDED past its
-        deadline), and leases naming it are renewed before the next request."""
+        deadline), and leases naming it are renewed before the next request. On a link whose worker said
+        GOAWAY, a close is the end of its drain: the worker answers everything it read before it closes,
+        so a request still unanswered was never taken and goes to the front door instead."""
         link.closed = True
         link.stream.close()
-        self.links.pop(link.address, None)
+        if self.links.get(link.address) is link:
+            del self.links[link.address]
         now = time.monotonic()
         for pending in link.pending.values():
             if pending.reply is None and pending.error is None:
-                pending.error = DeadlineExceeded("its deadline passed while it ran, and its worker was killed") if now >= pending.deadline else WorkerCrashed(f"the worker at {link.address} exited while running this request")
+                if link.draining:
+                    pending.error = NoDirectPath(f"the worker at {link.address} retired before taking the request")
+                elif now >= pending.deadline:
+                    pending.error = DeadlineExceeded("its deadline passed while it ran, and its worker was killed")
+                else:
+                    pending.error = WorkerCrashed(f"the worker at {link.address} exited while running this request")
+        self._forget_leases_naming(link.address)
+
+    def unreachable(self, address: str) -> NoDirectPath:
+        """A worker of a lease cannot be connected to (it retired since the lease was issued, or is
+        exiting): nothing was sent, so the request goes to the front door and the next takes a new lease."""
+        self._forget_leases_naming(address)
+        return NoDirectPath(f"the worker at {address} is gone")
+
+    def _forget_leases_naming(self, address: str) -> None:
         for key, lease in list(self.leases.items()):
-            if link.address in lease.addresses:
+            if address in lease.addresses:
                 del self.leases[key]
+
+    def notice_goaway(self, link: DirectLink) -> None:
+        """Take in what already arrived on an idle link (a GOAWAY, or the close after one) before a
+        request is sent there; one recv that usually finds nothing."""
+        try:
+            read_replies(link)
+        except PeerClosed:
+            self.link_lost(link)
 
     def forget_drained(self) -> list[DirectLink]:
         """Links whose worker said GOAWAY and that have nothing pending: close them."""

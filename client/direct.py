@@ -6,7 +6,9 @@ lease, and sends `infer` there: one hop. What happens to a request when things c
 - the lease expires or a reload revokes it: the worker answers PERMISSION_DENIED with details
   {"lease": "expired"}; the client takes a new lease, attaches it and sends the request again (once);
 - the worker retires (reload, scale-down): it says GOAWAY on the connection but still answers what was
-  sent; the client sends nothing more there and takes a new lease for the next request;
+  sent; the client sends nothing more there and takes a new lease for the next request. A request the
+  retiring worker closed on without answering was never taken: it goes to the front door. So does one
+  for a worker that cannot be connected to (gone since the lease was issued);
 - the worker dies: its connection closes; each request in flight on it fails with WORKER_CRASHED
   (DEADLINE_EXCEEDED if its own deadline had passed: the daemon kills a worker whose run overstays it),
   never retried (a poison input would kill the next worker too).
@@ -76,7 +78,7 @@ class Pending:
     request_id: int
     deadline: float  # time.monotonic()
     reply: tuple[dict[str, Any], list[Buffer]] | None = None
-    error: OpenInferError | None = None
+    error: Exception | None = None  # an OpenInferError for the caller, or NoDirectPath: send it to the front door
 
 
 @dataclass(eq=False)

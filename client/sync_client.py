@@ -195,8 +195,15 @@ class Client:
             core.leases.pop((lease.model, lease.version), None)
             raise NoDirectPath("every worker of the lease is retiring")
         link = core.links.get(address)
+        if link is not None:
+            core.notice_goaway(link)  # nobody reads an idle link in between requests
+            if not link.usable():
+                return self._link(lease, deadline)
         if link is None:
-            link = core.links[address] = connect(address, max(0.001, deadline - time.monotonic()))
+            try:
+                link = core.links[address] = connect(address, max(0.001, deadline - time.monotonic()))
+            except Unavailable:
+                raise core.unreachable(address) from None
         if link.attached_ns != lease.expires_ns:
             request_id = core.next_id()
             header, _ = self._exchange(link, request_id, attach_frames(request_id, lease), max(0.001, deadline - time.monotonic()), deadline)

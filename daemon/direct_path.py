@@ -96,13 +96,19 @@ class DirectPath:
         )
         return config, listener, page, f"ipc://{path}"
 
-    def forget(self, worker: WorkerHandle) -> None:
-        """The worker exited: its endpoint goes (clients on it saw their connections close)."""
+    def withdraw(self, worker: WorkerHandle) -> None:
+        """The worker is retiring: its endpoint's name goes now, so a client holding an old lease fails
+        to connect at once (and goes to the front door) instead of waiting on a worker that no longer
+        accepts. Connections already open stay until the worker's drain ends."""
         if worker.direct_address:
             try:
                 Path(worker.direct_address[len("ipc://") :]).unlink()
             except FileNotFoundError:
                 pass
+
+    def forget(self, worker: WorkerHandle) -> None:
+        """The worker exited: its endpoint goes (clients on it saw their connections close)."""
+        self.withdraw(worker)
         if worker.page is not None:
             worker.page.close()
             worker.page = None

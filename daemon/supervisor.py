@@ -587,6 +587,7 @@ class Supervisor:
                 worker.model.idle.remove(worker)
             ready = worker.state is WorkerState.READY
             worker.transition(WorkerState.DRAINING)
+            self.direct.withdraw(worker)
             if ready and self.pool.send(worker, [messages.QUIT]):
                 self.timers.call_at(time.monotonic_ns() + 5_000_000_000, lambda: self.pool.kill(worker))
                 return

@@ -344,8 +344,10 @@ def socket_inodes(pid: int) -> set[int]:
 
 
 def unix_socket_inodes(pid: int) -> set[int]:
-    """Every AF_UNIX socket of the process's network namespace (/proc/PID/net/unix lists unbound ones too)."""
-    lines = Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]
+    """Every AF_UNIX socket of the process's network namespace and of ours (/proc/.../net/unix lists
+    unbound ones too): a worker's channel (a socketpair) and its direct endpoint were made by the
+    supervisor before the worker entered its own namespace, so they are listed in the host's."""
+    lines = Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:] + Path("/proc/self/net/unix").read_text().splitlines()[1:]
     return {int(line.split()[6]) for line in lines}
 
 

@@ -18,7 +18,7 @@ KEY_B = ((("x", "FP32", (32,)),), ())
 
 def make_task(task_id: int, client: str = "c", priority: int = 0, key: Any = KEY_A, rows: int = 1) -> Task:
     task = Task(
-        task_id=task_id, request_id=task_id, route=[], route_id=b"r", client=client, model=None,  # type: ignore[arg-type]
+        task_id=task_id, request_id=task_id, route=None, identity=client, client=client, model=None,  # type: ignore[arg-type]
         header_frame=b"", data_frames=[], nbytes=0, received_ns=0, decoded_ns=0, deadline_ns=0, priority=priority,
     )
     task.enqueued_ns = time.monotonic_ns()  # just queued: no aging within a test

@@ -124,12 +124,15 @@ class SealedFrameStream(FrameStream):
         for reply in replies:
             self.send_raw(frame_header(len(reply), COMMAND) + reply)
         if properties is not None:
-            self._state = "open"
+            self._opened()
 
     def _send_command(self, name: bytes, data: bytes) -> None:
         self._queue(self.mechanism.seal_command(bytes((len(name),)) + name + data))
 
     def send(self, frames: list[Buffer]) -> None:
+        if self._state != "open":
+            self._held.append(list(frames))
+            return
         self._queue(self.mechanism.seal(frames))
 
     def _parse(self, events: list[Event]) -> None:

@@ -164,7 +164,7 @@ class FrameStream:
     __slots__ = (
         "sock", "limits", "out_bytes", "in_bytes", "_out", "_buf", "_pos", "_frames", "_msg_bytes", "_skip",
         "_big", "_big_filled", "_big_flags", "_skip_left", "_skip_flags", "skipped_bytes", "_state", "socket_type", "peer_socket_type",
-        "peer_properties", "_accept_types", "messages_in", "bytes_in", "closed",
+        "peer_properties", "_accept_types", "messages_in", "bytes_in", "closed", "_held",
     )
 
     def __init__(
@@ -200,6 +200,7 @@ class FrameStream:
         self.messages_in = 0
         self.bytes_in = 0
         self.closed = False
+        self._held: list[list[Buffer]] = []  # messages sent before the handshake ended, in order
         if handshake:
             self.send_raw(greeting())
 
@@ -225,8 +226,12 @@ class FrameStream:
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionError:
+                if events:
+                    break  # what arrived before the reset first; the next read reports the close
                 raise PeerClosed() from None
             if not chunk:
+                if events:
+                    break  # the messages before the close first; the next read sees the end again
                 raise PeerClosed()
             got += len(chunk)
             self.bytes_in += len(chunk)
@@ -423,7 +428,15 @@ class FrameStream:
         if name != b"READY":
             raise ProtocolError(f"expected READY, got {name!r}")
         self._accept_peer(parse_properties(data))
+        self._opened()
+
+    def _opened(self) -> None:
+        """The handshake is over: messages sent before it go out now, in order (a peer must not see a
+        message before the handshake's commands, and libzmq queues them the same way)."""
         self._state = "open"
+        held, self._held = self._held, []
+        for frames in held:
+            self.send(frames)
 
     def _accept_peer(self, properties: dict[bytes, bytes]) -> None:
         """The peer's handshake properties; an Identity in them is ignored: ids are ours."""
@@ -449,6 +462,9 @@ class FrameStream:
     def send(self, frames: list[Buffer]) -> None:
         """Write one multipart message now, as far as the socket takes it; the rest waits in the outbox
         for flush(). The usual case (nothing waiting, the socket takes it all) is one sendmsg."""
+        if self._state != "open":
+            self._held.append(list(frames))
+            return
         buffers = message_buffers(frames)
         if self._out or self.closed or len(buffers) > _IOV_MAX:
             self._queue(buffers)

@@ -15,7 +15,7 @@ import logging
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from openinfer.daemon.lease import Lease, LeaseRefused, verify
@@ -118,6 +118,15 @@ class DirectDoor:
             self.per_identity[identity] = self.per_identity.get(identity, 0) + 1
             self.handshaking[conn.conn_id] = conn
             self.poller.register(sock.fileno(), _READABLE | (_WRITABLE if conn.stream.out_bytes else 0))
+
+    def rekey(self, key: bytes) -> None:
+        """A reload rotated the lease key: every lease attached here is revoked now (each connection's
+        next request is told its lease expired; the renewal at the front door applies the reloaded
+        policy), not when it would have expired."""
+        self.key = key
+        for conn in self.by_fd.values():
+            if conn.lease is not None:
+                conn.lease = replace(conn.lease, expires_ns=0)
 
     def _pause_listening(self) -> None:
         if self._listening:
@@ -258,6 +267,7 @@ class DirectDoor:
         requests already sent are still answered, until it closes its connection or the drain ends)."""
         self.draining = True
         self._pause_listening()
+        self.listener.close()  # connections still in its backlog are reset: their clients go elsewhere at once
         for conn in list(self.by_fd.values()):
             if conn.stream.open and not conn.draining:
                 conn.draining = True

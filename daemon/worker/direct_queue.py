@@ -81,6 +81,9 @@ class DirectQueue:
         self.model = model
         self.page = page
         self.tally = Accountant()
+        # Answered requests not yet counted: folded into the tally when the loop is idle (count_answered),
+        # off the path from a request to its reply.
+        self.answered: list[tuple[str, str | None, dict[str, float], int, int]] = []
         self.waiting: list[DirectRequest] = []
         self.in_flight: dict[str, int] = {}  # by identity: accepted here, not yet answered
         self._seq = 0
@@ -158,6 +161,8 @@ class DirectQueue:
 
     def _pick(self, now: int) -> DirectRequest:
         waiting = self.waiting
+        if len(waiting) == 1:
+            return waiting[0]
         oldest = min(waiting, key=lambda r: r.seq)
         if now - oldest.decoded_ns >= self.model.starvation_ms * 1_000_000:
             return oldest  # aging: delayed, never starved
@@ -262,8 +267,17 @@ class DirectQueue:
         bytes_out = 0
         for payload in payloads:
             bytes_out += len(payload) if not isinstance(payload, memoryview) else payload.nbytes
-        self.tally.record(self.model.name, self.model.version, request.client, code, timing, request.nbytes, bytes_out)
-        self.tally.count_operation("infer", code)
+        self.answered.append((request.client, code, timing, request.nbytes, bytes_out))
+
+    def count_answered(self) -> None:
+        """Add the requests answered since the last call to the tally (the loop calls this when idle, and
+        before the tally is handed over)."""
+        answered, self.answered = self.answered, []
+        tally = self.tally
+        name, version = self.model.name, self.model.version
+        for client, code, timing, nbytes, bytes_out in answered:
+            tally.record(name, version, client, code, timing, nbytes, bytes_out)
+            tally.count_operation("infer", code)
 
     def _answer_error(self, request: DirectRequest, code: str, message: str, started_ns: int, cpu_start: int) -> None:
         timing = {"total_us": (time.monotonic_ns() - request.received_ns) / 1000, "cpu_us": (time.process_time_ns() - cpu_start) / 1000}
@@ -289,6 +303,7 @@ class DirectQueue:
 
     def take_tally(self) -> dict[str, Any] | None:
         """What was counted since the last call (None when nothing), for the supervisor."""
+        self.count_answered()
         tally = self.tally
         if not tally.by_client and not tally.operations:
             return None

@@ -97,7 +97,7 @@ class WorkerLoop:
         waits = [1.0]
         if batch_due_s is not None:
             waits.append(batch_due_s)
-        if self.direct is not None and self.direct.queue.tally.operations:
+        if self.direct is not None and (self.direct.queue.tally.operations or self.direct.queue.answered):
             waits.append(max(0.0, (self._next_tally_ns - time.monotonic_ns()) / 1e9))
         if self.quit_at_ns:
             waits.append(0.05)
@@ -106,9 +106,10 @@ class WorkerLoop:
     def _idle_work(self) -> None:
         now = time.monotonic_ns()
         if self.direct is not None:
-            self.direct.door.housekeeping(now)
-            if now >= self._next_tally_ns:
+            self.direct.queue.count_answered()
+            if now >= self._next_tally_ns:  # also the door's housekeeping: handshake deadlines, strikes
                 self._next_tally_ns = now + TALLY_INTERVAL_NS
+                self.direct.door.housekeeping(now)
                 self._send_tally(b"")
 
     def _send_tally(self, token: bytes) -> None:
@@ -141,7 +142,7 @@ class WorkerLoop:
                 elif kind == messages.PING:
                     channel.send([messages.PONG, bytes(frames[1])])
                 elif kind == messages.KEY and self.direct is not None:
-                    self.direct.door.key = bytes(frames[1])
+                    self.direct.door.rekey(bytes(frames[1]))
                 elif kind == messages.FLUSH:
                     self._send_tally(bytes(frames[1]) or b"flush")
                 elif kind == messages.QUIT:

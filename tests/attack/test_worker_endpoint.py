@@ -1,0 +1,215 @@
+"""Attacks on a worker's own endpoint (the direct path, docs/PROTOCOL.md section 17): it is hardened like
+the front door, and it reads nothing but `attach` until a lease issued to the connecting uid, for its own
+model version, by this daemon and not revoked, is attached."""
+from __future__ import annotations
+
+import select
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import msgpack
+import numpy as np
+import psutil
+import pytest
+import zmq
+
+import onnx_builders
+from daemon_harness import RunningDaemon, wait_for, world_readable_dir
+from openinfer.client import Client
+from openinfer.wire import zmtp
+from other_uid import NOBODY, start_as
+from repo_builder import make_world_readable
+
+DIRECT = {"OPENINFER_POOL_DIRECT": "1", "OPENINFER_SERVER_SOCKET_MODE": "0o666"}
+X = np.ones((1, 64), np.float32)
+
+
+@pytest.fixture(scope="module")
+def repo() -> Iterator[Path]:
+    root = world_readable_dir("oi-endpoint-")
+    onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx")
+    onnx_builders.matmul_model(root / "other" / "1" / "model.onnx", seed=4)
+    make_world_readable(root)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def lease_of(daemon: RunningDaemon, model: str = "tiny") -> dict[str, Any]:
+    with Client(daemon.address, direct=False) as client:
+        return client._call("lease", model=model)
+
+
+class Peer:
+    """A hand-written ZMTP DEALER on one worker endpoint."""
+
+    def __init__(self, address: str) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(address[len("ipc://") :])
+        sock.setblocking(False)
+        self.stream = zmtp.FrameStream(sock, zmtp.Limits(message_bytes=1 << 30), handshake=True, socket_type=b"DEALER", accept_types=frozenset({b"ROUTER"}))
+
+    def ask(self, frames: list[bytes], timeout: float = 10) -> dict[str, Any] | None:
+        """The reply header, or None once the worker closed the connection."""
+        deadline = time.monotonic() + timeout
+        try:
+            self.stream.send(frames)
+            while time.monotonic() < deadline:
+                select.select([self.stream.sock], [self.stream.sock] if self.stream.out_bytes else [], [], 0.1)
+                self.stream.flush()
+                for event in self.stream.read():
+                    header = msgpack.unpackb(event[0])
+                    if not header.get("goaway"):
+                        return header  # type: ignore[no-any-return]
+        except zmtp.PeerClosed:
+            return None
+        raise AssertionError("no reply")
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def attach(token: bytes, request_id: int = 1) -> list[bytes]:
+    return [msgpack.packb({"v": 1, "id": request_id, "op": "attach", "lease": token})]
+
+
+def infer(request_id: int) -> list[bytes]:
+    return [msgpack.packb({"v": 1, "id": request_id, "op": "infer", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64]}]}), X.tobytes()]
+
+
+def test_a_lease_for_one_model_opens_no_other_models_worker(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo, env=DIRECT)
+    tiny, other = lease_of(daemon, "tiny"), lease_of(daemon, "other")
+    peer = Peer(other["workers"][0]["address"])
+    try:
+        refused = peer.ask(attach(tiny["lease"]))
+        assert refused is not None and refused["error"]["code"] == "PERMISSION_DENIED" and "tiny" in refused["error"]["message"]
+        assert peer.ask(infer(2))["error"]["code"] == "PERMISSION_DENIED"  # type: ignore[index]
+        assert peer.ask(attach(other["lease"], 3))["result"]["model"] == "other"  # type: ignore[index]
+        assert "outputs" in peer.ask(infer(4))  # type: ignore[operator]
+    finally:
+        peer.close()
+
+
+def test_garbage_before_a_lease_is_struck_out(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo, env={**DIRECT, "OPENINFER_SERVER_PEER_STRIKE_LIMIT": "3"})
+    address = lease_of(daemon)["workers"][0]["address"]
+    peer = Peer(address)
+    try:
+        answers = [peer.ask([b"\xc1 not msgpack"], timeout=5) for _ in range(3)]
+        assert all(a is not None and a["error"]["code"] == "INVALID_ARGUMENT" for a in answers)
+        assert peer.ask([b"\xc1 again"], timeout=5) is None  # struck out: closed
+    finally:
+        peer.close()
+    with Client(daemon.address) as client:  # the worker itself serves on
+        assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+
+
+def test_claimed_routing_ids_on_a_worker_endpoint_route_nothing(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo, env=DIRECT)
+    lease = lease_of(daemon)
+    address = lease["workers"][0]["address"]
+    context = zmq.Context()
+    sockets = []
+    try:
+        for routing_id in [b"\x00\x6b\x8b\x45\x67", b"victim", b"\x00"] * 4:
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTING_ID, routing_id)
+            sock.connect(address)
+            sockets.append(sock)
+        for index, sock in enumerate(sockets):
+            sock.send_multipart(attach(lease["lease"], index))
+        for index, sock in enumerate(sockets):  # each gets its own attach reply, nothing else
+            assert sock.poll(10_000)
+            assert msgpack.unpackb(sock.recv_multipart()[0])["id"] == index
+            assert not sock.poll(50)
+        assert daemon.process.poll() is None
+    finally:
+        for sock in sockets:
+            sock.close()
+        context.term()
+
+
+def test_a_connection_flood_on_a_worker_endpoint_leaves_it_serving(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo, env={**DIRECT, "OPENINFER_SERVER_MAX_CONNECTIONS_PER_IDENTITY": "16"})
+    with Client(daemon.address) as client:
+        client.infer("tiny", {"x": X})  # its links are attached before the flood
+        address = lease_of(daemon)["workers"][0]["address"]
+        flood = []
+        try:
+            for _ in range(400):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                try:
+                    sock.connect(address[len("ipc://") :])
+                except (BlockingIOError, ConnectionRefusedError):
+                    pass
+                flood.append(sock)
+            for _ in range(20):
+                assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+            workers = [w for w in client.status()["workers"] if w["model"] == "tiny"]
+            assert all(w["state"] in ("ready", "busy") for w in workers) and daemon.process.poll() is None
+        finally:
+            for sock in flood:
+                sock.close()
+
+
+def test_a_slow_reader_on_a_worker_endpoint_cannot_grow_the_worker(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo, env={**DIRECT, "OPENINFER_SERVER_MAX_REPLY_BACKLOG_BYTES": str(4 << 20)})
+    lease = lease_of(daemon)
+    address = lease["workers"][0]["address"]
+    with Client(daemon.address, direct=False) as admin:
+        pid = next(w["pid"] for w in admin.status()["workers"] if w["model"] == "tiny" and f"w{w['id']}.sock" in address)
+    worker = psutil.Process(pid)
+    before = worker.memory_info().rss
+    peer = Peer(address)
+    try:
+        assert peer.ask(attach(lease["lease"]))["result"]  # type: ignore[index]
+        big = np.ones((16384, 64), np.float32)  # 4 MiB in, 4 MiB out
+        header = msgpack.packb({"v": 1, "id": 9, "op": "infer", "inputs": [{"name": "x", "datatype": "FP32", "shape": [16384, 64]}]})
+        for _ in range(40):  # 160 MiB of replies nobody reads
+            peer.stream.send([header, big.tobytes()])
+            until = time.monotonic() + 0.3
+            while peer.stream.out_bytes and time.monotonic() < until:
+                select.select([], [peer.stream.sock], [], 0.05)
+                peer.stream.flush()
+        grown = worker.memory_info().rss - before
+        assert grown < 64 << 20, f"the worker grew by {grown >> 20} MiB"
+    finally:
+        peer.close()
+    with Client(daemon.address) as client:
+        assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+
+
+def test_revoked_access_stops_the_direct_path_at_the_reload(daemon_factory: Any, repo: Path, tmp_path: Path) -> None:
+    """A client of uid 65534 uses the direct path; the operator removes its infer grant and reloads: its
+    next request is refused (the reload revoked every lease; the renewal is denied), though its worker
+    connections stay open."""
+    policy = tmp_path / "access.toml"
+    everything = '["infer", "cancel", "models", "metadata", "health", "status", "stats", "reload"]'
+    policy.write_text(f'[[grant]]\nname = "root"\nuids = [0]\noperations = {everything}\n\n[[grant]]\nname = "nobody"\nuids = [{NOBODY}]\noperations = ["infer", "health"]\n')
+    daemon = daemon_factory(repo, env={**DIRECT, "OPENINFER_SERVER_ACCESS_POLICY": str(policy)})
+    proc = start_as(NOBODY, """
+        with Client(sys.argv[1], timeout=10) as client:
+            client.infer("tiny", {"x": np.ones((1, 64), np.float32)})
+            print("served", flush=True)
+            sys.stdin.readline()
+            try:
+                client.infer("tiny", {"x": np.ones((1, 64), np.float32)})
+                print("served again")
+            except OpenInferError as exc:
+                print(exc.code)
+    """, daemon.address)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "served"
+        policy.write_text(f'[[grant]]\nname = "root"\nuids = [0]\noperations = {everything}\n\n[[grant]]\nname = "nobody"\nuids = [{NOBODY}]\noperations = ["health"]\n')
+        before = daemon.log_text().count('"repository synced"')
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: daemon.log_text().count('"repository synced"') > before, 20, "the reload", daemon=daemon)
+    finally:
+        out, err = proc.communicate("go\n", timeout=60)
+    assert out.strip().splitlines()[-1] == "PERMISSION_DENIED", (out, err)

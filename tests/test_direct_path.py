@@ -1,0 +1,293 @@
+"""The direct path (docs/PROTOCOL.md section 17) against a real daemon: leases, attach, infer straight to
+a worker, and what happens when leases expire, a reload revokes them, a worker retires or dies.
+Each rule is checked from the client's side with the Python client and, where the client would hide it,
+on the raw protocol."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import msgpack
+import numpy as np
+import pytest
+
+import onnx_builders
+from daemon_harness import RunningDaemon, wait_for, world_readable_dir
+from openinfer.client import AsyncClient, Client, OpenInferError
+from openinfer.wire import zmtp
+from repo_builder import make_world_readable
+
+pytestmark = pytest.mark.live
+
+DIRECT = {"OPENINFER_POOL_DIRECT": "1"}
+X = np.ones((1, 64), np.float32)
+SLOW = {"x": np.zeros(1, np.float32), "n": np.array(3_000_000, np.int64)}  # a few seconds of Loop iterations
+
+
+@pytest.fixture(scope="module")
+def repo() -> Iterator[Path]:
+    root = world_readable_dir("oi-direct-")
+    onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx")
+    (root / "tiny" / "config.toml").write_text("workers = 2\n")
+    onnx_builders.busy_loop_model(root / "busy" / "1" / "model.onnx")
+    (root / "busy" / "config.toml").write_text("workers = 1\n")
+    onnx_builders.busy_loop_model(root / "capped" / "1" / "model.onnx")
+    (root / "capped" / "config.toml").write_text("workers = 1\nmax_compute_ms = 2000\n")
+    make_world_readable(root)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def expected(x: np.ndarray, daemon: RunningDaemon) -> np.ndarray:
+    with Client(daemon.address, direct=False) as front:
+        return front.infer("tiny", {"x": x}).outputs["y"]
+
+
+def operations(daemon: RunningDaemon) -> dict[str, Any]:
+    with Client(daemon.address, direct=False) as admin:
+        return admin.stats()["operations"]
+
+
+def raw_request(address: str, frames: list[bytes], timeout: float = 10) -> dict[str, Any]:
+    """One request on a fresh hand-written ZMTP connection; the reply header."""
+    import select
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(address[len("ipc://") :])
+    sock.setblocking(False)
+    stream = zmtp.FrameStream(sock, zmtp.Limits(message_bytes=1 << 30), handshake=True, socket_type=b"DEALER", accept_types=frozenset({b"ROUTER"}))
+    deadline = time.monotonic() + timeout
+    try:
+        stream.send(frames)
+        while True:
+            assert time.monotonic() < deadline, "no reply"
+            select.select([sock], [sock] if stream.out_bytes else [], [], 0.1)
+            stream.flush()
+            for event in stream.read():
+                header = msgpack.unpackb(event[0])
+                if not header.get("goaway"):
+                    return header  # type: ignore[no-any-return]
+    finally:
+        stream.close()
+
+
+def front_lease(daemon: RunningDaemon, model: str = "tiny") -> dict[str, Any]:
+    with Client(daemon.address, direct=False) as client:
+        return client._call("lease", model=model)  # the raw result, as a client in any language sees it
+
+
+def test_infer_goes_to_a_worker_and_answers_as_the_front_door(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo, env=DIRECT)
+    rng = np.random.default_rng(3)
+    with Client(daemon.address) as client:
+        for _ in range(20):
+            x = rng.standard_normal((3, 64)).astype(np.float32)
+            result = client.infer("tiny", {"x": x})
+            np.testing.assert_array_equal(result.outputs["y"], expected(x, daemon))
+            assert "dispatch_us" not in result.timing and {"queue_us", "compute_us", "total_us"} <= set(result.timing)
+    ops = operations(daemon)
+    assert ops["lease"]["OK"] >= 1 and ops["infer"]["OK"] >= 40  # 20 direct + 20 through the front door
+    with Client(daemon.address, direct=False) as admin:
+        tiny = admin.stats()["models"]["tiny"]
+    assert tiny["requests"] >= 40  # every direct request is counted (exactly: stats flushes the workers first)
+
+
+def test_stats_count_every_direct_request_exactly(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo, env=DIRECT)
+    with Client(daemon.address) as client:
+        for _ in range(37):
+            client.infer("tiny", {"x": X})
+        stats = client.stats()
+    assert stats["models"]["tiny"]["requests"] == 37 and stats["clients"]["uid=0"]["requests"] == 37
+
+
+def test_a_lease_is_useless_to_another_uid(daemon_factory: Any, repo: Path) -> None:
+    from other_uid import NOBODY, run_as
+
+    daemon = daemon_factory(repo, env={**DIRECT, "OPENINFER_SERVER_SOCKET_MODE": "0o666"})
+    lease = front_lease(daemon)  # issued to uid 0
+    address = lease["workers"][0]["address"]
+    stolen = run_as(NOBODY, """
+        import select
+        token = bytes.fromhex(sys.argv[2])
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(sys.argv[1][len("ipc://"):])
+        sock.setblocking(False)
+        stream = zmtp.FrameStream(sock, zmtp.Limits(), handshake=True, socket_type=b"DEALER", accept_types=frozenset({b"ROUTER"}))
+        stream.send([msgpack.packb({"v": 1, "id": 1, "op": "attach", "lease": token})])
+        replies = []
+        while not replies:
+            select.select([sock], [], [], 5)
+            replies = stream.read()
+        print(json.dumps(msgpack.unpackb(replies[0][0])["error"]))
+    """, address, lease["lease"].hex())
+    assert stolen.returncode == 0, stolen.stderr
+    assert '"PERMISSION_DENIED"' in stolen.stdout and "uid=0" in stolen.stdout
+
+
+def test_nothing_but_attach_is_read_before_a_lease_and_forged_leases_fail(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo, env=DIRECT)
+    lease = front_lease(daemon)
+    address = lease["workers"][0]["address"]
+    header = {"v": 1, "id": 5, "op": "infer", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64]}]}
+    assert raw_request(address, [msgpack.packb(header), X.tobytes()])["error"]["code"] == "PERMISSION_DENIED"
+    forged = bytearray(lease["lease"])
+    forged[-1] ^= 1
+    reply = raw_request(address, [msgpack.packb({"v": 1, "id": 6, "op": "attach", "lease": bytes(forged)})])
+    assert reply["error"]["code"] == "PERMISSION_DENIED"
+    assert raw_request(address, [msgpack.packb({"v": 1, "id": 7, "op": "stats"})])["error"]["code"] == "INVALID_ARGUMENT"
+
+
+def test_expiring_leases_are_renewed_without_a_failed_request(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo, env={**DIRECT, "OPENINFER_SERVER_LEASE_TTL_S": "1.2"})
+    with Client(daemon.address) as client:
+        until = time.monotonic() + 4  # several lease lifetimes
+        done = 0
+        while time.monotonic() < until:
+            client.infer("tiny", {"x": X})
+            done += 1
+    assert operations(daemon)["lease"]["OK"] >= 3 and done > 0
+
+
+def test_a_reload_revokes_leases_and_no_request_fails(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo, env=DIRECT)
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with Client(daemon.address) as client:
+            while not stop.is_set():
+                try:
+                    client.infer("tiny", {"x": X})
+                except OpenInferError as exc:
+                    failures.append(str(exc))
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    wait_for(lambda: operations(daemon).get("lease", {}).get("OK", 0) >= 1, 20, "a lease")
+    before = daemon.log_text().count('"repository synced"')
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: daemon.log_text().count('"repository synced"') > before, 20, "the reload")
+    wait_for(lambda: operations(daemon)["lease"]["OK"] >= 2, 20, "a new lease after the reload")
+    stop.set()
+    thread.join(30)
+    assert failures == []
+
+
+def test_a_replaced_model_moves_clients_to_the_new_workers_without_a_failed_request(daemon_factory: Any, tmp_path: Path) -> None:
+    root = world_readable_dir("oi-direct-swap-")
+    onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx", seed=1)
+    make_world_readable(root)
+    daemon = daemon_factory(root, env=DIRECT)
+    failures: list[str] = []
+    versions_seen: list[np.ndarray] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with Client(daemon.address) as client:
+            while not stop.is_set():
+                try:
+                    versions_seen.append(client.infer("tiny", {"x": X}).outputs["y"][0, :2].copy())
+                except OpenInferError as exc:
+                    failures.append(str(exc))
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    wait_for(lambda: len(versions_seen) > 10, 20, "traffic")
+    first = versions_seen[-1]
+    onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx", seed=2)  # same version, new file: replaced
+    make_world_readable(root)
+    with Client(daemon.address, direct=False) as admin:
+        admin.reload()
+    wait_for(lambda: not np.array_equal(versions_seen[-1], first), 60, "the replacement to serve")
+    n = len(versions_seen)
+    wait_for(lambda: len(versions_seen) > n + 20, 20, "more traffic on the replacement")
+    stop.set()
+    thread.join(30)
+    shutil.rmtree(root, ignore_errors=True)
+    assert failures == []
+    assert "goaway" not in "".join(failures)
+
+
+def test_a_killed_worker_fails_only_what_ran_on_it(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo, env=DIRECT)
+    results: list[str] = []
+
+    def slow() -> None:
+        with Client(daemon.address, timeout=30) as client:
+            try:
+                client.infer("busy", SLOW)
+                results.append("OK")
+            except OpenInferError as exc:
+                results.append(exc.code)
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    with Client(daemon.address, direct=False) as admin:
+        wait_for(lambda: admin.stats()["operations"].get("lease", {}).get("OK", 0) >= 1, 20, "the lease")
+        busy = next(w for w in admin.status()["workers"] if w["model"] == "busy")
+        wait_for(lambda: _cpu_seconds(busy["pid"]) > 0.5, 20, "the worker to be deep in the run")
+        os.kill(busy["pid"], signal.SIGKILL)
+        thread.join(30)
+        assert results == ["WORKER_CRASHED"]
+        wait_for(lambda: any(w["model"] == "busy" and w["state"] == "ready" for w in admin.status()["workers"]), 60, "a replacement")
+    with Client(daemon.address) as client:  # the next request takes a new lease and is served
+        assert client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(1, np.int64)}).outputs["y"].shape == (1,)
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_direct_request_past_max_compute_ms_gets_its_worker_killed(daemon_factory: Any, repo: Path) -> None:
+    """capped's max_compute_ms is 2000: a run of ~10 s must be stopped by the supervisor (the worker's
+    deadline page), and the client told WORKER_CRASHED (its own 60 s deadline has not passed), never kept
+    waiting for its own timeout."""
+    daemon = daemon_factory(repo, env=DIRECT)
+    with Client(daemon.address, timeout=60) as client:
+        with pytest.raises(OpenInferError) as failed:
+            client.infer("capped", {"x": np.zeros(1, np.float32), "n": np.array(10_000_000, np.int64)}, timeout=60)
+    assert failed.value.code == "WORKER_CRASHED" and "no reply" not in failed.value.message
+    wait_for(lambda: "ran past its deadline" in daemon.log_text() or "past its deadline" in daemon.log_text(), 10, "the kill to be logged")
+
+
+def test_the_async_client_uses_the_direct_path_too(daemon_factory: Any, repo: Path) -> None:
+    import asyncio
+
+    daemon = daemon_factory(repo, env=DIRECT)
+
+    async def main() -> list[np.ndarray]:
+        async with AsyncClient(daemon.address) as client:
+            results = await asyncio.gather(*(client.infer("tiny", {"x": X * i}) for i in range(16)))
+            return [r.outputs["y"] for r in results]
+
+    outputs = asyncio.run(main())
+    for i, y in enumerate(outputs):
+        np.testing.assert_array_equal(y, expected(X * i, daemon))
+    assert operations(daemon)["lease"]["OK"] >= 1
+
+
+def test_without_a_direct_path_clients_use_the_front_door(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo, env={"OPENINFER_POOL_DIRECT": "0"})
+    with Client(daemon.address) as client:
+        for _ in range(3):
+            assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+    ops = operations(daemon)
+    assert ops["infer"]["OK"] == 3 and ops["lease"] == {"UNAVAILABLE": 1}  # asked once, then never again
+
+
+def test_an_over_limit_request_is_refused_by_the_client_naming_the_limit(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo, env={**DIRECT, "OPENINFER_SERVER_MAX_REQUEST_BYTES": "4096"})
+    with Client(daemon.address) as client:
+        with pytest.raises(OpenInferError) as refused:
+            client.infer("tiny", {"x": np.ones((64, 64), np.float32)})  # 16 KiB
+    assert refused.value.code == "RESOURCE_EXHAUSTED" and "4096" in refused.value.message
+    assert operations(daemon).get("infer", {}).get("RESOURCE_EXHAUSTED", 0) == 0  # never sent
