@@ -78,7 +78,7 @@ class Dispatcher:
             ewma = model.compute_ewma_us
             if ewma is not None and ewma < PIPELINE_MAX_COMPUTE_US and not model.queue and _usual_size(task, model):
                 for worker in model.workers:
-                    if worker.state is WorkerState.BUSY and len(worker.inflight) < PIPELINE_DEPTH and _usual_size(worker.inflight[0], model):
+                    if worker.state is WorkerState.BUSY and len(worker.inflight) < PIPELINE_DEPTH and _usual_size(worker.inflight.head, model):  # type: ignore[arg-type]
                         self.dispatch(worker, task)
                         return
             self.enqueue(task)
@@ -171,10 +171,8 @@ class Dispatcher:
         now = time.monotonic_ns()
         task.dispatched_ns = now
         task.worker = worker
-        if not worker.inflight:
-            worker.deadline_ns = min(task.deadline_ns, now + task.model.config.max_compute_ms * 1_000_000)
-        worker.inflight.append(task)
-        worker.state = WorkerState.BUSY  # hot path: READY->BUSY is the one transition not logged
+        worker.inflight.add(task, now, task.model.config.max_compute_ms * 1_000_000)
+        worker.transition(WorkerState.BUSY)
         if not self.send(worker, [messages.TASK + messages.pack_task_id(task.task_id), task.header_frame, *task.data_frames]):
             self._unsent(worker, [task])
 
@@ -183,12 +181,13 @@ class Dispatcher:
         reached it and go back to the front of the queue; the worker gets nothing more."""
         worker.retired = True
         for task in tasks:
-            if task in worker.inflight:
-                worker.inflight.remove(task)
+            worker.inflight.withdraw(task)
             self.retry_alone(task)
 
     def next_for(self, worker: WorkerHandle) -> None:
         """The worker finished a task: give it the next queued one, or park it idle if it holds none."""
+        if worker.retired or worker.state is not WorkerState.BUSY and worker.state is not WorkerState.READY:
+            return  # draining or being killed: it gets nothing more
         model = worker.model
         if model.batchable:
             if not worker.inflight:
@@ -222,9 +221,9 @@ class Dispatcher:
 
     @staticmethod
     def _park(worker: WorkerHandle) -> None:
-        if worker.retired:
+        if worker.retired or worker.state is not WorkerState.BUSY and worker.state is not WorkerState.READY:
             return  # exiting: never handed work again
-        worker.state = WorkerState.READY
+        worker.transition(WorkerState.READY)
         worker.idle_since_ns = time.monotonic_ns()
         worker.model.idle.append(worker)
 
@@ -278,8 +277,7 @@ class Dispatcher:
         if ewma is None or ewma >= PIPELINE_MAX_COMPUTE_US:
             return None
         for worker in model.workers:
-            inflight = worker.inflight
-            if worker.state is WorkerState.BUSY and inflight and inflight[0].dispatched_ns == inflight[-1].dispatched_ns:
+            if worker.state is WorkerState.BUSY and worker.inflight.one_unit():
                 return worker
         return None
 
@@ -330,10 +328,8 @@ class Dispatcher:
             task.batch_wait_ns = max(0, now - max(task.enqueued_ns, idle_since))
             self.dispatch(worker, task)
             return
-        if not pipelined:  # else on_batch sets it when this batch starts
-            worker.deadline_ns = min(min(t.deadline_ns for t in batch), now + model.config.max_compute_ms * 1_000_000)
-        worker.inflight.extend(batch)
-        worker.state = WorkerState.BUSY
+        worker.inflight.add_batch(batch, now, model.config.max_compute_ms * 1_000_000)
+        worker.transition(WorkerState.BUSY)
         try:
             sent = self.send(worker, self._batch_message(batch, [task.rows for task in batch]))
         finally:
@@ -383,11 +379,9 @@ class Dispatcher:
 
     def requeue_unstarted(self, worker: WorkerHandle) -> None:
         """Put the tasks a lost worker held but had not answered back at the front of their queue."""
-        while worker.inflight:
-            task = worker.inflight.pop()
-            if task.done:
-                continue
-            self.retry_alone(task)
+        for task in reversed(worker.inflight.take_all()):  # each goes to the front: the first ends first
+            if not task.done:
+                self.retry_alone(task)
         self.serve_idle(worker.model)
 
     def serve_idle(self, model: ServedModel) -> None:

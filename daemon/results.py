@@ -27,9 +27,9 @@ class WorkerResults:
     def on_result(self, worker: WorkerHandle, frames: list[Buffer]) -> None:
         inflight = worker.inflight
         try:
-            if not inflight or inflight[0].batched:
+            task = inflight.head
+            if task is None or task.batched:
                 raise BadWorkerMessage("RESULT while it holds no single task")
-            task = inflight[0]
             if task_id_of(frames[0]) != task.task_id:
                 raise BadWorkerMessage("RESULT for a task it is not running")
             result = parse_result(frames, task.dispatched_ns, task.wanted or task.model.output_order)
@@ -38,7 +38,7 @@ class WorkerResults:
             return
         now = time.monotonic_ns()
         worker.ping_sent_ns = 0  # any message proves the worker's loop is alive
-        inflight.popleft()
+        inflight.finish_head(now, task.model.config.max_compute_ms * 1_000_000)
         worker.tasks_served += 1
         model = task.model
         task.done = True
@@ -64,7 +64,6 @@ class WorkerResults:
         timing["return_us"] = (now - timing_in.send_ns) / 1000
         timing["cpu_us"] = timing_in.cpu_us
         if inflight:  # the next pipelined task started when this result was sent
-            worker.deadline_ns = min(min(t.deadline_ns for t in inflight), now + model.config.max_compute_ms * 1_000_000)
             if worker.state is WorkerState.BUSY:
                 self.dispatcher.next_for(worker)  # keep the pipeline full before spending time on the reply
         outputs = result.frames
@@ -90,10 +89,10 @@ class WorkerResults:
         """One message answers a whole batch: per task, its own timing and output frames."""
         inflight = worker.inflight
         try:
-            if not inflight or not inflight[0].batched:
+            batch = inflight.running_batch()
+            if not batch:
                 raise BadWorkerMessage("RESULTS while it holds no batch")
-            head = inflight[0]
-            batch = [t for t in inflight if t.batched and t.dispatched_ns == head.dispatched_ns]
+            head = batch[0]
             wanted = head.batch_key[1] or head.model.output_order
             result = parse_batch(frames, [t.task_id for t in batch], [t.rows for t in batch], wanted, head.dispatched_ns)
         except BadWorkerMessage as exc:
@@ -101,12 +100,9 @@ class WorkerResults:
             return
         now = time.monotonic_ns()
         worker.ping_sent_ns = 0
-        for _ in batch:
-            inflight.popleft()
+        inflight.finish_batch(len(batch), now, head.model.config.max_compute_ms * 1_000_000)
         worker.tasks_served += len(batch)
         model = head.model
-        if inflight:  # a pipelined batch started when this one was sent
-            worker.deadline_ns = min(min(t.deadline_ns for t in inflight), now + model.config.max_compute_ms * 1_000_000)
         # A pipelined batch waited in the worker until the previous one was sent: that wait is queueing.
         dispatched_ns = head.dispatched_ns
         started_ns = dispatched_ns if dispatched_ns > worker.last_send_ns else worker.last_send_ns

@@ -78,7 +78,7 @@ class PoolSettings:
     share_min_bytes: int = _opt(8 * 1024 * 1024, "Models smaller than this are loaded privately by each worker (sharing saves little).", reload=NEW_WORKERS)
     ping_interval_s: float = _opt(2.0, "How often idle workers are pinged (liveness).")
     ping_grace_s: float = _opt(5.0, "An idle worker that has not answered a ping this long is killed and replaced.")
-    direct: bool = _opt(False, "Give each worker its own endpoint beside the socket (ipc:// only), so that clients holding a lease send infer to it in one hop instead of through the supervisor.", reload=NEW_WORKERS)
+    direct: bool = _opt(True, "Give each worker its own endpoint beside the socket (ipc:// only), so that clients holding a lease send infer to it in one hop instead of through the supervisor.", reload=NEW_WORKERS)
     worker_spin_us: int = _opt(50, "While requests keep arriving on its endpoint, a worker looks for the next one this long before it sleeps: a wake-up from sleep costs more than that on small VMs. 0 = never; an idle worker always sleeps.", reload=NEW_WORKERS)
     crash_loop_limit: int = _opt(5, "Consecutive crashes (without a successful task in between) before a model goes UNAVAILABLE.")
 

@@ -423,8 +423,7 @@ class Supervisor:
         worker.exit_reason = f"retired: sent an invalid message ({reason})"
         if worker in worker.model.idle:
             worker.model.idle.remove(worker)
-        while worker.inflight:
-            task = worker.inflight.popleft()
+        for task in worker.inflight.take_all():
             if not task.done:
                 self.replies.fail(task, WorkerCrashed(f"worker {worker.worker_id} (pid {worker.pid}) sent an invalid message and was retired while holding this task", {"worker": worker.worker_id, "pid": worker.pid}))
         self.pool.kill(worker)
@@ -445,13 +444,14 @@ class Supervisor:
     def _on_worker_lost(self, worker: WorkerHandle, how: str) -> None:
         """Exactly the task the worker was running fails; pipelined ones behind it never started and go
         back to the front of the queue. A batch that crashed goes back whole, each member to run alone."""
-        if not worker.inflight:
+        running = worker.inflight.take_running()
+        if not running:
             return
-        head = worker.inflight[0]
-        if not (head.batched and len(worker.inflight) > 1):
-            worker.inflight.popleft()
-            if not head.done:
-                self.replies.fail(head, WorkerCrashed(how, {"worker": worker.worker_id, "pid": worker.pid}))
+        if len(running) == 1:
+            if not running[0].done:
+                self.replies.fail(running[0], WorkerCrashed(how, {"worker": worker.worker_id, "pid": worker.pid}))
+        else:
+            worker.inflight.put_back(running)
         self.dispatcher.requeue_unstarted(worker)
 
     # -- deadlines --------------------------------------------------------------------------------
@@ -467,16 +467,11 @@ class Supervisor:
             worker.expected_exit = True
             self._retire_now(worker)
         for worker in list(self.pool.workers.values()):
-            if not worker.inflight or now < worker.deadline_ns or worker.retired:
+            if worker.retired or not worker.inflight.overdue(now):
                 continue
-            running = [worker.inflight.popleft()]
-            if running[0].batched:  # the whole batch was running
-                while worker.inflight and worker.inflight[0].batched and worker.inflight[0].dispatched_ns == running[0].dispatched_ns:
-                    running.append(worker.inflight.popleft())
+            running = worker.inflight.take_running()  # a single task, or the whole batch
             late = [t for t in running if t.deadline_ns <= now] if len(running) > 1 else running
-            for task in running:
-                if task not in late:
-                    worker.inflight.appendleft(task)  # ran too long together with others: retried alone
+            worker.inflight.put_back([t for t in running if t not in late])  # ran too long together with others: retried alone
             self.dispatcher.requeue_unstarted(worker)
             for task in late:
                 ran_ms = (now - task.dispatched_ns) / 1e6
@@ -597,8 +592,7 @@ class Supervisor:
         for model in self.sync.all_models():
             self.dispatcher.fail_queue(model, lambda: Unavailable("daemon stopped before this task ran"))
         for worker in self.pool.all_workers():
-            while worker.inflight:
-                task = worker.inflight.popleft()
+            for task in worker.inflight.take_all():
                 if not task.done:
                     self.replies.fail(task, Unavailable("daemon stopped while this task was running"))
             if worker.state is not WorkerState.DRAINING:

@@ -4,18 +4,17 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from openinfer.wire.zmtp import FrameStream
 
+from .inflight import Inflight
 from .spawner import SpawnedProcess
 
 if TYPE_CHECKING:
     from .deadline_page import DeadlinePage
     from .models import ServedModel
-    from .tasks import Task
     from .worker_output import StderrRelay
 
 log = logging.getLogger("openinfer.supervisor")
@@ -52,14 +51,13 @@ class WorkerHandle:
     page: "DeadlinePage | None" = None  # when its direct run must be done (deadline_page.py)
     ping_token: bytes = b"p"
     state: WorkerState = WorkerState.SPAWNED
-    inflight: "deque[Task]" = field(default_factory=deque)  # sent, unanswered; only the head runs
+    inflight: Inflight = field(default_factory=Inflight)  # sent, unanswered (inflight.py owns it)
     tasks_served: int = 0
     spawned_ns: int = field(default_factory=time.monotonic_ns)
     ready_ns: int | None = None
     sandbox: dict[str, Any] = field(default_factory=dict)
     exit_reason: str | None = None
     expected_exit: bool = False  # killed by us (deadline): respawn without counting a crash
-    deadline_ns: int = 0  # when the running task must be answered by
     ping_sent_ns: int = 0  # outstanding liveness PING (0 = none)
     idle_since_ns: int = 0  # when it last became READY (batch wait is measured from here)
     last_send_ns: int = 0  # when the worker sent its previous result (the next task started then)

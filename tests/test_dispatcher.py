@@ -254,13 +254,13 @@ def test_a_full_batch_queues_behind_the_short_batch_a_busy_worker_runs(channel: 
     router, worker = channel
     setup = Setup(router, max_batch_size=4)
     running = run_one_batch(setup, worker, 2)
-    deadline_ns = setup.worker.deadline_ns
+    deadline_ns = setup.worker.inflight.deadline_ns
     setup.model.batch_compute_ewma_us = 50.0  # short batches: a round trip through the loop costs more
     behind = [setup.admit(10 * 10**9) for _ in range(4)]  # the fourth fills a batch: no idle worker
     plan = sent_plan(worker)
     assert plan is not None and plan["tasks"] == [task.task_id for task in behind]
     assert list(setup.worker.inflight) == running + behind
-    assert setup.worker.deadline_ns == deadline_ns  # still the running batch's; on_batch moves it on
+    assert setup.worker.inflight.deadline_ns == deadline_ns  # still the running batch's; on_batch moves it on
     assert all(task.batch_wait_ns == 0 for task in behind)  # no worker was free while they waited
     third = [setup.admit(10 * 10**9) for _ in range(4)]
     assert not worker.poll(200)  # two dispatches in a worker at most
