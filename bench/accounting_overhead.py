@@ -136,7 +136,7 @@ def per_call_us(fn: Callable[[], object], calls: int, repeats: int) -> dict[str,
 
 def populated(models: int, clients: int, requests: int) -> Any:
     """An Accountant after `requests` realistic records over `models` versions and `clients` clients."""
-    from openinfer.daemon.accounting import Accountant
+    from openinfer.daemon.observability.accounting import Accountant
 
     rng = random.Random(0)
     acc = Accountant()
@@ -149,9 +149,9 @@ def populated(models: int, clients: int, requests: int) -> Any:
 
 
 def micro(calls: int, repeats: int) -> dict[str, Any]:
-    from openinfer.daemon.accounting import Accountant
-    from openinfer.daemon.metrics import MetricsExporter
-    from openinfer.daemon.settings import MetricsSettings
+    from openinfer.daemon.observability.accounting import Accountant
+    from openinfer.daemon.observability.metrics import MetricsExporter
+    from openinfer.daemon.config.settings import MetricsSettings
 
     full, minimal = Accountant(), CountsOnly()
     failure = {"total_us": 31.0}

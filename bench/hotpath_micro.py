@@ -128,8 +128,8 @@ def zmq_patterns(workdir: str) -> dict[str, float]:
 
 def daemon_functions() -> dict[str, float]:
     from openinfer.wire.protocol import encode_infer_request, pack, unpack
-    from openinfer.daemon.accounting import Accountant
-    from openinfer.daemon.validation import check_envelope, check_infer, decode_header, request_id_of
+    from openinfer.daemon.observability.accounting import Accountant
+    from openinfer.daemon.frontdoor.validation import check_envelope, check_infer, decode_header, request_id_of
 
     class TinyModel:  # what check_infer reads of a ServedModel
         name = "tiny"

@@ -68,7 +68,9 @@ class ClientCore:
         key: list[Any] = [model, version, tuple(outputs) if outputs is not None else None, timeout_ms, priority]
         payloads: list[Any] = []
         for name, value in inputs.items():
-            datatype = _FAST_DATATYPES.get(value.dtype) if type(value) is np.ndarray else None
+            if type(value) is not np.ndarray:  # BF16Array and array-likes: the general encoder
+                return self._encode_slow(request_id, model, inputs, version, outputs, timeout_ms, priority)
+            datatype = _FAST_DATATYPES.get(value.dtype)
             if datatype is None or not value.flags.c_contiguous:
                 return self._encode_slow(request_id, model, inputs, version, outputs, timeout_ms, priority)
             key.append((name, datatype, value.shape))

@@ -34,7 +34,7 @@ def main() -> None:
 @click.option("--metrics-textfile", default=None, metavar="PATH", help="Write Prometheus metrics to PATH for node_exporter's textfile collector.")
 def serve(models: Path | None, socket_address: str | None, workers: int | None, config_file: Path | None, insecure_no_sandbox: bool | None, insecure_tcp: bool | None, log_level: str | None, metrics_listen: str | None, metrics_textfile: str | None) -> None:
     """Run the daemon in the foreground (as systemd does)."""
-    from .serve_command import run_serve
+    from openinfer.daemon.commands.serve_command import run_serve
 
     overrides: dict[str, Any] = {
         "server.models": str(models) if models else None,
@@ -100,7 +100,7 @@ def models(socket_address: str | None, as_json: bool, timeout: float) -> None:
     """List models, versions and their state."""
     from openinfer.client import OpenInferError
 
-    from .tables import models_table, render
+    from openinfer.daemon.commands.tables import models_table, render
 
     try:
         with _client(socket_address, timeout) as client:
@@ -119,7 +119,7 @@ def status(socket_address: str | None, as_json: bool, timeout: float, wide: bool
     """Models, and workers (pid, model, state, tasks, restarts, sandbox policy, PSS; --wide: the rest)."""
     from openinfer.client import OpenInferError
 
-    from .tables import render, status_tables
+    from openinfer.daemon.commands.tables import render, status_tables
 
     try:
         with _client(socket_address, timeout) as client:
@@ -142,12 +142,12 @@ def stats(socket_address: str | None, as_json: bool, timeout: float, watch: floa
     """Per-model and per-client request counts, failures and latency percentiles."""
     from openinfer.client import OpenInferError
 
-    from .tables import render, stats_tables
+    from openinfer.daemon.commands.tables import render, stats_tables
 
     try:
         with _client(socket_address, timeout) as client:
             if watch:
-                from .tables import watch_stats
+                from openinfer.daemon.commands.tables import watch_stats
 
                 watch_stats(client, watch)
                 return
@@ -178,7 +178,7 @@ def infer(model: str, inputs: tuple[str, ...], fill: str | None, dynamic_dim: in
 
     from openinfer.client import OpenInferError
 
-    from .infer_command import build_inputs, describe_result
+    from openinfer.daemon.commands.infer_command import build_inputs, describe_result
 
     try:
         with _client(socket_address, timeout) as client:
@@ -193,7 +193,7 @@ def infer(model: str, inputs: tuple[str, ...], fill: str | None, dynamic_dim: in
     if as_json:
         _print_json(describe_result(result, full=True))
     else:
-        from .tables import infer_tables, render
+        from openinfer.daemon.commands.tables import infer_tables, render
 
         for table in infer_tables(result):
             render(table)
@@ -237,10 +237,10 @@ def sandbox_check(policy: str, config_file: Path | None, models: Path | None, so
     from openinfer.sandbox import PolicyError
     from openinfer.sandbox.probes import all_blocked, run_probes
 
-    from .deployment_checks import all_ok, run_deployment_checks
-    from .modelconfig import ConfigError
-    from .settings import load_settings
-    from .tables import deployment_table, probes_table, render
+    from openinfer.daemon.commands.deployment_checks import all_ok, run_deployment_checks
+    from openinfer.daemon.modelstore.modelconfig import ConfigError
+    from openinfer.daemon.config.settings import load_settings
+    from openinfer.daemon.commands.tables import deployment_table, probes_table, render
 
     try:
         results = run_probes(policy) if probes else []

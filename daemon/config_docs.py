@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from .settings import describe_settings
+from openinfer.daemon.config.settings import describe_settings
 
 BEGIN_MARKER = "<!-- BEGIN GENERATED SETTINGS TABLE: python -m openinfer.daemon.config_docs --write docs/CONFIG.md -->"
 END_MARKER = "<!-- END GENERATED SETTINGS TABLE -->"

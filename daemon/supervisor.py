@@ -24,35 +24,35 @@ from openinfer.wire.errors import (
 from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSION, resolve_address
 from openinfer.wire.zmtp import Buffer, Event, Oversized
 
-from . import admin
-from .access import AccessPolicy
-from .accounting import Accountant, TallyRejected
-from .client_limits import ClientLimiter, load_client_policy
-from .direct_path import DirectPath
-from .dispatch import Dispatcher
-from .frontdoor.bind import bind_public
-from .frontdoor.connections import Connection, ConnectionTable, Route
-from .metrics import MetricsExporter
-from .modelconfig import ConfigError
-from .models import ModelRegistry, ModelState, ServedModel
-from .pool import WorkerPool
-from .preparation import WeightPreparer
-from .prepared import PreparedStore
-from .reactor import Reactor
-from .reload import RepositorySync
-from .replies import ReplySender
-from .results import WorkerResults
-from .runtime_dir import base_runtime_dir, create_instance_dir
-from .sdnotify import SystemdNotifier
-from .jsonlog import configure_logging
-from .settings import LIVE, NEW_WORKERS, RESTART, Settings, changed_settings, keep_running_values, reload_class
-from .signals import SignalInbox
-from .tasks import Task
-from .timers import MonotonicTimerFd, TimerHeap
-from .validation import OverLimit, check_envelope, check_infer, decode_header, request_id_of
+from openinfer.daemon.control import admin
+from openinfer.daemon.frontdoor.access import AccessPolicy
+from openinfer.daemon.observability.accounting import Accountant, TallyRejected
+from openinfer.daemon.frontdoor.client_limits import ClientLimiter, load_client_policy
+from openinfer.daemon.direct.endpoints import DirectPath
+from openinfer.daemon.scheduling.dispatch import Dispatcher
+from openinfer.daemon.frontdoor.bind import bind_public
+from openinfer.daemon.frontdoor.connections import Connection, ConnectionTable, Route
+from openinfer.daemon.observability.metrics import MetricsExporter
+from openinfer.daemon.modelstore.modelconfig import ConfigError
+from openinfer.daemon.modelstore.models import ModelRegistry, ModelState, ServedModel
+from openinfer.daemon.workerpool.pool import WorkerPool
+from openinfer.daemon.workerpool.preparation import WeightPreparer
+from openinfer.daemon.files.prepared import PreparedStore
+from openinfer.daemon.loop.reactor import Reactor
+from openinfer.daemon.control.reload import RepositorySync
+from openinfer.daemon.frontdoor.replies import ReplySender
+from openinfer.daemon.scheduling.results import WorkerResults
+from openinfer.daemon.files.runtime_dir import base_runtime_dir, create_instance_dir
+from openinfer.daemon.control.sdnotify import SystemdNotifier
+from openinfer.daemon.observability.jsonlog import configure_logging
+from openinfer.daemon.config.settings import LIVE, NEW_WORKERS, RESTART, Settings, changed_settings, keep_running_values, reload_class
+from openinfer.daemon.loop.signals import SignalInbox
+from openinfer.daemon.scheduling.tasks import Task
+from openinfer.daemon.loop.timers import MonotonicTimerFd, TimerHeap
+from openinfer.daemon.frontdoor.validation import OverLimit, check_envelope, check_infer, decode_header, request_id_of
 from .worker import messages
-from .worker_inbound import BadWorkerMessage, parse_hello, parse_ready
-from .workers import WorkerHandle, WorkerState
+from openinfer.daemon.workerpool.worker_inbound import BadWorkerMessage, parse_hello, parse_ready
+from openinfer.daemon.workerpool.workers import WorkerHandle, WorkerState
 
 log = logging.getLogger("openinfer.supervisor")
 
@@ -126,7 +126,7 @@ class Supervisor:
             self._tell_systemd()
 
     def _reload(self) -> dict[str, Any]:
-        """Every setting is declared live, new-workers-only or restart-only (daemon/settings.py); this
+        """Every setting is declared live, new-workers-only or restart-only (daemon/config/settings.py); this
         applies the live ones, says which apply to new workers only and which wait for a restart, and
         always reads the access and client policy files again (a client newly denied is refused at its
         next request). A bad config or policy file changes nothing."""

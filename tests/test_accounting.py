@@ -12,7 +12,7 @@ import pytest
 from hdrh.histogram import HdrHistogram
 
 from openinfer.wire.errors import ErrorCode
-from openinfer.daemon.accounting import (
+from openinfer.daemon.observability.accounting import (
     DURATION_BUCKETS_US,
     HDR_HIGHEST_US,
     HDR_SIGNIFICANT_DIGITS,
@@ -162,7 +162,7 @@ def test_a_batch_recorded_at_once_equals_its_members_recorded_one_by_one() -> No
 def test_batches_recorded_later_are_in_every_snapshot_and_held_only_boundedly() -> None:
     """record_batch_later defers the work to the loop's idle moments: a snapshot taken before any idle
     moment must still count every batch, and a loop that is never idle must not pile them up."""
-    from openinfer.daemon.accounting import PENDING_BATCHES_MAX
+    from openinfer.daemon.observability.accounting import PENDING_BATCHES_MAX
 
     shared = {"dispatch_us": 30.0, "prep_us": 2.0, "compute_us": 40.0, "encode_us": 3.0, "return_us": 20.0, "cpu_us": 35.0}
     own = [(5.0, 200.0, 100.0, 400.0), (6.0, 180.0, 90.0, 410.0)]

@@ -13,7 +13,7 @@ import pytest
 
 from daemon_harness import RunningDaemon
 from openinfer.client import InvalidArgument, NotFound
-from openinfer.daemon.accounting import PERCENTILES, LatencySketch
+from openinfer.daemon.observability.accounting import PERCENTILES, LatencySketch
 from reference import _session, sample_inputs
 from repo_builder import ModelRepo
 

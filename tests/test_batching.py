@@ -145,7 +145,7 @@ def test_zero_delay_never_waits_and_preferred_sizes_leave_at_once(daemon_factory
 
 
 def test_batching_config_is_checked(tmp_path: Path) -> None:
-    from openinfer.daemon.modelconfig import ConfigError, parse_model_config
+    from openinfer.daemon.modelstore.modelconfig import ConfigError, parse_model_config
 
     path = tmp_path / "config.toml"
     path.write_text("[batching]\nmax_batch_size = 4\npreferred_batch_sizes = [2, 8]\n")

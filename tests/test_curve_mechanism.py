@@ -30,7 +30,7 @@ from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
 from openinfer.daemon.frontdoor.curve import CurveServer, ServerKeys, load_server_keys
-from openinfer.daemon.modelconfig import ConfigError
+from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.wire.sealed import Refused, SealedFrameStream
 from openinfer.wire.zmtp import (
     COMMAND,

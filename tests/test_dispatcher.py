@@ -24,17 +24,17 @@ import pytest
 
 from daemon_harness import wait_for
 from openinfer.wire.errors import OpenInferError
-from openinfer.daemon.client_limits import ClientLimiter, ClientPolicy
-from openinfer.daemon.access import Peer
-from openinfer.daemon.dispatch import UNTIMED_MAX, UNTIMED_MAX_AGE_NS, Dispatcher
+from openinfer.daemon.frontdoor.client_limits import ClientLimiter, ClientPolicy
+from openinfer.daemon.frontdoor.access import Peer
+from openinfer.daemon.scheduling.dispatch import UNTIMED_MAX, UNTIMED_MAX_AGE_NS, Dispatcher
 from openinfer.daemon.frontdoor.connections import Connection, Route
-from openinfer.daemon.modelconfig import BatchingConfig, ModelConfig
-from openinfer.daemon.models import ServedModel
-from openinfer.daemon.settings import Settings
-from openinfer.daemon.tasks import Task
-from openinfer.daemon.timers import TimerHeap
-from openinfer.daemon.validation import check_infer
-from openinfer.daemon.workers import WorkerHandle, WorkerState
+from openinfer.daemon.modelstore.modelconfig import BatchingConfig, ModelConfig
+from openinfer.daemon.modelstore.models import ServedModel
+from openinfer.daemon.config.settings import Settings
+from openinfer.daemon.scheduling.tasks import Task
+from openinfer.daemon.loop.timers import TimerHeap
+from openinfer.daemon.frontdoor.validation import check_infer
+from openinfer.daemon.workerpool.workers import WorkerHandle, WorkerState
 from openinfer.wire.zmtp import FrameStream, Limits
 
 pytestmark = pytest.mark.unit

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from openinfer.daemon.beneath import open_beneath
-from openinfer.daemon.model_files import ModelFileError, open_model
-from openinfer.daemon.pool import worker_read_paths
-from openinfer.daemon.private_dir import UnsafeDirectory, open_private_dir
+from openinfer.daemon.files.beneath import open_beneath
+from openinfer.daemon.files.model_files import ModelFileError, open_model
+from openinfer.daemon.workerpool.pool import worker_read_paths
+from openinfer.daemon.files.private_dir import UnsafeDirectory, open_private_dir
 from openinfer.daemon.worker.external_data import ExternalDataError, check_prepared_refs, map_external_files
 from openinfer.daemon.worker.external_refs import ExternalRef
 

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from openinfer.wire.errors import OpenInferError
-from openinfer.daemon.modelconfig import ModelConfig
-from openinfer.daemon.models import ServedModel
-from openinfer.daemon.validation import check_envelope, check_infer, decode_header, request_id_of
+from openinfer.daemon.modelstore.modelconfig import ModelConfig
+from openinfer.daemon.modelstore.models import ServedModel
+from openinfer.daemon.frontdoor.validation import check_envelope, check_infer, decode_header, request_id_of
 
 pytestmark = pytest.mark.unit
 

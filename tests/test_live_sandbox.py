@@ -371,8 +371,8 @@ class AttackWorker:
 
 def _attack_boot_config(worker_id: int, model_path: Path) -> Any:
     """What WorkerPool.boot_config gives a worker of this model under the daemon's default settings."""
-    from openinfer.daemon.pool import worker_read_paths
-    from openinfer.daemon.settings import Settings
+    from openinfer.daemon.workerpool.pool import worker_read_paths
+    from openinfer.daemon.config.settings import Settings
     from openinfer.daemon.worker.bootconfig import WorkerBootConfig, WorkerSandboxConfig
 
     sb = Settings().sandbox
@@ -395,7 +395,7 @@ def _attack_boot_config(worker_id: int, model_path: Path) -> Any:
 @pytest.fixture(scope="module")
 def attack_workers() -> Iterator[dict[str, AttackWorker]]:
     """One freshly booted worker per fatal attack plus one for the soft ones, all booting at once."""
-    from openinfer.daemon import spawner
+    from openinfer.daemon.workerpool import spawner
 
     assert BOOT_IMPORT in spawner._SHIM, "the spawner's shim changed: update ATTACK_PRELUDE's insertion point"
     shim = spawner._SHIM.replace(BOOT_IMPORT, ATTACK_PRELUDE + BOOT_IMPORT)

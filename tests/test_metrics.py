@@ -16,12 +16,12 @@ import pytest
 
 from daemon_harness import wait_for
 from exposition import assert_agrees, parse, scrape, value
-from openinfer.daemon import metrics
-from openinfer.daemon.accounting import DURATION_BUCKETS_US, Accountant
-from openinfer.daemon.metrics import MetricsExporter, parse_listen
-from openinfer.daemon.modelconfig import ConfigError
-from openinfer.daemon.settings import MetricsSettings
-from openinfer.daemon.workers import WorkerState
+from openinfer.daemon.observability import metrics
+from openinfer.daemon.observability.accounting import DURATION_BUCKETS_US, Accountant
+from openinfer.daemon.observability.metrics import MetricsExporter, parse_listen
+from openinfer.daemon.modelstore.modelconfig import ConfigError
+from openinfer.daemon.config.settings import MetricsSettings
+from openinfer.daemon.workerpool.workers import WorkerState
 
 pytestmark = pytest.mark.unit
 

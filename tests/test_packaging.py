@@ -37,3 +37,18 @@ def test_setuptools_applies_pyproject_without_a_warning(monkeypatch: pytest.Monk
         warnings.simplefilter("error")
         dist = apply_configuration(Distribution(), PYPROJECT)
     assert dist.metadata.license_expression == "Apache-2.0"
+
+
+def test_every_source_package_is_in_the_distribution() -> None:
+    """`packages` is an explicit list (the import names are mapped onto directories): a package directory
+    left out would import from a checkout's editable install and be missing from a built wheel."""
+    setuptools_table = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]
+    listed = set(setuptools_table["packages"])
+    root = PYPROJECT.parent
+    for name, source in setuptools_table["package-dir"].items():
+        for init in (root / source).rglob("__init__.py"):
+            relative = init.parent.relative_to(root / source)
+            package = ".".join([name, *relative.parts])
+            if name == "openinfer.client" and relative.parts[:1] == ("wire",):
+                continue  # client/wire/ is mapped under its own name, openinfer.wire
+            assert package in listed, f"{init.parent} is not in pyproject.toml's packages: add {package!r}"

@@ -16,9 +16,9 @@ import pytest
 
 import onnx_builders
 from daemon_harness import REPO_ROOT, world_readable_dir
-from openinfer.daemon.modelconfig import ConfigError
-from openinfer.daemon.path_settings import resolve_paths
-from openinfer.daemon.settings import SECTIONS, MetricsSettings, SandboxSettings, ServerSettings, Settings, describe_settings
+from openinfer.daemon.modelstore.modelconfig import ConfigError
+from openinfer.daemon.config.path_settings import resolve_paths
+from openinfer.daemon.config.settings import SECTIONS, MetricsSettings, SandboxSettings, ServerSettings, Settings, describe_settings
 from repo_builder import make_world_readable
 
 

@@ -1,4 +1,4 @@
-"""What the supervisor accepts from a prepare helper (daemon/prepared.py): exactly a prepared directory for
+"""What the supervisor accepts from a prepare helper (daemon/files/prepared.py): exactly a prepared directory for
 the source it hashed itself, or nothing - checked on crafted directories, as a hostile helper would leave
 them (tests/attack/test_prepare_helper.py does it with a real helper and daemon)."""
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Callable
 
 import pytest
 
-from openinfer.daemon.offloop import OffLoopRunner
-from openinfer.daemon.prepared import Expectation, PreparedRejected, PreparedStore
-from openinfer.daemon.prepared_layout import CHECK, MANIFEST, OPT_MODEL, WEIGHTS
+from openinfer.daemon.loop.offloop import OffLoopRunner
+from openinfer.daemon.files.prepared import Expectation, PreparedRejected, PreparedStore
+from openinfer.daemon.files.prepared_layout import CHECK, MANIFEST, OPT_MODEL, WEIGHTS
 
 EXPECTED = Expectation(source_sha256="ab" * 32, onnxruntime="1.0", cpu="c0ffee", max_file_bytes=1 << 20)
 KEY = "abababab-ort1.0-c0ffee"
@@ -118,8 +118,8 @@ def test_the_supervisors_side_imports_neither_onnxruntime_nor_onnx() -> None:
     imported onnxruntime for other tests)."""
     code = (
         "import sys\n"
-        "import openinfer.daemon.supervisor, openinfer.daemon.preparation, openinfer.daemon.cache_key, openinfer.daemon.deployment_checks\n"
-        "from openinfer.daemon.cache_key import cache_key\n"
+        "import openinfer.daemon.supervisor, openinfer.daemon.workerpool.preparation, openinfer.daemon.files.cache_key, openinfer.daemon.commands.deployment_checks\n"
+        "from openinfer.daemon.files.cache_key import cache_key\n"
         "cache_key('0' * 64)\n"
         "print(sorted(m for m in ('onnxruntime', 'onnx') if m in sys.modules))\n"
     )

@@ -1,4 +1,4 @@
-"""daemon/reply_headers.py packs a batch member's reply header from pieces: the bytes must decode to
+"""daemon/scheduling/reply_headers.py packs a batch member's reply header from pieces: the bytes must decode to
 exactly the map msgpack.packb would have written for the same reply (what clients in any language read)."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from openinfer.daemon.accounting import MEMBER_STAGES
-from openinfer.daemon.reply_headers import BatchReplyHeaders
+from openinfer.daemon.observability.accounting import MEMBER_STAGES
+from openinfer.daemon.scheduling.reply_headers import BatchReplyHeaders
 
 pytestmark = pytest.mark.unit
 

@@ -12,8 +12,8 @@ from typing import Iterator
 
 import pytest
 
-from openinfer.daemon.jsonlog import JsonFormatter
-from openinfer.daemon.sdnotify import NotifyError, SystemdNotifier
+from openinfer.daemon.observability.jsonlog import JsonFormatter
+from openinfer.daemon.control.sdnotify import NotifyError, SystemdNotifier
 
 pytestmark = pytest.mark.unit
 

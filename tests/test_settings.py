@@ -10,8 +10,8 @@ import pytest
 
 from openinfer.daemon import cli
 from openinfer.daemon.config_docs import CLI_FLAGS, extract_table, format_default, render_config_table
-from openinfer.daemon.modelconfig import ConfigError
-from openinfer.daemon.settings import Settings, describe_settings, load_settings
+from openinfer.daemon.modelstore.modelconfig import ConfigError
+from openinfer.daemon.config.settings import Settings, describe_settings, load_settings
 
 pytestmark = pytest.mark.unit
 

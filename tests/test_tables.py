@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
-from openinfer.daemon.tables import status_tables
+from openinfer.daemon.commands.tables import status_tables
 
 pytestmark = pytest.mark.unit
 

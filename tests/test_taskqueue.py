@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from openinfer.daemon.taskqueue import TaskQueue
-from openinfer.daemon.tasks import Task
+from openinfer.daemon.scheduling.taskqueue import TaskQueue
+from openinfer.daemon.scheduling.tasks import Task
 
 pytestmark = pytest.mark.unit
 

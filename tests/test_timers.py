@@ -9,7 +9,7 @@ import weakref
 import pytest
 
 from daemon_harness import wait_for
-from openinfer.daemon.timers import MonotonicTimerFd, TimerHeap
+from openinfer.daemon.loop.timers import MonotonicTimerFd, TimerHeap
 
 pytestmark = pytest.mark.unit
 

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from openinfer.wire.errors import InvalidArgument, OpenInferError
-from openinfer.daemon.modelconfig import ModelConfig
-from openinfer.daemon.models import ServedModel
-from openinfer.daemon.validation import SIGNATURES_KEPT, OverLimit, check_infer
+from openinfer.daemon.modelstore.modelconfig import ModelConfig
+from openinfer.daemon.modelstore.models import ServedModel
+from openinfer.daemon.frontdoor.validation import SIGNATURES_KEPT, OverLimit, check_infer
 
 pytestmark = pytest.mark.unit
 

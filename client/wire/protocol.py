@@ -56,7 +56,7 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def unpack(raw: bytes | memoryview) -> Any:
+def unpack(raw: bytes | bytearray | memoryview) -> Any:
     return msgpack.unpackb(raw, raw=False, strict_map_key=True)
 
 

@@ -116,7 +116,7 @@ def encode_bytes_elements(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def decode_bytes_elements(payload: bytes | memoryview, count: int) -> np.ndarray:
+def decode_bytes_elements(payload: bytes | bytearray | memoryview, count: int) -> np.ndarray:
     """Parse `count` length-prefixed elements; raises ValueError if the payload does not hold exactly that."""
     view = memoryview(payload)
     out = np.empty(count, dtype=object)
@@ -141,7 +141,7 @@ def expected_nbytes(datatype: str, shape: list[int]) -> int | None:
     return None if size is None else size * element_count(shape)
 
 
-def decode_array(datatype: str, shape: list[int], payload: bytes | memoryview) -> np.ndarray:
+def decode_array(datatype: str, shape: list[int], payload: bytes | bytearray | memoryview) -> np.ndarray:
     """Decode a payload into an ndarray; numeric types are zero-copy views (read-only) over the payload."""
     if datatype == "BYTES":
         return decode_bytes_elements(payload, element_count(shape)).reshape(shape)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from openinfer.daemon.modelconfig import ConfigError
-from openinfer.daemon.settings import Settings
+from openinfer.daemon.modelstore.modelconfig import ConfigError
+from openinfer.daemon.config.settings import Settings
 
 from .listener import BoundListener, bind_tcp, bind_unix
 

@@ -32,10 +32,10 @@ import psutil
 from openinfer.wire.sealed import SealedFrameStream
 from openinfer.wire.zmtp import Buffer, Event, FrameStream, Limits, PeerClosed, ProtocolError
 
-from ..access import AccessPolicy, Peer
-from ..reactor import HANGUP as _HANGUP, READABLE, WRITABLE, Reactor
-from ..settings import Settings
-from ..timers import TimerHeap
+from .access import AccessPolicy, Peer
+from openinfer.daemon.loop.reactor import HANGUP as _HANGUP, READABLE, WRITABLE, Reactor
+from openinfer.daemon.config.settings import Settings
+from openinfer.daemon.loop.timers import TimerHeap
 from .curve import CurveServer
 from .listener import BoundListener, peer_credentials
 

@@ -43,7 +43,7 @@ from nacl.bindings import (
 from nacl.exceptions import CryptoError
 from zmq.utils import z85
 
-from openinfer.daemon.modelconfig import ConfigError
+from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.wire.sealed import Refused
 from openinfer.wire.zmtp import BIG_FRAME, COMMAND, MORE, Buffer, ProtocolError, frame_header, parse_properties
 

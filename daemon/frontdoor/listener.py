@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from openinfer.daemon.modelconfig import ConfigError
+from openinfer.daemon.modelstore.modelconfig import ConfigError
 
 if TYPE_CHECKING:
     from .curve import ServerKeys

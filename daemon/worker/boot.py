@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from openinfer.daemon.jsonlog import configure_logging
+from openinfer.daemon.observability.jsonlog import configure_logging
 
 from .bootconfig import WorkerBootConfig
 
@@ -54,7 +54,7 @@ def _report_failure(message: str) -> None:
 
 def _worker_user(config: WorkerBootConfig) -> str:
     """Whose rights the model is read with, for messages (read while /etc/passwd is still readable)."""
-    from openinfer.daemon.model_files import describe_user
+    from openinfer.daemon.files.model_files import describe_user
 
     sb = config.sandbox
     dropping_to = sb.uid if sb.enabled and os.geteuid() == 0 else None
@@ -69,7 +69,7 @@ def _enter_work_dir(config: WorkerBootConfig) -> None:
 
 
 def _open_version_dir(config: WorkerBootConfig, user: str) -> int:
-    from openinfer.daemon.model_files import ModelFileError, open_version_dir
+    from openinfer.daemon.files.model_files import ModelFileError, open_version_dir
 
     try:
         return open_version_dir(config.repository, config.model_path, user)
@@ -122,7 +122,7 @@ def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any], us
 
 def _open_source(config: WorkerBootConfig, version_dir: int, user: str) -> "ModelSource":
     """Step 5: the model source (worker/model_source.py); every refusal becomes the boot failure's reason."""
-    from openinfer.daemon.model_files import ModelFileError
+    from openinfer.daemon.files.model_files import ModelFileError
 
     from .external_data import ExternalDataError
     from .model_source import PreparedInvalid, open_model_source
@@ -262,8 +262,8 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
 def prepare_and_exit(config: WorkerBootConfig) -> None:
     """Prepare mode: write a prepared directory into `prepare_into`, report success by pipe. The supervisor
     chose the cache key and checks what was written; this process parses the untrusted model."""
-    from openinfer.daemon.cache_key import onnxruntime_version
-    from openinfer.daemon.prepared_layout import REPORT
+    from openinfer.daemon.files.cache_key import onnxruntime_version
+    from openinfer.daemon.files.prepared_layout import REPORT
 
     from . import prepare as preparation  # looked up at call time: tests stand in a hostile helper here
 

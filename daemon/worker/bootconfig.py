@@ -50,7 +50,7 @@ class WorkerBootConfig:
     prepared_dir: str | None = None  # serve from these prepared, shared weights (see worker/prepare.py)
     prepare_into: str | None = None  # prepare mode: write a prepared directory here, then exit
     prepare_limit_bytes: int = 0  # prepare mode: largest file it may write (the supervisor accepts no larger)
-    repository: str = ""  # the model repository model_path is opened beneath (daemon/model_files.py)
+    repository: str = ""  # the model repository model_path is opened beneath (daemon/files/model_files.py)
     work_dir: str = ""  # an empty directory to run in: a relative path the worker did not check resolves nowhere
     sandbox: WorkerSandboxConfig = field(default_factory=WorkerSandboxConfig)
     direct: DirectConfig | None = None

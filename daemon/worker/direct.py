@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from openinfer.daemon.lease import Lease, LeaseRefused, verify
-from openinfer.daemon.validation import OverLimit, check_envelope, decode_header, request_id_of
+from openinfer.daemon.direct.lease import Lease, LeaseRefused, verify
+from openinfer.daemon.frontdoor.validation import OverLimit, check_envelope, decode_header, request_id_of
 from openinfer.wire.errors import InvalidArgument, OpenInferError, PermissionDenied, ResourceExhausted
 from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSION, pack
 from openinfer.wire.zmtp import Buffer, Event, FrameStream, Limits, Oversized, PeerClosed, ProtocolError
@@ -169,11 +169,11 @@ class DirectDoor:
         if isinstance(event, Oversized):
             frames = event.frames
             delimited = bool(frames) and len(frames[0]) == 0
-            body = frames[1:] if delimited else frames
+            kept = frames[1:] if delimited else frames  # what arrived before the limit: the header, if any
             oversized_id = None
-            if body:
+            if kept:
                 try:
-                    oversized_id = request_id_of(decode_header(body[0]))
+                    oversized_id = request_id_of(decode_header(kept[0]))
                 except OpenInferError:
                     pass
             self.error(conn, delimited, oversized_id, OverLimit(f"request over this worker's limits: {event.reason} (server.max_request_bytes = {self.limits.max_request_bytes})"), received_ns)

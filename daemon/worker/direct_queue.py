@@ -1,10 +1,10 @@
 """Requests clients sent straight to this worker: admission, their queue, batching, the run, the reply.
 
-Order, as the supervisor's queue (daemon/taskqueue.py): higher `priority` first; among equals, arrival;
+Order, as the supervisor's queue (daemon/scheduling/taskqueue.py): higher `priority` first; among equals, arrival;
 a request that has waited `starvation_ms` goes first whatever its priority. A request whose deadline
 passes while it waits is answered DEADLINE_EXCEEDED and never runs. With `[batching]`, requests of the
 same shapes (but dimension 0) and outputs run as one batch, held at most `max_queue_delay_us` to fill
-up. Everything a request costs is tallied (daemon/accounting.py) and handed to the supervisor off the
+up. Everything a request costs is tallied (daemon/observability/accounting.py) and handed to the supervisor off the
 request path (serve.py), so `stats` stays complete.
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from openinfer.daemon.accounting import Accountant
-from openinfer.daemon.deadline_page import DeadlinePage
-from openinfer.daemon.modelconfig import BatchingConfig
-from openinfer.daemon.validation import InputSignature, check_infer
+from openinfer.daemon.observability.accounting import Accountant
+from openinfer.daemon.direct.deadline_page import DeadlinePage
+from openinfer.daemon.modelstore.modelconfig import BatchingConfig
+from openinfer.daemon.frontdoor.validation import InputSignature, check_infer
 from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError
 from openinfer.wire.protocol import PROTOCOL_VERSION
 from openinfer.wire.tensors import BF16Array, decode_array

@@ -6,8 +6,8 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from openinfer.daemon.deadline_page import DeadlinePage
-from openinfer.daemon.modelconfig import BatchingConfig
+from openinfer.daemon.direct.deadline_page import DeadlinePage
+from openinfer.daemon.modelstore.modelconfig import BatchingConfig
 
 from .bootconfig import WorkerBootConfig
 from .direct import LISTEN_FD, DirectDoor, DirectLimits
@@ -44,7 +44,7 @@ def direct_serving(config: WorkerBootConfig, description: dict[str, Any], runner
 
 def _warm(key: bytes) -> None:
     """hmac/hashlib and msgpack paths used per attach: taken once now, while imports still work."""
-    from openinfer.daemon.lease import LeaseRefused, issue, verify
+    from openinfer.daemon.direct.lease import LeaseRefused, issue, verify
 
     token, _ = issue(key or b"\0" * 32, "uid=0", "warm", 0, 1_000_000_000, 0, 1)
     try:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from openinfer.daemon.beneath import open_beneath
+from openinfer.daemon.files.beneath import open_beneath
 
 from .external_refs import ExternalRef
 

@@ -4,7 +4,7 @@ The channel is a socketpair made at spawn (the worker's end is its fd 4): no oth
 and the supervisor knows which worker is on each. Messages are multipart, framed as ZMTP frames
 (openinfer.wire.zmtp) without a greeting. Frame 0 starts with a one-byte kind (TASK and RESULT append the
 8-byte little-endian task id to it: one frame less per message on the hot path). Everything a worker
-sends is checked by the supervisor against what that worker was given (daemon/worker_inbound.py) before
+sends is checked by the supervisor against what that worker was given (daemon/workerpool/worker_inbound.py) before
 any state changes; a message that does not fit retires the worker.
 
   worker -> supervisor                        supervisor -> worker

@@ -1,5 +1,5 @@
 """What a worker or the prepare helper loads, all of it opened before the boot policy and with the rights of
-the worker user: the model file (beneath the repository, no symlinks: daemon/model_files.py) and its
+the worker user: the model file (beneath the repository, no symlinks: daemon/files/model_files.py) and its
 external-data files (beneath its version directory: external_data.py), or, for a worker on shared weights,
 the prepared directory's model, whose external references are checked too (the helper that wrote it ran
 the untrusted model)."""
@@ -9,8 +9,8 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from openinfer.daemon.model_files import ModelFileError, open_model_file, read_model
-from openinfer.daemon.prepared_layout import OPT_MODEL
+from openinfer.daemon.files.model_files import ModelFileError, open_model_file, read_model
+from openinfer.daemon.files.prepared_layout import OPT_MODEL
 
 from .bootconfig import WorkerBootConfig
 from .external_data import ExternalDataError, ExternalFiles, check_prepared_refs, map_external_files

@@ -7,9 +7,9 @@ onnxruntime maps that file read-only: every worker shares the same page-cache pa
 (DESIGN §5). The packed layout depends on the CPU and the onnxruntime version, so both are part of the
 cache key, and a known input's output (`check.msgpack`) is verified by every worker at start.
 
-The layout is in daemon/prepared_layout.py. The helper writes into the private temporary directory it is
+The layout is in daemon/files/prepared_layout.py. The helper writes into the private temporary directory it is
 given and reports only that it succeeded: the supervisor computed the key before starting it
-(daemon/cache_key.py), checks what the helper wrote, and renames it into `<cache>/<key>` itself. The helper
+(daemon/files/cache_key.py), checks what the helper wrote, and renames it into `<cache>/<key>` itself. The helper
 parses the untrusted model, so nothing it says is taken as a path or a key.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ import numpy as np
 
 from openinfer.wire.protocol import pack, unpack
 from openinfer.wire.tensors import decode_array, encode_array
-from openinfer.daemon.cache_key import cpu_fingerprint, onnxruntime_version
-from openinfer.daemon.prepared_layout import CHECK, MANIFEST, OPT_MODEL, WEIGHTS
+from openinfer.daemon.files.cache_key import cpu_fingerprint, onnxruntime_version
+from openinfer.daemon.files.prepared_layout import CHECK, MANIFEST, OPT_MODEL, WEIGHTS
 
 from .external_data import ExternalFiles
 from .session import ort, warm_up_feed

@@ -29,7 +29,7 @@ SHIM = (
 )
 
 if __name__ == "__main__":
-    from openinfer.daemon import spawner
+    from openinfer.daemon.workerpool import spawner
 
     spawner._SHIM = SHIM  # type: ignore[attr-defined]
     from openinfer.daemon.cli import main

@@ -56,7 +56,7 @@ if _hostile:
 
 def main() -> None:
     plan = json.loads(Path(sys.argv[1]).read_text())
-    from openinfer.daemon import spawner
+    from openinfer.daemon.workerpool import spawner
 
     assert BOOT_IMPORT in spawner._SHIM, "the spawner's shim changed: update BOOT_IMPORT"
     spawner._SHIM = spawner._SHIM.replace(BOOT_IMPORT, PRELUDE.replace("PLAN", repr(plan)) + BOOT_IMPORT)

@@ -291,7 +291,7 @@ def test_rotating_client_names_does_not_escape_max_in_flight(daemon_factory: Any
         import asyncio
 
         async def one(name: str) -> None:
-            async with AsyncClient(daemon.address, client_name=name, timeout=60) as client:
+            async with AsyncClient(daemon.address, client_name=name, timeout=60, direct=False) as client:  # the front door's rule (test_worker_endpoint: the workers')
                 try:
                     await client.infer("busy", SLOW)
                     outcomes.append("OK")

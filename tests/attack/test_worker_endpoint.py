@@ -33,6 +33,8 @@ def repo() -> Iterator[Path]:
     root = world_readable_dir("oi-endpoint-")
     onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx")
     onnx_builders.matmul_model(root / "other" / "1" / "model.onnx", seed=4)
+    onnx_builders.busy_loop_model(root / "busy" / "1" / "model.onnx")
+    (root / "busy" / "config.toml").write_text("workers = 1\n")
     make_world_readable(root)
     yield root
     shutil.rmtree(root, ignore_errors=True)
@@ -68,6 +70,17 @@ class Peer:
             return None
         raise AssertionError("no reply")
 
+    def replies(self, count: int, timeout: float = 30) -> list[dict[str, Any]]:
+        """The next `count` reply headers (GOAWAY aside)."""
+        got: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < count:
+            assert time.monotonic() < deadline, f"{len(got)} of {count} replies"
+            select.select([self.stream.sock], [self.stream.sock] if self.stream.out_bytes else [], [], 0.1)
+            self.stream.flush()
+            got += [h for h in (msgpack.unpackb(event[0]) for event in self.stream.read()) if not h.get("goaway")]
+        return got
+
     def close(self) -> None:
         self.stream.close()
 
@@ -78,6 +91,38 @@ def attach(token: bytes, request_id: int = 1) -> list[bytes]:
 
 def infer(request_id: int) -> list[bytes]:
     return [msgpack.packb({"v": 1, "id": request_id, "op": "infer", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64]}]}), X.tobytes()]
+
+
+def busy(request_id: int, n: int) -> list[bytes]:
+    header = {"v": 1, "id": request_id, "op": "infer", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}, {"name": "n", "datatype": "INT64", "shape": []}]}
+    return [msgpack.packb(header), np.zeros(1, np.float32).tobytes(), np.array(n, np.int64).tobytes()]
+
+
+def test_connections_of_one_uid_share_its_max_in_flight_on_a_worker(daemon_factory: Any, repo: Path, tmp_path: Path) -> None:
+    """More connections (or client names) buy no more concurrency: a worker counts what it holds per
+    kernel-proven uid. With max_in_flight = 2, one connection keeps the worker busy while three more
+    send three requests each: of those nine, at most two are taken and the rest are refused, naming
+    the limit (a per-connection count would take six)."""
+    policy = tmp_path / "clients.toml"
+    policy.write_text("[default]\nmax_in_flight = 2\n")
+    daemon = daemon_factory(repo, env={**DIRECT, "OPENINFER_SERVER_CLIENT_POLICY": str(policy)})
+    lease = lease_of(daemon, "busy")
+    peers = [Peer(lease["workers"][0]["address"]) for _ in range(4)]
+    try:
+        for i, peer in enumerate(peers):
+            assert "result" in peer.ask(attach(lease["lease"], 100 + i))  # type: ignore[operator]
+        peers[0].stream.send(busy(1, 3_000_000))  # ~seconds of loop iterations
+        for p, peer in enumerate(peers[1:], start=1):
+            for k in range(3):
+                peer.stream.send(busy(10 * p + k, 1))
+        answers = [header for peer in peers[1:] for header in peer.replies(3)]
+        assert peers[0].replies(1)[0].get("outputs"), "the blocker ran"
+    finally:
+        for peer in peers:
+            peer.close()
+    refused = [a["error"] for a in answers if "error" in a]
+    assert len(answers) - len(refused) <= 2, answers
+    assert all(e["code"] == "RESOURCE_EXHAUSTED" and "max_in_flight=2" in e["message"] and "uid=0" in e["message"] for e in refused), refused
 
 
 def test_a_lease_for_one_model_opens_no_other_models_worker(daemon_factory: Any, repo: Path) -> None:

@@ -1,0 +1,1 @@
+"""The `openinfer` commands' parts besides serving: infer helpers, tables, deployment checks."""

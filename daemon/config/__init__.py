@@ -1,0 +1,1 @@
+"""Settings: the typed settings model, path settings, policy file reading."""

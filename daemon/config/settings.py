@@ -1,0 +1,269 @@
+"""The daemon's settings: one typed, frozen model that is the single source for the config file,
+`OPENINFER_<SECTION>_<KEY>` environment variables, CLI flags and the table in docs/CONFIG.md.
+
+Precedence: built-in default < config file < environment < command-line flag.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping, get_type_hints
+
+from openinfer.daemon.modelstore.modelconfig import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("/etc/openinfer/openinfer.toml")
+
+
+# What a reload (SIGHUP, `openinfer reload`) does with a changed setting; declared per setting below and
+# shown in docs/CONFIG.md. The reload's reply and log list the changed keys of each class.
+LIVE = "live"  # applied at once (including the policy files, which every reload reads again)
+NEW_WORKERS = "new workers"  # applied to workers (and preparations) started after the reload
+RESTART = "restart"  # needs a restart; until then the running value stays in force
+RELOAD_CLASSES = (LIVE, NEW_WORKERS, RESTART)
+
+
+# What a path setting names (its `path` metadata). daemon/config/path_settings.py makes each one absolute
+# against the directory `openinfer serve` started in, and checks it, before anything reads it.
+EXISTING_DIR = "existing directory"
+CREATED_DIR = "directory, created if missing"
+KEY_FILE = "existing key file (and its .pub)"
+CREATED_FILE = "file, created if missing"
+POLICY = "policy: a shipped name or an existing file"
+
+
+def _opt(default: Any, help: str, path: str | None = None, reload: str = LIVE) -> Any:
+    assert reload in RELOAD_CLASSES
+    metadata = {"help": help, "reload": reload}
+    if path is not None:
+        metadata["path"] = path
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    models: str = _opt("", "Model repository directory: <models>/<name>/<version>/model.onnx.", EXISTING_DIR)
+    socket: str = _opt("", "Address to serve on: ipc://PATH or tcp://HOST:PORT. Empty = $XDG_RUNTIME_DIR/openinfer/openinfer.sock, else /run/openinfer/openinfer.sock.", reload=RESTART)
+    socket_mode: int = _opt(0o660, "Permission bits of the ipc:// socket file (owner + client group).", reload=RESTART)
+    socket_group: str = _opt("", "Group given to the ipc:// socket file (clients in it may connect). Empty = unchanged.", reload=RESTART)
+    max_request_bytes: int = _opt(64 * 1024 * 1024, "Largest request accepted: the sum of its tensor frames (the header, at most 64 KiB, is not counted). A larger one is answered RESOURCE_EXHAUSTED and its bytes are skipped, not stored.")
+    max_queued_bytes: int = _opt(1024 * 1024 * 1024, "Bytes of request data held in queues across all models before RESOURCE_EXHAUSTED.")
+    drain_grace_s: float = _opt(30.0, "On SIGTERM: seconds to finish queued and running tasks before stopping hard.")
+    runtime_dir: str = _opt("", "Private directory for prepared weights and the workers' working directory (an instance-<pid> directory inside it). Empty = $RUNTIME_DIRECTORY (systemd's RuntimeDirectory=), else $TMPDIR/openinfer-<uid>. It must belong to the daemon's user, be writable by nobody else and not be a symlink, or the daemon refuses to start.", CREATED_DIR, reload=RESTART)
+    cache_dir: str = _opt("", "Where prepared (shared, pre-packed) weights are kept across restarts; checked like runtime_dir. Empty = inside the runtime directory, removed at exit.", CREATED_DIR, reload=RESTART)
+    access_policy: str = _opt("access", "Who may call which operations on which models: a policy name in policies/ or a path. Empty = every local peer may do everything.", POLICY)
+    client_policy: str = _opt("clients", "Per-client limits: a policy name in policies/ or a path (see policies/clients.toml). Empty = built-in defaults.", POLICY)
+    peer_strike_limit: int = _opt(16, "A connection that sends this many requests no conforming client sends (undecodable header, over a size limit) is dropped. 0 = never.")
+    max_connections: int = _opt(512, "Client connections held at once; more wait in the kernel's listen backlog until one closes. Keep it well below the process's open-file limit.")
+    max_connections_per_identity: int = _opt(64, "Client connections one identity (a uid, a CURVE key) may hold at once; a connection over it is closed at once.")
+    max_reply_backlog_bytes: int = _opt(64 * 1024 * 1024, "While more reply bytes than this wait for a connection to read them, its requests are not read (a slow reader slows only itself).")
+    max_connection_buffers_bytes: int = _opt(0, "Bytes held for all client connections together (unfinished requests in, unread replies out); over it, the connections holding the most are cut, idle or not. 0 = half the supervisor's memory limit.")
+    max_worker_message_bytes: int = _opt(1024 * 1024 * 1024, "Largest message a worker may send the supervisor (one batch's outputs); a worker that sends more is retired.")
+    max_supervisor_rss_mb: int = _opt(0, "Above this resident memory the supervisor cuts the client connections holding the most buffered bytes, idle or not. 0 = max_queued_bytes + 4 x max_request_bytes + 256 MiB.")
+    lease_ttl_s: float = _opt(5.0, "How long a lease for the direct path lasts (docs/PROTOCOL.md section 17): the longest a client whose access was revoked can still use it. Every reload also revokes every lease at once.")
+    starvation_ms: int = _opt(1000, "A queued request waiting longer than this is served before higher priorities (aging).")
+    curve_secret_key_file: str = _opt("", "tcp:// with CURVE: file holding the server's Z85 secret key (40 characters; `openinfer keygen`). Public key: the same path + .pub", KEY_FILE, reload=RESTART)
+    insecure_tcp: bool = _opt(False, "Allow tcp:// without CURVE. Logged loudly; never on a shared network.", reload=RESTART)
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    workers: int = _opt(1, "Worker processes per model version (a model's config.toml `workers` wins).")
+    intra_op_threads: int = _opt(1, "onnxruntime intra-op threads per worker (a model's config.toml wins).", reload=NEW_WORKERS)
+    ready_timeout_s: float = _opt(120.0, "A worker that is not ready this long after spawn is killed.", reload=NEW_WORKERS)
+    respawn_backoff_ms: int = _opt(100, "First delay before respawning a crashed worker; doubles per consecutive crash.")
+    respawn_backoff_max_ms: int = _opt(10_000, "Ceiling of the respawn delay.")
+    share_weights: bool = _opt(True, "Prepare each model once and let its workers map the same pre-packed weights.", reload=NEW_WORKERS)
+    share_min_bytes: int = _opt(8 * 1024 * 1024, "Models smaller than this are loaded privately by each worker (sharing saves little).", reload=NEW_WORKERS)
+    ping_interval_s: float = _opt(2.0, "How often idle workers are pinged (liveness).")
+    ping_grace_s: float = _opt(5.0, "An idle worker that has not answered a ping this long is killed and replaced.")
+    direct: bool = _opt(True, "Give each worker its own endpoint beside the socket (ipc:// only), so that clients holding a lease send infer to it in one hop instead of through the supervisor.", reload=NEW_WORKERS)
+    worker_spin_us: int = _opt(50, "While requests keep arriving on its endpoint, a worker looks for the next one this long before it sleeps: a wake-up from sleep costs more than that on small VMs. 0 = never; an idle worker always sleeps.", reload=NEW_WORKERS)
+    crash_loop_limit: int = _opt(5, "Consecutive crashes (without a successful task in between) before a model goes UNAVAILABLE.")
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    enabled: bool = _opt(True, "Run workers under seccomp, no_new_privs and rlimits. Off only with --insecure-no-sandbox.", reload=NEW_WORKERS)
+    boot_policy: str = _opt("boot", "Policy (name in policies/ or a path) a worker loads its model under.", POLICY, reload=NEW_WORKERS)
+    serve_policy: str = _opt("worker", "Policy (name in policies/ or a path) a worker serves under.", POLICY, reload=NEW_WORKERS)
+    worker_user: str = _opt("nobody", "User workers drop to when the daemon runs as root.", reload=RESTART)
+    memory_limit_mb: int = _opt(4096, "Default address-space limit (RLIMIT_AS) per worker after loading, MiB; 0 = none.", reload=NEW_WORKERS)
+    max_open_files: int = _opt(64, "RLIMIT_NOFILE for workers (onnxruntime and the worker's own descriptors need a few dozen).", reload=NEW_WORKERS)
+    landlock: bool = _opt(True, "Restrict worker file access with Landlock where the kernel has it.", reload=NEW_WORKERS)
+    namespaces: bool = _opt(True, "Put workers in new network/IPC (and user) namespaces where allowed.", reload=NEW_WORKERS)
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = _opt("info", "Log level: debug, info, warning, error.")
+    access_log_sample: float = _opt(0.0, "Fraction of tasks written to the access log (0 = off, 1 = every task).")
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen: str = _opt("", "Serve Prometheus metrics over HTTP on HOST:PORT (loopback recommended). A scrape counts every request answered before it began. Empty = off.", reload=RESTART)
+    textfile: str = _opt("", "Write Prometheus metrics to this file for node_exporter's textfile collector. Empty = off.", CREATED_FILE, reload=RESTART)
+    textfile_interval_s: float = _opt(15.0, "How often the textfile is rewritten.", reload=RESTART)
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Settings)}  # type: ignore[misc]
+
+
+def describe_settings() -> list[tuple[str, str, str, Any, str, str]]:
+    """(key, env var, type, default, help, reload class) for every setting: the source of docs/CONFIG.md."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else None
+            rows.append((f"{section}.{f.name}", env_name(section, f.name), hints[f.name].__name__, default, f.metadata.get("help", ""), f.metadata.get("reload", LIVE)))
+    return rows
+
+
+def reload_class(key: str) -> str:
+    """LIVE, NEW_WORKERS or RESTART for a dotted key ("server.socket")."""
+    section, _, name = key.partition(".")
+    for f in fields(SECTIONS[section]):
+        if f.name == name:
+            return str(f.metadata.get("reload", LIVE))
+    raise KeyError(key)
+
+
+def changed_settings(old: Settings, new: Settings) -> list[str]:
+    """Dotted keys whose value differs, in declaration order."""
+    changed = []
+    for section in SECTIONS:
+        before, after = getattr(old, section), getattr(new, section)
+        for f in fields(before):
+            if getattr(before, f.name) != getattr(after, f.name):
+                changed.append(f"{section}.{f.name}")
+    return changed
+
+
+def keep_running_values(old: Settings, new: Settings, keys: list[str]) -> Settings:
+    """`new`, except that `keys` keep their value from `old` (restart-only settings until a restart)."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        section, _, name = key.partition(".")
+        grouped.setdefault(section, {})[name] = getattr(getattr(old, section), name)
+    for section, values in grouped.items():
+        new = replace(new, **{section: replace(getattr(new, section), **values)})
+    return new
+
+
+def env_name(section: str, key: str) -> str:
+    return f"OPENINFER_{section.upper()}_{key.upper()}"
+
+
+def _coerce(where: str, kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value, 0)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+
+
+_POSITIVE = {"pool.workers", "pool.intra_op_threads", "sandbox.max_open_files", "server.max_request_bytes", "server.max_connections", "server.max_connections_per_identity", "server.max_reply_backlog_bytes", "server.max_worker_message_bytes"}
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _check_range(where: str, dotted: str, value: Any) -> None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0 or (dotted in _POSITIVE and value <= 0):
+            raise ConfigError(f"{where}: must be {'positive' if dotted in _POSITIVE else 'non-negative'}, got {value!r}")
+    if dotted == "log.access_log_sample" and not 0 <= value <= 1:
+        raise ConfigError(f"{where}: a fraction between 0 and 1, got {value!r}")
+    if dotted == "log.level" and value not in _LOG_LEVELS:
+        raise ConfigError(f"{where}: one of {', '.join(_LOG_LEVELS)}, got {value!r}")
+
+
+def _apply(settings: Settings, values: Mapping[str, Any], source: str) -> Settings:
+    """Apply {"section.key": value} onto settings; unknown keys and bad types name the key and the source."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for dotted, value in values.items():
+        section, _, key = dotted.partition(".")
+        cls = SECTIONS.get(section)
+        if cls is None:
+            raise ConfigError(f"{source}: unknown section `{section}` in `{dotted}` (known: {', '.join(SECTIONS)})")
+        hints = get_type_hints(cls)
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key `{dotted}` (known in [{section}]: {', '.join(hints)})")
+        value = _coerce(f"{source}: `{dotted}`", hints[key], value)
+        _check_range(f"{source}: `{dotted}`", dotted, value)
+        grouped.setdefault(section, {})[key] = value
+    for section, updates in grouped.items():
+        settings = replace(settings, **{section: replace(getattr(settings, section), **updates)})
+    return settings
+
+
+def _flatten_file(path: Path) -> dict[str, Any]:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    flat: dict[str, Any] = {}
+    for section, table in raw.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: `{section}` must be a [section] table")
+        for key, value in table.items():
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def load_settings(
+    config_file: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build Settings from the file (if given or present at the default path), the environment and flags."""
+    settings = Settings()
+    environ = os.environ if environ is None else environ
+    path = config_file
+    if path is None and environ.get("OPENINFER_CONFIG"):
+        path = Path(environ["OPENINFER_CONFIG"])
+    if path is None and DEFAULT_CONFIG_FILE.exists():
+        path = DEFAULT_CONFIG_FILE
+    if path is not None:
+        settings = _apply(settings, _flatten_file(path), str(path))
+    env_values: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            name = env_name(section, f.name)
+            if name in environ:
+                env_values[f"{section}.{f.name}"] = environ[name]
+    settings = _apply(settings, env_values, "environment")
+    return _apply(settings, {k: v for k, v in (overrides or {}).items() if v is not None}, "command line")

@@ -1,0 +1,1 @@
+"""The control plane: admin operations, reloads, systemd notifications."""

@@ -1,0 +1,121 @@
+"""Answers to the non-inference operations: models, metadata, health, status, stats."""
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from openinfer.wire.errors import InvalidArgument
+
+from openinfer.daemon.modelstore.models import ModelState
+
+if TYPE_CHECKING:
+    from openinfer.daemon.supervisor import Supervisor
+
+
+def models_result(sup: "Supervisor") -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    for name in sorted(set(sup.registry.by_name) | set(sup.registry.failed)):
+        versions = sup.registry.by_name.get(name, {})
+        if not versions:
+            rows.append({"name": name, "version": None, "state": ModelState.FAILED.value, "reason": sup.registry.failed[name].reason, "workers": 0, "ready_workers": 0})
+        for version, model in sorted(versions.items()):
+            rows.append(
+                {
+                    "name": name,
+                    "version": version,
+                    "state": model.state.value,
+                    "reason": model.reason,
+                    "workers": len(model.workers),
+                    "ready_workers": model.ready_workers(),
+                    "queued": len(model.queue),
+                    "path": str(model.path),
+                    "sharing": model.sharing,
+                    "shared_bytes": model.shared_bytes,
+                }
+            )
+    return {"models": rows}
+
+
+def metadata_result(sup: "Supervisor", header: dict[str, Any]) -> dict[str, Any]:
+    name = header.get("model")
+    if not isinstance(name, str):
+        raise InvalidArgument("`model` must be a string")
+    model = sup.registry.lookup(name, header.get("version"))
+    return model.metadata(sup.registry.versions(name))
+
+
+def health_result(sup: "Supervisor") -> dict[str, Any]:
+    """Ready only when at least one model serves, every model that loaded has a ready worker, and the
+    daemon is not draining. Models that failed to load are listed but do not hold readiness back."""
+    not_ready = []
+    failed = []
+    for model in sup.registry.all():
+        if model.state is ModelState.FAILED:
+            failed.append({"model": model.key, "reason": model.reason})
+        elif model.ready_workers() == 0 or model.state is not ModelState.READY:
+            not_ready.append({"model": model.key, "state": model.state.value, "reason": model.reason})
+    for name, entry in sup.registry.failed.items():
+        failed.append({"model": name, "reason": entry.reason})
+    serving = any(m.state is ModelState.READY for m in sup.registry.all())
+    ready = serving and not not_ready and not sup.draining
+    return {"ready": ready, "draining": sup.draining, "not_ready": not_ready, "failed": failed}
+
+
+def _memory(pid: int) -> dict[str, int]:
+    try:
+        info = psutil.Process(pid).memory_full_info()
+        return {"rss": info.rss, "uss": info.uss, "pss": getattr(info, "pss", 0)}
+    except (psutil.Error, OSError):
+        return {}
+
+
+def status_result(sup: "Supervisor") -> dict[str, Any]:
+    now = time.monotonic_ns()
+    workers = []
+    for worker in sorted(sup.pool.all_workers(), key=lambda w: w.worker_id):
+        workers.append(
+            {
+                "id": worker.worker_id,
+                "pid": worker.pid,
+                "model": worker.model.name,
+                "version": worker.model.version,
+                "state": worker.state.value,
+                "tasks_served": worker.tasks_served,
+                "restarts": worker.model.restarts,
+                "uptime_s": round((now - worker.spawned_ns) / 1e9, 3),
+                "sandbox": worker.sandbox,
+                "memory": _memory(worker.pid),
+            }
+        )
+    return {
+        "pid": os.getpid(),
+        "address": sup.address,
+        "connections": sup.connections.describe(),
+        "uptime_s": round((now - sup.started_ns) / 1e9, 3),
+        "draining": sup.draining,
+        "sandbox": sup.settings.sandbox.enabled,
+        "models": models_result(sup)["models"],
+        "workers": workers,
+        "queued": sum(len(m.queue) for m in sup.sync.all_models()),
+        "reloading": sorted(m.key for m in sup.sync.pending.values()),
+        "retiring": sorted(m.key for m in sup.sync.retiring),
+        "in_flight": sum(len(w.inflight) for w in sup.pool.all_workers()),
+        "supervisor_memory": _memory(os.getpid()),
+    }
+
+
+def stats_result(sup: "Supervisor") -> dict[str, Any]:
+    restarts = {(m.name, m.version): m.restarts for m in sup.registry.all()}
+    snap = sup.accountant.snapshot(restarts)
+    for model in sup.registry.all():
+        entry = snap["models"].setdefault(model.name, {"requests": 0, "success": 0, "failures": {}, "versions": {}})
+        entry.setdefault("versions", {}).setdefault(str(model.version), {"requests": 0, "success": 0, "failures": {}, "worker_restarts": model.restarts})
+        entry["queue_depth"] = entry.get("queue_depth", 0) + len(model.queue)
+        entry.setdefault("queue_by_priority", {})[str(model.version)] = model.queue.depth_by_priority()
+        if model.batch_sizes:
+            entry.setdefault("batch_sizes", {})[str(model.version)] = {str(k): v for k, v in sorted(model.batch_sizes.items())}
+    snap["admission"] = {"rejected": dict(sup.limiter.rejected), "in_flight_by_client": dict(sup.limiter.in_flight), "policy": sup.limiter.policy.source}
+    return snap

@@ -1,0 +1,183 @@
+"""Keeping the served models in step with the repository: the initial load and every reload.
+
+A reload scans the repository and compares it with what is served:
+- a new (model, version) starts loading; it takes traffic once a worker is ready;
+- a changed one (file or config.toml) is loaded *beside* the old one; when all the replacement's
+  workers are ready, the registry switches to it in one step and the old one drains (finishes its
+  queue and running tasks, then its workers exit);
+- a removed one stops taking new requests and drains the same way;
+- one that fails to load leaves the old one serving, with the reason in `status`.
+A failed or crash-looped model is retried by a reload.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from openinfer.daemon.modelstore.models import FailedModel, ModelRegistry, ModelState, ServedModel
+from openinfer.daemon.modelstore.modelconfig import ConfigError
+from openinfer.daemon.workerpool.pool import WorkerPool
+from openinfer.daemon.modelstore.repository import ModelEntry, ModelVersionEntry, scan_repository
+from openinfer.daemon.config.settings import Settings
+from openinfer.daemon.scheduling.taskqueue import TaskQueue
+from openinfer.daemon.workerpool.workers import WorkerState
+
+log = logging.getLogger("openinfer.supervisor")
+
+
+def file_fingerprint(path: Path) -> tuple[int, int, int]:
+    st = os.lstat(path)  # a symlink is never followed (and the next scan refuses it)
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+class RepositorySync:
+    def __init__(self, settings: Settings, registry: ModelRegistry, pool: WorkerPool, quit_worker: Callable[..., None]) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.pool = pool
+        self.quit_worker = quit_worker
+        self.pending: dict[tuple[str, int], ServedModel] = {}  # replacements loading beside the served one
+        self.retiring: list[ServedModel] = []
+
+    def _new_model(self, entry: ModelEntry, version: ModelVersionEntry, repository: Path) -> ServedModel:
+        model = ServedModel(
+            name=entry.name,
+            version=version.version,
+            path=version.path,
+            config=entry.config,
+            worker_count=entry.config.workers or self.settings.pool.workers,
+            intra_op_threads=entry.config.intra_op_threads or self.settings.pool.intra_op_threads,
+            repository=repository,
+        )
+        model.fingerprint = file_fingerprint(version.path)
+        model.queue = TaskQueue(self.settings.server.starvation_ms)
+        preparer = self.pool.preparer
+        if preparer is not None and preparer.wanted(model):
+            preparer.start(model)  # its workers start when the shared weights are ready
+        else:
+            self.start_workers(model)
+        return model
+
+    def start_workers(self, model: ServedModel) -> None:
+        for _ in range(model.worker_count - len(model.workers)):
+            self.pool.spawn(model)
+
+    def sync(self) -> dict[str, list[str]]:
+        """Bring the registry in line with the repository; returns what changed (for logs and the reply)."""
+        changes: dict[str, list[str]] = {"added": [], "replaced": [], "removed": [], "unchanged": [], "failed": []}
+        repository = Path(os.path.abspath(self.settings.server.models))  # workers run elsewhere: no relative paths
+        try:
+            entries = scan_repository(repository)
+        except ConfigError as exc:
+            log.error("reload failed: repository unreadable; keeping what is served", extra={"reason": str(exc)})
+            changes["failed"].append(str(exc))
+            return changes
+        seen: set[tuple[str, int]] = set()
+        self.registry.failed = {}
+        for entry in entries:
+            if entry.error is not None:
+                if entry.name in self.registry.by_name:
+                    log.error("reload: model directory broken; keeping what is served", extra={"model": entry.name, "reason": entry.error})
+                    for model in self.registry.by_name[entry.name].values():
+                        model.reason = f"reload failed: {entry.error}"
+                        seen.add((model.name, model.version))
+                else:
+                    self.registry.failed[entry.name] = FailedModel(entry.name, entry.error)
+                changes["failed"].append(entry.name)
+                continue
+            for version in entry.versions:
+                key = (entry.name, version.version)
+                seen.add(key)
+                current = self.registry.by_name.get(entry.name, {}).get(version.version)
+                if current is None:
+                    self.registry.add(self._new_model(entry, version, repository))
+                    changes["added"].append(f"{entry.name}:{version.version}")
+                elif self._changed(current, entry, version):
+                    old_pending = self.pending.pop(key, None)
+                    if old_pending is not None:
+                        self._retire(old_pending)
+                    if current.state in (ModelState.FAILED, ModelState.UNAVAILABLE, ModelState.LOADING):
+                        self.registry.by_name[entry.name][version.version] = self._new_model(entry, version, repository)
+                        self._retire(current)
+                    else:
+                        self.pending[key] = self._new_model(entry, version, repository)
+                    changes["replaced"].append(f"{entry.name}:{version.version}")
+                else:
+                    changes["unchanged"].append(f"{entry.name}:{version.version}")
+                    if self._resize(current, entry.config.workers or self.settings.pool.workers):
+                        changes.setdefault("resized", []).append(f"{current.key}: {current.worker_count} workers")
+        for name, served in list(self.registry.by_name.items()):
+            for number, model in list(served.items()):
+                if (name, number) not in seen:
+                    del served[number]
+                    self._retire(model)
+                    changes["removed"].append(model.key)
+            if not served:
+                del self.registry.by_name[name]
+        log.info("repository synced", extra=changes)
+        return changes
+
+    def _resize(self, model: ServedModel, wanted: int) -> bool:
+        """`pool.workers` is live: a served model gets more workers at once, or its idle extras quit."""
+        if wanted == model.worker_count or model.retiring or model.state is not ModelState.READY:
+            return False
+        model.worker_count = wanted
+        self.start_workers(model)
+        extra = len(model.workers) - wanted
+        for worker in [w for w in model.workers if w.state is WorkerState.READY][: max(0, extra)]:
+            self.quit_worker(worker)
+        return True
+
+    @staticmethod
+    def _changed(current: ServedModel, entry: ModelEntry, version: ModelVersionEntry) -> bool:
+        if current.state in (ModelState.FAILED, ModelState.UNAVAILABLE):
+            return True  # a reload retries what could not serve
+        try:
+            fingerprint = file_fingerprint(version.path)
+        except OSError:
+            return True
+        return fingerprint != current.fingerprint or entry.config != current.config
+
+    def on_model_ready(self, model: ServedModel) -> None:
+        """A worker became ready: switch to a replacement once all its workers are ready."""
+        key = (model.name, model.version)
+        if self.pending.get(key) is not model or model.ready_workers() < model.worker_count:
+            return
+        del self.pending[key]
+        old = self.registry.by_name.get(model.name, {}).get(model.version)
+        self.registry.add(model)
+        log.info("switched to reloaded model", extra={"model": model.key})
+        if old is not None:
+            self._retire(old)
+
+    def on_model_failed(self, model: ServedModel) -> None:
+        key = (model.name, model.version)
+        if self.pending.get(key) is model:
+            del self.pending[key]
+            served = self.registry.by_name.get(model.name, {}).get(model.version)
+            if served is not None:
+                served.reason = f"reload failed, still serving the previous file: {model.reason}"
+            log.error("reload failed; previous model keeps serving", extra={"model": model.key, "reason": model.reason})
+            self._retire(model)
+
+    def _retire(self, model: ServedModel) -> None:
+        model.retiring = True
+        if model not in self.retiring:
+            self.retiring.append(model)
+        self.progress()
+
+    def progress(self) -> None:
+        """Quit idle workers of retiring models whose queues are empty; forget them once all exited."""
+        for model in list(self.retiring):
+            if not model.queue:
+                for worker in list(model.workers):
+                    if worker.state in (WorkerState.READY, WorkerState.SPAWNED, WorkerState.LOADED):
+                        self.quit_worker(worker)
+            if not model.workers:
+                self.retiring.remove(model)
+                log.info("retired model released", extra={"model": model.key})
+
+    def all_models(self) -> list[ServedModel]:
+        return [*self.registry.all(), *self.pending.values(), *self.retiring]

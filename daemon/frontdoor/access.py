@@ -1,0 +1,158 @@
+"""Peer identity (from the kernel: SO_PEERCRED; or a CURVE key) and the access policy
+(policies/access.toml), checked when a peer connects and on every request."""
+from __future__ import annotations
+
+import fnmatch
+import grp
+import logging
+import pwd
+from dataclasses import dataclass
+from typing import Any
+
+from openinfer.wire.errors import PermissionDenied
+from openinfer.wire.protocol import OPERATIONS
+
+from openinfer.daemon.modelstore.modelconfig import ConfigError
+from openinfer.daemon.config.policy_files import read_policy_toml
+
+log = logging.getLogger("openinfer.access")
+
+
+@dataclass(frozen=True)
+class Peer:
+    uid: int | None = None
+    gid: int | None = None
+    pid: int | None = None
+    curve_key: str | None = None
+
+    @property
+    def local(self) -> bool:
+        return self.uid is not None
+
+
+@dataclass(frozen=True)
+class Grant:
+    name: str
+    operations: frozenset[str]
+    models: tuple[str, ...] = ("*",)
+    local: bool = False
+    uids: frozenset[int] = frozenset()
+    gids: frozenset[int] = frozenset()
+    groups: frozenset[str] = frozenset()
+    curve_keys: frozenset[str] = frozenset()
+    anonymous: bool = False  # peers with no identity at all: plain tcp:// (only with --insecure-tcp)
+
+    def matches_peer(self, peer: Peer, peer_groups: frozenset[str]) -> bool:
+        if self.local and peer.local:
+            return True
+        if self.anonymous and peer.uid is None and peer.curve_key is None:
+            return True
+        if peer.uid is not None and peer.uid in self.uids:
+            return True
+        if peer.gid is not None and peer.gid in self.gids:
+            return True
+        if self.groups & peer_groups:
+            return True
+        return peer.curve_key is not None and peer.curve_key in self.curve_keys
+
+    def covers(self, op: str, model: str | None) -> bool:
+        if op not in self.operations:
+            return False
+        return model is None or any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+
+_GRANT_KEYS = {"name", "operations", "models", "local", "uids", "gids", "groups", "curve_keys", "anonymous"}
+
+
+def _parse_grant(where: str, raw: Any) -> Grant:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = set(raw) - _GRANT_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} (known: {', '.join(sorted(_GRANT_KEYS))})")
+    ops = raw.get("operations")
+    if not isinstance(ops, list) or not ops or not set(ops) <= OPERATIONS:
+        raise ConfigError(f"{where}: `operations` must list some of {', '.join(sorted(OPERATIONS))}")
+    return Grant(
+        name=str(raw.get("name", where)),
+        operations=frozenset(ops),
+        models=tuple(raw.get("models", ["*"])),
+        local=bool(raw.get("local", False)),
+        uids=frozenset(int(u) for u in raw.get("uids", [])),
+        gids=frozenset(int(g) for g in raw.get("gids", [])),
+        groups=frozenset(str(g) for g in raw.get("groups", [])),
+        curve_keys=frozenset(str(k) for k in raw.get("curve_keys", [])),
+        anonymous=bool(raw.get("anonymous", False)),
+    )
+
+
+_VERDICTS_KEPT = 10_000  # cached (peer, op, model) verdicts; then start over
+
+
+class AccessPolicy:
+    def __init__(self, grants: tuple[Grant, ...], source: str) -> None:
+        self.grants = grants
+        self.source = source
+        self._groups: dict[int, frozenset[str]] = {}
+        self._verdicts: dict[tuple[Any, ...], bool] = {}  # a request pays one dict lookup
+
+    @classmethod
+    def load(cls, name_or_path: str) -> "AccessPolicy":
+        if not name_or_path:
+            return cls((Grant("allow-all", OPERATIONS, local=True, curve_keys=frozenset()),), "built-in (allow every local peer)")
+        path, raw = read_policy_toml(name_or_path, "access")
+        if set(raw) - {"grant"}:
+            raise ConfigError(f"{path}: unknown section(s) {sorted(set(raw) - {'grant'})}; use [[grant]] tables")
+        grants = tuple(_parse_grant(f"{path} [[grant]] #{i + 1}", g) for i, g in enumerate(raw.get("grant", [])))
+        return cls(grants, str(path))
+
+    def groups_of(self, peer: Peer) -> frozenset[str]:
+        if peer.uid is None:
+            return frozenset()
+        cached = self._groups.get(peer.uid)
+        if cached is None:
+            names: set[str] = set()
+            try:
+                user = pwd.getpwuid(peer.uid)
+                names = {g.gr_name for g in grp.getgrall() if user.pw_name in g.gr_mem}
+                names.add(grp.getgrgid(user.pw_gid).gr_name)
+            except KeyError:
+                pass
+            if peer.gid is not None:
+                try:
+                    names.add(grp.getgrgid(peer.gid).gr_name)
+                except KeyError:
+                    pass
+            cached = self._groups[peer.uid] = frozenset(names)
+        return cached
+
+    def may_connect(self, peer: Peer) -> bool:
+        groups = self.groups_of(peer)
+        return any(g.matches_peer(peer, groups) for g in self.grants)
+
+    def authorize(self, peer: Peer, op: str, model: str | None) -> None:
+        """`check`, with the verdict cached (a reload builds a new policy, so no stale verdict survives)."""
+        key = (peer.uid, peer.gid, peer.curve_key, op, model)
+        allowed = self._verdicts.get(key)
+        if allowed is None:
+            try:
+                self.check(peer, op, model)
+                allowed = True
+            except PermissionDenied:
+                allowed = False
+            if len(self._verdicts) > _VERDICTS_KEPT:
+                self._verdicts.clear()
+            self._verdicts[key] = allowed
+        if not allowed:
+            self.check(peer, op, model)  # raises with the reason (and logs it)
+
+    def check(self, peer: Peer, op: str, model: str | None) -> None:
+        groups = self.groups_of(peer)
+        matching = [g for g in self.grants if g.matches_peer(peer, groups)]
+        if any(g.covers(op, model) for g in matching):
+            return
+        who = f"uid {peer.uid}" if peer.uid is not None else (f"CURVE key {peer.curve_key}" if peer.curve_key else "this peer")
+        names = ", ".join(g.name for g in matching) or "none"
+        target = f" on model {model!r}" if model else ""
+        log.warning("permission denied", extra={"uid": peer.uid, "pid": peer.pid, "op": op, "model": model, "grants": names})
+        raise PermissionDenied(f"{who} may not `{op}`{target}: no grant in {self.source} allows it (grants matching this peer: {names})")

@@ -1,0 +1,126 @@
+"""Per-client admission: concurrency and rate limits from a policy file (policies/clients.toml).
+
+A client here is a kernel-proven identity — a local uid, or a CURVE public key over tcp:// — never the
+`client` name a request carries (a label anyone can change per request, so limits keyed on it could be
+escaped by rotating names). Every connection and process of one identity shares its budget.
+"""
+from __future__ import annotations
+
+import pwd
+from dataclasses import dataclass, fields
+from typing import Any
+
+from openinfer.wire.errors import ResourceExhausted
+
+from openinfer.daemon.modelstore.modelconfig import ConfigError
+from openinfer.daemon.config.policy_files import read_policy_toml
+
+
+@dataclass(frozen=True)
+class ClientLimit:
+    max_in_flight: int = 256
+    rate_per_s: float = 0.0  # 0 = unlimited
+    burst: int = 100
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    default: ClientLimit = ClientLimit()
+    by_identity: tuple[tuple[str, ClientLimit], ...] = ()  # ("uid=N" / "curve=<key>", limit)
+    source: str = "built-in"
+
+    def limit_for(self, identity: str) -> ClientLimit:
+        for candidate, limit in self.by_identity:
+            if candidate == identity:
+                return limit
+        return self.default
+
+
+def _parse_limit(where: str, raw: Any) -> ClientLimit:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    known = {f.name for f in fields(ClientLimit)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key `{key}` (known: {', '.join(sorted(known))})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{where}: `{key}` must be a non-negative number")
+        values[key] = float(value) if key == "rate_per_s" else int(value)
+    return ClientLimit(**values)
+
+
+def load_client_policy(name_or_path: str) -> ClientPolicy:
+    """"" = built-in defaults; a bare name is a file in policies/; anything else is a path.
+
+    Sections: [default]; [uids."N"], [users."name"] (resolved to its uid when the file is read) and
+    [curve_keys."<Z85 public key>"] for one identity each."""
+    if not name_or_path:
+        return ClientPolicy()
+    path, raw = read_policy_toml(name_or_path, "client")
+    if "clients" in raw:
+        raise ConfigError(f"{path}: [clients.\"<name>\"] is gone: limits key on who the kernel says a peer is, not on the name it sends; use [uids.\"N\"], [users.\"name\"] or [curve_keys.\"KEY\"]")
+    unknown = set(raw) - {"default", "uids", "users", "curve_keys"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)} (known: default, uids, users, curve_keys)")
+    default = _parse_limit(f"{path} [default]", raw.get("default", {}))
+    by_identity: list[tuple[str, ClientLimit]] = []
+    for section in ("uids", "users", "curve_keys"):
+        tables = raw.get(section, {})
+        if not isinstance(tables, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table of tables")
+        for key, table in tables.items():
+            limit = _parse_limit(f'{path} [{section}."{key}"]', table)
+            by_identity.append((_identity(path, section, key), limit))
+    return ClientPolicy(default, tuple(by_identity), str(path))
+
+
+def _identity(path: object, section: str, key: str) -> str:
+    if section == "uids":
+        if not key.isdigit():
+            raise ConfigError(f'{path}: [uids."{key}"]: a uid is a number')
+        return f"uid={int(key)}"
+    if section == "users":
+        try:
+            return f"uid={pwd.getpwnam(key).pw_uid}"
+        except KeyError:
+            raise ConfigError(f'{path}: [users."{key}"]: no such user on this system') from None
+    return f"curve={key}"
+
+
+class ClientLimiter:
+    """Counts each client's requests in flight and its token bucket. Called once per accepted request
+    (admit) and once per answered one (release)."""
+
+    def __init__(self, policy: ClientPolicy) -> None:
+        self.policy = policy
+        self.in_flight: dict[str, int] = {}
+        self._buckets: dict[str, tuple[float, int]] = {}  # client -> (tokens, last refill ns)
+        self.rejected: dict[str, int] = {}
+
+    def admit(self, client: str, now_ns: int) -> None:
+        """`client` is the identity ("uid=N", "curve=<key>"): see the module docstring."""
+        limit = self.policy.limit_for(client)
+        current = self.in_flight.get(client, 0)
+        if current >= limit.max_in_flight:
+            self.count_rejection("max_in_flight")
+            raise ResourceExhausted(f"{client} has {current} requests in flight: limit max_in_flight={limit.max_in_flight} ({self.policy.source})")
+        if limit.rate_per_s > 0:
+            tokens, last = self._buckets.get(client, (float(limit.burst), now_ns))
+            tokens = min(float(limit.burst), tokens + (now_ns - last) / 1e9 * limit.rate_per_s)
+            if tokens < 1.0:
+                self._buckets[client] = (tokens, now_ns)
+                self.count_rejection("rate_per_s")
+                raise ResourceExhausted(f"{client} is over its rate limit: rate_per_s={limit.rate_per_s:g}, burst={limit.burst} ({self.policy.source})")
+            self._buckets[client] = (tokens - 1.0, now_ns)
+        self.in_flight[client] = current + 1
+
+    def count_rejection(self, limit: str) -> None:
+        self.rejected[limit] = self.rejected.get(limit, 0) + 1
+
+    def release(self, client: str) -> None:
+        left = self.in_flight.get(client, 0) - 1
+        if left > 0:
+            self.in_flight[client] = left
+        else:
+            self.in_flight.pop(client, None)

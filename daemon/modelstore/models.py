@@ -1,0 +1,140 @@
+"""The served models: one `ServedModel` per (name, version), with its workers, idle set and queue."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from openinfer.wire.errors import InvalidArgument, NotFound, Unavailable
+
+from .modelconfig import ModelConfig
+from openinfer.daemon.scheduling.taskqueue import TaskQueue
+
+if TYPE_CHECKING:
+    from openinfer.daemon.scheduling.tasks import Task
+    from openinfer.daemon.frontdoor.validation import InputSignature
+    from openinfer.daemon.workerpool.workers import WorkerHandle
+
+
+class ModelState(enum.Enum):
+    LOADING = "loading"  # no worker has loaded it yet
+    READY = "ready"  # metadata known; at least one worker loaded it
+    FAILED = "failed"  # it cannot be loaded (reason says why); not retried until a reload
+    UNAVAILABLE = "unavailable"  # workers crash-looped; requests get UNAVAILABLE until a reload
+
+
+@dataclass(eq=False)
+class ServedModel:
+    name: str
+    version: int
+    path: Path
+    config: ModelConfig
+    worker_count: int
+    intra_op_threads: int
+    state: ModelState = ModelState.LOADING
+    reason: str | None = None
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    input_by_name: dict[str, dict[str, Any]] = field(default_factory=dict)
+    output_names: frozenset[str] = frozenset()
+    output_order: tuple[str, ...] = ()  # every output, in model order: what a request without `outputs` gets
+    input_signatures: list["InputSignature"] = field(default_factory=list)  # newest first (check_infer)
+    workers: list["WorkerHandle"] = field(default_factory=list)
+    idle: list["WorkerHandle"] = field(default_factory=list)
+    queue: TaskQueue = field(default_factory=TaskQueue)
+    consecutive_crashes: int = 0
+    restarts: int = 0
+    load_ms: float | None = None
+    prepared_dir: Path | None = None  # shared, pre-packed weights the workers map
+    sharing: str = "off"  # "preparing", "shared", "off: <why>" (shown in status)
+    shared_bytes: int = 0
+    prepare_attempts: int = 0
+    batchable: bool = False  # [batching] configured and every input and output has a dynamic first dimension
+    batch_deadline_ns: int = 0  # when the queued tasks must be flushed to a worker, batch full or not
+    batch_timer: Any = None  # the timer set for batch_deadline_ns (cancelled when no batch waits)
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+    compute_ewma_us: float | None = None  # recent compute time; short models get pipelined dispatch
+    batch_compute_ewma_us: float | None = None  # the same for batches of two or more
+    nbytes_ewma: float = 0.0  # recent request size, the size compute_ewma_us was measured at
+    fingerprint: tuple[int, int, int] | None = None  # (size, mtime_ns, inode) of the model file
+    retiring: bool = False  # replaced or removed: finishes its queue, takes no new work
+    repository: Path | None = None  # the repository `path` was found in: its files are opened beneath it
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def set_metadata(self, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self.input_by_name = {spec["name"]: spec for spec in inputs}
+        self.output_names = frozenset(spec["name"] for spec in outputs)
+        self.output_order = tuple(spec["name"] for spec in outputs)
+        self.input_signatures = []  # checked against the metadata they replace
+        # Batching needs a batch dimension everywhere: rows of one request never mix with another's.
+        self.batchable = self.config.batching is not None and all(
+            len(spec["shape"]) >= 1 and spec["shape"][0] == -1 for spec in [*inputs, *outputs]
+        )
+
+    def ready_workers(self) -> int:
+        from openinfer.daemon.workerpool.workers import WorkerState
+
+        return sum(1 for w in self.workers if w.state in (WorkerState.READY, WorkerState.BUSY))
+
+    def metadata(self, versions: list[int]) -> dict[str, Any]:
+        """Model metadata in the Open Inference Protocol's shape."""
+        return {
+            "name": self.name,
+            "versions": versions,
+            "version": self.version,
+            "platform": "onnxruntime_onnx",
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+        }
+
+
+@dataclass
+class FailedModel:
+    """A model directory that could not even be scanned (bad config, no versions)."""
+
+    name: str
+    reason: str
+
+
+class ModelRegistry:
+    """name -> version -> ServedModel; answers lookups the way the protocol specifies."""
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, dict[int, ServedModel]] = {}
+        self.failed: dict[str, FailedModel] = {}
+
+    def add(self, model: ServedModel) -> None:
+        self.by_name.setdefault(model.name, {})[model.version] = model
+
+    def all(self) -> list[ServedModel]:
+        return [m for versions in self.by_name.values() for m in versions.values()]
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self.by_name.get(name, {}))
+
+    def lookup(self, name: Any, version: Any) -> ServedModel:
+        """The model to serve: the named version, else the newest version that can serve."""
+        versions = self.by_name.get(name) if isinstance(name, str) else None
+        if not versions:
+            if isinstance(name, str) and name in self.failed:
+                raise Unavailable(f"model {name!r} failed to load: {self.failed[name].reason}")
+            raise NotFound(f"unknown model {name!r}", {"models": sorted(self.by_name)})
+        if version is not None:
+            if not isinstance(version, int) or isinstance(version, bool):
+                raise InvalidArgument("`version` must be an integer")
+            model = versions.get(version)
+            if model is None:
+                raise NotFound(f"model {name!r} has no version {version!r}", {"versions": sorted(versions)})
+            return model
+        if len(versions) == 1:  # the usual case, on every request: no list to build
+            return next(iter(versions.values()))
+        serving = [m for m in versions.values() if m.state is ModelState.READY]
+        if serving:
+            return max(serving, key=lambda m: m.version)
+        return versions[max(versions)]

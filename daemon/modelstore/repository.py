@@ -1,0 +1,120 @@
+"""Model repository layout: `<repo>/<model>/<version>/model.onnx`, optional `<repo>/<model>/config.toml`.
+
+The scan (as the daemon's user, often root) never follows a symlink below the repository root: a model
+directory, version directory, model file or config.toml that is a symlink makes the model fail with a
+reason saying so. Workers and the prepare helper open the files again themselves, beneath the repository
+and with the worker user's rights (daemon/files/model_files.py); this scan only finds what to serve.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from .modelconfig import ConfigError, ModelConfig, parse_model_config
+
+log = logging.getLogger("openinfer.repository")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "config.toml"
+MAX_CONFIG_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ModelVersionEntry:
+    name: str
+    version: int
+    path: Path  # the model.onnx file
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model directory as found on disk. `error` is set when the directory cannot be served at all."""
+
+    name: str
+    config: ModelConfig
+    versions: tuple[ModelVersionEntry, ...]
+    error: str | None = None
+
+
+class _Refused(Exception):
+    """Something in a model directory the scan will not follow or read; the message says what and why."""
+
+
+def scan_repository(root: Path) -> list[ModelEntry]:
+    """All model directories under `root`, sorted by name. Problems are reported per model, not raised."""
+    if not root.is_dir():  # the root itself is the operator's setting: it may be reached through a symlink
+        raise ConfigError(f"model repository {root} is not a directory")
+    entries: list[ModelEntry] = []
+    for child in sorted(os.scandir(root), key=lambda e: e.name):
+        if child.name.startswith("."):
+            continue
+        if child.is_symlink():
+            entries.append(ModelEntry(child.name, ModelConfig(), (), error=_symlink(Path(child.path))))
+        elif child.is_dir(follow_symlinks=False):
+            entries.append(_scan_model(Path(child.path)))
+    return entries
+
+
+def _scan_model(model_dir: Path) -> ModelEntry:
+    name = model_dir.name
+    if not MODEL_NAME.match(name):
+        return ModelEntry(name, ModelConfig(), (), error=f"invalid model name {name!r}")
+    try:
+        config = _read_config(model_dir / CONFIG_FILE)
+        versions = _scan_versions(name, model_dir)
+    except (_Refused, ConfigError) as exc:
+        return ModelEntry(name, ModelConfig(), (), error=str(exc))
+    if not versions:
+        return ModelEntry(name, config, (), error=f"no <version>/{MODEL_FILE} under {model_dir}")
+    if config.version_policy == "latest":
+        versions = versions[-1:]
+    return ModelEntry(name, config, tuple(versions))
+
+
+def _scan_versions(name: str, model_dir: Path) -> list[ModelVersionEntry]:
+    versions = []
+    for child in os.scandir(model_dir):
+        if not child.name.isdigit():
+            continue
+        if child.is_symlink():
+            raise _Refused(_symlink(Path(child.path)))
+        model_file = Path(child.path) / MODEL_FILE
+        if not child.is_dir(follow_symlinks=False) or not os.path.lexists(model_file):
+            continue
+        mode = os.lstat(model_file).st_mode
+        if stat.S_ISLNK(mode):
+            raise _Refused(_symlink(model_file))
+        if not stat.S_ISREG(mode):
+            raise _Refused(f"{model_file} is not a regular file")
+        versions.append(ModelVersionEntry(name, int(child.name), model_file))
+    return sorted(versions, key=lambda v: v.version)
+
+
+def _read_config(path: Path) -> ModelConfig:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return ModelConfig()
+    except OSError as exc:
+        raise _Refused(_symlink(path) if os.path.islink(path) else f"{path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _Refused(f"{path} is not a regular file")
+        raw = file.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise _Refused(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        return parse_model_config(path, raw.decode())
+    except UnicodeDecodeError:
+        raise _Refused(f"{path} is not UTF-8 text") from None
+
+
+def _symlink(path: Path) -> str:
+    return (
+        f"{path} is a symlink; the model repository is read without following symlinks: put the file or "
+        "directory itself there"
+    )

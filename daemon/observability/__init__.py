@@ -1,0 +1,1 @@
+"""Accounting, Prometheus metrics, structured logs."""

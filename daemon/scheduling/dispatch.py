@@ -1,0 +1,437 @@
+"""Where accepted tasks go: the per-model queues, the dispatch of single tasks and batches to workers,
+and putting tasks back when a worker is lost before they ran.
+
+The supervisor owns the sockets' receive side and the replies; this module owns the decisions of which
+task runs on which worker and when, and the bookkeeping that must stay exact for that (queued bytes,
+the (route, request id) index used by `cancel`, deadline timers of queued tasks).
+"""
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any, Callable
+
+from openinfer.wire.errors import DeadlineExceeded, OpenInferError, ResourceExhausted
+from openinfer.wire.protocol import pack
+from openinfer.wire.zmtp import Buffer
+
+from openinfer.daemon.frontdoor.client_limits import ClientLimiter
+from openinfer.daemon.modelstore.models import ServedModel
+from openinfer.daemon.config.settings import Settings
+from .tasks import Task
+from openinfer.daemon.loop.timers import TimerHeap
+from openinfer.daemon.worker import messages
+from openinfer.daemon.workerpool.workers import WorkerHandle, WorkerState
+
+# Pipelining: a worker may hold a second task while it computes the first, so it never waits for the two
+# ZeroMQ hops between tasks. Only for models whose compute is short: a long task would hold the second
+# one (and its deadline) hostage.
+PIPELINE_DEPTH = 2
+PIPELINE_MAX_COMPUTE_US = 2000.0
+# A batch carrying at most this many tensor bytes is sent with its members' rows joined into one frame
+# per input: one copy here instead of one in the worker, and far fewer frames. Above it, zero-copy.
+JOIN_MAX_BYTES = 256 * 1024
+# A queued task's deadline timer is set when the loop is next about to sleep (arm_deadlines), once this
+# many tasks wait for one, or once the oldest has waited UNTIMED_MAX_AGE_NS (a loop kept busy by other
+# messages): most tasks of a batching model leave the queue before that, and a timer set and cancelled
+# per request was ~4 % of the supervisor's work per request at c = 16. A task whose deadline has passed
+# is never dispatched either way (_expired_out).
+UNTIMED_MAX = 64
+UNTIMED_MAX_AGE_NS = 1_000_000
+
+FailTask = Callable[[Task, OpenInferError], None]
+SendToWorker = Callable[[WorkerHandle, list[Buffer]], bool]
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        send: SendToWorker,
+        timers: TimerHeap,
+        limiter: ClientLimiter,
+        fail_task: FailTask,
+        retire_worker: Callable[[WorkerHandle], None],
+    ) -> None:
+        self.settings = settings
+        self.send = send  # False: the worker's channel is gone (it is exiting)
+        self.timers = timers
+        self.limiter = limiter
+        self.fail_task = fail_task
+        self.retire_worker = retire_worker  # an idle worker of a retiring model: quit it
+        self.queued_bytes = 0
+        self.queued_by_request: dict[tuple[int, int], Task] = {}  # (connection id, request id)
+        self.wakeup_lateness_ns = 0  # how late batch timers run their callback, recently (EWMA)
+        self._untimed: list[Task] = []  # queued since the last arm_deadlines, no deadline timer yet
+
+    # -- admission ----------------------------------------------------------------------------------
+    def admit(self, task: Task, header: dict[str, Any]) -> None:
+        """Run `task` now if a worker can take it, else queue it (RESOURCE_EXHAUSTED when full)."""
+        model = task.model
+        try:
+            if model.batchable:
+                self._admit_for_batching(task, header)
+                return
+            if model.idle:
+                self.dispatch(model.idle.pop(), task)
+                return
+            ewma = model.compute_ewma_us
+            if ewma is not None and ewma < PIPELINE_MAX_COMPUTE_US and not model.queue and _usual_size(task, model):
+                for worker in model.workers:
+                    if worker.state is WorkerState.BUSY and len(worker.inflight) < PIPELINE_DEPTH and _usual_size(worker.inflight.head, model):  # type: ignore[arg-type]
+                        self.dispatch(worker, task)
+                        return
+            self.enqueue(task)
+        except OpenInferError:
+            self.limiter.release(task.identity)
+            raise
+
+    def _admit_for_batching(self, task: Task, header: dict[str, Any]) -> None:
+        signature = task.signature
+        assert signature is not None  # set by check_infer for every infer task
+        rows = signature.rows
+        batching = task.model.config.batching
+        assert batching is not None
+        if rows is not None and rows <= batching.max_batch_size:
+            task.rows = rows
+            # Inputs in the request's own order: members of one batch then list their frames alike (a
+            # client that reorders them just batches separately).
+            task.batch_key = (signature.batch_specs, tuple(header.get("outputs") or ()))
+        self.enqueue(task)
+        model = task.model
+        # Most arrivals only join a batch that is already waiting: nothing to decide before its timer
+        # (maybe_flush's own test, without the call: this runs for every request).
+        deadline = model.batch_deadline_ns
+        if deadline and len(model.queue) < batching.max_batch_size and (not model.idle or (task.enqueued_ns < deadline and not batching.preferred_batch_sizes)):
+            return
+        self.maybe_flush(model)
+
+    def enqueue(self, task: Task) -> None:
+        model = task.model
+        if len(model.queue) >= model.config.max_queue:
+            self.limiter.count_rejection("max_queue")
+            raise ResourceExhausted(f"model {model.key} has {len(model.queue)} requests queued (max_queue)")
+        if self.queued_bytes + task.nbytes > self.settings.server.max_queued_bytes:
+            self.limiter.count_rejection("max_queued_bytes")
+            raise ResourceExhausted(f"daemon holds {self.queued_bytes} queued bytes (server.max_queued_bytes)")
+        task.enqueued_ns = time.monotonic_ns()
+        self._track(task)
+        model.queue.append(task)
+
+    def _track(self, task: Task) -> None:
+        self.queued_bytes += task.nbytes
+        self.queued_by_request[(task.route.conn.conn_id, task.request_id)] = task
+        untimed = self._untimed
+        untimed.append(task)
+        if len(untimed) >= UNTIMED_MAX:
+            self.arm_deadlines()
+
+    def arm_overdue_deadlines(self, now_ns: int) -> None:
+        """arm_deadlines, if the oldest task without a timer has waited UNTIMED_MAX_AGE_NS (called every
+        loop pass: a loop that is never idle still answers a queued deadline within ~1 ms of it)."""
+        untimed = self._untimed
+        if untimed and now_ns - untimed[0].enqueued_ns >= UNTIMED_MAX_AGE_NS:
+            self.arm_deadlines()
+
+    def arm_deadlines(self) -> None:
+        """Set the deadline timers of the tasks queued since the last call that are still queued. The
+        supervisor calls this before its loop sleeps, so a deadline is never slept through."""
+        untimed = self._untimed
+        if not untimed:
+            return
+        self._untimed = []
+        call_at = self.timers.call_at
+        queued = self.queued_by_request
+        for task in untimed:
+            if task.deadline_timer is None and queued.get((task.route.conn.conn_id, task.request_id)) is task:
+                task.deadline_timer = call_at(task.deadline_ns, partial(self.expire_queued, task))
+
+    def dequeue(self, task: Task) -> None:
+        """Forget a task that left its model's queue (the caller removed it from the queue itself)."""
+        self.queued_bytes -= task.nbytes
+        if task.deadline_timer is not None:  # else the timer would hold the task (and its tensors)
+            self.timers.cancel(task.deadline_timer)
+            task.deadline_timer = None
+        key = (task.route.conn.conn_id, task.request_id)
+        if self.queued_by_request.get(key) is task:
+            del self.queued_by_request[key]
+
+    def queued_for(self, conn_id: int, request_id: int) -> Task | None:
+        return self.queued_by_request.get((conn_id, request_id))
+
+    def remove_queued(self, task: Task) -> None:
+        try:
+            task.model.queue.remove(task)
+        except ValueError:
+            pass
+        self.dequeue(task)
+
+    # -- single tasks -------------------------------------------------------------------------------
+    def dispatch(self, worker: WorkerHandle, task: Task) -> None:
+        now = time.monotonic_ns()
+        task.dispatched_ns = now
+        task.worker = worker
+        worker.inflight.add(task, now, task.model.config.max_compute_ms * 1_000_000)
+        worker.transition(WorkerState.BUSY)
+        if not self.send(worker, [messages.TASK + messages.pack_task_id(task.task_id), task.header_frame, *task.data_frames]):
+            self._unsent(worker, [task])
+
+    def _unsent(self, worker: WorkerHandle, tasks: list[Task]) -> None:
+        """The worker's channel closed under us (it is exiting; its exit is reaped soon): the tasks never
+        reached it and go back to the front of the queue; the worker gets nothing more."""
+        worker.retired = True
+        for task in tasks:
+            worker.inflight.withdraw(task)
+            self.retry_alone(task)
+
+    def next_for(self, worker: WorkerHandle) -> None:
+        """The worker finished a task: give it the next queued one, or park it idle if it holds none."""
+        if worker.retired or worker.state is not WorkerState.BUSY and worker.state is not WorkerState.READY:
+            return  # draining or being killed: it gets nothing more
+        model = worker.model
+        if model.batchable:
+            if not worker.inflight:
+                self._park(worker)
+            self.maybe_flush(model)  # also when it runs a pipelined batch: one more may queue behind it
+            return
+        queue = model.queue
+        if worker.inflight:
+            if queue and len(worker.inflight) < PIPELINE_DEPTH:
+                task = queue.popleft()
+                if not _usual_size(task, model):
+                    queue.appendleft(task)  # a big one waits for a free worker, cancellable meanwhile
+                elif not task.done:
+                    self.dequeue(task)
+                    if not self._expired_out(task, time.monotonic_ns()):
+                        self.dispatch(worker, task)
+            return
+        while queue:
+            task = queue.popleft()
+            if task.done:
+                continue
+            self.dequeue(task)
+            if self._expired_out(task, time.monotonic_ns()):
+                continue
+            self.dispatch(worker, task)
+            return
+        if model.retiring:
+            self.retire_worker(worker)
+            return
+        self._park(worker)
+
+    @staticmethod
+    def _park(worker: WorkerHandle) -> None:
+        if worker.retired or worker.state is not WorkerState.BUSY and worker.state is not WorkerState.READY:
+            return  # exiting: never handed work again
+        worker.transition(WorkerState.READY)
+        worker.idle_since_ns = time.monotonic_ns()
+        worker.model.idle.append(worker)
+
+    # -- batches ------------------------------------------------------------------------------------
+    def maybe_flush(self, model: ServedModel) -> None:
+        """Send queued tasks to idle workers as batches: at once when the queue holds a full batch (or a
+        preferred size), else when the oldest queued task has waited max_queue_delay_us (a timer fires
+        then, to the microsecond). A full or due batch with no idle worker goes to a worker running a
+        single batch, when the model's batches are short (_pipeline_target)."""
+        batching = model.config.batching
+        if not model.queue or batching is None:
+            self._clear_batch_deadline(model)
+            return
+        now = time.monotonic_ns()
+        if model.batch_deadline_ns == 0:
+            # The timer goes off early by the usual wake-up lateness (at most a quarter of the delay), so
+            # that the batch leaves by the deadline rather than a wake-up later: the delay is a bound.
+            delay_ns = batching.max_queue_delay_us * 1000
+            model.batch_deadline_ns = now + delay_ns - min(delay_ns // 4, 2 * self.wakeup_lateness_ns)
+            armed = model.batch_deadline_ns
+            model.batch_timer = self.timers.call_at(armed, lambda: self._batch_timer(model, armed))
+        due = now >= model.batch_deadline_ns
+        if not due and len(model.queue) < batching.max_batch_size and not (model.idle and batching.preferred_batch_sizes):
+            return
+        while model.idle and model.queue:
+            size = batching.max_batch_size if due else _batch_size_now(len(model.queue), batching.max_batch_size, batching.preferred_batch_sizes)
+            if size == 0:
+                break
+            batch = self._take_batch(model, size)
+            if batch:  # else every member it took had expired
+                self.dispatch_batch(model.idle.pop(), batch)
+        while model.queue and (due or len(model.queue) >= batching.max_batch_size):
+            worker = self._pipeline_target(model)
+            if worker is None:
+                break
+            batch = self._take_batch(model, batching.max_batch_size)
+            if batch:
+                self.dispatch_batch(worker, batch)
+        if not model.queue:
+            self._clear_batch_deadline(model)
+        elif due:  # leftovers waited as long as the batch that just left: due at once
+            model.batch_deadline_ns = now
+
+    @staticmethod
+    def _pipeline_target(model: ServedModel) -> WorkerHandle | None:
+        """A worker that may take a batch now although busy: one running a single dispatch of a model
+        whose batches are short (compute EWMA < PIPELINE_MAX_COMPUTE_US). The batch waits in its inbox
+        and starts the moment the running one is sent back, instead of a round trip through this loop
+        later (~150-250 us here, several times a short batch's compute)."""
+        ewma = model.batch_compute_ewma_us
+        if ewma is None or ewma >= PIPELINE_MAX_COMPUTE_US:
+            return None
+        for worker in model.workers:
+            if worker.state is WorkerState.BUSY and worker.inflight.one_unit():
+                return worker
+        return None
+
+    def _clear_batch_deadline(self, model: ServedModel) -> None:
+        """No batch waiting: its timer goes too (a batch that filled up before its delay must not leave a
+        wake-up behind: setting the timerfd costs ~18 us here, one per batch at high load)."""
+        model.batch_deadline_ns = 0
+        if model.batch_timer is not None:
+            self.timers.cancel(model.batch_timer)
+            model.batch_timer = None
+
+    def _batch_timer(self, model: ServedModel, armed_ns: int) -> None:
+        model.batch_timer = None
+        late = time.monotonic_ns() - armed_ns
+        self.wakeup_lateness_ns += (late - self.wakeup_lateness_ns) // 8  # EWMA over ~8 wake-ups
+        self.maybe_flush(model)
+
+    def _take_batch(self, model: ServedModel, max_rows: int) -> list[Task]:
+        """Tasks taken from the queue for one batch, less those whose deadline has passed (answered
+        here). The members' queue bookkeeping (`dequeue`) is left to dispatch_batch, after the send."""
+        batch = model.queue.take_batch(max_rows)
+        now = time.monotonic_ns()
+        for task in batch:
+            if task.deadline_ns <= now:
+                break
+        else:
+            return batch
+        live = []
+        for task in batch:
+            if task.deadline_ns <= now:
+                self.dequeue(task)
+                self._answer_expired(task)
+            else:
+                live.append(task)
+        return live
+
+    def dispatch_batch(self, worker: WorkerHandle, batch: list[Task]) -> None:
+        """Send tasks just taken from the queue (_take_batch) to `worker` as one batch."""
+        model = batch[0].model
+        model.batch_sizes[len(batch)] = model.batch_sizes.get(len(batch), 0) + 1  # size 1 counts too
+        now = time.monotonic_ns()
+        pipelined = bool(worker.inflight)  # queued behind the batch it runs: no worker was free to wait for
+        idle_since = now if pipelined else worker.idle_since_ns
+        dequeue = self.dequeue
+        if len(batch) == 1:
+            task = batch[0]
+            dequeue(task)
+            task.batch_wait_ns = max(0, now - max(task.enqueued_ns, idle_since))
+            self.dispatch(worker, task)
+            return
+        worker.inflight.add_batch(batch, now, model.config.max_compute_ms * 1_000_000)
+        worker.transition(WorkerState.BUSY)
+        try:
+            sent = self.send(worker, self._batch_message(batch, [task.rows for task in batch]))
+        finally:
+            # The per-member bookkeeping after the send: the worker starts on the batch meanwhile (this
+            # was ~15 us per batch of 16 on the path from the last arrival to the worker).
+            for task in batch:
+                dequeue(task)
+                task.dispatched_ns = now
+                task.worker = worker
+                task.batched = True
+                # Waiting for the batch = waiting while a worker was free to run the task.
+                task.batch_wait_ns = max(0, now - max(task.enqueued_ns, idle_since))
+        if not sent:
+            self._unsent(worker, batch)
+
+    def _batch_message(self, batch: list[Task], rows: list[int]) -> list[Buffer]:
+        """[b"B", plan, data]: the members' shapes were checked on admission and share a batch key, so
+        the plan carries one input spec list for the whole batch (no per-member header). Small batches
+        go as one frame per input, the members' rows already concatenated (the worker's input is then a
+        view of the frame, and ZeroMQ moves 1 frame instead of one per member); large ones keep each
+        member's frames (zero-copy here, concatenated by the worker)."""
+        (specs, outputs) = batch[0].batch_key
+        total = sum(rows)
+        nbytes = sum(task.nbytes for task in batch)
+        joined = nbytes <= JOIN_MAX_BYTES
+        plan = {
+            "tasks": [t.task_id for t in batch],
+            "rows": rows,
+            "inputs": [{"name": name, "datatype": datatype, "shape": [total, *rest]} for name, datatype, rest in specs],
+            "outputs": list(outputs),
+            "joined": joined,
+        }
+        if joined:
+            return [messages.BATCH, pack(plan), *[b"".join([task.data_frames[index] for task in batch]) for index in range(len(specs))]]
+        return [messages.BATCH, pack(plan), *[frame for task in batch for frame in task.data_frames]]
+
+    # -- losing workers and deadlines ----------------------------------------------------------------
+    def retry_alone(self, task: Task) -> None:
+        """A member of a batch that failed or crashed as a whole: which member caused it is unknown, so
+        each one runs again alone (at the front of the queue) and exactly the guilty task fails."""
+        task.worker = None
+        task.batch_key = None
+        task.batched = False
+        task.done = False
+        self._track(task)
+        task.model.queue.appendleft(task)
+
+    def requeue_unstarted(self, worker: WorkerHandle) -> None:
+        """Put the tasks a lost worker held but had not answered back at the front of their queue."""
+        for task in reversed(worker.inflight.take_all()):  # each goes to the front: the first ends first
+            if not task.done:
+                self.retry_alone(task)
+        self.serve_idle(worker.model)
+
+    def serve_idle(self, model: ServedModel) -> None:
+        if model.batchable:
+            self.maybe_flush(model)
+            return
+        while model.queue and model.idle:
+            self.next_for(model.idle.pop())
+
+    def expire_queued(self, task: Task) -> None:
+        if task.done or task.worker is not None:
+            return
+        self.remove_queued(task)
+        self._answer_expired(task)
+
+    def _expired_out(self, task: Task, now_ns: int) -> bool:
+        """A task just taken from the queue whose deadline passed before its timer was set: answered
+        DEADLINE_EXCEEDED here (True), never dispatched."""
+        if task.deadline_ns > now_ns:
+            return False
+        self._answer_expired(task)
+        return True
+
+    def _answer_expired(self, task: Task) -> None:
+        waited_ms = (time.monotonic_ns() - task.received_ns) / 1e6
+        self.fail_task(task, DeadlineExceeded(f"deadline passed after {waited_ms:.1f} ms waiting in the queue; the task never ran"))
+
+    def fail_queue(self, model: ServedModel, error: Callable[[], OpenInferError]) -> int:
+        """Answer every task still queued for `model` with `error()`; returns how many."""
+        failed = 0
+        while model.queue:
+            task = model.queue.popleft()
+            self.dequeue(task)
+            if not task.done:
+                self.fail_task(task, error())
+                failed += 1
+        return failed
+
+
+def _batch_size_now(queued: int, max_batch_size: int, preferred: tuple[int, ...]) -> int:
+    """How many tasks to send before the delay is up: a full batch, else the largest preferred size the
+    queue can fill (Triton's rule), else none (wait for more)."""
+    if queued >= max_batch_size:
+        return max_batch_size
+    fitting = [size for size in preferred if size <= queued]
+    return max(fitting) if fitting else 0
+
+
+def _usual_size(task: Task, model: ServedModel) -> bool:
+    """Pipelining trusts the recent compute time only for requests of about the size it was measured at:
+    a model with dynamic shapes may take 100x longer on a 100x larger input, and a task pipelined behind
+    it could then neither be cancelled nor expire in the queue."""
+    return task.nbytes <= 2 * model.nbytes_ewma + 4096

@@ -1,0 +1,40 @@
+"""One accepted request on its way through the supervisor."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from openinfer.daemon.frontdoor.connections import Route
+    from openinfer.daemon.modelstore.models import ServedModel
+    from openinfer.daemon.frontdoor.validation import InputSignature
+    from openinfer.daemon.workerpool.workers import WorkerHandle
+
+
+@dataclass(slots=True, eq=False)
+class Task:
+    # Supervisor._accept_infer builds tasks positionally: keep the order of the fields up to `signature`.
+    task_id: int
+    request_id: int
+    route: "Route"  # where the reply goes: the connection object itself, and its envelope
+    identity: str  # the kernel-proven peer ("uid=N", "curve=<key>"): limits, quotas and turns key on it
+    client: str  # accounting key: the identity, or "<name>@<identity>" when the request names itself
+    model: "ServedModel"
+    header_frame: Any  # the client's header frame, forwarded to the worker untouched
+    data_frames: list[Any]
+    nbytes: int
+    received_ns: int
+    decoded_ns: int
+    deadline_ns: int
+    priority: int = 0
+    signature: "InputSignature | None" = None  # what its inputs passed (check_infer)
+    enqueued_ns: int = 0
+    dispatched_ns: int = 0
+    worker: "WorkerHandle | None" = None
+    done: bool = False
+    batch_key: Any = None  # tasks with equal keys may run as one batch (same shapes but dim 0, same outputs)
+    rows: int = 0
+    batched: bool = False  # dispatched as a member of a batch of two or more
+    batch_wait_ns: int = 0
+    deadline_timer: Any = None  # the queued-deadline timer, cancelled when the task leaves the queue
+    wanted: tuple[str, ...] = ()  # the outputs it returns, in order (the request's `outputs`, else the model's)

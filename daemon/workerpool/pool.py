@@ -1,0 +1,380 @@
+"""Spawning, watching and replacing workers. The supervisor loop feeds it events; it never blocks.
+
+Each worker gets its channel at spawn (a socketpair: daemon/workerpool/spawner.py), so the supervisor knows which
+process is on which channel and no other process can join it. What arrives on a channel goes to
+`on_message(worker, frames)`; a channel that breaks the framing or its limits retires the worker."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import pwd
+import signal
+import sys
+import sysconfig
+import time
+from dataclasses import replace
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from openinfer.wire.zmtp import Buffer, FrameStream, Limits, Oversized, PeerClosed, ProtocolError
+
+from openinfer.daemon.modelstore.models import ModelState, ServedModel
+from openinfer.daemon.loop.reactor import READABLE, WRITABLE, Reactor
+from openinfer.daemon.files.runtime_dir import WORK_DIR
+from openinfer.daemon.config.settings import Settings
+from .spawner import spawn_worker
+from openinfer.daemon.loop.timers import TimerHeap
+from openinfer.daemon.worker import messages
+from openinfer.daemon.worker.bootconfig import WorkerBootConfig, WorkerSandboxConfig
+from openinfer.daemon.worker.boot import PREPARED_MISMATCH
+from .worker_inbound import Hello
+from .worker_output import StderrRelay
+from .workers import WorkerHandle, WorkerState
+
+if TYPE_CHECKING:
+    from openinfer.daemon.direct.endpoints import DirectPath
+    from .preparation import WeightPreparer
+
+log = logging.getLogger("openinfer.supervisor")
+
+
+# What the system's dynamic linker and the CPU probes of onnxruntime/OpenBLAS read.
+_SYSTEM_READ_PATHS = ("/usr/lib", "/lib", "/lib64", "/usr/lib64", "/etc/ld.so.cache", "/sys/devices/system/cpu", "/dev/null", "/dev/urandom")
+_PACKAGES = ("openinfer.daemon", "openinfer.sandbox", "openinfer.client", "openinfer.policies")
+
+
+def worker_read_paths(private: Sequence[str | Path] = ()) -> tuple[str, ...]:
+    """What a worker may read under Landlock besides its own model: the Python installation, openinfer's own
+    packages and the system libraries they load.
+
+    Landlock grants whole trees, so this never holds the supervisor's working directory (`python -m` puts it
+    on sys.path: under systemd that is `/`) nor any directory that contains, or lies inside, one of `private`
+    (the model repository, the cache, the runtime directory): one of those would hand every worker the other
+    models' files and weights.
+    """
+    paths = {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    paths |= {p for p in sys.path if p and os.path.isdir(p)} - {os.getcwd()}
+    for package in _PACKAGES:
+        spec = importlib.util.find_spec(package)
+        paths |= set(spec.submodule_search_locations or ()) if spec else set()
+    paths |= set(_SYSTEM_READ_PATHS)
+    private_real = [os.path.realpath(p) for p in private if str(p)]
+    kept = []
+    for path in sorted(p for p in paths if os.path.exists(p)):
+        real = os.path.realpath(path)
+        if any(_nested(real, other) or _nested(other, real) for other in private_real):
+            log.warning("not in the workers' Landlock view: it holds, or lies in, a private directory", extra={"path": path})
+            continue
+        kept.append(path)
+    return tuple(kept)
+
+
+def _nested(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def channel_limits(settings: Settings) -> Limits:
+    """What one message from a worker may carry: a meta frame and the outputs of at most one batch.
+    Over it, the worker is retired (no legitimate worker sends more)."""
+    return Limits(frames=1 << 16, first_frame=1 << 20, message_bytes=settings.server.max_worker_message_bytes)
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        settings: Settings,
+        reactor: Reactor,
+        timers: TimerHeap,
+        on_worker_lost: Callable[[WorkerHandle, str], None],
+        on_model_failed: Callable[[ServedModel], None],
+        on_message: Callable[[WorkerHandle, list[Buffer]], None],
+        reject_worker: Callable[[WorkerHandle, str], None],
+    ) -> None:
+        self.on_model_failed = on_model_failed
+        self.settings = settings
+        self.reactor = reactor
+        self.timers = timers
+        self.on_worker_lost = on_worker_lost
+        self.on_message = on_message
+        self.reject_worker = reject_worker
+        self.workers: dict[int, WorkerHandle] = {}  # by worker id
+        self.by_pidfd: dict[int, WorkerHandle] = {}
+        self.preparer: "WeightPreparer | None" = None  # set by the supervisor once the store exists
+        self.direct: "DirectPath | None" = None  # set by the supervisor once its listener is bound
+        self._next_id = 1
+        self.shutting_down = False
+        self._uid_gid = self._resolve_worker_user()
+        self.runtime_dir: Path | None = None  # this instance's private directory (set once it exists)
+
+    def _resolve_worker_user(self) -> tuple[int | None, int | None]:
+        if os.geteuid() != 0 or not self.settings.sandbox.enabled:
+            return None, None
+        entry = pwd.getpwnam(self.settings.sandbox.worker_user)
+        return entry.pw_uid, entry.pw_gid
+
+    @property
+    def worker_gid(self) -> int | None:
+        return self._uid_gid[1]
+
+    @property
+    def worker_uid(self) -> int | None:
+        return self._uid_gid[0]
+
+    def boot_config(self, model: ServedModel, worker_id: int) -> WorkerBootConfig:
+        sb = self.settings.sandbox
+        limit_mb = model.config.memory_limit_mb or sb.memory_limit_mb
+        uid, gid = self._uid_gid
+        repository = model.repository or model.path.parent
+        private: list[str | Path] = [repository]
+        if self.runtime_dir is not None:
+            private.append(self.runtime_dir.parent)  # every instance's channel and prepared weights
+        if self.preparer is not None:
+            private.append(self.preparer.store.base)
+        return WorkerBootConfig(
+            worker_id=worker_id,
+            model=model.name,
+            version=model.version,
+            model_path=str(model.path),
+            intra_op_threads=model.intra_op_threads,
+            supervisor_pid=os.getpid(),
+            log_level=self.settings.log.level,
+            sandbox=WorkerSandboxConfig(
+                enabled=sb.enabled,
+                boot_policy=sb.boot_policy,
+                serve_policy=sb.serve_policy,
+                uid=uid,
+                gid=gid,
+                memory_limit_bytes=limit_mb * 1024 * 1024 if limit_mb else None,
+                max_open_files=sb.max_open_files,
+                landlock=sb.landlock,
+                namespaces=sb.namespaces,
+                read_paths=worker_read_paths(private),
+            ),
+            prepared_dir=str(model.prepared_dir) if model.prepared_dir else None,
+            repository=str(repository),
+            work_dir=str(self.runtime_dir / WORK_DIR) if self.runtime_dir is not None else "",
+        )
+
+    def spawn(self, model: ServedModel) -> WorkerHandle:
+        worker_id = self._next_id
+        self._next_id += 1
+        config = self.boot_config(model, worker_id)
+        endpoint = self.direct.prepare(worker_id, model) if self.direct is not None else None
+        if endpoint is None:
+            spawned = spawn_worker(config)
+        else:
+            direct_config, listener, page, _ = endpoint
+            try:
+                spawned = spawn_worker(replace(config, direct=direct_config), direct_fds=(listener.fileno(), page.fd))
+            except BaseException:
+                page.close()
+                raise
+            finally:
+                listener.close()  # the worker holds it now
+        assert spawned.channel is not None
+        channel = FrameStream(spawned.channel, channel_limits(self.settings))
+        worker = WorkerHandle(worker_id=worker_id, model=model, spawned=spawned, channel=channel)
+        if endpoint is not None:
+            worker.page, worker.direct_address = endpoint[2], endpoint[3]
+        model.workers.append(worker)
+        self.workers[worker_id] = worker
+        self.by_pidfd[spawned.pidfd] = worker
+        self.reactor.add(spawned.pidfd, lambda mask: self.reap(spawned.pidfd, self.shutting_down))
+        relay = StderrRelay(spawned.stderr_fd, {"worker": worker_id, "pid": spawned.pid, "model": model.key})
+        worker.stderr = relay
+        self.reactor.add(spawned.stderr_fd, lambda mask: self._pump_stderr(relay))
+        self.reactor.add(channel.sock.fileno(), lambda mask: self._on_channel(worker, mask))
+        deadline = time.monotonic_ns() + int(self.settings.pool.ready_timeout_s * 1e9)
+        self.timers.call_at(deadline, lambda: self._check_ready(worker))
+        log.info("worker spawned", extra={"worker": worker_id, "pid": worker.pid, "model": model.name, "version": model.version})
+        return worker
+
+    def _pump_stderr(self, relay: StderrRelay) -> None:
+        if not relay.pump():
+            self.reactor.remove(relay.fd)  # the pipe is closed; the fd itself is closed at reap
+
+    # -- the channel -----------------------------------------------------------------------------------
+    def send(self, worker: WorkerHandle, frames: list[Buffer]) -> bool:
+        """Queue a message for a worker; False if its channel is gone (it is exiting: reap follows)."""
+        channel = worker.channel
+        if channel.closed:
+            return False
+        try:
+            channel.send(frames)
+        except PeerClosed:
+            self._close_channel(worker)
+            return False
+        if channel.out_bytes:
+            self.reactor.modify(channel.sock.fileno(), READABLE | WRITABLE)
+        return True
+
+    def _on_channel(self, worker: WorkerHandle, mask: int) -> None:
+        channel = worker.channel
+        if channel.closed:
+            return
+        try:
+            if mask & WRITABLE and channel.flush():
+                self.reactor.modify(channel.sock.fileno(), READABLE)
+            if mask & READABLE:
+                for frames in channel.read(max_bytes=8 * 1024 * 1024):
+                    if isinstance(frames, Oversized):
+                        raise ProtocolError(f"message over its limit: {frames.reason}")
+                    if worker.retired:
+                        continue  # being killed: what it says no longer counts
+                    self.on_message(worker, frames)
+                    if channel.closed:
+                        return
+        except PeerClosed:
+            self._close_channel(worker)  # it exited or closed its end: its pidfd reports the exit
+        except ProtocolError as exc:
+            self.reject_worker(worker, str(exc))
+
+    def _close_channel(self, worker: WorkerHandle) -> None:
+        if not worker.channel.closed:
+            self.reactor.remove(worker.channel.sock.fileno())
+            worker.channel.close()
+
+    def _check_ready(self, worker: WorkerHandle) -> None:
+        if worker.state in (WorkerState.SPAWNED, WorkerState.LOADED):
+            log.error("worker not ready in time; killing it", extra={"worker": worker.worker_id, "pid": worker.pid})
+            worker.exit_reason = f"not ready within {self.settings.pool.ready_timeout_s:g} s"
+            self.kill(worker)
+
+    def kill(self, worker: WorkerHandle) -> None:
+        try:
+            os.kill(worker.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def on_hello(self, worker: WorkerHandle, hello: Hello) -> None:
+        model = worker.model
+        if model.state is not ModelState.READY or not model.inputs:
+            model.set_metadata(hello.inputs, hello.outputs)
+            model.load_ms = hello.load_ms
+        elif (hello.inputs, hello.outputs) != (model.inputs, model.outputs):
+            self.reject_worker(worker, "its model's inputs and outputs differ from the other workers' of the same model version")
+            return
+        if hello.warmup_error:
+            log.warning("warm-up failed; first request pays the first-run cost", extra={"model": model.name, "reason": hello.warmup_error})
+        worker.transition(WorkerState.LOADED)
+        self.send(worker, [messages.ACK, self.direct.key] if self.direct is not None and worker.direct_address else [messages.ACK])
+
+    def on_ready(self, worker: WorkerHandle, sandbox: dict) -> None:  # type: ignore[type-arg]
+        worker.sandbox = sandbox
+        worker.ready_ns = time.monotonic_ns()
+        worker.transition(WorkerState.READY)
+        model = worker.model
+        if model.state is ModelState.LOADING:
+            model.state = ModelState.READY
+            log.info("model ready", extra={"model": model.name, "version": model.version, "load_ms": model.load_ms})
+        log.info(
+            "worker ready",
+            extra={"worker": worker.worker_id, "pid": worker.pid, "model": model.name, "startup_ms": round((worker.ready_ns - worker.spawned_ns) / 1e6, 1), "sandbox": sandbox},
+        )
+
+    def reap(self, pidfd: int, shutting_down: bool) -> WorkerHandle | None:
+        """The pidfd became readable: collect the exit status, forget the worker, maybe respawn."""
+        worker = self.by_pidfd.get(pidfd)
+        # An event from the same poll() batch can name an fd that was closed and reused by a worker
+        # spawned meanwhile: only a process that really exited is reaped (poll() never blocks).
+        if worker is None or worker.spawned.process.poll() is None:
+            return None
+        del self.by_pidfd[pidfd]
+        self.reactor.remove(pidfd)
+        self.reactor.remove(worker.spawned.stderr_fd)
+        if worker.stderr is not None:
+            worker.stderr.pump(final=True)
+        self._close_channel(worker)
+        if self.direct is not None:
+            self.direct.forget(worker)
+        status = worker.spawned.process.returncode
+        boot_error = worker.spawned.read_status()
+        worker.spawned.close()
+        self.workers.pop(worker.worker_id, None)
+        model = worker.model
+        if worker in model.workers:
+            model.workers.remove(worker)
+        if worker in model.idle:
+            model.idle.remove(worker)
+        was = worker.state
+        worker.transition(WorkerState.EXITED)
+        how = describe_exit(status)
+        reason = worker.exit_reason or boot_error or how
+        level = logging.INFO if was is WorkerState.DRAINING else logging.ERROR
+        log.log(level, "worker exited", extra={"worker": worker.worker_id, "pid": worker.pid, "model": model.name, "version": model.version, "exit": how, "reason": reason, "state": was.value})
+        if status == -signal.SIGSYS:
+            log.error("worker killed by seccomp (SIGSYS): it made a system call its policy forbids", extra={"worker": worker.worker_id, "policy": self.settings.sandbox.serve_policy if worker.ready_ns is not None else self.settings.sandbox.boot_policy})
+        if worker.inflight:
+            self.on_worker_lost(worker, f"worker {worker.worker_id} (pid {worker.pid}) {how} while running this task")
+        if was is WorkerState.DRAINING or shutting_down or model.retiring:
+            return worker
+        if boot_error is not None and PREPARED_MISMATCH in boot_error and self.preparer is not None:
+            log.error("prepared weights failed verification; preparing again", extra={"model": model.key, "reason": boot_error})
+            if model.prepared_dir is not None:
+                self.preparer.on_mismatch(model)
+            return worker
+        if was in (WorkerState.SPAWNED, WorkerState.LOADED) and boot_error is not None and model.state is not ModelState.READY:
+            model.state = ModelState.FAILED
+            model.reason = boot_error
+            log.error("model failed to load", extra={"model": model.name, "version": model.version, "reason": boot_error})
+            self.on_model_failed(model)
+            return worker
+        if worker.expected_exit:
+            self.spawn(model)
+            model.restarts += 1
+            return worker
+        self._schedule_respawn(model, reason)
+        return worker
+
+    def _schedule_respawn(self, model: ServedModel, reason: str) -> None:
+        pool = self.settings.pool
+        model.consecutive_crashes += 1
+        model.restarts += 1
+        if model.consecutive_crashes >= pool.crash_loop_limit:
+            if model.state is not ModelState.UNAVAILABLE:
+                model.state = ModelState.UNAVAILABLE
+                model.reason = f"crash loop: {model.consecutive_crashes} consecutive worker failures, last: {reason}"
+                log.error("model unavailable", extra={"model": model.name, "version": model.version, "reason": model.reason})
+                self.on_model_failed(model)  # its queued requests are answered UNAVAILABLE now
+            return  # no more respawns until a reload re-arms the model
+        delay_ms = min(pool.respawn_backoff_max_ms, pool.respawn_backoff_ms * 2 ** (model.consecutive_crashes - 1))
+        self.timers.call_at(time.monotonic_ns() + delay_ms * 1_000_000, lambda: self._respawn(model))
+
+    def _respawn(self, model: ServedModel) -> None:
+        if model.state is ModelState.FAILED or model.retiring or len(model.workers) >= model.worker_count:
+            return
+        self.spawn(model)
+
+    def start_liveness_checks(self) -> None:
+        self.timers.call_at(time.monotonic_ns() + int(self.settings.pool.ping_interval_s * 1e9), self._ping_idle_workers)
+
+    def _ping_idle_workers(self) -> None:
+        """Idle workers must answer a PING within the grace; busy ones are bounded by their task deadline
+        instead, so a long inference can never be mistaken for a hang (and a hang never hides behind one)."""
+        now = time.monotonic_ns()
+        grace_ns = int(self.settings.pool.ping_grace_s * 1e9)
+        for worker in list(self.workers.values()):
+            if worker.state is not WorkerState.READY:
+                continue
+            if worker.ping_sent_ns and now - worker.ping_sent_ns > grace_ns:
+                log.error("worker unresponsive; killing it", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key})
+                worker.exit_reason = f"unresponsive: no PONG within {self.settings.pool.ping_grace_s:g} s"
+                self.kill(worker)
+            elif not worker.ping_sent_ns and self.send(worker, [messages.PING, worker.ping_token]):
+                worker.ping_sent_ns = now
+        self.start_liveness_checks()
+
+    def all_workers(self) -> list[WorkerHandle]:
+        return list(self.workers.values())
+
+
+def describe_exit(status: int) -> str:
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = str(-status)
+        return f"was killed by {name}"
+    return f"exited with code {status}"

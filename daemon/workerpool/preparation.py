@@ -1,0 +1,197 @@
+"""Running the sandboxed prepare helper for a model version, then starting its workers on the result.
+
+Paths and keys are chosen here, never taken from the helper (it parses the untrusted model; issue #16):
+before any helper starts, the supervisor opens the source beneath the repository (daemon/files/model_files.py),
+hashes its bytes and computes the cache key (daemon/files/cache_key.py) - off the loop, since that reads the whole
+model - and reuses a valid `<cache>/<key>` without starting a helper at all. A helper's report is one
+exact line, `{"result": "prepared"}`, and its output directory is checked before it is renamed into place
+(daemon/files/prepared.py). Whatever fails, the model loads unshared, with the reason in `openinfer status`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from openinfer.daemon.files.cache_key import cache_key, cpu_fingerprint, fd_sha256, onnxruntime_version
+from openinfer.daemon.files.model_files import ModelFileError, describe_user, open_model
+from openinfer.daemon.modelstore.models import ModelState, ServedModel
+from openinfer.daemon.loop.offloop import OffLoopRunner
+from openinfer.daemon.files.prepared import Expectation, PreparedRejected, PreparedStore
+from openinfer.daemon.files.prepared_layout import REPORT, output_limit_bytes
+from .spawner import SpawnedProcess, spawn_worker
+from .worker_output import StderrRelay
+
+if TYPE_CHECKING:
+    from .pool import WorkerPool
+
+log = logging.getLogger("openinfer.supervisor")
+MAX_PREPARE_ATTEMPTS = 2
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the supervisor decided before any helper runs."""
+
+    key: str
+    expected: Expectation
+    not_reusable: str | None  # None: `<cache>/<key>` is valid and is used as it is
+
+
+@dataclass
+class PrepareJob:
+    model: ServedModel
+    plan: Plan
+    spawned: SpawnedProcess
+    tmp_dir: Path
+    started_ns: int
+
+
+def plan_preparation(model: ServedModel, store: PreparedStore, share_min_bytes: int) -> Plan | str:
+    """Off the loop: the key from the source's own bytes, and whether the cache already holds it. A string is
+    why the model is not shared at all. Raises ModelFileError when the source cannot be opened safely."""
+    repository = str(model.repository or model.path.parent)
+    version_dir, fd = open_model(repository, str(model.path), describe_user(os.geteuid()))
+    try:
+        size = os.fstat(fd).st_size
+        if size < share_min_bytes:
+            return f"off: {size} bytes < pool.share_min_bytes"
+        source_sha256 = fd_sha256(fd)
+    finally:
+        os.close(fd)
+        os.close(version_dir)
+    expected = Expectation(source_sha256, onnxruntime_version(), cpu_fingerprint(), output_limit_bytes(size))
+    key = cache_key(source_sha256)
+    return Plan(key, expected, store.holds(key, expected))
+
+
+class WeightPreparer:
+    def __init__(self, pool: "WorkerPool", store: PreparedStore, on_done: Callable[[ServedModel], None]) -> None:
+        self.pool = pool
+        self.store = store
+        self.on_done = on_done  # start the model's workers (with or without shared weights)
+        self.jobs: dict[int, PrepareJob] = {}  # by pidfd
+        self.relays: dict[int, StderrRelay] = {}  # by pidfd
+        self.offloop = OffLoopRunner()
+        pool.reactor.add(self.offloop.fd, lambda mask: self.offloop.collect())
+
+    def close(self) -> None:
+        self.pool.reactor.remove(self.offloop.fd)
+        self.offloop.close()
+        self.store.close()
+
+    def wanted(self, model: ServedModel) -> bool:
+        if not self.pool.settings.pool.share_weights:
+            model.sharing = "off: pool.share_weights = false"
+            return False
+        return True
+
+    def start(self, model: ServedModel) -> None:
+        model.prepare_attempts += 1
+        model.sharing = "preparing"
+        started_ns = time.monotonic_ns()
+        min_bytes = self.pool.settings.pool.share_min_bytes
+        self.offloop.submit(lambda: plan_preparation(model, self.store, min_bytes), lambda result: self._planned(model, result, started_ns))
+
+    def _planned(self, model: ServedModel, result: Any, started_ns: int) -> None:
+        if model.state is ModelState.FAILED or model.retiring:
+            return
+        if isinstance(result, Plan) and result.not_reusable is None:
+            self._use(model, result.key, True, started_ns)
+        elif isinstance(result, Plan):
+            self._start_helper(model, result, started_ns)
+            return
+        elif isinstance(result, str):
+            model.sharing = result
+        else:
+            reason = str(result) if isinstance(result, ModelFileError) else f"{type(result).__name__}: {result}"
+            self._off(model, reason)
+        self.on_done(model)
+
+    def _start_helper(self, model: ServedModel, plan: Plan, started_ns: int) -> None:
+        tmp = self.store.new_tmp_dir()
+        config = self.pool.boot_config(model, 0)
+        config = type(config)(**{**config.__dict__, "prepare_into": str(tmp), "prepare_limit_bytes": plan.expected.max_file_bytes, "prepared_dir": None})
+        spawned = spawn_worker(config, with_channel=False)  # it reports through its status pipe only
+        job = PrepareJob(model, plan, spawned, tmp, started_ns)
+        self.jobs[spawned.pidfd] = job
+        relay = self.relays[spawned.pidfd] = StderrRelay(spawned.stderr_fd, {"helper": "prepare", "pid": spawned.pid, "model": model.key})
+        self.pool.reactor.add(spawned.pidfd, lambda mask: self.on_exit(spawned.pidfd))
+        self.pool.reactor.add(spawned.stderr_fd, lambda mask: self._pump(relay))
+        log.info("preparing shared weights", extra={"model": model.key, "pid": spawned.pid, "key": plan.key, "why": plan.not_reusable})
+
+    def _pump(self, relay: StderrRelay) -> None:
+        if not relay.pump():
+            self.pool.reactor.remove(relay.fd)  # the pipe is closed; the fd itself is closed at exit
+
+    def on_exit(self, fd: int) -> None:
+        """A helper's pidfd is readable: it exited."""
+        job = self.jobs.get(fd)
+        if job is None or job.spawned.process.poll() is None:
+            return  # stale event for a reused fd number
+        del self.jobs[fd]
+        self.pool.reactor.remove(fd)
+        self.pool.reactor.remove(job.spawned.stderr_fd)
+        self.relays.pop(fd).pump(final=True)
+        report = job.spawned.read_report()
+        job.spawned.close()
+        self._helper_done(job, job.spawned.process.returncode, report)
+
+    def _helper_done(self, job: PrepareJob, returncode: int, report: dict[str, Any] | None) -> None:
+        model = job.model
+        if returncode == 0 and report == REPORT:
+            try:
+                self.store.finalize(job.tmp_dir, job.plan.key, job.plan.expected)
+            except PreparedRejected as exc:
+                self._off(model, f"the prepare helper's output was refused: {exc}")
+            except OSError as exc:  # renaming into place failed: the model still loads, unshared
+                self.store.remove_tmp(job.tmp_dir)
+                self._off(model, f"cannot put the prepared weights in place: {exc}")
+            else:
+                self._use(model, job.plan.key, False, job.started_ns)
+        else:
+            self.store.remove_tmp(job.tmp_dir)
+            self._off(model, _helper_failure(returncode, report))
+        if model.state is not ModelState.FAILED and not model.retiring:
+            self.on_done(model)
+
+    def _use(self, model: ServedModel, key: str, reused: bool, started_ns: int) -> None:
+        try:
+            model.shared_bytes = self.store.weights_bytes(key)
+        except OSError as exc:  # retired meanwhile (another model with the same source failed to verify it)
+            self._off(model, f"the prepared weights went away: {exc}")
+            return
+        model.prepared_dir = self.store.path(key)
+        model.sharing = "shared"
+        elapsed_ms = round((time.monotonic_ns() - started_ns) / 1e6, 1)
+        log.info("shared weights ready", extra={"model": model.key, "reused": reused, "ms": elapsed_ms, "shared_bytes": model.shared_bytes, "dir": str(model.prepared_dir)})
+
+    def _off(self, model: ServedModel, reason: str) -> None:
+        model.prepared_dir = None
+        model.sharing = f"off: {reason}"
+        log.warning("weights not shared: every worker loads its own copy", extra={"model": model.key, "reason": reason})
+
+    def on_mismatch(self, model: ServedModel) -> None:
+        """A worker found the prepared weights give wrong numbers: retire them and prepare again (once)."""
+        if model.prepared_dir is not None:
+            self.store.discard(model.prepared_dir.name)
+        model.prepared_dir = None
+        if model.prepare_attempts < MAX_PREPARE_ATTEMPTS:
+            self.start(model)
+        else:
+            model.sharing = "off: prepared weights failed verification twice"
+            self.on_done(model)
+
+
+def _helper_failure(returncode: int, report: dict[str, Any] | None) -> str:
+    """Why a helper failed, from its report when that is a plain error message (it is untrusted text:
+    shown, never interpreted)."""
+    error = report.get("error") if report is not None else None
+    if isinstance(error, str):
+        return error[:1000]
+    if returncode == 0:
+        return f"the prepare helper's report did not fit (expected {REPORT})"
+    return f"prepare helper exited with {returncode}"

@@ -1,0 +1,251 @@
+"""What a worker sends the supervisor, checked where it arrives.
+
+A worker runs a model that may be hostile and parses client bytes: it may be compromised. So every
+message from it is parsed here into typed values and checked against what that worker was given (the
+task ids it holds, the outputs those tasks asked for, sizes, types) before any bookkeeping changes.
+A message that does not fit raises BadWorkerMessage; the caller retires the worker and fails exactly the
+tasks it held. Nothing a worker sends is passed on unchecked: error codes outside the protocol's set
+become INTERNAL, messages are truncated, tensor specs are rebuilt from checked values.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from openinfer.wire.errors import ErrorCode
+from openinfer.wire.protocol import unpack
+from openinfer.wire.tensors import DATATYPES, ELEMENT_SIZE
+from openinfer.wire.zmtp import Buffer
+
+from openinfer.daemon.worker import messages
+
+MAX_NAME = 1024  # characters in a tensor name
+MAX_RANK = 64
+MAX_TENSORS = 4096  # per model (metadata) or per message
+MAX_MESSAGE_TEXT = 2000  # characters of an error message passed to a client
+MAX_STAGE_US = 1e12  # a stage time beyond ~11 days is not a measurement
+_CODES = frozenset(code.value for code in ErrorCode)
+
+
+class BadWorkerMessage(Exception):
+    """The message does not fit what the worker was given; the text says what (for the log)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    pid: int
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    load_ms: float | None
+    warmup_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerTiming:
+    recv_ns: int
+    send_ns: int
+    prep_us: float
+    compute_us: float
+    encode_us: float
+    cpu_us: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskResult:
+    timing: WorkerTiming
+    outputs: list[dict[str, Any]]  # checked specs, one per data frame
+    frames: list[Buffer]
+    error: dict[str, str] | None  # {"code", "message"}, code within the protocol's set
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    timing: WorkerTiming
+    rows_layout: bool  # one frame per output for the whole batch, else per member its frames
+    outputs: Any  # rows: list of specs; members: per member a list of specs
+    frames: list[Buffer]
+    failed: bool  # the batch failed as a whole (each member is retried alone)
+
+
+def _meta(frames: Sequence[Buffer], index: int = 1) -> dict[str, Any]:
+    if len(frames) <= index:
+        raise BadWorkerMessage("message too short")
+    try:
+        meta = unpack(frames[index])
+    except Exception as exc:
+        raise BadWorkerMessage(f"meta frame is not msgpack: {type(exc).__name__}") from None
+    if not isinstance(meta, dict):
+        raise BadWorkerMessage("meta frame is not a map")
+    return meta
+
+
+def _text(value: Any, limit: int, what: str) -> str:
+    if not isinstance(value, str):
+        raise BadWorkerMessage(f"{what} is not a string")
+    return value[:limit]
+
+
+def _number(meta: dict[str, Any], key: str, *, integer: bool = False) -> Any:
+    value = meta.get(key)
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise BadWorkerMessage(f"`{key}` is not a number")
+    if not integer and (not math.isfinite(value) or not 0 <= value < MAX_STAGE_US):
+        raise BadWorkerMessage(f"`{key}` = {value!r} is not a duration")
+    return value
+
+
+def _clock(meta: dict[str, Any], key: str, floor_ns: int) -> int:
+    """A monotonic timestamp from the worker (same clock): between `floor_ns` and now, else clamped —
+    a worker cannot make a reply's timing negative or claim the future."""
+    value = _number(meta, key, integer=True)
+    now = time.monotonic_ns()
+    return min(max(value, floor_ns), now)
+
+
+def _timing(meta: dict[str, Any], floor_ns: int, ok: bool) -> WorkerTiming:
+    recv_ns = _clock(meta, "recv_ns", floor_ns)
+    send_ns = _clock(meta, "send_ns", recv_ns)
+    if ok:
+        return WorkerTiming(recv_ns, send_ns, _number(meta, "prep_us"), _number(meta, "compute_us"), _number(meta, "encode_us"), _number(meta, "cpu_us"))
+    return WorkerTiming(recv_ns, send_ns, 0.0, 0.0, 0.0, _number(meta, "cpu_us"))
+
+
+def tensor_spec(raw: Any, *, metadata: bool) -> dict[str, Any]:
+    """A checked {name, datatype, shape}; in metadata a dimension may be -1 (dynamic)."""
+    if not isinstance(raw, dict):
+        raise BadWorkerMessage("tensor spec is not a map")
+    name = _text(raw.get("name"), MAX_NAME + 1, "tensor name")
+    if not name or len(name) > MAX_NAME:
+        raise BadWorkerMessage("tensor name empty or too long")
+    datatype = raw.get("datatype")
+    if datatype not in DATATYPES:
+        raise BadWorkerMessage(f"unknown datatype {datatype!r}")
+    shape = raw.get("shape")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK:
+        raise BadWorkerMessage("shape is not a list of at most 64 dimensions")
+    lowest = -1 if metadata else 0
+    for dim in shape:
+        if type(dim) is not int or dim < lowest or dim > 1 << 48:
+            raise BadWorkerMessage(f"bad dimension {dim!r}")
+    return {"name": name, "datatype": datatype, "shape": list(shape)}
+
+
+def _frame_matches(spec: dict[str, Any], frame: Buffer) -> None:
+    size = ELEMENT_SIZE.get(spec["datatype"])
+    if size is None:
+        return  # BYTES: variable length; the client checks the element framing
+    count = 1
+    for dim in spec["shape"]:
+        count *= dim
+    if count * size != len(frame):
+        raise BadWorkerMessage(f"output {spec['name']!r}: {spec['datatype']}{spec['shape']} needs {count * size} bytes, frame has {len(frame)}")
+
+
+def _error(raw: Any) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        raise BadWorkerMessage("error is not a map")
+    code = raw.get("code")
+    message = _text(raw.get("message", ""), MAX_MESSAGE_TEXT, "error message")
+    return {"code": code if isinstance(code, str) and code in _CODES else ErrorCode.INTERNAL.value, "message": message}
+
+
+# -- messages ------------------------------------------------------------------------------------------
+def parse_hello(frames: Sequence[Buffer]) -> Hello:
+    meta = _meta(frames)
+    inputs, outputs = meta.get("inputs"), meta.get("outputs")
+    if not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) > MAX_TENSORS or len(outputs) > MAX_TENSORS or not outputs:
+        raise BadWorkerMessage("HELLO without valid inputs/outputs lists")
+    load_ms = meta.get("load_ms")
+    warmup_error = meta.get("warmup_error")
+    return Hello(
+        pid=_number(meta, "pid", integer=True),
+        inputs=[tensor_spec(spec, metadata=True) for spec in inputs],
+        outputs=[tensor_spec(spec, metadata=True) for spec in outputs],
+        load_ms=float(load_ms) if isinstance(load_ms, (int, float)) and not isinstance(load_ms, bool) and math.isfinite(load_ms) else None,
+        warmup_error=_text(warmup_error, 500, "warm-up error") if warmup_error is not None else None,
+    )
+
+
+def parse_ready(frames: Sequence[Buffer]) -> dict[str, Any]:
+    """The worker's description of its sandbox: shown in `status`, never acted on. Kept as plain data:
+    scalars, lists and maps of them, bounded."""
+    meta = _meta(frames)
+    if len(frames[1]) > 64 * 1024:
+        raise BadWorkerMessage("READY description over 64 KiB")
+    return {str(key)[:64]: value for key, value in meta.items()}
+
+
+def parse_result(frames: Sequence[Buffer], dispatched_ns: int, wanted: Sequence[str]) -> TaskResult:
+    """RESULT for the task the worker runs: its outputs must be exactly `wanted`, in order."""
+    meta = _meta(frames)
+    data = list(frames[2:])
+    if "error" in meta:
+        if data:
+            raise BadWorkerMessage("an error result with data frames")
+        return TaskResult(_timing(meta, dispatched_ns, ok=False), [], [], _error(meta["error"]))
+    raw_outputs = meta.get("outputs")
+    if not isinstance(raw_outputs, list) or len(raw_outputs) != len(data):
+        raise BadWorkerMessage("outputs do not match the data frames")
+    outputs = [tensor_spec(spec, metadata=False) for spec in raw_outputs]
+    if [spec["name"] for spec in outputs] != list(wanted):
+        raise BadWorkerMessage("outputs are not the ones the task asked for")
+    for spec, frame in zip(outputs, data):
+        _frame_matches(spec, frame)
+    return TaskResult(_timing(meta, dispatched_ns, ok=True), outputs, data, None)
+
+
+def parse_batch(frames: Sequence[Buffer], task_ids: list[int], rows: list[int], wanted: Sequence[str], dispatched_ns: int) -> BatchResult:
+    """RESULTS for the batch the worker runs (`task_ids`, with `rows` each)."""
+    meta = _meta(frames)
+    data = list(frames[2:])
+    if meta.get("tasks") != task_ids:
+        raise BadWorkerMessage("RESULTS names other tasks than the batch it was given")
+    if "error" in meta:
+        if data:
+            raise BadWorkerMessage("an error result with data frames")
+        _error(meta["error"])
+        return BatchResult(_timing(meta, dispatched_ns, ok=False), False, [], [], True)
+    timing = _timing(meta, dispatched_ns, ok=True)
+    layout = meta.get("layout")
+    raw = meta.get("outputs")
+    if layout == "rows":
+        if not isinstance(raw, list) or len(raw) != len(data):
+            raise BadWorkerMessage("outputs do not match the data frames")
+        outputs = [tensor_spec(spec, metadata=False) for spec in raw]
+        total = sum(rows)
+        for spec, frame in zip(outputs, data):
+            if spec["datatype"] == "BYTES" or spec["shape"][:1] != [total]:
+                raise BadWorkerMessage("a rows-layout output without the batch's rows")
+            _frame_matches(spec, frame)
+        if [spec["name"] for spec in outputs] != list(wanted):
+            raise BadWorkerMessage("outputs are not the ones the batch asked for")
+        return BatchResult(timing, True, outputs, data, False)
+    if layout != "members" or not isinstance(raw, list) or len(raw) != len(task_ids):
+        raise BadWorkerMessage("unknown layout or wrong number of members")
+    per_member: list[list[dict[str, Any]]] = []
+    offset = 0
+    for member, specs in enumerate(raw):
+        if not isinstance(specs, list) or len(specs) != len(wanted):
+            raise BadWorkerMessage("a member's outputs do not match the batch's")
+        checked = [tensor_spec(spec, metadata=False) for spec in specs]
+        if [spec["name"] for spec in checked] != list(wanted):
+            raise BadWorkerMessage("outputs are not the ones the batch asked for")
+        for spec in checked:
+            if offset >= len(data):
+                raise BadWorkerMessage("fewer data frames than outputs")
+            if spec["shape"][:1] != [rows[member]]:
+                raise BadWorkerMessage("a member's output has other rows than its input")
+            _frame_matches(spec, data[offset])
+            offset += 1
+        per_member.append(checked)
+    if offset != len(data):
+        raise BadWorkerMessage("more data frames than outputs")
+    return BatchResult(timing, False, per_member, data, False)
+
+
+def task_id_of(kind_frame: Buffer) -> int:
+    if len(kind_frame) != 9:
+        raise BadWorkerMessage("RESULT kind frame without an 8-byte task id")
+    return messages.unpack_task_id(bytes(kind_frame[1:9]))

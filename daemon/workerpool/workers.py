@@ -1,0 +1,81 @@
+"""Worker handles and their one state machine."""
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from openinfer.wire.zmtp import FrameStream
+
+from .inflight import Inflight
+from .spawner import SpawnedProcess
+
+if TYPE_CHECKING:
+    from openinfer.daemon.direct.deadline_page import DeadlinePage
+    from openinfer.daemon.modelstore.models import ServedModel
+    from .worker_output import StderrRelay
+
+log = logging.getLogger("openinfer.supervisor")
+
+
+class WorkerState(enum.Enum):
+    SPAWNED = "spawned"  # process started, loading its model inside the boot sandbox
+    LOADED = "loaded"  # model loaded, channel proven (HELLO), entering the serve sandbox
+    READY = "ready"  # idle, may receive a task
+    BUSY = "busy"  # running exactly one task
+    DRAINING = "draining"  # told to finish and exit (QUIT sent or about to be)
+    EXITED = "exited"
+
+
+_ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.SPAWNED: frozenset({WorkerState.LOADED, WorkerState.DRAINING, WorkerState.EXITED}),
+    WorkerState.LOADED: frozenset({WorkerState.READY, WorkerState.DRAINING, WorkerState.EXITED}),
+    WorkerState.READY: frozenset({WorkerState.BUSY, WorkerState.DRAINING, WorkerState.EXITED}),
+    WorkerState.BUSY: frozenset({WorkerState.READY, WorkerState.DRAINING, WorkerState.EXITED}),
+    WorkerState.DRAINING: frozenset({WorkerState.EXITED}),
+    WorkerState.EXITED: frozenset(),
+}
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    worker_id: int
+    model: "ServedModel"
+    spawned: SpawnedProcess
+    channel: FrameStream  # the supervisor's end of the worker's socketpair
+    stderr: "StderrRelay | None" = None
+    retired: bool = False  # being killed (bad message, deadline): nothing it sends counts any more
+    direct_address: str | None = None  # its own endpoint for clients holding a lease (direct/endpoints.py)
+    page: "DeadlinePage | None" = None  # when its direct run must be done (deadline_page.py)
+    ping_token: bytes = b"p"
+    state: WorkerState = WorkerState.SPAWNED
+    inflight: Inflight = field(default_factory=Inflight)  # sent, unanswered (inflight.py owns it)
+    tasks_served: int = 0
+    spawned_ns: int = field(default_factory=time.monotonic_ns)
+    ready_ns: int | None = None
+    sandbox: dict[str, Any] = field(default_factory=dict)
+    exit_reason: str | None = None
+    expected_exit: bool = False  # killed by us (deadline): respawn without counting a crash
+    ping_sent_ns: int = 0  # outstanding liveness PING (0 = none)
+    idle_since_ns: int = 0  # when it last became READY (batch wait is measured from here)
+    last_send_ns: int = 0  # when the worker sent its previous result (the next task started then)
+
+    @property
+    def pid(self) -> int:
+        return self.spawned.pid
+
+    def transition(self, new: WorkerState) -> None:
+        """The only way a worker's state changes: checked, and logged for every change but READY<->BUSY."""
+        old = self.state
+        if new is old:
+            return
+        if new not in _ALLOWED[old]:
+            raise RuntimeError(f"worker {self.worker_id}: illegal transition {old.value} -> {new.value}")
+        self.state = new
+        if not (old in (WorkerState.READY, WorkerState.BUSY) and new in (WorkerState.READY, WorkerState.BUSY)):
+            log.info(
+                "worker state",
+                extra={"worker": self.worker_id, "pid": self.pid, "model": self.model.name, "version": self.model.version, "from": old.value, "to": new.value},
+            )
