@@ -141,7 +141,7 @@ oi_link *oi_link_connect(const char *address, const oi_frame *frames, size_t n_f
         if (!oi_link_wait(link, deadline_ms)) rc = OI_LINK_TIMEOUT;
         else if ((rc = oi_link_fill(link)) == OI_LINK_OK && oi_link_next(link, &unused, &n) != 0) rc = OI_LINK_CLOSED;
     }
-    if (rc == OI_LINK_OK) rc = send_message(link->fd, frames, n_frames, deadline_ms);
+    if (rc == OI_LINK_OK && n_frames) rc = send_message(link->fd, frames, n_frames, deadline_ms);
     if (rc != OI_LINK_OK) {
         *status = rc;
         goto fail;

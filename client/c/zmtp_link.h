@@ -49,7 +49,8 @@ enum {
 
 /*
  * Connect to `address` (ipc://PATH), exchange greetings and READY (until `deadline_ms`), and send the
- * message `frames` (typically `attach`). Does not wait for the answer: read it like any other reply.
+ * message `frames` (typically `attach`; none when n_frames is 0). Does not wait for the answer: read it
+ * like any other reply.
  * Returns NULL with *status set (OI_LINK_ERROR with errno, e.g. ENOENT/ECONNREFUSED for a worker
  * that is gone, EAGAIN for a full backlog) on failure.
  */
