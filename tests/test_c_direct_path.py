@@ -35,7 +35,7 @@ from test_c_client import EXAMPLE, VECTORS, X, c_example, example_daemon, parse_
 
 pytestmark = pytest.mark.live
 
-DIRECT = {"OPENINFER_POOL_DIRECT": "1"}
+DIRECT: dict[str, str | None] = {"OPENINFER_POOL_DIRECT": "1"}
 DIRECT_TIMING = {"decode_us", "queue_us", "prep_us", "compute_us", "encode_us", "cpu_us", "total_us"}
 REQUEST_KEYS = {"v", "id", "op", "model", "version", "inputs"}  # what oi_infer can say
 
@@ -345,6 +345,7 @@ def test_killed_worker_fails_only_its_request(c_example: Path, daemon_factory: A
             return None
 
         victim = wait_for(running_it, 60, "a busy worker running the endless request", daemon=running)
+        assert victim is not None
         os.kill(victim, signal.SIGKILL)
         out, _ = victim_client.communicate(timeout=120)
     finally:
@@ -358,6 +359,10 @@ def test_killed_worker_fails_only_its_request(c_example: Path, daemon_factory: A
     assert np.frombuffer(after["outputs"][0][3], "<f4").tolist() == [4.0]
     summary = quiet_summary(bystander_out)
     assert summary["errors"] == {} and summary["ok"] == summary["rounds"] > 0, summary
+    # past its deadline the daemon kills the worker running it: DEADLINE_EXCEEDED, not WORKER_CRASHED (rc
+    # TIMEOUT instead if the client's own 200 ms of grace ran out first on a very busy machine)
+    [late] = run_requests(running.address, specs[:1], tmp_path, "--timeout", "1500", timeout=120)
+    assert late["status"] == "DEADLINE_EXCEEDED" and late["rc"] in ("DEADLINE_EXCEEDED", "TIMEOUT") and late["local"] == 1 and late["path"] == "direct", late
 
 
 def test_valgrind_clean_on_the_direct_path(c_example: Path, direct_daemon: RunningDaemon, tmp_path: Path) -> None:

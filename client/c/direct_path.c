@@ -206,8 +206,9 @@ static lease_slot *find_slot(oi_direct *d, const char *model, int64_t version, i
     return slot;
 }
 
-/* A lease for the request's model version: OI_OK (*slot_out has one), OI_DIRECT_USE_FRONT_DOOR, 1 + the
- * refusal kept in d->refusal as the answer (returned as OI_OK with *refused = 1), or a local failure. */
+/* A lease for the request's model version: OI_OK (*slot_out has one), OI_DIRECT_USE_FRONT_DOOR, the
+ * front door's refusal kept in d->refusal as the answer (OI_OK with *refused = 1), or a local failure.
+ * A renewal that fails locally (the front door did not answer) keeps a lease that has not expired. */
 static int lease_for(oi_direct *d, const oi_direct_request *req, lease_slot **slot_out, int *refused, oi_error *err) {
     int64_t now = oi_now_ns();
     lease_slot *slot = find_slot(d, req->model, req->version, 0);
@@ -220,7 +221,6 @@ static int lease_for(oi_direct *d, const oi_direct_request *req, lease_slot **sl
     if (!(slot = find_slot(d, req->model, req->version, 1)))
         return fail(err, OI_ERR_RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED", "out of memory");
     slot->used_ns = now;
-    drop_lease(slot);
 
     msgpack_sbuffer sb;
     msgpack_packer pk;
@@ -234,9 +234,14 @@ static int lease_for(oi_direct *d, const oi_direct_request *req, lease_slot **sl
     int rc = d->call(d->client, &frame, id, req->wait_deadline_ms, &d->refusal);
     msgpack_sbuffer_destroy(&sb);
     if (rc != OI_OK) {
+        if (slot->has_lease && oi_now_ns() < slot->lease.expires_ns) {
+            *slot_out = slot;
+            return OI_OK;
+        }
         *err = d->refusal.error;
         return rc;
     }
+    drop_lease(slot);
     msgpack_unpacked u;
     msgpack_unpacked_init(&u);
     if (!decode_header(d->refusal.frames, d->refusal.n_frames, &u)) {
