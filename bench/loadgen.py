@@ -36,6 +36,8 @@ class RunResult:
     latencies_ns: np.ndarray
     stages_us: dict[str, np.ndarray] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
+    path: str | None = None  # generators that know it: "direct" (PROTOCOL.md 17) or "front-door"
+    path_events: dict[str, int] = field(default_factory=dict)  # e.g. leases taken, requests resent
 
     @property
     def completed(self) -> int:

@@ -230,8 +230,9 @@ def test_no_daemon_is_unavailable_within_the_timeout(c_example: Path, tmp_path: 
 
 
 class ScriptedDaemon:
-    """A pyzmq ROUTER standing in for the daemon: holds the first infer past the client's timeout, and
-    answers it only after the client's next request arrived, so that the late reply must be dropped."""
+    """A pyzmq ROUTER standing in for an older daemon (one without `lease`: the C client asks once on
+    ipc://, then sends everything to the front door): holds the first infer past the client's timeout,
+    and answers it only after the client's next request arrived, so that the late reply must be dropped."""
 
     def __init__(self, address: str) -> None:
         self.context = zmq.Context()
@@ -239,15 +240,21 @@ class ScriptedDaemon:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.bind(address)
         self.received: list[list[bytes]] = []
+        self.leases: list[dict[str, Any]] = []
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _recv(self) -> tuple[bytes, dict[str, Any], list[bytes]]:
-        assert self.router.poll(20_000), "the C client sent nothing"
-        routing_id, *frames = self.router.recv_multipart()
-        self.received.append(frames)
-        return routing_id, msgpack.unpackb(frames[0], raw=False), frames
+        while True:
+            assert self.router.poll(20_000), "the C client sent nothing"
+            routing_id, *frames = self.router.recv_multipart()
+            header = msgpack.unpackb(frames[0], raw=False)
+            if header.get("op") != "lease":
+                self.received.append(frames)
+                return routing_id, header, frames
+            self.leases.append(header)  # what a daemon before PROTOCOL.md 17 answers:
+            self._send(routing_id, {"v": 1, "id": header["id"], "error": {"code": "INVALID_ARGUMENT", "message": "unknown operation 'lease'; known: cancel, health, infer, ..."}, "timing": {"total_us": 1.0}})
 
     def _send(self, routing_id: bytes, header: dict[str, Any], *data: bytes) -> None:
         self.router.send_multipart([routing_id, msgpack.packb(header), *data])
@@ -295,6 +302,8 @@ def test_late_reply_is_discarded_by_id(c_example: Path, tmp_path: Path, under_va
         daemon.close()
     assert daemon.error is None, repr(daemon.error)
     assert done.returncode == 1, done.stdout + done.stderr  # round 1 failed (timeout), round 2 succeeded
+    # ipc://: the client asked for a lease once, and after "unknown operation" never again (PROTOCOL.md 17.1)
+    assert [lease["model"] for lease in daemon.leases] == ["tiny"], daemon.leases
     first, second = parse_infer_output(done.stdout)
     assert first == {"error": first["error"]} and first["error"].startswith("DEADLINE_EXCEEDED rc=TIMEOUT local=1: "), first
     assert np.array_equal(second["outputs"]["y"], X * 2), second["outputs"]["y"][0, :4]
@@ -306,7 +315,9 @@ def test_late_reply_is_discarded_by_id(c_example: Path, tmp_path: Path, under_va
     assert header == {"v": 1, "op": "infer", "model": "tiny", "timeout_ms": 300,
                       "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64]}]}
     assert infer_frames[1] == X.astype("<f4").tobytes() and len(infer_frames) == 2
-    assert len(daemon.received[1]) == 1 and msgpack.unpackb(daemon.received[1][0]) == {"v": 1, "id": request_id + 1, "op": "cancel", "target": request_id}
+    cancel = msgpack.unpackb(daemon.received[1][0])
+    assert len(daemon.received[1]) == 1 and cancel == {"v": 1, "id": cancel["id"], "op": "cancel", "target": request_id}
+    assert cancel["id"] != request_id
 
 
 def test_valgrind_clean_against_the_daemon(c_example: Path, example_daemon: RunningDaemon) -> None:

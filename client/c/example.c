@@ -3,7 +3,18 @@
  *
  *   openinfer-c-example [options] ADDR MODEL
  *       Sends x FP32[1,64] = 0.01 * i (the input of the example model `tiny`) and prints every output
- *       (its first values; all of them with --all) and the reply's timing.
+ *       (its first values; all of them with --all), the reply's timing and the path it took
+ *       ("path direct": a worker answered over the direct path; "path front-door").
+ *       With --quiet, one line for all rounds instead:
+ *         rounds N ok N direct N errors CODE=COUNT,...   ("errors -" when none)
+ *   openinfer-c-example [options] requests ADDR REQUESTS.json
+ *       Runs each request of a JSON array, in order, on one client:
+ *         {"model": str, "version": int (optional), "inputs": [{"name", "datatype", "shape": [int],
+ *          "hex": the data frame as hex}]}
+ *       and prints one line per request (tab-separated):
+ *         request INDEX OK|CODE rc=NAME local=0|1 path=direct|front-door timing=KEY,... outputs=OUT;...
+ *         details=JSON|- message
+ *       where OUT is NAME:DATATYPE:DIM,DIM,...:HEX. Before each request it prints "sending INDEX".
  *   openinfer-c-example [options] conformance ADDR VECTORS.json
  *       Replays every vector of tests/conformance/vectors.json as raw frames, each on a fresh
  *       connection, and prints one line per vector (tab-separated):
@@ -15,7 +26,10 @@
  *       prints "OK<TAB>reply-header-JSON" or "error CODE rc=NAME local=0|1: message<TAB>JSON".
  *
  * Options: --timeout MS (default 10000; 20000 for conformance), --all (print every output value),
- *          --repeat N (run the inference N times on one client).
+ *          --repeat N (run the inference N times on one client), --duration MS (repeat for at least
+ *          this long), --stop-file PATH (repeat until PATH exists), --quiet (infer mode: the summary line
+ *          only), --front-door (oi_set_direct(c, 0): every request through the daemon's socket;
+ *          OPENINFER_DIRECT=0 does the same).
  * CURVE (tcp://): set OPENINFER_CURVE_SERVER_KEY, OPENINFER_CURVE_PUBLIC_KEY, OPENINFER_CURVE_SECRET_KEY
  * (Z85, 40 characters each).
  */
@@ -28,6 +42,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 /* ---- a minimal JSON reader (enough for vectors.json) -------------------------------------------- */
 
@@ -243,12 +259,16 @@ static char *read_file(const char *path, size_t *size) {
 
 /* ---- client setup ------------------------------------------------------------------------------ */
 
+static int front_door_only;      /* --front-door */
+static const char *stop_file;    /* --stop-file */
+
 static oi_client *connect_client(const char *address, int timeout_ms) {
     oi_client *c = oi_connect(address, timeout_ms);
     if (!c) {
         perror("oi_connect");
         return NULL;
     }
+    if (front_door_only) oi_set_direct(c, 0);
     const char *server = getenv("OPENINFER_CURVE_SERVER_KEY"), *pub = getenv("OPENINFER_CURVE_PUBLIC_KEY"),
                *sec = getenv("OPENINFER_CURVE_SECRET_KEY");
     if (server && *server) {
@@ -274,7 +294,28 @@ static void print_value(const oi_output *o, size_t i) {
     else printf(" ?");
 }
 
-static int run_infer(const char *address, const char *model, int timeout_ms, int all, int repeat) {
+static int64_t monotonic_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* --quiet: error codes counted over all rounds */
+typedef struct {
+    char code[32];
+    unsigned long count;
+} code_count;
+
+static void count_code(code_count *codes, size_t *n, size_t cap, const char *code) {
+    for (size_t i = 0; i < *n; i++)
+        if (strcmp(codes[i].code, code) == 0) { codes[i].count++; return; }
+    if (*n < cap) {
+        snprintf(codes[*n].code, sizeof codes[*n].code, "%s", code);
+        codes[(*n)++].count = 1;
+    }
+}
+
+static int run_infer(const char *address, const char *model, int timeout_ms, int all, int repeat, int duration_ms, int quiet) {
     enum { N = 64 };
     float x[N];
     for (int i = 0; i < N; i++) x[i] = (float)(0.01 * i); /* little-endian host assumed (x86, arm) */
@@ -284,10 +325,22 @@ static int run_infer(const char *address, const char *model, int timeout_ms, int
     oi_client *c = connect_client(address, timeout_ms);
     if (!c) return 2;
     int status = 0;
-    for (int round = 0; round < repeat; round++) {
+    unsigned long rounds = 0, ok = 0, direct = 0;
+    code_count codes[16];
+    size_t n_codes = 0;
+    int64_t until = monotonic_ms() + duration_ms;
+    for (int round = 0; round < repeat || monotonic_ms() < until || (stop_file && access(stop_file, F_OK) != 0); round++) {
         oi_result r;
         int rc = oi_infer(c, model, -1, &input, 1, &r);
-        if (rc != OI_OK) {
+        rounds++;
+        direct += r.direct;
+        if (quiet) {
+            if (rc == OI_OK) ok++;
+            else {
+                count_code(codes, &n_codes, sizeof codes / sizeof codes[0], r.error.code);
+                status = 1;
+            }
+        } else if (rc != OI_OK) {
             printf("error %s rc=%s local=%d: %s\n", r.error.code, oi_rc_name(rc), r.error.local, r.error.message);
             if (r.error_details) printf("details %s\n", r.error_details);
             status = 1;
@@ -312,8 +365,15 @@ static int run_infer(const char *address, const char *model, int timeout_ms, int
             printf("\n");
             printf("summary queue_us=%.3f compute_us=%.3f total_us=%.3f client_us=%.3f transport_us=%.3f\n", r.queue_us,
                    r.compute_us, r.total_us, r.client_us, r.transport_us);
+            printf("path %s\n", r.direct ? "direct" : "front-door");
         }
         oi_result_free(&r);
+        if (!quiet) fflush(stdout);
+    }
+    if (quiet) {
+        printf("rounds %lu ok %lu direct %lu errors ", rounds, ok, direct);
+        for (size_t i = 0; i < n_codes; i++) printf("%s%s=%lu", i ? "," : "", codes[i].code, codes[i].count);
+        printf("%s\n", n_codes ? "" : "-");
         fflush(stdout);
     }
     oi_close(c);
@@ -333,6 +393,93 @@ static int hex_decode(const jval *h, unsigned char **out, size_t *size) {
         (*out)[i] = (unsigned char)(hi << 4 | lo);
     }
     return 1;
+}
+
+/* ---- requests mode ---------------------------------------------------------------------------------- */
+
+static void print_hex(const void *data, size_t n) {
+    const unsigned char *p = data;
+    for (size_t i = 0; i < n; i++) printf("%02x", p[i]);
+}
+
+/* One request of the JSON array: its inputs decoded into `tensors` (data and shapes malloc'd). */
+static int load_request(const jval *spec, oi_tensor *tensors, size_t cap, size_t *n) {
+    const jval *inputs = jget(spec, "inputs");
+    if (!inputs || inputs->type != J_ARR || inputs->count > cap) return 0;
+    *n = 0;
+    for (size_t i = 0; i < inputs->count; i++) {
+        const jval *in = &inputs->items[i], *name = jget(in, "name"), *dt = jget(in, "datatype"), *shape = jget(in, "shape"),
+                   *hex = jget(in, "hex");
+        if (!name || name->type != J_STR || !dt || dt->type != J_STR || !shape || shape->type != J_ARR || !hex) return 0;
+        oi_tensor *t = &tensors[(*n)++];
+        memset(t, 0, sizeof *t);
+        t->name = name->text;
+        t->datatype = dt->text;
+        t->rank = shape->count;
+        int64_t *dims = calloc(shape->count ? shape->count : 1, sizeof *dims);
+        if (!dims) return 0;
+        for (size_t d = 0; d < shape->count; d++) dims[d] = strtoll(shape->items[d].text ? shape->items[d].text : "0", NULL, 10);
+        t->shape = dims;
+        unsigned char *data;
+        if (!hex_decode(hex, &data, &t->nbytes)) return 0;
+        t->data = data;
+    }
+    return 1;
+}
+
+static int run_requests(const char *address, const char *path, int timeout_ms) {
+    size_t size;
+    char *text = read_file(path, &size);
+    if (!text) { perror(path); return 2; }
+    jparser j = {text, text + size, 0};
+    jval root;
+    int parsed = jparse(&j, &root);
+    free(text);
+    if (!parsed || root.type != J_ARR) {
+        fprintf(stderr, "%s: not a JSON array of requests\n", path);
+        jfree(&root);
+        return 2;
+    }
+    oi_client *c = connect_client(address, timeout_ms);
+    if (!c) { jfree(&root); return 2; }
+    int status = 0;
+    for (size_t k = 0; k < root.count; k++) {
+        const jval *spec = &root.items[k], *model = jget(spec, "model"), *version = jget(spec, "version");
+        oi_tensor tensors[256];
+        size_t n = 0;
+        if (!model || model->type != J_STR || !load_request(spec, tensors, 256, &n)) {
+            printf("request\t%zu\tBAD_REQUEST\n", k);
+            status = 2;
+        } else {
+            printf("sending\t%zu\n", k);
+            fflush(stdout);
+            oi_result r;
+            int64_t v = version && version->type == J_NUM ? strtoll(version->text, NULL, 10) : -1;
+            int rc = oi_infer(c, model->text, v, tensors, n, &r);
+            printf("request\t%zu\t%s\trc=%s\tlocal=%d\tpath=%s\ttiming=", k, rc == OI_OK ? "OK" : r.error.code, oi_rc_name(rc),
+                   r.error.local, r.direct ? "direct" : "front-door");
+            for (size_t i = 0; i < r.n_timing; i++) printf("%s%s", i ? "," : "", r.timing[i].name);
+            printf("\toutputs=");
+            for (size_t i = 0; i < r.n_outputs; i++) {
+                const oi_output *o = &r.outputs[i];
+                printf("%s%s:%s:", i ? ";" : "", o->name, o->datatype);
+                for (size_t d = 0; d < o->rank; d++) printf("%s%" PRId64, d ? "," : "", o->shape[d]);
+                printf(":");
+                print_hex(o->data, o->nbytes);
+            }
+            printf("\tdetails=%s\t%s\n", r.error_details ? r.error_details : "-", r.error.message);
+            if (rc != OI_OK) status = 1;
+            oi_result_free(&r);
+        }
+        for (size_t i = 0; i < n; i++) {
+            free((void *)tensors[i].shape);
+            free((void *)tensors[i].data);
+        }
+        fflush(stdout);
+    }
+    oi_close(c);
+    jfree(&root);
+    return status;
 }
 
 /* Replay one vector; print its line; return 1 if the reply matches the expectation. */
@@ -433,24 +580,32 @@ static int run_op(const char *address, const char *op, const char *model, int ti
 }
 
 static int usage(void) {
-    fprintf(stderr, "usage: openinfer-c-example [--timeout MS] [--all] [--repeat N] ADDR MODEL\n"
+    fprintf(stderr, "usage: openinfer-c-example [--timeout MS] [--front-door] [--all] [--repeat N] [--duration MS] [--stop-file PATH] [--quiet] ADDR MODEL\n"
+                    "       openinfer-c-example [--timeout MS] [--front-door] requests ADDR REQUESTS.json\n"
                     "       openinfer-c-example [--timeout MS] conformance ADDR VECTORS.json\n"
                     "       openinfer-c-example [--timeout MS] op ADDR OPERATION [MODEL]\n");
     return 2;
 }
 
 int main(int argc, char **argv) {
-    int timeout_ms = 0, all = 0, repeat = 1, i = 1;
+    int timeout_ms = 0, all = 0, repeat = 1, duration_ms = 0, quiet = 0, i = 1;
     for (; i < argc && strncmp(argv[i], "--", 2) == 0; i++) {
         if (strcmp(argv[i], "--all") == 0) all = 1;
+        else if (strcmp(argv[i], "--quiet") == 0) quiet = 1;
+        else if (strcmp(argv[i], "--front-door") == 0) front_door_only = 1;
         else if (strcmp(argv[i], "--timeout") == 0 && i + 1 < argc) timeout_ms = atoi(argv[++i]);
         else if (strcmp(argv[i], "--repeat") == 0 && i + 1 < argc) repeat = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--duration") == 0 && i + 1 < argc) duration_ms = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--stop-file") == 0 && i + 1 < argc) stop_file = argv[++i];
         else return usage();
     }
+    if (argc - i == 3 && strcmp(argv[i], "requests") == 0)
+        return run_requests(argv[i + 1], argv[i + 2], timeout_ms > 0 ? timeout_ms : 10000);
     if (argc - i == 3 && strcmp(argv[i], "conformance") == 0)
         return run_conformance(argv[i + 1], argv[i + 2], timeout_ms > 0 ? timeout_ms : 20000);
     if ((argc - i == 3 || argc - i == 4) && strcmp(argv[i], "op") == 0)
         return run_op(argv[i + 1], argv[i + 2], argc - i == 4 ? argv[i + 3] : NULL, timeout_ms > 0 ? timeout_ms : 10000);
-    if (argc - i == 2 && repeat > 0) return run_infer(argv[i], argv[i + 1], timeout_ms > 0 ? timeout_ms : 10000, all, repeat);
+    if (argc - i == 2 && repeat > 0)
+        return run_infer(argv[i], argv[i + 1], timeout_ms > 0 ? timeout_ms : 10000, all, repeat, duration_ms, quiet);
     return usage();
 }

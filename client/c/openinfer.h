@@ -2,9 +2,31 @@
  * openinfer.h - a small C client for the OpenInfer daemon (wire protocol v1, docs/PROTOCOL.md).
  *
  * Written from docs/PROTOCOL.md alone. One oi_client owns one ZeroMQ context and one DEALER socket
- * (ZMQ_LINGER 0, ZMQ_IMMEDIATE 1, HWMs 1000, no routing id). Calls are synchronous: one request is in
- * flight per call; replies that do not carry the id the call waits for (late replies of requests that
- * timed out, answers to the cancels this library sends) are read and discarded.
+ * (ZMQ_LINGER 0, ZMQ_IMMEDIATE 1, HWMs 1000, no routing id) to the daemon's socket, the *front door*.
+ * Calls are synchronous: one request is in flight per call; replies that do not carry the id the call
+ * waits for (late replies of requests that timed out, answers to the cancels this library sends) are
+ * read and discarded. If the front door connection drops while a call waits for its reply (seen through
+ * a libzmq socket monitor), the call fails at once with OI_ERR_TRANSPORT ("UNAVAILABLE") instead of
+ * waiting out its timeout; libzmq reconnects by itself for the next call.
+ *
+ * The direct path (PROTOCOL.md 17). On ipc://, oi_infer sends the request straight to one of the
+ * model's worker processes, one hop instead of two, under a lease the front door issues: leases are
+ * kept per (model, version) and renewed before they expire; the library connects to the workers'
+ * endpoints itself (ZMTP 3 over Unix sockets; no libzmq thread on this path), round robin. A daemon
+ * without a direct path (pool.direct off, an older daemon, tcp://, CURVE) gets every request at the
+ * front door: the client asks once and stops asking. Results are the same on both paths but for the
+ * reply's `timing` (no dispatch_us / return_us on the direct path) and oi_result.direct.
+ * What this library does on the direct path when things change:
+ *   - the lease expired or a reload revoked it (PERMISSION_DENIED, details.lease "expired"): a new
+ *     lease, and the request is sent again, once (the worker did not run it);
+ *   - the worker retires (GOAWAY): its reply still comes; the next request takes a new lease;
+ *   - the worker dies with the request on it: OI_ERR_WORKER_CRASHED (local = 1), or
+ *     OI_ERR_DEADLINE_EXCEEDED if the request's own deadline had passed (the daemon kills a worker that
+ *     overstays a deadline); never resent (a poison input would kill the next worker too);
+ *   - a request over the limits the lease reports (tensor bytes, header bytes, frames) is refused
+ *     here: OI_ERR_RESOURCE_EXHAUSTED (local = 1) naming the limit.
+ * Turn the direct path off with oi_set_direct(client, 0), or for every client of a process with the
+ * environment variable OPENINFER_DIRECT=0 (read by oi_connect).
  *
  * An oi_client is not thread-safe: use one per thread (or lock around it).
  *
@@ -27,7 +49,8 @@ extern "C" {
 enum {
     OI_OK = 0,
     /* The daemon answered with error.code (PROTOCOL.md 8.1), or this library found the same fault
-     * in the request before sending it (oi_error.local = 1). */
+     * in the request before sending it, or saw a worker's connection close with the request on it
+     * (direct path: WORKER_CRASHED, DEADLINE_EXCEEDED) (oi_error.local = 1). */
     OI_ERR_INVALID_ARGUMENT = -1,
     OI_ERR_NOT_FOUND = -2,
     OI_ERR_RESOURCE_EXHAUSTED = -3,
@@ -38,7 +61,8 @@ enum {
     OI_ERR_INTERNAL = -8, /* also any error.code this library does not know; the string is kept */
     /* Local failures: the daemon did not answer. oi_error.local = 1. */
     OI_ERR_TIMEOUT = -100,   /* no reply within the client's timeout; error.code "DEADLINE_EXCEEDED" */
-    OI_ERR_TRANSPORT = -101, /* cannot send: no daemon connected, or a ZeroMQ failure; "UNAVAILABLE" */
+    OI_ERR_TRANSPORT = -101, /* cannot send: no daemon connected, or a ZeroMQ failure, or the connection
+                                dropped while the call waited for its reply; "UNAVAILABLE" */
     OI_ERR_PROTOCOL = -102   /* the reply does not follow the protocol; error.code "INTERNAL" */
 };
 
@@ -76,6 +100,11 @@ int oi_set_curve(oi_client *client, const char *server_public_z85, const char *c
                  const char *client_secret_z85);
 
 void oi_set_timeout(oi_client *client, int timeout_ms);
+
+/* 1 (the default on ipc://, unless OPENINFER_DIRECT=0): oi_infer uses the direct path when the daemon
+ * grants a lease; 0: every request goes through the front door (open worker connections are closed).
+ * Returns OI_OK (OI_ERR_INVALID_ARGUMENT for a NULL client). */
+int oi_set_direct(oi_client *client, int enabled);
 const char *oi_address(const oi_client *client);
 
 /* Close the socket (unsent messages are discarded) and free the client. NULL is fine. */
@@ -120,12 +149,15 @@ typedef struct oi_result {
     double transport_us; /* client_us - total_us: both transport hops (PROTOCOL.md 5.3); NAN if unknown */
     oi_error error;      /* filled when the call fails */
     char *error_details; /* error.details as JSON text, or NULL */
+    int direct;          /* 1: sent straight to a worker over the direct path (its reply, or the failure,
+                            came from there); 0: the front door answered (or nothing was sent) */
 } oi_result;
 
 /*
  * Run `model` (version >= 0, or -1 for the newest ready version) on `inputs`. The request carries
  * timeout_ms = the client's timeout; the call waits that long plus OI_REPLY_GRACE_MS for the reply,
- * then sends a cancel, returns OI_ERR_TIMEOUT and discards the late reply whenever it comes.
+ * then sends a cancel, returns OI_ERR_TIMEOUT and discards the late reply whenever it comes. The lease
+ * (direct path) is taken within the same budget.
  * `out` is always initialised (free it with oi_result_free, whatever the return code).
  */
 #define OI_REPLY_GRACE_MS 200
