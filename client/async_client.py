@@ -187,7 +187,7 @@ class AsyncClient:
             lease = await self._lease(model, version)
             check_request_size(frames, lease)
             link = await self._link(lease, deadline)
-            header, reply = await self._exchange(link, request_id, frames, budget, deadline)
+            header, reply = await self._exchange(link, request_id, frames, budget, deadline, lease)
             if not lease_expired(header):
                 return header, reply
             self._core.leases.pop((model, version), None)
@@ -248,10 +248,10 @@ class AsyncClient:
                 link.attached_ns = lease.expires_ns
         return link
 
-    async def _exchange(self, link: DirectLink, request_id: int, frames: list[Any], budget: float, deadline: float) -> tuple[dict[str, Any], list[Any]]:
+    async def _exchange(self, link: DirectLink, request_id: int, frames: list[Any], budget: float, deadline: float, lease: Lease | None = None) -> tuple[dict[str, Any], list[Any]]:
         core = self._core
         loop = asyncio.get_running_loop()
-        pending = core.register(link, request_id, deadline)
+        pending = core.register(link, request_id, deadline, lease)
         waiter: asyncio.Future[None] = loop.create_future()
         self._waiters[request_id] = waiter
         try:

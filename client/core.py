@@ -155,6 +155,8 @@ class ClientCore:
                     pending.error = NoDirectPath(f"the worker at {link.address} retired before taking the request")
                 elif now >= pending.deadline:
                     pending.error = DeadlineExceeded("its deadline passed while it ran, and its worker was killed")
+                elif pending.overrun_after is not None and now >= pending.overrun_after:
+                    pending.error = DeadlineExceeded("it was still running past the model's max_compute_ms, and its worker was killed and is being replaced")
                 else:
                     pending.error = WorkerCrashed(f"the worker at {link.address} exited while running this request")
         self._forget_leases_naming(link.address)
@@ -197,7 +199,8 @@ class ClientCore:
         self.links.clear()
 
     @staticmethod
-    def register(link: DirectLink, request_id: int, deadline: float) -> Pending:
-        pending = Pending(request_id, deadline)
+    def register(link: DirectLink, request_id: int, deadline: float, lease: Lease | None = None) -> Pending:
+        overrun = time.monotonic() + lease.max_compute_s if lease is not None and lease.max_compute_s is not None else None
+        pending = Pending(request_id, deadline, overrun)
         link.pending[request_id] = pending
         return pending

@@ -43,6 +43,7 @@ class Lease:
     max_request_bytes: int
     max_header_bytes: int = MAX_HEADER_BYTES
     max_frames: int = MAX_FRAMES
+    max_compute_s: float | None = None  # the model's max_compute_ms: a run that long gets its worker killed
 
     def fresh(self, now_ns: int) -> bool:
         return now_ns < self.expires_ns - RENEW_BEFORE_NS
@@ -56,6 +57,7 @@ def parse_lease(result: Any, taken_ns: int) -> Lease:
             str(result["model"]), int(result["version"]), bytes(result["lease"]), taken_ns + int(result["expires_in_ms"]) * 1_000_000,
             [str(w["address"]) for w in result["workers"]], int(limits["max_request_bytes"]),
             int(limits.get("max_header_bytes", MAX_HEADER_BYTES)), int(limits.get("max_frames", MAX_FRAMES)),
+            int(limits["max_compute_ms"]) / 1000 if "max_compute_ms" in limits else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise NoDirectPath(f"malformed lease: {exc}") from None
@@ -77,6 +79,7 @@ def check_request_size(frames: list[Any], lease: Lease) -> None:
 class Pending:
     request_id: int
     deadline: float  # time.monotonic()
+    overrun_after: float | None = None  # time.monotonic() past which its run was over max_compute_ms
     reply: tuple[dict[str, Any], list[Buffer]] | None = None
     error: Exception | None = None  # an OpenInferError for the caller, or NoDirectPath: send it to the front door
 

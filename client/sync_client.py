@@ -167,7 +167,7 @@ class Client:
             lease = self._lease(model, version, deadline)
             check_request_size(frames, lease)
             link = self._link(lease, deadline)
-            header, reply = self._exchange(link, request_id, frames, budget, deadline)
+            header, reply = self._exchange(link, request_id, frames, budget, deadline, lease)
             if not lease_expired(header):
                 return header, reply
             core.leases.pop((model, version), None)
@@ -215,10 +215,10 @@ class Client:
             link.attached_ns = lease.expires_ns
         return link
 
-    def _exchange(self, link: DirectLink, request_id: int, frames: list[Any], budget: float, deadline: float) -> tuple[dict[str, Any], list[Any]]:
+    def _exchange(self, link: DirectLink, request_id: int, frames: list[Any], budget: float, deadline: float, lease: Lease | None = None) -> tuple[dict[str, Any], list[Any]]:
         """Send on a worker's connection and wait for this request's reply."""
         core = self._core
-        pending = core.register(link, request_id, deadline)
+        pending = core.register(link, request_id, deadline, lease)
         give_up = time.monotonic() + core.wait_s(budget)
         stream = link.stream
         sock = stream.sock

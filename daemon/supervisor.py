@@ -401,9 +401,14 @@ class Supervisor:
         elif kind == messages.TALLY and worker.direct_address and worker.state not in (WorkerState.SPAWNED, WorkerState.LOADED):
             worker.ping_sent_ns = 0
             try:
-                self.direct.on_tally(worker, frames)
+                access = self.direct.on_tally(worker, frames)
             except TallyRejected as exc:
                 self._reject_worker(worker, f"TALLY: {exc}")
+                return
+            model = worker.model
+            for request_id, client, code, timing in access:
+                self.replies.log_direct_access(self._next_task_id, worker.worker_id, model.name, model.version, request_id, client, code, timing)
+                self._next_task_id += 1
         else:
             self._reject_worker(worker, f"unexpected message kind {kind.hex() or 'empty'} in state {worker.state.value}")
 
@@ -514,8 +519,14 @@ class Supervisor:
             raise Unavailable("the direct path is for local clients over ipc://: send infer to this socket")
         model = self._lookup_for_infer(header)
         server = self.settings.server
-        limits = {"max_request_bytes": model.config.max_request_bytes or server.max_request_bytes, "max_header_bytes": MAX_HEADER_BYTES, "max_frames": MAX_FRAMES}
-        return self.direct.lease(conn.identity, model, self.limiter.policy.limit_for(conn.identity).max_in_flight, limits)
+        limit = self.limiter.policy.limit_for(conn.identity)
+        if limit.rate_per_s > 0:  # a rate is kept in one place, here: such a client is served at this socket
+            raise Unavailable(f"{conn.identity} has a rate limit (rate_per_s = {limit.rate_per_s:g}, policies/clients.toml): its requests are served through the front door, which keeps the rate", {"direct": "off"})
+        limits = {
+            "max_request_bytes": model.config.max_request_bytes or server.max_request_bytes, "max_header_bytes": MAX_HEADER_BYTES, "max_frames": MAX_FRAMES,
+            "max_compute_ms": model.config.max_compute_ms, "max_in_flight": limit.max_in_flight,
+        }
+        return self.direct.lease(conn.identity, model, limit.max_in_flight, limits)
 
     def _cancel(self, route: Route, target: Any) -> dict[str, Any]:
         task = self.dispatcher.queued_for(route.conn.conn_id, target) if isinstance(target, int) else None

@@ -61,11 +61,11 @@ def test_batched_results_equal_unbatched_and_batches_form(daemon_factory: Any, r
     assert sum(int(k) * v for k, v in sizes.items()) == 40 and max(int(k) for k in sizes) > 1, sizes
     for r in results:
         t = r.timing
-        stages = sum(t[k] for k in ("decode_us", "queue_us", "dispatch_us", "prep_us", "compute_us", "encode_us", "return_us"))
+        stages = sum(t.get(k, 0.0) for k in ("decode_us", "queue_us", "dispatch_us", "prep_us", "compute_us", "encode_us", "return_us"))  # no hops on the direct path
         assert stages <= t["total_us"] + 1e-6
         # Each member of a batch has its own, consistent timing: nothing negative, and the wait for
         # the batch is a part of the queue time.
-        assert all(t[k] >= 0 for k in ("queue_us", "dispatch_us", "return_us", "batch_wait_us")), t
+        assert all(t.get(k, 0.0) >= 0 for k in ("queue_us", "dispatch_us", "return_us", "batch_wait_us")), t
         assert t["batch_wait_us"] <= t["queue_us"] + 1e-6, t
 
 
@@ -159,13 +159,16 @@ def test_batching_config_is_checked(tmp_path: Path) -> None:
     assert batching is not None and batching.max_queue_delay_us == 0
 
 
-def test_a_batch_that_runs_too_long_is_retried_member_by_member(daemon_factory: Any) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "front-door"])
+def test_a_batch_that_runs_too_long_is_retried_member_by_member(daemon_factory: Any, direct: bool) -> None:
+    """Through the front door the supervisor kills the worker and sends each member again alone; on the
+    direct path the worker stops the run itself (worker/run_watch.py) and runs each member alone."""
     root = batching_repo({"rows": (onnx_builders.row_loop_model, "workers = 1\nmax_compute_ms = 1500\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 300000\n")})
     daemon = daemon_factory(root)
     inputs = [np.array([[1.0]], np.float32), np.array([[2.0]], np.float32), np.array([[1e12]], np.float32), np.array([[3.0]], np.float32)]
 
     async def main() -> list[Any]:
-        async with AsyncClient(daemon.address, timeout=30) as client:
+        async with AsyncClient(daemon.address, timeout=30, direct=direct) as client:
             return await asyncio.gather(*(client.infer("rows", {"x": x}) for x in inputs), return_exceptions=True)
 
     results = asyncio.run(main())
@@ -178,8 +181,12 @@ def test_a_batch_that_runs_too_long_is_retried_member_by_member(daemon_factory: 
             assert not isinstance(result, BaseException), result
             np.testing.assert_allclose(result.outputs["y"], x + x)
             assert result.batch_size == 1
+            assert ("dispatch_us" not in result.timing) == direct  # the path it took: no supervisor hop on the direct one
     stats = daemon.client().stats()["models"]["rows"]
     assert stats["batch_sizes"]["1"].get("4") == 1, stats["batch_sizes"]
+    if direct:  # stopped by the worker itself: never killed
+        workers = [w for w in daemon.client().status()["workers"] if w["model"] == "rows"]
+        assert workers and all(w["restarts"] == 0 for w in workers), workers
 
 
 def test_reply_header_names_the_batch_size(daemon_factory: Any, repo: Path) -> None:

@@ -2,9 +2,10 @@
 
 A worker serving clients directly runs requests the supervisor never sees, so the supervisor cannot
 know from its own books that one is stuck inside session.run(). Before each run the worker writes the
-run's deadline here (the earliest of its requests' deadlines and `max_compute_ms`), and zero after it;
-the supervisor reads it on its housekeeping pass and kills a worker whose deadline has passed, exactly as
-for tasks it dispatched itself. The page is a sealed-size memfd the supervisor creates and passes at
+run's deadline here (the earliest of its requests' deadlines and `max_compute_ms`), and zero after it.
+The worker stops an overdue run itself (worker/run_watch.py); the supervisor reads the page on its
+housekeeping pass and kills a worker still running half a second past the deadline (a kernel that never
+checks the stop flag), as it does for tasks it dispatched itself. The page is a sealed-size memfd the supervisor creates and passes at
 spawn; a compromised worker can only write its own page (lying there harms only its own clients).
 """
 from __future__ import annotations

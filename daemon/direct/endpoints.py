@@ -23,7 +23,7 @@ from openinfer.wire.errors import Unavailable
 from openinfer.wire.protocol import unpack
 
 from . import lease as leases
-from openinfer.daemon.observability.accounting import Accountant, TallyRejected
+from openinfer.daemon.observability.accounting import CLIENT_KEY, ERROR_CODES, STAGES, Accountant, TallyRejected
 from .deadline_page import DeadlinePage
 from openinfer.daemon.frontdoor.listener import BoundListener
 from openinfer.daemon.modelstore.models import ServedModel
@@ -35,6 +35,7 @@ from openinfer.daemon.workerpool.workers import WorkerHandle, WorkerState
 
 log = logging.getLogger("openinfer.supervisor")
 
+OVERDUE_GRACE_NS = 500_000_000  # the worker stops an overdue run itself (worker/run_watch.py); a kill is the backstop
 FLUSH_WAIT_NS = 200_000_000  # a worker stuck in a long run answers a flush late: its counts come later
 _SOCKET_PATH_MAX = 107
 
@@ -92,6 +93,7 @@ class DirectPath:
             max_compute_ms=model.config.max_compute_ms,
             starvation_ms=server.starvation_ms,
             spin_us=self.settings.pool.worker_spin_us,
+            access_log_sample=self.settings.log.access_log_sample,
             batching={"max_batch_size": batching.max_batch_size, "max_queue_delay_us": batching.max_queue_delay_us, "preferred_batch_sizes": list(batching.preferred_batch_sizes)} if batching else None,
         )
         return config, listener, page, f"ipc://{path}"
@@ -143,21 +145,36 @@ class DirectPath:
         self.key = leases.new_key()
         for worker in workers:
             if worker.direct_address and worker.state not in (WorkerState.SPAWNED, WorkerState.EXITED):
-                send(worker, [messages.KEY, self.key])
+                send(worker, [messages.KEY, self.key, repr(self.settings.log.access_log_sample).encode()])
 
     # -- counts ---------------------------------------------------------------------------------------
-    def on_tally(self, worker: WorkerHandle, frames: list[Any]) -> None:
+    def on_tally(self, worker: WorkerHandle, frames: list[Any]) -> list[AccessRecord]:
         """A worker's counts of its direct requests: checked (accounting.merge) before any is added;
-        TallyRejected retires the worker (the caller)."""
-        if len(frames) != 3 or len(frames[2]) > 16 << 20:
+        TallyRejected retires the worker (the caller). Returns its sampled access records, checked, for
+        the access log."""
+        if len(frames) != 5 or len(frames[2]) > 16 << 20 or len(frames[3]) > 1 << 16 or len(frames[4]) > 16 << 20:
             raise TallyRejected("malformed TALLY")
         token = bytes(frames[1])
         try:
             raw = unpack(frames[2])
+            sizes = unpack(frames[3])
+            access = checked_access(unpack(frames[4]))
+        except TallyRejected:
+            raise
         except Exception:
             raise TallyRejected("TALLY is not msgpack") from None
+        model = worker.model
+        batching = model.config.batching
+        largest = batching.max_batch_size if batching is not None else 1
+        if not isinstance(sizes, list) or len(sizes) > largest or not all(
+            isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int and 1 <= pair[0] <= largest and type(pair[1]) is int and 0 <= pair[1] < 1 << 48 for pair in sizes
+        ):
+            raise TallyRejected("batch sizes out of bounds")
         if raw is not None:
-            self.accountant.merge(raw, worker.model.name, worker.model.version)
+            self.accountant.merge(raw, model.name, model.version)  # checked whole before anything is added
+        for size, n in sizes:
+            model.batch_sizes[size] = model.batch_sizes.get(size, 0) + n
+        if raw is not None:
             for name, version, exported in raw["models"]:
                 worker.tasks_served += exported[0]
                 if exported[1]:
@@ -166,6 +183,7 @@ class DirectPath:
             self._flush_waiting.discard(worker.worker_id)
             if not self._flush_waiting:
                 self._finish_flush()
+        return access
 
     def flush(self, workers: list[WorkerHandle], send: Callable[[WorkerHandle, list[Any]], bool], then: Callable[[], None]) -> None:
         """Ask every worker with an endpoint for its counts; `then()` once all answered (or after
@@ -205,13 +223,37 @@ class DirectPath:
             if page is None or worker.retired:
                 continue
             since, deadline = page.read()
-            if deadline and now_ns > deadline:
+            if deadline and now_ns > deadline + OVERDUE_GRACE_NS:
                 late.append((worker, now_ns - since))
         return late
 
     def close(self) -> None:
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+AccessRecord = tuple[int, str, str, dict[str, float]]  # request id, client, code ("OK" or an error code), timing
+_TIMING_KEYS = frozenset(f"{stage}_us" for stage in (*STAGES, "cpu"))
+
+
+def checked_access(raw: Any) -> list[AccessRecord]:
+    """A worker's access records: [[request id, client key, code, {stage_us: float}], ...], at most
+    messages.MAX_ACCESS_RECORDS; anything else raises TallyRejected (nothing is logged from it)."""
+    if not isinstance(raw, list) or len(raw) > messages.MAX_ACCESS_RECORDS:
+        raise TallyRejected("access records out of bounds")
+    records = []
+    for entry in raw:
+        if not (isinstance(entry, list) and len(entry) == 4):
+            raise TallyRejected("malformed access record")
+        request_id, client, code, timing = entry
+        if type(request_id) is not int or not 0 <= request_id < 1 << 64 or not isinstance(client, str) or not CLIENT_KEY.fullmatch(client):
+            raise TallyRejected("access record with a bad id or client")
+        if code != "OK" and code not in ERROR_CODES:
+            raise TallyRejected("access record with an unknown code")
+        if not isinstance(timing, dict) or not all(k in _TIMING_KEYS and type(v) in (int, float) and 0 <= v < 1e12 for k, v in timing.items()):
+            raise TallyRejected("access record with a bad timing")
+        records.append((request_id, client, code, timing))
+    return records
 
 
 def _endpoint_dir(socket_path: Path, settings: Settings) -> Path | None:

@@ -84,6 +84,11 @@ class ReplySender:
         model = task.model
         access_log.info("task", extra={"task": task.task_id, "request": task.request_id, "model": model.name, "version": model.version, "client": task.client, "code": code or "OK", "timing": timing})
 
+    def log_direct_access(self, task_id: int, worker: int, model: str, version: int, request_id: int, client: str, code: str, timing: dict[str, float]) -> None:
+        """An access record a worker sent for a request it answered on the direct path (checked on
+        arrival, direct/endpoints.py); `task` is numbered here, as the front door's tasks are."""
+        access_log.info("task", extra={"task": task_id, "request": request_id, "model": model, "version": version, "client": client, "code": code, "timing": timing, "worker": worker, "path": "direct"})
+
     def fail(self, task: Task, exc: OpenInferError) -> None:
         timing = {"total_us": (time.monotonic_ns() - task.received_ns) / 1000}
         self.error(task.route, task.request_id, exc, timing)

@@ -42,7 +42,7 @@ class ServedModel:
     input_signatures: list["InputSignature"] = field(default_factory=list)  # newest first (check_infer)
     workers: list["WorkerHandle"] = field(default_factory=list)
     idle: list["WorkerHandle"] = field(default_factory=list)
-    queue: TaskQueue = field(default_factory=TaskQueue)
+    queue: "TaskQueue[Task]" = field(default_factory=TaskQueue)
     consecutive_crashes: int = 0
     restarts: int = 0
     load_ms: float | None = None

@@ -30,6 +30,8 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
+from openinfer.wire.protocol import OPERATIONS
+
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 STAGES = ("decode", "queue", "dispatch", "prep", "compute", "encode", "return", "batch_wait", "total")
 _STAGE_INDEX = {f"{stage}_us": index for index, stage in enumerate(STAGES)}  # timing key -> row
@@ -46,7 +48,10 @@ _BUCKET_ROW = len(DURATION_BUCKETS_US) + 2  # one counter per bucket, one for > 
 PENDING_BATCHES_MAX = 32  # batches record_batch_later may hold before adding them in regardless
 MAX_CLIENTS = 1024  # distinct client keys kept; later ones are accounted under OTHER_CLIENTS
 # What a worker's tally may name as a client: an identity, optionally under a client name (1-64 characters).
-_CLIENT_KEY = re.compile(r"(?:[^@]{1,64}@)?uid=\d{1,10}")
+# What a worker may report counts for (its endpoint answers these itself; others are refused there and
+# counted under their name, or under "(malformed)"/"(oversized)" when unreadable).
+WORKER_OPERATIONS = frozenset({*OPERATIONS, "(malformed)", "(oversized)"})
+CLIENT_KEY = re.compile(r"(?:[^@]{1,64}@)?uid=\d{1,10}")
 OTHER_CLIENTS = "(other)"
 
 # HDR layout: lowest 1 µs, highest one hour, 2 significant digits. The same layout as hdrh's
@@ -227,7 +232,7 @@ class TallyRejected(ValueError):
     """A worker's exported counters do not have the shape `UsageStats.export` gives."""
 
 
-_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "WORKER_CRASHED", "UNAVAILABLE", "PERMISSION_DENIED", "INTERNAL"})
+ERROR_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "WORKER_CRASHED", "UNAVAILABLE", "PERMISSION_DENIED", "INTERNAL"})
 _MAX_COUNT = 1 << 62
 _MAX_HDR_INDEX = hdr_index(HDR_HIGHEST_US)
 
@@ -242,7 +247,7 @@ def _checked_export(raw: Any) -> tuple[int, int, dict[str, int], list[tuple[int,
     if not isinstance(raw, list) or len(raw) != 9:
         raise TallyRejected("not an exported usage record")
     requests, success, failures, stage_ns, latency, bytes_in, bytes_out, cpu_us, durations = raw
-    if not isinstance(failures, dict) or any(code not in _CODES for code in failures):
+    if not isinstance(failures, dict) or any(code not in ERROR_CODES for code in failures):
         raise TallyRejected("failures by unknown codes")
     if not isinstance(stage_ns, list) or len(stage_ns) != len(STAGES) or not all(isinstance(s, list) and len(s) == 2 for s in stage_ns):
         raise TallyRejected("stages do not match")
@@ -250,11 +255,11 @@ def _checked_export(raw: Any) -> tuple[int, int, dict[str, int], list[tuple[int,
         raise TallyRejected("latency buckets out of range")
     if isinstance(cpu_us, bool) or not isinstance(cpu_us, (int, float)) or not 0 <= cpu_us < 1e15:
         raise TallyRejected("cpu time out of range")
-    if not isinstance(durations, list) or len(durations) > len(_CODES) + 1:
+    if not isinstance(durations, list) or len(durations) > len(ERROR_CODES) + 1:
         raise TallyRejected("duration rows do not match")
     checked_durations = []
     for entry in durations:
-        if not isinstance(entry, list) or len(entry) != 2 or not (entry[0] is None or entry[0] in _CODES):
+        if not isinstance(entry, list) or len(entry) != 2 or not (entry[0] is None or entry[0] in ERROR_CODES):
             raise TallyRejected("duration rows by unknown codes")
         rows = entry[1]
         if not isinstance(rows, list) or len(rows) != len(STAGES) or not all(isinstance(r, list) and len(r) == _BUCKET_ROW for r in rows):
@@ -533,10 +538,10 @@ class Accountant:
                 raise TallyRejected("a tally for another model")
             _checked_export(entry[2])
         for entry in clients:
-            if not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str) or not _CLIENT_KEY.fullmatch(entry[0]):
+            if not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str) or not CLIENT_KEY.fullmatch(entry[0]):
                 raise TallyRejected("a client key that is not an identity")
             _checked_export(entry[1])
-        if set(operations) - {"infer", "cancel", "attach"} or not all(isinstance(v, dict) and all(k in _CODES or k == "OK" for k in v) for v in operations.values()):
+        if set(operations) - WORKER_OPERATIONS or not all(isinstance(v, dict) and all(k in ERROR_CODES or k == "OK" for k in v) for v in operations.values()):
             raise TallyRejected("unknown operations")
         for op, by_code in operations.items():
             for code, n in by_code.items():

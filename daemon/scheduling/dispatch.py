@@ -18,6 +18,7 @@ from openinfer.wire.zmtp import Buffer
 from openinfer.daemon.frontdoor.client_limits import ClientLimiter
 from openinfer.daemon.modelstore.models import ServedModel
 from openinfer.daemon.config.settings import Settings
+from .batch_rules import batch_size_now
 from .tasks import Task
 from openinfer.daemon.loop.timers import TimerHeap
 from openinfer.daemon.worker import messages
@@ -249,7 +250,7 @@ class Dispatcher:
         if not due and len(model.queue) < batching.max_batch_size and not (model.idle and batching.preferred_batch_sizes):
             return
         while model.idle and model.queue:
-            size = batching.max_batch_size if due else _batch_size_now(len(model.queue), batching.max_batch_size, batching.preferred_batch_sizes)
+            size = batching.max_batch_size if due else batch_size_now(len(model.queue), batching.max_batch_size, batching.preferred_batch_sizes)
             if size == 0:
                 break
             batch = self._take_batch(model, size)
@@ -419,15 +420,6 @@ class Dispatcher:
                 self.fail_task(task, error())
                 failed += 1
         return failed
-
-
-def _batch_size_now(queued: int, max_batch_size: int, preferred: tuple[int, ...]) -> int:
-    """How many tasks to send before the delay is up: a full batch, else the largest preferred size the
-    queue can fill (Triton's rule), else none (wait for more)."""
-    if queued >= max_batch_size:
-        return max_batch_size
-    fitting = [size for size in preferred if size <= queued]
-    return max(fitting) if fitting else 0
 
 
 def _usual_size(task: Task, model: ServedModel) -> bool:

@@ -7,17 +7,29 @@ Order, written down because clients depend on it (docs/PROTOCOL.md, `priority`):
   identity flooding a model delays only itself; each identity's own requests stay in arrival order;
 - aging: a task that has waited longer than `starvation_ms` is taken before any higher-priority task,
   so low priorities are delayed, never starved.
+
+One implementation for both queues: the supervisor's (tasks from the front door) and each worker's own
+(requests sent to it on the direct path, worker/direct_queue.py); both hold `Queued` items.
 """
 from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from typing import Iterator
-
-from .tasks import Task
+from typing import Any, Generic, Iterator, Protocol, TypeVar
 
 
-class TaskQueue:
+class Queued(Protocol):
+    priority: int
+    identity: str  # whose turn it is: the kernel-proven identity
+    enqueued_ns: int
+    batch_key: Any  # items with equal keys (not None) may run as one batch
+    rows: int
+
+
+Task = TypeVar("Task", bound=Queued)
+
+
+class TaskQueue(Generic[Task]):
     def __init__(self, starvation_ms: int = 1000) -> None:
         self._levels: dict[int, OrderedDict[str, deque[Task]]] = {}
         self._len = 0
@@ -137,6 +149,10 @@ class TaskQueue:
             del level[task.identity]
             if not level:
                 del self._levels[task.priority]
+
+    def oldest_enqueued_ns(self) -> int:
+        """When the longest-waiting item was queued (each identity's items are in arrival order)."""
+        return min(tasks[0].enqueued_ns for level in self._levels.values() for tasks in level.values())
 
     def depth_by_priority(self) -> dict[str, int]:
         return {str(p): sum(len(t) for t in level.values()) for p, level in sorted(self._levels.items())}

@@ -1,10 +1,12 @@
 """Requests clients sent straight to this worker: admission, their queue, batching, the run, the reply.
 
-Order, as the supervisor's queue (daemon/scheduling/taskqueue.py): higher `priority` first; among equals, arrival;
-a request that has waited `starvation_ms` goes first whatever its priority. A request whose deadline
-passes while it waits is answered DEADLINE_EXCEEDED and never runs. With `[batching]`, requests of the
-same shapes (but dimension 0) and outputs run as one batch, held at most `max_queue_delay_us` to fill
-up. Everything a request costs is tallied (daemon/observability/accounting.py) and handed to the supervisor off the
+The queue is the supervisor's own (daemon/scheduling/taskqueue.py): higher `priority` first; among
+equals, identities take turns; a request that has waited `starvation_ms` goes first whatever its
+priority. A request whose deadline passes while it waits is answered DEADLINE_EXCEEDED and never runs.
+With `[batching]`, requests of the same shapes (but dimension 0) and outputs run as one batch, which
+leaves at once when the queue holds a full batch or a preferred size, else when its oldest request has
+waited `max_queue_delay_us` - the supervisor's rules (daemon/scheduling/dispatch.py). Everything a
+request costs is tallied (daemon/observability/accounting.py) and handed to the supervisor off the
 request path (serve.py), so `stats` stays complete.
 """
 from __future__ import annotations
@@ -15,17 +17,21 @@ from typing import Any
 
 import numpy as np
 
-from openinfer.daemon.observability.accounting import Accountant
 from openinfer.daemon.direct.deadline_page import DeadlinePage
-from openinfer.daemon.modelstore.modelconfig import BatchingConfig
 from openinfer.daemon.frontdoor.validation import InputSignature, check_infer
+from openinfer.daemon.modelstore.modelconfig import BatchingConfig
+from openinfer.daemon.observability.accounting import Accountant
+from openinfer.daemon.scheduling.batch_rules import batch_size_now
+from openinfer.daemon.scheduling.taskqueue import TaskQueue
 from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError
 from openinfer.wire.protocol import PROTOCOL_VERSION
 from openinfer.wire.tensors import BF16Array, decode_array
 from openinfer.wire.zmtp import Buffer
 
+from . import messages
 from .compute import encode_outputs, feed_from, for_onnxruntime, plain
 from .direct import DirectConnection, DirectDoor, reject_busy
+from .run_watch import RunStopped, RunWatch
 from .session import Runner, task_error
 
 
@@ -60,6 +66,7 @@ class DirectRequest:
     conn: DirectConnection
     delimited: bool
     request_id: int
+    identity: str  # the connection's kernel-proven identity: turns and limits
     client: str  # accounting key: the identity, or "<name>@<identity>"
     specs: list[dict[str, Any]]
     data: list[Buffer]
@@ -69,25 +76,30 @@ class DirectRequest:
     received_ns: int
     decoded_ns: int
     deadline_ns: int
-    seq: int
+    enqueued_ns: int
     batch_key: Any = None
     rows: int = 0
 
 
 class DirectQueue:
-    def __init__(self, door: DirectDoor, runner: Runner, model: ModelView, page: DeadlinePage | None) -> None:
+    def __init__(self, door: DirectDoor, runner: Runner, model: ModelView, page: DeadlinePage | None, watch: RunWatch | None = None) -> None:
         self.door = door
         self.runner = runner
         self.model = model
         self.page = page
+        self.watch = watch
         self.tally = Accountant()
         # Answered requests not yet counted: folded into the tally when the loop is idle (count_answered),
         # off the path from a request to its reply.
         self.answered: list[tuple[str, str | None, dict[str, float], int, int]] = []
-        self.waiting: list[DirectRequest] = []
+        self.queue: TaskQueue[DirectRequest] = TaskQueue(model.starvation_ms)
         self.in_flight: dict[str, int] = {}  # by identity: accepted here, not yet answered
-        self._seq = 0
+        self.batch_sizes: dict[int, int] = {}  # runs by number of requests (1 too), since the last tally
+        self.idle_since_ns = time.monotonic_ns()  # when the last run ended: batch waits count from here
         self.last_request_ns = 0
+        self.access_sample = 0.0  # log.access_log_sample
+        self.access: list[list[Any]] = []  # sampled answers for the access log: [request id, client, code, timing]
+        self._answers = 0
 
     # -- admission ------------------------------------------------------------------------------------
     def admit(self, conn: DirectConnection, delimited: bool, request_id: int, header: dict[str, Any], data: list[Buffer], received_ns: int) -> None:
@@ -109,24 +121,23 @@ class DirectQueue:
         timeout_ms = header.get("timeout_ms") or model.timeout_ms
         name = header.get("client")
         outputs = header.get("outputs")
-        self._seq += 1
         request = DirectRequest(
-            conn, delimited, request_id, f"{name}@{conn.identity}" if name else conn.identity, signature.inputs, data,
+            conn, delimited, request_id, conn.identity, f"{name}@{conn.identity}" if name else conn.identity, signature.inputs, data,
             list(outputs) if outputs else model.output_order, nbytes, header.get("priority") or 0, received_ns, decoded_ns,
-            received_ns + timeout_ms * 1_000_000, self._seq,
+            received_ns + timeout_ms * 1_000_000, decoded_ns,
         )
         if model.batchable and signature.rows is not None and model.batching is not None and signature.rows <= model.batching.max_batch_size:
             request.batch_key = (signature.batch_specs, tuple(request.wanted))
             request.rows = signature.rows
         conn.open_ids.add(request_id)
         self.in_flight[conn.identity] = held + 1
-        self.waiting.append(request)
+        self.queue.append(request)
         self.last_request_ns = received_ns
 
     def cancel(self, conn: DirectConnection, target: int) -> bool:
-        for request in self.waiting:
+        for request in self.queue:
             if request.conn is conn and request.request_id == target:
-                self.waiting.remove(request)
+                self.queue.remove(request)
                 self._fail(request, DeadlineExceeded("cancelled by the client before it ran"))
                 return True
         return False
@@ -134,69 +145,80 @@ class DirectQueue:
     # -- running ---------------------------------------------------------------------------------------
     def run_ready(self) -> float | None:
         """Run what can run now; returns how long until a held batch is due (seconds), else None."""
-        while self.waiting:
+        queue = self.queue
+        model = self.model
+        batching = model.batching if model.batchable else None
+        while queue:
             now = time.monotonic_ns()
-            head = self._pick(now)
-            if head.deadline_ns <= now:
-                self.waiting.remove(head)
-                self._fail(head, DeadlineExceeded(f"deadline passed after {(now - head.received_ns) / 1e6:.1f} ms waiting in the queue; the request never ran"))
-                continue
-            if head.batch_key is None:
-                self.waiting.remove(head)
-                self._run_one(head, now)
-                continue
-            batch, rows = self._gather(head)
-            batching = self.model.batching
-            assert batching is not None
-            due_ns = head.decoded_ns + batching.max_queue_delay_us * 1000
-            if rows < batching.max_batch_size and now < due_ns:
-                return (due_ns - now) / 1e9  # hold it for more arrivals (max_queue_delay_us)
-            for member in batch:
-                self.waiting.remove(member)
-            if len(batch) == 1:
-                self._run_one(head, now)
+            if batching is None:
+                taken = [queue.popleft()]
             else:
-                self._run_batch(batch, rows, now)
+                size = batch_size_now(len(queue), batching.max_batch_size, batching.preferred_batch_sizes)
+                if size == 0:
+                    due_ns = queue.oldest_enqueued_ns() + batching.max_queue_delay_us * 1000
+                    if now < due_ns:
+                        return (due_ns - now) / 1e9  # held for company, at most max_queue_delay_us
+                    size = batching.max_batch_size
+                taken = queue.take_batch(size)
+            live = []
+            for request in taken:
+                if request.deadline_ns <= now:
+                    self._fail(request, DeadlineExceeded(f"deadline passed after {(now - request.received_ns) / 1e6:.1f} ms waiting in the queue; the request never ran"))
+                else:
+                    live.append(request)
+            if not live:
+                continue
+            if batching is not None:
+                self.batch_sizes[len(live)] = self.batch_sizes.get(len(live), 0) + 1
+            if len(live) == 1:
+                self._run_one(live[0], now)
+            else:
+                self._run_batch(live, now)
+            self.idle_since_ns = time.monotonic_ns()
         return None
 
-    def _pick(self, now: int) -> DirectRequest:
-        waiting = self.waiting
-        if len(waiting) == 1:
-            return waiting[0]
-        oldest = min(waiting, key=lambda r: r.seq)
-        if now - oldest.decoded_ns >= self.model.starvation_ms * 1_000_000:
-            return oldest  # aging: delayed, never starved
-        return min(waiting, key=lambda r: (-r.priority, r.seq))
-
-    def _gather(self, head: DirectRequest) -> tuple[list[DirectRequest], int]:
-        batching = self.model.batching
-        assert batching is not None
-        batch, rows = [head], head.rows
-        for request in sorted(self.waiting, key=lambda r: (-r.priority, r.seq)):
-            if request is not head and request.batch_key == head.batch_key and rows + request.rows <= batching.max_batch_size:
-                batch.append(request)
-                rows += request.rows
-        return batch, rows
+    def _batch_wait_us(self, request: DirectRequest, started_ns: int) -> float:
+        """The part of its queue time a request waited while this worker was free: for company."""
+        return max(0, started_ns - max(request.decoded_ns, self.idle_since_ns)) / 1000
 
     def _deadline_of(self, requests: list[DirectRequest], now: int) -> int:
         return min(min(r.deadline_ns for r in requests), now + self.model.max_compute_ms * 1_000_000)
 
+    def _guarded_run(self, wanted: list[str], feed: dict[str, Any], requests: list[DirectRequest]) -> list[Any]:
+        """session.run under the requests' deadline: the watch stops it there (RunStopped), the deadline
+        page tells the supervisor, which kills the worker if even that did not end it."""
+        started_ns = time.monotonic_ns()
+        deadline_ns = self._deadline_of(requests, started_ns)
+        page, watch = self.page, self.watch
+        if page is not None:
+            page.running(started_ns, deadline_ns)
+        if watch is not None:
+            watch.arm(deadline_ns)
+        try:
+            return self.runner.run(wanted, feed, watch.options if watch is not None else None)
+        except Exception:
+            if watch is not None and watch.disarm():
+                ran_ms = (time.monotonic_ns() - started_ns) / 1e6
+                raise RunStopped(f"stopped after {ran_ms:.0f} ms: past its deadline (the request's timeout, or the model's max_compute_ms = {self.model.max_compute_ms})") from None
+            raise
+        finally:
+            if watch is not None:
+                watch.disarm()
+            if page is not None:
+                page.idle()
+
     def _run_one(self, request: DirectRequest, started_ns: int) -> None:
         cpu_start = time.process_time_ns()
-        page = self.page
         try:
             feed = feed_from({"inputs": request.specs}, request.data)
             prepared_ns = time.monotonic_ns()
-            if page is not None:
-                page.running(prepared_ns, self._deadline_of([request], prepared_ns))
-            results = self.runner.run(request.wanted, feed)
+            results = self._guarded_run(request.wanted, feed, [request])
             computed_ns = time.monotonic_ns()
-            if page is not None:
-                page.idle()
             specs, payloads = encode_outputs(request.wanted, results)
+        except RunStopped as exc:
+            self._answer_error(request, DeadlineExceeded.code, str(exc), started_ns, cpu_start)
+            return
         except Exception as exc:
-            if page is not None:
-                page.idle()
             error = task_error(exc, request.specs, self.runner.dynamic_inputs)
             self._answer_error(request, error["code"], error["message"], started_ns, cpu_start)
             return
@@ -213,14 +235,13 @@ class DirectQueue:
         reply = {"v": PROTOCOL_VERSION, "id": request.request_id, "model": self.model.name, "version": self.model.version, "outputs": specs, "timing": timing}
         if self.model.batchable:
             reply["batch_size"] = 1
-            timing["batch_wait_us"] = 0.0
+            timing["batch_wait_us"] = self._batch_wait_us(request, started_ns)
         self._answer(request, reply, payloads, None, timing)
 
-    def _run_batch(self, batch: list[DirectRequest], rows: int, started_ns: int) -> None:
+    def _run_batch(self, batch: list[DirectRequest], started_ns: int) -> None:
         """The members' rows joined along dimension 0, run once, each member's rows cut out of the
         outputs; if the batch fails, each member runs alone (only the guilty one fails)."""
         cpu_start = time.process_time_ns()
-        page = self.page
         head = batch[0]
         try:
             feed = {}
@@ -228,15 +249,9 @@ class DirectQueue:
                 parts = [decode_array(spec["datatype"], [m.rows, *spec["shape"][1:]], m.data[index]) for m in batch]
                 feed[spec["name"]] = for_onnxruntime(spec["datatype"], np.concatenate(parts, axis=0))
             prepared_ns = time.monotonic_ns()
-            if page is not None:
-                page.running(prepared_ns, self._deadline_of(batch, prepared_ns))
-            results = [plain(value) for value in self.runner.run(head.wanted, feed)]
+            results = [plain(value) for value in self._guarded_run(head.wanted, feed, batch)]
             computed_ns = time.monotonic_ns()
-            if page is not None:
-                page.idle()
-        except Exception:
-            if page is not None:
-                page.idle()
+        except Exception:  # failed or stopped as a whole: which member caused it is unknown
             for member in batch:
                 self._run_one(member, time.monotonic_ns())
             return
@@ -250,7 +265,7 @@ class DirectQueue:
             timing = {
                 "decode_us": (member.decoded_ns - member.received_ns) / 1000,
                 "queue_us": (started_ns - member.decoded_ns) / 1000,
-                "batch_wait_us": (started_ns - member.decoded_ns) / 1000,
+                "batch_wait_us": self._batch_wait_us(member, started_ns),
                 "prep_us": (prepared_ns - started_ns) / 1000,
                 "compute_us": (computed_ns - prepared_ns) / 1000,
                 "encode_us": (now - computed_ns) / 1000,
@@ -264,6 +279,10 @@ class DirectQueue:
     def _answer(self, request: DirectRequest, reply: dict[str, Any], payloads: list[Any], code: str | None, timing: dict[str, float]) -> None:
         self.door.reply(request.conn, request.delimited, reply, payloads)
         self._close(request)
+        if self.access_sample > 0:
+            self._answers += 1
+            if (self.access_sample >= 1 or (self._answers * 2654435761 % 2**32) / 2**32 < self.access_sample) and len(self.access) < messages.MAX_ACCESS_RECORDS:
+                self.access.append([request.request_id, request.client, code or "OK", timing])
         bytes_out = 0
         for payload in payloads:
             bytes_out += len(payload) if not isinstance(payload, memoryview) else payload.nbytes
@@ -296,17 +315,25 @@ class DirectQueue:
         else:
             self.in_flight.pop(identity, None)
 
-    def refused(self, conn: DirectConnection, exc: OpenInferError, received_ns: int) -> None:
-        """Count a request the door or admission refused (it was answered there)."""
-        self.tally.record(None, None, conn.identity, exc.code, {"total_us": (time.monotonic_ns() - received_ns) / 1000})
-        self.tally.count_operation("infer", exc.code)
+    def outcome(self, conn: DirectConnection, op: str, exc: OpenInferError | None, received_ns: int) -> None:
+        """Count what the door answered itself (attach, cancel, refusals), as the front door counts: every
+        request by operation and outcome; a refused one also as a failed request of its client, and of
+        this model when it was an `infer`."""
+        self.tally.count_operation(op, exc.code if exc is not None else None)
+        if exc is not None:
+            model = self.model
+            timing = {"total_us": (time.monotonic_ns() - received_ns) / 1000}
+            self.tally.record(model.name if op == "infer" else None, model.version if op == "infer" else None, conn.identity, exc.code, timing)
 
-    def take_tally(self) -> dict[str, Any] | None:
-        """What was counted since the last call (None when nothing), for the supervisor."""
+    def take_tally(self) -> tuple[dict[str, Any], dict[int, int], list[list[Any]]] | None:
+        """What was counted since the last call (None when nothing), for the supervisor: the tally, the
+        runs by batch size and the sampled access records (the supervisor writes the access log)."""
         self.count_answered()
         tally = self.tally
-        if not tally.by_client and not tally.operations:
+        if not tally.by_client and not tally.operations and not self.batch_sizes:
             return None
         self.tally = Accountant()
-        return tally.export()
+        sizes, self.batch_sizes = self.batch_sizes, {}
+        access, self.access = self.access, []
+        return tally.export(), sizes, access
 

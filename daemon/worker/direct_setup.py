@@ -13,6 +13,7 @@ from .bootconfig import WorkerBootConfig
 from .direct import LISTEN_FD, DirectDoor, DirectLimits
 from .direct_queue import DirectQueue, ModelView
 from .serve import DirectServing
+from .run_watch import RunWatch
 from .session import Runner
 
 DEADLINE_PAGE_FD = 6  # spawner.DEADLINE_FD
@@ -33,10 +34,11 @@ def direct_serving(config: WorkerBootConfig, description: dict[str, Any], runner
         listener, poller, limits, config.model, config.version, config.worker_id,
         on_request=lambda *args: queue_box[0].admit(*args),
         on_cancel=lambda conn, target: queue_box[0].cancel(conn, target),
-        on_refused=lambda conn, exc, received_ns: queue_box[0].refused(conn, exc, received_ns),
+        on_outcome=lambda conn, op, exc, received_ns: queue_box[0].outcome(conn, op, exc, received_ns),
     )
     door.key = lease_key
-    queue = DirectQueue(door, runner, model, page)
+    queue = DirectQueue(door, runner, model, page, RunWatch(runner.new_run_options()))
+    queue.access_sample = direct.access_log_sample
     queue_box.append(queue)
     _warm(lease_key)
     return DirectServing(door, queue, direct.spin_us)

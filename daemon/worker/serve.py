@@ -32,6 +32,7 @@ _READABLE, _WRITABLE = select.EPOLLIN, select.EPOLLOUT
 TALLY_INTERVAL_NS = 100_000_000  # how often counts of direct requests reach the supervisor
 DRAIN_GRACE_NS = 4_000_000_000  # after QUIT: how long clients told GOAWAY may still send (the supervisor kills at 5 s)
 RECENT_NS = 2_000_000  # spin only while the last request is this recent
+PRECISE_S = 0.002  # epoll sleeps in whole milliseconds: a held batch due sooner than this is waited for by looking
 
 
 @dataclass
@@ -73,7 +74,11 @@ class WorkerLoop:
                 if direct is not None and direct.spin_us and time.monotonic_ns() - direct.queue.last_request_ns < RECENT_NS:
                     events = self._spin(direct.spin_us)
                 if not events:
-                    events = poll(self._sleep_s(timeout))
+                    sleep_s = self._sleep_s(timeout)
+                    if timeout is not None and sleep_s < PRECISE_S:
+                        events = self._spin(int(sleep_s * 1_000_000))
+                    else:
+                        events = poll(sleep_s - PRECISE_S / 2 if timeout is not None else sleep_s)
             for fd, mask in events:
                 if fd == self.channel_fd:
                     self._on_channel(mask)
@@ -113,9 +118,10 @@ class WorkerLoop:
                 self._send_tally(b"")
 
     def _send_tally(self, token: bytes) -> None:
-        tally = self.direct.queue.take_tally() if self.direct is not None else None
-        if tally is not None or token:
-            self.channel.send([messages.TALLY, token, pack(tally)])
+        taken = self.direct.queue.take_tally() if self.direct is not None else None
+        if taken is not None or token:
+            tally, batch_sizes, access = taken if taken is not None else (None, {}, [])
+            self.channel.send([messages.TALLY, token, pack(tally), pack(sorted(batch_sizes.items())), pack(access)])  # sizes: [[size, runs], ...]
 
     def _watch_channel(self) -> None:
         wanted = bool(self.channel.out_bytes)
@@ -143,6 +149,7 @@ class WorkerLoop:
                     channel.send([messages.PONG, bytes(frames[1])])
                 elif kind == messages.KEY and self.direct is not None:
                     self.direct.door.rekey(bytes(frames[1]))
+                    self.direct.queue.access_sample = float(bytes(frames[2]))
                 elif kind == messages.FLUSH:
                     self._send_tally(bytes(frames[1]) or b"flush")
                 elif kind == messages.QUIT:

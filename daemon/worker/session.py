@@ -92,6 +92,10 @@ class Runner:
         # Inputs whose shape the caller chooses in part: the ones a graph may refuse at run time.
         self.dynamic_inputs = frozenset(i.name for i in session.get_inputs() if any(not isinstance(d, int) or d < 0 for d in i.shape or []))
 
+    @staticmethod
+    def new_run_options() -> Any:
+        return ort.RunOptions()
+
     def run(self, wanted: list[str], feed: dict[str, Any], run_options: Any = None) -> list[Any]:
         if not self.bf16_outputs.intersection(wanted):
             return self.session.run(wanted, feed, run_options)  # type: ignore[no-any-return]
