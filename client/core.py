@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import struct
 import time
 from typing import Any, Mapping, Sequence
 
@@ -32,6 +33,8 @@ REPLY_SLACK_MAX_S = 1.0
 TEMPLATES_KEPT = 256  # request shapes whose header is kept packed
 _PACKER = msgpack.Packer()
 _ID_KEY = pack("id")
+_SENT_KEY = pack("sent_ns")
+_UINT64 = struct.Struct(">BQ")  # msgpack uint 64: the send time, patched into a kept header
 _FAST_DATATYPES = {dtype: name for name, dtype in DATATYPE_TO_NUMPY.items() if name not in ("BYTES", "BOOL")}
 
 
@@ -69,10 +72,10 @@ class ClientCore:
         payloads: list[Any] = []
         for name, value in inputs.items():
             if type(value) is not np.ndarray:  # BF16Array and array-likes: the general encoder
-                return self._encode_slow(request_id, model, inputs, version, outputs, timeout_ms, priority)
+                return self._encode_slow(request_id, model, inputs, version, outputs, timeout_ms, priority, sent=True)
             datatype = _FAST_DATATYPES.get(value.dtype)
             if datatype is None or not value.flags.c_contiguous:
-                return self._encode_slow(request_id, model, inputs, version, outputs, timeout_ms, priority)
+                return self._encode_slow(request_id, model, inputs, version, outputs, timeout_ms, priority, sent=True)
             key.append((name, datatype, value.shape))
             payloads.append(memoryview(value.reshape(-1)).cast("B") if value.size else b"")  # type: ignore[arg-type]
         template_key = tuple(key)
@@ -81,14 +84,16 @@ class ClientCore:
             frames = self._encode_slow(0, model, inputs, version, outputs, timeout_ms, priority)
             fields = unpack(frames[0])
             del fields["id"]
-            prefix = _PACKER.pack_map_header(len(fields) + 1) + b"".join(pack(k) + pack(v) for k, v in fields.items())
+            prefix = _PACKER.pack_map_header(len(fields) + 2) + b"".join(pack(k) + pack(v) for k, v in fields.items()) + _SENT_KEY
             if len(self._templates) >= TEMPLATES_KEPT:
                 self._templates.clear()
             self._templates[template_key] = prefix
-        return [prefix + _ID_KEY + pack(request_id), *payloads]
+        return [prefix + _UINT64.pack(0xCF, time.monotonic_ns()) + _ID_KEY + pack(request_id), *payloads]
 
-    def _encode_slow(self, request_id: int, model: str, inputs: Mapping[str, np.ndarray | BF16Array], version: int | None, outputs: Sequence[str] | None, timeout_ms: int, priority: int | None) -> list[Any]:
+    def _encode_slow(self, request_id: int, model: str, inputs: Mapping[str, np.ndarray | BF16Array], version: int | None, outputs: Sequence[str] | None, timeout_ms: int, priority: int | None, sent: bool = False) -> list[Any]:
         frames = encode_infer_request(request_id, model, inputs, version=version, outputs=outputs, timeout_ms=timeout_ms, client_name=self.client_name, priority=priority)
+        if sent:  # when the timeout starts, for a worker that reads the request later (PROTOCOL.md 17.4)
+            frames[0] = pack({**unpack(frames[0]), "sent_ns": time.monotonic_ns()})
         if len(frames[0]) > MAX_HEADER_BYTES:
             raise InvalidArgument(f"request header is {len(frames[0])} bytes; the protocol's limit is {MAX_HEADER_BYTES} (too many inputs or names too long)")
         return frames

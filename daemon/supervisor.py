@@ -26,9 +26,11 @@ from openinfer.wire.zmtp import Buffer, Event, Oversized
 
 from openinfer.daemon.control import admin
 from openinfer.daemon.frontdoor.access import AccessPolicy
-from openinfer.daemon.observability.accounting import Accountant, TallyRejected
+from openinfer.daemon.observability.accounting import Accountant
 from openinfer.daemon.frontdoor.client_limits import ClientLimiter, load_client_policy
+from openinfer.daemon.direct.books import DirectBooks
 from openinfer.daemon.direct.endpoints import DirectPath
+from openinfer.daemon.direct.ledger import Entry
 from openinfer.daemon.scheduling.dispatch import Dispatcher
 from openinfer.daemon.frontdoor.bind import bind_public
 from openinfer.daemon.frontdoor.connections import Connection, ConnectionTable, Route
@@ -57,7 +59,8 @@ from openinfer.daemon.workerpool.workers import WorkerHandle, WorkerState
 log = logging.getLogger("openinfer.supervisor")
 
 _GC_THRESHOLDS = (20_000, 20, 100)
-_HOUSEKEEPING_NS = 5_000_000  # how often running tasks' deadlines are checked
+_HOUSEKEEPING_NS = 5_000_000  # how often running tasks' deadlines are checked (and the workers' ledgers read)
+LEDGER_READ_MS = 20  # while workers answer direct requests, their ledgers are read at least this often
 
 
 class Supervisor:
@@ -89,7 +92,7 @@ class Supervisor:
         self.pool.runtime_dir = self.runtime_dir
         self.listener = bind_public(settings, resolve_address(settings.server.socket))
         self.connections = ConnectionTable(settings, self.reactor, self.timers, self.listener, self.access, self._on_client_event, self._on_connection_closed)
-        self.direct = DirectPath(settings, self.listener, self.timers, self.accountant)
+        self.direct = DirectPath(settings, self.listener, DirectBooks(self.accountant, self._log_direct_access))
         self.pool.direct = self.direct
         self.sync = RepositorySync(settings, self.registry, self.pool, self._quit)
         self.replies = ReplySender(settings, self.connections, self.accountant, self.limiter)
@@ -181,16 +184,14 @@ class Supervisor:
             if not events:  # idle: the bookkeeping deferred from the busy path, then sleep
                 self.dispatcher.arm_deadlines()  # before timeout_ms below reads the timers
                 self.accountant.flush()
-                events = reactor.poll(self.timers.timeout_ms(5 if busy else idle_ms) / 1000)
+                events = reactor.poll(self.timers.timeout_ms(5 if busy else LEDGER_READ_MS if self.direct.books.active else idle_ms) / 1000)
             self._dispatch(events)
             now = time.monotonic_ns()
             self.dispatcher.arm_overdue_deadlines(now)
             self.timers.run_due()
             if self.exporter.due(now):
-                if self.direct.enabled:  # the workers' counts of direct requests first: a scrape is exact
-                    self.direct.flush(self.pool.all_workers(), self.pool.send, self._publish_metrics_safely)
-                else:
-                    self._publish_metrics_safely()
+                self._read_ledgers()  # the workers' direct requests first: a scrape is exact
+                self._publish_metrics_safely()
             if busy or self.direct.enabled:
                 self._expire_running()
             self.connections.housekeeping(now)
@@ -207,6 +208,19 @@ class Supervisor:
                 handlers.dispatch([event])
             except Exception:  # a bug in one handler must not take the daemon (and every client) down
                 log.exception("internal error in the supervisor loop; continuing")
+
+    def _read_ledgers(self) -> None:
+        if self.direct.enabled:
+            self.direct.read_ledgers(list(self.pool.workers.values()), self._reject_worker)
+
+    def _log_direct_access(self, worker: WorkerHandle, entry: Entry) -> None:
+        """A request a worker answered on the direct path, for the access log (sampled as the front
+        door's tasks are, by the task number given here)."""
+        task_id = self._next_task_id
+        self._next_task_id += 1
+        if self.replies.access_sampled(task_id):
+            model = worker.model
+            self.replies.log_direct_access(task_id, worker.worker_id, model.name, model.version, entry.request_id, entry.client, entry.code or "OK", entry.timing)
 
     def _publish_metrics_safely(self) -> None:
         try:
@@ -260,9 +274,6 @@ class Supervisor:
             if op == "infer":
                 model = self._lookup_for_infer(header)
                 self._accept_infer(route, request_id, client, model, header, body, received_ns)  # type: ignore[arg-type]
-            elif op == "stats" and self.direct.enabled:
-                # Exact: the workers' counts of their direct requests come in first (a flush), then the reply.
-                self.direct.flush(self.pool.all_workers(), self.pool.send, lambda: self._reply_admin(route, request_id, op, header))  # type: ignore[arg-type]
             else:
                 self._reply_admin(route, request_id, op, header)  # type: ignore[arg-type]
         except Exception as exc:  # every accepted request gets exactly one answer, even on a daemon bug
@@ -398,17 +409,6 @@ class Supervisor:
                 self._tell_systemd()
         elif kind == messages.PONG and len(frames) == 2 and bytes(frames[1]) == worker.ping_token:
             worker.ping_sent_ns = 0
-        elif kind == messages.TALLY and worker.direct_address and worker.state not in (WorkerState.SPAWNED, WorkerState.LOADED):
-            worker.ping_sent_ns = 0
-            try:
-                access = self.direct.on_tally(worker, frames)
-            except TallyRejected as exc:
-                self._reject_worker(worker, f"TALLY: {exc}")
-                return
-            model = worker.model
-            for request_id, client, code, timing in access:
-                self.replies.log_direct_access(self._next_task_id, worker.worker_id, model.name, model.version, request_id, client, code, timing)
-                self._next_task_id += 1
         else:
             self._reject_worker(worker, f"unexpected message kind {kind.hex() or 'empty'} in state {worker.state.value}")
 
@@ -466,6 +466,7 @@ class Supervisor:
         if now < self._next_housekeeping_ns:
             return
         self._next_housekeeping_ns = now + _HOUSEKEEPING_NS
+        self._read_ledgers()
         for worker, ran_ns in self.direct.overdue(list(self.pool.workers.values()), now):
             log.error("a direct request ran past its deadline; killing the worker", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key, "ran_ms": ran_ns // 1_000_000})
             worker.exit_reason = f"killed: a request sent to it directly was still running after {ran_ns // 1_000_000} ms, past its deadline"
@@ -499,6 +500,7 @@ class Supervisor:
         if op == "status":
             return admin.status_result(self)
         if op == "stats":
+            self._read_ledgers()  # every direct request answered before this one is counted
             return admin.stats_result(self)
         if op == "cancel":
             return self._cancel(route, header.get("target"))

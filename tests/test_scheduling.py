@@ -1,4 +1,7 @@
-"""Scheduling: priorities with aging, fair turns between clients, per-client limits, cancellation."""
+"""Scheduling in the supervisor: priorities with aging, fair turns between clients, per-client limits,
+cancellation. These daemons run without the direct path (pool.direct = false): the tests watch the
+supervisor's queue through `status`. A worker's own queue follows the same rules (one TaskQueue):
+tests/test_direct_scheduling.py."""
 from __future__ import annotations
 
 import asyncio
@@ -23,6 +26,7 @@ X = np.zeros(1, np.float32)
 SLOW = {"x": X, "n": np.array(400_000, np.int64)}  # ~0.3 s of Loop iterations: long enough to queue behind
 BLOCK = {"x": X, "n": np.array(4_000_000, np.int64)}  # ~3 s: others queue behind it even on a busy machine
 FAST = {"x": X, "n": np.array(1, np.int64)}
+FRONT_DOOR = {"OPENINFER_POOL_DIRECT": "0"}
 
 
 @pytest.fixture
@@ -42,7 +46,7 @@ def wait_running(client: Client) -> None:
 
 
 def test_higher_priority_runs_first_and_low_priority_still_completes(daemon_factory: Any, repo: Path) -> None:
-    daemon = daemon_factory(repo, env={"OPENINFER_SERVER_STARVATION_MS": "60000"})  # no aging behind the 3 s blocker
+    daemon = daemon_factory(repo, env={**FRONT_DOOR, "OPENINFER_SERVER_STARVATION_MS": "60000"})  # no aging behind the 3 s blocker
     admin = daemon.client()
     order: list[str] = []
     lock = threading.Lock()
@@ -70,7 +74,7 @@ def test_higher_priority_runs_first_and_low_priority_still_completes(daemon_fact
 
 
 def test_aging_serves_a_low_priority_request_under_a_high_priority_flood(daemon_factory: Any, repo: Path) -> None:
-    daemon = daemon_factory(repo, env={"OPENINFER_SERVER_STARVATION_MS": "300"})
+    daemon = daemon_factory(repo, env={**FRONT_DOOR, "OPENINFER_SERVER_STARVATION_MS": "300"})
     stop = threading.Event()
 
     def flood() -> None:
@@ -95,7 +99,7 @@ def test_aging_serves_a_low_priority_request_under_a_high_priority_flood(daemon_
 def test_clients_take_turns_so_a_flood_does_not_starve_another_client(daemon_factory: Any, repo: Path) -> None:
     """Turns key on the kernel-proven identity: the flood comes from root, the other client is another
     uid (a name a client gives itself is only an accounting label and buys no turns)."""
-    daemon = daemon_factory(repo, env={"OPENINFER_SERVER_SOCKET_MODE": "0o666"})
+    daemon = daemon_factory(repo, env={**FRONT_DOOR, "OPENINFER_SERVER_SOCKET_MODE": "0o666"})
     admin = daemon.client()
     flood_done = threading.Event()
 
@@ -123,7 +127,7 @@ def test_clients_take_turns_so_a_flood_does_not_starve_another_client(daemon_fac
 def test_per_client_limit_from_policy_file(daemon_factory: Any, repo: Path, tmp_path: Path) -> None:
     policy = tmp_path / "clients.toml"
     policy.write_text('[default]\nmax_in_flight = 64\n\n[uids."0"]\nmax_in_flight = 2\n')  # root is the greedy one
-    daemon = daemon_factory(repo, env={"OPENINFER_SERVER_CLIENT_POLICY": str(policy), "OPENINFER_SERVER_SOCKET_MODE": "0o666"})
+    daemon = daemon_factory(repo, env={**FRONT_DOOR, "OPENINFER_SERVER_CLIENT_POLICY": str(policy), "OPENINFER_SERVER_SOCKET_MODE": "0o666"})
     outcomes: list[str] = []
 
     async def greedy() -> None:
@@ -154,7 +158,7 @@ def test_per_client_limit_from_policy_file(daemon_factory: Any, repo: Path, tmp_
 def test_rate_limit_names_the_limit(daemon_factory: Any, repo: Path, tmp_path: Path) -> None:
     policy = tmp_path / "clients.toml"
     policy.write_text('[default]\nmax_in_flight = 64\nrate_per_s = 1\nburst = 3\n')
-    daemon = daemon_factory(repo, env={"OPENINFER_SERVER_CLIENT_POLICY": str(policy)})
+    daemon = daemon_factory(repo, env={**FRONT_DOOR, "OPENINFER_SERVER_CLIENT_POLICY": str(policy)})
     client = daemon.client(client_name="chatty")
     codes = []
     for _ in range(6):
@@ -221,7 +225,7 @@ def test_a_client_that_gives_up_cancels_its_queued_task(daemon_factory: Any, rep
     """The client's own timeout fires while its request is queued behind a long one: it sends a
     cancel, and the daemon drops the request unrun. The relay makes the daemon's deadline for it 10
     minutes, so nothing but the cancel can explain the request not running."""
-    daemon = daemon_factory(repo)
+    daemon = daemon_factory(repo, env=FRONT_DOOR)
     admin = daemon.client()
     blocking_client = daemon.client(timeout=120)
     blocker = threading.Thread(target=lambda: blocking_client.infer("busy", BLOCK))
@@ -243,7 +247,7 @@ def test_a_client_that_gives_up_cancels_its_queued_task(daemon_factory: Any, rep
 
 
 def test_bad_priority_is_invalid_argument(daemon_factory: Any, repo: Path) -> None:
-    daemon = daemon_factory(repo)
+    daemon = daemon_factory(repo, env=FRONT_DOOR)
     with pytest.raises(OpenInferError) as info:
         daemon.client().infer("busy", FAST, priority=42)
     assert info.value.code == "INVALID_ARGUMENT"

@@ -25,8 +25,11 @@ class DeadlinePage:
 
     @classmethod
     def create(cls, name: str) -> "DeadlinePage":
+        """The page, and after it the worker's ledger (ledger.py), in one memfd."""
+        from .ledger import LEDGER_BYTES
+
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        os.ftruncate(fd, PAGE_BYTES)
+        os.ftruncate(fd, PAGE_BYTES + LEDGER_BYTES)
         return cls(fd)
 
     def running(self, since_ns: int, deadline_ns: int) -> None:

@@ -75,9 +75,12 @@ class ReplySender:
         self.limiter.release(task.identity)
 
     def _sampled(self, task: Task) -> bool:
+        return self.access_sampled(task.task_id)
+
+    def access_sampled(self, task_id: int) -> bool:
         """Whether the access log keeps this task (log.access_log_sample, by a hash of the task id)."""
         sample = self.settings.log.access_log_sample
-        return sample > 0 and (sample >= 1 or (task.task_id * 2654435761 % 2**32) / 2**32 < sample)
+        return sample > 0 and (sample >= 1 or (task_id * 2654435761 % 2**32) / 2**32 < sample)
 
     @staticmethod
     def _log_access(task: Task, code: str | None, timing: dict[str, float]) -> None:

@@ -30,7 +30,6 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from openinfer.wire.protocol import OPERATIONS
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 STAGES = ("decode", "queue", "dispatch", "prep", "compute", "encode", "return", "batch_wait", "total")
@@ -48,9 +47,6 @@ _BUCKET_ROW = len(DURATION_BUCKETS_US) + 2  # one counter per bucket, one for > 
 PENDING_BATCHES_MAX = 32  # batches record_batch_later may hold before adding them in regardless
 MAX_CLIENTS = 1024  # distinct client keys kept; later ones are accounted under OTHER_CLIENTS
 # What a worker's tally may name as a client: an identity, optionally under a client name (1-64 characters).
-# What a worker may report counts for (its endpoint answers these itself; others are refused there and
-# counted under their name, or under "(malformed)"/"(oversized)" when unreadable).
-WORKER_OPERATIONS = frozenset({*OPERATIONS, "(malformed)", "(oversized)"})
 CLIENT_KEY = re.compile(r"(?:[^@]{1,64}@)?uid=\d{1,10}")
 OTHER_CLIENTS = "(other)"
 
@@ -191,85 +187,6 @@ class UsageStats:
         if self.by_model:
             snap["durations"] = _durations_snapshot(self.durations)
         return snap
-
-
-    def export(self) -> list[Any]:
-        """The counters as plain data (msgpack-able), for `merge` in another process."""
-        return [
-            self.requests, self.success, dict(self.failures), [list(slot) for slot in self.stage_ns],
-            [[index, n] for index, n in self.latency.counts.items()], self.bytes_in, self.bytes_out, self.cpu_us,
-            [[code, rows] for code, rows in self.durations.items()],
-        ]
-
-    def merge(self, raw: Any) -> None:
-        """Add counters exported by `export` (a worker's tally). `raw` crossed a trust boundary: it is
-        checked whole before anything is added (TallyRejected otherwise)."""
-        requests, success, failures, stage_ns, latency, bytes_in, bytes_out, cpu_us, durations = _checked_export(raw)
-        self.requests += requests
-        self.success += success
-        for failed, n in failures.items():
-            self.failures[failed] = self.failures.get(failed, 0) + n
-        for slot, (count, ns) in zip(self.stage_ns, stage_ns):
-            slot[0] += count
-            slot[1] += ns
-        counts = self.latency.counts
-        for index, n in latency.items():
-            counts[index] = counts.get(index, 0) + n
-        self.bytes_in += bytes_in
-        self.bytes_out += bytes_out
-        self.cpu_us += cpu_us
-        if self.by_model:
-            for code, rows in durations:
-                mine = self.durations.get(code)
-                if mine is None:
-                    mine = self.durations[code] = [[0] * _BUCKET_ROW for _ in STAGES]
-                for target, row in zip(mine, rows):
-                    for i, n in enumerate(row):
-                        target[i] += n
-
-
-class TallyRejected(ValueError):
-    """A worker's exported counters do not have the shape `UsageStats.export` gives."""
-
-
-ERROR_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "WORKER_CRASHED", "UNAVAILABLE", "PERMISSION_DENIED", "INTERNAL"})
-_MAX_COUNT = 1 << 62
-_MAX_HDR_INDEX = hdr_index(HDR_HIGHEST_US)
-
-
-def _count(value: Any) -> int:
-    if type(value) is not int or not 0 <= value < _MAX_COUNT:
-        raise TallyRejected(f"not a count: {value!r}")
-    return value
-
-
-def _checked_export(raw: Any) -> tuple[int, int, dict[str, int], list[tuple[int, int]], dict[int, int], int, int, float, list[tuple[str | None, list[list[int]]]]]:
-    if not isinstance(raw, list) or len(raw) != 9:
-        raise TallyRejected("not an exported usage record")
-    requests, success, failures, stage_ns, latency, bytes_in, bytes_out, cpu_us, durations = raw
-    if not isinstance(failures, dict) or any(code not in ERROR_CODES for code in failures):
-        raise TallyRejected("failures by unknown codes")
-    if not isinstance(stage_ns, list) or len(stage_ns) != len(STAGES) or not all(isinstance(s, list) and len(s) == 2 for s in stage_ns):
-        raise TallyRejected("stages do not match")
-    if not isinstance(latency, list) or len(latency) > _MAX_HDR_INDEX + 1 or not all(isinstance(p, list) and len(p) == 2 and type(p[0]) is int and 0 <= p[0] <= _MAX_HDR_INDEX for p in latency):
-        raise TallyRejected("latency buckets out of range")
-    if isinstance(cpu_us, bool) or not isinstance(cpu_us, (int, float)) or not 0 <= cpu_us < 1e15:
-        raise TallyRejected("cpu time out of range")
-    if not isinstance(durations, list) or len(durations) > len(ERROR_CODES) + 1:
-        raise TallyRejected("duration rows do not match")
-    checked_durations = []
-    for entry in durations:
-        if not isinstance(entry, list) or len(entry) != 2 or not (entry[0] is None or entry[0] in ERROR_CODES):
-            raise TallyRejected("duration rows by unknown codes")
-        rows = entry[1]
-        if not isinstance(rows, list) or len(rows) != len(STAGES) or not all(isinstance(r, list) and len(r) == _BUCKET_ROW for r in rows):
-            raise TallyRejected("duration rows do not match")
-        checked_durations.append((entry[0], [[_count(v) for v in row] for row in rows]))
-    return (
-        _count(requests), _count(success), {code: _count(n) for code, n in failures.items()},
-        [(_count(c), _count(n)) for c, n in stage_ns], {i: _count(n) for i, n in latency},
-        _count(bytes_in), _count(bytes_out), float(cpu_us), checked_durations,
-    )
 
 
 def _durations_snapshot(durations: dict[str | None, list[list[int]]]) -> dict[str, Any]:
@@ -514,48 +431,6 @@ class Accountant:
                 return user
         user = self.by_client[client] = UsageStats()
         return user
-
-    def export(self) -> dict[str, Any]:
-        """Everything counted so far, as plain data for `merge` (a worker hands its tally over this way)."""
-        self.flush()
-        return {
-            "models": [[name, version, stats.export()] for (name, version), stats in self.by_model.items()],
-            "clients": [[client, stats.export()] for client, stats in self.by_client.items()],
-            "operations": {op: dict(by_code) for op, by_code in self.operations.items()},
-        }
-
-    def merge(self, raw: Any, model: str, version: int) -> None:
-        """Add a worker's exported tally. It may hold only `model` `version` (the worker's own), clients
-        keyed as identities are ("uid=N", "name@uid=N"), and operations `infer`/`cancel`: anything else
-        raises TallyRejected before a counter changes."""
-        if not isinstance(raw, dict) or set(raw) != {"models", "clients", "operations"}:
-            raise TallyRejected("not an exported tally")
-        models, clients, operations = raw["models"], raw["clients"], raw["operations"]
-        if not isinstance(models, list) or len(models) > 1 or not isinstance(clients, list) or len(clients) > MAX_CLIENTS or not isinstance(operations, dict):
-            raise TallyRejected("tally out of bounds")
-        for entry in models:
-            if not isinstance(entry, list) or len(entry) != 3 or entry[0] != model or entry[1] != version:
-                raise TallyRejected("a tally for another model")
-            _checked_export(entry[2])
-        for entry in clients:
-            if not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[0], str) or not CLIENT_KEY.fullmatch(entry[0]):
-                raise TallyRejected("a client key that is not an identity")
-            _checked_export(entry[1])
-        if set(operations) - WORKER_OPERATIONS or not all(isinstance(v, dict) and all(k in ERROR_CODES or k == "OK" for k in v) for v in operations.values()):
-            raise TallyRejected("unknown operations")
-        for op, by_code in operations.items():
-            for code, n in by_code.items():
-                self.count_operation(op, None if code == "OK" else code, _count(n))
-        for _, _, exported in models:
-            stats = self.by_model.get((model, version))
-            if stats is None:
-                stats = self.by_model[(model, version)] = UsageStats(by_model=True)
-            stats.merge(exported)
-        for client, exported in clients:
-            user = self.by_client.get(client)
-            if user is None:
-                user = self._new_client(client)
-            user.merge(exported)
 
     def snapshot(self, restarts: dict[tuple[str, int], int] | None = None) -> dict[str, Any]:
         """Fresh copies of everything (safe to hand to another thread). Each model version's entry has

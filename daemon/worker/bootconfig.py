@@ -35,7 +35,6 @@ class DirectConfig:
     max_compute_ms: int = 60_000
     starvation_ms: int = 1000
     spin_us: int = 0
-    access_log_sample: float = 0.0  # log.access_log_sample: which answered requests go to the access log
     batching: dict[str, Any] | None = None  # the model's [batching] (modelconfig.BatchingConfig fields)
 
 

@@ -12,6 +12,7 @@ attached a lease (lease.py) issued to that identity for this worker's model vers
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import struct
 import time
@@ -67,7 +68,7 @@ class DirectConnection:
 Poller = Any  # select.epoll (typed loosely: the worker imports select lazily before its sandbox)
 OnRequest = Callable[[DirectConnection, bool, int, dict[str, Any], list[Buffer], int], None]
 OnCancel = Callable[[DirectConnection, int], bool]
-OnOutcome = Callable[[DirectConnection, str, OpenInferError | None, int], None]
+OnOutcome = Callable[[DirectConnection, str, int | None, OpenInferError | None, int], None]
 
 
 class DirectDoor:
@@ -80,7 +81,7 @@ class DirectDoor:
         self.worker_id = worker_id
         self.on_request = on_request  # (conn, delimited, request id, header, data frames, received_ns) of an infer
         self.on_cancel = on_cancel  # (conn, target id) -> whether a queued request was cancelled
-        self.on_outcome = on_outcome  # counts what this door answered itself: (conn, op, error or None, received_ns)
+        self.on_outcome = on_outcome  # counts what this door answered itself: (conn, op, request id, error or None, received_ns)
         self.key = b""  # the lease key, from the supervisor (ACK, then KEY on every reload)
         self.by_fd: dict[int, DirectConnection] = {}
         self.per_identity: dict[str, int] = {}
@@ -178,7 +179,7 @@ class DirectDoor:
                     pass
             exc = OverLimit(f"request over this worker's limits: {event.reason} (server.max_request_bytes = {self.limits.max_request_bytes})")
             self.error(conn, delimited, oversized_id, exc, received_ns)
-            self.on_outcome(conn, "(oversized)", exc, received_ns)
+            self.on_outcome(conn, "(oversized)", oversized_id, exc, received_ns)
             self.strike(conn)
             return
         delimited = len(event) > 1 and len(event[0]) == 0
@@ -193,7 +194,7 @@ class DirectDoor:
             op = check_envelope(header, len(body))
             if op == "attach":
                 self._attach(conn, delimited, request_id, header)  # type: ignore[arg-type]
-                self.on_outcome(conn, op, None, received_ns)
+                self.on_outcome(conn, op, request_id, None, received_ns)
                 return
             if op not in DIRECT_OPERATIONS:
                 raise InvalidArgument(f"`{op}` is not served on a worker endpoint: send it to the front door (only attach, infer and cancel come here)")
@@ -206,12 +207,12 @@ class DirectDoor:
                 target = header.get("target")
                 cancelled = isinstance(target, int) and self.on_cancel(conn, target)
                 self.reply(conn, delimited, {"v": PROTOCOL_VERSION, "id": request_id, "result": {"cancelled": cancelled}})
-                self.on_outcome(conn, op, None, received_ns)
+                self.on_outcome(conn, op, request_id, None, received_ns)
                 return
             self.on_request(conn, delimited, request_id, header, body[1:], received_ns)  # type: ignore[arg-type]
         except OpenInferError as exc:
             self.error(conn, delimited, request_id, exc, received_ns)
-            self.on_outcome(conn, op, exc, received_ns)
+            self.on_outcome(conn, op, request_id, exc, received_ns)
             if request_id is None or isinstance(exc, OverLimit):
                 self.strike(conn)
 
@@ -296,6 +297,22 @@ class DirectDoor:
         conn.stream.close()
         conn.closed = True
         self._resume_listening()
+
+    def flush_all(self, until: float) -> None:
+        """Write what waits in the connections' outboxes, until `until` (time.monotonic())."""
+        while time.monotonic() < until:
+            waiting = [conn for conn in self.by_fd.values() if conn.stream.out_bytes and not conn.closed]
+            if not waiting:
+                return
+            poller = select.poll()  # poll(2): no new file descriptor (the serve policy forbids making one)
+            for conn in waiting:
+                poller.register(conn.fd, select.POLLOUT)
+            poller.poll(max(1, int((until - time.monotonic()) * 1000)))
+            for conn in waiting:
+                try:
+                    conn.stream.flush()
+                except PeerClosed:
+                    self.close(conn)
 
     def close_all(self) -> None:
         for conn in list(self.by_fd.values()):

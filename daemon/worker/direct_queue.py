@@ -7,7 +7,8 @@ With `[batching]`, requests of the same shapes (but dimension 0) and outputs run
 leaves at once when the queue holds a full batch or a preferred size, else when its oldest request has
 waited `max_queue_delay_us` - the supervisor's rules (daemon/scheduling/dispatch.py). Everything a
 request costs is tallied (daemon/observability/accounting.py) and handed to the supervisor off the
-request path (serve.py), so `stats` stays complete.
+request path: each admission and each answer is a record in the ledger the worker shares with the
+supervisor (daemon/direct/ledger.py), written before the reply leaves, so `stats` stays exact.
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from openinfer.daemon.direct.deadline_page import DeadlinePage
+from openinfer.daemon.direct.ledger import LedgerWriter
 from openinfer.daemon.frontdoor.validation import InputSignature, check_infer
 from openinfer.daemon.modelstore.modelconfig import BatchingConfig
-from openinfer.daemon.observability.accounting import Accountant
 from openinfer.daemon.scheduling.batch_rules import batch_size_now
 from openinfer.daemon.scheduling.taskqueue import TaskQueue
 from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError
@@ -28,7 +29,6 @@ from openinfer.wire.protocol import PROTOCOL_VERSION
 from openinfer.wire.tensors import BF16Array, decode_array
 from openinfer.wire.zmtp import Buffer
 
-from . import messages
 from .compute import encode_outputs, feed_from, for_onnxruntime, plain
 from .direct import DirectConnection, DirectDoor, reject_busy
 from .run_watch import RunStopped, RunWatch
@@ -77,29 +77,24 @@ class DirectRequest:
     decoded_ns: int
     deadline_ns: int
     enqueued_ns: int
+    serial: int = 0  # its number in the ledger
     batch_key: Any = None
     rows: int = 0
 
 
 class DirectQueue:
-    def __init__(self, door: DirectDoor, runner: Runner, model: ModelView, page: DeadlinePage | None, watch: RunWatch | None = None) -> None:
+    def __init__(self, door: DirectDoor, runner: Runner, model: ModelView, page: DeadlinePage | None, ledger: LedgerWriter | None, watch: RunWatch | None = None) -> None:
         self.door = door
         self.runner = runner
         self.model = model
         self.page = page
         self.watch = watch
-        self.tally = Accountant()
-        # Answered requests not yet counted: folded into the tally when the loop is idle (count_answered),
-        # off the path from a request to its reply.
-        self.answered: list[tuple[str, str | None, dict[str, float], int, int]] = []
+        self.ledger = ledger
         self.queue: TaskQueue[DirectRequest] = TaskQueue(model.starvation_ms)
         self.in_flight: dict[str, int] = {}  # by identity: accepted here, not yet answered
-        self.batch_sizes: dict[int, int] = {}  # runs by number of requests (1 too), since the last tally
+        self._serial = 0  # numbers admitted requests in the ledger
         self.idle_since_ns = time.monotonic_ns()  # when the last run ended: batch waits count from here
         self.last_request_ns = 0
-        self.access_sample = 0.0  # log.access_log_sample
-        self.access: list[list[Any]] = []  # sampled answers for the access log: [request id, client, code, timing]
-        self._answers = 0
 
     # -- admission ------------------------------------------------------------------------------------
     def admit(self, conn: DirectConnection, delimited: bool, request_id: int, header: dict[str, Any], data: list[Buffer], received_ns: int) -> None:
@@ -119,18 +114,27 @@ class DirectQueue:
             raise reject_busy(conn.identity, held, lease.max_in_flight)
         decoded_ns = time.monotonic_ns()
         timeout_ms = header.get("timeout_ms") or model.timeout_ms
+        # The timeout runs from when the client sent the request (same host, same clock), not from when
+        # this worker got round to reading it: a request that waited out its deadline in the socket
+        # never runs. A client can only make its own deadline earlier (at most a minute back).
+        sent_ns = header.get("sent_ns")
+        starts_ns = sent_ns if type(sent_ns) is int and received_ns - 60_000_000_000 <= sent_ns < received_ns else received_ns
         name = header.get("client")
         outputs = header.get("outputs")
         request = DirectRequest(
             conn, delimited, request_id, conn.identity, f"{name}@{conn.identity}" if name else conn.identity, signature.inputs, data,
             list(outputs) if outputs else model.output_order, nbytes, header.get("priority") or 0, received_ns, decoded_ns,
-            received_ns + timeout_ms * 1_000_000, decoded_ns,
+            starts_ns + timeout_ms * 1_000_000, decoded_ns,
         )
         if model.batchable and signature.rows is not None and model.batching is not None and signature.rows <= model.batching.max_batch_size:
             request.batch_key = (signature.batch_specs, tuple(request.wanted))
             request.rows = signature.rows
         conn.open_ids.add(request_id)
         self.in_flight[conn.identity] = held + 1
+        self._serial += 1
+        request.serial = self._serial
+        if self.ledger is not None:
+            self.ledger.admitted(request.serial, request_id, request.client, nbytes)
         self.queue.append(request)
         self.last_request_ns = received_ns
 
@@ -143,8 +147,9 @@ class DirectQueue:
         return False
 
     # -- running ---------------------------------------------------------------------------------------
-    def run_ready(self) -> float | None:
-        """Run what can run now; returns how long until a held batch is due (seconds), else None."""
+    def run_ready(self, everything: bool = False) -> float | None:
+        """Run what can run now (`everything`: held batches too); returns how long until a held batch is
+        due (seconds), else None."""
         queue = self.queue
         model = self.model
         batching = model.batching if model.batchable else None
@@ -156,7 +161,7 @@ class DirectQueue:
                 size = batch_size_now(len(queue), batching.max_batch_size, batching.preferred_batch_sizes)
                 if size == 0:
                     due_ns = queue.oldest_enqueued_ns() + batching.max_queue_delay_us * 1000
-                    if now < due_ns:
+                    if now < due_ns and not everything:
                         return (due_ns - now) / 1e9  # held for company, at most max_queue_delay_us
                     size = batching.max_batch_size
                 taken = queue.take_batch(size)
@@ -168,8 +173,8 @@ class DirectQueue:
                     live.append(request)
             if not live:
                 continue
-            if batching is not None:
-                self.batch_sizes[len(live)] = self.batch_sizes.get(len(live), 0) + 1
+            if batching is not None and self.ledger is not None:
+                self.ledger.run(len(live))
             if len(live) == 1:
                 self._run_one(live[0], now)
             else:
@@ -253,6 +258,8 @@ class DirectQueue:
             computed_ns = time.monotonic_ns()
         except Exception:  # failed or stopped as a whole: which member caused it is unknown
             for member in batch:
+                if self.ledger is not None:
+                    self.ledger.run(1)
                 self._run_one(member, time.monotonic_ns())
             return
         cpu_each = (time.process_time_ns() - cpu_start) / 1000 / len(batch)
@@ -277,26 +284,14 @@ class DirectQueue:
 
     # -- answers ---------------------------------------------------------------------------------------
     def _answer(self, request: DirectRequest, reply: dict[str, Any], payloads: list[Any], code: str | None, timing: dict[str, float]) -> None:
+        """The ledger first, then the reply: whatever a client has been answered is already counted."""
+        if self.ledger is not None:
+            bytes_out = 0
+            for payload in payloads:
+                bytes_out += len(payload) if not isinstance(payload, memoryview) else payload.nbytes
+            self.ledger.answered(request.serial, request.request_id, request.client, code, timing, request.nbytes, bytes_out)
         self.door.reply(request.conn, request.delimited, reply, payloads)
         self._close(request)
-        if self.access_sample > 0:
-            self._answers += 1
-            if (self.access_sample >= 1 or (self._answers * 2654435761 % 2**32) / 2**32 < self.access_sample) and len(self.access) < messages.MAX_ACCESS_RECORDS:
-                self.access.append([request.request_id, request.client, code or "OK", timing])
-        bytes_out = 0
-        for payload in payloads:
-            bytes_out += len(payload) if not isinstance(payload, memoryview) else payload.nbytes
-        self.answered.append((request.client, code, timing, request.nbytes, bytes_out))
-
-    def count_answered(self) -> None:
-        """Add the requests answered since the last call to the tally (the loop calls this when idle, and
-        before the tally is handed over)."""
-        answered, self.answered = self.answered, []
-        tally = self.tally
-        name, version = self.model.name, self.model.version
-        for client, code, timing, nbytes, bytes_out in answered:
-            tally.record(name, version, client, code, timing, nbytes, bytes_out)
-            tally.count_operation("infer", code)
 
     def _answer_error(self, request: DirectRequest, code: str, message: str, started_ns: int, cpu_start: int) -> None:
         timing = {"total_us": (time.monotonic_ns() - request.received_ns) / 1000, "cpu_us": (time.process_time_ns() - cpu_start) / 1000}
@@ -315,25 +310,13 @@ class DirectQueue:
         else:
             self.in_flight.pop(identity, None)
 
-    def outcome(self, conn: DirectConnection, op: str, exc: OpenInferError | None, received_ns: int) -> None:
+    def outcome(self, conn: DirectConnection, op: str, request_id: int | None, exc: OpenInferError | None, received_ns: int) -> None:
         """Count what the door answered itself (attach, cancel, refusals), as the front door counts: every
         request by operation and outcome; a refused one also as a failed request of its client, and of
         this model when it was an `infer`."""
-        self.tally.count_operation(op, exc.code if exc is not None else None)
-        if exc is not None:
-            model = self.model
-            timing = {"total_us": (time.monotonic_ns() - received_ns) / 1000}
-            self.tally.record(model.name if op == "infer" else None, model.version if op == "infer" else None, conn.identity, exc.code, timing)
-
-    def take_tally(self) -> tuple[dict[str, Any], dict[int, int], list[list[Any]]] | None:
-        """What was counted since the last call (None when nothing), for the supervisor: the tally, the
-        runs by batch size and the sampled access records (the supervisor writes the access log)."""
-        self.count_answered()
-        tally = self.tally
-        if not tally.by_client and not tally.operations and not self.batch_sizes:
-            return None
-        self.tally = Accountant()
-        sizes, self.batch_sizes = self.batch_sizes, {}
-        access, self.access = self.access, []
-        return tally.export(), sizes, access
-
+        if self.ledger is None:
+            return
+        if exc is None:
+            self.ledger.counted(conn.identity, op)
+        else:
+            self.ledger.refused(request_id or 0, conn.identity, op, exc.code, (time.monotonic_ns() - received_ns) / 1000)

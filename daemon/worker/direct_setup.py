@@ -7,6 +7,7 @@ import socket
 from typing import Any
 
 from openinfer.daemon.direct.deadline_page import DeadlinePage
+from openinfer.daemon.direct.ledger import LedgerWriter
 from openinfer.daemon.modelstore.modelconfig import BatchingConfig
 
 from .bootconfig import WorkerBootConfig
@@ -34,11 +35,10 @@ def direct_serving(config: WorkerBootConfig, description: dict[str, Any], runner
         listener, poller, limits, config.model, config.version, config.worker_id,
         on_request=lambda *args: queue_box[0].admit(*args),
         on_cancel=lambda conn, target: queue_box[0].cancel(conn, target),
-        on_outcome=lambda conn, op, exc, received_ns: queue_box[0].outcome(conn, op, exc, received_ns),
+        on_outcome=lambda conn, op, request_id, exc, received_ns: queue_box[0].outcome(conn, op, request_id, exc, received_ns),
     )
     door.key = lease_key
-    queue = DirectQueue(door, runner, model, page, RunWatch(runner.new_run_options()))
-    queue.access_sample = direct.access_log_sample
+    queue = DirectQueue(door, runner, model, page, LedgerWriter(DEADLINE_PAGE_FD), RunWatch(runner.new_run_options()))
     queue_box.append(queue)
     _warm(lease_key)
     return DirectServing(door, queue, direct.spin_us)

@@ -14,9 +14,7 @@ any state changes; a message that does not fit retires the worker.
   RESULTS [b"S", meta, *outputs]  the answers of one BATCH (layout below)
   FAILED [b"E", {"message"}]  boot failed      PING  [b"P", token]
                                                BATCH [b"B", plan, *data]  (layout below)
-  PONG   [b"p", token]                        KEY   [b"K", lease key, sample]  after a reload
-  TALLY  [b"C", token, counts, batch sizes,   FLUSH [b"F", token]       stats wants exact counts
-          access records]
+  PONG   [b"p", token]                        KEY   [b"K", lease key]   after a reload
 
 BATCH plan = {tasks, rows (per task), inputs (the batch's specs, dim 0 = all rows), outputs, joined}:
 joined -> one data frame per input holding every task's rows in task order; else per task its input
@@ -38,11 +36,7 @@ TASK = b"T"
 BATCH = b"B"
 QUIT = b"Q"
 PING = b"P"
-KEY = b"K"  # [b"K", key, access_log_sample as text]: after a reload (direct.py checks leases with the key)
-FLUSH = b"F"  # [b"F", token]: hand over the tally now (the supervisor answers `stats` with it)
-TALLY = b"C"  # [b"C", token or b"", counts, [[size, runs]], [access record]]: direct requests since the last one
-
-MAX_ACCESS_RECORDS = 4096  # in one TALLY: a worker drops sampled access records past this
+KEY = b"K"  # [b"K", key]: the new lease key (every reload makes one; direct.py checks leases with it)
 
 _TASK_ID = struct.Struct("<Q")
 

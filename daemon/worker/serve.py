@@ -1,7 +1,7 @@
 """The worker's serving loop: one thread, one epoll, a closed set of operations.
 
 From the supervisor, on the channel (messages.py): TASK and BATCH (run at once and answered), PING,
-KEY (a new lease key after a reload), FLUSH (hand over the tally now), QUIT. From clients holding a
+KEY (a new lease key after a reload), QUIT. From clients holding a
 lease, on the worker's own endpoint (direct.py, direct_queue.py): attach, infer, cancel. Nothing else is
 executed.
 
@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from openinfer.wire.protocol import pack
 from openinfer.wire.zmtp import FrameStream, Oversized, PeerClosed
 
 from . import messages
@@ -29,7 +28,7 @@ from .session import Runner
 log = logging.getLogger("openinfer.worker")
 
 _READABLE, _WRITABLE = select.EPOLLIN, select.EPOLLOUT
-TALLY_INTERVAL_NS = 100_000_000  # how often counts of direct requests reach the supervisor
+HOUSEKEEPING_NS = 100_000_000  # the door's handshake deadlines and strikes, this often
 DRAIN_GRACE_NS = 4_000_000_000  # after QUIT: how long clients told GOAWAY may still send (the supervisor kills at 5 s)
 RECENT_NS = 2_000_000  # spin only while the last request is this recent
 PRECISE_S = 0.002  # epoll sleeps in whole milliseconds: a held batch due sooner than this is waited for by looking
@@ -54,7 +53,7 @@ class WorkerLoop:
         self.channel_fd = channel.sock.fileno()
         self.quit_at_ns = 0  # QUIT received: leave once the direct clients are gone, or then
         self._watching_out = False
-        self._next_tally_ns = 0
+        self._next_housekeeping_ns = 0
         poller.register(self.channel_fd, _READABLE)
 
     def run(self) -> None:
@@ -70,7 +69,7 @@ class WorkerLoop:
             self._watch_channel()
             events = poll(0)
             if not events:
-                self._idle_work()
+                self._housekeeping()
                 if direct is not None and direct.spin_us and time.monotonic_ns() - direct.queue.last_request_ns < RECENT_NS:
                     events = self._spin(direct.spin_us)
                 if not events:
@@ -102,26 +101,15 @@ class WorkerLoop:
         waits = [1.0]
         if batch_due_s is not None:
             waits.append(batch_due_s)
-        if self.direct is not None and (self.direct.queue.tally.operations or self.direct.queue.answered):
-            waits.append(max(0.0, (self._next_tally_ns - time.monotonic_ns()) / 1e9))
         if self.quit_at_ns:
             waits.append(0.05)
         return max(0.0, min(waits))
 
-    def _idle_work(self) -> None:
+    def _housekeeping(self) -> None:
         now = time.monotonic_ns()
-        if self.direct is not None:
-            self.direct.queue.count_answered()
-            if now >= self._next_tally_ns:  # also the door's housekeeping: handshake deadlines, strikes
-                self._next_tally_ns = now + TALLY_INTERVAL_NS
-                self.direct.door.housekeeping(now)
-                self._send_tally(b"")
-
-    def _send_tally(self, token: bytes) -> None:
-        taken = self.direct.queue.take_tally() if self.direct is not None else None
-        if taken is not None or token:
-            tally, batch_sizes, access = taken if taken is not None else (None, {}, [])
-            self.channel.send([messages.TALLY, token, pack(tally), pack(sorted(batch_sizes.items())), pack(access)])  # sizes: [[size, runs], ...]
+        if self.direct is not None and now >= self._next_housekeeping_ns:
+            self._next_housekeeping_ns = now + HOUSEKEEPING_NS
+            self.direct.door.housekeeping(now)
 
     def _watch_channel(self) -> None:
         wanted = bool(self.channel.out_bytes)
@@ -149,9 +137,6 @@ class WorkerLoop:
                     channel.send([messages.PONG, bytes(frames[1])])
                 elif kind == messages.KEY and self.direct is not None:
                     self.direct.door.rekey(bytes(frames[1]))
-                    self.direct.queue.access_sample = float(bytes(frames[2]))
-                elif kind == messages.FLUSH:
-                    self._send_tally(bytes(frames[1]) or b"flush")
                 elif kind == messages.QUIT:
                     self._begin_quit()
                 else:
@@ -168,10 +153,10 @@ class WorkerLoop:
             self.direct.door.goaway("this worker is retiring: take a new lease")
 
     def _leave(self) -> None:
-        """Answer what is still queued, hand over the last counts, flush the channel, close."""
+        """Answer what is still queued (held batches too), send the replies, flush the channel, close."""
         if self.direct is not None:
-            self.direct.queue.run_ready()
-            self._send_tally(b"")
+            self.direct.queue.run_ready(everything=True)
+            self.direct.door.flush_all(time.monotonic() + 1)
             self.direct.door.close_all()
         poller = select.poll()
         poller.register(self.channel_fd, select.POLLOUT)

@@ -177,7 +177,8 @@ class WorkerPool:
         channel = FrameStream(spawned.channel, channel_limits(self.settings))
         worker = WorkerHandle(worker_id=worker_id, model=model, spawned=spawned, channel=channel)
         if endpoint is not None:
-            worker.page, worker.direct_address = endpoint[2], endpoint[3]
+            assert self.direct is not None
+            self.direct.opened(worker, endpoint[2], endpoint[3])
         model.workers.append(worker)
         self.workers[worker_id] = worker
         self.by_pidfd[spawned.pidfd] = worker

@@ -14,6 +14,7 @@ from .spawner import SpawnedProcess
 
 if TYPE_CHECKING:
     from openinfer.daemon.direct.deadline_page import DeadlinePage
+    from openinfer.daemon.direct.ledger import LedgerReader
     from openinfer.daemon.modelstore.models import ServedModel
     from .worker_output import StderrRelay
 
@@ -49,6 +50,8 @@ class WorkerHandle:
     retired: bool = False  # being killed (bad message, deadline): nothing it sends counts any more
     direct_address: str | None = None  # its own endpoint for clients holding a lease (direct/endpoints.py)
     page: "DeadlinePage | None" = None  # when its direct run must be done (deadline_page.py)
+    ledger: "LedgerReader | None" = None  # its records of direct requests (direct/ledger.py)
+    direct_pending: dict[int, Any] = field(default_factory=dict)  # admitted there, not yet answered: ledger Entry by serial
     ping_token: bytes = b"p"
     state: WorkerState = WorkerState.SPAWNED
     inflight: Inflight = field(default_factory=Inflight)  # sent, unanswered (inflight.py owns it)

@@ -20,7 +20,7 @@ import zmq
 import onnx_builders
 from daemon_harness import RunningDaemon, wait_for, world_readable_dir
 from openinfer.client import Client
-from openinfer.wire import zmtp
+from direct_peer import Peer, attach, busy, infer, lease_of, worker_pid
 from other_uid import NOBODY, start_as
 from repo_builder import make_world_readable
 
@@ -40,64 +40,6 @@ def repo() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def lease_of(daemon: RunningDaemon, model: str = "tiny") -> dict[str, Any]:
-    with Client(daemon.address, direct=False) as client:
-        return client._call("lease", model=model)
-
-
-class Peer:
-    """A hand-written ZMTP DEALER on one worker endpoint."""
-
-    def __init__(self, address: str) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(address[len("ipc://") :])
-        sock.setblocking(False)
-        self.stream = zmtp.FrameStream(sock, zmtp.Limits(message_bytes=1 << 30), handshake=True, socket_type=b"DEALER", accept_types=frozenset({b"ROUTER"}))
-
-    def ask(self, frames: list[bytes], timeout: float = 10) -> dict[str, Any] | None:
-        """The reply header, or None once the worker closed the connection."""
-        deadline = time.monotonic() + timeout
-        try:
-            self.stream.send(frames)
-            while time.monotonic() < deadline:
-                select.select([self.stream.sock], [self.stream.sock] if self.stream.out_bytes else [], [], 0.1)
-                self.stream.flush()
-                for event in self.stream.read():
-                    header = msgpack.unpackb(event[0])
-                    if not header.get("goaway"):
-                        return header  # type: ignore[no-any-return]
-        except zmtp.PeerClosed:
-            return None
-        raise AssertionError("no reply")
-
-    def replies(self, count: int, timeout: float = 30) -> list[dict[str, Any]]:
-        """The next `count` reply headers (GOAWAY aside)."""
-        got: list[dict[str, Any]] = []
-        deadline = time.monotonic() + timeout
-        while len(got) < count:
-            assert time.monotonic() < deadline, f"{len(got)} of {count} replies"
-            select.select([self.stream.sock], [self.stream.sock] if self.stream.out_bytes else [], [], 0.1)
-            self.stream.flush()
-            got += [h for h in (msgpack.unpackb(event[0]) for event in self.stream.read()) if not h.get("goaway")]
-        return got
-
-    def close(self) -> None:
-        self.stream.close()
-
-
-def attach(token: bytes, request_id: int = 1) -> list[bytes]:
-    return [msgpack.packb({"v": 1, "id": request_id, "op": "attach", "lease": token})]
-
-
-def infer(request_id: int) -> list[bytes]:
-    return [msgpack.packb({"v": 1, "id": request_id, "op": "infer", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64]}]}), X.tobytes()]
-
-
-def busy(request_id: int, n: int) -> list[bytes]:
-    header = {"v": 1, "id": request_id, "op": "infer", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}, {"name": "n", "datatype": "INT64", "shape": []}]}
-    return [msgpack.packb(header), np.zeros(1, np.float32).tobytes(), np.array(n, np.int64).tobytes()]
-
-
 def test_connections_of_one_uid_share_its_max_in_flight_on_a_worker(daemon_factory: Any, repo: Path, tmp_path: Path) -> None:
     """More connections (or client names) buy no more concurrency: a worker counts what it holds per
     kernel-proven uid. With max_in_flight = 2, one connection keeps the worker busy while three more
@@ -111,7 +53,10 @@ def test_connections_of_one_uid_share_its_max_in_flight_on_a_worker(daemon_facto
     try:
         for i, peer in enumerate(peers):
             assert "result" in peer.ask(attach(lease["lease"], 100 + i))  # type: ignore[operator]
+        cpu = psutil.Process(worker_pid(daemon, "busy")).cpu_times
+        before = sum(cpu()[:2])
         peers[0].stream.send(busy(1, 3_000_000))  # ~seconds of loop iterations
+        wait_for(lambda: sum(cpu()[:2]) > before + 0.3, 20, "the worker to be deep in the blocker")
         for p, peer in enumerate(peers[1:], start=1):
             for k in range(3):
                 peer.stream.send(busy(10 * p + k, 1))

@@ -1,0 +1,93 @@
+"""The supervisor's side of the ledgers (ledger.py): each worker's records of its direct requests, read
+and put into the books - the accountant (stats, metrics), the models' batch sizes, the access log -
+checked first. What a worker admitted and never answered is counted when it is gone."""
+from __future__ import annotations
+
+from typing import Callable
+
+from openinfer.daemon.observability.accounting import CLIENT_KEY, OTHER_CLIENTS, Accountant
+from openinfer.daemon.workerpool.workers import WorkerHandle
+
+from .ledger import ADMITTED, ANSWERED, COUNTED, REFUSED, RUN, Entry, LedgerReader, LedgerRejected
+
+LogAccess = Callable[[WorkerHandle, Entry], None]
+
+
+class DirectBooks:
+    def __init__(self, accountant: Accountant, log_access: LogAccess) -> None:
+        self.accountant = accountant
+        self.log_access = log_access  # a sampled answer, for the access log
+        self.active = False  # the last read found records: read again soon
+
+    @staticmethod
+    def open(worker: WorkerHandle, fd: int) -> None:
+        worker.ledger = LedgerReader(fd, CLIENT_KEY, OTHER_CLIENTS)
+
+    def read(self, worker: WorkerHandle) -> int:
+        """Take in what the worker recorded since the last read; LedgerRejected if any of it is not
+        what a conforming worker writes (nothing after the bad record is taken)."""
+        ledger = worker.ledger
+        if ledger is None:
+            return 0
+        entries = ledger.read()
+        for entry in entries:
+            self._apply(worker, entry)
+        return len(entries)
+
+    def read_all(self, workers: list[WorkerHandle], reject: Callable[[WorkerHandle, str], None]) -> None:
+        found = 0
+        for worker in workers:
+            if worker.retired and worker.ledger is None:
+                continue
+            try:
+                found += self.read(worker)
+            except LedgerRejected as exc:
+                worker.ledger = None
+                reject(worker, f"ledger: {exc}")
+        self.active = found > 0
+
+    def _apply(self, worker: WorkerHandle, entry: Entry) -> None:
+        model = worker.model
+        accountant = self.accountant
+        kind = entry.kind
+        if kind == ANSWERED:
+            worker.direct_pending.pop(entry.serial, None)
+            accountant.record(model.name, model.version, entry.client, entry.code, entry.timing, entry.bytes_in, entry.bytes_out)
+            accountant.count_operation("infer", entry.code)
+            worker.tasks_served += 1
+            if entry.code is None:
+                model.consecutive_crashes = 0
+            self.log_access(worker, entry)
+        elif kind == ADMITTED:
+            if len(worker.direct_pending) >= 1 << 20:
+                raise LedgerRejected("more requests admitted and unanswered than any worker holds")
+            worker.direct_pending[entry.serial] = entry
+        elif kind == REFUSED:
+            infer = entry.op == "infer"
+            accountant.record(model.name if infer else None, model.version if infer else None, entry.client, entry.code, entry.timing)
+            accountant.count_operation(entry.op, entry.code)
+        elif kind == COUNTED:
+            accountant.count_operation(entry.op, None)
+        elif kind == RUN:
+            batching = model.config.batching
+            if batching is None or not 1 <= entry.run_size <= batching.max_batch_size:
+                raise LedgerRejected(f"a run of {entry.run_size} for a model batching at most {batching.max_batch_size if batching else 1}")
+            model.batch_sizes[entry.run_size] = model.batch_sizes.get(entry.run_size, 0) + 1
+
+    def lost(self, worker: WorkerHandle) -> int:
+        """The worker is gone: its last records first, then each request it admitted and never answered
+        counts as failed - DEADLINE_EXCEEDED when the supervisor killed it for overstaying a deadline,
+        else WORKER_CRASHED (what the client library answers them with). Returns how many."""
+        try:
+            self.read(worker)
+        except LedgerRejected:
+            pass  # it was being retired anyway; what it admitted is still lost
+        worker.ledger = None
+        code = "DEADLINE_EXCEEDED" if worker.expected_exit else "WORKER_CRASHED"
+        model = worker.model
+        for entry in worker.direct_pending.values():
+            self.accountant.record(model.name, model.version, entry.client, code, {}, entry.bytes_in, 0)
+            self.accountant.count_operation("infer", code)
+        lost = len(worker.direct_pending)
+        worker.direct_pending.clear()
+        return lost

@@ -1,0 +1,182 @@
+"""The ledger: how a worker's direct requests reach the supervisor's books, exactly, even if it is killed.
+
+A worker answers requests the supervisor never sees. Before it sends each reply it appends one fixed-size
+record to a ring in memory it shares with the supervisor (the memfd of its deadline page, after the
+first page); the supervisor reads the ring on its housekeeping pass and before every `stats` answer and
+metrics snapshot. So a reply a client holds is always in the ring already: `stats` is exact without
+asking the worker anything, and a worker killed mid-run loses nothing it answered. It also records each
+request it admits: what a dead worker admitted and never answered is counted as lost (WORKER_CRASHED,
+or DEADLINE_EXCEEDED when the supervisor killed it for overstaying a deadline), which is what the client
+library answers such requests with.
+
+Layout (little-endian), after the deadline page:
+  header     write_seq u64 (worker), read_seq u64 (supervisor), dropped u64 (worker), 40 bytes spare
+  clients    MAX_CLIENT_SLOTS x SLOT_BYTES: [length u8, key bytes] - the accounting keys, written once each
+  ring       RING_RECORDS x RECORD: see _RECORD
+A record carries its own sequence number, written with it: the reader takes only records whose number
+is the one it expects, so a record still being written is read on a later pass, never half.
+
+The worker is not trusted: every record and client key is checked where it is read (LedgerRejected
+retires the worker); a worker can only misreport its own requests. The ring is bounded: when the
+supervisor has not caught up, the worker drops records and counts them (`dropped`, shown in stats).
+"""
+from __future__ import annotations
+
+import math
+import mmap
+import re
+import struct
+from dataclasses import dataclass
+
+from openinfer.wire.protocol import OPERATIONS
+
+PAGE_BYTES = 4096  # the deadline page comes first (deadline_page.py)
+LEDGER_BYTES = 1 << 20
+MAX_CLIENT_SLOTS = 1024
+SLOT_BYTES = 96
+_HEADER = struct.Struct("<QQQ")
+_HEADER_BYTES = 64
+_CLIENTS_AT = _HEADER_BYTES
+_RING_AT = _CLIENTS_AT + MAX_CLIENT_SLOTS * SLOT_BYTES
+# seq, serial (pairs ADMITTED with ANSWERED; 0 = none), the client's request id, client slot, run size
+# (RUN: how many requests ran together), kind, code, op, bytes in, bytes out, then the timing stages
+# (TIMING_KEYS) in microseconds (NaN = not measured).
+TIMING_KEYS = ("decode_us", "queue_us", "prep_us", "compute_us", "encode_us", "batch_wait_us", "total_us", "cpu_us")
+_RECORD = struct.Struct("<QQQIHBBBxQQ" + "f" * len(TIMING_KEYS))
+RING_RECORDS = (LEDGER_BYTES - _RING_AT) // _RECORD.size
+
+# COUNTED: an operation answered OK (attach, cancel); RUN: one run of `run_size` requests (batch sizes)
+ADMITTED, ANSWERED, REFUSED, COUNTED, RUN = 1, 2, 3, 4, 5
+CODES = ("OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "WORKER_CRASHED", "UNAVAILABLE", "PERMISSION_DENIED", "INTERNAL")
+OPS = ("infer", "(malformed)", "(oversized)", *sorted(OPERATIONS - {"infer"}))
+_CODE_INDEX = {code: i for i, code in enumerate(CODES)}
+_OP_INDEX = {op: i for i, op in enumerate(OPS)}
+_NAN = math.nan
+
+
+class LedgerRejected(ValueError):
+    """A record or client key a conforming worker never writes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    kind: int
+    serial: int
+    request_id: int
+    client: str
+    run_size: int
+    code: str | None  # None = OK
+    op: str
+    bytes_in: int
+    bytes_out: int
+    timing: dict[str, float]
+
+
+def _map(fd: int) -> mmap.mmap:
+    return mmap.mmap(fd, LEDGER_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=PAGE_BYTES)
+
+
+class LedgerWriter:
+    """The worker's end."""
+
+    def __init__(self, fd: int) -> None:
+        self.map = _map(fd)
+        self._slots: dict[str, int] = {}
+        self._seq = _HEADER.unpack_from(self.map, 0)[0]
+        self.dropped = 0
+
+    def _slot(self, client: str) -> int:
+        slot = self._slots.get(client)
+        if slot is None:
+            raw = client.encode()[: SLOT_BYTES - 1]
+            slot = len(self._slots)
+            if slot >= MAX_CLIENT_SLOTS:
+                return MAX_CLIENT_SLOTS  # the reader keys these as "other" (accounting.OTHER_CLIENTS)
+            self.map[_CLIENTS_AT + slot * SLOT_BYTES : _CLIENTS_AT + slot * SLOT_BYTES + 1 + len(raw)] = bytes((len(raw),)) + raw
+            self._slots[client] = slot
+        return slot
+
+    def _append(self, serial: int, request_id: int, client: str, run_size: int, kind: int, code: str | None, op: str, bytes_in: int, bytes_out: int, timing: dict[str, float] | None) -> None:
+        seq = self._seq
+        read_seq = _HEADER.unpack_from(self.map, 0)[1]
+        if seq - read_seq >= RING_RECORDS:
+            self.dropped += 1
+            struct.pack_into("<Q", self.map, 16, self.dropped)
+            return
+        stages = [_NAN] * len(TIMING_KEYS) if timing is None else [timing.get(key, _NAN) for key in TIMING_KEYS]
+        _RECORD.pack_into(
+            self.map, _RING_AT + (seq % RING_RECORDS) * _RECORD.size,
+            seq + 1, serial, request_id, self._slot(client), run_size, kind, _CODE_INDEX[code or "OK"], _OP_INDEX.get(op, 1), bytes_in, bytes_out, *stages,
+        )
+        self._seq = seq + 1
+        struct.pack_into("<Q", self.map, 0, seq + 1)  # after the record: the reader also checks its number
+
+    def admitted(self, serial: int, request_id: int, client: str, bytes_in: int) -> None:
+        self._append(serial, request_id, client, 0, ADMITTED, None, "infer", bytes_in, 0, None)
+
+    def answered(self, serial: int, request_id: int, client: str, code: str | None, timing: dict[str, float], bytes_in: int, bytes_out: int) -> None:
+        self._append(serial, request_id, client, 0, ANSWERED, code, "infer", bytes_in, bytes_out, timing)
+
+    def refused(self, request_id: int, client: str, op: str, code: str, total_us: float) -> None:
+        self._append(0, request_id, client, 0, REFUSED, code, op, 0, 0, {"total_us": total_us})
+
+    def counted(self, client: str, op: str) -> None:
+        self._append(0, 0, client, 0, COUNTED, None, op, 0, 0, None)
+
+    def run(self, size: int) -> None:
+        self._append(0, 0, "", size, RUN, None, "infer", 0, 0, None)
+
+
+class LedgerReader:
+    """The supervisor's end: yields checked entries, at most what was written since the last read."""
+
+    def __init__(self, fd: int, client_key: re.Pattern[str], other: str) -> None:
+        self.map = _map(fd)
+        self._client_key = client_key
+        self._other = other
+        self._clients: dict[int, str] = {}
+        self._read = 0
+
+    def dropped(self) -> int:
+        return int(_HEADER.unpack_from(self.map, 0)[2])
+
+    def _client(self, slot: int) -> str:
+        if slot == MAX_CLIENT_SLOTS:
+            return self._other
+        known = self._clients.get(slot)
+        if known is not None:
+            return known  # written once: a worker cannot rename a client afterwards
+        if slot > MAX_CLIENT_SLOTS:
+            raise LedgerRejected(f"client slot {slot}")
+        at = _CLIENTS_AT + slot * SLOT_BYTES
+        length = self.map[at]
+        try:
+            key = bytes(self.map[at + 1 : at + 1 + length]).decode()
+        except UnicodeDecodeError:
+            raise LedgerRejected("client key is not UTF-8") from None
+        if not self._client_key.fullmatch(key):
+            raise LedgerRejected(f"client key {key[:80]!r} is not an identity")
+        self._clients[slot] = key
+        return key
+
+    def read(self) -> list[Entry]:
+        entries: list[Entry] = []
+        written = _HEADER.unpack_from(self.map, 0)[0]
+        if written - self._read > RING_RECORDS or written < self._read:
+            raise LedgerRejected("write position out of range")
+        while self._read < written:
+            seq, serial, request_id, slot, run_size, kind, code, op, bytes_in, bytes_out, *stages = _RECORD.unpack_from(self.map, _RING_AT + (self._read % RING_RECORDS) * _RECORD.size)
+            if seq != self._read + 1:
+                break  # not fully visible yet: the next pass takes it
+            if not ADMITTED <= kind <= RUN or code >= len(CODES) or op >= len(OPS) or bytes_in >= 1 << 48 or bytes_out >= 1 << 48:
+                raise LedgerRejected(f"record {seq}: fields out of range")
+            timing = {}
+            for key, value in zip(TIMING_KEYS, stages):
+                if value == value:  # not NaN
+                    if not 0 <= value < 1e12:
+                        raise LedgerRejected(f"record {seq}: {key} = {value}")
+                    timing[key] = value
+            entries.append(Entry(kind, serial, request_id, "" if kind == RUN else self._client(slot), run_size, None if code == 0 else CODES[code], OPS[op], bytes_in, bytes_out, timing))
+            self._read += 1
+        struct.pack_into("<Q", self.map, 8, self._read)  # the worker may reuse what was read
+        return entries

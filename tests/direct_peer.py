@@ -1,0 +1,81 @@
+"""A hand-written client of a worker's endpoint (docs/PROTOCOL.md section 17), for tests that must see the
+raw protocol: what is sent when, and each reply as it comes."""
+from __future__ import annotations
+
+import select
+import socket
+import time
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from daemon_harness import RunningDaemon
+from openinfer.client import Client
+from openinfer.wire import zmtp
+
+X = np.ones((1, 64), np.float32)
+
+
+def lease_of(daemon: RunningDaemon, model: str = "tiny") -> dict[str, Any]:
+    with Client(daemon.address, direct=False) as client:
+        return client._call("lease", model=model)
+
+
+class Peer:
+    """A hand-written ZMTP DEALER on one worker endpoint."""
+
+    def __init__(self, address: str) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(address[len("ipc://") :])
+        sock.setblocking(False)
+        self.stream = zmtp.FrameStream(sock, zmtp.Limits(message_bytes=1 << 30), handshake=True, socket_type=b"DEALER", accept_types=frozenset({b"ROUTER"}))
+
+    def ask(self, frames: list[bytes], timeout: float = 10) -> dict[str, Any] | None:
+        """The reply header, or None once the worker closed the connection."""
+        deadline = time.monotonic() + timeout
+        try:
+            self.stream.send(frames)
+            while time.monotonic() < deadline:
+                select.select([self.stream.sock], [self.stream.sock] if self.stream.out_bytes else [], [], 0.1)
+                self.stream.flush()
+                for event in self.stream.read():
+                    header = msgpack.unpackb(event[0])
+                    if not header.get("goaway"):
+                        return header  # type: ignore[no-any-return]
+        except zmtp.PeerClosed:
+            return None
+        raise AssertionError("no reply")
+
+    def replies(self, count: int, timeout: float = 30) -> list[dict[str, Any]]:
+        """The next `count` reply headers (GOAWAY aside)."""
+        got: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < count:
+            assert time.monotonic() < deadline, f"{len(got)} of {count} replies"
+            select.select([self.stream.sock], [self.stream.sock] if self.stream.out_bytes else [], [], 0.1)
+            self.stream.flush()
+            got += [h for h in (msgpack.unpackb(event[0]) for event in self.stream.read()) if not h.get("goaway")]
+        return got
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def attach(token: bytes, request_id: int = 1) -> list[bytes]:
+    return [msgpack.packb({"v": 1, "id": request_id, "op": "attach", "lease": token})]
+
+
+def infer(request_id: int) -> list[bytes]:
+    return [msgpack.packb({"v": 1, "id": request_id, "op": "infer", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64]}]}), X.tobytes()]
+
+
+def busy(request_id: int, n: int, **fields: Any) -> list[bytes]:
+    """An infer of the busy-loop model: `n` loop iterations (onnx_builders.busy_loop_model)."""
+    header = {"v": 1, "id": request_id, "op": "infer", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1]}, {"name": "n", "datatype": "INT64", "shape": []}], **fields}
+    return [msgpack.packb(header), np.zeros(1, np.float32).tobytes(), np.array(n, np.int64).tobytes()]
+
+
+def worker_pid(daemon: RunningDaemon, model: str) -> int:
+    with Client(daemon.address, direct=False) as admin:
+        return next(w["pid"] for w in admin.status()["workers"] if w["model"] == model)

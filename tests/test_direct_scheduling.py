@@ -1,0 +1,124 @@
+"""A worker's own queue on the direct path keeps the supervisor's rules (the same TaskQueue): higher
+priority first, identities take turns, a request whose deadline passes while it waits never runs, a
+queued request can be cancelled. Each test keeps the worker busy with one long request, sends the
+others meanwhile (they wait in its queue), and reads the order from the replies."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import msgpack
+import psutil
+import pytest
+
+import onnx_builders
+from daemon_harness import RunningDaemon, wait_for, world_readable_dir
+from direct_peer import Peer, attach, busy, lease_of, worker_pid
+from other_uid import NOBODY, start_as
+from repo_builder import make_world_readable
+
+pytestmark = pytest.mark.live
+
+DIRECT = {"OPENINFER_POOL_DIRECT": "1", "OPENINFER_SERVER_SOCKET_MODE": "0o666"}
+BLOCKER = 3_000_000  # loop iterations: seconds of work
+STEP = 60_000  # tens of milliseconds: long enough that run order shows in the queue times
+
+
+@pytest.fixture(scope="module")
+def repo() -> Iterator[Path]:
+    root = world_readable_dir("oi-direct-sched-")
+    onnx_builders.busy_loop_model(root / "busy" / "1" / "model.onnx")
+    (root / "busy" / "config.toml").write_text("workers = 1\n")
+    make_world_readable(root)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def busy_worker(daemon: RunningDaemon) -> tuple[Peer, Peer, dict[str, Any]]:
+    """Two attached connections; the first has sent the blocker and the worker is deep in it."""
+    lease = lease_of(daemon, "busy")
+    blocker, peer = Peer(lease["workers"][0]["address"]), Peer(lease["workers"][0]["address"])
+    for i, each in enumerate((blocker, peer)):
+        assert "result" in each.ask(attach(lease["lease"], 900 + i))  # type: ignore[operator]
+    cpu = psutil.Process(worker_pid(daemon, "busy")).cpu_times
+    before = sum(cpu()[:2])
+    blocker.stream.send(busy(1, BLOCKER))
+    wait_for(lambda: sum(cpu()[:2]) > before + 0.3, 20, "the worker to be deep in the blocker")
+    return blocker, peer, lease
+
+
+def test_higher_priority_runs_first_on_a_worker(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo, env={**DIRECT, "OPENINFER_SERVER_STARVATION_MS": "60000"})
+    blocker, peer, _ = busy_worker(daemon)
+    try:
+        for request_id, priority in ((10, 0), (11, 0), (12, 7), (13, 7)):
+            peer.stream.send(busy(request_id, STEP, priority=priority))
+        order = [reply["id"] for reply in peer.replies(4)]
+        assert blocker.replies(1)[0].get("outputs")
+    finally:
+        blocker.close()
+        peer.close()
+    assert order == [12, 13, 10, 11], order
+
+
+def test_identities_take_turns_on_a_worker(daemon_factory: Any, repo: Path) -> None:
+    """Root queues six requests, then another uid one: it runs after at most one of root's, not after
+    all six (a flood delays only its own identity). Run order shows in each reply's queue_us."""
+    daemon = daemon_factory(repo, env=DIRECT)
+    other = start_as(NOBODY, """
+        with Client(sys.argv[1], timeout=60) as client:
+            feed = {"x": np.zeros(1, np.float32), "n": np.array(1, np.int64)}
+            client.infer("busy", feed)  # its lease and worker connection, before the race
+            print("attached", flush=True)
+            sys.stdin.readline()
+            result = client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(%d, np.int64)})
+            print(json.dumps({"queue_us": result.timing["queue_us"], "direct": "dispatch_us" not in result.timing}), flush=True)
+    """ % STEP, daemon.address)
+    assert other.stdout is not None and other.stdin is not None
+    try:
+        assert other.stdout.readline().strip() == "attached", other.stderr.read() if other.stderr else ""
+        blocker, peer, _ = busy_worker(daemon)
+        for request_id in range(20, 26):
+            peer.stream.send(busy(request_id, STEP))
+        other.stdin.write("go\n")
+        other.stdin.flush()
+        root_queue = sorted(reply["timing"]["queue_us"] for reply in peer.replies(6, timeout=60))
+        theirs = json.loads(other.stdout.readline())
+        blocker.close()
+        peer.close()
+    finally:
+        other.kill()
+        other.communicate(timeout=30)  # reaps it and closes its pipes
+    assert theirs["direct"], theirs
+    ahead = sum(1 for q in root_queue if q < theirs["queue_us"])
+    assert ahead <= 2, (ahead, root_queue, theirs)  # a turn each: not behind all six
+
+
+def test_a_queued_request_whose_deadline_passes_never_runs(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo, env=DIRECT)
+    blocker, peer, _ = busy_worker(daemon)
+    try:
+        peer.stream.send(busy(30, STEP, timeout_ms=200, sent_ns=time.monotonic_ns()))  # the timeout runs from the send
+        reply = peer.replies(1)[0]
+    finally:
+        blocker.close()
+        peer.close()
+    assert reply["error"]["code"] == "DEADLINE_EXCEEDED" and "never ran" in reply["error"]["message"], reply
+    assert "compute_us" not in reply["timing"]
+
+
+def test_a_queued_request_can_be_cancelled(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo, env=DIRECT)
+    blocker, peer, _ = busy_worker(daemon)
+    try:
+        peer.stream.send(busy(40, STEP))
+        peer.stream.send([msgpack.packb({"v": 1, "id": 41, "op": "cancel", "target": 40})])
+        replies = {reply["id"]: reply for reply in peer.replies(2)}
+    finally:
+        blocker.close()
+        peer.close()
+    assert replies[41]["result"] == {"cancelled": True}, replies
+    assert replies[40]["error"]["code"] == "DEADLINE_EXCEEDED" and "cancelled" in replies[40]["error"]["message"], replies
