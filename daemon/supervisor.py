@@ -275,7 +275,7 @@ class Supervisor:
                 model = self._lookup_for_infer(header)
                 self._accept_infer(route, request_id, client, model, header, body, received_ns)  # type: ignore[arg-type]
             else:
-                self._reply_admin(route, request_id, op, header)  # type: ignore[arg-type]
+                self._reply_admin(route, request_id, op, header, client)  # type: ignore[arg-type]
         except Exception as exc:  # every accepted request gets exactly one answer, even on a daemon bug
             if not isinstance(exc, OpenInferError):
                 log.exception("internal error while handling a request", extra={"client": client})
@@ -289,12 +289,16 @@ class Supervisor:
             self.accountant.record(model.name if model else None, model.version if model else None, client, exc.code, timing)
             self.accountant.count_operation(op, exc.code)
 
-    def _reply_admin(self, route: Route, request_id: int, op: str, header: dict[str, Any]) -> None:
+    def _reply_admin(self, route: Route, request_id: int, op: str, header: dict[str, Any], client: str) -> None:
         try:
             result = self._admin(op, header, route)
         except OpenInferError as exc:
             self.replies.error(route, request_id, exc)
             self.accountant.count_operation(op, exc.code)
+            if op == "lease" and exc.code != Unavailable.code:
+                # The client library answers its infer with this refusal (NOT_FOUND ...): counted as the
+                # failed request it is. UNAVAILABLE sends the infer to this socket, where it is counted.
+                self.accountant.record(None, None, client, exc.code, {})
             return
         self.replies.send(route, {"v": PROTOCOL_VERSION, "id": request_id, "result": result})
         self.accountant.count_operation(op, None)

@@ -90,7 +90,7 @@ def example_daemon() -> Iterator[RunningDaemon]:
         shutil.copytree(model_dir, repo / model_dir.name)
     make_world_readable(repo)
     try:
-        running = start_daemon(repo)
+        running = start_daemon(repo, env={"OPENINFER_POOL_DIRECT": "0"})  # the front door (the direct path: test_c_direct_path.py)
     except BaseException:
         shutil.rmtree(repo, ignore_errors=True)
         raise

@@ -287,9 +287,26 @@ def test_a_bomb_set_off_by_the_warm_up_is_held_by_the_memory_limit(hostile: Host
 
 
 # -- (b) endless loop ---------------------------------------------------------------------------------
-def test_endless_loop_hits_its_deadline_and_its_worker_is_killed_and_replaced(hostile: HostileDaemon) -> None:
-    (old,) = hostile.pids("spin")
+def test_endless_loop_on_the_direct_path_is_stopped_by_its_worker_which_serves_on(hostile: HostileDaemon) -> None:
+    """A direct run past max_compute_ms is stopped inside the worker (run_watch.py: onnxruntime's
+    terminate flag, which a Loop checks every iteration): DEADLINE_EXCEEDED, and the same worker lives on."""
+    (pid,) = hostile.pids("spin")
     with GoodTraffic(hostile.running.address) as good, Client(hostile.running.address, timeout=60) as client:
+        started = time.monotonic()
+        with pytest.raises(OpenInferError) as info:
+            client.infer("spin", {"x": np.zeros(1, np.float32)})
+        ended = time.monotonic()
+        assert info.value.code == "DEADLINE_EXCEEDED" and "max_compute_ms" in info.value.message, info.value
+        assert SPIN_MAX_COMPUTE_MS / 1000 * 0.9 <= ended - started < 5, f"{ended - started:.2f} s"
+        wait_for(lambda: good.successes_between(ended, float("inf")) >= 5, 10, "the good model after the stop")
+    assert hostile.pids("spin") == [pid]  # the worker was not killed
+    assert good.failures() == [], good.failures()[:5]
+
+
+def test_endless_loop_hits_its_deadline_and_its_worker_is_killed_and_replaced(hostile: HostileDaemon) -> None:
+    """Through the front door the supervisor kills a worker whose task overstays its deadline."""
+    (old,) = hostile.pids("spin")
+    with GoodTraffic(hostile.running.address) as good, Client(hostile.running.address, timeout=60, direct=False) as client:
         started = time.monotonic()
         with pytest.raises(OpenInferError) as info:
             client.infer("spin", {"x": np.zeros(1, np.float32)})

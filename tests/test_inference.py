@@ -103,12 +103,17 @@ def test_a_model_that_fails_to_load_is_reported_and_the_others_serve(daemon: Run
     assert client.infer("tiny", {"x": np.zeros((1, 64), np.float32)}).outputs["y"].shape == (1, 64)
 
 
-def test_timing_breakdown_is_present_and_consistent(daemon: RunningDaemon) -> None:
-    result = daemon.client().infer("ocr_cls", sample_inputs("ocr_cls"))
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "front-door"])
+def test_timing_breakdown_is_present_and_consistent(daemon: RunningDaemon, direct: bool) -> None:
+    """PROTOCOL.md 5.3: through the front door every stage; on the direct path the same but the two
+    supervisor hops (dispatch_us, return_us), which it does not have."""
+    result = daemon.client(direct=direct).infer("ocr_cls", sample_inputs("ocr_cls"))
     t = result.timing
-    for key in ("queue_us", "compute_us", "total_us", "decode_us", "dispatch_us", "prep_us", "encode_us", "return_us", "cpu_us", "client_us", "transport_us"):
+    hops = ("dispatch_us", "return_us")
+    for key in ("queue_us", "compute_us", "total_us", "decode_us", "prep_us", "encode_us", "cpu_us", "client_us", "transport_us", *(() if direct else hops)):
         assert key in t and t[key] >= 0, key
-    stages = sum(t[k] for k in ("decode_us", "queue_us", "dispatch_us", "prep_us", "compute_us", "encode_us", "return_us"))
+    assert direct != any(key in t for key in hops), t
+    stages = sum(t.get(k, 0.0) for k in ("decode_us", "queue_us", "dispatch_us", "prep_us", "compute_us", "encode_us", "return_us"))
     assert stages <= t["total_us"] + 1e-6
     assert t["total_us"] <= t["client_us"]
     assert t["compute_us"] > 0

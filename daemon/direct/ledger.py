@@ -42,7 +42,7 @@ _RING_AT = _CLIENTS_AT + MAX_CLIENT_SLOTS * SLOT_BYTES
 # (RUN: how many requests ran together), kind, code, op, bytes in, bytes out, then the timing stages
 # (TIMING_KEYS) in microseconds (NaN = not measured).
 TIMING_KEYS = ("decode_us", "queue_us", "prep_us", "compute_us", "encode_us", "batch_wait_us", "total_us", "cpu_us")
-_RECORD = struct.Struct("<QQQIHBBBxQQ" + "f" * len(TIMING_KEYS))
+_RECORD = struct.Struct("<QQQIHBBBxQQ" + "d" * len(TIMING_KEYS))  # doubles: the books match the replies exactly
 RING_RECORDS = (LEDGER_BYTES - _RING_AT) // _RECORD.size
 
 # COUNTED: an operation answered OK (attach, cancel); RUN: one run of `run_size` requests (batch sizes)

@@ -68,7 +68,7 @@ class DirectConnection:
 Poller = Any  # select.epoll (typed loosely: the worker imports select lazily before its sandbox)
 OnRequest = Callable[[DirectConnection, bool, int, dict[str, Any], list[Buffer], int], None]
 OnCancel = Callable[[DirectConnection, int], bool]
-OnOutcome = Callable[[DirectConnection, str, int | None, OpenInferError | None, int], None]
+OnOutcome = Callable[[DirectConnection, str, str, int | None, OpenInferError | None, int], None]
 
 
 class DirectDoor:
@@ -81,7 +81,7 @@ class DirectDoor:
         self.worker_id = worker_id
         self.on_request = on_request  # (conn, delimited, request id, header, data frames, received_ns) of an infer
         self.on_cancel = on_cancel  # (conn, target id) -> whether a queued request was cancelled
-        self.on_outcome = on_outcome  # counts what this door answered itself: (conn, op, request id, error or None, received_ns)
+        self.on_outcome = on_outcome  # counts what this door answered itself: (conn, client key, op, request id, error or None, received_ns)
         self.key = b""  # the lease key, from the supervisor (ACK, then KEY on every reload)
         self.by_fd: dict[int, DirectConnection] = {}
         self.per_identity: dict[str, int] = {}
@@ -179,22 +179,26 @@ class DirectDoor:
                     pass
             exc = OverLimit(f"request over this worker's limits: {event.reason} (server.max_request_bytes = {self.limits.max_request_bytes})")
             self.error(conn, delimited, oversized_id, exc, received_ns)
-            self.on_outcome(conn, "(oversized)", oversized_id, exc, received_ns)
+            self.on_outcome(conn, conn.identity, "(oversized)", oversized_id, exc, received_ns)
             self.strike(conn)
             return
         delimited = len(event) > 1 and len(event[0]) == 0
         body = event[1:] if delimited else event
         request_id: int | None = None
         op = "(malformed)"
+        client = conn.identity  # the accounting key: "<name>@<identity>" once the header names itself
         try:
             if not body:
                 raise InvalidArgument("empty message: expected a header frame")
             header = decode_header(body[0])
             request_id = request_id_of(header)
             op = check_envelope(header, len(body))
+            name = header.get("client")
+            if name:
+                client = f"{name}@{conn.identity}"
             if op == "attach":
                 self._attach(conn, delimited, request_id, header)  # type: ignore[arg-type]
-                self.on_outcome(conn, op, request_id, None, received_ns)
+                self.on_outcome(conn, client, op, request_id, None, received_ns)
                 return
             if op not in DIRECT_OPERATIONS:
                 raise InvalidArgument(f"`{op}` is not served on a worker endpoint: send it to the front door (only attach, infer and cancel come here)")
@@ -207,12 +211,12 @@ class DirectDoor:
                 target = header.get("target")
                 cancelled = isinstance(target, int) and self.on_cancel(conn, target)
                 self.reply(conn, delimited, {"v": PROTOCOL_VERSION, "id": request_id, "result": {"cancelled": cancelled}})
-                self.on_outcome(conn, op, request_id, None, received_ns)
+                self.on_outcome(conn, client, op, request_id, None, received_ns)
                 return
             self.on_request(conn, delimited, request_id, header, body[1:], received_ns)  # type: ignore[arg-type]
         except OpenInferError as exc:
             self.error(conn, delimited, request_id, exc, received_ns)
-            self.on_outcome(conn, op, request_id, exc, received_ns)
+            self.on_outcome(conn, client, op, request_id, exc, received_ns)
             if request_id is None or isinstance(exc, OverLimit):
                 self.strike(conn)
 

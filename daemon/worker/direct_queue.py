@@ -310,13 +310,13 @@ class DirectQueue:
         else:
             self.in_flight.pop(identity, None)
 
-    def outcome(self, conn: DirectConnection, op: str, request_id: int | None, exc: OpenInferError | None, received_ns: int) -> None:
+    def outcome(self, client: str, op: str, request_id: int | None, exc: OpenInferError | None, received_ns: int) -> None:
         """Count what the door answered itself (attach, cancel, refusals), as the front door counts: every
         request by operation and outcome; a refused one also as a failed request of its client, and of
         this model when it was an `infer`."""
         if self.ledger is None:
             return
         if exc is None:
-            self.ledger.counted(conn.identity, op)
+            self.ledger.counted(client, op)
         else:
-            self.ledger.refused(request_id or 0, conn.identity, op, exc.code, (time.monotonic_ns() - received_ns) / 1000)
+            self.ledger.refused(request_id or 0, client, op, exc.code, (time.monotonic_ns() - received_ns) / 1000)

@@ -35,7 +35,7 @@ def direct_serving(config: WorkerBootConfig, description: dict[str, Any], runner
         listener, poller, limits, config.model, config.version, config.worker_id,
         on_request=lambda *args: queue_box[0].admit(*args),
         on_cancel=lambda conn, target: queue_box[0].cancel(conn, target),
-        on_outcome=lambda conn, op, request_id, exc, received_ns: queue_box[0].outcome(conn, op, request_id, exc, received_ns),
+        on_outcome=lambda conn, client, op, request_id, exc, received_ns: queue_box[0].outcome(client, op, request_id, exc, received_ns),
     )
     door.key = lease_key
     queue = DirectQueue(door, runner, model, page, LedgerWriter(DEADLINE_PAGE_FD), RunWatch(runner.new_run_options()))

@@ -310,7 +310,7 @@ def test_rotating_client_names_does_not_escape_max_in_flight(daemon_factory: Any
 def test_rotating_client_names_takes_no_extra_turns(daemon_factory: Any, repo: Path) -> None:
     """Root floods the single-worker model with 12 slow requests under 12 names; a client of another
     uid asks once: it runs after at most a couple of them (turns go by uid), not after all 12."""
-    daemon = daemon_factory(repo, env=OPEN_TO_ALL)
+    daemon = daemon_factory(repo, env={**OPEN_TO_ALL, "OPENINFER_POOL_DIRECT": "0"})  # the supervisor's turns (a worker's: test_direct_scheduling)
     admin = daemon.client()
     finished: list[tuple[float, str]] = []
     lock = threading.Lock()

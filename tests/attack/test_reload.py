@@ -78,7 +78,7 @@ def test_a_tightened_client_policy_applies_after_sighup(daemon_factory: Any, rep
     outcomes: list[str] = []
 
     def call() -> None:
-        with Client(daemon.address, timeout=60) as client:
+        with Client(daemon.address, timeout=60, direct=False) as client:  # the front door's limit (a worker's: test_worker_endpoint)
             try:
                 client.infer("busy", SLOW)
                 outcomes.append("OK")

@@ -27,6 +27,9 @@ pytestmark = pytest.mark.attack
 
 HOSTILE_DAEMON = (str(Path(__file__).resolve().parent / "hostile_daemon.py"),)
 X4 = np.arange(8, dtype=np.float32).reshape(2, 4)
+# Requests through the front door reach the workers over their channels, the boundary attacked here (the
+# direct path is off: with it on, clients would send infer to the workers' endpoints instead).
+THROUGH_THE_CHANNEL = {"OPENINFER_POOL_DIRECT": "0"}
 
 
 def daemon_sockets(daemon: RunningDaemon) -> set[str]:
@@ -110,7 +113,7 @@ def test_no_process_can_join_the_worker_channel(daemon_factory: Any, model_repo:
     of the next workers and said HELLO was taken for a respawned worker and got client tasks. Now each
     worker's channel is a socketpair made at spawn: the only socket path the daemon's processes hold is
     the public one, and the impostor finds nothing to join, whatever it claims."""
-    daemon = daemon_factory(model_repo, env={"OPENINFER_SERVER_SOCKET_MODE": "0o666"})
+    daemon = daemon_factory(model_repo, env={**THROUGH_THE_CHANNEL, "OPENINFER_SERVER_SOCKET_MODE": "0o666"})
     public = daemon.address[len("ipc://") :]
     admin = daemon.client()
     workers = admin.status()["workers"]
@@ -153,7 +156,7 @@ def hostile(hostile_repo: Path) -> Iterator[RunningDaemon]:
 
     policy = hostile_repo.parent / f"{hostile_repo.name}-clients.toml"
     policy.write_text("[default]\nmax_in_flight = 1\n")  # a leaked in-flight slot would refuse the next request
-    running = start_daemon(hostile_repo, entry=HOSTILE_DAEMON, env={"OPENINFER_SERVER_CLIENT_POLICY": str(policy), "OPENINFER_POOL_CRASH_LOOP_LIMIT": "1000"}, wait=False)
+    running = start_daemon(hostile_repo, entry=HOSTILE_DAEMON, env={**THROUGH_THE_CHANNEL, "OPENINFER_SERVER_CLIENT_POLICY": str(policy), "OPENINFER_POOL_CRASH_LOOP_LIMIT": "1000"}, wait=False)
     wait_serving(running, ["hostile-honest", "tiny"])
     yield running
     running.stop()
