@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import struct
 import time
 from typing import Any, Mapping, Sequence
@@ -30,6 +31,7 @@ REPLY_SLACK_MIN_S = 0.05
 REPLY_SLACK_MAX_S = 1.0
 
 
+STAY_QUEUE_US = 100  # a reply that waited longer than this in its worker's queue moves the next request on
 TEMPLATES_KEPT = 256  # request shapes whose header is kept packed
 _PACKER = msgpack.Packer()
 _ID_KEY = pack("id")
@@ -57,7 +59,8 @@ class ClientCore:
         self._ids = itertools.count(int.from_bytes(os.urandom(4), "little") << 16)
         self.leases: dict[tuple[str, int | None], Lease] = {}
         self.links: dict[str, DirectLink] = {}
-        self._turn = 0
+        self._turn = random.randrange(1 << 16)  # clients start at different workers
+        self._stay: str | None = None  # the worker this client keeps sending to (pick_address)
         self._templates: dict[tuple[Any, ...], bytes] = {}
 
     def next_id(self) -> int:
@@ -134,15 +137,35 @@ class ClientCore:
         raise exc
 
     def pick_address(self, lease: Lease) -> str | None:
-        """Round robin over the lease's workers, skipping those that said GOAWAY or closed."""
+        """Which of the lease's workers gets the next request (None: every one is retiring or gone).
+        The one with the fewest requests outstanding from this client; among those, the worker that
+        answered last - it is awake, and a worker looks for its next request a moment before it sleeps
+        (pool.worker_spin_us) - unless that answer had waited in its queue; else the next in turn."""
+        stay = self._stay
+        if stay is not None:
+            link = self.links.get(stay)
+            if link is not None and not link.pending and link.usable() and stay in lease.addresses:
+                return stay  # the common case of a blocking client, in one look
         addresses = lease.addresses
-        for offset in range(len(addresses)):
-            address = addresses[(self._turn + offset) % len(addresses)]
-            link = self.links.get(address)
-            if link is None or link.usable():
-                self._turn = (self._turn + offset + 1) % max(1, len(addresses))
-                return address
-        return None
+        usable = [a for a in addresses if (link := self.links.get(a)) is None or link.usable()]
+        if not usable:
+            return None
+        load = {a: len(self.links[a].pending) if a in self.links else 0 for a in usable}
+        least = min(load.values())
+        if stay in load and load[stay] == least:
+            return stay
+        self._turn = (self._turn + 1) % len(addresses)
+        choice = next(a for a in addresses[self._turn :] + addresses[: self._turn] if a in load and load[a] == least)
+        self._stay = choice
+        return choice
+
+    def answered(self, address: str, header: dict[str, Any]) -> None:
+        """A reply from the worker at `address`: stay with it unless the request waited in its queue."""
+        timing = header.get("timing")
+        if isinstance(timing, dict) and timing.get("queue_us", 0) > STAY_QUEUE_US:
+            self._stay = None
+        elif self._stay is None:
+            self._stay = address
 
     def link_lost(self, link: DirectLink) -> None:
         """Its worker is gone: what waited there fails (WORKER_CRASHED, or DEADLINE_EXCEEDED past its

@@ -169,6 +169,7 @@ class Client:
             link = self._link(lease, deadline)
             header, reply = self._exchange(link, request_id, frames, budget, deadline, lease)
             if not lease_expired(header):
+                core.answered(link.address, header)
                 return header, reply
             core.leases.pop((model, version), None)
         raise NoDirectPath("the lease kept expiring")
