@@ -1,6 +1,6 @@
 """OpenInfer vs FastAPI+uvicorn (issue #17): one run, the same model, 2 workers each, interleaved rounds.
 
-    .venv/bin/python bench/peers.py             # ~4 min: 3 rounds x 2 s per figure, then batching.py's c = 16, 32
+    .venv/bin/python bench/peers.py             # ~4 min: 5 rounds x 1 s per figure, then batching.py's c = 16, 32
     .venv/bin/python bench/peers.py --quick     # ~1 min, 1 round x 1 s (a smoke run: figures, not a verdict)
     .venv/bin/python bench/peers.py --plot-only bench/results/peers.json   # redraw plot + summary
 
@@ -16,7 +16,8 @@ Generators, closed loop, c requests in flight (c = 1, 8, 32):
           (the direct path) and AsyncClient(direct=False) (the front door)
   floor   one Python client process on the echo (blocking socket at c = 1, epoll above)
 Each round measures every (level, group) for every server of the group back to back, the servers' order
-reversed every other round; each figure is the median over rounds of that figure. Then bench/batching.py
+reversed every other round; each figure is the median over rounds of that figure, each ratio the median of
+the per-round ratios (both sides measured back to back). Then bench/batching.py
 (imported, not copied) measures batched vs unbatched OpenInfer at c >= 16. Writes bench/results/peers.json
 and peers.png; reports the issue's ratios and targets, never asserts them.
 """
@@ -79,11 +80,11 @@ class Series:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--levels", type=concurrency_levels, default=[1, 8, 32], help="concurrency levels (default 1,8,32: the issue's figures)")
-    p.add_argument("--duration", type=int, default=2, help="whole seconds measured per run (wrk counts whole seconds; default 2)")
+    p.add_argument("--duration", type=int, default=1, help="whole seconds measured per run (wrk counts whole seconds; default 1)")
     p.add_argument("--warmup", type=float, default=0.25, help="seconds discarded at the start of each run of the Python and cwire generators")
-    p.add_argument("--repeats", type=int, default=3, help="rounds; each figure is the median over rounds (default 3)")
+    p.add_argument("--repeats", type=int, default=5, help="rounds; each figure is the median over rounds, each ratio the median of per-round ratios (default 5)")
     p.add_argument("--batching-levels", type=concurrency_levels, default=[16, 32], help="levels of the batching phase (bench/batching.py; default 16,32)")
-    p.add_argument("--batching-duration", type=float, default=2.0, help="seconds per run of the batching phase (default 2)")
+    p.add_argument("--batching-duration", type=float, default=1.0, help="seconds per run of the batching phase (default 1; as many repeats as rounds)")
     p.add_argument("--no-batching", action="store_true", help="skip the batching phase (its figures are then null, with the reason)")
     p.add_argument("--quick", action="store_true", help="1 round of 1 s, batching at c = 16 only: a smoke run (the test's), not a measurement")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "peers.json", help="results file; the plot goes beside it as .png")
@@ -309,6 +310,7 @@ def measure_rounds(series: list[Series], args: argparse.Namespace) -> None:
                 members = [s for s in series if s.group == group]
                 for s in members if repeat % 2 == 0 else reversed(members):
                     figures = s.measure(level)
+                    figures["loadavg_1m"] = round(os.getloadavg()[0], 2)  # other tenants of this machine show here
                     s.runs.setdefault(level, []).append(figures)
                     done += 1
                     path = f"  direct {figures['direct_share']:.0%}" if "direct_share" in figures else ""

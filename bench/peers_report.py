@@ -3,13 +3,17 @@
 Every ratio is OpenInfer / FastAPI+uvicorn for one generator family (`c`: wrk / cwire; `python`: aiohttp
 / AsyncClient) and one OpenInfer path (`direct`, `frontdoor`). When cwire has no direct mode, the `c`
 family's `direct` entry is the front door's figure, with `path: "frontdoor"` and a `note` saying so.
+
+A ratio's `value` is paired: the median over rounds of (this round's A / this round's B), A and B measured
+back to back in the same round, so a burst of another tenant's load moves both sides of each ratio; the
+ratio of the two medians is kept beside it (`of_medians`), with each round's ratio (`rounds`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from common import pyplot, ratio
+from common import median_of, pyplot, ratio
 
 TARGETS = {
     "p50_c1_ratio_max": 0.6,  # OpenInfer p50 / FastAPI p50 at c = 1
@@ -42,11 +46,23 @@ def openinfer_name(results: dict[str, Any], group: str, path: str) -> tuple[str,
     return "openinfer_frontdoor", results["config"]["cwire_direct"].get("note")
 
 
+def per_round(numerators: list[float | None], denominators: list[float | None]) -> list[float | None]:
+    return [ratio(a, b) for a, b in zip(numerators, denominators)]
+
+
+def paired(results: dict[str, Any], group: str, a: str, b: str, level: int, key: str) -> dict[str, Any]:
+    """A / B for one figure: `value` = median of the per-round ratios, `of_medians` beside it."""
+    runs_a, runs_b = figure(results, group, a, level, "runs") or [], figure(results, group, b, level, "runs") or []
+    rounds = per_round([r.get(key) for r in runs_a], [r.get(key) for r in runs_b])
+    of_medians = ratio(figure(results, group, a, level, key), figure(results, group, b, level, key))
+    return {"value": None if not rounds else median_of(rounds), "of_medians": of_medians, "rounds": rounds}
+
+
 def versus_fastapi(results: dict[str, Any], group: str, path: str, level: int, key: str) -> dict[str, Any]:
     name, note = openinfer_name(results, group, path)
-    ours, theirs = figure(results, group, name, level, key), figure(results, group, "fastapi", level, key)
-    entry = {"value": ratio(ours, theirs), "openinfer": ours, "fastapi": theirs, "series": name,
-             "path": "frontdoor" if note else path, "direct_share": figure(results, group, name, level, "direct_share")}
+    entry = paired(results, group, name, "fastapi", level, key) | {
+        "openinfer": figure(results, group, name, level, key), "fastapi": figure(results, group, "fastapi", level, key), "series": name,
+        "path": "frontdoor" if note else path, "direct_share": figure(results, group, name, level, "direct_share")}
     return entry | ({"note": note} if note else {})
 
 
@@ -56,8 +72,14 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         out[key] = {group: {path: versus_fastapi(results, group, path, level, figure_key) for path in PATHS} for group in GROUPS}
     out["vs_floor"] = floor_distance(results)
     out["sandbox"] = sandbox_cost(results)
-    out["batching"] = {c: {"value": ratio(f["on_rps"], f["off_rps"]), "on_rps": f["on_rps"], "off_rps": f["off_rps"]} for c, f in results.get("batching", {}).get("levels", {}).items()}
+    out["batching"] = {c: batching_ratio(f) for c, f in results.get("batching", {}).get("levels", {}).items()}
     return out
+
+
+def batching_ratio(f: dict[str, Any]) -> dict[str, Any]:
+    """Batched / unbatched req/s, paired by repeat (bench/batching.py runs both daemons in each repeat)."""
+    rounds = per_round(f["runs_on_rps"], f["runs_off_rps"])
+    return {"value": median_of(rounds), "of_medians": ratio(f["on_rps"], f["off_rps"]), "rounds": rounds, "on_rps": f["on_rps"], "off_rps": f["off_rps"]}
 
 
 def floor_distance(results: dict[str, Any]) -> dict[str, Any]:
@@ -79,11 +101,9 @@ def sandbox_cost(results: dict[str, Any]) -> dict[str, Any]:
     name, note = openinfer_name(results, "c", "direct")
     out: dict[str, Any] = {}
     for level in results.get("figures", {}).get("c", {}).get("openinfer_no_sandbox", {}).get("levels", {}):
-        out[level] = {
-            "p50": ratio(figure(results, "c", name, int(level), "p50_us"), figure(results, "c", "openinfer_no_sandbox", int(level), "p50_us")),
-            "throughput": ratio(figure(results, "c", name, int(level), "throughput_rps"), figure(results, "c", "openinfer_no_sandbox", int(level), "throughput_rps")),
-            "series": name,
-        }
+        p50 = paired(results, "c", name, "openinfer_no_sandbox", int(level), "p50_us")
+        rps = paired(results, "c", name, "openinfer_no_sandbox", int(level), "throughput_rps")
+        out[level] = {"p50": p50["value"], "throughput": rps["value"], "p50_rounds": p50["rounds"], "throughput_rounds": rps["rounds"], "series": name}
     return out
 
 
@@ -91,24 +111,26 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     r = results["ratios"]
     out: list[dict[str, Any]] = []
 
-    def add(target: str, group: str | None, path: str | None, value: float | None, limit: float, ok: bool | None, note: str | None = None) -> None:
-        out.append({"target": target, "generator": group, "path": path, "value": value, "limit": limit, "pass": ok} | ({"note": note} if note else {}))
+    def add(target: str, group: str | None, path: str | None, value: float | None, limit: float, ok: bool | None, note: str | None = None, rounds: list[Any] | None = None) -> None:
+        out.append({"target": target, "generator": group, "path": path, "value": value, "limit": limit, "pass": ok, "rounds": rounds or []} | ({"note": note} if note else {}))
 
     for group in GROUPS:
         for path in PATHS:
             p50 = r["p50_c1"][group][path]
-            add("p50 at c=1, OpenInfer / FastAPI <=", group, p50["path"], p50["value"], TARGETS["p50_c1_ratio_max"], None if p50["value"] is None else p50["value"] <= TARGETS["p50_c1_ratio_max"], p50.get("note"))
+            add("p50 at c=1, OpenInfer / FastAPI <=", group, p50["path"], p50["value"], TARGETS["p50_c1_ratio_max"], None if p50["value"] is None else p50["value"] <= TARGETS["p50_c1_ratio_max"], p50.get("note"), p50["rounds"])
             for key in ("throughput_c8", "throughput_c32"):
                 t = r[key][group][path]
                 add(f"req/s at c={key[len('throughput_c'):]}, OpenInfer / FastAPI >=", group, t["path"], t["value"], TARGETS["throughput_ratio_min"],
-                    None if t["value"] is None else t["value"] >= TARGETS["throughput_ratio_min"], t.get("note"))
+                    None if t["value"] is None else t["value"] >= TARGETS["throughput_ratio_min"], t.get("note"), t["rounds"])
     for c, b in r["batching"].items():
-        add(f"req/s at c={c}, batched / unbatched >=", "c", "frontdoor", b["value"], TARGETS["batching_ratio_min"], None if b["value"] is None else b["value"] >= TARGETS["batching_ratio_min"])
+        add(f"req/s at c={c}, batched / unbatched >=", "c", "frontdoor", b["value"], TARGETS["batching_ratio_min"], None if b["value"] is None else b["value"] >= TARGETS["batching_ratio_min"], rounds=b["rounds"])
     for level, s in r["sandbox"].items():
         cost = None if s["p50"] is None else round(s["p50"] - 1, 3)
-        add(f"sandbox cost, p50 at c={level} <", "c", s["series"][len("openinfer_"):], cost, TARGETS["sandbox_cost_max"], None if cost is None else cost < TARGETS["sandbox_cost_max"])
+        add(f"sandbox cost, p50 at c={level} <", "c", s["series"][len("openinfer_"):], cost, TARGETS["sandbox_cost_max"], None if cost is None else cost < TARGETS["sandbox_cost_max"],
+            rounds=[None if x is None else round(x - 1, 3) for x in s["p50_rounds"]])
         cost = None if s["throughput"] is None else round(1 - s["throughput"], 3)
-        add(f"sandbox cost, req/s at c={level} <", "c", s["series"][len("openinfer_"):], cost, TARGETS["sandbox_cost_max"], None if cost is None else cost < TARGETS["sandbox_cost_max"])
+        add(f"sandbox cost, req/s at c={level} <", "c", s["series"][len("openinfer_"):], cost, TARGETS["sandbox_cost_max"], None if cost is None else cost < TARGETS["sandbox_cost_max"],
+            rounds=[None if x is None else round(1 - x, 3) for x in s["throughput_rounds"]])
     return out
 
 
@@ -144,7 +166,8 @@ def print_summary(results: dict[str, Any]) -> None:
     print("\nTargets (reported, never asserted):")
     for v in results.get("verdicts", []):
         state = "n/a " if v["pass"] is None else ("PASS" if v["pass"] else "FAIL")
-        print(f"  [{state}] {v['target']} {v['limit']:g}: {v['value']}  ({v['generator']}, {v['path']})" + ("  [front door: cwire has no --direct]" if v.get("note") else ""))
+        spread = f" (rounds {', '.join('-' if x is None else f'{x:g}' for x in v['rounds'])})" if v.get("rounds") else ""
+        print(f"  [{state}] {v['target']} {v['limit']:g}: {v['value']}{spread}  ({v['generator']}, {v['path']})" + ("  [front door: cwire has no --direct]" if v.get("note") else ""))
 
 
 # -- plot --------------------------------------------------------------------------------------------

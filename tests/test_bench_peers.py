@@ -102,9 +102,9 @@ def test_the_plot_is_drawn_or_its_absence_said(quick_run: tuple[dict, Path, subp
 
 def test_without_a_direct_cwire_the_front_door_stands_in_and_says_so() -> None:
     """In process: the ratio rule alone, on figures without a `c` direct series."""
-    level = {"p50_us": 100.0, "throughput_rps": 1000.0}
+    level = {"p50_us": 100.0, "throughput_rps": 1000.0, "runs": [{"p50_us": 100.0, "throughput_rps": 1000.0}]}
     fastapi = {"levels": {c: dict(level) for c in LEVELS}}
-    door = {"levels": {c: dict(level, p50_us=50.0, direct_share=0.0) for c in LEVELS}}
+    door = {"levels": {c: dict(level, p50_us=50.0, direct_share=0.0, runs=[{"p50_us": 50.0, "throughput_rps": 1000.0}]) for c in LEVELS}}
     results = {"config": {"cwire_direct": {"available": False, "note": "no --direct: front door"}},
                "figures": {"c": {"fastapi": fastapi, "openinfer_frontdoor": door}, "python": {"fastapi": fastapi, "openinfer_direct": door, "openinfer_frontdoor": door}}}
     r = ratios(results)
