@@ -42,6 +42,7 @@ sys.path.insert(0, str(BENCH.parent / "tests"))  # batching.py builds its models
 
 from common import (  # noqa: E402
     RESULTS_DIR,
+    DaemonNotReady,
     DaemonProcess,
     cpu_seconds,
     latency_summary,
@@ -55,7 +56,7 @@ from common import (  # noqa: E402
 from cwireload import CWirePool, build as build_cwire  # noqa: E402
 from loadgen import RunResult, concurrency_levels  # noqa: E402
 from peers_clients import PythonClients  # noqa: E402
-from peers_http import UvicornServer, Wrk  # noqa: E402
+from peers_http import ServerNotReady, UvicornServer, Wrk  # noqa: E402
 from peers_report import TARGETS, plot, print_summary, ratios, verdicts  # noqa: E402
 from unix_echo import EchoClients, EchoServer  # noqa: E402
 
@@ -104,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         print_summary(results)
         return 0
     started = time.monotonic()
-    results = run(args)
+    try:
+        results = run(args)
+    except (ServerNotReady, DaemonNotReady, RuntimeError) as exc:  # a server that did not start, wrk or cwire missing
+        print(f"peers.py: {exc}", file=sys.stderr)
+        return 1
     results["config"]["wall_s"] = round(time.monotonic() - started, 1)
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     write_json(args.out, results)
