@@ -1,6 +1,6 @@
 """OpenInfer vs FastAPI+uvicorn (issue #17): one run, the same model, 2 workers each, interleaved rounds.
 
-    .venv/bin/python bench/peers.py             # ~4 min: 5 rounds x 1 s per figure, then batching.py's c = 16, 32
+    .venv/bin/python bench/peers.py             # ~3.5 min: 5 rounds x 1 s per figure, then batching.py's c = 16, 32 (5 x 2 s)
     .venv/bin/python bench/peers.py --quick     # ~1 min, 1 round x 1 s (a smoke run: figures, not a verdict)
     .venv/bin/python bench/peers.py --plot-only bench/results/peers.json   # redraw plot + summary
 
@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=0.25, help="seconds discarded at the start of each run of the Python and cwire generators")
     p.add_argument("--repeats", type=int, default=5, help="rounds; each figure is the median over rounds, each ratio the median of per-round ratios (default 5)")
     p.add_argument("--batching-levels", type=concurrency_levels, default=[16, 32], help="levels of the batching phase (bench/batching.py; default 16,32)")
-    p.add_argument("--batching-duration", type=float, default=1.0, help="seconds per run of the batching phase (default 1; as many repeats as rounds)")
+    p.add_argument("--batching-duration", type=float, default=2.0, help="seconds per run of the batching phase (default 2: 1 s runs of the batching daemon swing 2x; as many repeats as rounds)")
     p.add_argument("--no-batching", action="store_true", help="skip the batching phase (its figures are then null, with the reason)")
     p.add_argument("--quick", action="store_true", help="1 round of 1 s, batching at c = 16 only: a smoke run (the test's), not a measurement")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "peers.json", help="results file; the plot goes beside it as .png")
