@@ -131,8 +131,12 @@ def cwire_direct_mode() -> dict[str, Any]:
     """Whether bench/cwire can take a lease and send infer to the workers: its usage (`cwire --help`)
     lists `--direct`. Without it the C generator's OpenInfer figures are the front door's."""
     binary = build_cwire()
-    done = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=10)
-    if "--direct" in done.stdout + done.stderr:
+    try:
+        done = subprocess.run([str(binary), "--help"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
+        usage = done.stdout + done.stderr
+    except subprocess.TimeoutExpired:
+        usage = ""
+    if "--direct" in usage:
         return {"available": True, "detected_by": "`bench/cwire/cwire --help` lists --direct"}
     return {"available": False, "detected_by": "`bench/cwire/cwire --help` does not list --direct",
             "note": "bench/cwire has no --direct mode yet: the C generator's OpenInfer figures are the front door's (the direct path is measured with the Python clients)"}

@@ -58,11 +58,22 @@ def paired(results: dict[str, Any], group: str, a: str, b: str, level: int, key:
     return {"value": None if not rounds else median_of(rounds), "of_medians": of_medians, "rounds": rounds}
 
 
+def observed_path(direct_share: float | None, asked: str) -> str:
+    """The path the replies came by (direct_share from their timing), else the one asked for."""
+    if direct_share is None:
+        return asked
+    return "direct" if direct_share >= 0.99 else "frontdoor" if direct_share <= 0.01 else "mixed"
+
+
 def versus_fastapi(results: dict[str, Any], group: str, path: str, level: int, key: str) -> dict[str, Any]:
     name, note = openinfer_name(results, group, path)
+    share = figure(results, group, name, level, "direct_share")
+    served = observed_path(share, "frontdoor" if note else path)
+    if note is None and served != path:
+        note = f"asked for the {path} path, {share:.0%} of the replies came by the direct path"
     entry = paired(results, group, name, "fastapi", level, key) | {
         "openinfer": figure(results, group, name, level, key), "fastapi": figure(results, group, "fastapi", level, key), "series": name,
-        "path": "frontdoor" if note else path, "direct_share": figure(results, group, name, level, "direct_share")}
+        "path": served, "direct_share": share}
     return entry | ({"note": note} if note else {})
 
 
@@ -167,7 +178,7 @@ def print_summary(results: dict[str, Any]) -> None:
     for v in results.get("verdicts", []):
         state = "n/a " if v["pass"] is None else ("PASS" if v["pass"] else "FAIL")
         spread = f" (rounds {', '.join('-' if x is None else f'{x:g}' for x in v['rounds'])})" if v.get("rounds") else ""
-        print(f"  [{state}] {v['target']} {v['limit']:g}: {v['value']}{spread}  ({v['generator']}, {v['path']})" + ("  [front door: cwire has no --direct]" if v.get("note") else ""))
+        print(f"  [{state}] {v['target']} {v['limit']:g}: {v['value']}{spread}  ({v['generator']}, {v['path']})" + (f"  [{v['note']}]" if v.get("note") else ""))
 
 
 # -- plot --------------------------------------------------------------------------------------------

@@ -105,9 +105,20 @@ def test_without_a_direct_cwire_the_front_door_stands_in_and_says_so() -> None:
     level = {"p50_us": 100.0, "throughput_rps": 1000.0, "runs": [{"p50_us": 100.0, "throughput_rps": 1000.0}]}
     fastapi = {"levels": {c: dict(level) for c in LEVELS}}
     door = {"levels": {c: dict(level, p50_us=50.0, direct_share=0.0, runs=[{"p50_us": 50.0, "throughput_rps": 1000.0}]) for c in LEVELS}}
+    direct = {"levels": {c: dict(level, direct_share=1.0) for c in LEVELS}}
     results = {"config": {"cwire_direct": {"available": False, "note": "no --direct: front door"}},
-               "figures": {"c": {"fastapi": fastapi, "openinfer_frontdoor": door}, "python": {"fastapi": fastapi, "openinfer_direct": door, "openinfer_frontdoor": door}}}
+               "figures": {"c": {"fastapi": fastapi, "openinfer_frontdoor": door}, "python": {"fastapi": fastapi, "openinfer_direct": direct, "openinfer_frontdoor": door}}}
     r = ratios(results)
     assert r["p50_c1"]["c"]["direct"] == r["p50_c1"]["c"]["frontdoor"] | {"note": "no --direct: front door"}
     assert r["p50_c1"]["c"]["direct"]["value"] == 0.5 and r["p50_c1"]["python"]["direct"]["series"] == "openinfer_direct"
-    assert "note" not in r["p50_c1"]["python"]["direct"]
+    assert r["p50_c1"]["python"]["direct"]["path"] == "direct" and "note" not in r["p50_c1"]["python"]["direct"]
+
+
+def test_a_direct_series_answered_by_the_front_door_is_labelled_by_what_answered() -> None:
+    """In process: a cwire that claims --direct but whose replies carry dispatch_us is not reported as direct."""
+    level = {"p50_us": 100.0, "throughput_rps": 1000.0, "runs": [{"p50_us": 100.0, "throughput_rps": 1000.0}]}
+    fastapi = {"levels": {c: dict(level) for c in LEVELS}}
+    fake = {"levels": {c: dict(level, direct_share=0.0) for c in LEVELS}}
+    results = {"config": {"cwire_direct": {"available": True}}, "figures": {"c": {"fastapi": fastapi, "openinfer_direct": fake, "openinfer_frontdoor": fake}, "python": {}}}
+    entry = ratios(results)["throughput_c8"]["c"]["direct"]
+    assert entry["series"] == "openinfer_direct" and entry["path"] == "frontdoor" and "0% of the replies" in entry["note"]
