@@ -12,9 +12,12 @@ if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
     echo "python3-venv is missing: sudo apt-get install python3-venv" >&2; exit 1
   fi
 fi
-if [[ ",$extras," == *",bench,"* ]] && [ "$(id -u)" = 0 ] && { ! command -v make >/dev/null || ! pkg-config --exists libzmq 2>/dev/null || ! { pkg-config --exists msgpack 2>/dev/null || pkg-config --exists msgpack-c 2>/dev/null; }; }; then
-  # bench/cwire (the C load generator of bench/batching.py) builds with libzmq and msgpack-c, as client/c does.
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq make gcc pkg-config libzmq3-dev libmsgpack-dev >/dev/null
+if [[ ",$extras," == *",bench,"* ]] && [ "$(id -u)" = 0 ] && { ! command -v make >/dev/null || ! command -v wrk >/dev/null || ! pkg-config --exists libzmq 2>/dev/null || ! { pkg-config --exists msgpack 2>/dev/null || pkg-config --exists msgpack-c 2>/dev/null; }; }; then
+  # bench/cwire (the C load generator of bench/batching.py and bench/peers.py) builds with libzmq and
+  # msgpack-c, as client/c does; wrk is the C HTTP generator bench/peers.py drives FastAPI+uvicorn with.
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq make gcc pkg-config libzmq3-dev libmsgpack-dev wrk >/dev/null
+elif [[ ",$extras," == *",bench,"* ]] && ! command -v wrk >/dev/null; then
+  echo "wrk is missing (bench/peers.py's HTTP generator): sudo apt-get install wrk" >&2
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null

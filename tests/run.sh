@@ -7,5 +7,7 @@ if [ "$(id -u)" = 0 ] && { ! command -v systemd-analyze >/dev/null || ! command 
   # libzmq3-dev + libmsgpack-dev (+ make, gcc, pkg-config) build the C client in client/c/.
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd strace make gcc pkg-config libzmq3-dev libmsgpack-dev >/dev/null
 fi
-bash examples/bootstrap.sh test
+# The bench extra too: tests/test_bench_peers.py runs bench/peers.py against FastAPI+uvicorn, driven by aiohttp
+# and wrk (bootstrap.sh installs wrk from Debian as root), and the plotting checks draw with matplotlib.
+bash examples/bootstrap.sh test,bench
 exec .venv/bin/python -m pytest "$@"
