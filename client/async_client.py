@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import numpy as np
 import zmq
 import zmq.asyncio
 
-from openinfer.wire.errors import Unavailable, error_from_wire
+from openinfer.wire.errors import OpenInferError, Unavailable, error_from_wire
 from openinfer.wire.protocol import retry_pause, unpack
 from openinfer.wire.tensors import BF16Array
 from openinfer.wire.zmtp import PeerClosed
@@ -46,6 +46,7 @@ class AsyncClient:
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.DEALER)
         configure_client_socket(self._socket, curve_server_key=curve_server_key, curve_keypair=curve_keypair)
+        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # a dropped connection fails its requests at once
         self._socket.connect(self.address)
         self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -75,13 +76,16 @@ class AsyncClient:
                 return result_from_reply(header, reply, (time.perf_counter_ns() - started) / 1000.0)
             except NoDirectPath:
                 pass  # the front door serves it
+        if core.needs_door_limits(frames):
+            await self._ask_door_limits()
+        core.check_door_size(frames)
         for attempt in range(self.retries + 1):
             try:
                 header, reply = await self._round_trip(request_id, frames, max(0.001, deadline - time.monotonic()))
                 return result_from_reply(header, reply, (time.perf_counter_ns() - started) / 1000.0)
-            except Unavailable:
+            except Unavailable as exc:
                 pause = retry_pause(attempt, self.retries, deadline, time.monotonic())
-                if pause is None:
+                if pause is None or not core.retryable(exc):
                     raise
                 await asyncio.sleep(pause)
         raise AssertionError("unreachable")
@@ -121,6 +125,8 @@ class AsyncClient:
             loop.remove_writer(link.fd)
         self._core.close_links()
         self._wake_all()
+        self._socket.disable_monitor()
+        self._monitor.close(linger=0)
         self._socket.close(linger=0)
         self._context.term()
 
@@ -136,6 +142,14 @@ class AsyncClient:
         fields = {k: v for k, v in fields.items() if v is not None}
         header, _ = await self._round_trip(request_id, self._core.op_frames(request_id, op, fields), self.timeout)
         return self._core.op_result(header)
+
+    async def _ask_door_limits(self) -> None:
+        try:
+            self._core.door_limits_from(await self._call("health"))
+        except Unavailable:
+            raise
+        except OpenInferError:  # health not granted to this client: the daemon's answer decides
+            self._core.door_limits = {}
 
     async def _round_trip(self, request_id: int, frames: list[Any], timeout: float) -> tuple[dict[str, Any], list[Any]]:
         if self._reader is None:
@@ -169,8 +183,28 @@ class AsyncClient:
             pass
 
     async def _read_replies(self) -> None:
+        """Replies to their callers; when the monitor reports the connection dropped, what arrived before
+        the drop is still delivered and every other front-door request fails at once."""
+        poller = zmq.asyncio.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         while True:
-            reply = await self._socket.recv_multipart(copy=False)
+            ready = dict(await poller.poll())
+            if self._socket in ready:
+                self._deliver_ready()
+            if self._monitor in ready and self._dropped():
+                self._deliver_ready()
+                lost = self._core.connection_lost()
+                for future in self._pending.values():
+                    if not future.done():
+                        future.set_exception(lost)
+
+    def _deliver_ready(self) -> None:
+        while True:
+            try:
+                reply = cast("asyncio.Future[list[Any]]", self._socket.recv_multipart(zmq.NOBLOCK, copy=False)).result()  # NOBLOCK: already done
+            except zmq.Again:
+                return
             try:
                 header = unpack(reply[0].buffer)
             except Exception:
@@ -179,6 +213,15 @@ class AsyncClient:
             future = self._pending.get(rid) if isinstance(rid, int) else None
             if future is not None and not future.done():
                 future.set_result((header, reply))
+
+    def _dropped(self) -> bool:
+        dropped = False
+        while True:
+            try:
+                event = cast("asyncio.Future[list[bytes]]", self._monitor.recv_multipart(zmq.NOBLOCK)).result()
+            except zmq.Again:
+                return dropped
+            dropped = dropped or int.from_bytes(event[0][:2], "little") == zmq.EVENT_DISCONNECTED
 
     # -- the direct path --------------------------------------------------------------------------
     async def _direct_round_trip(self, model: str, version: int | None, request_id: int, frames: list[Any], budget: float) -> tuple[dict[str, Any], list[Any]]:

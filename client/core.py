@@ -20,7 +20,7 @@ from openinfer.wire.protocol import MAX_HEADER_BYTES, encode_infer_request, enco
 from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array
 from openinfer.wire.zmtp import PeerClosed
 
-from .direct import DirectLink, Lease, NoDirectPath, Pending, parse_lease, read_replies
+from .direct import DirectLink, Lease, NoDirectPath, Pending, check_limits, parse_lease, read_replies, request_bytes
 
 DEFAULT_TIMEOUT_S = 30.0
 # How much longer than its own `timeout` a client waits before it gives up by itself (PROTOCOL.md 10.2):
@@ -31,6 +31,9 @@ REPLY_SLACK_MIN_S = 0.05
 REPLY_SLACK_MAX_S = 1.0
 
 
+# A request with more tensor bytes than this is checked against the front door's limits before it is
+# sent (the first such request asks `health` for them, once); smaller ones cannot be over any default.
+LARGE_REQUEST_BYTES = 1 << 20
 STAY_QUEUE_US = 100  # a reply that waited longer than this in its worker's queue moves the next request on
 TEMPLATES_KEPT = 256  # request shapes whose header is kept packed
 _PACKER = msgpack.Packer()
@@ -62,6 +65,7 @@ class ClientCore:
         self._turn = random.randrange(1 << 16)  # clients start at different workers
         self._stay: str | None = None  # the worker this client keeps sending to (pick_address)
         self._templates: dict[tuple[Any, ...], bytes] = {}
+        self.door_limits: dict[str, int] | None = None  # the front door's, from `health` (None: not asked yet)
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -101,6 +105,23 @@ class ClientCore:
             raise InvalidArgument(f"request header is {len(frames[0])} bytes; the protocol's limit is {MAX_HEADER_BYTES} (too many inputs or names too long)")
         return frames
 
+    def needs_door_limits(self, frames: list[Any]) -> bool:
+        """Whether this request is large enough to be checked and the limits are not known yet."""
+        return self.door_limits is None and request_bytes(frames) > LARGE_REQUEST_BYTES
+
+    def door_limits_from(self, health: dict[str, Any]) -> None:
+        """Keep the limits `health` names (an older daemon names none: the daemon's answer decides)."""
+        limits = health.get("limits")
+        kept: dict[str, int] = {}
+        if isinstance(limits, dict):
+            kept = {k: v for k, v in limits.items() if k in ("max_request_bytes", "max_header_bytes", "max_frames") and type(v) is int and v > 0}
+        self.door_limits = kept if len(kept) == 3 else {}
+
+    def check_door_size(self, frames: list[Any]) -> None:
+        limits = self.door_limits
+        if limits and request_bytes(frames) > LARGE_REQUEST_BYTES:
+            check_limits(frames, limits["max_request_bytes"], limits["max_header_bytes"], limits["max_frames"], "the daemon's limit", "server.max_request_bytes")
+
     def op_frames(self, request_id: int, op: str, fields: dict[str, Any]) -> list[Any]:
         if self.client_name:
             fields = {**fields, "client": self.client_name}
@@ -116,6 +137,15 @@ class ClientCore:
     @staticmethod
     def wait_s(budget: float) -> float:
         return budget + reply_slack(budget)
+
+    def connection_lost(self) -> Unavailable:
+        """The front door's connection closed while a request was in flight: its reply cannot come."""
+        return Unavailable(f"the connection to the daemon at {self.address} closed while this request was in flight (it may or may not have run)", {"connection": "lost"})
+
+    @staticmethod
+    def retryable(exc: Unavailable) -> bool:
+        """A request lost with its connection may have run: never sent twice behind the caller's back."""
+        return exc.details.get("connection") != "lost"
 
     def timed_out(self, budget: float) -> DeadlineExceeded:
         return DeadlineExceeded(f"no reply from {self.address} within {budget:.3g} s (plus {reply_slack(budget):.3g} s of slack)")

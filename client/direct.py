@@ -64,15 +64,25 @@ def parse_lease(result: Any, taken_ns: int) -> Lease:
 
 
 def check_request_size(frames: list[Any], lease: Lease) -> None:
-    """Refuse locally what the daemon would refuse for its size (PROTOCOL.md 9), naming the limit."""
+    """Refuse locally what a worker would refuse for its size (PROTOCOL.md 9), naming the limit."""
+    check_limits(frames, lease.max_request_bytes, lease.max_header_bytes, lease.max_frames, f"the daemon's limit for {lease.model!r}", "server.max_request_bytes, or the model's max_request_bytes")
+
+
+def check_limits(frames: list[Any], max_request_bytes: int, max_header_bytes: int, max_frames: int, whose: str, setting: str) -> None:
+    """RESOURCE_EXHAUSTED for a request over a limit, before a byte of it is sent: the daemon would skip
+    it anyway, and over about 1 GiB cut the connection, failing every other request in flight on it."""
     header = len(frames[0])
-    if header > lease.max_header_bytes:
-        raise ResourceExhausted(f"request header is {header} bytes; the daemon's limit is {lease.max_header_bytes}")
-    if len(frames) > lease.max_frames:
-        raise ResourceExhausted(f"request has {len(frames)} frames; the daemon's limit is {lease.max_frames}")
-    tensors = sum(memoryview(f).nbytes for f in frames[1:])
-    if tensors > lease.max_request_bytes:
-        raise ResourceExhausted(f"request carries {tensors} bytes of tensors; the daemon's limit for {lease.model!r} is {lease.max_request_bytes} (server.max_request_bytes, or the model's max_request_bytes)", {"limit": lease.max_request_bytes})
+    if header > max_header_bytes:
+        raise ResourceExhausted(f"request header is {header} bytes; the protocol's limit is {max_header_bytes} (too many inputs or names too long)", {"limit": max_header_bytes})
+    if len(frames) > max_frames:
+        raise ResourceExhausted(f"request has {len(frames)} frames; the protocol's limit is {max_frames} (a header and at most {max_frames - 1} tensors)", {"limit": max_frames})
+    tensors = request_bytes(frames)
+    if tensors > max_request_bytes:
+        raise ResourceExhausted(f"request carries {tensors} bytes of tensors; {whose} is {max_request_bytes} ({setting}): split the request or raise the setting", {"limit": max_request_bytes})
+
+
+def request_bytes(frames: list[Any]) -> int:
+    return sum(memoryview(f).nbytes for f in frames[1:])
 
 
 @dataclass(eq=False)

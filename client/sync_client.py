@@ -50,6 +50,12 @@ class Client:
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.DEALER)
         configure_client_socket(self._socket, curve_server_key=curve_server_key, curve_keypair=curve_keypair)
+        # A socket monitor tells a waiting call that the connection dropped (the daemon cut it or went
+        # away): its reply cannot come, so it fails at once instead of at its timeout.
+        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._socket.connect(self.address)
         self._lock = threading.Lock()
 
@@ -77,13 +83,16 @@ class Client:
                     return result_from_reply(header, reply, (time.perf_counter_ns() - started) / 1000.0)
                 except NoDirectPath:
                     pass  # the front door serves it
+            if core.needs_door_limits(frames):
+                self._ask_door_limits()
+            core.check_door_size(frames)
             for attempt in range(self.retries + 1):
                 try:
                     header, reply = self._round_trip(request_id, frames, max(0.001, deadline - time.monotonic()))
                     return result_from_reply(header, reply, (time.perf_counter_ns() - started) / 1000.0)
-                except Unavailable:
+                except Unavailable as exc:
                     pause = retry_pause(attempt, self.retries, deadline, time.monotonic())
-                    if pause is None:
+                    if pause is None or not core.retryable(exc):
                         raise
                     time.sleep(pause)
         raise AssertionError("unreachable")
@@ -108,6 +117,8 @@ class Client:
 
     def close(self) -> None:
         self._core.close_links()
+        self._socket.disable_monitor()
+        self._monitor.close(linger=0)
         self._socket.close(linger=0)
         self._context.term()
 
@@ -127,12 +138,30 @@ class Client:
         header, _ = self._round_trip(request_id, self._core.op_frames(request_id, op, fields), self.timeout)
         return self._core.op_result(header)
 
+    def _ask_door_limits(self) -> None:
+        try:
+            self._core.door_limits_from(self._call_locked("health", {}))
+        except Unavailable:
+            raise
+        except OpenInferError:  # health not granted to this client: the daemon's answer decides
+            self._core.door_limits = {}
+
     def _round_trip(self, request_id: int, frames: list[Any], timeout: float) -> tuple[dict[str, Any], list[Any]]:
         deadline = time.monotonic() + self._core.wait_s(timeout)
+        self._dropped()  # drops before this request are not its concern
         self._send(frames, time.monotonic() + timeout)
+        lost = False
         while True:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not self._socket.poll(remaining_ms, zmq.POLLIN):
+            ready = dict(self._poller.poll(0 if lost else max(0, remaining_ms)))
+            if self._socket not in ready:
+                if lost:  # nothing left that arrived before the drop
+                    raise self._core.connection_lost()
+                if self._monitor in ready:
+                    lost = self._dropped()
+                    continue
+                if remaining_ms > 0:
+                    continue
                 self._send_cancel(request_id)
                 raise self._core.timed_out(timeout)
             reply = self._socket.recv_multipart(copy=False)
@@ -140,6 +169,16 @@ class Client:
             if isinstance(header, dict) and header.get("id") == request_id:
                 return header, reply
             # A late reply to a request we already gave up on: drop it.
+
+    def _dropped(self) -> bool:
+        """Whether the monitor reported a dropped connection since it was last read."""
+        dropped = False
+        while True:
+            try:
+                event = self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return dropped
+            dropped = dropped or int.from_bytes(event[0][:2], "little") == zmq.EVENT_DISCONNECTED
 
     def _send(self, frames: list[Any], deadline: float) -> None:
         # IMMEDIATE=1 makes send fail (EAGAIN) while no daemon is connected, so a down daemon is reported

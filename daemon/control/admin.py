@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from openinfer.wire.errors import InvalidArgument
+from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES
 
 from openinfer.daemon.modelstore.models import ModelState
 
@@ -61,7 +62,10 @@ def health_result(sup: "Supervisor") -> dict[str, Any]:
         failed.append({"model": name, "reason": entry.reason})
     serving = any(m.state is ModelState.READY for m in sup.registry.all())
     ready = serving and not not_ready and not sup.draining
-    return {"ready": ready, "draining": sup.draining, "not_ready": not_ready, "failed": failed}
+    # What one request may carry at this socket (PROTOCOL.md 9): a client refuses a larger one itself
+    # instead of sending bytes the daemon skips. A model's own max_request_bytes may be lower (`metadata`).
+    limits = {"max_request_bytes": sup.settings.server.max_request_bytes, "max_header_bytes": MAX_HEADER_BYTES, "max_frames": MAX_FRAMES}
+    return {"ready": ready, "draining": sup.draining, "not_ready": not_ready, "failed": failed, "limits": limits}
 
 
 def _memory(pid: int) -> dict[str, int]:

@@ -96,6 +96,24 @@ def answer(task: list[bytes], attack: str) -> list[bytes] | None:
     return honest
 
 
+LEDGER_FD = 6  # the memfd the supervisor shares with a direct-path worker: deadline page, then the ledger
+PAGE_BYTES = 4096
+
+
+def forge_ledger() -> None:
+    """Write into the ledger (daemon/direct/ledger.py) what no conforming worker writes: a record whose
+    kind does not exist, claiming a million answered requests of a client that never connected."""
+    import mmap
+
+    ledger = mmap.mmap(LEDGER_FD, 1 << 20, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=PAGE_BYTES)
+    key = b"victim@uid=0"
+    ledger[64 : 64 + 1 + len(key)] = bytes((len(key),)) + key
+    ring = 64 + 1024 * 96
+    record = struct.Struct("<QQQIHBBBxQQ" + "d" * 8)
+    record.pack_into(ledger, ring, 1, 1, 1, 0, 0, 99, 0, 0, 0, 0, *([1.0] * 8))
+    struct.pack_into("<Q", ledger, 0, 1)
+
+
 def main() -> None:
     config = json.loads(sys.argv[2])
     attack = config["model"][len("hostile-") :]
@@ -111,6 +129,8 @@ def main() -> None:
     if channel.recv()[0] != ACK:
         return
     channel.send([READY, msgpack.packb({"enabled": False, "compromised": True})])
+    if attack == "ledger-forgery":
+        forge_ledger()
     while True:
         frames = channel.recv()
         kind = frames[0][:1]

@@ -1,0 +1,181 @@
+"""The ledger (daemon/direct/ledger.py): memory a direct-path worker shares with the supervisor, where it
+records each request it admits, answers or refuses, and the supervisor reads them into `stats` and the
+metrics. A worker taken over by its model or input writes there whatever it likes; every record is
+checked where the supervisor reads it, and a worker whose records no conforming worker writes is
+retired before any of them reaches the books.
+
+The first tests write into a real ledger (a memfd, mapped as the worker maps it) what a compromised
+worker could, and read it with the supervisor's own reader; the last runs a real daemon whose worker for
+one model forges its ledger (hostile_worker.py, attack "ledger-forgery")."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+import onnx_builders
+from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, wait_for, world_readable_dir
+from openinfer.client import Client
+from openinfer.daemon.direct import ledger
+from openinfer.daemon.direct.ledger import LedgerReader, LedgerRejected, LedgerWriter
+from openinfer.daemon.observability.accounting import CLIENT_KEY, OTHER_CLIENTS
+
+HOSTILE_DAEMON = (str(Path(__file__).resolve().parent / "hostile_daemon.py"),)
+RING_AT = 64 + ledger.MAX_CLIENT_SLOTS * ledger.SLOT_BYTES
+RECORD = struct.Struct("<QQQIHBBBxQQ" + "d" * len(ledger.TIMING_KEYS))  # the layout ledger.py documents
+
+
+@pytest.fixture()
+def shared() -> Iterator[tuple[LedgerWriter, LedgerReader]]:
+    fd = os.memfd_create("ledger-test")
+    os.ftruncate(fd, ledger.PAGE_BYTES + ledger.LEDGER_BYTES)
+    writer, reader = LedgerWriter(fd), LedgerReader(fd, CLIENT_KEY, OTHER_CLIENTS)
+    yield writer, reader
+    writer.map.close()
+    reader.map.close()
+    os.close(fd)
+
+
+def forge(writer: LedgerWriter, seq: int, **fields: float) -> None:
+    """Write record `seq` as a hostile worker would: any field, any value, then publish it."""
+    values = {"serial": 1, "request_id": 1, "slot": 0, "run_size": 0, "kind": ledger.ANSWERED, "code": 0, "op": 0, "bytes_in": 0, "bytes_out": 0}
+    values.update({k: v for k, v in fields.items() if k in values})
+    stages = [fields.get(key, 1.0) for key in ledger.TIMING_KEYS]
+    RECORD.pack_into(writer.map, RING_AT + (seq - 1) % ledger.RING_RECORDS * RECORD.size, seq, *values.values(), *stages)
+    struct.pack_into("<Q", writer.map, 0, seq)
+
+
+def name_slot(writer: LedgerWriter, slot: int, key: bytes) -> None:
+    at = 64 + slot * ledger.SLOT_BYTES
+    writer.map[at : at + 1 + len(key)] = bytes((len(key),)) + key
+
+
+def test_what_an_honest_worker_writes_is_read_back_exactly(shared: tuple[LedgerWriter, LedgerReader]) -> None:
+    """The control: the checks below refuse the lies, not the ledger itself."""
+    writer, reader = shared
+    writer.admitted(1, 7, "app@uid=1000", 256)
+    writer.answered(1, 7, "app@uid=1000", None, {"queue_us": 3.5, "total_us": 41.25}, 256, 256)
+    writer.refused(8, "uid=1000", "infer", "INVALID_ARGUMENT", 12.0)
+    entries = reader.read()
+    assert [(e.kind, e.client, e.code) for e in entries] == [(ledger.ADMITTED, "app@uid=1000", None), (ledger.ANSWERED, "app@uid=1000", None), (ledger.REFUSED, "uid=1000", "INVALID_ARGUMENT")]
+    assert entries[1].timing == {"queue_us": 3.5, "total_us": 41.25}
+    assert reader.read() == []  # each record once
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"kind": 99}, "fields out of range"),
+        ({"kind": 0}, "fields out of range"),
+        ({"code": 200}, "fields out of range"),
+        ({"op": 250}, "fields out of range"),
+        ({"bytes_out": 1 << 60}, "fields out of range"),
+        ({"total_us": -5.0}, "total_us"),
+        ({"queue_us": math.inf}, "queue_us"),
+        ({"compute_us": 1e15}, "compute_us"),
+    ],
+)
+def test_a_record_out_of_range_is_rejected(shared: tuple[LedgerWriter, LedgerReader], fields: dict[str, float], reason: str) -> None:
+    writer, reader = shared
+    name_slot(writer, 0, b"app@uid=1000")
+    forge(writer, 1, **fields)
+    with pytest.raises(LedgerRejected, match=reason):
+        reader.read()
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        (b"root", "is not an identity"),  # a bare name: the books key by uid, never by a name alone
+        (b"x@uid=0; DROP", "is not an identity"),
+        (b"\xff\xfe@uid=1", "not UTF-8"),
+        (b"", "is not an identity"),
+    ],
+)
+def test_a_client_key_that_is_not_an_identity_is_rejected(shared: tuple[LedgerWriter, LedgerReader], key: bytes, reason: str) -> None:
+    writer, reader = shared
+    name_slot(writer, 0, key)
+    forge(writer, 1)
+    with pytest.raises(LedgerRejected, match=reason):
+        reader.read()
+
+
+def test_a_client_slot_past_the_table_is_rejected(shared: tuple[LedgerWriter, LedgerReader]) -> None:
+    writer, reader = shared
+    forge(writer, 1, slot=ledger.MAX_CLIENT_SLOTS + 5)
+    with pytest.raises(LedgerRejected, match="client slot"):
+        reader.read()
+
+
+def test_a_client_cannot_be_renamed_once_read(shared: tuple[LedgerWriter, LedgerReader]) -> None:
+    """Slots are written once: a worker that rewrites a slot later cannot move its counts to another."""
+    writer, reader = shared
+    writer.answered(1, 1, "app@uid=1000", None, {"total_us": 1.0}, 0, 0)
+    assert reader.read()[0].client == "app@uid=1000"
+    name_slot(writer, 0, b"other@uid=0")
+    writer.answered(2, 2, "app@uid=1000", None, {"total_us": 1.0}, 0, 0)
+    assert reader.read()[0].client == "app@uid=1000"
+
+
+@pytest.mark.parametrize("position", [ledger.RING_RECORDS + 1, 1 << 63])
+def test_a_write_position_past_the_ring_is_rejected(shared: tuple[LedgerWriter, LedgerReader], position: int) -> None:
+    """A worker that claims more records than the ring holds would make the reader walk stale or
+    endless data: refused, and nothing is read."""
+    writer, reader = shared
+    struct.pack_into("<Q", writer.map, 0, position)
+    with pytest.raises(LedgerRejected, match="write position"):
+        reader.read()
+
+
+def test_a_write_position_moved_back_is_rejected(shared: tuple[LedgerWriter, LedgerReader]) -> None:
+    writer, reader = shared
+    for serial in range(1, 4):
+        writer.answered(serial, serial, "app@uid=1000", None, {"total_us": 1.0}, 0, 0)
+    assert len(reader.read()) == 3
+    struct.pack_into("<Q", writer.map, 0, 1)  # "forget" what was read: the same records again
+    with pytest.raises(LedgerRejected, match="write position"):
+        reader.read()
+
+
+def test_a_record_whose_number_is_wrong_is_not_taken(shared: tuple[LedgerWriter, LedgerReader]) -> None:
+    """A record is taken only under the number the reader expects: a replayed or half-written one waits
+    (a later pass reads it once it carries that number), it is never read twice."""
+    writer, reader = shared
+    name_slot(writer, 0, b"app@uid=1000")
+    forge(writer, 1)
+    RECORD.pack_into(writer.map, RING_AT + RECORD.size, 1, 1, 1, 0, 0, ledger.ANSWERED, 0, 0, 0, 0, *([1.0] * len(ledger.TIMING_KEYS)))  # record 2 replays 1
+    struct.pack_into("<Q", writer.map, 0, 2)
+    assert len(reader.read()) == 1
+    assert reader.read() == []
+
+
+# -- a real daemon, a worker forging its ledger -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def forging_daemon() -> Iterator[RunningDaemon]:
+    root = world_readable_dir("oi-ledger-")
+    onnx_builders.matmul_model(root / "hostile-ledger-forgery" / "1" / "model.onnx", size=4)  # never loaded
+    onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx")
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    running = start_daemon(root, entry=HOSTILE_DAEMON, env={"OPENINFER_POOL_DIRECT": "1", "OPENINFER_POOL_CRASH_LOOP_LIMIT": "1000"}, wait=False)
+    yield running
+    running.stop()
+    cleanup_workdir(running)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_worker_that_forges_its_ledger_is_retired_and_nothing_it_wrote_is_counted(forging_daemon: RunningDaemon) -> None:
+    daemon = forging_daemon
+    wait_for(lambda: "ledger: record 1: fields out of range" in daemon.log_text(), 60, "the forged ledger to be rejected", daemon=daemon)
+    assert '"msg":"worker sent an invalid message; retiring it"' in daemon.log_text()
+    with Client(daemon.address, timeout=10) as client:
+        np.testing.assert_allclose(client.infer("tiny", {"x": np.ones((1, 64), np.float32)}).outputs["y"].shape, (1, 64))
+        stats = client.stats()
+    assert not any("victim" in key for key in stats["clients"]), stats["clients"]
+    assert "hostile-ledger-forgery" not in stats["models"] or stats["models"]["hostile-ledger-forgery"]["requests"] == 0
