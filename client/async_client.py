@@ -19,7 +19,7 @@ from openinfer.wire.protocol import retry_pause, unpack
 from openinfer.wire.tensors import BF16Array
 from openinfer.wire.zmtp import PeerClosed
 
-from .core import DEFAULT_TIMEOUT_S, ClientCore
+from .core import DEFAULT_TIMEOUT_S, ClientCore, dropped
 from .direct import DirectLink, Lease, NoDirectPath, Pending, attach_frames, check_request_size, connect, lease_expired, read_replies
 from .result import InferResult, result_from_reply
 from .socket_setup import configure_client_socket
@@ -215,13 +215,7 @@ class AsyncClient:
                 future.set_result((header, reply))
 
     def _dropped(self) -> bool:
-        dropped = False
-        while True:
-            try:
-                event = cast("asyncio.Future[list[bytes]]", self._monitor.recv_multipart(zmq.NOBLOCK)).result()
-            except zmq.Again:
-                return dropped
-            dropped = dropped or int.from_bytes(event[0][:2], "little") == zmq.EVENT_DISCONNECTED
+        return dropped(lambda: cast("asyncio.Future[list[bytes]]", self._monitor.recv_multipart(zmq.NOBLOCK)).result())  # NOBLOCK: already done
 
     # -- the direct path --------------------------------------------------------------------------
     async def _direct_round_trip(self, model: str, version: int | None, request_id: int, frames: list[Any], budget: float) -> tuple[dict[str, Any], list[Any]]:

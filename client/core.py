@@ -9,9 +9,10 @@ import os
 import random
 import struct
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import zmq
 
 import msgpack
 
@@ -41,6 +42,18 @@ _ID_KEY = pack("id")
 _SENT_KEY = pack("sent_ns")
 _UINT64 = struct.Struct(">BQ")  # msgpack uint 64: the send time, patched into a kept header
 _FAST_DATATYPES = {dtype: name for name, dtype in DATATYPE_TO_NUMPY.items() if name not in ("BYTES", "BOOL")}
+
+
+def dropped(read_event: Callable[[], list[bytes]]) -> bool:
+    """Whether a socket monitor's pending events (read with `read_event` until zmq.Again) include a
+    dropped connection."""
+    seen = False
+    while True:
+        try:
+            event = read_event()
+        except zmq.Again:
+            return seen
+        seen = seen or int.from_bytes(event[0][:2], "little") == zmq.EVENT_DISCONNECTED
 
 
 def reply_slack(timeout: float) -> float:

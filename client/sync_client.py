@@ -21,7 +21,7 @@ from openinfer.wire.protocol import retry_pause, unpack
 from openinfer.wire.tensors import BF16Array
 from openinfer.wire.zmtp import PeerClosed
 
-from .core import DEFAULT_TIMEOUT_S, ClientCore
+from .core import DEFAULT_TIMEOUT_S, ClientCore, dropped
 from .direct import DirectLink, Lease, NoDirectPath, attach_frames, check_request_size, connect, lease_expired, read_replies
 from .result import InferResult, result_from_reply
 from .socket_setup import configure_client_socket
@@ -171,14 +171,7 @@ class Client:
             # A late reply to a request we already gave up on: drop it.
 
     def _dropped(self) -> bool:
-        """Whether the monitor reported a dropped connection since it was last read."""
-        dropped = False
-        while True:
-            try:
-                event = self._monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return dropped
-            dropped = dropped or int.from_bytes(event[0][:2], "little") == zmq.EVENT_DISCONNECTED
+        return dropped(lambda: self._monitor.recv_multipart(zmq.NOBLOCK))
 
     def _send(self, frames: list[Any], deadline: float) -> None:
         # IMMEDIATE=1 makes send fail (EAGAIN) while no daemon is connected, so a down daemon is reported

@@ -140,13 +140,7 @@ class SealedFrameStream(FrameStream):
         pos = self._pos
         end = len(buf)
         overhead = self.mechanism.overhead
-        if self._skip_left:  # the rest of a skipped frame: dropped as it arrives
-            take = min(self._skip_left, end - pos)
-            pos += take
-            self._skip_left -= take
-            self._skipped(take)
-            if not self._skip_left and not self._skip_flags & MORE:
-                self._skip = False
+        pos = self._skip_rest(pos, end)
         while pos < end:
             if self._state != "open":  # greeting, then handshake commands, as far as they have arrived
                 moved = self._handshake_step(buf, pos)

@@ -274,13 +274,7 @@ class FrameStream:
         buf = self._buf
         pos = self._pos
         end = len(buf)
-        if self._skip_left:  # the rest of an oversized frame: dropped as it arrives
-            take = min(self._skip_left, end - pos)
-            pos += take
-            self._skip_left -= take
-            self._skipped(take)
-            if not self._skip_left and not self._skip_flags & MORE:
-                self._skip = False
+        pos = self._skip_rest(pos, end)
         while pos < end:
             if self._state != "open":  # greeting, then handshake commands, as far as they have arrived
                 moved = self._handshake_step(buf, pos)
@@ -344,6 +338,17 @@ class FrameStream:
             self._pos = 0
         else:
             self._pos = pos
+
+    def _skip_rest(self, pos: int, end: int) -> int:
+        """Past what arrived of the rest of an oversized frame (dropped as it arrives); the new position."""
+        if not self._skip_left:
+            return pos
+        take = min(self._skip_left, end - pos)
+        self._skip_left -= take
+        self._skipped(take)
+        if not self._skip_left and not self._skip_flags & MORE:
+            self._skip = False
+        return pos + take
 
     def _skipped(self, count: int) -> None:
         """Bytes of an oversized message dropped: bounded, so that a peer streaming one endless message
