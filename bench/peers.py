@@ -11,7 +11,7 @@ Servers, all on examples/models/tiny (x FP32[-1, 64] -> y), 2 worker processes e
   unix_echo             the floor: a Python echo on a raw Unix socket (bench/unix_echo.py)
 Generators, closed loop, c requests in flight (c = 1, 8, 32):
   c       C generators: wrk -t1 (bench/peers_post.lua, raw float32 body) for HTTP; bench/cwire for OpenInfer,
-          with --direct when cwire has it (its --help lists it), else through the front door (said in the JSON)
+          --direct (a lease, then straight to the workers) and --front-door (through the daemon's socket)
   python  the clients a user would write, one process, one event loop: aiohttp; openinfer AsyncClient
           (the direct path) and AsyncClient(direct=False) (the front door)
   floor   one Python client process on the echo (blocking socket at c = 1, epoll above)
@@ -53,7 +53,7 @@ from common import (  # noqa: E402
     world_readable_tempdir,
     write_json,
 )
-from cwireload import CWirePool, build as build_cwire  # noqa: E402
+from cwireload import PATHS as CWIRE_PATHS, CWirePool, build as build_cwire  # noqa: E402
 from loadgen import RunResult, concurrency_levels  # noqa: E402
 from peers_clients import PythonClients  # noqa: E402
 from peers_http import ServerNotReady, UvicornServer, Wrk  # noqa: E402
@@ -128,29 +128,10 @@ def progress(text: str) -> None:
 
 # -- cwire's direct mode -----------------------------------------------------------------------------
 def cwire_direct_mode() -> dict[str, Any]:
-    """Whether bench/cwire can take a lease and send infer to the workers: its usage (`cwire --help`)
-    lists `--direct`. Without it the C generator's OpenInfer figures are the front door's."""
-    binary = build_cwire()
-    try:
-        done = subprocess.run([str(binary), "--help"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
-        usage = done.stdout + done.stderr
-    except subprocess.TimeoutExpired:
-        usage = ""
-    if "--direct" in usage:
-        return {"available": True, "detected_by": "`bench/cwire/cwire --help` lists --direct"}
-    return {"available": False, "detected_by": "`bench/cwire/cwire --help` does not list --direct",
-            "note": "bench/cwire has no --direct mode yet: the C generator's OpenInfer figures are the front door's (the direct path is measured with the Python clients)"}
-
-
-class DirectCWirePool(CWirePool):
-    """cwire started as `cwire --direct MODEL INPUT ROWS COLS`: the same commands on stdin, ADDRESS still
-    the daemon's socket (cwire takes the lease there and attaches to the workers itself)."""
-
-    def __init__(self, model: str, input_name: str, rows: int, cols: int) -> None:
-        import tempfile
-
-        self._process = subprocess.Popen([str(build_cwire()), "--direct", model, input_name, str(rows), str(cols)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._scratch = Path(tempfile.mkdtemp(prefix="cwire-"))
+    """bench/cwire takes a lease and sends infer to the workers itself (`--direct`, cwireload.PATHS);
+    the front door's figures come from the same binary with `--front-door`."""
+    build_cwire()
+    return {"available": "direct" in CWIRE_PATHS, "detected_by": "bench/cwireload.PATHS"}
 
 
 # -- one measurement ---------------------------------------------------------------------------------
@@ -270,9 +251,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["config"]["fastapi_command"] = " ".join(servers["fastapi"].command[1:]).replace(str(BENCH) + os.sep, "bench/").replace(str(BENCH), "bench")
         pools["wrk"] = Wrk()
         x = tiny_input()
-        pools["cwire"] = CWirePool(MODEL, "x", x)
+        pools["cwire"] = CWirePool(MODEL, "x", x, path="front-door")
         if cwire["available"]:
-            pools["cwire_direct"] = DirectCWirePool(MODEL, "x", *x.shape)
+            pools["cwire_direct"] = CWirePool(MODEL, "x", x, path="direct")
         pools["python"] = PythonClients()
         pools["echo"] = EchoClients()
         series = build_series(args, servers, pools, cwire)

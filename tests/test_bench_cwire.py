@@ -36,7 +36,7 @@ def test_cwire_drives_the_daemon_and_reports_every_answer(daemon: RunningDaemon,
     result = pool.run(daemon.address, 4, duration_s=0.4, warmup_s=0.05)
     answered = daemon.client().stats()["models"]["tiny"]["requests"] - before
     assert result.errors == {}
-    assert result.path == "front-door" and pool.paths[daemon.address] == "front-door"  # this daemon has no direct path
+    assert result.path == "direct" and pool.paths[daemon.address] == "direct"  # the daemon grants leases by default (pool.direct)
     # The window counts only requests sent and answered inside it; the daemon also saw the rest.
     assert 50 < result.completed <= answered
     assert (result.latencies_ns > 0).all() and np.median(result.latencies_ns) < 1e9

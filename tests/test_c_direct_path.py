@@ -359,10 +359,11 @@ def test_killed_worker_fails_only_its_request(c_example: Path, daemon_factory: A
     assert np.frombuffer(after["outputs"][0][3], "<f4").tolist() == [4.0]
     summary = quiet_summary(bystander_out)
     assert summary["errors"] == {} and summary["ok"] == summary["rounds"] > 0, summary
-    # past its deadline the daemon kills the worker running it: DEADLINE_EXCEEDED, not WORKER_CRASHED (rc
-    # TIMEOUT instead if the client's own 200 ms of grace ran out first on a very busy machine)
+    # past its deadline the worker stops the run itself and answers DEADLINE_EXCEEDED (run_watch.py), not
+    # WORKER_CRASHED (rc TIMEOUT instead if the client's own 200 ms of grace ran out first on a very busy machine)
     [late] = run_requests(running.address, specs[:1], tmp_path, "--timeout", "1500", timeout=120)
-    assert late["status"] == "DEADLINE_EXCEEDED" and late["rc"] in ("DEADLINE_EXCEEDED", "TIMEOUT") and late["local"] == 1 and late["path"] == "direct", late
+    assert late["status"] == "DEADLINE_EXCEEDED" and late["rc"] in ("DEADLINE_EXCEEDED", "TIMEOUT") and late["path"] == "direct", late
+    assert late["local"] == 0 or late["rc"] == "TIMEOUT", late  # the worker's answer, not the client's guess
 
 
 def test_valgrind_clean_on_the_direct_path(c_example: Path, direct_daemon: RunningDaemon, tmp_path: Path) -> None:

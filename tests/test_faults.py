@@ -112,9 +112,12 @@ def test_sigkill_workers_under_load_every_request_answered_once(daemon_factory: 
     else:
         # Every answer is counted (the ledger is written before each reply), and every request a killed
         # worker had admitted; requests still unread in its socket when it died never reached the daemon:
-        # the client library fails them (WORKER_CRASHED) and they are not in the daemon's books.
-        assert stats["success"] == outcomes["OK"]
-        assert 5 <= stats["failures"].get("WORKER_CRASHED", 0) <= outcomes["WORKER_CRASHED"], (stats["failures"], outcomes)
+        # the client library fails them (WORKER_CRASHED) and they are not in the daemon's books. A request
+        # answered in the instant its worker was killed is in the books as answered while its reply never
+        # left: its client reports WORKER_CRASHED.
+        recorded_unsent = stats["success"] - outcomes["OK"]
+        assert 0 <= recorded_unsent <= 5, (stats, outcomes)
+        assert 5 <= stats["failures"].get("WORKER_CRASHED", 0) + recorded_unsent <= outcomes["WORKER_CRASHED"], (stats["failures"], outcomes)
     # The daemon saw exactly these five deaths and replaced each worker (not the test counting its own loop).
     assert stats["versions"]["1"]["worker_restarts"] == 5
     exits = [record for record in log_records(running) if record.get("msg") == "worker exited" and record.get("pid") in killed]
