@@ -109,6 +109,8 @@ class AsyncClient:
         return await self._call("reload")
 
     async def close(self) -> None:
+        if self._socket.closed:
+            return  # closed already: a second close is a no-op
         if self._reader is not None:
             self._reader.cancel()
             try:

@@ -116,6 +116,8 @@ class Client:
         return self._call("reload")
 
     def close(self) -> None:
+        if self._socket.closed:
+            return  # closed already: a second close is a no-op
         self._core.close_links()
         self._socket.disable_monitor()
         self._monitor.close(linger=0)

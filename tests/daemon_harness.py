@@ -80,9 +80,15 @@ class RunningDaemon:
 
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM, then SIGKILL of the process group if it does not exit."""
-        for client in self._clients:
-            client.close()
-        self._clients.clear()
+        clients, self._clients = self._clients, []
+        try:
+            for client in clients:
+                client.close()
+        finally:
+            self._stop_process(timeout)
+        return self.process.returncode
+
+    def _stop_process(self, timeout: float) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -90,7 +96,6 @@ class RunningDaemon:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        return self.process.returncode
 
 
 DAEMON_ENTRY = ("-m", "openinfer.daemon.cli")

@@ -98,7 +98,10 @@ def test_cwire_direct_and_front_door_against_one_daemon(daemon_factory: Any, tin
 def test_cwire_direct_counts_a_lost_worker_and_goes_on(daemon_factory: Any, tiny_repo: Path) -> None:
     running = daemon_factory(tiny_repo, env={"OPENINFER_POOL_DIRECT": "1", "OPENINFER_POOL_CRASH_LOOP_LIMIT": "100"})
     with Client(running.address, direct=False) as admin:
-        victim = next(w["pid"] for w in admin.status()["workers"] if w["model"] == "tiny")
+        # the daemon is ready with one worker per model; the lease names the workers ready then, and the
+        # victim must be one cwire uses
+        ready = wait_for(lambda: [w["pid"] for w in admin.status()["workers"] if w["model"] == "tiny" and w["state"] in ("ready", "busy")] if sum(1 for w in admin.status()["workers"] if w["model"] == "tiny" and w["state"] in ("ready", "busy")) == 2 else None, 60, "both tiny workers ready", daemon=running)
+        victim = ready[0]
     outcome: dict[str, Any] = {}
     with CWirePool("tiny", "x", np.ones((1, 64), np.float32), path="direct") as pool:
         pool.prepare(running.address, 4)

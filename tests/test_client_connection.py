@@ -122,3 +122,19 @@ def test_a_dropped_connection_fails_every_async_request_in_flight(running: Runni
     # retries=3 does not resend them: a request lost with its connection may have run
     assert len(errors) == 2 and all(type(e) is Unavailable and e.details == {"connection": "lost"} for e in errors), errors
 
+
+
+def test_closing_a_client_twice_is_harmless(running: RunningDaemon) -> None:
+    """A client closed by its owner and again by a context manager or a fixture (the harness does)."""
+    client = Client(running.address, direct=False)
+    assert client.health()["ready"]
+    client.close()
+    client.close()
+
+    async def scenario() -> None:
+        async_client = AsyncClient(running.address, direct=False)
+        assert (await async_client.health())["ready"]
+        await async_client.close()
+        await async_client.close()
+
+    asyncio.run(scenario())

@@ -175,6 +175,7 @@ def test_a_worker_that_forges_its_ledger_is_retired_and_nothing_it_wrote_is_coun
     wait_for(lambda: "ledger: record 1: fields out of range" in daemon.log_text(), 60, "the forged ledger to be rejected", daemon=daemon)
     assert '"msg":"worker sent an invalid message; retiring it"' in daemon.log_text()
     with Client(daemon.address, timeout=10) as client:
+        wait_for(lambda: any(w["model"] == "tiny" and w["state"] == "ready" for w in client.status()["workers"]), 60, "tiny ready", daemon=daemon)
         np.testing.assert_allclose(client.infer("tiny", {"x": np.ones((1, 64), np.float32)}).outputs["y"].shape, (1, 64))
         stats = client.stats()
     assert not any("victim" in key for key in stats["clients"]), stats["clients"]
