@@ -35,8 +35,7 @@ REPLY_SLACK_MAX_S = 1.0
 # A request with more tensor bytes than this is checked against the front door's limits before it is
 # sent (the first such request asks `health` for them, once); smaller ones cannot be over any default.
 LARGE_REQUEST_BYTES = 1 << 20
-STAY_QUEUE_US = 100
-GOAWAY_FRESH_NS = 1_000_000_000  # well inside a retiring worker's 4 s of drain (daemon/worker/serve.py)  # a reply that waited longer than this in its worker's queue moves the next request on
+STAY_QUEUE_US = 100  # a reply that waited longer than this in its worker's queue moves the next request on
 TEMPLATES_KEPT = 256  # request shapes whose header is kept packed
 _PACKER = msgpack.Packer()
 _ID_KEY = pack("id")
@@ -246,12 +245,7 @@ class ClientCore:
 
     def notice_goaway(self, link: DirectLink) -> None:
         """Take in what already arrived on an idle link (a GOAWAY, or the close after one) before a
-        request is sent there; one recv that usually finds nothing. Skipped while the link was read less
-        than GOAWAY_FRESH_NS ago: a GOAWAY that came since then started a drain during which the worker
-        still reads and answers this connection for seconds (PROTOCOL.md 17.5), and the reply's read
-        finds the GOAWAY before it."""
-        if time.monotonic_ns() - link.read_ns < GOAWAY_FRESH_NS:
-            return
+        request is sent there; one recv that usually finds nothing."""
         try:
             read_replies(link)
         except PeerClosed:

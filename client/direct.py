@@ -104,7 +104,6 @@ class DirectLink:
     attached_ns: int = 0  # expiry of the lease attached (0: none yet)
     draining: bool = False  # the worker said GOAWAY: send nothing more here
     closed: bool = False
-    read_ns: int = 0  # CLOCK_MONOTONIC of the last read of this connection
 
     @property
     def fd(self) -> int:
@@ -152,7 +151,6 @@ def read_replies(link: DirectLink) -> list[tuple[dict[str, Any], list[Buffer]]]:
     """Complete replies available now; GOAWAY is noted on the link. Raises PeerClosed when the worker
     is gone (the caller fails what was pending there)."""
     replies = []
-    link.read_ns = time.monotonic_ns()
     try:
         events = link.stream.read()
     except ProtocolError:
