@@ -102,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=0.25, help="discarded seconds at the start of each run (default 0.25)")
     p.add_argument("--repeats", type=int, default=3, help="runs per (level, daemon); figures are medians (default 3)")
     p.add_argument("--generator", choices=("cwire", "wire", "clients"), default="cwire", help="cwire: bench/cwire, the C wire-protocol generator (~5 us CPU per request; default); wire: bench/wireload.py, the same in Python (~20-30 us); clients: Python Client/AsyncClient processes (~135-195 us per request)")
+    p.add_argument("--path", choices=("auto", "direct", "front-door"), default="auto", help="cwire's path: auto (direct when the daemon grants a lease: the default daemon does), direct, or front-door (through the supervisor)")
     p.add_argument("--queue-delay-us", type=int, default=MAX_QUEUE_DELAY_US, help=f"max_queue_delay_us of the batching daemon (default {MAX_QUEUE_DELAY_US}; 0 = never wait for a batch)")
     p.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE, help=f"max_batch_size of the batching daemon (default {MAX_BATCH_SIZE})")
     p.add_argument("--preferred", type=lambda text: [int(v) for v in text.split(",")], default=None, metavar="SIZES", help="preferred_batch_sizes of the batching daemon, e.g. 8,16,32 (default: none)")
@@ -336,6 +337,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "max_queue_delay_us": args.queue_delay_us,
             "workers": WORKERS,
             "sandbox": args.sandbox,
+            "path": args.path,
             "levels": args.levels,
             "duration_s": args.duration,
             "warmup_s": args.warmup,
@@ -366,7 +368,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pools: dict[str, Any] = {}
         try:
             if args.generator == "cwire":
-                pools["cwire"] = CWirePool(MODEL, "x", tiny_input(seed=1000))
+                pools["cwire"] = CWirePool(MODEL, "x", tiny_input(seed=1000), path=args.path)
             elif wire:
                 pools["wire"] = WirePool(args.wire_processes, MODEL, tiny_input(seed=1000))
             if sync_levels:

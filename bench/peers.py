@@ -340,7 +340,7 @@ def batching_phase(args: argparse.Namespace) -> dict[str, Any]:
         off, on = full["levels"]["off"]["cwire"][c], full["levels"]["on"]["cwire"][c]
         levels[c] = {"off_rps": off["throughput_rps"], "on_rps": on["throughput_rps"], "p99_off_us": off["p99_us"], "p99_on_us": on["p99_us"],
                      "mean_batch": on["batches"]["mean_size"], "runs_off_rps": [r["throughput_rps"] for r in off["runs"]], "runs_on_rps": [r["throughput_rps"] for r in on["runs"]]}
-    return {"skipped": None, "source": "bench/batching.py run() (cwire, front door, sandboxed)", "config": {k: full["config"][k] for k in ("max_batch_size", "max_queue_delay_us", "sandbox")}, "levels": levels}
+    return {"skipped": None, "source": "bench/batching.py run() (cwire, direct path when granted, sandboxed)", "config": {k: full["config"][k] for k in ("max_batch_size", "max_queue_delay_us", "sandbox", "path")}, "levels": levels}
 
 
 if __name__ == "__main__":

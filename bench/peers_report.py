@@ -171,7 +171,7 @@ def print_summary(results: dict[str, Any]) -> None:
     print("(us, req/s; direct = share of replies served by the direct path)")
     batching = results.get("batching", {})
     for c, f in batching.get("levels", {}).items():
-        print(f"batching (bench/batching.py, cwire, front door) c={c}: off {_num(f['off_rps'], 0)} req/s, on {_num(f['on_rps'], 0)} req/s, mean batch {f['mean_batch']}")
+        print(f"batching (bench/batching.py, cwire, path {batching.get('config', {}).get('path', 'auto')}) c={c}: off {_num(f['off_rps'], 0)} req/s, on {_num(f['on_rps'], 0)} req/s, mean batch {f['mean_batch']}")
     if batching.get("skipped"):
         print(f"batching phase skipped ({batching['skipped']})")
     print("\nTargets (reported, never asserted):")

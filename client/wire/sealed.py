@@ -135,6 +135,12 @@ class SealedFrameStream(FrameStream):
             return
         self._queue(self.mechanism.seal(frames))
 
+    def hold(self, frames: list[Buffer]) -> None:
+        if self._state != "open":
+            self._held.append(list(frames))
+            return
+        self._queue(self.mechanism.seal(frames), write=False)
+
     def _parse(self, events: list[Event]) -> None:
         buf = self._buf
         pos = self._pos

@@ -499,10 +499,18 @@ class FrameStream:
             sent = 0
         self._queue(rest)
 
+    def hold(self, frames: list[Buffer]) -> None:
+        """Queue one multipart message without writing it: a sender with several messages for this
+        peer holds them all, then one flush() writes them with one sendmsg instead of one each."""
+        if self._state != "open":
+            self._held.append(list(frames))
+            return
+        self._queue(message_buffers(frames), write=False)
+
     def send_raw(self, data: bytes) -> None:
         self._queue([data])
 
-    def _queue(self, buffers: Iterable[Buffer]) -> None:
+    def _queue(self, buffers: Iterable[Buffer], write: bool = True) -> None:
         out = self._out
         for buffer in buffers:
             view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
@@ -510,7 +518,8 @@ class FrameStream:
                 view = view.cast("B")
             out.append(view)
             self.out_bytes += view.nbytes
-        self.flush()
+        if write:
+            self.flush()
 
     def flush(self) -> bool:
         """Write queued bytes until done or the socket is full; True when nothing is left."""

@@ -23,9 +23,10 @@ import logging
 import resource
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Callable, Iterator
 
 import psutil
 
@@ -119,6 +120,7 @@ class ConnectionTable:
         self.timers = timers
         self.listener = listener
         self.access = access
+        self._holding: dict[int, Connection] | None = None  # replies held for one write each (held())
         self.on_message = on_message
         self.on_closed = on_closed
         self.by_fd: dict[int, Connection] = {}
@@ -279,11 +281,40 @@ class ConnectionTable:
         except ProtocolError as exc:
             self.close(conn, f"protocol error: {exc}")
 
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Replies sent inside are held per connection and written when it ends, one sendmsg per
+        connection: a batch's replies to one client cost one system call, not one each."""
+        if self._holding is not None:  # already holding: the outer block writes
+            yield
+            return
+        holding: dict[int, Connection] = {}
+        self._holding = holding
+        try:
+            yield
+        finally:
+            self._holding = None
+            for conn in holding.values():
+                if conn.closed:
+                    continue
+                try:
+                    conn.stream.flush()
+                except PeerClosed:
+                    self.close(conn, None)
+                    continue
+                if conn.stream.out_bytes:
+                    self._watch(conn)
+
     def send(self, conn: Connection, frames: list[Buffer]) -> bool:
         """Queue a reply; False (and counted) when its connection is gone. Never blocks."""
         if conn.closed:
             self.replies_dropped += 1
             return False
+        holding = self._holding
+        if holding is not None:
+            conn.stream.hold(frames)
+            holding[conn.conn_id] = conn
+            return True
         try:
             conn.stream.send(frames)
         except PeerClosed:

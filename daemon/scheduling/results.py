@@ -136,29 +136,30 @@ class WorkerResults:
         bytes_out: list[int] = []
         send_packed = self.replies.send_packed
         monotonic_ns = time.monotonic_ns
-        for task, member in zip(batch, members):
-            received_ns = task.received_ns
-            decoded_ns = task.decoded_ns
-            own = (  # accounting.MEMBER_STAGES; the rest of the timing is shared by the batch
-                (decoded_ns - received_ns) / 1000,
-                (started_ns - decoded_ns) / 1000,
-                task.batch_wait_ns / 1000,  # part of queue_us, not an extra stage
-                (monotonic_ns() - received_ns) / 1000,
-            )
-            if rows_layout:
-                outputs = member
-                packed = headers.render(task.request_id, task.rows, own)
-            else:
-                specs, outputs = member
-                header["id"], header["outputs"] = task.request_id, specs
-                header["timing"] = {"decode_us": own[0], "queue_us": own[1], **shared, "batch_wait_us": own[2], "total_us": own[3]}
-                packed = pack(header)
-            send_packed(task.route, packed, outputs)
-            own_timings.append(own)
-            size = 0
-            for frame in outputs:
-                size += len(frame)
-            bytes_out.append(size)
+        with self.replies.connections.held():  # one write per client connection for the whole batch
+            for task, member in zip(batch, members):
+                received_ns = task.received_ns
+                decoded_ns = task.decoded_ns
+                own = (  # accounting.MEMBER_STAGES; the rest of the timing is shared by the batch
+                    (decoded_ns - received_ns) / 1000,
+                    (started_ns - decoded_ns) / 1000,
+                    task.batch_wait_ns / 1000,  # part of queue_us, not an extra stage
+                    (monotonic_ns() - received_ns) / 1000,
+                )
+                if rows_layout:
+                    outputs = member
+                    packed = headers.render(task.request_id, task.rows, own)
+                else:
+                    specs, outputs = member
+                    header["id"], header["outputs"] = task.request_id, specs
+                    header["timing"] = {"decode_us": own[0], "queue_us": own[1], **shared, "batch_wait_us": own[2], "total_us": own[3]}
+                    packed = pack(header)
+                send_packed(task.route, packed, outputs)
+                own_timings.append(own)
+                size = 0
+                for frame in outputs:
+                    size += len(frame)
+                bytes_out.append(size)
         self.replies.finish_batch(batch, shared, own_timings, bytes_out)
 
 

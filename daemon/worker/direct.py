@@ -16,8 +16,9 @@ import select
 import socket
 import struct
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from openinfer.daemon.direct.lease import Lease, LeaseRefused, verify
 from openinfer.daemon.frontdoor.validation import OverLimit, check_envelope, decode_header, request_id_of
@@ -84,6 +85,7 @@ class DirectDoor:
         self.on_outcome = on_outcome  # counts what this door answered itself: (conn, client key, op, request id, error or None, received_ns)
         self.key = b""  # the lease key, from the supervisor (ACK, then KEY on every reload)
         self.by_fd: dict[int, DirectConnection] = {}
+        self._holding: dict[int, DirectConnection] | None = None  # replies held for one write each (held())
         self.per_identity: dict[str, int] = {}
         self.handshaking: dict[int, DirectConnection] = {}
         self._next_id = 1
@@ -231,8 +233,37 @@ class DirectDoor:
         self.reply(conn, delimited, {"v": PROTOCOL_VERSION, "id": request_id, "result": result})
 
     # -- replies --------------------------------------------------------------------------------------
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Replies sent inside are held per connection and written when it ends: a batch's replies to
+        one client cost one sendmsg, not one each (each is in the ledger before it is written)."""
+        if self._holding is not None:
+            yield
+            return
+        holding: dict[int, DirectConnection] = {}
+        self._holding = holding
+        try:
+            yield
+        finally:
+            self._holding = None
+            for conn in holding.values():
+                if conn.closed:
+                    continue
+                try:
+                    conn.stream.flush()
+                except PeerClosed:
+                    self.close(conn)
+                    continue
+                if conn.stream.out_bytes:
+                    self._watch(conn)
+
     def send(self, conn: DirectConnection, frames: list[Buffer]) -> None:
         if conn.closed:
+            return
+        holding = self._holding
+        if holding is not None:
+            conn.stream.hold(frames)
+            holding[conn.fd] = conn
             return
         try:
             conn.stream.send(frames)

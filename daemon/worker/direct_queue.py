@@ -264,23 +264,24 @@ class DirectQueue:
             return
         cpu_each = (time.process_time_ns() - cpu_start) / 1000 / len(batch)
         start = 0
-        for member in batch:
-            parts = [value[start : start + member.rows] for value in results]
-            start += member.rows
-            specs, payloads = encode_outputs(member.wanted, [part if isinstance(part, BF16Array) else np.ascontiguousarray(part) for part in parts])
-            now = time.monotonic_ns()
-            timing = {
-                "decode_us": (member.decoded_ns - member.received_ns) / 1000,
-                "queue_us": (started_ns - member.decoded_ns) / 1000,
-                "batch_wait_us": self._batch_wait_us(member, started_ns),
-                "prep_us": (prepared_ns - started_ns) / 1000,
-                "compute_us": (computed_ns - prepared_ns) / 1000,
-                "encode_us": (now - computed_ns) / 1000,
-                "cpu_us": cpu_each,
-                "total_us": (now - member.received_ns) / 1000,
-            }
-            reply = {"v": PROTOCOL_VERSION, "id": member.request_id, "model": self.model.name, "version": self.model.version, "outputs": specs, "timing": timing, "batch_size": len(batch)}
-            self._answer(member, reply, payloads, None, timing)
+        with self.door.held():  # one write per client connection for the whole batch
+            for member in batch:
+                parts = [value[start : start + member.rows] for value in results]
+                start += member.rows
+                specs, payloads = encode_outputs(member.wanted, [part if isinstance(part, BF16Array) else np.ascontiguousarray(part) for part in parts])
+                now = time.monotonic_ns()
+                timing = {
+                    "decode_us": (member.decoded_ns - member.received_ns) / 1000,
+                    "queue_us": (started_ns - member.decoded_ns) / 1000,
+                    "batch_wait_us": self._batch_wait_us(member, started_ns),
+                    "prep_us": (prepared_ns - started_ns) / 1000,
+                    "compute_us": (computed_ns - prepared_ns) / 1000,
+                    "encode_us": (now - computed_ns) / 1000,
+                    "cpu_us": cpu_each,
+                    "total_us": (now - member.received_ns) / 1000,
+                }
+                reply = {"v": PROTOCOL_VERSION, "id": member.request_id, "model": self.model.name, "version": self.model.version, "outputs": specs, "timing": timing, "batch_size": len(batch)}
+                self._answer(member, reply, payloads, None, timing)
 
     # -- answers ---------------------------------------------------------------------------------------
     def _answer(self, request: DirectRequest, reply: dict[str, Any], payloads: list[Any], code: str | None, timing: dict[str, float]) -> None:
