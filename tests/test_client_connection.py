@@ -138,3 +138,25 @@ def test_closing_a_client_twice_is_harmless(running: RunningDaemon) -> None:
         await async_client.close()
 
     asyncio.run(scenario())
+
+
+def test_the_daemons_deadline_answer_arrives_before_the_clients_own_timer(running: RunningDaemon) -> None:
+    """PROTOCOL.md 10.2: the client waits 10 % of its timeout longer (at least 50 ms), so a request that
+    waited out its deadline in the daemon's queue comes back with the daemon's DEADLINE_EXCEEDED, which
+    says where the time went, not the client's own "no reply" (which fired exactly at the timeout)."""
+    blocker = threading.Thread(target=lambda: _spin_until_the_daemon_stops(running.address), daemon=True)
+    blocker.start()  # the spin model's only worker runs it until the daemon stops
+    with Client(running.address, direct=False) as admin:
+        wait_for(lambda: any(w["model"] == "spin" and w["state"] == "busy" for w in admin.status()["workers"]), 30, "the spin worker busy")
+    with Client(running.address, direct=False, timeout=0.3) as client:
+        with pytest.raises(DeadlineExceeded) as caught:
+            client.infer("spin", {"x": np.zeros(1, np.float32)})
+    assert "no reply" not in caught.value.message and "queue" in caught.value.message, caught.value.message
+
+
+def _spin_until_the_daemon_stops(address: str) -> None:
+    with Client(address, direct=False, timeout=5.0) as client:  # its deadline ends the run soon after the test
+        try:
+            client.infer("spin", {"x": np.zeros(1, np.float32)})
+        except OpenInferError:
+            pass  # its deadline, or the daemon stopping under it
