@@ -255,6 +255,20 @@ def test_over_the_lease_limit_is_refused_locally(c_example: Path, direct_daemon:
     assert python_says.value.code == "RESOURCE_EXHAUSTED"
 
 
+def test_over_the_front_doors_limit_is_refused_locally(c_example: Path, daemon_factory: Any, busy_repo: Path, tmp_path: Path) -> None:
+    """On the front door (direct path off) the client learns the daemon's limit from `health` the first
+    time a request is large, and refuses a request over it without sending a byte of it."""
+    running = daemon_factory(busy_repo, env={"OPENINFER_POOL_DIRECT": "0", "OPENINFER_SERVER_MAX_REQUEST_BYTES": str(1 << 20)})
+    big = np.ones((8192, 64), "<f4").tobytes()  # 2 MiB
+    over, fits = run_requests(running.address, [request_spec("tiny", [("x", "FP32", [8192, 64], big)]),
+                                                request_spec("tiny", [("x", "FP32", [1, 64], np.ones((1, 64), "<f4").tobytes())])], tmp_path)
+    assert over["status"] == "RESOURCE_EXHAUSTED" and over["local"] == 1, over
+    assert "server.max_request_bytes" in over["message"] and "1048576" in over["message"] and "2097152" in over["message"], over
+    assert fits["status"] == "OK" and fits["path"] == "front-door", fits
+    with Client(running.address, direct=False) as admin:
+        assert "(oversized)" not in admin.stats()["operations"]  # never sent: the daemon skipped nothing
+
+
 def test_front_door_when_the_daemon_has_no_direct_path(c_example: Path, example_daemon: RunningDaemon) -> None:
     """example_daemon runs without OPENINFER_POOL_DIRECT: `lease` is UNAVAILABLE with details.direct "off",
     and the client stops asking for its lifetime."""

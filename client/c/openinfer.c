@@ -26,6 +26,9 @@
 #define OI_MAX_HEADER_BYTES 65536 /* PROTOCOL.md 2.5 / 9 */
 #define OI_MAX_TENSORS 256        /* 257 frames including the header */
 #define OI_HWM 1000
+/* A front-door request with more tensor bytes than this is checked against the daemon's limit first
+ * (the first such request asks `health` for it, once): smaller ones are under any default. */
+#define OI_LARGE_REQUEST_BYTES (1u << 20)
 
 struct oi_client {
     void *ctx;
@@ -39,6 +42,8 @@ struct oi_client {
     int curve;
     int direct_wanted;  /* 1 unless turned off (oi_set_direct, OPENINFER_DIRECT=0) */
     oi_direct *direct;  /* the direct path's leases and worker connections (ipc:// without CURVE) */
+    int door_limit_known;            /* `health` was asked for the front door's limits */
+    uint64_t door_max_request_bytes; /* its limits.max_request_bytes (0: it named none) */
     char server_public[41];
     char client_public[41];
     char client_secret[41];
@@ -824,6 +829,41 @@ static int check_text(const char *what, const char *s, oi_error *err) {
     return OI_OK;
 }
 
+static void reply_init(oi_reply *r);
+
+/* The front door's limit on tensor bytes (PROTOCOL.md 7.4 `limits`), asked once. */
+static void ask_door_limit(oi_client *c) {
+    oi_reply reply;
+    c->door_limit_known = 1;
+    c->door_max_request_bytes = 0;
+    if (oi_request(c, "health", NULL, &reply) == OI_OK && reply.n_frames) {
+        msgpack_unpacked u;
+        msgpack_unpacked_init(&u);
+        if (unpack_one(&u, reply.frames[0].data, reply.frames[0].size) && u.data.type == MSGPACK_OBJECT_MAP) {
+            const msgpack_object *result = oi_map_get(&u.data, "result");
+            const msgpack_object *limits = result && result->type == MSGPACK_OBJECT_MAP ? oi_map_get(result, "limits") : NULL;
+            uint64_t limit;
+            if (limits && limits->type == MSGPACK_OBJECT_MAP && obj_uint(oi_map_get(limits, "max_request_bytes"), &limit))
+                c->door_max_request_bytes = limit;
+        }
+        msgpack_unpacked_destroy(&u);
+    }
+    oi_reply_free(&reply);
+}
+
+/* OI_DIRECT_USE_FRONT_DOOR (go on) or RESOURCE_EXHAUSTED for a request over the front door's limit,
+ * before a byte of it is sent: the daemon would skip it anyway, and past ~1 GiB cut the connection. */
+static int check_door_limit(oi_client *c, uint64_t tensor_bytes, oi_error *err) {
+    if (tensor_bytes <= OI_LARGE_REQUEST_BYTES) return OI_DIRECT_USE_FRONT_DOOR;
+    if (!c->door_limit_known) ask_door_limit(c);
+    if (c->door_max_request_bytes && tensor_bytes > c->door_max_request_bytes)
+        return LOCAL_ERR(err, OI_ERR_RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED",
+                         "request carries %" PRIu64 " bytes of tensors; the daemon's limit is %" PRIu64
+                         " (server.max_request_bytes): split the request or raise the setting",
+                         tensor_bytes, c->door_max_request_bytes);
+    return OI_DIRECT_USE_FRONT_DOOR;
+}
+
 int oi_infer(oi_client *c, const char *model, int64_t version, const oi_tensor *inputs, size_t n_inputs, oi_result *out) {
     if (!out) return OI_ERR_INVALID_ARGUMENT;
     result_init(out);
@@ -911,6 +951,7 @@ int oi_infer(oi_client *c, const char *model, int64_t version, const oi_tensor *
             rc = read_infer_reply(&u.data, answer.frames, answer.n_frames, out);
         }
     }
+    if (rc == OI_DIRECT_USE_FRONT_DOOR) rc = check_door_limit(c, tensor_bytes, err);
     if (rc == OI_DIRECT_USE_FRONT_DOOR) {
         msgvec v = {0};
         rc = exchange(c, id, frames, n_inputs + 1, budget, wait, &v, &u, err, &out->client_us);

@@ -7,7 +7,9 @@
  * waits for (late replies of requests that timed out, answers to the cancels this library sends) are
  * read and discarded. If the front door connection drops while a call waits for its reply (seen through
  * a libzmq socket monitor), the call fails at once with OI_ERR_TRANSPORT ("UNAVAILABLE") instead of
- * waiting out its timeout; libzmq reconnects by itself for the next call.
+ * waiting out its timeout; libzmq reconnects by itself for the next call. A request with more than
+ * 1 MiB of tensors is checked against the front door's limit first (`health` names it; asked once) and
+ * refused here, OI_ERR_RESOURCE_EXHAUSTED (local = 1) naming server.max_request_bytes, when over it.
  *
  * The direct path (PROTOCOL.md 17). On ipc://, oi_infer sends the request straight to one of the
  * model's worker processes, one hop instead of two, under a lease the front door issues: leases are
