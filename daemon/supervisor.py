@@ -27,6 +27,7 @@ from openinfer.wire.zmtp import Buffer, Event, Oversized
 from openinfer.daemon.control import admin
 from openinfer.daemon.frontdoor.access import AccessPolicy
 from openinfer.daemon.observability.accounting import Accountant
+from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.frontdoor.client_limits import ClientLimiter, load_client_policy
 from openinfer.daemon.direct.books import DirectBooks
 from openinfer.daemon.direct.endpoints import DirectPath
@@ -265,9 +266,7 @@ class Supervisor:
             header = decode_header(body[0])
             request_id = request_id_of(header)
             op = check_envelope(header, len(body))
-            name = header.get("client")
-            if name:
-                client = f"{name}@{conn.identity}"
+            client = client_key(header.get("client"), conn.identity)
             model_name = header.get("model")
             # A lease is for infer (and cancel) on the model's workers: the infer grant covers it.
             self.access.authorize(conn.peer, "infer" if op == "lease" else op, model_name if isinstance(model_name, str) else None)

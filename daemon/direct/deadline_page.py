@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import mmap
 import os
-import struct
 
 PAGE_BYTES = 4096
-_FIELDS = struct.Struct("<qq")  # running since (ns), must be done by (ns); 0 = idle
+_SINCE, _DEADLINE = 0, 1  # signed 64-bit words: running since (ns), must be done by (ns); 0 = idle
 
 
 class DeadlinePage:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.map = mmap.mmap(fd, PAGE_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # Each word is written and read in one 8-byte access (struct.pack_into writes byte by byte: the
+        # supervisor could read a torn deadline and kill a worker whose run was on time).
+        self.words = memoryview(self.map).cast("q")
 
     @classmethod
     def create(cls, name: str) -> "DeadlinePage":
@@ -33,16 +35,19 @@ class DeadlinePage:
         return cls(fd)
 
     def running(self, since_ns: int, deadline_ns: int) -> None:
-        _FIELDS.pack_into(self.map, 0, since_ns, deadline_ns)
+        self.words[_SINCE] = since_ns
+        self.words[_DEADLINE] = deadline_ns
 
     def idle(self) -> None:
-        _FIELDS.pack_into(self.map, 0, 0, 0)
+        self.words[_DEADLINE] = 0
+        self.words[_SINCE] = 0
 
     def read(self) -> tuple[int, int]:
-        since, deadline = _FIELDS.unpack_from(self.map, 0)
-        return int(since), int(deadline)
+        deadline = self.words[_DEADLINE]
+        return int(self.words[_SINCE]), int(deadline)
 
     def close(self) -> None:
+        self.words.release()
         self.map.close()
         try:
             os.close(self.fd)

@@ -13,8 +13,11 @@ Layout (little-endian), after the deadline page:
   header     write_seq u64 (worker), read_seq u64 (supervisor), dropped u64 (worker), 40 bytes spare
   clients    MAX_CLIENT_SLOTS x SLOT_BYTES: [length u8, key bytes] - the accounting keys, written once each
   ring       RING_RECORDS x RECORD: see _RECORD
-A record carries its own sequence number, written with it: the reader takes only records whose number
-is the one it expects, so a record still being written is read on a later pass, never half.
+A record carries its own sequence number, written last (one aligned 8-byte store): the reader takes
+only records whose number is the one it expects, so a record still being written is read on a later
+pass, never half. The header's positions are single 8-byte stores and loads too (a memoryview of
+unsigned 64-bit words: struct.pack_into writes byte by byte, and a reader on the other core saw torn
+positions).
 
 The worker is not trusted: every record and client key is checked where it is read (LedgerRejected
 retires the worker); a worker can only misreport its own requests. The ring is bounded: when the
@@ -34,7 +37,6 @@ PAGE_BYTES = 4096  # the deadline page comes first (deadline_page.py)
 LEDGER_BYTES = 1 << 20
 MAX_CLIENT_SLOTS = 1024
 SLOT_BYTES = 96
-_HEADER = struct.Struct("<QQQ")
 _HEADER_BYTES = 64
 _CLIENTS_AT = _HEADER_BYTES
 _RING_AT = _CLIENTS_AT + MAX_CLIENT_SLOTS * SLOT_BYTES
@@ -42,7 +44,7 @@ _RING_AT = _CLIENTS_AT + MAX_CLIENT_SLOTS * SLOT_BYTES
 # (RUN: how many requests ran together), kind, code, op, bytes in, bytes out, then the timing stages
 # (TIMING_KEYS) in microseconds (NaN = not measured).
 TIMING_KEYS = ("decode_us", "queue_us", "prep_us", "compute_us", "encode_us", "batch_wait_us", "total_us", "cpu_us")
-_RECORD = struct.Struct("<QQQIHBBBxQQ" + "d" * len(TIMING_KEYS))  # doubles: the books match the replies exactly
+_RECORD = struct.Struct("<QQQIHBBBxQQ" + "d" * len(TIMING_KEYS) + "6x")  # doubles: the books match the replies exactly; 120 bytes, so every record is 8-aligned
 RING_RECORDS = (LEDGER_BYTES - _RING_AT) // _RECORD.size
 
 # COUNTED: an operation answered OK (attach, cancel); RUN: one run of `run_size` requests (batch sizes)
@@ -76,13 +78,22 @@ def _map(fd: int) -> mmap.mmap:
     return mmap.mmap(fd, LEDGER_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=PAGE_BYTES)
 
 
+def _words(ledger: mmap.mmap) -> memoryview:
+    """The ledger as unsigned 64-bit words: an item is read and written in one 8-byte access."""
+    return memoryview(ledger).cast("Q")
+
+
+_WRITE, _READ, _DROPPED = 0, 1, 2  # header words: records written (worker), read (supervisor), dropped
+
+
 class LedgerWriter:
     """The worker's end."""
 
     def __init__(self, fd: int) -> None:
         self.map = _map(fd)
+        self.words = _words(self.map)
         self._slots: dict[str, int] = {}
-        self._seq = _HEADER.unpack_from(self.map, 0)[0]
+        self._seq = self.words[_WRITE]
         self.dropped = 0
 
     def _slot(self, client: str) -> int:
@@ -98,18 +109,19 @@ class LedgerWriter:
 
     def _append(self, serial: int, request_id: int, client: str, run_size: int, kind: int, code: str | None, op: str, bytes_in: int, bytes_out: int, timing: dict[str, float] | None) -> None:
         seq = self._seq
-        read_seq = _HEADER.unpack_from(self.map, 0)[1]
-        if seq - read_seq >= RING_RECORDS:
+        words = self.words
+        if seq - words[_READ] >= RING_RECORDS:
             self.dropped += 1
-            struct.pack_into("<Q", self.map, 16, self.dropped)
+            words[_DROPPED] = self.dropped
             return
         stages = [_NAN] * len(TIMING_KEYS) if timing is None else [timing.get(key, _NAN) for key in TIMING_KEYS]
-        _RECORD.pack_into(
-            self.map, _RING_AT + (seq % RING_RECORDS) * _RECORD.size,
-            seq + 1, serial, request_id, self._slot(client), run_size, kind, _CODE_INDEX[code or "OK"], _OP_INDEX.get(op, 1), bytes_in, bytes_out, *stages,
+        at = _RING_AT + (seq % RING_RECORDS) * _RECORD.size
+        _RECORD.pack_into(  # number 0 while the fields are written: no reader takes it yet
+            self.map, at, 0, serial, request_id, self._slot(client), run_size, kind, _CODE_INDEX[code or "OK"], _OP_INDEX.get(op, 1), bytes_in, bytes_out, *stages,
         )
+        words[at // 8] = seq + 1  # then its number, in one store: the record is whole from here on
         self._seq = seq + 1
-        struct.pack_into("<Q", self.map, 0, seq + 1)  # after the record: the reader also checks its number
+        words[_WRITE] = seq + 1
 
     def admitted(self, serial: int, request_id: int, client: str, bytes_in: int) -> None:
         self._append(serial, request_id, client, 0, ADMITTED, None, "infer", bytes_in, 0, None)
@@ -126,19 +138,28 @@ class LedgerWriter:
     def run(self, size: int) -> None:
         self._append(0, 0, "", size, RUN, None, "infer", 0, 0, None)
 
+    def close(self) -> None:
+        self.words.release()
+        self.map.close()
+
 
 class LedgerReader:
     """The supervisor's end: yields checked entries, at most what was written since the last read."""
 
     def __init__(self, fd: int, client_key: re.Pattern[str], other: str) -> None:
         self.map = _map(fd)
+        self.words = _words(self.map)
         self._client_key = client_key
         self._other = other
         self._clients: dict[int, str] = {}
         self._read = 0
 
+    def close(self) -> None:
+        self.words.release()
+        self.map.close()
+
     def dropped(self) -> int:
-        return int(_HEADER.unpack_from(self.map, 0)[2])
+        return int(self.words[_DROPPED])
 
     def _client(self, slot: int) -> str:
         if slot == MAX_CLIENT_SLOTS:
@@ -161,13 +182,15 @@ class LedgerReader:
 
     def read(self) -> list[Entry]:
         entries: list[Entry] = []
-        written = _HEADER.unpack_from(self.map, 0)[0]
+        words = self.words
+        written = words[_WRITE]
         if written - self._read > RING_RECORDS or written < self._read:
             raise LedgerRejected("write position out of range")
         while self._read < written:
-            seq, serial, request_id, slot, run_size, kind, code, op, bytes_in, bytes_out, *stages = _RECORD.unpack_from(self.map, _RING_AT + (self._read % RING_RECORDS) * _RECORD.size)
-            if seq != self._read + 1:
+            at = _RING_AT + (self._read % RING_RECORDS) * _RECORD.size
+            if words[at // 8] != self._read + 1:
                 break  # not fully visible yet: the next pass takes it
+            seq, serial, request_id, slot, run_size, kind, code, op, bytes_in, bytes_out, *stages = _RECORD.unpack_from(self.map, at)
             if not ADMITTED <= kind <= RUN or code >= len(CODES) or op >= len(OPS) or bytes_in >= 1 << 48 or bytes_out >= 1 << 48:
                 raise LedgerRejected(f"record {seq}: fields out of range")
             timing = {}
@@ -178,5 +201,5 @@ class LedgerReader:
                     timing[key] = value
             entries.append(Entry(kind, serial, request_id, "" if kind == RUN else self._client(slot), run_size, None if code == 0 else CODES[code], OPS[op], bytes_in, bytes_out, timing))
             self._read += 1
-        struct.pack_into("<Q", self.map, 8, self._read)  # the worker may reuse what was read
+        words[_READ] = self._read  # the worker may reuse what was read
         return entries

@@ -207,10 +207,14 @@ class ConnectionTable:
             self._refuse(sock, "max_connections_per_identity", peer, f"{identity} already has {self.settings.server.max_connections_per_identity} connections (server.max_connections_per_identity)")
             return
         now = time.monotonic_ns()
-        if curve is None:
-            stream = FrameStream(sock, self._limits, handshake=True)
-        else:
-            stream = SealedFrameStream(sock, self._limits, CurveServer(curve, lambda key: self._admit_key(conn, key)))
+        try:  # the greeting goes out at once: a peer that connected and closed fails it, costing nothing
+            if curve is None:
+                stream = FrameStream(sock, self._limits, handshake=True)
+            else:
+                stream = SealedFrameStream(sock, self._limits, CurveServer(curve, lambda key: self._admit_key(conn, key)))
+        except (PeerClosed, ProtocolError, OSError):
+            sock.close()
+            return
         conn = Connection(self._next_id, stream, peer, identity, now)
         self._next_id += 1
         self.accepted += 1

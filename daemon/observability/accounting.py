@@ -23,7 +23,6 @@ wire code, which metrics.py exposes as `openinfer_request_duration_seconds`.
 """
 from __future__ import annotations
 
-import re
 from bisect import bisect_left
 from itertools import accumulate
 from typing import Any
@@ -46,8 +45,7 @@ DURATION_BUCKETS_US = (
 _BUCKET_ROW = len(DURATION_BUCKETS_US) + 2  # one counter per bucket, one for > 60 s, then the ns sum
 PENDING_BATCHES_MAX = 32  # batches record_batch_later may hold before adding them in regardless
 MAX_CLIENTS = 1024  # distinct client keys kept; later ones are accounted under OTHER_CLIENTS
-# What a worker's tally may name as a client: an identity, optionally under a client name (1-64 characters).
-CLIENT_KEY = re.compile(r"(?:[^@]{1,64}@)?uid=\d{1,10}")
+from .client_key import CLIENT_KEY  # noqa: E402,F401  (what a worker's ledger may name as a client)
 OTHER_CLIENTS = "(other)"
 
 # HDR layout: lowest 1 µs, highest one hour, 2 significant digits. The same layout as hdrh's

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
+from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.direct.lease import Lease, LeaseRefused, verify
 from openinfer.daemon.frontdoor.validation import OverLimit, check_envelope, decode_header, request_id_of
 from openinfer.wire.errors import InvalidArgument, OpenInferError, PermissionDenied, ResourceExhausted
@@ -108,14 +109,21 @@ class DirectDoor:
             except OSError:  # EMFILE and the like: stop accepting for now, never die of it
                 self._pause_listening()
                 return
-            sock.setblocking(False)
-            pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-            identity = f"uid={uid}"
-            if self.per_identity.get(identity, 0) >= self.limits.max_connections_per_identity:
-                self.refused += 1
+            try:
+                sock.setblocking(False)
+                pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+                identity = f"uid={uid}"
+                if self.per_identity.get(identity, 0) >= self.limits.max_connections_per_identity:
+                    self.refused += 1
+                    sock.close()
+                    continue
+                # Our greeting goes out at once: a peer already gone makes that fail (PeerClosed), and a
+                # peer that connects and closes must cost nothing but its socket.
+                stream = FrameStream(sock, self._message_limits, handshake=True)
+            except (PeerClosed, ProtocolError, OSError):
                 sock.close()
                 continue
-            conn = DirectConnection(self._next_id, FrameStream(sock, self._message_limits, handshake=True), uid, identity, time.monotonic_ns())
+            conn = DirectConnection(self._next_id, stream, uid, identity, time.monotonic_ns())
             self._next_id += 1
             self.by_fd[sock.fileno()] = conn
             self.per_identity[identity] = self.per_identity.get(identity, 0) + 1
@@ -195,9 +203,7 @@ class DirectDoor:
             header = decode_header(body[0])
             request_id = request_id_of(header)
             op = check_envelope(header, len(body))
-            name = header.get("client")
-            if name:
-                client = f"{name}@{conn.identity}"
+            client = client_key(header.get("client"), conn.identity)
             if op == "attach":
                 self._attach(conn, delimited, request_id, header)  # type: ignore[arg-type]
                 self.on_outcome(conn, client, op, request_id, None, received_ns)
@@ -219,8 +225,8 @@ class DirectDoor:
         except OpenInferError as exc:
             self.error(conn, delimited, request_id, exc, received_ns)
             self.on_outcome(conn, client, op, request_id, exc, received_ns)
-            if request_id is None or isinstance(exc, OverLimit):
-                self.strike(conn)
+            if request_id is None or isinstance(exc, OverLimit) or conn.lease is None:
+                self.strike(conn)  # a conforming client attaches first: anything else before it is a strike
 
     def _attach(self, conn: DirectConnection, delimited: bool, request_id: int, header: dict[str, Any]) -> None:
         """Check the lease before anything else is read from this connection."""

@@ -20,6 +20,7 @@ import numpy as np
 
 from openinfer.daemon.direct.deadline_page import DeadlinePage
 from openinfer.daemon.direct.ledger import LedgerWriter
+from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.frontdoor.validation import InputSignature, check_infer
 from openinfer.daemon.modelstore.modelconfig import BatchingConfig
 from openinfer.daemon.scheduling.batch_rules import batch_size_now
@@ -122,7 +123,7 @@ class DirectQueue:
         name = header.get("client")
         outputs = header.get("outputs")
         request = DirectRequest(
-            conn, delimited, request_id, conn.identity, f"{name}@{conn.identity}" if name else conn.identity, signature.inputs, data,
+            conn, delimited, request_id, conn.identity, client_key(name, conn.identity), signature.inputs, data,
             list(outputs) if outputs else model.output_order, nbytes, header.get("priority") or 0, received_ns, decoded_ns,
             starts_ns + timeout_ms * 1_000_000, decoded_ns,
         )

@@ -109,7 +109,7 @@ def forge_ledger() -> None:
     key = b"victim@uid=0"
     ledger[64 : 64 + 1 + len(key)] = bytes((len(key),)) + key
     ring = 64 + 1024 * 96
-    record = struct.Struct("<QQQIHBBBxQQ" + "d" * 8)
+    record = struct.Struct("<QQQIHBBBxQQ" + "d" * 8 + "6x")
     record.pack_into(ledger, ring, 1, 1, 1, 0, 0, 99, 0, 0, 0, 0, *([1.0] * 8))
     struct.pack_into("<Q", ledger, 0, 1)
 

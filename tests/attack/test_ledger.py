@@ -28,7 +28,7 @@ from openinfer.daemon.observability.accounting import CLIENT_KEY, OTHER_CLIENTS
 
 HOSTILE_DAEMON = (str(Path(__file__).resolve().parent / "hostile_daemon.py"),)
 RING_AT = 64 + ledger.MAX_CLIENT_SLOTS * ledger.SLOT_BYTES
-RECORD = struct.Struct("<QQQIHBBBxQQ" + "d" * len(ledger.TIMING_KEYS))  # the layout ledger.py documents
+RECORD = struct.Struct("<QQQIHBBBxQQ" + "d" * len(ledger.TIMING_KEYS) + "6x")  # the layout ledger.py documents
 
 
 @pytest.fixture()
@@ -37,8 +37,8 @@ def shared() -> Iterator[tuple[LedgerWriter, LedgerReader]]:
     os.ftruncate(fd, ledger.PAGE_BYTES + ledger.LEDGER_BYTES)
     writer, reader = LedgerWriter(fd), LedgerReader(fd, CLIENT_KEY, OTHER_CLIENTS)
     yield writer, reader
-    writer.map.close()
-    reader.map.close()
+    writer.close()
+    reader.close()
     os.close(fd)
 
 

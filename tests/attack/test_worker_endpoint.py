@@ -203,3 +203,67 @@ def test_revoked_access_stops_the_direct_path_at_the_reload(daemon_factory: Any,
     finally:
         out, err = proc.communicate("go\n", timeout=60)
     assert out.strip().splitlines()[-1] == "PERMISSION_DENIED", (out, err)
+
+
+CONNECT_AND_CLOSE = """
+import socket, sys, time
+for _ in range(5):
+    for path in sys.argv[1:]:
+        for _ in range(50):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(path)
+            except OSError:
+                pass
+            s.close()
+    time.sleep(0.2)
+print("done", flush=True)
+"""
+
+
+def test_a_peer_that_connects_and_closes_at_once_costs_the_workers_nothing(daemon_factory: Any, repo: Path) -> None:
+    """The worker's greeting failed on a connection already closed, and the exception ended the worker
+    (exit 3, PeerClosed): any local uid allowed to open the socket, without a lease, killed every worker."""
+    daemon = daemon_factory(repo, env=DIRECT)
+    addresses = [w["address"][len("ipc://") :] for w in lease_of(daemon)["workers"]]
+    with Client(daemon.address, direct=False) as admin:
+        before = {w["pid"] for w in admin.status()["workers"]}
+    attacker = start_as(NOBODY, CONNECT_AND_CLOSE, *addresses)
+    out, err = attacker.communicate(timeout=60)
+    assert out.strip() == "done", err
+    with Client(daemon.address) as client:
+        assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+        assert {w["pid"] for w in client.status()["workers"]} == before  # not one replaced
+    assert "PeerClosed" not in daemon.log_text()
+
+
+def test_requests_before_a_lease_are_struck_out(daemon_factory: Any, repo: Path) -> None:
+    """A peer without a lease pipelining infer was answered PERMISSION_DENIED for ever, each answer a
+    ledger record the supervisor reads: now they count as strikes, and the connection is closed."""
+    daemon = daemon_factory(repo, env={**DIRECT, "OPENINFER_SERVER_PEER_STRIKE_LIMIT": "3"})
+    peer = Peer(lease_of(daemon)["workers"][0]["address"])
+    try:
+        answers = [peer.ask(infer(index), timeout=5) for index in range(3)]
+        assert all(a is not None and a["error"]["code"] == "PERMISSION_DENIED" for a in answers), answers
+        assert peer.ask(infer(9), timeout=5) is None  # struck out: closed
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("label", ["a@b", "x@uid=0", "€" * 32, "é" * 44 + "a" * 20])
+def test_a_client_label_cannot_get_a_worker_retired_or_counted_under_another_uid(daemon_factory: Any, repo: Path, label: str) -> None:
+    """Labels with "@", and labels whose UTF-8 is longer than a ledger slot, made the worker write a key
+    the supervisor refused (the worker was killed) or one cut into the uid ("...@uid=6" for uid 65534)."""
+    daemon = daemon_factory(repo, env=DIRECT)
+    with Client(daemon.address, direct=False) as admin:
+        before = {w["pid"] for w in admin.status()["workers"]}
+    with Client(daemon.address, client_name=label) as client:
+        for _ in range(3):
+            assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+    with Client(daemon.address, direct=False) as admin:
+        stats = admin.stats()
+        assert {w["pid"] for w in admin.status()["workers"]} == before
+    keys = [key for key in stats["clients"] if key != "uid=0"]
+    assert len(keys) == 1 and keys[0].endswith("@uid=0") and keys[0].startswith(label[:8]), keys
+    assert stats["clients"][keys[0]]["requests"] == 3
+    assert "ledger:" not in daemon.log_text()
