@@ -115,8 +115,8 @@ def test_sigkill_workers_under_load_every_request_answered_once(daemon_factory: 
         # the client library fails them (WORKER_CRASHED) and they are not in the daemon's books. A request
         # answered in the instant its worker was killed is in the books as answered while its reply never
         # left: its client reports WORKER_CRASHED.
-        recorded_unsent = stats["success"] - outcomes["OK"]
-        assert 0 <= recorded_unsent <= 5, (stats, outcomes)
+        recorded_unsent = stats["success"] - outcomes["OK"]  # a pass's replies leave together, after it
+        assert 0 <= recorded_unsent <= outcomes["WORKER_CRASHED"], (stats, outcomes)
         assert 5 <= stats["failures"].get("WORKER_CRASHED", 0) + recorded_unsent <= outcomes["WORKER_CRASHED"], (stats["failures"], outcomes)
     # The daemon saw exactly these five deaths and replaced each worker (not the test counting its own loop).
     assert stats["versions"]["1"]["worker_restarts"] == 5

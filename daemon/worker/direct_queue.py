@@ -150,7 +150,13 @@ class DirectQueue:
     # -- running ---------------------------------------------------------------------------------------
     def run_ready(self, everything: bool = False) -> float | None:
         """Run what can run now (`everything`: held batches too); returns how long until a held batch is
-        due (seconds), else None."""
+        due (seconds), else None. The replies of one pass leave together, one write per connection."""
+        if len(self.queue) < 2:
+            return self._run_ready(everything)
+        with self.door.held():
+            return self._run_ready(everything)
+
+    def _run_ready(self, everything: bool) -> float | None:
         queue = self.queue
         model = self.model
         batching = model.batching if model.batchable else None
