@@ -133,8 +133,9 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
                 t = r[key][group][path]
                 add(f"req/s at c={key[len('throughput_c'):]}, OpenInfer / FastAPI >=", group, t["path"], t["value"], TARGETS["throughput_ratio_min"],
                     None if t["value"] is None else t["value"] >= TARGETS["throughput_ratio_min"], t.get("note"), t["rounds"])
+    batching_path = {"auto": "direct", "front-door": "frontdoor"}.get(results.get("batching", {}).get("config", {}).get("path", "front-door"), "direct")
     for c, b in r["batching"].items():
-        add(f"req/s at c={c}, batched / unbatched >=", "c", "frontdoor", b["value"], TARGETS["batching_ratio_min"], None if b["value"] is None else b["value"] >= TARGETS["batching_ratio_min"], rounds=b["rounds"])
+        add(f"req/s at c={c}, batched / unbatched >=", "c", batching_path, b["value"], TARGETS["batching_ratio_min"], None if b["value"] is None else b["value"] >= TARGETS["batching_ratio_min"], rounds=b["rounds"])
     for level, s in r["sandbox"].items():
         cost = None if s["p50"] is None else round(s["p50"] - 1, 3)
         add(f"sandbox cost, p50 at c={level} <", "c", s["series"][len("openinfer_"):], cost, TARGETS["sandbox_cost_max"], None if cost is None else cost < TARGETS["sandbox_cost_max"],
