@@ -115,3 +115,34 @@ def test_live_daemon_stats_are_exact_and_the_breakdown_consistent(daemon_factory
     daemon_compute = float(np.median([t["compute_us"] for t, _, _ in replies["magika"]]))
     in_process = float(np.median(local))
     assert in_process / 4 <= daemon_compute <= in_process * 4, (daemon_compute, in_process)
+
+
+def test_requests_refused_before_they_name_themselves_are_counted_under_the_peers_identity(daemon_factory: Any, model_repo: Path) -> None:
+    """Issue #18 item 6: a malformed request was keyed by its connection's routing id, so every new
+    connection took a new `stats` client slot (any local peer could fill the 1,024); and valid
+    operations other than infer went uncounted. Now both are counted under the kernel-proven identity."""
+    import msgpack
+    import zmq
+
+    running = daemon_factory(model_repo)
+    context = zmq.Context()
+    try:
+        for index in range(20):  # each on a connection of its own
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(running.address)
+            sock.send_multipart([b"\xc1 not msgpack"] if index % 2 else [msgpack.packb({"v": 1, "id": index, "op": "explode"})])
+            assert sock.poll(10_000), "no reply"
+            assert "error" in msgpack.unpackb(sock.recv_multipart()[0])
+            sock.close()
+    finally:
+        context.term()
+    client = running.client(direct=False)
+    client.models()
+    client.health()
+    stats = client.stats()
+    assert set(stats["clients"]) == {"uid=0"}, sorted(stats["clients"])[:5]
+    assert stats["clients"]["uid=0"]["requests"] >= 20
+    operations = stats["operations"]
+    assert operations["(malformed)"] == {"INVALID_ARGUMENT": 20}, operations  # an unknown op is malformed too
+    assert operations["models"]["OK"] == 1 and operations["health"]["OK"] >= 1, operations
