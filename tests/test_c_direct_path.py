@@ -536,7 +536,6 @@ def test_front_door_drop_fails_the_request_at_once(c_example: Path, tmp_path: Pa
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    started = time.monotonic()
     try:
         done = run_example("--timeout", "20000", address, "tiny", timeout=60)
     finally:
@@ -544,7 +543,7 @@ def test_front_door_drop_fails_the_request_at_once(c_example: Path, tmp_path: Pa
         if not router.closed:
             router.close(linger=0)
         context.term()
-    elapsed = time.monotonic() - started
     assert seen == ["lease", "infer"], seen
+    # TRANSPORT, not TIMEOUT: the call ended on the dropped connection, not at its 20 s timeout
     assert done.stdout.startswith("error UNAVAILABLE rc=TRANSPORT local=1: the connection to the daemon"), done.stdout
-    assert "in flight" in done.stdout and elapsed < 10, (elapsed, done.stdout)
+    assert "in flight" in done.stdout, done.stdout

@@ -103,8 +103,7 @@ def test_a_dropped_connection_fails_the_sync_clients_request_at_once(running: Ru
     caller = threading.Thread(target=call)
     caller.start()
     kill_daemon_when_spinning(running)
-    caller.join(TIMEOUT_S / 2)  # a caller still waiting here would only hear of its timeout
-    assert not caller.is_alive(), "the caller is still waiting on a connection that closed"
+    caller.join()  # ends either way: at the drop, or at its own 20 s timeout with DEADLINE_EXCEEDED
     assert len(outcome) == 1 and isinstance(outcome[0], Unavailable) and not isinstance(outcome[0], DeadlineExceeded)
     assert "closed while this request was in flight" in outcome[0].message and outcome[0].details == {"connection": "lost"}
 
@@ -114,9 +113,8 @@ def test_a_dropped_connection_fails_every_async_request_in_flight(running: Runni
         async with AsyncClient(running.address, direct=False, timeout=TIMEOUT_S, retries=3) as client:
             calls = [asyncio.ensure_future(client.infer("spin", {"x": np.zeros(1, np.float32)})) for _ in range(2)]
             await asyncio.get_running_loop().run_in_executor(None, kill_daemon_when_spinning, running)
-            done, waiting = await asyncio.wait(calls, timeout=TIMEOUT_S / 2)
-            assert not waiting, "requests still waiting on a connection that closed"
-            return [call.exception() for call in done]  # type: ignore[misc]
+            # they end either way: at the drop, or at their own timeout with DEADLINE_EXCEEDED
+            return list(await asyncio.gather(*calls, return_exceptions=True))
 
     errors = asyncio.run(scenario())
     # retries=3 does not resend them: a request lost with its connection may have run

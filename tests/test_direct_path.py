@@ -255,11 +255,10 @@ def test_a_direct_request_past_max_compute_ms_is_stopped_by_its_worker(daemon_fa
     with Client(daemon.address, direct=False) as admin:
         before = [w["pid"] for w in admin.status()["workers"] if w["model"] == "capped"]
     with Client(daemon.address, timeout=60) as client:
-        started = time.monotonic()
         with pytest.raises(OpenInferError) as failed:
             client.infer("capped", {"x": np.zeros(1, np.float32), "n": np.array(10_000_000, np.int64)}, timeout=60)
+        # the worker's own answer naming the limit (the client's timer would say "no reply ... within 60 s")
         assert failed.value.code == "DEADLINE_EXCEEDED" and "max_compute_ms = 2000" in failed.value.message, failed.value.message
-        assert time.monotonic() - started < 20
         assert client.infer("capped", {"x": np.zeros(1, np.float32), "n": np.array(1, np.int64)}).outputs["y"].shape == (1,)
     with Client(daemon.address, direct=False) as admin:
         assert [w["pid"] for w in admin.status()["workers"] if w["model"] == "capped"] == before  # never killed
