@@ -41,7 +41,6 @@ import shutil
 import sys
 import time
 import traceback
-from array import array
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,7 @@ from common import (  # noqa: E402
     world_readable_tempdir,
     write_json,
 )
-from loadgen import WARMUP_REQUESTS, ClientPool, RunResult, SharedLoopsPool, concurrency_levels  # noqa: E402
+from loadgen import WARMUP_REQUESTS, ClientPool, RunResult, SharedLoopsPool, WindowTally, concurrency_levels  # noqa: E402
 from cwireload import CWirePool  # noqa: E402
 from wireload import WirePool  # noqa: E402
 
@@ -206,9 +205,7 @@ async def _async_closed_loops(client: Any, x: dict[str, np.ndarray], loops: int,
     delay = (start_ns - now()) / 1e9
     if delay > 0:
         await asyncio.sleep(delay)
-    latencies = array("q")
-    stages: dict[str, array[float]] = {}
-    errors: dict[str, int] = {}
+    tally = WindowTally(measure_ns, end_ns)
 
     async def one_loop() -> None:
         while True:
@@ -219,21 +216,12 @@ async def _async_closed_loops(client: Any, x: dict[str, np.ndarray], loops: int,
             except OpenInferError as exc:
                 timing, code = None, exc.code
             t1 = now()
-            if t0 >= measure_ns and t1 <= end_ns:
-                if code is not None:
-                    errors[code] = errors.get(code, 0) + 1
-                else:
-                    latencies.append(t1 - t0)
-                    for key, value in (timing or {}).items():
-                        slot = stages.get(key)
-                        if slot is None:
-                            slot = stages[key] = array("d")
-                        slot.append(value)
+            tally.add(t0, t1, timing, code)
             if t1 >= end_ns:
                 return
 
     await asyncio.gather(*(one_loop() for _ in range(loops)))
-    return {"latencies_ns": latencies.tobytes(), "stages_us": {k: v.tobytes() for k, v in stages.items()}, "errors": errors}
+    return tally.result()
 
 
 # -- one measurement ---------------------------------------------------------------------------------

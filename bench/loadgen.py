@@ -257,9 +257,7 @@ def _closed_loop(call: Call, start_ns: int, measure_ns: int, end_ns: int) -> dic
     delay = (start_ns - now()) / 1e9
     if delay > 0:
         time.sleep(delay)
-    latencies = array("q")
-    stages: dict[str, array[float]] = {}
-    errors: dict[str, int] = {}
+    tally = WindowTally(measure_ns, end_ns)
     while True:
         t0 = now()
         try:
@@ -268,20 +266,37 @@ def _closed_loop(call: Call, start_ns: int, measure_ns: int, end_ns: int) -> dic
         except OpenInferError as exc:
             timing, code = None, exc.code
         t1 = now()
-        if t0 >= measure_ns and t1 <= end_ns:
-            if code is not None:
-                errors[code] = errors.get(code, 0) + 1
-            else:
-                latencies.append(t1 - t0)
-                if timing:
-                    for key, value in timing.items():
-                        slot = stages.get(key)
-                        if slot is None:
-                            slot = stages[key] = array("d")
-                        slot.append(value)
+        tally.add(t0, t1, timing, code)
         if t1 >= end_ns:
             break
-    return {"latencies_ns": latencies.tobytes(), "stages_us": {k: v.tobytes() for k, v in stages.items()}, "errors": errors}
+    return tally.result()
+
+
+class WindowTally:
+    """What a closed loop measured: the requests sent and answered inside [measure_ns, end_ns] - their
+    latency and server stages, or their error code. `result()` is what the pools read back."""
+
+    def __init__(self, measure_ns: int, end_ns: int) -> None:
+        self.measure_ns, self.end_ns = measure_ns, end_ns
+        self.latencies = array("q")
+        self.stages: dict[str, array[float]] = {}
+        self.errors: dict[str, int] = {}
+
+    def add(self, t0: int, t1: int, timing: dict[str, float] | None, code: str | None) -> None:
+        if t0 < self.measure_ns or t1 > self.end_ns:
+            return
+        if code is not None:
+            self.errors[code] = self.errors.get(code, 0) + 1
+            return
+        self.latencies.append(t1 - t0)
+        for key, value in (timing or {}).items():
+            slot = self.stages.get(key)
+            if slot is None:
+                slot = self.stages[key] = array("d")
+            slot.append(value)
+
+    def result(self) -> dict[str, Any]:
+        return {"latencies_ns": self.latencies.tobytes(), "stages_us": {k: v.tobytes() for k, v in self.stages.items()}, "errors": self.errors}
 
 
 def concurrency_levels(text: str) -> list[int]:

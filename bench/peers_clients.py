@@ -14,13 +14,12 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
-from array import array
 from multiprocessing.connection import Connection
 from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-from loadgen import SharedLoopsPool
+from loadgen import SharedLoopsPool, WindowTally
 
 MODEL = "tiny"
 WARMUP_PER_LOOP = 20  # requests per coroutine when a (target, c) is first seen: connections, caches
@@ -129,9 +128,7 @@ async def _closed_loops(call: Call, loops: int, start_ns: int, measure_ns: int, 
     delay = (start_ns - now()) / 1e9
     if delay > 0:
         await asyncio.sleep(delay)
-    latencies = array("q")
-    stages: dict[str, array[float]] = {}
-    errors: dict[str, int] = {}
+    tally = WindowTally(measure_ns, end_ns)
 
     async def one_loop() -> None:
         while True:
@@ -141,15 +138,9 @@ async def _closed_loops(call: Call, loops: int, start_ns: int, measure_ns: int, 
             except Failed as exc:
                 timing, code = None, exc.code
             t1 = now()
-            if t0 >= measure_ns and t1 <= end_ns:
-                if code is not None:
-                    errors[code] = errors.get(code, 0) + 1
-                else:
-                    latencies.append(t1 - t0)
-                    for key, value in (timing or {}).items():
-                        stages.setdefault(key, array("d")).append(value)
+            tally.add(t0, t1, timing, code)
             if t1 >= end_ns:
                 return
 
     await asyncio.gather(*(one_loop() for _ in range(loops)))
-    return {"latencies_ns": latencies.tobytes(), "stages_us": {k: v.tobytes() for k, v in stages.items()}, "errors": errors}
+    return tally.result()

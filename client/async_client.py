@@ -14,7 +14,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from openinfer.wire.errors import OpenInferError, Unavailable, error_from_wire
+from openinfer.wire.errors import OpenInferError, Unavailable
 from openinfer.wire.protocol import retry_pause, unpack
 from openinfer.wire.tensors import BF16Array
 from openinfer.wire.zmtp import PeerClosed
@@ -248,11 +248,8 @@ class AsyncClient:
             fields: dict[str, Any] = {"model": model} if version is None else {"model": model, "version": version}
             try:
                 result = await self._call("lease", **fields)
-            except Exception as exc:
-                from openinfer.wire.errors import OpenInferError
-
-                if isinstance(exc, OpenInferError):
-                    core.lease_refused(exc)
+            except OpenInferError as exc:
+                core.lease_refused(exc)
                 raise
             return core.lease_taken(key, result, now)
 
@@ -280,12 +277,7 @@ class AsyncClient:
             if link.attached_ns != lease.expires_ns:
                 request_id = core.next_id()
                 header, _ = await self._exchange(link, request_id, attach_frames(request_id, lease), max(0.001, deadline - time.monotonic()), deadline)
-                if "error" in header:
-                    if lease_expired(header):
-                        core.leases.pop((lease.model, lease.version), None)
-                        raise NoDirectPath("the lease was refused as expired")
-                    raise error_from_wire(header["error"])
-                link.attached_ns = lease.expires_ns
+                core.attached(link, lease, header)
         return link
 
     async def _exchange(self, link: DirectLink, request_id: int, frames: list[Any], budget: float, deadline: float, lease: Lease | None = None) -> tuple[dict[str, Any], list[Any]]:

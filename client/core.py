@@ -21,7 +21,7 @@ from openinfer.wire.protocol import MAX_HEADER_BYTES, encode_infer_request, enco
 from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array
 from openinfer.wire.zmtp import PeerClosed
 
-from .direct import DirectLink, Lease, NoDirectPath, Pending, check_limits, parse_lease, read_replies, request_bytes
+from .direct import DirectLink, Lease, NoDirectPath, Pending, check_limits, lease_expired, parse_lease, read_replies, request_bytes
 
 DEFAULT_TIMEOUT_S = 30.0
 # How much longer than its own `timeout` a client waits before it gives up by itself (PROTOCOL.md 10.2):
@@ -168,6 +168,16 @@ class ClientCore:
         lease = parse_lease(result, taken_ns)
         self.leases[key] = lease
         return lease
+
+    def attached(self, link: DirectLink, lease: Lease, header: dict[str, Any]) -> None:
+        """The worker's answer to `attach`: the link carries `lease` from now on, or the lease is gone
+        (refused as expired: NoDirectPath, the request goes to the front door) or the error is raised."""
+        if "error" in header:
+            if lease_expired(header):
+                self.leases.pop((lease.model, lease.version), None)
+                raise NoDirectPath("the lease was refused as expired")
+            raise error_from_wire(header["error"])
+        link.attached_ns = lease.expires_ns
 
     def lease_refused(self, exc: OpenInferError) -> None:
         """The front door would not give a lease: some refusals mean "not here" (use the front door),

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import zmq
 
-from openinfer.wire.errors import OpenInferError, Unavailable, error_from_wire
+from openinfer.wire.errors import OpenInferError, Unavailable
 from openinfer.wire.protocol import retry_pause, unpack
 from openinfer.wire.tensors import BF16Array
 from openinfer.wire.zmtp import PeerClosed
@@ -242,12 +242,7 @@ class Client:
         if link.attached_ns != lease.expires_ns:
             request_id = core.next_id()
             header, _ = self._exchange(link, request_id, attach_frames(request_id, lease), max(0.001, deadline - time.monotonic()), deadline)
-            if "error" in header:
-                if lease_expired(header):
-                    core.leases.pop((lease.model, lease.version), None)
-                    raise NoDirectPath("the lease was refused as expired")
-                raise error_from_wire(header["error"])
-            link.attached_ns = lease.expires_ns
+            core.attached(link, lease, header)
         return link
 
     def _exchange(self, link: DirectLink, request_id: int, frames: list[Any], budget: float, deadline: float, lease: Lease | None = None) -> tuple[dict[str, Any], list[Any]]:

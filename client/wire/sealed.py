@@ -103,7 +103,7 @@ class SealedFrameStream(FrameStream):
         super().__init__(sock, limits, socket_type=socket_type, accept_types=accept_types)
         self.mechanism = mechanism
         self._state = "greeting"
-        self.send_raw(greeting(mechanism.name, as_server=mechanism.as_server))
+        self._send_greeting(greeting(mechanism.name, as_server=mechanism.as_server))
 
     def _greeted(self, mechanism: bytes, as_server: bool) -> None:
         ours = self.mechanism

@@ -23,7 +23,8 @@ import socket
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Union
+from contextlib import contextmanager
+from typing import Callable, Generic, Iterable, Iterator, TypeVar, Union
 
 MORE = 0x01
 LONG = 0x02
@@ -202,7 +203,15 @@ class FrameStream:
         self.closed = False
         self._held: list[list[Buffer]] = []  # messages sent before the handshake ended, in order
         if handshake:
-            self.send_raw(greeting())
+            self._send_greeting(greeting())
+
+    def _send_greeting(self, data: bytes) -> None:
+        """Our greeting, at once. A peer already gone (it connected and closed) is not an error of
+        making the stream: the greeting stays queued and the first read or flush reports PeerClosed."""
+        try:
+            self.send_raw(data)
+        except PeerClosed:
+            pass
 
     @property
     def open(self) -> bool:
@@ -561,3 +570,40 @@ def error_reason(text: str) -> bytes:
     """An ERROR command's body after its name: the reason, cut to the 255 bytes its length octet allows."""
     raw = text.encode()[:255]
     return bytes((len(raw),)) + raw
+
+
+Owner = TypeVar("Owner")
+
+
+class HeldWrites(Generic[Owner]):
+    """Messages queued without a write (FrameStream.hold) while a block runs, then written once per
+    stream when it ends: many replies to one peer cost one sendmsg. `owners` are what a caller sends
+    to (a connection object holding `stream`); `write(owner)` flushes one and handles what follows."""
+
+    def __init__(self, stream_of: Callable[[Owner], FrameStream], write: Callable[[Owner], None]) -> None:
+        self._stream_of = stream_of
+        self._write = write
+        self._held: dict[int, Owner] | None = None
+
+    @contextmanager
+    def block(self) -> Iterator[None]:
+        if self._held is not None:  # already holding: the outer block writes
+            yield
+            return
+        held: dict[int, Owner] = {}
+        self._held = held
+        try:
+            yield
+        finally:
+            self._held = None
+            for owner in held.values():
+                self._write(owner)
+
+    def hold(self, owner: Owner, frames: list[Buffer]) -> bool:
+        """Queue `frames` for `owner` if a block is running (True); False: the caller sends now."""
+        held = self._held
+        if held is None:
+            return False
+        self._stream_of(owner).hold(frames)
+        held[id(owner)] = owner
+        return True

@@ -23,15 +23,14 @@ import logging
 import resource
 import socket
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable, ContextManager
 
 import psutil
 
 from openinfer.wire.sealed import SealedFrameStream
-from openinfer.wire.zmtp import Buffer, Event, FrameStream, Limits, PeerClosed, ProtocolError
+from openinfer.wire.zmtp import Buffer, Event, FrameStream, HeldWrites, Limits, PeerClosed, ProtocolError
 
 from .access import AccessPolicy, Peer
 from openinfer.daemon.loop.reactor import HANGUP as _HANGUP, READABLE, WRITABLE, Reactor
@@ -120,7 +119,7 @@ class ConnectionTable:
         self.timers = timers
         self.listener = listener
         self.access = access
-        self._holding: dict[int, Connection] | None = None  # replies held for one write each (held())
+        self._held_writes: HeldWrites[Connection] = HeldWrites(lambda conn: conn.stream, self._write_held)
         self.on_message = on_message
         self.on_closed = on_closed
         self.by_fd: dict[int, Connection] = {}
@@ -207,14 +206,10 @@ class ConnectionTable:
             self._refuse(sock, "max_connections_per_identity", peer, f"{identity} already has {self.settings.server.max_connections_per_identity} connections (server.max_connections_per_identity)")
             return
         now = time.monotonic_ns()
-        try:  # the greeting goes out at once: a peer that connected and closed fails it, costing nothing
-            if curve is None:
-                stream = FrameStream(sock, self._limits, handshake=True)
-            else:
-                stream = SealedFrameStream(sock, self._limits, CurveServer(curve, lambda key: self._admit_key(conn, key)))
-        except (PeerClosed, ProtocolError, OSError):
-            sock.close()
-            return
+        if curve is None:
+            stream = FrameStream(sock, self._limits, handshake=True)
+        else:
+            stream = SealedFrameStream(sock, self._limits, CurveServer(curve, lambda key: self._admit_key(conn, key)))
         conn = Connection(self._next_id, stream, peer, identity, now)
         self._next_id += 1
         self.accepted += 1
@@ -285,39 +280,28 @@ class ConnectionTable:
         except ProtocolError as exc:
             self.close(conn, f"protocol error: {exc}")
 
-    @contextmanager
-    def held(self) -> Iterator[None]:
+    def held(self) -> ContextManager[None]:
         """Replies sent inside are held per connection and written when it ends, one sendmsg per
         connection: a batch's replies to one client cost one system call, not one each."""
-        if self._holding is not None:  # already holding: the outer block writes
-            yield
+        return self._held_writes.block()
+
+    def _write_held(self, conn: Connection) -> None:
+        if conn.closed:
             return
-        holding: dict[int, Connection] = {}
-        self._holding = holding
         try:
-            yield
-        finally:
-            self._holding = None
-            for conn in holding.values():
-                if conn.closed:
-                    continue
-                try:
-                    conn.stream.flush()
-                except PeerClosed:
-                    self.close(conn, None)
-                    continue
-                if conn.stream.out_bytes:
-                    self._watch(conn)
+            conn.stream.flush()
+        except PeerClosed:
+            self.close(conn, None)
+            return
+        if conn.stream.out_bytes:
+            self._watch(conn)
 
     def send(self, conn: Connection, frames: list[Buffer]) -> bool:
         """Queue a reply; False (and counted) when its connection is gone. Never blocks."""
         if conn.closed:
             self.replies_dropped += 1
             return False
-        holding = self._holding
-        if holding is not None:
-            conn.stream.hold(frames)
-            holding[conn.conn_id] = conn
+        if self._held_writes.hold(conn, frames):
             return True
         try:
             conn.stream.send(frames)

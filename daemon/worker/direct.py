@@ -16,16 +16,15 @@ import select
 import socket
 import struct
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager
 
 from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.direct.lease import Lease, LeaseRefused, verify
 from openinfer.daemon.frontdoor.validation import OverLimit, check_envelope, decode_header, request_id_of
 from openinfer.wire.errors import InvalidArgument, OpenInferError, PermissionDenied, ResourceExhausted
 from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSION, pack
-from openinfer.wire.zmtp import Buffer, Event, FrameStream, Limits, Oversized, PeerClosed, ProtocolError
+from openinfer.wire.zmtp import Buffer, Event, FrameStream, HeldWrites, Limits, Oversized, PeerClosed, ProtocolError
 
 log = logging.getLogger("openinfer.worker")
 
@@ -86,7 +85,7 @@ class DirectDoor:
         self.on_outcome = on_outcome  # counts what this door answered itself: (conn, client key, op, request id, error or None, received_ns)
         self.key = b""  # the lease key, from the supervisor (ACK, then KEY on every reload)
         self.by_fd: dict[int, DirectConnection] = {}
-        self._holding: dict[int, DirectConnection] | None = None  # replies held for one write each (held())
+        self._held_writes: HeldWrites[DirectConnection] = HeldWrites(lambda conn: conn.stream, self._write_held)
         self.per_identity: dict[str, int] = {}
         self.handshaking: dict[int, DirectConnection] = {}
         self._next_id = 1
@@ -109,21 +108,14 @@ class DirectDoor:
             except OSError:  # EMFILE and the like: stop accepting for now, never die of it
                 self._pause_listening()
                 return
-            try:
-                sock.setblocking(False)
-                pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-                identity = f"uid={uid}"
-                if self.per_identity.get(identity, 0) >= self.limits.max_connections_per_identity:
-                    self.refused += 1
-                    sock.close()
-                    continue
-                # Our greeting goes out at once: a peer already gone makes that fail (PeerClosed), and a
-                # peer that connects and closes must cost nothing but its socket.
-                stream = FrameStream(sock, self._message_limits, handshake=True)
-            except (PeerClosed, ProtocolError, OSError):
+            sock.setblocking(False)
+            pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            identity = f"uid={uid}"
+            if self.per_identity.get(identity, 0) >= self.limits.max_connections_per_identity:
+                self.refused += 1
                 sock.close()
                 continue
-            conn = DirectConnection(self._next_id, stream, uid, identity, time.monotonic_ns())
+            conn = DirectConnection(self._next_id, FrameStream(sock, self._message_limits, handshake=True), uid, identity, time.monotonic_ns())
             self._next_id += 1
             self.by_fd[sock.fileno()] = conn
             self.per_identity[identity] = self.per_identity.get(identity, 0) + 1
@@ -239,37 +231,26 @@ class DirectDoor:
         self.reply(conn, delimited, {"v": PROTOCOL_VERSION, "id": request_id, "result": result})
 
     # -- replies --------------------------------------------------------------------------------------
-    @contextmanager
-    def held(self) -> Iterator[None]:
+    def held(self) -> ContextManager[None]:
         """Replies sent inside are held per connection and written when it ends: a batch's replies to
         one client cost one sendmsg, not one each (each is in the ledger before it is written)."""
-        if self._holding is not None:
-            yield
+        return self._held_writes.block()
+
+    def _write_held(self, conn: DirectConnection) -> None:
+        if conn.closed:
             return
-        holding: dict[int, DirectConnection] = {}
-        self._holding = holding
         try:
-            yield
-        finally:
-            self._holding = None
-            for conn in holding.values():
-                if conn.closed:
-                    continue
-                try:
-                    conn.stream.flush()
-                except PeerClosed:
-                    self.close(conn)
-                    continue
-                if conn.stream.out_bytes:
-                    self._watch(conn)
+            conn.stream.flush()
+        except PeerClosed:
+            self.close(conn)
+            return
+        if conn.stream.out_bytes:
+            self._watch(conn)
 
     def send(self, conn: DirectConnection, frames: list[Buffer]) -> None:
         if conn.closed:
             return
-        holding = self._holding
-        if holding is not None:
-            conn.stream.hold(frames)
-            holding[conn.fd] = conn
+        if self._held_writes.hold(conn, frames):
             return
         try:
             conn.stream.send(frames)
