@@ -33,7 +33,7 @@ def batching_repo(models: dict[str, tuple[Callable[[Path], Path], str]]) -> Path
 
 @pytest.fixture
 def repo() -> Iterator[Path]:
-    batching = "workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 3000\n"
+    batching = "workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 3000\nquiet_us = 0\n"
     root = batching_repo({"dyn": (onnx_builders.matmul_model, batching), "fixed": (lambda p: onnx_builders.matmul_model(p, batch=1), batching)})
     yield root
     shutil.rmtree(root, ignore_errors=True)
@@ -74,7 +74,7 @@ def test_every_batch_layout_gives_the_unbatched_result(daemon_factory: Any) -> N
     per member; it answers fixed-size outputs whole (cut into members by the supervisor) and BYTES
     outputs member by member. Each way, with several inputs and outputs of mixed dtypes, every member
     gets exactly what running it alone gives."""
-    batching = "workers = 1\n[batching]\nmax_batch_size = 32768\nmax_queue_delay_us = 20000\n"
+    batching = "workers = 1\n[batching]\nmax_batch_size = 32768\nmax_queue_delay_us = 20000\nquiet_us = 0\n"
     root = batching_repo({
         "multi": (onnx_builders.multi_io_model, batching),
         "text": (onnx_builders.string_rows_model, batching),
@@ -117,7 +117,7 @@ def test_every_batch_layout_gives_the_unbatched_result(daemon_factory: Any) -> N
 
 
 def test_batch_delay_is_kept_to_the_microsecond_not_rounded_to_the_poll_tick(daemon_factory: Any, tmp_path: Path) -> None:
-    root = batching_repo({"dyn": (onnx_builders.matmul_model, "workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 300\n")})
+    root = batching_repo({"dyn": (onnx_builders.matmul_model, "workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 300\nquiet_us = 0\n")})
     daemon = daemon_factory(root)
     client = daemon.client()
     waits = [client.infer("dyn", {"x": np.ones((1, 64), np.float32)}).timing["batch_wait_us"] for _ in range(30)]
@@ -127,10 +127,24 @@ def test_batch_delay_is_kept_to_the_microsecond_not_rounded_to_the_poll_tick(dae
     assert 250 <= float(np.median(waits)) < 900, waits
 
 
+def test_a_batch_leaves_once_its_clients_go_quiet_not_after_the_whole_delay(daemon_factory: Any) -> None:
+    """On the direct path a worker holds a batch that has not filled only while requests keep coming:
+    once none has arrived for quiet_us it runs what it has. With a 2 s delay, a lone request waits
+    quiet_us (300 us), not 2 s; with quiet_us = 0 the delay alone rules (the test above)."""
+    root = batching_repo({"dyn": (onnx_builders.matmul_model, "workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 2000000\nquiet_us = 300\n")})
+    daemon = daemon_factory(root)
+    client = daemon.client()
+    results = [client.infer("dyn", {"x": np.ones((1, 64), np.float32)}) for _ in range(10)]
+    shutil.rmtree(root, ignore_errors=True)
+    assert all("dispatch_us" not in r.timing for r in results)  # the direct path, where the worker batches
+    waits = [r.timing["batch_wait_us"] for r in results]
+    assert 250 <= float(np.median(waits)) < 900, waits  # the daemon's own measurement
+
+
 def test_zero_delay_never_waits_and_preferred_sizes_leave_at_once(daemon_factory: Any) -> None:
     root = batching_repo({
         "greedy": (onnx_builders.matmul_model, "workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 0\n"),
-        "pref": (onnx_builders.matmul_model, "workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 10000000\npreferred_batch_sizes = [2]\n"),
+        "pref": (onnx_builders.matmul_model, "workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 10000000\nquiet_us = 0\npreferred_batch_sizes = [2]\n"),
     })
     daemon = daemon_factory(root)
     client = daemon.client()
@@ -154,6 +168,9 @@ def test_batching_config_is_checked(tmp_path: Path) -> None:
     path.write_text("[batching]\nmax_queue_delay_us = -1\n")
     with pytest.raises(ConfigError, match="max_queue_delay_us"):
         parse_model_config(path)
+    path.write_text("[batching]\nquiet_us = -5\n")
+    with pytest.raises(ConfigError, match="quiet_us"):
+        parse_model_config(path)
     path.write_text("[batching]\nmax_queue_delay_us = 0\n")
     batching = parse_model_config(path).batching
     assert batching is not None and batching.max_queue_delay_us == 0
@@ -163,7 +180,7 @@ def test_batching_config_is_checked(tmp_path: Path) -> None:
 def test_a_batch_that_runs_too_long_is_retried_member_by_member(daemon_factory: Any, direct: bool) -> None:
     """Through the front door the supervisor kills the worker and sends each member again alone; on the
     direct path the worker stops the run itself (worker/run_watch.py) and runs each member alone."""
-    root = batching_repo({"rows": (onnx_builders.row_loop_model, "workers = 1\nmax_compute_ms = 1500\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 300000\n")})
+    root = batching_repo({"rows": (onnx_builders.row_loop_model, "workers = 1\nmax_compute_ms = 1500\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 300000\nquiet_us = 0\n")})
     daemon = daemon_factory(root)
     inputs = [np.array([[1.0]], np.float32), np.array([[2.0]], np.float32), np.array([[1e12]], np.float32), np.array([[3.0]], np.float32)]
 

@@ -24,7 +24,7 @@ VALUES = np.array([[1.0, -2.5, 0.15625, 3.0e38], [1e-40, -0.0, 65504.0, 1.0 / 3.
 def repo() -> Iterator[Path]:
     repo = ModelRepo("oi-bf16-")
     repo.model("bf16", onnx_builders.bf16_model, config="workers = 1\n")
-    repo.model("bf16_batched", onnx_builders.bf16_model, config="workers = 1\n[batching]\nmax_batch_size = 16\nmax_queue_delay_us = 20000\n")
+    repo.model("bf16_batched", onnx_builders.bf16_model, config="workers = 1\n[batching]\nmax_batch_size = 16\nmax_queue_delay_us = 20000\nquiet_us = 0\n")
     repo.model("bf16_scalar", onnx_builders.bf16_scalar_model, config="workers = 1\n")
     yield repo.ready()
     repo.remove()

@@ -85,7 +85,7 @@ class DirectPath:
             max_compute_ms=model.config.max_compute_ms,
             starvation_ms=server.starvation_ms,
             spin_us=self.settings.pool.worker_spin_us,
-            batching={"max_batch_size": batching.max_batch_size, "max_queue_delay_us": batching.max_queue_delay_us, "preferred_batch_sizes": list(batching.preferred_batch_sizes)} if batching else None,
+            batching={"max_batch_size": batching.max_batch_size, "max_queue_delay_us": batching.max_queue_delay_us, "preferred_batch_sizes": list(batching.preferred_batch_sizes), "quiet_us": batching.quiet_us} if batching else None,
         )
         return config, listener, page, f"ipc://{path}"
 

@@ -16,6 +16,10 @@ class BatchingConfig:
     max_batch_size: int = 8
     max_queue_delay_us: int = 500
     preferred_batch_sizes: tuple[int, ...] = ()
+    # Where a worker batches its own arrivals (the direct path): a batch that has not filled also leaves
+    # once no request has come for this long - a closed-loop load that sends fewer requests per worker
+    # than max_batch_size would otherwise wait out the whole delay every time. 0: wait the whole delay.
+    quiet_us: int = 100
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ def _parse_batching(path: Path, raw: Any) -> BatchingConfig:
             if not isinstance(value, list):
                 raise ConfigError(f"{path}: `batching.preferred_batch_sizes` must be a list of integers")
             values[key] = tuple(_positive_int(path, f"batching.{key}", v) for v in value)
-        elif key == "max_queue_delay_us":  # 0: never wait (batches form only while workers are busy)
+        elif key in ("max_queue_delay_us", "quiet_us"):  # 0: never wait / always wait the whole delay
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{path}: `batching.{key}` must be an integer >= 0, got {value!r}")
             values[key] = value
