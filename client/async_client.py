@@ -57,7 +57,7 @@ class AsyncClient:
     async def infer(
         self,
         model: str,
-        inputs: Mapping[str, np.ndarray | BF16Array],
+        inputs: Mapping[str, np.ndarray | BF16Array | bytes | str],
         *,
         version: int | None = None,
         outputs: Sequence[str] | None = None,

@@ -84,7 +84,7 @@ class ClientCore:
         return next(self._ids)
 
     # -- requests -------------------------------------------------------------------------------------
-    def infer_frames(self, request_id: int, model: str, inputs: Mapping[str, np.ndarray | BF16Array], version: int | None, outputs: Sequence[str] | None, budget: float, priority: int | None) -> list[Any]:
+    def infer_frames(self, request_id: int, model: str, inputs: Mapping[str, np.ndarray | BF16Array | bytes | str], version: int | None, outputs: Sequence[str] | None, budget: float, priority: int | None) -> list[Any]:
         """The request's frames. A client mostly repeats one request shape: its header, but for the id, is
         packed once and kept (at most TEMPLATES_KEPT), and contiguous little-endian arrays go as they are."""
         timeout_ms = max(1, int(budget * 1000))
@@ -110,7 +110,7 @@ class ClientCore:
             self._templates[template_key] = prefix
         return [prefix + _UINT64.pack(0xCF, time.monotonic_ns()) + _ID_KEY + pack(request_id), *payloads]
 
-    def _encode_slow(self, request_id: int, model: str, inputs: Mapping[str, np.ndarray | BF16Array], version: int | None, outputs: Sequence[str] | None, timeout_ms: int, priority: int | None, sent: bool = False) -> list[Any]:
+    def _encode_slow(self, request_id: int, model: str, inputs: Mapping[str, np.ndarray | BF16Array | bytes | str], version: int | None, outputs: Sequence[str] | None, timeout_ms: int, priority: int | None, sent: bool = False) -> list[Any]:
         frames = encode_infer_request(request_id, model, inputs, version=version, outputs=outputs, timeout_ms=timeout_ms, client_name=self.client_name, priority=priority)
         if sent:  # when the timeout starts, for a worker that reads the request later (PROTOCOL.md 17.4)
             frames[0] = pack({**unpack(frames[0]), "sent_ns": time.monotonic_ns()})

@@ -63,7 +63,7 @@ class Client:
     def infer(
         self,
         model: str,
-        inputs: Mapping[str, np.ndarray | BF16Array],
+        inputs: Mapping[str, np.ndarray | BF16Array | bytes | str],
         *,
         version: int | None = None,
         outputs: Sequence[str] | None = None,

@@ -166,13 +166,14 @@ def stats(socket_address: str | None, as_json: bool, timeout: float, watch: floa
 @click.option("--input", "-i", "inputs", multiple=True, metavar="NAME=FILE.npy", help="An input tensor from a .npy file (repeatable).")
 @click.option("--random", "fill", flag_value="random", help="Fill inputs not given with random values of the model's shape.")
 @click.option("--zeros", "fill", flag_value="zeros", help="Fill inputs not given with zeros of the model's shape.")
+@click.option("--file", "file_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None, help="A file's bytes as the model's BYTES input (a model with steps that takes data whole, e.g. magika).")
 @click.option("--dim", "dynamic_dim", type=int, default=1, show_default=True, help="Size used for dynamic (-1) dimensions with --random/--zeros.")
 @click.option("--version", "model_version", type=int, default=None, help="Model version (default: newest).")
 @click.option("--save", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write each output to DIR/<name>.npy.")
 @socket_option
 @json_option
 @timeout_option
-def infer(model: str, inputs: tuple[str, ...], fill: str | None, dynamic_dim: int, model_version: int | None, save: Path | None, socket_address: str | None, as_json: bool, timeout: float) -> None:
+def infer(model: str, inputs: tuple[str, ...], fill: str | None, file_path: Path | None, dynamic_dim: int, model_version: int | None, save: Path | None, socket_address: str | None, as_json: bool, timeout: float) -> None:
     """Run one inference and print the outputs and where the time went."""
     import numpy as np
 
@@ -182,7 +183,7 @@ def infer(model: str, inputs: tuple[str, ...], fill: str | None, dynamic_dim: in
 
     try:
         with _client(socket_address, timeout) as client:
-            feed = build_inputs(client, model, model_version, inputs, fill, dynamic_dim)
+            feed = build_inputs(client, model, model_version, inputs, fill, dynamic_dim, file_path)
             result = client.infer(model, feed, version=model_version)
     except (OpenInferError, ValueError, OSError) as exc:
         _fail(exc)

@@ -29,9 +29,9 @@ def ns(value_us: float) -> int:
 
 @pytest.fixture
 def small_repo() -> Iterator[Path]:
-    """tiny (2 workers) and magika (big enough that compute time is measurable: ~6 ms here)."""
+    """tiny (2 workers) and magika_scores (the magika model without steps, big enough that compute time is measurable: ~6 ms here)."""
     repo = ModelRepo("oi-acct-")
-    repo.examples(["tiny", "magika"])
+    repo.examples(["tiny", "magika_scores"])
     yield repo.ready()
     repo.remove()
 
@@ -53,8 +53,8 @@ def test_live_daemon_stats_are_exact_and_the_breakdown_consistent(daemon_factory
     bob = daemon.client(client_name="bob", direct=direct)
     x = {"x": np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)}
     magika = sample_inputs("magika")
-    replies: dict[str, list[tuple[dict[str, float], float, int]]] = {"tiny": [], "magika": []}
-    plan = [(alice, "tiny")] * 40 + [(bob, "tiny")] * 25 + [(alice, "magika")] * 12 + [(bob, "magika")] * 8
+    replies: dict[str, list[tuple[dict[str, float], float, int]]] = {"tiny": [], "magika_scores": []}
+    plan = [(alice, "tiny")] * 40 + [(bob, "tiny")] * 25 + [(alice, "magika_scores")] * 12 + [(bob, "magika_scores")] * 8
     random.Random(3).shuffle(plan)
     for client, model in plan:
         replies[model].append(timed_infer(client, model, x if model == "tiny" else magika))
@@ -67,7 +67,7 @@ def test_live_daemon_stats_are_exact_and_the_breakdown_consistent(daemon_factory
 
     stats = alice.stats()
     tiny = stats["models"]["tiny"]["versions"]["1"]
-    mag = stats["models"]["magika"]["versions"]["1"]
+    mag = stats["models"]["magika_scores"]["versions"]["1"]
     assert (tiny["requests"], tiny["success"], tiny["failures"]) == (69, 65, {"INVALID_ARGUMENT": 4})
     assert (mag["requests"], mag["success"], mag["failures"]) == (20, 20, {})
     assert stats["rejected"] == {"NOT_FOUND": 2}
@@ -78,7 +78,7 @@ def test_live_daemon_stats_are_exact_and_the_breakdown_consistent(daemon_factory
     assert mine["bob"]["failures"] == {"INVALID_ARGUMENT": 4, "NOT_FOUND": 2}
 
     # The stats hold exactly what the replies carried: stage sums to the nanosecond, bytes, percentiles.
-    for name, snap in (("tiny", tiny), ("magika", mag)):
+    for name, snap in (("tiny", tiny), ("magika_scores", mag)):
         timings = [t for t, _, _ in replies[name]]
         for key in SERVER_STAGES:
             if direct and key in HOPS:  # no supervisor hops on the direct path: never in the books either
@@ -90,9 +90,9 @@ def test_live_daemon_stats_are_exact_and_the_breakdown_consistent(daemon_factory
         assert snap["cpu_seconds"] == pytest.approx(sum(t["cpu_us"] for t in timings) / 1e6, abs=1e-5)
     assert tiny["bytes_in"] == 65 * 256 and mag["bytes_in"] == 20 * magika["bytes"].nbytes
     assert tiny["stages"]["total"]["count"] == 69
-    assert mag["stages"]["total"]["ns"] == sum(ns(t["total_us"]) for t, _, _ in replies["magika"])
+    assert mag["stages"]["total"]["ns"] == sum(ns(t["total_us"]) for t, _, _ in replies["magika_scores"])
     sketch = LatencySketch()
-    for t, _, _ in replies["magika"]:
+    for t, _, _ in replies["magika_scores"]:
         sketch.record(t["total_us"])
     assert {p: mag["latency"][f"p{p:g}_us"] for p in PERCENTILES} == sketch.percentiles()
 
@@ -104,7 +104,7 @@ def test_live_daemon_stats_are_exact_and_the_breakdown_consistent(daemon_factory
             assert timing["total_us"] <= elapsed_us, (name, timing, elapsed_us)
 
     # compute_us is onnxruntime's session.run in the worker: close to the same call in this process.
-    session = _session(str(small_repo / "magika" / "1" / "model.onnx"))
+    session = _session(str(small_repo / "magika_scores" / "1" / "model.onnx"))
     names = [o.name for o in session.get_outputs()]
     session.run(names, magika)
     local = []
@@ -112,7 +112,7 @@ def test_live_daemon_stats_are_exact_and_the_breakdown_consistent(daemon_factory
         t0 = time.perf_counter_ns()
         session.run(names, magika)
         local.append((time.perf_counter_ns() - t0) / 1000)
-    daemon_compute = float(np.median([t["compute_us"] for t, _, _ in replies["magika"]]))
+    daemon_compute = float(np.median([t["compute_us"] for t, _, _ in replies["magika_scores"]]))
     in_process = float(np.median(local))
     assert in_process / 4 <= daemon_compute <= in_process * 4, (daemon_compute, in_process)
 

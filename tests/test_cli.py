@@ -78,6 +78,18 @@ def test_infer_from_npy_files_and_save(daemon: RunningDaemon, tmp_path: Path) ->
     assert json.loads(done.stdout)["outputs"]["y"]["data"] == saved.tolist()
 
 
+def test_infer_a_file_prints_the_verdict_of_a_model_with_steps(daemon: RunningDaemon, tmp_path: Path) -> None:
+    script = tmp_path / "tool.py"
+    script.write_text("#!/usr/bin/env python3\nimport argparse\n\nparser = argparse.ArgumentParser()\nparser.add_argument('path')\nprint(parser.parse_args().path)\n")
+    done = run_cli("infer", "magika", "--file", str(script), socket=daemon.address)
+    assert done.returncode == 0, done.stderr
+    assert "'python'" in done.stdout and "'code'" in done.stdout, done.stdout
+    parsed = json.loads(run_cli("infer", "magika", "--file", str(script), "--json", socket=daemon.address).stdout)
+    assert parsed["outputs"]["label"]["data"] == ["python"] and parsed["outputs"]["group"]["data"] == ["code"]
+    refused = run_cli("infer", "tiny", "--file", str(script), socket=daemon.address)  # tiny takes a tensor, not a file
+    assert refused.returncode == 1 and "--file needs a model with exactly one BYTES input" in refused.stderr, refused.stderr
+
+
 def test_infer_reports_typed_errors(daemon: RunningDaemon) -> None:
     done = run_cli("infer", "nope", "--zeros", socket=daemon.address)
     assert done.returncode == 1 and "NOT_FOUND" in done.stderr

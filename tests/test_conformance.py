@@ -131,7 +131,13 @@ def _assert_outputs(header: dict[str, Any], frames: list[bytes], expected: list[
     assert len(frames) == 1 + len(expected), f"{len(expected)} outputs, {len(frames) - 1} data frames"
     for spec, frame in zip(expected, frames[1:]):
         count = int(np.prod(spec["shape"])) if spec["shape"] else 1
-        assert len(frame) == ELEMENT_SIZE[spec["datatype"]] * count, (spec, len(frame))
+        if spec["datatype"] == "BYTES":  # each element: a 4-byte little-endian length, then its bytes
+            offset = 0
+            for _ in range(count):
+                offset += 4 + int.from_bytes(frame[offset : offset + 4], "little")
+            assert offset == len(frame), (spec, len(frame))
+        else:
+            assert len(frame) == ELEMENT_SIZE[spec["datatype"]] * count, (spec, len(frame))
     _assert_timing(header["timing"], success=True)
 
 

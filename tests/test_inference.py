@@ -11,12 +11,12 @@ from reference import assert_same_outputs, run_reference, sample_inputs
 
 pytestmark = pytest.mark.live
 
-PUBLISHED = ["silero_vad", "magika", "ocr_det", "ocr_cls", "tiny"]
+PUBLISHED = ["silero_vad", "magika_scores", "ocr_det", "ocr_cls", "tiny"]  # magika_scores: the magika model without its steps
 
 
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_published_model_matches_in_process_onnxruntime(daemon: RunningDaemon, model_repo: Path, name: str) -> None:
-    feed = sample_inputs(name) if name != "tiny" else {"x": np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)}
+    feed = sample_inputs(name.removesuffix("_scores")) if name != "tiny" else {"x": np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)}
     result = daemon.client().infer(name, feed)
     assert result.model == name and result.version == 1
     assert_same_outputs(result.outputs, run_reference(model_repo / name / "1" / "model.onnx", feed))
@@ -34,8 +34,8 @@ def test_silero_int64_scalar_and_multiple_outputs(daemon: RunningDaemon, model_r
 def test_magika_int32_input_names_the_right_file_type(daemon: RunningDaemon, model_repo: Path) -> None:
     feed = sample_inputs("magika")
     assert feed["bytes"].dtype == np.int32
-    scores = daemon.client().infer("magika", feed).outputs["target_label"]
-    labels = (model_repo / "magika" / "labels.txt").read_text().split()
+    scores = daemon.client().infer("magika_scores", feed).outputs["target_label"]
+    labels = (model_repo / "magika_scores" / "labels.txt").read_text().split()
     assert labels[int(np.argmax(scores[0]))] == "python"
 
 
@@ -86,7 +86,9 @@ def test_metadata_comes_from_the_model_with_oip_types_and_dynamic_dims(daemon: R
     assert inputs["state"]["shape"] == [2, -1, 128]
     assert inputs["sr"] == {"name": "sr", "datatype": "INT64", "shape": []}
     assert {o["name"] for o in meta["outputs"]} == {"output", "stateN"}
-    assert daemon.client().metadata("magika")["inputs"][0]["datatype"] == "INT32"
+    assert daemon.client().metadata("magika_scores")["inputs"][0]["datatype"] == "INT32"
+    # A model with steps is described as clients see it: what its pre step takes, what its post step gives.
+    assert daemon.client().metadata("magika")["inputs"] == [{"name": "bytes", "datatype": "BYTES", "shape": []}]
 
 
 def test_a_model_that_fails_to_load_is_reported_and_the_others_serve(daemon: RunningDaemon) -> None:

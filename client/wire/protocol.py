@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import msgpack
 import numpy as np
 
-from .tensors import BF16Array, encode_array
+from .tensors import BF16Array, encode_array, encode_bytes_scalar
 
 PROTOCOL_VERSION = 1
 OPERATIONS: frozenset[str] = frozenset(
@@ -63,7 +63,7 @@ def unpack(raw: bytes | bytearray | memoryview) -> Any:
 def encode_infer_request(
     request_id: int,
     model: str,
-    inputs: Mapping[str, np.ndarray | BF16Array],
+    inputs: Mapping[str, np.ndarray | BF16Array | bytes | bytearray | memoryview | str],
     *,
     version: int | None = None,
     outputs: Sequence[str] | None = None,
@@ -75,7 +75,13 @@ def encode_infer_request(
     specs: list[dict[str, Any]] = []
     payloads: list[bytes | memoryview] = []
     for name, value in inputs.items():
-        datatype, shape, payload = encode_array(value if isinstance(value, BF16Array) else np.asarray(value))
+        datatype: str
+        shape: list[int]
+        payload: bytes | memoryview
+        if isinstance(value, (bytes, bytearray, memoryview, str)):  # one BYTES element, as it is (a file's content)
+            datatype, shape, payload = "BYTES", [], encode_bytes_scalar(value)
+        else:
+            datatype, shape, payload = encode_array(value if isinstance(value, BF16Array) else np.asarray(value))
         specs.append({"name": name, "datatype": datatype, "shape": shape})
         payloads.append(payload)
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "op": "infer", "model": model, "inputs": specs}

@@ -116,6 +116,13 @@ def encode_bytes_elements(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
+def encode_bytes_scalar(value: bytes | bytearray | memoryview | str) -> bytes:
+    """The payload of a rank-0 BYTES tensor holding `value` (str as UTF-8). Not via numpy: a numpy bytes
+    scalar drops trailing NUL bytes, and a file's content must arrive whole."""
+    raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+    return struct.pack("<I", len(raw)) + raw
+
+
 def decode_bytes_elements(payload: bytes | bytearray | memoryview, count: int) -> np.ndarray:
     """Parse `count` length-prefixed elements; raises ValueError if the payload does not hold exactly that."""
     view = memoryview(payload)

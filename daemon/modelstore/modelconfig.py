@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from openinfer.daemon.steps.steps_config import StepsConfig, StepsConfigError, parse_steps
+
 
 class ConfigError(ValueError):
     """A configuration file or value is invalid; the message names the file and key."""
@@ -35,6 +37,7 @@ class ModelConfig:
     max_queue: int = 1024  # queued (not yet running) tasks before RESOURCE_EXHAUSTED
     version_policy: str = "all"  # "all" versions in the repository, or "latest" only
     batching: BatchingConfig | None = None
+    steps: StepsConfig | None = None  # pre/post processing run inside the worker (daemon/steps/)
 
 
 _INT_KEYS = {"workers", "intra_op_threads", "timeout_ms", "max_compute_ms", "max_request_bytes", "memory_limit_mb", "max_queue"}
@@ -66,6 +69,13 @@ def parse_model_config(path: Path, text: str | None = None) -> ModelConfig:
             values[key] = value
         elif key == "batching":
             values[key] = _parse_batching(path, value)
+        elif key == "steps":
+            try:
+                values[key] = parse_steps(str(path), value)
+            except StepsConfigError as exc:
+                raise ConfigError(str(exc)) from None
+    if values.get("steps") is not None and values.get("batching") is not None:
+        raise ConfigError(f"{path}: a model with `[steps]` cannot batch yet: remove `[batching]` (its requests are each one client's data, shaped by its pre step)")
     return replace(ModelConfig(), **values)
 
 

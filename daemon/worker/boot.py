@@ -25,13 +25,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from openinfer.daemon.observability.jsonlog import configure_logging
 
 from .bootconfig import WorkerBootConfig
 
 if TYPE_CHECKING:
+    from openinfer.daemon.steps.sources import StepSources
+
     from .model_source import ModelSource
 
 log = logging.getLogger("openinfer.worker")
@@ -77,8 +79,9 @@ def _open_version_dir(config: WorkerBootConfig, user: str) -> int:
         raise BootFailure(str(exc)) from None
 
 
-def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any], user: str, writable: tuple[str, ...] = ()) -> int:
-    """Steps 2-4; returns the model's version directory (an O_PATH descriptor) opened as the worker user."""
+def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any], user: str, writable: tuple[str, ...] = (), before_landlock: Callable[[], None] | None = None) -> int:
+    """Steps 2-4; returns the model's version directory (an O_PATH descriptor) opened as the worker user.
+    `before_landlock` reads what else the worker needs from beside the model (its steps) while it can."""
     from openinfer.sandbox import hardening
 
     hardening.set_parent_death_signal()
@@ -109,6 +112,8 @@ def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any], us
             raise BootFailure("supervisor exited during worker start")
     # After the drop: the worker user's rights decide, and Landlock is granted exactly the directory opened.
     version_dir = _open_version_dir(config, user)
+    if before_landlock is not None:
+        before_landlock()
     if sb.landlock:
         read_paths: list[str | int] = [*sb.read_paths, os.path.realpath("/proc/self"), "/proc/cpuinfo", version_dir]
         if config.prepared_dir:
@@ -135,6 +140,20 @@ def _open_source(config: WorkerBootConfig, version_dir: int, user: str) -> "Mode
         raise BootFailure(str(exc)) from None
     finally:
         os.close(version_dir)
+
+
+def _read_steps(config: WorkerBootConfig, user: str, into: list["StepSources"]) -> None:
+    """The model's steps module and data files (daemon/steps/sources.py), as the worker user, before Landlock."""
+    if config.steps is None:
+        return
+    from openinfer.daemon.files.model_files import ModelFileError
+    from openinfer.daemon.steps.sources import read_step_sources
+    from openinfer.daemon.steps.steps_config import StepsConfig
+
+    try:
+        into.append(read_step_sources(StepsConfig.from_dict(config.steps), config.repository, config.model_path, user))
+    except ModelFileError as exc:
+        raise BootFailure(str(exc)) from None
 
 
 def _open_channel() -> Any:
@@ -174,6 +193,15 @@ def _await_ack(channel: Any, timeout_ms: int = 30_000) -> bytes:
             raise BootFailure("expected ACK from the supervisor")
 
 
+def _load_steps(sources: "StepSources") -> Any:
+    from openinfer.daemon.steps.loader import StepsLoadError, load_steps
+
+    try:
+        return load_steps(sources)
+    except StepsLoadError as exc:
+        raise BootFailure(str(exc)) from None
+
+
 def boot_and_serve(config: WorkerBootConfig) -> None:
     from openinfer.wire.protocol import pack
 
@@ -185,18 +213,20 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
     from .session import build_session, describe_session, warm_up
 
     user = _worker_user(config)
+    step_sources: list[StepSources] = []
     if config.sandbox.enabled:
         from openinfer.sandbox import apply_policy, hardening, load_policy
 
         # Policies are read now: after the uid drop and Landlock their files may be out of reach.
         boot_policy = load_policy(config.sandbox.boot_policy)
         serve_policy = load_policy(config.sandbox.serve_policy)
-        version_dir = _isolate_process(config, sandbox_state, user)
+        version_dir = _isolate_process(config, sandbox_state, user, before_landlock=lambda: _read_steps(config, user, step_sources))
         source = _open_source(config, version_dir, user)
         apply_policy(boot_policy)
     else:
         log.warning("worker running WITHOUT sandbox (--insecure-no-sandbox)", extra={"worker": config.worker_id})
         _enter_work_dir(config)
+        _read_steps(config, user, step_sources)
         source = _open_source(config, _open_version_dir(config, user), user)
 
     started = time.monotonic_ns()
@@ -222,10 +252,14 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
         hardening.set_memory_limit(config.sandbox.memory_limit_bytes)
     warmup_error = warm_up(session, description["inputs"])
     warmed = time.monotonic_ns()
+    # The steps module's own code runs first here: under the boot policy and the memory limit, like the
+    # model's parse. Clients see the model through its steps.
+    steps = _load_steps(step_sources[0]) if step_sources else None
+    clients_view = steps.describe(description) if steps is not None else description
     channel = _open_channel()
     hello = {
         "pid": os.getpid(),
-        **description,
+        **clients_view,
         "load_ms": (loaded - started) / 1e6,
         "warmup_ms": (warmed - loaded) / 1e6,
         "warmup_error": warmup_error,
@@ -238,9 +272,13 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
     from .direct_setup import direct_serving
     from .session import Runner
 
-    runner = Runner(session)
+    runner: Any = Runner(session)
+    if steps is not None:
+        from openinfer.daemon.steps.runner import StepRunner
+
+        runner = StepRunner(runner, steps, description, clients_view)
     poller = select.epoll()
-    direct = direct_serving(config, description, runner, poller, lease_key) if config.direct is not None else None
+    direct = direct_serving(config, clients_view, runner, poller, lease_key) if config.direct is not None else None
 
     if config.sandbox.enabled:
         hardening.malloc_trim()
@@ -255,7 +293,7 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
 
     from .serve import serve
 
-    serve(channel, runner, [o["name"] for o in description["outputs"]], poller, direct)
+    serve(channel, runner, [o["name"] for o in clients_view["outputs"]], poller, direct)
     channel.close()
 
 

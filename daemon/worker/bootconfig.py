@@ -54,6 +54,7 @@ class WorkerBootConfig:
     work_dir: str = ""  # an empty directory to run in: a relative path the worker did not check resolves nowhere
     sandbox: WorkerSandboxConfig = field(default_factory=WorkerSandboxConfig)
     direct: DirectConfig | None = None
+    steps: dict[str, Any] | None = None  # the model's [steps] (steps_config.StepsConfig.to_dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

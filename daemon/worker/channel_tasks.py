@@ -20,7 +20,7 @@ def run_task(channel: FrameStream, session: Any, output_names: list[str], frames
     header: dict[str, Any] = {}
     try:
         header = unpack(frames[1])
-        feed = feed_from(header, frames[2:])
+        feed = feed_from(header, frames[2:], session.raw_inputs)
         wanted = header.get("outputs") or output_names
         prepared_ns = time.monotonic_ns()
         results = session.run(wanted, feed)

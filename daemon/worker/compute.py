@@ -13,10 +13,12 @@ from openinfer.wire.zmtp import Buffer
 from .session import bf16_input
 
 
-def feed_from(header: dict[str, Any], frames: list[Buffer]) -> dict[str, Any]:
+def feed_from(header: dict[str, Any], frames: list[Buffer], raw: bool = False) -> dict[str, Any]:
+    """The request's inputs for onnxruntime, or as they came (`raw`: BYTES stay bytes) for a pre step."""
     feed: dict[str, Any] = {}
     for spec, frame in zip(header["inputs"], frames):
-        feed[spec["name"]] = for_onnxruntime(spec["datatype"], decode_array(spec["datatype"], list(spec["shape"]), frame))
+        array = decode_array(spec["datatype"], list(spec["shape"]), frame)
+        feed[spec["name"]] = array if raw else for_onnxruntime(spec["datatype"], array)
     return feed
 
 

@@ -226,7 +226,7 @@ class DirectQueue:
     def _run_one(self, request: DirectRequest, started_ns: int) -> None:
         cpu_start = time.process_time_ns()
         try:
-            feed = feed_from({"inputs": request.specs}, request.data)
+            feed = feed_from({"inputs": request.specs}, request.data, self.runner.raw_inputs)
             prepared_ns = time.monotonic_ns()
             results = self._guarded_run(request.wanted, feed, [request])
             computed_ns = time.monotonic_ns()

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from openinfer.daemon.steps.contract import StepFailed
 from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array
 
 from .external_data import ExternalFiles
@@ -85,6 +86,8 @@ def _c_order(array: np.ndarray, dtype: Any = None) -> np.ndarray:
 class Runner:
     """session.run, except that BF16 outputs (which onnxruntime cannot hand over as numpy arrays) come
     back as BF16Array: such models run through run_with_ort_values and the bits are copied out."""
+
+    raw_inputs = False  # inputs reach it converted for onnxruntime (a model with a pre step: daemon/steps/runner.py)
 
     def __init__(self, session: ort.InferenceSession) -> None:
         self.session = session
@@ -205,6 +208,8 @@ def task_error(exc: BaseException, inputs: list[dict[str, Any]], dynamic_inputs:
     specs (name, shape). When a node of the graph refused the inputs, the message says which inputs
     (those with a dynamic dimension: the others have the metadata's shape, already checked) and their
     shapes, then what onnxruntime said, so the caller can see what to change."""
+    if isinstance(exc, StepFailed):  # already says which step and whose mistake
+        return {"code": exc.code, "message": str(exc)[:2000]}
     code = error_code_for(exc)
     message = f"{type(exc).__name__}: {str(exc).strip()}"
     if code == "INVALID_ARGUMENT" and _NODE_FAILURE in message and inputs:

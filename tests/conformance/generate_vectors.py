@@ -232,7 +232,12 @@ def infer_success_vectors(v: Vectors) -> None:
     v.infer_ok("silero_vad_outputs_order", "Outputs come back in the order `outputs` lists them.", SILERO_FRAMES,
                [out("stateN", "FP32", [2, 1, 128]), out("output", "FP32", [1, 1])], model="silero_vad", inputs=SILERO_SPECS, outputs=["stateN", "output"])
     v.infer_ok("magika_int32", "magika: INT32[1,2048] -> FP32[1,214].", [MAGIKA.tobytes()], [out("target_label", "FP32", [1, 214])],
-               model="magika", inputs=[spec("bytes", "INT32", [1, 2048])])
+               model="magika_scores", inputs=[spec("bytes", "INT32", [1, 2048])])
+    script = b"#!/usr/bin/env python3\nimport sys\n\nfor line in sys.stdin:\n    print(line.upper(), end='')\n"
+    v.infer_ok("magika_steps_bytes", "magika with its steps: one file's bytes as a BYTES scalar (shape [], a 4-byte little-endian length then the bytes) -> its content type.",
+               [len(script).to_bytes(4, "little") + script],
+               [out("label", "BYTES", []), out("group", "BYTES", []), out("mime_type", "BYTES", []), out("score", "FP32", [])],
+               model="magika", inputs=[spec("bytes", "BYTES", [])])
     v.infer_ok("ocr_det_dynamic_4d", "ocr_det: x FP32[-1,3,-1,-1] given [1,3,32,64] (H and W multiples of 32).", [fp32([1, 3, 32, 64])],
                [out("sigmoid_0.tmp_0", "FP32", [1, 1, 32, 64])], model="ocr_det", inputs=[spec("x", "FP32", [1, 3, 32, 64])])
     v.infer_ok("ocr_cls_batch_2", "ocr_cls: batch of 2; the output name contains a slash.", [fp32([2, 3, 32, 32])],
@@ -285,7 +290,7 @@ def infer_error_vectors(v: Vectors) -> None:
     v.infer_error("fixed_dim_mismatch", "x as [1,63]: dimension 1 is fixed at 64.", "INVALID_ARGUMENT", [np.zeros((1, 63), "<f4").tobytes()],
                   model="tiny", inputs=[spec("x", "FP32", [1, 63])])
     v.infer_error("fixed_dim_mismatch_magika", "magika `bytes` as [1,2047]: dimension 1 is fixed at 2048.", "INVALID_ARGUMENT",
-                  [MAGIKA[:, :2047].tobytes()], model="magika", inputs=[spec("bytes", "INT32", [1, 2047])])
+                  [MAGIKA[:, :2047].tobytes()], model="magika_scores", inputs=[spec("bytes", "INT32", [1, 2047])])
     v.infer_error("fixed_dim_mismatch_4d", "ocr_det x with 1 channel: dimension 1 is fixed at 3.", "INVALID_ARGUMENT", [fp32([1, 1, 32, 32])],
                   model="ocr_det", inputs=[spec("x", "FP32", [1, 1, 32, 32])])
     v.infer_error("byte_length_short", "FP32[1,64] needs 256 bytes; the frame has 252.", "INVALID_ARGUMENT", [x1[:-4]], **tiny_fields())
@@ -317,7 +322,7 @@ def admin_vectors(v: Vectors) -> None:
     v.op_ok("metadata_silero_vad", "Metadata: a rank-0 input has shape [].", "metadata", ["name", "inputs", "outputs"],
             {"inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, -1]}, {"name": "state", "datatype": "FP32", "shape": [2, -1, 128]},
                         {"name": "sr", "datatype": "INT64", "shape": []}]}, model="silero_vad")
-    v.op_ok("metadata_explicit_version", "Metadata of version 1.", "metadata", ["name", "version"], {"name": "magika", "version": 1}, model="magika", version=1)
+    v.op_ok("metadata_explicit_version", "Metadata of version 1.", "metadata", ["name", "version"], {"name": "magika_scores", "version": 1}, model="magika_scores", version=1)
     rid, head = v.header("metadata", model="no_such_model")
     v.error("metadata_model_unknown", "Metadata of a model that does not exist.", "NOT_FOUND", [pack(head)], rid)
     rid, head = v.header("metadata", model="tiny", version=9)

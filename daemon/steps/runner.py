@@ -1,0 +1,110 @@
+"""A model with steps, run as one: pre step, the model, post step, behind the same `run(wanted, feed)` as
+the plain runner (worker/session.py), so both paths into a worker (the supervisor's tasks, clients' direct
+requests) and the deadline watch around a run treat it like any model. A step that raises becomes a
+StepFailed naming the step (contract.py); what a step returns is checked against what it declared before
+it goes anywhere."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from openinfer.daemon.worker.compute import for_onnxruntime
+from openinfer.daemon.worker.session import Runner, error_code_for
+from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array
+
+from .contract import INTERNAL, INVALID_ARGUMENT, Answer, StepFailed, step_failed
+from .loader import LoadedSteps
+
+
+class StepRunner:
+    def __init__(self, inner: Any, steps: LoadedSteps, model: dict[str, list[dict[str, Any]]], clients: dict[str, list[dict[str, Any]]]) -> None:
+        self.inner = inner
+        self.steps = steps
+        self.raw_inputs = steps.pre is not None  # the pre step gets BYTES as the client's bytes
+        self.model_outputs = [spec["name"] for spec in model["outputs"]]
+        self.model_inputs = {spec["name"]: spec["datatype"] for spec in model["inputs"]}
+        self.client_outputs = {spec["name"]: spec for spec in clients["outputs"]}
+        self.dynamic_inputs = frozenset(spec["name"] for spec in clients["inputs"] if any(d < 0 for d in spec["shape"]))
+
+    @staticmethod
+    def new_run_options() -> Any:
+        return Runner.new_run_options()
+
+    def run(self, wanted: list[str], feed: dict[str, Any], run_options: Any = None) -> list[Any]:
+        steps = self.steps
+        outputs: dict[str, Any]
+        if steps.pre is not None:
+            try:
+                prepared = steps.pre(feed)
+            except Exception as exc:
+                raise step_failed("pre", steps.module, exc) from None
+            if isinstance(prepared, Answer):
+                return self._client_values(wanted, prepared, "pre")
+            feed = self._model_feed(prepared)
+        try:
+            results = self.inner.run(self.model_outputs, feed, run_options)
+        except Exception as exc:
+            if steps.pre is not None and error_code_for(exc) == INVALID_ARGUMENT:
+                # The model refused tensors the pre step made: the step's fault, not the caller's.
+                shapes = ", ".join(f"{name!r} {list(np.shape(value))}" for name, value in feed.items())
+                raise StepFailed(INTERNAL, f"the model refused what the pre step of {steps.module} made ({shapes}): {type(exc).__name__}: {str(exc).strip()}"[:2000]) from None
+            raise
+        outputs = dict(zip(self.model_outputs, results))
+        if steps.post is None:
+            return [outputs[name] for name in wanted]
+        try:
+            answered = steps.post(outputs)
+        except Exception as exc:
+            raise step_failed("post", steps.module, exc) from None
+        return self._client_values(wanted, answered, "post")
+
+    def _model_feed(self, prepared: Any) -> dict[str, Any]:
+        if not isinstance(prepared, dict) or set(prepared) != set(self.model_inputs):
+            got = sorted(prepared) if isinstance(prepared, dict) else type(prepared).__name__
+            raise StepFailed(INTERNAL, f"the pre step of {self.steps.module} returned {got}; the model takes exactly {sorted(self.model_inputs)}")
+        feed = {}
+        for name, value in prepared.items():
+            datatype = self.model_inputs[name]
+            if datatype == "BYTES":
+                array = np.asarray(value, dtype=object)
+                feed[name] = for_onnxruntime(datatype, np.vectorize(lambda e: e if isinstance(e, bytes) else str(e).encode(), otypes=[object])(array) if array.size else array)
+            elif datatype == "BF16":
+                feed[name] = for_onnxruntime(datatype, value.bits if isinstance(value, BF16Array) else np.asarray(value, dtype=np.uint16))
+            else:
+                feed[name] = np.ascontiguousarray(value, dtype=DATATYPE_TO_NUMPY[datatype])
+        return feed
+
+    def _client_values(self, wanted: list[str], answered: Any, role: str) -> list[Any]:
+        """The step's outputs as arrays of the declared datatypes and shapes, in `wanted` order."""
+        if not isinstance(answered, dict):
+            raise StepFailed(INTERNAL, f"the {role} step of {self.steps.module} returned {type(answered).__name__}, not a dict of outputs")
+        values = []
+        for name in wanted:
+            spec = self.client_outputs.get(name)
+            if spec is None or name not in answered:
+                raise StepFailed(INTERNAL, f"the {role} step of {self.steps.module} did not return output {name!r}")
+            values.append(_as_declared(answered[name], spec, role, self.steps.module))
+        return values
+
+
+def _as_declared(value: Any, spec: dict[str, Any], role: str, module: str) -> Any:
+    datatype, shape = spec["datatype"], spec["shape"]
+    array: Any
+    try:
+        if datatype == "BYTES":
+            if isinstance(value, (bytes, str)):
+                array = np.empty((), dtype=object)
+                array[()] = value.encode() if isinstance(value, str) else value
+            else:
+                array = np.asarray(value, dtype=object)
+        elif datatype == "BF16":
+            array = value if isinstance(value, BF16Array) else BF16Array(np.asarray(value, dtype=np.uint16))
+        else:
+            array = np.asarray(value, dtype=DATATYPE_TO_NUMPY[datatype])
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise StepFailed(INTERNAL, f"the {role} step of {module}: output {spec['name']!r} is not {datatype}: {exc}"[:1000]) from None
+    got: list[int] = list(array.shape)
+    if len(got) != len(shape) or any(want >= 0 and want != have for want, have in zip(shape, got)):
+        raise StepFailed(INTERNAL, f"the {role} step of {module}: output {spec['name']!r} has shape {got}; it declared {shape}")
+    return array

@@ -1,0 +1,227 @@
+"""A hostile steps module (issue #19): the code a model's repository ships beside its config.toml runs in
+the model's worker, so it is contained exactly like a hostile model - same seccomp policy, uid, Landlock,
+rlimits and deadline - and never in the supervisor.
+
+One sandboxed daemon serves `hostile` (its steps.py does, on request, what an attacker's step would: open
+sockets, write or read files, fork, exec, spin, allocate 10 GB) and `canary` (a plain model). Each attack
+is performed from inside the step; the test asserts what it was after did not happen (no file written, no
+connection made, no secret returned), that its request got a typed error rather than a result, and that
+the daemon goes on serving: the canary answers correctly throughout, and so does `hostile` itself once its
+worker has been replaced. The module's own code first runs when the worker loads it: a `loader` whose
+setup() reaches for a file and a socket is stopped there, and reported."""
+from __future__ import annotations
+
+import os
+import select
+import socket
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+import onnx_builders
+from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, wait_for, world_readable_dir
+from openinfer.client import Client, OpenInferError
+from reference import run_reference
+from repo_builder import ModelRepo
+
+pytestmark = pytest.mark.attack
+
+HOSTILE_STEPS = '''
+import os, socket
+import numpy as np
+from openinfer.daemon.steps.contract import Answer
+
+INPUTS = [{{"name": "what", "datatype": "BYTES", "shape": []}}]
+OUTPUTS = [{{"name": "got", "datatype": "BYTES", "shape": []}}]
+WRITE_TARGET = {write_target!r}
+UNIX_TARGET = {unix_target!r}
+TCP_PORT = {tcp_port!r}
+SECRET = {secret!r}
+OTHER_MODEL = {other_model!r}
+
+def pre(inputs):
+    what = inputs["what"].item().decode()
+    if what == "fine":
+        return {{"x": np.ones((1, 64), np.float32)}}
+    if what == "write":
+        with open(WRITE_TARGET, "w") as f:
+            f.write("owned")
+    elif what == "unix":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(UNIX_TARGET)
+    elif what == "tcp":
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.connect(("127.0.0.1", TCP_PORT))
+    elif what == "read-secret":
+        return Answer(got=open(SECRET, "rb").read())
+    elif what == "read-other-model":
+        return Answer(got=open(OTHER_MODEL, "rb").read()[:64])
+    elif what == "fork":
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+    elif what == "exec":
+        os.execv("/bin/sh", ["/bin/sh", "-c", "touch " + WRITE_TARGET])
+    elif what == "spin":
+        while True:
+            pass
+    elif what == "allocate":
+        block = bytearray(10 * 1024 ** 3)
+        return Answer(got=bytes(block[:1]))
+    return Answer(got=b"done")
+
+def post(outputs):
+    return {{"got": b"ran"}}
+'''
+
+LOADER_STEPS = '''
+import socket
+INPUTS = [{{"name": "x", "datatype": "FP32", "shape": [-1, 64]}}]
+tried = []
+
+def setup(files):
+    for attempt in (lambda: open({secret!r}, "rb").read(), lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect({unix_target!r})):
+        try:
+            attempt()
+            tried.append("worked")
+        except OSError as exc:
+            tried.append(type(exc).__name__)
+
+def pre(inputs):
+    if "worked" in tried:
+        raise RuntimeError("an attempt at load time worked")
+    return {{"x": inputs["x"]}}
+'''
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[dict[str, Path]]:
+    """Targets an attacker would go for, each within the worker user's reach if nothing else stopped it:
+    a world-writable directory, a world-connectable Unix socket, a TCP listener, a root-only secret."""
+    base = world_readable_dir("oi-hostile-steps-")
+    drop = base / "drop"
+    drop.mkdir()
+    os.chmod(drop, 0o777)
+    secret = base / "secret.txt"
+    secret.write_text("root's secret\n")
+    os.chmod(secret, 0o644)  # readable by anyone: only the sandbox can keep a step from it
+    yield {"base": base, "drop": drop, "secret": secret}
+    import shutil
+
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def listeners(world: dict[Path, Path]) -> Iterator[tuple[socket.socket, socket.socket]]:
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = str(world["drop"] / "listener.sock")
+    unix.bind(path)
+    os.chmod(path, 0o777)
+    unix.listen(8)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(8)
+    yield unix, tcp
+    unix.close()
+    tcp.close()
+
+
+@pytest.fixture(scope="module")
+def daemon(world: dict[str, Path], listeners: tuple[socket.socket, socket.socket]) -> Iterator[RunningDaemon]:
+    unix, tcp = listeners
+    repo = ModelRepo("oi-hostile-steps-repo-")
+    repo.model("canary", onnx_builders.matmul_model, config="workers = 1\n")
+    config = 'workers = 1\nmax_compute_ms = 1500\nmemory_limit_mb = 1024\n\n[steps]\nmodule = "steps.py"\n'
+    repo.model("hostile", onnx_builders.matmul_model, config=config)
+    (repo.root / "hostile" / "steps.py").write_text(HOSTILE_STEPS.format(
+        write_target=str(world["drop"] / "written.txt"), unix_target=unix.getsockname(), tcp_port=tcp.getsockname()[1],
+        secret=str(world["secret"]), other_model=str(repo.root / "canary" / "1" / "model.onnx"),
+    ))
+    root = repo.ready()
+    running = start_daemon(root)
+    running.repo = root  # type: ignore[attr-defined]
+    yield running
+    running.stop()
+    cleanup_workdir(running)
+    repo.remove()
+
+
+def nothing_connected(listener: socket.socket) -> bool:
+    return not select.select([listener], [], [], 0)[0]
+
+
+def canary_answers(client: Client, repo: Path) -> None:
+    x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)
+    want = run_reference(repo / "canary" / "1" / "model.onnx", {"x": x})["y"]
+    np.testing.assert_allclose(client.infer("canary", {"x": x}).outputs["y"], want, rtol=1e-5)
+
+
+def hostile_serves_again(client: Client) -> None:
+    """The step's worker is replaced when the attack killed it: the model answers again."""
+    wait_for(lambda: _fine(client), 60, "the hostile model's replacement worker answering")
+
+
+def _fine(client: Client) -> bool:
+    try:
+        return client.infer("hostile", {"what": "fine"}, timeout=10).outputs["got"].item() == b"ran"
+    except OpenInferError:
+        return False
+
+
+CONTAINED = {"WORKER_CRASHED", "INTERNAL", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "front-door"])
+@pytest.mark.parametrize("what", ["write", "exec", "unix", "tcp", "fork", "read-secret", "read-other-model", "allocate", "spin"])
+def test_a_hostile_step_is_contained_like_a_hostile_model(daemon: RunningDaemon, world: dict[str, Path], listeners: tuple[socket.socket, socket.socket], what: str, direct: bool) -> None:
+    unix, tcp = listeners
+    repo: Path = daemon.repo  # type: ignore[attr-defined]
+    with Client(daemon.address, timeout=30, direct=direct) as client:
+        hostile_serves_again(client)
+        with pytest.raises(OpenInferError) as caught:
+            client.infer("hostile", {"what": what}, timeout=10)
+        assert caught.value.code in CONTAINED, (what, caught.value.code, str(caught.value))
+        if what == "allocate":  # the memory limit, as for a model: the request fails alone, typed
+            assert caught.value.code in ("RESOURCE_EXHAUSTED", "WORKER_CRASHED"), str(caught.value)
+        if what == "spin":  # stopped at max_compute_ms (1.5 s) by the worker's replacement, not left running
+            assert caught.value.code in ("DEADLINE_EXCEEDED", "WORKER_CRASHED"), str(caught.value)
+        assert not (world["drop"] / "written.txt").exists()
+        assert nothing_connected(unix) and nothing_connected(tcp)
+        assert "root's secret" not in str(caught.value)
+        canary_answers(client, repo)
+        hostile_serves_again(client)
+
+
+def test_a_steps_module_runs_its_load_time_code_inside_the_sandbox(world: dict[str, Path], listeners: tuple[socket.socket, socket.socket]) -> None:
+    """setup() tries to read a file outside its model, then to connect a socket, while the worker loads:
+    the worker is stopped there by the boot policy (the same one onnxruntime parses a model under), the
+    model is reported failed with that reason, nothing connected, and the other model serves."""
+    unix, _ = listeners
+    repo = ModelRepo("oi-hostile-steps-loader-")
+    repo.model("canary", onnx_builders.matmul_model, config="workers = 1\n")
+    repo.model("loader", onnx_builders.matmul_model, config='workers = 1\n\n[steps]\nmodule = "steps.py"\n')
+    (repo.root / "loader" / "steps.py").write_text(LOADER_STEPS.format(secret=str(world["secret"]), unix_target=unix.getsockname()))
+    root = repo.ready()
+    running = start_daemon(root, wait=False)
+    try:
+        client = running.client()
+        rows = wait_for(lambda: _settled(client), 90, "canary ready and loader failed", daemon=running)
+        assert "SIGSYS" in rows["loader"]["reason"], rows["loader"]
+        assert nothing_connected(unix)
+        canary_answers(client, root)
+    finally:
+        running.stop()
+        cleanup_workdir(running)
+        repo.remove()
+
+
+def _settled(client: Client) -> dict[str, dict[str, object]] | None:
+    try:
+        rows = {row["name"]: row for row in client.models()}
+    except OpenInferError:
+        return None
+    if rows.get("canary", {}).get("state") == "ready" and rows.get("loader", {}).get("state") in ("failed", "unavailable"):
+        return rows
+    return None
