@@ -25,6 +25,7 @@ class InferResult:
     outputs: dict[str, np.ndarray]
     timing: dict[str, float] = field(default_factory=dict)
     batch_size: int | None = None  # requests that ran together with this one (models with [batching])
+    cache: str | None = None  # "hit" (answered from the model's verdict cache, nothing ran) or "miss" (models with [cache])
 
 
 def decode_reply_header(frames: list[Any]) -> dict[str, Any]:
@@ -64,4 +65,5 @@ def result_from_reply(header: dict[str, Any], frames: list[Any], client_us: floa
     if total is not None:
         timing["transport_us"] = max(0.0, client_us - total)
     batch_size = header.get("batch_size")
-    return InferResult(str(header.get("model", "")), int(header.get("version", 0)), outputs, timing, batch_size if isinstance(batch_size, int) else None)
+    cache = header.get("cache")
+    return InferResult(str(header.get("model", "")), int(header.get("version", 0)), outputs, timing, batch_size if isinstance(batch_size, int) else None, cache if cache in ("hit", "miss") else None)

@@ -54,7 +54,7 @@ from openinfer.daemon.scheduling.tasks import Task
 from openinfer.daemon.loop.timers import MonotonicTimerFd, TimerHeap
 from openinfer.daemon.frontdoor.validation import OverLimit, check_envelope, check_infer, decode_header, request_id_of
 from .worker import messages
-from openinfer.daemon.workerpool.worker_inbound import BadWorkerMessage, parse_hello, parse_ready
+from openinfer.daemon.workerpool.worker_inbound import BadWorkerMessage, parse_cache_held, parse_hello, parse_ready
 from openinfer.daemon.workerpool.workers import WorkerHandle, WorkerState
 
 log = logging.getLogger("openinfer.supervisor")
@@ -410,8 +410,14 @@ class Supervisor:
                 self.dispatcher.next_for(worker)
                 self.sync.on_model_ready(worker.model)
                 self._tell_systemd()
-        elif kind == messages.PONG and len(frames) == 2 and bytes(frames[1]) == worker.ping_token:
+        elif kind == messages.PONG and len(frames) in (2, 3) and bytes(frames[1]) == worker.ping_token:
             worker.ping_sent_ns = 0
+            if len(frames) == 3:
+                held = parse_cache_held(frames[2], worker.model.config.cache)
+                if held is None:
+                    self._reject_worker(worker, "PONG with a cache report it cannot have")
+                    return
+                worker.cache_held = held
         else:
             self._reject_worker(worker, f"unexpected message kind {kind.hex() or 'empty'} in state {worker.state.value}")
 

@@ -47,6 +47,8 @@ def main() -> int:
                 verdict = client.infer("magika", {"bytes": path.read_bytes()})
                 label, group, score = (verdict.outputs[k].item() for k in ("label", "group", "score"))
                 print(f"magika: {path.name:<16} -> {label.decode():<10} {group.decode():<11} ({score:.3f})   total {verdict.timing['total_us']:.0f} µs")
+            again = client.infer("magika", {"bytes": Path(__file__).read_bytes()})
+            print(f"magika: {Path(__file__).name:<16} again -> cache {again.cache}, total {again.timing['total_us']:.0f} µs (nothing ran)")
             scores = client.infer("magika_scores", {"bytes": magika_features(Path(__file__).read_bytes())[np.newaxis, :]}).outputs["target_label"][0]
             print(f"magika_scores (the same model, tensors in and out): {len(scores)} scores, best {scores.max():.3f}")
             vad = client.infer("silero_vad", sample_inputs("silero_vad"))

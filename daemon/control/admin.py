@@ -92,6 +92,7 @@ def status_result(sup: "Supervisor") -> dict[str, Any]:
                 "uptime_s": round((now - worker.spawned_ns) / 1e9, 3),
                 "sandbox": worker.sandbox,
                 "memory": _memory(worker.pid),
+                **({"cache": {"entries": worker.cache_held[0], "bytes": worker.cache_held[1]}} if worker.cache_held is not None else {}),
             }
         )
     return {
@@ -121,5 +122,12 @@ def stats_result(sup: "Supervisor") -> dict[str, Any]:
         entry.setdefault("queue_by_priority", {})[str(model.version)] = model.queue.depth_by_priority()
         if model.batch_sizes:
             entry.setdefault("batch_sizes", {})[str(model.version)] = {str(k): v for k, v in sorted(model.batch_sizes.items())}
+        if model.config.cache is not None:
+            held = [w.cache_held[1] for w in model.workers if w.cache_held is not None]
+            entry.setdefault("cache", {})[str(model.version)] = {
+                "lookups": model.cache_lookups, "hits": model.cache_hits,
+                "hit_ratio": round(model.cache_hits / model.cache_lookups, 4) if model.cache_lookups else None,
+                "bytes": sum(held), "max_bytes_per_worker": model.config.cache.max_bytes,
+            }
     snap["admission"] = {"rejected": dict(sup.limiter.rejected), "in_flight_by_client": dict(sup.limiter.in_flight), "policy": sup.limiter.policy.source}
     return snap

@@ -8,7 +8,7 @@ from typing import Callable
 from openinfer.daemon.observability.accounting import CLIENT_KEY, OTHER_CLIENTS, Accountant
 from openinfer.daemon.workerpool.workers import WorkerHandle
 
-from .ledger import ADMITTED, ANSWERED, COUNTED, REFUSED, RUN, Entry, LedgerReader, LedgerRejected
+from .ledger import ADMITTED, ANSWERED, CACHE_HIT, COUNTED, REFUSED, RUN, Entry, LedgerReader, LedgerRejected
 
 LogAccess = Callable[[WorkerHandle, Entry], None]
 
@@ -52,6 +52,10 @@ class DirectBooks:
         kind = entry.kind
         if kind == ANSWERED:
             worker.direct_pending.pop(entry.serial, None)
+            if entry.cache:
+                if model.config.cache is None:
+                    raise LedgerRejected("a cache outcome for a model without [cache]")
+                model.count_cache(entry.cache == CACHE_HIT)
             accountant.record(model.name, model.version, entry.client, entry.code, entry.timing, entry.bytes_in, entry.bytes_out)
             accountant.count_operation("infer", entry.code)
             worker.tasks_served += 1

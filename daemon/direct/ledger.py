@@ -41,14 +41,16 @@ _HEADER_BYTES = 64
 _CLIENTS_AT = _HEADER_BYTES
 _RING_AT = _CLIENTS_AT + MAX_CLIENT_SLOTS * SLOT_BYTES
 # seq, serial (pairs ADMITTED with ANSWERED; 0 = none), the client's request id, client slot, run size
-# (RUN: how many requests ran together), kind, code, op, bytes in, bytes out, then the timing stages
-# (TIMING_KEYS) in microseconds (NaN = not measured).
+# (RUN: how many requests ran together), kind, code, op, cache (ANSWERED by a model with [cache]:
+# CACHE_MISS or CACHE_HIT; else 0), bytes in, bytes out, then the timing stages (TIMING_KEYS) in
+# microseconds (NaN = not measured).
 TIMING_KEYS = ("decode_us", "queue_us", "prep_us", "compute_us", "encode_us", "batch_wait_us", "total_us", "cpu_us")
-_RECORD = struct.Struct("<QQQIHBBBxQQ" + "d" * len(TIMING_KEYS) + "6x")  # doubles: the books match the replies exactly; 120 bytes, so every record is 8-aligned
+_RECORD = struct.Struct("<QQQIHBBBBQQ" + "d" * len(TIMING_KEYS) + "6x")  # doubles: the books match the replies exactly; 120 bytes, so every record is 8-aligned
 RING_RECORDS = (LEDGER_BYTES - _RING_AT) // _RECORD.size
 
 # COUNTED: an operation answered OK (attach, cancel); RUN: one run of `run_size` requests (batch sizes)
 ADMITTED, ANSWERED, REFUSED, COUNTED, RUN = 1, 2, 3, 4, 5
+CACHE_MISS, CACHE_HIT = 1, 2  # an ANSWERED record's cache byte
 CODES = ("OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "WORKER_CRASHED", "UNAVAILABLE", "PERMISSION_DENIED", "INTERNAL")
 OPS = ("infer", "(malformed)", "(oversized)", *sorted(OPERATIONS - {"infer"}))
 _CODE_INDEX = {code: i for i, code in enumerate(CODES)}
@@ -72,6 +74,7 @@ class Entry:
     bytes_in: int
     bytes_out: int
     timing: dict[str, float]
+    cache: int = 0
 
 
 def _map(fd: int) -> mmap.mmap:
@@ -107,7 +110,7 @@ class LedgerWriter:
             self._slots[client] = slot
         return slot
 
-    def _append(self, serial: int, request_id: int, client: str, run_size: int, kind: int, code: str | None, op: str, bytes_in: int, bytes_out: int, timing: dict[str, float] | None) -> None:
+    def _append(self, serial: int, request_id: int, client: str, run_size: int, kind: int, code: str | None, op: str, bytes_in: int, bytes_out: int, timing: dict[str, float] | None, cache: int = 0) -> None:
         seq = self._seq
         words = self.words
         if seq - words[_READ] >= RING_RECORDS:
@@ -117,7 +120,7 @@ class LedgerWriter:
         stages = [_NAN] * len(TIMING_KEYS) if timing is None else [timing.get(key, _NAN) for key in TIMING_KEYS]
         at = _RING_AT + (seq % RING_RECORDS) * _RECORD.size
         _RECORD.pack_into(  # number 0 while the fields are written: no reader takes it yet
-            self.map, at, 0, serial, request_id, self._slot(client), run_size, kind, _CODE_INDEX[code or "OK"], _OP_INDEX.get(op, 1), bytes_in, bytes_out, *stages,
+            self.map, at, 0, serial, request_id, self._slot(client), run_size, kind, _CODE_INDEX[code or "OK"], _OP_INDEX.get(op, 1), cache, bytes_in, bytes_out, *stages,
         )
         words[at // 8] = seq + 1  # then its number, in one store: the record is whole from here on
         self._seq = seq + 1
@@ -126,8 +129,8 @@ class LedgerWriter:
     def admitted(self, serial: int, request_id: int, client: str, bytes_in: int) -> None:
         self._append(serial, request_id, client, 0, ADMITTED, None, "infer", bytes_in, 0, None)
 
-    def answered(self, serial: int, request_id: int, client: str, code: str | None, timing: dict[str, float], bytes_in: int, bytes_out: int) -> None:
-        self._append(serial, request_id, client, 0, ANSWERED, code, "infer", bytes_in, bytes_out, timing)
+    def answered(self, serial: int, request_id: int, client: str, code: str | None, timing: dict[str, float], bytes_in: int, bytes_out: int, cache: int = 0) -> None:
+        self._append(serial, request_id, client, 0, ANSWERED, code, "infer", bytes_in, bytes_out, timing, cache)
 
     def refused(self, request_id: int, client: str, op: str, code: str, total_us: float) -> None:
         self._append(0, request_id, client, 0, REFUSED, code, op, 0, 0, {"total_us": total_us})
@@ -190,16 +193,18 @@ class LedgerReader:
             at = _RING_AT + (self._read % RING_RECORDS) * _RECORD.size
             if words[at // 8] != self._read + 1:
                 break  # not fully visible yet: the next pass takes it
-            seq, serial, request_id, slot, run_size, kind, code, op, bytes_in, bytes_out, *stages = _RECORD.unpack_from(self.map, at)
+            seq, serial, request_id, slot, run_size, kind, code, op, cache, bytes_in, bytes_out, *stages = _RECORD.unpack_from(self.map, at)
             if not ADMITTED <= kind <= RUN or code >= len(CODES) or op >= len(OPS) or bytes_in >= 1 << 48 or bytes_out >= 1 << 48:
                 raise LedgerRejected(f"record {seq}: fields out of range")
+            if cache > CACHE_HIT or cache and (kind != ANSWERED or code != 0):
+                raise LedgerRejected(f"record {seq}: cache {cache} on a record that cannot have one")
             timing = {}
             for key, value in zip(TIMING_KEYS, stages):
                 if value == value:  # not NaN
                     if not 0 <= value < 1e12:
                         raise LedgerRejected(f"record {seq}: {key} = {value}")
                     timing[key] = value
-            entries.append(Entry(kind, serial, request_id, "" if kind == RUN else self._client(slot), run_size, None if code == 0 else CODES[code], OPS[op], bytes_in, bytes_out, timing))
+            entries.append(Entry(kind, serial, request_id, "" if kind == RUN else self._client(slot), run_size, None if code == 0 else CODES[code], OPS[op], bytes_in, bytes_out, timing, cache))
             self._read += 1
         words[_READ] = self._read  # the worker may reuse what was read
         return entries

@@ -25,6 +25,18 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """`[cache]`: answers kept per worker (daemon/worker/verdict_cache.py)."""
+
+    entries: int = 1024
+    max_bytes: int = 16 * 1024 * 1024
+    ttl_s: int = 0  # 0: entries never expire (they go with their model version's workers)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"entries": self.entries, "max_bytes": self.max_bytes, "ttl_s": self.ttl_s}
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Defaults apply when a model has no config.toml; `workers`/`intra_op_threads` may be None = use the pool default."""
 
@@ -38,6 +50,7 @@ class ModelConfig:
     version_policy: str = "all"  # "all" versions in the repository, or "latest" only
     batching: BatchingConfig | None = None
     steps: StepsConfig | None = None  # pre/post processing run inside the worker (daemon/steps/)
+    cache: CacheConfig | None = None  # verdicts kept per worker (daemon/worker/verdict_cache.py)
 
 
 _INT_KEYS = {"workers", "intra_op_threads", "timeout_ms", "max_compute_ms", "max_request_bytes", "memory_limit_mb", "max_queue"}
@@ -69,14 +82,35 @@ def parse_model_config(path: Path, text: str | None = None) -> ModelConfig:
             values[key] = value
         elif key == "batching":
             values[key] = _parse_batching(path, value)
+        elif key == "cache":
+            values[key] = _parse_cache(path, value)
         elif key == "steps":
             try:
                 values[key] = parse_steps(str(path), value)
             except StepsConfigError as exc:
                 raise ConfigError(str(exc)) from None
+    if values.get("cache") is not None and values.get("batching") is not None:
+        raise ConfigError(f"{path}: a model with `[cache]` cannot batch yet: remove `[batching]` or `[cache]`")
     if values.get("steps") is not None and values.get("batching") is not None:
         raise ConfigError(f"{path}: a model with `[steps]` cannot batch yet: remove `[batching]` (its requests are each one client's data, shaped by its pre step)")
     return replace(ModelConfig(), **values)
+
+
+def _parse_cache(path: Path, raw: Any) -> CacheConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: `cache` must be a table")
+    known = {f.name for f in fields(CacheConfig)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key `cache.{key}` (known: {', '.join(sorted(known))})")
+        if key == "ttl_s":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{path}: `cache.ttl_s` must be an integer >= 0 (0: no expiry), got {value!r}")
+            values[key] = value
+        else:
+            values[key] = _positive_int(path, f"cache.{key}", value)
+    return replace(CacheConfig(), **values)
 
 
 def _parse_batching(path: Path, raw: Any) -> BatchingConfig:

@@ -54,6 +54,8 @@ class ServedModel:
     batch_deadline_ns: int = 0  # when the queued tasks must be flushed to a worker, batch full or not
     batch_timer: Any = None  # the timer set for batch_deadline_ns (cancelled when no batch waits)
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    cache_lookups: int = 0  # with [cache]: answers looked up in a worker's verdict cache, and found
+    cache_hits: int = 0
     compute_ewma_us: float | None = None  # recent compute time; short models get pipelined dispatch
     batch_compute_ewma_us: float | None = None  # the same for batches of two or more
     nbytes_ewma: float = 0.0  # recent request size, the size compute_ewma_us was measured at
@@ -64,6 +66,10 @@ class ServedModel:
     @property
     def key(self) -> str:
         return f"{self.name}:{self.version}"
+
+    def count_cache(self, hit: bool) -> None:
+        self.cache_lookups += 1
+        self.cache_hits += hit
 
     def set_metadata(self, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> None:
         self.inputs = inputs

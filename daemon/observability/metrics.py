@@ -291,6 +291,9 @@ def build_families(published: _Published | None, up: float) -> list[Metric]:
     workers = GaugeMetricFamily("openinfer_workers", "Worker processes by state.", labels=["model", "version", "state"])
     batch_size = HistogramMetricFamily("openinfer_batch_size", "Tasks per dispatch to a worker (models with [batching]).", labels=["model", "version"])
     rejections = CounterMetricFamily("openinfer_rejections", "Requests refused RESOURCE_EXHAUSTED, by admission limit.", labels=["limit"])
+    cache_lookups = CounterMetricFamily("openinfer_cache_lookups", "Requests looked up in a worker's verdict cache (models with [cache]); hit ratio = hits / lookups.", labels=["model", "version"])
+    cache_hits = CounterMetricFamily("openinfer_cache_hits", "Requests answered from a worker's verdict cache, without running anything.", labels=["model", "version"])
+    cache_bytes = GaugeMetricFamily("openinfer_cache_bytes", "Bytes the workers' verdict caches hold (as of each worker's last PONG).", labels=["model", "version"])
 
     bounds = [floatToGoString(us / 1e6) for us in stats.get("duration_buckets_us", ())]
     versions: set[tuple[str, str]] = set()
@@ -317,6 +320,11 @@ def build_families(published: _Published | None, up: float) -> list[Metric]:
         for version, sizes in sorted(entry.get("batch_sizes", {}).items()):
             buckets, total_tasks = _batch_buckets({int(k): v for k, v in sizes.items()})
             batch_size.add_metric([name, version], buckets, total_tasks)
+    for name, entry in sorted(stats.get("models", {}).items()):
+        for version, figures in sorted(entry.get("cache", {}).items()):
+            cache_lookups.add_metric([name, version], figures.get("lookups", 0))
+            cache_hits.add_metric([name, version], figures.get("hits", 0))
+            cache_bytes.add_metric([name, version], figures.get("bytes", 0))
     for limit, count in sorted(stats.get("admission", {}).get("rejected", {}).items()):
         rejections.add_metric([limit], count)
     for client, snap in sorted(stats.get("clients", {}).items()):
@@ -336,7 +344,7 @@ def build_families(published: _Published | None, up: float) -> list[Metric]:
         by_state = states.get(key, {})
         for state in _WORKER_STATES:
             workers.add_metric([*key, state], by_state.get(state, 0))
-    return [up_family, requests, duration, request_bytes, cpu, restarts, clients, queue, workers, batch_size, rejections]
+    return [up_family, requests, duration, request_bytes, cpu, restarts, clients, queue, workers, batch_size, rejections, cache_lookups, cache_hits, cache_bytes]
 
 
 _BATCH_BOUNDS = [2**i for i in range(11)]  # 1 .. 1024 tasks

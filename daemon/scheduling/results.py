@@ -33,6 +33,8 @@ class WorkerResults:
             if task_id_of(frames[0]) != task.task_id:
                 raise BadWorkerMessage("RESULT for a task it is not running")
             result = parse_result(frames, task.dispatched_ns, task.wanted or task.model.output_order)
+            if result.cache is not None and task.model.config.cache is None:
+                raise BadWorkerMessage("a cache outcome for a model without [cache]")
         except BadWorkerMessage as exc:
             self.reject_worker(worker, str(exc))
             return
@@ -52,7 +54,9 @@ class WorkerResults:
             "dispatch_us": max(0.0, (timing_in.recv_ns - started_ns) / 1000),
         }
         error = result.error
-        if error is None:
+        if error is None and result.cache == "hit":  # nothing ran: no run stages, and no run to learn from
+            model.consecutive_crashes = 0
+        elif error is None:
             compute_us = timing_in.compute_us
             timing["prep_us"] = timing_in.prep_us
             timing["compute_us"] = compute_us
@@ -73,6 +77,9 @@ class WorkerResults:
             if model.batchable:  # a batching model's task that ran alone
                 reply["batch_size"] = 1
                 timing["batch_wait_us"] = task.batch_wait_ns / 1000  # part of queue_us, not an extra stage
+            if result.cache is not None:
+                reply["cache"] = result.cache
+                model.count_cache(result.cache == "hit")
             self.replies.send(task.route, reply, outputs)
             code = None
         else:

@@ -272,13 +272,16 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
     from .direct_setup import direct_serving
     from .session import Runner
 
+    from .verdict_cache import VerdictCache
+
+    cache = VerdictCache(config.cache["entries"], config.cache["max_bytes"], config.cache["ttl_s"]) if config.cache else None
     runner: Any = Runner(session)
     if steps is not None:
         from openinfer.daemon.steps.runner import StepRunner
 
         runner = StepRunner(runner, steps, description, clients_view)
     poller = select.epoll()
-    direct = direct_serving(config, clients_view, runner, poller, lease_key) if config.direct is not None else None
+    direct = direct_serving(config, clients_view, runner, poller, lease_key, cache) if config.direct is not None else None
 
     if config.sandbox.enabled:
         hardening.malloc_trim()
@@ -293,7 +296,7 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
 
     from .serve import serve
 
-    serve(channel, runner, [o["name"] for o in clients_view["outputs"]], poller, direct)
+    serve(channel, runner, [o["name"] for o in clients_view["outputs"]], poller, direct, cache)
     channel.close()
 
 

@@ -11,17 +11,27 @@ from openinfer.wire.zmtp import Buffer, FrameStream
 from . import messages
 from .compute import batch_feed, encode_outputs, feed_from, plain, split_outputs
 from .session import task_error
+from .verdict_cache import VerdictCache
 
 
-def run_task(channel: FrameStream, session: Any, output_names: list[str], frames: list[Buffer]) -> None:
+def run_task(channel: FrameStream, session: Any, output_names: list[str], frames: list[Buffer], cache: VerdictCache | None = None) -> None:
     received_ns = time.monotonic_ns()
     cpu_start = time.process_time_ns()
     result_kind = messages.RESULT + bytes(frames[0][1:9])  # echoes the task id
     header: dict[str, Any] = {}
     try:
         header = unpack(frames[1])
-        feed = feed_from(header, frames[2:], session.raw_inputs)
         wanted = header.get("outputs") or output_names
+        key = None
+        if cache is not None:
+            key = cache.key(header["inputs"], frames[2:], wanted)
+            hit = cache.get(key, received_ns)
+            if hit is not None:  # answered again without running anything
+                meta = {"outputs": hit.specs, "cache": "hit", "recv_ns": received_ns, "prep_us": 0.0, "compute_us": 0.0, "encode_us": 0.0,
+                        "cpu_us": (time.process_time_ns() - cpu_start) / 1000, "send_ns": time.monotonic_ns()}
+                channel.send([result_kind, pack(meta), *hit.payloads])
+                return
+        feed = feed_from(header, frames[2:], session.raw_inputs)
         prepared_ns = time.monotonic_ns()
         results = session.run(wanted, feed)
         computed_ns = time.monotonic_ns()
@@ -36,6 +46,9 @@ def run_task(channel: FrameStream, session: Any, output_names: list[str], frames
             "cpu_us": (time.process_time_ns() - cpu_start) / 1000,
             "send_ns": time.monotonic_ns(),
         }
+        if cache is not None and key is not None:
+            cache.put(key, specs, payloads, encoded_ns)
+            meta["cache"] = "miss"
         channel.send([result_kind, pack(meta), *payloads])
     except Exception as exc:  # every task gets exactly one answer, whatever onnxruntime raised
         meta = {

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from openinfer.daemon.direct.deadline_page import DeadlinePage
-from openinfer.daemon.direct.ledger import LedgerWriter
+from openinfer.daemon.direct.ledger import CACHE_HIT, CACHE_MISS, LedgerWriter
 from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.frontdoor.validation import InputSignature, check_infer
 from openinfer.daemon.modelstore.modelconfig import BatchingConfig
@@ -36,6 +36,7 @@ from .compute import encode_outputs, feed_from, for_onnxruntime, plain
 from .direct import DirectConnection, DirectDoor, reject_busy
 from .run_watch import RunStopped, RunWatch
 from .session import Runner, task_error
+from .verdict_cache import Cached, VerdictCache
 
 
 @dataclass
@@ -83,11 +84,13 @@ class DirectRequest:
     serial: int = 0  # its number in the ledger
     batch_key: Any = None
     rows: int = 0
+    cache_key: bytes | None = None  # with [cache]: what its answer is kept under
 
 
 class DirectQueue:
-    def __init__(self, door: DirectDoor, runner: Runner, model: ModelView, page: DeadlinePage | None, ledger: LedgerWriter | None, watch: RunWatch | None = None) -> None:
+    def __init__(self, door: DirectDoor, runner: Runner, model: ModelView, page: DeadlinePage | None, ledger: LedgerWriter | None, watch: RunWatch | None = None, cache: VerdictCache | None = None) -> None:
         self.door = door
+        self.cache = cache
         self.runner = runner
         self.model = model
         self.page = page
@@ -138,6 +141,13 @@ class DirectQueue:
         request.serial = self._serial
         if self.ledger is not None:
             self.ledger.admitted(request.serial, request_id, request.client, nbytes)
+        cache = self.cache
+        if cache is not None:  # after every check and limit: a hit bypasses none of them
+            request.cache_key = cache.key(request.specs, data, request.wanted)
+            hit = cache.get(request.cache_key, decoded_ns)
+            if hit is not None:
+                self._answer_cached(request, hit)
+                return
         self.queue.append(request)
         self.last_request_ns = received_ns
 
@@ -252,7 +262,18 @@ class DirectQueue:
         if self.model.batchable:
             reply["batch_size"] = 1
             timing["batch_wait_us"] = self._batch_wait_us(request, started_ns)
+        if self.cache is not None and request.cache_key is not None:
+            self.cache.put(request.cache_key, specs, payloads, encoded_ns)
+            reply["cache"] = "miss"
+            self._answer(request, reply, payloads, None, timing, CACHE_MISS)
+            return
         self._answer(request, reply, payloads, None, timing)
+
+    def _answer_cached(self, request: DirectRequest, hit: Cached) -> None:
+        now = time.monotonic_ns()
+        timing = {"decode_us": (request.decoded_ns - request.received_ns) / 1000, "cache_us": (now - request.decoded_ns) / 1000, "total_us": (now - request.received_ns) / 1000}
+        reply = {"v": PROTOCOL_VERSION, "id": request.request_id, "model": self.model.name, "version": self.model.version, "outputs": hit.specs, "timing": timing, "cache": "hit"}
+        self._answer(request, reply, hit.payloads, None, timing, CACHE_HIT)
 
     def _run_batch(self, batch: list[DirectRequest], started_ns: int) -> None:
         """The members' rows joined along dimension 0, run once, each member's rows cut out of the
@@ -295,13 +316,13 @@ class DirectQueue:
                 self._answer(member, reply, payloads, None, timing)
 
     # -- answers ---------------------------------------------------------------------------------------
-    def _answer(self, request: DirectRequest, reply: dict[str, Any], payloads: list[Any], code: str | None, timing: dict[str, float]) -> None:
+    def _answer(self, request: DirectRequest, reply: dict[str, Any], payloads: list[Any], code: str | None, timing: dict[str, float], cache: int = 0) -> None:
         """The ledger first, then the reply: whatever a client has been answered is already counted."""
         if self.ledger is not None:
             bytes_out = 0
             for payload in payloads:
                 bytes_out += len(payload) if not isinstance(payload, memoryview) else payload.nbytes
-            self.ledger.answered(request.serial, request.request_id, request.client, code, timing, request.nbytes, bytes_out)
+            self.ledger.answered(request.serial, request.request_id, request.client, code, timing, request.nbytes, bytes_out, cache)
         self.door.reply(request.conn, request.delimited, reply, payloads)
         self._close(request)
 

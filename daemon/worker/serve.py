@@ -24,6 +24,7 @@ from .channel_tasks import run_batch, run_task
 from .direct import DirectDoor
 from .direct_queue import DirectQueue
 from .session import Runner
+from .verdict_cache import VerdictCache
 
 log = logging.getLogger("openinfer.worker")
 
@@ -44,8 +45,9 @@ class DirectServing:
 
 
 class WorkerLoop:
-    def __init__(self, channel: FrameStream, runner: Runner, output_names: list[str], poller: Any, direct: DirectServing | None) -> None:
+    def __init__(self, channel: FrameStream, runner: Runner, output_names: list[str], poller: Any, direct: DirectServing | None, cache: VerdictCache | None = None) -> None:
         self.channel = channel
+        self.cache = cache
         self.runner = runner
         self.output_names = output_names
         self.poller = poller
@@ -130,11 +132,15 @@ class WorkerLoop:
                     continue
                 kind = bytes(frames[0][:1])
                 if kind == messages.TASK:
-                    run_task(channel, self.runner, self.output_names, frames)
+                    run_task(channel, self.runner, self.output_names, frames, self.cache)
                 elif kind == messages.BATCH:
                     run_batch(channel, self.runner, self.output_names, frames)
                 elif kind == messages.PING:
-                    channel.send([messages.PONG, bytes(frames[1])])
+                    cache = self.cache
+                    if cache is None:
+                        channel.send([messages.PONG, bytes(frames[1])])
+                    else:  # and how much its verdict cache holds: entries, bytes (openinfer status)
+                        channel.send([messages.PONG, bytes(frames[1]), len(cache).to_bytes(8, "little") + cache.nbytes.to_bytes(8, "little")])
                 elif kind == messages.KEY and self.direct is not None:
                     self.direct.door.rekey(bytes(frames[1]))
                 elif kind == messages.QUIT:
@@ -169,9 +175,9 @@ class WorkerLoop:
                 return
 
 
-def serve(channel: FrameStream, runner: Runner, output_names: list[str], poller: Any, direct: DirectServing | None) -> None:
+def serve(channel: FrameStream, runner: Runner, output_names: list[str], poller: Any, direct: DirectServing | None, cache: VerdictCache | None = None) -> None:
     """Run until QUIT (and its drain) or until the supervisor is gone."""
     try:
-        WorkerLoop(channel, runner, output_names, poller, direct).run()
+        WorkerLoop(channel, runner, output_names, poller, direct, cache).run()
     except SystemExit:
         return

@@ -156,6 +156,7 @@ class WorkerPool:
             repository=str(repository),
             work_dir=str(self.runtime_dir / WORK_DIR) if self.runtime_dir is not None else "",
             steps=model.config.steps.to_dict() if model.config.steps is not None else None,
+            cache=model.config.cache.to_dict() if model.config.cache is not None else None,
         )
 
     def spawn(self, model: ServedModel) -> WorkerHandle:

@@ -58,6 +58,7 @@ class TaskResult:
     outputs: list[dict[str, Any]]  # checked specs, one per data frame
     frames: list[Buffer]
     error: dict[str, str] | None  # {"code", "message"}, code within the protocol's set
+    cache: str | None = None  # "hit" or "miss" for a model with [cache]
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +178,25 @@ def parse_ready(frames: Sequence[Buffer]) -> dict[str, Any]:
     return {str(key)[:64]: value for key, value in meta.items()}
 
 
+def parse_cache_held(frame: Buffer, cache: Any) -> tuple[int, int] | None:
+    """A PONG's cache report (entries, bytes: two u64 LE), or None when the worker cannot have made it: no
+    [cache] for its model, or more than the cache it was given may hold."""
+    if cache is None or len(frame) != 16:
+        return None
+    raw = bytes(frame)
+    entries, nbytes = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
+    if entries > cache.entries or nbytes > cache.max_bytes:
+        return None
+    return entries, nbytes
+
+
+def _cache_outcome(meta: dict[str, Any]) -> str | None:
+    outcome = meta.get("cache")
+    if outcome not in (None, "hit", "miss"):
+        raise BadWorkerMessage("`cache` is neither hit nor miss")
+    return outcome  # type: ignore[no-any-return]
+
+
 def parse_result(frames: Sequence[Buffer], dispatched_ns: int, wanted: Sequence[str]) -> TaskResult:
     """RESULT for the task the worker runs: its outputs must be exactly `wanted`, in order."""
     meta = _meta(frames)
@@ -193,7 +213,7 @@ def parse_result(frames: Sequence[Buffer], dispatched_ns: int, wanted: Sequence[
         raise BadWorkerMessage("outputs are not the ones the task asked for")
     for spec, frame in zip(outputs, data):
         _frame_matches(spec, frame)
-    return TaskResult(_timing(meta, dispatched_ns, ok=True), outputs, data, None)
+    return TaskResult(_timing(meta, dispatched_ns, ok=True), outputs, data, None, _cache_outcome(meta))
 
 
 def parse_batch(frames: Sequence[Buffer], task_ids: list[int], rows: list[int], wanted: Sequence[str], dispatched_ns: int) -> BatchResult:

@@ -56,6 +56,7 @@ class WorkerHandle:
     state: WorkerState = WorkerState.SPAWNED
     inflight: Inflight = field(default_factory=Inflight)  # sent, unanswered (inflight.py owns it)
     tasks_served: int = 0
+    cache_held: tuple[int, int] | None = None  # with [cache]: (entries, bytes) its last PONG reported
     spawned_ns: int = field(default_factory=time.monotonic_ns)
     ready_ns: int | None = None
     sandbox: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,76 @@
+"""A model's verdict cache (`[cache]` in its config.toml), one per worker: the answer to a request whose
+inputs (names, datatypes, shapes, bytes) and asked-for outputs equal an earlier one's is sent again
+without running anything. The same inputs recur on an appliance (the same attachment scanned twice, the
+same URL), and a verdict is a pure function of them for a given model version: a worker serves exactly
+one version, so its cache holds entries of that version only and goes with it when the version is
+replaced. Looked up after the request was checked and admitted (access, lease, per-client limits), so a
+hit bypasses none of them. Bounded by entries and by bytes (the answers' payloads plus a fixed charge per
+entry), least recently used first out; entries may expire (`ttl_s`)."""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from openinfer.wire.protocol import pack
+from openinfer.wire.zmtp import Buffer
+
+ENTRY_OVERHEAD_BYTES = 256  # what an entry costs beyond its payloads (key, specs, list, bookkeeping)
+
+
+@dataclass(frozen=True, slots=True)
+class Cached:
+    specs: list[dict[str, Any]]
+    payloads: list[bytes]
+    nbytes: int
+    expires_ns: int  # 0: never
+
+
+class VerdictCache:
+    def __init__(self, max_entries: int, max_bytes: int, ttl_s: int) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.ttl_ns = ttl_s * 1_000_000_000
+        self._entries: OrderedDict[bytes, Cached] = OrderedDict()
+        self.nbytes = 0
+
+    @staticmethod
+    def key(specs: Sequence[dict[str, Any]], data: Sequence[Buffer], wanted: Sequence[str]) -> bytes:
+        """What makes two requests the same question: every input's name, datatype, shape and bytes, and
+        the outputs asked for. 128-bit BLAKE2b: no collision to engineer."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(pack([[spec["name"], spec["datatype"], list(spec["shape"])] for spec in specs] + [list(wanted)]))
+        for frame in data:
+            digest.update(len(frame).to_bytes(8, "little") if not isinstance(frame, memoryview) else frame.nbytes.to_bytes(8, "little"))
+            digest.update(frame)
+        return digest.digest()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: bytes, now_ns: int) -> Cached | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.expires_ns and now_ns >= entry.expires_ns:
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: bytes, specs: list[dict[str, Any]], payloads: Sequence[Any], now_ns: int) -> None:
+        copies = [bytes(payload) for payload in payloads]  # payloads may be views of arrays about to be reused
+        nbytes = ENTRY_OVERHEAD_BYTES + sum(len(c) for c in copies)
+        if nbytes > self.max_bytes:
+            return  # an answer larger than the whole cache is never kept
+        if key in self._entries:
+            self._drop(key)
+        while self._entries and (len(self._entries) >= self.max_entries or self.nbytes + nbytes > self.max_bytes):
+            self._drop(next(iter(self._entries)))
+        self._entries[key] = Cached(specs, copies, nbytes, now_ns + self.ttl_ns if self.ttl_ns else 0)
+        self.nbytes += nbytes
+
+    def _drop(self, key: bytes) -> None:
+        entry = self._entries.pop(key)
+        self.nbytes -= entry.nbytes

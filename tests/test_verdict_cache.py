@@ -1,0 +1,148 @@
+"""The verdict cache (`[cache]`, daemon/worker/verdict_cache.py): a request whose inputs and asked-for
+outputs equal an earlier one's is answered again without running anything - marked `cache: "hit"`,
+counted in stats and metrics - within its bounds, only for a caller the access policy lets through, and
+never across a model version that was replaced."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+import onnx_builders
+from daemon_harness import wait_for, world_readable_dir
+from openinfer.client import Client
+from reference import run_reference
+from repo_builder import make_world_readable
+from test_access import NOBODY, as_user
+
+X = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)
+ENTRIES = 4
+
+
+@pytest.mark.unit
+def test_the_cache_keeps_its_bounds_and_forgets_the_least_recently_used() -> None:
+    from openinfer.daemon.worker.verdict_cache import ENTRY_OVERHEAD_BYTES, VerdictCache
+
+    spec = [{"name": "x", "datatype": "FP32", "shape": [1, 4]}]
+    keys = [VerdictCache.key(spec, [bytes([i]) * 16], ["y"]) for i in range(6)]
+    assert len(set(keys)) == 6
+    # The same question asked differently is another question: outputs, shape, name, bytes.
+    assert VerdictCache.key(spec, [b"\0" * 16], ["y", "z"]) != VerdictCache.key(spec, [b"\0" * 16], ["y"])
+    assert VerdictCache.key([{**spec[0], "shape": [4, 1]}], [b"\0" * 16], ["y"]) != VerdictCache.key(spec, [b"\0" * 16], ["y"])
+    assert VerdictCache.key([{**spec[0], "name": "w"}], [b"\0" * 16], ["y"]) != VerdictCache.key(spec, [b"\0" * 16], ["y"])
+    cache = VerdictCache(max_entries=4, max_bytes=4 * (ENTRY_OVERHEAD_BYTES + 100), ttl_s=0)
+    for i, key in enumerate(keys[:4]):
+        cache.put(key, spec, [memoryview(bytes([i]) * 100)], 0)
+    assert cache.get(keys[0], 0) is not None  # now the most recently used
+    cache.put(keys[4], spec, [b"\1" * 100], 0)
+    assert len(cache) == 4 and cache.get(keys[1], 0) is None and cache.get(keys[0], 0) is not None
+    cache.put(keys[5], spec, [b"\2" * (2 * 100 + ENTRY_OVERHEAD_BYTES)], 0)  # worth two entries: two go
+    assert len(cache) == 3 and cache.nbytes <= cache.max_bytes
+    cache.put(keys[1], spec, [b"\3" * (10 * 100 * 4)], 0)  # larger than the whole cache: never kept
+    assert cache.get(keys[1], 0) is None and cache.nbytes <= cache.max_bytes
+    expiring = VerdictCache(max_entries=4, max_bytes=1 << 20, ttl_s=2)
+    expiring.put(keys[0], spec, [b"x"], now_ns=10)
+    assert expiring.get(keys[0], 10 + 1_999_999_999) is not None and expiring.get(keys[0], 10 + 2_000_000_000) is None
+    assert len(expiring) == 0 and expiring.nbytes == 0
+
+
+@pytest.mark.unit
+def test_cache_configuration_is_checked(tmp_path: Path) -> None:
+    from openinfer.daemon.modelstore.modelconfig import ConfigError, parse_model_config
+
+    path = tmp_path / "config.toml"
+    for text, words in {
+        "[cache]\nentries = 0\n": "cache.entries",
+        "[cache]\nmax_bytes = -1\n": "cache.max_bytes",
+        "[cache]\nttl_s = -1\n": "cache.ttl_s",
+        "[cache]\nsize = 3\n": "unknown key `cache.size`",
+        "[cache]\n[batching]\nmax_batch_size = 2\n": "cannot batch yet",
+    }.items():
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=words.replace("[", r"\[")):
+            parse_model_config(path)
+    path.write_text("[cache]\nttl_s = 60\n")
+    cache = parse_model_config(path).cache
+    assert cache is not None and (cache.entries, cache.max_bytes, cache.ttl_s) == (1024, 16 * 1024 * 1024, 60)
+
+
+@pytest.fixture
+def repo() -> Iterator[Path]:
+    root = world_readable_dir("oi-cache-")
+    onnx_builders.matmul_model(root / "cached" / "1" / "model.onnx", seed=1)
+    (root / "cached" / "config.toml").write_text(f"workers = 1\n\n[cache]\nentries = {ENTRIES}\n")
+    onnx_builders.matmul_model(root / "plain" / "1" / "model.onnx", seed=2)
+    make_world_readable(root)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "front-door"])
+def test_a_repeated_request_is_answered_from_the_cache_and_counted(daemon_factory: Any, repo: Path, direct: bool) -> None:
+    daemon = daemon_factory(repo)
+    want = run_reference(repo / "cached" / "1" / "model.onnx", {"x": X})["y"]
+    with Client(daemon.address, direct=direct) as client:
+        first, second = (client.infer("cached", {"x": X}) for _ in range(2))
+        assert (first.cache, second.cache) == ("miss", "hit")
+        np.testing.assert_allclose(first.outputs["y"], want, rtol=1e-5)
+        np.testing.assert_array_equal(second.outputs["y"], first.outputs["y"])
+        assert "compute_us" in first.timing and "compute_us" not in second.timing  # nothing ran
+        assert client.infer("cached", {"x": X + 1}).cache == "miss"  # other bytes, another question
+        assert client.infer("cached", {"x": X}, outputs=["y"]).cache == "hit"  # its one output by name: the same question
+        assert client.infer("plain", {"x": X}).cache is None  # a model without [cache]
+        stats = client.stats()["models"]["cached"]["cache"]["1"]
+        assert (stats["lookups"], stats["hits"], stats["hit_ratio"]) == (4, 2, 0.5), stats
+
+
+@pytest.mark.live
+def test_the_cache_holds_at_most_its_entries_and_says_so_in_status_and_metrics(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo)
+    with Client(daemon.address) as client:
+        for i in range(ENTRIES + 3):
+            assert client.infer("cached", {"x": X * i}).cache == "miss"
+        assert client.infer("cached", {"x": X * (ENTRIES + 2)}).cache == "hit"  # the newest stayed
+        assert client.infer("cached", {"x": X * 0}).cache == "miss"  # the oldest went
+        held = wait_for(lambda: next((w.get("cache") for w in client.status()["workers"] if w["model"] == "cached" and w.get("cache", {}).get("entries") == ENTRIES), None),
+                        30, f"a worker reporting {ENTRIES} cache entries (its next PONG)")
+        assert 0 < held["bytes"] <= 16 * 1024 * 1024
+        assert client.stats()["models"]["cached"]["cache"]["1"]["bytes"] == held["bytes"]
+
+
+@pytest.mark.live
+def test_a_cached_answer_is_refused_to_a_caller_the_policy_refuses(daemon_factory: Any, repo: Path, tmp_path: Path) -> None:
+    policy = tmp_path / "access.toml"
+    policy.write_text(
+        '[[grant]]\nname = "nobody-plain"\nuids = [65534]\noperations = ["infer", "health"]\nmodels = ["plain"]\n\n'
+        '[[grant]]\nname = "root-all"\nuids = [0]\noperations = ["infer", "health", "stats", "status", "models", "metadata", "reload"]\n'
+    )
+    policy.chmod(0o644)
+    daemon = daemon_factory(repo, env={"OPENINFER_SERVER_ACCESS_POLICY": str(policy), "OPENINFER_SERVER_SOCKET_MODE": "0o666"})
+    with Client(daemon.address) as client:
+        client.infer("cached", {"x": X})
+        assert client.infer("cached", {"x": X}).cache == "hit"  # it is in the cache
+    outcomes = as_user(NOBODY, daemon.address, [("infer", "cached"), ("infer", "plain")])
+    assert outcomes[0].startswith("PERMISSION_DENIED") and "model 'cached'" in outcomes[0], outcomes
+    assert outcomes[1] == "OK"
+
+
+@pytest.mark.live
+def test_entries_of_a_replaced_version_are_never_answered(daemon_factory: Any, repo: Path) -> None:
+    daemon = daemon_factory(repo)
+    with Client(daemon.address) as client:
+        client.infer("cached", {"x": X})
+        assert client.infer("cached", {"x": X}).cache == "hit"
+        onnx_builders.matmul_model(repo / "cached" / "2" / "model.onnx", seed=7)  # new weights, new answer
+        (repo / "cached" / "config.toml").write_text(f'workers = 1\nversion_policy = "latest"\n\n[cache]\nentries = {ENTRIES}\n')
+        make_world_readable(repo)
+        os.kill(daemon.process.pid, signal.SIGHUP)
+        wait_for(lambda: any(r["name"] == "cached" and r["version"] == 2 and r["state"] == "ready" for r in client.models())
+                 and not any(r["name"] == "cached" and r["version"] == 1 for r in client.models()), 60, "version 2 serving alone")
+        result = client.infer("cached", {"x": X})
+        assert (result.version, result.cache) == (2, "miss")
+        np.testing.assert_allclose(result.outputs["y"], run_reference(repo / "cached" / "2" / "model.onnx", {"x": X})["y"], rtol=1e-5)
