@@ -160,6 +160,22 @@ def test_daemon_errors_are_typed(c_example: Path, example_daemon: RunningDaemon)
     assert done.returncode == 1 and done.stdout.startswith("error INVALID_ARGUMENT rc=INVALID_ARGUMENT local=0: "), done.stdout
 
 
+def test_the_c_client_sends_a_file_and_reads_the_verdict(c_example: Path, example_daemon: RunningDaemon, tmp_path: Path) -> None:
+    """oi_infer_bytes and oi_output_text: magika's steps answer a file's content type; the same file
+    again comes from the verdict cache (oi_result.cache)."""
+    script = tmp_path / "hello.py"
+    script.write_text("#!/usr/bin/env python3\nimport sys\n\n\ndef main() -> int:\n    print('hello', sys.argv[1:])\n    return 0\n\n\nraise SystemExit(main())\n")
+    first = run_example("verdict", example_daemon.address, "magika", str(script))
+    second = run_example("verdict", example_daemon.address, "magika", str(script))
+    assert first.returncode == 0 and first.stdout.startswith("OK\tlabel=python\tgroup=code\t"), first.stdout + first.stderr
+    assert first.stdout.rstrip().endswith("cache=0") and second.stdout.rstrip().endswith("cache=1"), (first.stdout, second.stdout)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert run_example("verdict", example_daemon.address, "magika", str(empty)).stdout.startswith("OK\tlabel=empty\t")
+    refused = run_example("verdict", example_daemon.address, "tiny", str(script))  # tiny takes FP32 x, not bytes
+    assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stdout, refused.stdout
+
+
 def test_conformance_vectors_through_the_c_client(c_example: Path, example_daemon: RunningDaemon) -> None:
     done = run_example("conformance", example_daemon.address, str(VECTORS_PATH), timeout=600)
     lines = done.stdout.splitlines()

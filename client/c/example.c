@@ -37,6 +37,7 @@
 
 #include "openinfer.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
@@ -579,11 +580,57 @@ static int run_op(const char *address, const char *op, const char *model, int ti
     return rc == OI_OK ? 0 : 1;
 }
 
+/* ---- verdict mode: a file's bytes in, the model's answer out (a model with steps, e.g. magika) ---- */
+
+static int run_verdict(const char *address, const char *model, const char *path, int timeout_ms) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "%s: %s\n", path, strerror(errno));
+        return 2;
+    }
+    size_t cap = 1 << 16, len = 0;
+    unsigned char *data = malloc(cap);
+    for (size_t got; data && (got = fread(data + len, 1, cap - len, f)) > 0;) {
+        len += got;
+        if (len == cap) {
+            unsigned char *bigger = realloc(data, cap *= 2);
+            if (!bigger) free(data);
+            data = bigger;
+        }
+    }
+    fclose(f);
+    if (!data) return 2;
+    oi_client *c = connect_client(address, timeout_ms);
+    if (!c) {
+        free(data);
+        return 2;
+    }
+    oi_result r;
+    int rc = oi_infer_bytes(c, model, "bytes", data, len, &r);
+    free(data);
+    if (rc == OI_OK) {
+        printf("OK");
+        for (size_t i = 0; i < r.n_outputs; i++) {
+            size_t n = 0;
+            const char *text = oi_output_text(&r.outputs[i], &n);
+            if (text) printf("\t%s=%.*s", r.outputs[i].name, (int)n, text);
+            else if (strcmp(r.outputs[i].datatype, "FP32") == 0 && r.outputs[i].nbytes == 4) printf("\t%s=%.4f", r.outputs[i].name, (double)*(const float *)r.outputs[i].data);
+        }
+        printf("\tcache=%d\n", r.cache);
+    } else {
+        printf("error %s rc=%s: %s\n", r.error.code, oi_rc_name(rc), r.error.message);
+    }
+    oi_result_free(&r);
+    oi_close(c);
+    return rc == OI_OK ? 0 : 1;
+}
+
 static int usage(void) {
     fprintf(stderr, "usage: openinfer-c-example [--timeout MS] [--front-door] [--all] [--repeat N] [--duration MS] [--stop-file PATH] [--quiet] ADDR MODEL\n"
                     "       openinfer-c-example [--timeout MS] [--front-door] requests ADDR REQUESTS.json\n"
                     "       openinfer-c-example [--timeout MS] conformance ADDR VECTORS.json\n"
-                    "       openinfer-c-example [--timeout MS] op ADDR OPERATION [MODEL]\n");
+                    "       openinfer-c-example [--timeout MS] op ADDR OPERATION [MODEL]\n"
+                    "       openinfer-c-example [--timeout MS] verdict ADDR MODEL FILE\n");
     return 2;
 }
 
@@ -603,6 +650,8 @@ int main(int argc, char **argv) {
         return run_requests(argv[i + 1], argv[i + 2], timeout_ms > 0 ? timeout_ms : 10000);
     if (argc - i == 3 && strcmp(argv[i], "conformance") == 0)
         return run_conformance(argv[i + 1], argv[i + 2], timeout_ms > 0 ? timeout_ms : 20000);
+    if (argc - i == 4 && strcmp(argv[i], "verdict") == 0)
+        return run_verdict(argv[i + 1], argv[i + 2], argv[i + 3], timeout_ms > 0 ? timeout_ms : 10000);
     if ((argc - i == 3 || argc - i == 4) && strcmp(argv[i], "op") == 0)
         return run_op(argv[i + 1], argv[i + 2], argc - i == 4 ? argv[i + 3] : NULL, timeout_ms > 0 ? timeout_ms : 10000);
     if (argc - i == 2 && repeat > 0)

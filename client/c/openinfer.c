@@ -664,6 +664,7 @@ static void result_init(oi_result *r) {
     memset(r, 0, sizeof *r);
     r->version = -1;
     r->batch_size = -1;
+    r->cache = -1;
     r->queue_us = r->compute_us = r->total_us = r->client_us = r->transport_us = NAN;
 }
 
@@ -681,6 +682,34 @@ void oi_result_free(oi_result *r) {
     free(r->model);
     free(r->error_details);
     result_init(r);
+}
+
+int oi_infer_bytes(oi_client *c, const char *model, const char *input_name, const void *data, size_t len, oi_result *out) {
+    if (!out) return OI_ERR_INVALID_ARGUMENT;
+    if (!input_name || (len && !data) || len > UINT32_MAX) {
+        result_init(out);
+        return E_INVALID(&out->error, "oi_infer_bytes: needs an input name and at most 4 GiB - 1 of data");
+    }
+    unsigned char *wire = malloc(4 + (len ? len : 1)); /* one BYTES element: 4-byte LE length, then the bytes */
+    if (!wire) {
+        result_init(out);
+        return E_NOMEM(&out->error);
+    }
+    wire[0] = (unsigned char)len, wire[1] = (unsigned char)(len >> 8), wire[2] = (unsigned char)(len >> 16), wire[3] = (unsigned char)(len >> 24);
+    if (len) memcpy(wire + 4, data, len);
+    oi_tensor input = {input_name, "BYTES", NULL, 0, wire, 4 + len};
+    int rc = oi_infer(c, model, -1, &input, 1, out);
+    free(wire);
+    return rc;
+}
+
+const char *oi_output_text(const oi_output *o, size_t *len) {
+    if (!o || !o->datatype || strcmp(o->datatype, "BYTES") != 0 || o->nbytes < 4 || !o->data) return NULL;
+    const unsigned char *p = o->data;
+    size_t n = (size_t)p[0] | (size_t)p[1] << 8 | (size_t)p[2] << 16 | (size_t)p[3] << 24;
+    if (n > o->nbytes - 4) return NULL;
+    if (len) *len = n;
+    return (const char *)p + 4;
 }
 
 const oi_output *oi_result_output(const oi_result *r, const char *name) {
@@ -784,6 +813,9 @@ static int read_infer_reply(const msgpack_object *h, const oi_frame *frames, siz
     r->version = (int64_t)ver;
     uint64_t batch;
     if (obj_uint(bs, &batch) && batch <= INT64_MAX) r->batch_size = (int64_t)batch;
+    const msgpack_object *cache = oi_map_get(h, "cache");
+    if (cache && cache->type == MSGPACK_OBJECT_STR)
+        r->cache = cache->via.str.size == 3 && memcmp(cache->via.str.ptr, "hit", 3) == 0 ? 1 : 0;
     size_t n = outs->via.array.size;
     if (n_frames != n + 1)
         return E_PROTOCOL(&r->error, "infer reply lists %zu outputs but carries %zu data frames", n, n_frames - 1);

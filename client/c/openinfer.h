@@ -142,6 +142,7 @@ typedef struct oi_result {
     char *model;        /* the model that ran (NULL on failure) */
     int64_t version;    /* the version that ran; -1 on failure */
     int64_t batch_size; /* -1 when the reply has no batch_size */
+    int cache;          /* models with [cache]: 1 = answered from the verdict cache (nothing ran), 0 = it ran; -1 otherwise */
     oi_output *outputs; /* n_outputs entries, in reply order */
     size_t n_outputs;
     oi_timing *timing; /* every key of `timing`, in reply order (also on error replies) */
@@ -166,8 +167,19 @@ typedef struct oi_result {
 int oi_infer(oi_client *client, const char *model, int64_t version, const oi_tensor *inputs, size_t n_inputs,
              oi_result *out);
 
+/*
+ * Send the data, get the answer: `model`'s one BYTES input of shape [] (a model whose steps take data
+ * whole, e.g. magika: a file's content) set to `data` (`len` bytes), then as oi_infer. Read the answer
+ * with oi_output_text (labels) or oi_result_output.
+ */
+int oi_infer_bytes(oi_client *client, const char *model, const char *input_name, const void *data, size_t len,
+                   oi_result *out);
+
 /* The output named `name`, or NULL. */
 const oi_output *oi_result_output(const oi_result *result, const char *name);
+/* The first element of a BYTES output (e.g. magika's `label`): a pointer into output->data and its
+ * length in *len (not NUL-terminated), or NULL when `output` is NULL, not BYTES, or malformed. */
+const char *oi_output_text(const oi_output *output, size_t *len);
 /* 1 and *value if `timing` has `name`, else 0. */
 int oi_result_timing(const oi_result *result, const char *name, double *value);
 void oi_result_free(oi_result *result);

@@ -28,10 +28,13 @@ def describe_user(uid: int) -> str:
         return f"uid {uid}"
 
 
-def open_version_dir(repository: str, model_path: str, user: str) -> int:
-    """An O_PATH descriptor of the directory that holds `model_path` (`<repo>/<model>/<version>`), resolved
-    from `repository` with no symlink and no step outside it. `user` names whose rights apply, for messages."""
+def open_version_dir(repository: str, model_path: str, user: str, levels_up: int = 1) -> int:
+    """An O_PATH descriptor of the directory that holds `model_path` (`<repo>/<model>/<version>`; with
+    `levels_up = 2`, the model's own directory `<repo>/<model>`, where its config.toml is), resolved from
+    `repository` with no symlink and no step outside it. `user` names whose rights apply, for messages."""
     relative = _relative(repository, model_path)
+    for _ in range(levels_up - 1):
+        relative = os.path.dirname(relative)
     try:
         root = os.open(repository, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # the operator's own setting
     except OSError as exc:

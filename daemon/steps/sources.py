@@ -49,8 +49,7 @@ def read_step_sources(config: StepsConfig, repository: str, model_path: str, use
 
 def _model_dir(repository: str, model_path: str, user: str) -> int:
     """`<repository>/<model>`: the directory of config.toml, two levels above model.onnx."""
-    version_dir_of_a_file = os.path.join(os.path.dirname(os.path.dirname(model_path)), "config.toml")
-    return open_version_dir(repository, version_dir_of_a_file, user)
+    return open_version_dir(repository, model_path, user, levels_up=2)
 
 
 def _read(dir_fd: int, name: str, model_path: str, user: str) -> bytes:

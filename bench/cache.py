@@ -1,0 +1,118 @@
+"""The verdict cache (issue #19): how long a hit takes against a miss, for the tiny model and for magika
+(a file's bytes through its steps), through the daemon a user runs (sandboxed, direct path, Python Client).
+
+    .venv/bin/python bench/cache.py                  # ~40 s: 5 interleaved rounds
+    .venv/bin/python bench/cache.py --rounds 2 --requests 100
+
+Each round sends, per model, `requests` misses (inputs never seen: tiny's x shifted by a counter; a real
+file with the round's and request's number appended) and `requests` hits (one input, asked again), the
+two alternating in order every other round. Figures: client-measured p50 of each, and their ratio per
+round (median over rounds). Targets (the issue's): a hit <= 0.5 x a miss for tiny, <= 0.1 x for magika.
+Writes bench/results/cache.json and cache.png; reports, never asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(REPO / "tests"))
+
+from common import DaemonProcess, machine_info, median_of, pyplot, world_readable_tempdir, write_json  # noqa: E402
+from real_files import real_files  # noqa: E402
+
+TARGETS = {"tiny": 0.5, "magika": 0.1}
+
+
+def _timed(call: Callable[[], Any]) -> float:
+    start = time.perf_counter_ns()
+    call()
+    return (time.perf_counter_ns() - start) / 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=BENCH / "results" / "cache.json")
+    args = parser.parse_args(argv)
+
+    from openinfer.client import Client
+
+    repo = world_readable_tempdir("oi-bench-cache-")
+    for name in ("tiny", "magika"):
+        shutil.copytree(REPO / "examples" / "models" / name, repo / name)
+    (repo / "tiny" / "config.toml").write_text("workers = 1\nintra_op_threads = 1\n\n[cache]\nentries = 100000\nmax_bytes = 268435456\n")
+    for path in repo.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    blobs = [p.read_bytes() for p in real_files()]
+    rounds: list[dict[str, Any]] = []
+    with DaemonProcess(models=repo, workers=1, label="cache").start(timeout=120) as daemon, Client(daemon.address, timeout=30) as client:
+        x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)
+        client.infer("tiny", {"x": x})
+        client.infer("magika", {"bytes": blobs[0]})
+        for round_index in range(args.rounds):
+            figures: dict[str, Any] = {}
+            for model in ("tiny", "magika"):
+                def miss(i: int) -> Any:
+                    if model == "tiny":
+                        return lambda: _expect(client.infer("tiny", {"x": x + (round_index * 100_000 + i + 1)}), "miss")
+                    return lambda: _expect(client.infer("magika", {"bytes": blobs[i % len(blobs)] + f"\n{round_index}.{i}\n".encode()}), "miss")
+
+                hit_input: dict[str, Any] = {"x": x} if model == "tiny" else {"bytes": blobs[1]}
+                client.infer(model, hit_input)
+
+                def hit(i: int) -> Any:
+                    return lambda: _expect(client.infer(model, hit_input), "hit")
+
+                order = [("miss", miss), ("hit", hit)] if round_index % 2 == 0 else [("hit", hit), ("miss", miss)]
+                samples: dict[str, list[float]] = {}
+                for kind, make in order:
+                    samples[kind] = [_timed(make(i)) for i in range(args.requests)]
+                figures[model] = {f"{kind}_p50_us": float(np.median(values)) for kind, values in samples.items()}
+                figures[model]["ratio"] = figures[model]["hit_p50_us"] / figures[model]["miss_p50_us"]
+            rounds.append(figures)
+            print(f"round {round_index + 1}: " + "; ".join(f"{m} hit {f['hit_p50_us']:.0f} us / miss {f['miss_p50_us']:.0f} us = x{f['ratio']:.3f}" for m, f in figures.items()))
+        stats = client.stats()["models"]
+    result: dict[str, Any] = {
+        "config": {"rounds": args.rounds, "requests": args.requests, "client": "openinfer.client.Client (sync, direct path)", "sandboxed": True},
+        "machine": machine_info(),
+        "rounds": rounds,
+        "targets": {model: f"hit p50 <= {bound} x miss p50" for model, bound in TARGETS.items()},
+        "daemon_stats": {model: stats[model].get("cache") for model in TARGETS},
+    }
+    for model, bound in TARGETS.items():
+        ratio = median_of(r[model]["ratio"] for r in rounds)
+        result[model] = {"hit_p50_us": median_of(r[model]["hit_p50_us"] for r in rounds), "miss_p50_us": median_of(r[model]["miss_p50_us"] for r in rounds), "ratio": ratio, "met": ratio is not None and ratio <= bound}
+        print(f"{model}: hit {result[model]['hit_p50_us']:.0f} us vs miss {result[model]['miss_p50_us']:.0f} us: x{ratio:.3f} (target <= {bound}: {'met' if result[model]['met'] else 'NOT met'})")
+    write_json(args.out, result)
+    plt = pyplot()
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        models = list(TARGETS)
+        ax.bar([f"{m}\nmiss" for m in models] + [f"{m}\nhit" for m in models], [result[m]["miss_p50_us"] for m in models] + [result[m]["hit_p50_us"] for m in models],
+               color=["tab:blue"] * len(models) + ["tab:orange"] * len(models))
+        ax.set_yscale("log")
+        ax.set_ylabel("p50 latency, µs (log)")
+        ax.set_title("verdict cache: hit vs miss (sandboxed, direct path)")
+        fig.tight_layout()
+        fig.savefig(args.out.with_suffix(".png"))
+    shutil.rmtree(repo, ignore_errors=True)
+    return 0
+
+
+def _expect(result: Any, outcome: str) -> None:
+    if result.cache != outcome:
+        raise SystemExit(f"expected a cache {outcome}, got {result.cache}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
