@@ -209,3 +209,28 @@ def test_a_steps_module_that_cannot_load_fails_its_model_with_the_reason(tmp_pat
         running.stop()
         cleanup_workdir(running)
         repo.remove()
+
+
+def test_a_reload_after_the_steps_module_changed_serves_the_new_steps() -> None:
+    """The model file and config.toml are unchanged; only steps.py is edited: SIGHUP replaces the workers."""
+    import signal
+
+    from daemon_harness import wait_for
+
+    module = 'INPUTS = [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]\nOUTPUTS = [{"name": "tag", "datatype": "BYTES", "shape": []}]\n\ndef post(outputs):\n    return {"tag": %r}\n'
+    repo = ModelRepo("oi-steps-reload-")
+    repo.model("tagged", onnx_builders.matmul_model, config='workers = 1\n[steps]\nmodule = "steps.py"\n')
+    (repo.root / "tagged" / "steps.py").write_text(module % "first")
+    running = start_daemon(repo.ready())
+    try:
+        client = running.client()
+        x = np.ones((1, 64), np.float32)
+        assert client.infer("tagged", {"x": x}).outputs["tag"].item() == b"first"
+        (repo.root / "tagged" / "steps.py").write_text(module % "second, longer")
+        os.chmod(repo.root / "tagged" / "steps.py", 0o644)
+        os.kill(running.process.pid, signal.SIGHUP)
+        wait_for(lambda: client.infer("tagged", {"x": x}).outputs["tag"].item() == b"second, longer", 60, "the edited steps serving")
+    finally:
+        running.stop()
+        cleanup_workdir(running)
+        repo.remove()

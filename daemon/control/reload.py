@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from openinfer.daemon.modelstore.models import FailedModel, ModelRegistry, ModelState, ServedModel
-from openinfer.daemon.modelstore.modelconfig import ConfigError
+from openinfer.daemon.modelstore.modelconfig import ConfigError, ModelConfig
+from openinfer.daemon.steps.sources import builtin_files as steps_files_of_builtin
 from openinfer.daemon.workerpool.pool import WorkerPool
 from openinfer.daemon.modelstore.repository import ModelEntry, ModelVersionEntry, scan_repository
 from openinfer.daemon.config.settings import Settings
@@ -30,6 +31,22 @@ log = logging.getLogger("openinfer.supervisor")
 def file_fingerprint(path: Path) -> tuple[int, int, int]:
     st = os.lstat(path)  # a symlink is never followed (and the next scan refuses it)
     return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def model_fingerprint(path: Path, config: ModelConfig) -> tuple[Any, ...]:
+    """The model file's fingerprint, and its steps' files' (beside config.toml): a reload that finds an
+    edited steps.py or data file replaces the workers, as it does for a new model file."""
+    steps = config.steps
+    if steps is None:
+        return (file_fingerprint(path),)
+    names = [*steps.files, *(steps_files_of_builtin(steps.builtin) if steps.builtin is not None else [steps.module])]
+    step_prints: list[tuple[int, int, int] | None] = []
+    for name in names:
+        try:
+            step_prints.append(file_fingerprint(path.parent.parent / name))
+        except OSError:
+            step_prints.append(None)  # missing now: the new workers will say why they cannot load
+    return (file_fingerprint(path), *step_prints)
 
 
 class RepositorySync:
@@ -51,7 +68,7 @@ class RepositorySync:
             intra_op_threads=entry.config.intra_op_threads or self.settings.pool.intra_op_threads,
             repository=repository,
         )
-        model.fingerprint = file_fingerprint(version.path)
+        model.fingerprint = model_fingerprint(version.path, entry.config)
         model.queue = TaskQueue(self.settings.server.starvation_ms)
         preparer = self.pool.preparer
         if preparer is not None and preparer.wanted(model):
@@ -135,7 +152,7 @@ class RepositorySync:
         if current.state in (ModelState.FAILED, ModelState.UNAVAILABLE):
             return True  # a reload retries what could not serve
         try:
-            fingerprint = file_fingerprint(version.path)
+            fingerprint = model_fingerprint(version.path, entry.config)
         except OSError:
             return True
         return fingerprint != current.fingerprint or entry.config != current.config

@@ -59,7 +59,7 @@ class ServedModel:
     compute_ewma_us: float | None = None  # recent compute time; short models get pipelined dispatch
     batch_compute_ewma_us: float | None = None  # the same for batches of two or more
     nbytes_ewma: float = 0.0  # recent request size, the size compute_ewma_us was measured at
-    fingerprint: tuple[int, int, int] | None = None  # (size, mtime_ns, inode) of the model file
+    fingerprint: tuple[Any, ...] | None = None  # (size, mtime_ns, inode) of the model file, and of its steps' files
     retiring: bool = False  # replaced or removed: finishes its queue, takes no new work
     repository: Path | None = None  # the repository `path` was found in: its files are opened beneath it
 

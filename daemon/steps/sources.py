@@ -29,12 +29,17 @@ def import_builtin(name: str) -> ModuleType:
     return importlib.import_module(f"{BUILTIN_PACKAGE}.{name}")
 
 
+def builtin_files(name: str) -> tuple[str, ...]:
+    """The data files a built-in reads beside config.toml (its FILES)."""
+    return tuple(getattr(import_builtin(name), "FILES", ()))
+
+
 def read_step_sources(config: StepsConfig, repository: str, model_path: str, user: str) -> StepSources:
     """Raises ModelFileError naming the file and why."""
     builtin = config.builtin
     names = list(config.files)
     if builtin is not None:
-        names = [*getattr(import_builtin(builtin), "FILES", ()), *names]
+        names = [*builtin_files(builtin), *names]
     model_dir = _model_dir(repository, model_path, user)
     try:
         sources = StepSources(config)
