@@ -175,6 +175,7 @@ def test_steps_configuration_is_checked_where_it_is_read(tmp_path: Path) -> None
         '[steps]\nfiles = ["a.txt"]\n': "`steps.module` is required",
         '[steps]\nmodule = "steps.py"\nfiles = ["../etc/passwd"]\n': "not a plain file name",
         '[steps]\nmodule = "steps.py"\nrun = "x"\n': "unknown key `steps.run`",
+        '[steps]\nmodule = "steps.py"\nfiles = ["a.txt", "a.txt"]\n': "lists a file twice",
         '[steps]\nmodule = "openinfer:magika"\n[batching]\nmax_batch_size = 4\n': "cannot batch yet",
     }
     for text, words in cases.items():
@@ -196,12 +197,15 @@ def test_a_steps_module_that_cannot_load_fails_its_model_with_the_reason(tmp_pat
     repo.model("linked", onnx_builders.matmul_model, config=config)
     (repo.root / "linked" / "real.py").write_text("def post(outputs):\n    return outputs\nOUTPUTS = [{'name': 'y', 'datatype': 'FP32', 'shape': [-1, 64]}]\n")
     os.symlink("real.py", repo.root / "linked" / "steps.py")
+    repo.model("twice", onnx_builders.matmul_model, config=config)  # two outputs by one name: no client could pick one
+    (repo.root / "twice" / "steps.py").write_text("OUTPUTS = [{'name': 'out', 'datatype': 'BYTES', 'shape': []}, {'name': 'out', 'datatype': 'FP32', 'shape': []}]\ndef post(outputs):\n    return {'out': b''}\n")
     repo.model("good", onnx_builders.matmul_model, config="workers = 1\n")
     running = start_daemon(repo.ready())
     try:
         rows = {r["name"]: r for r in running.client().models()}
         assert rows["good"]["state"] == "ready", rows["good"]
-        reasons = {name: str(rows[name].get("error") or rows[name].get("reason") or rows[name]) for name in ("syntax", "nothing", "linked")}
+        reasons = {name: str(rows[name].get("error") or rows[name].get("reason") or rows[name]) for name in ("syntax", "nothing", "linked", "twice")}
+        assert "names a tensor twice: ['out']" in reasons["twice"], reasons
         assert "SyntaxError" in reasons["syntax"], reasons
         assert "defines neither `pre` nor `post`" in reasons["nothing"], reasons
         assert "symlink" in reasons["linked"] or "Too many levels" in reasons["linked"], reasons

@@ -29,15 +29,21 @@ def test_the_cache_keeps_its_bounds_and_forgets_the_least_recently_used() -> Non
     from openinfer.daemon.worker.verdict_cache import ENTRY_OVERHEAD_BYTES, VerdictCache
 
     spec = [{"name": "x", "datatype": "FP32", "shape": [1, 4]}]
-    keys = [VerdictCache.key(spec, [bytes([i]) * 16], ["y"]) for i in range(6)]
-    assert len(set(keys)) == 6
-    # The same question asked differently is another question: outputs, shape, name, bytes.
-    assert VerdictCache.key(spec, [b"\0" * 16], ["y", "z"]) != VerdictCache.key(spec, [b"\0" * 16], ["y"])
-    assert VerdictCache.key([{**spec[0], "shape": [4, 1]}], [b"\0" * 16], ["y"]) != VerdictCache.key(spec, [b"\0" * 16], ["y"])
-    assert VerdictCache.key([{**spec[0], "name": "w"}], [b"\0" * 16], ["y"]) != VerdictCache.key(spec, [b"\0" * 16], ["y"])
     cache = VerdictCache(max_entries=4, max_bytes=4 * (ENTRY_OVERHEAD_BYTES + 100), ttl_s=0)
-    for i, key in enumerate(keys[:4]):
-        cache.put(key, spec, [memoryview(bytes([i]) * 100)], 0)
+    key = cache.key
+    keys = [key(spec, [bytes([i]) * 16], ["y"], "uid=0") for i in range(6)]
+    assert len(set(keys)) == 6
+    # The same question asked differently is another question: outputs, shape, name, bytes - and asker.
+    assert key(spec, [b"\0" * 16], ["y", "z"], "uid=0") != key(spec, [b"\0" * 16], ["y"], "uid=0")
+    assert key([{**spec[0], "shape": [4, 1]}], [b"\0" * 16], ["y"], "uid=0") != key(spec, [b"\0" * 16], ["y"], "uid=0")
+    assert key([{**spec[0], "name": "w"}], [b"\0" * 16], ["y"], "uid=0") != key(spec, [b"\0" * 16], ["y"], "uid=0")
+    assert key(spec, [b"\0" * 16], ["y"], "uid=0") != key(spec, [b"\0" * 16], ["y"], "uid=65534")
+    shared = VerdictCache(max_entries=4, max_bytes=1 << 20, ttl_s=0, shared=True)
+    assert shared.key(spec, [b"\0" * 16], ["y"], "uid=0") == shared.key(spec, [b"\0" * 16], ["y"], "uid=65534")
+    # BYTES elements: the frame's length is part of the key, so no two splits of one byte string meet.
+    assert key(spec, [b"ab", b"c"], ["y"], "uid=0") != key(spec, [b"a", b"bc"], ["y"], "uid=0")
+    for i, entry_key in enumerate(keys[:4]):
+        cache.put(entry_key, spec, [memoryview(bytes([i]) * 100)], 0)
     assert cache.get(keys[0], 0) is not None  # now the most recently used
     cache.put(keys[4], spec, [b"\1" * 100], 0)
     assert len(cache) == 4 and cache.get(keys[1], 0) is None and cache.get(keys[0], 0) is not None
@@ -61,6 +67,7 @@ def test_cache_configuration_is_checked(tmp_path: Path) -> None:
         "[cache]\nmax_bytes = -1\n": "cache.max_bytes",
         "[cache]\nttl_s = -1\n": "cache.ttl_s",
         "[cache]\nsize = 3\n": "unknown key `cache.size`",
+        "[cache]\nshared = 1\n": "cache.shared",
         "[cache]\n[batching]\nmax_batch_size = 2\n": "cannot batch yet",
     }.items():
         path.write_text(text)

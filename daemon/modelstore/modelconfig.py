@@ -31,9 +31,13 @@ class CacheConfig:
     entries: int = 1024
     max_bytes: int = 16 * 1024 * 1024
     ttl_s: int = 0  # 0: entries never expire (they go with their model version's workers)
+    # False: each identity (uid, CURVE key) has its own entries - a hit would otherwise tell any caller
+    # that someone sent these inputs before (by its `cache` field and by its time). True: one cache for
+    # all, an operator's choice for inputs that are no secret (found by an attacker, issue #19).
+    shared: bool = False
 
-    def to_dict(self) -> dict[str, int]:
-        return {"entries": self.entries, "max_bytes": self.max_bytes, "ttl_s": self.ttl_s}
+    def to_dict(self) -> dict[str, Any]:
+        return {"entries": self.entries, "max_bytes": self.max_bytes, "ttl_s": self.ttl_s, "shared": self.shared}
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,11 @@ def _parse_cache(path: Path, raw: Any) -> CacheConfig:
     for key, value in raw.items():
         if key not in known:
             raise ConfigError(f"{path}: unknown key `cache.{key}` (known: {', '.join(sorted(known))})")
-        if key == "ttl_s":
+        if key == "shared":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}: `cache.shared` must be true or false, got {value!r}")
+            values[key] = value
+        elif key == "ttl_s":
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{path}: `cache.ttl_s` must be an integer >= 0 (0: no expiry), got {value!r}")
             values[key] = value

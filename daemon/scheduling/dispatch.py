@@ -174,7 +174,11 @@ class Dispatcher:
         task.worker = worker
         worker.inflight.add(task, now, task.model.config.max_compute_ms * 1_000_000)
         worker.transition(WorkerState.BUSY)
-        if not self.send(worker, [messages.TASK + messages.pack_task_id(task.task_id), task.header_frame, *task.data_frames]):
+        kind = messages.TASK + messages.pack_task_id(task.task_id)
+        cache = task.model.config.cache
+        if cache is not None and not cache.shared:  # the worker keeps each identity's answers apart
+            kind += task.identity.encode()
+        if not self.send(worker, [kind, task.header_frame, *task.data_frames]):
             self._unsent(worker, [task])
 
     def _unsent(self, worker: WorkerHandle, tasks: list[Task]) -> None:

@@ -67,9 +67,13 @@ def _specs(module: str, what: str, value: Any) -> list[dict[str, Any]] | None:
         return None
     if not isinstance(value, (list, tuple)) or not value:
         raise StepsLoadError(f"{what} of the steps module {module} must be a non-empty list of {{name, datatype, shape}}")
-    specs = []
+    specs: list[dict[str, Any]] = []
     for spec in value:
         if not isinstance(spec, dict) or set(spec) != _SPEC_KEYS:
             raise StepsLoadError(f"{what} of the steps module {module}: each entry is exactly {{name, datatype, shape}}, got {spec!r}"[:500])
         specs.append({"name": str(spec["name"]), "datatype": str(spec["datatype"]), "shape": [int(d) for d in spec["shape"]]})
+    names: list[str] = [spec["name"] for spec in specs]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise StepsLoadError(f"{what} of the steps module {module} names a tensor twice: {twice}")
     return specs

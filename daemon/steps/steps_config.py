@@ -66,6 +66,8 @@ def parse_steps(where: str, raw: Any) -> StepsConfig:
     bad = [f for f in files if not _FILE_NAME.fullmatch(f)]
     if bad:
         raise StepsConfigError(f"{where}: `steps.files` entry {bad[0]!r} is not a plain file name beside config.toml (no directory, no leading dot)")
+    if len(set(files)) != len(files):
+        raise StepsConfigError(f"{where}: `steps.files` lists a file twice")
     if len(files) > MAX_FILES:
         raise StepsConfigError(f"{where}: `steps.files` lists {len(files)} files; at most {MAX_FILES}")
     return StepsConfig(module, tuple(files))

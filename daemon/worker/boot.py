@@ -274,7 +274,7 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
 
     from .verdict_cache import VerdictCache
 
-    cache = VerdictCache(config.cache["entries"], config.cache["max_bytes"], config.cache["ttl_s"]) if config.cache else None
+    cache = VerdictCache(config.cache["entries"], config.cache["max_bytes"], config.cache["ttl_s"], config.cache["shared"]) if config.cache else None
     runner: Any = Runner(session)
     if steps is not None:
         from openinfer.daemon.steps.runner import StepRunner

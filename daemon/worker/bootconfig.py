@@ -55,7 +55,7 @@ class WorkerBootConfig:
     sandbox: WorkerSandboxConfig = field(default_factory=WorkerSandboxConfig)
     direct: DirectConfig | None = None
     steps: dict[str, Any] | None = None  # the model's [steps] (steps_config.StepsConfig.to_dict)
-    cache: dict[str, int] | None = None  # the model's [cache] (modelconfig.CacheConfig.to_dict)
+    cache: dict[str, Any] | None = None  # the model's [cache] (modelconfig.CacheConfig.to_dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

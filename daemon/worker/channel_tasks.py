@@ -24,7 +24,7 @@ def run_task(channel: FrameStream, session: Any, output_names: list[str], frames
         wanted = header.get("outputs") or output_names
         key = None
         if cache is not None:
-            key = cache.key(header["inputs"], frames[2:], wanted)
+            key = cache.key(header["inputs"], frames[2:], wanted, bytes(frames[0][9:]).decode())  # the identity the supervisor appended
             hit = cache.get(key, received_ns)
             if hit is not None:  # answered again without running anything
                 meta = {"outputs": hit.specs, "cache": "hit", "recv_ns": received_ns, "prep_us": 0.0, "compute_us": 0.0, "encode_us": 0.0,

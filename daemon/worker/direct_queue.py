@@ -143,7 +143,7 @@ class DirectQueue:
             self.ledger.admitted(request.serial, request_id, request.client, nbytes)
         cache = self.cache
         if cache is not None:  # after every check and limit: a hit bypasses none of them
-            request.cache_key = cache.key(request.specs, data, request.wanted)
+            request.cache_key = cache.key(request.specs, data, request.wanted, conn.identity)
             hit = cache.get(request.cache_key, decoded_ns)
             if hit is not None:
                 self._answer_cached(request, hit)

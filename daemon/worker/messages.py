@@ -3,13 +3,14 @@
 The channel is a socketpair made at spawn (the worker's end is its fd 4): no other process can reach it,
 and the supervisor knows which worker is on each. Messages are multipart, framed as ZMTP frames
 (openinfer.wire.zmtp) without a greeting. Frame 0 starts with a one-byte kind (TASK and RESULT append the
-8-byte little-endian task id to it: one frame less per message on the hot path). Everything a worker
+8-byte little-endian task id to it: one frame less per message on the hot path; a TASK for a model whose
+verdict cache is per identity then carries the client's kernel-proven identity, UTF-8). Everything a worker
 sends is checked by the supervisor against what that worker was given (daemon/workerpool/worker_inbound.py) before
 any state changes; a message that does not fit retires the worker.
 
   worker -> supervisor                        supervisor -> worker
   HELLO  [b"H", meta]  model loaded            ACK   [b"A", lease key] channel proven, go sandbox
-  READY  [b"Y", sandbox]  serve policy on      TASK  [b"T"+task_id, client header, *data]
+  READY  [b"Y", sandbox]  serve policy on      TASK  [b"T"+task_id(+identity), client header, *data]
   RESULT [b"R"+task_id, meta, *outputs]       QUIT  [b"Q"]           finish and exit 0
   RESULTS [b"S", meta, *outputs]  the answers of one BATCH (layout below)
   FAILED [b"E", {"message"}]  boot failed      PING  [b"P", token]

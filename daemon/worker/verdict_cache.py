@@ -28,19 +28,20 @@ class Cached:
 
 
 class VerdictCache:
-    def __init__(self, max_entries: int, max_bytes: int, ttl_s: int) -> None:
+    def __init__(self, max_entries: int, max_bytes: int, ttl_s: int, shared: bool = False) -> None:
+        self.shared = shared  # False: every identity has its own entries (the scope is part of the key)
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.ttl_ns = ttl_s * 1_000_000_000
         self._entries: OrderedDict[bytes, Cached] = OrderedDict()
         self.nbytes = 0
 
-    @staticmethod
-    def key(specs: Sequence[dict[str, Any]], data: Sequence[Buffer], wanted: Sequence[str]) -> bytes:
-        """What makes two requests the same question: every input's name, datatype, shape and bytes, and
-        the outputs asked for. 128-bit BLAKE2b: no collision to engineer."""
+    def key(self, specs: Sequence[dict[str, Any]], data: Sequence[Buffer], wanted: Sequence[str], identity: str) -> bytes:
+        """What makes two requests the same question: every input's name, datatype, shape and bytes, the
+        outputs asked for, and - unless the cache is shared - who asks (the kernel-proven identity): one
+        caller's hit must not tell another what was asked before. 128-bit BLAKE2b: no collision to engineer."""
         digest = hashlib.blake2b(digest_size=16)
-        digest.update(pack([[spec["name"], spec["datatype"], list(spec["shape"])] for spec in specs] + [list(wanted)]))
+        digest.update(pack([[spec["name"], spec["datatype"], list(spec["shape"])] for spec in specs] + [list(wanted), "" if self.shared else identity]))
         for frame in data:
             digest.update(len(frame).to_bytes(8, "little") if not isinstance(frame, memoryview) else frame.nbytes.to_bytes(8, "little"))
             digest.update(frame)
@@ -60,6 +61,15 @@ class VerdictCache:
         return entry
 
     def put(self, key: bytes, specs: list[dict[str, Any]], payloads: Sequence[Any], now_ns: int) -> None:
+        """Keep an answer; never raises for want of memory: the cache is emptied instead (the answer
+        itself is sent regardless)."""
+        try:
+            self._put(key, specs, payloads, now_ns)
+        except MemoryError:
+            self._entries.clear()
+            self.nbytes = 0
+
+    def _put(self, key: bytes, specs: list[dict[str, Any]], payloads: Sequence[Any], now_ns: int) -> None:
         copies = [bytes(payload) for payload in payloads]  # payloads may be views of arrays about to be reused
         nbytes = ENTRY_OVERHEAD_BYTES + sum(len(c) for c in copies)
         if nbytes > self.max_bytes:

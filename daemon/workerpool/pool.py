@@ -16,7 +16,7 @@ import time
 from dataclasses import replace
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from openinfer.wire.zmtp import Buffer, FrameStream, Limits, Oversized, PeerClosed, ProtocolError
 
@@ -156,8 +156,21 @@ class WorkerPool:
             repository=str(repository),
             work_dir=str(self.runtime_dir / WORK_DIR) if self.runtime_dir is not None else "",
             steps=model.config.steps.to_dict() if model.config.steps is not None else None,
-            cache=model.config.cache.to_dict() if model.config.cache is not None else None,
+            cache=self._cache_config(model, limit_mb),
         )
+
+    @staticmethod
+    def _cache_config(model: ServedModel, limit_mb: int | None) -> dict[str, Any] | None:
+        """The model's [cache] for a worker: at most a quarter of the worker's memory limit, so that no
+        client can fill a worker's memory with answers (found by an attacker, issue #19)."""
+        cache = model.config.cache
+        if cache is None:
+            return None
+        config = cache.to_dict()
+        if limit_mb and cache.max_bytes > limit_mb * 1024 * 1024 // 4:
+            config["max_bytes"] = limit_mb * 1024 * 1024 // 4
+            log.warning("cache.max_bytes is over a quarter of the worker's memory limit: capped", extra={"model": model.key, "max_bytes": cache.max_bytes, "capped_to": config["max_bytes"], "memory_limit_mb": limit_mb})
+        return config
 
     def spawn(self, model: ServedModel) -> WorkerHandle:
         worker_id = self._next_id

@@ -160,10 +160,15 @@ def parse_hello(frames: Sequence[Buffer]) -> Hello:
         raise BadWorkerMessage("HELLO without valid inputs/outputs lists")
     load_ms = meta.get("load_ms")
     warmup_error = meta.get("warmup_error")
+    checked_inputs = [tensor_spec(spec, metadata=True) for spec in inputs]
+    checked_outputs = [tensor_spec(spec, metadata=True) for spec in outputs]
+    for specs in (checked_inputs, checked_outputs):
+        if len({spec["name"] for spec in specs}) != len(specs):  # a name is how clients pick a tensor
+            raise BadWorkerMessage("HELLO names a tensor twice")
     return Hello(
         pid=_number(meta, "pid", integer=True),
-        inputs=[tensor_spec(spec, metadata=True) for spec in inputs],
-        outputs=[tensor_spec(spec, metadata=True) for spec in outputs],
+        inputs=checked_inputs,
+        outputs=checked_outputs,
         load_ms=float(load_ms) if isinstance(load_ms, (int, float)) and not isinstance(load_ms, bool) and math.isfinite(load_ms) else None,
         warmup_error=_text(warmup_error, 500, "warm-up error") if warmup_error is not None else None,
     )

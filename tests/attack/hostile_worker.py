@@ -87,6 +87,8 @@ def answer(task: list[bytes], attack: str) -> list[bytes] | None:
         return [RESULT + struct.pack("<Q", struct.unpack("<Q", task_id)[0] + 1000), *honest[1:]]
     if attack == "short-output":
         return [*honest[:2], honest[2][:-4]]
+    if attack == "claimed-hit":  # its model has no [cache]: nothing can have been answered from one
+        return [RESULT + task_id, msgpack.packb({**meta, "cache": "hit"}), honest[2]]
     if attack == "forged-error":
         return [RESULT + task_id, msgpack.packb({"error": {"code": "PWNED", "message": "Z" * 100_000}, "recv_ns": now, "send_ns": now, "cpu_us": 0.0})]
     if attack == "stderr-forgery":
@@ -125,6 +127,8 @@ def main() -> None:
     hello = {"pid": os.getpid(), "inputs": [SPEC], "outputs": [OUT], "load_ms": 1.0, "warmup_ms": 1.0, "warmup_error": None}
     if attack == "bad-hello":
         hello["outputs"] = [{"name": "y", "datatype": "FP32", "shape": ["many", "rows"]}]
+    if attack == "twice-hello":  # two outputs by one name: no client could ask for either
+        hello["outputs"] = [OUT, dict(OUT, datatype="INT64")]
     channel.send([HELLO, msgpack.packb(hello)])
     if channel.recv()[0] != ACK:
         return
@@ -135,7 +139,10 @@ def main() -> None:
         frames = channel.recv()
         kind = frames[0][:1]
         if kind == PING:
-            channel.send([PONG, frames[1]])
+            if attack == "cache-pong":  # a cache report from a worker whose model has no [cache]
+                channel.send([PONG, frames[1], (7).to_bytes(8, "little") + (1 << 40).to_bytes(8, "little")])
+            else:
+                channel.send([PONG, frames[1]])
         elif kind == QUIT:
             return
         elif kind == TASK:

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 import onnx_builders
-from daemon_harness import RunningDaemon, world_readable_dir
+from daemon_harness import RunningDaemon, wait_for, world_readable_dir
 from openinfer.client import Client, OpenInferError
 from other_uid import NOBODY, start_as
 
@@ -141,7 +141,7 @@ def test_no_process_can_join_the_worker_channel(daemon_factory: Any, model_repo:
 @pytest.fixture(scope="module")
 def hostile_repo() -> Iterator[Path]:
     root = world_readable_dir("oi-hostile-")
-    for attack in ("garbage-meta", "missing-send-ns", "wrong-task", "short-output", "forged-error", "stderr-forgery", "oversized", "bad-hello", "honest"):
+    for attack in ("garbage-meta", "missing-send-ns", "wrong-task", "short-output", "claimed-hit", "forged-error", "stderr-forgery", "oversized", "bad-hello", "twice-hello", "cache-pong", "honest"):
         onnx_builders.matmul_model(root / f"hostile-{attack}" / "1" / "model.onnx", size=4)  # never loaded: the hostile worker answers
     onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx")
     for path in root.rglob("*"):
@@ -196,7 +196,7 @@ def test_an_honest_worker_of_the_same_protocol_is_served(hostile: RunningDaemon)
         np.testing.assert_array_equal(client.infer("hostile-honest", {"x": X4}).outputs["y"], 2 * X4)
 
 
-@pytest.mark.parametrize("attack", ["garbage-meta", "missing-send-ns", "wrong-task", "short-output"])
+@pytest.mark.parametrize("attack", ["garbage-meta", "missing-send-ns", "wrong-task", "short-output", "claimed-hit"])
 def test_a_malformed_result_fails_exactly_its_task_and_retires_the_worker(hostile: RunningDaemon, attack: str) -> None:
     """A RESULT that does not fit what the worker was given: the task is answered WORKER_CRASHED at
     once (it was never answered, its client slot leaked and the worker stayed BUSY), the worker is
@@ -243,4 +243,14 @@ def test_a_hello_with_malformed_metadata_never_serves(hostile: RunningDaemon) ->
     with Client(hostile.address) as client:
         rows = {row["name"]: row for row in client.models()}
     assert rows["hostile-bad-hello"]["ready_workers"] == 0
-    assert "HELLO" in hostile.log_text()
+    assert rows["hostile-twice-hello"]["ready_workers"] == 0
+    assert "HELLO" in hostile.log_text() and "HELLO names a tensor twice" in hostile.log_text()
+
+
+def test_a_cache_report_from_a_worker_without_a_cache_retires_it(hostile: RunningDaemon) -> None:
+    """Its PONG claims 7 entries and 1 TiB held for a model without [cache]: nothing of it reaches
+    status or stats, and the worker is replaced."""
+    wait_for(lambda: "PONG with a cache report it cannot have" in hostile.log_text(), 30, "the lying PONG refused", daemon=hostile)
+    with Client(hostile.address) as client:
+        assert all("cache" not in w for w in client.status()["workers"])
+        assert "cache" not in client.stats()["models"].get("hostile-cache-pong", {})
