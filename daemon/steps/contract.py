@@ -10,6 +10,8 @@ config.toml) may define:
     setup(files: dict[str, bytes]) once, when the worker loads, with the bytes of FILES
     pre(inputs: dict[str, numpy.ndarray]) -> dict[str, numpy.ndarray] | Answer
     post(outputs: dict[str, numpy.ndarray]) -> dict[str, Any]
+    drive(inputs, model) -> dict[str, Any]   instead of pre and post: the step calls model(tensors) -> the
+                                   model's outputs as often as it needs (a recurrent model over a stream)
 
 BYTES inputs reach `pre` as numpy object arrays of `bytes`, exactly as the client sent them. A `pre` that
 can decide without the model (Magika does not run its model on files under 8 bytes) returns an Answer:
@@ -47,7 +49,7 @@ def step_failed(role: str, module: str, exc: BaseException) -> StepFailed:
         return exc
     if isinstance(exc, MemoryError):
         code = RESOURCE_EXHAUSTED
-    elif role == "pre" and isinstance(exc, _CALLERS_MISTAKES):
+    elif role in ("pre", "drive") and isinstance(exc, _CALLERS_MISTAKES):  # refusing the caller's data
         code = INVALID_ARGUMENT
     else:
         code = INTERNAL

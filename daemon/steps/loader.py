@@ -23,10 +23,11 @@ class LoadedSteps:
     post: Callable[[dict[str, Any]], Any] | None
     inputs: list[dict[str, Any]] | None  # what clients send, when there is a pre step
     outputs: list[dict[str, Any]] | None  # what clients get, when there is a post step (or pre answers)
+    drive: Callable[[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]], Any] | None = None  # calls the model itself
 
     def describe(self, model: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
         """The model as clients see it: the steps' ends where there are steps, the model's elsewhere."""
-        return {"inputs": self.inputs if self.pre is not None and self.inputs is not None else model["inputs"],
+        return {"inputs": self.inputs if (self.pre is not None or self.drive is not None) and self.inputs is not None else model["inputs"],
                 "outputs": self.outputs if self.outputs is not None else model["outputs"]}
 
 
@@ -46,19 +47,22 @@ def load_steps(sources: StepSources) -> LoadedSteps:
             setup(dict(sources.files))
     except Exception as exc:
         raise StepsLoadError(f"the steps module {name} could not be loaded: {step_failed('setup', name, exc)}") from None
-    pre, post = getattr(module, "pre", None), getattr(module, "post", None)
-    if pre is None and post is None:
-        raise StepsLoadError(f"the steps module {name} defines neither `pre` nor `post`")
-    for role, fn in (("pre", pre), ("post", post)):
+    pre, post, drive = getattr(module, "pre", None), getattr(module, "post", None), getattr(module, "drive", None)
+    if pre is None and post is None and drive is None:
+        raise StepsLoadError(f"the steps module {name} defines neither `pre` nor `post` (nor `drive`)")
+    if drive is not None and (pre is not None or post is not None):
+        raise StepsLoadError(f"the steps module {name} defines `drive` and `pre`/`post`: a module that drives the model does both itself")
+    for role, fn in (("pre", pre), ("post", post), ("drive", drive)):
         if fn is not None and not callable(fn):
             raise StepsLoadError(f"`{role}` in the steps module {name} is not a function")
-    inputs = _specs(name, "INPUTS", getattr(module, "INPUTS", None)) if pre is not None else None
-    if pre is not None and inputs is None:
-        raise StepsLoadError(f"the steps module {name} has a pre step but no INPUTS: clients must be told what to send")
+    takes = pre is not None or drive is not None
+    inputs = _specs(name, "INPUTS", getattr(module, "INPUTS", None)) if takes else None
+    if takes and inputs is None:
+        raise StepsLoadError(f"the steps module {name} has a {'pre' if pre is not None else 'drive'} step but no INPUTS: clients must be told what to send")
     outputs = _specs(name, "OUTPUTS", getattr(module, "OUTPUTS", None))
-    if post is not None and outputs is None:
-        raise StepsLoadError(f"the steps module {name} has a post step but no OUTPUTS: clients must be told what they get")
-    return LoadedSteps(name, pre, post, inputs, outputs)
+    if (post is not None or drive is not None) and outputs is None:
+        raise StepsLoadError(f"the steps module {name} has a {'post' if post is not None else 'drive'} step but no OUTPUTS: clients must be told what they get")
+    return LoadedSteps(name, pre, post, inputs, outputs, drive)
 
 
 def _specs(module: str, what: str, value: Any) -> list[dict[str, Any]] | None:

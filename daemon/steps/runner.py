@@ -21,7 +21,7 @@ class StepRunner:
     def __init__(self, inner: Any, steps: LoadedSteps, model: dict[str, list[dict[str, Any]]], clients: dict[str, list[dict[str, Any]]]) -> None:
         self.inner = inner
         self.steps = steps
-        self.raw_inputs = steps.pre is not None  # the pre step gets BYTES as the client's bytes
+        self.raw_inputs = steps.pre is not None or steps.drive is not None  # the step gets BYTES as the client's bytes
         self.model_outputs = [spec["name"] for spec in model["outputs"]]
         self.model_inputs = {spec["name"]: spec["datatype"] for spec in model["inputs"]}
         self.client_outputs = {spec["name"]: spec for spec in clients["outputs"]}
@@ -34,6 +34,8 @@ class StepRunner:
     def run(self, wanted: list[str], feed: dict[str, Any], run_options: Any = None) -> list[Any]:
         steps = self.steps
         outputs: dict[str, Any]
+        if steps.drive is not None:
+            return self._driven(wanted, feed, run_options)
         if steps.pre is not None:
             try:
                 prepared = steps.pre(feed)
@@ -59,10 +61,38 @@ class StepRunner:
             raise step_failed("post", steps.module, exc) from None
         return self._client_values(wanted, answered, "post")
 
-    def _model_feed(self, prepared: Any) -> dict[str, Any]:
+    def _driven(self, wanted: list[str], feed: dict[str, Any], run_options: Any) -> list[Any]:
+        """A step that calls the model itself, as often as it needs (a recurrent model over a stream):
+        every call runs under the same run options, so the request's deadline stops the next call."""
+        steps = self.steps
+        assert steps.drive is not None
+        refused: list[StepFailed] = []
+
+        def model(tensors: dict[str, Any]) -> dict[str, Any]:
+            prepared = self._model_feed(tensors, "drive")
+            try:
+                return dict(zip(self.model_outputs, self.inner.run(self.model_outputs, prepared, run_options)))
+            except Exception as exc:
+                if error_code_for(exc) == INVALID_ARGUMENT:
+                    shapes = ", ".join(f"{name!r} {list(np.shape(value))}" for name, value in prepared.items())
+                    refused.append(StepFailed(INTERNAL, f"the model refused what the drive step of {steps.module} gave it ({shapes}): {type(exc).__name__}: {str(exc).strip()}"[:2000]))
+                    raise refused[-1] from None
+                raise
+
+        try:
+            answered = steps.drive(feed, model)
+        except Exception as exc:
+            if refused and exc is refused[-1]:
+                raise
+            if type(exc).__name__ in ("Fail", "RuntimeException", "EPFail") or "onnxruntime" in type(exc).__module__:
+                raise  # the model's own failure (or the deadline's stop), reported as for any model
+            raise step_failed("drive", steps.module, exc) from None
+        return self._client_values(wanted, answered, "drive")
+
+    def _model_feed(self, prepared: Any, role: str = "pre") -> dict[str, Any]:
         if not isinstance(prepared, dict) or set(prepared) != set(self.model_inputs):
             got = sorted(prepared) if isinstance(prepared, dict) else type(prepared).__name__
-            raise StepFailed(INTERNAL, f"the pre step of {self.steps.module} returned {got}; the model takes exactly {sorted(self.model_inputs)}")
+            raise StepFailed(INTERNAL, f"the {role} step of {self.steps.module} gave the model {got}; the model takes exactly {sorted(self.model_inputs)}")
         feed = {}
         for name, value in prepared.items():
             datatype = self.model_inputs[name]
