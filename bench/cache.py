@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/cache.py                  # ~40 s: 5 interleaved rounds
     .venv/bin/python bench/cache.py --rounds 2 --requests 100
+    .venv/bin/python bench/cache.py --plot-only bench/results/cache.json   # redraw the plot
 
 Each round sends, per model, `requests` misses (inputs never seen: tiny's x shifted by a counter; a real
 file with the round's and request's number appended) and `requests` hits (one input, asked again), the
@@ -13,6 +14,7 @@ Writes bench/results/cache.json and cache.png; reports, never asserts.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -38,12 +40,31 @@ def _timed(call: Callable[[], Any]) -> float:
     return (time.perf_counter_ns() - start) / 1000
 
 
+def plot(result: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    models = list(TARGETS)
+    ax.bar([f"{m}\nmiss" for m in models] + [f"{m}\nhit" for m in models], [result[m]["miss_p50_us"] for m in models] + [result[m]["hit_p50_us"] for m in models],
+           color=["tab:blue"] * len(models) + ["tab:orange"] * len(models))
+    ax.set_yscale("log")
+    ax.set_ylabel("p50 latency, µs (log)")
+    ax.set_title("verdict cache: hit vs miss (sandboxed, direct path)")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "cache.json")
+    parser.add_argument("--plot-only", type=Path, default=None, metavar="JSON", help="redraw the plot from a results file")
     args = parser.parse_args(argv)
+    if args.plot_only is not None:
+        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        return 0
 
     from openinfer.client import Client
 
@@ -94,17 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         result[model] = {"hit_p50_us": median_of(r[model]["hit_p50_us"] for r in rounds), "miss_p50_us": median_of(r[model]["miss_p50_us"] for r in rounds), "ratio": ratio, "met": ratio is not None and ratio <= bound}
         print(f"{model}: hit {result[model]['hit_p50_us']:.0f} us vs miss {result[model]['miss_p50_us']:.0f} us: x{ratio:.3f} (target <= {bound}: {'met' if result[model]['met'] else 'NOT met'})")
     write_json(args.out, result)
-    plt = pyplot()
-    if plt is not None:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        models = list(TARGETS)
-        ax.bar([f"{m}\nmiss" for m in models] + [f"{m}\nhit" for m in models], [result[m]["miss_p50_us"] for m in models] + [result[m]["hit_p50_us"] for m in models],
-               color=["tab:blue"] * len(models) + ["tab:orange"] * len(models))
-        ax.set_yscale("log")
-        ax.set_ylabel("p50 latency, µs (log)")
-        ax.set_title("verdict cache: hit vs miss (sandboxed, direct path)")
-        fig.tight_layout()
-        fig.savefig(args.out.with_suffix(".png"))
+    plot(result, args.out.with_suffix(".png"))
     shutil.rmtree(repo, ignore_errors=True)
     return 0
 

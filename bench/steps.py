@@ -4,6 +4,7 @@ real files (tests/real_files.py), same answers; and what the steps cost a reques
 
     .venv/bin/python bench/steps.py                 # ~1.5 min: 3 interleaved rounds x 4 s per figure
     .venv/bin/python bench/steps.py --rounds 1 --duration 2     # a quick look
+    .venv/bin/python bench/steps.py --plot-only bench/results/steps.json   # redraw the plot
 
 Figures (each the median over rounds; the ratio the median of per-round ratios, both sides back to back):
   daemon_files_per_s    2 sandboxed workers (magika, `workers = 2`); 4 client processes, closed loop, each
@@ -18,6 +19,7 @@ Writes bench/results/steps.json and steps.png.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import shutil
 import sys
@@ -111,12 +113,28 @@ def _cpu_per_request(address: str, blobs: list[bytes]) -> tuple[float, float]:
     return float(np.median(steps)), float(np.median(bare))
 
 
+def plot(result: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(["daemon (2 workers)", "magika library (2 processes)"], [result["daemon_files_per_s"], result["library_files_per_s"]], color=["tab:orange", "tab:blue"])
+    ax.set_ylabel("files / s")
+    ax.set_title(f"magika, bytes -> label: x{result['ratio']:.2f} (target >= 0.7)")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--out", type=Path, default=BENCH / "results" / "steps.json")
+    parser.add_argument("--plot-only", type=Path, default=None, metavar="JSON", help="redraw the plot from a results file")
     args = parser.parse_args(argv)
+    if args.plot_only is not None:
+        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        return 0
 
     files = [str(p) for p in real_files()]
     repo = world_readable_tempdir("oi-bench-steps-")
@@ -163,14 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"ratio": ">= 0.7", "steps_cpu_ratio": "< 1.05"},
     }
     write_json(args.out, result)
-    plt = pyplot()
-    if plt is not None:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.bar(["daemon (2 workers)", "magika library (2 processes)"], [result["daemon_files_per_s"], result["library_files_per_s"]], color=["tab:orange", "tab:blue"])
-        ax.set_ylabel("files / s")
-        ax.set_title(f"magika, bytes -> label: x{result['ratio']:.2f} (target >= 0.7)")
-        fig.tight_layout()
-        fig.savefig(args.out.with_suffix(".png"))
+    plot(result, args.out.with_suffix(".png"))
     print(f"daemon {result['daemon_files_per_s']:.0f} files/s vs library {result['library_files_per_s']:.0f}: x{result['ratio']:.2f} (target >= 0.7); "
           f"same labels {result['same_labels']}; steps CPU {steps_cpu:.0f} us vs bare model {bare_cpu:.0f} us: x{result['steps_cpu_ratio']:.3f} (target < 1.05)")
     shutil.rmtree(repo, ignore_errors=True)
