@@ -31,6 +31,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from common import DaemonProcess, machine_info, median_of, pyplot, world_readable_tempdir, write_json  # noqa: E402
 from real_files import real_files  # noqa: E402
 
+from openinfer.client import Client  # noqa: E402
+
 TARGETS = {"tiny": 0.5, "magika": 0.1}
 
 
@@ -45,9 +47,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    models = list(TARGETS)
-    ax.bar([f"{m}\nmiss" for m in models] + [f"{m}\nhit" for m in models], [result[m]["miss_p50_us"] for m in models] + [result[m]["hit_p50_us"] for m in models],
+    models = [m for m in (*TARGETS, "tiny_c") if m in result]  # tiny_c: tiny with the C generator
+    labels = {"tiny": "tiny (Python)", "magika": "magika (Python)", "tiny_c": "tiny (C)"}
+    ax.bar([f"{labels[m]}\nmiss" for m in models] + [f"{labels[m]}\nhit" for m in models], [result[m]["miss_p50_us"] for m in models] + [result[m]["hit_p50_us"] for m in models],
            color=["tab:blue"] * len(models) + ["tab:orange"] * len(models))
+    ax.tick_params(axis="x", labelsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("p50 latency, µs (log)")
     ax.set_title("verdict cache: hit vs miss (sandboxed, direct path)")
@@ -65,8 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot_only is not None:
         plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
         return 0
-
-    from openinfer.client import Client
 
     repo = world_readable_tempdir("oi-bench-cache-")
     for name in ("tiny", "magika"):
@@ -114,10 +116,38 @@ def main(argv: list[str] | None = None) -> int:
         ratio = median_of(r[model]["ratio"] for r in rounds)
         result[model] = {"hit_p50_us": median_of(r[model]["hit_p50_us"] for r in rounds), "miss_p50_us": median_of(r[model]["miss_p50_us"] for r in rounds), "ratio": ratio, "met": ratio is not None and ratio <= bound}
         print(f"{model}: hit {result[model]['hit_p50_us']:.0f} us vs miss {result[model]['miss_p50_us']:.0f} us: x{ratio:.3f} (target <= {bound}: {'met' if result[model]['met'] else 'NOT met'})")
+    result["tiny_c"] = _c_generator(repo, args.rounds)
+    shutil.rmtree(repo, ignore_errors=True)
+    c = result["tiny_c"]
+    print(f"tiny, C generator: hit {c['hit_p50_us']:.0f} us vs miss {c['miss_p50_us']:.0f} us: x{c['ratio']:.3f} (target <= 0.5: {'met' if c['met'] else 'NOT met'})")
     write_json(args.out, result)
     plot(result, args.out.with_suffix(".png"))
-    shutil.rmtree(repo, ignore_errors=True)
     return 0
+
+
+def _c_generator(repo: Path, rounds: int) -> dict[str, Any]:
+    """tiny again with bench/cwire (~5 us of CPU per request, direct path, c = 1): misses with
+    --distinct (each request's x carries its id), hits with one x throughout. A fresh daemon."""
+    from cwireload import CWirePool
+
+    x = np.ones((1, 64), np.float32)
+    ratios, hits, misses = [], [], []
+    with DaemonProcess(models=repo, workers=1, label="cache-c").start(timeout=120) as daemon, \
+            CWirePool("tiny", "x", x, path="direct", distinct=True) as missing, CWirePool("tiny", "x", x, path="direct") as hitting:
+        for round_index in range(rounds):
+            pair = {}
+            for kind, pool in ([("miss", missing), ("hit", hitting)] if round_index % 2 == 0 else [("hit", hitting), ("miss", missing)]):
+                run = pool.run(daemon.address, 1, 1.0, 0.2)
+                pair[kind] = float(np.median(run.latencies_ns)) / 1000
+            hits.append(pair["hit"])
+            misses.append(pair["miss"])
+            ratios.append(pair["hit"] / pair["miss"])
+            print(f"round {round_index + 1}: tiny (C) hit {pair['hit']:.0f} us / miss {pair['miss']:.0f} us = x{ratios[-1]:.3f}")
+        with Client(daemon.address) as client:
+            stats = client.stats()["models"]["tiny"]["cache"]
+    ratio = median_of(ratios)
+    return {"hit_p50_us": median_of(hits), "miss_p50_us": median_of(misses), "ratio": ratio, "met": ratio is not None and ratio <= TARGETS["tiny"], "daemon_stats": stats,
+            "generator": "bench/cwire, direct path, c = 1, 1 s per figure"}
 
 
 def _expect(result: Any, outcome: str) -> None:

@@ -335,7 +335,9 @@ class DaemonProcess:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "DaemonProcess":
-        return self.start()
+        # `with DaemonProcess(...).start(timeout=...) as daemon:` must not start a second daemon (the first
+        # would be left running, unreferenced).
+        return self if self.process is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

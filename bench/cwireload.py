@@ -47,12 +47,14 @@ def build() -> Path:
 
 
 class CWirePool:
-    def __init__(self, model: str, input_name: str, x: np.ndarray, path: str = "auto") -> None:
-        """`path`: "auto" (direct when the daemon grants a lease on ipc://), "direct" or "front-door"."""
+    def __init__(self, model: str, input_name: str, x: np.ndarray, path: str = "auto", distinct: bool = False) -> None:
+        """`path`: "auto" (direct when the daemon grants a lease on ipc://), "direct" or "front-door".
+        `distinct`: every request's input differs (its id in the first two values), e.g. to measure
+        verdict-cache misses."""
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}")
         rows, cols = x.shape
-        options = [] if path == "auto" else [f"--{path}"]
+        options = ([] if path == "auto" else [f"--{path}"]) + (["--distinct"] if distinct else [])
         self._process = subprocess.Popen([str(build()), *options, model, input_name, str(rows), str(cols)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._scratch = Path(tempfile.mkdtemp(prefix="cwire-"))
         self.paths: dict[str, str] = {}  # address -> the path cwire chose for it at prepare

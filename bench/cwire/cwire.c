@@ -28,7 +28,8 @@
  * (run), or "error <text>".
  * The request: {"v":1,"op":"infer","model":MODEL,"inputs":[{"name":INPUT,"datatype":"FP32",
  * "shape":[ROWS,COLS]}],"id":N} + one frame of ROWS*COLS float32 ones; its header is packed once and
- * only the id changes.
+ * only the id changes. --distinct: the first two values are the id (low 24 bits, the rest), so no two
+ * requests ask the same question (a verdict cache never answers them: bench/cache.py).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
@@ -141,9 +142,15 @@ static int pack_header(void) {
     return ok;
 }
 
+static int distinct; /* --distinct: every request's input differs (its id in the first two values) */
+
 static uint64_t stamp_id(void) {
     uint64_t id = next_id++;
     for (int i = 0; i < 8; i++) header[header_size - 8 + i] = (unsigned char)(id >> (56 - 8 * i));
+    if (distinct && payload_bytes >= 2 * sizeof(float)) { /* both paths copy the payload before the next stamp */
+        payload[0] = (float)(id % 16777216u);
+        payload[1] = (float)(id / 16777216u);
+    }
     return id;
 }
 
@@ -696,10 +703,11 @@ int main(int argc, char **argv) {
     for (; first < argc && strncmp(argv[first], "--", 2) == 0; first++) {
         if (strcmp(argv[first], "--front-door") == 0) wanted_path = PATH_FRONT_DOOR;
         else if (strcmp(argv[first], "--direct") == 0) wanted_path = PATH_DIRECT;
+        else if (strcmp(argv[first], "--distinct") == 0) distinct = 1;
         else break;
     }
     if (argc - first != 4) {
-        fprintf(stderr, "usage: cwire [--front-door | --direct] MODEL INPUT ROWS COLS  (then commands on stdin; see the top of cwire.c)\n");
+        fprintf(stderr, "usage: cwire [--front-door | --direct] [--distinct] MODEL INPUT ROWS COLS  (then commands on stdin; see the top of cwire.c)\n");
         return 2;
     }
     model = argv[first];
