@@ -87,3 +87,17 @@ def test_wide_has_every_sandbox_and_memory_column() -> None:
     for column in ("seccomp", "uid", "netns", "landlock", "mem limit", "RSS MiB", "USS MiB"):
         assert column in header_line(wide) and column not in narrow, column
     assert ELLIPSIS not in wide and "65534" in wide and "net,ipc" in wide and "4096.0" in wide
+
+
+def test_stats_show_each_verdict_cache_and_its_hit_ratio_within_80_columns() -> None:
+    from openinfer.daemon.commands.tables import stats_tables
+
+    version = {"requests": 4, "success": 4, "failures": {}}
+    result = {"models": {
+        "magika": {"versions": {"1": version}, "cache": {"1": {"lookups": 4, "hits": 3, "hit_ratio": 0.75, "bytes": 3 * 2**20, "max_bytes_per_worker": 8 << 20}}},
+        "tiny": {"versions": {"1": version}},
+    }}
+    text = rendered(stats_tables(result))
+    assert "verdict cache" in text and "75.0 %" in text and "3.0 MiB" in text and ELLIPSIS not in text
+    assert "tiny:1" not in text.split("verdict cache")[1]  # only models with [cache] have a row
+    assert "verdict cache" not in rendered(stats_tables({"models": {"tiny": {"versions": {"1": version}}}}))

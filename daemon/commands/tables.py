@@ -154,6 +154,13 @@ def stats_tables(result: dict[str, Any]) -> list[Table]:
         for code, count in sorted((snap.get("failures") or {}).items()):
             failures.add_row(f"client {escape(client)}", code, str(count))
     tables = [latency, stages, usage, clients]
+    cache = _table("per model: verdict cache ([cache])", "model:version", ("lookups", "hits", "hit ratio", "held"))
+    for name, entry in sorted(result.get("models", {}).items()):
+        for version, figures in sorted((entry.get("cache") or {}).items()):
+            ratio = figures.get("hit_ratio")
+            cache.add_row(escape(f"{name}:{version}"), str(figures.get("lookups", 0)), str(figures.get("hits", 0)), "-" if ratio is None else f"{100 * ratio:.1f} %", _bytes(figures.get("bytes")))
+    if cache.row_count:
+        tables.append(cache)
     if failures.row_count:
         tables.append(failures)
     return tables
