@@ -153,3 +153,35 @@ def test_entries_of_a_replaced_version_are_never_answered(daemon_factory: Any, r
         result = client.infer("cached", {"x": X})
         assert (result.version, result.cache) == (2, "miss")
         np.testing.assert_allclose(result.outputs["y"], run_reference(repo / "cached" / "2" / "model.onnx", {"x": X})["y"], rtol=1e-5)
+
+
+@pytest.mark.live
+def test_a_cached_answer_is_still_held_to_the_clients_limits(daemon_factory: Any, tmp_path: Path) -> None:
+    """max_in_flight = 1: while the client's slow request runs, even a request the cache could answer
+    is refused RESOURCE_EXHAUSTED - the cache is looked up only after admission (through the front
+    door, where the supervisor admits in arrival order; on the direct path the worker admits before
+    its lookup, the same code order)."""
+    import asyncio
+
+    from openinfer.client import AsyncClient, OpenInferError
+
+    root = world_readable_dir("oi-cache-limits-")
+    onnx_builders.row_loop_model(root / "rows" / "1" / "model.onnx")  # y = x + max(x), a loop of max(x) steps
+    (root / "rows" / "config.toml").write_text("workers = 1\n\n[cache]\n")
+    make_world_readable(root)
+    policy = tmp_path / "clients.toml"
+    policy.write_text("[default]\nmax_in_flight = 1\n")
+    policy.chmod(0o644)
+    daemon = daemon_factory(root, env={"OPENINFER_SERVER_CLIENT_POLICY": str(policy)})
+    quick, slow = np.array([[2.0]], np.float32), np.array([[1e6]], np.float32)  # slow: ~1 s of looping
+
+    async def main() -> list[Any]:
+        async with AsyncClient(daemon.address, timeout=30, direct=False) as client:
+            assert (await client.infer("rows", {"x": quick})).cache == "miss"
+            assert (await client.infer("rows", {"x": quick})).cache == "hit"
+            return await asyncio.gather(client.infer("rows", {"x": slow}), client.infer("rows", {"x": quick}), return_exceptions=True)
+
+    ran, refused = asyncio.run(main())
+    shutil.rmtree(root, ignore_errors=True)
+    assert not isinstance(ran, BaseException) and ran.cache == "miss", ran
+    assert isinstance(refused, OpenInferError) and refused.code == "RESOURCE_EXHAUSTED" and "max_in_flight" in refused.message, refused
