@@ -111,7 +111,10 @@ class ClientCore:
         return [prefix + _UINT64.pack(0xCF, time.monotonic_ns()) + _ID_KEY + pack(request_id), *payloads]
 
     def _encode_slow(self, request_id: int, model: str, inputs: Mapping[str, np.ndarray | BF16Array | bytes | str], version: int | None, outputs: Sequence[str] | None, timeout_ms: int, priority: int | None, sent: bool = False) -> list[Any]:
-        frames = encode_infer_request(request_id, model, inputs, version=version, outputs=outputs, timeout_ms=timeout_ms, client_name=self.client_name, priority=priority)
+        try:
+            frames = encode_infer_request(request_id, model, inputs, version=version, outputs=outputs, timeout_ms=timeout_ms, client_name=self.client_name, priority=priority)
+        except (TypeError, ValueError) as exc:  # an input the wire cannot carry: the caller's mistake, said before sending
+            raise InvalidArgument(f"cannot send these inputs: {exc}") from None
         if sent:  # when the timeout starts, for a worker that reads the request later (PROTOCOL.md 17.4)
             frames[0] = pack({**unpack(frames[0]), "sent_ns": time.monotonic_ns()})
         if len(frames[0]) > MAX_HEADER_BYTES:

@@ -56,7 +56,10 @@ def result_from_reply(header: dict[str, Any], frames: list[Any], client_us: floa
             if count * dtype.itemsize == len(payload):
                 outputs[spec["name"]] = np.frombuffer(payload, dtype=dtype).reshape(shape)
                 continue
-        outputs[spec["name"]] = decode_array(datatype, list(shape), payload)
+        try:
+            outputs[spec["name"]] = decode_array(datatype, list(shape), payload)
+        except (ValueError, TypeError) as exc:  # what the daemon sent does not decode: its fault, typed
+            raise Internal(f"reply output {spec.get('name')!r} does not decode: {exc}") from None
     timing: dict[str, float] = {}
     for key, value in (header.get("timing") or {}).items():
         timing[key] = float(value)

@@ -29,8 +29,9 @@ import numpy as np
 import pytest
 import zmq
 
+import onnx_builders
 from daemon_harness import EXAMPLE_MODELS, REPO_ROOT, RunningDaemon, cleanup_workdir, start_daemon, wait_for, world_readable_dir
-from openinfer.client import Client
+from openinfer.client import Client, OpenInferError
 from repo_builder import make_world_readable
 
 pytestmark = pytest.mark.live
@@ -385,3 +386,43 @@ def test_curve_over_tcp(c_example: Path, daemon_factory: Any, tmp_path: Path) ->
         assert done.returncode == 2 and "oi_set_curve" in done.stderr
     finally:
         shutil.rmtree(repo, ignore_errors=True)
+
+
+LYING_WORKER_STEPS = """
+import sys
+from openinfer.daemon.steps.contract import Answer
+INPUTS = [{"name": "bytes", "datatype": "BYTES", "shape": []}]
+OUTPUTS = [{"name": "label", "datatype": "BYTES", "shape": [-1, -1]}]
+BIG = 2 ** 63 - 1
+
+def lying_encode(wanted, results):  # a compromised worker: a shape whose element count wraps to 1
+    return [{"name": "label", "datatype": "BYTES", "shape": [BIG, BIG]}], [b"\\x05\\x00\\x00\\x00hello"]
+
+def pre(inputs):
+    sys.modules["openinfer.daemon.worker.direct_queue"].encode_outputs = lying_encode
+    return Answer(label=[[b"x"]])
+"""
+
+
+def test_the_c_client_refuses_a_bytes_output_whose_shape_overflows(c_example: Path, tmp_path: Path) -> None:
+    """A worker (direct path: nothing checks its reply before the client) claims BYTES [2^63-1, 2^63-1]
+    with one element: the element count wraps to 1 in 64 bits. The C client must refuse the reply,
+    not hand out a shape its caller would loop over (found by an attacker)."""
+    from repo_builder import ModelRepo
+
+    repo = ModelRepo("oi-c-lying-")
+    repo.model("lying", onnx_builders.matmul_model, config='workers = 1\n[steps]\nmodule = "steps.py"\n')
+    (repo.root / "lying" / "steps.py").write_text(LYING_WORKER_STEPS)
+    data = tmp_path / "data"
+    data.write_bytes(b"anything")
+    running = start_daemon(repo.ready())
+    try:
+        done = run_example("verdict", running.address, "lying", str(data))
+        assert done.returncode == 1 and "INTERNAL" in done.stdout and "BYTES frame does not hold" in done.stdout, done.stdout + done.stderr
+        with Client(running.address) as client, pytest.raises(OpenInferError) as caught:  # the Python client: typed too
+            client.infer("lying", {"bytes": b"anything"})
+        assert caught.value.code == "INTERNAL" and "does not decode" in str(caught.value), str(caught.value)
+    finally:
+        running.stop()
+        cleanup_workdir(running)
+        repo.remove()

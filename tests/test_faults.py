@@ -404,3 +404,24 @@ def test_requests_queued_for_a_model_that_crash_loops_get_unavailable_at_once(da
     # The queued request is answered when the model goes UNAVAILABLE, not at its 30 s deadline.
     assert exc.code == "UNAVAILABLE" and "crash loop" in exc.message, exc
     assert answered - killed < 10
+
+
+def test_requests_right_after_a_worker_is_killed_for_overrunning_wait_for_its_replacement(daemon_factory: Any) -> None:
+    """Through the front door, a request that runs past max_compute_ms gets its worker killed. The
+    model's next requests, sent at once, must wait for the replacement - not be pipelined onto the dead
+    worker (the supervisor used to fail them INTERNAL: AttributeError, for ~0.5 s, whoever sent them;
+    found by an attacker)."""
+    root = world_readable_dir("oi-overrun-")
+    onnx_builders.row_loop_model(root / "rows" / "1" / "model.onnx")  # y = x + max(x), a loop of max(x) steps
+    (root / "rows" / "config.toml").write_text("workers = 1\nmax_compute_ms = 300\n")
+    make_world_readable(root)
+    daemon = daemon_factory(root)
+    quick = np.array([[1.0]], np.float32)
+    with Client(daemon.address, timeout=30, direct=False) as client:
+        for _ in range(20):  # the model's recent compute is short: the supervisor pipelines its tasks
+            client.infer("rows", {"x": quick})
+        with pytest.raises(DeadlineExceeded):
+            client.infer("rows", {"x": np.array([[1e10]], np.float32)})  # spins; its worker is killed
+        for _ in range(5):
+            np.testing.assert_array_equal(client.infer("rows", {"x": quick}).outputs["y"], quick + 1)
+    shutil.rmtree(root, ignore_errors=True)

@@ -98,6 +98,10 @@ def pre(inputs):
         return Answer(total=-1.0, echo=text)
     if text == "wrong-shape":
         return {"x": np.zeros((2, 3), np.float32)}
+    if text == "int-echo":
+        return Answer(total=1.0, echo=5)  # not bytes: would have gone out as five zero bytes
+    if text == "text-x":
+        return {"x": "abc"}
     values = [float(v) for v in text.split(",")]  # "a,b": ValueError, the caller's mistake
     x = np.zeros((1, 64), np.float32)
     x[0, : len(values)] = values
@@ -152,6 +156,8 @@ def test_a_step_that_fails_answers_a_typed_error_naming_the_step_and_the_worker_
         ({"text": b"\xff\xfe"}, "INVALID_ARGUMENT", "the pre step of steps.py failed: UnicodeDecodeError"),
         ({"text": "inf,1"}, "INTERNAL", "the post step of steps.py failed: RuntimeError: the model gave a non-finite value"),
         ({"text": "wrong-shape"}, "INTERNAL", "the model refused what the pre step of steps.py made ('x' [2, 3])"),  # the step's fault
+        ({"text": "int-echo"}, "INTERNAL", "the pre step of steps.py: output 'echo' is not BYTES"),  # not the caller's
+        ({"text": "text-x"}, "INTERNAL", "the pre step of steps.py gave the model input 'x' that is not FP32"),
     ]
     with Client(steps_daemon.address, direct=direct) as client:
         pids = {w["pid"] for w in client.status()["workers"]}
@@ -161,6 +167,9 @@ def test_a_step_that_fails_answers_a_typed_error_naming_the_step_and_the_worker_
             assert caught.value.code == code and words in str(caught.value), (feed, caught.value.code, str(caught.value))
         assert float(client.infer("summed", {"text": "1"}).outputs["total"]) != 0.0
         assert {w["pid"] for w in client.status()["workers"]} == pids  # nothing was restarted
+        with pytest.raises(OpenInferError) as refused:  # an int is no BYTES element: refused before sending
+            client.infer("summed", {"text": np.array(5, dtype=object)})
+        assert refused.value.code == "INVALID_ARGUMENT" and "must be bytes or str" in str(refused.value)
 
 
 def test_steps_configuration_is_checked_where_it_is_read(tmp_path: Path) -> None:
@@ -234,6 +243,39 @@ def test_a_reload_after_the_steps_module_changed_serves_the_new_steps() -> None:
         os.chmod(repo.root / "tagged" / "steps.py", 0o644)
         os.kill(running.process.pid, signal.SIGHUP)
         wait_for(lambda: client.infer("tagged", {"x": x}).outputs["tag"].item() == b"second, longer", 60, "the edited steps serving")
+    finally:
+        running.stop()
+        cleanup_workdir(running)
+        repo.remove()
+
+
+def test_a_drive_step_that_swallows_the_deadline_stop_is_still_answered_deadline_exceeded() -> None:
+    """The worker stops a run at the request's deadline by making the model's next call fail; a drive
+    step that catches that and returns anyway must not turn a cut-short loop into a success (nor a cached
+    answer). Found by an attacker; on the direct path, where the worker stops runs itself."""
+    module = (
+        "import numpy as np\n"
+        "INPUTS = [{'name': 'x', 'datatype': 'FP32', 'shape': [-1, 64]}]\n"
+        "OUTPUTS = [{'name': 'calls', 'datatype': 'INT64', 'shape': []}]\n"
+        "def drive(inputs, model):\n"
+        "    calls = 0\n"
+        "    while True:\n"
+        "        try:\n"
+        "            model({'x': inputs['x']})\n"
+        "        except Exception:\n"
+        "            return {'calls': calls}  # swallowed: 'done'\n"
+        "        calls += 1\n"
+    )
+    repo = ModelRepo("oi-steps-swallow-")
+    repo.model("looping", onnx_builders.matmul_model, config='workers = 1\n[steps]\nmodule = "steps.py"\n\n[cache]\n')
+    (repo.root / "looping" / "steps.py").write_text(module)
+    running = start_daemon(repo.ready())
+    try:
+        with Client(running.address, timeout=0.3) as client:
+            for _ in range(2):  # the second would be a cache hit if the first had been kept
+                with pytest.raises(OpenInferError) as caught:
+                    client.infer("looping", {"x": np.ones((1, 64), np.float32)})
+                assert caught.value.code == "DEADLINE_EXCEEDED", str(caught.value)
     finally:
         running.stop()
         cleanup_workdir(running)

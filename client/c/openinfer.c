@@ -782,7 +782,7 @@ static int read_output(const msgpack_object *spec, const oi_frame *frame, oi_out
     const unsigned char *data = frame->data;
     size_t elem = oi_datatype_size(o->datatype);
     if (strcmp(o->datatype, "BYTES") == 0) {
-        if (!bytes_frame_ok(data, size, count))
+        if (overflow || !bytes_frame_ok(data, size, count)) /* a shape whose count wraps is no count */
             return E_PROTOCOL(err, "reply output '%s': BYTES frame does not hold %" PRIu64 " elements", o->name, count);
     } else if (elem) {
         if (overflow || count > UINT64_MAX / elem || count * elem != size)

@@ -107,10 +107,26 @@ def encode_array(array: np.ndarray | BF16Array) -> tuple[str, list[int], bytes |
     return datatype, shape, memoryview(array).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
 
 
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
+def bytes_element(element: Any) -> bytes:
+    """One BYTES element: bytes-like as it is, str as UTF-8; anything else is refused (bytes(5) would be
+    five zero bytes, bytes(2**40) a terabyte)."""
+    if isinstance(element, str):
+        try:
+            return element.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"a BYTES element is not valid UTF-8 text: {exc.reason} at {exc.start}") from None
+    if isinstance(element, _BYTES_LIKE):
+        return bytes(element)
+    raise TypeError(f"a BYTES element must be bytes or str, got {type(element).__name__}")
+
+
 def encode_bytes_elements(array: np.ndarray) -> bytes:
     parts: list[bytes] = []
     for element in array.reshape(-1):
-        raw = element.encode("utf-8") if isinstance(element, str) else bytes(element)
+        raw = bytes_element(element)
         parts.append(struct.pack("<I", len(raw)))
         parts.append(raw)
     return b"".join(parts)
@@ -119,7 +135,7 @@ def encode_bytes_elements(array: np.ndarray) -> bytes:
 def encode_bytes_scalar(value: bytes | bytearray | memoryview | str) -> bytes:
     """The payload of a rank-0 BYTES tensor holding `value` (str as UTF-8). Not via numpy: a numpy bytes
     scalar drops trailing NUL bytes, and a file's content must arrive whole."""
-    raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+    raw = bytes_element(value)
     return struct.pack("<I", len(raw)) + raw
 
 

@@ -79,7 +79,8 @@ class Dispatcher:
             ewma = model.compute_ewma_us
             if ewma is not None and ewma < PIPELINE_MAX_COMPUTE_US and not model.queue and _usual_size(task, model):
                 for worker in model.workers:
-                    if worker.state is WorkerState.BUSY and len(worker.inflight) < PIPELINE_DEPTH and _usual_size(worker.inflight.head, model):  # type: ignore[arg-type]
+                    head = worker.inflight.head  # None: killed or retired with nothing left in flight
+                    if worker.state is WorkerState.BUSY and not worker.retired and head is not None and len(worker.inflight) < PIPELINE_DEPTH and _usual_size(head, model):
                         self.dispatch(worker, task)
                         return
             self.enqueue(task)
@@ -282,7 +283,7 @@ class Dispatcher:
         if ewma is None or ewma >= PIPELINE_MAX_COMPUTE_US:
             return None
         for worker in model.workers:
-            if worker.state is WorkerState.BUSY and worker.inflight.one_unit():
+            if worker.state is WorkerState.BUSY and not worker.retired and worker.inflight.one_unit():
                 return worker
         return None
 

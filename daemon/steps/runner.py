@@ -11,7 +11,7 @@ import numpy as np
 
 from openinfer.daemon.worker.compute import for_onnxruntime
 from openinfer.daemon.worker.session import Runner, error_code_for
-from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array
+from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array, bytes_element
 
 from .contract import INTERNAL, INVALID_ARGUMENT, Answer, StepFailed, step_failed
 from .loader import LoadedSteps
@@ -96,13 +96,16 @@ class StepRunner:
         feed = {}
         for name, value in prepared.items():
             datatype = self.model_inputs[name]
-            if datatype == "BYTES":
-                array = np.asarray(value, dtype=object)
-                feed[name] = for_onnxruntime(datatype, np.vectorize(lambda e: e if isinstance(e, bytes) else str(e).encode(), otypes=[object])(array) if array.size else array)
-            elif datatype == "BF16":
-                feed[name] = for_onnxruntime(datatype, value.bits if isinstance(value, BF16Array) else np.asarray(value, dtype=np.uint16))
-            else:
-                feed[name] = np.ascontiguousarray(value, dtype=DATATYPE_TO_NUMPY[datatype])
+            try:
+                if datatype == "BYTES":
+                    array = np.asarray(value, dtype=object)
+                    feed[name] = for_onnxruntime(datatype, np.vectorize(bytes_element, otypes=[object])(array) if array.size else array)
+                elif datatype == "BF16":
+                    feed[name] = for_onnxruntime(datatype, value.bits if isinstance(value, BF16Array) else np.asarray(value, dtype=np.uint16))
+                else:
+                    feed[name] = np.ascontiguousarray(value, dtype=DATATYPE_TO_NUMPY[datatype])
+            except (TypeError, ValueError, OverflowError, UnicodeDecodeError) as exc:  # the step's tensors, not the caller's
+                raise StepFailed(INTERNAL, f"the {role} step of {self.steps.module} gave the model input {name!r} that is not {datatype}: {exc}"[:1000]) from None
         return feed
 
     def _client_values(self, wanted: list[str], answered: Any, role: str) -> list[Any]:
@@ -125,14 +128,15 @@ def _as_declared(value: Any, spec: dict[str, Any], role: str, module: str) -> An
         if datatype == "BYTES":
             if isinstance(value, (bytes, str)):
                 array = np.empty((), dtype=object)
-                array[()] = value.encode() if isinstance(value, str) else value
+                array[()] = bytes_element(value)
             else:
                 array = np.asarray(value, dtype=object)
+                array = np.vectorize(bytes_element, otypes=[object])(array) if array.size else array
         elif datatype == "BF16":
             array = value if isinstance(value, BF16Array) else BF16Array(np.asarray(value, dtype=np.uint16))
         else:
             array = np.asarray(value, dtype=DATATYPE_TO_NUMPY[datatype])
-    except (TypeError, ValueError, OverflowError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # the step's output, not the caller's mistake
         raise StepFailed(INTERNAL, f"the {role} step of {module}: output {spec['name']!r} is not {datatype}: {exc}"[:1000]) from None
     got: list[int] = list(array.shape)
     if len(got) != len(shape) or any(want >= 0 and want != have for want, have in zip(shape, got)):

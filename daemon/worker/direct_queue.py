@@ -221,7 +221,12 @@ class DirectQueue:
         if watch is not None:
             watch.arm(deadline_ns)
         try:
-            return self.runner.run(wanted, feed, watch.options if watch is not None else None)
+            results = self.runner.run(wanted, feed, watch.options if watch is not None else None)
+            if watch is not None and watch.disarm():  # stopped, and a step swallowed the stop: no answer
+                raise RunStopped(f"stopped after {(time.monotonic_ns() - started_ns) / 1e6:.0f} ms: past its deadline (the request's timeout, or the model's max_compute_ms = {self.model.max_compute_ms})")
+            return results
+        except RunStopped:
+            raise
         except Exception:
             if watch is not None and watch.disarm():
                 ran_ms = (time.monotonic_ns() - started_ns) / 1e6
