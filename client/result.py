@@ -27,6 +27,15 @@ class InferResult:
     batch_size: int | None = None  # requests that ran together with this one (models with [batching])
     cache: str | None = None  # "hit" (answered from the model's verdict cache, nothing ran) or "miss" (models with [cache])
 
+    def text(self, name: str) -> str:
+        """A one-element BYTES output as text - a verdict's label: `client.infer("magika", {"bytes":
+        data}).text("label")` -> "pdf". KeyError for an unknown output, ValueError for one that is not a
+        single BYTES element (undecodable bytes are shown escaped, never dropped)."""
+        value = self.outputs[name]
+        if value.dtype != object or value.size != 1 or not isinstance(value.reshape(-1)[0], bytes):
+            raise ValueError(f"output {name!r} is not one BYTES element (dtype {value.dtype}, shape {list(value.shape)})")
+        return value.reshape(-1)[0].decode("utf-8", errors="backslashreplace")  # type: ignore[no-any-return]
+
 
 def decode_reply_header(frames: list[Any]) -> dict[str, Any]:
     from openinfer.wire.protocol import unpack

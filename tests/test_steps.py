@@ -46,6 +46,7 @@ def test_magika_steps_answer_as_the_magika_library_does_on_real_files(magika_dae
     library = Magika()
     kinds = set()
     with Client(magika_daemon.address, timeout=30) as client:
+        assert client.infer("magika", {"bytes": b"%PDF-1.7\n" + bytes(range(256)) * 20}).text("label") == str(library.identify_bytes(b"%PDF-1.7\n" + bytes(range(256)) * 20).output.label)
         for path in files:
             data = path.read_bytes()
             expected = library.identify_bytes(data)
