@@ -28,7 +28,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO / "tests"))
 
-from common import DaemonProcess, machine_info, median_of, pyplot, world_readable_tempdir, write_json  # noqa: E402
+from common import DaemonProcess, machine_info, median_of, pyplot, world_readable_copy, write_json  # noqa: E402
 from real_files import real_files  # noqa: E402
 
 from openinfer.client import Client  # noqa: E402
@@ -70,12 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
         return 0
 
-    repo = world_readable_tempdir("oi-bench-cache-")
-    for name in ("tiny", "magika"):
-        shutil.copytree(REPO / "examples" / "models" / name, repo / name)
+    repo = world_readable_copy(["tiny", "magika"])
     (repo / "tiny" / "config.toml").write_text("workers = 1\nintra_op_threads = 1\n\n[cache]\nentries = 100000\nmax_bytes = 268435456\n")
-    for path in repo.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
     blobs = [p.read_bytes() for p in real_files()]
     rounds: list[dict[str, Any]] = []
     with DaemonProcess(models=repo, workers=1, label="cache").start(timeout=120) as daemon, Client(daemon.address, timeout=30) as client:

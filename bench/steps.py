@@ -35,7 +35,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from common import DaemonProcess, machine_info, median_of, pyplot, world_readable_tempdir, write_json  # noqa: E402
+from common import DaemonProcess, machine_info, median_of, pyplot, world_readable_copy, write_json  # noqa: E402
 from real_files import real_files  # noqa: E402
 
 CLIENT_PROCESSES = 4
@@ -137,14 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     files = [str(p) for p in real_files()]
-    repo = world_readable_tempdir("oi-bench-steps-")
-    for name in ("magika", "magika_scores"):
-        shutil.copytree(REPO / "examples" / "models" / name, repo / name)
-        config = repo / name / "config.toml"
-        text = config.read_text().replace("workers = 1", f"workers = {WORKERS}")
-        config.write_text(text.split("\n[cache]")[0].rsplit("\n#", 1)[0] + "\n" if "[cache]" in text else text)  # the steps and the model, every time
-    for path in repo.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    repo = world_readable_copy(["magika", "magika_scores"])
+    # 2 workers each, and no [cache]: the steps and the model run for every file, every time.
+    (repo / "magika" / "config.toml").write_text(f'workers = {WORKERS}\nintra_op_threads = 1\n\n[steps]\nmodule = "openinfer:magika"\n')
+    (repo / "magika_scores" / "config.toml").write_text(f"workers = {WORKERS}\nintra_op_threads = 1\n")
     rounds: list[dict[str, Any]] = []
     with DaemonProcess(models=repo, workers=WORKERS, label="steps").start(timeout=120) as daemon:
         for round_index in range(args.rounds):

@@ -6,7 +6,6 @@ envelope, many requests in flight on one socket, and cancellation of a queued re
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Iterator
 

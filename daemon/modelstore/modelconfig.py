@@ -100,43 +100,46 @@ def parse_model_config(path: Path, text: str | None = None) -> ModelConfig:
     return replace(ModelConfig(), **values)
 
 
-def _parse_cache(path: Path, raw: Any) -> CacheConfig:
+def _table_items(path: Path, name: str, raw: Any, table: type) -> list[tuple[str, Any]]:
+    """The keys of the `[name]` table, each one of `table`'s fields (a dataclass), else a ConfigError."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: `cache` must be a table")
-    known = {f.name for f in fields(CacheConfig)}
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
+        raise ConfigError(f"{path}: `{name}` must be a table")
+    known = {f.name for f in fields(table)}
+    for key in raw:
         if key not in known:
-            raise ConfigError(f"{path}: unknown key `cache.{key}` (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"{path}: unknown key `{name}.{key}` (known: {', '.join(sorted(known))})")
+    return list(raw.items())
+
+
+def _non_negative_int(path: Path, key: str, value: Any, zero: str = "") -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{path}: `{key}` must be an integer >= 0{zero}, got {value!r}")
+    return value
+
+
+def _parse_cache(path: Path, raw: Any) -> CacheConfig:
+    values: dict[str, Any] = {}
+    for key, value in _table_items(path, "cache", raw, CacheConfig):
         if key == "shared":
             if not isinstance(value, bool):
                 raise ConfigError(f"{path}: `cache.shared` must be true or false, got {value!r}")
             values[key] = value
         elif key == "ttl_s":
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{path}: `cache.ttl_s` must be an integer >= 0 (0: no expiry), got {value!r}")
-            values[key] = value
+            values[key] = _non_negative_int(path, "cache.ttl_s", value, " (0: no expiry)")
         else:
             values[key] = _positive_int(path, f"cache.{key}", value)
     return replace(CacheConfig(), **values)
 
 
 def _parse_batching(path: Path, raw: Any) -> BatchingConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: `batching` must be a table")
-    known = {f.name for f in fields(BatchingConfig)}
     values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise ConfigError(f"{path}: unknown key `batching.{key}` (known: {', '.join(sorted(known))})")
+    for key, value in _table_items(path, "batching", raw, BatchingConfig):
         if key == "preferred_batch_sizes":
             if not isinstance(value, list):
                 raise ConfigError(f"{path}: `batching.preferred_batch_sizes` must be a list of integers")
             values[key] = tuple(_positive_int(path, f"batching.{key}", v) for v in value)
         elif key in ("max_queue_delay_us", "quiet_us"):  # 0: never wait / always wait the whole delay
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{path}: `batching.{key}` must be an integer >= 0, got {value!r}")
-            values[key] = value
+            values[key] = _non_negative_int(path, f"batching.{key}", value)
         else:
             values[key] = _positive_int(path, f"batching.{key}", value)
     config = replace(BatchingConfig(), **values)

@@ -44,7 +44,7 @@ _CALLERS_MISTAKES = (ValueError, TypeError, LookupError)  # UnicodeError is a Va
 
 
 def step_failed(role: str, module: str, exc: BaseException) -> StepFailed:
-    """The error for `exc`, raised by the `role` step ("pre" or "post") of `module`; the message names both."""
+    """The error for `exc`, raised by the `role` step ("pre", "post" or "drive") of `module`; the message names both."""
     if isinstance(exc, StepFailed):
         return exc
     if isinstance(exc, MemoryError):

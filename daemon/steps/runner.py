@@ -43,15 +43,9 @@ class StepRunner:
                 raise step_failed("pre", steps.module, exc) from None
             if isinstance(prepared, Answer):
                 return self._client_values(wanted, prepared, "pre")
-            feed = self._model_feed(prepared)
-        try:
+            results = self._run_model(self._model_feed(prepared), run_options, "pre")
+        else:
             results = self.inner.run(self.model_outputs, feed, run_options)
-        except Exception as exc:
-            if steps.pre is not None and error_code_for(exc) == INVALID_ARGUMENT:
-                # The model refused tensors the pre step made: the step's fault, not the caller's.
-                shapes = ", ".join(f"{name!r} {list(np.shape(value))}" for name, value in feed.items())
-                raise StepFailed(INTERNAL, f"the model refused what the pre step of {steps.module} made ({shapes}): {type(exc).__name__}: {str(exc).strip()}"[:2000]) from None
-            raise
         outputs = dict(zip(self.model_outputs, results))
         if steps.post is None:
             return [outputs[name] for name in wanted]
@@ -66,28 +60,32 @@ class StepRunner:
         every call runs under the same run options, so the request's deadline stops the next call."""
         steps = self.steps
         assert steps.drive is not None
-        refused: list[StepFailed] = []
+        failures: list[Exception] = []  # what the model's calls raised, to tell from the step's own errors
 
         def model(tensors: dict[str, Any]) -> dict[str, Any]:
-            prepared = self._model_feed(tensors, "drive")
             try:
-                return dict(zip(self.model_outputs, self.inner.run(self.model_outputs, prepared, run_options)))
+                return dict(zip(self.model_outputs, self._run_model(self._model_feed(tensors, "drive"), run_options, "drive")))
             except Exception as exc:
-                if error_code_for(exc) == INVALID_ARGUMENT:
-                    shapes = ", ".join(f"{name!r} {list(np.shape(value))}" for name, value in prepared.items())
-                    refused.append(StepFailed(INTERNAL, f"the model refused what the drive step of {steps.module} gave it ({shapes}): {type(exc).__name__}: {str(exc).strip()}"[:2000]))
-                    raise refused[-1] from None
+                failures.append(exc)
                 raise
 
         try:
             answered = steps.drive(feed, model)
         except Exception as exc:
-            if refused and exc is refused[-1]:
-                raise
-            if type(exc).__name__ in ("Fail", "RuntimeException", "EPFail") or "onnxruntime" in type(exc).__module__:
-                raise  # the model's own failure (or the deadline's stop), reported as for any model
+            if failures and exc is failures[-1]:
+                raise  # the model's own failure, a refusal of the step's tensors, or the deadline's stop
             raise step_failed("drive", steps.module, exc) from None
         return self._client_values(wanted, answered, "drive")
+
+    def _run_model(self, feed: dict[str, Any], run_options: Any, role: str) -> list[Any]:
+        """The model on tensors a step made: a refusal of them is the step's fault, not the caller's."""
+        try:
+            return self.inner.run(self.model_outputs, feed, run_options)  # type: ignore[no-any-return]
+        except Exception as exc:
+            if error_code_for(exc) != INVALID_ARGUMENT:
+                raise
+            shapes = ", ".join(f"{name!r} {list(np.shape(value))}" for name, value in feed.items())
+            raise StepFailed(INTERNAL, f"the model refused what the {role} step of {self.steps.module} made ({shapes}): {type(exc).__name__}: {str(exc).strip()}"[:2000]) from None
 
     def _model_feed(self, prepared: Any, role: str = "pre") -> dict[str, Any]:
         if not isinstance(prepared, dict) or set(prepared) != set(self.model_inputs):

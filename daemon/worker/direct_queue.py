@@ -222,21 +222,24 @@ class DirectQueue:
             watch.arm(deadline_ns)
         try:
             results = self.runner.run(wanted, feed, watch.options if watch is not None else None)
-            if watch is not None and watch.disarm():  # stopped, and a step swallowed the stop: no answer
-                raise RunStopped(f"stopped after {(time.monotonic_ns() - started_ns) / 1e6:.0f} ms: past its deadline (the request's timeout, or the model's max_compute_ms = {self.model.max_compute_ms})")
-            return results
-        except RunStopped:
-            raise
         except Exception:
-            if watch is not None and watch.disarm():
-                ran_ms = (time.monotonic_ns() - started_ns) / 1e6
-                raise RunStopped(f"stopped after {ran_ms:.0f} ms: past its deadline (the request's timeout, or the model's max_compute_ms = {self.model.max_compute_ms})") from None
+            if self._run_ended(page, watch):  # the watch stopped it: that is why it raised
+                raise RunStopped(self._stop_reason(started_ns)) from None
             raise
-        finally:
-            if watch is not None:
-                watch.disarm()
-            if page is not None:
-                page.idle()
+        if self._run_ended(page, watch):  # stopped, and a step swallowed the stop: a cut-short run is no answer
+            raise RunStopped(self._stop_reason(started_ns))
+        return results
+
+    @staticmethod
+    def _run_ended(page: DeadlinePage | None, watch: RunWatch | None) -> bool:
+        """The run is over: disarm the watch (True when it had stopped the run), tell the page."""
+        stopped = watch is not None and watch.disarm()
+        if page is not None:
+            page.idle()
+        return stopped
+
+    def _stop_reason(self, started_ns: int) -> str:
+        return f"stopped after {(time.monotonic_ns() - started_ns) / 1e6:.0f} ms: past its deadline (the request's timeout, or the model's max_compute_ms = {self.model.max_compute_ms})"
 
     def _run_one(self, request: DirectRequest, started_ns: int) -> None:
         cpu_start = time.process_time_ns()

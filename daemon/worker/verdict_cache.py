@@ -44,7 +44,7 @@ class VerdictCache:
         digest = hashlib.sha256()
         digest.update(pack([[spec["name"], spec["datatype"], list(spec["shape"])] for spec in specs] + [list(wanted), "" if self.shared else identity]))
         for frame in data:
-            digest.update(len(frame).to_bytes(8, "little") if not isinstance(frame, memoryview) else frame.nbytes.to_bytes(8, "little"))
+            digest.update(memoryview(frame).nbytes.to_bytes(8, "little"))  # lengths too: no two splits of one byte string meet
             digest.update(frame)
         return digest.digest()
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -207,7 +205,7 @@ def test_a_malformed_result_fails_exactly_its_task_and_retires_the_worker(hostil
     wait_serving(hostile, [f"hostile-{attack}"])  # a fresh (equally hostile) worker took its place
     code, _ = answer_of(hostile, f"hostile-{attack}")
     assert code == "WORKER_CRASHED"  # not RESOURCE_EXHAUSTED: the first request's slot was released
-    assert f'"reason":' in hostile.log_text() and "worker sent an invalid message; retiring it" in hostile.log_text()
+    assert '"reason":' in hostile.log_text() and "worker sent an invalid message; retiring it" in hostile.log_text()
     with Client(hostile.address) as client:  # everyone else is served throughout
         assert client.infer("tiny", {"x": np.ones((1, 64), np.float32)}).outputs["y"].shape == (1, 64)
 
