@@ -103,6 +103,7 @@ def test_sigkill_workers_under_load_every_request_answered_once(daemon_factory: 
     stop.set()
     for t in threads:
         t.join(30)
+    assert not any(t.is_alive() for t in threads), "a client is still waiting for a reply"
     assert set(outcomes) <= {"OK", "WORKER_CRASHED"}, outcomes
     wait_for(lambda: len(worker_pids(admin, "conv")) == 1, 30, "pool whole again")
     stats = admin.stats()["models"]["conv"]
@@ -114,10 +115,13 @@ def test_sigkill_workers_under_load_every_request_answered_once(daemon_factory: 
         # worker had admitted; requests still unread in its socket when it died never reached the daemon:
         # the client library fails them (WORKER_CRASHED) and they are not in the daemon's books. A request
         # answered in the instant its worker was killed is in the books as answered while its reply never
-        # left: its client reports WORKER_CRASHED.
+        # left: its client reports WORKER_CRASHED. A kill can land while the worker holds nothing admitted
+        # (every request still unread in its socket), so the daemon's count has no lower bound of its own;
+        # the clients' has: four clients keep a request on the only worker, so each kill fails at least one.
         recorded_unsent = stats["success"] - outcomes["OK"]  # a pass's replies leave together, after it
         assert 0 <= recorded_unsent <= outcomes["WORKER_CRASHED"], (stats, outcomes)
-        assert 5 <= stats["failures"].get("WORKER_CRASHED", 0) + recorded_unsent <= outcomes["WORKER_CRASHED"], (stats["failures"], outcomes)
+        assert stats["failures"].get("WORKER_CRASHED", 0) + recorded_unsent <= outcomes["WORKER_CRASHED"], (stats["failures"], outcomes)
+        assert outcomes["WORKER_CRASHED"] >= 5, outcomes
     # The daemon saw exactly these five deaths and replaced each worker (not the test counting its own loop).
     assert stats["versions"]["1"]["worker_restarts"] == 5
     exits = [record for record in log_records(running) if record.get("msg") == "worker exited" and record.get("pid") in killed]
