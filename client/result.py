@@ -26,6 +26,8 @@ class InferResult:
     timing: dict[str, float] = field(default_factory=dict)
     batch_size: int | None = None  # requests that ran together with this one (models with [batching])
     cache: str | None = None  # "hit" (answered from the model's verdict cache, nothing ran) or "miss" (models with [cache])
+    # A chain's (`[chain]`): per model it ran, {"runs": n, "compute_us": t} - compute_us split by model.
+    stages: dict[str, dict[str, float]] | None = None
 
     def text(self, name: str) -> str:
         """A one-element BYTES output as text - a verdict's label: `client.infer("magika", {"bytes":
@@ -78,4 +80,8 @@ def result_from_reply(header: dict[str, Any], frames: list[Any], client_us: floa
         timing["transport_us"] = max(0.0, client_us - total)
     batch_size = header.get("batch_size")
     cache = header.get("cache")
-    return InferResult(str(header.get("model", "")), int(header.get("version", 0)), outputs, timing, batch_size if isinstance(batch_size, int) else None, cache if cache in ("hit", "miss") else None)
+    raw_stages = header.get("stages")
+    stages = None
+    if isinstance(raw_stages, dict):
+        stages = {str(name): {str(k): float(v) for k, v in entry.items() if isinstance(v, (int, float))} for name, entry in raw_stages.items() if isinstance(entry, dict)}
+    return InferResult(str(header.get("model", "")), int(header.get("version", 0)), outputs, timing, batch_size if isinstance(batch_size, int) else None, cache if cache in ("hit", "miss") else None, stages)

@@ -136,7 +136,7 @@ def _readable(settings: Settings, root: Path) -> CheckResult:
         entries = scan_repository(root)
     except ConfigError as exc:
         return CheckResult("repository_readable", False, str(exc))
-    paths = [str(v.path) for entry in entries for v in entry.versions]
+    paths = [str(v.path) for entry in entries if entry.config.chain is None for v in entry.versions]  # a chain has no file of its own
     uid = gid = None
     if os.geteuid() == 0 and settings.sandbox.enabled:
         entry = pwd.getpwnam(settings.sandbox.worker_user)

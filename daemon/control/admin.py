@@ -35,6 +35,7 @@ def models_result(sup: "Supervisor") -> dict[str, Any]:
                     "path": str(model.path),
                     "sharing": model.sharing,
                     "shared_bytes": model.shared_bytes,
+                    **({"chain": [member.key for member in model.chain_members] or list(model.config.chain.models)} if model.config.chain is not None else {}),
                 }
             )
     return {"models": rows}

@@ -33,20 +33,36 @@ def file_fingerprint(path: Path) -> tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-def model_fingerprint(path: Path, config: ModelConfig) -> tuple[Any, ...]:
+def model_fingerprint(path: Path, config: ModelConfig, members: tuple[Any, ...] = ()) -> tuple[Any, ...]:
     """The model file's fingerprint, and its steps' files' (beside config.toml): a reload that finds an
-    edited steps.py or data file replaces the workers, as it does for a new model file."""
+    edited steps.py or data file replaces the workers, as it does for a new model file. A chain's `path`
+    is its config.toml; `members` are its members' fingerprints (a new member file replaces the chain)."""
     steps = config.steps
     if steps is None:
         return (file_fingerprint(path),)
+    steps_dir = path.parent if config.chain is not None else path.parent.parent
     names = [*steps.files, *(steps_files_of_builtin(steps.builtin) if steps.builtin is not None else [steps.module])]
     step_prints: list[tuple[int, int, int] | None] = []
     for name in names:
         try:
-            step_prints.append(file_fingerprint(path.parent.parent / name))
+            step_prints.append(file_fingerprint(steps_dir / name))
         except OSError:
             step_prints.append(None)  # missing now: the new workers will say why they cannot load
-    return (file_fingerprint(path), *step_prints)
+    return (file_fingerprint(path), *step_prints, *members)
+
+
+def _member_prints(entry: ModelEntry, entries: dict[str, ModelEntry]) -> tuple[Any, ...]:
+    """A chain's members' newest model files, as this scan found them (None: not there, or broken)."""
+    if entry.config.chain is None:
+        return ()
+    prints: list[Any] = []
+    for name in entry.config.chain.models:
+        member = entries.get(name)
+        try:
+            prints.append((name, model_fingerprint(member.versions[-1].path, member.config)) if member is not None and member.versions and member.error is None else None)
+        except OSError:
+            prints.append(None)
+    return tuple(prints)
 
 
 class RepositorySync:
@@ -58,7 +74,7 @@ class RepositorySync:
         self.pending: dict[tuple[str, int], ServedModel] = {}  # replacements loading beside the served one
         self.retiring: list[ServedModel] = []
 
-    def _new_model(self, entry: ModelEntry, version: ModelVersionEntry, repository: Path) -> ServedModel:
+    def _new_model(self, entry: ModelEntry, version: ModelVersionEntry, repository: Path, members: tuple[Any, ...] = ()) -> ServedModel:
         model = ServedModel(
             name=entry.name,
             version=version.version,
@@ -68,10 +84,14 @@ class RepositorySync:
             intra_op_threads=entry.config.intra_op_threads or self.settings.pool.intra_op_threads,
             repository=repository,
         )
-        model.fingerprint = model_fingerprint(version.path, entry.config)
+        model.fingerprint = model_fingerprint(version.path, entry.config, members)
         model.queue = TaskQueue(self.settings.server.starvation_ms)
         preparer = self.pool.preparer
-        if preparer is not None and preparer.wanted(model):
+        if entry.config.chain is not None:
+            model.sharing = "its members' weights"
+            model.reason = f"waiting for its models {', '.join(entry.config.chain.models)}"
+            # started by start_chains once every member serves
+        elif preparer is not None and preparer.wanted(model):
             preparer.start(model)  # its workers start when the shared weights are ready
         else:
             self.start_workers(model)
@@ -93,6 +113,7 @@ class RepositorySync:
             return changes
         seen: set[tuple[str, int]] = set()
         self.registry.failed = {}
+        by_name = {entry.name: entry for entry in entries}
         for entry in entries:
             if entry.error is not None:
                 if entry.name in self.registry.by_name:
@@ -104,22 +125,23 @@ class RepositorySync:
                     self.registry.failed[entry.name] = FailedModel(entry.name, entry.error)
                 changes["failed"].append(entry.name)
                 continue
+            members = _member_prints(entry, by_name)
             for version in entry.versions:
                 key = (entry.name, version.version)
                 seen.add(key)
                 current = self.registry.by_name.get(entry.name, {}).get(version.version)
                 if current is None:
-                    self.registry.add(self._new_model(entry, version, repository))
+                    self.registry.add(self._new_model(entry, version, repository, members))
                     changes["added"].append(f"{entry.name}:{version.version}")
-                elif self._changed(current, entry, version):
+                elif self._changed(current, entry, version, members):
                     old_pending = self.pending.pop(key, None)
                     if old_pending is not None:
                         self._retire(old_pending)
                     if current.state in (ModelState.FAILED, ModelState.UNAVAILABLE, ModelState.LOADING):
-                        self.registry.by_name[entry.name][version.version] = self._new_model(entry, version, repository)
+                        self.registry.by_name[entry.name][version.version] = self._new_model(entry, version, repository, members)
                         self._retire(current)
                     else:
-                        self.pending[key] = self._new_model(entry, version, repository)
+                        self.pending[key] = self._new_model(entry, version, repository, members)
                     changes["replaced"].append(f"{entry.name}:{version.version}")
                 else:
                     changes["unchanged"].append(f"{entry.name}:{version.version}")
@@ -134,7 +156,45 @@ class RepositorySync:
             if not served:
                 del self.registry.by_name[name]
         log.info("repository synced", extra=changes)
+        self.start_chains()
         return changes
+
+    def start_chains(self) -> None:
+        """A chain starts once each of its members serves - its newest version, ready, with no replacement
+        loading - so that its workers load the members' shared weights; it fails, with the reason, when a
+        member cannot serve (a reload retries it)."""
+        for model in [*self.registry.all(), *self.pending.values()]:
+            chain = model.config.chain
+            if chain is None or model.retiring or model.state is not ModelState.LOADING or model.workers:
+                continue
+            members: list[ServedModel] = []
+            problem: str | None = None
+            for name in chain.models:
+                served = self.registry.by_name.get(name)
+                if not served:
+                    failed = self.registry.failed.get(name)
+                    problem = f"its model {name!r} cannot serve: {failed.reason}" if failed is not None else f"its model {name!r} is not in the repository"
+                    break
+                member = served[max(served)]
+                if member.config.chain is not None:
+                    problem = f"its model {name!r} is itself a chain; a chain's models are model files"
+                    break
+                if member.state in (ModelState.FAILED, ModelState.UNAVAILABLE):
+                    problem = f"its model {member.key} cannot serve: {member.reason}"
+                    break
+                if member.state is not ModelState.READY or (member.name, member.version) in self.pending:
+                    members = []
+                    break  # still loading: started when it is ready (on_model_ready)
+                members.append(member)
+            if problem is not None:
+                model.state = ModelState.FAILED
+                model.reason = problem
+                log.error("model failed to load", extra={"model": model.name, "version": model.version, "reason": problem})
+                self.pool.on_model_failed(model)
+            elif len(members) == len(chain.models):
+                model.chain_members = members
+                model.reason = None
+                self.start_workers(model)
 
     def _resize(self, model: ServedModel, wanted: int) -> bool:
         """`pool.workers` is live: a served model gets more workers at once, or its idle extras quit."""
@@ -148,11 +208,11 @@ class RepositorySync:
         return True
 
     @staticmethod
-    def _changed(current: ServedModel, entry: ModelEntry, version: ModelVersionEntry) -> bool:
+    def _changed(current: ServedModel, entry: ModelEntry, version: ModelVersionEntry, members: tuple[Any, ...] = ()) -> bool:
         if current.state in (ModelState.FAILED, ModelState.UNAVAILABLE):
             return True  # a reload retries what could not serve
         try:
-            fingerprint = model_fingerprint(version.path, entry.config)
+            fingerprint = model_fingerprint(version.path, entry.config, members)
         except OSError:
             return True
         return fingerprint != current.fingerprint or entry.config != current.config
@@ -160,14 +220,14 @@ class RepositorySync:
     def on_model_ready(self, model: ServedModel) -> None:
         """A worker became ready: switch to a replacement once all its workers are ready."""
         key = (model.name, model.version)
-        if self.pending.get(key) is not model or model.ready_workers() < model.worker_count:
-            return
-        del self.pending[key]
-        old = self.registry.by_name.get(model.name, {}).get(model.version)
-        self.registry.add(model)
-        log.info("switched to reloaded model", extra={"model": model.key})
-        if old is not None:
-            self._retire(old)
+        if self.pending.get(key) is model and model.ready_workers() >= model.worker_count:
+            del self.pending[key]
+            old = self.registry.by_name.get(model.name, {}).get(model.version)
+            self.registry.add(model)
+            log.info("switched to reloaded model", extra={"model": model.key})
+            if old is not None:
+                self._retire(old)
+        self.start_chains()  # a chain may have waited for this model
 
     def on_model_failed(self, model: ServedModel) -> None:
         key = (model.name, model.version)
@@ -178,6 +238,7 @@ class RepositorySync:
                 served.reason = f"reload failed, still serving the previous file: {model.reason}"
             log.error("reload failed; previous model keeps serving", extra={"model": model.key, "reason": model.reason})
             self._retire(model)
+        self.start_chains()  # a chain waiting for this model fails with it
 
     def _retire(self, model: ServedModel) -> None:
         model.retiring = True

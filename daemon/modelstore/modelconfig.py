@@ -41,6 +41,15 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class ChainConfig:
+    """`[chain]`: this entry runs other models of the repository as one request (daemon/steps/, `drive`).
+    Its directory has no version of its own: its worker loads each member's newest version, on that
+    member's shared weights, under one sandbox."""
+
+    models: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Defaults apply when a model has no config.toml; `workers`/`intra_op_threads` may be None = use the pool default."""
 
@@ -55,6 +64,7 @@ class ModelConfig:
     batching: BatchingConfig | None = None
     steps: StepsConfig | None = None  # pre/post processing run inside the worker (daemon/steps/)
     cache: CacheConfig | None = None  # verdicts kept per worker (daemon/worker/verdict_cache.py)
+    chain: ChainConfig | None = None  # runs these models of the repository as one request
 
 
 _INT_KEYS = {"workers", "intra_op_threads", "timeout_ms", "max_compute_ms", "max_request_bytes", "memory_limit_mb", "max_queue"}
@@ -88,6 +98,8 @@ def parse_model_config(path: Path, text: str | None = None) -> ModelConfig:
             values[key] = _parse_batching(path, value)
         elif key == "cache":
             values[key] = _parse_cache(path, value)
+        elif key == "chain":
+            values[key] = _parse_chain(path, value)
         elif key == "steps":
             try:
                 values[key] = parse_steps(str(path), value)
@@ -97,7 +109,33 @@ def parse_model_config(path: Path, text: str | None = None) -> ModelConfig:
         raise ConfigError(f"{path}: a model with `[cache]` cannot batch yet: remove `[batching]` or `[cache]`")
     if values.get("steps") is not None and values.get("batching") is not None:
         raise ConfigError(f"{path}: a model with `[steps]` cannot batch yet: remove `[batching]` (its requests are each one client's data, shaped by its pre step)")
+    chain = values.get("chain")
+    if chain is not None:
+        if values.get("batching") is not None:
+            raise ConfigError(f"{path}: a `[chain]` cannot batch: remove `[batching]` (batch its members instead)")
+        if values.get("steps") is None:
+            raise ConfigError(f"{path}: a `[chain]` needs `[steps] module = ...` with a `drive(inputs, models)` step that calls its models {list(chain.models)}")
     return replace(ModelConfig(), **values)
+
+
+MAX_CHAIN_MODELS = 8
+
+
+def _parse_chain(path: Path, raw: Any) -> ChainConfig:
+    from .repository import MODEL_NAME  # the member names are model directory names
+
+    items = dict(_table_items(path, "chain", raw, ChainConfig))
+    models = items.get("models")
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
+        raise ConfigError(f"{path}: `chain.models` must be a non-empty list of model names of this repository, e.g. [\"ocr_det\", \"ocr_rec\"]")
+    bad = [m for m in models if not MODEL_NAME.match(m)]
+    if bad:
+        raise ConfigError(f"{path}: `chain.models` entry {bad[0]!r} is not a model name")
+    if len(set(models)) != len(models):
+        raise ConfigError(f"{path}: `chain.models` names a model twice")
+    if len(models) > MAX_CHAIN_MODELS:
+        raise ConfigError(f"{path}: `chain.models` names {len(models)} models; at most {MAX_CHAIN_MODELS}")
+    return ChainConfig(tuple(models))
 
 
 def _table_items(path: Path, name: str, raw: Any, table: type) -> list[tuple[str, Any]]:

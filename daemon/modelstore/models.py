@@ -62,6 +62,13 @@ class ServedModel:
     fingerprint: tuple[Any, ...] | None = None  # (size, mtime_ns, inode) of the model file, and of its steps' files
     retiring: bool = False  # replaced or removed: finishes its queue, takes no new work
     repository: Path | None = None  # the repository `path` was found in: its files are opened beneath it
+    chain_members: list["ServedModel"] = field(default_factory=list)  # a chain's: the members its workers load
+
+    @property
+    def steps_dir(self) -> Path:
+        """Where config.toml and the steps' files are: beside a chain's config.toml (its `path`), two
+        levels above a model's file."""
+        return self.path.parent if self.config.chain is not None else self.path.parent.parent
 
     @property
     def key(self) -> str:

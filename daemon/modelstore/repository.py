@@ -21,6 +21,7 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.toml"
 MAX_CONFIG_BYTES = 1 << 20
+CHAIN_VERSION = 1  # a chain (`[chain]` in config.toml) is served as version 1 of its name
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,13 @@ def _scan_model(model_dir: Path) -> ModelEntry:
         versions = _scan_versions(name, model_dir)
     except (_Refused, ConfigError) as exc:
         return ModelEntry(name, ModelConfig(), (), error=str(exc))
+    if config.chain is not None:
+        if versions:
+            return ModelEntry(name, config, (), error=f"{model_dir} has `[chain]` and a <version>/{MODEL_FILE}: a chain runs its members' models and has none of its own")
+        if name in config.chain.models:
+            return ModelEntry(name, config, (), error=f"{model_dir / CONFIG_FILE}: a chain cannot name itself in `chain.models`")
+        # One version, 1, whose "file" is config.toml: what a reload compares (with its members').
+        return ModelEntry(name, config, (ModelVersionEntry(name, CHAIN_VERSION, model_dir / CONFIG_FILE),))
     if not versions:
         return ModelEntry(name, config, (), error=f"no <version>/{MODEL_FILE} under {model_dir}")
     if config.version_policy == "latest":

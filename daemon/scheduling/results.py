@@ -32,7 +32,8 @@ class WorkerResults:
                 raise BadWorkerMessage("RESULT while it holds no single task")
             if task_id_of(frames[0]) != task.task_id:
                 raise BadWorkerMessage("RESULT for a task it is not running")
-            result = parse_result(frames, task.dispatched_ns, task.wanted or task.model.output_order)
+            chain = task.model.config.chain
+            result = parse_result(frames, task.dispatched_ns, task.wanted or task.model.output_order, chain.models if chain is not None else ())
             if result.cache is not None and task.model.config.cache is None:
                 raise BadWorkerMessage("a cache outcome for a model without [cache]")
         except BadWorkerMessage as exc:
@@ -80,6 +81,8 @@ class WorkerResults:
             if result.cache is not None:
                 reply["cache"] = result.cache
                 model.count_cache(result.cache == "hit")
+            if result.stages is not None:
+                reply["stages"] = result.stages
             self.replies.send(task.route, reply, outputs)
             code = None
         else:

@@ -34,31 +34,28 @@ def builtin_files(name: str) -> tuple[str, ...]:
     return tuple(getattr(import_builtin(name), "FILES", ()))
 
 
-def read_step_sources(config: StepsConfig, repository: str, model_path: str, user: str) -> StepSources:
-    """Raises ModelFileError naming the file and why."""
+def read_step_sources(config: StepsConfig, repository: str, steps_dir: str, user: str) -> StepSources:
+    """`steps_dir`: the directory of the model's config.toml (`<repository>/<model>`). Raises ModelFileError
+    naming the file and why."""
     builtin = config.builtin
     names = list(config.files)
     if builtin is not None:
         names = [*builtin_files(builtin), *names]
-    model_dir = _model_dir(repository, model_path, user)
+    # open_version_dir opens the directory holding a path: name a file inside steps_dir.
+    dir_fd = open_version_dir(repository, os.path.join(steps_dir, "config.toml"), user)
     try:
         sources = StepSources(config)
         if builtin is None:
-            sources.source = _read(model_dir, config.module, model_path, user)
+            sources.source = _read(dir_fd, config.module, steps_dir, user)
         for name in names:
-            sources.files[name] = _read(model_dir, name, model_path, user)
+            sources.files[name] = _read(dir_fd, name, steps_dir, user)
         return sources
     finally:
-        os.close(model_dir)
+        os.close(dir_fd)
 
 
-def _model_dir(repository: str, model_path: str, user: str) -> int:
-    """`<repository>/<model>`: the directory of config.toml, two levels above model.onnx."""
-    return open_version_dir(repository, model_path, user, levels_up=2)
-
-
-def _read(dir_fd: int, name: str, model_path: str, user: str) -> bytes:
-    where = os.path.join(os.path.dirname(os.path.dirname(model_path)), name)
+def _read(dir_fd: int, name: str, steps_dir: str, user: str) -> bytes:
+    where = os.path.join(steps_dir, name)
     try:
         fd = open_beneath(dir_fd, name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as exc:

@@ -79,8 +79,9 @@ def _open_version_dir(config: WorkerBootConfig, user: str) -> int:
         raise BootFailure(str(exc)) from None
 
 
-def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any], user: str, writable: tuple[str, ...] = (), before_landlock: Callable[[], None] | None = None) -> int:
-    """Steps 2-4; returns the model's version directory (an O_PATH descriptor) opened as the worker user.
+def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any], user: str, writable: tuple[str, ...] = (), before_landlock: Callable[[], None] | None = None, stage_dirs: list[int] | None = None) -> int:
+    """Steps 2-4; returns the model's version directory (an O_PATH descriptor) opened as the worker user
+    (a chain's: the directory of its config.toml, and each member's version directory into `stage_dirs`).
     `before_landlock` reads what else the worker needs from beside the model (its steps) while it can."""
     from openinfer.sandbox import hardening
 
@@ -112,12 +113,13 @@ def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any], us
             raise BootFailure("supervisor exited during worker start")
     # After the drop: the worker user's rights decide, and Landlock is granted exactly the directory opened.
     version_dir = _open_version_dir(config, user)
+    if stage_dirs is not None:
+        stage_dirs.extend(_open_version_dir(config.stage(member), user) for member in config.chain)
     if before_landlock is not None:
         before_landlock()
     if sb.landlock:
-        read_paths: list[str | int] = [*sb.read_paths, os.path.realpath("/proc/self"), "/proc/cpuinfo", version_dir]
-        if config.prepared_dir:
-            read_paths.append(config.prepared_dir)
+        read_paths: list[str | int] = [*sb.read_paths, os.path.realpath("/proc/self"), "/proc/cpuinfo", version_dir, *(stage_dirs or ())]
+        read_paths.extend(d for d in (config.prepared_dir, *(member["prepared_dir"] for member in config.chain)) if d)
         abi = hardening.apply_landlock(read_paths, writable)
         sandbox_state["landlock_abi"] = abi
         if not abi:
@@ -142,6 +144,51 @@ def _open_source(config: WorkerBootConfig, version_dir: int, user: str) -> "Mode
         os.close(version_dir)
 
 
+def _open_sources(config: WorkerBootConfig, version_dir: int, stage_dirs: list[int], user: str) -> list[tuple[WorkerBootConfig, "ModelSource"]]:
+    """Step 5 for the model, or for each member of a chain (whose own directory holds no model)."""
+    if not config.chain:
+        return [(config, _open_source(config, version_dir, user))]
+    os.close(version_dir)
+    sources: list[tuple[WorkerBootConfig, ModelSource]] = []
+    try:
+        for member, stage_dir in zip(config.chain, list(stage_dirs)):
+            stage = config.stage(member)
+            stage_dirs.remove(stage_dir)  # _open_source closes it
+            sources.append((stage, _open_source(stage, stage_dir, user)))
+    except BaseException:
+        for _, source in sources:
+            source.close()
+        for stage_dir in stage_dirs:
+            os.close(stage_dir)
+        raise
+    return sources
+
+
+def _load_session(config: WorkerBootConfig, source: "ModelSource") -> tuple[Any, dict[str, list[dict[str, Any]]]]:
+    """Step 7's load of one model: from its prepared, shared weights (checked against the known answer the
+    helper recorded) or from its file."""
+    from .prepare import load_prepared, verify_prepared
+    from .session import build_session, describe_session
+
+    try:
+        if source.prepared_dir:
+            session = load_prepared(Path(source.prepared_dir), config.intra_op_threads)
+        else:
+            assert source.model is not None  # open_model_source gives the bytes whenever there is no prepared_dir
+            session = build_session(source.model, config.intra_op_threads, source.external)
+        description = describe_session(session)
+    except Exception as exc:
+        raise BootFailure(f"onnxruntime could not load {config.prepared_dir or config.model_path}: {type(exc).__name__}: {exc}") from None
+    finally:
+        source.close()  # onnxruntime copied what it needs while creating the session
+    if config.prepared_dir:
+        try:
+            verify_prepared(session, Path(config.prepared_dir))
+        except (ValueError, OSError) as exc:
+            raise BootFailure(f"{PREPARED_MISMATCH}: {exc}") from None
+    return session, description
+
+
 def _read_steps(config: WorkerBootConfig, user: str, into: list["StepSources"]) -> None:
     """The model's steps module and data files (daemon/steps/sources.py), as the worker user, before Landlock."""
     if config.steps is None:
@@ -151,7 +198,7 @@ def _read_steps(config: WorkerBootConfig, user: str, into: list["StepSources"]) 
     from openinfer.daemon.steps.steps_config import StepsConfig
 
     try:
-        into.append(read_step_sources(StepsConfig.from_dict(config.steps), config.repository, config.model_path, user))
+        into.append(read_step_sources(StepsConfig.from_dict(config.steps), config.repository, config.steps_dir, user))
     except ModelFileError as exc:
         raise BootFailure(str(exc)) from None
 
@@ -209,52 +256,50 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
 
     sandbox_state: dict[str, Any] = {"enabled": config.sandbox.enabled}
     from . import serve as _serve_module  # noqa: F401  (preload: see the module docstring)
-    from .prepare import load_prepared, verify_prepared
-    from .session import build_session, describe_session, warm_up
+    from .prepare import load_prepared  # noqa: F401  (preload: _load_session imports it after Landlock)
+    from .session import warm_up
 
     user = _worker_user(config)
     step_sources: list[StepSources] = []
+    stage_dirs: list[int] = []
     if config.sandbox.enabled:
         from openinfer.sandbox import apply_policy, hardening, load_policy
 
         # Policies are read now: after the uid drop and Landlock their files may be out of reach.
         boot_policy = load_policy(config.sandbox.boot_policy)
         serve_policy = load_policy(config.sandbox.serve_policy)
-        version_dir = _isolate_process(config, sandbox_state, user, before_landlock=lambda: _read_steps(config, user, step_sources))
-        source = _open_source(config, version_dir, user)
+        version_dir = _isolate_process(config, sandbox_state, user, before_landlock=lambda: _read_steps(config, user, step_sources), stage_dirs=stage_dirs)
+        sources = _open_sources(config, version_dir, stage_dirs, user)
         apply_policy(boot_policy)
     else:
         log.warning("worker running WITHOUT sandbox (--insecure-no-sandbox)", extra={"worker": config.worker_id})
         _enter_work_dir(config)
         _read_steps(config, user, step_sources)
-        source = _open_source(config, _open_version_dir(config, user), user)
+        stage_dirs.extend(_open_version_dir(config.stage(member), user) for member in config.chain)
+        sources = _open_sources(config, _open_version_dir(config, user), stage_dirs, user)
 
     started = time.monotonic_ns()
-    try:
-        if source.prepared_dir:
-            session = load_prepared(Path(source.prepared_dir), config.intra_op_threads)
-        else:
-            assert source.model is not None  # open_model_source gives the bytes whenever there is no prepared_dir
-            session = build_session(source.model, config.intra_op_threads, source.external)
-        description = describe_session(session)
-    except Exception as exc:
-        raise BootFailure(f"onnxruntime could not load {config.prepared_dir or config.model_path}: {type(exc).__name__}: {exc}") from None
-    finally:
-        source.close()  # onnxruntime copied what it needs while creating the session
-    if config.prepared_dir:
+    loaded_models: dict[str, tuple[Any, dict[str, list[dict[str, Any]]]]] = {}
+    for position, (stage_config, source) in enumerate(sources):
         try:
-            verify_prepared(session, Path(config.prepared_dir))
-        except (ValueError, OSError) as exc:
-            raise BootFailure(f"{PREPARED_MISMATCH}: {exc}") from None
+            loaded_models["" if not config.chain else stage_config.model] = _load_session(stage_config, source)
+        except BaseException:
+            for _, rest in sources[position + 1:]:
+                rest.close()
+            raise
     loaded = time.monotonic_ns()
     if config.sandbox.enabled:
         # Before the warm-up: a hostile model's first run must already be held by the memory limit.
         hardening.set_memory_limit(config.sandbox.memory_limit_bytes)
-    warmup_error = warm_up(session, description["inputs"])
+    warmup_errors = [error for session, description in loaded_models.values() if (error := warm_up(session, description["inputs"])) is not None]
+    warmup_error = "; ".join(warmup_errors) or None
     warmed = time.monotonic_ns()
     # The steps module's own code runs first here: under the boot policy and the memory limit, like the
     # model's parse. Clients see the model through its steps.
     steps = _load_steps(step_sources[0]) if step_sources else None
+    if config.chain and (steps is None or steps.drive is None):
+        raise BootFailure(f"the chain's steps module {steps.module if steps else '(none)'} defines no `drive(inputs, models)`: a chain's models are called by its drive step")
+    description = loaded_models[""][1] if "" in loaded_models else {"inputs": [], "outputs": []}
     clients_view = steps.describe(description) if steps is not None else description
     channel = _open_channel()
     hello = {
@@ -275,11 +320,11 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
     from .verdict_cache import VerdictCache
 
     cache = VerdictCache(config.cache["entries"], config.cache["max_bytes"], config.cache["ttl_s"], config.cache["shared"]) if config.cache else None
-    runner: Any = Runner(session)
+    runner: Any = Runner(loaded_models[""][0]) if "" in loaded_models else None
     if steps is not None:
-        from openinfer.daemon.steps.runner import StepRunner
+        from openinfer.daemon.steps.runner import Stage, StepRunner
 
-        runner = StepRunner(runner, steps, description, clients_view)
+        runner = StepRunner({name: Stage.of(Runner(session), model) for name, (session, model) in loaded_models.items()}, steps, clients_view)
     poller = select.epoll()
     direct = direct_serving(config, clients_view, runner, poller, lease_key, cache) if config.direct is not None else None
 

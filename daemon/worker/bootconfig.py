@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 
@@ -56,6 +57,19 @@ class WorkerBootConfig:
     direct: DirectConfig | None = None
     steps: dict[str, Any] | None = None  # the model's [steps] (steps_config.StepsConfig.to_dict)
     cache: dict[str, Any] | None = None  # the model's [cache] (modelconfig.CacheConfig.to_dict)
+    # A chain's members ([chain]: its model_path is its config.toml): each {name, version, model_path,
+    # prepared_dir}, loaded into this one worker, in this order, and handed to its drive step.
+    chain: tuple[dict[str, Any], ...] = ()
+
+    def stage(self, member: dict[str, Any]) -> "WorkerBootConfig":
+        """What one member of a chain is loaded from: its own file, on its own shared weights."""
+        return replace(self, model=member["name"], version=member["version"], model_path=member["model_path"], prepared_dir=member["prepared_dir"], chain=())
+
+    @property
+    def steps_dir(self) -> str:
+        """Where config.toml and the steps' files are: beside a chain's config.toml, two levels above a
+        model's file."""
+        return os.path.dirname(self.model_path) if self.chain else os.path.dirname(os.path.dirname(self.model_path))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -66,4 +80,5 @@ class WorkerBootConfig:
         sandbox = raw.pop("sandbox")
         sandbox["read_paths"] = tuple(sandbox.get("read_paths", ()))
         direct = raw.pop("direct", None)
+        raw["chain"] = tuple(raw.get("chain", ()))
         return cls(sandbox=WorkerSandboxConfig(**sandbox), direct=DirectConfig(**direct) if direct is not None else None, **raw)

@@ -46,6 +46,8 @@ def run_task(channel: FrameStream, session: Any, output_names: list[str], frames
             "cpu_us": (time.process_time_ns() - cpu_start) / 1000,
             "send_ns": time.monotonic_ns(),
         }
+        if session.last_stages is not None:  # a chain: how long each of its models ran
+            meta["stages"] = session.last_stages
         if cache is not None and key is not None:
             cache.put(key, specs, payloads, encoded_ns)
             meta["cache"] = "miss"

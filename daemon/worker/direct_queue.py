@@ -267,6 +267,8 @@ class DirectQueue:
             "total_us": (encoded_ns - request.received_ns) / 1000,
         }
         reply = {"v": PROTOCOL_VERSION, "id": request.request_id, "model": self.model.name, "version": self.model.version, "outputs": specs, "timing": timing}
+        if self.runner.last_stages is not None:  # a chain: how long each of its models ran
+            reply["stages"] = self.runner.last_stages
         if self.model.batchable:
             reply["batch_size"] = 1
             timing["batch_wait_us"] = self._batch_wait_us(request, started_ns)

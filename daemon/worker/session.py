@@ -88,6 +88,7 @@ class Runner:
     back as BF16Array: such models run through run_with_ort_values and the bits are copied out."""
 
     raw_inputs = False  # inputs reach it converted for onnxruntime (a model with a pre step: daemon/steps/runner.py)
+    last_stages: dict[str, dict[str, Any]] | None = None  # a chain's per-member times (daemon/steps/runner.py)
 
     def __init__(self, session: ort.InferenceSession) -> None:
         self.session = session

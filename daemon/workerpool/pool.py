@@ -157,6 +157,7 @@ class WorkerPool:
             work_dir=str(self.runtime_dir / WORK_DIR) if self.runtime_dir is not None else "",
             steps=model.config.steps.to_dict() if model.config.steps is not None else None,
             cache=self._cache_config(model, limit_mb),
+            chain=tuple({"name": m.name, "version": m.version, "model_path": str(m.path), "prepared_dir": str(m.prepared_dir) if m.prepared_dir else None} for m in model.chain_members),
         )
 
     @staticmethod

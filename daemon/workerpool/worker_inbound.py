@@ -59,6 +59,7 @@ class TaskResult:
     frames: list[Buffer]
     error: dict[str, str] | None  # {"code", "message"}, code within the protocol's set
     cache: str | None = None  # "hit" or "miss" for a model with [cache]
+    stages: dict[str, dict[str, Any]] | None = None  # a chain's: per member, {runs, compute_us}
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,8 +203,33 @@ def _cache_outcome(meta: dict[str, Any]) -> str | None:
     return outcome  # type: ignore[no-any-return]
 
 
-def parse_result(frames: Sequence[Buffer], dispatched_ns: int, wanted: Sequence[str]) -> TaskResult:
-    """RESULT for the task the worker runs: its outputs must be exactly `wanted`, in order."""
+MAX_STAGE_RUNS = 1 << 20
+
+
+def _chain_stages(meta: dict[str, Any], members: Sequence[str]) -> dict[str, dict[str, Any]] | None:
+    """A chain's per-member times: only its own members, each with a count and a duration."""
+    raw = meta.get("stages")
+    if raw is None:
+        return None
+    if not members:
+        raise BadWorkerMessage("per-model stages from a worker that serves no chain")
+    if not isinstance(raw, dict) or set(raw) != set(members):
+        raise BadWorkerMessage("stages are not the chain's members")
+    stages = {}
+    for name in members:
+        entry = raw[name]
+        if not isinstance(entry, dict) or set(entry) != {"runs", "compute_us"}:
+            raise BadWorkerMessage(f"stage {name!r} is not {{runs, compute_us}}")
+        runs = _number(entry, "runs", integer=True)
+        if not 0 <= runs <= MAX_STAGE_RUNS:
+            raise BadWorkerMessage(f"stage {name!r}: {runs} runs")
+        stages[name] = {"runs": runs, "compute_us": float(_number(entry, "compute_us"))}
+    return stages
+
+
+def parse_result(frames: Sequence[Buffer], dispatched_ns: int, wanted: Sequence[str], members: Sequence[str] = ()) -> TaskResult:
+    """RESULT for the task the worker runs: its outputs must be exactly `wanted`, in order; a chain's
+    (`members`) may say how long each member ran."""
     meta = _meta(frames)
     data = list(frames[2:])
     if "error" in meta:
@@ -218,7 +244,7 @@ def parse_result(frames: Sequence[Buffer], dispatched_ns: int, wanted: Sequence[
         raise BadWorkerMessage("outputs are not the ones the task asked for")
     for spec, frame in zip(outputs, data):
         _frame_matches(spec, frame)
-    return TaskResult(_timing(meta, dispatched_ns, ok=True), outputs, data, None, _cache_outcome(meta))
+    return TaskResult(_timing(meta, dispatched_ns, ok=True), outputs, data, None, _cache_outcome(meta), _chain_stages(meta, members))
 
 
 def parse_batch(frames: Sequence[Buffer], task_ids: list[int], rows: list[int], wanted: Sequence[str], dispatched_ns: int) -> BatchResult:

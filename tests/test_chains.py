@@ -1,0 +1,189 @@
+"""Chains (`[chain]` in a model's config.toml): several models of the repository run as one request, in one
+sandboxed worker, by the chain's drive step, each member on its own shared weights; the reply says how
+long each member ran. Checked against the members run one after the other in process."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+import onnx_builders
+from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, wait_for
+from openinfer.client import Client, OpenInferError
+from reference import run_reference
+from repo_builder import ModelRepo, make_world_readable
+
+pytestmark = pytest.mark.live
+
+CHAIN_STEPS = '''
+import numpy as np
+
+INPUTS = [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]
+OUTPUTS = [{"name": "y", "datatype": "FP32", "shape": [-1, 64]}, {"name": "kept", "datatype": "INT64", "shape": []}]
+
+def drive(inputs, models):
+    first = models["first"]({"x": inputs["x"]})["y"]
+    keep = first.max(axis=1) > 0  # the rows the first model passes on, as a detector hands boxes on
+    second = models["second"]({"x": first[keep]})["y"] if keep.any() else np.zeros((0, 64), np.float32)
+    return {"y": second, "kept": int(keep.sum())}
+'''
+
+CHAIN_CONFIG = 'workers = 1\n\n[chain]\nmodels = ["first", "second"]\n\n[steps]\nmodule = "steps.py"\n'
+
+
+def chained(repo: Path, x: np.ndarray) -> tuple[np.ndarray, int]:
+    first = run_reference(repo / "first" / "1" / "model.onnx", {"x": x})["y"]
+    keep = first.max(axis=1) > 0
+    return run_reference(repo / "second" / "1" / "model.onnx", {"x": first[keep]})["y"], int(keep.sum())
+
+
+@pytest.fixture(scope="module")
+def chain_repo() -> Iterator[Path]:
+    repo = ModelRepo("oi-chain-")
+    repo.model("first", lambda path: onnx_builders.matmul_model(path, seed=11), config="workers = 1\n")
+    repo.model("second", lambda path: onnx_builders.matmul_model(path, seed=12), config="workers = 1\n")
+    repo.config("both", CHAIN_CONFIG)
+    (repo.root / "both" / "steps.py").write_text(CHAIN_STEPS)
+    yield repo.ready()
+    repo.remove()
+
+
+@pytest.fixture(scope="module")
+def chain_daemon(chain_repo: Path) -> Iterator[RunningDaemon]:
+    running = start_daemon(chain_repo, env={"OPENINFER_POOL_SHARE_MIN_BYTES": "0"})  # the tiny members' weights shared too
+    yield running
+    running.stop()
+    cleanup_workdir(running)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "front-door"])
+def test_a_chain_runs_its_models_as_one_request_equal_to_running_them_in_turn(chain_daemon: RunningDaemon, chain_repo: Path, direct: bool) -> None:
+    rng = np.random.default_rng(5)
+    with Client(chain_daemon.address, direct=direct) as client:
+        for rows in (1, 4, 9):
+            x = rng.standard_normal((rows, 64)).astype(np.float32)
+            want, kept = chained(chain_repo, x)
+            result = client.infer("both", {"x": x})
+            assert int(result.outputs["kept"]) == kept
+            np.testing.assert_allclose(result.outputs["y"], want, rtol=1e-5, atol=1e-5)
+            # One timing breakdown per member: each ran once, and their times are within the request's compute.
+            assert result.stages is not None and set(result.stages) == {"first", "second"}
+            assert result.stages["first"]["runs"] == 1 and result.stages["second"]["runs"] == (1 if kept else 0)
+            assert 0 < result.stages["first"]["compute_us"] <= result.timing["compute_us"]
+        # The members serve on their own too, and say nothing of stages.
+        alone = client.infer("first", {"x": x})
+        np.testing.assert_allclose(alone.outputs["y"], run_reference(chain_repo / "first" / "1" / "model.onnx", {"x": x})["y"], rtol=1e-5, atol=1e-5)
+        assert alone.stages is None
+
+
+def test_a_chain_is_described_and_listed_as_clients_and_operators_see_it(chain_daemon: RunningDaemon) -> None:
+    with Client(chain_daemon.address) as client:
+        meta = client.metadata("both")
+        status = client.status()
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]
+    assert [o["name"] for o in meta["outputs"]] == ["y", "kept"]
+    row = next(m for m in status["models"] if m["name"] == "both")
+    assert row["state"] == "ready" and row["chain"] == ["first:1", "second:1"]
+    # Loaded once and shared: the chain's worker maps its members' prepared weights, not copies of its own.
+    members = {m["name"]: m for m in status["models"]}
+    assert members["first"]["sharing"] == "shared" and members["second"]["sharing"] == "shared"
+    chain_pid = next(w["pid"] for w in status["workers"] if w["model"] == "both")
+    with open(f"/proc/{chain_pid}/maps") as maps:
+        weights = {line.split()[-1] for line in maps if line.rstrip().endswith("/weights.bin")}
+    assert len(weights) == 2, weights  # both members' prepared weights.bin, mapped, not loaded into private memory
+
+
+def test_a_chain_survives_its_worker_being_killed(chain_daemon: RunningDaemon, chain_repo: Path) -> None:
+    x = np.ones((2, 64), np.float32)
+    want, _ = chained(chain_repo, x)
+    with Client(chain_daemon.address, timeout=30) as client:
+        pid = next(w["pid"] for w in client.status()["workers"] if w["model"] == "both")
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: any(w["model"] == "both" and w["state"] == "ready" and w["pid"] != pid for w in client.status()["workers"]), 60, "a new chain worker")
+        np.testing.assert_allclose(client.infer("both", {"x": x}).outputs["y"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_chain_configuration_is_checked_where_it_is_read(tmp_path: Path) -> None:
+    from openinfer.daemon.modelstore.modelconfig import ConfigError, parse_model_config
+
+    path = tmp_path / "config.toml"
+    steps = '[steps]\nmodule = "steps.py"\n'
+    cases = {
+        '[chain]\nmodels = ["a"]\n': "needs `[steps]",
+        '[chain]\nmodels = []\n' + steps: "non-empty list",
+        '[chain]\nmodels = ["../a"]\n' + steps: "not a model name",
+        '[chain]\nmodels = ["a", "a"]\n' + steps: "names a model twice",
+        '[chain]\nmodels = ["a"]\nthen = 1\n' + steps: "unknown key `chain.then`",
+        '[chain]\nmodels = ["a"]\n[batching]\nmax_batch_size = 2\n' + steps: "cannot batch",
+    }
+    for text, words in cases.items():
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace(".", r"\.")):
+            parse_model_config(path)
+
+
+def model_status(client: Client, name: str) -> dict[str, Any]:
+    return next(m for m in client.status()["models"] if m["name"] == name)
+
+
+def test_a_chain_that_cannot_run_fails_with_the_reason_and_the_rest_serves(tmp_path: Path) -> None:
+    repo = ModelRepo("oi-chain-bad-")
+    try:
+        repo.model("plain", onnx_builders.matmul_model, config="workers = 1\n")
+        repo.model("broken", lambda path: path.write_bytes(b"not onnx"), config="workers = 1\n")
+        for name, members in (("missing", '["plain", "nowhere"]'), ("on_broken", '["plain", "broken"]'), ("nested", '["plain", "missing"]'), ("undriven", '["plain"]')):
+            repo.config(name, f'workers = 1\n\n[chain]\nmodels = {members}\n\n[steps]\nmodule = "steps.py"\n')
+            (repo.root / name / "steps.py").write_text(CHAIN_STEPS if name != "undriven" else "INPUTS = [{\"name\": \"x\", \"datatype\": \"FP32\", \"shape\": [-1, 64]}]\ndef pre(inputs):\n    return inputs\n")
+        repo.config("with_version", CHAIN_CONFIG)
+        onnx_builders.matmul_model((repo.root / "with_version" / "1").mkdir(parents=True) or repo.root / "with_version" / "1" / "model.onnx")
+        running = start_daemon(repo.ready())
+        try:
+            with Client(running.address, timeout=30) as client:
+                wait_for(lambda: all(model_status(client, name)["state"] == "failed" for name in ("missing", "on_broken", "nested", "undriven")), 60, "the chains that cannot run to fail")
+                assert "'nowhere' is not in the repository" in model_status(client, "missing")["reason"]
+                assert "broken" in model_status(client, "on_broken")["reason"]
+                assert "is itself a chain" in model_status(client, "nested")["reason"]
+                assert "defines no `drive(inputs, models)`" in model_status(client, "undriven")["reason"]
+                reasons = str(client.status())
+                assert "has `[chain]` and a <version>/model.onnx" in reasons, reasons
+                assert client.infer("plain", {"x": np.zeros((1, 64), np.float32)}).outputs["y"].shape == (1, 64)
+                with pytest.raises(OpenInferError) as caught:
+                    client.infer("missing", {"x": np.zeros((1, 64), np.float32)})
+                assert caught.value.code == "UNAVAILABLE" and "nowhere" in str(caught.value)
+        finally:
+            running.stop()
+            cleanup_workdir(running)
+    finally:
+        repo.remove()
+
+
+def test_a_reload_that_finds_a_new_member_file_replaces_the_chain(tmp_path: Path) -> None:
+    repo = ModelRepo("oi-chain-reload-")
+    try:
+        repo.model("first", lambda path: onnx_builders.matmul_model(path, seed=11), config="workers = 1\n")
+        repo.model("second", lambda path: onnx_builders.matmul_model(path, seed=12), config="workers = 1\n")
+        repo.config("both", CHAIN_CONFIG)
+        (repo.root / "both" / "steps.py").write_text(CHAIN_STEPS)
+        root = repo.ready()
+        running = start_daemon(root)
+        try:
+            x = np.ones((3, 64), np.float32)
+            with Client(running.address, timeout=30) as client:
+                before = client.infer("both", {"x": x}).outputs["y"].copy()
+                second = root / "second" / "1" / "model.onnx"
+                onnx_builders.matmul_model(second.with_name("new.onnx"), seed=99)
+                os.replace(second.with_name("new.onnx"), second)
+                make_world_readable(root)
+                want, _ = chained(root, x)
+                assert not np.allclose(want, before)
+                client.reload()
+                wait_for(lambda: np.allclose(client.infer("both", {"x": x}).outputs["y"], want, rtol=1e-5, atol=1e-5), 60, "the chain to answer with the new member")
+        finally:
+            running.stop()
+            cleanup_workdir(running)
+    finally:
+        repo.remove()
