@@ -83,5 +83,5 @@ def result_from_reply(header: dict[str, Any], frames: list[Any], client_us: floa
     raw_stages = header.get("stages")
     stages = None
     if isinstance(raw_stages, dict):
-        stages = {str(name): {str(k): float(v) for k, v in entry.items() if isinstance(v, (int, float))} for name, entry in raw_stages.items() if isinstance(entry, dict)}
+        stages = {str(name): {str(k): (int(v) if k == "runs" else float(v)) for k, v in entry.items() if isinstance(v, (int, float))} for name, entry in raw_stages.items() if isinstance(entry, dict)}
     return InferResult(str(header.get("model", "")), int(header.get("version", 0)), outputs, timing, batch_size if isinstance(batch_size, int) else None, cache if cache in ("hit", "miss") else None, stages)

@@ -19,6 +19,14 @@ if [[ ",$extras," == *",bench,"* ]] && [ "$(id -u)" = 0 ] && { ! command -v make
 elif [[ ",$extras," == *",bench,"* ]] && ! command -v wrk >/dev/null; then
   echo "wrk is missing (bench/peers.py's HTTP generator): sudo apt-get install wrk" >&2
 fi
+if [[ ",$extras," == *",ocr,"* || ",$extras," == *",test,"* ]] && ! ldconfig -p 2>/dev/null | grep -q 'libGL\.so\.1'; then
+  # OpenCV (the OCR chain's image processing, from rapidocr_onnxruntime) loads libGL and glib at import.
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgl1 libglib2.0-0 >/dev/null
+  else
+    echo "libGL is missing (OpenCV, for the OCR chain): sudo apt-get install libgl1 libglib2.0-0" >&2
+  fi
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}"

@@ -30,6 +30,19 @@ def wait_ready(client: Client, daemon: subprocess.Popen[bytes], timeout: float =
     raise SystemExit("daemon not ready in time")
 
 
+def rendered_line(text: str) -> bytes:
+    """A PNG of one line of black text on white (Pillow comes with the `ocr` extra)."""
+    import io
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (900, 90), "white")
+    ImageDraw.Draw(image).text((20, 20), text, fill="black", font=ImageFont.load_default(size=40))
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    return png.getvalue()
+
+
 def main() -> int:
     socket_dir = Path(tempfile.mkdtemp(prefix="openinfer-quickstart-"))
     address = f"ipc://{socket_dir}/openinfer.sock"
@@ -56,6 +69,11 @@ def main() -> int:
             det = client.infer("ocr_det", sample_inputs("ocr_det"))
             mask = det.outputs["sigmoid_0.tmp_0"]
             print(f"ocr_det: {int((mask > 0.3).sum())} text pixels found in a {mask.shape[2]}x{mask.shape[3]} image")
+            # The OCR chain: three models (detect, classify, recognise) run as one request in one sandboxed worker.
+            lines = client.infer("ocr", {"image": rendered_line("Sandboxed OCR: one request, three models")})
+            read = [text.decode() for text in lines.outputs["text"]]
+            spent = ", ".join(f"{name} {stage['compute_us'] / 1000:.0f} ms" for name, stage in (lines.stages or {}).items())
+            print(f"ocr: read {read} from a rendered PNG   ({spent})")
             tiny = client.infer("tiny", {"x": np.ones((1, 64), np.float32)})
             print(f"tiny: y[:4] = {tiny.outputs['y'][0, :4]}   timing: {', '.join(f'{k}={v:.0f}' for k, v in tiny.timing.items())} (µs)")
             status = client.status()

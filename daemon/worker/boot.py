@@ -240,6 +240,21 @@ def _await_ack(channel: Any, timeout_ms: int = 30_000) -> bytes:
             raise BootFailure("expected ACK from the supervisor")
 
 
+def _preload_builtin_steps(config: WorkerBootConfig) -> None:
+    """A built-in steps module that says PRELOAD is imported now, before the drop to the worker user, like
+    onnxruntime: it is openinfer's own code, and the libraries it imports (OpenCV, Pillow) may lie where
+    that user cannot read. A repository's steps file never runs before the sandbox (daemon/steps/loader.py)."""
+    if config.steps is None:
+        return
+    from openinfer.daemon.steps.steps_config import StepsConfig
+
+    builtin = StepsConfig.from_dict(config.steps).builtin
+    if builtin is not None:
+        from openinfer.daemon.steps.sources import import_builtin
+
+        import_builtin(builtin)
+
+
 def _load_steps(sources: "StepSources") -> Any:
     from openinfer.daemon.steps.loader import StepsLoadError, load_steps
 
@@ -257,6 +272,8 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
     sandbox_state: dict[str, Any] = {"enabled": config.sandbox.enabled}
     from . import serve as _serve_module  # noqa: F401  (preload: see the module docstring)
     from .prepare import load_prepared  # noqa: F401  (preload: _load_session imports it after Landlock)
+
+    _preload_builtin_steps(config)
     from .session import warm_up
 
     user = _worker_user(config)

@@ -1,0 +1,251 @@
+"""RapidOCR (PaddleOCR PP-OCRv4 det, mobile v2.0 cls, PP-OCRv4 rec, as `rapidocr_onnxruntime` 1.4.4 ships
+them): an image file's bytes in, its text lines out - what `RapidOCR()(image_bytes)` answers with its
+default settings, computed inside the chain's sandboxed worker by the chain's three models.
+
+The chain (examples/models/ocr) names its models in the order detection, direction classification,
+recognition. The image is decoded here, in the sandbox (Pillow, through the library's own loader): a
+hostile image file meets the same seccomp policy, uid, Landlock and memory limit as a hostile model.
+Detection: the image is scaled so its sides are multiples of 32 and its short side is at least 736,
+normalised, run; the probability map is thresholded into boxes (the library's DB post-processing).
+Each box is cut out (perspective warp), turned when tall, classified (upside-down lines with a score
+over 0.9 are rotated), and recognised in batches of 6 sorted by aspect ratio (CTC decoding over the
+model's character list, `ppocr_keys.txt` beside config.toml, read once at setup). Lines scoring under
+0.5 are dropped; boxes are given in the input image's pixels.
+
+The image decoding and the DB / CTC post-processing are the published library's own classes (installed
+by `pip install 'openinfer[ocr]'`: Pillow, OpenCV, pyclipper, shapely); the order of the stages, the
+crops and the batching are written here, from the library's documented pipeline."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+FILES = ("ppocr_keys.txt",)  # the recognition model's characters, one per line (its metadata's `character`)
+INPUTS = [{"name": "image", "datatype": "BYTES", "shape": []}]  # an image file: PNG, JPEG, BMP, TIFF, WebP...
+OUTPUTS = [
+    {"name": "text", "datatype": "BYTES", "shape": [-1]},  # one UTF-8 line per box, top to bottom, left to right
+    {"name": "score", "datatype": "FP32", "shape": [-1]},  # the recognition's mean character confidence
+    {"name": "box", "datatype": "FP32", "shape": [-1, 4, 2]},  # corners (x, y): top-left, top-right, bottom-right, bottom-left
+]
+
+MAX_SIDE = 2000  # larger images are scaled down first
+MIN_SIDE = 30
+MIN_HEIGHT = 30  # shorter (or wider than 8:1) images get black bands above and below
+WIDTH_HEIGHT_RATIO = 8
+DET_LIMIT_SIDE = 736
+DET_MEAN = DET_STD = (0.5, 0.5, 0.5)
+CLS_SHAPE = (3, 48, 192)
+CLS_BATCH = 6
+CLS_THRESHOLD = 0.9
+REC_SHAPE = (3, 48, 320)
+REC_BATCH = 6
+TEXT_SCORE = 0.5
+MAX_PIXELS = 64 * 1024 * 1024  # a decompression bomb is refused, not decoded
+
+_library: dict[str, Any] = {}
+
+# Imported when the worker imports this built-in, before it drops to the worker user (worker/boot.py,
+# _preload_builtin_steps): the Python installation may be unreadable to that user.
+try:
+    import cv2
+    from PIL import Image
+    from rapidocr_onnxruntime.ch_ppocr_det.utils import DBPostProcess, DetPreProcess
+    from rapidocr_onnxruntime.ch_ppocr_rec.utils import CTCLabelDecode
+    from rapidocr_onnxruntime.utils.load_image import LoadImage
+
+    Image.init()  # every image format's plugin now: Pillow imports them at the first open otherwise
+    _missing = None
+except ImportError as exc:
+    _missing = exc
+
+
+def setup(files: dict[str, bytes]) -> None:
+    if _missing is not None:
+        raise RuntimeError(f"openinfer:rapidocr needs the rapidocr_onnxruntime package and its image libraries: pip install 'openinfer[ocr]' ({_missing})")
+    cv2.setNumThreads(0)  # no thread pool: the worker's serve policy allows no new threads
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow raises DecompressionBombError beyond twice this
+    characters = files["ppocr_keys.txt"].decode("utf-8").splitlines()
+    _library.update(
+        cv2=cv2,
+        load=LoadImage(),
+        det_pre=DetPreProcess(DET_LIMIT_SIDE, "min", list(DET_MEAN), list(DET_STD)),
+        det_post=DBPostProcess(thresh=0.3, box_thresh=0.5, max_candidates=1000, unclip_ratio=1.6, score_mode="fast", use_dilation=True),
+        decode=CTCLabelDecode(character=characters),
+    )
+
+
+Model = Callable[[dict[str, Any]], dict[str, np.ndarray]]
+
+
+def drive(inputs: dict[str, Any], models: dict[str, Model]) -> dict[str, Any]:
+    if len(models) != 3:
+        raise RuntimeError(f"openinfer:rapidocr runs a chain of three models (detection, classification, recognition); this chain has {list(models)}")
+    detect, classify, recognise = models.values()
+    image = _decode(inputs["image"])
+    raw_h, raw_w = image.shape[:2]
+    image, ratio_h, ratio_w = _fit_sides(image)
+    image, top = _letterbox(image)
+    boxes = _detect(image, detect)
+    if not len(boxes):
+        return _lines([], [], np.zeros((0, 4, 2), np.float32))
+    boxes = _reading_order(boxes)
+    crops = _classify([_crop(image, box) for box in boxes], classify)
+    texts = _recognise(crops, recognise)
+    corners = _original_points(np.array(boxes, np.float32), top, ratio_h, ratio_w, raw_h, raw_w)
+    kept = [i for i, (_, score) in enumerate(texts) if float(score) >= TEXT_SCORE]
+    return _lines([texts[i][0] for i in kept], [float(texts[i][1]) for i in kept], corners[kept] if kept else np.zeros((0, 4, 2), np.float32))
+
+
+def _lines(texts: list[str], scores: list[float], boxes: np.ndarray) -> dict[str, Any]:
+    text = np.empty(len(texts), dtype=object)
+    text[:] = [t.encode("utf-8") for t in texts]
+    return {"text": text, "score": np.array(scores, np.float32), "box": boxes.astype(np.float32).reshape(-1, 4, 2)}
+
+
+def _decode(value: Any) -> np.ndarray:
+    """The image file's pixels as BGR, as the library loads bytes; what cannot be decoded is the caller's."""
+    data = value.item() if isinstance(value, np.ndarray) else value
+    if not isinstance(data, bytes) or not data:
+        raise ValueError("`image` must be the bytes of an image file (PNG, JPEG, ...)")
+    try:
+        image = _library["load"](data)
+    except Exception as exc:  # Pillow's UnidentifiedImageError, DecompressionBombError, truncated files
+        raise ValueError(f"`image` is not an image file this step can decode: {type(exc).__name__}: {exc}"[:500]) from None
+    if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        raise ValueError(f"`image` decodes to pixels of shape {list(image.shape)}; an image with at least one pixel is needed")
+    return np.ascontiguousarray(image)
+
+
+def _scaled(image: np.ndarray, ratio: float) -> tuple[np.ndarray, float, float]:
+    h, w = image.shape[:2]
+    new_h = int(round(int(h * ratio) / 32) * 32)
+    new_w = int(round(int(w * ratio) / 32) * 32)
+    if new_h <= 0 or new_w <= 0:
+        raise ValueError(f"`image` of {w}x{h} pixels is too thin to read")
+    return _library["cv2"].resize(image, (new_w, new_h)), h / new_h, w / new_w
+
+
+def _fit_sides(image: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Long side at most MAX_SIDE, then short side at least MIN_SIDE (each rounded to multiples of 32)."""
+    ratio_h = ratio_w = 1.0
+    h, w = image.shape[:2]
+    if max(h, w) > MAX_SIDE:
+        image, ratio_h, ratio_w = _scaled(image, MAX_SIDE / max(h, w))
+    h, w = image.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        image, ratio_h, ratio_w = _scaled(image, MIN_SIDE / min(h, w))
+    return image, ratio_h, ratio_w
+
+
+def _letterbox(image: np.ndarray) -> tuple[np.ndarray, int]:
+    h, w = image.shape[:2]
+    if h > MIN_HEIGHT and w / h <= WIDTH_HEIGHT_RATIO:
+        return image, 0
+    pad = int(abs(max(int(w / WIDTH_HEIGHT_RATIO), MIN_HEIGHT) * 2 - h) / 2)
+    cv2 = _library["cv2"]
+    return cv2.copyMakeBorder(image, pad, pad, 0, 0, cv2.BORDER_CONSTANT, value=(0, 0, 0)), pad
+
+
+def _detect(image: np.ndarray, detect: Model) -> list[np.ndarray]:
+    h, w = image.shape[:2]
+    tensor = _library["det_pre"](image)
+    if tensor is None:
+        return []
+    probabilities = next(iter(detect({"x": tensor}).values()))
+    boxes, _ = _library["det_post"](probabilities, (h, w))
+    kept = []
+    for box in boxes:
+        box = _clockwise(np.asarray(box, np.float32))
+        box[:, 0] = np.array([int(min(max(x, 0), w - 1)) for x in box[:, 0]], np.float32)
+        box[:, 1] = np.array([int(min(max(y, 0), h - 1)) for y in box[:, 1]], np.float32)
+        if int(np.linalg.norm(box[0] - box[1])) > 3 and int(np.linalg.norm(box[0] - box[3])) > 3:
+            kept.append(box)
+    return kept
+
+
+def _clockwise(points: np.ndarray) -> np.ndarray:
+    """Top-left, top-right, bottom-right, bottom-left: the two left-most points by y, then the right ones."""
+    by_x = points[np.argsort(points[:, 0]), :]
+    left, right = by_x[:2], by_x[2:]
+    top_left, bottom_left = left[np.argsort(left[:, 1]), :]
+    top_right, bottom_right = right[np.argsort(right[:, 1]), :]
+    return np.array([top_left, top_right, bottom_right, bottom_left], np.float32)
+
+
+def _reading_order(boxes: list[np.ndarray]) -> list[np.ndarray]:
+    """Top to bottom, then left to right among boxes whose tops are within 10 pixels (one bubble pass)."""
+    ordered = sorted(boxes, key=lambda box: (box[0][1], box[0][0]))
+    for i in range(len(ordered) - 1):
+        for j in range(i, -1, -1):
+            if abs(ordered[j + 1][0][1] - ordered[j][0][1]) < 10 and ordered[j + 1][0][0] < ordered[j][0][0]:
+                ordered[j], ordered[j + 1] = ordered[j + 1], ordered[j]
+            else:
+                break
+    return ordered
+
+
+def _crop(image: np.ndarray, points: np.ndarray) -> np.ndarray:
+    cv2 = _library["cv2"]
+    width = int(max(np.linalg.norm(points[0] - points[1]), np.linalg.norm(points[2] - points[3])))
+    height = int(max(np.linalg.norm(points[0] - points[3]), np.linalg.norm(points[1] - points[2])))
+    target = np.array([[0, 0], [width, 0], [width, height], [0, height]], np.float32)
+    warp = cv2.getPerspectiveTransform(points.astype(np.float32), target)
+    crop = cv2.warpPerspective(image, warp, (width, height), borderMode=cv2.BORDER_REPLICATE, flags=cv2.INTER_CUBIC)
+    if crop.shape[0] / crop.shape[1] >= 1.5:  # a tall crop is a vertical line: read it turned
+        crop = np.rot90(crop)
+    return crop
+
+
+def _normalised(crop: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resized to `height` (width by aspect ratio, at most `width`), scaled to [-1, 1], zero-padded right."""
+    resized_w = min(width, int(math.ceil(height * crop.shape[1] / float(crop.shape[0]))))
+    resized = _library["cv2"].resize(crop, (resized_w, height)).astype(np.float32).transpose((2, 0, 1)) / 255
+    padded = np.zeros((3, height, width), np.float32)
+    padded[:, :, :resized_w] = (resized - 0.5) / 0.5
+    return padded
+
+
+def _by_aspect(crops: list[np.ndarray]) -> np.ndarray:
+    return np.argsort(np.array([crop.shape[1] / float(crop.shape[0]) for crop in crops]))
+
+
+def _classify(crops: list[np.ndarray], classify: Model) -> list[np.ndarray]:
+    """Lines the classifier finds upside down (label 1, '180', score over 0.9) are turned 180 degrees."""
+    crops = list(crops)
+    order = _by_aspect(crops)
+    _, height, width = CLS_SHAPE
+    for start in range(0, len(crops), CLS_BATCH):
+        members = order[start : start + CLS_BATCH]
+        batch = np.stack([_normalised(crops[i], height, width) for i in members])
+        probabilities = next(iter(classify({"x": batch}).values()))
+        for index, row in zip(members, probabilities):
+            label = int(row.argmax())
+            if label == 1 and row[label] > CLS_THRESHOLD:
+                crops[index] = _library["cv2"].rotate(crops[index], 1)
+    return crops
+
+
+def _recognise(crops: list[np.ndarray], recognise: Model) -> list[tuple[str, float]]:
+    results: list[tuple[str, float]] = [("", 0.0)] * len(crops)
+    order = _by_aspect(crops)
+    _, height, width = REC_SHAPE
+    for start in range(0, len(crops), REC_BATCH):
+        members = order[start : start + REC_BATCH]
+        widest = max(width / height, *(crops[i].shape[1] / crops[i].shape[0] for i in members))
+        batch = np.stack([_normalised(crops[i], height, int(height * widest)) for i in members])
+        probabilities = next(iter(recognise({"x": batch}).values()))
+        for index, (text, score) in zip(members, _library["decode"](probabilities)):
+            results[index] = (text, score)
+    return results
+
+
+def _original_points(boxes: np.ndarray, top: int, ratio_h: float, ratio_w: float, raw_h: int, raw_w: int) -> np.ndarray:
+    boxes[:, :, 1] -= top
+    boxes[:, :, 0] *= ratio_w
+    boxes[:, :, 1] *= ratio_h
+    boxes = np.where(boxes < 0, 0, boxes)
+    boxes[..., 0] = np.minimum(boxes[..., 0], raw_w)
+    boxes[..., 1] = np.minimum(boxes[..., 1], raw_h)
+    return boxes

@@ -1,0 +1,128 @@
+"""The OCR chain (examples/models/ocr: ocr_det -> ocr_cls -> ocr_rec with the built-in openinfer:rapidocr
+steps) against `rapidocr_onnxruntime` 1.4.4 itself, in process, with its defaults: the same text lines, scores
+and boxes, on images nobody here made (the PNG and JPEG files shipped inside the installed packages:
+matplotlib's sample data, networkx's and sympy's test baselines) and on lines rendered here to reach each
+branch of the pipeline (upside down, vertical, very wide, tiny, huge, grey, RGBA, JPEG)."""
+from __future__ import annotations
+
+import io
+import sysconfig
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon
+from openinfer.client import Client, OpenInferError
+from repo_builder import ModelRepo
+
+pytestmark = pytest.mark.live
+
+OCR_MODELS = ["ocr_det", "ocr_cls", "ocr_rec", "ocr"]
+
+
+@pytest.fixture(scope="module")
+def ocr_daemon() -> Iterator[RunningDaemon]:
+    repo = ModelRepo("oi-ocr-")
+    repo.examples(OCR_MODELS)
+    running = start_daemon(repo.ready())
+    yield running
+    running.stop()
+    cleanup_workdir(running)
+    repo.remove()
+
+
+@pytest.fixture(scope="module")
+def library() -> Any:
+    from rapidocr_onnxruntime import RapidOCR
+
+    return RapidOCR()
+
+
+def shipped_images() -> list[Path]:
+    """Every PNG and JPEG of 2 KiB or more inside the installed packages, in a stable order."""
+    root = Path(sysconfig.get_paths()["purelib"])
+    found = [p for pattern in ("*.png", "*.jpg", "*.jpeg") for p in root.rglob(pattern) if p.stat().st_size >= 2048]
+    return sorted(found, key=lambda p: str(p.relative_to(root)))
+
+
+def rendered(text: str, *, size: tuple[int, int] = (700, 80), font_size: int = 36, turn: int = 0, mode: str = "RGB", fmt: str = "PNG", scale: float = 1.0) -> bytes:
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", size, "white")
+    ImageDraw.Draw(image).text((12, (size[1] - font_size) // 2), text, fill="black", font=ImageFont.load_default(size=font_size))
+    if turn:
+        image = image.rotate(turn, expand=True, fillcolor="white")
+    if scale != 1.0:
+        image = image.resize((max(1, int(image.width * scale)), max(1, int(image.height * scale))))
+    image = image.convert(mode)
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+RENDERED = {
+    "line": rendered("Inference behind a sandbox, 2026"),
+    "upside_down": rendered("Classified and turned back", turn=180),
+    "vertical": rendered("Read sideways", turn=90),
+    "very_wide": rendered("a very wide line " * 6, size=(4200, 60), font_size=30),
+    "tiny": rendered("tiny", size=(60, 20), font_size=12),
+    "huge": rendered("scaled down first", size=(2600, 400), font_size=120),
+    "grey": rendered("Grey scale text", mode="L"),
+    "rgba": rendered("Transparent background", mode="RGBA"),
+    "jpeg": rendered("Compressed with JPEG", fmt="JPEG"),
+}
+
+
+def assert_same_lines(result: Any, expected: Any, what: str) -> None:
+    expected = expected or []
+    texts = [t.decode("utf-8") for t in result.outputs["text"]]
+    assert texts == [line[1] for line in expected], what
+    np.testing.assert_allclose(result.outputs["score"], np.array([line[2] for line in expected], np.float32), rtol=1e-4, atol=1e-4, err_msg=what)
+    np.testing.assert_allclose(result.outputs["box"], np.array([line[0] for line in expected], np.float32).reshape(-1, 4, 2), atol=1e-2, err_msg=what)
+
+
+def test_the_ocr_chain_reads_what_rapidocr_reads_on_images_shipped_in_packages(ocr_daemon: RunningDaemon, library: Any) -> None:
+    images = shipped_images()
+    assert len(images) >= 8, images
+    with_text = 0
+    with Client(ocr_daemon.address, timeout=60) as client:
+        for path in images:
+            data = path.read_bytes()
+            expected, _ = library(data)
+            result = client.infer("ocr", {"image": data})
+            assert_same_lines(result, expected, str(path))
+            with_text += bool(expected)
+            assert result.stages is not None and result.stages["ocr_det"]["runs"] == 1
+    assert with_text >= 4, "too few of the shipped images hold text to compare on"
+
+
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_the_ocr_chain_reads_what_rapidocr_reads_on_each_branch(ocr_daemon: RunningDaemon, library: Any, name: str) -> None:
+    data = RENDERED[name]
+    expected, _ = library(data)
+    with Client(ocr_daemon.address, timeout=60, direct=name != "jpeg") as client:  # the front door too
+        result = client.infer("ocr", {"image": data})
+    assert_same_lines(result, expected, name)
+    if name in ("line", "upside_down", "grey", "rgba"):
+        assert expected, f"rapidocr read nothing in {name}: the case does not test the branch"
+    if expected:
+        assert result.stages is not None and result.stages["ocr_rec"]["runs"] >= 1 and result.stages["ocr_cls"]["runs"] >= 1
+
+
+def test_what_is_not_an_image_is_the_callers_mistake_and_the_worker_serves_on(ocr_daemon: RunningDaemon) -> None:
+    from PIL import Image
+
+    bomb = io.BytesIO()
+    Image.new("1", (16000, 16000)).save(bomb, format="PNG")  # a few KiB that would decode to 256 Mpx
+    truncated = RENDERED["jpeg"][: len(RENDERED["jpeg"]) // 2]
+    cases = {b"": "must be the bytes of an image file", b"%PDF-1.7 not an image": "is not an image file", bomb.getvalue(): "DecompressionBomb", truncated: "is not an image file"}
+    with Client(ocr_daemon.address, timeout=60) as client:
+        pid = next(w["pid"] for w in client.status()["workers"] if w["model"] == "ocr")
+        for data, words in cases.items():
+            with pytest.raises(OpenInferError) as caught:
+                client.infer("ocr", {"image": data})
+            assert caught.value.code == "INVALID_ARGUMENT" and words in str(caught.value), (data[:20], str(caught.value))
+        assert [t.decode() for t in client.infer("ocr", {"image": RENDERED["line"]}).outputs["text"]]
+        assert next(w["pid"] for w in client.status()["workers"] if w["model"] == "ocr") == pid  # nothing was restarted
