@@ -32,6 +32,24 @@ def drive(inputs, models):
     return {"y": second, "kept": int(keep.sum())}
 '''
 
+SNOOP_STEPS = '''
+import numpy as np
+
+INPUTS = [{{"name": "which", "datatype": "INT64", "shape": []}}]
+OUTPUTS = [{{"name": "size", "datatype": "INT64", "shape": []}}]
+_seen = 0
+
+def setup(files):  # runs after Landlock, under the boot policy: files in the worker's view can be read
+    global _seen
+    with open({path!r}, "rb") as f:
+        _seen = len(f.read())
+
+def drive(inputs, models):  # runs under the serve policy: no file can be opened at all
+    if int(inputs["which"]) == 1:
+        open({path!r}, "rb").read()
+    return {{"size": _seen}}
+'''
+
 CHAIN_CONFIG = 'workers = 1\n\n[chain]\nmodels = ["first", "second"]\n\n[steps]\nmodule = "steps.py"\n'
 
 
@@ -48,6 +66,10 @@ def chain_repo() -> Iterator[Path]:
     repo.model("second", lambda path: onnx_builders.matmul_model(path, seed=12), config="workers = 1\n")
     repo.config("both", CHAIN_CONFIG)
     (repo.root / "both" / "steps.py").write_text(CHAIN_STEPS)
+    repo.model("bystander", lambda path: onnx_builders.matmul_model(path, seed=13), config="workers = 1\n")
+    for name, target in (("snoop_member", "first"), ("snoop_bystander", "bystander")):
+        repo.config(name, CHAIN_CONFIG)
+        (repo.root / name / "steps.py").write_text(SNOOP_STEPS.format(path=str(repo.root / target / "1" / "model.onnx")))
     yield repo.ready()
     repo.remove()
 
@@ -105,6 +127,19 @@ def test_a_chain_survives_its_worker_being_killed(chain_daemon: RunningDaemon, c
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: any(w["model"] == "both" and w["state"] == "ready" and w["pid"] != pid for w in client.status()["workers"]), 60, "a new chain worker")
         np.testing.assert_allclose(client.infer("both", {"x": x}).outputs["y"], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_chains_steps_see_its_members_files_and_no_other_models(chain_daemon: RunningDaemon, chain_repo: Path) -> None:
+    """Landlock grants a chain's worker its members' directories only: a hostile chain's steps cannot read
+    the model of a bystander the same repository serves (world-readable, so only the sandbox stops it),
+    and once serving, under the serve policy, they open no file at all."""
+    with Client(chain_daemon.address, timeout=30) as client:
+        assert int(client.infer("snoop_member", {"which": np.array(0, np.int64)}).outputs["size"]) == (chain_repo / "first" / "1" / "model.onnx").stat().st_size
+        with pytest.raises(OpenInferError) as at_serve:
+            client.infer("snoop_member", {"which": np.array(1, np.int64)})
+        assert at_serve.value.code == "INTERNAL" and "PermissionError" in str(at_serve.value), str(at_serve.value)
+        bystander = model_status(client, "snoop_bystander")
+    assert bystander["state"] == "failed" and "PermissionError" in bystander["reason"] and "Permission denied" in bystander["reason"], bystander
 
 
 def test_chain_configuration_is_checked_where_it_is_read(tmp_path: Path) -> None:
@@ -187,3 +222,38 @@ def test_a_reload_that_finds_a_new_member_file_replaces_the_chain(tmp_path: Path
             cleanup_workdir(running)
     finally:
         repo.remove()
+
+
+def test_a_workers_report_of_stages_is_checked_where_it_arrives() -> None:
+    """A worker may be compromised: what it says of a chain's members must name exactly those members, each
+    with a count and a duration, and a worker that serves no chain has none to report."""
+    import time
+
+    import msgpack
+
+    from openinfer.daemon.workerpool.worker_inbound import BadWorkerMessage, parse_result
+
+    now = time.monotonic_ns()
+    data = np.zeros((1, 2), np.float32).tobytes()
+    meta = {"outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 2]}], "recv_ns": now, "send_ns": now, "prep_us": 1.0, "compute_us": 9.0, "encode_us": 1.0, "cpu_us": 9.0}
+
+    def parsed(stages: Any, members: tuple[str, ...] = ("a", "b")) -> Any:
+        return parse_result([b"R", msgpack.packb({**meta, "stages": stages}), data], now, ["y"], members).stages
+
+    good = {"a": {"runs": 2, "compute_us": 5.0}, "b": {"runs": 0, "compute_us": 0.0}}
+    assert parsed(good) == good
+    lies = [
+        {"a": good["a"]},  # a member left out
+        {**good, "c": {"runs": 1, "compute_us": 1.0}},  # a model that is no member
+        {**good, "a": {"runs": -1, "compute_us": 1.0}},
+        {**good, "a": {"runs": 1 << 40, "compute_us": 1.0}},
+        {**good, "a": {"runs": "1", "compute_us": 1.0}},
+        {**good, "a": {"runs": 1, "compute_us": float("nan")}},
+        {**good, "a": {"runs": 1, "compute_us": 1.0, "note": "x"}},
+        [good],
+    ]
+    for lie in lies:
+        with pytest.raises(BadWorkerMessage):
+            parsed(lie)
+    with pytest.raises(BadWorkerMessage, match="serves no chain"):
+        parsed(good, members=())

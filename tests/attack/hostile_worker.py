@@ -89,6 +89,8 @@ def answer(task: list[bytes], attack: str) -> list[bytes] | None:
         return [*honest[:2], honest[2][:-4]]
     if attack == "claimed-hit":  # its model has no [cache]: nothing can have been answered from one
         return [RESULT + task_id, msgpack.packb({**meta, "cache": "hit"}), honest[2]]
+    if attack == "claimed-stages":  # its model is no chain: it has no members whose times it could report
+        return [RESULT + task_id, msgpack.packb({**meta, "stages": {"ocr_det": {"runs": 1, "compute_us": 1e9}}}), honest[2]]
     if attack == "forged-error":
         return [RESULT + task_id, msgpack.packb({"error": {"code": "PWNED", "message": "Z" * 100_000}, "recv_ns": now, "send_ns": now, "cpu_us": 0.0})]
     if attack == "stderr-forgery":

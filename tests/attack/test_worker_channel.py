@@ -139,7 +139,7 @@ def test_no_process_can_join_the_worker_channel(daemon_factory: Any, model_repo:
 @pytest.fixture(scope="module")
 def hostile_repo() -> Iterator[Path]:
     root = world_readable_dir("oi-hostile-")
-    for attack in ("garbage-meta", "missing-send-ns", "wrong-task", "short-output", "claimed-hit", "forged-error", "stderr-forgery", "oversized", "bad-hello", "twice-hello", "cache-pong", "honest"):
+    for attack in ("garbage-meta", "missing-send-ns", "wrong-task", "short-output", "claimed-hit", "claimed-stages", "forged-error", "stderr-forgery", "oversized", "bad-hello", "twice-hello", "cache-pong", "honest"):
         onnx_builders.matmul_model(root / f"hostile-{attack}" / "1" / "model.onnx", size=4)  # never loaded: the hostile worker answers
     onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx")
     for path in root.rglob("*"):
@@ -194,7 +194,7 @@ def test_an_honest_worker_of_the_same_protocol_is_served(hostile: RunningDaemon)
         np.testing.assert_array_equal(client.infer("hostile-honest", {"x": X4}).outputs["y"], 2 * X4)
 
 
-@pytest.mark.parametrize("attack", ["garbage-meta", "missing-send-ns", "wrong-task", "short-output", "claimed-hit"])
+@pytest.mark.parametrize("attack", ["garbage-meta", "missing-send-ns", "wrong-task", "short-output", "claimed-hit", "claimed-stages"])
 def test_a_malformed_result_fails_exactly_its_task_and_retires_the_worker(hostile: RunningDaemon, attack: str) -> None:
     """A RESULT that does not fit what the worker was given: the task is answered WORKER_CRASHED at
     once (it was never answered, its client slot leaked and the worker stayed BUSY), the worker is
