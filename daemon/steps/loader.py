@@ -23,7 +23,7 @@ class LoadedSteps:
     post: Callable[[dict[str, Any]], Any] | None
     inputs: list[dict[str, Any]] | None  # what clients send, when there is a pre step
     outputs: list[dict[str, Any]] | None  # what clients get, when there is a post step (or pre answers)
-    drive: Callable[[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]], Any] | None = None  # calls the model itself
+    drive: Callable[[dict[str, Any], Any], Any] | None = None  # calls the model itself (a chain: its models, by name)
 
     def describe(self, model: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
         """The model as clients see it: the steps' ends where there are steps, the model's elsewhere."""
