@@ -90,6 +90,20 @@ def test_infer_a_file_prints_the_verdict_of_a_model_with_steps(daemon: RunningDa
     assert refused.returncode == 1 and "--file needs a model with exactly one BYTES input" in refused.stderr, refused.stderr
 
 
+def test_infer_a_picture_through_the_ocr_chain_shows_each_models_time(daemon: RunningDaemon, tmp_path: Path) -> None:
+    from PIL import Image, ImageDraw, ImageFont
+
+    picture = tmp_path / "line.png"
+    image = Image.new("RGB", (600, 80), "white")
+    ImageDraw.Draw(image).text((16, 16), "Hello sandbox", fill="black", font=ImageFont.load_default(size=40))
+    image.save(picture)
+    done = run_cli("infer", "ocr", "--file", str(picture), socket=daemon.address)
+    assert done.returncode == 0, done.stderr
+    assert "chain: compute per model" in done.stdout and "ocr_det" in done.stdout and "ocr_rec" in done.stdout, done.stdout
+    parsed = json.loads(run_cli("infer", "ocr", "--file", str(picture), "--json", socket=daemon.address).stdout)
+    assert parsed["outputs"]["text"]["data"] and parsed["stages"]["ocr_det"]["runs"] == 1, parsed
+
+
 def test_infer_reports_typed_errors(daemon: RunningDaemon) -> None:
     done = run_cli("infer", "nope", "--zeros", socket=daemon.address)
     assert done.returncode == 1 and "NOT_FOUND" in done.stderr

@@ -68,4 +68,7 @@ def describe_result(result: InferResult, full: bool = False) -> dict[str, Any]:
         if full:
             entry["data"] = value.tolist() if value.dtype != object else [v.decode(errors="replace") for v in value.reshape(-1)]
         outputs[name] = entry
-    return {"model": result.model, "version": result.version, "outputs": outputs, "timing": result.timing}
+    described = {"model": result.model, "version": result.version, "outputs": outputs, "timing": result.timing}
+    if result.stages is not None:
+        described["stages"] = result.stages
+    return described

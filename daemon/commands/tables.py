@@ -188,7 +188,15 @@ def infer_tables(result: Any) -> list[Table]:
     timing.add_column("µs", justify="right")
     for key, value in result.timing.items():
         timing.add_row(key.removesuffix("_us"), f"{value:.1f}")
-    return [outputs, timing]
+    tables = [outputs, timing]
+    if getattr(result, "stages", None):  # a chain: where its compute went, model by model
+        stages = Table(title="chain: compute per model (µs)")
+        for col, justify in (("model", "left"), ("runs", "right"), ("µs", "right")):
+            stages.add_column(col, justify=justify)  # type: ignore[arg-type]
+        for name, stage in result.stages.items():
+            stages.add_row(escape(name), str(stage.get("runs", 0)), f"{stage.get('compute_us', 0.0):.1f}")
+        tables.append(stages)
+    return tables
 
 
 def probes_table(policy: str, results: Iterable[Any]) -> Table:
