@@ -13,7 +13,8 @@ Figures (each the median over rounds; the ratio the median of per-round ratios, 
   library_images_per_s  2 processes, each `RapidOCR()(data)` over the same images in turn (its own three
                         onnxruntime sessions, its defaults: one intra-op thread per process, as the daemon's)
   same_lines            images whose text lines were the same on both sides, of those compared
-  stage_ms              per model, the median time the chain spent in it per image (the replies' `stages`)
+  stage_ms              per model, the median time the chain spent in it per image (the replies' `stages`),
+                        and the rest of the request's compute_us: the steps' own work between the models
 The issue sets no target for chains; magika's (>= 0.7 x its library, 2 workers vs 2 processes) is the
 yardstick. Reported, never asserted. Writes bench/results/ocr.json and ocr.png.
 """
@@ -70,6 +71,8 @@ def _daemon_loop(address: str, images: dict[str, bytes], offset: int, duration: 
             lines[name] = [text.decode() for text in result.outputs["text"]]
             for model, stage in (result.stages or {}).items():
                 stages.setdefault(model, []).append(stage["compute_us"] / 1000)
+            in_models = sum(stage["compute_us"] for stage in (result.stages or {}).values())
+            stages.setdefault("(steps: decode, resize, post-process, crops)", []).append((result.timing["compute_us"] - in_models) / 1000)
             done += 1
             i += 1
         out.put((done, time.monotonic() - start, lines, stages))
