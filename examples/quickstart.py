@@ -36,8 +36,8 @@ def rendered_line(text: str) -> bytes:
 
     from PIL import Image, ImageDraw, ImageFont
 
-    image = Image.new("RGB", (900, 90), "white")
-    ImageDraw.Draw(image).text((20, 20), text, fill="black", font=ImageFont.load_default(size=40))
+    image = Image.new("RGB", (900, 360), "white")  # detection scales the short side up to 736 px: not too flat
+    ImageDraw.Draw(image).text((20, 150), text, fill="black", font=ImageFont.load_default(size=40))
     png = io.BytesIO()
     image.save(png, format="PNG")
     return png.getvalue()
