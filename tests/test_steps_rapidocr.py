@@ -82,7 +82,17 @@ def test_what_is_not_an_image_is_the_callers_mistake_and_the_worker_serves_on(oc
     bomb = io.BytesIO()
     Image.new("1", (16000, 16000)).save(bomb, format="PNG")  # a few KiB that would decode to 256 Mpx
     truncated = RENDERED["jpeg"][: len(RENDERED["jpeg"]) // 2]
-    cases = {b"": "must be the bytes of an image file", b"%PDF-1.7 not an image": "is not an image file", bomb.getvalue(): "DecompressionBomb", truncated: "is not an image file"}
+    eps, pcx = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (64, 32), "white").save(eps, format="EPS")  # Pillow would run Ghostscript: a new process
+    Image.new("RGB", (64, 32), "white").save(pcx, format="PCX")  # decoded in process, but no one's input here
+    cases = {
+        b"": "must be the bytes of an image file",
+        b"%PDF-1.7 not an image": "is not a PNG, JPEG, BMP, TIFF, WEBP, GIF file",
+        eps.getvalue(): "is not a PNG, JPEG, BMP, TIFF, WEBP, GIF file",
+        pcx.getvalue(): "is not a PNG, JPEG, BMP, TIFF, WEBP, GIF file",
+        bomb.getvalue(): "DecompressionBomb",
+        truncated: "is not an image file",
+    }
     with Client(ocr_daemon.address, timeout=60) as client:
         pid = next(w["pid"] for w in client.status()["workers"] if w["model"] == "ocr")
         for data, words in cases.items():

@@ -1,5 +1,5 @@
 """RapidOCR (PaddleOCR PP-OCRv4 det, mobile v2.0 cls, PP-OCRv4 rec, as `rapidocr_onnxruntime` 1.4.4 ships
-them): an image file's bytes in, its text lines out - what `RapidOCR()(image_bytes)` answers with its
+them): an image file's bytes (PNG, JPEG, BMP, TIFF, WebP, GIF) in, its text lines out - what `RapidOCR()(image_bytes)` answers with its
 default settings, computed inside the chain's sandboxed worker by the chain's three models.
 
 The chain (examples/models/ocr) names its models in the order detection, direction classification,
@@ -17,13 +17,14 @@ by `pip install 'openinfer[ocr]'`: Pillow, OpenCV, pyclipper, shapely); the orde
 crops and the batching are written here, from the library's documented pipeline."""
 from __future__ import annotations
 
+import io
 import math
 from typing import Any, Callable
 
 import numpy as np
 
 FILES = ("ppocr_keys.txt",)  # the recognition model's characters, one per line (its metadata's `character`)
-INPUTS = [{"name": "image", "datatype": "BYTES", "shape": []}]  # an image file: PNG, JPEG, BMP, TIFF, WebP...
+INPUTS = [{"name": "image", "datatype": "BYTES", "shape": []}]  # an image file: PNG, JPEG, BMP, TIFF, WebP or GIF
 OUTPUTS = [
     {"name": "text", "datatype": "BYTES", "shape": [-1]},  # one UTF-8 line per box, top to bottom, left to right
     {"name": "score", "datatype": "FP32", "shape": [-1]},  # the recognition's mean character confidence
@@ -43,6 +44,10 @@ REC_SHAPE = (3, 48, 320)
 REC_BATCH = 6
 TEXT_SCORE = 0.5
 MAX_PIXELS = 64 * 1024 * 1024  # a decompression bomb is refused, not decoded
+# The raster formats Pillow decodes in process, and nothing else: Pillow would hand an EPS or PDF to
+# Ghostscript in a new process, which the serve policy answers by killing the worker (SIGSYS), so a client
+# could crash-loop the chain with one file; the rarer decoders are attack surface nobody here needs.
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF")
 
 _library: dict[str, Any] = {}
 
@@ -50,7 +55,7 @@ _library: dict[str, Any] = {}
 # _preload_builtin_steps): the Python installation may be unreadable to that user.
 try:
     import cv2
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
     from rapidocr_onnxruntime.ch_ppocr_det.utils import DBPostProcess, DetPreProcess
     from rapidocr_onnxruntime.ch_ppocr_rec.utils import CTCLabelDecode
     from rapidocr_onnxruntime.utils.load_image import LoadImage
@@ -110,8 +115,12 @@ def _decode(value: Any) -> np.ndarray:
     if not isinstance(data, bytes) or not data:
         raise ValueError("`image` must be the bytes of an image file (PNG, JPEG, ...)")
     try:
+        with Image.open(io.BytesIO(data), formats=FORMATS):  # the header only: which format, how large
+            pass
         image = _library["load"](data)
-    except Exception as exc:  # Pillow's UnidentifiedImageError, DecompressionBombError, truncated files
+    except UnidentifiedImageError:
+        raise ValueError(f"`image` is not a {', '.join(FORMATS)} file") from None
+    except Exception as exc:  # Pillow's DecompressionBombError, truncated files, broken headers
         raise ValueError(f"`image` is not an image file this step can decode: {type(exc).__name__}: {exc}"[:500]) from None
     if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
         raise ValueError(f"`image` decodes to pixels of shape {list(image.shape)}; an image with at least one pixel is needed")
