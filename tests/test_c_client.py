@@ -177,6 +177,25 @@ def test_the_c_client_sends_a_file_and_reads_the_verdict(c_example: Path, exampl
     assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stdout, refused.stdout
 
 
+def test_the_c_client_reads_each_line_of_the_ocr_chain(c_example: Path, example_daemon: RunningDaemon, tmp_path: Path) -> None:
+    """oi_output_text_at: a BYTES output of several elements (the OCR chain's text lines), each read in
+    turn, equal to what the Python client reads from the same picture."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    picture = tmp_path / "lines.png"
+    image = Image.new("RGB", (700, 240), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((20, 30), "first line of text", fill="black", font=ImageFont.load_default(size=40))
+    draw.text((20, 140), "and a second one", fill="black", font=ImageFont.load_default(size=40))
+    image.save(picture)
+    with example_daemon.client(timeout=60) as client:
+        lines = [t.decode() for t in client.infer("ocr", {"image": picture.read_bytes()}).outputs["text"]]
+    assert len(lines) == 2, lines
+    done = run_example("--timeout", "60000", "verdict", example_daemon.address, "ocr", str(picture), "image")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("OK\ttext=[" + ", ".join(f'"{line}"' for line in lines) + "]\t"), (done.stdout, lines)
+
+
 def test_conformance_vectors_through_the_c_client(c_example: Path, example_daemon: RunningDaemon) -> None:
     done = run_example("conformance", example_daemon.address, str(VECTORS_PATH), timeout=600)
     lines = done.stdout.splitlines()

@@ -582,7 +582,7 @@ static int run_op(const char *address, const char *op, const char *model, int ti
 
 /* ---- verdict mode: a file's bytes in, the model's answer out (a model with steps, e.g. magika) ---- */
 
-static int run_verdict(const char *address, const char *model, const char *path, int timeout_ms) {
+static int run_verdict(const char *address, const char *model, const char *path, const char *input, int timeout_ms) {
     FILE *f = fopen(path, "rb");
     if (!f) {
         fprintf(stderr, "%s: %s\n", path, strerror(errno));
@@ -606,14 +606,19 @@ static int run_verdict(const char *address, const char *model, const char *path,
         return 2;
     }
     oi_result r;
-    int rc = oi_infer_bytes(c, model, "bytes", data, len, &r);
+    int rc = oi_infer_bytes(c, model, input, data, len, &r);
     free(data);
     if (rc == OI_OK) {
         printf("OK");
         for (size_t i = 0; i < r.n_outputs; i++) {
             size_t n = 0;
             const char *text = oi_output_text(&r.outputs[i], &n);
-            if (text) printf("\t%s=%.*s", r.outputs[i].name, (int)n, text);
+            if (text && r.outputs[i].rank > 0) {  /* several elements (e.g. OCR lines): each, quoted */
+                printf("\t%s=[", r.outputs[i].name);
+                for (size_t k = 0; (text = oi_output_text_at(&r.outputs[i], k, &n)) != NULL; k++)
+                    printf("%s\"%.*s\"", k ? ", " : "", (int)n, text);
+                printf("]");
+            } else if (text) printf("\t%s=%.*s", r.outputs[i].name, (int)n, text);
             else if (strcmp(r.outputs[i].datatype, "FP32") == 0 && r.outputs[i].nbytes == 4) printf("\t%s=%.4f", r.outputs[i].name, (double)*(const float *)r.outputs[i].data);
         }
         printf("\tcache=%d\n", r.cache);
@@ -630,7 +635,7 @@ static int usage(void) {
                     "       openinfer-c-example [--timeout MS] [--front-door] requests ADDR REQUESTS.json\n"
                     "       openinfer-c-example [--timeout MS] conformance ADDR VECTORS.json\n"
                     "       openinfer-c-example [--timeout MS] op ADDR OPERATION [MODEL]\n"
-                    "       openinfer-c-example [--timeout MS] verdict ADDR MODEL FILE\n");
+                    "       openinfer-c-example [--timeout MS] verdict ADDR MODEL FILE [INPUT]   (INPUT: the BYTES input, default bytes)\n");
     return 2;
 }
 
@@ -650,8 +655,8 @@ int main(int argc, char **argv) {
         return run_requests(argv[i + 1], argv[i + 2], timeout_ms > 0 ? timeout_ms : 10000);
     if (argc - i == 3 && strcmp(argv[i], "conformance") == 0)
         return run_conformance(argv[i + 1], argv[i + 2], timeout_ms > 0 ? timeout_ms : 20000);
-    if (argc - i == 4 && strcmp(argv[i], "verdict") == 0)
-        return run_verdict(argv[i + 1], argv[i + 2], argv[i + 3], timeout_ms > 0 ? timeout_ms : 10000);
+    if ((argc - i == 4 || argc - i == 5) && strcmp(argv[i], "verdict") == 0)
+        return run_verdict(argv[i + 1], argv[i + 2], argv[i + 3], argc - i == 5 ? argv[i + 4] : "bytes", timeout_ms > 0 ? timeout_ms : 10000);
     if ((argc - i == 3 || argc - i == 4) && strcmp(argv[i], "op") == 0)
         return run_op(argv[i + 1], argv[i + 2], argc - i == 4 ? argv[i + 3] : NULL, timeout_ms > 0 ? timeout_ms : 10000);
     if (argc - i == 2 && repeat > 0)

@@ -712,6 +712,23 @@ const char *oi_output_text(const oi_output *o, size_t *len) {
     return (const char *)p + 4;
 }
 
+const char *oi_output_text_at(const oi_output *o, size_t index, size_t *len) {
+    if (!o || !o->datatype || strcmp(o->datatype, "BYTES") != 0 || !o->data) return NULL;
+    const unsigned char *p = o->data;
+    size_t left = o->nbytes;
+    for (size_t i = 0;; i++) {  /* each element: 4-byte LE length, then that many bytes, within nbytes */
+        if (left < 4) return NULL;
+        size_t n = (size_t)p[0] | (size_t)p[1] << 8 | (size_t)p[2] << 16 | (size_t)p[3] << 24;
+        if (n > left - 4) return NULL;
+        if (i == index) {
+            if (len) *len = n;
+            return (const char *)p + 4;
+        }
+        p += 4 + n;
+        left -= 4 + n;
+    }
+}
+
 const oi_output *oi_result_output(const oi_result *r, const char *name) {
     for (size_t i = 0; r && name && i < r->n_outputs; i++)
         if (strcmp(r->outputs[i].name, name) == 0) return &r->outputs[i];

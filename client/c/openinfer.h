@@ -180,6 +180,9 @@ const oi_output *oi_result_output(const oi_result *result, const char *name);
 /* The first element of a BYTES output (e.g. magika's `label`): a pointer into output->data and its
  * length in *len (not NUL-terminated), or NULL when `output` is NULL, not BYTES, or malformed. */
 const char *oi_output_text(const oi_output *output, size_t *len);
+/* Element `index` of a BYTES output of any shape (row-major; e.g. the OCR chain's `text`, one line per
+ * element): as oi_output_text, or NULL when `index` is past the last element or the data is malformed. */
+const char *oi_output_text_at(const oi_output *output, size_t index, size_t *len);
 /* 1 and *value if `timing` has `name`, else 0. */
 int oi_result_timing(const oi_result *result, const char *name, double *value);
 void oi_result_free(oi_result *result);
