@@ -13,6 +13,7 @@ import pytest
 
 import onnx_builders
 from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, wait_for
+from exposition import free_port, parse, scrape, value
 from openinfer.client import Client, OpenInferError
 from reference import run_reference
 from repo_builder import ModelRepo, make_world_readable
@@ -74,9 +75,13 @@ def chain_repo() -> Iterator[Path]:
     repo.remove()
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def chain_daemon(chain_repo: Path) -> Iterator[RunningDaemon]:
-    running = start_daemon(chain_repo, env={"OPENINFER_POOL_SHARE_MIN_BYTES": "0"})  # the tiny members' weights shared too
+    # The tiny members' weights shared too; metrics for the per-member figures.
+    running = start_daemon(chain_repo, env={"OPENINFER_POOL_SHARE_MIN_BYTES": "0", "OPENINFER_METRICS_LISTEN": f"127.0.0.1:{METRICS_PORT}"})
     yield running
     running.stop()
     cleanup_workdir(running)
@@ -100,6 +105,32 @@ def test_a_chain_runs_its_models_as_one_request_equal_to_running_them_in_turn(ch
         alone = client.infer("first", {"x": x})
         np.testing.assert_allclose(alone.outputs["y"], run_reference(chain_repo / "first" / "1" / "model.onnx", {"x": x})["y"], rtol=1e-5, atol=1e-5)
         assert alone.stages is None
+
+
+def test_the_daemon_adds_up_each_members_time_over_both_paths(chain_daemon: RunningDaemon) -> None:
+    """Accounting per member: the daemon's books (stats, Prometheus) hold exactly what the replies said each
+    member ran, whichever path the requests took (the direct path's through the worker's ledger)."""
+    rng = np.random.default_rng(8)
+
+    def books() -> dict[str, Any]:
+        with Client(chain_daemon.address) as admin:
+            return dict(admin.stats()["models"]["both"].get("chain", {}).get("1", {}))
+
+    before = books()
+    replies = []
+    for direct in (True, False):
+        with Client(chain_daemon.address, direct=direct) as client:
+            for rows in (1, 3, 5):
+                replies.append(client.infer("both", {"x": rng.standard_normal((rows, 64)).astype(np.float32)}))
+    after = books()
+    for member in ("first", "second"):
+        was = before.get(member, {"requests": 0, "runs": 0, "compute_ms": 0.0})
+        assert after[member]["requests"] - was["requests"] == len(replies)
+        assert after[member]["runs"] - was["runs"] == sum(r.stages[member]["runs"] for r in replies)
+        assert after[member]["compute_ms"] - was["compute_ms"] == pytest.approx(sum(r.stages[member]["compute_us"] for r in replies) / 1000, abs=0.01)
+    samples = parse(scrape(f"http://127.0.0.1:{METRICS_PORT}/metrics"))
+    for member in ("first", "second"):
+        assert value(samples, "openinfer_chain_model_runs", "openinfer_chain_model_runs_total", model="both", version="1", member=member) == after[member]["runs"]
 
 
 def test_a_chain_is_described_and_listed_as_clients_and_operators_see_it(chain_daemon: RunningDaemon) -> None:

@@ -102,6 +102,9 @@ def test_infer_a_picture_through_the_ocr_chain_shows_each_models_time(daemon: Ru
     assert "chain: compute per model" in done.stdout and "ocr_det" in done.stdout and "ocr_rec" in done.stdout, done.stdout
     parsed = json.loads(run_cli("infer", "ocr", "--file", str(picture), "--json", socket=daemon.address).stdout)
     assert parsed["outputs"]["text"]["data"] and parsed["stages"]["ocr_det"]["runs"] == 1, parsed
+    stats = run_cli("stats", socket=daemon.address, columns=80)  # the daemon's sums, per model of the chain
+    assert stats.returncode == 0 and "per chain: its models" in stats.stdout and "ocr_rec" in stats.stdout, stats.stdout
+    assert max(len(line) for line in stats.stdout.splitlines()) <= 80
 
 
 def test_infer_reports_typed_errors(daemon: RunningDaemon) -> None:

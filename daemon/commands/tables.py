@@ -161,6 +161,14 @@ def stats_tables(result: dict[str, Any]) -> list[Table]:
             cache.add_row(escape(f"{name}:{version}"), str(figures.get("lookups", 0)), str(figures.get("hits", 0)), "-" if ratio is None else f"{100 * ratio:.1f} %", _bytes(figures.get("bytes")))
     if cache.row_count:
         tables.append(cache)
+    chains = _table("per chain: its models ([chain])", "chain:version", ("model", "requests", "runs", "mean ms"))
+    for name, entry in sorted(result.get("models", {}).items()):
+        for version, members in sorted((entry.get("chain") or {}).items()):
+            for member, figures in members.items():
+                mean = figures.get("mean_compute_us")
+                chains.add_row(escape(f"{name}:{version}"), escape(member), str(figures.get("requests", 0)), str(figures.get("runs", 0)), "-" if mean is None else f"{mean / 1000:.2f}")
+    if chains.row_count:
+        tables.append(chains)
     if failures.row_count:
         tables.append(failures)
     return tables

@@ -123,6 +123,11 @@ def stats_result(sup: "Supervisor") -> dict[str, Any]:
         entry.setdefault("queue_by_priority", {})[str(model.version)] = model.queue.depth_by_priority()
         if model.batch_sizes:
             entry.setdefault("batch_sizes", {})[str(model.version)] = {str(k): v for k, v in sorted(model.batch_sizes.items())}
+        if model.stage_totals:  # a chain: per member, how many of its requests ran it, how often, how long
+            entry.setdefault("chain", {})[str(model.version)] = {
+                member: {"requests": int(requests), "runs": int(runs), "compute_ms": round(compute_us / 1000, 3), "mean_compute_us": round(compute_us / requests, 1) if requests else None}
+                for member, (requests, runs, compute_us) in model.stage_totals.items()
+            }
         if model.config.cache is not None:
             held = [w.cache_held[1] for w in model.workers if w.cache_held is not None]
             entry.setdefault("cache", {})[str(model.version)] = {

@@ -8,7 +8,7 @@ from typing import Callable
 from openinfer.daemon.observability.accounting import CLIENT_KEY, OTHER_CLIENTS, Accountant
 from openinfer.daemon.workerpool.workers import WorkerHandle
 
-from .ledger import ADMITTED, ANSWERED, CACHE_HIT, COUNTED, REFUSED, RUN, Entry, LedgerReader, LedgerRejected
+from .ledger import ADMITTED, ANSWERED, CACHE_HIT, COUNTED, MAX_STAGE_RUNS, REFUSED, RUN, STAGE, Entry, LedgerReader, LedgerRejected
 
 LogAccess = Callable[[WorkerHandle, Entry], None]
 
@@ -77,6 +77,11 @@ class DirectBooks:
             if batching is None or not 1 <= entry.run_size <= batching.max_batch_size:
                 raise LedgerRejected(f"a run of {entry.run_size} for a model batching at most {batching.max_batch_size if batching else 1}")
             model.batch_sizes[entry.run_size] = model.batch_sizes.get(entry.run_size, 0) + 1
+        elif kind == STAGE:
+            chain = model.config.chain
+            if chain is None or entry.run_size >= len(chain.models) or entry.bytes_in > MAX_STAGE_RUNS or "compute_us" not in entry.timing:
+                raise LedgerRejected(f"a stage ({entry.run_size}, {entry.bytes_in} runs) for a model that is {'no chain' if chain is None else 'a chain of ' + str(len(chain.models))}")
+            model.count_stage(chain.models[entry.run_size], entry.bytes_in, entry.timing["compute_us"])
 
     def lost(self, worker: WorkerHandle) -> int:
         """The worker is gone: its last records first, then each request it admitted and never answered

@@ -48,8 +48,11 @@ TIMING_KEYS = ("decode_us", "queue_us", "prep_us", "compute_us", "encode_us", "b
 _RECORD = struct.Struct("<QQQIHBBBBQQ" + "d" * len(TIMING_KEYS) + "6x")  # doubles: the books match the replies exactly; 120 bytes, so every record is 8-aligned
 RING_RECORDS = (LEDGER_BYTES - _RING_AT) // _RECORD.size
 
-# COUNTED: an operation answered OK (attach, cancel); RUN: one run of `run_size` requests (batch sizes)
-ADMITTED, ANSWERED, REFUSED, COUNTED, RUN = 1, 2, 3, 4, 5
+# COUNTED: an operation answered OK (attach, cancel); RUN: one run of `run_size` requests (batch sizes);
+# STAGE: what one chain request spent in one member - `run_size` = the member's place in the chain,
+# `bytes_in` = how many times it ran, compute_us = for how long (written before the request's ANSWERED)
+ADMITTED, ANSWERED, REFUSED, COUNTED, RUN, STAGE = 1, 2, 3, 4, 5, 6
+MAX_STAGE_RUNS = 1 << 20
 CACHE_MISS, CACHE_HIT = 1, 2  # an ANSWERED record's cache byte
 CODES = ("OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "WORKER_CRASHED", "UNAVAILABLE", "PERMISSION_DENIED", "INTERNAL")
 OPS = ("infer", "(malformed)", "(oversized)", *sorted(OPERATIONS - {"infer"}))
@@ -141,6 +144,9 @@ class LedgerWriter:
     def run(self, size: int) -> None:
         self._append(0, 0, "", size, RUN, None, "infer", 0, 0, None)
 
+    def stage(self, member: int, runs: int, compute_us: float) -> None:
+        self._append(0, 0, "", member, STAGE, None, "infer", runs, 0, {"compute_us": compute_us})
+
     def close(self) -> None:
         self.words.release()
         self.map.close()
@@ -194,7 +200,7 @@ class LedgerReader:
             if words[at // 8] != self._read + 1:
                 break  # not fully visible yet: the next pass takes it
             seq, serial, request_id, slot, run_size, kind, code, op, cache, bytes_in, bytes_out, *stages = _RECORD.unpack_from(self.map, at)
-            if not ADMITTED <= kind <= RUN or code >= len(CODES) or op >= len(OPS) or bytes_in >= 1 << 48 or bytes_out >= 1 << 48:
+            if not ADMITTED <= kind <= STAGE or code >= len(CODES) or op >= len(OPS) or bytes_in >= 1 << 48 or bytes_out >= 1 << 48:
                 raise LedgerRejected(f"record {seq}: fields out of range")
             if cache > CACHE_HIT or cache and (kind != ANSWERED or code != 0):
                 raise LedgerRejected(f"record {seq}: cache {cache} on a record that cannot have one")
@@ -204,7 +210,7 @@ class LedgerReader:
                     if not 0 <= value < 1e12:
                         raise LedgerRejected(f"record {seq}: {key} = {value}")
                     timing[key] = value
-            entries.append(Entry(kind, serial, request_id, "" if kind == RUN else self._client(slot), run_size, None if code == 0 else CODES[code], OPS[op], bytes_in, bytes_out, timing, cache))
+            entries.append(Entry(kind, serial, request_id, "" if kind in (RUN, STAGE) else self._client(slot), run_size, None if code == 0 else CODES[code], OPS[op], bytes_in, bytes_out, timing, cache))
             self._read += 1
         words[_READ] = self._read  # the worker may reuse what was read
         return entries

@@ -63,6 +63,7 @@ class ServedModel:
     retiring: bool = False  # replaced or removed: finishes its queue, takes no new work
     repository: Path | None = None  # the repository `path` was found in: its files are opened beneath it
     chain_members: list["ServedModel"] = field(default_factory=list)  # a chain's: the members its workers load
+    stage_totals: dict[str, list[float]] = field(default_factory=dict)  # a chain's: member -> [requests, runs, compute_us]
 
     @property
     def steps_dir(self) -> Path:
@@ -73,6 +74,13 @@ class ServedModel:
     @property
     def key(self) -> str:
         return f"{self.name}:{self.version}"
+
+    def count_stage(self, member: str, runs: int, compute_us: float) -> None:
+        """One chain request's time in one of its members (from the reply's `stages`, checked)."""
+        totals = self.stage_totals.setdefault(member, [0, 0, 0.0])
+        totals[0] += 1
+        totals[1] += runs
+        totals[2] += compute_us
 
     def count_cache(self, hit: bool) -> None:
         self.cache_lookups += 1

@@ -294,6 +294,8 @@ def build_families(published: _Published | None, up: float) -> list[Metric]:
     cache_lookups = CounterMetricFamily("openinfer_cache_lookups", "Requests looked up in a worker's verdict cache (models with [cache]); hit ratio = hits / lookups.", labels=["model", "version"])
     cache_hits = CounterMetricFamily("openinfer_cache_hits", "Requests answered from a worker's verdict cache, without running anything.", labels=["model", "version"])
     cache_bytes = GaugeMetricFamily("openinfer_cache_bytes", "Bytes the workers' verdict caches hold (as of each worker's last PONG).", labels=["model", "version"])
+    chain_runs = CounterMetricFamily("openinfer_chain_model_runs", "Runs of each member of a chain (models with [chain]), over the chain's requests.", labels=["model", "version", "member"])
+    chain_compute = CounterMetricFamily("openinfer_chain_model_compute_seconds", "Time each member of a chain ran, over the chain's requests (part of the chain's compute stage).", labels=["model", "version", "member"])
 
     bounds = [floatToGoString(us / 1e6) for us in stats.get("duration_buckets_us", ())]
     versions: set[tuple[str, str]] = set()
@@ -325,6 +327,11 @@ def build_families(published: _Published | None, up: float) -> list[Metric]:
             cache_lookups.add_metric([name, version], figures.get("lookups", 0))
             cache_hits.add_metric([name, version], figures.get("hits", 0))
             cache_bytes.add_metric([name, version], figures.get("bytes", 0))
+    for name, entry in sorted(stats.get("models", {}).items()):
+        for version, members in sorted(entry.get("chain", {}).items()):
+            for member, figures in members.items():
+                chain_runs.add_metric([name, version, member], figures.get("runs", 0))
+                chain_compute.add_metric([name, version, member], figures.get("compute_ms", 0.0) / 1000)
     for limit, count in sorted(stats.get("admission", {}).get("rejected", {}).items()):
         rejections.add_metric([limit], count)
     for client, snap in sorted(stats.get("clients", {}).items()):
@@ -344,7 +351,7 @@ def build_families(published: _Published | None, up: float) -> list[Metric]:
         by_state = states.get(key, {})
         for state in _WORKER_STATES:
             workers.add_metric([*key, state], by_state.get(state, 0))
-    return [up_family, requests, duration, request_bytes, cpu, restarts, clients, queue, workers, batch_size, rejections, cache_lookups, cache_hits, cache_bytes]
+    return [up_family, requests, duration, request_bytes, cpu, restarts, clients, queue, workers, batch_size, rejections, cache_lookups, cache_hits, cache_bytes, chain_runs, chain_compute]
 
 
 _BATCH_BOUNDS = [2**i for i in range(11)]  # 1 .. 1024 tasks

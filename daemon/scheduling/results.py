@@ -83,6 +83,8 @@ class WorkerResults:
                 model.count_cache(result.cache == "hit")
             if result.stages is not None:
                 reply["stages"] = result.stages
+                for member, stage in result.stages.items():
+                    model.count_stage(member, stage["runs"], stage["compute_us"])
             self.replies.send(task.route, reply, outputs)
             code = None
         else:

@@ -267,8 +267,12 @@ class DirectQueue:
             "total_us": (encoded_ns - request.received_ns) / 1000,
         }
         reply = {"v": PROTOCOL_VERSION, "id": request.request_id, "model": self.model.name, "version": self.model.version, "outputs": specs, "timing": timing}
-        if self.runner.last_stages is not None:  # a chain: how long each of its models ran
-            reply["stages"] = self.runner.last_stages
+        stages = self.runner.last_stages
+        if stages is not None:  # a chain: how long each of its models ran, in the reply and the books
+            reply["stages"] = stages
+            if self.ledger is not None:
+                for place, stage in enumerate(stages.values()):
+                    self.ledger.stage(place, stage["runs"], stage["compute_us"])
         if self.model.batchable:
             reply["batch_size"] = 1
             timing["batch_wait_us"] = self._batch_wait_us(request, started_ns)

@@ -155,6 +155,33 @@ def test_a_record_whose_number_is_wrong_is_not_taken(shared: tuple[LedgerWriter,
     assert reader.read() == []
 
 
+def test_a_stage_record_is_taken_only_for_a_member_of_the_workers_own_chain(shared: tuple[LedgerWriter, LedgerReader]) -> None:
+    """STAGE records (a chain request's time in one member) reach the books only as what a chain's worker
+    can report: a member of its own chain, a bounded count, a duration; anything else retires the worker."""
+    from types import SimpleNamespace
+
+    from openinfer.daemon.direct.books import DirectBooks
+    from openinfer.daemon.modelstore.modelconfig import ChainConfig, ModelConfig
+    from openinfer.daemon.modelstore.models import ServedModel
+    from openinfer.daemon.observability.accounting import Accountant
+
+    writer, reader = shared
+    writer.stage(1, 2, 250.0)
+    writer.stage(2, 1, 10.0)  # a third member: the chain below has two
+    writer.stage(0, ledger.MAX_STAGE_RUNS + 1, 1.0)
+    entries = reader.read()
+    assert [(e.kind, e.run_size, e.bytes_in, e.timing) for e in entries] == [(ledger.STAGE, 1, 2, {"compute_us": 250.0}), (ledger.STAGE, 2, 1, {"compute_us": 10.0}), (ledger.STAGE, 0, ledger.MAX_STAGE_RUNS + 1, {"compute_us": 1.0})]
+    books = DirectBooks(Accountant(), lambda worker, entry: None)
+    chain = ServedModel("both", 1, Path("/nonexistent/both/config.toml"), ModelConfig(chain=ChainConfig(("first", "second"))), 1, 1)
+    plain = ServedModel("tiny", 1, Path("/nonexistent/tiny/1/model.onnx"), ModelConfig(), 1, 1)
+    books._apply(SimpleNamespace(model=chain), entries[0])  # type: ignore[arg-type]
+    assert chain.stage_totals == {"second": [1, 2, 250.0]}
+    for model, entry in ((chain, entries[1]), (chain, entries[2]), (plain, entries[0])):
+        with pytest.raises(LedgerRejected, match="a stage"):
+            books._apply(SimpleNamespace(model=model), entry)  # type: ignore[arg-type]
+    assert chain.stage_totals == {"second": [1, 2, 250.0]} and not plain.stage_totals
+
+
 # -- a real daemon, a worker forging its ledger -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def forging_daemon() -> Iterator[RunningDaemon]:
