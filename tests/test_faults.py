@@ -429,3 +429,41 @@ def test_requests_right_after_a_worker_is_killed_for_overrunning_wait_for_its_re
         for _ in range(5):
             np.testing.assert_array_equal(client.infer("rows", {"x": quick}).outputs["y"], quick + 1)
     shutil.rmtree(root, ignore_errors=True)
+
+
+SLOW_STEPS = '''
+import time
+
+INPUTS = [{"name": "seconds", "datatype": "FP32", "shape": []}]
+
+def pre(inputs):
+    end = time.monotonic() + float(inputs["seconds"])
+    while time.monotonic() < end:  # busy, as a long model run is: the worker's loop answers nothing meanwhile
+        pass
+    return {"x": __import__("numpy").zeros((1, 64), "float32")}
+'''
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "front-door"])
+def test_a_request_longer_than_the_ping_grace_is_answered_and_its_worker_kept(daemon_factory: Any, direct: bool) -> None:
+    """A worker running a direct request is READY to the supervisor; its liveness pings must not kill it
+    while its deadline page says it runs (found by an attacker: every direct request longer than the ping
+    grace got WORKER_CRASHED, and five in a row made the model UNAVAILABLE)."""
+    root = world_readable_dir("oi-slow-")
+    onnx_builders.matmul_model(root / "slow" / "1" / "model.onnx")
+    (root / "slow" / "config.toml").write_text('workers = 1\n\n[steps]\nmodule = "steps.py"\n')
+    (root / "slow" / "steps.py").write_text(SLOW_STEPS)
+    make_world_readable(root)
+    try:
+        env = {"OPENINFER_POOL_PING_INTERVAL_S": "0.2", "OPENINFER_POOL_PING_GRACE_S": "0.5", "OPENINFER_POOL_DIRECT": "1" if direct else "0"}
+        running = daemon_factory(root, env=env)
+        with Client(running.address, timeout=30) as client:
+            pid = worker_pids(client, "slow")[0]
+            for _ in range(3):  # more than one ping interval and grace each, back to back
+                result = client.infer("slow", {"seconds": np.array(1.5, np.float32)})
+                assert result.outputs["y"].shape == (1, 64)
+            assert worker_pids(client, "slow") == [pid]
+            assert next(m for m in client.models() if m["name"] == "slow")["state"] == "ready"
+        assert "worker unresponsive" not in running.log_text()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -375,6 +375,12 @@ class WorkerPool:
         for worker in list(self.workers.values()):
             if worker.state is not WorkerState.READY:
                 continue
+            if _running_direct(worker, now, grace_ns):
+                # READY to the supervisor, but running a direct request: its loop answers after the run,
+                # which its deadline page bounds (the supervisor kills it past that deadline instead).
+                # Killing it here killed every direct request longer than the grace (found by an attacker).
+                worker.ping_sent_ns = 0
+                continue
             if worker.ping_sent_ns and now - worker.ping_sent_ns > grace_ns:
                 log.error("worker unresponsive; killing it", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key})
                 worker.exit_reason = f"unresponsive: no PONG within {self.settings.pool.ping_grace_s:g} s"
@@ -385,6 +391,16 @@ class WorkerPool:
 
     def all_workers(self) -> list[WorkerHandle]:
         return list(self.workers.values())
+
+
+def _running_direct(worker: WorkerHandle, now_ns: int, grace_ns: int) -> bool:
+    """The worker's deadline page says it is running a direct request, due no later than its model's
+    max_compute_ms from now (a page claiming more is not believed: the ping rules apply)."""
+    page = worker.page
+    if page is None or worker.retired:
+        return False
+    _, deadline = page.read()
+    return deadline != 0 and deadline <= now_ns + worker.model.config.max_compute_ms * 1_000_000 + grace_ns
 
 
 def describe_exit(status: int) -> str:
