@@ -288,3 +288,36 @@ def test_a_workers_report_of_stages_is_checked_where_it_arrives() -> None:
             parsed(lie)
     with pytest.raises(BadWorkerMessage, match="serves no chain"):
         parsed(good, members=())
+
+
+def test_a_chain_stops_when_one_of_its_models_is_removed(tmp_path: Path) -> None:
+    """An operator who removes a model from the repository must not find it still answering inside a chain
+    (found by an attacker: the chain served the removed model's weights, then crash-looped on respawn)."""
+    import shutil
+
+    repo = ModelRepo("oi-chain-remove-")
+    try:
+        repo.model("first", lambda path: onnx_builders.matmul_model(path, seed=11), config="workers = 1\n")
+        repo.model("second", lambda path: onnx_builders.matmul_model(path, seed=12), config="workers = 1\n")
+        repo.config("both", CHAIN_CONFIG)
+        (repo.root / "both" / "steps.py").write_text(CHAIN_STEPS)
+        root = repo.ready()
+        running = start_daemon(root)
+        try:
+            x = np.ones((1, 64), np.float32)
+            with Client(running.address, timeout=30) as client:
+                assert client.infer("both", {"x": x}).stages is not None
+                shutil.rmtree(root / "second")
+                client.reload()
+                with pytest.raises(OpenInferError) as caught:
+                    client.infer("both", {"x": x})
+                assert caught.value.code in ("NOT_FOUND", "UNAVAILABLE"), str(caught.value)
+                row = model_status(client, "both")
+                assert row["state"] == "failed" and "'second' was removed" in row["reason"], row
+                wait_for(lambda: not any(w["model"] in ("both", "second") for w in client.status()["workers"]), 30, "the chain's and the removed model's workers to exit")
+                assert client.infer("first", {"x": x}).outputs["y"].shape == (1, 64)  # the rest serves
+        finally:
+            running.stop()
+            cleanup_workdir(running)
+    finally:
+        repo.remove()

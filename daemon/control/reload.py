@@ -155,9 +155,32 @@ class RepositorySync:
                     changes["removed"].append(model.key)
             if not served:
                 del self.registry.by_name[name]
+        self._drop_chains_of_removed_models(changes)
         log.info("repository synced", extra=changes)
         self.start_chains()
         return changes
+
+    def _drop_chains_of_removed_models(self, changes: dict[str, list[str]]) -> None:
+        """A chain stops serving when one of its models leaves the repository: an operator who removes a
+        model (a licence, a compromise) must not find it still answering inside a chain (found by an
+        attacker: the chain kept serving the removed model's weights, then crash-looped on respawn)."""
+        for name, served in list(self.registry.by_name.items()):
+            for number, model in list(served.items()):
+                chain = model.config.chain
+                gone = [member for member in chain.models if member not in self.registry.by_name] if chain is not None else []
+                if not gone:
+                    continue
+                reason = f"its model {gone[0]!r} was removed from the repository"
+                del served[number]
+                self._retire(model)
+                pending = self.pending.pop((name, number), None)
+                if pending is not None:
+                    self._retire(pending)
+                self.registry.failed[name] = FailedModel(name, reason)
+                changes["removed"].append(model.key)
+                log.error("chain stopped: one of its models was removed", extra={"model": model.key, "reason": reason})
+            if not served:
+                del self.registry.by_name[name]
 
     def start_chains(self) -> None:
         """A chain starts once each of its members serves - its newest version, ready, with no replacement
