@@ -281,6 +281,7 @@ def test_a_workers_report_of_stages_is_checked_where_it_arrives() -> None:
         {**good, "a": {"runs": "1", "compute_us": 1.0}},
         {**good, "a": {"runs": 1, "compute_us": float("nan")}},
         {**good, "a": {"runs": 1, "compute_us": 1.0, "note": "x"}},
+        {**good, "a": {"runs": 1, "compute_us": 50.0}},  # more time in its models than the request computed (9 us)
         [good],
     ]
     for lie in lies:
@@ -321,3 +322,31 @@ def test_a_chain_stops_when_one_of_its_models_is_removed(tmp_path: Path) -> None
             cleanup_workdir(running)
     finally:
         repo.remove()
+
+
+def test_a_drive_step_that_calls_a_model_without_end_is_stopped_with_a_typed_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_MODEL_CALLS calls of one model in one request, the request fails RESOURCE_EXHAUSTED naming
+    the step (found by an attacker: the honest count reached the supervisor and retired the worker as a
+    liar). Here in process, with the bound lowered, on a stand-in for the model's session."""
+    from openinfer.daemon.steps import runner as runner_module
+    from openinfer.daemon.steps.contract import StepFailed
+    from openinfer.daemon.steps.loader import LoadedSteps
+    from openinfer.daemon.steps.runner import Stage, StepRunner
+
+    class Echo:
+        def run(self, wanted: list[str], feed: dict[str, Any], run_options: Any = None) -> list[Any]:
+            return [feed["x"]]
+
+    def drive(inputs: dict[str, Any], models: dict[str, Any]) -> dict[str, Any]:
+        y = inputs["x"]
+        while True:
+            y = models["first"]({"x": y})["y"]
+
+    monkeypatch.setattr(runner_module, "MAX_MODEL_CALLS", 10)
+    spec = [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]
+    steps = LoadedSteps("steps.py", None, None, spec, [{"name": "y", "datatype": "FP32", "shape": [-1, 64]}], drive)
+    model = {"inputs": spec, "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 64]}]}
+    runner = StepRunner({"first": Stage.of(Echo(), model)}, steps, {"inputs": spec, "outputs": model["outputs"]})
+    with pytest.raises(StepFailed) as caught:
+        runner.run(["y"], {"x": np.zeros((1, 64), np.float32)})
+    assert caught.value.code == "RESOURCE_EXHAUSTED" and "called the model first more than 10 times" in str(caught.value)

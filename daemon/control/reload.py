@@ -166,8 +166,8 @@ class RepositorySync:
         attacker: the chain kept serving the removed model's weights, then crash-looped on respawn)."""
         for name, served in list(self.registry.by_name.items()):
             for number, model in list(served.items()):
-                chain = model.config.chain
-                gone = [member for member in chain.models if member not in self.registry.by_name] if chain is not None else []
+                # Only a chain that started (it has members): one still waiting fails in start_chains.
+                gone = [member.name for member in model.chain_members if member.name not in self.registry.by_name]
                 if not gone:
                     continue
                 reason = f"its model {gone[0]!r} was removed from the repository"

@@ -8,7 +8,9 @@ from typing import Callable
 from openinfer.daemon.observability.accounting import CLIENT_KEY, OTHER_CLIENTS, Accountant
 from openinfer.daemon.workerpool.workers import WorkerHandle
 
-from .ledger import ADMITTED, ANSWERED, CACHE_HIT, COUNTED, MAX_STAGE_RUNS, REFUSED, RUN, STAGE, Entry, LedgerReader, LedgerRejected
+from openinfer.daemon.steps.contract import MAX_MODEL_CALLS
+
+from .ledger import ADMITTED, ANSWERED, CACHE_HIT, COUNTED, REFUSED, RUN, STAGE, Entry, LedgerReader, LedgerRejected
 
 LogAccess = Callable[[WorkerHandle, Entry], None]
 
@@ -51,6 +53,12 @@ class DirectBooks:
         accountant = self.accountant
         kind = entry.kind
         if kind == ANSWERED:
+            stages, worker.stage_records = worker.stage_records, []
+            if stages:  # a chain's: they count once they fit the answer they came before
+                if entry.code is not None or sum(compute for _, _, compute in stages) > entry.timing.get("compute_us", 0.0) + 1.0:
+                    raise LedgerRejected("stages that do not fit the request they came with (a failure, or more time in its models than it computed)")
+                for member, runs, compute in stages:
+                    model.count_stage(member, runs, compute)
             worker.direct_pending.pop(entry.serial, None)
             if entry.cache:
                 if model.config.cache is None:
@@ -79,9 +87,12 @@ class DirectBooks:
             model.batch_sizes[entry.run_size] = model.batch_sizes.get(entry.run_size, 0) + 1
         elif kind == STAGE:
             chain = model.config.chain
-            if chain is None or entry.run_size >= len(chain.models) or entry.bytes_in > MAX_STAGE_RUNS or "compute_us" not in entry.timing:
+            if chain is None or entry.run_size >= len(chain.models) or entry.bytes_in > MAX_MODEL_CALLS or "compute_us" not in entry.timing:
                 raise LedgerRejected(f"a stage ({entry.run_size}, {entry.bytes_in} runs) for a model that is {'no chain' if chain is None else 'a chain of ' + str(len(chain.models))}")
-            model.count_stage(chain.models[entry.run_size], entry.bytes_in, entry.timing["compute_us"])
+            member = chain.models[entry.run_size]
+            if any(seen == member for seen, _, _ in worker.stage_records):
+                raise LedgerRejected(f"a stage for {member!r} twice before one answer")
+            worker.stage_records.append((member, entry.bytes_in, entry.timing["compute_us"]))
 
     def lost(self, worker: WorkerHandle) -> int:
         """The worker is gone: its last records first, then each request it admitted and never answered

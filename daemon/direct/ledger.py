@@ -52,7 +52,6 @@ RING_RECORDS = (LEDGER_BYTES - _RING_AT) // _RECORD.size
 # STAGE: what one chain request spent in one member - `run_size` = the member's place in the chain,
 # `bytes_in` = how many times it ran, compute_us = for how long (written before the request's ANSWERED)
 ADMITTED, ANSWERED, REFUSED, COUNTED, RUN, STAGE = 1, 2, 3, 4, 5, 6
-MAX_STAGE_RUNS = 1 << 20
 CACHE_MISS, CACHE_HIT = 1, 2  # an ANSWERED record's cache byte
 CODES = ("OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "WORKER_CRASHED", "UNAVAILABLE", "PERMISSION_DENIED", "INTERNAL")
 OPS = ("infer", "(malformed)", "(oversized)", *sorted(OPERATIONS - {"infer"}))

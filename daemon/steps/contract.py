@@ -24,6 +24,9 @@ from typing import Any
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
 INTERNAL = "INTERNAL"
 RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+# Calls of one model by a drive step in one request: past this the request fails RESOURCE_EXHAUSTED, and a
+# worker reporting more (in a reply's `stages`, or its ledger) is not believed.
+MAX_MODEL_CALLS = 1 << 20
 
 
 class Answer(dict[str, Any]):

@@ -15,7 +15,7 @@ from openinfer.daemon.worker.compute import for_onnxruntime
 from openinfer.daemon.worker.session import Runner, error_code_for
 from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array, bytes_element
 
-from .contract import INTERNAL, INVALID_ARGUMENT, Answer, StepFailed, step_failed
+from .contract import INTERNAL, INVALID_ARGUMENT, MAX_MODEL_CALLS, RESOURCE_EXHAUSTED, Answer, StepFailed, step_failed
 from .loader import LoadedSteps
 
 
@@ -85,6 +85,10 @@ class StepRunner:
 
         def caller(name: str, stage: Stage) -> Callable[[dict[str, Any]], dict[str, Any]]:
             def call(tensors: dict[str, Any]) -> dict[str, Any]:
+                if spent[name]["runs"] >= MAX_MODEL_CALLS:
+                    exc = StepFailed(RESOURCE_EXHAUSTED, f"the drive step of {steps.module} called {'the model ' + name if name else 'the model'} more than {MAX_MODEL_CALLS} times in one request")
+                    failures.append(exc)
+                    raise exc
                 try:
                     started = time.monotonic_ns()
                     results = self._run_model(stage, name, self._model_feed(stage, name, tensors, "drive"), run_options, "drive")

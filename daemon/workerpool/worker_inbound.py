@@ -19,6 +19,7 @@ from openinfer.wire.protocol import unpack
 from openinfer.wire.tensors import DATATYPES, ELEMENT_SIZE
 from openinfer.wire.zmtp import Buffer
 
+from openinfer.daemon.steps.contract import MAX_MODEL_CALLS
 from openinfer.daemon.worker import messages
 
 MAX_NAME = 1024  # characters in a tensor name
@@ -203,9 +204,6 @@ def _cache_outcome(meta: dict[str, Any]) -> str | None:
     return outcome  # type: ignore[no-any-return]
 
 
-MAX_STAGE_RUNS = 1 << 20
-
-
 def _chain_stages(meta: dict[str, Any], members: Sequence[str]) -> dict[str, dict[str, Any]] | None:
     """A chain's per-member times: only its own members, each with a count and a duration."""
     raw = meta.get("stages")
@@ -221,7 +219,7 @@ def _chain_stages(meta: dict[str, Any], members: Sequence[str]) -> dict[str, dic
         if not isinstance(entry, dict) or set(entry) != {"runs", "compute_us"}:
             raise BadWorkerMessage(f"stage {name!r} is not {{runs, compute_us}}")
         runs = _number(entry, "runs", integer=True)
-        if not 0 <= runs <= MAX_STAGE_RUNS:
+        if not 0 <= runs <= MAX_MODEL_CALLS:
             raise BadWorkerMessage(f"stage {name!r}: {runs} runs")
         stages[name] = {"runs": runs, "compute_us": float(_number(entry, "compute_us"))}
     return stages
@@ -244,7 +242,11 @@ def parse_result(frames: Sequence[Buffer], dispatched_ns: int, wanted: Sequence[
         raise BadWorkerMessage("outputs are not the ones the task asked for")
     for spec, frame in zip(outputs, data):
         _frame_matches(spec, frame)
-    return TaskResult(_timing(meta, dispatched_ns, ok=True), outputs, data, None, _cache_outcome(meta), _chain_stages(meta, members))
+    timing = _timing(meta, dispatched_ns, ok=True)
+    stages = _chain_stages(meta, members)
+    if stages is not None and sum(stage["compute_us"] for stage in stages.values()) > timing.compute_us + 1.0:
+        raise BadWorkerMessage("stages add up to more time in the chain's models than the request computed")
+    return TaskResult(timing, outputs, data, None, _cache_outcome(meta), stages)
 
 
 def parse_batch(frames: Sequence[Buffer], task_ids: list[int], rows: list[int], wanted: Sequence[str], dispatched_ns: int) -> BatchResult:

@@ -52,6 +52,7 @@ class WorkerHandle:
     page: "DeadlinePage | None" = None  # when its direct run must be done (deadline_page.py)
     ledger: "LedgerReader | None" = None  # its records of direct requests (direct/ledger.py)
     direct_pending: dict[int, Any] = field(default_factory=dict)  # admitted there, not yet answered: ledger Entry by serial
+    stage_records: list[tuple[str, int, float]] = field(default_factory=list)  # a chain's STAGE records awaiting their ANSWERED
     ping_token: bytes = b"p"
     state: WorkerState = WorkerState.SPAWNED
     inflight: Inflight = field(default_factory=Inflight)  # sent, unanswered (inflight.py owns it)

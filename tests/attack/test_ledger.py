@@ -157,29 +157,42 @@ def test_a_record_whose_number_is_wrong_is_not_taken(shared: tuple[LedgerWriter,
 
 def test_a_stage_record_is_taken_only_for_a_member_of_the_workers_own_chain(shared: tuple[LedgerWriter, LedgerReader]) -> None:
     """STAGE records (a chain request's time in one member) reach the books only as what a chain's worker
-    can report: a member of its own chain, a bounded count, a duration; anything else retires the worker."""
+    can report: members of its own chain, each once, a bounded count, and no more time than the request
+    they come before computed; anything else retires the worker."""
     from types import SimpleNamespace
 
     from openinfer.daemon.direct.books import DirectBooks
     from openinfer.daemon.modelstore.modelconfig import ChainConfig, ModelConfig
     from openinfer.daemon.modelstore.models import ServedModel
     from openinfer.daemon.observability.accounting import Accountant
+    from openinfer.daemon.steps.contract import MAX_MODEL_CALLS
 
     writer, reader = shared
     writer.stage(1, 2, 250.0)
-    writer.stage(2, 1, 10.0)  # a third member: the chain below has two
-    writer.stage(0, ledger.MAX_STAGE_RUNS + 1, 1.0)
+    writer.stage(2, 1, 10.0)  # a third member: the chains below have two
+    writer.stage(0, MAX_MODEL_CALLS + 1, 1.0)
+    writer.stage(0, 1, 5000.0)  # more than the request below computed
+    writer.answered(7, 7, "app@uid=1000", None, {"compute_us": 300.0, "total_us": 400.0}, 0, 0)
     entries = reader.read()
-    assert [(e.kind, e.run_size, e.bytes_in, e.timing) for e in entries] == [(ledger.STAGE, 1, 2, {"compute_us": 250.0}), (ledger.STAGE, 2, 1, {"compute_us": 10.0}), (ledger.STAGE, 0, ledger.MAX_STAGE_RUNS + 1, {"compute_us": 1.0})]
+    assert [(e.kind, e.run_size, e.bytes_in) for e in entries[:4]] == [(ledger.STAGE, 1, 2), (ledger.STAGE, 2, 1), (ledger.STAGE, 0, MAX_MODEL_CALLS + 1), (ledger.STAGE, 0, 1)]
+    stage, third, too_many, too_long, answered = entries
     books = DirectBooks(Accountant(), lambda worker, entry: None)
-    chain = ServedModel("both", 1, Path("/nonexistent/both/config.toml"), ModelConfig(chain=ChainConfig(("first", "second"))), 1, 1)
-    plain = ServedModel("tiny", 1, Path("/nonexistent/tiny/1/model.onnx"), ModelConfig(), 1, 1)
-    books._apply(SimpleNamespace(model=chain), entries[0])  # type: ignore[arg-type]
-    assert chain.stage_totals == {"second": [1, 2, 250.0]}
-    for model, entry in ((chain, entries[1]), (chain, entries[2]), (plain, entries[0])):
-        with pytest.raises(LedgerRejected, match="a stage"):
-            books._apply(SimpleNamespace(model=model), entry)  # type: ignore[arg-type]
-    assert chain.stage_totals == {"second": [1, 2, 250.0]} and not plain.stage_totals
+
+    def chain_worker() -> SimpleNamespace:
+        model = ServedModel("both", 1, Path("/nonexistent/both/config.toml"), ModelConfig(chain=ChainConfig(("first", "second"))), 1, 1)
+        return SimpleNamespace(model=model, stage_records=[], direct_pending={}, tasks_served=0)
+
+    honest = chain_worker()
+    for entry in (stage, answered):
+        books._apply(honest, entry)  # type: ignore[arg-type]
+    assert honest.model.stage_totals == {"second": [1, 2, 250.0]}
+    plain = SimpleNamespace(model=ServedModel("tiny", 1, Path("/nonexistent/tiny/1/model.onnx"), ModelConfig(), 1, 1), stage_records=[])
+    lies = [(plain, [stage]), (chain_worker(), [third]), (chain_worker(), [too_many]), (chain_worker(), [stage, stage]), (chain_worker(), [too_long, answered])]
+    for worker, sequence in lies:
+        with pytest.raises(LedgerRejected, match="stage"):
+            for entry in sequence:
+                books._apply(worker, entry)  # type: ignore[arg-type]
+        assert not worker.model.stage_totals
 
 
 # -- a real daemon, a worker forging its ledger -----------------------------------------------------------
