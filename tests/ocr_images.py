@@ -1,7 +1,8 @@
 """Images to read text from, for the OCR chain's tests (tests/test_steps_rapidocr.py) and its benchmark
-(bench/ocr.py): the PNG and JPEG files shipped inside the installed packages (matplotlib's sample data,
-networkx's and sympy's test baselines: images nobody here made), and lines rendered here with Pillow's own
-font to reach each branch of the pipeline (upside down, vertical, very wide, tiny, huge, grey, RGBA, JPEG)."""
+(bench/ocr.py): the PNG and JPEG files shipped inside the installed packages - scikit-image's data (a scanned
+page of text among them), matplotlib's sample data, networkx's and sympy's test baselines: images nobody
+here made - and lines rendered here with Pillow's own font to reach each branch of the pipeline (upside
+down, vertical, very wide, tiny, huge, grey, RGBA, JPEG)."""
 from __future__ import annotations
 
 import io
