@@ -295,13 +295,13 @@ class AsyncClient:
                 self._lost(link)
             if pending.reply is None and pending.error is None:
                 try:
-                    await asyncio.wait_for(waiter, core.wait_s(budget))
+                    await asyncio.wait_for(waiter, core.wait_s(budget, direct=True))
                 except asyncio.TimeoutError:
                     try:
                         link.stream.send(core.op_frames(core.next_id(), "cancel", {"target": request_id}))
                     except (PeerClosed, OSError):
                         pass
-                    raise core.timed_out(budget) from None
+                    raise core.timed_out(budget, direct=True) from None
         finally:
             self._waiters.pop(request_id, None)
             link.pending.pop(request_id, None)

@@ -30,6 +30,11 @@ DEFAULT_TIMEOUT_S = 30.0
 REPLY_SLACK_FRACTION = 0.1
 REPLY_SLACK_MIN_S = 0.05
 REPLY_SLACK_MAX_S = 1.0
+# On the direct path at least this: a worker whose run does not stop at its deadline (a step's Python
+# loop, which onnxruntime's stop flag cannot reach) is killed half a second past it, and the closed
+# connection then answers the request DEADLINE_EXCEEDED. A client that gave up sooner sent its next
+# request to that worker, and it died with it (found by an attacker).
+DIRECT_REPLY_SLACK_MIN_S = 0.8
 
 
 # A request with more tensor bytes than this is checked against the front door's limits before it is
@@ -151,8 +156,9 @@ class ClientCore:
         return result if isinstance(result, dict) else {}
 
     @staticmethod
-    def wait_s(budget: float) -> float:
-        return budget + reply_slack(budget)
+    def wait_s(budget: float, direct: bool = False) -> float:
+        slack = reply_slack(budget)
+        return budget + (max(slack, DIRECT_REPLY_SLACK_MIN_S) if direct else slack)
 
     def connection_lost(self) -> Unavailable:
         """The front door's connection closed while a request was in flight: its reply cannot come."""
@@ -163,8 +169,9 @@ class ClientCore:
         """A request lost with its connection may have run: never sent twice behind the caller's back."""
         return exc.details.get("connection") != "lost"
 
-    def timed_out(self, budget: float) -> DeadlineExceeded:
-        return DeadlineExceeded(f"no reply from {self.address} within {budget:.3g} s (plus {reply_slack(budget):.3g} s of slack)")
+    def timed_out(self, budget: float, direct: bool = False) -> DeadlineExceeded:
+        slack = self.wait_s(budget, direct) - budget
+        return DeadlineExceeded(f"no reply from {self.address} within {budget:.3g} s (plus {slack:.3g} s of slack)")
 
     # -- the direct path ------------------------------------------------------------------------------
     def lease_taken(self, key: tuple[str, int | None], result: Any, taken_ns: int) -> Lease:

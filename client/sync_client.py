@@ -249,7 +249,7 @@ class Client:
         """Send on a worker's connection and wait for this request's reply."""
         core = self._core
         pending = core.register(link, request_id, deadline, lease)
-        give_up = time.monotonic() + core.wait_s(budget)
+        give_up = time.monotonic() + core.wait_s(budget, direct=True)
         stream = link.stream
         sock = stream.sock
         try:
@@ -258,7 +258,7 @@ class Client:
                 remaining = give_up - time.monotonic()
                 if remaining <= 0:
                     self._direct_cancel(link, request_id)
-                    raise core.timed_out(budget)
+                    raise core.timed_out(budget, direct=True)
                 if stream.out_bytes:
                     select.select([sock], [sock], [], remaining)
                     stream.flush()

@@ -51,6 +51,24 @@ def drive(inputs, models):  # runs under the serve policy: no file can be opened
     return {{"size": _seen}}
 '''
 
+PARALLEL_STEPS = '''
+import threading
+
+INPUTS = [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]
+OUTPUTS = [{"name": "y", "datatype": "FP32", "shape": [-1, 64]}]
+
+def drive(inputs, models):  # both models at once: onnxruntime lets the other thread run meanwhile
+    out = {}
+    def run(name):
+        out[name] = models[name]({"x": inputs["x"]})["y"]
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("first", "second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"y": out["first"] + out["second"]}
+'''
+
 CHAIN_CONFIG = 'workers = 1\n\n[chain]\nmodels = ["first", "second"]\n\n[steps]\nmodule = "steps.py"\n'
 
 
@@ -68,6 +86,8 @@ def chain_repo() -> Iterator[Path]:
     repo.config("both", CHAIN_CONFIG)
     (repo.root / "both" / "steps.py").write_text(CHAIN_STEPS)
     repo.model("bystander", lambda path: onnx_builders.matmul_model(path, seed=13), config="workers = 1\n")
+    repo.config("parallel", CHAIN_CONFIG)
+    (repo.root / "parallel" / "steps.py").write_text(PARALLEL_STEPS)
     for name, target in (("snoop_member", "first"), ("snoop_bystander", "bystander")):
         repo.config(name, CHAIN_CONFIG)
         (repo.root / name / "steps.py").write_text(SNOOP_STEPS.format(path=str(repo.root / target / "1" / "model.onnx")))
@@ -131,6 +151,30 @@ def test_the_daemon_adds_up_each_members_time_over_both_paths(chain_daemon: Runn
     samples = parse(scrape(f"http://127.0.0.1:{METRICS_PORT}/metrics"))
     for member in ("first", "second"):
         assert value(samples, "openinfer_chain_model_runs", "openinfer_chain_model_runs_total", model="both", version="1", member=member) == after[member]["runs"]
+
+
+def test_a_chain_that_runs_its_models_at_the_same_time_is_served_and_counted(chain_daemon: RunningDaemon, chain_repo: Path) -> None:
+    """A drive step may run its models in threads at once, so the members' times add up to more than the
+    request's compute time; that is no lie (found by an attacker: such an honest worker was retired, and
+    the model crash-looped to UNAVAILABLE)."""
+    x = np.random.default_rng(3).standard_normal((16384, 64)).astype(np.float32)
+    want = sum(run_reference(chain_repo / name / "1" / "model.onnx", {"x": x})["y"] for name in ("first", "second"))
+    replies = []
+    with Client(chain_daemon.address, timeout=30) as admin:
+        pid = next(w["pid"] for w in admin.status()["workers"] if w["model"] == "parallel")
+        before = dict(admin.stats()["models"].get("parallel", {}).get("chain", {}).get("1", {}))
+        for direct in (True, False):
+            with Client(chain_daemon.address, direct=direct, timeout=30) as client:
+                for _ in range(4):
+                    result = client.infer("parallel", {"x": x})
+                    np.testing.assert_allclose(result.outputs["y"], want, rtol=1e-4, atol=1e-3)
+                    replies.append(result)
+        after = admin.stats()["models"]["parallel"]["chain"]["1"]
+        assert next(w["pid"] for w in admin.status()["workers"] if w["model"] == "parallel") == pid  # never retired
+    assert any(sum(r.stages[m]["compute_us"] for m in r.stages) > r.timing["compute_us"] for r in replies), "the models never ran at once: the case is not tested"
+    for member in ("first", "second"):
+        assert after[member]["runs"] - before.get(member, {}).get("runs", 0) == len(replies)
+    assert "retiring it" not in chain_daemon.log_text()
 
 
 def test_a_chain_is_described_and_listed_as_clients_and_operators_see_it(chain_daemon: RunningDaemon) -> None:
@@ -291,9 +335,11 @@ def test_a_workers_report_of_stages_is_checked_where_it_arrives() -> None:
         parsed(good, members=())
 
 
-def test_a_chain_stops_when_one_of_its_models_is_removed(tmp_path: Path) -> None:
-    """An operator who removes a model from the repository must not find it still answering inside a chain
-    (found by an attacker: the chain served the removed model's weights, then crash-looped on respawn)."""
+@pytest.mark.parametrize("removed", ["model", "version"])
+def test_a_chain_stops_when_one_of_its_models_is_removed(tmp_path: Path, removed: str) -> None:
+    """An operator who removes a model - or the version a chain runs - from the repository must not find it
+    still answering inside a chain (found by attackers: the chain served the removed model's weights, then
+    crash-looped on respawn; the same by removing version 1 beside a version 2 that does not load)."""
     import shutil
 
     repo = ModelRepo("oi-chain-remove-")
@@ -308,14 +354,20 @@ def test_a_chain_stops_when_one_of_its_models_is_removed(tmp_path: Path) -> None
             x = np.ones((1, 64), np.float32)
             with Client(running.address, timeout=30) as client:
                 assert client.infer("both", {"x": x}).stages is not None
-                shutil.rmtree(root / "second")
+                if removed == "model":
+                    shutil.rmtree(root / "second")
+                else:
+                    shutil.rmtree(root / "second" / "1")
+                    (root / "second" / "2").mkdir(mode=0o755)
+                    (root / "second" / "2" / "model.onnx").write_bytes(b"not a model")
+                    make_world_readable(root)
                 client.reload()
                 with pytest.raises(OpenInferError) as caught:
                     client.infer("both", {"x": x})
                 assert caught.value.code in ("NOT_FOUND", "UNAVAILABLE"), str(caught.value)
                 row = model_status(client, "both")
-                assert row["state"] == "failed" and "'second' was removed" in row["reason"], row
-                wait_for(lambda: not any(w["model"] in ("both", "second") for w in client.status()["workers"]), 30, "the chain's and the removed model's workers to exit")
+                assert row["state"] == "failed" and "second:1 was removed" in row["reason"], row
+                wait_for(lambda: not any(w["model"] in ("both", "second") and w["state"] != "exited" for w in client.status()["workers"]), 30, "the chain's and the removed model's workers to exit")
                 assert client.infer("first", {"x": x}).outputs["y"].shape == (1, 64)  # the rest serves
         finally:
             running.stop()

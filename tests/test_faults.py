@@ -467,3 +467,38 @@ def test_a_request_longer_than_the_ping_grace_is_answered_and_its_worker_kept(da
         assert "worker unresponsive" not in running.log_text()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("client_kind", ["sync", "async"])
+def test_a_run_that_does_not_stop_at_its_deadline_takes_no_innocent_request_with_it(daemon_factory: Any, client_kind: str) -> None:
+    """A step's Python loop cannot be stopped by onnxruntime's flag: the daemon kills its worker half a second
+    past the deadline. The client waits for that (its connection's close answers DEADLINE_EXCEEDED) instead of
+    giving up first and sending its next request to the doomed worker (found by an attacker: that innocent
+    request got WORKER_CRASHED)."""
+    import asyncio
+
+    from openinfer.client import AsyncClient
+
+    root = world_readable_dir("oi-stuck-")
+    onnx_builders.matmul_model(root / "slow" / "1" / "model.onnx")
+    (root / "slow" / "config.toml").write_text('workers = 1\n\n[steps]\nmodule = "steps.py"\n')
+    (root / "slow" / "steps.py").write_text(SLOW_STEPS)
+    make_world_readable(root)
+    try:
+        running = daemon_factory(root, env={"OPENINFER_POOL_DIRECT": "1"})
+        stuck, innocent = {"seconds": np.array(3600, np.float32)}, {"seconds": np.array(0, np.float32)}
+        if client_kind == "sync":
+            with Client(running.address, timeout=30) as client:
+                with pytest.raises(DeadlineExceeded):
+                    client.infer("slow", stuck, timeout=1.0)
+                assert client.infer("slow", innocent, timeout=30).outputs["y"].shape == (1, 64)
+        else:
+            async def both() -> None:
+                async with AsyncClient(running.address, timeout=30) as client:
+                    with pytest.raises(DeadlineExceeded):
+                        await client.infer("slow", stuck, timeout=1.0)
+                    assert (await client.infer("slow", innocent, timeout=30)).outputs["y"].shape == (1, 64)
+
+            asyncio.run(both())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -410,7 +410,7 @@ int oi_direct_infer(oi_direct *d, const oi_direct_request *req, oi_direct_answer
         if (rc == OI_LINK_TIMEOUT) {
             send_cancel(d, link, req->id);
             return fail(err, OI_ERR_TIMEOUT, "DEADLINE_EXCEEDED", "no reply from the worker within the client's timeout (%d ms, plus %d ms of grace)",
-                        req->timeout_ms, OI_REPLY_GRACE_MS);
+                        req->timeout_ms, OI_DIRECT_REPLY_GRACE_MS);
         }
         if (rc != OI_LINK_OK) {
             char address[256];

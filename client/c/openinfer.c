@@ -987,11 +987,11 @@ int oi_infer(oi_client *c, const char *model, int64_t version, const oi_tensor *
     msgpack_unpacked u;
     msgpack_unpacked_init(&u);
     int budget = c->timeout_ms;
-    int wait = budget > INT32_MAX - OI_REPLY_GRACE_MS ? INT32_MAX : budget + OI_REPLY_GRACE_MS;
+    int wait = budget > INT32_MAX - OI_DIRECT_REPLY_GRACE_MS ? INT32_MAX : budget + OI_REPLY_GRACE_MS;
     out->id = id;
     rc = OI_DIRECT_USE_FRONT_DOOR;
     if (direct_path(c)) {
-        oi_direct_request req = {model, version, id, frames, n_inputs + 1, tensor_bytes, budget, now_ms() + wait};
+        oi_direct_request req = {model, version, id, frames, n_inputs + 1, tensor_bytes, budget, now_ms() + (int64_t)budget + OI_DIRECT_REPLY_GRACE_MS};
         oi_direct_answer answer;
         rc = oi_direct_infer(c->direct, &req, &answer, &u, err);
         if (rc != OI_DIRECT_USE_FRONT_DOOR) out->direct = answer.from_worker;

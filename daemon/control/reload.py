@@ -167,10 +167,10 @@ class RepositorySync:
         for name, served in list(self.registry.by_name.items()):
             for number, model in list(served.items()):
                 # Only a chain that started (it has members): one still waiting fails in start_chains.
-                gone = [member.name for member in model.chain_members if member.name not in self.registry.by_name]
+                gone = [member.key for member in model.chain_members if member.version not in self.registry.by_name.get(member.name, {})]
                 if not gone:
                     continue
-                reason = f"its model {gone[0]!r} was removed from the repository"
+                reason = f"its model {gone[0]} was removed from the repository"
                 del served[number]
                 self._retire(model)
                 pending = self.pending.pop((name, number), None)

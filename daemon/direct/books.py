@@ -55,8 +55,9 @@ class DirectBooks:
         if kind == ANSWERED:
             stages, worker.stage_records = worker.stage_records, []
             if stages:  # a chain's: they count once they fit the answer they came before
-                if entry.code is not None or sum(compute for _, _, compute in stages) > entry.timing.get("compute_us", 0.0) + 1.0:
-                    raise LedgerRejected("stages that do not fit the request they came with (a failure, or more time in its models than it computed)")
+                # Each member's time within the request's: members may run at the same time (a drive step's threads).
+                if entry.code is not None or max(compute for _, _, compute in stages) > entry.timing.get("compute_us", 0.0) + 1.0:
+                    raise LedgerRejected("stages that do not fit the request they came with (a failure, or more time in one of its models than it computed)")
                 for member, runs, compute in stages:
                     model.count_stage(member, runs, compute)
             worker.direct_pending.pop(entry.serial, None)

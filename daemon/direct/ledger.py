@@ -143,6 +143,11 @@ class LedgerWriter:
     def run(self, size: int) -> None:
         self._append(0, 0, "", size, RUN, None, "infer", 0, 0, None)
 
+    def has_room(self, records: int) -> bool:
+        """Whether this many records fit now (a chain's STAGE records go in only with room for their ANSWERED:
+        one dropped between them would pair them with the next request's)."""
+        return self._seq + records - self.words[_READ] <= RING_RECORDS
+
     def stage(self, member: int, runs: int, compute_us: float) -> None:
         self._append(0, 0, "", member, STAGE, None, "infer", runs, 0, {"compute_us": compute_us})
 

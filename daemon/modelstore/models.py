@@ -78,7 +78,7 @@ class ServedModel:
     def count_stage(self, member: str, runs: int, compute_us: float) -> None:
         """One chain request's time in one of its members (from the reply's `stages`, checked)."""
         totals = self.stage_totals.setdefault(member, [0, 0, 0.0])
-        totals[0] += 1
+        totals[0] += runs > 0  # requests that ran it
         totals[1] += runs
         totals[2] += compute_us
 

@@ -5,6 +5,7 @@ StepFailed naming the step (contract.py); what a step returns is checked against
 it goes anywhere."""
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -81,19 +82,22 @@ class StepRunner:
         assert steps.drive is not None
         failures: list[Exception] = []  # what the models' calls raised, to tell from the step's own errors
         spent = {name: {"runs": 0, "compute_us": 0.0} for name in self.stages}
+        counting = threading.Lock()  # a drive step may call its models from several threads at once
         self.last_stages = None
 
         def caller(name: str, stage: Stage) -> Callable[[dict[str, Any]], dict[str, Any]]:
             def call(tensors: dict[str, Any]) -> dict[str, Any]:
-                if spent[name]["runs"] >= MAX_MODEL_CALLS:
-                    exc = StepFailed(RESOURCE_EXHAUSTED, f"the drive step of {steps.module} called {'the model ' + name if name else 'the model'} more than {MAX_MODEL_CALLS} times in one request")
-                    failures.append(exc)
-                    raise exc
+                with counting:
+                    if spent[name]["runs"] >= MAX_MODEL_CALLS:
+                        exc = StepFailed(RESOURCE_EXHAUSTED, f"the drive step of {steps.module} called {'the model ' + name if name else 'the model'} more than {MAX_MODEL_CALLS} times in one request")
+                        failures.append(exc)
+                        raise exc
+                    spent[name]["runs"] += 1
                 try:
                     started = time.monotonic_ns()
                     results = self._run_model(stage, name, self._model_feed(stage, name, tensors, "drive"), run_options, "drive")
-                    spent[name]["runs"] += 1
-                    spent[name]["compute_us"] += (time.monotonic_ns() - started) / 1000
+                    with counting:
+                        spent[name]["compute_us"] += (time.monotonic_ns() - started) / 1000
                     return dict(zip(stage.outputs, results))
                 except Exception as exc:
                     failures.append(exc)

@@ -270,7 +270,7 @@ class DirectQueue:
         stages = self.runner.last_stages
         if stages is not None:  # a chain: how long each of its models ran, in the reply and the books
             reply["stages"] = stages
-            if self.ledger is not None:
+            if self.ledger is not None and self.ledger.has_room(len(stages) + 1):
                 for place, stage in enumerate(stages.values()):
                     self.ledger.stage(place, stage["runs"], stage["compute_us"])
         if self.model.batchable:
