@@ -14,7 +14,6 @@ Writes bench/results/cache.json and cache.png; reports, never asserts.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -28,7 +27,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO / "tests"))
 
-from common import DaemonProcess, machine_info, median_of, pyplot, world_readable_copy, write_json  # noqa: E402
+from common import DaemonProcess, add_output_arguments, machine_info, median_of, pyplot, redrawn, world_readable_copy, write_json  # noqa: E402
 from real_files import real_files  # noqa: E402
 
 from openinfer.client import Client  # noqa: E402
@@ -63,11 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--out", type=Path, default=BENCH / "results" / "cache.json")
-    parser.add_argument("--plot-only", type=Path, default=None, metavar="JSON", help="redraw the plot from a results file")
+    add_output_arguments(parser, BENCH / "results" / "cache.json")
     args = parser.parse_args(argv)
-    if args.plot_only is not None:
-        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+    if redrawn(args, plot):
         return 0
 
     repo = world_readable_copy(["tiny", "magika"])

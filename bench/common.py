@@ -18,9 +18,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import argparse
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -180,7 +183,50 @@ def pyplot() -> Any | None:
     return plt
 
 
+def two_bars(path: Path, labels: Sequence[str], values: Sequence[float], ylabel: str, title: str) -> None:
+    """A two-bar comparison (the daemon beside its peer), drawn to `path` when matplotlib is there."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(list(labels), list(values), color=["tab:orange", "tab:blue"])
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def add_output_arguments(parser: "argparse.ArgumentParser", default_out: Path) -> None:
+    """--out (the results JSON; the plot goes beside it) and --plot-only (redraw from a results file)."""
+    parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--plot-only", type=Path, default=None, metavar="JSON", help="redraw the plot from a results file")
+
+
+def redrawn(args: "argparse.Namespace", plot: Callable[[dict[str, Any], Path], None]) -> bool:
+    """With --plot-only: the plot drawn again from that results file (True: nothing else to do)."""
+    if args.plot_only is None:
+        return False
+    plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+    return True
+
+
 # -- processes --------------------------------------------------------------------------------------
+def run_together(target: Callable[..., None], args_for: Sequence[tuple[Any, ...]], timeout_s: float = 600) -> list[Any]:
+    """Spawned processes started together, `target(*args, queue)` each, which puts one result on the queue;
+    the results (in the order they came)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, out)) for args in args_for]
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=timeout_s) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+    return results
+
+
 def cpu_seconds(pids: Iterable[int]) -> float:
     """User+system CPU seconds consumed so far by these processes (vanished ones count 0)."""
     import psutil

@@ -21,8 +21,6 @@ yardstick. Reported, never asserted. Writes bench/results/ocr.json and ocr.png.
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
 import shutil
 import sys
 import time
@@ -35,7 +33,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from common import DaemonProcess, machine_info, median_of, pyplot, world_readable_copy, write_json  # noqa: E402
+from common import DaemonProcess, add_output_arguments, machine_info, median_of, redrawn, run_together, two_bars, world_readable_copy, write_json  # noqa: E402
 
 CLIENT_PROCESSES = 4
 LIBRARY_PROCESSES = 2
@@ -99,14 +97,8 @@ def _library_loop(images: dict[str, bytes], offset: int, duration: float, out: A
 
 
 def _run(target: Any, args_for: list[tuple[Any, ...]]) -> tuple[float, dict[str, list[str]], dict[str, list[float]]]:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*args, out)) for args in args_for]
-    for proc in procs:
-        proc.start()
-    results = [out.get(timeout=600) for _ in procs]
-    for proc in procs:
-        proc.join(30)
+    """Processes started together; images per second summed over them, the lines they read, the stages."""
+    results = run_together(target, args_for)
     lines: dict[str, list[str]] = {}
     stages: dict[str, list[float]] = {}
     for _, _, seen, spent in results:
@@ -117,26 +109,17 @@ def _run(target: Any, args_for: list[tuple[Any, ...]]) -> tuple[float, dict[str,
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(["daemon chain (2 workers)", "rapidocr library (2 processes)"], [result["daemon_images_per_s"], result["library_images_per_s"]], color=["tab:orange", "tab:blue"])
-    ax.set_ylabel("images / s")
-    ax.set_title(f"OCR, image -> text lines: x{result['ratio']:.2f}")
-    fig.tight_layout()
-    fig.savefig(path)
+    two_bars(path, ["daemon chain (2 workers)", "rapidocr library (2 processes)"], [result["daemon_images_per_s"], result["library_images_per_s"]],
+             "images / s", f"OCR, image -> text lines: x{result['ratio']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--out", type=Path, default=BENCH / "results" / "ocr.json")
-    parser.add_argument("--plot-only", type=Path, default=None, metavar="JSON", help="redraw the plot from a results file")
+    add_output_arguments(parser, BENCH / "results" / "ocr.json")
     args = parser.parse_args(argv)
-    if args.plot_only is not None:
-        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+    if redrawn(args, plot):
         return 0
 
     images = _images()

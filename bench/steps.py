@@ -19,8 +19,6 @@ Writes bench/results/steps.json and steps.png.
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
 import shutil
 import sys
 import time
@@ -35,7 +33,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from common import DaemonProcess, machine_info, median_of, pyplot, world_readable_copy, write_json  # noqa: E402
+from common import DaemonProcess, add_output_arguments, machine_info, median_of, redrawn, run_together, two_bars, world_readable_copy, write_json  # noqa: E402
 from real_files import real_files  # noqa: E402
 
 CLIENT_PROCESSES = 4
@@ -82,14 +80,7 @@ def _library_loop(paths: list[str], offset: int, duration: float, out: Any) -> N
 
 def _run(target: Any, args_for: list[tuple[Any, ...]]) -> tuple[float, dict[str, str]]:
     """Processes started together; files per second summed over them, and the labels they saw."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*args, out)) for args in args_for]
-    for proc in procs:
-        proc.start()
-    results = [out.get(timeout=300) for _ in procs]
-    for proc in procs:
-        proc.join(30)
+    results = run_together(target, args_for, timeout_s=300)
     labels: dict[str, str] = {}
     for _, _, seen in results:
         labels.update(seen)
@@ -114,26 +105,17 @@ def _cpu_per_request(address: str, blobs: list[bytes]) -> tuple[float, float]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(["daemon (2 workers)", "magika library (2 processes)"], [result["daemon_files_per_s"], result["library_files_per_s"]], color=["tab:orange", "tab:blue"])
-    ax.set_ylabel("files / s")
-    ax.set_title(f"magika, bytes -> label: x{result['ratio']:.2f} (target >= 0.7)")
-    fig.tight_layout()
-    fig.savefig(path)
+    two_bars(path, ["daemon (2 workers)", "magika library (2 processes)"], [result["daemon_files_per_s"], result["library_files_per_s"]],
+             "files / s", f"magika, bytes -> label: x{result['ratio']:.2f} (target >= 0.7)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=4.0)
-    parser.add_argument("--out", type=Path, default=BENCH / "results" / "steps.json")
-    parser.add_argument("--plot-only", type=Path, default=None, metavar="JSON", help="redraw the plot from a results file")
+    add_output_arguments(parser, BENCH / "results" / "steps.json")
     args = parser.parse_args(argv)
-    if args.plot_only is not None:
-        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+    if redrawn(args, plot):
         return 0
 
     files = [str(p) for p in real_files()]

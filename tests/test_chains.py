@@ -78,13 +78,27 @@ def chained(repo: Path, x: np.ndarray) -> tuple[np.ndarray, int]:
     return run_reference(repo / "second" / "1" / "model.onnx", {"x": first[keep]})["y"], int(keep.sum())
 
 
-@pytest.fixture(scope="module")
-def chain_repo() -> Iterator[Path]:
-    repo = ModelRepo("oi-chain-")
+def chain_of_two(prefix: str) -> ModelRepo:
+    """`first` and `second` (tiny models, one worker each) and the chain `both` that runs them (CHAIN_STEPS)."""
+    repo = ModelRepo(prefix)
     repo.model("first", lambda path: onnx_builders.matmul_model(path, seed=11), config="workers = 1\n")
     repo.model("second", lambda path: onnx_builders.matmul_model(path, seed=12), config="workers = 1\n")
     repo.config("both", CHAIN_CONFIG)
     (repo.root / "both" / "steps.py").write_text(CHAIN_STEPS)
+    return repo
+
+
+@pytest.fixture
+def fresh_chain() -> Iterator[Path]:
+    """chain_of_two in a repository of its own, for a test that changes it."""
+    repo = chain_of_two("oi-chain-fresh-")
+    yield repo.ready()
+    repo.remove()
+
+
+@pytest.fixture(scope="module")
+def chain_repo() -> Iterator[Path]:
+    repo = chain_of_two("oi-chain-")
     repo.model("bystander", lambda path: onnx_builders.matmul_model(path, seed=13), config="workers = 1\n")
     repo.config("parallel", CHAIN_CONFIG)
     (repo.root / "parallel" / "steps.py").write_text(PARALLEL_STEPS)
@@ -240,7 +254,7 @@ def model_status(client: Client, name: str) -> dict[str, Any]:
     return next(m for m in client.status()["models"] if m["name"] == name)
 
 
-def test_a_chain_that_cannot_run_fails_with_the_reason_and_the_rest_serves(tmp_path: Path) -> None:
+def test_a_chain_that_cannot_run_fails_with_the_reason_and_the_rest_serves(daemon_factory: Any) -> None:
     repo = ModelRepo("oi-chain-bad-")
     try:
         repo.model("plain", onnx_builders.matmul_model, config="workers = 1\n")
@@ -250,53 +264,37 @@ def test_a_chain_that_cannot_run_fails_with_the_reason_and_the_rest_serves(tmp_p
             (repo.root / name / "steps.py").write_text(CHAIN_STEPS if name != "undriven" else "INPUTS = [{\"name\": \"x\", \"datatype\": \"FP32\", \"shape\": [-1, 64]}]\ndef pre(inputs):\n    return inputs\n")
         repo.config("with_version", CHAIN_CONFIG)
         onnx_builders.matmul_model((repo.root / "with_version" / "1").mkdir(parents=True) or repo.root / "with_version" / "1" / "model.onnx")
-        running = start_daemon(repo.ready())
-        try:
-            with Client(running.address, timeout=30) as client:
-                wait_for(lambda: all(model_status(client, name)["state"] == "failed" for name in ("missing", "on_broken", "nested", "undriven")), 60, "the chains that cannot run to fail")
-                assert "'nowhere' is not in the repository" in model_status(client, "missing")["reason"]
-                assert "broken" in model_status(client, "on_broken")["reason"]
-                assert "is itself a chain" in model_status(client, "nested")["reason"]
-                assert "defines no `drive(inputs, models)`" in model_status(client, "undriven")["reason"]
-                reasons = str(client.status())
-                assert "has `[chain]` and a <version>/model.onnx" in reasons, reasons
-                assert client.infer("plain", {"x": np.zeros((1, 64), np.float32)}).outputs["y"].shape == (1, 64)
-                with pytest.raises(OpenInferError) as caught:
-                    client.infer("missing", {"x": np.zeros((1, 64), np.float32)})
-                assert caught.value.code == "UNAVAILABLE" and "nowhere" in str(caught.value)
-        finally:
-            running.stop()
-            cleanup_workdir(running)
+        running = daemon_factory(repo.ready())
+        with Client(running.address, timeout=30) as client:
+            wait_for(lambda: all(model_status(client, name)["state"] == "failed" for name in ("missing", "on_broken", "nested", "undriven")), 60, "the chains that cannot run to fail")
+            assert "'nowhere' is not in the repository" in model_status(client, "missing")["reason"]
+            assert "broken" in model_status(client, "on_broken")["reason"]
+            assert "is itself a chain" in model_status(client, "nested")["reason"]
+            assert "defines no `drive(inputs, models)`" in model_status(client, "undriven")["reason"]
+            reasons = str(client.status())
+            assert "has `[chain]` and a <version>/model.onnx" in reasons, reasons
+            assert client.infer("plain", {"x": np.zeros((1, 64), np.float32)}).outputs["y"].shape == (1, 64)
+            with pytest.raises(OpenInferError) as caught:
+                client.infer("missing", {"x": np.zeros((1, 64), np.float32)})
+            assert caught.value.code == "UNAVAILABLE" and "nowhere" in str(caught.value)
     finally:
         repo.remove()
 
 
-def test_a_reload_that_finds_a_new_member_file_replaces_the_chain(tmp_path: Path) -> None:
-    repo = ModelRepo("oi-chain-reload-")
-    try:
-        repo.model("first", lambda path: onnx_builders.matmul_model(path, seed=11), config="workers = 1\n")
-        repo.model("second", lambda path: onnx_builders.matmul_model(path, seed=12), config="workers = 1\n")
-        repo.config("both", CHAIN_CONFIG)
-        (repo.root / "both" / "steps.py").write_text(CHAIN_STEPS)
-        root = repo.ready()
-        running = start_daemon(root)
-        try:
-            x = np.ones((3, 64), np.float32)
-            with Client(running.address, timeout=30) as client:
-                before = client.infer("both", {"x": x}).outputs["y"].copy()
-                second = root / "second" / "1" / "model.onnx"
-                onnx_builders.matmul_model(second.with_name("new.onnx"), seed=99)
-                os.replace(second.with_name("new.onnx"), second)
-                make_world_readable(root)
-                want, _ = chained(root, x)
-                assert not np.allclose(want, before)
-                client.reload()
-                wait_for(lambda: np.allclose(client.infer("both", {"x": x}).outputs["y"], want, rtol=1e-5, atol=1e-5), 60, "the chain to answer with the new member")
-        finally:
-            running.stop()
-            cleanup_workdir(running)
-    finally:
-        repo.remove()
+def test_a_reload_that_finds_a_new_member_file_replaces_the_chain(daemon_factory: Any, fresh_chain: Path) -> None:
+    root = fresh_chain
+    running = daemon_factory(root)
+    x = np.ones((3, 64), np.float32)
+    with Client(running.address, timeout=30) as client:
+        before = client.infer("both", {"x": x}).outputs["y"].copy()
+        second = root / "second" / "1" / "model.onnx"
+        onnx_builders.matmul_model(second.with_name("new.onnx"), seed=99)
+        os.replace(second.with_name("new.onnx"), second)
+        make_world_readable(root)
+        want, _ = chained(root, x)
+        assert not np.allclose(want, before)
+        client.reload()
+        wait_for(lambda: np.allclose(client.infer("both", {"x": x}).outputs["y"], want, rtol=1e-5, atol=1e-5), 60, "the chain to answer with the new member")
 
 
 def test_a_workers_report_of_stages_is_checked_where_it_arrives() -> None:
@@ -336,44 +334,32 @@ def test_a_workers_report_of_stages_is_checked_where_it_arrives() -> None:
 
 
 @pytest.mark.parametrize("removed", ["model", "version"])
-def test_a_chain_stops_when_one_of_its_models_is_removed(tmp_path: Path, removed: str) -> None:
+def test_a_chain_stops_when_one_of_its_models_is_removed(daemon_factory: Any, fresh_chain: Path, removed: str) -> None:
     """An operator who removes a model - or the version a chain runs - from the repository must not find it
     still answering inside a chain (found by attackers: the chain served the removed model's weights, then
     crash-looped on respawn; the same by removing version 1 beside a version 2 that does not load)."""
     import shutil
 
-    repo = ModelRepo("oi-chain-remove-")
-    try:
-        repo.model("first", lambda path: onnx_builders.matmul_model(path, seed=11), config="workers = 1\n")
-        repo.model("second", lambda path: onnx_builders.matmul_model(path, seed=12), config="workers = 1\n")
-        repo.config("both", CHAIN_CONFIG)
-        (repo.root / "both" / "steps.py").write_text(CHAIN_STEPS)
-        root = repo.ready()
-        running = start_daemon(root)
-        try:
-            x = np.ones((1, 64), np.float32)
-            with Client(running.address, timeout=30) as client:
-                assert client.infer("both", {"x": x}).stages is not None
-                if removed == "model":
-                    shutil.rmtree(root / "second")
-                else:
-                    shutil.rmtree(root / "second" / "1")
-                    (root / "second" / "2").mkdir(mode=0o755)
-                    (root / "second" / "2" / "model.onnx").write_bytes(b"not a model")
-                    make_world_readable(root)
-                client.reload()
-                with pytest.raises(OpenInferError) as caught:
-                    client.infer("both", {"x": x})
-                assert caught.value.code in ("NOT_FOUND", "UNAVAILABLE"), str(caught.value)
-                row = model_status(client, "both")
-                assert row["state"] == "failed" and "second:1 was removed" in row["reason"], row
-                wait_for(lambda: not any(w["model"] in ("both", "second") and w["state"] != "exited" for w in client.status()["workers"]), 30, "the chain's and the removed model's workers to exit")
-                assert client.infer("first", {"x": x}).outputs["y"].shape == (1, 64)  # the rest serves
-        finally:
-            running.stop()
-            cleanup_workdir(running)
-    finally:
-        repo.remove()
+    root = fresh_chain
+    running = daemon_factory(root)
+    x = np.ones((1, 64), np.float32)
+    with Client(running.address, timeout=30) as client:
+        assert client.infer("both", {"x": x}).stages is not None
+        if removed == "model":
+            shutil.rmtree(root / "second")
+        else:
+            shutil.rmtree(root / "second" / "1")
+            (root / "second" / "2").mkdir(mode=0o755)
+            (root / "second" / "2" / "model.onnx").write_bytes(b"not a model")
+            make_world_readable(root)
+        client.reload()
+        with pytest.raises(OpenInferError) as caught:
+            client.infer("both", {"x": x})
+        assert caught.value.code in ("NOT_FOUND", "UNAVAILABLE"), str(caught.value)
+        row = model_status(client, "both")
+        assert row["state"] == "failed" and "second:1 was removed" in row["reason"], row
+        wait_for(lambda: not any(w["model"] in ("both", "second") and w["state"] != "exited" for w in client.status()["workers"]), 30, "the chain's and the removed model's workers to exit")
+        assert client.infer("first", {"x": x}).outputs["y"].shape == (1, 64)  # the rest serves
 
 
 def test_a_drive_step_that_calls_a_model_without_end_is_stopped_with_a_typed_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -386,7 +372,12 @@ def test_a_drive_step_that_calls_a_model_without_end_is_stopped_with_a_typed_err
     from openinfer.daemon.steps.runner import Stage, StepRunner
 
     class Echo:
+        calls = 0
+
         def run(self, wanted: list[str], feed: dict[str, Any], run_options: Any = None) -> list[Any]:
+            Echo.calls += 1
+            if Echo.calls > 1000:  # no bound in the runner: fail here rather than loop for ever
+                raise RuntimeError("the runner let the step call the model without end")
             return [feed["x"]]
 
     def drive(inputs: dict[str, Any], models: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import onnx_builders
 from daemon_harness import RunningDaemon, wait_for, world_readable_dir
 from openinfer.client import Client, DeadlineExceeded, OpenInferError, Unavailable
 from openinfer.wire.protocol import encode_infer_request, unpack
-from repo_builder import make_world_readable
+from repo_builder import ModelRepo, make_world_readable
 
 pytestmark = pytest.mark.live
 
@@ -444,33 +444,35 @@ def pre(inputs):
 '''
 
 
+@pytest.fixture
+def slow_repo() -> Any:
+    """`slow`: a tiny model whose pre step spins for the request's `seconds`, as a long run would."""
+    models = ModelRepo("oi-slow-")
+    models.model("slow", onnx_builders.matmul_model, config='workers = 1\n\n[steps]\nmodule = "steps.py"\n')
+    (models.root / "slow" / "steps.py").write_text(SLOW_STEPS)
+    yield models.ready()
+    models.remove()
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "front-door"])
-def test_a_request_longer_than_the_ping_grace_is_answered_and_its_worker_kept(daemon_factory: Any, direct: bool) -> None:
+def test_a_request_longer_than_the_ping_grace_is_answered_and_its_worker_kept(daemon_factory: Any, slow_repo: Path, direct: bool) -> None:
     """A worker running a direct request is READY to the supervisor; its liveness pings must not kill it
     while its deadline page says it runs (found by an attacker: every direct request longer than the ping
     grace got WORKER_CRASHED, and five in a row made the model UNAVAILABLE)."""
-    root = world_readable_dir("oi-slow-")
-    onnx_builders.matmul_model(root / "slow" / "1" / "model.onnx")
-    (root / "slow" / "config.toml").write_text('workers = 1\n\n[steps]\nmodule = "steps.py"\n')
-    (root / "slow" / "steps.py").write_text(SLOW_STEPS)
-    make_world_readable(root)
-    try:
-        env = {"OPENINFER_POOL_PING_INTERVAL_S": "0.2", "OPENINFER_POOL_PING_GRACE_S": "0.5", "OPENINFER_POOL_DIRECT": "1" if direct else "0"}
-        running = daemon_factory(root, env=env)
-        with Client(running.address, timeout=30) as client:
-            pid = worker_pids(client, "slow")[0]
-            for _ in range(3):  # more than one ping interval and grace each, back to back
-                result = client.infer("slow", {"seconds": np.array(1.5, np.float32)})
-                assert result.outputs["y"].shape == (1, 64)
-            assert worker_pids(client, "slow") == [pid]
-            assert next(m for m in client.models() if m["name"] == "slow")["state"] == "ready"
-        assert "worker unresponsive" not in running.log_text()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    env = {"OPENINFER_POOL_PING_INTERVAL_S": "0.2", "OPENINFER_POOL_PING_GRACE_S": "0.5", "OPENINFER_POOL_DIRECT": "1" if direct else "0"}
+    running = daemon_factory(slow_repo, env=env)
+    with Client(running.address, timeout=30) as client:
+        pid = worker_pids(client, "slow")[0]
+        for _ in range(3):  # more than one ping interval and grace each, back to back
+            result = client.infer("slow", {"seconds": np.array(1.5, np.float32)})
+            assert result.outputs["y"].shape == (1, 64)
+        assert worker_pids(client, "slow") == [pid]
+        assert next(m for m in client.models() if m["name"] == "slow")["state"] == "ready"
+    assert "worker unresponsive" not in running.log_text()
 
 
 @pytest.mark.parametrize("client_kind", ["sync", "async"])
-def test_a_run_that_does_not_stop_at_its_deadline_takes_no_innocent_request_with_it(daemon_factory: Any, client_kind: str) -> None:
+def test_a_run_that_does_not_stop_at_its_deadline_takes_no_innocent_request_with_it(daemon_factory: Any, slow_repo: Path, client_kind: str) -> None:
     """A step's Python loop cannot be stopped by onnxruntime's flag: the daemon kills its worker half a second
     past the deadline. The client waits for that (its connection's close answers DEADLINE_EXCEEDED) instead of
     giving up first and sending its next request to the doomed worker (found by an attacker: that innocent
@@ -479,26 +481,18 @@ def test_a_run_that_does_not_stop_at_its_deadline_takes_no_innocent_request_with
 
     from openinfer.client import AsyncClient
 
-    root = world_readable_dir("oi-stuck-")
-    onnx_builders.matmul_model(root / "slow" / "1" / "model.onnx")
-    (root / "slow" / "config.toml").write_text('workers = 1\n\n[steps]\nmodule = "steps.py"\n')
-    (root / "slow" / "steps.py").write_text(SLOW_STEPS)
-    make_world_readable(root)
-    try:
-        running = daemon_factory(root, env={"OPENINFER_POOL_DIRECT": "1"})
-        stuck, innocent = {"seconds": np.array(3600, np.float32)}, {"seconds": np.array(0, np.float32)}
-        if client_kind == "sync":
-            with Client(running.address, timeout=30) as client:
+    running = daemon_factory(slow_repo, env={"OPENINFER_POOL_DIRECT": "1"})
+    stuck, innocent = {"seconds": np.array(3600, np.float32)}, {"seconds": np.array(0, np.float32)}
+    if client_kind == "sync":
+        with Client(running.address, timeout=30) as client:
+            with pytest.raises(DeadlineExceeded):
+                client.infer("slow", stuck, timeout=1.0)
+            assert client.infer("slow", innocent, timeout=30).outputs["y"].shape == (1, 64)
+    else:
+        async def both() -> None:
+            async with AsyncClient(running.address, timeout=30) as client:
                 with pytest.raises(DeadlineExceeded):
-                    client.infer("slow", stuck, timeout=1.0)
-                assert client.infer("slow", innocent, timeout=30).outputs["y"].shape == (1, 64)
-        else:
-            async def both() -> None:
-                async with AsyncClient(running.address, timeout=30) as client:
-                    with pytest.raises(DeadlineExceeded):
-                        await client.infer("slow", stuck, timeout=1.0)
-                    assert (await client.infer("slow", innocent, timeout=30)).outputs["y"].shape == (1, 64)
+                    await client.infer("slow", stuck, timeout=1.0)
+                assert (await client.infer("slow", innocent, timeout=30)).outputs["y"].shape == (1, 64)
 
-            asyncio.run(both())
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+        asyncio.run(both())

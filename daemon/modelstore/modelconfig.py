@@ -1,6 +1,7 @@
 """Per-model settings from `<repo>/<model>/config.toml`, validated strictly (unknown keys are errors)."""
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -119,11 +120,10 @@ def parse_model_config(path: Path, text: str | None = None) -> ModelConfig:
 
 
 MAX_CHAIN_MODELS = 8
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # a model directory's name (a chain names its models so)
 
 
 def _parse_chain(path: Path, raw: Any) -> ChainConfig:
-    from .repository import MODEL_NAME  # the member names are model directory names
-
     items = dict(_table_items(path, "chain", raw, ChainConfig))
     models = items.get("models")
     if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):

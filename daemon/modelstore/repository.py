@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .modelconfig import ConfigError, ModelConfig, parse_model_config
+from .modelconfig import MODEL_NAME, ConfigError, ModelConfig, parse_model_config
 
 log = logging.getLogger("openinfer.repository")
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.toml"
 MAX_CONFIG_BYTES = 1 << 20

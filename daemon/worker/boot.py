@@ -145,23 +145,13 @@ def _open_source(config: WorkerBootConfig, version_dir: int, user: str) -> "Mode
 
 
 def _open_sources(config: WorkerBootConfig, version_dir: int, stage_dirs: list[int], user: str) -> list[tuple[WorkerBootConfig, "ModelSource"]]:
-    """Step 5 for the model, or for each member of a chain (whose own directory holds no model)."""
+    """Step 5 for the model, or for each member of a chain (whose own directory holds no model). A failure
+    ends the worker (BootFailure): what is still open goes with it."""
     if not config.chain:
         return [(config, _open_source(config, version_dir, user))]
     os.close(version_dir)
-    sources: list[tuple[WorkerBootConfig, ModelSource]] = []
-    try:
-        for member, stage_dir in zip(config.chain, list(stage_dirs)):
-            stage = config.stage(member)
-            stage_dirs.remove(stage_dir)  # _open_source closes it
-            sources.append((stage, _open_source(stage, stage_dir, user)))
-    except BaseException:
-        for _, source in sources:
-            source.close()
-        for stage_dir in stage_dirs:
-            os.close(stage_dir)
-        raise
-    return sources
+    stages = [config.stage(member) for member in config.chain]
+    return [(stage, _open_source(stage, stage_dir, user)) for stage, stage_dir in zip(stages, stage_dirs)]
 
 
 def _load_session(config: WorkerBootConfig, source: "ModelSource") -> tuple[Any, dict[str, list[dict[str, Any]]]]:
@@ -296,14 +286,8 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
         sources = _open_sources(config, _open_version_dir(config, user), stage_dirs, user)
 
     started = time.monotonic_ns()
-    loaded_models: dict[str, tuple[Any, dict[str, list[dict[str, Any]]]]] = {}
-    for position, (stage_config, source) in enumerate(sources):
-        try:
-            loaded_models["" if not config.chain else stage_config.model] = _load_session(stage_config, source)
-        except BaseException:
-            for _, rest in sources[position + 1:]:
-                rest.close()
-            raise
+    # By name for a chain's drive step; "" for a model's own (a failure ends the worker, sources and all).
+    loaded_models = {stage.model if config.chain else "": _load_session(stage, source) for stage, source in sources}
     loaded = time.monotonic_ns()
     if config.sandbox.enabled:
         # Before the warm-up: a hostile model's first run must already be held by the memory limit.

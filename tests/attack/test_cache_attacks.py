@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,10 +17,9 @@ import numpy as np
 import pytest
 
 import onnx_builders
-from daemon_harness import world_readable_dir
 from openinfer.client import Client
 from other_uid import run_as
-from repo_builder import make_world_readable
+from repo_builder import ModelRepo
 
 pytestmark = pytest.mark.attack
 
@@ -38,16 +36,12 @@ with Client(sys.argv[1], direct=sys.argv[3] == "direct") as client:
 
 @pytest.fixture
 def repo() -> Iterator[Path]:
-    root = world_readable_dir("oi-cache-attack-")
-    onnx_builders.matmul_model(root / "private" / "1" / "model.onnx")
-    (root / "private" / "config.toml").write_text("workers = 1\n\n[cache]\n")
-    onnx_builders.matmul_model(root / "shared" / "1" / "model.onnx")
-    (root / "shared" / "config.toml").write_text("workers = 1\n\n[cache]\nshared = true\n")
-    onnx_builders.matmul_model(root / "big" / "1" / "model.onnx")
-    (root / "big" / "config.toml").write_text("workers = 1\nmemory_limit_mb = 600\n\n[cache]\nentries = 1000\nmax_bytes = 8000000000\n")
-    make_world_readable(root)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    models = ModelRepo("oi-cache-attack-")
+    models.model("private", onnx_builders.matmul_model, config="workers = 1\n\n[cache]\n")
+    models.model("shared", onnx_builders.matmul_model, config="workers = 1\n\n[cache]\nshared = true\n")
+    models.model("big", onnx_builders.matmul_model, config="workers = 1\nmemory_limit_mb = 600\n\n[cache]\nentries = 1000\nmax_bytes = 8000000000\n")
+    yield models.ready()
+    models.remove()
 
 
 @pytest.mark.parametrize("path", ["direct", "front-door"])
