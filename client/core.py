@@ -33,8 +33,9 @@ REPLY_SLACK_MAX_S = 1.0
 # On the direct path at least this: a worker whose run does not stop at its deadline (a step's Python
 # loop, which onnxruntime's stop flag cannot reach) is killed half a second past it, and the closed
 # connection then answers the request DEADLINE_EXCEEDED. A client that gave up sooner sent its next
-# request to that worker, and it died with it (found by an attacker).
-DIRECT_REPLY_SLACK_MIN_S = 0.8
+# request to that worker, and it died with it (found by an attacker). A second more than the kill's half
+# second: on a loaded machine the kill comes later (a full test run saw 0.8 s fall short).
+DIRECT_REPLY_SLACK_MIN_S = 1.5
 
 
 # A request with more tensor bytes than this is checked against the front door's limits before it is

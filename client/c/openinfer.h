@@ -167,7 +167,7 @@ typedef struct oi_result {
 /* On the direct path at least this much: a worker whose run does not stop at its deadline is killed
  * half a second past it, and its closed connection then answers the request DEADLINE_EXCEEDED; giving up
  * sooner would send the next request to that worker, to die with it. */
-#define OI_DIRECT_REPLY_GRACE_MS 800
+#define OI_DIRECT_REPLY_GRACE_MS 1500
 int oi_infer(oi_client *client, const char *model, int64_t version, const oi_tensor *inputs, size_t n_inputs,
              oi_result *out);
 
