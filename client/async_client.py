@@ -261,7 +261,7 @@ class AsyncClient:
         address = core.pick_address(lease)
         if address is None:
             core.leases.pop((lease.model, lease.version), None)
-            raise NoDirectPath("every worker of the lease is retiring")
+            raise NoDirectPath("every worker of the lease is retiring, or running a request this client gave up on")
         lock = self._link_locks.setdefault(address, asyncio.Lock())
         async with lock:
             known = core.links.get(address)
@@ -301,6 +301,7 @@ class AsyncClient:
                         link.stream.send(core.op_frames(core.next_id(), "cancel", {"target": request_id}))
                     except (PeerClosed, OSError):
                         pass
+                    core.gave_up(link, request_id)
                     raise core.timed_out(budget, direct=True) from None
         finally:
             self._waiters.pop(request_id, None)

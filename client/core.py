@@ -32,9 +32,9 @@ REPLY_SLACK_MIN_S = 0.05
 REPLY_SLACK_MAX_S = 1.0
 # On the direct path at least this: a worker whose run does not stop at its deadline (a step's Python
 # loop, which onnxruntime's stop flag cannot reach) is killed half a second past it, and the closed
-# connection then answers the request DEADLINE_EXCEEDED. A client that gave up sooner sent its next
-# request to that worker, and it died with it (found by an attacker). A second more than the kill's half
-# second: on a loaded machine the kill comes later (a full test run saw 0.8 s fall short).
+# connection then answers the request DEADLINE_EXCEEDED, which says where the time went. A second more
+# than the kill's half second: on a loaded machine the kill comes later. Giving up first is safe all the
+# same: the link then takes nothing new until the reply or the close (DirectLink.owed).
 DIRECT_REPLY_SLACK_MIN_S = 1.5
 
 
@@ -231,6 +231,12 @@ class ClientCore:
         elif self._stay is None:
             self._stay = address
 
+    @staticmethod
+    def gave_up(link: DirectLink, request_id: int) -> None:
+        """The caller's timeout passed with no reply: the link takes nothing new until that reply comes."""
+        if not link.closed:
+            link.owed.add(request_id)
+
     def link_lost(self, link: DirectLink) -> None:
         """Its worker is gone: what waited there fails (WORKER_CRASHED, or DEADLINE_EXCEEDED past its
         deadline), and leases naming it are renewed before the next request. On a link whose worker said
@@ -271,6 +277,12 @@ class ClientCore:
             read_replies(link)
         except PeerClosed:
             self.link_lost(link)
+
+    def settle_owed(self) -> None:
+        """Read what came on links that owe a reply (the sync client reads a link only while it waits
+        there): the reply, or the close, makes the link usable again or ends it."""
+        for link in [link for link in self.links.values() if link.owed]:
+            self.notice_goaway(link)
 
     def forget_drained(self) -> list[DirectLink]:
         """Links whose worker said GOAWAY and that have nothing pending: close them."""

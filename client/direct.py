@@ -11,7 +11,10 @@ lease, and sends `infer` there: one hop. What happens to a request when things c
   for a worker that cannot be connected to (gone since the lease was issued);
 - the worker dies: its connection closes; each request in flight on it fails with WORKER_CRASHED
   (DEADLINE_EXCEEDED if its own deadline had passed: the daemon kills a worker whose run overstays it),
-  never retried (a poison input would kill the next worker too).
+  never retried (a poison input would kill the next worker too);
+- the client gives up on a request (its timeout passed with no reply): nothing more is sent on that
+  connection until the reply or the close comes (the worker may be about to be killed for that run);
+  requests meanwhile use the lease's other workers, or the front door.
 Nothing here blocks: `DirectLink` is a non-blocking socket plus a frame stream; the clients wait.
 """
 from __future__ import annotations
@@ -104,13 +107,17 @@ class DirectLink:
     attached_ns: int = 0  # expiry of the lease attached (0: none yet)
     draining: bool = False  # the worker said GOAWAY: send nothing more here
     closed: bool = False
+    # Requests this client gave up on (its timeout passed) whose reply has not come: the worker may still
+    # be running one past its deadline, to be killed for it, so nothing new is sent here until the reply
+    # (or the close) comes - a new request would die with the worker (WORKER_CRASHED).
+    owed: set[int] = field(default_factory=set)
 
     @property
     def fd(self) -> int:
         return self.stream.sock.fileno()
 
     def usable(self) -> bool:
-        return not self.draining and not self.closed
+        return not self.draining and not self.closed and not self.owed
 
 
 def connect(address: str, timeout: float) -> DirectLink:
@@ -168,6 +175,8 @@ def read_replies(link: DirectLink) -> list[tuple[dict[str, Any], list[Buffer]]]:
         if header.get("goaway"):
             link.draining = True
             continue
+        if link.owed:
+            link.owed.discard(header.get("id"))  # type: ignore[arg-type]
         replies.append((header, frames))
     return replies
 

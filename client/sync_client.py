@@ -225,10 +225,11 @@ class Client:
     def _link(self, lease: Lease, deadline: float) -> DirectLink:
         core = self._core
         core.forget_drained()
+        core.settle_owed()
         address = core.pick_address(lease)
         if address is None:
             core.leases.pop((lease.model, lease.version), None)
-            raise NoDirectPath("every worker of the lease is retiring")
+            raise NoDirectPath("every worker of the lease is retiring, or running a request this client gave up on")
         link = core.links.get(address)
         if link is not None:
             core.notice_goaway(link)  # nobody reads an idle link in between requests
@@ -258,6 +259,7 @@ class Client:
                 remaining = give_up - time.monotonic()
                 if remaining <= 0:
                     self._direct_cancel(link, request_id)
+                    core.gave_up(link, request_id)
                     raise core.timed_out(budget, direct=True)
                 if stream.out_bytes:
                     select.select([sock], [sock], [], remaining)

@@ -481,6 +481,9 @@ class Supervisor:
             worker.exit_reason = f"killed: a request sent to it directly was still running after {ran_ns // 1_000_000} ms, past its deadline"
             worker.expected_exit = True
             self._retire_now(worker)
+            # What the front door gave it waits behind that run and never started: it goes to another
+            # worker (or the replacement) rather than dying with this one.
+            self.dispatcher.requeue_unstarted(worker)
         for worker in list(self.pool.workers.values()):
             if worker.retired or not worker.inflight.overdue(now):
                 continue

@@ -190,6 +190,26 @@ def endless_loop_model(path: Path, iterations: int = 10**12) -> Path:
     return _save(helper.make_model(graph, opset_imports=OPSET), path)
 
 
+def spin_on_demand_model(path: Path) -> Path:
+    """Like endless_loop_model for x = 1 (10^12 iterations: forever, in practice) but instant for x = 0, so
+    the worker's warm-up on zeros does not spin out its 5 s bound on every start (tests that need the
+    boot-time warm-up of a hostile model use endless_loop_model)."""
+    body = _counting_loop_body()
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "scale"], ["scaled"]),
+            helper.make_node("ReduceMax", ["scaled"], ["most"], keepdims=0),
+            helper.make_node("Cast", ["most"], ["max_iter"], to=TensorProto.INT64),
+            helper.make_node("Loop", ["max_iter", "cond", "x"], ["y"], body=body),
+        ],
+        "spin",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        initializer=[numpy_helper.from_array(np.array([1e12], dtype=np.float32), "scale"), numpy_helper.from_array(np.array(True), "cond")],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
 def conv_image_model(path: Path) -> Path:
     """Dynamic 4-D image input FP32[N,3,H,W] -> 3x3 conv to 4 channels."""
     rng = np.random.default_rng(1)

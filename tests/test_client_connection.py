@@ -31,7 +31,7 @@ TIMEOUT_S = 20.0  # the callers' budget: a drop must be reported long before it
 def repo() -> Any:
     models = ModelRepo("oi-client-conn-")
     models.model("tiny", onnx_builders.matmul_model)
-    models.model("spin", onnx_builders.endless_loop_model, config="max_compute_ms = 120000\n")
+    models.model("spin", onnx_builders.spin_on_demand_model, config="max_compute_ms = 120000\n")
     yield models.ready()
     models.remove()
 
@@ -96,7 +96,7 @@ def test_a_dropped_connection_fails_the_sync_clients_request_at_once(running: Ru
     def call() -> None:
         with Client(running.address, direct=False, timeout=TIMEOUT_S) as client:
             try:
-                client.infer("spin", {"x": np.zeros(1, np.float32)})
+                client.infer("spin", {"x": np.ones(1, np.float32)})
             except OpenInferError as exc:
                 outcome.append(exc)
 
@@ -111,7 +111,7 @@ def test_a_dropped_connection_fails_the_sync_clients_request_at_once(running: Ru
 def test_a_dropped_connection_fails_every_async_request_in_flight(running: RunningDaemon) -> None:
     async def scenario() -> list[BaseException]:
         async with AsyncClient(running.address, direct=False, timeout=TIMEOUT_S, retries=3) as client:
-            calls = [asyncio.ensure_future(client.infer("spin", {"x": np.zeros(1, np.float32)})) for _ in range(2)]
+            calls = [asyncio.ensure_future(client.infer("spin", {"x": np.ones(1, np.float32)})) for _ in range(2)]
             await asyncio.get_running_loop().run_in_executor(None, kill_daemon_when_spinning, running)
             # they end either way: at the drop, or at their own timeout with DEADLINE_EXCEEDED
             return list(await asyncio.gather(*calls, return_exceptions=True))
@@ -148,13 +148,13 @@ def test_the_daemons_deadline_answer_arrives_before_the_clients_own_timer(runnin
         wait_for(lambda: any(w["model"] == "spin" and w["state"] == "busy" for w in admin.status()["workers"]), 30, "the spin worker busy")
     with Client(running.address, direct=False, timeout=0.3) as client:
         with pytest.raises(DeadlineExceeded) as caught:
-            client.infer("spin", {"x": np.zeros(1, np.float32)})
+            client.infer("spin", {"x": np.ones(1, np.float32)})
     assert "no reply" not in caught.value.message and "queue" in caught.value.message, caught.value.message
 
 
 def _spin_until_the_daemon_stops(address: str) -> None:
     with Client(address, direct=False, timeout=5.0) as client:  # its deadline ends the run soon after the test
         try:
-            client.infer("spin", {"x": np.zeros(1, np.float32)})
+            client.infer("spin", {"x": np.ones(1, np.float32)})
         except OpenInferError:
             pass  # its deadline, or the daemon stopping under it

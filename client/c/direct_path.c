@@ -409,6 +409,10 @@ int oi_direct_infer(oi_direct *d, const oi_direct_request *req, oi_direct_answer
         link->outstanding--;
         if (rc == OI_LINK_TIMEOUT) {
             send_cancel(d, link, req->id);
+            /* Its worker may still be running the request, past its deadline, to be killed for it: the
+             * next request must not go there. Closing the link and the leases naming it makes the next
+             * one take a new lease, which leaves out a worker running past a deadline. */
+            if (link->outstanding == 0) link_lost(d, link);
             return fail(err, OI_ERR_TIMEOUT, "DEADLINE_EXCEEDED", "no reply from the worker within the client's timeout (%d ms, plus %d ms of grace)",
                         req->timeout_ms, OI_DIRECT_REPLY_GRACE_MS);
         }

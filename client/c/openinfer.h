@@ -165,8 +165,9 @@ typedef struct oi_result {
  */
 #define OI_REPLY_GRACE_MS 200
 /* On the direct path at least this much: a worker whose run does not stop at its deadline is killed
- * half a second past it, and its closed connection then answers the request DEADLINE_EXCEEDED; giving up
- * sooner would send the next request to that worker, to die with it. */
+ * half a second past it, and its closed connection then answers the request DEADLINE_EXCEEDED (the
+ * daemon's word, not this library's). A request given up on closes its worker connection all the same:
+ * the next request takes a new lease, which leaves out a worker running past a deadline. */
 #define OI_DIRECT_REPLY_GRACE_MS 1500
 int oi_infer(oi_client *client, const char *model, int64_t version, const oi_tensor *inputs, size_t n_inputs,
              oi_result *out);

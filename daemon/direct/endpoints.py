@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import stat
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -118,9 +119,10 @@ class DirectPath:
     def lease(self, identity: str, model: ServedModel, max_in_flight: int, limits: dict[str, Any]) -> dict[str, Any]:
         if self.directory is None:
             raise Unavailable("this daemon has no direct path (it serves tcp://, or pool.direct = false): send infer to the front door", {"direct": "off"})
-        workers = [w for w in model.workers if w.direct_address and not w.retired and w.state in (WorkerState.READY, WorkerState.BUSY)]
+        now = time.monotonic_ns()
+        workers = [w for w in model.workers if w.direct_address and not w.retired and w.state in (WorkerState.READY, WorkerState.BUSY) and not _past_deadline(w, now)]
         if not workers:
-            raise Unavailable(f"model {model.key} has no worker ready for direct requests yet")
+            raise Unavailable(f"model {model.key} has no worker ready for direct requests right now (starting, or running past a deadline)")
         ttl_ns = int(self.settings.server.lease_ttl_s * 1e9)
         self._serial += 1
         token, _ = leases.issue(self.key, identity, model.name, model.version, ttl_ns, self._serial, max_in_flight)
@@ -165,6 +167,15 @@ class DirectPath:
     def close(self) -> None:
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _past_deadline(worker: WorkerHandle, now_ns: int) -> bool:
+    """A worker still running a direct request past its deadline is stopping it or about to be killed: a
+    lease that named it would send a client's next request to its death (WORKER_CRASHED)."""
+    if worker.page is None:
+        return False
+    deadline = worker.page.read()[1]
+    return bool(deadline) and now_ns > deadline
 
 
 def _endpoint_dir(socket_path: Path, settings: Settings) -> Path | None:

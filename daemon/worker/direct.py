@@ -180,8 +180,8 @@ class DirectDoor:
                 except OpenInferError:
                     pass
             exc = OverLimit(f"request over this worker's limits: {event.reason} (server.max_request_bytes = {self.limits.max_request_bytes})")
-            self.error(conn, delimited, oversized_id, exc, received_ns)
             self.on_outcome(conn, conn.identity, "(oversized)", oversized_id, exc, received_ns)
+            self.error(conn, delimited, oversized_id, exc, received_ns)
             self.strike(conn)
             return
         delimited = len(event) > 1 and len(event[0]) == 0
@@ -197,8 +197,9 @@ class DirectDoor:
             op = check_envelope(header, len(body))
             client = client_key(header.get("client"), conn.identity)
             if op == "attach":
-                self._attach(conn, delimited, request_id, header)  # type: ignore[arg-type]
+                answer = self._attach(conn, request_id, header)  # type: ignore[arg-type]
                 self.on_outcome(conn, client, op, request_id, None, received_ns)
+                self.reply(conn, delimited, answer)
                 return
             if op not in DIRECT_OPERATIONS:
                 raise InvalidArgument(f"`{op}` is not served on a worker endpoint: send it to the front door (only attach, infer and cancel come here)")
@@ -210,25 +211,26 @@ class DirectDoor:
             if op == "cancel":
                 target = header.get("target")
                 cancelled = isinstance(target, int) and self.on_cancel(conn, target)
-                self.reply(conn, delimited, {"v": PROTOCOL_VERSION, "id": request_id, "result": {"cancelled": cancelled}})
                 self.on_outcome(conn, client, op, request_id, None, received_ns)
+                self.reply(conn, delimited, {"v": PROTOCOL_VERSION, "id": request_id, "result": {"cancelled": cancelled}})
                 return
             self.on_request(conn, delimited, request_id, header, body[1:], received_ns)  # type: ignore[arg-type]
         except OpenInferError as exc:
-            self.error(conn, delimited, request_id, exc, received_ns)
+            # Into the books before the reply leaves: a client that reads `stats` right after finds it there.
             self.on_outcome(conn, client, op, request_id, exc, received_ns)
+            self.error(conn, delimited, request_id, exc, received_ns)
             if request_id is None or isinstance(exc, OverLimit) or conn.lease is None:
                 self.strike(conn)  # a conforming client attaches first: anything else before it is a strike
 
-    def _attach(self, conn: DirectConnection, delimited: bool, request_id: int, header: dict[str, Any]) -> None:
-        """Check the lease before anything else is read from this connection."""
+    def _attach(self, conn: DirectConnection, request_id: int, header: dict[str, Any]) -> dict[str, Any]:
+        """Check the lease before anything else is read from this connection; the reply to send."""
         try:
             lease = verify(self.key, header.get("lease"), conn.identity, self.model, self.version, time.monotonic_ns())
         except LeaseRefused as exc:
             raise PermissionDenied(str(exc), {"lease": "expired"} if exc.expired else None) from None
         conn.lease = lease
         result = {"model": self.model, "version": self.version, "worker": self.worker_id, "expires_in_ms": max(0, (lease.expires_ns - time.monotonic_ns()) // 1_000_000)}
-        self.reply(conn, delimited, {"v": PROTOCOL_VERSION, "id": request_id, "result": result})
+        return {"v": PROTOCOL_VERSION, "id": request_id, "result": result}
 
     # -- replies --------------------------------------------------------------------------------------
     def held(self) -> ContextManager[None]:

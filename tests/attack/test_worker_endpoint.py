@@ -24,7 +24,9 @@ from direct_peer import Peer, attach, busy, infer, lease_of, worker_pid
 from other_uid import NOBODY, start_as
 from repo_builder import make_world_readable
 
-DIRECT = {"OPENINFER_POOL_DIRECT": "1", "OPENINFER_SERVER_SOCKET_MODE": "0o666"}
+# Leases last a minute here: these attacks are about what a worker admits, and a loaded machine can take
+# longer than the default 5 s between taking a lease and the last request sent under it.
+DIRECT = {"OPENINFER_POOL_DIRECT": "1", "OPENINFER_SERVER_SOCKET_MODE": "0o666", "OPENINFER_SERVER_LEASE_TTL_S": "60"}
 X = np.ones((1, 64), np.float32)
 
 
