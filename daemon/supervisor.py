@@ -93,7 +93,7 @@ class Supervisor:
         self.pool.runtime_dir = self.runtime_dir
         self.listener = bind_public(settings, resolve_address(settings.server.socket))
         self.connections = ConnectionTable(settings, self.reactor, self.timers, self.listener, self.access, self._on_client_event, self._on_connection_closed)
-        self.direct = DirectPath(settings, self.listener, DirectBooks(self.accountant, self._log_direct_access))
+        self.direct = DirectPath(settings, self.listener, DirectBooks(self.accountant, self._log_direct_access, lambda: self.replies.settings.log.access_log_sample > 0))
         self.pool.direct = self.direct
         self.sync = RepositorySync(settings, self.registry, self.pool, self._quit)
         self.replies = ReplySender(settings, self.connections, self.accountant, self.limiter)

@@ -25,6 +25,7 @@ from openinfer.daemon.observability.accounting import (
     LatencySketch,
     hdr_bucket_range,
     hdr_index,
+    hdr_indices,
 )
 
 pytestmark = pytest.mark.unit
@@ -157,6 +158,35 @@ def test_a_batch_recorded_at_once_equals_its_members_recorded_one_by_one() -> No
     got, got_cpu = without_cpu(at_once.snapshot())
     assert got == want
     assert got_cpu == pytest.approx(want_cpu, rel=1e-9)  # summed in another order
+
+
+def test_requests_recorded_many_at_once_equal_the_same_recorded_one_by_one() -> None:
+    """record_many (a worker's ledger read in bulk) must add exactly what record adds per request: counts,
+    stage sums to the nanosecond, duration buckets, the latency sketch, bytes and the CPU sum - with
+    stages missing from some requests (NaN) and values on bucket bounds."""
+    from openinfer.daemon.direct.ledger import TIMING_KEYS
+
+    rng = random.Random(11)
+    one_by_one, at_once = Accountant(), Accountant()
+    for _ in range(60):
+        client = rng.choice(["alice@uid=0", "uid=65534"])
+        code = rng.choice([None, None, "INVALID_ARGUMENT", "DEADLINE_EXCEEDED"])
+        rows, bytes_in, bytes_out = [], 0, 0
+        for _ in range(rng.randrange(1, 40)):
+            timing = {key: rng.choice([rng.uniform(0.0, 3e5), float(rng.choice(DURATION_BUCKETS_US)), rng.uniform(0, 2)]) for key in TIMING_KEYS if rng.random() < 0.8}
+            size_in, size_out = rng.randrange(1 << 20), rng.randrange(1 << 20)
+            one_by_one.record("tiny", 1, client, code, timing, size_in, size_out)
+            rows.append(timing)
+            bytes_in, bytes_out = bytes_in + size_in, bytes_out + size_out
+        stages = {key: np.array([row.get(key, np.nan) for row in rows]) for key in TIMING_KEYS}
+        at_once.record_many("tiny", 1, client, code, stages, bytes_in, bytes_out)
+    assert at_once.snapshot() == one_by_one.snapshot()
+
+
+def test_hdr_indices_is_hdr_index_for_every_value() -> None:
+    rng = np.random.default_rng(1)
+    values = np.concatenate([np.arange(0, 5000, 0.5), rng.uniform(0, 2 * HDR_HIGHEST_US, 20_000), 2.0 ** np.arange(0, 33), 2.0 ** np.arange(1, 33) - 1])
+    assert hdr_indices(values).tolist() == [hdr_index(value) for value in values.tolist()]
 
 
 def test_batches_recorded_later_are_in_every_snapshot_and_held_only_boundedly() -> None:

@@ -5,20 +5,23 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
+
 from openinfer.daemon.observability.accounting import CLIENT_KEY, OTHER_CLIENTS, Accountant
 from openinfer.daemon.workerpool.workers import WorkerHandle
 
 from openinfer.daemon.steps.contract import MAX_MODEL_CALLS
 
-from .ledger import ADMITTED, ANSWERED, CACHE_HIT, COUNTED, REFUSED, RUN, STAGE, Entry, LedgerReader, LedgerRejected
+from .ledger import ADMITTED, ANSWERED, CACHE_HIT, CODES, COUNTED, REFUSED, RUN, STAGE, TIMING_KEYS, Entry, LedgerReader, LedgerRejected, RecordBatch
 
 LogAccess = Callable[[WorkerHandle, Entry], None]
 
 
 class DirectBooks:
-    def __init__(self, accountant: Accountant, log_access: LogAccess) -> None:
+    def __init__(self, accountant: Accountant, log_access: LogAccess, logging_access: Callable[[], bool] = lambda: False) -> None:
         self.accountant = accountant
         self.log_access = log_access  # a sampled answer, for the access log
+        self.logging_access = logging_access  # whether the access log samples answers: then each is seen one by one
         self.active = False  # the last read found records: read again soon
 
     @staticmethod
@@ -31,10 +34,60 @@ class DirectBooks:
         ledger = worker.ledger
         if ledger is None:
             return 0
-        entries = ledger.read()
-        for entry in entries:
-            self._apply(worker, entry)
-        return len(entries)
+        batch = ledger.read_batch()
+        records = batch.records
+        kind = records["kind"]
+        if self.logging_access() or (kind == STAGE).any() or records["cache"].any():
+            for entry in batch.entries():  # one by one: chains pair STAGE records with the answer they precede
+                self._apply(worker, entry)
+        elif len(records):
+            self._apply_batch(worker, batch, kind)
+        return len(records)
+
+    def _apply_batch(self, worker: WorkerHandle, batch: RecordBatch, kind: np.ndarray) -> None:
+        """What `_apply` does record by record, for a plain model's records taken together: a pass at
+        tens of thousands of requests a second finds hundreds, and this supervisor shares the cores with
+        the workers. The books come out the same to the nanosecond (tests/test_accounting_live.py)."""
+        records, clients = batch.records, batch.clients
+        admitted = records[kind == ADMITTED]
+        pending = worker.direct_pending
+        if len(admitted):
+            pending.update(zip(admitted["serial"].tolist(), [(clients[slot], size) for slot, size in zip(admitted["slot"].tolist(), admitted["bytes_in"].tolist())]))
+            if len(pending) >= 1 << 20:
+                raise LedgerRejected("more requests admitted and unanswered than any worker holds")
+        answered = records[kind == ANSWERED]
+        if len(answered):
+            for serial in answered["serial"].tolist():
+                pending.pop(serial, None)
+            self._account(worker, answered, clients)
+        runs = records["run_size"][kind == RUN]
+        if len(runs):
+            model = worker.model
+            batching = model.config.batching
+            if batching is None or runs.min() < 1 or runs.max() > batching.max_batch_size:
+                raise LedgerRejected(f"a run of {int(runs.max() if batching else runs[0])} for a model batching at most {batching.max_batch_size if batching else 1}")
+            for size, count in zip(*(column.tolist() for column in np.unique(runs, return_counts=True))):
+                model.batch_sizes[size] = model.batch_sizes.get(size, 0) + count
+        rest = (kind == REFUSED) | (kind == COUNTED)
+        if rest.any():
+            for entry in batch.entries(rest):
+                self._apply(worker, entry)
+
+    def _account(self, worker: WorkerHandle, answered: np.ndarray, clients: dict[int, str]) -> None:
+        """ANSWERED records into the books, a (client, code) group at a time."""
+        model = worker.model
+        accountant = self.accountant
+        groups = answered["slot"].astype(np.int64) * len(CODES) + answered["code"]
+        for group in np.unique(groups).tolist():
+            members = answered[groups == group]
+            slot, code_index = divmod(group, len(CODES))
+            code = None if code_index == 0 else CODES[code_index]
+            stages = {key: members["timing"][:, i] for i, key in enumerate(TIMING_KEYS)}
+            accountant.record_many(model.name, model.version, clients[slot], code, stages, int(members["bytes_in"].sum()), int(members["bytes_out"].sum()))
+            accountant.count_operation("infer", code, len(members))
+            if code is None:
+                model.consecutive_crashes = 0
+        worker.tasks_served += len(answered)
 
     def read_all(self, workers: list[WorkerHandle], reject: Callable[[WorkerHandle, str], None]) -> None:
         found = 0
@@ -74,7 +127,7 @@ class DirectBooks:
         elif kind == ADMITTED:
             if len(worker.direct_pending) >= 1 << 20:
                 raise LedgerRejected("more requests admitted and unanswered than any worker holds")
-            worker.direct_pending[entry.serial] = entry
+            worker.direct_pending[entry.serial] = (entry.client, entry.bytes_in)
         elif kind == REFUSED:
             infer = entry.op == "infer"
             accountant.record(model.name if infer else None, model.version if infer else None, entry.client, entry.code, entry.timing)
@@ -106,8 +159,8 @@ class DirectBooks:
         worker.ledger = None
         code = "DEADLINE_EXCEEDED" if worker.expected_exit else "WORKER_CRASHED"
         model = worker.model
-        for entry in worker.direct_pending.values():
-            self.accountant.record(model.name, model.version, entry.client, code, {}, entry.bytes_in, 0)
+        for client, bytes_in in worker.direct_pending.values():
+            self.accountant.record(model.name, model.version, client, code, {}, bytes_in, 0)
             self.accountant.count_operation("infer", code)
         lost = len(worker.direct_pending)
         worker.direct_pending.clear()

@@ -31,6 +31,8 @@ import re
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 from openinfer.wire.protocol import OPERATIONS
 
 PAGE_BYTES = 4096  # the deadline page comes first (deadline_page.py)
@@ -47,6 +49,12 @@ _RING_AT = _CLIENTS_AT + MAX_CLIENT_SLOTS * SLOT_BYTES
 TIMING_KEYS = ("decode_us", "queue_us", "prep_us", "compute_us", "encode_us", "batch_wait_us", "total_us", "cpu_us")
 _RECORD = struct.Struct("<QQQIHBBBBQQ" + "d" * len(TIMING_KEYS) + "6x")  # doubles: the books match the replies exactly; 120 bytes, so every record is 8-aligned
 RING_RECORDS = (LEDGER_BYTES - _RING_AT) // _RECORD.size
+# The same record as a numpy dtype: the supervisor reads what a pass finds in one copy and checks it whole.
+RECORD_DTYPE = np.dtype([
+    ("seq", "<u8"), ("serial", "<u8"), ("request_id", "<u8"), ("slot", "<u4"), ("run_size", "<u2"), ("kind", "u1"), ("code", "u1"),
+    ("op", "u1"), ("cache", "u1"), ("bytes_in", "<u8"), ("bytes_out", "<u8"), ("timing", "<f8", (len(TIMING_KEYS),)), ("spare", "V6"),
+])
+assert RECORD_DTYPE.itemsize == _RECORD.size
 
 # COUNTED: an operation answered OK (attach, cancel); RUN: one run of `run_size` requests (batch sizes);
 # STAGE: what one chain request spent in one member - `run_size` = the member's place in the chain,
@@ -194,27 +202,78 @@ class LedgerReader:
         return key
 
     def read(self) -> list[Entry]:
-        entries: list[Entry] = []
+        return self.read_batch().entries()
+
+    def read_batch(self) -> "RecordBatch":
+        """Every whole record written since the last read, checked, as one array (LedgerRejected if any
+        record is not what a conforming worker writes: then nothing of the batch is taken)."""
         words = self.words
         written = words[_WRITE]
-        if written - self._read > RING_RECORDS or written < self._read:
+        start = self._read
+        if written - start > RING_RECORDS or written < start:
             raise LedgerRejected("write position out of range")
-        while self._read < written:
-            at = _RING_AT + (self._read % RING_RECORDS) * _RECORD.size
-            if words[at // 8] != self._read + 1:
-                break  # not fully visible yet: the next pass takes it
-            seq, serial, request_id, slot, run_size, kind, code, op, cache, bytes_in, bytes_out, *stages = _RECORD.unpack_from(self.map, at)
-            if not ADMITTED <= kind <= STAGE or code >= len(CODES) or op >= len(OPS) or bytes_in >= 1 << 48 or bytes_out >= 1 << 48:
-                raise LedgerRejected(f"record {seq}: fields out of range")
-            if cache > CACHE_HIT or cache and (kind != ANSWERED or code != 0):
-                raise LedgerRejected(f"record {seq}: cache {cache} on a record that cannot have one")
-            timing = {}
-            for key, value in zip(TIMING_KEYS, stages):
-                if value == value:  # not NaN
-                    if not 0 <= value < 1e12:
-                        raise LedgerRejected(f"record {seq}: {key} = {value}")
-                    timing[key] = value
-            entries.append(Entry(kind, serial, request_id, "" if kind in (RUN, STAGE) else self._client(slot), run_size, None if code == 0 else CODES[code], OPS[op], bytes_in, bytes_out, timing, cache))
-            self._read += 1
+        records = self._copy(start, written - start)
+        # A record is whole once it carries its number (written last): take the run of those from the start.
+        whole = records["seq"] == np.arange(start + 1, start + 1 + len(records), dtype=np.uint64)
+        if not whole.all():
+            records = records[: int(np.argmin(whole))]
+        batch = RecordBatch(records, self._check(records))
+        self._read = start + len(records)
         words[_READ] = self._read  # the worker may reuse what was read
+        return batch
+
+    def _copy(self, start: int, count: int) -> np.ndarray:
+        """Records start .. start+count of the ring, copied out (it wraps at most once)."""
+        first = start % RING_RECORDS
+        head = min(count, RING_RECORDS - first)
+        at = _RING_AT + first * _RECORD.size
+        parts = [self.map[at : at + head * _RECORD.size]]
+        if count > head:
+            parts.append(self.map[_RING_AT : _RING_AT + (count - head) * _RECORD.size])
+        return np.frombuffer(b"".join(parts), dtype=RECORD_DTYPE)
+
+    def _check(self, records: np.ndarray) -> dict[int, str]:
+        """Raise LedgerRejected at the first record out of range; the client key of every slot named."""
+        if not len(records):
+            return {}
+        kind, code, cache, stages = records["kind"], records["code"], records["cache"], records["timing"]
+        bad = (kind < ADMITTED) | (kind > STAGE) | (code >= len(CODES)) | (records["op"] >= len(OPS)) | (records["bytes_in"] >= 1 << 48) | (records["bytes_out"] >= 1 << 48)
+        if bad.any():
+            raise LedgerRejected(f"record {int(records['seq'][np.argmax(bad)])}: fields out of range")
+        bad = (cache > CACHE_HIT) | ((cache != 0) & ((kind != ANSWERED) | (code != 0)))
+        if bad.any():
+            at = int(np.argmax(bad))
+            raise LedgerRejected(f"record {int(records['seq'][at])}: cache {int(cache[at])} on a record that cannot have one")
+        with np.errstate(invalid="ignore"):
+            bad_stage = ~np.isnan(stages) & ~((stages >= 0) & (stages < 1e12))
+        if bad_stage.any():
+            row, column = divmod(int(np.argmax(bad_stage)), len(TIMING_KEYS))
+            raise LedgerRejected(f"record {int(records['seq'][row])}: {TIMING_KEYS[column]} = {float(stages[row, column])}")
+        named = (kind != RUN) & (kind != STAGE)
+        return {slot: self._client(slot) for slot in np.unique(records["slot"][named]).tolist()}
+
+
+class RecordBatch:
+    """Records read together: the array (RECORD_DTYPE) and the client key of each slot they name."""
+
+    __slots__ = ("records", "clients")
+
+    def __init__(self, records: np.ndarray, clients: dict[int, str]) -> None:
+        self.records = records
+        self.clients = clients
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def entries(self, mask: np.ndarray | None = None) -> list[Entry]:
+        """The records (those `mask` selects) one by one."""
+        records = self.records if mask is None else self.records[mask]
+        clients = self.clients
+        entries = []
+        for serial, request_id, slot, run_size, kind, code, op, cache, bytes_in, bytes_out, stages in zip(
+            *(records[name].tolist() for name in ("serial", "request_id", "slot", "run_size", "kind", "code", "op", "cache", "bytes_in", "bytes_out", "timing"))
+        ):
+            timing = {key: value for key, value in zip(TIMING_KEYS, stages) if value == value}  # NaN: not measured
+            client = "" if kind in (RUN, STAGE) else clients[slot]
+            entries.append(Entry(kind, serial, request_id, client, run_size, None if code == 0 else CODES[code], OPS[op], bytes_in, bytes_out, timing, cache))
         return entries
