@@ -98,3 +98,25 @@ def test_a_run_larger_than_the_models_batches_is_refused_in_bulk_too(ledger_fd: 
     finally:
         writer.close()
         reader.close()
+
+
+def test_a_chains_stage_records_pair_with_an_answer_read_in_the_next_pass(ledger_fd: int) -> None:
+    """A pass can end between a chain request's STAGE records and its ANSWERED: the next pass, which holds
+    no STAGE record, must still pair them (the bulk path would count the answer without its stages and
+    leave them for the next request's)."""
+    from openinfer.daemon.modelstore.modelconfig import ChainConfig
+
+    writer, reader = LedgerWriter(ledger_fd), LedgerReader(ledger_fd, CLIENT_KEY, OTHER_CLIENTS)
+    try:
+        model = ServedModel("both", 1, Path("/nonexistent/both/config.toml"), ModelConfig(chain=ChainConfig(("first", "second"))), 1, 1)
+        chain = SimpleNamespace(model=model, stage_records=[], direct_pending={}, tasks_served=0, ledger=reader)
+        books = DirectBooks(Accountant(), lambda w, e: None)
+        writer.admitted(1, 1, CLIENTS[0], 4)
+        writer.stage(0, 1, 100.0)
+        assert books.read(chain) == 2
+        writer.answered(1, 1, CLIENTS[0], None, {"compute_us": 300.0, "total_us": 400.0}, 4, 4)
+        assert books.read(chain) == 1
+        assert model.stage_totals == {"first": [1, 1, 100.0]} and chain.stage_records == []
+    finally:
+        writer.close()
+        reader.close()

@@ -37,8 +37,10 @@ class DirectBooks:
         batch = ledger.read_batch()
         records = batch.records
         kind = records["kind"]
-        if self.logging_access() or (kind == STAGE).any() or records["cache"].any():
-            for entry in batch.entries():  # one by one: chains pair STAGE records with the answer they precede
+        if self.logging_access() or worker.stage_records or (kind == STAGE).any() or records["cache"].any():
+            # One by one: a chain's STAGE records pair with the answer they precede (which may come in
+            # the next pass), cache outcomes are checked each, and the access log samples answers.
+            for entry in batch.entries():
                 self._apply(worker, entry)
         elif len(records):
             self._apply_batch(worker, batch, kind)
