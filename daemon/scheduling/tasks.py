@@ -38,3 +38,7 @@ class Task:
     batch_wait_ns: int = 0
     deadline_timer: Any = None  # the queued-deadline timer, cancelled when the task leaves the queue
     wanted: tuple[str, ...] = ()  # the outputs it returns, in order (the request's `outputs`, else the model's)
+    # Moved off a worker killed for a direct request's overstay (it waited behind that run): at most once.
+    # The deadline page that says so is the worker's own word: a hostile step that fakes it on every
+    # worker would otherwise bounce its own request from worker to worker, each killed, until its deadline.
+    moved: bool = False

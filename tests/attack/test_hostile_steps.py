@@ -70,6 +70,12 @@ def pre(inputs):
     elif what == "allocate":
         block = bytearray(10 * 1024 ** 3)
         return Answer(got=bytes(block[:1]))
+    elif what == "fake-page":  # the worker's deadline page says a direct run is long overdue
+        import gc, time
+        # A step is Python in the worker's own interpreter: it reaches the page through the worker's
+        # objects (writing its memfd is stopped by RLIMIT_FSIZE, a new writable mapping by seccomp).
+        next(o for o in gc.get_objects() if type(o).__name__ == "DeadlinePage").running(1, 1)
+        time.sleep(5)
     return Answer(got=b"done")
 
 def post(outputs):
@@ -191,6 +197,24 @@ def test_a_hostile_step_is_contained_like_a_hostile_model(daemon: RunningDaemon,
         assert nothing_connected(unix) and nothing_connected(tcp)
         assert "root's secret" not in str(caught.value)
         canary_answers(client, repo)
+        hostile_serves_again(client)
+
+
+def test_a_step_that_fakes_a_direct_overstay_cannot_bounce_its_request_between_workers(daemon: RunningDaemon) -> None:
+    """The supervisor kills a worker whose deadline page shows a direct run past its deadline and moves the
+    front door's requests it held to another worker: they waited behind that run. The page is the worker's
+    own word, so a step that fakes it while running a front-door request has its worker killed, and its
+    request moved - once. On the next worker it does the same and the request fails (WORKER_CRASHED)
+    instead of bouncing from worker to worker, each one killed, until its deadline."""
+    kills = '"a direct request ran past its deadline; killing the worker"'
+    with Client(daemon.address, timeout=30, direct=False) as client:
+        hostile_serves_again(client)
+        before = daemon.log_text().count(kills)
+        with pytest.raises(OpenInferError) as caught:
+            client.infer("hostile", {"what": "fake-page"}, timeout=25)
+        assert caught.value.code == "WORKER_CRASHED" and "the second worker" in caught.value.message, str(caught.value)
+        assert daemon.log_text().count(kills) - before == 2
+        canary_answers(client, daemon.repo)  # type: ignore[attr-defined]
         hostile_serves_again(client)
 
 
