@@ -43,12 +43,17 @@ def busy_worker(daemon: RunningDaemon) -> tuple[Peer, Peer, dict[str, Any]]:
     """Two attached connections; the first has sent the blocker and the worker is deep in it."""
     lease = lease_of(daemon, "busy")
     blocker, peer = Peer(lease["workers"][0]["address"]), Peer(lease["workers"][0]["address"])
-    for i, each in enumerate((blocker, peer)):
-        assert "result" in each.ask(attach(lease["lease"], 900 + i))  # type: ignore[operator]
-    cpu = psutil.Process(worker_pid(daemon, "busy")).cpu_times
-    before = sum(cpu()[:2])
-    blocker.stream.send(busy(1, BLOCKER))
-    wait_for(lambda: sum(cpu()[:2]) > before + 0.3, 20, "the worker to be deep in the blocker")
+    try:
+        for i, each in enumerate((blocker, peer)):
+            assert "result" in each.ask(attach(lease["lease"], 900 + i))  # type: ignore[operator]
+        cpu = psutil.Process(worker_pid(daemon, "busy")).cpu_times
+        before = sum(cpu()[:2])
+        blocker.stream.send(busy(1, BLOCKER))
+        wait_for(lambda: sum(cpu()[:2]) > before + 0.3, 20, "the worker to be deep in the blocker")
+    except BaseException:
+        blocker.close()
+        peer.close()
+        raise
     return blocker, peer, lease
 
 
@@ -80,18 +85,20 @@ def test_identities_take_turns_on_a_worker(daemon_factory: Any, repo: Path) -> N
             print(json.dumps({"queue_us": result.timing["queue_us"], "direct": "dispatch_us" not in result.timing}), flush=True)
     """ % STEP, daemon.address)
     assert other.stdout is not None and other.stdin is not None
+    peers: tuple[Peer, ...] = ()
     try:
         assert other.stdout.readline().strip() == "attached", other.stderr.read() if other.stderr else ""
         blocker, peer, _ = busy_worker(daemon)
+        peers = (blocker, peer)
         for request_id in range(20, 26):
             peer.stream.send(busy(request_id, STEP))
         other.stdin.write("go\n")
         other.stdin.flush()
         root_queue = sorted(reply["timing"]["queue_us"] for reply in peer.replies(6, timeout=60))
         theirs = json.loads(other.stdout.readline())
-        blocker.close()
-        peer.close()
     finally:
+        for each in peers:  # closed on a failure too: a socket left open fails a later test (ResourceWarning)
+            each.close()
         other.kill()
         other.communicate(timeout=30)  # reaps it and closes its pipes
     assert theirs["direct"], theirs
