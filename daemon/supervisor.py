@@ -29,7 +29,7 @@ from openinfer.daemon.frontdoor.access import AccessPolicy
 from openinfer.daemon.observability.accounting import Accountant
 from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.frontdoor.client_limits import ClientLimiter, load_client_policy
-from openinfer.daemon.direct.books import DirectBooks
+from openinfer.daemon.direct.books import PASS_RECORDS, DirectBooks
 from openinfer.daemon.direct.endpoints import DirectPath
 from openinfer.daemon.direct.ledger import Entry
 from openinfer.daemon.scheduling.dispatch import Dispatcher
@@ -62,6 +62,7 @@ log = logging.getLogger("openinfer.supervisor")
 _GC_THRESHOLDS = (20_000, 20, 100)
 _HOUSEKEEPING_NS = 5_000_000  # how often running tasks' deadlines are checked (and the workers' ledgers read)
 LEDGER_READ_MS = 20  # while workers answer direct requests, their ledgers are read at least this often
+LEDGER_IDLE_MS = 100  # and while they seem quiet (a full ring drops records: stats would miss them)
 
 
 class Supervisor:
@@ -170,6 +171,10 @@ class Supervisor:
         reactor = self.reactor
         watchdog = self.notifier.watchdog if self.notifier.watchdog_interval_ns else None
         idle_ms = min(1000, (self.notifier.watchdog_interval_ns or 4_000_000_000) // 4_000_000)
+        if self.direct.enabled:
+            # Direct traffic never wakes this loop: a worker's ledger ring must be read before it fills
+            # (~1 s of one worker at its fastest), also when traffic starts after a quiet spell.
+            idle_ms = min(idle_ms, LEDGER_IDLE_MS)
         # Every request allocates dicts and frames that die young; with the default gen0 threshold (700)
         # the cyclic collector ran thousands of times a second and re-scanned everything loaded at boot.
         # Freezing the boot objects and collecting less often: +18 % throughput at c=64 (bench/batching).
@@ -185,7 +190,8 @@ class Supervisor:
             if not events:  # idle: the bookkeeping deferred from the busy path, then sleep
                 self.dispatcher.arm_deadlines()  # before timeout_ms below reads the timers
                 self.accountant.flush()
-                events = reactor.poll(self.timers.timeout_ms(5 if busy else LEDGER_READ_MS if self.direct.books.active else idle_ms) / 1000)
+                books = self.direct.books
+                events = reactor.poll(self.timers.timeout_ms(1 if books.behind else 5 if busy else LEDGER_READ_MS if books.active else idle_ms) / 1000)
             self._dispatch(events)
             now = time.monotonic_ns()
             self.dispatcher.arm_overdue_deadlines(now)
@@ -210,9 +216,9 @@ class Supervisor:
             except Exception:  # a bug in one handler must not take the daemon (and every client) down
                 log.exception("internal error in the supervisor loop; continuing")
 
-    def _read_ledgers(self) -> None:
+    def _read_ledgers(self, limit: int | None = None) -> None:
         if self.direct.enabled:
-            self.direct.read_ledgers(list(self.pool.workers.values()), self._reject_worker)
+            self.direct.read_ledgers(list(self.pool.workers.values()), self._reject_worker, limit)
 
     def _log_direct_access(self, worker: WorkerHandle, entry: Entry) -> None:
         """A request a worker answered on the direct path, for the access log (sampled as the front
@@ -486,10 +492,10 @@ class Supervisor:
     def _expire_running(self) -> None:
         """Kill workers whose running task (or batch) is past its deadline or max_compute_ms."""
         now = time.monotonic_ns()
-        if now < self._next_housekeeping_ns:
+        if now < self._next_housekeeping_ns and not self.direct.books.behind:
             return
         self._next_housekeeping_ns = now + _HOUSEKEEPING_NS
-        self._read_ledgers()
+        self._read_ledgers(PASS_RECORDS)  # bounded: `stats` and scrapes read the rest first
         for worker, ran_ns in self.direct.overdue(list(self.pool.workers.values()), now):
             log.error("a direct request ran past its deadline; killing the worker", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key, "ran_ms": ran_ns // 1_000_000})
             worker.exit_reason = f"killed: a request sent to it directly was still running after {ran_ns // 1_000_000} ms, past its deadline"

@@ -163,7 +163,7 @@ def test_a_batch_recorded_at_once_equals_its_members_recorded_one_by_one() -> No
 def test_requests_recorded_many_at_once_equal_the_same_recorded_one_by_one() -> None:
     """record_many (a worker's ledger read in bulk) must add exactly what record adds per request: counts,
     stage sums to the nanosecond, duration buckets, the latency sketch, bytes and the CPU sum - with
-    stages missing from some requests (NaN) and values on bucket bounds."""
+    stages missing from some requests (NaN) and values on bucket bounds; add_cpu adds the CPU in answer order."""
     from openinfer.daemon.direct.ledger import TIMING_KEYS
 
     rng = random.Random(11)
@@ -180,6 +180,7 @@ def test_requests_recorded_many_at_once_equal_the_same_recorded_one_by_one() -> 
             bytes_in, bytes_out = bytes_in + size_in, bytes_out + size_out
         stages = {key: np.array([row.get(key, np.nan) for row in rows]) for key in TIMING_KEYS}
         at_once.record_many("tiny", 1, client, code, stages, bytes_in, bytes_out)
+        at_once.add_cpu("tiny", 1, [client] * len(rows), [row.get("cpu_us", 0.0) for row in rows])
     assert at_once.snapshot() == one_by_one.snapshot()
 
 

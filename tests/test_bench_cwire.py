@@ -88,6 +88,8 @@ def test_cwire_direct_and_front_door_against_one_daemon(daemon_factory: Any, tin
         assert result.path_events["leases"] >= 2 and after_leases - leases >= result.path_events["leases"], result.path_events
         assert "dispatch_us" not in result.stages_us and result.stages_us["compute_us"].size == result.completed
         assert np.median(result.stages_us["total_us"]) * 1000 < np.median(result.latencies_ns)
+        with Client(running.address, direct=False) as admin:  # the books kept up: no record was dropped
+            assert [w.get("ledger_dropped") for w in admin.status()["workers"] if w["model"] == "tiny"] == [0, 0]
 
         result = front.run(running.address, 4, duration_s=0.4, warmup_s=0.05)
         assert front.paths[running.address] == "front-door" and result.path == "front-door" and result.errors == {}

@@ -35,7 +35,7 @@ def ledger_fd() -> Iterator[int]:
 
 def worker() -> Any:
     model = ServedModel("tiny", 1, Path("/nonexistent/tiny/1/model.onnx"), ModelConfig(batching=BatchingConfig(max_batch_size=16)), 1, 1)
-    return SimpleNamespace(model=model, stage_records=[], direct_pending={}, tasks_served=0, ledger=None)
+    return SimpleNamespace(model=model, stage_records=[], direct_pending={}, tasks_served=0, ledger=None, retired=False)
 
 
 def write_traffic(writer: LedgerWriter, rng: random.Random, serial: int, requests: int) -> int:
@@ -120,3 +120,107 @@ def test_a_chains_stage_records_pair_with_an_answer_read_in_the_next_pass(ledger
     finally:
         writer.close()
         reader.close()
+
+
+def forged(fd: int, rows: list[dict[str, Any]], names: dict[int, str]) -> None:
+    """Write records as a hostile worker may (any field, any order), numbered and published."""
+    import mmap
+
+    import numpy as np
+
+    ring = mmap.mmap(fd, ledger.LEDGER_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=ledger.PAGE_BYTES)
+    for slot, key in names.items():
+        raw = key.encode()
+        ring[64 + slot * ledger.SLOT_BYTES : 64 + slot * ledger.SLOT_BYTES + 1 + len(raw)] = bytes((len(raw),)) + raw
+    records = np.zeros(len(rows), dtype=ledger.RECORD_DTYPE)
+    records["timing"] = np.nan
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            records[i][key] = value
+    records["seq"] = np.arange(1, len(rows) + 1)
+    at = 64 + ledger.MAX_CLIENT_SLOTS * ledger.SLOT_BYTES
+    ring[at : at + records.nbytes] = records.tobytes()
+    ring[0:8] = len(rows).to_bytes(8, "little")
+    ring.close()
+
+
+def both_ways(rows: list[dict[str, Any]], names: dict[int, str]) -> dict[str, Any]:
+    """The same records read in bulk and one by one: each way's books, worker and refusal."""
+    out = {}
+    for name, one_by_one in (("bulk", False), ("each", True)):
+        fd = os.memfd_create("books-forged")
+        os.ftruncate(fd, ledger.PAGE_BYTES + ledger.LEDGER_BYTES)
+        forged(fd, rows, names)
+        books, plain = DirectBooks(Accountant(), lambda w, e: None, lambda one_by_one=one_by_one: one_by_one), worker()
+        plain.ledger = LedgerReader(fd, CLIENT_KEY, OTHER_CLIENTS)
+        try:
+            books.read(plain)
+            refused = None
+        except LedgerRejected as exc:
+            refused = str(exc)
+        out[name] = SimpleNamespace(books=books, worker=plain, refused=refused)
+        plain.ledger.close()
+        os.close(fd)
+    return out
+
+
+ONE_US = [1.0] * len(ledger.TIMING_KEYS)
+
+
+def test_nothing_of_a_pass_is_booked_when_one_of_its_records_is_refused() -> None:
+    """Found by an attacker: the bulk path booked a pass's answers before checking its RUN records, so
+    answers written after a refused record (500 of them, for a client that never connected) counted."""
+    rows = [{"kind": ledger.ANSWERED, "serial": 1, "slot": 0, "timing": ONE_US}, {"kind": ledger.RUN, "run_size": 999}]
+    rows += [{"kind": ledger.ANSWERED, "serial": 100 + i, "slot": 1, "bytes_in": 1 << 40, "timing": ONE_US} for i in range(500)]
+    out = both_ways(rows, {0: "app@uid=1000", 1: "victim@uid=1001"})
+    for way in out.values():
+        assert way.refused and "a run of 999" in way.refused
+        assert "victim@uid=1001" not in way.books.accountant.by_client and way.worker.tasks_served <= 1
+
+
+def test_requests_open_and_close_in_record_order() -> None:
+    """Found by an attacker: admitting every request of a pass before closing any lost the order, so an
+    answer that came before its admission, or a serial used again, left other requests open than one by
+    one (what a dead worker's books count as lost)."""
+    rows = [
+        {"kind": ledger.ANSWERED, "serial": 7, "slot": 0, "timing": ONE_US},
+        {"kind": ledger.ADMITTED, "serial": 7, "slot": 0, "bytes_in": 10},
+        {"kind": ledger.ADMITTED, "serial": 8, "slot": 0, "bytes_in": 10},
+        {"kind": ledger.ANSWERED, "serial": 8, "slot": 0, "timing": ONE_US},
+        {"kind": ledger.ADMITTED, "serial": 8, "slot": 0, "bytes_in": 10},
+    ]
+    out = both_ways(rows, {0: "app@uid=1000"})
+    assert out["bulk"].worker.direct_pending == out["each"].worker.direct_pending == {7: ("app@uid=1000", 10), 8: ("app@uid=1000", 10)}
+
+
+def test_cpu_sums_come_out_the_same_float() -> None:
+    """Found by an attacker: summed client by client, the model's CPU total differed in its last digits
+    from the sum in answer order. Now both are added in answer order."""
+    cpus = [0.1, 1e11, 0.2, 0.3, 1e-3, 7.7, 1e11 + 0.5, 3.3] * 4
+    rows = [{"kind": ledger.ANSWERED, "serial": i + 1, "slot": i % 2, "code": (i // 3) % 2, "timing": [float("nan")] * 7 + [cpu]} for i, cpu in enumerate(cpus)]
+    out = both_ways(rows, {0: "a@uid=1", 1: "b@uid=2"})
+    bulk, each = out["bulk"].books.accountant, out["each"].books.accountant
+    assert bulk.by_model[("tiny", 1)].cpu_us == each.by_model[("tiny", 1)].cpu_us
+    assert {k: v.cpu_us for k, v in bulk.by_client.items()} == {k: v.cpu_us for k, v in each.by_client.items()}
+
+
+def test_a_pass_of_many_small_groups_is_read_one_by_one_and_a_pass_is_bounded(ledger_fd: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by an attacker: a worker naming a new (client, code) pair in every record made each record its
+    own numpy group, and one pass of its ring cost the supervisor's loop 14 times what reading it one by one
+    costs. Such a pass is read one by one; and the housekeeping pass takes at most `limit` records."""
+    from openinfer.daemon.direct import books as books_module
+
+    rows = [{"kind": ledger.ANSWERED, "serial": i + 1, "slot": i % 200, "code": i % 9, "timing": ONE_US} for i in range(1800)]
+    forged(ledger_fd, rows, {slot: f"c{slot}@uid={slot}" for slot in range(200)})
+    bulk = []
+    monkeypatch.setattr(books_module.DirectBooks, "_apply_batch", lambda self, *args: bulk.append(args))
+    books, plain = DirectBooks(Accountant(), lambda w, e: None), worker()
+    plain.ledger = LedgerReader(ledger_fd, CLIENT_KEY, OTHER_CLIENTS)
+    try:
+        assert books.read(plain, limit=books_module.PASS_RECORDS) == books_module.PASS_RECORDS
+        books.read_all([plain], lambda w, why: None, limit=1000)
+        assert books.behind  # stopped at its limit: the supervisor reads again at once
+        assert books.read(plain) == 1800 - books_module.PASS_RECORDS - 1000
+        assert not bulk and plain.tasks_served == 1800
+    finally:
+        plain.ledger.close()

@@ -94,6 +94,9 @@ def status_result(sup: "Supervisor") -> dict[str, Any]:
                 "sandbox": worker.sandbox,
                 "memory": _memory(worker.pid),
                 **({"cache": {"entries": worker.cache_held[0], "bytes": worker.cache_held[1]}} if worker.cache_held is not None else {}),
+                # Ledger records the worker could not write (the supervisor had not caught up): requests the
+                # books miss. The worker's own word, like the rest of its ledger; an honest one writes 0.
+                **({"ledger_dropped": worker.ledger.dropped()} if worker.ledger is not None else {}),
             }
         )
     return {

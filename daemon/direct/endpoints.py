@@ -145,10 +145,10 @@ class DirectPath:
                 send(worker, [messages.KEY, self.key])
 
     # -- counts ---------------------------------------------------------------------------------------
-    def read_ledgers(self, workers: list[WorkerHandle], reject: Callable[[WorkerHandle, str], None]) -> None:
+    def read_ledgers(self, workers: list[WorkerHandle], reject: Callable[[WorkerHandle, str], None], limit: int | None = None) -> None:
         """Take in every worker's ledger (books.py): before `stats` and metrics snapshots, and on the
         supervisor's housekeeping pass."""
-        self.books.read_all(workers, reject)
+        self.books.read_all(workers, reject, limit)
 
     # -- deadlines ------------------------------------------------------------------------------------
     @staticmethod

@@ -331,7 +331,8 @@ class Accountant:
     def record_many(self, model: str, version: int, client: str, code: str | None, stages: dict[str, np.ndarray], bytes_in: int, bytes_out: int) -> None:
         """`record` for many requests of one model version, client and outcome at once (a worker's ledger,
         read in bulk): `stages` holds one array per timing key, NaN where a request has no such stage.
-        Adds exactly what `record` called once per request would (tests/test_accounting.py)."""
+        Adds exactly what `record` called once per request would but for the CPU, which the caller adds
+        in answer order with `add_cpu` (tests/test_accounting.py)."""
         count = len(next(iter(stages.values())))
         user = self.by_client.get(client)
         if user is None:
@@ -358,8 +359,6 @@ class Accountant:
         if total is not None and len(measured_total := total[~np.isnan(total)]):
             indices, counts = np.unique(hdr_indices(measured_total), return_counts=True)
             latency = list(zip(indices.tolist(), counts.tolist()))
-        cpu = stages.get("cpu_us")
-        cpu_values = [0.0 if value != value else value for value in cpu.tolist()] if cpu is not None else []
         for usage in (user, stats):
             usage.requests += count
             if code is None:
@@ -371,8 +370,19 @@ class Accountant:
                 sketch[index] = sketch.get(index, 0) + n
             usage.bytes_in += bytes_in
             usage.bytes_out += bytes_out
-            for value in cpu_values:  # one by one, as record adds them: the float sum comes out the same
-                usage.cpu_us += value
+
+    def add_cpu(self, model: str, version: int, clients: list[str], cpu_us: list[float]) -> None:
+        """The worker CPU of requests record_many booked, in the order they were answered: one by one as
+        record adds it, so each float sum comes out the same."""
+        stats = self.by_model[(model, version)]
+        for client, value in zip(clients, cpu_us):
+            self.client_usage(client).cpu_us += value
+            stats.cpu_us += value
+
+    def client_usage(self, client: str) -> UsageStats:
+        """The client's entry, made on first use (past MAX_CLIENTS keys: the shared OTHER_CLIENTS one)."""
+        user = self.by_client.get(client)
+        return user if user is not None else self._new_client(client)
 
     def record_batch(
         self,

@@ -109,13 +109,56 @@ def forge_ledger() -> None:
     kind does not exist, claiming a million answered requests of a client that never connected."""
     import mmap
 
-    ledger = mmap.mmap(LEDGER_FD, 1 << 20, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=PAGE_BYTES)
+    from openinfer.daemon.direct.ledger import LEDGER_BYTES
+
+    ledger = mmap.mmap(LEDGER_FD, LEDGER_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=PAGE_BYTES)
     key = b"victim@uid=0"
     ledger[64 : 64 + 1 + len(key)] = bytes((len(key),)) + key
     ring = 64 + 1024 * 96
     record = struct.Struct("<QQQIHBBBxQQ" + "d" * 8 + "6x")
     record.pack_into(ledger, ring, 1, 1, 1, 0, 0, 99, 0, 0, 0, 0, *([1.0] * 8))
     struct.pack_into("<Q", ledger, 0, 1)
+
+
+def flood_ledger(groups: bool) -> None:
+    """Keep the ledger full of records a conforming worker could write (ANSWERED, valid client keys, codes
+    and timings) - each its own (client slot, code) group when `groups`, else all one group (control)."""
+    import mmap
+    import threading
+
+    import numpy as np
+
+    from openinfer.daemon.direct.ledger import LEDGER_BYTES, RECORD_DTYPE, RING_RECORDS
+
+    ledger = mmap.mmap(LEDGER_FD, LEDGER_BYTES, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=PAGE_BYTES)
+    for slot in range(1024):
+        key = f"c{slot}@uid={slot}".encode()
+        ledger[64 + slot * 96 : 64 + slot * 96 + 1 + len(key)] = bytes((len(key),)) + key
+    ring_at = 64 + 1024 * 96
+    ring = np.zeros(RING_RECORDS, dtype=RECORD_DTYPE)
+    ring["kind"] = 2
+    ring["timing"] = 10.0
+    words = memoryview(ledger).cast("Q")
+
+    def run() -> None:
+        seq = 0
+        while True:
+            read = words[1]
+            count = RING_RECORDS - (seq - read)
+            if count > 0:
+                s = np.arange(seq, seq + count, dtype=np.uint64)
+                p = (s % RING_RECORDS).astype(np.int64)
+                ring["seq"][p] = s + 1
+                ring["serial"][p] = s + 1
+                if groups:
+                    ring["slot"][p] = ((s // 9) % 1025).astype(np.uint32)
+                    ring["code"][p] = (s % 9).astype(np.uint8)
+                ledger[ring_at : ring_at + ring.nbytes] = ring.tobytes()
+                seq += count
+                words[0] = seq
+            time.sleep(0.001)
+
+    threading.Thread(target=run, daemon=True).start()
 
 
 def main() -> None:
@@ -137,6 +180,8 @@ def main() -> None:
     channel.send([READY, msgpack.packb({"enabled": False, "compromised": True})])
     if attack == "ledger-forgery":
         forge_ledger()
+    if attack in ("ledger-flood", "ledger-flood-one"):
+        flood_ledger(attack == "ledger-flood")
     while True:
         frames = channel.recv()
         kind = frames[0][:1]

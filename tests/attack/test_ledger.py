@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import struct
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -220,3 +221,32 @@ def test_a_worker_that_forges_its_ledger_is_retired_and_nothing_it_wrote_is_coun
         stats = client.stats()
     assert not any("victim" in key for key in stats["clients"]), stats["clients"]
     assert "hostile-ledger-forgery" not in stats["models"] or stats["models"]["hostile-ledger-forgery"]["requests"] == 0
+
+
+def test_a_worker_flooding_its_ledger_with_a_client_per_record_cannot_hold_the_supervisor(tmp_path: Path) -> None:
+    """Found by an attacker: a worker keeps its ledger full of valid records, each naming another (client,
+    code) pair. Read in bulk a group at a time, one pass of its ring held the supervisor's loop for ~1.3 s
+    and a front-door request to another model took 2.8 s. Now such a pass is read one by one, and the
+    housekeeping pass takes a bounded number of records: other models' requests are answered as the flood
+    goes on (here each well within a second; ~12 ms measured)."""
+    root = world_readable_dir("oi-ledger-flood-")
+    onnx_builders.matmul_model(root / "hostile-ledger-flood" / "1" / "model.onnx", size=4)  # never loaded
+    onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx")
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    running = start_daemon(root, entry=HOSTILE_DAEMON, env={"OPENINFER_POOL_DIRECT": "1"}, wait=False)
+    try:
+        with Client(running.address, timeout=30, direct=False) as client:
+            wait_for(lambda: any(w["model"] == "tiny" and w["state"] == "ready" for w in client.status()["workers"]), 90, "tiny ready", daemon=running)
+            wait_for(lambda: client.stats()["models"].get("hostile-ledger-flood", {}).get("requests", 0) > 50_000, 60, "the flood to be read", daemon=running)
+            x = {"x": np.ones((1, 64), np.float32)}
+            slowest = 0.0
+            for _ in range(100):
+                started = time.monotonic()
+                assert client.infer("tiny", x).outputs["y"].shape == (1, 64)
+                slowest = max(slowest, time.monotonic() - started)
+        assert slowest < 1.0, slowest
+    finally:
+        running.stop()
+        cleanup_workdir(running)
+        shutil.rmtree(root, ignore_errors=True)
