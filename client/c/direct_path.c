@@ -296,6 +296,7 @@ static int attach(oi_direct *d, lease_slot *slot, const char *address, oi_link *
     msgpack_sbuffer_destroy(&sb);
     if (!link) { /* ENOENT, ECONNREFUSED: the worker is gone since the lease was issued */
         forget_worker(d, address);
+        d->turn++; /* the next attempt starts at another worker: the daemon may not have seen this one go yet */
         return rc == OI_LINK_TIMEOUT ? fail(err, OI_ERR_TIMEOUT, "DEADLINE_EXCEEDED", "no connection to the worker at %s in time", address)
                                      : RETRY;
     }
