@@ -256,24 +256,23 @@ class AsyncClient:
     async def _link(self, lease: Lease, deadline: float) -> DirectLink:
         core = self._core
         loop = asyncio.get_running_loop()
-        for link in core.forget_drained():
-            loop.remove_reader(link.fd)
+        for drained in core.forget_drained():
+            loop.remove_reader(drained.fd)
         address = core.pick_address(lease)
         if address is None:
             core.leases.pop((lease.model, lease.version), None)
             raise NoDirectPath("every worker of the lease is retiring, or running a request this client gave up on")
         lock = self._link_locks.setdefault(address, asyncio.Lock())
         async with lock:
-            known = core.links.get(address)
-            if known is None:
+            link = core.links.get(address)
+            if link is None:
                 try:
                     link = await loop.run_in_executor(None, connect, address, max(0.001, deadline - time.monotonic()))
                 except Unavailable:
-                    raise core.unreachable(address) from None
+                    core.unreachable(address)
+                    return await self._link(lease, deadline)  # another worker of the lease, else NoDirectPath
                 core.links[address] = link
                 loop.add_reader(link.fd, self._on_readable, link)
-            else:
-                link = known
             if link.attached_ns != lease.expires_ns:
                 request_id = core.next_id()
                 header, _ = await self._exchange(link, request_id, attach_frames(request_id, lease), max(0.001, deadline - time.monotonic()), deadline)

@@ -43,6 +43,7 @@ DIRECT_REPLY_SLACK_MIN_S = 1.5
 LARGE_REQUEST_BYTES = 1 << 20
 STAY_QUEUE_US = 100  # a reply that waited longer than this in its worker's queue moves the next request on
 TEMPLATES_KEPT = 256  # request shapes whose header is kept packed
+GONE_KEPT = 256  # unreachable worker addresses remembered
 _PACKER = msgpack.Packer()
 _ID_KEY = pack("id")
 _SENT_KEY = pack("sent_ns")
@@ -83,6 +84,9 @@ class ClientCore:
         self.links: dict[str, DirectLink] = {}
         self._turn = random.randrange(1 << 16)  # clients start at different workers
         self._stay: str | None = None  # the worker this client keeps sending to (pick_address)
+        # Worker endpoints that could not be connected to: gone, though a lease taken before the daemon
+        # noticed may still name them. Addresses are never reused (worker ids only grow).
+        self.gone: set[str] = set()
         self._templates: dict[tuple[Any, ...], bytes] = {}
         self.door_limits: dict[str, int] | None = None  # the front door's, from `health` (None: not asked yet)
 
@@ -211,7 +215,7 @@ class ClientCore:
             if link is not None and not link.pending and link.usable() and stay in lease.addresses:
                 return stay  # the common case of a blocking client, in one look
         addresses = lease.addresses
-        usable = [a for a in addresses if (link := self.links.get(a)) is None or link.usable()]
+        usable = [a for a in addresses if a not in self.gone and ((link := self.links.get(a)) is None or link.usable())]
         if not usable:
             return None
         load = {a: len(self.links[a].pending) if a in self.links else 0 for a in usable}
@@ -259,11 +263,14 @@ class ClientCore:
                     pending.error = WorkerCrashed(f"the worker at {link.address} exited while running this request")
         self._forget_leases_naming(link.address)
 
-    def unreachable(self, address: str) -> NoDirectPath:
+    def unreachable(self, address: str) -> None:
         """A worker of a lease cannot be connected to (it retired since the lease was issued, or is
-        exiting): nothing was sent, so the request goes to the front door and the next takes a new lease."""
+        exiting): nothing was sent; the request tries the lease's other workers (pick_address leaves this
+        one out), then the front door, and the next request takes a new lease."""
+        if len(self.gone) >= GONE_KEPT:
+            self.gone.clear()
+        self.gone.add(address)
         self._forget_leases_naming(address)
-        return NoDirectPath(f"the worker at {address} is gone")
 
     def _forget_leases_naming(self, address: str) -> None:
         for key, lease in list(self.leases.items()):

@@ -239,7 +239,8 @@ class Client:
             try:
                 link = core.links[address] = connect(address, max(0.001, deadline - time.monotonic()))
             except Unavailable:
-                raise core.unreachable(address) from None
+                core.unreachable(address)
+                return self._link(lease, deadline)  # another worker of the lease, else NoDirectPath
         if link.attached_ns != lease.expires_ns:
             request_id = core.next_id()
             header, _ = self._exchange(link, request_id, attach_frames(request_id, lease), max(0.001, deadline - time.monotonic()), deadline)

@@ -1,0 +1,31 @@
+"""The client's choices on the direct path (openinfer.client.core), in process: which worker of a lease
+gets the next request when some cannot take it."""
+from __future__ import annotations
+
+import pytest
+
+from openinfer.client.core import ClientCore
+from openinfer.client.direct import Lease
+
+pytestmark = pytest.mark.unit
+
+WORKERS = ["ipc:///run/openinfer.sock.d/w1.sock", "ipc:///run/openinfer.sock.d/w2.sock"]
+
+
+def lease() -> Lease:
+    return Lease("tiny", 1, b"token", 1 << 62, list(WORKERS), 1 << 20)
+
+
+def test_a_worker_that_could_not_be_connected_to_is_left_out_of_the_lease_that_named_it() -> None:
+    """A lease taken before the daemon noticed a worker die still names it: after one failed connect the
+    request goes to the lease's other worker (found when the C client, which did not, fell back to the
+    front door under load), and with none left to the front door (None)."""
+    core = ClientCore(WORKERS[0].replace("sock.d/w1.sock", "sock"), 5.0, None, 0, True, False)
+    taken = lease()
+    core.leases[("tiny", None)] = taken
+    core.unreachable(WORKERS[0])
+    assert ("tiny", None) not in core.leases  # the next request takes a new lease
+    assert {core.pick_address(taken) for _ in range(8)} == {WORKERS[1]}
+    core.unreachable(WORKERS[1])
+    assert core.pick_address(taken) is None
+    assert core.pick_address(Lease("tiny", 1, b"token", 1 << 62, ["ipc:///run/openinfer.sock.d/w3.sock"], 1 << 20)) is not None
