@@ -117,3 +117,17 @@ def test_cwire_direct_counts_a_lost_worker_and_goes_on(daemon_factory: Any, tiny
     assert result.path == "direct" and result.path_events["links_lost"] >= 1, result.path_events
     assert set(result.errors) <= {"WORKER_CRASHED"} and result.errors.get("WORKER_CRASHED", 0) <= 4, result.errors
     assert result.completed > 200  # it went on, on the other worker and then on the new one
+
+
+def test_the_books_keep_up_with_a_burst_after_a_quiet_spell(daemon_factory: Any, tiny_repo: Path) -> None:
+    """Direct traffic never wakes the supervisor, which reads the workers' ledgers on its own schedule. It
+    slept up to a second while they looked idle, and a burst filled a worker's ring first: records were
+    dropped and `stats` missed their requests (nobody showed it). Every request answered is in the books."""
+    running = daemon_factory(tiny_repo, env={"OPENINFER_POOL_DIRECT": "1"})
+    with CWirePool("tiny", "x", np.ones((1, 64), np.float32), path="direct") as pool:
+        requests = _tiny_counts(running)[1]
+        result = pool.run(running.address, 8, duration_s=2.0, warmup_s=0.05)
+    assert result.path == "direct" and result.errors == {} and result.completed > 1000
+    with Client(running.address, direct=False) as admin:
+        assert [w.get("ledger_dropped") for w in admin.status()["workers"] if w["model"] == "tiny"] == [0, 0]
+    assert _tiny_counts(running)[1] - requests >= result.completed
