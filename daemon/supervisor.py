@@ -427,20 +427,6 @@ class Supervisor:
         else:
             self._reject_worker(worker, f"unexpected message kind {kind.hex() or 'empty'} in state {worker.state.value}")
 
-    def _move_off(self, worker: WorkerHandle) -> None:
-        """A worker killed for a direct request's overstay: what the front door gave it waited behind that
-        run and never started, so it goes to another worker (or the replacement) rather than dying with
-        this one - once; a task that comes back from a second such worker fails."""
-        for task in reversed(worker.inflight.take_all()):  # each goes to the front: the first ends first
-            if task.done:
-                continue
-            if task.moved:
-                self.replies.fail(task, WorkerCrashed(f"worker {worker.worker_id} (pid {worker.pid}) was killed while holding this task, the second worker to be (each for a direct request that overstayed its deadline)", {"worker": worker.worker_id, "pid": worker.pid}))
-                continue
-            task.moved = True
-            self.dispatcher.retry_alone(task)
-        self.dispatcher.serve_idle(worker.model)
-
     def _retire_now(self, worker: WorkerHandle) -> None:
         worker.retired = True
         if worker in worker.model.idle:
@@ -501,7 +487,9 @@ class Supervisor:
             worker.exit_reason = f"killed: a request sent to it directly was still running after {ran_ns // 1_000_000} ms, past its deadline"
             worker.expected_exit = True
             self._retire_now(worker)
-            self._move_off(worker)
+            # What the front door gave it waited behind that run and never started: it goes to another
+            # worker - once (the page is the worker's word: a hostile step can fake it on every worker).
+            self.dispatcher.requeue_unstarted(worker, WorkerCrashed(f"worker {worker.worker_id} (pid {worker.pid}) was killed while holding this task, the second worker to be (each for a direct request that overstayed its deadline)", {"worker": worker.worker_id, "pid": worker.pid}))
         for worker in list(self.pool.workers.values()):
             if worker.retired or not worker.inflight.overdue(now):
                 continue

@@ -27,11 +27,9 @@ MIN_RECORDS_PER_GROUP = 16
 PASS_RECORDS = 512
 
 
-def _many_groups(answered: np.ndarray) -> bool:
-    if len(answered) < MIN_RECORDS_PER_GROUP:
-        return False
-    groups = np.unique(answered["slot"].astype(np.int64) * len(CODES) + answered["code"])
-    return len(groups) * MIN_RECORDS_PER_GROUP > len(answered)
+def _groups(answered: np.ndarray) -> np.ndarray:
+    """Each ANSWERED record's (client slot, code) group, as one number."""
+    return answered["slot"].astype(np.int64) * len(CODES) + answered["code"]
 
 
 class DirectBooks:
@@ -56,17 +54,19 @@ class DirectBooks:
         batch = ledger.read_batch(limit)
         records = batch.records
         kind = records["kind"]
-        if self.logging_access() or worker.stage_records or (kind == STAGE).any() or records["cache"].any() or _many_groups(records[kind == ANSWERED]):
-            # One by one: a chain's STAGE records pair with the answer they precede (which may come in
-            # the next pass), cache outcomes are checked each, the access log samples answers; and a
-            # pass of many (client, code) groups with few records each costs less this way.
+        answered = records[kind == ANSWERED]
+        groups = _groups(answered)
+        # One by one: a chain's STAGE records pair with the answer they precede (which may come in the
+        # next pass), cache outcomes are checked each, the access log samples answers; and a pass of many
+        # (client, code) groups with few records each costs less this way.
+        if self.logging_access() or worker.stage_records or (kind == STAGE).any() or records["cache"].any() or (len(answered) >= MIN_RECORDS_PER_GROUP and len(np.unique(groups)) * MIN_RECORDS_PER_GROUP > len(answered)):
             for entry in batch.entries():
                 self._apply(worker, entry)
         elif len(records):
-            self._apply_batch(worker, batch, kind)
+            self._apply_batch(worker, batch, kind, answered, groups)
         return len(records)
 
-    def _apply_batch(self, worker: WorkerHandle, batch: RecordBatch, kind: np.ndarray) -> None:
+    def _apply_batch(self, worker: WorkerHandle, batch: RecordBatch, kind: np.ndarray, answered: np.ndarray, groups: np.ndarray) -> None:
         """What `_apply` does record by record, for a plain model's records taken together: a pass at
         tens of thousands of requests a second finds hundreds, and this supervisor shares the cores with
         the workers. Every check comes first (nothing of a pass is booked if one record is refused), and
@@ -94,9 +94,8 @@ class DirectBooks:
                 pending[serial] = (clients[slot], size)
             else:
                 pending.pop(serial, None)
-        answered = records[kind == ANSWERED]
         if len(answered):
-            self._account(worker, answered, clients)
+            self._account(worker, answered, groups, clients)
         if len(runs):
             for size, count in zip(*(column.tolist() for column in np.unique(runs, return_counts=True))):
                 model.batch_sizes[size] = model.batch_sizes.get(size, 0) + count
@@ -105,12 +104,11 @@ class DirectBooks:
             for entry in batch.entries(rest):
                 self._apply(worker, entry)
 
-    def _account(self, worker: WorkerHandle, answered: np.ndarray, clients: dict[int, str]) -> None:
+    def _account(self, worker: WorkerHandle, answered: np.ndarray, groups: np.ndarray, clients: dict[int, str]) -> None:
         """ANSWERED records into the books, a (client, code) group at a time; the CPU sums in record order
         (a float sum depends on its order)."""
         model = worker.model
         accountant = self.accountant
-        groups = answered["slot"].astype(np.int64) * len(CODES) + answered["code"]
         order = np.argsort(groups, kind="stable")
         keys, starts = np.unique(groups[order], return_index=True)
         for group, members in zip(keys.tolist(), np.split(answered[order], starts[1:])):

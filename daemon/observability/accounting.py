@@ -334,9 +334,7 @@ class Accountant:
         Adds exactly what `record` called once per request would but for the CPU, which the caller adds
         in answer order with `add_cpu` (tests/test_accounting.py)."""
         count = len(next(iter(stages.values())))
-        user = self.by_client.get(client)
-        if user is None:
-            user = self._new_client(client)
+        user = self.client_usage(client)
         stats, rows = self._model_rows(model, version, code)
         for key, values in stages.items():
             i = _STAGE_INDEX.get(key)

@@ -383,11 +383,19 @@ class Dispatcher:
         self._track(task)
         task.model.queue.appendleft(task)
 
-    def requeue_unstarted(self, worker: WorkerHandle) -> None:
-        """Put the tasks a lost worker held but had not answered back at the front of their queue."""
+    def requeue_unstarted(self, worker: WorkerHandle, moved_again: OpenInferError | None = None) -> None:
+        """Put the tasks a lost worker held but had not answered back at the front of their queue. With
+        `moved_again` (the worker was killed on its own word that it overstayed a direct run) each task
+        moves at most once: one that comes back from a second such worker fails with that error."""
         for task in reversed(worker.inflight.take_all()):  # each goes to the front: the first ends first
-            if not task.done:
-                self.retry_alone(task)
+            if task.done:
+                continue
+            if moved_again is not None:
+                if task.moved:
+                    self.fail_task(task, moved_again)
+                    continue
+                task.moved = True
+            self.retry_alone(task)
         self.serve_idle(worker.model)
 
     def serve_idle(self, model: ServedModel) -> None:
