@@ -4,6 +4,7 @@
     .venv/bin/python bench/peers_profile.py fastapi-aiohttp --concurrency 8      # + the aiohttp client process
     .venv/bin/python bench/peers_profile.py openinfer-direct --concurrency 8     # workers + AsyncClient process
     .venv/bin/python bench/peers_profile.py openinfer-door --concurrency 8       # supervisor + workers + AsyncClient(direct=False)
+    .venv/bin/python bench/peers_profile.py openinfer-direct-cwire --concurrency 1   # workers under cwire --direct
 
 Starts the server as peers.py does (the daemon with --insecure-no-sandbox: a sandboxed worker cannot be
 ptraced, and peers.py measures the sandbox's cost separately), runs the load for `--duration` seconds
@@ -35,7 +36,7 @@ from peers_clients import PythonClients  # noqa: E402
 from peers_http import UvicornServer, Wrk  # noqa: E402
 from supervisor_profile import function_of, read_raw  # noqa: E402
 
-TARGETS = ("fastapi-wrk", "fastapi-aiohttp", "openinfer-direct", "openinfer-door", "openinfer-door-cwire")
+TARGETS = ("fastapi-wrk", "fastapi-aiohttp", "openinfer-direct", "openinfer-door", "openinfer-door-cwire", "openinfer-direct-cwire")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,10 +98,11 @@ def setup(args: argparse.Namespace, workdir: Path, models: Path) -> tuple[Any, A
         return server, python, workers | {"aiohttp-client": python.pids[0]}, lambda: _pool_summary(python.run(target, c, seconds, 0.0))
     daemon = start_daemon(models, sandbox=False)
     processes = {f"worker-{i}": pid for i, pid in enumerate(daemon.worker_pids())}
-    if args.target != "openinfer-direct":
+    if not args.target.startswith("openinfer-direct"):
         processes["supervisor"] = daemon.pid
-    if args.target == "openinfer-door-cwire":
-        cwire = CWirePool(MODEL, "x", __import__("numpy").ones((1, 64), "float32"))
+    if args.target.endswith("-cwire"):
+        path = "direct" if args.target == "openinfer-direct-cwire" else "front-door"
+        cwire = CWirePool(MODEL, "x", __import__("numpy").ones((1, 64), "float32"), path=path)
         cwire.prepare(daemon.address, c)
         return daemon, cwire, processes, lambda: _pool_summary(cwire.run(daemon.address, c, seconds, 0.0))
     python = PythonClients()

@@ -33,6 +33,8 @@ DATATYPES: frozenset[str] = frozenset(ELEMENT_SIZE) | {"BYTES"}
 _NUMPY_KIND_TO_DATATYPE: dict[str, str] = {
     dt.str.lstrip("<|="): name for name, dt in DATATYPE_TO_NUMPY.items() if name not in ("BYTES",)
 }
+# The little-endian numeric dtypes themselves (the ones onnxruntime returns), for datatype_of's fast path.
+_DATATYPE_BY_DTYPE: dict[np.dtype[Any], str] = {dt: name for name, dt in DATATYPE_TO_NUMPY.items() if name not in ("BYTES", "BF16")}
 
 
 class BF16Array:
@@ -72,6 +74,9 @@ class BF16Array:
 
 def datatype_of(array: np.ndarray) -> str:
     """The OIP datatype name for a numpy array (object/str/bytes arrays are BYTES)."""
+    known = _DATATYPE_BY_DTYPE.get(array.dtype)
+    if known is not None:  # every reply's outputs pass here: a dict lookup, not dtype arithmetic
+        return known
     if array.dtype.kind in ("O", "S", "U"):
         return "BYTES"
     if array.dtype == np.bool_:

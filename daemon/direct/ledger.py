@@ -66,6 +66,9 @@ OPS = ("infer", "(malformed)", "(oversized)", *sorted(OPERATIONS - {"infer"}))
 _CODE_INDEX = {code: i for i, code in enumerate(CODES)}
 _OP_INDEX = {op: i for i, op in enumerate(OPS)}
 _NAN = math.nan
+_NO_TIMING = (_NAN,) * len(TIMING_KEYS)
+_pack_record = _RECORD.pack_into
+_RECORD_BYTES = _RECORD.size
 
 
 class LedgerRejected(ValueError):
@@ -121,20 +124,25 @@ class LedgerWriter:
         return slot
 
     def _append(self, serial: int, request_id: int, client: str, run_size: int, kind: int, code: str | None, op: str, bytes_in: int, bytes_out: int, timing: dict[str, float] | None, cache: int = 0) -> None:
+        # Two of these per direct request: written for speed (no helper calls on the common path).
         seq = self._seq
         words = self.words
         if seq - words[_READ] >= RING_RECORDS:
             self.dropped += 1
             words[_DROPPED] = self.dropped
             return
-        stages = [_NAN] * len(TIMING_KEYS) if timing is None else [timing.get(key, _NAN) for key in TIMING_KEYS]
-        at = _RING_AT + (seq % RING_RECORDS) * _RECORD.size
-        _RECORD.pack_into(  # number 0 while the fields are written: no reader takes it yet
-            self.map, at, 0, serial, request_id, self._slot(client), run_size, kind, _CODE_INDEX[code or "OK"], _OP_INDEX.get(op, 1), cache, bytes_in, bytes_out, *stages,
+        slot = self._slots.get(client)
+        if slot is None:
+            slot = self._slot(client)
+        at = _RING_AT + (seq % RING_RECORDS) * _RECORD_BYTES
+        _pack_record(  # number 0 while the fields are written: no reader takes it yet
+            self.map, at, 0, serial, request_id, slot, run_size, kind, _CODE_INDEX[code or "OK"], _OP_INDEX.get(op, 1), cache, bytes_in, bytes_out,
+            *(_NO_TIMING if timing is None else map(timing.get, TIMING_KEYS, _NO_TIMING)),
         )
-        words[at // 8] = seq + 1  # then its number, in one store: the record is whole from here on
-        self._seq = seq + 1
-        words[_WRITE] = seq + 1
+        seq += 1
+        words[at >> 3] = seq  # then its number, in one store: the record is whole from here on
+        self._seq = seq
+        words[_WRITE] = seq
 
     def admitted(self, serial: int, request_id: int, client: str, bytes_in: int) -> None:
         self._append(serial, request_id, client, 0, ADMITTED, None, "infer", bytes_in, 0, None)

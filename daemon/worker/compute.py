@@ -3,11 +3,13 @@ the run, and wire frames from the outputs. Shared by the tasks the supervisor se
 and the requests clients send straight to the worker (direct_queue.py)."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from openinfer.wire.tensors import BF16Array, decode_array, encode_array
+from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array, datatype_of, decode_array, encode_array
 from openinfer.wire.zmtp import Buffer
 
 from .session import bf16_input
@@ -60,6 +62,49 @@ def encode_outputs(wanted: list[str], results: list[Any]) -> tuple[list[dict[str
     return specs, payloads
 
 
+@dataclass(slots=True)
+class RowCutter:
+    """One output of a batch run, cut into its members' rows. A little-endian C-contiguous numeric
+    array (what onnxruntime returns) is checked and described once per batch, and each member's rows
+    are a byte range of it (no copy, no per-member encode_array); anything else goes through
+    encode_array member by member."""
+
+    value: Any
+    datatype: str | None  # None: the general path
+    rest: list[int]  # the shape after dimension 0
+    row_bytes: int
+    flat: memoryview | None
+
+    @classmethod
+    def of(cls, value: Any) -> "RowCutter":
+        if isinstance(value, np.ndarray) and value.ndim >= 1 and value.flags.c_contiguous and value.size:
+            datatype = datatype_of(value)
+            if datatype != "BYTES" and value.dtype == DATATYPE_TO_NUMPY[datatype]:
+                rest = [int(d) for d in value.shape[1:]]
+                return cls(value, datatype, rest, value.itemsize * math.prod(rest), memoryview(value).cast("B"))  # type: ignore[arg-type]  # numpy arrays are buffers
+        return cls(value, None, [], 0, None)
+
+    def cut(self, start: int, rows: int) -> tuple[str, list[int], Any]:
+        """(datatype, shape, payload) of rows [start, start + rows), as encode_array gives them."""
+        flat = self.flat
+        if flat is None:
+            part = self.value[start : start + rows]
+            return encode_array(part if isinstance(part, BF16Array) else np.ascontiguousarray(part))
+        at = start * self.row_bytes
+        return self.datatype, [rows, *self.rest], flat[at : at + rows * self.row_bytes]  # type: ignore[return-value]
+
+
+def member_outputs(wanted: list[str], cutters: list[RowCutter], start: int, rows: int) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Specs and payloads of one batch member's outputs: its rows of each."""
+    specs = []
+    payloads = []
+    for name, cutter in zip(wanted, cutters):
+        datatype, shape, payload = cutter.cut(start, rows)
+        specs.append({"name": name, "datatype": datatype, "shape": shape})
+        payloads.append(payload)
+    return specs, payloads
+
+
 def split_outputs(results: list[Any], wanted: list[str], rows: list[int]) -> tuple[dict[str, Any], list[Any]]:
     """Output frames of a batch. Fixed-size outputs go whole, one frame each ("rows": the supervisor
     cuts each member's rows out of it by byte offset); BYTES elements have no fixed row size, so a batch
@@ -71,14 +116,11 @@ def split_outputs(results: list[Any], wanted: list[str], rows: list[int]) -> tup
         return {"layout": "rows", "outputs": specs}, [payload for _, _, payload in encoded]
     per_member: list[list[dict[str, Any]]] = []
     payloads: list[Any] = []
+    cutters = [RowCutter.of(value) for value in results]
     start = 0
     for n in rows:
-        member_specs = []
-        for name, value in zip(wanted, results):
-            part = value[start : start + n]
-            datatype, shape, payload = encode_array(part if isinstance(part, BF16Array) else np.ascontiguousarray(part))
-            member_specs.append({"name": name, "datatype": datatype, "shape": shape})
-            payloads.append(payload)
+        member_specs, member_payloads = member_outputs(wanted, cutters, start, n)
         per_member.append(member_specs)
+        payloads.extend(member_payloads)
         start += n
     return {"layout": "members", "outputs": per_member}, payloads

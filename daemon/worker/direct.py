@@ -19,11 +19,13 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ContextManager
 
+import msgpack
+
 from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.direct.lease import Lease, LeaseRefused, verify
 from openinfer.daemon.frontdoor.validation import OverLimit, check_envelope, decode_header, request_id_of
 from openinfer.wire.errors import InvalidArgument, OpenInferError, PermissionDenied, ResourceExhausted
-from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSION, pack
+from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSION
 from openinfer.wire.zmtp import Buffer, Event, FrameStream, HeldWrites, Limits, Oversized, PeerClosed, ProtocolError
 
 log = logging.getLogger("openinfer.worker")
@@ -93,6 +95,8 @@ class DirectDoor:
         self.draining = False
         self.refused = 0
         self._message_limits = Limits(frames=MAX_FRAMES + 1, first_frame=MAX_HEADER_BYTES, message_bytes=limits.max_request_bytes + MAX_HEADER_BYTES)
+        # One packer for every reply (protocol.pack builds one per call): this loop is the only thread that replies.
+        self._pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
         poller.register(listener.fileno(), _READABLE)
 
     # -- accepting ------------------------------------------------------------------------------------
@@ -263,7 +267,7 @@ class DirectDoor:
             self._watch(conn)
 
     def reply(self, conn: DirectConnection, delimited: bool, header: dict[str, Any], payloads: list[Buffer] | None = None) -> None:
-        frames: list[Buffer] = [_DELIMITER, pack(header)] if delimited else [pack(header)]
+        frames: list[Buffer] = [_DELIMITER, self._pack(header)] if delimited else [self._pack(header)]
         if payloads:
             frames.extend(payloads)
         self.send(conn, frames)

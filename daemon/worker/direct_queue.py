@@ -29,10 +29,10 @@ from openinfer.daemon.scheduling.batch_rules import batch_size_now
 from openinfer.daemon.scheduling.taskqueue import TaskQueue
 from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError
 from openinfer.wire.protocol import PROTOCOL_VERSION
-from openinfer.wire.tensors import BF16Array, decode_array
+from openinfer.wire.tensors import decode_array
 from openinfer.wire.zmtp import Buffer
 
-from .compute import encode_outputs, feed_from, for_onnxruntime, plain
+from .compute import RowCutter, encode_outputs, feed_from, for_onnxruntime, member_outputs, plain
 from .direct import DirectConnection, DirectDoor, reject_busy
 from .run_watch import RunStopped, RunWatch
 from .session import Runner, task_error
@@ -296,9 +296,14 @@ class DirectQueue:
         head = batch[0]
         try:
             feed = {}
+            total_rows = sum(m.rows for m in batch)
             for index, spec in enumerate(head.specs):
-                parts = [decode_array(spec["datatype"], [m.rows, *spec["shape"][1:]], m.data[index]) for m in batch]
-                feed[spec["name"]] = for_onnxruntime(spec["datatype"], np.concatenate(parts, axis=0))
+                datatype = spec["datatype"]
+                if datatype == "BYTES":  # no fixed row size: each member's elements decoded, then joined
+                    joined = np.concatenate([decode_array(datatype, [m.rows, *spec["shape"][1:]], m.data[index]) for m in batch], axis=0)
+                else:  # fixed-size rows: the members' bytes joined, decoded once
+                    joined = decode_array(datatype, [total_rows, *spec["shape"][1:]], b"".join([m.data[index] for m in batch]))
+                feed[spec["name"]] = for_onnxruntime(datatype, joined)
             prepared_ns = time.monotonic_ns()
             results = [plain(value) for value in self._guarded_run(head.wanted, feed, batch)]
             computed_ns = time.monotonic_ns()
@@ -308,25 +313,28 @@ class DirectQueue:
                     self.ledger.run(1)
                 self._run_one(member, time.monotonic_ns())
             return
-        cpu_each = (time.process_time_ns() - cpu_start) / 1000 / len(batch)
+        size = len(batch)
+        cpu_each = (time.process_time_ns() - cpu_start) / 1000 / size
+        prep_us, compute_us = (prepared_ns - started_ns) / 1000, (computed_ns - prepared_ns) / 1000
+        cutters = [RowCutter.of(value) for value in results]
+        name, version = self.model.name, self.model.version
         start = 0
         with self.door.held():  # one write per client connection for the whole batch
             for member in batch:
-                parts = [value[start : start + member.rows] for value in results]
+                specs, payloads = member_outputs(member.wanted, cutters, start, member.rows)
                 start += member.rows
-                specs, payloads = encode_outputs(member.wanted, [part if isinstance(part, BF16Array) else np.ascontiguousarray(part) for part in parts])
                 now = time.monotonic_ns()
                 timing = {
                     "decode_us": (member.decoded_ns - member.received_ns) / 1000,
                     "queue_us": (started_ns - member.decoded_ns) / 1000,
                     "batch_wait_us": self._batch_wait_us(member, started_ns),
-                    "prep_us": (prepared_ns - started_ns) / 1000,
-                    "compute_us": (computed_ns - prepared_ns) / 1000,
+                    "prep_us": prep_us,
+                    "compute_us": compute_us,
                     "encode_us": (now - computed_ns) / 1000,
                     "cpu_us": cpu_each,
                     "total_us": (now - member.received_ns) / 1000,
                 }
-                reply = {"v": PROTOCOL_VERSION, "id": member.request_id, "model": self.model.name, "version": self.model.version, "outputs": specs, "timing": timing, "batch_size": len(batch)}
+                reply = {"v": PROTOCOL_VERSION, "id": member.request_id, "model": name, "version": version, "outputs": specs, "timing": timing, "batch_size": size}
                 self._answer(member, reply, payloads, None, timing)
 
     # -- answers ---------------------------------------------------------------------------------------
