@@ -1,6 +1,7 @@
 """A batch's outputs cut into its members' rows (daemon/worker/compute.py RowCutter): whatever path a
 value takes (byte ranges of one buffer, or encode_array member by member), each member's datatype,
-shape and bytes are exactly what encode_array gives for its rows alone."""
+shape and bytes are exactly what encode_array gives for its rows alone - also when a model's output
+does not keep the batch dimension, so a reply's shape always matches its bytes."""
 from __future__ import annotations
 
 from typing import Any
@@ -26,7 +27,9 @@ VALUES: dict[str, Any] = {
     "bytes": np.array([f"row {i}".encode() * i for i in range(6)], dtype=object),
     "bf16": BF16Array(rng.integers(0, 1 << 16, (6, 2)).astype(np.uint16)),
     "zero_width": np.zeros((6, 0), np.float32),
+    "not_batch_major": rng.standard_normal((2, 3)).astype(np.float32),  # a model that drops the batch dimension
 }
+TOTAL = sum(ROWS)
 
 
 def _alone(value: Any, start: int, rows: int) -> tuple[str, list[int], bytes]:
@@ -38,7 +41,7 @@ def _alone(value: Any, start: int, rows: int) -> tuple[str, list[int], bytes]:
 @pytest.mark.parametrize("name", sorted(VALUES))
 def test_each_member_gets_what_encoding_its_rows_alone_gives(name: str) -> None:
     value = VALUES[name]
-    cutters = [RowCutter.of(value)]
+    cutters = [RowCutter.of(value, TOTAL)]
     start = 0
     for rows in ROWS:
         specs, payloads = member_outputs(["out"], cutters, start, rows)
@@ -50,7 +53,7 @@ def test_each_member_gets_what_encoding_its_rows_alone_gives(name: str) -> None:
 
 def test_the_fast_path_is_taken_for_what_onnxruntime_returns_and_only_for_it() -> None:
     """Little-endian C-contiguous numeric arrays are cut by byte range; the rest takes encode_array."""
-    assert RowCutter.of(VALUES["fp32"]).flat is not None
-    assert RowCutter.of(VALUES["int64_3d"]).row_bytes == 2 * 3 * 8
-    for name in ("big_endian", "not_contiguous", "bytes", "bf16", "zero_width"):
-        assert RowCutter.of(VALUES[name]).flat is None, name
+    assert RowCutter.of(VALUES["fp32"], TOTAL).flat is not None
+    assert RowCutter.of(VALUES["int64_3d"], TOTAL).row_bytes == 2 * 3 * 8
+    for name in ("big_endian", "not_contiguous", "bytes", "bf16", "zero_width", "not_batch_major"):
+        assert RowCutter.of(VALUES[name], TOTAL).flat is None, name

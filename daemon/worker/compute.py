@@ -76,8 +76,10 @@ class RowCutter:
     flat: memoryview | None
 
     @classmethod
-    def of(cls, value: Any) -> "RowCutter":
-        if isinstance(value, np.ndarray) and value.ndim >= 1 and value.flags.c_contiguous and value.size:
+    def of(cls, value: Any, total_rows: int) -> "RowCutter":
+        """`total_rows`: the batch's; an output with another dimension 0 (a model that does not keep the
+        batch dimension) is sliced as it is, member by member, and the reply says what each got."""
+        if isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == total_rows and value.flags.c_contiguous and value.size:
             datatype = datatype_of(value)
             if datatype != "BYTES" and value.dtype == DATATYPE_TO_NUMPY[datatype]:
                 rest = [int(d) for d in value.shape[1:]]
@@ -116,7 +118,7 @@ def split_outputs(results: list[Any], wanted: list[str], rows: list[int]) -> tup
         return {"layout": "rows", "outputs": specs}, [payload for _, _, payload in encoded]
     per_member: list[list[dict[str, Any]]] = []
     payloads: list[Any] = []
-    cutters = [RowCutter.of(value) for value in results]
+    cutters = [RowCutter.of(value, total) for value in results]
     start = 0
     for n in rows:
         member_specs, member_payloads = member_outputs(wanted, cutters, start, n)

@@ -316,7 +316,7 @@ class DirectQueue:
         size = len(batch)
         cpu_each = (time.process_time_ns() - cpu_start) / 1000 / size
         prep_us, compute_us = (prepared_ns - started_ns) / 1000, (computed_ns - prepared_ns) / 1000
-        cutters = [RowCutter.of(value) for value in results]
+        cutters = [RowCutter.of(value, total_rows) for value in results]
         name, version = self.model.name, self.model.version
         start = 0
         with self.door.held():  # one write per client connection for the whole batch
