@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from openinfer.daemon.worker.compute import RowCutter, member_outputs
+from openinfer.daemon.worker.compute import RowCutter, join_rows, member_outputs
 from openinfer.wire.tensors import BF16Array, encode_array
 
 pytestmark = pytest.mark.unit
@@ -57,3 +57,21 @@ def test_the_fast_path_is_taken_for_what_onnxruntime_returns_and_only_for_it() -
     assert RowCutter.of(VALUES["int64_3d"], TOTAL).row_bytes == 2 * 3 * 8
     for name in ("big_endian", "not_contiguous", "bytes", "bf16", "zero_width", "not_batch_major"):
         assert RowCutter.of(VALUES[name], TOTAL).flat is None, name
+
+
+def test_an_output_with_no_batch_dimension_is_refused_so_the_members_run_alone() -> None:
+    """A model declared [-1] that returns a scalar: nothing to cut rows from (ValueError, which the
+    batch path answers by running each member alone), never an IndexError outside the batch's guard."""
+    with pytest.raises(ValueError):
+        RowCutter.of(np.float32(3.0), TOTAL)
+    with pytest.raises(ValueError):
+        RowCutter.of(np.array(3.0, np.float32), TOTAL)
+
+
+def test_join_rows_refuses_a_member_whose_frame_does_not_hold_its_rows() -> None:
+    """Joined, a frame with more or fewer bytes than its rows would shift every later member's rows."""
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    joined = join_rows("FP32", [4], [(1, x[:1].tobytes()), (2, x[1:].tobytes())])
+    np.testing.assert_array_equal(joined, x)
+    with pytest.raises(ValueError):
+        join_rows("FP32", [4], [(2, x[:1].tobytes()), (1, x[1:].tobytes())])  # same total, wrong split

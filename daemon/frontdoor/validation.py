@@ -38,7 +38,7 @@ class InputSignature:
     inputs: list[dict[str, Any]]  # a private copy of the checked list
     frame_bytes: tuple[int | None, ...]  # per data frame, the byte length its spec implies (None: BYTES)
     batch_specs: tuple[tuple[str, str, tuple[int, ...]], ...]  # (name, datatype, shape[1:]) per input
-    rows: int | None  # dimension 0 of the first input (None: no input has one)
+    rows: int | None  # dimension 0, shared by every input (None: some input has none, or they differ: never batched)
 
 
 class OverLimit(ResourceExhausted):
@@ -163,12 +163,25 @@ def check_infer(header: dict[str, Any], data_frames: list[Any], model: Validated
         [{"name": spec["name"], "datatype": spec["datatype"], "shape": list(spec["shape"])} for spec in inputs],
         tuple(frame_bytes),
         tuple([(spec["name"], spec["datatype"], tuple(spec["shape"][1:])) for spec in inputs]),
-        inputs[0]["shape"][0] if inputs and inputs[0]["shape"] else None,
+        _common_rows(inputs),
     )
     kept = model.input_signatures
     kept.insert(0, signature)
     del kept[SIGNATURES_KEPT:]
     return nbytes, signature
+
+
+def _common_rows(inputs: list[dict[str, Any]]) -> int | None:
+    """Dimension 0 when every input has the same one: the rows a batch may join. A request whose inputs
+    disagree (valid alone: a model may broadcast one of them) runs alone - joined into a batch, its
+    rows of one input would be cut as another member's."""
+    if not inputs or not all(spec["shape"] for spec in inputs):
+        return None
+    rows = inputs[0]["shape"][0]
+    for spec in inputs:
+        if spec["shape"][0] != rows:
+            return None
+    return rows  # type: ignore[no-any-return]
 
 
 def _int_dims(inputs: list[dict[str, Any]]) -> bool:

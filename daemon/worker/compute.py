@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array, datatype_of, decode_array, encode_array
+from openinfer.wire.tensors import DATATYPE_TO_NUMPY, ELEMENT_SIZE, BF16Array, datatype_of, decode_array, encode_array
 from openinfer.wire.zmtp import Buffer
 
 from .session import bf16_input
@@ -43,12 +43,24 @@ def batch_feed(plan: dict[str, Any], frames: list[Buffer]) -> dict[str, Any]:
         return feed_from(plan, frames)
     feed: dict[str, Any] = {}
     for index, spec in enumerate(specs):
-        parts = []
-        for member, rows in enumerate(plan["rows"]):
-            frame = frames[member * len(specs) + index]
-            parts.append(decode_array(spec["datatype"], [rows, *spec["shape"][1:]], frame))
-        feed[spec["name"]] = for_onnxruntime(spec["datatype"], np.concatenate(parts, axis=0))
+        members = [(rows, frames[member * len(specs) + index]) for member, rows in enumerate(plan["rows"])]
+        feed[spec["name"]] = join_rows(spec["datatype"], spec["shape"][1:], members)
     return feed
+
+
+def join_rows(datatype: str, rest: list[int], members: list[tuple[int, Buffer]]) -> Any:
+    """One input of a batch, for onnxruntime: each member's (rows, frame) joined along dimension 0.
+    A frame that does not hold exactly its member's rows raises ValueError (the batch then runs member
+    by member): joined, its bytes would be cut into another member's rows."""
+    if datatype == "BYTES":  # no fixed row size: each member's elements decoded, then joined
+        return for_onnxruntime(datatype, np.concatenate([decode_array(datatype, [rows, *rest], frame) for rows, frame in members], axis=0))
+    row_bytes = ELEMENT_SIZE[datatype] * math.prod(rest)
+    total = 0
+    for rows, frame in members:
+        if (frame.nbytes if isinstance(frame, memoryview) else len(frame)) != rows * row_bytes:
+            raise ValueError(f"a batch member's frame does not hold its {rows} rows of {datatype}{rest}")
+        total += rows
+    return for_onnxruntime(datatype, decode_array(datatype, [total, *rest], b"".join([frame for _, frame in members])))
 
 
 def encode_outputs(wanted: list[str], results: list[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
@@ -78,7 +90,10 @@ class RowCutter:
     @classmethod
     def of(cls, value: Any, total_rows: int) -> "RowCutter":
         """`total_rows`: the batch's; an output with another dimension 0 (a model that does not keep the
-        batch dimension) is sliced as it is, member by member, and the reply says what each got."""
+        batch dimension) is sliced as it is, member by member, and the reply says what each got. One
+        with no dimension 0 at all raises ValueError: the batch's members then run alone."""
+        if not getattr(value, "shape", ()):
+            raise ValueError("a batch output with no dimension 0: its members' rows cannot be cut from it")
         if isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == total_rows and value.flags.c_contiguous and value.size:
             datatype = datatype_of(value)
             if datatype != "BYTES" and value.dtype == DATATYPE_TO_NUMPY[datatype]:

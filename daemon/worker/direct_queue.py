@@ -18,8 +18,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from openinfer.daemon.direct.deadline_page import DeadlinePage
 from openinfer.daemon.direct.ledger import CACHE_HIT, CACHE_MISS, LedgerWriter
 from openinfer.daemon.observability.client_key import client_key
@@ -29,10 +27,9 @@ from openinfer.daemon.scheduling.batch_rules import batch_size_now
 from openinfer.daemon.scheduling.taskqueue import TaskQueue
 from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError
 from openinfer.wire.protocol import PROTOCOL_VERSION
-from openinfer.wire.tensors import decode_array
 from openinfer.wire.zmtp import Buffer
 
-from .compute import RowCutter, encode_outputs, feed_from, for_onnxruntime, member_outputs, plain
+from .compute import RowCutter, encode_outputs, feed_from, join_rows, member_outputs, plain
 from .direct import DirectConnection, DirectDoor, reject_busy
 from .run_watch import RunStopped, RunWatch
 from .session import Runner, task_error
@@ -295,18 +292,12 @@ class DirectQueue:
         cpu_start = time.process_time_ns()
         head = batch[0]
         try:
-            feed = {}
-            total_rows = sum(m.rows for m in batch)
-            for index, spec in enumerate(head.specs):
-                datatype = spec["datatype"]
-                if datatype == "BYTES":  # no fixed row size: each member's elements decoded, then joined
-                    joined = np.concatenate([decode_array(datatype, [m.rows, *spec["shape"][1:]], m.data[index]) for m in batch], axis=0)
-                else:  # fixed-size rows: the members' bytes joined, decoded once
-                    joined = decode_array(datatype, [total_rows, *spec["shape"][1:]], b"".join([m.data[index] for m in batch]))
-                feed[spec["name"]] = for_onnxruntime(datatype, joined)
+            feed = {spec["name"]: join_rows(spec["datatype"], spec["shape"][1:], [(m.rows, m.data[index]) for m in batch]) for index, spec in enumerate(head.specs)}
             prepared_ns = time.monotonic_ns()
             results = [plain(value) for value in self._guarded_run(head.wanted, feed, batch)]
             computed_ns = time.monotonic_ns()
+            total_rows = sum(m.rows for m in batch)
+            cutters = [RowCutter.of(value, total_rows) for value in results]
         except Exception:  # failed or stopped as a whole: which member caused it is unknown
             for member in batch:
                 if self.ledger is not None:
@@ -316,7 +307,6 @@ class DirectQueue:
         size = len(batch)
         cpu_each = (time.process_time_ns() - cpu_start) / 1000 / size
         prep_us, compute_us = (prepared_ns - started_ns) / 1000, (computed_ns - prepared_ns) / 1000
-        cutters = [RowCutter.of(value, total_rows) for value in results]
         name, version = self.model.name, self.model.version
         start = 0
         with self.door.held():  # one write per client connection for the whole batch

@@ -1,0 +1,129 @@
+"""A batch never hands one client's rows to another. A request's rows are dimension 0 of its inputs; a
+model with two inputs may take them with different dimension 0 (two free symbolic dimensions, or one
+input broadcast), and such a request is valid alone. Joined into a batch by rows of its first input, its
+other input's rows were cut as another member's: the attacker read the victim's input and chose the
+victim's answer, on the direct path and through the front door alike. A request is now batched only when
+every input has the same dimension 0 (validation.check_infer), and a worker refuses to join a member
+whose frame does not hold exactly its rows (compute.join_rows): both tests fail without the first."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from daemon_harness import world_readable_dir
+from openinfer.client import AsyncClient
+from reference import run_reference
+from repo_builder import make_world_readable
+
+pytestmark = pytest.mark.attack
+
+
+def two_free_rows_model(path: Path) -> Path:
+    """ox = -x, oy = -y: two inputs whose dimension 0 are unrelated (and dynamic, so the model batches)."""
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["ox"]), helper.make_node("Neg", ["y"], ["oy"])],
+        "two_free_rows",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["a", 4]), helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("ox", TensorProto.FLOAT, ["a", 4]), helper.make_tensor_value_info("oy", TensorProto.FLOAT, ["b", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 10)
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def add_model(path: Path) -> Path:
+    """out = x + y, both inputs and the output declared [n, 4] with ONE symbolic n (the usual way to write
+    "same batch"; onnxruntime does not check that the two n agree, and broadcasts a 1)."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "y"], ["out"])],
+        "add",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]), helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 10)
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+BATCHING = "workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 300000\nquiet_us = 0\n"  # requests sent together leave as one batch
+
+
+def _repo(name: str, build: Any) -> Path:
+    root = world_readable_dir("oi-batch-rows-")
+    build(root / name / "1" / "model.onnx")
+    (root / name / "config.toml").write_text(BATCHING)
+    make_world_readable(root)
+    return root
+
+
+async def _together(address: str, direct: bool, model: str, feeds: list[dict[str, np.ndarray]]) -> list[Any]:
+    """Each feed from its own client (connection), sent at once; every client has taken its lease and
+    connected first, so the requests reach the worker within the batching window."""
+    clients = [AsyncClient(address, timeout=30, direct=direct, client_name=f"client{i}") for i in range(len(feeds))]
+    try:
+        for client, feed in zip(clients, feeds):
+            await client.infer(model, {name: value[:1] if len(value) else np.zeros((1, *value.shape[1:]), value.dtype) for name, value in feed.items()})
+        return list(await asyncio.gather(*(client.infer(model, feed) for client, feed in zip(clients, feeds))))
+    finally:
+        for client in clients:
+            await client.close()
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "front-door"])
+def test_a_member_never_gets_another_members_rows(daemon_factory: Any, direct: bool) -> None:
+    """x and y with unrelated dimension 0: A sends x[2, 4] + y[1, 4], B x[1, 4] + y[2, 4] (B's y is the
+    secret). Joined by x's rows, A was cut one of B's y rows. Each must get what running it alone gives."""
+    root = _repo("two", two_free_rows_model)
+    try:
+        daemon = daemon_factory(root)
+        model = root / "two" / "1" / "model.onnx"
+        control = asyncio.run(_together(daemon.address, direct, "two", [{"x": np.ones((1, 4), np.float32), "y": np.ones((1, 4), np.float32)}] * 2))
+        assert [r.batch_size for r in control] == [2, 2]  # the window batches requests whose inputs agree
+        feed_a = {"x": np.ones((2, 4), np.float32), "y": np.full((1, 4), 1.0, np.float32)}
+        feed_b = {"x": np.full((1, 4), 5.0, np.float32), "y": np.full((2, 4), 7777.0, np.float32)}
+        got_a, got_b = asyncio.run(_together(daemon.address, direct, "two", [feed_a, feed_b]))
+        assert not np.any(got_a.outputs["oy"] == -7777.0), f"A got B's rows: {got_a.outputs['oy'].tolist()}"
+        for feed, got in ((feed_a, got_a), (feed_b, got_b)):
+            want = run_reference(model, feed)
+            for name in ("ox", "oy"):
+                np.testing.assert_array_equal(got.outputs[name], want[name])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "front-door"])
+def test_an_attacker_cannot_read_or_set_a_well_formed_victims_rows(daemon_factory: Any, direct: bool) -> None:
+    """out = x + y, both [n, 4] with one symbolic n (onnxruntime does not check that the two agree, and
+    broadcasts a 1). The victim sends an ordinary x[1, 4] + y[1, 4]; the attacker brackets it with
+    x[2, 4] + y[1, 4] and x[0, 4] + y[1, 4], each valid alone. Joined by x's rows (2 + 1 + 0 = the y rows'
+    1 + 1 + 1) the batch ran, the attacker's first reply held the victim's y and the victim got the
+    attacker's. Batch order is the order the worker reads them in, so several rounds."""
+    root = _repo("add", add_model)
+    try:
+        daemon = daemon_factory(root)
+        one = {"x": np.zeros((1, 4), np.float32), "y": np.zeros((1, 4), np.float32)}
+        control = asyncio.run(_together(daemon.address, direct, "add", [one] * 3))
+        assert [r.batch_size for r in control] == [3, 3, 3]  # the window batches requests whose inputs agree
+        secret = np.array([[11.0, 22.0, 33.0, 44.0]], np.float32)
+        victim = {"x": np.zeros((1, 4), np.float32), "y": secret}
+        first = {"x": np.zeros((2, 4), np.float32), "y": np.zeros((1, 4), np.float32)}
+        second = {"x": np.zeros((0, 4), np.float32), "y": np.full((1, 4), -1.0, np.float32)}
+        for _ in range(5):
+            got_first, got_victim, _ = asyncio.run(_together(daemon.address, direct, "add", [first, victim, second]))
+            assert not np.any(got_first.outputs["out"] == 22.0), f"the attacker read the victim's input: {got_first.outputs['out'].tolist()}"
+            np.testing.assert_array_equal(got_victim.outputs["out"], secret)  # x = 0: the victim's own y back
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
