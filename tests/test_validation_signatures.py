@@ -3,6 +3,7 @@ has its frames checked. It must decide exactly as the full checks do, for hostil
 and true compare equal to 1 in Python; a frame of the wrong size; options that are checked apart)."""
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,17 @@ def make_model() -> ServedModel:
     return model
 
 
-def request(rows: Any = 2, cols: Any = 4, x_bytes: int | None = None, **extra: Any) -> tuple[dict[str, Any], list[bytes]]:
+def elements(*items: bytes) -> bytes:
+    """A BYTES frame: each element's u32 length, then its bytes."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def request(rows: Any = 2, cols: Any = 4, x_bytes: int | None = None, s_frame: bytes | None = None, **extra: Any) -> tuple[dict[str, Any], list[bytes]]:
     header = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, cols]}, {"name": "s", "datatype": "BYTES", "shape": [rows]}], **extra}
     size = x_bytes if x_bytes is not None else (rows * cols * 4 if type(rows) is int and type(cols) is int else 32)
-    return header, [b"\0" * size, b"anything"]
+    if s_frame is None:
+        s_frame = elements(*[b"anything"] * (rows if type(rows) is int else 2))
+    return header, [b"\0" * size, s_frame]
 
 
 def outcome(model: ServedModel, header: dict[str, Any], frames: list[bytes]) -> tuple[Any, ...]:
@@ -55,7 +63,7 @@ def test_equal_inputs_reuse_the_signature() -> None:
     model = make_model()
     header, frames = request(2)
     nbytes, first = check_infer(header, frames, model, LIMIT)
-    assert nbytes == 2 * 4 * 4 + len(b"anything")
+    assert nbytes == 2 * 4 * 4 + 2 * (4 + len(b"anything"))
     assert first.frame_bytes == (32, None) and first.rows == 2
     assert first.batch_specs == (("x", "FP32", (4,)), ("s", "BYTES", ()))
     header, frames = request(2)
@@ -91,6 +99,10 @@ def test_new_metadata_forgets_the_signatures() -> None:
         (request(2, priority=10), InvalidArgument, "between 0"),
         (request(2, timeout_ms=0), InvalidArgument, "must be positive"),
         (request(2, version=True), InvalidArgument, "non-negative integer"),
+        # A BYTES frame must hold exactly the elements its shape says (a batch reads its members' frames joined).
+        (request(2, s_frame=elements(b"one")), InvalidArgument, "ends inside the length of element 1"),
+        (request(2, s_frame=elements(b"one", b"two", b"three")), InvalidArgument, "trailing bytes after 2 elements"),
+        (request(2, s_frame=elements(b"one") + struct.pack("<I", 99) + b"short"), InvalidArgument, "claims 99 bytes past the end"),
     ],
 )
 def test_look_alikes_of_a_checked_request_are_refused(header_frames: tuple[dict[str, Any], list[bytes]], error: type[Exception], message: str) -> None:

@@ -5,7 +5,7 @@ BYTES tensors are a sequence of elements, each a 4-byte little-endian length fol
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -25,6 +25,7 @@ DATATYPE_TO_NUMPY: dict[str, np.dtype[Any]] = {
     "FP64": np.dtype("<f8"),
     "BYTES": np.dtype("object"),
 }
+_U32 = struct.Struct("<I")  # a BYTES element's length prefix
 # BF16 has no numpy dtype; it travels as raw 2-byte elements and decodes to uint16 bit patterns.
 ELEMENT_SIZE: dict[str, int] = {name: dt.itemsize for name, dt in DATATYPE_TO_NUMPY.items() if name != "BYTES"}
 ELEMENT_SIZE["BF16"] = 2
@@ -144,23 +145,38 @@ def encode_bytes_scalar(value: bytes | bytearray | memoryview | str) -> bytes:
     return struct.pack("<I", len(raw)) + raw
 
 
-def decode_bytes_elements(payload: bytes | bytearray | memoryview, count: int) -> np.ndarray:
-    """Parse `count` length-prefixed elements; raises ValueError if the payload does not hold exactly that."""
-    view = memoryview(payload)
-    out = np.empty(count, dtype=object)
+def _bytes_element_spans(view: memoryview, count: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each of `count` length-prefixed elements; ValueError unless the payload holds
+    exactly that many (no bytes left over)."""
+    size = len(view)
     offset = 0
     for index in range(count):
-        if offset + 4 > len(view):
+        if offset + 4 > size:
             raise ValueError(f"BYTES payload ends inside the length of element {index}")
-        (length,) = struct.unpack_from("<I", view, offset)
+        (length,) = _U32.unpack_from(view, offset)
         offset += 4
-        if offset + length > len(view):
+        if offset + length > size:
             raise ValueError(f"BYTES element {index} claims {length} bytes past the end of the payload")
-        out[index] = bytes(view[offset : offset + length])
+        yield offset, offset + length
         offset += length
-    if offset != len(view):
-        raise ValueError(f"BYTES payload has {len(view) - offset} trailing bytes after {count} elements")
+    if offset != size:
+        raise ValueError(f"BYTES payload has {size - offset} trailing bytes after {count} elements")
+
+
+def decode_bytes_elements(payload: bytes | bytearray | memoryview, count: int) -> np.ndarray:
+    """Parse `count` length-prefixed elements; raises ValueError if the payload does not hold exactly that."""
+    view = memoryview(payload).cast("B")
+    out = np.empty(count, dtype=object)
+    for index, (start, end) in enumerate(_bytes_element_spans(view, count)):
+        out[index] = bytes(view[start:end])
     return out
+
+
+def check_bytes_elements(payload: bytes | bytearray | memoryview, count: int) -> None:
+    """What decode_bytes_elements checks, without copying the elements: ValueError unless the payload
+    holds exactly `count` length-prefixed elements."""
+    for _ in _bytes_element_spans(memoryview(payload).cast("B"), count):
+        pass
 
 
 def expected_nbytes(datatype: str, shape: list[int]) -> int | None:

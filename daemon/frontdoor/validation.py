@@ -11,7 +11,7 @@ import msgpack
 
 from openinfer.wire.errors import InvalidArgument, ResourceExhausted
 from openinfer.wire.protocol import MAX_CLIENT_NAME, MAX_FRAMES, MAX_HEADER_BYTES, OPERATIONS, PROTOCOL_VERSION
-from openinfer.wire.tensors import DATATYPES, ELEMENT_SIZE
+from openinfer.wire.tensors import DATATYPES, ELEMENT_SIZE, check_bytes_elements
 
 
 
@@ -37,6 +37,7 @@ class InputSignature:
 
     inputs: list[dict[str, Any]]  # a private copy of the checked list
     frame_bytes: tuple[int | None, ...]  # per data frame, the byte length its spec implies (None: BYTES)
+    bytes_elements: tuple[tuple[int, int], ...]  # (frame index, element count) of each BYTES input
     batch_specs: tuple[tuple[str, str, tuple[int, ...]], ...]  # (name, datatype, shape[1:]) per input
     rows: int | None  # dimension 0, shared by every input (None: some input has none, or they differ: never batched)
 
@@ -99,6 +100,8 @@ def check_infer(header: dict[str, Any], data_frames: list[Any], model: Validated
             if inputs == known.inputs and _int_dims(inputs):
                 nbytes = _fixed_frames_bytes(known.frame_bytes, data_frames)
                 if nbytes is not None and nbytes <= max_request_bytes:
+                    for index, count in known.bytes_elements:
+                        _check_bytes_frame(inputs[index]["name"], data_frames[index], count)
                     _check_options(header, model)
                     return nbytes, known
                 break  # the full checks below name what is wrong
@@ -114,6 +117,7 @@ def check_infer(header: dict[str, Any], data_frames: list[Any], model: Validated
     seen: set[str] = set()
     expected = model.input_by_name
     frame_bytes: list[int | None] = []
+    bytes_elements: list[tuple[int, int]] = []
     for index, spec in enumerate(inputs):
         if not isinstance(spec, dict):
             raise InvalidArgument(f"inputs[{index}] must be a map")
@@ -154,6 +158,11 @@ def check_infer(header: dict[str, Any], data_frames: list[Any], model: Validated
                 )
             frame_bytes.append(count * size)
         else:
+            count = 1
+            for dim in shape:
+                count *= dim
+            _check_bytes_frame(name, data_frames[index], count)
+            bytes_elements.append((index, count))
             frame_bytes.append(None)
     missing = expected.keys() - seen
     if missing:
@@ -162,6 +171,7 @@ def check_infer(header: dict[str, Any], data_frames: list[Any], model: Validated
     signature = InputSignature(
         [{"name": spec["name"], "datatype": spec["datatype"], "shape": list(spec["shape"])} for spec in inputs],
         tuple(frame_bytes),
+        tuple(bytes_elements),
         tuple([(spec["name"], spec["datatype"], tuple(spec["shape"][1:])) for spec in inputs]),
         _common_rows(inputs),
     )
@@ -169,6 +179,15 @@ def check_infer(header: dict[str, Any], data_frames: list[Any], model: Validated
     kept.insert(0, signature)
     del kept[SIGNATURES_KEPT:]
     return nbytes, signature
+
+
+def _check_bytes_frame(name: str, frame: Any, count: int) -> None:
+    """A BYTES input's frame must hold exactly the elements its shape says: read by another count (a
+    batch reads its members' frames joined), its elements would become another request's."""
+    try:
+        check_bytes_elements(frame, count)
+    except ValueError as exc:
+        raise InvalidArgument(f"input {name!r}: {exc} (its shape says {count} elements)") from None
 
 
 def _common_rows(inputs: list[dict[str, Any]]) -> int | None:

@@ -360,7 +360,9 @@ class Dispatcher:
         (specs, outputs) = batch[0].batch_key
         total = sum(rows)
         nbytes = sum(task.nbytes for task in batch)
-        joined = nbytes <= JOIN_MAX_BYTES
+        # BYTES elements have no fixed size: a worker reads a joined frame by the batch's total count, so
+        # only each member's own frames let it hold every member to its own rows (compute.join_rows).
+        joined = nbytes <= JOIN_MAX_BYTES and all(datatype != "BYTES" for _, datatype, _ in specs)
         plan = {
             "tasks": [t.task_id for t in batch],
             "rows": rows,

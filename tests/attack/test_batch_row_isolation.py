@@ -4,21 +4,29 @@ input broadcast), and such a request is valid alone. Joined into a batch by rows
 other input's rows were cut as another member's: the attacker read the victim's input and chose the
 victim's answer, on the direct path and through the front door alike. A request is now batched only when
 every input has the same dimension 0 (validation.check_infer), and a worker refuses to join a member
-whose frame does not hold exactly its rows (compute.join_rows): both tests fail without the first."""
+whose frame does not hold exactly its rows (compute.join_rows): both tests fail without the first.
+
+The same for BYTES inputs, whose elements have no fixed size: a frame holding fewer or more elements
+than its shape says was admitted unchecked, and the front door joined a small batch's BYTES frames, so
+the worker read the join by the batch's total count and every element after the short frame shifted into
+the next request. Such a frame is now refused at admission (INVALID_ARGUMENT), and a batch with a BYTES
+input leaves the supervisor member by member."""
 from __future__ import annotations
 
 import asyncio
 import shutil
+import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
+import onnx_builders
 from daemon_harness import world_readable_dir
-from openinfer.client import AsyncClient
+from openinfer.client import AsyncClient, InvalidArgument
 from reference import run_reference
 from repo_builder import make_world_readable
 
@@ -125,5 +133,64 @@ def test_an_attacker_cannot_read_or_set_a_well_formed_victims_rows(daemon_factor
             got_first, got_victim, _ = asyncio.run(_together(daemon.address, direct, "add", [first, victim, second]))
             assert not np.any(got_first.outputs["out"] == 22.0), f"the attacker read the victim's input: {got_first.outputs['out'].tolist()}"
             np.testing.assert_array_equal(got_victim.outputs["out"], secret)  # x = 0: the victim's own y back
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _elements(*items: bytes) -> bytes:
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def _tamper(client: AsyncClient, text_frame: bytes) -> None:
+    """The client's frames as usual, then its `text` frame (the first data frame) replaced: the header
+    still says text[1]."""
+    core = client._core
+    original: Callable[..., list[Any]] = core.infer_frames
+
+    def infer_frames(*args: Any, **kwargs: Any) -> list[Any]:
+        frames = list(original(*args, **kwargs))
+        frames[1] = text_frame
+        return frames
+
+    core.infer_frames = infer_frames  # type: ignore[method-assign]
+
+
+async def _together_tampered(address: str, direct: bool, feeds: list[dict[str, np.ndarray]], tampered: list[bytes | None]) -> list[Any]:
+    clients = [AsyncClient(address, timeout=30, direct=direct, client_name=f"client{i}") for i in range(len(feeds))]
+    try:
+        for client, feed in zip(clients, feeds):  # connected and leased first: the requests arrive together
+            await client.infer("text", feed)
+        for client, frame in zip(clients, tampered):
+            if frame is not None:
+                _tamper(client, frame)
+        return list(await asyncio.gather(*(client.infer("text", feed) for client, feed in zip(clients, feeds)), return_exceptions=True))
+    finally:
+        for client in clients:
+            await client.close()
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "front-door"])
+def test_a_bytes_frame_that_does_not_hold_its_elements_cannot_shift_a_victims_rows(daemon_factory: Any, direct: bool) -> None:
+    """text BYTES[rows] + n INT64[rows, 2]: the attacker sends text[1] holding no element before the
+    victim's and text[1] holding two after it. Joined, 0 + 1 + 2 elements read as 3 rows: the attacker's
+    first reply held the victim's string and the victim was answered the attacker's chosen one."""
+    root = _repo("text", onnx_builders.string_rows_model)
+    try:
+        daemon = daemon_factory(root)
+
+        def feed(text: bytes, n: int) -> dict[str, np.ndarray]:
+            return {"text": np.array([text], dtype=object), "n": np.full((1, 2), n, np.int64)}
+
+        secret = b"victim-secret-0001"
+        feeds = [feed(b"a", 1), feed(secret, 2), feed(b"b", 3)]
+        control = asyncio.run(_together_tampered(daemon.address, direct, feeds, [None, None, None]))
+        assert [r.batch_size for r in control] == [3, 3, 3]  # the window batches them when nothing is forged
+        want = [v if isinstance(v, bytes) else v.encode() for v in run_reference(root / "text" / "1" / "model.onnx", feeds[1])["same"].reshape(-1)]
+        for _ in range(3):
+            first, victim, last = asyncio.run(_together_tampered(daemon.address, direct, feeds, [_elements(), None, _elements(b"CHOSEN-BY-ATTACKER", b"b")]))
+            assert not isinstance(victim, BaseException), f"the victim's well-formed request failed: {victim!r}"
+            assert list(victim.outputs["same"].reshape(-1)) == want, f"the victim was answered {victim.outputs['same'].tolist()}"
+            for attacker in (first, last):  # malformed: the caller's mistake, refused as such
+                assert isinstance(attacker, InvalidArgument), f"a BYTES frame that does not hold its elements got {attacker!r}"
     finally:
         shutil.rmtree(root, ignore_errors=True)
