@@ -351,7 +351,7 @@ class Supervisor:
     def _accept_infer(self, route: Route, request_id: int, client: str, model: ServedModel, header: dict[str, Any], body: list[Any], received_ns: int) -> None:
         data = body[1:]
         limit = model.config.max_request_bytes or self.settings.server.max_request_bytes
-        nbytes, signature = check_infer(header, data, model, limit)
+        nbytes, signature = check_infer(header, data, model, limit, walk_bytes=False)  # BYTES frames: the worker's (check_infer)
         decoded_ns = time.monotonic_ns()
         timeout_ms = header.get("timeout_ms") or model.config.timeout_ms
         conn = route.conn

@@ -91,16 +91,19 @@ def _is_uint(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def check_infer(header: dict[str, Any], data_frames: list[Any], model: ValidatedModel, max_request_bytes: int) -> tuple[int, InputSignature]:
+def check_infer(header: dict[str, Any], data_frames: list[Any], model: ValidatedModel, max_request_bytes: int, walk_bytes: bool = True) -> tuple[int, InputSignature]:
     """Validate an `infer` request against the model's metadata; returns the request's payload bytes
-    and its inputs' signature (what batching groups by)."""
+    and its inputs' signature (what batching groups by). `walk_bytes`: also walk each BYTES frame's
+    element lengths (a worker does; the supervisor does not - a frame of millions of tiny elements would
+    hold its one thread for seconds - and sends such inputs to workers member by member instead, where
+    each is held to its own count: dispatch._batch_message, compute.join_rows)."""
     inputs = header.get("inputs")
     if type(inputs) is list:
         for known in model.input_signatures:
             if inputs == known.inputs and _int_dims(inputs):
                 nbytes = _fixed_frames_bytes(known.frame_bytes, data_frames)
                 if nbytes is not None and nbytes <= max_request_bytes:
-                    for index, count in known.bytes_elements:
+                    for index, count in known.bytes_elements if walk_bytes else ():
                         _check_bytes_frame(inputs[index]["name"], data_frames[index], count)
                     _check_options(header, model)
                     return nbytes, known
@@ -161,7 +164,8 @@ def check_infer(header: dict[str, Any], data_frames: list[Any], model: Validated
             count = 1
             for dim in shape:
                 count *= dim
-            _check_bytes_frame(name, data_frames[index], count)
+            if walk_bytes:
+                _check_bytes_frame(name, data_frames[index], count)
             bytes_elements.append((index, count))
             frame_bytes.append(None)
     missing = expected.keys() - seen
