@@ -30,7 +30,7 @@ from openinfer.daemon.observability.accounting import Accountant
 from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.frontdoor.client_limits import ClientLimiter, load_client_policy
 from openinfer.daemon.direct.books import PASS_RECORDS, DirectBooks
-from openinfer.daemon.direct.endpoints import DirectPath
+from openinfer.daemon.direct.endpoints import OVERDUE_GRACE_NS, DirectPath
 from openinfer.daemon.direct.ledger import Entry
 from openinfer.daemon.scheduling.dispatch import Dispatcher
 from openinfer.daemon.frontdoor.bind import bind_public
@@ -491,7 +491,10 @@ class Supervisor:
             # worker - once (the page is the worker's word: a hostile step can fake it on every worker).
             self.dispatcher.requeue_unstarted(worker, WorkerCrashed(f"worker {worker.worker_id} (pid {worker.pid}) was killed while holding this task, the second worker to be (each for a direct request that overstayed its deadline)", {"worker": worker.worker_id, "pid": worker.pid}))
         for worker in list(self.pool.workers.values()):
-            if worker.retired or not worker.inflight.overdue(now):
+            # The worker stops a run at its deadline itself and answers it (worker/channel_tasks.py): a kill
+            # is the backstop, for a run that cannot be stopped. Killing at the deadline let any client
+            # with a timeout shorter than its request's compute kill a worker at will.
+            if worker.retired or not worker.inflight.overdue(now - OVERDUE_GRACE_NS):
                 continue
             running = worker.inflight.take_running()  # a single task, or the whole batch
             late = [t for t in running if t.deadline_ns <= now] if len(running) > 1 else running

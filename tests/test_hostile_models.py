@@ -303,28 +303,24 @@ def test_endless_loop_on_the_direct_path_is_stopped_by_its_worker_which_serves_o
     assert good.failures() == [], good.failures()[:5]
 
 
-def test_endless_loop_hits_its_deadline_and_its_worker_is_killed_and_replaced(hostile: HostileDaemon) -> None:
-    """Through the front door the supervisor kills a worker whose task overstays its deadline."""
+def test_endless_loop_hits_its_deadline_is_stopped_there_and_its_worker_serves_on(hostile: HostileDaemon) -> None:
+    """Through the front door the worker stops a run that overstays its deadline (onnxruntime's stop flag,
+    checked in every Loop iteration) and answers it; the worker is not killed (a run that cannot be
+    stopped is: tests/test_faults.py), and the good model answers throughout."""
     (old,) = hostile.pids("spin")
     with GoodTraffic(hostile.running.address) as good, Client(hostile.running.address, timeout=60, direct=False) as client:
         started = time.monotonic()
         with pytest.raises(OpenInferError) as info:
             client.infer("spin", {"x": np.zeros(1, np.float32)})
         ended = time.monotonic()
-        assert info.value.code == "DEADLINE_EXCEEDED", info.value
+        assert info.value.code == "DEADLINE_EXCEEDED" and "the worker was kept" in info.value.message, info.value
         assert SPIN_MAX_COMPUTE_MS / 1000 * 0.9 <= ended - started < 5, f"{ended - started:.2f} s"
-        # The spinning worker is gone: SIGKILLed by the supervisor, then reaped.
-        wait_for(lambda: not psutil.pid_exists(old), 5, f"spinning worker {old} to disappear", daemon=hostile.running)
-        # The supervisor logs the exit just after reaping it: the pid can vanish a moment before the line.
-        exits = wait_for(lambda: [r for r in log_records(hostile.running) if r.get("msg") == "worker exited" and r.get("pid") == old], 5, f"the exit of {old} to be logged", daemon=hostile.running)
-        assert len(exits) == 1 and exits[0]["exit"] == "was killed by SIGKILL" and "deadline" in exits[0]["reason"], exits
-        # ... and replaced (its warm-up alone spins for the warm-up timeout, ~5 s).
-        new = wait_for(lambda: [p for p in hostile.pids("spin") if p != old], 30, "a ready replacement spin worker", daemon=hostile.running)
-        wait_for(lambda: good.successes_between(time.monotonic() - 0.5, float("inf")) >= 5, 10, "the good model after the respawn")
-    assert new and old not in new
+        assert hostile.pids("spin") == [old]
+        wait_for(lambda: good.successes_between(ended, float("inf")) >= 5, 10, "the good model after the stop")
     during = good.successes_between(started, ended)
     assert during >= 10, f"the good model answered only {during} times while the loop spun"
     assert good.failures() == [], good.failures()[:5]
+    assert not [r for r in log_records(hostile.running) if r.get("msg") == "worker exited" and r.get("pid") == old]
 
 
 # -- (c) death by SIGSYS ------------------------------------------------------------------------------

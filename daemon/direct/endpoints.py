@@ -33,7 +33,7 @@ from openinfer.daemon.workerpool.workers import WorkerHandle, WorkerState
 
 log = logging.getLogger("openinfer.supervisor")
 
-OVERDUE_GRACE_NS = 500_000_000  # the worker stops an overdue run itself (worker/run_watch.py); a kill is the backstop
+OVERDUE_GRACE_NS = 500_000_000  # the worker stops an overdue run itself (worker/run_watch.py, channel_tasks.py); a kill is the backstop, on both paths
 _SOCKET_PATH_MAX = 107
 
 

@@ -175,7 +175,7 @@ class Dispatcher:
         task.worker = worker
         worker.inflight.add(task, now, task.model.config.max_compute_ms * 1_000_000)
         worker.transition(WorkerState.BUSY)
-        kind = messages.TASK + messages.pack_task_id(task.task_id)
+        kind = messages.TASK + messages.pack_task_id(task.task_id) + messages.pack_stop(task.deadline_ns, task.model.config.max_compute_ms * 1_000_000)
         cache = task.model.config.cache
         if cache is not None and not cache.shared:  # the worker keeps each identity's answers apart
             kind += task.identity.encode()
@@ -369,6 +369,8 @@ class Dispatcher:
             "inputs": [{"name": name, "datatype": datatype, "shape": [total, *rest]} for name, datatype, rest in specs],
             "outputs": list(outputs),
             "joined": joined,
+            "deadline_ns": min(task.deadline_ns for task in batch),
+            "max_compute_ns": batch[0].model.config.max_compute_ms * 1_000_000,
         }
         if joined:
             return [messages.BATCH, pack(plan), *[b"".join([task.data_frames[index] for task in batch]) for index in range(len(specs))]]

@@ -327,7 +327,10 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
 
         runner = StepRunner({name: Stage.of(Runner(session), model) for name, (session, model) in loaded_models.items()}, steps, clients_view)
     poller = select.epoll()
-    direct = direct_serving(config, clients_view, runner, poller, lease_key, cache) if config.direct is not None else None
+    from .run_watch import RunWatch
+
+    watch = RunWatch(runner.new_run_options())  # its thread starts now: the serve policy allows no new one
+    direct = direct_serving(config, clients_view, runner, poller, lease_key, watch, cache) if config.direct is not None else None
 
     if config.sandbox.enabled:
         hardening.malloc_trim()
@@ -342,7 +345,7 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
 
     from .serve import serve
 
-    serve(channel, runner, [o["name"] for o in clients_view["outputs"]], poller, direct, cache)
+    serve(channel, runner, [o["name"] for o in clients_view["outputs"]], poller, direct, cache, watch)
     channel.close()
 
 

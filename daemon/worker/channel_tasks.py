@@ -1,20 +1,28 @@
 """The work the supervisor sends a worker over its channel: one TASK, or one BATCH of tasks (layouts in
-messages.py), each answered with exactly one RESULT(S) message, whatever onnxruntime raised."""
+messages.py), each answered with exactly one RESULT(S) message, whatever onnxruntime raised.
+
+A run is stopped at its deadline (the earliest of its tasks', and at most max_compute_ms after it
+starts) by the worker's run watch, as a direct request's is (run_watch.py): the tasks are answered
+DEADLINE_EXCEEDED and the worker lives on. The supervisor kills it only if the run does not end a grace
+period after that (a single kernel that never returns, a step's own loop): a client's short timeout
+alone never costs a worker."""
 from __future__ import annotations
 
 import time
 from typing import Any
 
+from openinfer.wire.errors import DeadlineExceeded
 from openinfer.wire.protocol import pack, unpack
 from openinfer.wire.zmtp import Buffer, FrameStream
 
 from . import messages
 from .compute import batch_feed, encode_outputs, feed_from, plain, split_outputs
+from .run_watch import RunStopped, RunWatch
 from .session import task_error
 from .verdict_cache import VerdictCache
 
 
-def run_task(channel: FrameStream, session: Any, output_names: list[str], frames: list[Buffer], cache: VerdictCache | None = None) -> None:
+def run_task(channel: FrameStream, session: Any, output_names: list[str], frames: list[Buffer], cache: VerdictCache | None = None, watch: RunWatch | None = None) -> None:
     received_ns = time.monotonic_ns()
     cpu_start = time.process_time_ns()
     result_kind = messages.RESULT + bytes(frames[0][1:9])  # echoes the task id
@@ -24,7 +32,7 @@ def run_task(channel: FrameStream, session: Any, output_names: list[str], frames
         wanted = header.get("outputs") or output_names
         key = None
         if cache is not None:
-            key = cache.key(header["inputs"], frames[2:], wanted, bytes(frames[0][9:]).decode())  # the identity the supervisor appended
+            key = cache.key(header["inputs"], frames[2:], wanted, bytes(frames[0][messages.TASK_HEAD_BYTES:]).decode())  # the identity the supervisor appended
             hit = cache.get(key, received_ns)
             if hit is not None:  # answered again without running anything
                 meta = {"outputs": hit.specs, "cache": "hit", "recv_ns": received_ns, "prep_us": 0.0, "compute_us": 0.0, "encode_us": 0.0,
@@ -33,7 +41,8 @@ def run_task(channel: FrameStream, session: Any, output_names: list[str], frames
                 return
         feed = feed_from(header, frames[2:], session.raw_inputs)
         prepared_ns = time.monotonic_ns()
-        results = session.run(wanted, feed)
+        deadline_ns, max_compute_ns = messages.unpack_stop(frames[0])
+        results = stopped_run(session, watch, wanted, feed, min(deadline_ns, prepared_ns + max_compute_ns))
         computed_ns = time.monotonic_ns()
         specs, payloads = encode_outputs(wanted, results)
         encoded_ns = time.monotonic_ns()
@@ -62,7 +71,18 @@ def run_task(channel: FrameStream, session: Any, output_names: list[str], frames
         channel.send([result_kind, pack(meta)])
 
 
-def run_batch(channel: FrameStream, session: Any, output_names: list[str], frames: list[Buffer]) -> None:
+def stopped_run(session: Any, watch: RunWatch | None, wanted: list[str], feed: dict[str, Any], stop_at_ns: int) -> list[Any]:
+    """session.run, stopped at stop_at_ns: DeadlineExceeded if the watch stopped it."""
+    if watch is None:
+        return session.run(wanted, feed)  # type: ignore[no-any-return]
+    started_ns = time.monotonic_ns()
+    try:
+        return watch.run(lambda options: session.run(wanted, feed, options), stop_at_ns)
+    except RunStopped:
+        raise DeadlineExceeded(f"stopped after {(time.monotonic_ns() - started_ns) / 1e6:.0f} ms of running: past its deadline (the request's timeout, or the model's max_compute_ms); the worker was kept") from None
+
+
+def run_batch(channel: FrameStream, session: Any, output_names: list[str], frames: list[Buffer], watch: RunWatch | None = None) -> None:
     """Several compatible tasks run once as one batch (rows concatenated along axis 0), answered in one
     message. Results equal running each task alone (the batch dimension is row-independent).
 
@@ -81,7 +101,8 @@ def run_batch(channel: FrameStream, session: Any, output_names: list[str], frame
         merged = batch_feed(plan, frames[2:])
         wanted = plan["outputs"] or output_names
         prepared_ns = time.monotonic_ns()
-        results = [plain(value) for value in session.run(wanted, merged)]
+        stop_at_ns = min(plan["deadline_ns"], prepared_ns + plan["max_compute_ns"])
+        results = [plain(value) for value in stopped_run(session, watch, wanted, merged, stop_at_ns)]
         computed_ns = time.monotonic_ns()
         meta, payloads = split_outputs(results, wanted, plan["rows"])
         meta.update(

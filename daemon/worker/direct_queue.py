@@ -215,25 +215,17 @@ class DirectQueue:
         page, watch = self.page, self.watch
         if page is not None:
             page.running(started_ns, deadline_ns)
-        if watch is not None:
-            watch.arm(deadline_ns)
+        ended = page.idle if page is not None else None
+        if watch is None:
+            try:
+                return self.runner.run(wanted, feed, None)
+            finally:
+                if ended is not None:
+                    ended()
         try:
-            results = self.runner.run(wanted, feed, watch.options if watch is not None else None)
-        except Exception:
-            if self._run_ended(page, watch):  # the watch stopped it: that is why it raised
-                raise RunStopped(self._stop_reason(started_ns)) from None
-            raise
-        if self._run_ended(page, watch):  # stopped, and a step swallowed the stop: a cut-short run is no answer
-            raise RunStopped(self._stop_reason(started_ns))
-        return results
-
-    @staticmethod
-    def _run_ended(page: DeadlinePage | None, watch: RunWatch | None) -> bool:
-        """The run is over: disarm the watch (True when it had stopped the run), tell the page."""
-        stopped = watch is not None and watch.disarm()
-        if page is not None:
-            page.idle()
-        return stopped
+            return watch.run(lambda options: self.runner.run(wanted, feed, options), deadline_ns, ended)
+        except RunStopped:
+            raise RunStopped(self._stop_reason(started_ns)) from None
 
     def _stop_reason(self, started_ns: int) -> str:
         return f"stopped after {(time.monotonic_ns() - started_ns) / 1e6:.0f} ms: past its deadline (the request's timeout, or the model's max_compute_ms = {self.model.max_compute_ms})"

@@ -21,7 +21,7 @@ from .verdict_cache import VerdictCache
 DEADLINE_PAGE_FD = 6  # spawner.DEADLINE_FD
 
 
-def direct_serving(config: WorkerBootConfig, description: dict[str, Any], runner: Runner, poller: Any, lease_key: bytes, cache: VerdictCache | None = None) -> DirectServing:
+def direct_serving(config: WorkerBootConfig, description: dict[str, Any], runner: Runner, poller: Any, lease_key: bytes, watch: RunWatch, cache: VerdictCache | None = None) -> DirectServing:
     direct = config.direct
     assert direct is not None
     listener = socket.socket(fileno=LISTEN_FD)
@@ -39,7 +39,7 @@ def direct_serving(config: WorkerBootConfig, description: dict[str, Any], runner
         on_outcome=lambda conn, client, op, request_id, exc, received_ns: queue_box[0].outcome(client, op, request_id, exc, received_ns),
     )
     door.key = lease_key
-    queue = DirectQueue(door, runner, model, page, LedgerWriter(DEADLINE_PAGE_FD), RunWatch(runner.new_run_options()), cache)
+    queue = DirectQueue(door, runner, model, page, LedgerWriter(DEADLINE_PAGE_FD), watch, cache)
     queue_box.append(queue)
     _warm(lease_key)
     return DirectServing(door, queue, direct.spin_us)

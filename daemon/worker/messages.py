@@ -3,21 +3,25 @@
 The channel is a socketpair made at spawn (the worker's end is its fd 4): no other process can reach it,
 and the supervisor knows which worker is on each. Messages are multipart, framed as ZMTP frames
 (openinfer.wire.zmtp) without a greeting. Frame 0 starts with a one-byte kind (TASK and RESULT append the
-8-byte little-endian task id to it: one frame less per message on the hot path; a TASK for a model whose
-verdict cache is per identity then carries the client's kernel-proven identity, UTF-8). Everything a worker
+8-byte little-endian task id to it: one frame less per message on the hot path; a TASK then carries its
+stop: the task's deadline (CLOCK_MONOTONIC ns, the same clock in every process of the host) and the
+model's max_compute_ms in ns, 8 bytes each - the worker stops the run at the earlier of the deadline and
+max_compute after it starts it, and answers DEADLINE_EXCEEDED; then, for a model whose verdict cache is
+per identity, the client's kernel-proven identity, UTF-8). Everything a worker
 sends is checked by the supervisor against what that worker was given (daemon/workerpool/worker_inbound.py) before
 any state changes; a message that does not fit retires the worker.
 
   worker -> supervisor                        supervisor -> worker
   HELLO  [b"H", meta]  model loaded            ACK   [b"A", lease key] channel proven, go sandbox
-  READY  [b"Y", sandbox]  serve policy on      TASK  [b"T"+task_id(+identity), client header, *data]
+  READY  [b"Y", sandbox]  serve policy on      TASK  [b"T"+task_id+stop(+identity), client header, *data]
   RESULT [b"R"+task_id, meta, *outputs]       QUIT  [b"Q"]           finish and exit 0
   RESULTS [b"S", meta, *outputs]  the answers of one BATCH (layout below)
   FAILED [b"E", {"message"}]  boot failed      PING  [b"P", token]
                                                BATCH [b"B", plan, *data]  (layout below)
   PONG   [b"p", token]                        KEY   [b"K", lease key]   after a reload
 
-BATCH plan = {tasks, rows (per task), inputs (the batch's specs, dim 0 = all rows), outputs, joined}:
+BATCH plan = {tasks, rows (per task), inputs (the batch's specs, dim 0 = all rows), outputs, joined,
+deadline_ns (the earliest of its tasks'), max_compute_ns}:
 joined -> one data frame per input holding every task's rows in task order; else per task its input
 frames. RESULTS meta["layout"]: "rows" -> one frame per output for the whole batch (the supervisor cuts
 each task's rows out by byte offset); "members" -> per task its output frames (BYTES outputs).
@@ -40,6 +44,8 @@ PING = b"P"
 KEY = b"K"  # [b"K", key]: the new lease key (every reload makes one; direct.py checks leases with it)
 
 _TASK_ID = struct.Struct("<Q")
+_STOP = struct.Struct("<QQ")  # a TASK's deadline_ns and max_compute_ns, after its task id
+TASK_HEAD_BYTES = 1 + _TASK_ID.size + _STOP.size  # kind, task id, stop; then the identity, if any
 
 # What the worker accepts from the supervisor on its channel (the supervisor enforces its own, tighter
 # limits on what workers send: worker_inbound.py).
@@ -52,3 +58,13 @@ def pack_task_id(task_id: int) -> bytes:
 
 def unpack_task_id(raw: bytes | memoryview) -> int:
     return _TASK_ID.unpack(raw)[0]
+
+
+def pack_stop(deadline_ns: int, max_compute_ns: int) -> bytes:
+    return _STOP.pack(deadline_ns, max_compute_ns)
+
+
+def unpack_stop(raw: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """(deadline_ns, max_compute_ns) of a TASK's frame 0."""
+    deadline_ns, max_compute_ns = _STOP.unpack_from(raw, 1 + _TASK_ID.size)
+    return deadline_ns, max_compute_ns

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 TICK_S = 0.02  # how late, at most, a run is stopped after its deadline
 
@@ -39,6 +41,27 @@ class RunWatch:
             self._deadline_ns = 0
             self.options.terminate = False  # the next run starts clean, even if the flag was just set
             return self.stopped
+
+    def run(self, call: Callable[[Any], T], stop_at_ns: int, ended: Callable[[], None] | None = None) -> T:
+        """call(run options), stopped at stop_at_ns: RunStopped when the watch stopped it - also when it
+        returned anyway (a step that swallowed the stop returns a cut-short answer, which is no answer).
+        `ended` runs as soon as the run is over, whatever happened."""
+        self.arm(stop_at_ns)
+        try:
+            result = call(self.options)
+        except Exception:
+            stopped = self.disarm()
+            if ended is not None:
+                ended()
+            if stopped:
+                raise RunStopped() from None
+            raise
+        stopped = self.disarm()
+        if ended is not None:
+            ended()
+        if stopped:
+            raise RunStopped()
+        return result
 
     def _watch(self) -> None:
         while True:

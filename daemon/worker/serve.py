@@ -23,6 +23,7 @@ from . import messages
 from .channel_tasks import run_batch, run_task
 from .direct import DirectDoor
 from .direct_queue import DirectQueue
+from .run_watch import RunWatch
 from .session import Runner
 from .verdict_cache import VerdictCache
 
@@ -45,8 +46,9 @@ class DirectServing:
 
 
 class WorkerLoop:
-    def __init__(self, channel: FrameStream, runner: Runner, output_names: list[str], poller: Any, direct: DirectServing | None, cache: VerdictCache | None = None) -> None:
+    def __init__(self, channel: FrameStream, runner: Runner, output_names: list[str], poller: Any, direct: DirectServing | None, cache: VerdictCache | None = None, watch: RunWatch | None = None) -> None:
         self.channel = channel
+        self.watch = watch  # stops the supervisor's tasks at their deadlines (channel_tasks.py)
         self.cache = cache
         self.runner = runner
         self.output_names = output_names
@@ -132,9 +134,9 @@ class WorkerLoop:
                     continue
                 kind = bytes(frames[0][:1])
                 if kind == messages.TASK:
-                    run_task(channel, self.runner, self.output_names, frames, self.cache)
+                    run_task(channel, self.runner, self.output_names, frames, self.cache, self.watch)
                 elif kind == messages.BATCH:
-                    run_batch(channel, self.runner, self.output_names, frames)
+                    run_batch(channel, self.runner, self.output_names, frames, self.watch)
                 elif kind == messages.PING:
                     cache = self.cache
                     if cache is None:
@@ -175,9 +177,9 @@ class WorkerLoop:
                 return
 
 
-def serve(channel: FrameStream, runner: Runner, output_names: list[str], poller: Any, direct: DirectServing | None, cache: VerdictCache | None = None) -> None:
+def serve(channel: FrameStream, runner: Runner, output_names: list[str], poller: Any, direct: DirectServing | None, cache: VerdictCache | None = None, watch: RunWatch | None = None) -> None:
     """Run until QUIT (and its drain) or until the supervisor is gone."""
     try:
-        WorkerLoop(channel, runner, output_names, poller, direct, cache).run()
+        WorkerLoop(channel, runner, output_names, poller, direct, cache, watch).run()
     except SystemExit:
         return

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from openinfer.daemon.steps.contract import StepFailed
+from openinfer.wire.errors import DeadlineExceeded
 from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array
 
 from .external_data import ExternalFiles
@@ -211,6 +212,8 @@ def task_error(exc: BaseException, inputs: list[dict[str, Any]], dynamic_inputs:
     shapes, then what onnxruntime said, so the caller can see what to change."""
     if isinstance(exc, StepFailed):  # already says which step and whose mistake
         return {"code": exc.code, "message": str(exc)[:2000]}
+    if isinstance(exc, DeadlineExceeded):  # the run watch stopped it (worker/channel_tasks.py)
+        return {"code": exc.code, "message": exc.message[:2000]}
     code = error_code_for(exc)
     message = f"{type(exc).__name__}: {str(exc).strip()}"
     if code == "INVALID_ARGUMENT" and _NODE_FAILURE in message and inputs:

@@ -1,0 +1,92 @@
+"""A client's own short timeout never costs a worker. Through the front door the supervisor used to kill
+a worker whose running task passed its deadline: any client allowed to infer could send a request whose
+compute outlasts its timeout (a larger input, a smaller timeout) and have the model's workers killed and
+reloaded, again and again, under everyone else's requests. Now the worker stops the run at the deadline
+itself (onnxruntime's terminate flag, as on the direct path) and answers DEADLINE_EXCEEDED; the kill is
+the backstop for a run that cannot be stopped (tests/test_faults.py). Both tests fail without the
+worker's stop: the worker's pid changes at every attack."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import onnx_builders
+from daemon_harness import world_readable_dir
+from openinfer.client import AsyncClient, Client, DeadlineExceeded
+from repo_builder import make_world_readable
+
+pytestmark = pytest.mark.attack
+
+
+def _repo(name: str, build: Any, config: str) -> Path:
+    root = world_readable_dir("oi-fd-deadline-")
+    build(root / name / "1" / "model.onnx")
+    (root / name / "config.toml").write_text(config)
+    make_world_readable(root)
+    return root
+
+
+def _worker_pids(client: Client, model: str) -> list[int]:
+    return sorted(w["pid"] for w in client.status()["workers"] if w["model"] == model)
+
+
+def test_a_short_timeout_cannot_kill_a_front_door_worker(daemon_factory: Any) -> None:
+    """busy: y = x + n by a Loop of n steps (the caller picks the compute). Five requests of ~10^8 steps
+    with a 200 ms timeout, each followed by an ordinary request: every one is answered, by the same
+    worker process."""
+    root = _repo("busy", onnx_builders.busy_loop_model, "workers = 1\n")
+    try:
+        daemon = daemon_factory(root)
+        with Client(daemon.address, timeout=30, direct=False) as client:
+            x = np.zeros(1, np.float32)
+            assert client.infer("busy", {"x": x, "n": np.array(3, np.int64)}).outputs["y"][0] == 3
+            before = _worker_pids(client, "busy")
+            for _ in range(5):
+                with pytest.raises(DeadlineExceeded, match="the worker was kept"):
+                    client.infer("busy", {"x": x, "n": np.array(100_000_000, np.int64)}, timeout=0.2)
+                assert client.infer("busy", {"x": x, "n": np.array(5, np.int64)}).outputs["y"][0] == 5
+                assert _worker_pids(client, "busy") == before
+            stats = client.stats()["models"]["busy"]
+            assert stats["failures"] == {"DEADLINE_EXCEEDED": 5}, stats
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_short_timeout_in_a_batch_costs_neither_the_worker_nor_the_other_members(daemon_factory: Any) -> None:
+    """rows: y = x + max(x) by a Loop of max(x) steps, batching. The attacker's row (10^9 steps, 200 ms
+    timeout) rides in a batch with three ordinary requests: the run is stopped at the attacker's deadline,
+    the others run again without it and are answered, and the worker serves on."""
+    root = _repo("rows", onnx_builders.row_loop_model, "workers = 1\n[batching]\nmax_batch_size = 4\nmax_queue_delay_us = 150000\nquiet_us = 0\n")  # the four leave as one batch at once
+    try:
+        daemon = daemon_factory(root)
+        with Client(daemon.address, timeout=30, direct=False) as admin:
+            before = _worker_pids(admin, "rows")
+
+        async def together() -> list[Any]:
+            clients = [AsyncClient(daemon.address, timeout=30, direct=False, client_name=f"c{i}") for i in range(4)]
+            try:
+                for client in clients:  # connected first: the four arrive within the batching window
+                    await client.infer("rows", {"x": np.array([[1.0]], np.float32)})
+                requests = [clients[0].infer("rows", {"x": np.array([[1e9]], np.float32)}, timeout=0.2)]
+                requests += [client.infer("rows", {"x": np.array([[float(i)]], np.float32)}) for i, client in enumerate(clients[1:], start=2)]
+                return list(await asyncio.gather(*requests, return_exceptions=True))
+            finally:
+                for client in clients:
+                    await client.close()
+
+        attacker, *victims = asyncio.run(together())
+        assert isinstance(attacker, DeadlineExceeded), attacker
+        for i, got in enumerate(victims, start=2):
+            assert not isinstance(got, BaseException), got
+            # x + the max of the batch it ran in: the victims' own rows (2..4), never the stopped run's
+            assert 2.0 * i <= float(got.outputs["y"][0, 0]) <= i + 4.0, got.outputs["y"]
+        with Client(daemon.address, timeout=30, direct=False) as admin:
+            assert _worker_pids(admin, "rows") == before
+            assert max(int(size) for size in admin.stats()["models"]["rows"]["batch_sizes"]["1"]) >= 2  # they did ride together
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
