@@ -1,6 +1,8 @@
 """Start and stop a real `openinfer serve` in a subprocess on a temporary ipc:// path."""
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import signal
@@ -99,6 +101,19 @@ class RunningDaemon:
 
 
 DAEMON_ENTRY = ("-m", "openinfer.daemon.cli")
+
+
+def log_records(daemon: RunningDaemon) -> list[dict[str, Any]]:
+    """The daemon's JSON log lines, in the order it wrote them."""
+    records = []
+    for line in daemon.log_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def start_daemon(

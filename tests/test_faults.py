@@ -6,7 +6,6 @@ clients and `direct=False` clients use. The same faults on the direct path: test
 (and the direct variant of the first test here)."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -23,7 +22,7 @@ import pytest
 import zmq
 
 import onnx_builders
-from daemon_harness import RunningDaemon, wait_for, world_readable_dir
+from daemon_harness import RunningDaemon, log_records, wait_for, world_readable_dir
 from openinfer.client import Client, DeadlineExceeded, OpenInferError, Unavailable
 from openinfer.wire.protocol import encode_infer_request, unpack
 from repo_builder import ModelRepo, make_world_readable
@@ -45,19 +44,6 @@ def repo() -> Any:
     make_world_readable(root)
     yield root
     shutil.rmtree(root, ignore_errors=True)
-
-
-def log_records(daemon: RunningDaemon) -> list[dict[str, Any]]:
-    """The daemon's JSON log lines."""
-    records = []
-    for line in daemon.log_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def worker_pids(client: Client, model: str) -> list[int]:
@@ -238,8 +224,13 @@ def test_sigterm_answers_queued_and_running_then_exits_zero(daemon_factory: Any,
         t.start()
     admin = running.client()
     def accepted() -> int:
-        status, stats = admin.status(), admin.stats()
-        return status["queued"] + status["in_flight"] + stats["models"]["conv"]["requests"]
+        # Answered before and after the status snapshot must agree: a task answered between two separate
+        # reads would be counted twice (in flight, then answered), and the SIGTERM could then come before
+        # the eighth request was read (it is refused as the daemon shuts down).
+        before = admin.stats()["models"]["conv"]["requests"]
+        status = admin.status()
+        after = admin.stats()["models"]["conv"]["requests"]
+        return status["queued"] + status["in_flight"] + after if before == after else -1
 
     wait_for(lambda: accepted() == 8 and admin.status()["queued"] > 0, 30, "all 8 accepted, some still queued")
     running.process.send_signal(signal.SIGTERM)

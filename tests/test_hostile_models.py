@@ -16,7 +16,6 @@ telemetry would write): keep it last.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -34,7 +33,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_builders
-from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, wait_for, world_readable_dir
+from daemon_harness import RunningDaemon, cleanup_workdir, log_records, start_daemon, wait_for, world_readable_dir
 from openinfer.client import Client, OpenInferError
 from repo_builder import make_world_readable
 
@@ -149,18 +148,6 @@ class MemoryWatch:
             peak = self.peak_rss.get(pid, 0)
         live = vm_hwm_bytes(pid)
         return max(peak, live or 0)
-
-
-def log_records(daemon: RunningDaemon) -> list[dict[str, Any]]:
-    records = []
-    for line in daemon.log_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 # -- the daemon ---------------------------------------------------------------------------------------
