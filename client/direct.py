@@ -147,6 +147,9 @@ def connect(address: str, timeout: float) -> DirectLink:
     except (PeerClosed, ProtocolError):
         stream.close()
         raise Unavailable(f"the worker at {address} closed the connection") from None
+    except BaseException:  # no handshake in time (a budget of a millisecond), or interrupted: nothing to keep
+        stream.close()
+        raise
     return link
 
 

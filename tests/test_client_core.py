@@ -2,10 +2,16 @@
 gets the next request when some cannot take it."""
 from __future__ import annotations
 
+import gc
+import socket
+import warnings
+from pathlib import Path
+
 import pytest
 
 from openinfer.client.core import ClientCore
-from openinfer.client.direct import Lease
+from openinfer.client.direct import Lease, connect
+from openinfer.wire.errors import Unavailable
 
 pytestmark = pytest.mark.unit
 
@@ -29,3 +35,20 @@ def test_a_worker_that_could_not_be_connected_to_is_left_out_of_the_lease_that_n
     core.unreachable(WORKERS[1])
     assert core.pick_address(taken) is None
     assert core.pick_address(Lease("tiny", 1, b"token", 1 << 62, ["ipc:///run/openinfer.sock.d/w3.sock"], 1 << 20)) is not None
+
+
+def test_a_worker_that_does_not_finish_the_handshake_in_time_leaves_no_socket_open(tmp_path: Path) -> None:
+    """connect() gives up when the budget ends before the worker's greeting (a timeout of a millisecond
+    did, under load): its socket is closed then, not left to the garbage collector (a ResourceWarning
+    in test_clients' late-reply test)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "silent.sock"))
+    listener.listen(1)  # accepts (in the kernel's backlog) and never speaks ZMTP
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResourceWarning)
+            with pytest.raises(Unavailable, match="no handshake"):
+                connect(f"ipc://{tmp_path / 'silent.sock'}", 0.05)
+            gc.collect()  # an unclosed socket would warn here, as an error
+    finally:
+        listener.close()
