@@ -327,3 +327,26 @@ def leaking_model(path: Path, location: str, count: int = 16, nested: bool = Fal
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(model.SerializeToString())  # no checker: it would look for the file
     return path
+
+
+def two_free_rows_model(path: Path) -> Path:
+    """ox = -x, oy = -y: two inputs whose dimension 0 are unrelated (and dynamic, so the model batches)."""
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["ox"]), helper.make_node("Neg", ["y"], ["oy"])],
+        "two_free_rows",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["a", 4]), helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("ox", TensorProto.FLOAT, ["a", 4]), helper.make_tensor_value_info("oy", TensorProto.FLOAT, ["b", 4])],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def broadcast_add_model(path: Path) -> Path:
+    """out = x + y, both inputs and the output declared [n, 4] with ONE symbolic n (the usual way to write
+    "same batch"; onnxruntime does not check that the two n agree, and broadcasts a 1)."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "y"], ["out"])],
+        "add",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]), helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4])],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)

@@ -173,9 +173,10 @@ class Dispatcher:
         now = time.monotonic_ns()
         task.dispatched_ns = now
         task.worker = worker
-        worker.inflight.add(task, now, task.model.config.max_compute_ms * 1_000_000)
+        max_compute_ns = task.model.config.max_compute_ms * 1_000_000
+        worker.inflight.add(task, now, max_compute_ns)
         worker.transition(WorkerState.BUSY)
-        kind = messages.TASK + messages.pack_task_id(task.task_id) + messages.pack_stop(task.deadline_ns, task.model.config.max_compute_ms * 1_000_000)
+        kind = messages.TASK + messages.pack_task_id(task.task_id) + messages.pack_stop(task.deadline_ns, max_compute_ns)
         cache = task.model.config.cache
         if cache is not None and not cache.shared:  # the worker keeps each identity's answers apart
             kind += task.identity.encode()

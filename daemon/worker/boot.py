@@ -345,7 +345,7 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
 
     from .serve import serve
 
-    serve(channel, runner, [o["name"] for o in clients_view["outputs"]], poller, direct, cache, watch)
+    serve(channel, runner, [o["name"] for o in clients_view["outputs"]], poller, direct, watch, cache)
     channel.close()
 
 

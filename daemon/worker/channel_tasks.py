@@ -22,7 +22,7 @@ from .session import task_error
 from .verdict_cache import VerdictCache
 
 
-def run_task(channel: FrameStream, session: Any, output_names: list[str], frames: list[Buffer], cache: VerdictCache | None = None, watch: RunWatch | None = None) -> None:
+def run_task(channel: FrameStream, session: Any, output_names: list[str], frames: list[Buffer], watch: RunWatch, cache: VerdictCache | None = None) -> None:
     received_ns = time.monotonic_ns()
     cpu_start = time.process_time_ns()
     result_kind = messages.RESULT + bytes(frames[0][1:9])  # echoes the task id
@@ -71,10 +71,8 @@ def run_task(channel: FrameStream, session: Any, output_names: list[str], frames
         channel.send([result_kind, pack(meta)])
 
 
-def stopped_run(session: Any, watch: RunWatch | None, wanted: list[str], feed: dict[str, Any], stop_at_ns: int) -> list[Any]:
+def stopped_run(session: Any, watch: RunWatch, wanted: list[str], feed: dict[str, Any], stop_at_ns: int) -> list[Any]:
     """session.run, stopped at stop_at_ns: DeadlineExceeded if the watch stopped it."""
-    if watch is None:
-        return session.run(wanted, feed)  # type: ignore[no-any-return]
     started_ns = time.monotonic_ns()
     try:
         return watch.run(lambda options: session.run(wanted, feed, options), stop_at_ns)
@@ -82,7 +80,7 @@ def stopped_run(session: Any, watch: RunWatch | None, wanted: list[str], feed: d
         raise DeadlineExceeded(f"stopped after {(time.monotonic_ns() - started_ns) / 1e6:.0f} ms of running: past its deadline (the request's timeout, or the model's max_compute_ms); the worker was kept") from None
 
 
-def run_batch(channel: FrameStream, session: Any, output_names: list[str], frames: list[Buffer], watch: RunWatch | None = None) -> None:
+def run_batch(channel: FrameStream, session: Any, output_names: list[str], frames: list[Buffer], watch: RunWatch) -> None:
     """Several compatible tasks run once as one batch (rows concatenated along axis 0), answered in one
     message. Results equal running each task alone (the batch dimension is row-independent).
 

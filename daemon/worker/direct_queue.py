@@ -85,7 +85,7 @@ class DirectRequest:
 
 
 class DirectQueue:
-    def __init__(self, door: DirectDoor, runner: Runner, model: ModelView, page: DeadlinePage | None, ledger: LedgerWriter | None, watch: RunWatch | None = None, cache: VerdictCache | None = None) -> None:
+    def __init__(self, door: DirectDoor, runner: Runner, model: ModelView, page: DeadlinePage | None, ledger: LedgerWriter | None, watch: RunWatch, cache: VerdictCache | None = None) -> None:
         self.door = door
         self.cache = cache
         self.runner = runner
@@ -215,15 +215,8 @@ class DirectQueue:
         page, watch = self.page, self.watch
         if page is not None:
             page.running(started_ns, deadline_ns)
-        ended = page.idle if page is not None else None
-        if watch is None:
-            try:
-                return self.runner.run(wanted, feed, None)
-            finally:
-                if ended is not None:
-                    ended()
         try:
-            return watch.run(lambda options: self.runner.run(wanted, feed, options), deadline_ns, ended)
+            return watch.run(lambda options: self.runner.run(wanted, feed, options), deadline_ns, page.idle if page is not None else None)
         except RunStopped:
             raise RunStopped(self._stop_reason(started_ns)) from None
 

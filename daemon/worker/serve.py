@@ -46,7 +46,7 @@ class DirectServing:
 
 
 class WorkerLoop:
-    def __init__(self, channel: FrameStream, runner: Runner, output_names: list[str], poller: Any, direct: DirectServing | None, cache: VerdictCache | None = None, watch: RunWatch | None = None) -> None:
+    def __init__(self, channel: FrameStream, runner: Runner, output_names: list[str], poller: Any, direct: DirectServing | None, watch: RunWatch, cache: VerdictCache | None = None) -> None:
         self.channel = channel
         self.watch = watch  # stops the supervisor's tasks at their deadlines (channel_tasks.py)
         self.cache = cache
@@ -134,7 +134,7 @@ class WorkerLoop:
                     continue
                 kind = bytes(frames[0][:1])
                 if kind == messages.TASK:
-                    run_task(channel, self.runner, self.output_names, frames, self.cache, self.watch)
+                    run_task(channel, self.runner, self.output_names, frames, self.watch, self.cache)
                 elif kind == messages.BATCH:
                     run_batch(channel, self.runner, self.output_names, frames, self.watch)
                 elif kind == messages.PING:
@@ -177,9 +177,9 @@ class WorkerLoop:
                 return
 
 
-def serve(channel: FrameStream, runner: Runner, output_names: list[str], poller: Any, direct: DirectServing | None, cache: VerdictCache | None = None, watch: RunWatch | None = None) -> None:
+def serve(channel: FrameStream, runner: Runner, output_names: list[str], poller: Any, direct: DirectServing | None, watch: RunWatch, cache: VerdictCache | None = None) -> None:
     """Run until QUIT (and its drain) or until the supervisor is gone."""
     try:
-        WorkerLoop(channel, runner, output_names, poller, direct, cache, watch).run()
+        WorkerLoop(channel, runner, output_names, poller, direct, watch, cache).run()
     except SystemExit:
         return

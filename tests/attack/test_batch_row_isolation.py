@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 import onnx_builders
 from daemon_harness import world_readable_dir
@@ -31,39 +29,6 @@ from reference import run_reference
 from repo_builder import make_world_readable
 
 pytestmark = pytest.mark.attack
-
-
-def two_free_rows_model(path: Path) -> Path:
-    """ox = -x, oy = -y: two inputs whose dimension 0 are unrelated (and dynamic, so the model batches)."""
-    graph = helper.make_graph(
-        [helper.make_node("Neg", ["x"], ["ox"]), helper.make_node("Neg", ["y"], ["oy"])],
-        "two_free_rows",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["a", 4]), helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
-        [helper.make_tensor_value_info("ox", TensorProto.FLOAT, ["a", 4]), helper.make_tensor_value_info("oy", TensorProto.FLOAT, ["b", 4])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = min(model.ir_version, 10)
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
-
-
-def add_model(path: Path) -> Path:
-    """out = x + y, both inputs and the output declared [n, 4] with ONE symbolic n (the usual way to write
-    "same batch"; onnxruntime does not check that the two n agree, and broadcasts a 1)."""
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "y"], ["out"])],
-        "add",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]), helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = min(model.ir_version, 10)
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
 
 
 BATCHING = "workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 300000\nquiet_us = 0\n"  # requests sent together leave as one batch
@@ -94,7 +59,7 @@ async def _together(address: str, direct: bool, model: str, feeds: list[dict[str
 def test_a_member_never_gets_another_members_rows(daemon_factory: Any, direct: bool) -> None:
     """x and y with unrelated dimension 0: A sends x[2, 4] + y[1, 4], B x[1, 4] + y[2, 4] (B's y is the
     secret). Joined by x's rows, A was cut one of B's y rows. Each must get what running it alone gives."""
-    root = _repo("two", two_free_rows_model)
+    root = _repo("two", onnx_builders.two_free_rows_model)
     try:
         daemon = daemon_factory(root)
         model = root / "two" / "1" / "model.onnx"
@@ -119,7 +84,7 @@ def test_an_attacker_cannot_read_or_set_a_well_formed_victims_rows(daemon_factor
     x[2, 4] + y[1, 4] and x[0, 4] + y[1, 4], each valid alone. Joined by x's rows (2 + 1 + 0 = the y rows'
     1 + 1 + 1) the batch ran, the attacker's first reply held the victim's y and the victim got the
     attacker's. Batch order is the order the worker reads them in, so several rounds."""
-    root = _repo("add", add_model)
+    root = _repo("add", onnx_builders.broadcast_add_model)
     try:
         daemon = daemon_factory(root)
         one = {"x": np.zeros((1, 4), np.float32), "y": np.zeros((1, 4), np.float32)}
