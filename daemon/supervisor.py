@@ -444,7 +444,9 @@ class Supervisor:
         if worker in worker.model.idle:
             worker.model.idle.remove(worker)
         for task in worker.inflight.take_all():
-            if not task.done:
+            if task.done:
+                self.dispatcher.settle(task)
+            else:
                 self.replies.fail(task, WorkerCrashed(f"worker {worker.worker_id} (pid {worker.pid}) sent an invalid message and was retired while holding this task", {"worker": worker.worker_id, "pid": worker.pid}))
         self.pool.kill(worker)
 
@@ -468,7 +470,9 @@ class Supervisor:
         if not running:
             return
         if len(running) == 1:
-            if not running[0].done:
+            if running[0].done:
+                self.dispatcher.settle(running[0])
+            else:
                 self.replies.fail(running[0], WorkerCrashed(how, {"worker": worker.worker_id, "pid": worker.pid}))
         else:
             worker.inflight.put_back(running)
@@ -483,32 +487,70 @@ class Supervisor:
         self._next_housekeeping_ns = now + _HOUSEKEEPING_NS
         self._read_ledgers(PASS_RECORDS)  # bounded: `stats` and scrapes read the rest first
         for worker, ran_ns in self.direct.overdue(list(self.pool.workers.values()), now):
-            log.error("a direct request ran past its deadline; killing the worker", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key, "ran_ms": ran_ns // 1_000_000})
-            worker.exit_reason = f"killed: a request sent to it directly was still running after {ran_ns // 1_000_000} ms, past its deadline"
+            log.error("a direct request ran past max_compute_ms; killing the worker", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key, "ran_ms": ran_ns // 1_000_000, "max_compute_ms": worker.model.config.max_compute_ms})
+            worker.exit_reason = f"killed: a request sent to it directly was still running after {ran_ns // 1_000_000} ms, past max_compute_ms = {worker.model.config.max_compute_ms}"
             worker.expected_exit = True
             self._retire_now(worker)
             # What the front door gave it waited behind that run and never started: it goes to another
             # worker - once (the page is the worker's word: a hostile step can fake it on every worker).
             self.dispatcher.requeue_unstarted(worker, WorkerCrashed(f"worker {worker.worker_id} (pid {worker.pid}) was killed while holding this task, the second worker to be (each for a direct request that overstayed its deadline)", {"worker": worker.worker_id, "pid": worker.pid}))
         for worker in list(self.pool.workers.values()):
-            # The worker stops a run at its deadline itself and answers it (worker/channel_tasks.py): a kill
-            # is the backstop, for a run that cannot be stopped. Killing at the deadline let any client
-            # with a timeout shorter than its request's compute kill a worker at will.
-            if worker.retired or not worker.inflight.overdue(now - OVERDUE_GRACE_NS):
+            # The worker stops a run at its deadline itself and answers it (worker/channel_tasks.py). A run
+            # it cannot stop (one kernel that never checks the flag, a step's own loop) has its overdue
+            # tasks answered here, half a second later, and goes on; only the operator's bound,
+            # max_compute_ms, gets the worker killed. Killing at a task's deadline let any client kill
+            # workers at will: it only had to give a request a timeout shorter than its compute.
+            inflight = worker.inflight
+            if worker.retired or not inflight.overdue(now - OVERDUE_GRACE_NS):
                 continue
-            running = worker.inflight.take_running()  # a single task, or the whole batch
-            late = [t for t in running if t.deadline_ns <= now] if len(running) > 1 else running
-            worker.inflight.put_back([t for t in running if t not in late])  # ran too long together with others: retried alone
-            self.dispatcher.requeue_unstarted(worker)
-            for task in late:
-                ran_ms = (now - task.dispatched_ns) / 1e6
-                self.replies.fail(task, DeadlineExceeded(f"task still running after {ran_ms:.0f} ms; its worker was killed and is being replaced"))
-            worker.exit_reason = "killed: task exceeded its deadline"
-            worker.expected_exit = True
-            worker.retired = True  # a result it sends before it dies no longer counts
-            if worker in worker.model.idle:
-                worker.model.idle.remove(worker)
-            self.pool.kill(worker)
+            if now - OVERDUE_GRACE_NS < inflight.limit_ns:
+                self._answer_overdue(worker, now)
+            else:
+                self._kill_overdue(worker, now)
+
+    def _answer_overdue(self, worker: WorkerHandle, now: int) -> None:
+        """Answer every task the worker holds that is half a second past its deadline, and let its run go
+        on. A task that runs keeps its client's in-flight slot until the run ends (else short timeouts
+        would let a client keep more workers busy than its max_in_flight); one that waits behind the run
+        - pipelined, or sent while the worker ran a direct request the supervisor cannot see - never
+        starts (the worker skips a task whose deadline has passed: channel_tasks.stopped_run), so its
+        slot is free at once."""
+        inflight = worker.inflight
+        page = worker.page
+        running = [] if page is not None and page.read()[1] else inflight.running_unit()  # a direct run holds it
+        cutoff = now - OVERDUE_GRACE_NS
+        max_compute_ms = worker.model.config.max_compute_ms
+        for task in list(inflight):
+            if task.done or task.deadline_ns > cutoff:
+                continue
+            waited_ms = (now - task.dispatched_ns) / 1e6
+            if task in running:
+                self.replies.answer_overdue(task, DeadlineExceeded(f"still running after {waited_ms:.0f} ms, past its deadline, in a run its worker cannot stop; the run goes on (its worker is killed only past max_compute_ms = {max_compute_ms})"))
+            else:
+                self.replies.fail(task, DeadlineExceeded(f"its deadline passed after {waited_ms:.0f} ms in a worker, waiting behind a run that went past its own deadline and cannot be stopped; it never started"))
+        if not inflight.stalled:
+            log.warning("a run could not be stopped at its deadline; the tasks past theirs were answered and the run goes on", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key, "direct": not running, "max_compute_ms": max_compute_ms})
+        inflight.stall()
+
+    def _kill_overdue(self, worker: WorkerHandle, now: int) -> None:
+        """The run passed its model's max_compute_ms and did not stop: the worker is killed."""
+        running = worker.inflight.take_running()  # a single task, or the whole batch
+        late = [t for t in running if t.deadline_ns <= now] if len(running) > 1 else running
+        worker.inflight.put_back([t for t in running if t not in late])  # ran too long together with others: retried alone
+        self.dispatcher.requeue_unstarted(worker)
+        for task in late:
+            if task.done:
+                self.dispatcher.settle(task)
+                continue
+            ran_ms = (now - task.dispatched_ns) / 1e6
+            self.replies.fail(task, DeadlineExceeded(f"task still running after {ran_ms:.0f} ms, past its model's max_compute_ms = {worker.model.config.max_compute_ms}; its worker was killed and is being replaced"))
+        log.error("a run went past max_compute_ms and could not be stopped; killing the worker", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key})
+        worker.exit_reason = "killed: a run exceeded max_compute_ms"
+        worker.expected_exit = True
+        worker.retired = True  # a result it sends before it dies no longer counts
+        if worker in worker.model.idle:
+            worker.model.idle.remove(worker)
+        self.pool.kill(worker)
 
     # -- admin --------------------------------------------------------------------------------------
     def _admin(self, op: str, header: dict[str, Any], route: Route) -> dict[str, Any]:

@@ -276,3 +276,29 @@ def test_no_batch_queues_behind_a_long_or_unmeasured_one(channel: Any, ewma_us: 
     waiting = [setup.admit(10 * 10**9) for _ in range(4)]
     assert not worker.poll(200)
     assert len(setup.model.queue) == 4 and all(task.worker is None for task in waiting)
+
+
+def test_a_stalled_worker_counts_every_deadline_it_holds_and_takes_nothing_more(channel: Any) -> None:
+    """A running batch that cannot be stopped past a member's deadline: that member was answered (the
+    supervisor's _answer_overdue) and the worker stalls. Every unanswered task it holds is then due by
+    its own deadline - the batch pipelined behind the run too, which cannot start before the run ends -
+    nothing more is pipelined there, and once all are answered only max_compute_ms is left."""
+    router, worker = channel
+    setup = Setup(router, max_batch_size=4)
+    first, second = run_one_batch(setup, worker, 2)
+    setup.model.batch_compute_ewma_us = 50.0
+    behind = [setup.admit(5 * 10**9) for _ in range(4)]  # due before the running batch's second member
+    assert sent_plan(worker) is not None and len(setup.worker.inflight) == 6
+    inflight = setup.worker.inflight
+    assert inflight.deadline_ns == first.deadline_ns  # the running unit's alone
+    first.done = True  # answered overdue
+    inflight.stall()
+    assert inflight.stalled and inflight.deadline_ns == min(task.deadline_ns for task in behind) < second.deadline_ns
+    assert list(inflight) == [first, second, *behind]  # the worker holds them: they stay in its books
+    more = [setup.admit(10 * 10**9) for _ in range(4)]
+    assert not worker.poll(200)  # a stalled worker is no pipelining target
+    assert len(setup.model.queue) == 4 and all(task.worker is None for task in more)
+    for task in [second, *behind]:
+        task.done = True
+    inflight.stall()
+    assert inflight.deadline_ns == inflight.limit_ns  # all answered: only max_compute_ms is left

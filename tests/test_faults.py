@@ -443,7 +443,8 @@ def pre(inputs):
 def slow_repo() -> Any:
     """`slow`: a tiny model whose pre step spins for the request's `seconds`, as a long run would."""
     models = ModelRepo("oi-slow-")
-    models.model("slow", onnx_builders.matmul_model, config='workers = 1\n\n[steps]\nmodule = "steps.py"\n')
+    # max_compute_ms: a run that cannot be stopped gets its worker killed 0.5 s past it (3.5 s), not at 60.5
+    models.model("slow", onnx_builders.matmul_model, config='workers = 1\nmax_compute_ms = 3000\n\n[steps]\nmodule = "steps.py"\n')
     (models.root / "slow" / "steps.py").write_text(SLOW_STEPS)
     yield models.ready()
     models.remove()
@@ -469,11 +470,10 @@ def test_a_request_longer_than_the_ping_grace_is_answered_and_its_worker_kept(da
 @pytest.mark.parametrize("client_kind", ["sync", "async"])
 def test_a_run_that_does_not_stop_at_its_deadline_takes_no_innocent_request_with_it(daemon_factory: Any, slow_repo: Path, client_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A step's Python loop cannot be stopped by onnxruntime's flag: the daemon kills its worker half a second
-    past the deadline. Here the client gives up before that kill (its slack cut to the front door's 100 ms,
-    as on a machine too loaded for the kill to come in time), so its next request must not go to the doomed
-    worker (found by an attacker: that innocent request got WORKER_CRASHED): the link owes a reply and takes
-    nothing new, the request goes to the front door, and what the front door gave the doomed worker goes to
-    its replacement."""
+    past max_compute_ms (3 s here). The client gives up long before that kill (its slack cut to 0), so its
+    next request must not go to the doomed worker (found by an attacker: that innocent request got
+    WORKER_CRASHED): the link owes a reply and takes nothing new, the request goes to the front door, and
+    what the front door gave the doomed worker goes to its replacement."""
     import asyncio
 
     from openinfer.client import AsyncClient, core

@@ -93,6 +93,8 @@ def status_result(sup: "Supervisor") -> dict[str, Any]:
                 "uptime_s": round((now - worker.spawned_ns) / 1e9, 3),
                 "sandbox": worker.sandbox,
                 "memory": _memory(worker.pid),
+                # Running on past its tasks' deadline, answered already (a run it cannot stop): killed at max_compute_ms.
+                **({"stalled": True} if worker.inflight.stalled else {}),
                 **({"cache": {"entries": worker.cache_held[0], "bytes": worker.cache_held[1]}} if worker.cache_held is not None else {}),
                 # Ledger records the worker could not write (the supervisor had not caught up): requests the
                 # books miss. The worker's own word, like the rest of its ledger; an honest one writes 0.

@@ -4,8 +4,9 @@ A worker serving clients directly runs requests the supervisor never sees, so th
 know from its own books that one is stuck inside session.run(). Before each run the worker writes the
 run's deadline here (the earliest of its requests' deadlines and `max_compute_ms`), and zero after it.
 The worker stops an overdue run itself (worker/run_watch.py); the supervisor reads the page on its
-housekeeping pass and kills a worker still running half a second past the deadline (a kernel that never
-checks the stop flag), as it does for tasks it dispatched itself. The page is a sealed-size memfd the supervisor creates and passes at
+housekeeping pass, leaves the worker out of new leases while a run is past its deadline, and kills a
+worker still running half a second past the model's max_compute_ms from the run's start (a kernel that
+never checks the stop flag), as it does for tasks it dispatched itself. The page is a sealed-size memfd the supervisor creates and passes at
 spawn; a compromised worker can only write its own page (lying there harms only its own clients).
 """
 from __future__ import annotations

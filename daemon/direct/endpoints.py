@@ -153,14 +153,17 @@ class DirectPath:
     # -- deadlines ------------------------------------------------------------------------------------
     @staticmethod
     def overdue(workers: list[WorkerHandle], now_ns: int) -> list[tuple[WorkerHandle, int]]:
-        """Workers whose direct run has passed its deadline: (worker, how long it has run, ns)."""
+        """Workers whose direct run has gone on past its model's max_compute_ms: (worker, how long it has
+        run, ns). A run past its requests' deadlines only is left to end: its clients have given up on
+        it (and the lease leaves the worker out meanwhile); killing it there let a client with a short
+        timeout and a run the worker cannot stop kill workers at will."""
         late = []
         for worker in workers:
             page = worker.page
             if page is None or worker.retired:
                 continue
             since, deadline = page.read()
-            if deadline and now_ns > deadline + OVERDUE_GRACE_NS:
+            if deadline and now_ns > since + worker.model.config.max_compute_ms * 1_000_000 + OVERDUE_GRACE_NS:
                 late.append((worker, now_ns - since))
         return late
 
@@ -170,8 +173,11 @@ class DirectPath:
 
 
 def _past_deadline(worker: WorkerHandle, now_ns: int) -> bool:
-    """A worker still running a direct request past its deadline is stopping it or about to be killed: a
-    lease that named it would send a client's next request to its death (WORKER_CRASHED)."""
+    """A worker still running a request past its deadline is stopping it, or cannot stop it and runs on
+    (until max_compute_ms, then it is killed): a lease that named it would queue a client's next request
+    behind a run of unknown length, or send it to its death (WORKER_CRASHED)."""
+    if worker.inflight.stalled:  # a front-door run, answered overdue while it goes on
+        return True
     if worker.page is None:
         return False
     deadline = worker.page.read()[1]

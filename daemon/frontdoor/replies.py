@@ -50,6 +50,15 @@ class ReplySender:
 
     def finish(self, task: Task, code: str | None, timing: dict[str, float], bytes_out: int = 0) -> None:
         self._close(task)
+        self._account(task, code, timing, bytes_out)
+
+    def answer_overdue(self, task: Task, exc: OpenInferError) -> None:
+        """Answer a task whose run goes on past its deadline (one that cannot be stopped). The client hears
+        now; its in-flight slot stays taken until the run ends (Dispatcher.settle), or a client could keep
+        more workers busy than its max_in_flight by giving each request a short timeout."""
+        self.fail(task, exc, keep_slot=True)
+
+    def _account(self, task: Task, code: str | None, timing: dict[str, float], bytes_out: int) -> None:
         self.accountant.record(task.model.name, task.model.version, task.client, code, timing, task.nbytes, bytes_out)
         self.accountant.count_operation("infer", code)
         if self._sampled(task):
@@ -68,11 +77,15 @@ class ReplySender:
             if self._sampled(task):
                 self._log_access(task, None, {**dict(zip(MEMBER_STAGES, values)), **shared})
 
-    def _close(self, task: Task) -> None:
-        """The task is answered: its id may be reused and its client's in-flight slot is free."""
+    def _close(self, task: Task, keep_slot: bool = False) -> None:
+        """The task is answered: its id may be reused and its client's in-flight slot is free (unless its
+        run goes on: answer_overdue)."""
         task.done = True
         self.open_requests.discard((task.route.conn.conn_id, task.request_id))
-        self.limiter.release(task.identity)
+        if keep_slot:
+            task.holds_slot = True
+        else:
+            self.limiter.release(task.identity)
 
     def _sampled(self, task: Task) -> bool:
         return self.access_sampled(task.task_id)
@@ -92,7 +105,8 @@ class ReplySender:
         arrival, direct/endpoints.py); `task` is numbered here, as the front door's tasks are."""
         access_log.info("task", extra={"task": task_id, "request": request_id, "model": model, "version": version, "client": client, "code": code, "timing": timing, "worker": worker, "path": "direct"})
 
-    def fail(self, task: Task, exc: OpenInferError) -> None:
+    def fail(self, task: Task, exc: OpenInferError, keep_slot: bool = False) -> None:
         timing = {"total_us": (time.monotonic_ns() - task.received_ns) / 1000}
         self.error(task.route, task.request_id, exc, timing)
-        self.finish(task, exc.code, timing)
+        self._close(task, keep_slot)
+        self._account(task, exc.code, timing, 0)

@@ -80,7 +80,7 @@ class Dispatcher:
             if ewma is not None and ewma < PIPELINE_MAX_COMPUTE_US and not model.queue and _usual_size(task, model):
                 for worker in model.workers:
                     head = worker.inflight.head  # None: killed or retired with nothing left in flight
-                    if worker.state is WorkerState.BUSY and not worker.retired and head is not None and len(worker.inflight) < PIPELINE_DEPTH and _usual_size(head, model):
+                    if worker.state is WorkerState.BUSY and not worker.retired and head is not None and len(worker.inflight) < PIPELINE_DEPTH and not worker.inflight.stalled and _usual_size(head, model):
                         self.dispatch(worker, task)
                         return
             self.enqueue(task)
@@ -203,7 +203,7 @@ class Dispatcher:
             return
         queue = model.queue
         if worker.inflight:
-            if queue and len(worker.inflight) < PIPELINE_DEPTH:
+            if queue and len(worker.inflight) < PIPELINE_DEPTH and not worker.inflight.stalled:
                 task = queue.popleft()
                 if not _usual_size(task, model):
                     queue.appendleft(task)  # a big one waits for a free worker, cancellable meanwhile
@@ -284,7 +284,7 @@ class Dispatcher:
         if ewma is None or ewma >= PIPELINE_MAX_COMPUTE_US:
             return None
         for worker in model.workers:
-            if worker.state is WorkerState.BUSY and not worker.retired and worker.inflight.one_unit():
+            if worker.state is WorkerState.BUSY and not worker.retired and worker.inflight.one_unit() and not worker.inflight.stalled:
                 return worker
         return None
 
@@ -394,6 +394,7 @@ class Dispatcher:
         moves at most once: one that comes back from a second such worker fails with that error."""
         for task in reversed(worker.inflight.take_all()):  # each goes to the front: the first ends first
             if task.done:
+                self.settle(task)
                 continue
             if moved_again is not None:
                 if task.moved:
@@ -402,6 +403,13 @@ class Dispatcher:
                 task.moved = True
             self.retry_alone(task)
         self.serve_idle(worker.model)
+
+    def settle(self, task: Task) -> None:
+        """A task answered while its run went on has left its worker (the run ended, or the worker is
+        gone): its client's in-flight slot is free again."""
+        if task.holds_slot:
+            task.holds_slot = False
+            self.limiter.release(task.identity)
 
     def serve_idle(self, model: ServedModel) -> None:
         if model.batchable:
@@ -445,3 +453,4 @@ def _usual_size(task: Task, model: ServedModel) -> bool:
     a model with dynamic shapes may take 100x longer on a 100x larger input, and a task pipelined behind
     it could then neither be cancelled nor expire in the queue."""
     return task.nbytes <= 2 * model.nbytes_ewma + 4096
+

@@ -43,6 +43,11 @@ class WorkerResults:
         worker.ping_sent_ns = 0  # any message proves the worker's loop is alive
         inflight.finish_head(now, task.model.config.max_compute_ms * 1_000_000)
         worker.tasks_served += 1
+        if task.done:  # answered DEADLINE_EXCEEDED while this run went on: the late answer goes nowhere
+            worker.last_send_ns = result.timing.send_ns
+            self.dispatcher.settle(task)
+            self.dispatcher.next_for(worker)
+            return
         model = task.model
         task.done = True
         timing_in = result.timing
@@ -120,9 +125,15 @@ class WorkerResults:
         started_ns = dispatched_ns if dispatched_ns > worker.last_send_ns else worker.last_send_ns
         timing_in = result.timing
         worker.last_send_ns = timing_in.send_ns
-        if result.failed:
+        # Members answered DEADLINE_EXCEEDED while the run went on (supervisor._expire_running) get nothing
+        # more; they stay in `batch`, whose order the outputs are cut in.
+        answered = [task for task in batch if task.done]
+        for task in answered:
+            self.dispatcher.settle(task)
+        if result.failed or len(answered) == len(batch):
             for task in batch:  # one member's input may have failed the whole batch: each runs alone
-                self.dispatcher.retry_alone(task)
+                if not task.done:
+                    self.dispatcher.retry_alone(task)
             self.dispatcher.next_for(worker)
             return
         model.consecutive_crashes = 0
@@ -150,6 +161,8 @@ class WorkerResults:
         monotonic_ns = time.monotonic_ns
         with self.replies.connections.held():  # one write per client connection for the whole batch
             for task, member in zip(batch, members):
+                if task.done:
+                    continue
                 received_ns = task.received_ns
                 decoded_ns = task.decoded_ns
                 own = (  # accounting.MEMBER_STAGES; the rest of the timing is shared by the batch
@@ -172,7 +185,7 @@ class WorkerResults:
                 for frame in outputs:
                     size += len(frame)
                 bytes_out.append(size)
-        self.replies.finish_batch(batch, shared, own_timings, bytes_out)
+        self.replies.finish_batch([task for task in batch if not task.done] if answered else batch, shared, own_timings, bytes_out)
 
 
 def _rows_outputs(specs: list[dict[str, Any]], frames: list[Buffer], batch: list[Task]) -> Iterator[list[Any]]:

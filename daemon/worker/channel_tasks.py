@@ -72,8 +72,12 @@ def run_task(channel: FrameStream, session: Any, output_names: list[str], frames
 
 
 def stopped_run(session: Any, watch: RunWatch, wanted: list[str], feed: dict[str, Any], stop_at_ns: int) -> list[Any]:
-    """session.run, stopped at stop_at_ns: DeadlineExceeded if the watch stopped it."""
+    """session.run, stopped at stop_at_ns: DeadlineExceeded if the watch stopped it, or at once if the
+    deadline passed before it started (it waited behind a run that overstayed: the supervisor has
+    answered it already, and a step's own loop would not be stopped by the watch)."""
     started_ns = time.monotonic_ns()
+    if started_ns >= stop_at_ns:
+        raise DeadlineExceeded(f"its deadline passed {(started_ns - stop_at_ns) / 1e6:.0f} ms before it could start, while it waited in the worker; it never ran")
     try:
         return watch.run(lambda options: session.run(wanted, feed, options), stop_at_ns)
     except RunStopped:

@@ -3,8 +3,15 @@
 A worker runs one unit at a time — a single task or a batch — and may hold one more unit behind it
 (pipelining: it starts the moment the running one is answered). Everything that adds to or takes from
 a worker's in-flight tasks goes through these methods, so the rules live in one place: units leave in
-the order they were sent, a batch leaves whole, and the running unit's deadline (the earliest of its
-tasks' deadlines, and at most the model's max_compute_ms from when it started) is kept with them.
+the order they were sent, a batch leaves whole, and the running unit's two bounds are kept with them:
+`deadline_ns`, when its next unanswered task is due (the earliest of their deadlines, and at most the
+model's max_compute_ms from when it started), and `limit_ns`, the max_compute_ms bound alone.
+
+A run that cannot be stopped at its deadline (one kernel that never checks onnxruntime's flag, a step's
+own loop) has its overdue tasks answered by the supervisor while it goes on: the worker is then `stalled`.
+Answered tasks stay here until the worker answers them too - its late answer is matched and dropped (a
+task that waited behind the run is skipped by the worker: its deadline has passed) - and nothing more is
+pipelined behind it. Only the operator's bound, `limit_ns`, gets the worker killed.
 """
 from __future__ import annotations
 
@@ -16,11 +23,13 @@ if TYPE_CHECKING:
 
 
 class Inflight:
-    __slots__ = ("_tasks", "deadline_ns")
+    __slots__ = ("_tasks", "deadline_ns", "limit_ns", "stalled")
 
     def __init__(self) -> None:
         self._tasks: deque[Task] = deque()
-        self.deadline_ns = 0  # when what runs now must be answered by (past it the worker is killed)
+        self.deadline_ns = 0  # when the running unit's next unanswered task must be answered by
+        self.limit_ns = 0  # when the running unit passes its model's max_compute_ms (past it the worker is killed)
+        self.stalled = False  # some of the running unit's tasks were answered overdue while it still runs
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -46,18 +55,26 @@ class Inflight:
 
     def _started(self, now_ns: int, max_compute_ns: int) -> None:
         """What is at the front now starts running (the tasks behind it wait: their deadlines count later)."""
-        self.deadline_ns = min(min(task.deadline_ns for task in self._tasks), now_ns + max_compute_ns)
+        self.stalled = False
+        self.limit_ns = now_ns + max_compute_ns
+        self._next_deadline()
+
+    def _next_deadline(self) -> None:
+        unanswered = [task.deadline_ns for task in (self._tasks if self.stalled else self.running_unit()) if not task.done]
+        self.deadline_ns = min(min(unanswered), self.limit_ns) if unanswered else self.limit_ns
 
     # -- sending -------------------------------------------------------------------------------------
     def add(self, task: Task, now_ns: int, max_compute_ns: int) -> None:
-        if not self._tasks:
-            self.deadline_ns = min(task.deadline_ns, now_ns + max_compute_ns)
         self._tasks.append(task)
+        if len(self._tasks) == 1:
+            self._started(now_ns, max_compute_ns)
 
     def add_batch(self, batch: list[Task], now_ns: int, max_compute_ns: int) -> None:
         """A batch behind a running unit gets its deadline when that one is answered."""
-        if not self._tasks:
-            self.deadline_ns = min(min(task.deadline_ns for task in batch), now_ns + max_compute_ns)
+        if not self._tasks:  # (its members are marked batched after this: running_unit() cannot tell yet)
+            self.stalled = False
+            self.limit_ns = now_ns + max_compute_ns
+            self.deadline_ns = min(min(task.deadline_ns for task in batch), self.limit_ns)
         self._tasks.extend(batch)
 
     def withdraw(self, task: Task) -> bool:
@@ -69,17 +86,34 @@ class Inflight:
         return True
 
     # -- answers -------------------------------------------------------------------------------------
+    def running_unit(self) -> list[Task]:
+        """The tasks of the unit that runs now: the single task at the head, or its batch's members."""
+        tasks = self._tasks
+        if not tasks:
+            return []
+        head = tasks[0]
+        if not head.batched:
+            return [head]
+        return [task for task in tasks if task.batched and task.dispatched_ns == head.dispatched_ns]
+
     def running_batch(self) -> list[Task]:
         """The members of the batch that runs now (empty unless the head is a batch member)."""
         tasks = self._tasks
         if not tasks or not tasks[0].batched:
             return []
-        head = tasks[0]
-        return [task for task in tasks if task.batched and task.dispatched_ns == head.dispatched_ns]
+        return self.running_unit()
+
+    def stall(self) -> None:
+        """Tasks were just answered overdue while the running unit goes on: from now on every unanswered
+        task's deadline counts, the ones waiting behind it too (they cannot start before a run no one can
+        tell the end of), and nothing more is pipelined here."""
+        self.stalled = True
+        self._next_deadline()
 
     def finish_head(self, now_ns: int, max_compute_ns: int) -> Task:
         """The running single task was answered; the next unit started when the answer was sent."""
         task = self._tasks.popleft()
+        self.stalled = False
         if self._tasks:
             self._started(now_ns, max_compute_ns)
         return task
@@ -88,6 +122,7 @@ class Inflight:
         """The running batch (its first `size` tasks) was answered."""
         for _ in range(size):
             self._tasks.popleft()
+        self.stalled = False
         if self._tasks:
             self._started(now_ns, max_compute_ns)
 
@@ -110,4 +145,5 @@ class Inflight:
         """Remove and return everything, in the order sent (the worker is gone)."""
         tasks = list(self._tasks)
         self._tasks.clear()
+        self.stalled = False
         return tasks

@@ -206,7 +206,7 @@ def test_a_step_that_fakes_a_direct_overstay_cannot_bounce_its_request_between_w
     own word, so a step that fakes it while running a front-door request has its worker killed, and its
     request moved - once. On the next worker it does the same and the request fails (WORKER_CRASHED)
     instead of bouncing from worker to worker, each one killed, until its deadline."""
-    kills = '"a direct request ran past its deadline; killing the worker"'
+    kills = '"a direct request ran past max_compute_ms; killing the worker"'
     with Client(daemon.address, timeout=30, direct=False) as client:
         hostile_serves_again(client)
         before = daemon.log_text().count(kills)

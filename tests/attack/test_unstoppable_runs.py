@@ -1,0 +1,193 @@
+"""A client's short timeout never costs a worker, even for a run the worker cannot stop.
+
+onnxruntime's terminate flag stops most runs at their deadline (tests/attack/test_front_door_deadlines.py),
+but not a step's own Python loop, nor one kernel that never checks the flag. The daemon used to kill the
+worker of such a run half a second past the *client's* deadline: a client that could make one run last
+longer than its timeout had the model's workers killed and reloaded at will, one per request. Now the
+request is answered DEADLINE_EXCEEDED and the run goes on; only the operator's bound, the model's
+`max_compute_ms`, gets the worker killed. And the client's in-flight slot stays taken until the run ends,
+so short timeouts do not let it keep more workers busy than its `max_in_flight`.
+
+Every test here fails on the code before the change (the worker's pid changes at each attack; the
+second request of the slot test is accepted). The last two also guard what an attacker found in a first
+form of the change: a copy of a pipelined request left to run for nobody (and tasks answered twice), and
+another client's slot held for as long as a direct run it only waited behind."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import zmq
+
+import onnx_builders
+from daemon_harness import wait_for
+from openinfer.client import Client, DeadlineExceeded, OpenInferError
+from openinfer.wire.protocol import encode_infer_request, unpack
+from other_uid import NOBODY, run_as
+from repo_builder import ModelRepo
+
+pytestmark = pytest.mark.attack
+
+# The pre step spins for the request's `seconds`: Python that onnxruntime's stop flag cannot reach.
+SPIN_STEPS = '''
+import time
+
+INPUTS = [{"name": "seconds", "datatype": "FP32", "shape": []}]
+
+def pre(inputs):
+    end = time.monotonic() + float(inputs["seconds"])
+    while time.monotonic() < end:
+        pass
+    return {"x": __import__("numpy").zeros((1, 64), "float32")}
+'''
+QUICK = {"seconds": np.array(0.0, np.float32)}
+MAX_COMPUTE_MS = 20_000  # the operator's bound: far above every run here
+
+
+def _spin_repo(workers: int) -> Path:
+    models = ModelRepo("oi-unstoppable-")
+    models.model("spin", onnx_builders.matmul_model, config=f'workers = {workers}\nmax_compute_ms = {MAX_COMPUTE_MS}\n\n[steps]\nmodule = "steps.py"\n')
+    (models.root / "spin" / "steps.py").write_text(SPIN_STEPS)
+    return models.ready()
+
+
+@pytest.fixture
+def one_worker() -> Iterator[Path]:
+    root = _spin_repo(1)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def two_workers() -> Iterator[Path]:
+    root = _spin_repo(2)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _pids(client: Client) -> list[int]:
+    return sorted(w["pid"] for w in client.status()["workers"] if w["model"] == "spin")
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["front-door", "direct"])
+def test_a_short_timeout_on_a_run_that_cannot_be_stopped_costs_no_worker(daemon_factory: Any, one_worker: Path, direct: bool) -> None:
+    """Three requests whose step spins 1.5 s, each with a 200 ms timeout and followed by an ordinary
+    request: each is answered DEADLINE_EXCEEDED, the ordinary one is served after the spin ends, and the
+    worker process is the same throughout."""
+    daemon = daemon_factory(one_worker, env={"OPENINFER_POOL_DIRECT": "1" if direct else "0"})
+    with Client(daemon.address, timeout=30, direct=direct) as client:
+        before = _pids(client)
+        for _ in range(3):
+            with pytest.raises(DeadlineExceeded):
+                client.infer("spin", {"seconds": np.array(1.5, np.float32)}, timeout=0.2)
+            assert client.infer("spin", QUICK).outputs["y"].shape == (1, 64)
+            assert _pids(client) == before
+    log = daemon.log_text()
+    assert "killing the worker" not in log
+    if not direct:  # the daemon answered each half a second past its deadline, and said why
+        assert log.count("the tasks past theirs were answered and the run goes on") == 3, log[-3000:]
+
+
+def test_a_run_answered_past_its_deadline_keeps_its_clients_slot_until_it_ends(daemon_factory: Any, two_workers: Path, tmp_path: Path) -> None:
+    """max_in_flight = 1, two workers. A request whose step spins 5 s is answered DEADLINE_EXCEEDED
+    half a second past its 200 ms timeout while it runs on; the client's next request is refused with
+    the limit (otherwise each short timeout would buy one more busy worker) until the run ends, then
+    served."""
+    policy = tmp_path / "clients.toml"
+    policy.write_text("[default]\nmax_in_flight = 1\n")
+    daemon = daemon_factory(two_workers, env={"OPENINFER_POOL_DIRECT": "0", "OPENINFER_SERVER_CLIENT_POLICY": str(policy)})
+    with Client(daemon.address, timeout=30, direct=False) as client:
+        with pytest.raises(DeadlineExceeded):
+            client.infer("spin", {"seconds": np.array(5.0, np.float32)}, timeout=0.2)
+        # The client gave up at once; the daemon answers half a second past the deadline.
+        wait_for(lambda: client.stats()["models"]["spin"]["failures"].get("DEADLINE_EXCEEDED") == 1, 10, "the daemon's answer", daemon=daemon)
+        with pytest.raises(OpenInferError) as refused:
+            client.infer("spin", QUICK)
+        assert refused.value.code == "RESOURCE_EXHAUSTED" and "max_in_flight=1" in refused.value.message, refused.value
+        assert any(w.get("stalled") for w in client.status()["workers"]), "the spinning worker is reported stalled"
+
+        def served() -> bool:
+            try:
+                return client.infer("spin", QUICK).outputs["y"].shape == (1, 64)
+            except OpenInferError as exc:
+                assert exc.code == "RESOURCE_EXHAUSTED", exc
+                return False
+
+        wait_for(served, 30, "the slot freed when the spin ends", daemon=daemon)
+        assert not any(w.get("stalled") for w in client.status()["workers"])
+        assert client.stats()["models"]["spin"]["failures"]["DEADLINE_EXCEEDED"] == 1  # (and a refusal per poll)
+    assert "killing the worker" not in daemon.log_text()
+
+
+def _reply(sock: zmq.Socket, timeout_s: float = 15.0) -> dict[str, Any]:  # type: ignore[type-arg]
+    assert sock.poll(int(timeout_s * 1000)), "no answer at all"  # a hang guard, not a speed figure
+    return unpack(sock.recv_multipart()[0])
+
+
+def test_a_request_pipelined_behind_a_run_that_cannot_be_stopped_is_answered_once_and_never_runs(daemon_factory: Any, one_worker: Path) -> None:
+    """The model's runs are short, so the supervisor pipelines: S2 waits inside the worker behind S1; both
+    spin 4 s and have 200 ms timeouts. Each is answered DEADLINE_EXCEEDED once, by the daemon. S2 never
+    runs (the worker skips a task whose deadline passed before it could start), so a request sent
+    meanwhile with a 5.5 s timeout is served when S1's spin ends, not after a second spin of 4 s; and the
+    worker is kept."""
+    daemon = daemon_factory(one_worker, env={"OPENINFER_POOL_DIRECT": "0"})
+    spin = {"seconds": np.array(4.0, np.float32)}
+    with Client(daemon.address, timeout=30, direct=False) as admin, zmq.Context() as context:
+        for _ in range(20):  # short runs: the supervisor pipelines the model's tasks
+            admin.infer("spin", QUICK)
+        before = _pids(admin)
+        with context.socket(zmq.DEALER) as attacker, context.socket(zmq.DEALER) as victim:
+            attacker.connect(daemon.address)
+            victim.connect(daemon.address)
+            attacker.send_multipart(encode_infer_request(1, "spin", spin, timeout_ms=200))
+            attacker.send_multipart(encode_infer_request(2, "spin", spin, timeout_ms=200))
+            answers = {reply["id"]: reply["error"] for reply in (_reply(attacker), _reply(attacker))}
+            assert answers[1]["code"] == answers[2]["code"] == "DEADLINE_EXCEEDED", answers
+            assert "the run goes on" in answers[1]["message"] and "it never started" in answers[2]["message"], answers
+            victim.send_multipart(encode_infer_request(3, "spin", QUICK, timeout_ms=5500))
+            served = _reply(victim)
+            assert served["id"] == 3 and "error" not in served, served
+        assert _pids(admin) == before
+        stats = admin.stats()["models"]["spin"]
+        assert stats["requests"] == 23 and stats["failures"] == {"DEADLINE_EXCEEDED": 2}, stats  # one answer each
+    assert "killing the worker" not in daemon.log_text()
+
+
+def test_a_direct_run_past_its_deadline_holds_no_other_clients_slot(daemon_factory: Any, one_worker: Path, tmp_path: Path) -> None:
+    """max_in_flight = 1. Root's direct request spins 8 s with a 200 ms timeout: its worker runs on,
+    unseen by the supervisor, which gives it a front-door request of uid 65534 (1 s timeout). That request
+    only waited behind another client's run: it is answered DEADLINE_EXCEEDED ("never started") and its
+    slot is free at once, so uid 65534's next request is taken, not refused RESOURCE_EXHAUSTED for as long
+    as root's run lasts (up to max_compute_ms)."""
+    policy = tmp_path / "clients.toml"
+    policy.write_text("[default]\nmax_in_flight = 1\n")
+    env = {"OPENINFER_POOL_DIRECT": "1", "OPENINFER_SERVER_SOCKET_MODE": "0o666", "OPENINFER_SERVER_LEASE_TTL_S": "60", "OPENINFER_SERVER_CLIENT_POLICY": str(policy)}
+    daemon = daemon_factory(one_worker, env=env)
+    with Client(daemon.address, timeout=30, direct=True) as attacker:
+        attacker.infer("spin", QUICK)  # its lease and worker connection first
+        with pytest.raises(DeadlineExceeded):
+            attacker.infer("spin", {"seconds": np.array(8.0, np.float32)}, timeout=0.2)
+        victim = run_as(NOBODY, """
+            from openinfer.wire.protocol import encode_infer_request, unpack
+            context = zmq.Context()
+            sock = context.socket(zmq.DEALER)
+            sock.connect(sys.argv[1])
+            answers = []
+            for request_id in (1, 2):
+                sock.send_multipart(encode_infer_request(request_id, "spin", {"seconds": np.array(0.0, np.float32)}, timeout_ms=1000))
+                assert sock.poll(10_000), "no answer at all"
+                reply = unpack(sock.recv_multipart()[0])
+                error = reply.get("error") or {}
+                answers.append([reply["id"], error.get("code", "OK"), error.get("message", "")])
+            sock.close(0)
+            context.term()
+            print(json.dumps(answers))
+        """, daemon.address, timeout=60)
+    assert victim.returncode == 0, victim.stderr
+    (first_id, first, why), (second_id, second, _) = json.loads(victim.stdout)
+    assert (first_id, first) == (1, "DEADLINE_EXCEEDED") and "it never started" in why, why
+    assert second_id == 2 and second != "RESOURCE_EXHAUSTED", second
