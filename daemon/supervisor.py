@@ -510,26 +510,33 @@ class Supervisor:
 
     def _answer_overdue(self, worker: WorkerHandle, now: int) -> None:
         """Answer every task the worker holds that is half a second past its deadline, and let its run go
-        on. A task that runs keeps its client's in-flight slot until the run ends (else short timeouts
-        would let a client keep more workers busy than its max_in_flight); one that waits behind the run
-        - pipelined, or sent while the worker ran a direct request the supervisor cannot see - never
-        starts (the worker skips a task whose deadline has passed: channel_tasks.stopped_run), so its
-        slot is free at once."""
+        on. A single task that runs keeps its client's in-flight slot until the run ends (else short
+        timeouts would let a client keep more workers busy than its max_in_flight). A batch member's slot
+        is freed: the run is shared, and its length may be another client's doing. A task that waits
+        behind the run - pipelined, or sent while the worker ran a direct request the supervisor cannot
+        see - never starts (the worker skips a task whose deadline has passed: channel_tasks.stopped_run),
+        so its slot is free at once too."""
         inflight = worker.inflight
         page = worker.page
         running = [] if page is not None and page.read()[1] else inflight.running_unit()  # a direct run holds it
         cutoff = now - OVERDUE_GRACE_NS
         max_compute_ms = worker.model.config.max_compute_ms
+        unstoppable = False
         for task in list(inflight):
             if task.done or task.deadline_ns > cutoff:
                 continue
             waited_ms = (now - task.dispatched_ns) / 1e6
             if task in running:
-                self.replies.answer_overdue(task, DeadlineExceeded(f"still running after {waited_ms:.0f} ms, past its deadline, in a run its worker cannot stop; the run goes on (its worker is killed only past max_compute_ms = {max_compute_ms})"))
+                unstoppable = True
+                exc = DeadlineExceeded(f"still running after {waited_ms:.0f} ms, past its deadline, in a run its worker cannot stop; the run goes on (its worker is killed only past max_compute_ms = {max_compute_ms})")
+                if task.batched:
+                    self.replies.fail(task, exc)
+                else:
+                    self.replies.answer_overdue(task, exc)
             else:
-                self.replies.fail(task, DeadlineExceeded(f"its deadline passed after {waited_ms:.0f} ms in a worker, waiting behind a run that went past its own deadline and cannot be stopped; it never started"))
-        if not inflight.stalled:
-            log.warning("a run could not be stopped at its deadline; the tasks past theirs were answered and the run goes on", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key, "direct": not running, "max_compute_ms": max_compute_ms})
+                self.replies.fail(task, DeadlineExceeded(f"its deadline passed after {waited_ms:.0f} ms in a worker, waiting behind a run that has not ended; it never started"))
+        if unstoppable and not inflight.stalled:
+            log.warning("a run could not be stopped at its deadline; the tasks past theirs were answered and the run goes on", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key, "max_compute_ms": max_compute_ms})
         inflight.stall()
 
     def _kill_overdue(self, worker: WorkerHandle, now: int) -> None:

@@ -350,3 +350,42 @@ def broadcast_add_model(path: Path) -> Path:
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4])],
     )
     return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def box_overlap_model(path: Path) -> Path:
+    """y = boxes + 0 * (how many NonMaxSuppression keeps), boxes FP32[batch, S, 4], batchable on axis 0.
+    One kernel whose time the data sets: O(S^2) when the boxes do not overlap (`disjoint_boxes`), O(S)
+    when they are all one box - and onnxruntime's stop flag is not checked inside it (a run that cannot
+    be stopped while that kernel runs)."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMax", ["x"], ["top"], axes=[2], keepdims=0),
+            helper.make_node("Unsqueeze", ["top", "one"], ["scores"]),
+            helper.make_node("NonMaxSuppression", ["x", "scores", "keep_all", "iou"], ["kept"]),
+            helper.make_node("ReduceSum", ["kept"], ["count"], keepdims=0),
+            helper.make_node("Cast", ["count"], ["count_f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["count_f", "zero"], ["nothing"]),
+            helper.make_node("Add", ["x", "nothing"], ["y"]),
+        ],
+        "box_overlap",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "S", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "S", 4])],
+        initializer=[
+            numpy_helper.from_array(np.array([1], np.int64), "one"),
+            numpy_helper.from_array(np.array([10**9], np.int64), "keep_all"),
+            numpy_helper.from_array(np.array([0.5], np.float32), "iou"),
+            numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        ],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
+def disjoint_boxes(count: int) -> np.ndarray:
+    """[1, count, 4] unit boxes side by side: box_overlap_model's slow case."""
+    i = np.arange(count, dtype=np.float32)
+    return np.stack([2 * i, np.zeros(count, np.float32), 2 * i + 1, np.ones(count, np.float32)], 1)[None].astype(np.float32)
+
+
+def one_box(count: int) -> np.ndarray:
+    """[1, count, 4], the same box `count` times: box_overlap_model's fast case."""
+    return np.tile(np.array([0, 0, 1, 1], np.float32), (1, count, 1))

@@ -23,6 +23,8 @@ from openinfer.daemon.observability.accounting import CLIENT_KEY, OTHER_CLIENTS,
 pytestmark = pytest.mark.unit
 
 CLIENTS = ("app@uid=1000", "uid=65534", "other@uid=0")
+SENT_NS = 86_400 * 40 * 10**9 + 123_456_789  # a monotonic clock 40 days up: past any timing's bound
+DEADLINE_NS = SENT_NS + 30 * 10**9
 
 
 @pytest.fixture()
@@ -45,7 +47,7 @@ def write_traffic(writer: LedgerWriter, rng: random.Random, serial: int, request
     for _ in range(requests):
         serial += 1
         client = rng.choice(CLIENTS)
-        writer.admitted(serial, serial * 3, client, rng.randrange(1 << 12))
+        writer.admitted(serial, serial * 3, client, rng.randrange(1 << 12), DEADLINE_NS + serial, SENT_NS + serial)
         open_serials.append((serial, client))
         if rng.random() < 0.05:
             writer.refused(serial * 7, client, rng.choice(["infer", "(malformed)", "attach"]), "INVALID_ARGUMENT", rng.uniform(1, 90))
@@ -89,7 +91,7 @@ def test_the_bulk_path_leaves_the_same_books_as_one_record_at_a_time(ledger_fd: 
 def test_a_run_larger_than_the_models_batches_is_refused_in_bulk_too(ledger_fd: int) -> None:
     writer, reader = LedgerWriter(ledger_fd), LedgerReader(ledger_fd, CLIENT_KEY, OTHER_CLIENTS)
     try:
-        writer.admitted(1, 1, CLIENTS[0], 4)
+        writer.admitted(1, 1, CLIENTS[0], 4, DEADLINE_NS, SENT_NS)
         writer.run(17)
         books, plain = DirectBooks(Accountant(), lambda w, e: None), worker()
         plain.ledger = reader
@@ -111,7 +113,7 @@ def test_a_chains_stage_records_pair_with_an_answer_read_in_the_next_pass(ledger
         model = ServedModel("both", 1, Path("/nonexistent/both/config.toml"), ModelConfig(chain=ChainConfig(("first", "second"))), 1, 1)
         chain = SimpleNamespace(model=model, stage_records=[], direct_pending={}, tasks_served=0, ledger=reader)
         books = DirectBooks(Accountant(), lambda w, e: None)
-        writer.admitted(1, 1, CLIENTS[0], 4)
+        writer.admitted(1, 1, CLIENTS[0], 4, DEADLINE_NS, SENT_NS)
         writer.stage(0, 1, 100.0)
         assert books.read(chain) == 2
         writer.answered(1, 1, CLIENTS[0], None, {"compute_us": 300.0, "total_us": 400.0}, 4, 4)
@@ -165,6 +167,7 @@ def both_ways(rows: list[dict[str, Any]], names: dict[int, str]) -> dict[str, An
 
 
 ONE_US = [1.0] * len(ledger.TIMING_KEYS)
+ADMITTED_US = [DEADLINE_NS // 1000, SENT_NS // 1000] + [float("nan")] * (len(ledger.TIMING_KEYS) - 2)
 
 
 def test_nothing_of_a_pass_is_booked_when_one_of_its_records_is_refused() -> None:
@@ -184,13 +187,14 @@ def test_requests_open_and_close_in_record_order() -> None:
     one (what a dead worker's books count as lost)."""
     rows = [
         {"kind": ledger.ANSWERED, "serial": 7, "slot": 0, "timing": ONE_US},
-        {"kind": ledger.ADMITTED, "serial": 7, "slot": 0, "bytes_in": 10},
-        {"kind": ledger.ADMITTED, "serial": 8, "slot": 0, "bytes_in": 10},
+        {"kind": ledger.ADMITTED, "serial": 7, "slot": 0, "bytes_in": 10, "timing": ADMITTED_US},
+        {"kind": ledger.ADMITTED, "serial": 8, "slot": 0, "bytes_in": 10, "timing": ADMITTED_US},
         {"kind": ledger.ANSWERED, "serial": 8, "slot": 0, "timing": ONE_US},
-        {"kind": ledger.ADMITTED, "serial": 8, "slot": 0, "bytes_in": 10},
+        {"kind": ledger.ADMITTED, "serial": 8, "slot": 0, "bytes_in": 10, "timing": ADMITTED_US},
     ]
     out = both_ways(rows, {0: "app@uid=1000"})
-    assert out["bulk"].worker.direct_pending == out["each"].worker.direct_pending == {7: ("app@uid=1000", 10), 8: ("app@uid=1000", 10)}
+    opened = ("app@uid=1000", 10, DEADLINE_NS // 1000 * 1000, SENT_NS // 1000 * 1000)
+    assert out["bulk"].worker.direct_pending == out["each"].worker.direct_pending == {7: opened, 8: opened}
 
 
 def test_cpu_sums_come_out_the_same_float() -> None:
@@ -224,3 +228,31 @@ def test_a_pass_of_many_small_groups_is_read_one_by_one_and_a_pass_is_bounded(le
         assert not bulk and plain.tasks_served == 1800
     finally:
         plain.ledger.close()
+
+
+def test_a_dead_workers_unanswered_requests_count_as_their_clients_answer_them(ledger_fd: int) -> None:
+    """Each request a worker admitted and never answered counts with the code the client library gives it
+    when the worker's connection closes (client/core.py link_lost): DEADLINE_EXCEEDED past its deadline or
+    past max_compute_ms from when it was sent, else WORKER_CRASHED. (The books used one code for all of a
+    dead worker's requests: DEADLINE_EXCEEDED for every one of a worker killed for an overstay, while the
+    clients of those still in time reported WORKER_CRASHED.)"""
+    import time
+
+    plain = worker()
+    max_compute_ns = plain.model.config.max_compute_ms * 1_000_000
+    now = time.monotonic_ns()
+    writer = LedgerWriter(ledger_fd)
+    writer.admitted(1, 1, CLIENTS[0], 4, now - 10**9, now - 2 * 10**9)  # its deadline passed
+    writer.admitted(2, 2, CLIENTS[0], 4, now + 60 * 10**9, now - max_compute_ns - 10**9)  # sent longer ago than max_compute_ms
+    writer.admitted(3, 3, CLIENTS[1], 4, now + 60 * 10**9, now - 10**9)  # in time: its worker crashed under it
+    writer.admitted(4, 4, CLIENTS[1], 4, now + 60 * 10**9, now - 10**9)
+    writer.answered(4, 4, CLIENTS[1], None, {"total_us": 5.0}, 4, 4)
+    plain.ledger = LedgerReader(ledger_fd, CLIENT_KEY, OTHER_CLIENTS)
+    books = DirectBooks(Accountant(), lambda w, e: None, lambda: False)
+    try:
+        assert books.lost(plain) == 3
+    finally:
+        writer.close()
+    by_client = books.accountant.snapshot()["clients"]
+    assert by_client[CLIENTS[0]]["failures"] == {"DEADLINE_EXCEEDED": 2}, by_client
+    assert by_client[CLIENTS[1]]["failures"] == {"WORKER_CRASHED": 1}, by_client

@@ -260,7 +260,7 @@ def test_a_full_batch_queues_behind_the_short_batch_a_busy_worker_runs(channel: 
     plan = sent_plan(worker)
     assert plan is not None and plan["tasks"] == [task.task_id for task in behind]
     assert list(setup.worker.inflight) == running + behind
-    assert setup.worker.inflight.deadline_ns == deadline_ns  # still the running batch's; on_batch moves it on
+    assert setup.worker.inflight.deadline_ns == deadline_ns  # the earliest held: the running batch's (the rest came later)
     assert all(task.batch_wait_ns == 0 for task in behind)  # no worker was free while they waited
     third = [setup.admit(10 * 10**9) for _ in range(4)]
     assert not worker.poll(200)  # two dispatches in a worker at most
@@ -278,11 +278,12 @@ def test_no_batch_queues_behind_a_long_or_unmeasured_one(channel: Any, ewma_us: 
     assert len(setup.model.queue) == 4 and all(task.worker is None for task in waiting)
 
 
-def test_a_stalled_worker_counts_every_deadline_it_holds_and_takes_nothing_more(channel: Any) -> None:
-    """A running batch that cannot be stopped past a member's deadline: that member was answered (the
-    supervisor's _answer_overdue) and the worker stalls. Every unanswered task it holds is then due by
-    its own deadline - the batch pipelined behind the run too, which cannot start before the run ends -
-    nothing more is pipelined there, and once all are answered only max_compute_ms is left."""
+def test_a_worker_counts_every_deadline_it_holds_and_a_stalled_one_takes_nothing_more(channel: Any) -> None:
+    """Every unanswered task a worker holds is due by its own deadline - a batch pipelined behind the run
+    too, which cannot start before the run ends (it is answered then, not when the run ends). A running
+    batch that cannot be stopped past a member's deadline: that member was answered (the supervisor's
+    _answer_overdue) and the worker stalls: nothing more is pipelined there, and once all are answered
+    only max_compute_ms is left."""
     router, worker = channel
     setup = Setup(router, max_batch_size=4)
     first, second = run_one_batch(setup, worker, 2)
@@ -290,7 +291,7 @@ def test_a_stalled_worker_counts_every_deadline_it_holds_and_takes_nothing_more(
     behind = [setup.admit(5 * 10**9) for _ in range(4)]  # due before the running batch's second member
     assert sent_plan(worker) is not None and len(setup.worker.inflight) == 6
     inflight = setup.worker.inflight
-    assert inflight.deadline_ns == first.deadline_ns  # the running unit's alone
+    assert inflight.deadline_ns == min(task.deadline_ns for task in behind) < first.deadline_ns
     first.done = True  # answered overdue
     inflight.stall()
     assert inflight.stalled and inflight.deadline_ns == min(task.deadline_ns for task in behind) < second.deadline_ns

@@ -3,6 +3,7 @@ and put into the books - the accountant (stats, metrics), the models' batch size
 checked first. What a worker admitted and never answered is counted when it is gone."""
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -12,7 +13,7 @@ from openinfer.daemon.workerpool.workers import WorkerHandle
 
 from openinfer.daemon.steps.contract import MAX_MODEL_CALLS
 
-from .ledger import ADMITTED, ANSWERED, CACHE_HIT, CODES, COUNTED, REFUSED, RUN, STAGE, TIMING_KEYS, Entry, LedgerReader, LedgerRejected, RecordBatch
+from .ledger import ADMITTED, ADMITTED_DEADLINE_US, ADMITTED_SENT_US, ANSWERED, CACHE_HIT, CODES, COUNTED, REFUSED, RUN, STAGE, TIMING_KEYS, Entry, LedgerReader, LedgerRejected, RecordBatch
 
 LogAccess = Callable[[WorkerHandle, Entry], None]
 
@@ -89,9 +90,10 @@ class DirectBooks:
         for slot in named[np.sort(first)].tolist():
             self.accountant.client_usage(clients[slot])
         # Requests open and closed in record order (a serial may come back after it was answered).
-        for is_admitted, serial, slot, size in zip(*(column.tolist() for column in (kind[opens] == ADMITTED, records["serial"][opens], records["slot"][opens], records["bytes_in"][opens]))):
+        times = records["timing"][opens]
+        for is_admitted, serial, slot, size, deadline_us, sent_us in zip(*(column.tolist() for column in (kind[opens] == ADMITTED, records["serial"][opens], records["slot"][opens], records["bytes_in"][opens], times[:, 0], times[:, 1]))):
             if is_admitted:
-                pending[serial] = (clients[slot], size)
+                pending[serial] = (clients[slot], size, int(deadline_us * 1000), int(sent_us * 1000))
             else:
                 pending.pop(serial, None)
         if len(answered):
@@ -166,7 +168,8 @@ class DirectBooks:
         elif kind == ADMITTED:
             if len(worker.direct_pending) >= 1 << 20:
                 raise LedgerRejected("more requests admitted and unanswered than any worker holds")
-            worker.direct_pending[entry.serial] = (entry.client, entry.bytes_in)
+            timing = entry.timing
+            worker.direct_pending[entry.serial] = (entry.client, entry.bytes_in, int(timing[ADMITTED_DEADLINE_US] * 1000), int(timing[ADMITTED_SENT_US] * 1000))
         elif kind == REFUSED:
             infer = entry.op == "infer"
             accountant.record(model.name if infer else None, model.version if infer else None, entry.client, entry.code, entry.timing)
@@ -189,16 +192,19 @@ class DirectBooks:
 
     def lost(self, worker: WorkerHandle) -> int:
         """The worker is gone: its last records first, then each request it admitted and never answered
-        counts as failed - DEADLINE_EXCEEDED when the supervisor killed it for overstaying a deadline,
-        else WORKER_CRASHED (what the client library answers them with). Returns how many."""
+        counts as failed, with the code its client library answers it with (client/core.py link_lost):
+        DEADLINE_EXCEEDED once its deadline, or max_compute_ms from when it was sent, has passed, else
+        WORKER_CRASHED. Returns how many."""
         try:
             self.read(worker)
         except LedgerRejected:
             pass  # it was being retired anyway; what it admitted is still lost
         worker.ledger = None
-        code = "DEADLINE_EXCEEDED" if worker.expected_exit else "WORKER_CRASHED"
         model = worker.model
-        for client, bytes_in in worker.direct_pending.values():
+        now = time.monotonic_ns()
+        max_compute_ns = model.config.max_compute_ms * 1_000_000
+        for client, bytes_in, deadline_ns, sent_ns in worker.direct_pending.values():
+            code = "DEADLINE_EXCEEDED" if now >= deadline_ns or now >= sent_ns + max_compute_ns else "WORKER_CRASHED"
             self.accountant.record(model.name, model.version, client, code, {}, bytes_in, 0)
             self.accountant.count_operation("infer", code)
         lost = len(worker.direct_pending)

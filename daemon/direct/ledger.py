@@ -56,6 +56,11 @@ RECORD_DTYPE = np.dtype([
 ])
 assert RECORD_DTYPE.itemsize == _RECORD.size
 
+# An ADMITTED record's first two timing slots hold when the request must be answered by and when its
+# client sent it (monotonic microseconds: same host, same clock), so that a request its dead worker never
+# answered is counted as its client library answers it (DirectBooks.lost).
+ADMITTED_DEADLINE_US, ADMITTED_SENT_US = TIMING_KEYS[0], TIMING_KEYS[1]
+MONOTONIC_US_MAX = float(1 << 53)  # where a double stops holding every microsecond (~285 years of uptime)
 # COUNTED: an operation answered OK (attach, cancel); RUN: one run of `run_size` requests (batch sizes);
 # STAGE: what one chain request spent in one member - `run_size` = the member's place in the chain,
 # `bytes_in` = how many times it ran, compute_us = for how long (written before the request's ANSWERED)
@@ -144,8 +149,8 @@ class LedgerWriter:
         self._seq = seq
         words[_WRITE] = seq
 
-    def admitted(self, serial: int, request_id: int, client: str, bytes_in: int) -> None:
-        self._append(serial, request_id, client, 0, ADMITTED, None, "infer", bytes_in, 0, None)
+    def admitted(self, serial: int, request_id: int, client: str, bytes_in: int, deadline_ns: int, sent_ns: int) -> None:
+        self._append(serial, request_id, client, 0, ADMITTED, None, "infer", bytes_in, 0, {ADMITTED_DEADLINE_US: deadline_ns / 1000, ADMITTED_SENT_US: sent_ns / 1000})
 
     def answered(self, serial: int, request_id: int, client: str, code: str | None, timing: dict[str, float], bytes_in: int, bytes_out: int, cache: int = 0) -> None:
         self._append(serial, request_id, client, 0, ANSWERED, code, "infer", bytes_in, bytes_out, timing, cache)
@@ -253,8 +258,13 @@ class LedgerReader:
         if bad.any():
             at = int(np.argmax(bad))
             raise LedgerRejected(f"record {int(records['seq'][at])}: cache {int(cache[at])} on a record that cannot have one")
+        admitted = kind == ADMITTED
+        untimed = admitted & np.isnan(stages[:, :2]).any(axis=1)
+        if untimed.any():
+            raise LedgerRejected(f"record {int(records['seq'][np.argmax(untimed)])}: an admitted request without its deadline and send time")
+        bound = np.where(admitted, MONOTONIC_US_MAX, 1e12)[:, None]  # an admitted request's times are clock readings
         with np.errstate(invalid="ignore"):
-            bad_stage = ~np.isnan(stages) & ~((stages >= 0) & (stages < 1e12))
+            bad_stage = ~np.isnan(stages) & ~((stages >= 0) & (stages < bound))
         if bad_stage.any():
             row, column = divmod(int(np.argmax(bad_stage)), len(TIMING_KEYS))
             raise LedgerRejected(f"record {int(records['seq'][row])}: {TIMING_KEYS[column]} = {float(stages[row, column])}")

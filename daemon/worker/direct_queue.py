@@ -137,7 +137,7 @@ class DirectQueue:
         self._serial += 1
         request.serial = self._serial
         if self.ledger is not None:
-            self.ledger.admitted(request.serial, request_id, request.client, nbytes)
+            self.ledger.admitted(request.serial, request_id, request.client, nbytes, request.deadline_ns, starts_ns)
         cache = self.cache
         if cache is not None:  # after every check and limit: a hit bypasses none of them
             request.cache_key = cache.key(request.specs, data, request.wanted, conn.identity)

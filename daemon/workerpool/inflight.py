@@ -3,9 +3,9 @@
 A worker runs one unit at a time — a single task or a batch — and may hold one more unit behind it
 (pipelining: it starts the moment the running one is answered). Everything that adds to or takes from
 a worker's in-flight tasks goes through these methods, so the rules live in one place: units leave in
-the order they were sent, a batch leaves whole, and the running unit's two bounds are kept with them:
-`deadline_ns`, when its next unanswered task is due (the earliest of their deadlines, and at most the
-model's max_compute_ms from when it started), and `limit_ns`, the max_compute_ms bound alone.
+the order they were sent, a batch leaves whole, and two bounds are kept with them: `deadline_ns`, when
+the next unanswered task is due (the earliest of their deadlines, and at most the model's max_compute_ms
+from when the running unit started), and `limit_ns`, the max_compute_ms bound alone.
 
 A run that cannot be stopped at its deadline (one kernel that never checks onnxruntime's flag, a step's
 own loop) has its overdue tasks answered by the supervisor while it goes on: the worker is then `stalled`.
@@ -27,9 +27,9 @@ class Inflight:
 
     def __init__(self) -> None:
         self._tasks: deque[Task] = deque()
-        self.deadline_ns = 0  # when the running unit's next unanswered task must be answered by
+        self.deadline_ns = 0  # when the next unanswered task must be answered by
         self.limit_ns = 0  # when the running unit passes its model's max_compute_ms (past it the worker is killed)
-        self.stalled = False  # some of the running unit's tasks were answered overdue while it still runs
+        self.stalled = False  # tasks it holds were answered overdue while the running unit goes on
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -54,13 +54,15 @@ class Inflight:
         return bool(self._tasks) and now_ns >= self.deadline_ns
 
     def _started(self, now_ns: int, max_compute_ns: int) -> None:
-        """What is at the front now starts running (the tasks behind it wait: their deadlines count later)."""
+        """What is at the front now starts running."""
         self.stalled = False
         self.limit_ns = now_ns + max_compute_ns
         self._next_deadline()
 
     def _next_deadline(self) -> None:
-        unanswered = [task.deadline_ns for task in (self._tasks if self.stalled else self.running_unit()) if not task.done]
+        """Every unanswered task counts, a pipelined one too: one that cannot start before its deadline
+        (behind a long run) is answered then, not when the run ends."""
+        unanswered = [task.deadline_ns for task in self._tasks if not task.done]
         self.deadline_ns = min(min(unanswered), self.limit_ns) if unanswered else self.limit_ns
 
     # -- sending -------------------------------------------------------------------------------------
@@ -68,13 +70,17 @@ class Inflight:
         self._tasks.append(task)
         if len(self._tasks) == 1:
             self._started(now_ns, max_compute_ns)
+        elif task.deadline_ns < self.deadline_ns:
+            self.deadline_ns = task.deadline_ns
 
     def add_batch(self, batch: list[Task], now_ns: int, max_compute_ns: int) -> None:
-        """A batch behind a running unit gets its deadline when that one is answered."""
+        earliest = min(task.deadline_ns for task in batch)
         if not self._tasks:  # (its members are marked batched after this: running_unit() cannot tell yet)
             self.stalled = False
             self.limit_ns = now_ns + max_compute_ns
-            self.deadline_ns = min(min(task.deadline_ns for task in batch), self.limit_ns)
+            self.deadline_ns = min(earliest, self.limit_ns)
+        elif earliest < self.deadline_ns:
+            self.deadline_ns = earliest
         self._tasks.extend(batch)
 
     def withdraw(self, task: Task) -> bool:
@@ -104,9 +110,8 @@ class Inflight:
         return self.running_unit()
 
     def stall(self) -> None:
-        """Tasks were just answered overdue while the running unit goes on: from now on every unanswered
-        task's deadline counts, the ones waiting behind it too (they cannot start before a run no one can
-        tell the end of), and nothing more is pipelined here."""
+        """Tasks were just answered overdue while the running unit goes on: the next unanswered one is due
+        next, and nothing more is pipelined here (behind a run no one can tell the end of)."""
         self.stalled = True
         self._next_deadline()
 

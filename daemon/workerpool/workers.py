@@ -51,7 +51,7 @@ class WorkerHandle:
     direct_address: str | None = None  # its own endpoint for clients holding a lease (direct/endpoints.py)
     page: "DeadlinePage | None" = None  # when its direct run must be done (deadline_page.py)
     ledger: "LedgerReader | None" = None  # its records of direct requests (direct/ledger.py)
-    direct_pending: dict[int, tuple[str, int]] = field(default_factory=dict)  # admitted there, not yet answered: (client, bytes in) by serial
+    direct_pending: dict[int, tuple[str, int, int, int]] = field(default_factory=dict)  # admitted there, not yet answered: (client, bytes in, deadline ns, sent ns) by serial
     stage_records: list[tuple[str, int, float]] = field(default_factory=list)  # a chain's STAGE records awaiting their ANSWERED
     ping_token: bytes = b"p"
     state: WorkerState = WorkerState.SPAWNED

@@ -60,11 +60,12 @@ def name_slot(writer: LedgerWriter, slot: int, key: bytes) -> None:
 def test_what_an_honest_worker_writes_is_read_back_exactly(shared: tuple[LedgerWriter, LedgerReader]) -> None:
     """The control: the checks below refuse the lies, not the ledger itself."""
     writer, reader = shared
-    writer.admitted(1, 7, "app@uid=1000", 256)
+    writer.admitted(1, 7, "app@uid=1000", 256, 5_000_000_000_000_000, 4_000_000_000_000_000)  # ~58 days of monotonic clock
     writer.answered(1, 7, "app@uid=1000", None, {"queue_us": 3.5, "total_us": 41.25}, 256, 256)
     writer.refused(8, "uid=1000", "infer", "INVALID_ARGUMENT", 12.0)
     entries = reader.read()
     assert [(e.kind, e.client, e.code) for e in entries] == [(ledger.ADMITTED, "app@uid=1000", None), (ledger.ANSWERED, "app@uid=1000", None), (ledger.REFUSED, "uid=1000", "INVALID_ARGUMENT")]
+    assert entries[0].timing == {ledger.ADMITTED_DEADLINE_US: 5e12, ledger.ADMITTED_SENT_US: 4e12}  # microseconds: past the bound of any timing
     assert entries[1].timing == {"queue_us": 3.5, "total_us": 41.25}
     assert reader.read() == []  # each record once
 
@@ -80,6 +81,9 @@ def test_what_an_honest_worker_writes_is_read_back_exactly(shared: tuple[LedgerW
         ({"total_us": -5.0}, "total_us"),
         ({"queue_us": math.inf}, "queue_us"),
         ({"compute_us": 1e15}, "compute_us"),
+        ({"kind": ledger.ADMITTED, "decode_us": math.nan}, "without its deadline"),  # (its slots hold clock readings)
+        ({"kind": ledger.ADMITTED, "queue_us": -1.0}, "queue_us"),
+        ({"kind": ledger.ADMITTED, "decode_us": 2.0**60}, "decode_us"),
     ],
 )
 def test_a_record_out_of_range_is_rejected(shared: tuple[LedgerWriter, LedgerReader], fields: dict[str, float], reason: str) -> None:

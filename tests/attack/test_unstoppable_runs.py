@@ -27,7 +27,7 @@ import onnx_builders
 from daemon_harness import wait_for
 from openinfer.client import Client, DeadlineExceeded, OpenInferError
 from openinfer.wire.protocol import encode_infer_request, unpack
-from other_uid import NOBODY, run_as
+from other_uid import NOBODY, run_as, start_as
 from repo_builder import ModelRepo
 
 pytestmark = pytest.mark.attack
@@ -69,8 +69,8 @@ def two_workers() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _pids(client: Client) -> list[int]:
-    return sorted(w["pid"] for w in client.status()["workers"] if w["model"] == "spin")
+def _pids(client: Client, model: str = "spin") -> list[int]:
+    return sorted(w["pid"] for w in client.status()["workers"] if w["model"] == model)
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["front-door", "direct"])
@@ -191,3 +191,75 @@ def test_a_direct_run_past_its_deadline_holds_no_other_clients_slot(daemon_facto
     (first_id, first, why), (second_id, second, _) = json.loads(victim.stdout)
     assert (first_id, first) == (1, "DEADLINE_EXCEEDED") and "it never started" in why, why
     assert second_id == 2 and second != "RESOURCE_EXHAUSTED", second
+
+
+def test_a_batch_run_that_cannot_be_stopped_holds_no_batchmates_slot(daemon_factory: Any, tmp_path: Path) -> None:
+    """max_in_flight = 1, two workers, batches of two. Uid 65534 sends 50,000 disjoint boxes (one
+    NonMaxSuppression kernel of seconds, which onnxruntime's flag does not stop) with a 30 s timeout; root's
+    request of the same shape (one box, 0.5 s timeout) rides in the same batch. Root's is answered
+    DEADLINE_EXCEEDED while the run goes on and its slot is free: its next request is served by the other
+    worker, not refused RESOURCE_EXHAUSTED for as long as another client's input makes the run last. No
+    worker is killed."""
+    models = ModelRepo("oi-unstoppable-batch-")
+    models.model("boxes", onnx_builders.box_overlap_model, config="workers = 2\nmax_compute_ms = 60000\n[batching]\nmax_batch_size = 2\nmax_queue_delay_us = 1000000\nquiet_us = 0\n")
+    policy = tmp_path / "clients.toml"
+    policy.write_text("[default]\nmax_in_flight = 1\n")
+    daemon = daemon_factory(models.ready(), env={"OPENINFER_POOL_DIRECT": "0", "OPENINFER_SERVER_SOCKET_MODE": "0o666", "OPENINFER_SERVER_CLIENT_POLICY": str(policy)})
+    heavy = start_as(NOBODY, """
+        i = np.arange(50_000, dtype=np.float32)  # onnx_builders.disjoint_boxes (this uid cannot import it)
+        disjoint = np.stack([2 * i, np.zeros_like(i), 2 * i + 1, np.ones_like(i)], 1)[None]
+        with Client(sys.argv[1], timeout=60, direct=False) as client:
+            client.infer("boxes", {"x": np.tile(np.array([0, 0, 1, 1], np.float32), (1, 8, 1))})  # connected before the race
+            print("ready", flush=True)
+            sys.stdin.readline()
+            try:
+                client.infer("boxes", {"x": disjoint}, timeout=30)
+                print("OK", flush=True)
+            except OpenInferError as exc:
+                print(exc.code, flush=True)
+    """, daemon.address)
+    try:
+        assert heavy.stdout is not None and heavy.stdin is not None
+        assert heavy.stdout.readline().strip() == "ready", heavy.stderr.read() if heavy.stderr else ""
+        with Client(daemon.address, timeout=30, direct=False) as admin, zmq.Context() as context, context.socket(zmq.DEALER) as root:
+            before = _pids(admin, "boxes")
+            root.connect(daemon.address)
+            root.send_multipart(encode_infer_request(1, "boxes", {"x": onnx_builders.one_box(50_000)}, timeout_ms=500))
+            heavy.stdin.write("go\n")
+            heavy.stdin.flush()
+            first = _reply(root)
+            assert first["id"] == 1 and first["error"]["code"] == "DEADLINE_EXCEEDED" and "the run goes on" in first["error"]["message"], first
+            root.send_multipart(encode_infer_request(2, "boxes", {"x": onnx_builders.one_box(50_000)}, timeout_ms=20_000))
+            second = _reply(root, 30)
+            assert second["id"] == 2 and "error" not in second, second  # its slot was free: the other worker served it
+            assert admin.stats()["models"]["boxes"]["batch_sizes"]["1"].get("2") == 1  # the two did ride together
+            out, err = heavy.communicate(timeout=120)
+            assert out.strip() == "OK", err  # (the stopped batch ran again without root's member)
+            assert _pids(admin, "boxes") == before
+    finally:
+        if heavy.poll() is None:
+            heavy.kill()
+        heavy.communicate()  # reaped, its pipes closed
+        models.remove()
+
+
+def test_a_request_pipelined_behind_a_long_run_is_answered_at_its_deadline(daemon_factory: Any, one_worker: Path) -> None:
+    """An honest request whose step spins 3 s (30 s timeout); a quick one with a 300 ms timeout is
+    pipelined behind it. The quick one cannot start before the spin ends: the daemon answers it
+    DEADLINE_EXCEEDED ("never started") half a second past its deadline, while the spin still runs - not
+    when the spin ends (its slot was held that long, too) - and the spin's own answer is its result."""
+    daemon = daemon_factory(one_worker, env={"OPENINFER_POOL_DIRECT": "0"})
+    with Client(daemon.address, timeout=30, direct=False) as admin, zmq.Context() as context:
+        for _ in range(20):  # short runs: the supervisor pipelines the model's tasks
+            admin.infer("spin", QUICK)
+        with context.socket(zmq.DEALER) as honest, context.socket(zmq.DEALER) as late:
+            honest.connect(daemon.address)
+            late.connect(daemon.address)
+            honest.send_multipart(encode_infer_request(1, "spin", {"seconds": np.array(3.0, np.float32)}, timeout_ms=30_000))
+            late.send_multipart(encode_infer_request(2, "spin", QUICK, timeout_ms=300))
+            answer = _reply(late)
+            still_running = not honest.poll(0)
+            assert answer["id"] == 2 and answer["error"]["code"] == "DEADLINE_EXCEEDED" and "it never started" in answer["error"]["message"], answer
+            assert still_running, "answered only when the run before it ended"
+            result = _reply(honest)
+            assert result["id"] == 1 and "error" not in result, result
