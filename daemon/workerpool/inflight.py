@@ -62,8 +62,11 @@ class Inflight:
     def _next_deadline(self) -> None:
         """Every unanswered task counts, a pipelined one too: one that cannot start before its deadline
         (behind a long run) is answered then, not when the run ends."""
-        unanswered = [task.deadline_ns for task in self._tasks if not task.done]
-        self.deadline_ns = min(min(unanswered), self.limit_ns) if unanswered else self.limit_ns
+        deadline = self.limit_ns
+        for task in self._tasks:  # (a loop, no list: this runs for every dispatch and answer)
+            if task.deadline_ns < deadline and not task.done:
+                deadline = task.deadline_ns
+        self.deadline_ns = deadline
 
     # -- sending -------------------------------------------------------------------------------------
     def add(self, task: Task, now_ns: int, max_compute_ns: int) -> None:
