@@ -163,8 +163,12 @@ class DirectPath:
             if page is None or worker.retired:
                 continue
             since, deadline = page.read()
-            if deadline and now_ns > since + worker.model.config.max_compute_ms * 1_000_000 + OVERDUE_GRACE_NS:
-                late.append((worker, now_ns - since))
+            if deadline and since and now_ns > since + worker.model.config.max_compute_ms * 1_000_000 + OVERDUE_GRACE_NS:
+                # The two words are written one at a time: a read between a run's end and the next run's
+                # start can pair one run's deadline with the other's start (or with 0), and an honest worker
+                # was killed mid-burst that way. A run that is really stuck reads the same twice.
+                if page.read() == (since, deadline):
+                    late.append((worker, now_ns - since))
         return late
 
     def close(self) -> None:
