@@ -528,11 +528,7 @@ class Supervisor:
             waited_ms = (now - task.dispatched_ns) / 1e6
             if task in running:
                 unstoppable = True
-                exc = DeadlineExceeded(f"still running after {waited_ms:.0f} ms, past its deadline, in a run its worker cannot stop; the run goes on (its worker is killed only past max_compute_ms = {max_compute_ms})")
-                if task.batched:
-                    self.replies.fail(task, exc)
-                else:
-                    self.replies.answer_overdue(task, exc)
+                self.replies.fail(task, DeadlineExceeded(f"still running after {waited_ms:.0f} ms, past its deadline, in a run its worker cannot stop; the run goes on (its worker is killed only past max_compute_ms = {max_compute_ms})"), keep_slot=not task.batched)
             else:
                 self.replies.fail(task, DeadlineExceeded(f"its deadline passed after {waited_ms:.0f} ms in a worker, waiting behind a run that has not ended; it never started"))
         if unstoppable and not inflight.stalled:

@@ -15,7 +15,23 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import onnx_builders
 from daemon_harness import EXAMPLE_MODELS, world_readable_dir
+
+# A pre step that spins for the request's `seconds` (an FP32 scalar), then feeds the model zeros: busy, as a
+# long run is, in Python that onnxruntime's stop flag cannot reach - a run its worker cannot stop, for as
+# long as the caller asks (`ModelRepo.spinning_model`).
+SPIN_STEPS = '''
+import time
+
+INPUTS = [{"name": "seconds", "datatype": "FP32", "shape": []}]
+
+def pre(inputs):
+    end = time.monotonic() + float(inputs["seconds"])
+    while time.monotonic() < end:  # the worker's loop answers nothing meanwhile
+        pass
+    return {"x": __import__("numpy").zeros((1, 64), "float32")}
+'''
 
 
 def make_world_readable(root: Path) -> Path:
@@ -43,6 +59,12 @@ class ModelRepo:
     def config(self, name: str, text: str) -> None:
         (self.root / name).mkdir(parents=True, exist_ok=True)
         (self.root / name / "config.toml").write_text(text)
+
+    def spinning_model(self, name: str, config: str) -> None:
+        """`name`: the tiny matmul model behind SPIN_STEPS; `config` is its config.toml but the [steps]
+        table, which this adds."""
+        self.model(name, onnx_builders.matmul_model, config=config + '\n[steps]\nmodule = "steps.py"\n')
+        (self.root / name / "steps.py").write_text(SPIN_STEPS)
 
     def examples(self, names: Iterable[str] | None = None) -> None:
         """Copy the shipped example models (all of them, or these) in, configs and licenses included."""

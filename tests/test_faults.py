@@ -410,8 +410,7 @@ def test_requests_right_after_a_worker_is_killed_for_overrunning_wait_for_its_re
     supervisor used to fail them INTERNAL: AttributeError, for ~0.5 s, whoever sent them; found by an
     attacker)."""
     models = ModelRepo("oi-overrun-")
-    models.model("slow", onnx_builders.matmul_model, config='workers = 1\nmax_compute_ms = 300\n\n[steps]\nmodule = "steps.py"\n')
-    (models.root / "slow" / "steps.py").write_text(SLOW_STEPS)
+    models.spinning_model("slow", "workers = 1\nmax_compute_ms = 300\n")
     daemon = daemon_factory(models.ready())
     quick = {"seconds": np.array(0.0, np.float32)}
     with Client(daemon.address, timeout=30, direct=False) as client:
@@ -426,26 +425,12 @@ def test_requests_right_after_a_worker_is_killed_for_overrunning_wait_for_its_re
     models.remove()
 
 
-SLOW_STEPS = '''
-import time
-
-INPUTS = [{"name": "seconds", "datatype": "FP32", "shape": []}]
-
-def pre(inputs):
-    end = time.monotonic() + float(inputs["seconds"])
-    while time.monotonic() < end:  # busy, as a long model run is: the worker's loop answers nothing meanwhile
-        pass
-    return {"x": __import__("numpy").zeros((1, 64), "float32")}
-'''
-
-
 @pytest.fixture
 def slow_repo() -> Any:
     """`slow`: a tiny model whose pre step spins for the request's `seconds`, as a long run would."""
     models = ModelRepo("oi-slow-")
     # max_compute_ms: a run that cannot be stopped gets its worker killed 0.5 s past it (3.5 s), not at 60.5
-    models.model("slow", onnx_builders.matmul_model, config='workers = 1\nmax_compute_ms = 3000\n\n[steps]\nmodule = "steps.py"\n')
-    (models.root / "slow" / "steps.py").write_text(SLOW_STEPS)
+    models.spinning_model("slow", "workers = 1\nmax_compute_ms = 3000\n")
     yield models.ready()
     models.remove()
 

@@ -28,6 +28,12 @@ MIN_RECORDS_PER_GROUP = 16
 PASS_RECORDS = 512
 
 
+def _opened(client: str, bytes_in: int, deadline_us: float, sent_us: float) -> tuple[str, int, int, int]:
+    """What the books keep of a request a worker admitted, until it is answered (WorkerHandle.direct_pending):
+    its ADMITTED record's clock readings back in nanoseconds, as DirectBooks.lost compares them."""
+    return client, bytes_in, int(deadline_us * 1000), int(sent_us * 1000)
+
+
 def _groups(answered: np.ndarray) -> np.ndarray:
     """Each ANSWERED record's (client slot, code) group, as one number."""
     return answered["slot"].astype(np.int64) * len(CODES) + answered["code"]
@@ -93,7 +99,7 @@ class DirectBooks:
         times = records["timing"][opens]
         for is_admitted, serial, slot, size, deadline_us, sent_us in zip(*(column.tolist() for column in (kind[opens] == ADMITTED, records["serial"][opens], records["slot"][opens], records["bytes_in"][opens], times[:, 0], times[:, 1]))):
             if is_admitted:
-                pending[serial] = (clients[slot], size, int(deadline_us * 1000), int(sent_us * 1000))
+                pending[serial] = _opened(clients[slot], size, deadline_us, sent_us)
             else:
                 pending.pop(serial, None)
         if len(answered):
@@ -168,8 +174,7 @@ class DirectBooks:
         elif kind == ADMITTED:
             if len(worker.direct_pending) >= 1 << 20:
                 raise LedgerRejected("more requests admitted and unanswered than any worker holds")
-            timing = entry.timing
-            worker.direct_pending[entry.serial] = (entry.client, entry.bytes_in, int(timing[ADMITTED_DEADLINE_US] * 1000), int(timing[ADMITTED_SENT_US] * 1000))
+            worker.direct_pending[entry.serial] = _opened(entry.client, entry.bytes_in, entry.timing[ADMITTED_DEADLINE_US], entry.timing[ADMITTED_SENT_US])
         elif kind == REFUSED:
             infer = entry.op == "infer"
             accountant.record(model.name if infer else None, model.version if infer else None, entry.client, entry.code, entry.timing)

@@ -52,12 +52,6 @@ class ReplySender:
         self._close(task)
         self._account(task, code, timing, bytes_out)
 
-    def answer_overdue(self, task: Task, exc: OpenInferError) -> None:
-        """Answer a task whose run goes on past its deadline (one that cannot be stopped). The client hears
-        now; its in-flight slot stays taken until the run ends (Dispatcher.settle), or a client could keep
-        more workers busy than its max_in_flight by giving each request a short timeout."""
-        self.fail(task, exc, keep_slot=True)
-
     def _account(self, task: Task, code: str | None, timing: dict[str, float], bytes_out: int) -> None:
         self.accountant.record(task.model.name, task.model.version, task.client, code, timing, task.nbytes, bytes_out)
         self.accountant.count_operation("infer", code)
@@ -79,7 +73,7 @@ class ReplySender:
 
     def _close(self, task: Task, keep_slot: bool = False) -> None:
         """The task is answered: its id may be reused and its client's in-flight slot is free (unless its
-        run goes on: answer_overdue)."""
+        run goes on: fail's keep_slot)."""
         task.done = True
         self.open_requests.discard((task.route.conn.conn_id, task.request_id))
         if keep_slot:
@@ -106,6 +100,9 @@ class ReplySender:
         access_log.info("task", extra={"task": task_id, "request": request_id, "model": model, "version": version, "client": client, "code": code, "timing": timing, "worker": worker, "path": "direct"})
 
     def fail(self, task: Task, exc: OpenInferError, keep_slot: bool = False) -> None:
+        """Answer `task` with `exc`. With `keep_slot` (a run that goes on past its deadline: the client hears
+        now) its client's in-flight slot stays taken until the run ends (Dispatcher.settle), or a client
+        could keep more workers busy than its max_in_flight by giving each request a short timeout."""
         timing = {"total_us": (time.monotonic_ns() - task.received_ns) / 1000}
         self.error(task.route, task.request_id, exc, timing)
         self._close(task, keep_slot)

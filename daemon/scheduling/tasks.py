@@ -42,6 +42,6 @@ class Task:
     # The deadline page that says so is the worker's own word: a hostile step that fakes it on every
     # worker would otherwise bounce its own request from worker to worker, each killed, until its deadline.
     moved: bool = False
-    # Answered DEADLINE_EXCEEDED while its run went on (ReplySender.answer_overdue): its client's in-flight
+    # Answered DEADLINE_EXCEEDED while its run went on (ReplySender.fail with keep_slot): its client's in-flight
     # slot is released when the run ends (Dispatcher.settle), not when the client was answered.
     holds_slot: bool = False

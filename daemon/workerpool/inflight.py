@@ -77,14 +77,12 @@ class Inflight:
             self.deadline_ns = task.deadline_ns
 
     def add_batch(self, batch: list[Task], now_ns: int, max_compute_ns: int) -> None:
-        earliest = min(task.deadline_ns for task in batch)
-        if not self._tasks:  # (its members are marked batched after this: running_unit() cannot tell yet)
-            self.stalled = False
-            self.limit_ns = now_ns + max_compute_ns
-            self.deadline_ns = min(earliest, self.limit_ns)
-        elif earliest < self.deadline_ns:
-            self.deadline_ns = earliest
+        idle = not self._tasks
         self._tasks.extend(batch)
+        if idle:
+            self._started(now_ns, max_compute_ns)
+        else:
+            self.deadline_ns = min(self.deadline_ns, min(task.deadline_ns for task in batch))
 
     def withdraw(self, task: Task) -> bool:
         """A task that never reached the worker (its channel closed under the send)."""

@@ -32,26 +32,13 @@ from repo_builder import ModelRepo
 
 pytestmark = pytest.mark.attack
 
-# The pre step spins for the request's `seconds`: Python that onnxruntime's stop flag cannot reach.
-SPIN_STEPS = '''
-import time
-
-INPUTS = [{"name": "seconds", "datatype": "FP32", "shape": []}]
-
-def pre(inputs):
-    end = time.monotonic() + float(inputs["seconds"])
-    while time.monotonic() < end:
-        pass
-    return {"x": __import__("numpy").zeros((1, 64), "float32")}
-'''
 QUICK = {"seconds": np.array(0.0, np.float32)}
 MAX_COMPUTE_MS = 20_000  # the operator's bound: far above every run here
 
 
 def _spin_repo(workers: int) -> Path:
     models = ModelRepo("oi-unstoppable-")
-    models.model("spin", onnx_builders.matmul_model, config=f'workers = {workers}\nmax_compute_ms = {MAX_COMPUTE_MS}\n\n[steps]\nmodule = "steps.py"\n')
-    (models.root / "spin" / "steps.py").write_text(SPIN_STEPS)
+    models.spinning_model("spin", f"workers = {workers}\nmax_compute_ms = {MAX_COMPUTE_MS}\n")  # its step spins for `seconds`
     return models.ready()
 
 
