@@ -20,6 +20,7 @@ TARGETS = {
     "throughput_ratio_min": 1.5,  # OpenInfer / FastAPI unbatched req/s at c = 8 and c = 32
     "batching_ratio_min": 3.0,  # OpenInfer batched / unbatched req/s at c >= 16
     "sandbox_cost_max": 0.05,  # sandboxed vs --insecure-no-sandbox
+    "client_cpu_us_max": 50.0,  # the Python client's CPU per request on the direct path (its process, all of it)
 }
 GROUPS = {"c": "C generators (wrk / cwire)", "python": "Python clients (aiohttp / AsyncClient)"}
 PATHS = ("direct", "frontdoor")
@@ -136,6 +137,13 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     batching_path = {"auto": "direct", "front-door": "frontdoor"}.get(results.get("batching", {}).get("config", {}).get("path", "front-door"), "direct")
     for c, b in r["batching"].items():
         add(f"req/s at c={c}, batched / unbatched >=", "c", batching_path, b["value"], TARGETS["batching_ratio_min"], None if b["value"] is None else b["value"] >= TARGETS["batching_ratio_min"], rounds=b["rounds"])
+    floor_cpu = (figure(results, "floor", "unix_echo", 1, "cpu_us_per_req") or {}).get("generator")
+    for level in results.get("config", {}).get("levels", []):
+        runs = figure(results, "python", "openinfer_direct", level, "runs") or []
+        per_run = [(run.get("cpu_us_per_req") or {}).get("generator") for run in runs]
+        cpu = median_of([x for x in per_run if x is not None]) if any(x is not None for x in per_run) else None
+        add(f"Python client CPU per request (µs) at c={level} <=", "python", "direct", cpu, TARGETS["client_cpu_us_max"], None if cpu is None else cpu <= TARGETS["client_cpu_us_max"],
+            f"the floor's Python echo client costs {floor_cpu} µs per round trip at c=1" if floor_cpu is not None else None, per_run)
     for level, s in r["sandbox"].items():
         cost = None if s["p50"] is None else round(s["p50"] - 1, 3)
         add(f"sandbox cost, p50 at c={level} <", "c", s["series"][len("openinfer_"):], cost, TARGETS["sandbox_cost_max"], None if cost is None else cost < TARGETS["sandbox_cost_max"],

@@ -51,6 +51,10 @@ class AsyncClient:
         self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._waiters: dict[int, asyncio.Future[None]] = {}  # by request id on direct links
+        self._give_up: dict[int, float] = {}  # when each of them stops waiting (time.monotonic())
+        self._sweep: asyncio.TimerHandle | None = None  # the one timer that ends those waits
+        self._sweep_at = 0.0
+        self._sweep_loop: asyncio.AbstractEventLoop | None = None
         self._lease_locks: dict[tuple[str, int | None], asyncio.Lock] = {}
         self._link_locks: dict[str, asyncio.Lock] = {}
 
@@ -127,6 +131,9 @@ class AsyncClient:
             loop.remove_writer(link.fd)
         self._core.close_links()
         self._wake_all()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         self._socket.disable_monitor()
         self._monitor.close(linger=0)
         self._socket.close(linger=0)
@@ -221,11 +228,19 @@ class AsyncClient:
 
     # -- the direct path --------------------------------------------------------------------------
     async def _direct_round_trip(self, model: str, version: int | None, request_id: int, frames: list[Any], budget: float) -> tuple[dict[str, Any], list[Any]]:
+        core = self._core
         deadline = time.monotonic() + budget
         for _ in range(2):  # a lease revoked under us (a reload) is renewed once
-            lease = await self._lease(model, version)
+            # The common case - a fresh lease, a connected and attached link - awaits nothing before the
+            # send: each coroutine (and lock) on the way costs every request.
+            lease = core.leases.get((model, version))
+            if lease is None or not lease.fresh(time.monotonic_ns()):
+                lease = await self._lease(model, version)
             check_request_size(frames, lease)
-            link = await self._link(lease, deadline)
+            address = self._address(lease)
+            link = core.links.get(address)
+            if link is None or link.attached_ns != lease.expires_ns:
+                link = await self._link(lease, address, deadline)
             header, reply = await self._exchange(link, request_id, frames, budget, deadline, lease)
             if not lease_expired(header):
                 self._core.answered(link.address, header)
@@ -253,15 +268,22 @@ class AsyncClient:
                 raise
             return core.lease_taken(key, result, now)
 
-    async def _link(self, lease: Lease, deadline: float) -> DirectLink:
+    def _address(self, lease: Lease) -> str:
+        """The lease's worker for the next request (links to retired workers closed first)."""
         core = self._core
-        loop = asyncio.get_running_loop()
-        for drained in core.forget_drained():
-            loop.remove_reader(drained.fd)
+        if core.links:
+            for drained in core.forget_drained():
+                asyncio.get_running_loop().remove_reader(drained.fd)
         address = core.pick_address(lease)
         if address is None:
             core.leases.pop((lease.model, lease.version), None)
             raise NoDirectPath("every worker of the lease is retiring, or running a request this client gave up on")
+        return address
+
+    async def _link(self, lease: Lease, address: str, deadline: float) -> DirectLink:
+        """The link to `address`, connected and attached to `lease`."""
+        core = self._core
+        loop = asyncio.get_running_loop()
         lock = self._link_locks.setdefault(address, asyncio.Lock())
         async with lock:
             link = core.links.get(address)
@@ -270,7 +292,7 @@ class AsyncClient:
                     link = await loop.run_in_executor(None, connect, address, max(0.001, deadline - time.monotonic()))
                 except Unavailable:
                     core.unreachable(address)
-                    return await self._link(lease, deadline)  # another worker of the lease, else NoDirectPath
+                    return await self._link(lease, self._address(lease), deadline)  # another worker of the lease, else NoDirectPath
                 core.links[address] = link
                 loop.add_reader(link.fd, self._on_readable, link)
             if link.attached_ns != lease.expires_ns:
@@ -293,8 +315,9 @@ class AsyncClient:
             except PeerClosed:
                 self._lost(link)
             if pending.reply is None and pending.error is None:
+                self._give_up_after(request_id, time.monotonic() + core.wait_s(budget, direct=True))
                 try:
-                    await asyncio.wait_for(waiter, core.wait_s(budget, direct=True))
+                    await waiter
                 except asyncio.TimeoutError:
                     try:
                         link.stream.send(core.op_frames(core.next_id(), "cancel", {"target": request_id}))
@@ -304,6 +327,7 @@ class AsyncClient:
                     raise core.timed_out(budget, direct=True) from None
         finally:
             self._waiters.pop(request_id, None)
+            self._give_up.pop(request_id, None)
             link.pending.pop(request_id, None)
         if pending.error is not None:
             raise pending.error
@@ -340,6 +364,34 @@ class AsyncClient:
         for rid in waiting:
             self._wake(rid)
 
+    def _give_up_after(self, request_id: int, when: float) -> None:
+        """Fail the direct request's wait with TimeoutError at `when` (time.monotonic()). One timer serves
+        every waiting request - the earliest due - instead of a timer (or an asyncio.wait_for, which adds a
+        pass of the event loop to every reply) per request: a reply costs no timer work at all."""
+        self._give_up[request_id] = when
+        loop = asyncio.get_running_loop()
+        if self._sweep is None or when < self._sweep_at or self._sweep_loop is not loop:  # (a timer of a loop that ended never fires)
+            self._schedule_sweep(when, loop)
+
+    def _schedule_sweep(self, when: float, loop: asyncio.AbstractEventLoop) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep_at = when
+        self._sweep_loop = loop
+        self._sweep = loop.call_later(max(0.0, when - time.monotonic()), self._sweep_waits)
+
+    def _sweep_waits(self) -> None:
+        self._sweep = None
+        now = time.monotonic()
+        for request_id, when in list(self._give_up.items()):
+            if when <= now:
+                del self._give_up[request_id]
+                waiter = self._waiters.get(request_id)
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(asyncio.TimeoutError())
+        if self._give_up:
+            self._schedule_sweep(min(self._give_up.values()), asyncio.get_running_loop())
+
     def _wake(self, request_id: int) -> None:
         waiter = self._waiters.get(request_id)
         if waiter is not None and not waiter.done():
@@ -348,3 +400,4 @@ class AsyncClient:
     def _wake_all(self) -> None:
         for request_id in list(self._waiters):
             self._wake(request_id)
+

@@ -480,3 +480,31 @@ def test_a_run_that_does_not_stop_at_its_deadline_takes_no_innocent_request_with
                 assert (await client.infer("slow", innocent, timeout=30)).outputs["y"].shape == (1, 64)
 
         asyncio.run(both())
+
+
+def test_async_client_gives_up_on_each_direct_request_at_its_own_timeout(daemon_factory: Any, slow_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AsyncClient ends every direct wait from one timer set to the earliest give-up: a request with a short
+    timeout sent while one with a long timeout waits must still give up at its own (its error says no
+    reply came), not when the daemon kills the worker both wait on (3.5 s: max_compute_ms + 0.5 s)."""
+    import asyncio
+
+    from openinfer.client import AsyncClient, core
+
+    monkeypatch.setattr(core, "DIRECT_REPLY_SLACK_MIN_S", 0.0)
+    running = daemon_factory(slow_repo, env={"OPENINFER_POOL_DIRECT": "1"})
+    stuck = {"seconds": np.array(3600, np.float32)}
+
+    async def both() -> None:
+        async with AsyncClient(running.address, timeout=30) as client:
+            await client.infer("slow", {"seconds": np.array(0, np.float32)})  # lease and link ready
+            long_wait = asyncio.ensure_future(client.infer("slow", stuck, timeout=20))
+            for _ in range(500):  # until it is on the wire
+                if any(link.pending for link in client._core.links.values()):
+                    break
+                await asyncio.sleep(0.01)
+            with pytest.raises(DeadlineExceeded, match="no reply"):
+                await client.infer("slow", stuck, timeout=0.5)
+            assert not long_wait.done()
+            long_wait.cancel()
+
+    asyncio.run(both())
