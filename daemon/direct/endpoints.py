@@ -180,12 +180,7 @@ def _past_deadline(worker: WorkerHandle, now_ns: int) -> bool:
     """A worker still running a request past its deadline is stopping it, or cannot stop it and runs on
     (until max_compute_ms, then it is killed): a lease that named it would queue a client's next request
     behind a run of unknown length, or send it to its death (WORKER_CRASHED)."""
-    if worker.inflight.stalled:  # a front-door run, answered overdue while it goes on
-        return True
-    if worker.page is None:
-        return False
-    deadline = worker.page.read()[1]
-    return bool(deadline) and now_ns > deadline
+    return worker.inflight.stalled or worker.direct_run_overdue(now_ns)  # stalled: a front-door run, answered overdue while it goes on
 
 
 def _endpoint_dir(socket_path: Path, settings: Settings) -> Path | None:

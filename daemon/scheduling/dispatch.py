@@ -74,7 +74,7 @@ class Dispatcher:
                 self._admit_for_batching(task, header)
                 return
             if model.idle:
-                self.dispatch(model.idle.pop(), task)
+                self.dispatch(_take_idle(model), task)
                 return
             ewma = model.compute_ewma_us
             if ewma is not None and ewma < PIPELINE_MAX_COMPUTE_US and not model.queue and _usual_size(task, model):
@@ -261,7 +261,7 @@ class Dispatcher:
                 break
             batch = self._take_batch(model, size)
             if batch:  # else every member it took had expired
-                self.dispatch_batch(model.idle.pop(), batch)
+                self.dispatch_batch(_take_idle(model), batch)
         while model.queue and (due or len(model.queue) >= batching.max_batch_size):
             worker = self._pipeline_target(model)
             if worker is None:
@@ -416,7 +416,7 @@ class Dispatcher:
             self.maybe_flush(model)
             return
         while model.queue and model.idle:
-            self.next_for(model.idle.pop())
+            self.next_for(_take_idle(model))
 
     def expire_queued(self, task: Task) -> None:
         if task.done or task.worker is not None:
@@ -446,6 +446,21 @@ class Dispatcher:
                 self.fail_task(task, error())
                 failed += 1
         return failed
+
+
+def _take_idle(model: ServedModel) -> WorkerHandle:
+    """An idle worker off the model's list: the last parked (it is the likeliest awake), unless its deadline
+    page shows a client's direct run past its deadline - idle to the supervisor, that worker is busy with
+    a run that may go on until max_compute_ms, and a task sent there would wait behind it - when another
+    idle worker has none. If every idle worker has one, the last parked all the same: the task is then
+    answered at its own deadline, never later (channel_tasks.stopped_run)."""
+    idle = model.idle
+    if idle[-1].page is not None:
+        now = time.monotonic_ns()
+        for place in range(len(idle) - 1, -1, -1):
+            if not idle[place].direct_run_overdue(now):
+                return idle.pop(place)
+    return idle.pop()
 
 
 def _usual_size(task: Task, model: ServedModel) -> bool:

@@ -71,6 +71,15 @@ class WorkerHandle:
     def pid(self) -> int:
         return self.spawned.pid
 
+    def direct_run_overdue(self, now_ns: int) -> bool:
+        """Its deadline page says it is still running a direct request past that request's deadline: it is
+        stopping the run, or cannot stop it and runs on (until max_compute_ms, then it is killed), so work
+        sent to it now waits behind a run of unknown length."""
+        if self.page is None:
+            return False
+        deadline = self.page.read()[1]
+        return bool(deadline) and now_ns > deadline
+
     def transition(self, new: WorkerState) -> None:
         """The only way a worker's state changes: checked, and logged for every change but READY<->BUSY."""
         old = self.state

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -250,3 +251,35 @@ def test_a_request_pipelined_behind_a_long_run_is_answered_at_its_deadline(daemo
             assert still_running, "answered only when the run before it ended"
             result = _reply(honest)
             assert result["id"] == 1 and "error" not in result, result
+
+
+def test_a_front_door_request_goes_to_an_idle_worker_no_direct_run_holds(daemon_factory: Any, two_workers: Path) -> None:
+    """Two workers, idle to the supervisor. A direct client makes one of them spin past its request's
+    deadline (a run its worker cannot stop); the supervisor, which sees only that worker's deadline page,
+    must give front-door requests to the other idle worker, not queue them behind that run (they would wait
+    out their own deadline and fail). Both workers in turn: whichever the supervisor would have picked
+    first, one of the two rounds pins the spin on it (the worker that served the last request is picked
+    next), so the test fails on the code before the change."""
+    from direct_peer import Peer, attach, lease_of
+
+    daemon = daemon_factory(two_workers, env={"OPENINFER_POOL_DIRECT": "1", "OPENINFER_SERVER_LEASE_TTL_S": "60"})
+    lease = lease_of(daemon, "spin")
+    addresses = [worker["address"] for worker in lease["workers"]]
+    assert len(addresses) == 2
+    with Client(daemon.address, timeout=30, direct=False) as door:
+        door.infer("spin", QUICK)
+        for round_id, address in enumerate(addresses):
+            peer = Peer(address)
+            try:
+                assert "error" not in (peer.ask(attach(lease["lease"])) or {"error": "closed"})
+                spin_header = {"v": 1, "id": 10 + round_id, "op": "infer", "inputs": [{"name": "seconds", "datatype": "FP32", "shape": []}], "timeout_ms": 200}
+                peer.stream.send([msgpack.packb(spin_header), np.array(4.0, np.float32).tobytes()])
+                peer.stream.flush()
+                # Until the daemon itself counts that worker as held past a deadline (its leases leave it out).
+                wait_for(lambda: address not in [w["address"] for w in lease_of(daemon, "spin")["workers"]], 10, "the spinning worker left out of leases", daemon=daemon)
+                result = door.infer("spin", QUICK, timeout=2.0)  # fails DEADLINE_EXCEEDED if it waits behind the spin
+                assert result.outputs
+                (spun,) = peer.replies(1, timeout=30)
+                assert spun["id"] == 10 + round_id and spun["error"]["code"] == "DEADLINE_EXCEEDED", spun
+            finally:
+                peer.close()
