@@ -241,6 +241,19 @@ def test_a_killed_worker_fails_only_what_ran_on_it(daemon_factory: Any, repo: Pa
         assert client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(1, np.int64)}).outputs["y"].shape == (1,)
 
 
+def test_a_worker_gone_while_the_link_was_idle_costs_the_next_request_nothing(daemon_factory: Any, repo: Path) -> None:
+    """The blocking client does not read an idle link before it sends: when the worker died in between,
+    the send fails (nothing was sent) and the request is served elsewhere - never WORKER_CRASHED, which
+    would say it may have run."""
+    daemon = daemon_factory(repo, env=DIRECT)
+    with Client(daemon.address, timeout=30) as client, Client(daemon.address, direct=False) as admin:
+        client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(1, np.int64)})  # a link to the worker
+        (old,) = [w["pid"] for w in admin.status()["workers"] if w["model"] == "busy"]
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: old not in [w["pid"] for w in admin.status()["workers"]], 30, "the killed worker gone")
+        assert client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(1, np.int64)}).outputs["y"].shape == (1,)
+
+
 def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
