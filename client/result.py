@@ -65,15 +65,14 @@ def result_from_reply(header: dict[str, Any], frames: list[Any], client_us: floa
             for dim in shape:
                 count *= dim
             if count * dtype.itemsize == len(payload):
-                outputs[spec["name"]] = np.frombuffer(payload, dtype=dtype).reshape(shape)
+                outputs[spec["name"]] = np.ndarray(shape, dtype, payload)  # one read-only view, not frombuffer + reshape
                 continue
         try:
             outputs[spec["name"]] = decode_array(datatype, list(shape), payload)
         except (ValueError, TypeError) as exc:  # what the daemon sent does not decode: its fault, typed
             raise Internal(f"reply output {spec.get('name')!r} does not decode: {exc}") from None
-    timing: dict[str, float] = {}
-    for key, value in (header.get("timing") or {}).items():
-        timing[key] = float(value)
+    raw_timing = header.get("timing")
+    timing: dict[str, float] = {key: float(value) for key, value in raw_timing.items()} if raw_timing else {}
     timing["client_us"] = client_us
     total = timing.get("total_us")
     if total is not None:
