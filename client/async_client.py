@@ -400,4 +400,3 @@ class AsyncClient:
     def _wake_all(self) -> None:
         for request_id in list(self._waiters):
             self._wake(request_id)
-

@@ -230,9 +230,10 @@ class Client:
         if address is None:
             core.leases.pop((lease.model, lease.version), None)
             raise NoDirectPath("every worker of the lease is retiring, or running a request this client gave up on")
-        # An idle link is not read before the send (one failed recv per request, a tenth of the client's
-        # CPU): a GOAWAY that came meanwhile is read with the reply (the retiring worker still answers
-        # what is sent), and a worker that closed the link makes the send fail (_exchange).
+        # An idle link is not read before the send: that recv failed with EAGAIN on nearly every request,
+        # and the exception cost about a fifth of the client's CPU at c = 1 (bench/README.md, session 9).
+        # A GOAWAY that came meanwhile is read with the reply (the retiring worker still answers what is
+        # sent), and a worker that closed the link makes the send fail (_exchange).
         link = core.links.get(address)
         if link is None:
             try:
