@@ -7,12 +7,13 @@
 One sandboxed daemon (`examples/models/tiny`, 2 workers, direct path open). Each round measures, in this
 process and in an order reversed every other round: `Client.infer` at c = 1, and `AsyncClient.infer` at
 c = 1, 8 and 32 (c coroutines, one event loop) - user + system CPU of the whole process (`getrusage`)
-over `requests` calls, divided by them, and the p50 of each call. The floor, in the same rounds: the same
-loop with nothing but a raw socketpair round trip (256 bytes, Python on both ends, the client waiting in
-`select`), against an echo that answers at once and one that first works `--service-us` (what a worker
-takes for the tiny model): a client that sleeps for each reply pays the wake-up in its own CPU, whatever
-its code. Figures are medians over rounds. Writes bench/results/client_cpu.json and .png; reports, never
-asserts.
+over `requests` calls, divided by them, and the p50 of each call. The floors, in the same rounds: the
+same loop as a bare client of the daemon (the request encoder, one sendmsg, one select, one recv, the
+reply's header and array; no bookkeeping), and with nothing but a raw socketpair round trip (256 bytes,
+Python on both ends, the client waiting in `select`) against an echo that answers at once and one that
+first works `--service-us` (what a worker takes for the tiny model): a client that sleeps for each reply
+pays the wake-up in its own CPU, whatever its code. Figures are medians over rounds. Writes
+bench/results/client_cpu.json and .png; reports, never asserts.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+import msgpack
 import numpy as np
 
 BENCH = Path(__file__).resolve().parent
@@ -36,6 +38,7 @@ sys.path.insert(0, str(BENCH))
 from common import DaemonProcess, add_output_arguments, machine_info, median_of, pyplot, redrawn, world_readable_copy, write_json  # noqa: E402
 
 from openinfer.client import AsyncClient, Client  # noqa: E402
+from openinfer.wire.zmtp import message_buffers  # noqa: E402
 
 TARGET_US = 50.0
 ASYNC_LEVELS = (1, 8, 32)
@@ -84,6 +87,57 @@ def async_client(address: str, calls: int, concurrency: int) -> dict[str, float]
             return {"cpu_us": (_cpu_s() - cpu) * 1e6 / len(latencies), "p50_us": statistics.median(latencies) / 1000}
 
     return asyncio.run(run())
+
+
+def bare_loop(address: str, calls: int) -> dict[str, float]:
+    """The least a Python client can do per request against the same daemon: `Client`'s own request
+    encoder, one sendmsg, a select, recv until the reply is whole, its header unpacked and its output
+    viewed as an array - no lease or worker bookkeeping, limits, timeouts or InferResult. A `Client` makes
+    the connection and attaches the lease first; this then uses that connection as its own."""
+    x = np.ones((1, 64), np.float32)
+    with Client(address) as client:
+        client.infer("tiny", {"x": x})
+        core = client._core
+        (link,) = [link for link in core.links.values() if not link.closed][:1]
+        sock = link.stream.sock
+        ids = iter(range(1 << 40, 1 << 41))
+
+        def one() -> Any:
+            frames = core.infer_frames(next(ids), "tiny", {"x": x}, None, None, 30.0, None)
+            sock.sendmsg(message_buffers(frames))
+            data = b""
+            while True:
+                select.select([sock], [], [], 5.0)
+                data += sock.recv(65536)
+                parts = _whole_message(data)
+                if parts is not None:
+                    break
+            header = msgpack.unpackb(parts[0])
+            return np.ndarray(header["outputs"][0]["shape"], np.float32, parts[1])
+
+        for _ in range(200):
+            one()
+        return _measure(calls, one)
+
+
+def _whole_message(data: bytes) -> list[bytes] | None:
+    """The frames of one ZMTP message (short and long frames), or None until the last one is in."""
+    frames, pos = [], 0
+    while pos + 2 <= len(data):
+        flags = data[pos]
+        if flags & 0x02:
+            if pos + 9 > len(data):
+                return None
+            size, start = int.from_bytes(data[pos + 1 : pos + 9], "big"), pos + 9
+        else:
+            size, start = data[pos + 1], pos + 2
+        if start + size > len(data):
+            return None
+        frames.append(data[start : start + size])
+        pos = start + size
+        if not flags & 0x01:
+            return frames
+    return None
 
 
 def socket_floor(calls: int, service_us: float) -> dict[str, float]:
@@ -150,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         series: list[tuple[str, Callable[[], dict[str, float]]]] = [
             ("Client c=1", lambda: sync_client(daemon.address, args.requests)),
             *((f"AsyncClient c={c}", lambda c=c: async_client(daemon.address, args.requests, c)) for c in ASYNC_LEVELS),
+            ("floor: bare loop on the daemon", lambda: bare_loop(daemon.address, args.requests)),
             ("floor: echo at once", lambda: socket_floor(args.requests, 0.0)),
             (f"floor: echo after {args.service_us:g} us", lambda: socket_floor(args.requests, args.service_us)),
         ]

@@ -263,9 +263,13 @@ def test_a_front_door_request_goes_to_an_idle_worker_no_direct_run_holds(daemon_
     from direct_peer import Peer, attach, lease_of
 
     daemon = daemon_factory(two_workers, env={"OPENINFER_POOL_DIRECT": "1", "OPENINFER_SERVER_LEASE_TTL_S": "60"})
-    lease = lease_of(daemon, "spin")
+    # A lease names the workers that are ready: wait for both (the daemon is up once one is).
+    def both_ready() -> dict[str, Any] | None:
+        taken = lease_of(daemon, "spin")
+        return taken if len(taken["workers"]) == 2 else None
+
+    lease = wait_for(both_ready, 60, "a lease naming both workers", daemon=daemon)
     addresses = [worker["address"] for worker in lease["workers"]]
-    assert len(addresses) == 2
     with Client(daemon.address, timeout=30, direct=False) as door:
         door.infer("spin", QUICK)
         for round_id, address in enumerate(addresses):
