@@ -141,7 +141,7 @@ def verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     for level in results.get("config", {}).get("levels", []):
         runs = figure(results, "python", "openinfer_direct", level, "runs") or []
         per_run = [(run.get("cpu_us_per_req") or {}).get("generator") for run in runs]
-        cpu = median_of([x for x in per_run if x is not None]) if any(x is not None for x in per_run) else None
+        cpu = median_of(per_run)  # (None when no run has the figure)
         add(f"Python client CPU per request (µs) at c={level} <=", "python", "direct", cpu, TARGETS["client_cpu_us_max"], None if cpu is None else cpu <= TARGETS["client_cpu_us_max"],
             f"the floor's Python echo client costs {floor_cpu} µs per round trip at c=1" if floor_cpu is not None else None, per_run)
     for level, s in r["sandbox"].items():

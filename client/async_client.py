@@ -243,9 +243,9 @@ class AsyncClient:
                 link = await self._link(lease, address, deadline)
             header, reply = await self._exchange(link, request_id, frames, budget, deadline, lease)
             if not lease_expired(header):
-                self._core.answered(link.address, header)
+                core.answered(link.address, header)
                 return header, reply
-            self._core.leases.pop((model, version), None)
+            core.leases.pop((model, version), None)
         raise NoDirectPath("the lease kept expiring")
 
     async def _lease(self, model: str, version: int | None) -> Lease:
