@@ -21,6 +21,7 @@ from openinfer.wire.zmtp import PeerClosed
 
 from .core import DEFAULT_TIMEOUT_S, ClientCore, dropped
 from .direct import DirectLink, Lease, NoDirectPath, Pending, attach_frames, check_request_size, connect, lease_expired, read_replies
+from .give_up_timer import GiveUpTimer
 from .result import InferResult, result_from_reply
 from .socket_setup import configure_client_socket
 
@@ -51,10 +52,7 @@ class AsyncClient:
         self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._waiters: dict[int, asyncio.Future[None]] = {}  # by request id on direct links
-        self._give_up: dict[int, float] = {}  # when each of them stops waiting (time.monotonic())
-        self._sweep: asyncio.TimerHandle | None = None  # the one timer that ends those waits
-        self._sweep_at = 0.0
-        self._sweep_loop: asyncio.AbstractEventLoop | None = None
+        self._give_up = GiveUpTimer(self._gave_up)  # ends each of those waits at its own time
         self._lease_locks: dict[tuple[str, int | None], asyncio.Lock] = {}
         self._link_locks: dict[str, asyncio.Lock] = {}
 
@@ -76,10 +74,11 @@ class AsyncClient:
         deadline = time.monotonic() + budget
         if core.direct:
             try:
-                header, reply = await self._direct_round_trip(model, version, request_id, frames, budget)
+                header, reply = await self._direct_round_trip(model, version, request_id, frames, budget, deadline)
                 return result_from_reply(header, reply, (time.perf_counter_ns() - started) / 1000.0)
-            except NoDirectPath:
-                pass  # the front door serves it
+            except NoDirectPath as exc:
+                if time.monotonic() >= deadline:  # not a 1 ms request to the front door
+                    raise core.no_time_left(exc, budget) from None
         if core.needs_door_limits(frames):
             await self._ask_door_limits()
         core.check_door_size(frames)
@@ -131,9 +130,7 @@ class AsyncClient:
             loop.remove_writer(link.fd)
         self._core.close_links()
         self._wake_all()
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
+        self._give_up.stop()
         self._socket.disable_monitor()
         self._monitor.close(linger=0)
         self._socket.close(linger=0)
@@ -146,10 +143,10 @@ class AsyncClient:
         await self.close()
 
     # -- the front door ---------------------------------------------------------------------------
-    async def _call(self, op: str, **fields: Any) -> dict[str, Any]:
+    async def _call(self, op: str, within: float | None = None, **fields: Any) -> dict[str, Any]:
         request_id = self._core.next_id()
         fields = {k: v for k, v in fields.items() if v is not None}
-        header, _ = await self._round_trip(request_id, self._core.op_frames(request_id, op, fields), self.timeout)
+        header, _ = await self._round_trip(request_id, self._core.op_frames(request_id, op, fields), self.timeout if within is None else within)
         return self._core.op_result(header)
 
     async def _ask_door_limits(self) -> None:
@@ -227,20 +224,19 @@ class AsyncClient:
         return dropped(lambda: cast("asyncio.Future[list[bytes]]", self._monitor.recv_multipart(zmq.NOBLOCK)).result())  # NOBLOCK: already done
 
     # -- the direct path --------------------------------------------------------------------------
-    async def _direct_round_trip(self, model: str, version: int | None, request_id: int, frames: list[Any], budget: float) -> tuple[dict[str, Any], list[Any]]:
+    async def _direct_round_trip(self, model: str, version: int | None, request_id: int, frames: list[Any], budget: float, deadline: float) -> tuple[dict[str, Any], list[Any]]:
         core = self._core
-        deadline = time.monotonic() + budget
         for _ in range(2):  # a lease revoked under us (a reload) is renewed once
             # The common case - a fresh lease, a connected and attached link - awaits nothing before the
             # send: each coroutine (and lock) on the way costs every request.
             lease = core.leases.get((model, version))
             if lease is None or not lease.fresh(time.monotonic_ns()):
-                lease = await self._lease(model, version)
+                lease = await self._lease(model, version, budget, deadline)
             check_request_size(frames, lease)
             address = self._address(lease)
             link = core.links.get(address)
             if link is None or link.attached_ns != lease.expires_ns:
-                link = await self._link(lease, address, deadline)
+                link = await self._link(lease, address, budget, deadline)
             header, reply = await self._exchange(link, request_id, frames, budget, deadline, lease)
             if not lease_expired(header):
                 core.answered(link.address, header)
@@ -248,25 +244,29 @@ class AsyncClient:
             core.leases.pop((model, version), None)
         raise NoDirectPath("the lease kept expiring")
 
-    async def _lease(self, model: str, version: int | None) -> Lease:
+    async def _lease(self, model: str, version: int | None, budget: float, deadline: float) -> Lease:
         core = self._core
         key = (model, version)
         lease = core.leases.get(key)
         if lease is not None and lease.fresh(time.monotonic_ns()):
             return lease
         lock = self._lease_locks.setdefault(key, asyncio.Lock())
-        async with lock:  # many coroutines, one lease request
+        if not await _take_turn(lock, deadline):  # many coroutines, one lease request
+            raise core.unsent(budget, f"another request of this client was still asking the daemon for a lease on {model!r}")
+        try:
             lease = core.leases.get(key)
             now = time.monotonic_ns()
             if lease is not None and lease.fresh(now):
                 return lease
             fields: dict[str, Any] = {"model": model} if version is None else {"model": model, "version": version}
             try:
-                result = await self._call("lease", **fields)
+                result = await self._call("lease", min(self.timeout, max(0.001, deadline - time.monotonic())), **fields)
             except OpenInferError as exc:
                 core.lease_refused(exc)
                 raise
             return core.lease_taken(key, result, now)
+        finally:
+            lock.release()
 
     def _address(self, lease: Lease) -> str:
         """The lease's worker for the next request (links to retired workers closed first)."""
@@ -280,25 +280,36 @@ class AsyncClient:
             raise NoDirectPath("every worker of the lease is retiring, or running a request this client gave up on")
         return address
 
-    async def _link(self, lease: Lease, address: str, deadline: float) -> DirectLink:
-        """The link to `address`, connected and attached to `lease`."""
+    async def _link(self, lease: Lease, address: str, budget: float, deadline: float) -> DirectLink:
+        """The link to `address`, connected and attached to `lease`. A request that finds another one
+        connecting or attaching it waits for that, but not past its own deadline: a worker busy with a run
+        it cannot stop completes neither until the run ends."""
         core = self._core
         loop = asyncio.get_running_loop()
         lock = self._link_locks.setdefault(address, asyncio.Lock())
-        async with lock:
+        if not await _take_turn(lock, deadline):
+            raise core.unsent(budget, f"another request of this client was still connecting to the worker at {address} (it is busy, or stopped)")
+        try:
             link = core.links.get(address)
             if link is None:
                 try:
                     link = await loop.run_in_executor(None, connect, address, max(0.001, deadline - time.monotonic()))
                 except Unavailable:
+                    if time.monotonic() >= deadline:  # a worker that runs what it cannot stop answers no handshake
+                        raise core.unsent(budget, f"the worker at {address} did not complete the connection (it is busy, or stopped)") from None
                     core.unreachable(address)
-                    return await self._link(lease, self._address(lease), deadline)  # another worker of the lease, else NoDirectPath
-                core.links[address] = link
-                loop.add_reader(link.fd, self._on_readable, link)
-            if link.attached_ns != lease.expires_ns:
+                    link = None
+                else:
+                    core.links[address] = link
+                    loop.add_reader(link.fd, self._on_readable, link)
+            if link is not None and link.attached_ns != lease.expires_ns:
                 request_id = core.next_id()
-                header, _ = await self._exchange(link, request_id, attach_frames(request_id, lease), max(0.001, deadline - time.monotonic()), deadline)
+                header, _ = await self._exchange(link, request_id, attach_frames(request_id, lease), budget, deadline)
                 core.attached(link, lease, header)
+        finally:
+            lock.release()
+        if link is None:
+            return await self._link(lease, self._address(lease), budget, deadline)  # another worker of the lease, else NoDirectPath
         return link
 
     async def _exchange(self, link: DirectLink, request_id: int, frames: list[Any], budget: float, deadline: float, lease: Lease | None = None) -> tuple[dict[str, Any], list[Any]]:
@@ -315,7 +326,7 @@ class AsyncClient:
             except PeerClosed:
                 self._lost(link)
             if pending.reply is None and pending.error is None:
-                self._give_up_after(request_id, time.monotonic() + core.wait_s(budget, direct=True))
+                self._give_up.arm(request_id, core.give_up_at(deadline, budget))
                 try:
                     await waiter
                 except asyncio.TimeoutError:
@@ -327,7 +338,7 @@ class AsyncClient:
                     raise core.timed_out(budget, direct=True) from None
         finally:
             self._waiters.pop(request_id, None)
-            self._give_up.pop(request_id, None)
+            self._give_up.disarm(request_id)
             link.pending.pop(request_id, None)
         if pending.error is not None:
             raise pending.error
@@ -364,33 +375,11 @@ class AsyncClient:
         for rid in waiting:
             self._wake(rid)
 
-    def _give_up_after(self, request_id: int, when: float) -> None:
-        """Fail the direct request's wait with TimeoutError at `when` (time.monotonic()). One timer serves
-        every waiting request - the earliest due - instead of a timer (or an asyncio.wait_for, which adds a
-        pass of the event loop to every reply) per request: a reply costs no timer work at all."""
-        self._give_up[request_id] = when
-        loop = asyncio.get_running_loop()
-        if self._sweep is None or when < self._sweep_at or self._sweep_loop is not loop:  # (a timer of a loop that ended never fires)
-            self._schedule_sweep(when, loop)
-
-    def _schedule_sweep(self, when: float, loop: asyncio.AbstractEventLoop) -> None:
-        if self._sweep is not None:
-            self._sweep.cancel()
-        self._sweep_at = when
-        self._sweep_loop = loop
-        self._sweep = loop.call_later(max(0.0, when - time.monotonic()), self._sweep_waits)
-
-    def _sweep_waits(self) -> None:
-        self._sweep = None
-        now = time.monotonic()
-        for request_id, when in list(self._give_up.items()):
-            if when <= now:
-                del self._give_up[request_id]
-                waiter = self._waiters.get(request_id)
-                if waiter is not None and not waiter.done():
-                    waiter.set_exception(asyncio.TimeoutError())
-        if self._give_up:
-            self._schedule_sweep(min(self._give_up.values()), asyncio.get_running_loop())
+    def _gave_up(self, request_id: int) -> None:
+        """Its give-up time came with no reply: its wait ends with TimeoutError."""
+        waiter = self._waiters.get(request_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(asyncio.TimeoutError())
 
     def _wake(self, request_id: int) -> None:
         waiter = self._waiters.get(request_id)
@@ -400,3 +389,16 @@ class AsyncClient:
     def _wake_all(self) -> None:
         for request_id in list(self._waiters):
             self._wake(request_id)
+
+
+async def _take_turn(lock: asyncio.Lock, deadline: float) -> bool:
+    """Acquire `lock`, waiting no later than `deadline` (time.monotonic()); False when it passed first.
+    An uncontended lock is taken at once, without the task asyncio.wait_for would cost."""
+    if not lock.locked():
+        await lock.acquire()
+        return True
+    try:
+        await asyncio.wait_for(lock.acquire(), max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        return False
+    return True

@@ -178,6 +178,24 @@ class ClientCore:
         slack = self.wait_s(budget, direct) - budget
         return DeadlineExceeded(f"no reply from {self.address} within {budget:.3g} s (plus {slack:.3g} s of slack)")
 
+    def give_up_at(self, deadline: float, budget: float) -> float:
+        """When a direct request stops waiting for its reply: its deadline plus the direct slack. Counted
+        from the deadline, not from the send, so that what came before the send (a lease, a connection, an
+        attach, a first try refused as lease-expired) is part of the caller's timeout, not added to it."""
+        return deadline + self.wait_s(budget, direct=True) - budget
+
+    @staticmethod
+    def unsent(budget: float, waiting_for: str) -> DeadlineExceeded:
+        """The request's timeout passed before it could be sent: what it was waiting for."""
+        return DeadlineExceeded(f"the request's timeout ({budget:.3g} s) passed before it was sent: {waiting_for}")
+
+    def no_time_left(self, exc: NoDirectPath, budget: float) -> OpenInferError:
+        """The direct path failed and the request's deadline has passed: the error to raise instead of a
+        1 ms try at the front door (which would fail "no reply within 0.001 s"). An unreachable daemon
+        stays UNAVAILABLE."""
+        cause = exc.__cause__
+        return cause if isinstance(cause, Unavailable) else self.unsent(budget, str(exc))
+
     # -- the direct path ------------------------------------------------------------------------------
     def lease_taken(self, key: tuple[str, int | None], result: Any, taken_ns: int) -> Lease:
         lease = parse_lease(result, taken_ns)
@@ -201,7 +219,7 @@ class ClientCore:
             self.direct = False  # an older daemon, or one without a direct path: the front door for good
             raise NoDirectPath(exc.message) from None
         if isinstance(exc, Unavailable):
-            raise NoDirectPath(exc.message) from None
+            raise NoDirectPath(exc.message) from exc  # the front door may still answer; if not, this is the error
         raise exc
 
     def pick_address(self, lease: Lease) -> str | None:

@@ -76,13 +76,16 @@ class Client:
         frames = core.infer_frames(request_id, model, inputs, version, outputs, budget, priority)
         started = time.perf_counter_ns()
         deadline = time.monotonic() + budget
-        with self._lock:
+        if not self._lock.acquire(False) and not self._lock.acquire(timeout=min(max(0.0, budget), threading.TIMEOUT_MAX)):
+            raise core.unsent(budget, "another thread's request held this client all along (a Client sends one request at a time: give each thread its own, or use AsyncClient)")
+        try:
             if core.direct:
                 try:
-                    header, reply = self._direct_round_trip(model, version, request_id, frames, budget)
+                    header, reply = self._direct_round_trip(model, version, request_id, frames, budget, deadline)
                     return result_from_reply(header, reply, (time.perf_counter_ns() - started) / 1000.0)
-                except NoDirectPath:
-                    pass  # the front door serves it
+                except NoDirectPath as exc:
+                    if time.monotonic() >= deadline:  # not a 1 ms request to the front door
+                        raise core.no_time_left(exc, budget) from None
             if core.needs_door_limits(frames):
                 self._ask_door_limits()
             core.check_door_size(frames)
@@ -95,6 +98,8 @@ class Client:
                     if pause is None or not core.retryable(exc):
                         raise
                     time.sleep(pause)
+        finally:
+            self._lock.release()
         raise AssertionError("unreachable")
 
     def models(self) -> list[dict[str, Any]]:
@@ -135,9 +140,9 @@ class Client:
         with self._lock:
             return self._call_locked(op, fields)
 
-    def _call_locked(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+    def _call_locked(self, op: str, fields: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         request_id = self._core.next_id()
-        header, _ = self._round_trip(request_id, self._core.op_frames(request_id, op, fields), self.timeout)
+        header, _ = self._round_trip(request_id, self._core.op_frames(request_id, op, fields), self.timeout if timeout is None else timeout)
         return self._core.op_result(header)
 
     def _ask_door_limits(self) -> None:
@@ -194,13 +199,12 @@ class Client:
             pass  # best effort: the daemon also drops the task when its own timeout passes
 
     # -- the direct path --------------------------------------------------------------------------
-    def _direct_round_trip(self, model: str, version: int | None, request_id: int, frames: list[Any], budget: float) -> tuple[dict[str, Any], list[Any]]:
+    def _direct_round_trip(self, model: str, version: int | None, request_id: int, frames: list[Any], budget: float, deadline: float) -> tuple[dict[str, Any], list[Any]]:
         core = self._core
-        deadline = time.monotonic() + budget
         for _ in range(2):  # a lease revoked under us (a reload) is renewed once
             lease = self._lease(model, version, deadline)
             check_request_size(frames, lease)
-            link = self._link(lease, deadline)
+            link = self._link(lease, budget, deadline)
             header, reply = self._exchange(link, request_id, frames, budget, deadline, lease)
             if not lease_expired(header):
                 core.answered(link.address, header)
@@ -217,12 +221,12 @@ class Client:
             return lease
         fields: dict[str, Any] = {"model": model} if version is None else {"model": model, "version": version}
         try:
-            result = self._call_locked("lease", fields)
+            result = self._call_locked("lease", fields, min(self.timeout, max(0.001, deadline - time.monotonic())))
         except OpenInferError as exc:
             core.lease_refused(exc)
         return core.lease_taken(key, result, now)
 
-    def _link(self, lease: Lease, deadline: float) -> DirectLink:
+    def _link(self, lease: Lease, budget: float, deadline: float) -> DirectLink:
         core = self._core
         core.forget_drained()
         core.settle_owed()
@@ -239,11 +243,13 @@ class Client:
             try:
                 link = core.links[address] = connect(address, max(0.001, deadline - time.monotonic()))
             except Unavailable:
+                if time.monotonic() >= deadline:  # a worker that runs what it cannot stop answers no handshake
+                    raise core.unsent(budget, f"the worker at {address} did not complete the connection (it is busy, or stopped)") from None
                 core.unreachable(address)
-                return self._link(lease, deadline)  # another worker of the lease, else NoDirectPath
+                return self._link(lease, budget, deadline)  # another worker of the lease, else NoDirectPath
         if link.attached_ns != lease.expires_ns:
             request_id = core.next_id()
-            header, _ = self._exchange(link, request_id, attach_frames(request_id, lease), max(0.001, deadline - time.monotonic()), deadline)
+            header, _ = self._exchange(link, request_id, attach_frames(request_id, lease), budget, deadline)
             core.attached(link, lease, header)
         return link
 
@@ -251,7 +257,7 @@ class Client:
         """Send on a worker's connection and wait for this request's reply."""
         core = self._core
         pending = core.register(link, request_id, deadline, lease)
-        give_up = time.monotonic() + core.wait_s(budget, direct=True)
+        give_up = core.give_up_at(deadline, budget)
         stream = link.stream
         sock = stream.sock
         try:
