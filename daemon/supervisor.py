@@ -507,6 +507,8 @@ class Supervisor:
                 self._answer_overdue(worker, now)
             else:
                 self._kill_overdue(worker, now)
+        if self.direct.enabled:
+            self.dispatcher.serve_parked(self.registry.all())
 
     def _answer_overdue(self, worker: WorkerHandle, now: int) -> None:
         """Answer every task the worker holds that is half a second past its deadline, and let its run go

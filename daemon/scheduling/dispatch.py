@@ -74,8 +74,10 @@ class Dispatcher:
                 self._admit_for_batching(task, header)
                 return
             if model.idle:
-                self.dispatch(_take_idle(model), task)
-                return
+                worker = _take_idle(model)
+                if worker is not None:
+                    self.dispatch(worker, task)
+                    return
             ewma = model.compute_ewma_us
             if ewma is not None and ewma < PIPELINE_MAX_COMPUTE_US and not model.queue and _usual_size(task, model):
                 for worker in model.workers:
@@ -257,11 +259,12 @@ class Dispatcher:
             return
         while model.idle and model.queue:
             size = batching.max_batch_size if due else batch_size_now(len(model.queue), batching.max_batch_size, batching.preferred_batch_sizes)
-            if size == 0:
+            place = _idle_place(model)
+            if size == 0 or place is None:
                 break
             batch = self._take_batch(model, size)
             if batch:  # else every member it took had expired
-                self.dispatch_batch(_take_idle(model), batch)
+                self.dispatch_batch(model.idle.pop(place), batch)
         while model.queue and (due or len(model.queue) >= batching.max_batch_size):
             worker = self._pipeline_target(model)
             if worker is None:
@@ -416,7 +419,17 @@ class Dispatcher:
             self.maybe_flush(model)
             return
         while model.queue and model.idle:
-            self.next_for(_take_idle(model))
+            worker = _take_idle(model)
+            if worker is None:
+                return
+            self.next_for(worker)
+
+    def serve_parked(self, models: list[ServedModel]) -> None:
+        """Tasks left queued beside idle workers (each held by a direct run past its deadline, while a busy
+        worker was healthy: _idle_place): sent on as soon as one of those runs has ended."""
+        for model in models:
+            if model.queue and model.idle:
+                self.serve_idle(model)
 
     def expire_queued(self, task: Task) -> None:
         if task.done or task.worker is not None:
@@ -448,19 +461,33 @@ class Dispatcher:
         return failed
 
 
-def _take_idle(model: ServedModel) -> WorkerHandle:
-    """An idle worker off the model's list: the last parked (it is the likeliest awake), unless its deadline
-    page shows a client's direct run past its deadline - idle to the supervisor, that worker is busy with
-    a run that may go on until max_compute_ms, and a task sent there would wait behind it - when another
-    idle worker has none. If every idle worker has one, the last parked all the same: the task is then
-    answered at its own deadline, never later (channel_tasks.stopped_run)."""
+def _take_idle(model: ServedModel) -> WorkerHandle | None:
+    """An idle worker off the model's list (see _idle_place), or None: the task waits in the queue."""
+    place = _idle_place(model)
+    return None if place is None else model.idle.pop(place)
+
+
+def _idle_place(model: ServedModel) -> int | None:
+    """Which idle worker gets the next task: the last parked (it is the likeliest awake), unless its
+    deadline page shows a client's direct run past its deadline - idle to the supervisor, that worker is
+    busy with a run that may go on until max_compute_ms, and a task sent there would wait behind it - when
+    another idle worker has none. If every idle worker has one, None while a busy worker of the model is
+    healthy (no run past a deadline, nothing stalled): the task waits in the queue for that worker, or
+    for an idle one whose run ended (Supervisor's housekeeping looks again, Dispatcher.serve_parked).
+    With no such worker either, the last parked all the same: the task is then answered at its own
+    deadline, never later (channel_tasks.stopped_run)."""
     idle = model.idle
-    if idle[-1].page is not None:
-        now = time.monotonic_ns()
-        for place in range(len(idle) - 1, -1, -1):
-            if not idle[place].direct_run_overdue(now):
-                return idle.pop(place)
-    return idle.pop()
+    last = len(idle) - 1
+    if idle[last].page is None:
+        return last
+    now = time.monotonic_ns()
+    for place in range(last, -1, -1):
+        if not idle[place].direct_run_overdue(now):
+            return place
+    for worker in model.workers:
+        if worker.state is WorkerState.BUSY and not worker.retired and not worker.inflight.stalled and not worker.direct_run_overdue(now):
+            return None
+    return last
 
 
 def _usual_size(task: Task, model: ServedModel) -> bool:

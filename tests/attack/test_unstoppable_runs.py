@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -287,3 +289,80 @@ def test_a_front_door_request_goes_to_an_idle_worker_no_direct_run_holds(daemon_
                 assert spun["id"] == 10 + round_id and spun["error"]["code"] == "DEADLINE_EXCEEDED", spun
             finally:
                 peer.close()
+
+
+@contextmanager
+def _direct_spin_on_one_worker(daemon: Any, seconds: float) -> Iterator[Any]:
+    """A direct client pins one of the two workers (idle to the supervisor) in a spin of `seconds` past its
+    request's 200 ms deadline, a run the worker cannot stop; the body starts once the daemon counts that
+    worker as held past a deadline (its leases leave it out). Yields the peer that sent the spin."""
+    from direct_peer import Peer, attach, lease_of
+
+    def both_ready() -> dict[str, Any] | None:
+        taken = lease_of(daemon, "spin")
+        return taken if len(taken["workers"]) == 2 else None
+
+    lease = wait_for(both_ready, 60, "a lease naming both workers", daemon=daemon)
+    stuck = lease["workers"][0]["address"]
+    peer = Peer(stuck)
+    try:
+        assert "error" not in (peer.ask(attach(lease["lease"])) or {"error": "closed"})
+        spin_header = {"v": 1, "id": 10, "op": "infer", "inputs": [{"name": "seconds", "datatype": "FP32", "shape": []}], "timeout_ms": 200}
+        peer.stream.send([msgpack.packb(spin_header), np.array(seconds, np.float32).tobytes()])
+        peer.stream.flush()
+        wait_for(lambda: stuck not in [w["address"] for w in lease_of(daemon, "spin")["workers"]], 10, "the spinning worker left out of leases", daemon=daemon)
+        yield peer
+    finally:
+        peer.close()
+
+
+def _other_worker_busy(door: Client, seconds: float, outcome: list[Any]) -> threading.Thread:
+    """A front-door request that keeps the other worker busy for `seconds`, from a thread: the
+    supervisor gives it the worker no direct run holds. Returns once that worker is busy."""
+    def run() -> None:
+        with Client(door.address, timeout=30, direct=False) as client:  # its own: a Client sends one request at a time
+            try:
+                outcome.append(client.infer("spin", {"seconds": np.array(seconds, np.float32)}).outputs["y"].shape)
+            except OpenInferError as exc:  # an exception raised in a thread would only be a warning
+                outcome.append(exc)
+
+    busy = threading.Thread(target=run, daemon=True)
+    busy.start()
+    wait_for(lambda: any(w["state"] == "busy" for w in door.status()["workers"] if w["model"] == "spin"), 10, f"the other worker busy with the {seconds:g} s request")
+    return busy
+
+
+def test_a_front_door_request_waits_for_a_healthy_busy_worker_not_behind_a_direct_run_past_its_deadline(daemon_factory: Any, two_workers: Path) -> None:
+    """Two workers: a direct client pins one in an 8 s spin past its request's deadline (idle to the
+    supervisor), and a front-door request keeps the other busy for 2 s. The next front-door request must
+    wait for the busy one (served in ~2 s), not go to the only idle worker and wait behind the spin until
+    its own deadline (found by session 9's attacker: one of 4 concurrent requests failed so)."""
+    daemon = daemon_factory(two_workers, env={"OPENINFER_POOL_DIRECT": "1", "OPENINFER_SERVER_LEASE_TTL_S": "60"})
+    with _direct_spin_on_one_worker(daemon, 8.0) as peer, Client(daemon.address, timeout=30, direct=False) as door:
+        busy_outcome: list[Any] = []
+        busy = _other_worker_busy(door, 2.0, busy_outcome)
+        try:
+            result = door.infer("spin", QUICK, timeout=5.0)  # fails DEADLINE_EXCEEDED if it waits behind the 8 s spin
+            assert result.outputs["y"].shape == (1, 64)
+        finally:
+            busy.join(timeout=30)
+        assert busy_outcome == [(1, 64)]
+        (spun,) = peer.replies(1, timeout=30)
+        assert spun["id"] == 10 and spun["error"]["code"] == "DEADLINE_EXCEEDED", spun
+
+
+def test_a_request_held_back_from_a_stuck_worker_goes_to_it_once_its_run_ends(daemon_factory: Any, two_workers: Path) -> None:
+    """The same two workers, but the busy one is busy for 8 s and the direct spin ends after 3 s: the
+    request held back in the queue must go to the worker whose run ended (the supervisor looks again every
+    few milliseconds), not wait for the busy one past its own 5 s deadline."""
+    daemon = daemon_factory(two_workers, env={"OPENINFER_POOL_DIRECT": "1", "OPENINFER_SERVER_LEASE_TTL_S": "60"})
+    with _direct_spin_on_one_worker(daemon, 3.0), Client(daemon.address, timeout=30, direct=False) as door:
+        busy_outcome: list[Any] = []
+        busy = _other_worker_busy(door, 8.0, busy_outcome)
+        try:
+            result = door.infer("spin", QUICK, timeout=5.0)  # fails DEADLINE_EXCEEDED if it waits for the busy worker
+            assert result.outputs["y"].shape == (1, 64)
+            assert busy.is_alive(), "served only once the busy worker was free"
+        finally:
+            busy.join(timeout=30)
+        assert busy_outcome == [(1, 64)]
