@@ -14,7 +14,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from openinfer.wire.errors import OpenInferError, Unavailable
+from openinfer.wire.errors import InvalidArgument, OpenInferError, Unavailable
 from openinfer.wire.protocol import retry_pause, unpack
 from openinfer.wire.tensors import BF16Array
 from openinfer.wire.zmtp import PeerClosed
@@ -24,6 +24,8 @@ from .direct import DirectLink, Lease, NoDirectPath, Pending, attach_frames, che
 from .give_up_timer import GiveUpTimer
 from .result import InferResult, result_from_reply
 from .socket_setup import configure_client_socket
+
+_CLOSED = object()  # AsyncClient._loop of a closed client
 
 
 class AsyncClient:
@@ -55,6 +57,8 @@ class AsyncClient:
         self._give_up = GiveUpTimer(self._gave_up)  # ends each of those waits at its own time
         self._lease_locks: dict[tuple[str, int | None], asyncio.Lock] = {}
         self._link_locks: dict[str, asyncio.Lock] = {}
+        # The event loop the client first ran on; _CLOSED once closed. Its readers and timers live there.
+        self._loop: asyncio.AbstractEventLoop | object | None = None
 
     async def infer(
         self,
@@ -66,6 +70,8 @@ class AsyncClient:
         timeout: float | None = None,
         priority: int | None = None,
     ) -> InferResult:
+        if self._loop is not asyncio.get_running_loop():
+            self._bind_loop()
         core = self._core
         budget = self.timeout if timeout is None else timeout
         request_id = core.next_id()
@@ -77,6 +83,7 @@ class AsyncClient:
                 header, reply = await self._direct_round_trip(model, version, request_id, frames, budget, deadline)
                 return result_from_reply(header, reply, (time.perf_counter_ns() - started) / 1000.0)
             except NoDirectPath as exc:
+                self._check_open()  # closed meanwhile: the lease request failed for that, not the daemon
                 if time.monotonic() >= deadline:  # not a 1 ms request to the front door
                     raise core.no_time_left(exc, budget) from None
         if core.needs_door_limits(frames):
@@ -114,6 +121,7 @@ class AsyncClient:
     async def close(self) -> None:
         if self._socket.closed:
             return  # closed already: a second close is a no-op
+        self._loop = _CLOSED  # what is still taking a lease or connecting fails when it resumes
         if self._reader is not None:
             self._reader.cancel()
             try:
@@ -143,7 +151,22 @@ class AsyncClient:
         await self.close()
 
     # -- the front door ---------------------------------------------------------------------------
+    def _bind_loop(self) -> None:
+        """First use: the client belongs to this event loop from now on. A closed client, or one used from
+        a second loop (a second asyncio.run), refuses: its connections' readers, its front-door reader
+        and its timers live on the first loop, and replies would never be read (a caller's mistake)."""
+        self._check_open()
+        if self._loop is not None:
+            raise InvalidArgument("this AsyncClient belongs to the event loop it was first used on (an earlier asyncio.run): create one per event loop")
+        self._loop = asyncio.get_running_loop()
+
+    def _check_open(self) -> None:
+        if self._loop is _CLOSED:
+            raise Unavailable("client closed")
+
     async def _call(self, op: str, within: float | None = None, **fields: Any) -> dict[str, Any]:
+        if self._loop is not asyncio.get_running_loop():
+            self._bind_loop()
         request_id = self._core.next_id()
         fields = {k: v for k, v in fields.items() if v is not None}
         header, _ = await self._round_trip(request_id, self._core.op_frames(request_id, op, fields), self.timeout if within is None else within)
@@ -300,6 +323,9 @@ class AsyncClient:
                     core.unreachable(address)
                     link = None
                 else:
+                    if self._loop is _CLOSED:  # closed while it connected: nothing may stay open
+                        link.stream.close()
+                        self._check_open()
                     core.links[address] = link
                     loop.add_reader(link.fd, self._on_readable, link)
             if link is not None and link.attached_ns != lease.expires_ns:
@@ -393,10 +419,9 @@ class AsyncClient:
 
 async def _take_turn(lock: asyncio.Lock, deadline: float) -> bool:
     """Acquire `lock`, waiting no later than `deadline` (time.monotonic()); False when it passed first.
-    An uncontended lock is taken at once, without the task asyncio.wait_for would cost."""
-    if not lock.locked():
-        await lock.acquire()
-        return True
+    Always through asyncio.wait_for (a task per call; only leases and new links come here): `locked()`
+    is False just after a release whose woken waiter has not run yet, and an acquire then queues behind
+    that waiter without a bound."""
     try:
         await asyncio.wait_for(lock.acquire(), max(0.0, deadline - time.monotonic()))
     except asyncio.TimeoutError:

@@ -19,6 +19,7 @@ Nothing here blocks: `DirectLink` is a non-blocking socket plus a frame stream; 
 """
 from __future__ import annotations
 
+import select
 import socket
 import time
 from dataclasses import dataclass, field
@@ -135,8 +136,6 @@ def connect(address: str, timeout: float) -> DirectLink:
     stream = FrameStream(sock, _REPLY_LIMITS, handshake=True, socket_type=b"DEALER", accept_types=frozenset({b"ROUTER"}))
     link = DirectLink(address, stream)
     deadline = time.monotonic() + timeout
-    import select
-
     try:
         while not stream.open:
             if time.monotonic() >= deadline:

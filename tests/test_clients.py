@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from openinfer.client import AsyncClient, Client, DeadlineExceeded, Unavailable
+from openinfer.client import AsyncClient, Client, DeadlineExceeded, InvalidArgument, Unavailable
 from daemon_harness import RunningDaemon
 from reference import run_reference
 
@@ -124,3 +124,45 @@ def test_retries_only_unavailable_until_the_daemon_comes_back(model_repo: Path, 
         assert result["y"] == (1, 64)
     finally:
         daemon.stop()
+
+
+def test_an_async_client_used_from_a_second_event_loop_says_so_at_once(daemon: RunningDaemon) -> None:
+    """Its direct connections are read by the loop it first ran on: from a second asyncio.run every direct
+    reply went unread and each request failed DEADLINE_EXCEEDED after its whole timeout (found by
+    session 10's attacker). Now the second loop is refused at once, as the caller's mistake."""
+    client = AsyncClient(daemon.address, timeout=30)
+    x = {"x": np.zeros((1, 64), np.float32)}
+
+    async def first() -> None:
+        assert (await client.infer("tiny", x)).outputs["y"].shape == (1, 64)
+        assert client._core.links, "the request went straight to a worker"
+
+    async def second() -> None:
+        with pytest.raises(InvalidArgument, match="belongs to the event loop it was first used on"):
+            await client.infer("tiny", x, timeout=30)
+        with pytest.raises(InvalidArgument, match="belongs to the event loop"):
+            await client.health()
+
+    async def close() -> None:
+        await client.close()
+
+    asyncio.run(first())
+    asyncio.run(second())
+    asyncio.run(close())
+
+
+def test_closing_an_async_client_fails_its_requests_still_taking_a_lease_and_leaves_nothing_open(daemon: RunningDaemon) -> None:
+    """A close that comes while requests are still taking their first lease (found by session 10's
+    attacker: they went on, opened a direct connection after the close and kept it)."""
+
+    async def main() -> None:
+        client = AsyncClient(daemon.address, timeout=30)
+        requests = [asyncio.ensure_future(client.infer("tiny", {"x": np.zeros((1, 64), np.float32)})) for _ in range(4)]
+        await asyncio.sleep(0)  # each has sent its lease request (one, the others wait for it) and waits
+        await client.close()
+        outcomes = await asyncio.gather(*requests, return_exceptions=True)
+        assert [type(o) for o in outcomes] == [Unavailable] * 4, outcomes
+        assert all("client closed" in str(o) for o in outcomes), outcomes
+        assert client._core.links == {}
+
+    asyncio.run(main())

@@ -1,8 +1,9 @@
-"""AsyncClient's one timer for every direct wait (openinfer.client.give_up_timer), on a real event loop.
+"""How AsyncClient bounds its waits, on a real event loop, in process: the one timer for every direct
+wait (openinfer.client.give_up_timer) and the deadline-bounded lock before a lease or a new link.
 
-Its first form scanned every waiting request at each firing: thousands of waits ending one by one cost a
-scan each, quadratic in all (an attacker measured 3.6 s of CPU for 20,000 waits 200 µs apart). These tests
-hold what replaced it to the same promises: each wait ends once, in order, never before its time, an
+The timer's first form scanned every waiting request at each firing: thousands of waits ending one by one
+cost a scan each, quadratic in all (an attacker measured 3.6 s of CPU for 20,000 waits 200 µs apart). These
+tests hold what replaced it to the same promises: each wait ends once, in order, never before its time, an
 answered one never, and the bookkeeping stays bounded by the requests in flight."""
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 
 import pytest
 
+from openinfer.client.async_client import _take_turn
 from openinfer.client.give_up_timer import REBUILD_SLACK, GiveUpTimer
 
 pytestmark = pytest.mark.unit
@@ -87,3 +89,35 @@ def test_a_wait_armed_on_a_second_event_loop_still_ends() -> None:
     asyncio.run(first())
     asyncio.run(second())
     assert fired == [1, 2]
+
+
+def test_the_lock_wait_is_bounded_even_just_after_a_release() -> None:
+    """Just after a release, before the waiter it woke has run, the lock reads unlocked: an acquire then
+    queued behind that waiter without a bound, for as long as it held the lock (found by session 10's
+    attacker: a 0.5 s request waited 5.7 s). A 0.2 s wait arriving then must give up at its deadline,
+    before the next holder lets go a second later."""
+
+    async def run() -> tuple[bool, bool]:
+        lock = asyncio.Lock()
+        await lock.acquire()
+        released = asyncio.Event()
+
+        async def next_holder() -> None:
+            assert await _take_turn(lock, time.monotonic() + 30)
+            await asyncio.sleep(1.0)
+            released.set()
+            lock.release()
+
+        holder = asyncio.ensure_future(next_holder())
+        while not lock._waiters:  # until it waits in the lock
+            await asyncio.sleep(0.001)
+        lock.release()  # wakes that waiter, which has not run yet
+        took = await _take_turn(lock, time.monotonic() + 0.2)
+        gave_up_first = not released.is_set()
+        if took:
+            lock.release()
+        await holder
+        return took, gave_up_first
+
+    took, gave_up_first = asyncio.run(run())
+    assert not took and gave_up_first
