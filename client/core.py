@@ -26,9 +26,11 @@ from .direct import DirectLink, Lease, NoDirectPath, Pending, check_limits, leas
 DEFAULT_TIMEOUT_S = 30.0
 # How much longer than its own `timeout` a client waits before it gives up by itself (PROTOCOL.md 10.2):
 # the daemon's DEADLINE_EXCEEDED, which says where the time went, arrives after the deadline it counts
-# from when it read the request. 10 % of the timeout, at least 50 ms and at most 1 s.
+# from when it read the request. 10 % of the timeout, at least 600 ms and at most 1 s: a request stuck
+# behind a run its worker cannot stop is answered by the daemon half a second past its deadline (10.1);
+# a client that gave up first said only "no reply", and its in-flight slot was still taken meanwhile.
 REPLY_SLACK_FRACTION = 0.1
-REPLY_SLACK_MIN_S = 0.05
+REPLY_SLACK_MIN_S = 0.6
 REPLY_SLACK_MAX_S = 1.0
 # On the direct path at least this: a worker whose run does not stop at its deadline (a step's Python
 # loop, which onnxruntime's stop flag cannot reach) is killed half a second past it, and the closed

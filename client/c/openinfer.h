@@ -163,7 +163,9 @@ typedef struct oi_result {
  * (direct path) is taken within the same budget.
  * `out` is always initialised (free it with oi_result_free, whatever the return code).
  */
-#define OI_REPLY_GRACE_MS 200
+/* 600: a request stuck behind a run its worker cannot stop is answered by the daemon 500 ms past its
+ * deadline, saying so; a client that gave up first could only say "no reply". */
+#define OI_REPLY_GRACE_MS 600
 /* On the direct path at least this much: a worker whose run does not stop at its deadline is killed
  * half a second past it, and its closed connection then answers the request DEADLINE_EXCEEDED (the
  * daemon's word, not this library's). A request given up on closes its worker connection all the same:

@@ -63,6 +63,17 @@ def _pids(client: Client, model: str = "spin") -> list[int]:
     return sorted(w["pid"] for w in client.status()["workers"] if w["model"] == model)
 
 
+def test_a_front_door_client_waits_for_the_daemons_own_answer_on_a_run_that_cannot_be_stopped(daemon_factory: Any, one_worker: Path) -> None:
+    """The daemon answers such a run half a second past its deadline, saying where the time went; the
+    Python client's least slack was 50 ms, so it gave up first with a bare "no reply" while the request
+    still held its slot (session 10's attacker). It now waits at least 600 ms for the daemon's word."""
+    daemon = daemon_factory(one_worker, env={"OPENINFER_POOL_DIRECT": "0"})
+    with Client(daemon.address, timeout=30, direct=False) as client:
+        with pytest.raises(DeadlineExceeded, match="past its deadline, in a run its worker cannot stop"):
+            client.infer("spin", {"seconds": np.array(1.5, np.float32)}, timeout=0.2)
+        assert client.infer("spin", QUICK).outputs["y"].shape == (1, 64)
+
+
 @pytest.mark.parametrize("direct", [False, True], ids=["front-door", "direct"])
 def test_a_short_timeout_on_a_run_that_cannot_be_stopped_costs_no_worker(daemon_factory: Any, one_worker: Path, direct: bool) -> None:
     """Three requests whose step spins 1.5 s, each with a 200 ms timeout and followed by an ordinary
