@@ -6,7 +6,7 @@ handshake (Client: the request then went to the front door with a 1 ms budget an
 0.001 s"), or another thread's request on the same Client. A worker running a step it cannot stop answers
 none of that until the run ends, so a request with a 1 s timeout waited as long as the run.
 
-Each test holds the model's only worker in an 8 s spin and sends a request with a 1 s timeout: it must fail
+Each test holds the model's only worker in a 5 s spin and sends a request with a 1 s timeout: it must fail
 DEADLINE_EXCEEDED, saying what it waited for, while the spin still runs (the order of events, not a
 duration, is asserted). Each fails on the code before the change: the request ends after the spin."""
 from __future__ import annotations
@@ -28,7 +28,7 @@ from repo_builder import ModelRepo
 
 pytestmark = pytest.mark.live
 
-SPIN_S = 8.0  # far longer than the 1 s timeouts below plus any slack, so the order of events is certain
+SPIN_S = 5.0  # far longer than the 1 s timeouts below plus any slack, so the order of events is certain
 QUICK = {"seconds": np.array(0.0, np.float32)}
 
 
@@ -47,7 +47,7 @@ def _worker_cpu_s(worker: psutil.Process) -> float:
 
 @contextmanager
 def _worker_spinning(address: str, client: Client | None = None) -> Iterator[threading.Thread]:
-    """The model's only worker runs an 8 s spin (sent by `client`, else by a client of its own) for the
+    """The model's only worker runs a 5 s spin (sent by `client`, else by a client of its own) for the
     body; yields the thread that waits for its reply, and checks that reply afterwards."""
     with Client(address, timeout=30) as watcher:
         worker = psutil.Process(next(w["pid"] for w in watcher.status()["workers"] if w["model"] == "spin"))
