@@ -119,8 +119,8 @@ class AsyncClient:
         return await self._call("reload")
 
     async def close(self) -> None:
-        if self._socket.closed:
-            return  # closed already: a second close is a no-op
+        if self._socket.closed or self._loop is _CLOSED:
+            return  # closed, or closing: a second close is a no-op
         self._loop = _CLOSED  # what is still taking a lease or connecting fails when it resumes
         if self._reader is not None:
             self._reader.cancel()
@@ -194,9 +194,12 @@ class AsyncClient:
             raise self._core.timed_out(timeout) from None
         finally:
             self._pending.pop(request_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # failed by close() while the send waited: answered by what was raised
 
     async def _send(self, frames: list[Any], deadline: float) -> None:
         while True:
+            self._check_open()  # (closed during the pause below: the socket is gone)
             try:
                 await self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
                 return
@@ -255,11 +258,13 @@ class AsyncClient:
             lease = core.leases.get((model, version))
             if lease is None or not lease.fresh(time.monotonic_ns()):
                 lease = await self._lease(model, version, budget, deadline)
+                self._check_open()  # closed while it waited
             check_request_size(frames, lease)
             address = self._address(lease)
             link = core.links.get(address)
             if link is None or link.attached_ns != lease.expires_ns:
                 link = await self._link(lease, address, budget, deadline)
+                self._check_open()  # closed while it waited: the link is closed too
             header, reply = await self._exchange(link, request_id, frames, budget, deadline, lease)
             if not lease_expired(header):
                 core.answered(link.address, header)

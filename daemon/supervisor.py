@@ -507,8 +507,8 @@ class Supervisor:
                 self._answer_overdue(worker, now)
             else:
                 self._kill_overdue(worker, now)
-        if self.direct.enabled:
-            self.dispatcher.serve_parked(self.registry.all())
+        if self.direct.enabled:  # (the retiring versions of a reload too: their queues wait for their workers)
+            self.dispatcher.serve_parked(self.sync.all_models())
 
     def _answer_overdue(self, worker: WorkerHandle, now: int) -> None:
         """Answer every task the worker holds that is half a second past its deadline, and let its run go

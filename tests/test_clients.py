@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from openinfer.client import AsyncClient, Client, DeadlineExceeded, InvalidArgument, Unavailable
+from openinfer.client import AsyncClient, Client, DeadlineExceeded, InvalidArgument, OpenInferError, Unavailable
 from daemon_harness import RunningDaemon
 from reference import run_reference
 
@@ -166,3 +168,35 @@ def test_closing_an_async_client_fails_its_requests_still_taking_a_lease_and_lea
         assert client._core.links == {}
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["front-door", "direct"])
+def test_closing_an_async_client_at_any_moment_of_its_first_requests_ends_each_with_a_typed_answer(daemon: RunningDaemon, direct: bool) -> None:
+    """close() a few milliseconds into a fresh client's first requests, at a different moment each round:
+    each request ends with a result or an OpenInferError, never a raw ZMQError or OSError (found by
+    session 10's second attacker: a front-door send retried on a socket close() had closed, and an
+    attach answered during close() let its request send on the closed link), and nothing stays open."""
+    moments = random.Random(7)
+    outcomes: Counter[str] = Counter()
+
+    async def round_of_four() -> None:
+        client = AsyncClient(daemon.address, timeout=5, direct=direct)
+
+        async def one() -> str:
+            try:
+                await client.infer("tiny", {"x": np.zeros((1, 64), np.float32)})
+                return "result"
+            except OpenInferError as exc:
+                return exc.code
+            except Exception as exc:  # what this test is about
+                return f"raw {type(exc).__name__}: {exc}"
+
+        requests = [asyncio.ensure_future(one()) for _ in range(4)]
+        await asyncio.sleep(moments.uniform(0, 0.004))
+        await client.close()
+        outcomes.update(await asyncio.gather(*requests))
+        assert client._core.links == {}
+
+    for _ in range(25):
+        asyncio.run(round_of_four())
+    assert set(outcomes) <= {"result", "UNAVAILABLE"}, outcomes

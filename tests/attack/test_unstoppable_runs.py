@@ -327,18 +327,26 @@ def _direct_spin_on_one_worker(daemon: Any, seconds: float) -> Iterator[Any]:
         peer.close()
 
 
+def _front_door_request_in_thread(address: str, inputs: dict[str, np.ndarray], timeout: float, outcome: list[Any]) -> threading.Thread:
+    """A front-door request from a thread, with its own Client (a Client sends one request at a time):
+    its output shape, or its error, goes to `outcome` (an exception raised in a thread would only be a
+    warning)."""
+    def run() -> None:
+        with Client(address, timeout=30, direct=False) as client:
+            try:
+                outcome.append(client.infer("spin", inputs, timeout=timeout).outputs["y"].shape)
+            except OpenInferError as exc:
+                outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 def _other_worker_busy(door: Client, seconds: float, outcome: list[Any]) -> threading.Thread:
     """A front-door request that keeps the other worker busy for `seconds`, from a thread: the
     supervisor gives it the worker no direct run holds. Returns once that worker is busy."""
-    def run() -> None:
-        with Client(door.address, timeout=30, direct=False) as client:  # its own: a Client sends one request at a time
-            try:
-                outcome.append(client.infer("spin", {"seconds": np.array(seconds, np.float32)}).outputs["y"].shape)
-            except OpenInferError as exc:  # an exception raised in a thread would only be a warning
-                outcome.append(exc)
-
-    busy = threading.Thread(target=run, daemon=True)
-    busy.start()
+    busy = _front_door_request_in_thread(door.address, {"seconds": np.array(seconds, np.float32)}, 30, outcome)
     wait_for(lambda: any(w["state"] == "busy" for w in door.status()["workers"] if w["model"] == "spin"), 10, f"the other worker busy with the {seconds:g} s request")
     return busy
 
@@ -375,3 +383,27 @@ def test_a_request_held_back_from_a_stuck_worker_goes_to_it_once_its_run_ends(da
         finally:
             busy.join(timeout=30)
         assert busy_outcome == [(1, 64)]
+
+
+def test_a_request_held_back_in_a_version_a_reload_retires_goes_to_its_worker_once_its_run_ends(daemon_factory: Any, two_workers: Path) -> None:
+    """As above, and meanwhile a reload replaces the model (its config changed): the held request stays in
+    the queue of the version being retired, which the supervisor must still look at (found by session
+    10's second attacker: it looked only at the serving versions, and the request waited out its
+    deadline although its worker was free)."""
+    daemon = daemon_factory(two_workers, env={"OPENINFER_POOL_DIRECT": "1", "OPENINFER_SERVER_LEASE_TTL_S": "60"})
+    with _direct_spin_on_one_worker(daemon, 3.0), Client(daemon.address, timeout=30, direct=False) as door:
+        busy_outcome: list[Any] = []
+        busy = _other_worker_busy(door, 6.0, busy_outcome)
+        held_outcome: list[Any] = []
+        held = _front_door_request_in_thread(daemon.address, QUICK, 4.5, held_outcome)
+        try:
+            wait_for(lambda: any(m["queued"] for m in door.models() if m["name"] == "spin"), 10, "the request held back in the queue")
+            config = two_workers / "spin" / "config.toml"
+            config.write_text(config.read_text().replace(f"max_compute_ms = {MAX_COMPUTE_MS}", f"max_compute_ms = {MAX_COMPUTE_MS + 1}"))
+            door.reload()
+            held.join(timeout=30)
+            assert held_outcome == [(1, 64)]
+            assert busy.is_alive(), "served only once the busy worker was free"
+        finally:
+            held.join(timeout=30)
+            busy.join(timeout=30)
