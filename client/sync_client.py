@@ -76,8 +76,7 @@ class Client:
         frames = core.infer_frames(request_id, model, inputs, version, outputs, budget, priority)
         started = time.perf_counter_ns()
         deadline = time.monotonic() + budget
-        if not self._lock.acquire(False) and not self._lock.acquire(timeout=min(max(0.0, budget), threading.TIMEOUT_MAX)):
-            raise core.unsent(budget, "another thread's request held this client all along (a Client sends one request at a time: give each thread its own, or use AsyncClient)")
+        self._take_lock(budget)
         try:
             if core.direct:
                 try:
@@ -137,8 +136,17 @@ class Client:
 
     # -- the front door ---------------------------------------------------------------------------
     def _call(self, op: str, **fields: Any) -> dict[str, Any]:
-        with self._lock:
+        self._take_lock(self.timeout)
+        try:
             return self._call_locked(op, fields)
+        finally:
+            self._lock.release()
+
+    def _take_lock(self, budget: float) -> None:
+        """The client's one request at a time: another thread's request is waited for no longer than this
+        call's own timeout."""
+        if not self._lock.acquire(False) and not self._lock.acquire(timeout=min(max(0.0, budget), threading.TIMEOUT_MAX)):
+            raise self._core.unsent(budget, "another thread's request held this client all along (a Client sends one request at a time: give each thread its own, or use AsyncClient)")
 
     def _call_locked(self, op: str, fields: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         request_id = self._core.next_id()

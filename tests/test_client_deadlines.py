@@ -79,11 +79,15 @@ def test_a_blocking_client_gives_up_at_its_deadline_on_a_handshake_the_busy_work
 
 
 def test_a_blocking_client_shared_by_threads_gives_up_at_its_deadline_behind_another_threads_request(spin_daemon: Any) -> None:
-    with Client(spin_daemon.address, timeout=30) as shared:
+    """An infer waits for the other thread's request no longer than its own timeout, and an admin call
+    (status) no longer than the client's."""
+    with Client(spin_daemon.address, timeout=1) as shared:
         shared.infer("spin", QUICK)  # lease and link ready: only the other thread's request is in the way
         with _worker_spinning(spin_daemon.address, shared) as spin:
             with pytest.raises(DeadlineExceeded, match=r"another thread's request held this client"):
                 shared.infer("spin", QUICK, timeout=1)
+            with pytest.raises(DeadlineExceeded, match=r"another thread's request held this client"):
+                shared.status()
             assert spin.is_alive(), "the request gave up only after the other thread's request had ended"
         assert shared.infer("spin", QUICK).outputs["y"].shape == (1, 64)
 
