@@ -17,7 +17,7 @@ import zmq
 import msgpack
 
 from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError, Unavailable, WorkerCrashed, error_from_wire
-from openinfer.wire.protocol import MAX_HEADER_BYTES, encode_infer_request, encode_op_request, pack, resolve_address, unpack
+from openinfer.wire.protocol import MAX_HEADER_BYTES, MAX_TIMEOUT_MS, encode_infer_request, encode_op_request, pack, resolve_address, unpack
 from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array
 from openinfer.wire.zmtp import PeerClosed
 
@@ -65,6 +65,13 @@ def dropped(read_event: Callable[[], list[bytes]]) -> bool:
         seen = seen or int.from_bytes(event[0][:2], "little") == zmq.EVENT_DISCONNECTED
 
 
+MAX_TIMEOUT_S = MAX_TIMEOUT_MS / 1000
+
+
+def bad_timeout(timeout: float) -> InvalidArgument:
+    return InvalidArgument(f"timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:.0f} (about 24.8 days); got {timeout!r}")
+
+
 def reply_slack(timeout: float) -> float:
     return min(REPLY_SLACK_MAX_S, max(REPLY_SLACK_MIN_S, timeout * REPLY_SLACK_FRACTION))
 
@@ -73,6 +80,8 @@ class ClientCore:
     """The state and decisions of one client; no I/O."""
 
     def __init__(self, address: str | None, timeout: float, client_name: str | None, retries: int, direct: bool, curve: bool) -> None:
+        if not 0.0 < timeout <= MAX_TIMEOUT_S:  # (NaN too)
+            raise bad_timeout(timeout)
         self.address = resolve_address(address)
         self.timeout = timeout
         self.client_name = client_name
@@ -99,6 +108,8 @@ class ClientCore:
     def infer_frames(self, request_id: int, model: str, inputs: Mapping[str, np.ndarray | BF16Array | bytes | str], version: int | None, outputs: Sequence[str] | None, budget: float, priority: int | None) -> list[Any]:
         """The request's frames. A client mostly repeats one request shape: its header, but for the id, is
         packed once and kept (at most TEMPLATES_KEPT), and contiguous little-endian arrays go as they are."""
+        if not 0.0 < budget <= MAX_TIMEOUT_S:  # (NaN too)
+            raise bad_timeout(budget)
         timeout_ms = max(1, int(budget * 1000))
         key: list[Any] = [model, version, tuple(outputs) if outputs is not None else None, timeout_ms, priority]
         payloads: list[Any] = []

@@ -52,3 +52,19 @@ def test_a_worker_that_does_not_finish_the_handshake_in_time_leaves_no_socket_op
             gc.collect()  # an unclosed socket would warn here, as an error
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 1e300, 1e12, 0.0, -1.0])
+def test_a_timeout_that_is_not_a_usable_number_of_seconds_is_the_callers_mistake(timeout: float) -> None:
+    """NaN, infinite, negative, zero or beyond the protocol's 2**31 - 1 ms: INVALID_ARGUMENT, said before
+    anything is sent (they raised a raw ValueError or OverflowError, or sent a 1 ms request - session 10's
+    third attacker), for the client's default and for one request's alike."""
+    import numpy as np
+
+    from openinfer.wire.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="timeout must be a number of seconds"):
+        ClientCore(WORKERS[0], timeout, None, 0, True, False)
+    core = ClientCore(WORKERS[0], 30.0, None, 0, True, False)
+    with pytest.raises(InvalidArgument, match="timeout must be a number of seconds"):
+        core.infer_frames(1, "tiny", {"x": np.zeros((1, 64), np.float32)}, None, None, timeout, None)

@@ -24,6 +24,11 @@ DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FRAMES = 257  # header + at most 256 tensors
 MAX_CLIENT_NAME = 64
+# The longest `timeout_ms` an `infer` may carry: 2**31 - 1 ms, about 24.8 days. A deadline beyond it
+# does not fit the daemon's 64-bit nanosecond clock arithmetic and its workers' stop frames; a request
+# with 10**15 once made the supervisor fail halfway through a dispatch (a worker held for max_compute_ms,
+# then a second reply to one request).
+MAX_TIMEOUT_MS = 2**31 - 1
 SOCKET_NAME = "openinfer.sock"
 ENV_SOCKET = "OPENINFER_SOCKET"
 

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import msgpack
 
 from openinfer.wire.errors import InvalidArgument, ResourceExhausted
-from openinfer.wire.protocol import MAX_CLIENT_NAME, MAX_FRAMES, MAX_HEADER_BYTES, OPERATIONS, PROTOCOL_VERSION
+from openinfer.wire.protocol import MAX_CLIENT_NAME, MAX_FRAMES, MAX_HEADER_BYTES, MAX_TIMEOUT_MS, OPERATIONS, PROTOCOL_VERSION
 from openinfer.wire.tensors import DATATYPES, ELEMENT_SIZE, check_bytes_elements
 
 
@@ -247,8 +247,8 @@ def _check_options(header: dict[str, Any], model: ValidatedModel) -> None:
     if priority is not None and not 0 <= priority <= 9:
         raise InvalidArgument("`priority` must be between 0 (default) and 9 (most urgent)")
     timeout = header.get("timeout_ms")
-    if timeout is not None and timeout <= 0:
-        raise InvalidArgument("`timeout_ms` must be positive")
+    if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_MS:
+        raise InvalidArgument(f"`timeout_ms` must be positive and at most {MAX_TIMEOUT_MS} (about 24.8 days)")
     version = header.get("version")
     if version is not None and not _is_uint(version):
         raise InvalidArgument("`version` must be a non-negative integer")

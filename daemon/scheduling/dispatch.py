@@ -173,12 +173,14 @@ class Dispatcher:
     # -- single tasks -------------------------------------------------------------------------------
     def dispatch(self, worker: WorkerHandle, task: Task) -> None:
         now = time.monotonic_ns()
+        max_compute_ns = task.model.config.max_compute_ms * 1_000_000
+        # The message first: a value that does not pack then fails this request alone, before the worker
+        # holds a task it will never get (a timeout_ms beyond the clock once did: PROTOCOL.md 8.2, check 34).
+        kind = messages.TASK + messages.pack_task_id(task.task_id) + messages.pack_stop(task.deadline_ns, max_compute_ns)
         task.dispatched_ns = now
         task.worker = worker
-        max_compute_ns = task.model.config.max_compute_ms * 1_000_000
         worker.inflight.add(task, now, max_compute_ns)
         worker.transition(WorkerState.BUSY)
-        kind = messages.TASK + messages.pack_task_id(task.task_id) + messages.pack_stop(task.deadline_ns, max_compute_ns)
         cache = task.model.config.cache
         if cache is not None and not cache.shared:  # the worker keeps each identity's answers apart
             kind += task.identity.encode()

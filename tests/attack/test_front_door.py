@@ -336,3 +336,38 @@ def test_rotating_client_names_takes_no_extra_turns(daemon_factory: Any, repo: P
         thread.join(180)
     before_other = sum(1 for t, _ in finished if t < other_done)
     assert before_other <= 4, f"{before_other} flood requests finished before the other uid's one"
+
+
+def test_a_timeout_too_long_for_the_daemons_clock_is_refused_on_both_paths(daemon_factory: Any, repo: Path) -> None:
+    """`timeout_ms` 10**15 (what `Client(timeout=1e12)` sent): the deadline overflowed the supervisor's stop
+    frame halfway through a dispatch - the worker was left busy with a task it never got, the client was
+    answered INTERNAL, and max_compute_ms later the same request was answered a second time as the worker
+    was killed (session 10's third attacker). Now it is the caller's mistake, refused before anything,
+    at the front door and at a worker alike."""
+    from direct_peer import Peer, attach, lease_of
+
+    daemon = daemon_factory(repo, env={"OPENINFER_POOL_DIRECT": "1"})
+    header = {"v": 1, "id": 7, "op": "infer", "model": "tiny", "timeout_ms": 10**15, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64]}]}
+    context = zmq.Context()
+    sock = dealer(context, daemon.address)
+    try:
+        sock.send_multipart([msgpack.packb(header), X.tobytes()])
+        assert sock.poll(10_000), "no reply"
+        reply = msgpack.unpackb(sock.recv_multipart()[0])
+        assert reply["id"] == 7 and reply["error"]["code"] == "INVALID_ARGUMENT", reply
+        assert "timeout_ms" in reply["error"]["message"]
+    finally:
+        sock.close()
+        context.term()
+    lease = lease_of(daemon)
+    peer = Peer(lease["workers"][0]["address"])
+    try:
+        assert "error" not in (peer.ask(attach(lease["lease"])) or {"error": "closed"})
+        answer = peer.ask([msgpack.packb({**header, "id": 8}), X.tobytes()])
+        assert answer is not None and answer["id"] == 8 and answer["error"]["code"] == "INVALID_ARGUMENT", answer
+    finally:
+        peer.close()
+    with Client(daemon.address, timeout=30) as client:  # every worker still serves, none was held
+        assert all(w["state"] == "ready" for w in client.status()["workers"] if w["model"] == "tiny")
+        assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+    assert "internal error" not in daemon.log_text()

@@ -306,6 +306,7 @@ def infer_error_vectors(v: Vectors) -> None:
     v.infer_error("timeout_negative", "`timeout_ms` -5.", "INVALID_ARGUMENT", [x1], **tiny_fields(timeout_ms=-5))
     v.infer_error("timeout_float", "`timeout_ms` 1.5: integers only.", "INVALID_ARGUMENT", [x1], **tiny_fields(timeout_ms=1.5))
     v.infer_error("timeout_bool", "`timeout_ms` true.", "INVALID_ARGUMENT", [x1], **tiny_fields(timeout_ms=True))
+    v.infer_error("timeout_too_long", "`timeout_ms` 2**31: longer than the protocol allows (at most 2**31 - 1 ms).", "INVALID_ARGUMENT", [x1], **tiny_fields(timeout_ms=2**31))
     v.infer_error("priority_not_integer", "`priority` must be an integer.", "INVALID_ARGUMENT", [x1], **tiny_fields(priority="high"))
     v.infer_error("model_fails_at_run_time", "ocr_det with H=W=40 passes every check but fails inside the model (H and W must be multiples "
                   "of 32). The worker's error arrives with timing; onnxruntime reports it as FAIL with a kernel's shape complaint, "
