@@ -288,7 +288,7 @@ class AsyncClient:
                 return lease
             fields: dict[str, Any] = {"model": model} if version is None else {"model": model, "version": version}
             try:
-                result = await self._call("lease", min(self.timeout, max(0.001, deadline - time.monotonic())), **fields)
+                result = await self._call("lease", core.lease_wait_s(deadline), **fields)
             except OpenInferError as exc:
                 core.lease_refused(exc)
                 raise

@@ -197,6 +197,11 @@ class ClientCore:
         attach, a first try refused as lease-expired) is part of the caller's timeout, not added to it."""
         return deadline + self.wait_s(budget, direct=True) - budget
 
+    def lease_wait_s(self, deadline: float) -> float:
+        """How long a request may wait for the daemon's answer to its `lease`: what is left of its own
+        timeout, and never more than the client's."""
+        return min(self.timeout, max(0.001, deadline - time.monotonic()))
+
     @staticmethod
     def unsent(budget: float, waiting_for: str) -> DeadlineExceeded:
         """The request's timeout passed before it could be sent: what it was waiting for."""

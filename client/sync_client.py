@@ -229,7 +229,7 @@ class Client:
             return lease
         fields: dict[str, Any] = {"model": model} if version is None else {"model": model, "version": version}
         try:
-            result = self._call_locked("lease", fields, min(self.timeout, max(0.001, deadline - time.monotonic())))
+            result = self._call_locked("lease", fields, core.lease_wait_s(deadline))
         except OpenInferError as exc:
             core.lease_refused(exc)
         return core.lease_taken(key, result, now)

@@ -261,8 +261,10 @@ class Dispatcher:
             return
         while model.idle and model.queue:
             size = batching.max_batch_size if due else batch_size_now(len(model.queue), batching.max_batch_size, batching.preferred_batch_sizes)
+            if size == 0:
+                break
             place = _idle_place(model)
-            if size == 0 or place is None:
+            if place is None:
                 break
             batch = self._take_batch(model, size)
             if batch:  # else every member it took had expired
