@@ -21,7 +21,7 @@ from openinfer.wire.protocol import MAX_HEADER_BYTES, MAX_TIMEOUT_MS, encode_inf
 from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array
 from openinfer.wire.zmtp import PeerClosed
 
-from .direct import DirectLink, Lease, NoDirectPath, Pending, check_limits, lease_expired, parse_lease, read_replies, request_bytes
+from .direct import DirectLink, Lease, NoDirectPath, Pending, check_limits, lease_expired, parse_lease, read_replies, reply_limits, request_bytes
 
 DEFAULT_TIMEOUT_S = 30.0
 # How much longer than its own `timeout` a client waits before it gives up by itself (PROTOCOL.md 10.2):
@@ -229,6 +229,8 @@ class ClientCore:
                 raise NoDirectPath("the lease was refused as expired")
             raise error_from_wire(header["error"])
         link.attached_ns = lease.expires_ns
+        if link.stream.limits.message_bytes != lease.max_reply_bytes:
+            link.stream.limits = reply_limits(lease.max_reply_bytes)
 
     def lease_refused(self, exc: OpenInferError) -> None:
         """The front door would not give a lease: some refusals mean "not here" (use the front door),

@@ -30,7 +30,20 @@ from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSI
 from openinfer.wire.zmtp import Buffer, FrameStream, Limits, Oversized, PeerClosed, ProtocolError
 
 RENEW_BEFORE_NS = 1_000_000_000  # a lease this close to expiry is renewed before the next request
-_REPLY_LIMITS = Limits(frames=1 << 16, first_frame=16 << 20, message_bytes=1 << 40)
+# The largest reply a worker may send this client: the lease's max_reply_bytes (the daemon's
+# server.max_worker_message_bytes, the bound its front door puts on the same reply), else that setting's
+# default. The client reads a worker's bytes itself on this path, so what a worker declares is bounded
+# here: a frame over it is skipped as it arrives and its request answered RESOURCE_EXHAUSTED.
+DEFAULT_MAX_REPLY_BYTES = 1 << 30
+_REPLY_FRAMES = 1 << 16
+_REPLY_HEADER_BYTES = 16 << 20
+
+
+def reply_limits(max_reply_bytes: int) -> Limits:
+    return Limits(frames=_REPLY_FRAMES, first_frame=min(_REPLY_HEADER_BYTES, max_reply_bytes), message_bytes=max_reply_bytes)
+
+
+_REPLY_LIMITS = reply_limits(DEFAULT_MAX_REPLY_BYTES)
 
 
 class NoDirectPath(Exception):
@@ -48,6 +61,7 @@ class Lease:
     max_header_bytes: int = MAX_HEADER_BYTES
     max_frames: int = MAX_FRAMES
     max_compute_s: float | None = None  # the model's max_compute_ms: a run that long gets its worker killed
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
 
     def fresh(self, now_ns: int) -> bool:
         return now_ns < self.expires_ns - RENEW_BEFORE_NS
@@ -62,6 +76,7 @@ def parse_lease(result: Any, taken_ns: int) -> Lease:
             [str(w["address"]) for w in result["workers"]], int(limits["max_request_bytes"]),
             int(limits.get("max_header_bytes", MAX_HEADER_BYTES)), int(limits.get("max_frames", MAX_FRAMES)),
             int(limits["max_compute_ms"]) / 1000 if "max_compute_ms" in limits else None,
+            max(1, int(limits.get("max_reply_bytes", DEFAULT_MAX_REPLY_BYTES))),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise NoDirectPath(f"malformed lease: {exc}") from None
@@ -166,7 +181,10 @@ def read_replies(link: DirectLink) -> list[tuple[dict[str, Any], list[Buffer]]]:
         raise PeerClosed() from None
     for event in events:
         if isinstance(event, Oversized):
-            continue  # never from a worker of ours: nothing is waiting for it
+            refused = _refused_reply(event, link)
+            if refused is not None:
+                replies.append(refused)
+            continue
         frames = event[1:] if len(event) > 1 and not len(event[0]) else event
         try:
             header = unpack(frames[0])
@@ -181,6 +199,22 @@ def read_replies(link: DirectLink) -> list[tuple[dict[str, Any], list[Buffer]]]:
             link.owed.discard(header.get("id"))  # type: ignore[arg-type]
         replies.append((header, frames))
     return replies
+
+
+def _refused_reply(event: Oversized, link: DirectLink) -> tuple[dict[str, Any], list[Buffer]] | None:
+    """A reply over this client's limits (its rest is skipped as it arrives, never stored): the error
+    its request gets, when the header that came first names one waiting here. Without such a header
+    nothing can be told, and the request ends at its timeout."""
+    try:
+        header = unpack(event.frames[0]) if event.frames else None
+    except Exception:
+        return None
+    request_id = header.get("id") if isinstance(header, dict) else None
+    if request_id not in link.pending:
+        return None
+    limit = link.stream.limits.message_bytes
+    error = ResourceExhausted(f"the reply from the worker at {link.address} is over this client's limit: {event.reason} (the lease's max_reply_bytes, the daemon's server.max_worker_message_bytes)", {"limit": limit})
+    return {"v": PROTOCOL_VERSION, "id": request_id, "error": error.to_wire()}, [event.frames[0]]
 
 
 def lease_expired(header: dict[str, Any]) -> bool:

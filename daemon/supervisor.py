@@ -594,7 +594,7 @@ class Supervisor:
             raise Unavailable(f"{conn.identity} has a rate limit (rate_per_s = {limit.rate_per_s:g}, policies/clients.toml): its requests are served through the front door, which keeps the rate", {"direct": "off"})
         limits = {
             "max_request_bytes": model.config.max_request_bytes or server.max_request_bytes, "max_header_bytes": MAX_HEADER_BYTES, "max_frames": MAX_FRAMES,
-            "max_compute_ms": model.config.max_compute_ms, "max_in_flight": limit.max_in_flight,
+            "max_compute_ms": model.config.max_compute_ms, "max_in_flight": limit.max_in_flight, "max_reply_bytes": server.max_worker_message_bytes,
         }
         return self.direct.lease(conn.identity, model, limit.max_in_flight, limits)
 

@@ -157,7 +157,7 @@ static int await_reply(oi_direct *d, oi_link *link, uint64_t id, int64_t deadlin
     for (;;) {
         int r = take_reply(d, link, id, 1, frames, n, header);
         if (r == 1) return OI_LINK_OK;
-        if (r < 0) return OI_LINK_CLOSED;
+        if (r < 0) return r == OI_LINK_OVERSIZED ? r : OI_LINK_CLOSED;
         if (!oi_link_wait(link, deadline_ms)) return OI_LINK_TIMEOUT;
         if ((r = oi_link_fill(link)) != OI_LINK_OK) return r;
     }
@@ -314,6 +314,7 @@ static int attach(oi_direct *d, lease_slot *slot, const char *address, oi_link *
     *link_io = link;
     if (!oi_map_get(&header->data, "error")) {
         link->attached = slot->lease.serial;
+        link->max_message = slot->lease.max_reply_bytes;
         return OI_OK;
     }
     if (oi_reply_lease_expired(&header->data)) {
@@ -416,6 +417,15 @@ int oi_direct_infer(oi_direct *d, const oi_direct_request *req, oi_direct_answer
             if (link->outstanding == 0) link_lost(d, link);
             return fail(err, OI_ERR_TIMEOUT, "DEADLINE_EXCEEDED", "no reply from the worker within the client's timeout (%d ms, plus %d ms of grace)",
                         req->timeout_ms, OI_DIRECT_REPLY_GRACE_MS);
+        }
+        if (rc == OI_LINK_OVERSIZED) { /* what a worker of ours never sends: nothing is made room for, the link goes */
+            uint64_t limit = link->max_message;
+            char address[256];
+            snprintf(address, sizeof address, "%s", link->address);
+            link_lost(d, link);
+            return fail(err, OI_ERR_RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED",
+                        "the reply from the worker at %s is over this client's limit of %llu bytes (the lease's max_reply_bytes, the daemon's server.max_worker_message_bytes)",
+                        address, (unsigned long long)limit);
         }
         if (rc != OI_LINK_OK) {
             char address[256];

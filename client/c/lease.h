@@ -20,6 +20,9 @@
  * lease before every request). */
 #define OI_LEASE_RENEW_BEFORE_NS 1000000000LL
 
+/* The daemon's server.max_worker_message_bytes by default: the bound its front door puts on the same reply. */
+#define OI_DEFAULT_MAX_REPLY_BYTES ((uint64_t)1 << 30)
+
 typedef struct oi_lease {
     char *model;               /* the model version leased */
     int64_t version;
@@ -32,6 +35,7 @@ typedef struct oi_lease {
     uint64_t max_request_bytes; /* limits: tensor bytes, header bytes, frames of one request */
     uint64_t max_header_bytes;
     uint64_t max_frames;
+    uint64_t max_reply_bytes;  /* the largest reply a worker may send (OI_DEFAULT_MAX_REPLY_BYTES when the daemon names none) */
     uint64_t serial;           /* set by the user: tells links which lease they attached */
 } oi_lease;
 

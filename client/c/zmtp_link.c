@@ -244,6 +244,7 @@ static int check_ready(const unsigned char *body, size_t size) {
 int oi_link_next(oi_link *link, const oi_frame **frames_out, size_t *n_out) {
     const unsigned char *buf = link->buf;
     size_t pos = link->start, end = link->len, n = 0;
+    uint64_t max_message = link->max_message ? link->max_message : ((uint64_t)1 << 30), message = 0;
     if (link->state == 0) {
         if (end - pos < GREETING_SIZE) return 0;
         if (buf[pos] != 0xFF || buf[pos + 9] != 0x7F || buf[pos + 10] < 3 || memcmp(buf + pos + 12, "NULL\0", 5) != 0)
@@ -267,6 +268,7 @@ int oi_link_next(oi_link *link, const oi_frame **frames_out, size_t *n_out) {
             body = pos + 2;
         }
         if (size > MAX_FRAME) return OI_LINK_CLOSED;
+        if (!(flags & F_COMMAND) && (size > max_message || (message += size) > max_message)) return OI_LINK_OVERSIZED;
         if (end - body < size) {
             link->need = (body - link->start) + (size_t)size; /* oi_link_fill makes room for it at once */
             return 0;

@@ -33,6 +33,7 @@ typedef struct oi_link {
     int state;           /* 0: the worker's greeting is due, 1: its READY, 2: open */
     oi_frame *frames;    /* the frames of the message oi_link_next returned last */
     size_t frames_cap;
+    uint64_t max_message; /* the largest message taken (0: 1 GiB); a larger one ends the link, OI_LINK_OVERSIZED */
     /* bookkeeping of the users (openinfer.c, cwire.c); the link itself never reads these */
     uint64_t attached;   /* the serial of the lease attached here (0: none yet) */
     int draining;        /* the worker said GOAWAY: send nothing more here */
@@ -44,7 +45,8 @@ enum {
     OI_LINK_OK = 0,
     OI_LINK_CLOSED = -1,  /* the worker closed the connection (or broke ZMTP): the link is dead */
     OI_LINK_TIMEOUT = -2, /* the deadline passed */
-    OI_LINK_ERROR = -3    /* a local failure (errno set): out of memory, no such socket, ... */
+    OI_LINK_ERROR = -3,   /* a local failure (errno set): out of memory, no such socket, ... */
+    OI_LINK_OVERSIZED = -4 /* the worker announced a message over max_message: the link is dead, nothing was allocated for it */
 };
 
 /*
@@ -65,7 +67,8 @@ int oi_link_send(oi_link *link, const oi_frame *frames, size_t n_frames, int64_t
 int oi_link_fill(oi_link *link);
 
 /* The next complete message: 1 and *frames / *n_frames set, 0 when none is complete yet,
- * OI_LINK_CLOSED when the worker broke ZMTP (or sent ERROR). */
+ * OI_LINK_CLOSED when the worker broke ZMTP (or sent ERROR), OI_LINK_OVERSIZED when it announced a
+ * message over max_message (checked on each frame's size before any room is made for it). */
 int oi_link_next(oi_link *link, const oi_frame **frames, size_t *n_frames);
 
 /* Wait until the link is readable (or closed) or `deadline_ms` passes: 1 readable, 0 timeout. */

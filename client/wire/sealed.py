@@ -24,6 +24,7 @@ from .zmtp import (
     command,
     encode_properties,
     error_reason,
+    frame_buffer,
     frame_header,
     greeting,
 )
@@ -188,7 +189,7 @@ class SealedFrameStream(FrameStream):
                 pos = start + size
                 continue
             if size >= BIG_FRAME:  # receive the rest straight into its own buffer
-                big = bytearray(size)
+                big = frame_buffer(size)
                 have = end - start
                 big[:have] = buf[start:end]
                 self._big, self._big_filled, self._big_flags = big, have, 0

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from contextlib import contextmanager
 from typing import Callable, Generic, Iterable, Iterator, TypeVar, Union
 
+import numpy
+
 MORE = 0x01
 LONG = 0x02
 COMMAND = 0x04
@@ -41,6 +43,13 @@ _RECV_CHUNK = 256 * 1024
 _IOV_MAX = 512  # buffers handed to one sendmsg (the kernel's IOV_MAX is 1024)
 
 Buffer = Union[bytes, bytearray, memoryview]
+
+
+def frame_buffer(size: int) -> memoryview:
+    """Room for a large frame whose size its header declares. Not zero-filled (bytearray(size) is): the
+    kernel commits a page only when the frame's bytes land in it, so a peer that declares a frame it never
+    sends costs address space, not memory (18 bytes once made a reader commit 2 GiB)."""
+    return numpy.empty(size, numpy.uint8).data
 
 
 class ProtocolError(Exception):
@@ -156,8 +165,8 @@ Event = Union[list[Buffer], Oversized]
 class FrameStream:
     """A multipart-message stream over one non-blocking stream socket.
 
-    `read()` takes what the kernel has and returns complete messages (lists of frames: bytes, or
-    bytearray for frames of BIG_FRAME bytes and more) and Oversized reports. `send()` writes at once
+    `read()` takes what the kernel has and returns complete messages (lists of frames: bytes, or a
+    memoryview (frame_buffer) for frames of BIG_FRAME bytes and more) and Oversized reports. `send()` writes at once
     what the socket takes and keeps the rest in an outbox that `flush()` continues when the socket is
     writable; `out_bytes` is what waits there. Commands (PING) are answered here; others are given to
     `on_command`. With `handshake` the stream first exchanges greetings and READY (NULL mechanism)."""
@@ -194,7 +203,7 @@ class FrameStream:
         self._skip_left = 0  # bytes of the current oversized frame still to drop
         self._skip_flags = 0
         self.skipped_bytes = 0  # of the oversized message being skipped
-        self._big: bytearray | None = None  # a large frame being received straight into its buffer
+        self._big: memoryview | None = None  # a large frame being received straight into its buffer
         self._big_filled = 0
         self._big_flags = 0
         self._state = "greeting" if handshake else "open"
@@ -259,7 +268,7 @@ class FrameStream:
         """Continue a large frame; True once complete."""
         big = self._big
         assert big is not None
-        view = memoryview(big)
+        view = memoryview(big)  # (a slice of a bytearray would be a copy)
         while self._big_filled < len(big):
             try:
                 n = self.sock.recv_into(view[self._big_filled :])
@@ -329,7 +338,7 @@ class FrameStream:
                 pos = start + size
                 continue
             if size >= BIG_FRAME:  # receive the rest straight into its own buffer
-                big = bytearray(size)
+                big = frame_buffer(size)
                 have = end - start
                 big[:have] = buf[start:end]
                 self._big, self._big_filled, self._big_flags = big, have, flags

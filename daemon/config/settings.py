@@ -59,7 +59,7 @@ class ServerSettings:
     max_connections_per_identity: int = _opt(64, "Client connections one identity (a uid, a CURVE key) may hold at once; a connection over it is closed at once.")
     max_reply_backlog_bytes: int = _opt(64 * 1024 * 1024, "While more reply bytes than this wait for a connection to read them, its requests are not read (a slow reader slows only itself).")
     max_connection_buffers_bytes: int = _opt(0, "Bytes held for all client connections together (unfinished requests in, unread replies out); over it, the connections holding the most are cut, idle or not. 0 = half the supervisor's memory limit.")
-    max_worker_message_bytes: int = _opt(1024 * 1024 * 1024, "Largest message a worker may send the supervisor (one batch's outputs); a worker that sends more is retired.")
+    max_worker_message_bytes: int = _opt(1024 * 1024 * 1024, "Largest message a worker may send the supervisor (one batch's outputs); a worker that sends more is retired. Also the largest reply a client of the direct path takes from a worker (the lease's max_reply_bytes).")
     max_supervisor_rss_mb: int = _opt(0, "Above this resident memory the supervisor cuts the client connections holding the most buffered bytes, idle or not. 0 = max_queued_bytes + 4 x max_request_bytes + 256 MiB.")
     lease_ttl_s: float = _opt(5.0, "How long a lease for the direct path lasts (docs/PROTOCOL.md section 17): the longest a client whose access was revoked can still use it. Every reload also revokes every lease at once.")
     starvation_ms: int = _opt(1000, "A queued request waiting longer than this is served before higher priorities (aging).")

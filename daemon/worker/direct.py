@@ -95,6 +95,10 @@ class DirectDoor:
         self.draining = False
         self.refused = 0
         self._message_limits = Limits(frames=MAX_FRAMES + 1, first_frame=MAX_HEADER_BYTES, message_bytes=limits.max_request_bytes + MAX_HEADER_BYTES)
+        # Until a connection holds a valid lease, nothing but a header is read from it (an `attach` is
+        # one): a frame it declares larger is skipped as it arrives, never given memory. Before this, a
+        # peer without a lease declared a 60 MB frame in 18 bytes, and the worker set the 60 MB aside.
+        self._unattached_limits = Limits(frames=2, first_frame=MAX_HEADER_BYTES, message_bytes=MAX_HEADER_BYTES)
         # One packer for every reply (protocol.pack builds one per call): this loop is the only thread that replies.
         self._pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
         poller.register(listener.fileno(), _READABLE)
@@ -119,7 +123,7 @@ class DirectDoor:
                 self.refused += 1
                 sock.close()
                 continue
-            conn = DirectConnection(self._next_id, FrameStream(sock, self._message_limits, handshake=True), uid, identity, time.monotonic_ns())
+            conn = DirectConnection(self._next_id, FrameStream(sock, self._unattached_limits, handshake=True), uid, identity, time.monotonic_ns())
             self._next_id += 1
             self.by_fd[sock.fileno()] = conn
             self.per_identity[identity] = self.per_identity.get(identity, 0) + 1
@@ -170,6 +174,9 @@ class DirectDoor:
                 self._watch(conn)
         except (PeerClosed, ProtocolError):
             self.close(conn)
+        except MemoryError:  # no room for a frame it declared (the worker's RLIMIT_AS): that connection goes, not the worker
+            log.warning("closing a direct connection: no memory for what it sends", extra={"identity": conn.identity, "held_bytes": conn.stream.in_bytes})
+            self.close(conn)
 
     def _on_message(self, conn: DirectConnection, event: Event) -> None:
         received_ns = time.monotonic_ns()
@@ -183,10 +190,15 @@ class DirectDoor:
                     oversized_id = request_id_of(decode_header(kept[0]))
                 except OpenInferError:
                     pass
-            exc = OverLimit(f"request over this worker's limits: {event.reason} (server.max_request_bytes = {self.limits.max_request_bytes})")
+            exc: OpenInferError
+            if self._fits_leased(event):  # refused only because it was read while no valid lease was attached
+                exc = self._not_leased(conn, received_ns) or PermissionDenied("attach a lease first, and send requests with tensors once it is answered: until then only headers are read from a connection")
+            else:
+                exc = OverLimit(f"request over this worker's limits: {event.reason} (server.max_request_bytes = {self.limits.max_request_bytes})")
             self.on_outcome(conn, conn.identity, "(oversized)", oversized_id, exc, received_ns)
             self.error(conn, delimited, oversized_id, exc, received_ns)
-            self.strike(conn)
+            if exc.details.get("lease") != "expired":  # a lease that expired under a conforming client is no strike
+                self.strike(conn)
             return
         delimited = len(event) > 1 and len(event[0]) == 0
         body = event[1:] if delimited else event
@@ -207,11 +219,9 @@ class DirectDoor:
                 return
             if op not in DIRECT_OPERATIONS:
                 raise InvalidArgument(f"`{op}` is not served on a worker endpoint: send it to the front door (only attach, infer and cancel come here)")
-            lease = conn.lease
-            if lease is None:
-                raise PermissionDenied("attach a lease first: send `attach` with the lease the front door's `lease` operation returned")
-            if lease.expires_ns <= received_ns:
-                raise PermissionDenied("the lease has expired: take a new one from the front door and attach it", {"lease": "expired"})
+            refused = self._not_leased(conn, received_ns)
+            if refused is not None:
+                raise refused
             if op == "cancel":
                 target = header.get("target")
                 cancelled = isinstance(target, int) and self.on_cancel(conn, target)
@@ -226,6 +236,22 @@ class DirectDoor:
             if request_id is None or isinstance(exc, OverLimit) or conn.lease is None:
                 self.strike(conn)  # a conforming client attaches first: anything else before it is a strike
 
+    def _fits_leased(self, event: Oversized) -> bool:
+        """Whether a message over a limit would have been read on a connection with a valid lease."""
+        full = self._message_limits
+        return (event.limit == "frames" and event.size <= full.frames) or (event.limit == "message_bytes" and event.size <= full.message_bytes)
+
+    def _not_leased(self, conn: DirectConnection, received_ns: int) -> PermissionDenied | None:
+        """Why this connection may not send `infer` or `cancel` now (None: it may). Without a valid lease
+        it is read as an unattached one again: headers only."""
+        lease = conn.lease
+        if lease is not None and lease.expires_ns > received_ns:
+            return None
+        conn.stream.limits = self._unattached_limits
+        if lease is None:
+            return PermissionDenied("attach a lease first: send `attach` with the lease the front door's `lease` operation returned")
+        return PermissionDenied("the lease has expired: take a new one from the front door and attach it", {"lease": "expired"})
+
     def _attach(self, conn: DirectConnection, request_id: int, header: dict[str, Any]) -> dict[str, Any]:
         """Check the lease before anything else is read from this connection; the reply to send."""
         try:
@@ -233,6 +259,7 @@ class DirectDoor:
         except LeaseRefused as exc:
             raise PermissionDenied(str(exc), {"lease": "expired"} if exc.expired else None) from None
         conn.lease = lease
+        conn.stream.limits = self._message_limits
         result = {"model": self.model, "version": self.version, "worker": self.worker_id, "expires_in_ms": max(0, (lease.expires_ns - time.monotonic_ns()) // 1_000_000)}
         return {"v": PROTOCOL_VERSION, "id": request_id, "result": result}
 

@@ -25,6 +25,7 @@ from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, wait_fo
 from openinfer.client import Client, OpenInferError
 from reference import run_reference
 from repo_builder import ModelRepo
+from steps_daemon import hostile_steps_daemon
 
 pytestmark = pytest.mark.attack
 
@@ -137,21 +138,16 @@ def listeners(world: dict[Path, Path]) -> Iterator[tuple[socket.socket, socket.s
 @pytest.fixture(scope="module")
 def daemon(world: dict[str, Path], listeners: tuple[socket.socket, socket.socket]) -> Iterator[RunningDaemon]:
     unix, tcp = listeners
-    repo = ModelRepo("oi-hostile-steps-repo-")
-    repo.model("canary", onnx_builders.matmul_model, config="workers = 1\n")
     config = 'workers = 1\nmax_compute_ms = 1500\nmemory_limit_mb = 1024\n\n[steps]\nmodule = "steps.py"\n'
-    repo.model("hostile", onnx_builders.matmul_model, config=config)
-    (repo.root / "hostile" / "steps.py").write_text(HOSTILE_STEPS.format(
-        write_target=str(world["drop"] / "written.txt"), unix_target=unix.getsockname(), tcp_port=tcp.getsockname()[1],
-        secret=str(world["secret"]), other_model=str(repo.root / "canary" / "1" / "model.onnx"),
-    ))
-    root = repo.ready()
-    running = start_daemon(root)
-    running.repo = root  # type: ignore[attr-defined]
-    yield running
-    running.stop()
-    cleanup_workdir(running)
-    repo.remove()
+
+    def steps(root: Path) -> str:
+        return HOSTILE_STEPS.format(
+            write_target=str(world["drop"] / "written.txt"), unix_target=unix.getsockname(), tcp_port=tcp.getsockname()[1],
+            secret=str(world["secret"]), other_model=str(root / "canary" / "1" / "model.onnx"),
+        )
+
+    with hostile_steps_daemon("oi-hostile-steps-repo-", config, steps) as running:
+        yield running
 
 
 def nothing_connected(listener: socket.socket) -> bool:

@@ -3,10 +3,13 @@ the front door, and it reads nothing but `attach` until a lease issued to the co
 model version, by this daemon and not revoked, is attached."""
 from __future__ import annotations
 
+import fcntl
 import select
 import shutil
 import signal
 import socket
+import struct
+import termios
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,6 +23,7 @@ import zmq
 import onnx_builders
 from daemon_harness import RunningDaemon, wait_for, world_readable_dir
 from openinfer.client import Client
+from openinfer.wire import zmtp
 from direct_peer import Peer, attach, busy, infer, lease_of, worker_pid
 from other_uid import NOBODY, start_as
 from repo_builder import make_world_readable
@@ -173,6 +177,84 @@ def test_a_slow_reader_on_a_worker_endpoint_cannot_grow_the_worker(daemon_factor
         assert grown < 64 << 20, f"the worker grew by {grown >> 20} MiB"
     finally:
         peer.close()
+    with Client(daemon.address) as client:
+        assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+
+
+def _opened(peer: Peer) -> Peer:
+    """The hand-shake done, so that raw bytes sent next are read as frames."""
+    deadline = time.monotonic() + 10
+    while not peer.stream.open:
+        assert time.monotonic() < deadline, "no hand-shake from the worker"
+        select.select([peer.stream.sock], [peer.stream.sock] if peer.stream.out_bytes else [], [], 0.1)
+        peer.stream.flush()
+        peer.stream.read()
+    return peer
+
+
+def _declaring(request_id: int, size: int) -> bytes:
+    """An infer's header, then the head of a tensor frame that says `size` bytes follow, and 16 of them:
+    18 bytes of framing that once made a worker set the whole size aside."""
+    header = msgpack.packb({"v": 1, "id": request_id, "op": "infer", "inputs": [{"name": "x", "datatype": "FP32", "shape": [size // 256, 64]}]})
+    return bytes((zmtp.MORE, len(header))) + header + bytes((zmtp.LONG,)) + size.to_bytes(8, "big") + bytes(16)
+
+
+def _unread_by_peer(sock: socket.socket) -> int:
+    """Bytes this Unix socket sent that its peer has not read yet (SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)))[0]
+
+
+def _worker_at(daemon: RunningDaemon, address: str) -> psutil.Process:
+    with Client(daemon.address, direct=False) as admin:
+        return psutil.Process(next(w["pid"] for w in admin.status()["workers"] if f"w{w['id']}.sock" in address))
+
+
+def test_frames_declared_before_a_lease_are_given_no_memory(daemon_factory: Any, repo: Path) -> None:
+    """Until a lease is attached only headers are read (17.3): a peer without one that declares a 60 MB
+    tensor frame is answered PERMISSION_DENIED as soon as the declaration arrives, and the worker sets
+    nothing aside for it. Before, 32 such peers (18 bytes each) made the worker commit 1.9 GiB, and none
+    was answered."""
+    daemon = daemon_factory(repo, env=DIRECT)
+    address = lease_of(daemon)["workers"][0]["address"]
+    worker = _worker_at(daemon, address)
+    before = worker.memory_info().rss
+    peers = [_opened(Peer(address)) for _ in range(24)]
+    try:
+        for index, peer in enumerate(peers):
+            peer.stream.sock.sendall(_declaring(index, 60 << 20))
+        answers = [peer.replies(1, timeout=10)[0] for peer in peers]
+        grown = worker.memory_info().rss - before
+    finally:
+        for peer in peers:
+            peer.close()
+    assert [a["id"] for a in answers] == list(range(24)), answers
+    assert all(a["error"]["code"] == "PERMISSION_DENIED" and "attach a lease first" in a["error"]["message"] for a in answers), answers[0]
+    assert grown < 64 << 20, f"the worker grew by {grown >> 20} MiB"
+    with Client(daemon.address) as client:
+        assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+
+
+def test_a_frame_declared_and_never_sent_costs_a_worker_no_memory(daemon_factory: Any, repo: Path) -> None:
+    """A client with a lease may send a 60 MB tensor; one that only declares it (and holds its
+    connections open) costs the worker what it sent, not what it declared: a frame's room is committed
+    as its bytes land. Before, 12 such connections made the worker commit 720 MiB."""
+    daemon = daemon_factory(repo, env=DIRECT)
+    lease = lease_of(daemon)
+    address = lease["workers"][0]["address"]
+    worker = _worker_at(daemon, address)
+    peers = [Peer(address) for _ in range(12)]
+    try:
+        for index, peer in enumerate(peers):
+            assert peer.ask(attach(lease["lease"], 100 + index))["result"]  # type: ignore[index]
+        before = worker.memory_info().rss
+        for index, peer in enumerate(peers):
+            peer.stream.sock.sendall(_declaring(index, 60 << 20))
+        wait_for(lambda: all(_unread_by_peer(peer.stream.sock) == 0 for peer in peers), 10, "the worker to read every declaration")
+        grown = worker.memory_info().rss - before
+        assert grown < 64 << 20, f"the worker grew by {grown >> 20} MiB"
+    finally:
+        for peer in peers:
+            peer.close()
     with Client(daemon.address) as client:
         assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
 

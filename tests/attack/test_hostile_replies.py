@@ -1,0 +1,142 @@
+"""A worker taken over attacks its clients: on the direct path a client reads the worker's bytes itself,
+so what a worker declares must be bounded where it arrives, in the client library.
+
+The worker is the real one, sandboxed; it is taken over by its model's steps module (Python in the
+worker's interpreter, like the `fake-page` step of test_hostile_steps.py). On request, the step writes a
+reply of its own on the client's connection: a header naming the request, then the head of a frame that
+says `declared` bytes follow, and 16 of them. The client runs in a process of its own, so that its peak
+memory is its own. Before the fix, 18 bytes of framing made the client commit the whole declared size
+(700 MB here), and a declared 512 GiB escaped `infer` as a raw MemoryError.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from daemon_harness import RunningDaemon
+from openinfer.client import Client
+from reference import run_reference
+from steps_daemon import hostile_steps_daemon
+from test_c_client import c_example  # noqa: F401  (a fixture: builds client/c)
+
+pytestmark = pytest.mark.attack
+
+STEPS = '''
+import gc
+import msgpack
+import numpy as np
+from openinfer.daemon.steps.contract import Answer
+
+INPUTS = [{"name": "what", "datatype": "BYTES", "shape": []}]
+OUTPUTS = [{"name": "got", "datatype": "BYTES", "shape": []}]
+
+
+def pre(inputs):
+    what = inputs["what"].item().decode()
+    if what == "fine":
+        return {"x": np.ones((1, 64), np.float32)}
+    declared = int(what)
+    for conn in [o for o in gc.get_objects() if type(o).__name__ == "DirectConnection"]:
+        for request_id in conn.open_ids:
+            header = msgpack.packb({"v": 1, "id": request_id, "outputs": [{"name": "got", "datatype": "BYTES", "shape": []}]})
+            conn.stream.sock.sendmsg([bytes((1, len(header))), header, bytes((2,)), declared.to_bytes(8, "big"), bytes(16)])
+    return Answer(got=b"sent")
+
+
+def post(outputs):
+    return {"got": b"ran"}
+'''
+
+# The client, alone in its process: a first request opens the link, then the attack's request. What it
+# raised, and how much its peak memory grew meanwhile.
+CLIENT = '''
+import json, resource, sys
+from openinfer.client import Client, OpenInferError
+
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+with Client(sys.argv[1], timeout=float(sys.argv[3])) as client:
+    assert client.infer("hostile", {"what": "fine"}).outputs["got"].item() == b"ran"
+    before = peak()
+    try:
+        client.infer("hostile", {"what": sys.argv[2]})
+        outcome = {"code": None, "message": "a result"}
+    except OpenInferError as exc:
+        outcome = {"code": exc.code, "message": exc.message}
+    except BaseException as exc:
+        outcome = {"code": "raw " + type(exc).__name__, "message": str(exc)}
+    outcome["grown"] = peak() - before
+print(json.dumps(outcome))
+'''
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[RunningDaemon]:
+    with hostile_steps_daemon("oi-hostile-replies-repo-", 'workers = 1\n\n[steps]\nmodule = "steps.py"\n', lambda root: STEPS) as running:
+        yield running
+
+
+# The C client (client/c's example program, `verdict` mode), as the only child of a small Python parent
+# that reports the child's peak memory.
+C_PARENT = '''
+import json, resource, subprocess, sys
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=60)
+print(json.dumps({"stdout": done.stdout, "stderr": done.stderr, "peak": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
+'''
+
+
+def _attacked_client(daemon: RunningDaemon, declared: int, timeout: float) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-c", CLIENT, daemon.address, str(declared), str(timeout)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _serves_on(daemon: RunningDaemon) -> None:
+    repo: Path = daemon.repo  # type: ignore[attr-defined]
+    x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)
+    with Client(daemon.address) as client:
+        np.testing.assert_allclose(client.infer("canary", {"x": x}).outputs["y"], run_reference(repo / "canary" / "1" / "model.onnx", {"x": x})["y"], rtol=1e-5)
+        assert client.infer("hostile", {"what": "fine"}).outputs["got"].item() == b"ran"
+
+
+def test_a_reply_declared_over_the_leases_limit_is_refused_at_once_and_typed(daemon: RunningDaemon) -> None:
+    """512 GiB declared, past the lease's max_reply_bytes (1 GiB by default): the request fails at once
+    with RESOURCE_EXHAUSTED naming the limit, and the rest of that frame is skipped as it arrives."""
+    outcome = _attacked_client(daemon, 512 << 30, 10.0)
+    assert outcome["code"] == "RESOURCE_EXHAUSTED", outcome
+    assert "max_reply_bytes" in outcome["message"] and "over this client's limit" in outcome["message"], outcome
+    assert outcome["grown"] < 64 << 20, outcome
+    _serves_on(daemon)
+
+
+def test_a_reply_declared_and_never_sent_costs_the_client_no_memory(daemon: RunningDaemon) -> None:
+    """700 MB declared, under the limit, and never sent: the client commits memory as bytes arrive, not
+    as they are announced, and the request ends at its timeout, typed."""
+    outcome = _attacked_client(daemon, 700 << 20, 0.5)
+    assert outcome["code"] == "DEADLINE_EXCEEDED", outcome
+    assert outcome["grown"] < 64 << 20, f"the client's peak memory grew by {outcome['grown'] >> 20} MiB"
+    _serves_on(daemon)
+
+
+@pytest.mark.parametrize("declared, answer", [(512 << 30, "RESOURCE_EXHAUSTED"), (700 << 20, "DEADLINE_EXCEEDED")], ids=["over-the-limit", "never-sent"])
+def test_the_c_client_bounds_what_a_worker_declares(daemon: RunningDaemon, c_example: Path, tmp_path: Path, declared: int, answer: str) -> None:
+    """The same attacks on client/c: over the lease's max_reply_bytes the request fails RESOURCE_EXHAUSTED
+    naming the limit (it failed WORKER_CRASHED, "the worker ... exited", when the allocation failed), and
+    a declared frame costs the C client nothing until its bytes arrive."""
+    what = tmp_path / "what"
+    what.write_text(str(declared))
+    done = subprocess.run([sys.executable, "-c", C_PARENT, str(c_example), "--timeout", "500", "verdict", daemon.address, "hostile", str(what), "what"],
+                          capture_output=True, text=True, timeout=120)
+    outcome = json.loads(done.stdout)
+    assert outcome["stdout"].startswith(f"error {answer}"), outcome
+    if answer == "RESOURCE_EXHAUSTED":
+        assert "over this client's limit of 1073741824 bytes" in outcome["stdout"], outcome
+    assert outcome["peak"] < 64 << 20, f"the C client's peak memory was {outcome['peak'] >> 20} MiB"
+    _serves_on(daemon)
