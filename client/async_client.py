@@ -20,7 +20,7 @@ from openinfer.wire.tensors import BF16Array
 from openinfer.wire.zmtp import PeerClosed
 
 from .core import DEFAULT_TIMEOUT_S, ClientCore, dropped
-from .direct import DirectLink, Lease, NoDirectPath, Pending, attach_frames, check_request_size, connect, lease_expired, read_replies
+from .direct import DirectLink, Lease, NoDirectPath, Pending, attach_frames, check_request_size, handshake_step, lease_expired, read_replies, start_connect
 from .give_up_timer import GiveUpTimer
 from .result import InferResult, result_from_reply
 from .socket_setup import configure_client_socket
@@ -321,7 +321,7 @@ class AsyncClient:
             link = core.links.get(address)
             if link is None:
                 try:
-                    link = await loop.run_in_executor(None, connect, address, max(0.001, deadline - time.monotonic()))
+                    link = await _connect(address, deadline)
                 except Unavailable:
                     if time.monotonic() >= deadline:  # a worker that runs what it cannot stop answers no handshake
                         raise core.unsent(budget, f"the worker at {address} did not complete the connection (it is busy, or stopped)") from None
@@ -420,6 +420,42 @@ class AsyncClient:
     def _wake_all(self) -> None:
         for request_id in list(self._waiters):
             self._wake(request_id)
+
+
+async def _connect(address: str, deadline: float) -> DirectLink:
+    """Connect to a worker and complete the handshake on the event loop, by `deadline`: a cancel or the
+    deadline closes the socket at once (a connect in an executor thread could be neither interrupted nor
+    closed: a cancelled one was left to the garbage collector)."""
+    loop = asyncio.get_running_loop()
+    link = start_connect(address)
+    fd = link.fd
+    try:
+        while not handshake_step(link):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable(f"no handshake from the worker at {address}")
+            ready: asyncio.Future[None] = loop.create_future()
+
+            def wake() -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            watch_out = bool(link.stream.out_bytes)
+            loop.add_reader(fd, wake)
+            if watch_out:
+                loop.add_writer(fd, wake)
+            try:
+                await asyncio.wait_for(ready, remaining)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(fd)
+                if watch_out:
+                    loop.remove_writer(fd)
+    except BaseException:
+        link.stream.close()
+        raise
+    return link
 
 
 async def _take_turn(lock: asyncio.Lock, deadline: float) -> bool:

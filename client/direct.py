@@ -136,33 +136,47 @@ class DirectLink:
         return not self.draining and not self.closed and not self.owed
 
 
-def connect(address: str, timeout: float) -> DirectLink:
-    """Connect and complete the ZMTP handshake (blocking, bounded by `timeout`)."""
+def start_connect(address: str) -> DirectLink:
+    """Connect to a worker's endpoint and send our greeting; the handshake goes on in handshake_step as
+    the worker answers. A Unix socket connects at once or not at all (a full backlog is EAGAIN), so this
+    never waits: Unavailable when the worker cannot be reached."""
     if not address.startswith("ipc://"):
         raise NoDirectPath(f"unexpected worker address {address!r}")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     try:
         sock.connect(address[len("ipc://") :])
     except OSError as exc:
         sock.close()
         raise Unavailable(f"cannot reach the worker at {address}: {exc.strerror}") from None
-    sock.setblocking(False)
-    stream = FrameStream(sock, _REPLY_LIMITS, handshake=True, socket_type=b"DEALER", accept_types=frozenset({b"ROUTER"}))
-    link = DirectLink(address, stream)
-    deadline = time.monotonic() + timeout
+    return DirectLink(address, FrameStream(sock, _REPLY_LIMITS, handshake=True, socket_type=b"DEALER", accept_types=frozenset({b"ROUTER"})))
+
+
+def handshake_step(link: DirectLink) -> bool:
+    """Write and read what the handshake has now: True once it is over. Unavailable (the stream closed)
+    when the worker closed the connection or broke ZMTP."""
+    stream = link.stream
     try:
-        while not stream.open:
-            if time.monotonic() >= deadline:
-                raise Unavailable(f"no handshake from the worker at {address}")
-            stream.flush()
-            select.select([sock], [sock] if stream.out_bytes else [], [], max(0.0, deadline - time.monotonic()))
-            stream.read()
+        stream.flush()
+        stream.read()
     except (PeerClosed, ProtocolError):
         stream.close()
-        raise Unavailable(f"the worker at {address} closed the connection") from None
+        raise Unavailable(f"the worker at {link.address} closed the connection") from None
+    return stream.open
+
+
+def connect(address: str, timeout: float) -> DirectLink:
+    """Connect and complete the ZMTP handshake (blocking, bounded by `timeout`)."""
+    link = start_connect(address)
+    sock = link.stream.sock
+    deadline = time.monotonic() + timeout
+    try:
+        while not handshake_step(link):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable(f"no handshake from the worker at {address}")
+            select.select([sock], [sock] if link.stream.out_bytes else [], [], remaining)
     except BaseException:  # no handshake in time (a budget of a millisecond), or interrupted: nothing to keep
-        stream.close()
+        link.stream.close()
         raise
     return link
 

@@ -12,8 +12,10 @@ duration, is asserted). Each fails on the code before the change: the request en
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -112,3 +114,33 @@ def test_an_async_client_gives_up_at_its_deadline_while_its_other_request_still_
 
     with _worker_spinning(spin_daemon.address) as spin:
         asyncio.run(two_requests(spin))
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_an_async_request_cancelled_in_its_handshake_closes_its_connection_at_once(spin_daemon: Any) -> None:
+    """AsyncClient connected in an executor thread, which a cancel could not interrupt: the connection to
+    the busy worker stayed open, its thread blocked, until the handshake's deadline or the end of the run.
+    The handshake now runs on the event loop; a cancel closes the socket at once."""
+
+    async def cancelled_in_handshake() -> tuple[int, int, int]:
+        async with AsyncClient(spin_daemon.address, timeout=30) as client:
+            await client.status()  # the front door's connection is up: the request adds only its worker's
+            baseline = _open_fds()
+            request = asyncio.create_task(client.infer("spin", QUICK, timeout=20))
+            until = time.monotonic() + 10
+            while _open_fds() == baseline:  # the connection to the worker, whose handshake cannot end yet
+                assert time.monotonic() < until, "the request never connected to the worker"
+                await asyncio.sleep(0.005)
+            during = _open_fds()
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
+            return baseline, during, _open_fds()
+
+    with _worker_spinning(spin_daemon.address) as spin:
+        baseline, during, after = asyncio.run(cancelled_in_handshake())
+        assert spin.is_alive(), "the client was closed only after the run it waited behind had ended"
+    assert during == baseline + 1 and after == baseline, (baseline, during, after)
