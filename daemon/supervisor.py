@@ -44,9 +44,11 @@ from openinfer.daemon.files.prepared import PreparedStore
 from openinfer.daemon.loop.reactor import Reactor
 from openinfer.daemon.control.reload import RepositorySync
 from openinfer.daemon.frontdoor.replies import ReplySender
+from openinfer.daemon.scheduling.overdue_runs import OverdueRuns
 from openinfer.daemon.scheduling.results import WorkerResults
 from openinfer.daemon.files.runtime_dir import base_runtime_dir, create_instance_dir
 from openinfer.daemon.control.sdnotify import SystemdNotifier
+from openinfer.daemon.control.service_status import ServiceStatus
 from openinfer.daemon.observability.jsonlog import configure_logging
 from openinfer.daemon.config.settings import LIVE, NEW_WORKERS, RESTART, Settings, changed_settings, keep_running_values, reload_class
 from openinfer.daemon.loop.signals import SignalInbox
@@ -75,8 +77,7 @@ class Supervisor:
         self.settings = settings
         self.reload_settings = reload_settings
         self.notifier = notifier or SystemdNotifier(None)
-        self._systemd_ready = False  # READY=1 sent for the current start or reload
-        self._systemd_summary: tuple[Any, ...] = ()
+        self.service = ServiceStatus(self.notifier)
         self.started_ns = time.monotonic_ns()
         self.registry = ModelRegistry()
         self.accountant = Accountant()
@@ -100,6 +101,7 @@ class Supervisor:
         self.replies = ReplySender(settings, self.connections, self.accountant, self.limiter)
         self.dispatcher = Dispatcher(settings, self.pool.send, self.timers, self.limiter, self.replies.fail, self._retire_worker)
         self.results = WorkerResults(self.dispatcher, self.replies, self._reject_worker)
+        self.overdue = OverdueRuns(self.dispatcher, self.replies, self.pool)
         store = PreparedStore(Path(settings.server.cache_dir) if settings.server.cache_dir else self.runtime_dir / "prepared", self.pool.worker_uid)
         self.pool.preparer = WeightPreparer(self.pool, store, self.sync.start_workers)
         self.signals = SignalInbox()
@@ -123,8 +125,7 @@ class Supervisor:
 
     def reload(self) -> dict[str, Any]:
         """SIGHUP / `reload`: re-read the config file (a bad one keeps the old settings), then the repository."""
-        self.notifier.reloading()
-        self._systemd_ready = False
+        self.service.reloading()
         try:
             return self._reload()
         finally:
@@ -504,58 +505,11 @@ class Supervisor:
             if worker.retired or not inflight.overdue(now - OVERDUE_GRACE_NS):
                 continue
             if now - OVERDUE_GRACE_NS < inflight.limit_ns:
-                self._answer_overdue(worker, now)
+                self.overdue.answer(worker, now)
             else:
-                self._kill_overdue(worker, now)
+                self.overdue.kill(worker, now)
         if self.direct.enabled:  # (the retiring versions of a reload too: their queues wait for their workers)
             self.dispatcher.serve_parked(self.sync.all_models())
-
-    def _answer_overdue(self, worker: WorkerHandle, now: int) -> None:
-        """Answer every task the worker holds that is half a second past its deadline, and let its run go
-        on. A single task that runs keeps its client's in-flight slot until the run ends (else short
-        timeouts would let a client keep more workers busy than its max_in_flight). A batch member's slot
-        is freed: the run is shared, and its length may be another client's doing. A task that waits
-        behind the run - pipelined, or sent while the worker ran a direct request the supervisor cannot
-        see - never starts (the worker skips a task whose deadline has passed: channel_tasks.stopped_run),
-        so its slot is free at once too."""
-        inflight = worker.inflight
-        page = worker.page
-        running = [] if page is not None and page.read()[1] else inflight.running_unit()  # a direct run holds it
-        cutoff = now - OVERDUE_GRACE_NS
-        max_compute_ms = worker.model.config.max_compute_ms
-        unstoppable = False
-        for task in list(inflight):
-            if task.done or task.deadline_ns > cutoff:
-                continue
-            waited_ms = (now - task.dispatched_ns) / 1e6
-            if task in running:
-                unstoppable = True
-                self.replies.fail(task, DeadlineExceeded(f"still running after {waited_ms:.0f} ms, past its deadline, in a run its worker cannot stop; the run goes on (its worker is killed only past max_compute_ms = {max_compute_ms})"), keep_slot=not task.batched)
-            else:
-                self.replies.fail(task, DeadlineExceeded(f"its deadline passed after {waited_ms:.0f} ms in a worker, waiting behind a run that has not ended; it never started"))
-        if unstoppable and not inflight.stalled:
-            log.warning("a run could not be stopped at its deadline; the tasks past theirs were answered and the run goes on", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key, "max_compute_ms": max_compute_ms})
-        inflight.stall()
-
-    def _kill_overdue(self, worker: WorkerHandle, now: int) -> None:
-        """The run passed its model's max_compute_ms and did not stop: the worker is killed."""
-        running = worker.inflight.take_running()  # a single task, or the whole batch
-        late = [t for t in running if t.deadline_ns <= now] if len(running) > 1 else running
-        worker.inflight.put_back([t for t in running if t not in late])  # ran too long together with others: retried alone
-        self.dispatcher.requeue_unstarted(worker)
-        for task in late:
-            if task.done:
-                self.dispatcher.settle(task)
-                continue
-            ran_ms = (now - task.dispatched_ns) / 1e6
-            self.replies.fail(task, DeadlineExceeded(f"task still running after {ran_ms:.0f} ms, past its model's max_compute_ms = {worker.model.config.max_compute_ms}; its worker was killed and is being replaced"))
-        log.error("a run went past max_compute_ms and could not be stopped; killing the worker", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key})
-        worker.exit_reason = "killed: a run exceeded max_compute_ms"
-        worker.expected_exit = True
-        worker.retired = True  # a result it sends before it dies no longer counts
-        if worker in worker.model.idle:
-            worker.model.idle.remove(worker)
-        self.pool.kill(worker)
 
     # -- admin --------------------------------------------------------------------------------------
     def _admin(self, op: str, header: dict[str, Any], route: Route) -> dict[str, Any]:
@@ -619,24 +573,8 @@ class Supervisor:
                 self.reload()
 
     def _tell_systemd(self) -> None:
-        """READY=1 once nothing is still loading (failed models do not hold startup back: they are in
-        STATUS=, `health` and the logs); STATUS= whenever the model summary changes. Not per request."""
-        if not self.notifier.enabled:
-            return
-        models = self.sync.all_models()
-        summary = tuple(sorted((m.key, m.state.value, m.ready_workers()) for m in models))
-        if summary == self._systemd_summary and self._systemd_ready:
-            return
-        self._systemd_summary = summary
-        ready = sum(1 for m in models if m.state is ModelState.READY)
-        bad = sorted(m.key for m in models if m.state in (ModelState.FAILED, ModelState.UNAVAILABLE))
-        text = f"serving {ready} model versions, {len(self.pool.workers)} workers at {self.address}" + (f"; not serving: {', '.join(bad)}" if bad else "")
-        loading = any(m.state is ModelState.LOADING for m in models) or bool(self.sync.pending)
-        if not self._systemd_ready and not loading and not self.draining:
-            self.notifier.ready(text)
-            self._systemd_ready = True
-        else:
-            self.notifier.status(text)
+        if self.notifier.enabled:
+            self.service.tell(self.sync.all_models(), len(self.pool.workers), self.address, bool(self.sync.pending), self.draining)
 
     def begin_drain(self) -> None:
         self.notifier.stopping("draining: finishing queued and running tasks")
