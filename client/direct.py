@@ -218,12 +218,14 @@ def read_replies(link: DirectLink) -> list[tuple[dict[str, Any], list[Buffer]]]:
 def _refused_reply(event: Oversized, link: DirectLink) -> tuple[dict[str, Any], list[Buffer]] | None:
     """A reply over this client's limits (its rest is skipped as it arrives, never stored): the error
     its request gets, when the header that came first names one waiting here. Without such a header
-    nothing can be told, and the request ends at its timeout."""
+    nothing can be told, and the request ends at its timeout. The link takes no new request: a worker
+    that announces an endless frame would swallow their replies."""
     try:
         header = unpack(event.frames[0]) if event.frames else None
     except Exception:
         return None
     request_id = header.get("id") if isinstance(header, dict) else None
+    link.draining = True  # what no worker of ours sends: nothing more goes there, and it closes once idle
     if request_id not in link.pending:
         return None
     limit = link.stream.limits.message_bytes

@@ -158,7 +158,8 @@ static int await_reply(oi_direct *d, oi_link *link, uint64_t id, int64_t deadlin
         int r = take_reply(d, link, id, 1, frames, n, header);
         if (r == 1) return OI_LINK_OK;
         if (r < 0) return r == OI_LINK_OVERSIZED ? r : OI_LINK_CLOSED;
-        if (!oi_link_wait(link, deadline_ms)) return OI_LINK_TIMEOUT;
+        /* the deadline holds even while bytes keep coming (a worker that streams a message without end) */
+        if (oi_now_ms() >= deadline_ms || !oi_link_wait(link, deadline_ms)) return OI_LINK_TIMEOUT;
         if ((r = oi_link_fill(link)) != OI_LINK_OK) return r;
     }
 }

@@ -23,6 +23,7 @@
 #define GREETING_SIZE 64
 #define READ_CHUNK (64 * 1024)
 #define MAX_FRAME ((uint64_t)1 << 40) /* a size no worker sends: the stream is not ZMTP */
+#define MAX_REPLY_FRAMES 65536 /* frames in one message (a reply has a header and one per output): more is a worker gone wrong */
 #define MAX_IOV 1024                 /* Linux's IOV_MAX; a request has at most 257 frames = 514 buffers */
 
 int64_t oi_now_ns(void) {
@@ -285,6 +286,7 @@ int oi_link_next(oi_link *link, const oi_frame **frames_out, size_t *n_out) {
             continue;
         }
         if (link->state != 2) return OI_LINK_CLOSED; /* a message before READY */
+        if (n == MAX_REPLY_FRAMES) return OI_LINK_OVERSIZED;
         if (n == link->frames_cap) {
             size_t cap = link->frames_cap ? link->frames_cap * 2 : 8;
             oi_frame *more = realloc(link->frames, cap * sizeof *more);

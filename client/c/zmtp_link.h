@@ -68,7 +68,8 @@ int oi_link_fill(oi_link *link);
 
 /* The next complete message: 1 and *frames / *n_frames set, 0 when none is complete yet,
  * OI_LINK_CLOSED when the worker broke ZMTP (or sent ERROR), OI_LINK_OVERSIZED when it announced a
- * message over max_message (checked on each frame's size before any room is made for it). */
+ * message over max_message (checked on each frame's size before any room is made for it) or of more than
+ * 65,536 frames. */
 int oi_link_next(oi_link *link, const oi_frame **frames, size_t *n_frames);
 
 /* Wait until the link is readable (or closed) or `deadline_ms` passes: 1 readable, 0 timeout. */

@@ -20,6 +20,7 @@ from .zmtp import (
     Event,
     FrameStream,
     Limits,
+    SKIPPED_FRAME_COST,
     ProtocolError,
     command,
     encode_properties,
@@ -177,7 +178,7 @@ class SealedFrameStream(FrameStream):
                 more = self.mechanism.skip(bytes(buf[start : start + overhead]))
                 take = min(size, end - start)
                 pos = start + take
-                self._skipped(take)
+                self._skipped(take + SKIPPED_FRAME_COST)
                 if take < size:
                     self._skip_left, self._skip_flags = size - take, more
                     break

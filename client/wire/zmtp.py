@@ -23,6 +23,7 @@ import socket
 import struct
 from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 from contextlib import contextmanager
 from typing import Callable, Generic, Iterable, Iterator, TypeVar, Union
 
@@ -41,6 +42,13 @@ MAX_COMMAND_BYTES = 64 * 1024  # READY properties, PING contexts: nothing legiti
 BIG_FRAME = 64 * 1024  # frames at least this large are received straight into their own buffer
 _RECV_CHUNK = 256 * 1024
 _IOV_MAX = 512  # buffers handed to one sendmsg (the kernel's IOV_MAX is 1024)
+# A PING is answered only while less than this waits for the peer: a peer that pings without reading
+# once made a worker queue 80,000 PONGs, and its loop stalled until it was killed as unresponsive.
+PONG_BACKLOG_BYTES = 64 * 1024
+# What skipping one frame of an oversized message costs against Limits.skip_bytes besides its bytes: a
+# chain of empty frames, each flagged MORE, is cut after skip_bytes / SKIPPED_FRAME_COST frames (262,144
+# by default) instead of never (one kept a worker at 100 % for as long as it was sent).
+SKIPPED_FRAME_COST = 4096
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -326,7 +334,7 @@ class FrameStream:
             if self._skip:  # consume without storing
                 take = min(size, end - start)
                 pos = start + take
-                self._skipped(take)
+                self._skipped(take + SKIPPED_FRAME_COST)
                 if take < size:
                     self._skip_left, self._skip_flags = size - take, flags
                     break
@@ -472,7 +480,7 @@ class FrameStream:
 
     def _on_command(self, body: bytes) -> None:
         name, data = split_command(body)
-        if name == b"PING" and len(data) >= 2:  # TTL (2 bytes), then a context echoed in PONG
+        if name == b"PING" and len(data) >= 2 and self.out_bytes < PONG_BACKLOG_BYTES:  # TTL (2 bytes), then a context echoed in PONG
             self._send_command(b"PONG", data[2:18])
         elif name == b"ERROR":
             raise PeerClosed()
@@ -544,7 +552,7 @@ class FrameStream:
         out = self._out
         sendmsg = self.sock.sendmsg
         while out:
-            batch = list(out)[:_IOV_MAX] if len(out) > _IOV_MAX else out
+            batch = list(islice(out, _IOV_MAX)) if len(out) > _IOV_MAX else out  # (not a copy of the whole outbox each time)
             try:
                 sent = sendmsg(batch)
             except (BlockingIOError, InterruptedError):

@@ -90,7 +90,7 @@ class SandboxSettings:
     serve_policy: str = _opt("worker", "Policy (name in policies/ or a path) a worker serves under.", POLICY, reload=NEW_WORKERS)
     worker_user: str = _opt("nobody", "User workers drop to when the daemon runs as root.", reload=RESTART)
     memory_limit_mb: int = _opt(4096, "Default address-space limit (RLIMIT_AS) per worker after loading, MiB; 0 = none.", reload=NEW_WORKERS)
-    max_open_files: int = _opt(64, "RLIMIT_NOFILE for workers (onnxruntime and the worker's own descriptors need a few dozen).", reload=NEW_WORKERS)
+    max_open_files: int = _opt(64, "RLIMIT_NOFILE for workers (onnxruntime and the worker's own descriptors need a few dozen); a worker takes at most this less 16 direct connections.", reload=NEW_WORKERS)
     landlock: bool = _opt(True, "Restrict worker file access with Landlock where the kernel has it.", reload=NEW_WORKERS)
     namespaces: bool = _opt(True, "Put workers in new network/IPC (and user) namespaces where allowed.", reload=NEW_WORKERS)
 

@@ -12,6 +12,7 @@ attached a lease (lease.py) issued to that identity for this worker's model vers
 from __future__ import annotations
 
 import logging
+import resource
 import select
 import socket
 import struct
@@ -31,7 +32,8 @@ from openinfer.wire.zmtp import Buffer, Event, FrameStream, HeldWrites, Limits, 
 log = logging.getLogger("openinfer.worker")
 
 LISTEN_FD = 5  # the spawner puts the worker's listening socket here (spawner.DIRECT_FD)
-HANDSHAKE_TIMEOUT_NS = 10_000_000_000
+HANDSHAKE_TIMEOUT_NS = 10_000_000_000  # to complete the ZMTP handshake, and again to attach a lease
+FDS_KEPT = 16  # of the worker's open-file limit, for what is not a client connection (channel, epoll, pages)
 _PEERCRED = struct.Struct("3i")
 _DELIMITER = b""
 DIRECT_OPERATIONS = ("attach", "infer", "cancel")
@@ -68,6 +70,25 @@ class DirectConnection:
         return self.stream.sock.fileno() if not self.closed else -1
 
 
+def connection_caps(limits: DirectLimits) -> tuple[int, int]:
+    """(connections, connections per identity) this worker takes: the configured caps, within its
+    open-file limit (sandbox.max_open_files) and leaving a quarter of them to other identities. One uid's
+    idle connections once took every descriptor (the cap was 128, the limit 64): accept failed with EMFILE
+    and no other client could connect."""
+    room = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FDS_KEPT
+    total = max(2, min(limits.max_connections, room))
+    return total, max(1, min(limits.max_connections_per_identity, total * 3 // 4))
+
+
+def held_budgets(max_request_bytes: int) -> tuple[int, int]:
+    """(bytes, bytes per identity) that unfinished requests may hold: a quarter of the worker's address
+    space limit (its memory limit), half of that per identity; never less than one largest request."""
+    address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
+    one = max_request_bytes + MAX_HEADER_BYTES
+    budget = address_space // 4 if address_space != resource.RLIM_INFINITY else 16 * one
+    return max(2 * one, budget), max(one, budget // 2)
+
+
 Poller = Any  # select.epoll (typed loosely: the worker imports select lazily before its sandbox)
 OnRequest = Callable[[DirectConnection, bool, int, dict[str, Any], list[Buffer], int], None]
 OnCancel = Callable[[DirectConnection, int], bool]
@@ -99,6 +120,8 @@ class DirectDoor:
         # one): a frame it declares larger is skipped as it arrives, never given memory. Before this, a
         # peer without a lease declared a 60 MB frame in 18 bytes, and the worker set the 60 MB aside.
         self._unattached_limits = Limits(frames=2, first_frame=MAX_HEADER_BYTES, message_bytes=MAX_HEADER_BYTES)
+        self.max_connections, self.max_per_identity = connection_caps(limits)
+        self.held_budget, self.identity_budget = held_budgets(limits.max_request_bytes)
         # One packer for every reply (protocol.pack builds one per call): this loop is the only thread that replies.
         self._pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
         poller.register(listener.fileno(), _READABLE)
@@ -106,7 +129,7 @@ class DirectDoor:
     # -- accepting ------------------------------------------------------------------------------------
     def on_listener(self) -> None:
         for _ in range(16):
-            if len(self.by_fd) >= self.limits.max_connections or self.draining:
+            if len(self.by_fd) >= self.max_connections or self.draining:
                 self._pause_listening()
                 return
             try:
@@ -119,7 +142,7 @@ class DirectDoor:
             sock.setblocking(False)
             pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
             identity = f"uid={uid}"
-            if self.per_identity.get(identity, 0) >= self.limits.max_connections_per_identity:
+            if self.per_identity.get(identity, 0) >= self.max_per_identity:
                 self.refused += 1
                 sock.close()
                 continue
@@ -138,6 +161,7 @@ class DirectDoor:
         for conn in self.by_fd.values():
             if conn.lease is not None:
                 conn.lease = replace(conn.lease, expires_ns=0)
+                conn.stream.limits = self._unattached_limits  # headers only from its next frame on, not its next message
 
     def _pause_listening(self) -> None:
         if self._listening:
@@ -145,7 +169,7 @@ class DirectDoor:
             self._listening = False
 
     def _resume_listening(self) -> None:
-        if not self._listening and not self.draining and len(self.by_fd) < self.limits.max_connections:
+        if not self._listening and not self.draining and len(self.by_fd) < self.max_connections:
             self.poller.register(self.listener.fileno(), _READABLE)
             self._listening = True
 
@@ -168,6 +192,8 @@ class DirectDoor:
                     if conn.closed or not conn.reading:
                         break
                     self._on_message(conn, event)
+                if conn.stream.in_bytes > MAX_HEADER_BYTES and not conn.closed:
+                    self._keep_within_budget(conn)
             elif mask & _HANGUP and not mask & _READABLE:
                 raise PeerClosed()
             if not conn.closed and conn.stream.out_bytes:
@@ -317,9 +343,35 @@ class DirectDoor:
             else:
                 self.close(conn)
 
+    def _keep_within_budget(self, conn: DirectConnection) -> None:
+        """Requests still arriving hold the room their frames announced (address space under the worker's
+        RLIMIT_AS, even before a byte lands): past its share, an identity's largest holders are closed,
+        then anyone's, largest first. 33 connections announcing 128 MiB each once filled a worker's
+        4 GiB, and its next allocation killed it with every request it held."""
+        conns = list(self.by_fd.values())
+        total = sum(c.stream.in_bytes for c in conns)
+        mine = sum(c.stream.in_bytes for c in conns if c.identity == conn.identity)
+        if total <= self.held_budget and mine <= self.identity_budget:
+            return
+        holders = [c for c in conns if c.identity == conn.identity] if mine > self.identity_budget else conns
+        for holder in sorted(holders, key=lambda c: c.stream.in_bytes, reverse=True):
+            if total <= self.held_budget and mine <= self.identity_budget:
+                return
+            held = holder.stream.in_bytes
+            log.warning("closing a direct connection: its unfinished requests hold too much", extra={"identity": holder.identity, "held_bytes": held, "identity_held_bytes": mine, "worker_held_bytes": total, "identity_budget": self.identity_budget, "worker_budget": self.held_budget})
+            total -= held
+            if holder.identity == conn.identity:
+                mine -= held
+            self.close(holder)
+
     def housekeeping(self, now_ns: int) -> None:
         for conn in [c for c in self.handshaking.values() if now_ns - c.accepted_ns > HANDSHAKE_TIMEOUT_NS]:
             self.close(conn)
+        for conn in [c for c in self.by_fd.values() if c.lease is None and now_ns - c.accepted_ns > 2 * HANDSHAKE_TIMEOUT_NS]:
+            self.close(conn)  # never attached: it holds one of the worker's few descriptors for nothing
+        for conn in self.by_fd.values():
+            if conn.lease is not None and conn.lease.expires_ns <= now_ns:
+                conn.stream.limits = self._unattached_limits
         for conn in [c for c in self.by_fd.values() if c.strikes >= self.limits.strike_limit > 0 and not c.stream.out_bytes]:
             self.close(conn)
 

@@ -41,11 +41,13 @@ def pre(inputs):
     what = inputs["what"].item().decode()
     if what == "fine":
         return {"x": np.ones((1, 64), np.float32)}
-    declared = int(what)
     for conn in [o for o in gc.get_objects() if type(o).__name__ == "DirectConnection"]:
         for request_id in conn.open_ids:
             header = msgpack.packb({"v": 1, "id": request_id, "outputs": [{"name": "got", "datatype": "BYTES", "shape": []}]})
-            conn.stream.sock.sendmsg([bytes((1, len(header))), header, bytes((2,)), declared.to_bytes(8, "big"), bytes(16)])
+            if what.startswith("chain:"):  # then empty frames, each flagged MORE: a message without end
+                conn.stream.sock.sendall(bytes((1, len(header))) + header + b"\\x01\\x00" * int(what[6:]))
+            else:  # then the head of a frame of `what` bytes, and 16 of them
+                conn.stream.sock.sendmsg([bytes((1, len(header))), header, bytes((2,)), int(what).to_bytes(8, "big"), bytes(16)])
     return Answer(got=b"sent")
 
 
@@ -73,6 +75,10 @@ with Client(sys.argv[1], timeout=float(sys.argv[3])) as client:
     except BaseException as exc:
         outcome = {"code": "raw " + type(exc).__name__, "message": str(exc)}
     outcome["grown"] = peak() - before
+    try:  # and the client's next request (on a new link)
+        outcome["next"] = client.infer("hostile", {"what": "fine"}, timeout=5).outputs["got"].item().decode()
+    except OpenInferError as exc:
+        outcome["next"] = exc.code
 print(json.dumps(outcome))
 '''
 
@@ -92,8 +98,8 @@ print(json.dumps({"stdout": done.stdout, "stderr": done.stderr, "peak": resource
 '''
 
 
-def _attacked_client(daemon: RunningDaemon, declared: int, timeout: float) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-c", CLIENT, daemon.address, str(declared), str(timeout)], capture_output=True, text=True, timeout=120)
+def _attacked_client(daemon: RunningDaemon, what: str, timeout: float) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-c", CLIENT, daemon.address, what, str(timeout)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -109,34 +115,47 @@ def _serves_on(daemon: RunningDaemon) -> None:
 def test_a_reply_declared_over_the_leases_limit_is_refused_at_once_and_typed(daemon: RunningDaemon) -> None:
     """512 GiB declared, past the lease's max_reply_bytes (1 GiB by default): the request fails at once
     with RESOURCE_EXHAUSTED naming the limit, and the rest of that frame is skipped as it arrives."""
-    outcome = _attacked_client(daemon, 512 << 30, 10.0)
+    outcome = _attacked_client(daemon, str(512 << 30), 10.0)
     assert outcome["code"] == "RESOURCE_EXHAUSTED", outcome
     assert "max_reply_bytes" in outcome["message"] and "over this client's limit" in outcome["message"], outcome
     assert outcome["grown"] < 64 << 20, outcome
+    assert outcome["next"] == "ran", "the next request went to the link whose frame was still being skipped"
+    _serves_on(daemon)
+
+
+def test_a_reply_of_endless_empty_frames_is_refused_at_once(daemon: RunningDaemon) -> None:
+    """A header, then 100,000 empty frames each flagged MORE: over the 65,536 frames a reply may have, the
+    request fails at once and the next one goes to a new link. (The Python clients bounded the frames
+    before this change too; the C client's counterpart below did not.)"""
+    outcome = _attacked_client(daemon, "chain:100000", 10.0)
+    assert outcome["code"] == "RESOURCE_EXHAUSTED" and "frames" in outcome["message"], outcome
+    assert outcome["next"] == "ran", outcome
     _serves_on(daemon)
 
 
 def test_a_reply_declared_and_never_sent_costs_the_client_no_memory(daemon: RunningDaemon) -> None:
     """700 MB declared, under the limit, and never sent: the client commits memory as bytes arrive, not
     as they are announced, and the request ends at its timeout, typed."""
-    outcome = _attacked_client(daemon, 700 << 20, 0.5)
+    outcome = _attacked_client(daemon, str(700 << 20), 0.5)
     assert outcome["code"] == "DEADLINE_EXCEEDED", outcome
     assert outcome["grown"] < 64 << 20, f"the client's peak memory grew by {outcome['grown'] >> 20} MiB"
     _serves_on(daemon)
 
 
-@pytest.mark.parametrize("declared, answer", [(512 << 30, "RESOURCE_EXHAUSTED"), (700 << 20, "DEADLINE_EXCEEDED")], ids=["over-the-limit", "never-sent"])
-def test_the_c_client_bounds_what_a_worker_declares(daemon: RunningDaemon, c_example: Path, tmp_path: Path, declared: int, answer: str) -> None:
-    """The same attacks on client/c: over the lease's max_reply_bytes the request fails RESOURCE_EXHAUSTED
-    naming the limit (it failed WORKER_CRASHED, "the worker ... exited", when the allocation failed), and
-    a declared frame costs the C client nothing until its bytes arrive."""
+@pytest.mark.parametrize("attack, answer", [(str(512 << 30), "RESOURCE_EXHAUSTED"), (str(700 << 20), "DEADLINE_EXCEEDED"), ("chain:100000", "RESOURCE_EXHAUSTED")],
+                         ids=["over-the-limit", "never-sent", "endless-frames"])
+def test_the_c_client_bounds_what_a_worker_declares(daemon: RunningDaemon, c_example: Path, tmp_path: Path, attack: str, answer: str) -> None:
+    """The same attacks on client/c: over the lease's max_reply_bytes, or over 65,536 frames, the request
+    fails RESOURCE_EXHAUSTED (over the size it failed WORKER_CRASHED, "the worker ... exited", when the
+    allocation failed; over the frames it grew without bound and waited past its timeout while the frames
+    kept coming), and a declared frame costs the C client nothing until its bytes arrive."""
     what = tmp_path / "what"
-    what.write_text(str(declared))
+    what.write_text(attack)
     done = subprocess.run([sys.executable, "-c", C_PARENT, str(c_example), "--timeout", "500", "verdict", daemon.address, "hostile", str(what), "what"],
                           capture_output=True, text=True, timeout=120)
     outcome = json.loads(done.stdout)
     assert outcome["stdout"].startswith(f"error {answer}"), outcome
-    if answer == "RESOURCE_EXHAUSTED":
+    if attack.isdigit() and answer == "RESOURCE_EXHAUSTED":
         assert "over this client's limit of 1073741824 bytes" in outcome["stdout"], outcome
     assert outcome["peak"] < 64 << 20, f"the C client's peak memory was {outcome['peak'] >> 20} MiB"
     _serves_on(daemon)

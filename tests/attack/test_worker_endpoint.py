@@ -359,3 +359,151 @@ def test_a_client_label_cannot_get_a_worker_retired_or_counted_under_another_uid
     assert len(keys) == 1 and keys[0].endswith("@uid=0") and keys[0].startswith(label[:8]), keys
     assert stats["clients"][keys[0]]["requests"] == 3
     assert "ledger:" not in daemon.log_text()
+
+
+def test_a_ping_flood_without_reading_leaves_the_worker_serving(daemon_factory: Any, repo: Path) -> None:
+    """80,000 ZMTP PINGs (703 KiB) from a peer without a lease that never reads: the worker answers a
+    PING only while little waits for that peer, so no outbox grows. Before, it queued every PONG and
+    copied its whole outbox for each: its loop stalled until the supervisor killed it as unresponsive."""
+    daemon = daemon_factory(repo, env=DIRECT)
+    address = lease_of(daemon)["workers"][0]["address"]
+    worker = _worker_at(daemon, address)
+    peer = _opened(Peer(address))
+    try:
+        peer.stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        peer.stream.sock.setblocking(True)
+        peer.stream.sock.sendall((bytes((zmtp.COMMAND, 7)) + b"\x04PING\x00\x00") * 80_000)
+        wait_for(lambda: _unread_by_peer(peer.stream.sock) == 0, 30, "the worker to read every PING")
+        with Client(daemon.address) as client:
+            for _ in range(20):
+                assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+    finally:
+        peer.close()
+    assert worker.is_running() and worker.pid == _worker_at(daemon, address).pid, "the worker was replaced"
+
+
+def test_idle_connections_of_one_uid_leave_a_worker_room_for_others(daemon_factory: Any, repo: Path) -> None:
+    """uid 65534 opens 60 connections to a worker and never attaches: it gets at most three quarters of
+    what the worker's open-file limit leaves for connections, and root's client is served there directly.
+    Before, the caps (128 per worker, 64 per uid) were above the worker's limit of 64 descriptors: the
+    idle connections took them all, accept failed with EMFILE, and root's request failed after waiting
+    its whole timeout for a handshake."""
+    daemon = daemon_factory(repo, env=DIRECT)
+    address = lease_of(daemon)["workers"][0]["address"]
+    attacker = start_as(NOBODY, """
+        peers = []
+        for _ in range(60):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(sys.argv[1][len("ipc://"):])
+            s.setblocking(False)
+            peers.append(zmtp.FrameStream(s, zmtp.Limits(), handshake=True, socket_type=b"DEALER", accept_types=frozenset({b"ROUTER"})))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(p.open or p.closed for p in peers):
+            for p in peers:
+                if not p.closed:
+                    try:
+                        p.flush()
+                        p.read()
+                    except (zmtp.PeerClosed, zmtp.ProtocolError):
+                        p.close()
+            time.sleep(0.01)
+        print(sum(p.open and not p.closed for p in peers), flush=True)
+        sys.stdin.readline()
+    """, address)
+    try:
+        assert attacker.stdout is not None
+        held = int(attacker.stdout.readline())
+        assert 0 < held < 60, held
+        with Client(daemon.address, timeout=5) as client:
+            result = client.infer("tiny", {"x": X})
+        assert "dispatch_us" not in result.timing, "served through the front door, not by the worker"
+    finally:
+        attacker.communicate("done\n", timeout=30)
+
+
+def test_unfinished_requests_cannot_fill_a_workers_address_space(daemon_factory: Any, repo: Path) -> None:
+    """33 leased connections each announce a 128 MiB tensor (server.max_request_bytes = 128 MiB) and
+    never send it: past the worker's budget for unfinished requests (a quarter of its memory limit, half
+    of that per uid) the largest holders are closed, and the worker goes on. Before, the announcements
+    filled its 4 GiB address space; its next allocation failed and it exited, with every request it held."""
+    daemon = daemon_factory(repo, env={**DIRECT, "OPENINFER_SERVER_MAX_REQUEST_BYTES": str(128 << 20)})
+    lease = lease_of(daemon)
+    address = lease["workers"][0]["address"]
+    worker = _worker_at(daemon, address)
+    peers = [Peer(address) for _ in range(33)]
+    try:
+        for index, peer in enumerate(peers):
+            assert peer.ask(attach(lease["lease"], 100 + index))["result"]  # type: ignore[index]
+        for index, peer in enumerate(peers):
+            if not peer.stream.closed:
+                try:
+                    peer.stream.sock.sendall(_declaring(index, 128 << 20))
+                except OSError:  # closed by the worker meanwhile
+                    pass
+        wait_for(lambda: all(_unread_by_peer(peer.stream.sock) == 0 for peer in peers if not peer.stream.closed), 10, "the worker to read every announcement")
+        with Client(daemon.address) as client:
+            assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+        assert worker.memory_info().vms < 3 << 30, f"the worker reserved {worker.memory_info().vms >> 20} MiB"
+    finally:
+        for peer in peers:
+            peer.close()
+    assert worker.is_running() and worker.pid == _worker_at(daemon, address).pid, "the worker was replaced"
+    assert "its unfinished requests hold too much" in daemon.log_text()
+
+
+def test_a_revoked_lease_puts_a_connection_back_under_header_limits_at_once(daemon_factory: Any, repo: Path) -> None:
+    """After a reload revokes every lease, a connection that attached one is read as one without: a
+    60 MiB tensor it announces next is answered PERMISSION_DENIED (lease expired) at once and given no
+    room. Before, the limits switched back only after its next message was judged, so 19 connections
+    each reserved 60 MiB first, and the announcement was never answered."""
+    daemon = daemon_factory(repo, env=DIRECT)
+    lease = lease_of(daemon)
+    address = lease["workers"][0]["address"]
+    worker = _worker_at(daemon, address)
+    peers = [Peer(address) for _ in range(8)]
+    try:
+        for index, peer in enumerate(peers):
+            assert peer.ask(attach(lease["lease"], 100 + index))["result"]  # type: ignore[index]
+        with Client(daemon.address, direct=False) as admin:
+            admin.reload()
+        wait_for(lambda: _renewed(daemon, lease), 20, "the reload to rotate the lease key", daemon=daemon)
+        before = worker.memory_info().vms
+        for index, peer in enumerate(peers):
+            peer.stream.sock.sendall(_declaring(index, 60 << 20))
+        answers = [peer.replies(1, timeout=10)[0] for peer in peers]
+        grown = worker.memory_info().vms - before
+    finally:
+        for peer in peers:
+            peer.close()
+    assert all(a["error"]["code"] == "PERMISSION_DENIED" and a["error"].get("details") == {"lease": "expired"} for a in answers), answers[0]
+    assert grown < 64 << 20, f"the worker reserved {grown >> 20} MiB"
+
+
+def _renewed(daemon: RunningDaemon, old: dict[str, Any]) -> bool:
+    """Whether the worker refuses the old lease (the reload's new key has reached it)."""
+    peer = Peer(old["workers"][0]["address"])
+    try:
+        answer = peer.ask(attach(old["lease"], 1), timeout=5)
+        return answer is not None and "error" in answer
+    finally:
+        peer.close()
+
+
+def test_an_endless_chain_of_empty_frames_is_cut(daemon_factory: Any, repo: Path) -> None:
+    """A message of empty frames, each flagged MORE, from a peer without a lease: skipping a frame costs
+    SKIPPED_FRAME_COST against the skip budget, so the worker closes the connection within 262,144 frames.
+    Before, empty frames cost nothing: the chain was read for as long as it was sent, at 100 % CPU."""
+    daemon = daemon_factory(repo, env=DIRECT)
+    address = lease_of(daemon)["workers"][0]["address"]
+    peer = _opened(Peer(address))
+    sock = peer.stream.sock
+    sock.setblocking(True)
+    sock.settimeout(20)
+    try:
+        with pytest.raises(OSError):  # EPIPE or a reset once the worker has closed it
+            for _ in range(64):  # 8 Mi empty frames at most, 16 MiB
+                sock.sendall(b"\x01\x00" * (1 << 17))
+    finally:
+        peer.close()
+    with Client(daemon.address) as client:
+        assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
