@@ -209,6 +209,16 @@ def _worker_at(daemon: RunningDaemon, address: str) -> psutil.Process:
         return psutil.Process(next(w["pid"] for w in admin.status()["workers"] if f"w{w['id']}.sock" in address))
 
 
+def _attached_peers(daemon: RunningDaemon, count: int) -> tuple[dict[str, Any], psutil.Process, list[Peer]]:
+    """`count` peers on one worker of tiny, each with the same lease attached; the lease, that worker."""
+    lease = lease_of(daemon)
+    address = lease["workers"][0]["address"]
+    peers = [Peer(address) for _ in range(count)]
+    for index, peer in enumerate(peers):
+        assert peer.ask(attach(lease["lease"], 100 + index))["result"]  # type: ignore[index]
+    return lease, _worker_at(daemon, address), peers
+
+
 def test_frames_declared_before_a_lease_are_given_no_memory(daemon_factory: Any, repo: Path) -> None:
     """Until a lease is attached only headers are read (17.3): a peer without one that declares a 60 MB
     tensor frame is answered PERMISSION_DENIED as soon as the declaration arrives, and the worker sets
@@ -239,13 +249,8 @@ def test_a_frame_declared_and_never_sent_costs_a_worker_no_memory(daemon_factory
     connections open) costs the worker what it sent, not what it declared: a frame's room is committed
     as its bytes land. Before, 12 such connections made the worker commit 720 MiB."""
     daemon = daemon_factory(repo, env=DIRECT)
-    lease = lease_of(daemon)
-    address = lease["workers"][0]["address"]
-    worker = _worker_at(daemon, address)
-    peers = [Peer(address) for _ in range(12)]
+    _, worker, peers = _attached_peers(daemon, 12)
     try:
-        for index, peer in enumerate(peers):
-            assert peer.ask(attach(lease["lease"], 100 + index))["result"]  # type: ignore[index]
         before = worker.memory_info().rss
         for index, peer in enumerate(peers):
             peer.stream.sock.sendall(_declaring(index, 60 << 20))
@@ -427,13 +432,9 @@ def test_unfinished_requests_cannot_fill_a_workers_address_space(daemon_factory:
     of that per uid) the largest holders are closed, and the worker goes on. Before, the announcements
     filled its 4 GiB address space; its next allocation failed and it exited, with every request it held."""
     daemon = daemon_factory(repo, env={**DIRECT, "OPENINFER_SERVER_MAX_REQUEST_BYTES": str(128 << 20)})
-    lease = lease_of(daemon)
+    lease, worker, peers = _attached_peers(daemon, 33)
     address = lease["workers"][0]["address"]
-    worker = _worker_at(daemon, address)
-    peers = [Peer(address) for _ in range(33)]
     try:
-        for index, peer in enumerate(peers):
-            assert peer.ask(attach(lease["lease"], 100 + index))["result"]  # type: ignore[index]
         for index, peer in enumerate(peers):
             if not peer.stream.closed:
                 try:
@@ -457,13 +458,8 @@ def test_a_revoked_lease_puts_a_connection_back_under_header_limits_at_once(daem
     room. Before, the limits switched back only after its next message was judged, so 19 connections
     each reserved 60 MiB first, and the announcement was never answered."""
     daemon = daemon_factory(repo, env=DIRECT)
-    lease = lease_of(daemon)
-    address = lease["workers"][0]["address"]
-    worker = _worker_at(daemon, address)
-    peers = [Peer(address) for _ in range(8)]
+    lease, worker, peers = _attached_peers(daemon, 8)
     try:
-        for index, peer in enumerate(peers):
-            assert peer.ask(attach(lease["lease"], 100 + index))["result"]  # type: ignore[index]
         with Client(daemon.address, direct=False) as admin:
             admin.reload()
         wait_for(lambda: _renewed(daemon, lease), 20, "the reload to rotate the lease key", daemon=daemon)
