@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+import time
 from collections import deque
 from dataclasses import dataclass
 from itertools import islice
@@ -49,6 +50,11 @@ PONG_BACKLOG_BYTES = 64 * 1024
 # chain of empty frames, each flagged MORE, is cut after skip_bytes / SKIPPED_FRAME_COST frames (262,144
 # by default) instead of never (one kept a worker at 100 % for as long as it was sent).
 SKIPPED_FRAME_COST = 4096
+# Commands (PING, and the others we ignore) a peer may send: a burst of this many, then this many a
+# second (a libzmq heartbeat every 10 ms is 100 a second). A peer over it is cut: 80,000 PINGs once kept
+# a worker's loop parsing and answering for as long as they came, at 97 % CPU.
+COMMAND_BURST = 4096
+COMMANDS_PER_S = 100
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -182,7 +188,7 @@ class FrameStream:
     __slots__ = (
         "sock", "limits", "out_bytes", "in_bytes", "_out", "_buf", "_pos", "_frames", "_msg_bytes", "_skip",
         "_big", "_big_filled", "_big_flags", "_skip_left", "_skip_flags", "skipped_bytes", "_state", "socket_type", "peer_socket_type",
-        "peer_properties", "_accept_types", "messages_in", "bytes_in", "closed", "_held",
+        "peer_properties", "_accept_types", "messages_in", "bytes_in", "closed", "_held", "_command_tokens", "_command_at",
     )
 
     def __init__(
@@ -219,6 +225,8 @@ class FrameStream:
         self.bytes_in = 0
         self.closed = False
         self._held: list[list[Buffer]] = []  # messages sent before the handshake ended, in order
+        self._command_tokens = float(COMMAND_BURST)
+        self._command_at = 0.0
         if handshake:
             self._send_greeting(greeting())
 
@@ -479,6 +487,11 @@ class FrameStream:
         self.peer_socket_type = peer_type
 
     def _on_command(self, body: bytes) -> None:
+        now = time.monotonic()
+        self._command_tokens = min(float(COMMAND_BURST), self._command_tokens + (now - self._command_at) * COMMANDS_PER_S) - 1
+        self._command_at = now
+        if self._command_tokens < 0:
+            raise ProtocolError(f"more than {COMMAND_BURST} commands at once, or {COMMANDS_PER_S} a second")
         name, data = split_command(body)
         if name == b"PING" and len(data) >= 2 and self.out_bytes < PONG_BACKLOG_BYTES:  # TTL (2 bytes), then a context echoed in PONG
             self._send_command(b"PONG", data[2:18])
@@ -488,6 +501,10 @@ class FrameStream:
 
     def _send_command(self, name: bytes, data: bytes) -> None:
         self.send_raw(command(name, data))
+
+    def unfinished_header(self) -> Buffer | None:
+        """The first frame of the message still arriving, when it is in (a request's header)."""
+        return self._frames[0] if self._frames else None
 
     # -- sending --------------------------------------------------------------------------------------
     def send(self, frames: list[Buffer]) -> None:

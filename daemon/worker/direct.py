@@ -34,6 +34,7 @@ log = logging.getLogger("openinfer.worker")
 LISTEN_FD = 5  # the spawner puts the worker's listening socket here (spawner.DIRECT_FD)
 HANDSHAKE_TIMEOUT_NS = 10_000_000_000  # to complete the ZMTP handshake, and again to attach a lease
 FDS_KEPT = 16  # of the worker's open-file limit, for what is not a client connection (channel, epoll, pages)
+STALLED_NS = 1_000_000_000  # a request still arriving that got no byte for this long has stalled
 _PEERCRED = struct.Struct("3i")
 _DELIMITER = b""
 DIRECT_OPERATIONS = ("attach", "infer", "cancel")
@@ -64,6 +65,8 @@ class DirectConnection:
     draining: bool = False  # told GOAWAY; served until its client closes it
     closed: bool = False
     open_ids: set[int] = field(default_factory=set)  # requests accepted here and not yet answered
+    last_read_ns: int = 0  # when bytes last came: a request still arriving that long ago has stalled
+    out_moved_ns: int = 0  # when its outbox last began to fill or shrank: replies unread since then have stalled
 
     @property
     def fd(self) -> int:
@@ -81,12 +84,21 @@ def connection_caps(limits: DirectLimits) -> tuple[int, int]:
 
 
 def held_budgets(max_request_bytes: int) -> tuple[int, int]:
-    """(bytes, bytes per identity) that unfinished requests may hold: a quarter of the worker's address
-    space limit (its memory limit), half of that per identity; never less than one largest request."""
+    """(soft, hard) budgets of bytes that requests still arriving may hold: a quarter and a half of the
+    worker's address-space limit (its memory limit); never less than two, and four, largest requests."""
     address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
     one = max_request_bytes + MAX_HEADER_BYTES
-    budget = address_space // 4 if address_space != resource.RLIM_INFINITY else 16 * one
-    return max(2 * one, budget), max(one, budget // 2)
+    quarter = address_space // 4 if address_space != resource.RLIM_INFINITY else 16 * one
+    return max(2 * one, quarter), max(4 * one, 2 * quarter)
+
+
+def _unleased_for(conn: DirectConnection, now_ns: int) -> int:
+    """How long a connection has been without a valid lease (and has nothing in flight or to send)."""
+    if conn.open_ids or conn.stream.out_bytes:
+        return 0
+    if conn.lease is None:
+        return now_ns - conn.accepted_ns
+    return now_ns - conn.lease.expires_ns
 
 
 Poller = Any  # select.epoll (typed loosely: the worker imports select lazily before its sandbox)
@@ -121,7 +133,7 @@ class DirectDoor:
         # peer without a lease declared a 60 MB frame in 18 bytes, and the worker set the 60 MB aside.
         self._unattached_limits = Limits(frames=2, first_frame=MAX_HEADER_BYTES, message_bytes=MAX_HEADER_BYTES)
         self.max_connections, self.max_per_identity = connection_caps(limits)
-        self.held_budget, self.identity_budget = held_budgets(limits.max_request_bytes)
+        self.held_budget, self.hard_held_budget = held_budgets(limits.max_request_bytes)
         # One packer for every reply (protocol.pack builds one per call): this loop is the only thread that replies.
         self._pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
         poller.register(listener.fileno(), _READABLE)
@@ -129,7 +141,7 @@ class DirectDoor:
     # -- accepting ------------------------------------------------------------------------------------
     def on_listener(self) -> None:
         for _ in range(16):
-            if len(self.by_fd) >= self.max_connections or self.draining:
+            if len(self.by_fd) > self.max_connections or self.draining:
                 self._pause_listening()
                 return
             try:
@@ -142,7 +154,7 @@ class DirectDoor:
             sock.setblocking(False)
             pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
             identity = f"uid={uid}"
-            if self.per_identity.get(identity, 0) >= self.max_per_identity:
+            if self.per_identity.get(identity, 0) >= self.max_per_identity or (len(self.by_fd) >= self.max_connections and not self._make_room_for(identity)):
                 self.refused += 1
                 sock.close()
                 continue
@@ -152,6 +164,22 @@ class DirectDoor:
             self.per_identity[identity] = self.per_identity.get(identity, 0) + 1
             self.handshaking[conn.conn_id] = conn
             self.poller.register(sock.fileno(), _READABLE | (_WRITABLE if conn.stream.out_bytes else 0))
+
+    def _make_room_for(self, identity: str) -> bool:
+        """Every slot is taken: close the oldest idle connection of the identity holding the most, when
+        it holds at least two more than `identity`. Two uids' idle connections, re-attached now and then,
+        once held every slot of a worker for good, and every other client waited out its timeout."""
+        counts = self.per_identity
+        most = max(counts, key=counts.__getitem__, default=None)
+        if most is None or most == identity or counts[most] < counts.get(identity, 0) + 2:
+            return False
+        idle = [c for c in self.by_fd.values() if c.identity == most and not c.open_ids and not c.stream.out_bytes and not c.stream.in_bytes]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c.last_read_ns)
+        log.info("closing an idle direct connection to make room for another identity", extra={"identity": most, "for": identity, "connections": counts[most]})
+        self.close(oldest)
+        return True
 
     def rekey(self, key: bytes) -> None:
         """A reload rotated the lease key: every lease attached here is revoked now (each connection's
@@ -179,11 +207,12 @@ class DirectDoor:
         if conn is None:
             return
         try:
-            if mask & _WRITABLE and conn.stream.flush():
+            if mask & _WRITABLE and self._flushed(conn):
                 if not conn.reading and not conn.draining:
                     conn.reading = True
                 self.poller.modify(fd, _READABLE if conn.reading else 0)
             if mask & _READABLE and conn.reading:
+                conn.last_read_ns = time.monotonic_ns()
                 was_open = conn.stream.open
                 events = conn.stream.read()
                 if not was_open and conn.stream.open:
@@ -193,7 +222,7 @@ class DirectDoor:
                         break
                     self._on_message(conn, event)
                 if conn.stream.in_bytes > MAX_HEADER_BYTES and not conn.closed:
-                    self._keep_within_budget(conn)
+                    self._keep_within_budget(conn.last_read_ns)
             elif mask & _HANGUP and not mask & _READABLE:
                 raise PeerClosed()
             if not conn.closed and conn.stream.out_bytes:
@@ -295,11 +324,21 @@ class DirectDoor:
         one client cost one sendmsg, not one each (each is in the ledger before it is written)."""
         return self._held_writes.block()
 
+    def _flushed(self, conn: DirectConnection) -> bool:
+        before = conn.stream.out_bytes
+        done = conn.stream.flush()
+        if conn.stream.out_bytes < before:
+            conn.out_moved_ns = time.monotonic_ns()
+        return done
+
     def _write_held(self, conn: DirectConnection) -> None:
         if conn.closed:
             return
+        before = conn.stream.out_bytes
         try:
             conn.stream.flush()
+            if before == 0 and conn.stream.out_bytes:
+                conn.out_moved_ns = time.monotonic_ns()
         except PeerClosed:
             self.close(conn)
             return
@@ -311,12 +350,15 @@ class DirectDoor:
             return
         if self._held_writes.hold(conn, frames):
             return
+        before = conn.stream.out_bytes
         try:
             conn.stream.send(frames)
         except PeerClosed:
             self.close(conn)
             return
         if conn.stream.out_bytes:
+            if not before:
+                conn.out_moved_ns = time.monotonic_ns()
             self._watch(conn)
 
     def reply(self, conn: DirectConnection, delimited: bool, header: dict[str, Any], payloads: list[Buffer] | None = None) -> None:
@@ -332,6 +374,27 @@ class DirectDoor:
         if conn.stream.out_bytes > self.limits.max_reply_backlog_bytes:
             conn.reading = False  # a slow reader slows only itself: its requests wait in the kernel
         self.poller.modify(conn.fd, _WRITABLE | (_READABLE if conn.reading else 0))
+        self._keep_replies_within_budget(time.monotonic_ns())
+
+    def _keep_replies_within_budget(self, now_ns: int) -> None:
+        """Replies waiting for readers that do not read. Past the soft budget (a quarter of the worker's
+        memory limit, in all), the connections whose replies have not moved for STALLED_NS are closed,
+        largest first; past the hard one (half), the largest, moving or not. A client that reads is never
+        cut for the soft one. 36 connections of one uid, each within its own backlog, once filled a
+        worker's 4 GiB with replies, and every large request of other clients failed."""
+        conns = [c for c in self.by_fd.values() if c.stream.out_bytes]
+        total = sum(c.stream.out_bytes for c in conns)
+        if total <= self.held_budget:
+            return
+        stalled = [c for c in conns if now_ns - c.out_moved_ns >= STALLED_NS]
+        for conn in sorted(stalled, key=lambda c: c.stream.out_bytes, reverse=True) + sorted(conns, key=lambda c: c.stream.out_bytes, reverse=True):
+            if total <= (self.held_budget if conn in stalled else self.hard_held_budget):
+                continue
+            if conn.closed:
+                continue
+            total -= conn.stream.out_bytes
+            log.warning("closing a direct connection: replies it does not read hold too much", extra={"identity": conn.identity, "backlog_bytes": conn.stream.out_bytes, "soft_budget": self.held_budget, "hard_budget": self.hard_held_budget})
+            self.close(conn)
 
     # -- rules ----------------------------------------------------------------------------------------
     def strike(self, conn: DirectConnection) -> None:
@@ -343,32 +406,58 @@ class DirectDoor:
             else:
                 self.close(conn)
 
-    def _keep_within_budget(self, conn: DirectConnection) -> None:
+    def _keep_within_budget(self, now_ns: int) -> None:
         """Requests still arriving hold the room their frames announced (address space under the worker's
-        RLIMIT_AS, even before a byte lands): past its share, an identity's largest holders are closed,
-        then anyone's, largest first. 33 connections announcing 128 MiB each once filled a worker's
-        4 GiB, and its next allocation killed it with every request it held."""
-        conns = list(self.by_fd.values())
+        RLIMIT_AS, even before a byte lands). Past the soft budget, those that have stalled (no bytes for
+        STALLED_NS) are refused, largest first: an upload that is moving is never cut for it, however many
+        run at once. Past the hard budget, the largest of the identity holding the most, moving or not:
+        33 connections announcing 128 MiB each once filled a worker's 4 GiB, and its next allocation
+        killed it with every request it held. A refused request is answered RESOURCE_EXHAUSTED before its
+        connection is closed (the rest of its bytes would have to be read to keep the stream)."""
+        conns = [c for c in self.by_fd.values() if c.stream.in_bytes > MAX_HEADER_BYTES]
         total = sum(c.stream.in_bytes for c in conns)
-        mine = sum(c.stream.in_bytes for c in conns if c.identity == conn.identity)
-        if total <= self.held_budget and mine <= self.identity_budget:
+        if total <= self.held_budget:
             return
-        holders = [c for c in conns if c.identity == conn.identity] if mine > self.identity_budget else conns
-        for holder in sorted(holders, key=lambda c: c.stream.in_bytes, reverse=True):
-            if total <= self.held_budget and mine <= self.identity_budget:
+        for conn in sorted((c for c in conns if now_ns - c.last_read_ns >= STALLED_NS), key=lambda c: c.stream.in_bytes, reverse=True):
+            if total <= self.held_budget:
                 return
-            held = holder.stream.in_bytes
-            log.warning("closing a direct connection: its unfinished requests hold too much", extra={"identity": holder.identity, "held_bytes": held, "identity_held_bytes": mine, "worker_held_bytes": total, "identity_budget": self.identity_budget, "worker_budget": self.held_budget})
-            total -= held
-            if holder.identity == conn.identity:
-                mine -= held
-            self.close(holder)
+            total -= conn.stream.in_bytes
+            self._refuse_unfinished(conn, "it stalled, holding room the worker needs")
+        while total > self.hard_held_budget:
+            by_identity: dict[str, int] = {}
+            for conn in conns:
+                if not conn.closed:
+                    by_identity[conn.identity] = by_identity.get(conn.identity, 0) + conn.stream.in_bytes
+            most = max(by_identity, key=by_identity.__getitem__)
+            conn = max((c for c in conns if not c.closed and c.identity == most), key=lambda c: c.stream.in_bytes)
+            total -= conn.stream.in_bytes
+            self._refuse_unfinished(conn, f"{most} holds the most room for requests still arriving ({by_identity[most]} bytes)")
+
+    def _refuse_unfinished(self, conn: DirectConnection, why: str) -> None:
+        held = conn.stream.in_bytes
+        log.warning("closing a direct connection: its unfinished request holds too much", extra={"identity": conn.identity, "held_bytes": held, "why": why, "soft_budget": self.held_budget, "hard_budget": self.hard_held_budget})
+        header = conn.stream.unfinished_header()
+        request_id = None
+        if header is not None:
+            try:
+                request_id = request_id_of(decode_header(header))
+            except OpenInferError:
+                pass
+        exc = ResourceExhausted(f"this worker cannot hold the request while it arrives ({held} bytes announced): {why}; unfinished requests may hold {self.held_budget} bytes (a quarter of its memory limit). Send it again", {"limit": self.held_budget})
+        self.error(conn, False, request_id, exc, time.monotonic_ns())
+        try:
+            conn.stream.flush()
+        except PeerClosed:
+            pass
+        self.close(conn)
 
     def housekeeping(self, now_ns: int) -> None:
         for conn in [c for c in self.handshaking.values() if now_ns - c.accepted_ns > HANDSHAKE_TIMEOUT_NS]:
             self.close(conn)
-        for conn in [c for c in self.by_fd.values() if c.lease is None and now_ns - c.accepted_ns > 2 * HANDSHAKE_TIMEOUT_NS]:
-            self.close(conn)  # never attached: it holds one of the worker's few descriptors for nothing
+        self._keep_within_budget(now_ns)  # requests that stalled since their last bytes came
+        self._keep_replies_within_budget(now_ns)  # and replies that stalled since they last moved
+        for conn in [c for c in self.by_fd.values() if now_ns - c.accepted_ns > 2 * HANDSHAKE_TIMEOUT_NS and _unleased_for(c, now_ns) > 2 * HANDSHAKE_TIMEOUT_NS]:
+            self.close(conn)  # no valid lease for 20 s: it holds one of the worker's few descriptors for nothing
         for conn in self.by_fd.values():
             if conn.lease is not None and conn.lease.expires_ns <= now_ns:
                 conn.stream.limits = self._unattached_limits

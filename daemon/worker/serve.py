@@ -71,9 +71,9 @@ class WorkerLoop:
                 self._leave()
                 return
             self._watch_channel()
+            self._housekeeping()  # on a clock, busy or not: under constant traffic the loop is never idle
             events = poll(0)
             if not events:
-                self._housekeeping()
                 if direct is not None and direct.spin_us and time.monotonic_ns() - direct.queue.last_request_ns < RECENT_NS:
                     events = self._spin(direct.spin_us)
                 if not events:
