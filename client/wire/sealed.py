@@ -190,7 +190,11 @@ class SealedFrameStream(FrameStream):
                 pos = start + size
                 continue
             if size >= BIG_FRAME:  # receive the rest straight into its own buffer
-                big = frame_buffer(size)
+                try:
+                    big = frame_buffer(size)
+                except MemoryError:  # what came before this frame stays parsed; the frame is read again next time
+                    self._consumed(buf, pos)
+                    raise
                 have = end - start
                 big[:have] = buf[start:end]
                 self._big, self._big_filled, self._big_flags = big, have, 0

@@ -173,13 +173,27 @@ class DirectDoor:
         most = max(counts, key=counts.__getitem__, default=None)
         if most is None or most == identity or counts[most] < counts.get(identity, 0) + 2:
             return False
-        idle = [c for c in self.by_fd.values() if c.identity == most and not c.open_ids and not c.stream.out_bytes and not c.stream.in_bytes]
+        now_ns = time.monotonic_ns()
+        # (a byte of a frame kept pending does not make a connection busy: it must have moved lately)
+        idle = [c for c in self.by_fd.values() if c.identity == most and not c.open_ids and not c.stream.out_bytes and (not c.stream.in_bytes or now_ns - c.last_read_ns >= STALLED_NS)]
         if not idle:
             return False
         oldest = min(idle, key=lambda c: c.last_read_ns)
         log.info("closing an idle direct connection to make room for another identity", extra={"identity": most, "for": identity, "connections": counts[most]})
-        self.close(oldest)
+        self._close_idle(oldest, "this worker needed the connection for another client: take a new lease")
         return True
+
+    def _close_idle(self, conn: DirectConnection, reason: str) -> None:
+        """Close a connection with nothing in flight, saying GOAWAY first: a request its client sends
+        meanwhile was never read, and the client sends it elsewhere (17.5) instead of taking the close
+        for a crash."""
+        if conn.stream.open:
+            self.reply(conn, False, {"v": PROTOCOL_VERSION, "id": None, "goaway": True, "reason": reason})
+            try:
+                conn.stream.flush()
+            except PeerClosed:
+                pass
+        self.close(conn)
 
     def rekey(self, key: bytes) -> None:
         """A reload rotated the lease key: every lease attached here is revoked now (each connection's
@@ -457,7 +471,7 @@ class DirectDoor:
         self._keep_within_budget(now_ns)  # requests that stalled since their last bytes came
         self._keep_replies_within_budget(now_ns)  # and replies that stalled since they last moved
         for conn in [c for c in self.by_fd.values() if now_ns - c.accepted_ns > 2 * HANDSHAKE_TIMEOUT_NS and _unleased_for(c, now_ns) > 2 * HANDSHAKE_TIMEOUT_NS]:
-            self.close(conn)  # no valid lease for 20 s: it holds one of the worker's few descriptors for nothing
+            self._close_idle(conn, "no valid lease for 20 s: take a new lease")  # it holds one of the worker's few descriptors for nothing
         for conn in self.by_fd.values():
             if conn.lease is not None and conn.lease.expires_ns <= now_ns:
                 conn.stream.limits = self._unattached_limits

@@ -25,7 +25,7 @@ from openinfer.daemon.frontdoor.validation import InputSignature, check_infer
 from openinfer.daemon.modelstore.modelconfig import BatchingConfig
 from openinfer.daemon.scheduling.batch_rules import batch_size_now
 from openinfer.daemon.scheduling.taskqueue import TaskQueue
-from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError
+from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError, ResourceExhausted
 from openinfer.wire.protocol import PROTOCOL_VERSION
 from openinfer.wire.zmtp import Buffer
 
@@ -95,6 +95,13 @@ class DirectQueue:
         self.ledger = ledger
         self.queue: TaskQueue[DirectRequest] = TaskQueue(model.starvation_ms)
         self.in_flight: dict[str, int] = {}  # by identity: accepted here, not yet answered
+        # Tensor bytes of those requests (waiting or running), in all and by identity: bounded by the
+        # door's soft budget, three quarters of it per identity. max_in_flight alone (256) let one uid
+        # queue 256 x 64 MiB: its complete requests filled the worker's address space and killed it.
+        self.held_bytes = 0
+        self.held_by: dict[str, int] = {}
+        self.held_budget = door.held_budget
+        self.identity_held_budget = door.held_budget * 3 // 4
         self._serial = 0  # numbers admitted requests in the ledger
         self.idle_since_ns = time.monotonic_ns()  # when the last run ended: batch waits count from here
         self.last_request_ns = 0
@@ -115,6 +122,9 @@ class DirectQueue:
         held = self.in_flight.get(conn.identity, 0)
         if held >= lease.max_in_flight:
             raise reject_busy(conn.identity, held, lease.max_in_flight)
+        mine = self.held_by.get(conn.identity, 0)
+        if nbytes and (self.held_bytes + nbytes > self.held_budget or mine + nbytes > self.identity_held_budget):
+            raise ResourceExhausted(f"this worker holds {self.held_bytes} bytes of requests waiting or running ({mine} of them {conn.identity}'s); it takes at most {self.held_budget}, {self.identity_held_budget} per identity: send it again once some are answered", {"limit": self.held_budget})
         decoded_ns = time.monotonic_ns()
         timeout_ms = header.get("timeout_ms") or model.timeout_ms
         # The timeout runs from when the client sent the request (same host, same clock), not from when
@@ -134,6 +144,8 @@ class DirectQueue:
             request.rows = signature.rows
         conn.open_ids.add(request_id)
         self.in_flight[conn.identity] = held + 1
+        self.held_bytes += nbytes
+        self.held_by[conn.identity] = mine + nbytes
         self._serial += 1
         request.serial = self._serial
         if self.ledger is not None:
@@ -339,6 +351,12 @@ class DirectQueue:
             self.in_flight[identity] = left
         else:
             self.in_flight.pop(identity, None)
+        self.held_bytes -= request.nbytes
+        mine = self.held_by.get(identity, 0) - request.nbytes
+        if mine > 0:
+            self.held_by[identity] = mine
+        else:
+            self.held_by.pop(identity, None)
 
     def outcome(self, client: str, op: str, request_id: int | None, exc: OpenInferError | None, received_ns: int) -> None:
         """Count what the door answered itself (attach, cancel, refusals), as the front door counts: every

@@ -128,7 +128,12 @@ class WorkerLoop:
                 channel.flush()
             if not mask & _READABLE:
                 return
-            for frames in channel.read():
+            try:
+                events = channel.read()
+            except MemoryError:  # no room for a task's tensors now: they stay unread (nothing is consumed) until there is
+                log.warning("no memory to read the supervisor's message now; trying again")
+                return
+            for frames in events:
                 if isinstance(frames, Oversized):  # the supervisor never sends one: nothing to answer
                     log.error("oversized message from the supervisor", extra={"reason": frames.reason})
                     continue

@@ -212,7 +212,11 @@ def _worker_at(daemon: RunningDaemon, address: str) -> psutil.Process:
 
 def _attached_peers(daemon: RunningDaemon, count: int) -> tuple[dict[str, Any], psutil.Process, list[Peer]]:
     """`count` peers on one worker of tiny, each with the same lease attached; the lease, that worker."""
-    lease = lease_of(daemon)
+    return _attached_peers_of(daemon, "tiny", count)
+
+
+def _attached_peers_of(daemon: RunningDaemon, model: str, count: int) -> tuple[dict[str, Any], psutil.Process, list[Peer]]:
+    lease = lease_of(daemon, model)
     address = lease["workers"][0]["address"]
     peers = [Peer(address) for _ in range(count)]
     for index, peer in enumerate(peers):
@@ -514,12 +518,15 @@ def test_an_endless_chain_of_empty_frames_is_cut(daemon_factory: Any, repo: Path
 @pytest.fixture(scope="module")
 def one_worker_repo() -> Iterator[Path]:
     """tiny with one worker, so that every connection of these attacks meets the same worker; `small`,
-    the same with a 1 GiB memory limit (its worker's address space)."""
+    the same with a 1 GiB memory limit (its worker's address space); `waiting`, with 2 GiB and a batch
+    delay of 2 s, so that requests it has read wait in its queue."""
     root = world_readable_dir("oi-endpoint-one-")
     onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx")
     (root / "tiny" / "config.toml").write_text("workers = 1\n")
     onnx_builders.matmul_model(root / "small" / "1" / "model.onnx")
     (root / "small" / "config.toml").write_text("workers = 1\nmemory_limit_mb = 1024\n")
+    onnx_builders.matmul_model(root / "waiting" / "1" / "model.onnx")  # requests wait 2 s in its queue for company
+    (root / "waiting" / "config.toml").write_text("workers = 1\nmemory_limit_mb = 2048\n\n[batching]\nmax_batch_size = 1048576\nmax_queue_delay_us = 2000000\nquiet_us = 0\n")
     make_world_readable(root)
     yield root
     shutil.rmtree(root, ignore_errors=True)
@@ -576,27 +583,64 @@ while len(attached) < len(streams) and time.monotonic() < deadline:
             except (zmtp.PeerClosed, zmtp.ProtocolError):
                 stream.close()
     time.sleep(0.005)
+if len(sys.argv) > 3:  # then keep each connection "busy": the first byte of a frame that never ends
+    for stream in streams:
+        stream.sock.send(bytes((zmtp.LONG,)))
 print(len(attached), flush=True)
 sys.stdin.readline()
+goaways = 0
+for stream in streams:  # what each connection got before its close: a GOAWAY, when it was closed for room
+    try:
+        goaways += any(msgpack.unpackb(event[0]).get("goaway") for event in stream.read() if isinstance(event, list))
+    except (zmtp.PeerClosed, zmtp.ProtocolError):
+        pass
+print(goaways, flush=True)
 """
 
 
-def test_two_uids_holding_every_slot_of_a_worker_leave_room_for_a_third(daemon_factory: Any, one_worker_repo: Path) -> None:
-    """uid 65534 attaches 36 connections to a worker and uid 65533 the remaining 12, and both idle: a
-    client of a third uid still gets a connection, the oldest idle one of the uid holding the most is
-    closed for it. Before, a full worker stopped accepting, and root's request waited out its timeout."""
+@pytest.mark.parametrize("pending", [False, True], ids=["idle", "a-byte-pending"])
+def test_two_uids_holding_every_slot_of_a_worker_leave_room_for_a_third(daemon_factory: Any, one_worker_repo: Path, pending: bool) -> None:
+    """uid 65534 attaches 36 connections to a worker and uid 65533 the remaining 12, and both idle (or
+    keep the first byte of a frame pending on each, to look busy): a client of a third uid still gets a
+    connection. The oldest idle connection of the uid holding the most is closed for it, after a GOAWAY,
+    so that its client sends elsewhere what it sends meanwhile instead of taking the close for a crash.
+    Before, a full worker stopped accepting, and root's request waited out its timeout; then a pending
+    byte kept a connection from counting as idle, and the close came without a GOAWAY."""
     daemon = daemon_factory(one_worker_repo, env=DIRECT)
-    holders = [start_as(NOBODY, ATTACHED_IDLE, daemon.address, "36"), start_as(NOBODY - 1, ATTACHED_IDLE, daemon.address, "12")]
+    extra = ("pending",) if pending else ()
+    holders = [start_as(NOBODY, ATTACHED_IDLE, daemon.address, "36", *extra), start_as(NOBODY - 1, ATTACHED_IDLE, daemon.address, "12", *extra)]
     try:
         held = [int(holder.stdout.readline()) for holder in holders]  # type: ignore[union-attr]
         assert held == [36, 12], held
-        with Client(daemon.address, timeout=5) as client:
-            result = client.infer("tiny", {"x": X})
+        deadline = time.monotonic() + 15
+        while True:  # a pending byte counts as idle once it has not moved for a second
+            with Client(daemon.address, timeout=5) as client:
+                result = client.infer("tiny", {"x": X})
+            if "dispatch_us" not in result.timing or time.monotonic() > deadline:
+                break
         assert "dispatch_us" not in result.timing, "served through the front door, not by the worker"
     finally:
-        for holder in holders:
-            holder.communicate("done\n", timeout=30)
+        goaways = [int(holder.communicate("done\n", timeout=30)[0].split()[-1]) for holder in holders]
     assert "to make room for another identity" in daemon.log_text()
+    assert goaways[0] >= 1, goaways
+
+
+def test_a_new_connection_gets_a_small_burst_of_commands(daemon_factory: Any, repo: Path) -> None:
+    """A new connection may send 64 commands at once (then 100 a second): 200 PINGs in one write get it
+    cut. With a burst of 4,096, 47 connections reconnecting every 2 s kept a worker at 100 % CPU."""
+    daemon = daemon_factory(repo, env=DIRECT)
+    peer = _opened(Peer(lease_of(daemon)["workers"][0]["address"]))
+    sock = peer.stream.sock
+    try:
+        sock.sendall((bytes((zmtp.COMMAND, 7)) + b"\x04PING\x00\x00") * 200)
+        sock.settimeout(10)
+        sock.setblocking(True)
+        received = b""
+        while chunk := sock.recv(65536):  # PONGs for the first 64 at most, then the close
+            received += chunk
+    finally:
+        peer.close()
+    assert received.count(b"\x04PONG") <= 64, received.count(b"\x04PONG")
 
 
 def test_replies_nobody_reads_cannot_fill_a_workers_memory(daemon_factory: Any, one_worker_repo: Path) -> None:
@@ -634,3 +678,24 @@ def test_replies_nobody_reads_cannot_fill_a_workers_memory(daemon_factory: Any, 
         for peer in peers:
             peer.close()
     assert worker.is_running() and worker.pid == _worker_at(daemon, address).pid, "the worker was replaced"
+
+
+def test_requests_waiting_in_a_workers_queue_are_bounded_too(daemon_factory: Any, one_worker_repo: Path) -> None:
+    """56 requests of 8 MiB, all read and waiting in the queue of a worker whose memory limit is 2 GiB:
+    the worker takes at most three quarters of its soft budget (a quarter of that limit) from one uid,
+    48 of them, and answers the rest RESOURCE_EXHAUSTED at once. Before, only max_in_flight (256) bounded
+    them: one uid topping up 30 connections with 60 MiB requests filled a 4 GiB worker, which died."""
+    daemon = daemon_factory(one_worker_repo, env=DIRECT)
+    lease, _, peers = _attached_peers_of(daemon, "waiting", 1)
+    peer = peers[0]
+    x = np.ones((32_768, 64), np.float32).tobytes()  # 8 MiB
+    header = {"v": 1, "op": "infer", "inputs": [{"name": "x", "datatype": "FP32", "shape": [32_768, 64]}]}
+    try:
+        for index in range(56):
+            peer.stream.send([msgpack.packb({**header, "id": index}), x])
+        answers = peer.replies(56, timeout=60)
+    finally:
+        peer.close()
+    refused = [a for a in answers if "error" in a]
+    assert len(answers) - len(refused) == 48, [a.get("error") for a in answers]
+    assert all(a["error"]["code"] == "RESOURCE_EXHAUSTED" and "waiting or running" in a["error"]["message"] for a in refused), refused[0]
