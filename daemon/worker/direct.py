@@ -188,11 +188,18 @@ class DirectDoor:
         meanwhile was never read, and the client sends it elsewhere (17.5) instead of taking the close
         for a crash."""
         if conn.stream.open:
-            self.reply(conn, False, {"v": PROTOCOL_VERSION, "id": None, "goaway": True, "reason": reason})
-            try:
-                conn.stream.flush()
-            except PeerClosed:
-                pass
+            self._say_goaway(conn, reason)
+        self._close_after_writing(conn)
+
+    def _say_goaway(self, conn: DirectConnection, reason: str) -> None:
+        self.reply(conn, False, {"v": PROTOCOL_VERSION, "id": None, "goaway": True, "reason": reason})
+
+    def _close_after_writing(self, conn: DirectConnection) -> None:
+        """Close once what the socket takes now of its last words (an answer, a GOAWAY) is written."""
+        try:
+            conn.stream.flush()
+        except PeerClosed:
+            pass
         self.close(conn)
 
     def rekey(self, key: bytes) -> None:
@@ -459,11 +466,7 @@ class DirectDoor:
                 pass
         exc = ResourceExhausted(f"this worker cannot hold the request while it arrives ({held} bytes announced): {why}; unfinished requests may hold {self.held_budget} bytes (a quarter of its memory limit). Send it again", {"limit": self.held_budget})
         self.error(conn, False, request_id, exc, time.monotonic_ns())
-        try:
-            conn.stream.flush()
-        except PeerClosed:
-            pass
-        self.close(conn)
+        self._close_after_writing(conn)
 
     def housekeeping(self, now_ns: int) -> None:
         for conn in [c for c in self.handshaking.values() if now_ns - c.accepted_ns > HANDSHAKE_TIMEOUT_NS]:
@@ -487,7 +490,7 @@ class DirectDoor:
         for conn in list(self.by_fd.values()):
             if conn.stream.open and not conn.draining:
                 conn.draining = True
-                self.reply(conn, False, {"v": PROTOCOL_VERSION, "id": None, "goaway": True, "reason": reason})
+                self._say_goaway(conn, reason)
 
     def close(self, conn: DirectConnection) -> None:
         if conn.closed:

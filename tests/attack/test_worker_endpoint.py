@@ -200,6 +200,13 @@ def _declaring(request_id: int, size: int) -> bytes:
     return bytes((zmtp.MORE, len(header))) + header + bytes((zmtp.LONG,)) + size.to_bytes(8, "big") + bytes(16)
 
 
+def _announced_and_answered(peers: list[Peer], size: int) -> list[dict[str, Any]]:
+    """Each peer announces a tensor of `size` bytes (_declaring, its index as the id); the one reply each gets."""
+    for index, peer in enumerate(peers):
+        peer.stream.sock.sendall(_declaring(index, size))
+    return [peer.replies(1, timeout=10)[0] for peer in peers]
+
+
 def _unread_by_peer(sock: socket.socket) -> int:
     """Bytes this Unix socket sent that its peer has not read yet (SIOCOUTQ)."""
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)))[0]
@@ -235,9 +242,7 @@ def test_frames_declared_before_a_lease_are_given_no_memory(daemon_factory: Any,
     before = worker.memory_info().rss
     peers = [_opened(Peer(address)) for _ in range(24)]
     try:
-        for index, peer in enumerate(peers):
-            peer.stream.sock.sendall(_declaring(index, 60 << 20))
-        answers = [peer.replies(1, timeout=10)[0] for peer in peers]
+        answers = _announced_and_answered(peers, 60 << 20)
         grown = worker.memory_info().rss - before
     finally:
         for peer in peers:
@@ -406,6 +411,7 @@ def test_idle_connections_of_one_uid_leave_a_worker_room_for_others(daemon_facto
     daemon = daemon_factory(repo, env=DIRECT)
     address = lease_of(daemon)["workers"][0]["address"]
     attacker = start_as(NOBODY, """
+        import select  # (loaded already, by openinfer.client: readable after the drop)
         peers = []
         for _ in range(60):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -421,7 +427,8 @@ def test_idle_connections_of_one_uid_leave_a_worker_room_for_others(daemon_facto
                         p.read()
                     except (zmtp.PeerClosed, zmtp.ProtocolError):
                         p.close()
-            time.sleep(0.01)
+            waiting = [p for p in peers if not p.closed and not p.open]
+            select.select([p.sock for p in waiting], [p.sock for p in waiting if p.out_bytes], [], 0.1)  # the worker's next answer
         print(sum(p.open and not p.closed for p in peers), flush=True)
         sys.stdin.readline()
     """, address)
@@ -474,9 +481,7 @@ def test_a_revoked_lease_puts_a_connection_back_under_header_limits_at_once(daem
             admin.reload()
         wait_for(lambda: _renewed(daemon, lease), 20, "the reload to rotate the lease key", daemon=daemon)
         before = worker.memory_info().vms
-        for index, peer in enumerate(peers):
-            peer.stream.sock.sendall(_declaring(index, 60 << 20))
-        answers = [peer.replies(1, timeout=10)[0] for peer in peers]
+        answers = _announced_and_answered(peers, 60 << 20)
         grown = worker.memory_info().vms - before
     finally:
         for peer in peers:
@@ -560,6 +565,7 @@ def test_large_requests_of_one_uid_at_once_are_all_served(daemon_factory: Any, o
 
 # As another uid: only what the prelude of other_uid imported before it dropped its rights is readable.
 ATTACHED_IDLE = """
+import select  # (loaded already, by openinfer.client: readable after the drop)
 with Client(sys.argv[1], direct=False) as admin:
     lease = admin._call("lease", model="tiny")
 path = lease["workers"][0]["address"][len("ipc://"):]
@@ -582,7 +588,8 @@ while len(attached) < len(streams) and time.monotonic() < deadline:
                     attached.add(i)
             except (zmtp.PeerClosed, zmtp.ProtocolError):
                 stream.close()
-    time.sleep(0.005)
+    waiting = [stream for i, stream in enumerate(streams) if i not in attached and not stream.closed]
+    select.select([w.sock for w in waiting], [w.sock for w in waiting if w.out_bytes], [], 0.1)  # the worker's next answer
 if len(sys.argv) > 3:  # then keep each connection "busy": the first byte of a frame that never ends
     for stream in streams:
         stream.sock.send(bytes((zmtp.LONG,)))
@@ -662,16 +669,18 @@ def test_replies_nobody_reads_cannot_fill_a_workers_memory(daemon_factory: Any, 
         for index, peer in enumerate(peers):
             for k in range(2):
                 peer.stream.send([msgpack.packb({**header, "id": 2 * index + k}), big.tobytes()])
-        deadline = time.monotonic() + 60
-        while "replies it does not read hold too much" not in daemon.log_text():
-            assert time.monotonic() < deadline, "no connection was closed for its unread replies"
+
+        def pushed_until_a_close() -> bool:
+            """Send on, as the worker reads; whether it has closed a connection for its unread replies."""
             for peer in peers:
                 if peer.stream.out_bytes and not peer.stream.closed:
                     try:
                         peer.stream.flush()
                     except zmtp.PeerClosed:
                         peer.stream.close()
-            time.sleep(0.01)
+            return "replies it does not read hold too much" in daemon.log_text()
+
+        wait_for(pushed_until_a_close, 60, "a connection closed for its unread replies", daemon=daemon)
         with Client(daemon.address, timeout=30) as client:
             assert client.infer("small", {"x": big}).outputs["y"].shape == (65_536, 64)
     finally:
