@@ -2,8 +2,8 @@
 to a worker, one hop, under a lease the front door issued after its access check.
 
 Owned here: the directory of worker endpoints beside the public socket (`PATH.d/`, the socket's own
-access), each worker's listening socket (bound by the supervisor, handed over at spawn), the lease key
-(a new one on every reload, which revokes every lease), issuing leases, the workers' deadline pages, and
+access), each worker's listening socket (bound by the supervisor, handed over at spawn), the lease keys
+(one per model version, derived from a master key; a new master on every reload revokes every lease), issuing leases, the workers' deadline pages, and
 the workers' ledgers (books.py: read on housekeeping passes and before every `stats` answer and
 metrics snapshot, so what they report is complete).
 """
@@ -41,7 +41,7 @@ class DirectPath:
     def __init__(self, settings: Settings, listener: BoundListener, books: DirectBooks) -> None:
         self.settings = settings
         self.books = books
-        self.key = leases.new_key()
+        self._master_key = leases.new_key()  # never leaves the supervisor: workers get key_for their model version
         self._serial = 0
         self.directory: Path | None = None
         self.leases_issued = 0
@@ -125,7 +125,7 @@ class DirectPath:
             raise Unavailable(f"model {model.key} has no worker ready for direct requests right now (starting, or running past a deadline)")
         ttl_ns = int(self.settings.server.lease_ttl_s * 1e9)
         self._serial += 1
-        token, _ = leases.issue(self.key, identity, model.name, model.version, ttl_ns, self._serial, max_in_flight)
+        token, _ = leases.issue(self.key_for(model), identity, model.name, model.version, ttl_ns, self._serial, max_in_flight)
         self.leases_issued += 1
         return {
             "model": model.name,
@@ -136,13 +136,18 @@ class DirectPath:
             "limits": limits,
         }
 
+    def key_for(self, model: ServedModel) -> bytes:
+        """The lease key of one model version (lease.model_key): all its workers hold, and all a hostile
+        step in one of them could mint leases with - for that model version alone."""
+        return leases.model_key(self._master_key, model.name, model.version)
+
     def rotate_key(self, workers: list[WorkerHandle], send: Callable[[WorkerHandle, list[Any]], bool]) -> None:
         """A reload: every lease issued so far stops working (clients renew at the front door, where the
         policy just read applies)."""
-        self.key = leases.new_key()
+        self._master_key = leases.new_key()
         for worker in workers:
             if worker.direct_address and worker.state not in (WorkerState.SPAWNED, WorkerState.EXITED):
-                send(worker, [messages.KEY, self.key])
+                send(worker, [messages.KEY, self.key_for(worker.model)])
 
     # -- counts ---------------------------------------------------------------------------------------
     def read_ledgers(self, workers: list[WorkerHandle], reject: Callable[[WorkerHandle, str], None], limit: int | None = None) -> None:

@@ -3,8 +3,10 @@
 The supervisor, after its access check, issues a lease for one identity, one model version and a short
 time; each of that model's workers checks it before it reads any request on a direct connection. A lease
 is msgpack [LEASE_FORMAT, identity, model, version, expires_ns, serial, max_in_flight] followed by an
-HMAC-SHA256 of
-those bytes under a key the supervisor generated and handed to its workers over their channels. Times
+HMAC-SHA256 of those bytes under that model version's key: derived (model_key) from a master key only the
+supervisor holds, and handed over their channels to that model version's workers alone. A worker is
+where a hostile model's steps run: with its key it could mint leases, so the key it holds opens no
+other model's workers (one key for every worker once let a step mint leases for any model). Times
 are CLOCK_MONOTONIC, which every process on the host shares. A worker also checks that the identity is
 the one the kernel reports for the connection (SO_PEERCRED), so a lease is useless to anyone else.
 
@@ -51,6 +53,11 @@ def new_key() -> bytes:
     return os.urandom(KEY_BYTES)
 
 
+def model_key(master: bytes, model: str, version: int) -> bytes:
+    """The key that issues and checks leases for one model version: what its workers get, never `master`."""
+    return hmac.digest(master, b"openinfer lease key " + msgpack.packb([model, version]), hashlib.sha256)
+
+
 def issue(key: bytes, identity: str, model: str, version: int, ttl_ns: int, serial: int, max_in_flight: int) -> tuple[bytes, int]:
     """(token, expires_ns)."""
     expires_ns = time.monotonic_ns() + ttl_ns
@@ -65,7 +72,7 @@ def verify(key: bytes, token: Any, identity: str, model: str, version: int, now_
         raise LeaseRefused("`lease` must be the bytes the front door's `lease` operation returned")
     body, mac = token[:-_MAC_BYTES], token[-_MAC_BYTES:]
     if not hmac.compare_digest(mac, hmac.digest(key, body, hashlib.sha256)):
-        raise LeaseRefused("the lease was not issued by this daemon, or a reload has revoked it: take a new one", expired=True)
+        raise LeaseRefused(f"the lease was not issued by this daemon for {model}:{version}, the model version this worker serves, or a reload has revoked it: take a new one", expired=True)
     fields = msgpack.unpackb(body)  # ours: it passed the MAC
     _, holder, leased_model, leased_version, expires_ns, serial, max_in_flight = fields
     if holder != identity:

@@ -276,7 +276,7 @@ class WorkerPool:
         if hello.warmup_error:
             log.warning("warm-up failed; first request pays the first-run cost", extra={"model": model.name, "reason": hello.warmup_error})
         worker.transition(WorkerState.LOADED)
-        self.send(worker, [messages.ACK, self.direct.key] if self.direct is not None and worker.direct_address else [messages.ACK])
+        self.send(worker, [messages.ACK, self.direct.key_for(model)] if self.direct is not None and worker.direct_address else [messages.ACK])
 
     def on_ready(self, worker: WorkerHandle, sandbox: dict) -> None:  # type: ignore[type-arg]
         worker.sandbox = sandbox

@@ -83,7 +83,7 @@ def test_a_lease_for_one_model_opens_no_other_models_worker(daemon_factory: Any,
     peer = Peer(other["workers"][0]["address"])
     try:
         refused = peer.ask(attach(tiny["lease"]))
-        assert refused is not None and refused["error"]["code"] == "PERMISSION_DENIED" and "tiny" in refused["error"]["message"]
+        assert refused is not None and refused["error"]["code"] == "PERMISSION_DENIED" and "other:1" in refused["error"]["message"]
         assert peer.ask(infer(2))["error"]["code"] == "PERMISSION_DENIED"  # type: ignore[index]
         assert peer.ask(attach(other["lease"], 3))["result"]["model"] == "other"  # type: ignore[index]
         assert "outputs" in peer.ask(infer(4))  # type: ignore[operator]
