@@ -100,6 +100,7 @@ class ClientCore:
         self.gone: set[str] = set()
         self._templates: dict[tuple[Any, ...], bytes] = {}
         self.door_limits: dict[str, int] | None = None  # the front door's, from `health` (None: not asked yet)
+        self._slack_for, self._slack = 0.0, 0.0  # give_up_at's slack, for this budget
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -117,10 +118,14 @@ class ClientCore:
             if type(value) is not np.ndarray:  # BF16Array and array-likes: the general encoder
                 return self._encode_slow(request_id, model, inputs, version, outputs, timeout_ms, priority, sent=True)
             datatype = _FAST_DATATYPES.get(value.dtype)
-            if datatype is None or not value.flags.c_contiguous:
+            try:  # the bytes as they are; a view that is not C-contiguous, or has no elements, cannot be cast (TypeError)
+                payload = memoryview(value).cast("B") if datatype is not None else None  # type: ignore[arg-type]
+            except TypeError:
+                payload = None
+            if payload is None:
                 return self._encode_slow(request_id, model, inputs, version, outputs, timeout_ms, priority, sent=True)
             key.append((name, datatype, value.shape))
-            payloads.append(memoryview(value.reshape(-1)).cast("B") if value.size else b"")  # type: ignore[arg-type]
+            payloads.append(payload)
         template_key = tuple(key)
         prefix = self._templates.get(template_key)
         if prefix is None:
@@ -131,7 +136,7 @@ class ClientCore:
             if len(self._templates) >= TEMPLATES_KEPT:
                 self._templates.clear()
             self._templates[template_key] = prefix
-        return [prefix + _UINT64.pack(0xCF, time.monotonic_ns()) + _ID_KEY + pack(request_id), *payloads]
+        return [prefix + _UINT64.pack(0xCF, time.monotonic_ns()) + _ID_KEY + _PACKER.pack(request_id), *payloads]
 
     def _encode_slow(self, request_id: int, model: str, inputs: Mapping[str, np.ndarray | BF16Array | bytes | str], version: int | None, outputs: Sequence[str] | None, timeout_ms: int, priority: int | None, sent: bool = False) -> list[Any]:
         try:
@@ -195,7 +200,9 @@ class ClientCore:
         """When a direct request stops waiting for its reply: its deadline plus the direct slack. Counted
         from the deadline, not from the send, so that what came before the send (a lease, a connection, an
         attach, a first try refused as lease-expired) is part of the caller's timeout, not added to it."""
-        return deadline + self.wait_s(budget, direct=True) - budget
+        if budget != self._slack_for:  # (every request asks; its budget rarely changes)
+            self._slack_for, self._slack = budget, self.wait_s(budget, direct=True) - budget
+        return deadline + self._slack
 
     def lease_wait_s(self, deadline: float) -> float:
         """How long a request may wait for the daemon's answer to its `lease`: what is left of its own
@@ -328,6 +335,17 @@ class ClientCore:
         there): the reply, or the close, makes the link usable again or ends it."""
         for link in [link for link in self.links.values() if link.owed]:
             self.notice_goaway(link)
+
+    def tidy_links(self) -> None:
+        """Before a sync client's request: close drained links (forget_drained) and settle owed ones
+        (settle_owed). Every request comes here; most find neither, in one look at each link."""
+        for link in self.links.values():
+            if link.owed or (link.draining and not link.pending):
+                break
+        else:
+            return
+        self.forget_drained()
+        self.settle_owed()
 
     def forget_drained(self) -> list[DirectLink]:
         """Links whose worker said GOAWAY and that have nothing pending: close them."""

@@ -84,6 +84,8 @@ def parse_lease(result: Any, taken_ns: int) -> Lease:
 
 def check_request_size(frames: list[Any], lease: Lease) -> None:
     """Refuse locally what a worker would refuse for its size (PROTOCOL.md 9), naming the limit."""
+    if len(frames) <= lease.max_frames and len(frames[0]) <= lease.max_header_bytes and request_bytes(frames) <= lease.max_request_bytes:
+        return  # (every request checks this: the usual answer without a second call)
     check_limits(frames, lease.max_request_bytes, lease.max_header_bytes, lease.max_frames, f"the daemon's limit for {lease.model!r}", "server.max_request_bytes, or the model's max_request_bytes")
 
 
@@ -101,7 +103,10 @@ def check_limits(frames: list[Any], max_request_bytes: int, max_header_bytes: in
 
 
 def request_bytes(frames: list[Any]) -> int:
-    return sum(memoryview(f).nbytes for f in frames[1:])
+    total = 0
+    for frame in frames[1:]:  # (a loop, not sum() over a generator: every request counts these)
+        total += frame.nbytes if type(frame) is memoryview else memoryview(frame).nbytes
+    return total
 
 
 @dataclass(eq=False)

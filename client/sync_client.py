@@ -76,7 +76,8 @@ class Client:
         frames = core.infer_frames(request_id, model, inputs, version, outputs, budget, priority)
         started = time.perf_counter_ns()
         deadline = time.monotonic() + budget
-        self._take_lock(budget)
+        if not self._lock.acquire(False):  # (free, as it nearly always is: no call to _take_lock)
+            self._take_lock(budget)
         try:
             if core.direct:
                 try:
@@ -236,8 +237,7 @@ class Client:
 
     def _link(self, lease: Lease, budget: float, deadline: float) -> DirectLink:
         core = self._core
-        core.forget_drained()
-        core.settle_owed()
+        core.tidy_links()
         address = core.pick_address(lease)
         if address is None:
             core.leases.pop((lease.model, lease.version), None)

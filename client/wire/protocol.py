@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import msgpack
 import numpy as np
@@ -57,12 +57,11 @@ def resolve_address(address: str | None) -> str:
     return os.environ.get(ENV_SOCKET) or default_address()
 
 
-def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
-def unpack(raw: bytes | bytearray | memoryview) -> Any:
-    return msgpack.unpackb(raw, raw=False, strict_map_key=True)
+# msgpack's own functions, not wrappers: every request and reply goes through them, and since msgpack 1.0
+# (pyproject: msgpack>=1.0) their defaults are ours: packb(use_bin_type=True); unpackb(raw=False, strict_map_key=True,
+# every max_*_len bounded by the buffer's size).
+pack: Callable[[Any], bytes] = msgpack.packb
+unpack: Callable[[bytes | bytearray | memoryview], Any] = msgpack.unpackb
 
 
 def encode_infer_request(

@@ -142,14 +142,27 @@ def split_command(body: bytes) -> tuple[bytes, bytes]:
 
 def message_buffers(frames: list[Buffer]) -> list[Buffer]:
     """Headers and bodies of a multipart message, ready for sendmsg (bodies are not copied)."""
+    return _message_buffers(frames)[0]
+
+
+def _message_buffers(frames: list[Buffer]) -> tuple[list[Buffer], int]:
+    """message_buffers and their total size. On every request's path: a short frame's header is built
+    here, not by a call to frame_header."""
     buffers: list[Buffer] = []
+    total = 0
     last = len(frames) - 1
     for index, frame in enumerate(frames):
         size = len(frame) if not isinstance(frame, memoryview) else frame.nbytes
-        buffers.append(frame_header(size, 0 if index == last else MORE))
+        flags = 0 if index == last else MORE
+        if size < 256:
+            buffers.append(bytes((flags, size)))
+            total += 2 + size
+        else:
+            buffers.append(bytes((flags | LONG,)) + _LONG_SIZE.pack(size))
+            total += 9 + size
         if size:
             buffers.append(frame)
-    return buffers
+    return buffers, total
 
 
 @dataclass(frozen=True)
@@ -211,7 +224,7 @@ class FrameStream:
         self._out: deque[memoryview] = deque()
         self.out_bytes = 0  # bytes queued for the peer, not yet taken by the kernel
         self.in_bytes = 0  # bytes held for messages not yet complete
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = b""  # what arrived and is not parsed yet, from _pos: a chunk as it came, or a bytearray that grows
         self._pos = 0
         self._frames: list[Buffer] = []
         self._msg_bytes = 0
@@ -271,11 +284,15 @@ class FrameStream:
                 raise PeerClosed()
             got += len(chunk)
             self.bytes_in += len(chunk)
-            if self._pos == len(self._buf):
-                self._buf = bytearray(chunk)
+            buf = self._buf
+            if self._pos == len(buf):  # nothing held: parse the bytes as they came (a frame is one slice of them)
+                self._buf = chunk
+                self._pos = 0
+            elif type(buf) is bytes:  # the rest of an earlier chunk: from now on in a buffer that grows
+                self._buf = bytearray(memoryview(buf)[self._pos :]) + chunk
                 self._pos = 0
             else:
-                self._buf += chunk
+                buf += chunk
             self._parse(events)
             if len(chunk) < _RECV_CHUNK and self._big is None:
                 break  # the kernel had no more
@@ -310,7 +327,8 @@ class FrameStream:
         buf = self._buf
         pos = self._pos
         end = len(buf)
-        pos = self._skip_rest(pos, end)
+        if self._skip_left:
+            pos = self._skip_rest(pos, end)
         while pos < end:
             if self._state != "open":  # greeting, then handshake commands, as far as they have arrived
                 moved = self._handshake_step(buf, pos)
@@ -339,7 +357,8 @@ class FrameStream:
                 self._on_command(bytes(buf[start : start + size]))
                 pos = start + size
                 continue
-            if not self._skip and self._over_limit(size, events):
+            limits = self.limits  # (what follows runs for every frame: the limits are looked at in line)
+            if not self._skip and (size > limits.first_frame or len(self._frames) >= limits.frames or self._msg_bytes + size > limits.message_bytes) and self._over_limit(size, events):
                 self._skip = True
             if self._skip:  # consume without storing
                 take = min(size, end - start)
@@ -351,8 +370,15 @@ class FrameStream:
                 if not flags & MORE:
                     self._skip = False
                 continue
-            if end - start >= size:
-                self._end_frame(flags, bytes(buf[start : start + size]), events)
+            if end - start >= size:  # a whole frame (_end_frame, in line)
+                frames = self._frames
+                frames.append(bytes(buf[start : start + size]))
+                self._msg_bytes += size
+                if not flags & MORE:
+                    events.append(frames)
+                    self.messages_in += 1
+                    self._frames = []
+                    self._msg_bytes = 0
                 pos = start + size
                 continue
             if size >= BIG_FRAME:  # receive the rest straight into its own buffer
@@ -366,15 +392,22 @@ class FrameStream:
                 self._big, self._big_filled, self._big_flags = big, have, flags
                 pos = end
             break
-        self._consumed(buf, pos)
+        if pos >= end:  # (the usual end: all of it parsed)
+            self._buf = b""
+            self._pos = 0
+        else:
+            self._consumed(buf, pos)
 
-    def _consumed(self, buf: bytearray, pos: int) -> None:
+    def _consumed(self, buf: bytes | bytearray, pos: int) -> None:
         """Parsing stopped at `pos`: drop what is behind it (at once when all of it, else in large steps)."""
         if pos >= len(buf):
-            self._buf = bytearray()
+            self._buf = b""
             self._pos = 0
-        elif pos > 65536:
-            del buf[:pos]
+        elif pos > 65536:  # what is held is what in_bytes counts: never a large chunk's parsed part
+            if type(buf) is bytearray:
+                del buf[:pos]
+            else:
+                self._buf = buf[pos:]
             self._pos = 0
         else:
             self._pos = pos
@@ -427,7 +460,7 @@ class FrameStream:
             self._msg_bytes = 0
 
     # -- handshake and commands ------------------------------------------------------------------------
-    def _handshake_step(self, buf: bytearray, pos: int) -> int:
+    def _handshake_step(self, buf: bytes | bytearray, pos: int) -> int:
         end = len(buf)
         if self._state == "greeting":
             if end - pos >= 1 and buf[pos] != 0xFF:
@@ -519,13 +552,10 @@ class FrameStream:
         if self._state != "open":
             self._held.append(list(frames))
             return
-        buffers = message_buffers(frames)
+        buffers, total = _message_buffers(frames)
         if self._out or self.closed or len(buffers) > _IOV_MAX:
             self._queue(buffers)
             return
-        total = 0
-        for buffer in buffers:
-            total += buffer.nbytes if isinstance(buffer, memoryview) else len(buffer)
         try:
             sent = self.sock.sendmsg(buffers)
         except (BlockingIOError, InterruptedError):
@@ -600,7 +630,7 @@ class FrameStream:
             self.closed = True
             self._out.clear()
             self.out_bytes = 0
-            self._buf = bytearray()
+            self._buf = b""
             self._frames = []
             self._big = None
             self.sock.close()
