@@ -13,7 +13,7 @@ from openinfer.daemon.workerpool.workers import WorkerHandle
 
 from openinfer.daemon.steps.contract import MAX_MODEL_CALLS
 
-from .ledger import ADMITTED, ADMITTED_DEADLINE_US, ADMITTED_SENT_US, ANSWERED, CACHE_HIT, CODES, COUNTED, REFUSED, RUN, STAGE, TIMING_KEYS, Entry, LedgerReader, LedgerRejected, RecordBatch
+from .ledger import MAX_ADMITTED, ADMITTED, ADMITTED_DEADLINE_US, ADMITTED_SENT_US, ANSWERED, CACHE_HIT, CODES, COUNTED, REFUSED, RUN, STAGE, TIMING_KEYS, Entry, LedgerReader, LedgerRejected, RecordBatch
 
 LogAccess = Callable[[WorkerHandle, Entry], None]
 
@@ -34,6 +34,15 @@ def _opened(client: str, bytes_in: int, deadline_us: float, sent_us: float) -> t
     return client, bytes_in, int(deadline_us * 1000), int(sent_us * 1000)
 
 
+def _keep_open(pending: dict[int, tuple[str, int, int, int]], serial: int, opened: tuple[str, int, int, int]) -> None:
+    """An admitted request into worker.direct_pending, which holds at most MAX_ADMITTED: a conforming
+    worker never has more open (its queue refuses them), so past that the oldest goes - a request whose
+    answer the ring dropped, or a forgery; either way no more memory, and no longer a pass, for it."""
+    if len(pending) >= MAX_ADMITTED and serial not in pending:
+        del pending[next(iter(pending))]
+    pending[serial] = opened
+
+
 def _groups(answered: np.ndarray) -> np.ndarray:
     """Each ANSWERED record's (client slot, code) group, as one number."""
     return answered["slot"].astype(np.int64) * len(CODES) + answered["code"]
@@ -49,7 +58,10 @@ class DirectBooks:
 
     @staticmethod
     def open(worker: WorkerHandle, fd: int) -> None:
-        worker.ledger = LedgerReader(fd, CLIENT_KEY, OTHER_CLIENTS)
+        # A record may name only an identity its model version leased to: a worker (its model's steps)
+        # that names any other, a uid that never called it, books it under OTHER_CLIENTS.
+        lessees = worker.model.lessees
+        worker.ledger = LedgerReader(fd, CLIENT_KEY, OTHER_CLIENTS, lessees.__contains__)
 
     def read(self, worker: WorkerHandle, limit: int | None = None) -> int:
         """Take in what the worker recorded since the last read (at most `limit` records; the rest waits
@@ -87,8 +99,6 @@ class DirectBooks:
                 raise LedgerRejected(f"a run of {int(runs.max() if batching else runs[0])} for a model batching at most {batching.max_batch_size if batching else 1}")
         pending = worker.direct_pending
         opens = (kind == ADMITTED) | (kind == ANSWERED)
-        if len(pending) + int((kind == ADMITTED).sum()) >= 1 << 20:
-            raise LedgerRejected("more requests admitted and unanswered than any worker holds")
         # Clients come into the books in the order their records name them, as record by record (the
         # table is bounded: which keys get a row of their own must not depend on the path).
         named = records[(kind == ANSWERED) | (kind == REFUSED)]["slot"]
@@ -99,7 +109,7 @@ class DirectBooks:
         times = records["timing"][opens]
         for is_admitted, serial, slot, size, deadline_us, sent_us in zip(*(column.tolist() for column in (kind[opens] == ADMITTED, records["serial"][opens], records["slot"][opens], records["bytes_in"][opens], times[:, 0], times[:, 1]))):
             if is_admitted:
-                pending[serial] = _opened(clients[slot], size, deadline_us, sent_us)
+                _keep_open(pending, serial, _opened(clients[slot], size, deadline_us, sent_us))
             else:
                 pending.pop(serial, None)
         if len(answered):
@@ -172,9 +182,7 @@ class DirectBooks:
                 model.consecutive_crashes = 0
             self.log_access(worker, entry)
         elif kind == ADMITTED:
-            if len(worker.direct_pending) >= 1 << 20:
-                raise LedgerRejected("more requests admitted and unanswered than any worker holds")
-            worker.direct_pending[entry.serial] = _opened(entry.client, entry.bytes_in, entry.timing[ADMITTED_DEADLINE_US], entry.timing[ADMITTED_SENT_US])
+            _keep_open(worker.direct_pending, entry.serial, _opened(entry.client, entry.bytes_in, entry.timing[ADMITTED_DEADLINE_US], entry.timing[ADMITTED_SENT_US]))
         elif kind == REFUSED:
             infer = entry.op == "infer"
             accountant.record(model.name if infer else None, model.version if infer else None, entry.client, entry.code, entry.timing)

@@ -125,6 +125,7 @@ class DirectPath:
             raise Unavailable(f"model {model.key} has no worker ready for direct requests right now (starting, or running past a deadline)")
         ttl_ns = int(self.settings.server.lease_ttl_s * 1e9)
         self._serial += 1
+        model.lessees.add(identity)
         token, _ = leases.issue(self.key_for(model), identity, model.name, model.version, ttl_ns, self._serial, max_in_flight)
         self.leases_issued += 1
         return {

@@ -64,6 +64,9 @@ class ServedModel:
     repository: Path | None = None  # the repository `path` was found in: its files are opened beneath it
     chain_members: list["ServedModel"] = field(default_factory=list)  # a chain's: the members its workers load
     stage_totals: dict[str, list[float]] = field(default_factory=dict)  # a chain's: member -> [requests, runs, compute_us]
+    # Identities ("uid=N") the front door gave a lease for this model version: the only ones its workers'
+    # ledgers may book a request to (DirectBooks). As many as the uids its access policy lets lease it.
+    lessees: set[str] = field(default_factory=set)
 
     @property
     def steps_dir(self) -> Path:

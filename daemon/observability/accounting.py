@@ -47,6 +47,11 @@ _BUCKET_BOUNDS = np.array(DURATION_BUCKETS_US, dtype=np.float64)  # record_many'
 _BUCKET_ROW = len(DURATION_BUCKETS_US) + 2  # one counter per bucket, one for > 60 s, then the ns sum
 PENDING_BATCHES_MAX = 32  # batches record_batch_later may hold before adding them in regardless
 MAX_CLIENTS = 1024  # distinct client keys kept; later ones are accounted under OTHER_CLIENTS
+# Labels (`client` names) one identity gets a row for; its further ones share "(other labels)@<identity>".
+# Labels are the client's own choice: one uid naming 1,100 of them once took every row, and every later
+# identity was booked under OTHER_CLIENTS for the rest of the daemon's life.
+LABELS_PER_IDENTITY = 32
+OTHER_LABELS = "(other labels)"
 from .client_key import CLIENT_KEY  # noqa: E402,F401  (what a worker's ledger may name as a client)
 OTHER_CLIENTS = "(other)"
 
@@ -218,7 +223,8 @@ class Accountant:
     Client key (computed by the supervisor, accounted here as given): the peer's identity, i.e.
     `uid=N` over ipc:// (from the kernel), `curve=<key>` for a CURVE client, `tcp=<host:port>` for a
     plain tcp:// connection (--insecure-tcp); `"<name>@<that identity>"` when the request carries a
-    client name (`Client(client_name=...)`). At most MAX_CLIENTS distinct keys are kept; requests from
+    client name (`Client(client_name=...)`). At most LABELS_PER_IDENTITY labels of one identity get keys of
+    their own (the rest share OTHER_LABELS@identity), and at most MAX_CLIENTS keys in all; requests from
     later keys are accounted under OTHER_CLIENTS."""
 
     def __init__(self) -> None:
@@ -227,6 +233,7 @@ class Accountant:
         self.rejected: dict[str, int] = {}  # requests refused before a model was known, by code
         self.operations: dict[str, dict[str, int]] = {}  # every request by operation: {op: {"OK" or code: n}}
         self._pending_batches: list[tuple[Any, ...]] = []  # record_batch_later's, not yet added in
+        self._labels: dict[str, int] = {}  # identity -> its labelled keys in by_client
 
     def count_operation(self, op: str, code: str | None, n: int = 1) -> None:
         """Every request the daemon reads is counted here by operation and outcome (infer included)."""
@@ -486,6 +493,14 @@ class Accountant:
         return stats, rows
 
     def _new_client(self, client: str) -> UsageStats:
+        # The identity is what follows the last "@" (client_key.py). A CURVE key may hold "@" itself: its
+        # labels are then counted under the key's tail, the same tail every time.
+        label, at, identity = client.rpartition("@")
+        if at and label != OTHER_LABELS:
+            labels = self._labels.get(identity, 0)
+            if labels >= LABELS_PER_IDENTITY:
+                return self.client_usage(f"{OTHER_LABELS}@{identity}")
+            self._labels[identity] = labels + 1
         if len(self.by_client) >= MAX_CLIENTS:
             client = OTHER_CLIENTS
             user = self.by_client.get(client)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from openinfer.daemon.direct.deadline_page import DeadlinePage
-from openinfer.daemon.direct.ledger import CACHE_HIT, CACHE_MISS, LedgerWriter
+from openinfer.daemon.direct.ledger import CACHE_HIT, CACHE_MISS, MAX_ADMITTED, LedgerWriter
 from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.frontdoor.validation import InputSignature, check_infer
 from openinfer.daemon.modelstore.modelconfig import BatchingConfig
@@ -95,6 +95,7 @@ class DirectQueue:
         self.ledger = ledger
         self.queue: TaskQueue[DirectRequest] = TaskQueue(model.starvation_ms)
         self.in_flight: dict[str, int] = {}  # by identity: accepted here, not yet answered
+        self.admitted = 0  # all of those: at most MAX_ADMITTED (what the supervisor keeps of them)
         # Tensor bytes of those requests (waiting or running), in all and by identity: bounded by the
         # door's soft budget, three quarters of it per identity. max_in_flight alone (256) let one uid
         # queue 256 x 64 MiB: its complete requests filled the worker's address space and killed it.
@@ -122,6 +123,8 @@ class DirectQueue:
         held = self.in_flight.get(conn.identity, 0)
         if held >= lease.max_in_flight:
             raise reject_busy(conn.identity, held, lease.max_in_flight)
+        if self.admitted >= MAX_ADMITTED:
+            raise ResourceExhausted(f"this worker has {self.admitted} requests waiting or running, all it takes: send it again once some are answered", {"limit": MAX_ADMITTED})
         mine = self.held_by.get(conn.identity, 0)
         if nbytes and (self.held_bytes + nbytes > self.held_budget or mine + nbytes > self.identity_held_budget):
             raise ResourceExhausted(f"this worker holds {self.held_bytes} bytes of requests waiting or running ({mine} of them {conn.identity}'s); it takes at most {self.held_budget}, {self.identity_held_budget} per identity: send it again once some are answered", {"limit": self.held_budget})
@@ -144,6 +147,7 @@ class DirectQueue:
             request.rows = signature.rows
         conn.open_ids.add(request_id)
         self.in_flight[conn.identity] = held + 1
+        self.admitted += 1
         self.held_bytes += nbytes
         self.held_by[conn.identity] = mine + nbytes
         self._serial += 1
@@ -346,6 +350,7 @@ class DirectQueue:
     def _close(self, request: DirectRequest) -> None:
         request.conn.open_ids.discard(request.request_id)
         identity = request.conn.identity
+        self.admitted -= 1
         left = self.in_flight.get(identity, 0) - 1
         if left > 0:
             self.in_flight[identity] = left
