@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from openinfer.daemon.steps.steps_config import StepsConfig, StepsConfigError, parse_steps
+from openinfer.wire.protocol import MAX_TIMEOUT_MS
 
 
 class ConfigError(ValueError):
@@ -68,12 +69,50 @@ class ModelConfig:
     chain: ChainConfig | None = None  # runs these models of the repository as one request
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The values a number in config.toml may take, and why its ceiling is there (said when one is over it)."""
+
+    low: int
+    high: int
+    why: str
+
+
+# Every number of a model's config.toml has a ceiling. Whoever writes the repository (a model's publisher)
+# should not be obeyed without limit: these counts start processes and threads as the daemon's children
+# (all of a model's workers at once, each with its onnxruntime threads, before any rlimit), hold memory,
+# and pass through fixed-width fields (a worker's stop message packs max_compute_ms in ns as 64 bits).
+# A value over its ceiling fails the model with the key, the value and the ceiling; other models serve.
+TiB = 1 << 40
+BOUNDS: dict[str, Bound] = {
+    "workers": Bound(1, 64, "worker processes per version, all started at once"),
+    "intra_op_threads": Bound(1, 64, "onnxruntime threads per worker, started before its limits are set"),
+    "timeout_ms": Bound(1, MAX_TIMEOUT_MS, "the longest timeout a client may send, about 24.8 days"),
+    "max_compute_ms": Bound(1, MAX_TIMEOUT_MS, "the longest timeout a client may send, about 24.8 days"),
+    "max_request_bytes": Bound(1, TiB, "1 TiB"),
+    "memory_limit_mb": Bound(1, TiB >> 20, "1 TiB of address space"),
+    "max_queue": Bound(1, 65_536, "queued requests of one model"),
+    "batching.max_batch_size": Bound(1, 1 << 20, "rows in one batch"),
+    "batching.preferred_batch_sizes": Bound(1, 1 << 20, "rows in one batch"),
+    "batching.max_queue_delay_us": Bound(0, 10_000_000, "10 s of waiting for company"),
+    "batching.quiet_us": Bound(0, 1_000_000, "1 s of quiet"),
+    "cache.entries": Bound(1, 1 << 20, "answers kept per worker"),
+    "cache.max_bytes": Bound(1, TiB, "1 TiB"),
+    "cache.ttl_s": Bound(0, 365 * 24 * 3600, "one year"),
+}
+MAX_PREFERRED_BATCH_SIZES = 16  # entries of batching.preferred_batch_sizes, each looked at per batch
 _INT_KEYS = {"workers", "intra_op_threads", "timeout_ms", "max_compute_ms", "max_request_bytes", "memory_limit_mb", "max_queue"}
 
 
-def _positive_int(path: Path, key: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{path}: `{key}` must be a positive integer, got {value!r}")
+def _bounded_int(path: Path, key: str, value: Any, zero: str = "") -> int:
+    """`value` as the integer `key` (a dotted name, e.g. "batching.quiet_us") may take, else a
+    ConfigError naming the key, the value and the bound. `zero`: what 0 means, where it is allowed."""
+    bound = BOUNDS[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < bound.low:
+        kind = "a positive integer" if bound.low == 1 else f"an integer >= {bound.low}{zero}"
+        raise ConfigError(f"{path}: `{key}` must be {kind}, got {value!r}")
+    if value > bound.high:
+        raise ConfigError(f"{path}: `{key}` = {value} is over its bound {bound.high} ({bound.why})")
     return value
 
 
@@ -90,7 +129,7 @@ def parse_model_config(path: Path, text: str | None = None) -> ModelConfig:
         if key not in known:
             raise ConfigError(f"{path}: unknown key `{key}` (known: {', '.join(sorted(known))})")
         if key in _INT_KEYS:
-            values[key] = _positive_int(path, key, value)
+            values[key] = _bounded_int(path, key, value)
         elif key == "version_policy":
             if value not in ("all", "latest"):
                 raise ConfigError(f"{path}: `version_policy` must be \"all\" or \"latest\", got {value!r}")
@@ -149,12 +188,6 @@ def _table_items(path: Path, name: str, raw: Any, table: type) -> list[tuple[str
     return list(raw.items())
 
 
-def _non_negative_int(path: Path, key: str, value: Any, zero: str = "") -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"{path}: `{key}` must be an integer >= 0{zero}, got {value!r}")
-    return value
-
-
 def _parse_cache(path: Path, raw: Any) -> CacheConfig:
     values: dict[str, Any] = {}
     for key, value in _table_items(path, "cache", raw, CacheConfig):
@@ -163,9 +196,9 @@ def _parse_cache(path: Path, raw: Any) -> CacheConfig:
                 raise ConfigError(f"{path}: `cache.shared` must be true or false, got {value!r}")
             values[key] = value
         elif key == "ttl_s":
-            values[key] = _non_negative_int(path, "cache.ttl_s", value, " (0: no expiry)")
+            values[key] = _bounded_int(path, "cache.ttl_s", value, " (0: no expiry)")
         else:
-            values[key] = _positive_int(path, f"cache.{key}", value)
+            values[key] = _bounded_int(path, f"cache.{key}", value)
     return replace(CacheConfig(), **values)
 
 
@@ -175,11 +208,11 @@ def _parse_batching(path: Path, raw: Any) -> BatchingConfig:
         if key == "preferred_batch_sizes":
             if not isinstance(value, list):
                 raise ConfigError(f"{path}: `batching.preferred_batch_sizes` must be a list of integers")
-            values[key] = tuple(_positive_int(path, f"batching.{key}", v) for v in value)
-        elif key in ("max_queue_delay_us", "quiet_us"):  # 0: never wait / always wait the whole delay
-            values[key] = _non_negative_int(path, f"batching.{key}", value)
-        else:
-            values[key] = _positive_int(path, f"batching.{key}", value)
+            if len(value) > MAX_PREFERRED_BATCH_SIZES:
+                raise ConfigError(f"{path}: `batching.preferred_batch_sizes` lists {len(value)} sizes; at most {MAX_PREFERRED_BATCH_SIZES}")
+            values[key] = tuple(_bounded_int(path, f"batching.{key}", v) for v in value)
+        else:  # max_queue_delay_us, quiet_us: 0 = never wait / always wait the whole delay
+            values[key] = _bounded_int(path, f"batching.{key}", value)
     config = replace(BatchingConfig(), **values)
     too_big = [size for size in config.preferred_batch_sizes if size > config.max_batch_size]
     if too_big:

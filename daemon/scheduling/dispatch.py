@@ -18,7 +18,7 @@ from openinfer.wire.zmtp import Buffer
 from openinfer.daemon.frontdoor.client_limits import ClientLimiter
 from openinfer.daemon.modelstore.models import ServedModel
 from openinfer.daemon.config.settings import Settings
-from .batch_rules import batch_size_now
+from .batch_rules import batch_size_now, latest_hold_ns
 from .tasks import Task
 from openinfer.daemon.loop.timers import TimerHeap
 from openinfer.daemon.worker import messages
@@ -103,6 +103,7 @@ class Dispatcher:
             task.batch_key = (signature.batch_specs, tuple(header.get("outputs") or ()))
         self.enqueue(task)
         model = task.model
+        self._shorten_hold(task)
         # Most arrivals only join a batch that is already waiting: nothing to decide before its timer
         # (maybe_flush's own test, without the call: this runs for every request).
         deadline = model.batch_deadline_ns
@@ -251,11 +252,11 @@ class Dispatcher:
         now = time.monotonic_ns()
         if model.batch_deadline_ns == 0:
             # The timer goes off early by the usual wake-up lateness (at most a quarter of the delay), so
-            # that the batch leaves by the deadline rather than a wake-up later: the delay is a bound.
+            # that the batch leaves by the deadline rather than a wake-up later: the delay is a bound. It
+            # goes sooner if a queued task could not wait that long and still run before its deadline.
             delay_ns = batching.max_queue_delay_us * 1000
-            model.batch_deadline_ns = now + delay_ns - min(delay_ns // 4, 2 * self.wakeup_lateness_ns)
-            armed = model.batch_deadline_ns
-            model.batch_timer = self.timers.call_at(armed, lambda: self._batch_timer(model, armed))
+            due_ns = now + delay_ns - min(delay_ns // 4, 2 * self.wakeup_lateness_ns)
+            self._set_batch_deadline(model, min(due_ns, min(_latest_hold(task) for task in model.queue)))
         due = now >= model.batch_deadline_ns
         if not due and len(model.queue) < batching.max_batch_size and not (model.idle and batching.preferred_batch_sizes):
             return
@@ -294,6 +295,21 @@ class Dispatcher:
             if worker.state is WorkerState.BUSY and not worker.retired and worker.inflight.one_unit() and not worker.inflight.stalled:
                 return worker
         return None
+
+    def _set_batch_deadline(self, model: ServedModel, at_ns: int) -> None:
+        if model.batch_timer is not None:
+            self.timers.cancel(model.batch_timer)
+        model.batch_deadline_ns = at_ns
+        model.batch_timer = self.timers.call_at(at_ns, lambda: self._batch_timer(model, at_ns))
+
+    def _shorten_hold(self, task: Task) -> None:
+        """A task just queued that cannot wait out the delay of the batch waiting: that batch leaves by
+        the task's latest hold instead (the first task of a batch sets its deadline in maybe_flush)."""
+        model = task.model
+        if model.batch_deadline_ns:
+            at_ns = _latest_hold(task)
+            if at_ns < model.batch_deadline_ns:
+                self._set_batch_deadline(model, at_ns)
 
     def _clear_batch_deadline(self, model: ServedModel) -> None:
         """No batch waiting: its timer goes too (a batch that filled up before its delay must not leave a
@@ -394,6 +410,7 @@ class Dispatcher:
         task.done = False
         self._track(task)
         task.model.queue.appendleft(task)
+        self._shorten_hold(task)
 
     def requeue_unstarted(self, worker: WorkerHandle, moved_again: OpenInferError | None = None) -> None:
         """Put the tasks a lost worker held but had not answered back at the front of their queue. With
@@ -492,6 +509,14 @@ def _idle_place(model: ServedModel) -> int | None:
         if worker.state is WorkerState.BUSY and not worker.retired and not worker.inflight.stalled and not worker.direct_run_overdue(now):
             return None
     return last
+
+
+def _latest_hold(task: Task) -> int:
+    """The latest a queued task may wait for company (batch_rules.latest_hold_ns), given its model's
+    recent compute time (of batches, else of single tasks)."""
+    model = task.model
+    compute_us = model.batch_compute_ewma_us or model.compute_ewma_us or 0.0
+    return latest_hold_ns(task.enqueued_ns, task.deadline_ns, int(compute_us * 1000))
 
 
 def _usual_size(task: Task, model: ServedModel) -> bool:

@@ -23,7 +23,7 @@ from openinfer.daemon.direct.ledger import CACHE_HIT, CACHE_MISS, MAX_ADMITTED, 
 from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.frontdoor.validation import InputSignature, check_infer
 from openinfer.daemon.modelstore.modelconfig import BatchingConfig
-from openinfer.daemon.scheduling.batch_rules import batch_size_now
+from openinfer.daemon.scheduling.batch_rules import batch_size_now, latest_hold_ns
 from openinfer.daemon.scheduling.taskqueue import TaskQueue
 from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError, ResourceExhausted
 from openinfer.wire.protocol import PROTOCOL_VERSION
@@ -34,6 +34,9 @@ from .direct import DirectConnection, DirectDoor, reject_busy
 from .run_watch import RunStopped, RunWatch
 from .session import Runner, task_error
 from .verdict_cache import Cached, VerdictCache
+
+
+NEVER = 1 << 63  # a hold limit later than any clock reading
 
 
 @dataclass
@@ -106,6 +109,9 @@ class DirectQueue:
         self._serial = 0  # numbers admitted requests in the ledger
         self.idle_since_ns = time.monotonic_ns()  # when the last run ended: batch waits count from here
         self.last_request_ns = 0
+        # The latest a held batch may leave: the earliest latest_hold_ns of the requests queued since the
+        # queue was last empty (one that has left since only makes a batch leave sooner, never later).
+        self.hold_until_ns = NEVER
 
     # -- admission ------------------------------------------------------------------------------------
     def admit(self, conn: DirectConnection, delimited: bool, request_id: int, header: dict[str, Any], data: list[Buffer], received_ns: int) -> None:
@@ -163,6 +169,7 @@ class DirectQueue:
                 return
         self.queue.append(request)
         self.last_request_ns = received_ns
+        self.hold_until_ns = min(self.hold_until_ns, latest_hold_ns(decoded_ns, request.deadline_ns))
 
     def cancel(self, conn: DirectConnection, target: int) -> bool:
         for request in self.queue:
@@ -195,6 +202,7 @@ class DirectQueue:
                     due_ns = queue.oldest_enqueued_ns() + batching.max_queue_delay_us * 1000
                     if batching.quiet_us:  # its clients have gone quiet: what came is all there is for now
                         due_ns = min(due_ns, self.last_request_ns + batching.quiet_us * 1000)
+                    due_ns = min(due_ns, self.hold_until_ns)  # a request that must run soon to make its deadline
                     if now < due_ns and not everything:
                         return (due_ns - now) / 1e9  # held for company, at most max_queue_delay_us
                     size = batching.max_batch_size
@@ -214,6 +222,7 @@ class DirectQueue:
             else:
                 self._run_batch(live, now)
             self.idle_since_ns = time.monotonic_ns()
+        self.hold_until_ns = NEVER
         return None
 
     def _batch_wait_us(self, request: DirectRequest, started_ns: int) -> float:

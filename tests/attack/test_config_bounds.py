@@ -1,0 +1,99 @@
+"""A model repository's config.toml is written by whoever publishes a model, and the daemon obeyed every
+number in it without limit (attacker round 16, findings 5 and 6): `workers = 100000` spawned that many
+worker processes at once, `intra_op_threads = 100000` as many threads before any rlimit,
+`max_compute_ms = 2**63-1` made every front-door infer INTERNAL (the stop message packs it in 64 bits of
+ns), `memory_limit_mb = 2**63-1` failed the model with a bare OverflowError. Every number now has a
+bound (modelconfig.BOUNDS): a value over it fails that model, naming the key, the value and the bound,
+and the other models serve. And a batch delay longer than a client's timeout held a lone request, a
+worker free, until DEADLINE_EXCEEDED: a batch now leaves by the time its requests can still run."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+import onnx_builders
+from openinfer.client import Client
+from openinfer.daemon.modelstore.modelconfig import BOUNDS, MAX_PREFERRED_BATCH_SIZES, ConfigError, parse_model_config
+from repo_builder import ModelRepo
+
+pytestmark = pytest.mark.attack
+
+BIG = 2**63 - 1
+CONFIG_DOC = Path(__file__).resolve().parents[2] / "docs" / "CONFIG.md"
+
+
+def _toml(key: str, value: int) -> str:
+    """config.toml setting the dotted `key` to `value` (a preferred size needs a max_batch_size as large)."""
+    table, _, name = key.rpartition(".")
+    if name == "preferred_batch_sizes":
+        return f"[batching]\npreferred_batch_sizes = [{value}]\nmax_batch_size = {BOUNDS['batching.max_batch_size'].high}\n"
+    return f"[{table}]\n{name} = {value}\n" if table else f"{name} = {value}\n"
+
+
+def _parse(text: str) -> Any:
+    return parse_model_config(Path("models/m/config.toml"), text)
+
+
+@pytest.mark.parametrize("key", sorted(BOUNDS))
+def test_every_number_of_a_models_config_has_a_bound_that_is_refused_with_its_name(key: str) -> None:
+    bound = BOUNDS[key].high
+    _parse(_toml(key, bound))  # the bound itself is a value an operator may use
+    for value in (bound + 1, BIG):
+        with pytest.raises(ConfigError) as refused:
+            _parse(_toml(key, value))
+        assert f"`{key}` = {value} is over its bound {bound}" in str(refused.value)
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ("workers = 100000\n", "`workers` = 100000 is over its bound 64"),
+    ("intra_op_threads = 100000\n", "`intra_op_threads` = 100000 is over its bound 64"),
+    (f"max_compute_ms = {BIG}\n", f"`max_compute_ms` = {BIG} is over its bound {2**31 - 1}"),
+    (f"memory_limit_mb = {BIG}\n", f"`memory_limit_mb` = {BIG} is over its bound 1048576"),
+    ("[batching]\npreferred_batch_sizes = [" + ", ".join("1" * (MAX_PREFERRED_BATCH_SIZES + 1)) + "]\n", f"at most {MAX_PREFERRED_BATCH_SIZES}"),
+])
+def test_the_attackers_values_are_refused(text: str, said: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        _parse(text)
+
+
+def test_config_md_states_every_bound() -> None:
+    """The per-model table in docs/CONFIG.md is written by hand: each key's row names its bound."""
+    rows = {line.split("|")[1].strip().strip("`"): line for line in CONFIG_DOC.read_text().splitlines() if line.startswith("| `")}
+    for key, bound in BOUNDS.items():
+        assert str(bound.high) in rows[key], f"docs/CONFIG.md: the row of `{key}` does not name its bound {bound.high}"
+
+
+@pytest.fixture(scope="module")
+def repo() -> Iterator[Path]:
+    models = ModelRepo("oi-cfg-bounds-")
+    models.model("canary", onnx_builders.matmul_model, config="workers = 1\n")
+    models.model("compute", onnx_builders.matmul_model, config=f"workers = 1\nmax_compute_ms = {BIG}\n")
+    models.model("threads", onnx_builders.matmul_model, config="workers = 1\nintra_op_threads = 65\n")
+    # A second of waiting for company (the bound is ten), longer than the client's timeout below.
+    models.model("patient", onnx_builders.matmul_model, config="workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 1000000\nquiet_us = 0\n")
+    yield models.ready()
+    models.remove()
+
+
+def test_a_model_over_a_bound_fails_alone_and_a_lone_request_is_not_held_past_its_timeout(daemon_factory: Any, repo: Path) -> None:
+    """Before: `compute` and `threads` were served (and `compute` answered INTERNAL through the front
+    door); a request with a 0.3 s timeout to `patient` waited out its deadline in the queue beside a free
+    worker, on either path: DEADLINE_EXCEEDED ... never ran."""
+    daemon = daemon_factory(repo)
+    x = np.ones((1, 64), np.float32)
+    with Client(daemon.address, timeout=10) as client:
+        models = {m["name"]: m for m in client.models()}
+        for name, said in (("compute", f"`max_compute_ms` = {BIG} is over its bound"), ("threads", "`intra_op_threads` = 65 is over its bound 64")):
+            assert models[name]["state"] == "failed" and said in (models[name]["reason"] or ""), models[name]
+        assert client.infer("canary", {"x": x}).outputs["y"].shape == (1, 64)
+    for direct in (False, True):
+        with Client(daemon.address, timeout=10, direct=direct) as client:
+            client.infer("canary", {"x": x})  # the lease and the link first (direct): the timed request goes alone
+            result = client.infer("patient", {"x": x}, timeout=0.3)
+            assert result.outputs["y"].shape == (1, 64)
+            assert ("dispatch_us" in result.timing) is not direct, result.timing  # the path meant
+            assert result.timing["batch_wait_us"] < 300_000, result.timing  # at most half its 0.3 s
