@@ -15,7 +15,8 @@ from typing import Any
 
 log = logging.getLogger("openinfer.worker.output")
 
-MAX_LINE = 8192  # characters kept of one line
+MAX_LINE = 8192  # characters kept of one line (a JSON record: as the log writes it)
+MAX_DEPTH = 16  # a record nested deeper is kept as text: the log's encoder recurses too
 MAX_PENDING = 64 * 1024  # bytes of an unfinished line kept before it is cut
 _READ = 65536
 
@@ -57,16 +58,42 @@ class StderrRelay:
         if not text:
             return
         extra: dict[str, Any] = dict(self.source)
-        record: Any = None
-        if text.startswith("{"):
-            try:
-                record = json.loads(text)
-            except ValueError:
-                record = None
-        if isinstance(record, dict):
+        record = _json_object(text)
+        if record is not None:
             extra["record"] = record
             level = logging.WARNING if record.get("level") in ("warning", "error", "critical") else logging.INFO
         else:
             extra["line"] = text[:MAX_LINE]
             level = logging.WARNING
         log.log(level, "worker output", extra=extra)
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    """The worker's own structured log line, or None: the line is then kept as text (cut to MAX_LINE).
+    A record is kept only if it is written back (as the log does) in MAX_LINE characters and nested at
+    most MAX_DEPTH deep, and nothing the parser raises on hostile input escapes: a line nested 100 000
+    deep raised RecursionError out of the relay, and the worker's lines after it in the same read were
+    never logged; a 60 KB record was logged whole."""
+    if not text.startswith("{") or len(text) > MAX_LINE:
+        return None
+    try:
+        record = json.loads(text)
+        if not isinstance(record, dict) or not _nested_within(record, MAX_DEPTH):
+            return None
+        if len(json.dumps(record, separators=(",", ":"))) > MAX_LINE:  # \u escapes make it longer
+            return None
+    except (ValueError, RecursionError):
+        return None
+    return record
+
+
+def _nested_within(value: Any, depth: int) -> bool:
+    """Whether `value` nests lists and objects at most `depth` deep (without recursing itself)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            if level > depth:
+                return False
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return True

@@ -1,0 +1,95 @@
+"""What a hostile worker writes to stderr is relayed as bounded data, line by line (attacker round 16,
+finding 7). The relay parsed any line starting with `{` as JSON and caught only ValueError: a line nested
+deep enough raised RecursionError out of `pump`, and the worker's lines after it in that read were
+never logged; a JSON line was also logged whole, however long (60 KB was seen). Driven here on a pipe,
+as the supervisor drives it, without a daemon."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Iterator
+
+import pytest
+
+from openinfer.daemon.observability.jsonlog import JsonFormatter
+from openinfer.daemon.workerpool.worker_output import MAX_LINE, StderrRelay
+
+pytestmark = pytest.mark.attack
+
+
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def relayed() -> Iterator[_Kept]:
+    kept = _Kept()
+    logger = logging.getLogger("openinfer.worker.output")
+    logger.addHandler(kept)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        yield kept
+    finally:
+        logger.removeHandler(kept)
+        logger.setLevel(level)
+
+
+def _relay(written: bytes) -> None:
+    """What a worker wrote, pumped through a relay until the pipe is closed."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    relay = StderrRelay(read_end, {"worker": 1, "pid": 4242, "model": "hostile:1"})
+    try:
+        view = memoryview(written)
+        while view:  # the pipe holds 64 KiB: pump as the supervisor's loop would between writes
+            sent = os.write(write_end, view[:32768])
+            view = view[sent:]
+            relay.pump()
+        os.close(write_end)
+        write_end = -1
+        while relay.pump(final=True):
+            pass
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+
+
+def _said(kept: _Kept) -> list[str]:
+    return [record.__dict__.get("line") or json.dumps(record.__dict__["record"]) for record in kept.records]
+
+
+@pytest.mark.parametrize("depth", [5_000, 100_000], ids=["within-a-line", "longer-than-a-line"])
+def test_a_deeply_nested_line_neither_raises_nor_hides_the_next(relayed: _Kept, depth: int) -> None:
+    _relay(b'{"a":' + b"[" * depth + b"\nafter-the-deep-line\n")
+    said = _said(relayed)
+    assert said[-1] == "after-the-deep-line", said[-1][:100]
+    # The deep line as text, cut to MAX_LINE (past 64 KiB unfinished, a line is relayed in pieces).
+    assert said[0].startswith('{"a":[[[') and len(said[0]) == min(MAX_LINE, depth + 5), len(said[0])
+    assert all(len(line) <= MAX_LINE for line in said), [len(line) for line in said]
+
+
+def test_every_relayed_line_is_bounded_json_or_not(relayed: _Kept) -> None:
+    lines = [
+        b'{"a":"' + b"A" * 60_000 + b'"}',  # a long JSON record: kept as text, cut
+        b"B" * 60_000,  # a long text line
+        b'{"a":"' + "\u00e9".encode() * 4000 + b'"}',  # short, but 24 KB once written back with \u escapes
+        b'{"a":' + b"[" * 900 + b"]" * 900 + b"}",  # short and well formed, nested too deep to write back safely
+        b'{"level":"info","msg":"loaded"}',  # the worker's own structured log: kept as a record
+    ]
+    _relay(b"\n".join(lines) + b"\n")
+    formatter = JsonFormatter()
+    assert len(relayed.records) == len(lines)
+    for record in relayed.records[:-1]:
+        assert "record" not in record.__dict__ and len(record.__dict__["line"]) <= MAX_LINE
+    assert relayed.records[-1].__dict__["record"] == {"level": "info", "msg": "loaded"}
+    for record in relayed.records:
+        formatted = formatter.format(record)
+        json.loads(formatted)
+        assert len(formatted) < 6 * MAX_LINE + 1024, len(formatted)
