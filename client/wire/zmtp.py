@@ -146,8 +146,8 @@ def message_buffers(frames: list[Buffer]) -> list[Buffer]:
 
 
 def _message_buffers(frames: list[Buffer]) -> tuple[list[Buffer], int]:
-    """message_buffers and their total size. On every request's path: a short frame's header is built
-    here, not by a call to frame_header."""
+    """message_buffers and their total size. On every request's path: a short frame's header (what
+    frame_header makes) is built here, without the call."""
     buffers: list[Buffer] = []
     total = 0
     last = len(frames) - 1
@@ -158,7 +158,7 @@ def _message_buffers(frames: list[Buffer]) -> tuple[list[Buffer], int]:
             buffers.append(bytes((flags, size)))
             total += 2 + size
         else:
-            buffers.append(bytes((flags | LONG,)) + _LONG_SIZE.pack(size))
+            buffers.append(frame_header(size, flags))
             total += 9 + size
         if size:
             buffers.append(frame)

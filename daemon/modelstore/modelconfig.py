@@ -101,7 +101,7 @@ BOUNDS: dict[str, Bound] = {
     "cache.ttl_s": Bound(0, 365 * 24 * 3600, "one year"),
 }
 MAX_PREFERRED_BATCH_SIZES = 16  # entries of batching.preferred_batch_sizes, each looked at per batch
-_INT_KEYS = {"workers", "intra_op_threads", "timeout_ms", "max_compute_ms", "max_request_bytes", "memory_limit_mb", "max_queue"}
+_INT_KEYS = {key for key in BOUNDS if "." not in key}  # the top-level numbers; the others are in their tables
 
 
 def _bounded_int(path: Path, key: str, value: Any, zero: str = "") -> int:

@@ -169,7 +169,8 @@ class DirectQueue:
                 return
         self.queue.append(request)
         self.last_request_ns = received_ns
-        self.hold_until_ns = min(self.hold_until_ns, latest_hold_ns(decoded_ns, request.deadline_ns))
+        if model.batchable:  # (only a batch holds requests back: the rest of this worker's requests skip it)
+            self.hold_until_ns = min(self.hold_until_ns, latest_hold_ns(decoded_ns, request.deadline_ns))
 
     def cancel(self, conn: DirectConnection, target: int) -> bool:
         for request in self.queue:
