@@ -70,6 +70,7 @@ class ServerSettings:
 @dataclass(frozen=True)
 class PoolSettings:
     workers: int = _opt(1, "Worker processes per model version (a model's config.toml `workers` wins).")
+    max_workers: int = _opt(64, "Worker processes of all models and versions together (a chain's own workers included). A model version that would need more fails to load, naming this key; its replacement on a reload counts in its place.")
     intra_op_threads: int = _opt(1, "onnxruntime intra-op threads per worker (a model's config.toml wins).", reload=NEW_WORKERS)
     ready_timeout_s: float = _opt(120.0, "A worker that is not ready this long after spawn is killed.", reload=NEW_WORKERS)
     respawn_backoff_ms: int = _opt(100, "First delay before respawning a crashed worker; doubles per consecutive crash.")

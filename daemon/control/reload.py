@@ -87,7 +87,12 @@ class RepositorySync:
         model.fingerprint = model_fingerprint(version.path, entry.config, members)
         model.queue = TaskQueue(self.settings.server.starvation_ms)
         preparer = self.pool.preparer
-        if entry.config.chain is not None:
+        over = self._over_worker_cap(model, model.worker_count)
+        if over is not None:  # (a reload retries it, when other models have left room)
+            model.state = ModelState.FAILED
+            model.reason = over
+            log.error("model failed to load", extra={"model": model.key, "reason": over})
+        elif entry.config.chain is not None:
             model.sharing = "its members' weights"
             model.reason = f"waiting for its models {', '.join(entry.config.chain.models)}"
             # started by start_chains once every member serves
@@ -96,6 +101,20 @@ class RepositorySync:
         else:
             self.start_workers(model)
         return model
+
+    def _over_worker_cap(self, model: ServedModel, wanted: int) -> str | None:
+        """Why `model` may not run `wanted` workers (None: it may). Each config.toml is bounded, but not
+        how many models and versions a repository holds: without a daemon-wide cap, one holding 1,000
+        models of 64 workers each would start 64,000 processes. A model that failed takes none, a
+        retiring one is draining, and the version a replacement replaces counts as the replacement."""
+        cap = self.settings.pool.max_workers
+        others = sum(m.worker_count for m in self._counted_models() if m.key != model.key)
+        if others + wanted <= cap:
+            return None
+        return f"{wanted} workers would make {others + wanted}, over the daemon's {cap} (pool.max_workers; models served or loading already take {others})"
+
+    def _counted_models(self) -> list[ServedModel]:
+        return [m for m in (*self.registry.all(), *self.pending.values()) if m.state is not ModelState.FAILED and not m.retiring]
 
     def start_workers(self, model: ServedModel) -> None:
         for _ in range(model.worker_count - len(model.workers)):
@@ -111,16 +130,16 @@ class RepositorySync:
             log.error("reload failed: repository unreadable; keeping what is served", extra={"reason": str(exc)})
             changes["failed"].append(str(exc))
             return changes
-        seen: set[tuple[str, int]] = set()
         self.registry.failed = {}
         by_name = {entry.name: entry for entry in entries}
+        # What left the repository goes first: its workers drain, and it leaves room under pool.max_workers.
+        self._remove_unseen(entries, changes)
         for entry in entries:
             if entry.error is not None:
                 if entry.name in self.registry.by_name:
                     log.error("reload: model directory broken; keeping what is served", extra={"model": entry.name, "reason": entry.error})
                     for model in self.registry.by_name[entry.name].values():
                         model.reason = f"reload failed: {entry.error}"
-                        seen.add((model.name, model.version))
                 else:
                     self.registry.failed[entry.name] = FailedModel(entry.name, entry.error)
                 changes["failed"].append(entry.name)
@@ -128,7 +147,6 @@ class RepositorySync:
             members = _member_prints(entry, by_name)
             for version in entry.versions:
                 key = (entry.name, version.version)
-                seen.add(key)
                 current = self.registry.by_name.get(entry.name, {}).get(version.version)
                 if current is None:
                     self.registry.add(self._new_model(entry, version, repository, members))
@@ -141,24 +159,34 @@ class RepositorySync:
                         self.registry.by_name[entry.name][version.version] = self._new_model(entry, version, repository, members)
                         self._retire(current)
                     else:
-                        self.pending[key] = self._new_model(entry, version, repository, members)
+                        replacement = self._new_model(entry, version, repository, members)
+                        if replacement.state is ModelState.FAILED:  # over pool.max_workers: the old one keeps serving
+                            current.reason = f"reload failed, still serving the previous file: {replacement.reason}"
+                            changes["failed"].append(f"{entry.name}:{version.version}")
+                            continue
+                        self.pending[key] = replacement
                     changes["replaced"].append(f"{entry.name}:{version.version}")
                 else:
                     changes["unchanged"].append(f"{entry.name}:{version.version}")
                     if self._resize(current, entry.config.workers or self.settings.pool.workers):
                         changes.setdefault("resized", []).append(f"{current.key}: {current.worker_count} workers")
+        self._drop_chains_of_removed_models(changes)
+        log.info("repository synced", extra=changes)
+        self.start_chains()
+        return changes
+
+    def _remove_unseen(self, entries: list[ModelEntry], changes: dict[str, list[str]]) -> None:
+        """Retire every served version the scan no longer has (a broken directory keeps what it served)."""
+        kept = {(entry.name, version.version) for entry in entries if entry.error is None for version in entry.versions}
+        broken = {entry.name for entry in entries if entry.error is not None}
         for name, served in list(self.registry.by_name.items()):
             for number, model in list(served.items()):
-                if (name, number) not in seen:
+                if name not in broken and (name, number) not in kept:
                     del served[number]
                     self._retire(model)
                     changes["removed"].append(model.key)
             if not served:
                 del self.registry.by_name[name]
-        self._drop_chains_of_removed_models(changes)
-        log.info("repository synced", extra=changes)
-        self.start_chains()
-        return changes
 
     def _drop_chains_of_removed_models(self, changes: dict[str, list[str]]) -> None:
         """A chain stops serving when one of its models leaves the repository: an operator who removes a
@@ -222,6 +250,11 @@ class RepositorySync:
     def _resize(self, model: ServedModel, wanted: int) -> bool:
         """`pool.workers` is live: a served model gets more workers at once, or its idle extras quit."""
         if wanted == model.worker_count or model.retiring or model.state is not ModelState.READY:
+            return False
+        over = self._over_worker_cap(model, wanted)
+        if over is not None:
+            log.error("workers not added", extra={"model": model.key, "reason": over})
+            model.reason = f"runs {model.worker_count} workers, not {wanted}: {over}"
             return False
         model.worker_count = wanted
         self.start_workers(model)

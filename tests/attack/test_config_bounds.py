@@ -9,6 +9,7 @@ worker free, until DEADLINE_EXCEEDED: a batch now leaves by the time its request
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,6 +19,7 @@ import pytest
 import onnx_builders
 from openinfer.client import Client
 from openinfer.daemon.modelstore.modelconfig import BOUNDS, MAX_PREFERRED_BATCH_SIZES, ConfigError, parse_model_config
+from daemon_harness import wait_for
 from repo_builder import ModelRepo
 
 pytestmark = pytest.mark.attack
@@ -97,3 +99,29 @@ def test_a_model_over_a_bound_fails_alone_and_a_lone_request_is_not_held_past_it
             assert result.outputs["y"].shape == (1, 64)
             assert ("dispatch_us" in result.timing) is not direct, result.timing  # the path meant
             assert result.timing["batch_wait_us"] < 300_000, result.timing  # at most half its 0.3 s
+
+
+def test_models_together_run_no_more_workers_than_pool_max_workers(daemon_factory: Any) -> None:
+    """Each config.toml is bounded (64 workers), but not how many models a repository holds: before
+    pool.max_workers, three models of 2 workers started 6 processes under a cap of 5, and 1,000 models
+    would have started 64,000. Now the model that does not fit fails alone, naming the setting, the
+    others serve, and a reload that makes room starts it."""
+    models = ModelRepo("oi-max-workers-")
+    for name in ("a", "b", "c"):  # loaded in this order: c is the one over the cap
+        models.model(name, onnx_builders.matmul_model, config="workers = 2\n")
+    daemon = daemon_factory(models.ready(), env={"OPENINFER_POOL_MAX_WORKERS": "5"})
+    x = np.ones((1, 64), np.float32)
+    try:
+        with Client(daemon.address, timeout=10) as client:
+            states = {m["name"]: m for m in client.models()}
+            assert states["c"]["state"] == "failed", states["c"]
+            assert "over the daemon's 5 (pool.max_workers" in (states["c"]["reason"] or ""), states["c"]
+            assert len(client.status()["workers"]) == 4
+            for name in ("a", "b"):
+                assert client.infer(name, {"x": x}).outputs["y"].shape == (1, 64)
+            shutil.rmtree(models.root / "a")
+            client.reload()
+            wait_for(lambda: {m["name"]: m["state"] for m in client.models()} == {"b": "ready", "c": "ready"}, 60, "c to load once a left room", daemon=daemon)
+            assert client.infer("c", {"x": x}).outputs["y"].shape == (1, 64)
+    finally:
+        models.remove()
