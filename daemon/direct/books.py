@@ -57,11 +57,12 @@ class DirectBooks:
         self.behind = False  # the last read stopped at its limit with records left: read again at once
 
     @staticmethod
-    def open(worker: WorkerHandle, fd: int) -> None:
+    def open(worker: WorkerHandle, fd: int, max_request_bytes: int) -> None:
         # A record may name only an identity its model version leased to: a worker (its model's steps)
-        # that names any other, a uid that never called it, books it under OTHER_CLIENTS.
+        # that names any other, a uid that never called it, books it under OTHER_CLIENTS. And it may book
+        # no request larger than the worker admits (`max_request_bytes`, as the worker was given it).
         lessees = worker.model.lessees
-        worker.ledger = LedgerReader(fd, CLIENT_KEY, OTHER_CLIENTS, lessees.__contains__)
+        worker.ledger = LedgerReader(fd, CLIENT_KEY, OTHER_CLIENTS, lessees.__contains__, max_request_bytes)
 
     def read(self, worker: WorkerHandle, limit: int | None = None) -> int:
         """Take in what the worker recorded since the last read (at most `limit` records; the rest waits

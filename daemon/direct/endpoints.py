@@ -100,10 +100,10 @@ class DirectPath:
             except FileNotFoundError:
                 pass
 
-    def opened(self, worker: WorkerHandle, page: DeadlinePage, address: str) -> None:
-        """The worker was spawned with this endpoint and page (whose memfd holds its ledger too)."""
+    def opened(self, worker: WorkerHandle, config: DirectConfig, page: DeadlinePage, address: str) -> None:
+        """The worker was spawned with this endpoint, config and page (whose memfd holds its ledger too)."""
         worker.page, worker.direct_address = page, address
-        self.books.open(worker, page.fd)
+        self.books.open(worker, page.fd, config.max_request_bytes)
 
     def forget(self, worker: WorkerHandle) -> None:
         """The worker exited: its last ledger records are read and what it held counted as lost; its

@@ -185,8 +185,11 @@ class LedgerWriter:
 class LedgerReader:
     """The supervisor's end: yields checked entries, at most what was written since the last read."""
 
-    def __init__(self, fd: int, client_key: re.Pattern[str], other: str, leased: Callable[[str], bool] = lambda identity: True) -> None:
+    def __init__(self, fd: int, client_key: re.Pattern[str], other: str, leased: Callable[[str], bool] = lambda identity: True, max_request_bytes: int = (1 << 48) - 1) -> None:
         self.map = _map(fd)
+        # The largest request the worker was told to admit: no request it books can be larger (a step
+        # that books more per record than that is lying about what a client sent).
+        self._max_bytes_in = max_request_bytes
         self.words = _words(self.map)
         self._client_key = client_key
         self._other = other
@@ -262,7 +265,9 @@ class LedgerReader:
         if not len(records):
             return {}
         kind, code, cache, stages = records["kind"], records["code"], records["cache"], records["timing"]
-        bad = (kind < ADMITTED) | (kind > STAGE) | (code >= len(CODES)) | (records["op"] >= len(OPS)) | (records["bytes_in"] >= 1 << 48) | (records["bytes_out"] >= 1 << 48)
+        bytes_in = records["bytes_in"]
+        bad = (kind < ADMITTED) | (kind > STAGE) | (code >= len(CODES)) | (records["op"] >= len(OPS)) | (bytes_in >= 1 << 48) | (records["bytes_out"] >= 1 << 48)
+        bad |= ((kind == ADMITTED) | (kind == ANSWERED)) & (bytes_in > self._max_bytes_in)
         if bad.any():
             raise LedgerRejected(f"record {int(records['seq'][np.argmax(bad)])}: fields out of range")
         bad = (cache > CACHE_HIT) | ((cache != 0) & ((kind != ANSWERED) | (code != 0)))

@@ -254,3 +254,35 @@ def test_a_worker_flooding_its_ledger_with_a_client_per_record_cannot_hold_the_s
         running.stop()
         cleanup_workdir(running)
         shutil.rmtree(root, ignore_errors=True)
+
+
+
+@pytest.fixture()
+def bounded() -> Iterator[tuple[LedgerWriter, LedgerReader]]:
+    """A ledger whose reader knows the worker admits requests of at most 1,000 bytes."""
+    fd = os.memfd_create("ledger-bound-test")
+    os.ftruncate(fd, ledger.PAGE_BYTES + ledger.LEDGER_BYTES)
+    writer, reader = LedgerWriter(fd), LedgerReader(fd, CLIENT_KEY, OTHER_CLIENTS, max_request_bytes=1000)
+    name_slot(writer, 0, b"app@uid=1000")
+    yield writer, reader
+    writer.close()
+    reader.close()
+    os.close(fd)
+
+
+def test_a_request_booked_at_most_as_large_as_the_worker_admits_is_taken(bounded: tuple[LedgerWriter, LedgerReader]) -> None:
+    writer, reader = bounded
+    forge(writer, 1, bytes_in=1000)
+    forge(writer, 2, kind=ledger.STAGE, run_size=1, bytes_in=5000)  # a chain's STAGE uses the field for a count
+    assert [(e.kind, e.bytes_in) for e in reader.read()] == [(ledger.ANSWERED, 1000), (ledger.STAGE, 5000)]
+
+
+@pytest.mark.parametrize("kind", [ledger.ANSWERED, ledger.ADMITTED])
+def test_a_request_booked_larger_than_the_worker_admits_is_rejected(bounded: tuple[LedgerWriter, LedgerReader], kind: int) -> None:
+    """A record's bytes were bounded only by 2**48: a step billed a client 256 TiB per request it forged
+    for that client. Now an admitted or answered request books at most the largest request the worker
+    was told to admit (its max_request_bytes)."""
+    writer, reader = bounded
+    forge(writer, 1, kind=kind, bytes_in=1001)
+    with pytest.raises(LedgerRejected, match="fields out of range"):
+        reader.read()
