@@ -6,6 +6,7 @@ Durations are taken with `time.monotonic_ns` (CLOCK_MONOTONIC: one clock for eve
 """
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import json
 import os
@@ -138,8 +139,7 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
 def world_readable_copy(models: Sequence[str], parent: Path | None = None) -> Path:
     """A model repository holding only `models`, copied from examples/models with 0755 dirs and 0644
     files: workers drop to `nobody` when the daemon runs as root and must still read it."""
-    root = Path(tempfile.mkdtemp(prefix="oi-bench-models-", dir=parent))
-    root.chmod(0o755)
+    root = world_readable_tempdir("oi-bench-models-", parent)
     for name in models:
         shutil.copytree(EXAMPLE_MODELS / name, root / name)
     for dirpath, dirnames, filenames in os.walk(root):
@@ -150,9 +150,12 @@ def world_readable_copy(models: Sequence[str], parent: Path | None = None) -> Pa
     return root
 
 
-def world_readable_tempdir(prefix: str) -> Path:
-    path = Path(tempfile.mkdtemp(prefix=prefix))
+def world_readable_tempdir(prefix: str, parent: Path | None = None) -> Path:
+    """A 0755 temp dir, removed when the benchmark exits (one per daemon and repository added up to
+    hundreds in /tmp)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     path.chmod(0o755)
+    atexit.register(shutil.rmtree, path, True)
     return path
 
 

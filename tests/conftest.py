@@ -15,12 +15,24 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from daemon_harness import EXAMPLE_MODELS, RunningDaemon, cleanup_workdir, start_daemon, world_readable_dir  # noqa: E402
+from daemon_harness import EXAMPLE_MODELS, RunningDaemon, cleanup_workdir, made_scratch_root, start_daemon, world_readable_dir  # noqa: E402
 import onnx_builders  # noqa: E402
 from layers import pytest_collection_modifyitems  # noqa: E402,F401  (every test has exactly one layer)
 from repo_builder import make_world_readable  # noqa: E402
 
 pytest_plugins = ["pytester"]  # tests/test_layers.py runs pytest on small made-up suites
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The daemons' directories and repositories of the whole run go with it; a failed run keeps them
+    (each daemon's full log is there) and says where."""
+    root = made_scratch_root()
+    if root is None:
+        return
+    if exitstatus == 0:
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        sys.stderr.write(f"\nthe test daemons' directories and logs are kept in {root}\n")
 
 
 @pytest.fixture(scope="session")

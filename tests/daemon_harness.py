@@ -39,9 +39,27 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str, *, daemon: "
         time.sleep(POLL_INTERVAL_S)
 
 
+_scratch_root: Path | None = None
+
+
+def scratch_root() -> Path:
+    """The one directory (per test process) that holds every dir world_readable_dir makes: the session
+    removes it as a whole when it passes (tests/conftest.py), instead of leaving ~40 daemon directories
+    and repositories in /tmp per run."""
+    global _scratch_root
+    if _scratch_root is None:
+        _scratch_root = Path(tempfile.mkdtemp(prefix="oi-tests-"))
+        _scratch_root.chmod(0o755)
+    return _scratch_root
+
+
+def made_scratch_root() -> Path | None:
+    return _scratch_root
+
+
 def world_readable_dir(prefix: str) -> Path:
     """A temp dir workers can read after dropping to `nobody` (pytest's tmp_path is 0700 root-only)."""
-    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_root()))
     path.chmod(0o755)
     return path
 
