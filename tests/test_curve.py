@@ -6,7 +6,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +86,7 @@ def test_curve_connections_are_capped_per_key_and_survive_an_oversized_request(d
     }
     daemon = daemon_factory(repo, "--socket", address, env=env, wait=False, address=address)
     with Client(address, timeout=60, curve_server_key=server_public, curve_keypair=keypair) as first:
-        deadline = time.monotonic() + 60
-        while not first.health()["ready"] and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: first.health()["ready"], 60, "the CURVE daemon to be ready", daemon=daemon)
         with Client(address, timeout=1.5, curve_server_key=server_public, curve_keypair=keypair) as second:
             with pytest.raises(OpenInferError):
                 second.health()  # the key already has its one connection
