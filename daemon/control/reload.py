@@ -251,7 +251,7 @@ class RepositorySync:
         """`pool.workers` is live: a served model gets more workers at once, or its idle extras quit."""
         if wanted == model.worker_count or model.retiring or model.state is not ModelState.READY:
             return False
-        over = self._over_worker_cap(model, wanted)
+        over = self._over_worker_cap(model, wanted) if wanted > model.worker_count else None  # (fewer always fit)
         if over is not None:
             log.error("workers not added", extra={"model": model.key, "reason": over})
             model.reason = f"runs {model.worker_count} workers, not {wanted}: {over}"
