@@ -2,12 +2,17 @@
 rejects malformed text), checked against a stats snapshot, fetched over HTTP."""
 from __future__ import annotations
 
+import select
 import socket
+import threading
+import time
 import urllib.request
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from openinfer.daemon.observability.metrics import MetricsExporter
 
 
 def parse(text: bytes | str) -> dict[str, list[Any]]:
@@ -71,3 +76,38 @@ def free_port() -> int:
 def scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as response:
         return response.read().decode()  # type: ignore[no-any-return]
+
+
+def workers_rows() -> list[dict[str, Any]]:
+    return [{"model": "tiny", "version": 1, "state": "ready"}, {"model": "tiny", "version": 1, "state": "busy"}, {"model": "magika", "version": 2, "state": "spawned"}]
+
+
+class LoopStandIn:
+    """What the supervisor's loop does for the exporter (metrics.py's docstring), in a thread: poll
+    wakeup_fd, on_wakeup(), and publish(snapshot()) whenever due()."""
+
+    def __init__(self, exporter: MetricsExporter, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.exporter = exporter
+        self.snapshot = snapshot
+        self.published = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="loop-stand-in", daemon=True)
+
+    def _run(self) -> None:
+        assert self.exporter.wakeup_fd is not None
+        poller = select.poll()
+        poller.register(self.exporter.wakeup_fd, select.POLLIN)
+        while not self._stop.is_set():
+            if poller.poll(20):
+                self.exporter.on_wakeup()
+            if self.exporter.due(time.monotonic_ns()):
+                self.exporter.publish(self.snapshot(), workers_rows(), {})
+                self.published += 1
+
+    def __enter__(self) -> "LoopStandIn":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)

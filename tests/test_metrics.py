@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import logging
 import random
-import select
-import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
 from daemon_harness import wait_for
-from exposition import assert_agrees, parse, scrape, value
+from exposition import LoopStandIn, assert_agrees, parse, scrape, value, workers_rows
 from openinfer.daemon.observability import metrics
 from openinfer.daemon.observability.accounting import DURATION_BUCKETS_US, Accountant
 from openinfer.daemon.observability.metrics import MetricsExporter, parse_listen
@@ -41,10 +39,6 @@ def busy_accountant() -> Accountant:
         acc.record("tiny", 1, "client-0@uid=0", code, {"total_us": rng.uniform(1.0, 9e7)})
     acc.record(None, None, "beef", "NOT_FOUND", {"total_us": 4.0})
     return acc
-
-
-def workers_rows() -> list[dict[str, Any]]:
-    return [{"model": "tiny", "version": 1, "state": "ready"}, {"model": "tiny", "version": 1, "state": "busy"}, {"model": "magika", "version": 2, "state": "spawned"}]
 
 
 # -- unit ---------------------------------------------------------------------------------------------
@@ -94,37 +88,6 @@ def test_scrapes_see_the_published_snapshot_never_the_live_counters() -> None:
     assert exporter.render_text() == before
     exporter.publish(acc.snapshot(), [], {})
     assert value(parse(exporter.render_text()), "openinfer_client_requests", "openinfer_client_requests_total", client="late@uid=0", code="OK") == 50
-
-
-class LoopStandIn:
-    """What the supervisor's loop does for the exporter (metrics.py's docstring), in a thread: poll
-    wakeup_fd, on_wakeup(), and publish(snapshot()) whenever due()."""
-
-    def __init__(self, exporter: MetricsExporter, snapshot: Callable[[], dict[str, Any]]) -> None:
-        self.exporter = exporter
-        self.snapshot = snapshot
-        self.published = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="loop-stand-in", daemon=True)
-
-    def _run(self) -> None:
-        assert self.exporter.wakeup_fd is not None
-        poller = select.poll()
-        poller.register(self.exporter.wakeup_fd, select.POLLIN)
-        while not self._stop.is_set():
-            if poller.poll(20):
-                self.exporter.on_wakeup()
-            if self.exporter.due(time.monotonic_ns()):
-                self.exporter.publish(self.snapshot(), workers_rows(), {})
-                self.published += 1
-
-    def __enter__(self) -> "LoopStandIn":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 @pytest.fixture

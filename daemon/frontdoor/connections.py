@@ -128,6 +128,7 @@ class ConnectionTable:
         self._next_id = 1
         self._listening = False
         self._process = psutil.Process()
+        self._rss_unreadable = False
         self._next_memory_check_ns = 0
         self.accepted = 0
         self.refused: dict[str, int] = {}  # why connections were refused or cut, by reason
@@ -365,7 +366,17 @@ class ConnectionTable:
         limit = supervisor_rss_limit(self.settings)
         buffer_limit = self.settings.server.max_connection_buffers_bytes or limit // 2
         held = sum(conn.held_bytes for conn in self.by_fd.values())
-        rss = int(self._process.memory_info().rss)
+        try:
+            rss = int(self._process.memory_info().rss)
+            self._rss_unreadable = False
+        except (psutil.Error, OSError) as exc:
+            # Reading /proc takes a descriptor: with none left (EMFILE) this check must not take the
+            # daemon down with it (an attacker's idle metrics connections once did, rc=1). The buffer
+            # limit still holds; the RSS one waits for the next check that can read it.
+            if not self._rss_unreadable:  # once per streak, not every 100 ms
+                log.warning("cannot read the supervisor's memory; checking connection buffers only", extra={"reason": str(exc)})
+            self._rss_unreadable = True
+            rss = 0
         if rss <= limit and held <= buffer_limit:
             return
         # The connections holding the most go first, whether idle or not, until both limits hold.

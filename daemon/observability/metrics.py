@@ -1,8 +1,9 @@
 """Prometheus exposition of the accounting, over HTTP (`metrics.listen`) and/or a textfile for
 node_exporter's textfile collector (`metrics.textfile`), with the prometheus_client library.
 
-The supervisor's loop is single-threaded and owns the live counters; prometheus_client's HTTP server
-answers scrapes from its own threads, and the textfile is written by another. So they never share
+The supervisor's loop is single-threaded and owns the live counters; the HTTP endpoint
+(metrics_http.py: bounded connections, timeouts and scrape rate) answers scrapes from its own threads,
+and the textfile is written by another. So they never share
 mutable state: the loop builds a fresh stats snapshot (`admin.stats_result`) plus worker states and
 queue depths and hands them to `publish()`, which only keeps a reference. Rendering the text
 (prometheus_client formats every sample: ~5 µs each, ~20 ms for 10 busy model versions) happens in
@@ -50,12 +51,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
 
-from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
@@ -64,6 +65,8 @@ from prometheus_client.utils import floatToGoString
 from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.daemon.config.settings import MetricsSettings
 from openinfer.daemon.workerpool.workers import WorkerState
+
+from .metrics_http import serve_metrics
 
 log = logging.getLogger("openinfer.metrics")
 
@@ -137,7 +140,7 @@ class MetricsExporter:
             self.wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             scrapes = CollectorRegistry(auto_describe=False)  # a fresh snapshot per scrape
             scrapes.register(_SnapshotCollector(self.scrape_families))
-            self._server, self._thread = start_http_server(port, host, registry=scrapes)
+            self._server, self._thread = serve_metrics(host, port, lambda: generate_latest(scrapes))
             self.port = self._server.server_port
             if not _is_loopback(host):
                 log.warning("metrics endpoint is reachable beyond this host; it has no authentication", extra={"listen": settings.listen})
@@ -243,18 +246,27 @@ class MetricsExporter:
 
     def _write_textfile(self) -> None:
         """Temp file in the same directory, then rename: node_exporter never reads a partial file
-        (it only reads *.prom, so the temp name is ignored). The file's mode follows the umask."""
+        (it only reads *.prom, so the temp name is ignored). The temp file is new, with a name no one
+        can guess, created exclusively (O_EXCL: never through a symlink): the directory may be shared
+        with other writers (a textfile collector's), and a fixed temp name once let another uid plant a
+        symlink there that the daemon, as root, followed and overwrote a root-only file. The rename
+        replaces whatever entry has the final name, a symlink included, never what it points to."""
         path = Path(self.settings.textfile)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp: Path | None = None
         try:
-            tmp.write_bytes(self.render_text())
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            tmp = Path(name)
+            with os.fdopen(fd, "wb") as out:
+                os.fchmod(out.fileno(), 0o644)  # what node_exporter (another user) must read
+                out.write(self.render_text())
             os.replace(tmp, path)
         except OSError as exc:
             if not self._textfile_failing:  # once per failure streak, not every interval
                 log.warning("cannot write the metrics textfile", extra={"path": str(path), "reason": str(exc)})
             self._textfile_failing = True
             try:
-                tmp.unlink()
+                if tmp is not None:
+                    tmp.unlink()
             except OSError:
                 pass
         else:

@@ -1,0 +1,141 @@
+"""The HTTP endpoint of `metrics.listen`: Prometheus scrapes, with bounds on what a scraper may cost.
+
+prometheus_client's own `start_http_server` gives every connection a thread of its own, with no cap and
+no read timeout. The endpoint has no authentication (any local user reaches a loopback port), so an
+attacker round found that 1,053 idle connections of uid 65534 took the supervisor's descriptors until
+a /proc read in its loop failed with EMFILE and the daemon exited, and that under the unit's TasksMax
+they took every thread, so replacement workers could not start and the model crash-looped to
+UNAVAILABLE. A flood of scrapes (455 in 10 s) made the loop build snapshots and the render threads hold
+the GIL until front-door p50 went from 1.7 ms to 29 ms. Here:
+  - at most MAX_CONNECTIONS are served at once; one more is accepted and closed at once;
+  - each has SOCKET_TIMEOUT_S for every read and write: an idle or slow peer is dropped;
+  - scrapes are rendered one at a time, and a token bucket grants SCRAPES_BURST at once and
+    SCRAPES_PER_S after that; a scrape over the rate is answered 429 with Retry-After, never rendered.
+Prometheus scrapes a target every 15 s or so, a handful of servers at most: none of this touches it.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+log = logging.getLogger("openinfer.metrics")
+
+MAX_CONNECTIONS = 8  # scrapes served at once (each holds a thread and a descriptor)
+SOCKET_TIMEOUT_S = 5.0  # for each read and write of a connection
+SCRAPES_BURST = 10  # scrapes rendered back to back before the rate applies
+SCRAPES_PER_S = 2.0  # sustained: a scrape costs the loop a snapshot and a render thread the GIL
+PATHS = ("/metrics", "/")
+REFUSALS_LOGGED_EVERY_S = 10.0
+
+
+class ScrapeRate:
+    """A token bucket: `take()` is True when a scrape may be rendered now."""
+
+    def __init__(self, burst: int = SCRAPES_BURST, per_s: float = SCRAPES_PER_S) -> None:
+        self._burst = float(burst)
+        self._per_s = per_s
+        self._tokens = float(burst)
+        self._at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._per_s)
+            self._at = now
+            if self._tokens < 1.0:
+                return False
+            self._tokens -= 1.0
+            return True
+
+
+class MetricsHTTPServer(ThreadingHTTPServer):
+    """Serves `render()` (the exposition's bytes) at PATHS, within the bounds in the module docstring."""
+
+    daemon_threads = True
+    request_queue_size = 64  # the listen backlog (socketserver's 5 made a burst of connects wait out SYN retries)
+
+    def __init__(self, host: str, port: int, render: Callable[[], bytes]) -> None:
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.render = render
+        self.rate = ScrapeRate()
+        self.render_lock = threading.Lock()  # one render at a time
+        self.refused = {"connections": 0, "rate": 0}
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._refusals_logged_at = 0.0
+        super().__init__((host, port), ScrapeHandler)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Take a slot, or refuse (socketserver then closes the connection)."""
+        if self._slots.acquire(blocking=False):
+            return True
+        self.note_refusal("connections", "all metrics connections are busy")
+        return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)  # a thread per connection, which frees the slot
+        except BaseException:  # no thread could start: the slot must not leak with it
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed (a timeout, a reset): no traceback on stderr, one log line."""
+        log.info("metrics connection ended", extra={"peer": str(client_address[0]) if client_address else "", "reason": "error or timeout"})
+
+    def note_refusal(self, kind: str, reason: str) -> None:
+        self.refused[kind] += 1
+        now = time.monotonic()
+        if now - self._refusals_logged_at >= REFUSALS_LOGGED_EVERY_S:  # a flood logs a line per interval, not per refusal
+            self._refusals_logged_at = now
+            log.warning("metrics scrape refused", extra={"reason": reason, "refused": dict(self.refused)})
+
+
+class ScrapeHandler(BaseHTTPRequestHandler):
+    server: MetricsHTTPServer
+    timeout = SOCKET_TIMEOUT_S  # StreamRequestHandler sets it on the socket: every read and write
+    protocol_version = "HTTP/1.0"  # one request per connection: a slot is never held between scrapes
+
+    def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] not in PATHS:
+            self._answer(404, b"not found: scrape /metrics\n", "text/plain; charset=utf-8")
+            return
+        if not self.server.rate.take():
+            self.server.note_refusal("rate", f"more than {SCRAPES_PER_S:g} scrapes a second (after a burst of {SCRAPES_BURST})")
+            self._answer(429, b"too many scrapes: retry in a second\n", "text/plain; charset=utf-8", {"Retry-After": "1"})
+            return
+        with self.server.render_lock:
+            body = self.server.render()
+        self._answer(200, body, CONTENT_TYPE_PLAIN_0_0_4)
+
+    def _answer(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log on stderr (the daemon's log is JSON; a scrape every 15 s is not news)."""
+
+
+def serve_metrics(host: str, port: int, render: Callable[[], bytes]) -> tuple[MetricsHTTPServer, threading.Thread]:
+    """Bind and serve on a thread of its own; the caller shuts it down (server.shutdown, server_close)."""
+    server = MetricsHTTPServer(host, port, render)
+    thread = threading.Thread(target=server.serve_forever, name="openinfer-metrics-http", daemon=True)
+    thread.start()
+    return server, thread
