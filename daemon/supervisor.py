@@ -540,7 +540,7 @@ class Supervisor:
         Local peers only (the kernel must be able to tell the worker who connects)."""
         conn = route.conn
         if conn.peer.uid is None:
-            raise Unavailable("the direct path is for local clients over ipc://: send infer to this socket")
+            raise Unavailable("the direct path is for local clients over ipc://: send infer to this socket", {"direct": "off"})  # stop asking (PROTOCOL.md 17.1)
         model = self._lookup_for_infer(header)
         server = self.settings.server
         limit = self.limiter.policy.limit_for(conn.identity)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -127,5 +128,13 @@ def test_insecure_tcp_serves_anonymous_peers_only_what_the_policy_grants_them(da
         with pytest.raises(OpenInferError) as denied:
             client.stats()
         assert denied.value.code == "PERMISSION_DENIED"
+    # A client written from PROTOCOL.md 17.1 asks for a lease first: the answer must tell it to stop asking.
+    with zmq.Context() as context, context.socket(zmq.DEALER) as raw:
+        raw.connect(address)
+        raw.send(msgpack.packb({"v": 1, "id": 1, "op": "lease", "model": "tiny"}))
+        assert raw.poll(10_000), "no answer to lease"
+        error = msgpack.unpackb(raw.recv())["error"]
+        raw.setsockopt(zmq.LINGER, 0)
+    assert error["code"] == "UNAVAILABLE" and error["details"] == {"direct": "off"}, error
     shutil.rmtree(repo, ignore_errors=True)
     assert daemon.process.poll() is None
