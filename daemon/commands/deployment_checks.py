@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from openinfer.daemon.files.private_dir import directory_problem
 from openinfer.daemon.modelstore.repository import scan_repository
 from openinfer.daemon.files.runtime_dir import base_runtime_dir
 from openinfer.daemon.config.settings import Settings
+from openinfer.daemon.config.worker_user import resolve_worker_user
 
 MAX_LISTED = 10  # paths named per finding; the rest are counted
 
@@ -139,8 +139,10 @@ def _readable(settings: Settings, root: Path) -> CheckResult:
     paths = [str(v.path) for entry in entries if entry.config.chain is None for v in entry.versions]  # a chain has no file of its own
     uid = gid = None
     if os.geteuid() == 0 and settings.sandbox.enabled:
-        entry = pwd.getpwnam(settings.sandbox.worker_user)
-        uid, gid = entry.pw_uid, entry.pw_gid
+        try:
+            uid, gid = resolve_worker_user(settings.sandbox.worker_user)
+        except ConfigError as exc:
+            return CheckResult("repository_readable", False, str(exc))
     failures = _open_as(uid, gid, str(root), paths)
     user = describe_user(uid if uid is not None else os.geteuid())
     if failures:

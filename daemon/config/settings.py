@@ -89,7 +89,7 @@ class SandboxSettings:
     enabled: bool = _opt(True, "Run workers under seccomp, no_new_privs and rlimits. Off only with --insecure-no-sandbox.", reload=NEW_WORKERS)
     boot_policy: str = _opt("boot", "Policy (name in policies/ or a path) a worker loads its model under.", POLICY, reload=NEW_WORKERS)
     serve_policy: str = _opt("worker", "Policy (name in policies/ or a path) a worker serves under.", POLICY, reload=NEW_WORKERS)
-    worker_user: str = _opt("nobody", "User workers drop to when the daemon runs as root.", reload=RESTART)
+    worker_user: str = _opt("nobody", "User workers drop to when the daemon runs as root: a user name, or UID:GID, ids of their own that need no account (never 0). `nobody` is shared: any process of uid 65534 can stop or kill the workers (the daemon logs a warning); give them ids no one else uses.", reload=RESTART)
     memory_limit_mb: int = _opt(4096, "Default address-space limit (RLIMIT_AS) per worker after loading, MiB; 0 = none.", reload=NEW_WORKERS)
     max_open_files: int = _opt(64, "RLIMIT_NOFILE for workers (onnxruntime and the worker's own descriptors need a few dozen); a worker takes at most this less 16 direct connections.", reload=NEW_WORKERS)
     landlock: bool = _opt(True, "Restrict worker file access with Landlock where the kernel has it.", reload=NEW_WORKERS)

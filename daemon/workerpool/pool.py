@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import pwd
 import signal
 import sys
 import sysconfig
@@ -24,6 +23,7 @@ from openinfer.daemon.modelstore.models import ModelState, ServedModel
 from openinfer.daemon.loop.reactor import READABLE, WRITABLE, Reactor
 from openinfer.daemon.files.runtime_dir import WORK_DIR
 from openinfer.daemon.config.settings import Settings
+from openinfer.daemon.config.worker_user import resolve_worker_user, shared_uid_warning
 from .spawner import spawn_worker
 from openinfer.daemon.loop.timers import TimerHeap
 from openinfer.daemon.worker import messages
@@ -111,8 +111,11 @@ class WorkerPool:
     def _resolve_worker_user(self) -> tuple[int | None, int | None]:
         if os.geteuid() != 0 or not self.settings.sandbox.enabled:
             return None, None
-        entry = pwd.getpwnam(self.settings.sandbox.worker_user)
-        return entry.pw_uid, entry.pw_gid
+        uid, gid = resolve_worker_user(self.settings.sandbox.worker_user)
+        warning = shared_uid_warning(uid)
+        if warning is not None:
+            log.warning("workers share their uid", extra={"uid": uid, "reason": warning})
+        return uid, gid
 
     @property
     def worker_gid(self) -> int | None:
