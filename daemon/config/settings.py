@@ -55,7 +55,7 @@ class ServerSettings:
     access_policy: str = _opt("access", "Who may call which operations on which models: a policy name in policies/ or a path. Empty = every local peer may do everything.", POLICY)
     client_policy: str = _opt("clients", "Per-client limits: a policy name in policies/ or a path (see policies/clients.toml). Empty = built-in defaults.", POLICY)
     peer_strike_limit: int = _opt(16, "A connection that sends this many requests no conforming client sends (undecodable header, over a size limit) is dropped. 0 = never.")
-    max_connections: int = _opt(512, "Client connections held at once; more wait in the kernel's listen backlog until one closes. Keep it well below the process's open-file limit.")
+    max_connections: int = _opt(512, "Client connections held at once, at most half of them still in their handshake (a new connection displaces the oldest handshake: docs/PROTOCOL.md 2.1); with every one past its handshake, more wait in the kernel's listen backlog until one closes. Keep it well below the process's open-file limit.")
     max_connections_per_identity: int = _opt(64, "Client connections one identity (a uid, a CURVE key) may hold at once; a connection over it is closed at once.")
     max_reply_backlog_bytes: int = _opt(64 * 1024 * 1024, "While more reply bytes than this wait for a connection to read them, its requests are not read (a slow reader slows only itself).")
     max_connection_buffers_bytes: int = _opt(0, "Bytes held for all client connections together (unfinished requests in, unread replies out); over it, the connections holding the most are cut, idle or not. 0 = half the supervisor's memory limit.")

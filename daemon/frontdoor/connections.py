@@ -5,9 +5,13 @@ Rules, each enforced here and nowhere else:
   CURVE listener the peer is its client key, proven in the CurveZMQ handshake and checked against the
   policy (and the per-identity cap) before READY; a key the policy does not list gets an ERROR and is closed;
 - caps: at most `server.max_connections` connections, and `server.max_connections_per_identity` per
-  identity (uid, CURVE key); at the global cap the listener is not read (the kernel backlog holds the
-  rest), a connection over its identity's cap is closed at once. Both stay far below RLIMIT_NOFILE.
-- handshake: a connection that has not completed the ZMTP handshake within HANDSHAKE_TIMEOUT_NS is closed;
+  identity (uid, CURVE key); a connection over its identity's cap is closed at once. Both stay far below
+  RLIMIT_NOFILE. At the global cap a new connection displaces a handshake if there is one; if there is
+  none (every connection authenticated) the listener is not read (the kernel backlog holds the rest);
+- handshakes (handshakes.py): at most half the slots may be handshaking, one tcp:// source host at most
+  MAX_HANDSHAKES_PER_HOST of them (a CURVE peer has no identity before INITIATE, so the per-identity cap
+  cannot hold it); over either, the oldest handshake of that host, or of the source holding the most,
+  is closed. A connection that has not completed the ZMTP handshake within HANDSHAKE_TIMEOUT_NS is closed;
 - backlog: while more than `server.max_reply_backlog_bytes` of replies wait for a connection to read
   them, its requests are not read (it slows only itself);
 - memory: when the bytes held for all connections (partial requests in, replies out) or the
@@ -37,10 +41,13 @@ from openinfer.daemon.loop.reactor import HANGUP as _HANGUP, READABLE, WRITABLE,
 from openinfer.daemon.config.settings import Settings
 from openinfer.daemon.loop.timers import TimerHeap
 from .curve import CurveServer
+from .handshakes import MAX_HANDSHAKES_PER_HOST, Handshakes, handshake_share, source_host
 from .listener import BoundListener, peer_credentials
 
 log = logging.getLogger("openinfer.access")
 
+# Not shorter on tcp://: handshakes are displaced when their room is needed, so the deadline only cuts a
+# slow peer (a long link, a paused client) when nothing else wants its slot.
 HANDSHAKE_TIMEOUT_NS = 10_000_000_000
 DROP_GRACE_NS = 100_000_000  # a struck-out connection's replies get this long to be written
 MEMORY_CHECK_NS = 100_000_000  # RSS is read this often (psutil: one /proc read)
@@ -124,7 +131,7 @@ class ConnectionTable:
         self.on_closed = on_closed
         self.by_fd: dict[int, Connection] = {}
         self.per_identity: dict[str, int] = {}
-        self.handshaking: dict[int, Connection] = {}
+        self.handshaking: Handshakes[Connection] = Handshakes()
         self._next_id = 1
         self._listening = False
         self._process = psutil.Process()
@@ -159,7 +166,7 @@ class ConnectionTable:
         self.max_connections = self._cap(settings)
         for conn in self.by_fd.values():
             conn.stream.limits = self._limits
-        self._listen(len(self.by_fd) < self.max_connections)
+        self._listen(self._may_accept())
 
     # -- accepting ------------------------------------------------------------------------------------
     def _listen(self, on: bool) -> None:
@@ -172,9 +179,13 @@ class ConnectionTable:
             self.reactor.remove(fd)
         self._listening = on
 
+    def _may_accept(self) -> bool:
+        """Below the cap, or at it with a handshake a new connection may displace (see _make_room)."""
+        return len(self.by_fd) < self.max_connections or len(self.handshaking) > 0
+
     def _on_listener(self, mask: int) -> None:
         for _ in range(ACCEPTS_PER_PASS):
-            if len(self.by_fd) >= self.max_connections:
+            if not self._may_accept():
                 self._listen(False)  # the rest wait in the kernel's backlog until one closes
                 self._refuse_note("max_connections", None)
                 return
@@ -185,7 +196,7 @@ class ConnectionTable:
             except OSError as exc:  # EMFILE/ENFILE/ENOBUFS: stop accepting for now, never abort
                 log.error("cannot accept a connection; pausing the listener for a second", extra={"reason": exc.strerror})
                 self._listen(False)
-                self.timers.call_at(time.monotonic_ns() + 1_000_000_000, lambda: self._listen(len(self.by_fd) < self.max_connections))
+                self.timers.call_at(time.monotonic_ns() + 1_000_000_000, lambda: self._listen(self._may_accept()))
                 return
             self._admit(sock, address)
 
@@ -199,6 +210,7 @@ class ConnectionTable:
             peer = Peer()
             shown = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         identity = identity_of(peer, shown)
+        source = identity if self.listener.is_unix else source_host(address)
         curve = self.listener.curve
         if curve is None and not self.access.may_connect(peer):  # a CURVE peer is checked once its key is known
             self._refuse(sock, "no grant", peer, f"no grant matches this peer (policy {self.access.source})")
@@ -216,8 +228,32 @@ class ConnectionTable:
         self.accepted += 1
         self.by_fd[sock.fileno()] = conn
         self.per_identity[identity] = self.per_identity.get(identity, 0) + 1
-        self.handshaking[conn.conn_id] = conn
+        self.handshaking.add(conn, source)
         self.reactor.add(sock.fileno(), partial(self._on_event, conn), READABLE | (WRITABLE if conn.stream.out_bytes else 0))
+        self._make_room(source, per_host=not self.listener.is_unix)
+
+    def _make_room(self, source: str, per_host: bool) -> None:
+        """A connection from `source` was just admitted: if handshakes now hold more than their share,
+        the oldest handshake of its own host goes (over MAX_HANDSHAKES_PER_HOST: a flood from one host
+        displaces itself), else that of the source holding the most. ipc:// peers have no per-host
+        limit: their uid is known at accept and server.max_connections_per_identity holds them."""
+        if per_host and self.handshaking.count(source) > MAX_HANDSHAKES_PER_HOST:
+            self._displace(self.handshaking.oldest_of(source), "handshakes_per_host", f"{source} has more than {MAX_HANDSHAKES_PER_HOST} connections in their handshake")
+        share = handshake_share(self.max_connections)
+        while self.handshaking and (len(self.handshaking) > share or len(self.by_fd) > self.max_connections):
+            largest = self.handshaking.largest_source()
+            why = f"{len(self.handshaking)} connections in their handshake, over their share of {share} (half of server.max_connections)" if len(self.handshaking) > share else f"server.max_connections ({self.max_connections}) reached"
+            self._displace(self.handshaking.oldest_of(largest), "handshake_share", f"{why}; {largest} holds the most ({self.handshaking.count(largest)})")
+
+    def _displace(self, conn: Connection, reason: str, detail: str) -> None:
+        """Close a connection still in its handshake to make room for a newer one, logged like a refusal
+        (1st, 2nd, 4th, ... time per reason: a flood cannot flood the log)."""
+        count = self.refused.get(reason, 0) + 1
+        self.refused[reason] = count
+        if count & (count - 1) == 0:
+            waited_ms = (time.monotonic_ns() - conn.accepted_ns) // 1_000_000
+            log.warning(f"handshake cut to make room: {detail}", extra={"reason": reason, "connection": conn.conn_id, "peer": conn.identity, "handshake_ms": waited_ms, "times": count})
+        self.close(conn, None)
 
     def _admit_key(self, conn: Connection, key: str) -> str | None:
         """A CURVE client proved it holds `key` (Z85): admit it (None) or say why not (the ERROR's reason,
@@ -265,7 +301,7 @@ class ConnectionTable:
                 was_open = conn.stream.open
                 events = conn.stream.read()
                 if not was_open and conn.stream.open:
-                    self.handshaking.pop(conn.conn_id, None)
+                    self.handshaking.discard(conn)
                 if events:
                     conn.last_message_ns = time.monotonic_ns()
                     for event in events:
@@ -354,9 +390,8 @@ class ConnectionTable:
 
     def housekeeping(self, now_ns: int) -> None:
         """Called from the loop: handshake timeouts, and the memory rule every MEMORY_CHECK_NS."""
-        if self.handshaking:
-            for conn in [c for c in self.handshaking.values() if now_ns - c.accepted_ns > HANDSHAKE_TIMEOUT_NS]:
-                self.close(conn, f"no ZMTP handshake within {HANDSHAKE_TIMEOUT_NS // 1_000_000_000} s")
+        for conn in self.handshaking.accepted_before(now_ns - HANDSHAKE_TIMEOUT_NS):
+            self.close(conn, f"no ZMTP handshake within {HANDSHAKE_TIMEOUT_NS // 1_000_000_000} s")
         if now_ns < self._next_memory_check_ns:
             return
         self._next_memory_check_ns = now_ns + MEMORY_CHECK_NS
@@ -405,12 +440,12 @@ class ConnectionTable:
         fd = conn.fd
         self.reactor.remove(fd)
         self.by_fd.pop(fd, None)
-        self.handshaking.pop(conn.conn_id, None)
+        self.handshaking.discard(conn)
         self._uncount(conn.identity)
         conn.stream.close()
         conn.closed = True
         self.on_closed(conn)
-        if not self._listening and len(self.by_fd) < self.max_connections:
+        if not self._listening and self._may_accept():
             self._listen(True)
 
     def close_all(self) -> None:
@@ -423,6 +458,7 @@ class ConnectionTable:
         return {
             "connections": len(self.by_fd),
             "max_connections": self.max_connections,
+            "handshaking": len(self.handshaking),
             "by_identity": len(self.per_identity),
             "accepted": self.accepted,
             "refused": dict(self.refused),

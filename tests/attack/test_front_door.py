@@ -223,6 +223,9 @@ def test_a_connection_flood_past_the_fd_limit_never_aborts_the_daemon(daemon_fac
 
 
 def test_at_the_global_cap_the_rest_wait_and_the_daemon_keeps_serving(daemon_factory: Any, repo: Path) -> None:
+    """300 raw connections that never start their handshake hold at most the handshakes' share of the
+    slots (half of server.max_connections); each new client displaces the oldest of them and is served.
+    Once clients that completed their handshake hold every slot, the rest wait in the kernel's backlog."""
     daemon = daemon_factory(repo, env={"OPENINFER_SERVER_MAX_CONNECTIONS": "32", "OPENINFER_SERVER_MAX_CONNECTIONS_PER_IDENTITY": "1000"})
     before = daemon.client()
     before.infer("tiny", {"x": X})
@@ -235,11 +238,21 @@ def test_at_the_global_cap_the_rest_wait_and_the_daemon_keeps_serving(daemon_fac
         except (BlockingIOError, ConnectionRefusedError):
             pass
         flood.append(sock)
+    clients: list[Client] = []
     try:
+        wait_for(lambda: before.status()["connections"]["handshaking"] == 16, 10, "the flood to fill the handshakes' share")
+        assert before.status()["connections"]["connections"] == 1 + 16
+        for _ in range(31):
+            clients.append(Client(daemon.address, timeout=10))
+            assert clients[-1].health()["ready"]  # it displaced a flood connection to get in
         wait_for(lambda: before.status()["connections"]["connections"] == 32, 10, "the cap to fill")
+        status = before.status()["connections"]
+        assert status["handshaking"] == 0 and status["refused"]["handshake_share"] > 0, status
         assert before.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)  # an open connection is served
         assert daemon.process.poll() is None
     finally:
+        for client in clients:
+            client.close()
         for sock in flood:
             sock.close()
     with Client(daemon.address, timeout=10) as after:  # once the flood is gone, new clients get in again
