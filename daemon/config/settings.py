@@ -77,6 +77,7 @@ class PoolSettings:
     respawn_backoff_max_ms: int = _opt(10_000, "Ceiling of the respawn delay.")
     share_weights: bool = _opt(True, "Prepare each model once and let its workers map the same pre-packed weights.", reload=NEW_WORKERS)
     share_min_bytes: int = _opt(8 * 1024 * 1024, "Models smaller than this are loaded privately by each worker (sharing saves little).", reload=NEW_WORKERS)
+    max_model_bytes: int = _opt(2 * 1024**3, "Largest model file (model.onnx) a model version may have, by its apparent size (a sparse file counts in full). A larger one fails to load at once, naming this key, before the supervisor hashes it or a worker reads it. 2 GiB is ONNX's own limit (protobuf's): larger weights go in external-data files, which this does not count.", reload=NEW_WORKERS)
     ping_interval_s: float = _opt(2.0, "How often idle workers are pinged (liveness).")
     ping_grace_s: float = _opt(5.0, "An idle worker that has not answered a ping this long is killed and replaced.")
     direct: bool = _opt(True, "Give each worker its own endpoint beside the socket (ipc:// only), so that clients holding a lease send infer to it in one hop instead of through the supervisor.", reload=NEW_WORKERS)
@@ -195,7 +196,7 @@ def _coerce(where: str, kind: type, value: Any) -> Any:
     raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
 
 
-_POSITIVE = {"pool.workers", "pool.intra_op_threads", "sandbox.max_open_files", "server.max_request_bytes", "server.max_connections", "server.max_connections_per_identity", "server.max_reply_backlog_bytes", "server.max_worker_message_bytes"}
+_POSITIVE = {"pool.workers", "pool.intra_op_threads", "sandbox.max_open_files", "server.max_request_bytes", "server.max_connections", "server.max_connections_per_identity", "server.max_reply_backlog_bytes", "server.max_worker_message_bytes", "pool.max_model_bytes"}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 

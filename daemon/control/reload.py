@@ -97,7 +97,7 @@ class RepositorySync:
             model.reason = f"waiting for its models {', '.join(entry.config.chain.models)}"
             # started by start_chains once every member serves
         elif preparer is not None and preparer.wanted(model):
-            preparer.start(model)  # its workers start when the shared weights are ready
+            preparer.start(model)  # its workers start when the shared weights are ready (it fails one over pool.max_model_bytes)
         else:
             self.start_workers(model)
         return model
@@ -160,7 +160,7 @@ class RepositorySync:
                         self._retire(current)
                     else:
                         replacement = self._new_model(entry, version, repository, members)
-                        if replacement.state is ModelState.FAILED:  # over pool.max_workers: the old one keeps serving
+                        if replacement.state is ModelState.FAILED:  # over pool.max_workers or pool.max_model_bytes: the old one keeps serving
                             current.reason = f"reload failed, still serving the previous file: {replacement.reason}"
                             changes["failed"].append(f"{entry.name}:{version.version}")
                             continue

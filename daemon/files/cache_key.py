@@ -6,6 +6,7 @@ not parsing; the onnxruntime version comes from the installed distribution's met
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import importlib.metadata
@@ -30,13 +31,17 @@ def cpu_fingerprint() -> str:
     return hashlib.sha256("\n".join(sorted(set(wanted))).encode()).hexdigest()[:12]
 
 
-def fd_sha256(fd: int) -> str:
-    """sha256 of the whole file behind `fd` (pread: the descriptor's offset is left alone)."""
+def fd_sha256(fd: int, max_bytes: int | None = None) -> str:
+    """sha256 of the whole file behind `fd` (pread: the descriptor's offset is left alone). With `max_bytes`
+    (the size the caller checked), OSError(EFBIG) rather than read on: the file grew meanwhile, and a file
+    in a hostile repository can grow without bound (a sparse one costs nothing on disk)."""
     digest = hashlib.sha256()
     offset = 0
     while chunk := os.pread(fd, CHUNK, offset):
         digest.update(chunk)
         offset += len(chunk)
+        if max_bytes is not None and offset > max_bytes:
+            raise OSError(errno.EFBIG, f"the file grew past the {max_bytes} bytes it had when it was checked, while it was hashed")
     return digest.hexdigest()
 
 

@@ -20,6 +20,10 @@ class ModelFileError(Exception):
     """A model file cannot be opened safely; the message is what `openinfer status` shows for the model."""
 
 
+class ModelTooLarge(ModelFileError):
+    """The model file is over pool.max_model_bytes: the model fails to load, its bytes unread."""
+
+
 def describe_user(uid: int) -> str:
     """"user nobody (uid 65534)": how messages name the user whose rights a model is read with."""
     try:
@@ -67,6 +71,22 @@ def open_model(repository: str, model_path: str, user: str) -> tuple[int, int]:
     except BaseException:
         os.close(version_dir)
         raise
+
+
+def check_model_size(fd: int, model_path: str, max_bytes: int) -> int:
+    """The size of the model file behind `fd`; ModelTooLarge when it is over `max_bytes` (pool.max_model_bytes).
+    Its apparent size counts, not its blocks on disk: a sparse file of 64 GiB takes nothing on disk, yet
+    hashing or reading it reads 64 GiB of zeros (attacker round 5: 100 s of the supervisor's one off-loop
+    thread, and every model queued behind it waited)."""
+    size = os.fstat(fd).st_size
+    if size > max_bytes:
+        raise ModelTooLarge(
+            f"{model_path} is {size} bytes ({size / 2**30:.1f} GiB), over pool.max_model_bytes ({max_bytes} bytes): "
+            "the daemon neither hashes nor reads a larger model file. Raise pool.max_model_bytes to serve it "
+            "(though ONNX cannot parse any model file over 2 GiB, protobuf's limit: large weights belong in "
+            "external-data files beside it)"
+        )
+    return size
 
 
 def read_model(fd: int) -> bytes:

@@ -1,5 +1,7 @@
 """Work the supervisor's loop must not wait for - hashing a model or its prepared weights, hundreds of MiB -
-done in order on one background thread.
+done on one background thread, cheapest first: a job's `cost` is the bytes it reads, so a model waits
+behind at most one larger model's hash (the one already running), never behind every larger one queued
+before it (attacker round 5: one huge file in the repository held up every model queued after it).
 
 A job's result (its return value, or the exception it raised) comes back through a pipe the loop's poller
 watches, and the job's callback runs on the loop's own thread: no supervisor state is touched by the
@@ -7,9 +9,11 @@ background thread, only what the job itself reads.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
+import sys
 import threading
 from typing import Any, Callable
 
@@ -20,14 +24,16 @@ Job = tuple[Callable[[], Any], Callable[[Any], None]]
 class OffLoopRunner:
     def __init__(self) -> None:
         self.fd, self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._todo: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._todo: queue.PriorityQueue[tuple[int, int, Job | None]] = queue.PriorityQueue()  # (cost, order, job)
+        self._order = itertools.count()  # equal costs run in the order submitted; jobs are never compared
         self._done: queue.SimpleQueue[tuple[Callable[[Any], None], Any]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="openinfer-offloop", daemon=True)
         self._thread.start()
 
-    def submit(self, work: Callable[[], Any], then: Callable[[Any], None]) -> None:
-        """Run `work()` on the background thread; `then(result or exception)` later, from collect()."""
-        self._todo.put((work, then))
+    def submit(self, work: Callable[[], Any], then: Callable[[Any], None], cost: int = 0) -> None:
+        """Run `work()` on the background thread, after the queued jobs of lower `cost` (the bytes it will
+        read); `then(result or exception)` later, from collect()."""
+        self._todo.put((cost, next(self._order), (work, then)))
 
     def collect(self) -> None:
         """The loop saw `fd` readable: run the callbacks of finished jobs."""
@@ -44,13 +50,13 @@ class OffLoopRunner:
             then(result)
 
     def close(self) -> None:
-        self._todo.put(None)
+        self._todo.put((sys.maxsize, next(self._order), None))  # after every queued job, as the thread's last
         self._thread.join(5)
         for fd in (self.fd, self._wake):
             os.close(fd)
 
     def _run(self) -> None:
-        while (job := self._todo.get()) is not None:
+        while (job := self._todo.get()[2]) is not None:
             work, then = job
             try:
                 result = work()

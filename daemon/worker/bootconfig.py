@@ -52,6 +52,7 @@ class WorkerBootConfig:
     prepare_into: str | None = None  # prepare mode: write a prepared directory here, then exit
     prepare_limit_bytes: int = 0  # prepare mode: largest file it may write (the supervisor accepts no larger)
     repository: str = ""  # the model repository model_path is opened beneath (daemon/files/model_files.py)
+    max_model_bytes: int = 2 * 1024**3  # pool.max_model_bytes: a larger model file fails the boot, unread
     work_dir: str = ""  # an empty directory to run in: a relative path the worker did not check resolves nowhere
     sandbox: WorkerSandboxConfig = field(default_factory=WorkerSandboxConfig)
     direct: DirectConfig | None = None

@@ -9,7 +9,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from openinfer.daemon.files.model_files import ModelFileError, open_model_file, read_model
+from openinfer.daemon.files.model_files import ModelFileError, check_model_size, open_model_file, read_model
 from openinfer.daemon.files.prepared_layout import OPT_MODEL
 
 from .bootconfig import WorkerBootConfig
@@ -38,6 +38,9 @@ def open_model_source(config: WorkerBootConfig, version_dir_fd: int, user: str) 
     model must not serve it from the cache either."""
     model_fd = open_model_file(version_dir_fd, config.model_path, config.repository, user)
     try:
+        # Before a byte is read (the supervisor checked it too, but the file may have grown since, and with
+        # pool.share_weights off the supervisor never opens it).
+        check_model_size(model_fd, config.model_path, config.max_model_bytes)
         if config.prepared_dir:
             _check_prepared(config.prepared_dir)
             return ModelSource(None, prepared_dir=config.prepared_dir)

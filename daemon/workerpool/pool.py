@@ -157,6 +157,7 @@ class WorkerPool:
             ),
             prepared_dir=str(model.prepared_dir) if model.prepared_dir else None,
             repository=str(repository),
+            max_model_bytes=self.settings.pool.max_model_bytes,
             work_dir=str(self.runtime_dir / WORK_DIR) if self.runtime_dir is not None else "",
             steps=model.config.steps.to_dict() if model.config.steps is not None else None,
             cache=self._cache_config(model, limit_mb),

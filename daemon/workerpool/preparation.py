@@ -1,9 +1,12 @@
 """Running the sandboxed prepare helper for a model version, then starting its workers on the result.
 
 Paths and keys are chosen here, never taken from the helper (it parses the untrusted model; issue #16):
-before any helper starts, the supervisor opens the source beneath the repository (daemon/files/model_files.py),
-hashes its bytes and computes the cache key (daemon/files/cache_key.py) - off the loop, since that reads the whole
-model - and reuses a valid `<cache>/<key>` without starting a helper at all. A helper's report is one
+before any helper starts, the supervisor opens the source beneath the repository (daemon/files/model_files.py)
+and measures it, on the loop: a file over pool.max_model_bytes fails its model there, unread, and one below
+pool.share_min_bytes starts its workers at once, so neither waits for the one off-loop thread (attacker
+round 5: a sparse 64 GiB file was hashed for 100 s, and every model queued behind it waited, the smallest
+too). The rest are hashed off the loop, smallest first, for the cache key (daemon/files/cache_key.py), and
+a valid `<cache>/<key>` is reused without starting a helper at all. A helper's report is one
 exact line, `{"result": "prepared"}`, and its output directory is checked before it is renamed into place
 (daemon/files/prepared.py). Whatever fails, the model loads unshared, with the reason in `openinfer status`.
 """
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from openinfer.daemon.files.cache_key import cache_key, cpu_fingerprint, fd_sha256, onnxruntime_version
-from openinfer.daemon.files.model_files import ModelFileError, describe_user, open_model
+from openinfer.daemon.files.model_files import ModelFileError, ModelTooLarge, check_model_size, describe_user, open_model
 from openinfer.daemon.modelstore.models import ModelState, ServedModel
 from openinfer.daemon.loop.offloop import OffLoopRunner
 from openinfer.daemon.files.prepared import Expectation, PreparedRejected, PreparedStore
@@ -50,20 +53,40 @@ class PrepareJob:
     started_ns: int
 
 
-def plan_preparation(model: ServedModel, store: PreparedStore, share_min_bytes: int) -> Plan | str:
-    """Off the loop: the key from the source's own bytes, and whether the cache already holds it. A string is
-    why the model is not shared at all. Raises ModelFileError when the source cannot be opened safely."""
+@dataclass(frozen=True)
+class Source:
+    """A model file the supervisor opened and measured on its loop; the off-loop job that hashes it closes it."""
+
+    version_dir: int
+    fd: int
+    size: int
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self.version_dir)
+
+
+def open_source(model: ServedModel, max_bytes: int) -> Source:
+    """On the loop (an open and an fstat, no read). Raises ModelTooLarge over `max_bytes`, ModelFileError when
+    the file cannot be opened safely."""
     repository = str(model.repository or model.path.parent)
     version_dir, fd = open_model(repository, str(model.path), describe_user(os.geteuid()))
     try:
-        size = os.fstat(fd).st_size
-        if size < share_min_bytes:
-            return f"off: {size} bytes < pool.share_min_bytes"
-        source_sha256 = fd_sha256(fd)
-    finally:
+        return Source(version_dir, fd, check_model_size(fd, str(model.path), max_bytes))
+    except BaseException:
         os.close(fd)
         os.close(version_dir)
-    expected = Expectation(source_sha256, onnxruntime_version(), cpu_fingerprint(), output_limit_bytes(size))
+        raise
+
+
+def plan_preparation(source: Source, store: PreparedStore) -> Plan:
+    """Off the loop: the key from the source's own bytes, and whether the cache already holds it. Closes
+    `source`. Raises OSError when the file grew past its checked size meanwhile."""
+    try:
+        source_sha256 = fd_sha256(source.fd, source.size)
+    finally:
+        source.close()
+    expected = Expectation(source_sha256, onnxruntime_version(), cpu_fingerprint(), output_limit_bytes(source.size))
     key = cache_key(source_sha256)
     return Plan(key, expected, store.holds(key, expected))
 
@@ -90,11 +113,28 @@ class WeightPreparer:
         return True
 
     def start(self, model: ServedModel) -> None:
+        """Decide on the loop what needs no hashing: a model over pool.max_model_bytes fails here (FAILED, with
+        the reason; the caller answers its queue if it has one), one below pool.share_min_bytes, or one the
+        supervisor cannot open, starts its workers now. Only the rest waits for the off-loop thread."""
         model.prepare_attempts += 1
+        settings = self.pool.settings.pool
+        try:
+            source = open_source(model, settings.max_model_bytes)
+        except ModelTooLarge as exc:
+            self._fail(model, str(exc))
+            return
+        except ModelFileError as exc:  # its workers, opening it as the worker user, say why they cannot
+            self._off(model, str(exc))
+            self.on_done(model)
+            return
+        if source.size < settings.share_min_bytes:
+            source.close()
+            model.sharing = f"off: {source.size} bytes < pool.share_min_bytes"
+            self.on_done(model)
+            return
         model.sharing = "preparing"
         started_ns = time.monotonic_ns()
-        min_bytes = self.pool.settings.pool.share_min_bytes
-        self.offloop.submit(lambda: plan_preparation(model, self.store, min_bytes), lambda result: self._planned(model, result, started_ns))
+        self.offloop.submit(lambda: plan_preparation(source, self.store), lambda result: self._planned(model, result, started_ns), cost=source.size)
 
     def _planned(self, model: ServedModel, result: Any, started_ns: int) -> None:
         if model.state is ModelState.FAILED or model.retiring:
@@ -104,8 +144,6 @@ class WeightPreparer:
         elif isinstance(result, Plan):
             self._start_helper(model, result, started_ns)
             return
-        elif isinstance(result, str):
-            model.sharing = result
         else:
             reason = str(result) if isinstance(result, ModelFileError) else f"{type(result).__name__}: {result}"
             self._off(model, reason)
@@ -169,6 +207,12 @@ class WeightPreparer:
         elapsed_ms = round((time.monotonic_ns() - started_ns) / 1e6, 1)
         log.info("shared weights ready", extra={"model": model.key, "reused": reused, "ms": elapsed_ms, "shared_bytes": model.shared_bytes, "dir": str(model.prepared_dir)})
 
+    def _fail(self, model: ServedModel, reason: str) -> None:
+        model.state = ModelState.FAILED
+        model.reason = reason
+        model.sharing = "off"
+        log.error("model failed to load", extra={"model": model.key, "reason": reason})
+
     def _off(self, model: ServedModel, reason: str) -> None:
         model.prepared_dir = None
         model.sharing = f"off: {reason}"
@@ -181,6 +225,8 @@ class WeightPreparer:
         model.prepared_dir = None
         if model.prepare_attempts < MAX_PREPARE_ATTEMPTS:
             self.start(model)
+            if model.state is ModelState.FAILED:  # its file grew past pool.max_model_bytes meanwhile
+                self.pool.on_model_failed(model)
         else:
             model.sharing = "off: prepared weights failed verification twice"
             self.on_done(model)
