@@ -20,7 +20,7 @@ from openinfer.wire.tensors import BF16Array
 from openinfer.wire.zmtp import PeerClosed
 
 from .core import DEFAULT_TIMEOUT_S, ClientCore, dropped
-from .direct import DirectLink, Lease, NoDirectPath, Pending, attach_frames, check_request_size, handshake_step, lease_expired, read_replies, start_connect
+from .direct import DEFAULT_MAX_REPLY_BYTES, DirectLink, Lease, NoDirectPath, Pending, attach_frames, check_request_size, handshake_step, lease_expired, read_replies, start_connect
 from .give_up_timer import GiveUpTimer
 from .result import InferResult, result_from_reply
 from .socket_setup import configure_client_socket
@@ -39,16 +39,22 @@ class AsyncClient:
         curve_keypair: tuple[bytes, bytes] | None = None,
         retries: int = 0,
         direct: bool = True,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
     ) -> None:
-        """`direct=False` sends every request through the front door (the v1 path)."""
-        self._core = core = ClientCore(address, timeout, client_name, retries, direct, curve_server_key is not None)
+        """`direct=False` sends every request through the front door (the v1 path). `max_reply_bytes`:
+        the largest reply frame this client takes (PROTOCOL.md 2.4; default 1 GiB, the daemon's default
+        server.max_worker_message_bytes, which bounds every reply frame it sends): a frame over it closes
+        the connection, and the request in flight fails UNAVAILABLE naming this limit, rather than the
+        client taking whatever a daemon (or a fake one) sends into memory. A worker's replies on the
+        direct path are held to the smaller of this and the lease's max_reply_bytes."""
+        self._core = core = ClientCore(address, timeout, client_name, retries, direct, curve_server_key is not None, max_reply_bytes)
         self.address = core.address
         self.timeout = timeout
         self.client_name = client_name
         self.retries = retries
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.DEALER)
-        configure_client_socket(self._socket, curve_server_key=curve_server_key, curve_keypair=curve_keypair)
+        configure_client_socket(self._socket, max_reply_bytes=max_reply_bytes, curve_server_key=curve_server_key, curve_keypair=curve_keypair)
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # a dropped connection fails its requests at once
         self._socket.connect(self.address)
         self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
@@ -101,7 +107,7 @@ class AsyncClient:
         raise AssertionError("unreachable")
 
     async def models(self) -> list[dict[str, Any]]:
-        return (await self._call("models"))["models"]
+        return (await self._call("models")).get("models", [])  # (a reply without them, from a fake or broken daemon: none)
 
     async def metadata(self, model: str, version: int | None = None) -> dict[str, Any]:
         return await self._call("metadata", model=model, version=version)

@@ -21,9 +21,10 @@ from openinfer.wire.protocol import MAX_HEADER_BYTES, MAX_TIMEOUT_MS, encode_inf
 from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array
 from openinfer.wire.zmtp import PeerClosed
 
-from .direct import DirectLink, Lease, NoDirectPath, Pending, check_limits, lease_expired, parse_lease, read_replies, reply_limits, request_bytes
+from .direct import DEFAULT_MAX_REPLY_BYTES, DirectLink, Lease, NoDirectPath, Pending, check_limits, lease_expired, parse_lease, read_replies, reply_limits, request_bytes
 
 DEFAULT_TIMEOUT_S = 30.0
+_MAX_MSGSIZE = 2**63 - 1  # ZMQ_MAXMSGSIZE is an int64
 # How much longer than its own `timeout` a client waits before it gives up by itself (PROTOCOL.md 10.2):
 # the daemon's DEADLINE_EXCEEDED, which says where the time went, arrives after the deadline it counts
 # from when it read the request. 10 % of the timeout, at least 600 ms and at most 1 s: a request stuck
@@ -79,9 +80,15 @@ def reply_slack(timeout: float) -> float:
 class ClientCore:
     """The state and decisions of one client; no I/O."""
 
-    def __init__(self, address: str | None, timeout: float, client_name: str | None, retries: int, direct: bool, curve: bool) -> None:
+    def __init__(self, address: str | None, timeout: float, client_name: str | None, retries: int, direct: bool, curve: bool, max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES) -> None:
         if not 0.0 < timeout <= MAX_TIMEOUT_S:  # (NaN too)
             raise bad_timeout(timeout)
+        if type(max_reply_bytes) is not int or not 0 < max_reply_bytes <= _MAX_MSGSIZE:
+            raise InvalidArgument(f"max_reply_bytes must be a positive integer of bytes (at most 2**63 - 1); got {max_reply_bytes!r}")
+        # The largest reply frame this client takes from the front door (ZMQ_MAXMSGSIZE) and the cap on
+        # what a lease may declare for a worker's replies: a daemon's, or a fake one's, say-so never
+        # sizes this client's memory alone.
+        self.max_reply_bytes = max_reply_bytes
         self.address = resolve_address(address)
         self.timeout = timeout
         self.client_name = client_name
@@ -185,7 +192,13 @@ class ClientCore:
 
     def connection_lost(self) -> Unavailable:
         """The front door's connection closed while a request was in flight: its reply cannot come."""
-        return Unavailable(f"the connection to the daemon at {self.address} closed while this request was in flight (it may or may not have run)", {"connection": "lost"})
+        # libzmq tells no reason: a reply frame over ZMQ_MAXMSGSIZE closes the connection like a daemon
+        # that went away does, so the message names both.
+        return Unavailable(
+            f"the connection to the daemon at {self.address} closed while this request was in flight (it may or may not have run); "
+            f"a reply with a frame over this client's max_reply_bytes ({self.max_reply_bytes} bytes) closes it too",
+            {"connection": "lost"},
+        )
 
     @staticmethod
     def retryable(exc: Unavailable) -> bool:
@@ -224,6 +237,7 @@ class ClientCore:
     # -- the direct path ------------------------------------------------------------------------------
     def lease_taken(self, key: tuple[str, int | None], result: Any, taken_ns: int) -> Lease:
         lease = parse_lease(result, taken_ns)
+        lease.max_reply_bytes = min(lease.max_reply_bytes, self.max_reply_bytes)
         self.leases[key] = lease
         return lease
 

@@ -234,7 +234,7 @@ def _refused_reply(event: Oversized, link: DirectLink) -> tuple[dict[str, Any], 
     if request_id not in link.pending:
         return None
     limit = link.stream.limits.message_bytes
-    error = ResourceExhausted(f"the reply from the worker at {link.address} is over this client's limit: {event.reason} (the lease's max_reply_bytes, the daemon's server.max_worker_message_bytes)", {"limit": limit})
+    error = ResourceExhausted(f"the reply from the worker at {link.address} is over this client's limit: {event.reason} (the lease's max_reply_bytes, the daemon's server.max_worker_message_bytes, or the client's own max_reply_bytes if smaller)", {"limit": limit})
     return {"v": PROTOCOL_VERSION, "id": request_id, "error": error.to_wire()}, [event.frames[0]]
 
 

@@ -7,6 +7,7 @@ import zmq
 def configure_client_socket(
     socket: zmq.Socket,  # type: ignore[type-arg]
     *,
+    max_reply_bytes: int,
     curve_server_key: bytes | None = None,
     curve_keypair: tuple[bytes, bytes] | None = None,
 ) -> None:
@@ -14,6 +15,9 @@ def configure_client_socket(
     socket.setsockopt(zmq.IMMEDIATE, 1)
     socket.setsockopt(zmq.SNDHWM, 1000)
     socket.setsockopt(zmq.RCVHWM, 1000)
+    # libzmq reads a frame's length before its bytes: over this, it closes the connection instead of
+    # taking the frame into memory. Without it a fake daemon's reply of 1 GiB took the CLI to 4.1 GiB.
+    socket.setsockopt(zmq.MAXMSGSIZE, max_reply_bytes)
     if curve_server_key is not None:
         if curve_keypair is None:
             public, secret = zmq.curve_keypair()

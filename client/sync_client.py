@@ -22,7 +22,7 @@ from openinfer.wire.tensors import BF16Array
 from openinfer.wire.zmtp import PeerClosed
 
 from .core import DEFAULT_TIMEOUT_S, ClientCore, dropped
-from .direct import DirectLink, Lease, NoDirectPath, attach_frames, check_request_size, connect, lease_expired, read_replies
+from .direct import DEFAULT_MAX_REPLY_BYTES, DirectLink, Lease, NoDirectPath, attach_frames, check_request_size, connect, lease_expired, read_replies
 from .result import InferResult, result_from_reply
 from .socket_setup import configure_client_socket
 
@@ -40,16 +40,22 @@ class Client:
         curve_keypair: tuple[bytes, bytes] | None = None,
         retries: int = 0,
         direct: bool = True,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
     ) -> None:
-        """`direct=False` sends every request through the front door (the v1 path)."""
-        self._core = core = ClientCore(address, timeout, client_name, retries, direct, curve_server_key is not None)
+        """`direct=False` sends every request through the front door (the v1 path). `max_reply_bytes`:
+        the largest reply frame this client takes (PROTOCOL.md 2.4; default 1 GiB, the daemon's default
+        server.max_worker_message_bytes, which bounds every reply frame it sends): a frame over it closes
+        the connection, and the request in flight fails UNAVAILABLE naming this limit, rather than the
+        client taking whatever a daemon (or a fake one) sends into memory. A worker's replies on the
+        direct path are held to the smaller of this and the lease's max_reply_bytes."""
+        self._core = core = ClientCore(address, timeout, client_name, retries, direct, curve_server_key is not None, max_reply_bytes)
         self.address = core.address
         self.timeout = timeout
         self.client_name = client_name
         self.retries = retries
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.DEALER)
-        configure_client_socket(self._socket, curve_server_key=curve_server_key, curve_keypair=curve_keypair)
+        configure_client_socket(self._socket, max_reply_bytes=max_reply_bytes, curve_server_key=curve_server_key, curve_keypair=curve_keypair)
         # A socket monitor tells a waiting call that the connection dropped (the daemon cut it or went
         # away): its reply cannot come, so it fails at once instead of at its timeout.
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -103,7 +109,7 @@ class Client:
         raise AssertionError("unreachable")
 
     def models(self) -> list[dict[str, Any]]:
-        return self._call("models")["models"]
+        return self._call("models").get("models", [])  # (a reply without them, from a fake or broken daemon: none)
 
     def metadata(self, model: str, version: int | None = None) -> dict[str, Any]:
         return self._call("metadata", model=model, version=version)

@@ -15,6 +15,10 @@ socket_option = click.option(
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
 timeout_option = click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the daemon.")
+# The largest reply frame an admin command (status, stats, models, health) takes: far above what a daemon
+# sends (a `stats` of thousands of clients is a few MiB), far below what would hurt the operator's
+# machine. A fake daemon's 1 GiB `status` took this CLI to 4.1 GiB of memory before it was bounded.
+ADMIN_MAX_REPLY_BYTES = 64 << 20
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,14 +53,17 @@ def serve(models: Path | None, socket_address: str | None, workers: int | None, 
     sys.exit(run_serve(config_file, overrides))
 
 
-def _client(socket_address: str | None, timeout: float) -> Any:
+def _client(socket_address: str | None, timeout: float, max_reply_bytes: int = ADMIN_MAX_REPLY_BYTES) -> Any:
+    """A client for one command; `infer` passes the library's default bound (its outputs may be large)."""
     from openinfer.client import Client
 
-    return Client(socket_address, timeout=timeout)
+    return Client(socket_address, timeout=timeout, max_reply_bytes=max_reply_bytes)
 
 
 def _fail(exc: Exception) -> NoReturn:
-    click.echo(f"error: {exc}", err=True)
+    from openinfer.daemon.commands.terminal_text import printable
+
+    click.echo(f"error: {printable(str(exc))}", err=True)  # (a daemon's error message: its text, never its control characters)
     sys.exit(1)
 
 
@@ -72,6 +79,8 @@ def health(socket_address: str | None, as_json: bool, timeout: float) -> None:
     """Exit 0 only when every loaded model has a ready worker."""
     from openinfer.client import OpenInferError
 
+    from openinfer.daemon.commands.terminal_text import entries, printable
+
     try:
         with _client(socket_address, timeout) as client:
             result = client.health()
@@ -79,17 +88,18 @@ def health(socket_address: str | None, as_json: bool, timeout: float) -> None:
         if as_json:
             _print_json({"ready": False, "error": exc.to_wire()})
         else:
-            click.echo(f"not ready: {exc}", err=True)
+            click.echo(f"not ready: {printable(str(exc))}", err=True)
         sys.exit(1)
+    ready = result.get("ready") is True
     if as_json:
         _print_json(result)
     else:
-        click.echo("ready" if result["ready"] else "not ready")
-        for row in result.get("not_ready", []):
-            click.echo(f"  not ready: {row['model']} ({row['state']}){': ' + row['reason'] if row.get('reason') else ''}")
-        for row in result.get("failed", []):
-            click.echo(f"  failed:    {row['model']}: {row['reason']}")
-    sys.exit(0 if result["ready"] else 1)
+        click.echo("ready" if ready else "not ready")
+        for row in entries(result.get("not_ready")):
+            click.echo(f"  not ready: {printable(row.get('model'))} ({printable(row.get('state'))}){': ' + printable(row['reason']) if row.get('reason') else ''}")
+        for row in entries(result.get("failed")):
+            click.echo(f"  failed:    {printable(row.get('model'))}: {printable(row.get('reason'))}")
+    sys.exit(0 if ready else 1)
 
 
 @main.command()
@@ -181,8 +191,10 @@ def infer(model: str, inputs: tuple[str, ...], fill: str | None, file_path: Path
 
     from openinfer.daemon.commands.infer_command import build_inputs, describe_result
 
+    from openinfer.client.direct import DEFAULT_MAX_REPLY_BYTES
+
     try:
-        with _client(socket_address, timeout) as client:
+        with _client(socket_address, timeout, DEFAULT_MAX_REPLY_BYTES) as client:
             feed = build_inputs(client, model, model_version, inputs, fill, dynamic_dim, file_path)
             result = client.infer(model, feed, version=model_version)
     except (OpenInferError, ValueError, OSError) as exc:

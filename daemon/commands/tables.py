@@ -1,4 +1,9 @@
-"""Human-readable tables (rich) for the client commands; `--json` bypasses all of this."""
+"""Human-readable tables (rich) for the client commands; `--json` bypasses all of this.
+
+A reply is read as untrusted: every string goes through `cell` (control characters shown escaped, rich
+markup escaped) and every field through the tolerant readers of terminal_text.py, so a hostile label, a
+fake daemon or an old one can neither drive the operator's terminal nor make a command fail with a
+traceback (tests/attack/test_cli_replies.py)."""
 from __future__ import annotations
 
 import time
@@ -7,30 +12,32 @@ from typing import Any, Iterable
 from rich import box
 from rich.console import Console
 from rich.live import Live
-from rich.markup import escape
 from rich.table import Table
+
+from .terminal_text import MISSING, by_key, cell, count, entries, fields, formatted, number, printable
 
 
 def render(table: Table) -> None:
     Console(soft_wrap=False).print(table)
 
 
-def models_table(rows: list[dict[str, Any]]) -> Table:
+def models_table(rows: object) -> Table:
     table = Table(title="models")
     table.add_column("model", overflow="fold")
     for col in ("version", "state", "workers", "ready", "queued"):
         table.add_column(col, no_wrap=True)
     table.add_column("reason", overflow="fold")  # why a model failed: never cut short
-    for row in rows:
-        table.add_row(escape(row["name"]), str(row["version"]), row["state"], str(row.get("workers", "")), str(row.get("ready_workers", "")), str(row.get("queued", "")), escape(row.get("reason") or ""))
+    for row in entries(rows):
+        table.add_row(cell(row.get("name")), cell(row.get("version")), cell(row.get("state")), count(row.get("workers")), count(row.get("ready_workers")), count(row.get("queued")), cell(row.get("reason") or ""))
     return table
 
 
-def _mib(value: int | None) -> str:
-    return f"{value / 2**20:.1f}" if value else "-"
+def _mib(value: object) -> str:
+    figure = number(value)
+    return f"{figure / 2**20:.1f}" if figure else MISSING
 
 
-def _policy(sandbox: dict[str, Any]) -> str:
+def _policy(sandbox: dict[Any, Any]) -> str:
     """What a worker serves under, in one word: its seccomp policy; OFF (--insecure-no-sandbox); the
     seccomp mode when it is not a filter (something is wrong); - while the worker has not reported."""
     if not sandbox:
@@ -38,7 +45,7 @@ def _policy(sandbox: dict[str, Any]) -> str:
     if not sandbox.get("enabled", True):
         return "OFF"
     mode = sandbox.get("seccomp_mode")
-    return escape(str(sandbox.get("policy", "-"))) if mode == 2 else f"seccomp {mode}"
+    return cell(sandbox.get("policy", MISSING)) if mode == 2 else f"seccomp {cell(mode)}"
 
 
 # `openinfer status`: the columns that matter, sized for an 80-column terminal; `--wide` adds the rest.
@@ -48,47 +55,52 @@ _FOLDING = {"sandbox": 10, "model": 24}  # may fold (a policy path, a very long 
 _NUMERIC = {"id", "pid", "tasks", "restarts", "mem limit", "RSS MiB", "USS MiB", "PSS MiB"}
 
 
-def status_tables(result: dict[str, Any], wide: bool = False) -> list[Table]:
+def status_tables(result: object, wide: bool = False) -> list[Table]:
     """The models, then one row per worker, without vertical rules (like `ps`): at 80 columns nothing
     is cut to an ellipsis; every column but a long policy path or model name keeps its values whole."""
+    result = fields(result)
     columns = _WORKER_COLUMNS + (_WIDE_COLUMNS if wide else ())
-    rows = [_worker_row(w, wide) for w in result["workers"]]
+    rows = [_worker_row(w, wide) for w in entries(result.get("workers"))]
     caption = None if wide else "sandbox: the seccomp policy each worker serves under; --wide adds uid, namespaces, Landlock, limits, RSS/USS"
-    title = f"workers (daemon pid {result['pid']}, up {result['uptime_s']:.0f}s{', DRAINING' if result['draining'] else ''}) at {escape(result['address'])}"
+    uptime = formatted(result.get("uptime_s"), ".0f")
+    title = f"workers (daemon pid {count(result.get('pid'))}, up {uptime}{'s' if uptime != MISSING else ''}{', DRAINING' if result.get('draining') is True else ''}) at {cell(result.get('address'))}"
     workers = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for index, col in enumerate(columns):
         widest = max([len(col), *(len(row[index]) for row in rows)])
         workers.add_column(col, overflow="fold", min_width=min(widest, _FOLDING.get(col, widest)), justify="right" if col in _NUMERIC else "left")
     for row in rows:
         workers.add_row(*row)
-    return [models_table(result["models"]), workers]
+    return [models_table(result.get("models")), workers]
 
 
-def _worker_row(w: dict[str, Any], wide: bool) -> list[str]:
-    sb = w.get("sandbox") or {}
-    mem = w.get("memory") or {}
-    row = [str(w["id"]), str(w["pid"]), escape(f"{w['model']}:{w['version']}"), w["state"], str(w["tasks_served"]), str(w["restarts"]), _policy(sb), _mib(mem.get("pss"))]
+def _worker_row(w: dict[Any, Any], wide: bool) -> list[str]:
+    sb = fields(w.get("sandbox"))
+    mem = fields(w.get("memory"))
+    row = [count(w.get("id")), count(w.get("pid")), cell(f"{printable(w.get('model'))}:{printable(w.get('version'))}"), cell(w.get("state")), count(w.get("tasks_served")), count(w.get("restarts")), _policy(sb), _mib(mem.get("pss"))]
     if wide:
-        limit = sb.get("memory_limit_bytes")
+        uids = sb.get("uid")
+        namespaces = sb.get("namespaces_entered")
         row += [
-            str(sb.get("seccomp_mode", "off" if not sb.get("enabled", True) else "-")),
-            str((sb.get("uid") or ["-"])[0]),
-            ",".join(sb.get("namespaces_entered") or []) or "-",
-            str(sb.get("landlock_abi", "-")),
-            _mib(limit) if limit else "-",
+            cell(sb.get("seccomp_mode", "off" if not sb.get("enabled", True) else MISSING)),
+            cell(uids[0] if isinstance(uids, list) and uids else MISSING),
+            cell(",".join(printable(ns) for ns in namespaces) if isinstance(namespaces, list) and namespaces else MISSING),
+            cell(sb.get("landlock_abi", MISSING)),
+            _mib(sb.get("memory_limit_bytes")),
             _mib(mem.get("rss")),
             _mib(mem.get("uss")),
         ]
     return row
 
 
-def _ms(us: float | int | None) -> str:
-    return "-" if us is None else f"{us / 1000:.3f}"
+def _ms(us: object) -> str:
+    figure = number(us)
+    return MISSING if figure is None else f"{figure / 1000:.3f}"
 
 
-def _bytes(n: int | None) -> str:
+def _bytes(value: object) -> str:
+    n = number(value)
     if not n:
-        return "0"
+        return "0" if value is None or n == 0 else MISSING
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
@@ -99,22 +111,22 @@ _LATENCY_COLUMNS = ("reqs", "ok", "failed", "p50", "p90", "p99", "p99.9", "mean"
 _STAGE_COLUMNS = ("decode", "queue", "dispatch", "prep", "compute", "encode", "return")  # total: "mean" above
 
 
-def _latency_row(label: str, snap: dict[str, Any]) -> list[str]:
-    lat = snap.get("latency") or {}
-    failed = sum((snap.get("failures") or {}).values())
+def _latency_row(label: object, snap: dict[Any, Any]) -> list[str]:
+    lat = fields(snap.get("latency"))
+    failed = sum(figure for figure in fields(snap.get("failures")).values() if isinstance(number(figure), int))
     return [
-        escape(label), str(snap.get("requests", 0)), str(snap.get("success", 0)), str(failed),
+        cell(label), count(snap.get("requests", 0)), count(snap.get("success", 0)), str(failed),
         *(_ms(lat.get(key)) for key in ("p50_us", "p90_us", "p99_us", "p99.9_us", "mean_us")),
     ]
 
 
-def _stage_row(label: str, snap: dict[str, Any]) -> list[str]:
-    stages = snap.get("stages") or {}
-    cells = [escape(label)]
+def _stage_row(label: object, snap: dict[Any, Any]) -> list[str]:
+    stages = fields(snap.get("stages"))
+    cells = [cell(label)]
     for stage in _STAGE_COLUMNS:
-        entry = stages.get(stage) or {}
-        count = entry.get("count", 0)
-        mean_us = entry["ns"] / count / 1000 if count else None
+        entry = fields(stages.get(stage))
+        runs, ns = number(entry.get("count", 0)), number(entry.get("ns"))
+        mean_us = ns / runs / 1000 if runs and ns is not None else None
         cells.append("-" if mean_us is None else f"{mean_us:.1f}" if mean_us < 1000 else f"{mean_us:.0f}")
     return cells
 
@@ -127,51 +139,63 @@ def _table(title: str, first: str, columns: Iterable[str], caption: str | None =
     return table
 
 
-def stats_tables(result: dict[str, Any]) -> list[Table]:
+def stats_tables(result: object) -> list[Table]:
     """Per model version: counts and server-side latency (HDR percentiles, within 1 %), the mean time
     per stage (the cumulative {count, ns} divided out), bytes, worker CPU and restarts; per client:
     counts and latency; then every failure by code. Sized to stay readable at 80 columns."""
+    result = fields(result)
+    models = fields(result.get("models"))
     latency = _table("per model: requests and latency (ms)", "model:version", _LATENCY_COLUMNS)
     stages = _table("per model: mean time per stage (µs)", "model:version", _STAGE_COLUMNS)
     usage = _table("per model: traffic and workers", "model:version", ("in", "out", "worker cpu s", "restarts"))
     failures = Table(title="failures by code")
     for col in ("model:version or client", "code", "count"):
         failures.add_column(col, overflow="fold", justify="right" if col == "count" else "left")
-    for name, entry in sorted(result.get("models", {}).items()):
-        for version, snap in sorted(entry.get("versions", {}).items(), key=lambda item: int(item[0]) if item[0].isdigit() else 0):
-            label = f"{name}:{version}"
+    for name, entry in by_key(models):
+        for version, snap in sorted(fields(fields(entry).get("versions")).items(), key=_version_order):
+            snap = fields(snap)
+            label = f"{printable(name)}:{printable(version)}"
             latency.add_row(*_latency_row(label, snap))
             if snap.get("stages"):
                 stages.add_row(*_stage_row(label, snap))
-            usage.add_row(escape(label), _bytes(snap.get("bytes_in")), _bytes(snap.get("bytes_out")), f"{snap.get('cpu_seconds', 0):.3f}", str(snap.get("worker_restarts", 0)))
-            for code, count in sorted((snap.get("failures") or {}).items()):
-                failures.add_row(escape(label), code, str(count))
-    for code, count in sorted((result.get("rejected") or {}).items()):
-        failures.add_row("(no model: refused before one was known)", code, str(count))
+            usage.add_row(cell(label), _bytes(snap.get("bytes_in")), _bytes(snap.get("bytes_out")), formatted(snap.get("cpu_seconds", 0), ".3f"), count(snap.get("worker_restarts", 0)))
+            for code, figure in by_key(fields(snap.get("failures"))):
+                failures.add_row(cell(label), cell(code), count(figure))
+    for code, figure in by_key(fields(result.get("rejected"))):
+        failures.add_row("(no model: refused before one was known)", cell(code), count(figure))
     clients = _table("per client (name@identity): requests and latency (ms)", "client", _LATENCY_COLUMNS)
-    for client, snap in sorted(result.get("clients", {}).items()):
+    for client, snap in by_key(fields(result.get("clients"))):
+        snap = fields(snap)
         clients.add_row(*_latency_row(client, snap))
-        for code, count in sorted((snap.get("failures") or {}).items()):
-            failures.add_row(f"client {escape(client)}", code, str(count))
+        for code, figure in by_key(fields(snap.get("failures"))):
+            failures.add_row(f"client {cell(client)}", cell(code), count(figure))
     tables = [latency, stages, usage, clients]
     cache = _table("per model: verdict cache ([cache])", "model:version", ("lookups", "hits", "hit ratio", "held"))
-    for name, entry in sorted(result.get("models", {}).items()):
-        for version, figures in sorted((entry.get("cache") or {}).items()):
-            ratio = figures.get("hit_ratio")
-            cache.add_row(escape(f"{name}:{version}"), str(figures.get("lookups", 0)), str(figures.get("hits", 0)), "-" if ratio is None else f"{100 * ratio:.1f} %", _bytes(figures.get("bytes")))
+    for name, entry in by_key(models):
+        for version, figures in by_key(fields(fields(entry).get("cache"))):
+            figures = fields(figures)
+            ratio = number(figures.get("hit_ratio"))
+            cache.add_row(cell(f"{printable(name)}:{printable(version)}"), count(figures.get("lookups", 0)), count(figures.get("hits", 0)), MISSING if ratio is None else f"{100 * ratio:.1f} %", _bytes(figures.get("bytes")))
     if cache.row_count:
         tables.append(cache)
     chains = _table("per chain: its models ([chain])", "chain:version", ("model", "requests", "runs", "mean ms"))
-    for name, entry in sorted(result.get("models", {}).items()):
-        for version, members in sorted((entry.get("chain") or {}).items()):
-            for member, figures in members.items():
-                mean = figures.get("mean_compute_us")
-                chains.add_row(escape(f"{name}:{version}"), escape(member), str(figures.get("requests", 0)), str(figures.get("runs", 0)), "-" if mean is None else f"{mean / 1000:.2f}")
+    for name, entry in by_key(models):
+        for version, members in by_key(fields(fields(entry).get("chain"))):
+            for member, figures in by_key(fields(members)):
+                figures = fields(figures)
+                mean = number(figures.get("mean_compute_us"))
+                chains.add_row(cell(f"{printable(name)}:{printable(version)}"), cell(member), count(figures.get("requests", 0)), count(figures.get("runs", 0)), MISSING if mean is None else f"{mean / 1000:.2f}")
     if chains.row_count:
         tables.append(chains)
     if failures.row_count:
         tables.append(failures)
     return tables
+
+
+def _version_order(item: tuple[Any, Any]) -> tuple[int, str]:
+    """Versions in numeric order ("2" before "10"); a key that is not a number last, by its text."""
+    key = printable(item[0])
+    return (int(key), "") if key.isdigit() and len(key) < 20 else (2**64, key)
 
 
 def watch_stats(client: Any, interval: float) -> None:
@@ -186,23 +210,24 @@ def watch_stats(client: Any, interval: float) -> None:
 def infer_tables(result: Any) -> list[Table]:
     from .infer_command import summarize
 
-    outputs = Table(title=f"{result.model}:{result.version} outputs")
+    outputs = Table(title=f"{cell(result.model)}:{cell(result.version)} outputs")
     for col in ("output", "dtype", "shape", "values"):
         outputs.add_column(col)
     for name, value in result.outputs.items():
-        outputs.add_row(escape(name), str(value.dtype), str(list(value.shape)), escape(summarize(value)))
+        outputs.add_row(cell(name), str(value.dtype), str(list(value.shape)), cell(summarize(value)))  # (a BYTES output's text too)
     timing = Table(title="timing (µs)")
     timing.add_column("stage")
     timing.add_column("µs", justify="right")
-    for key, value in result.timing.items():
-        timing.add_row(key.removesuffix("_us"), f"{value:.1f}")
+    for key, value in fields(result.timing).items():  # the daemon's order: where the time went, stage by stage
+        timing.add_row(cell(printable(key).removesuffix("_us")), formatted(value, ".1f"))
     tables = [outputs, timing]
     if getattr(result, "stages", None):  # a chain: where its compute went, model by model
         stages = Table(title="chain: compute per model (µs)")
         for col, justify in (("model", "left"), ("runs", "right"), ("µs", "right")):
             stages.add_column(col, justify=justify)  # type: ignore[arg-type]
-        for name, stage in result.stages.items():
-            stages.add_row(escape(name), str(stage.get("runs", 0)), f"{stage.get('compute_us', 0.0):.1f}")
+        for name, stage in fields(result.stages).items():
+            stage = fields(stage)
+            stages.add_row(cell(name), count(stage.get("runs", 0)), formatted(stage.get("compute_us", 0.0), ".1f"))
         tables.append(stages)
     return tables
 
@@ -221,5 +246,5 @@ def deployment_table(results: Iterable[Any]) -> Table:
     for col in ("check", "result", "detail"):
         table.add_column(col)
     for r in results:
-        table.add_row(r.check, "ok" if r.ok else "[bold red]FINDING[/]", escape(r.detail))
+        table.add_row(r.check, "ok" if r.ok else "[bold red]FINDING[/]", cell(r.detail))  # (names from the repository)
     return table

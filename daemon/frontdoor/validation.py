@@ -78,13 +78,25 @@ def check_envelope(header: dict[str, Any], frame_count: int) -> str:
     if not isinstance(op, str) or op not in OPERATIONS:
         raise InvalidArgument(f"unknown operation {op!r}; known: {', '.join(sorted(OPERATIONS))}")
     client = header.get("client")
-    if client is not None and (not isinstance(client, str) or len(client) > MAX_CLIENT_NAME):
-        raise InvalidArgument(f"`client` must be a string of at most {MAX_CLIENT_NAME} characters")
+    if client is not None:
+        _check_client_label(client)
     if frame_count > MAX_FRAMES:
         raise OverLimit(f"{frame_count} frames; the limit is {MAX_FRAMES}")
     if op != "infer" and frame_count != 1:
         raise InvalidArgument(f"`{op}` takes no data frames, got {frame_count - 1}")
     return op
+
+
+def _check_client_label(client: object) -> None:
+    """The `client` label is shown to operators (`openinfer stats`, the access log), and any uid that may
+    send a request chooses it: a control character in it (ESC opens a terminal escape sequence: retitle
+    the window, clear the screen, a hyperlink) is refused here, on the front door and on a worker's
+    endpoint alike, rather than carried to an operator's terminal."""
+    if not isinstance(client, str) or len(client) > MAX_CLIENT_NAME:
+        raise InvalidArgument(f"`client` must be a string of at most {MAX_CLIENT_NAME} characters")
+    if not client.isprintable():  # C0, DEL, C1, and Unicode's other non-printables (bidi overrides, line separators)
+        bad = next(ch for ch in client if not ch.isprintable())
+        raise InvalidArgument(f"`client` must be printable text: it holds {bad!r} (U+{ord(bad):04X}); control, format and separator characters other than the space are refused")
 
 
 def _is_uint(value: Any) -> bool:

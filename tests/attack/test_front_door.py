@@ -384,3 +384,55 @@ def test_a_timeout_too_long_for_the_daemons_clock_is_refused_on_both_paths(daemo
         assert all(w["state"] == "ready" for w in client.status()["workers"] if w["model"] == "tiny")
         assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
     assert "internal error" not in daemon.log_text()
+
+
+def test_a_client_label_with_terminal_escapes_is_refused_on_both_paths(daemon_factory: Any, repo: Path) -> None:
+    """Any uid that may send a request names itself in `client`, and `openinfer stats` showed that label
+    to the operator: OSC 2, CSI 2J and OSC 8 in it retitled the operator's window, cleared the screen and
+    planted a hyperlink (attacker round 5, finding 6). A label with a control character is now the
+    caller's mistake, refused before anything at the front door and at a worker alike, and counted under
+    the connection's identity only: it never reaches `stats`."""
+    from direct_peer import Peer, attach, lease_of
+
+    daemon = daemon_factory(repo, env={"OPENINFER_POOL_DIRECT": "1"})
+    label = "\x1b]2;PWNED\x1b\\\x1b[2J\x1b]8;;http://evil/\x1b\\x"
+    header = {"v": 1, "id": 7, "op": "infer", "model": "tiny", "client": label, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64]}]}
+    context = zmq.Context()
+    sock = dealer(context, daemon.address)
+    try:
+        for frames in ([msgpack.packb(header), X.tobytes()], [msgpack.packb({"v": 1, "id": 8, "op": "stats", "client": "\x9b2J"})]):
+            sock.send_multipart(frames)
+            assert sock.poll(10_000), "no reply"
+            reply = msgpack.unpackb(sock.recv_multipart()[0])
+            error = reply.get("error") or {}
+            assert error.get("code") == "INVALID_ARGUMENT" and "`client` must be printable" in error.get("message", ""), f"the label was taken: {reply}"
+    finally:
+        sock.close()
+        context.term()
+    lease = lease_of(daemon)
+    peer = Peer(lease["workers"][0]["address"])
+    try:
+        assert "error" not in (peer.ask(attach(lease["lease"])) or {"error": "closed"})
+        answer = peer.ask([msgpack.packb({**header, "id": 9}), X.tobytes()])
+        assert answer is not None and answer["id"] == 9, answer
+        error = answer.get("error") or {}
+        assert error.get("code") == "INVALID_ARGUMENT" and "`client` must be printable" in error.get("message", ""), f"the worker took the label: {answer}"
+    finally:
+        peer.close()
+    with Client(daemon.address, timeout=30, client_name="ops dashboard (ünïcode ok)") as client:  # printable labels still name themselves
+        client.infer("tiny", {"x": X})
+        labels = wait_for_clients(client, "ops dashboard (ünïcode ok)@")
+    assert not any("\x1b" in name or "\x9b" in name for name in labels), labels
+
+
+def wait_for_clients(client: Client, prefix: str) -> list[str]:
+    """The `stats` client keys once one starts with `prefix` (a worker's counts reach the supervisor
+    with its next report)."""
+    seen: list[str] = []
+
+    def found() -> bool:
+        seen[:] = list(client.stats().get("clients", {}))
+        return any(name.startswith(prefix) for name in seen)
+
+    wait_for(found, 30, f"a stats row for {prefix!r}")
+    return seen

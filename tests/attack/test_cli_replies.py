@@ -1,0 +1,222 @@
+"""The operator's `openinfer` CLI reads what a daemon sends as untrusted (attacker round 5, findings 6
+and 8, and a suspected crash).
+
+- Terminal escapes: a request's `client` label, chosen by any uid that may send one, was printed raw by
+  `openinfer stats` (rich escapes only its markup and drops only BEL, BS, VT, FF and CR): the attacker's
+  OSC 2 retitled the operator's window, CSI 2J cleared the screen, OSC 8 planted a hyperlink. A fake
+  daemon reached the terminal the same way through any field of `status`. The daemon now refuses such a
+  label (test_front_door.py); here, the CLI's side: every string it prints of a reply shows control
+  characters escaped, whatever sent it.
+- Malformed replies: `status_tables` indexed the reply's fields, so a reply without `pid`, `uptime_s` or
+  `address` (or with a string where a number goes) ended the command in a traceback.
+- Size: the CLI's front-door socket had no ZMQ_MAXMSGSIZE, so a fake daemon's 1 GiB `status` reply took
+  it to 4.1 GiB of memory. Its admin commands now take frames of at most 64 MiB, and an oversized reply
+  is an error naming the limit.
+
+Before the fix, the table tests found ESC in the rendered text or raised KeyError/TypeError, and the
+fake-daemon tests saw the escapes on the CLI's stdout, a traceback, and exit 0 after an 80 MiB reply.
+"""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import threading
+from typing import Any, Callable, Iterator
+
+import msgpack
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+from rich.table import Table
+
+from daemon_harness import world_readable_dir
+from openinfer.daemon.commands.tables import models_table, stats_tables, status_tables
+
+ESC = "\x1b"
+# What the attacker sent as its label: OSC 2 (window title), CSI 2J + CUP (clear, home), SGR, OSC 8 (hyperlink);
+# then the C1 form of CSI, a bidi override and a bare newline: all acted on by some terminal.
+HOSTILE = "\x1b]2;PWNED-TITLE\x1b\\\x1b[2J\x1b[H\x1b[31mALL OK\x1b[0m\x1b]8;;http://evil/\x1b\\x\x9b2J\u202e\n[bold]"
+
+
+def rendered(tables: list[Table]) -> str:
+    """As the operator's terminal would get it, minus rich's own styling (color_system=None): any ESC
+    left in the text came from the reply."""
+    console = Console(file=io.StringIO(), width=200, color_system=None, force_terminal=True, soft_wrap=False)
+    for table in tables:
+        console.print(table)
+    return console.file.getvalue()  # type: ignore[attr-defined, no-any-return]
+
+
+def assert_inert(text: str) -> None:
+    for char in (ESC, "\x9b", "\u202e"):
+        assert char not in text, f"{char!r} reaches the terminal: {text[max(0, text.find(char) - 40):text.find(char) + 40]!r}"
+
+
+def labelled_stats() -> dict[str, Any]:
+    """`stats` as the daemon sent it after the attack: well formed, the attacker's label a client key."""
+    snap = {"requests": 1, "success": 1, "failures": {"DEADLINE_EXCEEDED": 1}, "latency": {"p50_us": 120.0, "mean_us": 130.0}}
+    return {"models": {"tiny": {"versions": {"1": snap}}}, "clients": {f"{HOSTILE}@uid=65534": snap, "ops@uid=0": snap}, "rejected": {}}
+
+
+def escaping_status() -> dict[str, Any]:
+    """A fake daemon's `status`, well formed, a hostile string in every text field."""
+    worker = {"id": 1, "pid": 2, "model": HOSTILE, "version": 1, "state": HOSTILE, "tasks_served": 0, "restarts": 0, "uptime_s": 1.0,
+              "sandbox": {"enabled": True, "seccomp_mode": 2, "policy": HOSTILE, "uid": [HOSTILE], "namespaces_entered": [HOSTILE], "landlock_abi": HOSTILE, "memory_limit_bytes": 1 << 30},
+              "memory": {"rss": 1 << 20, "uss": 1 << 20, "pss": 1 << 20}}
+    return {"pid": 1, "uptime_s": 5.0, "draining": False, "address": HOSTILE, "workers": [worker],
+            "models": [{"name": HOSTILE, "version": 1, "state": HOSTILE, "workers": 1, "ready_workers": 1, "queued": 0, "reason": HOSTILE}]}
+
+
+def hostile_stats() -> dict[str, Any]:
+    snap = {"requests": 1, "success": 0, "failures": {HOSTILE: 1}, "latency": {"p50_us": HOSTILE}, "stages": {"queue": {"count": HOSTILE, "ns": 5}}, "bytes_in": HOSTILE, "cpu_seconds": HOSTILE}
+    return {
+        "models": {HOSTILE: {"versions": {HOSTILE: snap, "2": "not a map"}, "cache": {HOSTILE: {"lookups": HOSTILE, "hit_ratio": HOSTILE, "bytes": HOSTILE}}, "chain": {HOSTILE: {HOSTILE: {"mean_compute_us": HOSTILE}}}}, "m": "not a map"},
+        "clients": {f"{HOSTILE}@uid=65534": snap, "b": [1]},
+        "rejected": {HOSTILE: HOSTILE},
+    }
+
+
+def hostile_status() -> dict[str, Any]:
+    worker = {"id": HOSTILE, "model": HOSTILE, "version": HOSTILE, "state": HOSTILE, "sandbox": {"enabled": True, "seccomp_mode": 2, "policy": HOSTILE, "uid": [HOSTILE], "namespaces_entered": [HOSTILE, 1], "landlock_abi": HOSTILE, "memory_limit_bytes": HOSTILE}, "memory": {"pss": HOSTILE}}
+    return {  # no pid, no uptime_s, no draining; the rest hostile or of the wrong type
+        "address": HOSTILE,
+        "models": [{"name": HOSTILE, "version": HOSTILE, "state": HOSTILE, "workers": HOSTILE, "reason": HOSTILE}, "not a map"],
+        "workers": [worker, {"sandbox": {"enabled": True, "seccomp_mode": HOSTILE}}, 7],
+    }
+
+
+def test_stats_tables_show_a_hostile_label_escaped() -> None:
+    text = rendered(stats_tables(labelled_stats()))
+    assert_inert(text)
+    assert "\\x1b[2J" in text  # the operator sees what was sent, as text
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_status_tables_show_hostile_strings_escaped(wide: bool) -> None:
+    text = rendered(status_tables(escaping_status(), wide=wide))
+    assert_inert(text)
+    assert "\\x1b]2;PWNED-TITLE" in text
+
+
+def test_stats_tables_take_missing_and_mistyped_fields() -> None:
+    assert_inert(rendered(stats_tables(hostile_stats())))
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_status_tables_show_missing_and_mistyped_fields_as_a_dash(wide: bool) -> None:
+    text = rendered(status_tables(hostile_status(), wide=wide))
+    assert_inert(text)
+    assert "\\x1b]2;PWNED-TITLE" in text
+    if not wide:  # (wider than the console, rich leaves a table's title blank)
+        assert "daemon pid -, up -" in text
+
+
+def test_a_reply_with_nothing_in_it_renders_empty_tables() -> None:
+    for result in ({}, {"models": None, "workers": None, "clients": 3}, {"models": [], "workers": {}, "pid": "1", "uptime_s": "5", "draining": "yes", "address": None}):
+        rendered(status_tables(result))
+        rendered(stats_tables(result))
+    rendered([models_table(None), models_table([None, {}, {"name": 1}])])
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**64 - 1), st.floats(allow_nan=True), st.text(max_size=12), st.binary(max_size=8), st.just(HOSTILE))
+_values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.one_of(st.text(max_size=6), st.sampled_from(["1", "10", "versions", "cache", "chain", "failures", "latency", "stages"]), st.binary(max_size=4)), inner, max_size=3)), max_leaves=10)
+_status_keys = st.sampled_from(["pid", "uptime_s", "draining", "address", "models", "workers", "name", "version", "state", "id", "sandbox", "memory", "tasks_served", "restarts", "enabled", "seccomp_mode", "policy", "uid", "pss"])
+_stats_keys = st.sampled_from(["models", "clients", "rejected", "versions", "cache", "chain", "failures", "latency", "stages", "requests", "hit_ratio", "mean_compute_us", "count", "ns", "1", "2"])
+
+
+def _tree(keys: st.SearchStrategy[str]) -> st.SearchStrategy[Any]:
+    """Replies shaped like the real ones (their keys) with anything where a value goes."""
+    return st.recursive(_values, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(keys, inner, max_size=5)), max_leaves=25)
+
+
+@settings(max_examples=200, deadline=None)
+@given(status=_tree(_status_keys), stats=_tree(_stats_keys), wide=st.booleans())
+def test_any_reply_renders_without_an_exception_or_an_escape(status: Any, stats: Any, wide: bool) -> None:
+    assert_inert(rendered(status_tables(status, wide=wide)))
+    assert_inert(rendered(stats_tables(stats)))
+    assert_inert(rendered([models_table(status)]))
+
+
+# -- a fake daemon: a ROUTER on a socket the operator's CLI was pointed at ----------------------------------
+@pytest.fixture
+def fake_daemon() -> Iterator[Callable[[Callable[[dict[str, Any]], list[bytes]]], str]]:
+    """Serve `answer(request header) -> reply frames` on an ipc:// address until the test ends."""
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    context = zmq.Context()
+    path = world_readable_dir("oi-fake-daemon-") / "openinfer.sock"
+
+    def start(answer: Callable[[dict[str, Any]], list[bytes]]) -> str:
+        router = context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(f"ipc://{path}")
+
+        def serve() -> None:
+            try:
+                while not stop.is_set():
+                    if router.poll(50):
+                        routing_id, header = router.recv_multipart()[:2]
+                        router.send_multipart([routing_id, *answer(msgpack.unpackb(header))])
+            finally:
+                router.close(0)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        threads.append(thread)
+        return f"ipc://{path}"
+
+    yield start
+    stop.set()
+    for thread in threads:
+        thread.join(10)
+    context.term()
+
+
+def result_reply(result: Any) -> Callable[[dict[str, Any]], list[bytes]]:
+    return lambda header: [msgpack.packb({"v": 1, "id": header["id"], "result": result})]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    # The operator's command as it runs in a terminal; stdout is a pipe here, which changes only rich's
+    # colours: what a reply holds reaches stdout either way (the attacker's run used a pty: script(1)).
+    return subprocess.run([sys.executable, "-m", "openinfer.daemon.cli", *args], capture_output=True, timeout=60, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.parametrize("reply", [escaping_status, hostile_status], ids=["escapes", "missing-fields"])
+def test_a_fake_daemons_status_reaches_no_terminal(fake_daemon: Any, reply: Callable[[], dict[str, Any]]) -> None:
+    address = fake_daemon(result_reply(reply()))
+    done = run_cli("status", "--wide", "--socket", address)
+    assert b"Traceback" not in done.stderr, done.stderr.decode()
+    assert ESC.encode() not in done.stdout, f"an escape sequence reaches the terminal: {done.stdout[:300]!r}"
+    assert done.returncode == 0 and b"\\x1b]2;PWNED-TITLE" in done.stdout, done.stdout
+
+
+def test_a_fake_daemons_error_message_and_health_reach_no_terminal(fake_daemon: Any) -> None:
+    def answer(header: dict[str, Any]) -> list[bytes]:
+        if header["op"] == "health":
+            return [msgpack.packb({"v": 1, "id": header["id"], "result": {"ready": HOSTILE, "not_ready": [{"model": HOSTILE, "state": HOSTILE, "reason": HOSTILE}, 3], "failed": [{"model": HOSTILE}]}})]
+        return [msgpack.packb({"v": 1, "id": header["id"], "error": {"code": HOSTILE, "message": HOSTILE}})]
+
+    address = fake_daemon(answer)
+    health = run_cli("health", "--socket", address)
+    assert b"Traceback" not in health.stderr, health.stderr.decode()
+    assert health.returncode == 1 and ESC.encode() not in health.stdout + health.stderr, health.stdout
+    for command in ("stats", "models"):
+        done = run_cli(command, "--socket", address)
+        assert done.returncode == 1 and done.stderr.startswith(b"error: "), done.stderr.decode()
+        assert ESC.encode() not in done.stdout + done.stderr, done.stderr
+
+
+def test_an_oversized_status_reply_fails_the_cli_naming_the_limit(fake_daemon: Any) -> None:
+    """80 MiB of `status` (over the admin commands' 64 MiB; the attacker sent 1 GiB, and the CLI took
+    4.1 GiB): libzmq reads the frame's length and closes the connection instead of taking it."""
+    blob = b"A" * (80 << 20)
+    status = {"pid": 1, "uptime_s": 5.0, "draining": False, "address": "ipc:///run/openinfer/openinfer.sock", "models": [], "workers": [], "x": blob}
+    address = fake_daemon(lambda header: [msgpack.packb({"v": 1, "id": header["id"], "result": status})])
+    done = run_cli("status", "--socket", address, "--timeout", "30")
+    assert b"Traceback" not in done.stderr, done.stderr.decode()
+    assert done.returncode == 1, f"the CLI took the whole 80 MiB reply: exit {done.returncode}, {done.stdout[-200:]!r}"
+    assert done.stderr.startswith(b"error: ") and b"max_reply_bytes (67108864 bytes)" in done.stderr, done.stderr.decode()
