@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import pytest
 import zmq
 
 import onnx_builders
+from curve_setup import key_policy, server_keys
 from daemon_harness import wait_for, world_readable_dir
 from openinfer.client import Client, OpenInferError
 from repo_builder import make_world_readable
@@ -34,15 +33,11 @@ def test_curve_keys_decide_who_connects(daemon_factory: Any, tmp_path: Path) -> 
     repo = world_readable_dir("oi-curve-")
     onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
     make_world_readable(repo)
-    key_file = tmp_path / "server.key"
-    done = subprocess.run([sys.executable, "-m", "openinfer.daemon.cli", "keygen", str(key_file)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    key_file, server_public = server_keys(tmp_path)
     assert oct(key_file.stat().st_mode & 0o777) == "0o600"
-    server_public = Path(f"{key_file}.pub").read_text().strip().encode()
     known_public, known_secret = zmq.curve_keypair()
     stranger = zmq.curve_keypair()
-    policy = tmp_path / "access.toml"
-    policy.write_text(f'[[grant]]\nname = "known-key"\ncurve_keys = ["{known_public.decode()}"]\noperations = ["infer", "health", "stats"]\n\n[[grant]]\nname = "local"\nlocal = true\noperations = ["health", "status", "stats"]\n')
+    policy = key_policy(tmp_path, known_public, ["infer", "health", "stats"], '\n[[grant]]\nname = "local"\nlocal = true\noperations = ["health", "status", "stats"]\n')
     address = f"tcp://127.0.0.1:{free_port()}"
     daemon = daemon_factory(repo, "--socket", address, env={"OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file), "OPENINFER_SERVER_ACCESS_POLICY": str(policy)}, wait=False, address=address)
     with Client(address, timeout=60, curve_server_key=server_public, curve_keypair=(known_public, known_secret)) as client:
@@ -72,12 +67,9 @@ def test_curve_connections_are_capped_per_key_and_survive_an_oversized_request(d
     onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
     for path in repo.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
-    key_file = tmp_path / "server.key"
-    assert subprocess.run([sys.executable, "-m", "openinfer.daemon.cli", "keygen", str(key_file)], capture_output=True).returncode == 0
-    server_public = Path(f"{key_file}.pub").read_text().strip().encode()
+    key_file, server_public = server_keys(tmp_path)
     keypair = zmq.curve_keypair()
-    policy = tmp_path / "access.toml"
-    policy.write_text(f'[[grant]]\nname = "known-key"\ncurve_keys = ["{keypair[0].decode()}"]\noperations = ["infer", "health", "stats"]\n')
+    policy = key_policy(tmp_path, keypair[0], ["infer", "health", "stats"])
     address = f"tcp://127.0.0.1:{free_port()}"
     env = {
         "OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file),

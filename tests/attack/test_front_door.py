@@ -8,7 +8,6 @@ import os
 import shutil
 import socket
 import struct
-import sys
 import threading
 import time
 from pathlib import Path
@@ -351,24 +350,19 @@ def test_rotating_client_names_takes_no_extra_turns(daemon_factory: Any, repo: P
     assert before_other <= 4, f"{before_other} flood requests finished before the other uid's one"
 
 
-def test_a_timeout_too_long_for_the_daemons_clock_is_refused_on_both_paths(daemon_factory: Any, repo: Path) -> None:
-    """`timeout_ms` 10**15 (what `Client(timeout=1e12)` sent): the deadline overflowed the supervisor's stop
-    frame halfway through a dispatch - the worker was left busy with a task it never got, the client was
-    answered INTERNAL, and max_compute_ms later the same request was answered a second time as the worker
-    was killed (session 10's third attacker). Now it is the caller's mistake, refused before anything,
-    at the front door and at a worker alike."""
+def answers_on_both_paths(daemon: Any, messages: list[list[bytes]]) -> tuple[list[dict[str, Any]], list[dict[str, Any] | None]]:
+    """Each message sent raw to the front door, then each to a worker's endpoint (after a lease and an
+    attach): the two lists of answers (a worker's is None when it closed the connection instead)."""
     from direct_peer import Peer, attach, lease_of
 
-    daemon = daemon_factory(repo, env={"OPENINFER_POOL_DIRECT": "1"})
-    header = {"v": 1, "id": 7, "op": "infer", "model": "tiny", "timeout_ms": 10**15, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64]}]}
     context = zmq.Context()
     sock = dealer(context, daemon.address)
+    door: list[dict[str, Any]] = []
     try:
-        sock.send_multipart([msgpack.packb(header), X.tobytes()])
-        assert sock.poll(10_000), "no reply"
-        reply = msgpack.unpackb(sock.recv_multipart()[0])
-        assert reply["id"] == 7 and reply["error"]["code"] == "INVALID_ARGUMENT", reply
-        assert "timeout_ms" in reply["error"]["message"]
+        for frames in messages:
+            sock.send_multipart(frames)
+            assert sock.poll(10_000), "no reply from the front door"
+            door.append(msgpack.unpackb(sock.recv_multipart()[0]))
     finally:
         sock.close()
         context.term()
@@ -376,10 +370,28 @@ def test_a_timeout_too_long_for_the_daemons_clock_is_refused_on_both_paths(daemo
     peer = Peer(lease["workers"][0]["address"])
     try:
         assert "error" not in (peer.ask(attach(lease["lease"])) or {"error": "closed"})
-        answer = peer.ask([msgpack.packb({**header, "id": 8}), X.tobytes()])
-        assert answer is not None and answer["id"] == 8 and answer["error"]["code"] == "INVALID_ARGUMENT", answer
+        worker = [peer.ask(frames) for frames in messages]
     finally:
         peer.close()
+    return door, worker
+
+
+def refused_as(answer: dict[str, Any] | None, request_id: int, words: str) -> bool:
+    error = (answer or {}).get("error") or {}
+    return answer is not None and answer.get("id") == request_id and error.get("code") == "INVALID_ARGUMENT" and words in error.get("message", "")
+
+
+def test_a_timeout_too_long_for_the_daemons_clock_is_refused_on_both_paths(daemon_factory: Any, repo: Path) -> None:
+    """`timeout_ms` 10**15 (what `Client(timeout=1e12)` sent): the deadline overflowed the supervisor's stop
+    frame halfway through a dispatch - the worker was left busy with a task it never got, the client was
+    answered INTERNAL, and max_compute_ms later the same request was answered a second time as the worker
+    was killed (session 10's third attacker). Now it is the caller's mistake, refused before anything,
+    at the front door and at a worker alike."""
+    daemon = daemon_factory(repo, env={"OPENINFER_POOL_DIRECT": "1"})
+    header = {"v": 1, "id": 7, "op": "infer", "model": "tiny", "timeout_ms": 10**15, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64]}]}
+    door, worker = answers_on_both_paths(daemon, [[msgpack.packb(header), X.tobytes()]])
+    assert refused_as(door[0], 7, "timeout_ms"), door
+    assert refused_as(worker[0], 7, "timeout_ms"), worker
     with Client(daemon.address, timeout=30) as client:  # every worker still serves, none was held
         assert all(w["state"] == "ready" for w in client.status()["workers"] if w["model"] == "tiny")
         assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
@@ -392,33 +404,12 @@ def test_a_client_label_with_terminal_escapes_is_refused_on_both_paths(daemon_fa
     planted a hyperlink (attacker round 5, finding 6). A label with a control character is now the
     caller's mistake, refused before anything at the front door and at a worker alike, and counted under
     the connection's identity only: it never reaches `stats`."""
-    from direct_peer import Peer, attach, lease_of
-
     daemon = daemon_factory(repo, env={"OPENINFER_POOL_DIRECT": "1"})
     label = "\x1b]2;PWNED\x1b\\\x1b[2J\x1b]8;;http://evil/\x1b\\x"
     header = {"v": 1, "id": 7, "op": "infer", "model": "tiny", "client": label, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64]}]}
-    context = zmq.Context()
-    sock = dealer(context, daemon.address)
-    try:
-        for frames in ([msgpack.packb(header), X.tobytes()], [msgpack.packb({"v": 1, "id": 8, "op": "stats", "client": "\x9b2J"})]):
-            sock.send_multipart(frames)
-            assert sock.poll(10_000), "no reply"
-            reply = msgpack.unpackb(sock.recv_multipart()[0])
-            error = reply.get("error") or {}
-            assert error.get("code") == "INVALID_ARGUMENT" and "`client` must be printable" in error.get("message", ""), f"the label was taken: {reply}"
-    finally:
-        sock.close()
-        context.term()
-    lease = lease_of(daemon)
-    peer = Peer(lease["workers"][0]["address"])
-    try:
-        assert "error" not in (peer.ask(attach(lease["lease"])) or {"error": "closed"})
-        answer = peer.ask([msgpack.packb({**header, "id": 9}), X.tobytes()])
-        assert answer is not None and answer["id"] == 9, answer
-        error = answer.get("error") or {}
-        assert error.get("code") == "INVALID_ARGUMENT" and "`client` must be printable" in error.get("message", ""), f"the worker took the label: {answer}"
-    finally:
-        peer.close()
+    door, worker = answers_on_both_paths(daemon, [[msgpack.packb(header), X.tobytes()], [msgpack.packb({"v": 1, "id": 8, "op": "stats", "client": "\x9b2J"})]])
+    assert refused_as(door[0], 7, "`client` must be printable") and refused_as(door[1], 8, "`client` must be printable"), f"the label was taken: {door}"
+    assert refused_as(worker[0], 7, "`client` must be printable"), f"the worker took the label: {worker}"
     with Client(daemon.address, timeout=30, client_name="ops dashboard (ünïcode ok)") as client:  # printable labels still name themselves
         client.infer("tiny", {"x": X})
         labels = wait_for_clients(client, "ops dashboard (ünïcode ok)@")

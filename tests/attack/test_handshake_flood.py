@@ -14,8 +14,6 @@ from __future__ import annotations
 import select
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ import pytest
 import zmq
 
 import onnx_builders
+from curve_setup import key_policy, server_keys
 from daemon_harness import wait_for, world_readable_dir
 from openinfer.client import Client
 from openinfer.daemon.frontdoor.handshakes import Handshakes, handshake_share, source_host
@@ -103,13 +102,9 @@ def curve_daemon(daemon_factory: Any, tmp_path: Path) -> Iterator[tuple[Any, str
     repo = world_readable_dir("oi-handshake-flood-")
     onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
     make_world_readable(repo)
-    key_file = tmp_path / "server.key"
-    done = subprocess.run([sys.executable, "-m", "openinfer.daemon.cli", "keygen", str(key_file)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    server_public = Path(f"{key_file}.pub").read_text().strip().encode()
+    key_file, server_public = server_keys(tmp_path)
     admitted = zmq.curve_keypair()
-    policy = tmp_path / "access.toml"
-    policy.write_text(f'[[grant]]\nname = "known-key"\ncurve_keys = ["{admitted[0].decode()}"]\noperations = ["infer", "health", "status"]\n')
+    policy = key_policy(tmp_path, admitted[0], ["infer", "health", "status"])
     address = f"tcp://127.0.0.1:{free_port()}"
     env = {
         "OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file),
