@@ -41,12 +41,8 @@ class AsyncClient:
         direct: bool = True,
         max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
     ) -> None:
-        """`direct=False` sends every request through the front door (the v1 path). `max_reply_bytes`:
-        the largest reply frame this client takes (PROTOCOL.md 2.4; default 1 GiB, the daemon's default
-        server.max_worker_message_bytes, which bounds every reply frame it sends): a frame over it closes
-        the connection, and the request in flight fails UNAVAILABLE naming this limit, rather than the
-        client taking whatever a daemon (or a fake one) sends into memory. A worker's replies on the
-        direct path are held to the smaller of this and the lease's max_reply_bytes."""
+        """The arguments are `Client`'s: `direct=False` sends every request through the front door (the
+        v1 path); `max_reply_bytes` is the largest reply frame this client takes (PROTOCOL.md 2.4)."""
         self._core = core = ClientCore(address, timeout, client_name, retries, direct, curve_server_key is not None, max_reply_bytes)
         self.address = core.address
         self.timeout = timeout
