@@ -70,7 +70,7 @@ class ServerSettings:
 @dataclass(frozen=True)
 class PoolSettings:
     workers: int = _opt(1, "Worker processes per model version (a model's config.toml `workers` wins).")
-    max_workers: int = _opt(64, "Worker processes of all models and versions together (a chain's own workers included). A model version that would need more fails to load, naming this key; its replacement on a reload counts in its place.")
+    max_workers: int = _opt(64, "Worker processes alive at once, of all models and versions (a chain's own, and a retiring version's until they exit). A version that would need more fails to load, naming this key, and a later reload retries it; a replacement loads beside the version it replaces, so reloading a model needs room for both.")
     intra_op_threads: int = _opt(1, "onnxruntime intra-op threads per worker (a model's config.toml wins).", reload=NEW_WORKERS)
     ready_timeout_s: float = _opt(120.0, "A worker that is not ready this long after spawn is killed.", reload=NEW_WORKERS)
     respawn_backoff_ms: int = _opt(100, "First delay before respawning a crashed worker; doubles per consecutive crash.")

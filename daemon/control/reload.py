@@ -105,16 +105,20 @@ class RepositorySync:
     def _over_worker_cap(self, model: ServedModel, wanted: int) -> str | None:
         """Why `model` may not run `wanted` workers (None: it may). Each config.toml is bounded, but not
         how many models and versions a repository holds: without a daemon-wide cap, one holding 1,000
-        models of 64 workers each would start 64,000 processes. A model that failed takes none, a
-        retiring one is draining, and the version a replacement replaces counts as the replacement."""
+        models of 64 workers each would start 64,000 processes. What counts is processes: every worker
+        alive now, of any model (a retiring version's included: a busy one runs on until its request
+        ends, and reloads that left busy versions behind once added 2 workers each past the cap), plus
+        the workers the models loading will still start (waiting for their shared weights)."""
         cap = self.settings.pool.max_workers
-        others = sum(m.worker_count for m in self._counted_models() if m.key != model.key)
+        others = self._processes_besides(model)
         if others + wanted <= cap:
             return None
-        return f"{wanted} workers would make {others + wanted}, over the daemon's {cap} (pool.max_workers; models served or loading already take {others})"
+        return f"{wanted} workers would make {others + wanted} worker processes, over the daemon's {cap} (pool.max_workers; the other models' take {others}, retiring ones included until they exit)"
 
-    def _counted_models(self) -> list[ServedModel]:
-        return [m for m in (*self.registry.all(), *self.pending.values()) if m.state is not ModelState.FAILED and not m.retiring]
+    def _processes_besides(self, model: ServedModel) -> int:
+        alive = sum(1 for worker in self.pool.all_workers() if worker.model is not model)
+        coming = sum(max(0, m.worker_count - len(m.workers)) for m in (*self.registry.all(), *self.pending.values()) if m is not model and m.state is not ModelState.FAILED and not m.retiring)
+        return alive + coming
 
     def start_workers(self, model: ServedModel) -> None:
         for _ in range(model.worker_count - len(model.workers)):
@@ -132,7 +136,8 @@ class RepositorySync:
             return changes
         self.registry.failed = {}
         by_name = {entry.name: entry for entry in entries}
-        # What left the repository goes first: its workers drain, and it leaves room under pool.max_workers.
+        # What left the repository goes first: its idle workers quit now (their room under
+        # pool.max_workers is free once they have exited; a later reload starts what did not fit).
         self._remove_unseen(entries, changes)
         for entry in entries:
             if entry.error is not None:

@@ -8,8 +8,11 @@ and the other models serve. And a batch delay longer than a client's timeout hel
 worker free, until DEADLINE_EXCEEDED: a batch now leaves by the time its requests can still run."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,7 +20,7 @@ import numpy as np
 import pytest
 
 import onnx_builders
-from openinfer.client import Client
+from openinfer.client import Client, OpenInferError
 from openinfer.daemon.modelstore.modelconfig import BOUNDS, MAX_PREFERRED_BATCH_SIZES, ConfigError, parse_model_config
 from daemon_harness import wait_for
 from repo_builder import ModelRepo
@@ -105,7 +108,7 @@ def test_models_together_run_no_more_workers_than_pool_max_workers(daemon_factor
     """Each config.toml is bounded (64 workers), but not how many models a repository holds: before
     pool.max_workers, three models of 2 workers started 6 processes under a cap of 5, and 1,000 models
     would have started 64,000. Now the model that does not fit fails alone, naming the setting, the
-    others serve, and a reload that makes room starts it."""
+    others serve, and a reload once a removed model's workers have exited starts it."""
     models = ModelRepo("oi-max-workers-")
     for name in ("a", "b", "c"):  # loaded in this order: c is the one over the cap
         models.model(name, onnx_builders.matmul_model, config="workers = 2\n")
@@ -121,7 +124,52 @@ def test_models_together_run_no_more_workers_than_pool_max_workers(daemon_factor
                 assert client.infer(name, {"x": x}).outputs["y"].shape == (1, 64)
             shutil.rmtree(models.root / "a")
             client.reload()
+            wait_for(lambda: len(client.status()["workers"]) == 2, 60, "a's workers to exit", daemon=daemon)
+            client.reload()
             wait_for(lambda: {m["name"]: m["state"] for m in client.models()} == {"b": "ready", "c": "ready"}, 60, "c to load once a left room", daemon=daemon)
             assert client.infer("c", {"x": x}).outputs["y"].shape == (1, 64)
+    finally:
+        models.remove()
+
+
+def test_reloads_that_leave_busy_workers_behind_stay_within_pool_max_workers(daemon_factory: Any) -> None:
+    """A retiring version's busy workers run on until their requests end (max_compute_ms, up to ~25 days
+    from a hostile config.toml). The cap counted only versions not retiring: four reloads of a model of
+    2 busy workers ran 8 processes under pool.max_workers = 4 (attacker round 18). Now every live worker
+    counts: a reload with no room fails, and the version serving keeps serving."""
+    models = ModelRepo("oi-max-workers-busy-")
+    path = models.model("spin", onnx_builders.busy_loop_model, config="workers = 2\nmax_compute_ms = 30000\n")
+    # (drain_grace_s: the busy runs are not waited for when the test ends)
+    daemon = daemon_factory(models.ready(), env={"OPENINFER_POOL_MAX_WORKERS": "4", "OPENINFER_SERVER_DRAIN_GRACE_S": "1"})
+    spin = {"x": np.zeros(1, np.float32), "n": np.array(10**12, np.int64)}  # runs until its timeout stops it
+
+    def keep_busy() -> None:
+        with Client(daemon.address, timeout=15, direct=False) as busy:
+            try:
+                busy.infer("spin", spin)
+            except OpenInferError:
+                pass  # what the test waits out is the reloads, not this answer
+
+    def busy_workers(count: int) -> None:
+        for _ in range(2):
+            threading.Thread(target=keep_busy, daemon=True).start()
+        wait_for(lambda: sum(w["state"] == "busy" for w in client.status()["workers"]) >= count, 30, f"{count} busy workers", daemon=daemon)
+
+    def touch(seconds: int) -> None:  # a new file, as far as a reload can tell
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + seconds * 10**9))
+
+    try:
+        with Client(daemon.address, timeout=20) as client:
+            busy_workers(2)
+            touch(1)
+            assert client.reload()["replaced"] == ["spin:1"]
+            wait_for(lambda: not client.status()["reloading"], 60, "the replacement to take over", daemon=daemon)
+            busy_workers(4)  # the retiring version's two, still running, and the new version's two
+            touch(2)
+            changes = client.reload()
+            assert changes["failed"] == ["spin:1"] and not changes["replaced"], changes
+            reason = next(m["reason"] for m in client.models() if m["name"] == "spin")
+            assert "pool.max_workers" in reason and "still serving the previous file" in reason, reason
+            assert len(client.status()["workers"]) == 4, client.status()["workers"]
     finally:
         models.remove()
