@@ -105,7 +105,7 @@ class LogSettings:
 
 @dataclass(frozen=True)
 class MetricsSettings:
-    listen: str = _opt("", "Serve Prometheus metrics over HTTP on HOST:PORT (loopback recommended; no authentication). A scrape counts every request answered before it began. At most 8 connections at once, 2 scrapes a second after a burst of 10 (HTTP 429 beyond). Empty = off.", reload=RESTART)
+    listen: str = _opt("", "Serve Prometheus metrics over HTTP on HOST:PORT (loopback recommended; no authentication). A scrape counts every request answered before it began. At most 8 connections at once (10 s each); 2 scrapes rendered a second after a burst of 10 (beyond: the last text again). Empty = off.", reload=RESTART)
     textfile: str = _opt("", "Write Prometheus metrics to this file (mode 0644) for node_exporter's textfile collector. Empty = off.", CREATED_FILE, reload=RESTART)
     textfile_interval_s: float = _opt(15.0, "How often the textfile is rewritten.", reload=RESTART)
 

@@ -8,10 +8,15 @@ they took every thread, so replacement workers could not start and the model cra
 UNAVAILABLE. A flood of scrapes (455 in 10 s) made the loop build snapshots and the render threads hold
 the GIL until front-door p50 went from 1.7 ms to 29 ms. Here:
   - at most MAX_CONNECTIONS are served at once; one more is accepted and closed at once;
-  - each has SOCKET_TIMEOUT_S for every read and write: an idle or slow peer is dropped;
+  - each has SOCKET_TIMEOUT_S for every read and write, and CONNECTION_DEADLINE_S for all of it: an
+    idle peer, or one that trickles a byte every few seconds, is cut (its socket shut down);
   - scrapes are rendered one at a time, and a token bucket grants SCRAPES_BURST at once and
-    SCRAPES_PER_S after that; a scrape over the rate is answered 429 with Retry-After, never rendered.
+    SCRAPES_PER_S after that; a scrape over the rate gets the last rendered text again (at most
+    1 / SCRAPES_PER_S old), which costs neither the loop nor a render, and 429 if there is none yet.
 Prometheus scrapes a target every 15 s or so, a handful of servers at most: none of this touches it.
+What no rule here can give is availability against a local user who holds the 8 connections: the
+endpoint has no authentication. It cannot reach the serving path; for monitoring that must not be
+denied, use metrics.textfile (docs/DEPLOY.md).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ log = logging.getLogger("openinfer.metrics")
 
 MAX_CONNECTIONS = 8  # scrapes served at once (each holds a thread and a descriptor)
 SOCKET_TIMEOUT_S = 5.0  # for each read and write of a connection
+CONNECTION_DEADLINE_S = 10.0  # for the whole of a connection: its request, the render, the reply
 SCRAPES_BURST = 10  # scrapes rendered back to back before the rate applies
 SCRAPES_PER_S = 2.0  # sustained: a scrape costs the loop a snapshot and a render thread the GIL
 PATHS = ("/metrics", "/")
@@ -66,8 +72,11 @@ class MetricsHTTPServer(ThreadingHTTPServer):
         self.render = render
         self.rate = ScrapeRate()
         self.render_lock = threading.Lock()  # one render at a time
-        self.refused = {"connections": 0, "rate": 0}
+        self.refused = {"connections": 0, "rate": 0, "deadline": 0}
+        self.last_body: bytes | None = None  # the last text rendered, served again over the rate
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._open: dict[Any, float] = {}  # connection -> when it must be done (time.monotonic())
+        self._open_lock = threading.Lock()
         self._refusals_logged_at = 0.0
         super().__init__((host, port), ScrapeHandler)
 
@@ -79,17 +88,40 @@ class MetricsHTTPServer(ThreadingHTTPServer):
         return False
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open[request] = time.monotonic() + CONNECTION_DEADLINE_S
         try:
             super().process_request(request, client_address)  # a thread per connection, which frees the slot
         except BaseException:  # no thread could start: the slot must not leak with it
-            self._slots.release()
+            self._done(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._done(request)
+
+    def _done(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.pop(request, None)
+        self._slots.release()
+
+    def service_actions(self) -> None:
+        """serve_forever calls this between polls (every 0.5 s at most): a connection past its deadline is
+        shut down, which ends its handler's read or write at once (a peer sending a byte every 4 s never
+        met the per-read timeout and held its slot for good)."""
+        now = time.monotonic()
+        with self._open_lock:
+            late = [request for request, deadline in self._open.items() if deadline <= now]
+            for request in late:
+                del self._open[request]
+        for request in late:
+            self.note_refusal("deadline", f"a connection still open after {CONNECTION_DEADLINE_S:g} s")
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed meanwhile
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A connection that failed (a timeout, a reset): no traceback on stderr, one log line."""
@@ -112,12 +144,17 @@ class ScrapeHandler(BaseHTTPRequestHandler):
         if self.path.split("?", 1)[0] not in PATHS:
             self._answer(404, b"not found: scrape /metrics\n", "text/plain; charset=utf-8")
             return
-        if not self.server.rate.take():
-            self.server.note_refusal("rate", f"more than {SCRAPES_PER_S:g} scrapes a second (after a burst of {SCRAPES_BURST})")
-            self._answer(429, b"too many scrapes: retry in a second\n", "text/plain; charset=utf-8", {"Retry-After": "1"})
+        server = self.server
+        if not server.rate.take():
+            server.note_refusal("rate", f"more than {SCRAPES_PER_S:g} scrapes a second (after a burst of {SCRAPES_BURST}): the last text rendered is served again")
+            again = server.last_body
+            if again is None:
+                self._answer(429, b"too many scrapes: retry in a second\n", "text/plain; charset=utf-8", {"Retry-After": "1"})
+            else:
+                self._answer(200, again, CONTENT_TYPE_PLAIN_0_0_4)
             return
-        with self.server.render_lock:
-            body = self.server.render()
+        with server.render_lock:
+            body = server.last_body = server.render()
         self._answer(200, body, CONTENT_TYPE_PLAIN_0_0_4)
 
     def _answer(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
