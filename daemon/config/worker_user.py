@@ -8,8 +8,10 @@ ptrace them or read their /proc (an attacker round showed SIGSTOP from uid 65534
 """
 from __future__ import annotations
 
+import grp
 import pwd
 import re
+from typing import Any, Callable
 
 from openinfer.daemon.modelstore.modelconfig import ConfigError
 
@@ -36,10 +38,25 @@ def resolve_worker_user(value: str) -> tuple[int, int]:
     return uid, gid
 
 
-def shared_uid_warning(uid: int) -> str | None:
-    """What to tell the operator when the workers' uid is one other processes share."""
-    if uid != SHARED_UID:
+def shared_ids_warning(value: str, uid: int, gid: int) -> str | None:
+    """What to tell the operator when the workers' ids are ones others have: uid 65534, or `UID:GID`
+    naming an existing account or group (its members could enter the instance directory, 0710 with
+    the workers' group; processes of the account could signal the workers)."""
+    if uid == SHARED_UID:
+        return (f"workers run as uid {SHARED_UID} (nobody), which other services share: any process of that uid can stop or kill "
+                "them (not ptrace them or read their memory). Give them ids of their own: sandbox.worker_user = \"UID:GID\" "
+                "(unused ids) or a user created for them alone")
+    if _NUMERIC.fullmatch(value) is None:
+        return None  # a user named: the operator chose that account
+    owners = [f"uid {uid} is user {_name(pwd.getpwuid, uid)}" if _name(pwd.getpwuid, uid) else "", f"gid {gid} is group {_name(grp.getgrgid, gid)}" if _name(grp.getgrgid, gid) else ""]
+    taken = "; ".join(owner for owner in owners if owner)
+    if not taken:
         return None
-    return (f"workers run as uid {SHARED_UID} (nobody), which other services share: any process of that uid can stop or kill "
-            "them (not ptrace them or read their memory). Give them ids of their own: sandbox.worker_user = \"UID:GID\" "
-            "(unused ids) or a user created for them alone")
+    return f"sandbox.worker_user {value!r} is meant to give workers ids of their own, but {taken}: that account's processes can signal the workers, that group's members can enter their directory"
+
+
+def _name(lookup: Callable[[int], Any], number: int) -> str:
+    try:
+        return str(lookup(number)[0])
+    except KeyError:
+        return ""

@@ -23,7 +23,7 @@ from openinfer.daemon.modelstore.models import ModelState, ServedModel
 from openinfer.daemon.loop.reactor import READABLE, WRITABLE, Reactor
 from openinfer.daemon.files.runtime_dir import WORK_DIR
 from openinfer.daemon.config.settings import Settings
-from openinfer.daemon.config.worker_user import resolve_worker_user, shared_uid_warning
+from openinfer.daemon.config.worker_user import resolve_worker_user, shared_ids_warning
 from .spawner import spawn_worker
 from openinfer.daemon.loop.timers import TimerHeap
 from openinfer.daemon.worker import messages
@@ -111,10 +111,11 @@ class WorkerPool:
     def _resolve_worker_user(self) -> tuple[int | None, int | None]:
         if os.geteuid() != 0 or not self.settings.sandbox.enabled:
             return None, None
-        uid, gid = resolve_worker_user(self.settings.sandbox.worker_user)
-        warning = shared_uid_warning(uid)
+        value = self.settings.sandbox.worker_user
+        uid, gid = resolve_worker_user(value)
+        warning = shared_ids_warning(value, uid, gid)
         if warning is not None:
-            log.warning("workers share their uid", extra={"uid": uid, "reason": warning})
+            log.warning("workers share their uid", extra={"uid": uid, "gid": gid, "reason": warning})
         return uid, gid
 
     @property

@@ -23,6 +23,7 @@ import pytest
 import onnx_builders
 from daemon_harness import RunningDaemon, log_records, wait_for
 from openinfer.client import Client
+from openinfer.daemon.config.worker_user import shared_ids_warning
 from repo_builder import ModelRepo
 
 pytestmark = pytest.mark.attack
@@ -93,3 +94,15 @@ def test_a_daemon_whose_workers_share_uid_65534_says_so(daemon: RunningDaemon) -
     """The shared daemon runs the default, `nobody`: its log tells the operator what that allows."""
     warnings = [r for r in log_records(daemon) if r.get("msg") == "workers share their uid"]
     assert warnings and warnings[0]["uid"] == 65534 and "sandbox.worker_user" in warnings[0]["reason"], warnings
+
+
+def test_ids_given_as_their_own_that_belong_to_an_account_are_warned_about() -> None:
+    """`UID:GID` naming an existing account's uid or a group's gid (shadow, disk, sudo ...) was taken
+    silently (attacker round 18): that account's processes could signal the workers, the group's members
+    enter their directory. Ids no account has get no warning."""
+    account = next(entry for entry in pwd.getpwall() if entry.pw_uid != 0 and entry.pw_gid != 0)
+    warning = shared_ids_warning(f"{account.pw_uid}:{account.pw_gid}", account.pw_uid, account.pw_gid)
+    assert warning is not None and f"is user {account.pw_name}" in warning and f"gid {account.pw_gid} is group {grp.getgrgid(account.pw_gid).gr_name}" in warning, warning
+    uid, gid = unused_ids()
+    assert shared_ids_warning(f"{uid}:{gid}", uid, gid) is None
+    assert shared_ids_warning(account.pw_name, account.pw_uid, account.pw_gid) is None  # a user named: the operator's choice
