@@ -57,12 +57,13 @@ class DirectBooks:
         self.behind = False  # the last read stopped at its limit with records left: read again at once
 
     @staticmethod
-    def open(worker: WorkerHandle, fd: int, max_request_bytes: int) -> None:
+    def open(worker: WorkerHandle, fd: int, max_request_bytes: int, max_answer_bytes: int) -> None:
         # A record may name only an identity its model version leased to: a worker (its model's steps)
         # that names any other, a uid that never called it, books it under OTHER_CLIENTS. And it may book
-        # no request larger than the worker admits (`max_request_bytes`, as the worker was given it).
+        # no request larger than the worker admits (`max_request_bytes`, as the worker was given it), nor
+        # an answer larger than the worker's memory can hold (`max_answer_bytes`).
         lessees = worker.model.lessees
-        worker.ledger = LedgerReader(fd, CLIENT_KEY, OTHER_CLIENTS, lessees.__contains__, max_request_bytes)
+        worker.ledger = LedgerReader(fd, CLIENT_KEY, OTHER_CLIENTS, lessees.__contains__, max_request_bytes, max_answer_bytes)
 
     def read(self, worker: WorkerHandle, limit: int | None = None) -> int:
         """Take in what the worker recorded since the last read (at most `limit` records; the rest waits

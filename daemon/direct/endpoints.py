@@ -24,11 +24,12 @@ from openinfer.wire.errors import Unavailable
 from . import lease as leases
 from .books import DirectBooks
 from .deadline_page import DeadlinePage
+from .ledger import MAX_RECORD_BYTES
 from openinfer.daemon.frontdoor.listener import BoundListener
 from openinfer.daemon.modelstore.models import ServedModel
 from openinfer.daemon.config.settings import Settings
 from openinfer.daemon.worker import messages
-from openinfer.daemon.worker.bootconfig import DirectConfig
+from openinfer.daemon.worker.bootconfig import DirectConfig, WorkerSandboxConfig
 from openinfer.daemon.workerpool.workers import WorkerHandle, WorkerState
 
 log = logging.getLogger("openinfer.supervisor")
@@ -100,10 +101,11 @@ class DirectPath:
             except FileNotFoundError:
                 pass
 
-    def opened(self, worker: WorkerHandle, config: DirectConfig, page: DeadlinePage, address: str) -> None:
-        """The worker was spawned with this endpoint, config and page (whose memfd holds its ledger too)."""
+    def opened(self, worker: WorkerHandle, config: DirectConfig, page: DeadlinePage, address: str, sandbox: WorkerSandboxConfig) -> None:
+        """The worker was spawned with this endpoint, config, sandbox and page (whose memfd holds its
+        ledger too)."""
         worker.page, worker.direct_address = page, address
-        self.books.open(worker, page.fd, config.max_request_bytes)
+        self.books.open(worker, page.fd, config.max_request_bytes, largest_answer(sandbox))
 
     def forget(self, worker: WorkerHandle) -> None:
         """The worker exited: its last ledger records are read and what it held counted as lost; its
@@ -180,6 +182,16 @@ class DirectPath:
     def close(self) -> None:
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def largest_answer(sandbox: WorkerSandboxConfig) -> int:
+    """The most output bytes one answer of a worker spawned with `sandbox` can carry: its address-space
+    limit, since every output frame is in its memory when it books the answer. Not
+    server.max_worker_message_bytes: a worker does not hold its direct replies to that, and a bound below
+    what an honest worker answers would retire it. No limit (0, or the sandbox off): the record's own bound."""
+    if sandbox.enabled and sandbox.memory_limit_bytes:
+        return sandbox.memory_limit_bytes
+    return MAX_RECORD_BYTES
 
 
 def _past_deadline(worker: WorkerHandle, now_ns: int) -> bool:

@@ -77,6 +77,9 @@ _CODE_INDEX = {code: i for i, code in enumerate(CODES)}
 _OP_INDEX = {op: i for i, op in enumerate(OPS)}
 _NAN = math.nan
 _NO_TIMING = (_NAN,) * len(TIMING_KEYS)
+# A record's byte counts never reach 2**48 (256 TiB): the bound where the reader knows none closer (no
+# address-space limit on the worker, or a reader in a test).
+MAX_RECORD_BYTES = (1 << 48) - 1
 _pack_record = _RECORD.pack_into
 _RECORD_BYTES = _RECORD.size
 
@@ -185,11 +188,14 @@ class LedgerWriter:
 class LedgerReader:
     """The supervisor's end: yields checked entries, at most what was written since the last read."""
 
-    def __init__(self, fd: int, client_key: re.Pattern[str], other: str, leased: Callable[[str], bool] = lambda identity: True, max_request_bytes: int = (1 << 48) - 1) -> None:
+    def __init__(self, fd: int, client_key: re.Pattern[str], other: str, leased: Callable[[str], bool] = lambda identity: True, max_request_bytes: int = MAX_RECORD_BYTES, max_answer_bytes: int = MAX_RECORD_BYTES) -> None:
         self.map = _map(fd)
         # The largest request the worker was told to admit: no request it books can be larger (a step
-        # that books more per record than that is lying about what a client sent).
+        # that books more per record than that is lying about what a client sent). And the most output one
+        # answer can carry: every output frame is in the worker's memory when it books the answer, so no
+        # more than its address-space limit (a step that books more bills its client for bytes never sent).
         self._max_bytes_in = max_request_bytes
+        self._max_bytes_out = max_answer_bytes
         self.words = _words(self.map)
         self._client_key = client_key
         self._other = other
@@ -265,9 +271,15 @@ class LedgerReader:
         if not len(records):
             return {}
         kind, code, cache, stages = records["kind"], records["code"], records["cache"], records["timing"]
-        bytes_in = records["bytes_in"]
-        bad = (kind < ADMITTED) | (kind > STAGE) | (code >= len(CODES)) | (records["op"] >= len(OPS)) | (bytes_in >= 1 << 48) | (records["bytes_out"] >= 1 << 48)
-        bad |= ((kind == ADMITTED) | (kind == ANSWERED)) & (bytes_in > self._max_bytes_in)
+        bytes_in, bytes_out = records["bytes_in"], records["bytes_out"]
+        bad = (kind < ADMITTED) | (kind > STAGE) | (code >= len(CODES)) | (records["op"] >= len(OPS)) | (bytes_in > MAX_RECORD_BYTES) | (bytes_out > MAX_RECORD_BYTES)
+        # What LedgerWriter writes: bytes in on ADMITTED and ANSWERED (the request's), and on STAGE (a run
+        # count, checked where it is booked); bytes out on ANSWERED alone; 0 and 0 on REFUSED, COUNTED, RUN.
+        answered = kind == ANSWERED
+        bad |= ((kind == ADMITTED) | answered) & (bytes_in > self._max_bytes_in)
+        bad |= (bytes_in != 0) & (kind != ADMITTED) & ~answered & (kind != STAGE)
+        bad |= (bytes_out != 0) & ~answered
+        bad |= answered & (bytes_out > self._max_bytes_out)
         if bad.any():
             raise LedgerRejected(f"record {int(records['seq'][np.argmax(bad)])}: fields out of range")
         bad = (cache > CACHE_HIT) | ((cache != 0) & ((kind != ANSWERED) | (code != 0)))

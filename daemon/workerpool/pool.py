@@ -199,7 +199,7 @@ class WorkerPool:
         worker = WorkerHandle(worker_id=worker_id, model=model, spawned=spawned, channel=channel)
         if endpoint is not None:
             assert self.direct is not None
-            self.direct.opened(worker, endpoint[0], endpoint[2], endpoint[3])
+            self.direct.opened(worker, endpoint[0], endpoint[2], endpoint[3], config.sandbox)
         model.workers.append(worker)
         self.workers[worker_id] = worker
         self.by_pidfd[spawned.pidfd] = worker

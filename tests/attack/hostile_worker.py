@@ -104,9 +104,10 @@ LEDGER_FD = 6  # the memfd the supervisor shares with a direct-path worker: dead
 PAGE_BYTES = 4096
 
 
-def forge_ledger() -> None:
+def forge_ledger(kind: int = 99, bytes_out: int = 0) -> None:
     """Write into the ledger (daemon/direct/ledger.py) what no conforming worker writes: a record whose
-    kind does not exist, claiming a million answered requests of a client that never connected."""
+    kind does not exist, claiming a million answered requests of a client that never connected - or
+    (kind 2, ANSWERED) an answer of `bytes_out` bytes, more than the worker's memory could hold."""
     import mmap
 
     from openinfer.daemon.direct.ledger import LEDGER_BYTES
@@ -116,7 +117,7 @@ def forge_ledger() -> None:
     ledger[64 : 64 + 1 + len(key)] = bytes((len(key),)) + key
     ring = 64 + 1024 * 96
     record = struct.Struct("<QQQIHBBBxQQ" + "d" * 8 + "6x")
-    record.pack_into(ledger, ring, 1, 1, 1, 0, 0, 99, 0, 0, 0, 0, *([1.0] * 8))
+    record.pack_into(ledger, ring, 1, 1, 1, 0, 0, kind, 0, 0, 0, bytes_out, *([1.0] * 8))
     struct.pack_into("<Q", ledger, 0, 1)
 
 
@@ -181,6 +182,8 @@ def main() -> None:
     channel.send([READY, msgpack.packb({"enabled": False, "compromised": True})])
     if attack == "ledger-forgery":
         forge_ledger()
+    if attack == "ledger-bytes-out":  # one answer of 1 GiB + 1 byte out, from a worker held to 1 GiB (the test's limit)
+        forge_ledger(kind=2, bytes_out=(1 << 30) + 1)
     if attack in ("ledger-flood", "ledger-flood-one"):
         flood_ledger(attack == "ledger-flood")
     while True:

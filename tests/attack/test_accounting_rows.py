@@ -47,7 +47,7 @@ def pre(inputs):
         os.fork()
     elif what == "victims":
         for i in range(50):
-            ledger.answered(10**9 + i, 1, "uid=4242", None, {"total_us": 9e11, "cpu_us": 9e11}, 2**26, 2**40)  # (2**26: the most a request may book)
+            ledger.answered(10**9 + i, 1, "uid=4242", None, {"total_us": 9e11, "cpu_us": 9e11}, 2**26, 2**31)  # (the most a request may book; 2 GiB out, within the worker's 4 GiB)
             ledger.answered(2 * 10**9 + i, 1, f"invented{i}@uid={100000 + i}", None, {"total_us": 1.0}, 0, 0)
     elif what.startswith("admit:"):
         now = time.monotonic_ns()

@@ -257,12 +257,16 @@ def test_a_worker_flooding_its_ledger_with_a_client_per_record_cannot_hold_the_s
 
 
 
+ANSWER_BOUND = 1 << 20  # the `bounded` worker's address-space limit: no answer of it carries more
+
+
 @pytest.fixture()
 def bounded() -> Iterator[tuple[LedgerWriter, LedgerReader]]:
-    """A ledger whose reader knows the worker admits requests of at most 1,000 bytes."""
+    """A ledger whose reader knows the worker admits requests of at most 1,000 bytes and holds at most
+    ANSWER_BOUND bytes of memory."""
     fd = os.memfd_create("ledger-bound-test")
     os.ftruncate(fd, ledger.PAGE_BYTES + ledger.LEDGER_BYTES)
-    writer, reader = LedgerWriter(fd), LedgerReader(fd, CLIENT_KEY, OTHER_CLIENTS, max_request_bytes=1000)
+    writer, reader = LedgerWriter(fd), LedgerReader(fd, CLIENT_KEY, OTHER_CLIENTS, max_request_bytes=1000, max_answer_bytes=ANSWER_BOUND)
     name_slot(writer, 0, b"app@uid=1000")
     yield writer, reader
     writer.close()
@@ -286,3 +290,93 @@ def test_a_request_booked_larger_than_the_worker_admits_is_rejected(bounded: tup
     forge(writer, 1, kind=kind, bytes_in=1001)
     with pytest.raises(LedgerRejected, match="fields out of range"):
         reader.read()
+
+
+# -- bytes out, and bytes on records that carry none (attacker round 6, finding 5) -------------------------
+def test_what_an_honest_worker_books_at_its_bounds_is_taken(bounded: tuple[LedgerWriter, LedgerReader]) -> None:
+    """The control: every kind of record as LedgerWriter writes it, an answer as large as the worker's
+    memory holds and a request as large as it admits."""
+    writer, reader = bounded
+    writer.admitted(1, 1, "app@uid=1000", 1000, 5_000_000_000, 4_000_000_000)
+    writer.answered(1, 1, "app@uid=1000", None, {"total_us": 1.0}, 1000, ANSWER_BOUND)
+    writer.refused(2, "app@uid=1000", "infer", "INVALID_ARGUMENT", 1.0)
+    writer.counted("app@uid=1000", "cancel")
+    writer.run(4)
+    writer.stage(0, 3, 1.0)
+    entries = reader.read()
+    assert [(e.kind, e.bytes_in, e.bytes_out) for e in entries] == [
+        (ledger.ADMITTED, 1000, 0), (ledger.ANSWERED, 1000, ANSWER_BOUND), (ledger.REFUSED, 0, 0), (ledger.COUNTED, 0, 0), (ledger.RUN, 0, 0), (ledger.STAGE, 3, 0),
+    ]
+
+
+@pytest.mark.parametrize("bytes_out", [ANSWER_BOUND + 1, (1 << 48) - 1])
+def test_an_answer_booked_larger_than_the_worker_can_hold_is_rejected(bounded: tuple[LedgerWriter, LedgerReader], bytes_out: int) -> None:
+    """bytes_out was bounded only by 2**48: a compromised step billed a leasing client 256 TiB of output
+    per answer it forged. Every output frame is in the worker's memory when it books the answer, so an
+    answer carries at most the worker's address-space limit (the model's memory_limit_mb, else
+    sandbox.memory_limit_mb)."""
+    writer, reader = bounded
+    forge(writer, 1, bytes_in=1000, bytes_out=bytes_out)
+    with pytest.raises(LedgerRejected, match="record 1: fields out of range"):
+        reader.read()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"kind": ledger.REFUSED, "code": 1, "bytes_in": (1 << 48) - 1, "bytes_out": (1 << 48) - 1},  # the attacker's record
+        {"kind": ledger.REFUSED, "code": 1, "bytes_out": 1},
+        {"kind": ledger.REFUSED, "code": 1, "bytes_in": 1},
+        {"kind": ledger.COUNTED, "bytes_in": 1},
+        {"kind": ledger.COUNTED, "bytes_out": 1},
+        {"kind": ledger.RUN, "run_size": 1, "bytes_in": 1},
+        {"kind": ledger.RUN, "run_size": 1, "bytes_out": 1},
+        {"kind": ledger.ADMITTED, "bytes_in": 10, "bytes_out": 1},
+        {"kind": ledger.STAGE, "run_size": 0, "bytes_in": 1, "bytes_out": 1},
+    ],
+    ids=["refused-both-2**48", "refused-out", "refused-in", "counted-in", "counted-out", "run-in", "run-out", "admitted-out", "stage-out"],
+)
+def test_bytes_on_a_record_that_carries_none_are_rejected(shared: tuple[LedgerWriter, LedgerReader], fields: dict[str, float]) -> None:
+    """A conforming worker books bytes in only on ADMITTED, ANSWERED (the request's) and STAGE (a run
+    count), and bytes out only on ANSWERED; a REFUSED record with 2**48-1 bytes each way was taken.
+    Whatever the worker's limits: the reader here knows none."""
+    writer, reader = shared
+    name_slot(writer, 0, b"app@uid=1000")
+    forge(writer, 1, **fields)
+    with pytest.raises(LedgerRejected, match="record 1: fields out of range"):
+        reader.read()
+
+
+def test_the_answer_bound_is_the_workers_memory_limit_as_spawned() -> None:
+    """What the supervisor passes the reader at spawn: the address-space limit the worker runs under,
+    or, with none (0, or the sandbox off), only the record's own bound."""
+    from openinfer.daemon.direct.endpoints import largest_answer
+    from openinfer.daemon.worker.bootconfig import WorkerSandboxConfig
+
+    assert largest_answer(WorkerSandboxConfig(enabled=True, memory_limit_bytes=512 << 20)) == 512 << 20
+    assert largest_answer(WorkerSandboxConfig(enabled=True, memory_limit_bytes=None)) == ledger.MAX_RECORD_BYTES
+    assert largest_answer(WorkerSandboxConfig(enabled=False, memory_limit_bytes=512 << 20)) == ledger.MAX_RECORD_BYTES
+
+
+def test_a_real_worker_that_books_an_answer_larger_than_its_memory_is_retired(tmp_path: Path) -> None:
+    """The same lie from a worker of a real daemon (sandbox.memory_limit_mb = 1024): one ANSWERED record
+    of 1 GiB + 1 byte out. Before, the books took it (the model's bytes_out grew by 1 GiB + 1); now the
+    worker is retired and nothing of it is counted."""
+    root = world_readable_dir("oi-ledger-out-")
+    onnx_builders.matmul_model(root / "hostile-ledger-bytes-out" / "1" / "model.onnx", size=4)  # never loaded
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    running = start_daemon(root, entry=HOSTILE_DAEMON, env={"OPENINFER_POOL_DIRECT": "1", "OPENINFER_SANDBOX_MEMORY_LIMIT_MB": "1024"}, wait=False)
+    try:
+        with Client(running.address, timeout=10, direct=False) as client:
+
+            def booked_out() -> int:
+                return int(client.stats()["models"].get("hostile-ledger-bytes-out", {}).get("versions", {}).get("1", {}).get("bytes_out", 0))
+
+            wait_for(lambda: "ledger: record 1: fields out of range" in running.log_text() or booked_out() > 0, 60, "the forged answer to be read", daemon=running)
+            assert booked_out() == 0, f"the books took an answer of {booked_out()} bytes out from a worker limited to 1 GiB"
+        assert "ledger: record 1: fields out of range" in running.log_text()
+    finally:
+        running.stop()
+        cleanup_workdir(running)
+        shutil.rmtree(root, ignore_errors=True)
