@@ -89,11 +89,21 @@ def check_model_size(fd: int, model_path: str, max_bytes: int) -> int:
     return size
 
 
-def read_model(fd: int) -> bytes:
-    """The whole file behind `fd`, from its start."""
+def read_model(fd: int, model_path: str, checked_bytes: int) -> bytes:
+    """The whole file behind `fd`, from its start, which had `checked_bytes` when check_model_size looked
+    at it: at most that and one byte more are read. ModelTooLarge when the file grew past it meanwhile (a
+    repository writer can grow it between the check and the read, and a sparse one costs nothing on disk:
+    read to its end, a file checked under a 1 MiB bound returned 256 MiB, attacker round 6)."""
     with os.fdopen(os.dup(fd), "rb") as file:
         file.seek(0)
-        return file.read()
+        data = file.read(checked_bytes + 1)
+    if len(data) > checked_bytes:
+        raise ModelTooLarge(
+            f"{model_path} grew while it was read, past the {checked_bytes} bytes it had when its size was "
+            "checked (against pool.max_model_bytes): a model file still being written, or grown on purpose, is "
+            "not loaded. Write a new model file beside it and rename it into place, then reload"
+        )
+    return data
 
 
 def _relative(repository: str, model_path: str) -> str:

@@ -10,7 +10,7 @@ import stat
 from dataclasses import dataclass, field
 
 from openinfer.daemon.files.model_files import ModelFileError, check_model_size, open_model_file, read_model
-from openinfer.daemon.files.prepared_layout import OPT_MODEL
+from openinfer.daemon.files.prepared_layout import OPT_MODEL, output_limit_bytes
 
 from .bootconfig import WorkerBootConfig
 from .external_data import ExternalDataError, ExternalFiles, check_prepared_refs, map_external_files
@@ -40,11 +40,11 @@ def open_model_source(config: WorkerBootConfig, version_dir_fd: int, user: str) 
     try:
         # Before a byte is read (the supervisor checked it too, but the file may have grown since, and with
         # pool.share_weights off the supervisor never opens it).
-        check_model_size(model_fd, config.model_path, config.max_model_bytes)
+        size = check_model_size(model_fd, config.model_path, config.max_model_bytes)
         if config.prepared_dir:
-            _check_prepared(config.prepared_dir)
+            _check_prepared(config.prepared_dir, config.max_model_bytes)
             return ModelSource(None, prepared_dir=config.prepared_dir)
-        model = read_model(model_fd)
+        model = read_model(model_fd, config.model_path, size)  # no more than was checked: it may grow meanwhile
     finally:
         os.close(model_fd)
     try:
@@ -54,7 +54,10 @@ def open_model_source(config: WorkerBootConfig, version_dir_fd: int, user: str) 
     return ModelSource(model, map_external_files(refs, version_dir_fd, os.path.dirname(config.model_path)))
 
 
-def _check_prepared(directory: str) -> None:
+def _check_prepared(directory: str, max_model_bytes: int) -> None:
+    """The prepared model's external references stay in its directory. Its file is read no larger than
+    the helper may write one (output_limit_bytes, as the supervisor checks it before taking the directory
+    in), nor past the size it had here: nothing a worker reads goes unbounded."""
     try:
         dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -64,10 +67,14 @@ def _check_prepared(directory: str) -> None:
         try:
             if not stat.S_ISREG(os.fstat(model_fd).st_mode):
                 raise PreparedInvalid(f"{directory}/{OPT_MODEL} is not a regular file")
-            check_prepared_refs(external_refs(read_model(model_fd)), dir_fd, directory)
+            path = f"{directory}/{OPT_MODEL}"
+            size = os.fstat(model_fd).st_size
+            if size > output_limit_bytes(max_model_bytes):
+                raise PreparedInvalid(f"{path} is {size} bytes, more than the prepare helper may write for a source of at most {max_model_bytes} bytes")
+            check_prepared_refs(external_refs(read_model(model_fd, path, size)), dir_fd, directory)
         finally:
             os.close(model_fd)
-    except (OSError, MalformedModel, ExternalDataError) as exc:
+    except (OSError, MalformedModel, ExternalDataError, ModelFileError) as exc:
         raise PreparedInvalid(f"{directory}/{OPT_MODEL}: {exc}") from None
     finally:
         os.close(dir_fd)

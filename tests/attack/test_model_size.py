@@ -123,6 +123,50 @@ def test_hashes_run_smallest_first() -> None:
     assert ran == [1 << 20, 2 << 30, 3 << 30], ran
 
 
+def _bytes_read() -> int:
+    """What this process has read so far, every read and pread counted (rchar), sparse zeros too."""
+    with open("/proc/self/io", "rb") as file:
+        fields = dict(line.split(b":") for line in file.read().splitlines())
+    return int(fields[b"rchar"])
+
+
+def test_a_worker_reads_no_more_of_the_model_than_it_checked_when_the_file_grows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attacker round 6, finding 8: a worker (and the prepare helper: the same open_model_source) checked
+    the file's size against pool.max_model_bytes, then read it to its end. A repository writer that grows
+    the file in between (`truncate`: sparse, free on disk) had it read whole - 256 MiB under a 1 MiB
+    bound. Here the real worker code, with the file grown right after its check, as the writer times it:
+    the load fails naming the growth, and at most the checked size and one byte were read."""
+    from openinfer.daemon.files import model_files
+    from openinfer.daemon.files.model_files import ModelFileError, ModelTooLarge, open_version_dir
+    from openinfer.daemon.worker import model_source
+    from openinfer.daemon.worker.bootconfig import WorkerBootConfig
+
+    repository = tmp_path / "models"
+    path = onnx_builders.matmul_model(repository / "tiny" / "1" / "model.onnx")
+    grown = 32 * 1024 * 1024
+
+    def check_then_grow(fd: int, model_path: str, max_bytes: int) -> int:
+        size = model_files.check_model_size(fd, model_path, max_bytes)
+        os.truncate(path, grown)  # the hostile writer, between the check and the read
+        return size
+
+    monkeypatch.setattr(model_source, "check_model_size", check_then_grow)
+    checked = path.stat().st_size
+    config = WorkerBootConfig(worker_id=1, model="tiny", version=1, model_path=str(path), intra_op_threads=1, supervisor_pid=os.getpid(), repository=str(repository), max_model_bytes=BOUND)
+    version_dir = open_version_dir(str(repository), str(path), "the test's user")
+    try:
+        before = _bytes_read()
+        with pytest.raises(ModelFileError) as refused:  # before: read whole, then "not a valid ONNX model"
+            model_source.open_model_source(config, version_dir, "the test's user")
+        read = _bytes_read() - before
+    finally:
+        os.close(version_dir)
+    assert os.stat(path).st_size == grown
+    assert read <= checked + 1 + 4096, f"the worker read {read} bytes of a model file checked at {checked} (grown to {grown})"  # + /proc/self/io itself
+    assert isinstance(refused.value, ModelTooLarge), refused.value
+    assert "grew while it was read" in str(refused.value) and f"the {checked} bytes" in str(refused.value) and "pool.max_model_bytes" in str(refused.value), refused.value
+
+
 def test_the_hash_stops_when_the_file_grows_past_its_checked_size(tmp_path: Path) -> None:
     """The repository's owner may `truncate` the same inode larger after the size check."""
     path = sparse_file(tmp_path / "model.onnx", SPARSE)
