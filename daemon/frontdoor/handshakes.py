@@ -34,18 +34,29 @@ def handshake_share(max_connections: int) -> int:
     return max(1, max_connections // 2)
 
 
+LOOPBACK = "loopback"  # the one source every loopback address counts as
+
+
 def source_host(address: object) -> str:
     """What handshakes are counted by on tcp://: the peer's IPv4 address, or its IPv6 /64 (one host
     commonly holds a whole /64, so counting single IPv6 addresses would give it 2^64 shares). An IPv4
-    peer of a dual-stack listener (::ffff:a.b.c.d) is its IPv4 address."""
+    peer of a dual-stack listener (::ffff:a.b.c.d) is its IPv4 address.
+
+    Every loopback address (IPv4 127.0.0.0/8, IPv6 ::1, ::ffff:127.x.y.z) is one source, LOOPBACK: any
+    local user may bind any of the 2^24 addresses of 127/8 before connecting, so counted one by one they
+    would be 16M hosts and a local flood would displace every remote client's handshake. Local clients
+    have ipc://, where the kernel proves their uid; grouped, a local flood displaces only loopback
+    handshakes."""
     host = address[0] if isinstance(address, tuple) else str(address)
     try:
         ip = ipaddress.ip_address(str(host).split("%", 1)[0])
     except ValueError:
         return str(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return LOOPBACK
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
 

@@ -8,16 +8,27 @@ for as long as the flood went on.
 Now connections still in their handshake have their own share of the slots (half), one source host at most
 8 of them, and a new connection displaces the oldest handshake of the host holding the most: a flood
 displaces only its own handshakes, and an admitted client from another host is served throughout.
+
+Attacker round 6, finding 3: a local user may bind any of 127/8's 16M addresses before connecting, so a
+flood with each connect from its own 127.x.y.z was 16M hosts of one handshake each; it filled the
+handshakes' share, and an admitted client behind a 100 ms link was answered 0 times of 4
+(`handshake_share` cuts: 74,561). Every loopback address is now one source host: the many-address flood
+holds at most 8 handshakes, cut as one host's (`handshakes_per_host`), and never reaches the share that
+another host's handshakes are in. Before the fix the daemon held 32 of them.
 """
 from __future__ import annotations
 
+import fcntl
+import ipaddress
+import itertools
 import select
 import shutil
 import socket
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import zmq
@@ -26,48 +37,74 @@ import onnx_builders
 from curve_setup import key_policy, server_keys
 from daemon_harness import wait_for, world_readable_dir
 from openinfer.client import Client
-from openinfer.daemon.frontdoor.handshakes import Handshakes, handshake_share, source_host
+from openinfer.daemon.frontdoor.handshakes import MAX_HANDSHAKES_PER_HOST, Handshakes, handshake_share, source_host
 from repo_builder import make_world_readable
 
 pytestmark = pytest.mark.attack
 
 MAX_CONNECTIONS = 16
-FLOOD_HOSTS = ("127.0.0.2", "127.0.0.3")  # loopback addresses other than the honest client's 127.0.0.1
-FLOOD_PER_HOST = 2 * MAX_CONNECTIONS  # more than the daemon holds, fewer than the kernel's backlog
+FLOOD_HOSTS = ("127.0.0.2", "127.0.0.3")  # loopback: one source host, whatever the address
+FLOOD_SIZE = 4 * MAX_CONNECTIONS  # more than the daemon holds, fewer than the kernel's backlog
+SIOCGIFADDR = 0x8915
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-class Flood:
-    """Bare TCP connections from FLOOD_HOSTS that never send a byte; each one the daemon closes is
-    replaced at once, until `stop`."""
+def non_loopback_address() -> str | None:
+    """An IPv4 address of this machine outside 127/8 (a host of its own to the daemon), or None."""
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                raw = fcntl.ioctl(probe.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address on this interface
+                continue
+        address = socket.inet_ntoa(raw[20:24])
+        if not ipaddress.ip_address(address).is_loopback:
+            return address
+    return None
 
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.socks: dict[socket.socket, str] = {}
+
+def alternating_hosts() -> Callable[[], str]:
+    return itertools.cycle(FLOOD_HOSTS).__next__
+
+
+def many_loopback_addresses() -> Callable[[], str]:
+    """Each connect from its own 127.x.y.z, as the attacker's (any local user may bind any of them)."""
+    numbers = (n for n in itertools.count(1 << 16) if n & 0xFF not in (0, 255))
+    return lambda: str(ipaddress.IPv4Address((127 << 24) | next(numbers)))
+
+
+class Flood:
+    """`size` bare TCP connections, each bound to the next of `sources` before it connects, that never
+    send a byte; each one the daemon closes is replaced at once, until `stop`."""
+
+    def __init__(self, host: str, port: int, sources: Callable[[], str], size: int = FLOOD_SIZE) -> None:
+        self.target = (host, port)
+        self.sources = sources
+        self.size = size
+        self.socks: set[socket.socket] = set()
         self.replaced = 0
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def _connect(self, host: str) -> None:
+    def _connect(self) -> None:
         sock = socket.socket()
-        sock.bind((host, 0))
+        sock.bind((self.sources(), 0))
         sock.settimeout(0.5)
         try:
-            sock.connect(("127.0.0.1", self.port))
+            sock.connect(self.target)
         except OSError:
             sock.close()  # the kernel's backlog is full: try again on the next round
             return
-        self.socks[sock] = host
+        self.socks.add(sock)
 
     def _refill(self) -> None:
-        for host in FLOOD_HOSTS:
-            for _ in range(FLOOD_PER_HOST - sum(1 for h in self.socks.values() if h == host)):
-                self._connect(host)
+        for _ in range(self.size - len(self.socks)):
+            self._connect()
 
     def _run(self) -> None:
         while not self.done.is_set():
@@ -79,7 +116,7 @@ class Flood:
                 except OSError:
                     alive = False
                 if not alive:
-                    del self.socks[sock]
+                    self.socks.discard(sock)
                     sock.close()
                     self.replaced += 1
 
@@ -95,35 +132,45 @@ class Flood:
             sock.close()
 
 
+CurveDaemon = tuple[Any, str, bytes, tuple[bytes, bytes]]
+
+
 @pytest.fixture
-def curve_daemon(daemon_factory: Any, tmp_path: Path) -> Iterator[tuple[Any, str, bytes, tuple[bytes, bytes]]]:
-    """A tcp:// CURVE daemon holding MAX_CONNECTIONS connections; yields (daemon, address, server public
-    key, a client key pair the access policy admits)."""
+def curve_daemon(daemon_factory: Any, tmp_path: Path) -> Iterator[Callable[[str, int], CurveDaemon]]:
+    """Start a tcp:// CURVE daemon on `host` holding `max_connections` connections; gives (daemon,
+    address, server public key, a client key pair the access policy admits)."""
     repo = world_readable_dir("oi-handshake-flood-")
     onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
     make_world_readable(repo)
-    key_file, server_public = server_keys(tmp_path)
-    admitted = zmq.curve_keypair()
-    policy = key_policy(tmp_path, admitted[0], ["infer", "health", "status"])
-    address = f"tcp://127.0.0.1:{free_port()}"
-    env = {
-        "OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file),
-        "OPENINFER_SERVER_ACCESS_POLICY": str(policy),
-        "OPENINFER_SERVER_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
-    }
-    daemon = daemon_factory(repo, "--socket", address, env=env, wait=False, address=address)
-    yield daemon, address, server_public, admitted
+
+    def start(host: str, max_connections: int) -> CurveDaemon:
+        key_file, server_public = server_keys(tmp_path)
+        admitted = zmq.curve_keypair()
+        policy = key_policy(tmp_path, admitted[0], ["infer", "health", "status"])
+        address = f"tcp://{host}:{free_port(host)}"
+        env = {
+            "OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file),
+            "OPENINFER_SERVER_ACCESS_POLICY": str(policy),
+            "OPENINFER_SERVER_MAX_CONNECTIONS": str(max_connections),
+        }
+        daemon = daemon_factory(repo, "--socket", address, env=env, wait=False, address=address)
+        return daemon, address, server_public, admitted
+
+    yield start
     shutil.rmtree(repo, ignore_errors=True)
 
 
 def test_a_flood_of_keyless_connections_leaves_room_for_admitted_clients(curve_daemon: Any) -> None:
-    daemon, address, server_public, admitted = curve_daemon
-    port = int(address.rsplit(":", 1)[1])
+    # The honest client must be a host of its own: on loopback it would share the flood's handshakes.
+    host = non_loopback_address()
+    if host is None:
+        pytest.skip("this machine has no IPv4 address outside 127/8 for the honest client to come from")
+    daemon, address, server_public, admitted = curve_daemon(host, MAX_CONNECTIONS)
     with Client(address, timeout=60, curve_server_key=server_public, curve_keypair=admitted) as watcher:
         wait_for(lambda: watcher.health()["ready"], 60, "the CURVE daemon to be ready", daemon=daemon)
-        with Flood(port) as flood:
-            # The flood holds at least the handshakes' share of the slots (before the fix: all of them).
-            wait_for(lambda: watcher.status()["connections"]["connections"] > MAX_CONNECTIONS // 2, 10, "the flood to hold its share of the slots", daemon=daemon)
+        with Flood(host, int(address.rsplit(":", 1)[1]), alternating_hosts()) as flood:
+            # The flood holds every handshake its host may have (before the first fix: every slot).
+            wait_for(lambda: watcher.status()["connections"]["handshaking"] >= MAX_HANDSHAKES_PER_HOST, 10, "the flood to hold its host's handshakes", daemon=daemon)
             for attempt in range(3):  # each a new connection, made while the flood goes on
                 with Client(address, timeout=5, curve_server_key=server_public, curve_keypair=admitted) as honest:
                     assert honest.health()["ready"], f"attempt {attempt}"
@@ -132,6 +179,27 @@ def test_a_flood_of_keyless_connections_leaves_room_for_admitted_clients(curve_d
         assert connections["connections"] <= MAX_CONNECTIONS, connections
         displaced = connections["refused"].get("handshakes_per_host", 0) + connections["refused"].get("handshake_share", 0)
         assert displaced > 0 and flood.replaced > 0, connections
+        assert daemon.process.poll() is None
+
+
+def test_a_flood_from_many_loopback_addresses_is_one_hosts_handshakes(curve_daemon: Any) -> None:
+    """Each bare connect from its own 127.x.y.z: the daemon holds at most one host's 8 handshakes of
+    them (before the fix: the handshakes' whole share, 32 of 64 slots)."""
+    max_connections = 64
+    daemon, address, server_public, admitted = curve_daemon("127.0.0.1", max_connections)
+    with Client(address, timeout=60, curve_server_key=server_public, curve_keypair=admitted) as watcher:
+        wait_for(lambda: watcher.health()["ready"], 60, "the CURVE daemon to be ready", daemon=daemon)
+        with Flood("127.0.0.1", int(address.rsplit(":", 1)[1]), many_loopback_addresses(), size=max_connections * 3 // 4) as flood:
+            wait_for(lambda: flood.replaced >= max_connections, 10, "the daemon to cut the flood's handshakes", daemon=daemon)
+            seen = []
+            for _ in range(5):  # while the flood replaces what is cut
+                replaced = flood.replaced
+                wait_for(lambda: flood.replaced > replaced, 10, "the flood to go on", daemon=daemon)
+                seen.append(watcher.status()["connections"])
+            assert flood.thread.is_alive()
+        assert all(connections["handshaking"] <= MAX_HANDSHAKES_PER_HOST for connections in seen), [connections["handshaking"] for connections in seen]
+        refused = seen[-1]["refused"]
+        assert refused.get("handshakes_per_host", 0) > 0 and refused.get("handshake_share", 0) == 0, refused
         assert daemon.process.poll() is None
 
 
@@ -158,3 +226,13 @@ def test_the_handshake_that_gives_way_is_the_oldest_of_the_source_holding_the_mo
     # One host is one source: an IPv6 host holds a /64, an IPv4 peer of a dual-stack listener is its IPv4 address.
     assert source_host(("2001:db8::1", 1, 0, 0)) == source_host(("2001:db8::ffff:2", 2, 0, 0)) == "2001:db8::/64"
     assert source_host(("::ffff:192.0.2.1", 3, 0, 0)) == source_host(("192.0.2.1", 4)) == "192.0.2.1"
+
+
+def test_every_loopback_address_is_one_source_host() -> None:
+    """Any local user may bind any address of 127/8 (16M of them) before connecting: counted one by one,
+    a local flood was 16M hosts."""
+    loopback = [("127.0.0.2", 1), ("127.5.6.7", 2), ("127.255.255.254", 3), ("::1", 4, 0, 0), ("::ffff:127.0.0.3", 5, 0, 0)]
+    sources = {source_host(address) for address in loopback}
+    assert len(sources) == 1, sources
+    assert source_host(("10.0.0.1", 6)) == "10.0.0.1" and source_host(("::ffff:10.0.0.1", 7, 0, 0)) == "10.0.0.1"
+    assert source_host(("::2", 8, 0, 0)) == "::/64"  # not loopback: only ::1 is
