@@ -15,7 +15,7 @@ import zmq
 import zmq.asyncio
 
 from openinfer.wire.errors import InvalidArgument, OpenInferError, Unavailable
-from openinfer.wire.protocol import retry_pause, unpack
+from openinfer.wire.protocol import retry_pause
 from openinfer.wire.tensors import BF16Array
 from openinfer.wire.zmtp import PeerClosed
 
@@ -240,13 +240,21 @@ class AsyncClient:
             except zmq.Again:
                 return
             try:
-                header = unpack(reply[0].buffer)
-            except Exception:
+                header = self._core.reply_header(reply[0].buffer)
+            except OpenInferError as exc:
+                self._fail_pending(exc)
                 continue
             rid = header.get("id") if isinstance(header, dict) else None
             future = self._pending.get(rid) if isinstance(rid, int) else None
             if future is not None and not future.done():
                 future.set_result((header, reply))
+
+    def _fail_pending(self, exc: OpenInferError) -> None:
+        """A reply that does not decode names no request: whichever it answers, the daemon is broken (or
+        not one), so every front-door request waiting now fails with it instead of at its timeout."""
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(exc)
 
     def _dropped(self) -> bool:
         return dropped(lambda: cast("asyncio.Future[list[bytes]]", self._monitor.recv_multipart(zmq.NOBLOCK)).result())  # NOBLOCK: already done

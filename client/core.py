@@ -16,7 +16,7 @@ import zmq
 
 import msgpack
 
-from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError, Unavailable, WorkerCrashed, error_from_wire
+from openinfer.wire.errors import DeadlineExceeded, Internal, InvalidArgument, OpenInferError, Unavailable, WorkerCrashed, error_from_wire
 from openinfer.wire.protocol import MAX_HEADER_BYTES, MAX_TIMEOUT_MS, encode_infer_request, encode_op_request, pack, resolve_address, unpack
 from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array
 from openinfer.wire.zmtp import PeerClosed
@@ -47,6 +47,7 @@ LARGE_REQUEST_BYTES = 1 << 20
 STAY_QUEUE_US = 100  # a reply that waited longer than this in its worker's queue moves the next request on
 TEMPLATES_KEPT = 256  # request shapes whose header is kept packed
 GONE_KEPT = 256  # unreachable worker addresses remembered
+UNDECODABLE_REASON_CHARS = 200  # of a reply header's decoding error, in the Internal error that names it
 _PACKER = msgpack.Packer()
 _ID_KEY = pack("id")
 _SENT_KEY = pack("sent_ns")
@@ -204,6 +205,18 @@ class ClientCore:
     def retryable(exc: Unavailable) -> bool:
         """A request lost with its connection may have run: never sent twice behind the caller's back."""
         return exc.details.get("connection") != "lost"
+
+    def reply_header(self, raw: bytes | memoryview) -> Any:
+        """A front-door reply's header, decoded. One that does not decode (invalid msgpack, an int map key,
+        bad UTF-8, trailing bytes) is no daemon's: Internal naming what was wrong, never msgpack's own
+        ValueError, which a caller catching OpenInferError would not expect."""
+        try:
+            return unpack(raw)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if len(reason) > UNDECODABLE_REASON_CHARS:
+                reason = reason[:UNDECODABLE_REASON_CHARS] + "..."
+            raise Internal(f"the reply from {self.address} is not a valid protocol header ({len(raw)} bytes): {reason!r}", {"reply": "undecodable"}) from None
 
     def timed_out(self, budget: float, direct: bool = False) -> DeadlineExceeded:
         slack = self.wait_s(budget, direct) - budget

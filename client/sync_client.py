@@ -17,7 +17,7 @@ import numpy as np
 import zmq
 
 from openinfer.wire.errors import OpenInferError, Unavailable
-from openinfer.wire.protocol import retry_pause, unpack
+from openinfer.wire.protocol import retry_pause
 from openinfer.wire.tensors import BF16Array
 from openinfer.wire.zmtp import PeerClosed
 
@@ -187,7 +187,7 @@ class Client:
                 self._send_cancel(request_id)
                 raise self._core.timed_out(timeout)
             reply = self._socket.recv_multipart(copy=False)
-            header = unpack(reply[0].buffer)
+            header = self._core.reply_header(reply[0].buffer)  # one request in flight: an undecodable reply fails it
             if isinstance(header, dict) and header.get("id") == request_id:
                 return header, reply
             # A late reply to a request we already gave up on: drop it.

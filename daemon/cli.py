@@ -68,7 +68,10 @@ def _fail(exc: Exception) -> NoReturn:
 
 
 def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+    """A reply as JSON, whatever the daemon (or a fake one) put in it: see json_ready."""
+    from openinfer.daemon.commands.terminal_text import json_ready
+
+    click.echo(json.dumps(json_ready(data), indent=2))
 
 
 @main.command()

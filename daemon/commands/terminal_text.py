@@ -71,3 +71,24 @@ def count(value: object) -> str:
 def by_key(mapping: dict[Any, Any]) -> list[tuple[Any, Any]]:
     """A map's items in a stable order whatever its keys' types (msgpack gives str or bin keys)."""
     return sorted(mapping.items(), key=lambda item: printable(item[0]))
+
+
+JSON_DEPTH = 100  # of a reply printed as JSON: the daemon's deepest is a handful; json.dumps fails near 1000
+
+
+def json_ready(value: object, depth: int = 0) -> Any:
+    """A decoded reply as json.dumps takes it: msgpack gives bytes (bin) map keys and values, which JSON
+    has not, so a non-str key is its repr (b'...': told apart from a str key) and bytes are text with
+    undecodable bytes escaped; maps and lists deeper than JSON_DEPTH are their summary. json.dumps then
+    escapes every control character, so nothing of it acts on the terminal."""
+    if isinstance(value, (dict, list, tuple)) and depth >= JSON_DEPTH:
+        return f"<{type(value).__name__} nested deeper than {JSON_DEPTH} levels>"
+    if isinstance(value, dict):
+        return {key if isinstance(key, str) else repr(key): json_ready(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item, depth + 1) for item in value]
+    if isinstance(value, (bytes, bytearray)):
+        return _text_of(value)
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return printable(value)  # a msgpack ext type, a timestamp: what it shows as

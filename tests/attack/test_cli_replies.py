@@ -13,12 +13,21 @@ and 8, and a suspected crash).
   it to 4.1 GiB of memory. Its admin commands now take frames of at most 64 MiB, and an oversized reply
   is an error naming the limit.
 
+- Undecodable and non-JSON replies (attacker round 6, finding 7): a fake daemon's reply with a bytes
+  map key ended `openinfer health --json` / `status --json` in a traceback (`TypeError: keys must be
+  str`), and one whose header has an int map key ended `openinfer stats` in msgpack's `ValueError: int
+  is not allowed for map key when strict_map_key=True`, raised by the Python Client itself (not an
+  OpenInferError; the AsyncClient dropped such a reply and waited out its timeout). A reply header that
+  does not decode is now `INTERNAL` naming what was wrong, and `--json` prints any decoded reply.
+
 Before the fix, the table tests found ESC in the rendered text or raised KeyError/TypeError, and the
 fake-daemon tests saw the escapes on the CLI's stdout, a traceback, and exit 0 after an 80 MiB reply.
 """
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import subprocess
 import sys
 import threading
@@ -33,6 +42,7 @@ from rich.console import Console
 from rich.table import Table
 
 from daemon_harness import world_readable_dir
+from openinfer.client import AsyncClient, Client, Internal
 from openinfer.daemon.commands.tables import models_table, stats_tables, status_tables
 
 ESC = "\x1b"
@@ -220,3 +230,48 @@ def test_an_oversized_status_reply_fails_the_cli_naming_the_limit(fake_daemon: A
     assert b"Traceback" not in done.stderr, done.stderr.decode()
     assert done.returncode == 1, f"the CLI took the whole 80 MiB reply: exit {done.returncode}, {done.stdout[-200:]!r}"
     assert done.stderr.startswith(b"error: ") and b"max_reply_bytes (67108864 bytes)" in done.stderr, done.stderr.decode()
+
+
+# The Python client's own hang-up on a reply that does not decode, and --json on one that is not JSON
+NOT_JSON_REPLIES = {
+    "health-bytes-keys": (("health", "--json"), {b"ready": True, "x": 1, b"\x1b[2J": b"\x1b]2;PWNED\x07\xff"}),
+    "status-bytes-key": (("status", "--json"), {b"\x1b[2J": 1, "nested": [{b"k": [b"v", None, 2.5]}]}),
+}
+
+
+@pytest.mark.parametrize("command, result", NOT_JSON_REPLIES.values(), ids=NOT_JSON_REPLIES.keys())
+def test_a_fake_daemons_reply_with_bytes_keys_prints_as_json(fake_daemon: Any, command: tuple[str, ...], result: Any) -> None:
+    address = fake_daemon(lambda header: [msgpack.packb({"v": 1, "id": header["id"], "result": result}, use_bin_type=True)])
+    done = run_cli(*command, "--socket", address)
+    assert b"Traceback" not in done.stdout + done.stderr, done.stderr.decode()
+    assert ESC.encode() not in done.stdout + done.stderr, done.stdout
+    printed = json.loads(done.stdout)  # every key a str: a bytes key is its repr, told apart from a str key
+    assert printed["b'\\x1b[2J'"] in (1, "\x1b]2;PWNED\x07\\xff"), printed
+
+
+def int_key_header(header: dict[str, Any]) -> list[bytes]:
+    """A reply whose header decodes to no protocol header: msgpack takes only str and bin map keys."""
+    return [msgpack.packb({"v": 1, "id": header["id"], 7: "int key", "result": {}})]
+
+
+def test_a_reply_header_with_an_int_key_fails_the_cli_cleanly(fake_daemon: Any) -> None:
+    done = run_cli("stats", "--socket", fake_daemon(int_key_header))
+    assert b"Traceback" not in done.stderr, done.stderr.decode()
+    assert done.returncode == 1 and done.stderr.startswith(b"error: INTERNAL: "), done.stderr.decode()
+    assert b"is not a valid protocol header" in done.stderr and b"int is not allowed for map key" in done.stderr, done.stderr.decode()
+
+
+def test_a_reply_header_that_does_not_decode_is_an_openinfer_error(fake_daemon: Any) -> None:
+    with Client(fake_daemon(int_key_header), timeout=5) as client, pytest.raises(Internal, match="is not a valid protocol header"):
+        client.status()  # before: msgpack's ValueError
+
+
+def test_a_reply_header_that_does_not_decode_fails_the_async_clients_requests(fake_daemon: Any) -> None:
+    address = fake_daemon(int_key_header)
+
+    async def ask() -> None:
+        async with AsyncClient(address, timeout=2) as client:
+            await client.status()
+
+    with pytest.raises(Internal, match="is not a valid protocol header"):  # before: dropped, DEADLINE_EXCEEDED at the timeout
+        asyncio.run(ask())
