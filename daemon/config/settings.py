@@ -196,7 +196,7 @@ def _coerce(where: str, kind: type, value: Any) -> Any:
     raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
 
 
-_POSITIVE = {"pool.workers", "pool.intra_op_threads", "sandbox.max_open_files", "server.max_request_bytes", "server.max_connections", "server.max_connections_per_identity", "server.max_reply_backlog_bytes", "server.max_worker_message_bytes", "pool.max_model_bytes"}
+_POSITIVE = {"pool.workers", "pool.intra_op_threads", "sandbox.max_open_files", "server.max_request_bytes", "server.max_connections", "server.max_connections_per_identity", "server.max_reply_backlog_bytes", "server.max_worker_message_bytes", "pool.max_model_bytes", "pool.max_workers"}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
