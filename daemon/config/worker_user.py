@@ -48,8 +48,8 @@ def shared_ids_warning(value: str, uid: int, gid: int) -> str | None:
                 "(unused ids) or a user created for them alone")
     if _NUMERIC.fullmatch(value) is None:
         return None  # a user named: the operator chose that account
-    owners = [f"uid {uid} is user {_name(pwd.getpwuid, uid)}" if _name(pwd.getpwuid, uid) else "", f"gid {gid} is group {_name(grp.getgrgid, gid)}" if _name(grp.getgrgid, gid) else ""]
-    taken = "; ".join(owner for owner in owners if owner)
+    user, group = _name(pwd.getpwuid, uid), _name(grp.getgrgid, gid)
+    taken = "; ".join([*([f"uid {uid} is user {user}"] if user else []), *([f"gid {gid} is group {group}"] if group else [])])
     if not taken:
         return None
     return f"sandbox.worker_user {value!r} is meant to give workers ids of their own, but {taken}: that account's processes can signal the workers, that group's members can enter their directory"

@@ -89,9 +89,7 @@ class RepositorySync:
         preparer = self.pool.preparer
         over = self._over_worker_cap(model, model.worker_count)
         if over is not None:  # (a reload retries it, when other models have left room)
-            model.state = ModelState.FAILED
-            model.reason = over
-            log.error("model failed to load", extra={"model": model.key, "reason": over})
+            model.fail_to_load(over)
         elif entry.config.chain is not None:
             model.sharing = "its members' weights"
             model.reason = f"waiting for its models {', '.join(entry.config.chain.models)}"
@@ -243,9 +241,7 @@ class RepositorySync:
                     break  # still loading: started when it is ready (on_model_ready)
                 members.append(member)
             if problem is not None:
-                model.state = ModelState.FAILED
-                model.reason = problem
-                log.error("model failed to load", extra={"model": model.name, "version": model.version, "reason": problem})
+                model.fail_to_load(problem)
                 self.pool.on_model_failed(model)
             elif len(members) == len(chain.models):
                 model.chain_members = members

@@ -248,9 +248,8 @@ class ConnectionTable:
     def _displace(self, conn: Connection, reason: str, detail: str) -> None:
         """Close a connection still in its handshake to make room for a newer one, logged like a refusal
         (1st, 2nd, 4th, ... time per reason: a flood cannot flood the log)."""
-        count = self.refused.get(reason, 0) + 1
-        self.refused[reason] = count
-        if count & (count - 1) == 0:
+        count = self._count_refusal(reason)
+        if count:
             waited_ms = (time.monotonic_ns() - conn.accepted_ns) // 1_000_000
             log.warning(f"handshake cut to make room: {detail}", extra={"reason": reason, "connection": conn.conn_id, "peer": conn.identity, "handshake_ms": waited_ms, "times": count})
         self.close(conn, None)
@@ -285,10 +284,16 @@ class ConnectionTable:
         sock.close()
 
     def _refuse_note(self, reason: str, peer: Peer | None, detail: str = "") -> None:
+        count = self._count_refusal(reason)
+        if count:
+            log.warning(f"connection refused: {detail or reason}", extra={"reason": reason, "uid": peer.uid if peer else None, "pid": peer.pid if peer else None, "times": count})
+
+    def _count_refusal(self, reason: str) -> int:
+        """Count one more `reason` (status's `refused`); the count when it is to be logged, else 0: the
+        1st, 2nd, 4th, 8th ... time, so that a flood cannot flood the log."""
         count = self.refused.get(reason, 0) + 1
         self.refused[reason] = count
-        if count & (count - 1) == 0:  # 1st, 2nd, 4th, 8th ...: a flood cannot flood the log
-            log.warning(f"connection refused: {detail or reason}", extra={"reason": reason, "uid": peer.uid if peer else None, "pid": peer.pid if peer else None, "times": count})
+        return count if count & (count - 1) == 0 else 0
 
     # -- traffic --------------------------------------------------------------------------------------
     def _on_event(self, conn: Connection, mask: int) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,8 @@ from openinfer.wire.errors import InvalidArgument, NotFound, Unavailable
 
 from .modelconfig import ModelConfig
 from openinfer.daemon.scheduling.taskqueue import TaskQueue
+
+log = logging.getLogger("openinfer.supervisor")
 
 if TYPE_CHECKING:
     from openinfer.daemon.scheduling.tasks import Task
@@ -100,6 +103,13 @@ class ServedModel:
         self.batchable = self.config.batching is not None and all(
             len(spec["shape"]) >= 1 and spec["shape"][0] == -1 for spec in [*inputs, *outputs]
         )
+
+    def fail_to_load(self, reason: str) -> None:
+        """It cannot be loaded (FAILED, with the reason `status` shows), logged once here; whoever answers
+        its queued requests is the caller's concern."""
+        self.state = ModelState.FAILED
+        self.reason = reason
+        log.error("model failed to load", extra={"model": self.name, "version": self.version, "reason": reason})
 
     def ready_workers(self) -> int:
         from openinfer.daemon.workerpool.workers import WorkerState

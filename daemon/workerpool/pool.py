@@ -338,9 +338,7 @@ class WorkerPool:
                 self.preparer.on_mismatch(model)
             return worker
         if was in (WorkerState.SPAWNED, WorkerState.LOADED) and boot_error is not None and model.state is not ModelState.READY:
-            model.state = ModelState.FAILED
-            model.reason = boot_error
-            log.error("model failed to load", extra={"model": model.name, "version": model.version, "reason": boot_error})
+            model.fail_to_load(boot_error)
             self.on_model_failed(model)
             return worker
         if worker.expected_exit:

@@ -207,11 +207,10 @@ class WeightPreparer:
         elapsed_ms = round((time.monotonic_ns() - started_ns) / 1e6, 1)
         log.info("shared weights ready", extra={"model": model.key, "reused": reused, "ms": elapsed_ms, "shared_bytes": model.shared_bytes, "dir": str(model.prepared_dir)})
 
-    def _fail(self, model: ServedModel, reason: str) -> None:
-        model.state = ModelState.FAILED
-        model.reason = reason
+    @staticmethod
+    def _fail(model: ServedModel, reason: str) -> None:
         model.sharing = "off"
-        log.error("model failed to load", extra={"model": model.key, "reason": reason})
+        model.fail_to_load(reason)
 
     def _off(self, model: ServedModel, reason: str) -> None:
         model.prepared_dir = None
