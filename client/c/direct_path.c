@@ -46,6 +46,7 @@ struct oi_direct {
     size_t n_slots;
     oi_link *links[MAX_LINKS];
     size_t n_links;
+    uint64_t max_reply_bytes; /* the client's own bound: a lease's is taken only when smaller */
     uint64_t serial; /* of the last lease taken */
     size_t turn;     /* which of a lease's workers is next (MOVE_ON_QUEUE_US) */
     oi_reply refusal; /* the front door's refusal of a lease, when it is the answer */
@@ -67,11 +68,14 @@ oi_direct *oi_direct_new(oi_front_door_call call, void *client, uint64_t *next_i
     d->call = call;
     d->client = client;
     d->next_id = next_id;
+    d->max_reply_bytes = UINT64_MAX;
     d->turn = (size_t)(*next_id >> 7); /* random (the ids start at a random value): clients spread out */
     return d;
 }
 
 int oi_direct_available(const oi_direct *d) { return d && !d->off; }
+
+void oi_direct_set_max_reply_bytes(oi_direct *d, uint64_t max_reply_bytes) { d->max_reply_bytes = max_reply_bytes; }
 
 /* ---- links ------------------------------------------------------------------------------------- */
 
@@ -315,7 +319,7 @@ static int attach(oi_direct *d, lease_slot *slot, const char *address, oi_link *
     *link_io = link;
     if (!oi_map_get(&header->data, "error")) {
         link->attached = slot->lease.serial;
-        link->max_message = slot->lease.max_reply_bytes;
+        link->max_message = slot->lease.max_reply_bytes < d->max_reply_bytes ? slot->lease.max_reply_bytes : d->max_reply_bytes;
         return OI_OK;
     }
     if (oi_reply_lease_expired(&header->data)) {
@@ -425,7 +429,7 @@ int oi_direct_infer(oi_direct *d, const oi_direct_request *req, oi_direct_answer
             snprintf(address, sizeof address, "%s", link->address);
             link_lost(d, link);
             return fail(err, OI_ERR_RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED",
-                        "the reply from the worker at %s is over this client's limit of %llu bytes (the lease's max_reply_bytes, the daemon's server.max_worker_message_bytes)",
+                        "the reply from the worker at %s is over this client's limit of %llu bytes (the lease's max_reply_bytes, the daemon's server.max_worker_message_bytes, or the client's own max_reply_bytes if smaller)",
                         address, (unsigned long long)limit);
         }
         if (rc != OI_LINK_OK) {

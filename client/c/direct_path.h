@@ -65,6 +65,9 @@ oi_direct *oi_direct_new(oi_front_door_call call, void *client, uint64_t *next_i
 void oi_direct_free(oi_direct *d);
 /* 0 once the daemon said it has no direct path (or does not know `lease`): stop asking. */
 int oi_direct_available(const oi_direct *d);
+/* The client's own bound on a reply (oi_set_max_reply_bytes): a worker's link takes the smaller of it
+ * and the lease's max_reply_bytes. */
+void oi_direct_set_max_reply_bytes(oi_direct *d, uint64_t max_reply_bytes);
 
 /*
  * Send `req` over the direct path and wait for its reply. Returns OI_OK with `answer` and `header` set,

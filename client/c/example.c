@@ -261,6 +261,7 @@ static char *read_file(const char *path, size_t *size) {
 /* ---- client setup ------------------------------------------------------------------------------ */
 
 static int front_door_only;      /* --front-door */
+static unsigned long long max_reply_bytes; /* --max-reply-bytes N (0: the library's default) */
 static const char *stop_file;    /* --stop-file */
 
 static oi_client *connect_client(const char *address, int timeout_ms) {
@@ -270,6 +271,11 @@ static oi_client *connect_client(const char *address, int timeout_ms) {
         return NULL;
     }
     if (front_door_only) oi_set_direct(c, 0);
+    if (max_reply_bytes && oi_set_max_reply_bytes(c, max_reply_bytes) != OI_OK) {
+        fprintf(stderr, "--max-reply-bytes: must be a positive number of bytes\n");
+        oi_close(c);
+        return NULL;
+    }
     const char *server = getenv("OPENINFER_CURVE_SERVER_KEY"), *pub = getenv("OPENINFER_CURVE_PUBLIC_KEY"),
                *sec = getenv("OPENINFER_CURVE_SECRET_KEY");
     if (server && *server) {
@@ -635,7 +641,8 @@ static int usage(void) {
                     "       openinfer-c-example [--timeout MS] [--front-door] requests ADDR REQUESTS.json\n"
                     "       openinfer-c-example [--timeout MS] conformance ADDR VECTORS.json\n"
                     "       openinfer-c-example [--timeout MS] op ADDR OPERATION [MODEL]\n"
-                    "       openinfer-c-example [--timeout MS] verdict ADDR MODEL FILE [INPUT]   (INPUT: the BYTES input, default bytes)\n");
+                    "       openinfer-c-example [--timeout MS] verdict ADDR MODEL FILE [INPUT]   (INPUT: the BYTES input, default bytes)\n"
+                    "every form also takes --max-reply-bytes N (the largest reply taken; default 1 GiB)\n");
     return 2;
 }
 
@@ -645,6 +652,7 @@ int main(int argc, char **argv) {
         if (strcmp(argv[i], "--all") == 0) all = 1;
         else if (strcmp(argv[i], "--quiet") == 0) quiet = 1;
         else if (strcmp(argv[i], "--front-door") == 0) front_door_only = 1;
+        else if (strcmp(argv[i], "--max-reply-bytes") == 0 && i + 1 < argc) max_reply_bytes = strtoull(argv[++i], NULL, 10);
         else if (strcmp(argv[i], "--timeout") == 0 && i + 1 < argc) timeout_ms = atoi(argv[++i]);
         else if (strcmp(argv[i], "--repeat") == 0 && i + 1 < argc) repeat = atoi(argv[++i]);
         else if (strcmp(argv[i], "--duration") == 0 && i + 1 < argc) duration_ms = atoi(argv[++i]);

@@ -42,6 +42,7 @@ struct oi_client {
     int curve;
     int direct_wanted;  /* 1 unless turned off (oi_set_direct, OPENINFER_DIRECT=0) */
     oi_direct *direct;  /* the direct path's leases and worker connections (ipc:// without CURVE) */
+    uint64_t max_reply_bytes; /* the largest reply frame taken (front door: ZMQ_MAXMSGSIZE; direct path: with the lease's) */
     int door_limit_known;            /* `health` was asked for the front door's limits */
     uint64_t door_max_request_bytes; /* its limits.max_request_bytes (0: it named none) */
     char server_public[41];
@@ -362,9 +363,12 @@ static int open_socket(oi_client *c) {
     void *s = zmq_socket(c->ctx, ZMQ_DEALER);
     if (!s) return -1;
     int zero = 0, one = 1, hwm = OI_HWM, sndtimeo = 1000;
+    /* A frame over it closes the connection as its length arrives, before libzmq allocates it: what a
+     * daemon (or whatever listens at the address) declares cannot take this process's memory. */
+    int64_t max_message = (int64_t)c->max_reply_bytes;
     if (zmq_setsockopt(s, ZMQ_LINGER, &zero, sizeof zero) || zmq_setsockopt(s, ZMQ_IMMEDIATE, &one, sizeof one) ||
         zmq_setsockopt(s, ZMQ_SNDHWM, &hwm, sizeof hwm) || zmq_setsockopt(s, ZMQ_RCVHWM, &hwm, sizeof hwm) ||
-        zmq_setsockopt(s, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo))
+        zmq_setsockopt(s, ZMQ_SNDTIMEO, &sndtimeo, sizeof sndtimeo) || zmq_setsockopt(s, ZMQ_MAXMSGSIZE, &max_message, sizeof max_message))
         goto fail;
     if (c->curve && (zmq_setsockopt(s, ZMQ_CURVE_SERVERKEY, c->server_public, 40) ||
                      zmq_setsockopt(s, ZMQ_CURVE_PUBLICKEY, c->client_public, 40) ||
@@ -407,6 +411,7 @@ oi_client *oi_connect(const char *address, int timeout_ms) {
     if (!c) return NULL;
     c->address = resolve_address(address);
     c->timeout_ms = timeout_ms > 0 ? timeout_ms : OI_DEFAULT_TIMEOUT_MS;
+    c->max_reply_bytes = OI_DEFAULT_MAX_REPLY_BYTES;
     c->next_id = random_u64();
     const char *direct = getenv("OPENINFER_DIRECT");
     c->direct_wanted = !(direct && strcmp(direct, "0") == 0);
@@ -452,6 +457,13 @@ int oi_set_direct(oi_client *c, int enabled) {
         c->direct = NULL;
     }
     return OI_OK;
+}
+
+int oi_set_max_reply_bytes(oi_client *c, uint64_t max_reply_bytes) {
+    if (!c || max_reply_bytes == 0 || max_reply_bytes > (uint64_t)INT64_MAX) return OI_ERR_INVALID_ARGUMENT;
+    c->max_reply_bytes = max_reply_bytes;
+    if (c->direct) oi_direct_set_max_reply_bytes(c->direct, max_reply_bytes);
+    return reset_socket(c) == 0 ? OI_OK : OI_ERR_TRANSPORT; /* ZMQ_MAXMSGSIZE is read at connect */
 }
 
 void oi_set_timeout(oi_client *c, int timeout_ms) {
@@ -628,8 +640,9 @@ static int exchange(oi_client *c, uint64_t id, const oi_frame *frames, size_t n,
             return E_TIMEOUT(err, "no reply from %s within %d ms", c->address, reply_budget_ms);
         }
         if (rc == OI_DISCONNECTED) /* libzmq reconnects by itself; this request's reply is lost */
-            return E_TRANSPORT(err, "the connection to the daemon at %s closed while this request was in flight (it may or may not have run)",
-                               c->address);
+            return E_TRANSPORT(err, "the connection to the daemon at %s closed while this request was in flight (it may or may not have run; "
+                               "a reply frame over this client's max_reply_bytes, %llu bytes, closes it too)",
+                               c->address, (unsigned long long)c->max_reply_bytes);
         if (rc != OI_OK) return rc;
         uint64_t got;
         if (v->n > 0 && unpack_one(u, zmq_msg_data(&v->msgs[0]), zmq_msg_size(&v->msgs[0])) &&
@@ -868,7 +881,10 @@ static int front_door_call(void *client, const oi_frame *request, uint64_t id, i
  * said it has none. The direct path's state is made on first use. */
 static int direct_path(oi_client *c) {
     if (!c->direct_wanted || c->curve || strncmp(c->address, "ipc://", 6) != 0) return 0;
-    if (!c->direct) c->direct = oi_direct_new(front_door_call, c, &c->next_id);
+    if (!c->direct) {
+        c->direct = oi_direct_new(front_door_call, c, &c->next_id);
+        if (c->direct) oi_direct_set_max_reply_bytes(c->direct, c->max_reply_bytes);
+    }
     return oi_direct_available(c->direct);
 }
 
@@ -1123,7 +1139,8 @@ int oi_request_raw(oi_client *c, const oi_frame *frames, size_t n_frames, oi_rep
     rc = wait_message(c, &v, start + c->timeout_ms, since, &out->error);
     if (rc == OI_ERR_TIMEOUT) return E_TIMEOUT(&out->error, "no reply from %s within %d ms", c->address, c->timeout_ms);
     if (rc == OI_DISCONNECTED)
-        return E_TRANSPORT(&out->error, "the connection to the daemon at %s closed while this request was in flight", c->address);
+        return E_TRANSPORT(&out->error, "the connection to the daemon at %s closed while this request was in flight (a reply frame over this client's max_reply_bytes, %llu bytes, closes it too)",
+                           c->address, (unsigned long long)c->max_reply_bytes);
     if (rc == OI_OK) rc = fill_reply(&v, out);
     msgvec_free(&v);
     return rc;

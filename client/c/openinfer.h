@@ -103,6 +103,14 @@ int oi_set_curve(oi_client *client, const char *server_public_z85, const char *c
 
 void oi_set_timeout(oi_client *client, int timeout_ms);
 
+/* The largest reply this client takes, in bytes (default 1 GiB, the daemon's largest reply frame). At
+ * the front door it is ZMQ_MAXMSGSIZE: a reply frame over it closes the connection as its length
+ * arrives, before anything is allocated, and the call fails OI_ERR_TRANSPORT saying so; on the direct
+ * path a worker's reply over it (or over the lease's max_reply_bytes, if smaller) fails
+ * OI_ERR_RESOURCE_EXHAUSTED. The socket is re-created: call it right after oi_connect. Returns OI_OK,
+ * OI_ERR_INVALID_ARGUMENT (0, or over 2^63 - 1), or OI_ERR_TRANSPORT. */
+int oi_set_max_reply_bytes(oi_client *client, uint64_t max_reply_bytes);
+
 /* 1 (the default on ipc://, unless OPENINFER_DIRECT=0): oi_infer uses the direct path when the daemon
  * grants a lease; 0: every request goes through the front door (open worker connections are closed).
  * Returns OI_OK (OI_ERR_INVALID_ARGUMENT for a NULL client). */

@@ -31,6 +31,7 @@ import json
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import msgpack
@@ -42,6 +43,8 @@ from rich.console import Console
 from rich.table import Table
 
 from daemon_harness import world_readable_dir
+from peak_memory import run_with_peak
+from test_c_client import c_example  # noqa: F401  (a fixture: builds client/c)
 from openinfer.client import AsyncClient, Client, Internal
 from openinfer.daemon.commands.tables import models_table, stats_tables, status_tables
 
@@ -230,6 +233,18 @@ def test_an_oversized_status_reply_fails_the_cli_naming_the_limit(fake_daemon: A
     assert b"Traceback" not in done.stderr, done.stderr.decode()
     assert done.returncode == 1, f"the CLI took the whole 80 MiB reply: exit {done.returncode}, {done.stdout[-200:]!r}"
     assert done.stderr.startswith(b"error: ") and b"max_reply_bytes (67108864 bytes)" in done.stderr, done.stderr.decode()
+
+
+def test_the_c_client_takes_no_front_door_reply_over_its_max_reply_bytes(fake_daemon: Any, c_example: Path) -> None:
+    """client/c's front-door socket had no ZMQ_MAXMSGSIZE: a fake daemon's 80 MiB `status` was taken
+    whole (no option bounded it). With `oi_set_max_reply_bytes` (64 MiB here; 1 GiB by default) libzmq
+    closes the connection on the frame's length and the call fails at once, TRANSPORT, naming the limit."""
+    blob = b"A" * (80 << 20)
+    address = fake_daemon(lambda header: [msgpack.packb({"v": 1, "id": header["id"], "result": {"x": blob}})])
+    outcome = run_with_peak([str(c_example), "--timeout", "20000", "--max-reply-bytes", str(64 << 20), "op", address, "status"])
+    assert outcome["stdout"].startswith("error UNAVAILABLE rc=TRANSPORT"), outcome
+    assert "max_reply_bytes, 67108864 bytes" in outcome["stdout"], outcome
+    assert outcome["peak"] < 64 << 20, f"the C client's peak memory was {outcome['peak'] >> 20} MiB"
 
 
 # The Python client's own hang-up on a reply that does not decode, and --json on one that is not JSON

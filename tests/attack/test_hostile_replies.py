@@ -21,6 +21,7 @@ import pytest
 
 from daemon_harness import RunningDaemon
 from openinfer.client import Client
+from peak_memory import run_with_peak
 from reference import run_reference
 from steps_daemon import hostile_steps_daemon
 from test_c_client import c_example  # noqa: F401  (a fixture: builds client/c)
@@ -89,15 +90,6 @@ def daemon() -> Iterator[RunningDaemon]:
         yield running
 
 
-# The C client (client/c's example program, `verdict` mode), as the only child of a small Python parent
-# that reports the child's peak memory.
-C_PARENT = '''
-import json, resource, subprocess, sys
-done = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=60)
-print(json.dumps({"stdout": done.stdout, "stderr": done.stderr, "peak": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
-'''
-
-
 def _attacked_client(daemon: RunningDaemon, what: str, timeout: float) -> dict[str, Any]:
     done = subprocess.run([sys.executable, "-c", CLIENT, daemon.address, what, str(timeout)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -151,11 +143,20 @@ def test_the_c_client_bounds_what_a_worker_declares(daemon: RunningDaemon, c_exa
     kept coming), and a declared frame costs the C client nothing until its bytes arrive."""
     what = tmp_path / "what"
     what.write_text(attack)
-    done = subprocess.run([sys.executable, "-c", C_PARENT, str(c_example), "--timeout", "500", "verdict", daemon.address, "hostile", str(what), "what"],
-                          capture_output=True, text=True, timeout=120)
-    outcome = json.loads(done.stdout)
+    outcome = run_with_peak([str(c_example), "--timeout", "500", "verdict", daemon.address, "hostile", str(what), "what"])
     assert outcome["stdout"].startswith(f"error {answer}"), outcome
     if attack.isdigit() and answer == "RESOURCE_EXHAUSTED":
         assert "over this client's limit of 1073741824 bytes" in outcome["stdout"], outcome
     assert outcome["peak"] < 64 << 20, f"the C client's peak memory was {outcome['peak'] >> 20} MiB"
+    _serves_on(daemon)
+
+
+def test_the_c_clients_own_max_reply_bytes_bounds_the_direct_path(daemon: RunningDaemon, c_example: Path, tmp_path: Path) -> None:
+    """oi_set_max_reply_bytes below the lease's bound: a worker's reply declared at 2 MiB is refused at
+    once against the client's 1 MiB (before, the C client had no bound of its own: only the lease's)."""
+    what = tmp_path / "what"
+    what.write_text(str(2 << 20))
+    outcome = run_with_peak([str(c_example), "--timeout", "5000", "--max-reply-bytes", str(1 << 20), "verdict", daemon.address, "hostile", str(what), "what"])
+    assert outcome["stdout"].startswith("error RESOURCE_EXHAUSTED"), outcome
+    assert "over this client's limit of 1048576 bytes" in outcome["stdout"], outcome
     _serves_on(daemon)
