@@ -108,7 +108,11 @@ class Supervisor:
         self.reactor.add(self.signals.fd, lambda mask: self._on_signals(self.signals.drain()))
         assert self.timers.wakeup is not None
         self.reactor.add(self.timers.wakeup.fd, lambda mask: self.timers.on_wakeup())  # due timers run after the pass
-        self.exporter = MetricsExporter(settings.metrics)
+        try:
+            self.exporter = MetricsExporter(settings.metrics)
+        except BaseException:  # (a bad token file, a taken port): nothing will serve at the address, so no socket is left there
+            self.listener.cleanup()
+            raise
         if self.exporter.wakeup_fd is not None:  # a scrape asks for a fresh snapshot: due() then says yes
             self.reactor.add(self.exporter.wakeup_fd, lambda mask: self.exporter.on_wakeup())
 

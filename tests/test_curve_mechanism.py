@@ -662,6 +662,7 @@ def test_a_hello_in_the_greetings_segment_is_answered_at_once(door: Door, client
 def test_server_keys_load_from_keygen_files(tmp_path: Path) -> None:
     secret = tmp_path / "server.key"
     secret.write_text(SERVER_SECRET_Z85.decode() + "\n")
+    secret.chmod(0o600)  # as `openinfer keygen` writes it (tests/attack/test_secret_files.py: not otherwise)
     Path(f"{secret}.pub").write_text(SERVER_PUBLIC_Z85.decode() + "\n")
     assert load_server_keys(str(secret)) == KEYS
     assert SERVER_SECRET_Z85.decode() not in repr(KEYS)
@@ -683,6 +684,7 @@ def test_unusable_key_files_are_config_errors_naming_the_file(tmp_path: Path, se
     secret = tmp_path / "server.key"
     if secret_text is not None:
         secret.write_text(secret_text)
+        secret.chmod(0o600)
     if public_text is not None:
         Path(f"{secret}.pub").write_text(public_text)
     with pytest.raises(ConfigError) as info:

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from openinfer.daemon.modelstore.modelconfig import ConfigError
-from .settings import CREATED_DIR, CREATED_FILE, EXISTING_DIR, KEY_FILE, POLICY, SECTIONS, Settings
+from .settings import CREATED_DIR, CREATED_FILE, EXISTING_DIR, KEY_FILE, POLICY, SECRET_FILE, SECTIONS, Settings
 
 _SHIPPED_NAME = re.compile(r"[A-Za-z0-9_-]+")  # as openinfer.sandbox.loader reads a policy name
 
@@ -54,7 +54,7 @@ def _resolve(key: str, kind: str, value: str, start_dir: Path) -> str:
     note = f" (given as {value!r}, relative to {start_dir}, where openinfer serve started)" if value != str(path) else ""
     if kind == EXISTING_DIR:
         _check_dir(key, path, note)
-    elif kind in (KEY_FILE, POLICY):
+    elif kind in (KEY_FILE, POLICY, SECRET_FILE):  # (a secret file's privacy is checked where it is read: read_secret_file)
         _check_file(key, path, note)
         if kind == KEY_FILE:
             _check_file(f"{key} (its public key)", Path(f"{path}.pub"), note)

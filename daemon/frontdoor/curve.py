@@ -43,6 +43,7 @@ from nacl.bindings import (
 from nacl.exceptions import CryptoError
 from zmq.utils import z85
 
+from openinfer.daemon.files.secret_file import read_secret_file
 from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.wire.sealed import Refused
 from openinfer.wire.zmtp import BIG_FRAME, COMMAND, MORE, Buffer, ProtocolError, frame_header, parse_properties
@@ -74,10 +75,13 @@ class ServerKeys(NamedTuple):
 
 
 def _read_key(path: Path, what: str) -> bytes:
-    try:
-        text = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the CURVE {what} key file {path}: {exc.strerror}") from None
+    if what == "secret":  # (who holds it can pose as this daemon to every tcp:// client)
+        text = read_secret_file(path, "CURVE secret key file")
+    else:
+        try:
+            text = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the CURVE {what} key file {path}: {exc.strerror}") from None
     text = text.rstrip(b"\r\n")
     if len(text) != 40:
         raise ConfigError(f"CURVE {what} key file {path} must hold one Z85 key (40 characters, `openinfer keygen`); it holds {len(text)} characters")

@@ -66,7 +66,7 @@ from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.daemon.config.settings import MetricsSettings
 from openinfer.daemon.workerpool.workers import WorkerState
 
-from .metrics_http import serve_metrics
+from .metrics_http import scrape_token, serve_metrics
 
 log = logging.getLogger("openinfer.metrics")
 
@@ -140,10 +140,16 @@ class MetricsExporter:
             self.wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             scrapes = CollectorRegistry(auto_describe=False)  # a fresh snapshot per scrape
             scrapes.register(_SnapshotCollector(self.scrape_families))
-            self._server, self._thread = serve_metrics(host, port, lambda: generate_latest(scrapes))
+            token = scrape_token(settings.token_file) if settings.token_file else None
+            self._server, self._thread = serve_metrics(host, port, lambda: generate_latest(scrapes), token)
             self.port = self._server.server_port
             if not _is_loopback(host):
-                log.warning("metrics endpoint is reachable beyond this host; it has no authentication", extra={"listen": settings.listen})
+                if token is None:
+                    log.warning("metrics endpoint is reachable beyond this host; it has no authentication (metrics.token_file)", extra={"listen": settings.listen})
+                else:
+                    log.warning("metrics endpoint is reachable beyond this host; its token travels in clear text (plain HTTP): keep it on loopback or behind a TLS proxy", extra={"listen": settings.listen})
+        elif settings.token_file:
+            log.warning("metrics.token_file is set but metrics.listen is not: nothing serves metrics over HTTP", extra={"token_file": settings.token_file})
             log.info("serving Prometheus metrics", extra={"listen": settings.listen, "port": self.port})
 
     # -- called from the supervisor's loop ------------------------------------------------------------

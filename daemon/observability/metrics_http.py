@@ -14,20 +14,28 @@ the GIL until front-door p50 went from 1.7 ms to 29 ms. Here:
     SCRAPES_PER_S after that; a scrape over the rate gets the last rendered text again (at most
     1 / SCRAPES_PER_S old), which costs neither the loop nor a render, and 429 if there is none yet.
 Prometheus scrapes a target every 15 s or so, a handful of servers at most: none of this touches it.
-What no rule here can give is availability against a local user who holds the 8 connections: the
-endpoint has no authentication. It cannot reach the serving path; for monitoring that must not be
-denied, use metrics.textfile (docs/DEPLOY.md).
+With `metrics.token_file`, a scrape must send that token (`Authorization: Bearer TOKEN`, compared in
+constant time) or get 401, before it takes a render or the rate's budget: without it, any local user
+reads every model's and every client's figures (client labels, uids) and spends the scrapes the rate
+allows. What no rule here can give is availability against a local user who holds the 8 connections
+(before a request's headers arrive nothing tells who sent it). It cannot reach the serving path; for
+monitoring that must not be denied, use metrics.textfile (docs/DEPLOY.md).
 """
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 import time
+from hmac import compare_digest
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from openinfer.daemon.files.secret_file import read_secret_file
+from openinfer.daemon.modelstore.modelconfig import ConfigError
 
 log = logging.getLogger("openinfer.metrics")
 
@@ -38,6 +46,15 @@ SCRAPES_BURST = 10  # scrapes rendered back to back before the rate applies
 SCRAPES_PER_S = 2.0  # sustained: a scrape costs the loop a snapshot and a render thread the GIL
 PATHS = ("/metrics", "/")
 REFUSALS_LOGGED_EVERY_S = 10.0
+_TOKEN = re.compile(rb"[\x21-\x7e]{16,4096}")  # visible ASCII: what an HTTP header carries as it is
+
+
+def scrape_token(path: str) -> bytes:
+    """The token in `metrics.token_file` (one line; surrounding whitespace dropped), from a private file."""
+    token = read_secret_file(path, "metrics.token_file").strip()
+    if not _TOKEN.fullmatch(token):
+        raise ConfigError(f"metrics.token_file {path}: must hold one token of 16 to 4096 visible ASCII characters (no spaces), e.g. `head -c 32 /dev/urandom | base64 > {path}`")
+    return token
 
 
 class ScrapeRate:
@@ -67,12 +84,13 @@ class MetricsHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64  # the listen backlog (socketserver's 5 made a burst of connects wait out SYN retries)
 
-    def __init__(self, host: str, port: int, render: Callable[[], bytes]) -> None:
+    def __init__(self, host: str, port: int, render: Callable[[], bytes], token: bytes | None = None) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.render = render
+        self.authorization = b"Bearer " + token if token is not None else None  # the header a scrape must send
         self.rate = ScrapeRate()
         self.render_lock = threading.Lock()  # one render at a time
-        self.refused = {"connections": 0, "rate": 0, "deadline": 0}
+        self.refused = {"connections": 0, "rate": 0, "deadline": 0, "unauthorized": 0}
         self.last_body: bytes | None = None  # the last text rendered, served again over the rate
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._open: dict[Any, float] = {}  # connection -> when it must be done (time.monotonic())
@@ -145,6 +163,10 @@ class ScrapeHandler(BaseHTTPRequestHandler):
             self._answer(404, b"not found: scrape /metrics\n", "text/plain; charset=utf-8")
             return
         server = self.server
+        if server.authorization is not None and not compare_digest(self.headers.get("Authorization", "").encode("latin-1", "replace"), server.authorization):
+            server.note_refusal("unauthorized", "a scrape without the token of metrics.token_file")
+            self._answer(401, b"unauthorized: send the token of metrics.token_file (Authorization: Bearer TOKEN)\n", "text/plain; charset=utf-8", {"WWW-Authenticate": 'Bearer realm="openinfer metrics"'})
+            return
         if not server.rate.take():
             server.note_refusal("rate", f"more than {SCRAPES_PER_S:g} scrapes a second (after a burst of {SCRAPES_BURST}): the last text rendered is served again")
             again = server.last_body
@@ -170,9 +192,10 @@ class ScrapeHandler(BaseHTTPRequestHandler):
         """No access log on stderr (the daemon's log is JSON; a scrape every 15 s is not news)."""
 
 
-def serve_metrics(host: str, port: int, render: Callable[[], bytes]) -> tuple[MetricsHTTPServer, threading.Thread]:
-    """Bind and serve on a thread of its own; the caller shuts it down (server.shutdown, server_close)."""
-    server = MetricsHTTPServer(host, port, render)
+def serve_metrics(host: str, port: int, render: Callable[[], bytes], token: bytes | None = None) -> tuple[MetricsHTTPServer, threading.Thread]:
+    """Bind and serve on a thread of its own; the caller shuts it down (server.shutdown, server_close).
+    With `token`, only scrapes that send it are answered (401 otherwise)."""
+    server = MetricsHTTPServer(host, port, render, token)
     thread = threading.Thread(target=server.serve_forever, name="openinfer-metrics-http", daemon=True)
     thread.start()
     return server, thread

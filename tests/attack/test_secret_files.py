@@ -1,0 +1,165 @@
+"""Secrets the daemon proves itself with, attacked by another local user.
+
+- The CURVE server's secret key file was read whatever its mode: a key left 0644 (a copy with the
+  default umask, a config tool's default) let any local user pose as the daemon to every tcp:// client.
+  ssh refuses such a private key; the daemon now refuses to start with it, naming the file and the fix.
+- `metrics.listen` had no authentication: any local uid read every model's and every client's figures
+  (client labels, uids) from a loopback port, and spent the scrapes the rate allows. `metrics.token_file`
+  makes every scrape send a bearer token (401 without it, before any render), the file private too.
+
+Before the fix: the 0644 key served, the token setting did not exist, and uid 65534's scrape got 200.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from curve_setup import server_keys
+from daemon_harness import world_readable_dir
+from exposition import LoopStandIn, free_port, parse, value
+from openinfer.daemon.config.settings import MetricsSettings
+from openinfer.daemon.files.secret_file import read_secret_file
+from openinfer.daemon.modelstore.modelconfig import ConfigError
+from openinfer.daemon.observability.accounting import Accountant
+from openinfer.daemon.observability.metrics import MetricsExporter
+from openinfer.daemon.observability.metrics_http import SCRAPES_BURST
+from other_uid import NOBODY, run_as
+
+pytestmark = pytest.mark.attack
+
+TOKEN = "s3cret-scrape-token-0123456789abcdef"
+
+# A scrape from another uid (raw HTTP: after the drop to its uid nothing more can be imported): the
+# reply's status line and headers, then the body's start.
+SCRAPE_AS = """
+port, authorization = int(sys.argv[1]), sys.argv[2]
+with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /metrics HTTP/1.0\\r\\n" + (f"Authorization: {authorization}\\r\\n".encode() if authorization else b"") + b"\\r\\n")
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk
+print(json.dumps(reply[:600].decode("latin-1")))
+"""
+
+
+def _private(path: Path, text: str, mode: int) -> Path:
+    path.write_text(text)
+    os.chmod(path, mode)
+    return path
+
+
+@pytest.fixture
+def token_exporter(tmp_path: Path) -> Iterator[MetricsExporter]:
+    token_file = _private(tmp_path / "metrics.token", TOKEN + "\n", 0o600)
+    exporter = MetricsExporter(MetricsSettings(listen="127.0.0.1:0", token_file=str(token_file)))
+    yield exporter
+    exporter.close()
+
+
+@pytest.mark.parametrize("mode, problem", [(0o644, "open to other users (mode 0644)"), (0o604, "open to other users (mode 0604)"), (0o620, "writable by its group (mode 0620)")])
+def test_a_secret_file_others_can_read_or_change_is_refused_naming_the_fix(tmp_path: Path, mode: int, problem: str) -> None:
+    secret = _private(tmp_path / "secret", TOKEN, mode)
+    with pytest.raises(ConfigError) as info:
+        read_secret_file(secret, "metrics.token_file")
+    assert f"the metrics.token_file {secret} is {problem}: chmod 600 it" in str(info.value)
+
+
+def test_a_secret_file_of_another_user_or_not_a_file_is_refused(tmp_path: Path) -> None:
+    theirs = _private(tmp_path / "theirs", TOKEN, 0o600)
+    os.chown(theirs, NOBODY, NOBODY)  # uid 65534 could rewrite the token (or the key) at will
+    with pytest.raises(ConfigError, match=r"is owned by uid 65534, which could change it"):
+        read_secret_file(theirs, "metrics.token_file")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)  # (opened without blocking: a start must not hang on it)
+    with pytest.raises(ConfigError, match=r"is not a regular file"):
+        read_secret_file(fifo, "metrics.token_file")
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o400])
+def test_a_private_secret_file_is_read(tmp_path: Path, mode: int) -> None:
+    assert read_secret_file(_private(tmp_path / "secret", TOKEN, mode), "metrics.token_file") == TOKEN.encode()
+
+
+def test_another_uid_cannot_scrape_without_the_token(token_exporter: MetricsExporter) -> None:
+    port = str(token_exporter.port)
+    with LoopStandIn(token_exporter, Accountant().snapshot) as loop:
+        for authorization in ("", "Bearer wrong-token-0123456789", f"Basic {TOKEN}", f"Bearer {TOKEN}x", f"bearer {TOKEN}"):
+            reply = _scrape_as(NOBODY, port, authorization)
+            assert reply.startswith("HTTP/1.0 401 ") and 'WWW-Authenticate: Bearer realm="openinfer metrics"' in reply, (authorization, reply)
+            assert "openinfer_" not in reply
+        assert loop.published == 0
+        reply = _scrape_as(NOBODY, port, f"Bearer {TOKEN}")  # whoever holds the token: any uid
+        assert reply.startswith("HTTP/1.0 200 ") and "openinfer_up" in reply, reply
+
+
+def _scrape_as(uid: int, port: str, authorization: str) -> str:
+    done = run_as(uid, SCRAPE_AS, port, authorization)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def test_unauthorized_scrapes_spend_neither_renders_nor_the_rate(token_exporter: MetricsExporter) -> None:
+    """A flood without the token is answered 401 before the rate is consulted: the scraper that holds
+    the token still gets a fresh render after it (not the last text again, nor a 429)."""
+    port = token_exporter.port
+    assert port is not None
+    with LoopStandIn(token_exporter, Accountant().snapshot) as loop:
+        for _ in range(3 * SCRAPES_BURST):
+            assert _raw_scrape(port, None).startswith(b"HTTP/1.0 401 ")
+        assert loop.published == 0, "an unauthorized scrape made the loop build a snapshot"
+        before = time.monotonic()
+        body = _raw_scrape(port, TOKEN)
+        assert body.startswith(b"HTTP/1.0 200 "), body[:200]
+        assert loop.published == 1 and value(parse(body.split(b"\r\n\r\n", 1)[1]), "openinfer_up", "openinfer_up") == 1.0
+        assert time.monotonic() - before < 10
+
+
+def _raw_scrape(port: int, token: str | None) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\n" + (f"Authorization: Bearer {token}\r\n".encode() if token else b"") + b"\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("token", ["short", "has a space in it, 0123456789", "é" * 20])
+def test_a_token_that_is_not_one_is_refused(tmp_path: Path, token: str) -> None:
+    token_file = _private(tmp_path / "metrics.token", token, 0o600)
+    with pytest.raises(ConfigError, match=r"must hold one token of 16 to 4096 visible ASCII characters"):
+        MetricsExporter(MetricsSettings(listen="127.0.0.1:0", token_file=str(token_file)))
+
+
+def _serve(tmp_path: Path, socket_address: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "repo").mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "openinfer.daemon.cli", "serve", "--models", "repo", "--socket", socket_address],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "OPENINFER_SERVER_RUNTIME_DIR": str(tmp_path / "run"), **env})
+
+
+def test_the_daemon_will_not_serve_curve_with_a_secret_key_others_can_read(tmp_path: Path) -> None:
+    keys = world_readable_dir("oi-curve-key-")
+    key_file, _ = server_keys(keys)
+    os.chmod(key_file, 0o644)  # what a copy with the default umask leaves
+    done = _serve(tmp_path, f"tcp://127.0.0.1:{free_port()}", {"OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file)})
+    assert done.returncode == 1 and '"msg":"cannot start"' in done.stderr, f"the daemon served with a world-readable CURVE secret key: exit {done.returncode}\n{done.stderr[-2000:]}"
+    assert f"the CURVE secret key file {key_file} is open to other users (mode 0644): chmod 600 it" in done.stderr, done.stderr[-2000:]
+
+
+def test_the_daemon_will_not_serve_metrics_with_a_token_others_can_read(tmp_path: Path) -> None:
+    token_file = _private(tmp_path / "metrics.token", TOKEN, 0o644)
+    done = _serve(tmp_path, f"ipc://{tmp_path}/oi.sock",
+                  {"OPENINFER_METRICS_LISTEN": f"127.0.0.1:{free_port()}", "OPENINFER_METRICS_TOKEN_FILE": str(token_file)})
+    assert done.returncode == 1 and '"msg":"cannot start"' in done.stderr, done.stderr[-2000:]
+    assert f"the metrics.token_file {token_file} is open to other users (mode 0644)" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "oi.sock").exists()
