@@ -1,7 +1,7 @@
 """OpenInfer vs FastAPI+uvicorn (issue #17): one run, the same model, 2 workers each, interleaved rounds.
 
     .venv/bin/python bench/peers.py             # ~3.5 min: 5 rounds x 1 s per figure, then batching.py's c = 16, 32 (5 x 2 s)
-    .venv/bin/python bench/peers.py --quick     # ~1 min, 1 round x 1 s (a smoke run: figures, not a verdict)
+    .venv/bin/python bench/peers.py --quick     # ~30 s, 1 round (wrk 1 s, the rest 0.4 s; a smoke run: figures, not a verdict)
     .venv/bin/python bench/peers.py --plot-only bench/results/peers.json   # redraw plot + summary
 
 Servers, all on examples/models/tiny (x FP32[-1, 64] -> y), 2 worker processes each, nothing pinned:
@@ -87,12 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batching-levels", type=concurrency_levels, default=[16, 32], help="levels of the batching phase (bench/batching.py; default 16,32)")
     p.add_argument("--batching-duration", type=float, default=2.0, help="seconds per run of the batching phase (default 2: 1 s runs of the batching daemon swing 2x; as many repeats as rounds)")
     p.add_argument("--no-batching", action="store_true", help="skip the batching phase (its figures are then null, with the reason)")
-    p.add_argument("--quick", action="store_true", help="1 round of 1 s, batching at c = 16 only: a smoke run (the test's), not a measurement")
+    p.add_argument("--quick", action="store_true", help="1 round (wrk 1 s, the other generators 0.4 s), batching at c = 16 only: a smoke run (the test's), not a measurement")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "peers.json", help="results file; the plot goes beside it as .png")
     p.add_argument("--plot-only", type=Path, default=None, metavar="JSON", help="redraw the plot and summary from a results file")
     args = p.parse_args(argv)
+    # The runs of generators other than wrk (which counts whole seconds) may be shorter: --quick's are.
+    args.pool_duration = float(args.duration)
     if args.quick:
         args.duration, args.warmup, args.repeats = 1, 0.1, 1
+        args.pool_duration = 0.4
         args.batching_levels, args.batching_duration = [16], 1.0
     return args
 
@@ -214,12 +217,12 @@ def start_daemon(models: Path, sandbox: bool) -> DaemonProcess:
 
 def build_series(args: argparse.Namespace, servers: dict[str, Any], pools: dict[str, Any], cwire: dict[str, Any]) -> list[Series]:
     fastapi, daemon, plain, echo = servers["fastapi"], servers["openinfer"], servers["openinfer_no_sandbox"], servers["unix_echo"]
-    d, w = args.duration, args.warmup
+    d, w = args.pool_duration, args.warmup
     c_path = "direct" if cwire["available"] else "frontdoor"
     c_pool = pools["cwire_direct"] if cwire["available"] else pools["cwire"]
     py = pools["python"]
     series = [
-        Series("c", "fastapi", "wrk -t1", None, wrk_measure(pools["wrk"], fastapi, d)),
+        Series("c", "fastapi", "wrk -t1", None, wrk_measure(pools["wrk"], fastapi, args.duration)),
         Series("c", f"openinfer_{c_path}", f"cwire{' --direct' if cwire['available'] else ''}", c_path, pool_measure(c_pool, daemon.address, openinfer_roles(daemon), d, w)),
     ]
     if cwire["available"]:
@@ -276,7 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def config(args: argparse.Namespace, cwire: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": "examples/models/tiny: x FP32[-1, 64] -> y (64x64 MatMul); every request x = ones FP32[1, 64] (256 bytes)",
-        "workers": WORKERS, "levels": args.levels, "duration_s": args.duration, "warmup_s": args.warmup, "repeats": args.repeats, "quick": args.quick,
+        "workers": WORKERS, "levels": args.levels, "duration_s": args.duration, "pool_duration_s": args.pool_duration, "warmup_s": args.warmup, "repeats": args.repeats, "quick": args.quick,
         "openinfer": {"env": DIRECT_ENV, "socket": "ipc:// in a private temp dir", "sandbox": "openinfer: sandboxed; openinfer_no_sandbox: --insecure-no-sandbox"},
         "fastapi": "bench/peers_app.py: onnxruntime in-process, intra_op_num_threads=1, POST raw float32 body -> raw output bytes, tcp 127.0.0.1",
         "generators": {

@@ -57,6 +57,17 @@ def model_repo() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_repo() -> Iterator[Path]:
+    """The shipped tiny model alone: for private daemons of tests that need any model (a daemon over
+    model_repo loads magika and the OCR models first, ~5 s of each such test)."""
+    root = world_readable_dir("oi-tiny-repo-")
+    shutil.copytree(EXAMPLE_MODELS / "tiny", root / "tiny")
+    make_world_readable(root)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def daemon(model_repo: Path) -> Iterator[RunningDaemon]:
     """One sandboxed daemon over the whole repository, shared by the read-only tests."""
     running = start_daemon(model_repo)

@@ -117,14 +117,14 @@ def test_live_daemon_stats_are_exact_and_the_breakdown_consistent(daemon_factory
     assert in_process / 4 <= daemon_compute <= in_process * 4, (daemon_compute, in_process)
 
 
-def test_requests_refused_before_they_name_themselves_are_counted_under_the_peers_identity(daemon_factory: Any, model_repo: Path) -> None:
+def test_requests_refused_before_they_name_themselves_are_counted_under_the_peers_identity(daemon_factory: Any, tiny_repo: Path) -> None:
     """Issue #18 item 6: a malformed request was keyed by its connection's routing id, so every new
     connection took a new `stats` client slot (any local peer could fill the 1,024); and valid
     operations other than infer went uncounted. Now both are counted under the kernel-proven identity."""
     import msgpack
     import zmq
 
-    running = daemon_factory(model_repo)
+    running = daemon_factory(tiny_repo)
     context = zmq.Context()
     try:
         for index in range(20):  # each on a connection of its own

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -211,8 +212,8 @@ def test_random_garbage_never_takes_the_daemon_down(daemon: RunningDaemon) -> No
     assert_still_serving(daemon.client())
 
 
-def test_a_message_over_the_limit_is_answered_and_the_peer_still_served(daemon_factory: Any, model_repo: Any) -> None:
-    running = daemon_factory(model_repo, env={"OPENINFER_SERVER_MAX_REQUEST_BYTES": "65536"})
+def test_a_message_over_the_limit_is_answered_and_the_peer_still_served(daemon_factory: Any, tiny_repo: Path) -> None:
+    running = daemon_factory(tiny_repo, env={"OPENINFER_SERVER_MAX_REQUEST_BYTES": "65536"})
     big = np.ones((1024, 64), np.float32)  # 256 KiB: over the message limit (limit + 64 KiB header allowance)
     with pytest.raises(ResourceExhausted, match="max_request_bytes"):
         running.client(timeout=1.5, direct=False).infer("tiny", {"x": big})

@@ -14,10 +14,10 @@ from openinfer.client import InvalidArgument, NotFound
 pytestmark = pytest.mark.live
 
 
-def test_live_scrape_right_after_a_request_counts_it(daemon_factory: Any, model_repo: Path) -> None:
+def test_live_scrape_right_after_a_request_counts_it(daemon_factory: Any, tiny_repo: Path) -> None:
     """The daemon's loop answers each scrape with a snapshot built after it began: no second-old counts."""
     port = free_port()
-    daemon = daemon_factory(model_repo, env={"OPENINFER_METRICS_LISTEN": f"127.0.0.1:{port}"})
+    daemon = daemon_factory(tiny_repo, env={"OPENINFER_METRICS_LISTEN": f"127.0.0.1:{port}"})
     url = f"http://127.0.0.1:{port}/metrics"
     client = daemon.client()
     for answered in range(1, 11):

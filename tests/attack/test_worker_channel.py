@@ -86,6 +86,8 @@ spec = {"name": "x", "datatype": "FP32", "shape": [-1, 64]}
 hello = msgpack.packb({"pid": os.getpid(), "inputs": [spec], "outputs": [dict(spec, name="y")], "load_ms": 1.0, "warmup_ms": 1.0, "warmup_error": None})
 tasks = 0
 deadline = time.monotonic() + float(sys.argv[-1])
+told_to_stop = zmq.Poller()  # the test closes our stdin when its requests are done (EOF: readable)
+told_to_stop.register(sys.stdin.fileno(), zmq.POLLIN)
 while time.monotonic() < deadline:
     for sock in claims:
         try:
@@ -101,17 +103,18 @@ while time.monotonic() < deadline:
                 now = time.monotonic_ns()
                 meta = {"outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 64]}], "recv_ns": now, "prep_us": 1.0, "compute_us": 1.0, "encode_us": 1.0, "cpu_us": 1.0, "send_ns": now}
                 sock.send_multipart([b"R" + frames[0][1:], msgpack.packb(meta), np.full((1, 64), 1337, np.float32).tobytes()])
-    time.sleep(0.05)
+    if told_to_stop.poll(50):
+        break
 print(json.dumps({"tasks": tasks}), flush=True)
 """
 
 
-def test_no_process_can_join_the_worker_channel(daemon_factory: Any, model_repo: Path) -> None:
+def test_no_process_can_join_the_worker_channel(daemon_factory: Any, tiny_repo: Path) -> None:
     """The channel was an ipc:// file (root:nogroup 0660): a process of uid 65534 that claimed the ids
     of the next workers and said HELLO was taken for a respawned worker and got client tasks. Now each
     worker's channel is a socketpair made at spawn: the only socket path the daemon's processes hold is
     the public one, and the impostor finds nothing to join, whatever it claims."""
-    daemon = daemon_factory(model_repo, env={**THROUGH_THE_CHANNEL, "OPENINFER_SERVER_SOCKET_MODE": "0o666"})
+    daemon = daemon_factory(tiny_repo, env={**THROUGH_THE_CHANNEL, "OPENINFER_SERVER_SOCKET_MODE": "0o666"})
     public = daemon.address[len("ipc://") :]
     admin = daemon.client()
     workers = admin.status()["workers"]
@@ -130,7 +133,7 @@ def test_no_process_can_join_the_worker_channel(daemon_factory: Any, model_repo:
             for _ in range(40):
                 client.infer("tiny", {"x": np.ones((1, 64), np.float32)})
     finally:
-        out, err = impostor.communicate(timeout=60)
+        out, err = impostor.communicate(timeout=60)  # (which closes its stdin: it stops)
     assert json.loads(out.strip().splitlines()[-1])["tasks"] == 0, (out, err)
     assert daemon_sockets(daemon) == {public}
 
