@@ -29,12 +29,13 @@ from openinfer.wire.errors import InvalidArgument, OpenInferError, PermissionDen
 from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSION
 from openinfer.wire.zmtp import Buffer, Event, FrameStream, HeldWrites, Limits, Oversized, PeerClosed, ProtocolError
 
+from .direct_budgets import STALLED_NS, held_budgets, replies_to_cut, uploads_to_refuse
+
 log = logging.getLogger("openinfer.worker")
 
 LISTEN_FD = 5  # the spawner puts the worker's listening socket here (spawner.DIRECT_FD)
 HANDSHAKE_TIMEOUT_NS = 10_000_000_000  # to complete the ZMTP handshake, and again to attach a lease
 FDS_KEPT = 16  # of the worker's open-file limit, for what is not a client connection (channel, epoll, pages)
-STALLED_NS = 1_000_000_000  # a request still arriving that got no byte for this long has stalled
 _PEERCRED = struct.Struct("3i")
 _DELIMITER = b""
 DIRECT_OPERATIONS = ("attach", "infer", "cancel")
@@ -72,6 +73,14 @@ class DirectConnection:
     def fd(self) -> int:
         return self.stream.sock.fileno() if not self.closed else -1
 
+    @property
+    def in_bytes(self) -> int:  # (what direct_budgets looks at)
+        return self.stream.in_bytes
+
+    @property
+    def out_bytes(self) -> int:
+        return self.stream.out_bytes
+
 
 def connection_caps(limits: DirectLimits) -> tuple[int, int]:
     """(connections, connections per identity) this worker takes: the configured caps, within its
@@ -81,15 +90,6 @@ def connection_caps(limits: DirectLimits) -> tuple[int, int]:
     room = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - FDS_KEPT
     total = max(2, min(limits.max_connections, room))
     return total, max(1, min(limits.max_connections_per_identity, total * 3 // 4))
-
-
-def held_budgets(max_request_bytes: int) -> tuple[int, int]:
-    """(soft, hard) budgets of bytes that requests still arriving may hold: a quarter and a half of the
-    worker's address-space limit (its memory limit); never less than two, and four, largest requests."""
-    address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
-    one = max_request_bytes + MAX_HEADER_BYTES
-    quarter = address_space // 4 if address_space != resource.RLIM_INFINITY else 16 * one
-    return max(2 * one, quarter), max(4 * one, 2 * quarter)
 
 
 def _unleased_for(conn: DirectConnection, now_ns: int) -> int:
@@ -398,22 +398,9 @@ class DirectDoor:
         self._keep_replies_within_budget(time.monotonic_ns())
 
     def _keep_replies_within_budget(self, now_ns: int) -> None:
-        """Replies waiting for readers that do not read. Past the soft budget (a quarter of the worker's
-        memory limit, in all), the connections whose replies have not moved for STALLED_NS are closed,
-        largest first; past the hard one (half), the largest, moving or not. A client that reads is never
-        cut for the soft one. 36 connections of one uid, each within its own backlog, once filled a
-        worker's 4 GiB with replies, and every large request of other clients failed."""
-        conns = [c for c in self.by_fd.values() if c.stream.out_bytes]
-        total = sum(c.stream.out_bytes for c in conns)
-        if total <= self.held_budget:
-            return
-        stalled = [c for c in conns if now_ns - c.out_moved_ns >= STALLED_NS]
-        for conn in sorted(stalled, key=lambda c: c.stream.out_bytes, reverse=True) + sorted(conns, key=lambda c: c.stream.out_bytes, reverse=True):
-            if total <= (self.held_budget if conn in stalled else self.hard_held_budget):
-                continue
-            if conn.closed:
-                continue
-            total -= conn.stream.out_bytes
+        """Replies waiting for readers that do not read: past the budgets, their connections are closed
+        (direct_budgets.replies_to_cut)."""
+        for conn in replies_to_cut(list(self.by_fd.values()), now_ns, self.held_budget, self.hard_held_budget):
             log.warning("closing a direct connection: replies it does not read hold too much", extra={"identity": conn.identity, "backlog_bytes": conn.stream.out_bytes, "soft_budget": self.held_budget, "hard_budget": self.hard_held_budget})
             self.close(conn)
 
@@ -428,31 +415,11 @@ class DirectDoor:
                 self.close(conn)
 
     def _keep_within_budget(self, now_ns: int) -> None:
-        """Requests still arriving hold the room their frames announced (address space under the worker's
-        RLIMIT_AS, even before a byte lands). Past the soft budget, those that have stalled (no bytes for
-        STALLED_NS) are refused, largest first: an upload that is moving is never cut for it, however many
-        run at once. Past the hard budget, the largest of the identity holding the most, moving or not:
-        33 connections announcing 128 MiB each once filled a worker's 4 GiB, and its next allocation
-        killed it with every request it held. A refused request is answered RESOURCE_EXHAUSTED before its
-        connection is closed (the rest of its bytes would have to be read to keep the stream)."""
-        conns = [c for c in self.by_fd.values() if c.stream.in_bytes > MAX_HEADER_BYTES]
-        total = sum(c.stream.in_bytes for c in conns)
-        if total <= self.held_budget:
-            return
-        for conn in sorted((c for c in conns if now_ns - c.last_read_ns >= STALLED_NS), key=lambda c: c.stream.in_bytes, reverse=True):
-            if total <= self.held_budget:
-                return
-            total -= conn.stream.in_bytes
-            self._refuse_unfinished(conn, "it stalled, holding room the worker needs")
-        while total > self.hard_held_budget:
-            by_identity: dict[str, int] = {}
-            for conn in conns:
-                if not conn.closed:
-                    by_identity[conn.identity] = by_identity.get(conn.identity, 0) + conn.stream.in_bytes
-            most = max(by_identity, key=by_identity.__getitem__)
-            conn = max((c for c in conns if not c.closed and c.identity == most), key=lambda c: c.stream.in_bytes)
-            total -= conn.stream.in_bytes
-            self._refuse_unfinished(conn, f"{most} holds the most room for requests still arriving ({by_identity[most]} bytes)")
+        """Requests still arriving past the budgets are refused (direct_budgets.uploads_to_refuse): each is
+        answered RESOURCE_EXHAUSTED before its connection is closed (the rest of its bytes would have to
+        be read to keep the stream)."""
+        for conn, why in uploads_to_refuse(list(self.by_fd.values()), now_ns, self.held_budget, self.hard_held_budget):
+            self._refuse_unfinished(conn, why)
 
     def _refuse_unfinished(self, conn: DirectConnection, why: str) -> None:
         held = conn.stream.in_bytes
