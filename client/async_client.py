@@ -395,7 +395,7 @@ class AsyncClient:
         for header, reply in replies:
             rid = header.get("id")
             pending: Pending | None = link.pending.get(rid) if isinstance(rid, int) else None
-            if pending is not None:
+            if pending is not None and pending.reply is None:  # the first reply is the answer: a second one for the same id, a worker's lie, is dropped
                 pending.reply = (header, reply)
                 self._wake(rid)  # type: ignore[arg-type]
 

@@ -16,7 +16,7 @@ import zmq
 
 import msgpack
 
-from openinfer.wire.errors import DeadlineExceeded, Internal, InvalidArgument, OpenInferError, Unavailable, WorkerCrashed, error_from_wire
+from openinfer.wire.errors import DeadlineExceeded, Internal, InvalidArgument, OpenInferError, ResourceExhausted, Unavailable, WorkerCrashed, error_from_wire
 from openinfer.wire.protocol import MAX_HEADER_BYTES, MAX_TIMEOUT_MS, encode_infer_request, encode_op_request, pack, resolve_address, unpack
 from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array
 from openinfer.wire.zmtp import PeerClosed
@@ -47,6 +47,9 @@ LARGE_REQUEST_BYTES = 1 << 20
 STAY_QUEUE_US = 100  # a reply that waited longer than this in its worker's queue moves the next request on
 TEMPLATES_KEPT = 256  # request shapes whose header is kept packed
 GONE_KEPT = 256  # unreachable worker addresses remembered
+# The largest front-door reply header decoded: `stats` of a daemon with its 1,024 client rows is well under
+# 1 MiB. (A worker's infer reply on the direct path: direct.MAX_INFER_REPLY_HEADER_BYTES, 1 MiB.)
+MAX_REPLY_HEADER_BYTES = 8 << 20
 UNDECODABLE_REASON_CHARS = 200  # of a reply header's decoding error, in the Internal error that names it
 _PACKER = msgpack.Packer()
 _ID_KEY = pack("id")
@@ -209,7 +212,12 @@ class ClientCore:
     def reply_header(self, raw: bytes | memoryview) -> Any:
         """A front-door reply's header, decoded. One that does not decode (invalid msgpack, an int map key,
         bad UTF-8, trailing bytes) is no daemon's: Internal naming what was wrong, never msgpack's own
-        ValueError, which a caller catching OpenInferError would not expect."""
+        ValueError, which a caller catching OpenInferError would not expect. One over
+        MAX_REPLY_HEADER_BYTES is not decoded at all: decoded, a header costs up to ~73 times its size
+        (a fake daemon's 15 MiB of empty maps took 1.1 GiB)."""
+        size = len(raw)
+        if size > MAX_REPLY_HEADER_BYTES:
+            raise ResourceExhausted(f"the reply from {self.address} has a header of {size} bytes, over this client's limit of {MAX_REPLY_HEADER_BYTES} (no daemon's reply header is near it)", {"limit": MAX_REPLY_HEADER_BYTES})
         try:
             return unpack(raw)
         except Exception as exc:
@@ -302,7 +310,8 @@ class ClientCore:
     def answered(self, address: str, header: dict[str, Any]) -> None:
         """A reply from the worker at `address`: stay with it unless the request waited in its queue."""
         timing = header.get("timing")
-        if isinstance(timing, dict) and timing.get("queue_us", 0) > STAY_QUEUE_US:
+        queue_us = timing.get("queue_us") if isinstance(timing, dict) else None
+        if type(queue_us) in (int, float) and queue_us > STAY_QUEUE_US:  # type: ignore[operator]
             self._stay = None
         elif self._stay is None:
             self._stay = address

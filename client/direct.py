@@ -30,17 +30,22 @@ from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSI
 from openinfer.wire.zmtp import Buffer, FrameStream, Limits, Oversized, PeerClosed, ProtocolError
 
 RENEW_BEFORE_NS = 1_000_000_000  # a lease this close to expiry is renewed before the next request
+MAX_LEASE_TOKEN_BYTES = 1024  # the daemon's are ~100 bytes (PROTOCOL.md 17.2); the C client takes the same
 # The largest reply a worker may send this client: the lease's max_reply_bytes (the daemon's
 # server.max_worker_message_bytes, the bound its front door puts on the same reply), else that setting's
 # default. The client reads a worker's bytes itself on this path, so what a worker declares is bounded
 # here: a frame over it is skipped as it arrives and its request answered RESOURCE_EXHAUSTED.
 DEFAULT_MAX_REPLY_BYTES = 1 << 30
 _REPLY_FRAMES = 1 << 16
-_REPLY_HEADER_BYTES = 16 << 20
+# An infer reply's header (its outputs' names, shapes, timing, stages) is a few hundred bytes; a decoded
+# msgpack header costs up to ~73 times its size in Python objects (a byte per empty map, ~70 bytes each
+# decoded), so the bound is also what keeps a hostile worker's header from costing the client gigabytes:
+# 15 MiB of empty maps took 1.1 GiB under the 16 MiB this was (attacker round 7).
+MAX_INFER_REPLY_HEADER_BYTES = 1 << 20
 
 
 def reply_limits(max_reply_bytes: int) -> Limits:
-    return Limits(frames=_REPLY_FRAMES, first_frame=min(_REPLY_HEADER_BYTES, max_reply_bytes), message_bytes=max_reply_bytes)
+    return Limits(frames=_REPLY_FRAMES, first_frame=min(MAX_INFER_REPLY_HEADER_BYTES, max_reply_bytes), message_bytes=max_reply_bytes)
 
 
 _REPLY_LIMITS = reply_limits(DEFAULT_MAX_REPLY_BYTES)
@@ -71,14 +76,17 @@ def parse_lease(result: Any, taken_ns: int) -> Lease:
     """The front door's `lease` result; NoDirectPath when it is not one (the daemon answers it anyway)."""
     try:
         limits = result["limits"]
+        token = result["lease"]
+        if type(token) is not bytes or not 0 < len(token) <= MAX_LEASE_TOKEN_BYTES:  # (bytes(N) of an int N would make N zero bytes)
+            raise TypeError(f"lease token is not bytes of at most {MAX_LEASE_TOKEN_BYTES}")
         return Lease(
-            str(result["model"]), int(result["version"]), bytes(result["lease"]), taken_ns + int(result["expires_in_ms"]) * 1_000_000,
+            str(result["model"]), int(result["version"]), token, taken_ns + int(result["expires_in_ms"]) * 1_000_000,
             [str(w["address"]) for w in result["workers"]], int(limits["max_request_bytes"]),
             int(limits.get("max_header_bytes", MAX_HEADER_BYTES)), int(limits.get("max_frames", MAX_FRAMES)),
             int(limits["max_compute_ms"]) / 1000 if "max_compute_ms" in limits else None,
             max(1, int(limits.get("max_reply_bytes", DEFAULT_MAX_REPLY_BYTES))),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
         raise NoDirectPath(f"malformed lease: {exc}") from None
 
 
@@ -214,8 +222,10 @@ def read_replies(link: DirectLink) -> list[tuple[dict[str, Any], list[Buffer]]]:
         if header.get("goaway"):
             link.draining = True
             continue
+        if type(header.get("id")) is not int:  # names no request of ours (an id is an int): dropped, never looked up
+            continue
         if link.owed:
-            link.owed.discard(header.get("id"))  # type: ignore[arg-type]
+            link.owed.discard(header["id"])
         replies.append((header, frames))
     return replies
 
@@ -240,4 +250,7 @@ def _refused_reply(event: Oversized, link: DirectLink) -> tuple[dict[str, Any], 
 
 def lease_expired(header: dict[str, Any]) -> bool:
     error = header.get("error")
-    return isinstance(error, dict) and error.get("code") == PermissionDenied.code and (error.get("details") or {}).get("lease") == "expired"
+    if not isinstance(error, dict) or error.get("code") != PermissionDenied.code:
+        return False
+    details = error.get("details")
+    return isinstance(details, dict) and details.get("lease") == "expired"

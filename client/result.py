@@ -49,28 +49,44 @@ def decode_reply_header(frames: list[Any]) -> dict[str, Any]:
 
 
 def result_from_reply(header: dict[str, Any], frames: list[Any], client_us: float) -> InferResult:
-    """Build an InferResult or raise the typed error the daemon sent."""
+    """Build an InferResult or raise the typed error the daemon sent. A reply that does not follow the
+    protocol (a field of the wrong type, a shape its data does not fill) is Internal naming the field:
+    it came from a broken or hostile worker or daemon, and a caller catching OpenInferError must not
+    get a raw TypeError or KeyError instead (attacker round 7 found 20 such replies)."""
     if "error" in header:
         raise error_from_wire(header["error"])
+    try:
+        return _result(header, frames, client_us)
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, IndexError) as exc:
+        raise Internal(f"the reply does not follow the protocol: {type(exc).__name__}: {str(exc)[:200]}", {"reply": "malformed"}) from None
+
+
+def _result(header: dict[str, Any], frames: list[Any], client_us: float) -> InferResult:
     specs = header.get("outputs") or []
+    if type(specs) is not list:
+        raise TypeError(f"outputs is a {type(specs).__name__}, not a list")
     if len(frames) != 1 + len(specs):
         raise Internal(f"reply lists {len(specs)} outputs but carries {len(frames) - 1} data frames")
     outputs: dict[str, np.ndarray] = {}
     for spec, frame in zip(specs, frames[1:]):
         payload = frame.buffer if hasattr(frame, "buffer") else frame
-        datatype, shape = spec["datatype"], spec["shape"]
+        datatype, shape, name = spec["datatype"], spec["shape"], spec["name"]
+        if type(name) is not str:
+            raise TypeError(f"an output's name is a {type(name).__name__}")
         dtype = _FIXED.get(datatype)
         if dtype is not None and type(shape) is list:  # the common case, without decode_array's checks
             count = 1
             for dim in shape:
+                if type(dim) is not int or dim < 0:
+                    raise ValueError(f"output {name!r} has shape {shape!r}")
                 count *= dim
             if count * dtype.itemsize == len(payload):
-                outputs[spec["name"]] = np.ndarray(shape, dtype, payload)  # one read-only view, not frombuffer + reshape
+                outputs[name] = np.ndarray(shape, dtype, payload)  # one read-only view, not frombuffer + reshape
                 continue
         try:
-            outputs[spec["name"]] = decode_array(datatype, list(shape), payload)
+            outputs[name] = decode_array(datatype, list(shape), payload)
         except (ValueError, TypeError) as exc:  # what the daemon sent does not decode: its fault, typed
-            raise Internal(f"reply output {spec.get('name')!r} does not decode: {exc}") from None
+            raise Internal(f"reply output {name!r} does not decode: {exc}") from None
     raw_timing = header.get("timing")
     try:
         timing: dict[str, float] = {key: float(value) for key, value in raw_timing.items()} if raw_timing else {}

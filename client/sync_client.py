@@ -291,9 +291,9 @@ class Client:
                     stream.flush()
                 elif not select.select([sock], [], [], remaining)[0]:
                     continue
-                for header, reply in read_replies(link):
-                    waiting = link.pending.get(header.get("id"))  # type: ignore[arg-type]
-                    if waiting is not None:
+                for header, reply in read_replies(link):  # (an id is an int here: read_replies dropped the rest)
+                    waiting = link.pending.get(header["id"])
+                    if waiting is not None and waiting.reply is None:  # the first reply is the answer: a second one for the same id, a worker's lie, is dropped
                         waiting.reply = (header, reply)
         except PeerClosed:
             core.link_lost(link)

@@ -27,7 +27,8 @@ class OpenInferError(Exception):
     def __init__(self, message: str, details: Mapping[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.details: dict[str, Any] = dict(details or {})
+        # (a map, or nothing: what a broken or fake daemon sends in its place is dropped, not raised)
+        self.details: dict[str, Any] = dict(details) if isinstance(details, Mapping) else {}
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"

@@ -166,6 +166,8 @@ def _bytes_element_spans(view: memoryview, count: int) -> Iterator[tuple[int, in
 def decode_bytes_elements(payload: bytes | bytearray | memoryview, count: int) -> np.ndarray:
     """Parse `count` length-prefixed elements; raises ValueError if the payload does not hold exactly that."""
     view = memoryview(payload).cast("B")
+    if count > view.nbytes // 4:  # (each element has a 4-byte length): checked before room is made for them
+        raise ValueError(f"a BYTES payload of {view.nbytes} bytes cannot hold {count} elements (4 bytes of length each, at least)")
     out = np.empty(count, dtype=object)
     for index, (start, end) in enumerate(_bytes_element_spans(view, count)):
         out[index] = bytes(view[start:end])
