@@ -88,8 +88,12 @@ def test_the_ocr_chain_reads_what_rapidocr_reads_on_each_branch(ocr_daemon: Runn
 def test_what_is_not_an_image_is_the_callers_mistake_and_the_worker_serves_on(ocr_daemon: RunningDaemon) -> None:
     from PIL import Image
 
-    bomb = io.BytesIO()
+    bomb, between = io.BytesIO(), io.BytesIO()
     Image.new("1", (16000, 16000)).save(bomb, format="PNG")  # a few KiB that would decode to 256 Mpx
+    # Between MAX_PIXELS and twice it Pillow only warns: this one was decoded, holding the worker for seconds
+    # (an attacker's 11000x11000 F, RGBA, I;16 or LA files 4-10 s each). Refused from its header now, the
+    # error naming its size (which only the header told) and the limit.
+    Image.new("1", (9000, 9000)).save(between, format="PNG")
     truncated = RENDERED["jpeg"][: len(RENDERED["jpeg"]) // 2]
     eps, pcx = io.BytesIO(), io.BytesIO()
     Image.new("RGB", (64, 32), "white").save(eps, format="EPS")  # Pillow would run Ghostscript: a new process
@@ -100,6 +104,7 @@ def test_what_is_not_an_image_is_the_callers_mistake_and_the_worker_serves_on(oc
         eps.getvalue(): "is not a PNG, JPEG, BMP, TIFF, WEBP, GIF file",
         pcx.getvalue(): "is not a PNG, JPEG, BMP, TIFF, WEBP, GIF file",
         bomb.getvalue(): "DecompressionBomb",
+        between.getvalue(): "is 9000x9000 = 81000000 pixels, more than the 67108864 this step decodes: refused, not decoded",
         truncated: "is not an image file",
     }
     with Client(ocr_daemon.address, timeout=60) as client:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any, Callable
+import warnings
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -43,7 +45,7 @@ CLS_THRESHOLD = 0.9
 REC_SHAPE = (3, 48, 320)
 REC_BATCH = 6
 TEXT_SCORE = 0.5
-MAX_PIXELS = 64 * 1024 * 1024  # a decompression bomb is refused, not decoded
+MAX_PIXELS = 64 * 1024 * 1024  # a larger image (a decompression bomb) is refused from its header, not decoded
 # The raster formats Pillow decodes in process, and nothing else: Pillow would hand an EPS or PDF to
 # Ghostscript in a new process, which the serve policy answers by killing the worker (SIGSYS), so a client
 # could crash-loop the chain with one file; the rarer decoders are attack surface nobody here needs.
@@ -70,7 +72,7 @@ def setup(files: dict[str, bytes]) -> None:
     if _missing is not None:
         raise RuntimeError(f"openinfer:rapidocr needs the rapidocr_onnxruntime package and its image libraries: pip install 'openinfer[ocr]' ({_missing})")
     cv2.setNumThreads(0)  # no thread pool: the worker's serve policy allows no new threads
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow raises DecompressionBombError beyond twice this
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # a second line behind _refuse_too_many_pixels: Pillow raises DecompressionBombError beyond twice this
     characters = files["ppocr_keys.txt"].decode("utf-8").splitlines()
     _library.update(
         cv2=cv2,
@@ -114,17 +116,36 @@ def _decode(value: Any) -> np.ndarray:
     data = value.item() if isinstance(value, np.ndarray) else value
     if not isinstance(data, bytes) or not data:
         raise ValueError("`image` must be the bytes of an image file (PNG, JPEG, ...)")
-    try:
-        with Image.open(io.BytesIO(data), formats=FORMATS):  # the header only: which format, how large
-            pass
+    with _callers_file(), warnings.catch_warnings():
+        # Pillow warns (on the worker's stderr) of what is over MAX_PIXELS but not twice it: refused next.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data), formats=FORMATS) as header:  # the header only: which format, how large
+            width, height = header.size
+    _refuse_too_many_pixels(width, height)
+    with _callers_file():
         image = _library["load"](data)
-    except UnidentifiedImageError:
-        raise ValueError(f"`image` is not a {', '.join(FORMATS)} file") from None
-    except Exception as exc:  # Pillow's DecompressionBombError, truncated files, broken headers
-        raise ValueError(f"`image` is not an image file this step can decode: {type(exc).__name__}: {exc}"[:500]) from None
     if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
         raise ValueError(f"`image` decodes to pixels of shape {list(image.shape)}; an image with at least one pixel is needed")
     return np.ascontiguousarray(image)
+
+
+def _refuse_too_many_pixels(width: int, height: int) -> None:
+    """Before any pixel is decoded: Pillow's own check (MAX_IMAGE_PIXELS) only raises beyond twice its
+    limit and merely warns below, so an image of 1x to 2x MAX_PIXELS - a few hundred KB of PNG or TIFF in
+    a costly mode (F, RGBA, I;16) - would be decoded and hold the chain's worker for seconds."""
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"`image` is {width}x{height} = {width * height} pixels, more than the {MAX_PIXELS} this step decodes: refused, not decoded")
+
+
+@contextmanager
+def _callers_file() -> Iterator[None]:
+    """What Pillow or the library's loader raise about the file is the caller's mistake (INVALID_ARGUMENT)."""
+    try:
+        yield
+    except UnidentifiedImageError:
+        raise ValueError(f"`image` is not a {', '.join(FORMATS)} file") from None
+    except Exception as exc:  # Pillow's DecompressionBombError (beyond 2x MAX_PIXELS, at the header), truncated files, broken headers
+        raise ValueError(f"`image` is not an image file this step can decode: {type(exc).__name__}: {exc}"[:500]) from None
 
 
 def _scaled(image: np.ndarray, ratio: float) -> tuple[np.ndarray, float, float]:
