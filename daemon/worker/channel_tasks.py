@@ -35,7 +35,7 @@ def run_task(channel: FrameStream, session: Any, output_names: list[str], frames
             key = cache.key(header["inputs"], frames[2:], wanted, bytes(frames[0][messages.TASK_HEAD_BYTES:]).decode())  # the identity the supervisor appended
             hit = cache.get(key, received_ns)
             if hit is not None:  # answered again without running anything
-                meta = {"outputs": hit.specs, "cache": "hit", "recv_ns": received_ns, "prep_us": 0.0, "compute_us": 0.0, "encode_us": 0.0,
+                meta = {"outputs": hit.specs(), "cache": "hit", "recv_ns": received_ns, "prep_us": 0.0, "compute_us": 0.0, "encode_us": 0.0,
                         "cpu_us": (time.process_time_ns() - cpu_start) / 1000, "send_ns": time.monotonic_ns()}
                 channel.send([result_kind, pack(meta), *hit.payloads])
                 return

@@ -294,7 +294,7 @@ class DirectQueue:
     def _answer_cached(self, request: DirectRequest, hit: Cached) -> None:
         now = time.monotonic_ns()
         timing = {"decode_us": (request.decoded_ns - request.received_ns) / 1000, "cache_us": (now - request.decoded_ns) / 1000, "total_us": (now - request.received_ns) / 1000}
-        reply = {"v": PROTOCOL_VERSION, "id": request.request_id, "model": self.model.name, "version": self.model.version, "outputs": hit.specs, "timing": timing, "cache": "hit"}
+        reply = {"v": PROTOCOL_VERSION, "id": request.request_id, "model": self.model.name, "version": self.model.version, "outputs": hit.specs(), "timing": timing, "cache": "hit"}
         self._answer(request, reply, hit.payloads, None, timing, CACHE_HIT)
 
     def _run_batch(self, batch: list[DirectRequest], started_ns: int) -> None:
