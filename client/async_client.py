@@ -398,6 +398,8 @@ class AsyncClient:
             if pending is not None and pending.reply is None:  # the first reply is the answer: a second one for the same id, a worker's lie, is dropped
                 pending.reply = (header, reply)
                 self._wake(rid)  # type: ignore[arg-type]
+        if link.broken is not None:  # a reply came that no request can be told from
+            self._lost(link)
 
     def _on_writable(self, link: DirectLink) -> None:
         try:

@@ -334,7 +334,9 @@ class ClientCore:
         now = time.monotonic()
         for pending in link.pending.values():
             if pending.reply is None and pending.error is None:
-                if link.draining:
+                if link.broken is not None:
+                    pending.error = Internal(f"{link.broken}; this client closed the connection")
+                elif link.draining:
                     pending.error = NoDirectPath(f"the worker at {link.address} retired before taking the request")
                 elif now >= pending.deadline:
                     pending.error = DeadlineExceeded("its deadline passed while it ran, and its worker was killed")

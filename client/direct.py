@@ -140,13 +140,16 @@ class DirectLink:
     # be running one past its deadline, to be killed for it, so nothing new is sent here until the reply
     # (or the close) comes - a new request would die with the worker (WORKER_CRASHED).
     owed: set[int] = field(default_factory=set)
+    # Why this client cut the link: its worker broke the protocol (ZMTP, or a reply header that does not
+    # decode). What waits on it then fails INTERNAL saying so, not WORKER_CRASHED: the worker may be alive.
+    broken: str | None = None
 
     @property
     def fd(self) -> int:
         return self.stream.sock.fileno()
 
     def usable(self) -> bool:
-        return not self.draining and not self.closed and not self.owed
+        return not self.draining and not self.closed and not self.owed and self.broken is None
 
 
 def start_connect(address: str) -> DirectLink:
@@ -201,10 +204,13 @@ def attach_frames(request_id: int, lease: Lease) -> list[bytes]:
 def read_replies(link: DirectLink) -> list[tuple[dict[str, Any], list[Buffer]]]:
     """Complete replies available now; GOAWAY is noted on the link. Raises PeerClosed when the worker
     is gone (the caller fails what was pending there)."""
+    if link.broken is not None:
+        raise PeerClosed()
     replies = []
     try:
         events = link.stream.read()
-    except ProtocolError:
+    except ProtocolError as exc:
+        link.broken = f"the worker at {link.address} broke the protocol ({exc})"
         raise PeerClosed() from None
     for event in events:
         if isinstance(event, Oversized):
@@ -215,10 +221,11 @@ def read_replies(link: DirectLink) -> list[tuple[dict[str, Any], list[Buffer]]]:
         frames = event[1:] if len(event) > 1 and not len(event[0]) else event
         try:
             header = unpack(frames[0])
-        except Exception:
-            continue
-        if not isinstance(header, dict):
-            continue
+        except Exception as exc:
+            header = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if not isinstance(header, dict):  # no request can be told from it: the link is cut, and what waits on it fails (link_lost)
+            link.broken = f"the worker at {link.address} sent a reply header that is not a protocol map ({header if isinstance(header, str) else type(header).__name__})"
+            break
         if header.get("goaway"):
             link.draining = True
             continue
@@ -227,6 +234,8 @@ def read_replies(link: DirectLink) -> list[tuple[dict[str, Any], list[Buffer]]]:
         if link.owed:
             link.owed.discard(header["id"])
         replies.append((header, frames))
+    if link.broken is not None and not replies:
+        raise PeerClosed()
     return replies
 
 

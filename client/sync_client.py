@@ -295,6 +295,8 @@ class Client:
                     waiting = link.pending.get(header["id"])
                     if waiting is not None and waiting.reply is None:  # the first reply is the answer: a second one for the same id, a worker's lie, is dropped
                         waiting.reply = (header, reply)
+                if link.broken is not None:  # a reply came that no request can be told from
+                    raise PeerClosed()
         except PeerClosed:
             core.link_lost(link)
         finally:

@@ -264,6 +264,8 @@ def pre(inputs):
                 count = int(what[4:])
                 fields = b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in {"v": 1, "id": request_id, "outputs": [GOT]}.items())
                 head = b"\\x84" + fields + msgpack.packb("pad") + b"\\xdd" + count.to_bytes(4, "big") + b"\\x80" * count
+            elif what == "undecodable":  # an int map key (msgpack's strict_map_key refuses it)
+                head = msgpack.packb({1: 2})
             elif what == "id-a-list":  # a reply naming no request, before the real one (which this request still gets)
                 head = msgpack.packb({"v": 1, "id": [request_id], "outputs": [GOT]})
             else:  # a header with one output spec of the attacker's
@@ -311,3 +313,10 @@ def test_a_reply_naming_no_request_is_dropped_and_the_real_one_answers(daemon: R
     """`id: [1]` (unhashable) made the sync client's lookup raise TypeError out of `infer`."""
     outcome = _peak_client(daemon.address, "direct", "id-a-list")
     assert outcome["code"] == "OK", outcome
+
+
+def test_a_reply_header_that_does_not_decode_fails_its_request_at_once(daemon: RunningDaemon) -> None:
+    """It names no request, and was dropped: the request waited its whole timeout (10 s here) and ended
+    DEADLINE_EXCEEDED. Now the connection is cut and what waits on it fails INTERNAL, saying why."""
+    outcome = _peak_client(daemon.address, "direct", "undecodable")
+    assert outcome["code"] == "INTERNAL" and "sent a reply header that is not a protocol map" in outcome["message"], outcome
