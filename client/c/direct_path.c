@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "lease.h"
+#include "reply_header.h"
 #include "zmtp_link.h"
 
 #define MAX_LEASES 16              /* (model, version) pairs whose lease is kept */
@@ -121,13 +122,15 @@ static void close_unused_links(oi_direct *d) {
     }
 }
 
+/* Its size is bounded before it gets here: a worker's by the link (max_first_frame), the front door's
+ * by the exchange (openinfer.c). */
 static int decode_header(const oi_frame *frames, size_t n, msgpack_unpacked *header) {
     msgpack_unpacked_destroy(header);
-    msgpack_unpacked_init(header);
-    size_t off = 0;
-    return n > 0 && frames[0].size > 0 &&
-           msgpack_unpack_next(header, frames[0].data, frames[0].size, &off) == MSGPACK_UNPACK_SUCCESS &&
-           off == frames[0].size && header->data.type == MSGPACK_OBJECT_MAP;
+    if (n == 0) {
+        msgpack_unpacked_init(header);
+        return 0;
+    }
+    return oi_unpack_one(header, frames[0].data, frames[0].size) && header->data.type == MSGPACK_OBJECT_MAP;
 }
 
 static int header_id(const msgpack_object *h, uint64_t *id) {
@@ -155,13 +158,14 @@ static int take_reply(oi_direct *d, oi_link *link, uint64_t id, int want, const 
     }
 }
 
-/* Wait on `link` for the reply to `id`: OI_LINK_OK, OI_LINK_CLOSED, OI_LINK_TIMEOUT or OI_LINK_ERROR. */
+/* Wait on `link` for the reply to `id`: OI_LINK_OK, OI_LINK_CLOSED, OI_LINK_OVERSIZED, OI_LINK_PROTOCOL,
+ * OI_LINK_TIMEOUT or OI_LINK_ERROR. */
 static int await_reply(oi_direct *d, oi_link *link, uint64_t id, int64_t deadline_ms, const oi_frame **frames, size_t *n,
                        msgpack_unpacked *header) {
     for (;;) {
         int r = take_reply(d, link, id, 1, frames, n, header);
         if (r == 1) return OI_LINK_OK;
-        if (r < 0) return r == OI_LINK_OVERSIZED ? r : OI_LINK_CLOSED;
+        if (r < 0) return r == OI_LINK_OVERSIZED || r == OI_LINK_PROTOCOL ? r : OI_LINK_CLOSED;
         /* the deadline holds even while bytes keep coming (a worker that streams a message without end) */
         if (oi_now_ms() >= deadline_ms || !oi_link_wait(link, deadline_ms)) return OI_LINK_TIMEOUT;
         if ((r = oi_link_fill(link)) != OI_LINK_OK) return r;
@@ -364,6 +368,22 @@ static int link_for(oi_direct *d, lease_slot *slot, int64_t deadline_ms, oi_link
 
 /* ---- one request ------------------------------------------------------------------------------- */
 
+/* RESOURCE_EXHAUSTED naming the bound a worker's reply broke (nothing was made room for it). */
+static void oversized(const oi_link *link, const char *address, oi_error *err) {
+    unsigned long long size = (unsigned long long)link->over_size;
+    if (link->over == OI_LINK_OVER_FIRST_FRAME)
+        fail(err, OI_ERR_RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED",
+             "the reply header from the worker at %s is %llu bytes, over this client's limit of %llu bytes for a reply header (OI_MAX_REPLY_HEADER_BYTES)",
+             address, size, (unsigned long long)(link->max_first_frame ? link->max_first_frame : OI_MAX_REPLY_HEADER_BYTES));
+    else if (link->over == OI_LINK_OVER_FRAMES)
+        fail(err, OI_ERR_RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED",
+             "the reply from the worker at %s has more than this client's limit of %d frames", address, OI_LINK_MAX_FRAMES);
+    else
+        fail(err, OI_ERR_RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED",
+             "the reply from the worker at %s is over this client's limit of %llu bytes (the lease's max_reply_bytes, the daemon's server.max_worker_message_bytes, or the client's own max_reply_bytes if smaller)",
+             address, (unsigned long long)link->max_message);
+}
+
 int oi_direct_infer(oi_direct *d, const oi_direct_request *req, oi_direct_answer *answer, msgpack_unpacked *header,
                     oi_error *err) {
     memset(answer, 0, sizeof *answer);
@@ -423,14 +443,13 @@ int oi_direct_infer(oi_direct *d, const oi_direct_request *req, oi_direct_answer
             return fail(err, OI_ERR_TIMEOUT, "DEADLINE_EXCEEDED", "no reply from the worker within the client's timeout (%d ms, plus %d ms of grace)",
                         req->timeout_ms, OI_DIRECT_REPLY_GRACE_MS);
         }
-        if (rc == OI_LINK_OVERSIZED) { /* what a worker of ours never sends: nothing is made room for, the link goes */
-            uint64_t limit = link->max_message;
+        if (rc == OI_LINK_OVERSIZED || rc == OI_LINK_PROTOCOL) { /* what a worker of ours never sends: the link goes */
             char address[256];
             snprintf(address, sizeof address, "%s", link->address);
+            if (rc == OI_LINK_OVERSIZED) oversized(link, address, err);
+            else fail(err, OI_ERR_PROTOCOL, "INTERNAL", "the worker at %s broke the protocol: %s; its connection is closed", address, link->why);
             link_lost(d, link);
-            return fail(err, OI_ERR_RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED",
-                        "the reply from the worker at %s is over this client's limit of %llu bytes (the lease's max_reply_bytes, the daemon's server.max_worker_message_bytes, or the client's own max_reply_bytes if smaller)",
-                        address, (unsigned long long)limit);
+            return rc == OI_LINK_OVERSIZED ? OI_ERR_RESOURCE_EXHAUSTED : OI_ERR_PROTOCOL;
         }
         if (rc != OI_LINK_OK) {
             char address[256];

@@ -21,6 +21,7 @@
 
 #include "direct_path.h"
 #include "lease.h"
+#include "reply_header.h"
 
 #define OI_DEFAULT_TIMEOUT_MS 30000
 #define OI_MAX_HEADER_BYTES 65536 /* PROTOCOL.md 2.5 / 9 */
@@ -204,13 +205,18 @@ static int obj_number(const msgpack_object *o, double *v) {
     }
 }
 
-/* Decode exactly one msgpack object filling the whole buffer. */
-static int unpack_one(msgpack_unpacked *u, const void *data, size_t size) {
-    size_t off = 0;
-    msgpack_unpacked_init(u);
-    if (size == 0) return 0;
-    msgpack_unpack_return r = msgpack_unpack_next(u, (const char *)data, size, &off);
-    return r == MSGPACK_UNPACK_SUCCESS && off == size;
+/* Decode exactly one msgpack object filling the whole buffer (what it claims checked first:
+ * reply_header.h). */
+static int unpack_one(msgpack_unpacked *u, const void *data, size_t size) { return oi_unpack_one(u, data, size); }
+
+/* OI_OK, or RESOURCE_EXHAUSTED when a reply's header (frame 0) is over `limit`: it is not decoded (a
+ * reply's `outputs` and `error` are small; 128 MiB of nils in a header once cost 3.2 GiB decoded). */
+static int check_header_size(size_t size, uint64_t limit, const char *address, oi_error *err) {
+    if (size <= limit) return OI_OK;
+    return LOCAL_ERR(err, OI_ERR_RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED",
+                     "the reply header from %s is %zu bytes, over this client's limit of %" PRIu64 " bytes for a reply header "
+                     "(OI_MAX_REPLY_HEADER_BYTES for infer, OI_MAX_OP_REPLY_HEADER_BYTES for other operations)",
+                     address, size, limit);
 }
 
 /* ---- JSON rendering of msgpack objects --------------------------------------------------------- */
@@ -582,10 +588,11 @@ static int wait_message(oi_client *c, msgvec *v, int64_t deadline, uint64_t sinc
     }
 }
 
-static void drain(oi_client *c) {
+/* Discard the messages waiting, until `deadline` (a daemon that keeps sending cannot keep us here). */
+static void drain(oi_client *c, int64_t deadline) {
     msgvec v = {0};
     if (!c->sock) return;
-    while (recv_message(c, &v, ZMQ_DONTWAIT, NULL) == OI_OK) msgvec_free(&v);
+    while (now_ms() < deadline && recv_message(c, &v, ZMQ_DONTWAIT, NULL) == OI_OK) msgvec_free(&v);
     msgvec_free(&v);
 }
 
@@ -622,10 +629,12 @@ static int header_id(const msgpack_object *h, uint64_t *id) { return obj_uint(oi
 /*
  * Send `frames` (a request with id `id`) and wait for the reply carrying `id`, discarding every
  * other message (late replies, cancel answers, replies with a nil id). On success `v` holds the
- * reply and `u` its decoded header (a map). On timeout a cancel for `id` is sent.
+ * reply and `u` its decoded header (a map). On timeout a cancel for `id` is sent. A header over
+ * `max_header` bytes fails the call, RESOURCE_EXHAUSTED, undecoded (whose reply it was cannot be known:
+ * no daemon sends one).
  */
 static int exchange(oi_client *c, uint64_t id, const oi_frame *frames, size_t n, int send_budget_ms,
-                    int reply_budget_ms, msgvec *v, msgpack_unpacked *u, oi_error *err, double *elapsed_us) {
+                    int reply_budget_ms, uint64_t max_header, msgvec *v, msgpack_unpacked *u, oi_error *err, double *elapsed_us) {
     int64_t start = now_ms();
     int64_t sent_us = 0;
     read_monitor(c); /* drops before this request are not its concern */
@@ -644,6 +653,10 @@ static int exchange(oi_client *c, uint64_t id, const oi_frame *frames, size_t n,
                                "a reply frame over this client's max_reply_bytes, %llu bytes, closes it too)",
                                c->address, (unsigned long long)c->max_reply_bytes);
         if (rc != OI_OK) return rc;
+        if (v->n > 0 && (rc = check_header_size(zmq_msg_size(&v->msgs[0]), max_header, c->address, err)) != OI_OK) {
+            msgvec_free(v);
+            return rc;
+        }
         uint64_t got;
         if (v->n > 0 && unpack_one(u, zmq_msg_data(&v->msgs[0]), zmq_msg_size(&v->msgs[0])) &&
             u->data.type == MSGPACK_OBJECT_MAP && header_id(&u->data, &got) && got == id) {
@@ -653,6 +666,10 @@ static int exchange(oi_client *c, uint64_t id, const oi_frame *frames, size_t n,
         /* not ours: a late reply, a cancel's answer, or undecodable; drop it */
         msgpack_unpacked_destroy(u);
         msgvec_free(v);
+        if (now_ms() >= deadline) { /* the deadline holds even while messages keep coming */
+            send_cancel(c, id);
+            return E_TIMEOUT(err, "no reply from %s within %d ms", c->address, reply_budget_ms);
+        }
     }
 }
 
@@ -870,7 +887,7 @@ static int front_door_call(void *client, const oi_frame *request, uint64_t id, i
     msgpack_unpacked u;
     msgpack_unpacked_init(&u);
     int budget = remaining_ms(deadline_ms);
-    int rc = exchange(c, id, request, 1, budget, budget, &v, &u, &out->error, NULL);
+    int rc = exchange(c, id, request, 1, budget, budget, OI_MAX_OP_REPLY_HEADER_BYTES, &v, &u, &out->error, NULL);
     msgpack_unpacked_destroy(&u);
     if (rc == OI_OK && fill_reply(&v, out) != OI_OK) rc = E_NOMEM(&out->error);
     msgvec_free(&v);
@@ -1019,7 +1036,7 @@ int oi_infer(oi_client *c, const char *model, int64_t version, const oi_tensor *
     if (rc == OI_DIRECT_USE_FRONT_DOOR) rc = check_door_limit(c, tensor_bytes, err);
     if (rc == OI_DIRECT_USE_FRONT_DOOR) {
         msgvec v = {0};
-        rc = exchange(c, id, frames, n_inputs + 1, budget, wait, &v, &u, err, &out->client_us);
+        rc = exchange(c, id, frames, n_inputs + 1, budget, wait, OI_MAX_REPLY_HEADER_BYTES, &v, &u, err, &out->client_us);
         if (rc == OI_OK) {
             oi_frame few[8] = {{0}}, *view = v.n <= 8 ? few : malloc(v.n * sizeof *view);
             if (!view) rc = E_NOMEM(err);
@@ -1111,7 +1128,7 @@ int oi_request(oi_client *c, const char *op, const char *model, oi_reply *out) {
     msgvec v = {0};
     msgpack_unpacked u;
     msgpack_unpacked_init(&u);
-    rc = exchange(c, id, &frame, 1, c->timeout_ms, c->timeout_ms, &v, &u, &out->error, NULL);
+    rc = exchange(c, id, &frame, 1, c->timeout_ms, c->timeout_ms, OI_MAX_OP_REPLY_HEADER_BYTES, &v, &u, &out->error, NULL);
     msgpack_sbuffer_destroy(&sb);
     msgpack_unpacked_destroy(&u);
     if (rc == OI_OK) {
@@ -1129,10 +1146,10 @@ int oi_request_raw(oi_client *c, const oi_frame *frames, size_t n_frames, oi_rep
     if (!c || !frames || n_frames == 0) return E_INVALID(&out->error, "no frames to send");
     for (size_t i = 0; i < n_frames; i++)
         if (frames[i].size && !frames[i].data) return E_INVALID(&out->error, "frame %zu has no data", i);
-    drain(c);
+    int64_t start = now_ms();
+    drain(c, start + c->timeout_ms);
     read_monitor(c);
     uint64_t since = c->disconnects;
-    int64_t start = now_ms();
     int rc = send_frames(c, frames, n_frames, start + c->timeout_ms, &out->error, NULL);
     if (rc != OI_OK) return rc;
     msgvec v = {0};
@@ -1141,6 +1158,7 @@ int oi_request_raw(oi_client *c, const oi_frame *frames, size_t n_frames, oi_rep
     if (rc == OI_DISCONNECTED)
         return E_TRANSPORT(&out->error, "the connection to the daemon at %s closed while this request was in flight (a reply frame over this client's max_reply_bytes, %llu bytes, closes it too)",
                            c->address, (unsigned long long)c->max_reply_bytes);
+    if (rc == OI_OK && v.n > 0) rc = check_header_size(zmq_msg_size(&v.msgs[0]), OI_MAX_OP_REPLY_HEADER_BYTES, c->address, &out->error);
     if (rc == OI_OK) rc = fill_reply(&v, out);
     msgvec_free(&v);
     return rc;

@@ -27,6 +27,22 @@
  *     overstays a deadline); never resent (a poison input would kill the next worker too);
  *   - a request over the limits the lease reports (tensor bytes, header bytes, frames) is refused
  *     here: OI_ERR_RESOURCE_EXHAUSTED (local = 1) naming the limit.
+ *
+ * What this library bounds of what a daemon or a worker sends (a worker taken over, or whatever listens
+ * at the address, must not take this process's memory or keep a call past its timeout):
+ *   - a reply: at most max_reply_bytes (oi_set_max_reply_bytes; on the direct path also the lease's),
+ *     and 65,536 frames on the direct path;
+ *   - a reply's header (its first frame, the msgpack map): at most OI_MAX_REPLY_HEADER_BYTES for
+ *     `infer` on both paths, OI_MAX_OP_REPLY_HEADER_BYTES for the other operations; over it the call
+ *     fails OI_ERR_RESOURCE_EXHAUSTED naming the limit, the header never decoded (on the direct path
+ *     never even stored: the worker's connection is closed as the frame's size arrives). A header whose
+ *     arrays or maps claim more elements than it has bytes left is not decoded either (msgpack-c
+ *     allocates for the claimed count up front: 6 bytes once asked for 128 GiB);
+ *   - a worker's ZMTP commands: at most 64 KiB each (READY too), 64 at once and 100 a second after
+ *     that; a PING is answered only while less than 64 KiB of PONGs wait unsent, and a PONG never
+ *     waits. A worker past these breaks the protocol: OI_ERR_PROTOCOL, its connection closed;
+ *   - time: every wait inside a call ends at the call's deadline (its timeout plus the grace below),
+ *     whatever keeps arriving meanwhile.
  * Turn the direct path off with oi_set_direct(client, 0), or for every client of a process with the
  * environment variable OPENINFER_DIRECT=0 (read by oi_connect).
  *
@@ -179,6 +195,11 @@ typedef struct oi_result {
  * daemon's word, not this library's). A request given up on closes its worker connection all the same:
  * the next request takes a new lease, which leaves out a worker running past a deadline. */
 #define OI_DIRECT_REPLY_GRACE_MS 1500
+/* The largest reply header (frame 0) taken for `infer` (both paths), and for any other operation
+ * (oi_request, oi_request_raw, the direct path's `lease`): `stats` and `status` of a large daemon are
+ * well under 1 MiB. The Python clients hold the same bounds. */
+#define OI_MAX_REPLY_HEADER_BYTES ((uint64_t)1 << 20)
+#define OI_MAX_OP_REPLY_HEADER_BYTES ((uint64_t)8 << 20)
 int oi_infer(oi_client *client, const char *model, int64_t version, const oi_tensor *inputs, size_t n_inputs,
              oi_result *out);
 

@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -22,9 +23,10 @@
 #define F_COMMAND 0x04
 #define GREETING_SIZE 64
 #define READ_CHUNK (64 * 1024)
+#define FILL_STEP ((size_t)1 << 20) /* what one oi_link_fill reads at most, past the message it waits for */
 #define MAX_FRAME ((uint64_t)1 << 40) /* a size no worker sends: the stream is not ZMTP */
-#define MAX_REPLY_FRAMES 65536 /* frames in one message (a reply has a header and one per output): more is a worker gone wrong */
-#define MAX_IOV 1024                 /* Linux's IOV_MAX; a request has at most 257 frames = 514 buffers */
+#define MAX_IOV 1024                 /* Linux's IOV_MAX; a request has at most 257 frames = 514 buffers, and the PONGs waiting */
+#define PONG_MAX (2 + 5 + 16)        /* a PONG frame: its head, its name, a context of at most 16 bytes */
 
 int64_t oi_now_ns(void) {
     struct timespec ts;
@@ -96,21 +98,25 @@ static int write_all(int fd, struct iovec *iov, size_t n, int64_t deadline_ms) {
     return OI_LINK_OK;
 }
 
-/* One message: its frames' headers and bodies in one sendmsg (bodies are not copied). */
-static int send_message(int fd, const oi_frame *frames, size_t n, int64_t deadline_ms) {
-    if (n == 0 || 2 * n > MAX_IOV) {
+/* One message: its frames' headers and bodies in one sendmsg (bodies are not copied), after the PONGs
+ * that wait (a message must never cut into a PONG half sent). */
+static int send_message(oi_link *link, const oi_frame *frames, size_t n, int64_t deadline_ms) {
+    if (n == 0 || 2 * n + 1 > MAX_IOV) {
         errno = EINVAL;
         return OI_LINK_ERROR;
     }
     struct iovec iov[MAX_IOV];
     unsigned char heads[(MAX_IOV / 2) * 9];
     size_t k = 0;
+    if (link->pongs_len) iov[k++] = (struct iovec){link->pongs, link->pongs_len};
     for (size_t i = 0; i < n; i++) {
         unsigned char *h = heads + 9 * i;
         iov[k++] = (struct iovec){h, frame_header(h, frames[i].size, i + 1 < n)};
         if (frames[i].size) iov[k++] = (struct iovec){(void *)frames[i].data, frames[i].size};
     }
-    return write_all(fd, iov, k, deadline_ms);
+    int rc = write_all(link->fd, iov, k, deadline_ms);
+    if (rc == OI_LINK_OK) link->pongs_len = 0; /* (otherwise the link is closed: maybe half a message on it) */
+    return rc;
 }
 
 oi_link *oi_link_connect(const char *address, const oi_frame *frames, size_t n_frames, int64_t deadline_ms, int *status) {
@@ -126,6 +132,8 @@ oi_link *oi_link_connect(const char *address, const oi_frame *frames, size_t n_f
     oi_link *link = calloc(1, sizeof *link);
     if (!link) return NULL;
     link->fd = -1;
+    link->command_tokens = OI_LINK_COMMAND_BURST;
+    link->command_at_ns = oi_now_ns();
     if (!(link->address = strdup(address))) goto fail;
     link->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (link->fd < 0) goto fail;
@@ -139,10 +147,11 @@ oi_link *oi_link_connect(const char *address, const oi_frame *frames, size_t n_f
     while (rc == OI_LINK_OK && link->state != 2) {
         const oi_frame *unused;
         size_t n;
-        if (!oi_link_wait(link, deadline_ms)) rc = OI_LINK_TIMEOUT;
+        /* the deadline holds even while bytes keep coming (a greeting or READY trickled a byte at a time) */
+        if (oi_now_ms() >= deadline_ms || !oi_link_wait(link, deadline_ms)) rc = OI_LINK_TIMEOUT;
         else if ((rc = oi_link_fill(link)) == OI_LINK_OK && oi_link_next(link, &unused, &n) != 0) rc = OI_LINK_CLOSED;
     }
-    if (rc == OI_LINK_OK && n_frames) rc = send_message(link->fd, frames, n_frames, deadline_ms);
+    if (rc == OI_LINK_OK && n_frames) rc = send_message(link, frames, n_frames, deadline_ms);
     if (rc != OI_LINK_OK) {
         *status = rc;
         goto fail;
@@ -157,7 +166,7 @@ fail:;
 }
 
 int oi_link_send(oi_link *link, const oi_frame *frames, size_t n_frames, int64_t deadline_ms) {
-    return send_message(link->fd, frames, n_frames, deadline_ms);
+    return send_message(link, frames, n_frames, deadline_ms);
 }
 
 int oi_link_fill(oi_link *link) {
@@ -173,6 +182,9 @@ int oi_link_fill(oi_link *link) {
         link->buf = bigger;
         link->cap = link->need + READ_CHUNK;
     }
+    /* Bounded work per call: the message waited for, or FILL_STEP, whichever is more. A worker that
+     * writes as fast as this reads would otherwise keep the call here, the buffer growing. */
+    size_t budget = link->need > FILL_STEP ? link->need : FILL_STEP, taken = 0;
     link->need = 0;
     for (;;) {
         if (link->cap - link->len < READ_CHUNK / 4) {
@@ -192,7 +204,8 @@ int oi_link_fill(oi_link *link) {
         ssize_t got = recv(link->fd, link->buf + link->len, link->cap - link->len, MSG_DONTWAIT);
         if (got > 0) {
             link->len += (size_t)got;
-            if (link->len < link->cap) return OI_LINK_OK; /* the kernel had no more */
+            taken += (size_t)got;
+            if (link->len < link->cap || taken >= budget) return OI_LINK_OK; /* the kernel had no more, or enough for now */
             continue;
         }
         if (got == 0) return OI_LINK_CLOSED;
@@ -202,24 +215,53 @@ int oi_link_fill(oi_link *link) {
     }
 }
 
-/* A command: PING is answered, ERROR ends the link, others are ignored. */
+/* Send what the socket takes of the PONGs waiting, now, without waiting: OI_LINK_OK or OI_LINK_CLOSED. */
+static int flush_pongs(oi_link *link) {
+    while (link->pongs_len) {
+        ssize_t sent = send(link->fd, link->pongs, link->pongs_len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (sent < 0) {
+            if (errno == EINTR) continue;
+            return errno == EAGAIN || errno == EWOULDBLOCK ? OI_LINK_OK : OI_LINK_CLOSED;
+        }
+        link->pongs_len -= (size_t)sent;
+        memmove(link->pongs, link->pongs + sent, link->pongs_len);
+    }
+    return OI_LINK_OK;
+}
+
+/* Queue a PONG echoing `context` and send what the socket takes: a PONG never blocks. None is made while
+ * OI_LINK_PONG_BACKLOG_BYTES wait (a worker that pings without reading): that PING goes unanswered. */
+static int pong(oi_link *link, const unsigned char *context, size_t size) {
+    if (link->pongs_len >= OI_LINK_PONG_BACKLOG_BYTES) return OI_LINK_OK;
+    if (!link->pongs && !(link->pongs = malloc(OI_LINK_PONG_BACKLOG_BYTES + PONG_MAX))) return OI_LINK_OK; /* unanswered */
+    unsigned char *out = link->pongs + link->pongs_len;
+    out[0] = F_COMMAND;
+    out[1] = (unsigned char)(5 + size);
+    out[2] = 4;
+    memcpy(out + 3, "PONG", 4);
+    memcpy(out + 7, context, size);
+    link->pongs_len += 7 + size;
+    return flush_pongs(link);
+}
+
+/* A command: PING is answered, ERROR ends the link, others are ignored. Each costs a token of the link's
+ * bucket (OI_LINK_COMMAND_BURST, refilled OI_LINK_COMMANDS_PER_S): a worker past it is cut. */
 static int on_command(oi_link *link, const unsigned char *body, size_t size) {
+    int64_t now = oi_now_ns();
+    double tokens = link->command_tokens + (double)(now - link->command_at_ns) * OI_LINK_COMMANDS_PER_S / 1e9;
+    link->command_tokens = (tokens > OI_LINK_COMMAND_BURST ? OI_LINK_COMMAND_BURST : tokens) - 1;
+    link->command_at_ns = now;
+    if (link->command_tokens < 0) {
+        snprintf(link->why, sizeof link->why, "more than %d commands at once, or %d a second", OI_LINK_COMMAND_BURST, OI_LINK_COMMANDS_PER_S);
+        return OI_LINK_PROTOCOL;
+    }
     if (size < 1 || (size_t)body[0] + 1 > size) return OI_LINK_CLOSED;
     size_t name_len = body[0];
     const unsigned char *name = body + 1, *data = body + 1 + name_len;
     size_t data_len = size - 1 - name_len;
     if (name_len == 5 && memcmp(name, "ERROR", 5) == 0) return OI_LINK_CLOSED;
-    if (name_len == 4 && memcmp(name, "PING", 4) == 0 && data_len >= 2) {
-        size_t context = data_len - 2 < 16 ? data_len - 2 : 16; /* PONG echoes the ping's context */
-        unsigned char pong[2 + 5 + 16];
-        pong[0] = 4;
-        memcpy(pong + 1, "PONG", 4);
-        memcpy(pong + 5, data + 2, context);
-        unsigned char head[9];
-        struct iovec iov[2] = {{head, frame_header(head, 5 + context, 0)}, {pong, 5 + context}};
-        head[0] |= F_COMMAND;
-        if (write_all(link->fd, iov, 2, oi_now_ms() + 100) != OI_LINK_OK) return OI_LINK_CLOSED;
-    }
+    if (name_len == 4 && memcmp(name, "PING", 4) == 0 && data_len >= 2) /* TTL (2 bytes), then a context PONG echoes */
+        return pong(link, data + 2, data_len - 2 < 16 ? data_len - 2 : 16);
     return OI_LINK_OK;
 }
 
@@ -242,10 +284,17 @@ static int check_ready(const unsigned char *body, size_t size) {
     return 0;
 }
 
+static int oversized(oi_link *link, int over, uint64_t size) {
+    link->over = over;
+    link->over_size = size;
+    return OI_LINK_OVERSIZED;
+}
+
 int oi_link_next(oi_link *link, const oi_frame **frames_out, size_t *n_out) {
     const unsigned char *buf = link->buf;
     size_t pos = link->start, end = link->len, n = 0;
     uint64_t max_message = link->max_message ? link->max_message : ((uint64_t)1 << 30), message = 0;
+    uint64_t max_first = link->max_first_frame ? link->max_first_frame : OI_MAX_REPLY_HEADER_BYTES;
     if (link->state == 0) {
         if (end - pos < GREETING_SIZE) return 0;
         if (buf[pos] != 0xFF || buf[pos + 9] != 0x7F || buf[pos + 10] < 3 || memcmp(buf + pos + 12, "NULL\0", 5) != 0)
@@ -269,7 +318,19 @@ int oi_link_next(oi_link *link, const oi_frame **frames_out, size_t *n_out) {
             body = pos + 2;
         }
         if (size > MAX_FRAME) return OI_LINK_CLOSED;
-        if (!(flags & F_COMMAND) && (size > max_message || (message += size) > max_message)) return OI_LINK_OVERSIZED;
+        /* Every bound is checked on the size a frame declares, before any room is made for it. */
+        if (flags & F_COMMAND) {
+            if (size > OI_LINK_MAX_COMMAND_BYTES) {
+                snprintf(link->why, sizeof link->why, "a command of %llu bytes (the limit is %d)", (unsigned long long)size, OI_LINK_MAX_COMMAND_BYTES);
+                return OI_LINK_PROTOCOL;
+            }
+        } else if (link->state != 2) {
+            return OI_LINK_CLOSED; /* a message before READY */
+        } else if (n == 0 && size > max_first) {
+            return oversized(link, OI_LINK_OVER_FIRST_FRAME, size);
+        } else if (size > max_message || (message += size) > max_message) {
+            return oversized(link, OI_LINK_OVER_MESSAGE, size > max_message ? size : message);
+        }
         if (end - body < size) {
             link->need = (body - link->start) + (size_t)size; /* oi_link_fill makes room for it at once */
             return 0;
@@ -279,14 +340,14 @@ int oi_link_next(oi_link *link, const oi_frame **frames_out, size_t *n_out) {
             if (link->state == 1) {
                 if (!check_ready(buf + body, (size_t)size)) return OI_LINK_CLOSED;
                 link->state = 2;
-            } else if (on_command(link, buf + body, (size_t)size) != OI_LINK_OK) {
-                return OI_LINK_CLOSED;
+            } else {
+                int rc = on_command(link, buf + body, (size_t)size);
+                if (rc != OI_LINK_OK) return rc; /* OI_LINK_CLOSED (ERROR, a PONG that could not go), OI_LINK_PROTOCOL */
             }
             link->start = pos = body + (size_t)size;
             continue;
         }
-        if (link->state != 2) return OI_LINK_CLOSED; /* a message before READY */
-        if (n == MAX_REPLY_FRAMES) return OI_LINK_OVERSIZED;
+        if (n == OI_LINK_MAX_FRAMES) return oversized(link, OI_LINK_OVER_FRAMES, n + 1);
         if (n == link->frames_cap) {
             size_t cap = link->frames_cap ? link->frames_cap * 2 : 8;
             oi_frame *more = realloc(link->frames, cap * sizeof *more);
@@ -323,5 +384,6 @@ void oi_link_close(oi_link *link) {
     free(link->address);
     free(link->buf);
     free(link->frames);
+    free(link->pongs);
     free(link);
 }

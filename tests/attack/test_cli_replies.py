@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -245,6 +246,57 @@ def test_the_c_client_takes_no_front_door_reply_over_its_max_reply_bytes(fake_da
     assert outcome["stdout"].startswith("error UNAVAILABLE rc=TRANSPORT"), outcome
     assert "max_reply_bytes, 67108864 bytes" in outcome["stdout"], outcome
     assert outcome["peak"] < 64 << 20, f"the C client's peak memory was {outcome['peak'] >> 20} MiB"
+
+
+def nils_header(header: dict[str, Any], count: int, **fields: Any) -> bytes:
+    """A valid reply header with one key more: "pad", an array32 of `count` nils (msgpack-c makes 16
+    bytes of each)."""
+    head = msgpack.packb({"v": 1, "id": header["id"], **fields})
+    return bytes((head[0] + 1,)) + head[1:] + msgpack.packb("pad") + b"\xdd" + count.to_bytes(4, "big") + b"\xc0" * count
+
+
+def no_lease(answer: Callable[[dict[str, Any]], list[bytes]]) -> Callable[[dict[str, Any]], list[bytes]]:
+    """An older daemon's answer to `lease` (the C client then sends every infer to the front door)."""
+    error = {"code": "INVALID_ARGUMENT", "message": "unknown operation 'lease'"}
+    return lambda header: [msgpack.packb({"v": 1, "id": header["id"], "error": error})] if header["op"] == "lease" else answer(header)
+
+
+@pytest.mark.parametrize("command, limit", [(("op", "ADDRESS", "status"), 8 << 20), (("ADDRESS", "m"), 1 << 20)], ids=["status", "infer"])
+def test_the_c_client_refuses_a_front_door_reply_header_over_its_bound(fake_daemon: Any, c_example: Path, command: tuple[str, ...], limit: int) -> None:
+    """Attacker round 19: a reply header was decoded whatever its size under max_reply_bytes (1 GiB), at
+    ~25 times its size (128 MiB of nils: 3.2 GiB). Now a header over 8 MiB (`status`, any operation but
+    infer) or 1 MiB (`infer`) fails the call, RESOURCE_EXHAUSTED naming the limit, undecoded. Before,
+    these 9 and 2 MiB headers were decoded: ~150 and ~35 MiB of peak memory, `status` printed OK."""
+    count = limit + (1 << 20)
+    address = fake_daemon(no_lease(lambda header: [nils_header(header, count, result={})] if header["op"] == "status" else
+                                   [nils_header(header, count, error={"code": "INTERNAL", "message": "x"})]))
+    outcome = run_with_peak([str(c_example), "--timeout", "20000", *(address if arg == "ADDRESS" else arg for arg in command)])
+    assert outcome["stdout"].startswith("error RESOURCE_EXHAUSTED rc=RESOURCE_EXHAUSTED local=1"), outcome
+    assert f"over this client's limit of {limit} bytes for a reply header" in outcome["stdout"], outcome
+    assert outcome["peak"] < limit + (32 << 20), f"the C client's peak memory was {outcome['peak'] >> 20} MiB"
+
+
+def test_the_c_client_decodes_no_header_claiming_more_than_it_holds(fake_daemon: Any, c_example: Path, tmp_path: Path) -> None:
+    """Attacker round 19 (its fuzzer, one flipped bit): a header of 90 bytes whose map32 head claims
+    2^32 - 1 pairs made msgpack-c ask for 128 GiB before reading one (ASan: "allocator is out of memory
+    trying to allocate 0x4000000008 bytes"; without ASan that malloc fails, or with overcommit succeeds).
+    Now a header whose arrays and maps claim more elements than it has bytes left is not decoded: the
+    client built with ASan drops it as a reply it cannot read (whose it is cannot be known) and its call
+    ends at its timeout. Before, ASan aborted it."""
+    sources = sorted(path.name for path in c_example.parent.glob("*.c"))  # the library and its example
+    binary = tmp_path / "oi-asan"
+    build = subprocess.run(["cc", "-std=c11", "-O1", "-g", "-fsanitize=address", "-o", str(binary), *sources, "-lzmq", "-lmsgpackc", "-lm"],
+                           cwd=c_example.parent, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+
+    def claims(header: dict[str, Any]) -> list[bytes]:
+        head = msgpack.packb({"v": 1, "id": header["id"]})
+        return [bytes((head[0] + 1,)) + head[1:] + msgpack.packb("pad") + b"\xdf\xff\xff\xff\xff" + b"\xc0" * 64]
+
+    done = subprocess.run([str(binary), "--timeout", "500", "op", fake_daemon(claims), "status"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"})
+    assert "AddressSanitizer" not in done.stderr, done.stderr[-2000:]
+    assert done.stdout.startswith("error DEADLINE_EXCEEDED rc=TIMEOUT"), done.stdout
 
 
 # The Python client's own hang-up on a reply that does not decode, and --json on one that is not JSON

@@ -7,19 +7,38 @@ reply of its own on the client's connection: a header naming the request, then t
 says `declared` bytes follow, and 16 of them. The client runs in a process of its own, so that its peak
 memory is its own. Before the fix, 18 bytes of framing made the client commit the whole declared size
 (700 MB here), and a declared 512 GiB escaped `infer` as a raw MemoryError.
+
+Attacker round 19 on the C client (client/c):
+- a ZMTP COMMAND frame was held to no bound: declared at 2 GiB, then 600 MiB of it sent, it took the
+  C client to 605 MiB (a message frame of that size was refused at once). A command over 64 KiB now breaks
+  the protocol, the worker's connection is closed as its size arrives: OI_ERR_PROTOCOL;
+- a reply header was decoded whatever its size under max_reply_bytes: 128 MiB of nils in it took the C
+  client to 3.2 GiB (msgpack-c makes 16 bytes of every element). A header over 1 MiB is now refused as its
+  size arrives, RESOURCE_EXHAUSTED naming the limit;
+- a worker answering an `infer` with 200,000 PINGs, reading the PONGs 7 bytes at a time, kept the C
+  client's oi_infer (1 s timeout) going past 30 s (~2.8 h at that rate): each PONG waited up to 100 ms, and
+  the loop never looked at the request's deadline. Now a PONG never waits, and a worker past 64 commands
+  at once (100 a second after) is cut: OI_ERR_PROTOCOL at once. Played by a fake worker endpoint here: a
+  real worker's loop would read the PONGs at once (and the daemon kills a worker overstaying a deadline).
 """
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
+import msgpack
 import numpy as np
 import pytest
+import zmq
 
-from daemon_harness import RunningDaemon
+from daemon_harness import RunningDaemon, world_readable_dir
 from openinfer.client import Client
 from peak_memory import run_with_peak
 from reference import run_reference
@@ -38,6 +57,19 @@ INPUTS = [{"name": "what", "datatype": "BYTES", "shape": []}]
 OUTPUTS = [{"name": "got", "datatype": "BYTES", "shape": []}]
 
 
+def send_all(sock, chunks):
+    """All of `chunks`, waiting for the client to read them (the worker's socket is non-blocking), or
+    until it cuts the connection."""
+    sock.settimeout(20)
+    try:
+        for chunk in chunks:
+            sock.sendall(chunk)
+    except OSError:
+        pass
+    finally:
+        sock.setblocking(False)
+
+
 def pre(inputs):
     what = inputs["what"].item().decode()
     if what == "fine":
@@ -47,6 +79,12 @@ def pre(inputs):
             header = msgpack.packb({"v": 1, "id": request_id, "outputs": [{"name": "got", "datatype": "BYTES", "shape": []}]})
             if what.startswith("chain:"):  # then empty frames, each flagged MORE: a message without end
                 conn.stream.sock.sendall(bytes((1, len(header))) + header + b"\\x01\\x00" * int(what[6:]))
+            elif what.startswith("command:"):  # a COMMAND frame declared at 2 GiB, then `what` MiB of it
+                send_all(conn.stream.sock, [bytes((6,)) + (2 << 30).to_bytes(8, "big") + b"\\x04PING"] + [bytes(1 << 20)] * int(what[8:]))
+            elif what.startswith("header:"):  # a valid header, one key more: an array32 of `what` nils
+                count = int(what[7:])
+                big = bytes((header[0] + 1,)) + header[1:] + msgpack.packb("pad") + b"\\xdd" + count.to_bytes(4, "big") + b"\\xc0" * count
+                send_all(conn.stream.sock, [bytes((2,)) + len(big).to_bytes(8, "big"), big])
             else:  # then the head of a frame of `what` bytes, and 16 of them
                 conn.stream.sock.sendmsg([bytes((1, len(header))), header, bytes((2,)), int(what).to_bytes(8, "big"), bytes(16)])
     return Answer(got=b"sent")
@@ -134,19 +172,27 @@ def test_a_reply_declared_and_never_sent_costs_the_client_no_memory(daemon: Runn
     _serves_on(daemon)
 
 
-@pytest.mark.parametrize("attack, answer", [(str(512 << 30), "RESOURCE_EXHAUSTED"), (str(700 << 20), "DEADLINE_EXCEEDED"), ("chain:100000", "RESOURCE_EXHAUSTED")],
-                         ids=["over-the-limit", "never-sent", "endless-frames"])
+@pytest.mark.parametrize("attack, answer", [(str(512 << 30), "RESOURCE_EXHAUSTED"), (str(700 << 20), "DEADLINE_EXCEEDED"), ("chain:100000", "RESOURCE_EXHAUSTED"),
+                                            ("command:160", "INTERNAL rc=PROTOCOL"), (f"header:{8 << 20}", "RESOURCE_EXHAUSTED")],
+                         ids=["over-the-limit", "never-sent", "endless-frames", "command-frame", "big-header"])
 def test_the_c_client_bounds_what_a_worker_declares(daemon: RunningDaemon, c_example: Path, tmp_path: Path, attack: str, answer: str) -> None:
     """The same attacks on client/c: over the lease's max_reply_bytes, or over 65,536 frames, the request
     fails RESOURCE_EXHAUSTED (over the size it failed WORKER_CRASHED, "the worker ... exited", when the
     allocation failed; over the frames it grew without bound and waited past its timeout while the frames
-    kept coming), and a declared frame costs the C client nothing until its bytes arrive."""
+    kept coming), and a declared frame costs the C client nothing until its bytes arrive. A COMMAND frame
+    declared at 2 GiB, 160 MiB of it sent, breaks the protocol as its size arrives (before: buffered, the
+    client's peak past 160 MiB, then DEADLINE_EXCEEDED); a header of 8 MiB (8 Mi nils) is refused over
+    1 MiB, never decoded (before: decoded, ~200 MiB)."""
     what = tmp_path / "what"
     what.write_text(attack)
     outcome = run_with_peak([str(c_example), "--timeout", "500", "verdict", daemon.address, "hostile", str(what), "what"])
     assert outcome["stdout"].startswith(f"error {answer}"), outcome
     if attack.isdigit() and answer == "RESOURCE_EXHAUSTED":
         assert "over this client's limit of 1073741824 bytes" in outcome["stdout"], outcome
+    if attack.startswith("command:"):
+        assert "a command of 2147483648 bytes (the limit is 65536)" in outcome["stdout"], outcome
+    if attack.startswith("header:"):
+        assert "over this client's limit of 1048576 bytes for a reply header" in outcome["stdout"], outcome
     assert outcome["peak"] < 64 << 20, f"the C client's peak memory was {outcome['peak'] >> 20} MiB"
     _serves_on(daemon)
 
@@ -160,3 +206,136 @@ def test_the_c_clients_own_max_reply_bytes_bounds_the_direct_path(daemon: Runnin
     assert outcome["stdout"].startswith("error RESOURCE_EXHAUSTED"), outcome
     assert "over this client's limit of 1048576 bytes" in outcome["stdout"], outcome
     _serves_on(daemon)
+
+
+# -- a fake worker endpoint: raw ZMTP on a Unix socket, behind a fake front door that leases it ------------
+def _command(name: bytes, data: bytes = b"") -> bytes:
+    body = bytes((len(name),)) + name + data
+    return bytes((4, len(body))) + body
+
+
+_GREETING = b"\xff" + bytes(8) + b"\x7f\x03\x01" + b"NULL".ljust(20, b"\x00") + bytes(32)
+_READY = _command(b"READY", b"\x0bSocket-Type" + struct.pack(">I", 6) + b"ROUTER")
+
+
+def _messages(sock: socket.socket) -> Iterator[list[bytes]]:
+    """The client's messages (its commands skipped), until it closes the connection."""
+    buf = b""
+
+    def take(count: int) -> bytes:
+        nonlocal buf
+        while len(buf) < count:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                raise EOFError
+            buf += chunk
+        out, buf = buf[:count], buf[count:]
+        return out
+
+    take(64)
+    try:
+        while True:
+            frames = []
+            while True:
+                flags = take(1)[0]
+                size = struct.unpack(">Q", take(8))[0] if flags & 2 else take(1)[0]
+                body = take(size)
+                if flags & 4:
+                    continue
+                frames.append(body)
+                if not flags & 1:
+                    break
+            yield frames
+    except (EOFError, OSError):
+        return
+
+
+class PingingWorker:
+    """A front door that leases one worker, and that worker: it attaches, then answers an `infer` with
+    `pings` PINGs and reads what the client sends back 7 bytes (one PONG) every 50 ms, as the attacker did."""
+
+    def __init__(self, pings: int) -> None:
+        self.pings = pings
+        self.dir = world_readable_dir("oi-pinging-worker-")
+        self.address = f"ipc://{self.dir}/front.sock"
+        self.context = zmq.Context()
+        self.front = self.context.socket(zmq.ROUTER)
+        self.front.setsockopt(zmq.LINGER, 0)
+        self.front.bind(self.address)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(f"{self.dir}/worker.sock")
+        self.listener.listen(8)
+        self.done = threading.Event()
+        self.threads = [threading.Thread(target=target, daemon=True) for target in (self._front_door, self._worker)]
+        for thread in self.threads:
+            thread.start()
+
+    def _front_door(self) -> None:
+        while not self.done.is_set():
+            if not self.front.poll(50):
+                continue
+            peer, *frames = self.front.recv_multipart()
+            header = msgpack.unpackb(frames[0])
+            result = {"model": "m", "version": 1, "lease": b"token", "expires_in_ms": 60000, "workers": [{"address": f"ipc://{self.dir}/worker.sock", "worker": 0}],
+                      "limits": {"max_request_bytes": 1 << 26, "max_header_bytes": 65536, "max_frames": 257}}
+            reply = {"v": 1, "id": header["id"], "result": result} if header["op"] == "lease" else {"v": 1, "id": header["id"], "error": {"code": "UNAVAILABLE", "message": "no"}}
+            self.front.send_multipart([peer, msgpack.packb(reply)])
+
+    def _worker(self) -> None:
+        self.listener.settimeout(0.05)
+        while not self.done.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            conn.settimeout(None)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.sendall(_GREETING + _READY)
+            for frames in _messages(conn):
+                header = msgpack.unpackb(frames[0])
+                if header["op"] == "attach":
+                    reply = msgpack.packb({"v": 1, "id": header["id"], "result": {"model": "m", "version": 1, "worker": 0, "expires_in_ms": 60000}})
+                    conn.sendall(bytes((0, len(reply))) + reply)
+                elif header["op"] == "infer":
+                    threading.Thread(target=self._read_slowly, args=(conn,), daemon=True).start()
+                    try:
+                        conn.sendall(_command(b"PING", b"\x00\x00") * self.pings)
+                    except OSError:  # the client cut the connection
+                        pass
+                    return
+
+    def _read_slowly(self, conn: socket.socket) -> None:
+        try:
+            while not self.done.wait(0.05) and conn.recv(7):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.done.set()
+        for thread in self.threads:
+            thread.join(10)
+        self.listener.close()
+        self.front.close(0)
+        self.context.term()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def test_a_ping_flood_cuts_the_worker_and_ends_the_c_clients_call_at_once(c_example: Path, tmp_path: Path) -> None:
+    """200,000 PINGs in answer to an `infer`, the PONGs read 7 bytes every 50 ms: the C client cuts the
+    worker at its 65th command, OI_ERR_PROTOCOL. Before, each PONG waited up to 100 ms for room, the
+    request's deadline never looked at: the call (1 s timeout) was still running when the 30 s guard
+    below ended it."""
+    worker = PingingWorker(200_000)
+    try:
+        try:
+            done = subprocess.run([str(c_example), "--timeout", "1000", worker.address, "m"], capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the C client's oi_infer (1 s timeout) was still answering PINGs after 30 s")
+    finally:
+        worker.close()
+    assert done.stdout.startswith("error INTERNAL rc=PROTOCOL"), done.stdout + done.stderr
+    assert "broke the protocol: more than 64 commands at once, or 100 a second" in done.stdout, done.stdout
