@@ -263,7 +263,7 @@ def no_lease(answer: Callable[[dict[str, Any]], list[bytes]]) -> Callable[[dict[
 
 @pytest.mark.parametrize("command, limit", [(("op", "ADDRESS", "status"), 8 << 20), (("ADDRESS", "m"), 1 << 20)], ids=["status", "infer"])
 def test_the_c_client_refuses_a_front_door_reply_header_over_its_bound(fake_daemon: Any, c_example: Path, command: tuple[str, ...], limit: int) -> None:
-    """Attacker round 19: a reply header was decoded whatever its size under max_reply_bytes (1 GiB), at
+    """Attacker round 7: a reply header was decoded whatever its size under max_reply_bytes (1 GiB), at
     ~25 times its size (128 MiB of nils: 3.2 GiB). Now a header over 8 MiB (`status`, any operation but
     infer) or 1 MiB (`infer`) fails the call, RESOURCE_EXHAUSTED naming the limit, undecoded. Before,
     these 9 and 2 MiB headers were decoded: ~150 and ~35 MiB of peak memory, `status` printed OK."""
@@ -277,7 +277,7 @@ def test_the_c_client_refuses_a_front_door_reply_header_over_its_bound(fake_daem
 
 
 def test_the_c_client_decodes_no_header_claiming_more_than_it_holds(fake_daemon: Any, c_example: Path, tmp_path: Path) -> None:
-    """Attacker round 19 (its fuzzer, one flipped bit): a header of 90 bytes whose map32 head claims
+    """Attacker round 7 (its fuzzer, one flipped bit): a header of 90 bytes whose map32 head claims
     2^32 - 1 pairs made msgpack-c ask for 128 GiB before reading one (ASan: "allocator is out of memory
     trying to allocate 0x4000000008 bytes"; without ASan that malloc fails, or with overcommit succeeds).
     Now a header whose arrays and maps claim more elements than it has bytes left is not decoded: the

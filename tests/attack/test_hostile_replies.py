@@ -8,7 +8,7 @@ says `declared` bytes follow, and 16 of them. The client runs in a process of it
 memory is its own. Before the fix, 18 bytes of framing made the client commit the whole declared size
 (700 MB here), and a declared 512 GiB escaped `infer` as a raw MemoryError.
 
-Attacker round 19 on the C client (client/c):
+Attacker round 7 on the C client (client/c):
 - a ZMTP COMMAND frame was held to no bound: declared at 2 GiB, then 600 MiB of it sent, it took the
   C client to 605 MiB (a message frame of that size was refused at once). A command over 64 KiB now breaks
   the protocol, the worker's connection is closed as its size arrives: OI_ERR_PROTOCOL;
