@@ -74,6 +74,18 @@ def c_example() -> Path:
     return EXAMPLE
 
 
+@pytest.fixture(scope="module")
+def c_example_asan(c_example: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same example program built with AddressSanitizer (run it with ASAN_OPTIONS=detect_leaks=0):
+    for attacks whose harm is a memory error the plain build may not show."""
+    sources = sorted(path.name for path in c_example.parent.glob("*.c"))  # the library and its example
+    binary = tmp_path_factory.mktemp("asan") / "oi-asan"
+    build = subprocess.run(["cc", "-std=c11", "-O1", "-g", "-fsanitize=address", "-o", str(binary), *sources, "-lzmq", "-lmsgpackc", "-lm"],
+                           cwd=c_example.parent, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    return binary
+
+
 def run_example(*args: str, timeout: float = 120.0, env: dict[str, str] | None = None, valgrind: bool = False) -> subprocess.CompletedProcess[str]:
     command = [str(EXAMPLE), *args]
     if valgrind:

@@ -102,8 +102,12 @@ static void drop_lease(lease_slot *slot) {
 
 /* The worker at `address` is going (GOAWAY) or gone: no lease naming it is used again. */
 static void forget_worker(oi_direct *d, const char *address) {
+    /* `address` may be a string of a lease dropped here: the others are compared against a copy (without
+     * one, out of memory, every lease goes: the next request takes new ones) */
+    char *copy = strdup(address);
     for (size_t i = 0; i < d->n_slots; i++)
-        if (d->slots[i].has_lease && oi_lease_names(&d->slots[i].lease, address)) drop_lease(&d->slots[i]);
+        if (d->slots[i].has_lease && (!copy || oi_lease_names(&d->slots[i].lease, copy))) drop_lease(&d->slots[i]);
+    free(copy);
 }
 
 static void link_lost(oi_direct *d, oi_link *link) {
@@ -304,10 +308,11 @@ static int attach(oi_direct *d, lease_slot *slot, const char *address, oi_link *
     }
     msgpack_sbuffer_destroy(&sb);
     if (!link) { /* ENOENT, ECONNREFUSED: the worker is gone since the lease was issued */
+        /* the error is written before forget_worker, which frees `address` with the lease it belongs to */
+        int answer = rc == OI_LINK_TIMEOUT ? fail(err, OI_ERR_TIMEOUT, "DEADLINE_EXCEEDED", "no connection to the worker at %s in time", address) : RETRY;
         forget_worker(d, address);
         d->turn++; /* the next attempt starts at another worker: the daemon may not have seen this one go yet */
-        return rc == OI_LINK_TIMEOUT ? fail(err, OI_ERR_TIMEOUT, "DEADLINE_EXCEEDED", "no connection to the worker at %s in time", address)
-                                     : RETRY;
+        return answer;
     }
     if (rc == OI_LINK_OK) rc = await_reply(d, link, id, deadline_ms, frames, n, header);
     if (rc == OI_LINK_TIMEOUT) {

@@ -24,6 +24,7 @@ Attacker round 7 on the C client (client/c):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import struct
@@ -43,7 +44,7 @@ from openinfer.client import Client
 from peak_memory import run_with_peak
 from reference import run_reference
 from steps_daemon import hostile_steps_daemon
-from test_c_client import c_example  # noqa: F401  (a fixture: builds client/c)
+from test_c_client import c_example, c_example_asan  # noqa: F401  (fixtures: build client/c)
 
 pytestmark = pytest.mark.attack
 
@@ -252,9 +253,10 @@ def _messages(sock: socket.socket) -> Iterator[list[bytes]]:
 
 class PingingWorker:
     """A front door that leases one worker, and that worker: it attaches, then answers an `infer` with
-    `pings` PINGs and reads what the client sends back 7 bytes (one PONG) every 50 ms, as the attacker did."""
+    `pings` PINGs and reads what the client sends back 7 bytes (one PONG) every 50 ms, as the attacker did.
+    With `pings` None the worker accepts connections and never sends its greeting (a busy or stuck one)."""
 
-    def __init__(self, pings: int) -> None:
+    def __init__(self, pings: int | None) -> None:
         self.pings = pings
         self.dir = world_readable_dir("oi-pinging-worker-")
         self.address = f"ipc://{self.dir}/front.sock"
@@ -293,6 +295,9 @@ class PingingWorker:
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
+            if self.pings is None:
+                self.done.wait()
+                return
             conn.sendall(_GREETING + _READY)
             for frames in _messages(conn):
                 header = msgpack.unpackb(frames[0])
@@ -339,3 +344,19 @@ def test_a_ping_flood_cuts_the_worker_and_ends_the_c_clients_call_at_once(c_exam
         worker.close()
     assert done.stdout.startswith("error INTERNAL rc=PROTOCOL"), done.stdout + done.stderr
     assert "broke the protocol: more than 64 commands at once, or 100 a second" in done.stdout, done.stdout
+
+
+def test_a_worker_that_never_greets_fails_the_c_clients_call_in_time_without_a_memory_error(c_example_asan: Path) -> None:
+    """Attacker round 8: a worker that accepts but does not greet before the call's deadline (any busy
+    worker, no attacker needed). The connect timed out, `attach` dropped the leases naming the worker -
+    freeing the address string it was given - and then wrote that freed string into the error (ASan:
+    heap-use-after-free in 3 of 3 runs against a real busy OCR worker; the plain build printed heap bytes).
+    Now the error is written first, and the leases are compared against a copy of the address."""
+    worker = PingingWorker(None)
+    try:
+        done = subprocess.run([str(c_example_asan), "--timeout", "500", worker.address, "m"], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"})
+    finally:
+        worker.close()
+    assert "AddressSanitizer" not in done.stderr, done.stderr[-3000:]
+    assert done.stdout.startswith("error DEADLINE_EXCEEDED") and f"no connection to the worker at ipc://{worker.dir}/worker.sock in time" in done.stdout, done.stdout
