@@ -43,7 +43,7 @@ from nacl.bindings import (
 from nacl.exceptions import CryptoError
 from zmq.utils import z85
 
-from openinfer.daemon.files.secret_file import read_secret_file
+from openinfer.daemon.files.secret_file import read_secret_file, read_small_file
 from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.wire.sealed import Refused
 from openinfer.wire.zmtp import BIG_FRAME, COMMAND, MORE, Buffer, ProtocolError, frame_header, parse_properties
@@ -75,13 +75,8 @@ class ServerKeys(NamedTuple):
 
 
 def _read_key(path: Path, what: str) -> bytes:
-    if what == "secret":  # (who holds it can pose as this daemon to every tcp:// client)
-        text = read_secret_file(path, "CURVE secret key file")
-    else:
-        try:
-            text = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the CURVE {what} key file {path}: {exc.strerror}") from None
+    # (who holds the secret one can pose as this daemon to every tcp:// client; neither may block the start)
+    text = read_secret_file(path, "CURVE secret key file") if what == "secret" else read_small_file(path, f"CURVE {what} key file")
     text = text.rstrip(b"\r\n")
     if len(text) != 40:
         raise ConfigError(f"CURVE {what} key file {path} must hold one Z85 key (40 characters, `openinfer keygen`); it holds {len(text)} characters")

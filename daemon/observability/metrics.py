@@ -137,10 +137,10 @@ class MetricsExporter:
             self._writer.start()
         if settings.listen:
             host, port = parse_listen(settings.listen)
+            token = scrape_token(settings.token_file) if settings.token_file else None
             self.wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             scrapes = CollectorRegistry(auto_describe=False)  # a fresh snapshot per scrape
             scrapes.register(_SnapshotCollector(self.scrape_families))
-            token = scrape_token(settings.token_file) if settings.token_file else None
             self._server, self._thread = serve_metrics(host, port, lambda: generate_latest(scrapes), token)
             self.port = self._server.server_port
             if not _is_loopback(host):
@@ -148,9 +148,9 @@ class MetricsExporter:
                     log.warning("metrics endpoint is reachable beyond this host; it has no authentication (metrics.token_file)", extra={"listen": settings.listen})
                 else:
                     log.warning("metrics endpoint is reachable beyond this host; its token travels in clear text (plain HTTP): keep it on loopback or behind a TLS proxy", extra={"listen": settings.listen})
+            log.info("serving Prometheus metrics", extra={"listen": settings.listen, "port": self.port, "authentication": "bearer token" if token is not None else "none"})
         elif settings.token_file:
             log.warning("metrics.token_file is set but metrics.listen is not: nothing serves metrics over HTTP", extra={"token_file": settings.token_file})
-            log.info("serving Prometheus metrics", extra={"listen": settings.listen, "port": self.port})
 
     # -- called from the supervisor's loop ------------------------------------------------------------
     def on_wakeup(self) -> None:

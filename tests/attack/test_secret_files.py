@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from daemon_harness import world_readable_dir
 from exposition import LoopStandIn, free_port, parse, value
 from openinfer.daemon.config.settings import MetricsSettings
 from openinfer.daemon.files.secret_file import read_secret_file
+from openinfer.daemon.frontdoor.curve import load_server_keys
 from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.daemon.observability.accounting import Accountant
 from openinfer.daemon.observability.metrics import MetricsExporter
@@ -85,6 +87,32 @@ def test_a_secret_file_of_another_user_or_not_a_file_is_refused(tmp_path: Path) 
         read_secret_file(fifo, "metrics.token_file")
 
 
+def test_a_secret_file_with_an_acl_or_a_foreign_readable_group_is_refused(tmp_path: Path) -> None:
+    """Attacker round 8: the mode bits were all that was looked at. An access ACL granting uid 65534
+    read (the file showing 0640) and a root:65534 0640 file (the daemon not in group 65534) were both
+    accepted, and uid 65534 read the secret."""
+    acl = _private(tmp_path / "acl", TOKEN, 0o640)
+    entries = [(0x01, 6, 0xFFFFFFFF), (0x02, 4, NOBODY), (0x04, 4, 0xFFFFFFFF), (0x10, 4, 0xFFFFFFFF), (0x20, 0, 0xFFFFFFFF)]  # user::rw- user:65534:r-- group::r-- mask::r-- other::---
+    os.setxattr(acl, "system.posix_acl_access", struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries))
+    with pytest.raises(ConfigError, match=r"has an access ACL, which may grant what its mode does not show"):
+        read_secret_file(acl, "metrics.token_file")
+    foreign = _private(tmp_path / "foreign", TOKEN, 0o640)
+    os.chown(foreign, 0, NOBODY)
+    with pytest.raises(ConfigError, match=rf"is readable by group {NOBODY}, which is not the daemon's"):
+        read_secret_file(foreign, "metrics.token_file")
+
+
+def test_a_public_key_file_that_is_a_fifo_does_not_block_the_start(tmp_path: Path) -> None:
+    """The CURVE .pub was read with read_bytes(): a FIFO there blocked load_server_keys for good (attacker
+    round 8: still blocked after 10 s), /dev/zero would have read until memory ran out."""
+    key_file, _ = server_keys(tmp_path)
+    public = Path(f"{key_file}.pub")
+    public.unlink()
+    os.mkfifo(public)
+    with pytest.raises(ConfigError, match=r"CURVE public key file .* is not a regular file"):
+        load_server_keys(str(key_file))
+
+
 @pytest.mark.parametrize("mode", [0o600, 0o640, 0o400])
 def test_a_private_secret_file_is_read(tmp_path: Path, mode: int) -> None:
     assert read_secret_file(_private(tmp_path / "secret", TOKEN, mode), "metrics.token_file") == TOKEN.encode()
@@ -93,13 +121,14 @@ def test_a_private_secret_file_is_read(tmp_path: Path, mode: int) -> None:
 def test_another_uid_cannot_scrape_without_the_token(token_exporter: MetricsExporter) -> None:
     port = str(token_exporter.port)
     with LoopStandIn(token_exporter, Accountant().snapshot) as loop:
-        for authorization in ("", "Bearer wrong-token-0123456789", f"Basic {TOKEN}", f"Bearer {TOKEN}x", f"bearer {TOKEN}"):
+        for authorization in ("", "Bearer wrong-token-0123456789", f"Basic {TOKEN}", f"Bearer {TOKEN}x", f"Bearer{TOKEN}", f"Bearer {TOKEN}\r\nAuthorization: Bearer x"):
             reply = _scrape_as(NOBODY, port, authorization)
             assert reply.startswith("HTTP/1.0 401 ") and 'WWW-Authenticate: Bearer realm="openinfer metrics"' in reply, (authorization, reply)
             assert "openinfer_" not in reply
         assert loop.published == 0
-        reply = _scrape_as(NOBODY, port, f"Bearer {TOKEN}")  # whoever holds the token: any uid
-        assert reply.startswith("HTTP/1.0 200 ") and "openinfer_up" in reply, reply
+        for scheme in ("Bearer", "bearer", "BEARER"):  # (the scheme in any case: RFC 7235; whoever holds the token, any uid)
+            reply = _scrape_as(NOBODY, port, f"{scheme} {TOKEN}")
+            assert reply.startswith("HTTP/1.0 200 ") and "openinfer_up" in reply, reply
 
 
 def _scrape_as(uid: int, port: str, authorization: str) -> str:
