@@ -7,6 +7,7 @@ branch of the pipeline (upside down, vertical, very wide, tiny, huge, grey, RGBA
 from __future__ import annotations
 
 import io
+import struct
 from typing import Any, Iterator
 
 import numpy as np
@@ -47,6 +48,22 @@ def assert_same_lines(result: Any, expected: Any, what: str) -> None:
     assert texts == [line[1] for line in expected], what
     np.testing.assert_allclose(result.outputs["score"], np.array([line[2] for line in expected], np.float32), rtol=1e-4, atol=1e-4, err_msg=what)
     np.testing.assert_allclose(result.outputs["box"], np.array([line[0] for line in expected], np.float32).reshape(-1, 4, 2), atol=1e-2, err_msg=what)
+
+
+def fli_polyglot(jpeg: bytes, width: int, height: int) -> bytes:
+    """`jpeg` with a comment (COM) first, of 0x11AF bytes: its length makes bytes 4-5 FLI's magic (11 AF), and
+    its body is an FLI header declaring width x height with one frame, FLI_BLACK (attacker round 8). Opened
+    with the step's FORMATS it is `jpeg`; opened with every Pillow plugin (FLI comes before JPEG in
+    `Image.ID`), a width x height FLI."""
+    body = bytearray(0x11AF - 2)  # the comment's payload: file offsets 6 onwards
+
+    def put(offset: int, data: bytes) -> None:
+        body[offset - 6 : offset - 6 + len(data)] = data
+
+    put(6, struct.pack("<HHHHH", 1, width, height, 8, 0))  # frames, width, height, depth, flags
+    put(128, struct.pack("<IHH8x", 26, 0xF1FA, 1))  # the first frame: 26 bytes, one chunk
+    put(144, struct.pack("<IH4x", 10, 13))  # FLI_BLACK: the whole frame black
+    return jpeg[:2] + b"\xff\xfe" + struct.pack(">H", 0x11AF) + bytes(body) + jpeg[2:]
 
 
 def test_the_ocr_chain_reads_what_rapidocr_reads_on_images_shipped_in_packages(ocr_daemon: RunningDaemon, library: Any) -> None:
@@ -95,6 +112,10 @@ def test_what_is_not_an_image_is_the_callers_mistake_and_the_worker_serves_on(oc
     # error naming its size (which only the header told) and the limit.
     Image.new("1", (9000, 9000)).save(between, format="PNG")
     truncated = RENDERED["jpeg"][: len(RENDERED["jpeg"]) // 2]
+    # Checked as the JPEG it is to FORMATS, but the library's loader opened the bytes again with every plugin:
+    # a 9000x9000 FLI (81 Mpx, over MAX_PIXELS) was decoded and answered OK. Decoded as what was checked now:
+    # a truncated JPEG.
+    polyglot = fli_polyglot(truncated, 9000, 9000)
     eps, pcx = io.BytesIO(), io.BytesIO()
     Image.new("RGB", (64, 32), "white").save(eps, format="EPS")  # Pillow would run Ghostscript: a new process
     Image.new("RGB", (64, 32), "white").save(pcx, format="PCX")  # decoded in process, but no one's input here
@@ -106,6 +127,7 @@ def test_what_is_not_an_image_is_the_callers_mistake_and_the_worker_serves_on(oc
         bomb.getvalue(): "DecompressionBomb",
         between.getvalue(): "is 9000x9000 = 81000000 pixels, more than the 67108864 this step decodes: refused, not decoded",
         truncated: "is not an image file",
+        polyglot: "is not an image file this step can decode: OSError: image file is truncated",
     }
     with Client(ocr_daemon.address, timeout=60) as client:
         pid = next(w["pid"] for w in client.status()["workers"] if w["model"] == "ocr")
@@ -114,4 +136,30 @@ def test_what_is_not_an_image_is_the_callers_mistake_and_the_worker_serves_on(oc
                 client.infer("ocr", {"image": data})
             assert caught.value.code == "INVALID_ARGUMENT" and words in str(caught.value), (data[:20], str(caught.value))
         assert [t.decode() for t in client.infer("ocr", {"image": RENDERED["line"]}).outputs["text"]]
+        # Whole, the polyglot is read as its JPEG (its text), not as the FLI's 9000x9000 black.
+        as_jpeg = client.infer("ocr", {"image": RENDERED["jpeg"]}).outputs["text"]
+        assert as_jpeg and list(client.infer("ocr", {"image": fli_polyglot(RENDERED["jpeg"], 9000, 9000)}).outputs["text"]) == list(as_jpeg)
         assert next(w["pid"] for w in client.status()["workers"] if w["model"] == "ocr") == pid  # nothing was restarted
+
+
+@pytest.mark.parametrize("raised", ["MemoryError", "OpenCV out of memory"])
+def test_running_out_of_memory_while_decoding_is_not_the_callers_mistake(monkeypatch: pytest.MonkeyPatch, raised: str) -> None:
+    """In process: the loader out of memory (a worker left holding 2.2 GiB of its 4 GiB by two dense pages,
+    attacker round 8) was reported INVALID_ARGUMENT ("... MemoryError") for a plain 6000x6000 PNG: it is the
+    worker's state, RESOURCE_EXHAUSTED, and the MemoryError reaches the steps runner as itself."""
+    import cv2
+
+    from openinfer.daemon.steps.builtin import rapidocr
+    from openinfer.daemon.steps.contract import RESOURCE_EXHAUSTED, step_failed
+
+    def out_of_memory(image: Any) -> np.ndarray:
+        if raised == "MemoryError":
+            raise MemoryError()
+        error = cv2.error("OpenCV(5.1.0) alloc.cpp:73: error: (-4:Insufficient memory) Failed to allocate 108000000 bytes in function 'OutOfMemoryError'")
+        error.code = cv2.Error.StsNoMem
+        raise error
+
+    monkeypatch.setitem(rapidocr._library, "load", out_of_memory)
+    with pytest.raises(MemoryError) as caught:
+        rapidocr._decode(RENDERED["line"])
+    assert step_failed("drive", "openinfer:rapidocr", caught.value).code == RESOURCE_EXHAUSTED

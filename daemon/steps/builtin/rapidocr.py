@@ -3,8 +3,9 @@ them): an image file's bytes (PNG, JPEG, BMP, TIFF, WebP, GIF) in, its text line
 default settings, computed inside the chain's sandboxed worker by the chain's three models.
 
 The chain (examples/models/ocr) names its models in the order detection, direction classification,
-recognition. The image is decoded here, in the sandbox (Pillow, through the library's own loader): a
-hostile image file meets the same seccomp policy, uid, Landlock and memory limit as a hostile model.
+recognition. The image is decoded here, in the sandbox (Pillow, opened once with the formats allowed,
+converted by the library's own loader): a hostile image file meets the same seccomp policy, uid, Landlock
+and memory limit as a hostile model.
 Detection: the image is scaled so its sides are multiples of 32 and its short side is at least 736,
 normalised, run; the probability map is thresholded into boxes (the library's DB post-processing).
 Each box is cut out (perspective warp), turned when tall, classified (upside-down lines with a score
@@ -112,18 +113,24 @@ def _lines(texts: list[str], scores: list[float], boxes: np.ndarray) -> dict[str
 
 
 def _decode(value: Any) -> np.ndarray:
-    """The image file's pixels as BGR, as the library loads bytes; what cannot be decoded is the caller's."""
+    """The image file's pixels as BGR, as the library loads bytes; what cannot be decoded is the caller's.
+
+    The file is opened once, with FORMATS only, and the image checked is the image decoded: the library's
+    loader, given the bytes, would open them again with every Pillow plugin in `Image.ID` order, and a file
+    that is a small JPEG to FORMATS can be an 11000x11000 FLI to that (a JPEG comment whose length makes
+    bytes 4-5 FLI's magic, its body an FLI header). Given the opened image, the loader converts it exactly
+    as it converts the bytes (np.array of it, "1" as "L", RGB to BGR, alpha flattened)."""
     data = value.item() if isinstance(value, np.ndarray) else value
     if not isinstance(data, bytes) or not data:
         raise ValueError("`image` must be the bytes of an image file (PNG, JPEG, ...)")
     with _callers_file(), warnings.catch_warnings():
         # Pillow warns (on the worker's stderr) of what is over MAX_PIXELS but not twice it: refused next.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data), formats=FORMATS) as header:  # the header only: which format, how large
-            width, height = header.size
-    _refuse_too_many_pixels(width, height)
-    with _callers_file():
-        image = _library["load"](data)
+        opened = Image.open(io.BytesIO(data), formats=FORMATS)  # the header only so far: which format, how large
+    with opened:
+        _refuse_too_many_pixels(*opened.size)
+        with _callers_file():
+            image = _library["load"](opened)  # decodes this image, in this format: never the bytes again
     if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
         raise ValueError(f"`image` decodes to pixels of shape {list(image.shape)}; an image with at least one pixel is needed")
     return np.ascontiguousarray(image)
@@ -139,13 +146,24 @@ def _refuse_too_many_pixels(width: int, height: int) -> None:
 
 @contextmanager
 def _callers_file() -> Iterator[None]:
-    """What Pillow or the library's loader raise about the file is the caller's mistake (INVALID_ARGUMENT)."""
+    """What Pillow or the library's loader raise about the file is the caller's mistake (INVALID_ARGUMENT),
+    except running out of memory: that is the worker's state (what earlier requests left it holding, its
+    memory limit), not the file's fault, and reaches the steps runner as a MemoryError (RESOURCE_EXHAUSTED)."""
     try:
         yield
+    except MemoryError:
+        raise
     except UnidentifiedImageError:
         raise ValueError(f"`image` is not a {', '.join(FORMATS)} file") from None
     except Exception as exc:  # Pillow's DecompressionBombError (beyond 2x MAX_PIXELS, at the header), truncated files, broken headers
+        if _opencv_out_of_memory(exc):
+            raise MemoryError(f"decoding `image`: {exc}".strip()[:500]) from None
         raise ValueError(f"`image` is not an image file this step can decode: {type(exc).__name__}: {exc}"[:500]) from None
+
+
+def _opencv_out_of_memory(exc: BaseException) -> bool:
+    """OpenCV raises its own cv2.error, code StsNoMem ("Insufficient memory"), where Python would raise MemoryError."""
+    return isinstance(exc, cv2.error) and getattr(exc, "code", None) == cv2.Error.StsNoMem
 
 
 def _scaled(image: np.ndarray, ratio: float) -> tuple[np.ndarray, float, float]:
