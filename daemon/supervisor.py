@@ -40,6 +40,7 @@ from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.daemon.modelstore.models import ModelRegistry, ModelState, ServedModel
 from openinfer.daemon.workerpool.pool import WorkerPool
 from openinfer.daemon.workerpool.preparation import WeightPreparer
+from openinfer.daemon.workerpool.recycling import memory_limit_bytes, overgrown
 from openinfer.daemon.files.prepared import PreparedStore
 from openinfer.daemon.loop.reactor import Reactor
 from openinfer.daemon.control.reload import RepositorySync
@@ -124,6 +125,7 @@ class Supervisor:
     def load_repository(self) -> None:
         self.sync.sync()
         self.pool.start_liveness_checks()
+        self._schedule_recycling()
         self._tell_systemd()
         log.info("serving", extra={"address": self.address, "models": sorted(self.registry.by_name), "failed": sorted(self.registry.failed)})
 
@@ -463,6 +465,22 @@ class Supervisor:
         failed = self.dispatcher.fail_queue(model, lambda: Unavailable(reason))
         if failed:
             log.warning("queued requests failed: model cannot serve", extra={"model": model.key, "requests": failed, "reason": model.reason})
+
+    def _schedule_recycling(self) -> None:
+        self.timers.call_at(time.monotonic_ns() + int(self.settings.pool.ping_interval_s * 1e9), self._recycle_overgrown)
+
+    def _recycle_overgrown(self) -> None:
+        """Idle workers holding most of their address space are drained and replaced (recycling.py)."""
+        for worker in self.pool.all_workers():
+            if worker.state is not WorkerState.READY or worker.retired or (worker.page is not None and worker.page.read()[1]):
+                continue  # (busy, going, or running a direct request)
+            cache_bytes = worker.cache_held[1] if worker.cache_held else 0
+            reason = overgrown(worker.pid, worker.ready_address_space, memory_limit_bytes(self.settings, worker.model), cache_bytes)
+            if reason is not None:
+                log.warning("worker recycled", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key, "reason": reason})
+                worker.exit_reason, worker.expected_exit = reason, True
+                self._quit(worker)
+        self._schedule_recycling()
 
     def _retire_worker(self, worker: WorkerHandle) -> None:
         self._quit(worker)

@@ -24,6 +24,7 @@ from openinfer.daemon.loop.reactor import READABLE, WRITABLE, Reactor
 from openinfer.daemon.files.runtime_dir import WORK_DIR
 from openinfer.daemon.config.settings import Settings
 from openinfer.daemon.config.worker_user import resolve_worker_user, shared_ids_warning
+from .recycling import address_space
 from .spawner import spawn_worker
 from openinfer.daemon.loop.timers import TimerHeap
 from openinfer.daemon.worker import messages
@@ -286,6 +287,7 @@ class WorkerPool:
     def on_ready(self, worker: WorkerHandle, sandbox: dict) -> None:  # type: ignore[type-arg]
         worker.sandbox = sandbox
         worker.ready_ns = time.monotonic_ns()
+        worker.ready_address_space = address_space(worker.pid)
         worker.transition(WorkerState.READY)
         model = worker.model
         if model.state is ModelState.LOADING:
@@ -330,7 +332,7 @@ class WorkerPool:
             log.error("worker killed by seccomp (SIGSYS): it made a system call its policy forbids", extra={"worker": worker.worker_id, "policy": self.settings.sandbox.serve_policy if worker.ready_ns is not None else self.settings.sandbox.boot_policy})
         if worker.inflight:
             self.on_worker_lost(worker, f"worker {worker.worker_id} (pid {worker.pid}) {how} while running this task")
-        if was is WorkerState.DRAINING or shutting_down or model.retiring:
+        if (was is WorkerState.DRAINING and not worker.expected_exit) or shutting_down or model.retiring:
             return worker
         if boot_error is not None and PREPARED_MISMATCH in boot_error and self.preparer is not None:
             log.error("prepared weights failed verification; preparing again", extra={"model": model.key, "reason": boot_error})
@@ -342,7 +344,10 @@ class WorkerPool:
             self.on_model_failed(model)
             return worker
         if worker.expected_exit:
-            self.spawn(model)
+            if was is WorkerState.DRAINING:  # recycled: replaced unless a reload meanwhile wants fewer workers
+                self._respawn(model)
+            else:
+                self.spawn(model)
             model.restarts += 1
             return worker
         self._schedule_respawn(model, reason)

@@ -60,9 +60,10 @@ class WorkerHandle:
     cache_held: tuple[int, int] | None = None  # with [cache]: (entries, bytes) its last PONG reported
     spawned_ns: int = field(default_factory=time.monotonic_ns)
     ready_ns: int | None = None
+    ready_address_space: int | None = None  # its VmSize when it became ready (recycling.py)
     sandbox: dict[str, Any] = field(default_factory=dict)
     exit_reason: str | None = None
-    expected_exit: bool = False  # killed by us (deadline): respawn without counting a crash
+    expected_exit: bool = False  # killed by us (deadline) or drained to be recycled: respawn without counting a crash
     ping_sent_ns: int = 0  # outstanding liveness PING (0 = none)
     idle_since_ns: int = 0  # when it last became READY (batch wait is measured from here)
     last_send_ns: int = 0  # when the worker sent its previous result (the next task started then)

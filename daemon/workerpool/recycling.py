@@ -1,0 +1,55 @@
+"""Workers that keep what a run took: replaced between requests, before the memory they hold fails the
+next client.
+
+A run can leave its worker holding most of its address space after it ends: Python and the allocator
+do not give back everything a large run took, and a run stopped at its deadline leaves what it built.
+An attacker round sent two dense 2000x2000 pages to the OCR chain (each stopped at max_compute_ms): its
+worker kept 3.8 GiB of its 4 GiB address space, idle, and every later image of an honest client failed
+for lack of memory, for as long as the worker lived. The supervisor looks at its idle workers every
+ping interval: one whose free address space (its limit, less its VmSize - what RLIMIT_AS bounds - less
+what its verdict cache holds, which is kept on purpose) is under RECYCLE_HEADROOM of what it had free
+when it became ready is drained (its requests answered, its direct clients sent elsewhere) and replaced,
+not counted as a crash. A worker whose model leaves little room from the start is held to the same
+share of that little: a new one would have no more.
+"""
+from __future__ import annotations
+
+import os
+
+from openinfer.daemon.config.settings import Settings
+from openinfer.daemon.modelstore.models import ServedModel
+
+RECYCLE_HEADROOM = 0.25
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+def address_space(pid: int) -> int | None:
+    """VmSize of a process, in bytes (None when it is gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[0]) * _PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def memory_limit_bytes(settings: Settings, model: ServedModel) -> int | None:
+    """The address-space limit the model's workers are spawned with (the supervisor's own figure, never
+    what a worker reports), or None without one."""
+    if not settings.sandbox.enabled:
+        return None
+    limit_mb = model.config.memory_limit_mb or settings.sandbox.memory_limit_mb
+    return limit_mb * 1024 * 1024 if limit_mb else None
+
+
+def overgrown(pid: int, ready_bytes: int | None, limit: int | None, cache_bytes: int = 0) -> str | None:
+    """Why an idle worker should be replaced, or None."""
+    if not limit or ready_bytes is None or ready_bytes >= limit:
+        return None
+    now = address_space(pid)
+    if now is None:
+        return None
+    free_now, free_at_ready = limit - (now - cache_bytes), limit - ready_bytes
+    if free_now >= RECYCLE_HEADROOM * free_at_ready:
+        return None
+    return (f"recycled: idle with {now >> 20} MiB of its {limit >> 20} MiB address space in use ({cache_bytes >> 20} MiB of it its cache), "
+            f"{max(0, free_now) >> 20} MiB free of the {free_at_ready >> 20} MiB it had when ready (under {RECYCLE_HEADROOM:.0%})")

@@ -1,0 +1,74 @@
+"""A client's requests leave a worker holding most of its memory; the next clients must not pay for it
+(attacker round 8).
+
+Two dense 2000x2000 pages sent to the OCR chain, each stopped at max_compute_ms, left its worker holding
+3.8 GiB of its 4 GiB address space, idle; every later image of an honest client failed for lack of
+memory for as long as that worker lived. Here a steps module plays such a run without the 40 s: on
+request it keeps 650 MB (what a run left behind) under a 1 GiB limit. The daemon now drains and replaces
+an idle worker left with under a quarter of the room it had when ready (daemon/workerpool/recycling.py),
+not counted as a crash, and the
+next requests are served by the new worker. Before: the worker kept the memory, and a request needing
+300 MB more failed RESOURCE_EXHAUSTED for good.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from daemon_harness import RunningDaemon, wait_for
+from openinfer.client import Client
+from steps_daemon import hostile_steps_daemon
+
+pytestmark = pytest.mark.attack
+
+STEPS = '''
+import numpy as np
+from openinfer.daemon.steps.contract import Answer
+
+INPUTS = [{"name": "what", "datatype": "BYTES", "shape": []}]
+OUTPUTS = [{"name": "got", "datatype": "BYTES", "shape": []}]
+LEFT_BEHIND = []
+
+
+def pre(inputs):
+    what = inputs["what"].item().decode()
+    if what == "leave":  # what a large run leaves behind: kept after the request is answered
+        LEFT_BEHIND.append(np.ones(650 << 20, np.uint8))
+        return Answer(got=b"left")
+    if what == "need":  # an honest request that needs 300 MB for a moment
+        return Answer(got=b"fine" if np.ones(300 << 20, np.uint8).sum() else b"")
+    return {"x": np.ones((1, 64), np.float32)}
+
+
+def post(outputs):
+    return {"got": b"ran"}
+'''
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[RunningDaemon]:
+    config = 'workers = 1\nmemory_limit_mb = 1024\n\n[steps]\nmodule = "steps.py"\n'
+    with hostile_steps_daemon("oi-worker-memory-repo-", config, lambda root: STEPS) as running:
+        yield running
+
+
+def _hostile_workers(client: Client) -> list[dict[str, Any]]:
+    return [w for w in client.status()["workers"] if w["model"] == "hostile" and w["state"] in ("ready", "busy")]
+
+
+def test_a_worker_left_holding_most_of_its_memory_is_replaced_and_serves_again(daemon: RunningDaemon) -> None:
+    with Client(daemon.address, timeout=30) as client:
+        assert client.infer("hostile", {"what": "need"}).outputs["got"].item() == b"fine"
+        before = _hostile_workers(client)
+        assert len(before) == 1
+        assert client.infer("hostile", {"what": "leave"}).outputs["got"].item() == b"left"
+        wait_for(lambda: (now := _hostile_workers(client)) and now[0]["pid"] != before[0]["pid"], 30, "the worker holding 650 MB of its 1 GiB to be replaced")
+        assert client.infer("hostile", {"what": "need"}).outputs["got"].item() == b"fine"
+        model = next(m for m in client.status()["models"] if m["name"] == "hostile")
+        assert model["state"] == "ready", model
+    assert "worker recycled" in daemon.log_text() and "of its 1024 MiB address space in use" in daemon.log_text()
+    x = np.ones((1, 64), np.float32)
+    with Client(daemon.address) as client:
+        assert client.infer("canary", {"x": x}).outputs["y"].shape == (1, 64)
