@@ -4,6 +4,7 @@ model version, by this daemon and not revoked, is attached."""
 from __future__ import annotations
 
 import fcntl
+import json
 import select
 import shutil
 import signal
@@ -686,7 +687,10 @@ def test_replies_nobody_reads_cannot_fill_a_workers_memory(daemon_factory: Any, 
     finally:
         for peer in peers:
             peer.close()
-    assert worker.is_running() and worker.pid == _worker_at(daemon, address).pid, "the worker was replaced"
+    # It never died for it: it serves on, or - holding most of its address space after the burst - was
+    # drained and replaced between requests (recycling.py), which fails nothing.
+    exits = [json.loads(line) for line in daemon.log_text().splitlines() if '"msg":"worker exited"' in line]
+    assert all(entry["reason"].startswith("recycled:") for entry in exits if entry.get("pid") == worker.pid), exits
 
 
 def test_requests_waiting_in_a_workers_queue_are_bounded_too(daemon_factory: Any, one_worker_repo: Path) -> None:
