@@ -20,7 +20,7 @@ from openinfer.wire.tensors import BF16Array
 from openinfer.wire.zmtp import PeerClosed
 
 from .core import DEFAULT_TIMEOUT_S, ClientCore, dropped
-from .direct import DEFAULT_MAX_REPLY_BYTES, DirectLink, Lease, NoDirectPath, Pending, attach_frames, check_request_size, handshake_step, lease_expired, read_replies, start_connect
+from .direct import DEFAULT_MAX_REPLY_BYTES, DirectLink, Lease, NoDirectPath, answer_pending, attach_frames, check_request_size, handshake_step, lease_expired, read_replies, start_connect
 from .give_up_timer import GiveUpTimer
 from .result import InferResult, result_from_reply
 from .socket_setup import configure_client_socket
@@ -393,11 +393,8 @@ class AsyncClient:
             self._lost(link)
             return
         for header, reply in replies:
-            rid = header.get("id")
-            pending: Pending | None = link.pending.get(rid) if isinstance(rid, int) else None
-            if pending is not None and pending.reply is None:  # the first reply is the answer: a second one for the same id, a worker's lie, is dropped
-                pending.reply = (header, reply)
-                self._wake(rid)  # type: ignore[arg-type]
+            if answer_pending(link, header, reply):
+                self._wake(header["id"])
         if link.broken is not None:  # a reply came that no request can be told from
             self._lost(link)
 

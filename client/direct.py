@@ -239,6 +239,17 @@ def read_replies(link: DirectLink) -> list[tuple[dict[str, Any], list[Buffer]]]:
     return replies
 
 
+def answer_pending(link: DirectLink, header: dict[str, Any], frames: list[Buffer]) -> bool:
+    """Give a reply (from read_replies: its id is an int) to the request waiting for it on this link; True
+    when one took it. The first reply for an id is its answer: a second one, a worker's lie, is dropped
+    (it once overwrote the first when both came in one read)."""
+    pending = link.pending.get(header["id"])
+    if pending is None or pending.reply is not None:
+        return False
+    pending.reply = (header, frames)
+    return True
+
+
 def _refused_reply(event: Oversized, link: DirectLink) -> tuple[dict[str, Any], list[Buffer]] | None:
     """A reply over this client's limits (its rest is skipped as it arrives, never stored): the error
     its request gets, when the header that came first names one waiting here. Without such a header

@@ -22,7 +22,7 @@ from openinfer.wire.tensors import BF16Array
 from openinfer.wire.zmtp import PeerClosed
 
 from .core import DEFAULT_TIMEOUT_S, ClientCore, dropped
-from .direct import DEFAULT_MAX_REPLY_BYTES, DirectLink, Lease, NoDirectPath, attach_frames, check_request_size, connect, lease_expired, read_replies
+from .direct import DEFAULT_MAX_REPLY_BYTES, DirectLink, Lease, NoDirectPath, answer_pending, attach_frames, check_request_size, connect, lease_expired, read_replies
 from .result import InferResult, result_from_reply
 from .socket_setup import configure_client_socket
 
@@ -291,10 +291,8 @@ class Client:
                     stream.flush()
                 elif not select.select([sock], [], [], remaining)[0]:
                     continue
-                for header, reply in read_replies(link):  # (an id is an int here: read_replies dropped the rest)
-                    waiting = link.pending.get(header["id"])
-                    if waiting is not None and waiting.reply is None:  # the first reply is the answer: a second one for the same id, a worker's lie, is dropped
-                        waiting.reply = (header, reply)
+                for header, reply in read_replies(link):
+                    answer_pending(link, header, reply)
                 if link.broken is not None:  # a reply came that no request can be told from
                     raise PeerClosed()
         except PeerClosed:

@@ -40,7 +40,6 @@ from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.daemon.modelstore.models import ModelRegistry, ModelState, ServedModel
 from openinfer.daemon.workerpool.pool import WorkerPool
 from openinfer.daemon.workerpool.preparation import WeightPreparer
-from openinfer.daemon.workerpool.recycling import memory_limit_bytes, overgrown
 from openinfer.daemon.files.prepared import PreparedStore
 from openinfer.daemon.loop.reactor import Reactor
 from openinfer.daemon.control.reload import RepositorySync
@@ -98,6 +97,7 @@ class Supervisor:
         self.connections = ConnectionTable(settings, self.reactor, self.timers, self.listener, self.access, self._on_client_event, self._on_connection_closed)
         self.direct = DirectPath(settings, self.listener, DirectBooks(self.accountant, self._log_direct_access, lambda: self.replies.settings.log.access_log_sample > 0))
         self.pool.direct = self.direct
+        self.pool.recycle = self._recycle
         self.sync = RepositorySync(settings, self.registry, self.pool, self._quit)
         self.replies = ReplySender(settings, self.connections, self.accountant, self.limiter)
         self.dispatcher = Dispatcher(settings, self.pool.send, self.timers, self.limiter, self.replies.fail, self._retire_worker)
@@ -125,7 +125,6 @@ class Supervisor:
     def load_repository(self) -> None:
         self.sync.sync()
         self.pool.start_liveness_checks()
-        self._schedule_recycling()
         self._tell_systemd()
         log.info("serving", extra={"address": self.address, "models": sorted(self.registry.by_name), "failed": sorted(self.registry.failed)})
 
@@ -466,21 +465,11 @@ class Supervisor:
         if failed:
             log.warning("queued requests failed: model cannot serve", extra={"model": model.key, "requests": failed, "reason": model.reason})
 
-    def _schedule_recycling(self) -> None:
-        self.timers.call_at(time.monotonic_ns() + int(self.settings.pool.ping_interval_s * 1e9), self._recycle_overgrown)
-
-    def _recycle_overgrown(self) -> None:
-        """Idle workers holding most of their address space are drained and replaced (recycling.py)."""
-        for worker in self.pool.all_workers():
-            if worker.state is not WorkerState.READY or worker.retired or (worker.page is not None and worker.page.read()[1]):
-                continue  # (busy, going, or running a direct request)
-            cache_bytes = worker.cache_held[1] if worker.cache_held else 0
-            reason = overgrown(worker.pid, worker.ready_address_space, memory_limit_bytes(self.settings, worker.model), cache_bytes)
-            if reason is not None:
-                log.warning("worker recycled", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key, "reason": reason})
-                worker.exit_reason, worker.expected_exit = reason, True
-                self._quit(worker)
-        self._schedule_recycling()
+    def _recycle(self, worker: WorkerHandle, reason: str) -> None:
+        """An idle worker left holding most of its address space (recycling.py): drained and replaced."""
+        log.warning("worker recycled", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key, "reason": reason})
+        worker.exit_reason, worker.expected_exit = reason, True
+        self._quit(worker)
 
     def _retire_worker(self, worker: WorkerHandle) -> None:
         self._quit(worker)

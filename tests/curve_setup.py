@@ -1,5 +1,5 @@
 """What a tcp:// CURVE daemon in a test needs: the server's key files, made by the real `openinfer
-keygen`, and an access policy admitting one client key."""
+keygen`, an access policy admitting one client key, and the daemon's environment naming both."""
 from __future__ import annotations
 
 import subprocess
@@ -22,3 +22,12 @@ def key_policy(directory: Path, client_public: bytes, operations: Sequence[str],
     ops = ", ".join(f'"{op}"' for op in operations)
     policy.write_text(f'[[grant]]\nname = "known-key"\ncurve_keys = ["{client_public.decode()}"]\noperations = [{ops}]\n' + extra)
     return policy
+
+
+def curve_env(directory: Path, client_public: bytes, operations: Sequence[str], extra_grants: str = "", **settings: str) -> tuple[dict[str, str], bytes]:
+    """The environment of a daemon serving CURVE with keys and a policy made in `directory` (the policy
+    admitting `client_public` to `operations`, plus `extra_grants`), and other settings as
+    OPENINFER_* variables; and the server's Z85 public key."""
+    key_file, server_public = server_keys(directory)
+    policy = key_policy(directory, client_public, operations, extra_grants)
+    return {"OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file), "OPENINFER_SERVER_ACCESS_POLICY": str(policy), **settings}, server_public

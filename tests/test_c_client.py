@@ -19,7 +19,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,6 +29,7 @@ import pytest
 import zmq
 
 import onnx_builders
+from curve_setup import curve_env
 from daemon_harness import EXAMPLE_MODELS, REPO_ROOT, RunningDaemon, cleanup_workdir, start_daemon, wait_for, world_readable_dir
 from openinfer.client import Client, OpenInferError
 from repo_builder import make_world_readable
@@ -385,18 +385,12 @@ def test_curve_over_tcp(c_example: Path, daemon_factory: Any, tmp_path: Path) ->
     shutil.copytree(EXAMPLE_MODELS / "tiny", repo / "tiny")
     make_world_readable(repo)
     try:
-        key_file = tmp_path / "server.key"
-        keygen = subprocess.run([sys.executable, "-m", "openinfer.daemon.cli", "keygen", str(key_file)], capture_output=True, text=True)
-        assert keygen.returncode == 0, keygen.stderr
-        server_public = Path(f"{key_file}.pub").read_text().strip()
         known_public, known_secret = (k.decode() for k in zmq.curve_keypair())
         stranger_public, stranger_secret = (k.decode() for k in zmq.curve_keypair())
-        policy = tmp_path / "access.toml"
-        policy.write_text(f'[[grant]]\nname = "c-client"\ncurve_keys = ["{known_public}"]\noperations = ["infer", "health"]\n')
+        env, server_public = curve_env(tmp_path, known_public.encode(), ["infer", "health"])
         address = f"tcp://127.0.0.1:{_free_port()}"
-        daemon_factory(repo, "--socket", address, wait=False, address=address,
-                       env={"OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file), "OPENINFER_SERVER_ACCESS_POLICY": str(policy)})
-        keys = {"OPENINFER_CURVE_SERVER_KEY": server_public, "OPENINFER_CURVE_PUBLIC_KEY": known_public, "OPENINFER_CURVE_SECRET_KEY": known_secret}
+        daemon_factory(repo, "--socket", address, wait=False, address=address, env=env)
+        keys = {"OPENINFER_CURVE_SERVER_KEY": server_public.decode(), "OPENINFER_CURVE_PUBLIC_KEY": known_public, "OPENINFER_CURVE_SECRET_KEY": known_secret}
         def ready_through_the_c_client() -> bool:  # its own health call is the readiness probe
             done = run_example("--timeout", "2000", "op", address, "health", env=keys)
             return done.returncode == 0 and bool(json.loads(done.stdout.split("\t", 1)[1])["result"]["ready"])

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 import onnx_builders
-from curve_setup import key_policy, server_keys
+from curve_setup import curve_env
 from daemon_harness import wait_for, world_readable_dir
 from openinfer.client import Client, OpenInferError
 from repo_builder import make_world_readable
@@ -33,13 +33,12 @@ def test_curve_keys_decide_who_connects(daemon_factory: Any, tmp_path: Path) -> 
     repo = world_readable_dir("oi-curve-")
     onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
     make_world_readable(repo)
-    key_file, server_public = server_keys(tmp_path)
-    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
     known_public, known_secret = zmq.curve_keypair()
     stranger = zmq.curve_keypair()
-    policy = key_policy(tmp_path, known_public, ["infer", "health", "stats"], '\n[[grant]]\nname = "local"\nlocal = true\noperations = ["health", "status", "stats"]\n')
+    env, server_public = curve_env(tmp_path, known_public, ["infer", "health", "stats"], '\n[[grant]]\nname = "local"\nlocal = true\noperations = ["health", "status", "stats"]\n')
+    assert oct(Path(env["OPENINFER_SERVER_CURVE_SECRET_KEY_FILE"]).stat().st_mode & 0o777) == "0o600"
     address = f"tcp://127.0.0.1:{free_port()}"
-    daemon = daemon_factory(repo, "--socket", address, env={"OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file), "OPENINFER_SERVER_ACCESS_POLICY": str(policy)}, wait=False, address=address)
+    daemon = daemon_factory(repo, "--socket", address, env=env, wait=False, address=address)
     with Client(address, timeout=60, curve_server_key=server_public, curve_keypair=(known_public, known_secret)) as client:
         wait_for(lambda: client.health()["ready"], 60, "the daemon ready over CURVE")
         assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
@@ -67,16 +66,9 @@ def test_curve_connections_are_capped_per_key_and_survive_an_oversized_request(d
     onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
     for path in repo.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
-    key_file, server_public = server_keys(tmp_path)
     keypair = zmq.curve_keypair()
-    policy = key_policy(tmp_path, keypair[0], ["infer", "health", "stats"])
+    env, server_public = curve_env(tmp_path, keypair[0], ["infer", "health", "stats"], OPENINFER_SERVER_MAX_CONNECTIONS_PER_IDENTITY="1", OPENINFER_SERVER_MAX_REQUEST_BYTES="4096")
     address = f"tcp://127.0.0.1:{free_port()}"
-    env = {
-        "OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file),
-        "OPENINFER_SERVER_ACCESS_POLICY": str(policy),
-        "OPENINFER_SERVER_MAX_CONNECTIONS_PER_IDENTITY": "1",
-        "OPENINFER_SERVER_MAX_REQUEST_BYTES": "4096",
-    }
     daemon = daemon_factory(repo, "--socket", address, env=env, wait=False, address=address)
     with Client(address, timeout=60, curve_server_key=server_public, curve_keypair=keypair) as first:
         wait_for(lambda: first.health()["ready"], 60, "the CURVE daemon to be ready", daemon=daemon)

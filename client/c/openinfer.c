@@ -205,10 +205,6 @@ static int obj_number(const msgpack_object *o, double *v) {
     }
 }
 
-/* Decode exactly one msgpack object filling the whole buffer (what it claims checked first:
- * reply_header.h). */
-static int unpack_one(msgpack_unpacked *u, const void *data, size_t size) { return oi_unpack_one(u, data, size); }
-
 /* OI_OK, or RESOURCE_EXHAUSTED when a reply's header (frame 0) is over `limit`: it is not decoded (a
  * reply's `outputs` and `error` are small; 128 MiB of nils in a header once cost 3.2 GiB decoded). */
 static int check_header_size(size_t size, uint64_t limit, const char *address, oi_error *err) {
@@ -658,7 +654,7 @@ static int exchange(oi_client *c, uint64_t id, const oi_frame *frames, size_t n,
             return rc;
         }
         uint64_t got;
-        if (v->n > 0 && unpack_one(u, zmq_msg_data(&v->msgs[0]), zmq_msg_size(&v->msgs[0])) &&
+        if (v->n > 0 && oi_unpack_one(u, zmq_msg_data(&v->msgs[0]), zmq_msg_size(&v->msgs[0])) &&
             u->data.type == MSGPACK_OBJECT_MAP && header_id(&u->data, &got) && got == id) {
             if (elapsed_us) *elapsed_us = (double)(now_us() - sent_us);
             return OI_OK;
@@ -921,7 +917,7 @@ static void ask_door_limit(oi_client *c) {
     if (oi_request(c, "health", NULL, &reply) == OI_OK && reply.n_frames) {
         msgpack_unpacked u;
         msgpack_unpacked_init(&u);
-        if (unpack_one(&u, reply.frames[0].data, reply.frames[0].size) && u.data.type == MSGPACK_OBJECT_MAP) {
+        if (oi_unpack_one(&u, reply.frames[0].data, reply.frames[0].size) && u.data.type == MSGPACK_OBJECT_MAP) {
             const msgpack_object *result = oi_map_get(&u.data, "result");
             const msgpack_object *limits = result && result->type == MSGPACK_OBJECT_MAP ? oi_map_get(result, "limits") : NULL;
             uint64_t limit;
@@ -1082,7 +1078,7 @@ static int fill_reply(msgvec *v, oi_reply *out) {
     }
     msgpack_unpacked u;
     msgpack_unpacked_init(&u);
-    if (out->n_frames && unpack_one(&u, out->frames[0].data, out->frames[0].size) && u.data.type == MSGPACK_OBJECT_MAP) {
+    if (out->n_frames && oi_unpack_one(&u, out->frames[0].data, out->frames[0].size) && u.data.type == MSGPACK_OBJECT_MAP) {
         uint64_t ver;
         out->header_ok = obj_uint(oi_map_get(&u.data, "v"), &ver) && ver == 1;
         out->has_id = header_id(&u.data, &out->id);
@@ -1169,7 +1165,7 @@ char *oi_reply_json(const oi_reply *r) {
     msgpack_unpacked u;
     char *json = NULL;
     msgpack_unpacked_init(&u);
-    if (unpack_one(&u, r->frames[0].data, r->frames[0].size)) json = json_of(&u.data);
+    if (oi_unpack_one(&u, r->frames[0].data, r->frames[0].size)) json = json_of(&u.data);
     msgpack_unpacked_destroy(&u);
     return json;
 }

@@ -24,7 +24,7 @@ from openinfer.daemon.loop.reactor import READABLE, WRITABLE, Reactor
 from openinfer.daemon.files.runtime_dir import WORK_DIR
 from openinfer.daemon.config.settings import Settings
 from openinfer.daemon.config.worker_user import resolve_worker_user, shared_ids_warning
-from .recycling import address_space
+from .recycling import address_space, memory_limit_bytes, overgrown
 from .spawner import spawn_worker
 from openinfer.daemon.loop.timers import TimerHeap
 from openinfer.daemon.worker import messages
@@ -104,6 +104,8 @@ class WorkerPool:
         self.by_pidfd: dict[int, WorkerHandle] = {}
         self.preparer: "WeightPreparer | None" = None  # set by the supervisor once the store exists
         self.direct: "DirectPath | None" = None  # set by the supervisor once its listener is bound
+        # Drains and replaces an idle worker holding most of its address space (recycling.py), given why.
+        self.recycle: Callable[[WorkerHandle, str], None] | None = None
         self._next_id = 1
         self.shutting_down = False
         self._uid_gid = self._resolve_worker_user()
@@ -129,7 +131,7 @@ class WorkerPool:
 
     def boot_config(self, model: ServedModel, worker_id: int) -> WorkerBootConfig:
         sb = self.settings.sandbox
-        limit_mb = model.config.memory_limit_mb or sb.memory_limit_mb
+        memory_limit = memory_limit_bytes(self.settings, model)
         uid, gid = self._uid_gid
         repository = model.repository or model.path.parent
         private: list[str | Path] = [repository]
@@ -151,7 +153,7 @@ class WorkerPool:
                 serve_policy=sb.serve_policy,
                 uid=uid,
                 gid=gid,
-                memory_limit_bytes=limit_mb * 1024 * 1024 if limit_mb else None,
+                memory_limit_bytes=memory_limit,
                 max_open_files=sb.max_open_files,
                 landlock=sb.landlock,
                 namespaces=sb.namespaces,
@@ -162,21 +164,21 @@ class WorkerPool:
             max_model_bytes=self.settings.pool.max_model_bytes,
             work_dir=str(self.runtime_dir / WORK_DIR) if self.runtime_dir is not None else "",
             steps=model.config.steps.to_dict() if model.config.steps is not None else None,
-            cache=self._cache_config(model, limit_mb),
+            cache=self._cache_config(model, memory_limit),
             chain=tuple({"name": m.name, "version": m.version, "model_path": str(m.path), "prepared_dir": str(m.prepared_dir) if m.prepared_dir else None} for m in model.chain_members),
         )
 
     @staticmethod
-    def _cache_config(model: ServedModel, limit_mb: int | None) -> dict[str, Any] | None:
+    def _cache_config(model: ServedModel, memory_limit: int | None) -> dict[str, Any] | None:
         """The model's [cache] for a worker: at most a quarter of the worker's memory limit, so that no
         client can fill a worker's memory with answers (found by an attacker, issue #19)."""
         cache = model.config.cache
         if cache is None:
             return None
         config = cache.to_dict()
-        if limit_mb and cache.max_bytes > limit_mb * 1024 * 1024 // 4:
-            config["max_bytes"] = limit_mb * 1024 * 1024 // 4
-            log.warning("cache.max_bytes is over a quarter of the worker's memory limit: capped", extra={"model": model.key, "max_bytes": cache.max_bytes, "capped_to": config["max_bytes"], "memory_limit_mb": limit_mb})
+        if memory_limit and cache.max_bytes > memory_limit // 4:
+            config["max_bytes"] = memory_limit // 4
+            log.warning("cache.max_bytes is over a quarter of the worker's memory limit: capped", extra={"model": model.key, "max_bytes": cache.max_bytes, "capped_to": config["max_bytes"], "memory_limit_mb": memory_limit >> 20})
         return config
 
     def spawn(self, model: ServedModel) -> WorkerHandle:
@@ -343,11 +345,8 @@ class WorkerPool:
             model.fail_to_load(boot_error)
             self.on_model_failed(model)
             return worker
-        if worker.expected_exit:
-            if was is WorkerState.DRAINING:  # recycled: replaced unless a reload meanwhile wants fewer workers
-                self._respawn(model)
-            else:
-                self.spawn(model)
+        if worker.expected_exit:  # (killed past a deadline, or recycled: _respawn spawns none a reload no longer wants)
+            self._respawn(model)
             model.restarts += 1
             return worker
         self._schedule_respawn(model, reason)
@@ -389,6 +388,12 @@ class WorkerPool:
                 # Killing it here killed every direct request longer than the grace (found by an attacker).
                 worker.ping_sent_ns = 0
                 continue
+            if self.recycle is not None and not worker.retired:
+                reason = overgrown(worker.pid, worker.ready_address_space, memory_limit_bytes(self.settings, worker.model) if self.settings.sandbox.enabled else None,
+                                   worker.cache_held[1] if worker.cache_held else 0)
+                if reason is not None:
+                    self.recycle(worker, reason)
+                    continue
             if worker.ping_sent_ns and now - worker.ping_sent_ns > grace_ns:
                 log.error("worker unresponsive; killing it", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key})
                 worker.exit_reason = f"unresponsive: no PONG within {self.settings.pool.ping_grace_s:g} s"

@@ -5,8 +5,8 @@ A run can leave its worker holding most of its address space after it ends: Pyth
 do not give back everything a large run took, and a run stopped at its deadline leaves what it built.
 An attacker round sent two dense 2000x2000 pages to the OCR chain (each stopped at max_compute_ms): its
 worker kept 3.8 GiB of its 4 GiB address space, idle, and every later image of an honest client failed
-for lack of memory, for as long as the worker lived. The supervisor looks at its idle workers every
-ping interval: one whose free address space (its limit, less its VmSize - what RLIMIT_AS bounds - less
+for lack of memory, for as long as the worker lived. The pool looks at its idle workers as it pings them
+(pool.ping_interval_s): one whose free address space (its limit, less its VmSize - what RLIMIT_AS bounds - less
 what its verdict cache holds, which is kept on purpose) is under RECYCLE_HEADROOM of what it had free
 when it became ready is drained (its requests answered, its direct clients sent elsewhere) and replaced,
 not counted as a crash. A worker whose model leaves little room from the start is held to the same
@@ -33,10 +33,8 @@ def address_space(pid: int) -> int | None:
 
 
 def memory_limit_bytes(settings: Settings, model: ServedModel) -> int | None:
-    """The address-space limit the model's workers are spawned with (the supervisor's own figure, never
-    what a worker reports), or None without one."""
-    if not settings.sandbox.enabled:
-        return None
+    """The address-space limit (RLIMIT_AS) the model's workers are spawned with: its own memory_limit_mb,
+    else sandbox.memory_limit_mb; None for none (and the sandbox applies it only when enabled)."""
     limit_mb = model.config.memory_limit_mb or settings.sandbox.memory_limit_mb
     return limit_mb * 1024 * 1024 if limit_mb else None
 

@@ -34,7 +34,7 @@ import pytest
 import zmq
 
 import onnx_builders
-from curve_setup import key_policy, server_keys
+from curve_setup import curve_env
 from daemon_harness import wait_for, world_readable_dir
 from openinfer.client import Client
 from openinfer.daemon.frontdoor.handshakes import MAX_HANDSHAKES_PER_HOST, Handshakes, handshake_share, source_host
@@ -144,15 +144,9 @@ def curve_daemon(daemon_factory: Any, tmp_path: Path) -> Iterator[Callable[[str,
     make_world_readable(repo)
 
     def start(host: str, max_connections: int) -> CurveDaemon:
-        key_file, server_public = server_keys(tmp_path)
         admitted = zmq.curve_keypair()
-        policy = key_policy(tmp_path, admitted[0], ["infer", "health", "status"])
+        env, server_public = curve_env(tmp_path, admitted[0], ["infer", "health", "status"], OPENINFER_SERVER_MAX_CONNECTIONS=str(max_connections))
         address = f"tcp://{host}:{free_port(host)}"
-        env = {
-            "OPENINFER_SERVER_CURVE_SECRET_KEY_FILE": str(key_file),
-            "OPENINFER_SERVER_ACCESS_POLICY": str(policy),
-            "OPENINFER_SERVER_MAX_CONNECTIONS": str(max_connections),
-        }
         daemon = daemon_factory(repo, "--socket", address, env=env, wait=False, address=address)
         return daemon, address, server_public, admitted
 

@@ -23,16 +23,14 @@ Attacker round 7 on the C client (client/c):
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
 import struct
 import subprocess
-import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import msgpack
 import numpy as np
@@ -41,7 +39,7 @@ import zmq
 
 from daemon_harness import RunningDaemon, world_readable_dir
 from openinfer.client import Client
-from peak_memory import run_with_peak
+from peak_memory import attacked_client, run_with_peak
 from reference import run_reference
 from steps_daemon import hostile_steps_daemon
 from test_c_client import c_example, c_example_asan  # noqa: F401  (fixtures: build client/c)
@@ -95,44 +93,12 @@ def post(outputs):
     return {"got": b"ran"}
 '''
 
-# The client, alone in its process: a first request opens the link, then the attack's request. What it
-# raised, and how much its peak memory grew meanwhile.
-CLIENT = '''
-import json, resource, sys
-from openinfer.client import Client, OpenInferError
-
-def peak():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-with Client(sys.argv[1], timeout=float(sys.argv[3])) as client:
-    assert client.infer("hostile", {"what": "fine"}).outputs["got"].item() == b"ran"
-    before = peak()
-    try:
-        client.infer("hostile", {"what": sys.argv[2]})
-        outcome = {"code": None, "message": "a result"}
-    except OpenInferError as exc:
-        outcome = {"code": exc.code, "message": exc.message}
-    except BaseException as exc:
-        outcome = {"code": "raw " + type(exc).__name__, "message": str(exc)}
-    outcome["grown"] = peak() - before
-    try:  # and the client's next request (on a new link)
-        outcome["next"] = client.infer("hostile", {"what": "fine"}, timeout=5).outputs["got"].item().decode()
-    except OpenInferError as exc:
-        outcome["next"] = exc.code
-print(json.dumps(outcome))
-'''
 
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[RunningDaemon]:
     with hostile_steps_daemon("oi-hostile-replies-repo-", 'workers = 1\n\n[steps]\nmodule = "steps.py"\n', lambda root: STEPS) as running:
         yield running
-
-
-def _attacked_client(daemon: RunningDaemon, what: str, timeout: float) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-c", CLIENT, daemon.address, what, str(timeout)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def _serves_on(daemon: RunningDaemon) -> None:
@@ -146,7 +112,7 @@ def _serves_on(daemon: RunningDaemon) -> None:
 def test_a_reply_declared_over_the_leases_limit_is_refused_at_once_and_typed(daemon: RunningDaemon) -> None:
     """512 GiB declared, past the lease's max_reply_bytes (1 GiB by default): the request fails at once
     with RESOURCE_EXHAUSTED naming the limit, and the rest of that frame is skipped as it arrives."""
-    outcome = _attacked_client(daemon, str(512 << 30), 10.0)
+    outcome = attacked_client(daemon.address, str(512 << 30), 10.0)
     assert outcome["code"] == "RESOURCE_EXHAUSTED", outcome
     assert "max_reply_bytes" in outcome["message"] and "over this client's limit" in outcome["message"], outcome
     assert outcome["grown"] < 64 << 20, outcome
@@ -158,7 +124,7 @@ def test_a_reply_of_endless_empty_frames_is_refused_at_once(daemon: RunningDaemo
     """A header, then 100,000 empty frames each flagged MORE: over the 65,536 frames a reply may have, the
     request fails at once and the next one goes to a new link. (The Python clients bounded the frames
     before this change too; the C client's counterpart below did not.)"""
-    outcome = _attacked_client(daemon, "chain:100000", 10.0)
+    outcome = attacked_client(daemon.address, "chain:100000", 10.0)
     assert outcome["code"] == "RESOURCE_EXHAUSTED" and "frames" in outcome["message"], outcome
     assert outcome["next"] == "ran", outcome
     _serves_on(daemon)
@@ -167,7 +133,7 @@ def test_a_reply_of_endless_empty_frames_is_refused_at_once(daemon: RunningDaemo
 def test_a_reply_declared_and_never_sent_costs_the_client_no_memory(daemon: RunningDaemon) -> None:
     """700 MB declared, under the limit, and never sent: the client commits memory as bytes arrive, not
     as they are announced, and the request ends at its timeout, typed."""
-    outcome = _attacked_client(daemon, str(700 << 20), 0.5)
+    outcome = attacked_client(daemon.address, str(700 << 20), 0.5)
     assert outcome["code"] == "DEADLINE_EXCEEDED", outcome
     assert outcome["grown"] < 64 << 20, f"the client's peak memory grew by {outcome['grown'] >> 20} MiB"
     _serves_on(daemon)

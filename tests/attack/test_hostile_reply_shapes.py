@@ -16,9 +16,6 @@ Before the fixes:
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
 import tracemalloc
 from typing import Any, Callable, Iterator
 
@@ -35,6 +32,7 @@ from openinfer.client.direct import MAX_INFER_REPLY_HEADER_BYTES, NoDirectPath, 
 from openinfer.client.result import result_from_reply
 from openinfer.wire.errors import error_from_wire
 from openinfer.wire.tensors import decode_bytes_elements
+from peak_memory import attacked_client
 from steps_daemon import hostile_steps_daemon
 from test_cli_replies import fake_daemon, run_cli  # noqa: F401  (fake_daemon: a fixture)
 
@@ -206,33 +204,10 @@ def padded_header(request_id: int, count: int) -> bytes:
     return bytes((0x80 | (len(fields) + 1),)) + body + msgpack.packb("pad") + b"\xdd" + count.to_bytes(4, "big") + b"\x80" * count
 
 
-PEAK_CLIENT = """
-import json, resource, sys
-from openinfer.client import Client, OpenInferError
-with Client(sys.argv[1], timeout=10, direct=sys.argv[2] == "direct") as client:
-    if sys.argv[2] == "direct":
-        client.infer("hostile", {"what": "fine"})
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    try:
-        result = client.infer("hostile" if sys.argv[2] == "direct" else "m", {"what": sys.argv[3]})
-        outcome = {"code": "OK", "front_door": "dispatch_us" in result.timing}
-    except OpenInferError as exc:
-        outcome = {"code": exc.code, "message": exc.message}
-    outcome["grown"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-print(json.dumps(outcome))
-"""
-
-
-def _peak_client(address: str, path: str, what: str) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-c", PEAK_CLIENT, address, path, what], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
 def test_a_fake_daemons_huge_reply_header_is_refused_undecoded(fake_daemon: Any) -> None:
     count = MAX_REPLY_HEADER_BYTES + (1 << 20)  # 9 MiB of empty maps: ~650 MB decoded
     address = fake_daemon(answering(lambda rid: [padded_header(rid, count), F8]))
-    outcome = _peak_client(address, "door", "x")
+    outcome = attacked_client(address, "x", model="m", path="door")
     assert outcome["code"] == "RESOURCE_EXHAUSTED" and f"over this client's limit of {MAX_REPLY_HEADER_BYTES}" in outcome["message"], outcome
     assert outcome["grown"] < 96 << 20, f"the client's peak memory grew by {outcome['grown'] >> 20} MiB"
 
@@ -296,7 +271,7 @@ def test_a_workers_huge_reply_header_is_skipped_undecoded(daemon: RunningDaemon)
     the client can read, so the request takes the reply that follows (here the worker's real one; from a
     worker that sends none, it ends at its timeout)."""
     count = MAX_INFER_REPLY_HEADER_BYTES + (256 << 10)
-    outcome = _peak_client(daemon.address, "direct", f"pad:{count}")
+    outcome = attacked_client(daemon.address, f"pad:{count}")
     assert outcome["code"] == "OK", outcome
     assert outcome["grown"] < 32 << 20, f"the client's peak memory grew by {outcome['grown'] >> 20} MiB"
 
@@ -304,19 +279,19 @@ def test_a_workers_huge_reply_header_is_skipped_undecoded(daemon: RunningDaemon)
 @pytest.mark.parametrize("output", [{"name": "got", "datatype": "BYTES", "shape": [2 * 10**8]}, {"name": [1], "datatype": "BYTES", "shape": []},
                                     {"name": "got", "datatype": "BYTES", "shape": "ab"}], ids=["bytes-2e8", "name-a-list", "shape-a-string"])
 def test_a_workers_malformed_reply_is_internal_at_bounded_cost(daemon: RunningDaemon, output: dict[str, Any]) -> None:
-    outcome = _peak_client(daemon.address, "direct", msgpack.packb(output).hex())
+    outcome = attacked_client(daemon.address, msgpack.packb(output).hex())
     assert outcome["code"] == "INTERNAL", outcome
     assert outcome["grown"] < 48 << 20, f"the client's peak memory grew by {outcome['grown'] >> 20} MiB"
 
 
 def test_a_reply_naming_no_request_is_dropped_and_the_real_one_answers(daemon: RunningDaemon) -> None:
     """`id: [1]` (unhashable) made the sync client's lookup raise TypeError out of `infer`."""
-    outcome = _peak_client(daemon.address, "direct", "id-a-list")
+    outcome = attacked_client(daemon.address, "id-a-list")
     assert outcome["code"] == "OK", outcome
 
 
 def test_a_reply_header_that_does_not_decode_fails_its_request_at_once(daemon: RunningDaemon) -> None:
     """It names no request, and was dropped: the request waited its whole timeout (10 s here) and ended
     DEADLINE_EXCEEDED. Now the connection is cut and what waits on it fails INTERNAL, saying why."""
-    outcome = _peak_client(daemon.address, "direct", "undecodable")
+    outcome = attacked_client(daemon.address, "undecodable")
     assert outcome["code"] == "INTERNAL" and "sent a reply header that is not a protocol map" in outcome["message"], outcome
