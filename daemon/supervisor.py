@@ -278,6 +278,8 @@ class Supervisor:
             header = decode_header(body[0])
             request_id = request_id_of(header)
             op = check_envelope(header, len(body))
+            if op == "attach":  # a client's mistake, not a missing grant: say where it goes
+                raise InvalidArgument("`attach` is sent to a worker's endpoint, with the lease `lease` returned (PROTOCOL.md 17.3); the daemon's socket does not serve it")
             client = client_key(header.get("client"), conn.identity)
             model_name = header.get("model")
             # A lease is for infer (and cancel) on the model's workers: the infer grant covers it.
