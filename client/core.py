@@ -326,7 +326,9 @@ class ClientCore:
         """Its worker is gone: what waited there fails (WORKER_CRASHED, or DEADLINE_EXCEEDED past its
         deadline), and leases naming it are renewed before the next request. On a link whose worker said
         GOAWAY, a close is the end of its drain: the worker answers everything it read before it closes,
-        so a request still unanswered was never taken and goes to the front door instead."""
+        so a request still unanswered was never taken and goes to the front door instead - unless its
+        deadline or max_compute_ms has passed: a retiring worker killed then was running it (the daemon
+        waits that long for a run before it kills a worker it retired), and it is never run twice."""
         link.closed = True
         link.stream.close()
         if self.links.get(link.address) is link:
@@ -336,12 +338,12 @@ class ClientCore:
             if pending.reply is None and pending.error is None:
                 if link.broken is not None:
                     pending.error = Internal(f"{link.broken}; this client closed the connection")
-                elif link.draining:
-                    pending.error = NoDirectPath(f"the worker at {link.address} retired before taking the request")
                 elif now >= pending.deadline:
                     pending.error = DeadlineExceeded("its deadline passed while it ran, and its worker was killed")
                 elif pending.overrun_after is not None and now >= pending.overrun_after:
                     pending.error = DeadlineExceeded("it was still running past the model's max_compute_ms, and its worker was killed and is being replaced")
+                elif link.draining:
+                    pending.error = NoDirectPath(f"the worker at {link.address} retired before taking the request")
                 else:
                     pending.error = WorkerCrashed(f"the worker at {link.address} exited while running this request")
         self._forget_leases_naming(link.address)

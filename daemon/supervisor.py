@@ -39,6 +39,7 @@ from openinfer.daemon.observability.metrics import MetricsExporter
 from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.daemon.modelstore.models import ModelRegistry, ModelState, ServedModel
 from openinfer.daemon.workerpool.pool import WorkerPool
+from openinfer.daemon.workerpool.recycling import memory_limit_bytes
 from openinfer.daemon.workerpool.preparation import WeightPreparer
 from openinfer.daemon.files.prepared import PreparedStore
 from openinfer.daemon.loop.reactor import Reactor
@@ -56,7 +57,7 @@ from openinfer.daemon.scheduling.tasks import Task
 from openinfer.daemon.loop.timers import MonotonicTimerFd, TimerHeap
 from openinfer.daemon.frontdoor.validation import OverLimit, check_envelope, check_infer, decode_header, request_id_of
 from .worker import messages
-from openinfer.daemon.workerpool.worker_inbound import BadWorkerMessage, parse_cache_held, parse_hello, parse_ready
+from openinfer.daemon.workerpool.worker_inbound import BadWorkerMessage, parse_hello, parse_ready, parse_pong_report
 from openinfer.daemon.workerpool.workers import WorkerHandle, WorkerState
 
 log = logging.getLogger("openinfer.supervisor")
@@ -65,6 +66,7 @@ _GC_THRESHOLDS = (20_000, 20, 100)
 _HOUSEKEEPING_NS = 5_000_000  # how often running tasks' deadlines are checked (and the workers' ledgers read)
 LEDGER_READ_MS = 20  # while workers answer direct requests, their ledgers are read at least this often
 LEDGER_IDLE_MS = 100  # and while they seem quiet (a full ring drops records: stats would miss them)
+QUIT_GRACE_NS = 5_000_000_000  # a worker told to QUIT leaves by itself within this (its own drain: 4 s), unless it is running
 
 
 class Supervisor:
@@ -424,14 +426,16 @@ class Supervisor:
                 self.dispatcher.next_for(worker)
                 self.sync.on_model_ready(worker.model)
                 self._tell_systemd()
-        elif kind == messages.PONG and len(frames) in (2, 3) and bytes(frames[1]) == worker.ping_token:
+        elif kind == messages.PONG and len(frames) == 3 and bytes(frames[1]) == worker.ping_token:
             worker.ping_sent_ns = 0
-            if len(frames) == 3:
-                held = parse_cache_held(frames[2], worker.model.config.cache)
-                if held is None:
-                    self._reject_worker(worker, "PONG with a cache report it cannot have")
-                    return
-                worker.cache_held = held
+            try:
+                limit = memory_limit_bytes(self.settings, worker.model) if self.settings.sandbox.enabled else None
+                report = parse_pong_report(frames[2], worker.model.config.cache, limit)
+            except BadWorkerMessage as exc:
+                self._reject_worker(worker, f"PONG: {exc}")
+                return
+            worker.cache_held, worker.request_bytes = report.cache_held, report.request_bytes
+            self.pool.recycle_if_overgrown(worker)
         else:
             self._reject_worker(worker, f"unexpected message kind {kind.hex() or 'empty'} in state {worker.state.value}")
 
@@ -616,9 +620,25 @@ class Supervisor:
             worker.transition(WorkerState.DRAINING)
             self.direct.withdraw(worker)
             if ready and self.pool.send(worker, [messages.QUIT]):
-                self.timers.call_at(time.monotonic_ns() + 5_000_000_000, lambda: self.pool.kill(worker))
+                quit_ns = time.monotonic_ns()
+                latest_ns = quit_ns + QUIT_GRACE_NS + worker.model.config.max_compute_ms * 1_000_000
+                self.timers.call_at(quit_ns + QUIT_GRACE_NS, lambda: self._gone_or_killed(worker, latest_ns))
                 return
             self.pool.kill(worker)
+
+    def _gone_or_killed(self, worker: WorkerHandle, latest_ns: int) -> None:
+        """A worker told to QUIT and still here after QUIT_GRACE_NS is killed - unless it is running a
+        direct request: a client waits for that run, which a reload must not fail (round 9: a 7 s run
+        was killed 5 s after a reload, WORKER_CRASHED). Then it is looked at again every quarter second,
+        until `latest_ns` (the grace plus the model's max_compute_ms: a run is stopped or killed by then
+        anyway). A page that lies only keeps this retiring worker that long."""
+        if worker.state is WorkerState.EXITED:
+            return
+        now = time.monotonic_ns()
+        if now < latest_ns and worker.running_direct():
+            self.timers.call_at(min(latest_ns, now + 250_000_000), lambda: self._gone_or_killed(worker, latest_ns))
+            return
+        self.pool.kill(worker)
 
     def _stop_now(self) -> None:
         for model in self.sync.all_models():

@@ -15,10 +15,13 @@ from typing import Any, Iterator
 
 import msgpack
 import numpy as np
+import onnx
+import psutil
 import pytest
 
 import onnx_builders
 from daemon_harness import RunningDaemon, wait_for, world_readable_dir
+from direct_peer import worker_pid
 from openinfer.client import AsyncClient, Client, OpenInferError
 from openinfer.wire import zmtp
 from repo_builder import make_world_readable
@@ -213,6 +216,48 @@ def test_a_replaced_model_moves_clients_to_the_new_workers_without_a_failed_requ
     shutil.rmtree(root, ignore_errors=True)
     assert failures == []
     assert "goaway" not in "".join(failures)
+
+
+def test_a_reload_lets_a_long_direct_run_on_a_retired_worker_finish(daemon_factory: Any) -> None:
+    """Replacing a model retires its worker; a request running there past the retirement's 5 s grace is
+    answered, not failed: the daemon kills a retired worker only once it runs nothing (or at its run's
+    max_compute_ms). Round 9's attacker: a 7 s run was killed 5 s after the reload, WORKER_CRASHED, on
+    the Python and C clients alike."""
+    root = world_readable_dir("oi-direct-long-run-")
+    model_path = onnx_builders.busy_loop_model(root / "busy" / "1" / "model.onnx")
+    (root / "busy" / "config.toml").write_text("workers = 1\n")
+    make_world_readable(root)
+    daemon = daemon_factory(root, env=DIRECT)
+    feed = {"x": np.zeros(1, np.float32), "n": np.array(200_000, np.int64)}
+    with Client(daemon.address, timeout=60) as client:
+        us_per_iteration = client.infer("busy", feed).timing["compute_us"] / 200_000
+    n = int(8_000_000 / us_per_iteration)  # an 8 s run: it outlasts the new worker's start plus the 5 s grace
+    outcome: list[Any] = []
+
+    def long_run() -> None:
+        with Client(daemon.address, timeout=60) as client:
+            try:
+                outcome.append(client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(n, np.int64)}))
+            except OpenInferError as exc:
+                outcome.append(exc)
+
+    thread = threading.Thread(target=long_run)
+    thread.start()
+    old_pid = worker_pid(daemon, "busy")
+    cpu = psutil.Process(old_pid).cpu_times
+    before = sum(cpu()[:2])
+    wait_for(lambda: sum(cpu()[:2]) > before + 0.3, 20, "the long run to be under way")
+    model = onnx.load(model_path)
+    model.doc_string = "the same graph, new bytes: a replacement"
+    onnx.save(model, model_path)
+    make_world_readable(root)
+    with Client(daemon.address, direct=False) as admin:
+        assert "busy:1" in admin.reload()["replaced"]
+    thread.join(60)
+    shutil.rmtree(root, ignore_errors=True)
+    assert len(outcome) == 1 and not isinstance(outcome[0], OpenInferError), outcome
+    assert float(outcome[0].outputs["y"][0]) == float(n)
+    wait_for(lambda: worker_pid(daemon, "busy") != old_pid, 30, "the replacement to serve alone")
 
 
 def test_a_killed_worker_fails_only_what_ran_on_it(daemon_factory: Any, repo: Path) -> None:

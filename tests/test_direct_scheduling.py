@@ -131,3 +131,47 @@ def test_a_queued_request_can_be_cancelled(daemon_factory: Any, repo: Path) -> N
         peer.close()
     assert replies[41]["result"] == {"cancelled": True}, replies
     assert replies[40]["error"]["code"] == "DEADLINE_EXCEEDED" and "cancelled" in replies[40]["error"]["message"], replies
+
+
+def test_a_request_arriving_while_a_flood_runs_gets_its_turn(daemon_factory: Any, repo: Path) -> None:
+    """Turns hold for a request that arrives while the worker works through another identity's queue, not
+    only for requests read together: the worker reads its sockets between runs (at least every
+    millisecond of running), so another uid's request joins the queue and takes the next turn. Round 9's
+    attacker found the worker ran its whole queue before reading again: 200 pipelined requests of one uid
+    kept another uid's requests unread for seconds (1 of 3 answered in 8 s, 2 timed out)."""
+    daemon = daemon_factory(repo, env=DIRECT)
+    other = start_as(NOBODY, """
+        with Client(sys.argv[1], timeout=60) as client:
+            feed = {"x": np.zeros(1, np.float32), "n": np.array(1, np.int64)}
+            client.infer("busy", feed)  # its lease and worker connection, before the race
+            print("attached", flush=True)
+            sys.stdin.readline()
+            result = client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(%d, np.int64)})
+            print(json.dumps({"client_us": result.timing["client_us"], "compute_us": result.timing["compute_us"], "direct": "dispatch_us" not in result.timing}), flush=True)
+    """ % STEP, daemon.address)
+    assert other.stdout is not None and other.stdin is not None
+    peers: tuple[Peer, ...] = ()
+    try:
+        assert other.stdout.readline().strip() == "attached", other.stderr.read() if other.stderr else ""
+        blocker, peer, _ = busy_worker(daemon)
+        peers = (blocker, peer)
+        for request_id in range(50, 58):  # root's flood, read together once the blocker ends
+            peer.stream.send(busy(request_id, 3 * STEP))
+        ended = blocker.replies(1, timeout=60)[0]
+        cpu = psutil.Process(worker_pid(daemon, "busy")).cpu_times
+        at_end = sum(cpu()[:2])
+        one_run_s = ended["timing"]["compute_us"] / 1e6 * 3 * STEP / BLOCKER  # the loop's cost is linear in n
+        wait_for(lambda: sum(cpu()[:2]) > at_end + 1.5 * one_run_s, 30, "the worker to be into root's queue")
+        other.stdin.write("go\n")  # root's flood is read and running: the other uid asks now
+        other.stdin.flush()
+        root = peer.replies(8, timeout=60)
+        theirs = json.loads(other.stdout.readline())
+    finally:
+        for each in peers:
+            each.close()
+        other.kill()
+        other.communicate(timeout=30)
+    assert theirs["direct"], theirs
+    one_run_us = sorted(reply["timing"]["compute_us"] for reply in root)[len(root) // 2]
+    waited_runs = (theirs["client_us"] - theirs["compute_us"]) / one_run_us
+    assert waited_runs <= 3, (waited_runs, theirs, one_run_us)  # the run in progress and a turn: not root's 7 left

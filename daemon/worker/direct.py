@@ -502,6 +502,11 @@ class DirectDoor:
     def idle(self) -> bool:
         return not self.by_fd
 
+    def held_bytes(self) -> int:
+        """What its connections hold: requests still arriving (the room their frames announce) and replies
+        not yet read."""
+        return sum(conn.stream.in_bytes + conn.stream.out_bytes for conn in self.by_fd.values())
+
 
 def reject_busy(identity: str, in_flight: int, limit: int) -> ResourceExhausted:
     return ResourceExhausted(f"{identity} has {in_flight} requests in flight on this worker: limit max_in_flight={limit} (per worker on the direct path)")

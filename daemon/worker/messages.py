@@ -18,7 +18,10 @@ any state changes; a message that does not fit retires the worker.
   RESULTS [b"S", meta, *outputs]  the answers of one BATCH (layout below)
   FAILED [b"E", {"message"}]  boot failed      PING  [b"P", token]
                                                BATCH [b"B", plan, *data]  (layout below)
-  PONG   [b"p", token]                        KEY   [b"K", lease key]   after a reload
+  PONG   [b"p", token, report]                KEY   [b"K", lease key]   after a reload
+
+PONG report = three u64 LE: verdict-cache entries, cache bytes, bytes held for direct requests in flight
+(arriving, queued or running) and replies not yet read (serve.py _pong_report; recycling.py).
 
 BATCH plan = {tasks, rows (per task), inputs (the batch's specs, dim 0 = all rows), outputs, joined,
 deadline_ns (the earliest of its tasks'), max_compute_ns}:
@@ -36,6 +39,7 @@ RESULT = b"R"
 RESULTS = b"S"
 FAILED = b"E"
 PONG = b"p"
+PONG_REPORT = struct.Struct("<QQQ")
 ACK = b"A"
 TASK = b"T"
 BATCH = b"B"

@@ -73,7 +73,7 @@ class WorkerLoop:
             self._watch_channel()
             self._housekeeping()  # on a clock, busy or not: under constant traffic the loop is never idle
             events = poll(0)
-            if not events:
+            if not events and timeout != 0.0:  # 0: a pass ended with requests ready (run_ready): no wait
                 if direct is not None and direct.spin_us and time.monotonic_ns() - direct.queue.last_request_ns < RECENT_NS:
                     events = self._spin(direct.spin_us)
                 if not events:
@@ -100,6 +100,15 @@ class WorkerLoop:
             if events:
                 return events
         return []
+
+    def _pong_report(self) -> bytes:
+        """What a PONG tells (messages.py): its verdict cache's entries and bytes (openinfer status), and the
+        bytes it holds for direct requests arriving, queued or running and for replies not yet read - memory
+        that goes with those requests, which recycling must not take for memory the worker kept."""
+        cache, direct = self.cache, self.direct
+        entries, cache_bytes = (len(cache), cache.nbytes) if cache is not None else (0, 0)
+        held = direct.door.held_bytes() + direct.queue.held_bytes if direct is not None else 0
+        return messages.PONG_REPORT.pack(entries, cache_bytes, held)
 
     def _sleep_s(self, batch_due_s: float | None) -> float:
         waits = [1.0]
@@ -143,11 +152,7 @@ class WorkerLoop:
                 elif kind == messages.BATCH:
                     run_batch(channel, self.runner, self.output_names, frames, self.watch)
                 elif kind == messages.PING:
-                    cache = self.cache
-                    if cache is None:
-                        channel.send([messages.PONG, bytes(frames[1])])
-                    else:  # and how much its verdict cache holds: entries, bytes (openinfer status)
-                        channel.send([messages.PONG, bytes(frames[1]), len(cache).to_bytes(8, "little") + cache.nbytes.to_bytes(8, "little")])
+                    channel.send([messages.PONG, bytes(frames[1]), self._pong_report()])
                 elif kind == messages.KEY and self.direct is not None:
                     self.direct.door.rekey(bytes(frames[1]))
                 elif kind == messages.QUIT:

@@ -24,7 +24,7 @@ from openinfer.daemon.loop.reactor import READABLE, WRITABLE, Reactor
 from openinfer.daemon.files.runtime_dir import WORK_DIR
 from openinfer.daemon.config.settings import Settings
 from openinfer.daemon.config.worker_user import resolve_worker_user, shared_ids_warning
-from .recycling import address_space, memory_limit_bytes, overgrown
+from .recycling import RECYCLE_SPACING_NS, address_space, memory_limit_bytes, overgrown
 from .spawner import spawn_worker
 from openinfer.daemon.loop.timers import TimerHeap
 from openinfer.daemon.worker import messages
@@ -106,6 +106,7 @@ class WorkerPool:
         self.direct: "DirectPath | None" = None  # set by the supervisor once its listener is bound
         # Drains and replaces an idle worker holding most of its address space (recycling.py), given why.
         self.recycle: Callable[[WorkerHandle, str], None] | None = None
+        self._recycled_ns: dict[Any, int] = {}  # model key -> when one of its workers was last recycled
         self._next_id = 1
         self.shutting_down = False
         self._uid_gid = self._resolve_worker_user()
@@ -388,12 +389,6 @@ class WorkerPool:
                 # Killing it here killed every direct request longer than the grace (found by an attacker).
                 worker.ping_sent_ns = 0
                 continue
-            if self.recycle is not None and not worker.retired:
-                reason = overgrown(worker.pid, worker.ready_address_space, memory_limit_bytes(self.settings, worker.model) if self.settings.sandbox.enabled else None,
-                                   worker.cache_held[1] if worker.cache_held else 0)
-                if reason is not None:
-                    self.recycle(worker, reason)
-                    continue
             if worker.ping_sent_ns and now - worker.ping_sent_ns > grace_ns:
                 log.error("worker unresponsive; killing it", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key})
                 worker.exit_reason = f"unresponsive: no PONG within {self.settings.pool.ping_grace_s:g} s"
@@ -401,6 +396,22 @@ class WorkerPool:
             elif not worker.ping_sent_ns and self.send(worker, [messages.PING, worker.ping_token]):
                 worker.ping_sent_ns = now
         self.start_liveness_checks()
+
+    def recycle_if_overgrown(self, worker: WorkerHandle) -> None:
+        """As its PONG arrives - its report of what it holds for requests in flight is then fresh (one read
+        before the ping trusted the report of an interval ago, while new frames were announced) -: an idle
+        worker holding most of its memory is recycled (recycling.py), at most one of a model's workers
+        every RECYCLE_SPACING_NS."""
+        now = time.monotonic_ns()
+        if self.recycle is None or worker.retired or worker.state is not WorkerState.READY or now < self._recycled_ns.get(worker.model.key, 0) + RECYCLE_SPACING_NS:
+            return
+        if _running_direct(worker, now, int(self.settings.pool.ping_grace_s * 1e9)):
+            return
+        limit = memory_limit_bytes(self.settings, worker.model) if self.settings.sandbox.enabled else None
+        reason = overgrown(worker.pid, worker.ready_address_space, limit, worker.cache_held[1] if worker.cache_held else 0, worker.request_bytes)
+        if reason is not None:
+            self._recycled_ns[worker.model.key] = now
+            self.recycle(worker, reason)
 
     def all_workers(self) -> list[WorkerHandle]:
         return list(self.workers.values())

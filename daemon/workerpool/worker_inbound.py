@@ -185,16 +185,26 @@ def parse_ready(frames: Sequence[Buffer]) -> dict[str, Any]:
     return {str(key)[:64]: value for key, value in meta.items()}
 
 
-def parse_cache_held(frame: Buffer, cache: Any) -> tuple[int, int] | None:
-    """A PONG's cache report (entries, bytes: two u64 LE), or None when the worker cannot have made it: no
-    [cache] for its model, or more than the cache it was given may hold."""
-    if cache is None or len(frame) != 16:
-        return None
-    raw = bytes(frame)
-    entries, nbytes = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
-    if entries > cache.entries or nbytes > cache.max_bytes:
-        return None
-    return entries, nbytes
+@dataclass(frozen=True)
+class PongReport:
+    cache_held: tuple[int, int] | None  # (entries, bytes) of its verdict cache; None: the model has no [cache]
+    request_bytes: int  # held for direct requests in flight and replies not yet read
+
+
+def parse_pong_report(frame: Buffer, cache: Any, memory_limit: int | None) -> PongReport:
+    """A PONG's report (messages.PONG_REPORT); BadWorkerMessage when the worker cannot have made it: a
+    cache it was not given, or more than its cache may hold, or more held for requests than its memory
+    limit allows."""
+    if len(frame) != messages.PONG_REPORT.size:
+        raise BadWorkerMessage("PONG report of the wrong size")
+    entries, cache_bytes, request_bytes = messages.PONG_REPORT.unpack(bytes(frame))
+    if cache is None and (entries or cache_bytes):
+        raise BadWorkerMessage("PONG reports a cache its model does not have")
+    if cache is not None and (entries > cache.entries or cache_bytes > cache.max_bytes):
+        raise BadWorkerMessage("PONG reports more cache than its model's [cache] allows")
+    if memory_limit is not None and request_bytes > memory_limit:
+        raise BadWorkerMessage("PONG reports more held for requests than its memory limit")
+    return PongReport((entries, cache_bytes) if cache is not None else None, request_bytes)
 
 
 def _cache_outcome(meta: dict[str, Any]) -> str | None:

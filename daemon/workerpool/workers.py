@@ -58,6 +58,7 @@ class WorkerHandle:
     inflight: Inflight = field(default_factory=Inflight)  # sent, unanswered (inflight.py owns it)
     tasks_served: int = 0
     cache_held: tuple[int, int] | None = None  # with [cache]: (entries, bytes) its last PONG reported
+    request_bytes: int = 0  # what its last PONG said it held for direct requests in flight (recycling.py)
     spawned_ns: int = field(default_factory=time.monotonic_ns)
     ready_ns: int | None = None
     ready_address_space: int | None = None  # its VmSize when it became ready (recycling.py)
@@ -71,6 +72,11 @@ class WorkerHandle:
     @property
     def pid(self) -> int:
         return self.spawned.pid
+
+    def running_direct(self) -> bool:
+        """Its deadline page says a direct run is in progress (the worker's word: callers bound how long
+        they believe it)."""
+        return self.page is not None and self.page.read()[1] != 0
 
     def direct_run_overdue(self, now_ns: int) -> bool:
         """Its deadline page says it is still running a direct request past that request's deadline: it is

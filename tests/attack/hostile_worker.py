@@ -191,9 +191,9 @@ def main() -> None:
         kind = frames[0][:1]
         if kind == PING:
             if attack == "cache-pong":  # a cache report from a worker whose model has no [cache]
-                channel.send([PONG, frames[1], (7).to_bytes(8, "little") + (1 << 40).to_bytes(8, "little")])
-            else:
-                channel.send([PONG, frames[1]])
+                channel.send([PONG, frames[1], struct.pack("<QQQ", 7, 1 << 40, 0)])
+            else:  # entries, cache bytes, bytes held for direct requests (daemon/worker/messages.py)
+                channel.send([PONG, frames[1], struct.pack("<QQQ", 0, 0, 0)])
         elif kind == QUIT:
             return
         elif kind == TASK:

@@ -251,7 +251,7 @@ def test_a_hello_with_malformed_metadata_never_serves(hostile: RunningDaemon) ->
 def test_a_cache_report_from_a_worker_without_a_cache_retires_it(hostile: RunningDaemon) -> None:
     """Its PONG claims 7 entries and 1 TiB held for a model without [cache]: nothing of it reaches
     status or stats, and the worker is replaced."""
-    wait_for(lambda: "PONG with a cache report it cannot have" in hostile.log_text(), 30, "the lying PONG refused", daemon=hostile)
+    wait_for(lambda: "PONG reports a cache its model does not have" in hostile.log_text(), 30, "the lying PONG refused", daemon=hostile)
     with Client(hostile.address) as client:
         assert all("cache" not in w for w in client.status()["workers"])
         assert "cache" not in client.stats()["models"].get("hostile-cache-pong", {})

@@ -12,13 +12,19 @@ next requests are served by the new worker. Before: the worker kept the memory, 
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+import shutil
+import time
+from typing import Any, Callable, Iterator
 
+import msgpack
 import numpy as np
 import pytest
 
-from daemon_harness import RunningDaemon, wait_for
+import onnx_builders
+from daemon_harness import RunningDaemon, wait_for, world_readable_dir
+from direct_peer import Peer, attach, lease_of, worker_pid
 from openinfer.client import Client
+from repo_builder import make_world_readable
 from steps_daemon import hostile_steps_daemon
 
 pytestmark = pytest.mark.attack
@@ -72,3 +78,41 @@ def test_a_worker_left_holding_most_of_its_memory_is_replaced_and_serves_again(d
     x = np.ones((1, 64), np.float32)
     with Client(daemon.address) as client:
         assert client.infer("canary", {"x": x}).outputs["y"].shape == (1, 64)
+
+
+def test_frames_a_client_announces_do_not_get_a_worker_recycled(daemon_factory: Callable[..., RunningDaemon]) -> None:
+    """Round 9's attacker (finding 2) forced recycling in a loop - five model loads in 30 s, ten honest
+    requests failed: three 62 MiB requests grew onnxruntime's arena, then attached connections each
+    announced a 64 MiB frame and trickled it a byte at a time (here: six of 60 MiB under a 768 MiB limit). The worker makes room for an announced
+    frame as it arrives (address space, under its held budgets): counted in VmSize, it passed for memory
+    the idle worker kept. Now a worker's PONG reports what it holds for requests in flight, which
+    recycling leaves out, and a model's workers are recycled at most once a minute."""
+    root = world_readable_dir("oi-recycle-announced-")
+    onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx")
+    (root / "tiny" / "config.toml").write_text("workers = 1\nmemory_limit_mb = 768\n")
+    make_world_readable(root)
+    daemon = daemon_factory(root, env={"OPENINFER_POOL_DIRECT": "1", "OPENINFER_POOL_PING_INTERVAL_S": "0.25"})
+    pid = worker_pid(daemon, "tiny")
+    with Client(daemon.address, timeout=60) as client:
+        for _ in range(3):
+            client.infer("tiny", {"x": np.ones((254_000, 64), np.float32)})  # 62 MiB each
+    lease = lease_of(daemon, "tiny")
+    peers = [Peer(lease["workers"][0]["address"]) for _ in range(6)]
+    try:
+        for i, peer in enumerate(peers):
+            assert "result" in (peer.ask(attach(lease["lease"], i)) or {})
+        rows = 245_760  # 60 MiB of FP32[rows, 64]: six of them just under half the worker's limit (its hard budget)
+        header = msgpack.packb({"v": 1, "id": 100, "op": "infer", "inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, 64]}]})
+        for peer in peers:
+            peer.stream.sock.setblocking(True)
+            peer.stream.sock.sendall(bytes((0x01, len(header))) + header + bytes((0x02,)) + (rows * 64 * 4).to_bytes(8, "big"))
+        ends = time.monotonic() + 3  # a dozen ping intervals, the frames moving (not stalled: a byte each 0.3 s)
+        while time.monotonic() < ends:
+            for peer in peers:
+                peer.stream.sock.sendall(b"\0")
+            time.sleep(0.3)
+        assert worker_pid(daemon, "tiny") == pid and "worker recycled" not in daemon.log_text(), daemon.log_text()[-3000:]
+    finally:
+        for peer in peers:
+            peer.close()
+        shutil.rmtree(root, ignore_errors=True)
