@@ -57,6 +57,51 @@ def busy_worker(daemon: RunningDaemon) -> tuple[Peer, Peer, dict[str, Any]]:
     return blocker, peer, lease
 
 
+class OtherUid:
+    """Another uid's client, attached to the busy worker and waiting: `ask()` makes it send one request
+    of STEP iterations; `answer()` is that request's timing (and whether it went direct). Everything it
+    and the test's own peers hold is closed when the block ends, on a failure too (a socket left open
+    fails a later test with a ResourceWarning)."""
+
+    CODE = """
+        with Client(sys.argv[1], timeout=60) as client:
+            feed = {"x": np.zeros(1, np.float32), "n": np.array(1, np.int64)}
+            client.infer("busy", feed)  # its lease and worker connection, before the race
+            print("attached", flush=True)
+            sys.stdin.readline()
+            result = client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(%d, np.int64)})
+            print(json.dumps({**result.timing, "direct": "dispatch_us" not in result.timing}), flush=True)
+    """ % STEP
+
+    def __init__(self, daemon: RunningDaemon) -> None:
+        self.process = start_as(NOBODY, self.CODE, daemon.address)
+        self.peers: tuple[Peer, ...] = ()
+
+    def __enter__(self) -> "OtherUid":
+        out = self.process.stdout
+        if out is None or out.readline().strip() != "attached":
+            self.process.kill()
+            raise AssertionError(self.process.communicate(timeout=30)[1])
+        return self
+
+    def ask(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write("go\n")
+        self.process.stdin.flush()
+
+    def answer(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        theirs: dict[str, Any] = json.loads(self.process.stdout.readline())
+        assert theirs["direct"], theirs
+        return theirs
+
+    def __exit__(self, *exc: object) -> None:
+        for each in self.peers:
+            each.close()
+        self.process.kill()
+        self.process.communicate(timeout=30)  # reaps it and closes its pipes
+
+
 def test_higher_priority_runs_first_on_a_worker(daemon_factory: Any, repo: Path) -> None:
     daemon = daemon_factory(repo, env={**DIRECT, "OPENINFER_SERVER_STARVATION_MS": "60000"})
     blocker, peer, _ = busy_worker(daemon)
@@ -75,33 +120,14 @@ def test_identities_take_turns_on_a_worker(daemon_factory: Any, repo: Path) -> N
     """Root queues six requests, then another uid one: it runs after at most one of root's, not after
     all six (a flood delays only its own identity). Run order shows in each reply's queue_us."""
     daemon = daemon_factory(repo, env=DIRECT)
-    other = start_as(NOBODY, """
-        with Client(sys.argv[1], timeout=60) as client:
-            feed = {"x": np.zeros(1, np.float32), "n": np.array(1, np.int64)}
-            client.infer("busy", feed)  # its lease and worker connection, before the race
-            print("attached", flush=True)
-            sys.stdin.readline()
-            result = client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(%d, np.int64)})
-            print(json.dumps({"queue_us": result.timing["queue_us"], "direct": "dispatch_us" not in result.timing}), flush=True)
-    """ % STEP, daemon.address)
-    assert other.stdout is not None and other.stdin is not None
-    peers: tuple[Peer, ...] = ()
-    try:
-        assert other.stdout.readline().strip() == "attached", other.stderr.read() if other.stderr else ""
+    with OtherUid(daemon) as other:
         blocker, peer, _ = busy_worker(daemon)
-        peers = (blocker, peer)
+        other.peers = (blocker, peer)
         for request_id in range(20, 26):
             peer.stream.send(busy(request_id, STEP))
-        other.stdin.write("go\n")
-        other.stdin.flush()
+        other.ask()
         root_queue = sorted(reply["timing"]["queue_us"] for reply in peer.replies(6, timeout=60))
-        theirs = json.loads(other.stdout.readline())
-    finally:
-        for each in peers:  # closed on a failure too: a socket left open fails a later test (ResourceWarning)
-            each.close()
-        other.kill()
-        other.communicate(timeout=30)  # reaps it and closes its pipes
-    assert theirs["direct"], theirs
+        theirs = other.answer()
     ahead = sum(1 for q in root_queue if q < theirs["queue_us"])
     assert ahead <= 2, (ahead, root_queue, theirs)  # a turn each: not behind all six
 
@@ -140,21 +166,9 @@ def test_a_request_arriving_while_a_flood_runs_gets_its_turn(daemon_factory: Any
     attacker found the worker ran its whole queue before reading again: 200 pipelined requests of one uid
     kept another uid's requests unread for seconds (1 of 3 answered in 8 s, 2 timed out)."""
     daemon = daemon_factory(repo, env=DIRECT)
-    other = start_as(NOBODY, """
-        with Client(sys.argv[1], timeout=60) as client:
-            feed = {"x": np.zeros(1, np.float32), "n": np.array(1, np.int64)}
-            client.infer("busy", feed)  # its lease and worker connection, before the race
-            print("attached", flush=True)
-            sys.stdin.readline()
-            result = client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(%d, np.int64)})
-            print(json.dumps({"client_us": result.timing["client_us"], "compute_us": result.timing["compute_us"], "direct": "dispatch_us" not in result.timing}), flush=True)
-    """ % STEP, daemon.address)
-    assert other.stdout is not None and other.stdin is not None
-    peers: tuple[Peer, ...] = ()
-    try:
-        assert other.stdout.readline().strip() == "attached", other.stderr.read() if other.stderr else ""
+    with OtherUid(daemon) as other:
         blocker, peer, _ = busy_worker(daemon)
-        peers = (blocker, peer)
+        other.peers = (blocker, peer)
         for request_id in range(50, 58):  # root's flood, read together once the blocker ends
             peer.stream.send(busy(request_id, 3 * STEP))
         ended = blocker.replies(1, timeout=60)[0]
@@ -162,16 +176,9 @@ def test_a_request_arriving_while_a_flood_runs_gets_its_turn(daemon_factory: Any
         at_end = sum(cpu()[:2])
         one_run_s = ended["timing"]["compute_us"] / 1e6 * 3 * STEP / BLOCKER  # the loop's cost is linear in n
         wait_for(lambda: sum(cpu()[:2]) > at_end + 1.5 * one_run_s, 30, "the worker to be into root's queue")
-        other.stdin.write("go\n")  # root's flood is read and running: the other uid asks now
-        other.stdin.flush()
+        other.ask()  # root's flood is read and running: the other uid asks now
         root = peer.replies(8, timeout=60)
-        theirs = json.loads(other.stdout.readline())
-    finally:
-        for each in peers:
-            each.close()
-        other.kill()
-        other.communicate(timeout=30)
-    assert theirs["direct"], theirs
+        theirs = other.answer()
     one_run_us = sorted(reply["timing"]["compute_us"] for reply in root)[len(root) // 2]
     waited_runs = (theirs["client_us"] - theirs["compute_us"]) / one_run_us
     assert waited_runs <= 3, (waited_runs, theirs, one_run_us)  # the run in progress and a turn: not root's 7 left
