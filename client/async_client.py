@@ -134,10 +134,8 @@ class AsyncClient:
             if not future.done():
                 future.set_exception(Unavailable("client closed"))
         self._pending.clear()
-        loop = asyncio.get_running_loop()
         for link in list(self._core.links.values()):
-            loop.remove_reader(link.fd)
-            loop.remove_writer(link.fd)
+            self._unwatch(link)
         self._core.close_links()
         self._wake_all()
         self._give_up.stop()
@@ -310,8 +308,7 @@ class AsyncClient:
         """The lease's worker for the next request (links to retired workers closed first)."""
         core = self._core
         if core.links:
-            for drained in core.forget_drained():
-                asyncio.get_running_loop().remove_reader(drained.fd)
+            core.forget_drained(self._unwatch)
         address = core.pick_address(lease)
         if address is None:
             core.leases.pop((lease.model, lease.version), None)
@@ -405,11 +402,15 @@ class AsyncClient:
         except PeerClosed:
             self._lost(link)
 
-    def _lost(self, link: DirectLink) -> None:
+    @staticmethod
+    def _unwatch(link: DirectLink) -> None:
         loop = asyncio.get_running_loop()
+        loop.remove_reader(link.fd)
+        loop.remove_writer(link.fd)
+
+    def _lost(self, link: DirectLink) -> None:
         if not link.closed:
-            loop.remove_reader(link.fd)
-            loop.remove_writer(link.fd)
+            self._unwatch(link)
         waiting = list(link.pending)
         self._core.link_lost(link)
         for rid in waiting:

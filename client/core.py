@@ -387,14 +387,17 @@ class ClientCore:
         self.forget_drained()
         self.settle_owed()
 
-    def forget_drained(self) -> list[DirectLink]:
-        """Links whose worker said GOAWAY and that have nothing pending: close them."""
+    def forget_drained(self, unwatch: Callable[[DirectLink], None] | None = None) -> None:
+        """Links whose worker said GOAWAY and that have nothing pending: close them. `unwatch(link)` runs
+        before each is closed (an event loop must stop watching its fd while the fd still names it: after
+        the close it reads -1, and a stale registration once took a later link's events - round 10)."""
         done = [link for link in self.links.values() if link.draining and not link.pending]
         for link in done:
+            if unwatch is not None:
+                unwatch(link)
             link.closed = True
             link.stream.close()
             del self.links[link.address]
-        return done
 
     def close_links(self) -> None:
         for link in self.links.values():

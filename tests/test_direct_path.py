@@ -4,6 +4,7 @@ Each rule is checked from the client's side with the Python client and, where th
 on the raw protocol."""
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -218,6 +219,47 @@ def test_a_replaced_model_moves_clients_to_the_new_workers_without_a_failed_requ
     assert "goaway" not in "".join(failures)
 
 
+def test_an_async_client_moves_to_the_replacement_after_a_goaway_without_an_error(daemon_factory: Any) -> None:
+    """Round 10's attacker: after any GOAWAY, AsyncClient's next request raised a raw ValueError (it closed
+    the retired worker's connection, then asked the event loop to stop watching its fd: -1 by then), and
+    the fd, still registered, made a later request wait out its whole timeout. Every request across a
+    replacement of a one-worker model must be answered, typed, and soon."""
+    root = world_readable_dir("oi-direct-async-goaway-")
+    onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx", seed=1)
+    (root / "tiny" / "config.toml").write_text("workers = 1\n")
+    make_world_readable(root)
+    daemon = daemon_factory(root, env=DIRECT)
+
+    async def across_a_replacement() -> tuple[list[str], float]:
+        outcomes: list[str] = []
+        slowest = 0.0
+        async with AsyncClient(daemon.address, timeout=10) as client:
+            first = (await client.infer("tiny", {"x": X})).outputs["y"].copy()
+            onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx", seed=2)
+            make_world_readable(root)
+            with Client(daemon.address, direct=False) as admin:
+                admin.reload()
+            switched_at = None
+            ends = time.monotonic() + 60
+            while time.monotonic() < ends and (switched_at is None or time.monotonic() < switched_at + 1):
+                started = time.monotonic()
+                try:
+                    y = (await client.infer("tiny", {"x": X})).outputs["y"]
+                    outcomes.append("OK")
+                    if switched_at is None and not np.array_equal(y, first):
+                        switched_at = time.monotonic()
+                except OpenInferError as exc:
+                    outcomes.append(exc.code)
+                slowest = max(slowest, time.monotonic() - started)
+                await asyncio.sleep(0.02)  # a client's pace, not a wait for a condition
+        return outcomes, slowest
+
+    outcomes, slowest = asyncio.run(across_a_replacement())
+    shutil.rmtree(root, ignore_errors=True)
+    assert set(outcomes) == {"OK"} and len(outcomes) > 10, outcomes
+    assert slowest < 5, slowest
+
+
 def test_a_reload_lets_a_long_direct_run_on_a_retired_worker_finish(daemon_factory: Any) -> None:
     """Replacing a model retires its worker; a request running there past the retirement's 5 s grace is
     answered, not failed: the daemon kills a retired worker only once it runs nothing (or at its run's
@@ -258,6 +300,40 @@ def test_a_reload_lets_a_long_direct_run_on_a_retired_worker_finish(daemon_facto
     assert len(outcome) == 1 and not isinstance(outcome[0], OpenInferError), outcome
     assert float(outcome[0].outputs["y"][0]) == float(n)
     wait_for(lambda: worker_pid(daemon, "busy") != old_pid, 30, "the replacement to serve alone")
+
+
+def test_a_retired_workers_queue_is_answered_or_sent_elsewhere_never_lost(daemon_factory: Any) -> None:
+    """Round 10's attacker: a retired worker ran what was still queued after its drain in one pass that
+    held every reply, and the daemon killed it a max_compute_ms after its grace: computed answers were
+    lost, and their requests failed DEADLINE_EXCEEDED ('still running past max_compute_ms') though none
+    ran a second. Now it answers what it never started as an expired lease, which every client sends
+    again on a new lease: thirty requests queued across a replacement all succeed."""
+    root = world_readable_dir("oi-direct-retired-queue-")
+    model_path = onnx_builders.busy_loop_model(root / "busy" / "1" / "model.onnx")
+    (root / "busy" / "config.toml").write_text("workers = 1\nmax_compute_ms = 500\n")
+    make_world_readable(root)
+    daemon = daemon_factory(root, env=DIRECT)
+    with Client(daemon.address, timeout=60) as client:
+        us_per_iteration = client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(200_000, np.int64)}).timing["compute_us"] / 200_000
+    n = int(300_000 / us_per_iteration)  # 0.3 s a run: 30 outlast the drain (4 s) and the kill (5.5 s after QUIT)
+
+    async def thirty_across_a_replacement() -> list[Any]:
+        async with AsyncClient(daemon.address, timeout=60) as client:
+            runs = [asyncio.ensure_future(client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(n, np.int64)})) for _ in range(30)]
+            await asyncio.sleep(0.5)  # they are queued on the one worker: now the replacement
+            model = onnx.load(model_path)
+            model.doc_string = "the same graph, new bytes: a replacement"
+            onnx.save(model, model_path)
+            make_world_readable(root)
+            with Client(daemon.address, direct=False) as admin:
+                assert "busy:1" in admin.reload()["replaced"]
+            return await asyncio.gather(*runs, return_exceptions=True)
+
+    outcomes = asyncio.run(thirty_across_a_replacement())
+    shutil.rmtree(root, ignore_errors=True)
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    assert not failed, failed
+    assert all(float(o.outputs["y"][0]) == float(n) for o in outcomes)
 
 
 def test_a_killed_worker_fails_only_what_ran_on_it(daemon_factory: Any, repo: Path) -> None:

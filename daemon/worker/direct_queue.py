@@ -25,7 +25,7 @@ from openinfer.daemon.frontdoor.validation import InputSignature, check_infer
 from openinfer.daemon.modelstore.modelconfig import BatchingConfig
 from openinfer.daemon.scheduling.batch_rules import batch_size_now, latest_hold_ns
 from openinfer.daemon.scheduling.taskqueue import TaskQueue
-from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError, ResourceExhausted
+from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError, PermissionDenied, ResourceExhausted
 from openinfer.wire.protocol import PROTOCOL_VERSION
 from openinfer.wire.zmtp import Buffer
 
@@ -177,6 +177,16 @@ class DirectQueue:
         if model.batchable:  # (only a batch holds requests back: the rest of this worker's requests skip it)
             self.hold_until_ns = min(self.hold_until_ns, latest_hold_ns(decoded_ns, request.deadline_ns))
 
+    def send_back_queued(self) -> None:
+        """Leaving (retired): what was read but never started is answered as the expiry of its lease - the
+        one answer on which every client takes a new lease and sends the request again (PROTOCOL.md
+        17.4) - instead of run: a queue run in one pass at the end held every reply until the last, and
+        the daemon kills a retired worker a model's max_compute_ms after its grace, so runs past that
+        lost answers that had been computed (round 10)."""
+        while self.queue:
+            request = self.queue.popleft()
+            self._fail(request, PermissionDenied("this worker retired before running the request: take a new lease and send it again", {"lease": "expired"}))
+
     def cancel(self, conn: DirectConnection, target: int) -> bool:
         for request in self.queue:
             if request.conn is conn and request.request_id == target:
@@ -186,24 +196,23 @@ class DirectQueue:
         return False
 
     # -- running ---------------------------------------------------------------------------------------
-    def run_ready(self, everything: bool = False) -> float | None:
-        """Run what can run now, for about PASS_NS (`everything`: all of it, held batches too); returns
-        how long until the next run is due (seconds: 0 when the pass ended with requests still ready,
-        else a held batch's time), or None. The replies of one pass leave together, one write per
-        connection."""
+    def run_ready(self) -> float | None:
+        """Run what can run now, for about PASS_NS; returns how long until the next run is due (seconds:
+        0 when the pass ended with requests still ready, else a held batch's time), or None. The replies
+        of one pass leave together, one write per connection."""
         if len(self.queue) < 2:
-            return self._run_ready(everything)
+            return self._run_ready()
         with self.door.held():
-            return self._run_ready(everything)
+            return self._run_ready()
 
-    def _run_ready(self, everything: bool) -> float | None:
+    def _run_ready(self) -> float | None:
         queue = self.queue
         model = self.model
         batching = model.batching if model.batchable else None
         pass_ends_ns = time.monotonic_ns() + PASS_NS
         while queue:
             now = time.monotonic_ns()
-            if now >= pass_ends_ns and not everything:
+            if now >= pass_ends_ns:
                 return 0.0  # more is ready: the loop reads its sockets first, then comes back
             if batching is None:
                 taken = [queue.popleft()]
@@ -214,7 +223,7 @@ class DirectQueue:
                     if batching.quiet_us:  # its clients have gone quiet: what came is all there is for now
                         due_ns = min(due_ns, self.last_request_ns + batching.quiet_us * 1000)
                     due_ns = min(due_ns, self.hold_until_ns)  # a request that must run soon to make its deadline
-                    if now < due_ns and not everything:
+                    if now < due_ns:
                         return (due_ns - now) / 1e9  # held for company, at most max_queue_delay_us
                     size = batching.max_batch_size
                 taken = queue.take_batch(size)

@@ -171,9 +171,11 @@ class WorkerLoop:
             self.direct.door.goaway("this worker is retiring: take a new lease")
 
     def _leave(self) -> None:
-        """Answer what is still queued (held batches too), send the replies, flush the channel, close."""
+        """Send back what is still queued (its clients send it again elsewhere), send the replies, flush
+        the channel, close."""
         if self.direct is not None:
-            self.direct.queue.run_ready(everything=True)
+            with self.direct.door.held():
+                self.direct.queue.send_back_queued()
             self.direct.door.flush_all(time.monotonic() + 1)
             self.direct.door.close_all()
         poller = select.poll()
