@@ -13,31 +13,23 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from openinfer.wire.errors import (
-    DeadlineExceeded,
-    InvalidArgument,
-    Internal,
-    OpenInferError,
-    Unavailable,
-    WorkerCrashed,
-)
-from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSION, resolve_address
-from openinfer.wire.zmtp import Buffer, Event, Oversized
+from openinfer.wire.errors import DeadlineExceeded, Unavailable, WorkerCrashed
+from openinfer.wire.protocol import resolve_address
+from openinfer.wire.zmtp import Buffer
 
 from openinfer.daemon.control import admin
 from openinfer.daemon.frontdoor.access import AccessPolicy
 from openinfer.daemon.observability.accounting import Accountant
-from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.frontdoor.client_limits import ClientLimiter, load_client_policy
 from openinfer.daemon.direct.books import PASS_RECORDS, DirectBooks
 from openinfer.daemon.direct.endpoints import OVERDUE_GRACE_NS, DirectPath
 from openinfer.daemon.direct.ledger import Entry
 from openinfer.daemon.scheduling.dispatch import Dispatcher
 from openinfer.daemon.frontdoor.bind import bind_public
-from openinfer.daemon.frontdoor.connections import Connection, ConnectionTable, Route
+from openinfer.daemon.frontdoor.connections import Connection, ConnectionTable
 from openinfer.daemon.observability.metrics import MetricsExporter
 from openinfer.daemon.modelstore.modelconfig import ConfigError
-from openinfer.daemon.modelstore.models import ModelRegistry, ModelState, ServedModel
+from openinfer.daemon.modelstore.models import ModelRegistry, ServedModel
 from openinfer.daemon.workerpool.pool import WorkerPool
 from openinfer.daemon.workerpool.recycling import memory_limit_bytes
 from openinfer.daemon.workerpool.preparation import WeightPreparer
@@ -45,6 +37,7 @@ from openinfer.daemon.files.prepared import PreparedStore
 from openinfer.daemon.loop.reactor import Reactor
 from openinfer.daemon.control.reload import RepositorySync
 from openinfer.daemon.frontdoor.replies import ReplySender
+from openinfer.daemon.frontdoor.requests import FrontDoorRequests
 from openinfer.daemon.scheduling.overdue_runs import OverdueRuns
 from openinfer.daemon.scheduling.results import WorkerResults
 from openinfer.daemon.files.runtime_dir import base_runtime_dir, create_instance_dir
@@ -53,9 +46,7 @@ from openinfer.daemon.control.service_status import ServiceStatus
 from openinfer.daemon.observability.jsonlog import configure_logging
 from openinfer.daemon.config.settings import LIVE, NEW_WORKERS, RESTART, Settings, changed_settings, keep_running_values, reload_class
 from openinfer.daemon.loop.signals import SignalInbox
-from openinfer.daemon.scheduling.tasks import Task
 from openinfer.daemon.loop.timers import MonotonicTimerFd, TimerHeap
-from openinfer.daemon.frontdoor.validation import OverLimit, check_envelope, check_infer, decode_header, request_id_of
 from .worker import messages
 from openinfer.daemon.workerpool.worker_inbound import BadWorkerMessage, parse_hello, parse_ready, parse_pong_report
 from openinfer.daemon.workerpool.workers import WorkerHandle, WorkerState
@@ -96,7 +87,8 @@ class Supervisor:
         self.runtime_dir = create_instance_dir(base_runtime_dir(settings.server.runtime_dir), self.pool.worker_gid)
         self.pool.runtime_dir = self.runtime_dir
         self.listener = bind_public(settings, resolve_address(settings.server.socket))
-        self.connections = ConnectionTable(settings, self.reactor, self.timers, self.listener, self.access, self._on_client_event, self._on_connection_closed)
+        self.requests = FrontDoorRequests(self)
+        self.connections = ConnectionTable(settings, self.reactor, self.timers, self.listener, self.access, self.requests.on_client_event, self._on_connection_closed)
         self.direct = DirectPath(settings, self.listener, DirectBooks(self.accountant, self._log_direct_access, lambda: self.replies.settings.log.access_log_sample > 0))
         self.pool.direct = self.direct
         self.pool.recycle = self._recycle
@@ -205,7 +197,7 @@ class Supervisor:
             self.dispatcher.arm_overdue_deadlines(now)
             self.timers.run_due()
             if self.exporter.due(now):
-                self._read_ledgers()  # the workers' direct requests first: a scrape is exact
+                self.read_ledgers()  # the workers' direct requests first: a scrape is exact
                 self._publish_metrics_safely()
             if busy or self.direct.enabled:
                 self._expire_running()
@@ -224,15 +216,20 @@ class Supervisor:
             except Exception:  # a bug in one handler must not take the daemon (and every client) down
                 log.exception("internal error in the supervisor loop; continuing")
 
-    def _read_ledgers(self, limit: int | None = None) -> None:
+    def new_task_id(self) -> int:
+        """Task numbers (the worker channel's, the access log's): one sequence for both paths."""
+        task_id = self._next_task_id
+        self._next_task_id += 1
+        return task_id
+
+    def read_ledgers(self, limit: int | None = None) -> None:
         if self.direct.enabled:
             self.direct.read_ledgers(list(self.pool.workers.values()), self._reject_worker, limit)
 
     def _log_direct_access(self, worker: WorkerHandle, entry: Entry) -> None:
         """A request a worker answered on the direct path, for the access log (sampled as the front
         door's tasks are, by the task number given here)."""
-        task_id = self._next_task_id
-        self._next_task_id += 1
+        task_id = self.new_task_id()
         if self.replies.access_sampled(task_id):
             model = worker.model
             self.replies.log_direct_access(task_id, worker.worker_id, model.name, model.version, entry.request_id, entry.client, entry.code or "OK", entry.timing)
@@ -256,141 +253,7 @@ class Supervisor:
                 return True
         return False
 
-    # -- requests ---------------------------------------------------------------------------------
-    def _on_client_event(self, conn: Connection, event: Event) -> None:
-        """One complete message (or an Oversized report) from a client connection. Every request the
-        daemon reads gets exactly one reply, whatever goes wrong in here."""
-        received_ns = time.monotonic_ns()
-        self.timers.run_due()  # a batch's delay must not wait for a burst to be read
-        if isinstance(event, Oversized):
-            self._on_oversized(conn, event, received_ns)
-            return
-        frames = event
-        # A REQ peer puts an empty delimiter before the header; answer it the same way.
-        delimited = len(frames) > 1 and len(frames[0]) == 0
-        route = Route(conn, delimited)
-        body = frames[1:] if delimited else frames
-        client = conn.identity
-        request_id: int | None = None
-        model: ServedModel | None = None
-        op = "(malformed)"
-        try:
-            if not body:
-                raise InvalidArgument("empty message: expected a header frame")
-            header = decode_header(body[0])
-            request_id = request_id_of(header)
-            op = check_envelope(header, len(body))
-            if op == "attach":  # a client's mistake, not a missing grant: say where it goes
-                raise InvalidArgument("`attach` is sent to a worker's endpoint, with the lease `lease` returned (PROTOCOL.md 17.3); the daemon's socket does not serve it")
-            client = client_key(header.get("client"), conn.identity)
-            model_name = header.get("model")
-            # A lease is for infer (and cancel) on the model's workers: the infer grant covers it.
-            self.access.authorize(conn.peer, "infer" if op == "lease" else op, model_name if isinstance(model_name, str) else None)
-            if op == "infer":
-                model = self._lookup_for_infer(header)
-                self._accept_infer(route, request_id, client, model, header, body, received_ns)  # type: ignore[arg-type]
-            else:
-                self._reply_admin(route, request_id, op, header, client)  # type: ignore[arg-type]
-        except Exception as exc:  # every accepted request gets exactly one answer, even on a daemon bug
-            if not isinstance(exc, OpenInferError):
-                log.exception("internal error while handling a request", extra={"client": client})
-                exc = Internal(f"internal error: {type(exc).__name__}")
-            if request_id is None:
-                log.warning("malformed request", extra={"client": client, "connection": conn.conn_id, "code": exc.code, "reason": exc.message})
-            timing = {"total_us": (time.monotonic_ns() - received_ns) / 1000}
-            self.replies.error(route, request_id, exc, timing)
-            if request_id is None or isinstance(exc, OverLimit):  # no conforming client sends this
-                self.connections.strike(conn, exc.message)
-            self.accountant.record(model.name if model else None, model.version if model else None, client, exc.code, timing)
-            self.accountant.count_operation(op, exc.code)
-
-    def _reply_admin(self, route: Route, request_id: int, op: str, header: dict[str, Any], client: str) -> None:
-        try:
-            result = self._admin(op, header, route)
-        except OpenInferError as exc:
-            self.replies.error(route, request_id, exc)
-            self.accountant.count_operation(op, exc.code)
-            if op == "lease" and exc.code != Unavailable.code:
-                # The client library answers its infer with this refusal (NOT_FOUND ...): counted as the
-                # failed request it is. UNAVAILABLE sends the infer to this socket, where it is counted.
-                self.accountant.record(None, None, client, exc.code, {})
-            return
-        self.replies.send(route, {"v": PROTOCOL_VERSION, "id": request_id, "result": result})
-        self.accountant.count_operation(op, None)
-
-    def _on_oversized(self, conn: Connection, event: Oversized, received_ns: int) -> None:
-        """A message over a size limit: its bytes were skipped as they arrived, never stored. Answered
-        RESOURCE_EXHAUSTED with its id when the header frame came before the limit was hit."""
-        frames = event.frames
-        delimited = bool(frames) and len(frames[0]) == 0
-        body = frames[1:] if delimited else frames
-        request_id = None
-        if body:
-            try:
-                request_id = request_id_of(decode_header(body[0]))
-            except OpenInferError:
-                pass
-        if event.limit == "first_frame":
-            message = f"header is {event.size} bytes; the limit is {MAX_HEADER_BYTES} (protocol section 9)"
-        elif event.limit == "frames":
-            message = f"more than {MAX_FRAMES} frames; the limit is {MAX_FRAMES} (a header and at most {MAX_FRAMES - 1} tensors)"
-        else:
-            limit = self.settings.server.max_request_bytes
-            message = f"request carries more than {limit} bytes of tensors (at least {event.size - MAX_HEADER_BYTES}); the limit is server.max_request_bytes = {limit}: split the request or raise the setting"
-        exc = OverLimit(message, {"limit": event.limit, "max_request_bytes": self.settings.server.max_request_bytes})
-        timing = {"total_us": (time.monotonic_ns() - received_ns) / 1000}
-        self.replies.error(Route(conn, delimited), request_id, exc, timing)
-        self.connections.strike(conn, exc.message)
-        self.accountant.record(None, None, conn.identity, exc.code, timing)
-        self.accountant.count_operation("(oversized)", exc.code)
-
-    def _lookup_for_infer(self, header: dict[str, Any]) -> ServedModel:
-        if self.draining:
-            raise Unavailable("daemon is shutting down; not accepting new requests")
-        version = header.get("version")
-        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
-            raise InvalidArgument("`version` must be an integer")
-        name = header.get("model")
-        if not isinstance(name, str):
-            raise InvalidArgument("`model` must be a string (the name of a served model)")
-        model = self.registry.lookup(name, version)
-        if model.state is not ModelState.READY:
-            raise Unavailable(f"model {model.key} is {model.state.value}" + (f": {model.reason}" if model.reason else ""))
-        return model
-
-    def _accept_infer(self, route: Route, request_id: int, client: str, model: ServedModel, header: dict[str, Any], body: list[Any], received_ns: int) -> None:
-        data = body[1:]
-        limit = model.config.max_request_bytes or self.settings.server.max_request_bytes
-        nbytes, signature = check_infer(header, data, model, limit, walk_bytes=False)  # BYTES frames: the worker's (check_infer)
-        decoded_ns = time.monotonic_ns()
-        timeout_ms = header.get("timeout_ms") or model.config.timeout_ms
-        conn = route.conn
-        task = Task(  # positional: half the cost of keywords, on every request
-            self._next_task_id,  # task_id
-            request_id,
-            route,
-            conn.identity,
-            client,
-            model,
-            body[0],  # header_frame
-            data,  # data_frames
-            nbytes,
-            received_ns,
-            decoded_ns,
-            received_ns + timeout_ms * 1_000_000,  # deadline_ns
-            header.get("priority") or 0,
-            signature,
-        )
-        outputs = header.get("outputs")
-        task.wanted = tuple(outputs) if outputs else model.output_order
-        key = (conn.conn_id, request_id)
-        if key in self.replies.open_requests:
-            raise InvalidArgument(f"id {request_id} is already in flight on this connection; ids must be unique among a connection's outstanding requests")
-        self._next_task_id += 1
-        self.limiter.admit(conn.identity, decoded_ns)
-        self.dispatcher.admit(task, header)
-        self.replies.open_requests.add(key)
-
+    # -- connections --------------------------------------------------------------------------------
     def _on_connection_closed(self, conn: Connection) -> None:
         """Its queued requests will never be read: they leave the queue now (replies to its running ones
         are dropped when they come)."""
@@ -503,7 +366,7 @@ class Supervisor:
         if now < self._next_housekeeping_ns and not self.direct.books.behind:
             return
         self._next_housekeeping_ns = now + _HOUSEKEEPING_NS
-        self._read_ledgers(PASS_RECORDS)  # bounded: `stats` and scrapes read the rest first
+        self.read_ledgers(PASS_RECORDS)  # bounded: `stats` and scrapes read the rest first
         for worker, ran_ns in self.direct.overdue(list(self.pool.workers.values()), now):
             log.error("a direct request ran past max_compute_ms; killing the worker", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key, "ran_ms": ran_ns // 1_000_000, "max_compute_ms": worker.model.config.max_compute_ms})
             worker.exit_reason = f"killed: a request sent to it directly was still running after {ran_ns // 1_000_000} ms, past max_compute_ms = {worker.model.config.max_compute_ms}"
@@ -527,55 +390,6 @@ class Supervisor:
                 self.overdue.kill(worker, now)
         if self.direct.enabled:  # (the retiring versions of a reload too: their queues wait for their workers)
             self.dispatcher.serve_parked(self.sync.all_models())
-
-    # -- admin --------------------------------------------------------------------------------------
-    def _admin(self, op: str, header: dict[str, Any], route: Route) -> dict[str, Any]:
-        if op == "models":
-            return admin.models_result(self)
-        if op == "metadata":
-            return admin.metadata_result(self, header)
-        if op == "health":
-            return admin.health_result(self)
-        if op == "status":
-            return admin.status_result(self)
-        if op == "stats":
-            self._read_ledgers()  # every direct request answered before this one is counted
-            return admin.stats_result(self)
-        if op == "cancel":
-            return self._cancel(route, header.get("target"))
-        if op == "lease":
-            return self._lease(route, header)
-        if op == "reload":
-            result = self.reload()
-            if "error" in result:  # the old configuration keeps serving
-                raise InvalidArgument(result["error"])
-            return result
-        raise InvalidArgument(f"operation {op!r} is not supported by this daemon yet")
-
-    def _lease(self, route: Route, header: dict[str, Any]) -> dict[str, Any]:
-        """A lease for the direct path: `infer` straight to the model's workers (PROTOCOL.md 17).
-        Local peers only (the kernel must be able to tell the worker who connects)."""
-        conn = route.conn
-        if conn.peer.uid is None:
-            raise Unavailable("the direct path is for local clients over ipc://: send infer to this socket", {"direct": "off"})  # stop asking (PROTOCOL.md 17.1)
-        model = self._lookup_for_infer(header)
-        server = self.settings.server
-        limit = self.limiter.policy.limit_for(conn.identity)
-        if limit.rate_per_s > 0:  # a rate is kept in one place, here: such a client is served at this socket
-            raise Unavailable(f"{conn.identity} has a rate limit (rate_per_s = {limit.rate_per_s:g}, policies/clients.toml): its requests are served through the front door, which keeps the rate", {"direct": "off"})
-        limits = {
-            "max_request_bytes": model.config.max_request_bytes or server.max_request_bytes, "max_header_bytes": MAX_HEADER_BYTES, "max_frames": MAX_FRAMES,
-            "max_compute_ms": model.config.max_compute_ms, "max_in_flight": limit.max_in_flight, "max_reply_bytes": server.max_worker_message_bytes,
-        }
-        return self.direct.lease(conn.identity, model, limit.max_in_flight, limits)
-
-    def _cancel(self, route: Route, target: Any) -> dict[str, Any]:
-        task = self.dispatcher.queued_for(route.conn.conn_id, target) if isinstance(target, int) else None
-        if task is None or task.done:
-            return {"cancelled": False}
-        self.dispatcher.remove_queued(task)
-        self.replies.fail(task, DeadlineExceeded("cancelled by the client before it ran"))
-        return {"cancelled": True}
 
     # -- signals and shutdown ---------------------------------------------------------------------
     def _on_signals(self, signums: list[int]) -> None:

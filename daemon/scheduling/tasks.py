@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True, eq=False)
 class Task:
-    # Supervisor._accept_infer builds tasks positionally: keep the order of the fields up to `signature`.
+    # FrontDoorRequests._accept_infer (frontdoor/requests.py) builds tasks positionally: keep the order of the fields up to `signature`.
     task_id: int
     request_id: int
     route: "Route"  # where the reply goes: the connection object itself, and its envelope
