@@ -182,3 +182,29 @@ def test_a_request_arriving_while_a_flood_runs_gets_its_turn(daemon_factory: Any
     one_run_us = sorted(reply["timing"]["compute_us"] for reply in root)[len(root) // 2]
     waited_runs = (theirs["client_us"] - theirs["compute_us"]) / one_run_us
     assert waited_runs <= 3, (waited_runs, theirs, one_run_us)  # the run in progress and a turn: not root's 7 left
+
+
+def test_aging_gives_turns_too_so_a_backlog_below_a_higher_priority_cannot_hold_another_uid(daemon_factory: Any, repo: Path) -> None:
+    """Round 11's attacker kept requests at priority 9 (so a higher level is never empty) and a backlog
+    at priority 1, all older than another uid's priority-0 request. Aging took the oldest aged request
+    each time, so that request waited the whole backlog (2 answers in 35 s, 25 s each), not about
+    `starvation_ms`. Aged requests now take turns by identity: the other uid's comes among the first."""
+    daemon = daemon_factory(repo, env={**DIRECT, "OPENINFER_SERVER_STARVATION_MS": "100"})
+    with OtherUid(daemon) as other:
+        blocker, peer, _ = busy_worker(daemon)
+        other.peers = (blocker, peer)
+        for request_id in range(100, 124):  # ~1 s of priority 9: the top level stays taken throughout
+            peer.stream.send(busy(request_id, STEP, priority=9))
+        for request_id in range(200, 208):
+            peer.stream.send(busy(request_id, STEP, priority=1))
+        ended = blocker.replies(1, timeout=60)[0]
+        cpu = psutil.Process(worker_pid(daemon, "busy")).cpu_times
+        at_end = sum(cpu()[:2])
+        one_run_s = ended["timing"]["compute_us"] / 1e6 * STEP / BLOCKER
+        wait_for(lambda: sum(cpu()[:2]) > at_end + 1.5 * one_run_s, 30, "the worker to be into root's queue")
+        other.ask()  # priority 0, read after all of root's: root's backlog is the older
+        peer.replies(32, timeout=60)
+        theirs = other.answer()
+    # It waits starvation_ms (100 ms) to be aged, then its turn: the run in progress and at most one more.
+    waited_runs = (theirs["queue_us"] - 100_000) / theirs["compute_us"]
+    assert waited_runs <= 3, (waited_runs, theirs)  # before: behind all eight of priority 1 (~8-9 runs)

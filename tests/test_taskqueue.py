@@ -95,3 +95,23 @@ def test_taking_batches_never_loses_or_duplicates_a_task() -> None:
                 queued.remove(task.task_id)  # KeyError if taken twice or never queued
         assert len(queue) == len(queued) == len(list(queue))
     assert set(drain(queue)) == queued
+
+
+def test_aged_tasks_take_turns_between_identities_not_oldest_first() -> None:
+    """Round 11's attacker kept a few requests at priority 9 and 240 at priority 1, all queued before
+    another uid's priority-0 request: aging took the oldest aged task each time, so the victim waited
+    behind the whole backlog. Aged tasks now take turns by identity."""
+    queue: TaskQueue[Task] = TaskQueue(starvation_ms=100)
+    long_ago = time.monotonic_ns() - 5_000_000_000
+    for i in range(2):
+        queue.append(make_task(900 + i, client="uid=65534", priority=9))
+    for i in range(40):
+        task = make_task(100 + i, client="uid=65534", priority=1)
+        task.enqueued_ns = long_ago + i  # all older than the victim's
+        queue.append(task)
+    victim = make_task(1, client="uid=1000", priority=0)
+    victim.enqueued_ns = long_ago + 1_000_000
+    queue.append(victim)
+    order = drain(queue)
+    assert order.index(1) <= 1, order  # its turn among the aged comes at once, not after 40 older ones
+    assert order[:2].count(1) == 1 and [t for t in order if t >= 100 and t < 900] == list(range(100, 140))  # each identity's own stay in order

@@ -6,7 +6,10 @@ Order, written down because clients depend on it (docs/PROTOCOL.md, `priority`):
   never the self-chosen `client` name, which a flooder could rotate to take extra turns), so one
   identity flooding a model delays only itself; each identity's own requests stay in arrival order;
 - aging: a task that has waited longer than `starvation_ms` is taken before any higher-priority task,
-  so low priorities are delayed, never starved.
+  so low priorities are delayed, never starved; among such aged tasks, identities take turns too (the
+  one aged longest since its last aged turn first). Taken oldest-first, aging once let one identity
+  keep 240 requests at priority 1 behind a few at 9: all older than another identity's priority-0
+  request, which waited the whole backlog (25 s with 125 ms runs) instead of starvation_ms (round 11).
 
 One implementation for both queues: the supervisor's (tasks from the front door) and each worker's own
 (requests sent to it on the direct path, worker/direct_queue.py); both hold `Queued` items.
@@ -34,6 +37,8 @@ class TaskQueue(Generic[Task]):
         self._levels: dict[int, OrderedDict[str, deque[Task]]] = {}
         self._len = 0
         self._starvation_ns = starvation_ms * 1_000_000
+        self._aged_turns: dict[str, int] = {}  # identity -> the number of its last aged turn
+        self._aged_count = 0
 
     @property
     def starvation_ms(self) -> int:
@@ -77,19 +82,15 @@ class TaskQueue(Generic[Task]):
         levels = self._levels
         top = max(levels)
         chosen = top
-        if len(levels) > 1:  # aging: the oldest head of a lower level may jump the queue
-            cutoff = time.monotonic_ns() - self._starvation_ns
-            oldest = None
-            for priority, level in levels.items():
-                if priority == top:
-                    continue
-                head = next(iter(level.values()))[0]
-                if head.enqueued_ns < cutoff and (oldest is None or head.enqueued_ns < oldest[1]):
-                    oldest = (priority, head.enqueued_ns)
-            if oldest is not None:
-                chosen = oldest[0]
+        client = None
+        if len(levels) > 1:  # aging: a task of a lower level that waited past starvation_ms jumps the queue
+            aged = self._aged(top, time.monotonic_ns() - self._starvation_ns)
+            if aged is not None:
+                chosen, client = aged
         level = levels[chosen]
-        client, tasks = next(iter(level.items()))
+        if client is None:
+            client = next(iter(level))
+        tasks = level[client]
         task = tasks.popleft()
         if tasks:
             level.move_to_end(client)  # next turn goes to the next client
@@ -99,6 +100,30 @@ class TaskQueue(Generic[Task]):
                 del levels[chosen]
         self._len -= 1
         return task
+
+    def _aged(self, top: int, cutoff_ns: int) -> tuple[int, str] | None:
+        """(priority, identity) of the aged task to take next, or None: of the identities with a task below
+        `top` queued before `cutoff_ns`, the one whose last aged turn is least recent (never: first), its
+        oldest such task."""
+        best: tuple[int, str] | None = None
+        best_turn = best_age = 0
+        turns = self._aged_turns
+        for priority, level in self._levels.items():
+            if priority == top:
+                continue
+            for identity, tasks in level.items():
+                enqueued = tasks[0].enqueued_ns
+                if enqueued >= cutoff_ns:
+                    continue
+                turn = turns.get(identity, -1)
+                if best is None or (turn, enqueued) < (best_turn, best_age):
+                    best, best_turn, best_age = (priority, identity), turn, enqueued
+        if best is not None:
+            if len(turns) >= 4096:  # identities long gone: forgetting them only gives them an early turn
+                turns.clear()
+            turns[best[1]] = self._aged_count
+            self._aged_count += 1
+        return best
 
     def take_batch(self, max_rows: int) -> list[Task]:
         """The next task (as `popleft` chooses it) and, after it, queued tasks with its batch key while
@@ -156,3 +181,4 @@ class TaskQueue(Generic[Task]):
 
     def depth_by_priority(self) -> dict[str, int]:
         return {str(p): sum(len(t) for t in level.values()) for p, level in sorted(self._levels.items())}
+
