@@ -66,10 +66,12 @@ class WorkerLoop:
         listener_fd = door.listener.fileno() if door is not None else -1
         poll = self.poller.poll
         while True:
-            timeout = direct.queue.run_ready() if direct is not None else None
+            # Before anything runs: once its drain is over, a retired worker starts no run (what is queued
+            # is sent back, _leave), so it leaves right after the run it was in.
             if self.quit_at_ns and (door is None or door.idle or time.monotonic_ns() >= self.quit_at_ns):
                 self._leave()
                 return
+            timeout = direct.queue.run_ready() if direct is not None else None
             self._watch_channel()
             self._housekeeping()  # on a clock, busy or not: under constant traffic the loop is never idle
             events = poll(0)
