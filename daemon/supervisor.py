@@ -58,7 +58,7 @@ _HOUSEKEEPING_NS = 5_000_000  # how often running tasks' deadlines are checked (
 LEDGER_READ_MS = 20  # while workers answer direct requests, their ledgers are read at least this often
 LEDGER_IDLE_MS = 100  # and while they seem quiet (a full ring drops records: stats would miss them)
 QUIT_GRACE_NS = 5_000_000_000  # a worker told to QUIT leaves by itself within this (its own drain: 4 s), unless it is running
-LEAVING_NS = 1_500_000_000  # and within this after its last run (its drain over, its leaving flushes for at most 1 s)
+LEAVING_NS = 1_500_000_000  # and within this after its last run once its drain is over (its leaving flushes for at most 1 s)
 
 
 class Supervisor:
@@ -434,29 +434,27 @@ class Supervisor:
             ready = worker.state is WorkerState.READY
             worker.transition(WorkerState.DRAINING)
             self.direct.withdraw(worker)
-            if ready and self.pool.send(worker, [messages.QUIT]):
-                quit_ns = time.monotonic_ns()
+            quit_ns = time.monotonic_ns()
+            if ready and self.pool.send(worker, [messages.QUIT, quit_ns.to_bytes(8, "little")]):  # its drain counts from now
                 latest_ns = quit_ns + QUIT_GRACE_NS + worker.model.config.max_compute_ms * 1_000_000
-                self.timers.call_at(quit_ns + QUIT_GRACE_NS, lambda: self._gone_or_killed(worker, latest_ns, 0))
+                self.timers.call_at(quit_ns + QUIT_GRACE_NS, lambda: self._gone_or_killed(worker, latest_ns))
                 return
             self.pool.kill(worker)
 
-    def _gone_or_killed(self, worker: WorkerHandle, latest_ns: int, ran_ns: int) -> None:
-        """A worker told to QUIT and still here after QUIT_GRACE_NS is killed - unless it is running a
-        direct request, or was a moment ago (`ran_ns`: when a look last found it running): a client waits
-        for that run, which a reload must not fail (round 9: a 7 s run was killed 5 s after a reload,
-        WORKER_CRASHED), and after it the worker's drain (it reads QUIT only once the run ends) and its
-        leaving (send back, flush: at most a second) must not be cut between two runs, where a reply
-        computed and not yet written would be lost (round 11). It is looked at every quarter second, until
-        `latest_ns` (the grace plus the model's max_compute_ms). A page that lies only keeps this retiring
-        worker that long."""
+    def _gone_or_killed(self, worker: WorkerHandle, latest_ns: int) -> None:
+        """A worker told to QUIT and still here after QUIT_GRACE_NS is killed - unless its page says it is
+        running a direct request or ended one less than LEAVING_NS ago: a client waits for that run, which
+        a reload must not fail (round 9: a 7 s run was killed 5 s after a reload, WORKER_CRASHED), and the
+        moment between a run's end and its reply's write, or the worker's leaving (send back, flush: at
+        most a second), must not be cut (a computed reply lost; round 11). Its drain counts from the QUIT's
+        sending (it carries the time), so it starts no run after QUIT + 4 s and is gone by QUIT + 4 s +
+        max_compute_ms. Looked at every quarter second until `latest_ns` (the grace plus the model's
+        max_compute_ms). A page that lies only keeps this retiring worker that long."""
         if worker.state is WorkerState.EXITED:
             return
         now = time.monotonic_ns()
-        if worker.running_direct():
-            ran_ns = now
-        if now < latest_ns and (ran_ns == now or now - ran_ns < LEAVING_NS):
-            self.timers.call_at(min(latest_ns, now + 250_000_000), lambda: self._gone_or_killed(worker, latest_ns, ran_ns))
+        if now < latest_ns and worker.ran_direct_within(now, LEAVING_NS):
+            self.timers.call_at(min(latest_ns, now + 250_000_000), lambda: self._gone_or_killed(worker, latest_ns))
             return
         self.pool.kill(worker)
 

@@ -115,3 +115,20 @@ def test_aged_tasks_take_turns_between_identities_not_oldest_first() -> None:
     order = drain(queue)
     assert order.index(1) <= 1, order  # its turn among the aged comes at once, not after 40 older ones
     assert order[:2].count(1) == 1 and [t for t in order if t >= 100 and t < 900] == list(range(100, 140))  # each identity's own stay in order
+
+
+def test_an_aged_request_at_the_top_priority_takes_its_turn_among_the_aged_below() -> None:
+    """Round 12's attacker: 200 aged requests of one uid at priority 0 and another uid's one at priority
+    5, itself past starvation_ms: aging only looked below the top level, so every take went to the
+    backlog and the priority-5 request came 200th (12 s behind a flood on a real daemon)."""
+    queue: TaskQueue[Task] = TaskQueue(starvation_ms=100)
+    long_ago = time.monotonic_ns() - 5_000_000_000
+    for i in range(200):
+        task = make_task(100 + i, client="uid=65534", priority=0)
+        task.enqueued_ns = long_ago + i
+        queue.append(task)
+    victim = make_task(1, client="uid=1000", priority=5)
+    victim.enqueued_ns = long_ago + 1_000
+    queue.append(victim)
+    assert drain(queue).index(1) <= 1
+

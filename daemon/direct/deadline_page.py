@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 
 PAGE_BYTES = 4096
-_SINCE, _DEADLINE = 0, 1  # signed 64-bit words: running since (ns), must be done by (ns); 0 = idle
+_SINCE, _DEADLINE = 0, 1  # signed 64-bit words: running since (ns), must be done by (ns); deadline 0 = idle, since = when the last run ended
 
 
 class DeadlinePage:
@@ -40,8 +41,10 @@ class DeadlinePage:
         self.words[_DEADLINE] = deadline_ns
 
     def idle(self) -> None:
+        """No run now; the first word keeps when the last one ended (a retired worker is not killed in
+        the moment between a run and its reply's write: supervisor._gone_or_killed)."""
         self.words[_DEADLINE] = 0
-        self.words[_SINCE] = 0
+        self.words[_SINCE] = time.monotonic_ns()
 
     def read(self) -> tuple[int, int]:
         deadline = self.words[_DEADLINE]

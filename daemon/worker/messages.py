@@ -14,7 +14,7 @@ any state changes; a message that does not fit retires the worker.
   worker -> supervisor                        supervisor -> worker
   HELLO  [b"H", meta]  model loaded            ACK   [b"A", lease key] channel proven, go sandbox
   READY  [b"Y", sandbox]  serve policy on      TASK  [b"T"+task_id+stop(+identity), client header, *data]
-  RESULT [b"R"+task_id, meta, *outputs]       QUIT  [b"Q"]           finish and exit 0
+  RESULT [b"R"+task_id, meta, *outputs]       QUIT  [b"Q", sent_ns]  finish and exit 0 (drain from sent_ns)
   RESULTS [b"S", meta, *outputs]  the answers of one BATCH (layout below)
   FAILED [b"E", {"message"}]  boot failed      PING  [b"P", token]
                                                BATCH [b"B", plan, *data]  (layout below)

@@ -158,17 +158,19 @@ class WorkerLoop:
                 elif kind == messages.KEY and self.direct is not None:
                     self.direct.door.rekey(bytes(frames[1]))
                 elif kind == messages.QUIT:
-                    self._begin_quit()
+                    self._begin_quit(int.from_bytes(bytes(frames[1][:8]), "little") if len(frames) > 1 else time.monotonic_ns())
                 else:
                     log.warning("unknown message kind from supervisor", extra={"kind": kind.hex()})
         except PeerClosed:
             self._leave()
             raise SystemExit(0) from None  # the supervisor is gone: nothing left to serve
 
-    def _begin_quit(self) -> None:
+    def _begin_quit(self, sent_ns: int) -> None:
+        """The drain counts from when the supervisor sent QUIT (read late, after a long run, it ends as
+        many seconds sooner): the supervisor's grace and this drain keep one clock."""
         if self.quit_at_ns:
             return
-        self.quit_at_ns = time.monotonic_ns() + DRAIN_GRACE_NS
+        self.quit_at_ns = min(sent_ns, time.monotonic_ns()) + DRAIN_GRACE_NS
         if self.direct is not None:
             self.direct.door.goaway("this worker is retiring: take a new lease")
 

@@ -73,10 +73,13 @@ class WorkerHandle:
     def pid(self) -> int:
         return self.spawned.pid
 
-    def running_direct(self) -> bool:
-        """Its deadline page says a direct run is in progress (the worker's word: callers bound how long
-        they believe it)."""
-        return self.page is not None and self.page.read()[1] != 0
+    def ran_direct_within(self, now_ns: int, window_ns: int) -> bool:
+        """Its deadline page says a direct run is in progress, or ended less than `window_ns` ago (the
+        worker's word: callers bound how long they believe it)."""
+        if self.page is None:
+            return False
+        since, deadline = self.page.read()
+        return deadline != 0 or (since != 0 and now_ns - since < window_ns)
 
     def direct_run_overdue(self, now_ns: int) -> bool:
         """Its deadline page says it is still running a direct request past that request's deadline: it is
