@@ -336,6 +336,52 @@ def test_a_retired_workers_queue_is_answered_or_sent_elsewhere_never_lost(daemon
     assert all(float(o.outputs["y"][0]) == float(n) for o in outcomes)
 
 
+def served_versions(daemon: RunningDaemon, model: str) -> list[int]:
+    with Client(daemon.address, direct=False) as admin:
+        return [row["version"] for row in admin.models() if row["name"] == model]
+
+
+def test_a_new_version_under_version_policy_latest_takes_over_without_a_failed_request(daemon_factory: Any) -> None:
+    """Round 13's attacker: with version_policy = "latest", adding version 2 dropped version 1 at once,
+    and every request answered UNAVAILABLE "model tiny:2 is loading" until version 2 was ready (1,052
+    failures of one client in 0.84 s; thousands across the C, sync and async clients). Version 1 now
+    serves until version 2 does."""
+    root = world_readable_dir("oi-direct-latest-")
+    onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx", seed=1)
+    (root / "tiny" / "config.toml").write_text('workers = 1\nversion_policy = "latest"\n')
+    make_world_readable(root)
+    daemon = daemon_factory(root, env=DIRECT)
+    failures: list[str] = []
+    versions: list[int] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with Client(daemon.address) as client:
+            while not stop.is_set():
+                try:
+                    versions.append(client.infer("tiny", {"x": X}).version)
+                except OpenInferError as exc:
+                    failures.append(str(exc))
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        wait_for(lambda: len(versions) > 10, 20, "traffic")
+        onnx_builders.matmul_model(root / "tiny" / "2" / "model.onnx", seed=2)
+        make_world_readable(root)
+        with Client(daemon.address, direct=False) as admin:
+            admin.reload()
+        wait_for(lambda: versions[-1] == 2, 60, "version 2 to serve")
+        n = len(versions)
+        wait_for(lambda: len(versions) > n + 20, 20, "more traffic on version 2")
+        wait_for(lambda: served_versions(daemon, "tiny") == [2], 30, "version 1 to leave")
+    finally:
+        stop.set()
+        thread.join(30)
+        shutil.rmtree(root, ignore_errors=True)
+    assert failures == [], failures[:3]
+
+
 def test_a_killed_worker_fails_only_what_ran_on_it(daemon_factory: Any, repo: Path) -> None:
     daemon = daemon_factory(repo, env=DIRECT)
     results: list[str] = []

@@ -132,3 +132,22 @@ def test_an_aged_request_at_the_top_priority_takes_its_turn_among_the_aged_below
     queue.append(victim)
     assert drain(queue).index(1) <= 1
 
+
+
+def test_an_identity_holding_the_turn_at_a_victims_level_cannot_hide_it() -> None:
+    """Round 13's attacker: 200 old requests at priority 9, then one at the victim's level queued before
+    the victim's: aging looked only at the identity whose turn it was at each level, so the attacker's
+    turn there hid the victim, which came 201st of 202."""
+    queue: TaskQueue[Task] = TaskQueue(starvation_ms=100)
+    long_ago = time.monotonic_ns() - 5_000_000_000
+    for i in range(200):
+        task = make_task(100 + i, client="uid=65534", priority=9)
+        task.enqueued_ns = long_ago + i
+        queue.append(task)
+    head = make_task(999, client="uid=65534", priority=0)
+    head.enqueued_ns = long_ago + 500
+    queue.append(head)
+    victim = make_task(1, client="uid=1000", priority=0)
+    victim.enqueued_ns = long_ago + 600
+    queue.append(victim)
+    assert drain(queue).index(1) <= 1

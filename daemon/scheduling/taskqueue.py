@@ -102,23 +102,24 @@ class TaskQueue(Generic[Task]):
         return task
 
     def _aged(self, cutoff_ns: int) -> tuple[int, str] | None:
-        """(priority, identity) of the aged task to take next, or None. Each level offers the task of the
-        identity whose turn it is there, if it was queued before `cutoff_ns`; of those, the identity whose
-        last aged turn is least recent (never: first) wins, then the oldest. The top level offers its own:
-        left out, a top-priority request waited behind another identity's whole aged backlog below it
-        (round 12: 12 s). One look per level, not per identity (a scan of every identity cost 2.8 ms per
-        pop at 1,024 identities); an identity waiting its level's turn there gets it in turn."""
+        """(priority, identity) of the aged task to take next, or None. Every identity's oldest task at
+        each level counts, the top level's included, if it was queued before `cutoff_ns`; of those, the
+        identity whose last aged turn is least recent (never: first) wins, then the oldest. Looking only
+        at each level's turn (round 12's cheaper look) let an identity that held the turn at a victim's
+        level hide it behind its own older requests elsewhere (round 13: 10 s); leaving the top level out
+        let an aged backlog below hold a top-priority request (round 12). Only with mixed priorities:
+        one look per queued identity and level."""
         best: tuple[int, str] | None = None
         best_turn = best_age = 0
         turns = self._aged_turns
         for priority, level in self._levels.items():
-            identity, tasks = next(iter(level.items()))
-            enqueued = tasks[0].enqueued_ns
-            if enqueued >= cutoff_ns:
-                continue
-            turn = turns.get(identity, -1)
-            if best is None or (turn, enqueued) < (best_turn, best_age):
-                best, best_turn, best_age = (priority, identity), turn, enqueued
+            for identity, tasks in level.items():
+                enqueued = tasks[0].enqueued_ns
+                if enqueued >= cutoff_ns:
+                    continue
+                turn = turns.get(identity, -1)
+                if best is None or (turn, enqueued) < (best_turn, best_age):
+                    best, best_turn, best_age = (priority, identity), turn, enqueued
         if best is not None:
             if len(turns) >= 4096:  # identities long gone: forgetting them only gives them an early turn
                 turns.clear()
