@@ -96,6 +96,8 @@ def status_result(sup: "Supervisor") -> dict[str, Any]:
                 # Running on past its tasks' deadline, answered already (a run it cannot stop): killed at max_compute_ms.
                 **({"stalled": True} if worker.inflight.stalled else {}),
                 **({"cache": {"entries": worker.cache_held[0], "bytes": worker.cache_held[1]}} if worker.cache_held is not None else {}),
+                # What its last PONG said it holds for direct requests in flight and unread replies (recycling.py).
+                **({"request_bytes": worker.request_bytes} if worker.page is not None else {}),
                 # Ledger records the worker could not write (the supervisor had not caught up): requests the
                 # books miss. The worker's own word, like the rest of its ledger; an honest one writes 0.
                 **({"ledger_dropped": worker.ledger.dropped()} if worker.ledger is not None else {}),

@@ -13,7 +13,6 @@ next requests are served by the new worker. Before: the worker kept the memory, 
 from __future__ import annotations
 
 import shutil
-import time
 from typing import Any, Callable, Iterator
 
 import msgpack
@@ -106,11 +105,17 @@ def test_frames_a_client_announces_do_not_get_a_worker_recycled(daemon_factory: 
         for peer in peers:
             peer.stream.sock.setblocking(True)
             peer.stream.sock.sendall(bytes((0x01, len(header))) + header + bytes((0x02,)) + (rows * 64 * 4).to_bytes(8, "big"))
-        ends = time.monotonic() + 3  # a dozen ping intervals, the frames moving (not stalled: a byte each 0.3 s)
-        while time.monotonic() < ends:
+
+        def reported_while_moving() -> bool:
+            """A byte more of each frame (moving: never refused as stalled), then whether a PONG came back
+            reporting them held - the supervisor decided on recycling as it took that PONG in."""
             for peer in peers:
                 peer.stream.sock.sendall(b"\0")
-            time.sleep(0.3)
+            with Client(daemon.address, direct=False) as admin:
+                worker = next((w for w in admin.status()["workers"] if w["pid"] == pid), {})
+            return bool(worker.get("request_bytes", 0) >= len(peers) * rows * 64 * 4)
+
+        wait_for(reported_while_moving, 30, "a PONG reporting the announced frames held", daemon=daemon)
         assert worker_pid(daemon, "tiny") == pid and "worker recycled" not in daemon.log_text(), daemon.log_text()[-3000:]
     finally:
         for peer in peers:
