@@ -31,7 +31,7 @@ from openinfer.daemon.observability.metrics import MetricsExporter
 from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.daemon.modelstore.models import ModelRegistry, ServedModel
 from openinfer.daemon.workerpool.pool import WorkerPool
-from openinfer.daemon.workerpool.recycling import memory_limit_bytes
+from openinfer.daemon.workerpool.recycling import enforced_memory_limit
 from openinfer.daemon.workerpool.preparation import WeightPreparer
 from openinfer.daemon.files.prepared import PreparedStore
 from openinfer.daemon.loop.reactor import Reactor
@@ -293,8 +293,7 @@ class Supervisor:
         elif kind == messages.PONG and len(frames) == 3 and bytes(frames[1]) == worker.ping_token:
             worker.ping_sent_ns = 0
             try:
-                limit = memory_limit_bytes(self.settings, worker.model) if self.settings.sandbox.enabled else None
-                report = parse_pong_report(frames[2], worker.model.config.cache, limit)
+                report = parse_pong_report(frames[2], worker.model.config.cache, enforced_memory_limit(self.settings, worker.model))
             except BadWorkerMessage as exc:
                 self._reject_worker(worker, f"PONG: {exc}")
                 return

@@ -97,21 +97,23 @@ def test_taking_batches_never_loses_or_duplicates_a_task() -> None:
     assert set(drain(queue)) == queued
 
 
+def queued_long_ago(task_id: int, client: str, priority: int, order: int = 0) -> Task:
+    """A task queued ~5 s ago, past any starvation_ms here; `order` ranks tasks queued that long ago."""
+    task = make_task(task_id, client=client, priority=priority)
+    task.enqueued_ns = time.monotonic_ns() - 5_000_000_000 + order
+    return task
+
+
 def test_aged_tasks_take_turns_between_identities_not_oldest_first() -> None:
     """Round 11's attacker kept a few requests at priority 9 and 240 at priority 1, all queued before
     another uid's priority-0 request: aging took the oldest aged task each time, so the victim waited
     behind the whole backlog. Aged tasks now take turns by identity."""
     queue: TaskQueue[Task] = TaskQueue(starvation_ms=100)
-    long_ago = time.monotonic_ns() - 5_000_000_000
     for i in range(2):
         queue.append(make_task(900 + i, client="uid=65534", priority=9))
     for i in range(40):
-        task = make_task(100 + i, client="uid=65534", priority=1)
-        task.enqueued_ns = long_ago + i  # all older than the victim's
-        queue.append(task)
-    victim = make_task(1, client="uid=1000", priority=0)
-    victim.enqueued_ns = long_ago + 1_000_000
-    queue.append(victim)
+        queue.append(queued_long_ago(100 + i, "uid=65534", 1, order=i))  # all older than the victim's
+    queue.append(queued_long_ago(1, "uid=1000", 0, order=1_000_000))
     order = drain(queue)
     assert order.index(1) <= 1, order  # its turn among the aged comes at once, not after 40 older ones
     assert order[:2].count(1) == 1 and [t for t in order if t >= 100 and t < 900] == list(range(100, 140))  # each identity's own stay in order
@@ -122,16 +124,10 @@ def test_an_aged_request_at_the_top_priority_takes_its_turn_among_the_aged_below
     5, itself past starvation_ms: aging only looked below the top level, so every take went to the
     backlog and the priority-5 request came 200th (12 s behind a flood on a real daemon)."""
     queue: TaskQueue[Task] = TaskQueue(starvation_ms=100)
-    long_ago = time.monotonic_ns() - 5_000_000_000
     for i in range(200):
-        task = make_task(100 + i, client="uid=65534", priority=0)
-        task.enqueued_ns = long_ago + i
-        queue.append(task)
-    victim = make_task(1, client="uid=1000", priority=5)
-    victim.enqueued_ns = long_ago + 1_000
-    queue.append(victim)
+        queue.append(queued_long_ago(100 + i, "uid=65534", 0, order=i))
+    queue.append(queued_long_ago(1, "uid=1000", 5, order=1_000))
     assert drain(queue).index(1) <= 1
-
 
 
 def test_an_identity_holding_the_turn_at_a_victims_level_cannot_hide_it() -> None:
@@ -139,15 +135,8 @@ def test_an_identity_holding_the_turn_at_a_victims_level_cannot_hide_it() -> Non
     the victim's: aging looked only at the identity whose turn it was at each level, so the attacker's
     turn there hid the victim, which came 201st of 202."""
     queue: TaskQueue[Task] = TaskQueue(starvation_ms=100)
-    long_ago = time.monotonic_ns() - 5_000_000_000
     for i in range(200):
-        task = make_task(100 + i, client="uid=65534", priority=9)
-        task.enqueued_ns = long_ago + i
-        queue.append(task)
-    head = make_task(999, client="uid=65534", priority=0)
-    head.enqueued_ns = long_ago + 500
-    queue.append(head)
-    victim = make_task(1, client="uid=1000", priority=0)
-    victim.enqueued_ns = long_ago + 600
-    queue.append(victim)
+        queue.append(queued_long_ago(100 + i, "uid=65534", 9, order=i))
+    queue.append(queued_long_ago(999, "uid=65534", 0, order=500))
+    queue.append(queued_long_ago(1, "uid=1000", 0, order=600))
     assert drain(queue).index(1) <= 1

@@ -24,7 +24,7 @@ from openinfer.daemon.loop.reactor import READABLE, WRITABLE, Reactor
 from openinfer.daemon.files.runtime_dir import WORK_DIR
 from openinfer.daemon.config.settings import Settings
 from openinfer.daemon.config.worker_user import resolve_worker_user, shared_ids_warning
-from .recycling import RECYCLE_SPACING_NS, address_space, memory_limit_bytes, overgrown
+from .recycling import RECYCLE_SPACING_NS, address_space, enforced_memory_limit, memory_limit_bytes, overgrown
 from .spawner import spawn_worker
 from openinfer.daemon.loop.timers import TimerHeap
 from openinfer.daemon.worker import messages
@@ -407,8 +407,7 @@ class WorkerPool:
             return
         if _running_direct(worker, now, int(self.settings.pool.ping_grace_s * 1e9)):
             return
-        limit = memory_limit_bytes(self.settings, worker.model) if self.settings.sandbox.enabled else None
-        reason = overgrown(worker.pid, worker.ready_address_space, limit, worker.cache_held[1] if worker.cache_held else 0, worker.request_bytes)
+        reason = overgrown(worker.pid, worker.ready_address_space, enforced_memory_limit(self.settings, worker.model), worker.cache_held[1] if worker.cache_held else 0, worker.request_bytes)
         if reason is not None:
             self._recycled_ns[worker.model.key] = now
             self.recycle(worker, reason)

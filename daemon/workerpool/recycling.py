@@ -44,6 +44,12 @@ def memory_limit_bytes(settings: Settings, model: ServedModel) -> int | None:
     return limit_mb * 1024 * 1024 if limit_mb else None
 
 
+def enforced_memory_limit(settings: Settings, model: ServedModel) -> int | None:
+    """The limit the model's workers really run under: memory_limit_bytes when the sandbox is on, else none
+    (what recycling and the check of a PONG's report measure against)."""
+    return memory_limit_bytes(settings, model) if settings.sandbox.enabled else None
+
+
 def overgrown(pid: int, ready_bytes: int | None, limit: int | None, cache_bytes: int = 0, request_bytes: int = 0) -> str | None:
     """Why an idle worker should be replaced, or None. `request_bytes`: what it holds for direct requests
     in flight and unread replies (its last PONG), which goes with them."""
