@@ -403,21 +403,26 @@ def _success(request_id: int) -> tuple[dict[str, Any], bytes]:
 
 
 class ScriptedDirect:
-    """A front door and three workers (pyzmq ROUTERs) playing the rules of PROTOCOL.md 17 for three
+    """A front door and six workers (pyzmq ROUTERs) playing the rules of PROTOCOL.md 17 for five
     requests of the C client:
       request 0: lease L1 [w1]; w1 answers the infer PERMISSION_DENIED {"lease": "expired"}; the client
                  takes L2 [w1], attaches it and sends the same request again; w1 says GOAWAY, then answers;
-      request 1: lease L3 [w2] (w1 retired); w2 closes the connection with the request on it;
-      request 2: lease L4 [w3] (w2 is gone); w3 answers.
+      request 1: lease L3 [w2] (w1 retired); w2 closes the connection with the request on it (it died);
+      request 2: lease L4 [w3] (w2 is gone); w3 says GOAWAY, then answers;
+      request 3: lease L5 [w4]; w4 says GOAWAY and closes with the request on it: a retiring worker
+                 answers all it read, so this one was never read; the client takes L6 [w5] and sends it
+                 there; w5 says GOAWAY, then answers;
+      request 4: lease L7 [w6], whose limits say max_compute_ms 300; w6 says GOAWAY and closes 0.5 s
+                 later: the daemon killing a retiring worker whose run passed max_compute_ms.
     Every message is logged as it arrives."""
 
     def __init__(self, directory: Path) -> None:
         self.context = zmq.Context()
         self.front = self._bind(f"ipc://{directory}/front.sock")
-        self.workers = {name: self._bind(f"ipc://{directory}/{name}.sock") for name in ("w1", "w2", "w3")}
+        self.workers = {name: self._bind(f"ipc://{directory}/{name}.sock") for name in ("w1", "w2", "w3", "w4", "w5", "w6")}
         self.w1_events = self.workers["w1"].get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.address = f"ipc://{directory}/front.sock"
-        self.plan = [["w1"], ["w1"], ["w2"], ["w3"]]
+        self.plan = [["w1"], ["w1"], ["w2"], ["w3"], ["w4"], ["w5"], ["w6"]]
         self.log: list[tuple[Any, ...]] = []
         self.w1_disconnected = threading.Event()
         self.error: BaseException | None = None
@@ -439,9 +444,14 @@ class ScriptedDirect:
         for sock in (self.front, self.w1_events, *self.workers.values()):
             poller.register(sock, zmq.POLLIN)
         expired_once = False
+        close_w6_at: float | None = None
         try:
             while not self._done.is_set():
-                for sock, _ in poller.poll(100):
+                if close_w6_at is not None and time.monotonic() >= close_w6_at:
+                    close_w6_at = None
+                    poller.unregister(self.workers["w6"])
+                    self.workers["w6"].close(linger=0)
+                for sock, _ in poller.poll(20):
                     if sock is self.w1_events:
                         self.w1_events.recv_multipart()
                         self.w1_disconnected.set()
@@ -453,9 +463,11 @@ class ScriptedDirect:
                         names = self.plan[len([e for e in self.log if e[0] == "lease"])]
                         token = f"L{len([e for e in self.log if e[0] == 'lease']) + 1}".encode()
                         self.log.append(("lease", token))
+                        limits = {"max_request_bytes": 1 << 20, "max_header_bytes": 65536, "max_frames": 257}
+                        if names == ["w6"]:
+                            limits["max_compute_ms"] = 300
                         result = {"model": "tiny", "version": 1, "lease": token, "expires_in_ms": 5000,
-                                  "workers": [{"address": self._address(n), "worker": i} for i, n in enumerate(names)],
-                                  "limits": {"max_request_bytes": 1 << 20, "max_header_bytes": 65536, "max_frames": 257}}
+                                  "workers": [{"address": self._address(n), "worker": i} for i, n in enumerate(names)], "limits": limits}
                         sock.send_multipart([peer, msgpack.packb({"v": 1, "id": header["id"], "result": result})])
                         continue
                     name = next(n for n, s in self.workers.items() if s is sock)
@@ -472,9 +484,15 @@ class ScriptedDirect:
                     elif name == "w2":
                         poller.unregister(sock)
                         sock.close(linger=0)  # the worker dies with the request on it
-                    else:
-                        if name == "w1":
-                            sock.send_multipart([peer, msgpack.packb({"v": 1, "id": None, "goaway": True, "reason": "retiring"})])
+                    elif name in ("w4", "w6"):
+                        sock.send_multipart([peer, msgpack.packb({"v": 1, "id": None, "goaway": True, "reason": "retiring"})])
+                        if name == "w4":  # retires without reading it: the GOAWAY leaves (linger), then the close
+                            poller.unregister(sock)
+                            sock.close(linger=5000)
+                        else:  # retiring, and killed while running it past max_compute_ms
+                            close_w6_at = time.monotonic() + 0.5
+                    else:  # w1, w3, w5: GOAWAY, then the answer (the next request takes a new lease)
+                        sock.send_multipart([peer, msgpack.packb({"v": 1, "id": None, "goaway": True, "reason": "retiring"})])
                         reply, data = _success(header["id"])
                         sock.send_multipart([peer, msgpack.packb(reply), data])
         except BaseException as exc:  # reported by the test
@@ -493,23 +511,30 @@ def test_direct_path_rules_against_a_scripted_daemon(c_example: Path, tmp_path: 
     scripted = ScriptedDirect(tmp_path)
     try:
         spec = request_spec("tiny", [("x", "FP32", [1, 64], X.tobytes())])
-        rows = run_requests(scripted.address, [spec, spec, spec], tmp_path, "--timeout", "20000", timeout=60)
+        rows = run_requests(scripted.address, [spec] * 5, tmp_path, "--timeout", "20000", timeout=60)
         assert scripted.w1_disconnected.wait(10), "the client never closed its connection to the worker that said GOAWAY"
     finally:
         scripted.close()
     assert scripted.error is None, repr(scripted.error)
-    first, lost, last = rows
+    first, lost, third, unread, overran = rows
     assert first["status"] == "OK" and first["path"] == "direct", first
     assert np.array_equal(np.frombuffer(first["outputs"][0][3], "<f4"), (X * 2).ravel())
     assert lost["status"] == "WORKER_CRASHED" and lost["local"] == 1 and lost["path"] == "direct" and "w2.sock" in lost["message"], lost
-    assert last["status"] == "OK" and last["path"] == "direct", last
+    assert third["status"] == "OK" and third["path"] == "direct", third
+    # closed after its GOAWAY with the request unanswered: never read, so sent to the next worker
+    assert unread["status"] == "OK" and unread["path"] == "direct", unread
+    assert np.array_equal(np.frombuffer(unread["outputs"][0][3], "<f4"), (X * 2).ravel())
+    # closed after its GOAWAY once max_compute_ms had passed: it was running it, and is never sent again
+    assert overran["status"] == "DEADLINE_EXCEEDED" and overran["local"] == 1 and "max_compute_ms (300 ms)" in overran["message"], overran
     log = scripted.log
-    assert [e[1] for e in log if e[0] == "lease"] == [b"L1", b"L2", b"L3", b"L4"], log
-    assert [(e[1], e[2]) for e in log if e[0] == "attach"] == [("w1", b"L1"), ("w1", b"L2"), ("w2", b"L3"), ("w3", b"L4")], log
+    assert [e[1] for e in log if e[0] == "lease"] == [b"L1", b"L2", b"L3", b"L4", b"L5", b"L6", b"L7"], log
+    assert [(e[1], e[2]) for e in log if e[0] == "attach"] == [
+        ("w1", b"L1"), ("w1", b"L2"), ("w2", b"L3"), ("w3", b"L4"), ("w4", b"L5"), ("w5", b"L6"), ("w6", b"L7")], log
     infers = [e for e in log if e[0] == "infer"]
-    assert [e[1] for e in infers] == ["w1", "w1", "w2", "w3"], infers
+    assert [e[1] for e in infers] == ["w1", "w1", "w2", "w3", "w4", "w5", "w6"], infers
     assert infers[0][2] == infers[1][2] and infers[0][3] == infers[1][3]  # the same request sent again, once
-    assert len({e[2] for e in infers[1:]}) == 3  # never resent after the connection closed
+    assert infers[4][2] == infers[5][2] and infers[4][3] == infers[5][3]  # the unread one, sent again once
+    assert len({e[2] for e in infers}) == 5  # never resent after a worker that did not retire closed
 
 
 def test_front_door_drop_fails_the_request_at_once(c_example: Path, tmp_path: Path) -> None:

@@ -424,6 +424,8 @@ int oi_direct_infer(oi_direct *d, const oi_direct_request *req, oi_direct_answer
 
         answer->sent_us = oi_now_ns() / 1000;
         answer->from_worker = 1;
+        /* taken now: a GOAWAY read while waiting drops the lease */
+        int64_t overrun_after_us = slot->lease.max_compute_ms ? answer->sent_us + (int64_t)slot->lease.max_compute_ms * 1000 : INT64_MAX;
         rc = oi_link_send(link, req->frames, req->n_frames, req->wait_deadline_ms);
         if (rc == OI_LINK_CLOSED) { /* gone before it could read the request: it never ran */
             answer->from_worker = 0;
@@ -459,11 +461,20 @@ int oi_direct_infer(oi_direct *d, const oi_direct_request *req, oi_direct_answer
         if (rc != OI_LINK_OK) {
             char address[256];
             snprintf(address, sizeof address, "%s", link->address);
+            int retired = link->draining;
             link_lost(d, link);
             int64_t now_us = oi_now_ns() / 1000;
             if (now_us >= answer->sent_us + (int64_t)req->timeout_ms * 1000)
                 return fail(err, OI_ERR_DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED",
                             "the request's deadline (%d ms) passed while it ran, and its worker (%s) was killed", req->timeout_ms, address);
+            if (now_us >= overrun_after_us)
+                return fail(err, OI_ERR_DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED",
+                            "it was still running past the model's max_compute_ms (%llu ms), and its worker (%s) was killed and is being replaced",
+                            (unsigned long long)(overrun_after_us - answer->sent_us) / 1000, address);
+            if (retired) { /* it said GOAWAY: it answers all it read before it closes, so this was never read (17.5) */
+                answer->from_worker = 0;
+                continue;
+            }
             return fail(err, OI_ERR_WORKER_CRASHED, "WORKER_CRASHED",
                         "the worker at %s closed its connection while running this request (it exited)", address);
         }

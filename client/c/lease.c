@@ -86,6 +86,7 @@ int oi_lease_parse(const msgpack_object *result, int64_t asked_ns, oi_lease *out
     if (!get_uint(limits, "max_header_bytes", &out->max_header_bytes)) out->max_header_bytes = 65536;
     if (!get_uint(limits, "max_frames", &out->max_frames)) out->max_frames = 257;
     if (!get_uint(limits, "max_reply_bytes", &out->max_reply_bytes) || out->max_reply_bytes == 0) out->max_reply_bytes = OI_DEFAULT_MAX_REPLY_BYTES;
+    if (!get_uint(limits, "max_compute_ms", &out->max_compute_ms) || out->max_compute_ms > 86400000) out->max_compute_ms = 0;
     out->version = (int64_t)version;
     out->expires_ns = asked_ns + (int64_t)ttl_ms * 1000000;
     int64_t margin = (int64_t)ttl_ms * 1000000 / 2;

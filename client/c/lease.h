@@ -36,6 +36,7 @@ typedef struct oi_lease {
     uint64_t max_header_bytes;
     uint64_t max_frames;
     uint64_t max_reply_bytes;  /* the largest reply a worker may send (OI_DEFAULT_MAX_REPLY_BYTES when the daemon names none) */
+    uint64_t max_compute_ms;   /* the model's ceiling on one run (0: not named): a run that long gets its worker killed */
     uint64_t serial;           /* set by the user: tells links which lease they attached */
 } oi_lease;
 

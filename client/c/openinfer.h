@@ -21,10 +21,12 @@
  * What this library does on the direct path when things change:
  *   - the lease expired or a reload revoked it (PERMISSION_DENIED, details.lease "expired"): a new
  *     lease, and the request is sent again, once (the worker did not run it);
- *   - the worker retires (GOAWAY): its reply still comes; the next request takes a new lease;
+ *   - the worker retires (GOAWAY): its reply still comes; the next request takes a new lease; if it
+ *     closes the connection with the request unanswered, it never read it: sent again on a new lease;
  *   - the worker dies with the request on it: OI_ERR_WORKER_CRASHED (local = 1), or
- *     OI_ERR_DEADLINE_EXCEEDED if the request's own deadline had passed (the daemon kills a worker that
- *     overstays a deadline); never resent (a poison input would kill the next worker too);
+ *     OI_ERR_DEADLINE_EXCEEDED if the request's own deadline, or the model's max_compute_ms from when it
+ *     was sent, had passed (the daemon kills a worker that overstays either); never resent (a poison
+ *     input would kill the next worker too);
  *   - a request over the limits the lease reports (tensor bytes, header bytes, frames) is refused
  *     here: OI_ERR_RESOURCE_EXHAUSTED (local = 1) naming the limit.
  *
