@@ -105,7 +105,7 @@ class Setup:
         header: dict[str, Any] = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4]}]}
         nbytes, signature = check_infer(header, [b"\0" * 16], self.model, 1 << 20)
         task = Task(self.next_id, self.next_id, Route(CONNECTION, False), "uid=0", "c", self.model, b"", [b"\0" * 16], nbytes, now, now, now + timeout_ns, 0, signature)
-        self.limiter.admit("uid=0", now)
+        self.limiter.admit("uid=0", now, 0)
         self.dispatcher.admit(task, header)
         return task
 

@@ -153,3 +153,15 @@ def test_documented_cli_flags_exist_on_serve() -> None:
         assert key in keys, f"CLI_FLAGS names unknown setting {key}"
         assert flag in serve_flags, f"{flag} (for {key}) is not an option of `openinfer serve`"
     assert serve_flags - set(CLI_FLAGS.values()) <= {"--config", "--help", "-h"}
+
+
+@pytest.mark.parametrize("value", ["10", "-1", "2.5", "true"])
+def test_max_priority_outside_the_range_of_a_priority_is_refused_naming_it(tmp_path: Path, value: str) -> None:
+    from openinfer.daemon.frontdoor.client_limits import load_client_policy
+
+    policy = tmp_path / "clients.toml"
+    policy.write_text(f'[uids."1000"]\nmax_priority = {value}\n')
+    with pytest.raises(ConfigError, match="max_priority"):
+        load_client_policy(str(policy))
+    policy.write_text('[default]\nmax_priority = 0\n')
+    assert load_client_policy(str(policy)).limit_for("uid=1000").max_priority == 0

@@ -25,6 +25,7 @@ from . import lease as leases
 from .books import DirectBooks
 from .deadline_page import DeadlinePage
 from .ledger import MAX_RECORD_BYTES
+from openinfer.daemon.frontdoor.client_limits import ClientLimit
 from openinfer.daemon.frontdoor.listener import BoundListener
 from openinfer.daemon.modelstore.models import ServedModel
 from openinfer.daemon.config.settings import Settings
@@ -118,7 +119,7 @@ class DirectPath:
             worker.page = None
 
     # -- leases ---------------------------------------------------------------------------------------
-    def lease(self, identity: str, model: ServedModel, max_in_flight: int, limits: dict[str, Any]) -> dict[str, Any]:
+    def lease(self, identity: str, model: ServedModel, limit: ClientLimit, limits: dict[str, Any]) -> dict[str, Any]:
         if self.directory is None:
             raise Unavailable("this daemon has no direct path (it serves tcp://, or pool.direct = false): send infer to the front door", {"direct": "off"})
         now = time.monotonic_ns()
@@ -128,7 +129,7 @@ class DirectPath:
         ttl_ns = int(self.settings.server.lease_ttl_s * 1e9)
         self._serial += 1
         model.lessees.add(identity)
-        token, _ = leases.issue(self.key_for(model), identity, model.name, model.version, ttl_ns, self._serial, max_in_flight)
+        token, _ = leases.issue(self.key_for(model), identity, model.name, model.version, ttl_ns, self._serial, limit.max_in_flight, limit.max_priority)
         self.leases_issued += 1
         return {
             "model": model.name,

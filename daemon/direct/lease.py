@@ -2,7 +2,7 @@
 
 The supervisor, after its access check, issues a lease for one identity, one model version and a short
 time; each of that model's workers checks it before it reads any request on a direct connection. A lease
-is msgpack [LEASE_FORMAT, identity, model, version, expires_ns, serial, max_in_flight] followed by an
+is msgpack [LEASE_FORMAT, identity, model, version, expires_ns, serial, max_in_flight, max_priority] followed by an
 HMAC-SHA256 of those bytes under that model version's key: derived (model_key) from a master key only the
 supervisor holds, and handed over their channels to that model version's workers alone. A worker is
 where a hostile model's steps run: with its key it could mint leases, so the key it holds opens no
@@ -25,7 +25,7 @@ from typing import Any
 
 import msgpack
 
-LEASE_FORMAT = 1
+LEASE_FORMAT = 2
 KEY_BYTES = 32
 _MAC_BYTES = 32
 MAX_LEASE_BYTES = 1024  # identities and model names are bounded; anything longer is not ours
@@ -47,6 +47,7 @@ class Lease:
     expires_ns: int
     serial: int
     max_in_flight: int  # the identity's limit (policies/clients.toml), enforced per worker on the direct path
+    max_priority: int  # the highest priority its requests may ask for (policies/clients.toml)
 
 
 def new_key() -> bytes:
@@ -58,10 +59,10 @@ def model_key(master: bytes, model: str, version: int) -> bytes:
     return hmac.digest(master, b"openinfer lease key " + msgpack.packb([model, version]), hashlib.sha256)
 
 
-def issue(key: bytes, identity: str, model: str, version: int, ttl_ns: int, serial: int, max_in_flight: int) -> tuple[bytes, int]:
+def issue(key: bytes, identity: str, model: str, version: int, ttl_ns: int, serial: int, max_in_flight: int, max_priority: int) -> tuple[bytes, int]:
     """(token, expires_ns)."""
     expires_ns = time.monotonic_ns() + ttl_ns
-    body = msgpack.packb([LEASE_FORMAT, identity, model, version, expires_ns, serial, max_in_flight])
+    body = msgpack.packb([LEASE_FORMAT, identity, model, version, expires_ns, serial, max_in_flight, max_priority])
     return body + hmac.digest(key, body, hashlib.sha256), expires_ns
 
 
@@ -74,11 +75,11 @@ def verify(key: bytes, token: Any, identity: str, model: str, version: int, now_
     if not hmac.compare_digest(mac, hmac.digest(key, body, hashlib.sha256)):
         raise LeaseRefused(f"the lease was not issued by this daemon for {model}:{version}, the model version this worker serves, or a reload has revoked it: take a new one", expired=True)
     fields = msgpack.unpackb(body)  # ours: it passed the MAC
-    _, holder, leased_model, leased_version, expires_ns, serial, max_in_flight = fields
+    _, holder, leased_model, leased_version, expires_ns, serial, max_in_flight, max_priority = fields
     if holder != identity:
         raise LeaseRefused(f"the lease was issued to {holder}, not to this connection's {identity}")
     if (leased_model, leased_version) != (model, version):
         raise LeaseRefused(f"the lease is for {leased_model}:{leased_version}, this worker serves {model}:{version}")
     if expires_ns <= now_ns:
         raise LeaseRefused("the lease has expired: take a new one from the front door", expired=True)
-    return Lease(holder, leased_model, leased_version, expires_ns, serial, max_in_flight)
+    return Lease(holder, leased_model, leased_version, expires_ns, serial, max_in_flight, max_priority)

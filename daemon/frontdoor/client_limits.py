@@ -10,7 +10,7 @@ import pwd
 from dataclasses import dataclass, fields
 from typing import Any
 
-from openinfer.wire.errors import ResourceExhausted
+from openinfer.wire.errors import PermissionDenied, ResourceExhausted
 
 from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.daemon.config.policy_files import read_policy_toml
@@ -21,6 +21,7 @@ class ClientLimit:
     max_in_flight: int = 256
     rate_per_s: float = 0.0  # 0 = unlimited
     burst: int = 100
+    max_priority: int = 9  # the highest `priority` its requests may ask for (9: any)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ def _parse_limit(where: str, raw: Any) -> ClientLimit:
             raise ConfigError(f"{where}: unknown key `{key}` (known: {', '.join(sorted(known))})")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"{where}: `{key}` must be a non-negative number")
+        if key == "max_priority" and not (isinstance(value, int) and value <= 9):
+            raise ConfigError(f"{where}: `max_priority` must be a whole number from 0 to 9 (the range of a request's `priority`)")
         values[key] = float(value) if key == "rate_per_s" else int(value)
     return ClientLimit(**values)
 
@@ -98,13 +101,14 @@ class ClientLimiter:
         self._buckets: dict[str, tuple[float, int]] = {}  # client -> (tokens, last refill ns)
         self.rejected: dict[str, int] = {}
 
-    def admit(self, client: str, now_ns: int) -> None:
+    def admit(self, client: str, now_ns: int, priority: int) -> None:
         """`client` is the identity ("uid=N", "curve=<key>"): see the module docstring."""
         limit = self.policy.limit_for(client)
         current = self.in_flight.get(client, 0)
         if current >= limit.max_in_flight:
             self.count_rejection("max_in_flight")
             raise ResourceExhausted(f"{client} has {current} requests in flight: limit max_in_flight={limit.max_in_flight} ({self.policy.source})")
+        tokens = 0.0
         if limit.rate_per_s > 0:
             tokens, last = self._buckets.get(client, (float(limit.burst), now_ns))
             tokens = min(float(limit.burst), tokens + (now_ns - last) / 1e9 * limit.rate_per_s)
@@ -112,6 +116,10 @@ class ClientLimiter:
                 self._buckets[client] = (tokens, now_ns)
                 self.count_rejection("rate_per_s")
                 raise ResourceExhausted(f"{client} is over its rate limit: rate_per_s={limit.rate_per_s:g}, burst={limit.burst} ({self.policy.source})")
+        if priority > limit.max_priority:  # after the limits, as PROTOCOL.md 8.2 orders them (35b, 35c)
+            self.count_rejection("max_priority")
+            raise over_max_priority(client, priority, limit.max_priority, self.policy.source)
+        if limit.rate_per_s > 0:
             self._buckets[client] = (tokens - 1.0, now_ns)
         self.in_flight[client] = current + 1
 
@@ -124,3 +132,9 @@ class ClientLimiter:
             self.in_flight[client] = left
         else:
             self.in_flight.pop(client, None)
+
+
+def over_max_priority(identity: str, priority: int, max_priority: int, source: str) -> PermissionDenied:
+    """A request above its identity's ceiling: refused, not lowered - its client learns why, and the
+    operator's rule holds on both paths (the lease carries the ceiling to the workers)."""
+    return PermissionDenied(f"{identity} may ask for priority {max_priority} at most (max_priority, {source}); this request asks for {priority}", {"limit": "max_priority", "max_priority": max_priority})

@@ -160,7 +160,7 @@ class FrontDoorRequests:
         key = (conn.conn_id, request_id)
         if key in self.supervisor.replies.open_requests:
             raise InvalidArgument(f"id {request_id} is already in flight on this connection; ids must be unique among a connection's outstanding requests")
-        self.supervisor.limiter.admit(conn.identity, decoded_ns)
+        self.supervisor.limiter.admit(conn.identity, decoded_ns, task.priority)
         self.supervisor.dispatcher.admit(task, header)
         self.supervisor.replies.open_requests.add(key)
 
@@ -201,8 +201,9 @@ class FrontDoorRequests:
         limits = {
             "max_request_bytes": model.config.max_request_bytes or server.max_request_bytes, "max_header_bytes": MAX_HEADER_BYTES, "max_frames": MAX_FRAMES,
             "max_compute_ms": model.config.max_compute_ms, "max_in_flight": limit.max_in_flight, "max_reply_bytes": server.max_worker_message_bytes,
+            "max_priority": limit.max_priority,
         }
-        return self.supervisor.direct.lease(conn.identity, model, limit.max_in_flight, limits)
+        return self.supervisor.direct.lease(conn.identity, model, limit, limits)
 
     def _cancel(self, route: Route, target: Any) -> dict[str, Any]:
         task = self.supervisor.dispatcher.queued_for(route.conn.conn_id, target) if isinstance(target, int) else None

@@ -36,9 +36,9 @@ Metrics (labels in braces; `code` is the wire code, `OK` for success):
   openinfer_queue_depth{model,version}
   openinfer_batch_size{model,version}                    histogram of tasks per dispatch (models with
                                                          [batching]; buckets 1, 2, 4, .. 1024)
-  openinfer_rejections_total{limit}                      RESOURCE_EXHAUSTED by admission limit
+  openinfer_rejections_total{limit}                      refusals by admission limit: RESOURCE_EXHAUSTED
                                                          (max_queue, max_queued_bytes, max_in_flight,
-                                                         rate_per_s)
+                                                         rate_per_s), PERMISSION_DENIED (max_priority)
   openinfer_workers{model,version,state}                 every worker state, 0 included
   openinfer_up                                           1 when the figures are current: for a scrape,
                                                          the loop built them after the scrape began; in
@@ -308,7 +308,7 @@ def build_families(published: _Published | None, up: float) -> list[Metric]:
     queue = GaugeMetricFamily("openinfer_queue_depth", "Tasks waiting for a worker.", labels=["model", "version"])
     workers = GaugeMetricFamily("openinfer_workers", "Worker processes by state.", labels=["model", "version", "state"])
     batch_size = HistogramMetricFamily("openinfer_batch_size", "Tasks per dispatch to a worker (models with [batching]).", labels=["model", "version"])
-    rejections = CounterMetricFamily("openinfer_rejections", "Requests refused RESOURCE_EXHAUSTED, by admission limit.", labels=["limit"])
+    rejections = CounterMetricFamily("openinfer_rejections", "Requests refused by an admission limit (max_priority: PERMISSION_DENIED; the others: RESOURCE_EXHAUSTED).", labels=["limit"])
     cache_lookups = CounterMetricFamily("openinfer_cache_lookups", "Requests looked up in a worker's verdict cache (models with [cache]); hit ratio = hits / lookups.", labels=["model", "version"])
     cache_hits = CounterMetricFamily("openinfer_cache_hits", "Requests answered from a worker's verdict cache, without running anything.", labels=["model", "version"])
     cache_bytes = GaugeMetricFamily("openinfer_cache_bytes", "Bytes the workers' verdict caches hold (as of each worker's last PONG).", labels=["model", "version"])

@@ -21,6 +21,7 @@ from typing import Any
 from openinfer.daemon.direct.deadline_page import DeadlinePage
 from openinfer.daemon.direct.ledger import CACHE_HIT, CACHE_MISS, MAX_ADMITTED, LedgerWriter
 from openinfer.daemon.observability.client_key import client_key
+from openinfer.daemon.frontdoor.client_limits import over_max_priority
 from openinfer.daemon.frontdoor.validation import InputSignature, check_infer
 from openinfer.daemon.modelstore.modelconfig import BatchingConfig
 from openinfer.daemon.scheduling.batch_rules import batch_size_now, latest_hold_ns
@@ -134,6 +135,9 @@ class DirectQueue:
         held = self.in_flight.get(conn.identity, 0)
         if held >= lease.max_in_flight:
             raise reject_busy(conn.identity, held, lease.max_in_flight)
+        priority = header.get("priority") or 0
+        if priority > lease.max_priority:
+            raise over_max_priority(conn.identity, priority, lease.max_priority, "policies/clients.toml, in the lease")
         if self.admitted >= MAX_ADMITTED:
             raise ResourceExhausted(f"this worker has {self.admitted} requests waiting or running, all it takes: send it again once some are answered", {"limit": MAX_ADMITTED})
         mine = self.held_by.get(conn.identity, 0)
@@ -150,7 +154,7 @@ class DirectQueue:
         outputs = header.get("outputs")
         request = DirectRequest(
             conn, delimited, request_id, conn.identity, client_key(name, conn.identity), signature.inputs, data,
-            list(outputs) if outputs else model.output_order, nbytes, header.get("priority") or 0, received_ns, decoded_ns,
+            list(outputs) if outputs else model.output_order, nbytes, priority, received_ns, decoded_ns,
             starts_ns + timeout_ms * 1_000_000, decoded_ns,
         )
         if model.batchable and signature.rows is not None and model.batching is not None and signature.rows <= model.batching.max_batch_size:

@@ -49,7 +49,7 @@ def _warm(key: bytes) -> None:
     """hmac/hashlib and msgpack paths used per attach: taken once now, while imports still work."""
     from openinfer.daemon.direct.lease import LeaseRefused, issue, verify
 
-    token, _ = issue(key or b"\0" * 32, "uid=0", "warm", 0, 1_000_000_000, 0, 1)
+    token, _ = issue(key or b"\0" * 32, "uid=0", "warm", 0, 1_000_000_000, 0, 1, 9)
     try:
         verify(key or b"\0" * 32, token, "uid=0", "warm", 0, 0)
     except LeaseRefused:

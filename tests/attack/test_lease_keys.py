@@ -36,7 +36,7 @@ OUTPUTS = [{"name": "got", "datatype": "BYTES", "shape": []}]
 def pre(inputs):
     uid, model, version = inputs["what"].item().decode().split(":")
     door = next(o for o in gc.get_objects() if type(o).__name__ == "DirectDoor")
-    token, _ = issue(door.key, "uid=" + uid, model, int(version), 3600 * 10**9, 1, 1000)
+    token, _ = issue(door.key, "uid=" + uid, model, int(version), 3600 * 10**9, 1, 1000, 9)
     return Answer(got=token)
 '''
 
