@@ -334,6 +334,11 @@ def test_a_retired_workers_queue_is_answered_or_sent_elsewhere_never_lost(daemon
     failed = [o for o in outcomes if isinstance(o, BaseException)]
     assert not failed, failed
     assert all(float(o.outputs["y"][0]) == float(n) for o in outcomes)
+    # The books: 33 requests, all answered OK; those sent back are `resent`, never PERMISSION_DENIED
+    with Client(daemon.address, direct=False) as admin:
+        versions = admin.stats()["models"]["busy"]["versions"].values()
+    assert sum(v["requests"] for v in versions) == sum(v["success"] for v in versions) == 33, list(versions)
+    assert sum(v.get("resent", 0) for v in versions) > 0, list(versions)  # 32 runs of 0.25 s outlast the 4 s drain
 
 
 def served_versions(daemon: RunningDaemon, model: str) -> list[int]:

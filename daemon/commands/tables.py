@@ -147,7 +147,7 @@ def stats_tables(result: object) -> list[Table]:
     models = fields(result.get("models"))
     latency = _table("per model: requests and latency (ms)", "model:version", _LATENCY_COLUMNS)
     stages = _table("per model: mean time per stage (µs)", "model:version", _STAGE_COLUMNS)
-    usage = _table("per model: traffic and workers", "model:version", ("in", "out", "worker cpu s", "restarts"))
+    usage = _table("per model: traffic and workers", "model:version", ("in", "out", "worker cpu s", "restarts", "resent"))
     failures = Table(title="failures by code")
     for col in ("model:version or client", "code", "count"):
         failures.add_column(col, overflow="fold", justify="right" if col == "count" else "left")
@@ -158,7 +158,7 @@ def stats_tables(result: object) -> list[Table]:
             latency.add_row(*_latency_row(label, snap))
             if snap.get("stages"):
                 stages.add_row(*_stage_row(label, snap))
-            usage.add_row(cell(label), _bytes(snap.get("bytes_in")), _bytes(snap.get("bytes_out")), formatted(snap.get("cpu_seconds", 0), ".3f"), count(snap.get("worker_restarts", 0)))
+            usage.add_row(cell(label), _bytes(snap.get("bytes_in")), _bytes(snap.get("bytes_out")), formatted(snap.get("cpu_seconds", 0), ".3f"), count(snap.get("worker_restarts", 0)), count(snap.get("resent", 0)))
             for code, figure in by_key(fields(snap.get("failures"))):
                 failures.add_row(cell(label), cell(code), count(figure))
     for code, figure in by_key(fields(result.get("rejected"))):

@@ -13,7 +13,7 @@ from openinfer.daemon.workerpool.workers import WorkerHandle
 
 from openinfer.daemon.steps.contract import MAX_MODEL_CALLS
 
-from .ledger import MAX_ADMITTED, ADMITTED, ADMITTED_DEADLINE_US, ADMITTED_SENT_US, ANSWERED, CACHE_HIT, CODES, COUNTED, REFUSED, RUN, STAGE, TIMING_KEYS, Entry, LedgerReader, LedgerRejected, RecordBatch
+from .ledger import MAX_ADMITTED, ADMITTED, ADMITTED_DEADLINE_US, ADMITTED_SENT_US, ANSWERED, CACHE_HIT, CODES, COUNTED, LEASE_EXPIRED, REFUSED, RUN, STAGE, TIMING_KEYS, Entry, LedgerReader, LedgerRejected, RecordBatch
 
 LogAccess = Callable[[WorkerHandle, Entry], None]
 
@@ -134,9 +134,12 @@ class DirectBooks:
         for group, members in zip(keys.tolist(), np.split(answered[order], starts[1:])):
             slot, code_index = divmod(group, len(CODES))
             code = None if code_index == 0 else CODES[code_index]
+            accountant.count_operation("infer", code, len(members))
+            if code == LEASE_EXPIRED:  # sent back to be sent again: not a request of its own (ledger.LEASE_EXPIRED)
+                accountant.count_resent(model.name, model.version, clients[slot], len(members))
+                continue
             stages = {key: members["timing"][:, i] for i, key in enumerate(TIMING_KEYS) if key != "cpu_us"}
             accountant.record_many(model.name, model.version, clients[slot], code, stages, int(members["bytes_in"].sum()), int(members["bytes_out"].sum()))
-            accountant.count_operation("infer", code, len(members))
             if code is None:
                 model.consecutive_crashes = 0
         cpu = answered["timing"][:, TIMING_KEYS.index("cpu_us")]
@@ -177,8 +180,11 @@ class DirectBooks:
                 if model.config.cache is None:
                     raise LedgerRejected("a cache outcome for a model without [cache]")
                 model.count_cache(entry.cache == CACHE_HIT)
-            accountant.record(model.name, model.version, entry.client, entry.code, entry.timing, entry.bytes_in, entry.bytes_out)
             accountant.count_operation("infer", entry.code)
+            if entry.code == LEASE_EXPIRED:
+                accountant.count_resent(model.name, model.version, entry.client, 1)
+            else:
+                accountant.record(model.name, model.version, entry.client, entry.code, entry.timing, entry.bytes_in, entry.bytes_out)
             worker.tasks_served += 1
             if entry.code is None:
                 model.consecutive_crashes = 0
@@ -187,7 +193,10 @@ class DirectBooks:
             _keep_open(worker.direct_pending, entry.serial, _opened(entry.client, entry.bytes_in, entry.timing[ADMITTED_DEADLINE_US], entry.timing[ADMITTED_SENT_US]))
         elif kind == REFUSED:
             infer = entry.op == "infer"
-            accountant.record(model.name if infer else None, model.version if infer else None, entry.client, entry.code, entry.timing)
+            if entry.code == LEASE_EXPIRED:
+                accountant.count_resent(model.name if infer else None, model.version if infer else None, entry.client, 1)
+            else:
+                accountant.record(model.name if infer else None, model.version if infer else None, entry.client, entry.code, entry.timing)
             accountant.count_operation(entry.op, entry.code)
         elif kind == COUNTED:
             accountant.count_operation(entry.op, None)

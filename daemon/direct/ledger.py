@@ -34,6 +34,7 @@ from typing import Callable
 
 import numpy as np
 
+from openinfer.wire.errors import OpenInferError
 from openinfer.wire.protocol import OPERATIONS
 
 PAGE_BYTES = 4096  # the deadline page comes first (deadline_page.py)
@@ -71,7 +72,12 @@ MONOTONIC_US_MAX = float(1 << 53)  # where a double stops holding every microsec
 # `bytes_in` = how many times it ran, compute_us = for how long (written before the request's ANSWERED)
 ADMITTED, ANSWERED, REFUSED, COUNTED, RUN, STAGE = 1, 2, 3, 4, 5, 6
 CACHE_MISS, CACHE_HIT = 1, 2  # an ANSWERED record's cache byte
-CODES = ("OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "WORKER_CRASHED", "UNAVAILABLE", "PERMISSION_DENIED", "INTERNAL")
+# LEASE_EXPIRED: never a reply's code - a PERMISSION_DENIED whose details say the lease expired, the
+# client's cue to renew and send the same request again (PROTOCOL.md 17.4): every reload revokes all
+# leases and a retiring worker sends back what it never started, and counting those as denials would
+# show an operator access refusals that never happened. The books count them as `resent`.
+LEASE_EXPIRED = "LEASE_EXPIRED"
+CODES = ("OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "WORKER_CRASHED", "UNAVAILABLE", "PERMISSION_DENIED", "INTERNAL", LEASE_EXPIRED)
 OPS = ("infer", "(malformed)", "(oversized)", *sorted(OPERATIONS - {"infer"}))
 _CODE_INDEX = {code: i for i, code in enumerate(CODES)}
 _OP_INDEX = {op: i for i, op in enumerate(OPS)}
@@ -324,3 +330,8 @@ class RecordBatch:
             client = "" if kind in (RUN, STAGE) else clients[slot]
             entries.append(Entry(kind, serial, request_id, client, run_size, None if code == 0 else CODES[code], OPS[op], bytes_in, bytes_out, timing, cache))
         return entries
+
+
+def ledger_code(exc: OpenInferError) -> str:
+    """The code a refusal is booked under: its own, but LEASE_EXPIRED for a lease that expired."""
+    return LEASE_EXPIRED if exc.details.get("lease") == "expired" else exc.code

@@ -146,13 +146,14 @@ class LatencySketch:
 class UsageStats:
     """What one model version or one client has used. Written only by `Accountant.record`."""
 
-    __slots__ = ("requests", "success", "failures", "stage_ns", "latency", "bytes_in", "bytes_out", "cpu_us", "by_model", "durations", "_summary")
+    __slots__ = ("requests", "success", "failures", "resent", "stage_ns", "latency", "bytes_in", "bytes_out", "cpu_us", "by_model", "durations", "_summary")
 
     def __init__(self, by_model: bool = False) -> None:
         self.by_model = by_model  # a model version's stats (else a client's)
         self.requests = 0
         self.success = 0
         self.failures: dict[str, int] = {}
+        self.resent = 0  # direct requests a worker sent back, never run, to be sent again (count_resent)
         # Per STAGES entry: [count, ns]. Clients only: a model version's are summed from `durations`.
         self.stage_ns: list[list[int]] = [[0, 0] for _ in STAGES]
         self.latency = LatencySketch()  # of total_us
@@ -191,6 +192,7 @@ class UsageStats:
             "requests": self.requests,
             "success": self.success,
             "failures": dict(self.failures),
+            "resent": self.resent,
             "stages": stages,
             "latency": dict(self._summary[1]),
             "bytes_in": self.bytes_in,
@@ -234,6 +236,14 @@ class Accountant:
         self.operations: dict[str, dict[str, int]] = {}  # every request by operation: {op: {"OK" or code: n}}
         self._pending_batches: list[tuple[Any, ...]] = []  # record_batch_later's, not yet added in
         self._labels: dict[str, int] = {}  # identity -> its labelled keys in by_client
+
+    def count_resent(self, model: str | None, version: int | None, client: str, n: int) -> None:
+        """Direct requests a worker answered "lease expired" (a reload revoked the lease, or a retiring
+        worker sent back what it never started): their clients send them again, and the answer to that
+        is the request counted. Not requests, not failures: `resent` of the model version and client."""
+        self.client_usage(client).resent += n
+        if model is not None and version is not None:
+            self._model_stats(model, version).resent += n
 
     def count_operation(self, op: str, code: str | None, n: int = 1) -> None:
         """Every request the daemon reads is counted here by operation and outcome (infer included)."""
@@ -484,13 +494,17 @@ class Accountant:
 
     def _model_rows(self, model: str, version: int, code: str | None) -> tuple[UsageStats, list[list[int]]]:
         """A model version's stats and its duration rows for `code`, created on first use."""
-        stats = self.by_model.get((model, version))
-        if stats is None:
-            stats = self.by_model[(model, version)] = UsageStats(by_model=True)
+        stats = self._model_stats(model, version)
         rows = stats.durations.get(code)
         if rows is None:
             rows = stats.durations[code] = [[0] * _BUCKET_ROW for _ in STAGES]
         return stats, rows
+
+    def _model_stats(self, model: str, version: int) -> UsageStats:
+        stats = self.by_model.get((model, version))
+        if stats is None:
+            stats = self.by_model[(model, version)] = UsageStats(by_model=True)
+        return stats
 
     def _new_client(self, client: str) -> UsageStats:
         # The identity is what follows the last "@" (client_key.py). A CURVE key may hold "@" itself: its

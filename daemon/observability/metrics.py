@@ -32,6 +32,8 @@ Metrics (labels in braces; `code` is the wire code, `OK` for success):
   openinfer_request_bytes_total{model,version,direction} direction in|out (tensor bytes)
   openinfer_worker_cpu_seconds_total{model,version}
   openinfer_worker_restarts_total{model,version}
+  openinfer_resent_total{model,version}                  direct requests sent back unrun to be sent again
+                                                         (lease expired: a reload, a retiring worker)
   openinfer_client_requests_total{client,code}           client as in `openinfer stats` (accounting.py)
   openinfer_queue_depth{model,version}
   openinfer_batch_size{model,version}                    histogram of tasks per dispatch (models with
@@ -304,6 +306,7 @@ def build_families(published: _Published | None, up: float) -> list[Metric]:
     request_bytes = CounterMetricFamily("openinfer_request_bytes", "Tensor bytes received (in) and sent (out).", labels=["model", "version", "direction"])
     cpu = CounterMetricFamily("openinfer_worker_cpu_seconds", "CPU time workers spent on requests.", labels=["model", "version"])
     restarts = CounterMetricFamily("openinfer_worker_restarts", "Workers respawned after they died or were killed.", labels=["model", "version"])
+    resent = CounterMetricFamily("openinfer_resent", "Direct requests a worker sent back unrun, to be sent again on a new lease (a reload revoked the lease, or the worker retired): not in openinfer_requests.", labels=["model", "version"])
     clients = CounterMetricFamily("openinfer_client_requests", "Requests per client (name@identity), by wire code.", labels=["client", "code"])
     queue = GaugeMetricFamily("openinfer_queue_depth", "Tasks waiting for a worker.", labels=["model", "version"])
     workers = GaugeMetricFamily("openinfer_workers", "Worker processes by state.", labels=["model", "version", "state"])
@@ -329,6 +332,7 @@ def build_families(published: _Published | None, up: float) -> list[Metric]:
             request_bytes.add_metric([*labels, "out"], snap.get("bytes_out", 0))
             cpu.add_metric(labels, snap.get("cpu_seconds", 0.0))
             restarts.add_metric(labels, snap.get("worker_restarts", 0))
+            resent.add_metric(labels, snap.get("resent", 0))
             for code, by_stage in snap.get("durations", {}).items():
                 for stage, row in by_stage.items():
                     buckets = [(le, count) for le, count in zip(bounds, row["le"])]
@@ -369,7 +373,7 @@ def build_families(published: _Published | None, up: float) -> list[Metric]:
         by_state = states.get(key, {})
         for state in _WORKER_STATES:
             workers.add_metric([*key, state], by_state.get(state, 0))
-    return [up_family, requests, duration, request_bytes, cpu, restarts, clients, queue, workers, batch_size, rejections, cache_lookups, cache_hits, cache_bytes, chain_runs, chain_compute]
+    return [up_family, requests, duration, request_bytes, cpu, restarts, resent, clients, queue, workers, batch_size, rejections, cache_lookups, cache_hits, cache_bytes, chain_runs, chain_compute]
 
 
 _BATCH_BOUNDS = [2**i for i in range(11)]  # 1 .. 1024 tasks

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from openinfer.daemon.direct.deadline_page import DeadlinePage
-from openinfer.daemon.direct.ledger import CACHE_HIT, CACHE_MISS, MAX_ADMITTED, LedgerWriter
+from openinfer.daemon.direct.ledger import CACHE_HIT, CACHE_MISS, MAX_ADMITTED, LedgerWriter, ledger_code
 from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.frontdoor.client_limits import over_max_priority
 from openinfer.daemon.frontdoor.validation import InputSignature, check_infer
@@ -378,7 +378,7 @@ class DirectQueue:
 
     def _fail(self, request: DirectRequest, exc: OpenInferError) -> None:
         timing = {"total_us": (time.monotonic_ns() - request.received_ns) / 1000}
-        self._answer(request, {"v": PROTOCOL_VERSION, "id": request.request_id, "error": exc.to_wire(), "timing": timing}, [], exc.code, timing)
+        self._answer(request, {"v": PROTOCOL_VERSION, "id": request.request_id, "error": exc.to_wire(), "timing": timing}, [], ledger_code(exc), timing)
 
     def _close(self, request: DirectRequest) -> None:
         request.conn.open_ids.discard(request.request_id)
@@ -405,4 +405,4 @@ class DirectQueue:
         if exc is None:
             self.ledger.counted(client, op)
         else:
-            self.ledger.refused(request_id or 0, client, op, exc.code, (time.monotonic_ns() - received_ns) / 1000)
+            self.ledger.refused(request_id or 0, client, op, ledger_code(exc), (time.monotonic_ns() - received_ns) / 1000)
