@@ -16,6 +16,7 @@ import onnx_builders
 from daemon_harness import world_readable_dir
 from openinfer.client import Client
 from other_uid import NOBODY, run_as
+from repo_builder import make_world_readable
 
 pytestmark = pytest.mark.attack
 
@@ -37,9 +38,7 @@ for direct in (True, False):
 def repo() -> Iterator[Path]:
     root = world_readable_dir("oi-priority-")
     onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx")
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    yield root
+    yield make_world_readable(root)
     shutil.rmtree(root, ignore_errors=True)
 
 
