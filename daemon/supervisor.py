@@ -430,7 +430,10 @@ class Supervisor:
         if worker.state in (WorkerState.READY, WorkerState.BUSY, WorkerState.LOADED, WorkerState.SPAWNED):
             if worker in worker.model.idle:
                 worker.model.idle.remove(worker)
-            ready = worker.state is WorkerState.READY
+            # QUIT (GOAWAY, drain) unless it never served: a worker the dispatcher retires as its last
+            # front-door task ends is still BUSY then, with direct requests of its own (round 14: killed
+            # at every reload of a model served on both paths, failing them WORKER_CRASHED)
+            ready = worker.state is WorkerState.READY or (worker.state is WorkerState.BUSY and not worker.inflight)
             worker.transition(WorkerState.DRAINING)
             self.direct.withdraw(worker)
             quit_ns = time.monotonic_ns()

@@ -341,6 +341,63 @@ def test_a_retired_workers_queue_is_answered_or_sent_elsewhere_never_lost(daemon
     assert sum(v.get("resent", 0) for v in versions) > 0, list(versions)  # 32 runs of 0.25 s outlast the 4 s drain
 
 
+def test_a_reload_while_the_worker_runs_a_front_door_request_fails_no_direct_request(daemon_factory: Any) -> None:
+    """Round 14's attacker: a model served on both paths, one worker: at each reload the old worker was
+    killed as its front-door task ended, failing the direct requests it held WORKER_CRASHED (4 a reload).
+    It was retired while still BUSY (the dispatcher retires a worker as its last task ends), and the
+    supervisor sent QUIT - GOAWAY, drain - only to a READY one, killing any other at once."""
+    root = world_readable_dir("oi-direct-mixed-reload-")
+    model_path = onnx_builders.busy_loop_model(root / "busy" / "1" / "model.onnx")
+    (root / "busy" / "config.toml").write_text("workers = 1\n")
+    make_world_readable(root)
+    daemon = daemon_factory(root, env=DIRECT)
+    with Client(daemon.address, timeout=60) as client:
+        us_per_iteration = client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(200_000, np.int64)}).timing["compute_us"] / 200_000
+    inputs = {"x": np.zeros(1, np.float32), "n": np.array(int(20_000 / us_per_iteration), np.int64)}  # 20 ms a run
+    failures: list[str] = []
+    served = {"front door": 0, "direct": 0}
+    stop = threading.Event()
+
+    def front_door() -> None:
+        with Client(daemon.address, timeout=30, direct=False) as client:
+            while not stop.is_set():
+                try:
+                    client.infer("busy", inputs)
+                    served["front door"] += 1
+                except OpenInferError as exc:
+                    failures.append(f"front door: {exc}")
+
+    async def direct() -> None:
+        async with AsyncClient(daemon.address, timeout=30) as client:
+            async def one_at_a_time() -> None:
+                while not stop.is_set():
+                    try:
+                        await client.infer("busy", inputs)
+                        served["direct"] += 1
+                    except OpenInferError as exc:
+                        failures.append(f"direct: {exc}")
+
+            await asyncio.gather(*(one_at_a_time() for _ in range(4)))
+
+    threads = [threading.Thread(target=front_door), threading.Thread(target=lambda: asyncio.run(direct()))]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: served["front door"] > 5 and served["direct"] > 20, 30, "traffic on both paths")
+        with Client(daemon.address, direct=False) as admin:
+            for _ in range(2):
+                replace_and_reload(daemon, root, model_path)
+                wait_for(lambda: not admin.status()["retiring"], 30, "the old worker gone")
+            before = dict(served)
+            wait_for(lambda: served["front door"] > before["front door"] + 5 and served["direct"] > before["direct"] + 20, 30, "traffic on the last replacement")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        shutil.rmtree(root, ignore_errors=True)
+    assert not failures, failures
+
+
 def served_versions(daemon: RunningDaemon, model: str) -> list[int]:
     with Client(daemon.address, direct=False) as admin:
         return [row["version"] for row in admin.models() if row["name"] == model]
