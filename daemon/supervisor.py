@@ -291,6 +291,10 @@ class Supervisor:
                 self.sync.on_model_ready(worker.model)
                 self._tell_systemd()
         elif kind == messages.PONG and len(frames) == 3 and bytes(frames[1]) == worker.ping_token:
+            if not worker.pings_owed:  # round 14: unasked PONGs, each parsed with a /proc read, held the loop
+                self._reject_worker(worker, "PONG without a PING")
+                return
+            worker.pings_owed -= 1
             worker.ping_sent_ns = 0
             try:
                 report = parse_pong_report(frames[2], worker.model.config.cache, enforced_memory_limit(self.settings, worker.model))

@@ -395,6 +395,7 @@ class WorkerPool:
                 self.kill(worker)
             elif not worker.ping_sent_ns and self.send(worker, [messages.PING, worker.ping_token]):
                 worker.ping_sent_ns = now
+                worker.pings_owed += 1
         self.start_liveness_checks()
 
     def recycle_if_overgrown(self, worker: WorkerHandle) -> None:

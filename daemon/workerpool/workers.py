@@ -66,6 +66,7 @@ class WorkerHandle:
     exit_reason: str | None = None
     expected_exit: bool = False  # killed by us (deadline) or drained to be recycled: respawn without counting a crash
     ping_sent_ns: int = 0  # outstanding liveness PING (0 = none)
+    pings_owed: int = 0  # PINGs sent and not yet answered: a PONG beyond them was never asked for
     idle_since_ns: int = 0  # when it last became READY (batch wait is measured from here)
     last_send_ns: int = 0  # when the worker sent its previous result (the next task started then)
 

@@ -186,6 +186,9 @@ def main() -> None:
         forge_ledger(kind=2, bytes_out=(1 << 30) + 1)
     if attack in ("ledger-flood", "ledger-flood-one"):
         flood_ledger(attack == "ledger-flood")
+    if attack == "pong-flood":  # PONGs no PING asked for, as fast as the channel takes them
+        for _ in range(1_000_000):
+            channel.send([PONG, b"p", struct.pack("<QQQ", 0, 0, 0)])
     while True:
         frames = channel.recv()
         kind = frames[0][:1]

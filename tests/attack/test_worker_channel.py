@@ -20,6 +20,7 @@ import onnx_builders
 from daemon_harness import RunningDaemon, wait_for, world_readable_dir
 from openinfer.client import Client, OpenInferError
 from other_uid import NOBODY, start_as
+from repo_builder import make_world_readable
 
 pytestmark = pytest.mark.attack
 
@@ -255,3 +256,25 @@ def test_a_cache_report_from_a_worker_without_a_cache_retires_it(hostile: Runnin
     with Client(hostile.address) as client:
         assert all("cache" not in w for w in client.status()["workers"])
         assert "cache" not in client.stats()["models"].get("hostile-cache-pong", {})
+
+
+def test_pongs_no_ping_asked_for_retire_the_worker() -> None:
+    """Round 14's attacker: a worker sending PONG after PONG, unasked, each parsed and followed by a read
+    of its /proc statm, held the supervisor's loop at 100 % CPU (an honest client of another model: 21
+    answers in 5 s instead of 8,354) and was never retired. A PONG beyond the PINGs sent is now
+    something the worker was not asked for: it is retired at the first."""
+    from daemon_harness import cleanup_workdir, start_daemon
+
+    root = world_readable_dir("oi-hostile-pong-")
+    for name in ("hostile-pong-flood", "tiny"):
+        onnx_builders.matmul_model(root / name / "1" / "model.onnx")
+    running = start_daemon(make_world_readable(root), entry=HOSTILE_DAEMON, env=THROUGH_THE_CHANNEL, wait=False)
+    try:
+        wait_serving(running, ["tiny"])
+        wait_for(lambda: "PONG without a PING" in running.log_text(), 30, "the unasked PONG refused", daemon=running)
+        with Client(running.address, timeout=10) as client:
+            assert client.infer("tiny", {"x": np.ones((1, 64), np.float32)}).outputs["y"].shape == (1, 64)
+    finally:
+        running.stop()
+        cleanup_workdir(running)
+        shutil.rmtree(root, ignore_errors=True)
