@@ -23,6 +23,10 @@ OPERATIONS: frozenset[str] = frozenset(
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FRAMES = 257  # header + at most 256 tensors
+# BYTES elements in one request, all its inputs together: each costs a worker about a microsecond to
+# check, decode and hand to the model, outside anything a deadline can stop (round 14: 16 million empty
+# strings, 64 MB, held a worker ten seconds and got it killed as unresponsive, with another uid's request).
+MAX_BYTES_ELEMENTS = 1 << 20
 MAX_CLIENT_NAME = 64
 # The longest `timeout_ms` an `infer` may carry: 2**31 - 1 ms, about 24.8 days. A deadline beyond it
 # does not fit the daemon's 64-bit nanosecond clock arithmetic and its workers' stop frames; a request

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import msgpack
 
 from openinfer.wire.errors import InvalidArgument, ResourceExhausted
-from openinfer.wire.protocol import MAX_CLIENT_NAME, MAX_FRAMES, MAX_HEADER_BYTES, MAX_TIMEOUT_MS, OPERATIONS, PROTOCOL_VERSION
+from openinfer.wire.protocol import MAX_BYTES_ELEMENTS, MAX_CLIENT_NAME, MAX_FRAMES, MAX_HEADER_BYTES, MAX_TIMEOUT_MS, OPERATIONS, PROTOCOL_VERSION
 from openinfer.wire.tensors import DATATYPES, ELEMENT_SIZE, check_bytes_elements
 
 
@@ -133,6 +133,7 @@ def check_infer(header: dict[str, Any], data_frames: list[Any], model: Validated
     expected = model.input_by_name
     frame_bytes: list[int | None] = []
     bytes_elements: list[tuple[int, int]] = []
+    elements = 0  # of BYTES inputs, MAX_BYTES_ELEMENTS at most
     for index, spec in enumerate(inputs):
         if not isinstance(spec, dict):
             raise InvalidArgument(f"inputs[{index}] must be a map")
@@ -176,6 +177,9 @@ def check_infer(header: dict[str, Any], data_frames: list[Any], model: Validated
             count = 1
             for dim in shape:
                 count *= dim
+            elements += count
+            if elements > MAX_BYTES_ELEMENTS:  # before any is read
+                raise ResourceExhausted(f"the request's BYTES inputs hold {elements} elements or more; the limit is {MAX_BYTES_ELEMENTS} in one request (send fewer at a time)", {"limit": MAX_BYTES_ELEMENTS})
             if walk_bytes:
                 _check_bytes_frame(name, data_frames[index], count)
             bytes_elements.append((index, count))

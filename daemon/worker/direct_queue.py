@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from openinfer.daemon.direct.deadline_page import DeadlinePage
 from openinfer.daemon.direct.ledger import CACHE_HIT, CACHE_MISS, MAX_ADMITTED, LedgerWriter, ledger_code
@@ -256,16 +256,27 @@ class DirectQueue:
     def _deadline_of(self, requests: list[DirectRequest], now: int) -> int:
         return min(min(r.deadline_ns for r in requests), now + self.model.max_compute_ms * 1_000_000)
 
-    def _guarded_run(self, wanted: list[str], feed: dict[str, Any], requests: list[DirectRequest]) -> list[Any]:
-        """session.run under the requests' deadline: the watch stops it there (RunStopped), the deadline
-        page tells the supervisor, which kills the worker if even that did not end it."""
+    def _guarded_run(self, wanted: list[str], prepare: Callable[[], dict[str, Any]], requests: list[DirectRequest]) -> tuple[list[Any], int]:
+        """The inputs prepared (`prepare`: BYTES decoded, a batch's rows joined - work the request's size
+        decides) and session.run, under the requests' deadline: the deadline page covers both, so the
+        supervisor sees a worker busy with them, never an idle one that does not answer its PING (round
+        14: a request of millions of BYTES elements got its worker killed as unresponsive), and kills it
+        if it overstays; the watch stops session.run there (RunStopped). Returns the outputs and when
+        the inputs were ready."""
         started_ns = time.monotonic_ns()
         deadline_ns = self._deadline_of(requests, started_ns)
         page, watch = self.page, self.watch
         if page is not None:
             page.running(started_ns, deadline_ns)
         try:
-            return watch.run(lambda options: self.runner.run(wanted, feed, options), deadline_ns, page.idle if page is not None else None)
+            feed = prepare()
+        except BaseException:
+            if page is not None:
+                page.idle()
+            raise
+        prepared_ns = time.monotonic_ns()
+        try:
+            return watch.run(lambda options: self.runner.run(wanted, feed, options), deadline_ns, page.idle if page is not None else None), prepared_ns
         except RunStopped:
             raise RunStopped(self._stop_reason(started_ns)) from None
 
@@ -275,9 +286,7 @@ class DirectQueue:
     def _run_one(self, request: DirectRequest, started_ns: int) -> None:
         cpu_start = time.process_time_ns()
         try:
-            feed = feed_from({"inputs": request.specs}, request.data, self.runner.raw_inputs)
-            prepared_ns = time.monotonic_ns()
-            results = self._guarded_run(request.wanted, feed, [request])
+            results, prepared_ns = self._guarded_run(request.wanted, lambda: feed_from({"inputs": request.specs}, request.data, self.runner.raw_inputs), [request])
             computed_ns = time.monotonic_ns()
             specs, payloads = encode_outputs(request.wanted, results)
         except RunStopped as exc:
@@ -326,9 +335,8 @@ class DirectQueue:
         cpu_start = time.process_time_ns()
         head = batch[0]
         try:
-            feed = {spec["name"]: join_rows(spec["datatype"], spec["shape"][1:], [(m.rows, m.data[index]) for m in batch]) for index, spec in enumerate(head.specs)}
-            prepared_ns = time.monotonic_ns()
-            results = [plain(value) for value in self._guarded_run(head.wanted, feed, batch)]
+            outputs, prepared_ns = self._guarded_run(head.wanted, lambda: {spec["name"]: join_rows(spec["datatype"], spec["shape"][1:], [(m.rows, m.data[index]) for m in batch]) for index, spec in enumerate(head.specs)}, batch)
+            results = [plain(value) for value in outputs]
             computed_ns = time.monotonic_ns()
             total_rows = sum(m.rows for m in batch)
             cutters = [RowCutter.of(value, total_rows) for value in results]

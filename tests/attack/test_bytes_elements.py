@@ -1,0 +1,44 @@
+"""Round 14's attacker: one request of 16,000,000 empty strings (64 MB, under max_request_bytes) held a
+worker for seconds outside any run - checking, decoding and handing them to the model cost about a
+microsecond each, before the deadline page showed a run - so the daemon took it for an idle worker that
+did not answer its PING and killed it, failing another uid's request WORKER_CRASHED. A request holds at
+most MAX_BYTES_ELEMENTS (1,048,576) BYTES elements, refused from its shape before any is read, on both
+paths; and the deadline page now covers a run's input preparation too."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+import onnx_builders
+from daemon_harness import world_readable_dir
+from openinfer.client import Client, ResourceExhausted
+from openinfer.wire.protocol import MAX_BYTES_ELEMENTS
+from repo_builder import make_world_readable
+
+pytestmark = pytest.mark.attack
+
+
+@pytest.fixture(scope="module")
+def repo() -> Iterator[Path]:
+    root = world_readable_dir("oi-bytes-elements-")
+    onnx_builders.string_model(root / "text" / "1" / "model.onnx")
+    (root / "text" / "config.toml").write_text("workers = 1\n")
+    yield make_world_readable(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "front-door"])
+def test_more_bytes_elements_than_the_limit_are_refused_before_any_is_read(daemon_factory: Any, repo: Path, direct: bool) -> None:
+    daemon = daemon_factory(repo)
+    too_many = np.full(MAX_BYTES_ELEMENTS + 1, b"", dtype=object)
+    with Client(daemon.address, timeout=30, direct=direct) as client:
+        with pytest.raises(ResourceExhausted, match=f"the limit is {MAX_BYTES_ELEMENTS} in one request"):
+            client.infer("text", {"text": too_many})
+        answer = client.infer("text", {"text": np.array([b"still", b"served"], dtype=object)})
+        assert answer.outputs["count"].tolist() == [2]
+    with Client(daemon.address, direct=False) as admin:  # by the same worker: none was replaced
+        assert [w["restarts"] for w in admin.status()["workers"] if w["model"] == "text"] == [0]
