@@ -140,3 +140,11 @@ def test_an_identity_holding_the_turn_at_a_victims_level_cannot_hide_it() -> Non
     queue.append(queued_long_ago(999, "uid=65534", 0, order=500))
     queue.append(queued_long_ago(1, "uid=1000", 0, order=600))
     assert drain(queue).index(1) <= 1
+
+
+def test_queued_by_yields_one_identitys_items_at_every_level_in_arrival_order() -> None:
+    queue: TaskQueue[Task] = TaskQueue(starvation_ms=1000)
+    for task_id, (client, priority) in enumerate([("uid=1", 0), ("uid=2", 0), ("uid=1", 5), ("uid=1", 0), ("uid=2", 9)]):
+        queue.append(make_task(task_id, client, priority))
+    assert sorted(ids(list(queue.queued_by("uid=1")))) == [0, 2, 3]
+    assert ids(list(queue.queued_by("uid=3"))) == []

@@ -59,6 +59,15 @@ class TaskQueue(Generic[Task]):
             for tasks in level.values():
                 yield from tasks
 
+    def queued_by(self, identity: str) -> Iterator[Task]:
+        """One identity's queued items (each level's, in arrival order): what a cancel looks through,
+        never the others' (round 14: a scan of every queue let one uid's cancels cost in proportion to
+        everyone's backlog)."""
+        for level in list(self._levels.values()):
+            tasks = level.get(identity)
+            if tasks is not None:
+                yield from tasks
+
     def append(self, task: Task) -> None:
         level = self._levels.get(task.priority)
         if level is None:

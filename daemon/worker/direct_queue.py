@@ -192,7 +192,9 @@ class DirectQueue:
             self._fail(request, PermissionDenied("this worker retired before running the request: take a new lease and send it again", {"lease": "expired"}))
 
     def cancel(self, conn: DirectConnection, target: int) -> bool:
-        for request in self.queue:
+        if target not in conn.open_ids:  # answered, or never sent: nothing to look for
+            return False
+        for request in self.queue.queued_by(conn.identity):
             if request.conn is conn and request.request_id == target:
                 self.queue.remove(request)
                 self._fail(request, DeadlineExceeded("cancelled by the client before it ran"))
