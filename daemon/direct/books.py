@@ -193,6 +193,8 @@ class DirectBooks:
             _keep_open(worker.direct_pending, entry.serial, _opened(entry.client, entry.bytes_in, entry.timing[ADMITTED_DEADLINE_US], entry.timing[ADMITTED_SENT_US]))
         elif kind == REFUSED:
             infer = entry.op == "infer"
+            if entry.code == LEASE_EXPIRED and not infer:
+                raise LedgerRejected(f"a lease expiry booked for `{entry.op}` (only an infer is sent again)")
             if entry.code == LEASE_EXPIRED:
                 accountant.count_resent(model.name if infer else None, model.version if infer else None, entry.client, 1)
             else:

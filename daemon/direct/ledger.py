@@ -332,6 +332,10 @@ class RecordBatch:
         return entries
 
 
-def ledger_code(exc: OpenInferError) -> str:
-    """The code a refusal is booked under: its own, but LEASE_EXPIRED for a lease that expired."""
-    return LEASE_EXPIRED if exc.details.get("lease") == "expired" else exc.code
+def ledger_code(exc: OpenInferError, op: str = "infer") -> str:
+    """The code a refusal is booked under: its own, but LEASE_EXPIRED for an `infer` whose lease expired
+    - refused on a connection that had attached a valid lease (it expired, or a reload revoked it), or
+    sent back by a retiring worker. An `attach` refused "expired" stays PERMISSION_DENIED: its token
+    may be anything (round 15: forged tokens and leases of other models, booked as resent, hid a
+    uid's probes of a model it may not use)."""
+    return LEASE_EXPIRED if op == "infer" and exc.details.get("lease") == "expired" else exc.code

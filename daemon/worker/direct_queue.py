@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from openinfer.daemon.direct.deadline_page import DeadlinePage
 from openinfer.daemon.direct.ledger import CACHE_HIT, CACHE_MISS, MAX_ADMITTED, LedgerWriter, ledger_code
@@ -258,27 +259,31 @@ class DirectQueue:
     def _deadline_of(self, requests: list[DirectRequest], now: int) -> int:
         return min(min(r.deadline_ns for r in requests), now + self.model.max_compute_ms * 1_000_000)
 
-    def _guarded_run(self, wanted: list[str], prepare: Callable[[], dict[str, Any]], requests: list[DirectRequest]) -> tuple[list[Any], int]:
-        """The inputs prepared (`prepare`: BYTES decoded, a batch's rows joined - work the request's size
-        decides) and session.run, under the requests' deadline: the deadline page covers both, so the
-        supervisor sees a worker busy with them, never an idle one that does not answer its PING (round
-        14: a request of millions of BYTES elements got its worker killed as unresponsive), and kills it
-        if it overstays; the watch stops session.run there (RunStopped). Returns the outputs and when
-        the inputs were ready."""
+    @contextmanager
+    def _running(self, requests: list[DirectRequest]) -> Iterator[int]:
+        """The deadline page shows a run from here to the end of the block (yields its deadline): the
+        inputs prepared (BYTES decoded, a batch's rows joined), session.run, the outputs encoded - work a
+        request's size decides - so the supervisor sees a worker busy with them, never an idle one that
+        does not answer its PING (round 14: a request of millions of BYTES elements got its worker
+        killed as unresponsive; round 15: millions of BYTES outputs took seconds to encode), and kills
+        it if it overstays the deadline."""
+        now = time.monotonic_ns()
+        deadline_ns = self._deadline_of(requests, now)
+        page = self.page
+        if page is None:
+            yield deadline_ns
+            return
+        page.running(now, deadline_ns)
+        try:
+            yield deadline_ns
+        finally:
+            page.idle()
+
+    def _stoppable_run(self, wanted: list[str], feed: dict[str, Any], deadline_ns: int) -> list[Any]:
+        """session.run, stopped by the watch at `deadline_ns` (RunStopped)."""
         started_ns = time.monotonic_ns()
-        deadline_ns = self._deadline_of(requests, started_ns)
-        page, watch = self.page, self.watch
-        if page is not None:
-            page.running(started_ns, deadline_ns)
         try:
-            feed = prepare()
-        except BaseException:
-            if page is not None:
-                page.idle()
-            raise
-        prepared_ns = time.monotonic_ns()
-        try:
-            return watch.run(lambda options: self.runner.run(wanted, feed, options), deadline_ns, page.idle if page is not None else None), prepared_ns
+            return self.watch.run(lambda options: self.runner.run(wanted, feed, options), deadline_ns)
         except RunStopped:
             raise RunStopped(self._stop_reason(started_ns)) from None
 
@@ -288,9 +293,12 @@ class DirectQueue:
     def _run_one(self, request: DirectRequest, started_ns: int) -> None:
         cpu_start = time.process_time_ns()
         try:
-            results, prepared_ns = self._guarded_run(request.wanted, lambda: feed_from({"inputs": request.specs}, request.data, self.runner.raw_inputs), [request])
-            computed_ns = time.monotonic_ns()
-            specs, payloads = encode_outputs(request.wanted, results)
+            with self._running([request]) as deadline_ns:
+                feed = feed_from({"inputs": request.specs}, request.data, self.runner.raw_inputs)
+                prepared_ns = time.monotonic_ns()
+                results = self._stoppable_run(request.wanted, feed, deadline_ns)
+                computed_ns = time.monotonic_ns()
+                specs, payloads = encode_outputs(request.wanted, results)
         except RunStopped as exc:
             self._answer_error(request, DeadlineExceeded.code, str(exc), started_ns, cpu_start)
             return
@@ -337,11 +345,13 @@ class DirectQueue:
         cpu_start = time.process_time_ns()
         head = batch[0]
         try:
-            outputs, prepared_ns = self._guarded_run(head.wanted, lambda: {spec["name"]: join_rows(spec["datatype"], spec["shape"][1:], [(m.rows, m.data[index]) for m in batch]) for index, spec in enumerate(head.specs)}, batch)
-            results = [plain(value) for value in outputs]
-            computed_ns = time.monotonic_ns()
-            total_rows = sum(m.rows for m in batch)
-            cutters = [RowCutter.of(value, total_rows) for value in results]
+            with self._running(batch) as deadline_ns:
+                feed = {spec["name"]: join_rows(spec["datatype"], spec["shape"][1:], [(m.rows, m.data[index]) for m in batch]) for index, spec in enumerate(head.specs)}
+                prepared_ns = time.monotonic_ns()
+                results = [plain(value) for value in self._stoppable_run(head.wanted, feed, deadline_ns)]
+                computed_ns = time.monotonic_ns()
+                total_rows = sum(m.rows for m in batch)
+                cutters = [RowCutter.of(value, total_rows) for value in results]
         except Exception:  # failed or stopped as a whole: which member caused it is unknown
             for member in batch:
                 if self.ledger is not None:
@@ -353,7 +363,7 @@ class DirectQueue:
         prep_us, compute_us = (prepared_ns - started_ns) / 1000, (computed_ns - prepared_ns) / 1000
         name, version = self.model.name, self.model.version
         start = 0
-        with self.door.held():  # one write per client connection for the whole batch
+        with self._running(batch), self.door.held():  # encoding is part of the run; one write per client connection for the whole batch
             for member in batch:
                 specs, payloads = member_outputs(member.wanted, cutters, start, member.rows)
                 start += member.rows
@@ -415,4 +425,4 @@ class DirectQueue:
         if exc is None:
             self.ledger.counted(client, op)
         else:
-            self.ledger.refused(request_id or 0, client, op, ledger_code(exc), (time.monotonic_ns() - received_ns) / 1000)
+            self.ledger.refused(request_id or 0, client, op, ledger_code(exc, op), (time.monotonic_ns() - received_ns) / 1000)

@@ -42,3 +42,20 @@ def test_more_bytes_elements_than_the_limit_are_refused_before_any_is_read(daemo
         assert answer.outputs["count"].tolist() == [2]
     with Client(daemon.address, direct=False) as admin:  # by the same worker: none was replaced
         assert [w["restarts"] for w in admin.status()["workers"] if w["model"] == "text"] == [0]
+
+
+def test_a_worker_busy_with_a_large_requests_bytes_is_not_taken_for_an_unresponsive_one(daemon_factory: Any, repo: Path) -> None:
+    """The cap bounds that work, the deadline page covers it: a direct request of a million BYTES
+    elements in and out spends most of its time decoding its input and encoding its output, outside
+    session.run. Before, the page showed the worker idle then, and with a PING grace shorter than that
+    work (here 0.2 s) the daemon killed it as unresponsive, failing the request WORKER_CRASHED (round 14
+    on the input side; round 15 on the output side, 12 million outputs took 3.1 s to encode)."""
+    daemon = daemon_factory(repo, env={"OPENINFER_POOL_PING_INTERVAL_S": "0.05", "OPENINFER_POOL_PING_GRACE_S": "0.2"})
+    many = np.full(MAX_BYTES_ELEMENTS, b"", dtype=object)
+    with Client(daemon.address, timeout=60) as client:
+        for _ in range(3):
+            answer = client.infer("text", {"text": many})
+            assert answer.outputs["count"].tolist() == [MAX_BYTES_ELEMENTS] and len(answer.outputs["same"]) == MAX_BYTES_ELEMENTS
+            assert answer.timing["prep_us"] + answer.timing["encode_us"] > 200_000, answer.timing  # the work outlasted the grace
+    with Client(daemon.address, direct=False) as admin:
+        assert [w["restarts"] for w in admin.status()["workers"] if w["model"] == "text"] == [0]

@@ -85,3 +85,20 @@ def test_a_reload_gives_the_workers_new_keys(daemon: RunningDaemon) -> None:
     header = _attached(daemon, "hostile", token)
     assert header.get("error", {}).get("code") == "PERMISSION_DENIED", header
 
+
+
+def test_a_refused_forged_lease_is_booked_as_a_denial_not_as_a_resend(daemon: RunningDaemon) -> None:
+    """Round 15's attacker: an attach refused for a token the worker's key did not sign says "expired"
+    (so that a client whose lease a reload revoked renews it), and the books took every such refusal for
+    a request to be sent again (`resent`): 40 forged and foreign leases presented to a model the uid may
+    not use showed up as no denial at all. An attach refused is a PERMISSION_DENIED in the books."""
+    def books() -> tuple[int, int]:
+        with Client(daemon.address, direct=False) as admin:
+            stats = admin.stats()
+        denied = stats.get("operations", {}).get("attach", {}).get("PERMISSION_DENIED", 0)
+        return denied, sum(usage.get("resent", 0) for usage in stats["clients"].values())
+
+    before = books()
+    header = _attached(daemon, "canary", _minted(daemon, "hostile"))  # a real lease, of another model's key
+    assert header.get("error", {}).get("details") == {"lease": "expired"}, header
+    assert books() == (before[0] + 1, before[1])
