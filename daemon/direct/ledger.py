@@ -34,6 +34,7 @@ from typing import Callable
 
 import numpy as np
 
+from openinfer.daemon.observability.client_key import LabelBudget
 from openinfer.wire.errors import OpenInferError
 from openinfer.wire.protocol import OPERATIONS
 
@@ -127,19 +128,27 @@ class LedgerWriter:
     def __init__(self, fd: int) -> None:
         self.map = _map(fd)
         self.words = _words(self.map)
-        self._slots: dict[str, int] = {}
+        self._slots: dict[str, int] = {}  # client key -> its slot (several labels may share one)
+        self._slot_count = 0
+        self._labels = LabelBudget()
         self._seq = self.words[_WRITE]
         self.dropped = 0
 
     def _slot(self, client: str) -> int:
         slot = self._slots.get(client)
         if slot is None:
-            raw = client.encode()[: SLOT_BYTES - 1]
-            slot = len(self._slots)
-            if slot >= MAX_CLIENT_SLOTS:
-                return MAX_CLIENT_SLOTS  # the reader keys these as "other" (accounting.OTHER_CLIENTS)
-            self.map[_CLIENTS_AT + slot * SLOT_BYTES : _CLIENTS_AT + slot * SLOT_BYTES + 1 + len(raw)] = bytes((len(raw),)) + raw
-            self._slots[client] = slot
+            kept = self._labels.key(client)  # an identity's labels past its budget share one slot
+            slot = self._slots.get(kept)
+            if slot is None:
+                slot = self._slot_count
+                if slot >= MAX_CLIENT_SLOTS:
+                    return MAX_CLIENT_SLOTS  # the reader keys these as "other" (accounting.OTHER_CLIENTS)
+                raw = kept.encode()[: SLOT_BYTES - 1]
+                self.map[_CLIENTS_AT + slot * SLOT_BYTES : _CLIENTS_AT + slot * SLOT_BYTES + 1 + len(raw)] = bytes((len(raw),)) + raw
+                self._slot_count += 1
+                self._slots[kept] = slot
+            if len(self._slots) < 4 * MAX_CLIENT_SLOTS:  # labels seen, each mapped to its slot at once next time
+                self._slots[client] = slot
         return slot
 
     def _append(self, serial: int, request_id: int, client: str, run_size: int, kind: int, code: str | None, op: str, bytes_in: int, bytes_out: int, timing: dict[str, float] | None, cache: int = 0) -> None:

@@ -47,12 +47,7 @@ _BUCKET_BOUNDS = np.array(DURATION_BUCKETS_US, dtype=np.float64)  # record_many'
 _BUCKET_ROW = len(DURATION_BUCKETS_US) + 2  # one counter per bucket, one for > 60 s, then the ns sum
 PENDING_BATCHES_MAX = 32  # batches record_batch_later may hold before adding them in regardless
 MAX_CLIENTS = 1024  # distinct client keys kept; later ones are accounted under OTHER_CLIENTS
-# Labels (`client` names) one identity gets a row for; its further ones share "(other labels)@<identity>".
-# Labels are the client's own choice: one uid naming 1,100 of them once took every row, and every later
-# identity was booked under OTHER_CLIENTS for the rest of the daemon's life.
-LABELS_PER_IDENTITY = 32
-OTHER_LABELS = "(other labels)"
-from .client_key import CLIENT_KEY  # noqa: E402,F401  (what a worker's ledger may name as a client)
+from .client_key import CLIENT_KEY, LABELS_PER_IDENTITY, OTHER_LABELS, LabelBudget  # noqa: E402,F401  (CLIENT_KEY: what a worker's ledger may name as a client)
 OTHER_CLIENTS = "(other)"
 
 # HDR layout: lowest 1 µs, highest one hour, 2 significant digits. The same layout as hdrh's
@@ -235,7 +230,7 @@ class Accountant:
         self.rejected: dict[str, int] = {}  # requests refused before a model was known, by code
         self.operations: dict[str, dict[str, int]] = {}  # every request by operation: {op: {"OK" or code: n}}
         self._pending_batches: list[tuple[Any, ...]] = []  # record_batch_later's, not yet added in
-        self._labels: dict[str, int] = {}  # identity -> its labelled keys in by_client
+        self._labels = LabelBudget()  # of by_client's keys
 
     def count_resent(self, model: str | None, version: int | None, client: str, n: int) -> None:
         """Direct requests a worker answered "lease expired" (a reload revoked the lease, or a retiring
@@ -507,14 +502,9 @@ class Accountant:
         return stats
 
     def _new_client(self, client: str) -> UsageStats:
-        # The identity is what follows the last "@" (client_key.py). A CURVE key may hold "@" itself: its
-        # labels are then counted under the key's tail, the same tail every time.
-        label, at, identity = client.rpartition("@")
-        if at and label != OTHER_LABELS:
-            labels = self._labels.get(identity, 0)
-            if labels >= LABELS_PER_IDENTITY:
-                return self.client_usage(f"{OTHER_LABELS}@{identity}")
-            self._labels[identity] = labels + 1
+        kept = self._labels.key(client)
+        if kept != client:
+            return self.client_usage(kept)
         if len(self.by_client) >= MAX_CLIENTS:
             client = OTHER_CLIENTS
             user = self.by_client.get(client)

@@ -26,6 +26,7 @@ from openinfer.client import Client
 from openinfer.daemon.direct import ledger
 from openinfer.daemon.direct.ledger import LedgerReader, LedgerRejected, LedgerWriter
 from openinfer.daemon.observability.accounting import CLIENT_KEY, OTHER_CLIENTS
+from openinfer.daemon.observability.client_key import LABELS_PER_IDENTITY
 
 HOSTILE_DAEMON = (str(Path(__file__).resolve().parent / "hostile_daemon.py"),)
 RING_AT = 64 + ledger.MAX_CLIENT_SLOTS * ledger.SLOT_BYTES
@@ -68,6 +69,20 @@ def test_what_an_honest_worker_writes_is_read_back_exactly(shared: tuple[LedgerW
     assert entries[0].timing == {ledger.ADMITTED_DEADLINE_US: 5e12, ledger.ADMITTED_SENT_US: 4e12}  # microseconds: past the bound of any timing
     assert entries[1].timing == {"queue_us": 3.5, "total_us": 41.25}
     assert reader.read() == []  # each record once
+
+
+def test_one_identitys_labels_cannot_fill_the_client_table(shared: tuple[LedgerWriter, LedgerReader]) -> None:
+    """Round 16's attacker: uid 0 sent 1,030 refused requests under as many `client` labels (each booked
+    for nothing), and the worker's 1,024 client slots were full: every later identity's requests were
+    booked as "(other)" for the worker's life. An identity's labels past LABELS_PER_IDENTITY share one
+    slot, "(other labels)@<identity>", as in the supervisor's books."""
+    writer, reader = shared
+    for n in range(1030):
+        writer.refused(n, f"label-{n}@uid=0", "infer", "PERMISSION_DENIED", 1.0)
+    writer.refused(9999, "victim@uid=65534", "infer", "PERMISSION_DENIED", 1.0)
+    clients = [entry.client for entry in reader.read()]
+    assert clients[-1] == "victim@uid=65534"
+    assert clients[LABELS_PER_IDENTITY - 1] == f"label-{LABELS_PER_IDENTITY - 1}@uid=0" and set(clients[LABELS_PER_IDENTITY:-1]) == {"(other labels)@uid=0"}
 
 
 @pytest.mark.parametrize(
