@@ -388,7 +388,7 @@ class Supervisor:
             inflight = worker.inflight
             if worker.retired or not inflight.overdue(now - OVERDUE_GRACE_NS):
                 continue
-            if now - OVERDUE_GRACE_NS < inflight.limit_ns:
+            if now - OVERDUE_GRACE_NS < self.overdue.limit_ns(worker):
                 self.overdue.answer(worker, now)
             else:
                 self.overdue.kill(worker, now)

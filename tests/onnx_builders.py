@@ -68,6 +68,19 @@ def string_model(path: Path) -> Path:
     return _save(helper.make_model(graph, opset_imports=OPSET), path)
 
 
+def string_fanout_model(path: Path) -> Path:
+    """n INT64[1] in, n strings out (a constant Expanded): a tiny request whose reply holds as many BYTES
+    elements as it asks for."""
+    graph = helper.make_graph(
+        [helper.make_node("Expand", ["one", "n"], ["out"])],
+        "string_fanout",
+        [helper.make_tensor_value_info("n", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("out", TensorProto.STRING, ["m"])],
+        initializer=[numpy_helper.from_array(np.array([b"x"], dtype=object), "one")],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
 def string_rows_model(path: Path) -> Path:
     """BYTES rows in, the same rows out plus a numeric copy of a second input: every output has a batch
     dimension (string_model's `count` does not), so the model can batch."""

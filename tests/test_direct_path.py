@@ -398,6 +398,41 @@ def test_a_reload_while_the_worker_runs_a_front_door_request_fails_no_direct_req
     assert not failures, failures
 
 
+def test_a_front_door_task_sent_behind_a_direct_run_is_not_killed_for_the_time_it_waited(daemon_factory: Any) -> None:
+    """Round 16's attacker: a front-door task sent to a worker in the middle of a direct run waits for it
+    (the supervisor does not see direct runs), and its max_compute_ms was counted from when it was sent:
+    two runs of 0.7 x max_compute_ms back to back got the worker killed and the front-door request failed
+    'past its model's max_compute_ms'. It counts from when the direct run ended (the deadline page)."""
+    root = world_readable_dir("oi-direct-behind-")
+    onnx_builders.busy_loop_model(root / "busy" / "1" / "model.onnx")
+    (root / "busy" / "config.toml").write_text("workers = 1\nmax_compute_ms = 2000\n")
+    make_world_readable(root)
+    daemon = daemon_factory(root, env=DIRECT)
+    with Client(daemon.address, timeout=60) as client:
+        us_per_iteration = client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(200_000, np.int64)}).timing["compute_us"] / 200_000
+    inputs = {"x": np.zeros(1, np.float32), "n": np.array(int(1_400_000 / us_per_iteration), np.int64)}  # 1.4 s a run
+    worker = psutil.Process(worker_pid(daemon, "busy"))
+    outcomes: dict[str, str] = {}
+
+    def run(path: str) -> None:
+        with Client(daemon.address, timeout=30, direct=path == "direct") as client:
+            try:
+                client.infer("busy", inputs)
+                outcomes[path] = "OK"
+            except OpenInferError as exc:
+                outcomes[path] = str(exc)
+
+    cpu_before = sum(worker.cpu_times()[:2])
+    direct = threading.Thread(target=run, args=("direct",))
+    direct.start()
+    wait_for(lambda: sum(worker.cpu_times()[:2]) - cpu_before > 0.05, 10, "the direct run under way")
+    run("front door")  # sent now: it waits for the direct run, then runs 1.4 s of its own
+    direct.join(30)
+    shutil.rmtree(root, ignore_errors=True)
+    assert outcomes == {"direct": "OK", "front door": "OK"}, outcomes
+    assert worker.is_running(), "the worker was killed"
+
+
 def served_versions(daemon: RunningDaemon, model: str) -> list[int]:
     with Client(daemon.address, direct=False) as admin:
         return [row["version"] for row in admin.models() if row["name"] == model]

@@ -5,9 +5,13 @@ BYTES tensors are a sequence of elements, each a 4-byte little-endian length fol
 from __future__ import annotations
 
 import struct
+import time
+from contextvars import ContextVar
 from typing import Any, Iterator
 
 import numpy as np
+
+from .errors import DeadlineExceeded
 
 # OIP datatype name -> numpy dtype (always little-endian on the wire).
 DATATYPE_TO_NUMPY: dict[str, np.dtype[Any]] = {
@@ -73,6 +77,20 @@ class BF16Array:
         return f"BF16Array({self.to_float32()!r})"
 
 
+# A deadline (CLOCK_MONOTONIC ns; 0: none) for the loops over BYTES elements below, which a request's size
+# drives and nothing else can stop: a daemon's worker sets it around a request's preparation and the
+# encoding of its outputs, so that a million strings in or out end in DEADLINE_EXCEEDED at the model's
+# max_compute_ms rather than in the worker's kill (round 16). A client never sets it.
+ELEMENTS_DEADLINE_NS: ContextVar[int] = ContextVar("openinfer_elements_deadline_ns", default=0)
+ELEMENTS_CHUNK = 65536  # elements between two looks at the deadline
+
+
+def check_elements_deadline() -> None:
+    stop_ns = ELEMENTS_DEADLINE_NS.get()
+    if stop_ns and time.monotonic_ns() >= stop_ns:
+        raise DeadlineExceeded("stopped while converting its BYTES elements: past its deadline (the request's timeout, or the model's max_compute_ms); the worker was kept")
+
+
 def datatype_of(array: np.ndarray) -> str:
     """The OIP datatype name for a numpy array (object/str/bytes arrays are BYTES)."""
     known = _DATATYPE_BY_DTYPE.get(array.dtype)
@@ -131,10 +149,14 @@ def bytes_element(element: Any) -> bytes:
 
 def encode_bytes_elements(array: np.ndarray) -> bytes:
     parts: list[bytes] = []
-    for element in array.reshape(-1):
-        raw = bytes_element(element)
-        parts.append(struct.pack("<I", len(raw)))
-        parts.append(raw)
+    flat = array.reshape(-1)
+    for start in range(0, len(flat), ELEMENTS_CHUNK):
+        if start:
+            check_elements_deadline()
+        for element in flat[start : start + ELEMENTS_CHUNK]:
+            raw = bytes_element(element)
+            parts.append(struct.pack("<I", len(raw)))
+            parts.append(raw)
     return b"".join(parts)
 
 
@@ -150,15 +172,18 @@ def _bytes_element_spans(view: memoryview, count: int) -> Iterator[tuple[int, in
     exactly that many (no bytes left over)."""
     size = len(view)
     offset = 0
-    for index in range(count):
-        if offset + 4 > size:
-            raise ValueError(f"BYTES payload ends inside the length of element {index}")
-        (length,) = _U32.unpack_from(view, offset)
-        offset += 4
-        if offset + length > size:
-            raise ValueError(f"BYTES element {index} claims {length} bytes past the end of the payload")
-        yield offset, offset + length
-        offset += length
+    for start in range(0, count, ELEMENTS_CHUNK):
+        if start:
+            check_elements_deadline()
+        for index in range(start, min(count, start + ELEMENTS_CHUNK)):
+            if offset + 4 > size:
+                raise ValueError(f"BYTES payload ends inside the length of element {index}")
+            (length,) = _U32.unpack_from(view, offset)
+            offset += 4
+            if offset + length > size:
+                raise ValueError(f"BYTES element {index} claims {length} bytes past the end of the payload")
+            yield offset, offset + length
+            offset += length
     if offset != size:
         raise ValueError(f"BYTES payload has {size - offset} trailing bytes after {count} elements")
 

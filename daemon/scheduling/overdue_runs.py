@@ -7,6 +7,7 @@ applies (supervisor._expire_running); this module carries it out."""
 from __future__ import annotations
 
 import logging
+import time
 
 from openinfer.wire.errors import DeadlineExceeded
 
@@ -51,6 +52,24 @@ class OverdueRuns:
         if unstoppable and not inflight.stalled:
             log.warning("a run could not be stopped at its deadline; the tasks past theirs were answered and the run goes on", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key, "max_compute_ms": max_compute_ms})
         inflight.stall()
+
+    @staticmethod
+    def limit_ns(worker: WorkerHandle) -> int:
+        """When the running unit passes max_compute_ms: counted from when it was sent, or from when the
+        direct run it waited behind ended (PROTOCOL.md 17.4: the supervisor does not see those runs; the
+        worker's deadline page does) - a unit still waiting is not running (round 16: a front-door task
+        sent while a 1.5 s direct run went on was killed, with its worker, at 2 s of max_compute_ms it had
+        not used). At most a max_compute_ms and its grace later - the longest a direct run lasts before
+        the worker is killed for it - so a page that lies delays this by no more."""
+        inflight = worker.inflight
+        page = worker.page
+        if page is None:
+            return inflight.limit_ns
+        max_compute_ns = worker.model.config.max_compute_ms * 1_000_000
+        sent_ns = inflight.limit_ns - max_compute_ns
+        since_ns, direct_deadline_ns = page.read()
+        started_ns = time.monotonic_ns() if direct_deadline_ns else since_ns  # a direct run now: not started yet
+        return min(max(started_ns, sent_ns), sent_ns + max_compute_ns + OVERDUE_GRACE_NS) + max_compute_ns
 
     def kill(self, worker: WorkerHandle, now: int) -> None:
         """The run passed its model's max_compute_ms and did not stop: the worker is killed."""

@@ -13,6 +13,7 @@ from typing import Any
 
 from openinfer.wire.errors import DeadlineExceeded
 from openinfer.wire.protocol import pack, unpack
+from openinfer.wire.tensors import ELEMENTS_DEADLINE_NS
 from openinfer.wire.zmtp import Buffer, FrameStream
 
 from . import messages
@@ -39,10 +40,14 @@ def run_task(channel: FrameStream, session: Any, output_names: list[str], frames
                         "cpu_us": (time.process_time_ns() - cpu_start) / 1000, "send_ns": time.monotonic_ns()}
                 channel.send([result_kind, pack(meta), *hit.payloads])
                 return
+        deadline_ns, max_compute_ns = messages.unpack_stop(frames[0])
+        # max_compute_ms counts from the task's arrival, as the supervisor's kill does (round 16: from
+        # its inputs' preparation on, a long preparation got the worker killed before the run was stopped)
+        stop_at_ns = min(deadline_ns, received_ns + max_compute_ns)
+        ELEMENTS_DEADLINE_NS.set(stop_at_ns)  # BYTES conversions stop there too (wire/tensors.py)
         feed = feed_from(header, frames[2:], session.raw_inputs)
         prepared_ns = time.monotonic_ns()
-        deadline_ns, max_compute_ns = messages.unpack_stop(frames[0])
-        results = stopped_run(session, watch, wanted, feed, min(deadline_ns, prepared_ns + max_compute_ns))
+        results = stopped_run(session, watch, wanted, feed, stop_at_ns)
         computed_ns = time.monotonic_ns()
         specs, payloads = encode_outputs(wanted, results)
         encoded_ns = time.monotonic_ns()
@@ -69,6 +74,8 @@ def run_task(channel: FrameStream, session: Any, output_names: list[str], frames
             "send_ns": time.monotonic_ns(),
         }
         channel.send([result_kind, pack(meta)])
+    finally:
+        ELEMENTS_DEADLINE_NS.set(0)
 
 
 def stopped_run(session: Any, watch: RunWatch, wanted: list[str], feed: dict[str, Any], stop_at_ns: int) -> list[Any]:
@@ -100,10 +107,11 @@ def run_batch(channel: FrameStream, session: Any, output_names: list[str], frame
     plan = unpack(frames[1])
     task_ids: list[int] = plan["tasks"]
     try:
+        stop_at_ns = min(plan["deadline_ns"], received_ns + plan["max_compute_ns"])  # as run_task's
+        ELEMENTS_DEADLINE_NS.set(stop_at_ns)
         merged = batch_feed(plan, frames[2:])
         wanted = plan["outputs"] or output_names
         prepared_ns = time.monotonic_ns()
-        stop_at_ns = min(plan["deadline_ns"], prepared_ns + plan["max_compute_ns"])
         results = [plain(value) for value in stopped_run(session, watch, wanted, merged, stop_at_ns)]
         computed_ns = time.monotonic_ns()
         meta, payloads = split_outputs(results, wanted, plan["rows"])
@@ -126,3 +134,5 @@ def run_batch(channel: FrameStream, session: Any, output_names: list[str], frame
             "send_ns": time.monotonic_ns(),
         }
         channel.send([messages.RESULTS, pack(meta)])
+    finally:
+        ELEMENTS_DEADLINE_NS.set(0)

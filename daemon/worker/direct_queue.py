@@ -29,6 +29,7 @@ from openinfer.daemon.scheduling.batch_rules import batch_size_now, latest_hold_
 from openinfer.daemon.scheduling.taskqueue import TaskQueue
 from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError, PermissionDenied, ResourceExhausted
 from openinfer.wire.protocol import PROTOCOL_VERSION
+from openinfer.wire.tensors import ELEMENTS_DEADLINE_NS
 from openinfer.wire.zmtp import Buffer
 
 from .compute import RowCutter, encode_outputs, feed_from, join_rows, member_outputs, plain
@@ -293,9 +294,11 @@ class DirectQueue:
         deadline_ns = self._deadline_of(requests, now)
         if self.page is not None:
             self.page.running(now, deadline_ns)
+        ELEMENTS_DEADLINE_NS.set(deadline_ns)  # BYTES conversions stop there too (wire/tensors.py)
         return deadline_ns
 
     def _end_run(self) -> None:
+        ELEMENTS_DEADLINE_NS.set(0)
         if self.page is not None:
             self.page.idle()
 

@@ -15,7 +15,7 @@ import pytest
 
 import onnx_builders
 from daemon_harness import world_readable_dir
-from openinfer.client import Client, ResourceExhausted
+from openinfer.client import Client, DeadlineExceeded, ResourceExhausted
 from openinfer.wire.protocol import MAX_BYTES_ELEMENTS
 from repo_builder import make_world_readable
 
@@ -59,3 +59,33 @@ def test_a_worker_busy_with_a_large_requests_bytes_is_not_taken_for_an_unrespons
             assert answer.timing["prep_us"] + answer.timing["encode_us"] > 200_000, answer.timing  # the work outlasted the grace
     with Client(daemon.address, direct=False) as admin:
         assert [w["restarts"] for w in admin.status()["workers"] if w["model"] == "text"] == [0]
+
+
+@pytest.fixture(scope="module")
+def tight_repo() -> Iterator[Path]:
+    root = world_readable_dir("oi-bytes-tight-")
+    onnx_builders.string_fanout_model(root / "fanout" / "1" / "model.onnx")
+    onnx_builders.string_model(root / "text" / "1" / "model.onnx")
+    for name in ("fanout", "text"):
+        (root / name / "config.toml").write_text("workers = 1\nmax_compute_ms = 300\n")
+    yield make_world_readable(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "front-door"])
+def test_bytes_work_past_max_compute_ms_is_stopped_and_its_worker_kept(daemon_factory: Any, tight_repo: Path, direct: bool) -> None:
+    """Round 16's attacker: an 8-byte request for 4 million strings out of a model whose max_compute_ms is
+    300 ran 0.16 s and then encoded its outputs for ~1 s, which nothing could stop: its worker was killed
+    every time, failing another client's queued request; and a million strings in, through the front
+    door, got the worker killed before the run was stopped. The loops over BYTES elements now look at the
+    request's deadline (the earlier of its timeout and max_compute_ms from its start) every 65,536
+    elements: the request is answered DEADLINE_EXCEEDED and the worker serves on."""
+    daemon = daemon_factory(tight_repo)
+    with Client(daemon.address, timeout=30, direct=direct) as client:
+        with pytest.raises(DeadlineExceeded, match="stopped"):
+            client.infer("fanout", {"n": np.array([4_000_000], np.int64)})
+        with pytest.raises(DeadlineExceeded, match="stopped"):
+            client.infer("text", {"text": np.full(MAX_BYTES_ELEMENTS, b"", dtype=object)})
+        assert client.infer("fanout", {"n": np.array([3], np.int64)}).outputs["out"].tolist() == [b"x"] * 3
+    with Client(daemon.address, direct=False) as admin:
+        assert [w["restarts"] for w in admin.status()["workers"]] == [0, 0]
