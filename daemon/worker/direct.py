@@ -92,9 +92,17 @@ def connection_caps(limits: DirectLimits) -> tuple[int, int]:
     return total, max(1, min(limits.max_connections_per_identity, total * 3 // 4))
 
 
+def _nothing_to_send(conn: DirectConnection, now_ns: int) -> bool:
+    """Its outbox is empty, or what waits there has not moved for STALLED_NS (its peer does not read):
+    either way closing it takes nothing from a client that reads. Waiting bytes alone once made a
+    connection look busy for good: two uids without a grant held every slot of every worker with PONGs
+    and replies they never read (round 17), and the rules that close idle connections never fired."""
+    return not conn.stream.out_bytes or now_ns - conn.out_moved_ns >= STALLED_NS
+
+
 def _unleased_for(conn: DirectConnection, now_ns: int) -> int:
     """How long a connection has been without a valid lease (and has nothing in flight or to send)."""
-    if conn.open_ids or conn.stream.out_bytes:
+    if conn.open_ids or not _nothing_to_send(conn, now_ns):
         return 0
     if conn.lease is None:
         return now_ns - conn.accepted_ns
@@ -175,7 +183,7 @@ class DirectDoor:
             return False
         now_ns = time.monotonic_ns()
         # (a byte of a frame kept pending does not make a connection busy: it must have moved lately)
-        idle = [c for c in self.by_fd.values() if c.identity == most and not c.open_ids and not c.stream.out_bytes and (not c.stream.in_bytes or now_ns - c.last_read_ns >= STALLED_NS)]
+        idle = [c for c in self.by_fd.values() if c.identity == most and not c.open_ids and _nothing_to_send(c, now_ns) and (not c.stream.in_bytes or now_ns - c.last_read_ns >= STALLED_NS)]
         if not idle:
             return False
         oldest = min(idle, key=lambda c: c.last_read_ns)
@@ -445,7 +453,7 @@ class DirectDoor:
         for conn in self.by_fd.values():
             if conn.lease is not None and conn.lease.expires_ns <= now_ns:
                 conn.stream.limits = self._unattached_limits
-        for conn in [c for c in self.by_fd.values() if c.strikes >= self.limits.strike_limit > 0 and not c.stream.out_bytes]:
+        for conn in [c for c in self.by_fd.values() if c.strikes >= self.limits.strike_limit > 0 and _nothing_to_send(c, now_ns)]:
             self.close(conn)
 
     def goaway(self, reason: str) -> None:
