@@ -11,6 +11,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -270,26 +271,46 @@ def test_an_async_client_moves_to_the_replacement_after_a_goaway_without_an_erro
     assert slowest < 5, slowest
 
 
+@dataclass
+class OneBusyWorker:
+    """A daemon serving `busy` (onnx_builders.busy_loop_model) with one worker, on the direct path."""
+
+    daemon: RunningDaemon
+    root: Path
+    model_path: Path
+    us_per_iteration: float  # measured on this machine, now
+
+    def inputs(self, seconds: float) -> dict[str, np.ndarray]:
+        """A request that runs about `seconds`."""
+        return {"x": np.zeros(1, np.float32), "n": np.array(int(seconds * 1e6 / self.us_per_iteration), np.int64)}
+
+
+def one_busy_worker(daemon_factory: Any, prefix: str, config: str = "") -> OneBusyWorker:
+    root = world_readable_dir(prefix)
+    model_path = onnx_builders.busy_loop_model(root / "busy" / "1" / "model.onnx")
+    (root / "busy" / "config.toml").write_text("workers = 1\n" + config)
+    make_world_readable(root)
+    daemon = daemon_factory(root, env=DIRECT)
+    with Client(daemon.address, timeout=60) as client:
+        us_per_iteration = client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(200_000, np.int64)}).timing["compute_us"] / 200_000
+    return OneBusyWorker(daemon, root, model_path, us_per_iteration)
+
+
 def test_a_reload_lets_a_long_direct_run_on_a_retired_worker_finish(daemon_factory: Any) -> None:
     """Replacing a model retires its worker; a request running there past the retirement's 5 s grace is
     answered, not failed: the daemon kills a retired worker only once it runs nothing (or at its run's
     max_compute_ms). Round 9's attacker: a 7 s run was killed 5 s after the reload, WORKER_CRASHED, on
     the Python and C clients alike."""
-    root = world_readable_dir("oi-direct-long-run-")
-    model_path = onnx_builders.busy_loop_model(root / "busy" / "1" / "model.onnx")
-    (root / "busy" / "config.toml").write_text("workers = 1\n")
-    make_world_readable(root)
-    daemon = daemon_factory(root, env=DIRECT)
-    feed = {"x": np.zeros(1, np.float32), "n": np.array(200_000, np.int64)}
-    with Client(daemon.address, timeout=60) as client:
-        us_per_iteration = client.infer("busy", feed).timing["compute_us"] / 200_000
-    n = int(8_000_000 / us_per_iteration)  # an 8 s run: it outlasts the new worker's start plus the 5 s grace
+    busy = one_busy_worker(daemon_factory, "oi-direct-long-run-")
+    daemon, root, model_path = busy.daemon, busy.root, busy.model_path
+    eight_seconds = busy.inputs(8)  # it outlasts the new worker's start plus the 5 s grace
+    n = int(eight_seconds["n"])
     outcome: list[Any] = []
 
     def long_run() -> None:
         with Client(daemon.address, timeout=60) as client:
             try:
-                outcome.append(client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(n, np.int64)}))
+                outcome.append(client.infer("busy", eight_seconds))
             except OpenInferError as exc:
                 outcome.append(exc)
 
@@ -313,18 +334,14 @@ def test_a_retired_workers_queue_is_answered_or_sent_elsewhere_never_lost(daemon
     lost, and their requests failed DEADLINE_EXCEEDED ('still running past max_compute_ms') though none
     ran a second. Now it answers what it never started as an expired lease, which every client sends
     again on a new lease: 32 requests queued across a replacement all succeed."""
-    root = world_readable_dir("oi-direct-retired-queue-")
-    model_path = onnx_builders.busy_loop_model(root / "busy" / "1" / "model.onnx")
-    (root / "busy" / "config.toml").write_text("workers = 1\nmax_compute_ms = 1000\n")
-    make_world_readable(root)
-    daemon = daemon_factory(root, env=DIRECT)
-    with Client(daemon.address, timeout=60) as client:
-        us_per_iteration = client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(200_000, np.int64)}).timing["compute_us"] / 200_000
-    n = int(250_000 / us_per_iteration)  # 0.25 s a run (4x under max_compute_ms on a busy machine): 32 outlast the drain (4 s) and the old kill (QUIT + 6 s)
+    busy = one_busy_worker(daemon_factory, "oi-direct-retired-queue-", "max_compute_ms = 1000\n")
+    daemon, root, model_path = busy.daemon, busy.root, busy.model_path
+    quarter_second = busy.inputs(0.25)  # 4x under max_compute_ms on a busy machine: 32 outlast the drain (4 s) and the old kill (QUIT + 6 s)
+    n = int(quarter_second["n"])
 
     async def across_a_replacement() -> list[Any]:
         async with AsyncClient(daemon.address, timeout=60) as client:
-            runs = [asyncio.ensure_future(client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(n, np.int64)})) for _ in range(32)]
+            runs = [asyncio.ensure_future(client.infer("busy", quarter_second)) for _ in range(32)]
             await asyncio.sleep(0.5)  # they are queued on the one worker: now the replacement
             replace_and_reload(daemon, root, model_path)
             return await asyncio.gather(*runs, return_exceptions=True)
@@ -346,14 +363,9 @@ def test_a_reload_while_the_worker_runs_a_front_door_request_fails_no_direct_req
     killed as its front-door task ended, failing the direct requests it held WORKER_CRASHED (4 a reload).
     It was retired while still BUSY (the dispatcher retires a worker as its last task ends), and the
     supervisor sent QUIT - GOAWAY, drain - only to a READY one, killing any other at once."""
-    root = world_readable_dir("oi-direct-mixed-reload-")
-    model_path = onnx_builders.busy_loop_model(root / "busy" / "1" / "model.onnx")
-    (root / "busy" / "config.toml").write_text("workers = 1\n")
-    make_world_readable(root)
-    daemon = daemon_factory(root, env=DIRECT)
-    with Client(daemon.address, timeout=60) as client:
-        us_per_iteration = client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(200_000, np.int64)}).timing["compute_us"] / 200_000
-    inputs = {"x": np.zeros(1, np.float32), "n": np.array(int(20_000 / us_per_iteration), np.int64)}  # 20 ms a run
+    busy = one_busy_worker(daemon_factory, "oi-direct-mixed-reload-")
+    daemon, root, model_path = busy.daemon, busy.root, busy.model_path
+    inputs = busy.inputs(0.02)
     failures: list[str] = []
     served = {"front door": 0, "direct": 0}
     stop = threading.Event()
@@ -403,14 +415,9 @@ def test_a_front_door_task_sent_behind_a_direct_run_is_not_killed_for_the_time_i
     (the supervisor does not see direct runs), and its max_compute_ms was counted from when it was sent:
     two runs of 0.7 x max_compute_ms back to back got the worker killed and the front-door request failed
     'past its model's max_compute_ms'. It counts from when the direct run ended (the deadline page)."""
-    root = world_readable_dir("oi-direct-behind-")
-    onnx_builders.busy_loop_model(root / "busy" / "1" / "model.onnx")
-    (root / "busy" / "config.toml").write_text("workers = 1\nmax_compute_ms = 2000\n")
-    make_world_readable(root)
-    daemon = daemon_factory(root, env=DIRECT)
-    with Client(daemon.address, timeout=60) as client:
-        us_per_iteration = client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(200_000, np.int64)}).timing["compute_us"] / 200_000
-    inputs = {"x": np.zeros(1, np.float32), "n": np.array(int(1_400_000 / us_per_iteration), np.int64)}  # 1.4 s a run
+    busy = one_busy_worker(daemon_factory, "oi-direct-behind-", "max_compute_ms = 2000\n")
+    daemon, root = busy.daemon, busy.root
+    inputs = busy.inputs(1.4)
     worker = psutil.Process(worker_pid(daemon, "busy"))
     outcomes: dict[str, str] = {}
 
