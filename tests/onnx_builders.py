@@ -81,6 +81,17 @@ def string_fanout_model(path: Path) -> Path:
     return _save(helper.make_model(graph, opset_imports=OPSET), path)
 
 
+def string_grid_model(path: Path) -> Path:
+    """BYTES [rows, width] in, the same out: batchable, and each row holds as many elements as it likes."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["same"])],
+        "string_grid",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["rows", "width"])],
+        [helper.make_tensor_value_info("same", TensorProto.STRING, ["rows", "width"])],
+    )
+    return _save(helper.make_model(graph, opset_imports=OPSET), path)
+
+
 def string_rows_model(path: Path) -> Path:
     """BYTES rows in, the same rows out plus a numeric copy of a second input: every output has a batch
     dimension (string_model's `count` does not), so the model can batch."""

@@ -440,6 +440,41 @@ def test_a_front_door_task_sent_behind_a_direct_run_is_not_killed_for_the_time_i
     assert worker.is_running(), "the worker was killed"
 
 
+def test_a_front_door_task_is_not_killed_behind_a_direct_batch_run_again_member_by_member(daemon_factory: Any) -> None:
+    """Round 18's attacker: a direct batch stopped at max_compute_ms runs its members again alone (only
+    a guilty one should fail); they ran one after another in the same turn of the worker's loop, each up
+    to max_compute_ms, and a front-door task sent meanwhile waited past the one direct run the supervisor
+    allows for: it failed 'past its model's max_compute_ms', its worker killed. The members now run one
+    a turn of the loop, and the front-door task takes its turn between them."""
+    root = world_readable_dir("oi-direct-batch-again-")
+    onnx_builders.row_loop_model(root / "rows" / "1" / "model.onnx")
+    (root / "rows" / "config.toml").write_text("workers = 1\nmax_compute_ms = 300\n\n[batching]\nmax_batch_size = 8\n")
+    make_world_readable(root)
+    daemon = daemon_factory(root, env=DIRECT)
+    endless = {"x": np.array([[1e9]], np.float32)}  # a Loop of 1e9 iterations: stopped at max_compute_ms
+    worker = psutil.Process(worker_pid(daemon, "rows"))
+    stopped: list[str] = []
+
+    async def batch_of_endless_runs() -> None:
+        async with AsyncClient(daemon.address, timeout=60) as client:
+            for outcome in await asyncio.gather(*(client.infer("rows", endless) for _ in range(8)), return_exceptions=True):
+                stopped.append(type(outcome).__name__)
+
+    cpu_before = sum(worker.cpu_times()[:2])
+    attack = threading.Thread(target=lambda: asyncio.run(batch_of_endless_runs()))
+    attack.start()
+    try:
+        wait_for(lambda: sum(worker.cpu_times()[:2]) - cpu_before > 0.05, 10, "the batch under way")
+        with Client(daemon.address, timeout=30, direct=False) as client:
+            answer = client.infer("rows", {"x": np.array([[1.0]], np.float32)})
+    finally:
+        attack.join(60)
+        shutil.rmtree(root, ignore_errors=True)
+    assert answer.outputs["y"].tolist() == [[2.0]]
+    assert stopped == ["DeadlineExceeded"] * 8, stopped
+    assert worker.is_running(), "the worker was killed"
+
+
 def served_versions(daemon: RunningDaemon, model: str) -> list[int]:
     with Client(daemon.address, direct=False) as admin:
         return [row["version"] for row in admin.models() if row["name"] == model]

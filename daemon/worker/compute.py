@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from openinfer.wire.tensors import DATATYPE_TO_NUMPY, ELEMENT_SIZE, ELEMENTS_CHUNK, BF16Array, check_elements_deadline, datatype_of, decode_array, encode_array
+from openinfer.wire.tensors import DATATYPE_TO_NUMPY, ELEMENT_SIZE, ELEMENTS_CHUNK, BF16Array, datatype_of, elements_done, decode_array, encode_array
 from openinfer.wire.zmtp import Buffer
 
 from .session import bf16_input
@@ -27,11 +27,13 @@ def feed_from(header: dict[str, Any], frames: list[Buffer], raw: bool = False) -
 def for_onnxruntime(datatype: str, array: np.ndarray) -> Any:
     if datatype == "BYTES":  # onnxruntime wants str elements for tensor(string)
         if array.size <= ELEMENTS_CHUNK:
-            return _as_text(array) if array.size else array
+            text = _as_text(array) if array.size else array
+            elements_done(array.size)
+            return text
         flat, text = array.reshape(-1), np.empty(array.size, dtype=object)
         for start in range(0, array.size, ELEMENTS_CHUNK):  # a look at the request's deadline between chunks
-            check_elements_deadline()
             text[start : start + ELEMENTS_CHUNK] = _as_text(flat[start : start + ELEMENTS_CHUNK])
+            elements_done(ELEMENTS_CHUNK)
         return text.reshape(array.shape)
     if datatype == "BF16":  # uint16 bits, which onnxruntime must be told are bfloat16
         return bf16_input(array)

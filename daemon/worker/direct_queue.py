@@ -359,6 +359,20 @@ class DirectQueue:
             return
         self._answer(request, reply, payloads, None, timing)
 
+    def _run_alone_later(self, batch: list[DirectRequest]) -> None:
+        """Each member of a batch that failed or was stopped runs alone (only the guilty one fails), as
+        the queue's next, one a turn of the worker's loop: run here one after another, they held the
+        worker for a max_compute_ms each without a look at its sockets or channel, and a front-door task
+        sent meanwhile waited past the one run the supervisor allows for (round 18: it was killed with
+        the worker). A member whose deadline has passed is answered now."""
+        now = time.monotonic_ns()
+        for member in reversed(batch):
+            if member.deadline_ns <= now:
+                self._fail(member, DeadlineExceeded(f"its deadline passed after {(now - member.received_ns) / 1e6:.0f} ms, in a batch that failed or was stopped; it is not run again"))
+            else:
+                member.batch_key = None  # alone from now on
+                self.queue.appendleft(member)
+
     def _answer_cached(self, request: DirectRequest, hit: Cached) -> None:
         now = time.monotonic_ns()
         timing = {"decode_us": (request.decoded_ns - request.received_ns) / 1000, "cache_us": (now - request.decoded_ns) / 1000, "total_us": (now - request.received_ns) / 1000}
@@ -379,10 +393,7 @@ class DirectQueue:
                 total_rows = sum(m.rows for m in batch)
                 cutters = [RowCutter.of(value, total_rows) for value in results]
         except Exception:  # failed or stopped as a whole: which member caused it is unknown
-            for member in batch:
-                if self.ledger is not None:
-                    self.ledger.run(1)
-                self._run_one(member, time.monotonic_ns())
+            self._run_alone_later(batch)
             return
         size = len(batch)
         cpu_each = (time.process_time_ns() - cpu_start) / 1000 / size

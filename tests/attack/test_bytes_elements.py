@@ -6,6 +6,7 @@ most MAX_BYTES_ELEMENTS (1,048,576) BYTES elements, refused from its shape befor
 paths; and the deadline page now covers a run's input preparation too."""
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -15,7 +16,7 @@ import pytest
 
 import onnx_builders
 from daemon_harness import world_readable_dir
-from openinfer.client import Client, DeadlineExceeded, ResourceExhausted
+from openinfer.client import AsyncClient, Client, DeadlineExceeded, ResourceExhausted
 from openinfer.wire.protocol import MAX_BYTES_ELEMENTS
 from repo_builder import make_world_readable
 
@@ -89,3 +90,28 @@ def test_bytes_work_past_max_compute_ms_is_stopped_and_its_worker_kept(daemon_fa
         assert client.infer("fanout", {"n": np.array([3], np.int64)}).outputs["out"].tolist() == [b"x"] * 3
     with Client(daemon.address, direct=False) as admin:
         assert [w["restarts"] for w in admin.status()["workers"]] == [0, 0]
+
+
+def test_a_batch_of_many_small_bytes_members_is_stopped_at_its_deadline_too(daemon_factory: Any) -> None:
+    """Round 18's attacker: the BYTES loops looked at the deadline every 65,536 elements of one call, so a
+    batch of 64 members of 65,000 strings each - 4.2 million elements, about 2 s of work - was never
+    looked at, and the worker was killed past max_compute_ms. The count runs across calls: the batch is
+    stopped at its deadline, its members run again alone (each well within it), the worker is kept."""
+    root = world_readable_dir("oi-bytes-batch-")
+    onnx_builders.string_grid_model(root / "grid" / "1" / "model.onnx")
+    (root / "grid" / "config.toml").write_text("workers = 1\nmax_compute_ms = 300\n\n[batching]\nmax_batch_size = 64\nmax_queue_delay_us = 1000000\nquiet_us = 0\n")
+    daemon = daemon_factory(make_world_readable(root))
+    row = {"text": np.full((1, 65_000), b"", dtype=object)}
+
+    async def sixty_four() -> list[Any]:
+        async with AsyncClient(daemon.address, timeout=60) as client:
+            return await asyncio.gather(*(client.infer("grid", row) for _ in range(64)), return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(sixty_four())
+        with Client(daemon.address, direct=False) as admin:
+            restarts = [w["restarts"] for w in admin.status()["workers"]]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert not [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, DeadlineExceeded)], outcomes
+    assert restarts == [0]
