@@ -36,6 +36,9 @@ log = logging.getLogger("openinfer.worker")
 LISTEN_FD = 5  # the spawner puts the worker's listening socket here (spawner.DIRECT_FD)
 HANDSHAKE_TIMEOUT_NS = 10_000_000_000  # to complete the ZMTP handshake, and again to attach a lease
 FDS_KEPT = 16  # of the worker's open-file limit, for what is not a client connection (channel, epoll, pages)
+# Replies not read for this long count as nothing to send (_nothing_to_send): long enough for a client
+# whose event loop is held up a while (closed, its unread answers are lost), short enough for an attack.
+UNREAD_NS = 5_000_000_000
 _PEERCRED = struct.Struct("3i")
 _DELIMITER = b""
 DIRECT_OPERATIONS = ("attach", "infer", "cancel")
@@ -93,11 +96,12 @@ def connection_caps(limits: DirectLimits) -> tuple[int, int]:
 
 
 def _nothing_to_send(conn: DirectConnection, now_ns: int) -> bool:
-    """Its outbox is empty, or what waits there has not moved for STALLED_NS (its peer does not read):
+    """Its outbox is empty, or what waits there has not moved for UNREAD_NS (its peer does not read):
     either way closing it takes nothing from a client that reads. Waiting bytes alone once made a
     connection look busy for good: two uids without a grant held every slot of every worker with PONGs
-    and replies they never read (round 17), and the rules that close idle connections never fired."""
-    return not conn.stream.out_bytes or now_ns - conn.out_moved_ns >= STALLED_NS
+    and replies they never read (round 17), and the rules that close idle connections never fired.
+    (PONGs never set out_moved_ns: a backlog of them alone counts at once.)"""
+    return not conn.stream.out_bytes or now_ns - conn.out_moved_ns >= UNREAD_NS
 
 
 def _unleased_for(conn: DirectConnection, now_ns: int) -> int:
