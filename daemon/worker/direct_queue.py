@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from openinfer.daemon.direct.deadline_page import DeadlinePage
 from openinfer.daemon.direct.ledger import CACHE_HIT, CACHE_MISS, MAX_ADMITTED, LedgerWriter, ledger_code
@@ -65,11 +64,9 @@ class ModelView:
     output_order: list[str] = field(init=False)
     input_signatures: list[InputSignature] = field(default_factory=list)
     batchable: bool = field(init=False)
-    bytes_inputs: bool = field(init=False)  # a request's check walks its BYTES elements (up to MAX_BYTES_ELEMENTS)
 
     def __post_init__(self) -> None:
         self.input_by_name = {spec["name"]: spec for spec in self.inputs}
-        self.bytes_inputs = any(spec["datatype"] == "BYTES" for spec in self.inputs)
         self.output_names = frozenset(spec["name"] for spec in self.outputs)
         self.output_order = [spec["name"] for spec in self.outputs]
         self.batchable = self.batching is not None and all(len(s["shape"]) >= 1 and s["shape"][0] == -1 for s in [*self.inputs, *self.outputs])
@@ -131,14 +128,11 @@ class DirectQueue:
             given = header.get(key)
             if given is not None and given != mine:
                 raise InvalidArgument(f"this worker serves {model.name}:{model.version}; the request names {key} {given!r}")
-        if model.bytes_inputs:  # the walk of up to a million elements is work the page shows too (_running)
-            self._begin_run([])
-            try:
-                nbytes, signature = check_infer(header, data, model, model.max_request_bytes)
-            finally:
-                self._end_run()
-        else:
-            nbytes, signature = check_infer(header, data, model, model.max_request_bytes)
+        # BYTES frames are walked when the request runs (decode_array checks each holds exactly its
+        # elements, under the run's deadline), not here: walks of many connections' requests completed in
+        # one read ran back to back, seconds outside any turn of the loop (round 19: 16 requests of a
+        # million strings got the worker killed with a front-door task waiting behind them).
+        nbytes, signature = check_infer(header, data, model, model.max_request_bytes, walk_bytes=False)
         if request_id in conn.open_ids:
             raise InvalidArgument(f"id {request_id} is already in flight on this connection; ids must be unique among a connection's outstanding requests")
         lease = conn.lease
@@ -274,27 +268,18 @@ class DirectQueue:
                 deadline_ns = request.deadline_ns
         return deadline_ns
 
-    @contextmanager
-    def _running(self, requests: list[DirectRequest]) -> Iterator[int]:
-        """The deadline page shows a run from here to the end of the block (yields its deadline): the
-        inputs prepared (BYTES decoded, a batch's rows joined), session.run, the outputs encoded - work a
+    def _begin_run(self, requests: list[DirectRequest]) -> int:
+        """The deadline page shows a run from here to _end_run (returns its deadline): the inputs
+        prepared (BYTES decoded, a batch's rows joined), session.run, the outputs encoded - work a
         request's size decides - so the supervisor sees a worker busy with them, never an idle one that
         does not answer its PING (round 14: a request of millions of BYTES elements got its worker
         killed as unresponsive; round 15: millions of BYTES outputs took seconds to encode), and kills
-        it if it overstays the deadline."""
-        deadline_ns = self._begin_run(requests)
-        try:
-            yield deadline_ns
-        finally:
-            self._end_run()
-
-    def _begin_run(self, requests: list[DirectRequest]) -> int:
-        """`_running`'s start, for the one-request path (a context manager costs ~1 us a request there)."""
+        it if it overstays the deadline. The loops over BYTES elements stop at that deadline too."""
         now = time.monotonic_ns()
         deadline_ns = self._deadline_of(requests, now)
         if self.page is not None:
             self.page.running(now, deadline_ns)
-        ELEMENTS_DEADLINE_NS.set(deadline_ns)  # BYTES conversions stop there too (wire/tensors.py)
+        ELEMENTS_DEADLINE_NS.set(deadline_ns)  # (wire/tensors.py)
         return deadline_ns
 
     def _end_run(self) -> None:
@@ -316,7 +301,7 @@ class DirectQueue:
     def _run_one(self, request: DirectRequest, started_ns: int) -> None:
         cpu_start = time.process_time_ns()
         try:
-            deadline_ns = self._begin_run([request])  # as _running
+            deadline_ns = self._begin_run([request])
             try:
                 feed = feed_from({"inputs": request.specs}, request.data, self.runner.raw_inputs)
                 prepared_ns = time.monotonic_ns()
@@ -381,29 +366,47 @@ class DirectQueue:
 
     def _run_batch(self, batch: list[DirectRequest], started_ns: int) -> None:
         """The members' rows joined along dimension 0, run once, each member's rows cut out of the
-        outputs; if the batch fails, each member runs alone (only the guilty one fails)."""
+        outputs; if the batch fails, each member runs alone (only the guilty one fails). One run on the
+        deadline page from the join to the last member's encoding: max_compute_ms covers it all."""
         cpu_start = time.process_time_ns()
         head = batch[0]
+        deadline_ns = self._begin_run(batch)
+        cap_ns = time.monotonic_ns() + self.model.max_compute_ms * 1_000_000
         try:
-            with self._running(batch) as deadline_ns:
+            try:
                 feed = {spec["name"]: join_rows(spec["datatype"], spec["shape"][1:], [(m.rows, m.data[index]) for m in batch]) for index, spec in enumerate(head.specs)}
                 prepared_ns = time.monotonic_ns()
                 results = [plain(value) for value in self._stoppable_run(head.wanted, feed, deadline_ns)]
                 computed_ns = time.monotonic_ns()
                 total_rows = sum(m.rows for m in batch)
                 cutters = [RowCutter.of(value, total_rows) for value in results]
-        except Exception:  # failed or stopped as a whole: which member caused it is unknown
-            self._run_alone_later(batch)
-            return
+            except Exception:  # failed or stopped as a whole: which member caused it is unknown
+                self._run_alone_later(batch)
+                return
+            self._answer_members(batch, cutters, started_ns, prepared_ns, computed_ns, cpu_start, cap_ns)
+        finally:
+            self._end_run()
+
+    def _answer_members(self, batch: list[DirectRequest], cutters: list[RowCutter], started_ns: int, prepared_ns: int, computed_ns: int, cpu_start: int, cap_ns: int) -> None:
+        """Each member's rows encoded and answered, one write per client connection for the batch. A
+        member whose outputs cannot be encoded - its own deadline passed while they were (BYTES), or they
+        do not fit - is answered with that error alone: raised out of here, it killed the worker and left
+        the rest of the batch unanswered (round 19)."""
         size = len(batch)
         cpu_each = (time.process_time_ns() - cpu_start) / 1000 / size
         prep_us, compute_us = (prepared_ns - started_ns) / 1000, (computed_ns - prepared_ns) / 1000
         name, version = self.model.name, self.model.version
         start = 0
-        with self._running(batch), self.door.held():  # encoding is part of the run; one write per client connection for the whole batch
+        with self.door.held():
             for member in batch:
-                specs, payloads = member_outputs(member.wanted, cutters, start, member.rows)
-                start += member.rows
+                ELEMENTS_DEADLINE_NS.set(min(member.deadline_ns, cap_ns))  # its own deadline, not the batch's earliest
+                rows, start = start, start + member.rows
+                try:
+                    specs, payloads = member_outputs(member.wanted, cutters, rows, member.rows)
+                except Exception as exc:
+                    error = task_error(exc, member.specs, self.runner.dynamic_inputs)
+                    self._answer_error(member, error["code"], error["message"], started_ns, cpu_start)
+                    continue
                 now = time.monotonic_ns()
                 timing = {
                     "decode_us": (member.decoded_ns - member.received_ns) / 1000,

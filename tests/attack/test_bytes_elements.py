@@ -115,3 +115,33 @@ def test_a_batch_of_many_small_bytes_members_is_stopped_at_its_deadline_too(daem
         shutil.rmtree(root, ignore_errors=True)
     assert not [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, DeadlineExceeded)], outcomes
     assert restarts == [0]
+
+
+def test_a_batch_member_whose_deadline_passes_while_its_outputs_are_encoded_fails_alone(daemon_factory: Any) -> None:
+    """Round 19's attacker: the BYTES loops stop at a deadline, and in a direct batch the members' outputs
+    were encoded outside the code that answers a failed batch: a member whose deadline passed while they
+    were made the worker exit (6 of 6), failing its batchmates WORKER_CRASHED. Now that member alone is
+    answered DEADLINE_EXCEEDED, the others are answered, the worker serves on. Its timeout is set from
+    this machine's own timings to fall while the last member's outputs are encoded."""
+    root = world_readable_dir("oi-bytes-encode-")
+    onnx_builders.string_grid_model(root / "grid" / "1" / "model.onnx")
+    (root / "grid" / "config.toml").write_text("workers = 1\n\n[batching]\nmax_batch_size = 2\nmax_queue_delay_us = 10000000\nquiet_us = 0\n")
+    daemon = daemon_factory(make_world_readable(root))
+    row = {"text": np.full((1, MAX_BYTES_ELEMENTS // 2), b"", dtype=object)}
+    async def two(second_timeout: float | None) -> list[Any]:
+        async with AsyncClient(daemon.address, timeout=60) as client:  # the batch leaves as the second arrives
+            return await asyncio.gather(client.infer("grid", row), client.infer("grid", row, timeout=second_timeout), return_exceptions=True)
+
+    try:
+        calibration = asyncio.run(two(None))  # this machine's timings of such a batch
+        assert [answer.batch_size for answer in calibration] == [2, 2], calibration
+        first, second = (answer.timing for answer in calibration)
+        short_s = (second["prep_us"] + second["compute_us"] + (first["encode_us"] + second["encode_us"]) / 2) / 1e6  # mid-way through the 2nd member's encoding
+        outcomes = asyncio.run(two(short_s))
+        with Client(daemon.address, direct=False) as admin:
+            restarts = [w["restarts"] for w in admin.status()["workers"]]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert not [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, DeadlineExceeded)], outcomes
+    assert not isinstance(outcomes[0], BaseException), outcomes
+    assert restarts == [0]
