@@ -2,8 +2,11 @@
 raw protocol: what is sent when, and each reply as it comes."""
 from __future__ import annotations
 
+import fcntl
 import select
 import socket
+import struct
+import termios
 import time
 from typing import Any
 
@@ -79,3 +82,8 @@ def busy(request_id: int, n: int, **fields: Any) -> list[bytes]:
 def worker_pid(daemon: RunningDaemon, model: str) -> int:
     with Client(daemon.address, direct=False) as admin:
         return next(w["pid"] for w in admin.status()["workers"] if w["model"] == model)
+
+
+def unread_by_peer(sock: socket.socket) -> int:
+    """Bytes this Unix socket sent that its peer has not read yet (SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)))[0]  # type: ignore[no-any-return]

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import struct
 from pathlib import Path
 from typing import Any, Iterator
 
+import msgpack
 import numpy as np
+import psutil
 import pytest
 
 import onnx_builders
-from daemon_harness import world_readable_dir
+from daemon_harness import wait_for, world_readable_dir
+from direct_peer import Peer, attach, lease_of, unread_by_peer, worker_pid
 from openinfer.client import AsyncClient, Client, DeadlineExceeded, ResourceExhausted
 from openinfer.wire.protocol import MAX_BYTES_ELEMENTS
 from repo_builder import make_world_readable
@@ -145,3 +149,42 @@ def test_a_batch_member_whose_deadline_passes_while_its_outputs_are_encoded_fail
     assert not [o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, DeadlineExceeded)], outcomes
     assert not isinstance(outcomes[0], BaseException), outcomes
     assert restarts == [0]
+
+
+def _zmtp_message(frames: list[bytes]) -> bytes:
+    """`frames` as ZMTP data frames on the wire (PROTOCOL.md 2.6), written here to hold the last byte back."""
+    out = bytearray()
+    for index, frame in enumerate(frames):
+        more = 1 if index < len(frames) - 1 else 0
+        out += bytes((more | 2,)) + struct.pack(">Q", len(frame)) if len(frame) > 255 else bytes((more, len(frame)))
+        out += frame
+    return bytes(out)
+
+
+def test_requests_of_many_connections_completed_at_once_cost_the_worker_one_run_at_a_time(daemon_factory: Any, tight_repo: Path) -> None:
+    """Round 19's attacker: ten connections each send a request of a million strings but its last byte,
+    then the last bytes together. The worker walked each request's elements as it admitted it, before any
+    run: ten walks back to back (~0.16 s each), outside any turn of its loop, and a front-door request
+    sent meanwhile waited past what the supervisor allows behind a direct run - killed with the worker
+    (max_compute_ms 300). Admission no longer walks them; each is read in its own run, one a turn."""
+    daemon = daemon_factory(tight_repo)
+    lease = lease_of(daemon, "text")
+    message = _zmtp_message([msgpack.packb({"v": 1, "id": 2, "op": "infer", "inputs": [{"name": "text", "datatype": "BYTES", "shape": [MAX_BYTES_ELEMENTS]}]}), b"\0\0\0\0" * MAX_BYTES_ELEMENTS])
+    worker = psutil.Process(worker_pid(daemon, "text"))
+    peers = [Peer(lease["workers"][0]["address"]) for _ in range(10)]
+    try:
+        for peer in peers:
+            assert "error" not in (peer.ask(attach(lease["lease"])) or {"error": "closed"})
+            peer.stream.sock.setblocking(True)
+        for peer in peers:
+            peer.stream.sock.sendall(message[:-1])
+        wait_for(lambda: not any(unread_by_peer(peer.stream.sock) for peer in peers), 30, "the worker holding ten requests but a byte")
+        with Client(daemon.address, timeout=30, direct=False) as victim:
+            for peer in peers:
+                peer.stream.sock.send(message[-1:])
+            answer = victim.infer("text", {"text": np.array([b"a", b"b"], dtype=object)})
+        assert answer.outputs["count"].tolist() == [2]
+        assert worker.is_running(), "the worker was killed"
+    finally:
+        for peer in peers:
+            peer.close()

@@ -3,14 +3,11 @@ the front door, and it reads nothing but `attach` until a lease issued to the co
 model version, by this daemon and not revoked, is attached."""
 from __future__ import annotations
 
-import fcntl
 import json
 import select
 import shutil
 import signal
 import socket
-import struct
-import termios
 import threading
 import time
 from pathlib import Path
@@ -26,7 +23,7 @@ import onnx_builders
 from daemon_harness import RunningDaemon, wait_for, world_readable_dir
 from openinfer.client import Client, OpenInferError
 from openinfer.wire import zmtp
-from direct_peer import Peer, attach, busy, infer, lease_of, worker_pid
+from direct_peer import Peer, attach, busy, infer, lease_of, unread_by_peer, worker_pid
 from other_uid import NOBODY, start_as
 from repo_builder import make_world_readable
 
@@ -208,11 +205,6 @@ def _announced_and_answered(peers: list[Peer], size: int) -> list[dict[str, Any]
     return [peer.replies(1, timeout=10)[0] for peer in peers]
 
 
-def _unread_by_peer(sock: socket.socket) -> int:
-    """Bytes this Unix socket sent that its peer has not read yet (SIOCOUTQ)."""
-    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)))[0]
-
-
 def _worker_at(daemon: RunningDaemon, address: str) -> psutil.Process:
     with Client(daemon.address, direct=False) as admin:
         return psutil.Process(next(w["pid"] for w in admin.status()["workers"] if f"w{w['id']}.sock" in address))
@@ -265,7 +257,7 @@ def test_a_frame_declared_and_never_sent_costs_a_worker_no_memory(daemon_factory
         before = worker.memory_info().rss
         for index, peer in enumerate(peers):
             peer.stream.sock.sendall(_declaring(index, 60 << 20))
-        wait_for(lambda: all(_unread_by_peer(peer.stream.sock) == 0 for peer in peers), 10, "the worker to read every declaration")
+        wait_for(lambda: all(unread_by_peer(peer.stream.sock) == 0 for peer in peers), 10, "the worker to read every declaration")
         grown = worker.memory_info().rss - before
         assert grown < 64 << 20, f"the worker grew by {grown >> 20} MiB"
     finally:
@@ -459,7 +451,7 @@ def test_unfinished_requests_cannot_fill_a_workers_address_space(daemon_factory:
                     peer.stream.sock.sendall(_declaring(index, 128 << 20))
                 except OSError:  # closed by the worker meanwhile
                     pass
-        wait_for(lambda: all(_unread_by_peer(peer.stream.sock) == 0 for peer in peers if not peer.stream.closed), 10, "the worker to read every announcement")
+        wait_for(lambda: all(unread_by_peer(peer.stream.sock) == 0 for peer in peers if not peer.stream.closed), 10, "the worker to read every announcement")
         with Client(daemon.address) as client:
             assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
         assert worker.memory_info().vms < 3 << 30, f"the worker reserved {worker.memory_info().vms >> 20} MiB"
