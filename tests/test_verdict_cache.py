@@ -140,8 +140,10 @@ def test_a_repeated_request_is_answered_from_the_cache_and_counted(daemon_factor
         assert client.infer("cached", {"x": X + 1}).cache == "miss"  # other bytes, another question
         assert client.infer("cached", {"x": X}, outputs=["y"]).cache == "hit"  # its one output by name: the same question
         assert client.infer("plain", {"x": X}).cache is None  # a model without [cache]
+        large = {"x": np.ones((5000, 64), np.float32)}  # 1.28 MB: hashed when its turn comes, not on arrival
+        assert [client.infer("cached", large).cache for _ in range(2)] == ["miss", "hit"]
         stats = client.stats()["models"]["cached"]["cache"]["1"]
-        assert (stats["lookups"], stats["hits"], stats["hit_ratio"]) == (4, 2, 0.5), stats
+        assert (stats["lookups"], stats["hits"], stats["hit_ratio"]) == (6, 3, 0.5), stats
 
 
 @pytest.mark.live

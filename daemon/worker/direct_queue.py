@@ -37,6 +37,12 @@ from .run_watch import RunStopped, RunWatch
 from .session import Runner, task_error
 from .verdict_cache import Cached, VerdictCache
 
+# With [cache], a request of more tensor bytes than this is hashed for its key when its turn comes, not as
+# it arrives (~0.7 ms of SHA-256 here): requests of many connections completed in one read were hashed
+# back to back, 42 ms each at 64 MiB, outside any turn of the loop, and a front-door task waiting behind
+# them got the worker killed (round 20).
+HASH_AT_ADMISSION_BYTES = 1 << 20
+
 
 NEVER = 1 << 63  # a hold limit later than any clock reading
 # A pass over the queue ends after this much running, so that the loop reads its sockets again: a request
@@ -92,6 +98,7 @@ class DirectRequest:
     batch_key: Any = None
     rows: int = 0
     cache_key: bytes | None = None  # with [cache]: what its answer is kept under
+    look_up: bool = False  # with [cache], too large to hash at admission: looked up when its turn comes
 
 
 class DirectQueue:
@@ -176,15 +183,25 @@ class DirectQueue:
             self.ledger.admitted(request.serial, request_id, request.client, nbytes, request.deadline_ns, starts_ns)
         cache = self.cache
         if cache is not None:  # after every check and limit: a hit bypasses none of them
-            request.cache_key = cache.key(request.specs, data, request.wanted, conn.identity)
-            hit = cache.get(request.cache_key, decoded_ns)
-            if hit is not None:
-                self._answer_cached(request, hit)
+            if nbytes > HASH_AT_ADMISSION_BYTES:
+                request.look_up = True
+            elif self._answered_from_cache(request, decoded_ns):
                 return
         self.queue.append(request)
         self.last_request_ns = received_ns
         if model.batchable:  # (only a batch holds requests back: the rest of this worker's requests skip it)
             self.hold_until_ns = min(self.hold_until_ns, latest_hold_ns(decoded_ns, request.deadline_ns))
+
+    def _answered_from_cache(self, request: DirectRequest, now_ns: int) -> bool:
+        cache = self.cache
+        assert cache is not None
+        request.look_up = False
+        request.cache_key = cache.key(request.specs, request.data, request.wanted, request.identity)
+        hit = cache.get(request.cache_key, now_ns)
+        if hit is None:
+            return False
+        self._answer_cached(request, hit)
+        return True
 
     def send_back_queued(self) -> None:
         """Leaving (retired): what was read but never started is answered as the expiry of its lease - the
@@ -242,7 +259,7 @@ class DirectQueue:
             for request in taken:
                 if request.deadline_ns <= now:
                     self._fail(request, DeadlineExceeded(f"deadline passed after {(now - request.received_ns) / 1e6:.1f} ms waiting in the queue; the request never ran"))
-                else:
+                elif not (request.look_up and self._answered_from_cache(request, now)):
                     live.append(request)
             if not live:
                 continue
