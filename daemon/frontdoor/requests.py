@@ -172,6 +172,7 @@ class FrontDoorRequests:
         if op == "health":
             return admin.health_result(self.supervisor)
         if op == "status":
+            self.supervisor.read_ledgers()  # its workers' tasks_served count every direct request answered before it
             return admin.status_result(self.supervisor)
         if op == "stats":
             self.supervisor.read_ledgers()  # every direct request answered before this one is counted

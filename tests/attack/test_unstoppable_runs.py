@@ -257,6 +257,7 @@ def test_a_request_pipelined_behind_a_long_run_is_answered_at_its_deadline(daemo
             honest.connect(daemon.address)
             late.connect(daemon.address)
             honest.send_multipart(encode_infer_request(1, "spin", {"seconds": np.array(3.0, np.float32)}, timeout_ms=30_000))
+            wait_for(lambda: admin.status()["in_flight"] >= 1, 10, "the spin under way (the other socket's request could overtake it)", daemon=daemon)
             late.send_multipart(encode_infer_request(2, "spin", QUICK, timeout_ms=300))
             answer = _reply(late)
             still_running = not honest.poll(0)
