@@ -148,3 +148,12 @@ def test_queued_by_yields_one_identitys_items_at_every_level_in_arrival_order() 
         queue.append(make_task(task_id, client, priority))
     assert sorted(ids(list(queue.queued_by("uid=1")))) == [0, 2, 3]
     assert ids(list(queue.queued_by("uid=3"))) == []
+
+
+def test_a_task_put_back_goes_first_of_its_identity_but_keeps_the_identitys_place_in_the_turns() -> None:
+    queue: TaskQueue[Task] = TaskQueue(starvation_ms=1000)
+    for task_id, client in enumerate(["a", "b", "a", "b"]):
+        queue.append(make_task(task_id, client))
+    first = queue.popleft()  # a's turn: task 0; b's is next
+    queue.put_back(first)
+    assert ids([queue.popleft() for _ in range(4)]) == [1, 0, 3, 2]  # b, then a (0 again first of a's), b, a

@@ -85,6 +85,14 @@ class TaskQueue(Generic[Task]):
         level.move_to_end(task.identity, last=False)
         self._len += 1
 
+    def put_back(self, task: Task) -> None:
+        """Put back a task whose turn was spent (a member of a batch that failed, to run alone): first of
+        its identity's again, but its identity keeps its place in the turns - appendleft gave it the next
+        turn too (round 19's attacker)."""
+        level = self._levels.setdefault(task.priority, OrderedDict())
+        level.setdefault(task.identity, deque()).appendleft(task)
+        self._len += 1
+
     def popleft(self) -> Task:
         if not self._len:
             raise IndexError("pop from an empty TaskQueue")

@@ -373,7 +373,7 @@ class DirectQueue:
                 self._fail(member, DeadlineExceeded(f"its deadline passed after {(now - member.received_ns) / 1e6:.0f} ms, in a batch that failed or was stopped; it is not run again"))
             else:
                 member.batch_key = None  # alone from now on
-                self.queue.appendleft(member)
+                self.queue.put_back(member)
 
     def _answer_cached(self, request: DirectRequest, hit: Cached) -> None:
         now = time.monotonic_ns()
