@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import msgpack
 import numpy as np
@@ -160,29 +160,42 @@ def test_expiring_leases_are_renewed_without_a_failed_request(daemon_factory: An
     assert operations(daemon)["lease"]["OK"] >= 3 and done > 0
 
 
+class Traffic:
+    """One client asking `ask` over and over on a thread, from `with` to its end: what it got back, and
+    what failed (each error's text)."""
+
+    def __init__(self, address: str, ask: Callable[[Client], Any]) -> None:
+        self.answers: list[Any] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(address, ask))
+
+    def _run(self, address: str, ask: Callable[[Client], Any]) -> None:
+        with Client(address) as client:
+            while not self._stop.is_set():
+                try:
+                    self.answers.append(ask(client))
+                except OpenInferError as exc:
+                    self.failures.append(str(exc))
+
+    def __enter__(self) -> "Traffic":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
 def test_a_reload_revokes_leases_and_no_request_fails(daemon_factory: Any, repo: Path) -> None:
     daemon = daemon_factory(repo, env=DIRECT)
-    failures: list[str] = []
-    stop = threading.Event()
-
-    def traffic() -> None:
-        with Client(daemon.address) as client:
-            while not stop.is_set():
-                try:
-                    client.infer("tiny", {"x": X})
-                except OpenInferError as exc:
-                    failures.append(str(exc))
-
-    thread = threading.Thread(target=traffic)
-    thread.start()
-    wait_for(lambda: operations(daemon).get("lease", {}).get("OK", 0) >= 1, 20, "a lease")
-    before = daemon.log_text().count('"repository synced"')
-    daemon.process.send_signal(signal.SIGHUP)
-    wait_for(lambda: daemon.log_text().count('"repository synced"') > before, 20, "the reload")
-    wait_for(lambda: operations(daemon)["lease"]["OK"] >= 2, 20, "a new lease after the reload")
-    stop.set()
-    thread.join(30)
-    assert failures == []
+    with Traffic(daemon.address, lambda client: client.infer("tiny", {"x": X})) as traffic:
+        wait_for(lambda: operations(daemon).get("lease", {}).get("OK", 0) >= 1, 20, "a lease")
+        before = daemon.log_text().count('"repository synced"')
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: daemon.log_text().count('"repository synced"') > before, 20, "the reload")
+        wait_for(lambda: operations(daemon)["lease"]["OK"] >= 2, 20, "a new lease after the reload")
+    assert traffic.failures == []
 
 
 def test_a_replaced_model_moves_clients_to_the_new_workers_without_a_failed_request(daemon_factory: Any, tmp_path: Path) -> None:
@@ -190,34 +203,20 @@ def test_a_replaced_model_moves_clients_to_the_new_workers_without_a_failed_requ
     onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx", seed=1)
     make_world_readable(root)
     daemon = daemon_factory(root, env=DIRECT)
-    failures: list[str] = []
-    versions_seen: list[np.ndarray] = []
-    stop = threading.Event()
-
-    def traffic() -> None:
-        with Client(daemon.address) as client:
-            while not stop.is_set():
-                try:
-                    versions_seen.append(client.infer("tiny", {"x": X}).outputs["y"][0, :2].copy())
-                except OpenInferError as exc:
-                    failures.append(str(exc))
-
-    thread = threading.Thread(target=traffic)
-    thread.start()
-    wait_for(lambda: len(versions_seen) > 10, 20, "traffic")
-    first = versions_seen[-1]
-    onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx", seed=2)  # same version, new file: replaced
-    make_world_readable(root)
-    with Client(daemon.address, direct=False) as admin:
-        admin.reload()
-    wait_for(lambda: not np.array_equal(versions_seen[-1], first), 60, "the replacement to serve")
-    n = len(versions_seen)
-    wait_for(lambda: len(versions_seen) > n + 20, 20, "more traffic on the replacement")
-    stop.set()
-    thread.join(30)
+    with Traffic(daemon.address, lambda client: client.infer("tiny", {"x": X}).outputs["y"][0, :2].copy()) as traffic:
+        versions_seen = traffic.answers
+        wait_for(lambda: len(versions_seen) > 10, 20, "traffic")
+        first = versions_seen[-1]
+        onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx", seed=2)  # same version, new file: replaced
+        make_world_readable(root)
+        with Client(daemon.address, direct=False) as admin:
+            admin.reload()
+        wait_for(lambda: not np.array_equal(versions_seen[-1], first), 60, "the replacement to serve")
+        n = len(versions_seen)
+        wait_for(lambda: len(versions_seen) > n + 20, 20, "more traffic on the replacement")
     shutil.rmtree(root, ignore_errors=True)
-    assert failures == []
-    assert "goaway" not in "".join(failures)
+    assert traffic.failures == []
+    assert "goaway" not in "".join(traffic.failures)
 
 
 def replace_and_reload(daemon: RunningDaemon, root: Path, model_path: Path) -> None:
@@ -490,35 +489,21 @@ def test_a_new_version_under_version_policy_latest_takes_over_without_a_failed_r
     (root / "tiny" / "config.toml").write_text('workers = 1\nversion_policy = "latest"\n')
     make_world_readable(root)
     daemon = daemon_factory(root, env=DIRECT)
-    failures: list[str] = []
-    versions: list[int] = []
-    stop = threading.Event()
-
-    def traffic() -> None:
-        with Client(daemon.address) as client:
-            while not stop.is_set():
-                try:
-                    versions.append(client.infer("tiny", {"x": X}).version)
-                except OpenInferError as exc:
-                    failures.append(str(exc))
-
-    thread = threading.Thread(target=traffic)
-    thread.start()
     try:
-        wait_for(lambda: len(versions) > 10, 20, "traffic")
-        onnx_builders.matmul_model(root / "tiny" / "2" / "model.onnx", seed=2)
-        make_world_readable(root)
-        with Client(daemon.address, direct=False) as admin:
-            admin.reload()
-        wait_for(lambda: versions[-1] == 2, 60, "version 2 to serve")
-        n = len(versions)
-        wait_for(lambda: len(versions) > n + 20, 20, "more traffic on version 2")
-        wait_for(lambda: served_versions(daemon, "tiny") == [2], 30, "version 1 to leave")
+        with Traffic(daemon.address, lambda client: client.infer("tiny", {"x": X}).version) as traffic:
+            versions = traffic.answers
+            wait_for(lambda: len(versions) > 10, 20, "traffic")
+            onnx_builders.matmul_model(root / "tiny" / "2" / "model.onnx", seed=2)
+            make_world_readable(root)
+            with Client(daemon.address, direct=False) as admin:
+                admin.reload()
+            wait_for(lambda: versions[-1] == 2, 60, "version 2 to serve")
+            n = len(versions)
+            wait_for(lambda: len(versions) > n + 20, 20, "more traffic on version 2")
+            wait_for(lambda: served_versions(daemon, "tiny") == [2], 30, "version 1 to leave")
     finally:
-        stop.set()
-        thread.join(30)
         shutil.rmtree(root, ignore_errors=True)
-    assert failures == [], failures[:3]
+    assert traffic.failures == [], traffic.failures[:3]
 
 
 def test_a_killed_worker_fails_only_what_ran_on_it(daemon_factory: Any, repo: Path) -> None:

@@ -181,9 +181,8 @@ def _bytes_element_spans(view: memoryview, count: int) -> Iterator[tuple[int, in
     size = len(view)
     offset = 0
     for start in range(0, count, ELEMENTS_CHUNK):
-        if start:
-            elements_done(ELEMENTS_CHUNK)
-        for index in range(start, min(count, start + ELEMENTS_CHUNK)):
+        end = min(count, start + ELEMENTS_CHUNK)
+        for index in range(start, end):
             if offset + 4 > size:
                 raise ValueError(f"BYTES payload ends inside the length of element {index}")
             (length,) = _U32.unpack_from(view, offset)
@@ -192,7 +191,7 @@ def _bytes_element_spans(view: memoryview, count: int) -> Iterator[tuple[int, in
                 raise ValueError(f"BYTES element {index} claims {length} bytes past the end of the payload")
             yield offset, offset + length
             offset += length
-    elements_done(count % ELEMENTS_CHUNK or min(count, ELEMENTS_CHUNK))
+        elements_done(end - start)
     if offset != size:
         raise ValueError(f"BYTES payload has {size - offset} trailing bytes after {count} elements")
 

@@ -97,8 +97,7 @@ class DirectRequest:
     serial: int = 0  # its number in the ledger
     batch_key: Any = None
     rows: int = 0
-    cache_key: bytes | None = None  # with [cache]: what its answer is kept under
-    look_up: bool = False  # with [cache], too large to hash at admission: looked up when its turn comes
+    cache_key: bytes | None = None  # with [cache]: what its answer is kept under (None: not looked up yet)
 
 
 class DirectQueue:
@@ -181,12 +180,9 @@ class DirectQueue:
         request.serial = self._serial
         if self.ledger is not None:
             self.ledger.admitted(request.serial, request_id, request.client, nbytes, request.deadline_ns, starts_ns)
-        cache = self.cache
-        if cache is not None:  # after every check and limit: a hit bypasses none of them
-            if nbytes > HASH_AT_ADMISSION_BYTES:
-                request.look_up = True
-            elif self._answered_from_cache(request, decoded_ns):
-                return
+        # after every check and limit: a hit bypasses none of them (a larger request: when its turn comes)
+        if self.cache is not None and nbytes <= HASH_AT_ADMISSION_BYTES and self._answered_from_cache(request, decoded_ns):
+            return
         self.queue.append(request)
         self.last_request_ns = received_ns
         if model.batchable:  # (only a batch holds requests back: the rest of this worker's requests skip it)
@@ -195,7 +191,6 @@ class DirectQueue:
     def _answered_from_cache(self, request: DirectRequest, now_ns: int) -> bool:
         cache = self.cache
         assert cache is not None
-        request.look_up = False
         request.cache_key = cache.key(request.specs, request.data, request.wanted, request.identity)
         hit = cache.get(request.cache_key, now_ns)
         if hit is None:
@@ -259,7 +254,7 @@ class DirectQueue:
             for request in taken:
                 if request.deadline_ns <= now:
                     self._fail(request, DeadlineExceeded(f"deadline passed after {(now - request.received_ns) / 1e6:.1f} ms waiting in the queue; the request never ran"))
-                elif not (request.look_up and self._answered_from_cache(request, now)):
+                elif not (request.cache_key is None and self.cache is not None and self._answered_from_cache(request, now)):
                     live.append(request)
             if not live:
                 continue
