@@ -63,15 +63,25 @@ def join_rows(datatype: str, rest: list[int], members: list[tuple[int, Buffer]])
     """One input of a batch, for onnxruntime: each member's (rows, frame) joined along dimension 0.
     A frame that does not hold exactly its member's rows raises ValueError (the batch then runs member
     by member): joined, its bytes would be cut into another member's rows."""
-    if datatype == "BYTES":  # no fixed row size: each member's elements decoded, then joined
-        return for_onnxruntime(datatype, np.concatenate([decode_array(datatype, [rows, *rest], frame) for rows, frame in members], axis=0))
-    row_bytes = ELEMENT_SIZE[datatype] * math.prod(rest)
-    total = 0
-    for rows, frame in members:
-        if (frame.nbytes if isinstance(frame, memoryview) else len(frame)) != rows * row_bytes:
-            raise ValueError(f"a batch member's frame does not hold its {rows} rows of {datatype}{rest}")
-        total += rows
-    return for_onnxruntime(datatype, decode_array(datatype, [total, *rest], b"".join([frame for _, frame in members])))
+    return join_parts(datatype, rest, [(rows, member_part(datatype, rest, rows, frame)) for rows, frame in members])
+
+
+def member_part(datatype: str, rest: list[int], rows: int, frame: Buffer) -> Any:
+    """One member's rows of a batch input, checked alone: its BYTES decoded (an ndarray), or its frame,
+    which must hold exactly its rows (ValueError)."""
+    if datatype == "BYTES":  # no fixed row size: the elements decoded, to be joined as arrays
+        return decode_array(datatype, [rows, *rest], frame)
+    if (frame.nbytes if isinstance(frame, memoryview) else len(frame)) != rows * ELEMENT_SIZE[datatype] * math.prod(rest):
+        raise ValueError(f"a batch member's frame does not hold its {rows} rows of {datatype}{rest}")
+    return frame
+
+
+def join_parts(datatype: str, rest: list[int], parts: list[tuple[int, Any]]) -> Any:
+    """One input of a batch, for onnxruntime: the members' (rows, member_part) joined along dimension 0."""
+    if datatype == "BYTES":
+        return for_onnxruntime(datatype, np.concatenate([part for _, part in parts], axis=0))
+    total = sum(rows for rows, _ in parts)
+    return for_onnxruntime(datatype, decode_array(datatype, [total, *rest], b"".join([part for _, part in parts])))
 
 
 def encode_outputs(wanted: list[str], results: list[Any]) -> tuple[list[dict[str, Any]], list[Any]]:

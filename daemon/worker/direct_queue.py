@@ -31,7 +31,7 @@ from openinfer.wire.protocol import PROTOCOL_VERSION
 from openinfer.wire.tensors import ELEMENTS_DEADLINE_NS
 from openinfer.wire.zmtp import Buffer
 
-from .compute import RowCutter, encode_outputs, feed_from, join_rows, member_outputs, plain
+from .compute import RowCutter, encode_outputs, feed_from, join_parts, member_outputs, member_part, plain
 from .direct import DirectConnection, DirectDoor, reject_busy
 from .run_watch import RunStopped, RunWatch
 from .session import Runner, task_error
@@ -258,9 +258,9 @@ class DirectQueue:
                     live.append(request)
             if not live:
                 continue
-            if batching is not None and self.ledger is not None:
-                self.ledger.run(len(live))
             if len(live) == 1:
+                if batching is not None and self.ledger is not None:
+                    self.ledger.run(1)
                 self._run_one(live[0], now)
             else:
                 self._run_batch(live, now)
@@ -378,15 +378,20 @@ class DirectQueue:
 
     def _run_batch(self, batch: list[DirectRequest], started_ns: int) -> None:
         """The members' rows joined along dimension 0, run once, each member's rows cut out of the
-        outputs; if the batch fails, each member runs alone (only the guilty one fails). One run on the
+        outputs; if the run fails, each member runs alone (only the guilty one fails). One run on the
         deadline page from the join to the last member's encoding: max_compute_ms covers it all."""
         cpu_start = time.process_time_ns()
-        head = batch[0]
         deadline_ns = self._begin_run(batch)
         cap_ns = time.monotonic_ns() + self.model.max_compute_ms * 1_000_000
         try:
+            batch, parts = self._member_parts(batch, started_ns, cpu_start)
+            if not batch:
+                return
+            if self.ledger is not None:
+                self.ledger.run(len(batch))
+            head = batch[0]
             try:
-                feed = {spec["name"]: join_rows(spec["datatype"], spec["shape"][1:], [(m.rows, m.data[index]) for m in batch]) for index, spec in enumerate(head.specs)}
+                feed = {spec["name"]: join_parts(spec["datatype"], spec["shape"][1:], [(m.rows, part[index]) for m, part in zip(batch, parts)]) for index, spec in enumerate(head.specs)}
                 prepared_ns = time.monotonic_ns()
                 results = [plain(value) for value in self._stoppable_run(head.wanted, feed, deadline_ns)]
                 computed_ns = time.monotonic_ns()
@@ -398,6 +403,27 @@ class DirectQueue:
             self._answer_members(batch, cutters, started_ns, prepared_ns, computed_ns, cpu_start, cap_ns)
         finally:
             self._end_run()
+
+    def _member_parts(self, batch: list[DirectRequest], started_ns: int, cpu_start: int) -> tuple[list[DirectRequest], list[list[Any]]]:
+        """The members whose inputs decode, each with its inputs' parts (compute.member_part); a member
+        whose do not - a malformed BYTES frame, which admission does not walk - is answered with its
+        error alone and the batch runs without it. Found in the join, it failed the whole batch, which ran
+        member by member: one such request a batch window turned batching's gain off for every client of
+        the model (round 20). Stopped at the deadline, whose time ran out is unknown: all run alone."""
+        kept: list[DirectRequest] = []
+        parts: list[list[Any]] = []
+        for position, member in enumerate(batch):
+            try:
+                parts.append([member_part(spec["datatype"], spec["shape"][1:], member.rows, member.data[index]) for index, spec in enumerate(member.specs)])
+            except DeadlineExceeded:
+                self._run_alone_later(kept + batch[position:])
+                return [], []
+            except Exception as exc:
+                error = task_error(exc, member.specs, self.runner.dynamic_inputs)
+                self._answer_error(member, error["code"], error["message"], started_ns, cpu_start)
+                continue
+            kept.append(member)
+        return kept, parts
 
     def _answer_members(self, batch: list[DirectRequest], cutters: list[RowCutter], started_ns: int, prepared_ns: int, computed_ns: int, cpu_start: int, cap_ns: int) -> None:
         """Each member's rows encoded and answered, one write per client connection for the batch. A

@@ -22,6 +22,7 @@ from daemon_harness import wait_for, world_readable_dir
 from direct_peer import Peer, attach, lease_of, unread_by_peer, worker_pid
 from openinfer.client import AsyncClient, Client, DeadlineExceeded, ResourceExhausted
 from openinfer.wire.protocol import MAX_BYTES_ELEMENTS
+from openinfer.wire.tensors import encode_array
 from repo_builder import make_world_readable
 
 pytestmark = pytest.mark.attack
@@ -188,3 +189,29 @@ def test_requests_of_many_connections_completed_at_once_cost_the_worker_one_run_
     finally:
         for peer in peers:
             peer.close()
+
+
+def test_a_malformed_bytes_request_in_a_batch_fails_alone_and_its_batchmates_still_run_together(daemon_factory: Any) -> None:
+    """Round 20's attacker: a worker reads a direct request's BYTES elements when it runs it, and a batch
+    with one malformed frame in it failed as a whole and ran member by member - one such request in each
+    batch window turned batching's gain off for every client of the model. Each member's inputs are now
+    decoded alone before the join: the malformed one is answered INVALID_ARGUMENT, the others run as one
+    batch of three."""
+    root = world_readable_dir("oi-bytes-bad-member-")
+    onnx_builders.string_grid_model(root / "grid" / "1" / "model.onnx")
+    (root / "grid" / "config.toml").write_text("workers = 1\n\n[batching]\nmax_batch_size = 4\nmax_queue_delay_us = 10000000\nquiet_us = 0\n")
+    daemon = daemon_factory(make_world_readable(root))
+    header = {"v": 1, "op": "infer", "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 2]}]}
+    good = encode_array(np.array([[b"ab", b"c"]], dtype=object))[2]
+    malformed = b"\xff\xff\xff\x7f" + b"\0\0\0\0"  # its first element says it is 2 GiB long
+    peer = Peer(lease_of(daemon, "grid")["workers"][0]["address"])
+    try:
+        assert "error" not in (peer.ask(attach(lease_of(daemon, "grid")["lease"])) or {"error": "closed"})
+        for request_id, payload in ((2, good), (3, malformed), (4, good), (5, good)):
+            peer.stream.send([msgpack.packb({**header, "id": request_id}), payload])
+        replies = {reply["id"]: reply for reply in peer.replies(4)}
+    finally:
+        peer.close()
+        shutil.rmtree(root, ignore_errors=True)
+    assert replies[3]["error"]["code"] == "INVALID_ARGUMENT", replies[3]
+    assert [replies[request_id].get("batch_size") for request_id in (2, 4, 5)] == [3, 3, 3], replies
