@@ -326,9 +326,11 @@ class ClientCore:
         """Its worker is gone: what waited there fails (WORKER_CRASHED, or DEADLINE_EXCEEDED past its
         deadline), and leases naming it are renewed before the next request. On a link whose worker said
         GOAWAY, a close is the end of its drain: the worker answers everything it read before it closes,
-        so a request still unanswered was never taken and goes to the front door instead - unless its
-        deadline or max_compute_ms has passed: a retiring worker killed then was running it (the daemon
-        waits that long for a run before it kills a worker it retired), and it is never run twice."""
+        so a request still unanswered that the GOAWAY did not list as read was never taken and goes to
+        the front door instead. One it listed fails WORKER_CRASHED - the worker died while it could run
+        it, and a poison input sent again would kill the next worker too - and one whose deadline or
+        max_compute_ms has passed DEADLINE_EXCEEDED (the daemon waits that long for a run before it
+        kills a worker it retired): never run twice."""
         link.closed = True
         link.stream.close()
         if self.links.get(link.address) is link:
@@ -342,8 +344,10 @@ class ClientCore:
                     pending.error = DeadlineExceeded("its deadline passed while it ran, and its worker was killed")
                 elif pending.overrun_after is not None and now >= pending.overrun_after:
                     pending.error = DeadlineExceeded("it was still running past the model's max_compute_ms, and its worker was killed and is being replaced")
-                elif link.draining:
+                elif link.draining and pending.request_id not in link.read_by_worker:
                     pending.error = NoDirectPath(f"the worker at {link.address} retired before taking the request")
+                elif link.draining:
+                    pending.error = WorkerCrashed(f"the worker at {link.address} had taken this request when it retired, and exited without answering it (it may have crashed running it: it is not sent again)")
                 else:
                     pending.error = WorkerCrashed(f"the worker at {link.address} exited while running this request")
         self._forget_leases_naming(link.address)

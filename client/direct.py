@@ -5,10 +5,12 @@ connects to each worker's endpoint (its own ZMTP over a Unix socket: openinfer.w
 lease, and sends `infer` there: one hop. What happens to a request when things change:
 - the lease expires or a reload revokes it: the worker answers PERMISSION_DENIED with details
   {"lease": "expired"}; the client takes a new lease, attaches it and sends the request again (once);
-- the worker retires (reload, scale-down): it says GOAWAY on the connection but still answers what was
-  sent; the client sends nothing more there and takes a new lease for the next request. A request the
-  retiring worker closed on without answering was never taken: it goes to the front door. So does one
-  for a worker that cannot be connected to (gone since the lease was issued);
+- the worker retires (reload, scale-down): it says GOAWAY on the connection, listing the requests it has
+  read (it answers them before it closes, unless it dies running one); one it reads later is answered as
+  a lease expiry. The client sends nothing more there and takes a new lease for the next request. A
+  request the retiring worker closed on without answering goes to the front door if the GOAWAY did not
+  list it (never read), and fails WORKER_CRASHED if it did (it may be what killed the worker). One for a
+  worker that cannot be connected to (gone since the lease was issued) goes to the front door too;
 - the worker dies: its connection closes; each request in flight on it fails with WORKER_CRASHED
   (DEADLINE_EXCEEDED if its own deadline had passed: the daemon kills a worker whose run overstays it),
   never retried (a poison input would kill the next worker too);
@@ -135,6 +137,7 @@ class DirectLink:
     pending: dict[int, Pending] = field(default_factory=dict)
     attached_ns: int = 0  # expiry of the lease attached (0: none yet)
     draining: bool = False  # the worker said GOAWAY: send nothing more here
+    read_by_worker: set[int] = field(default_factory=set)  # pending requests its GOAWAY said it read
     closed: bool = False
     # Requests this client gave up on (its timeout passed) whose reply has not come: the worker may still
     # be running one past its deadline, to be killed for it, so nothing new is sent here until the reply
@@ -228,6 +231,9 @@ def read_replies(link: DirectLink) -> list[tuple[dict[str, Any], list[Buffer]]]:
             break
         if header.get("goaway"):
             link.draining = True
+            read = header.get("read")
+            if type(read) is list:  # only ids pending here count (the list is the worker's word, bounded by the reply limit)
+                link.read_by_worker.update(i for i in read if type(i) is int and i in link.pending)
             continue
         if type(header.get("id")) is not int:  # names no request of ours (an id is an int): dropped, never looked up
             continue
@@ -261,6 +267,9 @@ def _refused_reply(event: Oversized, link: DirectLink) -> tuple[dict[str, Any], 
         return None
     request_id = header.get("id") if isinstance(header, dict) else None
     link.draining = True  # what no worker of ours sends: nothing more goes there, and it closes once idle
+    if type(request_id) is not int:  # names no request (a map or list id is not even hashable: round 21, a raw TypeError)
+        link.broken = f"the worker at {link.address} sent a reply over this client's limit whose header names no request"
+        return None
     if request_id not in link.pending:
         return None
     limit = link.stream.limits.message_bytes

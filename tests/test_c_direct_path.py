@@ -413,16 +413,18 @@ class ScriptedDirect:
                  answers all it read, so this one was never read; the client takes L6 [w5] and sends it
                  there; w5 says GOAWAY, then answers;
       request 4: lease L7 [w6], whose limits say max_compute_ms 300; w6 says GOAWAY and closes 0.5 s
-                 later: the daemon killing a retiring worker whose run passed max_compute_ms.
+                 later: the daemon killing a retiring worker whose run passed max_compute_ms;
+      request 5: lease L8 [w7]; w7 says GOAWAY listing the request as read, and closes: it died running
+                 what it had read, maybe because of it - never sent again.
     Every message is logged as it arrives."""
 
     def __init__(self, directory: Path) -> None:
         self.context = zmq.Context()
         self.front = self._bind(f"ipc://{directory}/front.sock")
-        self.workers = {name: self._bind(f"ipc://{directory}/{name}.sock") for name in ("w1", "w2", "w3", "w4", "w5", "w6")}
+        self.workers = {name: self._bind(f"ipc://{directory}/{name}.sock") for name in ("w1", "w2", "w3", "w4", "w5", "w6", "w7")}
         self.w1_events = self.workers["w1"].get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.address = f"ipc://{directory}/front.sock"
-        self.plan = [["w1"], ["w1"], ["w2"], ["w3"], ["w4"], ["w5"], ["w6"]]
+        self.plan = [["w1"], ["w1"], ["w2"], ["w3"], ["w4"], ["w5"], ["w6"], ["w7"]]
         self.log: list[tuple[Any, ...]] = []
         self.w1_disconnected = threading.Event()
         self.error: BaseException | None = None
@@ -484,8 +486,12 @@ class ScriptedDirect:
                     elif name == "w2":
                         poller.unregister(sock)
                         sock.close(linger=0)  # the worker dies with the request on it
+                    elif name == "w7":
+                        sock.send_multipart([peer, msgpack.packb({"v": 1, "id": None, "goaway": True, "reason": "retiring", "read": [header["id"]]})])
+                        poller.unregister(sock)
+                        sock.close(linger=5000)
                     elif name in ("w4", "w6"):
-                        sock.send_multipart([peer, msgpack.packb({"v": 1, "id": None, "goaway": True, "reason": "retiring"})])
+                        sock.send_multipart([peer, msgpack.packb({"v": 1, "id": None, "goaway": True, "reason": "retiring", "read": []})])
                         if name == "w4":  # retires without reading it: the GOAWAY leaves (linger), then the close
                             poller.unregister(sock)
                             sock.close(linger=5000)
@@ -511,12 +517,12 @@ def test_direct_path_rules_against_a_scripted_daemon(c_example: Path, tmp_path: 
     scripted = ScriptedDirect(tmp_path)
     try:
         spec = request_spec("tiny", [("x", "FP32", [1, 64], X.tobytes())])
-        rows = run_requests(scripted.address, [spec] * 5, tmp_path, "--timeout", "20000", timeout=60)
+        rows = run_requests(scripted.address, [spec] * 6, tmp_path, "--timeout", "20000", timeout=60)
         assert scripted.w1_disconnected.wait(10), "the client never closed its connection to the worker that said GOAWAY"
     finally:
         scripted.close()
     assert scripted.error is None, repr(scripted.error)
-    first, lost, third, unread, overran = rows
+    first, lost, third, unread, overran, read = rows
     assert first["status"] == "OK" and first["path"] == "direct", first
     assert np.array_equal(np.frombuffer(first["outputs"][0][3], "<f4"), (X * 2).ravel())
     assert lost["status"] == "WORKER_CRASHED" and lost["local"] == 1 and lost["path"] == "direct" and "w2.sock" in lost["message"], lost
@@ -526,15 +532,17 @@ def test_direct_path_rules_against_a_scripted_daemon(c_example: Path, tmp_path: 
     assert np.array_equal(np.frombuffer(unread["outputs"][0][3], "<f4"), (X * 2).ravel())
     # closed after its GOAWAY once max_compute_ms had passed: it was running it, and is never sent again
     assert overran["status"] == "DEADLINE_EXCEEDED" and overran["local"] == 1 and "max_compute_ms (300 ms)" in overran["message"], overran
+    # closed after a GOAWAY that listed it as read: the worker died while it could run it, never sent again
+    assert read["status"] == "WORKER_CRASHED" and read["local"] == 1 and "had read this request when it retired" in read["message"], read
     log = scripted.log
-    assert [e[1] for e in log if e[0] == "lease"] == [b"L1", b"L2", b"L3", b"L4", b"L5", b"L6", b"L7"], log
+    assert [e[1] for e in log if e[0] == "lease"] == [b"L1", b"L2", b"L3", b"L4", b"L5", b"L6", b"L7", b"L8"], log
     assert [(e[1], e[2]) for e in log if e[0] == "attach"] == [
-        ("w1", b"L1"), ("w1", b"L2"), ("w2", b"L3"), ("w3", b"L4"), ("w4", b"L5"), ("w5", b"L6"), ("w6", b"L7")], log
+        ("w1", b"L1"), ("w1", b"L2"), ("w2", b"L3"), ("w3", b"L4"), ("w4", b"L5"), ("w5", b"L6"), ("w6", b"L7"), ("w7", b"L8")], log
     infers = [e for e in log if e[0] == "infer"]
-    assert [e[1] for e in infers] == ["w1", "w1", "w2", "w3", "w4", "w5", "w6"], infers
+    assert [e[1] for e in infers] == ["w1", "w1", "w2", "w3", "w4", "w5", "w6", "w7"], infers
     assert infers[0][2] == infers[1][2] and infers[0][3] == infers[1][3]  # the same request sent again, once
     assert infers[4][2] == infers[5][2] and infers[4][3] == infers[5][3]  # the unread one, sent again once
-    assert len({e[2] for e in infers}) == 5  # never resent after a worker that did not retire closed
+    assert len({e[2] for e in infers}) == 6  # never resent after a worker that did not retire closed, nor after one that had read it
 
 
 def test_front_door_drop_fails_the_request_at_once(c_example: Path, tmp_path: Path) -> None:

@@ -23,10 +23,10 @@ import pytest
 
 import onnx_builders
 from daemon_harness import RunningDaemon, wait_for, world_readable_dir
-from direct_peer import worker_pid
-from openinfer.client import AsyncClient, Client, OpenInferError
+from direct_peer import Peer, attach, lease_of, unread_by_peer, worker_pid
+from openinfer.client import AsyncClient, Client, OpenInferError, WorkerCrashed
 from openinfer.wire import zmtp
-from repo_builder import make_world_readable
+from repo_builder import ModelRepo, make_world_readable
 
 pytestmark = pytest.mark.live
 
@@ -219,14 +219,14 @@ def test_a_replaced_model_moves_clients_to_the_new_workers_without_a_failed_requ
     assert "goaway" not in "".join(traffic.failures)
 
 
-def replace_and_reload(daemon: RunningDaemon, root: Path, model_path: Path) -> None:
-    """The same graph with new bytes in place of version 1 of `busy`, and a reload: a replacement."""
+def replace_and_reload(daemon: RunningDaemon, root: Path, model_path: Path, name: str = "busy") -> None:
+    """The same graph with new bytes in place of version 1 of `name`, and a reload: a replacement."""
     model = onnx.load(model_path)
     model.doc_string = "the same graph, new bytes: a replacement"
     onnx.save(model, model_path)
     make_world_readable(root)
     with Client(daemon.address, direct=False) as admin:
-        assert "busy:1" in admin.reload()["replaced"]
+        assert f"{name}:1" in admin.reload()["replaced"]
 
 
 def test_an_async_client_moves_to_the_replacement_after_a_goaway_without_an_error(daemon_factory: Any) -> None:
@@ -603,3 +603,73 @@ def test_an_over_limit_request_is_refused_by_the_client_naming_the_limit(daemon_
             client.infer("tiny", {"x": np.ones((64, 64), np.float32)})  # 16 KiB
     assert refused.value.code == "RESOURCE_EXHAUSTED" and "4096" in refused.value.message
     assert operations(daemon).get("infer", {}).get("RESOURCE_EXHAUSTED", 0) == 0  # never sent
+
+
+# A pre step that spins for the request's `seconds`, or - asked for a negative number - makes its worker
+# exit at once: a poison input.
+POISON_STEPS = '''
+import os
+import time
+
+INPUTS = [{"name": "seconds", "datatype": "FP32", "shape": []}]
+
+def pre(inputs):
+    seconds = float(inputs["seconds"])
+    if seconds < 0:
+        os._exit(70)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return {"x": __import__("numpy").zeros((1, 64), "float32")}
+'''
+
+
+def test_a_request_a_retiring_worker_had_read_is_not_sent_again_when_the_worker_dies_running_it(daemon_factory: Any) -> None:
+    """Round 16's suspicion, and the last note's residual risk: a retiring worker still runs what it read
+    before its GOAWAY, and a client whose connection then closed with a request unanswered took it for
+    one the worker never read and sent it again - a poison input killed the worker that replaced it
+    too. The GOAWAY now lists the requests the worker read (it answers one it reads later as a lease
+    expiry, never runs it): a listed one is failed WORKER_CRASHED, never sent again. Here the poison is
+    read beside a 4 s run, the model is replaced during that run, and the poison runs after the GOAWAY."""
+    repo = ModelRepo("oi-direct-poison-")
+    model_path = repo.model("poison", onnx_builders.matmul_model, config='workers = 1\n\n[steps]\nmodule = "steps.py"\n')
+    (repo.root / "poison" / "steps.py").write_text(POISON_STEPS)
+    daemon = daemon_factory(repo.ready(), env=DIRECT)
+    lease = lease_of(daemon, "poison")
+    blocker = Peer(lease["workers"][0]["address"])  # holds the worker while the client's two requests arrive
+
+    def seconds(value: float) -> dict[str, Any]:
+        return {"seconds": np.array(value, np.float32)}
+
+    def worker_states() -> dict[int, str]:
+        with Client(daemon.address, direct=False) as admin:
+            return {w["pid"]: w["state"] for w in admin.status()["workers"]}
+
+    async def poison_read_before_a_goaway() -> tuple[list[Any], int]:
+        async with AsyncClient(daemon.address, timeout=60) as client:
+            await client.infer("poison", seconds(0))  # the client's connection, attached, before the worker is held
+            (link,) = client._core.links.values()
+            assert "error" not in (blocker.ask(attach(lease["lease"])) or {"error": "closed"})
+            blocker.stream.send([msgpack.packb({"v": 1, "id": 2, "op": "infer", "inputs": [{"name": "seconds", "datatype": "FP32", "shape": []}]}), np.array(1.5, np.float32).tobytes()])
+            await asyncio.to_thread(wait_for, lambda: blocker.stream.flush() or not unread_by_peer(blocker.stream.sock), 30, "the worker reading the blocking request")
+            long_run = asyncio.ensure_future(client.infer("poison", seconds(4)))
+            poison = asyncio.ensure_future(client.infer("poison", seconds(-1)))
+            # both wait in the socket behind the blocker, and are read together when it ends: then the 4 s run
+            await asyncio.to_thread(wait_for, lambda: not unread_by_peer(link.stream.sock), 30, "the worker reading both requests")
+            (old_pid,) = worker_states()
+            await asyncio.to_thread(replace_and_reload, daemon, repo.root, model_path, "poison")
+            states = await asyncio.to_thread(wait_for, lambda: (s := worker_states()).get(old_pid) == "draining" and len(s) == 2 and s, 30, "the replacement ready and the old worker retired")
+            assert not long_run.done(), "the 4 s run ended before the retirement: the poison did not run after a GOAWAY"
+            (new_pid,) = set(states) - {old_pid}
+            return await asyncio.gather(long_run, poison, return_exceptions=True), new_pid
+
+    try:
+        (answered, poisoned), new_pid = asyncio.run(poison_read_before_a_goaway())
+        final = wait_for(lambda: s if list((s := worker_states()).values()) == ["ready"] else None, 30, "the retired worker gone, one ready")
+    finally:
+        blocker.close()
+        repo.remove()
+    assert not isinstance(answered, BaseException), answered
+    assert isinstance(poisoned, WorkerCrashed), poisoned
+    assert final == {new_pid: "ready"}, f"the replacement was killed by the poison sent again: {final}"
+

@@ -154,6 +154,7 @@ static int take_reply(oi_direct *d, oi_link *link, uint64_t id, int want, const 
         if (!decode_header(*frames, *n, header)) continue; /* never from a worker of ours: nothing waits for it */
         if (oi_reply_is_goaway(&header->data)) {
             link->draining = 1;
+            if (want && oi_goaway_lists(&header->data, id)) link->read_awaited = 1;
             forget_worker(d, link->address);
             continue;
         }
@@ -176,7 +177,9 @@ static int await_reply(oi_direct *d, oi_link *link, uint64_t id, int64_t deadlin
     }
 }
 
-static void send_cancel(oi_direct *d, oi_link *link, uint64_t target) {
+/* 1 when the cancel was written; the caller decides the link's fate (a failed send here once closed and
+ * freed the link, which the caller then read and closed again: round 21). */
+static int send_cancel(oi_direct *d, oi_link *link, uint64_t target) {
     msgpack_sbuffer sb;
     msgpack_packer pk;
     msgpack_sbuffer_init(&sb);
@@ -191,8 +194,9 @@ static void send_cancel(oi_direct *d, oi_link *link, uint64_t target) {
     msgpack_pack_str_with_body(&pk, "target", 6);
     msgpack_pack_uint64(&pk, target);
     oi_frame frame = {sb.data, sb.size};
-    if (sb.data && oi_link_send(link, &frame, 1, oi_now_ms() + CANCEL_WAIT_MS) != OI_LINK_OK) link_lost(d, link);
+    int sent = sb.data && oi_link_send(link, &frame, 1, oi_now_ms() + CANCEL_WAIT_MS) == OI_LINK_OK;
     msgpack_sbuffer_destroy(&sb);
+    return sent;
 }
 
 /* ---- leases ------------------------------------------------------------------------------------ */
@@ -286,8 +290,12 @@ static int lease_for(oi_direct *d, const oi_direct_request *req, lease_slot **sl
 /* Send `attach` of the slot's lease on `link` (or connect with it) and wait for its answer.
  * OI_OK (attached), RETRY (expired, or the worker is gone: a new lease), OI_ERR_TIMEOUT, or 1 when its
  * refusal is the request's answer (in *frames / header). */
-static int attach(oi_direct *d, lease_slot *slot, const char *address, oi_link **link_io, int64_t deadline_ms,
+static int attach(oi_direct *d, lease_slot *slot, const char *lease_address, oi_link **link_io, int64_t deadline_ms,
                   const oi_frame **frames, size_t *n, msgpack_unpacked *header, oi_error *err) {
+    /* A copy: `lease_address` belongs to the slot's lease, which a GOAWAY read while waiting for the
+     * answer drops and frees (round 21: the timeout's message was then written from freed memory). */
+    char address[256];
+    snprintf(address, sizeof address, "%s", lease_address);
     msgpack_sbuffer sb;
     msgpack_packer pk;
     msgpack_sbuffer_init(&sb);
@@ -326,6 +334,7 @@ static int attach(oi_direct *d, lease_slot *slot, const char *address, oi_link *
         return RETRY;
     }
     *link_io = link;
+    if (!slot->has_lease) return RETRY; /* a GOAWAY came before the answer: the lease is gone, the worker retiring */
     if (!oi_map_get(&header->data, "error")) {
         link->attached = slot->lease.serial;
         link->max_message = slot->lease.max_reply_bytes < d->max_reply_bytes ? slot->lease.max_reply_bytes : d->max_reply_bytes;
@@ -394,7 +403,7 @@ int oi_direct_infer(oi_direct *d, const oi_direct_request *req, oi_direct_answer
     memset(answer, 0, sizeof *answer);
     oi_reply_free(&d->refusal);
     close_unused_links(d); /* those that said GOAWAY during the last request, now answered */
-    int resent = 0;
+    int resent = 0, closes_after_goaway = 0;
     for (int attempt = 0; attempt < ATTEMPTS && !d->off; attempt++) {
         lease_slot *slot = NULL;
         int refused = 0;
@@ -439,14 +448,15 @@ int oi_direct_infer(oi_direct *d, const oi_direct_request *req, oi_direct_answer
                                          : fail(err, OI_ERR_TRANSPORT, "UNAVAILABLE", "cannot send to the worker: %s", strerror(saved));
         }
         link->outstanding++;
+        link->read_awaited = 0;
         rc = await_reply(d, link, req->id, req->wait_deadline_ms, &frames, &n, header);
         link->outstanding--;
         if (rc == OI_LINK_TIMEOUT) {
-            send_cancel(d, link, req->id);
             /* Its worker may still be running the request, past its deadline, to be killed for it: the
              * next request must not go there. Closing the link and the leases naming it makes the next
-             * one take a new lease, which leaves out a worker running past a deadline. */
-            if (link->outstanding == 0) link_lost(d, link);
+             * one take a new lease, which leaves out a worker running past a deadline. A cancel that
+             * cannot be written (a worker not reading) ends the link too: maybe half of it is on it. */
+            if (!send_cancel(d, link, req->id) || link->outstanding == 0) link_lost(d, link);
             return fail(err, OI_ERR_TIMEOUT, "DEADLINE_EXCEEDED", "no reply from the worker within the client's timeout (%d ms, plus %d ms of grace)",
                         req->timeout_ms, OI_DIRECT_REPLY_GRACE_MS);
         }
@@ -461,7 +471,7 @@ int oi_direct_infer(oi_direct *d, const oi_direct_request *req, oi_direct_answer
         if (rc != OI_LINK_OK) {
             char address[256];
             snprintf(address, sizeof address, "%s", link->address);
-            int retired = link->draining;
+            int retired = link->draining, read_awaited = link->read_awaited;
             link_lost(d, link);
             int64_t now_us = oi_now_ns() / 1000;
             if (now_us >= answer->sent_us + (int64_t)req->timeout_ms * 1000)
@@ -471,10 +481,14 @@ int oi_direct_infer(oi_direct *d, const oi_direct_request *req, oi_direct_answer
                 return fail(err, OI_ERR_DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED",
                             "it was still running past the model's max_compute_ms (%llu ms), and its worker (%s) was killed and is being replaced",
                             (unsigned long long)(overrun_after_us - answer->sent_us) / 1000, address);
-            if (retired) { /* it said GOAWAY: it answers all it read before it closes, so this was never read (17.5) */
+            if (retired && !read_awaited) { /* its GOAWAY did not list it: never read (it answers all it read before it closes; 17.5) */
                 answer->from_worker = 0;
+                if (++closes_after_goaway > 1) return OI_DIRECT_USE_FRONT_DOOR; /* a second such worker: the front door takes it */
                 continue;
             }
+            if (retired)
+                return fail(err, OI_ERR_WORKER_CRASHED, "WORKER_CRASHED",
+                            "the worker at %s had read this request when it retired, and exited without answering it (it may have crashed running it: it is not sent again)", address);
             return fail(err, OI_ERR_WORKER_CRASHED, "WORKER_CRASHED",
                         "the worker at %s closed its connection while running this request (it exited)", address);
         }

@@ -17,7 +17,8 @@
  *     closed: WORKER_CRASHED, or DEADLINE_EXCEEDED when the request's own deadline had passed (the daemon
  *     kills a worker whose run overstays it); never resent; leases naming that worker are dropped, so the
  *     next request takes a new one. GOAWAY while waiting: the reply still comes; nothing more is sent
- *     there, the connection is closed before the next request and the next request takes a new lease.
+ *     there, the connection is closed before the next request and the next request takes a new lease;
+ *     closed after a GOAWAY that did not list the request as read: sent again (17.5).
  *     A request that never left (the worker was already gone) is sent again under a new lease.
  */
 #ifndef OPENINFER_DIRECT_PATH_H

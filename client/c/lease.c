@@ -147,6 +147,16 @@ int oi_reply_is_goaway(const msgpack_object *header) {
     return goaway && goaway->type == MSGPACK_OBJECT_BOOLEAN && goaway->via.boolean && (!id || id->type == MSGPACK_OBJECT_NIL);
 }
 
+int oi_goaway_lists(const msgpack_object *header, uint64_t id) {
+    const msgpack_object *read = oi_map_get(header, "read");
+    if (!read || read->type != MSGPACK_OBJECT_ARRAY) return 0;
+    for (uint32_t i = 0; i < read->via.array.size; i++) {
+        const msgpack_object *o = &read->via.array.ptr[i];
+        if (o->type == MSGPACK_OBJECT_POSITIVE_INTEGER && o->via.u64 == id) return 1;
+    }
+    return 0;
+}
+
 int oi_lease_check_size(const oi_lease *lease, size_t header_bytes, size_t n_frames, uint64_t tensor_bytes, char *why,
                         size_t why_size) {
     if (header_bytes > lease->max_header_bytes)

@@ -68,6 +68,9 @@ int oi_lease_refusal(const msgpack_object *error);
 int oi_reply_lease_expired(const msgpack_object *header);
 /* An unsolicited GOAWAY from a worker: {"v": 1, "id": nil, "goaway": true, ...} (17.5). */
 int oi_reply_is_goaway(const msgpack_object *header);
+/* Whether a GOAWAY lists request `id` in its "read": the worker had read it, may have run it, and answers
+ * it before it closes unless it dies (17.5). Then a close with it unanswered fails it: never sent again. */
+int oi_goaway_lists(const msgpack_object *header, uint64_t id);
 
 /* 0 when a request of these sizes fits the lease's limits; else writes why (naming the limit) into
  * `why` and returns -1 (the caller answers RESOURCE_EXHAUSTED itself, 17.1). */

@@ -22,7 +22,9 @@
  *   - the lease expired or a reload revoked it (PERMISSION_DENIED, details.lease "expired"): a new
  *     lease, and the request is sent again, once (the worker did not run it);
  *   - the worker retires (GOAWAY): its reply still comes; the next request takes a new lease; if it
- *     closes the connection with the request unanswered, it never read it: sent again on a new lease;
+ *     closes the connection with the request unanswered and its GOAWAY did not list it as read, it
+ *     never read it: sent again on a new lease (once; a second time through the front door); if it
+ *     listed it, OI_ERR_WORKER_CRASHED (it died while it could run it: never resent);
  *   - the worker dies with the request on it: OI_ERR_WORKER_CRASHED (local = 1), or
  *     OI_ERR_DEADLINE_EXCEEDED if the request's own deadline, or the model's max_compute_ms from when it
  *     was sent, had passed (the daemon kills a worker that overstays either); never resent (a poison

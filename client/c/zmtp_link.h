@@ -67,6 +67,7 @@ typedef struct oi_link {
     /* bookkeeping of the users (openinfer.c, cwire.c); the link itself never reads these */
     uint64_t attached;   /* the serial of the lease attached here (0: none yet) */
     int draining;        /* the worker said GOAWAY: send nothing more here */
+    int read_awaited;    /* its GOAWAY listed the request awaited here as read (oi_goaway_lists) */
     size_t outstanding;  /* requests sent here and not answered yet */
 } oi_link;
 

@@ -66,7 +66,7 @@ class DirectConnection:
     lease: Lease | None = None
     strikes: int = 0
     reading: bool = True
-    draining: bool = False  # told GOAWAY; served until its client closes it
+    draining: bool = False  # told GOAWAY: what it read before is served, anything later is sent back
     closed: bool = False
     open_ids: set[int] = field(default_factory=set)  # requests accepted here and not yet answered
     last_read_ns: int = 0  # when bytes last came: a request still arriving that long ago has stalled
@@ -204,7 +204,12 @@ class DirectDoor:
         self._close_after_writing(conn)
 
     def _say_goaway(self, conn: DirectConnection, reason: str) -> None:
-        self.reply(conn, False, {"v": PROTOCOL_VERSION, "id": None, "goaway": True, "reason": reason})
+        """GOAWAY, with the ids of the requests read on this connection and not answered yet (`read`): this
+        worker may run them, and answers each before it closes unless it dies. A request it reads after
+        its GOAWAY is answered as a lease expiry, never run (DirectQueue.admit). So a client that sees the
+        connection close with a request unanswered knows whether it may send it again: never if it is in
+        `read` - it may be what killed the worker, and would kill the next one (PROTOCOL.md 17.5)."""
+        self.reply(conn, False, {"v": PROTOCOL_VERSION, "id": None, "goaway": True, "reason": reason, "read": sorted(conn.open_ids)})
 
     def _close_after_writing(self, conn: DirectConnection) -> None:
         """Close once what the socket takes now of its last words (an answer, a GOAWAY) is written."""

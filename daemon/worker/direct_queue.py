@@ -129,6 +129,8 @@ class DirectQueue:
     # -- admission ------------------------------------------------------------------------------------
     def admit(self, conn: DirectConnection, delimited: bool, request_id: int, header: dict[str, Any], data: list[Buffer], received_ns: int) -> None:
         """Check an `infer` (the lease was checked by the door) and queue it; raises the typed error."""
+        if conn.draining:  # read after its GOAWAY, which did not list it: never run here (DirectDoor._say_goaway)
+            raise PermissionDenied("this worker is retiring and takes no new request: take a new lease and send it again", {"lease": "expired"})
         model = self.model
         for key, mine in (("model", model.name), ("version", model.version)):
             given = header.get(key)

@@ -23,6 +23,7 @@ Attacker round 7 on the C client (client/c):
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -30,7 +31,7 @@ import struct
 import subprocess
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import msgpack
 import numpy as np
@@ -38,7 +39,7 @@ import pytest
 import zmq
 
 from daemon_harness import RunningDaemon, world_readable_dir
-from openinfer.client import Client
+from openinfer.client import AsyncClient, Client, Internal
 from peak_memory import attacked_client, run_with_peak
 from reference import run_reference
 from steps_daemon import hostile_steps_daemon
@@ -185,6 +186,11 @@ _GREETING = b"\xff" + bytes(8) + b"\x7f\x03\x01" + b"NULL".ljust(20, b"\x00") + 
 _READY = _command(b"READY", b"\x0bSocket-Type" + struct.pack(">I", 6) + b"ROUTER")
 
 
+def _send(sock: socket.socket, header: dict[str, Any]) -> None:
+    body = msgpack.packb(header)
+    sock.sendall(bytes((0, len(body))) + body)
+
+
 def _messages(sock: socket.socket) -> Iterator[list[bytes]]:
     """The client's messages (its commands skipped), until it closes the connection."""
     buf = b""
@@ -217,15 +223,23 @@ def _messages(sock: socket.socket) -> Iterator[list[bytes]]:
         return
 
 
-class PingingWorker:
-    """A front door that leases one worker, and that worker: it attaches, then answers an `infer` with
-    `pings` PINGs and reads what the client sends back 7 bytes (one PONG) every 50 ms, as the attacker did.
-    With `pings` None the worker accepts connections and never sends its greeting (a busy or stuck one)."""
+class FakeWorker:
+    """A front door that leases one worker, and that worker, which plays `behaviour`:
+    - "pings": attaches, then answers an `infer` with `pings` PINGs and reads what the client sends back
+      7 bytes (one PONG) every 50 ms, as round 7's attacker did;
+    - "never-greets": accepts connections and never sends its greeting (a busy or stuck worker);
+    - "goaway-for-attach": answers `attach` with a GOAWAY only, then nothing (round 21);
+    - "oversized-reply-map-id": leases with max_reply_bytes 4096; answers an `infer` with a header whose
+      id is a map, then a frame of 8 KiB (round 21);
+    - "stops-reading": attaches, then takes no byte more once it has read an `infer` (shutdown SHUT_RD:
+      the client's cancel cannot be written; round 21)."""
 
-    def __init__(self, pings: int | None) -> None:
+    def __init__(self, behaviour: str, pings: int = 0) -> None:
+        self.behaviour = behaviour
         self.pings = pings
-        self.dir = world_readable_dir("oi-pinging-worker-")
+        self.dir = world_readable_dir("oi-fake-worker-")
         self.address = f"ipc://{self.dir}/front.sock"
+        self.worker_address = f"ipc://{self.dir}/worker.sock"
         self.context = zmq.Context()
         self.front = self.context.socket(zmq.ROUTER)
         self.front.setsockopt(zmq.LINGER, 0)
@@ -244,8 +258,10 @@ class PingingWorker:
                 continue
             peer, *frames = self.front.recv_multipart()
             header = msgpack.unpackb(frames[0])
-            result = {"model": "m", "version": 1, "lease": b"token", "expires_in_ms": 60000, "workers": [{"address": f"ipc://{self.dir}/worker.sock", "worker": 0}],
-                      "limits": {"max_request_bytes": 1 << 26, "max_header_bytes": 65536, "max_frames": 257}}
+            limits = {"max_request_bytes": 1 << 26, "max_header_bytes": 65536, "max_frames": 257}
+            if self.behaviour == "oversized-reply-map-id":
+                limits["max_reply_bytes"] = 4096
+            result = {"model": "m", "version": 1, "lease": b"token", "expires_in_ms": 60000, "workers": [{"address": self.worker_address, "worker": 0}], "limits": limits}
             reply = {"v": 1, "id": header["id"], "result": result} if header["op"] == "lease" else {"v": 1, "id": header["id"], "error": {"code": "UNAVAILABLE", "message": "no"}}
             self.front.send_multipart([peer, msgpack.packb(reply)])
 
@@ -261,15 +277,27 @@ class PingingWorker:
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
-            if self.pings is None:
+            if self.behaviour == "never-greets":
                 self.done.wait()
                 return
             conn.sendall(_GREETING + _READY)
             for frames in _messages(conn):
                 header = msgpack.unpackb(frames[0])
+                if header["op"] == "attach" and self.behaviour == "goaway-for-attach":
+                    _send(conn, {"v": 1, "id": None, "goaway": True, "reason": "retiring"})
+                    self.done.wait()
+                    return
                 if header["op"] == "attach":
-                    reply = msgpack.packb({"v": 1, "id": header["id"], "result": {"model": "m", "version": 1, "worker": 0, "expires_in_ms": 60000}})
-                    conn.sendall(bytes((0, len(reply))) + reply)
+                    _send(conn, {"v": 1, "id": header["id"], "result": {"model": "m", "version": 1, "worker": 0, "expires_in_ms": 60000}})
+                elif header["op"] == "infer" and self.behaviour == "oversized-reply-map-id":
+                    reply = msgpack.packb({"v": 1, "id": {"x": 1}})
+                    conn.sendall(bytes((1, len(reply))) + reply + bytes((2,)) + (8192).to_bytes(8, "big") + bytes(8192))
+                    self.done.wait()
+                    return
+                elif header["op"] == "infer" and self.behaviour == "stops-reading":
+                    conn.shutdown(socket.SHUT_RD)
+                    self.done.wait()
+                    return
                 elif header["op"] == "infer":
                     threading.Thread(target=self._read_slowly, args=(conn,), daemon=True).start()
                     try:
@@ -300,7 +328,7 @@ def test_a_ping_flood_cuts_the_worker_and_ends_the_c_clients_call_at_once(c_exam
     worker at its 65th command, OI_ERR_PROTOCOL. Before, each PONG waited up to 100 ms for room, the
     request's deadline never looked at: the call (1 s timeout) was still running when the 30 s guard
     below ended it."""
-    worker = PingingWorker(200_000)
+    worker = FakeWorker("pings", 200_000)
     try:
         try:
             done = subprocess.run([str(c_example), "--timeout", "1000", worker.address, "m"], capture_output=True, text=True, timeout=30)
@@ -318,7 +346,7 @@ def test_a_worker_that_never_greets_fails_the_c_clients_call_in_time_without_a_m
     freeing the address string it was given - and then wrote that freed string into the error (ASan:
     heap-use-after-free in 3 of 3 runs against a real busy OCR worker; the plain build printed heap bytes).
     Now the error is written first, and the leases are compared against a copy of the address."""
-    worker = PingingWorker(None)
+    worker = FakeWorker("never-greets")
     try:
         done = subprocess.run([str(c_example_asan), "--timeout", "500", worker.address, "m"], capture_output=True, text=True, timeout=60,
                               env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"})
@@ -326,3 +354,56 @@ def test_a_worker_that_never_greets_fails_the_c_clients_call_in_time_without_a_m
         worker.close()
     assert "AddressSanitizer" not in done.stderr, done.stderr[-3000:]
     assert done.stdout.startswith("error DEADLINE_EXCEEDED") and f"no connection to the worker at ipc://{worker.dir}/worker.sock in time" in done.stdout, done.stdout
+
+
+def _c_call_under_asan(c_example_asan: Path, worker: FakeWorker, timeout_ms: int, *args: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run([str(c_example_asan), "--timeout", str(timeout_ms), *args, worker.address, "m"], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"})
+    finally:
+        worker.close()
+
+
+def test_a_cancel_the_worker_does_not_take_fails_the_c_clients_call_without_a_memory_error(c_example_asan: Path) -> None:
+    """Round 21's attacker (high): the C client's call timed out on a worker that was not reading (a busy
+    one will do, with a request of about the socket's buffer), the cancel could not be written, and the
+    failed send closed and freed the link - which the call then read and closed again (ASan:
+    heap-use-after-free in oi_direct_infer; SIGSEGV in the plain build). The cancel now only says whether
+    it went; the call closes the link once."""
+    done = _c_call_under_asan(c_example_asan, FakeWorker("stops-reading"), 300)
+    assert "AddressSanitizer" not in done.stderr, done.stderr[-3000:]
+    assert done.stdout.startswith("error DEADLINE_EXCEEDED") and "no reply from the worker within the client's timeout" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+def test_a_goaway_in_answer_to_attach_fails_the_c_clients_call_without_a_memory_error(c_example_asan: Path) -> None:
+    """Round 21's attacker: a worker answering `attach` with a GOAWAY made the C client drop the lease -
+    freeing the address string `attach` was given - while it waited, then write that string into its
+    timeout's error (ASan: heap-use-after-free in attach). `attach` keeps its own copy."""
+    worker = FakeWorker("goaway-for-attach")
+    done = _c_call_under_asan(c_example_asan, worker, 500)
+    assert "AddressSanitizer" not in done.stderr, done.stderr[-3000:]
+    assert done.stdout.startswith("error DEADLINE_EXCEEDED") and f"no answer to attach from the worker at {worker.worker_address} in time" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_an_oversized_reply_whose_id_is_a_map_fails_the_python_clients_call_typed_and_at_once(kind: str) -> None:
+    """Round 21's attacker: a reply over the lease's max_reply_bytes whose header's id was a map raised a
+    raw TypeError out of Client.infer (unhashable, looked up among the pending requests); AsyncClient
+    lost it in its event loop and waited out the timeout. Such a reply names no request: the link is cut
+    and what waits on it fails INTERNAL, at once."""
+    worker = FakeWorker("oversized-reply-map-id")
+    x = {"x": np.ones((1, 4), np.float32)}
+
+    async def async_call() -> None:
+        async with AsyncClient(worker.address, timeout=30) as client:
+            await client.infer("m", x)
+
+    try:
+        with pytest.raises(Internal, match="over this client's limit whose header names no request"):
+            if kind == "sync":
+                with Client(worker.address, timeout=30) as client:
+                    client.infer("m", x)
+            else:
+                asyncio.run(async_call())
+    finally:
+        worker.close()
