@@ -265,8 +265,11 @@ class FrameStream:
         got = 0
         recv = self.sock.recv
         while got < max_bytes:
-            if self._big is not None:
-                if not self._read_big():
+            if self._big is not None:  # its bytes count too: uncounted, one read took 16 messages of 64 MiB
+                filled = self._big_filled
+                complete = self._read_big()
+                got += self._big_filled - filled
+                if not complete:
                     break
                 self._big_done(events)
                 continue

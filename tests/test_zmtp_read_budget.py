@@ -1,0 +1,39 @@
+"""How much one FrameStream.read() takes: a peer that keeps sending must not hold the loop that reads it
+(a worker's, or the front door's) - nor make it hold every message it sent - for as long as it keeps up."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from openinfer.wire.zmtp import FrameStream, Limits, frame_header
+
+pytestmark = pytest.mark.unit
+
+SO_SNDBUFFORCE = 32  # (Linux; not in Python's socket module) past net.core.wmem_max, with CAP_NET_ADMIN
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="queues 16 MiB on a socket: SO_SNDBUFFORCE needs root")
+def test_one_read_takes_at_most_one_large_message_past_its_budget() -> None:
+    """Round 17's suspicion, measured: bytes received straight into a large frame's own buffer did not
+    count toward a read's budget - only the 256 KiB chunk each message began in did - so one read of a
+    1 MiB budget took three 2 MiB messages, and one of the default 4 MiB budget would take sixteen
+    requests of 64 MiB, a GiB held before any was admitted against the worker's memory budgets. Now a
+    read ends with the message that crosses its budget."""
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 64 << 20)  # the eight queued before the read
+        size = 2 << 20
+        theirs.sendall((frame_header(size, 0) + bytes(size)) * 8)
+        ours.setblocking(False)
+        stream = FrameStream(ours, Limits(first_frame=1 << 30, message_bytes=1 << 30))
+        first = stream.read(max_bytes=1 << 20)
+        assert len(first) == 1, f"one read of a 1 MiB budget took {len(first)} messages of 2 MiB"
+        taken = len(first)
+        while taken < 8:
+            taken += len(stream.read(max_bytes=1 << 20))
+        assert all(len(frames[0]) == size for frames in first)
+    finally:
+        ours.close()
+        theirs.close()
