@@ -5,6 +5,7 @@ Precedence: built-in default < config file < environment < command-line flag.
 """
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -184,14 +185,19 @@ def _coerce(where: str, kind: type, value: Any) -> Any:
                 return int(value, 0)
             except ValueError:
                 pass
-    elif kind is float:
+    elif kind is float:  # finite only: nan passed every range check, and a reload applied it (round 22: the loop died)
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     elif kind is str:
         if isinstance(value, str):
             return value

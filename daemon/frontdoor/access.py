@@ -65,25 +65,51 @@ _GRANT_KEYS = {"name", "operations", "models", "local", "uids", "gids", "groups"
 
 
 def _parse_grant(where: str, raw: Any) -> Grant:
+    """Each value held to its type, never cast: `local = "false"` was bool("false"), True - every local
+    uid let in - and `uids = "65534"` the digits 6, 5, 3 and 4 (round 22's attacker)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
     unknown = set(raw) - _GRANT_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} (known: {', '.join(sorted(_GRANT_KEYS))})")
     ops = raw.get("operations")
-    if not isinstance(ops, list) or not ops or not set(ops) <= OPERATIONS:
+    if not isinstance(ops, list) or not ops or not all(isinstance(op, str) for op in ops) or not set(ops) <= OPERATIONS:
         raise ConfigError(f"{where}: `operations` must list some of {', '.join(sorted(OPERATIONS))}")
+    name = raw.get("name", where)
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: `name` must be a string, got {name!r}")
     return Grant(
-        name=str(raw.get("name", where)),
+        name=name,
         operations=frozenset(ops),
-        models=tuple(raw.get("models", ["*"])),
-        local=bool(raw.get("local", False)),
-        uids=frozenset(int(u) for u in raw.get("uids", [])),
-        gids=frozenset(int(g) for g in raw.get("gids", [])),
-        groups=frozenset(str(g) for g in raw.get("groups", [])),
-        curve_keys=frozenset(str(k) for k in raw.get("curve_keys", [])),
-        anonymous=bool(raw.get("anonymous", False)),
+        models=tuple(_strings(where, raw, "models", ["*"])),
+        local=_flag(where, raw, "local"),
+        uids=frozenset(_ids(where, raw, "uids")),
+        gids=frozenset(_ids(where, raw, "gids")),
+        groups=frozenset(_strings(where, raw, "groups", [])),
+        curve_keys=frozenset(_strings(where, raw, "curve_keys", [])),
+        anonymous=_flag(where, raw, "anonymous"),
     )
+
+
+def _flag(where: str, raw: dict[str, Any], key: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: `{key}` must be true or false, got {value!r}")
+    return value
+
+
+def _strings(where: str, raw: dict[str, Any], key: str, default: list[str]) -> list[str]:
+    value = raw.get(key, default)
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ConfigError(f"{where}: `{key}` must be a list of strings, got {value!r}")
+    return value
+
+
+def _ids(where: str, raw: dict[str, Any], key: str) -> list[int]:
+    value = raw.get(key, [])
+    if not isinstance(value, list) or not all(type(item) is int and 0 <= item < 1 << 32 for item in value):
+        raise ConfigError(f"{where}: `{key}` must be a list of numeric ids (0 to 4294967295), got {value!r}")
+    return value
 
 
 _VERDICTS_KEPT = 10_000  # cached (peer, op, model) verdicts; then start over

@@ -6,6 +6,7 @@ escaped by rotating names). Every connection and process of one identity shares 
 """
 from __future__ import annotations
 
+import math
 import pwd
 from dataclasses import dataclass, fields
 from typing import Any
@@ -45,11 +46,16 @@ def _parse_limit(where: str, raw: Any) -> ClientLimit:
     for key, value in raw.items():
         if key not in known:
             raise ConfigError(f"{where}: unknown key `{key}` (known: {', '.join(sorted(known))})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(f"{where}: `{key}` must be a non-negative number")
-        if key == "max_priority" and not (isinstance(value, int) and value <= 9):
+        if key == "rate_per_s":  # nan and inf are TOML floats: int(nan) raised out of a reload (round 22)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ConfigError(f"{where}: `rate_per_s` must be a finite non-negative number, got {value!r}")
+            values[key] = float(value)
+        elif type(value) is not int or value < 0:
+            raise ConfigError(f"{where}: `{key}` must be a non-negative whole number, got {value!r}")
+        elif key == "max_priority" and value > 9:
             raise ConfigError(f"{where}: `max_priority` must be a whole number from 0 to 9 (the range of a request's `priority`)")
-        values[key] = float(value) if key == "rate_per_s" else int(value)
+        else:
+            values[key] = value
     return ClientLimit(**values)
 
 

@@ -11,9 +11,12 @@ import ctypes
 import ctypes.util
 import heapq
 import itertools
+import logging
 import os
 import time
 from typing import Callable
+
+log = logging.getLogger("openinfer.timers")
 
 _CLOCK_MONOTONIC = 1
 _TFD_NONBLOCK = os.O_NONBLOCK
@@ -125,8 +128,11 @@ class TimerHeap:
             callback = heapq.heappop(heap)[2]
             if callback is None:
                 self._cancelled -= 1
-            else:
+                continue
+            try:
                 callback()
+            except Exception:  # as in the loop's dispatch: one bug must not take the daemon (and every client) down
+                log.exception("internal error in a supervisor timer; continuing")
 
     def on_wakeup(self) -> None:
         """The timerfd fired: it is one-shot, so it must be re-armed for the next head."""

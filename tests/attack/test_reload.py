@@ -4,6 +4,7 @@ declared live, new-workers-only or restart-only, the policy files are read again
 the reply says what was applied and what waits for a restart."""
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import threading
@@ -16,7 +17,7 @@ import pytest
 
 import onnx_builders
 from daemon_harness import RunningDaemon, world_readable_dir
-from openinfer.client import Client, ResourceExhausted
+from openinfer.client import Client, InvalidArgument, ResourceExhausted
 from other_uid import NOBODY, run_as
 
 pytestmark = pytest.mark.attack
@@ -108,3 +109,50 @@ def test_the_reload_reply_says_what_applied_and_what_needs_a_restart(daemon_fact
             time.sleep(0.05)
     assert oct(Path(daemon.address[len("ipc://") :]).stat().st_mode & 0o777) == "0o660"  # restart-only: unchanged
     assert "need a restart" in daemon.log_text()
+
+
+NOBODY_AND_ROOT = f'[[grant]]\nname = "root"\nuids = [0]\noperations = {ALL_OPS}\n\n[[grant]]\nname = "nobody"\nuids = [{NOBODY}]\noperations = ["health"]\n'
+
+
+@pytest.mark.parametrize("typo, what", [
+    ('[[grant]]\nname = "local"\nlocal = "false"\noperations = ["infer", "health"]\n', "`local` must be true or false"),
+    (f'[[grant]]\nname = "nobody"\nuids = "{NOBODY}"\noperations = ["infer", "health"]\n', "`uids` must be a list of numeric ids"),
+], ids=["local-as-a-string", "uids-as-a-string"])
+def test_a_policy_value_of_the_wrong_type_is_refused_not_cast(daemon_factory: Any, repo: Path, tmp_path: Path, typo: str, what: str) -> None:
+    """Round 22's attacker: access.toml values were cast, not checked. `local = "false"` is bool("false"),
+    True: after the reload every local uid could infer; `uids = "65534"` let uids 6, 5, 3 and 4 in (its
+    digits) and kept 65534 out. A value of the wrong type now fails the reload, INVALID_ARGUMENT naming
+    it, and the policy in force stays."""
+    policy = tmp_path / "access.toml"
+    policy.write_text(NOBODY_AND_ROOT)
+    daemon = daemon_factory(repo, env={"OPENINFER_SERVER_ACCESS_POLICY": str(policy), "OPENINFER_SERVER_SOCKET_MODE": "0o666"})
+    policy.write_text(NOBODY_AND_ROOT + "\n" + typo)
+    with Client(daemon.address, timeout=30) as client:
+        with pytest.raises(InvalidArgument, match=re.escape(what)):
+            client.reload()
+    assert run_as(NOBODY, NOBODY_INFERS, daemon.address).stdout.strip() == "PERMISSION_DENIED"
+    assert run_as(5, NOBODY_INFERS, daemon.address).stdout.strip() != "OK"  # no grant: not even connected
+
+
+@pytest.mark.parametrize("file, text", [
+    ("clients.toml", "[default]\nmax_in_flight = nan\n"),
+    ("clients.toml", "[default]\nrate_per_s = inf\n"),
+    ("openinfer.toml", "[pool]\nworkers = 1\nping_interval_s = nan\n"),
+    ("openinfer.toml", "[pool]\nworkers = 1\n\n[server]\nlease_ttl_s = inf\n"),
+], ids=["max_in_flight-nan", "rate_per_s-inf", "ping_interval_s-nan", "lease_ttl_s-inf"])
+def test_a_non_finite_number_in_a_setting_or_policy_is_refused_by_a_reload(daemon_factory: Any, repo: Path, tmp_path: Path, file: str, text: str) -> None:
+    """Round 22's attacker: nan and inf are TOML floats. `ping_interval_s = nan` was applied by a reload and
+    the supervisor died at its next ping tick (int(nan)) - every client with it; `lease_ttl_s = inf` made
+    every direct request INTERNAL; `max_in_flight = nan` answered the reload INTERNAL. Each is now refused
+    as any bad value is: INVALID_ARGUMENT naming it, nothing applied, the daemon serves on."""
+    config, clients = tmp_path / "openinfer.toml", tmp_path / "clients.toml"
+    config.write_text("[pool]\nworkers = 1\n")
+    clients.write_text("[default]\nmax_in_flight = 64\n")
+    daemon = daemon_factory(repo, "--config", str(config), env={"OPENINFER_SERVER_CLIENT_POLICY": str(clients)})
+    (tmp_path / file).write_text(text)
+    with Client(daemon.address, timeout=30) as client:
+        with pytest.raises(InvalidArgument, match="finite|whole number"):
+            client.reload()
+        for direct in (True, False):
+            with Client(daemon.address, timeout=30, direct=direct) as user:
+                assert user.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
