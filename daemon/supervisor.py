@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from openinfer.wire.errors import DeadlineExceeded, Unavailable, WorkerCrashed
-from openinfer.wire.protocol import resolve_address
+from openinfer.wire.errors import DeadlineExceeded, OpenInferError, Unavailable, WorkerCrashed
+from openinfer.wire.protocol import resolve_address, unpack
 from openinfer.wire.zmtp import Buffer
 
 from openinfer.daemon.control import admin
@@ -27,9 +27,10 @@ from openinfer.daemon.direct.ledger import Entry
 from openinfer.daemon.scheduling.dispatch import Dispatcher
 from openinfer.daemon.frontdoor.bind import bind_public
 from openinfer.daemon.frontdoor.connections import Connection, ConnectionTable
+from openinfer.daemon.frontdoor.validation import check_infer
 from openinfer.daemon.observability.metrics import MetricsExporter
 from openinfer.daemon.modelstore.modelconfig import ConfigError
-from openinfer.daemon.modelstore.models import ModelRegistry, ServedModel
+from openinfer.daemon.modelstore.models import ModelRegistry, ModelState, ServedModel
 from openinfer.daemon.workerpool.pool import WorkerPool
 from openinfer.daemon.workerpool.recycling import enforced_memory_limit
 from openinfer.daemon.workerpool.preparation import WeightPreparer
@@ -93,7 +94,7 @@ class Supervisor:
         self.direct = DirectPath(settings, self.listener, DirectBooks(self.accountant, self._log_direct_access, lambda: self.replies.settings.log.access_log_sample > 0))
         self.pool.direct = self.direct
         self.pool.recycle = self._recycle
-        self.sync = RepositorySync(settings, self.registry, self.pool, self._quit)
+        self.sync = RepositorySync(settings, self.registry, self.pool, self._quit, self._move_retired_queue)
         self.replies = ReplySender(settings, self.connections, self.accountant, self.limiter)
         self.dispatcher = Dispatcher(settings, self.pool.send, self.timers, self.limiter, self.replies.fail, self._retire_worker)
         self.results = WorkerResults(self.dispatcher, self.replies, self._reject_worker)
@@ -337,6 +338,32 @@ class Supervisor:
         failed = self.dispatcher.fail_queue(model, lambda: Unavailable(reason))
         if failed:
             log.warning("queued requests failed: model cannot serve", extra={"model": model.key, "requests": failed, "reason": model.reason})
+
+    def _move_retired_queue(self, model: ServedModel) -> None:
+        """A retiring version's last worker is gone with tasks still queued for it: each goes to the version
+        of its model that serves now - looked up, and checked against it, as when it arrived - or is
+        answered with why it cannot (that version's inputs differ, a pinned version or the model is
+        gone). Round 22's attacker: released with the version, they waited out their deadlines, counted
+        nowhere (every other worker of a one-worker model served on)."""
+        moved = 0
+        while model.queue:
+            task = model.queue.popleft()
+            self.dispatcher.dequeue(task)
+            if task.done:
+                continue
+            try:
+                header = unpack(task.header_frame)
+                target = self.registry.lookup(header["model"], header.get("version"))
+                if target.state is not ModelState.READY:
+                    raise Unavailable(f"model {target.key} is {target.state.value}" + (f": {target.reason}" if target.reason else ""))
+                _, task.signature = check_infer(header, task.data_frames, target, target.config.max_request_bytes or self.settings.server.max_request_bytes, walk_bytes=False)
+                outputs = header.get("outputs")
+                task.model, task.wanted, task.batch_key, task.rows = target, tuple(outputs) if outputs else target.output_order, None, 0
+                self.dispatcher.admit(task, header, release_on_error=False)
+                moved += 1
+            except OpenInferError as exc:
+                self.replies.fail(task, exc)
+        log.warning("a retired version's last worker exited with tasks queued: sent to the version serving now", extra={"model": model.key, "moved": moved})
 
     def _recycle(self, worker: WorkerHandle, reason: str) -> None:
         """An idle worker left holding most of its address space (recycling.py): drained and replaced."""

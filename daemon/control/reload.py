@@ -66,11 +66,12 @@ def _member_prints(entry: ModelEntry, entries: dict[str, ModelEntry]) -> tuple[A
 
 
 class RepositorySync:
-    def __init__(self, settings: Settings, registry: ModelRegistry, pool: WorkerPool, quit_worker: Callable[..., None]) -> None:
+    def __init__(self, settings: Settings, registry: ModelRegistry, pool: WorkerPool, quit_worker: Callable[..., None], move_queue: Callable[[ServedModel], None]) -> None:
         self.settings = settings
         self.registry = registry
         self.pool = pool
         self.quit_worker = quit_worker
+        self.move_queue = move_queue  # a retiring version's queue, to the version now serving its model
         self.pending: dict[tuple[str, int], ServedModel] = {}  # replacements loading beside the served one
         self.retiring: list[ServedModel] = []
         # Versions the repository no longer lists (version_policy = "latest" moved on) kept serving until a
@@ -337,6 +338,8 @@ class RepositorySync:
                     if worker.state in (WorkerState.READY, WorkerState.SPAWNED, WorkerState.LOADED):
                         self.quit_worker(worker)
             if not model.workers:
+                if model.queue:  # its last worker died (crashed, killed past max_compute_ms) with tasks queued behind it
+                    self.move_queue(model)
                 self.retiring.remove(model)
                 log.info("retired model released", extra={"model": model.key})
 

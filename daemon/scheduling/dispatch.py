@@ -66,8 +66,9 @@ class Dispatcher:
         self._untimed: list[Task] = []  # queued since the last arm_deadlines, no deadline timer yet
 
     # -- admission ----------------------------------------------------------------------------------
-    def admit(self, task: Task, header: dict[str, Any]) -> None:
-        """Run `task` now if a worker can take it, else queue it (RESOURCE_EXHAUSTED when full)."""
+    def admit(self, task: Task, header: dict[str, Any], release_on_error: bool = True) -> None:
+        """Run `task` now if a worker can take it, else queue it (RESOURCE_EXHAUSTED when full: its client's
+        in-flight slot released, unless `release_on_error` is False - the caller answers it)."""
         model = task.model
         try:
             if model.batchable:
@@ -87,7 +88,8 @@ class Dispatcher:
                         return
             self.enqueue(task)
         except OpenInferError:
-            self.limiter.release(task.identity)
+            if release_on_error:
+                self.limiter.release(task.identity)
             raise
 
     def _admit_for_batching(self, task: Task, header: dict[str, Any]) -> None:

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 import onnx_builders
-from daemon_harness import RunningDaemon, world_readable_dir
-from openinfer.client import Client, InvalidArgument, ResourceExhausted
+from daemon_harness import RunningDaemon, wait_for, world_readable_dir
+from openinfer.client import Client, InvalidArgument, OpenInferError, ResourceExhausted
 from other_uid import NOBODY, run_as
+from repo_builder import ModelRepo
 
 pytestmark = pytest.mark.attack
 
@@ -156,3 +157,45 @@ def test_a_non_finite_number_in_a_setting_or_policy_is_refused_by_a_reload(daemo
         for direct in (True, False):
             with Client(daemon.address, timeout=30, direct=direct) as user:
                 assert user.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+
+
+def test_requests_queued_on_a_replaced_version_whose_last_worker_dies_go_to_the_version_serving_now(daemon_factory: Any) -> None:
+    """Round 22's attacker: a one-worker model replaced while its worker ran a request it could not stop,
+    with six requests queued behind it. The old version waits for its queue; its worker was killed at
+    max_compute_ms, and the version was released with the six still queued - they waited out their
+    timeouts (DEADLINE_EXCEEDED "the task never ran"), counted nowhere, while the replacement served
+    everyone else. Now they go to the version serving now, and are answered."""
+    models = ModelRepo("oi-reload-stranded-")
+    models.spinning_model("spin", "workers = 1\nmax_compute_ms = 4000\n")  # its step spins for `seconds`; onnxruntime cannot stop it
+    daemon = daemon_factory(models.ready(), env={"OPENINFER_POOL_DIRECT": "0"})
+    outcomes: dict[str, list[str]] = {"runaway": [], "queued": []}
+
+    def ask(kind: str, seconds: float) -> None:
+        with Client(daemon.address, timeout=20) as client:
+            try:
+                client.infer("spin", {"seconds": np.array(seconds, np.float32)})
+                outcomes[kind].append("OK")
+            except OpenInferError as exc:
+                outcomes[kind].append(exc.code)
+
+    def status() -> dict[str, Any]:
+        with Client(daemon.address, timeout=10) as admin:
+            return admin.status()
+
+    runaway = threading.Thread(target=ask, args=("runaway", 60.0))
+    runaway.start()
+    wait_for(lambda: any(w["state"] == "busy" for w in status()["workers"]), 30, "the runaway request running")
+    queued = [threading.Thread(target=ask, args=("queued", 0.0)) for _ in range(6)]
+    for thread in queued:
+        thread.start()
+    wait_for(lambda: status()["queued"] == 6, 30, "six requests queued behind it")
+    models.config("spin", "workers = 1\nmax_compute_ms = 4001\n\n[steps]\nmodule = \"steps.py\"\n")
+    models.ready()
+    with Client(daemon.address, timeout=30) as admin:
+        assert "spin:1" in admin.reload()["replaced"]
+    wait_for(lambda: status()["retiring"] == ["spin:1"], 30, "the replacement serving, the old version retiring")
+    assert runaway.is_alive(), "the runaway request ended before the old version retired: nothing was left to strand"
+    for thread in [runaway, *queued]:
+        thread.join(60)
+    models.remove()
+    assert outcomes == {"runaway": ["DEADLINE_EXCEEDED"], "queued": ["OK"] * 6}, outcomes
