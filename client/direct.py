@@ -267,10 +267,7 @@ def _refused_reply(event: Oversized, link: DirectLink) -> tuple[dict[str, Any], 
         return None
     request_id = header.get("id") if isinstance(header, dict) else None
     link.draining = True  # what no worker of ours sends: nothing more goes there, and it closes once idle
-    if type(request_id) is not int:  # names no request (a map or list id is not even hashable: round 21, a raw TypeError)
-        link.broken = f"the worker at {link.address} sent a reply over this client's limit whose header names no request"
-        return None
-    if request_id not in link.pending:
+    if type(request_id) is not int or request_id not in link.pending:  # names no request: dropped, as read_replies drops one (a map or list id is not even hashable: round 21, a raw TypeError)
         return None
     limit = link.stream.limits.message_bytes
     error = ResourceExhausted(f"the reply from the worker at {link.address} is over this client's limit: {event.reason} (the lease's max_reply_bytes, the daemon's server.max_worker_message_bytes, or the client's own max_reply_bytes if smaller)", {"limit": limit})
