@@ -344,9 +344,9 @@ class ClientCore:
                     pending.error = DeadlineExceeded("its deadline passed while it ran, and its worker was killed")
                 elif pending.overrun_after is not None and now >= pending.overrun_after:
                     pending.error = DeadlineExceeded("it was still running past the model's max_compute_ms, and its worker was killed and is being replaced")
-                elif link.draining and pending.request_id not in link.read_by_worker:
+                elif link.said_goaway and pending.request_id not in link.read_by_worker:  # (not a link we stopped using ourselves: round 23)
                     pending.error = NoDirectPath(f"the worker at {link.address} retired before taking the request")
-                elif link.draining:
+                elif link.said_goaway:
                     pending.error = WorkerCrashed(f"the worker at {link.address} had taken this request when it retired, and exited without answering it (it may have crashed running it: it is not sent again)")
                 else:
                     pending.error = WorkerCrashed(f"the worker at {link.address} exited while running this request")

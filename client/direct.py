@@ -136,7 +136,8 @@ class DirectLink:
     stream: FrameStream
     pending: dict[int, Pending] = field(default_factory=dict)
     attached_ns: int = 0  # expiry of the lease attached (0: none yet)
-    draining: bool = False  # the worker said GOAWAY: send nothing more here
+    draining: bool = False  # send nothing more here: the worker said GOAWAY, or broke a limit
+    said_goaway: bool = False  # it said GOAWAY: a close then ends its drain (core.link_lost)
     read_by_worker: set[int] = field(default_factory=set)  # pending requests its GOAWAY said it read
     closed: bool = False
     # Requests this client gave up on (its timeout passed) whose reply has not come: the worker may still
@@ -230,7 +231,7 @@ def read_replies(link: DirectLink) -> list[tuple[dict[str, Any], list[Buffer]]]:
             link.broken = f"the worker at {link.address} sent a reply header that is not a protocol map ({header if isinstance(header, str) else type(header).__name__})"
             break
         if header.get("goaway"):
-            link.draining = True
+            link.draining = link.said_goaway = True
             read = header.get("read")
             if type(read) is list:  # only ids pending here count (the list is the worker's word, bounded by the reply limit)
                 link.read_by_worker.update(i for i in read if type(i) is int and i in link.pending)

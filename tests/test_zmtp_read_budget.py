@@ -1,5 +1,6 @@
-"""How much one FrameStream.read() takes: a peer that keeps sending must not hold the loop that reads it
-(a worker's, or the front door's) - nor make it hold every message it sent - for as long as it keeps up."""
+"""What one FrameStream.read() takes: a peer that keeps sending must not hold the loop that reads it (a
+worker's, or the front door's) - nor make it hold every message it sent - for as long as it keeps up; and
+a peer that closes gives its complete messages first."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ import socket
 
 import pytest
 
-from openinfer.wire.zmtp import FrameStream, Limits, frame_header
+from openinfer.wire.zmtp import FrameStream, Limits, PeerClosed, frame_header
 
 pytestmark = pytest.mark.unit
 
@@ -37,3 +38,20 @@ def test_one_read_takes_at_most_one_large_message_past_its_budget() -> None:
     finally:
         ours.close()
         theirs.close()
+
+
+def test_messages_complete_before_a_close_inside_a_large_frame_are_read_first() -> None:
+    """Round 23's attacker: a complete message, then the first 1,000 bytes of a 1 MiB frame, then the
+    close - read() raised PeerClosed and the complete message was lost (a small frame cut off the same
+    way gave it first). On a client's link to a worker that was a reply, or a GOAWAY, lost to a close."""
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.sendall(frame_header(5, 0) + b"hello" + frame_header(1 << 20, 0) + bytes(1000))
+        theirs.close()
+        ours.setblocking(False)
+        stream = FrameStream(ours, Limits(first_frame=1 << 30, message_bytes=1 << 30))
+        assert [bytes(frames[0]) for frames in stream.read()] == [b"hello"]
+        with pytest.raises(PeerClosed):
+            stream.read()
+    finally:
+        ours.close()

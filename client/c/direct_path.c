@@ -492,10 +492,13 @@ int oi_direct_infer(oi_direct *d, const oi_direct_request *req, oi_direct_answer
             return fail(err, OI_ERR_WORKER_CRASHED, "WORKER_CRASHED",
                         "the worker at %s closed its connection while running this request (it exited)", address);
         }
-        if (oi_reply_lease_expired(&header->data) && !resent) {
-            resent = 1; /* the worker did not run it: a new lease, attached, and the same request again */
+        if (oi_reply_lease_expired(&header->data)) { /* the worker did not run it */
             answer->from_worker = 0;
             drop_lease(slot);
+            /* expired again (reloads back to back): the front door takes it, as the Python clients do; the
+             * refusal itself was the answer before (round 23) */
+            if (resent) return OI_DIRECT_USE_FRONT_DOOR;
+            resent = 1; /* a new lease, attached, and the same request again */
             continue;
         }
         answer->frames = frames;

@@ -267,7 +267,12 @@ class FrameStream:
         while got < max_bytes:
             if self._big is not None:  # its bytes count too: uncounted, one read took 16 messages of 64 MiB
                 filled = self._big_filled
-                complete = self._read_big()
+                try:
+                    complete = self._read_big()
+                except PeerClosed:
+                    if events:
+                        break  # the messages before the close first (round 23: lost); the next read reports it
+                    raise
                 got += self._big_filled - filled
                 if not complete:
                     break

@@ -208,10 +208,21 @@ _POSITIVE = {"pool.workers", "pool.intra_op_threads", "sandbox.max_open_files", 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+# Ceilings for every number (round 23: `lease_ttl_s = 1e11` is finite, and every lease then overflowed
+# 64 bits of nanoseconds - each direct request INTERNAL): a whole number of ms, us or bytes at most 2**40
+# (in ns still under 2**63), seconds at most a year.
+MAX_WHOLE_SETTING = 1 << 40
+MAX_SECONDS_SETTING = 365 * 24 * 3600.0
+
+
 def _check_range(where: str, dotted: str, value: Any) -> None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value < 0 or (dotted in _POSITIVE and value <= 0):
             raise ConfigError(f"{where}: must be {'positive' if dotted in _POSITIVE else 'non-negative'}, got {value!r}")
+        if isinstance(value, int) and value > MAX_WHOLE_SETTING:
+            raise ConfigError(f"{where}: at most 2**40 ({MAX_WHOLE_SETTING}), got {value!r}")
+        if isinstance(value, float) and value > MAX_SECONDS_SETTING:
+            raise ConfigError(f"{where}: at most a year ({MAX_SECONDS_SETTING:.0f} s), got {value!r}")
     if dotted == "log.access_log_sample" and not 0 <= value <= 1:
         raise ConfigError(f"{where}: a fraction between 0 and 1, got {value!r}")
     if dotted == "log.level" and value not in _LOG_LEVELS:

@@ -6,7 +6,6 @@ escaped by rotating names). Every connection and process of one identity shares 
 """
 from __future__ import annotations
 
-import math
 import pwd
 from dataclasses import dataclass, fields
 from typing import Any
@@ -15,6 +14,9 @@ from openinfer.wire.errors import PermissionDenied, ResourceExhausted
 
 from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.daemon.config.policy_files import read_policy_toml
+
+
+MAX_LIMIT = 1_000_000_000  # the largest number a limit may be (requests in flight, burst, requests a second)
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,11 @@ def _parse_limit(where: str, raw: Any) -> ClientLimit:
         if key not in known:
             raise ConfigError(f"{where}: unknown key `{key}` (known: {', '.join(sorted(known))})")
         if key == "rate_per_s":  # nan and inf are TOML floats: int(nan) raised out of a reload (round 22)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ConfigError(f"{where}: `rate_per_s` must be a finite non-negative number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_LIMIT:
+                raise ConfigError(f"{where}: `rate_per_s` must be a number from 0 to {MAX_LIMIT}, got {value!r}")
             values[key] = float(value)
-        elif type(value) is not int or value < 0:
-            raise ConfigError(f"{where}: `{key}` must be a non-negative whole number, got {value!r}")
+        elif type(value) is not int or not 0 <= value <= MAX_LIMIT:  # (a TOML int has no size: 10**23 in a lease did not pack, round 23)
+            raise ConfigError(f"{where}: `{key}` must be a whole number from 0 to {MAX_LIMIT}, got {value!r}")
         elif key == "max_priority" and value > 9:
             raise ConfigError(f"{where}: `max_priority` must be a whole number from 0 to 9 (the range of a request's `priority`)")
         else:

@@ -406,8 +406,13 @@ class Dispatcher:
     def retry_alone(self, task: Task) -> None:
         """A member of a batch that failed or crashed as a whole: which member caused it is unknown, so
         each one runs again alone (at the front of the queue) and exactly the guilty task fails."""
-        task.worker = None
         task.batch_key = None
+        self.retry_together(task)
+
+    def retry_together(self, task: Task) -> None:
+        """A member of a batch that failed because of another member's own inputs (that one is answered):
+        back at the front of the queue with its batch key, to batch again."""
+        task.worker = None
         task.batched = False
         task.done = False
         self._track(task)

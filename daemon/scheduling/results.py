@@ -102,6 +102,13 @@ class WorkerResults:
         if worker.state is WorkerState.BUSY and not worker.inflight:
             self.dispatcher.next_for(worker)
 
+    def _fail_member(self, task: Task, error: dict[str, str] | None) -> None:
+        """A batch member answered with the error its own inputs got in the worker."""
+        assert error is not None  # parse_batch gives a bad member its error
+        timing = {"total_us": (time.monotonic_ns() - task.received_ns) / 1000}
+        self.replies.send(task.route, {"v": PROTOCOL_VERSION, "id": task.request_id, "error": error, "timing": timing})
+        self.replies.finish(task, error["code"], timing, 0)
+
     def on_batch(self, worker: WorkerHandle, frames: list[Buffer]) -> None:
         """One message answers a whole batch: per task, its own timing and output frames."""
         inflight = worker.inflight
@@ -131,9 +138,17 @@ class WorkerResults:
         for task in answered:
             self.dispatcher.settle(task)
         if result.failed or len(answered) == len(batch):
-            for task in batch:  # one member's input may have failed the whole batch: each runs alone
-                if not task.done:
-                    self.dispatcher.retry_alone(task)
+            bad = result.bad_member
+            if bad is None:
+                for task in batch:  # one member's input may have failed the whole batch: each runs alone
+                    if not task.done:
+                        self.dispatcher.retry_alone(task)
+            else:  # that member's own inputs did not decode: it fails, the others batch again (round 23)
+                if not batch[bad].done:
+                    self._fail_member(batch[bad], result.error)
+                for task in reversed(batch):
+                    if not task.done:
+                        self.dispatcher.retry_together(task)
             self.dispatcher.next_for(worker)
             return
         model.consecutive_crashes = 0

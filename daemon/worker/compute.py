@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from openinfer.wire.errors import DeadlineExceeded
 from openinfer.wire.tensors import DATATYPE_TO_NUMPY, ELEMENT_SIZE, ELEMENTS_CHUNK, BF16Array, datatype_of, elements_done, decode_array, encode_array
 from openinfer.wire.zmtp import Buffer
 
@@ -47,16 +48,34 @@ def plain(value: Any) -> Any:
     return value if isinstance(value, BF16Array) else np.asarray(value)
 
 
+class BadMember(Exception):
+    """A member of a batch whose own inputs do not decode (a malformed BYTES frame, a string that is not
+    UTF-8): it alone fails, and the batch runs without it."""
+
+    def __init__(self, index: int, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.index = index
+        self.cause = cause
+
+
 def batch_feed(plan: dict[str, Any], frames: list[Buffer]) -> dict[str, Any]:
-    """The batch's inputs: views of the joined frames, or each member's frames concatenated."""
+    """The batch's inputs: views of the joined frames, or each member's frames concatenated (a member
+    whose own frames do not decode raises BadMember naming it)."""
     specs = plan["inputs"]
     if plan["joined"]:
         return feed_from(plan, frames)
-    feed: dict[str, Any] = {}
-    for index, spec in enumerate(specs):
-        members = [(rows, frames[member * len(specs) + index]) for member, rows in enumerate(plan["rows"])]
-        feed[spec["name"]] = join_rows(spec["datatype"], spec["shape"][1:], members)
-    return feed
+    count = len(specs)
+    parts: list[list[tuple[int, Any]]] = [[] for _ in specs]
+    for member, rows in enumerate(plan["rows"]):
+        try:
+            decoded = [member_part(spec["datatype"], spec["shape"][1:], rows, frames[member * count + index]) for index, spec in enumerate(specs)]
+        except DeadlineExceeded:
+            raise
+        except Exception as exc:
+            raise BadMember(member, exc) from exc
+        for index, part in enumerate(decoded):
+            parts[index].append((rows, part))
+    return {spec["name"]: join_parts(spec["datatype"], spec["shape"][1:], parts[index]) for index, spec in enumerate(specs)}
 
 
 def join_rows(datatype: str, rest: list[int], members: list[tuple[int, Buffer]]) -> Any:
@@ -67,10 +86,11 @@ def join_rows(datatype: str, rest: list[int], members: list[tuple[int, Buffer]])
 
 
 def member_part(datatype: str, rest: list[int], rows: int, frame: Buffer) -> Any:
-    """One member's rows of a batch input, checked alone: its BYTES decoded (an ndarray), or its frame,
-    which must hold exactly its rows (ValueError)."""
+    """One member's rows of a batch input, checked alone: its BYTES decoded and made the str elements
+    onnxruntime takes (UTF-8 checked here, not in the join: round 23), or its frame, which must hold
+    exactly its rows (ValueError)."""
     if datatype == "BYTES":  # no fixed row size: the elements decoded, to be joined as arrays
-        return decode_array(datatype, [rows, *rest], frame)
+        return for_onnxruntime(datatype, decode_array(datatype, [rows, *rest], frame))
     if (frame.nbytes if isinstance(frame, memoryview) else len(frame)) != rows * ELEMENT_SIZE[datatype] * math.prod(rest):
         raise ValueError(f"a batch member's frame does not hold its {rows} rows of {datatype}{rest}")
     return frame
@@ -79,7 +99,7 @@ def member_part(datatype: str, rest: list[int], rows: int, frame: Buffer) -> Any
 def join_parts(datatype: str, rest: list[int], parts: list[tuple[int, Any]]) -> Any:
     """One input of a batch, for onnxruntime: the members' (rows, member_part) joined along dimension 0."""
     if datatype == "BYTES":
-        return for_onnxruntime(datatype, np.concatenate([part for _, part in parts], axis=0))
+        return np.concatenate([part for _, part in parts], axis=0)
     total = sum(rows for rows, _ in parts)
     return for_onnxruntime(datatype, decode_array(datatype, [total, *rest], b"".join([part for _, part in parts])))
 

@@ -69,7 +69,9 @@ class BatchResult:
     rows_layout: bool  # one frame per output for the whole batch, else per member its frames
     outputs: Any  # rows: list of specs; members: per member a list of specs
     frames: list[Buffer]
-    failed: bool  # the batch failed as a whole (each member is retried alone)
+    failed: bool  # the batch failed: each member is retried alone, or, with bad_member, the rest together
+    bad_member: int | None = None  # the member whose own inputs failed the batch (error is its answer)
+    error: dict[str, str] | None = None
 
 
 def _meta(frames: Sequence[Buffer], index: int = 1) -> dict[str, Any]:
@@ -269,8 +271,11 @@ def parse_batch(frames: Sequence[Buffer], task_ids: list[int], rows: list[int], 
     if "error" in meta:
         if data:
             raise BadWorkerMessage("an error result with data frames")
-        _error(meta["error"])
-        return BatchResult(_timing(meta, dispatched_ns, ok=False), False, [], [], True)
+        error = _error(meta["error"])
+        member = meta.get("member")
+        if member is not None and (type(member) is not int or not 0 <= member < len(task_ids)):
+            raise BadWorkerMessage("a failed batch names a member it does not have")
+        return BatchResult(_timing(meta, dispatched_ns, ok=False), False, [], [], True, member, error)
     timing = _timing(meta, dispatched_ns, ok=True)
     layout = meta.get("layout")
     raw = meta.get("outputs")

@@ -20,7 +20,7 @@ import pytest
 import onnx_builders
 from daemon_harness import wait_for, world_readable_dir
 from direct_peer import Peer, attach, lease_of, unread_by_peer, worker_pid
-from openinfer.client import AsyncClient, Client, DeadlineExceeded, ResourceExhausted
+from openinfer.client import AsyncClient, Client, DeadlineExceeded, InvalidArgument, ResourceExhausted
 from openinfer.wire.protocol import MAX_BYTES_ELEMENTS
 from openinfer.wire.tensors import encode_array
 from repo_builder import make_world_readable
@@ -191,19 +191,25 @@ def test_requests_of_many_connections_completed_at_once_cost_the_worker_one_run_
             peer.close()
 
 
-def test_a_malformed_bytes_request_in_a_batch_fails_alone_and_its_batchmates_still_run_together(daemon_factory: Any) -> None:
+def _grid_of_four(daemon_factory: Any, prefix: str) -> tuple[Any, Path]:
+    """string_grid_model batching 4 requests: a batch leaves once four are queued."""
+    root = world_readable_dir(prefix)
+    onnx_builders.string_grid_model(root / "grid" / "1" / "model.onnx")
+    (root / "grid" / "config.toml").write_text("workers = 1\n\n[batching]\nmax_batch_size = 4\nmax_queue_delay_us = 10000000\nquiet_us = 0\n")
+    return daemon_factory(make_world_readable(root)), root
+
+
+@pytest.mark.parametrize("malformed", [b"\xff\xff\xff\x7f" + b"\0\0\0\0", b"\x01\0\0\0\xff" + b"\x01\0\0\0c"], ids=["length-past-the-end", "not-utf8"])
+def test_a_malformed_bytes_request_in_a_direct_batch_fails_alone_and_its_batchmates_still_run_together(daemon_factory: Any, malformed: bytes) -> None:
     """Round 20's attacker: a worker reads a direct request's BYTES elements when it runs it, and a batch
     with one malformed frame in it failed as a whole and ran member by member - one such request in each
     batch window turned batching's gain off for every client of the model. Each member's inputs are now
     decoded alone before the join: the malformed one is answered INVALID_ARGUMENT, the others run as one
-    batch of three."""
-    root = world_readable_dir("oi-bytes-bad-member-")
-    onnx_builders.string_grid_model(root / "grid" / "1" / "model.onnx")
-    (root / "grid" / "config.toml").write_text("workers = 1\n\n[batching]\nmax_batch_size = 4\nmax_queue_delay_us = 10000000\nquiet_us = 0\n")
-    daemon = daemon_factory(make_world_readable(root))
+    batch of three. Round 23's attacker: a string that is not UTF-8 still failed the join (the str
+    conversion came after it); it is part of each member's decoding now."""
+    daemon, root = _grid_of_four(daemon_factory, "oi-bytes-bad-member-")
     header = {"v": 1, "op": "infer", "inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 2]}]}
     good = encode_array(np.array([[b"ab", b"c"]], dtype=object))[2]
-    malformed = b"\xff\xff\xff\x7f" + b"\0\0\0\0"  # its first element says it is 2 GiB long
     peer = Peer(lease_of(daemon, "grid")["workers"][0]["address"])
     try:
         assert "error" not in (peer.ask(attach(lease_of(daemon, "grid")["lease"])) or {"error": "closed"})
@@ -215,3 +221,23 @@ def test_a_malformed_bytes_request_in_a_batch_fails_alone_and_its_batchmates_sti
         shutil.rmtree(root, ignore_errors=True)
     assert replies[3]["error"]["code"] == "INVALID_ARGUMENT", replies[3]
     assert [replies[request_id].get("batch_size") for request_id in (2, 4, 5)] == [3, 3, 3], replies
+
+
+def test_a_string_that_is_not_utf8_in_a_front_door_batch_fails_alone_and_its_batchmates_batch_again(daemon_factory: Any) -> None:
+    """Round 23's attacker, through the daemon's socket: the worker found the bad member only when its
+    batch failed, and the supervisor ran every member alone (batch_size 1 for the three good ones). The
+    worker now names the member whose own inputs failed; it alone is answered, the others batch again."""
+    daemon, root = _grid_of_four(daemon_factory, "oi-bytes-bad-member-fd-")
+    good = {"text": np.array([[b"ab", b"c"]], dtype=object)}
+    bad = {"text": np.array([[b"\xff", b"c"]], dtype=object)}
+
+    async def four() -> list[Any]:
+        async with AsyncClient(daemon.address, timeout=60, direct=False) as client:
+            return await asyncio.gather(*(client.infer("grid", inputs) for inputs in (good, bad, good, good)), return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(four())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert isinstance(outcomes[1], InvalidArgument) and "UnicodeDecodeError" in str(outcomes[1]), outcomes[1]
+    assert [o.batch_size for o in (outcomes[0], outcomes[2], outcomes[3])] == [3, 3, 3], outcomes

@@ -39,7 +39,7 @@ import pytest
 import zmq
 
 from daemon_harness import RunningDaemon, world_readable_dir
-from openinfer.client import AsyncClient, Client
+from openinfer.client import AsyncClient, Client, ResourceExhausted, WorkerCrashed
 from peak_memory import attacked_client, run_with_peak
 from reference import run_reference
 from steps_daemon import hostile_steps_daemon
@@ -231,12 +231,18 @@ class FakeWorker:
     - "goaway-for-attach": answers `attach` with a GOAWAY only, then nothing (round 21);
     - "oversized-reply-map-id": leases with max_reply_bytes 4096; answers an `infer` with a header whose
       id is a map and a frame of 8 KiB, then (in the same write) the real reply (round 21);
+    - "oversized-then-dies": leases with max_reply_bytes 4096; answers the first `infer` with a reply of
+      8 KiB, and closes the connection once it has read the second (it died running it; round 23);
+    - "expires-always": answers every `infer` PERMISSION_DENIED {"lease": "expired"} (a lease revoked by
+      reload after reload; round 23);
     - "stops-reading": attaches, then takes no byte more once it has read an `infer` (shutdown SHUT_RD:
       the client's cancel cannot be written; round 21)."""
 
     def __init__(self, behaviour: str, pings: int = 0) -> None:
         self.behaviour = behaviour
         self.pings = pings
+        self.infers = 0
+        self.front_door_ops: list[str] = []
         self.dir = world_readable_dir("oi-fake-worker-")
         self.address = f"ipc://{self.dir}/front.sock"
         self.worker_address = f"ipc://{self.dir}/worker.sock"
@@ -259,7 +265,8 @@ class FakeWorker:
             peer, *frames = self.front.recv_multipart()
             header = msgpack.unpackb(frames[0])
             limits = {"max_request_bytes": 1 << 26, "max_header_bytes": 65536, "max_frames": 257}
-            if self.behaviour == "oversized-reply-map-id":
+            self.front_door_ops.append(header["op"])
+            if self.behaviour in ("oversized-reply-map-id", "oversized-then-dies"):
                 limits["max_reply_bytes"] = 4096
             result = {"model": "m", "version": 1, "lease": b"token", "expires_in_ms": 60000, "workers": [{"address": self.worker_address, "worker": 0}], "limits": limits}
             reply = {"v": 1, "id": header["id"], "result": result} if header["op"] == "lease" else {"v": 1, "id": header["id"], "error": {"code": "UNAVAILABLE", "message": "no"}}
@@ -294,6 +301,14 @@ class FakeWorker:
                     real = msgpack.packb({"v": 1, "id": header["id"], "model": "m", "version": 1, "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 4]}], "timing": {"total_us": 1.0}})
                     conn.sendall(bytes((1, len(bogus))) + bogus + bytes((2,)) + (8192).to_bytes(8, "big") + bytes(8192)  # in one write: read together
                                  + bytes((1, len(real))) + real + bytes((0, 16)) + np.ones(4, "<f4").tobytes())
+                elif header["op"] == "infer" and self.behaviour == "oversized-then-dies":
+                    self.infers += 1
+                    if self.infers == 2:
+                        return  # it dies with the second request read
+                    bogus = msgpack.packb({"v": 1, "id": header["id"]})
+                    conn.sendall(bytes((1, len(bogus))) + bogus + bytes((2,)) + (8192).to_bytes(8, "big") + bytes(8192))
+                elif header["op"] == "infer" and self.behaviour == "expires-always":
+                    _send(conn, {"v": 1, "id": header["id"], "error": {"code": "PERMISSION_DENIED", "message": "the lease has expired", "details": {"lease": "expired"}}})
                 elif header["op"] == "infer" and self.behaviour == "stops-reading":
                     conn.shutdown(socket.SHUT_RD)
                     self.done.wait()
@@ -408,3 +423,38 @@ def test_an_oversized_reply_whose_id_is_a_map_is_dropped_and_the_real_reply_answ
     finally:
         worker.close()
     assert result.outputs["y"].tolist() == [[1.0, 1.0, 1.0, 1.0]]
+
+
+def test_a_request_on_a_link_cut_for_an_oversized_reply_is_not_sent_again_when_the_worker_dies() -> None:
+    """Round 23's attacker: a reply over the client's limit makes the Python client send nothing more on
+    that link, and it marked the link as if the worker had said GOAWAY; when the worker then died with a
+    second request read, the client took that one for never read and sent it again through the front
+    door (a poison input killed a second worker). Only a GOAWAY makes a close the end of a drain."""
+    worker = FakeWorker("oversized-then-dies")
+
+    async def two() -> list[Any]:
+        async with AsyncClient(worker.address, timeout=10) as client:
+            x = {"x": np.ones((1, 4), np.float32)}
+            return await asyncio.gather(client.infer("m", x), client.infer("m", x), return_exceptions=True)
+
+    try:
+        oversized, died = asyncio.run(two())
+    finally:
+        worker.close()
+    assert isinstance(oversized, ResourceExhausted), oversized
+    assert isinstance(died, WorkerCrashed), died
+    assert worker.front_door_ops == ["lease"], worker.front_door_ops
+
+
+def test_a_request_whose_lease_expires_twice_goes_to_the_c_clients_front_door(c_example: Path) -> None:
+    """Round 23's attacker: reloads back to back revoked a C client's lease twice within one request, and
+    the second refusal - PERMISSION_DENIED {"lease": "expired"}, which says "take a new lease and send it
+    again" - was returned as the request's answer (126 of ~27,000 requests). Like the Python clients, it
+    now sends the request through the front door."""
+    worker = FakeWorker("expires-always")
+    try:
+        done = subprocess.run([str(c_example), "--timeout", "5000", worker.address, "m"], capture_output=True, text=True, timeout=60)
+    finally:
+        worker.close()
+    assert "PERMISSION_DENIED" not in done.stdout, done.stdout
+    assert worker.front_door_ops.count("infer") == 1, worker.front_door_ops

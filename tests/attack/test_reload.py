@@ -140,19 +140,24 @@ def test_a_policy_value_of_the_wrong_type_is_refused_not_cast(daemon_factory: An
     ("clients.toml", "[default]\nrate_per_s = inf\n"),
     ("openinfer.toml", "[pool]\nworkers = 1\nping_interval_s = nan\n"),
     ("openinfer.toml", "[pool]\nworkers = 1\n\n[server]\nlease_ttl_s = inf\n"),
-], ids=["max_in_flight-nan", "rate_per_s-inf", "ping_interval_s-nan", "lease_ttl_s-inf"])
-def test_a_non_finite_number_in_a_setting_or_policy_is_refused_by_a_reload(daemon_factory: Any, repo: Path, tmp_path: Path, file: str, text: str) -> None:
+    ("clients.toml", "[default]\nmax_in_flight = 99999999999999999999999\n"),
+    ("clients.toml", "[default]\nrate_per_s = 5\nburst = 1" + "0" * 400 + "\n"),
+    ("openinfer.toml", "[pool]\nworkers = 1\n\n[server]\nlease_ttl_s = 1e11\n"),
+], ids=["max_in_flight-nan", "rate_per_s-inf", "ping_interval_s-nan", "lease_ttl_s-inf", "max_in_flight-1e23", "burst-1e400", "lease_ttl_s-1e11"])
+def test_a_non_finite_or_huge_number_in_a_setting_or_policy_is_refused_by_a_reload(daemon_factory: Any, repo: Path, tmp_path: Path, file: str, text: str) -> None:
     """Round 22's attacker: nan and inf are TOML floats. `ping_interval_s = nan` was applied by a reload and
     the supervisor died at its next ping tick (int(nan)) - every client with it; `lease_ttl_s = inf` made
-    every direct request INTERNAL; `max_in_flight = nan` answered the reload INTERNAL. Each is now refused
-    as any bad value is: INVALID_ARGUMENT naming it, nothing applied, the daemon serves on."""
+    every direct request INTERNAL; `max_in_flight = nan` answered the reload INTERNAL. Round 23's: finite
+    but huge - a TOML int has no size - did as much (`max_in_flight = 10**23` did not pack into a lease,
+    `burst = 10**400` made every request INTERNAL, `lease_ttl_s = 1e11` overflowed 64 bits of ns). Each
+    is now refused as any bad value is: INVALID_ARGUMENT naming it, nothing applied, the daemon serves on."""
     config, clients = tmp_path / "openinfer.toml", tmp_path / "clients.toml"
     config.write_text("[pool]\nworkers = 1\n")
     clients.write_text("[default]\nmax_in_flight = 64\n")
     daemon = daemon_factory(repo, "--config", str(config), env={"OPENINFER_SERVER_CLIENT_POLICY": str(clients)})
     (tmp_path / file).write_text(text)
     with Client(daemon.address, timeout=30) as client:
-        with pytest.raises(InvalidArgument, match="finite|whole number"):
+        with pytest.raises(InvalidArgument, match="finite|whole number|from 0 to|at most"):
             client.reload()
         for direct in (True, False):
             with Client(daemon.address, timeout=30, direct=direct) as user:
