@@ -142,6 +142,26 @@ def test_what_is_not_an_image_is_the_callers_mistake_and_the_worker_serves_on(oc
         assert next(w["pid"] for w in client.status()["workers"] if w["model"] == "ocr") == pid  # nothing was restarted
 
 
+@pytest.mark.parametrize("size", [(1999, 1), (2000, 1), (1, 1999), (40, 1999)], ids=["1999x1", "2000x1", "1x1999", "40x1999"])
+def test_an_image_too_thin_to_read_is_refused_before_the_reading_grows_it(ocr_daemon: RunningDaemon, size: tuple[int, int]) -> None:
+    """Round 24's attacker: an 81-byte 1999x1 PNG grew, as rapidocr reads it, to a 15000x60000 image
+    (2.7 GB; a 1x1999 one to a 1379264x736 tensor, 11 GiB) and failed INTERNAL or RESOURCE_EXHAUSTED
+    after seconds of the chain's worker, left holding most of its memory. Refused from its sides now,
+    the caller's mistake, and the worker is unchanged."""
+    from PIL import Image
+
+    thin = io.BytesIO()
+    Image.new("L", size, 255).save(thin, format="PNG")
+    with Client(ocr_daemon.address, timeout=60) as client:
+        before = {w["pid"]: w["memory"]["rss"] for w in client.status()["workers"] if w["model"] == "ocr"}
+        with pytest.raises(OpenInferError) as caught:
+            client.infer("ocr", {"image": thin.getvalue()})
+        assert caught.value.code == "INVALID_ARGUMENT" and f"`image` of {size[0]}x{size[1]} pixels is too thin to read" in str(caught.value), str(caught.value)
+        after = {w["pid"]: w["memory"]["rss"] for w in client.status()["workers"] if w["model"] == "ocr"}
+    assert set(after) == set(before), "the chain's worker was replaced"
+    assert all(after[pid] < before[pid] + (256 << 20) for pid in before), (before, after)
+
+
 @pytest.mark.parametrize("raised", ["MemoryError", "OpenCV out of memory"])
 def test_running_out_of_memory_while_decoding_is_not_the_callers_mistake(monkeypatch: pytest.MonkeyPatch, raised: str) -> None:
     """In process: the loader out of memory (a worker left holding 2.2 GiB of its 4 GiB by two dense pages,

@@ -15,7 +15,7 @@ import pytest
 
 import onnx_builders
 from daemon_harness import wait_for, world_readable_dir
-from openinfer.client import Client
+from openinfer.client import Client, InvalidArgument
 from reference import run_reference
 from repo_builder import make_world_readable
 from test_access import NOBODY, as_user
@@ -144,6 +144,30 @@ def test_a_repeated_request_is_answered_from_the_cache_and_counted(daemon_factor
         assert [client.infer("cached", large).cache for _ in range(2)] == ["miss", "hit"]
         stats = client.stats()["models"]["cached"]["cache"]["1"]
         assert (stats["lookups"], stats["hits"], stats["hit_ratio"]) == (6, 3, 0.5), stats
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "front-door"])
+def test_a_lookup_that_misses_and_then_fails_counts_in_the_hit_ratio(daemon_factory: Any, direct: bool) -> None:
+    """Round 24's attacker: a miss was counted only with a successful answer, so requests looked up that
+    then failed were no lookups at all - 20 that failed and one hit read as hit_ratio 0.5 in stats and in
+    Prometheus, not 1 in 22. Here strings that are not UTF-8 are looked up, miss and fail INVALID_ARGUMENT
+    in the worker; then one good request twice."""
+    root = world_readable_dir("oi-cache-failed-")
+    onnx_builders.string_model(root / "text" / "1" / "model.onnx")
+    (root / "text" / "config.toml").write_text("workers = 1\n\n[cache]\n")
+    daemon = daemon_factory(make_world_readable(root))
+    try:
+        with Client(daemon.address, direct=direct) as client:
+            for n in range(5):
+                with pytest.raises(InvalidArgument):
+                    client.infer("text", {"text": np.array([b"\xff" + bytes([n])], dtype=object)})
+            good = {"text": np.array([b"ok"], dtype=object)}
+            assert [client.infer("text", good).cache for _ in range(2)] == ["miss", "hit"]
+            stats = client.stats()["models"]["text"]["cache"]["1"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert (stats["lookups"], stats["hits"]) == (7, 1), stats
 
 
 @pytest.mark.live

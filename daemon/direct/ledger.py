@@ -297,7 +297,8 @@ class LedgerReader:
         bad |= answered & (bytes_out > self._max_bytes_out)
         if bad.any():
             raise LedgerRejected(f"record {int(records['seq'][np.argmax(bad)])}: fields out of range")
-        bad = (cache > CACHE_HIT) | ((cache != 0) & ((kind != ANSWERED) | (code != 0)))
+        # A miss on any answer (looked up, then run: it may fail), a hit on a success alone.
+        bad = (cache > CACHE_HIT) | ((cache != 0) & (kind != ANSWERED)) | ((cache == CACHE_HIT) & (code != 0))
         if bad.any():
             at = int(np.argmax(bad))
             raise LedgerRejected(f"record {int(records['seq'][at])}: cache {int(cache[at])} on a record that cannot have one")

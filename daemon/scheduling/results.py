@@ -95,6 +95,8 @@ class WorkerResults:
         else:
             self.replies.send(task.route, {"v": PROTOCOL_VERSION, "id": task.request_id, "error": error, "timing": timing})
             code = error["code"]
+            if result.cache is not None:  # looked up, missed, then failed: a lookup all the same
+                model.count_cache(False)
         bytes_out = 0
         for frame in outputs:
             bytes_out += len(frame)

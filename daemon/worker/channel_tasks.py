@@ -28,10 +28,10 @@ def run_task(channel: FrameStream, session: Any, output_names: list[str], frames
     cpu_start = time.process_time_ns()
     result_kind = messages.RESULT + bytes(frames[0][1:9])  # echoes the task id
     header: dict[str, Any] = {}
+    key = None
     try:
         header = unpack(frames[1])
         wanted = header.get("outputs") or output_names
-        key = None
         if cache is not None:
             key = cache.key(header["inputs"], frames[2:], wanted, bytes(frames[0][messages.TASK_HEAD_BYTES:]).decode())  # the identity the supervisor appended
             hit = cache.get(key, received_ns)
@@ -73,6 +73,8 @@ def run_task(channel: FrameStream, session: Any, output_names: list[str], frames
             "cpu_us": (time.process_time_ns() - cpu_start) / 1000,
             "send_ns": time.monotonic_ns(),
         }
+        if key is not None:  # looked up and missed before it failed: counted as a lookup (round 24)
+            meta["cache"] = "miss"
         channel.send([result_kind, pack(meta)])
     finally:
         ELEMENTS_DEADLINE_NS.set(0)

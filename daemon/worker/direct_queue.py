@@ -463,7 +463,11 @@ class DirectQueue:
 
     # -- answers ---------------------------------------------------------------------------------------
     def _answer(self, request: DirectRequest, reply: dict[str, Any], payloads: list[Any], code: str | None, timing: dict[str, float], cache: int = 0) -> None:
-        """The ledger first, then the reply: whatever a client has been answered is already counted."""
+        """The ledger first, then the reply: whatever a client has been answered is already counted. A
+        request looked up in the cache and not answered from it is a miss, whatever its answer (round 24:
+        one that then failed was no lookup at all in the hit ratio)."""
+        if not cache and request.cache_key is not None:
+            cache = CACHE_MISS
         if self.ledger is not None:
             bytes_out = 0
             for payload in payloads:

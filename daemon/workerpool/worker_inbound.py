@@ -245,7 +245,10 @@ def parse_result(frames: Sequence[Buffer], dispatched_ns: int, wanted: Sequence[
     if "error" in meta:
         if data:
             raise BadWorkerMessage("an error result with data frames")
-        return TaskResult(_timing(meta, dispatched_ns, ok=False), [], [], _error(meta["error"]))
+        cache = _cache_outcome(meta)  # "miss": looked up, then failed (round 24: such lookups went uncounted)
+        if cache == "hit":
+            raise BadWorkerMessage("an error said to be answered from the cache")
+        return TaskResult(_timing(meta, dispatched_ns, ok=False), [], [], _error(meta["error"]), cache)
     raw_outputs = meta.get("outputs")
     if not isinstance(raw_outputs, list) or len(raw_outputs) != len(data):
         raise BadWorkerMessage("outputs do not match the data frames")

@@ -47,6 +47,12 @@ REC_SHAPE = (3, 48, 320)
 REC_BATCH = 6
 TEXT_SCORE = 0.5
 MAX_PIXELS = 64 * 1024 * 1024  # a larger image (a decompression bomb) is refused from its header, not decoded
+# The most pixels the reading may grow an image to: its short side is scaled up to MIN_SIDE, a wide image
+# padded to a quarter of its width in height, the short side of that scaled up to DET_LIMIT_SIDE. An
+# 81-byte 1999x1 PNG grew to 15000x60000 (2.7 GB) and failed INTERNAL after seconds of the chain's worker
+# (round 24). The detection model on 8 Mi pixels peaks at ~1.7 GiB and 4 s here (2.2x the largest a page
+# up to 2000x2000 gives); on 16 Mi, ~3 GiB - most of a worker's default 4 GiB.
+MAX_WORK_PIXELS = 8 * 1024 * 1024
 # The raster formats Pillow decodes in process, and nothing else: Pillow would hand an EPS or PDF to
 # Ghostscript in a new process, which the serve policy answers by killing the worker (SIGSYS), so a client
 # could crash-loop the chain with one file; the rarer decoders are attack surface nobody here needs.
@@ -72,7 +78,7 @@ except ImportError as exc:
 def setup(files: dict[str, bytes]) -> None:
     if _missing is not None:
         raise RuntimeError(f"openinfer:rapidocr needs the rapidocr_onnxruntime package and its image libraries: pip install 'openinfer[ocr]' ({_missing})")
-    cv2.setNumThreads(0)  # no thread pool: the worker's serve policy allows no new threads
+    cv2.setNumThreads(0)  # no thread pool of its own: one request's image work stays on the thread the deadline watch can see, and within the worker's CPU share
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # a second line behind _refuse_too_many_pixels: Pillow raises DecompressionBombError beyond twice this
     characters = files["ppocr_keys.txt"].decode("utf-8").splitlines()
     _library.update(
@@ -93,6 +99,7 @@ def drive(inputs: dict[str, Any], models: dict[str, Model]) -> dict[str, Any]:
     detect, classify, recognise = models.values()
     image = _decode(inputs["image"])
     raw_h, raw_w = image.shape[:2]
+    _refuse_too_thin(raw_h, raw_w)
     image, ratio_h, ratio_w = _fit_sides(image)
     image, top = _letterbox(image)
     boxes = _detect(image, detect)
@@ -166,12 +173,33 @@ def _opencv_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, cv2.error) and getattr(exc, "code", None) == cv2.Error.StsNoMem
 
 
-def _scaled(image: np.ndarray, ratio: float) -> tuple[np.ndarray, float, float]:
-    h, w = image.shape[:2]
+def _refuse_too_thin(h: int, w: int) -> None:
+    """Before any of it is allocated: the sizes the reading would grow the image to (_fit_sides,
+    _letterbox, then the detection's own scaling of the short side to DET_LIMIT_SIDE), from the sides
+    alone, held to MAX_WORK_PIXELS."""
+    size = f"{w}x{h}"
+    if max(h, w) > MAX_SIDE:
+        h, w = _scaled_sides(h, w, MAX_SIDE / max(h, w))
+    if min(h, w) < MIN_SIDE:
+        h, w = _scaled_sides(h, w, MIN_SIDE / min(h, w))
+    h += 2 * _letterbox_pad(h, w)
+    if min(h, w) < DET_LIMIT_SIDE:  # (rapidocr's DetPreProcess, limit_type "min")
+        h, w = _scaled_sides(h, w, DET_LIMIT_SIDE / min(h, w))
+    if h * w > MAX_WORK_PIXELS:
+        raise ValueError(f"`image` of {size} pixels is too thin to read: the text detection would grow it to {w}x{h} pixels, more than the {MAX_WORK_PIXELS} this step allows (about 190:1 for a wide image, 15:1 for a tall one: crop it, or cut it into parts)")
+
+
+def _scaled_sides(h: int, w: int, ratio: float) -> tuple[int, int]:
     new_h = int(round(int(h * ratio) / 32) * 32)
     new_w = int(round(int(w * ratio) / 32) * 32)
     if new_h <= 0 or new_w <= 0:
         raise ValueError(f"`image` of {w}x{h} pixels is too thin to read")
+    return new_h, new_w
+
+
+def _scaled(image: np.ndarray, ratio: float) -> tuple[np.ndarray, float, float]:
+    h, w = image.shape[:2]
+    new_h, new_w = _scaled_sides(h, w, ratio)
     return _library["cv2"].resize(image, (new_w, new_h)), h / new_h, w / new_w
 
 
@@ -187,11 +215,17 @@ def _fit_sides(image: np.ndarray) -> tuple[np.ndarray, float, float]:
     return image, ratio_h, ratio_w
 
 
-def _letterbox(image: np.ndarray) -> tuple[np.ndarray, int]:
-    h, w = image.shape[:2]
+def _letterbox_pad(h: int, w: int) -> int:
+    """Rows of black added above and below a short or wide image (as many below)."""
     if h > MIN_HEIGHT and w / h <= WIDTH_HEIGHT_RATIO:
+        return 0
+    return int(abs(max(int(w / WIDTH_HEIGHT_RATIO), MIN_HEIGHT) * 2 - h) / 2)
+
+
+def _letterbox(image: np.ndarray) -> tuple[np.ndarray, int]:
+    pad = _letterbox_pad(*image.shape[:2])
+    if not pad:
         return image, 0
-    pad = int(abs(max(int(w / WIDTH_HEIGHT_RATIO), MIN_HEIGHT) * 2 - h) / 2)
     cv2 = _library["cv2"]
     return cv2.copyMakeBorder(image, pad, pad, 0, 0, cv2.BORDER_CONSTANT, value=(0, 0, 0)), pad
 
