@@ -78,7 +78,7 @@ except ImportError as exc:
 def setup(files: dict[str, bytes]) -> None:
     if _missing is not None:
         raise RuntimeError(f"openinfer:rapidocr needs the rapidocr_onnxruntime package and its image libraries: pip install 'openinfer[ocr]' ({_missing})")
-    cv2.setNumThreads(0)  # no thread pool of its own: one request's image work stays on the thread the deadline watch can see, and within the worker's CPU share
+    cv2.setNumThreads(0)  # no thread pool of its own: a request uses the threads the model's intra_op_threads gives it, no more
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # a second line behind _refuse_too_many_pixels: Pillow raises DecompressionBombError beyond twice this
     characters = files["ppocr_keys.txt"].decode("utf-8").splitlines()
     _library.update(
