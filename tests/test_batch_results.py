@@ -1,6 +1,6 @@
 """What a worker says about a batch that failed, checked where it reaches the supervisor
-(openinfer.daemon.workerpool.worker_inbound.parse_batch): it may name the one member whose own inputs
-failed it (that member is answered with the error, the rest batch again), and nothing else."""
+(openinfer.daemon.workerpool.worker_inbound.parse_batch): it may name the members whose own inputs
+failed it, each with its error (they are answered with it, the rest batch again), and nothing else."""
 from __future__ import annotations
 
 import time
@@ -13,23 +13,26 @@ from openinfer.wire.protocol import pack
 
 pytestmark = pytest.mark.unit
 
+NOT_UTF8 = {"code": "INVALID_ARGUMENT", "message": "UnicodeDecodeError: ..."}
 
-def _failed(member: Any) -> list[bytes]:
+
+def _failed(bad: Any) -> list[bytes]:
     now = time.monotonic_ns()
-    meta = {"tasks": [7, 8, 9], "error": {"code": "INVALID_ARGUMENT", "message": "UnicodeDecodeError: ..."}, "recv_ns": now, "cpu_us": 0.0, "send_ns": now}
-    if member is not None:
-        meta["member"] = member
+    meta = {"tasks": [7, 8, 9], "error": NOT_UTF8, "recv_ns": now, "cpu_us": 0.0, "send_ns": now}
+    if bad is not None:
+        meta["bad"] = bad
     return [b"S", pack(meta)]
 
 
-def test_a_failed_batch_may_name_the_member_whose_inputs_failed_it() -> None:
-    result = parse_batch(_failed(1), [7, 8, 9], [1, 1, 1], ["y"], time.monotonic_ns())
-    assert result.failed and result.bad_member == 1 and result.error == {"code": "INVALID_ARGUMENT", "message": "UnicodeDecodeError: ..."}
-    assert parse_batch(_failed(None), [7, 8, 9], [1, 1, 1], ["y"], time.monotonic_ns()).bad_member is None
+def test_a_failed_batch_may_name_the_members_whose_inputs_failed_it() -> None:
+    result = parse_batch(_failed([[0, NOT_UTF8], [2, {"code": "INVALID_ARGUMENT", "message": "x"}]]), [7, 8, 9], [1, 1, 1], ["y"], time.monotonic_ns())
+    assert result.failed and result.bad_members == {0: NOT_UTF8, 2: {"code": "INVALID_ARGUMENT", "message": "x"}}
+    assert parse_batch(_failed(None), [7, 8, 9], [1, 1, 1], ["y"], time.monotonic_ns()).bad_members is None
 
 
-@pytest.mark.parametrize("member", [3, -1, True, "1", 1.0], ids=["past-the-end", "negative", "a-bool", "a-string", "a-float"])
-def test_a_member_the_batch_does_not_have_is_a_bad_worker_message(member: Any) -> None:
-    """A worker that names a member it was not given is retired, like any other lie in RESULTS."""
-    with pytest.raises(BadWorkerMessage, match="names a member it does not have"):
-        parse_batch(_failed(member), [7, 8, 9], [1, 1, 1], ["y"], time.monotonic_ns())
+@pytest.mark.parametrize("bad", [[[3, NOT_UTF8]], [[-1, NOT_UTF8]], [[True, NOT_UTF8]], [["1", NOT_UTF8]], [[1, NOT_UTF8], [1, NOT_UTF8]], [], [[0, NOT_UTF8]] * 4, {"0": NOT_UTF8}, [[0]]],
+                         ids=["past-the-end", "negative", "a-bool", "a-string", "twice", "none", "more-than-the-batch", "a-map", "no-error"])
+def test_members_the_batch_does_not_have_are_a_bad_worker_message(bad: Any) -> None:
+    """A worker that names a member it was not given, or one twice, is retired, like any other lie in RESULTS."""
+    with pytest.raises(BadWorkerMessage, match="bad members|names a member"):
+        parse_batch(_failed(bad), [7, 8, 9], [1, 1, 1], ["y"], time.monotonic_ns())

@@ -104,9 +104,8 @@ class WorkerResults:
         if worker.state is WorkerState.BUSY and not worker.inflight:
             self.dispatcher.next_for(worker)
 
-    def _fail_member(self, task: Task, error: dict[str, str] | None) -> None:
+    def _fail_member(self, task: Task, error: dict[str, str]) -> None:
         """A batch member answered with the error its own inputs got in the worker."""
-        assert error is not None  # parse_batch gives a bad member its error
         timing = {"total_us": (time.monotonic_ns() - task.received_ns) / 1000}
         self.replies.send(task.route, {"v": PROTOCOL_VERSION, "id": task.request_id, "error": error, "timing": timing})
         self.replies.finish(task, error["code"], timing, 0)
@@ -140,17 +139,24 @@ class WorkerResults:
         for task in answered:
             self.dispatcher.settle(task)
         if result.failed or len(answered) == len(batch):
-            bad = result.bad_member
+            bad = result.bad_members
             if bad is None:
                 for task in batch:  # one member's input may have failed the whole batch: each runs alone
                     if not task.done:
                         self.dispatcher.retry_alone(task)
-            else:  # that member's own inputs did not decode: it fails, the others batch again (round 23)
-                if not batch[bad].done:
-                    self._fail_member(batch[bad], result.error)
+            else:  # those members' own inputs did not decode: they fail, the others batch again (round 23)
+                for index, error in bad.items():
+                    if not batch[index].done:
+                        self._fail_member(batch[index], error)
                 for task in reversed(batch):
                     if not task.done:
-                        self.dispatcher.retry_together(task)
+                        # Once: a task batched again that fails again runs alone. Every time, a client with
+                        # many such requests kept another's in batches failing until its deadline (round 25).
+                        if task.rebatched:
+                            self.dispatcher.retry_alone(task)
+                        else:
+                            task.rebatched = True
+                            self.dispatcher.retry_together(task)
             self.dispatcher.next_for(worker)
             return
         model.consecutive_crashes = 0

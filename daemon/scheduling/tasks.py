@@ -45,3 +45,4 @@ class Task:
     # Answered DEADLINE_EXCEEDED while its run went on (ReplySender.fail with keep_slot): its client's in-flight
     # slot is released when the run ends (Dispatcher.settle), not when the client was answered.
     holds_slot: bool = False
+    rebatched: bool = False  # sent back to batch again once, after another member's inputs failed its batch

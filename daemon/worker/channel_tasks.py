@@ -17,7 +17,7 @@ from openinfer.wire.tensors import ELEMENTS_DEADLINE_NS
 from openinfer.wire.zmtp import Buffer, FrameStream
 
 from . import messages
-from .compute import BadMember, batch_feed, encode_outputs, feed_from, plain, split_outputs
+from .compute import BadMembers, batch_feed, encode_outputs, feed_from, plain, split_outputs
 from .run_watch import RunStopped, RunWatch
 from .session import task_error
 from .verdict_cache import VerdictCache
@@ -128,16 +128,15 @@ def run_batch(channel: FrameStream, session: Any, output_names: list[str], frame
         )
         channel.send([messages.RESULTS, pack(meta), *payloads])
     except Exception as exc:  # every task of the batch gets an answer (the supervisor retries each alone)
-        bad = exc if isinstance(exc, BadMember) else None  # one member's own inputs: it fails, the rest batch again
         meta = {
             "tasks": task_ids,
-            "error": task_error(exc if bad is None else bad.cause, plan["inputs"], session.dynamic_inputs),
+            "error": task_error(exc, plan["inputs"], session.dynamic_inputs),
             "recv_ns": received_ns,
             "cpu_us": 0.0,
             "send_ns": time.monotonic_ns(),
         }
-        if bad is not None:
-            meta["member"] = bad.index
+        if isinstance(exc, BadMembers):  # members whose own inputs failed it: they fail, the rest batch again
+            meta["bad"] = [[member, task_error(cause, plan["inputs"], session.dynamic_inputs)] for member, cause in exc.bad]
         channel.send([messages.RESULTS, pack(meta)])
     finally:
         ELEMENTS_DEADLINE_NS.set(0)

@@ -48,33 +48,38 @@ def plain(value: Any) -> Any:
     return value if isinstance(value, BF16Array) else np.asarray(value)
 
 
-class BadMember(Exception):
-    """A member of a batch whose own inputs do not decode (a malformed BYTES frame, a string that is not
-    UTF-8): it alone fails, and the batch runs without it."""
+class BadMembers(Exception):
+    """Members of a batch whose own inputs do not decode (a malformed BYTES frame, a string that is not
+    UTF-8), each with why: they alone fail, and the others batch again. All of them, not the first: one a
+    failed batch let a client with many such requests keep another's in batches that failed until its
+    deadline (round 25)."""
 
-    def __init__(self, index: int, cause: Exception) -> None:
-        super().__init__(str(cause))
-        self.index = index
-        self.cause = cause
+    def __init__(self, bad: list[tuple[int, Exception]]) -> None:
+        super().__init__(str(bad[0][1]))
+        self.bad = bad
 
 
 def batch_feed(plan: dict[str, Any], frames: list[Buffer]) -> dict[str, Any]:
-    """The batch's inputs: views of the joined frames, or each member's frames concatenated (a member
-    whose own frames do not decode raises BadMember naming it)."""
+    """The batch's inputs: views of the joined frames, or each member's frames concatenated (members whose
+    own frames do not decode raise BadMembers naming each)."""
     specs = plan["inputs"]
     if plan["joined"]:
         return feed_from(plan, frames)
     count = len(specs)
     parts: list[list[tuple[int, Any]]] = [[] for _ in specs]
+    bad: list[tuple[int, Exception]] = []
     for member, rows in enumerate(plan["rows"]):
         try:
             decoded = [member_part(spec["datatype"], spec["shape"][1:], rows, frames[member * count + index]) for index, spec in enumerate(specs)]
         except DeadlineExceeded:
             raise
         except Exception as exc:
-            raise BadMember(member, exc) from exc
+            bad.append((member, exc))
+            continue
         for index, part in enumerate(decoded):
             parts[index].append((rows, part))
+    if bad:
+        raise BadMembers(bad)
     return {spec["name"]: join_parts(spec["datatype"], spec["shape"][1:], parts[index]) for index, spec in enumerate(specs)}
 
 

@@ -69,9 +69,8 @@ class BatchResult:
     rows_layout: bool  # one frame per output for the whole batch, else per member its frames
     outputs: Any  # rows: list of specs; members: per member a list of specs
     frames: list[Buffer]
-    failed: bool  # the batch failed: each member is retried alone, or, with bad_member, the rest together
-    bad_member: int | None = None  # the member whose own inputs failed the batch (error is its answer)
-    error: dict[str, str] | None = None
+    failed: bool  # the batch failed: each member is retried alone, or, with bad_members, the rest together
+    bad_members: dict[int, dict[str, str]] | None = None  # members whose own inputs failed it: their answers
 
 
 def _meta(frames: Sequence[Buffer], index: int = 1) -> dict[str, Any]:
@@ -265,6 +264,20 @@ def parse_result(frames: Sequence[Buffer], dispatched_ns: int, wanted: Sequence[
     return TaskResult(timing, outputs, data, None, _cache_outcome(meta), stages)
 
 
+def _bad_members(raw: Any, size: int) -> dict[int, dict[str, str]] | None:
+    """A failed batch's [[member, error], ...]: each a member it has, once, with a protocol error."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not 0 < len(raw) <= size:
+        raise BadWorkerMessage("a failed batch's bad members are not a list of its members")
+    bad: dict[int, dict[str, str]] = {}
+    for entry in raw:
+        if not isinstance(entry, list) or len(entry) != 2 or type(entry[0]) is not int or not 0 <= entry[0] < size or entry[0] in bad:
+            raise BadWorkerMessage("a failed batch names a member it does not have")
+        bad[entry[0]] = _error(entry[1])
+    return bad
+
+
 def parse_batch(frames: Sequence[Buffer], task_ids: list[int], rows: list[int], wanted: Sequence[str], dispatched_ns: int) -> BatchResult:
     """RESULTS for the batch the worker runs (`task_ids`, with `rows` each)."""
     meta = _meta(frames)
@@ -274,11 +287,8 @@ def parse_batch(frames: Sequence[Buffer], task_ids: list[int], rows: list[int], 
     if "error" in meta:
         if data:
             raise BadWorkerMessage("an error result with data frames")
-        error = _error(meta["error"])
-        member = meta.get("member")
-        if member is not None and (type(member) is not int or not 0 <= member < len(task_ids)):
-            raise BadWorkerMessage("a failed batch names a member it does not have")
-        return BatchResult(_timing(meta, dispatched_ns, ok=False), False, [], [], True, member, error)
+        _error(meta["error"])
+        return BatchResult(_timing(meta, dispatched_ns, ok=False), False, [], [], True, _bad_members(meta.get("bad"), len(task_ids)))
     timing = _timing(meta, dispatched_ns, ok=True)
     layout = meta.get("layout")
     raw = meta.get("outputs")

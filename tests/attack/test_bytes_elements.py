@@ -241,3 +241,36 @@ def test_a_string_that_is_not_utf8_in_a_front_door_batch_fails_alone_and_its_bat
         shutil.rmtree(root, ignore_errors=True)
     assert isinstance(outcomes[1], InvalidArgument) and "UnicodeDecodeError" in str(outcomes[1]), outcomes[1]
     assert [o.batch_size for o in (outcomes[0], outcomes[2], outcomes[3])] == [3, 3, 3], outcomes
+
+
+def test_requests_that_are_not_utf8_cannot_keep_another_request_in_failing_batches(daemon_factory: Any) -> None:
+    """Round 25's attacker: after round 23's fix a failed batch answered its first bad member and sent the
+    rest back to batch again - with more of the attacker's requests, which failed it again: a victim
+    queued among 250 of them expired having never run. Now a failed batch answers every bad member, and a
+    request sent back once runs alone if its batch fails again. One good request, then eleven that are
+    not UTF-8 (one client: its queue keeps that order): the good one is answered after at most two failed
+    batches of three bad ones each - before, after all eleven."""
+    root = world_readable_dir("oi-bytes-rebatch-")
+    onnx_builders.string_grid_model(root / "grid" / "1" / "model.onnx")
+    (root / "grid" / "config.toml").write_text("workers = 1\n\n[batching]\nmax_batch_size = 4\nmax_queue_delay_us = 100000\nquiet_us = 0\n")
+    daemon = daemon_factory(make_world_readable(root))
+    good = {"text": np.array([[b"ab", b"c"]], dtype=object)}
+    bad = {"text": np.array([[b"\xff", b"c"]], dtype=object)}
+    order: list[str] = []
+
+    async def twelve() -> list[Any]:
+        async with AsyncClient(daemon.address, timeout=60, direct=False) as client:
+            async def ask(name: str, inputs: dict[str, Any]) -> Any:
+                try:
+                    return await client.infer("grid", inputs)
+                finally:
+                    order.append(name)
+            return await asyncio.gather(ask("good", good), *(ask("bad", bad) for _ in range(11)), return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(twelve())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert not isinstance(outcomes[0], BaseException), outcomes[0]
+    assert all(isinstance(o, InvalidArgument) for o in outcomes[1:]), outcomes
+    assert order.index("good") <= 6, order
