@@ -144,19 +144,21 @@ class WorkerResults:
                 for task in batch:  # one member's input may have failed the whole batch: each runs alone
                     if not task.done:
                         self.dispatcher.retry_alone(task)
-            else:  # those members' own inputs did not decode: they fail, the others batch again (round 23)
+            else:  # those members' own inputs did not decode: they fail, the others run again as one batch (round 23)
                 for index, error in bad.items():
                     if not batch[index].done:
                         self._fail_member(batch[index], error)
+                again: list[Task] = []
                 for task in reversed(batch):
-                    if not task.done:
-                        # Once: a task batched again that fails again runs alone. Every time, a client with
-                        # many such requests kept another's in batches failing until its deadline (round 25).
-                        if task.rebatched:
-                            self.dispatcher.retry_alone(task)
-                        else:
-                            task.rebatched = True
-                            self.dispatcher.retry_together(task)
+                    if task.done:
+                        continue
+                    if task.rebatched:  # once: sent again and failed again, it runs alone (a worker that keeps naming members cannot loop)
+                        self.dispatcher.retry_alone(task)
+                    else:
+                        task.rebatched = True
+                        again.insert(0, task)
+                if again:
+                    self.dispatcher.send_again_together(worker, again)
             self.dispatcher.next_for(worker)
             return
         model.consecutive_crashes = 0

@@ -363,8 +363,10 @@ class DirectQueue:
         the queue's next, one a turn of the worker's loop: run here one after another, they held the
         worker for a max_compute_ms each without a look at its sockets or channel, and a front-door task
         sent meanwhile waited past the one run the supervisor allows for (round 18: it was killed with
-        the worker). A member whose deadline has passed is answered now."""
+        the worker). A member whose deadline has passed is answered now; the others waited for company
+        once, and are not held for it again."""
         now = time.monotonic_ns()
+        self.hold_until_ns = now
         for member in reversed(batch):
             if member.deadline_ns <= now:
                 self._fail(member, DeadlineExceeded(f"its deadline passed after {(now - member.received_ns) / 1e6:.0f} ms, in a batch that failed or was stopped; it is not run again"))

@@ -241,6 +241,8 @@ def test_a_string_that_is_not_utf8_in_a_front_door_batch_fails_alone_and_its_bat
         shutil.rmtree(root, ignore_errors=True)
     assert isinstance(outcomes[1], InvalidArgument) and "UnicodeDecodeError" in str(outcomes[1]), outcomes[1]
     assert [o.batch_size for o in (outcomes[0], outcomes[2], outcomes[3])] == [3, 3, 3], outcomes
+    # They waited for company once; sent back, they were held for it again, the model's whole 10 s delay.
+    assert all(o.timing["queue_us"] < 5e6 for o in (outcomes[0], outcomes[2], outcomes[3])), [o.timing for o in outcomes if not isinstance(o, BaseException)]
 
 
 def test_requests_that_are_not_utf8_cannot_keep_another_request_in_failing_batches(daemon_factory: Any) -> None:
@@ -274,3 +276,28 @@ def test_requests_that_are_not_utf8_cannot_keep_another_request_in_failing_batch
     assert not isinstance(outcomes[0], BaseException), outcomes[0]
     assert all(isinstance(o, InvalidArgument) for o in outcomes[1:]), outcomes
     assert order.index("good") <= 6, order
+
+
+def test_what_a_batch_failed_by_bad_strings_leaves_runs_as_one_batch_without_new_company(daemon_factory: Any) -> None:
+    """Round 26's attacker: the members a failed batch left went back to the queue, took more of the
+    attacker's requests that are not UTF-8 as company, failed again and then ran alone - every other
+    client's requests of the model ran one at a time (260 -> 57 req/s). They go straight back to the
+    worker as one batch now. Two good requests among six bad ones (one client, in this order): the two
+    are answered together, batch_size 2 - before, each alone."""
+    root = world_readable_dir("oi-bytes-again-")
+    onnx_builders.string_grid_model(root / "grid" / "1" / "model.onnx")
+    (root / "grid" / "config.toml").write_text("workers = 1\n\n[batching]\nmax_batch_size = 4\nmax_queue_delay_us = 100000\nquiet_us = 0\n")
+    daemon = daemon_factory(make_world_readable(root))
+    good = {"text": np.array([[b"ab", b"c"]], dtype=object)}
+    bad = {"text": np.array([[b"\xff", b"c"]], dtype=object)}
+
+    async def eight() -> list[Any]:
+        async with AsyncClient(daemon.address, timeout=60, direct=False) as client:
+            return await asyncio.gather(*(client.infer("grid", inputs) for inputs in (good, bad, good, bad, bad, bad, bad, bad)), return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(eight())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert all(isinstance(outcomes[i], InvalidArgument) for i in (1, 3, 4, 5, 6, 7)), outcomes
+    assert [outcomes[0].batch_size, outcomes[2].batch_size] == [2, 2], outcomes
