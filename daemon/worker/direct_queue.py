@@ -70,8 +70,10 @@ class ModelView:
     output_order: list[str] = field(init=False)
     input_signatures: list[InputSignature] = field(default_factory=list)
     batchable: bool = field(init=False)
+    bytes_inputs: bool = field(init=False)  # only BYTES inputs can fail to decode once admitted
 
     def __post_init__(self) -> None:
+        self.bytes_inputs = any(spec["datatype"] == "BYTES" for spec in self.inputs)
         self.input_by_name = {spec["name"]: spec for spec in self.inputs}
         self.output_names = frozenset(spec["name"] for spec in self.outputs)
         self.output_order = [spec["name"] for spec in self.outputs]
@@ -413,7 +415,10 @@ class DirectQueue:
         whose do not - a malformed BYTES frame, which admission does not walk - is answered with its
         error alone and the batch runs without it. Found in the join, it failed the whole batch, which ran
         member by member: one such request a batch window turned batching's gain off for every client of
-        the model (round 20). Stopped at the deadline, whose time ran out is unknown: all run alone."""
+        the model (round 20). Stopped at the deadline, whose time ran out is unknown: all run alone.
+        Without BYTES inputs every member's frames were held to its rows at admission: they are the parts."""
+        if not self.model.bytes_inputs:
+            return batch, [member.data for member in batch]
         kept: list[DirectRequest] = []
         parts: list[list[Any]] = []
         for position, member in enumerate(batch):
