@@ -136,6 +136,23 @@ def test_an_expired_member_is_answered_and_never_sent_while_the_rest_of_its_batc
     assert expired.worker is None and setup.dispatcher.queued_bytes == 0
 
 
+def test_a_member_that_cannot_last_the_batchs_usual_run_goes_back_to_run_alone(channel: Any) -> None:
+    """Round 27's attacker: valid requests with a timeout shorter than a batch's run, in batch after batch
+    (another uid's): the worker stopped each batch at the short deadline and every other member ran again.
+    With the model's batches known to take 50 ms, a member due in 20 ms is left out: the batch runs
+    without it, and it goes back to the front of the queue to run alone."""
+    router, worker = channel
+    setup = Setup(router)
+    setup.model.batch_compute_ewma_us = 50_000.0
+    first = setup.admit(10 * 10**9)
+    short = setup.admit(20 * 10**6)
+    last = setup.admit(10 * 10**9)
+    setup.flush_to_worker()
+    plan = sent_plan(worker)
+    assert plan is not None and plan["tasks"] == [first.task_id, last.task_id]
+    assert list(setup.model.queue) == [short] and short.batch_key is None and not setup.failed
+
+
 def test_a_batch_of_expired_tasks_sends_nothing_and_leaves_the_worker_free(channel: Any) -> None:
     router, worker = channel
     setup = Setup(router)

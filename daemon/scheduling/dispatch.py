@@ -329,21 +329,34 @@ class Dispatcher:
 
     def _take_batch(self, model: ServedModel, max_rows: int) -> list[Task]:
         """Tasks taken from the queue for one batch, less those whose deadline has passed (answered
-        here). The members' queue bookkeeping (`dequeue`) is left to dispatch_batch, after the send."""
+        here), and less those whose deadline falls before the model's batches usually end: those go back
+        to the front of the queue to run alone. In the batch, the run stopped at their deadline and the
+        others ran again: a client's valid requests with a timeout shorter than a batch's run, in batch
+        after batch, cost every other member that run (round 27). The members' queue bookkeeping
+        (`dequeue`) is left to dispatch_batch, after the send."""
         batch = model.queue.take_batch(max_rows)
         now = time.monotonic_ns()
+        ewma = model.batch_compute_ewma_us
+        cutoff = now + int(ewma * 1000) if ewma is not None and len(batch) > 1 else now
         for task in batch:
-            if task.deadline_ns <= now:
+            if task.deadline_ns <= cutoff:
                 break
         else:
             return batch
-        live = []
+        live, short = [], []
         for task in batch:
             if task.deadline_ns <= now:
                 self.dequeue(task)
                 self._answer_expired(task)
+            elif task.deadline_ns <= cutoff:
+                short.append(task)
             else:
                 live.append(task)
+        if not live:
+            return short
+        for task in reversed(short):
+            task.batch_key = None
+            model.queue.put_back(task)
         return live
 
     def dispatch_batch(self, worker: WorkerHandle, batch: list[Task]) -> None:

@@ -104,6 +104,22 @@ class WorkerResults:
         if worker.state is WorkerState.BUSY and not worker.inflight:
             self.dispatcher.next_for(worker)
 
+    def _run_the_rest_again_together(self, worker: WorkerHandle, batch: list[Task]) -> None:
+        """The members a failed batch left, once those it failed for are answered: one batch again, to the
+        same worker, without new company (round 26). Once: a member sent again whose batch fails again
+        runs alone, so a worker that keeps naming members cannot loop."""
+        again: list[Task] = []
+        for task in reversed(batch):
+            if task.done:
+                continue
+            if task.rebatched:
+                self.dispatcher.retry_alone(task)
+            else:
+                task.rebatched = True
+                again.insert(0, task)
+        if again:
+            self.dispatcher.send_again_together(worker, again)
+
     def _fail_member(self, task: Task, error: dict[str, str]) -> None:
         """A batch member answered with the error its own inputs got in the worker."""
         timing = {"total_us": (time.monotonic_ns() - task.received_ns) / 1000}
@@ -140,25 +156,16 @@ class WorkerResults:
             self.dispatcher.settle(task)
         if result.failed or len(answered) == len(batch):
             bad = result.bad_members
-            if bad is None:
-                for task in batch:  # one member's input may have failed the whole batch: each runs alone
-                    if not task.done:
-                        self.dispatcher.retry_alone(task)
-            else:  # those members' own inputs did not decode: they fail, the others run again as one batch (round 23)
+            if bad is not None:  # those members' own inputs did not decode: they fail (round 23)
                 for index, error in bad.items():
                     if not batch[index].done:
                         self._fail_member(batch[index], error)
-                again: list[Task] = []
-                for task in reversed(batch):
-                    if task.done:
-                        continue
-                    if task.rebatched:  # once: sent again and failed again, it runs alone (a worker that keeps naming members cannot loop)
+            if bad is not None or _stopped_at_a_members_deadline(result.error, batch, now):
+                self._run_the_rest_again_together(worker, batch)
+            else:
+                for task in batch:  # one member's input may have failed the whole batch: each runs alone
+                    if not task.done:
                         self.dispatcher.retry_alone(task)
-                    else:
-                        task.rebatched = True
-                        again.insert(0, task)
-                if again:
-                    self.dispatcher.send_again_together(worker, again)
             self.dispatcher.next_for(worker)
             return
         model.consecutive_crashes = 0
@@ -233,3 +240,10 @@ def _member_outputs(per_member: list[list[dict[str, Any]]], frames: list[Buffer]
         count = len(specs)
         yield specs, frames[offset : offset + count]
         offset += count
+
+
+def _stopped_at_a_members_deadline(error: dict[str, str] | None, batch: list[Task], now_ns: int) -> bool:
+    """The worker stopped the batch at its earliest deadline, a member's that has passed: that member (the
+    supervisor has answered it) is why, not the others' inputs. Round 27: a client's valid requests with a
+    timeout shorter than a batch's run, in batch after batch, made every other member run alone."""
+    return error is not None and error["code"] == "DEADLINE_EXCEEDED" and any(task.deadline_ns <= now_ns for task in batch)

@@ -71,6 +71,7 @@ class BatchResult:
     frames: list[Buffer]
     failed: bool  # the batch failed: each member is retried alone, or, with bad_members, the rest together
     bad_members: dict[int, dict[str, str]] | None = None  # members whose own inputs failed it: their answers
+    error: dict[str, str] | None = None  # why it failed
 
 
 def _meta(frames: Sequence[Buffer], index: int = 1) -> dict[str, Any]:
@@ -287,8 +288,8 @@ def parse_batch(frames: Sequence[Buffer], task_ids: list[int], rows: list[int], 
     if "error" in meta:
         if data:
             raise BadWorkerMessage("an error result with data frames")
-        _error(meta["error"])
-        return BatchResult(_timing(meta, dispatched_ns, ok=False), False, [], [], True, _bad_members(meta.get("bad"), len(task_ids)))
+        error = _error(meta["error"])
+        return BatchResult(_timing(meta, dispatched_ns, ok=False), False, [], [], True, _bad_members(meta.get("bad"), len(task_ids)), error)
     timing = _timing(meta, dispatched_ns, ok=True)
     layout = meta.get("layout")
     raw = meta.get("outputs")

@@ -60,7 +60,10 @@ def test_a_short_timeout_cannot_kill_a_front_door_worker(daemon_factory: Any) ->
 def test_a_short_timeout_in_a_batch_costs_neither_the_worker_nor_the_other_members(daemon_factory: Any) -> None:
     """rows: y = x + max(x) by a Loop of max(x) steps, batching. The attacker's row (10^9 steps, 200 ms
     timeout) rides in a batch with three ordinary requests: the run is stopped at the attacker's deadline,
-    the others run again without it and are answered, and the worker serves on."""
+    the others run again without it and are answered, and the worker serves on. Round 27's attacker: they
+    ran again each alone - valid requests with a timeout shorter than a batch's run, in batch after batch,
+    turned batching off for everyone (victim 256 -> 70 req/s); stopped at a member's deadline, the batch
+    runs again together without it."""
     root = _repo("rows", onnx_builders.row_loop_model, "workers = 1\n[batching]\nmax_batch_size = 4\nmax_queue_delay_us = 150000\nquiet_us = 0\n")  # the four leave as one batch at once
     try:
         daemon = daemon_factory(root)
@@ -85,6 +88,7 @@ def test_a_short_timeout_in_a_batch_costs_neither_the_worker_nor_the_other_membe
             assert not isinstance(got, BaseException), got
             # x + the max of the batch it ran in: the victims' own rows (2..4), never the stopped run's
             assert 2.0 * i <= float(got.outputs["y"][0, 0]) <= i + 4.0, got.outputs["y"]
+        assert [got.batch_size for got in victims] == [3, 3, 3], victims
         with Client(daemon.address, timeout=30, direct=False) as admin:
             assert _worker_pids(admin, "rows") == before
             assert max(int(size) for size in admin.stats()["models"]["rows"]["batch_sizes"]["1"]) >= 2  # they did ride together
