@@ -191,11 +191,15 @@ def test_requests_of_many_connections_completed_at_once_cost_the_worker_one_run_
             peer.close()
 
 
-def _grid_of_four(daemon_factory: Any, prefix: str) -> tuple[Any, Path]:
-    """string_grid_model batching 4 requests: a batch leaves once four are queued."""
+GOOD_ROW = {"text": np.array([[b"ab", b"c"]], dtype=object)}
+NOT_UTF8_ROW = {"text": np.array([[b"\xff", b"c"]], dtype=object)}
+
+
+def _grid_of_four(daemon_factory: Any, prefix: str, delay_us: int = 10_000_000) -> tuple[Any, Path]:
+    """string_grid_model batching 4 requests: a batch leaves once four are queued (or after `delay_us`)."""
     root = world_readable_dir(prefix)
     onnx_builders.string_grid_model(root / "grid" / "1" / "model.onnx")
-    (root / "grid" / "config.toml").write_text("workers = 1\n\n[batching]\nmax_batch_size = 4\nmax_queue_delay_us = 10000000\nquiet_us = 0\n")
+    (root / "grid" / "config.toml").write_text(f"workers = 1\n\n[batching]\nmax_batch_size = 4\nmax_queue_delay_us = {delay_us}\nquiet_us = 0\n")
     return daemon_factory(make_world_readable(root)), root
 
 
@@ -228,8 +232,7 @@ def test_a_string_that_is_not_utf8_in_a_front_door_batch_fails_alone_and_its_bat
     batch failed, and the supervisor ran every member alone (batch_size 1 for the three good ones). The
     worker now names the member whose own inputs failed; it alone is answered, the others batch again."""
     daemon, root = _grid_of_four(daemon_factory, "oi-bytes-bad-member-fd-")
-    good = {"text": np.array([[b"ab", b"c"]], dtype=object)}
-    bad = {"text": np.array([[b"\xff", b"c"]], dtype=object)}
+    good, bad = GOOD_ROW, NOT_UTF8_ROW
 
     async def four() -> list[Any]:
         async with AsyncClient(daemon.address, timeout=60, direct=False) as client:
@@ -252,12 +255,7 @@ def test_requests_that_are_not_utf8_cannot_keep_another_request_in_failing_batch
     request sent back once runs alone if its batch fails again. One good request, then eleven that are
     not UTF-8 (one client: its queue keeps that order): the good one is answered after at most two failed
     batches of three bad ones each - before, after all eleven."""
-    root = world_readable_dir("oi-bytes-rebatch-")
-    onnx_builders.string_grid_model(root / "grid" / "1" / "model.onnx")
-    (root / "grid" / "config.toml").write_text("workers = 1\n\n[batching]\nmax_batch_size = 4\nmax_queue_delay_us = 100000\nquiet_us = 0\n")
-    daemon = daemon_factory(make_world_readable(root))
-    good = {"text": np.array([[b"ab", b"c"]], dtype=object)}
-    bad = {"text": np.array([[b"\xff", b"c"]], dtype=object)}
+    daemon, root = _grid_of_four(daemon_factory, "oi-bytes-rebatch-", 100_000)
     order: list[str] = []
 
     async def twelve() -> list[Any]:
@@ -267,7 +265,7 @@ def test_requests_that_are_not_utf8_cannot_keep_another_request_in_failing_batch
                     return await client.infer("grid", inputs)
                 finally:
                     order.append(name)
-            return await asyncio.gather(ask("good", good), *(ask("bad", bad) for _ in range(11)), return_exceptions=True)
+            return await asyncio.gather(ask("good", GOOD_ROW), *(ask("bad", NOT_UTF8_ROW) for _ in range(11)), return_exceptions=True)
 
     try:
         outcomes = asyncio.run(twelve())
@@ -284,12 +282,8 @@ def test_what_a_batch_failed_by_bad_strings_leaves_runs_as_one_batch_without_new
     client's requests of the model ran one at a time (260 -> 57 req/s). They go straight back to the
     worker as one batch now. Two good requests among six bad ones (one client, in this order): the two
     are answered together, batch_size 2 - before, each alone."""
-    root = world_readable_dir("oi-bytes-again-")
-    onnx_builders.string_grid_model(root / "grid" / "1" / "model.onnx")
-    (root / "grid" / "config.toml").write_text("workers = 1\n\n[batching]\nmax_batch_size = 4\nmax_queue_delay_us = 100000\nquiet_us = 0\n")
-    daemon = daemon_factory(make_world_readable(root))
-    good = {"text": np.array([[b"ab", b"c"]], dtype=object)}
-    bad = {"text": np.array([[b"\xff", b"c"]], dtype=object)}
+    daemon, root = _grid_of_four(daemon_factory, "oi-bytes-again-", 100_000)
+    good, bad = GOOD_ROW, NOT_UTF8_ROW
 
     async def eight() -> list[Any]:
         async with AsyncClient(daemon.address, timeout=60, direct=False) as client:
