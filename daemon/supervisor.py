@@ -30,7 +30,7 @@ from openinfer.daemon.frontdoor.connections import Connection, ConnectionTable
 from openinfer.daemon.frontdoor.validation import check_infer
 from openinfer.daemon.observability.metrics import MetricsExporter
 from openinfer.daemon.modelstore.modelconfig import ConfigError
-from openinfer.daemon.modelstore.models import ModelRegistry, ModelState, ServedModel
+from openinfer.daemon.modelstore.models import ModelRegistry, ServedModel
 from openinfer.daemon.workerpool.pool import WorkerPool
 from openinfer.daemon.workerpool.recycling import enforced_memory_limit
 from openinfer.daemon.workerpool.preparation import WeightPreparer
@@ -353,9 +353,7 @@ class Supervisor:
                 continue
             try:
                 header = unpack(task.header_frame)
-                target = self.registry.lookup(header["model"], header.get("version"))
-                if target.state is not ModelState.READY:
-                    raise Unavailable(f"model {target.key} is {target.state.value}" + (f": {target.reason}" if target.reason else ""))
+                target = self.requests.serving(header["model"], header.get("version"))  # (lookup_for_infer refuses while draining)
                 _, task.signature = check_infer(header, task.data_frames, target, target.config.max_request_bytes or self.settings.server.max_request_bytes, walk_bytes=False)
                 outputs = header.get("outputs")
                 task.model, task.wanted, task.batch_key, task.rows = target, tuple(outputs) if outputs else target.output_order, None, 0

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from openinfer.daemon.worker.compute import RowCutter, join_rows, member_outputs
+from openinfer.daemon.worker.compute import RowCutter, join_parts, member_outputs, member_part
 from openinfer.wire.tensors import BF16Array, encode_array
 
 pytestmark = pytest.mark.unit
@@ -68,10 +68,10 @@ def test_an_output_with_no_batch_dimension_is_refused_so_the_members_run_alone()
         RowCutter.of(np.array(3.0, np.float32), TOTAL)
 
 
-def test_join_rows_refuses_a_member_whose_frame_does_not_hold_its_rows() -> None:
+def test_a_member_whose_frame_does_not_hold_its_rows_is_refused_before_the_join() -> None:
     """Joined, a frame with more or fewer bytes than its rows would shift every later member's rows."""
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
-    joined = join_rows("FP32", [4], [(1, x[:1].tobytes()), (2, x[1:].tobytes())])
+    joined = join_parts("FP32", [4], [(rows, member_part("FP32", [4], rows, frame)) for rows, frame in [(1, x[:1].tobytes()), (2, x[1:].tobytes())]])
     np.testing.assert_array_equal(joined, x)
     with pytest.raises(ValueError):
-        join_rows("FP32", [4], [(2, x[:1].tobytes()), (1, x[1:].tobytes())])  # same total, wrong split
+        [member_part("FP32", [4], rows, frame) for rows, frame in [(2, x[:1].tobytes()), (1, x[1:].tobytes())]]  # same total, wrong split

@@ -127,6 +127,10 @@ class FrontDoorRequests:
         name = header.get("model")
         if not isinstance(name, str):
             raise InvalidArgument("`model` must be a string (the name of a served model)")
+        return self.serving(name, version)
+
+    def serving(self, name: str, version: int | None) -> ServedModel:
+        """The model version that serves `name` (at `version`, if given), ready: else NOT_FOUND or UNAVAILABLE."""
         model = self.supervisor.registry.lookup(name, version)
         if model.state is not ModelState.READY:
             raise Unavailable(f"model {model.key} is {model.state.value}" + (f": {model.reason}" if model.reason else ""))

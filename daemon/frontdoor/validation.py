@@ -108,7 +108,7 @@ def check_infer(header: dict[str, Any], data_frames: list[Any], model: Validated
     and its inputs' signature (what batching groups by). `walk_bytes`: also walk each BYTES frame's
     element lengths (a worker does; the supervisor does not - a frame of millions of tiny elements would
     hold its one thread for seconds - and sends such inputs to workers member by member instead, where
-    each is held to its own count: dispatch._batch_message, compute.join_rows)."""
+    each is held to its own count: dispatch._batch_message, compute.member_part)."""
     inputs = header.get("inputs")
     if type(inputs) is list:
         for known in model.input_signatures:

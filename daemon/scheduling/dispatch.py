@@ -400,7 +400,7 @@ class Dispatcher:
         total = sum(rows)
         nbytes = sum(task.nbytes for task in batch)
         # BYTES elements have no fixed size: a worker reads a joined frame by the batch's total count, so
-        # only each member's own frames let it hold every member to its own rows (compute.join_rows).
+        # only each member's own frames let it hold every member to its own rows (compute.member_part).
         joined = nbytes <= JOIN_MAX_BYTES and all(datatype != "BYTES" for _, datatype, _ in specs)
         plan = {
             "tasks": [t.task_id for t in batch],
@@ -425,10 +425,7 @@ class Dispatcher:
     def retry_together(self, task: Task) -> None:
         """Back at the front of the queue with its batch key, to batch again. It waited for company once:
         the next batch is due at once, not held max_queue_delay_us more (a test's 10 s delay held it 10 s)."""
-        task.worker = None
-        task.batched = False
-        task.done = False
-        self._track(task)
+        self._taken_back(task)
         model = task.model
         model.queue.appendleft(task)
         if model.config.batching is not None:
@@ -449,10 +446,15 @@ class Dispatcher:
                 self.retry_together(task)
             return
         for task in live:  # as if taken from the queue: dispatch_batch dequeues each
-            task.worker = None
-            task.batched = False
-            self._track(task)
+            self._taken_back(task)
         self.dispatch_batch(worker, live)
+
+    def _taken_back(self, task: Task) -> None:
+        """A task a worker held and did not answer, known to the queue's bookkeeping again."""
+        task.worker = None
+        task.batched = False
+        task.done = False
+        self._track(task)
 
     def requeue_unstarted(self, worker: WorkerHandle, moved_again: OpenInferError | None = None) -> None:
         """Put the tasks a lost worker held but had not answered back at the front of their queue. With

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Iterator
 
+from openinfer.wire.errors import error_from_wire
 from openinfer.wire.protocol import PROTOCOL_VERSION, pack
 from openinfer.wire.zmtp import Buffer
 
@@ -120,12 +121,6 @@ class WorkerResults:
         if again:
             self.dispatcher.send_again_together(worker, again)
 
-    def _fail_member(self, task: Task, error: dict[str, str]) -> None:
-        """A batch member answered with the error its own inputs got in the worker."""
-        timing = {"total_us": (time.monotonic_ns() - task.received_ns) / 1000}
-        self.replies.send(task.route, {"v": PROTOCOL_VERSION, "id": task.request_id, "error": error, "timing": timing})
-        self.replies.finish(task, error["code"], timing, 0)
-
     def on_batch(self, worker: WorkerHandle, frames: list[Buffer]) -> None:
         """One message answers a whole batch: per task, its own timing and output frames."""
         inflight = worker.inflight
@@ -159,7 +154,7 @@ class WorkerResults:
             if bad is not None:  # those members' own inputs did not decode: they fail (round 23)
                 for index, error in bad.items():
                     if not batch[index].done:
-                        self._fail_member(batch[index], error)
+                        self.replies.fail(batch[index], error_from_wire(error))
             if bad is not None or _stopped_at_a_members_deadline(result.error, batch, now):
                 self._run_the_rest_again_together(worker, batch)
             else:

@@ -65,29 +65,33 @@ def batch_feed(plan: dict[str, Any], frames: list[Buffer]) -> dict[str, Any]:
     specs = plan["inputs"]
     if plan["joined"]:
         return feed_from(plan, frames)
-    count = len(specs)
-    parts: list[list[tuple[int, Any]]] = [[] for _ in specs]
+    count, rows = len(specs), plan["rows"]
+    parts, bad = member_parts(specs, [(n, frames[member * count : (member + 1) * count]) for member, n in enumerate(rows)])
+    if bad:
+        raise BadMembers(bad)
+    return join_members(specs, rows, parts)
+
+
+def member_parts(specs: list[dict[str, Any]], members: list[tuple[int, list[Buffer]]]) -> tuple[list[list[Any]], list[tuple[int, Exception]]]:
+    """Each batch member's (rows, frames) checked and decoded alone (member_part): the parts of those that
+    decode, in order, and (position, error) for each that does not - it alone fails, the others batch on
+    (round 20: found in the join, one bad member failed its whole batch). DeadlineExceeded is raised:
+    whose time ran out is unknown."""
+    parts: list[list[Any]] = []
     bad: list[tuple[int, Exception]] = []
-    for member, rows in enumerate(plan["rows"]):
+    for position, (rows, frames) in enumerate(members):
         try:
-            decoded = [member_part(spec["datatype"], spec["shape"][1:], rows, frames[member * count + index]) for index, spec in enumerate(specs)]
+            parts.append([member_part(spec["datatype"], spec["shape"][1:], rows, frame) for spec, frame in zip(specs, frames)])
         except DeadlineExceeded:
             raise
         except Exception as exc:
-            bad.append((member, exc))
-            continue
-        for index, part in enumerate(decoded):
-            parts[index].append((rows, part))
-    if bad:
-        raise BadMembers(bad)
-    return {spec["name"]: join_parts(spec["datatype"], spec["shape"][1:], parts[index]) for index, spec in enumerate(specs)}
+            bad.append((position, exc))
+    return parts, bad
 
 
-def join_rows(datatype: str, rest: list[int], members: list[tuple[int, Buffer]]) -> Any:
-    """One input of a batch, for onnxruntime: each member's (rows, frame) joined along dimension 0.
-    A frame that does not hold exactly its member's rows raises ValueError (the batch then runs member
-    by member): joined, its bytes would be cut into another member's rows."""
-    return join_parts(datatype, rest, [(rows, member_part(datatype, rest, rows, frame)) for rows, frame in members])
+def join_members(specs: list[dict[str, Any]], rows: list[int], parts: list[list[Any]]) -> dict[str, Any]:
+    """The batch's feed: each input's member parts (member_parts) joined along dimension 0."""
+    return {spec["name"]: join_parts(spec["datatype"], spec["shape"][1:], [(n, part[index]) for n, part in zip(rows, parts)]) for index, spec in enumerate(specs)}
 
 
 def member_part(datatype: str, rest: list[int], rows: int, frame: Buffer) -> Any:

@@ -31,7 +31,7 @@ from openinfer.wire.protocol import PROTOCOL_VERSION
 from openinfer.wire.tensors import ELEMENTS_DEADLINE_NS
 from openinfer.wire.zmtp import Buffer
 
-from .compute import RowCutter, encode_outputs, feed_from, join_parts, member_outputs, member_part, plain
+from .compute import RowCutter, encode_outputs, feed_from, join_members, member_outputs, member_parts, plain
 from .direct import DirectConnection, DirectDoor, reject_busy
 from .run_watch import RunStopped, RunWatch
 from .session import Runner, task_error
@@ -397,7 +397,7 @@ class DirectQueue:
                 self.ledger.run(len(batch))
             head = batch[0]
             try:
-                feed = {spec["name"]: join_parts(spec["datatype"], spec["shape"][1:], [(m.rows, part[index]) for m, part in zip(batch, parts)]) for index, spec in enumerate(head.specs)}
+                feed = join_members(head.specs, [m.rows for m in batch], parts)
                 prepared_ns = time.monotonic_ns()
                 results = [plain(value) for value in self._stoppable_run(head.wanted, feed, deadline_ns)]
                 computed_ns = time.monotonic_ns()
@@ -411,28 +411,26 @@ class DirectQueue:
             self._end_run()
 
     def _member_parts(self, batch: list[DirectRequest], started_ns: int, cpu_start: int) -> tuple[list[DirectRequest], list[list[Any]]]:
-        """The members whose inputs decode, each with its inputs' parts (compute.member_part); a member
-        whose do not - a malformed BYTES frame, which admission does not walk - is answered with its
-        error alone and the batch runs without it. Found in the join, it failed the whole batch, which ran
-        member by member: one such request a batch window turned batching's gain off for every client of
-        the model (round 20). Stopped at the deadline, whose time ran out is unknown: all run alone.
-        Without BYTES inputs every member's frames were held to its rows at admission: they are the parts."""
+        """The members whose inputs decode, with their parts (compute.member_parts); a member whose do not
+        - a malformed BYTES frame, which admission does not walk - is answered with its error alone and
+        the batch runs without it (round 20). Stopped at the deadline, whose time ran out is unknown: all
+        run alone. Without BYTES inputs every member's frames were held to its rows at admission: they
+        are the parts."""
         if not self.model.bytes_inputs:
             return batch, [member.data for member in batch]
-        kept: list[DirectRequest] = []
-        parts: list[list[Any]] = []
-        for position, member in enumerate(batch):
-            try:
-                parts.append([member_part(spec["datatype"], spec["shape"][1:], member.rows, member.data[index]) for index, spec in enumerate(member.specs)])
-            except DeadlineExceeded:
-                self._run_alone_later(kept + batch[position:])
-                return [], []
-            except Exception as exc:
-                error = task_error(exc, member.specs, self.runner.dynamic_inputs)
-                self._answer_error(member, error["code"], error["message"], started_ns, cpu_start)
-                continue
-            kept.append(member)
-        return kept, parts
+        try:
+            parts, bad = member_parts(batch[0].specs, [(member.rows, member.data) for member in batch])
+        except DeadlineExceeded:
+            self._run_alone_later(batch)
+            return [], []
+        if not bad:
+            return batch, parts
+        for position, exc in bad:
+            member = batch[position]
+            error = task_error(exc, member.specs, self.runner.dynamic_inputs)
+            self._answer_error(member, error["code"], error["message"], started_ns, cpu_start)
+        failed = {position for position, _ in bad}
+        return [member for position, member in enumerate(batch) if position not in failed], parts
 
     def _answer_members(self, batch: list[DirectRequest], cutters: list[RowCutter], started_ns: int, prepared_ns: int, computed_ns: int, cpu_start: int, cap_ns: int) -> None:
         """Each member's rows encoded and answered, one write per client connection for the batch. A

@@ -4,7 +4,7 @@ input broadcast), and such a request is valid alone. Joined into a batch by rows
 other input's rows were cut as another member's: the attacker read the victim's input and chose the
 victim's answer, on the direct path and through the front door alike. A request is now batched only when
 every input has the same dimension 0 (validation.check_infer), and a worker refuses to join a member
-whose frame does not hold exactly its rows (compute.join_rows): both tests fail without the first.
+whose frame does not hold exactly its rows (compute.member_part): both tests fail without the first.
 
 The same for BYTES inputs, whose elements have no fixed size: a frame holding fewer or more elements
 than its shape says was admitted unchecked, and the front door joined a small batch's BYTES frames, so
