@@ -260,6 +260,7 @@ def test_requests_that_are_not_utf8_cannot_keep_another_request_in_failing_batch
 
     async def twelve() -> list[Any]:
         async with AsyncClient(daemon.address, timeout=60, direct=False) as client:
+            await client.infer("grid", GOOD_ROW)  # connected, the daemon's limits known: the twelve leave in order
             async def ask(name: str, inputs: dict[str, Any]) -> Any:
                 try:
                     return await client.infer("grid", inputs)
@@ -287,6 +288,7 @@ def test_what_a_batch_failed_by_bad_strings_leaves_runs_as_one_batch_without_new
 
     async def eight() -> list[Any]:
         async with AsyncClient(daemon.address, timeout=60, direct=False) as client:
+            await client.infer("grid", good)  # connected, the daemon's limits known: the eight leave in order
             return await asyncio.gather(*(client.infer("grid", inputs) for inputs in (good, bad, good, bad, bad, bad, bad, bad)), return_exceptions=True)
 
     try:
