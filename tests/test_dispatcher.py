@@ -153,6 +153,24 @@ def test_a_member_that_cannot_last_the_batchs_usual_run_goes_back_to_run_alone(c
     assert list(setup.model.queue) == [short] and short.batch_key is None and not setup.failed
 
 
+def test_a_task_that_only_runs_alone_leaves_no_batch_due_at_once_behind_it(channel: Any) -> None:
+    """Round 28's residual of round 27: a task that cannot last a batch, left in the queue when a batch
+    left, kept the model's batch due at once; another client's short timeouts, sent all the time, kept
+    every batch after leaving with whoever had come (the victim's replies: {1: 284, 3: 285, 4: 8}). The
+    task runs alone in its turn; the next request that can wait is held for company as usual."""
+    router, worker = channel
+    setup = Setup(router)
+    setup.model.batch_compute_ewma_us = 50_000.0
+    first = setup.admit(10 * 10**9)
+    short = setup.admit(20 * 10**6)  # no worker free when it came: it waits for its turn, alone
+    assert short.batch_key is None and first.batch_key is not None
+    setup.flush_to_worker()
+    assert worker.poll(2000) and first.worker is setup.worker and short.worker is None  # first went alone
+    assert list(setup.model.queue) == [short] and setup.model.batch_deadline_ns == 0
+    later = setup.admit(10 * 10**9)
+    assert setup.model.batch_deadline_ns > later.enqueued_ns + 100 * 10**6  # held for company (500 ms)
+
+
 def test_a_batch_of_expired_tasks_sends_nothing_and_leaves_the_worker_free(channel: Any) -> None:
     router, worker = channel
     setup = Setup(router)
