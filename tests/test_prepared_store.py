@@ -9,10 +9,11 @@ import select
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
+from openinfer.daemon.files.cache_key import MAX_VERSION_ENTRIES, version_files
 from openinfer.daemon.loop.offloop import OffLoopRunner
 from openinfer.daemon.files.prepared import Expectation, PreparedRejected, PreparedStore
 from openinfer.daemon.files.prepared_layout import CHECK, MANIFEST, OPT_MODEL, WEIGHTS
@@ -120,8 +121,61 @@ def test_the_supervisors_side_imports_neither_onnxruntime_nor_onnx() -> None:
         "import sys\n"
         "import openinfer.daemon.supervisor, openinfer.daemon.workerpool.preparation, openinfer.daemon.files.cache_key, openinfer.daemon.commands.deployment_checks\n"
         "from openinfer.daemon.files.cache_key import cache_key\n"
-        "cache_key('0' * 64)\n"
+        "cache_key('0' * 64, '1' * 64)\n"
         "print(sorted(m for m in ('onnxruntime', 'onnx') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def _files(version: Path, **kwargs: object) -> Any:
+    fd = os.open(version, os.O_PATH | os.O_DIRECTORY)
+    try:
+        return version_files(fd, "model.onnx", kwargs.pop("max_bytes", None), **kwargs)  # type: ignore[arg-type]
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.attack
+def test_the_key_of_a_version_directory_changes_with_any_file_beside_the_model_and_opens_nothing_else(tmp_path: Path) -> None:
+    """Attacker round 28: a replaced external-data file kept its model's key. Every entry beside the model
+    counts: a file's bytes, a new file, one in a subdirectory; a FIFO or a symlink counts by its name, never
+    opened (a FIFO would hold the walk); the model file itself is hashed apart."""
+    version = tmp_path / "m" / "1"
+    (version / "data").mkdir(parents=True)
+    (version / "model.onnx").write_bytes(b"model")
+    (version / "weights.bin").write_bytes(b"\0" * 64)
+    base = _files(version)
+    (version / "model.onnx").write_bytes(b"other model")
+    assert _files(version).sha256 == base.sha256
+    (version / "weights.bin").write_bytes(b"\0" * 63 + b"\1")
+    changed = _files(version)
+    assert changed.sha256 != base.sha256
+    (version / "data" / "more.bin").write_bytes(b"x")
+    deeper = _files(version)
+    assert deeper.sha256 not in (base.sha256, changed.sha256)
+    os.mkfifo(version / "pipe")
+    os.symlink("/etc/shadow", version / "link")
+    with_others = _files(version)  # returns: the FIFO was not opened
+    assert with_others.sha256 != deeper.sha256
+    assert [stamp[0] for stamp in with_others.stamps] == ["data", "data/more.bin", "link", "pipe", "weights.bin"]
+
+
+@pytest.mark.unit
+def test_a_write_after_the_hash_shows_in_the_stamps_and_too_much_is_refused(tmp_path: Path) -> None:
+    """What the supervisor checks after a helper ran (preparation.files_changed): the stamps of a walk that
+    hashes nothing. And the walk is bounded: by the bytes beside the model, and by its entries."""
+    version = tmp_path / "m" / "1"
+    version.mkdir(parents=True)
+    (version / "weights.bin").write_bytes(b"\0" * 64)
+    before = _files(version)
+    assert _files(version, hash_bytes=False).stamps == before.stamps
+    with open(version / "weights.bin", "r+b") as data:
+        data.write(b"\1")
+    assert _files(version, hash_bytes=False).stamps != before.stamps
+    with pytest.raises(OSError, match="more than 63 bytes"):
+        _files(version, max_bytes=63)
+    for i in range(MAX_VERSION_ENTRIES):
+        (version / f"f{i}").touch()
+    with pytest.raises(OSError, match=f"more than {MAX_VERSION_ENTRIES} entries"):
+        _files(version)

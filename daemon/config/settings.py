@@ -77,7 +77,7 @@ class PoolSettings:
     ready_timeout_s: float = _opt(120.0, "A worker that is not ready this long after spawn is killed.", reload=NEW_WORKERS)
     respawn_backoff_ms: int = _opt(100, "First delay before respawning a crashed worker; doubles per consecutive crash.")
     respawn_backoff_max_ms: int = _opt(10_000, "Ceiling of the respawn delay.")
-    share_weights: bool = _opt(True, "Prepare each model once and let its workers map the same pre-packed weights.", reload=NEW_WORKERS)
+    share_weights: bool = _opt(True, "Prepare each model once and let its workers map the same pre-packed weights. They are kept under a key of the bytes of model.onnx and of every file beside it in its version directory (its external data among them): a version directory of more than 1000 entries, or whose other files come to more than its workers' memory limit (at least pool.max_model_bytes), loads unshared, with the reason in `openinfer status`.", reload=NEW_WORKERS)
     share_min_bytes: int = _opt(8 * 1024 * 1024, "Models smaller than this are loaded privately by each worker (sharing saves little).", reload=NEW_WORKERS)
     max_model_bytes: int = _opt(2 * 1024**3, "Largest model file (model.onnx) a model version may have, by its apparent size (a sparse file counts in full). A larger one fails to load at once, naming this key, before the supervisor hashes it or a worker reads it. 2 GiB is ONNX's own limit (protobuf's): larger weights go in external-data files, which this does not count.", reload=NEW_WORKERS)
     ping_interval_s: float = _opt(2.0, "How often idle workers are pinged (liveness).")

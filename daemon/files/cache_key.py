@@ -11,6 +11,8 @@ import functools
 import hashlib
 import importlib.metadata
 import os
+import stat
+from dataclasses import dataclass
 
 CHUNK = 1 << 22
 
@@ -45,5 +47,83 @@ def fd_sha256(fd: int, max_bytes: int | None = None) -> str:
     return digest.hexdigest()
 
 
-def cache_key(source_sha256: str) -> str:
-    return f"{source_sha256[:32]}-ort{onnxruntime_version()}-{cpu_fingerprint()}"
+MAX_VERSION_ENTRIES = 1000  # entries of a version directory, at every depth: its walk stays a few ms
+MAX_VERSION_DEPTH = 8
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class VersionFiles:
+    """What the rest of a model's version directory holds, beside its model file: the external-data files
+    a prepared model was built from are among them. The supervisor cannot tell which ones (that would be
+    parsing the model), so every entry counts: a change to any of them is a new key (attacker round 28:
+    two models with the same model.onnx and different external data shared one key, and one of them was
+    served the other's weights; a replaced data file kept the old weights across restarts)."""
+
+    sha256: str  # of each entry's path, kind and, for a regular file, its bytes
+    stamps: tuple[tuple[str, int, int, int, int, int], ...]  # (path, mode, inode, size, mtime, ctime) of each
+
+
+def version_files(version_dir: int, model_file: str, max_bytes: int | None, hash_bytes: bool = True) -> VersionFiles:
+    """Every entry beneath `version_dir` but the model file `model_file` (its basename), in name order at
+    every level, without following a symlink (a symlink, a FIFO or a device counts by its kind and name,
+    never opened). OSError when the directory holds more than MAX_VERSION_ENTRIES entries, nests deeper
+    than MAX_VERSION_DEPTH, or its regular files come to more than `max_bytes` by their apparent size
+    (None: no bound): hashing is bounded as the model file's is (a sparse file costs nothing on disk).
+    `hash_bytes=False`: the stamps only (`sha256` is then of names and sizes alone), to tell that nothing
+    changed since a walk that hashed."""
+    digest = hashlib.sha256()
+    stamps: list[tuple[str, int, int, int, int, int]] = []
+    total = 0
+
+    def walk(dir_fd: int, prefix: str, depth: int) -> None:
+        nonlocal total
+        with os.scandir(dir_fd) as listing:
+            entries = sorted(listing, key=lambda entry: entry.name)
+        for entry in entries:
+            if not prefix and entry.name == model_file:
+                continue
+            if len(stamps) >= MAX_VERSION_ENTRIES:
+                raise OSError(errno.E2BIG, f"the version directory holds more than {MAX_VERSION_ENTRIES} entries")
+            path = prefix + entry.name
+            st = entry.stat(follow_symlinks=False)
+            stamps.append((path, st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            record = os.fsencode(path) + b"\0"
+            if stat.S_ISDIR(st.st_mode):
+                if depth >= MAX_VERSION_DEPTH:
+                    raise OSError(errno.E2BIG, f"the version directory nests deeper than {MAX_VERSION_DEPTH} levels ({path})")
+                digest.update(b"d" + record)
+                sub = os.open(entry.name, _OPEN_DIR, dir_fd=dir_fd)
+                try:
+                    walk(sub, path + "/", depth + 1)
+                finally:
+                    os.close(sub)
+            elif stat.S_ISREG(st.st_mode):
+                total += st.st_size
+                if max_bytes is not None and total > max_bytes:
+                    raise OSError(errno.EFBIG, f"the files beside the model come to more than {max_bytes} bytes")
+                digest.update(b"f" + record + str(st.st_size).encode() + b"\0")
+                if hash_bytes:
+                    fd = os.open(entry.name, _OPEN_FILE, dir_fd=dir_fd)
+                    try:
+                        if not stat.S_ISREG(os.fstat(fd).st_mode):
+                            raise OSError(errno.EAGAIN, f"{path} was replaced while it was hashed")
+                        digest.update(fd_sha256(fd, st.st_size).encode())
+                    finally:
+                        os.close(fd)
+            else:
+                digest.update(b"o%o" % stat.S_IFMT(st.st_mode) + record)
+
+    top = os.open(".", _OPEN_DIR, dir_fd=version_dir)
+    try:
+        walk(top, "", 0)
+    finally:
+        os.close(top)
+    return VersionFiles(digest.hexdigest(), tuple(stamps))
+
+
+def cache_key(source_sha256: str, files_sha256: str) -> str:
+    """`<cache>/<key>`: the model file's hash, the rest of its version directory's (version_files), and
+    what the packed layout depends on."""
+    return f"{source_sha256[:32]}-{files_sha256[:32]}-ort{onnxruntime_version()}-{cpu_fingerprint()}"

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from openinfer.daemon.files.cache_key import cache_key, cpu_fingerprint, fd_sha256, onnxruntime_version
-from openinfer.daemon.files.model_files import ModelFileError, ModelTooLarge, check_model_size, describe_user, open_model
+from openinfer.daemon.files.cache_key import VersionFiles, cache_key, cpu_fingerprint, fd_sha256, onnxruntime_version, version_files
+from openinfer.daemon.files.model_files import ModelFileError, ModelTooLarge, check_model_size, describe_user, open_model, open_version_dir
 from openinfer.daemon.modelstore.models import ModelState, ServedModel
 from openinfer.daemon.loop.offloop import OffLoopRunner
 from openinfer.daemon.files.prepared import Expectation, PreparedRejected, PreparedStore
 from openinfer.daemon.files.prepared_layout import REPORT, output_limit_bytes
+from .recycling import memory_limit_bytes
 from .spawner import SpawnedProcess, spawn_worker
 from .worker_output import StderrRelay
 
@@ -42,6 +43,7 @@ class Plan:
     key: str
     expected: Expectation
     not_reusable: str | None  # None: `<cache>/<key>` is valid and is used as it is
+    files: VersionFiles  # the rest of the version directory, as hashed for the key
 
 
 @dataclass
@@ -60,19 +62,21 @@ class Source:
     version_dir: int
     fd: int
     size: int
+    name: str  # the model file's name in its version directory
+    max_other_bytes: int | None  # what the files beside it may come to (version_files)
 
     def close(self) -> None:
         os.close(self.fd)
         os.close(self.version_dir)
 
 
-def open_source(model: ServedModel, max_bytes: int) -> Source:
+def open_source(model: ServedModel, max_bytes: int, max_other_bytes: int | None) -> Source:
     """On the loop (an open and an fstat, no read). Raises ModelTooLarge over `max_bytes`, ModelFileError when
     the file cannot be opened safely."""
     repository = str(model.repository or model.path.parent)
     version_dir, fd = open_model(repository, str(model.path), describe_user(os.geteuid()))
     try:
-        return Source(version_dir, fd, check_model_size(fd, str(model.path), max_bytes))
+        return Source(version_dir, fd, check_model_size(fd, str(model.path), max_bytes), model.path.name, max_other_bytes)
     except BaseException:
         os.close(fd)
         os.close(version_dir)
@@ -80,15 +84,36 @@ def open_source(model: ServedModel, max_bytes: int) -> Source:
 
 
 def plan_preparation(source: Source, store: PreparedStore) -> Plan:
-    """Off the loop: the key from the source's own bytes, and whether the cache already holds it. Closes
-    `source`. Raises OSError when the file grew past its checked size meanwhile."""
+    """Off the loop: the key from the bytes of the source and of the files beside it (its external data
+    among them), and whether the cache already holds it. Closes `source`. Raises OSError when the file grew
+    past its checked size meanwhile, or the files beside it are too many or too large to hash."""
     try:
         source_sha256 = fd_sha256(source.fd, source.size)
+        files = version_files(source.version_dir, source.name, source.max_other_bytes)
     finally:
         source.close()
     expected = Expectation(source_sha256, onnxruntime_version(), cpu_fingerprint(), output_limit_bytes(source.size))
-    key = cache_key(source_sha256)
-    return Plan(key, expected, store.holds(key, expected))
+    key = cache_key(source_sha256, files.sha256)
+    return Plan(key, expected, store.holds(key, expected), files)
+
+
+def files_changed(model: ServedModel, files: VersionFiles) -> str | None:
+    """Why the version directory is no longer what `files` hashed (an entry added, removed, or written:
+    its ctime moves whatever else is set back), else None. After a helper ran: the weights it prepared may
+    be from other bytes than the key names. Stamps only, no hashing: on the loop, at most
+    MAX_VERSION_ENTRIES stats."""
+    repository = str(model.repository or model.path.parent)
+    try:
+        version_dir = open_version_dir(repository, str(model.path), describe_user(os.geteuid()))
+        try:
+            now = version_files(version_dir, model.path.name, None, hash_bytes=False)
+        finally:
+            os.close(version_dir)
+    except (OSError, ModelFileError) as exc:
+        return f"the version directory cannot be read again: {exc}"
+    if now.stamps != files.stamps:
+        return "the files beside the model changed while its weights were prepared"
+    return None
 
 
 class WeightPreparer:
@@ -118,8 +143,9 @@ class WeightPreparer:
         supervisor cannot open, starts its workers now. Only the rest waits for the off-loop thread."""
         model.prepare_attempts += 1
         settings = self.pool.settings.pool
+        limit = memory_limit_bytes(self.pool.settings, model)
         try:
-            source = open_source(model, settings.max_model_bytes)
+            source = open_source(model, settings.max_model_bytes, None if limit is None else max(limit, settings.max_model_bytes))
         except ModelTooLarge as exc:
             self._fail(model, str(exc))
             return
@@ -180,7 +206,11 @@ class WeightPreparer:
 
     def _helper_done(self, job: PrepareJob, returncode: int, report: dict[str, Any] | None) -> None:
         model = job.model
-        if returncode == 0 and report == REPORT:
+        changed = files_changed(model, job.plan.files) if returncode == 0 and report == REPORT else None
+        if changed is not None:
+            self.store.remove_tmp(job.tmp_dir)
+            self._off(model, changed)
+        elif returncode == 0 and report == REPORT:
             try:
                 self.store.finalize(job.tmp_dir, job.plan.key, job.plan.expected)
             except PreparedRejected as exc:
