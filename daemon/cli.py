@@ -219,16 +219,30 @@ def infer(model: str, inputs: tuple[str, ...], fill: str | None, file_path: Path
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 def keygen(path: Path) -> None:
     """Write a CURVE key pair: PATH (secret, mode 0600) and PATH.pub (public, give it to clients)."""
+    import errno
     import os
 
     import zmq
 
     public, secret = zmq.curve_keypair()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret.decode() + "\n")
-    Path(f"{path}.pub").write_text(public.decode() + "\n")
-    click.echo(f"secret key: {path}\npublic key: {path}.pub ({public.decode()})")
+    public_path = Path(f"{path}.pub")
+    # Both new files (O_EXCL: never through a symlink, never into a file someone else made): a .pub planted
+    # in a shared directory took the public key - a symlink wrote it over another file of root's, a file of
+    # another user's kept that user able to change the key clients are given (attacker round 28).
+    written: list[Path] = []
+    try:
+        for target, text, mode in ((public_path, public, 0o644), (path, secret, 0o600)):
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+            written.append(target)
+            with os.fdopen(fd, "w") as f:
+                f.write(text.decode() + "\n")
+    except OSError as exc:
+        for done in written:
+            done.unlink()
+        if exc.errno == errno.EEXIST:
+            raise click.ClickException(f"{exc.filename} already exists: keygen writes two new files, PATH and PATH.pub. Remove the old pair first, or choose another PATH.") from None
+        raise click.ClickException(f"cannot write {exc.filename}: {exc.strerror}") from None
+    click.echo(f"secret key: {path}\npublic key: {public_path} ({public.decode()})")
 
 
 @main.group()

@@ -35,7 +35,12 @@ def secret_file_problem(st: os.stat_result, fd: int | None = None) -> str | None
     if mode & 0o020:
         return f"is writable by its group (mode {mode:04o}): chmod 600 it (640 to let the daemon's group read it)"
     if mode & 0o040 and st.st_gid not in (os.getegid(), *os.getgroups()):
-        return f"is readable by group {st.st_gid}, which is not the daemon's: chmod 600 it, or chgrp it to the daemon's group"
+        return f"is readable by group {st.st_gid}, which is not the daemon's: chmod 600 it (and chown it to the daemon's user if the daemon is not root)"
+    if mode & 0o040 and st.st_gid == os.getegid() != 0:
+        # The daemon's own group is the one its socket and runtime directory carry, i.e. its clients' (the
+        # shipped unit runs with Group=openinfer-clients): readable by it is readable by every client
+        # (attacker round 28, following the hint this message used to give).
+        return f"is readable by group {st.st_gid}, the daemon's own group, which its socket and runtime directory give to its clients: chown it to the daemon's user (or root) and chmod 600 it"
     if fd is not None and _has_access_acl(fd):
         return "has an access ACL, which may grant what its mode does not show (getfacl): setfacl -b it"
     return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -192,3 +193,54 @@ def test_the_daemon_will_not_serve_metrics_with_a_token_others_can_read(tmp_path
     assert done.returncode == 1 and '"msg":"cannot start"' in done.stderr, done.stderr[-2000:]
     assert f"the metrics.token_file {token_file} is open to other users (mode 0644)" in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "oi.sock").exists()
+
+
+def test_a_secret_its_daemons_own_group_may_read_is_refused(tmp_path: Path) -> None:
+    """Attacker round 28: the daemon's own group is the one its socket and runtime directory carry, its
+    clients' (the shipped unit: Group=openinfer-clients). A token root:<that group> 0640 - what the old
+    hint "chgrp it to the daemon's group" led to - was accepted, and every client could read it. Here a
+    daemon-side process running with that egid (65534 standing in for the clients' group) checks it."""
+    secret = _private(tmp_path / "token", TOKEN, 0o640)
+    os.chown(secret, 0, NOBODY)
+    code = (
+        "import os, sys\n"
+        "from openinfer.daemon.files.secret_file import read_secret_file\n"
+        "from openinfer.daemon.modelstore.modelconfig import ConfigError\n"
+        f"os.setgroups([]); os.setresgid({NOBODY}, {NOBODY}, {NOBODY})\n"
+        "try:\n"
+        "    read_secret_file(sys.argv[1], 'metrics.token_file')\n"
+        "    print('read')\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(secret)], capture_output=True, text=True, timeout=60)
+    assert "the daemon's own group, which its socket and runtime directory give to its clients" in done.stdout, done.stdout + done.stderr
+
+
+def test_keygen_writes_neither_through_a_planted_symlink_nor_into_another_users_file(tmp_path: Path) -> None:
+    """Attacker round 28: `openinfer keygen PATH` wrote PATH.pub with write_text. Uid 65534, in a directory
+    it may write to, planted PATH.pub as a symlink to a root-only file (overwritten with the public key),
+    or as its own file (kept, 0666: the public key clients are given stayed theirs to change). Both
+    files are now new ones or nothing is written, with an error naming the file."""
+    shared = world_readable_dir("oi-keygen-") / "shared"  # (tmp_path is not reachable by uid 65534)
+    shared.mkdir()
+    shared.chmod(0o1777)
+    victim = _private(tmp_path / "root-only", "root-only file, must not change\n", 0o600)
+    try:
+        _keygen_in(shared, victim)
+    finally:
+        shutil.rmtree(shared.parent, ignore_errors=True)
+
+
+def _keygen_in(shared: Path, victim: Path) -> None:
+    planted = run_as(NOBODY, "import sys\nos.symlink(sys.argv[1], sys.argv[2])\nopen(sys.argv[3], 'w').close()\n", str(victim), str(shared / "a.key.pub"), str(shared / "b.key.pub"))
+    assert planted.returncode == 0, planted.stderr
+    for key in ("a.key", "b.key"):
+        done = subprocess.run([sys.executable, "-m", "openinfer.daemon.cli", "keygen", str(shared / key)], capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and f"{shared / key}.pub already exists" in done.stderr, done.stdout + done.stderr
+        assert not (shared / key).exists()  # no secret key left without its public one
+    assert victim.read_text() == "root-only file, must not change\n"
+    assert (shared / "b.key.pub").stat().st_uid == NOBODY and (shared / "b.key.pub").read_bytes() == b""
+    done = subprocess.run([sys.executable, "-m", "openinfer.daemon.cli", "keygen", str(shared / "c.key")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (shared / "c.key").stat().st_mode & 0o777 == 0o600 and len((shared / "c.key.pub").read_text().strip()) == 40
