@@ -26,7 +26,8 @@ from .books import DirectBooks
 from .deadline_page import DeadlinePage
 from .ledger import MAX_RECORD_BYTES
 from openinfer.daemon.frontdoor.client_limits import ClientLimit
-from openinfer.daemon.frontdoor.listener import BoundListener
+from openinfer.daemon.frontdoor.listener import BoundListener, not_ours
+from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.daemon.modelstore.models import ServedModel
 from openinfer.daemon.config.settings import Settings
 from openinfer.daemon.worker import messages
@@ -211,10 +212,10 @@ def _endpoint_dir(socket_path: Path, settings: Settings) -> Path | None:
         return None
     try:
         st = os.lstat(directory)
-        if stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode) and st.st_uid == os.geteuid():
-            shutil.rmtree(directory)
-        else:
-            os.unlink(directory)
+        squatted = not_ours(directory, st, stat.S_ISDIR)
+        if squatted is not None:
+            raise ConfigError(squatted)
+        shutil.rmtree(directory)
     except FileNotFoundError:
         pass
     mode = settings.server.socket_mode

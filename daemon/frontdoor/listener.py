@@ -17,7 +17,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from openinfer.daemon.modelstore.modelconfig import ConfigError
 
@@ -84,6 +84,21 @@ def check_private_dir(path: Path, what: str) -> None:
         raise ConfigError(f"{what} {path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}): anyone in it could replace the socket; chmod go-w it")
 
 
+def not_ours(path: Path, st: os.stat_result, kind: Callable[[int], bool] = stat.S_ISREG) -> str | None:
+    """Why an entry the daemon is about to take over beside its socket is not one it may (another user's,
+    or not of the `kind` the daemon makes there), else None. In a shared (sticky) socket directory anyone can
+    take these names first (attacker round 28: a directory at PATH.d, a lock of another user's held at
+    PATH.lock kept the daemon from starting, with "Is a directory" or "another daemon is serving")."""
+    if st.st_uid not in (0, os.geteuid()):
+        owner = f"uid {st.st_uid}"
+    elif not kind(st.st_mode):
+        owner = None
+    else:
+        return None
+    found = f"is owned by {owner}, not by root or this daemon (uid {os.geteuid()})" if owner else f"is not what the daemon puts there (mode {st.st_mode:o})"
+    return f"{path} {found}: in a directory others may write to (sticky), anyone can take the names the daemon needs (PATH, PATH.lock, PATH.d) before it starts. Remove it, or serve from a directory only root or the daemon can write to (e.g. /run/openinfer)"
+
+
 def bind_unix(address: str, *, mode: int, group: str) -> BoundListener:
     path = ipc_path(address)
     assert path is not None
@@ -92,16 +107,24 @@ def bind_unix(address: str, *, mode: int, group: str) -> BoundListener:
     if not path.parent.exists():
         path.parent.mkdir(mode=0o750, parents=True)
     check_private_dir(path.parent, "socket directory")
-    lock_fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    lock_fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    squatted = not_ours(lock_path(path), os.fstat(lock_fd))
+    if squatted is not None:  # before its lock means anything: another user's lock is no daemon's
+        os.close(lock_fd)
+        raise ConfigError(squatted)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(lock_fd)
         raise EndpointBusy(f"another openinfer daemon is serving at {address} (lock {lock_path(path)} is held)") from None
-    # We hold the lock: whatever is at the path was left by a daemon that is gone.
+    # We hold the lock: a socket of ours at the path was left by a daemon that is gone.
     try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            path.unlink()
+        st = os.lstat(path)
+        squatted = not_ours(path, st, stat.S_ISSOCK)
+        if squatted is not None:
+            os.close(lock_fd)
+            raise ConfigError(squatted)
+        path.unlink()
     except FileNotFoundError:
         pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)

@@ -158,3 +158,38 @@ def test_a_private_runtime_dir_of_our_own_is_used(models: Path, shared_tmp: Path
         daemon.stop()
         cleanup_workdir(daemon)
     assert not list(base.iterdir())
+
+
+@pytest.mark.parametrize("name", ["oi.sock.d", "oi.sock.lock", "oi.sock"])
+def test_names_beside_the_socket_taken_by_another_uid_stop_the_start_with_a_reason(models: Path, shared_tmp: Path, name: str) -> None:
+    """Attacker round 28: in a sticky shared directory another uid takes a name the daemon needs before it
+    starts - PATH.d (a directory: the start failed "Is a directory"), PATH.lock (its own file, its flock
+    held: "another openinfer daemon is serving"), PATH itself. No directory others can write to can be
+    defended against that; the daemon now says which entry, whose, and what to do (PROTOCOL.md 2.3)."""
+    taken = shared_tmp / name
+    holder = None
+    if name.endswith(".d"):
+        as_attacker("mkdir", str(taken))
+    else:
+        as_attacker("touch", str(taken))
+        if name.endswith(".lock"):
+            holder = subprocess.Popen([*AS_ATTACKER, "flock", str(taken), "sleep", "300"])
+            wait_for(lambda: "FLOCK" in Path("/proc/locks").read_text() and _holds_flock(holder.pid), 20, "the attacker to hold the lock")
+    try:
+        daemon, outcome = start_and_judge(models, shared_tmp, {})
+        try:
+            assert_refused(daemon, outcome, taken, f"is owned by uid {ATTACKER}, not by root or this daemon")
+            assert "before it starts. Remove it, or serve from a directory only root or the daemon can write to" in daemon.log_text()
+        finally:
+            daemon.stop()
+            cleanup_workdir(daemon)
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+
+
+def _holds_flock(pid: int) -> bool:
+    """Whether `pid` (setpriv, then flock in its place) or its child holds a flock (/proc/locks names the pid)."""
+    pids = {str(pid), *(child for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())}
+    return any(line.split()[1] == "FLOCK" and line.split()[4] in pids for line in Path("/proc/locks").read_text().splitlines())
