@@ -655,7 +655,10 @@ def test_a_request_a_retiring_worker_had_read_is_not_sent_again_when_the_worker_
             long_run = asyncio.ensure_future(client.infer("poison", seconds(4)))
             poison = asyncio.ensure_future(client.infer("poison", seconds(-1)))
             # both wait in the socket behind the blocker, and are read together when it ends: then the 4 s run
-            await asyncio.to_thread(wait_for, lambda: not unread_by_peer(link.stream.sock), 30, "the worker reading both requests")
+            # (both sent first: under load the futures may not have run yet when the socket is first looked at,
+            # and two requests the worker reads only after its GOAWAY are rightly sent to its replacement)
+            sent_and_read = lambda: len(link.pending) == 2 and not link.stream.out_bytes and not unread_by_peer(link.stream.sock)  # noqa: E731
+            await asyncio.to_thread(wait_for, sent_and_read, 30, "the worker reading both requests")
             (old_pid,) = worker_states()
             await asyncio.to_thread(replace_and_reload, daemon, repo.root, model_path, "poison")
             states = await asyncio.to_thread(wait_for, lambda: (s := worker_states()).get(old_pid) == "draining" and len(s) == 2 and s, 30, "the replacement ready and the old worker retired")
