@@ -109,7 +109,7 @@ class LogSettings:
 class MetricsSettings:
     listen: str = _opt("", "Serve Prometheus metrics over HTTP on HOST:PORT (loopback recommended; no authentication unless metrics.token_file). A scrape counts every request answered before it began. At most 8 connections at once (10 s each); 2 scrapes rendered a second after a burst of 10 (beyond: the last text again). Empty = off.", reload=RESTART)
     token_file: str = _opt("", "File holding the token every scrape of metrics.listen must send (`Authorization: Bearer TOKEN`; Prometheus: `authorization: {credentials_file: ...}`): 16 to 4096 visible ASCII characters, the file private (mode 600, or 640 for a supplementary group of the daemon's - never its own group, which its clients get; root's or the daemon's; no ACL). A scrape without it gets 401. Empty = no authentication: any local user can scrape.", SECRET_FILE, reload=RESTART)
-    textfile: str = _opt("", "Write Prometheus metrics to this file (mode 0644) for node_exporter's textfile collector. Empty = off.", CREATED_FILE, reload=RESTART)
+    textfile: str = _opt("", "Write Prometheus metrics to this file (mode 0644) for node_exporter's textfile collector. Every local user who may enter its directory reads it - client labels and uids too, whatever metrics.token_file keeps from the HTTP endpoint (the log warns when both are set): put it in a directory only node_exporter may enter. Empty = off.", CREATED_FILE, reload=RESTART)
     textfile_interval_s: float = _opt(15.0, "How often the textfile is rewritten.", reload=RESTART)
 
 

@@ -153,6 +153,9 @@ class MetricsExporter:
             log.info("serving Prometheus metrics", extra={"listen": settings.listen, "port": self.port, "authentication": "bearer token" if token is not None else "none"})
         elif settings.token_file:
             log.warning("metrics.token_file is set but metrics.listen is not: nothing serves metrics over HTTP", extra={"token_file": settings.token_file})
+        if settings.token_file and settings.textfile:
+            # (attacker round 28) the same figures, client labels and uids among them, for anyone who reads it
+            log.warning("metrics.textfile is readable by every local user (0644, for node_exporter): it shows what metrics.token_file keeps from them on metrics.listen; put it in a directory only node_exporter may enter, or turn it off", extra={"textfile": settings.textfile})
 
     # -- called from the supervisor's loop ------------------------------------------------------------
     def on_wakeup(self) -> None:

@@ -244,3 +244,14 @@ def _keygen_in(shared: Path, victim: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "openinfer.daemon.cli", "keygen", str(shared / "c.key")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert (shared / "c.key").stat().st_mode & 0o777 == 0o600 and len((shared / "c.key.pub").read_text().strip()) == 40
+
+
+def test_a_textfile_beside_a_token_is_named_in_the_log_as_readable_by_every_user(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Attacker round 28 (low): with metrics.token_file set, the textfile (0644, for node_exporter) still
+    gave any local user every client label and uid the token keeps from the HTTP endpoint. It must be
+    0644 for node_exporter to read it; the operator is told, at start, where that leaves the token."""
+    token_file = _private(tmp_path / "metrics.token", TOKEN + "\n", 0o600)
+    with caplog.at_level("WARNING", logger="openinfer.supervisor"):
+        exporter = MetricsExporter(MetricsSettings(listen="127.0.0.1:0", token_file=str(token_file), textfile=str(tmp_path / "openinfer.prom")))
+        exporter.close()
+    assert any("metrics.textfile is readable by every local user" in record.getMessage() for record in caplog.records), caplog.text
