@@ -314,6 +314,8 @@ class Dispatcher:
             if task.batch_key is None or _cannot_last_a_batch(task, now):
                 continue
             at_ns = min(task.enqueued_ns + wait_ns, _latest_hold(task))
+            if at_ns <= now:
+                return at_ns  # due already: under a backlog the first one looked at usually is
             if due_ns == 0 or at_ns < due_ns:
                 due_ns = at_ns
         return due_ns
