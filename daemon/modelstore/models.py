@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,9 @@ class ServedModel:
     batchable: bool = False  # [batching] configured and every input and output has a dynamic first dimension
     batch_deadline_ns: int = 0  # when the queued tasks must be flushed to a worker, batch full or not
     batch_timer: Any = None  # the timer set for batch_deadline_ns (cancelled when no batch waits)
+    # Queued tasks that run alone (Dispatcher._admit_for_batching), in arrival order, for the next worker
+    # free while a batch is held for company; entries that left the queue meanwhile are skipped.
+    alone: "deque[Task]" = field(default_factory=deque)
     batch_sizes: dict[int, int] = field(default_factory=dict)
     cache_lookups: int = 0  # with [cache]: answers looked up in a worker's verdict cache, and found
     cache_hits: int = 0

@@ -128,3 +128,33 @@ def test_a_request_that_cannot_last_a_batch_runs_alone_and_leaves_the_waiting_ba
         assert all(got.timing["batch_wait_us"] < 1_500_000 for got in victims), [got.timing for got in victims]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_request_that_runs_alone_takes_the_worker_freed_while_another_batch_is_held(daemon_factory: Any) -> None:
+    """Round 29's attacker, on the fix above: a request that cannot last a batch, queued while the worker
+    was busy, waited out another client's hold (1 s) with the worker free, and expired. Batches here take
+    ~600 ms; one of four keeps the worker busy ~1/7 of that; a request held for company comes, then one
+    whose timeout is 0.6 of a batch's run: when the worker is free it runs that one (before:
+    DEADLINE_EXCEEDED at its timeout, the worker idle)."""
+    root = _repo("rows", onnx_builders.row_loop_model, "workers = 1\n[batching]\nmax_batch_size = 4\nmax_queue_delay_us = 1000000\nquiet_us = 0\n")
+    try:
+        daemon = daemon_factory(root)
+
+        async def scenario() -> tuple[Any, Any]:
+            async with AsyncClient(daemon.address, timeout=30, direct=False) as client:
+                learnt = await asyncio.gather(*(client.infer("rows", {"x": np.array([[7e5]], np.float32)}) for _ in range(4)))
+                compute_s = learnt[0].timing["compute_us"] / 1e6
+                assert learnt[0].batch_size == 4 and compute_s > 0.2, learnt[0].timing
+                busy = [asyncio.ensure_future(client.infer("rows", {"x": np.array([[1e5]], np.float32)})) for _ in range(4)]
+                held = asyncio.ensure_future(client.infer("rows", {"x": np.array([[1.0]], np.float32)}))
+                await asyncio.to_thread(wait_for, lambda: admin.status()["queued"] == 1, 20, "one request held for company, the worker busy")
+                short = await client.infer("rows", {"x": np.array([[1.0]], np.float32)}, timeout=0.6 * compute_s)  # < a batch's run
+                await asyncio.gather(*busy)
+                return short, await held
+
+        with Client(daemon.address, timeout=30, direct=False) as admin:
+            short, held = asyncio.run(scenario())
+        assert short.batch_size == 1 and float(short.outputs["y"][0, 0]) == 2.0, short
+        assert held.batch_size == 1, held
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
