@@ -63,6 +63,7 @@ class VersionFiles:
 
     sha256: str  # of each entry's path, kind and, for a regular file, its bytes
     stamps: tuple[tuple[str, int, int, int, int, int], ...]  # (path, mode, inode, size, mtime, ctime) of each
+    total_bytes: int  # the regular files' apparent sizes, added up: what hashing them reads
 
 
 def version_files(version_dir: int, model_file: str, max_bytes: int | None, hash_bytes: bool = True) -> VersionFiles:
@@ -75,17 +76,21 @@ def version_files(version_dir: int, model_file: str, max_bytes: int | None, hash
     changed since a walk that hashed."""
     digest = hashlib.sha256()
     stamps: list[tuple[str, int, int, int, int, int]] = []
-    total = 0
+    total = listed = 0
 
     def walk(dir_fd: int, prefix: str, depth: int) -> None:
-        nonlocal total
+        nonlocal total, listed
+        entries = []
         with os.scandir(dir_fd) as listing:
-            entries = sorted(listing, key=lambda entry: entry.name)
+            for entry in listing:  # counted as they are read: a million entries are never all listed (round 29)
+                if not prefix and entry.name == model_file:
+                    continue
+                listed += 1
+                if listed > MAX_VERSION_ENTRIES:
+                    raise OSError(errno.E2BIG, f"the version directory holds more than {MAX_VERSION_ENTRIES} entries")
+                entries.append(entry)
+        entries.sort(key=lambda entry: entry.name)
         for entry in entries:
-            if not prefix and entry.name == model_file:
-                continue
-            if len(stamps) >= MAX_VERSION_ENTRIES:
-                raise OSError(errno.E2BIG, f"the version directory holds more than {MAX_VERSION_ENTRIES} entries")
             path = prefix + entry.name
             st = entry.stat(follow_symlinks=False)
             stamps.append((path, st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
@@ -120,7 +125,7 @@ def version_files(version_dir: int, model_file: str, max_bytes: int | None, hash
         walk(top, "", 0)
     finally:
         os.close(top)
-    return VersionFiles(digest.hexdigest(), tuple(stamps))
+    return VersionFiles(digest.hexdigest(), tuple(stamps), total)
 
 
 def cache_key(source_sha256: str, files_sha256: str) -> str:

@@ -25,7 +25,6 @@ from openinfer.daemon.modelstore.models import ModelState, ServedModel
 from openinfer.daemon.loop.offloop import OffLoopRunner
 from openinfer.daemon.files.prepared import Expectation, PreparedRejected, PreparedStore
 from openinfer.daemon.files.prepared_layout import REPORT, output_limit_bytes
-from .recycling import memory_limit_bytes
 from .spawner import SpawnedProcess, spawn_worker
 from .worker_output import StderrRelay
 
@@ -63,14 +62,14 @@ class Source:
     fd: int
     size: int
     name: str  # the model file's name in its version directory
-    max_other_bytes: int | None  # what the files beside it may come to (version_files)
+    max_other_bytes: int  # what the files beside it may come to (version_files)
 
     def close(self) -> None:
         os.close(self.fd)
         os.close(self.version_dir)
 
 
-def open_source(model: ServedModel, max_bytes: int, max_other_bytes: int | None) -> Source:
+def open_source(model: ServedModel, max_bytes: int, max_other_bytes: int) -> Source:
     """On the loop (an open and an fstat, no read). Raises ModelTooLarge over `max_bytes`, ModelFileError when
     the file cannot be opened safely."""
     repository = str(model.repository or model.path.parent)
@@ -143,9 +142,12 @@ class WeightPreparer:
         supervisor cannot open, starts its workers now. Only the rest waits for the off-loop thread."""
         model.prepare_attempts += 1
         settings = self.pool.settings.pool
-        limit = memory_limit_bytes(self.pool.settings, model)
+        # What the files beside the model may come to: the operator's settings alone, never the model's own
+        # config.toml (round 29: memory_limit_mb = 1048576 there let a sparse 1 TiB file beside the model
+        # hold the one hashing thread for an hour, every other model waiting).
+        max_beside = max(settings.max_model_bytes, self.pool.settings.sandbox.memory_limit_mb << 20)
         try:
-            source = open_source(model, settings.max_model_bytes, None if limit is None else max(limit, settings.max_model_bytes))
+            source = open_source(model, settings.max_model_bytes, max_beside)
         except ModelTooLarge as exc:
             self._fail(model, str(exc))
             return
@@ -158,9 +160,18 @@ class WeightPreparer:
             model.sharing = f"off: {source.size} bytes < pool.share_min_bytes"
             self.on_done(model)
             return
+        try:  # stamps only, no byte read (at most MAX_VERSION_ENTRIES stats): what hashing will cost
+            beside = version_files(source.version_dir, source.name, max_beside, hash_bytes=False)
+        except OSError as exc:
+            source.close()
+            self._off(model, f"the files beside the model are not hashed: {exc.strerror or exc}")
+            self.on_done(model)
+            return
         model.sharing = "preparing"
         started_ns = time.monotonic_ns()
-        self.offloop.submit(lambda: plan_preparation(source, self.store), lambda result: self._planned(model, result, started_ns), cost=source.size)
+        # Smallest first by all it reads, the files beside the model too (round 29: only model.onnx counted)
+        cost = source.size + beside.total_bytes
+        self.offloop.submit(lambda: plan_preparation(source, self.store), lambda result: self._planned(model, result, started_ns), cost=cost)
 
     def _planned(self, model: ServedModel, result: Any, started_ns: int) -> None:
         if model.state is ModelState.FAILED or model.retiring:

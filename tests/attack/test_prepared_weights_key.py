@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import onnx_builders
-from daemon_harness import world_readable_dir
-from openinfer.client import Client
+from daemon_harness import wait_for, world_readable_dir
+from openinfer.client import Client, OpenInferError
 from repo_builder import make_world_readable
 
 pytestmark = pytest.mark.attack
@@ -57,3 +57,37 @@ def test_models_differing_only_in_their_external_data_are_each_served_their_own_
     finally:
         shutil.rmtree(repo, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_a_huge_sparse_file_beside_a_model_holds_back_no_other_model(daemon_factory: Any) -> None:
+    """Round 29's attacker, on the fix above: the files beside a model are hashed by the supervisor's one
+    off-loop thread. A hostile repository put a sparse 1 TiB file (no disk cost) beside a small model and
+    raised the bound with memory_limit_mb = 1048576 in the model's own config.toml; the job counted only
+    model.onnx, so it ran first, and an honest model waited (victim still loading after 60 s; about an hour
+    of hashing). The bound is the operator's settings alone, and a job costs all it reads: the hostile model
+    loads unshared, saying why, and the victim is served at once."""
+    repo, cache = world_readable_dir("oi-extpad-"), world_readable_dir("oi-extpad-cache-")
+    try:
+        onnx_builders.external_weights_model(repo / "hostile" / "1" / "model.onnx", size=SIZE)
+        (repo / "hostile" / "config.toml").write_text("memory_limit_mb = 1048576\n")
+        with open(repo / "hostile" / "1" / "pad", "wb") as pad:
+            pad.truncate(1 << 40)
+        onnx_builders.large_matmul_model(repo / "victim" / "1" / "model.onnx", size=256)  # larger: it was hashed after the hostile one
+        make_world_readable(repo)
+        env = {"OPENINFER_SERVER_CACHE_DIR": str(cache), "OPENINFER_POOL_SHARE_MIN_BYTES": "0", "OPENINFER_POOL_WORKERS": "1"}
+        daemon = daemon_factory(repo, env=env, wait=False)
+        with Client(daemon.address, timeout=5, direct=False) as client:
+            rows = wait_for(lambda: _sharing_settled(client), 30, "both models' sharing settled", daemon=daemon)
+        assert rows["victim"] == "shared", rows
+        assert rows["hostile"].startswith("off: the files beside the model are not hashed: the files beside the model come to more than"), rows
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _sharing_settled(client: Client) -> dict[str, str] | None:
+    try:
+        rows = {row["name"]: row["sharing"] for row in client.status()["models"]}
+    except OpenInferError:
+        return None  # not listening yet
+    return rows if len(rows) == 2 and "preparing" not in rows.values() else None
