@@ -106,7 +106,7 @@ class Supervisor:
         assert self.timers.wakeup is not None
         self.reactor.add(self.timers.wakeup.fd, lambda mask: self.timers.on_wakeup())  # due timers run after the pass
         try:
-            self.exporter = MetricsExporter(settings.metrics)
+            self.exporter = MetricsExporter(settings.metrics, self.listener.clients_gid(settings.server.socket_mode))
         except BaseException:  # (a bad token file, a taken port): nothing will serve at the address, so no socket is left there
             self.listener.cleanup()
             raise

@@ -220,7 +220,10 @@ def _endpoint_dir(socket_path: Path, settings: Settings) -> Path | None:
         pass
     mode = settings.server.socket_mode
     dir_mode = 0o700 | (0o050 if mode & 0o060 else 0) | (0o005 if mode & 0o006 else 0)
-    os.mkdir(directory, 0o700)
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:  # taken between the removal and here (another uid, in a sticky directory)
+        raise ConfigError(not_ours(directory, os.lstat(directory), stat.S_ISDIR) or f"{directory} appeared while the daemon made it: is another daemon starting on this path?") from None
     if settings.server.socket_group:
         os.chown(directory, -1, grp.getgrnam(settings.server.socket_group).gr_gid, follow_symlinks=False)
     os.chmod(directory, dir_mode)

@@ -23,8 +23,9 @@ _MAX_SMALL_FILE_BYTES = 4096  # a key or a token; a larger file is not one
 _ACCESS_ACL = "system.posix_acl_access"  # present only when the ACL has entries beyond the mode bits
 
 
-def secret_file_problem(st: os.stat_result, fd: int | None = None) -> str | None:
-    """What makes a file unfit to hold a secret, or None. With `fd`, its ACL is looked at too."""
+def secret_file_problem(st: os.stat_result, fd: int | None = None, clients_gid: int | None = None) -> str | None:
+    """What makes a file unfit to hold a secret, or None. With `fd`, its ACL is looked at too; with
+    `clients_gid`, the group the daemon's socket gives its clients may not read it either."""
     if not stat.S_ISREG(st.st_mode):
         return "is not a regular file"
     if st.st_uid not in (0, os.geteuid()):
@@ -41,6 +42,9 @@ def secret_file_problem(st: os.stat_result, fd: int | None = None) -> str | None
         # shipped unit runs with Group=openinfer-clients): readable by it is readable by every client
         # (attacker round 28, following the hint this message used to give).
         return f"is readable by group {st.st_gid}, the daemon's own group, which its socket and runtime directory give to its clients: chown it to the daemon's user (or root) and chmod 600 it"
+    if mode & 0o040 and st.st_gid == clients_gid:
+        # (round 29: server.socket_group, a supplementary group of a non-root daemon's, passed the check above)
+        return f"is readable by group {st.st_gid}, the group the daemon's socket gives to its clients (server.socket_group): chown it to the daemon's user (or root) and chmod 600 it"
     if fd is not None and _has_access_acl(fd):
         return "has an access ACL, which may grant what its mode does not show (getfacl): setfacl -b it"
     return None
@@ -56,13 +60,13 @@ def _has_access_acl(fd: int) -> bool:
     return True
 
 
-def read_secret_file(path: str | Path, what: str) -> bytes:
+def read_secret_file(path: str | Path, what: str, clients_gid: int | None = None) -> bytes:
     """The bytes of a secret file; ConfigError naming `what` (the setting) and the file when it cannot be
     read or is not private (secret_file_problem)."""
-    return read_small_file(path, what, private=True)
+    return read_small_file(path, what, private=True, clients_gid=clients_gid)
 
 
-def read_small_file(path: str | Path, what: str, private: bool = False) -> bytes:
+def read_small_file(path: str | Path, what: str, private: bool = False, clients_gid: int | None = None) -> bytes:
     """At most a few KiB of a regular file, never blocking (a FIFO or a device is refused before it is
     opened, and checked again on the open descriptor: what is read is what was checked); with `private`,
     only a file secret_file_problem has nothing against. ConfigError naming `what` and the file."""
@@ -74,7 +78,7 @@ def read_small_file(path: str | Path, what: str, private: bool = False) -> bytes
         raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
-        problem = secret_file_problem(st, fd) if private else (None if stat.S_ISREG(st.st_mode) else "is not a regular file")
+        problem = secret_file_problem(st, fd, clients_gid) if private else (None if stat.S_ISREG(st.st_mode) else "is not a regular file")
         if problem is not None:
             raise ConfigError(f"the {what} {path} {problem}")
         data = os.read(fd, _MAX_SMALL_FILE_BYTES + 1)

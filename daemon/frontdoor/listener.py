@@ -46,6 +46,13 @@ class BoundListener:
     def is_unix(self) -> bool:
         return self.socket_path is not None
 
+    def clients_gid(self, socket_mode: int) -> int | None:
+        """The group the socket lets connect (its file's group, when `socket_mode` gives the group access),
+        else None: a secret that group may read is every client's (secret_file.secret_file_problem)."""
+        if self.socket_path is None or not socket_mode & 0o060:
+            return None
+        return os.stat(self.socket_path).st_gid
+
     def cleanup(self) -> None:
         self.sock.close()
         if self.socket_path is not None:
@@ -107,6 +114,12 @@ def bind_unix(address: str, *, mode: int, group: str) -> BoundListener:
     if not path.parent.exists():
         path.parent.mkdir(mode=0o750, parents=True)
     check_private_dir(path.parent, "socket directory")
+    try:  # (a directory or a symlink of another uid's there would fail the open below, unexplained)
+        squatted = not_ours(lock_path(path), os.lstat(lock_path(path)))
+    except FileNotFoundError:
+        squatted = None
+    if squatted is not None:
+        raise ConfigError(squatted)
     lock_fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     squatted = not_ours(lock_path(path), os.fstat(lock_fd))
     if squatted is not None:  # before its lock means anything: another user's lock is no daemon's

@@ -106,7 +106,9 @@ class MetricsExporter:
     """Serves and/or writes the last published snapshot. Create one per supervisor (after everything
     else in its __init__ succeeded: a bad `metrics.listen` raises ConfigError, a taken port OSError)."""
 
-    def __init__(self, settings: MetricsSettings) -> None:
+    def __init__(self, settings: MetricsSettings, clients_gid: int | None = None) -> None:
+        """`clients_gid`: the group the daemon's socket gives its clients (None: none), which may not read
+        metrics.token_file."""
         self.settings = settings
         self.enabled = bool(settings.listen or settings.textfile)
         self.port: int | None = None  # the bound port (useful with port 0)
@@ -139,7 +141,7 @@ class MetricsExporter:
             self._writer.start()
         if settings.listen:
             host, port = parse_listen(settings.listen)
-            token = scrape_token(settings.token_file) if settings.token_file else None
+            token = scrape_token(settings.token_file, clients_gid) if settings.token_file else None
             self.wakeup_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             scrapes = CollectorRegistry(auto_describe=False)  # a fresh snapshot per scrape
             scrapes.register(_SnapshotCollector(self.scrape_families))

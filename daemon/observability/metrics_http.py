@@ -50,9 +50,10 @@ REFUSALS_LOGGED_EVERY_S = 10.0
 _TOKEN = re.compile(rb"[\x21-\x7e]{16,4096}")  # visible ASCII: what an HTTP header carries as it is
 
 
-def scrape_token(path: str) -> bytes:
-    """The token in `metrics.token_file` (one line; surrounding whitespace dropped), from a private file."""
-    token = read_secret_file(path, "metrics.token_file").strip()
+def scrape_token(path: str, clients_gid: int | None = None) -> bytes:
+    """The token in `metrics.token_file` (one line; surrounding whitespace dropped), from a private file
+    (`clients_gid`: the group the daemon's socket gives its clients, which may not read it)."""
+    token = read_secret_file(path, "metrics.token_file", clients_gid).strip()
     if not _TOKEN.fullmatch(token):
         raise ConfigError(f"metrics.token_file {path}: must hold one token of 16 to 4096 visible ASCII characters (no spaces), e.g. `(umask 077; head -c 32 /dev/urandom | base64 > {path})`")
     return token

@@ -160,15 +160,15 @@ def test_a_private_runtime_dir_of_our_own_is_used(models: Path, shared_tmp: Path
     assert not list(base.iterdir())
 
 
-@pytest.mark.parametrize("name", ["oi.sock.d", "oi.sock.lock", "oi.sock"])
-def test_names_beside_the_socket_taken_by_another_uid_stop_the_start_with_a_reason(models: Path, shared_tmp: Path, name: str) -> None:
+@pytest.mark.parametrize("name, kind", [("oi.sock.d", "directory"), ("oi.sock.lock", "file"), ("oi.sock.lock", "directory"), ("oi.sock", "file")])
+def test_names_beside_the_socket_taken_by_another_uid_stop_the_start_with_a_reason(models: Path, shared_tmp: Path, name: str, kind: str) -> None:
     """Attacker round 28: in a sticky shared directory another uid takes a name the daemon needs before it
     starts - PATH.d (a directory: the start failed "Is a directory"), PATH.lock (its own file, its flock
     held: "another openinfer daemon is serving"), PATH itself. No directory others can write to can be
     defended against that; the daemon now says which entry, whose, and what to do (PROTOCOL.md 2.3)."""
     taken = shared_tmp / name
     holder = None
-    if name.endswith(".d"):
+    if kind == "directory":  # (round 29: at PATH.lock, the start failed "[Errno 21] Is a directory")
         as_attacker("mkdir", str(taken))
     else:
         as_attacker("touch", str(taken))

@@ -11,6 +11,7 @@ Before the fix: the 0644 key served, the token setting did not exist, and uid 65
 """
 from __future__ import annotations
 
+import grp
 import json
 import os
 import shutil
@@ -170,9 +171,9 @@ def test_a_token_that_is_not_one_is_refused(tmp_path: Path, token: str) -> None:
         MetricsExporter(MetricsSettings(listen="127.0.0.1:0", token_file=str(token_file)))
 
 
-def _serve(tmp_path: Path, socket_address: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _serve(tmp_path: Path, socket_address: str, env: dict[str, str], launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     (tmp_path / "repo").mkdir(exist_ok=True)
-    return subprocess.run([sys.executable, "-m", "openinfer.daemon.cli", "serve", "--models", "repo", "--socket", socket_address],
+    return subprocess.run([*launcher, sys.executable, "-m", "openinfer.daemon.cli", "serve", "--models", "repo", "--socket", socket_address],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "OPENINFER_SERVER_RUNTIME_DIR": str(tmp_path / "run"), **env})
 
@@ -192,6 +193,22 @@ def test_the_daemon_will_not_serve_metrics_with_a_token_others_can_read(tmp_path
                   {"OPENINFER_METRICS_LISTEN": f"127.0.0.1:{free_port()}", "OPENINFER_METRICS_TOKEN_FILE": str(token_file)})
     assert done.returncode == 1 and '"msg":"cannot start"' in done.stderr, done.stderr[-2000:]
     assert f"the metrics.token_file {token_file} is open to other users (mode 0644)" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "oi.sock").exists()
+
+
+def test_the_daemon_will_not_serve_metrics_with_a_token_its_socket_group_may_read(tmp_path: Path) -> None:
+    """Attacker round 29: the check above looked at the daemon's own group only. A daemon in the clients'
+    group as a supplementary one (server.socket_group: a non-root daemon must be in it to give its socket
+    that group) accepted a token root:<that group> 0640, and a client of that group read it and scraped.
+    Here root is put in group 65534 (setpriv --groups), the socket given it: the start is refused."""
+    token_file = _private(tmp_path / "metrics.token", TOKEN, 0o640)
+    os.chown(token_file, 0, NOBODY)
+    group = grp.getgrgid(NOBODY).gr_name
+    done = _serve(tmp_path, f"ipc://{tmp_path}/oi.sock",
+                  {"OPENINFER_METRICS_LISTEN": f"127.0.0.1:{free_port()}", "OPENINFER_METRICS_TOKEN_FILE": str(token_file), "OPENINFER_SERVER_SOCKET_GROUP": group},
+                  launcher=("setpriv", f"--groups={NOBODY}", "--"))
+    assert done.returncode == 1 and '"msg":"cannot start"' in done.stderr, done.stderr[-2000:]
+    assert f"is readable by group {NOBODY}, the group the daemon's socket gives to its clients (server.socket_group)" in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "oi.sock").exists()
 
 
