@@ -65,7 +65,7 @@ class ServerSettings:
     max_supervisor_rss_mb: int = _opt(0, "Above this resident memory the supervisor cuts the client connections holding the most buffered bytes, idle or not. 0 = max_queued_bytes + 4 x max_request_bytes + 256 MiB.")
     lease_ttl_s: float = _opt(5.0, "How long a lease for the direct path lasts (docs/PROTOCOL.md section 17): the longest a client whose access was revoked can still use it. Every reload also revokes every lease at once.")
     starvation_ms: int = _opt(1000, "A queued request waiting longer than this is served before higher priorities (aging).")
-    curve_secret_key_file: str = _opt("", "tcp:// with CURVE: file holding the server's Z85 secret key (40 characters; `openinfer keygen`), private (mode 600, or 640 for a supplementary group of the daemon's - never its own group, which its clients get; root's or the daemon's; no ACL). Public key: the same path + .pub", KEY_FILE, reload=RESTART)
+    curve_secret_key_file: str = _opt("", "tcp:// with CURVE: file holding the server's Z85 secret key (40 characters; `openinfer keygen`), private (mode 600, or 640 for a supplementary group of the daemon's - never its own group nor server.socket_group, which its clients get; root's or the daemon's; no ACL). Public key: the same path + .pub", KEY_FILE, reload=RESTART)
     insecure_tcp: bool = _opt(False, "Allow tcp:// without CURVE. Logged loudly; never on a shared network.", reload=RESTART)
 
 
@@ -108,7 +108,7 @@ class LogSettings:
 @dataclass(frozen=True)
 class MetricsSettings:
     listen: str = _opt("", "Serve Prometheus metrics over HTTP on HOST:PORT (loopback recommended; no authentication unless metrics.token_file). A scrape counts every request answered before it began. At most 8 connections at once (10 s each); 2 scrapes rendered a second after a burst of 10 (beyond: the last text again). Empty = off.", reload=RESTART)
-    token_file: str = _opt("", "File holding the token every scrape of metrics.listen must send (`Authorization: Bearer TOKEN`; Prometheus: `authorization: {credentials_file: ...}`): 16 to 4096 visible ASCII characters, the file private (mode 600, or 640 for a supplementary group of the daemon's - never its own group, which its clients get; root's or the daemon's; no ACL). A scrape without it gets 401. Empty = no authentication: any local user can scrape.", SECRET_FILE, reload=RESTART)
+    token_file: str = _opt("", "File holding the token every scrape of metrics.listen must send (`Authorization: Bearer TOKEN`; Prometheus: `authorization: {credentials_file: ...}`): 16 to 4096 visible ASCII characters, the file private (mode 600, or 640 for a supplementary group of the daemon's - never its own group nor server.socket_group, which its clients get; root's or the daemon's; no ACL). A scrape without it gets 401. Empty = no authentication: any local user can scrape.", SECRET_FILE, reload=RESTART)
     textfile: str = _opt("", "Write Prometheus metrics to this file (mode 0644) for node_exporter's textfile collector. Every local user who may enter its directory reads it - client labels and uids too, whatever metrics.token_file keeps from the HTTP endpoint (the log warns when both are set): put it in a directory only node_exporter may enter. Empty = off.", CREATED_FILE, reload=RESTART)
     textfile_interval_s: float = _opt(15.0, "How often the textfile is rewritten.", reload=RESTART)
 
