@@ -171,6 +171,23 @@ def test_a_task_that_only_runs_alone_leaves_no_batch_due_at_once_behind_it(chann
     assert setup.model.batch_deadline_ns > later.enqueued_ns + 100 * 10**6  # held for company (500 ms)
 
 
+def test_a_task_that_runs_alone_leaves_every_list_as_it_leaves_the_queue(channel: Any) -> None:
+    """Round 30's attacker: tasks queued to run alone (no worker free) that then expired stayed in the
+    model's list of them, with their tensors - 16 MiB each, outside max_queued_bytes: 60 of them took the
+    supervisor from 52 to 725 MiB, over its memory limit, and the guard cut an honest client's
+    connection. Expired, cancelled or sent in a batch's turn, a task leaves that list with the queue."""
+    router, worker = channel
+    setup = Setup(router)
+    setup.model.batch_compute_ewma_us = 50_000.0
+    expired, cancelled, taken = (setup.admit(20 * 10**6) for _ in range(3))
+    assert len(setup.model.alone) == 3
+    setup.dispatcher.expire_queued(expired)
+    setup.dispatcher.remove_queued(cancelled)
+    setup.flush_to_worker()  # due: the batch loop takes the last in its turn
+    assert worker.poll(2000) and taken.worker is setup.worker
+    assert not setup.model.alone and setup.dispatcher.queued_bytes == 0
+
+
 def test_a_batch_of_expired_tasks_sends_nothing_and_leaves_the_worker_free(channel: Any) -> None:
     router, worker = channel
     setup = Setup(router)

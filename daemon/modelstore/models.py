@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,9 +57,10 @@ class ServedModel:
     batchable: bool = False  # [batching] configured and every input and output has a dynamic first dimension
     batch_deadline_ns: int = 0  # when the queued tasks must be flushed to a worker, batch full or not
     batch_timer: Any = None  # the timer set for batch_deadline_ns (cancelled when no batch waits)
-    # Queued tasks that run alone (Dispatcher._admit_for_batching), in arrival order, for the next worker
-    # free while a batch is held for company; entries that left the queue meanwhile are skipped.
-    alone: "deque[Task]" = field(default_factory=deque)
+    # Queued tasks that run alone (Dispatcher._admit_for_batching), by task id in arrival order, for the next
+    # worker free while a batch is held for company. A task leaves it as it leaves the queue (dequeue):
+    # round 30's attacker had expired ones kept here, 16 MiB each, past every memory limit.
+    alone: "OrderedDict[int, Task]" = field(default_factory=OrderedDict)
     batch_sizes: dict[int, int] = field(default_factory=dict)
     cache_lookups: int = 0  # with [cache]: answers looked up in a worker's verdict cache, and found
     cache_hits: int = 0
