@@ -179,3 +179,27 @@ def test_a_write_after_the_hash_shows_in_the_stamps_and_too_much_is_refused(tmp_
         (version / f"f{i}").touch()
     with pytest.raises(OSError, match=f"more than {MAX_VERSION_ENTRIES} entries"):
         _files(version)
+
+
+@pytest.mark.attack
+def test_files_beside_the_model_that_grew_after_they_were_sized_are_not_hashed(tmp_path: Path) -> None:
+    """Round 30's attacker: the hashing order counted the files beside a model as stat'ed first, and the
+    hash then read whatever they had grown to (a sparse 3.9 GiB pad made after the stat: 16 s of hashing,
+    ahead of an honest model). The hash reads no more than they came to when sized: here 0 bytes, then a
+    1 TiB pad - refused before a byte of it is read."""
+    from openinfer.daemon.workerpool.preparation import Source, plan_preparation
+
+    version = tmp_path / "m" / "1"
+    version.mkdir(parents=True)
+    (version / "model.onnx").write_bytes(b"model")
+    (version / "pad").touch()
+    with open(version / "pad", "r+b") as pad:
+        pad.truncate(1 << 40)
+    version_fd = os.open(version, os.O_PATH | os.O_DIRECTORY)
+    model_fd = os.open(version / "model.onnx", os.O_RDONLY)
+    store = PreparedStore(tmp_path / "cache", None)
+    try:
+        with pytest.raises(OSError, match="the files beside the model changed after they were sized: the files beside the model come to more than 0 bytes"):
+            plan_preparation(Source(version_fd, model_fd, 5, "model.onnx", 0), store)
+    finally:
+        store.close()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -88,7 +88,10 @@ def plan_preparation(source: Source, store: PreparedStore) -> Plan:
     past its checked size meanwhile, or the files beside it are too many or too large to hash."""
     try:
         source_sha256 = fd_sha256(source.fd, source.size)
-        files = version_files(source.version_dir, source.name, source.max_other_bytes)
+        try:
+            files = version_files(source.version_dir, source.name, source.max_other_bytes)
+        except OSError as exc:  # (its bound is what they came to when they were sized, moments ago)
+            raise OSError(exc.errno, f"the files beside the model changed after they were sized: {exc.strerror or exc}") from None
     finally:
         source.close()
     expected = Expectation(source_sha256, onnxruntime_version(), cpu_fingerprint(), output_limit_bytes(source.size))
@@ -99,8 +102,7 @@ def plan_preparation(source: Source, store: PreparedStore) -> Plan:
 def files_changed(model: ServedModel, files: VersionFiles) -> str | None:
     """Why the version directory is no longer what `files` hashed (an entry added, removed, or written:
     its ctime moves whatever else is set back), else None. After a helper ran: the weights it prepared may
-    be from other bytes than the key names. Stamps only, no hashing: on the loop, at most
-    MAX_VERSION_ENTRIES stats."""
+    be from other bytes than the key names. Stamps only, no hashing, off the loop."""
     repository = str(model.repository or model.path.parent)
     try:
         version_dir = open_version_dir(repository, str(model.path), describe_user(os.geteuid()))
@@ -160,18 +162,29 @@ class WeightPreparer:
             model.sharing = f"off: {source.size} bytes < pool.share_min_bytes"
             self.on_done(model)
             return
-        try:  # stamps only, no byte read (at most MAX_VERSION_ENTRIES stats): what hashing will cost
-            beside = version_files(source.version_dir, source.name, max_beside, hash_bytes=False)
-        except OSError as exc:
-            source.close()
-            self._off(model, f"the files beside the model are not hashed: {exc.strerror or exc}")
-            self.on_done(model)
-            return
         model.sharing = "preparing"
         started_ns = time.monotonic_ns()
-        # Smallest first by all it reads, the files beside the model too (round 29: only model.onnx counted)
-        cost = source.size + beside.total_bytes
-        self.offloop.submit(lambda: plan_preparation(source, self.store), lambda result: self._planned(model, result, started_ns), cost=cost)
+        # First what the files beside the model come to, off the loop too (it never walks a repository's
+        # directories: round 30's attacker found emptied ext4 directories cost ms each), ahead of any hash:
+        # stamps only, no byte read, at most MAX_VERSION_ENTRIES stats.
+        sizing = lambda: version_files(source.version_dir, source.name, max_beside, hash_bytes=False)  # noqa: E731
+        self.offloop.submit(sizing, lambda beside: self._sized(model, source, beside, started_ns), cost=0)
+
+    def _sized(self, model: ServedModel, source: Source, beside: Any, started_ns: int) -> None:
+        """The files beside the model were stat'ed: hash them with the model, smallest job first by all it
+        reads (round 29: only model.onnx counted), and no more bytes than they came to then (round 30: a
+        job stat'ed small and grown after ran first all the same, 16 s of hashing each)."""
+        if model.state is ModelState.FAILED or model.retiring:
+            source.close()
+            return
+        if not isinstance(beside, VersionFiles):
+            source.close()
+            reason = beside.strerror or beside if isinstance(beside, OSError) else f"{type(beside).__name__}: {beside}"
+            self._off(model, f"the files beside the model are not hashed: {reason}")
+            self.on_done(model)
+            return
+        sized = replace(source, max_other_bytes=beside.total_bytes)
+        self.offloop.submit(lambda: plan_preparation(sized, self.store), lambda result: self._planned(model, result, started_ns), cost=source.size + beside.total_bytes)
 
     def _planned(self, model: ServedModel, result: Any, started_ns: int) -> None:
         if model.state is ModelState.FAILED or model.retiring:
@@ -182,7 +195,7 @@ class WeightPreparer:
             self._start_helper(model, result, started_ns)
             return
         else:
-            reason = str(result) if isinstance(result, ModelFileError) else f"{type(result).__name__}: {result}"
+            reason = str(result) if isinstance(result, ModelFileError) else result.strerror if isinstance(result, OSError) and result.strerror else f"{type(result).__name__}: {result}"
             self._off(model, reason)
         self.on_done(model)
 
@@ -216,12 +229,22 @@ class WeightPreparer:
         self._helper_done(job, job.spawned.process.returncode, report)
 
     def _helper_done(self, job: PrepareJob, returncode: int, report: dict[str, Any] | None) -> None:
+        if returncode == 0 and report == REPORT:  # first: the files it read are still those hashed (off the loop)
+            self.offloop.submit(lambda: files_changed(job.model, job.plan.files), lambda changed: self._finish(job, changed), cost=0)
+            return
+        self.store.remove_tmp(job.tmp_dir)
+        self._off(job.model, _helper_failure(returncode, report))
+        if job.model.state is not ModelState.FAILED and not job.model.retiring:
+            self.on_done(job.model)
+
+    def _finish(self, job: PrepareJob, changed: Any) -> None:
+        """A helper succeeded: its directory goes into the cache, unless the files it read changed after they
+        were hashed (`changed`: why, else None)."""
         model = job.model
-        changed = files_changed(model, job.plan.files) if returncode == 0 and report == REPORT else None
         if changed is not None:
             self.store.remove_tmp(job.tmp_dir)
-            self._off(model, changed)
-        elif returncode == 0 and report == REPORT:
+            self._off(model, str(changed))
+        else:
             try:
                 self.store.finalize(job.tmp_dir, job.plan.key, job.plan.expected)
             except PreparedRejected as exc:
@@ -231,9 +254,6 @@ class WeightPreparer:
                 self._off(model, f"cannot put the prepared weights in place: {exc}")
             else:
                 self._use(model, job.plan.key, False, job.started_ns)
-        else:
-            self.store.remove_tmp(job.tmp_dir)
-            self._off(model, _helper_failure(returncode, report))
         if model.state is not ModelState.FAILED and not model.retiring:
             self.on_done(model)
 
