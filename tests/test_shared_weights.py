@@ -118,3 +118,30 @@ def test_respawned_worker_attaches_to_prepared_weights(daemon_factory: Any, larg
     daemon.stop()
     # Ephemeral prepared weights live in the instance directory and leave with it.
     assert not any(run_dir.glob("instance-*"))
+
+
+def test_a_model_without_initializers_to_share_loads_unshared_saying_why(daemon_factory: Any) -> None:
+    """Round 30's attacker, in passing: a model whose only large initializer is unused (its graph an
+    Identity) killed its prepare helper - onnxruntime removes the weights file it wrote nothing into, and
+    unlink killed the helper (SIGSYS): "prepare helper exited with -31". The removal is refused instead,
+    and the helper says why there is nothing to share."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    root = world_readable_dir("oi-nothing-to-share-")
+    try:
+        unused = numpy_helper.from_array(np.ones(9 << 18, np.float32), "unused")  # 9 MiB: over pool.share_min_bytes
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], initializer=[unused])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        (root / "identity" / "1").mkdir(parents=True)
+        onnx.save(model, str(root / "identity" / "1" / "model.onnx"))
+        make_world_readable(root)
+        daemon = daemon_factory(root)
+        with Client(daemon.address, timeout=30, direct=False) as client:
+            sharing = wait_for(lambda: (s := client.status()["models"][0]["sharing"]) != "preparing" and s, 30, "the model's sharing settled")
+            assert sharing == "off: cannot prepare shared weights: ValueError: the model has no initializers large enough to share", sharing
+            assert client.infer("identity", {"x": np.array([2.0], np.float32)}).outputs["y"][0] == 2.0
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -56,7 +56,8 @@ def prepare(model: bytes, external: ExternalFiles, out_dir: Path, intra_op_threa
     options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     external.add_to(options)
     reference = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
-    if not (out_dir / WEIGHTS).exists():
+    weights = out_dir / WEIGHTS
+    if not weights.exists() or weights.stat().st_size == 0:  # (onnxruntime's removal of an empty one is refused)
         raise ValueError("the model has no initializers large enough to share")
     feed = warm_up_feed([{"name": i.name, "datatype": _datatype(i.type), "shape": _shape(i.shape)} for i in reference.get_inputs()])
     expected = reference.run(None, feed)
