@@ -200,6 +200,6 @@ def test_files_beside_the_model_that_grew_after_they_were_sized_are_not_hashed(t
     store = PreparedStore(tmp_path / "cache", None)
     try:
         with pytest.raises(OSError, match="the files beside the model changed after they were sized: the files beside the model come to more than 0 bytes"):
-            plan_preparation(Source(version_fd, model_fd, 5, "model.onnx", 0), store)
+            plan_preparation(Source(version_fd, model_fd, 5, "model.onnx"), store, 0)
     finally:
         store.close()

@@ -314,9 +314,10 @@ class Dispatcher:
                 return
             _, task = alone.popitem(last=False)
             model.queue.remove(task)
-            if task.deadline_ns <= time.monotonic_ns():
+            if task.done or task.deadline_ns <= time.monotonic_ns():
                 self.dequeue(task)
-                self._answer_expired(task)
+                if not task.done:
+                    self._answer_expired(task)
                 continue
             self.dispatch_batch(model.idle.pop(place), [task])
 

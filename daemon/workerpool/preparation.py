@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -62,34 +62,34 @@ class Source:
     fd: int
     size: int
     name: str  # the model file's name in its version directory
-    max_other_bytes: int  # what the files beside it may come to (version_files)
 
     def close(self) -> None:
         os.close(self.fd)
         os.close(self.version_dir)
 
 
-def open_source(model: ServedModel, max_bytes: int, max_other_bytes: int) -> Source:
+def open_source(model: ServedModel, max_bytes: int) -> Source:
     """On the loop (an open and an fstat, no read). Raises ModelTooLarge over `max_bytes`, ModelFileError when
     the file cannot be opened safely."""
     repository = str(model.repository or model.path.parent)
     version_dir, fd = open_model(repository, str(model.path), describe_user(os.geteuid()))
     try:
-        return Source(version_dir, fd, check_model_size(fd, str(model.path), max_bytes), model.path.name, max_other_bytes)
+        return Source(version_dir, fd, check_model_size(fd, str(model.path), max_bytes), model.path.name)
     except BaseException:
         os.close(fd)
         os.close(version_dir)
         raise
 
 
-def plan_preparation(source: Source, store: PreparedStore) -> Plan:
+def plan_preparation(source: Source, store: PreparedStore, beside_bytes: int) -> Plan:
     """Off the loop: the key from the bytes of the source and of the files beside it (its external data
     among them), and whether the cache already holds it. Closes `source`. Raises OSError when the file grew
-    past its checked size meanwhile, or the files beside it are too many or too large to hash."""
+    past its checked size meanwhile, or the files beside it past `beside_bytes` (what they came to when
+    they were sized), or they are too many to hash."""
     try:
         source_sha256 = fd_sha256(source.fd, source.size)
         try:
-            files = version_files(source.version_dir, source.name, source.max_other_bytes)
+            files = version_files(source.version_dir, source.name, beside_bytes)
         except OSError as exc:  # (its bound is what they came to when they were sized, moments ago)
             raise OSError(exc.errno, f"the files beside the model changed after they were sized: {exc.strerror or exc}") from None
     finally:
@@ -149,7 +149,7 @@ class WeightPreparer:
         # hold the one hashing thread for an hour, every other model waiting).
         max_beside = max(settings.max_model_bytes, self.pool.settings.sandbox.memory_limit_mb << 20)
         try:
-            source = open_source(model, settings.max_model_bytes, max_beside)
+            source = open_source(model, settings.max_model_bytes)
         except ModelTooLarge as exc:
             self._fail(model, str(exc))
             return
@@ -179,12 +179,12 @@ class WeightPreparer:
             return
         if not isinstance(beside, VersionFiles):
             source.close()
-            reason = beside.strerror or beside if isinstance(beside, OSError) else f"{type(beside).__name__}: {beside}"
+            reason = (beside.strerror or str(beside)) if isinstance(beside, OSError) else f"{type(beside).__name__}: {beside}"
             self._off(model, f"the files beside the model are not hashed: {reason}")
             self.on_done(model)
             return
-        sized = replace(source, max_other_bytes=beside.total_bytes)
-        self.offloop.submit(lambda: plan_preparation(sized, self.store), lambda result: self._planned(model, result, started_ns), cost=source.size + beside.total_bytes)
+        planning = lambda: plan_preparation(source, self.store, beside.total_bytes)  # noqa: E731
+        self.offloop.submit(planning, lambda result: self._planned(model, result, started_ns), cost=source.size + beside.total_bytes)
 
     def _planned(self, model: ServedModel, result: Any, started_ns: int) -> None:
         if model.state is ModelState.FAILED or model.retiring:
