@@ -121,7 +121,7 @@ def test_the_supervisors_side_imports_neither_onnxruntime_nor_onnx() -> None:
         "import sys\n"
         "import openinfer.daemon.supervisor, openinfer.daemon.workerpool.preparation, openinfer.daemon.files.cache_key, openinfer.daemon.commands.deployment_checks\n"
         "from openinfer.daemon.files.cache_key import cache_key\n"
-        "cache_key('0' * 64, '1' * 64)\n"
+        "cache_key('0' * 64, '1' * 64, 'repo')\n"
         "print(sorted(m for m in ('onnxruntime', 'onnx') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
@@ -200,6 +200,6 @@ def test_files_beside_the_model_that_grew_after_they_were_sized_are_not_hashed(t
     store = PreparedStore(tmp_path / "cache", None)
     try:
         with pytest.raises(OSError, match="the files beside the model changed after they were sized: the files beside the model come to more than 0 bytes"):
-            plan_preparation(Source(version_fd, model_fd, 5, "model.onnx"), store, 0)
+            plan_preparation(Source(version_fd, model_fd, 5, "model.onnx"), store, 0, "repo\0m\01")
     finally:
         store.close()

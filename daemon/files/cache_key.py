@@ -128,7 +128,11 @@ def version_files(version_dir: int, model_file: str, max_bytes: int | None, hash
     return VersionFiles(digest.hexdigest(), tuple(stamps), total)
 
 
-def cache_key(source_sha256: str, files_sha256: str) -> str:
-    """`<cache>/<key>`: the model file's hash, the rest of its version directory's (version_files), and
-    what the packed layout depends on."""
-    return f"{source_sha256[:32]}-{files_sha256[:32]}-ort{onnxruntime_version()}-{cpu_fingerprint()}"
+def cache_key(source_sha256: str, files_sha256: str, owner: str) -> str:
+    """`<cache>/<key>`: whose it is (`owner`: the model version's repository, name and version), the model
+    file's hash, the rest of its version directory's (version_files), and what the packed layout depends
+    on. No two model versions share an entry, even with the same bytes: what a prepare helper wrote
+    (it parsed the model: a hostile one may own it) or what changed under it unseen (a same-size rewrite
+    within one tick of a coarse clock, round 31's suspicion) reaches no other model."""
+    owner_sha256 = hashlib.sha256(owner.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{owner_sha256[:16]}-{source_sha256[:32]}-{files_sha256[:32]}-ort{onnxruntime_version()}-{cpu_fingerprint()}"

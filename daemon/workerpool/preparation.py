@@ -81,11 +81,11 @@ def open_source(model: ServedModel, max_bytes: int) -> Source:
         raise
 
 
-def plan_preparation(source: Source, store: PreparedStore, beside_bytes: int) -> Plan:
+def plan_preparation(source: Source, store: PreparedStore, beside_bytes: int, owner: str) -> Plan:
     """Off the loop: the key from the bytes of the source and of the files beside it (its external data
     among them), and whether the cache already holds it. Closes `source`. Raises OSError when the file grew
     past its checked size meanwhile, or the files beside it past `beside_bytes` (what they came to when
-    they were sized), or they are too many to hash."""
+    they were sized), or they are too many to hash. `owner`: the model version's, in the key (cache_key)."""
     try:
         source_sha256 = fd_sha256(source.fd, source.size)
         try:
@@ -95,7 +95,7 @@ def plan_preparation(source: Source, store: PreparedStore, beside_bytes: int) ->
     finally:
         source.close()
     expected = Expectation(source_sha256, onnxruntime_version(), cpu_fingerprint(), output_limit_bytes(source.size))
-    key = cache_key(source_sha256, files.sha256)
+    key = cache_key(source_sha256, files.sha256, owner)
     return Plan(key, expected, store.holds(key, expected), files)
 
 
@@ -183,7 +183,8 @@ class WeightPreparer:
             self._off(model, f"the files beside the model are not hashed: {reason}")
             self.on_done(model)
             return
-        planning = lambda: plan_preparation(source, self.store, beside.total_bytes)  # noqa: E731
+        owner = f"{model.repository or model.path.parent}\0{model.name}\0{model.version}"
+        planning = lambda: plan_preparation(source, self.store, beside.total_bytes, owner)  # noqa: E731
         self.offloop.submit(planning, lambda result: self._planned(model, result, started_ns), cost=source.size + beside.total_bytes)
 
     def _planned(self, model: ServedModel, result: Any, started_ns: int) -> None:

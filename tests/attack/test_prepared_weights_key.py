@@ -59,6 +59,29 @@ def test_models_differing_only_in_their_external_data_are_each_served_their_own_
         shutil.rmtree(cache, ignore_errors=True)
 
 
+def test_models_with_the_same_bytes_share_no_prepared_weights(daemon_factory: Any) -> None:
+    """Round 31's suspicion: the cache was keyed by bytes alone, so a model version with the same files as
+    another used what that one's prepare helper wrote. That helper parsed a model someone else supplied (a
+    hostile one may own it), and on a coarse clock a same-size rewrite within one tick of the files it
+    read goes unseen: either way, weights filed for one model would reach another. Every model version
+    now has entries of its own: two of the same bytes, two entries, each prepared by its own helper."""
+    repo, cache = world_readable_dir("oi-extkey-same-"), world_readable_dir("oi-extkey-same-cache-")
+    try:
+        _, weight = onnx_builders.external_weights_model(repo / "gamma" / "1" / "model.onnx", size=SIZE, seed=4)
+        onnx_builders.external_weights_model(repo / "delta" / "1" / "model.onnx", size=SIZE, seed=4)
+        make_world_readable(repo)
+        env = {"OPENINFER_SERVER_CACHE_DIR": str(cache), "OPENINFER_POOL_SHARE_MIN_BYTES": "0", "OPENINFER_POOL_WORKERS": "1"}
+        daemon = daemon_factory(repo, env=env)
+        with Client(daemon.address, timeout=30, direct=False) as client:
+            assert {row["name"]: row["sharing"] for row in client.status()["models"]} == {"gamma": "shared", "delta": "shared"}
+        np.testing.assert_array_equal(_answer(daemon.address, "delta"), weight)
+        assert len([entry for entry in cache.iterdir() if not entry.name.startswith(".")]) == 2, sorted(cache.iterdir())
+        assert daemon.log_text().count('"reused":false') == 2
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 def test_a_huge_sparse_file_beside_a_model_holds_back_no_other_model(daemon_factory: Any) -> None:
     """Round 29's attacker, on the fix above: the files beside a model are hashed by the supervisor's one
     off-loop thread. A hostile repository put a sparse 1 TiB file (no disk cost) beside a small model and
