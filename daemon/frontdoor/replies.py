@@ -29,7 +29,6 @@ class ReplySender:
         self.limiter = limiter
         # (connection id, request id) of every accepted infer not yet answered: a duplicate id is refused
         # (it would make `cancel` and the client's reply matching ambiguous).
-        self.open_requests: set[tuple[int, int]] = set()
 
     def send(self, route: Route, header: dict[str, Any], payloads: list[Any] | None = None) -> None:
         self.send_packed(route, pack(header), payloads)
@@ -75,7 +74,7 @@ class ReplySender:
         """The task is answered: its id may be reused and its client's in-flight slot is free (unless its
         run goes on: fail's keep_slot)."""
         task.done = True
-        self.open_requests.discard((task.route.conn.conn_id, task.request_id))
+        task.route.conn.open_ids.discard(task.request_id)
         if keep_slot:
             task.holds_slot = True
         else:

@@ -161,12 +161,11 @@ class FrontDoorRequests:
         )
         outputs = header.get("outputs")
         task.wanted = tuple(outputs) if outputs else model.output_order
-        key = (conn.conn_id, request_id)
-        if key in self.supervisor.replies.open_requests:
+        if request_id in conn.open_ids:
             raise InvalidArgument(f"id {request_id} is already in flight on this connection; ids must be unique among a connection's outstanding requests")
         self.supervisor.limiter.admit(conn.identity, decoded_ns, task.priority)
         self.supervisor.dispatcher.admit(task, header)
-        self.supervisor.replies.open_requests.add(key)
+        conn.open_ids.add(request_id)
 
     def _admin(self, op: str, header: dict[str, Any], route: Route) -> dict[str, Any]:
         if op == "models":
