@@ -161,11 +161,18 @@ class FrontDoorRequests:
         )
         outputs = header.get("outputs")
         task.wanted = tuple(outputs) if outputs else model.output_order
-        if request_id in conn.open_ids:
+        open_ids = conn.open_ids
+        if request_id in open_ids:
             raise InvalidArgument(f"id {request_id} is already in flight on this connection; ids must be unique among a connection's outstanding requests")
         self.supervisor.limiter.admit(conn.identity, decoded_ns, task.priority)
-        self.supervisor.dispatcher.admit(task, header)
-        conn.open_ids.add(request_id)
+        # Open before admit: admit may answer it at once (a deadline passed while it was read), and the
+        # answer closes the id - added after, it stayed "in flight" for good (round 32: 50 of 50 ids).
+        open_ids.add(request_id)
+        try:
+            self.supervisor.dispatcher.admit(task, header)
+        except BaseException:
+            open_ids.discard(request_id)  # refused: never open
+            raise
 
     def _admin(self, op: str, header: dict[str, Any], route: Route) -> dict[str, Any]:
         if op == "models":

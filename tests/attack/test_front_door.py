@@ -428,3 +428,44 @@ def wait_for_clients(client: Client, prefix: str) -> list[str]:
 
     wait_for(found, 30, f"a stats row for {prefix!r}")
     return seen
+
+
+def test_an_id_answered_as_it_was_admitted_may_be_used_again(daemon_factory: Any) -> None:
+    """Round 32: a request whose deadline passed while the supervisor read it (a 63 KB header of ignored
+    `{}` pads takes a few ms to decode; timeout_ms 1) was answered inside admission, before its id was
+    marked open: marked after, the id stayed "in flight" on the connection for good - every reuse refused
+    INVALID_ARGUMENT (50 of 50), one int of the supervisor's memory each, for any client. PROTOCOL.md 4.1:
+    once answered, an id may be used again."""
+    root = world_readable_dir("oi-attack-ids-")
+    onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx")
+    (root / "tiny" / "config.toml").write_text("workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 2000\nquiet_us = 0\n")
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    daemon = daemon_factory(root)
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(daemon.address)
+    x = np.ones((1, 64), np.float32).tobytes()
+
+    def ask(request_id: int, timeout_ms: int, pad: bool = False) -> dict[str, Any]:
+        header: dict[str, Any] = {"v": 1, "id": request_id, "op": "infer", "model": "tiny", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64]}], "timeout_ms": timeout_ms}
+        if pad:
+            header["pad"] = [{}] * 63000
+        dealer.send_multipart([msgpack.packb(header), x])
+        assert dealer.poll(20000), "no reply"
+        return msgpack.unpackb(dealer.recv_multipart()[0])
+
+    try:
+        for request_id in range(1000, 1008):  # a few batches: the model's batch compute is known
+            assert "error" not in ask(request_id, 5000)
+        expired = 0
+        for request_id in range(20):
+            first = ask(request_id, 1, pad=True)
+            expired += first.get("error", {}).get("code") == "DEADLINE_EXCEEDED"
+            again = ask(request_id, 10000)
+            assert "error" not in again, (request_id, first.get("error"), again["error"])
+        assert expired > 0, "no padded request expired before admission: the case was not exercised"
+    finally:
+        dealer.close(0)
+        context.term()
+        shutil.rmtree(root, ignore_errors=True)
