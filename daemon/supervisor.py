@@ -100,7 +100,7 @@ class Supervisor:
         self.results = WorkerResults(self.dispatcher, self.replies, self._reject_worker)
         self.overdue = OverdueRuns(self.dispatcher, self.replies, self.pool)
         store = PreparedStore(Path(settings.server.cache_dir) if settings.server.cache_dir else self.runtime_dir / "prepared", self.pool.worker_uid)
-        self.pool.preparer = WeightPreparer(self.pool, store, self.sync.start_workers)
+        self.pool.preparer = WeightPreparer(self.pool, store, self.sync.start_workers, self.sync.all_models)
         self.signals = SignalInbox()
         self.reactor.add(self.signals.fd, lambda mask: self._on_signals(self.signals.drain()))
         assert self.timers.wakeup is not None

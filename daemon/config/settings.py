@@ -53,7 +53,7 @@ class ServerSettings:
     max_queued_bytes: int = _opt(1024 * 1024 * 1024, "Bytes of request data held in queues across all models before RESOURCE_EXHAUSTED.")
     drain_grace_s: float = _opt(30.0, "On SIGTERM: seconds to finish queued and running tasks before stopping hard.")
     runtime_dir: str = _opt("", "Private directory for prepared weights and the workers' working directory (an instance-<pid> directory inside it). Empty = $RUNTIME_DIRECTORY (systemd's RuntimeDirectory=), else $TMPDIR/openinfer-<uid>. It must belong to the daemon's user, be writable by nobody else and not be a symlink, or the daemon refuses to start.", CREATED_DIR, reload=RESTART)
-    cache_dir: str = _opt("", "Where prepared (shared, pre-packed) weights are kept across restarts; checked like runtime_dir. Empty = inside the runtime directory, removed at exit.", CREATED_DIR, reload=RESTART)
+    cache_dir: str = _opt("", "Where prepared (shared, pre-packed) weights are kept across restarts, an entry per model version and its files; checked like runtime_dir. Entries no served version maps are set aside after each start, reload and preparation, and removed at the next start. Empty = inside the runtime directory, removed at exit.", CREATED_DIR, reload=RESTART)
     access_policy: str = _opt("access", "Who may call which operations on which models: a policy name in policies/ or a path. Empty = every local peer may do everything.", POLICY)
     client_policy: str = _opt("clients", "Per-client limits: a policy name in policies/ or a path (see policies/clients.toml). Empty = built-in defaults.", POLICY)
     peer_strike_limit: int = _opt(16, "A connection that sends this many requests no conforming client sends (undecodable header, over a size limit) is dropped. 0 = never.")

@@ -22,6 +22,7 @@ from openinfer.daemon.steps.sources import builtin_files as steps_files_of_built
 from openinfer.daemon.workerpool.pool import WorkerPool
 from openinfer.daemon.modelstore.repository import ModelEntry, ModelVersionEntry, scan_repository
 from openinfer.daemon.config.settings import Settings
+from openinfer.daemon.files.cache_key import version_files
 from openinfer.daemon.scheduling.taskqueue import TaskQueue
 from openinfer.daemon.workerpool.workers import WorkerState
 
@@ -33,13 +34,32 @@ def file_fingerprint(path: Path) -> tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
+def beside_fingerprint(path: Path) -> tuple[Any, ...] | str:
+    """The stamps of every entry beside the model file in its version directory (its external data among
+    them; cache_key.version_files, no byte read): a reload that finds one replaced replaces the workers.
+    It did not: a new weights file, SIGHUP, and the old weights kept serving ("unchanged")."""
+    try:
+        version_dir = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            return version_files(version_dir, path.name, None, hash_bytes=False).stamps
+        finally:
+            os.close(version_dir)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+
+
 def model_fingerprint(path: Path, config: ModelConfig, members: tuple[Any, ...] = ()) -> tuple[Any, ...]:
-    """The model file's fingerprint, and its steps' files' (beside config.toml): a reload that finds an
-    edited steps.py or data file replaces the workers, as it does for a new model file. A chain's `path`
-    is its config.toml; `members` are its members' fingerprints (a new member file replaces the chain)."""
+    """The model file's fingerprint and the files' beside it, and its steps' files' (beside config.toml):
+    a reload that finds an edited steps.py or data file replaces the workers, as it does for a new model
+    file. A chain's `path` is its config.toml; `members` are its members' fingerprints (a new member file
+    replaces the chain)."""
     steps = config.steps
+    if config.chain is None:
+        model_print: tuple[Any, ...] = (file_fingerprint(path), beside_fingerprint(path))
+    else:
+        model_print = (file_fingerprint(path),)
     if steps is None:
-        return (file_fingerprint(path),)
+        return model_print
     steps_dir = path.parent if config.chain is not None else path.parent.parent
     names = [*steps.files, *(steps_files_of_builtin(steps.builtin) if steps.builtin is not None else [steps.module])]
     step_prints: list[tuple[int, int, int] | None] = []
@@ -48,7 +68,7 @@ def model_fingerprint(path: Path, config: ModelConfig, members: tuple[Any, ...] 
             step_prints.append(file_fingerprint(steps_dir / name))
         except OSError:
             step_prints.append(None)  # missing now: the new workers will say why they cannot load
-    return (file_fingerprint(path), *step_prints, *members)
+    return (*model_print, *step_prints, *members)
 
 
 def _member_prints(entry: ModelEntry, entries: dict[str, ModelEntry]) -> tuple[Any, ...]:
@@ -181,6 +201,8 @@ class RepositorySync:
         self._drop_chains_of_removed_models(changes)
         log.info("repository synced", extra=changes)
         self.start_chains()
+        if self.pool.preparer is not None:  # what versions left behind in the weights cache, aside
+            self.pool.preparer.retire_unused()
         return changes
 
     def _remove_unseen(self, entries: list[ModelEntry], changes: dict[str, list[str]]) -> None:
@@ -342,6 +364,8 @@ class RepositorySync:
                     self.move_queue(model)
                 self.retiring.remove(model)
                 log.info("retired model released", extra={"model": model.key})
+                if model.prepared_dir is not None and self.pool.preparer is not None:
+                    self.pool.preparer.retire_unused()  # its weights' entry, unless another version maps it
 
     def all_models(self) -> list[ServedModel]:
         return [*self.registry.all(), *self.pending.values(), *self.retiring]

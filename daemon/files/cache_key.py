@@ -134,5 +134,9 @@ def cache_key(source_sha256: str, files_sha256: str, owner: str) -> str:
     on. No two model versions share an entry, even with the same bytes: what a prepare helper wrote
     (it parsed the model: a hostile one may own it) or what changed under it unseen (a same-size rewrite
     within one tick of a coarse clock, round 31's suspicion) reaches no other model."""
-    owner_sha256 = hashlib.sha256(owner.encode("utf-8", "surrogateescape")).hexdigest()
-    return f"{owner_sha256[:16]}-{source_sha256[:32]}-{files_sha256[:32]}-ort{onnxruntime_version()}-{cpu_fingerprint()}"
+    return f"{owner_prefix(owner)}-{source_sha256[:32]}-{files_sha256[:32]}-ort{onnxruntime_version()}-{cpu_fingerprint()}"
+
+
+def owner_prefix(owner: str) -> str:
+    """The first field of every key of `owner` (cache_key)."""
+    return hashlib.sha256(owner.encode("utf-8", "surrogateescape")).hexdigest()[:16]

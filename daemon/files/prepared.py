@@ -130,6 +130,21 @@ class PreparedStore:
         os.rename(name, key, src_dir_fd=self.base_fd, dst_dir_fd=self.base_fd)
         return self.base / key
 
+    def retire_unused(self, keep: set[str], owners_preparing: set[str]) -> list[str]:
+        """Retire (discard) every entry but those in `keep` (what live model versions map) and those of
+        an owner still preparing (its plan may be about to use one: cache_key's first field). Nothing
+        else ever removed an entry: each new version, data file, onnxruntime, repository path or name left
+        a full copy of its weights for good (round 32: three copies of one model in four starts).
+        Returns the keys retired."""
+        retired = []
+        for child in os.scandir(self.base_fd):
+            name = child.name
+            if name.startswith(".") or name in keep or name.split("-", 1)[0] in owners_preparing:
+                continue
+            self.discard(name)
+            retired.append(name)
+        return retired
+
     def weights_bytes(self, key: str) -> int:
         return os.stat(f"{key}/{WEIGHTS}", dir_fd=self.base_fd, follow_symlinks=False).st_size
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from openinfer.daemon.files.cache_key import VersionFiles, cache_key, cpu_fingerprint, fd_sha256, onnxruntime_version, version_files
+from openinfer.daemon.files.cache_key import VersionFiles, cache_key, cpu_fingerprint, fd_sha256, onnxruntime_version, owner_prefix, version_files
 from openinfer.daemon.files.model_files import ModelFileError, ModelTooLarge, check_model_size, describe_user, open_model, open_version_dir
 from openinfer.daemon.modelstore.models import ModelState, ServedModel
 from openinfer.daemon.loop.offloop import OffLoopRunner
@@ -118,10 +118,11 @@ def files_changed(model: ServedModel, files: VersionFiles) -> str | None:
 
 
 class WeightPreparer:
-    def __init__(self, pool: "WorkerPool", store: PreparedStore, on_done: Callable[[ServedModel], None]) -> None:
+    def __init__(self, pool: "WorkerPool", store: PreparedStore, on_done: Callable[[ServedModel], None], live_models: Callable[[], list[ServedModel]]) -> None:
         self.pool = pool
         self.store = store
         self.on_done = on_done  # start the model's workers (with or without shared weights)
+        self.live_models = live_models  # every model version served, pending or retiring (what may map an entry)
         self.jobs: dict[int, PrepareJob] = {}  # by pidfd
         self.relays: dict[int, StderrRelay] = {}  # by pidfd
         self.offloop = OffLoopRunner()
@@ -183,7 +184,7 @@ class WeightPreparer:
             self._off(model, f"the files beside the model are not hashed: {reason}")
             self.on_done(model)
             return
-        owner = f"{model.repository or model.path.parent}\0{model.name}\0{model.version}"
+        owner = _owner(model)
         planning = lambda: plan_preparation(source, self.store, beside.total_bytes, owner)  # noqa: E731
         self.offloop.submit(planning, lambda result: self._planned(model, result, started_ns), cost=source.size + beside.total_bytes)
 
@@ -266,8 +267,23 @@ class WeightPreparer:
             return
         model.prepared_dir = self.store.path(key)
         model.sharing = "shared"
+        self.retire_unused()  # (the entry this version used before, if its files changed)
         elapsed_ms = round((time.monotonic_ns() - started_ns) / 1e6, 1)
         log.info("shared weights ready", extra={"model": model.key, "reused": reused, "ms": elapsed_ms, "shared_bytes": model.shared_bytes, "dir": str(model.prepared_dir)})
+
+    def retire_unused(self) -> None:
+        """Entries no live model version maps go aside (removed at the next start: a worker may still map
+        one), but those of a version still preparing. After each repository sync and each entry taken."""
+        models = self.live_models()
+        keep = {model.prepared_dir.name for model in models if model.prepared_dir is not None}
+        preparing = {owner_prefix(_owner(model)) for model in models if model.sharing == "preparing"}
+        try:
+            retired = self.store.retire_unused(keep, preparing)
+        except OSError as exc:
+            log.warning("cannot tidy the prepared-weights cache", extra={"reason": str(exc)})
+            return
+        if retired:
+            log.info("prepared weights no model uses retired", extra={"keys": retired})
 
     @staticmethod
     def _fail(model: ServedModel, reason: str) -> None:
@@ -291,6 +307,11 @@ class WeightPreparer:
         else:
             model.sharing = "off: prepared weights failed verification twice"
             self.on_done(model)
+
+
+def _owner(model: ServedModel) -> str:
+    """Whose a cache entry is (cache_key): the model version's repository, name and version."""
+    return f"{model.repository or model.path.parent}\0{model.name}\0{model.version}"
 
 
 def _helper_failure(returncode: int, report: dict[str, Any] | None) -> str:

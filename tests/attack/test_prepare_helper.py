@@ -132,7 +132,7 @@ def test_another_models_key_does_not_replace_its_weights(scene: Scene) -> None:
     assert not np.allclose(y, 1337.0), "the victim answers with the impostor's weights"
     np.testing.assert_allclose(y, run_reference(scene.repo / "victim" / "1" / "model.onnx", {"x": X})["y"], rtol=1e-5, atol=1e-5)
     victim_source = hashlib.sha256((scene.repo / "victim" / "1" / "model.onnx").read_bytes()).hexdigest()
-    victims = [p for p in scene.cache.iterdir() if not p.name.startswith(".") and p.name.startswith(victim_source[:32])]
+    victims = [p for p in scene.cache.iterdir() if not p.name.startswith(".") and p.name.split("-")[1] == victim_source[:32]]  # (key: owner-source-files-ort-cpu)
     assert len(victims) == 1, sorted(p.name for p in scene.cache.iterdir())
     assert json.loads((victims[0] / "manifest.json").read_text())["source_sha256"] == victim_source
 

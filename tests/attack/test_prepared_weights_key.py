@@ -82,6 +82,40 @@ def test_models_with_the_same_bytes_share_no_prepared_weights(daemon_factory: An
         shutil.rmtree(cache, ignore_errors=True)
 
 
+def test_entries_no_model_uses_leave_the_cache(daemon_factory: Any) -> None:
+    """Round 32: nothing ever removed an entry: each new data file, version, repository path or model name
+    left a full copy of its weights in a persistent cache (three copies of one model in four starts), and
+    anyone who could write a version directory and get a reload could fill the disk. Entries no live model
+    version maps are set aside after each sync and each preparation, and removed at the next start."""
+    repo, cache = world_readable_dir("oi-extkey-gc-"), world_readable_dir("oi-extkey-gc-cache-")
+    env = {"OPENINFER_SERVER_CACHE_DIR": str(cache), "OPENINFER_POOL_SHARE_MIN_BYTES": "0", "OPENINFER_POOL_WORKERS": "1"}
+
+    def entries() -> list[str]:
+        return sorted(entry.name for entry in cache.iterdir() if not entry.name.startswith("."))
+
+    try:
+        onnx_builders.external_weights_model(repo / "alpha" / "1" / "model.onnx", size=SIZE, seed=5)
+        make_world_readable(repo)
+        first = daemon_factory(repo, env=env)
+        (alpha_entry,) = entries()
+        (repo / "alpha" / "1" / "weights.bin").write_bytes(np.full(SIZE, 2.0, np.float32).tobytes())  # new weights, same version
+        with Client(first.address, timeout=30, direct=False) as admin:
+            admin.reload()
+            wait_for(lambda: entries() != [alpha_entry] and len(entries()) == 1, 30, "the old weights' entry set aside")
+        first.stop()
+        (repo / "alpha").rename(repo / "renamed")  # the same files under another name, at the next start
+        second = daemon_factory(repo, env=env)
+        np.testing.assert_array_equal(_answer(second.address, "renamed"), np.full(SIZE, 2.0, np.float32))
+        (renamed_entry,) = entries()
+        second.stop()
+        third = daemon_factory(repo, env=env)  # a start removes what was set aside
+        assert entries() == [renamed_entry] and not [entry for entry in cache.iterdir() if entry.name.startswith(".")], sorted(cache.iterdir())
+        third.stop()
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 def test_a_huge_sparse_file_beside_a_model_holds_back_no_other_model(daemon_factory: Any) -> None:
     """Round 29's attacker, on the fix above: the files beside a model are hashed by the supervisor's one
     off-loop thread. A hostile repository put a sparse 1 TiB file (no disk cost) beside a small model and
