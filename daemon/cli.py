@@ -204,8 +204,11 @@ def infer(model: str, inputs: tuple[str, ...], fill: str | None, file_path: Path
         _fail(exc)
     if save:
         save.mkdir(parents=True, exist_ok=True)
-        for name, value in result.outputs.items():
-            np.save(save / f"{name.replace('/', '_')}.npy", value)
+        for file_name, output in _save_names(list(result.outputs)).items():
+            try:
+                np.save(save / file_name, result.outputs[output])
+            except OSError as exc:
+                _fail(exc)
     if as_json:
         _print_json(describe_result(result, full=True))
     else:
@@ -213,6 +216,21 @@ def infer(model: str, inputs: tuple[str, ...], fill: str | None, file_path: Path
 
         for table in infer_tables(result):
             render(table)
+
+
+def _save_names(outputs: list[str]) -> dict[str, str]:
+    """A file name for each output (the model's own names, which it chooses): `/` and NUL made `_`, at
+    most 200 characters, and a name two outputs would share numbered (`a/b` and `a_b` once wrote one
+    file, the second over the first: round 32)."""
+    names: dict[str, str] = {}
+    for output in outputs:
+        base = output.replace("/", "_").replace("\0", "_")[:200] or "_"
+        name, n = f"{base}.npy", 1
+        while name in names:
+            n += 1
+            name = f"{base}-{n}.npy"
+        names[name] = output
+    return names
 
 
 @main.command()

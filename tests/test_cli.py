@@ -118,3 +118,12 @@ def test_socket_from_environment(daemon: RunningDaemon) -> None:
         capture_output=True, text=True, timeout=60, env={"OPENINFER_SOCKET": daemon.address, "PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_saved_outputs_never_share_a_file() -> None:
+    """Round 32's suspicion: `--save` wrote outputs `a/b` and `a_b` both to `a_b.npy`, the second over the
+    first. The model names its outputs: each gets a file of its own."""
+    from openinfer.daemon.cli import _save_names
+
+    assert _save_names(["a/b", "a_b", "y", "a_b"]) == {"a_b.npy": "a/b", "a_b-2.npy": "a_b", "y.npy": "y", "a_b-3.npy": "a_b"}
+    assert list(_save_names(["x" * 300, "", "n\0ul"])) == [f"{'x' * 200}.npy", "_.npy", "n_ul.npy"]
