@@ -99,7 +99,11 @@ class Supervisor:
         self.dispatcher = Dispatcher(settings, self.pool.send, self.timers, self.limiter, self.replies.fail, self._retire_worker)
         self.results = WorkerResults(self.dispatcher, self.replies, self._reject_worker)
         self.overdue = OverdueRuns(self.dispatcher, self.replies, self.pool)
-        store = PreparedStore(Path(settings.server.cache_dir) if settings.server.cache_dir else self.runtime_dir / "prepared", self.pool.worker_uid)
+        try:
+            store = PreparedStore(Path(settings.server.cache_dir) if settings.server.cache_dir else self.runtime_dir / "prepared", self.pool.worker_uid)
+        except BaseException:  # (another daemon's cache): nothing will serve at the address, so no socket is left there
+            self.listener.cleanup()
+            raise
         self.pool.preparer = WeightPreparer(self.pool, store, self.sync.start_workers, self.sync.all_models)
         self.signals = SignalInbox()
         self.reactor.add(self.signals.fd, lambda mask: self._on_signals(self.signals.drain()))

@@ -4,6 +4,7 @@ long each member ran. Checked against the members run one after the other in pro
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any, Iterator
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import onnx_builders
-from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, wait_for
+from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, wait_for, world_readable_dir
 from exposition import free_port, parse, scrape, value
 from openinfer.client import Client, OpenInferError
 from reference import run_reference
@@ -393,3 +394,31 @@ def test_a_drive_step_that_calls_a_model_without_end_is_stopped_with_a_typed_err
     with pytest.raises(StepFailed) as caught:
         runner.run(["y"], {"x": np.zeros((1, 64), np.float32)})
     assert caught.value.code == "RESOURCE_EXHAUSTED" and "called the model first more than 10 times" in str(caught.value)
+
+
+def test_a_chain_still_serving_a_replaced_members_weights_keeps_them(daemon_factory: Any, fresh_chain: Path) -> None:
+    """Round 33: a member replaced while the chain's own replacement fails (here its config.toml broken in
+    the same edit: the chain keeps serving, as a broken directory keeps what it served) left the chain on
+    the member's old version; once that version was released, the weights cache set its entry aside -
+    no live version's own - and the chain's next worker could not start: "crash loop ... Landlock path
+    '<cache>/<key>': No such file or directory", every request UNAVAILABLE. A chain's workers map its
+    members' entries: those are kept."""
+    cache = world_readable_dir("oi-chain-cache-")
+    root = fresh_chain
+    running = daemon_factory(root, env={"OPENINFER_SERVER_CACHE_DIR": str(cache), "OPENINFER_POOL_SHARE_MIN_BYTES": "0"})
+    x = np.ones((1, 64), np.float32)
+    try:
+        with Client(running.address, timeout=30) as client:
+            assert client.infer("both", {"x": x}).stages is not None
+            onnx_builders.matmul_model(root / "first" / "1" / "model.onnx", seed=99)
+            (root / "both" / "config.toml").write_text("workers = [\n")  # the chain's replacement cannot load
+            make_world_readable(root)
+            client.reload()
+            wait_for(lambda: '"msg":"retired model released","model":"first:1"' in running.log_text(), 30, "the old first released", daemon=running)
+            assert "reload failed" in model_status(client, "both")["reason"]  # the chain still serves, on the old first
+            (chain_worker,) = [w["pid"] for w in client.status()["workers"] if w["model"] == "both" and w["state"] != "exited"]
+            os.kill(chain_worker, signal.SIGKILL)
+            wait_for(lambda: any(w["model"] == "both" and w["state"] == "ready" and w["pid"] != chain_worker for w in client.status()["workers"]), 30, "a new chain worker", daemon=running)
+            assert client.infer("both", {"x": x}).stages is not None
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)

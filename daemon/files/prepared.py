@@ -11,6 +11,7 @@ rewritten: workers that still map its files keep valid pages.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from openinfer.daemon.modelstore.modelconfig import ConfigError
+
 from .cache_key import fd_sha256
 from .prepared_layout import FILES, MANIFEST, MANIFEST_MAX_BYTES, OPT_MODEL, WEIGHTS
 from .private_dir import open_private_dir
@@ -29,6 +32,7 @@ from .private_dir import open_private_dir
 log = logging.getLogger("openinfer.supervisor")
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+LOCK = ".lock"  # held by the daemon that uses the cache (never swept: only .tmp- and .stale- entries are)
 _MANIFEST_TEXT = ("source", "source_sha256", "onnxruntime", "cpu", "weights_sha256", "model_sha256")
 
 
@@ -51,11 +55,22 @@ class PreparedStore:
         self.base = base
         self.worker_uid = worker_uid
         self.base_fd = open_private_dir(base, 0o711, "prepared-weights cache")
+        # Ours alone while we run: a start sweeps what is in progress or set aside, and retire_unused sets
+        # aside what no model of ours maps - another daemon's live entries too (round 33: its next
+        # worker then found its weights gone, and the model crash-looped).
+        self.lock_fd = os.open(LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600, dir_fd=self.base_fd)
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.lock_fd)
+            os.close(self.base_fd)
+            raise ConfigError(f"server.cache_dir {base} is in use by another openinfer daemon (its lock {base / LOCK} is held): give each daemon a cache directory of its own") from None
         if worker_uid is not None:  # workers run as another user: they must reach <base>/<key> (never list it)
             os.fchmod(self.base_fd, stat.S_IMODE(os.fstat(self.base_fd).st_mode) | 0o711)
         self.sweep()
 
     def close(self) -> None:
+        os.close(self.lock_fd)
         os.close(self.base_fd)
 
     def path(self, key: str) -> Path:

@@ -275,7 +275,10 @@ class WeightPreparer:
         """Entries no live model version maps go aside (removed at the next start: a worker may still map
         one), but those of a version still preparing. After each repository sync and each entry taken."""
         models = self.live_models()
-        keep = {model.prepared_dir.name for model in models if model.prepared_dir is not None}
+        # What each version maps, and what each chain's workers map: its members' entries, which may be of
+        # versions no longer served (round 33: a chain still serving on a replaced member's weights lost
+        # them, and its next worker could not start).
+        keep = {member.prepared_dir.name for model in models for member in (model, *model.chain_members) if member.prepared_dir is not None}
         preparing = {owner_prefix(_owner(model)) for model in models if model.sharing == "preparing"}
         try:
             retired = self.store.retire_unused(keep, preparing)

@@ -109,8 +109,30 @@ def test_entries_no_model_uses_leave_the_cache(daemon_factory: Any) -> None:
         (renamed_entry,) = entries()
         second.stop()
         third = daemon_factory(repo, env=env)  # a start removes what was set aside
-        assert entries() == [renamed_entry] and not [entry for entry in cache.iterdir() if entry.name.startswith(".")], sorted(cache.iterdir())
+        assert entries() == [renamed_entry] and not [entry for entry in cache.iterdir() if entry.name.startswith(".") and entry.name != ".lock"], sorted(cache.iterdir())
         third.stop()
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_a_second_daemon_on_the_same_cache_is_refused_and_takes_nothing(daemon_factory: Any) -> None:
+    """Round 33: a second daemon on the same server.cache_dir (the shipped config names one) set the first's
+    live entry aside at its start, and the first's next worker could not start (crash loop, UNAVAILABLE);
+    its next start would have removed the other's. A daemon holds its cache's lock: the second is refused,
+    naming it, and the first's entry stays."""
+    repo, cache = world_readable_dir("oi-extkey-two-"), world_readable_dir("oi-extkey-two-cache-")
+    try:
+        onnx_builders.external_weights_model(repo / "alpha" / "1" / "model.onnx", size=SIZE, seed=6)
+        make_world_readable(repo)
+        env = {"OPENINFER_SERVER_CACHE_DIR": str(cache), "OPENINFER_POOL_SHARE_MIN_BYTES": "0", "OPENINFER_POOL_WORKERS": "1"}
+        first = daemon_factory(repo, env=env)
+        entries = sorted(entry.name for entry in cache.iterdir())
+        second = daemon_factory(repo, env=env, wait=False)
+        assert second.process.wait(60) == 1
+        assert f"server.cache_dir {cache} is in use by another openinfer daemon" in second.log_text(), second.log_text()[-2000:]
+        assert sorted(entry.name for entry in cache.iterdir()) == entries
+        assert first.process.poll() is None and len(_answer(first.address, "alpha")) == SIZE
     finally:
         shutil.rmtree(repo, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
