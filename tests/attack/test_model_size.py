@@ -92,7 +92,7 @@ def test_no_model_waits_behind_a_hash_it_does_not_need(tmp_path: Path) -> None:
     settings = load_settings(config, environ={"OPENINFER_POOL_MAX_MODEL_BYTES": str(BOUND), "OPENINFER_POOL_SHARE_MIN_BYTES": str(1 << 16)})
     started: list[str] = []
     pool: Any = SimpleNamespace(settings=settings, reactor=_Reactor())
-    preparer = WeightPreparer(pool, PreparedStore(tmp_path / "cache", worker_uid=None), lambda model: started.append(model.name))
+    preparer = WeightPreparer(pool, PreparedStore(tmp_path / "cache", worker_uid=None), lambda model: started.append(model.name), lambda: [tiny, huge, shared])
     busy = threading.Event()
     try:
         preparer.offloop.submit(lambda: busy.wait(30), lambda result: None)
