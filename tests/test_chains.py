@@ -3,6 +3,7 @@ sandboxed worker, by the chain's drive step, each member on its own shared weigh
 long each member ran. Checked against the members run one after the other in process."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -420,5 +421,33 @@ def test_a_chain_still_serving_a_replaced_members_weights_keeps_them(daemon_fact
             os.kill(chain_worker, signal.SIGKILL)
             wait_for(lambda: any(w["model"] == "both" and w["state"] == "ready" and w["pid"] != chain_worker for w in client.status()["workers"]), 30, "a new chain worker", daemon=running)
             assert client.infer("both", {"x": x}).stages is not None
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_a_chain_whose_member_weights_fail_verification_serves_on_that_member_unshared(daemon_factory: Any, fresh_chain: Path) -> None:
+    """Round 34: a chain's worker that found a member's prepared weights wrong exited "prepared artefact
+    mismatch"; the supervisor logged "preparing again" for the chain - which has no weights of its own -
+    prepared nothing and spawned nothing: the chain "ready" with no worker, every request expiring in its
+    queue, a reload "unchanged". The member's entry goes aside and the chain's next worker loads that
+    member unshared. Here `first`'s recorded check is replaced with `second`'s (a wrong entry)."""
+    cache = world_readable_dir("oi-chain-mismatch-cache-")
+    root = fresh_chain
+    running = daemon_factory(root, env={"OPENINFER_SERVER_CACHE_DIR": str(cache), "OPENINFER_POOL_SHARE_MIN_BYTES": "0"})
+    x = np.ones((1, 64), np.float32)
+    try:
+        with Client(running.address, timeout=30) as client:
+            assert client.infer("both", {"x": x}).stages is not None
+            dirs = {row["name"]: row for row in client.status()["models"]}
+            assert dirs["first"]["sharing"] == "shared" and dirs["second"]["sharing"] == "shared", dirs
+            entries = {json.loads((entry / "manifest.json").read_text())["source"].split("/")[-3]: entry for entry in cache.iterdir() if not entry.name.startswith(".")}
+            shutil.copyfile(entries["second"] / "check.msgpack", entries["first"] / "check.msgpack")
+            (chain_worker,) = [w["pid"] for w in client.status()["workers"] if w["model"] == "both" and w["state"] != "exited"]
+            os.kill(chain_worker, signal.SIGKILL)
+            wait_for(lambda: any(w["model"] == "both" and w["state"] == "ready" and w["pid"] != chain_worker for w in client.status()["workers"]), 60, "a chain worker again", daemon=running)
+            got = client.infer("both", {"x": x})
+            expected, _ = chained(root, x)
+            np.testing.assert_allclose(got.outputs["y"], expected, rtol=1e-4, atol=1e-4)
+            assert model_status(client, "first")["sharing"].startswith("off: its prepared weights failed verification"), model_status(client, "first")
     finally:
         shutil.rmtree(cache, ignore_errors=True)

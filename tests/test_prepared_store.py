@@ -203,3 +203,26 @@ def test_files_beside_the_model_that_grew_after_they_were_sized_are_not_hashed(t
             plan_preparation(Source(version_fd, model_fd, 5, "model.onnx"), store, 0, "repo\0m\01")
     finally:
         store.close()
+
+
+@pytest.mark.attack
+def test_only_entries_of_the_cache_are_set_aside_or_swept(tmp_path: Path) -> None:
+    """Round 34: retire_unused set aside every name but those kept, and a start swept every .stale-/.tmp-
+    name: a cache_dir that held anything else - the model repository, a state directory, the runtime
+    directory - lost it (the repository's models were deleted at the second start). Only names the store
+    makes are touched; a file set aside is swept too (rmtree left it)."""
+    base = tmp_path / "cache"
+    store = PreparedStore(base, None)
+    key = "0123456789abcdef-" + "a" * 32 + "-" + "b" * 32 + "-ort1.32.0-0123456789ab"
+    (base / key).mkdir()
+    (base / "models" / "m" / "1").mkdir(parents=True)
+    (base / "notes.txt").write_text("mine")
+    (base / ".stale-notes.txt-1").write_text("mine too")
+    (base / ".tmp-mine").mkdir()
+    assert store.retire_unused(set(), set()) == [key]
+    stale = [p.name for p in base.iterdir() if p.name.startswith(f".stale-{key}-")]
+    assert len(stale) == 1
+    (base / f".stale-{key}-2").write_text("a file set aside")
+    store.close()
+    PreparedStore(base, None).close()  # a start: its sweep
+    assert sorted(p.name for p in base.iterdir()) == [".lock", ".stale-notes.txt-1", ".tmp-mine", "models", "notes.txt"]

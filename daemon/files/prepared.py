@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -33,6 +34,11 @@ log = logging.getLogger("openinfer.supervisor")
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 LOCK = ".lock"  # held by the daemon that uses the cache (never swept: only .tmp- and .stale- entries are)
+# The names this store makes (cache_key.cache_key; before its owner and files fields, keys had fewer
+# fields - entries of older daemons are still collected): nothing else in the directory is touched.
+_KEY = re.compile(r"(?:[0-9a-f]{16}-)?[0-9a-f]{32}(?:-[0-9a-f]{32})?-ort[0-9A-Za-z.+_]+-(?:[0-9a-f]{12}|unknown)")
+_TMP = re.compile(r"\.tmp-[0-9a-f]{16}")
+_STALE = re.compile(r"\.stale-" + _KEY.pattern + r"-[0-9]+")
 _MANIFEST_TEXT = ("source", "source_sha256", "onnxruntime", "cpu", "weights_sha256", "model_sha256")
 
 
@@ -77,10 +83,21 @@ class PreparedStore:
         return self.base / key
 
     def sweep(self) -> None:
-        """Remove what an interrupted run left: temporary and retired directories."""
+        """Remove what an interrupted run left: temporary and retired directories - only names this store
+        makes (round 34: anything named .tmp-/.stale- went, and what retire_unused had set aside of a
+        directory that was not a cache, its repository included)."""
         for child in os.scandir(self.base_fd):
-            if child.name.startswith((".tmp-", ".stale-")):
-                shutil.rmtree(child.name, dir_fd=self.base_fd, ignore_errors=True)
+            if _TMP.fullmatch(child.name) or _STALE.fullmatch(child.name):
+                self._remove(child.name)
+
+    def _remove(self, name: str) -> None:
+        try:
+            if stat.S_ISDIR(os.stat(name, dir_fd=self.base_fd, follow_symlinks=False).st_mode):
+                shutil.rmtree(name, dir_fd=self.base_fd, ignore_errors=True)
+            else:  # (rmtree leaves a file where it is, silently)
+                os.unlink(name, dir_fd=self.base_fd)
+        except OSError:
+            pass
 
     def new_tmp_dir(self) -> Path:
         """A private directory for one helper to write into (the helper runs as the worker user)."""
@@ -154,8 +171,8 @@ class PreparedStore:
         retired = []
         for child in os.scandir(self.base_fd):
             name = child.name
-            if name.startswith(".") or name in keep or name.split("-", 1)[0] in owners_preparing:
-                continue
+            if not _KEY.fullmatch(name) or name in keep or name.split("-", 1)[0] in owners_preparing:
+                continue  # (only entries: a cache_dir shared with other files, a repository even, keeps them - round 34)
             self.discard(name)
             retired.append(name)
         return retired

@@ -341,6 +341,16 @@ class WorkerPool:
             log.error("prepared weights failed verification; preparing again", extra={"model": model.key, "reason": boot_error})
             if model.prepared_dir is not None:
                 self.preparer.on_mismatch(model)
+                return worker
+            # A chain's worker checks its members' entries: the one named goes aside and the chain loads
+            # that member unshared (round 34: nothing was prepared again and no worker came back - the chain
+            # "ready" with none, every request expiring in its queue).
+            for member in model.chain_members:
+                if member.prepared_dir is not None and str(member.prepared_dir) in boot_error:
+                    self.preparer.store.discard(member.prepared_dir.name)
+                    member.prepared_dir = None
+                    member.sharing = "off: its prepared weights failed verification in a chain's worker"
+            self._schedule_respawn(model, boot_error)
             return worker
         if was in (WorkerState.SPAWNED, WorkerState.LOADED) and boot_error is not None and model.state is not ModelState.READY:
             model.fail_to_load(boot_error)
