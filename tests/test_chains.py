@@ -397,6 +397,22 @@ def test_a_drive_step_that_calls_a_model_without_end_is_stopped_with_a_typed_err
     assert caught.value.code == "RESOURCE_EXHAUSTED" and "called the model first more than 10 times" in str(caught.value)
 
 
+def _shared_chain(daemon_factory: Any, root: Path) -> tuple[RunningDaemon, Path]:
+    """A daemon serving `root`'s chain with every model's weights shared (a cache of the test's own),
+    once it has answered the chain."""
+    cache = world_readable_dir("oi-chain-cache-")
+    running = daemon_factory(root, env={"OPENINFER_SERVER_CACHE_DIR": str(cache), "OPENINFER_POOL_SHARE_MIN_BYTES": "0"})
+    with Client(running.address, timeout=30) as client:
+        assert client.infer("both", {"x": np.ones((1, 64), np.float32)}).stages is not None
+    return running, cache
+
+
+def _kill_the_chain_worker_and_wait_for_another(client: Client, running: RunningDaemon) -> None:
+    (chain_worker,) = [w["pid"] for w in client.status()["workers"] if w["model"] == "both" and w["state"] != "exited"]
+    os.kill(chain_worker, signal.SIGKILL)
+    wait_for(lambda: any(w["model"] == "both" and w["state"] == "ready" and w["pid"] != chain_worker for w in client.status()["workers"]), 60, "a new chain worker", daemon=running)
+
+
 def test_a_chain_still_serving_a_replaced_members_weights_keeps_them(daemon_factory: Any, fresh_chain: Path) -> None:
     """Round 33: a member replaced while the chain's own replacement fails (here its config.toml broken in
     the same edit: the chain keeps serving, as a broken directory keeps what it served) left the chain on
@@ -404,22 +420,18 @@ def test_a_chain_still_serving_a_replaced_members_weights_keeps_them(daemon_fact
     no live version's own - and the chain's next worker could not start: "crash loop ... Landlock path
     '<cache>/<key>': No such file or directory", every request UNAVAILABLE. A chain's workers map its
     members' entries: those are kept."""
-    cache = world_readable_dir("oi-chain-cache-")
     root = fresh_chain
-    running = daemon_factory(root, env={"OPENINFER_SERVER_CACHE_DIR": str(cache), "OPENINFER_POOL_SHARE_MIN_BYTES": "0"})
+    running, cache = _shared_chain(daemon_factory, root)
     x = np.ones((1, 64), np.float32)
     try:
         with Client(running.address, timeout=30) as client:
-            assert client.infer("both", {"x": x}).stages is not None
             onnx_builders.matmul_model(root / "first" / "1" / "model.onnx", seed=99)
             (root / "both" / "config.toml").write_text("workers = [\n")  # the chain's replacement cannot load
             make_world_readable(root)
             client.reload()
             wait_for(lambda: '"msg":"retired model released","model":"first:1"' in running.log_text(), 30, "the old first released", daemon=running)
             assert "reload failed" in model_status(client, "both")["reason"]  # the chain still serves, on the old first
-            (chain_worker,) = [w["pid"] for w in client.status()["workers"] if w["model"] == "both" and w["state"] != "exited"]
-            os.kill(chain_worker, signal.SIGKILL)
-            wait_for(lambda: any(w["model"] == "both" and w["state"] == "ready" and w["pid"] != chain_worker for w in client.status()["workers"]), 30, "a new chain worker", daemon=running)
+            _kill_the_chain_worker_and_wait_for_another(client, running)
             assert client.infer("both", {"x": x}).stages is not None
     finally:
         shutil.rmtree(cache, ignore_errors=True)
@@ -431,20 +443,16 @@ def test_a_chain_whose_member_weights_fail_verification_serves_on_that_member_un
     prepared nothing and spawned nothing: the chain "ready" with no worker, every request expiring in its
     queue, a reload "unchanged". The member's entry goes aside and the chain's next worker loads that
     member unshared. Here `first`'s recorded check is replaced with `second`'s (a wrong entry)."""
-    cache = world_readable_dir("oi-chain-mismatch-cache-")
     root = fresh_chain
-    running = daemon_factory(root, env={"OPENINFER_SERVER_CACHE_DIR": str(cache), "OPENINFER_POOL_SHARE_MIN_BYTES": "0"})
+    running, cache = _shared_chain(daemon_factory, root)
     x = np.ones((1, 64), np.float32)
     try:
         with Client(running.address, timeout=30) as client:
-            assert client.infer("both", {"x": x}).stages is not None
             dirs = {row["name"]: row for row in client.status()["models"]}
             assert dirs["first"]["sharing"] == "shared" and dirs["second"]["sharing"] == "shared", dirs
             entries = {json.loads((entry / "manifest.json").read_text())["source"].split("/")[-3]: entry for entry in cache.iterdir() if not entry.name.startswith(".")}
             shutil.copyfile(entries["second"] / "check.msgpack", entries["first"] / "check.msgpack")
-            (chain_worker,) = [w["pid"] for w in client.status()["workers"] if w["model"] == "both" and w["state"] != "exited"]
-            os.kill(chain_worker, signal.SIGKILL)
-            wait_for(lambda: any(w["model"] == "both" and w["state"] == "ready" and w["pid"] != chain_worker for w in client.status()["workers"]), 60, "a chain worker again", daemon=running)
+            _kill_the_chain_worker_and_wait_for_another(client, running)
             got = client.infer("both", {"x": x})
             expected, _ = chained(root, x)
             np.testing.assert_allclose(got.outputs["y"], expected, rtol=1e-4, atol=1e-4)

@@ -25,6 +25,16 @@ pytestmark = pytest.mark.attack
 SIZE = 4096  # 16 KiB of weights: over the 1 KiB the prepare helper moves into the shared weights file
 
 
+def _env(cache: Path) -> dict[str, str | None]:
+    """Every model shared however small, one worker each, on this cache."""
+    return {"OPENINFER_SERVER_CACHE_DIR": str(cache), "OPENINFER_POOL_SHARE_MIN_BYTES": "0", "OPENINFER_POOL_WORKERS": "1"}
+
+
+def _sharing(address: str) -> dict[str, str]:
+    with Client(address, timeout=30, direct=False) as client:
+        return {row["name"]: row["sharing"] for row in client.status()["models"]}
+
+
 def _answer(address: str, model: str) -> np.ndarray:
     with Client(address, timeout=30, direct=False) as client:
         return np.asarray(client.infer(model, {"x": np.zeros(SIZE, np.float32)}).outputs["y"])
@@ -40,10 +50,9 @@ def test_models_differing_only_in_their_external_data_are_each_served_their_own_
         _, beta = onnx_builders.external_weights_model(repo / "beta" / "1" / "model.onnx", size=SIZE, seed=2)
         assert (repo / "alpha" / "1" / "model.onnx").read_bytes() == (repo / "beta" / "1" / "model.onnx").read_bytes()
         make_world_readable(repo)
-        env = {"OPENINFER_SERVER_CACHE_DIR": str(cache), "OPENINFER_POOL_SHARE_MIN_BYTES": "0", "OPENINFER_POOL_WORKERS": "1"}
+        env = _env(cache)
         first = daemon_factory(repo, env=env)
-        with Client(first.address, timeout=30, direct=False) as client:
-            assert {row["name"]: row["sharing"] for row in client.status()["models"]} == {"alpha": "shared", "beta": "shared"}
+        assert _sharing(first.address) == {"alpha": "shared", "beta": "shared"}
         np.testing.assert_array_equal(_answer(first.address, "alpha"), alpha)
         np.testing.assert_array_equal(_answer(first.address, "beta"), beta)
         first.stop()
@@ -70,10 +79,8 @@ def test_models_with_the_same_bytes_share_no_prepared_weights(daemon_factory: An
         _, weight = onnx_builders.external_weights_model(repo / "gamma" / "1" / "model.onnx", size=SIZE, seed=4)
         onnx_builders.external_weights_model(repo / "delta" / "1" / "model.onnx", size=SIZE, seed=4)
         make_world_readable(repo)
-        env = {"OPENINFER_SERVER_CACHE_DIR": str(cache), "OPENINFER_POOL_SHARE_MIN_BYTES": "0", "OPENINFER_POOL_WORKERS": "1"}
-        daemon = daemon_factory(repo, env=env)
-        with Client(daemon.address, timeout=30, direct=False) as client:
-            assert {row["name"]: row["sharing"] for row in client.status()["models"]} == {"gamma": "shared", "delta": "shared"}
+        daemon = daemon_factory(repo, env=_env(cache))
+        assert _sharing(daemon.address) == {"gamma": "shared", "delta": "shared"}
         np.testing.assert_array_equal(_answer(daemon.address, "delta"), weight)
         assert len([entry for entry in cache.iterdir() if not entry.name.startswith(".")]) == 2, sorted(cache.iterdir())
         assert daemon.log_text().count('"reused":false') == 2
@@ -88,7 +95,7 @@ def test_entries_no_model_uses_leave_the_cache(daemon_factory: Any) -> None:
     anyone who could write a version directory and get a reload could fill the disk. Entries no live model
     version maps are set aside after each sync and each preparation, and removed at the next start."""
     repo, cache = world_readable_dir("oi-extkey-gc-"), world_readable_dir("oi-extkey-gc-cache-")
-    env = {"OPENINFER_SERVER_CACHE_DIR": str(cache), "OPENINFER_POOL_SHARE_MIN_BYTES": "0", "OPENINFER_POOL_WORKERS": "1"}
+    env = _env(cache)
 
     def entries() -> list[str]:
         return sorted(entry.name for entry in cache.iterdir() if not entry.name.startswith("."))
@@ -125,7 +132,7 @@ def test_a_second_daemon_on_the_same_cache_is_refused_and_takes_nothing(daemon_f
     try:
         onnx_builders.external_weights_model(repo / "alpha" / "1" / "model.onnx", size=SIZE, seed=6)
         make_world_readable(repo)
-        env = {"OPENINFER_SERVER_CACHE_DIR": str(cache), "OPENINFER_POOL_SHARE_MIN_BYTES": "0", "OPENINFER_POOL_WORKERS": "1"}
+        env = _env(cache)
         first = daemon_factory(repo, env=env)
         entries = sorted(entry.name for entry in cache.iterdir())
         second = daemon_factory(repo, env=env, wait=False)
@@ -153,7 +160,7 @@ def test_a_huge_sparse_file_beside_a_model_holds_back_no_other_model(daemon_fact
             pad.truncate(1 << 40)
         onnx_builders.large_matmul_model(repo / "victim" / "1" / "model.onnx", size=256)  # larger: it was hashed after the hostile one
         make_world_readable(repo)
-        env = {"OPENINFER_SERVER_CACHE_DIR": str(cache), "OPENINFER_POOL_SHARE_MIN_BYTES": "0", "OPENINFER_POOL_WORKERS": "1"}
+        env = _env(cache)
         daemon = daemon_factory(repo, env=env, wait=False)
         with Client(daemon.address, timeout=5, direct=False) as client:
             rows = wait_for(lambda: _sharing_settled(client), 30, "both models' sharing settled", daemon=daemon)
