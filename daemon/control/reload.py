@@ -22,7 +22,8 @@ from openinfer.daemon.steps.sources import builtin_files as steps_files_of_built
 from openinfer.daemon.workerpool.pool import WorkerPool
 from openinfer.daemon.modelstore.repository import ModelEntry, ModelVersionEntry, scan_repository
 from openinfer.daemon.config.settings import Settings
-from openinfer.daemon.files.cache_key import version_files
+from openinfer.daemon.files.model_files import ModelFileError
+from openinfer.daemon.workerpool.preparation import beside_stamps
 from openinfer.daemon.scheduling.taskqueue import TaskQueue
 from openinfer.daemon.workerpool.workers import WorkerState
 
@@ -36,16 +37,12 @@ def file_fingerprint(path: Path) -> tuple[int, int, int]:
 
 def beside_fingerprint(path: Path) -> tuple[Any, ...] | str:
     """The stamps of every entry beside the model file in its version directory (its external data among
-    them; cache_key.version_files, no byte read): a reload that finds one replaced replaces the workers.
-    It did not: a new weights file, SIGHUP, and the old weights kept serving ("unchanged")."""
+    them; preparation.beside_stamps): a reload that finds one replaced replaces the workers. It did not:
+    a new weights file, SIGHUP, and the old weights kept serving ("unchanged")."""
     try:
-        version_dir = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            return version_files(version_dir, path.name, None, hash_bytes=False).stamps
-        finally:
-            os.close(version_dir)
-    except OSError as exc:
-        return f"unreadable: {exc.strerror or exc}"
+        return beside_stamps(str(path.parent.parent.parent), path)  # (<repository>/<model>/<version>/model.onnx)
+    except (OSError, ModelFileError) as exc:
+        return f"unreadable: {exc}"
 
 
 def model_fingerprint(path: Path, config: ModelConfig, members: tuple[Any, ...] = ()) -> tuple[Any, ...]:

@@ -109,15 +109,13 @@ class WorkerResults:
         """The members a failed batch left, once those it failed for are answered: one batch again, to the
         same worker, without new company (round 26). Once: a member sent again whose batch fails again
         runs alone, so a worker that keeps naming members cannot loop."""
-        again: list[Task] = []
-        for task in reversed(batch):
-            if task.done:
-                continue
+        left = [task for task in batch if not task.done]
+        for task in reversed(left):  # (each goes to the front of the queue: the last first keeps their order)
             if task.rebatched:
                 self.dispatcher.retry_alone(task)
-            else:
-                task.rebatched = True
-                again.insert(0, task)
+        again = [task for task in left if not task.rebatched]
+        for task in again:
+            task.rebatched = True
         if again:
             self.dispatcher.send_again_together(worker, again)
 

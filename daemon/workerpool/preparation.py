@@ -99,20 +99,25 @@ def plan_preparation(source: Source, store: PreparedStore, beside_bytes: int, ow
     return Plan(key, expected, store.holds(key, expected), files)
 
 
+def beside_stamps(repository: str, model_path: Path) -> tuple[tuple[str, int, int, int, int, int], ...]:
+    """The stamps of every entry beside the model file (version_files, no byte read), its version directory
+    opened beneath the repository as every model file is. Raises OSError or ModelFileError."""
+    version_dir = open_version_dir(repository, str(model_path), describe_user(os.geteuid()))
+    try:
+        return version_files(version_dir, model_path.name, None, hash_bytes=False).stamps
+    finally:
+        os.close(version_dir)
+
+
 def files_changed(model: ServedModel, files: VersionFiles) -> str | None:
     """Why the version directory is no longer what `files` hashed (an entry added, removed, or written:
     its ctime moves whatever else is set back), else None. After a helper ran: the weights it prepared may
     be from other bytes than the key names. Stamps only, no hashing, off the loop."""
-    repository = str(model.repository or model.path.parent)
     try:
-        version_dir = open_version_dir(repository, str(model.path), describe_user(os.geteuid()))
-        try:
-            now = version_files(version_dir, model.path.name, None, hash_bytes=False)
-        finally:
-            os.close(version_dir)
+        now = beside_stamps(str(model.repository or model.path.parent), model.path)
     except (OSError, ModelFileError) as exc:
         return f"the version directory cannot be read again: {exc}"
-    if now.stamps != files.stamps:
+    if now != files.stamps:
         return "the files beside the model changed while its weights were prepared"
     return None
 
