@@ -459,3 +459,33 @@ def test_a_chain_whose_member_weights_fail_verification_serves_on_that_member_un
             assert model_status(client, "first")["sharing"].startswith("off: its prepared weights failed verification"), model_status(client, "first")
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_a_chain_on_a_superseded_member_version_serves_on_through_another_reload(daemon_factory: Any, fresh_chain: Path) -> None:
+    """Round 34's suspicion, reproduced: a member's version 2 arrived while the chain's own replacement could
+    not load (here its config.toml broken in the same edit); version 1 left once 2 served, the chain serving
+    on, on version 1's files. The next reload - any SIGHUP, or one in the window before a chain's replacement
+    is ready - dropped the chain: "its model second:1 was removed from the repository", which it was not. A
+    chain stops only when a member's files are gone; until its replacement serves it runs the version it
+    was built on, as a model serves its old version until the new one is ready."""
+    root = fresh_chain
+    running = daemon_factory(root)
+    x = np.ones((1, 64), np.float32)
+    with Client(running.address, timeout=30) as client:
+        before = client.infer("both", {"x": x}).outputs["y"].copy()
+        (root / "second" / "2").mkdir(mode=0o755)
+        onnx_builders.matmul_model(root / "second" / "2" / "model.onnx", seed=99)
+        (root / "second" / "config.toml").write_text('workers = 1\nversion_policy = "latest"\n')
+        chain_config = (root / "both" / "config.toml").read_text()
+        (root / "both" / "config.toml").write_text("workers = [\n")
+        make_world_readable(root)
+        client.reload()
+        wait_for(lambda: '"msg":"version left: the newer one serves","model":"second:1"' in running.log_text(), 60, "second:1 to leave", daemon=running)
+        client.reload()
+        row = model_status(client, "both")
+        assert row["state"] == "ready", row
+        np.testing.assert_array_equal(client.infer("both", {"x": x}).outputs["y"], before)
+        (root / "both" / "config.toml").write_text(chain_config)
+        client.reload()
+        second = run_reference(root / "second" / "2" / "model.onnx", {"x": run_reference(root / "first" / "1" / "model.onnx", {"x": x})["y"]})["y"]
+        wait_for(lambda: np.allclose(client.infer("both", {"x": x}).outputs["y"], second, rtol=1e-4, atol=1e-4), 60, "the chain to run second:2", daemon=running)

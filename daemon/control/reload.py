@@ -234,8 +234,12 @@ class RepositorySync:
         attacker: the chain kept serving the removed model's weights, then crash-looped on respawn)."""
         for name, served in list(self.registry.by_name.items()):
             for number, model in list(served.items()):
-                # Only a chain that started (it has members): one still waiting fails in start_chains.
-                gone = [member.key for member in model.chain_members if member.version not in self.registry.by_name.get(member.name, {})]
+                # Only a chain that started (it has members): one still waiting fails in start_chains. A
+                # member version that left the registry with its files still there was superseded (a
+                # newer version serves), not removed: the chain runs it until its own replacement serves,
+                # as a model serves its old version until the new one is ready (round 34's suspicion: the
+                # next reload dropped such a chain "removed").
+                gone = [member.key for member in model.chain_members if member.version not in self.registry.by_name.get(member.name, {}) and not member.path.exists()]
                 if not gone:
                     continue
                 reason = f"its model {gone[0]} was removed from the repository"
