@@ -72,6 +72,8 @@ def drive(inputs, models):  # both models at once: onnxruntime lets the other th
 '''
 
 CHAIN_CONFIG = 'workers = 1\n\n[chain]\nmodels = ["first", "second"]\n\n[steps]\nmodule = "steps.py"\n'
+# Each model names the chains that may run it (round 35).
+MEMBER_CONFIG = 'workers = 1\nchains = ["both", "parallel", "snoop_member", "snoop_bystander"]\n'
 
 
 def chained(repo: Path, x: np.ndarray) -> tuple[np.ndarray, int]:
@@ -83,8 +85,8 @@ def chained(repo: Path, x: np.ndarray) -> tuple[np.ndarray, int]:
 def chain_of_two(prefix: str) -> ModelRepo:
     """`first` and `second` (tiny models, one worker each) and the chain `both` that runs them (CHAIN_STEPS)."""
     repo = ModelRepo(prefix)
-    repo.model("first", lambda path: onnx_builders.matmul_model(path, seed=11), config="workers = 1\n")
-    repo.model("second", lambda path: onnx_builders.matmul_model(path, seed=12), config="workers = 1\n")
+    repo.model("first", lambda path: onnx_builders.matmul_model(path, seed=11), config=MEMBER_CONFIG)
+    repo.model("second", lambda path: onnx_builders.matmul_model(path, seed=12), config=MEMBER_CONFIG)
     repo.config("both", CHAIN_CONFIG)
     (repo.root / "both" / "steps.py").write_text(CHAIN_STEPS)
     return repo
@@ -101,7 +103,7 @@ def fresh_chain() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def chain_repo() -> Iterator[Path]:
     repo = chain_of_two("oi-chain-")
-    repo.model("bystander", lambda path: onnx_builders.matmul_model(path, seed=13), config="workers = 1\n")
+    repo.model("bystander", lambda path: onnx_builders.matmul_model(path, seed=13), config="workers = 1\n")  # in no chain: no chain may read it
     repo.config("parallel", CHAIN_CONFIG)
     (repo.root / "parallel" / "steps.py").write_text(PARALLEL_STEPS)
     for name, target in (("snoop_member", "first"), ("snoop_bystander", "bystander")):
@@ -245,6 +247,10 @@ def test_chain_configuration_is_checked_where_it_is_read(tmp_path: Path) -> None
         '[chain]\nmodels = ["a", "a"]\n' + steps: "names a model twice",
         '[chain]\nmodels = ["a"]\nthen = 1\n' + steps: "unknown key `chain.then`",
         '[chain]\nmodels = ["a"]\n[batching]\nmax_batch_size = 2\n' + steps: "cannot batch",
+        'chains = ["c"]\n[chain]\nmodels = ["a"]\n' + steps: "never another chain's model",
+        'chains = "c"\n': "`chains` must be a list",
+        'chains = ["c", "c"]\n': "`chains` names a model twice",
+        'chains = ["../c"]\n': "`chains` entry '../c' is not a model name",
     }
     for text, words in cases.items():
         path.write_text(text)
@@ -259,7 +265,7 @@ def model_status(client: Client, name: str) -> dict[str, Any]:
 def test_a_chain_that_cannot_run_fails_with_the_reason_and_the_rest_serves(daemon_factory: Any) -> None:
     repo = ModelRepo("oi-chain-bad-")
     try:
-        repo.model("plain", onnx_builders.matmul_model, config="workers = 1\n")
+        repo.model("plain", onnx_builders.matmul_model, config='workers = 1\nchains = ["missing", "on_broken", "nested", "undriven"]\n')
         repo.model("broken", lambda path: path.write_bytes(b"not onnx"), config="workers = 1\n")
         for name, members in (("missing", '["plain", "nowhere"]'), ("on_broken", '["plain", "broken"]'), ("nested", '["plain", "missing"]'), ("undriven", '["plain"]')):
             repo.config(name, f'workers = 1\n\n[chain]\nmodels = {members}\n\n[steps]\nmodule = "steps.py"\n')
@@ -475,7 +481,7 @@ def test_a_chain_on_a_superseded_member_version_serves_on_through_another_reload
         before = client.infer("both", {"x": x}).outputs["y"].copy()
         (root / "second" / "2").mkdir(mode=0o755)
         onnx_builders.matmul_model(root / "second" / "2" / "model.onnx", seed=99)
-        (root / "second" / "config.toml").write_text('workers = 1\nversion_policy = "latest"\n')
+        (root / "second" / "config.toml").write_text(MEMBER_CONFIG + 'version_policy = "latest"\n')
         chain_config = (root / "both" / "config.toml").read_text()
         (root / "both" / "config.toml").write_text("workers = [\n")
         make_world_readable(root)

@@ -195,7 +195,7 @@ class RepositorySync:
                     changes["unchanged"].append(f"{entry.name}:{version.version}")
                     if self._resize(current, entry.config.workers or self.settings.pool.workers):
                         changes.setdefault("resized", []).append(f"{current.key}: {current.worker_count} workers")
-        self._drop_chains_of_removed_models(changes)
+        self._drop_chains_of_removed_models(changes, by_name)
         log.info("repository synced", extra=changes)
         self.start_chains()
         if self.pool.preparer is not None:  # what versions left behind in the weights cache, aside
@@ -228,10 +228,11 @@ class RepositorySync:
             if not served:
                 del self.registry.by_name[name]
 
-    def _drop_chains_of_removed_models(self, changes: dict[str, list[str]]) -> None:
-        """A chain stops serving when one of its models leaves the repository: an operator who removes a
-        model (a licence, a compromise) must not find it still answering inside a chain (found by an
-        attacker: the chain kept serving the removed model's weights, then crash-looped on respawn)."""
+    def _drop_chains_of_removed_models(self, changes: dict[str, list[str]], scanned: dict[str, ModelEntry]) -> None:
+        """A chain stops serving when one of its models leaves the repository, or no longer lists it in
+        `chains`: an operator who removes a model (a licence, a compromise) must not find it still answering
+        inside a chain (found by an attacker: the chain kept serving the removed model's weights, then
+        crash-looped on respawn), nor a model its chain's consent withdrawn."""
         for name, served in list(self.registry.by_name.items()):
             for number, model in list(served.items()):
                 # Only a chain that started (it has members): one still waiting fails in start_chains. A
@@ -240,9 +241,10 @@ class RepositorySync:
                 # as a model serves its old version until the new one is ready (round 34's suspicion: the
                 # next reload dropped such a chain "removed").
                 gone = [member.key for member in model.chain_members if member.version not in self.registry.by_name.get(member.name, {}) and not member.path.exists()]
-                if not gone:
+                refused = [member.name for member in model.chain_members if member.name in scanned and scanned[member.name].error is None and name not in scanned[member.name].config.chains]
+                if not gone and not refused:
                     continue
-                reason = f"its model {gone[0]} was removed from the repository"
+                reason = f"its model {gone[0]} was removed from the repository" if gone else _not_consented(name, refused[0])
                 del served[number]
                 self._retire(model)
                 pending = self.pending.pop((name, number), None)
@@ -250,7 +252,7 @@ class RepositorySync:
                     self._retire(pending)
                 self.registry.failed[name] = FailedModel(name, reason)
                 changes["removed"].append(model.key)
-                log.error("chain stopped: one of its models was removed", extra={"model": model.key, "reason": reason})
+                log.error("chain stopped: one of its models was removed or no longer lets it run it", extra={"model": model.key, "reason": reason})
             if not served:
                 del self.registry.by_name[name]
 
@@ -273,6 +275,9 @@ class RepositorySync:
                 member = served[max(served)]
                 if member.config.chain is not None:
                     problem = f"its model {name!r} is itself a chain; a chain's models are model files"
+                    break
+                if model.name not in member.config.chains:
+                    problem = _not_consented(model.name, name)
                     break
                 if member.state in (ModelState.FAILED, ModelState.UNAVAILABLE):
                     problem = f"its model {member.key} cannot serve: {member.reason}"
@@ -370,3 +375,10 @@ class RepositorySync:
 
     def all_models(self) -> list[ServedModel]:
         return [*self.registry.all(), *self.pending.values(), *self.retiring]
+
+
+def _not_consented(chain: str, member: str) -> str:
+    """Why `chain` may not run `member`, and the fix: a chain's worker reads its models' files and weights
+    and runs them as its own steps decide, so each model names the chains that may (round 35: any entry
+    declaring `[chain] models = ["victim"]` read the victim's weights)."""
+    return f"its model {member!r} does not let it run it: add {chain!r} to `chains` in {member}/config.toml (each model names the chains that may read and run it)"

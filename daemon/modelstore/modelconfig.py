@@ -67,6 +67,10 @@ class ModelConfig:
     steps: StepsConfig | None = None  # pre/post processing run inside the worker (daemon/steps/)
     cache: CacheConfig | None = None  # verdicts kept per worker (daemon/worker/verdict_cache.py)
     chain: ChainConfig | None = None  # runs these models of the repository as one request
+    # The chains of this repository that may run this model: a chain's worker reads its members' files and
+    # weights and runs them as its own steps decide, so a member says which chains may (round 35: without
+    # it, any entry declaring `[chain] models = ["victim"]` read the victim's weights).
+    chains: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,8 @@ def parse_model_config(path: Path, text: str | None = None) -> ModelConfig:
             values[key] = _parse_cache(path, value)
         elif key == "chain":
             values[key] = _parse_chain(path, value)
+        elif key == "chains":
+            values[key] = _model_names(path, "chains", value, MAX_CHAINS_OF_A_MODEL, "chains of this repository that may run this model, e.g. [\"ocr\"]", empty=True)
         elif key == "steps":
             try:
                 values[key] = parse_steps(str(path), value)
@@ -153,28 +159,35 @@ def parse_model_config(path: Path, text: str | None = None) -> ModelConfig:
     if chain is not None:
         if values.get("batching") is not None:
             raise ConfigError(f"{path}: a `[chain]` cannot batch: remove `[batching]` (batch its members instead)")
+        if values.get("chains"):
+            raise ConfigError(f"{path}: a `[chain]` is never another chain's model: remove `chains`")
         if values.get("steps") is None:
             raise ConfigError(f"{path}: a `[chain]` needs `[steps] module = ...` with a `drive(inputs, models)` step that calls its models {list(chain.models)}")
     return replace(ModelConfig(), **values)
 
 
 MAX_CHAIN_MODELS = 8
+MAX_CHAINS_OF_A_MODEL = 64
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # a model directory's name (a chain names its models so)
 
 
 def _parse_chain(path: Path, raw: Any) -> ChainConfig:
     items = dict(_table_items(path, "chain", raw, ChainConfig))
-    models = items.get("models")
-    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
-        raise ConfigError(f"{path}: `chain.models` must be a non-empty list of model names of this repository, e.g. [\"ocr_det\", \"ocr_rec\"]")
-    bad = [m for m in models if not MODEL_NAME.match(m)]
+    return ChainConfig(_model_names(path, "chain.models", items.get("models"), MAX_CHAIN_MODELS, "model names of this repository, e.g. [\"ocr_det\", \"ocr_rec\"]"))
+
+
+def _model_names(path: Path, key: str, names: Any, most: int, what: str, empty: bool = False) -> tuple[str, ...]:
+    """`names` as a list of model directory names, each once, at most `most`, else a ConfigError."""
+    if not isinstance(names, list) or not (names or empty) or not all(isinstance(m, str) for m in names):
+        raise ConfigError(f"{path}: `{key}` must be a {'' if empty else 'non-empty '}list of {what}")
+    bad = [m for m in names if not MODEL_NAME.match(m)]
     if bad:
-        raise ConfigError(f"{path}: `chain.models` entry {bad[0]!r} is not a model name")
-    if len(set(models)) != len(models):
-        raise ConfigError(f"{path}: `chain.models` names a model twice")
-    if len(models) > MAX_CHAIN_MODELS:
-        raise ConfigError(f"{path}: `chain.models` names {len(models)} models; at most {MAX_CHAIN_MODELS}")
-    return ChainConfig(tuple(models))
+        raise ConfigError(f"{path}: `{key}` entry {bad[0]!r} is not a model name")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: `{key}` names a model twice")
+    if len(names) > most:
+        raise ConfigError(f"{path}: `{key}` names {len(names)} models; at most {most}")
+    return tuple(names)
 
 
 def _table_items(path: Path, name: str, raw: Any, table: type) -> list[tuple[str, Any]]:
