@@ -25,6 +25,19 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     return int(result)
 
 
+def getsockopt(fd: int, level: int, option: int, size: int) -> bytes:
+    """getsockopt(2) into a buffer of `size` bytes (Python's own refuses more than 1024); the bytes the
+    kernel wrote. Raises OSError (ERANGE: `size` too small)."""
+    function = libc().getsockopt
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+    function.restype = ctypes.c_int
+    buffer = ctypes.create_string_buffer(size)
+    length = ctypes.c_uint32(size)
+    if function(fd, level, option, buffer, ctypes.byref(length)) != 0:
+        raise _oserror()
+    return buffer.raw[: length.value]
+
+
 def unshare(flags: int) -> None:
     """unshare(2) (os.unshare arrived in Python 3.12)."""
     function = libc().unshare

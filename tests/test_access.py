@@ -30,16 +30,17 @@ def repo() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def as_user(uid: int, address: str, calls: list[tuple[str, str]]) -> list[str]:
-    """Fork, drop to `uid`, make each call with a fresh client; return the outcome codes."""
+def as_user(uid: int, address: str, calls: list[tuple[str, str]], gid: int | None = None, groups: tuple[int, ...] = ()) -> list[str]:
+    """Fork, drop to `uid` (primary group `gid`, default the uid's number; supplementary `groups`), make each
+    call with one client; return the outcome codes."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never returns into pytest
         code = 0
         try:
             os.close(read_fd)
-            os.setgroups([])
-            os.setgid(uid)
+            os.setgroups(list(groups))
+            os.setgid(uid if gid is None else gid)
             os.setuid(uid)
             from openinfer.client import Client, OpenInferError
 
@@ -51,6 +52,8 @@ def as_user(uid: int, address: str, calls: list[tuple[str, str]]) -> list[str]:
                             client.infer(model, {"x": X})
                         elif op == "reload":
                             client.reload()
+                        elif op == "stats":
+                            client.stats()
                         else:
                             client.health()
                         outcomes.append("OK")

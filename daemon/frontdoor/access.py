@@ -5,7 +5,6 @@ from __future__ import annotations
 import fnmatch
 import grp
 import logging
-import pwd
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +23,12 @@ class Peer:
     gid: int | None = None
     pid: int | None = None
     curve_key: str | None = None
+    groups: tuple[int, ...] = ()  # supplementary gids, from the kernel at connect (SO_PEERGROUPS)
+
+    @property
+    def gids(self) -> frozenset[int]:
+        """Every group the connecting process held: its primary one and its supplementary ones."""
+        return frozenset(self.groups) | ({self.gid} if self.gid is not None else set())
 
     @property
     def local(self) -> bool:
@@ -49,7 +54,7 @@ class Grant:
             return True
         if peer.uid is not None and peer.uid in self.uids:
             return True
-        if peer.gid is not None and peer.gid in self.gids:
+        if self.gids & peer.gids:
             return True
         if self.groups & peer_groups:
             return True
@@ -119,7 +124,7 @@ class AccessPolicy:
     def __init__(self, grants: tuple[Grant, ...], source: str) -> None:
         self.grants = grants
         self.source = source
-        self._groups: dict[int, frozenset[str]] = {}
+        self._group_names: dict[int, str | None] = {}  # gid -> name (None: it has none), until a reload
         self._verdicts: dict[tuple[Any, ...], bool] = {}  # a request pays one dict lookup
 
     @classmethod
@@ -133,24 +138,21 @@ class AccessPolicy:
         return cls(grants, str(path))
 
     def groups_of(self, peer: Peer) -> frozenset[str]:
-        if peer.uid is None:
-            return frozenset()
-        cached = self._groups.get(peer.uid)
-        if cached is None:
-            names: set[str] = set()
-            try:
-                user = pwd.getpwuid(peer.uid)
-                names = {g.gr_name for g in grp.getgrall() if user.pw_name in g.gr_mem}
-                names.add(grp.getgrgid(user.pw_gid).gr_name)
-            except KeyError:
-                pass
-            if peer.gid is not None:
+        """The names of the groups the peer's process held when it connected - its own credentials, as
+        the kernel recorded them, not /etc/group's members nor an earlier connection's (round 36: a cache
+        by uid kept the first connection's primary group for every later process of that uid)."""
+        names: set[str] = set()
+        for gid in peer.gids:
+            name = self._group_names.get(gid, "")
+            if name == "":
                 try:
-                    names.add(grp.getgrgid(peer.gid).gr_name)
+                    name = grp.getgrgid(gid).gr_name
                 except KeyError:
-                    pass
-            cached = self._groups[peer.uid] = frozenset(names)
-        return cached
+                    name = None  # a group without a name matches `gids` only
+                self._group_names[gid] = name
+            if name is not None:
+                names.add(name)
+        return frozenset(names)
 
     def may_connect(self, peer: Peer) -> bool:
         groups = self.groups_of(peer)
@@ -158,7 +160,7 @@ class AccessPolicy:
 
     def authorize(self, peer: Peer, op: str, model: str | None) -> None:
         """`check`, with the verdict cached (a reload builds a new policy, so no stale verdict survives)."""
-        key = (peer.uid, peer.gid, peer.curve_key, op, model)
+        key = (peer.uid, peer.gid, peer.groups, peer.curve_key, op, model)
         allowed = self._verdicts.get(key)
         if allowed is None:
             try:
@@ -171,6 +173,15 @@ class AccessPolicy:
             self._verdicts[key] = allowed
         if not allowed:
             self.check(peer, op, model)  # raises with the reason (and logs it)
+
+    def scope(self, peer: Peer, op: str) -> tuple[str, ...] | None:
+        """The model patterns whose rows `op` (models, status, stats, health) may show this peer when it
+        names no model: None = every model (one of its grants of `op` is on "*"), else those its grants of
+        `op` name (control/scoped_views.py; round 36: a grant of stats on one model read every model's
+        and client's figures by naming none)."""
+        groups = self.groups_of(peer)
+        patterns = [pattern for g in self.grants if op in g.operations and g.matches_peer(peer, groups) for pattern in g.models]
+        return None if "*" in patterns else tuple(patterns)
 
     def check(self, peer: Peer, op: str, model: str | None) -> None:
         groups = self.groups_of(peer)

@@ -42,7 +42,7 @@ from openinfer.daemon.config.settings import Settings
 from openinfer.daemon.loop.timers import TimerHeap
 from .curve import CurveServer
 from .handshakes import MAX_HANDSHAKES_PER_HOST, Handshakes, handshake_share, source_host
-from .listener import BoundListener, peer_credentials
+from .listener import BoundListener, peer_credentials, peer_groups
 
 log = logging.getLogger("openinfer.access")
 
@@ -204,7 +204,7 @@ class ConnectionTable:
         sock.setblocking(False)
         if self.listener.is_unix:
             pid, uid, gid = peer_credentials(sock)
-            peer = Peer(uid=uid, gid=gid, pid=pid)
+            peer = Peer(uid=uid, gid=gid, pid=pid, groups=peer_groups(sock))
             shown = ""
         else:
             peer = Peer()

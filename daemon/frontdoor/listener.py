@@ -8,6 +8,7 @@ the daemon is below its caps: the rest wait in the kernel's backlog, where they 
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import grp
 import logging
@@ -190,3 +191,21 @@ def bind_tcp(address: str, curve: ServerKeys | None = None) -> BoundListener:
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) the kernel recorded for the peer of a Unix socket when it connected."""
     return _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+
+
+SO_PEERGROUPS = 59  # <asm-generic/socket.h>, Linux 4.13; Python 3.11 does not name it
+NGROUPS_MAX = 65536
+
+
+def peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    """The supplementary groups the kernel recorded for the peer of a Unix socket when it connected, sorted:
+    with SO_PEERCRED's gid, the groups a grant's `groups`/`gids` match (access.py)."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)  # 256 groups: Python's own bound
+    except OSError as exc:
+        if exc.errno != errno.ERANGE:
+            raise
+        from openinfer.sandbox.libc import getsockopt
+
+        raw = getsockopt(sock.fileno(), socket.SOL_SOCKET, SO_PEERGROUPS, 4 * NGROUPS_MAX)
+    return tuple(sorted(set(struct.unpack(f"={len(raw) // 4}I", raw))))

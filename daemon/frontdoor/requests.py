@@ -13,7 +13,7 @@ from openinfer.wire.errors import DeadlineExceeded, Internal, InvalidArgument, O
 from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSION
 from openinfer.wire.zmtp import Event, Oversized
 
-from openinfer.daemon.control import admin
+from openinfer.daemon.control import admin, scoped_views
 from openinfer.daemon.modelstore.models import ModelState, ServedModel
 from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.scheduling.tasks import Task
@@ -175,18 +175,24 @@ class FrontDoorRequests:
             raise
 
     def _admin(self, op: str, header: dict[str, Any], route: Route) -> dict[str, Any]:
+        # A grant of a read operation on some models only shows those (scoped_views.py).
+        scope = self.supervisor.access.scope(route.conn.peer, op) if op in ("models", "status", "stats", "health") else None
         if op == "models":
-            return admin.models_result(self.supervisor)
+            result = admin.models_result(self.supervisor)
+            return result if scope is None else scoped_views.scoped_models(result, scope)
         if op == "metadata":
             return admin.metadata_result(self.supervisor, header)
         if op == "health":
-            return admin.health_result(self.supervisor)
+            result = admin.health_result(self.supervisor)
+            return result if scope is None else scoped_views.scoped_health(result, scope)
         if op == "status":
             self.supervisor.read_ledgers()  # its workers' tasks_served count every direct request answered before it
-            return admin.status_result(self.supervisor)
+            result = admin.status_result(self.supervisor)
+            return result if scope is None else scoped_views.scoped_status(result, scope)
         if op == "stats":
             self.supervisor.read_ledgers()  # every direct request answered before this one is counted
-            return admin.stats_result(self.supervisor)
+            result = admin.stats_result(self.supervisor)
+            return result if scope is None else scoped_views.scoped_stats(result, scope, route.conn.identity)
         if op == "cancel":
             return self._cancel(route, header.get("target"))
         if op == "lease":

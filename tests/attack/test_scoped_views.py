@@ -1,0 +1,80 @@
+"""A grant of a read operation on some models shows those models only (round 36).
+
+`models`, `status`, `stats` and `health` name no model, so the per-model access check let them through,
+and the reply was the whole daemon's: a peer granted `stats` on `public` alone read `secret`'s counts and
+every other client's usage, labels and identities - which the same grant refused when it asked for
+`secret` by name. Now such a peer sees the rows of the models its grants of that operation name, and of
+the figures by client only its own; a grant on every model ("*") still sees everything.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from test_access import NOBODY, X, repo  # noqa: F401  (repo: the fixture)
+
+pytestmark = pytest.mark.attack
+
+READS = ["models", "status", "stats", "health"]
+
+
+def reads_as(uid: int, address: str) -> dict[str, Any]:
+    """Fork, drop to `uid`, infer `public` once, then ask each of READS; their results by name."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 0
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            from openinfer.client import Client
+
+            with Client(address, timeout=10, client_name="nobody-app") as client:
+                client.infer("public", {"x": X})
+                results = {op: getattr(client, op)() for op in READS}
+            os.write(write_fd, json.dumps(results).encode())
+        except BaseException as exc:  # noqa: BLE001
+            os.write(write_fd, json.dumps({"error": repr(exc)}).encode())
+            code = 1
+        os._exit(code)
+    os.close(write_fd)
+    data = b""
+    while chunk := os.read(read_fd, 1 << 20):
+        data += chunk
+    os.close(read_fd)
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+def test_a_grant_of_reads_on_one_model_shows_that_model_and_its_own_figures_only(daemon_factory: Any, repo: Path, tmp_path: Path) -> None:  # noqa: F811
+    policy = tmp_path / "access.toml"
+    policy.write_text(
+        f'[[grant]]\nname = "nobody-public"\nuids = [{NOBODY}]\noperations = ["infer", {", ".join(json.dumps(op) for op in READS)}]\nmodels = ["public"]\n\n'
+        '[[grant]]\nname = "root-all"\nuids = [0]\noperations = ["infer", "models", "status", "stats", "health"]\n'
+    )
+    policy.chmod(0o644)
+    daemon = daemon_factory(repo, env={"OPENINFER_SERVER_ACCESS_POLICY": str(policy), "OPENINFER_SERVER_SOCKET_MODE": "0o666"})
+    from openinfer.client import Client
+
+    with Client(daemon.address, timeout=10, client_name="secret-project-x") as root:
+        root.infer("secret", {"x": np.ones((1, 64), np.float32)})
+        seen = reads_as(NOBODY, daemon.address)
+        assert "error" not in seen, seen
+        text = json.dumps(seen)
+        # Nothing of the other model nor of the other client, in any of the four.
+        assert "secret" not in text and "uid=0" not in text, text
+        assert [row["name"] for row in seen["models"]] == ["public"]
+        assert {row["model"] for row in seen["status"]["workers"]} == {"public"}
+        assert list(seen["stats"]["models"]) == ["public"] and seen["stats"]["models"]["public"]["requests"] >= 1
+        assert list(seen["stats"]["clients"]) == [f"nobody-app@uid={NOBODY}"]
+        # A grant on every model sees everything, as before.
+        everything = root.stats()
+        assert {"public", "secret"} <= set(everything["models"]) and "secret-project-x@uid=0" in everything["clients"]
+        assert {row["name"] for row in root.models()} == {"public", "secret"}
