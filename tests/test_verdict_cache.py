@@ -30,7 +30,7 @@ def test_the_cache_keeps_its_bounds_and_forgets_the_least_recently_used() -> Non
 
     spec = [{"name": "x", "datatype": "FP32", "shape": [1, 4]}]
     one = VerdictCache(max_entries=1, max_bytes=1 << 20, ttl_s=0)
-    one.put(b"k", spec, [b"\0" * 100], 0)
+    one.put(b"k", "uid=0", spec, [b"\0" * 100], 0)
     entry = one.nbytes  # what an entry with one 100-byte payload is charged
     cache = VerdictCache(max_entries=4, max_bytes=4 * entry, ttl_s=0)
     key = cache.key
@@ -46,20 +46,52 @@ def test_the_cache_keeps_its_bounds_and_forgets_the_least_recently_used() -> Non
     # BYTES elements: the frame's length is part of the key, so no two splits of one byte string meet.
     assert key(spec, [b"ab", b"c"], ["y"], "uid=0") != key(spec, [b"a", b"bc"], ["y"], "uid=0")
     for i, entry_key in enumerate(keys[:4]):
-        cache.put(entry_key, spec, [memoryview(bytes([i]) * 100)], 0)
+        cache.put(entry_key, "uid=0", spec, [memoryview(bytes([i]) * 100)], 0)
     assert cache.get(keys[0], 0) is not None  # now the most recently used
-    cache.put(keys[4], spec, [b"\1" * 100], 0)
+    cache.put(keys[4], "uid=0", spec, [b"\1" * 100], 0)
     assert len(cache) == 4 and cache.get(keys[1], 0) is None and cache.get(keys[0], 0) is not None
-    cache.put(keys[5], spec, [b"\2" * (100 + entry)], 0)  # worth two entries: two go
+    cache.put(keys[5], "uid=0", spec, [b"\2" * (100 + entry)], 0)  # worth two entries: two go
     assert len(cache) == 3 and cache.nbytes <= cache.max_bytes
     kept = cache.get(keys[5], 0)
     assert kept is not None and kept.specs() == spec and kept.payloads == [b"\2" * (100 + entry)]
-    cache.put(keys[1], spec, [b"\3" * (4 * entry)], 0)  # larger than the whole cache: never kept
+    cache.put(keys[1], "uid=0", spec, [b"\3" * (4 * entry)], 0)  # larger than the whole cache: never kept
     assert cache.get(keys[1], 0) is None and cache.nbytes <= cache.max_bytes
     expiring = VerdictCache(max_entries=4, max_bytes=1 << 20, ttl_s=2)
-    expiring.put(keys[0], spec, [b"x"], now_ns=10)
+    expiring.put(keys[0], "uid=0", spec, [b"x"], now_ns=10)
     assert expiring.get(keys[0], 10 + 1_999_999_999) is not None and expiring.get(keys[0], 10 + 2_000_000_000) is None
     assert len(expiring) == 0 and expiring.nbytes == 0
+
+
+@pytest.mark.unit
+def test_one_caller_flooding_the_cache_evicts_its_own_answers_before_anothers() -> None:
+    """The room is shared, the entries are not: before, a full cache dropped the least recently used entry
+    of anyone, so one caller sending new questions pushed every other caller's answers out (and watched
+    its own go as others asked). Now the identity holding the most gives up its own least recently used
+    entry: a flood cannot push another caller below an equal share - by entries, and by bytes."""
+    from openinfer.daemon.worker.verdict_cache import VerdictCache
+
+    spec = [{"name": "x", "datatype": "FP32", "shape": [1, 4]}]
+    cache = VerdictCache(max_entries=8, max_bytes=1 << 20, ttl_s=0)
+    victim = [cache.key(spec, [bytes([i])], ["y"], "uid=1000") for i in range(3)]
+    for key in victim:
+        cache.put(key, "uid=1000", spec, [b"v" * 16], 0)
+    for i in range(100):  # the flood: 100 new questions
+        cache.put(cache.key(spec, [i.to_bytes(4, "little")], ["y"], "uid=65534"), "uid=65534", spec, [b"a" * 16], 0)
+    assert len(cache) == 8 and all(cache.get(key, 0) is not None for key in victim)
+    # By bytes: the victim's three answers stay while the flood's large ones take the rest of the room.
+    one = VerdictCache(max_entries=1, max_bytes=1 << 20, ttl_s=0)
+    one.put(b"k", "uid=0", spec, [b"\0" * 1000], 0)
+    room = VerdictCache(max_entries=1000, max_bytes=8 * one.nbytes, ttl_s=0)
+    for key in victim:
+        room.put(key, "uid=1000", spec, [b"\0" * 1000], 0)
+    for i in range(100):
+        room.put(room.key(spec, [i.to_bytes(4, "little")], ["y"], "uid=65534"), "uid=65534", spec, [b"\1" * 1000], 0)
+    assert all(room.get(key, 0) is not None for key in victim) and room.nbytes <= room.max_bytes
+    # A shared cache has one holder: plain least recently used.
+    shared = VerdictCache(max_entries=2, max_bytes=1 << 20, ttl_s=0, shared=True)
+    for i in range(3):
+        shared.put(bytes([i]), f"uid={i}", spec, [b"s"], 0)
+    assert shared.get(bytes([0]), 0) is None and shared.get(bytes([2]), 0) is not None
 
 
 @pytest.mark.unit
@@ -85,7 +117,7 @@ def test_the_cache_charges_the_memory_its_entries_hold(outputs: int, payload_byt
             specs = [{"name": name, "datatype": "BYTES" if j % 2 else "FP32", "shape": [1, payload_bytes // 4]} for j, name in enumerate(wanted)]
             key = cache.key([{"name": "bytes", "datatype": "BYTES", "shape": []}], [f"file-{i:012d}".encode()], wanted, "uid=0")
             payloads = [memoryview(bytearray(i.to_bytes(4, "little") * (payload_bytes // 4))) for _ in wanted]
-            cache.put(key, specs, payloads, time.monotonic_ns())
+            cache.put(key, "uid=0", specs, payloads, time.monotonic_ns())
             del specs, key, payloads
         held = tracemalloc.get_traced_memory()[0] - before
     finally:

@@ -33,7 +33,8 @@ def run_task(channel: FrameStream, session: Any, output_names: list[str], frames
         header = unpack(frames[1])
         wanted = header.get("outputs") or output_names
         if cache is not None:
-            key = cache.key(header["inputs"], frames[2:], wanted, bytes(frames[0][messages.TASK_HEAD_BYTES:]).decode())  # the identity the supervisor appended
+            identity = bytes(frames[0][messages.TASK_HEAD_BYTES:]).decode()  # the one the supervisor appended
+            key = cache.key(header["inputs"], frames[2:], wanted, identity)
             hit = cache.get(key, received_ns)
             if hit is not None:  # answered again without running anything
                 meta = {"outputs": hit.specs(), "cache": "hit", "recv_ns": received_ns, "prep_us": 0.0, "compute_us": 0.0, "encode_us": 0.0,
@@ -63,7 +64,7 @@ def run_task(channel: FrameStream, session: Any, output_names: list[str], frames
         if session.last_stages is not None:  # a chain: how long each of its models ran
             meta["stages"] = session.last_stages
         if cache is not None and key is not None:
-            cache.put(key, specs, payloads, encoded_ns)
+            cache.put(key, identity, specs, payloads, encoded_ns)
             meta["cache"] = "miss"
         channel.send([result_kind, pack(meta), *payloads])
     except Exception as exc:  # every task gets exactly one answer, whatever onnxruntime raised

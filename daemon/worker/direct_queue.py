@@ -354,7 +354,7 @@ class DirectQueue:
             reply["batch_size"] = 1
             timing["batch_wait_us"] = self._batch_wait_us(request, started_ns)
         if self.cache is not None and request.cache_key is not None:
-            self.cache.put(request.cache_key, specs, payloads, encoded_ns)
+            self.cache.put(request.cache_key, request.identity, specs, payloads, encoded_ns)
             reply["cache"] = "miss"
             self._answer(request, reply, payloads, None, timing, CACHE_MISS)
             return

@@ -5,8 +5,10 @@ same URL), and a verdict is a pure function of them for a given model version: a
 one version, so its cache holds entries of that version only and goes with it when the version is
 replaced. Looked up after the request was checked and admitted (access, lease, per-client limits), so a
 hit bypasses none of them. Bounded by entries and by bytes - what an entry holds in the worker's memory, as
-tracemalloc counts it: its payloads, its packed output specs, its key and bookkeeping -, least recently used
-first out; entries may expire (`ttl_s`)."""
+tracemalloc counts it: its payloads, its packed output specs, its key and bookkeeping -; entries may expire
+(`ttl_s`). When it is full, the least recently used entry of the identity holding the most goes (of the
+bound that is full: entries or bytes): one caller that floods the cache with new questions evicts its own
+answers once it holds more than any other, and cannot push another caller below an equal share."""
 from __future__ import annotations
 
 import hashlib
@@ -26,6 +28,7 @@ ENTRY_OVERHEAD_BYTES = 256
 
 @dataclass(frozen=True, slots=True)
 class Cached:
+    owner: str  # the identity whose answer it is ("" in a shared cache)
     packed_specs: bytes  # the outputs' specs, packed: one object, where a list of dicts of strings and lists held ~1 KB
     payloads: list[bytes]
     nbytes: int
@@ -43,7 +46,10 @@ class VerdictCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.ttl_ns = ttl_s * 1_000_000_000
-        self._entries: OrderedDict[bytes, Cached] = OrderedDict()
+        self._entries: dict[bytes, Cached] = {}
+        # Each identity's keys, least recently used first, and the bytes they hold: whom to evict.
+        self._held: dict[str, OrderedDict[bytes, None]] = {}
+        self._held_bytes: dict[str, int] = {}
         self.nbytes = 0
 
     def key(self, specs: Sequence[dict[str, Any]], data: Sequence[Buffer], wanted: Sequence[str], identity: str) -> bytes:
@@ -68,19 +74,21 @@ class VerdictCache:
         if entry.expires_ns and now_ns >= entry.expires_ns:
             self._drop(key)
             return None
-        self._entries.move_to_end(key)
+        self._held[entry.owner].move_to_end(key)
         return entry
 
-    def put(self, key: bytes, specs: list[dict[str, Any]], payloads: Sequence[Any], now_ns: int) -> None:
-        """Keep an answer; never raises for want of memory: the cache is emptied instead (the answer
-        itself is sent regardless)."""
+    def put(self, key: bytes, identity: str, specs: list[dict[str, Any]], payloads: Sequence[Any], now_ns: int) -> None:
+        """Keep `identity`'s answer; never raises for want of memory: the cache is emptied instead (the
+        answer itself is sent regardless)."""
         try:
-            self._put(key, specs, payloads, now_ns)
+            self._put(key, "" if self.shared else identity, specs, payloads, now_ns)
         except MemoryError:
             self._entries.clear()
+            self._held.clear()
+            self._held_bytes.clear()
             self.nbytes = 0
 
-    def _put(self, key: bytes, specs: list[dict[str, Any]], payloads: Sequence[Any], now_ns: int) -> None:
+    def _put(self, key: bytes, owner: str, specs: list[dict[str, Any]], payloads: Sequence[Any], now_ns: int) -> None:
         copies = [bytes(payload) for payload in payloads]  # payloads may be views of arrays about to be reused
         packed_specs = pack(specs)
         nbytes = _charge(packed_specs, copies)
@@ -88,14 +96,29 @@ class VerdictCache:
             return  # an answer larger than the whole cache is never kept
         if key in self._entries:
             self._drop(key)
-        while self._entries and (len(self._entries) >= self.max_entries or self.nbytes + nbytes > self.max_bytes):
-            self._drop(next(iter(self._entries)))
-        self._entries[key] = Cached(packed_specs, copies, nbytes, now_ns + self.ttl_ns if self.ttl_ns else 0)
+        while self._entries and len(self._entries) >= self.max_entries:
+            self._evict_from(max(self._held, key=lambda who: len(self._held[who])))
+        while self._entries and self.nbytes + nbytes > self.max_bytes:
+            self._evict_from(max(self._held_bytes, key=self._held_bytes.__getitem__))
+        self._entries[key] = Cached(owner, packed_specs, copies, nbytes, now_ns + self.ttl_ns if self.ttl_ns else 0)
+        self._held.setdefault(owner, OrderedDict())[key] = None
+        self._held_bytes[owner] = self._held_bytes.get(owner, 0) + nbytes
         self.nbytes += nbytes
+
+    def _evict_from(self, owner: str) -> None:
+        """The owner's least recently used entry. (A scan of the identities holding entries: as many as
+        a worker's callers, at most its entries.)"""
+        self._drop(next(iter(self._held[owner])))
 
     def _drop(self, key: bytes) -> None:
         entry = self._entries.pop(key)
         self.nbytes -= entry.nbytes
+        held = self._held[entry.owner]
+        del held[key]
+        if held:
+            self._held_bytes[entry.owner] -= entry.nbytes
+        else:
+            del self._held[entry.owner], self._held_bytes[entry.owner]
 
 
 def _charge(packed_specs: bytes, copies: list[bytes]) -> int:
