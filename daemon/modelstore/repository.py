@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ log = logging.getLogger("openinfer.repository")
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.toml"
 MAX_CONFIG_BYTES = 1 << 20
+MAX_VERSION_DIGITS = 18  # a version travels as a msgpack integer: well inside 64 bits
+VERSION_NAME = re.compile(rf"^(0|[1-9][0-9]{{0,{MAX_VERSION_DIGITS - 1}}})$")
 CHAIN_VERSION = 1  # a chain (`[chain]` in config.toml) is served as version 1 of its name
 
 
@@ -67,6 +70,8 @@ def _scan_model(model_dir: Path) -> ModelEntry:
         versions = _scan_versions(name, model_dir)
     except (_Refused, ConfigError) as exc:
         return ModelEntry(name, ModelConfig(), (), error=str(exc))
+    except OSError as exc:  # a directory the daemon may not list: this model's failure, not the scan's
+        return ModelEntry(name, ModelConfig(), (), error=f"{exc.filename or model_dir}: {exc.strerror}")
     if config.chain is not None:
         if versions:
             return ModelEntry(name, config, (), error=f"{model_dir} has `[chain]` and a <version>/{MODEL_FILE}: a chain runs its members' models and has none of its own")
@@ -86,6 +91,10 @@ def _scan_versions(name: str, model_dir: Path) -> list[ModelVersionEntry]:
     for child in os.scandir(model_dir):
         if not child.name.isdigit():
             continue
+        if not VERSION_NAME.match(child.name):
+            # str.isdigit() is true of "²", "١" and "01" too: int() of the first raised out of the scan and
+            # stopped every reload and the start (round 37); the others were a second "version 1".
+            raise _Refused(f"{child.path}: a version directory is named by a decimal number in ASCII digits, without leading zeros, at most {MAX_VERSION_DIGITS} digits (e.g. 1, 2, 20261207)")
         if child.is_symlink():
             raise _Refused(_symlink(Path(child.path)))
         model_file = Path(child.path) / MODEL_FILE

@@ -200,3 +200,66 @@ def test_no_landlock_view_holds_the_repository_the_cache_or_another_model(daemon
                     assert not f"{private}/".startswith(path.rstrip("/") + "/"), f"{path} holds {private}: {view}"
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_version_directory_not_named_in_ascii_digits_fails_its_model_alone(daemon_factory: Any) -> None:
+    """Round 37: `str.isdigit()` is true of "²" and "١": int("²") raised out of the repository scan, so one
+    such directory stopped the daemon from starting (exit 1) and every later reload (INTERNAL, nothing else
+    of the reload applied - a withdrawn chain consent among it); "01" beside "1" was a second version 1.
+    Each is now its model's own failure, with the rule in the reason; the rest serves and reloads."""
+    from openinfer.client import Client
+    from repo_builder import ModelRepo
+
+    repo = ModelRepo("oi-version-names-")
+    try:
+        repo.model("good", onnx_builders.matmul_model)
+        for name, directory in (("superscript", "\u00b2"), ("arabic", "\u0661"), ("padded", "01")):
+            repo.model(name, onnx_builders.matmul_model)  # version 1, and beside it:
+            (repo.root / name / directory).mkdir()
+            onnx_builders.matmul_model(repo.root / name / directory / "model.onnx")
+        running = daemon_factory(repo.ready())
+        with Client(running.address, timeout=30) as client:
+            rows = {row["name"]: row for row in client.models()}
+            for name in ("superscript", "arabic", "padded"):
+                assert rows[name]["state"] == "failed" and "ASCII digits, without leading zeros" in rows[name]["reason"], rows[name]
+            assert client.infer("good", {"x": np.ones((1, 64), np.float32)}).outputs["y"].shape == (1, 64)
+            repo.model("late", onnx_builders.matmul_model)
+            repo.ready()
+            assert "late:1" in client.reload()["added"]
+    finally:
+        repo.remove()
+
+
+def test_a_model_directory_the_daemon_may_not_list_fails_that_model_alone(tmp_path: Path) -> None:
+    """Under the shipped unit the daemon is not root: a model directory it may enter but not list (another
+    owner, mode 0711) raised PermissionError out of the scan - no start, no reload - like round 37's "²".
+    Here the scan runs as uid 65534 over a repository with one such directory."""
+    from openinfer.daemon.modelstore.repository import scan_repository
+
+    root = world_readable_dir("oi-unlistable-")
+    try:
+        onnx_builders.matmul_model(root / "good" / "1" / "model.onnx")
+        onnx_builders.matmul_model(root / "closed" / "1" / "model.onnx")
+        for path in (root / "good", root / "good" / "1", root / "closed"):
+            path.chmod(0o755)
+        (root / "good" / "1" / "model.onnx").chmod(0o644)
+        (root / "closed").chmod(0o711)  # root's: others may pass through, not list it
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: never returns into pytest
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                entries = scan_repository(root)
+                os.write(write_fd, json.dumps({e.name: e.error for e in entries}).encode())
+            except BaseException as exc:  # noqa: BLE001
+                os.write(write_fd, json.dumps({"raised": repr(exc)}).encode())
+            os._exit(0)
+        os.close(write_fd)
+        seen = json.loads(os.read(read_fd, 65536))
+        os.close(read_fd)
+        os.waitpid(pid, 0)
+        assert seen.get("good", "missing") is None and "Permission denied" in (seen.get("closed") or ""), seen
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
