@@ -95,6 +95,11 @@ class RepositorySync:
         # version it lists is ready: without them the model answered UNAVAILABLE "is loading" for as long
         # as the new version took to load (round 13: 1,052 failed requests of one client in 0.84 s).
         self.outgoing: dict[str, dict[int, ServedModel]] = {}
+        # Which chains each model lets run it, as the last scan read its config.toml - not the config of
+        # the version serving, which a failed replacement leaves stale (round 37: a withdrawn consent came
+        # back every other reload while the member's replacement could not load). A model whose directory
+        # is broken lets none: what it meant cannot be read.
+        self.consents: dict[str, frozenset[str]] = {}
 
     def _new_model(self, entry: ModelEntry, version: ModelVersionEntry, repository: Path, members: tuple[Any, ...] = ()) -> ServedModel:
         model = ServedModel(
@@ -156,6 +161,7 @@ class RepositorySync:
             return changes
         self.registry.failed = {}
         by_name = {entry.name: entry for entry in entries}
+        self.consents = {entry.name: frozenset(entry.config.chains) for entry in entries if entry.error is None}
         # What left the repository goes first: its idle workers quit now (their room under
         # pool.max_workers is free once they have exited; a later reload starts what did not fit).
         self._remove_unseen(entries, changes)
@@ -195,7 +201,7 @@ class RepositorySync:
                     changes["unchanged"].append(f"{entry.name}:{version.version}")
                     if self._resize(current, entry.config.workers or self.settings.pool.workers):
                         changes.setdefault("resized", []).append(f"{current.key}: {current.worker_count} workers")
-        self._drop_chains_of_removed_models(changes, by_name)
+        self._drop_chains_of_removed_models(changes)
         log.info("repository synced", extra=changes)
         self.start_chains()
         if self.pool.preparer is not None:  # what versions left behind in the weights cache, aside
@@ -228,7 +234,7 @@ class RepositorySync:
             if not served:
                 del self.registry.by_name[name]
 
-    def _drop_chains_of_removed_models(self, changes: dict[str, list[str]], scanned: dict[str, ModelEntry]) -> None:
+    def _drop_chains_of_removed_models(self, changes: dict[str, list[str]]) -> None:
         """A chain stops serving when one of its models leaves the repository, or no longer lists it in
         `chains`: an operator who removes a model (a licence, a compromise) must not find it still answering
         inside a chain (found by an attacker: the chain kept serving the removed model's weights, then
@@ -241,10 +247,10 @@ class RepositorySync:
                 # as a model serves its old version until the new one is ready (round 34's suspicion: the
                 # next reload dropped such a chain "removed").
                 gone = [member.key for member in model.chain_members if member.version not in self.registry.by_name.get(member.name, {}) and not member.path.exists()]
-                refused = [member.name for member in model.chain_members if member.name in scanned and scanned[member.name].error is None and name not in scanned[member.name].config.chains]
+                refused = [member.name for member in model.chain_members if name not in self.consents.get(member.name, frozenset())]
                 if not gone and not refused:
                     continue
-                reason = f"its model {gone[0]} was removed from the repository" if gone else _not_consented(name, refused[0])
+                reason = f"its model {gone[0]} was removed from the repository" if gone else self._not_consented(name, refused[0])
                 del served[number]
                 self._retire(model)
                 pending = self.pending.pop((name, number), None)
@@ -276,8 +282,8 @@ class RepositorySync:
                 if member.config.chain is not None:
                     problem = f"its model {name!r} is itself a chain; a chain's models are model files"
                     break
-                if model.name not in member.config.chains:
-                    problem = _not_consented(model.name, name)
+                if model.name not in self.consents.get(name, frozenset()):
+                    problem = self._not_consented(model.name, name)
                     break
                 if member.state in (ModelState.FAILED, ModelState.UNAVAILABLE):
                     problem = f"its model {member.key} cannot serve: {member.reason}"
@@ -293,6 +299,14 @@ class RepositorySync:
                 model.chain_members = members
                 model.reason = None
                 self.start_workers(model)
+
+    def _not_consented(self, chain: str, member: str) -> str:
+        """Why `chain` may not run `member`, and the fix: a chain's worker reads its models' files and
+        weights and runs them as its own steps decide, so each model names the chains that may (round 35:
+        any entry declaring `[chain] models = ["victim"]` read the victim's weights)."""
+        if member not in self.consents:
+            return f"its model {member!r} cannot be read from the repository (its own status says why): a chain runs it only while its config.toml lists the chain in `chains`"
+        return f"its model {member!r} does not let it run it: add {chain!r} to `chains` in {member}/config.toml (each model names the chains that may read and run it)"
 
     def _resize(self, model: ServedModel, wanted: int) -> bool:
         """`pool.workers` is live: a served model gets more workers at once, or its idle extras quit."""
@@ -375,10 +389,3 @@ class RepositorySync:
 
     def all_models(self) -> list[ServedModel]:
         return [*self.registry.all(), *self.pending.values(), *self.retiring]
-
-
-def _not_consented(chain: str, member: str) -> str:
-    """Why `chain` may not run `member`, and the fix: a chain's worker reads its models' files and weights
-    and runs them as its own steps decide, so each model names the chains that may (round 35: any entry
-    declaring `[chain] models = ["victim"]` read the victim's weights)."""
-    return f"its model {member!r} does not let it run it: add {chain!r} to `chains` in {member}/config.toml (each model names the chains that may read and run it)"

@@ -102,3 +102,49 @@ def test_a_model_that_withdraws_its_consent_stops_the_chain_at_the_next_reload(d
             assert client.infer("member", {"x": x}).outputs["y"].shape == (1, 64)
     finally:
         repo.remove()
+
+
+RUNNER_STEPS = (
+    'INPUTS = [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]\n'
+    'OUTPUTS = [{"name": "y", "datatype": "FP32", "shape": [-1, 64]}]\n'
+    'def drive(inputs, models):\n    return models["member"](inputs)\n'
+)
+
+
+@pytest.mark.parametrize("member_edit", ["model-file-broken", "config-broken"])
+def test_a_withdrawn_consent_holds_while_the_members_own_replacement_cannot_load(daemon_factory: Any, member_edit: str) -> None:
+    """Round 37: consent was read from the config of the member version serving. A member that withdrew it
+    in an edit whose replacement could not load (its model file broken in the same edit, its config.toml
+    broken, or over pool.max_workers) kept serving on its old config, which still listed the chain: the
+    reload stopped the chain, a later one started it again - the member's weights served to the chain once
+    more. Consent is now what the last scan read, and a member whose config cannot be read grants none."""
+    repo = ModelRepo("oi-chain-consent-")
+    try:
+        repo.model("member", onnx_builders.matmul_model, config='workers = 1\nchains = ["runner"]\n')
+        repo.config("runner", _chain_config("member"))
+        (repo.root / "runner" / "steps.py").write_text(RUNNER_STEPS)
+        root = repo.ready()
+        running = daemon_factory(root)
+        x = np.ones((1, 64), np.float32)
+        with Client(running.address, timeout=30) as client:
+            assert client.infer("runner", {"x": x}).outputs["y"].shape == (1, 64)
+            if member_edit == "model-file-broken":
+                (root / "member" / "config.toml").write_text("workers = 1\n")
+                (root / "member" / "1" / "model.onnx").write_bytes(b"not a model")
+            else:
+                (root / "member" / "config.toml").write_text("workers = [\n")
+            make_world_readable(root)
+            for attempt in range(3):
+                client.reload()
+                row = _status(client, "runner")
+                assert row["state"] == "failed", (attempt, row)
+                assert "does not let it run it" in row["reason"] or "cannot be read" in row["reason"], row
+                # The member's replacement has failed by now: the version serving is the old one, config and all.
+                wait_for(lambda: "reload failed" in (_status(client, "member")["reason"] or ""), 30, "the member's replacement to fail", daemon=running)
+                wait_for(lambda: not any(w["model"] == "runner" and w["state"] != "exited" for w in client.status()["workers"]), 30, "no worker of the chain", daemon=running)
+            with pytest.raises(OpenInferError) as caught:
+                client.infer("runner", {"x": x})
+            assert caught.value.code in ("NOT_FOUND", "UNAVAILABLE"), str(caught.value)
+            assert client.infer("member", {"x": x}).outputs["y"].shape == (1, 64)  # the member serves on its previous file
+    finally:
+        repo.remove()
