@@ -12,6 +12,8 @@ from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES
 
 from openinfer.daemon.modelstore.models import ModelState
 
+from .scoped_views import covered
+
 if TYPE_CHECKING:
     from openinfer.daemon.supervisor import Supervisor
 
@@ -49,19 +51,24 @@ def metadata_result(sup: "Supervisor", header: dict[str, Any]) -> dict[str, Any]
     return model.metadata(sup.registry.versions(name))
 
 
-def health_result(sup: "Supervisor") -> dict[str, Any]:
+def health_result(sup: "Supervisor", scope: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Ready only when at least one model serves, every model that loaded has a ready worker, and the
-    daemon is not draining. Models that failed to load are listed but do not hold readiness back."""
+    daemon is not draining. Models that failed to load are listed but do not hold readiness back.
+    `scope`: the model patterns a peer's grants of `health` name (scoped_views.py): readiness of those
+    models alone (round 38: a scoped peer saw `ready` turn false when a model it cannot see went down)."""
     not_ready = []
     failed = []
     for model in sup.registry.all():
+        if scope is not None and not covered(model.name, scope):
+            continue
         if model.state is ModelState.FAILED:
             failed.append({"model": model.key, "reason": model.reason})
         elif model.ready_workers() == 0 or model.state is not ModelState.READY:
             not_ready.append({"model": model.key, "state": model.state.value, "reason": model.reason})
     for name, entry in sup.registry.failed.items():
-        failed.append({"model": name, "reason": entry.reason})
-    serving = any(m.state is ModelState.READY for m in sup.registry.all())
+        if scope is None or covered(name, scope):
+            failed.append({"model": name, "reason": entry.reason})
+    serving = any(m.state is ModelState.READY for m in sup.registry.all() if scope is None or covered(m.name, scope))
     ready = serving and not not_ready and not sup.draining
     # What one request may carry at this socket (PROTOCOL.md 9): a client refuses a larger one itself
     # instead of sending bytes the daemon skips. A model's own max_request_bytes may be lower (`metadata`).

@@ -1,5 +1,6 @@
-"""What `models`, `status`, `stats` and `health` show a peer whose grant of that operation names only some
-models (access.py `AccessPolicy.scope`): those models' rows, and of the figures by client only its own.
+"""What `models`, `status` and `stats` show a peer whose grant of that operation names only some models
+(access.py `AccessPolicy.scope`; `health` filters itself: admin.health_result's `scope`): those models'
+rows, and of the figures by client only its own.
 
 Such a request names no model, so the access check (per operation and model) let it through - and the
 reply was the whole daemon's: a grant of `stats` on `magika` alone read `tiny`'s counts and every other
@@ -47,10 +48,6 @@ def scoped_stats(result: dict[str, Any], patterns: tuple[str, ...], identity: st
         "duration_buckets_us": result["duration_buckets_us"],
         "admission": {"in_flight_by_client": {key: n for key, n in admission["in_flight_by_client"].items() if _own(key, identity)}, "policy": admission["policy"]},
     }
-
-
-def scoped_health(result: dict[str, Any], patterns: tuple[str, ...]) -> dict[str, Any]:
-    return {**result, "not_ready": [row for row in result["not_ready"] if covered(_name(row["model"]), patterns)], "failed": [row for row in result["failed"] if covered(_name(row["model"]), patterns)]}
 
 
 def _name(key: str) -> str:

@@ -183,8 +183,7 @@ class FrontDoorRequests:
         if op == "metadata":
             return admin.metadata_result(self.supervisor, header)
         if op == "health":
-            result = admin.health_result(self.supervisor)
-            return result if scope is None else scoped_views.scoped_health(result, scope)
+            return admin.health_result(self.supervisor, scope)
         if op == "status":
             self.supervisor.read_ledgers()  # its workers' tasks_served count every direct request answered before it
             result = admin.status_result(self.supervisor)

@@ -78,3 +78,46 @@ def test_a_grant_of_reads_on_one_model_shows_that_model_and_its_own_figures_only
         everything = root.stats()
         assert {"public", "secret"} <= set(everything["models"]) and "secret-project-x@uid=0" in everything["clients"]
         assert {row["name"] for row in root.models()} == {"public", "secret"}
+
+
+SLOW_STEPS = '''
+import time
+
+def setup(files):  # loads for two minutes: the model stays "loading", not ready
+    time.sleep(120)
+'''
+
+
+def test_a_scoped_peers_health_is_the_readiness_of_its_own_models(daemon_factory: Any, repo: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Round 38: `ready` was the daemon's, over every model: a peer granted `health` on `public` alone saw
+    it turn false when a model it cannot see went down - 62 polls of `{"ready": false, "not_ready": []}`."""
+    import onnx_builders
+    from daemon_harness import wait_for
+    from repo_builder import make_world_readable
+
+    onnx_builders.matmul_model(repo / "slow" / "1" / "model.onnx")
+    (repo / "slow" / "config.toml").write_text('[steps]\nmodule = "steps.py"\n')
+    (repo / "slow" / "steps.py").write_text(SLOW_STEPS)
+    make_world_readable(repo)
+    policy = tmp_path / "access.toml"
+    policy.write_text(
+        f'[[grant]]\nname = "nobody-public"\nuids = [{NOBODY}]\noperations = ["infer", {", ".join(json.dumps(op) for op in READS)}]\nmodels = ["public"]\n\n'
+        '[[grant]]\nname = "root-all"\nuids = [0]\noperations = ["infer", "models", "status", "stats", "health"]\n'
+    )
+    policy.chmod(0o644)
+    daemon = daemon_factory(repo, env={"OPENINFER_SERVER_ACCESS_POLICY": str(policy), "OPENINFER_SERVER_SOCKET_MODE": "0o666"}, wait=False)
+    from openinfer.client import Client
+
+    with Client(daemon.address, timeout=10) as root:
+        wait_for(lambda: _ready_rows(root) >= {"public", "secret"}, 60, "public and secret to serve", daemon=daemon)
+        health = root.health()
+        assert health["ready"] is False and [row["model"] for row in health["not_ready"]] == ["slow:1"], health  # the daemon's view
+        seen = reads_as(NOBODY, daemon.address)
+        assert seen["health"]["ready"] is True and seen["health"]["not_ready"] == [] and "slow" not in json.dumps(seen), seen
+
+
+def _ready_rows(client: Any) -> set[str]:
+    try:
+        return {row["name"] for row in client.models() if row["state"] == "ready"}
+    except Exception:  # noqa: BLE001  (not listening yet)
+        return set()
