@@ -120,7 +120,8 @@ class DirectPath:
             worker.page = None
 
     # -- leases ---------------------------------------------------------------------------------------
-    def lease(self, identity: str, model: ServedModel, limit: ClientLimit, limits: dict[str, Any]) -> dict[str, Any]:
+    def lease(self, identity: str, model: ServedModel, limit: ClientLimit, limits: dict[str, Any], gids: tuple[int, ...] = ()) -> dict[str, Any]:
+        """`gids`: the groups the attaching process must hold, one of them (AccessPolicy.required_gids)."""
         if self.directory is None:
             raise Unavailable("this daemon has no direct path (it serves tcp://, or pool.direct = false): send infer to the front door", {"direct": "off"})
         now = time.monotonic_ns()
@@ -130,7 +131,7 @@ class DirectPath:
         ttl_ns = int(self.settings.server.lease_ttl_s * 1e9)
         self._serial += 1
         model.lessees.add(identity)
-        token, _ = leases.issue(self.key_for(model), identity, model.name, model.version, ttl_ns, self._serial, limit.max_in_flight, limit.max_priority)
+        token, _ = leases.issue(self.key_for(model), identity, model.name, model.version, ttl_ns, self._serial, limit.max_in_flight, limit.max_priority, gids)
         self.leases_issued += 1
         return {
             "model": model.name,

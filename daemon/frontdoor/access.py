@@ -48,15 +48,15 @@ class Grant:
     anonymous: bool = False  # peers with no identity at all: plain tcp:// (only with --insecure-tcp)
 
     def matches_peer(self, peer: Peer, peer_groups: frozenset[str]) -> bool:
+        return self.matches_by_identity(peer) or bool(self.gids & peer.gids) or bool(self.groups & peer_groups)
+
+    def matches_by_identity(self, peer: Peer) -> bool:
+        """Matched by what every process of the peer's uid (or key) shares, not by a group it holds."""
         if self.local and peer.local:
             return True
         if self.anonymous and peer.uid is None and peer.curve_key is None:
             return True
         if peer.uid is not None and peer.uid in self.uids:
-            return True
-        if self.gids & peer.gids:
-            return True
-        if self.groups & peer_groups:
             return True
         return peer.curve_key is not None and peer.curve_key in self.curve_keys
 
@@ -141,18 +141,16 @@ class AccessPolicy:
         """The names of the groups the peer's process held when it connected - its own credentials, as
         the kernel recorded them, not /etc/group's members nor an earlier connection's (round 36: a cache
         by uid kept the first connection's primary group for every later process of that uid)."""
-        names: set[str] = set()
-        for gid in peer.gids:
-            name = self._group_names.get(gid, "")
-            if name == "":
-                try:
-                    name = grp.getgrgid(gid).gr_name
-                except KeyError:
-                    name = None  # a group without a name matches `gids` only
-                self._group_names[gid] = name
-            if name is not None:
-                names.add(name)
-        return frozenset(names)
+        return frozenset(name for gid in peer.gids if (name := self._group_name(gid)) is not None)
+
+    def _group_name(self, gid: int) -> str | None:
+        """The group's name (None: it has none, and matches `gids` only), cached until a reload."""
+        if gid not in self._group_names:
+            try:
+                self._group_names[gid] = grp.getgrgid(gid).gr_name
+            except KeyError:
+                self._group_names[gid] = None
+        return self._group_names[gid]
 
     def may_connect(self, peer: Peer) -> bool:
         groups = self.groups_of(peer)
@@ -182,6 +180,16 @@ class AccessPolicy:
         groups = self.groups_of(peer)
         patterns = [pattern for g in self.grants if op in g.operations and g.matches_peer(peer, groups) for pattern in g.models]
         return None if "*" in patterns else tuple(patterns)
+
+    def required_gids(self, peer: Peer, op: str, model: str) -> tuple[int, ...]:
+        """The groups a process must hold to use a lease for `op` on `model` issued to this peer: none when
+        a grant covers it by uid (or local, or key) - a lease is bound to the uid -, else the peer's groups
+        through which its grants do, one of which the worker checks (lease.py; round 38: a lease taken by
+        a process of the granted group worked for a process of the same uid without it)."""
+        covering = [g for g in self.grants if g.covers(op, model)]
+        if any(g.matches_by_identity(peer) for g in covering):
+            return ()
+        return tuple(sorted(gid for gid in peer.gids if any(gid in g.gids or self._group_name(gid) in g.groups for g in covering)))
 
     def check(self, peer: Peer, op: str, model: str | None) -> None:
         groups = self.groups_of(peer)

@@ -42,7 +42,8 @@ from openinfer.daemon.config.settings import Settings
 from openinfer.daemon.loop.timers import TimerHeap
 from .curve import CurveServer
 from .handshakes import MAX_HANDSHAKES_PER_HOST, Handshakes, handshake_share, source_host
-from .listener import BoundListener, peer_credentials, peer_groups
+from openinfer.daemon.direct.peer_credentials import peer_credentials, peer_groups
+from .listener import BoundListener
 
 log = logging.getLogger("openinfer.access")
 

@@ -8,14 +8,12 @@ the daemon is below its caps: the rest wait in the kernel's backlog, where they 
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import grp
 import logging
 import os
 import socket
 import stat
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -28,7 +26,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("openinfer.supervisor")
 
 BACKLOG = 128
-_PEERCRED = struct.Struct("3i")
 
 
 class EndpointBusy(RuntimeError):
@@ -186,26 +183,3 @@ def bind_tcp(address: str, curve: ServerKeys | None = None) -> BoundListener:
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     return BoundListener(address=f"tcp://{shown}:{bound_port}", sock=sock, socket_path=None, lock_fd=None, curve=curve)
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) the kernel recorded for the peer of a Unix socket when it connected."""
-    return _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-
-
-SO_PEERGROUPS = 59  # <asm-generic/socket.h>, Linux 4.13; Python 3.11 does not name it
-NGROUPS_MAX = 65536
-
-
-def peer_groups(sock: socket.socket) -> tuple[int, ...]:
-    """The supplementary groups the kernel recorded for the peer of a Unix socket when it connected, sorted:
-    with SO_PEERCRED's gid, the groups a grant's `groups`/`gids` match (access.py)."""
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)  # 256 groups: Python's own bound
-    except OSError as exc:
-        if exc.errno != errno.ERANGE:
-            raise
-        from openinfer.sandbox.libc import getsockopt
-
-        raw = getsockopt(sock.fileno(), socket.SOL_SOCKET, SO_PEERGROUPS, 4 * NGROUPS_MAX)
-    return tuple(sorted(set(struct.unpack(f"={len(raw) // 4}I", raw))))

@@ -219,7 +219,7 @@ class FrontDoorRequests:
             "max_compute_ms": model.config.max_compute_ms, "max_in_flight": limit.max_in_flight, "max_reply_bytes": server.max_worker_message_bytes,
             "max_priority": limit.max_priority,
         }
-        return self.supervisor.direct.lease(conn.identity, model, limit, limits)
+        return self.supervisor.direct.lease(conn.identity, model, limit, limits, self.supervisor.access.required_gids(conn.peer, "infer", model.name))
 
     def _cancel(self, route: Route, target: Any) -> dict[str, Any]:
         task = self.supervisor.dispatcher.queued_for(route.conn.conn_id, target) if isinstance(target, int) else None

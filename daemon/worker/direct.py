@@ -15,15 +15,16 @@ import logging
 import resource
 import select
 import socket
-import struct
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Callable, ContextManager
 
 import msgpack
 
 from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.direct.lease import Lease, LeaseRefused, verify
+from openinfer.daemon.direct.peer_credentials import peer_credentials, peer_gids
 from openinfer.daemon.frontdoor.validation import OverLimit, check_envelope, decode_header, request_id_of
 from openinfer.wire.errors import InvalidArgument, OpenInferError, PermissionDenied, ResourceExhausted
 from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSION
@@ -39,7 +40,6 @@ FDS_KEPT = 16  # of the worker's open-file limit, for what is not a client conne
 # Replies not read for this long count as nothing to send (_nothing_to_send): long enough for a client
 # whose event loop is held up a while (closed, its unread answers are lost), short enough for an attack.
 UNREAD_NS = 5_000_000_000
-_PEERCRED = struct.Struct("3i")
 _DELIMITER = b""
 DIRECT_OPERATIONS = ("attach", "infer", "cancel")
 _READABLE, _WRITABLE, _HANGUP = 0x001, 0x004, 0x018  # EPOLLIN, EPOLLOUT, EPOLLERR | EPOLLHUP
@@ -164,7 +164,7 @@ class DirectDoor:
                 self._pause_listening()
                 return
             sock.setblocking(False)
-            pid, uid, gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            pid, uid, gid = peer_credentials(sock)
             identity = f"uid={uid}"
             if self.per_identity.get(identity, 0) >= self.max_per_identity or (len(self.by_fd) >= self.max_connections and not self._make_room_for(identity)):
                 self.refused += 1
@@ -348,7 +348,7 @@ class DirectDoor:
     def _attach(self, conn: DirectConnection, request_id: int, header: dict[str, Any]) -> dict[str, Any]:
         """Check the lease before anything else is read from this connection; the reply to send."""
         try:
-            lease = verify(self.key, header.get("lease"), conn.identity, self.model, self.version, time.monotonic_ns())
+            lease = verify(self.key, header.get("lease"), conn.identity, self.model, self.version, time.monotonic_ns(), partial(peer_gids, conn.stream.sock))
         except LeaseRefused as exc:
             raise PermissionDenied(str(exc), {"lease": "expired"} if exc.expired else None) from None
         conn.lease = lease

@@ -54,7 +54,7 @@ def test_a_peer_in_more_groups_than_pythons_getsockopt_can_read_is_read_whole() 
     import os
     import socket
 
-    from openinfer.daemon.frontdoor.listener import peer_groups
+    from openinfer.daemon.direct.peer_credentials import peer_groups
 
     wanted = list(range(50_000, 50_300))
     pid = os.fork()
@@ -68,3 +68,69 @@ def test_a_peer_in_more_groups_than_pythons_getsockopt_can_read_is_read_whole() 
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _in_child(uid: int, call: Any, gid: int | None = None, groups: tuple[int, ...] = ()) -> Any:
+    """Fork, drop to `uid` (primary group `gid`, default the uid's number; supplementary `groups`), run
+    `call()`; its JSON result."""
+    import json
+    import os
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        try:
+            os.close(read_fd)
+            os.setgroups(list(groups))
+            os.setgid(uid if gid is None else gid)
+            os.setuid(uid)
+            os.write(write_fd, json.dumps({"result": call()}).encode())
+        except BaseException as exc:  # noqa: BLE001
+            os.write(write_fd, json.dumps({"raised": repr(exc)}).encode())
+        os._exit(0)
+    os.close(write_fd)
+    data = b""
+    while chunk := os.read(read_fd, 65536):
+        data += chunk
+    os.close(read_fd)
+    os.waitpid(pid, 0)
+    outcome = json.loads(data)
+    assert "raised" not in outcome, outcome
+    return outcome["result"]
+
+
+def test_a_lease_granted_by_group_is_useless_to_a_process_of_the_same_uid_without_it(daemon_factory: Any, repo: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Round 38: a lease is bound to its uid; a process of the granted group took one and a process of the
+    same uid without that group - refused at the front door - attached it on the worker and ran `infer`.
+    A lease whose grant matched by group now names the groups, and the worker checks the attaching
+    process holds one (SO_PEERGROUPS)."""
+    from direct_peer import Peer, attach, infer
+
+    from openinfer.client import Client
+
+    policy = tmp_path / "access.toml"
+    policy.write_text(
+        f'[[grant]]\nname = "group-infer"\ngids = [{GRANTED_GID}]\noperations = ["infer"]\nmodels = ["public"]\n\n'
+        '[[grant]]\nname = "root-health"\nuids = [0]\noperations = ["health", "status"]\n'
+    )
+    policy.chmod(0o644)
+    daemon = daemon_factory(repo, env={"OPENINFER_SERVER_ACCESS_POLICY": str(policy), "OPENINFER_SERVER_SOCKET_MODE": "0o666", "OPENINFER_POOL_DIRECT": "1"})
+
+    def take_lease() -> dict[str, Any]:
+        with Client(daemon.address, direct=False) as client:
+            lease = client._call("lease", model="public")
+        return {"token": lease["lease"].hex(), "address": lease["workers"][0]["address"]}
+
+    lease = _in_child(ATTACKER, take_lease, groups=(GRANTED_GID,))
+
+    def use_lease() -> list[Any]:
+        peer = Peer(lease["address"])
+        answers = [peer.ask(attach(bytes.fromhex(lease["token"])))]
+        answers.append(peer.ask(infer(2)))
+        return [None if a is None else {"error": a.get("error"), "ok": "result" in a or "outputs" in a} for a in answers]
+
+    without = _in_child(ATTACKER, use_lease)
+    assert without[0]["error"]["code"] == "PERMISSION_DENIED" and "in group 0" in without[0]["error"]["message"], without
+    assert without[1] is None or not without[1]["ok"], without
+    with_group = _in_child(ATTACKER, use_lease, groups=(GRANTED_GID,))  # control: the lease works for its group
+    assert with_group[0]["ok"] and with_group[1]["ok"], with_group
