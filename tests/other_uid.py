@@ -7,10 +7,13 @@ the process at connect() time (SO_PEERCRED), which is what the daemon sees.
 """
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any, Callable
 
 NOBODY = 65534
 TESTS_DIR = Path(__file__).resolve().parent
@@ -45,3 +48,30 @@ def run_as(uid: int, code: str, *args: str, timeout: float = 60.0) -> subprocess
 def start_as(uid: int, code: str, *args: str) -> subprocess.Popen[str]:
     """Start `code` as `uid` in the background (stdin, stdout and stderr piped, as text)."""
     return subprocess.Popen(_command(uid, code, args), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def call_as(uid: int, call: Callable[[], Any], gid: int | None = None, groups: tuple[int, ...] = ()) -> Any:
+    """Fork, drop to `uid` (primary group `gid`, default the uid's number; supplementary `groups`: the
+    kernel records them at connect, SO_PEERGROUPS), run `call()` and return its JSON-able result; what it
+    raised is raised here as an AssertionError naming it. For code already imported in this process."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        try:
+            os.close(read_fd)
+            os.setgroups(list(groups))
+            os.setgid(uid if gid is None else gid)
+            os.setuid(uid)
+            os.write(write_fd, json.dumps({"result": call()}).encode())
+        except BaseException as exc:  # noqa: BLE001
+            os.write(write_fd, json.dumps({"raised": repr(exc)}).encode())
+        os._exit(0)
+    os.close(write_fd)
+    data = b""
+    while chunk := os.read(read_fd, 1 << 20):
+        data += chunk
+    os.close(read_fd)
+    os.waitpid(pid, 0)
+    outcome = json.loads(data)
+    assert "raised" not in outcome, f"as uid {uid}: {outcome['raised']}"
+    return outcome["result"]

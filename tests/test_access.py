@@ -1,8 +1,6 @@
 """Who may connect and call what: peer uid from the kernel (ZAP over ipc://), grants from a policy file."""
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -12,6 +10,7 @@ import pytest
 
 import onnx_builders
 from daemon_harness import world_readable_dir
+from other_uid import call_as
 from repo_builder import make_world_readable
 
 pytestmark = pytest.mark.live
@@ -31,46 +30,31 @@ def repo() -> Iterator[Path]:
 
 
 def as_user(uid: int, address: str, calls: list[tuple[str, str]], gid: int | None = None, groups: tuple[int, ...] = ()) -> list[str]:
-    """Fork, drop to `uid` (primary group `gid`, default the uid's number; supplementary `groups`), make each
-    call with one client; return the outcome codes."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        code = 0
-        try:
-            os.close(read_fd)
-            os.setgroups(list(groups))
-            os.setgid(uid if gid is None else gid)
-            os.setuid(uid)
-            from openinfer.client import Client, OpenInferError
+    """As `uid` (primary group `gid`, default the uid's number; supplementary `groups`), make each call
+    with one client; return the outcome codes."""
 
-            outcomes = []
-            with Client(address, timeout=3) as client:
-                for op, model in calls:
-                    try:
-                        if op == "infer":
-                            client.infer(model, {"x": X})
-                        elif op == "reload":
-                            client.reload()
-                        elif op == "stats":
-                            client.stats()
-                        else:
-                            client.health()
-                        outcomes.append("OK")
-                    except OpenInferError as exc:
-                        outcomes.append(f"{exc.code}: {exc.message}")
-            os.write(write_fd, json.dumps(outcomes).encode())
-        except BaseException as exc:  # noqa: BLE001
-            os.write(write_fd, json.dumps([f"child error {exc!r}"]).encode())
-            code = 1
-        os._exit(code)
-    os.close(write_fd)
-    data = b""
-    while chunk := os.read(read_fd, 65536):
-        data += chunk
-    os.close(read_fd)
-    os.waitpid(pid, 0)
-    return json.loads(data)
+    def calling() -> list[str]:
+        from openinfer.client import Client, OpenInferError
+
+        outcomes = []
+        with Client(address, timeout=3) as client:
+            for op, model in calls:
+                try:
+                    if op == "infer":
+                        client.infer(model, {"x": X})
+                    elif op == "reload":
+                        client.reload()
+                    elif op == "stats":
+                        client.stats()
+                    else:
+                        client.health()
+                    outcomes.append("OK")
+                except OpenInferError as exc:
+                    outcomes.append(f"{exc.code}: {exc.message}")
+        return outcomes
+
+    outcomes: list[str] = call_as(uid, calling, gid, groups)
+    return outcomes
 
 
 def test_policy_decides_per_uid_operation_and_model(daemon_factory: Any, repo: Path, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from other_uid import call_as
 from test_access import as_user, repo  # noqa: F401  (repo: the fixture)
 
 pytestmark = pytest.mark.attack
@@ -51,52 +52,14 @@ def test_a_group_grant_follows_the_groups_each_connection_holds(daemon_factory: 
 def test_a_peer_in_more_groups_than_pythons_getsockopt_can_read_is_read_whole() -> None:
     """SO_PEERGROUPS with more than 256 groups needs more than Python's 1024-byte getsockopt: the daemon
     reads them with a buffer of NGROUPS_MAX (else a granted group past the 256th would not count)."""
-    import os
     import socket
 
     from openinfer.daemon.direct.peer_credentials import peer_groups
 
     wanted = list(range(50_000, 50_300))
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        ok = False
-        try:
-            os.setgroups(wanted)
-            a, b = socket.socketpair()  # the kernel records the creator's groups for both ends
-            ok = set(wanted) <= set(peer_groups(a))
-        finally:
-            os._exit(0 if ok else 1)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-
-
-def _in_child(uid: int, call: Any, gid: int | None = None, groups: tuple[int, ...] = ()) -> Any:
-    """Fork, drop to `uid` (primary group `gid`, default the uid's number; supplementary `groups`), run
-    `call()`; its JSON result."""
-    import json
-    import os
-
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never returns into pytest
-        try:
-            os.close(read_fd)
-            os.setgroups(list(groups))
-            os.setgid(uid if gid is None else gid)
-            os.setuid(uid)
-            os.write(write_fd, json.dumps({"result": call()}).encode())
-        except BaseException as exc:  # noqa: BLE001
-            os.write(write_fd, json.dumps({"raised": repr(exc)}).encode())
-        os._exit(0)
-    os.close(write_fd)
-    data = b""
-    while chunk := os.read(read_fd, 65536):
-        data += chunk
-    os.close(read_fd)
-    os.waitpid(pid, 0)
-    outcome = json.loads(data)
-    assert "raised" not in outcome, outcome
-    return outcome["result"]
+    # The kernel records the creator's groups for both ends of a socketpair.
+    seen = call_as(0, lambda: list(peer_groups(socket.socketpair()[0])), gid=0, groups=tuple(wanted))
+    assert set(wanted) <= set(seen)
 
 
 def test_a_lease_granted_by_group_is_useless_to_a_process_of_the_same_uid_without_it(daemon_factory: Any, repo: Path, tmp_path: Path) -> None:  # noqa: F811
@@ -121,7 +84,7 @@ def test_a_lease_granted_by_group_is_useless_to_a_process_of_the_same_uid_withou
             lease = client._call("lease", model="public")
         return {"token": lease["lease"].hex(), "address": lease["workers"][0]["address"]}
 
-    lease = _in_child(ATTACKER, take_lease, groups=(GRANTED_GID,))
+    lease = call_as(ATTACKER, take_lease, groups=(GRANTED_GID,))
 
     def use_lease() -> list[Any]:
         peer = Peer(lease["address"])
@@ -129,8 +92,8 @@ def test_a_lease_granted_by_group_is_useless_to_a_process_of_the_same_uid_withou
         answers.append(peer.ask(infer(2)))
         return [None if a is None else {"error": a.get("error"), "ok": "result" in a or "outputs" in a} for a in answers]
 
-    without = _in_child(ATTACKER, use_lease)
+    without = call_as(ATTACKER, use_lease)
     assert without[0]["error"]["code"] == "PERMISSION_DENIED" and "in group 0" in without[0]["error"]["message"], without
     assert without[1] is None or not without[1]["ok"], without
-    with_group = _in_child(ATTACKER, use_lease, groups=(GRANTED_GID,))  # control: the lease works for its group
+    with_group = call_as(ATTACKER, use_lease, groups=(GRANTED_GID,))  # control: the lease works for its group
     assert with_group[0]["ok"] and with_group[1]["ok"], with_group
