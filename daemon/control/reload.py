@@ -201,7 +201,7 @@ class RepositorySync:
                     changes["unchanged"].append(f"{entry.name}:{version.version}")
                     if self._resize(current, entry.config.workers or self.settings.pool.workers):
                         changes.setdefault("resized", []).append(f"{current.key}: {current.worker_count} workers")
-        self._drop_chains_of_removed_models(changes)
+        self._drop_chains_that_lost_a_model(changes)
         log.info("repository synced", extra=changes)
         self.start_chains()
         if self.pool.preparer is not None:  # what versions left behind in the weights cache, aside
@@ -234,7 +234,7 @@ class RepositorySync:
             if not served:
                 del self.registry.by_name[name]
 
-    def _drop_chains_of_removed_models(self, changes: dict[str, list[str]]) -> None:
+    def _drop_chains_that_lost_a_model(self, changes: dict[str, list[str]]) -> None:
         """A chain stops serving when one of its models leaves the repository, or no longer lists it in
         `chains`: an operator who removes a model (a licence, a compromise) must not find it still answering
         inside a chain (found by an attacker: the chain kept serving the removed model's weights, then
