@@ -30,8 +30,14 @@ from openinfer.daemon.workerpool.workers import WorkerState
 log = logging.getLogger("openinfer.supervisor")
 
 
-def file_fingerprint(path: Path) -> tuple[int, int, int]:
-    st = os.lstat(path)  # a symlink is never followed (and the next scan refuses it)
+def file_fingerprint(path: Path) -> tuple[int, int, int] | None:
+    """None: gone since the scan saw it (renamed away meanwhile): the workers will say why they cannot load,
+    and the next reload finds the file again. Raising here stopped a reload half-way, and a start
+    (round 39: 5 reloads in 100, 4 starts in 20, beside a file renamed in and out)."""
+    try:
+        st = os.lstat(path)  # a symlink is never followed (and the next scan refuses it)
+    except OSError:
+        return None
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
@@ -59,12 +65,7 @@ def model_fingerprint(path: Path, config: ModelConfig, members: tuple[Any, ...] 
         return model_print
     steps_dir = path.parent if config.chain is not None else path.parent.parent
     names = [*steps.files, *(steps_files_of_builtin(steps.builtin) if steps.builtin is not None else [steps.module])]
-    step_prints: list[tuple[int, int, int] | None] = []
-    for name in names:
-        try:
-            step_prints.append(file_fingerprint(steps_dir / name))
-        except OSError:
-            step_prints.append(None)  # missing now: the new workers will say why they cannot load
+    step_prints = [file_fingerprint(steps_dir / name) for name in names]  # None: missing now
     return (*model_print, *step_prints, *members)
 
 
@@ -75,10 +76,7 @@ def _member_prints(entry: ModelEntry, entries: dict[str, ModelEntry]) -> tuple[A
     prints: list[Any] = []
     for name in entry.config.chain.models:
         member = entries.get(name)
-        try:
-            prints.append((name, model_fingerprint(member.versions[-1].path, member.config)) if member is not None and member.versions and member.error is None else None)
-        except OSError:
-            prints.append(None)
+        prints.append((name, model_fingerprint(member.versions[-1].path, member.config)) if member is not None and member.versions and member.error is None else None)
     return tuple(prints)
 
 
@@ -166,47 +164,55 @@ class RepositorySync:
         # pool.max_workers is free once they have exited; a later reload starts what did not fit).
         self._remove_unseen(entries, changes)
         for entry in entries:
-            if entry.error is not None:
-                if entry.name in self.registry.by_name:
-                    log.error("reload: model directory broken; keeping what is served", extra={"model": entry.name, "reason": entry.error})
-                    for model in self.registry.by_name[entry.name].values():
-                        model.reason = f"reload failed: {entry.error}"
-                else:
-                    self.registry.failed[entry.name] = FailedModel(entry.name, entry.error)
+            try:
+                self._sync_entry(entry, by_name, repository, changes)
+            except Exception:  # noqa: BLE001  (one entry's surprise must not stop the others' reload, nor the start)
+                log.exception("reload: a model could not be brought in line; the others were", extra={"model": entry.name})
                 changes["failed"].append(entry.name)
-                continue
-            members = _member_prints(entry, by_name)
-            for version in entry.versions:
-                key = (entry.name, version.version)
-                current = self.registry.by_name.get(entry.name, {}).get(version.version)
-                if current is None:
-                    self.registry.add(self._new_model(entry, version, repository, members))
-                    changes["added"].append(f"{entry.name}:{version.version}")
-                elif self._changed(current, entry, version, members):
-                    old_pending = self.pending.pop(key, None)
-                    if old_pending is not None:
-                        self._retire(old_pending)
-                    if current.state in (ModelState.FAILED, ModelState.UNAVAILABLE, ModelState.LOADING):
-                        self.registry.by_name[entry.name][version.version] = self._new_model(entry, version, repository, members)
-                        self._retire(current)
-                    else:
-                        replacement = self._new_model(entry, version, repository, members)
-                        if replacement.state is ModelState.FAILED:  # over pool.max_workers or pool.max_model_bytes: the old one keeps serving
-                            current.reason = f"reload failed, still serving the previous file: {replacement.reason}"
-                            changes["failed"].append(f"{entry.name}:{version.version}")
-                            continue
-                        self.pending[key] = replacement
-                    changes["replaced"].append(f"{entry.name}:{version.version}")
-                else:
-                    changes["unchanged"].append(f"{entry.name}:{version.version}")
-                    if self._resize(current, entry.config.workers or self.settings.pool.workers):
-                        changes.setdefault("resized", []).append(f"{current.key}: {current.worker_count} workers")
         self._drop_chains_that_lost_a_model(changes)
         log.info("repository synced", extra=changes)
         self.start_chains()
         if self.pool.preparer is not None:  # what versions left behind in the weights cache, aside
             self.pool.preparer.retire_unused()
         return changes
+
+    def _sync_entry(self, entry: ModelEntry, by_name: dict[str, ModelEntry], repository: Path, changes: dict[str, list[str]]) -> None:
+        """One model directory of the scan: add, replace or keep each of its versions."""
+        if entry.error is not None:
+            if entry.name in self.registry.by_name:
+                log.error("reload: model directory broken; keeping what is served", extra={"model": entry.name, "reason": entry.error})
+                for model in self.registry.by_name[entry.name].values():
+                    model.reason = f"reload failed: {entry.error}"
+            else:
+                self.registry.failed[entry.name] = FailedModel(entry.name, entry.error)
+            changes["failed"].append(entry.name)
+            return
+        members = _member_prints(entry, by_name)
+        for version in entry.versions:
+            key = (entry.name, version.version)
+            current = self.registry.by_name.get(entry.name, {}).get(version.version)
+            if current is None:
+                self.registry.add(self._new_model(entry, version, repository, members))
+                changes["added"].append(f"{entry.name}:{version.version}")
+            elif self._changed(current, entry, version, members):
+                old_pending = self.pending.pop(key, None)
+                if old_pending is not None:
+                    self._retire(old_pending)
+                if current.state in (ModelState.FAILED, ModelState.UNAVAILABLE, ModelState.LOADING):
+                    self.registry.by_name[entry.name][version.version] = self._new_model(entry, version, repository, members)
+                    self._retire(current)
+                else:
+                    replacement = self._new_model(entry, version, repository, members)
+                    if replacement.state is ModelState.FAILED:  # over pool.max_workers or pool.max_model_bytes: the old one keeps serving
+                        current.reason = f"reload failed, still serving the previous file: {replacement.reason}"
+                        changes["failed"].append(f"{entry.name}:{version.version}")
+                        continue
+                    self.pending[key] = replacement
+                changes["replaced"].append(f"{entry.name}:{version.version}")
+            else:
+                changes["unchanged"].append(f"{entry.name}:{version.version}")
+                if self._resize(current, entry.config.workers or self.settings.pool.workers):
+                    changes.setdefault("resized", []).append(f"{current.key}: {current.worker_count} workers")
 
     def _remove_unseen(self, entries: list[ModelEntry], changes: dict[str, list[str]]) -> None:
         """Retire every served version the scan no longer has (a broken directory keeps what it served). A
@@ -328,11 +334,7 @@ class RepositorySync:
     def _changed(current: ServedModel, entry: ModelEntry, version: ModelVersionEntry, members: tuple[Any, ...] = ()) -> bool:
         if current.state in (ModelState.FAILED, ModelState.UNAVAILABLE):
             return True  # a reload retries what could not serve
-        try:
-            fingerprint = model_fingerprint(version.path, entry.config, members)
-        except OSError:
-            return True
-        return fingerprint != current.fingerprint or entry.config != current.config
+        return model_fingerprint(version.path, entry.config, members) != current.fingerprint or entry.config != current.config
 
     def on_model_ready(self, model: ServedModel) -> None:
         """A worker became ready: switch to a replacement once all its workers are ready; once a listed

@@ -112,6 +112,9 @@ def _bounded_int(path: Path, key: str, value: Any, zero: str = "") -> int:
     """`value` as the integer `key` (a dotted name, e.g. "batching.quiet_us") may take, else a
     ConfigError naming the key, the value and the bound. `zero`: what 0 means, where it is allowed."""
     bound = BOUNDS[key]
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        # Not printed: str() of a 0x-literal of 5,000 digits raises (round 39).
+        raise ConfigError(f"{path}: `{key}` is {'over' if value > 0 else 'under'} its bound{'' if value < 0 else f' {bound.high}'}: an integer of {value.bit_length()} bits")
     if not isinstance(value, int) or isinstance(value, bool) or value < bound.low:
         kind = "a positive integer" if bound.low == 1 else f"an integer >= {bound.low}{zero}"
         raise ConfigError(f"{path}: `{key}` must be {kind}, got {value!r}")
@@ -127,6 +130,17 @@ def parse_model_config(path: Path, text: str | None = None) -> ModelConfig:
         raw = tomllib.loads(path.read_text() if text is None else text)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # a number of 5,000 digits, arrays nested 600 deep (round 39)
+        raise ConfigError(f"{path}: cannot be read: {type(exc).__name__} (a number too long, or values nested too deep)") from None
+    try:
+        return _parse_model_config(path, raw)
+    except ConfigError:  # (a ValueError itself)
+        raise
+    except (ValueError, RecursionError):  # a value that cannot even be shown in the message about it
+        raise ConfigError(f"{path}: a value in it is too large to read or to show (an integer of thousands of digits?)") from None
+
+
+def _parse_model_config(path: Path, raw: dict[str, Any]) -> ModelConfig:
     known = {f.name for f in fields(ModelConfig)}
     values: dict[str, Any] = {}
     for key, value in raw.items():

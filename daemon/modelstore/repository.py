@@ -54,11 +54,20 @@ def scan_repository(root: Path) -> list[ModelEntry]:
     for child in sorted(os.scandir(root), key=lambda e: e.name):
         if child.name.startswith("."):
             continue
-        if child.is_symlink():
+        shown = _printable(child.name)
+        if shown != child.name:  # not UTF-8: msgpack could not send the name in any reply (round 39)
+            entries.append(ModelEntry(shown, ModelConfig(), (), error=f"invalid model name {shown!r}: not UTF-8"))
+        elif child.is_symlink():
             entries.append(ModelEntry(child.name, ModelConfig(), (), error=_symlink(Path(child.path))))
         elif child.is_dir(follow_symlinks=False):
             entries.append(_scan_model(Path(child.path)))
     return entries
+
+
+def _printable(name: str) -> str:
+    """A file name as a reply can carry it: bytes that are not UTF-8 (which os.scandir gives back as lone
+    surrogates) written as backslash escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _scan_model(model_dir: Path) -> ModelEntry:
@@ -72,6 +81,9 @@ def _scan_model(model_dir: Path) -> ModelEntry:
         return ModelEntry(name, ModelConfig(), (), error=str(exc))
     except OSError as exc:  # a directory the daemon may not list: this model's failure, not the scan's
         return ModelEntry(name, ModelConfig(), (), error=f"{exc.filename or model_dir}: {exc.strerror}")
+    except Exception as exc:  # noqa: BLE001  (whatever else one entry's files raise fails that entry alone)
+        log.exception("a model directory could not be read", extra={"model": name})
+        return ModelEntry(name, ModelConfig(), (), error=f"{model_dir} cannot be read ({type(exc).__name__}): the daemon's log has the details")
     if config.chain is not None:
         if versions:
             return ModelEntry(name, config, (), error=f"{model_dir} has `[chain]` and a <version>/{MODEL_FILE}: a chain runs its members' models and has none of its own")

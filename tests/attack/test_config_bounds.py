@@ -65,6 +65,71 @@ def test_the_attackers_values_are_refused(text: str, said: str) -> None:
         _parse(text)
 
 
+# Round 39: values that raised out of the parser - so out of the repository scan: no start, every reload
+# INTERNAL, nothing of it applied (a withdrawn chain consent among it).
+HOSTILE_CONFIGS = {
+    "hex-integer": ("workers = 0x" + "f" * 5000 + "\n", "`workers` is over its bound 64: an integer of 20000 bits"),
+    "long-integer": ("workers = " + "9" * 5000 + "\n", "cannot be read: ValueError"),
+    "deep-arrays": ("workers = " + "[" * 600 + "]" * 600 + "\n", "cannot be read: RecursionError"),
+    "hex-shown-in-a-message": ("version_policy = 0x" + "f" * 5000 + "\n", "too large to read or to show"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_CONFIGS))
+def test_a_config_the_parser_cannot_hold_is_refused_with_a_reason(name: str) -> None:
+    text, said = HOSTILE_CONFIGS[name]
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        _parse(text)
+
+
+def test_a_repository_of_hostile_entries_starts_and_reloads_each_failing_alone(daemon_factory: Any) -> None:
+    """Every hostile config.toml above, a directory whose name is not UTF-8 (its name then broke every
+    health, status and models reply: msgpack cannot send a lone surrogate), and beside them an honest model
+    that must serve, a new one a reload must add, and a chain whose member withdraws its consent in the
+    same reload, which must stop it (before: the reload failed INTERNAL and the chain served on)."""
+    repo = ModelRepo("oi-hostile-configs-")
+    try:
+        repo.model("good", onnx_builders.matmul_model)
+        repo.model("member", onnx_builders.matmul_model, config='chains = ["runner"]\n')
+        repo.config("runner", 'workers = 1\n\n[chain]\nmodels = ["member"]\n\n[steps]\nmodule = "steps.py"\n')
+        (repo.root / "runner" / "steps.py").write_text(
+            'INPUTS = [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]\nOUTPUTS = [{"name": "y", "datatype": "FP32", "shape": [-1, 64]}]\n'
+            'def drive(inputs, models):\n    return models["member"](inputs)\n')
+        running = daemon_factory(repo.ready())
+        x = np.ones((1, 64), np.float32)
+        with Client(running.address, timeout=30) as client:
+            assert client.infer("runner", {"x": x}).outputs["y"].shape == (1, 64)
+            for name, (text, _) in HOSTILE_CONFIGS.items():
+                repo.model(name, onnx_builders.matmul_model, config=text)
+            os.mkdir(os.fsencode(repo.root) + b"/bad\xff")
+            (repo.root / "member" / "config.toml").write_text("workers = 1\n")  # consent withdrawn
+            repo.model("fresh", onnx_builders.matmul_model)
+            repo.ready()
+            changes = client.reload()
+            assert "fresh:1" in changes["added"], changes
+            rows = {row["name"]: row for row in client.models()}
+            for name, (_, said) in HOSTILE_CONFIGS.items():
+                assert rows[name]["state"] == "failed" and said in rows[name]["reason"], rows[name]
+            assert rows["bad\\xff"]["state"] == "failed" and "not UTF-8" in rows["bad\\xff"]["reason"], rows
+            assert rows["runner"]["state"] == "failed" and "does not let it run it" in rows["runner"]["reason"], rows["runner"]
+            assert client.health()["failed"] and client.status()["models"]
+            assert client.infer("good", {"x": x}).outputs["y"].shape == (1, 64)
+        restarted = daemon_factory(repo.root)  # and a daemon starts on it
+        with Client(restarted.address, timeout=30) as client:
+            assert client.infer("fresh", {"x": x}).outputs["y"].shape == (1, 64)
+    finally:
+        repo.remove()
+
+
+def test_a_model_file_gone_since_the_scan_saw_it_is_fingerprinted_not_raised(tmp_path: Path) -> None:
+    """Round 39: a model file renamed away between the scan and its fingerprint raised FileNotFoundError out
+    of the reload (5 of 100 reloads INTERNAL, half applied) and out of the start (4 of 20)."""
+    from openinfer.daemon.control.reload import model_fingerprint
+    from openinfer.daemon.modelstore.modelconfig import ModelConfig
+
+    assert model_fingerprint(tmp_path / "gone" / "1" / "model.onnx", ModelConfig())[0] is None
+
+
 def test_config_md_states_every_bound() -> None:
     """The per-model table in docs/CONFIG.md is written by hand: each key's row names its bound."""
     rows = {line.split("|")[1].strip().strip("`"): line for line in CONFIG_DOC.read_text().splitlines() if line.startswith("| `")}
