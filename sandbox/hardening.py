@@ -103,9 +103,13 @@ def drop_privileges(uid: int, gid: int) -> None:
     log.info("dropped privileges", extra={"uid": uid, "gid": gid})
 
 
-def enter_namespaces() -> list[str]:
+def enter_namespaces(user_namespace: bool = True) -> list[str]:
     """Best effort: move into fresh network and IPC namespaces (no interfaces, not even up loopback; no shared
     SysV IPC), through a user namespace when not root. Path-based ipc:// sockets keep working.
+
+    `user_namespace=False`: never through a user namespace - for a process that accepts Unix connections
+    and must know who connects: in a user namespace SO_PEERCRED reports every uid it does not map (all
+    but its own, for an unprivileged process) as the overflow uid 65534. Without root that leaves none.
 
     Call before any thread starts (a user namespace cannot be entered by a multithreaded process) and, as
     root, before drop_privileges (root needs no user namespace, which would hand the worker namespaced
@@ -116,6 +120,8 @@ def enter_namespaces() -> list[str]:
     else:
         attempts = [(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC, ["user", "net", "ipc"])]
     for flags, names in attempts:
+        if flags & CLONE_NEWUSER and not user_namespace:
+            continue
         try:
             unshare(flags)
         except OSError as exc:

@@ -56,3 +56,71 @@ def test_serves_in_a_private_network_namespace_with_read_only_files(tmp_path: Pa
         log.close()
         shutil.rmtree(repo, ignore_errors=True)
         shutil.rmtree(run, ignore_errors=True)
+
+
+DAEMON_UID = 40010  # no account: the daemon as the shipped unit runs it, a user of its own, not root
+
+
+def _make_reachable(paths: list[Path], scratch: Path) -> str:
+    """Shell lines for a private mount namespace in which `paths` can be reached by any uid: each ancestor
+    others may not enter (here /root, mode 0700, holds the interpreter) is covered by a tmpfs holding only
+    the needed child, bound from the original. Nothing outside the namespace changes."""
+    lines: list[str] = []
+    hidden: dict[Path, set[str]] = {}
+    for path in paths:
+        for ancestor in [*reversed(path.parents)][1:]:  # from the top, / aside
+            if not os.stat(ancestor).st_mode & 0o001:
+                hidden.setdefault(ancestor, set()).add(path.relative_to(ancestor).parts[0])
+                break
+    for number, (ancestor, children) in enumerate(sorted(hidden.items())):
+        keep = scratch / f"keep-{number}"  # the original, still reachable by root under the tmpfs
+        lines += [f"mkdir -p {keep}", f"mount --bind {ancestor} {keep}", f"mount -t tmpfs -o mode=0755 tmpfs {ancestor}"]
+        for child in sorted(children):
+            lines += [f"mkdir -p {ancestor}/{child}", f"mount --bind {keep}/{child} {ancestor}/{child}"]
+    return " && ".join(lines) or "true"
+
+
+def test_a_daemon_not_run_as_root_serves_other_uids_on_the_direct_path(tmp_path: Path) -> None:
+    """Workers of a daemon that is not root entered a user namespace for their network and IPC namespaces,
+    and inside it SO_PEERCRED reports every uid they do not map as 65534: each lease was refused ("issued
+    to uid=0, not to this connection's uid=65534") - the direct path failed for every client of the shipped
+    unit, which runs the daemon as its own user - and a lease issued to uid 65534 held for any uid. A worker
+    with a direct endpoint enters no user namespace now."""
+    assert os.geteuid() == 0, "starting a daemon as another uid needs root (CI runs as root)"
+    repo = world_readable_dir("oi-unit-nonroot-")
+    onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
+    make_world_readable(repo)
+    run = world_readable_dir("oi-unit-nonroot-run-")
+    os.chown(run, DAEMON_UID, DAEMON_UID)
+    address = f"ipc://{run}/openinfer.sock"
+    checkout = Path(__file__).resolve().parents[1]
+    reachable = _make_reachable([Path(os.path.realpath(sys.executable)), Path(sys.prefix), Path(os.path.realpath(sys.base_prefix)), checkout], tmp_path)
+    script = (
+        f"{reachable} && exec setpriv --reuid={DAEMON_UID} --regid={DAEMON_UID} --clear-groups "
+        f"{sys.executable} -m openinfer.daemon.cli serve --models {repo} --socket {address}"
+    )
+    env = dict(os.environ, OPENINFER_SERVER_RUNTIME_DIR=str(run / "rt"), OPENINFER_POOL_DIRECT="1", OPENINFER_SERVER_SOCKET_MODE="0o666")
+    log = open(tmp_path / "daemon.log", "wb")
+    daemon = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        with Client(address, timeout=10) as client:
+
+            def ready() -> bool:
+                assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+                try:
+                    return bool(client.health()["ready"])
+                except OpenInferError:
+                    return False  # not listening yet
+
+            wait_for(ready, 60, "the daemon running as a user of its own to be ready")
+            for _ in range(3):
+                result = client.infer("tiny", {"x": np.ones((1, 64), np.float32)})
+                assert "dispatch_us" not in result.timing, result.timing  # answered by the worker: the direct path
+            (worker,) = [w for w in client.status()["workers"] if w["model"] == "tiny"]
+            assert worker["sandbox"]["uid"][0] == DAEMON_UID and "user" not in worker["sandbox"].get("namespaces_entered", []), worker["sandbox"]
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+        log.close()
+        shutil.rmtree(repo, ignore_errors=True)
+        shutil.rmtree(run, ignore_errors=True)

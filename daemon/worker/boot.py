@@ -102,9 +102,19 @@ def _isolate_process(config: WorkerBootConfig, sandbox_state: dict[str, Any], us
     # Namespaces first: as root, new net/IPC namespaces need no user namespace; after a uid drop they
     # would, and a user namespace hands the worker capabilities inside it.
     if sb.namespaces:
-        sandbox_state["namespaces_entered"] = hardening.enter_namespaces()
+        # A worker with a direct endpoint must see its clients' uids (a lease names one): in a user
+        # namespace, an unprivileged worker saw every client as uid 65534 - a daemon not run as root (the
+        # shipped unit) refused every lease, "issued to uid=0, not to this connection's uid=65534", and
+        # one issued to uid 65534 held for any uid. Such a worker enters the namespaces root can enter
+        # without one, or none: seccomp already refuses it every socket() and SysV IPC call, and the unit
+        # gives the whole service a network of its own (PrivateNetwork=yes).
+        direct = config.direct is not None
+        sandbox_state["namespaces_entered"] = hardening.enter_namespaces(user_namespace=not direct)
         if not sandbox_state["namespaces_entered"]:
-            log.warning("namespaces unavailable; worker shares the host's network and IPC namespaces", extra={"worker": config.worker_id})
+            if direct and os.geteuid() != 0:
+                log.info("no network/IPC namespaces for a worker with a direct endpoint when the daemon is not root: a user namespace would hide its clients' uids (seccomp refuses it sockets and SysV IPC)", extra={"worker": config.worker_id})
+            else:
+                log.warning("namespaces unavailable; worker shares the host's network and IPC namespaces", extra={"worker": config.worker_id})
     if os.geteuid() == 0 and sb.uid is not None and sb.gid is not None:
         hardening.drop_privileges(sb.uid, sb.gid)
         # The kernel clears the parent-death signal when credentials change: arm it again.
