@@ -99,6 +99,19 @@ def test_one_caller_flooding_the_cache_evicts_its_own_answers_before_anothers() 
         anonymous.put(anonymous.key(spec, [i.to_bytes(4, "little")], ["y"], who), who, spec, [b"a" * 16], 0)
     assert all(anonymous.get(key, 0) is not None for key in victim)
     assert anonymous.get(anonymous.key(spec, [(199).to_bytes(4, "little")], ["y"], "tcp=127.0.0.1:50000"), 0) is not None
+    # ... and only its own host's: a peer on another host does not hit them (round 40: one owner "tcp"
+    # for every anonymous peer let another host learn what was asked).
+    assert anonymous.get(anonymous.key(spec, [(199).to_bytes(4, "little")], ["y"], "tcp=127.0.0.2:50000"), 0) is None
+    # At a tie the caller adding an answer gives up its own: never below an equal share, whichever name
+    # sorts first (round 40: uid=40001 ended with 3 of 8 against uid=40002, 4 the other way round).
+    for victim_name, attacker_name in (("uid=40001", "uid=40002"), ("uid=40002", "uid=40001")):
+        even = VerdictCache(max_entries=8, max_bytes=1 << 20, ttl_s=0)
+        kept = [even.key(spec, [bytes([i])], ["y"], victim_name) for i in range(4)]
+        for key in kept:
+            even.put(key, victim_name, spec, [b"v"], 0)
+        for i in range(200):
+            even.put(even.key(spec, [i.to_bytes(4, "little")], ["y"], attacker_name), attacker_name, spec, [b"a"], 0)
+        assert sum(even.get(key, 0) is not None for key in kept) == 4, victim_name
     # A shared cache has one holder: plain least recently used.
     shared = VerdictCache(max_entries=2, max_bytes=1 << 20, ttl_s=0, shared=True)
     for i in range(3):

@@ -78,7 +78,8 @@ def verify(key: bytes, token: Any, identity: str, model: str, version: int, now_
         raise LeaseRefused("`lease` must be the bytes the front door's `lease` operation returned")
     body, mac = token[:-_MAC_BYTES], token[-_MAC_BYTES:]
     if not hmac.compare_digest(mac, hmac.digest(key, body, hashlib.sha256)):
-        raise LeaseRefused(f"the lease was not issued by this daemon for {model}:{version}, the model version this worker serves, or a reload has revoked it: take a new one", expired=True)
+        # Names neither this worker's model nor its version: any local user may connect and ask (round 40).
+        raise LeaseRefused("the lease was not issued by this daemon for the model version this worker serves, or a reload has revoked it: take a new one", expired=True)
     fields = msgpack.unpackb(body)  # ours: it passed the MAC
     _, holder, leased_model, leased_version, expires_ns, serial, max_in_flight, max_priority, gids = fields
     if holder != identity:
@@ -86,7 +87,7 @@ def verify(key: bytes, token: Any, identity: str, model: str, version: int, now_
     if gids and not set(gids) & peer_gids():
         raise LeaseRefused(f"the lease was issued to a process of {holder} in group {' or '.join(str(g) for g in gids)} (its grant is by group); this connection's process is in none of them")
     if (leased_model, leased_version) != (model, version):
-        raise LeaseRefused(f"the lease is for {leased_model}:{leased_version}, this worker serves {model}:{version}")
+        raise LeaseRefused(f"the lease is for {leased_model}:{leased_version}, which this worker does not serve")
     if expires_ns <= now_ns:
         raise LeaseRefused("the lease has expired: take a new one from the front door", expired=True)
     return Lease(holder, leased_model, leased_version, expires_ns, serial, max_in_flight, max_priority, tuple(gids))

@@ -9,7 +9,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from openinfer.wire.errors import DeadlineExceeded, Internal, InvalidArgument, OpenInferError, Unavailable
+from openinfer.wire.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, OpenInferError, Unavailable
 from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSION
 from openinfer.wire.zmtp import Event, Oversized
 
@@ -72,16 +72,27 @@ class FrontDoorRequests:
             if request_id is None:
                 log.warning("malformed request", extra={"client": client, "connection": conn.conn_id, "code": exc.code, "reason": exc.message})
             timing = {"total_us": (time.monotonic_ns() - received_ns) / 1000}
+            exc = self._as_seen_by(conn, exc)
             self.supervisor.replies.error(route, request_id, exc, timing)
             if request_id is None or isinstance(exc, OverLimit):  # no conforming client sends this
                 self.supervisor.connections.strike(conn, exc.message)
             self.supervisor.accountant.record(model.name if model else None, model.version if model else None, client, exc.code, timing)
             self.supervisor.accountant.count_operation(op, exc.code)
 
+    def _as_seen_by(self, conn: Connection, exc: OpenInferError) -> OpenInferError:
+        """An unknown model's NOT_FOUND lists the models served: those this peer's grants of `models`
+        show it (round 40: a peer granted some models read every model's name from it)."""
+        names = exc.details.get("models") if isinstance(exc, NotFound) else None
+        if not isinstance(names, list):
+            return exc
+        scope = self.supervisor.access.scope(conn.peer, "models")
+        return exc if scope is None else NotFound(exc.message, {"models": [name for name in names if scoped_views.covered(name, scope)]})
+
     def _reply_admin(self, route: Route, request_id: int, op: str, header: dict[str, Any], client: str) -> None:
         try:
             result = self._admin(op, header, route)
         except OpenInferError as exc:
+            exc = self._as_seen_by(route.conn, exc)
             self.supervisor.replies.error(route, request_id, exc)
             self.supervisor.accountant.count_operation(op, exc.code)
             if op == "lease" and exc.code != Unavailable.code:

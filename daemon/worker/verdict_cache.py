@@ -67,17 +67,24 @@ class _Largest:
                 return owner
             heapq.heappop(self._heap)
 
+    def largest_or(self, owner: str) -> str:
+        """The owner holding the most - `owner` itself when it holds as much (a tie went to the smaller
+        name: a caller could push another one below an equal share, round 40)."""
+        largest = self.largest()
+        return owner if owner in self.value and self.value[owner] >= self.value[largest] else largest
+
     def clear(self) -> None:
         self._heap.clear()
         self.value.clear()
 
 
 def owner_of(identity: str) -> str:
-    """Whose entries a caller's are: its identity - but every plain tcp:// peer (`--insecure-tcp`, a grant
-    with `anonymous = true`) is one caller, "tcp": the daemon cannot tell them apart, and as an identity per
-    connection one caller opening a connection every two questions counted as many and evicted a victim
-    holding more than each (round 38)."""
-    return "tcp" if identity.startswith("tcp=") else identity
+    """Whose entries a caller's are: its identity - but a plain tcp:// peer (`--insecure-tcp`, a grant with
+    `anonymous = true`) is its host, "tcp=<host>": its identity is its connection ("tcp=<host>:<port>"), and
+    one caller opening a connection every two questions counted as many and evicted a victim holding more
+    than each (round 38). Not one "tcp" for all: peers on other hosts then hit each other's entries (round
+    40). Connections from one host are one caller: nothing tells them apart."""
+    return identity.rpartition(":")[0] if identity.startswith("tcp=") else identity
 
 
 class VerdictCache:
@@ -139,9 +146,9 @@ class VerdictCache:
         if key in self._entries:
             self._drop(key)
         while self._entries and len(self._entries) >= self.max_entries:
-            self._evict_from(self._counts.largest())
+            self._evict_from(self._counts.largest_or(owner))
         while self._entries and self.nbytes + nbytes > self.max_bytes:
-            self._evict_from(self._bytes.largest())
+            self._evict_from(self._bytes.largest_or(owner))
         self._entries[key] = Cached(owner, packed_specs, copies, nbytes, now_ns + self.ttl_ns if self.ttl_ns else 0)
         held = self._held.setdefault(owner, OrderedDict())
         held[key] = None

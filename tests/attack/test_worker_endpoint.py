@@ -76,12 +76,17 @@ def test_connections_of_one_uid_share_its_max_in_flight_on_a_worker(daemon_facto
 
 
 def test_a_lease_for_one_model_opens_no_other_models_worker(daemon_factory: Any, repo: Path) -> None:
+    """...and the refusal names no model this worker serves: anyone who may open the socket directory may
+    connect and ask, grant or none (round 40: a forged 80-byte lease made each of 7 workers name its model
+    and version to a uid with no grant at all)."""
     daemon = daemon_factory(repo, env=DIRECT)
     tiny, other = lease_of(daemon, "tiny"), lease_of(daemon, "other")
     peer = Peer(other["workers"][0]["address"])
     try:
+        forged = peer.ask(attach(b"\0" * 80, 1))
+        assert forged is not None and forged["error"]["code"] == "PERMISSION_DENIED" and "other" not in forged["error"]["message"], forged
         refused = peer.ask(attach(tiny["lease"]))
-        assert refused is not None and refused["error"]["code"] == "PERMISSION_DENIED" and "other:1" in refused["error"]["message"]
+        assert refused is not None and refused["error"]["code"] == "PERMISSION_DENIED" and "other" not in refused["error"]["message"], refused
         assert peer.ask(infer(2))["error"]["code"] == "PERMISSION_DENIED"  # type: ignore[index]
         assert peer.ask(attach(other["lease"], 3))["result"]["model"] == "other"  # type: ignore[index]
         assert "outputs" in peer.ask(infer(4))  # type: ignore[operator]
