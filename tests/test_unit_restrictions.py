@@ -14,6 +14,7 @@ import pytest
 
 import onnx_builders
 from daemon_harness import wait_for, world_readable_dir
+from other_uid import call_as
 from openinfer.client import Client, OpenInferError
 from repo_builder import make_world_readable
 
@@ -118,6 +119,17 @@ def test_a_daemon_not_run_as_root_serves_other_uids_on_the_direct_path(tmp_path:
                 assert "dispatch_us" not in result.timing, result.timing  # answered by the worker: the direct path
             (worker,) = [w for w in client.status()["workers"] if w["model"] == "tiny"]
             assert worker["sandbox"]["uid"][0] == DAEMON_UID and "user" not in worker["sandbox"].get("namespaces_entered", []), worker["sandbox"]
+            # Its workers are its own uid: none of them (nor any process of that uid) reads its memory.
+            supervisor = client.status()["pid"]
+
+            def read_supervisor() -> str:
+                try:
+                    with open(f"/proc/{supervisor}/environ", "rb") as environ:
+                        return f"read {len(environ.read())} bytes"
+                except OSError as exc:
+                    return exc.strerror or ""
+
+            assert call_as(DAEMON_UID, read_supervisor) == "Permission denied"
     finally:
         daemon.terminate()
         daemon.wait(30)

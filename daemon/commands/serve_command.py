@@ -39,6 +39,12 @@ def run_serve(config_file: Path | None, overrides: dict[str, Any]) -> int:
         return 2
     if not settings.sandbox.enabled:
         log.warning("SANDBOX DISABLED (--insecure-no-sandbox): workers run with the daemon's full privileges")
+    # Before any secret is read: no other process of our uid may ptrace us or read /proc/PID/mem, environ
+    # or fd (the lease master key, the CURVE secret key, clients' tensors). Under the shipped unit the
+    # workers ARE our uid: one without Landlock read the supervisor's memory (round 42).
+    from openinfer.sandbox.process_flags import set_not_dumpable
+
+    set_not_dumpable()
     from openinfer.daemon.control.sdnotify import NotifyError, SystemdNotifier
     from openinfer.daemon.supervisor import Supervisor
 
