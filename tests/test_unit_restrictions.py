@@ -7,7 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -81,39 +83,54 @@ def _make_reachable(paths: list[Path], scratch: Path) -> str:
     return " && ".join(lines) or "true"
 
 
-def test_a_daemon_not_run_as_root_serves_other_uids_on_the_direct_path(tmp_path: Path) -> None:
-    """Workers of a daemon that is not root entered a user namespace for their network and IPC namespaces,
-    and inside it SO_PEERCRED reports every uid they do not map as 65534: each lease was refused ("issued
-    to uid=0, not to this connection's uid=65534") - the direct path failed for every client of the shipped
-    unit, which runs the daemon as its own user - and a lease issued to uid 65534 held for any uid. A worker
-    with a direct endpoint enters no user namespace now."""
+@contextmanager
+def unprivileged_daemon(repo: Path, scratch: Path) -> Iterator[Client]:
+    """A daemon running as DAEMON_UID on `repo` (direct path on, socket open to every uid), and a root
+    client of it once it is ready; stopped on exit."""
     assert os.geteuid() == 0, "starting a daemon as another uid needs root (CI runs as root)"
-    repo = world_readable_dir("oi-unit-nonroot-")
-    onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
-    make_world_readable(repo)
     run = world_readable_dir("oi-unit-nonroot-run-")
     os.chown(run, DAEMON_UID, DAEMON_UID)
     address = f"ipc://{run}/openinfer.sock"
     checkout = Path(__file__).resolve().parents[1]
-    reachable = _make_reachable([Path(os.path.realpath(sys.executable)), Path(sys.prefix), Path(os.path.realpath(sys.base_prefix)), checkout], tmp_path)
+    reachable = _make_reachable([Path(os.path.realpath(sys.executable)), Path(sys.prefix), Path(os.path.realpath(sys.base_prefix)), checkout], scratch)
     script = (
         f"{reachable} && exec setpriv --reuid={DAEMON_UID} --regid={DAEMON_UID} --clear-groups "
         f"{sys.executable} -m openinfer.daemon.cli serve --models {repo} --socket {address}"
     )
     env = dict(os.environ, OPENINFER_SERVER_RUNTIME_DIR=str(run / "rt"), OPENINFER_POOL_DIRECT="1", OPENINFER_SERVER_SOCKET_MODE="0o666")
-    log = open(tmp_path / "daemon.log", "wb")
+    log_path = scratch / "daemon.log"
+    log = open(log_path, "wb")
     daemon = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         with Client(address, timeout=10) as client:
 
             def ready() -> bool:
-                assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+                assert daemon.poll() is None, log_path.read_text()[-3000:]
                 try:
                     return bool(client.health()["ready"])
                 except OpenInferError:
                     return False  # not listening yet
 
             wait_for(ready, 60, "the daemon running as a user of its own to be ready")
+            yield client
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+        log.close()
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def test_a_daemon_not_run_as_root_serves_other_uids_on_the_direct_path(tmp_path: Path) -> None:
+    """Workers of a daemon that is not root entered a user namespace for their network and IPC namespaces,
+    and inside it SO_PEERCRED reports every uid they do not map as 65534: each lease was refused ("issued
+    to uid=0, not to this connection's uid=65534") - the direct path failed for every client of the shipped
+    unit, which runs the daemon as its own user - and a lease issued to uid 65534 held for any uid. A worker
+    with a direct endpoint enters no user namespace now."""
+    repo = world_readable_dir("oi-unit-nonroot-")
+    onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
+    make_world_readable(repo)
+    try:
+        with unprivileged_daemon(repo, tmp_path) as client:
             for _ in range(3):
                 result = client.infer("tiny", {"x": np.ones((1, 64), np.float32)})
                 assert "dispatch_us" not in result.timing, result.timing  # answered by the worker: the direct path
@@ -131,8 +148,38 @@ def test_a_daemon_not_run_as_root_serves_other_uids_on_the_direct_path(tmp_path:
 
             assert call_as(DAEMON_UID, read_supervisor) == "Permission denied"
     finally:
-        daemon.terminate()
-        daemon.wait(30)
-        log.close()
         shutil.rmtree(repo, ignore_errors=True)
-        shutil.rmtree(run, ignore_errors=True)
+
+
+def test_a_version_directory_the_daemon_may_no_longer_enter_fails_no_reload(tmp_path: Path) -> None:
+    """Round 41: for a daemon not run as root, an old version directory made root's 0700 (a version
+    "retired" by chmod) raised PermissionError out of every reload - Path.exists() raises on EACCES - half
+    way: a model deleted from disk served on, a chain whose member withdrew its consent served on, a new
+    model was never added, reload after reload."""
+    repo = world_readable_dir("oi-unit-nonroot-")
+    onnx_builders.matmul_model(repo / "m" / "1" / "model.onnx")
+    (repo / "m" / "config.toml").write_text('version_policy = "latest"\n')
+    onnx_builders.matmul_model(repo / "gone" / "1" / "model.onnx")
+    make_world_readable(repo)
+    x = np.ones((1, 64), np.float32)
+    try:
+        with unprivileged_daemon(repo, tmp_path) as client:
+            onnx_builders.matmul_model(repo / "m" / "2" / "model.onnx", seed=3)
+            shutil.rmtree(repo / "gone")
+            onnx_builders.matmul_model(repo / "fresh" / "1" / "model.onnx")
+            make_world_readable(repo)
+            (repo / "m" / "1").chmod(0o700)  # root's: the daemon may no longer enter it
+            changes = client.reload()
+            assert "fresh:1" in changes["added"] and "gone:1" in changes["removed"], changes
+            with pytest.raises(OpenInferError) as caught:
+                client.infer("gone", {"x": x})
+            assert caught.value.code == "NOT_FOUND", str(caught.value)
+            wait_for(lambda: any(row["name"] == "fresh" and row["state"] == "ready" for row in client.models()), 60, "the new model to load")
+            assert client.infer("fresh", {"x": x}).outputs["y"].shape == (1, 64)
+            # The repository itself out of reach: the reload says so and keeps what it serves.
+            repo.chmod(0o700)
+            failed = client.reload()["failed"]
+            assert any("Permission denied" in reason for reason in failed), failed
+            assert client.infer("fresh", {"x": x}).outputs["y"].shape == (1, 64)
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)

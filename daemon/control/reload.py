@@ -30,6 +30,13 @@ from openinfer.daemon.workerpool.workers import WorkerState
 log = logging.getLogger("openinfer.supervisor")
 
 
+def on_disk(path: Path) -> bool:
+    """Whether the daemon can still see `path`: a directory it may no longer enter (EACCES, which
+    Path.exists() raises on Python 3.11) counts as gone. Raised, it stopped every reload of a daemon not run
+    as root, half-way, once an old version directory was made 0700 (round 41)."""
+    return os.path.exists(path)
+
+
 def file_fingerprint(path: Path) -> tuple[int, int, int] | None:
     """None: gone since the scan saw it (renamed away meanwhile): the workers will say why they cannot load,
     and the next reload finds the file again. Raising here stopped a reload half-way, and a start
@@ -227,7 +234,7 @@ class RepositorySync:
                 if name not in broken and (name, number) not in kept:
                     # Only a version the repository still holds (version_policy moved past it): one whose
                     # files were removed goes now (a chain must not run a removed version: test_chains).
-                    if name in listed and not successor_ready and model.state is ModelState.READY and model.path.exists():
+                    if name in listed and not successor_ready and model.state is ModelState.READY and on_disk(model.path):
                         if number not in self.outgoing.get(name, {}):
                             self.outgoing.setdefault(name, {})[number] = model
                             changes["removed"].append(model.key)
@@ -252,7 +259,7 @@ class RepositorySync:
                 # newer version serves), not removed: the chain runs it until its own replacement serves,
                 # as a model serves its old version until the new one is ready (round 34's suspicion: the
                 # next reload dropped such a chain "removed").
-                gone = [member.key for member in model.chain_members if member.version not in self.registry.by_name.get(member.name, {}) and not member.path.exists()]
+                gone = [member.key for member in model.chain_members if member.version not in self.registry.by_name.get(member.name, {}) and not on_disk(member.path)]
                 refused = [member.name for member in model.chain_members if name not in self.consents.get(member.name, frozenset())]
                 if not gone and not refused:
                     continue

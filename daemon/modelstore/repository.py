@@ -48,10 +48,14 @@ class _Refused(Exception):
 
 def scan_repository(root: Path) -> list[ModelEntry]:
     """All model directories under `root`, sorted by name. Problems are reported per model, not raised."""
-    if not root.is_dir():  # the root itself is the operator's setting: it may be reached through a symlink
-        raise ConfigError(f"model repository {root} is not a directory")
+    try:
+        if not stat.S_ISDIR(os.stat(root).st_mode):  # the root itself is the operator's setting: it may be reached through a symlink
+            raise ConfigError(f"model repository {root} is not a directory")
+        children = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as exc:  # (EACCES raised out of the start and every reload: round 41)
+        raise ConfigError(f"model repository {root}: {exc.strerror}") from None
     entries: list[ModelEntry] = []
-    for child in sorted(os.scandir(root), key=lambda e: e.name):
+    for child in children:
         if child.name.startswith("."):
             continue
         shown = _printable(child.name)
