@@ -119,9 +119,10 @@ def enter_namespaces(user_namespace: bool = True) -> list[str]:
         attempts = [(CLONE_NEWNET | CLONE_NEWIPC, ["net", "ipc"]), (CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC, ["user", "net", "ipc"])]
     else:
         attempts = [(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC, ["user", "net", "ipc"])]
+    attempts = [(flags, names) for flags, names in attempts if user_namespace or not flags & CLONE_NEWUSER]
+    if not attempts:
+        return []  # (not root, and no user namespace: nothing to try; the caller says why)
     for flags, names in attempts:
-        if flags & CLONE_NEWUSER and not user_namespace:
-            continue
         try:
             unshare(flags)
         except OSError as exc:

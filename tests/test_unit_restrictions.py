@@ -83,29 +83,33 @@ def _make_reachable(paths: list[Path], scratch: Path) -> str:
     return " && ".join(lines) or "true"
 
 
-@contextmanager
-def unprivileged_daemon(repo: Path, scratch: Path) -> Iterator[Client]:
-    """A daemon running as DAEMON_UID on `repo` (direct path on, socket open to every uid), and a root
-    client of it once it is ready; stopped on exit."""
+def start_unprivileged(repo: Path, run: Path, scratch: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`openinfer serve` as DAEMON_UID on `repo`, its socket in `run` (direct path on, the socket open to
+    every uid), its output in scratch/daemon.log."""
     assert os.geteuid() == 0, "starting a daemon as another uid needs root (CI runs as root)"
-    run = world_readable_dir("oi-unit-nonroot-run-")
     os.chown(run, DAEMON_UID, DAEMON_UID)
-    address = f"ipc://{run}/openinfer.sock"
     checkout = Path(__file__).resolve().parents[1]
     reachable = _make_reachable([Path(os.path.realpath(sys.executable)), Path(sys.prefix), Path(os.path.realpath(sys.base_prefix)), checkout], scratch)
     script = (
         f"{reachable} && exec setpriv --reuid={DAEMON_UID} --regid={DAEMON_UID} --clear-groups "
-        f"{sys.executable} -m openinfer.daemon.cli serve --models {repo} --socket {address}"
+        f"{sys.executable} -m openinfer.daemon.cli serve --models {repo} --socket ipc://{run}/openinfer.sock"
     )
-    env = dict(os.environ, OPENINFER_SERVER_RUNTIME_DIR=str(run / "rt"), OPENINFER_POOL_DIRECT="1", OPENINFER_SERVER_SOCKET_MODE="0o666")
-    log_path = scratch / "daemon.log"
-    log = open(log_path, "wb")
-    daemon = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=env)
+    environ = dict(os.environ, OPENINFER_SERVER_RUNTIME_DIR=str(run / "rt"), OPENINFER_POOL_DIRECT="1", OPENINFER_SERVER_SOCKET_MODE="0o666", **(env or {}))
+    with open(scratch / "daemon.log", "wb") as log:
+        return subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=environ)
+
+
+@contextmanager
+def unprivileged_daemon(repo: Path, scratch: Path, env: dict[str, str] | None = None) -> Iterator[Client]:
+    """A daemon running as DAEMON_UID (start_unprivileged), and a root client of it once it is ready;
+    stopped on exit."""
+    run = world_readable_dir("oi-unit-nonroot-run-")
+    daemon = start_unprivileged(repo, run, scratch, env)
     try:
-        with Client(address, timeout=10) as client:
+        with Client(f"ipc://{run}/openinfer.sock", timeout=10) as client:
 
             def ready() -> bool:
-                assert daemon.poll() is None, log_path.read_text()[-3000:]
+                assert daemon.poll() is None, (scratch / "daemon.log").read_text()[-3000:]
                 try:
                     return bool(client.health()["ready"])
                 except OpenInferError:
@@ -116,7 +120,6 @@ def unprivileged_daemon(repo: Path, scratch: Path) -> Iterator[Client]:
     finally:
         daemon.terminate()
         daemon.wait(30)
-        log.close()
         shutil.rmtree(run, ignore_errors=True)
 
 
@@ -183,3 +186,29 @@ def test_a_version_directory_the_daemon_may_no_longer_enter_fails_no_reload(tmp_
             assert client.infer("fresh", {"x": x}).outputs["y"].shape == (1, 64)
     finally:
         shutil.rmtree(repo, ignore_errors=True)
+
+
+def test_a_daemon_not_run_as_root_will_not_give_its_uid_to_workers_without_landlock(tmp_path: Path) -> None:
+    """Round 42: not root, the daemon gives its workers its own uid, and with Landlock off a hostile steps
+    module read the daemon's CURVE secret key and metrics token (and, the supervisor then dumpable, its
+    memory: the master lease key, a lease for a model the access policy denied). It refuses to start so,
+    saying why and what to do - unless told to, knowingly."""
+    repo = world_readable_dir("oi-unit-nonroot-")
+    onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
+    make_world_readable(repo)
+    run = world_readable_dir("oi-unit-nonroot-run-")
+    daemon = start_unprivileged(repo, run, tmp_path, {"OPENINFER_SANDBOX_LANDLOCK": "false"})
+    try:
+        wait_for(lambda: daemon.poll() is not None, 60, "the daemon to refuse to start")
+        assert daemon.returncode == 1
+        said = (tmp_path / "daemon.log").read_text()
+        assert "without Landlock (sandbox.landlock = false)" in said and "sandbox.shared_uid_without_landlock" in said, said[-2000:]
+        with unprivileged_daemon(repo, tmp_path, {"OPENINFER_SANDBOX_LANDLOCK": "false", "OPENINFER_SANDBOX_SHARED_UID_WITHOUT_LANDLOCK": "true"}) as client:
+            assert client.infer("tiny", {"x": np.ones((1, 64), np.float32)}).outputs["y"].shape == (1, 64)
+        assert "workers run as the daemon's uid without Landlock" in (tmp_path / "daemon.log").read_text()
+    finally:
+        if daemon.poll() is None:  # (it started: the code before the fix)
+            daemon.terminate()
+            daemon.wait(30)
+        shutil.rmtree(repo, ignore_errors=True)
+        shutil.rmtree(run, ignore_errors=True)

@@ -96,6 +96,7 @@ class SandboxSettings:
     memory_limit_mb: int = _opt(4096, "Default address-space limit (RLIMIT_AS) per worker after loading, MiB; 0 = none.", reload=NEW_WORKERS)
     max_open_files: int = _opt(64, "RLIMIT_NOFILE for workers (onnxruntime and the worker's own descriptors need a few dozen); a worker takes at most this less 16 direct connections.", reload=NEW_WORKERS)
     landlock: bool = _opt(True, "Restrict worker file access with Landlock where the kernel has it.", reload=NEW_WORKERS)
+    shared_uid_without_landlock: bool = _opt(False, "A daemon not run as root (the shipped unit) gives its workers its own uid; without Landlock (sandbox.landlock = false, or a kernel before 5.13) a worker taken over by its model then reads every file the daemon can - the CURVE secret key, the metrics token, the weights cache, every model - so the daemon refuses to start. true: start anyway, knowingly (a kernel without Landlock). Run as root with sandbox.worker_user instead where you can.", reload=RESTART)
     namespaces: bool = _opt(True, "Put workers in new network/IPC (and user) namespaces where allowed.", reload=NEW_WORKERS)
 
 

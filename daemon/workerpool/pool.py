@@ -22,7 +22,8 @@ from openinfer.wire.zmtp import Buffer, FrameStream, Limits, Oversized, PeerClos
 from openinfer.daemon.modelstore.models import ModelState, ServedModel
 from openinfer.daemon.loop.reactor import READABLE, WRITABLE, Reactor
 from openinfer.daemon.files.runtime_dir import WORK_DIR
-from openinfer.daemon.config.settings import Settings
+from openinfer.daemon.config.settings import SandboxSettings, Settings
+from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.daemon.config.worker_user import resolve_worker_user, shared_ids_warning
 from .recycling import RECYCLE_SPACING_NS, address_space, enforced_memory_limit, memory_limit_bytes, overgrown
 from .spawner import spawn_worker
@@ -113,7 +114,10 @@ class WorkerPool:
         self.runtime_dir: Path | None = None  # this instance's private directory (set once it exists)
 
     def _resolve_worker_user(self) -> tuple[int | None, int | None]:
-        if os.geteuid() != 0 or not self.settings.sandbox.enabled:
+        if not self.settings.sandbox.enabled:
+            return None, None
+        if os.geteuid() != 0:
+            _refuse_shared_uid_without_landlock(self.settings.sandbox)
             return None, None
         value = self.settings.sandbox.worker_user
         uid, gid = resolve_worker_user(value)
@@ -445,3 +449,22 @@ def describe_exit(status: int) -> str:
             name = str(-status)
         return f"was killed by {name}"
     return f"exited with code {status}"
+
+
+def _refuse_shared_uid_without_landlock(sandbox: SandboxSettings) -> None:
+    """Not root, the daemon gives its workers its own uid: only Landlock then keeps a worker taken over by
+    its model from the daemon's files. Round 42, on a non-root daemon with Landlock off: a hostile steps
+    module read the CURVE secret key and the metrics token, and the supervisor's memory - its master lease
+    key, then a lease for a model the access policy denied (the supervisor is not dumpable since)."""
+    if sandbox.shared_uid_without_landlock:
+        log.warning("workers run as the daemon's uid without Landlock: a worker taken over by its model can read every file the daemon can (sandbox.shared_uid_without_landlock = true)")
+        return
+    from openinfer.sandbox.landlock import landlock_abi
+
+    why = "sandbox.landlock = false" if not sandbox.landlock else ("this kernel has no Landlock" if landlock_abi() == 0 else None)
+    if why is not None:
+        raise ConfigError(
+            f"workers would run as the daemon's own uid (it is not root) without Landlock ({why}): a worker taken over by its model "
+            "could read every file the daemon can - its CURVE secret key, its metrics token, the weights cache, every model. "
+            "Turn Landlock on, run the daemon as root with sandbox.worker_user, or set sandbox.shared_uid_without_landlock = true knowingly"
+        )
