@@ -6,6 +6,7 @@ the prepare helper (preparation.py) or the repository is checked where it arrive
 from __future__ import annotations
 
 import gc
+import os
 import logging
 import shutil
 import signal
@@ -31,7 +32,7 @@ from openinfer.daemon.frontdoor.validation import check_infer
 from openinfer.daemon.observability.metrics import MetricsExporter
 from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.daemon.modelstore.models import ModelRegistry, ServedModel
-from openinfer.daemon.workerpool.pool import WorkerPool
+from openinfer.daemon.workerpool.pool import WorkerPool, refuse_shared_uid_without_landlock
 from openinfer.daemon.workerpool.recycling import enforced_memory_limit
 from openinfer.daemon.workerpool.preparation import WeightPreparer
 from openinfer.daemon.files.prepared import PreparedStore
@@ -145,6 +146,8 @@ class Supervisor:
         old = self.settings
         try:
             new = self.reload_settings() if self.reload_settings is not None else old
+            if os.geteuid() != 0 and new.sandbox.enabled:
+                refuse_shared_uid_without_landlock(new.sandbox)
             access = AccessPolicy.load(new.server.access_policy)
             client_policy = load_client_policy(new.server.client_policy)
         except ConfigError as exc:

@@ -83,7 +83,7 @@ def _make_reachable(paths: list[Path], scratch: Path) -> str:
     return " && ".join(lines) or "true"
 
 
-def start_unprivileged(repo: Path, run: Path, scratch: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start_unprivileged(repo: Path, run: Path, scratch: Path, env: dict[str, str] | None = None, config: Path | None = None) -> subprocess.Popen[bytes]:
     """`openinfer serve` as DAEMON_UID on `repo`, its socket in `run` (direct path on, the socket open to
     every uid), its output in scratch/daemon.log."""
     assert os.geteuid() == 0, "starting a daemon as another uid needs root (CI runs as root)"
@@ -93,6 +93,7 @@ def start_unprivileged(repo: Path, run: Path, scratch: Path, env: dict[str, str]
     script = (
         f"{reachable} && exec setpriv --reuid={DAEMON_UID} --regid={DAEMON_UID} --clear-groups "
         f"{sys.executable} -m openinfer.daemon.cli serve --models {repo} --socket ipc://{run}/openinfer.sock"
+        + (f" --config {config}" if config is not None else "")
     )
     environ = dict(os.environ, OPENINFER_SERVER_RUNTIME_DIR=str(run / "rt"), OPENINFER_POOL_DIRECT="1", OPENINFER_SERVER_SOCKET_MODE="0o666", **(env or {}))
     with open(scratch / "daemon.log", "wb") as log:
@@ -100,11 +101,11 @@ def start_unprivileged(repo: Path, run: Path, scratch: Path, env: dict[str, str]
 
 
 @contextmanager
-def unprivileged_daemon(repo: Path, scratch: Path, env: dict[str, str] | None = None) -> Iterator[Client]:
+def unprivileged_daemon(repo: Path, scratch: Path, env: dict[str, str] | None = None, config: Path | None = None) -> Iterator[Client]:
     """A daemon running as DAEMON_UID (start_unprivileged), and a root client of it once it is ready;
     stopped on exit."""
     run = world_readable_dir("oi-unit-nonroot-run-")
-    daemon = start_unprivileged(repo, run, scratch, env)
+    daemon = start_unprivileged(repo, run, scratch, env, config)
     try:
         with Client(f"ipc://{run}/openinfer.sock", timeout=10) as client:
 
@@ -206,6 +207,15 @@ def test_a_daemon_not_run_as_root_will_not_give_its_uid_to_workers_without_landl
         with unprivileged_daemon(repo, tmp_path, {"OPENINFER_SANDBOX_LANDLOCK": "false", "OPENINFER_SANDBOX_SHARED_UID_WITHOUT_LANDLOCK": "true"}) as client:
             assert client.infer("tiny", {"x": np.ones((1, 64), np.float32)}).outputs["y"].shape == (1, 64)
         assert "workers run as the daemon's uid without Landlock" in (tmp_path / "daemon.log").read_text()
+        # Nor at a reload: sandbox.landlock applies to new workers, and a reload turning it off is refused.
+        config = run / "openinfer.toml"
+        config.write_text("[sandbox]\nlandlock = true\n")
+        config.chmod(0o644)
+        with unprivileged_daemon(repo, tmp_path, config=config) as client:
+            config.write_text("[sandbox]\nlandlock = false\n")
+            with pytest.raises(OpenInferError) as caught:
+                client.reload()
+            assert "without Landlock (sandbox.landlock = false)" in str(caught.value), str(caught.value)
     finally:
         if daemon.poll() is None:  # (it started: the code before the fix)
             daemon.terminate()

@@ -117,7 +117,7 @@ class WorkerPool:
         if not self.settings.sandbox.enabled:
             return None, None
         if os.geteuid() != 0:
-            _refuse_shared_uid_without_landlock(self.settings.sandbox)
+            refuse_shared_uid_without_landlock(self.settings.sandbox)
             return None, None
         value = self.settings.sandbox.worker_user
         uid, gid = resolve_worker_user(value)
@@ -451,9 +451,10 @@ def describe_exit(status: int) -> str:
     return f"exited with code {status}"
 
 
-def _refuse_shared_uid_without_landlock(sandbox: SandboxSettings) -> None:
+def refuse_shared_uid_without_landlock(sandbox: SandboxSettings) -> None:
     """Not root, the daemon gives its workers its own uid: only Landlock then keeps a worker taken over by
-    its model from the daemon's files. Round 42, on a non-root daemon with Landlock off: a hostile steps
+    its model from the daemon's files - at the start, and at a reload (sandbox.landlock applies to new
+    workers: a reload setting it false must not start them without it). Round 42, on a non-root daemon with Landlock off: a hostile steps
     module read the CURVE secret key and the metrics token, and the supervisor's memory - its master lease
     key, then a lease for a model the access policy denied (the supervisor is not dumpable since)."""
     if sandbox.shared_uid_without_landlock:
