@@ -89,7 +89,7 @@ class PoolSettings:
 
 @dataclass(frozen=True)
 class SandboxSettings:
-    enabled: bool = _opt(True, "Run workers under seccomp, no_new_privs and rlimits. Off only with --insecure-no-sandbox.", reload=NEW_WORKERS)
+    enabled: bool = _opt(True, "Run workers under seccomp, no_new_privs and rlimits. Off only with --insecure-no-sandbox (or false here, warned at start); a reload never turns it off: the workers it would start could rewrite another model's shared weights (round 43).", reload=RESTART)
     boot_policy: str = _opt("boot", "Policy (name in policies/ or a path) a worker loads its model under.", POLICY, reload=NEW_WORKERS)
     serve_policy: str = _opt("worker", "Policy (name in policies/ or a path) a worker serves under.", POLICY, reload=NEW_WORKERS)
     worker_user: str = _opt("nobody", "User workers drop to when the daemon runs as root: a user name, or UID:GID, ids of their own that need no account (never 0). `nobody` is shared: any process of uid 65534 can stop or kill the workers (the daemon logs a warning); give them ids no one else uses.", reload=RESTART)

@@ -112,6 +112,27 @@ def test_the_reload_reply_says_what_applied_and_what_needs_a_restart(daemon_fact
     assert "need a restart" in daemon.log_text()
 
 
+def test_a_reload_never_turns_the_sandbox_off(daemon_factory: Any, repo: Path, tmp_path: Path) -> None:
+    """Round 43: sandbox.enabled applied to new workers at a reload, with no warning from the supervisor:
+    a worker replaced after `enabled = false` and SIGHUP ran unconfined (as root, on a root daemon) and
+    rewrote another model's shared weights in place - that model's answers changed for every client. It
+    needs a restart now, where the start warns; the running value stays."""
+    import os
+    import signal
+
+    config = tmp_path / "openinfer.toml"
+    config.write_text("[sandbox]\nenabled = true\n")
+    daemon = daemon_factory(repo, "--config", str(config))
+    config.write_text("[sandbox]\nenabled = false\n")
+    with Client(daemon.address, timeout=30) as client:
+        assert "sandbox.enabled" in client.reload()["settings"]["needs_restart"]
+        (old,) = [w["pid"] for w in client.status()["workers"] if w["model"] == "tiny" and w["state"] != "exited"]
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: any(w["model"] == "tiny" and w["state"] == "ready" and w["pid"] != old for w in client.status()["workers"]), 60, "a new worker", daemon=daemon)
+        (new,) = [w for w in client.status()["workers"] if w["model"] == "tiny" and w["state"] == "ready"]
+        assert new["sandbox"]["seccomp_mode"] == 2 and new["sandbox"]["uid"][0] != 0, new["sandbox"]
+
+
 NOBODY_AND_ROOT = f'[[grant]]\nname = "root"\nuids = [0]\noperations = {ALL_OPS}\n\n[[grant]]\nname = "nobody"\nuids = [{NOBODY}]\noperations = ["health"]\n'
 
 
