@@ -16,6 +16,7 @@ import pytest
 from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon
 from ocr_images import rendered_lines, shipped_images
 from openinfer.client import Client, OpenInferError
+from openinfer.daemon.steps.builtin.rapidocr import MAX_JPEG_SCANS
 from repo_builder import ModelRepo
 
 pytestmark = pytest.mark.live
@@ -102,6 +103,34 @@ def test_the_ocr_chain_reads_what_rapidocr_reads_on_each_branch(ocr_daemon: Runn
         assert result.stages is not None and result.stages["ocr_rec"]["runs"] >= 1 and result.stages["ocr_cls"]["runs"] >= 1
 
 
+def scan_bomb(scans: int, side: int = 256) -> bytes:
+    """A progressive JPEG of one of its own AC scans repeated until it has `scans` + 1 scans: each is decoded
+    over the whole image (round 44: 8000 of them in 1 MB at 8192x8192 held the chain's worker 20 s, then got
+    it killed). Pillow's own file, segments copied as they are; only the last scan is repeated."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("L", (side, side), 255).save(out, "JPEG", quality=50, progressive=True)
+    data = out.getvalue()
+    last = data.rindex(b"\xff\xda")
+    tail = data[last:-2]  # the last scan: its header and its entropy-coded data, up to the EOI marker
+    return data[:-2] + tail * (scans + 1 - data.count(b"\xff\xda")) + b"\xff\xd9"
+
+
+def test_a_progressive_jpeg_within_the_scan_limit_is_read() -> None:
+    """The limit leaves real files alone: Pillow's progressive JPEG, and one at the limit, decode."""
+    from PIL import Image
+
+    from openinfer.daemon.steps.builtin import rapidocr
+
+    at_the_limit = scan_bomb(MAX_JPEG_SCANS - 1)
+    with Image.open(io.BytesIO(at_the_limit)) as image:
+        image.load()  # a JPEG Pillow decodes: the builder makes real files
+    rapidocr._refuse_too_many_scans(at_the_limit)
+    with pytest.raises(ValueError, match="more than the"):
+        rapidocr._refuse_too_many_scans(scan_bomb(MAX_JPEG_SCANS))
+
+
 def test_what_is_not_an_image_is_the_callers_mistake_and_the_worker_serves_on(ocr_daemon: RunningDaemon) -> None:
     from PIL import Image
 
@@ -120,6 +149,7 @@ def test_what_is_not_an_image_is_the_callers_mistake_and_the_worker_serves_on(oc
     Image.new("RGB", (64, 32), "white").save(eps, format="EPS")  # Pillow would run Ghostscript: a new process
     Image.new("RGB", (64, 32), "white").save(pcx, format="PCX")  # decoded in process, but no one's input here
     cases = {
+        scan_bomb(MAX_JPEG_SCANS): f"is a JPEG of {MAX_JPEG_SCANS + 1} scans, more than the {MAX_JPEG_SCANS} this step decodes",
         b"": "must be the bytes of an image file",
         b"%PDF-1.7 not an image": "is not a PNG, JPEG, BMP, TIFF, WEBP, GIF file",
         eps.getvalue(): "is not a PNG, JPEG, BMP, TIFF, WEBP, GIF file",

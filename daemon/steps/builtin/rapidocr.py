@@ -47,6 +47,11 @@ REC_SHAPE = (3, 48, 320)
 REC_BATCH = 6
 TEXT_SCORE = 0.5
 MAX_PIXELS = 64 * 1024 * 1024  # a larger image (a decompression bomb) is refused from its header, not decoded
+# Scans of a progressive JPEG, each decoded over the whole image (4.5 ms a scan at MAX_PIXELS here): one
+# 99-byte scan repeated 8000 times in a 1 MB file held the chain's worker for all of max_compute_ms (20 s)
+# and got it killed, every time (round 44). Encoders write about 10 (libjpeg's progressive script: 10 for
+# colour, 6 for grey); libjpeg-turbo's own tools offer a limit of 500 for untrusted files.
+MAX_JPEG_SCANS = 100
 # The most pixels the reading may grow an image to: its short side is scaled up to MIN_SIDE, a wide image
 # padded to a quarter of its width in height, the short side of that scaled up to DET_LIMIT_SIDE. An
 # 81-byte 1999x1 PNG grew to 15000x60000 (2.7 GB) and failed INTERNAL after seconds of the chain's worker
@@ -136,6 +141,8 @@ def _decode(value: Any) -> np.ndarray:
         opened = Image.open(io.BytesIO(data), formats=FORMATS)  # the header only so far: which format, how large
     with opened:
         _refuse_too_many_pixels(*opened.size)
+        if opened.format == "JPEG":
+            _refuse_too_many_scans(data)
         with _callers_file():
             image = _library["load"](opened)  # decodes this image, in this format: never the bytes again
     if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
@@ -149,6 +156,15 @@ def _refuse_too_many_pixels(width: int, height: int) -> None:
     a costly mode (F, RGBA, I;16) - would be decoded and hold the chain's worker for seconds."""
     if width * height > MAX_PIXELS:
         raise ValueError(f"`image` is {width}x{height} = {width * height} pixels, more than the {MAX_PIXELS} this step decodes: refused, not decoded")
+
+
+def _refuse_too_many_scans(data: bytes) -> None:
+    """Before any scan is decoded. Every start-of-scan marker (FF DA) is counted, those in metadata (an EXIF
+    thumbnail's) too: in entropy-coded data an FF is always followed by 00 or a restart marker, so none
+    hides there, and a count a few too high matters only near the limit, which real files are far below."""
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise ValueError(f"`image` is a JPEG of {scans} scans, more than the {MAX_JPEG_SCANS} this step decodes (each is decoded over the whole image): refused, not decoded")
 
 
 @contextmanager
