@@ -146,16 +146,18 @@ class Supervisor:
         old = self.settings
         try:
             new = self.reload_settings() if self.reload_settings is not None else old
-            if os.geteuid() != 0 and new.sandbox.enabled:
-                refuse_shared_uid_without_landlock(new.sandbox)
             access = AccessPolicy.load(new.server.access_policy)
             client_policy = load_client_policy(new.server.client_policy)
+            changed = changed_settings(old, new)
+            by_class = {cls: [key for key in changed if reload_class(key) == cls] for cls in (LIVE, NEW_WORKERS, RESTART)}
+            new = keep_running_values(old, new, by_class[RESTART])
+            # On what will be in force, restart-only values kept (round 45: the file's own `enabled = false` or
+            # `shared_uid_without_landlock = true`, both reverted next, let `landlock = false` through).
+            if os.geteuid() != 0 and new.sandbox.enabled:
+                refuse_shared_uid_without_landlock(new.sandbox)
         except ConfigError as exc:
             log.error("reload: invalid configuration; keeping the old one", extra={"reason": str(exc)})
             return {"error": f"invalid configuration, nothing changed: {exc}"}
-        changed = changed_settings(old, new)
-        by_class = {cls: [key for key in changed if reload_class(key) == cls] for cls in (LIVE, NEW_WORKERS, RESTART)}
-        new = keep_running_values(old, new, by_class[RESTART])
         self.settings = self.pool.settings = self.sync.settings = self.dispatcher.settings = self.replies.settings = new
         self.access = access
         self.limiter.policy = client_policy

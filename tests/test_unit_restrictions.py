@@ -212,10 +212,14 @@ def test_a_daemon_not_run_as_root_will_not_give_its_uid_to_workers_without_landl
         config.write_text("[sandbox]\nlandlock = true\n")
         config.chmod(0o644)
         with unprivileged_daemon(repo, tmp_path, config=config) as client:
-            config.write_text("[sandbox]\nlandlock = false\n")
-            with pytest.raises(OpenInferError) as caught:
-                client.reload()
-            assert "without Landlock (sandbox.landlock = false)" in str(caught.value), str(caught.value)
+            # Alone, and beside restart-only values the reload keeps at their running ones (round 45: the
+            # check read the file's `enabled = false` / `shared_uid_without_landlock = true`, both then
+            # reverted, and let `landlock = false` through).
+            for beside in ("", "enabled = false\n", "shared_uid_without_landlock = true\n"):
+                config.write_text(f"[sandbox]\nlandlock = false\n{beside}")
+                with pytest.raises(OpenInferError) as caught:
+                    client.reload()
+                assert "without Landlock (sandbox.landlock = false)" in str(caught.value), (beside, str(caught.value))
     finally:
         if daemon.poll() is None:  # (it started: the code before the fix)
             daemon.terminate()
