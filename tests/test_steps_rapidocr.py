@@ -117,6 +117,20 @@ def scan_bomb(scans: int, side: int = 256) -> bytes:
     return data[:-2] + tail * (scans + 1 - data.count(b"\xff\xda")) + b"\xff\xd9"
 
 
+def with_mpf(jpeg: bytes) -> bytes:
+    """The JPEG with an APP2 MPF segment saying it holds two images: Pillow then opens it as an MPO (round
+    45: the scan limit looked at format "JPEG" only, and frame 0 of the MPO was decoded scan by scan)."""
+    entries = 3
+    index_at = 8 + 2 + entries * 12 + 4
+    ifd = struct.pack(">H", entries)
+    ifd += struct.pack(">HHI", 0xB000, 7, 4) + b"0100"
+    ifd += struct.pack(">HHI", 0xB001, 4, 1) + struct.pack(">I", 2)
+    ifd += struct.pack(">HHI", 0xB002, 7, 32) + struct.pack(">I", index_at) + struct.pack(">I", 0)
+    index = struct.pack(">IIIHH", 0x20030000, 0, 0, 0, 0) + struct.pack(">IIIHH", 0, 0, 0, 0, 0)
+    body = b"MPF\x00MM\x00\x2a" + struct.pack(">I", 8) + ifd + index
+    return jpeg[:2] + b"\xff\xe2" + struct.pack(">H", len(body) + 2) + body + jpeg[2:]
+
+
 def test_a_progressive_jpeg_within_the_scan_limit_is_read() -> None:
     """The limit leaves real files alone: Pillow's progressive JPEG, and one at the limit, decode."""
     from PIL import Image
@@ -126,9 +140,20 @@ def test_a_progressive_jpeg_within_the_scan_limit_is_read() -> None:
     at_the_limit = scan_bomb(MAX_JPEG_SCANS - 1)
     with Image.open(io.BytesIO(at_the_limit)) as image:
         image.load()  # a JPEG Pillow decodes: the builder makes real files
-    rapidocr._refuse_too_many_scans(at_the_limit)
-    with pytest.raises(ValueError, match="more than the"):
-        rapidocr._refuse_too_many_scans(scan_bomb(MAX_JPEG_SCANS))
+    with Image.open(io.BytesIO(at_the_limit)) as image:
+        rapidocr._refuse_too_many_scans(image, at_the_limit)
+    for bomb in (scan_bomb(MAX_JPEG_SCANS), with_mpf(scan_bomb(MAX_JPEG_SCANS))):
+        with Image.open(io.BytesIO(bomb), formats=rapidocr.FORMATS) as image, pytest.raises(ValueError, match="more than the"):
+            rapidocr._refuse_too_many_scans(image, bomb)
+    # A TIFF of JPEG strips, as Pillow writes one, is read; strips that share bytes - 64 x 4 planes all
+    # pointing at one 99-scan JPEG held the worker 20 s (round 45) - are not.
+    honest = io.BytesIO()
+    Image.new("RGB", (512, 512), "white").save(honest, "TIFF", compression="jpeg")
+    with Image.open(io.BytesIO(honest.getvalue()), formats=rapidocr.FORMATS) as image:
+        rapidocr._refuse_too_many_scans(image, honest.getvalue())
+        image.load()
+    with pytest.raises(ValueError, match="share or overrun its bytes"):
+        rapidocr._tiff_jpeg_scans({259: 7, 273: (8, 8), 279: (100, 100)}, b"\0" * 200)
 
 
 def test_what_is_not_an_image_is_the_callers_mistake_and_the_worker_serves_on(ocr_daemon: RunningDaemon) -> None:
@@ -149,7 +174,8 @@ def test_what_is_not_an_image_is_the_callers_mistake_and_the_worker_serves_on(oc
     Image.new("RGB", (64, 32), "white").save(eps, format="EPS")  # Pillow would run Ghostscript: a new process
     Image.new("RGB", (64, 32), "white").save(pcx, format="PCX")  # decoded in process, but no one's input here
     cases = {
-        scan_bomb(MAX_JPEG_SCANS): f"is a JPEG of {MAX_JPEG_SCANS + 1} scans, more than the {MAX_JPEG_SCANS} this step decodes",
+        scan_bomb(MAX_JPEG_SCANS): f"is a JPEG of {MAX_JPEG_SCANS + 1} scans over the whole image, more than the {MAX_JPEG_SCANS} this step decodes",
+        with_mpf(scan_bomb(MAX_JPEG_SCANS)): f"is a JPEG of {MAX_JPEG_SCANS + 1} scans over the whole image",
         b"": "must be the bytes of an image file",
         b"%PDF-1.7 not an image": "is not a PNG, JPEG, BMP, TIFF, WEBP, GIF file",
         eps.getvalue(): "is not a PNG, JPEG, BMP, TIFF, WEBP, GIF file",

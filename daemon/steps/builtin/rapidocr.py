@@ -50,8 +50,9 @@ MAX_PIXELS = 64 * 1024 * 1024  # a larger image (a decompression bomb) is refuse
 # Scans of a progressive JPEG, each decoded over the whole image (4.5 ms a scan at MAX_PIXELS here): one
 # 99-byte scan repeated 8000 times in a 1 MB file held the chain's worker for all of max_compute_ms (20 s)
 # and got it killed, every time (round 44). Encoders write about 10 (libjpeg's progressive script: 10 for
-# colour, 6 for grey); libjpeg-turbo's own tools offer a limit of 500 for untrusted files.
-MAX_JPEG_SCANS = 100
+# colour, 6 for grey); libjpeg-turbo's own tools offer a limit of 500 for untrusted files. A scan inside a
+# TIFF strip costs ~40 ms per whole image at MAX_PIXELS (round 45): 32 of them, ~1.3 s.
+MAX_JPEG_SCANS = 32
 # The most pixels the reading may grow an image to: its short side is scaled up to MIN_SIDE, a wide image
 # padded to a quarter of its width in height, the short side of that scaled up to DET_LIMIT_SIDE. An
 # 81-byte 1999x1 PNG grew to 15000x60000 (2.7 GB) and failed INTERNAL after seconds of the chain's worker
@@ -141,8 +142,7 @@ def _decode(value: Any) -> np.ndarray:
         opened = Image.open(io.BytesIO(data), formats=FORMATS)  # the header only so far: which format, how large
     with opened:
         _refuse_too_many_pixels(*opened.size)
-        if opened.format == "JPEG":
-            _refuse_too_many_scans(data)
+        _refuse_too_many_scans(opened, data)
         with _callers_file():
             image = _library["load"](opened)  # decodes this image, in this format: never the bytes again
     if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
@@ -158,13 +158,39 @@ def _refuse_too_many_pixels(width: int, height: int) -> None:
         raise ValueError(f"`image` is {width}x{height} = {width * height} pixels, more than the {MAX_PIXELS} this step decodes: refused, not decoded")
 
 
-def _refuse_too_many_scans(data: bytes) -> None:
-    """Before any scan is decoded. Every start-of-scan marker (FF DA) is counted, those in metadata (an EXIF
-    thumbnail's) too: in entropy-coded data an FF is always followed by 00 or a restart marker, so none
-    hides there, and a count a few too high matters only near the limit, which real files are far below."""
-    scans = data.count(b"\xff\xda")
+def _refuse_too_many_scans(opened: Any, data: bytes) -> None:
+    """Before any scan is decoded: the JPEG scans the decode will run, each counted as the share of the image
+    it covers, at most MAX_JPEG_SCANS whole images' worth. A JPEG's start-of-scan markers (FF DA) are
+    counted in the whole file, those in metadata (an EXIF thumbnail's) too: in entropy-coded data an FF is
+    always followed by 00 or a restart marker, so none hides there, and a few too many matter only near the
+    limit. The same JPEG with an MPF segment is an MPO to Pillow, frame 0 decoded alike; a TIFF with JPEG
+    compression decodes a JPEG per strip or tile, each over its share of a plane - 64 strips x 4 planes
+    all pointing at one 99-scan JPEG (7.7 KB) held the worker 20 s (round 45)."""
+    if opened.format in ("JPEG", "MPO"):
+        scans = float(data.count(b"\xff\xda"))
+    elif opened.format == "TIFF" and opened.tag_v2.get(259) in (6, 7):  # Compression: old-style and new JPEG
+        scans = _tiff_jpeg_scans(opened.tag_v2, data)
+    else:
+        return
     if scans > MAX_JPEG_SCANS:
-        raise ValueError(f"`image` is a JPEG of {scans} scans, more than the {MAX_JPEG_SCANS} this step decodes (each is decoded over the whole image): refused, not decoded")
+        raise ValueError(f"`image` is a JPEG of {scans:g} scans over the whole image, more than the {MAX_JPEG_SCANS} this step decodes (each is decoded over all its pixels): refused, not decoded")
+
+
+def _tiff_jpeg_scans(tags: Any, data: bytes) -> float:
+    """Whole-image scans of a JPEG-compressed TIFF: each strip's or tile's scans times the share of a plane
+    it covers, per plane (PlanarConfiguration 2 decodes each sample's plane alone). Strips that share or
+    overrun the file's bytes are refused: no honest writer makes them, and counting them would cost a pass
+    over the same bytes per strip."""
+    offsets = tags.get(324) or tags.get(273) or ()  # TileOffsets, else StripOffsets
+    counts = tags.get(325) or tags.get(279) or ()
+    if tags.get(259) == 6 or len(offsets) != len(counts) or not offsets:
+        raise ValueError("`image` is a TIFF of old-style JPEG compression, or its strips do not say where they are: not decoded")
+    spans = sorted(zip(offsets, counts))
+    if any(start < 0 or count < 0 or start + count > len(data) for start, count in spans) or any(a + n > b for (a, n), (b, _) in zip(spans, spans[1:])):
+        raise ValueError("`image` is a TIFF whose strips share or overrun its bytes: not decoded")
+    planes = int(tags.get(277, 1)) if tags.get(284, 1) == 2 else 1  # SamplesPerPixel, when planar
+    per_plane = max(1, len(spans) // planes)
+    return sum(data.count(b"\xff\xda", start, start + count) for start, count in spans) / per_plane
 
 
 @contextmanager
