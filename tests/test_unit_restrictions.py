@@ -23,6 +23,19 @@ from repo_builder import make_world_readable
 pytestmark = pytest.mark.live
 
 
+def wait_serving(daemon: subprocess.Popen[bytes], client: Client, log: Path, what: str) -> None:
+    """Until `client` hears the daemon ready; fails at once, with its log, if it exits."""
+
+    def ready() -> bool:
+        assert daemon.poll() is None, log.read_text()[-3000:]
+        try:
+            return bool(client.health()["ready"])
+        except OpenInferError:
+            return False  # not listening yet
+
+    wait_for(ready, 60, what)
+
+
 def test_serves_in_a_private_network_namespace_with_read_only_files(tmp_path: Path) -> None:
     assert os.geteuid() == 0, "reproducing the unit's namespaces needs root (CI runs as root)"
     repo = world_readable_dir("oi-unit-")
@@ -41,15 +54,7 @@ def test_serves_in_a_private_network_namespace_with_read_only_files(tmp_path: Pa
     daemon = subprocess.Popen(["unshare", "--net", "--mount", "--propagation", "private", "sh", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         with Client(address, timeout=2) as client:
-
-            def ready() -> bool:
-                assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
-                try:
-                    return bool(client.health()["ready"])
-                except OpenInferError:
-                    return False  # not listening yet
-
-            wait_for(ready, 60, "the daemon in its private namespaces to be ready")
+            wait_serving(daemon, client, tmp_path / "daemon.log", "the daemon in its private namespaces to be ready")
             assert client.infer("tiny", {"x": np.ones((1, 64), np.float32)}).outputs["y"].shape == (1, 64)
             # The daemon sees no network but loopback (down): its namespace differs from ours.
             assert os.readlink(f"/proc/{daemon.pid}/ns/net") != os.readlink("/proc/self/ns/net")
@@ -108,15 +113,7 @@ def unprivileged_daemon(repo: Path, scratch: Path, env: dict[str, str] | None = 
     daemon = start_unprivileged(repo, run, scratch, env, config)
     try:
         with Client(f"ipc://{run}/openinfer.sock", timeout=10) as client:
-
-            def ready() -> bool:
-                assert daemon.poll() is None, (scratch / "daemon.log").read_text()[-3000:]
-                try:
-                    return bool(client.health()["ready"])
-                except OpenInferError:
-                    return False  # not listening yet
-
-            wait_for(ready, 60, "the daemon running as a user of its own to be ready")
+            wait_serving(daemon, client, scratch / "daemon.log", "the daemon running as a user of its own to be ready")
             yield client
     finally:
         daemon.terminate()
