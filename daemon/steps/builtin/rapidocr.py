@@ -50,9 +50,11 @@ MAX_PIXELS = 64 * 1024 * 1024  # a larger image (a decompression bomb) is refuse
 # Scans of a progressive JPEG, each decoded over the whole image (4.5 ms a scan at MAX_PIXELS here): one
 # 99-byte scan repeated 8000 times in a 1 MB file held the chain's worker for all of max_compute_ms (20 s)
 # and got it killed, every time (round 44). Encoders write about 10 (libjpeg's progressive script: 10 for
-# colour, 6 for grey); libjpeg-turbo's own tools offer a limit of 500 for untrusted files. A scan inside a
-# TIFF strip costs ~40 ms per whole image at MAX_PIXELS (round 45): 32 of them, ~1.3 s.
+# colour, 6 for grey); libjpeg-turbo's own tools offer a limit of 500 for untrusted files.
 MAX_JPEG_SCANS = 32
+# TIFF compressions decoded once per pixel: none, CCITT 1D/T.4/T.6, LZW, Deflate (Adobe's and the old
+# code), PackBits. Not JPEG (6, 7) nor the others libtiff may be built with (WebP, ZSTD, LERC, JBIG, ...).
+TIFF_COMPRESSIONS = frozenset({1, 2, 3, 4, 5, 8, 32773, 32946})
 # The most pixels the reading may grow an image to: its short side is scaled up to MIN_SIDE, a wide image
 # padded to a quarter of its width in height, the short side of that scaled up to DET_LIMIT_SIDE. An
 # 81-byte 1999x1 PNG grew to 15000x60000 (2.7 GB) and failed INTERNAL after seconds of the chain's worker
@@ -139,6 +141,10 @@ def _decode(value: Any) -> np.ndarray:
     with _callers_file(), warnings.catch_warnings():
         # Pillow warns (on the worker's stderr) of what is over MAX_PIXELS but not twice it: refused next.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # A TIFF tag whose data the file does not hold is skipped by Pillow and read by libtiff, which decodes
+        # the strips by its own parse (round 46: a later copy of the strip tables, harmless, was all Pillow
+        # saw): no honest writer makes one, and two parsers must not disagree on what is decoded.
+        warnings.filterwarnings("error", message="Tag data larger than file")
         opened = Image.open(io.BytesIO(data), formats=FORMATS)  # the header only so far: which format, how large
     with opened:
         _refuse_too_many_pixels(*opened.size)
@@ -159,38 +165,24 @@ def _refuse_too_many_pixels(width: int, height: int) -> None:
 
 
 def _refuse_too_many_scans(opened: Any, data: bytes) -> None:
-    """Before any scan is decoded: the JPEG scans the decode will run, each counted as the share of the image
-    it covers, at most MAX_JPEG_SCANS whole images' worth. A JPEG's start-of-scan markers (FF DA) are
-    counted in the whole file, those in metadata (an EXIF thumbnail's) too: in entropy-coded data an FF is
-    always followed by 00 or a restart marker, so none hides there, and a few too many matter only near the
-    limit. The same JPEG with an MPF segment is an MPO to Pillow, frame 0 decoded alike; a TIFF with JPEG
-    compression decodes a JPEG per strip or tile, each over its share of a plane - 64 strips x 4 planes
-    all pointing at one 99-scan JPEG (7.7 KB) held the worker 20 s (round 45)."""
-    if opened.format in ("JPEG", "MPO"):
-        scans = float(data.count(b"\xff\xda"))
-    elif opened.format == "TIFF" and opened.tag_v2.get(259) in (6, 7):  # Compression: old-style and new JPEG
-        scans = _tiff_jpeg_scans(opened.tag_v2, data)
-    else:
+    """Before any scan is decoded: a JPEG's (or an MPO's: a JPEG with an MPF segment, frame 0 decoded
+    alike - round 45) start-of-scan markers (FF DA), at most MAX_JPEG_SCANS. Counted in the whole file,
+    those in metadata (an EXIF thumbnail's) too: in entropy-coded data an FF is always followed by 00 or a
+    restart marker, so none hides there, and a few too many matter only near the limit. A TIFF is read only
+    in a compression decoded once per pixel: not JPEG-in-TIFF, whose strips libtiff decodes by tables it
+    parses itself - rounds 45 and 46 held the worker 14-20 s with 7.7 KB-1.6 MB files the count of
+    Pillow's tables passed (strips sharing one 99-scan JPEG, tables Pillow skipped and libtiff read, a last
+    strip's JPEG far taller than the strip)."""
+    if opened.format == "TIFF":
+        compression = opened.tag_v2.get(259, 1)
+        if compression not in TIFF_COMPRESSIONS:
+            raise ValueError(f"`image` is a TIFF of compression {compression}: this step reads TIFF uncompressed, CCITT, LZW, PackBits or Deflate only (a JPEG-compressed one: send the JPEG itself)")
         return
+    if opened.format not in ("JPEG", "MPO"):
+        return
+    scans = data.count(b"\xff\xda")
     if scans > MAX_JPEG_SCANS:
-        raise ValueError(f"`image` is a JPEG of {scans:g} scans over the whole image, more than the {MAX_JPEG_SCANS} this step decodes (each is decoded over all its pixels): refused, not decoded")
-
-
-def _tiff_jpeg_scans(tags: Any, data: bytes) -> float:
-    """Whole-image scans of a JPEG-compressed TIFF: each strip's or tile's scans times the share of a plane
-    it covers, per plane (PlanarConfiguration 2 decodes each sample's plane alone). Strips that share or
-    overrun the file's bytes are refused: no honest writer makes them, and counting them would cost a pass
-    over the same bytes per strip."""
-    offsets = tags.get(324) or tags.get(273) or ()  # TileOffsets, else StripOffsets
-    counts = tags.get(325) or tags.get(279) or ()
-    if tags.get(259) == 6 or len(offsets) != len(counts) or not offsets:
-        raise ValueError("`image` is a TIFF of old-style JPEG compression, or its strips do not say where they are: not decoded")
-    spans = sorted(zip(offsets, counts))
-    if any(start < 0 or count < 0 or start + count > len(data) for start, count in spans) or any(a + n > b for (a, n), (b, _) in zip(spans, spans[1:])):
-        raise ValueError("`image` is a TIFF whose strips share or overrun its bytes: not decoded")
-    planes = int(tags.get(277, 1)) if tags.get(284, 1) == 2 else 1  # SamplesPerPixel, when planar
-    per_plane = max(1, len(spans) // planes)
-    return sum(data.count(b"\xff\xda", start, start + count) for start, count in spans) / per_plane
+        raise ValueError(f"`image` is a JPEG of {scans} scans, more than the {MAX_JPEG_SCANS} this step decodes (each is decoded over the whole image): refused, not decoded")
 
 
 @contextmanager
