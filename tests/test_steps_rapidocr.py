@@ -212,6 +212,40 @@ def test_what_is_not_an_image_is_the_callers_mistake_and_the_worker_serves_on(oc
         assert next(w["pid"] for w in client.status()["workers"] if w["model"] == "ocr") == pid  # nothing was restarted
 
 
+def test_layouts_pillow_reads_a_byte_or_an_entry_at_a_time_are_refused_before_it_opens_them() -> None:
+    """Round 47: a 64x64 JPEG after 60 MiB of fill bytes, and a 64x64 raw TIFF of 4 Mi one-row strips all
+    pointing at the same 64 bytes, held the ocr chain's worker past max_compute_ms (killed, twice each):
+    Pillow reads fill bytes one at a time and makes a Python tile of each strip offset, wrapping past the
+    image. A 33 KB RLE8 BMP of end-of-line codes took 10 s in Pillow's Python RLE decoder. Each is refused
+    before Pillow reads it; honest files of each kind are read."""
+    from PIL import Image
+
+    from openinfer.daemon.steps.builtin import rapidocr
+
+    rapidocr.setup({"ppocr_keys.txt": b"a\nb"})  # the library's loader, as a worker has it
+    honest_jpeg, honest_tiff, honest_bmp = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(honest_jpeg, "JPEG")
+    Image.new("L", (64, 64), 255).save(honest_tiff, "TIFF", tiffinfo={278: 1})  # 64 one-row strips
+    Image.new("L", (64, 64), 255).save(honest_bmp, "BMP")
+    for honest in (honest_jpeg, honest_tiff, honest_bmp):
+        assert rapidocr._decode(honest.getvalue()).shape == (64, 64, 3)
+    jpeg = honest_jpeg.getvalue()
+    with pytest.raises(ValueError, match="padded with 70000 fill bytes"):
+        rapidocr._decode(jpeg[:2] + b"\xff" * 140000 + jpeg[2:])
+    # The honest TIFF's StripOffsets entry made to list 4 Mi strips (the count field only: the check reads it first).
+    tiff = bytearray(honest_tiff.getvalue())
+    ifd = struct.unpack_from("<I", tiff, 4)[0]
+    for entry in range(struct.unpack_from("<H", tiff, ifd)[0]):
+        if struct.unpack_from("<H", tiff, ifd + 2 + 12 * entry)[0] == 273:
+            struct.pack_into("<I", tiff, ifd + 2 + 12 * entry + 4, 4 << 20)
+    with pytest.raises(ValueError, match="TIFF of 4194304 strips or tiles, more than the 65536"):
+        rapidocr._decode(bytes(tiff))
+    bmp = bytearray(honest_bmp.getvalue())
+    struct.pack_into("<I", bmp, 30, 1)  # BI_RLE8
+    with pytest.raises(ValueError, match="run-length encoded BMP"):
+        rapidocr._decode(bytes(bmp))
+
+
 @pytest.mark.parametrize("size", [(1999, 1), (2000, 1), (1, 1999), (40, 1999)], ids=["1999x1", "2000x1", "1x1999", "40x1999"])
 def test_an_image_too_thin_to_read_is_refused_before_the_reading_grows_it(ocr_daemon: RunningDaemon, size: tuple[int, int]) -> None:
     """Round 24's attacker: an 81-byte 1999x1 PNG grew, as rapidocr reads it, to a 15000x60000 image

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -52,6 +53,8 @@ MAX_PIXELS = 64 * 1024 * 1024  # a larger image (a decompression bomb) is refuse
 # and got it killed, every time (round 44). Encoders write about 10 (libjpeg's progressive script: 10 for
 # colour, 6 for grey); libjpeg-turbo's own tools offer a limit of 500 for untrusted files.
 MAX_JPEG_SCANS = 32
+MAX_TIFF_STRIPS = 65536  # an 8192-row image in one-row strips has 8192; 256x256 tiles of 8192x8192, 1024
+MAX_JPEG_FILL = 65536  # FF FF pairs: fill before markers, or binary metadata (an ICC profile's, a thumbnail's)
 # TIFF compressions decoded once per pixel: none, CCITT 1D/T.4/T.6, LZW, Deflate (Adobe's and the old
 # code), PackBits. Not JPEG (6, 7) nor the others libtiff may be built with (WebP, ZSTD, LERC, JBIG, ...).
 TIFF_COMPRESSIONS = frozenset({1, 2, 3, 4, 5, 8, 32773, 32946})
@@ -138,6 +141,7 @@ def _decode(value: Any) -> np.ndarray:
     data = value.item() if isinstance(value, np.ndarray) else value
     if not isinstance(data, bytes) or not data:
         raise ValueError("`image` must be the bytes of an image file (PNG, JPEG, ...)")
+    _refuse_costly_layout(data)
     with _callers_file(), warnings.catch_warnings():
         # Pillow warns (on the worker's stderr) of what is over MAX_PIXELS but not twice it: refused next.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -148,6 +152,8 @@ def _decode(value: Any) -> np.ndarray:
         opened = Image.open(io.BytesIO(data), formats=FORMATS)  # the header only so far: which format, how large
     with opened:
         _refuse_too_many_pixels(*opened.size)
+        width, height = opened.size
+        _refuse_too_thin(height, width)  # before the decode too: a 1x4Mi TIFF of 4 Mi strips decoded for 24 s first (round 47)
         _refuse_too_many_scans(opened, data)
         with _callers_file():
             image = _library["load"](opened)  # decodes this image, in this format: never the bytes again
@@ -178,11 +184,57 @@ def _refuse_too_many_scans(opened: Any, data: bytes) -> None:
         if compression not in TIFF_COMPRESSIONS:
             raise ValueError(f"`image` is a TIFF of compression {compression}: this step reads TIFF uncompressed, CCITT, LZW, PackBits or Deflate only (a JPEG-compressed one: send the JPEG itself)")
         return
+    if opened.format == "BMP" and opened.info.get("compression", 0) in (1, 2):
+        # Pillow's RLE decoder is Python, a byte at a time: a 33 KB 8192x8192 RLE8 file of end-of-line codes
+        # took 10 s and left the worker holding 1 GB (round 47).
+        raise ValueError("`image` is a run-length encoded BMP: this step reads uncompressed BMP only")
     if opened.format not in ("JPEG", "MPO"):
         return
     scans = data.count(b"\xff\xda")
     if scans > MAX_JPEG_SCANS:
         raise ValueError(f"`image` is a JPEG of {scans} scans, more than the {MAX_JPEG_SCANS} this step decodes (each is decoded over the whole image): refused, not decoded")
+
+
+def _refuse_costly_layout(data: bytes) -> None:
+    """Before Pillow opens the file: what Pillow's open reads in Python, per byte or per entry. A JPEG's
+    fill bytes (FF FF before a marker: a 64x64 JPEG after 60 MiB of them held the worker past
+    max_compute_ms - round 47; entropy-coded data holds no FF FF). A TIFF's strips or tiles beyond what its
+    image has: Pillow makes a tile of each offset listed, wrapping past the image's end, when it opens the
+    file (a 64x64 image of 4 Mi one-row strips, all the same 64 bytes: killed at max_compute_ms)."""
+    if data[:2] == b"\xff\xd8":
+        fill = data.count(b"\xff\xff")
+        if fill > MAX_JPEG_FILL:
+            raise ValueError(f"`image` is a JPEG padded with {fill} fill bytes, more than the {MAX_JPEG_FILL} this step reads")
+    elif data[:4] in (b"II*\x00", b"MM\x00*"):
+        _refuse_extra_strips(data)
+
+
+def _refuse_extra_strips(data: bytes) -> None:
+    """The first IFD's strip or tile count against what its image has (a few entries read here, as the
+    TIFF spec lays them out; what does not parse is left to Pillow, which refuses it)."""
+    order = "<" if data[:2] == b"II" else ">"
+    try:
+        (ifd,) = struct.unpack_from(order + "I", data, 4)
+        (entries,) = struct.unpack_from(order + "H", data, ifd)
+        tags: dict[int, tuple[int, int]] = {}  # tag -> (count, first value when inline)
+        for index in range(entries):
+            tag, kind, count = struct.unpack_from(order + "HHI", data, ifd + 2 + 12 * index)
+            value = struct.unpack_from(order + ("H" if kind == 3 else "I"), data, ifd + 10 + 12 * index)[0]
+            tags.setdefault(tag, (count, value))
+    except struct.error:
+        return
+    width, height = tags.get(256, (1, 0))[1], tags.get(257, (1, 0))[1]
+    planes = tags.get(277, (1, 1))[1] if tags.get(284, (1, 1))[1] == 2 else 1
+    if 324 in tags:
+        tile_width, tile_height = max(1, tags.get(322, (1, 1))[1]), max(1, tags.get(323, (1, 1))[1])
+        needed, listed = planes * -(-width // tile_width) * -(-height // tile_height), tags[324][0]
+    else:
+        rows = max(1, min(tags.get(278, (1, height))[1] or height, height or 1))
+        needed, listed = planes * -(-max(height, 1) // rows), tags.get(273, (0, 0))[0]
+    if listed > MAX_TIFF_STRIPS:  # Pillow makes a Python tile of each: 4 Mi of them took 24 s (round 47)
+        raise ValueError(f"`image` is a TIFF of {listed} strips or tiles, more than the {MAX_TIFF_STRIPS} this step reads")
+    if listed > max(needed, 1):
+        raise ValueError(f"`image` is a TIFF listing {listed} strips or tiles where its {width}x{height} image has {needed}: not decoded")
 
 
 @contextmanager
