@@ -230,8 +230,12 @@ def test_layouts_pillow_reads_a_byte_or_an_entry_at_a_time_are_refused_before_it
     for honest in (honest_jpeg, honest_tiff, honest_bmp):
         assert rapidocr._decode(honest.getvalue()).shape == (64, 64, 3)
     jpeg = honest_jpeg.getvalue()
-    with pytest.raises(ValueError, match="padded with 70000 fill bytes"):
+    with pytest.raises(ValueError, match="padded with more than 65536 fill bytes"):
         rapidocr._decode(jpeg[:2] + b"\xff" * 140000 + jpeg[2:])
+    # Round 48: empty APP0 segments (16 MiB of them: 6 s in Pillow's open) and FF 00 pairs, a marker each.
+    for flood in (b"\xff\xe0\x00\x02" * 2000, b"\xff\x00" * 2000):
+        with pytest.raises(ValueError, match="more than 1024 markers before its first scan"):
+            rapidocr._decode(jpeg[:2] + flood + jpeg[2:])
     # The honest TIFF's StripOffsets entry made to list 4 Mi strips (the count field only: the check reads it first).
     tiff = bytearray(honest_tiff.getvalue())
     ifd = struct.unpack_from("<I", tiff, 4)[0]
@@ -240,6 +244,19 @@ def test_layouts_pillow_reads_a_byte_or_an_entry_at_a_time_are_refused_before_it
             struct.pack_into("<I", tiff, ifd + 2 + 12 * entry + 4, 4 << 20)
     with pytest.raises(ValueError, match="TIFF of 4194304 strips or tiles, more than the 65536"):
         rapidocr._decode(bytes(tiff))
+    # Round 48: the same behind the prefixes Pillow also accepts (its "invalid" ones, BigTIFF), and beside
+    # a tile table, which the check counted instead of the strips Pillow reads.
+    with pytest.raises(ValueError, match="TIFF of 4194304 strips or tiles"):
+        rapidocr._decode(b"II\x00*" + bytes(tiff[4:]))
+    with pytest.raises(ValueError, match="is a BigTIFF"):
+        rapidocr._decode(b"II+\x00" + bytes(tiff[4:]))
+    both = bytearray(tiff)
+    for entry in range(struct.unpack_from("<H", both, ifd)[0]):
+        at = ifd + 2 + 12 * entry
+        if struct.unpack_from("<H", both, at)[0] == 279:  # StripByteCounts renamed TileOffsets: one tile listed
+            struct.pack_into("<HHII", both, at, 324, 4, 1, 8)
+    with pytest.raises(ValueError, match="TIFF of 4194304 strips or tiles"):
+        rapidocr._refuse_costly_layout(bytes(both))
     bmp = bytearray(honest_bmp.getvalue())
     struct.pack_into("<I", bmp, 30, 1)  # BI_RLE8
     with pytest.raises(ValueError, match="run-length encoded BMP"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import struct
 import warnings
 from contextlib import contextmanager
@@ -54,7 +55,10 @@ MAX_PIXELS = 64 * 1024 * 1024  # a larger image (a decompression bomb) is refuse
 # colour, 6 for grey); libjpeg-turbo's own tools offer a limit of 500 for untrusted files.
 MAX_JPEG_SCANS = 32
 MAX_TIFF_STRIPS = 65536  # an 8192-row image in one-row strips has 8192; 256x256 tiles of 8192x8192, 1024
-MAX_JPEG_FILL = 65536  # FF FF pairs: fill before markers, or binary metadata (an ICC profile's, a thumbnail's)
+MAX_JPEG_FILL = 65536  # fill bytes (FF) before the markers of a JPEG's header
+MAX_JPEG_SEGMENTS = 1024  # markers before the first scan: an honest file has a few dozen (ICC in up to 255 chunks)
+TIFF_PREFIXES = frozenset({b"MM\x00*", b"II*\x00", b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00"})  # Pillow's own
+_FF_RUN = re.compile(rb"\xff+")
 # TIFF compressions decoded once per pixel: none, CCITT 1D/T.4/T.6, LZW, Deflate (Adobe's and the old
 # code), PackBits. Not JPEG (6, 7) nor the others libtiff may be built with (WebP, ZSTD, LERC, JBIG, ...).
 TIFF_COMPRESSIONS = frozenset({1, 2, 3, 4, 5, 8, 32773, 32946})
@@ -196,22 +200,44 @@ def _refuse_too_many_scans(opened: Any, data: bytes) -> None:
 
 
 def _refuse_costly_layout(data: bytes) -> None:
-    """Before Pillow opens the file: what Pillow's open reads in Python, per byte or per entry. A JPEG's
-    fill bytes (FF FF before a marker: a 64x64 JPEG after 60 MiB of them held the worker past
-    max_compute_ms - round 47; entropy-coded data holds no FF FF). A TIFF's strips or tiles beyond what its
-    image has: Pillow makes a tile of each offset listed, wrapping past the image's end, when it opens the
-    file (a 64x64 image of 4 Mi one-row strips, all the same 64 bytes: killed at max_compute_ms)."""
+    """Before Pillow opens the file: what Pillow's open reads in Python, per byte or per entry (round 47:
+    each of these held the worker past max_compute_ms). A JPEG's header, walked as Pillow walks it: fill
+    bytes (FF FF before a marker: 60 MiB of them after a 64x64 JPEG) and segments before the first scan
+    (16 MiB of empty APP0s, FF 00 pairs). A TIFF's strips or tiles beyond what its image has: Pillow makes
+    a tile of each offset listed, wrapping past the image's end (a 64x64 image of 4 Mi one-row strips all
+    the same 64 bytes)."""
     if data[:2] == b"\xff\xd8":
-        fill = data.count(b"\xff\xff")
-        if fill > MAX_JPEG_FILL:
-            raise ValueError(f"`image` is a JPEG padded with {fill} fill bytes, more than the {MAX_JPEG_FILL} this step reads")
-    elif data[:4] in (b"II*\x00", b"MM\x00*"):
+        _refuse_costly_jpeg_header(data)
+    elif data[:4] in TIFF_PREFIXES:
+        if data[2:4] in (b"\x00+", b"+\x00"):
+            raise ValueError("`image` is a BigTIFF: this step reads classic TIFF only")
         _refuse_extra_strips(data)
 
 
+def _refuse_costly_jpeg_header(data: bytes) -> None:
+    """The markers before the first scan, segment by segment (a jump per segment, fill counted in C), as
+    Pillow's open meets them a byte at a time; what does not parse is left to Pillow, which refuses it."""
+    position, fill, segments = 2, 0, 0
+    while (run := _FF_RUN.match(data, position)) is not None and run.end() < len(data):
+        fill += run.end() - position - 1
+        marker = data[run.end()]
+        position = run.end() + 1
+        if fill > MAX_JPEG_FILL:
+            raise ValueError(f"`image` is a JPEG padded with more than {MAX_JPEG_FILL} fill bytes before its markers: not read")
+        if marker in (0xDA, 0xD9):  # start of scan (Pillow's open stops there), end of image
+            return
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise ValueError(f"`image` is a JPEG of more than {MAX_JPEG_SEGMENTS} markers before its first scan: not read")
+        if not (0xD0 <= marker <= 0xD7 or marker in (0x00, 0x01)):  # markers without a length
+            position += int.from_bytes(data[position : position + 2], "big")
+
+
 def _refuse_extra_strips(data: bytes) -> None:
-    """The first IFD's strip or tile count against what its image has (a few entries read here, as the
-    TIFF spec lays them out; what does not parse is left to Pillow, which refuses it)."""
+    """The first IFD's strip and tile counts against what its image has (a few entries read here, as the
+    TIFF spec lays them out, in the byte order of its first two bytes - the prefixes Pillow accepts; what
+    does not parse is left to Pillow, which refuses it). Both tables are counted: Pillow reads the strips
+    when an IFD lists both (round 48: one tile and 8 Mi strips passed a check that counted the tiles)."""
     order = "<" if data[:2] == b"II" else ">"
     try:
         (ifd,) = struct.unpack_from(order + "I", data, 4)
@@ -225,16 +251,17 @@ def _refuse_extra_strips(data: bytes) -> None:
         return
     width, height = tags.get(256, (1, 0))[1], tags.get(257, (1, 0))[1]
     planes = tags.get(277, (1, 1))[1] if tags.get(284, (1, 1))[1] == 2 else 1
-    if 324 in tags:
-        tile_width, tile_height = max(1, tags.get(322, (1, 1))[1]), max(1, tags.get(323, (1, 1))[1])
-        needed, listed = planes * -(-width // tile_width) * -(-height // tile_height), tags[324][0]
-    else:
-        rows = max(1, min(tags.get(278, (1, height))[1] or height, height or 1))
-        needed, listed = planes * -(-max(height, 1) // rows), tags.get(273, (0, 0))[0]
-    if listed > MAX_TIFF_STRIPS:  # Pillow makes a Python tile of each: 4 Mi of them took 24 s (round 47)
-        raise ValueError(f"`image` is a TIFF of {listed} strips or tiles, more than the {MAX_TIFF_STRIPS} this step reads")
-    if listed > max(needed, 1):
-        raise ValueError(f"`image` is a TIFF listing {listed} strips or tiles where its {width}x{height} image has {needed}: not decoded")
+    rows = max(1, min(tags.get(278, (1, height))[1] or height, height or 1))
+    tile_width, tile_height = max(1, tags.get(322, (1, 1))[1]), max(1, tags.get(323, (1, 1))[1])
+    tables = (
+        (tags.get(273, (0, 0))[0], planes * -(-max(height, 1) // rows)),  # strips: listed, needed
+        (tags.get(324, (0, 0))[0], planes * -(-width // tile_width) * -(-height // tile_height)),  # tiles
+    )
+    for listed, needed in tables:
+        if listed > MAX_TIFF_STRIPS:  # Pillow makes a Python tile of each: 4 Mi of them took 24 s (round 47)
+            raise ValueError(f"`image` is a TIFF of {listed} strips or tiles, more than the {MAX_TIFF_STRIPS} this step reads")
+        if listed > max(needed, 1):
+            raise ValueError(f"`image` is a TIFF listing {listed} strips or tiles where its {width}x{height} image has {needed}: not decoded")
 
 
 @contextmanager
