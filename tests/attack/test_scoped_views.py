@@ -76,11 +76,13 @@ def test_a_grant_of_reads_on_one_model_shows_that_model_and_its_own_figures_only
         assert {row["name"] for row in root.models()} == {"public", "secret"}
 
 
+# The model under test never finishes loading: its setup waits on an event nothing sets (the daemon's
+# teardown ends the worker), so it stays "loading", not ready, for as long as the test looks.
 SLOW_STEPS = '''
-import time
+import threading
 
-def setup(files):  # loads for two minutes: the model stays "loading", not ready
-    time.sleep(120)
+def setup(files):
+    threading.Event().wait()
 '''
 
 
