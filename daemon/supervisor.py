@@ -6,7 +6,6 @@ the prepare helper (preparation.py) or the repository is checked where it arrive
 from __future__ import annotations
 
 import gc
-import os
 import logging
 import shutil
 import signal
@@ -153,8 +152,7 @@ class Supervisor:
             new = keep_running_values(old, new, by_class[RESTART])
             # On what will be in force, restart-only values kept (round 45: the file's own `enabled = false` or
             # `shared_uid_without_landlock = true`, both reverted next, let `landlock = false` through).
-            if os.geteuid() != 0 and new.sandbox.enabled:
-                refuse_shared_uid_without_landlock(new.sandbox)
+            refuse_shared_uid_without_landlock(new.sandbox)
         except ConfigError as exc:
             log.error("reload: invalid configuration; keeping the old one", extra={"reason": str(exc)})
             return {"error": f"invalid configuration, nothing changed: {exc}"}

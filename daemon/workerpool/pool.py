@@ -114,10 +114,8 @@ class WorkerPool:
         self.runtime_dir: Path | None = None  # this instance's private directory (set once it exists)
 
     def _resolve_worker_user(self) -> tuple[int | None, int | None]:
-        if not self.settings.sandbox.enabled:
-            return None, None
-        if os.geteuid() != 0:
-            refuse_shared_uid_without_landlock(self.settings.sandbox)
+        refuse_shared_uid_without_landlock(self.settings.sandbox)
+        if os.geteuid() != 0 or not self.settings.sandbox.enabled:
             return None, None
         value = self.settings.sandbox.worker_user
         uid, gid = resolve_worker_user(value)
@@ -454,9 +452,12 @@ def describe_exit(status: int) -> str:
 def refuse_shared_uid_without_landlock(sandbox: SandboxSettings) -> None:
     """Not root, the daemon gives its workers its own uid: only Landlock then keeps a worker taken over by
     its model from the daemon's files - at the start, and at a reload (sandbox.landlock applies to new
-    workers: a reload setting it false must not start them without it). Round 42, on a non-root daemon with Landlock off: a hostile steps
-    module read the CURVE secret key and the metrics token, and the supervisor's memory - its master lease
-    key, then a lease for a model the access policy denied (the supervisor is not dumpable since)."""
+    workers: a reload setting it false must not start them without it). Round 42, on a non-root daemon
+    with Landlock off: a hostile steps module read the CURVE secret key and the metrics token, and the
+    supervisor's memory - its master lease key, then a lease for a model the access policy denied (the
+    supervisor is not dumpable since). Nothing to check as root, or with the sandbox off (explicitly)."""
+    if os.geteuid() == 0 or not sandbox.enabled:
+        return
     if sandbox.shared_uid_without_landlock:
         log.warning("workers run as the daemon's uid without Landlock: a worker taken over by its model can read every file the daemon can (sandbox.shared_uid_without_landlock = true)")
         return

@@ -158,7 +158,7 @@ def _decode(value: Any) -> np.ndarray:
         _refuse_too_many_pixels(*opened.size)
         width, height = opened.size
         _refuse_too_thin(height, width)  # before the decode too: a 1x4Mi TIFF of 4 Mi strips decoded for 24 s first (round 47)
-        _refuse_too_many_scans(opened, data)
+        _refuse_costly_decode(opened, data)
         with _callers_file():
             image = _library["load"](opened)  # decodes this image, in this format: never the bytes again
     if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
@@ -174,15 +174,17 @@ def _refuse_too_many_pixels(width: int, height: int) -> None:
         raise ValueError(f"`image` is {width}x{height} = {width * height} pixels, more than the {MAX_PIXELS} this step decodes: refused, not decoded")
 
 
-def _refuse_too_many_scans(opened: Any, data: bytes) -> None:
-    """Before any scan is decoded: a JPEG's (or an MPO's: a JPEG with an MPF segment, frame 0 decoded
+def _refuse_costly_decode(opened: Any, data: bytes) -> None:
+    """Once Pillow has opened the file, before it decodes a pixel: what its decoders would spend far more
+    on than the pixels' worth (the layouts its open itself reads slowly are refused before it, in
+    _refuse_costly_layout). A JPEG's (or an MPO's: a JPEG with an MPF segment, frame 0 decoded
     alike - round 45) start-of-scan markers (FF DA), at most MAX_JPEG_SCANS. Counted in the whole file,
     those in metadata (an EXIF thumbnail's) too: in entropy-coded data an FF is always followed by 00 or a
     restart marker, so none hides there, and a few too many matter only near the limit. A TIFF is read only
     in a compression decoded once per pixel: not JPEG-in-TIFF, whose strips libtiff decodes by tables it
     parses itself - rounds 45 and 46 held the worker 14-20 s with 7.7 KB-1.6 MB files the count of
     Pillow's tables passed (strips sharing one 99-scan JPEG, tables Pillow skipped and libtiff read, a last
-    strip's JPEG far taller than the strip)."""
+    strip's JPEG far taller than the strip). No run-length encoded BMP: Pillow decodes it in Python."""
     if opened.format == "TIFF":
         compression = opened.tag_v2.get(259, 1)
         if compression not in TIFF_COMPRESSIONS:
