@@ -678,6 +678,7 @@ def test_server_keys_load_from_keygen_files(tmp_path: Path) -> None:
         ("~" * 40 + "\n", None, "server.key"),  # not Z85
         (SERVER_SECRET_Z85.decode(), zmq.curve_keypair()[0].decode(), "server.key.pub"),  # another pair's public key
     ],
+    ids=["missing", "short", "not-z85", "another-pairs-public-key"],  # stable ids: the last case's key is random
 )
 @pytest.mark.unit
 def test_unusable_key_files_are_config_errors_naming_the_file(tmp_path: Path, secret_text: str | None, public_text: str | None, names: str) -> None:

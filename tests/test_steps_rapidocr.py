@@ -230,12 +230,13 @@ def test_layouts_pillow_reads_a_byte_or_an_entry_at_a_time_are_refused_before_it
     for honest in (honest_jpeg, honest_tiff, honest_bmp):
         assert rapidocr._decode(honest.getvalue()).shape == (64, 64, 3)
     jpeg = honest_jpeg.getvalue()
-    with pytest.raises(ValueError, match="padded with more than 65536 fill bytes"):
+    with pytest.raises(ValueError, match="more than 65536 fill or stray bytes before its first scan"):
         rapidocr._decode(jpeg[:2] + b"\xff" * 140000 + jpeg[2:])
-    # Round 48: empty APP0 segments (16 MiB of them: 6 s in Pillow's open) and FF 00 pairs, a marker each.
-    for flood in (b"\xff\xe0\x00\x02" * 2000, b"\xff\x00" * 2000):
-        with pytest.raises(ValueError, match="more than 1024 markers before its first scan"):
-            rapidocr._decode(jpeg[:2] + flood + jpeg[2:])
+    # Round 48: empty APP0 segments (16 MiB of them: 6 s in Pillow's open) and FF 00 pairs, a turn of its loop each.
+    with pytest.raises(ValueError, match="more than 1024 markers before its first scan"):
+        rapidocr._decode(jpeg[:2] + b"\xff\xe0\x00\x02" * 2000 + jpeg[2:])
+    with pytest.raises(ValueError, match="more than 65536 fill or stray bytes"):
+        rapidocr._decode(jpeg[:2] + b"\xff\x00" * 70000 + jpeg[2:])
     # The honest TIFF's StripOffsets entry made to list 4 Mi strips (the count field only: the check reads it first).
     tiff = bytearray(honest_tiff.getvalue())
     ifd = struct.unpack_from("<I", tiff, 4)[0]
@@ -261,6 +262,79 @@ def test_layouts_pillow_reads_a_byte_or_an_entry_at_a_time_are_refused_before_it
     struct.pack_into("<I", bmp, 30, 1)  # BI_RLE8
     with pytest.raises(ValueError, match="run-length encoded BMP"):
         rapidocr._decode(bytes(bmp))
+
+
+def png_chunk_flood(total: int) -> bytes:
+    """A white 64x64 PNG with empty private chunks after its header, up to `total` bytes: Pillow's open
+    reads each (and checks its CRC) in a turn of a Python loop - 16 MiB of them took 2.9 s of CPU here, no
+    layout check refuses them (rounds 44-48 called them the residual) and no honest writer makes them."""
+    import zlib
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(out, "PNG")
+    png = out.getvalue()
+    header_end = 8 + 25  # the signature and IHDR
+    chunk = struct.pack(">I", 0) + b"prVt" + struct.pack(">I", zlib.crc32(b"prVt"))
+    return png[:header_end] + chunk * ((total - len(png)) // len(chunk)) + png[header_end:]
+
+
+def test_junk_or_an_eoi_before_a_jpegs_markers_and_a_tiff_tag_listed_twice_are_refused_and_honest_files_read() -> None:
+    """Round 49: one non-FF byte after a JPEG's first segment (Pillow skips junk a byte at a time) or an EOI
+    there (Pillow's open walks on past it) ended the header walk, and the 16 MiB of fill bytes or empty
+    APP0s behind it held the chain's worker 5-8.5 s; a TIFF listing StripOffsets twice, first with no data
+    or of a type Pillow does not know (it skips that entry and reads the second), passed the strip count
+    with 8 Mi strips and got the worker killed at max_compute_ms. A progressive JPEG whose ICC profile holds
+    FF DA bytes by chance was refused for scans it does not have."""
+    from PIL import Image
+
+    from openinfer.daemon.steps.builtin import rapidocr
+
+    rapidocr.setup({"ppocr_keys.txt": b"a\nb"})
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(out, "JPEG")
+    jpeg = out.getvalue()
+    app0_end = 4 + int.from_bytes(jpeg[4:6], "big")
+    head, rest = jpeg[:app0_end], jpeg[app0_end:]
+    with pytest.raises(ValueError, match="more than 65536 fill or stray bytes"):
+        rapidocr._decode(head + b"\x00" + b"\xff" * 70000 + rest)
+    with pytest.raises(ValueError, match="more than 65536 fill or stray bytes"):
+        rapidocr._decode(head + b"\x00" * 70000 + rest)
+    with pytest.raises(ValueError, match="more than 1024 markers"):
+        rapidocr._decode(head + b"\xff\xd9" + b"\xff\xe0\x00\x02" * 2000 + rest)
+    assert rapidocr._decode(head + b"\x00" * 100 + rest).shape == (64, 64, 3)  # a little junk is read, as Pillow reads it
+
+    tiff_out = io.BytesIO()
+    Image.new("L", (64, 64), 255).save(tiff_out, "TIFF", tiffinfo={278: 1})
+    tiff = tiff_out.getvalue()
+    ifd = struct.unpack_from("<I", tiff, 4)[0]
+    entries = struct.unpack_from("<H", tiff, ifd)[0]
+    for first in (struct.pack("<HHII", 273, 4, 0, 0), struct.pack("<HHII", 273, 99, 1, 0)):  # no data; a type Pillow skips
+        doubled = tiff[:ifd] + struct.pack("<H", entries + 1) + first + tiff[ifd + 2 :]
+        with pytest.raises(ValueError, match="listing tag 273 twice in its first directory"):
+            rapidocr._decode(doubled)
+
+    icc = (b"\xff\xda" + bytes(254)) * 4096  # 1 MiB of profile, 4096 FF DA pairs in it
+    progressive = io.BytesIO()
+    Image.new("RGB", (256, 64), "white").save(progressive, "JPEG", progressive=True, icc_profile=icc)
+    assert progressive.getvalue().count(b"\xff\xda") > rapidocr.MAX_JPEG_SCANS
+    assert rapidocr._decode(progressive.getvalue()).shape == (64, 256, 3)
+
+
+def test_what_takes_more_cpu_to_open_than_a_header_is_worth_is_refused_by_the_budget(ocr_daemon: RunningDaemon) -> None:
+    """The layouts nobody has listed yet are bounded by what they cost (rapidocr.py OPEN_CPU_S, through the
+    worker's SIGPROF - setitimer is in its seccomp policy): 16 MiB of empty PNG chunks, which no check refuses
+    and which held the chain's worker ~3 s of CPU (4-16 s in earlier rounds' measures), is refused after
+    0.5 s of it; the same worker then reads a page."""
+    flood = png_chunk_flood(16 * 1024 * 1024 - 4096)
+    with Client(ocr_daemon.address, timeout=60) as client:
+        pid = next(w["pid"] for w in client.status()["workers"] if w["model"] == "ocr")
+        with pytest.raises(OpenInferError) as caught:
+            client.infer("ocr", {"image": flood})
+        assert caught.value.code == "INVALID_ARGUMENT" and "took more than 0.5 s of CPU to open" in str(caught.value), str(caught.value)
+        assert [t.decode() for t in client.infer("ocr", {"image": RENDERED["line"]}).outputs["text"]]
+        assert next(w["pid"] for w in client.status()["workers"] if w["model"] == "ocr") == pid  # nothing was restarted
 
 
 @pytest.mark.parametrize("size", [(1999, 1), (2000, 1), (1, 1999), (40, 1999)], ids=["1999x1", "2000x1", "1x1999", "40x1999"])

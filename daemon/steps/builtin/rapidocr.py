@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from openinfer.daemon.steps.cpu_budget import OverBudget, cpu_budget
+
 FILES = ("ppocr_keys.txt",)  # the recognition model's characters, one per line (its metadata's `character`)
 INPUTS = [{"name": "image", "datatype": "BYTES", "shape": []}]  # an image file: PNG, JPEG, BMP, TIFF, WebP or GIF
 OUTPUTS = [
@@ -55,10 +57,21 @@ MAX_PIXELS = 64 * 1024 * 1024  # a larger image (a decompression bomb) is refuse
 # colour, 6 for grey); libjpeg-turbo's own tools offer a limit of 500 for untrusted files.
 MAX_JPEG_SCANS = 32
 MAX_TIFF_STRIPS = 65536  # an 8192-row image in one-row strips has 8192; 256x256 tiles of 8192x8192, 1024
-MAX_JPEG_FILL = 65536  # fill bytes (FF) before the markers of a JPEG's header
+MAX_JPEG_FILL = 65536  # fill bytes (FF), escaped FFs and junk before a JPEG's first scan
 MAX_JPEG_SEGMENTS = 1024  # markers before the first scan: an honest file has a few dozen (ICC in up to 255 chunks)
+_TIFF_LAYOUT_TAGS = frozenset({256, 257, 273, 277, 278, 279, 284, 322, 323, 324, 325})  # sizes, strips, tiles, planes
 TIFF_PREFIXES = frozenset({b"MM\x00*", b"II*\x00", b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00"})  # Pillow's own
 _FF_RUN = re.compile(rb"\xff+")
+_JUNK_RUN = re.compile(rb"[^\xff]+")
+# What opening and decoding a file may cost, in the worker's CPU time (cpu_budget.py): the layout checks
+# below refuse the slow layouts the attackers found, with a reason; these bound the ones not found yet
+# (each round 44-49 found another within 16 MiB, 4-80 s of one worker). Opening reads the header: an
+# honest one takes 0.2-8 ms here, at any size. Decoding is worth its pixels: the slowest honest files of
+# MAX_PIXELS measured here take 60-75 ns a pixel (a noisy RGBA PNG, WebP; JPEG 27-37, TIFF 8-25), 2x that
+# is allowed, so a 64x64 file gets 0.25 s and the largest image ~10 s (max_compute_ms is 20 s).
+OPEN_CPU_S = 0.5
+DECODE_CPU_S = 0.25
+DECODE_CPU_S_PER_PIXEL = 150e-9
 # TIFF compressions decoded once per pixel: none, CCITT 1D/T.4/T.6, LZW, Deflate (Adobe's and the old
 # code), PackBits. Not JPEG (6, 7) nor the others libtiff may be built with (WebP, ZSTD, LERC, JBIG, ...).
 TIFF_COMPRESSIONS = frozenset({1, 2, 3, 4, 5, 8, 32773, 32946})
@@ -84,7 +97,11 @@ try:
     from rapidocr_onnxruntime.ch_ppocr_rec.utils import CTCLabelDecode
     from rapidocr_onnxruntime.utils.load_image import LoadImage
 
+    from PIL.JpegImagePlugin import MARKER
+
     Image.init()  # every image format's plugin now: Pillow imports them at the first open otherwise
+    # The second byte of each marker Pillow's JPEG open knows -> whether its handler reads a segment after it.
+    _JPEG_MARKERS = {code & 0xFF: handler is not None for code, (_, _, handler) in MARKER.items()}
     _missing = None
 except ImportError as exc:
     _missing = exc
@@ -145,22 +162,31 @@ def _decode(value: Any) -> np.ndarray:
     data = value.item() if isinstance(value, np.ndarray) else value
     if not isinstance(data, bytes) or not data:
         raise ValueError("`image` must be the bytes of an image file (PNG, JPEG, ...)")
-    _refuse_costly_layout(data)
-    with _callers_file(), warnings.catch_warnings():
-        # Pillow warns (on the worker's stderr) of what is over MAX_PIXELS but not twice it: refused next.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        # A TIFF tag whose data the file does not hold is skipped by Pillow and read by libtiff, which decodes
-        # the strips by its own parse (round 46: a later copy of the strip tables, harmless, was all Pillow
-        # saw): no honest writer makes one, and two parsers must not disagree on what is decoded.
-        warnings.filterwarnings("error", message="Tag data larger than file")
-        opened = Image.open(io.BytesIO(data), formats=FORMATS)  # the header only so far: which format, how large
+    try:
+        with cpu_budget(OPEN_CPU_S):
+            first_scan = _refuse_costly_layout(data)
+            with _callers_file(), warnings.catch_warnings():
+                # Pillow warns (on the worker's stderr) of what is over MAX_PIXELS but not twice it: refused next.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                # A TIFF tag whose data the file does not hold is skipped by Pillow and read by libtiff, which decodes
+                # the strips by its own parse (round 46: a later copy of the strip tables, harmless, was all Pillow
+                # saw): no honest writer makes one, and two parsers must not disagree on what is decoded.
+                warnings.filterwarnings("error", message="Tag data larger than file")
+                opened = Image.open(io.BytesIO(data), formats=FORMATS)  # the header only so far: which format, how large
+    except OverBudget:
+        raise ValueError(f"`image` took more than {OPEN_CPU_S:g} s of CPU to open (its header alone, before any pixel): refused, not decoded") from None
     with opened:
         _refuse_too_many_pixels(*opened.size)
         width, height = opened.size
         _refuse_too_thin(height, width)  # before the decode too: a 1x4Mi TIFF of 4 Mi strips decoded for 24 s first (round 47)
-        _refuse_costly_decode(opened, data)
-        with _callers_file():
-            image = _library["load"](opened)  # decodes this image, in this format: never the bytes again
+        budget = DECODE_CPU_S + DECODE_CPU_S_PER_PIXEL * width * height
+        try:
+            with cpu_budget(budget):
+                _refuse_costly_decode(opened, data, first_scan)
+                with _callers_file():
+                    image = _library["load"](opened)  # decodes this image, in this format: never the bytes again
+        except OverBudget:
+            raise ValueError(f"`image` took more than {budget:.2f} s of CPU to decode its {width}x{height} pixels: refused") from None
     if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
         raise ValueError(f"`image` decodes to pixels of shape {list(image.shape)}; an image with at least one pixel is needed")
     return np.ascontiguousarray(image)
@@ -174,13 +200,14 @@ def _refuse_too_many_pixels(width: int, height: int) -> None:
         raise ValueError(f"`image` is {width}x{height} = {width * height} pixels, more than the {MAX_PIXELS} this step decodes: refused, not decoded")
 
 
-def _refuse_costly_decode(opened: Any, data: bytes) -> None:
+def _refuse_costly_decode(opened: Any, data: bytes, first_scan: int) -> None:
     """Once Pillow has opened the file, before it decodes a pixel: what its decoders would spend far more
     on than the pixels' worth (the layouts its open itself reads slowly are refused before it, in
     _refuse_costly_layout). A JPEG's (or an MPO's: a JPEG with an MPF segment, frame 0 decoded
-    alike - round 45) start-of-scan markers (FF DA), at most MAX_JPEG_SCANS. Counted in the whole file,
-    those in metadata (an EXIF thumbnail's) too: in entropy-coded data an FF is always followed by 00 or a
-    restart marker, so none hides there, and a few too many matter only near the limit. A TIFF is read only
+    alike - round 45) start-of-scan markers (FF DA), at most MAX_JPEG_SCANS. Counted from the first scan
+    on (the whole file when the header walk did not reach one): in entropy-coded data an FF is always
+    followed by 00 or a restart marker, so none hides there, while a megabyte of ICC profile or EXIF before it
+    holds FF DA pairs by chance (round 49: a progressive JPEG with a 3 MB profile was refused as 53 scans). A TIFF is read only
     in a compression decoded once per pixel: not JPEG-in-TIFF, whose strips libtiff decodes by tables it
     parses itself - rounds 45 and 46 held the worker 14-20 s with 7.7 KB-1.6 MB files the count of
     Pillow's tables passed (strips sharing one 99-scan JPEG, tables Pillow skipped and libtiff read, a last
@@ -196,12 +223,12 @@ def _refuse_costly_decode(opened: Any, data: bytes) -> None:
         raise ValueError("`image` is a run-length encoded BMP: this step reads uncompressed BMP only")
     if opened.format not in ("JPEG", "MPO"):
         return
-    scans = data.count(b"\xff\xda")
+    scans = data.count(b"\xff\xda", first_scan)
     if scans > MAX_JPEG_SCANS:
         raise ValueError(f"`image` is a JPEG of {scans} scans, more than the {MAX_JPEG_SCANS} this step decodes (each is decoded over the whole image): refused, not decoded")
 
 
-def _refuse_costly_layout(data: bytes) -> None:
+def _refuse_costly_layout(data: bytes) -> int:
     """Before Pillow opens the file: what Pillow's open reads in Python, per byte or per entry (round 47:
     each of these held the worker past max_compute_ms). A JPEG's header, walked as Pillow walks it: fill
     bytes (FF FF before a marker: 60 MiB of them after a 64x64 JPEG) and segments before the first scan
@@ -209,30 +236,53 @@ def _refuse_costly_layout(data: bytes) -> None:
     a tile of each offset listed, wrapping past the image's end (a 64x64 image of 4 Mi one-row strips all
     the same 64 bytes)."""
     if data[:2] == b"\xff\xd8":
-        _refuse_costly_jpeg_header(data)
-    elif data[:4] in TIFF_PREFIXES:
+        return _refuse_costly_jpeg_header(data)
+    if data[:4] in TIFF_PREFIXES:
         if data[2:4] in (b"\x00+", b"+\x00"):
             raise ValueError("`image` is a BigTIFF: this step reads classic TIFF only")
         _refuse_extra_strips(data)
+    return 0
 
 
-def _refuse_costly_jpeg_header(data: bytes) -> None:
-    """The markers before the first scan, segment by segment (a jump per segment, fill counted in C), as
-    Pillow's open meets them a byte at a time; what does not parse is left to Pillow, which refuses it."""
-    position, fill, segments = 2, 0, 0
-    while (run := _FF_RUN.match(data, position)) is not None and run.end() < len(data):
-        fill += run.end() - position - 1
-        marker = data[run.end()]
-        position = run.end() + 1
-        if fill > MAX_JPEG_FILL:
-            raise ValueError(f"`image` is a JPEG padded with more than {MAX_JPEG_FILL} fill bytes before its markers: not read")
-        if marker in (0xDA, 0xD9):  # start of scan (Pillow's open stops there), end of image
-            return
-        segments += 1
-        if segments > MAX_JPEG_SEGMENTS:
-            raise ValueError(f"`image` is a JPEG of more than {MAX_JPEG_SEGMENTS} markers before its first scan: not read")
-        if not (0xD0 <= marker <= 0xD7 or marker in (0x00, 0x01)):  # markers without a length
-            position += int.from_bytes(data[position : position + 2], "big")
+def _refuse_costly_jpeg_header(data: bytes) -> int:
+    """The bytes before the first scan, as Pillow's open walks them a turn of its loop at a time (a jump
+    per run or segment here, the runs matched in C): a non-FF byte is junk it skips, FF FF a fill byte,
+    FF 00 an escaped byte, a marker Pillow has a handler for is followed by its segment's length, one it
+    has none for (restarts, SOI, EOI, JPG, JPGn) is not - and EOI does not stop it (round 49: one junk
+    byte, or an EOI, ended the walk that Pillow went on with through 16 MiB). What does not parse is left
+    to Pillow, which refuses it; the CPU budget (_decode) bounds anything this walk misses. Returns where
+    the first scan starts (0 when the walk ended before one)."""
+    position, stray, segments = 2, 0, 0  # Pillow reads FF D8 FF and goes on from that FF
+    while position < len(data):
+        if data[position] != 0xFF:
+            junk = _JUNK_RUN.match(data, position)
+            assert junk is not None
+            stray, position = stray + junk.end() - position, junk.end()
+        else:
+            run = _FF_RUN.match(data, position)
+            assert run is not None
+            stray += run.end() - position - 1
+            if run.end() >= len(data):
+                return 0
+            marker, position = data[run.end()], run.end() + 1
+            if marker == 0xDA:  # Pillow's open stops at the first scan
+                return run.end() - 1
+            if marker == 0x00:
+                stray += 1
+            elif marker not in _JPEG_MARKERS:  # Pillow's "no marker found"
+                return 0
+            else:
+                segments += 1
+                if segments > MAX_JPEG_SEGMENTS:
+                    raise ValueError(f"`image` is a JPEG of more than {MAX_JPEG_SEGMENTS} markers before its first scan: not read")
+                if _JPEG_MARKERS[marker]:  # Pillow's handler reads the segment, its length first
+                    length = int.from_bytes(data[position : position + 2], "big")
+                    if length < 2:
+                        return 0
+                    position += length
+        if stray > MAX_JPEG_FILL:
+            raise ValueError(f"`image` is a JPEG with more than {MAX_JPEG_FILL} fill or stray bytes before its first scan: not read")
+    return 0
 
 
 def _refuse_extra_strips(data: bytes) -> None:
@@ -248,6 +298,10 @@ def _refuse_extra_strips(data: bytes) -> None:
         for index in range(entries):
             tag, kind, count = struct.unpack_from(order + "HHI", data, ifd + 2 + 12 * index)
             value = struct.unpack_from(order + ("H" if kind == 3 else "I"), data, ifd + 10 + 12 * index)[0]
+            if tag in tags and tag in _TIFF_LAYOUT_TAGS:
+                # Pillow keeps the first entry it stores, and skips those of no data or of a type it does not
+                # know: two entries for one tag let it read a table this check did not (round 49).
+                raise ValueError(f"`image` is a TIFF listing tag {tag} twice in its first directory: not read")
             tags.setdefault(tag, (count, value))
     except struct.error:
         return
