@@ -178,6 +178,7 @@ class Supervisor:
     # -- main loop --------------------------------------------------------------------------------
     def run(self) -> int:
         reactor = self.reactor
+        connections = self.connections
         watchdog = self.notifier.watchdog if self.notifier.watchdog_interval_ns else None
         idle_ms = min(1000, (self.notifier.watchdog_interval_ns or 4_000_000_000) // 4_000_000)
         if self.direct.enabled:
@@ -195,13 +196,16 @@ class Supervisor:
             busy = self._any_busy()
             # Look before sleeping: while work keeps arriving the timerfd need not be set at all (setting it
             # costs ~18 us in this VM); due timers run between messages and after each pass.
+            connections.new_pass()
             events = reactor.poll(0)
-            if not events:  # idle: the bookkeeping deferred from the busy path, then sleep
+            if not events and not connections.backlog_ready:  # idle: the bookkeeping deferred from the busy path, then sleep
                 self.dispatcher.arm_deadlines()  # before timeout_ms below reads the timers
                 self.accountant.flush()
                 books = self.direct.books
                 events = reactor.poll(self.timers.timeout_ms(1 if books.behind else 5 if busy else LEDGER_READ_MS if books.active else idle_ms) / 1000)
             self._dispatch(events)
+            if connections.backlog:
+                self._serve_backlog()
             now = time.monotonic_ns()
             self.dispatcher.arm_overdue_deadlines(now)
             self.timers.run_due()
@@ -216,6 +220,12 @@ class Supervisor:
             if self.draining:
                 self._progress_drain()
         return 0
+
+    def _serve_backlog(self) -> None:
+        try:
+            self.connections.serve_backlog()
+        except Exception:  # as in _dispatch: a bug in one handler must not take the daemon down
+            log.exception("internal error in the supervisor loop; continuing")
 
     def _dispatch(self, events: list[tuple[int, int]]) -> None:
         handlers = self.reactor

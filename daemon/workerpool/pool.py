@@ -402,6 +402,12 @@ class WorkerPool:
                 worker.ping_sent_ns = 0
                 continue
             if worker.ping_sent_ns and now - worker.ping_sent_ns > grace_ns:
+                # Its PONG may be waiting unread in the channel, behind a loop that was busy elsewhere
+                # (round 50: a burst of costly requests held the loop; every healthy worker was killed): a
+                # worker is judged on what it sent, read now, not on what the supervisor got round to.
+                self._on_channel(worker, READABLE)
+                if not worker.ping_sent_ns or worker.retired or worker.worker_id not in self.workers:
+                    continue
                 log.error("worker unresponsive; killing it", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key})
                 worker.exit_reason = f"unresponsive: no PONG within {self.settings.pool.ping_grace_s:g} s"
                 self.kill(worker)
