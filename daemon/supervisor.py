@@ -196,16 +196,15 @@ class Supervisor:
             busy = self._any_busy()
             # Look before sleeping: while work keeps arriving the timerfd need not be set at all (setting it
             # costs ~18 us in this VM); due timers run between messages and after each pass.
-            connections.new_pass()
             events = reactor.poll(0)
-            if not events and not connections.backlog_ready:  # idle: the bookkeeping deferred from the busy path, then sleep
+            if not events and not connections.turns:  # idle: the bookkeeping deferred from the busy path, then sleep
                 self.dispatcher.arm_deadlines()  # before timeout_ms below reads the timers
                 self.accountant.flush()
                 books = self.direct.books
                 events = reactor.poll(self.timers.timeout_ms(1 if books.behind else 5 if busy else LEDGER_READ_MS if books.active else idle_ms) / 1000)
             self._dispatch(events)
-            if connections.backlog:
-                self._serve_backlog()
+            if connections.turns:
+                connections.turns.serve()  # the clients' messages read, in fair turns (frontdoor/fair_turns.py)
             now = time.monotonic_ns()
             self.dispatcher.arm_overdue_deadlines(now)
             self.timers.run_due()
@@ -220,12 +219,6 @@ class Supervisor:
             if self.draining:
                 self._progress_drain()
         return 0
-
-    def _serve_backlog(self) -> None:
-        try:
-            self.connections.serve_backlog()
-        except Exception:  # as in _dispatch: a bug in one handler must not take the daemon down
-            log.exception("internal error in the supervisor loop; continuing")
 
     def _dispatch(self, events: list[tuple[int, int]]) -> None:
         handlers = self.reactor

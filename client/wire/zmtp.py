@@ -259,12 +259,14 @@ class FrameStream:
         return self._state == "open"
 
     # -- receiving ----------------------------------------------------------------------------------
-    def read(self, max_bytes: int = 4 * 1024 * 1024) -> list[Event]:
-        """Complete messages available now (may be empty). Raises PeerClosed or ProtocolError."""
+    def read(self, max_bytes: int = 4 * 1024 * 1024, max_events: int = 1 << 62) -> list[Event]:
+        """Complete messages available now (may be empty); reading stops once `max_bytes` were read or
+        `max_events` messages are complete (a chunk's messages are all kept: a few more). Raises
+        PeerClosed or ProtocolError."""
         events: list[Event] = []
         got = 0
         recv = self.sock.recv
-        while got < max_bytes:
+        while got < max_bytes and len(events) < max_events:
             if self._big is not None:  # its bytes count too: uncounted, one read took 16 messages of 64 MiB
                 filled = self._big_filled
                 try:

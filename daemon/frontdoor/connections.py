@@ -16,11 +16,12 @@ Rules, each enforced here and nowhere else:
   them, its requests are not read (it slows only itself);
 - memory: when the bytes held for all connections (partial requests in, replies out) or the
   supervisor's RSS pass their limit, the connections holding the most are cut, idle or not;
-- turns: the messages of one identity (a uid, a CURVE key, a tcp:// host) take at most TURN_NS of a pass
-  of the supervisor's loop; what it sent beyond waits on its connection for the next pass, read no further
-  meanwhile. Every other identity's messages, the worker channels and the timers are served in between:
-  a burst of costly operations (3,000 `status` in one write held the loop 9.6 s, its PONGs unread, and
-  every worker was killed as unresponsive - round 50) costs its sender's turns, no one else's;
+- turns: what a connection sends is read into its pending messages (at most MAX_EVENTS_PER_READ at a
+  time, nothing more read until they are handled) and handled in fair turns between identities
+  (fair_turns.py): the least-served identity's next, the front door taking at most a few ms of each pass
+  of the loop. A burst of costly operations from one identity or from hundreds (rounds 50, 52: 3,000
+  `status` in one write held the loop ~10 s and every worker was killed as unresponsive; 480 uids made a
+  pass last seconds) costs their own turns: a client asking little is next whenever it asks;
 - strikes: a connection that sends `server.peer_strike_limit` requests no conforming client sends
   (undecodable header, over a size limit) is read no more and closed once its replies are written.
 A reply for a connection that is gone is dropped and counted; connection ids are ours and never reused,
@@ -47,6 +48,7 @@ from openinfer.daemon.loop.reactor import HANGUP as _HANGUP, READABLE, WRITABLE,
 from openinfer.daemon.config.settings import Settings
 from openinfer.daemon.loop.timers import TimerHeap
 from .curve import CurveServer
+from .fair_turns import FairTurns
 from .handshakes import MAX_HANDSHAKES_PER_HOST, Handshakes, handshake_share, source_host
 from openinfer.daemon.direct.peer_credentials import peer_credentials, peer_groups
 from .listener import BoundListener
@@ -59,10 +61,13 @@ HANDSHAKE_TIMEOUT_NS = 10_000_000_000
 DROP_GRACE_NS = 100_000_000  # a struck-out connection's replies get this long to be written
 MEMORY_CHECK_NS = 100_000_000  # RSS is read this often (psutil: one /proc read)
 ACCEPTS_PER_PASS = 64
-# What one identity's messages may take of a pass of the loop (see "turns" above). A request that costs more
-# (a `status` of many workers: ~7 ms) is handled alone in its pass; an `infer` takes ~20 us, so a burst of
-# them is handled ~100 at a time, between other clients' messages.
-TURN_NS = 2_000_000
+# Messages read from a connection at once (see "turns" above): 17-byte `status` requests packed in a 4 MiB
+# read were 240,000 Python objects, ~35 MB held for one connection (round 52).
+MAX_EVENTS_PER_READ = 1024
+# What a pending message holds beyond its frames' bytes (the list, the bytes objects, the deque slot:
+# ~130 B for a `status` measured), for the memory rule.
+EVENT_OVERHEAD_BYTES = 160
+FRAME_OVERHEAD_BYTES = 64
 
 
 @dataclass(eq=False, slots=True)
@@ -78,9 +83,10 @@ class Connection:
     dropping: bool = False
     closed: bool = False
     open_ids: set[int] = field(default_factory=set)  # infer request ids queued or running
-    turn_key: str = ""  # whose turn its messages take: its identity, or its host for an anonymous tcp:// peer
-    pending: deque[Event] | None = None  # messages read beyond its identity's turn: handled first, in later passes
+    turn_key: str = ""  # whose turns its messages take: its identity, or its host for an anonymous tcp:// peer
+    pending: deque[Event] | None = None  # messages read and not handled yet (fair_turns.py), in order
     pending_bytes: int = 0  # what they hold (counted by the memory rule until they are all handled)
+    in_turns: bool = False  # among FairTurns' ready connections (once at most)
 
     @property
     def fd(self) -> int:
@@ -145,8 +151,7 @@ class ConnectionTable:
         self.on_closed = on_closed
         self.by_fd: dict[int, Connection] = {}
         self.per_identity: dict[str, int] = {}
-        self._spent: dict[str, int] = {}  # turn key -> ns its messages took in this pass of the loop
-        self.backlog: dict[Connection, None] = {}  # connections holding pending messages, oldest first
+        self.turns = FairTurns(on_message)
         self.handshaking: Handshakes[Connection] = Handshakes()
         self._next_id = 1
         self._listening = False
@@ -321,16 +326,16 @@ class ConnectionTable:
             if mask & WRITABLE:
                 self._flushed(conn, conn.stream.flush())
             if mask & READABLE and conn.reading:
-                if conn.pending:  # what it sent beyond its last turn first; nothing more is read until then
-                    self._take_turn(conn, conn.pending)
-                else:
+                if not conn.pending:  # (else nothing more is read until its turns have handled them)
                     was_open = conn.stream.open
-                    events = conn.stream.read()
+                    events = conn.stream.read(max_events=MAX_EVENTS_PER_READ)
                     if not was_open and conn.stream.open:
                         self.handshaking.discard(conn)
                     if events:
                         conn.last_message_ns = time.monotonic_ns()
-                        self._take_turn(conn, deque(events))
+                        conn.pending = deque(events)
+                        conn.pending_bytes = sum(_event_bytes(event) for event in events)
+                        self.turns.add(conn)
             elif mask & _HANGUP:
                 raise PeerClosed()  # gone while we were not reading it
             if conn.stream.out_bytes:
@@ -339,52 +344,6 @@ class ConnectionTable:
             self.close(conn, None)
         except ProtocolError as exc:
             self.close(conn, f"protocol error: {exc}")
-
-    def _take_turn(self, conn: Connection, events: deque[Event]) -> None:
-        """Handle `events` in order while its identity's turn in this pass lasts; keep the rest on the
-        connection (pending) for the next passes. A struck-out connection's are dropped (it is read no
-        more); one whose replies back up (not reading) keeps them until its backlog is written."""
-        key = conn.turn_key
-        spent = self._spent.get(key, 0)
-        while events and spent < TURN_NS:
-            if conn.closed or conn.dropping:
-                events.clear()
-                break
-            if not conn.reading:
-                break
-            started = time.monotonic_ns()
-            self.on_message(conn, events.popleft())
-            spent += time.monotonic_ns() - started
-        self._spent[key] = spent
-        if events:
-            if conn.pending is not events:
-                conn.pending = events
-                conn.pending_bytes = sum(_event_bytes(event) for event in events)
-            self.backlog[conn] = None
-        elif conn.pending is not None:
-            conn.pending = None
-            conn.pending_bytes = 0
-            self.backlog.pop(conn, None)
-
-    def new_pass(self) -> None:
-        """The loop starts a pass: every identity has a turn again."""
-        if self._spent:
-            self._spent.clear()
-
-    def serve_backlog(self) -> None:
-        """After a pass's events: the connections holding messages from earlier turns take this pass's
-        (whether or not their socket has more to read)."""
-        for conn in list(self.backlog):
-            if conn.closed or conn.dropping or not conn.pending:
-                self.backlog.pop(conn, None)
-                conn.pending, conn.pending_bytes = None, 0
-            elif conn.reading and self._spent.get(conn.turn_key, 0) < TURN_NS:
-                self._take_turn(conn, conn.pending)
-
-    @property
-    def backlog_ready(self) -> bool:
-        """Pending messages the next pass can handle: the loop must not sleep."""
-        return any(conn.reading for conn in self.backlog)
 
     def held(self) -> ContextManager[None]:
         """Replies sent inside are held per connection and written when it ends, one sendmsg per
@@ -434,6 +393,8 @@ class ConnectionTable:
             return
         if not conn.reading and not conn.dropping:
             conn.reading = True  # the backlog is gone: read its requests again
+            if conn.pending:
+                self.turns.add(conn)  # those read before it backed up first
         self.reactor.modify(conn.fd, READABLE)
 
     # -- rules ----------------------------------------------------------------------------------------
@@ -510,7 +471,6 @@ class ConnectionTable:
         self.reactor.remove(fd)
         self.by_fd.pop(fd, None)
         self.handshaking.discard(conn)
-        self.backlog.pop(conn, None)
         conn.pending, conn.pending_bytes = None, 0
         self._uncount(conn.identity)
         conn.stream.close()
@@ -540,4 +500,4 @@ class ConnectionTable:
 
 def _event_bytes(event: Event) -> int:
     frames = event.frames if isinstance(event, Oversized) else event  # an Oversized report: the frames before its limit
-    return sum(len(frame) for frame in frames)
+    return EVENT_OVERHEAD_BYTES + sum(len(frame) + FRAME_OVERHEAD_BYTES for frame in frames)

@@ -10,13 +10,17 @@ served; and a worker whose PONG is overdue is judged on its channel read at that
 from __future__ import annotations
 
 import json
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
+from exposition import free_port
+from openinfer.client import Client
 from other_uid import NOBODY, start_as
 
 X = np.ones((1, 64), np.float32)
@@ -69,3 +73,53 @@ def test_a_burst_of_costly_operations_from_another_user_holds_neither_the_worker
     assert sorted(w["pid"] for w in status["workers"]) == pids, "workers were replaced while the burst was handled"
     assert [(m["name"], m["state"], m["ready_workers"]) for m in status["models"]] == [("tiny", "ready", 2)], status["models"]
     assert "unresponsive" not in daemon.log_text()
+
+
+FLOOD_PEERS = Path(__file__).resolve().parent.parent / "flood_peers.py"
+
+
+def replies_within_victims_requests(address: str, flood: list[str], victim_address: str, requests: int = 5) -> list[int]:
+    """Start tests/flood_peers.py with `flood` (OP OUTSTANDING UIDS), let it flood, then time `requests` infers
+    of a victim through the front door; for each, how many of the flood's replies came while it waited."""
+    attacker = subprocess.Popen([sys.executable, str(FLOOD_PEERS), address, *flood], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert attacker.stdout is not None and attacker.stdin is not None
+    windows: list[tuple[float, float]] = []
+    try:
+        line = attacker.stdout.readline().strip()
+        assert line == "flooding", f"{line!r} {attacker.stderr.read() if attacker.poll() is not None else ''}"
+        with Client(victim_address, direct=False, timeout=120) as victim:
+            for _ in range(requests):
+                sent = time.monotonic()
+                victim.infer("tiny", {"x": X})
+                windows.append((sent, time.monotonic()))
+        out, err = attacker.communicate("", timeout=120)
+    finally:
+        if attacker.poll() is None:
+            attacker.kill()
+    times = json.loads(out.splitlines()[-1])
+    return [sum(sent < t < answered for t in times) for sent, answered in windows]
+
+
+def test_a_client_asking_little_is_served_next_however_many_identities_flood_the_door(daemon_factory: Any, tiny_repo: Path) -> None:
+    """Round 52: 480 uids (root may take any; so may many users together) each kept 2 `status` in flight;
+    each had a turn of every pass, a pass lasted ~1.6 s, and every other client's requests (leases too)
+    expired. Now identities are served least-served first (fair_turns.py): a victim's infer waits a pass or
+    two - fewer of the flood's messages than it has identities. 40 identities here."""
+    daemon = daemon_factory(tiny_repo, env={**OPEN_TO_ALL, "OPENINFER_POOL_DIRECT": "0"})
+    identities = ",".join(str(40100 + i) for i in range(40))
+    waited = replies_within_victims_requests(daemon.address, ["status", "2", identities], daemon.address)
+    # Before: ~320 of them (540 ms) for each; one turn of every identity is 40 at least.
+    assert statistics.median(waited) < 40, f"the flood's replies while each victim request waited: {waited}"
+    assert [m["state"] for m in daemon.client().status()["models"]] == ["ready"]
+
+
+def test_clients_sharing_one_identity_take_turns_with_each_other(daemon_factory: Any, tiny_repo: Path) -> None:
+    """Round 52: plain tcp:// peers on loopback are one identity; one of them pipelining `models` on two
+    connections (3,000 each) held every other loopback client for seconds, the victim's requests timing
+    out: within the identity, the connection that was always readable took the whole turn. Now the
+    ready connections of one identity take a message each in turn."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    daemon = daemon_factory(tiny_repo, "--insecure-tcp", address=address)
+    waited = replies_within_victims_requests(address, ["models", "3000", "-,-"], address)
+    # Before: the victim waited seconds, ~100,000 of them; now a few passes (~4 ms, 40,000 `models` a second).
+    assert statistics.median(waited) < 2000, f"the flood's replies while each victim request waited: {waited}"

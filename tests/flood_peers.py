@@ -1,0 +1,76 @@
+"""Flooders for the front door's fairness tests (tests/attack/test_control_floods.py): one process holding
+many hand-written ZMTP DEALER connections, each as the uid it was opened as (seteuid around connect(): the
+kernel records the credentials of that moment, SO_PEERCRED), each keeping `outstanding` requests of one
+operation in flight. Run as a script, as root:
+
+    python flood_peers.py ADDRESS OP OUTSTANDING UID,UID,...   ("-" for a uid: the process's own)
+
+It prints "flooding" once every connection has had a reply, then keeps on until its stdin is closed, and
+prints the CLOCK_MONOTONIC time of every reply (system-wide: comparable with the test's clock) as JSON."""
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import sys
+import time
+
+import msgpack
+
+from openinfer.wire import zmtp
+
+
+def connect(address: str, uid: int | None) -> zmtp.FrameStream:
+    if address.startswith("ipc://"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target: object = address[len("ipc://") :]
+    else:
+        host, port = address[len("tcp://") :].rsplit(":", 1)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        target = (host, int(port))
+    if uid is not None:
+        os.seteuid(uid)
+    try:
+        sock.connect(target)
+    finally:
+        if uid is not None:
+            os.seteuid(0)
+    sock.setblocking(False)
+    return zmtp.FrameStream(sock, zmtp.Limits(message_bytes=1 << 30), handshake=True, socket_type=b"DEALER", accept_types=frozenset({b"ROUTER"}))
+
+
+def main(address: str, op: str, outstanding: int, uids: list[int | None]) -> None:
+    streams = [connect(address, uid) for uid in uids]
+    by_fd = {stream.sock.fileno(): stream for stream in streams}
+    next_id = iter(range(1, 1 << 62))
+    for stream in streams:
+        for _ in range(outstanding):
+            stream.send([msgpack.packb({"v": 1, "id": next(next_id), "op": op})])
+    answered: set[int] = set()
+    times: list[float] = []
+    while True:
+        writing = [s.sock for s in streams if s.out_bytes]
+        readable, _, _ = select.select([*by_fd, sys.stdin], writing, [], 1.0)
+        if sys.stdin in readable and not sys.stdin.readline():
+            break
+        for stream in streams:
+            stream.flush()
+        for fd in readable:
+            if fd is sys.stdin:
+                continue
+            stream = by_fd[fd]
+            for event in stream.read():
+                reply = msgpack.unpackb(event[0])
+                assert "result" in reply, reply
+                times.append(time.monotonic())
+                stream.send([msgpack.packb({"v": 1, "id": next(next_id), "op": op})])
+                if fd not in answered:
+                    answered.add(fd)
+                    if len(answered) == len(streams):
+                        print("flooding", flush=True)
+    print(json.dumps(times), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), [None if uid == "-" else int(uid) for uid in sys.argv[4].split(",")])
