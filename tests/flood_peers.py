@@ -3,7 +3,8 @@ many hand-written ZMTP DEALER connections, each as the uid it was opened as (set
 kernel records the credentials of that moment, SO_PEERCRED), each keeping `outstanding` requests of one
 operation in flight. Run as a script, as root:
 
-    python flood_peers.py ADDRESS OP OUTSTANDING UID,UID,...   ("-" for a uid: the process's own)
+    python flood_peers.py ADDRESS OP OUTSTANDING UID,UID,... [EMPTY_FRAMES]   ("-" for a uid: the process's own)
+    python flood_peers.py ADDRESS partial BYTES UID,UID,...   (each connection holds half a BYTES-byte request)
 
 It prints "flooding" once every connection has had a reply, then keeps on until its stdin is closed, and
 prints the CLOCK_MONOTONIC time of every reply (system-wide: comparable with the test's clock) as JSON."""
@@ -40,13 +41,40 @@ def connect(address: str, uid: int | None) -> zmtp.FrameStream:
     return zmtp.FrameStream(sock, zmtp.Limits(message_bytes=1 << 30), handshake=True, socket_type=b"DEALER", accept_types=frozenset({b"ROUTER"}))
 
 
-def main(address: str, op: str, outstanding: int, uids: list[int | None]) -> None:
+def hold_partial(address: str, size: int, uids: list[int | None]) -> None:
+    """Each connection starts an infer whose data frame announces `size` bytes, sends half of them and holds:
+    the daemon keeps the frame's buffer for it (unfinished requests count toward its memory rule)."""
     streams = [connect(address, uid) for uid in uids]
+    header = msgpack.packb({"v": 1, "id": 2, "op": "infer", "model": "tiny", "inputs": [{"name": "x", "datatype": "FP32", "shape": [size // 4]}]})
+    for stream in streams:  # the handshake first (a `health` answered), then half a request by hand
+        stream.send([msgpack.packb({"v": 1, "id": 1, "op": "health"})])
+        got: list[object] = []
+        while not got:
+            select.select([stream.sock], [stream.sock] if stream.out_bytes else [], [], 1.0)
+            stream.flush()
+            got = list(stream.read())
+        stream.sock.setblocking(True)
+        stream.sock.sendall(zmtp.frame_header(len(header), zmtp.MORE) + header + zmtp.frame_header(size, 0) + bytes(size // 2))
+        stream.sock.setblocking(False)
+    print("holding", flush=True)
+    sys.stdin.readline()
+    closed = 0
+    for stream in streams:
+        try:
+            stream.read()
+        except zmtp.PeerClosed:
+            closed += 1
+    print(json.dumps({"closed": closed}), flush=True)
+
+
+def main(address: str, op: str, outstanding: int, uids: list[int | None], empty_frames: int = 0) -> None:
+    streams = [connect(address, uid) for uid in uids]
+    tail = [b""] * empty_frames  # frames the daemon must parse before it can answer (round 53: 256 a request)
     by_fd = {stream.sock.fileno(): stream for stream in streams}
     next_id = iter(range(1, 1 << 62))
     for stream in streams:
         for _ in range(outstanding):
-            stream.send([msgpack.packb({"v": 1, "id": next(next_id), "op": op})])
+            stream.send([msgpack.packb({"v": 1, "id": next(next_id), "op": op}), *tail])
     answered: set[int] = set()
     times: list[float] = []
     while True:
@@ -62,9 +90,9 @@ def main(address: str, op: str, outstanding: int, uids: list[int | None]) -> Non
             stream = by_fd[fd]
             for event in stream.read():
                 reply = msgpack.unpackb(event[0])
-                assert "result" in reply, reply
+                assert "result" in reply or empty_frames, reply
                 times.append(time.monotonic())
-                stream.send([msgpack.packb({"v": 1, "id": next(next_id), "op": op})])
+                stream.send([msgpack.packb({"v": 1, "id": next(next_id), "op": op}), *tail])
                 if fd not in answered:
                     answered.add(fd)
                     if len(answered) == len(streams):
@@ -73,4 +101,7 @@ def main(address: str, op: str, outstanding: int, uids: list[int | None]) -> Non
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), [None if uid == "-" else int(uid) for uid in sys.argv[4].split(",")])
+    if sys.argv[2] == "partial":
+        hold_partial(sys.argv[1], int(sys.argv[3]), [None if uid == "-" else int(uid) for uid in sys.argv[4].split(",")])
+    else:
+        main(sys.argv[1], sys.argv[2], int(sys.argv[3]), [None if uid == "-" else int(uid) for uid in sys.argv[4].split(",")], int(sys.argv[5]) if len(sys.argv) > 5 else 0)

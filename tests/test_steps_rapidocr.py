@@ -141,10 +141,10 @@ def test_a_progressive_jpeg_within_the_scan_limit_is_read() -> None:
     with Image.open(io.BytesIO(at_the_limit)) as image:
         image.load()  # a JPEG Pillow decodes: the builder makes real files
     with Image.open(io.BytesIO(at_the_limit)) as image:
-        rapidocr._refuse_costly_decode(image, at_the_limit)
+        rapidocr._refuse_costly_decode(image, at_the_limit, rapidocr._refuse_costly_layout(at_the_limit))
     for bomb in (scan_bomb(MAX_JPEG_SCANS), with_mpf(scan_bomb(MAX_JPEG_SCANS))):
         with Image.open(io.BytesIO(bomb), formats=rapidocr.FORMATS) as image, pytest.raises(ValueError, match="more than the"):
-            rapidocr._refuse_costly_decode(image, bomb)
+            rapidocr._refuse_costly_decode(image, bomb, rapidocr._refuse_costly_layout(bomb))
     # TIFF: the compressions decoded once per pixel are read; JPEG-in-TIFF is not (rounds 45-46: libtiff
     # decodes its strips by tables it parses itself, and files the count passed held the worker 14-20 s).
     # Nor one whose tag data the file does not hold: Pillow skips such a tag, libtiff reads it (round 46:
@@ -164,10 +164,10 @@ def test_a_progressive_jpeg_within_the_scan_limit_is_read() -> None:
         Image.new("RGB", (64, 64), "white").save(tiff, "TIFF", compression=compression)
         with Image.open(io.BytesIO(tiff.getvalue()), formats=rapidocr.FORMATS) as image:
             if read:
-                rapidocr._refuse_costly_decode(image, tiff.getvalue())
+                rapidocr._refuse_costly_decode(image, tiff.getvalue(), 0)
             else:
                 with pytest.raises(ValueError, match="send the JPEG itself"):
-                    rapidocr._refuse_costly_decode(image, tiff.getvalue())
+                    rapidocr._refuse_costly_decode(image, tiff.getvalue(), 0)
 
 
 def test_what_is_not_an_image_is_the_callers_mistake_and_the_worker_serves_on(ocr_daemon: RunningDaemon) -> None:

@@ -259,10 +259,11 @@ class FrameStream:
         return self._state == "open"
 
     # -- receiving ----------------------------------------------------------------------------------
-    def read(self, max_bytes: int = 4 * 1024 * 1024, max_events: int = 1 << 62) -> list[Event]:
+    def read(self, max_bytes: int = 4 * 1024 * 1024, max_events: int = 1 << 62, chunk_bytes: int = _RECV_CHUNK) -> list[Event]:
         """Complete messages available now (may be empty); reading stops once `max_bytes` were read or
-        `max_events` messages are complete (a chunk's messages are all kept: a few more). Raises
-        PeerClosed or ProtocolError."""
+        `max_events` messages are complete (a chunk's messages are all kept: a few more). Each recv takes
+        at most `chunk_bytes` (all of a chunk is parsed at once: ~0.4 us a frame, so a chunk of empty
+        frames costs ~0.2 us a byte). Raises PeerClosed or ProtocolError."""
         events: list[Event] = []
         got = 0
         recv = self.sock.recv
@@ -281,7 +282,7 @@ class FrameStream:
                 self._big_done(events)
                 continue
             try:
-                chunk = recv(_RECV_CHUNK)
+                chunk = recv(chunk_bytes)
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionError:
@@ -304,7 +305,7 @@ class FrameStream:
             else:
                 buf += chunk
             self._parse(events)
-            if len(chunk) < _RECV_CHUNK and self._big is None:
+            if len(chunk) < chunk_bytes and self._big is None:
                 break  # the kernel had no more
         self.in_bytes = len(self._buf) - self._pos + self._msg_bytes + (len(self._big) if self._big is not None else 0)
         return events

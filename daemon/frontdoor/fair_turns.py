@@ -1,19 +1,22 @@
-"""Whose message the front door handles next: start-time fair queueing over client identities.
+"""Whose work the front door does next: start-time fair queueing over client identities.
 
-Each identity (a uid, a CURVE key, a tcp:// host: all its connections together) has a virtual time,
-the loop time its messages have taken; the connection holding messages whose identity has taken the
-least goes next, one message at a time, and the front door's messages take at most PASS_NS of a pass of
-the supervisor's loop, so that the worker channels, the timers and new reads come in between.
-An identity that comes back after a quiet spell starts at the clock (the virtual time of the message
-last handled), not below it: quiet time is not saved up to be spent in a burst later.
+The work is what a client's connection costs the supervisor's loop: reading and parsing what it sent
+(handshakes too), and handling each message. Each identity (a uid, a CURVE key, a tcp:// host: all its
+connections together) has a virtual time, the loop time its work has taken; the identity that has taken
+the least goes next, one unit at a time (a read, or one message), its connections in the order they
+became ready; and client work takes at most PASS_NS of a pass of the loop (one unit at least), so that the
+worker channels and the timers come in between. An identity that comes back after a quiet spell starts at
+the clock (the virtual time of the unit done last), not below it: quiet time is not saved up to be spent
+in a burst later.
 
 Why: round 50 held the loop ~10 s with 3,000 `status` in one write (every worker was then killed as
-unresponsive); round 52 gave each of 480 uids a turn per pass and a pass lasted 1.6-3.7 s. Here a client
-that asks little - a request now and then - is next whenever it asks, however many identities flood the
-door and whatever their requests cost; those share what is left in proportion.
+unresponsive); round 52 gave each of 480 uids a turn of every pass and a pass lasted 1.6-3.7 s; round 53
+sent requests of 256 empty frames whose parsing (110 ms a read) nobody was charged for. Here a client that
+asks little waits for at most one unit of each identity busy at the same time - a few ms beside a few
+flooding identities, whatever their requests cost, ~1 s beside 480 uids (root's, or as many users') each
+keeping `status` busy - and the busy ones share what is left in proportion.
 
-A message is charged at least MIN_COST_NS (reading and queueing it cost something even when handling it
-is cheap). Within one identity its connections take turns in the order they became ready.
+A unit is charged at least MIN_COST_NS (queueing it costs something even when doing it is cheap).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Callable
 
-from openinfer.wire.zmtp import Event
+from openinfer.wire.zmtp import Event, Oversized
 
 if TYPE_CHECKING:
     from .connections import Connection
@@ -33,12 +36,17 @@ log = logging.getLogger("openinfer.access")
 
 PASS_NS = 2_000_000
 MIN_COST_NS = 2_000
+# What a pending message holds beyond its frames' bytes, for the memory rule: the list and the deque slot
+# (~64 B), each non-empty frame's bytes object (~41 B over its length; an empty frame is CPython's one b"").
+EVENT_OVERHEAD_BYTES = 64
+FRAME_OVERHEAD_BYTES = 41
 FORGET_ABOVE = 4096  # identities remembered past this many: those at or below the clock carry nothing
 
 
 class FairTurns:
-    def __init__(self, handle: Callable[["Connection", Event], None]) -> None:
+    def __init__(self, handle: Callable[["Connection", Event], None], read: Callable[["Connection"], None]) -> None:
         self._handle = handle
+        self._read = read
         self._usage: dict[str, int] = {}  # turn key -> its virtual time (ns)
         self._clock = 0  # the virtual time of the message handled last
         self._identities: list[tuple[int, int, str]] = []  # heap of ready identities: (virtual time, order, key)
@@ -50,8 +58,8 @@ class FairTurns:
         return bool(self._identities)
 
     def add(self, conn: "Connection") -> None:
-        """`conn` holds pending messages it may handle now: it takes its place among the ready, behind its
-        identity's other ready connections."""
+        """`conn` holds pending messages it may handle now, or is to be read (`wants_read`): it takes its
+        place among the ready, behind its identity's other ready connections."""
         if conn.in_turns:
             return
         conn.in_turns = True
@@ -82,15 +90,24 @@ class FairTurns:
             conn = waiting.popleft()
             conn.in_turns = False
             pending = conn.pending
-            if conn.closed or conn.dropping or not pending:
-                conn.pending, conn.pending_bytes = None, 0  # a struck-out connection is read no more
-            elif conn.reading:  # (else its replies back up: added again once they are written)
+            if conn.closed or conn.dropping or not conn.reading or not (pending or conn.wants_read):
+                # Struck out: read no more. Its replies backing up: added again once they are written.
+                if conn.closed or conn.dropping:
+                    conn.pending, conn.pending_bytes = None, 0
+            else:
                 served = True
                 if usage > self._clock:
                     self._clock = usage
                 try:
-                    self._handle(conn, pending.popleft())
-                except Exception:  # the handler answers everything itself; a bug must not strand the others
+                    if pending:
+                        event = pending.popleft()
+                        conn.pending_bytes -= held_by(event)
+                        self._handle(conn, event)
+                    else:
+                        conn.wants_read = False
+                        self._read(conn)  # its complete messages become its pending ones
+                        pending = conn.pending
+                except Exception:  # the callbacks answer everything themselves; a bug must not strand the others
                     log.exception("internal error while handling a client's message; continuing")
                 usage += max(time.monotonic_ns() - started, MIN_COST_NS)
                 usage_of[key] = usage
@@ -105,3 +122,9 @@ class FairTurns:
                 del connections[key]
         if len(usage_of) > FORGET_ABOVE:
             self._usage = {key: value for key, value in usage_of.items() if value > self._clock or key in connections}
+
+
+def held_by(event: Event) -> int:
+    """What a message read and not handled yet holds (the memory rule counts it)."""
+    frames = event.frames if isinstance(event, Oversized) else event  # an Oversized report: the frames before its limit
+    return EVENT_OVERHEAD_BYTES + sum(len(frame) + FRAME_OVERHEAD_BYTES if len(frame) else 8 for frame in frames)

@@ -10,6 +10,7 @@ served; and a worker whose PONG is overdue is judged on its channel read at that
 from __future__ import annotations
 
 import json
+import select
 import statistics
 import subprocess
 import sys
@@ -17,10 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 
+from daemon_harness import wait_for
 from exposition import free_port
+from flood_peers import connect as dealer_connect
 from openinfer.client import Client
+from openinfer.wire import zmtp
 from other_uid import NOBODY, start_as
 
 X = np.ones((1, 64), np.float32)
@@ -78,6 +83,28 @@ def test_a_burst_of_costly_operations_from_another_user_holds_neither_the_worker
 FLOOD_PEERS = Path(__file__).resolve().parent.parent / "flood_peers.py"
 
 
+def dealer_stream(address: str) -> zmtp.FrameStream:
+    """A hand-written DEALER of this process (uid 0), its handshake done (a `health` answered)."""
+    stream = dealer_connect(address, None)
+    stream.send([msgpack.packb({"v": 1, "id": 1, "op": "health"})])
+    assert next_reply(stream) is not None
+    return stream
+
+
+def next_reply(stream: zmtp.FrameStream, timeout: float = 30.0) -> dict[str, Any] | None:
+    """The next reply header, or None once the daemon closed the connection."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            select.select([stream.sock], [stream.sock] if stream.out_bytes else [], [], 0.2)
+            stream.flush()
+            for event in stream.read():
+                return msgpack.unpackb(event[0])  # type: ignore[no-any-return]
+    except zmtp.PeerClosed:
+        return None
+    raise AssertionError("no reply")
+
+
 def replies_within_victims_requests(address: str, flood: list[str], victim_address: str, requests: int = 5) -> list[int]:
     """Start tests/flood_peers.py with `flood` (OP OUTSTANDING UIDS), let it flood, then time `requests` infers
     of a victim through the front door; for each, how many of the flood's replies came while it waited."""
@@ -123,3 +150,35 @@ def test_clients_sharing_one_identity_take_turns_with_each_other(daemon_factory:
     waited = replies_within_victims_requests(address, ["models", "3000", "-,-"], address)
     # Before: the victim waited seconds, ~100,000 of them; now a few passes (~4 ms, 40,000 `models` a second).
     assert statistics.median(waited) < 2000, f"the flood's replies while each victim request waited: {waited}"
+
+
+def test_the_memory_rule_cuts_the_identity_holding_the_most_not_another_clients_one_large_request(daemon_factory: Any, tiny_repo: Path) -> None:
+    """Round 53: two uids on 120 connections held pending messages while an honest client sent 16 MiB
+    requests: the rule cut the connection holding the most - the honest one, 33 times out of 33. Now the
+    identity holding the most (all its connections together) loses its largest connection first. Here one
+    uid holds 1 MiB on each of 24 connections (half-sent requests), another client 6 MiB on one, the
+    limit 24 MiB: the flood's connections go, the honest request is answered."""
+    daemon = daemon_factory(tiny_repo, env={**OPEN_TO_ALL, "OPENINFER_POOL_DIRECT": "0", "OPENINFER_SERVER_MAX_CONNECTION_BUFFERS_BYTES": str(24 << 20)})
+    admin = daemon.client()
+    victim = dealer_stream(daemon.address)
+    size = 6 << 20
+    header = msgpack.packb({"v": 1, "id": 7, "op": "infer", "model": "tiny", "inputs": [{"name": "x", "datatype": "FP32", "shape": [size // 4]}]})
+    victim.sock.setblocking(True)
+    victim.sock.sendall(zmtp.frame_header(len(header), zmtp.MORE) + header + zmtp.frame_header(size, 0) + bytes(size - 1))
+    victim.sock.setblocking(False)
+    holders = subprocess.Popen([sys.executable, str(FLOOD_PEERS), daemon.address, "partial", str(1 << 20), ",".join(["65534"] * 24)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert holders.stdout is not None
+    try:
+        assert holders.stdout.readline().strip() == "holding"
+        wait_for(lambda: admin.status()["connections"]["refused"].get("cut", 0) >= 1, 20, "the memory rule to cut")
+        out, err = holders.communicate("\n", timeout=60)
+        victim.sock.setblocking(True)
+        victim.sock.sendall(b"\0")  # the last byte: the request is whole
+        victim.sock.setblocking(False)
+        reply = next_reply(victim)
+    finally:
+        victim.close()
+        if holders.poll() is None:
+            holders.kill()
+    assert json.loads(out.splitlines()[-1])["closed"] >= 1, err
+    assert reply is not None and reply["id"] == 7, "the honest client's connection was cut"
