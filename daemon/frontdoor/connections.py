@@ -66,9 +66,11 @@ ACCEPTS_PER_PASS = 64
 # Messages read from a connection at once (see "turns" above): 17-byte `status` requests packed in a 4 MiB
 # read were 240,000 Python objects, ~35 MB held for one connection (round 52).
 MAX_EVENTS_PER_READ = 1024
-# Bytes a read takes (one recv): parsed at once, ~13 ms for 64 KiB of empty frames, the worst case, charged
-# to the sender's turns. A large frame is received straight into its own buffer, past this (zmtp.py).
-READ_BYTES = 64 * 1024
+# Bytes a read takes (one recv): parsed at once, ~3 ms for 16 KiB of empty frames, the worst case, charged
+# to the sender's turns - and the longest another client's turn waits behind it (round 54: with 64 KiB
+# units of empty frames beside it, a 64 MiB upload got a third of its speed, not half). A large frame is
+# received straight into its own buffer, past this (zmtp.py).
+READ_BYTES = 16 * 1024
 
 
 @dataclass(eq=False, slots=True)

@@ -114,8 +114,11 @@ class FairTurns:
                 if not pending:
                     conn.pending, conn.pending_bytes = None, 0
                 elif not conn.closed and not conn.in_turns:
-                    conn.in_turns = True
-                    waiting.append(conn)
+                    if conn.turn_key == key:
+                        conn.in_turns = True
+                        waiting.append(conn)
+                    else:  # a CURVE handshake named its key in this read: its messages are that key's turns
+                        self.add(conn)
             if waiting:
                 heapq.heappush(identities, (usage, next(self._order), key))
             else:
