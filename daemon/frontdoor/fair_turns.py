@@ -48,7 +48,7 @@ class FairTurns:
         self._handle = handle
         self._read = read
         self._usage: dict[str, int] = {}  # turn key -> its virtual time (ns)
-        self._clock = 0  # the virtual time of the message handled last
+        self._clock = 0  # the virtual time at which the unit done last started
         self._identities: list[tuple[int, int, str]] = []  # heap of ready identities: (virtual time, order, key)
         self._connections: dict[str, deque["Connection"]] = {}  # a ready identity's ready connections, in turn
         self._order = itertools.count()
@@ -76,8 +76,8 @@ class FairTurns:
         heapq.heappush(self._identities, (usage, next(self._order), key))
 
     def serve(self) -> None:
-        """Handle pending messages, one at a time, the least-served identity's first (its connections in
-        turn), for at most PASS_NS (one message at least)."""
+        """Units of client work - a read or one pending message - the least-served identity's first (its
+        connections in turn), for at most PASS_NS (one unit at least)."""
         identities, connections, usage_of = self._identities, self._connections, self._usage
         end = time.monotonic_ns() + PASS_NS
         served = False
