@@ -5,6 +5,7 @@ operation in flight. Run as a script, as root:
 
     python flood_peers.py ADDRESS OP OUTSTANDING UID,UID,... [EMPTY_FRAMES]   ("-" for a uid: the process's own)
     python flood_peers.py ADDRESS partial BYTES UID,UID,...   (each connection holds half a BYTES-byte request)
+    python flood_peers.py ADDRESS worker-cancel WINDOW UID     (WINDOW `cancel`s in flight on a worker's endpoint)
 
 It prints "flooding" once every connection has had a reply, then keeps on until its stdin is closed, and
 prints the CLOCK_MONOTONIC time of every reply (system-wide: comparable with the test's clock) as JSON."""
@@ -100,8 +101,47 @@ def main(address: str, op: str, outstanding: int, uids: list[int | None], empty_
     print(json.dumps(times), flush=True)
 
 
+def flood_worker(address: str, uid: int, window: int) -> None:
+    """As `uid` (for good: the lease is bound to it): a lease for `tiny`, attached to its first worker, then
+    `window` `cancel`s of ids that do not exist kept in flight on that worker connection (round 55: each
+    is answered at read time, before any queue). Reports as main() does."""
+    from openinfer.client import Client
+
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    with Client(address, direct=False) as client:
+        lease = client._call("lease", model="tiny")
+    stream = connect("ipc://" + lease["workers"][0]["address"].removeprefix("ipc://"), None)
+    stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    stream.send([msgpack.packb({"v": 1, "id": 1, "op": "attach", "lease": lease["lease"]})])
+    next_id = iter(range(2, 1 << 62))
+    times: list[float] = []
+    attached = False
+    while True:
+        readable, _, _ = select.select([stream.sock, sys.stdin], [stream.sock] if stream.out_bytes else [], [], 1.0)
+        if sys.stdin in readable and not sys.stdin.readline():
+            break
+        stream.flush()
+        if stream.sock in readable:
+            for event in stream.read():
+                reply = msgpack.unpackb(event[0])
+                if not attached:
+                    assert "result" in reply, reply
+                    attached = True
+                    for _ in range(window):
+                        stream.send([msgpack.packb({"v": 1, "id": next(next_id), "op": "cancel", "target": 1 << 40})])
+                    print("flooding", flush=True)
+                    continue
+                times.append(time.monotonic())
+                stream.send([msgpack.packb({"v": 1, "id": next(next_id), "op": "cancel", "target": 1 << 40})])
+    print(json.dumps(times), flush=True)
+
+
 if __name__ == "__main__":
-    if sys.argv[2] == "partial":
+    if sys.argv[2] == "worker-cancel":
+        flood_worker(sys.argv[1], int(sys.argv[4]), int(sys.argv[3]))
+    elif sys.argv[2] == "partial":
         hold_partial(sys.argv[1], int(sys.argv[3]), [None if uid == "-" else int(uid) for uid in sys.argv[4].split(",")])
     else:
         main(sys.argv[1], sys.argv[2], int(sys.argv[3]), [None if uid == "-" else int(uid) for uid in sys.argv[4].split(",")], int(sys.argv[5]) if len(sys.argv) > 5 else 0)

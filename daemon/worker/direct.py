@@ -16,6 +16,7 @@ import resource
 import select
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable, ContextManager
@@ -45,6 +46,11 @@ DIRECT_OPERATIONS = ("attach", "infer", "cancel")
 _READABLE, _WRITABLE, _HANGUP = 0x001, 0x004, 0x018  # EPOLLIN, EPOLLOUT, EPOLLERR | EPOLLHUP
 
 
+# What one read of a client's connection takes (see on_event): like the front door's (frontdoor/connections.py).
+READ_BYTES = 16 * 1024
+MAX_EVENTS_PER_READ = 256
+
+
 @dataclass(frozen=True)
 class DirectLimits:
     """The front door's limits as they apply to one worker (the supervisor passes them at spawn)."""
@@ -67,7 +73,9 @@ class DirectConnection:
     strikes: int = 0
     reading: bool = True
     draining: bool = False  # told GOAWAY: what it read before is served, anything later is sent back
+    struck: bool = False  # over the strike limit: read no more, closed once its replies are written
     closed: bool = False
+    pending: deque[Event] | None = None  # messages read and not handled yet: its replies backed up meanwhile
     open_ids: set[int] = field(default_factory=set)  # requests accepted here and not yet answered
     last_read_ns: int = 0  # when bytes last came: a request still arriving that long ago has stalled
     out_moved_ns: int = 0  # when its outbox last began to fill or shrank: replies unread since then have stalled
@@ -246,19 +254,28 @@ class DirectDoor:
             return
         try:
             if mask & _WRITABLE and self._flushed(conn):
+                if conn.struck:
+                    raise PeerClosed()  # its replies are written: it goes
                 if not conn.reading and not conn.draining:
                     conn.reading = True
                 self.poller.modify(fd, _READABLE if conn.reading else 0)
+                if conn.reading and conn.pending:
+                    self._handle_pending(conn)  # read before its replies backed up
             if mask & _READABLE and conn.reading:
-                conn.last_read_ns = time.monotonic_ns()
-                was_open = conn.stream.open
-                events = conn.stream.read()
-                if not was_open and conn.stream.open:
-                    self.handshaking.pop(conn.conn_id, None)
-                for event in events:
-                    if conn.closed or not conn.reading:
-                        break
-                    self._on_message(conn, event)
+                if conn.pending:
+                    self._handle_pending(conn)  # (nothing more is read until those are handled)
+                else:
+                    conn.last_read_ns = time.monotonic_ns()
+                    was_open = conn.stream.open
+                    # A bounded read: what one connection sends costs this loop one read at a time, the
+                    # supervisor's PINGs and the other connections in between (round 55: 4 MiB of pipelined
+                    # `cancel` in one read held the worker ~2 s; from 4 connections it was killed as unresponsive).
+                    events = conn.stream.read(max_bytes=READ_BYTES, max_events=MAX_EVENTS_PER_READ, chunk_bytes=READ_BYTES)
+                    if not was_open and conn.stream.open:
+                        self.handshaking.pop(conn.conn_id, None)
+                    if events:
+                        conn.pending = deque(events)
+                        self._handle_pending(conn)
                 if conn.stream.in_bytes > MAX_HEADER_BYTES and not conn.closed:
                     self._keep_within_budget(conn.last_read_ns)
             elif mask & _HANGUP and not mask & _READABLE:
@@ -270,6 +287,19 @@ class DirectDoor:
         except MemoryError:  # no room for a frame it declared (the worker's RLIMIT_AS): that connection goes, not the worker
             log.warning("closing a direct connection: no memory for what it sends", extra={"identity": conn.identity, "held_bytes": conn.stream.in_bytes})
             self.close(conn)
+
+    def _handle_pending(self, conn: DirectConnection) -> None:
+        """Its messages read, in order, while it may be read: one whose replies back up keeps the rest until
+        they are written (they were dropped unanswered before); a struck-out one's are dropped."""
+        pending = conn.pending
+        while pending:
+            if conn.closed or conn.struck:
+                pending.clear()
+                break
+            if not conn.reading:
+                return
+            self._on_message(conn, pending.popleft())
+        conn.pending = None
 
     def _on_message(self, conn: DirectConnection, event: Event) -> None:
         received_ns = time.monotonic_ns()
@@ -426,6 +456,7 @@ class DirectDoor:
         conn.strikes += 1
         if self.limits.strike_limit and conn.strikes >= self.limits.strike_limit:
             conn.reading = False
+            conn.struck = True
             if conn.stream.out_bytes:
                 self.poller.modify(conn.fd, _WRITABLE)
             else:

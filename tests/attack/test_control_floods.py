@@ -105,16 +105,19 @@ def next_reply(stream: zmtp.FrameStream, timeout: float = 30.0) -> dict[str, Any
     raise AssertionError("no reply")
 
 
-def replies_within_victims_requests(address: str, flood: list[str], victim_address: str, requests: int = 5) -> list[int]:
-    """Start tests/flood_peers.py with `flood` (OP OUTSTANDING UIDS), let it flood, then time `requests` infers
-    of a victim through the front door; for each, how many of the flood's replies came while it waited."""
+def replies_within_victims_requests(address: str, flood: list[str], victim_address: str, requests: int = 5, direct: bool = False) -> list[int]:
+    """Start tests/flood_peers.py with `flood` (its arguments after the address), let it flood, then time
+    `requests` infers of a victim (through the front door, or `direct`ly to the model's worker, once
+    attached); for each, how many of the flood's replies came while it waited."""
     attacker = subprocess.Popen([sys.executable, str(FLOOD_PEERS), address, *flood], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert attacker.stdout is not None and attacker.stdin is not None
     windows: list[tuple[float, float]] = []
     try:
         line = attacker.stdout.readline().strip()
         assert line == "flooding", f"{line!r} {attacker.stderr.read() if attacker.poll() is not None else ''}"
-        with Client(victim_address, direct=False, timeout=120) as victim:
+        with Client(victim_address, direct=direct, timeout=120) as victim:
+            if direct:
+                victim.infer("tiny", {"x": X})  # the lease and the attach first: not what is measured
             for _ in range(requests):
                 sent = time.monotonic()
                 victim.infer("tiny", {"x": X})
@@ -182,3 +185,15 @@ def test_the_memory_rule_cuts_the_identity_holding_the_most_not_another_clients_
             holders.kill()
     assert json.loads(out.splitlines()[-1])["closed"] >= 1, err
     assert reply is not None and reply["id"] == 7, "the honest client's connection was cut"
+
+
+def test_a_worker_reads_a_flooding_connection_a_bounded_read_at_a_time(daemon_factory: Any, tiny_repo: Path) -> None:
+    """Round 55: the worker endpoints had round 50's flaw. A client with the ordinary `infer` grant kept its
+    connection to the model's one worker full of `cancel`s of ids that do not exist (each answered at read
+    time): one read took 4 MiB, ~130,000 messages handled before anything else - other clients of the model
+    waited seconds or failed, and from 4 connections the worker missed the supervisor's PINGs and was killed.
+    A read takes at most 16 KiB and 256 messages now; the supervisor's PING and other connections come between."""
+    daemon = daemon_factory(tiny_repo, "--workers", "1", env={**OPEN_TO_ALL, "OPENINFER_POOL_DIRECT": "1"})
+    waited = replies_within_victims_requests(daemon.address, ["worker-cancel", "20000", str(NOBODY)], daemon.address, direct=True)
+    # Before: a read of the flood - 37,000-76,000 of its replies - ahead of a victim's request; now ~1,000-1,600.
+    assert max(waited) < 5000, f"the flood's replies while each victim request waited: {waited}"
