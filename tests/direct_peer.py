@@ -14,6 +14,7 @@ import msgpack
 import numpy as np
 
 from daemon_harness import RunningDaemon
+from flood_peers import connect
 from openinfer.client import Client
 from openinfer.wire import zmtp
 
@@ -26,19 +27,23 @@ def lease_of(daemon: RunningDaemon, model: str = "tiny") -> dict[str, Any]:
 
 
 class Peer:
-    """A hand-written ZMTP DEALER on one worker endpoint."""
+    """A hand-written ZMTP DEALER on one worker endpoint (or the daemon's socket)."""
 
     def __init__(self, address: str) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(address[len("ipc://") :])
-        sock.setblocking(False)
-        self.stream = zmtp.FrameStream(sock, zmtp.Limits(message_bytes=1 << 30), handshake=True, socket_type=b"DEALER", accept_types=frozenset({b"ROUTER"}))
+        self.stream = connect(address, None)
 
     def ask(self, frames: list[bytes], timeout: float = 10) -> dict[str, Any] | None:
         """The reply header, or None once the worker closed the connection."""
-        deadline = time.monotonic() + timeout
         try:
             self.stream.send(frames)
+        except zmtp.PeerClosed:
+            return None
+        return self.next_reply(timeout)
+
+    def next_reply(self, timeout: float = 10) -> dict[str, Any] | None:
+        """The next reply header (GOAWAY aside), or None once the peer closed the connection."""
+        deadline = time.monotonic() + timeout
+        try:
             while time.monotonic() < deadline:
                 select.select([self.stream.sock], [self.stream.sock] if self.stream.out_bytes else [], [], 0.1)
                 self.stream.flush()

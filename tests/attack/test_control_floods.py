@@ -10,7 +10,6 @@ served; and a worker whose PONG is overdue is judged on its channel read at that
 from __future__ import annotations
 
 import json
-import select
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import numpy as np
 
 from daemon_harness import wait_for
 from exposition import free_port
-from flood_peers import connect as dealer_connect
+from direct_peer import Peer
 from openinfer.client import Client
 from openinfer.wire import zmtp
 from other_uid import NOBODY, start_as
@@ -81,28 +80,6 @@ def test_a_burst_of_costly_operations_from_another_user_holds_neither_the_worker
 
 
 FLOOD_PEERS = Path(__file__).resolve().parent.parent / "flood_peers.py"
-
-
-def dealer_stream(address: str) -> zmtp.FrameStream:
-    """A hand-written DEALER of this process (uid 0), its handshake done (a `health` answered)."""
-    stream = dealer_connect(address, None)
-    stream.send([msgpack.packb({"v": 1, "id": 1, "op": "health"})])
-    assert next_reply(stream) is not None
-    return stream
-
-
-def next_reply(stream: zmtp.FrameStream, timeout: float = 30.0) -> dict[str, Any] | None:
-    """The next reply header, or None once the daemon closed the connection."""
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            select.select([stream.sock], [stream.sock] if stream.out_bytes else [], [], 0.2)
-            stream.flush()
-            for event in stream.read():
-                return msgpack.unpackb(event[0])  # type: ignore[no-any-return]
-    except zmtp.PeerClosed:
-        return None
-    raise AssertionError("no reply")
 
 
 def replies_within_victims_requests(address: str, flood: list[str], victim_address: str, requests: int = 5, direct: bool = False) -> list[int]:
@@ -163,22 +140,23 @@ def test_the_memory_rule_cuts_the_identity_holding_the_most_not_another_clients_
     limit 24 MiB: the flood's connections go, the honest request is answered."""
     daemon = daemon_factory(tiny_repo, env={**OPEN_TO_ALL, "OPENINFER_POOL_DIRECT": "0", "OPENINFER_SERVER_MAX_CONNECTION_BUFFERS_BYTES": str(24 << 20)})
     admin = daemon.client()
-    victim = dealer_stream(daemon.address)
+    victim = Peer(daemon.address)
+    assert victim.ask([msgpack.packb({"v": 1, "id": 1, "op": "health"})]) is not None  # the handshake done
     size = 6 << 20
     header = msgpack.packb({"v": 1, "id": 7, "op": "infer", "model": "tiny", "inputs": [{"name": "x", "datatype": "FP32", "shape": [size // 4]}]})
-    victim.sock.setblocking(True)
-    victim.sock.sendall(zmtp.frame_header(len(header), zmtp.MORE) + header + zmtp.frame_header(size, 0) + bytes(size - 1))
-    victim.sock.setblocking(False)
+    victim.stream.sock.setblocking(True)
+    victim.stream.sock.sendall(zmtp.frame_header(len(header), zmtp.MORE) + header + zmtp.frame_header(size, 0) + bytes(size - 1))
+    victim.stream.sock.setblocking(False)
     holders = subprocess.Popen([sys.executable, str(FLOOD_PEERS), daemon.address, "partial", str(1 << 20), ",".join(["65534"] * 24)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert holders.stdout is not None
     try:
         assert holders.stdout.readline().strip() == "holding"
         wait_for(lambda: admin.status()["connections"]["refused"].get("cut", 0) >= 1, 20, "the memory rule to cut")
         out, err = holders.communicate("\n", timeout=60)
-        victim.sock.setblocking(True)
-        victim.sock.sendall(b"\0")  # the last byte: the request is whole
-        victim.sock.setblocking(False)
-        reply = next_reply(victim)
+        victim.stream.sock.setblocking(True)
+        victim.stream.sock.sendall(b"\0")  # the last byte: the request is whole
+        victim.stream.sock.setblocking(False)
+        reply = victim.next_reply(30)
     finally:
         victim.close()
         if holders.poll() is None:
