@@ -5,7 +5,8 @@ operation in flight. Run as a script, as root:
 
     python flood_peers.py ADDRESS OP OUTSTANDING UID,UID,... [EMPTY_FRAMES]   ("-" for a uid: the process's own)
     python flood_peers.py ADDRESS partial BYTES UID,UID,...   (each connection holds half a BYTES-byte request)
-    python flood_peers.py ADDRESS worker-cancel WINDOW UID     (WINDOW `cancel`s in flight on a worker's endpoint)
+    python flood_peers.py ADDRESS worker-cancel WINDOW UID [CONNS]  (WINDOW `cancel`s in flight on each of CONNS
+                                                                   connections to a worker's endpoint)
 
 It prints "flooding" once every connection has had a reply, then keeps on until its stdin is closed, and
 prints the CLOCK_MONOTONIC time of every reply (system-wide: comparable with the test's clock) as JSON."""
@@ -101,10 +102,10 @@ def main(address: str, op: str, outstanding: int, uids: list[int | None], empty_
     print(json.dumps(times), flush=True)
 
 
-def flood_worker(address: str, uid: int, window: int) -> None:
-    """As `uid` (for good: the lease is bound to it): a lease for `tiny`, attached to its first worker, then
-    `window` `cancel`s of ids that do not exist kept in flight on that worker connection (round 55: each
-    is answered at read time, before any queue). Reports as main() does."""
+def flood_worker(address: str, uid: int, window: int, conns: int = 1) -> None:
+    """As `uid` (for good: the lease is bound to it): a lease for `tiny`, attached to its first worker on
+    `conns` connections, then `window` `cancel`s of ids that do not exist kept in flight on each (round 55:
+    each is answered at read time, before any queue). Reports as main() does."""
     from openinfer.client import Client
 
     os.setgroups([])
@@ -112,26 +113,35 @@ def flood_worker(address: str, uid: int, window: int) -> None:
     os.setresuid(uid, uid, uid)
     with Client(address, direct=False) as client:
         lease = client._call("lease", model="tiny")
-    stream = connect("ipc://" + lease["workers"][0]["address"].removeprefix("ipc://"), None)
-    stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    stream.send([msgpack.packb({"v": 1, "id": 1, "op": "attach", "lease": lease["lease"]})])
+    worker = "ipc://" + lease["workers"][0]["address"].removeprefix("ipc://")
+    streams = [connect(worker, None) for _ in range(conns)]
+    by_fd = {stream.sock.fileno(): stream for stream in streams}
+    for stream in streams:
+        stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        stream.send([msgpack.packb({"v": 1, "id": 1, "op": "attach", "lease": lease["lease"]})])
     next_id = iter(range(2, 1 << 62))
     times: list[float] = []
-    attached = False
+    attached: set[int] = set()
     while True:
-        readable, _, _ = select.select([stream.sock, sys.stdin], [stream.sock] if stream.out_bytes else [], [], 1.0)
+        writing = [s.sock for s in streams if s.out_bytes]
+        readable, _, _ = select.select([*by_fd, sys.stdin], writing, [], 1.0)
         if sys.stdin in readable and not sys.stdin.readline():
             break
-        stream.flush()
-        if stream.sock in readable:
+        for stream in streams:
+            stream.flush()
+        for fd in readable:
+            if fd is sys.stdin:
+                continue
+            stream = by_fd[fd]
             for event in stream.read():
                 reply = msgpack.unpackb(event[0])
-                if not attached:
+                if fd not in attached:
                     assert "result" in reply, reply
-                    attached = True
+                    attached.add(fd)
                     for _ in range(window):
                         stream.send([msgpack.packb({"v": 1, "id": next(next_id), "op": "cancel", "target": 1 << 40})])
-                    print("flooding", flush=True)
+                    if len(attached) == len(streams):
+                        print("flooding", flush=True)
                     continue
                 times.append(time.monotonic())
                 stream.send([msgpack.packb({"v": 1, "id": next(next_id), "op": "cancel", "target": 1 << 40})])
@@ -140,7 +150,7 @@ def flood_worker(address: str, uid: int, window: int) -> None:
 
 if __name__ == "__main__":
     if sys.argv[2] == "worker-cancel":
-        flood_worker(sys.argv[1], int(sys.argv[4]), int(sys.argv[3]))
+        flood_worker(sys.argv[1], int(sys.argv[4]), int(sys.argv[3]), int(sys.argv[5]) if len(sys.argv) > 5 else 1)
     elif sys.argv[2] == "partial":
         hold_partial(sys.argv[1], int(sys.argv[3]), [None if uid == "-" else int(uid) for uid in sys.argv[4].split(",")])
     else:

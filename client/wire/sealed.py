@@ -143,12 +143,14 @@ class SealedFrameStream(FrameStream):
             return
         self._queue(self.mechanism.seal(frames), write=False)
 
-    def _parse(self, events: list[Event]) -> None:
+    def _parse(self, events: list[Event], max_frames: int = 1 << 62) -> None:
         buf = self._buf
         pos = self._pos
         end = len(buf)
         overhead = self.mechanism.overhead
+        self._parse_cut = False
         pos = self._skip_rest(pos, end)
+        frames_left = max_frames
         while pos < end:
             if self._state != "open":  # greeting, then handshake commands, as far as they have arrived
                 moved = self._handshake_step(buf, pos)
@@ -158,6 +160,10 @@ class SealedFrameStream(FrameStream):
                 continue
             if end - pos < 2:
                 break
+            if not frames_left:  # the rest in the next read (FrameStream.read)
+                self._parse_cut = True
+                break
+            frames_left -= 1
             flags = buf[pos]
             if flags & ~LONG:  # sealed frames travel as single, final message frames (as libzmq sends them)
                 raise ProtocolError(f"frame flags {flags:#x} after the {self.mechanism.name.decode()} handshake: only sealed frames may follow it")

@@ -26,6 +26,7 @@ import msgpack
 from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.direct.lease import Lease, LeaseRefused, verify
 from openinfer.daemon.direct.peer_credentials import peer_credentials, peer_gids
+from openinfer.daemon.frontdoor.fair_turns import FairTurns, held_by
 from openinfer.daemon.frontdoor.validation import OverLimit, check_envelope, decode_header, request_id_of
 from openinfer.wire.errors import InvalidArgument, OpenInferError, PermissionDenied, ResourceExhausted
 from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSION
@@ -49,6 +50,7 @@ _READABLE, _WRITABLE, _HANGUP = 0x001, 0x004, 0x018  # EPOLLIN, EPOLLOUT, EPOLLE
 # What one read of a client's connection takes (see on_event): like the front door's (frontdoor/connections.py).
 READ_BYTES = 16 * 1024
 MAX_EVENTS_PER_READ = 256
+MAX_FRAMES_PER_READ = 1024  # (as the front door: frontdoor/connections.py)
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,12 @@ class DirectConnection:
     reading: bool = True
     draining: bool = False  # told GOAWAY: what it read before is served, anything later is sent back
     struck: bool = False  # over the strike limit: read no more, closed once its replies are written
+    ended: bool = False  # its peer shut its sending side: read no more, closed once what it sent is answered
     closed: bool = False
-    pending: deque[Event] | None = None  # messages read and not handled yet: its replies backed up meanwhile
+    pending: deque[Event] | None = None  # messages read and not handled yet (its identity's turns; its replies backed up)
+    pending_bytes: int = 0  # what they hold
+    in_turns: bool = False  # among the door's ready connections (FairTurns)
+    wants_read: bool = False  # readable, waiting for its identity's turn to be read
     open_ids: set[int] = field(default_factory=set)  # requests accepted here and not yet answered
     last_read_ns: int = 0  # when bytes last came: a request still arriving that long ago has stalled
     out_moved_ns: int = 0  # when its outbox last began to fill or shrank: replies unread since then have stalled
@@ -83,6 +89,14 @@ class DirectConnection:
     @property
     def fd(self) -> int:
         return self.stream.sock.fileno() if not self.closed else -1
+
+    @property
+    def turn_key(self) -> str:  # whose turns its reads and messages take (FairTurns)
+        return self.identity
+
+    @property
+    def dropping(self) -> bool:  # (FairTurns: read no more, its pending messages dropped)
+        return self.struck
 
     @property
     def in_bytes(self) -> int:  # (what direct_budgets looks at)
@@ -140,6 +154,10 @@ class DirectDoor:
         self.on_outcome = on_outcome  # counts what this door answered itself: (conn, client key, op, request id, error or None, received_ns)
         self.key = b""  # the lease key, from the supervisor (ACK, then KEY on every reload)
         self.by_fd: dict[int, DirectConnection] = {}
+        # Reads and messages are served in fair turns between identities, as at the front door: one bounded
+        # read a ready connection was fair between connections only, and one uid with 36 connections held
+        # another client's infer 0.6-0.8 s (round 56); the loop serves the turns between its runs.
+        self.turns = FairTurns(self._handle_turn, self._read_turn, finish_lone_read=True)
         self._held_writes: HeldWrites[DirectConnection] = HeldWrites(lambda conn: conn.stream, self._write_held)
         self.per_identity: dict[str, int] = {}
         self.handshaking: dict[int, DirectConnection] = {}
@@ -254,52 +272,82 @@ class DirectDoor:
             return
         try:
             if mask & _WRITABLE and self._flushed(conn):
-                if conn.struck:
+                if conn.struck or (conn.ended and not conn.open_ids):
                     raise PeerClosed()  # its replies are written: it goes
-                if not conn.reading and not conn.draining:
+                if not conn.reading and not conn.draining and not conn.ended:
                     conn.reading = True
                 self.poller.modify(fd, _READABLE if conn.reading else 0)
-                if conn.reading and conn.pending:
-                    self._handle_pending(conn)  # read before its replies backed up
+                if conn.reading and (conn.pending or conn.wants_read):
+                    self.turns.add(conn)  # those read before its replies backed up first, or a cut read's rest
             if mask & _READABLE and conn.reading:
-                if conn.pending:
-                    self._handle_pending(conn)  # (nothing more is read until those are handled)
-                else:
-                    conn.last_read_ns = time.monotonic_ns()
-                    was_open = conn.stream.open
-                    # A bounded read: what one connection sends costs this loop one read at a time, the
-                    # supervisor's PINGs and the other connections in between (round 55: 4 MiB of pipelined
-                    # `cancel` in one read held the worker ~2 s; from 4 connections it was killed as unresponsive).
-                    events = conn.stream.read(max_bytes=READ_BYTES, max_events=MAX_EVENTS_PER_READ, chunk_bytes=READ_BYTES)
-                    if not was_open and conn.stream.open:
-                        self.handshaking.pop(conn.conn_id, None)
-                    if events:
-                        conn.pending = deque(events)
-                        self._handle_pending(conn)
-                if conn.stream.in_bytes > MAX_HEADER_BYTES and not conn.closed:
-                    self._keep_within_budget(conn.last_read_ns)
+                if not conn.pending:  # (else nothing more is read until its turns have handled them)
+                    conn.wants_read = True
+                self.turns.add(conn)
             elif mask & _HANGUP and not mask & _READABLE:
                 raise PeerClosed()
             if not conn.closed and conn.stream.out_bytes:
                 self._watch(conn)
         except (PeerClosed, ProtocolError):
             self.close(conn)
+
+    def _read_turn(self, conn: DirectConnection) -> None:
+        """One read of `conn`, in its identity's turn: at most READ_BYTES and MAX_EVENTS_PER_READ (round 55:
+        4 MiB of pipelined `cancel` in one read held the worker ~2 s; from 4 connections it was killed as
+        unresponsive); its complete messages become its pending ones, each a turn of its own."""
+        try:
+            conn.last_read_ns = time.monotonic_ns()
+            was_open = conn.stream.open
+            events = conn.stream.read(max_bytes=READ_BYTES, max_events=MAX_EVENTS_PER_READ, chunk_bytes=READ_BYTES, max_frames=MAX_FRAMES_PER_READ)
+            conn.wants_read = conn.stream.read_cut  # more in the kernel: read again in a later turn
+            if not was_open and conn.stream.open:
+                self.handshaking.pop(conn.conn_id, None)
+            if events:
+                conn.pending = deque(events)
+                conn.pending_bytes = sum(held_by(event) for event in events)
+            if conn.stream.in_bytes > MAX_HEADER_BYTES and not conn.closed:
+                self._keep_within_budget(conn.last_read_ns)
+            if not conn.closed and conn.stream.out_bytes:
+                self._watch(conn)
+        except PeerClosed:
+            self._peer_ended(conn)
+        except ProtocolError:
+            self.close(conn)
         except MemoryError:  # no room for a frame it declared (the worker's RLIMIT_AS): that connection goes, not the worker
             log.warning("closing a direct connection: no memory for what it sends", extra={"identity": conn.identity, "held_bytes": conn.stream.in_bytes})
             self.close(conn)
 
-    def _handle_pending(self, conn: DirectConnection) -> None:
-        """Its messages read, in order, while it may be read: one whose replies back up keeps the rest until
-        they are written (they were dropped unanswered before); a struck-out one's are dropped."""
-        pending = conn.pending
-        while pending:
-            if conn.closed or conn.struck:
-                pending.clear()
-                break
-            if not conn.reading:
-                return
-            self._on_message(conn, pending.popleft())
-        conn.pending = None
+    def _peer_ended(self, conn: DirectConnection) -> None:
+        """Its peer sent all it will (a close, or a shutdown of its sending side): what it sent and this
+        worker took is still answered, if the peer is there to read it (round 56: a client that shut its
+        sending side after pipelining its requests got no reply to those queued); then it is closed. A
+        peer gone for good makes the first reply fail, and the connection goes then."""
+        if not conn.open_ids or conn.closed:
+            self.close(conn)
+            return
+        conn.ended = True
+        conn.reading = False
+        conn.pending, conn.pending_bytes = None, 0
+        self.handshaking.pop(conn.conn_id, None)
+        self.poller.modify(conn.fd, _WRITABLE if conn.stream.out_bytes else 0)  # (EPOLLHUP still comes if it goes)
+
+    def answered(self, conn: DirectConnection) -> None:
+        """One of its requests was answered: an ended connection goes once all are and their replies are
+        written (on_event, when it is writable: a batch's replies are held until the batch ends)."""
+        if conn.ended and not conn.open_ids and not conn.closed:
+            self.poller.modify(conn.fd, _WRITABLE)
+
+    def _handle_turn(self, conn: DirectConnection, event: Event) -> None:
+        """One message read from `conn`, in its identity's turn. One whose replies back up keeps the rest
+        until they are written (FairTurns skips a connection not reading); a struck-out one's are dropped."""
+        try:
+            self._on_message(conn, event)
+            if not conn.closed and conn.stream.out_bytes:
+                self._watch(conn)
+        except (PeerClosed, ProtocolError):
+            self.close(conn)
+        except MemoryError:
+            log.warning("closing a direct connection: no memory for what it sent", extra={"identity": conn.identity})
+            self.close(conn)
 
     def _on_message(self, conn: DirectConnection, event: Event) -> None:
         received_ns = time.monotonic_ns()
@@ -493,7 +541,7 @@ class DirectDoor:
         for conn in self.by_fd.values():
             if conn.lease is not None and conn.lease.expires_ns <= now_ns:
                 conn.stream.limits = self._unattached_limits
-        for conn in [c for c in self.by_fd.values() if c.strikes >= self.limits.strike_limit > 0 and _nothing_to_send(c, now_ns)]:
+        for conn in [c for c in self.by_fd.values() if (c.strikes >= self.limits.strike_limit > 0 or (c.ended and not c.open_ids)) and _nothing_to_send(c, now_ns)]:
             self.close(conn)
 
     def goaway(self, reason: str) -> None:
@@ -551,9 +599,9 @@ class DirectDoor:
         return not self.by_fd
 
     def held_bytes(self) -> int:
-        """What its connections hold: requests still arriving (the room their frames announce) and replies
-        not yet read."""
-        return sum(conn.stream.in_bytes + conn.stream.out_bytes for conn in self.by_fd.values())
+        """What its connections hold: requests still arriving (the room their frames announce), read and
+        waiting for their turn, and replies not yet read."""
+        return sum(conn.stream.in_bytes + conn.pending_bytes + conn.stream.out_bytes for conn in self.by_fd.values())
 
 
 def reject_busy(identity: str, in_flight: int, limit: int) -> ResourceExhausted:

@@ -75,7 +75,8 @@ class WorkerLoop:
             self._watch_channel()
             self._housekeeping()  # on a clock, busy or not: under constant traffic the loop is never idle
             events = poll(0)
-            if not events and timeout != 0.0:  # 0: a pass ended with requests ready (run_ready): no wait
+            turns = door.turns if door is not None else None
+            if not events and timeout != 0.0 and not turns:  # 0: a pass ended with requests ready (run_ready): no wait
                 if direct is not None and direct.spin_us and time.monotonic_ns() - direct.queue.last_request_ns < RECENT_NS:
                     events = self._spin(direct.spin_us)
                 if not events:
@@ -91,6 +92,8 @@ class WorkerLoop:
                     door.on_listener()  # type: ignore[union-attr]
                 elif door is not None:
                     door.on_event(fd, mask)
+            if turns:
+                turns.serve()  # the clients' reads and messages, in fair turns between identities, for a pass at most
 
     def _spin(self, spin_us: int) -> list[tuple[int, int]]:
         """Look again, without sleeping, for up to spin_us: the next request of a busy client usually

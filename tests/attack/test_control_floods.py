@@ -175,3 +175,15 @@ def test_a_worker_reads_a_flooding_connection_a_bounded_read_at_a_time(daemon_fa
     waited = replies_within_victims_requests(daemon.address, ["worker-cancel", "20000", str(NOBODY)], daemon.address, direct=True)
     # Before: a read of the flood - 37,000-76,000 of its replies - ahead of a victim's request; now ~1,000-1,600.
     assert max(waited) < 5000, f"the flood's replies while each victim request waited: {waited}"
+
+
+def test_a_worker_serves_identities_in_fair_turns_however_many_connections_one_holds(daemon_factory: Any, tiny_repo: Path) -> None:
+    """Round 56: a worker read each ready connection once a turn, whoever held it: one uid with the
+    ordinary grant kept `cancel`s in flight on 30 connections to a model's one worker, and each loop
+    pass handled a read of every one of them (~17,000 messages) before another client's infer - 0.6-0.8 s
+    each. The worker's reads and messages take fair turns between identities now, as the front door's."""
+    daemon = daemon_factory(tiny_repo, "--workers", "1", env={**OPEN_TO_ALL, "OPENINFER_POOL_DIRECT": "1"})
+    waited = replies_within_victims_requests(daemon.address, ["worker-cancel", "2000", str(NOBODY), "30"], daemon.address, direct=True)
+    # Before: a read of each of the 30 connections ahead of a victim's request - ~12,300 of the flood's
+    # replies each time; now a median of 0-215 (a pass of the loop or two: ~1,900 at worst here).
+    assert statistics.median(waited) < 3000, f"the flood's replies while each victim request waited: {waited}"
