@@ -11,6 +11,7 @@ import struct
 from typing import Any, Iterator
 
 import numpy as np
+import psutil
 import pytest
 
 from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon
@@ -347,12 +348,15 @@ def test_an_image_too_thin_to_read_is_refused_before_the_reading_grows_it(ocr_da
 
     thin = io.BytesIO()
     Image.new("L", size, 255).save(thin, format="PNG")
+    def rss_of_chain_workers(client: Client) -> dict[int, int]:  # (from /proc: `status` shows figures up to a second old)
+        return {w["pid"]: psutil.Process(w["pid"]).memory_info().rss for w in client.status()["workers"] if w["model"] == "ocr"}
+
     with Client(ocr_daemon.address, timeout=60) as client:
-        before = {w["pid"]: w["memory"]["rss"] for w in client.status()["workers"] if w["model"] == "ocr"}
+        before = rss_of_chain_workers(client)
         with pytest.raises(OpenInferError) as caught:
             client.infer("ocr", {"image": thin.getvalue()})
         assert caught.value.code == "INVALID_ARGUMENT" and f"`image` of {size[0]}x{size[1]} pixels is too thin to read" in str(caught.value), str(caught.value)
-        after = {w["pid"]: w["memory"]["rss"] for w in client.status()["workers"] if w["model"] == "ocr"}
+        after = rss_of_chain_workers(client)
     assert set(after) == set(before), "the chain's worker was replaced"
     assert all(after[pid] < before[pid] + (256 << 20) for pid in before), (before, after)
 

@@ -76,6 +76,32 @@ def health_result(sup: "Supervisor", scope: tuple[str, ...] | None = None) -> di
     return {"ready": ready, "draining": sup.draining, "not_ready": not_ready, "failed": failed, "limits": limits}
 
 
+MEMORY_READ_NS = 1_000_000_000
+
+
+class MemoryReadings:
+    """Each process's memory as `status` shows it, read from /proc at most once a second (the figures are
+    that old at most). A worker's smaps costs ~0.3-0.7 ms to read (onnxruntime maps much): a `status` of
+    10 workers cost 2-7 ms of the supervisor's loop, which any local peer the shipped policy grants
+    `status` could make it spend again and again."""
+
+    def __init__(self) -> None:
+        self._read: dict[int, tuple[int, dict[str, int]]] = {}  # pid -> (when read, figures)
+
+    def of(self, pids: list[int], now_ns: int) -> dict[int, dict[str, int]]:
+        kept = {}
+        for pid in pids:
+            read = self._read.get(pid)
+            if read is None or now_ns - read[0] >= MEMORY_READ_NS:
+                read = (now_ns, _memory(pid))
+            kept[pid] = read
+        self._read = kept  # (only the processes asked about now: a pid gone is forgotten)
+        return {pid: figures for pid, (_, figures) in kept.items()}
+
+
+_readings = MemoryReadings()
+
+
 def _memory(pid: int) -> dict[str, int]:
     try:
         info = psutil.Process(pid).memory_full_info()
@@ -86,8 +112,10 @@ def _memory(pid: int) -> dict[str, int]:
 
 def status_result(sup: "Supervisor") -> dict[str, Any]:
     now = time.monotonic_ns()
+    ordered = sorted(sup.pool.all_workers(), key=lambda w: w.worker_id)
+    memory = _readings.of([w.pid for w in ordered] + [os.getpid()], now)
     workers = []
-    for worker in sorted(sup.pool.all_workers(), key=lambda w: w.worker_id):
+    for worker in ordered:
         workers.append(
             {
                 "id": worker.worker_id,
@@ -99,7 +127,7 @@ def status_result(sup: "Supervisor") -> dict[str, Any]:
                 "restarts": worker.model.restarts,
                 "uptime_s": round((now - worker.spawned_ns) / 1e9, 3),
                 "sandbox": worker.sandbox,
-                "memory": _memory(worker.pid),
+                "memory": memory[worker.pid],
                 # Running on past its tasks' deadline, answered already (a run it cannot stop): killed at max_compute_ms.
                 **({"stalled": True} if worker.inflight.stalled else {}),
                 **({"cache": {"entries": worker.cache_held[0], "bytes": worker.cache_held[1]}} if worker.cache_held is not None else {}),
@@ -123,7 +151,7 @@ def status_result(sup: "Supervisor") -> dict[str, Any]:
         "reloading": sorted(m.key for m in sup.sync.pending.values()),
         "retiring": sorted(m.key for m in sup.sync.retiring),
         "in_flight": sum(len(w.inflight) for w in sup.pool.all_workers()),
-        "supervisor_memory": _memory(os.getpid()),
+        "supervisor_memory": memory[os.getpid()],
     }
 
 
