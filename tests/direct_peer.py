@@ -13,7 +13,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from daemon_harness import RunningDaemon
+from daemon_harness import RunningDaemon, wait_for
 from flood_peers import connect
 from openinfer.client import Client
 from openinfer.wire import zmtp
@@ -66,6 +66,33 @@ class Peer:
             got += [h for h in (msgpack.unpackb(event[0]) for event in self.stream.read()) if not h.get("goaway")]
         return got
 
+    def send_all(self, frames: list[list[bytes]]) -> None:
+        """Send every message and wait until the kernel has taken them all (the handshake first: until it
+        ends, the stream holds what is sent)."""
+        deadline = time.monotonic() + 10
+        while not self.stream.open:
+            assert time.monotonic() < deadline, "no handshake"
+            select.select([self.stream.sock], [self.stream.sock] if self.stream.out_bytes else [], [], 0.1)
+            self.stream.flush()
+            assert not self.stream.read(), "a message before the handshake ended"
+        for message in frames:
+            self.stream.send(message)
+        while self.stream.out_bytes:
+            select.select([], [self.stream.sock], [], 1.0)
+            self.stream.flush()
+
+    def replies_until_closed(self, timeout: float = 30) -> list[dict[str, Any]]:
+        """Every reply header (GOAWAY aside) until the peer closes the connection."""
+        got: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            assert time.monotonic() < deadline, f"{len(got)} replies, and the connection still open"
+            select.select([self.stream.sock], [], [], 0.5)
+            try:
+                got += [h for h in (msgpack.unpackb(event[0]) for event in self.stream.read(max_bytes=1 << 30)) if not h.get("goaway")]
+            except zmtp.PeerClosed:
+                return got
+
     def close(self) -> None:
         self.stream.close()
 
@@ -92,3 +119,20 @@ def worker_pid(daemon: RunningDaemon, model: str) -> int:
 def unread_by_peer(sock: socket.socket) -> int:
     """Bytes this Unix socket sent that its peer has not read yet (SIOCOUTQ)."""
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)))[0]  # type: ignore[no-any-return]
+
+
+def replies_after_a_half_close(daemon: RunningDaemon, peer: Peer, ids: range) -> list[dict[str, Any]]:
+    """`peer` sends an infer of `tiny` with a 256 KiB reply for each id, reads nothing until the daemon has
+    answered them all (their replies back up: more than the socket takes), shuts its sending side, then
+    reads every reply until the connection closes."""
+    rows = np.ones((1024, 64), np.float32).tobytes()
+
+    def served() -> int:
+        with Client(daemon.address, direct=False) as admin:
+            return sum(w["tasks_served"] for w in admin.status()["workers"] if w["model"] == "tiny")
+
+    before = served()
+    peer.send_all([[msgpack.packb({"v": 1, "id": i, "op": "infer", "model": "tiny", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1024, 64]}]}), rows] for i in ids])
+    wait_for(lambda: served() >= before + len(ids), 30, "all answered (their replies back up, unread)")
+    peer.stream.sock.shutdown(socket.SHUT_WR)
+    return peer.replies_until_closed()

@@ -318,10 +318,13 @@ class DirectDoor:
 
     def _peer_ended(self, conn: DirectConnection) -> None:
         """Its peer sent all it will (a close, or a shutdown of its sending side): what it sent and this
-        worker took is still answered, if the peer is there to read it (round 56: a client that shut its
-        sending side after pipelining its requests got no reply to those queued); then it is closed. A
-        peer gone for good makes the first reply fail, and the connection goes then."""
-        if not conn.open_ids or conn.closed:
+        worker took is still answered and written, if the peer is there to read it (round 56: a client
+        that shut its sending side after pipelining its requests got no reply to those queued; round 58:
+        nor those answered and still waiting to be written - a reply larger than the socket's buffer);
+        then it is closed. A peer gone for good makes the next write fail, and the connection goes then."""
+        if conn.closed:
+            return
+        if not conn.open_ids and not conn.stream.out_bytes:
             self.close(conn)
             return
         conn.ended = True

@@ -19,6 +19,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 import onnx_builders
 from daemon_harness import wait_for, world_readable_dir
+from direct_peer import Peer, replies_after_a_half_close
 from openinfer.wire.zmtp import SKIPPED_FRAME_COST
 from repo_builder import make_world_readable
 
@@ -146,3 +147,18 @@ def test_a_client_sending_one_bad_request_keeps_its_connection(daemon_factory: A
     for _ in range(20):
         assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
     assert "connection dropped" not in running.log_text()
+
+
+def test_replies_owed_to_a_client_that_shuts_its_sending_side_are_written_before_it_is_closed(daemon_factory: Any, repo: Path) -> None:
+    """Round 58: a client pipelined its infers through the daemon's socket, read nothing until they were
+    answered (their 256 KiB replies backing up), then shut its sending side and read on: the daemon took
+    the end of the stream for a close and dropped the replies waiting to be written (0 of 10; 13 of 40
+    small ones). They are written now, then the connection is closed (as on a worker's endpoint,
+    tests/attack/test_worker_endpoint.py)."""
+    daemon = daemon_factory(repo, env={"OPENINFER_POOL_DIRECT": "0"})
+    peer = Peer(daemon.address)
+    try:
+        replies = replies_after_a_half_close(daemon, peer, range(1, 11))
+    finally:
+        peer.close()
+    assert sorted(reply["id"] for reply in replies) == list(range(1, 11)) and all("outputs" in reply for reply in replies), [r.get("id") for r in replies]
