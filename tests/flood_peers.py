@@ -10,8 +10,7 @@ operation in flight. Run as a script, as root:
                                                                    connections to a worker's endpoint)
 
 It prints "flooding" once every connection has had a reply, then keeps on until its stdin is closed, and
-prints the CLOCK_MONOTONIC time of every reply (system-wide: comparable with the test's clock) as JSON - the
-last line; the modes with many connections print before it the connection each reply came on."""
+prints the CLOCK_MONOTONIC time of every reply (system-wide: comparable with the test's clock) as JSON."""
 from __future__ import annotations
 
 import json
@@ -20,6 +19,7 @@ import select
 import socket
 import sys
 import time
+from typing import Callable
 
 import msgpack
 
@@ -71,6 +71,22 @@ def hold_partial(address: str, size: int, uids: list[int | None]) -> None:
     print(json.dumps({"closed": closed}), flush=True)
 
 
+def pump(streams: list[zmtp.FrameStream], on_reply: Callable[[int, zmtp.FrameStream, list[bytes]], None]) -> None:
+    """Until stdin is closed: write what waits on `streams` and hand every reply to on_reply(fd, stream, frames)."""
+    by_fd = {stream.sock.fileno(): stream for stream in streams}
+    while True:
+        writing = [s.sock for s in streams if s.out_bytes]
+        readable, _, _ = select.select([*by_fd, sys.stdin], writing, [], 1.0)
+        if sys.stdin in readable and not sys.stdin.readline():
+            return
+        for stream in streams:
+            stream.flush()
+        for fd in readable:
+            if fd is not sys.stdin:
+                for event in by_fd[fd].read():
+                    on_reply(fd, by_fd[fd], event)  # type: ignore[arg-type]
+
+
 def main(address: str, op: str, outstanding: int, uids: list[int | None], empty_frames: int = 0, pad: int = 0) -> None:
     streams = [connect(address, uid) for uid in uids]
     tail = [b""] * empty_frames  # frames the daemon must parse before it can answer (round 53: 256 a request)
@@ -82,37 +98,24 @@ def main(address: str, op: str, outstanding: int, uids: list[int | None], empty_
         packed = msgpack.packb({"v": 1, "id": request_id, "op": op})
         return bytes([packed[0] + 1]) + packed[1:] + padding if pad else packed  # (a fixmap of 3 entries, now 4)
 
-    by_fd = {stream.sock.fileno(): stream for stream in streams}
     next_id = iter(range(1, 1 << 62))
     for stream in streams:
         for _ in range(outstanding):
             stream.send([header(next(next_id)), *tail])
     answered: set[int] = set()
     times: list[float] = []
-    turn_of: list[int] = []  # the connection each reply came on (uids in order: uids[n % len(uids)]'s)
-    index = {stream.sock.fileno(): n for n, stream in enumerate(streams)}
-    while True:
-        writing = [s.sock for s in streams if s.out_bytes]
-        readable, _, _ = select.select([*by_fd, sys.stdin], writing, [], 1.0)
-        if sys.stdin in readable and not sys.stdin.readline():
-            break
-        for stream in streams:
-            stream.flush()
-        for fd in readable:
-            if fd is sys.stdin:
-                continue
-            stream = by_fd[fd]
-            for event in stream.read():
-                reply = msgpack.unpackb(event[0])
-                assert "result" in reply or empty_frames, reply
-                times.append(time.monotonic())
-                turn_of.append(index[fd])
-                stream.send([header(next(next_id)), *tail])
-                if fd not in answered:
-                    answered.add(fd)
-                    if len(answered) == len(streams):
-                        print("flooding", flush=True)
-    print(json.dumps(turn_of), flush=True)
+
+    def on_reply(fd: int, stream: zmtp.FrameStream, frames: list[bytes]) -> None:
+        reply = msgpack.unpackb(frames[0])
+        assert "result" in reply or empty_frames, reply
+        times.append(time.monotonic())
+        stream.send([header(next(next_id)), *tail])
+        if fd not in answered:
+            answered.add(fd)
+            if len(answered) == len(streams):
+                print("flooding", flush=True)
+
+    pump(streams, on_reply)
     print(json.dumps(times), flush=True)
 
 
@@ -129,36 +132,30 @@ def flood_worker(address: str, uid: int, window: int, conns: int = 1) -> None:
         lease = client._call("lease", model="tiny")
     worker = "ipc://" + lease["workers"][0]["address"].removeprefix("ipc://")
     streams = [connect(worker, None) for _ in range(conns)]
-    by_fd = {stream.sock.fileno(): stream for stream in streams}
     for stream in streams:
         stream.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         stream.send([msgpack.packb({"v": 1, "id": 1, "op": "attach", "lease": lease["lease"]})])
     next_id = iter(range(2, 1 << 62))
     times: list[float] = []
     attached: set[int] = set()
-    while True:
-        writing = [s.sock for s in streams if s.out_bytes]
-        readable, _, _ = select.select([*by_fd, sys.stdin], writing, [], 1.0)
-        if sys.stdin in readable and not sys.stdin.readline():
-            break
-        for stream in streams:
-            stream.flush()
-        for fd in readable:
-            if fd is sys.stdin:
-                continue
-            stream = by_fd[fd]
-            for event in stream.read():
-                reply = msgpack.unpackb(event[0])
-                if fd not in attached:
-                    assert "result" in reply, reply
-                    attached.add(fd)
-                    for _ in range(window):
-                        stream.send([msgpack.packb({"v": 1, "id": next(next_id), "op": "cancel", "target": 1 << 40})])
-                    if len(attached) == len(streams):
-                        print("flooding", flush=True)
-                    continue
-                times.append(time.monotonic())
-                stream.send([msgpack.packb({"v": 1, "id": next(next_id), "op": "cancel", "target": 1 << 40})])
+
+    def cancel() -> list[bytes]:
+        return [msgpack.packb({"v": 1, "id": next(next_id), "op": "cancel", "target": 1 << 40})]
+
+    def on_reply(fd: int, stream: zmtp.FrameStream, frames: list[bytes]) -> None:
+        reply = msgpack.unpackb(frames[0])
+        if fd not in attached:
+            assert "result" in reply, reply
+            attached.add(fd)
+            for _ in range(window):
+                stream.send(cancel())
+            if len(attached) == len(streams):
+                print("flooding", flush=True)
+            return
+        times.append(time.monotonic())
+        stream.send(cancel())
+
+    pump(streams, on_reply)
     print(json.dumps(times), flush=True)
 
 

@@ -241,35 +241,25 @@ def test_sigterm_answers_queued_and_running_then_exits_zero(daemon_factory: Any,
     assert not socket_path.exists()
 
 
-def test_new_requests_during_drain_get_unavailable(daemon_factory: Any, repo: Path) -> None:
-    running = daemon_factory(repo, env=FRONT_DOOR)
-    busy = threading.Thread(target=lambda: pytest.raises(OpenInferError, running.client(timeout=30).infer, "spin", {"x": np.ones(1, np.float32)}))
-    busy.start()
-    admin = running.client()
-    wait_for(lambda: any(w["state"] == "busy" for w in admin.status()["workers"]), 30, "busy")
-    running.process.send_signal(signal.SIGTERM)
-    wait_for(lambda: admin.health()["draining"], 30, "draining")
-    with pytest.raises(Unavailable, match="shutting down"):
-        admin.infer("tiny", {"x": X})
-    busy.join(15)
-    assert running.process.wait(30) == 0
-
-
-def test_new_requests_on_the_direct_path_during_drain_get_unavailable(daemon_factory: Any, repo: Path) -> None:
-    """Round 57: a drain told only the front door; a client already attached to a worker went on being
-    served there until its lease came up for renewal (249 new requests answered in the first 2.7 s after
-    SIGTERM). The drain revokes every lease now: the next direct request is refused as the front door's."""
-    running = daemon_factory(repo, env={"OPENINFER_POOL_DIRECT": "1"})
+@pytest.mark.parametrize("path", ["front-door", "direct"])
+def test_new_requests_during_drain_get_unavailable(daemon_factory: Any, repo: Path, path: str) -> None:
+    """On both paths. Round 57: a drain told only the front door; a client already attached to a worker
+    went on being served there until its lease came up for renewal (249 new requests answered in the first
+    2.7 s after SIGTERM). The drain revokes every lease now: the next direct request is refused as the
+    front door's."""
+    direct = path == "direct"
+    running = daemon_factory(repo, env={"OPENINFER_POOL_DIRECT": "1" if direct else "0"})
     busy = threading.Thread(target=lambda: pytest.raises(OpenInferError, running.client(timeout=30, direct=False).infer, "spin", {"x": np.ones(1, np.float32)}))
     busy.start()
     admin = running.client(direct=False)
-    direct = running.client(direct=True)
-    assert "dispatch_us" not in direct.infer("tiny", {"x": X}).timing  # leased, attached, answered by the worker itself
+    client = running.client(direct=direct)
+    if direct:
+        assert "dispatch_us" not in client.infer("tiny", {"x": X}).timing  # leased, attached, answered by the worker itself
     wait_for(lambda: any(w["state"] == "busy" for w in admin.status()["workers"]), 30, "busy")
     running.process.send_signal(signal.SIGTERM)
     wait_for(lambda: admin.health()["draining"], 30, "draining")
     with pytest.raises(Unavailable, match="shutting down"):
-        direct.infer("tiny", {"x": X})
+        client.infer("tiny", {"x": X})
     busy.join(15)
     assert running.process.wait(30) == 0
 

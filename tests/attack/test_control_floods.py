@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -82,11 +82,10 @@ def test_a_burst_of_costly_operations_from_another_user_holds_neither_the_worker
 FLOOD_PEERS = Path(__file__).resolve().parent.parent / "flood_peers.py"
 
 
-def replies_within_victims_requests(address: str, flood: list[str], victim_address: str, requests: int = 5, direct: bool = False, ask: Callable[[Client], object] = lambda victim: victim.infer("tiny", {"x": X}), by_connection: bool | None = None) -> list[int]:
+def replies_within_victims_requests(address: str, flood: list[str], victim_address: str, requests: int = 5, direct: bool = False) -> list[int]:
     """Start tests/flood_peers.py with `flood` (its arguments after the address), let it flood, then time
-    `requests` of a victim's requests (`ask`: an infer by default, through the front door, or `direct`ly to
-    the model's worker, once attached); for each, how many of the flood's replies came while it waited -
-    `by_connection`: the most that came on any one of the flood's connections."""
+    `requests` infers of a victim (through the front door, or `direct`ly to the model's worker, once
+    attached); for each, how many of the flood's replies came while it waited."""
     attacker = subprocess.Popen([sys.executable, str(FLOOD_PEERS), address, *flood], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert attacker.stdout is not None and attacker.stdin is not None
     windows: list[tuple[float, float]] = []
@@ -98,16 +97,13 @@ def replies_within_victims_requests(address: str, flood: list[str], victim_addre
                 victim.infer("tiny", {"x": X})  # the lease and the attach first: not what is measured
             for _ in range(requests):
                 sent = time.monotonic()
-                ask(victim)
+                victim.infer("tiny", {"x": X})
                 windows.append((sent, time.monotonic()))
         out, err = attacker.communicate("", timeout=120)
     finally:
         if attacker.poll() is None:
             attacker.kill()
     times = json.loads(out.splitlines()[-1])
-    if by_connection is not None:
-        on = json.loads(out.splitlines()[-2])
-        return [max(sum(sent < t < answered for t, c in zip(times, on) if c == conn) for conn in set(on)) for sent, answered in windows]
     return [sum(sent < t < answered for t in times) for sent, answered in windows]
 
 
