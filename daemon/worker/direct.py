@@ -544,7 +544,12 @@ class DirectDoor:
         for conn in self.by_fd.values():
             if conn.lease is not None and conn.lease.expires_ns <= now_ns:
                 conn.stream.limits = self._unattached_limits
-        for conn in [c for c in self.by_fd.values() if (c.strikes >= self.limits.strike_limit > 0 or (c.ended and not c.open_ids)) and _nothing_to_send(c, now_ns)]:
+        for conn in [c for c in self.by_fd.values() if c.strikes >= self.limits.strike_limit > 0 and _nothing_to_send(c, now_ns)]:
+            self.close(conn)
+        # An ended connection goes once nothing is owed and all is written - not when its replies have gone
+        # unread for UNREAD_NS (round 59: a client that read late after its half-close lost all ten): a peer
+        # that never reads them is closed by the rules any connection is (its lease gone, budgets, room).
+        for conn in [c for c in self.by_fd.values() if c.ended and not c.open_ids and not c.stream.out_bytes]:
             self.close(conn)
 
     def goaway(self, reason: str) -> None:
