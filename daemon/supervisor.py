@@ -60,6 +60,10 @@ LEDGER_READ_MS = 20  # while workers answer direct requests, their ledgers are r
 LEDGER_IDLE_MS = 100  # and while they seem quiet (a full ring drops records: stats would miss them)
 QUIT_GRACE_NS = 5_000_000_000  # a worker told to QUIT leaves by itself within this (its own drain: 4 s), unless it is running
 LEAVING_NS = 1_500_000_000  # and within this after its last run once its drain is over (its leaving flushes for at most 1 s)
+# Once a drain's workers are gone, the replies still waiting to be written get this long to be read (round
+# 60: the daemon exited 0.1-0.2 s after SIGTERM and a client that read its ten answered replies 0.5 s later
+# got none). A worker's own leaving gives its direct clients the same (its drain reads for 4 s).
+LINGER_NS = 5_000_000_000
 
 
 class Supervisor:
@@ -81,6 +85,7 @@ class Supervisor:
         self.draining = False
         self.finished = False
         self._drain_deadline_ns: int | None = None
+        self._linger_until_ns: int | None = None  # a drain's workers are gone: replies not yet written wait until then
         self._next_task_id = 1
         self._next_housekeeping_ns = 0
         self.limiter = ClientLimiter(load_client_policy(settings.server.client_policy))
@@ -462,7 +467,8 @@ class Supervisor:
         self.direct.rotate_key(self.pool.all_workers(), self.pool.send)
 
     def _progress_drain(self) -> None:
-        if self._drain_deadline_ns is not None and time.monotonic_ns() >= self._drain_deadline_ns:
+        now = time.monotonic_ns()
+        if self._drain_deadline_ns is not None and now >= self._drain_deadline_ns:
             log.warning("drain grace period over: stopping now")
             self._stop_now()
         pending = any(m.queue for m in self.sync.all_models()) or self._any_busy()
@@ -471,6 +477,13 @@ class Supervisor:
                 if worker.state is not WorkerState.DRAINING:
                     self._quit(worker)
         if not self.pool.workers:
+            if self._linger_until_ns is None:
+                self._linger_until_ns = now + LINGER_NS
+            unwritten = self.connections.unwritten()
+            if unwritten and now < self._linger_until_ns:
+                return
+            if unwritten:
+                log.warning("stopping with replies not yet read by their clients", extra={"connections": unwritten})
             self.finished = True
 
     def _quit(self, worker: WorkerHandle) -> None:
@@ -520,6 +533,7 @@ class Supervisor:
         self.draining = True
         self.pool.shutting_down = True
         self._drain_deadline_ns = None
+        self._linger_until_ns = time.monotonic_ns()  # stopping now: replies not yet read are not waited for
 
     def close(self) -> None:
         if self.exporter.enabled:

@@ -121,10 +121,9 @@ def unread_by_peer(sock: socket.socket) -> int:
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)))[0]  # type: ignore[no-any-return]
 
 
-def replies_after_a_half_close(daemon: RunningDaemon, peer: Peer, ids: range) -> list[dict[str, Any]]:
-    """`peer` sends an infer of `tiny` with a 256 KiB reply for each id, reads nothing until the daemon has
-    answered them all (their replies back up: more than the socket takes), shuts its sending side, then
-    reads every reply until the connection closes."""
+def pipeline_answered(daemon: RunningDaemon, peer: Peer, ids: range) -> None:
+    """`peer` sends an infer of `tiny` with a 256 KiB reply for each id and reads nothing until the daemon
+    has answered them all: their replies back up (more than the socket takes)."""
     rows = np.ones((1024, 64), np.float32).tobytes()
 
     def served() -> int:
@@ -134,5 +133,10 @@ def replies_after_a_half_close(daemon: RunningDaemon, peer: Peer, ids: range) ->
     before = served()
     peer.send_all([[msgpack.packb({"v": 1, "id": i, "op": "infer", "model": "tiny", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1024, 64]}]}), rows] for i in ids])
     wait_for(lambda: served() >= before + len(ids), 30, "all answered (their replies back up, unread)")
+
+
+def replies_after_a_half_close(daemon: RunningDaemon, peer: Peer, ids: range) -> list[dict[str, Any]]:
+    """pipeline_answered, then `peer` shuts its sending side and reads every reply until the connection closes."""
+    pipeline_answered(daemon, peer, ids)
     peer.stream.sock.shutdown(socket.SHUT_WR)
     return peer.replies_until_closed()

@@ -23,6 +23,7 @@ import zmq
 
 import onnx_builders
 from daemon_harness import RunningDaemon, log_records, wait_for, world_readable_dir
+from direct_peer import Peer, pipeline_answered
 from openinfer.client import Client, DeadlineExceeded, OpenInferError, Unavailable
 from openinfer.wire.protocol import encode_infer_request, unpack
 from repo_builder import ModelRepo, make_world_readable
@@ -261,6 +262,26 @@ def test_new_requests_during_drain_get_unavailable(daemon_factory: Any, repo: Pa
     with pytest.raises(Unavailable, match="shutting down"):
         client.infer("tiny", {"x": X})
     busy.join(15)
+    assert running.process.wait(30) == 0
+
+
+def test_replies_answered_before_a_drain_ends_are_written_to_a_client_that_reads_late(daemon_factory: Any, repo: Path) -> None:
+    """Round 60: a client pipelined ten requests with 256 KiB replies and read them only after SIGTERM; the
+    drain ended as soon as its workers were gone (0.1-0.2 s) and the replies waiting to be written went with
+    the daemon (0 of 10 read 0.5 s later). Once the workers are gone, the daemon lets such replies be read
+    (for up to 5 s) before it exits."""
+    running = daemon_factory(repo, env=FRONT_DOOR)
+    workers = len(running.client().status()["workers"])
+    peer = Peer(running.address)
+    try:
+        pipeline_answered(running, peer, range(1, 11))
+        running.process.send_signal(signal.SIGTERM)
+        exited = lambda: sum(r.get("msg") == "worker exited" for r in log_records(running)) >= workers  # noqa: E731
+        wait_for(exited, 30, "every worker gone (the drain's end, before the fix)", daemon=running)
+        replies = peer.replies_until_closed()
+    finally:
+        peer.close()
+    assert sorted(r["id"] for r in replies) == list(range(1, 11)) and all("outputs" in r for r in replies), [r.get("id") for r in replies]
     assert running.process.wait(30) == 0
 
 

@@ -550,6 +550,10 @@ class ConnectionTable:
         if not self._listening and self._may_accept():
             self._listen(True)
 
+    def unwritten(self) -> int:
+        """Connections with replies still waiting to be written (a drain lets them be read before it ends)."""
+        return sum(1 for conn in self.by_fd.values() if conn.stream.out_bytes)
+
     def close_all(self) -> None:
         for conn in list(self.by_fd.values()):
             self.close(conn, None)
