@@ -279,6 +279,7 @@ class FrameStream:
         got = 0
         recv = self.sock.recv
         self.read_cut = True  # unless a break below says the kernel had no more
+        big_bytes = max(max_bytes, BIG_READ_BYTES)  # what this read may take of a large frame
         while got < max_bytes and len(events) < max_events:
             if self._parse_cut:  # what came before is parsed first, a budget of frames at a time
                 self._parse(events, max_frames)
@@ -288,14 +289,14 @@ class FrameStream:
             if self._big is not None:  # its bytes count too: uncounted, one read took 16 messages of 64 MiB
                 filled = self._big_filled
                 try:
-                    complete = self._read_big(max(max_bytes, BIG_READ_BYTES) - got)
+                    complete = self._read_big(big_bytes - got)
                 except PeerClosed:
                     if events:
                         break  # the messages before the close first (round 23: lost); the next read reports it
                     raise
                 got += self._big_filled - filled
                 if not complete:
-                    self.read_cut = got >= max(max_bytes, BIG_READ_BYTES)
+                    self.read_cut = got >= big_bytes
                     break
                 self._big_done(events)
                 continue

@@ -50,7 +50,7 @@ from openinfer.daemon.loop.reactor import HANGUP as _HANGUP, READABLE, WRITABLE,
 from openinfer.daemon.config.settings import Settings
 from openinfer.daemon.loop.timers import TimerHeap
 from .curve import CurveServer
-from .fair_turns import FairTurns, held_by
+from .fair_turns import FairTurns, hold_pending
 from .handshakes import MAX_HANDSHAKES_PER_HOST, Handshakes, handshake_share, source_host
 from openinfer.daemon.direct.peer_credentials import peer_credentials, peer_groups
 from .listener import BoundListener
@@ -377,8 +377,7 @@ class ConnectionTable:
         conn.wants_read = conn.stream.read_cut
         if events:
             conn.last_message_ns = time.monotonic_ns()
-            conn.pending = deque(events)
-            conn.pending_bytes = sum(held_by(event) for event in events)
+            hold_pending(conn, events)
 
     def _peer_ended(self, conn: Connection) -> None:
         """Its peer sent all it will (a close, or a shutdown of its sending side): what it sent and the

@@ -163,6 +163,13 @@ class FairTurns(Generic[C]):
         return len(waiting) == 1 and bool(waiting[0].pending)
 
 
+def hold_pending(conn: TurnTaker, events: list[Event]) -> None:
+    """A read's complete messages become `conn`'s pending ones, their bytes counted (serve takes each off
+    as it is handled; the memory rules count what is left)."""
+    conn.pending = deque(events)
+    conn.pending_bytes = sum(held_by(event) for event in events)
+
+
 def held_by(event: Event) -> int:
     """What a message read and not handled yet holds (the memory rule counts it)."""
     frames = event.frames if isinstance(event, Oversized) else event  # an Oversized report: the frames before its limit

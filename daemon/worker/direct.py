@@ -26,7 +26,7 @@ import msgpack
 from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.direct.lease import Lease, LeaseRefused, verify
 from openinfer.daemon.direct.peer_credentials import peer_credentials, peer_gids
-from openinfer.daemon.frontdoor.fair_turns import FairTurns, held_by
+from openinfer.daemon.frontdoor.fair_turns import FairTurns, hold_pending
 from openinfer.daemon.frontdoor.validation import OverLimit, check_envelope, decode_header, request_id_of
 from openinfer.wire.errors import InvalidArgument, OpenInferError, PermissionDenied, ResourceExhausted
 from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSION
@@ -302,8 +302,7 @@ class DirectDoor:
             if not was_open and conn.stream.open:
                 self.handshaking.pop(conn.conn_id, None)
             if events:
-                conn.pending = deque(events)
-                conn.pending_bytes = sum(held_by(event) for event in events)
+                hold_pending(conn, events)
             if conn.stream.in_bytes > MAX_HEADER_BYTES and not conn.closed:
                 self._keep_within_budget(conn.last_read_ns)
             if not conn.closed and conn.stream.out_bytes:
@@ -321,7 +320,8 @@ class DirectDoor:
         worker took is still answered and written, if the peer is there to read it (round 56: a client
         that shut its sending side after pipelining its requests got no reply to those queued; round 58:
         nor those answered and still waiting to be written - a reply larger than the socket's buffer);
-        then it is closed. A peer gone for good makes the next write fail, and the connection goes then."""
+        then it is closed (on_event once its outbox is written, or housekeeping: nothing on the per-request
+        path). A peer gone for good makes the next write fail, and the connection goes then."""
         if conn.closed:
             return
         if not conn.open_ids and not conn.stream.out_bytes:
@@ -332,12 +332,6 @@ class DirectDoor:
         conn.pending, conn.pending_bytes = None, 0
         self.handshaking.pop(conn.conn_id, None)
         self.poller.modify(conn.fd, _WRITABLE if conn.stream.out_bytes else 0)  # (EPOLLHUP still comes if it goes)
-
-    def answered(self, conn: DirectConnection) -> None:
-        """One of its requests was answered: an ended connection goes once all are and their replies are
-        written (on_event, when it is writable: a batch's replies are held until the batch ends)."""
-        if conn.ended and not conn.open_ids and not conn.closed:
-            self.poller.modify(conn.fd, _WRITABLE)
 
     def _handle_turn(self, conn: DirectConnection, event: Event) -> None:
         """One message read from `conn`, in its identity's turn. One whose replies back up keeps the rest

@@ -491,7 +491,6 @@ class DirectQueue:
 
     def _close(self, request: DirectRequest) -> None:
         request.conn.open_ids.discard(request.request_id)
-        self.door.answered(request.conn)
         identity = request.conn.identity
         self.admitted -= 1
         left = self.in_flight.get(identity, 0) - 1
