@@ -59,11 +59,16 @@ _HOUSEKEEPING_NS = 5_000_000  # how often running tasks' deadlines are checked (
 LEDGER_READ_MS = 20  # while workers answer direct requests, their ledgers are read at least this often
 LEDGER_IDLE_MS = 100  # and while they seem quiet (a full ring drops records: stats would miss them)
 QUIT_GRACE_NS = 5_000_000_000  # a worker told to QUIT leaves by itself within this (its own drain: 4 s), unless it is running
+HALT_GRACE_NS = 1_000_000_000  # a hard stop: a worker answers what it queued and leaves after its run, or is killed then
 LEAVING_NS = 1_500_000_000  # and within this after its last run once its drain is over (its leaving flushes for at most 1 s)
 # Once a drain's workers are gone, the replies still waiting to be written get this long to be read (round
 # 60: the daemon exited 0.1-0.2 s after SIGTERM and a client that read its ten answered replies 0.5 s later
 # got none). A worker's own leaving gives its direct clients the same (its drain reads for 4 s).
 LINGER_NS = 5_000_000_000
+
+
+def _wake_only() -> None:
+    """A timer that only wakes the loop: what is due then runs after every pass (`_progress_drain`)."""
 
 
 class Supervisor:
@@ -86,6 +91,7 @@ class Supervisor:
         self.finished = False
         self._drain_deadline_ns: int | None = None
         self._linger_until_ns: int | None = None  # a drain's workers are gone: replies not yet written wait until then
+        self._halting = False  # a hard stop: nothing more runs, what is left is answered UNAVAILABLE
         self._next_task_id = 1
         self._next_housekeeping_ns = 0
         self.limiter = ClientLimiter(load_client_policy(settings.server.client_policy))
@@ -400,11 +406,15 @@ class Supervisor:
         if len(running) == 1:
             if running[0].done:
                 self.dispatcher.settle(running[0])
+            elif self._halting:  # killed by the hard stop, not lost
+                self.replies.fail(running[0], Unavailable("daemon stopped while this task was running"))
             else:
                 self.replies.fail(running[0], WorkerCrashed(how, {"worker": worker.worker_id, "pid": worker.pid}))
         else:
             worker.inflight.put_back(running)
         self.dispatcher.requeue_unstarted(worker)
+        if self._halting:
+            self._fail_queued()  # (what it had not started came back to its model's queue)
 
     # -- deadlines --------------------------------------------------------------------------------
     def _expire_running(self) -> None:
@@ -460,6 +470,7 @@ class Supervisor:
         self.draining = True
         self.pool.shutting_down = True
         self._drain_deadline_ns = time.monotonic_ns() + int(self.settings.server.drain_grace_s * 1e9)
+        self.timers.call_at(self._drain_deadline_ns, _wake_only)  # the loop may be idle then: a timer wakes it
         # Every lease stops working now, as on a reload: a direct client's next request is told its lease
         # expired and its renewal is refused UNAVAILABLE, as a new request is at the front door; what the
         # workers have read is still answered. (Round 57: the direct path served new requests until each
@@ -479,6 +490,7 @@ class Supervisor:
         if not self.pool.workers:
             if self._linger_until_ns is None:
                 self._linger_until_ns = now + LINGER_NS
+                self.timers.call_at(self._linger_until_ns, _wake_only)  # (an idle loop sleeps up to a second)
             unwritten = self.connections.unwritten()
             if unwritten and now < self._linger_until_ns:
                 return
@@ -521,19 +533,38 @@ class Supervisor:
         self.pool.kill(worker)
 
     def _stop_now(self) -> None:
-        for model in self.sync.all_models():
-            self.dispatcher.fail_queue(model, lambda: Unavailable("daemon stopped before this task ran"))
+        """A hard stop (a second SIGTERM, or the drain's grace over): nothing more starts. Each worker is told
+        to QUIT with no drain - what it read and did not start is answered as a lease expiry (the client's
+        renewal is then refused UNAVAILABLE), the run it is in ends and is answered - and is killed
+        HALT_GRACE_NS later if still there; a run that long ends as on a worker's death. (Round 57: workers
+        were killed at once, and a direct client's requests queued on them were reported WORKER_CRASHED.)
+        A third signal kills at once."""
+        if self._halting:
+            for worker in self.pool.all_workers():
+                self.pool.kill(worker)
+            return
+        self._halting = True
+        self._fail_queued()
+        now = time.monotonic_ns()
         for worker in self.pool.all_workers():
-            for task in worker.inflight.take_all():
-                if not task.done:
-                    self.replies.fail(task, Unavailable("daemon stopped while this task was running"))
             if worker.state is not WorkerState.DRAINING:
+                if worker in worker.model.idle:
+                    worker.model.idle.remove(worker)
                 worker.transition(WorkerState.DRAINING)
-            self.pool.kill(worker)
+                self.direct.withdraw(worker)
+            serving = worker.ready_ns is not None  # (one still booting holds nothing: killed at once)
+            if serving and self.pool.send(worker, [messages.QUIT, now.to_bytes(8, "little"), bytes(8)]):
+                self.timers.call_at(now + HALT_GRACE_NS, lambda worker=worker: self.pool.kill(worker))  # type: ignore[misc]
+            else:
+                self.pool.kill(worker)
         self.draining = True
         self.pool.shutting_down = True
         self._drain_deadline_ns = None
         self._linger_until_ns = time.monotonic_ns()  # stopping now: replies not yet read are not waited for
+
+    def _fail_queued(self) -> None:
+        for model in self.sync.all_models():
+            self.dispatcher.fail_queue(model, lambda: Unavailable("daemon stopped before this task ran"))
 
     def close(self) -> None:
         if self.exporter.enabled:

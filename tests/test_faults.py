@@ -538,3 +538,32 @@ def test_async_client_gives_up_on_each_direct_request_at_its_own_timeout(daemon_
             long_wait.cancel()
 
     asyncio.run(both())
+
+
+def test_a_hard_stop_answers_a_direct_clients_queued_requests_unavailable_not_worker_crashed(daemon_factory: Any, slow_repo: Path) -> None:
+    """Round 57: a second SIGTERM killed the workers at once, and a direct client's requests queued on one
+    were reported WORKER_CRASHED (the client cannot tell a killed worker from a crashed one) while the front
+    door answered its own UNAVAILABLE. A hard stop now tells each worker to leave after the run it is in:
+    what it queued is answered as a lease expiry, whose renewal the stopping daemon refuses UNAVAILABLE."""
+    import asyncio
+
+    from openinfer.client import AsyncClient
+
+    running = daemon_factory(slow_repo, env={"OPENINFER_POOL_DIRECT": "1"})
+    admin = running.client(direct=False)
+    half_second = {"seconds": np.array(0.5, np.float32)}
+
+    async def eight_then_stop() -> list[Any]:
+        async with AsyncClient(running.address, timeout=30) as client:
+            await client.infer("slow", {"seconds": np.array(0, np.float32)})  # lease and link ready
+            calls = [asyncio.ensure_future(client.infer("slow", half_second)) for _ in range(8)]
+            await asyncio.wait(calls, return_when=asyncio.FIRST_COMPLETED)  # the worker has read them all: 4 s of runs queued
+            running.process.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(wait_for, lambda: admin.health()["draining"], 30, "draining")
+            running.process.send_signal(signal.SIGTERM)  # (signals do not queue: the second after the first is seen)
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(eight_then_stop())
+    codes = Counter("OK" if not isinstance(o, BaseException) else getattr(o, "code", type(o).__name__) for o in outcomes)
+    assert codes["WORKER_CRASHED"] == 0 and codes["UNAVAILABLE"] >= 1 and set(codes) <= {"OK", "UNAVAILABLE"}, codes
+    assert running.process.wait(30) == 0

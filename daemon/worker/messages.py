@@ -14,11 +14,15 @@ any state changes; a message that does not fit retires the worker.
   worker -> supervisor                        supervisor -> worker
   HELLO  [b"H", meta]  model loaded            ACK   [b"A", lease key] channel proven, go sandbox
   READY  [b"Y", sandbox]  serve policy on      TASK  [b"T"+task_id+stop(+identity), client header, *data]
-  RESULT [b"R"+task_id, meta, *outputs]       QUIT  [b"Q", sent_ns]  finish and exit 0 (drain from sent_ns)
+  RESULT [b"R"+task_id, meta, *outputs]       QUIT  [b"Q", sent_ns(, drain_ns)]  finish and exit 0 (drain from sent_ns)
   RESULTS [b"S", meta, *outputs]  the answers of one BATCH (layout below)
   FAILED [b"E", {"message"}]  boot failed      PING  [b"P", token]
                                                BATCH [b"B", plan, *data]  (layout below)
   PONG   [b"p", token, report]                KEY   [b"K", lease key]   after a reload
+
+QUIT's drain_ns (u64 LE) is how long clients told GOAWAY may still send; absent, the worker's own (4 s).
+A hard stop sends 0: the worker answers what it queued and did not start as a lease expiry and leaves
+after the run it is in (serve.py _leave).
 
 PONG report = three u64 LE: verdict-cache entries, cache bytes, bytes held for direct requests in flight
 (arriving, queued or running) and replies not yet read (serve.py _pong_report; recycling.py).

@@ -161,19 +161,24 @@ class WorkerLoop:
                 elif kind == messages.KEY and self.direct is not None:
                     self.direct.door.rekey(bytes(frames[1]))
                 elif kind == messages.QUIT:
-                    self._begin_quit(int.from_bytes(bytes(frames[1][:8]), "little") if len(frames) > 1 else time.monotonic_ns())
+                    sent_ns = int.from_bytes(bytes(frames[1][:8]), "little") if len(frames) > 1 else time.monotonic_ns()
+                    drain_ns = int.from_bytes(bytes(frames[2][:8]), "little") if len(frames) > 2 else DRAIN_GRACE_NS
+                    self._begin_quit(sent_ns, min(drain_ns, DRAIN_GRACE_NS))
                 else:
                     log.warning("unknown message kind from supervisor", extra={"kind": kind.hex()})
         except PeerClosed:
             self._leave()
             raise SystemExit(0) from None  # the supervisor is gone: nothing left to serve
 
-    def _begin_quit(self, sent_ns: int) -> None:
+    def _begin_quit(self, sent_ns: int, drain_ns: int) -> None:
         """The drain counts from when the supervisor sent QUIT (read late, after a long run, it ends as
-        many seconds sooner): the supervisor's grace and this drain keep one clock."""
+        many seconds sooner): the supervisor's grace and this drain keep one clock. A second QUIT (a hard
+        stop during a drain) can only end it sooner."""
+        quit_at_ns = max(1, min(sent_ns, time.monotonic_ns()) + drain_ns)  # (0 means no QUIT yet)
         if self.quit_at_ns:
+            self.quit_at_ns = min(self.quit_at_ns, quit_at_ns)
             return
-        self.quit_at_ns = min(sent_ns, time.monotonic_ns()) + DRAIN_GRACE_NS
+        self.quit_at_ns = quit_at_ns
         if self.direct is not None:
             self.direct.door.goaway("this worker is retiring: take a new lease")
 
