@@ -25,7 +25,8 @@ Rules, each enforced here and nowhere else:
   unresponsive; 480 uids made a pass last seconds; requests of 256 empty frames cost 110 ms a read to
   parse) costs their own turns;
 - strikes: a connection that sends `server.peer_strike_limit` requests no conforming client sends
-  (undecodable header, over a size limit) is read no more and closed once its replies are written.
+  (undecodable header, over a size limit) is read no more and closed once what it sent before is
+  answered and written.
 A reply for a connection that is gone is dropped and counted; connection ids are ours and never reused,
 so a reply can never reach a different connection.
 """
@@ -60,7 +61,6 @@ log = logging.getLogger("openinfer.access")
 # Not shorter on tcp://: handshakes are displaced when their room is needed, so the deadline only cuts a
 # slow peer (a long link, a paused client) when nothing else wants its slot.
 HANDSHAKE_TIMEOUT_NS = 10_000_000_000
-DROP_GRACE_NS = 100_000_000  # a struck-out connection's replies get this long to be written
 MEMORY_CHECK_NS = 100_000_000  # RSS is read this often (psutil: one /proc read)
 DISCARD_AT_EXIT_BYTES = 64 * 1024 * 1024  # unread input dropped per connection at exit (close_all), at most
 ACCEPTS_PER_PASS = 64
@@ -86,9 +86,8 @@ class Connection:
     accepted_ns: int
     last_message_ns: int = 0
     strikes: int = 0
-    reading: bool = True  # False: struck out, or its reply backlog is over the limit
-    dropping: bool = False
-    ended: bool = False  # its peer shut its sending side: read no more, closed once what it sent is answered and written
+    reading: bool = True  # False: ended (below), or its reply backlog is over the limit
+    ended: bool = False  # its peer shut its sending side, or it was struck out: read no more, closed once what it sent is answered and written
     closed: bool = False
     open_ids: set[int] = field(default_factory=set)  # infer request ids queued or running
     turn_key: str = ""  # whose turns its messages take: its identity, or its host for an anonymous tcp:// peer
@@ -100,6 +99,10 @@ class Connection:
     @property
     def fd(self) -> int:
         return self.stream.sock.fileno() if not self.closed else -1
+
+    @property
+    def dropping(self) -> bool:  # (FairTurns: read no more, its pending messages dropped)
+        return self.ended
 
     @property
     def held_bytes(self) -> int:
@@ -384,6 +387,11 @@ class ConnectionTable:
         daemon took is still answered and written, if the peer is there to read it (round 58: a client
         that shut its sending side after pipelining got 13 of 40 replies, 0 of 10 large ones); then it is
         closed (housekeeping). A peer gone for good makes the next write fail, and it goes then."""
+        self._read_no_more(conn)
+
+    def _read_no_more(self, conn: Connection) -> None:
+        """An ended or struck-out connection: nothing more is read from it; what it sent before and the
+        daemon took is answered and written, then it goes (housekeeping)."""
         if not conn.open_ids and not conn.stream.out_bytes:
             self.close(conn, None)
             return
@@ -449,13 +457,10 @@ class ConnectionTable:
     def _flushed(self, conn: Connection, done: bool) -> None:
         if not done:
             return
-        if conn.dropping:
-            self.close(conn, None)
-            return
         if conn.ended:
             self.reactor.modify(conn.fd, 0)  # written: it goes once the rest is answered (housekeeping)
             return
-        if not conn.reading and not conn.dropping:
+        if not conn.reading:
             conn.reading = True  # the backlog is gone: read its requests again
             if conn.pending or conn.wants_read:
                 # those read before it backed up first - and a read cut at its budget goes on: what it left
@@ -469,20 +474,11 @@ class ConnectionTable:
         if limit <= 0 or conn.closed:
             return
         conn.strikes += 1
-        if conn.strikes >= limit and not conn.dropping:
-            why = f"{conn.strikes} malformed or over-limit requests (server.peer_strike_limit), last: {reason}"
-            self.drop_after_replies(conn, why)
-
-    def drop_after_replies(self, conn: Connection, reason: str) -> None:
-        """Read nothing more from `conn`; close it once its replies are written (or after a grace)."""
-        conn.reading = False
-        conn.dropping = True
-        self._note_drop(conn, reason)
-        if not conn.stream.out_bytes:
-            self.close(conn, None)
-            return
-        self.reactor.modify(conn.fd, WRITABLE)
-        self.timers.call_at(time.monotonic_ns() + DROP_GRACE_NS, lambda: self.close(conn, None))
+        if conn.strikes >= limit and not conn.ended:
+            # Read no more; what it sent before is still answered (round 58's suspicion: it was closed once
+            # the replies already queued were written, and those still queued or running went to nobody).
+            self._note_drop(conn, f"{conn.strikes} malformed or over-limit requests (server.peer_strike_limit), last: {reason}")
+            self._read_no_more(conn)
 
     def housekeeping(self, now_ns: int) -> None:
         """Called from the loop: ended connections answered and written, handshake timeouts, and the memory

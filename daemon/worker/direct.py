@@ -75,7 +75,7 @@ class DirectConnection:
     strikes: int = 0
     reading: bool = True
     draining: bool = False  # told GOAWAY: what it read before is served, anything later is sent back
-    struck: bool = False  # over the strike limit: read no more, closed once its replies are written
+    struck: bool = False  # over the strike limit: read no more, closed once what it sent before is answered
     ended: bool = False  # its peer shut its sending side: read no more, closed once what it sent is answered
     closed: bool = False
     pending: deque[Event] | None = None  # messages read and not handled yet (its identity's turns; its replies backed up)
@@ -96,7 +96,7 @@ class DirectConnection:
 
     @property
     def dropping(self) -> bool:  # (FairTurns: read no more, its pending messages dropped)
-        return self.struck
+        return self.struck or self.ended
 
     @property
     def in_bytes(self) -> int:  # (what direct_budgets looks at)
@@ -272,9 +272,9 @@ class DirectDoor:
             return
         try:
             if mask & _WRITABLE and self._flushed(conn):
-                if conn.struck or (conn.ended and not conn.open_ids):
+                if (conn.struck or conn.ended) and not conn.open_ids:
                     raise PeerClosed()  # its replies are written: it goes
-                if not conn.reading and not conn.draining and not conn.ended:
+                if not conn.reading and not conn.draining and not conn.ended and not conn.struck:
                     conn.reading = True
                 self.poller.modify(fd, _READABLE if conn.reading else 0)
                 if conn.reading and (conn.pending or conn.wants_read):
@@ -322,12 +322,16 @@ class DirectDoor:
         nor those answered and still waiting to be written - a reply larger than the socket's buffer);
         then it is closed (on_event once its outbox is written, or housekeeping: nothing on the per-request
         path). A peer gone for good makes the next write fail, and the connection goes then."""
-        if conn.closed:
-            return
+        if not conn.closed:
+            conn.ended = True
+            self._read_no_more(conn)
+
+    def _read_no_more(self, conn: DirectConnection) -> None:
+        """An ended or struck-out connection: nothing more is read from it; what it sent before and this
+        worker took is answered and written, then it goes (on_event, housekeeping)."""
         if not conn.open_ids and not conn.stream.out_bytes:
             self.close(conn)
             return
-        conn.ended = True
         conn.reading = False
         conn.pending, conn.pending_bytes = None, 0
         self.handshaking.pop(conn.conn_id, None)
@@ -498,14 +502,13 @@ class DirectDoor:
 
     # -- rules ----------------------------------------------------------------------------------------
     def strike(self, conn: DirectConnection) -> None:
+        """A message no conforming client sends. At the limit the connection is read no more; the requests
+        it sent before are still answered (round 58's suspicion: it was closed once the replies already
+        queued were written, and those still running were answered to nobody)."""
         conn.strikes += 1
-        if self.limits.strike_limit and conn.strikes >= self.limits.strike_limit:
-            conn.reading = False
+        if self.limits.strike_limit and conn.strikes >= self.limits.strike_limit and not conn.struck and not conn.closed:
             conn.struck = True
-            if conn.stream.out_bytes:
-                self.poller.modify(conn.fd, _WRITABLE)
-            else:
-                self.close(conn)
+            self._read_no_more(conn)
 
     def _keep_within_budget(self, now_ns: int) -> None:
         """Requests still arriving past the budgets are refused (direct_budgets.uploads_to_refuse): each is
@@ -538,7 +541,8 @@ class DirectDoor:
         for conn in self.by_fd.values():
             if conn.lease is not None and conn.lease.expires_ns <= now_ns:
                 conn.stream.limits = self._unattached_limits
-        for conn in [c for c in self.by_fd.values() if c.strikes >= self.limits.strike_limit > 0 and _nothing_to_send(c, now_ns)]:
+        # A struck-out one goes once answered and written, or once it stops reading what it is sent.
+        for conn in [c for c in self.by_fd.values() if c.struck and _nothing_to_send(c, now_ns) and (not c.open_ids or c.stream.out_bytes)]:
             self.close(conn)
         # An ended connection goes once nothing is owed and all is written - not when its replies have gone
         # unread for UNREAD_NS (round 59: a client that read late after its half-close lost all ten): a peer

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import msgpack
 import numpy as np
 import psutil
 import pytest
@@ -162,3 +163,22 @@ def test_replies_owed_to_a_client_that_shuts_its_sending_side_are_written_before
     finally:
         peer.close()
     assert sorted(reply["id"] for reply in replies) == list(range(1, 11)) and all("outputs" in reply for reply in replies), [r.get("id") for r in replies]
+
+
+def test_requests_sent_before_a_connection_is_struck_out_are_answered(daemon_factory: Any, repo: Path) -> None:
+    """Round 58's suspicion, at the front door: a connection over the strike limit was closed once the
+    replies already queued were written (or 100 ms later), and the requests it had sent before its last
+    strike, still queued or running, were answered to nobody. It is read no more, and closed once those
+    are answered and written (as on a worker's endpoint, tests/attack/test_worker_endpoint.py)."""
+    running = daemon_factory(repo, env={"OPENINFER_SERVER_PEER_STRIKE_LIMIT": "3", "OPENINFER_POOL_DIRECT": "0"})
+    rows = np.ones((256, 64), np.float32).tobytes()
+    good = [[msgpack.packb({"v": 1, "id": i, "op": "infer", "model": "tiny", "inputs": [{"name": "x", "datatype": "FP32", "shape": [256, 64]}]}), rows] for i in range(1, 21)]
+    peer = Peer(running.address)
+    try:
+        peer.send_all(good + [[b"\xc1"]] * 3 + [good[0]])  # three undecodable headers: struck out; the last is never read
+        replies = peer.replies_until_closed(60)
+    finally:
+        peer.close()
+    assert sorted(reply["id"] for reply in replies if "outputs" in reply) == list(range(1, 21)), [(reply.get("id"), reply.get("error")) for reply in replies]
+    assert [reply["error"]["code"] for reply in replies if "outputs" not in reply] == ["INVALID_ARGUMENT"] * 3
+    assert "server.peer_strike_limit" in running.log_text()

@@ -755,3 +755,22 @@ def test_replies_waiting_to_be_written_when_the_client_shuts_its_sending_side_ar
     finally:
         peer.close()
     assert sorted(reply["id"] for reply in replies) == list(range(2, 12)) and all("outputs" in reply for reply in replies), [r.get("id") for r in replies]
+
+
+def test_requests_sent_before_a_connection_is_struck_out_are_answered(daemon_factory: Any, repo: Path) -> None:
+    """Round 58's suspicion: a connection over the strike limit was closed once the replies already queued
+    were written, and the requests it had sent before its last strike, still queued or running, were
+    answered to nobody. It is read no more, and closed once those are answered and written."""
+    daemon = daemon_factory(repo, env={**DIRECT, "OPENINFER_SERVER_PEER_STRIKE_LIMIT": "3"})
+    lease = lease_of(daemon, "busy")
+    peer = Peer(lease["workers"][0]["address"])
+    try:
+        assert "result" in peer.ask(attach(lease["lease"]))  # type: ignore[operator]
+        good = [busy(request_id, 300_000 if request_id == 2 else 1) for request_id in range(2, 12)]  # the first holds the worker
+        peer.send_all(good + [[b"\xc1"]] * 3 + [busy(99, 1)])  # three undecodable headers: struck out; 99 is never read
+        replies = peer.replies_until_closed(60)
+    finally:
+        peer.close()
+    answered = sorted(reply["id"] for reply in replies if "outputs" in reply)
+    assert answered == list(range(2, 12)), [(reply.get("id"), reply.get("error")) for reply in replies]
+    assert [reply["error"]["code"] for reply in replies if "outputs" not in reply] == ["INVALID_ARGUMENT"] * 3
