@@ -362,6 +362,10 @@ class Supervisor:
         failed = self.dispatcher.fail_queue(model, lambda: Unavailable(reason))
         if failed:
             log.warning("queued requests failed: model cannot serve", extra={"model": model.key, "requests": failed, "reason": model.reason})
+        # The last model still loading may be this one: systemd is told READY=1 (naming it as not serving)
+        # now, not never (a model whose worker failed to load after the others were ready kept a
+        # Type=notify service from starting: killed at TimeoutStartSec, restarted, again).
+        self._tell_systemd()
 
     def _move_retired_queue(self, model: ServedModel) -> None:
         """A retiring version's last worker is gone with tasks still queued for it: each goes to the version

@@ -80,3 +80,38 @@ def test_unusable_notify_socket_fails_loudly(tmp_path: Path) -> None:
     daemon = start_daemon(repo, env={"NOTIFY_SOCKET": str(tmp_path / "missing.sock")}, wait=False)
     assert daemon.process.wait(30) == 1
     assert "NOTIFY_SOCKET" in daemon.log_text() and "unusable" in daemon.log_text()
+
+
+def until_ready(systemd: socket.socket, daemon: Any, timeout: float = 90) -> list[str]:
+    """What the daemon tells systemd up to READY=1 (an assertion error if it never comes)."""
+    said: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not any("READY=1" in m for m in said):
+        assert time.monotonic() < deadline and daemon.process.poll() is None, said
+        said += [m for _, m in receive(systemd, 0.5)]
+    return said
+
+
+def test_ready_comes_when_the_last_model_to_load_fails(tmp_path: Path) -> None:
+    """READY=1 was sent only when a worker became ready: a model whose worker failed to load after the
+    others were ready (a slow steps module that raises, a model onnxruntime refuses) kept a Type=notify
+    service from ever starting - systemd kills it at TimeoutStartSec and restarts it, again and again. Now
+    READY=1 comes with the failure, naming the model that does not serve."""
+    repo: Any = world_readable_dir("oi-notify-fail-")
+    for name in ("good", "bad"):
+        onnx_builders.matmul_model(repo / name / "1" / "model.onnx")
+    (repo / "bad" / "config.toml").write_text('workers = 1\n\n[steps]\nmodule = "steps.py"\n')
+    # Its worker fails after the other model's is ready (the module's own code runs as the worker boots).
+    (repo / "bad" / "steps.py").write_text("import time\ntime.sleep(1)\nraise RuntimeError('this model cannot load')\n")
+    make_world_readable(repo)
+    notify_path = tmp_path / "notify.sock"
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(notify_path))
+    daemon = start_daemon(repo, env={"NOTIFY_SOCKET": str(notify_path)}, wait=False)
+    try:
+        ready = next(m for m in until_ready(systemd, daemon) if "READY=1" in m)
+        assert "serving 1 model versions" in ready and "not serving: bad:1" in ready, ready
+        assert daemon.client().infer("good", {"x": np.ones((1, 64), np.float32)}).outputs["y"].shape == (1, 64)
+    finally:
+        daemon.stop()
+        systemd.close()

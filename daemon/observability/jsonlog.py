@@ -23,7 +23,22 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, separators=(",", ":"))
+        try:
+            return json.dumps(entry, default=str, separators=(",", ":"))
+        except (RecursionError, ValueError, TypeError):
+            # A value that cannot be written (nested past the encoder's recursion limit, a circular one):
+            # the record is still written, that value named instead. logging re-raises RecursionError out
+            # of the caller's log call (round 63: a worker's READY nested 1,021 deep did so in the middle of
+            # the supervisor's handling of it).
+            return json.dumps({key: _writable(value) for key, value in entry.items()}, default=str, separators=(",", ":"))
+
+
+def _writable(value: Any) -> Any:
+    try:
+        json.dumps(value, default=str)
+    except (RecursionError, ValueError, TypeError) as exc:
+        return f"<{type(value).__name__} not logged: {type(exc).__name__}>"
+    return value
 
 
 def configure_logging(level: str = "info") -> None:

@@ -210,7 +210,7 @@ class WorkerPool:
         self.workers[worker_id] = worker
         self.by_pidfd[spawned.pidfd] = worker
         self.reactor.add(spawned.pidfd, lambda mask: self.reap(spawned.pidfd, self.shutting_down))
-        relay = StderrRelay(spawned.stderr_fd, {"worker": worker_id, "pid": spawned.pid, "model": model.key})
+        relay = StderrRelay(spawned.stderr_fd, {"worker": worker_id, "pid": spawned.pid, "model": model.key}, call_at=self.timers.call_at)
         worker.stderr = relay
         self.reactor.add(spawned.stderr_fd, lambda mask: self._pump_stderr(relay))
         self.reactor.add(channel.sock.fileno(), lambda mask: self._on_channel(worker, mask))

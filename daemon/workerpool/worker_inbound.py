@@ -178,13 +178,41 @@ def parse_hello(frames: Sequence[Buffer]) -> Hello:
     )
 
 
+READY_DEPTH = 4  # the description's maps and lists nest 3 deep (threads -> tid -> fields)
+
+
 def parse_ready(frames: Sequence[Buffer]) -> dict[str, Any]:
-    """The worker's description of its sandbox: shown in `status`, never acted on. Kept as plain data:
-    scalars, lists and maps of them, bounded."""
-    meta = _meta(frames)
-    if len(frames[1]) > 64 * 1024:
+    """The worker's description of its sandbox: shown in `status`, logged, never acted on. Kept as plain
+    data: scalars, and lists and string-keyed maps of them nested at most READY_DEPTH deep, in 64 KiB
+    (round 63: a list nested 1,021 deep - msgpack reads 1,024 - raised RecursionError out of the log call
+    in the middle of the supervisor's handling of READY, so systemd never got READY=1, and made every
+    later `status` fail INTERNAL: msgpack writes fewer levels than it reads)."""
+    if len(frames) > 1 and len(frames[1]) > 64 * 1024:
         raise BadWorkerMessage("READY description over 64 KiB")
-    return {str(key)[:64]: value for key, value in meta.items()}
+    meta = _meta(frames)
+    return {_key(key): _plain(value, READY_DEPTH - 1) for key, value in meta.items()}
+
+
+def _key(key: Any) -> str:
+    if not isinstance(key, str):
+        raise BadWorkerMessage("READY description has a key that is not a string")
+    return key[:64]
+
+
+def _plain(value: Any, depth: int) -> Any:
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value[:MAX_MESSAGE_TEXT]
+    if isinstance(value, (list, dict)) and depth <= 0:
+        raise BadWorkerMessage(f"READY description nested deeper than {READY_DEPTH}")
+    if isinstance(value, list):
+        return [_plain(item, depth - 1) for item in value]
+    if isinstance(value, dict):
+        return {_key(key): _plain(item, depth - 1) for key, item in value.items()}
+    raise BadWorkerMessage(f"READY description holds a {type(value).__name__}")
 
 
 @dataclass(frozen=True)

@@ -3,34 +3,53 @@
 A worker may be compromised: its output must never pass for the supervisor's own log lines. Each line
 becomes one record of the `openinfer.worker.output` logger carrying the worker's id and pid; a line that
 is a JSON object (the worker's own structured log) is nested under `record`, anything else is kept as
-text under `line`. Lines are bounded in length and count per read, so a flood of output costs bounded
-work per loop pass.
+text under `line`. Lines are bounded in length; reads are bounded per loop pass; and what is logged is
+bounded by a budget per process (OUTPUT_BYTES_PER_S, a burst of OUTPUT_BURST_BYTES: a crash's traceback fits),
+past which lines are counted, not logged, and the count is logged once a second (round 63: a worker writing
+"a\n" without pause became 82,000 log records a second, 13 MB of log, and one read of 64 KiB - 32,768
+lines - held the supervisor's loop for seconds: other clients' requests waited up to 11.8 s).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 log = logging.getLogger("openinfer.worker.output")
 
 MAX_LINE = 8192  # characters kept of one line (a JSON record: as the log writes it)
 MAX_DEPTH = 16  # a record nested deeper is kept as text: the log's encoder recurses too
 MAX_PENDING = 64 * 1024  # bytes of an unfinished line kept before it is cut
+_READS = 4  # of _READ bytes per pump: the loop comes back while there is more
 _READ = 65536
+OUTPUT_BYTES_PER_S = 16 * 1024  # what one process's output may add to the log, sustained
+OUTPUT_BURST_BYTES = 256 * 1024  # and at once
+MIN_LINE_COST = 128  # a line costs at least this much of the budget (a record's own overhead): <= 128 lines/s
+DROPPED_REPORT_NS = 1_000_000_000  # lines dropped are reported at most this often
 
 
 class StderrRelay:
-    def __init__(self, fd: int, source: dict[str, Any]) -> None:
+    def __init__(self, fd: int, source: dict[str, Any], clock: Callable[[], int] = time.monotonic_ns, call_at: Callable[[int, Callable[[], None]], object] | None = None) -> None:
+        """`call_at(when_ns, callback)` (the loop's timers): lines dropped after the last report are
+        reported DROPPED_REPORT_NS later, also when the process writes nothing more."""
         self.fd = fd
+        self._call_at = call_at
+        self._report_due = False
         self.source = source  # e.g. {"worker": 3, "pid": 1234, "model": "m:1"}
         self._pending = b""
+        self._clock = clock
+        self._budget = float(OUTPUT_BURST_BYTES)
+        self._budget_ns = clock()
+        self.dropped = 0  # lines not logged since the last report
+        self._reported_ns: int | None = None
 
     def pump(self, final: bool = False) -> bool:
-        """Read what is there and log complete lines; False once the pipe is closed."""
+        """Read what is there (at most _READS reads) and log complete lines within the budget; False once the
+        pipe is closed."""
         open_ = True
-        for _ in range(16):  # bounded per call: the loop comes back while there is more
+        for _ in range(_READS):
             try:
                 chunk = os.read(self.fd, _READ)
             except BlockingIOError:
@@ -41,17 +60,54 @@ class StderrRelay:
             if not chunk:
                 open_ = False
                 break
-            self._pending += chunk
-            *lines, self._pending = self._pending.split(b"\n")
-            for line in lines:
-                self._emit(line)
-            if len(self._pending) > MAX_PENDING:
-                self._emit(self._pending)
-                self._pending = b""
+            self._take(chunk)
         if (final or not open_) and self._pending:
-            self._emit(self._pending)
+            self._log_lines([self._pending])
             self._pending = b""
+        self._report_dropped(final or not open_)
         return open_
+
+    def _take(self, chunk: bytes) -> None:
+        data = self._pending + chunk
+        end = data.rfind(b"\n")
+        if end < 0:
+            self._pending = data
+        else:
+            self._pending = data[end + 1 :]
+            self._log_lines(_LinesOf(data, end))
+        if len(self._pending) > MAX_PENDING:
+            self._log_lines([self._pending])
+            self._pending = b""
+
+    def _log_lines(self, lines: "_LinesOf | list[bytes]") -> None:
+        """Each line while the budget lasts; the rest only counted (never split into lines: a flood costs
+        a count of its newlines)."""
+        now = self._clock()
+        self._budget = min(OUTPUT_BURST_BYTES, self._budget + (now - self._budget_ns) * OUTPUT_BYTES_PER_S / 1e9)
+        self._budget_ns = now
+        for line in lines:
+            cost = min(max(len(line), MIN_LINE_COST), MAX_LINE)
+            if cost > self._budget:
+                self.dropped += 1 + (lines.count_rest() if isinstance(lines, _LinesOf) else 0)
+                return
+            self._budget -= cost
+            self._emit(line)
+
+    def _report_dropped(self, final: bool) -> None:
+        if not self.dropped:
+            return
+        now = self._clock()
+        if final or self._reported_ns is None or now - self._reported_ns >= DROPPED_REPORT_NS:
+            log.warning("worker output dropped: over its budget", extra={**self.source, "lines": self.dropped, "budget_bytes_per_s": OUTPUT_BYTES_PER_S})
+            self.dropped = 0
+            self._reported_ns = now
+        elif self._call_at is not None and not self._report_due:
+            self._report_due = True
+            self._call_at(self._reported_ns + DROPPED_REPORT_NS, self._report_later)
+
+    def _report_later(self) -> None:
+        self._report_due = False
+        self._report_dropped(False)
 
     def _emit(self, raw: bytes) -> None:
         text = raw.decode("utf-8", "replace").rstrip("\r")
@@ -66,6 +122,29 @@ class StderrRelay:
             extra["line"] = text[:MAX_LINE]
             level = logging.WARNING
         log.log(level, "worker output", extra=extra)
+
+
+class _LinesOf:
+    """The complete lines of data[:end], one at a time; what is left uncounted can be counted at once."""
+
+    def __init__(self, data: bytes, end: int) -> None:
+        self._data, self._end, self._at = data, end, 0
+
+    def __iter__(self) -> "_LinesOf":
+        return self
+
+    def __next__(self) -> bytes:
+        if self._at > self._end:
+            raise StopIteration
+        newline = self._data.find(b"\n", self._at, self._end)
+        stop = self._end if newline < 0 else newline
+        line, self._at = self._data[self._at : stop], stop + 1
+        return line
+
+    def count_rest(self) -> int:
+        rest = 0 if self._at > self._end else self._data.count(b"\n", self._at, self._end) + 1
+        self._at = self._end + 1
+        return rest
 
 
 def _json_object(text: str) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ setup() reaches for a file and a socket is stopped there, and reported."""
 from __future__ import annotations
 
 import os
+import time
 import select
 import socket
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 
 import onnx_builders
-from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, wait_for, world_readable_dir
+from daemon_harness import RunningDaemon, cleanup_workdir, log_records, start_daemon, wait_for, world_readable_dir
 from openinfer.client import Client, OpenInferError
 from reference import run_reference
 from repo_builder import ModelRepo
@@ -71,6 +72,9 @@ def pre(inputs):
     elif what == "allocate":
         block = bytearray(10 * 1024 ** 3)
         return Answer(got=bytes(block[:1]))
+    elif what == "stderr-flood":  # 2,000,000 lines on stderr, which the supervisor relays to its log
+        for _ in range(64):
+            os.write(2, b"a\\n" * 32768)
     elif what == "fake-page":  # the worker's deadline page says a direct run is long overdue
         import gc, threading
         # A step is Python in the worker's own interpreter: it reaches the page through the worker's
@@ -245,3 +249,79 @@ def _settled(client: Client) -> dict[str, dict[str, object]] | None:
     if rows.get("canary", {}).get("state") == "ready" and rows.get("loader", {}).get("state") in ("failed", "unavailable"):
         return rows
     return None
+
+
+def test_a_step_flooding_stderr_costs_the_log_and_the_loop_a_bounded_share(daemon: RunningDaemon) -> None:
+    """Round 63: a step writing "a\\n" without pause became one log record per line (82,000 a second, 13 MB of
+    log in 10 s), and the supervisor's loop, logging them, kept other clients' requests waiting up to 11.8 s.
+    Past a budget its lines are counted, and the count logged."""
+    repo: Path = daemon.repo  # type: ignore[attr-defined]
+    with Client(daemon.address, timeout=30) as client:
+        hostile_serves_again(client)
+        assert client.infer("hostile", {"what": "stderr-flood"}, timeout=30).outputs["got"].item() == b"done"
+        dropped = lambda: sum(r.get("lines", 0) for r in log_records(daemon) if r.get("msg") == "worker output dropped: over its budget")  # noqa: E731
+        wait_for(lambda: dropped() > 1_000_000, 60, "the flood counted, not logged", daemon=daemon)
+        canary_answers(client, repo)
+    logged = sum(1 for r in log_records(daemon) if r.get("msg") == "worker output" and r.get("line") == "a")
+    assert logged <= 10_000, logged  # the burst (2,048 lines) and 128 lines a second after it
+
+
+DEEP_READY_STEPS = '''
+import openinfer.sandbox.hardening as hardening
+
+INPUTS = [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]
+described = hardening.describe_sandbox
+
+
+def deeply(*args, **kwargs):
+    """What READY carries: the sandbox's description, and a list nested 1,021 deep (msgpack reads 1,024)."""
+    nested = None
+    for _ in range(1021):
+        nested = [nested]
+    return {**described(*args, **kwargs), "deep": nested}
+
+
+hardening.describe_sandbox = deeply  # the module's own code runs in the worker before it sends READY
+
+
+def pre(inputs):
+    return {"x": inputs["x"]}
+'''
+
+
+def test_a_deeply_nested_ready_retires_its_worker_and_harms_nothing_else(tmp_path: Path) -> None:
+    """Round 63: a steps module's import-time code made its worker's READY carry a list nested 1,021 deep.
+    Logging it raised RecursionError out of the supervisor's handling of READY - systemd never got READY=1
+    - and every later `status` failed INTERNAL (msgpack writes fewer levels than it reads). READY is now
+    checked where it arrives: plain data nested at most 4 deep, or the worker is retired."""
+    repo = ModelRepo("oi-deep-ready-")
+    repo.model("canary", onnx_builders.matmul_model, config="workers = 1\n")
+    repo.model("hostile", onnx_builders.matmul_model, config='workers = 1\n\n[steps]\nmodule = "steps.py"\n')
+    (repo.root / "hostile" / "steps.py").write_text(DEEP_READY_STEPS)
+    root = repo.ready()
+    notify_path = tmp_path / "notify.sock"
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(notify_path))
+    systemd.settimeout(0.5)
+    running = start_daemon(root, env={"NOTIFY_SOCKET": str(notify_path), "OPENINFER_POOL_CRASH_LOOP_LIMIT": "1"}, wait=False)
+    try:
+        said: list[str] = []
+        deadline = time.monotonic() + 90
+        while not any("READY=1" in m for m in said):
+            assert time.monotonic() < deadline and running.process.poll() is None, said
+            try:
+                said.append(systemd.recv(4096).decode())
+            except socket.timeout:
+                pass
+        with Client(running.address, timeout=30) as client:
+            assert "hostile:1" in next(m for m in said if "READY=1" in m)  # "not serving: hostile:1"
+            canary_answers(client, root)
+            status = client.status()  # INTERNAL before
+            assert all("deep" not in (w.get("sandbox") or {}) for w in status["workers"])
+        assert "READY description nested deeper than 4" in running.log_text()
+        assert "internal error" not in running.log_text()
+    finally:
+        running.stop()
+        cleanup_workdir(running)
+        systemd.close()
+        repo.remove()

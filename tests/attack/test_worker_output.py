@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Iterator
+import time
+from typing import Callable, Iterator
 
 import pytest
 
 from openinfer.daemon.observability.jsonlog import JsonFormatter
-from openinfer.daemon.workerpool.worker_output import MAX_LINE, StderrRelay
+from openinfer.daemon.workerpool.worker_output import MAX_LINE, MIN_LINE_COST, OUTPUT_BURST_BYTES, OUTPUT_BYTES_PER_S, StderrRelay
 
 pytestmark = pytest.mark.attack
 
@@ -40,11 +41,11 @@ def relayed() -> Iterator[_Kept]:
         logger.setLevel(level)
 
 
-def _relay(written: bytes) -> None:
+def _relay(written: bytes, clock: Callable[[], int] = time.monotonic_ns) -> None:
     """What a worker wrote, pumped through a relay until the pipe is closed."""
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
-    relay = StderrRelay(read_end, {"worker": 1, "pid": 4242, "model": "hostile:1"})
+    relay = StderrRelay(read_end, {"worker": 1, "pid": 4242, "model": "hostile:1"}, clock)
     try:
         view = memoryview(written)
         while view:  # the pipe holds 64 KiB: pump as the supervisor's loop would between writes
@@ -93,3 +94,55 @@ def test_every_relayed_line_is_bounded_json_or_not(relayed: _Kept) -> None:
         formatted = formatter.format(record)
         json.loads(formatted)
         assert len(formatted) < 6 * MAX_LINE + 1024, len(formatted)
+
+
+def test_a_flood_of_output_is_counted_not_logged_past_the_budget(relayed: _Kept) -> None:
+    """Round 63: a worker writing "a\\n" without pause became a log record per line - 82,000 a second, 13 MB
+    of log in 10 s - and one 64 KiB read (32,768 lines) held the supervisor's loop for seconds, every
+    client's request waiting behind it (up to 11.8 s). Past a budget (a burst, then so many bytes a
+    second) lines are counted, and the count is logged. Here in one instant (a clock that stands still):
+    the burst only."""
+    lines = 2_000_000
+    _relay(b"a\n" * lines, clock=lambda: 0)
+    logged = [r for r in relayed.records if r.getMessage() == "worker output"]
+    reports = [r for r in relayed.records if r.getMessage() == "worker output dropped: over its budget"]
+    assert 0 < len(logged) <= OUTPUT_BURST_BYTES // MIN_LINE_COST, len(logged)
+    assert reports and len(logged) + sum(r.__dict__["lines"] for r in reports) == lines
+    assert all(r.__dict__["model"] == "hostile:1" and r.__dict__["budget_bytes_per_s"] == OUTPUT_BYTES_PER_S for r in reports)
+
+
+def test_output_budget_comes_back_with_time(relayed: _Kept) -> None:
+    """The budget is a rate: a worker quiet for a while may log a crash's traceback whole."""
+    now = [0]
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    relay = StderrRelay(read_end, {"worker": 1, "pid": 4242, "model": "m:1"}, lambda: now[0])
+    try:
+        os.write(write_end, b"x" * 200 + b"\n")
+        for _ in range(OUTPUT_BURST_BYTES // 200 + 10):  # the burst spent, then some
+            os.write(write_end, b"x" * 200 + b"\n")
+            relay.pump()
+        spent = len(relayed.records)
+        now[0] += 60 * 1_000_000_000  # a quiet minute: the whole burst again
+        traceback = b"".join(b"Traceback line %d\n" % i for i in range(40))
+        os.write(write_end, traceback)
+        relay.pump()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    said = [r.__dict__.get("line") for r in relayed.records[spent:] if r.getMessage() == "worker output"]
+    assert said == [f"Traceback line {i}" for i in range(40)]
+
+
+def test_a_value_too_deep_to_write_is_named_and_the_record_still_written() -> None:
+    """Round 63: a worker's READY nested 1,021 deep was logged by the supervisor; the JSON encoder raised
+    RecursionError, which logging re-raises into the caller - the supervisor's handling of READY ended
+    there (systemd never got READY=1). The record is written, the value named instead."""
+    nested: list[object] | None = None
+    for _ in range(5_000):
+        nested = [nested]
+    record = logging.LogRecord("openinfer.supervisor", logging.INFO, __file__, 1, "worker ready", None, None)
+    record.__dict__.update({"worker": 7, "sandbox": {"deep": nested}})
+    written = json.loads(JsonFormatter().format(record))
+    assert written["worker"] == 7 and written["msg"] == "worker ready"
+    assert written["sandbox"] == "<dict not logged: RecursionError>"
