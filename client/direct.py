@@ -230,7 +230,7 @@ def read_replies(link: DirectLink) -> list[tuple[dict[str, Any], list[Buffer]]]:
         if not isinstance(header, dict):  # no request can be told from it: the link is cut, and what waits on it fails (link_lost)
             link.broken = f"the worker at {link.address} sent a reply header that is not a protocol map ({header if isinstance(header, str) else type(header).__name__})"
             break
-        if header.get("goaway"):
+        if header.get("goaway") is True and header.get("id") is None:  # (exactly as PROTOCOL.md 17.5 words it, as the C client reads it)
             link.draining = link.said_goaway = True
             read = header.get("read")
             if type(read) is list:  # only ids pending here count (the list is the worker's word, bounded by the reply limit)

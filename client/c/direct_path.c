@@ -151,7 +151,10 @@ static int take_reply(oi_direct *d, oi_link *link, uint64_t id, int want, const 
     for (;;) {
         int r = oi_link_next(link, frames, n);
         if (r <= 0) return r;
-        if (!decode_header(*frames, *n, header)) continue; /* never from a worker of ours: nothing waits for it */
+        if (!decode_header(*frames, *n, header)) { /* no request can be told from it: the link goes, as in the Python clients */
+            snprintf(link->why, sizeof link->why, "a reply header that is not a protocol map");
+            return OI_LINK_PROTOCOL;
+        }
         if (oi_reply_is_goaway(&header->data)) {
             link->draining = 1;
             if (want && oi_goaway_lists(&header->data, id)) link->read_awaited = 1;

@@ -191,6 +191,12 @@ def _send(sock: socket.socket, header: dict[str, Any]) -> None:
     sock.sendall(bytes((0, len(body))) + body)
 
 
+def _send_reply(sock: socket.socket, header: dict[str, Any], data: bytes) -> None:
+    """A two-frame reply (header, one tensor); short frames, as _send's."""
+    body = msgpack.packb(header)
+    sock.sendall(bytes((1, len(body))) + body + bytes((0, len(data))) + data)
+
+
 def _messages(sock: socket.socket) -> Iterator[list[bytes]]:
     """The client's messages (its commands skipped), until it closes the connection."""
     buf = b""
@@ -235,6 +241,8 @@ class FakeWorker:
       8 KiB, and closes the connection once it has read the second (it died running it; round 23);
     - "expires-always": answers every `infer` PERMISSION_DENIED {"lease": "expired"} (a lease revoked by
       reload after reload; round 23);
+    - "goaway-not-true": answers an `infer` with its reply, carrying `"goaway": "no"` (round 63);
+    - "undecodable-header": answers an `infer` with a header that is not msgpack, then nothing (round 63);
     - "stops-reading": attaches, then takes no byte more once it has read an `infer` (shutdown SHUT_RD:
       the client's cancel cannot be written; round 21)."""
 
@@ -309,6 +317,12 @@ class FakeWorker:
                     conn.sendall(bytes((1, len(bogus))) + bogus + bytes((2,)) + (8192).to_bytes(8, "big") + bytes(8192))
                 elif header["op"] == "infer" and self.behaviour == "expires-always":
                     _send(conn, {"v": 1, "id": header["id"], "error": {"code": "PERMISSION_DENIED", "message": "the lease has expired", "details": {"lease": "expired"}}})
+                elif header["op"] == "infer" and self.behaviour == "goaway-not-true":
+                    _send_reply(conn, {"v": 1, "id": header["id"], "goaway": "no", "model": "m", "version": 1, "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 4]}], "timing": {"total_us": 1.0}}, np.ones(4, "<f4").tobytes())
+                elif header["op"] == "infer" and self.behaviour == "undecodable-header":
+                    conn.sendall(bytes((0, 1)) + b"\xc1")  # a one-frame message whose header is not msgpack
+                    self.done.wait()
+                    return
                 elif header["op"] == "infer" and self.behaviour == "stops-reading":
                     conn.shutdown(socket.SHUT_RD)
                     self.done.wait()
@@ -388,6 +402,39 @@ def test_a_cancel_the_worker_does_not_take_fails_the_c_clients_call_without_a_me
     done = _c_call_under_asan(c_example_asan, FakeWorker("stops-reading"), 300)
     assert "AddressSanitizer" not in done.stderr, done.stderr[-3000:]
     assert done.stdout.startswith("error DEADLINE_EXCEEDED") and "no reply from the worker within the client's timeout" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_reply_that_says_goaway_other_than_true_is_a_reply(kind: str) -> None:
+    """Round 63: the Python clients took any truthy `goaway` for a GOAWAY (PROTOCOL.md 17.5: `true`, with
+    `id` nil) - a reply carrying `"goaway": "no"` was dropped and its request sent again through the front
+    door; the C client reads it as the document words it. Both do now."""
+    worker = FakeWorker("goaway-not-true")
+    x = {"x": np.ones((1, 4), np.float32)}
+
+    async def async_call() -> Any:
+        async with AsyncClient(worker.address, timeout=10) as client:
+            return await client.infer("m", x)
+
+    try:
+        if kind == "sync":
+            with Client(worker.address, timeout=10) as client:
+                result = client.infer("m", x)
+        else:
+            result = asyncio.run(async_call())
+    finally:
+        worker.close()
+    assert result.outputs["y"].tolist() == [[1.0, 1.0, 1.0, 1.0]]
+    assert worker.front_door_ops == ["lease"]  # nothing sent again through the front door
+
+
+def test_a_reply_header_the_c_client_cannot_decode_ends_the_call_at_once(c_example_asan: Path) -> None:
+    """Round 63: the C client dropped a reply header it could not decode and waited out the call's timeout
+    (the Python clients fail at once: no request can be told from it). Now the link goes at once, the call
+    fails INTERNAL naming why."""
+    done = _c_call_under_asan(c_example_asan, FakeWorker("undecodable-header"), 20_000)
+    assert "AddressSanitizer" not in done.stderr, done.stderr[-3000:]
+    assert done.stdout.startswith("error INTERNAL rc=PROTOCOL") and "a reply header that is not a protocol map" in done.stdout, done.stdout + done.stderr[-2000:]
 
 
 def test_a_goaway_in_answer_to_attach_fails_the_c_clients_call_without_a_memory_error(c_example_asan: Path) -> None:
