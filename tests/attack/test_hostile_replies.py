@@ -404,12 +404,8 @@ def test_a_cancel_the_worker_does_not_take_fails_the_c_clients_call_without_a_me
     assert done.stdout.startswith("error DEADLINE_EXCEEDED") and "no reply from the worker within the client's timeout" in done.stdout, done.stdout + done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("kind", ["sync", "async"])
-def test_a_reply_that_says_goaway_other_than_true_is_a_reply(kind: str) -> None:
-    """Round 63: the Python clients took any truthy `goaway` for a GOAWAY (PROTOCOL.md 17.5: `true`, with
-    `id` nil) - a reply carrying `"goaway": "no"` was dropped and its request sent again through the front
-    door; the C client reads it as the document words it. Both do now."""
-    worker = FakeWorker("goaway-not-true")
+def _infer_ones(worker: FakeWorker, kind: str) -> Any:
+    """An infer of `m` by the sync or the async Python client through the fake daemon, which is closed after."""
     x = {"x": np.ones((1, 4), np.float32)}
 
     async def async_call() -> Any:
@@ -419,12 +415,19 @@ def test_a_reply_that_says_goaway_other_than_true_is_a_reply(kind: str) -> None:
     try:
         if kind == "sync":
             with Client(worker.address, timeout=10) as client:
-                result = client.infer("m", x)
-        else:
-            result = asyncio.run(async_call())
+                return client.infer("m", x)
+        return asyncio.run(async_call())
     finally:
         worker.close()
-    assert result.outputs["y"].tolist() == [[1.0, 1.0, 1.0, 1.0]]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_reply_that_says_goaway_other_than_true_is_a_reply(kind: str) -> None:
+    """Round 63: the Python clients took any truthy `goaway` for a GOAWAY (PROTOCOL.md 17.5: `true`, with
+    `id` nil) - a reply carrying `"goaway": "no"` was dropped and its request sent again through the front
+    door; the C client reads it as the document words it. Both do now."""
+    worker = FakeWorker("goaway-not-true")
+    assert _infer_ones(worker, kind).outputs["y"].tolist() == [[1.0, 1.0, 1.0, 1.0]]
     assert worker.front_door_ops == ["lease"]  # nothing sent again through the front door
 
 
@@ -455,21 +458,7 @@ def test_an_oversized_reply_whose_id_is_a_map_is_dropped_and_the_real_reply_answ
     was lost and the call waited out its timeout. Such a reply names no request and is dropped, as any
     reply naming none is; the real one answers."""
     worker = FakeWorker("oversized-reply-map-id")
-    x = {"x": np.ones((1, 4), np.float32)}
-
-    async def async_call() -> Any:
-        async with AsyncClient(worker.address, timeout=10) as client:
-            return await client.infer("m", x)
-
-    try:
-        if kind == "sync":
-            with Client(worker.address, timeout=10) as client:
-                result = client.infer("m", x)
-        else:
-            result = asyncio.run(async_call())
-    finally:
-        worker.close()
-    assert result.outputs["y"].tolist() == [[1.0, 1.0, 1.0, 1.0]]
+    assert _infer_ones(worker, kind).outputs["y"].tolist() == [[1.0, 1.0, 1.0, 1.0]]
 
 
 def test_a_request_on_a_link_cut_for_an_oversized_reply_is_not_sent_again_when_the_worker_dies() -> None:
