@@ -12,6 +12,7 @@ import signal
 import sys
 import sysconfig
 import time
+import weakref
 from dataclasses import replace
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ from openinfer.daemon.worker import messages
 from openinfer.daemon.worker.bootconfig import WorkerBootConfig, WorkerSandboxConfig
 from openinfer.daemon.worker.boot import PREPARED_MISMATCH
 from .worker_inbound import Hello
-from .worker_output import StderrRelay
+from .worker_output import OutputBudget, StderrRelay
 from .workers import WorkerHandle, WorkerState
 
 if TYPE_CHECKING:
@@ -103,6 +104,8 @@ class WorkerPool:
         self.reject_worker = reject_worker
         self.workers: dict[int, WorkerHandle] = {}  # by worker id
         self.by_pidfd: dict[int, WorkerHandle] = {}
+        # What each model version's processes may add to the log, kept across its workers' replacements.
+        self.output_budgets: weakref.WeakKeyDictionary[ServedModel, OutputBudget] = weakref.WeakKeyDictionary()
         self.preparer: "WeightPreparer | None" = None  # set by the supervisor once the store exists
         self.direct: "DirectPath | None" = None  # set by the supervisor once its listener is bound
         # Drains and replaces an idle worker holding most of its address space (recycling.py), given why.
@@ -210,7 +213,7 @@ class WorkerPool:
         self.workers[worker_id] = worker
         self.by_pidfd[spawned.pidfd] = worker
         self.reactor.add(spawned.pidfd, lambda mask: self.reap(spawned.pidfd, self.shutting_down))
-        relay = StderrRelay(spawned.stderr_fd, {"worker": worker_id, "pid": spawned.pid, "model": model.key}, call_at=self.timers.call_at)
+        relay = StderrRelay(spawned.stderr_fd, {"worker": worker_id, "pid": spawned.pid, "model": model.key}, self.output_budget(model), self.timers.call_at)
         worker.stderr = relay
         self.reactor.add(spawned.stderr_fd, lambda mask: self._pump_stderr(relay))
         self.reactor.add(channel.sock.fileno(), lambda mask: self._on_channel(worker, mask))
@@ -218,6 +221,12 @@ class WorkerPool:
         self.timers.call_at(deadline, lambda: self._check_ready(worker))
         log.info("worker spawned", extra={"worker": worker_id, "pid": worker.pid, "model": model.name, "version": model.version})
         return worker
+
+    def output_budget(self, model: ServedModel) -> OutputBudget:
+        budget = self.output_budgets.get(model)
+        if budget is None:
+            budget = self.output_budgets[model] = OutputBudget()
+        return budget
 
     def _pump_stderr(self, relay: StderrRelay) -> None:
         if not relay.pump():
@@ -251,7 +260,16 @@ class WorkerPool:
                         raise ProtocolError(f"message over its limit: {frames.reason}")
                     if worker.retired:
                         continue  # being killed: what it says no longer counts
-                    self.on_message(worker, frames)
+                    try:
+                        self.on_message(worker, frames)
+                    except (PeerClosed, ProtocolError):
+                        raise
+                    except Exception as exc:
+                        # What it sent is checked where it arrives (worker_inbound.py); a check that raises
+                        # something else (round 64: a datatype that is a list, TypeError) must not leave the
+                        # worker serving, half-handled - BUSY until max_compute_ms, its client timed out.
+                        log.exception("a worker's message could not be handled; retiring it", extra={"worker": worker.worker_id, "pid": worker.pid})
+                        self.reject_worker(worker, f"its message could not be handled ({type(exc).__name__})")
                     if channel.closed:
                         return
         except PeerClosed:
@@ -271,10 +289,7 @@ class WorkerPool:
             self.kill(worker)
 
     def kill(self, worker: WorkerHandle) -> None:
-        try:
-            os.kill(worker.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        worker.spawned.kill()  # (by pidfd: never a process that took the pid of one reaped)
 
     def on_hello(self, worker: WorkerHandle, hello: Hello) -> None:
         model = worker.model

@@ -213,7 +213,7 @@ class WeightPreparer:
         spawned = spawn_worker(config, with_channel=False)  # it reports through its status pipe only
         job = PrepareJob(model, plan, spawned, tmp, started_ns)
         self.jobs[spawned.pidfd] = job
-        relay = self.relays[spawned.pidfd] = StderrRelay(spawned.stderr_fd, {"helper": "prepare", "pid": spawned.pid, "model": model.key}, call_at=self.pool.timers.call_at)
+        relay = self.relays[spawned.pidfd] = StderrRelay(spawned.stderr_fd, {"helper": "prepare", "pid": spawned.pid, "model": model.key}, self.pool.output_budget(model), self.pool.timers.call_at)
         self.pool.reactor.add(spawned.pidfd, lambda mask: self.on_exit(spawned.pidfd))
         self.pool.reactor.add(spawned.stderr_fd, lambda mask: self._pump(relay))
         log.info("preparing shared weights", extra={"model": model.key, "pid": spawned.pid, "key": plan.key, "why": plan.not_reusable})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -45,12 +46,24 @@ class SpawnedProcess:
     def pid(self) -> int:
         return self.process.pid
 
+    def kill(self) -> None:
+        """SIGKILL through the pidfd, which names this process and no other: once it is reaped (its pidfd
+        closed) nothing is sent - its pid may be another process's by then (round 64: a timer set at a hard
+        stop SIGKILLed, as root, whatever had taken the pid of a worker reaped a second before)."""
+        if self.pidfd < 0:
+            return
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
     def close(self) -> None:
         for fd in (self.pidfd, self.status_fd, self.stderr_fd):
             try:
                 os.close(fd)
             except OSError:
                 pass
+        self.pidfd = self.status_fd = self.stderr_fd = -1  # (a closed number may be reused by the next open)
         if self.channel is not None:
             self.channel.close()
 

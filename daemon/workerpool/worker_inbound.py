@@ -125,7 +125,7 @@ def tensor_spec(raw: Any, *, metadata: bool) -> dict[str, Any]:
     if not name or len(name) > MAX_NAME:
         raise BadWorkerMessage("tensor name empty or too long")
     datatype = raw.get("datatype")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:  # (a list is unhashable: TypeError, round 64)
         raise BadWorkerMessage(f"unknown datatype {datatype!r}")
     shape = raw.get("shape")
     if not isinstance(shape, list) or len(shape) > MAX_RANK:

@@ -30,18 +30,41 @@ MIN_LINE_COST = 128  # a line costs at least this much of the budget (a record's
 DROPPED_REPORT_NS = 1_000_000_000  # lines dropped are reported at most this often
 
 
-class StderrRelay:
-    def __init__(self, fd: int, source: dict[str, Any], clock: Callable[[], int] = time.monotonic_ns, call_at: Callable[[int, Callable[[], None]], object] | None = None) -> None:
-        """`call_at(when_ns, callback)` (the loop's timers): lines dropped after the last report are
-        reported DROPPED_REPORT_NS later, also when the process writes nothing more."""
-        self.fd = fd
-        self._call_at = call_at
-        self._report_due = False
-        self.source = source  # e.g. {"worker": 3, "pid": 1234, "model": "m:1"}
-        self._pending = b""
+class OutputBudget:
+    """What a model's processes may add to the log: OUTPUT_BYTES_PER_S, a burst of OUTPUT_BURST_BYTES, in
+    bytes as the log writes them. One per model version, shared by its workers and their replacements and
+    its prepare helper (round 64: a budget per process gave every respawned worker a fresh burst - a step
+    writing 256 KiB then exiting, one good request between to keep the crash count at zero: 2-3 MB/s)."""
+
+    def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
         self._clock = clock
-        self._budget = float(OUTPUT_BURST_BYTES)
-        self._budget_ns = clock()
+        self._left = float(OUTPUT_BURST_BYTES)
+        self._at_ns = clock()
+
+    def refill(self) -> None:
+        now = self._clock()
+        self._left = min(OUTPUT_BURST_BYTES, self._left + (now - self._at_ns) * OUTPUT_BYTES_PER_S / 1e9)
+        self._at_ns = now
+
+    def take(self, cost: int) -> bool:
+        if cost > self._left:
+            return False
+        self._left -= cost
+        return True
+
+
+class StderrRelay:
+    def __init__(self, fd: int, source: dict[str, Any], budget: OutputBudget | None = None, call_at: Callable[[int, Callable[[], None]], object] | None = None, clock: Callable[[], int] = time.monotonic_ns) -> None:
+        """`budget`: the model's (a fresh one if None); `call_at(when_ns, callback)` (the loop's timers):
+        lines dropped after the last report are reported DROPPED_REPORT_NS later, also when the process
+        writes nothing more."""
+        self.fd = fd
+        self.source = source  # e.g. {"worker": 3, "pid": 1234, "model": "m:1"}
+        self.budget = budget if budget is not None else OutputBudget(clock)
+        self._call_at = call_at
+        self._clock = clock
+        self._pending = b""
+        self._report_due = False
         self.dropped = 0  # lines not logged since the last report
         self._reported_ns: int | None = None
 
@@ -80,18 +103,18 @@ class StderrRelay:
             self._pending = b""
 
     def _log_lines(self, lines: "_LinesOf | list[bytes]") -> None:
-        """Each line while the budget lasts; the rest only counted (never split into lines: a flood costs
-        a count of its newlines)."""
-        now = self._clock()
-        self._budget = min(OUTPUT_BURST_BYTES, self._budget + (now - self._budget_ns) * OUTPUT_BYTES_PER_S / 1e9)
-        self._budget_ns = now
+        """Each line while the budget lasts, at what it costs written to the log (round 64: charged its raw
+        length, a line of invalid UTF-8 or control bytes was written six times longer, as \\u escapes);
+        the rest only counted, never split into lines: a flood costs a count of its newlines. An empty
+        line is charged too: a flood of them is not looked at one by one past the budget."""
+        self.budget.refill()
         for line in lines:
-            cost = min(max(len(line), MIN_LINE_COST), MAX_LINE)
-            if cost > self._budget:
+            level, extra, cost = _entry(line, self.source)
+            if not self.budget.take(max(cost, MIN_LINE_COST)):
                 self.dropped += 1 + (lines.count_rest() if isinstance(lines, _LinesOf) else 0)
                 return
-            self._budget -= cost
-            self._emit(line)
+            if extra is not None:
+                log.log(level, "worker output", extra=extra)
 
     def _report_dropped(self, final: bool) -> None:
         if not self.dropped:
@@ -109,19 +132,22 @@ class StderrRelay:
         self._report_due = False
         self._report_dropped(False)
 
-    def _emit(self, raw: bytes) -> None:
-        text = raw.decode("utf-8", "replace").rstrip("\r")
-        if not text:
-            return
-        extra: dict[str, Any] = dict(self.source)
-        record = _json_object(text)
-        if record is not None:
-            extra["record"] = record
-            level = logging.WARNING if record.get("level") in ("warning", "error", "critical") else logging.INFO
-        else:
-            extra["line"] = text[:MAX_LINE]
-            level = logging.WARNING
-        log.log(level, "worker output", extra=extra)
+
+def _entry(raw: bytes, source: dict[str, Any]) -> tuple[int, dict[str, Any] | None, int]:
+    """(level, the record's fields or None for an empty line, its length as the log writes it)."""
+    text = raw.decode("utf-8", "replace").rstrip("\r")
+    if not text:
+        return logging.INFO, None, 0
+    extra: dict[str, Any] = dict(source)
+    record = _json_object(text)
+    if record is not None:
+        extra["record"] = record
+        level = logging.WARNING if record.get("level") in ("warning", "error", "critical") else logging.INFO
+        return level, extra, len(json.dumps(record, separators=(",", ":")))
+    extra["line"] = text[:MAX_LINE]
+    if len(text) > MAX_LINE:
+        extra["cut_chars"] = len(text) - MAX_LINE  # (a line is written MAX_LINE characters at most)
+    return logging.WARNING, extra, len(json.dumps(extra["line"]))
 
 
 class _LinesOf:

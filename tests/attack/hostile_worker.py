@@ -91,6 +91,8 @@ def answer(task: list[bytes], attack: str) -> list[bytes] | None:
         return [RESULT + task_id, msgpack.packb({**meta, "cache": "hit"}), honest[2]]
     if attack == "claimed-stages":  # its model is no chain: it has no members whose times it could report
         return [RESULT + task_id, msgpack.packb({**meta, "stages": {"ocr_det": {"runs": 1, "compute_us": 1e9}}}), honest[2]]
+    if attack == "list-datatype":  # round 64: unhashable where a string is checked against a set (TypeError)
+        return [RESULT + task_id, msgpack.packb({**meta, "outputs": [{"name": "y", "datatype": [], "shape": [rows, 4]}]}), honest[2]]
     if attack == "forged-error":
         return [RESULT + task_id, msgpack.packb({"error": {"code": "PWNED", "message": "Z" * 100_000}, "recv_ns": now, "send_ns": now, "cpu_us": 0.0})]
     if attack == "stderr-forgery":
@@ -174,6 +176,8 @@ def main() -> None:
     hello = {"pid": os.getpid(), "inputs": [SPEC], "outputs": [OUT], "load_ms": 1.0, "warmup_ms": 1.0, "warmup_error": None}
     if attack == "bad-hello":
         hello["outputs"] = [{"name": "y", "datatype": "FP32", "shape": ["many", "rows"]}]
+    if attack == "list-datatype-hello":  # round 64: a HELLO the supervisor raised TypeError on, the worker left waiting
+        hello["outputs"] = [dict(OUT, datatype=[])]
     if attack == "twice-hello":  # two outputs by one name: no client could ask for either
         hello["outputs"] = [OUT, dict(OUT, datatype="INT64")]
     channel.send([HELLO, msgpack.packb(hello)])

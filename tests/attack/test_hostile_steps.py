@@ -75,6 +75,9 @@ def pre(inputs):
     elif what == "stderr-flood":  # 2,000,000 lines on stderr, which the supervisor relays to its log
         for _ in range(64):
             os.write(2, b"a\\n" * 32768)
+    elif what == "burst-and-exit":  # 40 lines of 8 KiB of invalid UTF-8 on stderr, then the worker dies
+        os.write(2, (b"\\xff" * 8191 + b"\\n") * 40)
+        os._exit(1)
     elif what == "fake-page":  # the worker's deadline page says a direct run is long overdue
         import gc, threading
         # A step is Python in the worker's own interpreter: it reaches the page through the worker's
@@ -325,3 +328,19 @@ def test_a_deeply_nested_ready_retires_its_worker_and_harms_nothing_else(tmp_pat
         cleanup_workdir(running)
         systemd.close()
         repo.remove()
+
+
+def test_a_step_that_writes_a_burst_and_dies_gets_one_budget_for_all_its_replacements(daemon: RunningDaemon) -> None:
+    """Round 64: the log budget was per process and charged a line's raw bytes: a step writing 40 lines of
+    8 KiB of invalid UTF-8 (each written six times as long, as \\u escapes) and exiting, a good request
+    between to keep the crash count at zero, put 2-3 MB/s into the log. The budget is the model's now, and
+    charged what the log writes."""
+    with Client(daemon.address, timeout=30) as client:
+        hostile_serves_again(client)
+        before = len(daemon.log_text().splitlines())
+        for _ in range(5):
+            with pytest.raises(OpenInferError):
+                client.infer("hostile", {"what": "burst-and-exit"}, timeout=10)
+            hostile_serves_again(client)
+    written = sum(len(line) for line in daemon.log_text().splitlines()[before:] if '"msg":"worker output"' in line and '"model":"hostile:1"' in line)
+    assert written <= 1 << 20, written  # one burst (256 KiB) and 16 KiB a second; before: ~1.9 MB a cycle

@@ -143,7 +143,7 @@ def test_no_process_can_join_the_worker_channel(daemon_factory: Any, tiny_repo: 
 @pytest.fixture(scope="module")
 def hostile_repo() -> Iterator[Path]:
     root = world_readable_dir("oi-hostile-")
-    for attack in ("garbage-meta", "missing-send-ns", "wrong-task", "short-output", "claimed-hit", "claimed-stages", "forged-error", "stderr-forgery", "oversized", "bad-hello", "twice-hello", "cache-pong", "honest"):
+    for attack in ("garbage-meta", "missing-send-ns", "wrong-task", "short-output", "claimed-hit", "claimed-stages", "forged-error", "stderr-forgery", "oversized", "bad-hello", "twice-hello", "list-datatype", "list-datatype-hello", "cache-pong", "honest"):
         onnx_builders.matmul_model(root / f"hostile-{attack}" / "1" / "model.onnx", size=4)  # never loaded: the hostile worker answers
     onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx")
     for path in root.rglob("*"):
@@ -198,7 +198,7 @@ def test_an_honest_worker_of_the_same_protocol_is_served(hostile: RunningDaemon)
         np.testing.assert_array_equal(client.infer("hostile-honest", {"x": X4}).outputs["y"], 2 * X4)
 
 
-@pytest.mark.parametrize("attack", ["garbage-meta", "missing-send-ns", "wrong-task", "short-output", "claimed-hit", "claimed-stages"])
+@pytest.mark.parametrize("attack", ["garbage-meta", "missing-send-ns", "wrong-task", "short-output", "claimed-hit", "claimed-stages", "list-datatype"])
 def test_a_malformed_result_fails_exactly_its_task_and_retires_the_worker(hostile: RunningDaemon, attack: str) -> None:
     """A RESULT that does not fit what the worker was given: the task is answered WORKER_CRASHED at
     once (it was never answered, its client slot leaked and the worker stayed BUSY), the worker is
@@ -246,7 +246,9 @@ def test_a_hello_with_malformed_metadata_never_serves(hostile: RunningDaemon) ->
         rows = {row["name"]: row for row in client.models()}
     assert rows["hostile-bad-hello"]["ready_workers"] == 0
     assert rows["hostile-twice-hello"]["ready_workers"] == 0
+    assert rows["hostile-list-datatype-hello"]["ready_workers"] == 0
     assert "HELLO" in hostile.log_text() and "HELLO names a tensor twice" in hostile.log_text()
+    assert "HELLO: unknown datatype []" in hostile.log_text()  # retired as it arrived (round 64: a TypeError, the worker left waiting for its ACK)
 
 
 def test_a_cache_report_from_a_worker_without_a_cache_retires_it(hostile: RunningDaemon) -> None:

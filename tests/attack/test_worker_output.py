@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import pytest
 
 from openinfer.daemon.observability.jsonlog import JsonFormatter
-from openinfer.daemon.workerpool.worker_output import MAX_LINE, MIN_LINE_COST, OUTPUT_BURST_BYTES, OUTPUT_BYTES_PER_S, StderrRelay
+from openinfer.daemon.workerpool.worker_output import MAX_LINE, MIN_LINE_COST, OUTPUT_BURST_BYTES, OUTPUT_BYTES_PER_S, OutputBudget, StderrRelay
 
 pytestmark = pytest.mark.attack
 
@@ -45,7 +45,7 @@ def _relay(written: bytes, clock: Callable[[], int] = time.monotonic_ns) -> None
     """What a worker wrote, pumped through a relay until the pipe is closed."""
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
-    relay = StderrRelay(read_end, {"worker": 1, "pid": 4242, "model": "hostile:1"}, clock)
+    relay = StderrRelay(read_end, {"worker": 1, "pid": 4242, "model": "hostile:1"}, clock=clock)
     try:
         view = memoryview(written)
         while view:  # the pipe holds 64 KiB: pump as the supervisor's loop would between writes
@@ -116,7 +116,7 @@ def test_output_budget_comes_back_with_time(relayed: _Kept) -> None:
     now = [0]
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
-    relay = StderrRelay(read_end, {"worker": 1, "pid": 4242, "model": "m:1"}, lambda: now[0])
+    relay = StderrRelay(read_end, {"worker": 1, "pid": 4242, "model": "m:1"}, clock=lambda: now[0])
     try:
         os.write(write_end, b"x" * 200 + b"\n")
         for _ in range(OUTPUT_BURST_BYTES // 200 + 10):  # the burst spent, then some
@@ -146,3 +146,43 @@ def test_a_value_too_deep_to_write_is_named_and_the_record_still_written() -> No
     written = json.loads(JsonFormatter().format(record))
     assert written["worker"] == 7 and written["msg"] == "worker ready"
     assert written["sandbox"] == "<dict not logged: RecursionError>"
+
+
+def _written(kept: _Kept) -> int:
+    """Bytes of the log its "worker output" records take, as the log writes them."""
+    formatter = JsonFormatter()
+    return sum(len(formatter.format(r)) for r in kept.records if r.getMessage() == "worker output")
+
+
+@pytest.mark.parametrize("byte", [b"a", b"\xff", b"\x01"], ids=["ascii", "invalid-utf8", "control"])
+def test_the_budget_counts_a_line_as_the_log_writes_it(relayed: _Kept, byte: bytes) -> None:
+    """Round 64: a line was charged its raw length, and one of invalid UTF-8 or control bytes is written
+    as \\u escapes, six times as long: 96 KiB/s of log sustained and ~1.5 MB a burst instead of 16 KiB/s
+    and 256 KiB. What the log writes is what is charged."""
+    _relay((byte * (MAX_LINE - 1) + b"\n") * 400, clock=lambda: 0)
+    per_record = 512  # the record's own fields (time, level, worker, pid, model)
+    assert 0 < _written(relayed) <= OUTPUT_BURST_BYTES + per_record * len(relayed.records), (_written(relayed), len(relayed.records))
+
+
+def test_a_models_processes_share_one_budget(relayed: _Kept) -> None:
+    """Round 64: each worker had a budget of its own, so a step that spent its burst and exited got a fresh
+    one in its replacement (one good request between keeps the crash count at zero): 2-3 MB/s of log. The
+    budget is the model's: its next worker finds it spent."""
+    budget = OutputBudget(lambda: 0)
+    for worker in (1, 2, 3):
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        relay = StderrRelay(read_end, {"worker": worker, "pid": 4000 + worker, "model": "hostile:1"}, budget)
+        try:
+            for _ in range(OUTPUT_BURST_BYTES // 4096):
+                os.write(write_end, b"x" * 4000 + b"\n")
+                relay.pump()
+            os.close(write_end)
+            write_end = -1
+            relay.pump(final=True)
+        finally:
+            os.close(read_end)
+            if write_end >= 0:
+                os.close(write_end)
+    by_worker = [sum(1 for r in relayed.records if r.getMessage() == "worker output" and r.__dict__["worker"] == w) for w in (1, 2, 3)]
+    assert by_worker[0] > 0 and sum(by_worker) <= OUTPUT_BURST_BYTES // 4002 + 1, by_worker  # one burst for the three (before: three)
