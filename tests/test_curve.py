@@ -122,3 +122,20 @@ def test_insecure_tcp_serves_anonymous_peers_only_what_the_policy_grants_them(da
     assert error["code"] == "UNAVAILABLE" and error["details"] == {"direct": "off"}, error
     shutil.rmtree(repo, ignore_errors=True)
     assert daemon.process.poll() is None
+
+
+def test_the_public_key_file_is_optional_as_documented(daemon_factory: Any, tmp_path: Path) -> None:
+    """PROTOCOL.md 2.2: the daemon derives its public key from the secret one and checks `PATH.pub` only
+    when it is there (round 65: the settings refused to start without it)."""
+    repo = world_readable_dir("oi-curve-nopub-")
+    onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
+    make_world_readable(repo)
+    known = zmq.curve_keypair()
+    env, server_public = curve_env(tmp_path, known[0], ["infer", "health"])
+    Path(env["OPENINFER_SERVER_CURVE_SECRET_KEY_FILE"] + ".pub").unlink()
+    address = f"tcp://127.0.0.1:{free_port()}"
+    daemon = daemon_factory(repo, "--socket", address, env=env, wait=False, address=address)
+    with Client(address, timeout=60, curve_server_key=server_public, curve_keypair=known) as client:
+        wait_for(lambda: client.health()["ready"], 60, "the daemon ready over CURVE", daemon=daemon)
+        assert client.infer("tiny", {"x": X}).outputs["y"].shape == (1, 64)
+    shutil.rmtree(repo, ignore_errors=True)

@@ -56,7 +56,7 @@ def _resolve(key: str, kind: str, value: str, start_dir: Path) -> str:
         _check_dir(key, path, note)
     elif kind in (KEY_FILE, POLICY, SECRET_FILE):  # (a secret file's privacy is checked where it is read: read_secret_file)
         _check_file(key, path, note)
-        if kind == KEY_FILE:
+        if kind == KEY_FILE and os.path.lexists(f"{path}.pub"):  # (optional: the public key is derived from the secret one)
             _check_file(f"{key} (its public key)", Path(f"{path}.pub"), note)
     elif kind in (CREATED_DIR, CREATED_FILE):
         if kind == CREATED_DIR and path.exists():

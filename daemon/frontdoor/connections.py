@@ -67,6 +67,7 @@ HANDSHAKE_TIMEOUT_NS = 10_000_000_000
 MEMORY_CHECK_NS = 100_000_000  # RSS is read this often (psutil: one /proc read)
 DISCARD_AT_EXIT_NS = 500_000_000  # dropping unread input at exit (close_all) takes at most this, all connections together
 ACCEPTS_PER_PASS = 64
+PRE_AUTH_TURNS = "tcp:handshakes"  # the turns of every CURVE peer that has not proven its key yet
 # Messages read from a connection at once (see "turns" above): 17-byte `status` requests packed in a 4 MiB
 # read were 240,000 Python objects, ~35 MB held for one connection (round 52).
 MAX_EVENTS_PER_READ = 1024
@@ -93,7 +94,8 @@ class Connection:
     ended: bool = False  # its peer shut its sending side, or it was struck out: read no more, closed once what it sent is answered and written
     closed: bool = False
     open_ids: set[int] = field(default_factory=set)  # infer request ids queued or running
-    turn_key: str = ""  # whose turns its messages take: its identity, or its host for an anonymous tcp:// peer
+    turn_key: str = ""  # whose turns its messages take: its identity, its host for a plain tcp:// peer, PRE_AUTH_TURNS
+    cap_key: str = ""  # what its connection caps count by: its identity, or its host for a plain tcp:// peer
     pending: deque[Event] | None = None  # messages read and not handled yet (fair_turns.py), in order
     pending_bytes: int = 0  # what they hold (counted by the memory rule until they are all handled)
     in_turns: bool = False  # among FairTurns' ready connections (once at most)
@@ -268,20 +270,26 @@ class ConnectionTable:
         if curve is None and not self.access.may_connect(peer):  # a CURVE peer is checked once its key is known
             self._refuse(sock, "no grant", peer, f"no grant matches this peer (policy {self.access.source})")
             return
-        if self.per_identity.get(identity, 0) >= self.settings.server.max_connections_per_identity:
-            self._refuse(sock, "max_connections_per_identity", peer, f"{identity} already has {self.settings.server.max_connections_per_identity} connections (server.max_connections_per_identity)")
+        # Connection caps count a plain tcp:// peer by its host: its identity is one connection (round 65:
+        # 64 connections from one address took every slot of an --insecure-tcp daemon).
+        cap_key = f"tcp={source}" if peer.uid is None and curve is None else identity
+        if self.per_identity.get(cap_key, 0) >= self.settings.server.max_connections_per_identity:
+            self._refuse(sock, "max_connections_per_identity", peer, f"{cap_key} already has {self.settings.server.max_connections_per_identity} connections (server.max_connections_per_identity)")
             return
         now = time.monotonic_ns()
         if curve is None:
             stream = FrameStream(sock, self._limits, handshake=True)
         else:
             stream = SealedFrameStream(sock, self._limits, CurveServer(curve, lambda key: self._admit_key(conn, key)))
-        conn = Connection(self._next_id, stream, peer, identity, now)
-        conn.turn_key = identity if peer.uid is not None else f"tcp={source}"  # a CURVE peer's key replaces it (_admit_key)
+        conn = Connection(self._next_id, stream, peer, identity, now, cap_key=cap_key)
+        # Whose turns its reads take: a uid's; a plain tcp:// host's; and every CURVE peer not yet proven
+        # shares one identity's (round 65: junk handshakes from 300 addresses were 300 identities beside
+        # one authenticated client, which waited seconds). Its key replaces it (_admit_key).
+        conn.turn_key = identity if peer.uid is not None else PRE_AUTH_TURNS if curve is not None else f"tcp={source}"
         self._next_id += 1
         self.accepted += 1
         self.by_fd[sock.fileno()] = conn
-        self.per_identity[identity] = self.per_identity.get(identity, 0) + 1
+        self.per_identity[cap_key] = self.per_identity.get(cap_key, 0) + 1
         self.handshaking.add(conn, source)
         self.reactor.add(sock.fileno(), partial(self._on_event, conn), READABLE | (WRITABLE if conn.stream.out_bytes else 0))
         self._make_room(source, per_host=not self.listener.is_unix)
@@ -320,11 +328,10 @@ class ConnectionTable:
         if self.per_identity.get(identity, 0) >= self.settings.server.max_connections_per_identity:
             self._refuse_note("max_connections_per_identity", peer, f"{identity} already has {self.settings.server.max_connections_per_identity} connections (server.max_connections_per_identity)")
             return "300"
-        self._uncount(conn.identity)
+        self._uncount(conn.cap_key)
         self.per_identity[identity] = self.per_identity.get(identity, 0) + 1
         conn.peer = peer
-        conn.identity = identity
-        conn.turn_key = identity
+        conn.identity = conn.cap_key = conn.turn_key = identity
         return None
 
     def _uncount(self, identity: str) -> None:
@@ -419,7 +426,12 @@ class ConnectionTable:
         except PeerClosed:
             self.close(conn, None)
         except ProtocolError as exc:
-            self.close(conn, f"protocol error: {exc}")
+            # Counted, and logged the 1st, 2nd, 4th ... time as refusals are (round 65: junk CURVE
+            # greetings from one process, no key needed, wrote a log line each - 16.7 MB in 10 s).
+            count = self._count_refusal("protocol_error")
+            if count:
+                log.info("connection closed: protocol error", extra={"connection": conn.conn_id, "peer": conn.identity, "reason": str(exc), "times": count})
+            self.close(conn, None)
 
     def held(self) -> ContextManager[None]:
         """Replies sent inside are held per connection and written when it ends, one sendmsg per
@@ -494,7 +506,9 @@ class ConnectionTable:
             for conn in [c for c in self.ended if not c.open_ids and not c.stream.out_bytes]:
                 self.close(conn, None)
         for conn in self.handshaking.accepted_before(now_ns - HANDSHAKE_TIMEOUT_NS):
-            self.close(conn, f"no ZMTP handshake within {HANDSHAKE_TIMEOUT_NS // 1_000_000_000} s")
+            if self._count_refusal("handshake_timeout"):
+                log.info("connection closed", extra={"connection": conn.conn_id, "peer": conn.identity, "reason": f"no ZMTP handshake within {HANDSHAKE_TIMEOUT_NS // 1_000_000_000} s", "times": self.refused["handshake_timeout"]})
+            self.close(conn, None)
         if now_ns < self._next_memory_check_ns:
             return
         self._next_memory_check_ns = now_ns + MEMORY_CHECK_NS
@@ -558,7 +572,7 @@ class ConnectionTable:
         self.handshaking.discard(conn)
         self.ended.discard(conn)
         conn.pending, conn.pending_bytes = None, 0
-        self._uncount(conn.identity)
+        self._uncount(conn.cap_key)
         conn.stream.close()
         conn.closed = True
         self.on_closed(conn)

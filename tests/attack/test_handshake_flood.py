@@ -230,3 +230,56 @@ def test_every_loopback_address_is_one_source_host() -> None:
     assert len(sources) == 1, sources
     assert source_host(("10.0.0.1", 6)) == "10.0.0.1" and source_host(("::ffff:10.0.0.1", 7, 0, 0)) == "10.0.0.1"
     assert source_host(("::2", 8, 0, 0)) == "::/64"  # not loopback: only ::1 is
+
+
+def junk_greetings(host: str, port: int, count: int) -> None:
+    """`count` connections, each a CURVE greeting and a HELLO that is not one (no key needed), one after
+    another until the daemon closes each."""
+    greeting = b"\xff" + bytes(8) + b"\x7f\x03\x01" + b"CURVE".ljust(20, b"\0") + b"\0" + bytes(31)
+    for _ in range(count):
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(greeting + b"\x04\x06\x05HELLO")  # a HELLO command of 6 bytes: far too short
+            try:
+                while sock.recv(4096):
+                    pass
+            except OSError:
+                pass
+
+
+def test_junk_handshakes_are_counted_not_each_logged(curve_daemon: Any) -> None:
+    """Round 65: every connection closed for a protocol error wrote a log line - junk CURVE greetings from
+    one process, no key needed, 72,772 lines (16.7 MB) in 10 s. They are counted in `status` and logged
+    the 1st, 2nd, 4th, 8th ... time, as refusals are."""
+    daemon, address, server_public, admitted = curve_daemon("127.0.0.1", 64)
+    with Client(address, timeout=60, curve_server_key=server_public, curve_keypair=admitted) as watcher:
+        wait_for(lambda: watcher.health()["ready"], 60, "the CURVE daemon to be ready", daemon=daemon)
+        junk_greetings("127.0.0.1", int(address.rsplit(":", 1)[1]), 300)
+        refused = wait_for(lambda: (r := watcher.status()["connections"]["refused"]).get("protocol_error", 0) >= 300 and r, 30, "300 protocol errors counted", daemon=daemon)
+    logged = [line for line in daemon.log_text().splitlines() if "protocol error" in line]
+    assert 1 <= len(logged) <= 10, (len(logged), refused)  # before: one a connection
+
+
+def test_plain_tcp_connections_of_one_host_are_capped_together(daemon_factory: Any) -> None:
+    """Round 65: a plain tcp:// peer's identity is its connection (host:port), so the per-identity cap never
+    held: 64 connections from one address took every slot of an --insecure-tcp daemon, and others'
+    connections waited in the kernel's backlog. Its connections count by host."""
+    repo = world_readable_dir("oi-plain-cap-")
+    onnx_builders.matmul_model(repo / "tiny" / "1" / "model.onnx")
+    make_world_readable(repo)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    daemon = daemon_factory(repo, "--insecure-tcp", address=address, env={"OPENINFER_SERVER_MAX_CONNECTIONS_PER_IDENTITY": "4"})
+    held = []
+    try:
+        for _ in range(6):
+            held.append(socket.create_connection(("127.0.0.1", int(address.rsplit(":", 1)[1])), timeout=10))
+        closed = []
+        for sock in held:
+            readable, _, _ = select.select([sock], [], [], 5)
+            data = sock.recv(4096) if readable else b"?"  # the greeting, or b"" once the daemon closed it
+            closed.append(data == b"")
+    finally:
+        for sock in held:
+            sock.close()
+        shutil.rmtree(repo, ignore_errors=True)
+    assert closed == [False] * 4 + [True] * 2, closed
+    assert "max_connections_per_identity" in daemon.log_text() and "tcp=loopback already has 4 connections" in daemon.log_text()
