@@ -74,7 +74,7 @@ class PoolSettings:
     workers: int = _opt(1, "Worker processes per model version (a model's config.toml `workers` wins).")
     max_workers: int = _opt(64, "Worker processes alive at once, of all models and versions (a chain's own, and a retiring version's until they exit). A version that would need more fails to load, naming this key, and a later reload retries it; a replacement loads beside the version it replaces, so reloading a model needs room for both.")
     intra_op_threads: int = _opt(1, "onnxruntime intra-op threads per worker (a model's config.toml wins).", reload=NEW_WORKERS)
-    ready_timeout_s: float = _opt(120.0, "A worker that is not ready this long after spawn is killed.", reload=NEW_WORKERS)
+    ready_timeout_s: float = _opt(120.0, "A worker that is not ready this long after spawn is killed; so is a prepare helper not done this long after its start (its model's workers then load their own copies).", reload=NEW_WORKERS)
     respawn_backoff_ms: int = _opt(100, "First delay before respawning a crashed worker; doubles per consecutive crash.")
     respawn_backoff_max_ms: int = _opt(10_000, "Ceiling of the respawn delay.")
     share_weights: bool = _opt(True, "Prepare each model once and let its workers map the same pre-packed weights. They are kept under a key of the model version (never shared by two) and of the bytes of model.onnx and of every file beside it in its version directory (its external data among them): a version directory of more than 1000 entries, or whose other files come to more than pool.max_model_bytes or sandbox.memory_limit_mb, whichever is larger (a model's own config.toml cannot raise it), loads unshared, with the reason in `openinfer status`.", reload=NEW_WORKERS)

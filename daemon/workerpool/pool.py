@@ -334,7 +334,9 @@ class WorkerPool:
         if self.direct is not None:
             self.direct.forget(worker)
         status = worker.spawned.process.returncode
-        boot_error = worker.spawned.read_status()
+        # Its status pipe speaks for its boot only: a worker that was serving (and may be compromised) could
+        # otherwise claim a prepared-weights mismatch and have its model's shared weights thrown away.
+        boot_error = worker.spawned.read_status() if worker.ready_ns is None else None
         worker.spawned.close()
         self.workers.pop(worker.worker_id, None)
         model = worker.model

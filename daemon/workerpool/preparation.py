@@ -216,7 +216,16 @@ class WeightPreparer:
         relay = self.relays[spawned.pidfd] = StderrRelay(spawned.stderr_fd, {"helper": "prepare", "pid": spawned.pid, "model": model.key}, self.pool.output_budget(model), self.pool.timers.call_at)
         self.pool.reactor.add(spawned.pidfd, lambda mask: self.on_exit(spawned.pidfd))
         self.pool.reactor.add(spawned.stderr_fd, lambda mask: self._pump(relay))
+        # A helper is held to a worker's boot deadline (round 66: one that never exited kept its model
+        # loading, UNAVAILABLE, until a restart); killed, its model's workers load their own copies.
+        deadline_ns = time.monotonic_ns() + int(self.pool.settings.pool.ready_timeout_s * 1e9)
+        self.pool.timers.call_at(deadline_ns, lambda: self._overdue(job))
         log.info("preparing shared weights", extra={"model": model.key, "pid": spawned.pid, "key": plan.key, "why": plan.not_reusable})
+
+    def _overdue(self, job: PrepareJob) -> None:
+        if job.spawned.pidfd in self.jobs and self.jobs[job.spawned.pidfd] is job:
+            log.error("prepare helper not done in time; killing it", extra={"model": job.model.key, "pid": job.spawned.pid, "ready_timeout_s": self.pool.settings.pool.ready_timeout_s})
+            job.spawned.kill()
 
     def _pump(self, relay: StderrRelay) -> None:
         if not relay.pump():

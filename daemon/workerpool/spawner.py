@@ -68,18 +68,25 @@ class SpawnedProcess:
             self.channel.close()
 
     def read_report(self) -> dict[str, Any] | None:
-        """The one JSON line the process wrote to its status pipe before exiting, if any."""
+        """The one JSON line the process wrote to its status pipe before exiting, if any: a flat map of
+        scalars, else {"error": the line's text}. Never raises: a worker may be compromised, and this is read
+        in the middle of handling its exit (round 66: a line nested 5,000 deep raised RecursionError out of
+        the reaping - the dead worker stayed `busy` for good, its model got no replacement, and the daemon
+        no longer stopped on SIGTERM)."""
         try:
-            raw = os.read(self.status_fd, 1 << 20)
-        except (BlockingIOError, OSError):
+            raw = os.read(self.status_fd, 65536)
+        except OSError:
             return None
         if not raw:
             return None
+        line = raw.split(b"\n", 1)[0].decode("utf-8", "replace")
         try:
-            report = json.loads(raw.decode().splitlines()[0])
-        except (ValueError, IndexError):
-            return {"error": raw.decode(errors="replace")[:500]}
-        return report if isinstance(report, dict) else {"error": str(report)[:500]}
+            report = json.loads(line)
+        except (ValueError, RecursionError):
+            return {"error": line[:500]}
+        if isinstance(report, dict) and all(value is None or isinstance(value, (str, int, float, bool)) for value in report.values()):
+            return report
+        return {"error": line[:500]}
 
     def read_status(self) -> str | None:
         """The boot failure the worker reported, if any (call after it exited)."""

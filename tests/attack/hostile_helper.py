@@ -11,6 +11,8 @@ exploit runs there):
 - `"key": "../escape"` or `"key": "VICTIM"`: report that cache key instead of keeping quiet (VICTIM: the
   key of the prepared directory of the model named `victim`, looked up before the sandbox is entered, as an
   attacker who knows that model's bytes could compute it);
+- `"after": "nested-report"`: write a status line nested 5,000 deep and exit (round 66);
+- `"after": "hang"`: never exit (round 66);
 - `"symlink": PATH`: leave a symlink to PATH in its output directory (made before the sandbox is entered:
   the helper's seccomp policy kills symlink(), a helper that escaped it would not need to).
 
@@ -45,6 +47,12 @@ if _hostile:
 
     def _hostile_prepare(*args, **kwargs):
         manifest = _real_prepare(*args, **kwargs)
+        if _hostile.get("after") == "nested-report":
+            _os.write(3, b"[" * 5000 + b"\n")
+            _os._exit(0)
+        if _hostile.get("after") == "hang":
+            import time as _time
+            _time.sleep(3600)
         if _key is not None:
             _os.write(3, (_json.dumps({"result": {"key": _key, "reused": False}}) + "\n").encode())
             _os._exit(0)

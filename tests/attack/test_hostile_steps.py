@@ -78,6 +78,12 @@ def pre(inputs):
     elif what == "burst-and-exit":  # 40 lines of 8 KiB of invalid UTF-8 on stderr, then the worker dies
         os.write(2, (b"\\xff" * 8191 + b"\\n") * 40)
         os._exit(1)
+    elif what == "nested-status":  # the boot status pipe (fd 3) is still open: a line nested 5,000 deep, then die
+        os.write(3, b"[" * 5000 + b"\\n")
+        os._exit(1)
+    elif what == "claim-mismatch":  # say the shared weights gave wrong numbers, then die
+        os.write(3, b'{{"error": "prepared artefact mismatch: claimed by a serving worker"}}\\n')
+        os._exit(1)
     elif what == "fake-page":  # the worker's deadline page says a direct run is long overdue
         import gc, threading
         # A step is Python in the worker's own interpreter: it reaches the page through the worker's
@@ -344,3 +350,20 @@ def test_a_step_that_writes_a_burst_and_dies_gets_one_budget_for_all_its_replace
             hostile_serves_again(client)
     written = sum(len(line) for line in daemon.log_text().splitlines()[before:] if '"msg":"worker output"' in line and '"model":"hostile:1"' in line)
     assert written <= 1 << 20, written  # one burst (256 KiB) and 16 KiB a second; before: ~1.9 MB a cycle
+
+
+@pytest.mark.parametrize("what", ["nested-status", "claim-mismatch"])
+def test_what_a_serving_worker_writes_to_its_status_pipe_is_not_believed(daemon: RunningDaemon, what: str) -> None:
+    """Round 66: the boot status pipe stays open while a worker serves. A line nested 5,000 deep raised
+    RecursionError out of the reaping of its exit: the dead worker stayed `busy` for good, its model got no
+    replacement (every request DEADLINE_EXCEEDED) and SIGTERM no longer stopped the daemon. The line is
+    read as text now, and only a worker that never became ready is believed at all (one that was serving
+    could claim a prepared-weights mismatch and have its model's shared weights thrown away)."""
+    with Client(daemon.address, timeout=30) as client:
+        hostile_serves_again(client)
+        with pytest.raises(OpenInferError) as caught:
+            client.infer("hostile", {"what": what}, timeout=10)
+        assert caught.value.code == "WORKER_CRASHED", str(caught.value)  # before: DEADLINE_EXCEEDED, the worker never reaped
+        hostile_serves_again(client)
+    assert "internal error" not in daemon.log_text()
+    assert "prepared weights failed verification" not in daemon.log_text()

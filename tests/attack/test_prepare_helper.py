@@ -83,14 +83,17 @@ def scene() -> Iterator[Scene]:
     onnx_builders.matmul_model(scene.repo / "victim" / "1" / "model.onnx", seed=3)
     onnx_builders.matmul_model(scene.repo / "escape" / "1" / "model.onnx", seed=4)
     onnx_builders.matmul_model(scene.repo / "planted" / "1" / "model.onnx", seed=5)
+    onnx_builders.matmul_model(scene.repo / "nested" / "1" / "model.onnx", seed=6)
+    onnx_builders.matmul_model(scene.repo / "hangs" / "1" / "model.onnx", seed=7)
     chmod_tree(scene.base)
     scene.planted_target.write_bytes(b"private")
     os.chown(scene.planted_target, NOBODY, NOBODY)
     scene.planted_target.chmod(0o600)
-    plan = {"escape": {"key": "../escape"}, "impostor": {"key": "VICTIM"}, "planted": {"symlink": str(scene.planted_target)}}
+    plan = {"escape": {"key": "../escape"}, "impostor": {"key": "VICTIM"}, "planted": {"symlink": str(scene.planted_target)},
+            "nested": {"after": "nested-report"}, "hangs": {"after": "hang"}}
     plan_file = scene.base / "plan.json"
     plan_file.write_text(json.dumps(plan))
-    env = {"OPENINFER_SERVER_CACHE_DIR": str(scene.cache), "OPENINFER_POOL_SHARE_MIN_BYTES": "0"}
+    env = {"OPENINFER_SERVER_CACHE_DIR": str(scene.cache), "OPENINFER_POOL_SHARE_MIN_BYTES": "0", "OPENINFER_POOL_READY_TIMEOUT_S": "20"}
     scene.daemon = start_daemon(scene.repo, env=env, timeout=180, entry=(str(HERE / "hostile_helper.py"), str(plan_file)))
     try:
         # The impostor arrives once the victim's weights are in the cache, as a reload.
@@ -144,3 +147,22 @@ def test_a_symlink_in_the_helpers_output_is_refused_and_never_followed(scene: Sc
     assert row["state"] == "ready" and row["sharing"].startswith("off"), row  # loads unshared, as when preparation fails
     assert "notes.txt" in row["sharing"], row["sharing"]
     assert not any((p / "notes.txt").exists() or (p / "notes.txt").is_symlink() for p in scene.cache.iterdir())
+
+
+def test_a_status_line_nested_too_deep_fails_only_the_preparation(scene: Scene) -> None:
+    """Round 66: the helper's status line was parsed where a RecursionError escaped the handling of its exit:
+    its model stayed loading ("preparing") for good, UNAVAILABLE. It is read as text now: the preparation
+    failed, the model loads its own copy."""
+    daemon = scene.running()
+    row = wait_for(lambda: (r := rows(daemon)["nested"])["state"] == "ready" and r, 60, "nested ready", daemon=daemon)
+    assert row["sharing"].startswith("off") and "[[[" in row["sharing"], row
+    assert "internal error" not in daemon.log_text()
+
+
+def test_a_helper_that_never_exits_is_killed_at_the_boot_deadline(scene: Scene) -> None:
+    """Round 66: nothing bounded a prepare helper: one that never exited kept its model loading for good.
+    It is held to pool.ready_timeout_s (20 s here), as a worker's boot is; killed, its model loads unshared."""
+    daemon = scene.running()
+    row = wait_for(lambda: (r := rows(daemon)["hangs"])["state"] == "ready" and r, 90, "hangs ready once its helper is killed", daemon=daemon)
+    assert row["sharing"].startswith("off"), row
+    assert "prepare helper not done in time; killing it" in daemon.log_text()

@@ -154,14 +154,14 @@ def _written(kept: _Kept) -> int:
     return sum(len(formatter.format(r)) for r in kept.records if r.getMessage() == "worker output")
 
 
-@pytest.mark.parametrize("byte", [b"a", b"\xff", b"\x01"], ids=["ascii", "invalid-utf8", "control"])
-def test_the_budget_counts_a_line_as_the_log_writes_it(relayed: _Kept, byte: bytes) -> None:
+@pytest.mark.parametrize("line", [b"a" * (MAX_LINE - 1), b"\xff" * (MAX_LINE - 1), b"\x01" * (MAX_LINE - 1), b"b" * 126], ids=["ascii", "invalid-utf8", "control", "short"])
+def test_the_budget_counts_a_line_as_the_log_writes_it(relayed: _Kept, line: bytes) -> None:
     """Round 64: a line was charged its raw length, and one of invalid UTF-8 or control bytes is written
     as \\u escapes, six times as long: 96 KiB/s of log sustained and ~1.5 MB a burst instead of 16 KiB/s
-    and 256 KiB. What the log writes is what is charged."""
-    _relay((byte * (MAX_LINE - 1) + b"\n") * 400, clock=lambda: 0)
-    per_record = 512  # the record's own fields (time, level, worker, pid, model)
-    assert 0 < _written(relayed) <= OUTPUT_BURST_BYTES + per_record * len(relayed.records), (_written(relayed), len(relayed.records))
+    and 256 KiB. Round 66: the record around each line was not charged - 126-character lines came to 2.3
+    times the budget. What the log writes, record and all, is what is charged."""
+    _relay((line + b"\n") * (2 * OUTPUT_BURST_BYTES // len(line)), clock=lambda: 0)
+    assert 0 < _written(relayed) <= OUTPUT_BURST_BYTES, (_written(relayed), len(relayed.records))
 
 
 def test_a_models_processes_share_one_budget(relayed: _Kept) -> None:
