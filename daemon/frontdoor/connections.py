@@ -50,6 +50,7 @@ from openinfer.wire.sealed import SealedFrameStream
 from openinfer.wire.zmtp import Buffer, Event, FrameStream, HeldWrites, Limits, PeerClosed, ProtocolError
 
 from .access import AccessPolicy, Peer
+from openinfer.daemon.observability.log_throttle import LogThrottle
 from openinfer.daemon.loop.reactor import HANGUP as _HANGUP, READABLE, WRITABLE, Reactor
 from openinfer.daemon.config.settings import Settings
 from openinfer.daemon.loop.timers import TimerHeap
@@ -184,6 +185,7 @@ class ConnectionTable:
         self.on_closed = on_closed
         self.by_fd: dict[int, Connection] = {}
         self.per_identity: dict[str, int] = {}
+        self._log_throttle = LogThrottle()
         self.turns = FairTurns(on_message, self._read)
         self.handshaking: Handshakes[Connection] = Handshakes()
         self.ended: set[Connection] = set()  # peers that sent all they will, still owed replies (_peer_ended)
@@ -426,11 +428,14 @@ class ConnectionTable:
         except PeerClosed:
             self.close(conn, None)
         except ProtocolError as exc:
-            # Counted, and logged the 1st, 2nd, 4th ... time as refusals are (round 65: junk CURVE
-            # greetings from one process, no key needed, wrote a log line each - 16.7 MB in 10 s).
-            count = self._count_refusal("protocol_error")
-            if count:
-                log.info("connection closed: protocol error", extra={"connection": conn.conn_id, "peer": conn.identity, "reason": str(exc), "times": count})
+            # Counted in status, and logged the 1st, 2nd, 4th ... time from each source (round 65: junk
+            # CURVE greetings, no key needed, wrote a log line each - 16.7 MB in 10 s); every connection not
+            # past its hand-shake is one source, so a flood of them cannot hide what happens on an admitted
+            # one (round 67: a replayed box on an admitted session went unlogged after such a flood).
+            self.refused["protocol_error"] = self.refused.get("protocol_error", 0) + 1
+            times = self._log_throttle.due("protocol error", PRE_AUTH_TURNS if conn.turn_key == PRE_AUTH_TURNS else conn.cap_key)
+            if times:
+                log.info("connection closed: protocol error", extra={"connection": conn.conn_id, "peer": conn.identity, "reason": str(exc), "times": times})
             self.close(conn, None)
 
     def held(self) -> ContextManager[None]:
@@ -559,7 +564,9 @@ class ConnectionTable:
 
     def _note_drop(self, conn: Connection, reason: str) -> None:
         self.refused["cut"] = self.refused.get("cut", 0) + 1
-        log.warning("connection dropped", extra={"connection": conn.conn_id, "peer": conn.identity, "pid": conn.peer.pid, "reason": reason})
+        times = self._log_throttle.due("connection dropped", conn.cap_key)  # (1st, 2nd, 4th ... per peer: round 67)
+        if times:
+            log.warning("connection dropped", extra={"connection": conn.conn_id, "peer": conn.identity, "pid": conn.peer.pid, "reason": reason, "times": times})
 
     def close(self, conn: Connection, reason: str | None) -> None:
         if conn.closed:

@@ -25,7 +25,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("openinfer.supervisor")
 
-BACKLOG = 128
+BACKLOG = 128  # ipc://: local peers, each held by its uid's caps once accepted
+MAX_TCP_BACKLOG = 4096
+
+
+def tcp_backlog() -> int:
+    """A tcp:// listen backlog as deep as the kernel allows (net.core.somaxconn, at most 4,096): with 128,
+    one host's flood of connects (no key, no bytes) filled it between two passes of the loop and other
+    hosts' SYNs were dropped - their clients waited for the retransmit, 1 s, then 3 (round 67)."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as limit:
+            return max(BACKLOG, min(MAX_TCP_BACKLOG, int(limit.read())))
+    except (OSError, ValueError):
+        return BACKLOG
 
 
 class EndpointBusy(RuntimeError):
@@ -179,7 +191,7 @@ def bind_tcp(address: str, curve: ServerKeys | None = None) -> BoundListener:
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot bind {address}: {exc.strerror}") from None
-    sock.listen(BACKLOG)
+    sock.listen(tcp_backlog())
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     return BoundListener(address=f"tcp://{shown}:{bound_port}", sock=sock, socket_path=None, lock_fd=None, curve=curve)

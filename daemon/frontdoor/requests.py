@@ -13,6 +13,7 @@ from openinfer.wire.errors import DeadlineExceeded, Internal, InvalidArgument, N
 from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSION
 from openinfer.wire.zmtp import Event, Oversized
 
+from openinfer.daemon.observability.log_throttle import LogThrottle
 from openinfer.daemon.control import admin, scoped_views
 from openinfer.daemon.modelstore.models import ModelState, ServedModel
 from openinfer.daemon.observability.client_key import client_key
@@ -30,6 +31,7 @@ log = logging.getLogger("openinfer.supervisor")
 class FrontDoorRequests:
     def __init__(self, supervisor: "Supervisor") -> None:
         self.supervisor = supervisor
+        self.malformed = LogThrottle()
 
     def on_client_event(self, conn: Connection, event: Event) -> None:
         """One complete message (or an Oversized report) from a client connection. Every request the
@@ -69,8 +71,8 @@ class FrontDoorRequests:
             if not isinstance(exc, OpenInferError):
                 log.exception("internal error while handling a request", extra={"client": client})
                 exc = Internal(f"internal error: {type(exc).__name__}")
-            if request_id is None:
-                log.warning("malformed request", extra={"client": client, "connection": conn.conn_id, "code": exc.code, "reason": exc.message})
+            if request_id is None and (times := self.malformed.due("malformed request", conn.cap_key)):  # (1st, 2nd, 4th ... per peer)
+                log.warning("malformed request", extra={"client": client, "connection": conn.conn_id, "code": exc.code, "reason": exc.message, "times": times})
             timing = {"total_us": (time.monotonic_ns() - received_ns) / 1000}
             exc = self._as_seen_by(conn, exc)
             self.supervisor.replies.error(route, request_id, exc, timing)
