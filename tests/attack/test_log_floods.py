@@ -3,7 +3,6 @@
 from an unprivileged uid; 16.7 MB of protocol errors in round 65)."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -11,10 +10,9 @@ import msgpack
 import pytest
 
 import onnx_builders
-from daemon_harness import wait_for, world_readable_dir
 from direct_peer import Peer
 from openinfer.daemon.observability.log_throttle import LogThrottle
-from repo_builder import make_world_readable
+from repo_builder import ModelRepo
 
 pytestmark = pytest.mark.attack
 
@@ -23,12 +21,11 @@ REQUESTS = 600
 
 @pytest.fixture
 def repo() -> Iterator[Path]:
-    root = world_readable_dir("oi-log-floods-")
-    onnx_builders.matmul_model(root / "tiny" / "1" / "model.onnx")
-    onnx_builders.matmul_model(root / "secret" / "1" / "model.onnx", seed=2)
-    make_world_readable(root)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    models = ModelRepo("oi-log-floods-")
+    models.model("tiny", onnx_builders.matmul_model)
+    models.model("secret", lambda path: onnx_builders.matmul_model(path, seed=2))
+    yield models.ready()
+    models.remove()
 
 
 def _flood(running: Any, message: bytes, what: str) -> int:
