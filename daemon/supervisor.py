@@ -10,6 +10,7 @@ import logging
 import shutil
 import signal
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -504,20 +505,24 @@ class Supervisor:
 
     def _quit(self, worker: WorkerHandle) -> None:
         if worker.state in (WorkerState.READY, WorkerState.BUSY, WorkerState.LOADED, WorkerState.SPAWNED):
-            if worker in worker.model.idle:
-                worker.model.idle.remove(worker)
             # QUIT (GOAWAY, drain) unless it never served: a worker the dispatcher retires as its last
             # front-door task ends is still BUSY then, with direct requests of its own (round 14: killed
             # at every reload of a model served on both paths, failing them WORKER_CRASHED)
             ready = worker.state is WorkerState.READY or (worker.state is WorkerState.BUSY and not worker.inflight)
-            worker.transition(WorkerState.DRAINING)
-            self.direct.withdraw(worker)
+            self._stop_dispatching(worker)
             quit_ns = time.monotonic_ns()
             if ready and self.pool.send(worker, [messages.QUIT, quit_ns.to_bytes(8, "little")]):  # its drain counts from now
                 latest_ns = quit_ns + QUIT_GRACE_NS + worker.model.config.max_compute_ms * 1_000_000
                 self.timers.call_at(quit_ns + QUIT_GRACE_NS, lambda: self._gone_or_killed(worker, latest_ns))
                 return
             self.pool.kill(worker)
+
+    def _stop_dispatching(self, worker: WorkerHandle) -> None:
+        """DRAINING: neither the dispatcher nor a lease sends it anything more."""
+        if worker in worker.model.idle:
+            worker.model.idle.remove(worker)
+        worker.transition(WorkerState.DRAINING)
+        self.direct.withdraw(worker)
 
     def _gone_or_killed(self, worker: WorkerHandle, latest_ns: int) -> None:
         """A worker told to QUIT and still here after QUIT_GRACE_NS is killed - unless its page says it is
@@ -552,13 +557,10 @@ class Supervisor:
         now = time.monotonic_ns()
         for worker in self.pool.all_workers():
             if worker.state is not WorkerState.DRAINING:
-                if worker in worker.model.idle:
-                    worker.model.idle.remove(worker)
-                worker.transition(WorkerState.DRAINING)
-                self.direct.withdraw(worker)
+                self._stop_dispatching(worker)
             serving = worker.ready_ns is not None  # (one still booting holds nothing: killed at once)
             if serving and self.pool.send(worker, [messages.QUIT, now.to_bytes(8, "little"), bytes(8)]):
-                self.timers.call_at(now + HALT_GRACE_NS, lambda worker=worker: self.pool.kill(worker))  # type: ignore[misc]
+                self.timers.call_at(now + HALT_GRACE_NS, partial(self.pool.kill, worker))
             else:
                 self.pool.kill(worker)
         self.draining = True
