@@ -164,7 +164,7 @@ class AccessPolicy:
         allowed = self._verdicts.get(key)
         if allowed is None:
             try:
-                self.check(peer, op, model)
+                self.check(peer, op, model, logged=False)  # (the refusal below logs it: once, not twice)
                 allowed = True
             except PermissionDenied:
                 allowed = False
@@ -193,15 +193,19 @@ class AccessPolicy:
             return ()
         return tuple(sorted(gid for gid in peer.gids if any(gid in g.gids or self._group_name(gid) in g.groups for g in covering)))
 
-    def check(self, peer: Peer, op: str, model: str | None) -> None:
+    def check(self, peer: Peer, op: str, model: str | None, *, logged: bool = True) -> None:
         groups = self.groups_of(peer)
         matching = [g for g in self.grants if g.matches_peer(peer, groups)]
         if any(g.covers(op, model) for g in matching):
             return
+        if not logged:
+            raise PermissionDenied("")
         who = f"uid {peer.uid}" if peer.uid is not None else (f"CURVE key {peer.curve_key}" if peer.curve_key else "this peer")
         names = ", ".join(g.name for g in matching) or "none"
         target = f" on model {model!r}" if model else ""
-        times = self._denials.due("permission denied", f"uid={peer.uid}" if peer.uid is not None else f"curve={peer.curve_key}" if peer.curve_key else "anonymous")
-        if times:  # (the 1st, 2nd, 4th ... per peer: round 67, one per refused request was 18-24 MB of log in 8 s)
+        # The 1st, 2nd, 4th ... per peer and operation (round 67: one per refused request was 18-24 MB of log
+        # in 8 s; round 68: counted per peer alone, a flood of refused `infer` hid the same peer's `reload`).
+        times = self._denials.due(f"permission denied: {op}", f"uid={peer.uid}" if peer.uid is not None else f"curve={peer.curve_key}" if peer.curve_key else "anonymous")
+        if times:
             log.warning("permission denied", extra={"uid": peer.uid, "pid": peer.pid, "op": op, "model": model, "grants": names, "times": times})
         raise PermissionDenied(f"{who} may not `{op}`{target}: no grant in {self.source} allows it (grants matching this peer: {names})")

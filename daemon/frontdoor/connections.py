@@ -270,13 +270,13 @@ class ConnectionTable:
         source = identity if self.listener.is_unix else source_host(address)
         curve = self.listener.curve
         if curve is None and not self.access.may_connect(peer):  # a CURVE peer is checked once its key is known
-            self._refuse(sock, "no grant", peer, f"no grant matches this peer (policy {self.access.source})")
+            self._refuse(sock, "no grant", peer, f"no grant matches this peer (policy {self.access.source})", identity if peer.uid is not None else f"tcp={source}")
             return
         # Connection caps count a plain tcp:// peer by its host: its identity is one connection (round 65:
         # 64 connections from one address took every slot of an --insecure-tcp daemon).
         cap_key = f"tcp={source}" if peer.uid is None and curve is None else identity
         if self.per_identity.get(cap_key, 0) >= self.settings.server.max_connections_per_identity:
-            self._refuse(sock, "max_connections_per_identity", peer, f"{cap_key} already has {self.settings.server.max_connections_per_identity} connections (server.max_connections_per_identity)")
+            self._refuse(sock, "max_connections_per_identity", peer, f"{cap_key} already has {self.settings.server.max_connections_per_identity} connections (server.max_connections_per_identity)", cap_key)
             return
         now = time.monotonic_ns()
         if curve is None:
@@ -325,10 +325,10 @@ class ConnectionTable:
         peer = Peer(curve_key=key)
         identity = identity_of(peer, "")
         if not self.access.may_connect(peer):
-            self._refuse_note("no grant", peer, f"no grant matches this peer (CURVE key {key}, policy {self.access.source})")
+            self._refuse_note("no grant", peer, f"no grant matches this peer (CURVE key {key}, policy {self.access.source})", identity)
             return "400"
         if self.per_identity.get(identity, 0) >= self.settings.server.max_connections_per_identity:
-            self._refuse_note("max_connections_per_identity", peer, f"{identity} already has {self.settings.server.max_connections_per_identity} connections (server.max_connections_per_identity)")
+            self._refuse_note("max_connections_per_identity", peer, f"{identity} already has {self.settings.server.max_connections_per_identity} connections (server.max_connections_per_identity)", identity)
             return "300"
         self._uncount(conn.cap_key)
         self.per_identity[identity] = self.per_identity.get(identity, 0) + 1
@@ -343,14 +343,17 @@ class ConnectionTable:
         else:
             self.per_identity.pop(identity, None)
 
-    def _refuse(self, sock: socket.socket, reason: str, peer: Peer, detail: str) -> None:
-        self._refuse_note(reason, peer, detail)
+    def _refuse(self, sock: socket.socket, reason: str, peer: Peer, detail: str, source: str) -> None:
+        self._refuse_note(reason, peer, detail, source)
         sock.close()
 
-    def _refuse_note(self, reason: str, peer: Peer | None, detail: str = "") -> None:
-        count = self._count_refusal(reason)
-        if count:
-            log.warning(f"connection refused: {detail or reason}", extra={"reason": reason, "uid": peer.uid if peer else None, "pid": peer.pid if peer else None, "times": count})
+    def _refuse_note(self, reason: str, peer: Peer | None, detail: str = "", source: str = "") -> None:
+        """Counted in status; logged the 1st, 2nd, 4th ... time per reason and `source` (the peer's uid,
+        key or host; round 68: counted for all peers together, one uid's 3,000 refusals hid another's)."""
+        self._count_refusal(reason)
+        times = self._log_throttle.due(f"refused: {reason}", source)
+        if times:
+            log.warning(f"connection refused: {detail or reason}", extra={"reason": reason, "uid": peer.uid if peer else None, "pid": peer.pid if peer else None, "times": times})
 
     def _count_refusal(self, reason: str) -> int:
         """Count one more `reason` (status's `refused`); the count when it is to be logged, else 0: the

@@ -8,7 +8,8 @@ with everyone's, hid a replayed box on an admitted session). Every logged line s
 """
 from __future__ import annotations
 
-MAX_SOURCES = 4096  # (kind, source) pairs remembered; past that the counts start again (memory is bounded)
+MAX_SOURCES = 4096  # (kind, source) pairs counted apart; sources past them are counted together
+OTHERS = "(other sources)"
 
 
 class LogThrottle:
@@ -17,10 +18,14 @@ class LogThrottle:
         self._max = max_sources
 
     def due(self, kind: str, source: str) -> int:
-        """One more `kind` event from `source`: its count if it is to be logged, else 0."""
+        """One more `kind` event from `source`: its count if it is to be logged, else 0. Once MAX_SOURCES
+        pairs are counted, a new source's events are counted with all such under OTHERS - never a reset
+        (round 68: clearing the table at its bound let 6,000 IPv6 /64s, reused, log every request)."""
         key = (kind, source)
-        count = self._counts.get(key, 0) + 1
-        if count == 1 and len(self._counts) >= self._max:
-            self._counts.clear()
+        count = self._counts.get(key)
+        if count is None and len(self._counts) >= self._max:
+            key = (kind, OTHERS)
+            count = self._counts.get(key)
+        count = (count or 0) + 1
         self._counts[key] = count
         return count if count & (count - 1) == 0 else 0

@@ -3,6 +3,7 @@
 from an unprivileged uid; 16.7 MB of protocol errors in round 65)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -12,6 +13,7 @@ import pytest
 import onnx_builders
 from direct_peer import Peer
 from openinfer.daemon.observability.log_throttle import LogThrottle
+from other_uid import NOBODY, run_as
 from repo_builder import ModelRepo
 
 pytestmark = pytest.mark.attack
@@ -62,3 +64,65 @@ def test_one_sources_flood_does_not_hide_anothers_first_events() -> None:
     assert sum(1 for times in logged if times) == 10  # 1, 2, 4 ... 512
     assert throttle.due("protocol error", "curve=admitted") == 1
     assert throttle.due("permission denied", "tcp:handshakes") == 1  # each kind counted apart
+
+
+def test_many_sources_never_reset_the_counts() -> None:
+    """Round 68: the table was cleared at its bound, so 6,000 IPv6 /64s, reused in turn, had every request
+    logged (each source's count back at 1). Past the bound, new sources are counted together; the counts
+    of those already counted go on."""
+    throttle = LogThrottle(max_sources=100)
+    assert throttle.due("malformed request", "tcp=2001:db8:0:1::/64") == 1
+    for round_ in range(3):
+        logged = sum(1 for n in range(1000) if throttle.due("malformed request", f"tcp=2001:db8:1:{n:x}::/64"))
+        assert logged <= 110, (round_, logged)  # 99 sources apart, the rest one source (1, 2, 4 ...); before: ~1,000 each round
+    assert throttle.due("malformed request", "tcp=2001:db8:0:1::/64") == 2  # its own count, never reset
+
+
+def test_a_peers_flood_of_one_refusal_does_not_hide_its_other_operations(caplog: pytest.LogCaptureFixture) -> None:
+    """Round 68: counted per peer alone, 1,000 refused `infer`s hid the same uid's refused `reload`; and
+    one refused request was logged twice (the verdict cache's first check logged too)."""
+    from openinfer.daemon.frontdoor.access import AccessPolicy, Grant, Peer
+    from openinfer.wire.errors import PermissionDenied
+
+    policy = AccessPolicy((Grant("tiny only", frozenset({"infer"}), models=("tiny",), uids=frozenset({1000})),), "test")
+    peer = Peer(uid=1000, gid=1000, pid=1)
+    with caplog.at_level(logging.WARNING, logger="openinfer"):
+        for _ in range(1000):
+            with pytest.raises(PermissionDenied):
+                policy.authorize(peer, "infer", "secret")
+        with pytest.raises(PermissionDenied):
+            policy.authorize(peer, "reload", None)
+    denied = [r for r in caplog.records if r.getMessage() == "permission denied"]
+    assert [r.__dict__["times"] for r in denied if r.__dict__["op"] == "infer"] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert [r.__dict__["times"] for r in denied if r.__dict__["op"] == "reload"] == [1]
+
+
+CONNECT_AND_WAIT_FOR_CLOSE = """
+path, count = sys.argv[1], int(sys.argv[2])
+for _ in range(count):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    sock.settimeout(10)
+    try:
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
+    sock.close()
+print("done")
+"""
+
+
+def test_one_uids_refused_connections_do_not_hide_anothers(daemon_factory: Any, repo: Path, tmp_path: Path) -> None:
+    """Round 68: connection refusals were counted for every peer together: uid 65532's 3,000 refused
+    connections left uid 4242's first refusal unlogged. Counted per peer now."""
+    policy = tmp_path / "access.toml"
+    policy.write_text('[[grant]]\nname = "root only"\nuids = [0]\noperations = ["infer", "health", "status"]\n')
+    running = daemon_factory(repo, env={"OPENINFER_SERVER_ACCESS_POLICY": str(policy), "OPENINFER_SERVER_SOCKET_MODE": "0o666"})
+    path = running.address[len("ipc://"):]
+    for uid, count in ((NOBODY, 300), (NOBODY - 2, 1)):
+        done = run_as(uid, CONNECT_AND_WAIT_FOR_CLOSE, path, str(count))
+        assert done.stdout.strip() == "done", done.stderr[-2000:]
+    refusals = [line for line in running.log_text().splitlines() if "connection refused: no grant" in line]
+    assert any(f'"uid":{NOBODY - 2}' in line for line in refusals), refusals  # before: only the first uid's
+    assert len(refusals) <= 12, len(refusals)

@@ -10,8 +10,10 @@ overwrote the file it pointed to.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import struct
 import time
 import urllib.error
 import urllib.request
@@ -171,5 +173,25 @@ def test_the_textfile_is_never_written_through_a_planted_symlink(tmp_path: Path)
         exporter.publish(acc.snapshot(), [], {})
         wait_for(lambda: not path.is_symlink(), 10, "the next write to replace the symlink")
         assert victim.read_bytes() == b"secret\n"
+    finally:
+        exporter.close()
+
+
+def test_connections_that_end_in_a_reset_are_counted_not_each_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """Round 68: every metrics connection that ended in an error (a reset: SO_LINGER 0 after part of a
+    request) wrote a log line - 120 KB a second from a local user. Counted with the refusals now, and
+    logged as they are, once an interval."""
+    exporter = MetricsExporter(MetricsSettings(listen="127.0.0.1:0"))
+    try:
+        with LoopStandIn(exporter, Accountant().snapshot), caplog.at_level(logging.INFO, logger="openinfer"):
+            for _ in range(200):
+                sock = socket.create_connection(("127.0.0.1", exporter.port), timeout=5)
+                sock.sendall(b"GET /metr")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            wait_for(lambda: exporter._server.refused.get("ended", 0) >= 150, 30, "the resets counted")  # (some end before a read)
+            assert "openinfer_up" in scrape(f"http://127.0.0.1:{exporter.port}/metrics")
+        lines = [r for r in caplog.records if r.name.startswith("openinfer") and ("ended" in r.getMessage() or "refused" in r.getMessage())]
+        assert len(lines) <= 3, len(lines)  # before: one a connection
     finally:
         exporter.close()
