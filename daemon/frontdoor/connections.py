@@ -143,6 +143,12 @@ def _discard_unread(sock: socket.socket, until_ns: int) -> None:
         return
 
 
+def _log_source(conn: Connection) -> str:
+    """Whose events a connection's are, for the log throttle: every CURVE peer not yet past its hand-shake
+    is one source; the rest their uid, key or (plain tcp://) host."""
+    return PRE_AUTH_TURNS if conn.turn_key == PRE_AUTH_TURNS else conn.cap_key
+
+
 def identity_of(peer: Peer, address: str) -> str:
     if peer.uid is not None:
         return f"uid={peer.uid}"
@@ -311,8 +317,9 @@ class ConnectionTable:
 
     def _displace(self, conn: Connection, reason: str, detail: str) -> None:
         """Close a connection still in its handshake to make room for a newer one, logged like a refusal
-        (1st, 2nd, 4th, ... time per reason: a flood cannot flood the log)."""
-        count = self._count_refusal(reason)
+        (1st, 2nd, 4th, ... time per reason and peer: a flood cannot flood the log, nor hide another's)."""
+        self._count_refusal(reason)
+        count = self._log_throttle.due(f"handshake cut: {reason}", _log_source(conn))
         if count:
             waited_ms = (time.monotonic_ns() - conn.accepted_ns) // 1_000_000
             log.warning(f"handshake cut to make room: {detail}", extra={"reason": reason, "connection": conn.conn_id, "peer": conn.identity, "handshake_ms": waited_ms, "times": count})
@@ -325,7 +332,9 @@ class ConnectionTable:
         peer = Peer(curve_key=key)
         identity = identity_of(peer, "")
         if not self.access.may_connect(peer):
-            self._refuse_note("no grant", peer, f"no grant matches this peer (CURVE key {key}, policy {self.access.source})", identity)
+            # (a key no grant names is the peer's own claim - any number of them: logged as one source, the
+            # pre-auth one; round 69: 4,100 random keys pushed admitted peers' events out of the throttle)
+            self._refuse_note("no grant", peer, f"no grant matches this peer (CURVE key {key}, policy {self.access.source})", PRE_AUTH_TURNS)
             return "400"
         if self.per_identity.get(identity, 0) >= self.settings.server.max_connections_per_identity:
             self._refuse_note("max_connections_per_identity", peer, f"{identity} already has {self.settings.server.max_connections_per_identity} connections (server.max_connections_per_identity)", identity)
@@ -436,7 +445,7 @@ class ConnectionTable:
             # past its hand-shake is one source, so a flood of them cannot hide what happens on an admitted
             # one (round 67: a replayed box on an admitted session went unlogged after such a flood).
             self.refused["protocol_error"] = self.refused.get("protocol_error", 0) + 1
-            times = self._log_throttle.due("protocol error", PRE_AUTH_TURNS if conn.turn_key == PRE_AUTH_TURNS else conn.cap_key)
+            times = self._log_throttle.due("protocol error", _log_source(conn))
             if times:
                 log.info("connection closed: protocol error", extra={"connection": conn.conn_id, "peer": conn.identity, "reason": str(exc), "times": times})
             self.close(conn, None)
@@ -514,8 +523,10 @@ class ConnectionTable:
             for conn in [c for c in self.ended if not c.open_ids and not c.stream.out_bytes]:
                 self.close(conn, None)
         for conn in self.handshaking.accepted_before(now_ns - HANDSHAKE_TIMEOUT_NS):
-            if self._count_refusal("handshake_timeout"):
-                log.info("connection closed", extra={"connection": conn.conn_id, "peer": conn.identity, "reason": f"no ZMTP handshake within {HANDSHAKE_TIMEOUT_NS // 1_000_000_000} s", "times": self.refused["handshake_timeout"]})
+            self._count_refusal("handshake_timeout")
+            times = self._log_throttle.due("handshake timeout", _log_source(conn))  # (per peer: round 69)
+            if times:
+                log.info("connection closed", extra={"connection": conn.conn_id, "peer": conn.identity, "reason": f"no ZMTP handshake within {HANDSHAKE_TIMEOUT_NS // 1_000_000_000} s", "times": times})
             self.close(conn, None)
         if now_ns < self._next_memory_check_ns:
             return

@@ -13,7 +13,7 @@ import pytest
 import onnx_builders
 from direct_peer import Peer
 from openinfer.daemon.observability.log_throttle import LogThrottle
-from other_uid import NOBODY, run_as
+from other_uid import NOBODY, run_as, start_as
 from repo_builder import ModelRepo
 
 pytestmark = pytest.mark.attack
@@ -126,3 +126,60 @@ def test_one_uids_refused_connections_do_not_hide_anothers(daemon_factory: Any, 
     refusals = [line for line in running.log_text().splitlines() if "connection refused: no grant" in line]
     assert any(f'"uid":{NOBODY - 2}' in line for line in refusals), refusals  # before: only the first uid's
     assert len(refusals) <= 12, len(refusals)
+
+
+def test_anonymous_sources_cannot_push_identified_peers_out_of_the_count() -> None:
+    """Round 69: 4,100 random CURVE keys (each refused at its hand-shake) or IPv6 /64s filled the one table;
+    admitted peers' first events were then counted with everyone past the bound (one unlogged, one logged
+    as its second). Sources anyone can multiply are counted in a table of their own."""
+    throttle = LogThrottle(max_sources=100)
+    for n in range(5000):
+        throttle.due("protocol error", f"tcp=2001:db8:1:{n:x}::/64")
+    assert throttle.due("protocol error", "curve=admitted-key") == 1
+    assert throttle.due("protocol error", "uid=1000") == 1
+
+
+HOLD_SILENT_CONNECTIONS = """
+path, count = sys.argv[1], int(sys.argv[2])
+socks = []
+for _ in range(count):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    sock.settimeout(30)
+    socks.append(sock)
+print("connected", flush=True)
+for sock in socks:  # never a greeting: each is closed at the hand-shake deadline
+    try:
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass
+print("closed", flush=True)
+"""
+
+
+def test_one_uids_handshake_timeouts_do_not_hide_anothers(daemon_factory: Any, repo: Path) -> None:
+    """Round 69: hand-shake timeouts were counted for every peer together: 40 silent connections of uid
+    65534 left root's one unlogged. Counted per peer now."""
+    import socket
+
+    running = daemon_factory(repo, env={"OPENINFER_SERVER_SOCKET_MODE": "0o666"})
+    path = running.address[len("ipc://"):]
+    flood = start_as(NOBODY, HOLD_SILENT_CONNECTIONS, path, "40")
+    try:
+        assert flood.stdout is not None and flood.stdout.readline().strip() == "connected", flood.stderr.read() if flood.stderr else ""
+        ours = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.connect(path)
+        ours.settimeout(30)
+        try:
+            while ours.recv(4096):  # the daemon's greeting, then its close at the deadline
+                pass
+        finally:
+            ours.close()
+        assert flood.stdout.readline().strip() == "closed"
+    finally:
+        if flood.poll() is None:
+            flood.kill()
+        flood.communicate(timeout=30)  # (closes its pipes)
+    timeouts = [line for line in running.log_text().splitlines() if "no ZMTP handshake within" in line]
+    assert any('"peer":"uid=0"' in line for line in timeouts), timeouts  # before: only uid 65534's
