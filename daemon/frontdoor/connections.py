@@ -578,7 +578,7 @@ class ConnectionTable:
 
     def _note_drop(self, conn: Connection, reason: str) -> None:
         self.refused["cut"] = self.refused.get("cut", 0) + 1
-        times = self._log_throttle.due("connection dropped", conn.cap_key)  # (1st, 2nd, 4th ... per peer: round 67)
+        times = self._log_throttle.due("connection dropped", _log_source(conn))  # (1st, 2nd, 4th ... per peer: round 67)
         if times:
             log.warning("connection dropped", extra={"connection": conn.conn_id, "peer": conn.identity, "pid": conn.peer.pid, "reason": reason, "times": times})
 
