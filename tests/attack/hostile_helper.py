@@ -50,9 +50,9 @@ if _hostile:
         if _hostile.get("after") == "nested-report":
             _os.write(3, b"[" * 5000 + b"\n")
             _os._exit(0)
-        if _hostile.get("after") == "hang":
-            import time as _time
-            _time.sleep(3600)
+        if _hostile.get("after") == "hang":  # blocks for good: a read of a pipe nobody writes to
+            _never, _unused = _os.pipe()
+            _os.read(_never, 1)
         if _key is not None:
             _os.write(3, (_json.dumps({"result": {"key": _key, "reused": False}}) + "\n").encode())
             _os._exit(0)
