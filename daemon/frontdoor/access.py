@@ -121,6 +121,16 @@ def _ids(where: str, raw: dict[str, Any], key: str) -> list[int]:
 _VERDICTS_KEPT = 10_000  # cached (peer, op, model) verdicts; then start over
 
 
+def identity_of(peer: Peer, address: str) -> str:
+    """What limits, turns and accounting key on: `uid=N`, `curve=<key>`, or `tcp=<address>` for a plain
+    tcp:// peer (PROTOCOL.md 2.3)."""
+    if peer.uid is not None:
+        return f"uid={peer.uid}"
+    if peer.curve_key:
+        return f"curve={peer.curve_key}"
+    return f"tcp={address}"
+
+
 class AccessPolicy:
     def __init__(self, grants: tuple[Grant, ...], source: str) -> None:
         self.grants = grants
@@ -205,7 +215,7 @@ class AccessPolicy:
         target = f" on model {model!r}" if model else ""
         # The 1st, 2nd, 4th ... per peer and operation (round 67: one per refused request was 18-24 MB of log
         # in 8 s; round 68: counted per peer alone, a flood of refused `infer` hid the same peer's `reload`).
-        times = self._denials.due(f"permission denied: {op}", f"uid={peer.uid}" if peer.uid is not None else f"curve={peer.curve_key}" if peer.curve_key else "anonymous")
+        times = self._denials.due(f"permission denied: {op}", identity_of(peer, "anonymous"))
         if times:
             log.warning("permission denied", extra={"uid": peer.uid, "pid": peer.pid, "op": op, "model": model, "grants": names, "times": times})
         raise PermissionDenied(f"{who} may not `{op}`{target}: no grant in {self.source} allows it (grants matching this peer: {names})")

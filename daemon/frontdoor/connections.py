@@ -49,7 +49,7 @@ import psutil
 from openinfer.wire.sealed import SealedFrameStream
 from openinfer.wire.zmtp import Buffer, Event, FrameStream, HeldWrites, Limits, PeerClosed, ProtocolError
 
-from .access import AccessPolicy, Peer
+from .access import AccessPolicy, Peer, identity_of
 from openinfer.daemon.observability.log_throttle import LogThrottle
 from openinfer.daemon.loop.reactor import HANGUP as _HANGUP, READABLE, WRITABLE, Reactor
 from openinfer.daemon.config.settings import Settings
@@ -112,6 +112,12 @@ class Connection:
         return self.ended
 
     @property
+    def log_source(self) -> str:
+        """Whose events its are, for the log throttle: every CURVE peer not yet past its hand-shake is one
+        source; the rest their uid, key or (plain tcp://) host."""
+        return PRE_AUTH_TURNS if self.turn_key == PRE_AUTH_TURNS else self.cap_key
+
+    @property
     def held_bytes(self) -> int:
         return self.stream.in_bytes + self.stream.out_bytes + self.pending_bytes
 
@@ -142,20 +148,6 @@ def _discard_unread(sock: socket.socket, until_ns: int) -> None:
             left -= len(got)
     except OSError:  # (BlockingIOError: nothing more has come; others: already gone)
         return
-
-
-def _log_source(conn: Connection) -> str:
-    """Whose events a connection's are, for the log throttle: every CURVE peer not yet past its hand-shake
-    is one source; the rest their uid, key or (plain tcp://) host."""
-    return PRE_AUTH_TURNS if conn.turn_key == PRE_AUTH_TURNS else conn.cap_key
-
-
-def identity_of(peer: Peer, address: str) -> str:
-    if peer.uid is not None:
-        return f"uid={peer.uid}"
-    if peer.curve_key:
-        return f"curve={peer.curve_key}"
-    return f"tcp={address}"
 
 
 def connection_budget() -> int:
@@ -276,12 +268,12 @@ class ConnectionTable:
         identity = identity_of(peer, shown)
         source = identity if self.listener.is_unix else source_host(address)
         curve = self.listener.curve
-        if curve is None and not self.access.may_connect(peer):  # a CURVE peer is checked once its key is known
-            self._refuse(sock, "no grant", peer, f"no grant matches this peer (policy {self.access.source})", identity if peer.uid is not None else f"tcp={source}")
-            return
         # Connection caps count a plain tcp:// peer by its host: its identity is one connection (round 65:
         # 64 connections from one address took every slot of an --insecure-tcp daemon).
         cap_key = f"tcp={source}" if peer.uid is None and curve is None else identity
+        if curve is None and not self.access.may_connect(peer):  # a CURVE peer is checked once its key is known
+            self._refuse(sock, "no grant", peer, f"no grant matches this peer (policy {self.access.source})", cap_key)
+            return
         if self.per_identity.get(cap_key, 0) >= self.settings.server.max_connections_per_identity:
             self._refuse(sock, "max_connections_per_identity", peer, f"{cap_key} already has {self.settings.server.max_connections_per_identity} connections (server.max_connections_per_identity)", cap_key)
             return
@@ -319,8 +311,7 @@ class ConnectionTable:
     def _displace(self, conn: Connection, reason: str, detail: str) -> None:
         """Close a connection still in its handshake to make room for a newer one, logged like a refusal
         (1st, 2nd, 4th, ... time per reason and peer: a flood cannot flood the log, nor hide another's)."""
-        self._count_refusal(reason)
-        count = self._log_throttle.due(f"handshake cut: {reason}", _log_source(conn))
+        count = self._counted(reason, conn.log_source)
         if count:
             waited_ms = (time.monotonic_ns() - conn.accepted_ns) // 1_000_000
             log.warning(f"handshake cut to make room: {detail}", extra={"reason": reason, "connection": conn.conn_id, "peer": conn.identity, "handshake_ms": waited_ms, "times": count})
@@ -360,17 +351,15 @@ class ConnectionTable:
     def _refuse_note(self, reason: str, peer: Peer | None, detail: str = "", source: str = "") -> None:
         """Counted in status; logged the 1st, 2nd, 4th ... time per reason and `source` (the peer's uid,
         key or host; round 68: counted for all peers together, one uid's 3,000 refusals hid another's)."""
-        self._count_refusal(reason)
-        times = self._log_throttle.due(f"refused: {reason}", source)
+        times = self._counted(reason, source)
         if times:
             log.warning(f"connection refused: {detail or reason}", extra={"reason": reason, "uid": peer.uid if peer else None, "pid": peer.pid if peer else None, "times": times})
 
-    def _count_refusal(self, reason: str) -> int:
-        """Count one more `reason` (status's `refused`); the count when it is to be logged, else 0: the
-        1st, 2nd, 4th, 8th ... time, so that a flood cannot flood the log."""
-        count = self.refused.get(reason, 0) + 1
-        self.refused[reason] = count
-        return count if count & (count - 1) == 0 else 0
+    def _counted(self, reason: str, source: str) -> int:
+        """One more `reason` (status's `refused` counts them all) from `source`: its count from that source
+        when it is to be logged (the 1st, 2nd, 4th ... - LogThrottle), else 0."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        return self._log_throttle.due(reason, source)
 
     # -- traffic --------------------------------------------------------------------------------------
     def _on_event(self, conn: Connection, mask: int) -> None:
@@ -454,8 +443,7 @@ class ConnectionTable:
             # CURVE greetings, no key needed, wrote a log line each - 16.7 MB in 10 s); every connection not
             # past its hand-shake is one source, so a flood of them cannot hide what happens on an admitted
             # one (round 67: a replayed box on an admitted session went unlogged after such a flood).
-            self.refused["protocol_error"] = self.refused.get("protocol_error", 0) + 1
-            times = self._log_throttle.due("protocol error", _log_source(conn))
+            times = self._counted("protocol_error", conn.log_source)
             if times:
                 log.info("connection closed: protocol error", extra={"connection": conn.conn_id, "peer": conn.identity, "reason": str(exc), "times": times})
             self.close(conn, None)
@@ -533,8 +521,7 @@ class ConnectionTable:
             for conn in [c for c in self.ended if not c.open_ids and not c.stream.out_bytes]:
                 self._close_answered(conn)
         for conn in self.handshaking.accepted_before(now_ns - HANDSHAKE_TIMEOUT_NS):
-            self._count_refusal("handshake_timeout")
-            times = self._log_throttle.due("handshake timeout", _log_source(conn))  # (per peer: round 69)
+            times = self._counted("handshake_timeout", conn.log_source)  # (per peer: round 69)
             if times:
                 log.info("connection closed", extra={"connection": conn.conn_id, "peer": conn.identity, "reason": f"no ZMTP handshake within {HANDSHAKE_TIMEOUT_NS // 1_000_000_000} s", "times": times})
             self.close(conn, None)
@@ -587,8 +574,7 @@ class ConnectionTable:
             log.warning("supervisor memory over its limit, but no connection holds buffers", extra={"rss_mb": rss >> 20, "limit_mb": limit >> 20})
 
     def _note_drop(self, conn: Connection, reason: str) -> None:
-        self.refused["cut"] = self.refused.get("cut", 0) + 1
-        times = self._log_throttle.due("connection dropped", _log_source(conn))  # (1st, 2nd, 4th ... per peer: round 67)
+        times = self._counted("cut", conn.log_source)  # (1st, 2nd, 4th ... per peer: round 67)
         if times:
             log.warning("connection dropped", extra={"connection": conn.conn_id, "peer": conn.identity, "pid": conn.peer.pid, "reason": reason, "times": times})
 

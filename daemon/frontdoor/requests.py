@@ -71,7 +71,7 @@ class FrontDoorRequests:
             if not isinstance(exc, OpenInferError):
                 log.exception("internal error while handling a request", extra={"client": client})
                 exc = Internal(f"internal error: {type(exc).__name__}")
-            if request_id is None and (times := self.malformed.due("malformed request", conn.cap_key)):  # (1st, 2nd, 4th ... per peer)
+            if request_id is None and (times := self.malformed.due("malformed request", conn.log_source)):  # (1st, 2nd, 4th ... per peer)
                 log.warning("malformed request", extra={"client": client, "connection": conn.conn_id, "code": exc.code, "reason": exc.message, "times": times})
             timing = {"total_us": (time.monotonic_ns() - received_ns) / 1000}
             exc = self._as_seen_by(conn, exc)

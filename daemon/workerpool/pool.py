@@ -223,10 +223,7 @@ class WorkerPool:
         return worker
 
     def output_budget(self, model: ServedModel) -> OutputBudget:
-        budget = self.output_budgets.get(model)
-        if budget is None:
-            budget = self.output_budgets[model] = OutputBudget()
-        return budget
+        return self.output_budgets.setdefault(model, OutputBudget())  # (at a spawn: the spare one is nothing)
 
     def _pump_stderr(self, relay: StderrRelay) -> None:
         if not relay.pump():

@@ -223,7 +223,7 @@ class WeightPreparer:
         log.info("preparing shared weights", extra={"model": model.key, "pid": spawned.pid, "key": plan.key, "why": plan.not_reusable})
 
     def _overdue(self, job: PrepareJob) -> None:
-        if job.spawned.pidfd in self.jobs and self.jobs[job.spawned.pidfd] is job:
+        if self.jobs.get(job.spawned.pidfd) is job:  # (still running: on_exit forgets it, and closes its pidfd)
             log.error("prepare helper not done in time; killing it", extra={"model": job.model.key, "pid": job.spawned.pid, "ready_timeout_s": self.pool.settings.pool.ready_timeout_s})
             job.spawned.kill()
 
