@@ -174,12 +174,16 @@ class DirectPath:
             if page is None or worker.retired:
                 continue
             since, deadline = page.read()
-            if deadline and since and now_ns > since + worker.model.config.max_compute_ms * 1_000_000 + OVERDUE_GRACE_NS:
+            # The page is the worker's word: no run of it started before it was ready (round 64's suspicion,
+            # reproduced: a step that claimed a start long past had each of its model's workers killed and
+            # booted again at once, twice a second, ~0.25 s of the host's CPU each).
+            started = max(since, worker.ready_ns or now_ns)
+            if deadline and since and now_ns > started + worker.model.config.max_compute_ms * 1_000_000 + OVERDUE_GRACE_NS:
                 # The two words are written one at a time: a read between a run's end and the next run's
                 # start can pair one run's deadline with the other's start (or with 0), and an honest worker
                 # was killed mid-burst that way. A run that is really stuck reads the same twice.
                 if page.read() == (since, deadline):
-                    late.append((worker, now_ns - since))
+                    late.append((worker, now_ns - started))
         return late
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import datetime, timezone
 import select
 import socket
 from pathlib import Path
@@ -214,7 +215,11 @@ def test_a_step_that_fakes_a_direct_overstay_cannot_bounce_its_request_between_w
     front door's requests it held to another worker: they waited behind that run. The page is the worker's
     own word, so a step that fakes it while running a front-door request has its worker killed, and its
     request moved - once. On the next worker it does the same and the request fails (WORKER_CRASHED)
-    instead of bouncing from worker to worker, each one killed, until its deadline."""
+    instead of bouncing from worker to worker, each one killed, until its deadline.
+    And no worker is killed for it sooner than max_compute_ms (1.5 s here) after it became ready: no run
+    of it started earlier, whatever it claims (round 64's suspicion, reproduced: the replacement was killed
+    8-40 ms after its READY, for a start the step dated to the machine's boot - a model could have its
+    workers booted twice a second, ~0.25 s of the host's CPU each)."""
     kills = '"a direct request ran past max_compute_ms; killing the worker"'
     with Client(daemon.address, timeout=30, direct=False) as client:
         hostile_serves_again(client)
@@ -223,6 +228,10 @@ def test_a_step_that_fakes_a_direct_overstay_cannot_bounce_its_request_between_w
             client.infer("hostile", {"what": "fake-page"}, timeout=25)
         assert caught.value.code == "WORKER_CRASHED" and "the second worker" in caught.value.message, str(caught.value)
         assert daemon.log_text().count(kills) - before == 2
+        records = log_records(daemon)
+        ready = {r["worker"]: _seconds(r["ts"]) for r in records if r.get("msg") == "worker ready"}
+        killed = [(r["worker"], _seconds(r["ts"])) for r in records if r.get("msg") == kills.strip('"')][-2:]
+        assert all(at - ready[worker] >= 1.5 for worker, at in killed), [(worker, at - ready[worker]) for worker, at in killed]
         canary_answers(client, daemon.repo)  # type: ignore[attr-defined]
         hostile_serves_again(client)
 
@@ -367,3 +376,8 @@ def test_what_a_serving_worker_writes_to_its_status_pipe_is_not_believed(daemon:
         hostile_serves_again(client)
     assert "internal error" not in daemon.log_text()
     assert "prepared weights failed verification" not in daemon.log_text()
+
+
+def _seconds(ts: str) -> float:
+    """A log record's time ("2026-12-07T13:59:01.123Z"), in seconds."""
+    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
