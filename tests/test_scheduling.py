@@ -17,7 +17,7 @@ import zmq
 import onnx_builders
 from daemon_harness import log_records, wait_for
 from openinfer.client import AsyncClient, Client, DeadlineExceeded, OpenInferError, ResourceExhausted
-from other_uid import NOBODY, run_as
+from other_uid import NOBODY, run_as, start_as
 from repo_builder import ModelRepo
 
 pytestmark = pytest.mark.live
@@ -114,17 +114,33 @@ def test_clients_take_turns_so_a_flood_does_not_starve_another_client(daemon_fac
             await asyncio.gather(*(client.infer("busy", SLOW) for _ in range(12)))
         flood_done.set()
 
-    flood_thread = threading.Thread(target=lambda: asyncio.run(flood()))
-    flood_thread.start()
-    wait_queued(admin, 8)
-    before = admin.stats()["models"]["busy"]["success"]
-    other = run_as(NOBODY, """
+    # The other uid's process is up and connected before the count starts: its start-up (0.3-0.5 s, as
+    # long as a flood request) once counted toward the flood requests served meanwhile.
+    other = start_as(NOBODY, """
         with Client(sys.argv[1], timeout=60) as client:
-            print(float(client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(400_000, np.int64)}).outputs["y"][0]))
-    """, daemon.address, timeout=90)
-    served_meanwhile = admin.stats()["models"]["busy"]["success"] - before
-    flood_thread.join(120)
-    assert other.stdout.strip() == "400000.0", other.stderr  # the loop counts to n
+            client.health()
+            print("connected", flush=True)
+            sys.stdin.readline()
+            print(float(client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(400_000, np.int64)}).outputs["y"][0]), flush=True)
+    """, daemon.address)
+    try:
+        assert other.stdout is not None and other.stdin is not None
+        assert other.stdout.readline().strip() == "connected"
+        flood_thread = threading.Thread(target=lambda: asyncio.run(flood()))
+        flood_thread.start()
+        wait_queued(admin, 8)
+        before = admin.stats()["models"]["busy"]["success"]
+        other.stdin.write("go\n")
+        other.stdin.flush()
+        answer = other.stdout.readline().strip()
+        served_meanwhile = admin.stats()["models"]["busy"]["success"] - before
+        flood_thread.join(120)
+        out, err = other.communicate(timeout=30)
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()
+    assert answer == "400000.0", err  # the loop counts to n
     assert flood_done.is_set()
     # took its turn after at most a few flood requests (the other uid's own one counts too), not after all 12
     assert served_meanwhile <= 4, served_meanwhile
