@@ -104,11 +104,13 @@ def test_sigkill_workers_under_load_every_request_answered_once(daemon_factory: 
         # answered in the instant its worker was killed is in the books as answered while its reply never
         # left: its client reports WORKER_CRASHED. A kill can land while the worker holds nothing admitted
         # (every request still unread in its socket), so the daemon's count has no lower bound of its own;
-        # the clients' has: four clients keep a request on the only worker, so each kill fails at least one.
+        # the clients' has: four clients keep a request on the only worker, so a kill fails one - unless it
+        # lands while all four are between a reply and their next request (this process descheduled on a
+        # loaded VM): five kills fail one at least.
         recorded_unsent = stats["success"] - outcomes["OK"]  # a pass's replies leave together, after it
         assert 0 <= recorded_unsent <= outcomes["WORKER_CRASHED"], (stats, outcomes)
         assert stats["failures"].get("WORKER_CRASHED", 0) + recorded_unsent <= outcomes["WORKER_CRASHED"], (stats["failures"], outcomes)
-        assert outcomes["WORKER_CRASHED"] >= 5, outcomes
+        assert outcomes["WORKER_CRASHED"] >= 1, outcomes
     # The daemon saw exactly these five deaths and replaced each worker (not the test counting its own loop).
     assert stats["versions"]["1"]["worker_restarts"] == 5
     exits = [record for record in log_records(running) if record.get("msg") == "worker exited" and record.get("pid") in killed]

@@ -281,6 +281,7 @@ def test_plain_tcp_connections_of_one_host_are_capped_together(daemon_factory: A
         for sock in held:
             sock.close()
         shutil.rmtree(repo, ignore_errors=True)
-    # At most 4 of the host's kept (the harness's own readiness client may still hold one); before: all 8.
-    assert closed.count(False) <= 4 and closed[-4:] == [True] * 4, closed
+    # At most 4 of the host's kept; before: all 8. (Which ones is not fixed: the harness's own readiness
+    # client may still hold a slot, and let one go, while these connect.)
+    assert closed.count(False) <= 4 and closed.count(True) >= 4, closed
     assert "max_connections_per_identity" in daemon.log_text() and "tcp=loopback already has 4 connections" in daemon.log_text()
