@@ -203,8 +203,10 @@ def test_aging_gives_turns_too_so_a_backlog_below_a_higher_priority_cannot_hold_
         one_run_s = ended["timing"]["compute_us"] / 1e6 * STEP / BLOCKER
         wait_for(lambda: sum(cpu()[:2]) > at_end + 1.5 * one_run_s, 30, "the worker to be into root's queue")
         other.ask()  # priority 0, read after all of root's: root's backlog is the older
-        peer.replies(32, timeout=60)
+        root = peer.replies(32, timeout=60)
         theirs = other.answer()
     # It waits starvation_ms (100 ms) to be aged, then its turn: the run in progress and at most one more.
-    waited_runs = (theirs["queue_us"] - 100_000) / theirs["compute_us"]
-    assert waited_runs <= 3, (waited_runs, theirs)  # before: behind all eight of priority 1 (~8-9 runs)
+    # In runs of root's (their median): the other's own run, one sample, can be the fastest of all.
+    one_run_us = max(theirs["compute_us"], sorted(reply["timing"]["compute_us"] for reply in root)[len(root) // 2])
+    waited_runs = (theirs["queue_us"] - 100_000) / one_run_us
+    assert waited_runs <= 3, (waited_runs, theirs, one_run_us)  # before: behind all eight of priority 1 (~8-9 runs)

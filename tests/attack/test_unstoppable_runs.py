@@ -390,13 +390,14 @@ def test_a_request_held_back_in_a_version_a_reload_retires_goes_to_its_worker_on
     """As above, and meanwhile a reload replaces the model (its config changed): the held request stays in
     the queue of the version being retired, which the supervisor must still look at (found by session
     10's second attacker: it looked only at the serving versions, and the request waited out its
-    deadline although its worker was free)."""
+    deadline although its worker was free). Longer runs than above (4 s, 10 s; the held request's timeout
+    7.5 s): the reload boots two workers meanwhile, on a 2-core machine."""
     daemon = daemon_factory(two_workers, env={"OPENINFER_POOL_DIRECT": "1", "OPENINFER_SERVER_LEASE_TTL_S": "60"})
-    with _direct_spin_on_one_worker(daemon, 3.0), Client(daemon.address, timeout=30, direct=False) as door:
+    with _direct_spin_on_one_worker(daemon, 4.0), Client(daemon.address, timeout=30, direct=False) as door:
         busy_outcome: list[Any] = []
-        busy = _other_worker_busy(door, 6.0, busy_outcome)
+        busy = _other_worker_busy(door, 10.0, busy_outcome)
         held_outcome: list[Any] = []
-        held = _front_door_request_in_thread(daemon.address, QUICK, 4.5, held_outcome)
+        held = _front_door_request_in_thread(daemon.address, QUICK, 7.5, held_outcome)
         try:
             wait_for(lambda: any(m["queued"] for m in door.models() if m["name"] == "spin"), 10, "the request held back in the queue")
             config = two_workers / "spin" / "config.toml"
