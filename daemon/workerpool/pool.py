@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from .preparation import WeightPreparer
 
 log = logging.getLogger("openinfer.supervisor")
+STABLE_WORKER_NS = 60_000_000_000  # a worker that served this long before it crashed starts the respawn delay again
 
 
 # What the system's dynamic linker and the CPU probes of onnxruntime/OpenBLAS read.
@@ -366,7 +367,7 @@ class WorkerPool:
                     self.preparer.store.discard(member.prepared_dir.name)
                     member.prepared_dir = None
                     member.sharing = "off: its prepared weights failed verification in a chain's worker"
-            self._schedule_respawn(model, boot_error)
+            self._schedule_respawn(model, boot_error, worker)
             return worker
         if was in (WorkerState.SPAWNED, WorkerState.LOADED) and boot_error is not None and model.state is not ModelState.READY:
             model.fail_to_load(boot_error)
@@ -376,12 +377,17 @@ class WorkerPool:
             self._respawn(model)
             model.restarts += 1
             return worker
-        self._schedule_respawn(model, reason)
+        self._schedule_respawn(model, reason, worker)
         return worker
 
-    def _schedule_respawn(self, model: ServedModel, reason: str) -> None:
+    def _schedule_respawn(self, model: ServedModel, reason: str, worker: WorkerHandle) -> None:
         pool = self.settings.pool
+        now = time.monotonic_ns()
         model.consecutive_crashes += 1
+        # The delay doubles per crash until the supervisor sees a request answered, or a worker that crashes
+        # has served a minute: what a worker's ledger claims does not reset it (ServedModel.served).
+        stable = worker.ready_ns is not None and now - worker.ready_ns >= STABLE_WORKER_NS
+        model.respawn_crashes = 1 if stable else model.respawn_crashes + 1
         model.restarts += 1
         if model.consecutive_crashes >= pool.crash_loop_limit:
             if model.state is not ModelState.UNAVAILABLE:
@@ -390,8 +396,9 @@ class WorkerPool:
                 log.error("model unavailable", extra={"model": model.name, "version": model.version, "reason": model.reason})
                 self.on_model_failed(model)  # its queued requests are answered UNAVAILABLE now
             return  # no more respawns until a reload re-arms the model
-        delay_ms = min(pool.respawn_backoff_max_ms, pool.respawn_backoff_ms * 2 ** (model.consecutive_crashes - 1))
-        self.timers.call_at(time.monotonic_ns() + delay_ms * 1_000_000, lambda: self._respawn(model))
+        delay_ms = min(pool.respawn_backoff_max_ms, pool.respawn_backoff_ms * 2 ** min(model.respawn_crashes - 1, 32))
+        log.info("worker replacement scheduled", extra={"model": model.key, "delay_ms": delay_ms, "crashes": model.consecutive_crashes})
+        self.timers.call_at(now + delay_ms * 1_000_000, lambda: self._respawn(model))
 
     def _respawn(self, model: ServedModel) -> None:
         if model.state is ModelState.FAILED or model.retiring or len(model.workers) >= model.worker_count:

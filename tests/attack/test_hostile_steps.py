@@ -381,3 +381,50 @@ def test_what_a_serving_worker_writes_to_its_status_pipe_is_not_believed(daemon:
 def _seconds(ts: str) -> float:
     """A log record's time ("2026-12-07T13:59:01.123Z"), in seconds."""
     return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+FORGING_STEPS = '''
+import gc, os, threading, time
+import numpy as np
+from openinfer.daemon.steps.contract import Answer
+INPUTS = [{"name": "what", "datatype": "BYTES", "shape": []}]
+OUTPUTS = [{"name": "got", "datatype": "BYTES", "shape": []}]
+
+def _forge_and_exit():
+    # Once its worker is serving: a successful direct answer booked in its own ledger, then a crash.
+    while True:
+        writer = next((o for o in gc.get_objects() if type(o).__name__ == "LedgerWriter"), None)
+        if writer is not None:
+            break
+        threading.Event().wait(0.01)
+    threading.Event().wait(0.1)
+    writer._slots["x"] = 1024  # the shared "other" row
+    writer.answered(0, 1, "x", None, {}, 0, 0)
+    os._exit(1)
+
+def setup(files):
+    threading.Thread(target=_forge_and_exit, daemon=True).start()
+
+def pre(inputs):
+    return {"x": np.ones((1, 64), np.float32)}
+
+def post(outputs):
+    return {"got": b"ran"}
+'''
+
+
+def test_a_step_that_books_a_success_before_each_crash_still_has_its_replacements_slowed(tmp_path: Path) -> None:
+    """Round 74: a step, with no client at all, booked a successful direct answer in its worker's own
+    ledger and exited, in every worker: each "success" reset the model's crash count, so the respawn delay
+    stayed at 100 ms and the model never went UNAVAILABLE - a worker booted every 0.6-0.75 s for good (~0.45
+    of a core), another model's p99 2.5x. A worker's ledger is its word: the delay now doubles until the
+    supervisor itself sees a request answered (or a crashing worker had served a minute)."""
+    config = 'workers = 1\nmax_compute_ms = 1500\n\n[steps]\nmodule = "steps.py"\n'
+    with hostile_steps_daemon("oi-hostile-forge-", config, lambda root: FORGING_STEPS) as running:
+        def scheduled() -> list[int]:
+            return [r["delay_ms"] for r in log_records(running) if r.get("msg") == "worker replacement scheduled" and r.get("model") == "hostile:1"]
+
+        wait_for(lambda: len(scheduled()) >= 4, 60, "four replacements of the forging worker", daemon=running)
+        assert scheduled()[:4] == [100, 200, 400, 800], scheduled()  # before: [100, 100, 100, 100]
+        with Client(running.address, timeout=30) as client:
+            canary_answers(client, running.repo)  # type: ignore[attr-defined]
