@@ -230,6 +230,42 @@ def test_a_version_directory_not_named_in_ascii_digits_fails_its_model_alone(dae
         repo.remove()
 
 
+def test_a_config_toml_of_one_long_dotted_key_fails_its_model_at_once(tmp_path: Path) -> None:
+    """Round 72: tomllib keeps every prefix of a dotted key, so a key of N parts costs N^2 - one line of
+    `a.a.a...` in a model's config.toml (48 KB) held the supervisor 5.2 s and 2.3 GB at a reload (128 KB:
+    21.8 s, 7.8 GB; at the start too). A config.toml now has at most 1,024 dots and 64 KiB."""
+    from openinfer.daemon.modelstore.repository import scan_repository
+
+    onnx_builders.matmul_model(tmp_path / "good" / "1" / "model.onnx")
+    onnx_builders.matmul_model(tmp_path / "dotted" / "1" / "model.onnx")
+    (tmp_path / "dotted" / "config.toml").write_text(".".join(["a"] * 16_000) + " = 1\n")  # 32 KB: ~1 GB to parse before
+    onnx_builders.matmul_model(tmp_path / "large" / "1" / "model.onnx")
+    (tmp_path / "large" / "config.toml").write_text("# padding\n" * 7000)
+    rows = {entry.name: entry for entry in scan_repository(tmp_path)}
+    assert rows["good"].error is None
+    assert rows["dotted"].error is not None and "more than 1024 dots" in rows["dotted"].error, rows["dotted"].error
+    assert rows["large"].error is not None and "larger than 65536 bytes" in rows["large"].error, rows["large"].error
+
+
+def test_a_model_with_more_versions_than_are_served_at_once_fails_alone(tmp_path: Path) -> None:
+    """Round 72: every version of a model served with version_policy = "all" is walked at every reload on
+    the supervisor's loop (its files' stamps, up to 1,000 entries each): 1,000 versions of 999 hard links
+    held it 4.5-7.3 s a reload, every reload. At most 16 versions are served at once; with more the model
+    fails to load, saying what to do; "latest" serves the newest of any number."""
+    from openinfer.daemon.modelstore.repository import scan_repository
+
+    for version in range(1, 18):
+        onnx_builders.matmul_model(tmp_path / "many" / str(version) / "model.onnx", size=4)
+        onnx_builders.matmul_model(tmp_path / "newest" / str(version) / "model.onnx", size=4)
+    (tmp_path / "newest" / "config.toml").write_text('version_policy = "latest"\n')
+    for version in range(1, 17):
+        onnx_builders.matmul_model(tmp_path / "sixteen" / str(version) / "model.onnx", size=4)
+    rows = {entry.name: entry for entry in scan_repository(tmp_path)}
+    assert rows["many"].error is not None and "at most 16 are served at once" in rows["many"].error, rows["many"].error
+    assert rows["newest"].error is None and [v.version for v in rows["newest"].versions] == [17]
+    assert rows["sixteen"].error is None and len(rows["sixteen"].versions) == 16
+
+
 def test_a_model_directory_the_daemon_may_not_list_fails_that_model_alone(tmp_path: Path) -> None:
     """Under the shipped unit the daemon is not root: a model directory it may enter but not list (another
     owner, mode 0711) raised PermissionError out of the scan - no start, no reload - like round 37's "²".
