@@ -432,7 +432,7 @@ class Supervisor:
         for worker, ran_ns in self.direct.overdue(list(self.pool.workers.values()), now):
             log.error("a direct request ran past max_compute_ms; killing the worker", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key, "ran_ms": ran_ns // 1_000_000, "max_compute_ms": worker.model.config.max_compute_ms})
             worker.exit_reason = f"killed: a request sent to it directly was still running after {ran_ns // 1_000_000} ms, past max_compute_ms = {worker.model.config.max_compute_ms}"
-            worker.expected_exit = True
+            worker.expected_exit = worker.overran = True
             self._retire_now(worker)
             # What the front door gave it waited behind that run and never started: it goes to another
             # worker - once (the page is the worker's word: a hostile step can fake it on every worker).

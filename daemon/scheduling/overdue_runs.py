@@ -85,7 +85,7 @@ class OverdueRuns:
             self.replies.fail(task, DeadlineExceeded(f"task still running after {ran_ms:.0f} ms, past its model's max_compute_ms = {worker.model.config.max_compute_ms}; its worker was killed and is being replaced"))
         log.error("a run went past max_compute_ms and could not be stopped; killing the worker", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key})
         worker.exit_reason = "killed: a run exceeded max_compute_ms"
-        worker.expected_exit = True
+        worker.expected_exit = worker.overran = True
         worker.retired = True  # a result it sends before it dies no longer counts
         if worker in worker.model.idle:
             worker.model.idle.remove(worker)

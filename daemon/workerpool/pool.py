@@ -373,21 +373,20 @@ class WorkerPool:
             model.fail_to_load(boot_error)
             self.on_model_failed(model)
             return worker
-        if worker.expected_exit:  # (killed past a deadline, or recycled: _respawn spawns none a reload no longer wants)
+        if worker.expected_exit and not worker.overran:  # (recycled: _respawn spawns none a reload no longer wants)
             self._respawn(model)
             model.restarts += 1
+            return worker
+        if worker.expected_exit:  # killed for a run past max_compute_ms: not a crash, but replaced as one is
+            model.restarts += 1
+            self._respawn_later(model, worker)
             return worker
         self._schedule_respawn(model, reason, worker)
         return worker
 
     def _schedule_respawn(self, model: ServedModel, reason: str, worker: WorkerHandle) -> None:
         pool = self.settings.pool
-        now = time.monotonic_ns()
         model.consecutive_crashes += 1
-        # The delay doubles per crash until the supervisor sees a request answered, or a worker that crashes
-        # has served a minute: what a worker's ledger claims does not reset it (ServedModel.served).
-        stable = worker.ready_ns is not None and now - worker.ready_ns >= STABLE_WORKER_NS
-        model.respawn_crashes = 1 if stable else model.respawn_crashes + 1
         model.restarts += 1
         if model.consecutive_crashes >= pool.crash_loop_limit:
             if model.state is not ModelState.UNAVAILABLE:
@@ -396,6 +395,18 @@ class WorkerPool:
                 log.error("model unavailable", extra={"model": model.name, "version": model.version, "reason": model.reason})
                 self.on_model_failed(model)  # its queued requests are answered UNAVAILABLE now
             return  # no more respawns until a reload re-arms the model
+        self._respawn_later(model, worker)
+
+    def _respawn_later(self, model: ServedModel, worker: WorkerHandle) -> None:
+        """Replace `worker`, which crashed or was killed for overrunning, after a delay that doubles per such
+        exit until the supervisor sees a request answered, or one that served a minute: what a worker's
+        ledger claims does not reset it (ServedModel.served), nor can a model whose step fakes an overrun
+        (a deadline page dated at boot, and max_compute_ms = 1 in its own config.toml: round 74) have its
+        workers booted again at once, as fast as they come up."""
+        pool = self.settings.pool
+        now = time.monotonic_ns()
+        stable = worker.ready_ns is not None and now - worker.ready_ns >= STABLE_WORKER_NS
+        model.respawn_crashes = 1 if stable else model.respawn_crashes + 1
         delay_ms = min(pool.respawn_backoff_max_ms, pool.respawn_backoff_ms * 2 ** min(model.respawn_crashes - 1, 32))
         log.info("worker replacement scheduled", extra={"model": model.key, "delay_ms": delay_ms, "crashes": model.consecutive_crashes})
         self.timers.call_at(now + delay_ms * 1_000_000, lambda: self._respawn(model))

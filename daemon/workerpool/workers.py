@@ -65,6 +65,7 @@ class WorkerHandle:
     sandbox: dict[str, Any] = field(default_factory=dict)
     exit_reason: str | None = None
     expected_exit: bool = False  # killed by us (deadline) or drained to be recycled: respawn without counting a crash
+    overran: bool = False  # killed for a run past max_compute_ms: replaced after a delay, as a crash is (pool._respawn_later)
     ping_sent_ns: int = 0  # outstanding liveness PING (0 = none)
     pings_owed: int = 0  # PINGs sent and not yet answered: a PONG beyond them was never asked for
     idle_since_ns: int = 0  # when it last became READY (batch wait is measured from here)

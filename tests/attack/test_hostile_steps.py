@@ -428,3 +428,29 @@ def test_a_step_that_books_a_success_before_each_crash_still_has_its_replacement
         assert scheduled()[:4] == [100, 200, 400, 800], scheduled()  # before: [100, 100, 100, 100]
         with Client(running.address, timeout=30) as client:
             canary_answers(client, running.repo)  # type: ignore[attr-defined]
+
+
+PAGE_FAKING_STEPS = FORGING_STEPS.replace('''    threading.Event().wait(0.1)
+    writer._slots["x"] = 1024  # the shared "other" row
+    writer.answered(0, 1, "x", None, {}, 0, 0)
+    os._exit(1)''', '''    page = next(o for o in gc.get_objects() if type(o).__name__ == "DeadlinePage")
+    page.running(1, 1)  # "a direct run, since the machine booted": killed for it at READY + max_compute_ms
+    threading.Event().wait()''')
+
+
+def test_a_step_that_fakes_an_overrun_in_every_worker_has_their_replacements_slowed(tmp_path: Path) -> None:
+    """Round 74: a worker killed for a run past max_compute_ms was replaced at once (an expected exit, not
+    a crash); with max_compute_ms = 1 in its own config.toml and a deadline page claiming a run since
+    boot, a step had each worker killed half a second after its READY, for good. Such replacements now
+    wait as a crash's do, the delay doubling until the supervisor sees a request answered."""
+    config = 'workers = 1\nmax_compute_ms = 1\n\n[steps]\nmodule = "steps.py"\n'
+    assert PAGE_FAKING_STEPS != FORGING_STEPS
+    with hostile_steps_daemon("oi-hostile-overrun-", config, lambda root: PAGE_FAKING_STEPS) as running:
+        def scheduled() -> list[int]:
+            return [r["delay_ms"] for r in log_records(running) if r.get("msg") == "worker replacement scheduled" and r.get("model") == "hostile:1"]
+
+        wait_for(lambda: len(scheduled()) >= 4, 60, "four replacements of the overrunning worker", daemon=running)
+        assert scheduled()[:4] == [100, 200, 400, 800], scheduled()  # before: replaced at once, no delay
+        assert "ran past max_compute_ms; killing the worker" in running.log_text()
+        with Client(running.address, timeout=30) as client:
+            canary_answers(client, running.repo)  # type: ignore[attr-defined]
