@@ -19,7 +19,8 @@ BENCH = REPO_ROOT / "bench"
 PLOTTING = {"latency.py": "latency.json", "batching.py": "batching.json", "accounting_overhead.py": "accounting.json",
             "memory.py": "memory.json", "soak.py": "soak.json", "peers.py": "peers.json", "steps.py": "steps.json", "cache.py": "cache.json",
             "ocr.py": "ocr.json", "client_cpu.py": "client_cpu.json", "client_wakeup.py": "client_wakeup.json",
-            "connection_churn.py": "connection_churn.json", "preauth_flood.py": "preauth_flood.json"}
+            "connection_churn.py": "connection_churn.json", "preauth_flood.py": "preauth_flood.json",
+            "restart_storm.py": "restart_storm.json"}
 # Modules that draw for a script of PLOTTING (its --plot-only goes through them).
 DRAWS_FOR = {"peers_report.py": "peers.py"}
 # Runs a benchmark as `python bench/X.py ...` would, with `import matplotlib` failing as when it is not installed.

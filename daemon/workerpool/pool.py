@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from .preparation import WeightPreparer
 
 log = logging.getLogger("openinfer.supervisor")
-STABLE_WORKER_NS = 60_000_000_000  # a worker that served this long before it crashed starts the respawn delay again
+QUIET_NS = 60_000_000_000  # a model none of whose workers crashed or overran this long starts the respawn delay again
 
 
 # What the system's dynamic linker and the CPU probes of onnxruntime/OpenBLAS read.
@@ -399,14 +399,17 @@ class WorkerPool:
 
     def _respawn_later(self, model: ServedModel, worker: WorkerHandle) -> None:
         """Replace `worker`, which crashed or was killed for overrunning, after a delay that doubles per such
-        exit until the supervisor sees a request answered, or one that served a minute: what a worker's
+        exit until the supervisor sees a request answered, or a minute passes without one: what a worker's
         ledger claims does not reset it (ServedModel.served), nor can a model whose step fakes an overrun
         (a deadline page dated at boot, and max_compute_ms = 1 in its own config.toml: round 74) have its
-        workers booted again at once, as fast as they come up."""
+        workers booted again at once, as fast as they come up. The minute is the model's, not a worker's
+        age: one worker of many crashing at a minute old reset it for the young ones (round 75's
+        suspicion)."""
         pool = self.settings.pool
         now = time.monotonic_ns()
-        stable = worker.ready_ns is not None and now - worker.ready_ns >= STABLE_WORKER_NS
-        model.respawn_crashes = 1 if stable else model.respawn_crashes + 1
+        quiet = now - model.replaced_ns >= QUIET_NS
+        model.respawn_crashes = 1 if quiet else model.respawn_crashes + 1
+        model.replaced_ns = now
         delay_ms = min(pool.respawn_backoff_max_ms, pool.respawn_backoff_ms * 2 ** min(model.respawn_crashes - 1, 32))
         log.info("worker replacement scheduled", extra={"model": model.key, "delay_ms": delay_ms, "crashes": model.consecutive_crashes})
         self.timers.call_at(now + delay_ms * 1_000_000, lambda: self._respawn(model))

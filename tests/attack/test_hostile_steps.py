@@ -418,7 +418,7 @@ def test_a_step_that_books_a_success_before_each_crash_still_has_its_replacement
     ledger and exited, in every worker: each "success" reset the model's crash count, so the respawn delay
     stayed at 100 ms and the model never went UNAVAILABLE - a worker booted every 0.6-0.75 s for good (~0.45
     of a core), another model's p99 2.5x. A worker's ledger is its word: the delay now doubles until the
-    supervisor itself sees a request answered (or a crashing worker had served a minute)."""
+    supervisor itself sees a request answered (or a minute passes without a crash or an overrun)."""
     config = 'workers = 1\nmax_compute_ms = 1500\n\n[steps]\nmodule = "steps.py"\n'
     with hostile_steps_daemon("oi-hostile-forge-", config, lambda root: FORGING_STEPS) as running:
         def scheduled() -> list[int]:
