@@ -28,8 +28,9 @@ def page() -> Iterator[DeadlinePage]:
     shared.close()
 
 
-def worker_on(page: Any) -> Any:
-    return SimpleNamespace(page=page, retired=False, model=SimpleNamespace(config=SimpleNamespace(max_compute_ms=MAX_COMPUTE_MS)))
+def worker_on(page: Any, ready_ns: int = 1) -> Any:
+    """A worker ready since `ready_ns` (by default, long before any run here)."""
+    return SimpleNamespace(page=page, retired=False, ready_ns=ready_ns, model=SimpleNamespace(config=SimpleNamespace(max_compute_ms=MAX_COMPUTE_MS)))
 
 
 def test_a_run_past_max_compute_ms_is_overdue_and_one_past_its_deadline_only_is_not(page: DeadlinePage) -> None:
@@ -58,3 +59,14 @@ def test_a_torn_read_of_the_page_never_kills(page: DeadlinePage) -> None:
             return next(self.reads)
 
     assert DirectPath.overdue([worker_on(Moving())], now) == []
+
+
+def test_a_run_is_never_dated_before_its_worker_was_ready(page: DeadlinePage) -> None:
+    """The page is the worker's word: a step claimed a run since the machine's boot and had each new worker
+    killed at once (round 64's suspicion, reproduced). A claimed start counts from the worker's READY."""
+    now = time.monotonic_ns()
+    page.running(1, 1)
+    assert DirectPath.overdue([worker_on(page, ready_ns=now - SECOND)], now) == []  # ready 1 s ago: within max_compute_ms + grace
+    late = now + 2 * SECOND
+    assert [ran for _, ran in DirectPath.overdue([worker_on(page, ready_ns=now - SECOND)], late)] == [3 * SECOND]
+
