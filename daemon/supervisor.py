@@ -310,7 +310,9 @@ class Supervisor:
                 self._reject_worker(worker, f"READY: {exc}")
                 return
             self.pool.on_ready(worker, sandbox)
-            if self.draining:
+            if self.draining and worker.model.queue:
+                self.dispatcher.next_for(worker)  # a replacement booted to finish its model's queue (pool.reap)
+            elif self.draining:
                 self._quit(worker)
             else:
                 self.dispatcher.next_for(worker)
@@ -492,7 +494,7 @@ class Supervisor:
             for worker in self.pool.all_workers():
                 if worker.state is not WorkerState.DRAINING:
                     self._quit(worker)
-        if not self.pool.workers:
+        if not self.pool.workers and not (pending and self.pool.respawns_due):
             if self._linger_until_ns is None:
                 self._linger_until_ns = now + LINGER_NS
                 self.timers.call_at(self._linger_until_ns, _wake_only)  # (an idle loop sleeps up to a second)

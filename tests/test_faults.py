@@ -570,3 +570,59 @@ def test_a_hard_stop_answers_a_direct_clients_queued_requests_unavailable_not_wo
     codes = Counter("OK" if not isinstance(o, BaseException) else getattr(o, "code", type(o).__name__) for o in outcomes)
     assert codes["WORKER_CRASHED"] == 0 and codes["UNAVAILABLE"] >= 1 and set(codes) <= {"OK", "UNAVAILABLE"}, codes
     assert running.process.wait(30) == 0
+
+
+CRASH_AFTER_A_RUN = '''
+import os, time
+import numpy as np
+INPUTS = [{"name": "what", "datatype": "BYTES", "shape": []}]
+OUTPUTS = [{"name": "got", "datatype": "BYTES", "shape": []}]
+
+def pre(inputs):
+    if inputs["what"].item() == b"run-then-die":
+        ends = time.monotonic() + 1.0
+        while time.monotonic() < ends:
+            pass
+        os._exit(1)
+    return {"x": np.ones((1, 64), np.float32)}
+
+def post(outputs):
+    return {"got": b"ran"}
+'''
+
+
+def test_a_drain_replaces_a_worker_that_dies_with_tasks_still_queued_for_its_model(daemon_factory: Any) -> None:
+    """Round 76: a worker that died just before or during a drain was not replaced (the daemon stops), and
+    the tasks queued for its model waited out the whole drain grace, then UNAVAILABLE ("daemon stopped
+    before this task ran"): the exit took 30 s where the drain promises queued tasks finish. One worker;
+    a run that ends in a crash 1 s in, a request queued behind it, SIGTERM during the run: the queued
+    request is served by a replacement and the daemon exits."""
+    repo = ModelRepo("oi-drain-crash-")
+    try:
+        repo.model("crashy", onnx_builders.matmul_model, config='workers = 1\n\n[steps]\nmodule = "steps.py"\n')
+        (repo.root / "crashy" / "steps.py").write_text(CRASH_AFTER_A_RUN)
+        running = daemon_factory(repo.ready(), env={**FRONT_DOOR, "OPENINFER_SERVER_DRAIN_GRACE_S": "20"})
+        outcomes: dict[str, str] = {}
+
+        def call(what: str) -> None:
+            with Client(running.address, timeout=60, direct=False) as client:
+                try:
+                    outcomes[what] = str(client.infer("crashy", {"what": np.array(what.encode(), dtype=object)}).outputs["got"].item())
+                except OpenInferError as exc:
+                    outcomes[what] = exc.code
+        admin = running.client()
+        first = threading.Thread(target=call, args=("run-then-die",))
+        first.start()
+        wait_for(lambda: admin.status()["in_flight"] == 1, 30, "the run that will crash started")
+        queued = threading.Thread(target=call, args=("fine",))
+        queued.start()
+        wait_for(lambda: admin.status()["queued"] == 1, 30, "the second request queued behind it")
+        admin.close()
+        running.process.send_signal(signal.SIGTERM)
+        first.join(60)
+        queued.join(60)
+        assert outcomes == {"run-then-die": "WORKER_CRASHED", "fine": "b'ran'"}, outcomes  # before: UNAVAILABLE (the drain ended as the last worker died; or, its replacement already timed, waited out the grace)
+        assert running.process.wait(30) == 0
+        assert "drain grace period over" not in running.log_text()
+    finally:
+        repo.remove()

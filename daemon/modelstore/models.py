@@ -49,7 +49,7 @@ class ServedModel:
     queue: "TaskQueue[Task]" = field(default_factory=TaskQueue)
     consecutive_crashes: int = 0
     respawn_crashes: int = 0  # what the respawn delay doubles on (served(); pool._respawn_later)
-    replaced_ns: int = 0  # when the last crashed or overrun worker's replacement was scheduled
+    replaced_ns: int = 0  # when the last crashed or overrun worker's replacement was due to start
     restarts: int = 0
     load_ms: float | None = None
     prepared_dir: Path | None = None  # shared, pre-packed weights the workers map

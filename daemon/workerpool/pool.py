@@ -114,6 +114,7 @@ class WorkerPool:
         self._recycled_ns: dict[Any, int] = {}  # model key -> when one of its workers was last recycled
         self._next_id = 1
         self.shutting_down = False
+        self.respawns_due = 0  # replacements waiting out their delay (a drain with queued tasks waits for them)
         self._uid_gid = self._resolve_worker_user()
         self.runtime_dir: Path | None = None  # this instance's private directory (set once it exists)
 
@@ -352,7 +353,9 @@ class WorkerPool:
             log.error("worker killed by seccomp (SIGSYS): it made a system call its policy forbids", extra={"worker": worker.worker_id, "policy": self.settings.sandbox.serve_policy if worker.ready_ns is not None else self.settings.sandbox.boot_policy})
         if worker.inflight:
             self.on_worker_lost(worker, f"worker {worker.worker_id} (pid {worker.pid}) {how} while running this task")
-        if (was is WorkerState.DRAINING and not worker.expected_exit) or shutting_down or model.retiring:
+        # A drain replaces a worker whose model still has queued tasks - they are to finish (PROTOCOL.md 10.3;
+        # round 76: a crash just before or during a drain left them waiting out the whole grace, 30 s).
+        if (was is WorkerState.DRAINING and not worker.expected_exit) or (shutting_down and not model.queue) or model.retiring:
             return worker
         if boot_error is not None and PREPARED_MISMATCH in boot_error and self.preparer is not None:
             log.error("prepared weights failed verification; preparing again", extra={"model": model.key, "reason": boot_error})
@@ -409,13 +412,24 @@ class WorkerPool:
         now = time.monotonic_ns()
         quiet = now - model.replaced_ns >= QUIET_NS
         model.respawn_crashes = 1 if quiet else model.respawn_crashes + 1
-        model.replaced_ns = now
         delay_ms = min(pool.respawn_backoff_max_ms, pool.respawn_backoff_ms * 2 ** min(model.respawn_crashes - 1, 32))
+        # The quiet minute counts from the replacement's start, not its scheduling: a delay longer than a
+        # minute (respawn_backoff_max_ms can be) would otherwise pass for one (round 76).
+        model.replaced_ns = now + delay_ms * 1_000_000
         log.info("worker replacement scheduled", extra={"model": model.key, "delay_ms": delay_ms, "crashes": model.consecutive_crashes})
-        self.timers.call_at(now + delay_ms * 1_000_000, lambda: self._respawn(model))
+        self.respawns_due += 1
+        self.timers.call_at(now + delay_ms * 1_000_000, lambda: self._respawn_due(model))
+
+    def _respawn_due(self, model: ServedModel) -> None:
+        self.respawns_due -= 1
+        self._respawn(model)
 
     def _respawn(self, model: ServedModel) -> None:
-        if model.state is ModelState.FAILED or model.retiring or len(model.workers) >= model.worker_count:
+        # Not into a model its crash loop made UNAVAILABLE (a timer set before it did: round 76), nor while
+        # the daemon stops, unless queued tasks wait for it (a drain finishes them; a hard stop failed them).
+        if model.state in (ModelState.FAILED, ModelState.UNAVAILABLE) or model.retiring or len(model.workers) >= model.worker_count:
+            return
+        if self.shutting_down and not model.queue:
             return
         self.spawn(model)
 
