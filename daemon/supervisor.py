@@ -303,6 +303,8 @@ class Supervisor:
                 self._reject_worker(worker, f"HELLO: {exc}")
                 return
             self.pool.on_hello(worker, hello)
+        elif kind == messages.READY and worker.state is WorkerState.DRAINING and worker.ready_ns is None:
+            return  # told to stop while it booted (a hard stop kills it): its READY crossed that, no fault
         elif kind == messages.READY and worker.state is WorkerState.LOADED:
             try:
                 sandbox = parse_ready(frames)
@@ -489,12 +491,16 @@ class Supervisor:
         if self._drain_deadline_ns is not None and now >= self._drain_deadline_ns:
             log.warning("drain grace period over: stopping now")
             self._stop_now()
+        if self._halting:
+            # A task put back after the hard stop answered the queues (a worker killed for overrunning, a
+            # retired version's queue moved: round 77 - it was booted a replacement, or never answered).
+            self._fail_queued()
         pending = any(m.queue for m in self.sync.all_models()) or self._any_busy()
         if not pending:
             for worker in self.pool.all_workers():
                 if worker.state is not WorkerState.DRAINING:
                     self._quit(worker)
-        if not self.pool.workers and not (pending and self.pool.respawns_due):
+        if not self.pool.workers and not (pending and self.pool.respawns_due and not self._halting):
             if self._linger_until_ns is None:
                 self._linger_until_ns = now + LINGER_NS
                 self.timers.call_at(self._linger_until_ns, _wake_only)  # (an idle loop sleeps up to a second)
@@ -566,7 +572,7 @@ class Supervisor:
             else:
                 self.pool.kill(worker)
         self.draining = True
-        self.pool.shutting_down = True
+        self.pool.shutting_down = self.pool.halting = True
         self._drain_deadline_ns = None
         self._linger_until_ns = time.monotonic_ns()  # stopping now: replies not yet read are not waited for
 

@@ -115,6 +115,7 @@ class WorkerPool:
         self._next_id = 1
         self.shutting_down = False
         self.respawns_due = 0  # replacements waiting out their delay (a drain with queued tasks waits for them)
+        self.halting = False  # a hard stop: no worker is spawned any more, whatever is queued
         self._uid_gid = self._resolve_worker_user()
         self.runtime_dir: Path | None = None  # this instance's private directory (set once it exists)
 
@@ -355,7 +356,7 @@ class WorkerPool:
             self.on_worker_lost(worker, f"worker {worker.worker_id} (pid {worker.pid}) {how} while running this task")
         # A drain replaces a worker whose model still has queued tasks - they are to finish (PROTOCOL.md 10.3;
         # round 76: a crash just before or during a drain left them waiting out the whole grace, 30 s).
-        if (was is WorkerState.DRAINING and not worker.expected_exit) or (shutting_down and not model.queue) or model.retiring:
+        if (was is WorkerState.DRAINING and not worker.expected_exit) or (shutting_down and (self.halting or not model.queue)) or model.retiring:
             return worker
         if boot_error is not None and PREPARED_MISMATCH in boot_error and self.preparer is not None:
             log.error("prepared weights failed verification; preparing again", extra={"model": model.key, "reason": boot_error})
@@ -429,7 +430,7 @@ class WorkerPool:
         # the daemon stops, unless queued tasks wait for it (a drain finishes them; a hard stop failed them).
         if model.state in (ModelState.FAILED, ModelState.UNAVAILABLE) or model.retiring or len(model.workers) >= model.worker_count:
             return
-        if self.shutting_down and not model.queue:
+        if self.shutting_down and (self.halting or not model.queue):
             return
         self.spawn(model)
 
