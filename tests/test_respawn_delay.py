@@ -33,7 +33,7 @@ class Scene:
         """The delay each of `exits` exits in a row gets, each replacement dying as it comes up."""
         delays = []
         for _ in range(exits):
-            WorkerPool._respawn_later(self.pool, self.model, None)
+            WorkerPool._respawn_later(self.pool, self.model)
             delays.append((self.due[-1] - self.now) // 1_000_000)
             self.now = self.due[-1] + BOOT
         return delays

@@ -371,7 +371,7 @@ class WorkerPool:
                     self.preparer.store.discard(member.prepared_dir.name)
                     member.prepared_dir = None
                     member.sharing = "off: its prepared weights failed verification in a chain's worker"
-            self._schedule_respawn(model, boot_error, worker)
+            self._schedule_respawn(model, boot_error)
             return worker
         if was in (WorkerState.SPAWNED, WorkerState.LOADED) and boot_error is not None and model.state is not ModelState.READY:
             model.fail_to_load(boot_error)
@@ -383,12 +383,12 @@ class WorkerPool:
             return worker
         if worker.expected_exit:  # killed for a run past max_compute_ms: not a crash, but replaced as one is
             model.restarts += 1
-            self._respawn_later(model, worker)
+            self._respawn_later(model)
             return worker
-        self._schedule_respawn(model, reason, worker)
+        self._schedule_respawn(model, reason)
         return worker
 
-    def _schedule_respawn(self, model: ServedModel, reason: str, worker: WorkerHandle) -> None:
+    def _schedule_respawn(self, model: ServedModel, reason: str) -> None:
         pool = self.settings.pool
         model.consecutive_crashes += 1
         model.restarts += 1
@@ -399,15 +399,15 @@ class WorkerPool:
                 log.error("model unavailable", extra={"model": model.name, "version": model.version, "reason": model.reason})
                 self.on_model_failed(model)  # its queued requests are answered UNAVAILABLE now
             return  # no more respawns until a reload re-arms the model
-        self._respawn_later(model, worker)
+        self._respawn_later(model)
 
-    def _respawn_later(self, model: ServedModel, worker: WorkerHandle) -> None:
-        """Replace `worker`, which crashed or was killed for overrunning, after a delay that doubles per such
-        exit until the supervisor sees a request answered, or a minute passes without one: what a worker's
-        ledger claims does not reset it (ServedModel.served), nor can a model whose step fakes an overrun
-        (a deadline page dated at boot, and max_compute_ms = 1 in its own config.toml: round 74) have its
-        workers booted again at once, as fast as they come up. The minute is the model's, not a worker's
-        age: one worker of many crashing at a minute old reset it for the young ones (round 75's
+    def _respawn_later(self, model: ServedModel) -> None:
+        """Replace a worker of `model` that crashed or was killed for overrunning, after a delay that doubles
+        per such exit until the supervisor sees a request answered, or a minute passes without one: what a
+        worker's ledger claims does not reset it (ServedModel.served), nor can a model whose step fakes an
+        overrun (a deadline page dated at boot, and max_compute_ms = 1 in its own config.toml: round 74)
+        have its workers booted again at once, as fast as they come up. The minute is the model's, not a
+        worker's age: one worker of many crashing at a minute old reset it for the young ones (round 75's
         suspicion)."""
         pool = self.settings.pool
         now = time.monotonic_ns()
