@@ -141,7 +141,12 @@ class Supervisor:
         log.info("serving", extra={"address": self.address, "models": sorted(self.registry.by_name), "failed": sorted(self.registry.failed)})
 
     def reload(self) -> dict[str, Any]:
-        """SIGHUP / `reload`: re-read the config file (a bad one keeps the old settings), then the repository."""
+        """SIGHUP / `reload`: re-read the config file (a bad one keeps the old settings), then the repository.
+        Not while the daemon stops: a reload would start workers for models no one may ask any more (round 78:
+        a SIGHUP after a hard stop booted a new model's worker, then quit it)."""
+        if self.draining:
+            log.warning("reload ignored: the daemon is stopping")
+            return {"error": "the daemon is stopping: nothing is reloaded"}
         self.service.reloading()
         try:
             return self._reload()
@@ -303,8 +308,8 @@ class Supervisor:
                 self._reject_worker(worker, f"HELLO: {exc}")
                 return
             self.pool.on_hello(worker, hello)
-        elif kind == messages.READY and worker.state is WorkerState.DRAINING and worker.ready_ns is None:
-            return  # told to stop while it booted (a hard stop kills it): its READY crossed that, no fault
+        elif kind in (messages.HELLO, messages.READY) and worker.state is WorkerState.DRAINING and worker.ready_ns is None:
+            return  # told to stop while it booted (a stop kills it): its HELLO or READY crossed that, no fault
         elif kind == messages.READY and worker.state is WorkerState.LOADED:
             try:
                 sandbox = parse_ready(frames)

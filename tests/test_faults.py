@@ -626,3 +626,34 @@ def test_a_drain_replaces_a_worker_that_dies_with_tasks_still_queued_for_its_mod
         assert "drain grace period over" not in running.log_text()
     finally:
         repo.remove()
+
+
+def test_a_reload_while_the_daemon_stops_starts_nothing(daemon_factory: Any) -> None:
+    """Round 78: a SIGHUP after SIGTERM (a drain, or a hard stop, which promises no worker is started)
+    reloaded the repository and booted a worker for a model added meanwhile, only to quit it. A reload
+    while the daemon stops is ignored, and says so."""
+    repo = ModelRepo("oi-reload-stopping-")
+    try:
+        repo.spinning_model("spin", "workers = 1\n")
+        running = daemon_factory(repo.ready(), env=FRONT_DOOR)
+        outcome: list[Any] = []
+
+        def spin() -> None:
+            with Client(running.address, timeout=30, direct=False) as client:
+                outcome.append(client.infer("spin", {"seconds": np.array(3.0, np.float32)}).outputs["y"].shape)
+        thread = threading.Thread(target=spin)
+        thread.start()
+        with running.client() as admin:
+            wait_for(lambda: admin.status()["in_flight"] == 1, 30, "the spin running")
+        running.process.send_signal(signal.SIGTERM)  # the drain waits for the spin
+        wait_for(lambda: "draining: finishing queued and running tasks" in running.log_text(), 30, "the drain")
+        repo.model("added", onnx_builders.matmul_model)
+        repo.ready()
+        running.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload ignored: the daemon is stopping" in running.log_text(), 30, "the reload refused")  # before: never said
+        thread.join(30)
+        assert outcome == [(1, 64)]
+        assert running.process.wait(30) == 0
+        assert not [r for r in log_records(running) if r.get("msg") == "worker spawned" and r.get("model") == "added"]
+    finally:
+        repo.remove()

@@ -210,6 +210,8 @@ class FrontDoorRequests:
         if op == "lease":
             return self._lease(route, header)
         if op == "reload":
+            if self.supervisor.draining:
+                raise Unavailable("daemon is shutting down; nothing is reloaded")
             result = self.supervisor.reload()
             if "error" in result:  # the old configuration keeps serving
                 raise InvalidArgument(result["error"])
