@@ -92,7 +92,6 @@ class Supervisor:
         self.finished = False
         self._drain_deadline_ns: int | None = None
         self._linger_until_ns: int | None = None  # a drain's workers are gone: replies not yet written wait until then
-        self._halting = False  # a hard stop: nothing more runs, what is left is answered UNAVAILABLE
         self._next_task_id = 1
         self._next_housekeeping_ns = 0
         self.limiter = ClientLimiter(load_client_policy(settings.server.client_policy))
@@ -141,12 +140,7 @@ class Supervisor:
         log.info("serving", extra={"address": self.address, "models": sorted(self.registry.by_name), "failed": sorted(self.registry.failed)})
 
     def reload(self) -> dict[str, Any]:
-        """SIGHUP / `reload`: re-read the config file (a bad one keeps the old settings), then the repository.
-        Not while the daemon stops: a reload would start workers for models no one may ask any more (round 78:
-        a SIGHUP after a hard stop booted a new model's worker, then quit it)."""
-        if self.draining:
-            log.warning("reload ignored: the daemon is stopping")
-            return {"error": "the daemon is stopping: nothing is reloaded"}
+        """SIGHUP / `reload`: re-read the config file (a bad one keeps the old settings), then the repository."""
         self.service.reloading()
         try:
             return self._reload()
@@ -317,12 +311,11 @@ class Supervisor:
                 self._reject_worker(worker, f"READY: {exc}")
                 return
             self.pool.on_ready(worker, sandbox)
-            if self.draining and worker.model.queue:
-                self.dispatcher.next_for(worker)  # a replacement booted to finish its model's queue (pool.reap)
-            elif self.draining:
+            if self.draining and not worker.model.queue:
                 self._quit(worker)
-            else:
-                self.dispatcher.next_for(worker)
+                return
+            self.dispatcher.next_for(worker)  # (in a drain: a replacement booted to finish its model's queue)
+            if not self.draining:
                 self.sync.on_model_ready(worker.model)
                 self._tell_systemd()
         elif kind == messages.PONG and len(frames) == 3 and bytes(frames[1]) == worker.ping_token:
@@ -420,14 +413,14 @@ class Supervisor:
         if len(running) == 1:
             if running[0].done:
                 self.dispatcher.settle(running[0])
-            elif self._halting:  # killed by the hard stop, not lost
+            elif self.pool.halting:  # killed by the hard stop, not lost
                 self.replies.fail(running[0], Unavailable("daemon stopped while this task was running"))
             else:
                 self.replies.fail(running[0], WorkerCrashed(how, {"worker": worker.worker_id, "pid": worker.pid}))
         else:
             worker.inflight.put_back(running)
         self.dispatcher.requeue_unstarted(worker)
-        if self._halting:
+        if self.pool.halting:
             self._fail_queued()  # (what it had not started came back to its model's queue)
 
     # -- deadlines --------------------------------------------------------------------------------
@@ -471,6 +464,10 @@ class Supervisor:
                     self._stop_now()
                 else:
                     self.begin_drain()
+            elif signum == signal.SIGHUP and self.draining:
+                # A reload would start workers for models no one may ask any more (round 78: a SIGHUP after a
+                # hard stop booted a new model's worker, then quit it). The `reload` operation answers UNAVAILABLE.
+                log.warning("reload ignored: the daemon is stopping")
             elif signum == signal.SIGHUP:
                 self.reload()
 
@@ -496,7 +493,7 @@ class Supervisor:
         if self._drain_deadline_ns is not None and now >= self._drain_deadline_ns:
             log.warning("drain grace period over: stopping now")
             self._stop_now()
-        if self._halting:
+        if self.pool.halting:
             # A task put back after the hard stop answered the queues (a worker killed for overrunning, a
             # retired version's queue moved: round 77 - it was booted a replacement, or never answered).
             self._fail_queued()
@@ -505,7 +502,7 @@ class Supervisor:
             for worker in self.pool.all_workers():
                 if worker.state is not WorkerState.DRAINING:
                     self._quit(worker)
-        if not self.pool.workers and not (pending and self.pool.respawns_due and not self._halting):
+        if not self.pool.workers and not (pending and self.pool.respawns_due and not self.pool.halting):
             if self._linger_until_ns is None:
                 self._linger_until_ns = now + LINGER_NS
                 self.timers.call_at(self._linger_until_ns, _wake_only)  # (an idle loop sleeps up to a second)
@@ -561,11 +558,11 @@ class Supervisor:
         HALT_GRACE_NS later if still there; a run that long ends as on a worker's death. (Round 57: workers
         were killed at once, and a direct client's requests queued on them were reported WORKER_CRASHED.)
         A third signal kills at once."""
-        if self._halting:
+        if self.pool.halting:
             for worker in self.pool.all_workers():
                 self.pool.kill(worker)
             return
-        self._halting = True
+        self.pool.halting = True
         self._fail_queued()
         now = time.monotonic_ns()
         for worker in self.pool.all_workers():
@@ -577,7 +574,7 @@ class Supervisor:
             else:
                 self.pool.kill(worker)
         self.draining = True
-        self.pool.shutting_down = self.pool.halting = True
+        self.pool.shutting_down = True
         self._drain_deadline_ns = None
         self._linger_until_ns = time.monotonic_ns()  # stopping now: replies not yet read are not waited for
 

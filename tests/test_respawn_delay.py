@@ -56,6 +56,7 @@ def test_a_ceiling_past_a_minute_is_reached(monkeypatch: pytest.MonkeyPatch) -> 
 def _respawned(model: Any, shutting_down: bool = False, halting: bool = False) -> bool:
     spawned: list[Any] = []
     pool: Any = SimpleNamespace(shutting_down=shutting_down or halting, halting=halting, spawn=spawned.append)
+    pool._none_while_stopping = lambda of: WorkerPool._none_while_stopping(pool, of)  # (the pool's own rule)
     WorkerPool._respawn(pool, model)
     return spawned == [model]
 

@@ -141,7 +141,7 @@ class DirectBooks:
             stages = {key: members["timing"][:, i] for i, key in enumerate(TIMING_KEYS) if key != "cpu_us"}
             accountant.record_many(model.name, model.version, clients[slot], code, stages, int(members["bytes_in"].sum()), int(members["bytes_out"].sum()))
             if code is None:
-                model.served(seen=False)
+                model.consecutive_crashes = 0  # (not respawn_crashes: a ledger is its worker's word)
         cpu = answered["timing"][:, TIMING_KEYS.index("cpu_us")]
         accountant.add_cpu(model.name, model.version, [clients[slot] for slot in answered["slot"].tolist()], np.nan_to_num(cpu, nan=0.0).tolist())
         worker.tasks_served += len(answered)
@@ -187,7 +187,7 @@ class DirectBooks:
                 accountant.record(model.name, model.version, entry.client, entry.code, entry.timing, entry.bytes_in, entry.bytes_out)
             worker.tasks_served += 1
             if entry.code is None:
-                model.served(seen=False)
+                model.consecutive_crashes = 0  # (not respawn_crashes: a ledger is its worker's word)
             self.log_access(worker, entry)
         elif kind == ADMITTED:
             _keep_open(worker.direct_pending, entry.serial, _opened(entry.client, entry.bytes_in, entry.timing[ADMITTED_DEADLINE_US], entry.timing[ADMITTED_SENT_US]))

@@ -48,7 +48,10 @@ class ServedModel:
     idle: list["WorkerHandle"] = field(default_factory=list)
     queue: "TaskQueue[Task]" = field(default_factory=TaskQueue)
     consecutive_crashes: int = 0
-    respawn_crashes: int = 0  # what the respawn delay doubles on (served(); pool._respawn_later)
+    # What the respawn delay doubles on (pool._respawn_later): reset by a result the supervisor itself received,
+    # not by a success a worker books in its ledger (round 74: a step booked one and exited, in every worker,
+    # and the delay stayed 100 ms for good; consecutive_crashes, the crash loop's count, takes both).
+    respawn_crashes: int = 0
     replaced_ns: int = 0  # when the last crashed or overrun worker's replacement was due to start
     restarts: int = 0
     load_ms: float | None = None
@@ -77,15 +80,6 @@ class ServedModel:
     # Identities ("uid=N") the front door gave a lease for this model version: the only ones its workers'
     # ledgers may book a request to (DirectBooks). As many as the uids its access policy lets lease it.
     lessees: set[str] = field(default_factory=set)
-
-    def served(self, seen: bool) -> None:
-        """A request answered OK: consecutive crashes start again from zero - and so does the respawn delay if
-        the supervisor `seen` the answer (a result on a worker's channel). A worker's ledger is its word: a
-        hostile step booked a success in its own ledger and exited, again and again, and its model's
-        workers were booted every 0.7 s for good, the delay never doubling (round 74)."""
-        self.consecutive_crashes = 0
-        if seen:
-            self.respawn_crashes = 0
 
     @property
     def steps_dir(self) -> Path:

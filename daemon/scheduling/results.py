@@ -62,13 +62,13 @@ class WorkerResults:
         }
         error = result.error
         if error is None and result.cache == "hit":  # nothing ran: no run stages, and no run to learn from
-            model.served(seen=True)
+            model.consecutive_crashes = model.respawn_crashes = 0
         elif error is None:
             compute_us = timing_in.compute_us
             timing["prep_us"] = timing_in.prep_us
             timing["compute_us"] = compute_us
             timing["encode_us"] = timing_in.encode_us
-            model.served(seen=True)
+            model.consecutive_crashes = model.respawn_crashes = 0
             ewma = model.compute_ewma_us
             model.compute_ewma_us = compute_us if ewma is None else 0.9 * ewma + 0.1 * compute_us
             model.nbytes_ewma = task.nbytes if ewma is None else 0.9 * model.nbytes_ewma + 0.1 * task.nbytes
@@ -161,7 +161,7 @@ class WorkerResults:
                         self.dispatcher.retry_alone(task)
             self.dispatcher.next_for(worker)
             return
-        model.served(seen=True)
+        model.consecutive_crashes = model.respawn_crashes = 0
         ewma = model.batch_compute_ewma_us
         model.batch_compute_ewma_us = timing_in.compute_us if ewma is None else 0.9 * ewma + 0.1 * timing_in.compute_us
         self.dispatcher.next_for(worker)  # the worker is free: the next batch leaves before the replies

@@ -115,7 +115,7 @@ class WorkerPool:
         self._next_id = 1
         self.shutting_down = False
         self.respawns_due = 0  # replacements waiting out their delay (a drain with queued tasks waits for them)
-        self.halting = False  # a hard stop: no worker is spawned any more, whatever is queued
+        self.halting = False  # a hard stop (supervisor._stop_now): nothing more runs or is spawned, what is left is answered UNAVAILABLE
         self._uid_gid = self._resolve_worker_user()
         self.runtime_dir: Path | None = None  # this instance's private directory (set once it exists)
 
@@ -354,9 +354,7 @@ class WorkerPool:
             log.error("worker killed by seccomp (SIGSYS): it made a system call its policy forbids", extra={"worker": worker.worker_id, "policy": self.settings.sandbox.serve_policy if worker.ready_ns is not None else self.settings.sandbox.boot_policy})
         if worker.inflight:
             self.on_worker_lost(worker, f"worker {worker.worker_id} (pid {worker.pid}) {how} while running this task")
-        # A drain replaces a worker whose model still has queued tasks - they are to finish (PROTOCOL.md 10.3;
-        # round 76: a crash just before or during a drain left them waiting out the whole grace, 30 s).
-        if (was is WorkerState.DRAINING and not worker.expected_exit) or (shutting_down and (self.halting or not model.queue)) or model.retiring:
+        if (was is WorkerState.DRAINING and not worker.expected_exit) or (shutting_down and self._none_while_stopping(model)) or model.retiring:
             return worker
         if boot_error is not None and PREPARED_MISMATCH in boot_error and self.preparer is not None:
             log.error("prepared weights failed verification; preparing again", extra={"model": model.key, "reason": boot_error})
@@ -377,13 +375,13 @@ class WorkerPool:
             model.fail_to_load(boot_error)
             self.on_model_failed(model)
             return worker
-        if worker.expected_exit and not worker.overran:  # (recycled: _respawn spawns none a reload no longer wants)
-            self._respawn(model)
-            model.restarts += 1
-            return worker
-        if worker.expected_exit:  # killed for a run past max_compute_ms: not a crash, but replaced as one is
+        if worker.overran:  # killed for a run past max_compute_ms: not a crash, but replaced as one is
             model.restarts += 1
             self._respawn_later(model)
+            return worker
+        if worker.expected_exit:  # (recycled: _respawn spawns none a reload no longer wants)
+            self._respawn(model)
+            model.restarts += 1
             return worker
         self._schedule_respawn(model, reason)
         return worker
@@ -426,13 +424,18 @@ class WorkerPool:
         self._respawn(model)
 
     def _respawn(self, model: ServedModel) -> None:
-        # Not into a model its crash loop made UNAVAILABLE (a timer set before it did: round 76), nor while
-        # the daemon stops, unless queued tasks wait for it (a drain finishes them; a hard stop failed them).
+        # Not into a model its crash loop made UNAVAILABLE (a timer set before it did: round 76).
         if model.state in (ModelState.FAILED, ModelState.UNAVAILABLE) or model.retiring or len(model.workers) >= model.worker_count:
             return
-        if self.shutting_down and (self.halting or not model.queue):
+        if self.shutting_down and self._none_while_stopping(model):
             return
         self.spawn(model)
+
+    def _none_while_stopping(self, model: ServedModel) -> bool:
+        """While the daemon stops, a worker is replaced only for tasks queued for its model: a drain finishes
+        them (PROTOCOL.md 10.3; round 76: a crash just before or during a drain left them waiting out the
+        whole grace), a hard stop has answered them and starts nothing (round 77)."""
+        return self.halting or not model.queue
 
     def start_liveness_checks(self) -> None:
         self.timers.call_at(time.monotonic_ns() + int(self.settings.pool.ping_interval_s * 1e9), self._ping_idle_workers)
