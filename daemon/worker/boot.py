@@ -217,8 +217,11 @@ def _open_channel() -> Any:
     return FrameStream(sock, Limits(**CHANNEL_LIMITS))
 
 
-def _await_ack(channel: Any, timeout_ms: int = 30_000) -> bytes:
-    """Wait for ACK; returns the lease key it carries (empty without a direct endpoint)."""
+def _await_ack(channel: Any, timeout_ms: int = 30_000) -> tuple[bytes, list[Any]]:
+    """Wait for ACK; returns the lease key it carries (empty without a direct endpoint) and what was read
+    after it in the same read: a reload's KEY or a stop's QUIT sent before this worker was READY, which the
+    serve loop handles first (attacker round 79: a KEY read with the ACK was dropped, and the worker kept
+    the revoked key - refusing every fresh lease, taking old ones - until the next reload)."""
     import select
 
     from . import messages
@@ -236,7 +239,7 @@ def _await_ack(channel: Any, timeout_ms: int = 30_000) -> bytes:
         if events:
             frames = events[0]
             if isinstance(frames, list) and bytes(frames[0]) == messages.ACK:
-                return bytes(frames[1]) if len(frames) > 1 else b""
+                return (bytes(frames[1]) if len(frames) > 1 else b""), events[1:]
             raise BootFailure("expected ACK from the supervisor")
 
 
@@ -321,7 +324,7 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
         "warmup_error": warmup_error,
     }
     channel.send([messages.HELLO, pack(hello)])
-    lease_key = _await_ack(channel)
+    lease_key, pending = _await_ack(channel)
     # Everything the serve loop touches exists before the serve policy: the poller, the direct endpoint.
     import select
 
@@ -355,7 +358,7 @@ def boot_and_serve(config: WorkerBootConfig) -> None:
 
     from .serve import serve
 
-    serve(channel, runner, [o["name"] for o in clients_view["outputs"]], poller, direct, watch, cache)
+    serve(channel, runner, [o["name"] for o in clients_view["outputs"]], poller, direct, watch, cache, pending)
     channel.close()
 
 

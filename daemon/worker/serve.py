@@ -46,8 +46,9 @@ class DirectServing:
 
 
 class WorkerLoop:
-    def __init__(self, channel: FrameStream, runner: Runner, output_names: list[str], poller: Any, direct: DirectServing | None, watch: RunWatch, cache: VerdictCache | None = None) -> None:
+    def __init__(self, channel: FrameStream, runner: Runner, output_names: list[str], poller: Any, direct: DirectServing | None, watch: RunWatch, cache: VerdictCache | None = None, pending: list[Any] | None = None) -> None:
         self.channel = channel
+        self.pending = pending or []  # read with the ACK at boot (a KEY, a QUIT): handled first
         self.watch = watch  # stops the supervisor's tasks at their deadlines (channel_tasks.py)
         self.cache = cache
         self.runner = runner
@@ -65,6 +66,12 @@ class WorkerLoop:
         door = direct.door if direct is not None else None
         listener_fd = door.listener.fileno() if door is not None else -1
         poll = self.poller.poll
+        pending, self.pending = self.pending, []
+        try:
+            self._handle(pending)
+        except PeerClosed:
+            self._leave()
+            return
         while True:
             # Before anything runs: once its drain is over, a retired worker starts no run (what is queued
             # is sent back, _leave), so it leaves right after the run it was in.
@@ -147,28 +154,32 @@ class WorkerLoop:
             except MemoryError:  # no room for a task's tensors now: they stay unread (nothing is consumed) until there is
                 log.warning("no memory to read the supervisor's message now; trying again")
                 return
-            for frames in events:
-                if isinstance(frames, Oversized):  # the supervisor never sends one: nothing to answer
-                    log.error("oversized message from the supervisor", extra={"reason": frames.reason})
-                    continue
-                kind = bytes(frames[0][:1])
-                if kind == messages.TASK:
-                    run_task(channel, self.runner, self.output_names, frames, self.watch, self.cache)
-                elif kind == messages.BATCH:
-                    run_batch(channel, self.runner, self.output_names, frames, self.watch)
-                elif kind == messages.PING:
-                    channel.send([messages.PONG, bytes(frames[1]), self._pong_report()])
-                elif kind == messages.KEY and self.direct is not None:
-                    self.direct.door.rekey(bytes(frames[1]))
-                elif kind == messages.QUIT:
-                    sent_ns = int.from_bytes(bytes(frames[1][:8]), "little") if len(frames) > 1 else time.monotonic_ns()
-                    drain_ns = int.from_bytes(bytes(frames[2][:8]), "little") if len(frames) > 2 else DRAIN_GRACE_NS
-                    self._begin_quit(sent_ns, min(drain_ns, DRAIN_GRACE_NS))
-                else:
-                    log.warning("unknown message kind from supervisor", extra={"kind": kind.hex()})
+            self._handle(events)
         except PeerClosed:
             self._leave()
             raise SystemExit(0) from None  # the supervisor is gone: nothing left to serve
+
+    def _handle(self, events: list[Any]) -> None:
+        channel = self.channel
+        for frames in events:
+            if isinstance(frames, Oversized):  # the supervisor never sends one: nothing to answer
+                log.error("oversized message from the supervisor", extra={"reason": frames.reason})
+                continue
+            kind = bytes(frames[0][:1])
+            if kind == messages.TASK:
+                run_task(channel, self.runner, self.output_names, frames, self.watch, self.cache)
+            elif kind == messages.BATCH:
+                run_batch(channel, self.runner, self.output_names, frames, self.watch)
+            elif kind == messages.PING:
+                channel.send([messages.PONG, bytes(frames[1]), self._pong_report()])
+            elif kind == messages.KEY and self.direct is not None:
+                self.direct.door.rekey(bytes(frames[1]))
+            elif kind == messages.QUIT:
+                sent_ns = int.from_bytes(bytes(frames[1][:8]), "little") if len(frames) > 1 else time.monotonic_ns()
+                drain_ns = int.from_bytes(bytes(frames[2][:8]), "little") if len(frames) > 2 else DRAIN_GRACE_NS
+                self._begin_quit(sent_ns, min(drain_ns, DRAIN_GRACE_NS))
+            else:
+                log.warning("unknown message kind from supervisor", extra={"kind": kind.hex()})
 
     def _begin_quit(self, sent_ns: int, drain_ns: int) -> None:
         """The drain counts from when the supervisor sent QUIT (read late, after a long run, it ends as
@@ -201,9 +212,10 @@ class WorkerLoop:
                 return
 
 
-def serve(channel: FrameStream, runner: Runner, output_names: list[str], poller: Any, direct: DirectServing | None, watch: RunWatch, cache: VerdictCache | None = None) -> None:
-    """Run until QUIT (and its drain) or until the supervisor is gone."""
+def serve(channel: FrameStream, runner: Runner, output_names: list[str], poller: Any, direct: DirectServing | None, watch: RunWatch, cache: VerdictCache | None = None, pending: list[Any] | None = None) -> None:
+    """Run until QUIT (and its drain) or until the supervisor is gone; `pending`: the supervisor's
+    messages read with the ACK, handled before any other."""
     try:
-        WorkerLoop(channel, runner, output_names, poller, direct, watch, cache).run()
+        WorkerLoop(channel, runner, output_names, poller, direct, watch, cache, pending).run()
     except SystemExit:
         return

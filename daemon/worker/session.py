@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from openinfer.daemon.steps.contract import StepFailed
-from openinfer.wire.errors import DeadlineExceeded
+from openinfer.wire.errors import DeadlineExceeded, InvalidArgument
 from openinfer.wire.tensors import DATATYPE_TO_NUMPY, BF16Array
 
 from .external_data import ExternalFiles
@@ -102,6 +102,10 @@ class Runner:
         return ort.RunOptions()
 
     def run(self, wanted: list[str], feed: dict[str, Any], run_options: Any = None) -> list[Any]:
+        for name in self.dynamic_inputs:
+            value = feed.get(name)
+            if getattr(value, "size", 1) == 0:
+                raise _empty_input(name, value)
         if not self.bf16_outputs.intersection(wanted):
             return self.session.run(wanted, feed, run_options)  # type: ignore[no-any-return]
         values = {}
@@ -183,6 +187,15 @@ _ORT_CALLER_STATUS = {"InvalidArgument", "InvalidGraph"}  # onnxruntime itself b
 _ORT_GENERIC_STATUS = {"Fail", "RuntimeException"}  # blames nobody: read the message
 
 
+def _empty_input(name: str, value: Any) -> InvalidArgument:
+    """Attacker round 79: onnxruntime aborts the whole process on some models given a tensor of no elements
+    (silero_vad with a state of [2, 0, 128]: SIGABRT inside its kernels) - any client with a grant could
+    crash the worker at will, and five in a row put the model in its crash loop for everyone. No tensor of
+    no elements reaches onnxruntime in a dimension the caller chooses (a model's own fixed 0 is its own)."""
+    shape = list(getattr(value, "shape", ()))
+    return InvalidArgument(f"input {name!r} {shape} holds no elements: tensors of no elements are not run (some models' kernels abort on them); send at least one")
+
+
 def error_code_for(exc: BaseException) -> str:
     """Map an exception from session.run to a wire error code."""
     if isinstance(exc, MemoryError):
@@ -212,7 +225,7 @@ def task_error(exc: BaseException, inputs: list[dict[str, Any]], dynamic_inputs:
     shapes, then what onnxruntime said, so the caller can see what to change."""
     if isinstance(exc, StepFailed):  # already says which step and whose mistake
         return {"code": exc.code, "message": str(exc)[:2000]}
-    if isinstance(exc, DeadlineExceeded):  # the run watch stopped it (worker/channel_tasks.py)
+    if isinstance(exc, (DeadlineExceeded, InvalidArgument)):  # the run watch stopped it (worker/channel_tasks.py); an empty input
         return {"code": exc.code, "message": exc.message[:2000]}
     code = error_code_for(exc)
     message = f"{type(exc).__name__}: {str(exc).strip()}"
