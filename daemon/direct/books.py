@@ -192,7 +192,10 @@ class DirectBooks:
         elif kind == ADMITTED:
             _keep_open(worker.direct_pending, entry.serial, _opened(entry.client, entry.bytes_in, entry.timing[ADMITTED_DEADLINE_US], entry.timing[ADMITTED_SENT_US]))
         elif kind == REFUSED:
-            infer = entry.op == "infer"
+            # An infer refused for want of a valid lease never reached the model: a refusal by access, booked
+            # under `rejected` as the front door books one (attacker round 79: a uid with no grant on a model
+            # sent it unleased infers by the thousand, each booked as that model's failed request).
+            infer = entry.op == "infer" and entry.code != "PERMISSION_DENIED"
             if entry.code == LEASE_EXPIRED and not infer:
                 raise LedgerRejected(f"a lease expiry booked for `{entry.op}` (only an infer is sent again)")
             if entry.code == LEASE_EXPIRED:

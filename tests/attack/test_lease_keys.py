@@ -10,13 +10,15 @@ derived from a master key the supervisor keeps, and a worker gets only its own m
 from __future__ import annotations
 
 import os
-from typing import Iterator
+import signal
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
 
-from daemon_harness import RunningDaemon
-from direct_peer import Peer, attach, lease_of
+from daemon_harness import RunningDaemon, wait_for
+from direct_peer import Peer, attach, infer, lease_of
 from openinfer.client import Client
 from steps_daemon import hostile_steps_daemon
 
@@ -102,3 +104,83 @@ def test_a_refused_forged_lease_is_booked_as_a_denial_not_as_a_resend(daemon: Ru
     header = _attached(daemon, "canary", _minted(daemon, "hostile"))  # a real lease, of another model's key
     assert header.get("error", {}).get("details") == {"lease": "expired"}, header
     assert books() == (before[0] + 1, before[1])
+
+
+def _workers(daemon: RunningDaemon) -> list[dict[str, Any]]:
+    with Client(daemon.address, direct=False) as admin:
+        return [w for w in admin.status()["workers"] if w["model"] == "tiny"]
+
+
+def _blocked_in_poll(pid: int) -> bool:
+    """The process's main thread waits in poll(2) (x86-64: 7, ppoll 271): a booting worker's only wait
+    after its HELLO is for the ACK (daemon/worker/boot.py _await_ack)."""
+    return Path(f"/proc/{pid}/syscall").read_text().split()[0] in ("7", "271")
+
+
+def test_a_key_sent_with_a_booting_workers_ack_is_taken(daemon_factory: Any, tiny_repo: Path) -> None:
+    """Attacker round 79: a booting worker read its ACK (carrying the key) and a reload's KEY, sent right
+    behind it, in one read and kept only the ACK: it served on with the revoked key - every fresh lease
+    refused (a direct client's every request went to its front door and back), a lease issued before the
+    reload taken - until the next reload. Made certain here as a loaded host does by chance: the worker is
+    held between its HELLO and its read of the ACK while the reload is sent."""
+    daemon = daemon_factory(tiny_repo, env={"OPENINFER_POOL_DIRECT": "1", "OPENINFER_POOL_RESPAWN_BACKOFF_MS": "1"})
+    supervisor = daemon.process.pid
+    old = {w["pid"] for w in _workers(daemon)}
+    held: list[int] = []
+    try:
+        victim = min(old)  # of two; the other serves on
+        os.kill(supervisor, signal.SIGSTOP)  # the replacement is spawned, then its HELLO is not answered yet
+        held.append(supervisor)
+        os.kill(victim, signal.SIGKILL)
+        os.kill(supervisor, signal.SIGCONT)
+        held.remove(supervisor)
+        new, new_id = wait_for(lambda: [(w["pid"], w["id"]) for w in _workers(daemon) if w["pid"] not in old and w["state"] == "spawned"], 30, "the replacement spawned", daemon=daemon)[0]
+        os.kill(supervisor, signal.SIGSTOP)
+        held.append(supervisor)
+        wait_for(lambda: _blocked_in_poll(new), 60, "the replacement waiting for its ACK")
+        os.kill(new, signal.SIGSTOP)  # it reads nothing until both the ACK and the KEY wait in its socket
+        held.append(new)
+        os.kill(supervisor, signal.SIGCONT)
+        held.remove(supervisor)
+        wait_for(lambda: [w for w in _workers(daemon) if w["pid"] == new and w["state"] == "loaded"], 30, "the ACK sent", daemon=daemon)
+        before = lease_of(daemon)["lease"]  # issued before the reload
+        with Client(daemon.address, timeout=30, direct=False) as admin:
+            admin.reload()  # KEY to every worker, the held one too
+            admin.health()  # a pass later: the supervisor's writes are out
+        os.kill(new, signal.SIGCONT)
+        held.remove(new)
+        wait_for(lambda: [w for w in _workers(daemon) if w["pid"] == new and w["state"] == "ready"], 30, "the replacement ready", daemon=daemon)
+        fresh = lease_of(daemon)
+        (address,) = [w["address"] for w in fresh["workers"] if w["worker"] == new_id]
+        peer = Peer(address)
+        try:
+            taken = peer.ask(attach(fresh["lease"]))
+            assert taken is not None and "error" not in taken, f"a lease issued after the reload was refused: {taken}"
+            stale = peer.ask(attach(before, request_id=2))
+            assert stale is not None and stale.get("error", {}).get("code") == "PERMISSION_DENIED", f"a lease revoked by the reload was taken: {stale}"
+        finally:
+            peer.close()
+    finally:
+        for pid in held:
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_an_infer_without_a_lease_is_booked_as_a_refusal_not_as_the_models_failure(daemon: RunningDaemon) -> None:
+    """Attacker round 79: an infer sent to a worker's endpoint without attaching a lease was refused and
+    booked as a failed request of the worker's model - a uid with no grant on the model filled its error
+    figures in `stats` and Prometheus (1,500 PERMISSION_DENIED on a model it may not use). Refused by access,
+    it is booked under `rejected`, as the front door books a request the access policy refuses."""
+    def books() -> tuple[int, int]:
+        with Client(daemon.address, direct=False) as admin:
+            stats = admin.stats()
+        return stats["models"]["canary"]["requests"], stats["rejected"].get("PERMISSION_DENIED", 0)
+
+    before = books()
+    peer = Peer(lease_of(daemon, "canary")["workers"][0]["address"])
+    try:
+        for request_id in (1, 2):
+            header = peer.ask(infer(request_id))
+            assert header is not None and header.get("error", {}).get("code") == "PERMISSION_DENIED", header
+    finally:
+        peer.close()
+    assert books() == (before[0], before[1] + 2)
