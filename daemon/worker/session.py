@@ -96,6 +96,8 @@ class Runner:
         self.bf16_outputs = frozenset(o.name for o in session.get_outputs() if o.type == "tensor(bfloat16)")
         # Inputs whose shape the caller chooses in part: the ones a graph may refuse at run time.
         self.dynamic_inputs = frozenset(i.name for i in session.get_inputs() if any(not isinstance(d, int) or d < 0 for d in i.shape or []))
+        self.no_rows = _no_rows_answer(session)
+
 
     @staticmethod
     def new_run_options() -> Any:
@@ -105,7 +107,7 @@ class Runner:
         for name in self.dynamic_inputs:
             value = feed.get(name)
             if getattr(value, "size", 1) == 0:
-                raise _empty_input(name, value)
+                return self._no_rows(wanted, feed, name, value)
         if not self.bf16_outputs.intersection(wanted):
             return self.session.run(wanted, feed, run_options)  # type: ignore[no-any-return]
         values = {}
@@ -117,6 +119,36 @@ class Runner:
             values[name] = value
         results = self.session.run_with_ort_values(wanted, values, run_options)
         return [_bf16_bits(value) if value.data_type() == "tensor(bfloat16)" else value.numpy() for value in results]
+
+
+    def _no_rows(self, wanted: list[str], feed: dict[str, Any], name: str, value: Any) -> list[Any]:
+        """Attacker round 79: onnxruntime aborts the whole process on some models given a tensor of no
+        elements (silero_vad with a state of [2, 0, 128]: SIGABRT inside its kernels), so none reaches it
+        in a dimension the caller chooses. A request of no rows for a model of rows - every input and
+        output [rows, fixed...] - has its answer without a run: no rows of each output (PROTOCOL.md 5.2,
+        the conformance vector tiny_batch_0). Any other is the caller's mistake."""
+        if self.no_rows is not None and all(getattr(feed.get(spec), "shape", (1,))[:1] == (0,) for spec in self.no_rows[0]):
+            return [self.no_rows[1][output].copy() for output in wanted]
+        shape = list(getattr(value, "shape", ()))
+        raise InvalidArgument(f"input {name!r} {shape} holds no elements: onnxruntime is not given tensors of no elements (some models' kernels abort the process on them); send at least one")
+
+
+def _no_rows_answer(session: ort.InferenceSession) -> tuple[frozenset[str], dict[str, Any]] | None:
+    """(the inputs, the empty output of each by name) of a model whose every input and output is [rows,
+    fixed dimensions...]; else None."""
+    def rows_of_fixed(shape: Any) -> bool:
+        return bool(shape) and not (isinstance(shape[0], int) and shape[0] >= 0) and all(isinstance(d, int) and d >= 0 for d in shape[1:])
+
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if not all(rows_of_fixed(arg.shape) for arg in [*inputs, *outputs]):
+        return None
+    empty: dict[str, Any] = {}
+    for output in outputs:
+        datatype = ORT_TO_DATATYPE.get(output.type)
+        if datatype is None or datatype == "BF16":
+            return None
+        empty[output.name] = np.zeros((0, *output.shape[1:]), DATATYPE_TO_NUMPY[datatype])
+    return frozenset(arg.name for arg in inputs), empty
 
 
 def _bf16_bits(value: Any) -> BF16Array:
@@ -185,15 +217,6 @@ _SHAPE_COMPLAINTS = (
 )
 _ORT_CALLER_STATUS = {"InvalidArgument", "InvalidGraph"}  # onnxruntime itself blames the input
 _ORT_GENERIC_STATUS = {"Fail", "RuntimeException"}  # blames nobody: read the message
-
-
-def _empty_input(name: str, value: Any) -> InvalidArgument:
-    """Attacker round 79: onnxruntime aborts the whole process on some models given a tensor of no elements
-    (silero_vad with a state of [2, 0, 128]: SIGABRT inside its kernels) - any client with a grant could
-    crash the worker at will, and five in a row put the model in its crash loop for everyone. No tensor of
-    no elements reaches onnxruntime in a dimension the caller chooses (a model's own fixed 0 is its own)."""
-    shape = list(getattr(value, "shape", ()))
-    return InvalidArgument(f"input {name!r} {shape} holds no elements: tensors of no elements are not run (some models' kernels abort on them); send at least one")
 
 
 def error_code_for(exc: BaseException) -> str:

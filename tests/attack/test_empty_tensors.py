@@ -3,7 +3,8 @@ batch of no rows - `input` [0, 512], `state` [2, 0, 128] - SIGABRT inside its ke
 model crashed its worker with each such request, and five in a row put the model in its crash loop:
 UNAVAILABLE for every client until an operator reloaded it. No tensor of no elements reaches onnxruntime
 in a dimension the caller chooses: such a request is the caller's mistake (INVALID_ARGUMENT), on both
-paths, and the worker serves on."""
+paths, and the worker serves on. A model of rows (every input and output [rows, fixed...], as `tiny`) is
+answered no rows for no rows, without a run, as the protocol's conformance vector tiny_batch_0 says."""
 from __future__ import annotations
 
 from typing import Any
@@ -32,5 +33,6 @@ def test_a_request_of_no_rows_is_refused_and_crashes_no_worker(daemon: RunningDa
             with pytest.raises(InvalidArgument, match=r"input '(input|state)' \[.*0.*\] holds no elements"):
                 attacker.infer("silero_vad", NO_ROWS)
         assert attacker.infer("silero_vad", ONE_ROW).outputs["output"].shape == (1, 1)
+        assert attacker.infer("tiny", {"x": np.zeros((0, 64), np.float32)}).outputs["y"].shape == (0, 64)
         assert silero_workers(admin) == before, "a worker was replaced"
         assert admin.health()["ready"] and "silero_vad" not in str(admin.health()["failed"])
