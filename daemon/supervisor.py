@@ -105,6 +105,7 @@ class Supervisor:
         self.direct = DirectPath(settings, self.listener, DirectBooks(self.accountant, self._log_direct_access, lambda: self.replies.settings.log.access_log_sample > 0))
         self.pool.direct = self.direct
         self.pool.recycle = self._recycle
+        self.pool.on_barred = self._fail_barred
         self.sync = RepositorySync(settings, self.registry, self.pool, self._quit, self._move_retired_queue)
         self.replies = ReplySender(settings, self.connections, self.accountant, self.limiter)
         self.dispatcher = Dispatcher(settings, self.pool.send, self.timers, self.limiter, self.replies.fail, self._retire_worker)
@@ -399,6 +400,13 @@ class Supervisor:
         log.warning("worker recycled", extra={"worker": worker.worker_id, "pid": worker.pid, "model": worker.model.key, "reason": reason})
         worker.exit_reason, worker.expected_exit = reason, True
         self._quit(worker)
+
+    def _fail_barred(self, model: ServedModel, identity: str) -> None:
+        """A client was just refused the model for crashing its workers: what it has queued for it is
+        answered so, not run to crash the next worker."""
+        error = self.requests.barred(identity, model)
+        if error is not None:
+            self.dispatcher.fail_queued_by(model, identity, lambda: error)
 
     def _retire_worker(self, worker: WorkerHandle) -> None:
         self._quit(worker)

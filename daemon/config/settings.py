@@ -85,6 +85,7 @@ class PoolSettings:
     direct: bool = _opt(True, "Give each worker its own endpoint beside the socket (ipc:// only), so that clients holding a lease send infer to it in one hop instead of through the supervisor.", reload=NEW_WORKERS)
     worker_spin_us: int = _opt(50, "While requests keep arriving on its endpoint, a worker looks for the next one this long before it sleeps: a wake-up from sleep costs more than that on small VMs. 0 = never; an idle worker always sleeps.", reload=NEW_WORKERS)
     crash_loop_limit: int = _opt(5, "Consecutive crashes (without a successful task in between) before a model goes UNAVAILABLE.")
+    crash_strikes: int = _opt(3, "A worker that ends itself (an abort, a fault, a forbidden system call, an exit) while it runs the requests of one client only was crashed by that client's input, as far as anyone can tell: its client's strike, not a step toward crash_loop_limit. A client with this many strikes on a model within 10 minutes is refused it (RESOURCE_EXHAUSTED, with retry_after_s) until the first of them is 10 minutes old; what it has queued is answered so and its leases are revoked. 0 = no strikes: such crashes count toward crash_loop_limit as any other.")
 
 
 @dataclass(frozen=True)

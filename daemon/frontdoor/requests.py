@@ -9,7 +9,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from openinfer.wire.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, OpenInferError, Unavailable
+from openinfer.wire.errors import DeadlineExceeded, Internal, InvalidArgument, NotFound, OpenInferError, ResourceExhausted, Unavailable
 from openinfer.wire.protocol import MAX_FRAMES, MAX_HEADER_BYTES, PROTOCOL_VERSION
 from openinfer.wire.zmtp import Event, Oversized
 
@@ -18,6 +18,7 @@ from openinfer.daemon.control import admin, scoped_views
 from openinfer.daemon.modelstore.models import ModelState, ServedModel
 from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.scheduling.tasks import Task
+from openinfer.daemon.workerpool.crash_blame import WINDOW_NS
 
 from .connections import Connection, Route
 from .validation import OverLimit, check_envelope, check_infer, decode_header, request_id_of
@@ -64,6 +65,7 @@ class FrontDoorRequests:
             self.supervisor.access.authorize(conn.peer, "infer" if op == "lease" else op, model_name if isinstance(model_name, str) else None)
             if op == "infer":
                 model = self.lookup_for_infer(header)
+                self._not_barred(conn.identity, model)
                 self._accept_infer(route, request_id, client, model, header, body, received_ns)  # type: ignore[arg-type]
             else:
                 self._reply_admin(route, request_id, op, header, client)  # type: ignore[arg-type]
@@ -141,6 +143,27 @@ class FrontDoorRequests:
         if not isinstance(name, str):
             raise InvalidArgument("`model` must be a string (the name of a served model)")
         return self.serving(name, version)
+
+    def _not_barred(self, identity: str, model: ServedModel) -> None:
+        error = self.barred(identity, model)
+        if error is not None:
+            raise error
+
+    def barred(self, identity: str, model: ServedModel) -> ResourceExhausted | None:
+        """The refusal of a client whose requests crashed the model's workers too often (workerpool/crash_blame.py)."""
+        strikes = self.supervisor.pool.crash_strikes
+        if not strikes:  # (every request asks: mostly no client has crashed anything)
+            return None
+        limit = self.supervisor.settings.pool.crash_strikes
+        left_ns = strikes.barred_for_ns(model.key, identity, time.monotonic_ns(), limit)
+        if not left_ns:
+            return None
+        seconds = -(-left_ns // 1_000_000_000)
+        return ResourceExhausted(
+            f"requests of {identity} crashed the workers of {model.key} {limit} times within {WINDOW_NS // 60_000_000_000} minutes: "
+            f"its requests to this model are refused for {seconds} s more (the daemon's log names the crashes)",
+            {"retry_after_s": seconds},
+        )
 
     def serving(self, name: str, version: int | None) -> ServedModel:
         """The model version that serves `name` (at `version`, if given), ready: else NOT_FOUND or UNAVAILABLE."""
@@ -225,6 +248,7 @@ class FrontDoorRequests:
         if conn.peer.uid is None:
             raise Unavailable("the direct path is for local clients over ipc://: send infer to this socket", {"direct": "off"})  # stop asking (PROTOCOL.md 17.1)
         model = self.lookup_for_infer(header)
+        self._not_barred(conn.identity, model)
         server = self.supervisor.settings.server
         limit = self.supervisor.limiter.policy.limit_for(conn.identity)
         if limit.rate_per_s > 0:  # a rate is kept in one place, here: such a client is served at this socket

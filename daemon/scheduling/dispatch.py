@@ -572,6 +572,16 @@ class Dispatcher:
         waited_ms = (time.monotonic_ns() - task.received_ns) / 1e6
         self.fail_task(task, DeadlineExceeded(f"deadline passed after {waited_ms:.1f} ms waiting in the queue; the task never ran"))
 
+    def fail_queued_by(self, model: ServedModel, identity: str, error: Callable[[], OpenInferError]) -> int:
+        """Answer `identity`'s tasks queued for `model` with `error()`; returns how many."""
+        tasks = list(model.queue.queued_by(identity))
+        for task in tasks:
+            model.queue.remove(task)
+            self.dequeue(task)
+            if not task.done:
+                self.fail_task(task, error())
+        return len(tasks)
+
     def fail_queue(self, model: ServedModel, error: Callable[[], OpenInferError]) -> int:
         """Answer every task still queued for `model` with `error()`; returns how many."""
         failed = 0

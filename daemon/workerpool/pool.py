@@ -26,6 +26,7 @@ from openinfer.daemon.files.runtime_dir import WORK_DIR
 from openinfer.daemon.config.settings import SandboxSettings, Settings
 from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.daemon.config.worker_user import resolve_worker_user, shared_ids_warning
+from .crash_blame import WINDOW_NS, CrashStrikes, blamed
 from .recycling import RECYCLE_SPACING_NS, address_space, enforced_memory_limit, memory_limit_bytes, overgrown
 from .spawner import spawn_worker
 from openinfer.daemon.loop.timers import TimerHeap
@@ -115,6 +116,8 @@ class WorkerPool:
         self._next_id = 1
         self.shutting_down = False
         self.respawns_due = 0  # replacements waiting out their delay (a drain with queued tasks waits for them)
+        self.crash_strikes = CrashStrikes()  # clients whose requests crashed a model's workers (crash_blame.py)
+        self.on_barred: Callable[[ServedModel, str], None] | None = None  # answers what such a client has queued
         self.halting = False  # a hard stop (supervisor._stop_now): nothing more runs or is spawned, what is left is answered UNAVAILABLE
         self._uid_gid = self._resolve_worker_user()
         self.runtime_dir: Path | None = None  # this instance's private directory (set once it exists)
@@ -331,8 +334,11 @@ class WorkerPool:
         if worker.stderr is not None:
             worker.stderr.pump(final=True)
         self._close_channel(worker)
+        # Whose requests it was running when it died: the front door's running unit, and every direct
+        # request it had admitted and not answered (its ledger's word).
+        running = {task.identity for task in worker.inflight.running_unit()}
         if self.direct is not None:
-            self.direct.forget(worker)
+            running |= self.direct.forget(worker)
         status = worker.spawned.process.returncode
         # Its status pipe speaks for its boot only: a worker that was serving (and may be compromised) could
         # otherwise claim a prepared-weights mismatch and have its model's shared weights thrown away.
@@ -383,13 +389,19 @@ class WorkerPool:
             self._respawn(model)
             model.restarts += 1
             return worker
-        self._schedule_respawn(model, reason)
+        self._schedule_respawn(model, reason, blamed(status, running))
         return worker
 
-    def _schedule_respawn(self, model: ServedModel, reason: str) -> None:
+    def _schedule_respawn(self, model: ServedModel, reason: str, culprit: str | None = None) -> None:
+        """`culprit`: the one client whose requests the worker ended itself running (crash_blame.py): its
+        strike, not a step toward the model's crash loop."""
         pool = self.settings.pool
-        model.consecutive_crashes += 1
         model.restarts += 1
+        if culprit is not None and pool.crash_strikes > 0:
+            self._strike(model, culprit, pool.crash_strikes)
+            self._respawn_later(model)
+            return
+        model.consecutive_crashes += 1
         if model.consecutive_crashes >= pool.crash_loop_limit:
             if model.state is not ModelState.UNAVAILABLE:
                 model.state = ModelState.UNAVAILABLE
@@ -398,6 +410,19 @@ class WorkerPool:
                 self.on_model_failed(model)  # its queued requests are answered UNAVAILABLE now
             return  # no more respawns until a reload re-arms the model
         self._respawn_later(model)
+
+    def _strike(self, model: ServedModel, client: str, limit: int) -> None:
+        if not self.crash_strikes.strike(model.key, client, time.monotonic_ns(), limit):
+            log.warning("worker crash held against the client whose request it ran", extra={"model": model.key, "client": client})
+            return
+        log.error(
+            "client refused a model: its requests crashed the model's workers",
+            extra={"model": model.key, "client": client, "crashes": limit, "window_s": WINDOW_NS // 1_000_000_000},
+        )
+        if self.on_barred is not None:
+            self.on_barred(model, client)
+        if self.direct is not None:  # its leases go too (everyone else's are renewed at their next request)
+            self.direct.rotate_key(self.all_workers(), self.send)
 
     def _respawn_later(self, model: ServedModel) -> None:
         """Replace a worker of `model` that crashed or was killed for overrunning, after a delay that doubles

@@ -20,7 +20,10 @@ def hostile_steps_daemon(prefix: str, hostile_config: str, steps: Callable[[Path
     repo.model("hostile", onnx_builders.matmul_model, config=hostile_config)
     (repo.root / "hostile" / "steps.py").write_text(steps(repo.root))
     root: Path = repo.ready()
-    running = start_daemon(root)
+    # The tests crash the hostile model's workers on purpose, one after another, all as this uid: with
+    # strikes (pool.crash_strikes, daemon/workerpool/crash_blame.py) the test's own client would be refused
+    # the model after three. What strikes do is tests/attack/test_crash_strikes.py's.
+    running = start_daemon(root, env={"OPENINFER_POOL_CRASH_STRIKES": "0"})
     running.repo = root  # type: ignore[attr-defined]
     try:
         yield running

@@ -1,0 +1,62 @@
+"""Whose request crashed a worker, and the clients whose requests keep doing it.
+
+A worker that dies by its own hand (an abort, a segfault, a forbidden system call) while it runs the
+requests of one client only was, as far as anyone can tell, crashed by that client's input: onnxruntime
+aborts the process on some inputs some models cannot take (attacker round 79: silero_vad on a tensor of no
+elements). Counted toward the model's crash loop, five such requests from any client granted the model
+made it UNAVAILABLE for everyone; with an honest client's answers between them resetting the count, they
+had its workers killed and booted again for as long as the attacker liked (53 in 40 s).
+
+Such a crash is the client's strike instead: it does not count toward the crash loop, and a client with
+pool.crash_strikes of them within WINDOW_NS is refused that model (RESOURCE_EXHAUSTED, with when to come back) until its
+oldest strike in the window is older than the window. A crash no single client can be held to (a batch
+of several clients' requests, an idle worker, a SIGKILL from outside) counts toward the crash loop as
+before. Whose requests a worker was running is the supervisor's own knowledge for the front door, and the
+worker's ledger for the direct path (a hostile model's steps can name any client there: it can only have
+that client refused by the hostile model itself).
+"""
+from __future__ import annotations
+
+import signal
+
+WINDOW_NS = 600 * 1_000_000_000
+MAX_KEPT = 4096  # (model, identity) pairs remembered; the oldest go first (bounded by what crashed a worker)
+
+# How a worker ends itself: an abort (a C++ exception nobody caught, an assertion), a fault, a system
+# call its seccomp policy forbids, a CPU or file-size limit. A SIGKILL or SIGTERM comes from outside (the
+# operator, the memory rule, the kernel's OOM killer): nobody's request is blamed for it.
+SELF_INFLICTED = frozenset(-int(sig) for sig in (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGSYS, signal.SIGXCPU, signal.SIGXFSZ, signal.SIGTRAP))
+
+
+def blamed(exit_status: int | None, identities: set[str]) -> str | None:
+    """The one client a worker's exit is held against, or None."""
+    if exit_status is None or len(identities) != 1:
+        return None
+    if exit_status not in SELF_INFLICTED and not exit_status > 0:  # (an exit code: the process ended itself too)
+        return None
+    return next(iter(identities))
+
+
+class CrashStrikes:
+    def __init__(self) -> None:
+        self._times: dict[tuple[str, str], list[int]] = {}  # (model key, identity) -> its crash times, oldest first
+
+    def __bool__(self) -> bool:
+        return bool(self._times)
+
+    def strike(self, model_key: str, identity: str, now_ns: int, limit: int) -> bool:
+        """Count a crash; True when it is the one that bars the client (its `limit`-th in the window)."""
+        key = (model_key, identity)
+        times = [t for t in self._times.pop(key, []) if now_ns - t < WINDOW_NS]
+        times.append(now_ns)
+        self._times[key] = times[-limit:]  # (re-inserted: the most recent last)
+        while len(self._times) > MAX_KEPT:
+            del self._times[next(iter(self._times))]
+        return len(times) == limit
+
+    def barred_for_ns(self, model_key: str, identity: str, now_ns: int, limit: int) -> int:
+        """How much longer the client is refused the model (0: it is not)."""
+        times = self._times.get((model_key, identity))
+        if limit <= 0 or times is None or len(times) < limit:
+            return 0
+        return max(0, times[-limit] + WINDOW_NS - now_ns)

@@ -1,0 +1,46 @@
+"""Whose request a worker's exit is held against (daemon/workerpool/crash_blame.py), and the strikes' window."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from openinfer.daemon.workerpool.crash_blame import WINDOW_NS, CrashStrikes, blamed
+
+pytestmark = pytest.mark.unit
+
+
+def test_only_a_worker_that_ended_itself_running_one_clients_requests_is_held_against_that_client() -> None:
+    assert blamed(-signal.SIGABRT, {"uid=1000"}) == "uid=1000"
+    assert blamed(-signal.SIGSEGV, {"uid=1000"}) == "uid=1000"
+    assert blamed(-signal.SIGSYS, {"uid=1000"}) == "uid=1000"  # a forbidden system call
+    assert blamed(1, {"uid=1000"}) == "uid=1000"  # an exit code: it ended itself
+    assert blamed(-signal.SIGKILL, {"uid=1000"}) is None  # from outside: the operator, the OOM killer
+    assert blamed(-signal.SIGTERM, {"uid=1000"}) is None
+    assert blamed(0, {"uid=1000"}) is None
+    assert blamed(-signal.SIGABRT, {"uid=1000", "uid=1001"}) is None  # a batch of two clients: neither
+    assert blamed(-signal.SIGABRT, set()) is None  # idle
+    assert blamed(None, {"uid=1000"}) is None
+
+
+def test_a_client_is_refused_at_its_limit_of_strikes_within_the_window_and_only_until_the_first_is_past_it() -> None:
+    strikes = CrashStrikes()
+    assert not strikes
+    t0 = 10**12
+    assert strikes.strike("m:1", "uid=5", t0, 3) is False
+    assert strikes.strike("m:1", "uid=5", t0 + 10, 3) is False
+    assert strikes.barred_for_ns("m:1", "uid=5", t0 + 20, 3) == 0
+    assert strikes.strike("m:1", "uid=5", t0 + 20, 3) is True
+    assert strikes.barred_for_ns("m:1", "uid=5", t0 + 20, 3) == WINDOW_NS - 20
+    assert strikes.barred_for_ns("m:1", "uid=6", t0 + 20, 3) == 0  # another client
+    assert strikes.barred_for_ns("m:2", "uid=5", t0 + 20, 3) == 0  # another model version
+    assert strikes.barred_for_ns("m:1", "uid=5", t0 + 20, 0) == 0  # strikes off
+    assert strikes.barred_for_ns("m:1", "uid=5", t0 + WINDOW_NS, 3) == 0  # the first strike is ten minutes old
+
+
+def test_strikes_older_than_the_window_do_not_count() -> None:
+    strikes = CrashStrikes()
+    t0 = 10**12
+    strikes.strike("m:1", "uid=5", t0, 3)
+    strikes.strike("m:1", "uid=5", t0 + 1, 3)
+    assert strikes.strike("m:1", "uid=5", t0 + WINDOW_NS, 3) is False  # the first is out of the window: two, not three
