@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_builders
 from daemon_harness import RunningDaemon, cleanup_workdir, start_daemon, wait_for, world_readable_dir
+from openinfer.client import Client
 from reference import run_reference
 
 pytestmark = pytest.mark.attack
@@ -109,11 +110,16 @@ def scene() -> Iterator[Scene]:
 
 
 def rows(daemon: RunningDaemon) -> dict[str, dict[str, Any]]:
-    return {r["name"]: r for r in daemon.client().models()}
+    # A client of its own, closed: daemon.client() keeps every client it made open until the daemon stops,
+    # and a wait_for polling this made hundreds - past the daemon's connections per uid, slow as a loaded
+    # machine is ("daemon not reachable").
+    with Client(daemon.address) as client:
+        return {r["name"]: r for r in client.models()}
 
 
 def ready_pids(daemon: RunningDaemon, model: str) -> list[int]:
-    return [w["pid"] for w in daemon.client().status()["workers"] if w["model"] == model and w["state"] == "ready"]
+    with Client(daemon.address) as client:
+        return [w["pid"] for w in client.status()["workers"] if w["model"] == model and w["state"] == "ready"]
 
 
 def test_a_key_that_climbs_out_of_the_cache_creates_nothing_outside_it(scene: Scene) -> None:
