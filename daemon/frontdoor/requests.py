@@ -64,8 +64,9 @@ class FrontDoorRequests:
             # A lease is for infer (and cancel) on the model's workers: the infer grant covers it.
             self.supervisor.access.authorize(conn.peer, "infer" if op == "lease" else op, model_name if isinstance(model_name, str) else None)
             if op == "infer":
-                model = self.lookup_for_infer(header)
-                self._not_barred(conn.identity, model)
+                target = self.lookup_for_infer(header)
+                self._not_barred(conn.identity, target)  # (before `model` is set: a refusal is booked under `rejected`)
+                model = target
                 self._accept_infer(route, request_id, client, model, header, body, received_ns)  # type: ignore[arg-type]
             else:
                 self._reply_admin(route, request_id, op, header, client)  # type: ignore[arg-type]

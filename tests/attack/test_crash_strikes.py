@@ -80,4 +80,7 @@ def test_a_client_that_crashes_a_model_is_refused_it_and_the_model_serves_on(dae
 
     code, retry_after = call_as(NOBODY, refused_again).split()
     assert code == "RESOURCE_EXHAUSTED" and 0 < int(retry_after) <= 600, (code, retry_after)
+    if not direct:  # refused before the model is looked at further (check 17a): booked under `rejected`
+        with Client(daemon.address, direct=False) as admin:
+            assert admin.stats()["rejected"].get("RESOURCE_EXHAUSTED") == 5
 
