@@ -9,7 +9,6 @@ from typing import Callable
 import numpy as np
 
 from openinfer.daemon.observability.accounting import CLIENT_KEY, OTHER_CLIENTS, Accountant
-from openinfer.daemon.observability.client_key import identity_of
 from openinfer.daemon.workerpool.workers import WorkerHandle
 
 from openinfer.daemon.steps.contract import MAX_MODEL_CALLS
@@ -220,11 +219,11 @@ class DirectBooks:
                 raise LedgerRejected(f"a stage for {member!r} twice before one answer")
             worker.stage_records.append((member, entry.bytes_in, entry.timing["compute_us"]))
 
-    def lost(self, worker: WorkerHandle) -> set[str]:
+    def lost(self, worker: WorkerHandle) -> int:
         """The worker is gone: its last records first, then each request it admitted and never answered
         counts as failed, with the code its client library answers it with (client/core.py link_lost):
         DEADLINE_EXCEEDED once its deadline, or max_compute_ms from when it was sent, has passed, else
-        WORKER_CRASHED. Returns the identities of their clients."""
+        WORKER_CRASHED. Returns how many."""
         try:
             self.read(worker)
         except LedgerRejected:
@@ -237,6 +236,6 @@ class DirectBooks:
             code = "DEADLINE_EXCEEDED" if now >= deadline_ns or now >= sent_ns + max_compute_ns else "WORKER_CRASHED"
             self.accountant.record(model.name, model.version, client, code, {}, bytes_in, 0)
             self.accountant.count_operation("infer", code)
-        held = {identity_of(client) for client, _, _, _ in worker.direct_pending.values()}
+        lost = len(worker.direct_pending)
         worker.direct_pending.clear()
-        return held
+        return lost

@@ -17,6 +17,13 @@ import time
 
 PAGE_BYTES = 4096
 _SINCE, _DEADLINE = 0, 1  # signed 64-bit words: running since (ns), must be done by (ns); deadline 0 = idle, since = when the last run ended
+# Whose requests the run in progress is (the third word, written before the deadline): the uid + 1 when they
+# are all one uid's, SEVERAL when not, 0 when idle. A worker that dies in a run is held to that client
+# alone (workerpool/crash_blame.py), not to every client with a request waiting behind it (attacker round
+# 80: a request of its own that ran long let another uid's requests queue up, and its next crash was no
+# one's). The worker's word: a hostile model can only have a client refused by itself.
+_OWNER = 2
+SEVERAL = -1
 
 
 class DeadlinePage:
@@ -36,7 +43,8 @@ class DeadlinePage:
         os.ftruncate(fd, PAGE_BYTES + LEDGER_BYTES)
         return cls(fd)
 
-    def running(self, since_ns: int, deadline_ns: int) -> None:
+    def running(self, since_ns: int, deadline_ns: int, owner: int = SEVERAL) -> None:
+        self.words[_OWNER] = owner
         self.words[_SINCE] = since_ns
         self.words[_DEADLINE] = deadline_ns
 
@@ -44,11 +52,19 @@ class DeadlinePage:
         """No run now; the first word keeps when the last one ended (a retired worker is not killed in
         the moment between a run and its reply's write: supervisor._gone_or_killed)."""
         self.words[_DEADLINE] = 0
+        self.words[_OWNER] = 0
         self.words[_SINCE] = time.monotonic_ns()
 
     def read(self) -> tuple[int, int]:
         deadline = self.words[_DEADLINE]
         return int(self.words[_SINCE]), int(deadline)
+
+    def run_owners(self) -> set[str] | None:
+        """The identities of the run in progress (`{"uid=N"}`, or two markers when several), None when idle."""
+        if not self.words[_DEADLINE]:
+            return None
+        owner = int(self.words[_OWNER])
+        return {f"uid={owner - 1}"} if 0 < owner <= 2**32 else {"(several)", "(unknown)"}
 
     def close(self) -> None:
         self.words.release()

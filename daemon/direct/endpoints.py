@@ -109,16 +109,15 @@ class DirectPath:
         worker.page, worker.direct_address = page, address
         self.books.open(worker, page.fd, config.max_request_bytes, largest_answer(sandbox))
 
-    def forget(self, worker: WorkerHandle) -> set[str]:
+    def forget(self, worker: WorkerHandle) -> None:
         """The worker exited: its last ledger records are read and what it held counted as lost; its
-        endpoint goes (clients on it saw their connections close). Returns the identities of the clients
-        whose requests it held."""
-        held = self.books.lost(worker) if worker.page is not None else set()
+        endpoint goes (clients on it saw their connections close)."""
+        if worker.page is not None:
+            self.books.lost(worker)
         self.withdraw(worker)
         if worker.page is not None:
             worker.page.close()
             worker.page = None
-        return held
 
     # -- leases ---------------------------------------------------------------------------------------
     def lease(self, identity: str, model: ServedModel, limit: ClientLimit, limits: dict[str, Any], gids: tuple[int, ...] = ()) -> dict[str, Any]:

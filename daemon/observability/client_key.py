@@ -28,12 +28,6 @@ def client_key(label: object, identity: str) -> str:
     return f"{label}@{identity}"
 
 
-def identity_of(client: str) -> str:
-    """The kernel-proven identity in an accounting key: what follows the last "@" (a client names itself;
-    its identity it cannot choose)."""
-    return client.rpartition("@")[2]
-
-
 class LabelBudget:
     """Gives each identity LABELS_PER_IDENTITY labelled keys; asked once per new key."""
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from openinfer.daemon.direct.deadline_page import DeadlinePage
+from openinfer.daemon.direct.deadline_page import SEVERAL, DeadlinePage
 from openinfer.daemon.direct.ledger import CACHE_HIT, CACHE_MISS, MAX_ADMITTED, LedgerWriter, ledger_code
 from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.frontdoor.client_limits import over_max_priority
@@ -294,7 +294,7 @@ class DirectQueue:
         now = time.monotonic_ns()
         deadline_ns = self._deadline_of(requests, now)
         if self.page is not None:
-            self.page.running(now, deadline_ns)
+            self.page.running(now, deadline_ns, _owner(requests))
         ELEMENTS_DEADLINE_NS.set(deadline_ns)  # (wire/tensors.py)
         return deadline_ns
 
@@ -515,3 +515,11 @@ class DirectQueue:
             self.ledger.counted(client, op)
         else:
             self.ledger.refused(request_id or 0, client, op, ledger_code(exc, op), (time.monotonic_ns() - received_ns) / 1000)
+
+
+def _owner(requests: list[DirectRequest]) -> int:
+    """The deadline page's owner word for a run of `requests` (direct/deadline_page.py)."""
+    identity = requests[0].identity if requests else ""
+    if not identity.startswith("uid=") or any(request.identity != identity for request in requests):
+        return SEVERAL
+    return int(identity[4:]) + 1

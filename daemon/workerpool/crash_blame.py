@@ -11,9 +11,10 @@ Such a crash is the client's strike instead: it does not count toward the crash 
 pool.crash_strikes of them within WINDOW_NS is refused that model (RESOURCE_EXHAUSTED, with when to come back) until its
 oldest strike in the window is older than the window. A crash no single client can be held to (a batch
 of several clients' requests, an idle worker, a SIGKILL from outside) counts toward the crash loop as
-before. Whose requests a worker was running is the supervisor's own knowledge for the front door, and the
-worker's ledger for the direct path (a hostile model's steps can name any client there: it can only have
-that client refused by the hostile model itself).
+before. Whose requests a worker was running is, for a direct run, what its deadline page says (the run's
+own clients, not those waiting behind it: round 80 queued another uid's requests behind a long run of its
+own, and its crash was no one's; the page is the worker's word, and a hostile model's steps can only have
+a client refused by that model itself), else the front door's running unit (the supervisor's own books).
 """
 from __future__ import annotations
 

@@ -334,11 +334,12 @@ class WorkerPool:
         if worker.stderr is not None:
             worker.stderr.pump(final=True)
         self._close_channel(worker)
-        # Whose requests it was running when it died: the front door's running unit, and every direct
-        # request it had admitted and not answered (its ledger's word).
-        running = {task.identity for task in worker.inflight.running_unit()}
+        # Whose requests it was running when it died: a direct run's, from its deadline page (its word), else
+        # the front door's running unit - not every client with a request waiting behind the run (round 80).
+        direct_run = worker.page.run_owners() if self.direct is not None and worker.page is not None else None
+        running = direct_run if direct_run is not None else {task.identity for task in worker.inflight.running_unit()}
         if self.direct is not None:
-            running |= self.direct.forget(worker)
+            self.direct.forget(worker)
         status = worker.spawned.process.returncode
         # Its status pipe speaks for its boot only: a worker that was serving (and may be compromised) could
         # otherwise claim a prepared-weights mismatch and have its model's shared weights thrown away.

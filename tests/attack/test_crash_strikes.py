@@ -17,7 +17,7 @@ import pytest
 
 import onnx_builders
 from daemon_harness import log_records, wait_for
-from openinfer.client import Client, OpenInferError
+from openinfer.client import AsyncClient, Client, OpenInferError
 from other_uid import NOBODY, call_as
 from repo_builder import ModelRepo
 
@@ -84,3 +84,64 @@ def test_a_client_that_crashes_a_model_is_refused_it_and_the_model_serves_on(dae
         with Client(daemon.address, direct=False) as admin:
             assert admin.stats()["rejected"].get("RESOURCE_EXHAUSTED") == 5
 
+
+
+def test_a_crash_is_held_against_the_run_it_ended_not_the_requests_waiting_behind_it(daemon_factory: Any, fragile: Any) -> None:
+    """Attacker round 80: a crash was held against every client with a request admitted by the worker and
+    not answered, queued ones too - so the attacker sent a long valid request of its own first, the worker
+    admitted another uid's requests while it ran, and the poison's crash had two clients: no one's, a step
+    toward the crash loop that the other client's next answer reset (20 crashes, never refused). The deadline
+    page names the run's own client (direct/deadline_page.py)."""
+    import asyncio
+    import threading
+
+    daemon = daemon_factory(fragile, env=ENV)
+    stop = threading.Event()
+    answered: dict[str, int] = {}
+
+    def victim() -> None:  # root, 8 requests in flight on the direct path, all the time
+        async def main() -> None:
+            async with AsyncClient(daemon.address, timeout=30, direct=True) as client:
+                async def one() -> None:
+                    while not stop.is_set():
+                        try:
+                            await client.infer("fragile", FINE)
+                            code = "OK"
+                        except OpenInferError as exc:
+                            code = exc.code
+                        answered[code] = answered.get(code, 0) + 1
+                await asyncio.gather(*[one() for _ in range(8)])
+        asyncio.run(main())
+
+    def attack() -> list[str]:
+        async def main() -> list[str]:
+            rounds = []
+            for _ in range(6):
+                async with AsyncClient(daemon.address, timeout=30, direct=True) as client:
+                    try:
+                        await client.infer("fragile", FINE)  # leased and attached
+                    except OpenInferError as exc:
+                        rounds.append(exc.code)
+                        continue
+                    heavy = {"x": np.ones((40_000, 64), np.float32)}  # runs long: the victim's requests queue behind it
+                    got = await asyncio.gather(client.infer("fragile", heavy), client.infer("fragile", POISON), return_exceptions=True)
+                    rounds.append("/".join(getattr(r, "code", "OK") for r in got))
+            return rounds
+        return asyncio.run(main())
+
+    thread = threading.Thread(target=victim)
+    thread.start()
+    try:
+        wait_for(lambda: answered.get("OK", 0) > 50, 60, "the victim answered", daemon=daemon)
+        rounds = call_as(NOBODY, attack)
+    finally:
+        stop.set()
+        thread.join(60)
+    records = log_records(daemon)
+    crashes = [r for r in records if r.get("msg") == "worker exited" and "SIGABRT" in str(r.get("exit"))]
+    refused = [r["client"] for r in records if r.get("msg") == "client refused a model: its requests crashed the model's workers"]
+    assert refused == [f"uid={NOBODY}"] and len(crashes) == 3, (rounds, len(crashes), refused)
+    held = [r["client"] for r in records if r.get("msg") == "worker crash held against the client whose request it ran"]
+    assert held == [f"uid={NOBODY}"] * 2, held  # never the victim
+    with Client(daemon.address, timeout=30) as admin:
+        assert [m["state"] for m in admin.models() if m["name"] == "fragile"] == ["ready"]
