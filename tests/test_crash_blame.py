@@ -44,3 +44,13 @@ def test_strikes_older_than_the_window_do_not_count() -> None:
     strikes.strike("m:1", "uid=5", t0, 3)
     strikes.strike("m:1", "uid=5", t0 + 1, 3)
     assert strikes.strike("m:1", "uid=5", t0 + WINDOW_NS, 3) is False  # the first is out of the window: two, not three
+
+
+def test_a_plain_tcp_peer_is_struck_by_its_host_not_by_its_connection() -> None:
+    """Round 80 (low): `tcp=<host>:<port>` is one identity per connection; reconnecting for each crash kept a
+    plain tcp:// client (--insecure-tcp) clear of strikes."""
+    strikes = CrashStrikes()
+    for port in (40001, 40002, 40003):
+        strikes.strike("m:1", f"tcp=10.0.0.7:{port}", 10**12, 3)
+    assert strikes.barred_for_ns("m:1", "tcp=10.0.0.7:40004", 10**12, 3) > 0
+    assert strikes.barred_for_ns("m:1", "tcp=10.0.0.8:40001", 10**12, 3) == 0

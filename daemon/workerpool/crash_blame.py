@@ -38,6 +38,13 @@ def blamed(exit_status: int | None, identities: set[str]) -> str | None:
     return next(iter(identities))
 
 
+def _striker(identity: str) -> str:
+    """Whom a strike is counted to: the identity, but a plain tcp:// peer's (`tcp=<host>:<port>`, one per
+    connection) by its host - a client reconnecting for each crash stayed clear of strikes (round 80, low;
+    `--insecure-tcp` only)."""
+    return identity.rpartition(":")[0] if identity.startswith("tcp=") else identity
+
+
 class CrashStrikes:
     def __init__(self) -> None:
         self._times: dict[tuple[str, str], list[int]] = {}  # (model key, identity) -> its crash times, oldest first
@@ -47,7 +54,7 @@ class CrashStrikes:
 
     def strike(self, model_key: str, identity: str, now_ns: int, limit: int) -> bool:
         """Count a crash; True when it is the one that bars the client (its `limit`-th in the window)."""
-        key = (model_key, identity)
+        key = (model_key, _striker(identity))
         times = [t for t in self._times.pop(key, []) if now_ns - t < WINDOW_NS]
         times.append(now_ns)
         self._times[key] = times[-limit:]  # (re-inserted: the most recent last)
@@ -57,7 +64,7 @@ class CrashStrikes:
 
     def barred_for_ns(self, model_key: str, identity: str, now_ns: int, limit: int) -> int:
         """How much longer the client is refused the model (0: it is not)."""
-        times = self._times.get((model_key, identity))
+        times = self._times.get((model_key, _striker(identity)))
         if limit <= 0 or times is None or len(times) < limit:
             return 0
         return max(0, times[-limit] + WINDOW_NS - now_ns)
