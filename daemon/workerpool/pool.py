@@ -280,6 +280,28 @@ class WorkerPool:
         except ProtocolError as exc:
             self.reject_worker(worker, str(exc))
 
+    def _last_words(self, worker: WorkerHandle) -> None:
+        """What a serving worker wrote before it died - a result its pidfd's event came before - is read
+        before its channel closes: it was answered, not lost with the worker, and the task after it is the
+        one that was running (round 80's suspicion: read in the other order, the answered task passed for
+        the running one, and its client took the strike for the crash of the task behind it). Retired
+        first: nothing more is sent to it (dispatch.next_for)."""
+        channel = worker.channel
+        if channel.closed or worker.retired or worker.ready_ns is None:
+            return
+        worker.retired = True
+        try:
+            for frames in channel.read(max_bytes=8 * 1024 * 1024):
+                if isinstance(frames, Oversized):
+                    return
+                self.on_message(worker, frames)
+                if channel.closed:
+                    return
+        except (PeerClosed, ProtocolError):
+            return
+        except Exception:  # (as _on_channel: what it sent is checked where it arrives)
+            log.exception("a dead worker's last message could not be handled", extra={"worker": worker.worker_id, "pid": worker.pid})
+
     def _close_channel(self, worker: WorkerHandle) -> None:
         if not worker.channel.closed:
             self.reactor.remove(worker.channel.sock.fileno())
@@ -333,6 +355,7 @@ class WorkerPool:
         self.reactor.remove(worker.spawned.stderr_fd)
         if worker.stderr is not None:
             worker.stderr.pump(final=True)
+        self._last_words(worker)
         self._close_channel(worker)
         # Whose requests it was running when it died: a direct run's, from its deadline page (its word), else
         # the front door's running unit - not every client with a request waiting behind the run (round 80).
