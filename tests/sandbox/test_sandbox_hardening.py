@@ -70,9 +70,12 @@ def test_memory_limit_below_current_use_is_refused_and_none_lifts_the_soft_limit
 
 def test_boot_rlimits(tmp_path: Path) -> None:
     def check() -> dict[str, object]:
+        # Opened first: the forked test process may hold more than 64 descriptors already (pytest-xdist's
+        # worker does), and an open past the new limit would fail EMFILE before the write is tried.
+        grow = open(tmp_path / "grow.bin", "wb", buffering=0)
         hardening.apply_boot_rlimits(max_open_files=64)
         limits = {name: list(resource.getrlimit(getattr(resource, name))) for name in ("RLIMIT_CORE", "RLIMIT_FSIZE", "RLIMIT_NOFILE")}
-        write = errno_name(lambda: (tmp_path / "grow.bin").write_bytes(b"x"))  # file size limit 0
+        write = errno_name(lambda: grow.write(b"x"))  # file size limit 0
         fds: list[int] = []
         try:
             while len(fds) < 100:
