@@ -11,4 +11,6 @@ fi
 # The bench extra too: tests/test_bench_peers.py runs bench/peers.py against FastAPI+uvicorn, driven by aiohttp
 # and wrk (bootstrap.sh installs wrk from Debian as root), and the plotting checks draw with matplotlib.
 bash examples/bootstrap.sh test,bench
-exec .venv/bin/python -m pytest "$@"
+# Two test processes (pytest-xdist), each taking whole files: a file's daemons and module fixtures stay in
+# one process. `-n 0` (after, in "$@") runs it in this one.
+exec .venv/bin/python -m pytest -n 2 --dist loadfile "$@"
