@@ -167,8 +167,10 @@ class WorkerLoop:
                 continue
             kind = bytes(frames[0][:1])
             if kind == messages.TASK:
+                self._answers_out()
                 run_task(channel, self.runner, self.output_names, frames, self.watch, self.cache)
             elif kind == messages.BATCH:
+                self._answers_out()
                 run_batch(channel, self.runner, self.output_names, frames, self.watch)
             elif kind == messages.PING:
                 channel.send([messages.PONG, bytes(frames[1]), self._pong_report()])
@@ -180,6 +182,20 @@ class WorkerLoop:
                 self._begin_quit(sent_ns, min(drain_ns, DRAIN_GRACE_NS))
             else:
                 log.warning("unknown message kind from supervisor", extra={"kind": kind.hex()})
+
+    def _answers_out(self) -> None:
+        """Before a task of the supervisor's runs, every answer before it is out of this process: a task
+        pipelined behind a large answer started while part of that answer still waited here, and when it
+        crashed the worker the answer died with it - its task, answered, passed for the one that was
+        running, and its client took the strike for the crash (attacker round 81: another uid had root
+        refused a model that way). In the channel, the supervisor reads it as the worker's last words."""
+        channel = self.channel
+        if not channel.out_bytes:
+            return
+        poller = select.poll()
+        poller.register(self.channel_fd, select.POLLOUT)
+        while not channel.flush():
+            poller.poll(100)
 
     def _begin_quit(self, sent_ns: int, drain_ns: int) -> None:
         """The drain counts from when the supervisor sent QUIT (read late, after a long run, it ends as

@@ -10,6 +10,10 @@ after pool.crash_strikes (3) the client is refused the model for ten minutes. Th
 negative first element, as a kernel that aborts on some inputs does."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,19 +22,24 @@ import pytest
 import onnx_builders
 from daemon_harness import log_records, wait_for
 from openinfer.client import AsyncClient, Client, OpenInferError
-from other_uid import NOBODY, call_as
+from other_uid import NOBODY, call_as, start_as
 from repo_builder import ModelRepo
 
 pytestmark = pytest.mark.attack
 
 FRAGILE_STEPS = '''
 import os
+import time
 
 INPUTS = [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]
 
 def pre(inputs):
-    if float(inputs["x"].flat[0]) < 0:
+    first = float(inputs["x"].flat[0])
+    if first < 0:
         os.abort()
+    end = time.monotonic() + max(0.0, first - 1)  # above 1: a run that takes that many seconds more
+    while time.monotonic() < end:
+        pass
     return {"x": inputs["x"]}
 '''
 POISON = {"x": -np.ones((1, 64), np.float32)}
@@ -145,3 +154,64 @@ def test_a_crash_is_held_against_the_run_it_ended_not_the_requests_waiting_behin
     assert held == [f"uid={NOBODY}"] * 2, held  # never the victim
     with Client(daemon.address, timeout=30) as admin:
         assert [m["state"] for m in admin.models() if m["name"] == "fragile"] == ["ready"]
+
+
+def _answering_or_gone(pid: int) -> bool:
+    """The worker is dead (a zombie: its supervisor is stopped) or waits in poll(2) (x86-64: 7) to get an
+    answer out before its next task."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        return state == "Z" or Path(f"/proc/{pid}/syscall").read_text().split()[0] == "7"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def test_a_large_answer_is_out_before_the_task_behind_it_runs_so_its_client_is_not_blamed_for_that_ones_crash(daemon_factory: Any, fragile: Any) -> None:
+    """Attacker round 81: the supervisor pipelines a task behind a running one; the worker sent the first
+    one's answer (512 KiB, more than the socket takes at once), kept the rest, started the second - the
+    attacker's poison - and died with the rest of the answer in it. The answered task passed for the running
+    one: its client (root) took the strike, and in three rounds was refused the model. Held here as a busy
+    host does by chance: the supervisor is stopped while the first answer is sent."""
+    daemon = daemon_factory(fragile, env={**ENV, "OPENINFER_POOL_DIRECT": "0"})
+    rows = np.ones((2048, 64), np.float32)  # a 512 KiB answer
+    supervisor = daemon.process.pid
+    outcome: dict[str, str] = {}
+    with Client(daemon.address, timeout=30) as root, Client(daemon.address, timeout=30) as admin:
+        for _ in range(20):  # the model's usual size and compute (pipelining trusts those)
+            root.infer("fragile", {"x": rows})
+        (worker,) = [w["pid"] for w in admin.status()["workers"]]
+        long_first = rows.copy()
+        long_first[0, 0] = 3.0  # runs 2 s
+
+        def first() -> None:
+            try:
+                outcome["root"] = "OK" if root.infer("fragile", {"x": long_first}).outputs["y"].shape == (2048, 64) else "?"
+            except OpenInferError as exc:
+                outcome["root"] = exc.code
+
+        thread = threading.Thread(target=first)
+        thread.start()
+        attacker = None
+        stopped = False
+        try:
+            wait_for(lambda: admin.status()["in_flight"] == 1, 30, "root's long task running", daemon=daemon)
+            attacker = start_as(NOBODY, """
+with Client(sys.argv[1], timeout=30, direct=False) as client:
+    try:
+        client.infer("fragile", {"x": -np.ones((1, 64), np.float32)})
+        print("OK")
+    except OpenInferError as exc:
+        print(exc.code)
+""", daemon.address)
+            wait_for(lambda: admin.status()["in_flight"] == 2, 30, "the poison pipelined behind it", daemon=daemon)
+            os.kill(supervisor, signal.SIGSTOP)
+            stopped = True
+            wait_for(lambda: _answering_or_gone(worker), 30, "the worker past root's task")
+        finally:
+            if stopped:
+                os.kill(supervisor, signal.SIGCONT)
+            thread.join(60)
+            out = attacker.communicate(timeout=60)[0].strip() if attacker is not None else ""
+    assert outcome == {"root": "OK"} and out == "WORKER_CRASHED", (outcome, out)
+    held = [r["client"] for r in log_records(daemon) if r.get("msg") == "worker crash held against the client whose request it ran"]
+    assert held == [f"uid={NOBODY}"], held
