@@ -230,19 +230,20 @@ def test_many_requests_in_flight_on_one_dealer(example_daemon: RunningDaemon, zm
 
 
 def test_cancel_drops_a_queued_request_of_the_same_connection(example_daemon: RunningDaemon, zmq_context: zmq.Context) -> None:  # type: ignore[type-arg]
-    """ocr_det has one worker: A runs (~0.1 s), B and C wait. Cancelling B answers B with DEADLINE_EXCEEDED
-    before the cancel's own reply; C's 5 ms deadline passes in the queue; A completes normally."""
+    """ocr_det has one worker: A runs (~0.5 s), B and C wait. Cancelling B answers B with DEADLINE_EXCEEDED
+    before the cancel's own reply; C's 5 ms deadline passes in the queue; A completes normally. (A ran
+    ~0.1 s once: under a parallel run's load the two cancels' round trips took longer, B had started.)"""
     shape = [1, 3, 320, 640]
     payload = np.zeros(shape, "<f4").tobytes()
 
-    def slow(request_id: int, **extra: Any) -> list[bytes]:
-        header = {"v": 1, "id": request_id, "op": "infer", "model": "ocr_det", "inputs": [{"name": "x", "datatype": "FP32", "shape": shape}], **extra}
-        return [msgpack.packb(header), payload]
+    def slow(request_id: int, size: list[int] = shape, **extra: Any) -> list[bytes]:
+        header = {"v": 1, "id": request_id, "op": "infer", "model": "ocr_det", "inputs": [{"name": "x", "datatype": "FP32", "shape": size}], **extra}
+        return [msgpack.packb(header), payload if size is shape else np.zeros(size, "<f4").tobytes()]
 
     sock = _socket(zmq_context, example_daemon.address)
     other = _socket(zmq_context, example_daemon.address)
     try:
-        sock.send_multipart(slow(701))
+        sock.send_multipart(slow(701, [1, 3, 960, 1280]))
         sock.send_multipart(slow(702))
         sock.send_multipart(slow(703, timeout_ms=5))
         other.send_multipart([msgpack.packb({"v": 1, "id": 800, "op": "cancel", "target": 702})])
@@ -264,7 +265,7 @@ def test_cancel_drops_a_queued_request_of_the_same_connection(example_daemon: Ru
     check_reply({"id": 704, "ok": True, "result_keys": ["cancelled"], "result_values": {"cancelled": True}}, replies[704])
     assert order.index(702) < order.index(704), order
     check_reply({"id": 703, "error": "DEADLINE_EXCEEDED"}, replies[703])
-    check_reply({"id": 701, "ok": True, "outputs": [{"name": "sigmoid_0.tmp_0", "datatype": "FP32", "shape": [1, 1, 320, 640]}]}, replies[701])
+    check_reply({"id": 701, "ok": True, "outputs": [{"name": "sigmoid_0.tmp_0", "datatype": "FP32", "shape": [1, 1, 960, 1280]}]}, replies[701])
 
 
 def test_an_id_already_in_flight_on_the_connection_is_refused(example_daemon: RunningDaemon, zmq_context: zmq.Context) -> None:  # type: ignore[type-arg]
