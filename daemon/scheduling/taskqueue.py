@@ -144,11 +144,12 @@ class TaskQueue(Generic[Task]):
             self._aged_count += 1
         return best
 
-    def take_batch(self, max_rows: int) -> list[Task]:
+    def take_batch(self, max_rows: int, one_identity: bool = False) -> list[Task]:
         """The next task (as `popleft` chooses it) and, after it, queued tasks with its batch key while
         the batch stays within `max_rows` rows and tasks: highest priority first, then by client turn,
-        each client's in arrival order. Tasks passed over keep their places. One pass over the queue, no
-        per-task `remove` (that made taking a batch of 16 quadratic)."""
+        each client's in arrival order (`one_identity`: the first one's identity's only). Tasks passed
+        over keep their places. One pass over the queue, no per-task `remove` (that made taking a batch
+        of 16 quadratic)."""
         first = self.popleft()
         batch = [first]
         key = first.batch_key
@@ -158,7 +159,11 @@ class TaskQueue(Generic[Task]):
         levels = self._levels
         for priority in sorted(levels, reverse=True):
             level = levels[priority]
-            for client in list(level):
+            if one_identity:
+                clients = [first.identity] if first.identity in level else []
+            else:
+                clients = list(level)
+            for client in clients:
                 tasks = level[client]
                 passed: list[Task] = []
                 while tasks and len(batch) < max_rows:

@@ -65,6 +65,7 @@ class ModelView:
     max_request_bytes: int
     starvation_ms: int
     batching: BatchingConfig | None
+    one_uid_batches: bool = False  # (bootconfig.DirectConfig)
     input_by_name: dict[str, dict[str, Any]] = field(init=False)
     output_names: frozenset[str] = field(init=False)
     output_order: list[str] = field(init=False)
@@ -253,7 +254,7 @@ class DirectQueue:
                     if now < due_ns:
                         return (due_ns - now) / 1e9  # held for company, at most max_queue_delay_us
                     size = batching.max_batch_size
-                taken = queue.take_batch(size)
+                taken = queue.take_batch(size, model.one_uid_batches)
             live = []
             for request in taken:
                 if request.deadline_ns <= now:

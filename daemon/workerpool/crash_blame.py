@@ -11,7 +11,9 @@ Such a crash is the client's strike instead: it does not count toward the crash 
 pool.crash_strikes of them within WINDOW_NS is refused that model (RESOURCE_EXHAUSTED, with when to come back) until its
 oldest strike in the window is older than the window. A crash no single client can be held to (a batch
 of several clients' requests, an idle worker, a SIGKILL from outside) counts toward the crash loop as
-before. Whose requests a worker was running is, for a direct run, what its deadline page says (the run's
+before - but a direct batch of several uids' requests that crashed its worker has the model's next workers
+batch one uid's requests at a time for the window, so that the next crash is someone's (round 81: a poison
+batched with another uid's requests was no one's strike, 16 crashes of 19). Whose requests a worker was running is, for a direct run, what its deadline page says (the run's
 own clients, not those waiting behind it: round 80 queued another uid's requests behind a long run of its
 own, and its crash was no one's; the page is the worker's word, and a hostile model's steps can only have
 a client refused by that model itself), else the front door's running unit (the supervisor's own books).
@@ -29,11 +31,13 @@ MAX_KEPT = 4096  # (model, identity) pairs remembered; the oldest go first (boun
 SELF_INFLICTED = frozenset(-int(sig) for sig in (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGSYS, signal.SIGXCPU, signal.SIGXFSZ, signal.SIGTRAP))
 
 
+def ended_itself(exit_status: int | None) -> bool:
+    return exit_status is not None and (exit_status in SELF_INFLICTED or exit_status > 0)  # (an exit code: it ended itself too)
+
+
 def blamed(exit_status: int | None, identities: set[str]) -> str | None:
     """The one client a worker's exit is held against, or None."""
-    if exit_status is None or len(identities) != 1:
-        return None
-    if exit_status not in SELF_INFLICTED and not exit_status > 0:  # (an exit code: the process ended itself too)
+    if len(identities) != 1 or not ended_itself(exit_status):
         return None
     return next(iter(identities))
 

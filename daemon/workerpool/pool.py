@@ -26,7 +26,7 @@ from openinfer.daemon.files.runtime_dir import WORK_DIR
 from openinfer.daemon.config.settings import SandboxSettings, Settings
 from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.daemon.config.worker_user import resolve_worker_user, shared_ids_warning
-from .crash_blame import WINDOW_NS, CrashStrikes, blamed
+from .crash_blame import WINDOW_NS, CrashStrikes, blamed, ended_itself
 from .recycling import RECYCLE_SPACING_NS, address_space, enforced_memory_limit, memory_limit_bytes, overgrown
 from .spawner import spawn_worker
 from openinfer.daemon.loop.timers import TimerHeap
@@ -361,6 +361,9 @@ class WorkerPool:
         # the front door's running unit - not every client with a request waiting behind the run (round 80).
         direct_run = worker.page.run_owners() if self.direct is not None and worker.page is not None else None
         running = direct_run if direct_run is not None else {task.identity for task in worker.inflight.running_unit()}
+        if direct_run is not None and len(direct_run) > 1 and ended_itself(worker.spawned.process.returncode):
+            worker.model.one_uid_batches_until_ns = time.monotonic_ns() + WINDOW_NS
+            log.warning("a direct batch of several clients' requests crashed its worker: the model's next workers batch one client's requests at a time", extra={"model": worker.model.key, "minutes": WINDOW_NS // 60_000_000_000})
         if self.direct is not None:
             self.direct.forget(worker)
         status = worker.spawned.process.returncode

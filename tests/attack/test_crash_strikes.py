@@ -10,6 +10,7 @@ after pool.crash_strikes (3) the client is refused the model for ten minutes. Th
 negative first element, as a kernel that aborts on some inputs does."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -101,9 +102,6 @@ def test_a_crash_is_held_against_the_run_it_ended_not_the_requests_waiting_behin
     admitted another uid's requests while it ran, and the poison's crash had two clients: no one's, a step
     toward the crash loop that the other client's next answer reset (20 crashes, never refused). The deadline
     page names the run's own client (direct/deadline_page.py)."""
-    import asyncio
-    import threading
-
     daemon = daemon_factory(fragile, env=ENV)
     stop = threading.Event()
     answered: dict[str, int] = {}
@@ -215,3 +213,79 @@ with Client(sys.argv[1], timeout=30, direct=False) as client:
     assert outcome == {"root": "OK"} and out == "WORKER_CRASHED", (outcome, out)
     held = [r["client"] for r in log_records(daemon) if r.get("msg") == "worker crash held against the client whose request it ran"]
     assert held == [f"uid={NOBODY}"], held
+
+
+def _div_model(path: Path) -> Path:
+    """out = x / y over INT64 rows: onnxruntime checks for a division by zero, not for INT64_MIN / -1,
+    which raises SIGFPE in the worker (attacker round 81)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rows = lambda name: helper.make_tensor_value_info(name, TensorProto.INT64, ["rows", 1])  # noqa: E731
+    graph = helper.make_graph([helper.make_node("Div", ["x", "y"], ["out"])], "div", [rows("x"), rows("y")], [rows("out")])
+    model = helper.make_model(graph, opset_imports=onnx_builders.OPSET)
+    model.ir_version = 10
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_poison_batched_with_another_uids_requests_is_not_a_way_around_the_strikes(daemon_factory: Any) -> None:
+    """Attacker round 81: on the direct path a worker batches several uids' requests in one run; a poison in
+    such a batch crashed the worker with no single client to hold to it - no one's strike, and the other
+    client's answers reset the crash loop's count (16 of 19 crashes held against no one). After such a crash
+    the model's next workers batch one uid's requests at a time (for the strikes' ten minutes): the next
+    crash is the poison's sender's."""
+    repo = ModelRepo("oi-strikes-div-")
+    repo.model("div", _div_model, config="workers = 1\n\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 2000\n")
+    daemon = daemon_factory(repo.ready(), env=ENV)
+    fine = {"x": np.array([[6]], np.int64), "y": np.array([[3]], np.int64)}
+    poison = {"x": np.array([[np.iinfo(np.int64).min]], np.int64), "y": np.array([[-1]], np.int64)}
+    stop = threading.Event()
+    answered: dict[str, int] = {}
+
+    def victim() -> None:  # root, 16 requests in flight on the direct path: batched with the attacker's
+        async def main() -> None:
+            async with AsyncClient(daemon.address, timeout=30, direct=True) as client:
+                async def one() -> None:
+                    while not stop.is_set():
+                        try:
+                            await client.infer("div", fine)
+                            code = "OK"
+                        except OpenInferError as exc:
+                            code = exc.code
+                        answered[code] = answered.get(code, 0) + 1
+                await asyncio.gather(*[one() for _ in range(16)])
+        asyncio.run(main())
+
+    def attack() -> list[str]:
+        async def main() -> list[str]:
+            rounds: list[str] = []
+            for _ in range(8):
+                async with AsyncClient(daemon.address, timeout=30, direct=True) as client:
+                    try:
+                        await client.infer("div", fine)  # leased and attached
+                        await client.infer("div", poison)
+                        rounds.append("OK")
+                    except OpenInferError as exc:
+                        rounds.append(exc.code)
+                if rounds[-1] == "RESOURCE_EXHAUSTED":
+                    break
+            return rounds
+        return asyncio.run(main())
+
+    thread = threading.Thread(target=victim)
+    thread.start()
+    try:
+        wait_for(lambda: answered.get("OK", 0) > 50, 60, "the victim answered", daemon=daemon)
+        rounds = call_as(NOBODY, attack)
+    finally:
+        stop.set()
+        thread.join(60)
+        repo.remove()
+    records = log_records(daemon)
+    crashes = [r for r in records if r.get("msg") == "worker exited" and "SIGFPE" in str(r.get("exit"))]
+    refused = [r["client"] for r in records if r.get("msg") == "client refused a model: its requests crashed the model's workers"]
+    held = [r["client"] for r in records if r.get("msg") == "worker crash held against the client whose request it ran"]
+    assert refused == [f"uid={NOBODY}"] and f"uid={os.getuid()}" not in held, (rounds, len(crashes), held, refused)
+    assert len(crashes) <= 4, (rounds, len(crashes), held)  # at most one no one's, then the attacker's three
