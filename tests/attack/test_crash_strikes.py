@@ -96,6 +96,48 @@ def test_a_client_that_crashes_a_model_is_refused_it_and_the_model_serves_on(dae
 
 
 
+def _victim(address: str, model: str, feed: dict[str, np.ndarray], in_flight: int, stop: threading.Event, answered: dict[str, int]) -> Any:
+    """A thread's body: this process's client keeps `in_flight` requests on the direct path until `stop`,
+    counting the answers by code in `answered`."""
+    def victim() -> None:
+        async def main() -> None:
+            async with AsyncClient(address, timeout=30, direct=True) as client:
+                async def one() -> None:
+                    while not stop.is_set():
+                        try:
+                            await client.infer(model, feed)
+                            code = "OK"
+                        except OpenInferError as exc:
+                            code = exc.code
+                        answered[code] = answered.get(code, 0) + 1
+                await asyncio.gather(*[one() for _ in range(in_flight)])
+        asyncio.run(main())
+    return victim
+
+
+def _attack_beside(daemon: Any, victim: Any, stop: threading.Event, answered: dict[str, int], attack: Any) -> list[str]:
+    """`attack` run as uid 65534 while `victim` (a thread of this process, root) keeps answering; returns
+    what the attack returned."""
+    thread = threading.Thread(target=victim)
+    thread.start()
+    try:
+        wait_for(lambda: answered.get("OK", 0) > 50, 60, "the victim answered", daemon=daemon)
+        return call_as(NOBODY, attack)  # type: ignore[no-any-return]
+    finally:
+        stop.set()
+        thread.join(60)
+
+
+def _crashes(daemon: Any, how: str) -> tuple[int, list[str], list[str]]:
+    """From the daemon's log: the workers that exited by `how` (a signal's name), and the clients crashes
+    were held against (short of a refusal) and refused."""
+    records = log_records(daemon)
+    crashes = sum(1 for r in records if r.get("msg") == "worker exited" and how in str(r.get("exit")))
+    held = [r["client"] for r in records if r.get("msg") == "worker crash held against the client whose request it ran"]
+    refused = [r["client"] for r in records if r.get("msg") == "client refused a model: its requests crashed the model's workers"]
+    return crashes, held, refused
+
+
 def test_a_crash_is_held_against_the_run_it_ended_not_the_requests_waiting_behind_it(daemon_factory: Any, fragile: Any) -> None:
     """Attacker round 80: a crash was held against every client with a request admitted by the worker and
     not answered, queued ones too - so the attacker sent a long valid request of its own first, the worker
@@ -105,20 +147,7 @@ def test_a_crash_is_held_against_the_run_it_ended_not_the_requests_waiting_behin
     daemon = daemon_factory(fragile, env=ENV)
     stop = threading.Event()
     answered: dict[str, int] = {}
-
-    def victim() -> None:  # root, 8 requests in flight on the direct path, all the time
-        async def main() -> None:
-            async with AsyncClient(daemon.address, timeout=30, direct=True) as client:
-                async def one() -> None:
-                    while not stop.is_set():
-                        try:
-                            await client.infer("fragile", FINE)
-                            code = "OK"
-                        except OpenInferError as exc:
-                            code = exc.code
-                        answered[code] = answered.get(code, 0) + 1
-                await asyncio.gather(*[one() for _ in range(8)])
-        asyncio.run(main())
+    victim = _victim(daemon.address, "fragile", FINE, 8, stop, answered)  # root, 8 requests in flight on the direct path
 
     def attack() -> list[str]:
         async def main() -> list[str]:
@@ -136,19 +165,9 @@ def test_a_crash_is_held_against_the_run_it_ended_not_the_requests_waiting_behin
             return rounds
         return asyncio.run(main())
 
-    thread = threading.Thread(target=victim)
-    thread.start()
-    try:
-        wait_for(lambda: answered.get("OK", 0) > 50, 60, "the victim answered", daemon=daemon)
-        rounds = call_as(NOBODY, attack)
-    finally:
-        stop.set()
-        thread.join(60)
-    records = log_records(daemon)
-    crashes = [r for r in records if r.get("msg") == "worker exited" and "SIGABRT" in str(r.get("exit"))]
-    refused = [r["client"] for r in records if r.get("msg") == "client refused a model: its requests crashed the model's workers"]
-    assert refused == [f"uid={NOBODY}"] and len(crashes) == 3, (rounds, len(crashes), refused)
-    held = [r["client"] for r in records if r.get("msg") == "worker crash held against the client whose request it ran"]
+    rounds = _attack_beside(daemon, victim, stop, answered, attack)
+    crashes, held, refused = _crashes(daemon, "SIGABRT")
+    assert refused == [f"uid={NOBODY}"] and crashes == 3, (rounds, crashes, refused)
     assert held == [f"uid={NOBODY}"] * 2, held  # never the victim
     with Client(daemon.address, timeout=30) as admin:
         assert [m["state"] for m in admin.models() if m["name"] == "fragile"] == ["ready"]
@@ -221,7 +240,9 @@ def _div_model(path: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper
 
-    rows = lambda name: helper.make_tensor_value_info(name, TensorProto.INT64, ["rows", 1])  # noqa: E731
+    def rows(name: str) -> Any:
+        return helper.make_tensor_value_info(name, TensorProto.INT64, ["rows", 1])
+
     graph = helper.make_graph([helper.make_node("Div", ["x", "y"], ["out"])], "div", [rows("x"), rows("y")], [rows("out")])
     model = helper.make_model(graph, opset_imports=onnx_builders.OPSET)
     model.ir_version = 10
@@ -243,20 +264,7 @@ def test_a_poison_batched_with_another_uids_requests_is_not_a_way_around_the_str
     poison = {"x": np.array([[np.iinfo(np.int64).min]], np.int64), "y": np.array([[-1]], np.int64)}
     stop = threading.Event()
     answered: dict[str, int] = {}
-
-    def victim() -> None:  # root, 16 requests in flight on the direct path: batched with the attacker's
-        async def main() -> None:
-            async with AsyncClient(daemon.address, timeout=30, direct=True) as client:
-                async def one() -> None:
-                    while not stop.is_set():
-                        try:
-                            await client.infer("div", fine)
-                            code = "OK"
-                        except OpenInferError as exc:
-                            code = exc.code
-                        answered[code] = answered.get(code, 0) + 1
-                await asyncio.gather(*[one() for _ in range(16)])
-        asyncio.run(main())
+    victim = _victim(daemon.address, "div", fine, 16, stop, answered)  # root's requests, batched with the attacker's
 
     def attack() -> list[str]:
         async def main() -> list[str]:
@@ -274,18 +282,10 @@ def test_a_poison_batched_with_another_uids_requests_is_not_a_way_around_the_str
             return rounds
         return asyncio.run(main())
 
-    thread = threading.Thread(target=victim)
-    thread.start()
     try:
-        wait_for(lambda: answered.get("OK", 0) > 50, 60, "the victim answered", daemon=daemon)
-        rounds = call_as(NOBODY, attack)
+        rounds = _attack_beside(daemon, victim, stop, answered, attack)
     finally:
-        stop.set()
-        thread.join(60)
         repo.remove()
-    records = log_records(daemon)
-    crashes = [r for r in records if r.get("msg") == "worker exited" and "SIGFPE" in str(r.get("exit"))]
-    refused = [r["client"] for r in records if r.get("msg") == "client refused a model: its requests crashed the model's workers"]
-    held = [r["client"] for r in records if r.get("msg") == "worker crash held against the client whose request it ran"]
-    assert refused == [f"uid={NOBODY}"] and f"uid={os.getuid()}" not in held, (rounds, len(crashes), held, refused)
-    assert len(crashes) <= 4, (rounds, len(crashes), held)  # at most one no one's, then the attacker's three
+    crashes, held, refused = _crashes(daemon, "SIGFPE")
+    assert refused == [f"uid={NOBODY}"] and f"uid={os.getuid()}" not in held, (rounds, crashes, held, refused)
+    assert crashes <= 4, (rounds, crashes, held)  # at most one no one's, then the attacker's three
