@@ -11,7 +11,9 @@ Such a crash is the client's strike instead: it does not count toward the crash 
 pool.crash_strikes of them within WINDOW_NS is refused that model (RESOURCE_EXHAUSTED, with when to come back) until its
 oldest strike in the window is older than the window. A crash no single client can be held to (a batch
 of several clients' requests, an idle worker, a SIGKILL from outside) counts toward the crash loop as
-before - but a direct batch of several uids' requests that crashed its worker has the model's next workers
+before. Off while the workers' uid is shared with other processes (`sandbox.worker_user = "nobody"` as
+root): a death by a signal does not say who sent it, and any process of that uid could send a worker
+SIGABRT while another uid's request runs and have that client refused (round 82) - but a direct batch of several uids' requests that crashed its worker has the model's next workers
 batch one uid's requests at a time for the window, so that the next crash is someone's (round 81: a poison
 batched with another uid's requests was no one's strike, 16 crashes of 19). Whose requests a worker was running is, for a direct run, what its deadline page says (the run's
 own clients, not those waiting behind it: round 80 queued another uid's requests behind a long run of its

@@ -119,6 +119,9 @@ class WorkerPool:
         self.crash_strikes = CrashStrikes()  # clients whose requests crashed a model's workers (crash_blame.py)
         self.on_barred: Callable[[ServedModel, str], None] | None = None  # answers what such a client has queued
         self.halting = False  # a hard stop (supervisor._stop_now): nothing more runs or is spawned, what is left is answered UNAVAILABLE
+        # Why other processes can signal the workers (their uid is shared), or None: crash strikes are off then
+        # (crash_blame.py: an abort sent with kill(2) looks like one of the worker's own).
+        self.workers_shared: str | None = None
         self._uid_gid = self._resolve_worker_user()
         self.runtime_dir: Path | None = None  # this instance's private directory (set once it exists)
 
@@ -130,7 +133,8 @@ class WorkerPool:
         uid, gid = resolve_worker_user(value)
         warning = shared_ids_warning(value, uid, gid)
         if warning is not None:
-            log.warning("workers share their uid", extra={"uid": uid, "gid": gid, "reason": warning})
+            self.workers_shared = warning
+            log.warning("workers share their uid", extra={"uid": uid, "gid": gid, "reason": warning, "crash_strikes": "off: a process of that uid could send a worker SIGABRT and have the client whose request it ran refused"})
         return uid, gid
 
     @property
@@ -424,7 +428,7 @@ class WorkerPool:
         strike, not a step toward the model's crash loop."""
         pool = self.settings.pool
         model.restarts += 1
-        if culprit is not None and pool.crash_strikes > 0:
+        if culprit is not None and pool.crash_strikes > 0 and self.workers_shared is None:
             self._strike(model, culprit, pool.crash_strikes)
             self._respawn_later(model)
             return
