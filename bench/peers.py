@@ -1,7 +1,7 @@
 """OpenInfer vs FastAPI+uvicorn (issue #17): one run, the same model, 2 workers each, interleaved rounds.
 
     .venv/bin/python bench/peers.py             # ~3.5 min: 5 rounds x 1 s per figure, then batching.py's c = 16, 32 (5 x 2 s)
-    .venv/bin/python bench/peers.py --quick     # ~30 s, 1 round (wrk 1 s, the rest 0.4 s; a smoke run: figures, not a verdict)
+    .venv/bin/python bench/peers.py --quick     # ~40 s, 1 round (wrk 1 s, the rest 1 s; a smoke run: figures, not a verdict)
     .venv/bin/python bench/peers.py --plot-only bench/results/peers.json   # redraw plot + summary
 
 Servers, all on examples/models/tiny (x FP32[-1, 64] -> y), 2 worker processes each, nothing pinned:
@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batching-levels", type=concurrency_levels, default=[16, 32], help="levels of the batching phase (bench/batching.py; default 16,32)")
     p.add_argument("--batching-duration", type=float, default=2.0, help="seconds per run of the batching phase (default 2: 1 s runs of the batching daemon swing 2x; as many repeats as rounds)")
     p.add_argument("--no-batching", action="store_true", help="skip the batching phase (its figures are then null, with the reason)")
-    p.add_argument("--quick", action="store_true", help="1 round (wrk 1 s, the other generators 0.4 s), batching at c = 16 only: a smoke run (the test's), not a measurement")
+    p.add_argument("--quick", action="store_true", help="1 round (wrk 1 s, the other generators 1 s), batching at c = 16 only: a smoke run (the test's), not a measurement")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "peers.json", help="results file; the plot goes beside it as .png")
     p.add_argument("--plot-only", type=Path, default=None, metavar="JSON", help="redraw the plot and summary from a results file")
     args = p.parse_args(argv)
@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.pool_duration = float(args.duration)
     if args.quick:
         args.duration, args.warmup, args.repeats = 1, 0.1, 1
-        args.pool_duration = 0.4
+        args.pool_duration = 1.0  # (0.4 s: under a loaded run of the suite, 32 Python clients once completed none in it)
         args.batching_levels, args.batching_duration = [16], 1.0
     return args
 
