@@ -59,12 +59,13 @@ class DeadlinePage:
         deadline = self.words[_DEADLINE]
         return int(self.words[_SINCE]), int(deadline)
 
-    def run_owners(self) -> set[str] | None:
-        """The identities of the run in progress (`{"uid=N"}`, or two markers when several), None when idle."""
+    def run_owners(self) -> frozenset[str] | None:
+        """Whose the run in progress is: `{"uid=N"}`, or an empty set when several uids' (not named here);
+        None when idle."""
         if not self.words[_DEADLINE]:
             return None
         owner = int(self.words[_OWNER])
-        return {f"uid={owner - 1}"} if 0 < owner <= 2**32 else {"(several)", "(unknown)"}
+        return frozenset({f"uid={owner - 1}"}) if 0 < owner <= 2**32 else frozenset()
 
     def close(self) -> None:
         self.words.release()

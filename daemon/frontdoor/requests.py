@@ -64,9 +64,7 @@ class FrontDoorRequests:
             # A lease is for infer (and cancel) on the model's workers: the infer grant covers it.
             self.supervisor.access.authorize(conn.peer, "infer" if op == "lease" else op, model_name if isinstance(model_name, str) else None)
             if op == "infer":
-                target = self.lookup_for_infer(header)
-                self._not_barred(conn.identity, target)  # (before `model` is set: a refusal is booked under `rejected`)
-                model = target
+                model = self.lookup_for_infer(header, conn.identity)
                 self._accept_infer(route, request_id, client, model, header, body, received_ns)  # type: ignore[arg-type]
             else:
                 self._reply_admin(route, request_id, op, header, client)  # type: ignore[arg-type]
@@ -134,7 +132,8 @@ class FrontDoorRequests:
         self.supervisor.accountant.record(None, None, conn.identity, exc.code, timing)
         self.supervisor.accountant.count_operation("(oversized)", exc.code)
 
-    def lookup_for_infer(self, header: dict[str, Any]) -> ServedModel:
+    def lookup_for_infer(self, header: dict[str, Any], identity: str) -> ServedModel:
+        """The model version an `infer` or a `lease` of `identity` goes to (checks 12-17a of PROTOCOL.md 8.2)."""
         if self.supervisor.draining:
             raise Unavailable("daemon is shutting down; not accepting new requests")
         version = header.get("version")
@@ -143,16 +142,15 @@ class FrontDoorRequests:
         name = header.get("model")
         if not isinstance(name, str):
             raise InvalidArgument("`model` must be a string (the name of a served model)")
-        return self.serving(name, version)
-
-    def _not_barred(self, identity: str, model: ServedModel) -> None:
-        error = self.barred(identity, model)
-        if error is not None:
-            raise error
+        model = self.serving(name, version)
+        refused = self.barred(identity, model)
+        if refused is not None:
+            raise refused
+        return model
 
     def barred(self, identity: str, model: ServedModel) -> ResourceExhausted | None:
         """The refusal of a client whose requests crashed the model's workers too often (workerpool/crash_blame.py)."""
-        strikes = self.supervisor.pool.crash_strikes
+        strikes = self.supervisor.pool.strikes
         if not strikes:  # (every request asks: mostly no client has crashed anything)
             return None
         limit = self.supervisor.settings.pool.crash_strikes
@@ -248,8 +246,7 @@ class FrontDoorRequests:
         conn = route.conn
         if conn.peer.uid is None:
             raise Unavailable("the direct path is for local clients over ipc://: send infer to this socket", {"direct": "off"})  # stop asking (PROTOCOL.md 17.1)
-        model = self.lookup_for_infer(header)
-        self._not_barred(conn.identity, model)
+        model = self.lookup_for_infer(header, conn.identity)
         server = self.supervisor.settings.server
         limit = self.supervisor.limiter.policy.limit_for(conn.identity)
         if limit.rate_per_s > 0:  # a rate is kept in one place, here: such a client is served at this socket

@@ -4,7 +4,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -98,7 +98,6 @@ class Runner:
         self.dynamic_inputs = frozenset(i.name for i in session.get_inputs() if any(not isinstance(d, int) or d < 0 for d in i.shape or []))
         self.no_rows = _no_rows_answer(session)
 
-
     @staticmethod
     def new_run_options() -> Any:
         return ort.RunOptions()
@@ -120,22 +119,26 @@ class Runner:
         results = self.session.run_with_ort_values(wanted, values, run_options)
         return [_bf16_bits(value) if value.data_type() == "tensor(bfloat16)" else value.numpy() for value in results]
 
-
     def _no_rows(self, wanted: list[str], feed: dict[str, Any], name: str, value: Any) -> list[Any]:
         """Attacker round 79: onnxruntime aborts the whole process on some models given a tensor of no
         elements (silero_vad with a state of [2, 0, 128]: SIGABRT inside its kernels), so none reaches it
         in a dimension the caller chooses. A request of no rows for a model of rows - every input and
-        output [rows, fixed...] - has its answer without a run: no rows of each output (PROTOCOL.md 5.2,
+        output [rows, fixed...] - has its answer without a run: no rows of each output (PROTOCOL.md 8.3,
         the conformance vector tiny_batch_0). Any other is the caller's mistake."""
-        if self.no_rows is not None and all(getattr(feed.get(spec), "shape", (1,))[:1] == (0,) for spec in self.no_rows[0]):
-            return [self.no_rows[1][output].copy() for output in wanted]
+        answer = self.no_rows
+        if answer is not None and all(getattr(feed.get(input_name), "shape", (1,))[:1] == (0,) for input_name in answer.inputs):
+            return [answer.outputs[output].copy() for output in wanted]
         shape = list(getattr(value, "shape", ()))
         raise InvalidArgument(f"input {name!r} {shape} holds no elements: onnxruntime is not given tensors of no elements (some models' kernels abort the process on them); send at least one")
 
 
-def _no_rows_answer(session: ort.InferenceSession) -> tuple[frozenset[str], dict[str, Any]] | None:
-    """(the inputs, the empty output of each by name) of a model whose every input and output is [rows,
-    fixed dimensions...]; else None."""
+class NoRowsAnswer(NamedTuple):
+    inputs: frozenset[str]  # every input's name
+    outputs: dict[str, Any]  # the empty array of each output, by name
+
+
+def _no_rows_answer(session: ort.InferenceSession) -> NoRowsAnswer | None:
+    """The answer to no rows of a model whose every input and output is [rows, fixed dimensions...]; else None."""
     def rows_of_fixed(shape: Any) -> bool:
         return bool(shape) and not (isinstance(shape[0], int) and shape[0] >= 0) and all(isinstance(d, int) and d >= 0 for d in shape[1:])
 
@@ -148,7 +151,7 @@ def _no_rows_answer(session: ort.InferenceSession) -> tuple[frozenset[str], dict
         if datatype is None or datatype == "BF16":
             return None
         empty[output.name] = np.zeros((0, *output.shape[1:]), DATATYPE_TO_NUMPY[datatype])
-    return frozenset(arg.name for arg in inputs), empty
+    return NoRowsAnswer(frozenset(arg.name for arg in inputs), empty)
 
 
 def _bf16_bits(value: Any) -> BF16Array:

@@ -8,21 +8,27 @@ made it UNAVAILABLE for everyone; with an honest client's answers between them r
 had its workers killed and booted again for as long as the attacker liked (53 in 40 s).
 
 Such a crash is the client's strike instead: it does not count toward the crash loop, and a client with
-pool.crash_strikes of them within WINDOW_NS is refused that model (RESOURCE_EXHAUSTED, with when to come back) until its
-oldest strike in the window is older than the window. A crash no single client can be held to (a batch
-of several clients' requests, an idle worker, a SIGKILL from outside) counts toward the crash loop as
-before. Off while the workers' uid is shared with other processes (`sandbox.worker_user = "nobody"` as
+pool.crash_strikes of them within WINDOW_NS is refused that model (RESOURCE_EXHAUSTED, with when to come
+back) until its oldest strike in the window is older than the window. A crash no single client can be held
+to (a batch of several clients' requests, an idle worker, a SIGKILL from outside) counts toward the crash
+loop as before.
+
+Whose requests a worker was running is, for a direct run, what its deadline page says (the run's own
+clients, not those waiting behind it: round 80 queued another uid's requests behind a long run of its own,
+and its crash was no one's; the page is the worker's word, and a hostile model's steps can only have a
+client refused by that model itself), else the front door's running unit (the supervisor's own books). A
+direct run of several uids' requests that crashed its worker has the model's next workers batch one uid's
+requests at a time for the window, so that the next crash is someone's (round 81: a poison batched with
+another uid's requests was no one's strike, 16 crashes of 19).
+
+Strikes are off while the workers' uid is shared with other processes (`sandbox.worker_user = "nobody"` as
 root): a death by a signal does not say who sent it, and any process of that uid could send a worker
-SIGABRT while another uid's request runs and have that client refused (round 82) - but a direct batch of several uids' requests that crashed its worker has the model's next workers
-batch one uid's requests at a time for the window, so that the next crash is someone's (round 81: a poison
-batched with another uid's requests was no one's strike, 16 crashes of 19). Whose requests a worker was running is, for a direct run, what its deadline page says (the run's
-own clients, not those waiting behind it: round 80 queued another uid's requests behind a long run of its
-own, and its crash was no one's; the page is the worker's word, and a hostile model's steps can only have
-a client refused by that model itself), else the front door's running unit (the supervisor's own books).
+SIGABRT while another uid's request runs and have that client refused (round 82).
 """
 from __future__ import annotations
 
 import signal
+from collections.abc import Set as AbstractSet
 
 WINDOW_NS = 600 * 1_000_000_000
 MAX_KEPT = 4096  # (model, identity) pairs remembered; the oldest go first (bounded by what crashed a worker)
@@ -37,7 +43,7 @@ def ended_itself(exit_status: int | None) -> bool:
     return exit_status is not None and (exit_status in SELF_INFLICTED or exit_status > 0)  # (an exit code: it ended itself too)
 
 
-def blamed(exit_status: int | None, identities: set[str]) -> str | None:
+def blamed(exit_status: int | None, identities: AbstractSet[str]) -> str | None:
     """The one client a worker's exit is held against, or None."""
     if len(identities) != 1 or not ended_itself(exit_status):
         return None

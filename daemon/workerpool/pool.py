@@ -116,7 +116,7 @@ class WorkerPool:
         self._next_id = 1
         self.shutting_down = False
         self.respawns_due = 0  # replacements waiting out their delay (a drain with queued tasks waits for them)
-        self.crash_strikes = CrashStrikes()  # clients whose requests crashed a model's workers (crash_blame.py)
+        self.strikes = CrashStrikes()  # clients whose requests crashed a model's workers (crash_blame.py)
         self.on_barred: Callable[[ServedModel, str], None] | None = None  # answers what such a client has queued
         self.halting = False  # a hard stop (supervisor._stop_now): nothing more runs or is spawned, what is left is answered UNAVAILABLE
         # Why other processes can signal the workers (their uid is shared), or None: crash strikes are off then
@@ -262,27 +262,33 @@ class WorkerPool:
             if mask & WRITABLE and channel.flush():
                 self.reactor.modify(channel.sock.fileno(), READABLE)
             if mask & READABLE:
-                for frames in channel.read(max_bytes=8 * 1024 * 1024):
-                    if isinstance(frames, Oversized):
-                        raise ProtocolError(f"message over its limit: {frames.reason}")
-                    if worker.retired:
-                        continue  # being killed: what it says no longer counts
-                    try:
-                        self.on_message(worker, frames)
-                    except (PeerClosed, ProtocolError):
-                        raise
-                    except Exception as exc:
-                        # What it sent is checked where it arrives (worker_inbound.py); a check that raises
-                        # something else (round 64: a datatype that is a list, TypeError) must not leave the
-                        # worker serving, half-handled - BUSY until max_compute_ms, its client timed out.
-                        log.exception("a worker's message could not be handled; retiring it", extra={"worker": worker.worker_id, "pid": worker.pid})
-                        self.reject_worker(worker, f"its message could not be handled ({type(exc).__name__})")
-                    if channel.closed:
-                        return
+                self._take_messages(worker)
         except PeerClosed:
             self._close_channel(worker)  # it exited or closed its end: its pidfd reports the exit
         except ProtocolError as exc:
             self.reject_worker(worker, str(exc))
+
+    def _take_messages(self, worker: WorkerHandle, last_words: bool = False) -> None:
+        """Handle what the worker's channel holds (8 MiB at most a call). A worker being killed is not heard
+        any more - except its last words, read after its death (_last_words)."""
+        channel = worker.channel
+        for frames in channel.read(max_bytes=8 * 1024 * 1024):
+            if isinstance(frames, Oversized):
+                raise ProtocolError(f"message over its limit: {frames.reason}")
+            if worker.retired and not last_words:
+                continue  # being killed: what it says no longer counts
+            try:
+                self.on_message(worker, frames)
+            except (PeerClosed, ProtocolError):
+                raise
+            except Exception as exc:
+                # What it sent is checked where it arrives (worker_inbound.py); a check that raises
+                # something else (round 64: a datatype that is a list, TypeError) must not leave the
+                # worker serving, half-handled - BUSY until max_compute_ms, its client timed out.
+                log.exception("a worker's message could not be handled; retiring it", extra={"worker": worker.worker_id, "pid": worker.pid})
+                self.reject_worker(worker, f"its message could not be handled ({type(exc).__name__})")
+            if channel.closed:
+                return
 
     def _last_words(self, worker: WorkerHandle) -> None:
         """What a serving worker wrote before it died - a result its pidfd's event came before - is read
@@ -295,16 +301,9 @@ class WorkerPool:
             return
         worker.retired = True
         try:
-            for frames in channel.read(max_bytes=8 * 1024 * 1024):
-                if isinstance(frames, Oversized):
-                    return
-                self.on_message(worker, frames)
-                if channel.closed:
-                    return
+            self._take_messages(worker, last_words=True)
         except (PeerClosed, ProtocolError):
-            return
-        except Exception:  # (as _on_channel: what it sent is checked where it arrives)
-            log.exception("a dead worker's last message could not be handled", extra={"worker": worker.worker_id, "pid": worker.pid})
+            pass
 
     def _close_channel(self, worker: WorkerHandle) -> None:
         if not worker.channel.closed:
@@ -361,16 +360,16 @@ class WorkerPool:
             worker.stderr.pump(final=True)
         self._last_words(worker)
         self._close_channel(worker)
+        status = worker.spawned.process.returncode
         # Whose requests it was running when it died: a direct run's, from its deadline page (its word), else
         # the front door's running unit - not every client with a request waiting behind the run (round 80).
         direct_run = worker.page.run_owners() if self.direct is not None and worker.page is not None else None
         running = direct_run if direct_run is not None else {task.identity for task in worker.inflight.running_unit()}
-        if direct_run is not None and len(direct_run) > 1 and ended_itself(worker.spawned.process.returncode):
+        if direct_run is not None and not direct_run and ended_itself(status):  # (several uids' run)
             worker.model.one_uid_batches_until_ns = time.monotonic_ns() + WINDOW_NS
             log.warning("a direct batch of several clients' requests crashed its worker: the model's next workers batch one client's requests at a time", extra={"model": worker.model.key, "minutes": WINDOW_NS // 60_000_000_000})
         if self.direct is not None:
             self.direct.forget(worker)
-        status = worker.spawned.process.returncode
         # Its status pipe speaks for its boot only: a worker that was serving (and may be compromised) could
         # otherwise claim a prepared-weights mismatch and have its model's shared weights thrown away.
         boot_error = worker.spawned.read_status() if worker.ready_ns is None else None
@@ -443,7 +442,7 @@ class WorkerPool:
         self._respawn_later(model)
 
     def _strike(self, model: ServedModel, client: str, limit: int) -> None:
-        if not self.crash_strikes.strike(model.key, client, time.monotonic_ns(), limit):
+        if not self.strikes.strike(model.key, client, time.monotonic_ns(), limit):
             log.warning("worker crash held against the client whose request it ran", extra={"model": model.key, "client": client})
             return
         log.error(

@@ -7,8 +7,6 @@ paths, and the worker serves on. A model of rows (every input and output [rows, 
 answered no rows for no rows, without a run, as the protocol's conformance vector tiny_batch_0 says."""
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pytest
 
