@@ -54,3 +54,16 @@ def test_a_plain_tcp_peer_is_struck_by_its_host_not_by_its_connection() -> None:
         strikes.strike("m:1", f"tcp=10.0.0.7:{port}", 10**12, 3)
     assert strikes.barred_for_ns("m:1", "tcp=10.0.0.7:40004", 10**12, 3) > 0
     assert strikes.barred_for_ns("m:1", "tcp=10.0.0.8:40001", 10**12, 3) == 0
+
+
+def test_a_local_tcp_peer_is_one_striker_whichever_loopback_address_it_binds() -> None:
+    """Round 81 (low): strikes by host were evaded from 127.0.0.0/8's 16M addresses, binding another one
+    for each crash. Loopback is one source, as handshakes count it; an IPv6 host by its /64."""
+    strikes = CrashStrikes()
+    for n, address in enumerate(["127.0.0.1", "127.0.0.2", "127.9.8.7"]):
+        strikes.strike("m:1", f"tcp={address}:{40000 + n}", 10**12, 3)
+    assert strikes.barred_for_ns("m:1", "tcp=::1:40009", 10**12, 3) > 0
+    for n in range(3):
+        strikes.strike("m:1", f"tcp=2001:db8::{n + 1}:4000{n}", 10**12, 3)
+    assert strikes.barred_for_ns("m:1", "tcp=2001:db8::ff:40009", 10**12, 3) > 0
+    assert strikes.barred_for_ns("m:1", "tcp=2001:db8:0:1::1:40009", 10**12, 3) == 0  # another /64

@@ -90,7 +90,6 @@ class DirectPath:
             starvation_ms=server.starvation_ms,
             spin_us=self.settings.pool.worker_spin_us,
             batching={"max_batch_size": batching.max_batch_size, "max_queue_delay_us": batching.max_queue_delay_us, "preferred_batch_sizes": list(batching.preferred_batch_sizes), "quiet_us": batching.quiet_us} if batching else None,
-            one_uid_batches=model.one_uid_batches_until_ns > time.monotonic_ns(),
         )
         return config, listener, page, f"ipc://{path}"
 

@@ -12,6 +12,7 @@ from openinfer.wire.errors import InvalidArgument, NotFound, Unavailable
 
 from .modelconfig import ModelConfig
 from openinfer.daemon.scheduling.taskqueue import TaskQueue
+from openinfer.daemon.direct.batch_apart import BatchApart
 
 log = logging.getLogger("openinfer.supervisor")
 
@@ -53,7 +54,7 @@ class ServedModel:
     # and the delay stayed 100 ms for good; consecutive_crashes, the crash loop's count, takes both).
     respawn_crashes: int = 0
     replaced_ns: int = 0  # when the last crashed or overrun worker's replacement was due to start
-    one_uid_batches_until_ns: int = 0  # workers spawned before then batch one uid's direct requests only (crash_blame.py)
+    batch_apart: BatchApart = field(default_factory=BatchApart)  # whose direct requests batch only with their own (crash_blame.py)
     restarts: int = 0
     load_ms: float | None = None
     prepared_dir: Path | None = None  # shared, pre-packed weights the workers map

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
+from collections.abc import Container
 from typing import Any, Generic, Iterator, Protocol, TypeVar
 
 
@@ -144,10 +145,11 @@ class TaskQueue(Generic[Task]):
             self._aged_count += 1
         return best
 
-    def take_batch(self, max_rows: int, one_identity: bool = False) -> list[Task]:
+    def take_batch(self, max_rows: int, apart: Container[str] | None = None) -> list[Task]:
         """The next task (as `popleft` chooses it) and, after it, queued tasks with its batch key while
         the batch stays within `max_rows` rows and tasks: highest priority first, then by client turn,
-        each client's in arrival order (`one_identity`: the first one's identity's only). Tasks passed
+        each client's in arrival order. An identity in `apart` is batched with its own tasks only: the
+        first one's alone when it is, else no one's in it (direct/batch_apart.py). Tasks passed
         over keep their places. One pass over the queue, no per-task `remove` (that made taking a batch
         of 16 quadratic)."""
         first = self.popleft()
@@ -159,10 +161,12 @@ class TaskQueue(Generic[Task]):
         levels = self._levels
         for priority in sorted(levels, reverse=True):
             level = levels[priority]
-            if one_identity:
+            if apart is None:
+                clients = list(level)
+            elif first.identity in apart:
                 clients = [first.identity] if first.identity in level else []
             else:
-                clients = list(level)
+                clients = [client for client in level if client not in apart]
             for client in clients:
                 tasks = level[client]
                 passed: list[Task] = []

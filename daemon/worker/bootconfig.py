@@ -37,7 +37,6 @@ class DirectConfig:
     starvation_ms: int = 1000
     spin_us: int = 0
     batching: dict[str, Any] | None = None  # the model's [batching] (modelconfig.BatchingConfig fields)
-    one_uid_batches: bool = False  # a batch of several uids' requests crashed a worker of the model lately: batch one uid's at a time
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from openinfer.daemon.direct.deadline_page import SEVERAL, DeadlinePage
+from openinfer.daemon.direct.batch_apart import BatchApart
+from openinfer.daemon.direct.deadline_page import DeadlinePage
 from openinfer.daemon.direct.ledger import CACHE_HIT, CACHE_MISS, MAX_ADMITTED, LedgerWriter, ledger_code
 from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.frontdoor.client_limits import over_max_priority
@@ -65,7 +66,7 @@ class ModelView:
     max_request_bytes: int
     starvation_ms: int
     batching: BatchingConfig | None
-    one_uid_batches: bool = False  # (bootconfig.DirectConfig)
+    apart: BatchApart = field(default_factory=BatchApart)  # whose requests batch only with their own (APART)
     input_by_name: dict[str, dict[str, Any]] = field(init=False)
     output_names: frozenset[str] = field(init=False)
     output_order: list[str] = field(init=False)
@@ -254,7 +255,7 @@ class DirectQueue:
                     if now < due_ns:
                         return (due_ns - now) / 1e9  # held for company, at most max_queue_delay_us
                     size = batching.max_batch_size
-                taken = queue.take_batch(size, model.one_uid_batches)
+                taken = queue.take_batch(size, model.apart.now(now))
             live = []
             for request in taken:
                 if request.deadline_ns <= now:
@@ -295,7 +296,7 @@ class DirectQueue:
         now = time.monotonic_ns()
         deadline_ns = self._deadline_of(requests, now)
         if self.page is not None:
-            self.page.running(now, deadline_ns, _owner(requests))
+            self.page.running(now, deadline_ns, _run_uids(requests))
         ELEMENTS_DEADLINE_NS.set(deadline_ns)  # (wire/tensors.py)
         return deadline_ns
 
@@ -518,9 +519,13 @@ class DirectQueue:
             self.ledger.refused(request_id or 0, client, op, ledger_code(exc, op), (time.monotonic_ns() - received_ns) / 1000)
 
 
-def _owner(requests: list[DirectRequest]) -> int:
-    """The deadline page's owner word for a run of `requests` (direct/deadline_page.py)."""
+def _run_uids(requests: list[DirectRequest]) -> list[int] | None:
+    """The distinct uids of a run's requests, for the deadline page (direct/deadline_page.py); None for an
+    identity that is not a uid's."""
     identity = requests[0].identity if requests else ""
-    if not identity.startswith("uid=") or any(request.identity != identity for request in requests):
-        return SEVERAL
-    return int(identity[4:]) + 1
+    if len(requests) == 1 or all(request.identity == identity for request in requests):
+        return [int(identity[4:])] if identity.startswith("uid=") else None
+    identities = {request.identity for request in requests}
+    if not all(each.startswith("uid=") for each in identities):
+        return None
+    return [int(each[4:]) for each in identities]

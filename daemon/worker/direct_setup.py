@@ -27,7 +27,7 @@ def direct_serving(config: WorkerBootConfig, description: dict[str, Any], runner
     listener = socket.socket(fileno=LISTEN_FD)
     listener.setblocking(False)
     batching = BatchingConfig(**{**direct.batching, "preferred_batch_sizes": tuple(direct.batching.get("preferred_batch_sizes", ()))}) if direct.batching else None
-    model = ModelView(config.model, config.version, description["inputs"], description["outputs"], direct.timeout_ms, direct.max_compute_ms, direct.max_request_bytes, direct.starvation_ms, batching, direct.one_uid_batches)
+    model = ModelView(config.model, config.version, description["inputs"], description["outputs"], direct.timeout_ms, direct.max_compute_ms, direct.max_request_bytes, direct.starvation_ms, batching)
     limits = DirectLimits(direct.max_connections, direct.max_connections_per_identity, direct.max_request_bytes, direct.max_reply_backlog_bytes, direct.strike_limit)
     page = DeadlinePage(DEADLINE_PAGE_FD)
     page.idle()

@@ -19,6 +19,8 @@ any state changes; a message that does not fit retires the worker.
   FAILED [b"E", {"message"}]  boot failed      PING  [b"P", token]
                                                BATCH [b"B", plan, *data]  (layout below)
   PONG   [b"p", token, report]                KEY   [b"K", lease key]   after a reload
+                                               APART [b"U", table]  whose direct requests to batch
+                                                                    apart (direct/batch_apart.py)
 
 QUIT's drain_ns (u64 LE) is how long clients told GOAWAY may still send; absent, the worker's own (4 s).
 A hard stop sends 0: the worker answers what it queued and did not start as a lease expiry and leaves
@@ -50,6 +52,7 @@ BATCH = b"B"
 QUIT = b"Q"
 PING = b"P"
 KEY = b"K"  # [b"K", key]: the new lease key (every reload makes one; direct.py checks leases with it)
+APART = b"U"  # [b"U", msgpack {identity: until_ns}]: after the ACK and on every change (direct/batch_apart.py)
 
 _TASK_ID = struct.Struct("<Q")
 _STOP = struct.Struct("<QQ")  # a TASK's deadline_ns and max_compute_ns, after its task id

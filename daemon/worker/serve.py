@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from openinfer.daemon.direct.batch_apart import BatchApart
 from openinfer.wire.zmtp import FrameStream, Oversized, PeerClosed
 
 from . import messages
@@ -176,6 +177,11 @@ class WorkerLoop:
                 channel.send([messages.PONG, bytes(frames[1]), self._pong_report()])
             elif kind == messages.KEY and self.direct is not None:
                 self.direct.door.rekey(bytes(frames[1]))
+            elif kind == messages.APART and self.direct is not None:
+                try:
+                    self.direct.queue.model.apart = BatchApart.decode(bytes(frames[1]))
+                except (ValueError, TypeError, IndexError) as exc:
+                    log.error("malformed APART message from the supervisor", extra={"reason": str(exc)})
             elif kind == messages.QUIT:
                 sent_ns = int.from_bytes(bytes(frames[1][:8]), "little") if len(frames) > 1 else time.monotonic_ns()
                 drain_ns = int.from_bytes(bytes(frames[2][:8]), "little") if len(frames) > 2 else DRAIN_GRACE_NS

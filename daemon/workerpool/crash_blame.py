@@ -17,9 +17,9 @@ Whose requests a worker was running is, for a direct run, what its deadline page
 clients, not those waiting behind it: round 80 queued another uid's requests behind a long run of its own,
 and its crash was no one's; the page is the worker's word, and a hostile model's steps can only have a
 client refused by that model itself), else the front door's running unit (the supervisor's own books). A
-direct run of several uids' requests that crashed its worker has the model's next workers batch one uid's
-requests at a time for the window, so that the next crash is someone's (round 81: a poison batched with
-another uid's requests was no one's strike, 16 crashes of 19).
+direct run of several uids' requests that crashed its worker has those uids' requests batched only with
+their own for the window, by every worker of the model (direct/batch_apart.py), so that the next crash is
+someone's (round 81: a poison batched with another uid's requests was no one's strike, 16 crashes of 19).
 
 Strikes are off while the workers' uid is shared with other processes (`sandbox.worker_user = "nobody"` as
 root): a death by a signal does not say who sent it, and any process of that uid could send a worker
@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Set as AbstractSet
+
+from openinfer.daemon.frontdoor.handshakes import source_host
 
 WINDOW_NS = 600 * 1_000_000_000
 MAX_KEPT = 4096  # (model, identity) pairs remembered; the oldest go first (bounded by what crashed a worker)
@@ -52,9 +54,12 @@ def blamed(exit_status: int | None, identities: AbstractSet[str]) -> str | None:
 
 def _striker(identity: str) -> str:
     """Whom a strike is counted to: the identity, but a plain tcp:// peer's (`tcp=<host>:<port>`, one per
-    connection) by its host - a client reconnecting for each crash stayed clear of strikes (round 80, low;
-    `--insecure-tcp` only)."""
-    return identity.rpartition(":")[0] if identity.startswith("tcp=") else identity
+    connection) by its source as handshakes count it (one IPv4 address, one IPv6 /64, every loopback
+    address as one) - a client reconnecting for each crash stayed clear of strikes (round 80, low), and
+    one binding another of 127/8's addresses each time did too (round 81, low; `--insecure-tcp` only)."""
+    if not identity.startswith("tcp="):
+        return identity
+    return "tcp=" + source_host(identity[4:].rpartition(":")[0].strip("[]"))
 
 
 class CrashStrikes:

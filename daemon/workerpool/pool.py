@@ -330,7 +330,12 @@ class WorkerPool:
         if hello.warmup_error:
             log.warning("warm-up failed; first request pays the first-run cost", extra={"model": model.name, "reason": hello.warmup_error})
         worker.transition(WorkerState.LOADED)
-        self.send(worker, [messages.ACK, self.direct.key_for(model)] if self.direct is not None and worker.direct_address else [messages.ACK])
+        if self.direct is None or not worker.direct_address:
+            self.send(worker, [messages.ACK])
+            return
+        self.send(worker, [messages.ACK, self.direct.key_for(model)])
+        if model.batch_apart.now(time.monotonic_ns()) is not None:  # (read with the ACK: handled before any request)
+            self.send(worker, [messages.APART, model.batch_apart.encode()])
 
     def on_ready(self, worker: WorkerHandle, sandbox: dict) -> None:  # type: ignore[type-arg]
         worker.sandbox = sandbox
@@ -365,9 +370,8 @@ class WorkerPool:
         # the front door's running unit - not every client with a request waiting behind the run (round 80).
         direct_run = worker.page.run_owners() if self.direct is not None and worker.page is not None else None
         running = direct_run if direct_run is not None else {task.identity for task in worker.inflight.running_unit()}
-        if direct_run is not None and not direct_run and ended_itself(status):  # (several uids' run)
-            worker.model.one_uid_batches_until_ns = time.monotonic_ns() + WINDOW_NS
-            log.warning("a direct batch of several clients' requests crashed its worker: the model's next workers batch one client's requests at a time", extra={"model": worker.model.key, "minutes": WINDOW_NS // 60_000_000_000})
+        if direct_run is not None and len(direct_run) != 1 and ended_itself(status):
+            self._batch_apart(worker, direct_run)
         if self.direct is not None:
             self.direct.forget(worker)
         # Its status pipe speaks for its boot only: a worker that was serving (and may be compromised) could
@@ -440,6 +444,24 @@ class WorkerPool:
                 self.on_model_failed(model)  # its queued requests are answered UNAVAILABLE now
             return  # no more respawns until a reload re-arms the model
         self._respawn_later(model)
+
+    def _batch_apart(self, crashed: WorkerHandle, identities: frozenset[str]) -> None:
+        """A direct run of several uids' requests ended its worker: no one's strike, so those uids' requests
+        are batched only with their own for the strikes' window, by every worker of the model, running or
+        to come (direct/batch_apart.py). Nothing to gain while strikes are off."""
+        if self.settings.pool.crash_strikes <= 0 or self.workers_shared is not None:
+            return
+        model = crashed.model
+        now = time.monotonic_ns()
+        model.batch_apart.keep_apart(identities, now + WINDOW_NS, now)
+        log.warning(
+            "a direct batch of several clients' requests crashed its worker: their requests are batched apart",
+            extra={"model": model.key, "clients": sorted(identities) or "not named: everyone", "minutes": WINDOW_NS // 60_000_000_000},
+        )
+        table = model.batch_apart.encode()
+        for worker in model.workers:
+            if worker is not crashed and worker.direct_address and worker.state in (WorkerState.LOADED, WorkerState.READY, WorkerState.BUSY):
+                self.send(worker, [messages.APART, table])
 
     def _strike(self, model: ServedModel, client: str, limit: int) -> None:
         if not self.strikes.strike(model.key, client, time.monotonic_ns(), limit):

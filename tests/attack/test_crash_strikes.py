@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 
 import onnx_builders
 from daemon_harness import log_records, wait_for
+from direct_peer import Peer, attach
 from openinfer.client import AsyncClient, Client, OpenInferError
 from other_uid import NOBODY, call_as, start_as
 from repo_builder import ModelRepo
@@ -323,3 +326,81 @@ def test_an_abort_sent_to_a_worker_of_a_shared_uid_gets_no_client_blamed(daemon_
     records = log_records(daemon)
     assert not [r for r in records if r.get("msg") in ("worker crash held against the client whose request it ran", "client refused a model: its requests crashed the model's workers")]
     assert any(r.get("msg") == "workers share their uid" and str(r.get("crash_strikes", "")).startswith("off") for r in records)
+
+
+def _div_frames(feed: dict[str, np.ndarray]) -> list[bytes]:
+    specs = [{"name": name, "datatype": "INT64", "shape": list(array.shape)} for name, array in feed.items()]
+    return [msgpack.packb({"v": 1, "id": 2, "op": "infer", "inputs": specs}), *(array.tobytes() for array in feed.values())]
+
+
+def _infer_on(address: str, worker: str, feed: dict[str, np.ndarray], sent_fd: int | None = None) -> str:
+    """One infer of `div` sent straight to the worker endpoint `worker` under this uid's own lease (told
+    on `sent_fd` once sent): its batch_size, or its error's code, or "closed"."""
+    with Client(address, direct=False) as client:
+        token = client._call("lease", model="div")["lease"]
+    peer = Peer(worker)
+    try:
+        header = peer.ask(attach(token))
+        assert header is not None and "error" not in header, header
+        peer.send_all([_div_frames(feed)])
+        if sent_fd is not None:
+            os.write(sent_fd, b"sent")
+        reply = peer.next_reply(30)
+    finally:
+        peer.close()
+    if reply is None:
+        return "closed"
+    return str(reply["error"]["code"]) if "error" in reply else f"batch of {reply['batch_size']}"
+
+
+def _together(daemon: Any, worker: str, first: tuple[int, dict[str, np.ndarray]], second: tuple[int, dict[str, np.ndarray]]) -> list[str]:
+    """Uid first[0]'s request to `worker`, then uid second[0]'s while the first waits for company (the
+    model's max_queue_delay_us): how each was answered. Batched together: both 'batch of 2'."""
+    sent_read, sent_write = os.pipe()
+    answers: dict[str, str] = {}
+    thread = threading.Thread(target=lambda: answers.setdefault("first", call_as(first[0], lambda: _infer_on(daemon.address, worker, first[1], sent_write))))
+    thread.start()
+    try:
+        assert select.select([sent_read], [], [], 30)[0], "the first request was not sent"
+        answers["second"] = call_as(second[0], lambda: _infer_on(daemon.address, worker, second[1]))
+    finally:
+        thread.join(60)
+        os.close(sent_read)
+        os.close(sent_write)
+    return [answers.get("first", "none"), answers["second"]]
+
+
+def test_after_a_batch_of_several_uids_crashes_only_those_uids_are_batched_apart_by_every_worker(daemon_factory: Any) -> None:
+    """Attacker round 82: after one poison crashed a direct batch of its own and another uid's requests,
+    the model's next workers batched every uid's requests one uid at a time for their whole life (a third
+    of the model's throughput for every client, for one crash that was no one's strike), and its workers
+    already running were never told (each gave one more crash that was no one's). Now the uids of the
+    crashed run are batched apart for the strikes' window, by the running workers and the new ones alike;
+    other uids' requests still share batches."""
+    root, bystanders = 0, (NOBODY - 1, NOBODY - 2)
+    fine = {"x": np.array([[6]], np.int64), "y": np.array([[3]], np.int64)}
+    poison = {"x": np.array([[np.iinfo(np.int64).min]], np.int64), "y": np.array([[-1]], np.int64)}
+    repo = ModelRepo("oi-strikes-apart-")
+    repo.model("div", _div_model, config="workers = 2\n\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 2000000\nquiet_us = 0\n")
+    daemon = daemon_factory(repo.ready(), env=ENV)
+    try:
+        def addresses() -> dict[int, str]:
+            with Client(daemon.address, direct=False) as client:
+                workers = client._call("lease", model="div")["workers"]
+            return {worker["worker"]: worker["address"] for worker in workers} if len(workers) == 2 else {}
+
+        before = wait_for(addresses, 60, "two workers serving", daemon=daemon)
+        doomed, survivor = sorted(before)
+        assert _together(daemon, before[survivor], (bystanders[0], fine), (root, fine)) == ["batch of 2"] * 2  # uids share batches
+        crashed = _together(daemon, before[doomed], (root, fine), (NOBODY, poison))
+        assert set(crashed) <= {"WORKER_CRASHED", "closed"}, crashed
+        after = wait_for(lambda: (lambda now: now if len(now) == 2 and doomed not in now else {})(addresses()), 60, "the crashed worker replaced", daemon=daemon)
+        (replacement,) = set(after) - {survivor}
+        for worker in (after[survivor], after[replacement]):
+            assert _together(daemon, worker, (root, fine), (NOBODY, fine)) == ["batch of 1"] * 2, worker  # the crashed run's uids
+            assert _together(daemon, worker, (bystanders[0], fine), (root, fine)) == ["batch of 1"] * 2, worker
+            assert _together(daemon, worker, (bystanders[0], fine), (bystanders[1], fine)) == ["batch of 2"] * 2, worker  # everyone else's
+        apart = [r for r in log_records(daemon) if r.get("msg") == "a direct batch of several clients' requests crashed its worker: their requests are batched apart"]
+        assert [r["clients"] for r in apart] == [[f"uid={root}", f"uid={NOBODY}"]], apart
+    finally:
+        repo.remove()
