@@ -392,8 +392,8 @@ class Dispatcher:
         others ran again: a client's valid requests with a timeout shorter than a batch's run, in batch
         after batch, cost every other member that run (round 27). The members' queue bookkeeping
         (`dequeue`) is left to dispatch_batch, after the send."""
-        batch = model.queue.take_batch(max_rows)
         now = time.monotonic_ns()
+        batch = model.queue.take_batch(max_rows, model.batch_apart.now(now))
         ewma = model.batch_compute_ewma_us
         cutoff = now + int(ewma * 1000) if ewma is not None and len(batch) > 1 else now
         for task in batch:

@@ -17,9 +17,11 @@ Whose requests a worker was running is, for a direct run, what its deadline page
 clients, not those waiting behind it: round 80 queued another uid's requests behind a long run of its own,
 and its crash was no one's; the page is the worker's word, and a hostile model's steps can only have a
 client refused by that model itself), else the front door's running unit (the supervisor's own books). A
-direct run of several uids' requests that crashed its worker has those uids' requests batched only with
-their own for the window, by every worker of the model (direct/batch_apart.py), so that the next crash is
-someone's (round 81: a poison batched with another uid's requests was no one's strike, 16 crashes of 19).
+run of several clients' requests that crashed its worker has those clients' requests batched only with
+their own for the window, on both paths (direct/batch_apart.py), so that the next crash is someone's (round
+81: a poison batched with another uid's requests on the direct path was no one's strike, 16 crashes of 19;
+round 83: on the front door, where a crashed batch's members run again alone to find the poison, a poison
+whose deadline passed before its turn never ran alone - 40 crashes, no strike).
 
 Strikes are off while the workers' uid is shared with other processes (`sandbox.worker_user = "nobody"` as
 root): a death by a signal does not say who sent it, and any process of that uid could send a worker
@@ -52,7 +54,7 @@ def blamed(exit_status: int | None, identities: AbstractSet[str]) -> str | None:
     return next(iter(identities))
 
 
-def _striker(identity: str) -> str:
+def striker(identity: str) -> str:
     """Whom a strike is counted to: the identity, but a plain tcp:// peer's (`tcp=<host>:<port>`, one per
     connection) by its source as handshakes count it (one IPv4 address, one IPv6 /64, every loopback
     address as one) - a client reconnecting for each crash stayed clear of strikes (round 80, low), and
@@ -71,7 +73,7 @@ class CrashStrikes:
 
     def strike(self, model_key: str, identity: str, now_ns: int, limit: int) -> bool:
         """Count a crash; True when it is the one that bars the client (its `limit`-th in the window)."""
-        key = (model_key, _striker(identity))
+        key = (model_key, striker(identity))
         times = [t for t in self._times.pop(key, []) if now_ns - t < WINDOW_NS]
         times.append(now_ns)
         self._times[key] = times[-limit:]  # (re-inserted: the most recent last)
@@ -81,7 +83,7 @@ class CrashStrikes:
 
     def barred_for_ns(self, model_key: str, identity: str, now_ns: int, limit: int) -> int:
         """How much longer the client is refused the model (0: it is not)."""
-        times = self._times.get((model_key, _striker(identity)))
+        times = self._times.get((model_key, striker(identity)))
         if limit <= 0 or times is None or len(times) < limit:
             return 0
         return max(0, times[-limit] + WINDOW_NS - now_ns)

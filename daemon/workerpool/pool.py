@@ -370,8 +370,8 @@ class WorkerPool:
         # the front door's running unit - not every client with a request waiting behind the run (round 80).
         direct_run = worker.page.run_owners() if self.direct is not None and worker.page is not None else None
         running = direct_run if direct_run is not None else {task.identity for task in worker.inflight.running_unit()}
-        if direct_run is not None and len(direct_run) != 1 and ended_itself(status):
-            self._batch_apart(worker, direct_run)
+        if ended_itself(status) and (len(running) > 1 or direct_run == frozenset()):  # (an empty page: several, not named)
+            self._batch_apart(worker, running)
         if self.direct is not None:
             self.direct.forget(worker)
         # Its status pipe speaks for its boot only: a worker that was serving (and may be compromised) could
@@ -446,18 +446,20 @@ class WorkerPool:
         self._respawn_later(model)
 
     def _batch_apart(self, crashed: WorkerHandle, identities: frozenset[str]) -> None:
-        """A direct run of several uids' requests ended its worker: no one's strike, so those uids' requests
-        are batched only with their own for the strikes' window, by every worker of the model, running or
-        to come (direct/batch_apart.py). Nothing to gain while strikes are off."""
+        """A run of several clients' requests ended its worker: no one's strike, so those clients' requests
+        are batched only with their own for the strikes' window, by the front door and by every worker of
+        the model, running or to come (direct/batch_apart.py). Nothing to gain while strikes are off."""
         if self.settings.pool.crash_strikes <= 0 or self.workers_shared is not None:
             return
         model = crashed.model
         now = time.monotonic_ns()
         model.batch_apart.keep_apart(identities, now + WINDOW_NS, now)
         log.warning(
-            "a direct batch of several clients' requests crashed its worker: their requests are batched apart",
+            "a batch of several clients' requests crashed its worker: their requests are batched apart",
             extra={"model": model.key, "clients": sorted(identities) or "not named: everyone", "minutes": WINDOW_NS // 60_000_000_000},
         )
+        if self.direct is None:
+            return
         table = model.batch_apart.encode()
         for worker in model.workers:
             if worker is not crashed and worker.direct_address and worker.state in (WorkerState.LOADED, WorkerState.READY, WorkerState.BUSY):

@@ -15,6 +15,7 @@ import os
 import select
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +101,12 @@ def test_a_client_that_crashes_a_model_is_refused_it_and_the_model_serves_on(dae
 
 
 
-def _victim(address: str, model: str, feed: dict[str, np.ndarray], in_flight: int, stop: threading.Event, answered: dict[str, int]) -> Any:
-    """A thread's body: this process's client keeps `in_flight` requests on the direct path until `stop`,
-    counting the answers by code in `answered`."""
+def _victim(address: str, model: str, feed: dict[str, np.ndarray], in_flight: int, stop: threading.Event, answered: dict[str, int], direct: bool = True) -> Any:
+    """A thread's body: this process's client keeps `in_flight` requests on the direct path (or the
+    front door's) until `stop`, counting the answers by code in `answered`."""
     def victim() -> None:
         async def main() -> None:
-            async with AsyncClient(address, timeout=30, direct=True) as client:
+            async with AsyncClient(address, timeout=30, direct=direct) as client:
                 async def one() -> None:
                     while not stop.is_set():
                         try:
@@ -400,7 +401,45 @@ def test_after_a_batch_of_several_uids_crashes_only_those_uids_are_batched_apart
             assert _together(daemon, worker, (root, fine), (NOBODY, fine)) == ["batch of 1"] * 2, worker  # the crashed run's uids
             assert _together(daemon, worker, (bystanders[0], fine), (root, fine)) == ["batch of 1"] * 2, worker
             assert _together(daemon, worker, (bystanders[0], fine), (bystanders[1], fine)) == ["batch of 2"] * 2, worker  # everyone else's
-        apart = [r for r in log_records(daemon) if r.get("msg") == "a direct batch of several clients' requests crashed its worker: their requests are batched apart"]
+        apart = [r for r in log_records(daemon) if r.get("msg") == "a batch of several clients' requests crashed its worker: their requests are batched apart"]
         assert [r["clients"] for r in apart] == [[f"uid={root}", f"uid={NOBODY}"]], apart
     finally:
         repo.remove()
+
+
+def test_a_poison_that_expires_before_its_batchs_members_run_again_alone_is_still_struck(daemon_factory: Any) -> None:
+    """Attacker round 83: on the front door, a crashed batch's members run again one by one, so that the
+    poison's own run names its sender; a poison sent with a short timeout expired in the queue while the
+    worker was replaced and never ran alone - 40 crashes beside root's requests, one strike, never refused
+    (root: 3,564 -> 907 answers/s). The crashed batch's clients are now batched apart for the strikes'
+    window, on the front door as on the direct path: the next poison runs alone."""
+    repo = ModelRepo("oi-strikes-fd-")
+    repo.model("div", _div_model, config="workers = 1\n\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 2000\n")
+    daemon = daemon_factory(repo.ready(), env={**ENV, "OPENINFER_POOL_DIRECT": "0"})
+    fine = {"x": np.array([[6]], np.int64), "y": np.array([[3]], np.int64)}
+    poison = {"x": np.array([[np.iinfo(np.int64).min]], np.int64), "y": np.array([[-1]], np.int64)}
+    stop = threading.Event()
+    answered: dict[str, int] = {}
+    victim = _victim(daemon.address, "div", fine, 16, stop, answered, direct=False)
+
+    def attack() -> list[str]:
+        codes: list[str] = []
+        with Client(daemon.address, timeout=30, direct=False) as client:
+            while len(codes) < 20 and "RESOURCE_EXHAUSTED" not in codes:
+                try:
+                    client.infer("div", poison, timeout=0.15)  # gone before a replaced worker could run it alone
+                    codes.append("OK")
+                except OpenInferError as exc:
+                    codes.append(exc.code)
+                time.sleep(0.3)
+        return codes
+
+    try:
+        codes = _attack_beside(daemon, victim, stop, answered, attack)
+    finally:
+        repo.remove()
+    crashes, held, refused = _crashes(daemon, "SIGFPE")
+    assert refused == [f"uid={NOBODY}"] and f"uid={os.getuid()}" not in held, (codes, crashes, held, refused)
+    assert crashes <= 5, (codes, crashes, held)  # a batch's crash no one's, then the attacker's three
+    with Client(daemon.address, timeout=30, direct=False) as root:
+        assert root.infer("div", fine).outputs["out"].tolist() == [[2]]
