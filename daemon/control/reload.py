@@ -106,7 +106,10 @@ class RepositorySync:
         # is broken lets none: what it meant cannot be read.
         self.consents: dict[str, frozenset[str]] = {}
 
-    def _new_model(self, entry: ModelEntry, version: ModelVersionEntry, repository: Path, members: tuple[Any, ...] = ()) -> ServedModel:
+    def _new_model(self, entry: ModelEntry, version: ModelVersionEntry, repository: Path, members: tuple[Any, ...] = (), replacing: ServedModel | None = None) -> ServedModel:
+        """A served version, its workers started (or its weights' preparation, or its chain's wait).
+        `replacing`: the same version's served model, whose clients batched apart stay so - as their crash
+        strikes do, kept by name:version (round 83: a reload dropped them)."""
         model = ServedModel(
             name=entry.name,
             version=version.version,
@@ -118,6 +121,8 @@ class RepositorySync:
         )
         model.fingerprint = model_fingerprint(version.path, entry.config, members)
         model.queue = TaskQueue(self.settings.server.starvation_ms)
+        if replacing is not None:
+            model.batch_apart = replacing.batch_apart
         preparer = self.pool.preparer
         over = self._over_worker_cap(model, model.worker_count)
         if over is not None:  # (a reload retries it, when other models have left room)
@@ -206,10 +211,10 @@ class RepositorySync:
                 if old_pending is not None:
                     self._retire(old_pending)
                 if current.state in (ModelState.FAILED, ModelState.UNAVAILABLE, ModelState.LOADING):
-                    self.registry.by_name[entry.name][version.version] = self._new_model(entry, version, repository, members)
+                    self.registry.by_name[entry.name][version.version] = self._new_model(entry, version, repository, members, current)
                     self._retire(current)
                 else:
-                    replacement = self._new_model(entry, version, repository, members)
+                    replacement = self._new_model(entry, version, repository, members, current)
                     if replacement.state is ModelState.FAILED:  # over pool.max_workers or pool.max_model_bytes: the old one keeps serving
                         current.reason = f"reload failed, still serving the previous file: {replacement.reason}"
                         changes["failed"].append(f"{entry.name}:{version.version}")

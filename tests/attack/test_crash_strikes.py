@@ -443,3 +443,33 @@ def test_a_poison_that_expires_before_its_batchs_members_run_again_alone_is_stil
     assert crashes <= 5, (codes, crashes, held)  # a batch's crash no one's, then the attacker's three
     with Client(daemon.address, timeout=30, direct=False) as root:
         assert root.infer("div", fine).outputs["out"].tolist() == [[2]]
+
+
+def test_clients_batched_apart_stay_so_when_a_reload_replaces_the_version(daemon_factory: Any) -> None:
+    """Attacker round 83 (an observation): a reload that replaced a version (its config.toml changed) gave it
+    a table of no one apart, while the version's crash strikes, kept by name:version, stayed."""
+    fine = {"x": np.array([[6]], np.int64), "y": np.array([[3]], np.int64)}
+    poison = {"x": np.array([[np.iinfo(np.int64).min]], np.int64), "y": np.array([[-1]], np.int64)}
+    repo = ModelRepo("oi-strikes-reload-")
+    config = "workers = 1\n\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 2000000\nquiet_us = 0\n"
+    repo.model("div", _div_model, config=config)
+    daemon = daemon_factory(repo.ready(), env=ENV)
+    try:
+        def serving(after: int) -> tuple[int, str] | None:
+            with Client(daemon.address, direct=False) as client:
+                try:
+                    workers = client._call("lease", model="div")["workers"]
+                except OpenInferError:  # UNAVAILABLE: no worker ready yet
+                    return None
+            return (workers[0]["worker"], workers[0]["address"]) if len(workers) == 1 and workers[0]["worker"] > after else None
+
+        first, address = wait_for(lambda: serving(0), 60, "a worker serving", daemon=daemon)
+        assert set(_together(daemon, address, (0, fine), (NOBODY, poison))) <= {"WORKER_CRASHED", "closed"}
+        replaced, _ = wait_for(lambda: serving(first), 60, "the crashed worker replaced", daemon=daemon)
+        (repo.root / "div" / "config.toml").write_text("timeout_ms = 29000\n" + config)
+        with Client(daemon.address, timeout=30, direct=False) as admin:
+            assert "div:1" in admin.reload()["replaced"]
+        _, address = wait_for(lambda: serving(replaced), 60, "the replaced version's worker serving", daemon=daemon)
+        assert _together(daemon, address, (0, fine), (NOBODY, fine)) == ["batch of 1"] * 2
+    finally:
+        repo.remove()
