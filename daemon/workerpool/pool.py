@@ -14,7 +14,7 @@ import sysconfig
 import time
 import weakref
 from dataclasses import replace
-from collections.abc import Sequence
+from collections.abc import Sequence, Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -445,7 +445,7 @@ class WorkerPool:
             return  # no more respawns until a reload re-arms the model
         self._respawn_later(model)
 
-    def _batch_apart(self, crashed: WorkerHandle, identities: frozenset[str]) -> None:
+    def _batch_apart(self, crashed: WorkerHandle, identities: AbstractSet[str]) -> None:
         """A run of several clients' requests ended its worker: no one's strike, so those clients' requests
         are batched only with their own for the strikes' window, by the front door and by every worker of
         the model, running or to come (direct/batch_apart.py). Nothing to gain while strikes are off."""
