@@ -370,7 +370,8 @@ class WorkerPool:
         # the front door's running unit - not every client with a request waiting behind the run (round 80).
         direct_run = worker.page.run_owners() if self.direct is not None and worker.page is not None else None
         running = direct_run if direct_run is not None else {task.identity for task in worker.inflight.running_unit()}
-        if ended_itself(status) and (len(running) > 1 or direct_run == frozenset()):  # (an empty page: several, not named)
+        several = ended_itself(status) and (len(running) > 1 or direct_run == frozenset())  # (an empty page: several, not named)
+        if several:
             self._batch_apart(worker, running)
         if self.direct is not None:
             self.direct.forget(worker)
@@ -423,16 +424,23 @@ class WorkerPool:
             self._respawn(model)
             model.restarts += 1
             return worker
-        self._schedule_respawn(model, reason, blamed(status, running))
+        self._schedule_respawn(model, reason, blamed(status, running), kept_apart=several and len(running) > 1)
         return worker
 
-    def _schedule_respawn(self, model: ServedModel, reason: str, culprit: str | None = None) -> None:
+    def _schedule_respawn(self, model: ServedModel, reason: str, culprit: str | None = None, kept_apart: bool = False) -> None:
         """`culprit`: the one client whose requests the worker ended itself running (crash_blame.py): its
-        strike, not a step toward the model's crash loop."""
+        strike, not a step toward the model's crash loop. `kept_apart`: it ran several clients' requests,
+        named, and those clients are now batched apart: their next crash is a strike, and this one is no
+        step toward the crash loop either - a poison sent to every worker of a model at once, each batched
+        with another uid's requests, was that many crash-loop steps at once (round 83, low: five workers,
+        five crashes no one's), the model UNAVAILABLE for everyone where it had as many workers as
+        pool.crash_loop_limit. A run the page does not name counts (a model that crashes itself can write
+        that)."""
         pool = self.settings.pool
         model.restarts += 1
-        if culprit is not None and pool.crash_strikes > 0 and self.workers_shared is None:
-            self._strike(model, culprit, pool.crash_strikes)
+        if (culprit is not None or kept_apart) and pool.crash_strikes > 0 and self.workers_shared is None:
+            if culprit is not None:
+                self._strike(model, culprit, pool.crash_strikes)
             self._respawn_later(model)
             return
         model.consecutive_crashes += 1

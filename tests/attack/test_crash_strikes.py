@@ -473,3 +473,36 @@ def test_clients_batched_apart_stay_so_when_a_reload_replaces_the_version(daemon
         assert _together(daemon, address, (0, fine), (NOBODY, fine)) == ["batch of 1"] * 2
     finally:
         repo.remove()
+
+
+def test_crashes_of_several_clients_batches_are_no_steps_toward_the_crash_loop(daemon_factory: Any) -> None:
+    """Attacker round 83 (low): a poison sent to every worker of a model at once, each batched with another
+    uid's requests, crashed every worker with no one to hold to it - each a step toward the model's crash
+    loop, as many at once as it had workers. Such a crash keeps its clients batched apart (their next
+    crash is a strike) and is no step toward the loop: here, with pool.crash_loop_limit = 2, two such
+    crashes (root with 65534, then 65533 with 65532) had made the model UNAVAILABLE for everyone."""
+    fine = {"x": np.array([[6]], np.int64), "y": np.array([[3]], np.int64)}
+    poison = {"x": np.array([[np.iinfo(np.int64).min]], np.int64), "y": np.array([[-1]], np.int64)}
+    repo = ModelRepo("oi-strikes-loop-")
+    repo.model("div", _div_model, config="workers = 2\n\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 2000000\nquiet_us = 0\n")
+    daemon = daemon_factory(repo.ready(), env={**ENV, "OPENINFER_POOL_CRASH_LOOP_LIMIT": "2"})
+    try:
+        def addresses() -> list[str]:
+            with Client(daemon.address, direct=False) as client:
+                try:
+                    workers = client._call("lease", model="div")["workers"]
+                except OpenInferError:  # UNAVAILABLE: no worker ready
+                    return []
+            return [worker["address"] for worker in workers] if len(workers) == 2 else []
+
+        first, second = wait_for(addresses, 60, "two workers serving", daemon=daemon)
+        for address, pair in ((first, (0, NOBODY)), (second, (NOBODY - 1, NOBODY - 2))):
+            assert set(_together(daemon, address, (pair[0], fine), (pair[1], poison))) <= {"WORKER_CRASHED", "closed"}
+        with Client(daemon.address, timeout=30, direct=False) as root:
+            assert root.infer("div", fine).outputs["out"].tolist() == [[2]]
+            assert [m["state"] for m in root.models() if m["name"] == "div"] == ["ready"]
+    finally:
+        repo.remove()
+    assert not [r for r in log_records(daemon) if r.get("msg") == "model unavailable"]
+    crashes, held, refused = _crashes(daemon, "SIGFPE")
+    assert (crashes, held, refused) == (2, [], []), (crashes, held, refused)
