@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import signal
+import socket
 
+import psutil
 import pytest
 
 from openinfer.daemon.workerpool.crash_blame import WINDOW_NS, CrashStrikes, blamed
@@ -67,3 +69,19 @@ def test_a_local_tcp_peer_is_one_striker_whichever_loopback_address_it_binds() -
         strikes.strike("m:1", f"tcp=2001:db8::{n + 1}:4000{n}", 10**12, 3)
     assert strikes.barred_for_ns("m:1", "tcp=2001:db8::ff:40009", 10**12, 3) > 0
     assert strikes.barred_for_ns("m:1", "tcp=2001:db8:0:1::1:40009", 10**12, 3) == 0  # another /64
+
+
+def test_a_local_tcp_peer_is_one_striker_whichever_of_this_hosts_addresses_it_connects_from() -> None:
+    """Round 84 (low): loopback was one striker, but each other address of this host's interfaces was a
+    host of its own: a local client connecting from 127.0.0.1 and then from the host's LAN address took
+    six crashes, refused twice. Every address of this host is loopback's striker (crash_blame.striker)."""
+    own = sorted({entry.address.split("%", 1)[0] for entries in psutil.net_if_addrs().values() for entry in entries if entry.family in (socket.AF_INET, socket.AF_INET6)} - {"127.0.0.1", "::1"})
+    if not own:
+        pytest.skip("this host has no address but loopback")
+    strikes = CrashStrikes()
+    strikes.strike("m:1", "tcp=127.0.0.1:40001", 10**12, 3)
+    for n, address in enumerate(own[:2]):
+        strikes.strike("m:1", f"tcp={address}:{40002 + n}", 10**12, 3)
+    if len(own) == 1:
+        strikes.strike("m:1", "tcp=::1:40009", 10**12, 3)
+    assert strikes.barred_for_ns("m:1", f"tcp={own[0]}:50000", 10**12, 3) > 0, own

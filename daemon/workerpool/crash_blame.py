@@ -29,10 +29,13 @@ SIGABRT while another uid's request runs and have that client refused (round 82)
 """
 from __future__ import annotations
 
+import ipaddress
 import signal
+import socket
+import time
 from collections.abc import Set as AbstractSet
 
-from openinfer.daemon.frontdoor.handshakes import source_host
+from openinfer.daemon.frontdoor.handshakes import LOOPBACK, source_host
 
 WINDOW_NS = 600 * 1_000_000_000
 MAX_KEPT = 4096  # (model, identity) pairs remembered; the oldest go first (bounded by what crashed a worker)
@@ -57,11 +60,47 @@ def blamed(exit_status: int | None, identities: AbstractSet[str]) -> str | None:
 def striker(identity: str) -> str:
     """Whom a strike is counted to: the identity, but a plain tcp:// peer's (`tcp=<host>:<port>`, one per
     connection) by its source as handshakes count it (one IPv4 address, one IPv6 /64, every loopback
-    address as one) - a client reconnecting for each crash stayed clear of strikes (round 80, low), and
-    one binding another of 127/8's addresses each time did too (round 81, low; `--insecure-tcp` only)."""
+    address as one), and every address of this host as loopback - a client reconnecting for each crash
+    stayed clear of strikes (round 80, low), one binding another of 127/8's addresses each time did too
+    (round 81, low), and one connecting from each of the host's own addresses took three strikes per
+    address (round 84, low; `--insecure-tcp` only)."""
     if not identity.startswith("tcp="):
         return identity
-    return "tcp=" + source_host(identity[4:].rpartition(":")[0].strip("[]"))
+    host = identity[4:].rpartition(":")[0].strip("[]")
+    return "tcp=" + (LOOPBACK if _of_this_host(host) else source_host(host))
+
+
+_HOST_ADDRESSES_TTL_NS = 30 * 1_000_000_000  # how long one reading of the host's addresses is used (DHCP, SLAAC change them)
+_host_addresses: tuple[int, frozenset[str]] = (0, frozenset())
+
+
+def _of_this_host(host: str) -> bool:
+    """Whether `host` is an address of one of this host's interfaces (psutil, read again every 30 s)."""
+    global _host_addresses
+    now = time.monotonic_ns()
+    read_ns, addresses = _host_addresses
+    if not read_ns or now - read_ns >= _HOST_ADDRESSES_TTL_NS:
+        import psutil  # (the supervisor only: a worker's identities are all uid=N)
+
+        found = set()
+        for entries in psutil.net_if_addrs().values():
+            for entry in entries:
+                if entry.family in (socket.AF_INET, socket.AF_INET6):
+                    found.add(_canonical(entry.address.split("%", 1)[0]))
+        addresses = frozenset(found)
+        _host_addresses = (now, addresses)
+    return _canonical(host.split("%", 1)[0]) in addresses
+
+
+def _canonical(address: str) -> str:
+    """An address in one spelling (an IPv4 peer of a dual-stack listener, ::ffff:a.b.c.d, as a.b.c.d)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
 
 
 class CrashStrikes:
