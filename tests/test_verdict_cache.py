@@ -102,6 +102,19 @@ def test_one_caller_flooding_the_cache_evicts_its_own_answers_before_anothers() 
     # ... and only its own host's: a peer on another host does not hit them (round 40: one owner "tcp"
     # for every anonymous peer let another host learn what was asked).
     assert anonymous.get(anonymous.key(spec, [(199).to_bytes(4, "little")], ["y"], "tcp=127.0.0.2:50000"), 0) is None
+    # ... and one caller however many of 127/8's addresses it connects from (round 85: from 200 of them it
+    # was 200 callers of one entry each, every eviction the victim's: 0 of 32 hits left); an IPv6 host by
+    # its /64 - but the key's scope stays the host's address: another address does not hit them.
+    for sources in ([f"127.0.{i // 250}.{i % 250 + 1}" for i in range(200)], [f"2001:db8::{i:x}" for i in range(1, 201)]):
+        spread = VerdictCache(max_entries=64, max_bytes=1 << 20, ttl_s=0)
+        kept = [spread.key(spec, [bytes([i])], ["y"], "tcp=192.0.2.99:40000") for i in range(32)]
+        for key in kept:
+            spread.put(key, "tcp=192.0.2.99:40000", spec, [b"v" * 16], 0)
+        for i, host in enumerate(sources):
+            who = f"tcp={host}:{41000 + i}"
+            spread.put(spread.key(spec, [i.to_bytes(4, "little")], ["y"], who), who, spec, [b"a" * 16], 0)
+        assert sum(spread.get(key, 0) is not None for key in kept) == 32, sources[0]
+        assert spread.get(spread.key(spec, [(199).to_bytes(4, "little")], ["y"], f"tcp={sources[198]}:1"), 0) is None
     # At a tie the caller adding an answer gives up its own: never below an equal share, whichever name
     # sorts first (round 40: uid=40001 ended with 3 of 8 against uid=40002, 4 the other way round).
     for victim_name, attacker_name in (("uid=40001", "uid=40002"), ("uid=40002", "uid=40001")):

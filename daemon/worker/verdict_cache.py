@@ -18,6 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from openinfer.daemon.frontdoor.handshakes import source_host
 from openinfer.wire.protocol import pack, unpack
 from openinfer.wire.zmtp import Buffer
 
@@ -87,6 +88,17 @@ def owner_of(identity: str) -> str:
     return identity.rpartition(":")[0] if identity.startswith("tcp=") else identity
 
 
+def share_of(identity: str) -> str:
+    """Whose share of the room a caller's entries count to when the cache is full: its owner, but a plain
+    tcp:// peer by its source as handshakes count it (every loopback address one, an IPv6 host's /64 one):
+    a local peer connecting from 200 of 127/8's addresses was 200 callers of one entry each, and every
+    eviction took the victim's, who held the most (round 85: 0 of 32 hits left against 32). Not the key's
+    scope (owner_of): hosts on one /64 must not hit each other's entries."""
+    if not identity.startswith("tcp="):
+        return identity
+    return "tcp=" + source_host(identity[4:].rpartition(":")[0].strip("[]"))
+
+
 class VerdictCache:
     def __init__(self, max_entries: int, max_bytes: int, ttl_s: int, shared: bool = False) -> None:
         self.shared = shared  # False: every identity has its own entries (the scope is part of the key)
@@ -129,7 +141,7 @@ class VerdictCache:
         """Keep `identity`'s answer; never raises for want of memory: the cache is emptied instead (the
         answer itself is sent regardless)."""
         try:
-            self._put(key, "" if self.shared else owner_of(identity), specs, payloads, now_ns)
+            self._put(key, "" if self.shared else share_of(identity), specs, payloads, now_ns)
         except MemoryError:
             self._entries.clear()
             self._held.clear()

@@ -382,7 +382,7 @@ def test_after_a_batch_of_several_uids_crashes_only_those_uids_are_batched_apart
     fine = {"x": np.array([[6]], np.int64), "y": np.array([[3]], np.int64)}
     poison = {"x": np.array([[np.iinfo(np.int64).min]], np.int64), "y": np.array([[-1]], np.int64)}
     repo = ModelRepo("oi-strikes-apart-")
-    repo.model("div", _div_model, config="workers = 2\n\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 2000000\nquiet_us = 0\n")
+    repo.model("div", _div_model, config="workers = 2\n\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 1000000\nquiet_us = 0\n")
     daemon = daemon_factory(repo.ready(), env=ENV)
     try:
         def addresses() -> dict[int, str]:
@@ -451,7 +451,7 @@ def test_clients_batched_apart_stay_so_when_a_reload_replaces_the_version(daemon
     fine = {"x": np.array([[6]], np.int64), "y": np.array([[3]], np.int64)}
     poison = {"x": np.array([[np.iinfo(np.int64).min]], np.int64), "y": np.array([[-1]], np.int64)}
     repo = ModelRepo("oi-strikes-reload-")
-    config = "workers = 1\n\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 2000000\nquiet_us = 0\n"
+    config = "workers = 1\n\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 1000000\nquiet_us = 0\n"
     repo.model("div", _div_model, config=config)
     daemon = daemon_factory(repo.ready(), env=ENV)
     try:
@@ -484,7 +484,7 @@ def test_crashes_of_several_clients_batches_are_no_steps_toward_the_crash_loop(d
     fine = {"x": np.array([[6]], np.int64), "y": np.array([[3]], np.int64)}
     poison = {"x": np.array([[np.iinfo(np.int64).min]], np.int64), "y": np.array([[-1]], np.int64)}
     repo = ModelRepo("oi-strikes-loop-")
-    repo.model("div", _div_model, config="workers = 2\n\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 2000000\nquiet_us = 0\n")
+    repo.model("div", _div_model, config="workers = 2\n\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 1000000\nquiet_us = 0\n")
     daemon = daemon_factory(repo.ready(), env={**ENV, "OPENINFER_POOL_CRASH_LOOP_LIMIT": "2"})
     try:
         def addresses() -> list[str]:
