@@ -7,7 +7,7 @@ import socket
 import psutil
 import pytest
 
-from openinfer.daemon.workerpool.crash_blame import WINDOW_NS, CrashStrikes, blamed
+from openinfer.daemon.workerpool.crash_blame import MAX_KEPT, WINDOW_NS, CrashStrikes, blamed
 
 pytestmark = pytest.mark.unit
 
@@ -85,3 +85,17 @@ def test_a_local_tcp_peer_is_one_striker_whichever_of_this_hosts_addresses_it_co
     if len(own) == 1:
         strikes.strike("m:1", "tcp=::1:40009", 10**12, 3)
     assert strikes.barred_for_ns("m:1", f"tcp={own[0]}:50000", 10**12, 3) > 0, own
+
+
+def test_a_model_striking_new_identities_pushes_out_its_own_strikes_not_another_models() -> None:
+    """Round 86 (a suspicion): the table of strikes is bounded (MAX_KEPT) and shared by every model; a hostile
+    model naming a new uid on its page for each crash would have pushed the oldest out - another model's
+    strikes and refusals. A model's new strike pushes out its own oldest."""
+    strikes = CrashStrikes()
+    for n in range(3):
+        strikes.strike("honest:1", "uid=1000", 10**12 + n, 3)  # uid 1000 refused the honest model
+    for n in range(MAX_KEPT - 1):
+        strikes.strike("honest:1", f"uid={2000 + n}", 10**12 + 10 + n, 3)
+    for n in range(MAX_KEPT + 100):
+        strikes.strike("hostile:1", f"uid={100_000 + n}", 10**12 + 10**6 + n, 3)
+    assert strikes.barred_for_ns("honest:1", "uid=1000", 10**12 + 2 * 10**6, 3) > 0

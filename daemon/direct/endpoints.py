@@ -45,6 +45,7 @@ class DirectPath:
         self.settings = settings
         self.books = books
         self._master_key = leases.new_key()  # never leaves the supervisor: workers get key_for their model version
+        self._generations: dict[str, int] = {}  # model key -> how many times its leases alone were revoked (rotate_model_key)
         self._serial = 0
         self.directory: Path | None = None
         self.leases_issued = 0
@@ -145,15 +146,25 @@ class DirectPath:
     def key_for(self, model: ServedModel) -> bytes:
         """The lease key of one model version (lease.model_key): all its workers hold, and all a hostile
         step in one of them could mint leases with - for that model version alone."""
-        return leases.model_key(self._master_key, model.name, model.version)
+        return leases.model_key(self._master_key, model.name, model.version, self._generations.get(model.key, 0))
 
     def rotate_key(self, workers: list[WorkerHandle], send: Callable[[WorkerHandle, list[Any]], bool]) -> None:
         """A reload: every lease issued so far stops working (clients renew at the front door, where the
         policy just read applies)."""
         self._master_key = leases.new_key()
+        self._generations.clear()
         for worker in workers:
             if worker.direct_address and worker.state not in (WorkerState.SPAWNED, WorkerState.EXITED):
                 send(worker, [messages.KEY, self.key_for(worker.model)])
+
+    def rotate_model_key(self, model: ServedModel, send: Callable[[WorkerHandle, list[Any]], bool]) -> None:
+        """A client was refused `model` (crash strikes): that version's leases stop working, no other
+        model's - a hostile model naming a made-up uid on its page had every lease of every model revoked
+        with each refusal, 14 times a minute (attacker round 86)."""
+        self._generations[model.key] = self._generations.get(model.key, 0) + 1
+        for worker in model.workers:
+            if worker.direct_address and worker.state not in (WorkerState.SPAWNED, WorkerState.EXITED):
+                send(worker, [messages.KEY, self.key_for(model)])
 
     # -- counts ---------------------------------------------------------------------------------------
     def read_ledgers(self, workers: list[WorkerHandle], reject: Callable[[WorkerHandle, str], None], limit: int | None = None) -> None:

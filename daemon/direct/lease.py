@@ -58,9 +58,10 @@ def new_key() -> bytes:
     return os.urandom(KEY_BYTES)
 
 
-def model_key(master: bytes, model: str, version: int) -> bytes:
-    """The key that issues and checks leases for one model version: what its workers get, never `master`."""
-    return hmac.digest(master, b"openinfer lease key " + msgpack.packb([model, version]), hashlib.sha256)
+def model_key(master: bytes, model: str, version: int, generation: int = 0) -> bytes:
+    """The key that issues and checks leases for one model version: what its workers get, never `master`.
+    `generation`: how many times that version's leases alone were revoked (a client refused it)."""
+    return hmac.digest(master, b"openinfer lease key " + msgpack.packb([model, version, generation] if generation else [model, version]), hashlib.sha256)
 
 
 def issue(key: bytes, identity: str, model: str, version: int, ttl_ns: int, serial: int, max_in_flight: int, max_priority: int, gids: tuple[int, ...] = ()) -> tuple[bytes, int]:

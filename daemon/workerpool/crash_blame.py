@@ -116,9 +116,27 @@ class CrashStrikes:
         times = [t for t in self._times.pop(key, []) if now_ns - t < WINDOW_NS]
         times.append(now_ns)
         self._times[key] = times[-limit:]  # (re-inserted: the most recent last)
-        while len(self._times) > MAX_KEPT:
-            del self._times[next(iter(self._times))]
+        if len(self._times) > MAX_KEPT:
+            del self._times[self._to_forget(key, now_ns, limit)]
         return len(times) == limit
+
+    def _to_forget(self, added: tuple[str, str], now_ns: int, limit: int) -> tuple[str, str]:
+        """Which pair makes room for `added`: the oldest when its strikes are all out of the window, else
+        the model's own oldest short of a refusal, else anyone's oldest short of one, else the oldest - not
+        simply the oldest: a hostile model naming a new uid on its page for every crash would push other
+        models' strikes and refusals out (round 86's suspicion). Pairs are kept in the order of their last
+        strike: none is out of the window if the oldest is not."""
+        oldest = next(held for held in self._times if held != added)
+        if now_ns - self._times[oldest][-1] >= WINDOW_NS:
+            return oldest
+        anyones = None
+        for held, times in self._times.items():
+            if held != added and len(times) < limit:
+                if held[0] == added[0]:
+                    return held
+                if anyones is None:
+                    anyones = held
+        return anyones or oldest
 
     def barred_for_ns(self, model_key: str, identity: str, now_ns: int, limit: int) -> int:
         """How much longer the client is refused the model (0: it is not)."""

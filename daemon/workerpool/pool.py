@@ -464,7 +464,7 @@ class WorkerPool:
         model.batch_apart.keep_apart(identities, now + WINDOW_NS, now)
         log.warning(
             "a batch of several clients' requests crashed its worker: their requests are batched apart",
-            extra={"model": model.key, "clients": sorted(identities) or "not named: everyone", "minutes": WINDOW_NS // 60_000_000_000},
+            extra={"model": model.key, "clients": sorted(identities)[:16] or "not named: everyone", "named": len(identities), "minutes": WINDOW_NS // 60_000_000_000},  # (the page may name 509: round 86)
         )
         if self.direct is None:
             return
@@ -483,8 +483,8 @@ class WorkerPool:
         )
         if self.on_barred is not None:
             self.on_barred(model, client)
-        if self.direct is not None:  # its leases go too (everyone else's are renewed at their next request)
-            self.direct.rotate_key(self.all_workers(), self.send)
+        if self.direct is not None:  # its leases of the model go too (the model's other clients renew theirs)
+            self.direct.rotate_model_key(model, self.send)
 
     def _respawn_later(self, model: ServedModel) -> None:
         """Replace a worker of `model` that crashed or was killed for overrunning, after a delay that doubles

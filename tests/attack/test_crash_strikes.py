@@ -25,7 +25,7 @@ import pytest
 
 import onnx_builders
 from daemon_harness import log_records, wait_for
-from direct_peer import Peer, attach
+from direct_peer import Peer, attach, infer, lease_of
 from openinfer.client import AsyncClient, Client, OpenInferError
 from other_uid import NOBODY, call_as, start_as
 from repo_builder import ModelRepo
@@ -506,3 +506,39 @@ def test_crashes_of_several_clients_batches_are_no_steps_toward_the_crash_loop(d
     assert not [r for r in log_records(daemon) if r.get("msg") == "model unavailable"]
     crashes, held, refused = _crashes(daemon, "SIGFPE")
     assert (crashes, held, refused) == (2, [], []), (crashes, held, refused)
+
+
+def test_a_client_refused_one_model_revokes_no_lease_of_another(daemon_factory: Any) -> None:
+    """Attacker round 86 (low): a refusal rotated the master lease key - every lease of every model stopped
+    working, and a hostile model that named a made-up uid on its page and aborted three times did it at
+    will (14 times a minute). Only the refused model's leases go now."""
+    repo = ModelRepo("oi-strikes-leases-")
+    repo.model("fragile", onnx_builders.matmul_model, config='workers = 1\n\n[steps]\nmodule = "steps.py"\n')
+    (repo.root / "fragile" / "steps.py").write_text(FRAGILE_STEPS)
+    repo.model("tiny", onnx_builders.matmul_model, config="workers = 1\n")
+    daemon = daemon_factory(repo.ready(), env={**ENV, "OPENINFER_SERVER_LEASE_TTL_S": "120"})  # (not expired by the time three crashes took)
+    try:
+        tiny = lease_of(daemon, "tiny")
+        peer = Peer(tiny["workers"][0]["address"])
+        try:
+            assert "error" not in (peer.ask(attach(tiny["lease"])) or {"error": "closed"})
+            assert "error" not in (peer.ask(infer(2)) or {"error": "closed"})
+
+            def crash_thrice() -> list[str]:
+                codes = []
+                with Client(daemon.address, timeout=30, direct=True) as client:
+                    for _ in range(4):
+                        try:
+                            client.infer("fragile", POISON)
+                            codes.append("OK")
+                        except OpenInferError as exc:
+                            codes.append(exc.code)
+                return codes
+
+            assert call_as(NOBODY, crash_thrice) == ["WORKER_CRASHED"] * 3 + ["RESOURCE_EXHAUSTED"]
+            after = peer.ask(infer(3))  # root's lease of tiny, issued before the refusal
+        finally:
+            peer.close()
+    finally:
+        repo.remove()
+    assert after is not None and "error" not in after, after
