@@ -420,11 +420,9 @@ def test_a_front_door_task_sent_behind_a_direct_run_is_not_killed_for_the_time_i
     calibrated (at 0.7 x, a run of the suite in two processes stopped the second at 2,018 ms)."""
     busy = one_busy_worker(daemon_factory, "oi-direct-behind-", "max_compute_ms = 2000\n")
     daemon, root = busy.daemon, busy.root
-    inputs = busy.inputs(1.1)
     worker = psutil.Process(worker_pid(daemon, "busy"))
-    outcomes: dict[str, str] = {}
 
-    def run(path: str) -> None:
+    def run(path: str, inputs: dict[str, np.ndarray], outcomes: dict[str, str]) -> None:
         with Client(daemon.address, timeout=30, direct=path == "direct") as client:
             try:
                 client.infer("busy", inputs)
@@ -432,12 +430,24 @@ def test_a_front_door_task_sent_behind_a_direct_run_is_not_killed_for_the_time_i
             except OpenInferError as exc:
                 outcomes[path] = str(exc)
 
-    cpu_before = sum(worker.cpu_times()[:2])
-    direct = threading.Thread(target=run, args=("direct",))
-    direct.start()
-    wait_for(lambda: sum(worker.cpu_times()[:2]) - cpu_before > 0.05, 10, "the direct run under way")
-    run("front door")  # sent now: it waits for the direct run, then runs 1.1 s of its own
-    direct.join(30)
+    for attempt in range(3):
+        # A host more than 1.8x slower than its calibration stops a run of its own at max_compute_ms (the
+        # worker kept): not the fault looked for. Calibrated again, at most three times (a run of the
+        # suite in two processes, an attacker beside it: the front door's own 1.1 s run took 2,020 ms).
+        if attempt:
+            with Client(daemon.address, timeout=30) as client:
+                busy.us_per_iteration = client.infer("busy", {"x": np.zeros(1, np.float32), "n": np.array(200_000, np.int64)}).timing["compute_us"] / 200_000
+        inputs = busy.inputs(1.1)
+        outcomes: dict[str, str] = {}
+        cpu_before = sum(worker.cpu_times()[:2])
+        direct = threading.Thread(target=run, args=("direct", inputs, outcomes))
+        direct.start()
+        wait_for(lambda: sum(worker.cpu_times()[:2]) - cpu_before > 0.05, 10, "the direct run under way")
+        run("front door", inputs, outcomes)  # sent now: it waits for the direct run, then runs 1.1 s of its own
+        direct.join(30)
+        own_run_stopped = "of running: past its deadline" in outcomes.get("front door", "") and worker.is_running()
+        if not own_run_stopped:
+            break
     shutil.rmtree(root, ignore_errors=True)
     assert outcomes == {"direct": "OK", "front door": "OK"}, outcomes
     assert worker.is_running(), "the worker was killed"
