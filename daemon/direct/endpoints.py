@@ -157,14 +157,16 @@ class DirectPath:
             if worker.direct_address and worker.state not in (WorkerState.SPAWNED, WorkerState.EXITED):
                 send(worker, [messages.KEY, self.key_for(worker.model)])
 
-    def rotate_model_key(self, model: ServedModel, send: Callable[[WorkerHandle, list[Any]], bool]) -> None:
+    def rotate_model_key(self, model: ServedModel, workers: list[WorkerHandle], send: Callable[[WorkerHandle, list[Any]], bool]) -> None:
         """A client was refused `model` (crash strikes): that version's leases stop working, no other
         model's - a hostile model naming a made-up uid on its page had every lease of every model revoked
-        with each refusal, 14 times a minute (attacker round 86)."""
+        with each refusal, 14 times a minute (attacker round 86). Every worker of the version is told,
+        a reload's replacement of it still booting too (its key is the version's)."""
         self._generations[model.key] = self._generations.get(model.key, 0) + 1
-        for worker in model.workers:
-            if worker.direct_address and worker.state not in (WorkerState.SPAWNED, WorkerState.EXITED):
-                send(worker, [messages.KEY, self.key_for(model)])
+        key = self.key_for(model)
+        for worker in workers:
+            if worker.model.key == model.key and worker.direct_address and worker.state not in (WorkerState.SPAWNED, WorkerState.EXITED):
+                send(worker, [messages.KEY, key])
 
     # -- counts ---------------------------------------------------------------------------------------
     def read_ledgers(self, workers: list[WorkerHandle], reject: Callable[[WorkerHandle, str], None], limit: int | None = None) -> None:

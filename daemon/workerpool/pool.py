@@ -484,7 +484,7 @@ class WorkerPool:
         if self.on_barred is not None:
             self.on_barred(model, client)
         if self.direct is not None:  # its leases of the model go too (the model's other clients renew theirs)
-            self.direct.rotate_model_key(model, self.send)
+            self.direct.rotate_model_key(model, self.all_workers(), self.send)
 
     def _respawn_later(self, model: ServedModel) -> None:
         """Replace a worker of `model` that crashed or was killed for overrunning, after a delay that doubles
