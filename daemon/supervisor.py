@@ -406,7 +406,11 @@ class Supervisor:
         answered so, not run to crash the next worker."""
         error = self.requests.barred(identity, model)
         if error is not None:
-            self.dispatcher.fail_queued_by(model, identity, lambda: error)
+            versions = list(self.registry.by_name.get(model.name, {}).values())  # refused every version (round 87)
+            for version in versions if model in versions else [*versions, model]:
+                self.dispatcher.fail_queued_by(version, identity, lambda: error)
+            if self.pool.direct is not None:  # and the workers theirs
+                self.pool.direct.bar(model, identity, error, self.pool.all_workers(), self.pool.send)
 
     def _retire_worker(self, worker: WorkerHandle) -> None:
         self._quit(worker)

@@ -35,7 +35,7 @@ def test_a_client_is_refused_at_its_limit_of_strikes_within_the_window_and_only_
     assert strikes.strike("m:1", "uid=5", t0 + 20, 3) is True
     assert strikes.barred_for_ns("m:1", "uid=5", t0 + 20, 3) == WINDOW_NS - 20
     assert strikes.barred_for_ns("m:1", "uid=6", t0 + 20, 3) == 0  # another client
-    assert strikes.barred_for_ns("m:2", "uid=5", t0 + 20, 3) == 0  # another model version
+    assert strikes.barred_for_ns("m:2", "uid=5", t0 + 20, 3) == 0  # another model
     assert strikes.barred_for_ns("m:1", "uid=5", t0 + 20, 0) == 0  # strikes off
     assert strikes.barred_for_ns("m:1", "uid=5", t0 + WINDOW_NS, 3) == 0  # the first strike is ten minutes old
 

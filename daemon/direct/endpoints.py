@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from openinfer.wire.errors import Unavailable
+import msgpack
+
+from openinfer.wire.errors import OpenInferError, Unavailable
 
 from . import lease as leases
 from .books import DirectBooks
@@ -45,7 +47,7 @@ class DirectPath:
         self.settings = settings
         self.books = books
         self._master_key = leases.new_key()  # never leaves the supervisor: workers get key_for their model version
-        self._generations: dict[str, int] = {}  # model key -> how many times its leases alone were revoked (rotate_model_key)
+        self._generations: dict[str, int] = {}  # model name -> how many times its leases alone were revoked (rotate_model_key)
         self._serial = 0
         self.directory: Path | None = None
         self.leases_issued = 0
@@ -146,7 +148,7 @@ class DirectPath:
     def key_for(self, model: ServedModel) -> bytes:
         """The lease key of one model version (lease.model_key): all its workers hold, and all a hostile
         step in one of them could mint leases with - for that model version alone."""
-        return leases.model_key(self._master_key, model.name, model.version, self._generations.get(model.key, 0))
+        return leases.model_key(self._master_key, model.name, model.version, self._generations.get(model.name, 0))
 
     def rotate_key(self, workers: list[WorkerHandle], send: Callable[[WorkerHandle, list[Any]], bool]) -> None:
         """A reload: every lease issued so far stops working (clients renew at the front door, where the
@@ -158,15 +160,22 @@ class DirectPath:
                 send(worker, [messages.KEY, self.key_for(worker.model)])
 
     def rotate_model_key(self, model: ServedModel, workers: list[WorkerHandle], send: Callable[[WorkerHandle, list[Any]], bool]) -> None:
-        """A client was refused `model` (crash strikes): that version's leases stop working, no other
-        model's - a hostile model naming a made-up uid on its page had every lease of every model revoked
-        with each refusal, 14 times a minute (attacker round 86). Every worker of the version is told,
-        a reload's replacement of it still booting too (its key is the version's)."""
-        self._generations[model.key] = self._generations.get(model.key, 0) + 1
-        key = self.key_for(model)
+        """A client was refused `model` (crash strikes, every version of it: round 87): its versions'
+        leases stop working, no other model's - a hostile model naming a made-up uid on its page had
+        every lease of every model revoked with each refusal, 14 times a minute (attacker round 86). Every
+        worker of those versions is told, a reload's replacement still booting too."""
+        self._generations[model.name] = self._generations.get(model.name, 0) + 1
         for worker in workers:
-            if worker.model.key == model.key and worker.direct_address and worker.state not in (WorkerState.SPAWNED, WorkerState.EXITED):
-                send(worker, [messages.KEY, key])
+            if worker.model.name == model.name and worker.direct_address and worker.state not in (WorkerState.SPAWNED, WorkerState.EXITED):
+                send(worker, [messages.KEY, self.key_for(worker.model)])
+
+    def bar(self, model: ServedModel, identity: str, error: OpenInferError, workers: list[WorkerHandle], send: Callable[[WorkerHandle, list[Any]], bool]) -> None:
+        """A client was refused `model`: every worker of its versions answers the client's queued direct
+        requests `error` (BAR), as the front door answers its own queue."""
+        message = [messages.BAR, msgpack.packb([identity, error.message, int(error.details.get("retry_after_s", 0))])]
+        for worker in workers:
+            if worker.model.name == model.name and worker.direct_address and worker.state not in (WorkerState.SPAWNED, WorkerState.EXITED):
+                send(worker, message)
 
     # -- counts ---------------------------------------------------------------------------------------
     def read_ledgers(self, workers: list[WorkerHandle], reject: Callable[[WorkerHandle, str], None], limit: int | None = None) -> None:

@@ -154,12 +154,12 @@ class FrontDoorRequests:
         if not strikes:  # (every request asks: mostly no client has crashed anything)
             return None
         limit = self.supervisor.settings.pool.crash_strikes
-        left_ns = strikes.barred_for_ns(model.key, identity, time.monotonic_ns(), limit)
+        left_ns = strikes.barred_for_ns(model.name, identity, time.monotonic_ns(), limit)
         if not left_ns:
             return None
         seconds = -(-left_ns // 1_000_000_000)
         return ResourceExhausted(
-            f"requests of {identity} crashed the workers of {model.key} {limit} times within {WINDOW_NS // 60_000_000_000} minutes: "
+            f"requests of {identity} crashed the workers of {model.name} {limit} times within {WINDOW_NS // 60_000_000_000} minutes: "
             f"its requests to this model are refused for {seconds} s more (the daemon's log names the crashes)",
             {"retry_after_s": seconds},
         )

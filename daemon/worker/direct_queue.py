@@ -224,6 +224,17 @@ class DirectQueue:
                 return True
         return False
 
+    def refuse_queued(self, identity: str, error: OpenInferError) -> int:
+        """A client was refused the model (crash strikes, BAR): its requests queued here are answered
+        `error`, not run - a poison it queued before the refusal crashed the worker after it (attacker
+        round 87: 4 crashes where the front door, which answers its own queue so, gave 3). What arrives
+        later meets its revoked lease."""
+        refused = list(self.queue.queued_by(identity))
+        for request in refused:
+            self.queue.remove(request)
+            self._fail(request, error)
+        return len(refused)
+
     # -- running ---------------------------------------------------------------------------------------
     def run_ready(self) -> float | None:
         """Run what can run now, for about PASS_NS; returns how long until the next run is due (seconds:

@@ -21,6 +21,9 @@ any state changes; a message that does not fit retires the worker.
   PONG   [b"p", token, report]                KEY   [b"K", lease key]   after a reload
                                                APART [b"U", table]  whose direct requests to batch
                                                                     apart (direct/batch_apart.py)
+                                               BAR   [b"X", [identity, message, retry_after_s]]  a
+                                                     client refused the model (crash strikes): its
+                                                     queued direct requests are answered so
 
 QUIT's drain_ns (u64 LE) is how long clients told GOAWAY may still send; absent, the worker's own (4 s).
 A hard stop sends 0: the worker answers what it queued and did not start as a lease expiry and leaves
@@ -53,6 +56,7 @@ QUIT = b"Q"
 PING = b"P"
 KEY = b"K"  # [b"K", key]: the new lease key (every reload makes one; direct.py checks leases with it)
 APART = b"U"  # [b"U", msgpack {identity: until_ns}]: after the ACK and on every change (direct/batch_apart.py)
+BAR = b"X"  # [b"X", msgpack [identity, message, retry_after_s]]: a client refused the model (workerpool/crash_blame.py)
 
 _TASK_ID = struct.Struct("<Q")
 _STOP = struct.Struct("<QQ")  # a TASK's deadline_ns and max_compute_ns, after its task id

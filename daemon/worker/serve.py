@@ -17,7 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
+
 from openinfer.daemon.direct.batch_apart import BatchApart
+from openinfer.wire.errors import ResourceExhausted
 from openinfer.wire.zmtp import FrameStream, Oversized, PeerClosed
 
 from . import messages
@@ -177,6 +180,12 @@ class WorkerLoop:
                 channel.send([messages.PONG, bytes(frames[1]), self._pong_report()])
             elif kind == messages.KEY and self.direct is not None:
                 self.direct.door.rekey(bytes(frames[1]))
+            elif kind == messages.BAR and self.direct is not None:
+                try:
+                    identity, message, retry_after_s = msgpack.unpackb(bytes(frames[1]))
+                    self.direct.queue.refuse_queued(str(identity), ResourceExhausted(str(message), {"retry_after_s": int(retry_after_s)}))
+                except (ValueError, TypeError, IndexError) as exc:
+                    log.error("malformed BAR message from the supervisor", extra={"reason": str(exc)})
             elif kind == messages.APART and self.direct is not None:
                 try:
                     self.direct.queue.model.apart = BatchApart.decode(bytes(frames[1]))

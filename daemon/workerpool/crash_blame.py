@@ -105,7 +105,7 @@ def _canonical(address: str) -> str:
 
 class CrashStrikes:
     def __init__(self) -> None:
-        self._times: dict[tuple[str, str], list[int]] = {}  # (model key, identity) -> its crash times, oldest first
+        self._times: dict[tuple[str, str], list[int]] = {}  # (model name, identity): every version of a model counts together (round 87) -> its crash times, oldest first
 
     def __bool__(self) -> bool:
         return bool(self._times)

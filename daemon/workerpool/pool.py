@@ -474,7 +474,7 @@ class WorkerPool:
                 self.send(worker, [messages.APART, table])
 
     def _strike(self, model: ServedModel, client: str, limit: int) -> None:
-        if not self.strikes.strike(model.key, client, time.monotonic_ns(), limit):
+        if not self.strikes.strike(model.name, client, time.monotonic_ns(), limit):  # (every version: round 87)
             log.warning("worker crash held against the client whose request it ran", extra={"model": model.key, "client": client})
             return
         log.error(

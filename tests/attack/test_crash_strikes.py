@@ -542,3 +542,89 @@ def test_a_client_refused_one_model_revokes_no_lease_of_another(daemon_factory: 
     finally:
         repo.remove()
     assert after is not None and "error" not in after, after
+
+
+def _x_frames(request_id: int, first: float) -> list[bytes]:
+    """An infer of `fragile` (x: 1 x 64, its first element `first`) for a raw peer."""
+    x = np.ones((1, 64), np.float32)
+    x[0, 0] = first
+    return [msgpack.packb({"v": 1, "id": request_id, "op": "infer", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64]}]}), x.tobytes()]
+
+
+def test_a_refused_clients_direct_requests_queued_before_the_refusal_are_answered_not_run(daemon_factory: Any) -> None:
+    """Attacker round 87 (low): the front door answers a refused client's queued requests at once (check
+    17a), but requests it had queued in a worker on the direct path still ran after the refusal - a poison
+    among them crashed the worker a fourth time, with the honest requests queued there. The workers of the
+    version are told (BAR) and answer them as the front door does."""
+    repo = ModelRepo("oi-strikes-queued-")
+    repo.model("fragile", onnx_builders.matmul_model, config='workers = 2\n\n[steps]\nmodule = "steps.py"\n')
+    (repo.root / "fragile" / "steps.py").write_text(FRAGILE_STEPS)
+    daemon = daemon_factory(repo.ready(), env={**ENV, "OPENINFER_SERVER_LEASE_TTL_S": "120"})
+
+    def attack() -> list[str]:
+        codes = []
+        with Client(daemon.address, timeout=30, direct=False) as client:
+            for _ in range(2):  # two strikes
+                try:
+                    client.infer("fragile", POISON)
+                except OpenInferError as exc:
+                    codes.append(exc.code)
+            def both_ready() -> dict[str, Any] | None:
+                try:
+                    taken: dict[str, Any] = client._call("lease", model="fragile")
+                except OpenInferError:  # UNAVAILABLE: none ready yet
+                    return None
+                return taken if len(taken["workers"]) == 2 else None
+
+            lease = wait_for(both_ready, 60, "two workers ready")
+        first, second = (Peer(worker["address"]) for worker in lease["workers"])
+        try:
+            for peer in (first, second):
+                assert "error" not in (peer.ask(attach(lease["lease"])) or {"error": "closed"})
+            first.send_all([_x_frames(2, 4.0), _x_frames(3, -1.0)])  # 3 s of running, and a poison queued behind it
+            struck = second.ask(_x_frames(4, -1.0))  # the third strike, on the other worker
+            codes.append("closed" if struck is None else struck.get("error", {}).get("code", "OK"))
+            codes += [reply.get("error", {}).get("code", "OK") for reply in first.replies(2, timeout=60)]
+        finally:
+            first.close()
+            second.close()
+        return codes
+
+    try:
+        codes = call_as(NOBODY, attack)
+    finally:
+        repo.remove()
+    crashes, held, refused = _crashes(daemon, "SIGABRT")
+    assert codes == ["WORKER_CRASHED"] * 2 + ["closed", "OK", "RESOURCE_EXHAUSTED"], codes
+    assert (crashes, refused) == (3, [f"uid={NOBODY}"]), (crashes, held, refused)
+
+
+def test_a_client_refused_a_model_is_refused_every_version_of_it(daemon_factory: Any) -> None:
+    """Attacker round 87 (low): the refusal was one version's; the same steps served by every version (up
+    to 16 with version_policy "all") gave three crashes more per version - the attacker crashed version 2
+    three times, then version 1 three times. Strikes count per model, every version together."""
+    repo = ModelRepo("oi-strikes-versions-")
+    for version in (1, 2):
+        repo.model("fragile", onnx_builders.matmul_model, version=version, config='workers = 1\nversion_policy = "all"\n\n[steps]\nmodule = "steps.py"\n')
+    (repo.root / "fragile" / "steps.py").write_text(FRAGILE_STEPS)
+    daemon = daemon_factory(repo.ready(), env={**ENV, "OPENINFER_POOL_DIRECT": "0"})
+
+    def attack() -> list[str]:
+        codes = []
+        with Client(daemon.address, timeout=30, direct=False) as client:
+            for version in (2, 2, 2, 1, 1):
+                try:
+                    client.infer("fragile", POISON, version=version)
+                    codes.append("OK")
+                except OpenInferError as exc:
+                    codes.append(exc.code)
+        return codes
+
+    try:
+        codes = call_as(NOBODY, attack)
+        with Client(daemon.address, timeout=30, direct=False) as root:  # another client: served by both
+            for version in (1, 2):
+                assert root.infer("fragile", FINE, version=version).outputs["y"].shape == (1, 64)
+    finally:
+        repo.remove()
+    assert codes == ["WORKER_CRASHED"] * 3 + ["RESOURCE_EXHAUSTED"] * 2, codes
