@@ -62,22 +62,24 @@ def fragile() -> Any:
     repo.remove()
 
 
+def _poisons(address: str, count: int, direct: bool) -> list[str]:
+    """`count` poisons sent to `fragile` one after another, by this process's uid: how each was answered."""
+    codes = []
+    with Client(address, timeout=30, direct=direct) as client:
+        for _ in range(count):
+            try:
+                client.infer("fragile", POISON)
+                codes.append("OK")
+            except OpenInferError as exc:
+                codes.append(exc.code)
+    return codes
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "front-door"])
 def test_a_client_that_crashes_a_model_is_refused_it_and_the_model_serves_on(daemon_factory: Any, fragile: Any, direct: bool) -> None:
     daemon = daemon_factory(fragile, env=ENV)
 
-    def attack() -> list[str]:
-        codes = []
-        with Client(daemon.address, timeout=30, direct=direct) as client:
-            for _ in range(7):  # past the crash loop's 5
-                try:
-                    client.infer("fragile", POISON)
-                    codes.append("OK")
-                except OpenInferError as exc:
-                    codes.append(exc.code)
-        return codes
-
-    codes = call_as(NOBODY, attack)
+    codes = call_as(NOBODY, lambda: _poisons(daemon.address, 7, direct))  # past the crash loop's 5
     assert codes == ["WORKER_CRASHED"] * 3 + ["RESOURCE_EXHAUSTED"] * 4, codes
     with Client(daemon.address, timeout=30, direct=direct) as client:  # root, another client
         assert client.infer("fragile", FINE).outputs["y"].shape == (1, 64)
@@ -256,6 +258,22 @@ def _div_model(path: Path) -> Path:
     return path
 
 
+DIV_FINE = {"x": np.array([[6]], np.int64), "y": np.array([[3]], np.int64)}
+DIV_POISON = {"x": np.array([[np.iinfo(np.int64).min]], np.int64), "y": np.array([[-1]], np.int64)}  # SIGFPE
+
+
+def _struck_beside(daemon: Any, repo: ModelRepo, victim: Any, stop: threading.Event, answered: dict[str, int], attack: Any) -> tuple[list[str], int, list[str]]:
+    """_attack_beside, then the attacker (uid 65534) refused and the victim never held to a crash: what the
+    attack returned, the SIGFPE crashes, the clients crashes were held against."""
+    try:
+        codes = _attack_beside(daemon, victim, stop, answered, attack)
+    finally:
+        repo.remove()
+    crashes, held, refused = _crashes(daemon, "SIGFPE")
+    assert refused == [f"uid={NOBODY}"] and f"uid={os.getuid()}" not in held, (codes, crashes, held, refused)
+    return codes, crashes, held
+
+
 def test_a_poison_batched_with_another_uids_requests_is_not_a_way_around_the_strikes(daemon_factory: Any) -> None:
     """Attacker round 81: on the direct path a worker batches several uids' requests in one run; a poison in
     such a batch crashed the worker with no single client to hold to it - no one's strike, and the other
@@ -265,11 +283,9 @@ def test_a_poison_batched_with_another_uids_requests_is_not_a_way_around_the_str
     repo = ModelRepo("oi-strikes-div-")
     repo.model("div", _div_model, config="workers = 1\n\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 2000\n")
     daemon = daemon_factory(repo.ready(), env=ENV)
-    fine = {"x": np.array([[6]], np.int64), "y": np.array([[3]], np.int64)}
-    poison = {"x": np.array([[np.iinfo(np.int64).min]], np.int64), "y": np.array([[-1]], np.int64)}
     stop = threading.Event()
     answered: dict[str, int] = {}
-    victim = _victim(daemon.address, "div", fine, 16, stop, answered)  # root's requests, batched with the attacker's
+    victim = _victim(daemon.address, "div", DIV_FINE, 16, stop, answered)  # root's requests, batched with the attacker's
 
     def attack() -> list[str]:
         async def main() -> list[str]:
@@ -277,8 +293,8 @@ def test_a_poison_batched_with_another_uids_requests_is_not_a_way_around_the_str
             for _ in range(8):
                 async with AsyncClient(daemon.address, timeout=30, direct=True) as client:
                     try:
-                        await client.infer("div", fine)  # leased and attached
-                        await client.infer("div", poison)
+                        await client.infer("div", DIV_FINE)  # leased and attached
+                        await client.infer("div", DIV_POISON)
                         rounds.append("OK")
                     except OpenInferError as exc:
                         rounds.append(exc.code)
@@ -287,12 +303,7 @@ def test_a_poison_batched_with_another_uids_requests_is_not_a_way_around_the_str
             return rounds
         return asyncio.run(main())
 
-    try:
-        rounds = _attack_beside(daemon, victim, stop, answered, attack)
-    finally:
-        repo.remove()
-    crashes, held, refused = _crashes(daemon, "SIGFPE")
-    assert refused == [f"uid={NOBODY}"] and f"uid={os.getuid()}" not in held, (rounds, crashes, held, refused)
+    rounds, crashes, held = _struck_beside(daemon, repo, victim, stop, answered, attack)
     assert crashes <= 4, (rounds, crashes, held)  # at most one no one's, then the attacker's three
 
 
@@ -379,8 +390,6 @@ def test_after_a_batch_of_several_uids_crashes_only_those_uids_are_batched_apart
     crashed run are batched apart for the strikes' window, by the running workers and the new ones alike;
     other uids' requests still share batches."""
     root, bystanders = 0, (NOBODY - 1, NOBODY - 2)
-    fine = {"x": np.array([[6]], np.int64), "y": np.array([[3]], np.int64)}
-    poison = {"x": np.array([[np.iinfo(np.int64).min]], np.int64), "y": np.array([[-1]], np.int64)}
     repo = ModelRepo("oi-strikes-apart-")
     repo.model("div", _div_model, config="workers = 2\n\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 1000000\nquiet_us = 0\n")
     daemon = daemon_factory(repo.ready(), env=ENV)
@@ -392,15 +401,15 @@ def test_after_a_batch_of_several_uids_crashes_only_those_uids_are_batched_apart
 
         before = wait_for(addresses, 60, "two workers serving", daemon=daemon)
         doomed, survivor = sorted(before)
-        assert _together(daemon, before[survivor], (bystanders[0], fine), (root, fine)) == ["batch of 2"] * 2  # uids share batches
-        crashed = _together(daemon, before[doomed], (root, fine), (NOBODY, poison))
+        assert _together(daemon, before[survivor], (bystanders[0], DIV_FINE), (root, DIV_FINE)) == ["batch of 2"] * 2  # uids share batches
+        crashed = _together(daemon, before[doomed], (root, DIV_FINE), (NOBODY, DIV_POISON))
         assert set(crashed) <= {"WORKER_CRASHED", "closed"}, crashed
         after = wait_for(lambda: (lambda now: now if len(now) == 2 and doomed not in now else {})(addresses()), 60, "the crashed worker replaced", daemon=daemon)
         (replacement,) = set(after) - {survivor}
         for worker in (after[survivor], after[replacement]):
-            assert _together(daemon, worker, (root, fine), (NOBODY, fine)) == ["batch of 1"] * 2, worker  # the crashed run's uids
-            assert _together(daemon, worker, (bystanders[0], fine), (root, fine)) == ["batch of 1"] * 2, worker
-            assert _together(daemon, worker, (bystanders[0], fine), (bystanders[1], fine)) == ["batch of 2"] * 2, worker  # everyone else's
+            assert _together(daemon, worker, (root, DIV_FINE), (NOBODY, DIV_FINE)) == ["batch of 1"] * 2, worker  # the crashed run's uids
+            assert _together(daemon, worker, (bystanders[0], DIV_FINE), (root, DIV_FINE)) == ["batch of 1"] * 2, worker
+            assert _together(daemon, worker, (bystanders[0], DIV_FINE), (bystanders[1], DIV_FINE)) == ["batch of 2"] * 2, worker  # everyone else's
         apart = [r for r in log_records(daemon) if r.get("msg") == "a batch of several clients' requests crashed its worker: their requests are batched apart"]
         assert [r["clients"] for r in apart] == [[f"uid={root}", f"uid={NOBODY}"]], apart
     finally:
@@ -416,40 +425,31 @@ def test_a_poison_that_expires_before_its_batchs_members_run_again_alone_is_stil
     repo = ModelRepo("oi-strikes-fd-")
     repo.model("div", _div_model, config="workers = 1\n\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 2000\n")
     daemon = daemon_factory(repo.ready(), env={**ENV, "OPENINFER_POOL_DIRECT": "0"})
-    fine = {"x": np.array([[6]], np.int64), "y": np.array([[3]], np.int64)}
-    poison = {"x": np.array([[np.iinfo(np.int64).min]], np.int64), "y": np.array([[-1]], np.int64)}
     stop = threading.Event()
     answered: dict[str, int] = {}
-    victim = _victim(daemon.address, "div", fine, 16, stop, answered, direct=False)
+    victim = _victim(daemon.address, "div", DIV_FINE, 16, stop, answered, direct=False)
 
     def attack() -> list[str]:
         codes: list[str] = []
         with Client(daemon.address, timeout=30, direct=False) as client:
             while len(codes) < 20 and "RESOURCE_EXHAUSTED" not in codes:
                 try:
-                    client.infer("div", poison, timeout=0.15)  # gone before a replaced worker could run it alone
+                    client.infer("div", DIV_POISON, timeout=0.15)  # gone before a replaced worker could run it alone
                     codes.append("OK")
                 except OpenInferError as exc:
                     codes.append(exc.code)
                 time.sleep(0.3)
         return codes
 
-    try:
-        codes = _attack_beside(daemon, victim, stop, answered, attack)
-    finally:
-        repo.remove()
-    crashes, held, refused = _crashes(daemon, "SIGFPE")
-    assert refused == [f"uid={NOBODY}"] and f"uid={os.getuid()}" not in held, (codes, crashes, held, refused)
+    codes, crashes, held = _struck_beside(daemon, repo, victim, stop, answered, attack)
     assert crashes <= 5, (codes, crashes, held)  # a batch's crash no one's, then the attacker's three
     with Client(daemon.address, timeout=30, direct=False) as root:
-        assert root.infer("div", fine).outputs["out"].tolist() == [[2]]
+        assert root.infer("div", DIV_FINE).outputs["out"].tolist() == [[2]]
 
 
 def test_clients_batched_apart_stay_so_when_a_reload_replaces_the_version(daemon_factory: Any) -> None:
     """Attacker round 83 (an observation): a reload that replaced a version (its config.toml changed) gave it
     a table of no one apart, while the version's crash strikes, kept by name:version, stayed."""
-    fine = {"x": np.array([[6]], np.int64), "y": np.array([[3]], np.int64)}
-    poison = {"x": np.array([[np.iinfo(np.int64).min]], np.int64), "y": np.array([[-1]], np.int64)}
     repo = ModelRepo("oi-strikes-reload-")
     config = "workers = 1\n\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 1000000\nquiet_us = 0\n"
     repo.model("div", _div_model, config=config)
@@ -464,13 +464,13 @@ def test_clients_batched_apart_stay_so_when_a_reload_replaces_the_version(daemon
             return (workers[0]["worker"], workers[0]["address"]) if len(workers) == 1 and workers[0]["worker"] > after else None
 
         first, address = wait_for(lambda: serving(0), 60, "a worker serving", daemon=daemon)
-        assert set(_together(daemon, address, (0, fine), (NOBODY, poison))) <= {"WORKER_CRASHED", "closed"}
+        assert set(_together(daemon, address, (0, DIV_FINE), (NOBODY, DIV_POISON))) <= {"WORKER_CRASHED", "closed"}
         replaced, _ = wait_for(lambda: serving(first), 60, "the crashed worker replaced", daemon=daemon)
         (repo.root / "div" / "config.toml").write_text("timeout_ms = 29000\n" + config)
         with Client(daemon.address, timeout=30, direct=False) as admin:
             assert "div:1" in admin.reload()["replaced"]
         _, address = wait_for(lambda: serving(replaced), 60, "the replaced version's worker serving", daemon=daemon)
-        assert _together(daemon, address, (0, fine), (NOBODY, fine)) == ["batch of 1"] * 2
+        assert _together(daemon, address, (0, DIV_FINE), (NOBODY, DIV_FINE)) == ["batch of 1"] * 2
     finally:
         repo.remove()
 
@@ -481,8 +481,6 @@ def test_crashes_of_several_clients_batches_are_no_steps_toward_the_crash_loop(d
     loop, as many at once as it had workers. Such a crash keeps its clients batched apart (their next
     crash is a strike) and is no step toward the loop: here, with pool.crash_loop_limit = 2, two such
     crashes (root with 65534, then 65533 with 65532) had made the model UNAVAILABLE for everyone."""
-    fine = {"x": np.array([[6]], np.int64), "y": np.array([[3]], np.int64)}
-    poison = {"x": np.array([[np.iinfo(np.int64).min]], np.int64), "y": np.array([[-1]], np.int64)}
     repo = ModelRepo("oi-strikes-loop-")
     repo.model("div", _div_model, config="workers = 2\n\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 1000000\nquiet_us = 0\n")
     daemon = daemon_factory(repo.ready(), env={**ENV, "OPENINFER_POOL_CRASH_LOOP_LIMIT": "2"})
@@ -497,9 +495,9 @@ def test_crashes_of_several_clients_batches_are_no_steps_toward_the_crash_loop(d
 
         first, second = wait_for(addresses, 60, "two workers serving", daemon=daemon)
         for address, pair in ((first, (0, NOBODY)), (second, (NOBODY - 1, NOBODY - 2))):
-            assert set(_together(daemon, address, (pair[0], fine), (pair[1], poison))) <= {"WORKER_CRASHED", "closed"}
+            assert set(_together(daemon, address, (pair[0], DIV_FINE), (pair[1], DIV_POISON))) <= {"WORKER_CRASHED", "closed"}
         with Client(daemon.address, timeout=30, direct=False) as root:
-            assert root.infer("div", fine).outputs["out"].tolist() == [[2]]
+            assert root.infer("div", DIV_FINE).outputs["out"].tolist() == [[2]]
             assert [m["state"] for m in root.models() if m["name"] == "div"] == ["ready"]
     finally:
         repo.remove()
@@ -524,18 +522,7 @@ def test_a_client_refused_one_model_revokes_no_lease_of_another(daemon_factory: 
             assert "error" not in (peer.ask(attach(tiny["lease"])) or {"error": "closed"})
             assert "error" not in (peer.ask(infer(2)) or {"error": "closed"})
 
-            def crash_thrice() -> list[str]:
-                codes = []
-                with Client(daemon.address, timeout=30, direct=True) as client:
-                    for _ in range(4):
-                        try:
-                            client.infer("fragile", POISON)
-                            codes.append("OK")
-                        except OpenInferError as exc:
-                            codes.append(exc.code)
-                return codes
-
-            assert call_as(NOBODY, crash_thrice) == ["WORKER_CRASHED"] * 3 + ["RESOURCE_EXHAUSTED"]
+            assert call_as(NOBODY, lambda: _poisons(daemon.address, 4, True)) == ["WORKER_CRASHED"] * 3 + ["RESOURCE_EXHAUSTED"]
             after = peer.ask(infer(3))  # root's lease of tiny, issued before the refusal
         finally:
             peer.close()
