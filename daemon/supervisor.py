@@ -32,6 +32,7 @@ from openinfer.daemon.frontdoor.validation import check_infer
 from openinfer.daemon.observability.metrics import MetricsExporter
 from openinfer.daemon.modelstore.modelconfig import ConfigError
 from openinfer.daemon.modelstore.models import ModelRegistry, ServedModel
+from openinfer.daemon.workerpool.crash_blame import striker
 from openinfer.daemon.workerpool.pool import WorkerPool, refuse_shared_uid_without_landlock
 from openinfer.daemon.workerpool.recycling import enforced_memory_limit
 from openinfer.daemon.workerpool.preparation import WeightPreparer
@@ -407,8 +408,12 @@ class Supervisor:
         error = self.requests.barred(identity, model)
         if error is not None:
             versions = list(self.registry.by_name.get(model.name, {}).values())  # refused every version (round 87)
+            struck = striker(identity)
             for version in versions if model in versions else [*versions, model]:
-                self.dispatcher.fail_queued_by(version, identity, lambda: error)
+                # A plain tcp:// peer is refused by its host: its queued requests on its other connections too
+                # (round 88: they ran, one crash each - 8 against 3 with six connections).
+                for queued in [identity] if identity == struck else [each for each in version.queue.identities() if striker(each) == struck]:
+                    self.dispatcher.fail_queued_by(version, queued, lambda: error)
             if self.pool.direct is not None:  # and the workers theirs
                 self.pool.direct.bar(model, identity, error, self.pool.all_workers(), self.pool.send)
 

@@ -60,6 +60,10 @@ class TaskQueue(Generic[Task]):
             for tasks in level.values():
                 yield from tasks
 
+    def identities(self) -> set[str]:
+        """Every identity with something queued."""
+        return {identity for level in self._levels.values() for identity in level}
+
     def queued_by(self, identity: str) -> Iterator[Task]:
         """One identity's queued items (each level's, in arrival order): what a cancel looks through,
         never the others' (round 14: a scan of every queue let one uid's cancels cost in proportion to

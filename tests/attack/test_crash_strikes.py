@@ -21,11 +21,13 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import psutil
 import pytest
 
 import onnx_builders
 from daemon_harness import log_records, wait_for
 from direct_peer import Peer, attach, infer, lease_of
+from exposition import free_port
 from openinfer.client import AsyncClient, Client, OpenInferError
 from other_uid import NOBODY, call_as, start_as
 from repo_builder import ModelRepo
@@ -615,3 +617,52 @@ def test_a_client_refused_a_model_is_refused_every_version_of_it(daemon_factory:
     finally:
         repo.remove()
     assert codes == ["WORKER_CRASHED"] * 3 + ["RESOURCE_EXHAUSTED"] * 2, codes
+
+
+def test_a_refused_tcp_host_has_its_requests_queued_on_its_other_connections_answered_too(daemon_factory: Any, fragile: Any) -> None:
+    """Attacker round 88 (low, --insecure-tcp only): a plain tcp:// peer is struck and refused by its host,
+    but the refusal answered the queue of the connection that made the last crash only: the same host's
+    poisons queued on its other connections ran, one crash each (8 against 3 with six connections)."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    daemon = daemon_factory(fragile, "--insecure-tcp", address=address, env={**ENV, "OPENINFER_POOL_DIRECT": "0"})
+    slow = {"x": np.ones((1, 64), np.float32)}
+    slow["x"][0, 0] = 4.0  # 3 s of running: the last strike's poison and the others queue behind it
+
+    def worker_cpu() -> float:  # (an anonymous tcp peer may not ask `status`)
+        workers = psutil.Process(daemon.process.pid).children()
+        return sum(sum(w.cpu_times()[:2]) for w in workers) if len(workers) == 1 else -1.0
+
+    async def until(condition: Any, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.02)  # (the loop sends meanwhile)
+
+    async def one(client: AsyncClient, feed: dict[str, np.ndarray]) -> str:
+        try:
+            await client.infer("fragile", feed)
+            return "OK"
+        except OpenInferError as exc:
+            return exc.code
+
+    async def attack() -> list[str]:
+        clients = [AsyncClient(address, timeout=60) for _ in range(4)]
+        for client in clients:
+            await client.__aenter__()
+        try:
+            codes = [await one(clients[0], POISON) for _ in range(2)]  # two strikes
+            await until(lambda: worker_cpu() >= 0, "the worker replaced")
+            await one(clients[0], FINE)  # (and serving)
+            before = worker_cpu()
+            running = asyncio.ensure_future(one(clients[0], slow))
+            await until(lambda: worker_cpu() > before + 0.2, "the slow request running")
+            poisons = [asyncio.ensure_future(one(client, POISON)) for client in clients]  # the third strike's, and three more
+            return codes + list(await asyncio.gather(running, *poisons))
+        finally:
+            for client in clients:
+                await client.__aexit__(None, None, None)
+
+    codes = asyncio.run(attack())
+    crashes, held, refused = _crashes(daemon, "SIGABRT")
+    assert crashes == 3 and len(refused) == 1, (codes, crashes, held, refused)
+    assert codes == ["WORKER_CRASHED"] * 2 + ["OK", "WORKER_CRASHED"] + ["RESOURCE_EXHAUSTED"] * 3, codes
