@@ -666,4 +666,5 @@ def test_a_refused_tcp_host_has_its_requests_queued_on_its_other_connections_ans
     codes = asyncio.run(attack())
     crashes, held, refused = _crashes(daemon, "SIGABRT")
     assert crashes == 3 and len(refused) == 1, (codes, crashes, held, refused)
-    assert codes == ["WORKER_CRASHED"] * 2 + ["OK", "WORKER_CRASHED"] + ["RESOURCE_EXHAUSTED"] * 3, codes
+    # Which connection's poison runs first after the slow request is the front door's turn-taking: any one.
+    assert codes[:3] == ["WORKER_CRASHED"] * 2 + ["OK"] and sorted(codes[3:]) == ["RESOURCE_EXHAUSTED"] * 3 + ["WORKER_CRASHED"], codes
