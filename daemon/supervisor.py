@@ -412,7 +412,7 @@ class Supervisor:
             for version in versions if model in versions else [*versions, model]:
                 # A plain tcp:// peer is refused by its host: its queued requests on its other connections too
                 # (round 88: they ran, one crash each - 8 against 3 with six connections).
-                for queued in [identity] if identity == struck else [each for each in version.queue.identities() if striker(each) == struck]:
+                for queued in [each for each in version.queue.identities() if striker(each) == struck]:
                     self.dispatcher.fail_queued_by(version, queued, lambda: error)
             if self.pool.direct is not None:  # and the workers theirs
                 self.pool.direct.bar(model, identity, error, self.pool.all_workers(), self.pool.send)

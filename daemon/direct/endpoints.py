@@ -165,17 +165,15 @@ class DirectPath:
         every lease of every model revoked with each refusal, 14 times a minute (attacker round 86). Every
         worker of those versions is told, a reload's replacement still booting too."""
         self._generations[model.name] = self._generations.get(model.name, 0) + 1
-        for worker in workers:
-            if worker.model.name == model.name and worker.direct_address and worker.state not in (WorkerState.SPAWNED, WorkerState.EXITED):
-                send(worker, [messages.KEY, self.key_for(worker.model)])
+        for worker in _serving_versions_of(model, workers):
+            send(worker, [messages.KEY, self.key_for(worker.model)])
 
     def bar(self, model: ServedModel, identity: str, error: OpenInferError, workers: list[WorkerHandle], send: Callable[[WorkerHandle, list[Any]], bool]) -> None:
         """A client was refused `model`: every worker of its versions answers the client's queued direct
         requests `error` (BAR), as the front door answers its own queue."""
         message = [messages.BAR, msgpack.packb([identity, error.message, int(error.details.get("retry_after_s", 0))])]
-        for worker in workers:
-            if worker.model.name == model.name and worker.direct_address and worker.state not in (WorkerState.SPAWNED, WorkerState.EXITED):
-                send(worker, message)
+        for worker in _serving_versions_of(model, workers):
+            send(worker, message)
 
     # -- counts ---------------------------------------------------------------------------------------
     def read_ledgers(self, workers: list[WorkerHandle], reject: Callable[[WorkerHandle, str], None], limit: int | None = None) -> None:
@@ -256,3 +254,8 @@ def _endpoint_dir(socket_path: Path, settings: Settings) -> Path | None:
     os.chmod(directory, dir_mode)
     return directory
 
+
+def _serving_versions_of(model: ServedModel, workers: list[WorkerHandle]) -> list[WorkerHandle]:
+    """The workers of every version of `model` with a direct endpoint, past their boot (one still booting
+    gets the current key with its ACK) and alive."""
+    return [w for w in workers if w.model.name == model.name and w.direct_address and w.state not in (WorkerState.SPAWNED, WorkerState.EXITED)]

@@ -438,7 +438,7 @@ class WorkerPool:
         that)."""
         pool = self.settings.pool
         model.restarts += 1
-        if (culprit is not None or kept_apart) and pool.crash_strikes > 0 and self.workers_shared is None:
+        if (culprit is not None or kept_apart) and self._strikes_on():
             if culprit is not None:
                 self._strike(model, culprit, pool.crash_strikes)
             self._respawn_later(model)
@@ -453,11 +453,15 @@ class WorkerPool:
             return  # no more respawns until a reload re-arms the model
         self._respawn_later(model)
 
+    def _strikes_on(self) -> bool:
+        """Crash strikes count (pool.crash_strikes), and the workers' uid is theirs alone (crash_blame.py)."""
+        return self.settings.pool.crash_strikes > 0 and self.workers_shared is None
+
     def _batch_apart(self, crashed: WorkerHandle, identities: AbstractSet[str]) -> None:
         """A run of several clients' requests ended its worker: no one's strike, so those clients' requests
         are batched only with their own for the strikes' window, by the front door and by every worker of
         the model, running or to come (direct/batch_apart.py). Nothing to gain while strikes are off."""
-        if self.settings.pool.crash_strikes <= 0 or self.workers_shared is not None:
+        if not self._strikes_on():
             return
         model = crashed.model
         now = time.monotonic_ns()
