@@ -136,6 +136,8 @@ def status_result(sup: "Supervisor") -> dict[str, Any]:
                 # Ledger records the worker could not write (the supervisor had not caught up): requests the
                 # books miss. The worker's own word, like the rest of its ledger; an honest one writes 0.
                 **({"ledger_dropped": worker.ledger.dropped()} if worker.ledger is not None else {}),
+                # Direct requests its ledger says it took and has not answered yet (queued or running).
+                **({"direct_requests": len(worker.direct_pending)} if worker.ledger is not None else {}),
             }
         )
     return {

@@ -60,6 +60,14 @@ class TaskQueue(Generic[Task]):
             for tasks in level.values():
                 yield from tasks
 
+    def in_order(self) -> Iterator[Task]:
+        """Every queued item, highest priority first, then identities in their turn order, each one's in
+        arrival order (popleft's order but for aging)."""
+        levels = self._levels
+        for priority in sorted(levels, reverse=True):
+            for tasks in levels[priority].values():
+                yield from tasks
+
     def identities(self) -> set[str]:
         """Every identity with something queued."""
         return {identity for level in self._levels.values() for identity in level}

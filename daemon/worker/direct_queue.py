@@ -101,6 +101,7 @@ class DirectRequest:
     serial: int = 0  # its number in the ledger
     batch_key: Any = None
     rows: int = 0
+    rebatched: bool = False  # its batch was stopped at another member's deadline and it ran again: once
     cache_key: bytes | None = None  # with [cache]: what its answer is kept under (None: not looked up yet)
 
 
@@ -129,6 +130,14 @@ class DirectQueue:
         # The latest a held batch may leave: the earliest latest_hold_ns of the requests queued since the
         # queue was last empty (one that has left since only makes a batch leave sooner, never later).
         self.hold_until_ns = NEVER
+        # How long this worker's batches usually compute (EWMA, as the supervisor keeps one per model): a
+        # request whose deadline falls sooner runs alone (_cannot_last_a_batch). None until a batch ran.
+        self.batch_compute_ewma_ns: int | None = None
+        # With batching: how many queued requests wait for no company (no batch key: one that cannot last
+        # a batch, batches with no one, or runs alone after its batch failed). They run while a batch is
+        # held (_take_alone), and a batch is counted without them: a held batch of three and one such
+        # request were a "full" batch of four, and the three left without their fourth.
+        self.alone_queued = 0
 
     # -- admission ------------------------------------------------------------------------------------
     def admit(self, conn: DirectConnection, delimited: bool, request_id: int, header: dict[str, Any], data: list[Buffer], received_ns: int) -> None:
@@ -174,7 +183,7 @@ class DirectQueue:
             list(outputs) if outputs else model.output_order, nbytes, priority, received_ns, decoded_ns,
             starts_ns + timeout_ms * 1_000_000, decoded_ns,
         )
-        if model.batchable and signature.rows is not None and model.batching is not None and signature.rows <= model.batching.max_batch_size:
+        if model.batchable and signature.rows is not None and model.batching is not None and signature.rows <= model.batching.max_batch_size and not self._cannot_last_a_batch(request, decoded_ns):
             request.batch_key = (signature.batch_specs, tuple(request.wanted))
             request.rows = signature.rows
         conn.open_ids.add(request_id)
@@ -192,7 +201,18 @@ class DirectQueue:
         self.queue.append(request)
         self.last_request_ns = received_ns
         if model.batchable:  # (only a batch holds requests back: the rest of this worker's requests skip it)
-            self.hold_until_ns = min(self.hold_until_ns, latest_hold_ns(decoded_ns, request.deadline_ns))
+            if request.batch_key is None:  # it waits for no one, and holds no batch back nor sends one out early
+                self.alone_queued += 1
+            else:
+                self.hold_until_ns = min(self.hold_until_ns, latest_hold_ns(decoded_ns, request.deadline_ns))
+
+    def _cannot_last_a_batch(self, request: DirectRequest, now_ns: int) -> bool:
+        """Whether the request's deadline falls before a batch leaving at `now_ns` would usually end: it
+        runs alone, as the front door runs such a task (scheduling/dispatch.py). In a batch, the run was
+        stopped at its deadline and the others ran again; waiting for company, it cut the batch's hold
+        and sent it out half empty (rounds 27-28 at the front door, round 89 here)."""
+        ewma = self.batch_compute_ewma_ns
+        return ewma is not None and request.deadline_ns <= now_ns + ewma
 
     def _answered_from_cache(self, request: DirectRequest, now_ns: int) -> bool:
         cache = self.cache
@@ -212,6 +232,7 @@ class DirectQueue:
         lost answers that had been computed (round 10)."""
         while self.queue:
             request = self.queue.popleft()
+            self._left_queue(request)
             self._fail(request, PermissionDenied("this worker retired before running the request: take a new lease and send it again", {"lease": "expired"}))
 
     def cancel(self, conn: DirectConnection, target: int) -> bool:
@@ -220,6 +241,7 @@ class DirectQueue:
         for request in self.queue.queued_by(conn.identity):
             if request.conn is conn and request.request_id == target:
                 self.queue.remove(request)
+                self._left_queue(request)
                 self._fail(request, DeadlineExceeded("cancelled by the client before it ran"))
                 return True
         return False
@@ -232,6 +254,7 @@ class DirectQueue:
         refused = list(self.queue.queued_by(identity))
         for request in refused:
             self.queue.remove(request)
+            self._left_queue(request)
             self._fail(request, error)
         return len(refused)
 
@@ -257,16 +280,25 @@ class DirectQueue:
             if batching is None:
                 taken = [queue.popleft()]
             else:
-                size = batch_size_now(len(queue), batching.max_batch_size, batching.preferred_batch_sizes)
+                size = batch_size_now(len(queue) - self.alone_queued, batching.max_batch_size, batching.preferred_batch_sizes)
+                taken = []
                 if size == 0:
                     due_ns = queue.oldest_enqueued_ns() + batching.max_queue_delay_us * 1000
                     if batching.quiet_us:  # its clients have gone quiet: what came is all there is for now
                         due_ns = min(due_ns, self.last_request_ns + batching.quiet_us * 1000)
                     due_ns = min(due_ns, self.hold_until_ns)  # a request that must run soon to make its deadline
                     if now < due_ns:
-                        return (due_ns - now) / 1e9  # held for company, at most max_queue_delay_us
+                        # One that waits for no company runs now, and the batch held goes on waiting. (Only
+                        # before the batch is due: once it is, all go in their turns, so that a stream of
+                        # such requests cannot hold it back past its delay.)
+                        taken = self._take_alone() if self.alone_queued else []
+                        if not taken:
+                            return (due_ns - now) / 1e9  # held for company, at most max_queue_delay_us
                     size = batching.max_batch_size
-                taken = queue.take_batch(size, model.apart.now(now))
+                if not taken:
+                    taken = queue.take_batch(size, model.apart.now(now))
+                    self._left_queue(taken[0])  # (the rest have a batch key)
+                    taken = self._able_to_last(taken, now)
             live = []
             for request in taken:
                 if request.deadline_ns <= now:
@@ -284,6 +316,42 @@ class DirectQueue:
             self.idle_since_ns = time.monotonic_ns()
         self.hold_until_ns = NEVER
         return None
+
+    def _take_alone(self) -> list[DirectRequest]:
+        """While a batch is held for company: the first queued request (in the queue's order) that waits
+        for none, to run now. Only while one is queued (alone_queued), and the queue then holds less than
+        a batch besides."""
+        for request in self.queue.in_order():
+            if request.batch_key is None:
+                self.queue.remove(request)
+                self.alone_queued -= 1
+                return [request]
+        self.alone_queued = 0  # (a count gone wrong costs a look through the queue, never the worker)
+        return []
+
+    def _left_queue(self, request: DirectRequest) -> None:
+        if request.batch_key is None and self.model.batchable:
+            self.alone_queued -= 1
+
+    def _put_back_alone(self, request: DirectRequest) -> None:
+        """Back to the front of its identity's requests, to run alone (TaskQueue.put_back)."""
+        request.batch_key = None
+        self.queue.put_back(request)
+        self.alone_queued += 1
+
+    def _able_to_last(self, batch: list[DirectRequest], now: int) -> list[DirectRequest]:
+        """The batch less its members whose deadline falls before its run would usually end: they go back
+        to the front of the queue, to run alone (their deadline, if it passes, is theirs only)."""
+        ewma = self.batch_compute_ewma_ns
+        if ewma is None or len(batch) < 2:
+            return batch
+        cutoff = now + ewma
+        short = [request for request in batch if now < request.deadline_ns <= cutoff]
+        if not short or len(short) == len(batch):
+            return batch  # (all of them short: they run together, as the front door runs them)
+        for request in reversed(short):
+            self._put_back_alone(request)
+        return [request for request in batch if not now < request.deadline_ns <= cutoff]
 
     def _batch_wait_us(self, request: DirectRequest, started_ns: int) -> float:
         """The part of its queue time a request waited while this worker was free: for company."""
@@ -373,6 +441,31 @@ class DirectQueue:
             return
         self._answer(request, reply, payloads, None, timing)
 
+    def _stopped(self, batch: list[DirectRequest], reason: str) -> None:
+        """A batch was stopped at its deadline. When that was a member's own (its timeout has passed), that
+        member is answered DEADLINE_EXCEEDED and the others run again as one batch, without new company
+        (a request that came meanwhile with a short timeout would stop it again), once: a member whose
+        second batch is stopped too runs alone. At max_compute_ms, whose input ran long is unknown: each
+        runs alone. Round 89: each ran alone at once, and one client's valid requests with a timeout
+        shorter than a batch's run, in batch after batch, turned batching off for everyone (the victims'
+        answers/s -86 %); the front door runs the others again together since round 27."""
+        now = time.monotonic_ns()
+        expired = [member for member in batch if member.deadline_ns <= now]
+        rest = [member for member in batch if member.deadline_ns > now]
+        if not expired or not rest:
+            self._run_alone_later(batch)
+            return
+        for member in expired:
+            self._fail(member, DeadlineExceeded(f"{reason}; its batch's other members ran again without it"))
+        together = object()  # a key no other request has: no new company
+        for member in reversed(rest):
+            if member.rebatched:
+                self._put_back_alone(member)
+            else:
+                member.batch_key, member.rebatched = together, True
+                self.queue.put_back(member)
+        self.hold_until_ns = now  # they waited for company once: not held for it again
+
     def _run_alone_later(self, batch: list[DirectRequest]) -> None:
         """Each member of a batch that failed or was stopped runs alone (only the guilty one fails), as
         the queue's next, one a turn of the worker's loop: run here one after another, they held the
@@ -386,8 +479,7 @@ class DirectQueue:
             if member.deadline_ns <= now:
                 self._fail(member, DeadlineExceeded(f"its deadline passed after {(now - member.received_ns) / 1e6:.0f} ms, in a batch that failed or was stopped; it is not run again"))
             else:
-                member.batch_key = None  # alone from now on
-                self.queue.put_back(member)
+                self._put_back_alone(member)  # alone from now on
 
     def _answer_cached(self, request: DirectRequest, hit: Cached) -> None:
         now = time.monotonic_ns()
@@ -416,9 +508,15 @@ class DirectQueue:
                 computed_ns = time.monotonic_ns()
                 total_rows = sum(m.rows for m in batch)
                 cutters = [RowCutter.of(value, total_rows) for value in results]
-            except Exception:  # failed or stopped as a whole: which member caused it is unknown
+            except RunStopped as exc:
+                self._stopped(batch, str(exc))
+                return
+            except Exception:  # failed as a whole: which member caused it is unknown
                 self._run_alone_later(batch)
                 return
+            compute_ns = computed_ns - prepared_ns
+            ewma = self.batch_compute_ewma_ns
+            self.batch_compute_ewma_ns = compute_ns if ewma is None else (9 * ewma + compute_ns) // 10
             self._answer_members(batch, cutters, started_ns, prepared_ns, computed_ns, cpu_start, cap_ns)
         finally:
             self._end_run()
@@ -426,15 +524,15 @@ class DirectQueue:
     def _member_parts(self, batch: list[DirectRequest], started_ns: int, cpu_start: int) -> tuple[list[DirectRequest], list[list[Any]]]:
         """The members whose inputs decode, with their parts (compute.member_parts); a member whose do not
         - a malformed BYTES frame, which admission does not walk - is answered with its error alone and
-        the batch runs without it (round 20). Stopped at the deadline, whose time ran out is unknown: all
-        run alone. Without BYTES inputs every member's frames were held to its rows at admission: they
-        are the parts."""
+        the batch runs without it (round 20). Stopped at the batch's deadline, as a run is (_stopped).
+        Without BYTES inputs every member's frames were held to its rows at admission: they are the
+        parts."""
         if not self.model.bytes_inputs:
             return batch, [member.data for member in batch]
         try:
             parts, bad = member_parts(batch[0].specs, [(member.rows, member.data) for member in batch])
-        except DeadlineExceeded:
-            self._run_alone_later(batch)
+        except DeadlineExceeded as stop:
+            self._stopped(batch, stop.message)
             return [], []
         if not bad:
             return batch, parts

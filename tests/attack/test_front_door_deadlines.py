@@ -4,7 +4,9 @@ compute outlasts its timeout (a larger input, a smaller timeout) and have the mo
 reloaded, again and again, under everyone else's requests. Now the worker stops the run at the deadline
 itself (onnxruntime's terminate flag, as on the direct path) and answers DEADLINE_EXCEEDED; the kill is
 the backstop for a run that cannot be stopped (tests/test_faults.py). Both tests fail without the
-worker's stop: the worker's pid changes at every attack."""
+worker's stop: the worker's pid changes at every attack. The batch tests run on both paths: round 89 found
+the direct path's worker still running a stopped batch's other members each alone, and letting a request
+that cannot last a batch join one (the victims' answers/s -86 % beside ~18 such requests a second)."""
 from __future__ import annotations
 
 import asyncio
@@ -35,6 +37,18 @@ def _worker_pids(client: Client, model: str) -> list[int]:
     return sorted(w["pid"] for w in client.status()["workers"] if w["model"] == model)
 
 
+PATHS = [pytest.param(False, id="front-door"), pytest.param(True, id="direct")]
+
+
+def _queued(admin: Client, model: str, direct: bool) -> int:
+    """Requests waiting or running: in the front door's queue, or taken by the model's workers on the
+    direct path (their ledgers, read every 100 ms at most)."""
+    status = admin.status()
+    if not direct:
+        return int(status["queued"])
+    return sum(w.get("direct_requests", 0) for w in status["workers"] if w["model"] == model)
+
+
 def test_a_short_timeout_cannot_kill_a_front_door_worker(daemon_factory: Any) -> None:
     """busy: y = x + n by a Loop of n steps (the caller picks the compute). Five requests of ~10^8 steps
     with a 200 ms timeout, each followed by an ordinary request: every one is answered, by the same
@@ -57,7 +71,8 @@ def test_a_short_timeout_cannot_kill_a_front_door_worker(daemon_factory: Any) ->
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_a_short_timeout_in_a_batch_costs_neither_the_worker_nor_the_other_members(daemon_factory: Any) -> None:
+@pytest.mark.parametrize("direct", PATHS)
+def test_a_short_timeout_in_a_batch_costs_neither_the_worker_nor_the_other_members(daemon_factory: Any, direct: bool) -> None:
     """rows: y = x + max(x) by a Loop of max(x) steps, batching. The attacker's row (10^9 steps, 200 ms
     timeout) rides in a batch with three ordinary requests: the run is stopped at the attacker's deadline,
     the others run again without it and are answered, and the worker serves on. Round 27's attacker: they
@@ -71,7 +86,7 @@ def test_a_short_timeout_in_a_batch_costs_neither_the_worker_nor_the_other_membe
             before = _worker_pids(admin, "rows")
 
         async def together() -> list[Any]:
-            clients = [AsyncClient(daemon.address, timeout=30, direct=False, client_name=f"c{i}") for i in range(4)]
+            clients = [AsyncClient(daemon.address, timeout=30, direct=direct, client_name=f"c{i}") for i in range(4)]
             try:
                 for client in clients:  # connected first: the four arrive within the batching window
                     await client.infer("rows", {"x": np.array([[1.0]], np.float32)})
@@ -96,7 +111,8 @@ def test_a_short_timeout_in_a_batch_costs_neither_the_worker_nor_the_other_membe
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_a_request_that_cannot_last_a_batch_runs_alone_and_leaves_the_waiting_batch_its_company(daemon_factory: Any) -> None:
+@pytest.mark.parametrize("direct", PATHS)
+def test_a_request_that_cannot_last_a_batch_runs_alone_and_leaves_the_waiting_batch_its_company(daemon_factory: Any, direct: bool) -> None:
     """Round 27's attacker, after its fix (round 28's residual): requests whose timeout is shorter than the
     model's batches take, sent by another client all the time, each cut the hold of the batch waiting, so
     the victim's batches left with whoever had come (victim 67-74 req/s, 113 with this fix, beside the same
@@ -109,14 +125,14 @@ def test_a_request_that_cannot_last_a_batch_runs_alone_and_leaves_the_waiting_ba
         daemon = daemon_factory(root)
 
         async def scenario() -> tuple[Any, list[Any]]:
-            async with AsyncClient(daemon.address, timeout=30, direct=False) as client:
+            async with AsyncClient(daemon.address, timeout=30, direct=direct) as client:
                 slow = np.array([[1.2e6]], np.float32)  # ~800 ms a batch: the model's batch compute is learnt
                 learnt = await asyncio.gather(*(client.infer("rows", {"x": slow}) for _ in range(4)))
                 assert [got.batch_size for got in learnt] == [4, 4, 4, 4], learnt
                 assert learnt[0].timing["compute_us"] > 300_000, learnt[0].timing  # > the short timeout
                 x = np.array([[1.0]], np.float32)
                 victims = [asyncio.ensure_future(client.infer("rows", {"x": x})) for _ in range(3)]
-                await asyncio.to_thread(wait_for, lambda: admin.status()["queued"] == 3, 20, "the three held for a fourth")
+                await asyncio.to_thread(wait_for, lambda: _queued(admin, "rows", direct) == 3, 20, "the three held for a fourth")
                 short = await client.infer("rows", {"x": x}, timeout=0.3)  # (0.05 s once: a round trip on a loaded VM can take that)
                 victims.append(asyncio.ensure_future(client.infer("rows", {"x": x})))
                 return short, list(await asyncio.gather(*victims))
@@ -130,7 +146,8 @@ def test_a_request_that_cannot_last_a_batch_runs_alone_and_leaves_the_waiting_ba
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_a_request_that_runs_alone_takes_the_worker_freed_while_another_batch_is_held(daemon_factory: Any) -> None:
+@pytest.mark.parametrize("direct", PATHS)
+def test_a_request_that_runs_alone_takes_the_worker_freed_while_another_batch_is_held(daemon_factory: Any, direct: bool) -> None:
     """Round 29's attacker, on the fix above: a request that cannot last a batch, queued while the worker
     was busy, waited out another client's hold (1 s) with the worker free, and expired. Batches here take
     ~600 ms; one of four keeps the worker busy ~1/7 of that; a request held for company comes, then one
@@ -141,13 +158,14 @@ def test_a_request_that_runs_alone_takes_the_worker_freed_while_another_batch_is
         daemon = daemon_factory(root)
 
         async def scenario() -> tuple[Any, Any]:
-            async with AsyncClient(daemon.address, timeout=30, direct=False) as client:
+            async with AsyncClient(daemon.address, timeout=30, direct=direct) as client:
                 learnt = await asyncio.gather(*(client.infer("rows", {"x": np.array([[7e5]], np.float32)}) for _ in range(4)))
                 compute_s = learnt[0].timing["compute_us"] / 1e6
                 assert learnt[0].batch_size == 4 and compute_s > 0.2, learnt[0].timing
                 busy = [asyncio.ensure_future(client.infer("rows", {"x": np.array([[1e5]], np.float32)})) for _ in range(4)]
                 held = asyncio.ensure_future(client.infer("rows", {"x": np.array([[1.0]], np.float32)}))
-                await asyncio.to_thread(wait_for, lambda: admin.status()["queued"] == 1, 20, "one request held for company, the worker busy")
+                # (on the direct path the worker's count has the busy batch's four too, until they are answered)
+                await asyncio.to_thread(wait_for, lambda: _queued(admin, "rows", direct) in ((1, 5) if direct else (1,)), 20, "one request held for company")
                 short = await client.infer("rows", {"x": np.array([[1.0]], np.float32)}, timeout=0.6 * compute_s)  # < a batch's run
                 await asyncio.gather(*busy)
                 return short, await held
@@ -156,5 +174,32 @@ def test_a_request_that_runs_alone_takes_the_worker_freed_while_another_batch_is
             short, held = asyncio.run(scenario())
         assert short.batch_size == 1 and float(short.outputs["y"][0, 0]) == 2.0, short
         assert held.batch_size == 1, held
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_requests_that_wait_for_no_company_cannot_hold_a_held_batch_past_its_delay(daemon_factory: Any) -> None:
+    """On the direct path a request that batches with no one (here: more rows than max_batch_size) runs at
+    once while a batch is held for company (round 89's fix): but only until that batch is due - a stream
+    of them must not keep it waiting. One request is held (200 ms delay, no fourth coming), then 48 of
+    five rows (~20 ms each, ~1 s in all) are queued behind it: it leaves at its delay, in its turn, not
+    after them."""
+    root = _repo("rows", onnx_builders.row_loop_model, "workers = 1\n[batching]\nmax_batch_size = 4\nmax_queue_delay_us = 200000\nquiet_us = 0\n")
+    try:
+        daemon = daemon_factory(root)
+
+        async def scenario() -> tuple[Any, list[Any]]:
+            async with AsyncClient(daemon.address, timeout=30) as client:
+                await client.infer("rows", {"x": np.array([[1.0]], np.float32)})
+                held = asyncio.ensure_future(client.infer("rows", {"x": np.array([[1.0]], np.float32)}))
+                await asyncio.sleep(0)  # (sent first)
+                stream = [client.infer("rows", {"x": np.full((5, 1), 1.5e4, np.float32)}) for _ in range(48)]
+                wide = await asyncio.gather(*stream)
+                return await held, wide
+
+        held, wide = asyncio.run(scenario())
+        assert all(got.batch_size == 1 for got in wide), {got.batch_size for got in wide}
+        assert sum(got.timing["compute_us"] for got in wide) > 600_000, "the stream ran for less than the test needs"
+        assert held.batch_size == 1 and held.timing["queue_us"] < 700_000, held.timing  # (batch_wait_us counts only the worker's idle time)
     finally:
         shutil.rmtree(root, ignore_errors=True)
