@@ -157,3 +157,30 @@ def test_a_task_put_back_goes_first_of_its_identity_but_keeps_the_identitys_plac
     first = queue.popleft()  # a's turn: task 0; b's is next
     queue.put_back(first)
     assert ids([queue.popleft() for _ in range(4)]) == [1, 0, 3, 2]  # b, then a (0 again first of a's), b, a
+
+
+def test_take_first_looks_in_priority_and_turn_order_and_spends_that_identitys_turn() -> None:
+    """What a worker's queue runs while a batch is held (worker/direct_queue.py, round 90): the first
+    item the predicate takes, as popleft would look, and its identity goes to the back of the turns -
+    taken without that, an identity that kept such items queued was first every time."""
+    queue: TaskQueue[Task] = TaskQueue()
+    for task in (make_task(1, "a", key=None), make_task(2, "a", key=None), make_task(3, "b", key=None), make_task(4, "c"), make_task(5, "d", priority=3)):
+        queue.append(task)
+    alone = lambda task: task.batch_key is None  # noqa: E731
+    taken = [queue.take_first(alone), queue.take_first(alone), queue.take_first(alone), queue.take_first(alone)]
+    assert [t.task_id if t is not None else None for t in taken] == [1, 3, 2, None]
+    assert drain(queue) == [5, 4]
+
+
+def test_the_usual_batch_compute_follows_batches_and_single_runs_but_one_slow_batch_moves_it_little() -> None:
+    from openinfer.daemon.scheduling.batch_rules import after_batch, after_single
+
+    estimate = after_single(None, 100.0)  # a request run alone starts it
+    assert estimate == 100.0
+    estimate = after_batch(estimate, 7_000_000.0)  # a batch made slow on purpose: at most twice counted
+    assert estimate == pytest.approx(110.0)
+    assert after_single(estimate, 1_000_000.0) == estimate  # a slow run alone never raises it
+    assert after_single(estimate, 10.0) == pytest.approx(0.9 * 110.0 + 1.0)
+    for _ in range(60):  # a model that truly got slower is followed, a tenth more at most each batch
+        estimate = after_batch(estimate, 5_000.0)
+    assert estimate > 4_000.0

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from collections.abc import Container
-from typing import Any, Generic, Iterator, Protocol, TypeVar
+from typing import Any, Callable, Generic, Iterator, Protocol, TypeVar
 
 
 class Queued(Protocol):
@@ -60,13 +60,29 @@ class TaskQueue(Generic[Task]):
             for tasks in level.values():
                 yield from tasks
 
-    def in_order(self) -> Iterator[Task]:
-        """Every queued item, highest priority first, then identities in their turn order, each one's in
-        arrival order (popleft's order but for aging)."""
+    def take_first(self, wanted: Callable[[Task], bool]) -> Task | None:
+        """The first queued item `wanted` accepts, looked for as popleft chooses (highest priority first,
+        identities in their turn order, each one's items in arrival order; no aging), and its identity's
+        turn is spent on it as popleft spends it: taken without, one identity that kept such items queued
+        was first every time (round 90). None when there is none."""
         levels = self._levels
         for priority in sorted(levels, reverse=True):
-            for tasks in levels[priority].values():
-                yield from tasks
+            level = levels[priority]
+            found = next(((identity, task) for identity, tasks in level.items() for task in tasks if wanted(task)), None)
+            if found is None:
+                continue
+            identity, task = found
+            tasks = level[identity]
+            tasks.remove(task)
+            if tasks:
+                level.move_to_end(identity)
+            else:
+                del level[identity]
+                if not level:
+                    del levels[priority]
+            self._len -= 1
+            return task
+        return None
 
     def identities(self) -> set[str]:
         """Every identity with something queued."""

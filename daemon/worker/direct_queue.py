@@ -25,7 +25,7 @@ from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.frontdoor.client_limits import over_max_priority
 from openinfer.daemon.frontdoor.validation import InputSignature, check_infer
 from openinfer.daemon.modelstore.modelconfig import BatchingConfig
-from openinfer.daemon.scheduling.batch_rules import batch_size_now, latest_hold_ns
+from openinfer.daemon.scheduling.batch_rules import after_batch, after_single, batch_size_now, latest_hold_ns
 from openinfer.daemon.scheduling.taskqueue import TaskQueue
 from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError, PermissionDenied, ResourceExhausted
 from openinfer.wire.protocol import PROTOCOL_VERSION
@@ -132,7 +132,7 @@ class DirectQueue:
         self.hold_until_ns = NEVER
         # How long this worker's batches usually compute (EWMA, as the supervisor keeps one per model): a
         # request whose deadline falls sooner runs alone (_cannot_last_a_batch). None until a batch ran.
-        self.batch_compute_ewma_ns: int | None = None
+        self.batch_compute_ewma_ns: float | None = None
         # With batching: how many queued requests wait for no company (no batch key: one that cannot last
         # a batch, batches with no one, or runs alone after its batch failed). They run while a batch is
         # held (_take_alone), and a batch is counted without them: a held batch of three and one such
@@ -280,9 +280,13 @@ class DirectQueue:
             if batching is None:
                 taken = [queue.popleft()]
             else:
-                size = batch_size_now(len(queue) - self.alone_queued, batching.max_batch_size, batching.preferred_batch_sizes)
+                waiting = len(queue) - self.alone_queued  # those that wait for company
+                size = batch_size_now(waiting, batching.max_batch_size, batching.preferred_batch_sizes)
                 taken = []
-                if size == 0:
+                if waiting <= 0:  # no batch is held: they all run alone, in their turns (round 90: held for the delay)
+                    taken = [queue.popleft()]
+                    self._left_queue(taken[0])
+                elif size == 0:
                     due_ns = queue.oldest_enqueued_ns() + batching.max_queue_delay_us * 1000
                     if batching.quiet_us:  # its clients have gone quiet: what came is all there is for now
                         due_ns = min(due_ns, self.last_request_ns + batching.quiet_us * 1000)
@@ -318,16 +322,15 @@ class DirectQueue:
         return None
 
     def _take_alone(self) -> list[DirectRequest]:
-        """While a batch is held for company: the first queued request (in the queue's order) that waits
-        for none, to run now. Only while one is queued (alone_queued), and the queue then holds less than
-        a batch besides."""
-        for request in self.queue.in_order():
-            if request.batch_key is None:
-                self.queue.remove(request)
-                self.alone_queued -= 1
-                return [request]
-        self.alone_queued = 0  # (a count gone wrong costs a look through the queue, never the worker)
-        return []
+        """While a batch is held for company: the next queued request (in the queue's order and turns)
+        that waits for none, to run now. Only while one is queued (alone_queued), and the queue then
+        holds less than a batch besides."""
+        request = self.queue.take_first(_alone)
+        if request is None:
+            self.alone_queued = 0  # (a count gone wrong costs a look through the queue, never the worker)
+            return []
+        self.alone_queued -= 1
+        return [request]
 
     def _left_queue(self, request: DirectRequest) -> None:
         if request.batch_key is None and self.model.batchable:
@@ -404,6 +407,8 @@ class DirectQueue:
                 prepared_ns = time.monotonic_ns()
                 results = self._stoppable_run(request.wanted, feed, deadline_ns)
                 computed_ns = time.monotonic_ns()
+                if self.model.batchable:
+                    self.batch_compute_ewma_ns = after_single(self.batch_compute_ewma_ns, computed_ns - prepared_ns)
                 specs, payloads = encode_outputs(request.wanted, results)
             finally:
                 self._end_run()
@@ -514,9 +519,7 @@ class DirectQueue:
             except Exception:  # failed as a whole: which member caused it is unknown
                 self._run_alone_later(batch)
                 return
-            compute_ns = computed_ns - prepared_ns
-            ewma = self.batch_compute_ewma_ns
-            self.batch_compute_ewma_ns = compute_ns if ewma is None else (9 * ewma + compute_ns) // 10
+            self.batch_compute_ewma_ns = after_batch(self.batch_compute_ewma_ns, computed_ns - prepared_ns)
             self._answer_members(batch, cutters, started_ns, prepared_ns, computed_ns, cpu_start, cap_ns)
         finally:
             self._end_run()
@@ -626,6 +629,10 @@ class DirectQueue:
             self.ledger.counted(client, op)
         else:
             self.ledger.refused(request_id or 0, client, op, ledger_code(exc, op), (time.monotonic_ns() - received_ns) / 1000)
+
+
+def _alone(request: DirectRequest) -> bool:
+    return request.batch_key is None
 
 
 def _run_uids(requests: list[DirectRequest]) -> list[int] | None:

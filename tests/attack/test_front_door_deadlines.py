@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import pytest
 
 import onnx_builders
 from daemon_harness import wait_for, world_readable_dir
+from other_uid import NOBODY, call_as
 from openinfer.client import AsyncClient, Client, DeadlineExceeded
 from repo_builder import make_world_readable
 
@@ -201,5 +204,88 @@ def test_requests_that_wait_for_no_company_cannot_hold_a_held_batch_past_its_del
         assert all(got.batch_size == 1 for got in wide), {got.batch_size for got in wide}
         assert sum(got.timing["compute_us"] for got in wide) > 600_000, "the stream ran for less than the test needs"
         assert held.batch_size == 1 and held.timing["queue_us"] < 700_000, held.timing  # (batch_wait_us counts only the worker's idle time)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("direct", PATHS)
+def test_one_slow_batch_does_not_keep_short_timeouts_out_of_batches(daemon_factory: Any, direct: bool) -> None:
+    """Round 90: the model's usual batch compute, which keeps a request whose deadline falls sooner out of
+    batches, was an EWMA that one batch made slow on purpose (two rows of a value that sets the loop
+    count, a long timeout) set at 1.7 s - after that every request with a shorter timeout ran alone, and
+    as nothing batched nothing brought it down: batching was off for them for good (victims -75 %). A
+    batch now counts at most twice the estimate, and requests run alone bring it down."""
+    # (a 20 ms delay: the attacker's two requests, sent together, batch even when read far apart on a loaded machine)
+    root = _repo("rows", onnx_builders.row_loop_model, "workers = 1\n[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 20000\nquiet_us = 0\n")
+    try:
+        daemon = daemon_factory(root)
+
+        async def scenario() -> tuple[list[Any], list[Any]]:
+            async with AsyncClient(daemon.address, timeout=30, direct=direct) as client:
+                await client.infer("rows", {"x": np.array([[1.0]], np.float32)})  # (one run alone)
+                slow = np.array([[2.5e6]], np.float32)  # ~1.7 s
+                attack = await asyncio.gather(*(client.infer("rows", {"x": slow}) for _ in range(2)))
+                x = np.array([[1.0]], np.float32)
+                answers: list[Any] = []
+                for _ in range(25):
+                    answers += await asyncio.gather(*(client.infer("rows", {"x": x}, timeout=0.15) for _ in range(8)), return_exceptions=True)
+                return attack, answers
+
+        attack, answers = asyncio.run(scenario())
+        assert [got.batch_size for got in attack] == [2, 2] and attack[0].timing["compute_us"] > 300_000, [got.timing for got in attack]
+        answered = [got for got in answers if not isinstance(got, BaseException)]
+        assert len(answered) > len(answers) // 2, {type(got).__name__ for got in answers}
+        batched = sum(1 for got in answered if got.batch_size > 1)
+        assert batched > len(answered) // 2, f"{batched} of {len(answered)} short-timeout requests ran in a batch"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_requests_that_wait_for_no_company_take_turns_between_identities(daemon_factory: Any) -> None:
+    """Round 90: on the direct path, requests that batch with no one (more rows than max_batch_size) were
+    taken first-queued-first whatever their identity's turn, and with nothing else queued held for the
+    whole max_queue_delay_us: uid 65534 keeping six such requests queued made root's wait the delay (1 s
+    here) every time. They now run at once when no batch is held, and in the identities' turns."""
+    root = _repo("rows", onnx_builders.row_loop_model, "workers = 1\n[batching]\nmax_batch_size = 4\nmax_queue_delay_us = 1000000\nquiet_us = 0\n")
+    try:
+        daemon = daemon_factory(root, env={"OPENINFER_SERVER_SOCKET_MODE": "0o666"})
+        wide_x = np.full((5, 1), 1.0, np.float32)
+        calls: list[tuple[float, float]] = []
+        stop = threading.Event()
+
+        def victim() -> None:
+            with Client(daemon.address, timeout=10) as client:
+                while not stop.is_set():
+                    started = time.monotonic()
+                    client.infer("rows", {"x": wide_x})
+                    calls.append((started, time.monotonic()))
+
+        def attack() -> tuple[float, float]:
+            async def stream() -> tuple[float, float]:
+                async with AsyncClient(daemon.address, timeout=30) as client:
+                    heavy = np.full((5, 1), 1.5e4, np.float32)  # ~20 ms a run
+                    await client.infer("rows", {"x": heavy})
+                    began = time.monotonic()
+
+                    async def loop() -> None:
+                        while time.monotonic() < began + 1.5:
+                            await client.infer("rows", {"x": heavy})
+
+                    await asyncio.gather(*(loop() for _ in range(6)))
+                    return began, time.monotonic()
+
+            return asyncio.run(stream())
+
+        thread = threading.Thread(target=victim)
+        thread.start()
+        try:
+            wait_for(lambda: len(calls) > 5, 20, "the victim answered")
+            began, ended = call_as(NOBODY, attack)
+        finally:
+            stop.set()
+            thread.join(30)
+        during = [end - start for start, end in calls if began <= start and end <= ended]
+        assert len(during) >= 3, (len(during), calls[-5:])
+        assert max(during) < 0.5, sorted(during)[-5:]
     finally:
         shutil.rmtree(root, ignore_errors=True)
