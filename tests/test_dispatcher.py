@@ -143,7 +143,7 @@ def test_a_member_that_cannot_last_the_batchs_usual_run_goes_back_to_run_alone(c
     without it, and it goes back to the front of the queue to run alone."""
     router, worker = channel
     setup = Setup(router)
-    setup.model.batch_compute_ewma_us = 50_000.0
+    setup.model.batch_compute_ewma_us, setup.model.batch_ended_ns = 50_000.0, time.monotonic_ns()  # (a batch just ended: not forgotten)
     first = setup.admit(10 * 10**9)
     short = setup.admit(20 * 10**6)
     last = setup.admit(10 * 10**9)
@@ -160,7 +160,7 @@ def test_a_task_that_only_runs_alone_leaves_no_batch_due_at_once_behind_it(chann
     task runs alone in its turn; the next request that can wait is held for company as usual."""
     router, worker = channel
     setup = Setup(router)
-    setup.model.batch_compute_ewma_us = 50_000.0
+    setup.model.batch_compute_ewma_us, setup.model.batch_ended_ns = 50_000.0, time.monotonic_ns()  # (a batch just ended: not forgotten)
     first = setup.admit(10 * 10**9)
     short = setup.admit(20 * 10**6)  # no worker free when it came: it waits for its turn, alone
     assert short.batch_key is None and first.batch_key is not None
@@ -178,7 +178,7 @@ def test_a_task_that_runs_alone_leaves_every_list_as_it_leaves_the_queue(channel
     connection. Expired, cancelled or sent in a batch's turn, a task leaves that list with the queue."""
     router, worker = channel
     setup = Setup(router)
-    setup.model.batch_compute_ewma_us = 50_000.0
+    setup.model.batch_compute_ewma_us, setup.model.batch_ended_ns = 50_000.0, time.monotonic_ns()  # (a batch just ended: not forgotten)
     expired, cancelled, taken = (setup.admit(20 * 10**6) for _ in range(3))
     assert len(setup.model.alone) == 3
     setup.dispatcher.expire_queued(expired)

@@ -172,15 +172,20 @@ def test_take_first_looks_in_priority_and_turn_order_and_spends_that_identitys_t
     assert drain(queue) == [5, 4]
 
 
-def test_the_usual_batch_compute_follows_batches_and_single_runs_but_one_slow_batch_moves_it_little() -> None:
-    from openinfer.daemon.scheduling.batch_rules import after_batch, after_single
 
-    estimate = after_single(None, 100.0)  # a request run alone starts it
+def test_one_slow_batch_moves_the_usual_batch_compute_little_and_an_unconfirmed_one_is_forgotten() -> None:
+    from openinfer.daemon.scheduling.batch_rules import FORGET_MIN_NS, after_batch, usual_batch
+
+    estimate = after_batch(None, 100.0)  # the first batch starts it
     assert estimate == 100.0
     estimate = after_batch(estimate, 7_000_000.0)  # a batch made slow on purpose: at most twice counted
     assert estimate == pytest.approx(110.0)
-    assert after_single(estimate, 1_000_000.0) == estimate  # a slow run alone never raises it
-    assert after_single(estimate, 10.0) == pytest.approx(0.9 * 110.0 + 1.0)
     for _ in range(60):  # a model that truly got slower is followed, a tenth more at most each batch
         estimate = after_batch(estimate, 5_000.0)
     assert estimate > 4_000.0
+    # Read back while batches end; forgotten once none has for FORGET_MIN_NS (or twice the estimate).
+    assert usual_batch(estimate, 10**12, 10**12 + FORGET_MIN_NS - 1, 1000) == estimate
+    assert usual_batch(estimate, 10**12, 10**12 + FORGET_MIN_NS, 1000) is None
+    assert usual_batch(3e9, 10**12, 10**12 + 5 * 10**9, 1) == 3e9  # 3 s batches: kept for 6 s
+    assert usual_batch(3e9, 10**12, 10**12 + 6 * 10**9, 1) is None
+    assert usual_batch(None, 10**12, 10**12, 1) is None

@@ -73,6 +73,7 @@ class ServedModel:
     cache_hits: int = 0
     compute_ewma_us: float | None = None  # recent compute time; short models get pipelined dispatch
     batch_compute_ewma_us: float | None = None  # the same for batches of two or more
+    batch_ended_ns: int = 0  # when the last batch's result came (scheduling/batch_rules.usual_batch)
     nbytes_ewma: float = 0.0  # recent request size, the size compute_ewma_us was measured at
     fingerprint: tuple[Any, ...] | None = None  # (size, mtime_ns, inode) of the model file, and of its steps' files
     retiring: bool = False  # replaced or removed: finishes its queue, takes no new work

@@ -20,21 +20,29 @@ def latest_hold_ns(enqueued_ns: int, deadline_ns: int, compute_ns: int = 0) -> i
     return min(enqueued_ns + (deadline_ns - enqueued_ns) // 2, deadline_ns - compute_ns)
 
 
+# A usual batch compute that no batch has confirmed for this long (or twice itself, if longer) is forgotten.
+FORGET_MIN_NS = 1_000_000_000
+
+
 def after_batch(estimate: float | None, compute: float) -> float:
     """The usual compute of the model's batches (an EWMA, 0.9 / 0.1) after a batch took `compute`. A
     request whose deadline falls sooner runs alone (dispatch.py, worker/direct_queue.py), so one batch
     made slow on purpose (a row whose value sets the loop count) must not raise it far: each batch counts
     at most twice the estimate. Round 90: one 7 s batch put it at 7 s, and every request with a shorter
-    timeout ran alone from then on (the victims' answers/s -75 %, on both paths)."""
+    timeout ran alone from then on (the victims' answers/s -75 %, on both paths). `estimate` is what
+    usual_batch returns: after a forgotten one, a batch starts it afresh."""
     if estimate is None:
         return compute
     return 0.9 * estimate + 0.1 * min(compute, 2.0 * estimate)
 
 
-def after_single(estimate: float | None, compute: float) -> float | None:
-    """The same after a request ran alone and took `compute`: it only lowers the estimate (or starts it), a
-    batch taking at least what one of its members takes alone. Once every request is kept out of batches
-    no batch ends to say it came down; what ran alone does (round 90: locked for good)."""
-    if estimate is None or compute < estimate:
-        return compute if estimate is None else 0.9 * estimate + 0.1 * compute
+def usual_batch(estimate: float | None, ended_ns: int, now_ns: int, unit_ns: int) -> float | None:
+    """The estimate (in units of `unit_ns`) while a batch has ended within max(FORGET_MIN_NS, twice the
+    estimate) of `now_ns`, else None: once every request with a shorter deadline is kept out of batches,
+    no batch ends to bring a too-high estimate down (round 90: the model's first batch, made slow on
+    purpose, kept them out for good); forgotten, they batch again and the next batch says what batches
+    take now. What ran alone never lowers it: the input may set the compute (round 91: requests of no
+    work, run alone, brought it under their own timeout, and they stopped 600 ms batches)."""
+    if estimate is None or now_ns - ended_ns >= max(FORGET_MIN_NS, 2 * estimate * unit_ns):
+        return None
     return estimate

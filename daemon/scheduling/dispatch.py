@@ -18,7 +18,7 @@ from openinfer.wire.zmtp import Buffer
 from openinfer.daemon.frontdoor.client_limits import ClientLimiter
 from openinfer.daemon.modelstore.models import ServedModel
 from openinfer.daemon.config.settings import Settings
-from .batch_rules import batch_size_now, latest_hold_ns
+from .batch_rules import batch_size_now, latest_hold_ns, usual_batch
 from .tasks import Task
 from openinfer.daemon.loop.timers import TimerHeap
 from openinfer.daemon.worker import messages
@@ -394,7 +394,7 @@ class Dispatcher:
         (`dequeue`) is left to dispatch_batch, after the send."""
         now = time.monotonic_ns()
         batch = model.queue.take_batch(max_rows, model.batch_apart.now(now))
-        ewma = model.batch_compute_ewma_us
+        ewma = usual_batch(model.batch_compute_ewma_us, model.batch_ended_ns, now, 1000)
         cutoff = now + int(ewma * 1000) if ewma is not None and len(batch) > 1 else now
         for task in batch:
             if task.deadline_ns <= cutoff:
@@ -627,7 +627,8 @@ def _cannot_last_a_batch(task: Task, now_ns: int) -> bool:
     """Whether the task's deadline falls before a batch leaving at `now_ns` would usually end (the model's
     recent batch compute): _take_batch leaves such a task out of the batch, so it runs alone and holds no
     batch back (nor sends one out early)."""
-    ewma = task.model.batch_compute_ewma_us
+    model = task.model
+    ewma = usual_batch(model.batch_compute_ewma_us, model.batch_ended_ns, now_ns, 1000)
     return ewma is not None and task.deadline_ns <= now_ns + int(ewma * 1000)
 
 

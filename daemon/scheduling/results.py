@@ -11,7 +11,7 @@ from openinfer.wire.errors import error_from_wire
 from openinfer.wire.protocol import PROTOCOL_VERSION, pack
 from openinfer.wire.zmtp import Buffer
 
-from .batch_rules import after_batch, after_single
+from .batch_rules import after_batch, usual_batch
 from .dispatch import Dispatcher
 from openinfer.daemon.frontdoor.replies import ReplySender
 from .reply_headers import BatchReplyHeaders
@@ -72,8 +72,6 @@ class WorkerResults:
             model.consecutive_crashes = model.respawn_crashes = 0
             ewma = model.compute_ewma_us
             model.compute_ewma_us = compute_us if ewma is None else 0.9 * ewma + 0.1 * compute_us
-            if model.config.batching is not None:
-                model.batch_compute_ewma_us = after_single(model.batch_compute_ewma_us, compute_us)
             model.nbytes_ewma = task.nbytes if ewma is None else 0.9 * model.nbytes_ewma + 0.1 * task.nbytes
         timing["return_us"] = (now - timing_in.send_ns) / 1000
         timing["cpu_us"] = timing_in.cpu_us
@@ -165,7 +163,9 @@ class WorkerResults:
             self.dispatcher.next_for(worker)
             return
         model.consecutive_crashes = model.respawn_crashes = 0
-        model.batch_compute_ewma_us = after_batch(model.batch_compute_ewma_us, timing_in.compute_us)
+        # (the estimate as it stood when the batch began: one slow batch must not have it forgotten by its own length)
+        model.batch_compute_ewma_us = after_batch(usual_batch(model.batch_compute_ewma_us, model.batch_ended_ns, started_ns, 1000), timing_in.compute_us)
+        model.batch_ended_ns = now
         self.dispatcher.next_for(worker)  # the worker is free: the next batch leaves before the replies
         shared = {
             "dispatch_us": max(0.0, (timing_in.recv_ns - started_ns) / 1000),

@@ -25,7 +25,7 @@ from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.frontdoor.client_limits import over_max_priority
 from openinfer.daemon.frontdoor.validation import InputSignature, check_infer
 from openinfer.daemon.modelstore.modelconfig import BatchingConfig
-from openinfer.daemon.scheduling.batch_rules import after_batch, after_single, batch_size_now, latest_hold_ns
+from openinfer.daemon.scheduling.batch_rules import after_batch, batch_size_now, latest_hold_ns, usual_batch
 from openinfer.daemon.scheduling.taskqueue import TaskQueue
 from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError, PermissionDenied, ResourceExhausted
 from openinfer.wire.protocol import PROTOCOL_VERSION
@@ -130,9 +130,10 @@ class DirectQueue:
         # The latest a held batch may leave: the earliest latest_hold_ns of the requests queued since the
         # queue was last empty (one that has left since only makes a batch leave sooner, never later).
         self.hold_until_ns = NEVER
-        # How long this worker's batches usually compute (EWMA, as the supervisor keeps one per model): a
-        # request whose deadline falls sooner runs alone (_cannot_last_a_batch). None until a batch ran.
+        # How long this worker's batches usually compute (as the supervisor keeps it per model, batch_rules):
+        # a request whose deadline falls sooner runs alone (_cannot_last_a_batch). None until a batch ran.
         self.batch_compute_ewma_ns: float | None = None
+        self.batch_ended_ns = 0
         # With batching: how many queued requests wait for no company (no batch key: one that cannot last
         # a batch, batches with no one, or runs alone after its batch failed). They run while a batch is
         # held (_take_alone), and a batch is counted without them: a held batch of three and one such
@@ -211,7 +212,7 @@ class DirectQueue:
         runs alone, as the front door runs such a task (scheduling/dispatch.py). In a batch, the run was
         stopped at its deadline and the others ran again; waiting for company, it cut the batch's hold
         and sent it out half empty (rounds 27-28 at the front door, round 89 here)."""
-        ewma = self.batch_compute_ewma_ns
+        ewma = usual_batch(self.batch_compute_ewma_ns, self.batch_ended_ns, now_ns, 1)
         return ewma is not None and request.deadline_ns <= now_ns + ewma
 
     def _answered_from_cache(self, request: DirectRequest, now_ns: int) -> bool:
@@ -345,7 +346,7 @@ class DirectQueue:
     def _able_to_last(self, batch: list[DirectRequest], now: int) -> list[DirectRequest]:
         """The batch less its members whose deadline falls before its run would usually end: they go back
         to the front of the queue, to run alone (their deadline, if it passes, is theirs only)."""
-        ewma = self.batch_compute_ewma_ns
+        ewma = usual_batch(self.batch_compute_ewma_ns, self.batch_ended_ns, now, 1)
         if ewma is None or len(batch) < 2:
             return batch
         cutoff = now + ewma
@@ -407,8 +408,6 @@ class DirectQueue:
                 prepared_ns = time.monotonic_ns()
                 results = self._stoppable_run(request.wanted, feed, deadline_ns)
                 computed_ns = time.monotonic_ns()
-                if self.model.batchable:
-                    self.batch_compute_ewma_ns = after_single(self.batch_compute_ewma_ns, computed_ns - prepared_ns)
                 specs, payloads = encode_outputs(request.wanted, results)
             finally:
                 self._end_run()
@@ -519,7 +518,10 @@ class DirectQueue:
             except Exception:  # failed as a whole: which member caused it is unknown
                 self._run_alone_later(batch)
                 return
-            self.batch_compute_ewma_ns = after_batch(self.batch_compute_ewma_ns, computed_ns - prepared_ns)
+            # (the estimate as it stood when this batch began: a batch that runs past the forgetting must
+            # not have the estimate forgotten by its own length - one slow batch would set it anew)
+            self.batch_compute_ewma_ns = after_batch(usual_batch(self.batch_compute_ewma_ns, self.batch_ended_ns, prepared_ns, 1), computed_ns - prepared_ns)
+            self.batch_ended_ns = computed_ns
             self._answer_members(batch, cutters, started_ns, prepared_ns, computed_ns, cpu_start, cap_ns)
         finally:
             self._end_run()
