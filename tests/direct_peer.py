@@ -75,8 +75,11 @@ class Peer:
             select.select([self.stream.sock], [self.stream.sock] if self.stream.out_bytes else [], [], 0.1)
             self.stream.flush()
             assert not self.stream.read(), "a message before the handshake ended"
+        # Held, then written at once: they arrive together and are read in one pass (a sendmsg each let a
+        # worker wake on the first and start running it alone: a round-87 test flaked so under load).
         for message in frames:
-            self.stream.send(message)
+            self.stream.hold(message)
+        self.stream.flush()
         while self.stream.out_bytes:
             select.select([], [self.stream.sock], [], 1.0)
             self.stream.flush()

@@ -7,6 +7,7 @@ the process at connect() time (SO_PEERCRED), which is what the daemon sees.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -53,10 +54,14 @@ def start_as(uid: int, code: str, *args: str) -> subprocess.Popen[str]:
 def call_as(uid: int, call: Callable[[], Any], gid: int | None = None, groups: tuple[int, ...] = ()) -> Any:
     """Fork, drop to `uid` (primary group `gid`, default the uid's number; supplementary `groups`: the
     kernel records them at connect, SO_PEERGROUPS), run `call()` and return its JSON-able result; what it
-    raised is raised here as an AssertionError naming it. For code already imported in this process."""
+    raised is raised here as an AssertionError naming it. For code already imported in this process.
+    The child keeps the garbage collector off what it inherited (gc.freeze): a collection there once ran
+    the destructor of an onnxruntime session an earlier test of this process had left, which waited
+    forever on a lock of a thread pool that does not exist after the fork (the full suite hung 20 min)."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never returns into pytest
+        gc.freeze()
         try:
             os.close(read_fd)
             os.setgroups(list(groups))

@@ -15,6 +15,7 @@ to make a worker read anything but that model's own files, with the worker user'
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -283,6 +284,7 @@ def test_a_model_directory_the_daemon_may_not_list_fails_that_model_alone(tmp_pa
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # child: never returns into pytest
+            gc.freeze()  # nothing inherited is collected here (tests/other_uid.py call_as)
             try:
                 os.setgroups([])
                 os.setgid(65534)
