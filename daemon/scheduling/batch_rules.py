@@ -46,3 +46,32 @@ def usual_batch(estimate: float | None, ended_ns: int, now_ns: int, unit_ns: int
     if estimate is None or now_ns - ended_ns >= max(FORGET_MIN_NS, 2 * estimate * unit_ns):
         return None
     return estimate
+
+
+STOPPER_ALONE_NS = 10_000_000_000  # how long a client whose request stopped a batch has its requests run alone
+MAX_STOPPERS = 4096
+
+
+class BatchStoppers:
+    """Clients (identities) whose request stopped a batch at its own deadline - a timeout shorter than the
+    batch's run: for STOPPER_ALONE_NS each of their requests runs alone. The usual batch compute keeps
+    most such requests out beforehand, but it is one average over every batch, whatever the inputs, and a
+    client's own batches of cheap requests pull it down; its short-timeout requests then joined another
+    client's slow batches and stopped them again and again (the waste of round 27). This holds the client
+    to what its own timeouts showed, and no one else."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, int] = {}
+
+    def stopped(self, identity: str, now_ns: int) -> None:
+        until = self._until
+        if identity not in until and len(until) >= MAX_STOPPERS:
+            for key in [key for key, at_ns in until.items() if at_ns <= now_ns]:
+                del until[key]
+            if len(until) >= MAX_STOPPERS:
+                return  # (every entry still counts: this one is not kept, and runs in batches as before)
+        until[identity] = now_ns + STOPPER_ALONE_NS
+
+    def alone(self, identity: str, now_ns: int) -> bool:
+        until = self._until.get(identity)
+        return until is not None and now_ns < until

@@ -25,7 +25,7 @@ from openinfer.daemon.observability.client_key import client_key
 from openinfer.daemon.frontdoor.client_limits import over_max_priority
 from openinfer.daemon.frontdoor.validation import InputSignature, check_infer
 from openinfer.daemon.modelstore.modelconfig import BatchingConfig
-from openinfer.daemon.scheduling.batch_rules import after_batch, batch_size_now, latest_hold_ns, usual_batch
+from openinfer.daemon.scheduling.batch_rules import BatchStoppers, after_batch, batch_size_now, latest_hold_ns, usual_batch
 from openinfer.daemon.scheduling.taskqueue import TaskQueue
 from openinfer.wire.errors import DeadlineExceeded, InvalidArgument, OpenInferError, PermissionDenied, ResourceExhausted
 from openinfer.wire.protocol import PROTOCOL_VERSION
@@ -134,6 +134,7 @@ class DirectQueue:
         # a request whose deadline falls sooner runs alone (_cannot_last_a_batch). None until a batch ran.
         self.batch_compute_ewma_ns: float | None = None
         self.batch_ended_ns = 0
+        self.stoppers = BatchStoppers()  # clients whose request stopped a batch: theirs run alone a while
         # With batching: how many queued requests wait for no company (no batch key: one that cannot last
         # a batch, batches with no one, or runs alone after its batch failed). They run while a batch is
         # held (_take_alone), and a batch is counted without them: a held batch of three and one such
@@ -184,7 +185,7 @@ class DirectQueue:
             list(outputs) if outputs else model.output_order, nbytes, priority, received_ns, decoded_ns,
             starts_ns + timeout_ms * 1_000_000, decoded_ns,
         )
-        if model.batchable and signature.rows is not None and model.batching is not None and signature.rows <= model.batching.max_batch_size and not self._cannot_last_a_batch(request, decoded_ns):
+        if model.batchable and signature.rows is not None and model.batching is not None and signature.rows <= model.batching.max_batch_size and not self._cannot_last_a_batch(request, decoded_ns) and not self.stoppers.alone(conn.identity, decoded_ns):
             request.batch_key = (signature.batch_specs, tuple(request.wanted))
             request.rows = signature.rows
         conn.open_ids.add(request_id)
@@ -461,6 +462,7 @@ class DirectQueue:
             return
         for member in expired:
             self._fail(member, DeadlineExceeded(f"{reason}; its batch's other members ran again without it"))
+            self.stoppers.stopped(member.identity, now)
         together = object()  # a key no other request has: no new company
         for member in reversed(rest):
             if member.rebatched:

@@ -359,3 +359,72 @@ def test_requests_that_wait_for_no_company_take_turns_between_identities(daemon_
         assert max(during) < 0.5, sorted(during)[-5:]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("direct", PATHS)
+def test_a_client_whose_requests_stop_batches_runs_alone_for_a_while(daemon_factory: Any, direct: bool) -> None:
+    """Round 92: the usual batch compute is one average over every batch of the model, whatever the
+    inputs - uid 65534 kept 16 cheap requests with a long timeout in flight (full batches of their own
+    while root's worker was idle, each taking 10 % off the estimate) and 6 of no work with a 0.25 s
+    timeout, which then passed the cutoff, joined root's ~0.4 s batches and stopped them at their
+    deadline: root's every burst waited ~0.25 s more than its own compute (25 ms without the attack).
+    Once a request of a client has stopped a batch, that client's requests run alone for 10 s
+    (batch_rules.BatchStoppers): one stopped batch, not one a burst."""
+    root = _repo("rows", onnx_builders.row_loop_model, "workers = 1\n[batching]\nmax_batch_size = 32\nmax_queue_delay_us = 20000\nquiet_us = 0\n")
+    try:
+        daemon = daemon_factory(root, env={"OPENINFER_SERVER_SOCKET_MODE": "0o666"})
+        stop = threading.Event()
+        waits: list[float] = []  # each burst of root's: its latency beyond its own compute, in seconds
+
+        def victim() -> None:
+            async def run() -> None:
+                async with AsyncClient(daemon.address, timeout=60, direct=direct) as client:
+                    big = np.array([[6e5]], np.float32)  # ~0.4 s a batch
+                    while not stop.is_set():
+                        began = time.monotonic()
+                        got = await asyncio.gather(*(client.infer("rows", {"x": big}) for _ in range(3)))
+                        waits.append(time.monotonic() - began - got[0].timing["compute_us"] / 1e6)
+                        await asyncio.sleep(0.5)
+
+            asyncio.run(run())
+
+        def attack() -> int:
+            async def run() -> int:
+                nothing = np.zeros((1, 1), np.float32)
+                answered = 0
+                async with AsyncClient(daemon.address, timeout=60, direct=direct) as client:
+                    until = time.monotonic() + 6.0
+
+                    async def cheap() -> None:
+                        nonlocal answered
+                        while time.monotonic() < until:
+                            await client.infer("rows", {"x": nothing})
+                            answered += 1
+
+                    async def short() -> None:
+                        while time.monotonic() < until:
+                            try:
+                                await client.infer("rows", {"x": nothing}, timeout=0.25)
+                            except DeadlineExceeded:
+                                pass
+                            await asyncio.sleep(0.01)
+
+                    await asyncio.gather(*(cheap() for _ in range(16)), *(short() for _ in range(6)))
+                return answered
+
+            return asyncio.run(run())
+
+        thread = threading.Thread(target=victim)
+        thread.start()
+        try:
+            wait_for(lambda: len(waits) >= 2, 30, "root's bursts under way")
+            before = len(waits)
+            assert call_as(NOBODY, attack) > 100, "the attacker's cheap requests were answered"
+            during = waits[before:]
+        finally:
+            stop.set()
+            thread.join(60)
+        stopped = [round(w, 3) for w in during if w > 0.15]  # a burst's batch stopped at the attacker's 0.25 s
+        assert len(during) >= 3 and len(stopped) <= 1, f"root's bursts waited {[round(w, 3) for w in during]} s beyond their own compute"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
