@@ -189,3 +189,17 @@ def test_one_slow_batch_moves_the_usual_batch_compute_little_and_an_unconfirmed_
     assert usual_batch(3e9, 10**12, 10**12 + 5 * 10**9, 1) == 3e9  # 3 s batches: kept for 6 s
     assert usual_batch(3e9, 10**12, 10**12 + 6 * 10**9, 1) is None
     assert usual_batch(None, 10**12, 10**12, 1) is None
+
+
+def test_a_client_that_stopped_a_batch_runs_its_short_timeouts_alone_for_a_while_and_only_those() -> None:
+    from openinfer.daemon.scheduling.batch_rules import STOPPER_ALONE_NS, BatchStoppers
+
+    stoppers, now, ms = BatchStoppers(), 10**12, 1_000_000
+    assert not stoppers.alone("uid=65534", 250 * ms, now)
+    stoppers.stopped("uid=65534", 250 * ms, now)  # its 0.25 s request stopped a batch
+    assert stoppers.alone("uid=65534", 250 * ms, now + 1) and stoppers.alone("uid=65534", 500 * ms, now + 1)
+    assert not stoppers.alone("uid=65534", 60_000 * ms, now + 1)  # its long-timeout requests batch as before
+    assert not stoppers.alone("uid=0", 250 * ms, now + 1)  # and everyone else's
+    stoppers.stopped("uid=65534", 100 * ms, now + 2)  # a shorter one later keeps the bar where it was
+    assert stoppers.alone("uid=65534", 500 * ms, now + 3)
+    assert not stoppers.alone("uid=65534", 250 * ms, now + 2 + STOPPER_ALONE_NS)  # 10 s after the last

@@ -75,7 +75,7 @@ class ServedModel:
     compute_ewma_us: float | None = None  # recent compute time; short models get pipelined dispatch
     batch_compute_ewma_us: float | None = None  # the same for batches of two or more
     batch_ended_ns: int = 0  # when the last batch's result came (scheduling/batch_rules.usual_batch)
-    batch_stoppers: BatchStoppers = field(default_factory=BatchStoppers)  # clients whose request stopped a batch: theirs run alone a while
+    batch_stoppers: BatchStoppers = field(default_factory=BatchStoppers)  # clients whose request stopped a batch: such requests of theirs run alone a while
     nbytes_ewma: float = 0.0  # recent request size, the size compute_ewma_us was measured at
     fingerprint: tuple[Any, ...] | None = None  # (size, mtime_ns, inode) of the model file, and of its steps' files
     retiring: bool = False  # replaced or removed: finishes its queue, takes no new work

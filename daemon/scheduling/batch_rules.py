@@ -48,30 +48,37 @@ def usual_batch(estimate: float | None, ended_ns: int, now_ns: int, unit_ns: int
     return estimate
 
 
-STOPPER_ALONE_NS = 10_000_000_000  # how long a client whose request stopped a batch has its requests run alone
+STOPPER_ALONE_NS = 10_000_000_000  # how long a client whose request stopped a batch has such requests run alone
 MAX_STOPPERS = 4096
 
 
 class BatchStoppers:
-    """Clients (identities) whose request stopped a batch at its own deadline - a timeout shorter than the
-    batch's run: for STOPPER_ALONE_NS each of their requests runs alone. The usual batch compute keeps
-    most such requests out beforehand, but it is one average over every batch, whatever the inputs, and a
-    client's own batches of cheap requests pull it down; its short-timeout requests then joined another
-    client's slow batches and stopped them again and again (the waste of round 27). This holds the client
-    to what its own timeouts showed, and no one else."""
+    """Clients (identities) one of whose requests stopped a batch at its own deadline - a timeout shorter
+    than the batch's run: for STOPPER_ALONE_NS their requests with a timeout up to twice that one run
+    alone. The usual batch compute keeps most such requests out beforehand, but it is one average over
+    every batch, whatever the inputs, and a client's own batches of cheap requests pull it down (round
+    92); its short-timeout requests then joined another client's slow batches and stopped them again and
+    again (the waste of round 27). This holds the client to what its own timeouts showed; its requests
+    with longer timeouts - and everyone else's - batch as before (one uid is often several programs: a
+    penalty on all its requests cost an honest one with long timeouts its batches too). Longer timeouts
+    to come each raise the bar: to stop batches again and again a client must double its timeout each
+    time, and it soon outlasts the batch."""
 
     def __init__(self) -> None:
-        self._until: dict[str, int] = {}
+        self._until: dict[str, tuple[int, int]] = {}  # identity -> (until_ns, the longest timeout that stopped a batch, ns)
 
-    def stopped(self, identity: str, now_ns: int) -> None:
+    def stopped(self, identity: str, timeout_ns: int, now_ns: int) -> None:
         until = self._until
-        if identity not in until and len(until) >= MAX_STOPPERS:
-            for key in [key for key, at_ns in until.items() if at_ns <= now_ns]:
+        kept = until.get(identity)
+        if kept is None and len(until) >= MAX_STOPPERS:
+            for key in [key for key, (at_ns, _) in until.items() if at_ns <= now_ns]:
                 del until[key]
             if len(until) >= MAX_STOPPERS:
-                return  # (every entry still counts: this one is not kept, and runs in batches as before)
-        until[identity] = now_ns + STOPPER_ALONE_NS
+                return  # (every entry still counts: this one is not kept, and batches as before)
+        if kept is not None and kept[0] > now_ns:
+            timeout_ns = max(timeout_ns, kept[1])
+        until[identity] = (now_ns + STOPPER_ALONE_NS, timeout_ns)
 
-    def alone(self, identity: str, now_ns: int) -> bool:
-        until = self._until.get(identity)
-        return until is not None and now_ns < until
+    def alone(self, identity: str, timeout_ns: int, now_ns: int) -> bool:
+        kept = self._until.get(identity)
+        return kept is not None and now_ns < kept[0] and timeout_ns <= 2 * kept[1]

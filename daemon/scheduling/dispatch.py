@@ -98,7 +98,7 @@ class Dispatcher:
         rows = signature.rows
         batching = task.model.config.batching
         assert batching is not None
-        if rows is not None and rows <= batching.max_batch_size and not task.model.batch_stoppers.alone(task.identity, task.decoded_ns):
+        if rows is not None and rows <= batching.max_batch_size and not task.model.batch_stoppers.alone(task.identity, task.deadline_ns - task.received_ns, task.decoded_ns):
             task.rows = rows
             # Inputs in the request's own order: members of one batch then list their frames alike (a
             # client that reorders them just batches separately).

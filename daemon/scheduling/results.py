@@ -155,10 +155,10 @@ class WorkerResults:
                     if not batch[index].done:
                         self.replies.fail(batch[index], error_from_wire(error))
             if bad is not None or _stopped_at_a_members_deadline(result.error, batch, now):
-                if bad is None:  # stopped: those whose deadline it was run alone a while (batch_rules.BatchStoppers)
+                if bad is None:  # stopped: those whose deadline it was run such requests alone a while (batch_rules.BatchStoppers)
                     for task in batch:
                         if task.deadline_ns <= now:
-                            model.batch_stoppers.stopped(task.identity, now)
+                            model.batch_stoppers.stopped(task.identity, task.deadline_ns - task.received_ns, now)
                 self._run_the_rest_again_together(worker, batch)
             else:
                 for task in batch:  # one member's input may have failed the whole batch: each runs alone

@@ -134,7 +134,7 @@ class DirectQueue:
         # a request whose deadline falls sooner runs alone (_cannot_last_a_batch). None until a batch ran.
         self.batch_compute_ewma_ns: float | None = None
         self.batch_ended_ns = 0
-        self.stoppers = BatchStoppers()  # clients whose request stopped a batch: theirs run alone a while
+        self.stoppers = BatchStoppers()  # clients whose request stopped a batch: such requests of theirs run alone a while
         # With batching: how many queued requests wait for no company (no batch key: one that cannot last
         # a batch, batches with no one, or runs alone after its batch failed). They run while a batch is
         # held (_take_alone), and a batch is counted without them: a held batch of three and one such
@@ -185,7 +185,7 @@ class DirectQueue:
             list(outputs) if outputs else model.output_order, nbytes, priority, received_ns, decoded_ns,
             starts_ns + timeout_ms * 1_000_000, decoded_ns,
         )
-        if model.batchable and signature.rows is not None and model.batching is not None and signature.rows <= model.batching.max_batch_size and not self._cannot_last_a_batch(request, decoded_ns) and not self.stoppers.alone(conn.identity, decoded_ns):
+        if model.batchable and signature.rows is not None and model.batching is not None and signature.rows <= model.batching.max_batch_size and not self._cannot_last_a_batch(request, decoded_ns) and not self.stoppers.alone(conn.identity, request.deadline_ns - starts_ns, decoded_ns):
             request.batch_key = (signature.batch_specs, tuple(request.wanted))
             request.rows = signature.rows
         conn.open_ids.add(request_id)
@@ -462,7 +462,7 @@ class DirectQueue:
             return
         for member in expired:
             self._fail(member, DeadlineExceeded(f"{reason}; its batch's other members ran again without it"))
-            self.stoppers.stopped(member.identity, now)
+            self.stoppers.stopped(member.identity, member.deadline_ns - member.received_ns, now)
         together = object()  # a key no other request has: no new company
         for member in reversed(rest):
             if member.rebatched:
