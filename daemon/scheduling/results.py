@@ -154,11 +154,12 @@ class WorkerResults:
                 for index, error in bad.items():
                     if not batch[index].done:
                         self.replies.fail(batch[index], error_from_wire(error))
-            if bad is not None or _stopped_at_a_members_deadline(result.error, batch, now):
-                if bad is None:  # stopped: those whose deadline it was run such requests alone a while (batch_rules.BatchStoppers)
-                    for task in batch:
-                        if task.deadline_ns <= now:
-                            model.batch_stoppers.stopped(task.identity, task.deadline_ns - task.received_ns, now)
+            stopped = bad is None and _stopped_at_a_members_deadline(result.error, batch, now)
+            if stopped:  # those whose deadline it was: such requests of theirs run alone a while (batch_rules.BatchStoppers)
+                for task in batch:
+                    if task.deadline_ns <= now:
+                        model.batch_stoppers.stopped(task.identity, task.deadline_ns - task.received_ns, now)
+            if bad is not None or stopped:
                 self._run_the_rest_again_together(worker, batch)
             else:
                 for task in batch:  # one member's input may have failed the whole batch: each runs alone

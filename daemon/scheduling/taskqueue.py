@@ -72,15 +72,9 @@ class TaskQueue(Generic[Task]):
             if found is None:
                 continue
             identity, task = found
-            tasks = level[identity]
-            tasks.remove(task)
-            if tasks:
+            self.remove(task)
+            if identity in level:  # (more of its items queued: its turn is spent, as popleft spends it)
                 level.move_to_end(identity)
-            else:
-                del level[identity]
-                if not level:
-                    del levels[priority]
-            self._len -= 1
             return task
         return None
 
